@@ -1,0 +1,92 @@
+//! The one place where error causes become HTTP statuses.
+//!
+//! Bad input → 400/404/405/412/413; no leader or no quorum → 503; a peer that failed after taking
+//! the request → 502; a deadline → 504; our own bug → 500. An upstream failure is never a 400.
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Full;
+use hyper::Response;
+
+use crate::peer::message::RemoteError;
+use crate::raft::ReplicaError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("revision mismatch")]
+    PreconditionFailed { current: Option<u64> },
+    #[error("{0}")]
+    Unavailable(String),
+    #[error("{0}")]
+    BadGateway(String),
+    #[error("deadline exceeded")]
+    Timeout,
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    pub fn into_response(self) -> Response<Full<Bytes>> {
+        let status = self.status();
+        let mut body = serde_json::json!({ "status": status.as_u16(), "message": self.to_string() });
+        if let ApiError::PreconditionFailed { current } = &self {
+            body["revision"] = serde_json::json!(current);
+        }
+        super::json_response(status, &body)
+    }
+}
+
+impl From<RemoteError> for ApiError {
+    fn from(e: RemoteError) -> Self {
+        match e {
+            RemoteError::NotLeader { .. } | RemoteError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            RemoteError::Invalid(m) => ApiError::BadRequest(m),
+            RemoteError::Internal(m) => ApiError::BadGateway(m),
+        }
+    }
+}
+
+impl From<ReplicaError> for ApiError {
+    fn from(e: ReplicaError) -> Self {
+        match e {
+            ReplicaError::Unavailable => ApiError::Unavailable(e.to_string()),
+            ReplicaError::Forward { .. } => ApiError::BadGateway(e.to_string()),
+            ReplicaError::Remote(r) => r.into(),
+            ReplicaError::Raft(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::InvalidName(_) | StoreError::InvalidJson(_) => ApiError::BadRequest(e.to_string()),
+            StoreError::PreconditionFailed { current } => ApiError::PreconditionFailed { current },
+            StoreError::Replica(r) => r.into(),
+            StoreError::Unexpected(_) => ApiError::Internal(e.to_string()),
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! The client HTTP API every node serves: health, cluster view, metrics and the state store.
+//!
+//! hyper (HTTP/1.1 and h2c via hyper-util's auto builder) with an explicit, small stack around the
+//! router — in order, each for a reason:
+//! 1. connection limit (semaphore at accept): a flood of sockets cannot exhaust memory/fds;
+//! 2. header read timeout (HTTP/1): a slow client cannot hold a connection open forever;
+//! 3. body limit (`Content-Length` check, then a `Limited` body): 413 before buffering too much;
+//! 4. router → handler; every error leaves through `ApiError`, the one status mapping.
+//!    Requests are counted and timed per route for Prometheus.
+//!
+//! Shutdown: `run` stops accepting when the token fires and gives in-flight connections a bounded
+//! grace period to finish.
+
+pub mod error;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http::Method;
+use http::StatusCode;
+use http_body_util::BodyExt;
+use http_body_util::Full;
+use http_body_util::Limited;
+use hyper::Request;
+use hyper::Response;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+use hyper_util::rt::TokioTimer;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tracing::warn;
+
+use self::error::ApiError;
+use crate::cluster::Cluster;
+use crate::raft::Replica;
+use crate::raft::state_machine::SmShared;
+use crate::store::Consistency;
+use crate::store::StateStore;
+
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub max_body: usize,
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+    pub shutdown_grace: Duration,
+}
+
+/// Everything the handlers need.
+pub struct App {
+    pub replica: Replica,
+    pub cluster: Cluster,
+    pub store: StateStore,
+    pub sm: Arc<SmShared>,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    pub settings: HttpSettings,
+    pub cluster_name: String,
+}
+
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp
+}
+
+/// Serve HTTP on `listener` until `shutdown`, then drain for at most the grace period.
+pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(app.settings.header_read_timeout).keep_alive(true);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let conns = Arc::new(Semaphore::new(app.settings.max_connections));
+    loop {
+        let (stream, remote) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(err) => {
+                    warn!(cause = %err, "http accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.cancelled() => break,
+        };
+        let Ok(permit) = conns.clone().try_acquire_owned() else {
+            metrics::counter!("raftbridge_http_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let app = app.clone();
+            async move { Ok::<_, Infallible>(handle(app, req).await) }
+        });
+        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _permit = permit;
+            if let Err(err) = conn.await {
+                tracing::debug!(%remote, cause = %err, "http connection ended with error");
+            }
+        });
+    }
+    info!("http: draining connections");
+    if tokio::time::timeout(app.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+        warn!("http: grace period over, closing remaining connections");
+    }
+}
+
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let start = Instant::now();
+    let (route, result) = route(&app, req).await;
+    let resp = result.unwrap_or_else(ApiError::into_response);
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!("raftbridge_http_requests_total", "route" => route, "status" => status).increment(1);
+    metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
+    resp
+}
+
+type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
+
+async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let segs: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
+    match (method, segs.as_slice()) {
+        (Method::GET, ["healthz"]) => ("healthz", Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
+        ,
+        (Method::GET, ["readyz"]) => ("readyz", readyz(app)),
+        (Method::GET, ["metrics"]) => ("metrics", metrics_text(app)),
+        (Method::GET, ["cluster"]) => ("cluster", Ok(json_response(StatusCode::OK, &cluster_view(app)))),
+        (Method::DELETE, ["cluster", "members", id]) => ("cluster_remove", remove_member(app, id).await),
+        (m, ["v1", "state", store, key]) => {
+            let (store, key) = (store.to_string(), key.to_string());
+            ("state", state(app, m, &store, &key, req).await)
+        }
+        (_, ["healthz" | "readyz" | "metrics" | "cluster"]) => ("other", Err(ApiError::MethodNotAllowed)),
+        _ => ("unknown", Err(ApiError::NotFound(format!("no route for {path}")))),
+    }
+}
+
+fn readyz(app: &App) -> ApiResult {
+    if app.cluster.ready() {
+        Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
+    } else {
+        Err(ApiError::Unavailable("not in a cluster with a leader".into()))
+    }
+}
+
+fn metrics_text(app: &App) -> ApiResult {
+    let m = app.replica.metrics();
+    metrics::gauge!("raftbridge_raft_term").set(m.current_term as f64);
+    metrics::gauge!("raftbridge_raft_applied_index").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
+    metrics::gauge!("raftbridge_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
+    metrics::gauge!("raftbridge_raft_is_leader").set(if m.current_leader == Some(m.id) { 1.0 } else { 0.0 });
+    let body = app.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    Ok(resp)
+}
+
+fn cluster_view(app: &App) -> serde_json::Value {
+    let m = app.replica.metrics();
+    let membership = m.membership_config.membership();
+    let voters: std::collections::BTreeSet<u64> = membership.voter_ids().collect();
+    let members: Vec<serde_json::Value> = membership
+        .nodes()
+        .map(|(id, node)| {
+            serde_json::json!({
+                "id": id,
+                "addr": node.addr,
+                "voter": voters.contains(id),
+                "reachable": app.replica.net.reachable(*id),
+            })
+        })
+        .collect();
+    let state = match m.state {
+        crate::raft::types::ServerState::Leader => "Leader",
+        crate::raft::types::ServerState::Follower => "Follower",
+        crate::raft::types::ServerState::Learner => "Learner",
+        crate::raft::types::ServerState::Candidate => "Candidate",
+        crate::raft::types::ServerState::Shutdown => "Shutdown",
+    };
+    serde_json::json!({
+        "node_id": m.id,
+        "cluster_name": app.cluster_name,
+        "leader": m.current_leader,
+        "term": m.current_term,
+        "state": state,
+        "committed": m.local_committed.map(|l| l.index),
+        "applied": m.last_applied.map(|l| l.index),
+        "last_log": m.last_log_index,
+        "snapshot": m.snapshot.map(|l| l.index),
+        "purged": m.purged.map(|l| l.index),
+        "members": members,
+        "state_digest": format!("{:016x}", app.sm.digest()),
+    })
+}
+
+async fn remove_member(app: &App, id: &str) -> ApiResult {
+    let id: u64 = id.parse().map_err(|_| ApiError::BadRequest(format!("bad node id {id:?}")))?;
+    app.cluster.remove(id).await?;
+    Ok(json_response(StatusCode::OK, &serde_json::json!({"removed": id})))
+}
+
+fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
+    match req.headers().get(http::header::IF_MATCH) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.to_str().map_err(|_| ApiError::BadRequest("If-Match is not text".into()))?;
+            let s = s.trim().trim_matches('"');
+            s.parse::<u64>().map(Some).map_err(|_| ApiError::BadRequest(format!("If-Match must be a revision number, got {s:?}")))
+        }
+    }
+}
+
+/// Read the whole body, enforcing the size limit.
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+    if let Some(len) = req.headers().get(http::header::CONTENT_LENGTH) {
+        let len: u64 = len.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| ApiError::BadRequest("bad Content-Length".into()))?;
+        if len > limit as u64 {
+            return Err(ApiError::TooLarge { limit });
+        }
+    }
+    match Limited::new(req.into_body(), limit).collect().await {
+        Ok(c) => Ok(c.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge { limit }),
+        Err(e) => Err(ApiError::BadRequest(format!("reading body: {e}"))),
+    }
+}
+
+async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<Incoming>) -> ApiResult {
+    let consistency = match req.uri().query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("consistency=")) {
+        None | Some("linearizable") | Some("strong") => Consistency::Linearizable,
+        Some("stale") => Consistency::Stale,
+        Some(other) => return Err(ApiError::BadRequest(format!("unknown consistency {other:?}"))),
+    };
+    match method {
+        Method::GET => match app.store.get(store, key, consistency).await? {
+            Some(v) => {
+                let mut resp = Response::new(Full::new(Bytes::from(v.value)));
+                resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                resp.headers_mut().insert("x-revision", HeaderValue::from(v.revision));
+                Ok(resp)
+            }
+            None => Err(ApiError::NotFound(format!("no key {store}/{key}"))),
+        },
+        Method::PUT => {
+            let expected = if_match(&req)?;
+            let body = read_body(req, app.settings.max_body).await?;
+            let revision = app.store.put(store, key, &body, expected).await?;
+            let mut resp = json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));
+            resp.headers_mut().insert("x-revision", HeaderValue::from(revision));
+            Ok(resp)
+        }
+        Method::DELETE => {
+            let expected = if_match(&req)?;
+            if app.store.delete(store, key, expected).await? {
+                Ok(json_response(StatusCode::OK, &serde_json::json!({ "deleted": true })))
+            } else {
+                Err(ApiError::NotFound(format!("no key {store}/{key}")))
+            }
+        }
+        _ => Err(ApiError::MethodNotAllowed),
+    }
+}

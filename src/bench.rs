@@ -1,0 +1,538 @@
+//! Engine of the `raftbridge bench` subcommand: closed-loop HTTP load against a running cluster.
+//!
+//! Why it is built this way:
+//! - Closed loop, one keep-alive [`Conn`] per worker, workers spread round-robin over the
+//!   targets: `--concurrency` is then exactly the number of sockets and of requests in flight,
+//!   which is what we want to reason about when measuring Raft commit throughput and latency.
+//! - The engine ([`drive`]) knows nothing about workloads; a workload is only a function from
+//!   (worker index, sequence number) to a [`BenchRequest`]. `bench commands` / `bench events`
+//!   plug in as a new [`BenchCmd`] variant plus such a function.
+//! - Each worker owns its histogram and counters (no contention on the hot path); they are merged
+//!   once at the end. Only two shared atomics feed the once-a-second progress line.
+//! - Requests started during `--warmup` are excluded; requests still in flight at the deadline
+//!   are abandoned and not counted, so the measured window is exactly `--duration`.
+
+use std::{
+    collections::BTreeMap,
+    fmt,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::Method;
+use tokio::time::{sleep_until, timeout_at, Instant};
+
+use crate::client::Conn;
+
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Comma-separated node HTTP addresses (`host:port` or `http://host:port`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub targets: Vec<String>,
+    /// Number of workers, each with its own keep-alive connection.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Measured run time (e.g. 10s, 500ms, 2m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Unmeasured time before the measured window.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub warmup: Duration,
+    /// Per-request timeout.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(clap::Subcommand, Debug, Clone)]
+pub enum BenchCmd {
+    /// replicated state-store writes
+    State(StateArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StateArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Number of distinct keys written (chosen uniformly at random).
+    #[arg(long, default_value_t = 1000)]
+    pub keys: u64,
+    /// Approximate JSON body size in bytes.
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// State store name.
+    #[arg(long, default_value = "bench")]
+    pub store: String,
+}
+
+/// One request as built by a workload.
+#[derive(Debug, Clone)]
+pub struct BenchRequest {
+    pub method: Method,
+    pub path: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Bytes,
+}
+
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Header line, e.g. `bench state: 3 targets, 64 connections, 10.0s`.
+    pub title: String,
+    pub ok: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub per_sec: f64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+    pub error_kinds: BTreeMap<String, u64>,
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "{}", self.title)?;
+        writeln!(
+            f,
+            "acknowledged: {} ({:.1}/s)  errors: {}",
+            self.ok, self.per_sec, self.errors
+        )?;
+        write!(
+            f,
+            "latency: p50 {}  p99 {}  p999 {}  max {}",
+            fmt_us(self.p50_us),
+            fmt_us(self.p99_us),
+            fmt_us(self.p999_us),
+            fmt_us(self.max_us)
+        )?;
+        for (kind, n) in &self.error_kinds {
+            write!(f, "\n  error {kind}: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Formats microseconds with about three significant digits.
+fn fmt_us(us: u64) -> String {
+    let ms = us as f64 / 1000.0;
+    match us {
+        0..=999 => format!("{us} µs"),
+        1_000..=9_999 => format!("{ms:.2} ms"),
+        10_000..=99_999 => format!("{ms:.1} ms"),
+        100_000..=999_999 => format!("{ms:.0} ms"),
+        _ => format!("{:.2} s", ms / 1000.0),
+    }
+}
+
+/// Parses "10s", "500ms", "2m", "1h", "1.5s"; a bare number means seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 10s, 500ms, 2m"))?;
+    let secs = match unit.trim() {
+        "" | "s" => value,
+        "ms" => value / 1e3,
+        "us" | "µs" => value / 1e6,
+        "m" | "min" => value * 60.0,
+        "h" => value * 3600.0,
+        u => {
+            return Err(format!(
+                "invalid duration {s:?}: unknown unit {u:?} (use ms, s, m, h)"
+            ))
+        }
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// Runs one bench subcommand, prints progress to stderr and the summary to stdout.
+pub async fn run(cmd: BenchCmd) -> anyhow::Result<Report> {
+    let report = match cmd {
+        BenchCmd::State(args) => run_state(&args).await?,
+    };
+    println!("{report}");
+    Ok(report)
+}
+
+async fn run_state(args: &StateArgs) -> anyhow::Result<Report> {
+    if args.keys == 0 {
+        bail!("--keys must be at least 1");
+    }
+    let store_ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    if args.store.is_empty() || !args.store.chars().all(store_ok) {
+        bail!(
+            "--store {:?}: use letters, digits, '-', '_' or '.'",
+            args.store
+        );
+    }
+    // `{"v":"<filler>","n":<counter>}`: ~20 bytes of framing and counter around the filler.
+    let filler: Arc<str> = "x".repeat(args.size.saturating_sub(20)).into();
+    let (keys, prefix) = (args.keys, format!("/v1/state/{}/k", args.store));
+    drive("state", &args.common, move |_worker, seq| BenchRequest {
+        method: Method::PUT,
+        path: format!("{prefix}{}", fastrand::u64(0..keys)),
+        headers: Vec::new(),
+        body: Bytes::from(format!(r#"{{"v":"{filler}","n":{seq}}}"#)),
+    })
+    .await
+}
+
+/// Counters shared with the progress printer.
+#[derive(Default)]
+struct Progress {
+    ok: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// What one worker measured: latencies of acknowledged requests, and errors by kind.
+type WorkerStats = (Histogram<u64>, BTreeMap<String, u64>);
+
+fn new_histogram() -> anyhow::Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).context("creating latency histogram")
+}
+
+/// The generic engine: `concurrency` closed-loop workers, worker `i` on `targets[i % n]`, each
+/// sending `make_request(i, seq)` until the deadline. 2xx counts as acknowledged; other statuses
+/// and client errors are counted by kind. Connection errors back off 50 ms, doubling up to 1 s.
+pub async fn drive<F>(
+    workload: &str,
+    common: &CommonArgs,
+    make_request: F,
+) -> anyhow::Result<Report>
+where
+    F: Fn(usize, u64) -> BenchRequest + Send + Sync + 'static,
+{
+    let targets: Vec<String> = common
+        .targets
+        .iter()
+        .map(|t| t.trim().to_string())
+        .filter(|t| !t.is_empty())
+        .collect();
+    if targets.is_empty() {
+        bail!("--targets: at least one address is required");
+    }
+    if common.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if common.duration.is_zero() {
+        bail!("--duration must be positive");
+    }
+    let title = format!(
+        "bench {workload}: {} targets, {} connections, {:.1}s",
+        targets.len(),
+        common.concurrency,
+        common.duration.as_secs_f64()
+    );
+    eprintln!("{title} (warmup {:.1}s)", common.warmup.as_secs_f64());
+
+    let start = Instant::now();
+    let measure_from = start + common.warmup;
+    let deadline = measure_from + common.duration;
+    let make_request = Arc::new(make_request);
+    let progress = Arc::new(Progress::default());
+
+    let mut workers = Vec::with_capacity(common.concurrency);
+    for i in 0..common.concurrency {
+        let conn = Conn::new(targets[i % targets.len()].clone());
+        let (make, progress, timeout) = (make_request.clone(), progress.clone(), common.timeout);
+        workers.push(tokio::spawn(async move {
+            worker(i, conn, &*make, &progress, timeout, measure_from, deadline).await
+        }));
+    }
+    let printer = tokio::spawn(print_progress(progress.clone(), measure_from, deadline));
+
+    let (mut hist, mut error_kinds) = (new_histogram()?, BTreeMap::new());
+    for w in workers {
+        let (h, kinds) = w.await.context("bench worker panicked")??;
+        hist.add(&h).context("merging latency histograms")?;
+        for (kind, n) in kinds {
+            *error_kinds.entry(kind).or_insert(0) += n;
+        }
+    }
+    printer.abort();
+    let (ok, errors) = (hist.len(), error_kinds.values().sum());
+
+    let elapsed = Instant::now()
+        .min(deadline)
+        .saturating_duration_since(measure_from);
+    let per_sec = if elapsed.is_zero() {
+        0.0
+    } else {
+        ok as f64 / elapsed.as_secs_f64()
+    };
+    Ok(Report {
+        title,
+        ok,
+        errors,
+        elapsed,
+        per_sec,
+        p50_us: hist.value_at_quantile(0.50),
+        p99_us: hist.value_at_quantile(0.99),
+        p999_us: hist.value_at_quantile(0.999),
+        max_us: hist.max(),
+        error_kinds,
+    })
+}
+
+async fn worker<F>(
+    index: usize,
+    mut conn: Conn,
+    make_request: &F,
+    progress: &Progress,
+    timeout: Duration,
+    measure_from: Instant,
+    deadline: Instant,
+) -> anyhow::Result<WorkerStats>
+where
+    F: Fn(usize, u64) -> BenchRequest,
+{
+    let (mut hist, mut kinds) = (new_histogram()?, BTreeMap::new());
+    let mut backoff = BACKOFF_MIN;
+    for seq in 0.. {
+        let started = Instant::now();
+        if started >= deadline {
+            break;
+        }
+        let req = make_request(index, seq);
+        let headers: Vec<(&str, &str)> = req
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let sent = conn.request(req.method, &req.path, &headers, req.body, timeout);
+        let Ok(result) = timeout_at(deadline, sent).await else {
+            break;
+        };
+        let latency_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let measured = started >= measure_from;
+        let failure = match result {
+            Ok(resp) => {
+                backoff = BACKOFF_MIN; // the node answered: the connection is fine
+                (!resp.is_success()).then(|| format!("status {}", resp.status))
+            }
+            Err(e) => {
+                tracing::debug!(target = conn.addr(), error = %e, "bench request failed");
+                if e.is_connection() {
+                    sleep_until((Instant::now() + backoff).min(deadline)).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+                Some(e.kind().to_string())
+            }
+        };
+        match failure {
+            None if measured => {
+                hist.saturating_record(latency_us);
+                progress.ok.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(kind) if measured => {
+                *kinds.entry(kind).or_insert(0) += 1;
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+    Ok((hist, kinds))
+}
+
+/// Prints `[  3s] acknowledged 63012  21034/s  errors 0` to stderr every second of the window.
+async fn print_progress(progress: Arc<Progress>, measure_from: Instant, deadline: Instant) {
+    let mut tick = tokio::time::interval_at(
+        measure_from + Duration::from_secs(1),
+        Duration::from_secs(1),
+    );
+    let mut last_ok = 0;
+    loop {
+        let now = tick.tick().await;
+        if now > deadline {
+            break;
+        }
+        let ok = progress.ok.load(Ordering::Relaxed);
+        let errors = progress.errors.load(Ordering::Relaxed);
+        let secs = now.duration_since(measure_from).as_secs_f64();
+        eprintln!(
+            "[{secs:>4.0}s] acknowledged {ok}  {}/s  errors {errors}",
+            ok - last_ok
+        );
+        last_ok = ok;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use std::convert::Infallible;
+
+    /// Hyper server on 127.0.0.1:0 answering every request with `status`; PUTs to the state API
+    /// are validated (path shape, JSON body) and answered 400 if malformed.
+    async fn server(status: u16) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let svc = hyper::service::service_fn(
+                    move |req: http::Request<hyper::body::Incoming>| async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.unwrap().to_bytes();
+                        let valid = parts.method == Method::PUT
+                            && parts
+                                .uri
+                                .path()
+                                .strip_prefix("/v1/state/bench/k")
+                                .is_some_and(|k| k.parse::<u64>().is_ok_and(|k| k < 10))
+                            && serde_json::from_slice::<serde_json::Value>(&body)
+                                .is_ok_and(|v| v["v"].is_string() && v["n"].is_u64())
+                            && (100..140).contains(&body.len());
+                        let mut resp = http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                        *resp.status_mut() =
+                            http::StatusCode::from_u16(if valid { status } else { 400 }).unwrap();
+                        Ok::<_, Infallible>(resp)
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: BenchCmd,
+    }
+
+    fn state_cmd(targets: Vec<String>) -> BenchCmd {
+        let argv = [
+            "x",
+            "state",
+            "--targets",
+            &targets.join(","),
+            "--concurrency",
+            "4",
+            "--duration",
+            "1s",
+        ];
+        let mut cmd =
+            Cli::try_parse_from(argv.iter().chain(&["--warmup", "200ms", "--keys", "10"]))
+                .unwrap()
+                .cmd;
+        let BenchCmd::State(args) = &mut cmd;
+        assert_eq!(
+            (args.size, args.store.as_str(), args.common.timeout),
+            (128, "bench", Duration::from_secs(5))
+        );
+        cmd
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn state_against_ok_server() {
+        let a = server(200).await;
+        let b = server(200).await.trim_start_matches("http://").to_string(); // both forms accepted
+        let r = run(state_cmd(vec![a, b])).await.unwrap();
+        assert!(r.ok > 0, "{r}");
+        assert_eq!(r.errors, 0, "{r}");
+        assert!(r.error_kinds.is_empty());
+        assert!(
+            r.elapsed >= Duration::from_millis(900) && r.elapsed <= Duration::from_millis(1100),
+            "{:?}",
+            r.elapsed
+        );
+        assert!(
+            r.p50_us > 0 && r.p50_us <= r.p99_us && r.p99_us <= r.p999_us && r.p999_us <= r.max_us
+        );
+        assert!(r
+            .to_string()
+            .starts_with("bench state: 2 targets, 4 connections, 1.0s\nacknowledged: "));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn errors_counted_by_kind() {
+        let r = run(state_cmd(vec![server(503).await])).await.unwrap();
+        assert_eq!(r.ok, 0);
+        assert!(r.errors > 0);
+        assert_eq!(r.error_kinds.get("status 503"), Some(&r.errors), "{r}");
+
+        // A closed port: connection errors, backed off rather than spun.
+        let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let r = run(state_cmd(vec![format!("127.0.0.1:{port}")]))
+            .await
+            .unwrap();
+        assert_eq!(r.ok, 0);
+        assert_eq!(r.error_kinds.get("connect"), Some(&r.errors), "{r}");
+        assert!(r.errors <= 4 * 25, "backoff bounds the error rate: {r}");
+    }
+
+    #[tokio::test]
+    async fn drive_rejects_bad_args() {
+        let common = CommonArgs {
+            targets: vec![],
+            concurrency: 1,
+            duration: Duration::from_secs(1),
+            warmup: Duration::ZERO,
+            timeout: Duration::from_secs(1),
+        };
+        let make = |_, _| BenchRequest {
+            method: Method::GET,
+            path: "/".into(),
+            headers: vec![],
+            body: Bytes::new(),
+        };
+        assert!(drive("t", &common, make).await.is_err());
+        assert!(drive(
+            "t",
+            &CommonArgs {
+                targets: vec!["a:1".into()],
+                concurrency: 0,
+                ..common
+            },
+            make
+        )
+        .await
+        .is_err());
+    }
+
+    #[test]
+    fn parse_durations() {
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        for bad in ["", "s", "10x", "-1s", "1.2.3s", "ms10"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn formats_latency() {
+        assert_eq!(fmt_us(950), "950 µs");
+        assert_eq!(fmt_us(2_314), "2.31 ms");
+        assert_eq!(fmt_us(11_200), "11.2 ms");
+        assert_eq!(fmt_us(250_000), "250 ms");
+        assert_eq!(fmt_us(2_500_000), "2.50 s");
+    }
+}

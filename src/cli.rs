@@ -1,0 +1,195 @@
+//! Command-line interface: `node`, `dev`, `leave`, `bench`.
+//!
+//! This is the binary's edge, so errors are `anyhow` here and exit codes are decided here.
+//! `dev` runs a three-node loopback cluster as child processes of this same binary, which is
+//! what a newcomer wants and exactly how the integration tests run nodes.
+
+use std::process::ExitCode;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use clap::Subcommand;
+use tokio_util::sync::CancellationToken;
+
+use crate::bench::BenchCmd;
+use crate::config::NodeArgs;
+
+#[derive(Debug, Parser)]
+#[command(name = "raftbridge", version, about = "Raft-replicated broker, state store and proxy in every instance")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run a node.
+    Node(NodeArgs),
+    /// Run a three-node cluster on loopback (child processes) and print commands to try.
+    Dev(DevArgs),
+    /// Remove a node from the cluster for good.
+    Leave(LeaveArgs),
+    /// Load benchmarks against a running cluster.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, clap::Args)]
+struct DevArgs {
+    /// Directory for the nodes' data (kept between runs).
+    #[arg(long, default_value = "raftbridge-dev")]
+    data_dir: std::path::PathBuf,
+    /// First peer port; nodes use base, base+1, base+2 (HTTP: base+1000..).
+    #[arg(long, default_value_t = 7401)]
+    base_port: u16,
+}
+
+#[derive(Debug, clap::Args)]
+struct LeaveArgs {
+    /// HTTP address of any node of the cluster.
+    #[arg(long)]
+    http_addr: String,
+    /// Id of the node to remove.
+    #[arg(long)]
+    id: u64,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.cmd {
+            Cmd::Node(args) => run_node(args).await,
+            Cmd::Dev(args) => dev(args).await,
+            Cmd::Leave(args) => leave(args).await,
+            Cmd::Bench(cmd) => crate::bench::run(cmd).await.map(|_| ()),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Cancel the token on SIGINT or SIGTERM.
+fn on_signal(token: CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        token.cancel();
+    });
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    let cfg = args.resolve()?;
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| tracing::warn!(cause = %e, "metrics recorder not installed"))
+        .ok();
+    let shutdown = CancellationToken::new();
+    on_signal(shutdown.clone());
+    crate::node::run(cfg, metrics, shutdown).await?;
+    Ok(())
+}
+
+async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
+    let mut conn = crate::client::Conn::new(args.http_addr.clone());
+    let resp = conn
+        .request(http::Method::DELETE, &format!("/cluster/members/{}", args.id), &[], bytes::Bytes::new(), Duration::from_secs(30))
+        .await
+        .with_context(|| format!("contacting {}", args.http_addr))?;
+    if resp.is_success() {
+        println!("node {} removed", args.id);
+        Ok(())
+    } else {
+        anyhow::bail!("{}: {}", resp.status, String::from_utf8_lossy(&resp.body))
+    }
+}
+
+async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let peers: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", args.base_port + i)).collect();
+    let https: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", args.base_port + 1000 + i)).collect();
+    let mut children = Vec::new();
+    for i in 0..3 {
+        let dir = args.data_dir.join(format!("node{}", i + 1));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let log = std::fs::File::create(args.data_dir.join(format!("node{}.log", i + 1)))?;
+        let child = tokio::process::Command::new(&exe)
+            .args(["node", "--id", &(i + 1).to_string(), "--data-dir"])
+            .arg(&dir)
+            .args(["--peer-addr", &peers[i], "--http-addr", &https[i], "--seeds", &peers.join(","), "--bootstrap-expect", "3"])
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting a node")?;
+        children.push(child);
+    }
+    let started = Instant::now();
+    let mut ready = false;
+    while started.elapsed() < Duration::from_secs(30) && !ready {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut all = true;
+        for h in &https {
+            let ok = crate::client::Conn::new(h.clone()).get("/readyz", Duration::from_secs(1)).await.is_ok_and(|r| r.is_success());
+            all &= ok;
+        }
+        ready = all;
+    }
+    if !ready {
+        anyhow::bail!("the cluster did not become ready in 30 s; see {}/node*.log", args.data_dir.display());
+    }
+    println!("raftbridge dev cluster is up (logs: {}/node*.log). Try:\n", args.data_dir.display());
+    println!("  curl -s {}/cluster", url(&https[1]));
+    println!("  curl -s -X PUT {}/v1/state/default/greeting -d '{{\"hello\":\"world\"}}'", url(&https[2]));
+    println!("  curl -si {}/v1/state/default/greeting", url(&https[0]));
+    println!("  curl -s {}/metrics | head", url(&https[0]));
+    println!("  raftbridge bench state --targets {} --concurrency 64 --duration 10s", https.iter().map(|h| url(h)).collect::<Vec<_>>().join(","));
+    println!("\nCtrl-C stops the cluster.");
+    let stop = CancellationToken::new();
+    on_signal(stop.clone());
+    stop.cancelled().await;
+    for child in &mut children {
+        if let Some(pid) = child.id() {
+            // Ask politely first so nodes drain; kill_on_drop covers the rest.
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+    }
+    for child in &mut children {
+        let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
+    }
+    Ok(())
+}
+
+fn url(addr: &str) -> String {
+    format!("http://{addr}")
+}

@@ -1,0 +1,508 @@
+//! A small HTTP/1.1 keep-alive client: one [`Conn`] is one TCP connection to one `host:port`.
+//!
+//! Why not a pooled client (`hyper_util::client::legacy`, reqwest)? The bench wants exactly one
+//! connection per worker so that "64 connections" means 64 sockets, the node probes one peer at a
+//! time, and tests want to observe reuse and reconnects. A hand-held `SendRequest` gives all of
+//! that in a few lines with no pool, no TLS and no extra dependencies.
+//!
+//! Behaviour worth knowing:
+//! - The connection is opened lazily and reopened transparently on the next request after it
+//!   closed (server `Connection: close`, idle timeout, error, or our own timeout).
+//! - `timeout` bounds the whole exchange: connect, send, and reading the full body.
+//! - A request that fails on a *reused* connection before any response arrived (the server closed
+//!   the idle socket under us) is retried once on a fresh connection, but only when hyper says it
+//!   was never sent or the method is idempotent — the same rule browsers apply.
+//! - Response bodies are capped at [`MAX_BODY`] so a misbehaving peer cannot balloon memory.
+
+use std::{io, time::Duration};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::{net::TcpStream, task::JoinHandle};
+
+/// Largest response body accepted, in bytes.
+pub const MAX_BODY: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connect {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("{addr}: {source}")]
+    Http { addr: String, source: hyper::Error },
+    #[error("{addr}: request timed out")]
+    Timeout { addr: String },
+    #[error("{addr}: response body larger than {limit} bytes")]
+    BodyTooLarge { addr: String, limit: usize },
+    #[error("bad url: {0}")]
+    BadUrl(String),
+    #[error("bad header {0}")]
+    BadHeader(String),
+    #[error("decoding JSON response: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+impl ClientError {
+    /// Short stable label for counting errors by kind (used by the bench).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientError::Connect { .. } => "connect",
+            ClientError::Http { .. } => "http",
+            ClientError::Timeout { .. } => "timeout",
+            ClientError::BodyTooLarge { .. } => "body too large",
+            ClientError::BadUrl(_) => "bad url",
+            ClientError::BadHeader(_) => "bad header",
+            ClientError::Json(_) => "json",
+        }
+    }
+
+    /// True when the transport failed (as opposed to a slow or malformed answer);
+    /// callers hammering a node should back off before reconnecting.
+    pub fn is_connection(&self) -> bool {
+        matches!(self, ClientError::Connect { .. } | ClientError::Http { .. })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Response {
+    pub fn json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ClientError> {
+        Ok(serde_json::from_slice(&self.body)?)
+    }
+
+    pub fn is_success(&self) -> bool {
+        (200..300).contains(&self.status)
+    }
+}
+
+/// One keep-alive HTTP/1.1 connection to one `host:port`; reconnects transparently on the next
+/// request after the connection closed.
+pub struct Conn {
+    addr: String,
+    live: Option<Live>,
+}
+
+struct Live {
+    sender: SendRequest<Full<Bytes>>,
+    driver: JoinHandle<()>,
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // The driver may be stuck on a request we gave up on (timeout); don't leak it.
+        self.driver.abort();
+    }
+}
+
+impl Conn {
+    /// `addr` is `host:port`; a leading `http://` and trailing `/` are stripped.
+    pub fn new(addr: impl Into<String>) -> Conn {
+        let addr = addr.into();
+        let addr = addr
+            .trim()
+            .strip_prefix("http://")
+            .unwrap_or(addr.trim())
+            .trim_end_matches('/');
+        Conn {
+            addr: addr.to_string(),
+            live: None,
+        }
+    }
+
+    /// The normalized `host:port` this connection talks to.
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    /// True if a connection is currently open (it may still turn out to be stale).
+    pub fn is_connected(&self) -> bool {
+        self.live.as_ref().is_some_and(|l| !l.sender.is_closed())
+    }
+
+    pub async fn get(&mut self, path: &str, timeout: Duration) -> Result<Response, ClientError> {
+        self.request(Method::GET, path, &[], Bytes::new(), timeout)
+            .await
+    }
+
+    pub async fn put_json(
+        &mut self,
+        path: &str,
+        body: &serde_json::Value,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let body = Bytes::from(serde_json::to_vec(body)?);
+        self.request(Method::PUT, path, &[], body, timeout).await
+    }
+
+    pub async fn request(
+        &mut self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<Response, ClientError> {
+        let host = HeaderValue::from_str(&self.addr).ok();
+        let host = host.filter(|_| !self.addr.is_empty() && !self.addr.contains('/'));
+        let host =
+            host.ok_or_else(|| ClientError::BadUrl(format!("{:?} (want host:port)", self.addr)))?;
+        if !path_and_query.starts_with('/') {
+            return Err(ClientError::BadUrl(format!(
+                "{path_and_query:?} (want /path)"
+            )));
+        }
+        let mut map = HeaderMap::with_capacity(headers.len() + 2);
+        map.insert(header::HOST, host);
+        if !body.is_empty() {
+            map.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        for (k, v) in headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| ClientError::BadHeader(k.to_string()))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| ClientError::BadHeader(format!("{k}: {v:?}")))?;
+            map.insert(name, value);
+        }
+        let result =
+            tokio::time::timeout(timeout, self.exchange(&method, path_and_query, &map, body)).await;
+        let result = result.unwrap_or_else(|_| {
+            Err(ClientError::Timeout {
+                addr: self.addr.clone(),
+            })
+        });
+        if result.is_err() {
+            // After a failure the connection state is unknown (request half-sent, body unread).
+            self.live = None;
+        }
+        result
+    }
+
+    async fn exchange(
+        &mut self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+        body: Bytes,
+    ) -> Result<Response, ClientError> {
+        let build = || {
+            let mut req = Request::new(Full::new(body.clone()));
+            *req.method_mut() = method.clone();
+            *req.uri_mut() = path
+                .parse()
+                .map_err(|_| ClientError::BadUrl(path.to_string()))?;
+            *req.headers_mut() = headers.clone();
+            Ok::<_, ClientError>(req)
+        };
+        let mut req = build()?;
+        let mut retried = false;
+        loop {
+            let (mut live, reused) = self.take_ready().await?;
+            match live.sender.try_send_request(req).await {
+                Ok(resp) => {
+                    self.live = Some(live);
+                    return self.read_response(resp).await;
+                }
+                Err(mut e) => {
+                    let unsent = e.take_message().is_some();
+                    let idempotent = method.is_idempotent();
+                    if reused && !retried && (unsent || (idempotent && is_stale(e.error()))) {
+                        retried = true;
+                        req = build()?;
+                        continue;
+                    }
+                    return Err(self.http_err(e.into_error()));
+                }
+            }
+        }
+    }
+
+    /// Takes the open connection if it is still usable, else opens a new one;
+    /// also returns whether it was reused. The caller puts it back after a successful send.
+    async fn take_ready(&mut self) -> Result<(Live, bool), ClientError> {
+        if let Some(mut live) = self.live.take() {
+            if !live.sender.is_closed() && live.sender.ready().await.is_ok() {
+                return Ok((live, true));
+            }
+        }
+        let addr = &self.addr;
+        let connect = async {
+            let stream = TcpStream::connect(addr.as_str()).await?;
+            stream.set_nodelay(true)?;
+            Ok(stream)
+        };
+        let stream = connect.await.map_err(|source| ClientError::Connect {
+            addr: addr.clone(),
+            source,
+        })?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| self.http_err(source))?;
+        let peer = addr.clone();
+        let driver = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(addr = %peer, error = %e, "http connection ended with error");
+            }
+        });
+        Ok((Live { sender, driver }, false))
+    }
+
+    fn http_err(&self, source: hyper::Error) -> ClientError {
+        ClientError::Http {
+            addr: self.addr.clone(),
+            source,
+        }
+    }
+
+    async fn read_response(
+        &self,
+        resp: http::Response<hyper::body::Incoming>,
+    ) -> Result<Response, ClientError> {
+        let (parts, body) = resp.into_parts();
+        let body = match Limited::new(body, MAX_BODY).collect().await {
+            Ok(collected) => collected.to_bytes(),
+            Err(e) => {
+                return Err(match e.downcast::<hyper::Error>() {
+                    Ok(source) => self.http_err(*source),
+                    Err(_) => ClientError::BodyTooLarge {
+                        addr: self.addr.clone(),
+                        limit: MAX_BODY,
+                    },
+                })
+            }
+        };
+        Ok(Response {
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+        })
+    }
+}
+
+/// Errors that mean "the idle connection was already dead when we used it".
+fn is_stale(e: &hyper::Error) -> bool {
+    if e.is_canceled() || e.is_closed() || e.is_incomplete_message() {
+        return true;
+    }
+    let io = std::error::Error::source(e).and_then(|s| s.downcast_ref::<io::Error>());
+    io.is_some_and(|io| {
+        matches!(
+            io.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::{
+        convert::Infallible,
+        net::SocketAddr,
+        sync::{
+            atomic::{AtomicUsize, Ordering},
+            Arc,
+        },
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Hyper server on 127.0.0.1:0 that echoes method, path and body as JSON and counts
+    /// connections. `GET /slow` sleeps 2 s; `GET /close` answers with `Connection: close`.
+    async fn echo_server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counter = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                let svc = hyper::service::service_fn(
+                    |req: Request<hyper::body::Incoming>| async move {
+                        let (parts, body) = req.into_parts();
+                        if parts.uri.path() == "/slow" {
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                        let body = body.collect().await.unwrap().to_bytes();
+                        let echo = serde_json::json!({
+                            "method": parts.method.as_str(),
+                            "path": parts.uri.to_string(),
+                            "host": parts.headers.get("host").and_then(|h| h.to_str().ok()),
+                            "ctype": parts.headers.get("content-type").and_then(|h| h.to_str().ok()),
+                            "body": String::from_utf8_lossy(&body),
+                        });
+                        let mut resp =
+                            http::Response::new(Full::new(Bytes::from(echo.to_string())));
+                        if parts.uri.path() == "/close" {
+                            resp.headers_mut()
+                                .insert("connection", HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, Infallible>(resp)
+                    },
+                );
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc),
+                );
+            }
+        });
+        (addr, conns)
+    }
+
+    const T: Duration = Duration::from_secs(5);
+
+    #[tokio::test]
+    async fn get_put_and_keep_alive_reuse() {
+        let (addr, conns) = echo_server().await;
+        let mut c = Conn::new(format!("http://{addr}/"));
+        assert_eq!(c.addr(), addr.to_string());
+        let r = c.get("/hello?x=1", T).await.unwrap();
+        assert_eq!(r.status, 200);
+        let v: serde_json::Value = r.json().unwrap();
+        assert_eq!(v["method"], "GET");
+        assert_eq!(v["path"], "/hello?x=1");
+        assert_eq!(v["host"], addr.to_string());
+        assert!(v["ctype"].is_null());
+        let r = c
+            .put_json("/v1/state/s/k", &serde_json::json!({"v": 1}), T)
+            .await
+            .unwrap();
+        let v: serde_json::Value = r.json().unwrap();
+        assert_eq!(v["method"], "PUT");
+        assert_eq!(v["ctype"], "application/json");
+        assert_eq!(v["body"], r#"{"v":1}"#);
+        for _ in 0..10 {
+            c.request(
+                Method::POST,
+                "/x",
+                &[("x-test", "1")],
+                Bytes::from_static(b"{}"),
+                T,
+            )
+            .await
+            .unwrap();
+        }
+        assert_eq!(
+            conns.load(Ordering::SeqCst),
+            1,
+            "all requests reuse one connection"
+        );
+    }
+
+    #[tokio::test]
+    async fn reconnects_after_connection_close() {
+        let (addr, conns) = echo_server().await;
+        let mut c = Conn::new(addr.to_string());
+        for _ in 0..3 {
+            assert_eq!(c.get("/close", T).await.unwrap().status, 200);
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 3);
+    }
+
+    /// Raw server that answers one request per connection and never says `Connection: close`.
+    /// For `/drop-now` it closes right after answering (the client notices the EOF while idle);
+    /// otherwise it closes only when the next request arrives, leaving it unanswered — the
+    /// stale keep-alive race, made deterministic.
+    #[tokio::test]
+    async fn reconnects_after_silent_server_close() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns = Arc::new(AtomicUsize::new(0));
+        let counter = conns.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    for answered in [false, true] {
+                        let mut head = Vec::new();
+                        let mut chunk = [0u8; 1024];
+                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => head.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        if answered {
+                            return;
+                        }
+                        s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await
+                            .unwrap();
+                        if head.starts_with(b"GET /drop-now ") {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        let mut c = Conn::new(addr.to_string());
+        for _ in 0..2 {
+            assert_eq!(&c.get("/drop-now", T).await.unwrap().body[..], b"ok");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+        // Each GET after the first hits a stale connection and is retried once on a new one.
+        for path in ["/a", "/b", "/c"] {
+            assert_eq!(&c.get(path, T).await.unwrap().body[..], b"ok");
+        }
+        assert_eq!(conns.load(Ordering::SeqCst), 5);
+        // A POST that was already sent is not retried: it may have taken effect.
+        let err = c
+            .request(Method::POST, "/d", &[], Bytes::new(), T)
+            .await
+            .unwrap_err();
+        assert!(err.is_connection() && err.kind() == "http", "{err}");
+        assert_eq!(c.get("/e", T).await.unwrap().status, 200);
+        assert_eq!(conns.load(Ordering::SeqCst), 6);
+    }
+
+    #[tokio::test]
+    async fn timeout_then_recovers() {
+        let (addr, conns) = echo_server().await;
+        let mut c = Conn::new(addr.to_string());
+        let err = c
+            .get("/slow", Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Timeout { .. }), "{err}");
+        assert_eq!(err.kind(), "timeout");
+        assert!(!c.is_connected());
+        assert_eq!(c.get("/fast", T).await.unwrap().status, 200);
+        assert_eq!(conns.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn connect_error_and_bad_input() {
+        // Bind then drop to get a port that is (almost certainly) closed.
+        let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut c = Conn::new(format!("127.0.0.1:{port}"));
+        let err = c.get("/", T).await.unwrap_err();
+        assert!(err.is_connection() && err.kind() == "connect", "{err}");
+        assert!(err.to_string().contains(&format!("127.0.0.1:{port}")));
+        assert!(matches!(
+            c.get("nopath", T).await,
+            Err(ClientError::BadUrl(_))
+        ));
+        assert!(matches!(
+            Conn::new("https://x:1").get("/", T).await,
+            Err(ClientError::BadUrl(_))
+        ));
+    }
+}

@@ -1,0 +1,323 @@
+//! Cluster: bootstrap from a seed list, join, membership changes, and the peer address book.
+//!
+//! Why it is built this way:
+//! - *Bootstrap exactly once.* With `--bootstrap-expect N`, a node that is not in a cluster probes
+//!   the seeds. If any seed is already in a cluster, it joins through it. Otherwise, once N
+//!   uninitialized nodes (itself included) answer, only the one with the lowest id among them
+//!   calls `initialize` with all of them as voters. Every node sees the same lowest id among the
+//!   same seeds, so nodes started together or one by one form one cluster; a node that already
+//!   has Raft state (a restart) never bootstraps again.
+//! - *One membership change at a time.* Join and remove requests are queued to one task that acts
+//!   only on the leader and runs each change to completion before the next (concurrent
+//!   `change_membership` calls could otherwise interleave joint configurations). The same task
+//!   promotes caught-up learners to voters while voters < `--max-voters`.
+//! - *Seeds are only a way in.* Join requests reaching a follower are forwarded to the leader.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tracing::warn;
+
+use crate::peer::PeerError;
+use crate::peer::message::NodeStatus;
+use crate::peer::message::PeerRequest;
+use crate::peer::message::PeerResponse;
+use crate::peer::message::RemoteError;
+use crate::raft::Replica;
+use crate::raft::types::*;
+
+/// How far behind the leader's last log a learner may be and still be promoted.
+const PROMOTE_LAG: u64 = 64;
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+const QUEUE: usize = 64;
+
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub seeds: Vec<String>,
+    pub bootstrap_expect: usize,
+    pub max_voters: usize,
+}
+
+enum Change {
+    Join { id: NodeId, addr: String, reply: oneshot::Sender<Result<(), RemoteError>> },
+    Remove { id: NodeId, reply: oneshot::Sender<Result<(), RemoteError>> },
+}
+
+#[derive(Clone)]
+pub struct Cluster {
+    replica: Replica,
+    settings: Arc<ClusterSettings>,
+    /// Feeds the membership task; the task ends when every `Cluster` clone is dropped or on shutdown.
+    changes: mpsc::Sender<Change>,
+}
+
+impl Cluster {
+    /// Start the membership task, the address-book watcher and the bootstrap/join loop.
+    pub fn start(replica: Replica, settings: ClusterSettings, shutdown: CancellationToken) -> Cluster {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        let cluster = Cluster { replica, settings: Arc::new(settings), changes: tx };
+        tokio::spawn(cluster.clone().membership_task(rx, shutdown.clone()));
+        tokio::spawn(cluster.clone().address_book(shutdown.clone()));
+        tokio::spawn(cluster.clone().bootstrap_or_join(shutdown));
+        cluster
+    }
+
+    pub fn status(&self) -> NodeStatus {
+        let m = self.replica.metrics();
+        let initialized = m.membership_config.membership().nodes().next().is_some();
+        NodeStatus {
+            node_id: self.replica.id(),
+            addr: self.replica.net.advertise().to_string(),
+            initialized,
+            leader: m.current_leader,
+            term: m.current_term,
+        }
+    }
+
+    /// True when this node is a member of a cluster that has a leader.
+    pub fn ready(&self) -> bool {
+        let m = self.replica.metrics();
+        let member = m.membership_config.membership().get_node(&self.replica.id()).is_some();
+        member && m.current_leader.is_some()
+    }
+
+    /// Serve a join request: on the leader, queue it; elsewhere, forward it to the leader.
+    pub async fn join(&self, id: NodeId, addr: String) -> Result<(), RemoteError> {
+        self.leader_op(PeerRequest::Join { id: id, addr: addr.clone() }, |reply| Change::Join { id, addr, reply }).await
+    }
+
+    /// Remove a node for good (voter and learner entries).
+    pub async fn remove(&self, id: NodeId) -> Result<(), RemoteError> {
+        self.leader_op(PeerRequest::Remove { id }, |reply| Change::Remove { id, reply }).await
+    }
+
+    async fn leader_op(
+        &self,
+        forward: PeerRequest,
+        change: impl FnOnce(oneshot::Sender<Result<(), RemoteError>>) -> Change,
+    ) -> Result<(), RemoteError> {
+        match self.replica.leader() {
+            Some(l) if l == self.replica.id() => {
+                let (tx, rx) = oneshot::channel();
+                self.changes
+                    .try_send(change(tx))
+                    .map_err(|_| RemoteError::Unavailable("membership queue full".into()))?;
+                tokio::time::timeout(CHANGE_TIMEOUT * 2, rx)
+                    .await
+                    .map_err(|_| RemoteError::Unavailable("membership change timed out".into()))?
+                    .map_err(|_| RemoteError::Unavailable("membership task stopped".into()))?
+            }
+            Some(l) => match self.replica.net.request(l, &forward, CHANGE_TIMEOUT * 2).await {
+                Ok(PeerResponse::Done) => Ok(()),
+                Ok(PeerResponse::Error(e)) => Err(e),
+                Ok(other) => Err(RemoteError::Internal(format!("unexpected {other:?}"))),
+                Err(e) => Err(RemoteError::Unavailable(e.to_string())),
+            },
+            None => Err(RemoteError::NotLeader { leader: None }),
+        }
+    }
+
+    async fn membership_task(self, mut rx: mpsc::Receiver<Change>, shutdown: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                change = rx.recv() => match change {
+                    None => return,
+                    Some(Change::Join { id, addr, reply }) => { let _ = reply.send(self.apply_join(id, addr).await); }
+                    Some(Change::Remove { id, reply }) => { let _ = reply.send(self.apply_remove(id).await); }
+                },
+                _ = tick.tick() => {
+                    if self.replica.raft.is_leader() {
+                        self.promote_learners().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_leader_or_err(&self) -> Result<(), RemoteError> {
+        if self.replica.raft.is_leader() { Ok(()) } else { Err(RemoteError::NotLeader { leader: self.replica.leader() }) }
+    }
+
+    async fn apply_join(&self, id: NodeId, addr: String) -> Result<(), RemoteError> {
+        self.is_leader_or_err()?;
+        let m = self.replica.metrics();
+        let membership = m.membership_config.membership();
+        if let Some(node) = membership.get_node(&id) {
+            if node.addr != addr {
+                // Same id at a new address (e.g. a rescheduled container): update it.
+                info!(id, %addr, "updating node address");
+                let nodes = BTreeMap::from([(id, BasicNode { addr })]);
+                return self.change(ChangeMembers::SetNodes(nodes)).await;
+            }
+            return Ok(());
+        }
+        info!(id, %addr, "adding learner");
+        let r = tokio::time::timeout(CHANGE_TIMEOUT, self.replica.raft.add_learner(id, BasicNode { addr }, false)).await;
+        match r {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(to_remote(e)),
+            Err(_) => Err(RemoteError::Unavailable("add learner timed out".into())),
+        }
+    }
+
+    async fn apply_remove(&self, id: NodeId) -> Result<(), RemoteError> {
+        self.is_leader_or_err()?;
+        let m = self.replica.metrics();
+        let membership = m.membership_config.membership();
+        if membership.voter_ids().any(|v| v == id) {
+            if membership.voter_ids().count() <= 1 {
+                return Err(RemoteError::Invalid("cannot remove the last voter".into()));
+            }
+            info!(id, "removing voter");
+            self.change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
+        }
+        let m = self.replica.metrics();
+        if m.membership_config.membership().get_node(&id).is_some() {
+            info!(id, "removing node");
+            self.change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await?;
+        }
+        Ok(())
+    }
+
+    async fn change(&self, c: ChangeMembers<NodeId, BasicNode>) -> Result<(), RemoteError> {
+        match tokio::time::timeout(CHANGE_TIMEOUT, self.replica.raft.change_membership(c, false)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(to_remote(e)),
+            Err(_) => Err(RemoteError::Unavailable("membership change timed out".into())),
+        }
+    }
+
+    /// Promote one caught-up learner while voters < max_voters.
+    async fn promote_learners(&self) {
+        let m = self.replica.metrics();
+        let membership = m.membership_config.membership();
+        if membership.get_joint_config().len() > 1 {
+            return;
+        }
+        let voters = membership.voter_ids().count();
+        if voters >= self.settings.max_voters {
+            return;
+        }
+        let last = m.last_log_index.unwrap_or(0);
+        let Some(repl) = m.replication.as_ref() else { return };
+        let learners: Vec<NodeId> = membership.learner_ids().collect();
+        for id in learners {
+            let matched = repl.get(&id).and_then(|l| l.as_ref()).map(|l| l.index).unwrap_or(0);
+            if matched + PROMOTE_LAG >= last && self.replica.net.reachable(id) {
+                info!(id, matched, last, "promoting learner to voter");
+                if let Err(e) = self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await {
+                    warn!(id, cause = %e, "promotion failed");
+                }
+                return;
+            }
+        }
+    }
+
+    /// Keep the peer layer's address book equal to the membership's nodes.
+    async fn address_book(self, shutdown: CancellationToken) {
+        let mut rx = self.replica.raft.metrics();
+        let mut known: BTreeMap<NodeId, String> = BTreeMap::new();
+        loop {
+            let current: BTreeMap<NodeId, String> = {
+                let m = rx.borrow_and_update();
+                m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+            };
+            if current != known {
+                for (id, addr) in &current {
+                    self.replica.net.set_peer_addr(*id, addr);
+                }
+                for id in known.keys().filter(|id| !current.contains_key(id)) {
+                    self.replica.net.forget_peer(*id);
+                }
+                known = current;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = rx.changed() => if r.is_err() { return },
+            }
+        }
+    }
+
+    /// Until this node is in a cluster: join one through a seed, or bootstrap one (see module doc).
+    async fn bootstrap_or_join(self, shutdown: CancellationToken) {
+        let me = self.replica.id();
+        let mut round: u64 = 0;
+        loop {
+            match self.replica.raft.is_initialized().await {
+                Ok(true) => {
+                    info!("node has cluster state; bootstrap/join done");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(cause = %e, "raft stopped");
+                    return;
+                }
+            }
+            round += 1;
+            let probes = self.settings.seeds.iter().map(|seed| {
+                let net = self.replica.net.clone();
+                async move { (seed.clone(), net.request_addr(seed, &PeerRequest::Status, Duration::from_secs(1)).await) }
+            });
+            let results = futures_util::future::join_all(probes).await;
+            let mut fresh: BTreeMap<NodeId, String> = BTreeMap::from([(me, self.replica.net.advertise().to_string())]);
+            let mut members: Vec<(String, NodeStatus)> = Vec::new();
+            for (seed, r) in results {
+                match r {
+                    Ok((_, PeerResponse::Status(st))) if st.initialized => members.push((seed, st)),
+                    Ok((_, PeerResponse::Status(st))) => {
+                        fresh.insert(st.node_id, st.addr);
+                    }
+                    Ok(_) | Err(PeerError::SelfDial { .. }) => {}
+                    Err(e) => {
+                        if round % 20 == 1 {
+                            info!(%seed, cause = %e, "seed not reachable yet");
+                        }
+                    }
+                }
+            }
+            if !members.is_empty() {
+                // Prefer a seed that knows the leader; it forwards our join there.
+                members.sort_by_key(|(_, st)| st.leader.is_none());
+                let (seed, _) = &members[0];
+                let req = PeerRequest::Join { id: me, addr: self.replica.net.advertise().to_string() };
+                match self.replica.net.request_addr(seed, &req, CHANGE_TIMEOUT * 2).await {
+                    Ok((_, PeerResponse::Done)) => info!(%seed, "join accepted"),
+                    Ok((_, other)) => info!(%seed, response = ?other, "join not accepted yet"),
+                    Err(e) => info!(%seed, cause = %e, "join request failed"),
+                }
+            } else if self.settings.bootstrap_expect > 0
+                && fresh.len() >= self.settings.bootstrap_expect
+                && fresh.keys().next() == Some(&me)
+            {
+                let nodes: BTreeMap<NodeId, BasicNode> =
+                    fresh.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+                info!(members = ?nodes.keys().collect::<Vec<_>>(), "bootstrapping the cluster");
+                if let Err(e) = self.replica.raft.initialize(nodes).await {
+                    warn!(cause = %e, "initialize failed");
+                }
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(..200))) => {}
+            }
+        }
+    }
+}
+
+fn to_remote(e: RaftError<ClientWriteError>) -> RemoteError {
+    match e {
+        openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => RemoteError::NotLeader { leader: f.leader_id },
+        openraft::error::RaftError::APIError(e) => RemoteError::Invalid(e.to_string()),
+        openraft::error::RaftError::Fatal(e) => RemoteError::Internal(e.to_string()),
+    }
+}

@@ -1,0 +1,218 @@
+//! Node configuration: flags, `RAFTBRIDGE_*` environment variables and an optional TOML file.
+//!
+//! Precedence is flag > environment > file > default. clap reads flags and env vars into
+//! `NodeArgs` (every field optional so an absent flag can fall back to the file), the TOML file
+//! deserializes into the same shape, and `NodeArgs::resolve` merges them into a validated
+//! `NodeConfig`. Field names in the file are the flag names with `_` for `-`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("missing required setting `{0}` (flag, RAFTBRIDGE_* env var, or config file)")]
+    Missing(&'static str),
+    #[error("invalid `{name}`: {reason}")]
+    Invalid { name: &'static str, reason: String },
+}
+
+/// `raftbridge node` flags. Each also reads `RAFTBRIDGE_<NAME>`.
+#[derive(Debug, Clone, Default, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeArgs {
+    /// TOML config file (flags and env vars override it).
+    #[arg(long, env = "RAFTBRIDGE_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's id (unique in the cluster, never reused; stored in the data dir).
+    #[arg(long, env = "RAFTBRIDGE_ID")]
+    pub id: Option<u64>,
+    /// Directory for the Raft log, snapshots and the node id.
+    #[arg(long, env = "RAFTBRIDGE_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address the peer listener binds (may be 0.0.0.0:port with --advertise).
+    #[arg(long, env = "RAFTBRIDGE_PEER_ADDR")]
+    pub peer_addr: Option<String>,
+    /// Address the client HTTP listener binds.
+    #[arg(long, env = "RAFTBRIDGE_HTTP_ADDR")]
+    pub http_addr: Option<String>,
+    /// Peer address other nodes use to reach this one (default: --peer-addr).
+    #[arg(long, env = "RAFTBRIDGE_ADVERTISE")]
+    pub advertise: Option<String>,
+    /// Comma-separated peer addresses of seed nodes (host:port; a DNS name may resolve to many).
+    #[arg(long, env = "RAFTBRIDGE_SEEDS", value_delimiter = ',')]
+    pub seeds: Option<Vec<String>>,
+    /// Form a new cluster once this many seeds (this node included) can be reached.
+    #[arg(long, env = "RAFTBRIDGE_BOOTSTRAP_EXPECT")]
+    pub bootstrap_expect: Option<usize>,
+    /// Voters at most; further nodes stay learners (they still serve).
+    #[arg(long, env = "RAFTBRIDGE_MAX_VOTERS")]
+    pub max_voters: Option<usize>,
+    /// Largest accepted request body in bytes.
+    #[arg(long, env = "RAFTBRIDGE_MAX_BODY")]
+    pub max_body: Option<usize>,
+    /// Log entries between snapshots (then the log is purged up to the snapshot).
+    #[arg(long, env = "RAFTBRIDGE_SNAPSHOT_THRESHOLD")]
+    pub snapshot_threshold: Option<u64>,
+    /// Cluster name; peers of another cluster are refused at the handshake.
+    #[arg(long, env = "RAFTBRIDGE_CLUSTER_NAME")]
+    pub cluster_name: Option<String>,
+    /// Raft heartbeat interval in milliseconds.
+    #[arg(long, env = "RAFTBRIDGE_HEARTBEAT_MS")]
+    pub heartbeat_ms: Option<u64>,
+    /// Raft election timeout (min) in milliseconds; the max is twice this.
+    #[arg(long, env = "RAFTBRIDGE_ELECTION_TIMEOUT_MS")]
+    pub election_timeout_ms: Option<u64>,
+    /// How long a write or linearizable read may wait for a leader and a quorum (ms) before 503.
+    #[arg(long, env = "RAFTBRIDGE_WRITE_TIMEOUT_MS")]
+    pub write_timeout_ms: Option<u64>,
+    /// Largest peer frame in bytes.
+    #[arg(long, env = "RAFTBRIDGE_MAX_FRAME")]
+    pub max_frame: Option<usize>,
+    /// Concurrent client HTTP connections at most.
+    #[arg(long, env = "RAFTBRIDGE_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Grace period for in-flight work on shutdown (ms).
+    #[arg(long, env = "RAFTBRIDGE_SHUTDOWN_GRACE_MS")]
+    pub shutdown_grace_ms: Option<u64>,
+}
+
+/// The resolved, validated configuration of one node.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub id: u64,
+    pub data_dir: PathBuf,
+    pub peer_addr: String,
+    pub http_addr: String,
+    pub advertise: String,
+    pub seeds: Vec<String>,
+    pub bootstrap_expect: usize,
+    pub max_voters: usize,
+    pub max_body: usize,
+    pub snapshot_threshold: u64,
+    pub cluster_name: String,
+    pub heartbeat_ms: u64,
+    pub election_timeout_ms: u64,
+    pub write_timeout_ms: u64,
+    pub max_frame: usize,
+    pub max_connections: usize,
+    pub shutdown_grace_ms: u64,
+}
+
+impl NodeArgs {
+    /// Merge flags/env (self) over the TOML file (if any) over defaults.
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        let file = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<NodeArgs>(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?
+            }
+            None => NodeArgs::default(),
+        };
+        macro_rules! pick {
+            ($f:ident) => {
+                self.$f.clone().or(file.$f.clone())
+            };
+        }
+        let id = pick!(id).ok_or(ConfigError::Missing("id"))?;
+        let data_dir = pick!(data_dir).ok_or(ConfigError::Missing("data-dir"))?;
+        let peer_addr = pick!(peer_addr).unwrap_or_else(|| "127.0.0.1:7400".into());
+        let http_addr = pick!(http_addr).unwrap_or_else(|| "127.0.0.1:8400".into());
+        let advertise = match pick!(advertise) {
+            Some(a) => a,
+            None => {
+                if let Ok(sa) = peer_addr.parse::<SocketAddr>() {
+                    if sa.ip().is_unspecified() {
+                        return Err(ConfigError::Invalid {
+                            name: "advertise",
+                            reason: format!("--peer-addr {peer_addr} is a wildcard; give --advertise host:port"),
+                        });
+                    }
+                }
+                peer_addr.clone()
+            }
+        };
+        let seeds: Vec<String> =
+            pick!(seeds).unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let cfg = NodeConfig {
+            id,
+            data_dir,
+            peer_addr,
+            http_addr,
+            advertise,
+            seeds,
+            bootstrap_expect: pick!(bootstrap_expect).unwrap_or(0),
+            max_voters: pick!(max_voters).unwrap_or(5),
+            max_body: pick!(max_body).unwrap_or(1 << 20),
+            snapshot_threshold: pick!(snapshot_threshold).unwrap_or(10_000),
+            cluster_name: pick!(cluster_name).unwrap_or_else(|| "raftbridge".into()),
+            heartbeat_ms: pick!(heartbeat_ms).unwrap_or(100),
+            election_timeout_ms: pick!(election_timeout_ms).unwrap_or(500),
+            write_timeout_ms: pick!(write_timeout_ms).unwrap_or(5_000),
+            max_frame: pick!(max_frame).unwrap_or(16 << 20),
+            max_connections: pick!(max_connections).unwrap_or(10_000),
+            shutdown_grace_ms: pick!(shutdown_grace_ms).unwrap_or(10_000),
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+impl NodeConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |name, reason: &str| Err(ConfigError::Invalid { name, reason: reason.to_string() });
+        if self.max_voters == 0 {
+            return invalid("max-voters", "must be at least 1");
+        }
+        if self.heartbeat_ms == 0 || self.election_timeout_ms < 2 * self.heartbeat_ms {
+            return invalid("election-timeout-ms", "must be at least twice --heartbeat-ms");
+        }
+        if self.max_frame < 64 * 1024 {
+            return invalid("max-frame", "must be at least 65536");
+        }
+        if self.snapshot_threshold == 0 {
+            return invalid("snapshot-threshold", "must be at least 1");
+        }
+        if self.bootstrap_expect > 0 && self.seeds.is_empty() && self.bootstrap_expect > 1 {
+            return invalid("bootstrap-expect", "needs --seeds listing the other nodes");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_fills_what_flags_leave_out() {
+        let dir = std::env::temp_dir().join(format!("rb-cfg-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        std::fs::write(&path, "id = 3\ndata_dir = \"/tmp/x\"\nseeds = [\"a:1\", \"b:2\"]\nmax_voters = 3\n").unwrap();
+        let args = NodeArgs { config: Some(path), max_voters: Some(7), ..Default::default() };
+        let cfg = args.resolve().unwrap();
+        assert_eq!(cfg.id, 3);
+        assert_eq!(cfg.seeds, vec!["a:1", "b:2"]);
+        assert_eq!(cfg.max_voters, 7, "the flag wins over the file");
+        assert_eq!(cfg.max_body, 1 << 20);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn wildcard_needs_advertise() {
+        let args = NodeArgs {
+            id: Some(1),
+            data_dir: Some("/tmp/x".into()),
+            peer_addr: Some("0.0.0.0:7400".into()),
+            ..Default::default()
+        };
+        assert!(matches!(args.resolve(), Err(ConfigError::Invalid { name: "advertise", .. })));
+    }
+}

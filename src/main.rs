@@ -1,0 +1,6 @@
+//! The `raftbridge` binary: parses the command line and hands over to `cli`.
+#![forbid(unsafe_code)]
+
+fn main() -> std::process::ExitCode {
+    raftbridge::cli::main()
+}

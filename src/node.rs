@@ -1,0 +1,274 @@
+//! The composition root: opens storage, starts Raft, the peer layer, the cluster tasks and the
+//! HTTP API, wires them together and shuts them down in order. No logic of its own beyond the
+//! dispatch of peer requests to the module that serves them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use tracing::warn;
+
+use crate::api;
+use crate::cluster::Cluster;
+use crate::cluster::ClusterSettings;
+use crate::config::NodeConfig;
+use crate::peer::BoxFuture;
+use crate::peer::Handler;
+use crate::peer::PeerConfig;
+use crate::peer::PeerNet;
+use crate::peer::message::PeerRequest;
+use crate::peer::message::PeerResponse;
+use crate::peer::message::RemoteError;
+use crate::raft::RaftSettings;
+use crate::raft::Replica;
+use crate::raft::log_store::LogStore;
+use crate::raft::log_store::LogStoreOptions;
+use crate::raft::network::Network;
+use crate::raft::state_machine::StateMachine;
+use crate::raft::types::*;
+use crate::store::StateStore;
+
+/// Largest snapshot a node accepts from a leader (assembled in memory before install).
+const MAX_SNAPSHOT: usize = 1 << 30;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("data dir {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(
+        "data dir {path} belongs to node {stored}, not --id {given}; use that id or another data dir"
+    )]
+    IdMismatch { path: String, stored: u64, given: u64 },
+    #[error("bind {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("raft config: {0}")]
+    RaftConfig(#[from] openraft::ConfigError),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// Check or record the node id in the data dir: a data dir belongs to one node id forever.
+fn claim_data_dir(dir: &Path, id: u64) -> Result<(), NodeError> {
+    let path = dir.display().to_string();
+    let ctx = |source| NodeError::DataDir { path: path.clone(), source };
+    std::fs::create_dir_all(dir).map_err(ctx)?;
+    match std::fs::read_to_string(dir.join("node_id")) {
+        Ok(text) => {
+            let stored: u64 = text.trim().parse().map_err(|_| {
+                ctx(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("node_id file holds {text:?}")))
+            })?;
+            if stored != id {
+                return Err(NodeError::IdMismatch { path, stored, given: id });
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            crate::fsutil::write_atomic(dir, "node_id", format!("{id}\n").as_bytes()).map_err(ctx)
+        }
+        Err(e) => Err(ctx(e)),
+    }
+}
+
+/// Run a node until `shutdown` fires, then drain and stop.
+pub async fn run(
+    cfg: NodeConfig,
+    metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    claim_data_dir(&cfg.data_dir, cfg.id)?;
+    let peer_listener =
+        TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
+    let http_listener =
+        TcpListener::bind(&cfg.http_addr).await.map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
+
+    let dir_err = |source| NodeError::DataDir { path: cfg.data_dir.display().to_string(), source };
+    let log_store = LogStore::open(&cfg.data_dir.join("log"), LogStoreOptions::default()).map_err(dir_err)?;
+    let sm = StateMachine::open(&cfg.data_dir.join("sm")).map_err(dir_err)?;
+    let sm_shared = sm.shared();
+
+    // Links and listeners stop with `net_stop`, after the HTTP API has drained.
+    let net_stop = CancellationToken::new();
+    let net = PeerNet::new(
+        PeerConfig {
+            node_id: cfg.id,
+            cluster: cfg.cluster_name.clone(),
+            advertise: cfg.advertise.clone(),
+            max_frame: cfg.max_frame,
+            idle_timeout: Duration::from_millis((cfg.election_timeout_ms * 4).max(2_000)),
+        },
+        net_stop.clone(),
+    );
+    let raft_cfg = crate::raft::openraft_config(&RaftSettings {
+        cluster: cfg.cluster_name.clone(),
+        heartbeat_ms: cfg.heartbeat_ms,
+        election_min_ms: cfg.election_timeout_ms,
+        election_max_ms: cfg.election_timeout_ms * 2,
+        snapshot_threshold: cfg.snapshot_threshold,
+    })?;
+    let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone() }, log_store, sm)
+        .await
+        .map_err(|e| NodeError::Raft(e.to_string()))?;
+    let replica = Replica { raft: raft.clone(), net: net.clone() };
+    let cluster_stop = CancellationToken::new();
+    let cluster = Cluster::start(
+        replica.clone(),
+        ClusterSettings { seeds: cfg.seeds.clone(), bootstrap_expect: cfg.bootstrap_expect, max_voters: cfg.max_voters },
+        cluster_stop.clone(),
+    );
+    net.set_handler(Arc::new(PeerHandler {
+        replica: replica.clone(),
+        cluster: cluster.clone(),
+        snapshots: Arc::new(Mutex::new(HashMap::new())),
+    }));
+    let peer_task = tokio::spawn(net.clone().run(peer_listener));
+
+    let timeout = Duration::from_millis(cfg.write_timeout_ms);
+    let app = Arc::new(api::App {
+        replica: replica.clone(),
+        cluster: cluster.clone(),
+        store: StateStore::new(replica.clone(), sm_shared.clone(), timeout),
+        sm: sm_shared,
+        metrics,
+        settings: api::HttpSettings {
+            max_body: cfg.max_body,
+            max_connections: cfg.max_connections,
+            header_read_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_millis(cfg.shutdown_grace_ms),
+        },
+        cluster_name: cfg.cluster_name.clone(),
+    });
+    let http_stop = CancellationToken::new();
+    let http_task = tokio::spawn(api::run(http_listener, app, http_stop.clone()));
+    info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, advertise = %cfg.advertise, "node started");
+
+    shutdown.cancelled().await;
+    info!("shutting down: draining HTTP, handing over leadership");
+    http_stop.cancel();
+    let _ = http_task.await;
+    hand_over_leadership(&replica).await;
+    cluster_stop.cancel();
+    if let Err(e) = raft.shutdown().await {
+        warn!(cause = %e, "raft shutdown");
+    }
+    net_stop.cancel();
+    let _ = peer_task.await;
+    info!("node stopped");
+    Ok(())
+}
+
+/// If leader, ask the most up-to-date reachable voter to take over, and wait briefly for it.
+async fn hand_over_leadership(replica: &Replica) {
+    let m = replica.metrics();
+    if m.current_leader != Some(m.id) {
+        return;
+    }
+    let matched = m.replication.clone().unwrap_or_default();
+    let best = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        .filter(|id| *id != m.id && replica.net.reachable(*id))
+        .max_by_key(|id| matched.get(id).and_then(|l| l.as_ref()).map(|l| l.index));
+    let Some(to) = best else { return };
+    info!(to, "transferring leadership");
+    if let Err(e) = replica.raft.trigger().transfer_leader(to).await {
+        warn!(cause = %e, "leader transfer failed");
+        return;
+    }
+    let _ = replica
+        .raft
+        .wait(Some(Duration::from_secs(3)))
+        .metrics(|m| m.current_leader.is_some() && m.current_leader != Some(m.id), "leader moved")
+        .await;
+}
+
+/// Partially received snapshot from one leader: (last log index it covers, bytes so far).
+type Assembly = (Option<u64>, Vec<u8>);
+
+/// Serves peer requests by handing each to the module that owns it.
+struct PeerHandler {
+    replica: Replica,
+    cluster: Cluster,
+    snapshots: Arc<Mutex<HashMap<NodeId, Assembly>>>,
+}
+
+impl Handler for PeerHandler {
+    fn handle(&self, from: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
+        let replica = self.replica.clone();
+        let cluster = self.cluster.clone();
+        let snapshots = self.snapshots.clone();
+        Box::pin(async move {
+            let raft = &replica.raft;
+            let fatal = |e: &dyn std::fmt::Display| PeerResponse::Error(RemoteError::Internal(e.to_string()));
+            match req {
+                PeerRequest::AppendEntries(r) => raft.append_entries(r).await.map_or_else(|e| fatal(&e), PeerResponse::AppendEntries),
+                PeerRequest::Vote(r) => raft.vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
+                PeerRequest::PreVote(r) => raft.pre_vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
+                PeerRequest::SnapshotChunk { vote, meta, offset, data, done } => {
+                    snapshot_chunk(&replica, &snapshots, from, vote, meta, offset, data, done).await
+                }
+                PeerRequest::TransferLeader(r) => match raft.handle_transfer_leader(r).await {
+                    Ok(Ok(())) => PeerResponse::TransferLeader,
+                    Ok(Err(e)) => PeerResponse::Error(RemoteError::Invalid(e.to_string())),
+                    Err(e) => fatal(&e),
+                },
+                PeerRequest::Status => PeerResponse::Status(cluster.status()),
+                PeerRequest::Write(cmd) => match replica.write_local(cmd).await {
+                    Ok((index, result)) => PeerResponse::Written { index, result },
+                    Err(e) => PeerResponse::Error(e),
+                },
+                PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
+                PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),
+                PeerRequest::Remove { id } => cluster.remove(id).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),
+            }
+        })
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn snapshot_chunk(
+    replica: &Replica,
+    snapshots: &Mutex<HashMap<NodeId, Assembly>>,
+    from: NodeId,
+    vote: Vote,
+    meta: SnapshotMeta,
+    offset: u64,
+    data: Vec<u8>,
+    done: bool,
+) -> PeerResponse {
+    let invalid = |m: String| PeerResponse::Error(RemoteError::Invalid(m));
+    let key = meta.last_log_id.map(|l| l.index);
+    let complete = {
+        let mut map = snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let entry = map.entry(from).or_insert_with(|| (key, Vec::new()));
+        if offset == 0 {
+            *entry = (key, Vec::new());
+        }
+        if entry.0 != key || entry.1.len() as u64 != offset {
+            map.remove(&from);
+            return invalid(format!("snapshot chunk at {offset} out of order"));
+        }
+        if entry.1.len() + data.len() > MAX_SNAPSHOT {
+            map.remove(&from);
+            return invalid(format!("snapshot larger than {MAX_SNAPSHOT} bytes"));
+        }
+        entry.1.extend_from_slice(&data);
+        if !done {
+            return PeerResponse::Snapshot(None);
+        }
+        map.remove(&from).map(|(_, bytes)| bytes).unwrap_or_default()
+    };
+    // An install error is fatal to openraft: check the image decodes before handing it over.
+    if let Err(e) = crate::raft::state_machine::decode_data(&complete) {
+        return invalid(e.to_string());
+    }
+    match replica.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: complete }).await {
+        Ok(resp) => PeerResponse::Snapshot(Some(resp)),
+        Err(e) => PeerResponse::Error(RemoteError::Internal(e.to_string())),
+    }
+}

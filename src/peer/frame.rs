@@ -1,0 +1,156 @@
+//! Frames of the peer protocol (`proto/PEER.md` is the written spec).
+//!
+//! A frame is `[u32 BE length][u8 kind][u64 BE correlation id][payload]`. The length prefix is
+//! handled by tokio-util's `LengthDelimitedCodec`, which also enforces the maximum frame size: an
+//! oversized length prefix is a decode error and closes that one connection before any allocation.
+//! Payloads are bincode: compact, fast, and serde-derived for the openraft message types.
+
+use bytes::Buf;
+use bytes::BufMut;
+use bytes::Bytes;
+use bytes::BytesMut;
+use serde::Deserialize;
+use serde::Serialize;
+use tokio_util::codec::LengthDelimitedCodec;
+
+use crate::raft::types::NodeId;
+
+/// "RBRG": the first four bytes of every Hello payload.
+pub const MAGIC: u32 = 0x5242_5247;
+/// Bumped on any incompatible change to frames or messages.
+pub const PROTOCOL_VERSION: u16 = 1;
+/// Kind byte + correlation id.
+const HEADER_LEN: usize = 9;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    Hello = 1,
+    HelloAck = 2,
+    Reject = 3,
+    Request = 4,
+    Response = 5,
+    Ping = 6,
+    Pong = 7,
+}
+
+impl Kind {
+    fn from_u8(b: u8) -> Option<Kind> {
+        Some(match b {
+            1 => Kind::Hello,
+            2 => Kind::HelloAck,
+            3 => Kind::Reject,
+            4 => Kind::Request,
+            5 => Kind::Response,
+            6 => Kind::Ping,
+            7 => Kind::Pong,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame shorter than its header ({0} bytes)")]
+    Short(usize),
+    #[error("unknown frame kind {0}")]
+    UnknownKind(u8),
+    #[error("payload does not decode: {0}")]
+    Payload(#[from] bincode::Error),
+}
+
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub kind: Kind,
+    pub corr: u64,
+    pub payload: Bytes,
+}
+
+impl Frame {
+    pub fn new(kind: Kind, corr: u64, payload: Bytes) -> Frame {
+        Frame { kind, corr, payload }
+    }
+
+    /// Encode a message as a frame body (the length prefix is added by the codec).
+    pub fn encode<T: Serialize>(kind: Kind, corr: u64, msg: &T) -> Result<Bytes, bincode::Error> {
+        let size = bincode::serialized_size(msg)? as usize;
+        let mut buf = BytesMut::with_capacity(HEADER_LEN + size);
+        buf.put_u8(kind as u8);
+        buf.put_u64(corr);
+        bincode::serialize_into((&mut buf).writer(), msg)?;
+        Ok(buf.freeze())
+    }
+
+    /// A frame body with raw bytes as payload.
+    pub fn encode_raw(kind: Kind, corr: u64, payload: &[u8]) -> Bytes {
+        let mut buf = BytesMut::with_capacity(HEADER_LEN + payload.len());
+        buf.put_u8(kind as u8);
+        buf.put_u64(corr);
+        buf.put_slice(payload);
+        buf.freeze()
+    }
+
+    pub fn decode(mut body: BytesMut) -> Result<Frame, FrameError> {
+        if body.len() < HEADER_LEN {
+            return Err(FrameError::Short(body.len()));
+        }
+        let kind_byte = body.get_u8();
+        let kind = Kind::from_u8(kind_byte).ok_or(FrameError::UnknownKind(kind_byte))?;
+        let corr = body.get_u64();
+        Ok(Frame { kind, corr, payload: body.freeze() })
+    }
+
+    pub fn message<T: for<'de> Deserialize<'de>>(&self) -> Result<T, FrameError> {
+        Ok(bincode::deserialize(&self.payload)?)
+    }
+}
+
+/// The length-delimited codec with our frame bound.
+pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder().big_endian().length_field_type::<u32>().max_frame_length(max_frame).new_codec()
+}
+
+/// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Hello {
+    pub magic: u32,
+    pub version: u16,
+    pub cluster: String,
+    pub node_id: NodeId,
+    /// The address peers should dial to reach this node.
+    pub addr: String,
+    /// Random per process start: a changed incarnation means the peer restarted.
+    pub incarnation: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frame_round_trip() {
+        let hello = Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            cluster: "c".into(),
+            node_id: 7,
+            addr: "127.0.0.1:1".into(),
+            incarnation: 42,
+        };
+        let body = Frame::encode(Kind::Hello, 9, &hello).unwrap();
+        let frame = Frame::decode(BytesMut::from(&body[..])).unwrap();
+        assert_eq!(frame.kind, Kind::Hello);
+        assert_eq!(frame.corr, 9);
+        assert_eq!(frame.message::<Hello>().unwrap(), hello);
+    }
+
+    #[test]
+    fn junk_is_rejected() {
+        assert!(matches!(Frame::decode(BytesMut::from(&b"abc"[..])), Err(FrameError::Short(3))));
+        let junk = BytesMut::from(&[0xEEu8; 32][..]);
+        assert!(matches!(Frame::decode(junk), Err(FrameError::UnknownKind(0xEE))));
+        let body = Frame::encode_raw(Kind::Hello, 0, b"\xff\xff\xff");
+        let frame = Frame::decode(BytesMut::from(&body[..])).unwrap();
+        assert!(frame.message::<Hello>().is_err());
+    }
+}

@@ -1,0 +1,95 @@
+//! The request and response messages carried in `Request`/`Response` frames.
+//!
+//! One enum each way keeps dispatch a single `match` and lets bincode tag variants compactly.
+//! Raft RPCs, forwarded client operations and cluster management share the one link.
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::raft::types::AppendEntriesRequest;
+use crate::raft::types::AppendEntriesResponse;
+use crate::raft::types::Command;
+use crate::raft::types::CommandResult;
+use crate::raft::types::NodeId;
+use crate::raft::types::SnapshotMeta;
+use crate::raft::types::SnapshotResponse;
+use crate::raft::types::TransferLeaderRequest;
+use crate::raft::types::Vote;
+use crate::raft::types::VoteRequest;
+use crate::raft::types::VoteResponse;
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerRequest {
+    AppendEntries(AppendEntriesRequest),
+    Vote(VoteRequest),
+    PreVote(VoteRequest),
+    /// A piece of a full snapshot; the receiver assembles pieces in order and installs on `done`.
+    SnapshotChunk { vote: Vote, meta: SnapshotMeta, offset: u64, data: Vec<u8>, done: bool },
+    TransferLeader(TransferLeaderRequest),
+    /// Who are you and are you in a cluster (used by bootstrap and join).
+    Status,
+    /// A client write forwarded to the leader.
+    Write(Command),
+    /// Ask the leader for a read index (linearizable reads on followers).
+    ReadIndex,
+    /// Add a node (learner, then voter when caught up). Forwarded to the leader.
+    Join { id: NodeId, addr: String },
+    /// Remove a node for good. Forwarded to the leader.
+    Remove { id: NodeId },
+}
+
+impl PeerRequest {
+    /// A short name for metrics and logs (never the content).
+    pub fn name(&self) -> &'static str {
+        match self {
+            PeerRequest::AppendEntries(_) => "append_entries",
+            PeerRequest::Vote(_) => "vote",
+            PeerRequest::PreVote(_) => "pre_vote",
+            PeerRequest::SnapshotChunk { .. } => "snapshot_chunk",
+            PeerRequest::TransferLeader(_) => "transfer_leader",
+            PeerRequest::Status => "status",
+            PeerRequest::Write(_) => "write",
+            PeerRequest::ReadIndex => "read_index",
+            PeerRequest::Join { .. } => "join",
+            PeerRequest::Remove { .. } => "remove",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum PeerResponse {
+    AppendEntries(AppendEntriesResponse),
+    Vote(VoteResponse),
+    /// `None` acknowledges a non-final snapshot chunk.
+    Snapshot(Option<SnapshotResponse>),
+    TransferLeader,
+    Status(NodeStatus),
+    Written { index: u64, result: CommandResult },
+    ReadIndex(u64),
+    Done,
+    Error(RemoteError),
+}
+
+/// What a node says about itself to a peer or a seed prober.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    pub node_id: NodeId,
+    pub addr: String,
+    /// Has a membership (is, or was, part of a cluster).
+    pub initialized: bool,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+}
+
+/// An error the remote side reports; mapped to HTTP status in `api::error`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, thiserror::Error)]
+pub enum RemoteError {
+    #[error("not the leader (leader: {leader:?})")]
+    NotLeader { leader: Option<NodeId> },
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("remote failure: {0}")]
+    Internal(String),
+}

@@ -1,0 +1,678 @@
+//! Peer links: one long-lived, multiplexed, framed TCP connection per peer pair.
+//!
+//! Raft RPCs, forwarded client operations and cluster management all travel on the same link, each
+//! request tagged with a correlation id so many can be in flight at once (no head-of-line wait for
+//! a slow request, and one TCP connection's congestion window and batching for everything).
+//!
+//! Why it is built this way:
+//! - *One link per pair.* Either side may dial (a new node only knows seed addresses). When both
+//!   dial at once, both sides keep the connection dialed by the lower node id, so they converge on
+//!   the same one without a round trip. A changed `incarnation` in the handshake means the peer
+//!   restarted, and its new connection always replaces the old one.
+//! - *Bounds everywhere.* Frames are capped by the codec, the per-link send queue is a bounded
+//!   channel (senders wait: backpressure), in-flight requests per link are capped by a semaphore and
+//!   so are concurrently served requests. Garbage, a bad handshake or an oversized frame closes
+//!   that connection only.
+//! - *Liveness from the links.* Each link pings every second; a link silent for `idle_timeout` is
+//!   closed. `reachable(id)` is what `/cluster` and routing use — not Raft writes.
+//! - *Reconnect with exponential backoff and jitter*, per address, so a dead peer costs a dial
+//!   every few seconds at most, and a restarted one is found again quickly.
+
+pub mod frame;
+pub mod message;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures_util::SinkExt;
+use futures_util::StreamExt;
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+use tokio_util::codec::FramedRead;
+use tokio_util::codec::FramedWrite;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+use tracing::info;
+use tracing::warn;
+
+use self::frame::Frame;
+use self::frame::Hello;
+use self::frame::Kind;
+use self::message::PeerRequest;
+use self::message::PeerResponse;
+use crate::raft::types::NodeId;
+
+/// Frames waiting to be written on one link.
+const SEND_QUEUE: usize = 4096;
+/// Requests this node may have outstanding on one link.
+const MAX_OUTSTANDING: usize = 4096;
+/// Requests from one peer this node serves concurrently; beyond it, reading from the link pauses.
+const MAX_SERVING: usize = 1024;
+/// Frames written per flush at most (batched writes).
+const WRITE_BATCH: usize = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+const PING_INTERVAL: Duration = Duration::from_millis(500);
+const BACKOFF_MIN: Duration = Duration::from_millis(50);
+const BACKOFF_MAX: Duration = Duration::from_secs(3);
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer {addr}: {source}")]
+    Io { addr: String, source: std::io::Error },
+    #[error("peer {addr}: handshake failed: {reason}")]
+    Handshake { addr: String, reason: String },
+    #[error("peer {0}: no address known")]
+    UnknownPeer(NodeId),
+    #[error("peer {addr}: backing off after failed dials")]
+    BackingOff { addr: String },
+    #[error("peer {addr} is this node")]
+    SelfDial { addr: String },
+    #[error("peer {peer}: link closed")]
+    Closed { peer: NodeId },
+    #[error("peer {peer}: no response within {timeout:?}")]
+    Timeout { peer: NodeId, timeout: Duration },
+    #[error("peer {peer}: bad message: {reason}")]
+    Protocol { peer: NodeId, reason: String },
+}
+
+impl PeerError {
+    /// True when the request certainly never reached the peer (safe to retry anywhere).
+    pub fn not_delivered(&self) -> bool {
+        matches!(
+            self,
+            PeerError::Io { .. }
+                | PeerError::Handshake { .. }
+                | PeerError::UnknownPeer(_)
+                | PeerError::BackingOff { .. }
+                | PeerError::SelfDial { .. }
+        )
+    }
+}
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// Serves requests that arrive on links (implemented by the node's composition root).
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, from: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse>;
+}
+
+/// Static settings of the peer layer.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub node_id: NodeId,
+    pub cluster: String,
+    /// The address other nodes dial to reach this one.
+    pub advertise: String,
+    pub max_frame: usize,
+    pub idle_timeout: Duration,
+}
+
+/// One established connection to a peer.
+pub struct Link {
+    pub peer: NodeId,
+    pub peer_addr: String,
+    /// Node id of the side that dialed this connection (for the duplicate tie-break).
+    dialer: NodeId,
+    incarnation: u64,
+    /// Frames to write. The writer task owns the receiver; it ends when `closed` fires.
+    tx: mpsc::Sender<Bytes>,
+    /// Outstanding requests by correlation id; drained with an error when the link closes.
+    pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
+    outstanding: Semaphore,
+    next_corr: AtomicU64,
+    /// Cancelled by whoever closes the link (reader end, idle timeout, replacement, shutdown).
+    closed: CancellationToken,
+    last_seen: Mutex<Instant>,
+}
+
+impl Link {
+    pub fn is_alive(&self) -> bool {
+        !self.closed.is_cancelled()
+    }
+
+    pub fn close(&self) {
+        self.closed.cancel();
+    }
+
+    /// Send one request and wait for its response (bounded by `timeout`).
+    pub async fn call(&self, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let timeout_err = || PeerError::Timeout { peer: self.peer, timeout };
+        let _permit = tokio::time::timeout_at(deadline, self.outstanding.acquire())
+            .await
+            .map_err(|_| timeout_err())?
+            .map_err(|_| PeerError::Closed { peer: self.peer })?;
+        let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
+        let body = Frame::encode(Kind::Request, corr, req)
+            .map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(corr, tx);
+        let guard = PendingGuard { link: self, corr };
+        if !self.is_alive() {
+            return Err(PeerError::Closed { peer: self.peer });
+        }
+        match tokio::time::timeout_at(deadline, self.tx.send(body)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return Err(PeerError::Closed { peer: self.peer }),
+            Err(_) => return Err(timeout_err()),
+        }
+        let frame = tokio::select! {
+            r = tokio::time::timeout_at(deadline, rx) => match r {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(_)) => return Err(PeerError::Closed { peer: self.peer }),
+                Err(_) => return Err(timeout_err()),
+            },
+            _ = self.closed.cancelled() => return Err(PeerError::Closed { peer: self.peer }),
+        };
+        drop(guard);
+        frame.message::<PeerResponse>().map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })
+    }
+
+    fn touch(&self) {
+        *lock(&self.last_seen) = Instant::now();
+    }
+}
+
+/// Removes a request's pending slot when the caller gives up (timeout, cancellation).
+struct PendingGuard<'a> {
+    link: &'a Link,
+    corr: u64,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        lock(&self.link.pending).remove(&self.corr);
+    }
+}
+
+/// Locks a std mutex; a poisoned lock only means another thread panicked while holding it, and
+/// every structure guarded here stays valid between statements, so we keep going.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[derive(Default)]
+struct DialState {
+    failures: u32,
+    next_try: Option<Instant>,
+}
+
+/// The peer layer of one node: its links, known peer addresses and the listener.
+pub struct PeerNet {
+    cfg: PeerConfig,
+    incarnation: u64,
+    handler: std::sync::OnceLock<Arc<dyn Handler>>,
+    /// Live links by peer id; shared with each link's read task, which removes its own entry.
+    links: Arc<Mutex<HashMap<NodeId, Arc<Link>>>>,
+    addrs: Mutex<HashMap<NodeId, String>>,
+    dials: Mutex<HashMap<String, DialState>>,
+    /// Cancelled by the node on shutdown; closes the listener, the maintainer and every link.
+    shutdown: CancellationToken,
+    shutting_down: AtomicBool,
+}
+
+impl PeerNet {
+    pub fn new(cfg: PeerConfig, shutdown: CancellationToken) -> Arc<PeerNet> {
+        Arc::new(PeerNet {
+            cfg,
+            incarnation: fastrand::u64(..),
+            handler: std::sync::OnceLock::new(),
+            links: Arc::new(Mutex::new(HashMap::new())),
+            addrs: Mutex::new(HashMap::new()),
+            dials: Mutex::new(HashMap::new()),
+            shutdown,
+            shutting_down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.cfg.node_id
+    }
+
+    pub fn advertise(&self) -> &str {
+        &self.cfg.advertise
+    }
+
+    /// Set once by the composition root before the listener starts.
+    pub fn set_handler(&self, handler: Arc<dyn Handler>) {
+        let _ = self.handler.set(handler);
+    }
+
+    /// Remember where a peer listens (from the Raft membership).
+    pub fn set_peer_addr(&self, id: NodeId, addr: &str) {
+        if id == self.cfg.node_id {
+            return;
+        }
+        let mut addrs = lock(&self.addrs);
+        if addrs.get(&id).map(String::as_str) != Some(addr) {
+            addrs.insert(id, addr.to_string());
+        }
+    }
+
+    /// Forget a removed peer and close its link.
+    pub fn forget_peer(&self, id: NodeId) {
+        lock(&self.addrs).remove(&id);
+        if let Some(link) = lock(&self.links).remove(&id) {
+            link.close();
+        }
+    }
+
+    pub fn reachable(&self, id: NodeId) -> bool {
+        id == self.cfg.node_id || lock(&self.links).get(&id).is_some_and(|l| l.is_alive())
+    }
+
+    /// Send a request to a node by id, dialing if needed.
+    pub async fn request(&self, target: NodeId, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
+        let link = self.link_to(target).await?;
+        link.call(req, timeout).await
+    }
+
+    /// Send a request to an address (a seed whose id we may not know yet); returns the peer's id.
+    pub async fn request_addr(
+        &self,
+        addr: &str,
+        req: &PeerRequest,
+        timeout: Duration,
+    ) -> Result<(NodeId, PeerResponse), PeerError> {
+        let link = self.dial(addr).await?;
+        let resp = link.call(req, timeout).await?;
+        Ok((link.peer, resp))
+    }
+
+    async fn link_to(&self, target: NodeId) -> Result<Arc<Link>, PeerError> {
+        if let Some(link) = lock(&self.links).get(&target).filter(|l| l.is_alive()) {
+            return Ok(link.clone());
+        }
+        let addr = lock(&self.addrs).get(&target).cloned().ok_or(PeerError::UnknownPeer(target))?;
+        let link = self.dial(&addr).await?;
+        if link.peer != target {
+            return Err(PeerError::Handshake {
+                addr,
+                reason: format!("expected node {target}, found node {}", link.peer),
+            });
+        }
+        Ok(link)
+    }
+
+    /// Dial an address, or reuse a live link to whichever node answers there.
+    async fn dial(&self, addr: &str) -> Result<Arc<Link>, PeerError> {
+        if let Some(link) = lock(&self.links).values().find(|l| l.peer_addr == addr && l.is_alive()) {
+            return Ok(link.clone());
+        }
+        {
+            let dials = lock(&self.dials);
+            if let Some(next) = dials.get(addr).and_then(|d| d.next_try) {
+                if Instant::now() < next {
+                    return Err(PeerError::BackingOff { addr: addr.to_string() });
+                }
+            }
+        }
+        let result = self.connect(addr).await;
+        let mut dials = lock(&self.dials);
+        match &result {
+            Ok(_) => {
+                dials.remove(addr);
+            }
+            Err(PeerError::SelfDial { .. }) => {}
+            Err(_) => {
+                let state = dials.entry(addr.to_string()).or_default();
+                state.failures = state.failures.saturating_add(1);
+                let exp = BACKOFF_MIN.saturating_mul(1u32 << state.failures.min(10)).min(BACKOFF_MAX);
+                // Full jitter in [exp/2, exp): peers that lost the same node do not redial in step.
+                let jittered = exp / 2 + exp.mul_f64(fastrand::f64() / 2.0);
+                state.next_try = Some(Instant::now() + jittered);
+            }
+        }
+        result
+    }
+
+    async fn connect(&self, addr: &str) -> Result<Arc<Link>, PeerError> {
+        let io_err = |source| PeerError::Io { addr: addr.to_string(), source };
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+            .await
+            .map_err(|_| io_err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))?
+            .map_err(io_err)?;
+        stream.set_nodelay(true).map_err(io_err)?;
+        let (rd, wr) = stream.into_split();
+        let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
+        let mut writer = FramedWrite::new(wr, frame::codec(self.cfg.max_frame));
+        let hello = self.hello();
+        let handshake = async {
+            let body = Frame::encode(Kind::Hello, 0, &hello).map_err(|e| e.to_string())?;
+            writer.send(body).await.map_err(|e| e.to_string())?;
+            let raw = reader.next().await.ok_or("closed during handshake")?.map_err(|e| e.to_string())?;
+            let frame = Frame::decode(raw).map_err(|e| e.to_string())?;
+            match frame.kind {
+                Kind::HelloAck => {
+                    let theirs: Hello = frame.message().map_err(|e| e.to_string())?;
+                    self.check_hello(&theirs)?;
+                    Ok(theirs)
+                }
+                Kind::Reject => Err(format!("rejected: {}", String::from_utf8_lossy(&frame.payload))),
+                other => Err(format!("unexpected {other:?} during handshake")),
+            }
+        };
+        let theirs = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+            .await
+            .map_err(|_| PeerError::Handshake { addr: addr.to_string(), reason: "timed out".into() })?
+            .map_err(|reason| PeerError::Handshake { addr: addr.to_string(), reason })?;
+        if theirs.node_id == self.cfg.node_id {
+            return Err(PeerError::SelfDial { addr: addr.to_string() });
+        }
+        // We dialed `addr`; remember it as the way to reach this peer.
+        let link = self.start_link(theirs.node_id, addr.to_string(), self.cfg.node_id, theirs.incarnation, reader, writer);
+        Ok(link)
+    }
+
+    fn hello(&self) -> Hello {
+        Hello {
+            magic: frame::MAGIC,
+            version: frame::PROTOCOL_VERSION,
+            cluster: self.cfg.cluster.clone(),
+            node_id: self.cfg.node_id,
+            addr: self.cfg.advertise.clone(),
+            incarnation: self.incarnation,
+        }
+    }
+
+    fn check_hello(&self, h: &Hello) -> Result<(), String> {
+        if h.magic != frame::MAGIC {
+            return Err(format!("bad magic {:#x}", h.magic));
+        }
+        if h.version != frame::PROTOCOL_VERSION {
+            return Err(format!("protocol version {} (we speak {})", h.version, frame::PROTOCOL_VERSION));
+        }
+        if h.cluster != self.cfg.cluster {
+            return Err(format!("cluster {:?} (we are {:?})", h.cluster, self.cfg.cluster));
+        }
+        Ok(())
+    }
+
+    /// Accept peer connections until `shutdown`.
+    pub async fn run(self: Arc<Self>, listener: TcpListener) {
+        let maintainer = tokio::spawn(self.clone().maintain());
+        loop {
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                _ = self.shutdown.cancelled() => break,
+            };
+            match accepted {
+                Ok((stream, remote)) => {
+                    let net = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(reason) = net.accept(stream).await {
+                            metrics::counter!("raftbridge_peer_rejected_total").increment(1);
+                            info!(%remote, %reason, "peer connection rejected");
+                        }
+                    });
+                }
+                Err(err) => {
+                    warn!(cause = %err, "peer accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        self.shutting_down.store(true, Ordering::Relaxed);
+        maintainer.abort();
+        for link in lock(&self.links).drain().map(|(_, l)| l) {
+            link.close();
+        }
+    }
+
+    async fn accept(self: &Arc<Self>, stream: TcpStream) -> Result<(), String> {
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        let (rd, wr) = stream.into_split();
+        let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
+        let mut writer = FramedWrite::new(wr, frame::codec(self.cfg.max_frame));
+        let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
+            .await
+            .map_err(|_| "no handshake in time".to_string())?
+            .ok_or("closed before handshake")?
+            .map_err(|e| format!("bad first frame: {e}"))?;
+        let frame = Frame::decode(first).map_err(|e| e.to_string())?;
+        if frame.kind != Kind::Hello {
+            return Err(format!("expected Hello, got {:?}", frame.kind));
+        }
+        let theirs: Hello = frame.message().map_err(|e| format!("bad Hello: {e}"))?;
+        if let Err(reason) = self.check_hello(&theirs) {
+            let _ = writer.send(Frame::encode_raw(Kind::Reject, 0, reason.as_bytes())).await;
+            return Err(reason);
+        }
+        if theirs.node_id == self.cfg.node_id && theirs.incarnation != self.incarnation {
+            let reason = format!("node id {} is already in use by this node", theirs.node_id);
+            let _ = writer.send(Frame::encode_raw(Kind::Reject, 0, reason.as_bytes())).await;
+            return Err(reason);
+        }
+        let ack = Frame::encode(Kind::HelloAck, 0, &self.hello()).map_err(|e| e.to_string())?;
+        writer.send(ack).await.map_err(|e| e.to_string())?;
+        if theirs.node_id == self.cfg.node_id {
+            // We dialed ourselves (our own address is in the seed list); the dialer notices too.
+            return Ok(());
+        }
+        self.start_link(theirs.node_id, theirs.addr.clone(), theirs.node_id, theirs.incarnation, reader, writer);
+        Ok(())
+    }
+
+    fn start_link(
+        &self,
+        peer: NodeId,
+        peer_addr: String,
+        dialer: NodeId,
+        incarnation: u64,
+        reader: FramedRead<tokio::net::tcp::OwnedReadHalf, tokio_util::codec::LengthDelimitedCodec>,
+        writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, tokio_util::codec::LengthDelimitedCodec>,
+    ) -> Arc<Link> {
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let link = Arc::new(Link {
+            peer,
+            peer_addr,
+            dialer,
+            incarnation,
+            tx,
+            pending: Mutex::new(HashMap::new()),
+            outstanding: Semaphore::new(MAX_OUTSTANDING),
+            next_corr: AtomicU64::new(1),
+            closed: self.shutdown.child_token(),
+            last_seen: Mutex::new(Instant::now()),
+        });
+        let keep = self.register(&link);
+        if !keep {
+            debug!(peer, "duplicate link closed by tie-break");
+            link.close();
+        } else {
+            metrics::counter!("raftbridge_peer_links_opened_total").increment(1);
+            info!(peer, addr = %link.peer_addr, "peer link up");
+        }
+        tokio::spawn(write_loop(link.clone(), rx, writer));
+        let handler = self.handler.get().cloned();
+        let idle = self.cfg.idle_timeout;
+        let net_links = self.links.clone();
+        let reader_link = link.clone();
+        tokio::spawn(async move {
+            let link = reader_link;
+            read_loop(link.clone(), reader, handler, idle).await;
+            link.close();
+            for (_, tx) in lock(&link.pending).drain() {
+                drop(tx);
+            }
+            let mut links = lock(&net_links);
+            if links.get(&link.peer).is_some_and(|l| Arc::ptr_eq(l, &link)) {
+                links.remove(&link.peer);
+                info!(peer = link.peer, "peer link down");
+            }
+        });
+        link
+    }
+
+    /// Decide whether a new link replaces the current one (see the module comment).
+    fn register(&self, link: &Arc<Link>) -> bool {
+        if self.shutting_down.load(Ordering::Relaxed) {
+            return false;
+        }
+        let mut links = lock(&self.links);
+        if let Some(old) = links.get(&link.peer) {
+            if old.is_alive() && old.incarnation == link.incarnation {
+                let preferred = self.cfg.node_id.min(link.peer);
+                if !(link.dialer == preferred && old.dialer != preferred) {
+                    return false;
+                }
+            }
+            old.close();
+        }
+        links.insert(link.peer, link.clone());
+        true
+    }
+
+    /// Keep links to every known peer up; pings keep idle links verified.
+    async fn maintain(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(PING_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let now = Instant::now();
+            let links: Vec<Arc<Link>> = lock(&self.links).values().cloned().collect();
+            for link in &links {
+                if now.duration_since(*lock(&link.last_seen)) > self.cfg.idle_timeout {
+                    warn!(peer = link.peer, "peer link idle too long, closing");
+                    link.close();
+                } else {
+                    let _ = link.tx.try_send(Frame::encode_raw(Kind::Ping, 0, &[]));
+                }
+            }
+            let wanted: Vec<(NodeId, String)> =
+                lock(&self.addrs).iter().map(|(id, a)| (*id, a.clone())).collect();
+            for (id, addr) in wanted {
+                if !self.reachable(id) {
+                    let net = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(err) = net.dial(&addr).await {
+                            debug!(peer = id, cause = %err, "redial failed");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Writes queued frames, many per flush, until the link closes.
+async fn write_loop(
+    link: Arc<Link>,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, tokio_util::codec::LengthDelimitedCodec>,
+) {
+    loop {
+        let first = tokio::select! {
+            f = rx.recv() => match f { Some(f) => f, None => break },
+            _ = link.closed.cancelled() => break,
+        };
+        if writer.feed(first).await.is_err() {
+            break;
+        }
+        let mut n = 1;
+        while n < WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(f) => {
+                    if writer.feed(f).await.is_err() {
+                        link.close();
+                        return;
+                    }
+                    n += 1;
+                }
+                Err(_) => break,
+            }
+        }
+        if SinkExt::<Bytes>::flush(&mut writer).await.is_err() {
+            break;
+        }
+    }
+    link.close();
+}
+
+/// Reads frames until the connection ends, errs, or the link closes; serves requests concurrently
+/// (bounded) and completes outstanding calls with their responses.
+async fn read_loop(
+    link: Arc<Link>,
+    mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, tokio_util::codec::LengthDelimitedCodec>,
+    handler: Option<Arc<dyn Handler>>,
+    idle: Duration,
+) {
+    let serving = Arc::new(Semaphore::new(MAX_SERVING));
+    loop {
+        let next = tokio::select! {
+            n = tokio::time::timeout(idle, reader.next()) => n,
+            _ = link.closed.cancelled() => return,
+        };
+        let raw = match next {
+            Ok(Some(Ok(raw))) => raw,
+            Ok(Some(Err(err))) => {
+                warn!(peer = link.peer, cause = %err, "peer link read error, closing");
+                return;
+            }
+            Ok(None) => return,
+            Err(_) => {
+                warn!(peer = link.peer, "peer link silent, closing");
+                return;
+            }
+        };
+        link.touch();
+        let frame = match Frame::decode(raw) {
+            Ok(f) => f,
+            Err(err) => {
+                warn!(peer = link.peer, cause = %err, "bad frame, closing link");
+                return;
+            }
+        };
+        match frame.kind {
+            Kind::Ping => {
+                let _ = link.tx.try_send(Frame::encode_raw(Kind::Pong, frame.corr, &[]));
+            }
+            Kind::Pong => {}
+            Kind::Response => {
+                if let Some(tx) = lock(&link.pending).remove(&frame.corr) {
+                    let _ = tx.send(frame);
+                }
+            }
+            Kind::Request => {
+                let Some(handler) = handler.clone() else { return };
+                let req: PeerRequest = match frame.message() {
+                    Ok(r) => r,
+                    Err(err) => {
+                        warn!(peer = link.peer, cause = %err, "undecodable request, closing link");
+                        return;
+                    }
+                };
+                let Ok(permit) = serving.clone().acquire_owned().await else { return };
+                let link = link.clone();
+                let corr = frame.corr;
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let resp = handler.handle(link.peer, req).await;
+                    match Frame::encode(Kind::Response, corr, &resp) {
+                        Ok(body) => {
+                            let _ = link.tx.send(body).await;
+                        }
+                        Err(err) => warn!(peer = link.peer, cause = %err, "response does not encode"),
+                    }
+                });
+            }
+            Kind::Hello | Kind::HelloAck | Kind::Reject => {
+                warn!(peer = link.peer, kind = ?frame.kind, "handshake frame on an established link, closing");
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! Raft: openraft wired to our log store, state machine and peer network, plus the two operations
+//! every other module needs — a write that reaches the leader from any node, and a read barrier
+//! that makes a local read linearizable.
+//!
+//! Why writes are forwarded rather than redirected: a client may talk to any node (DNS points at
+//! all of them), so the node that received the request carries it to the leader over the peer link
+//! and answers when the entry is committed (fsynced on a quorum) and applied.
+
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod types;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tracing::debug;
+
+use self::types::*;
+use crate::peer::PeerError;
+use crate::peer::PeerNet;
+use crate::peer::message::PeerRequest;
+use crate::peer::message::PeerResponse;
+use crate::peer::message::RemoteError;
+
+/// Tunables of the Raft layer, from the node's config.
+#[derive(Debug, Clone)]
+pub struct RaftSettings {
+    pub cluster: String,
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    pub snapshot_threshold: u64,
+}
+
+pub fn openraft_config(s: &RaftSettings) -> Result<Arc<RaftConfig>, openraft::ConfigError> {
+    let cfg = RaftConfig {
+        cluster_name: s.cluster.clone(),
+        heartbeat_interval: s.heartbeat_ms,
+        election_timeout_min: s.election_min_ms,
+        election_timeout_max: s.election_max_ms,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(s.snapshot_threshold),
+        // Keep some log after a snapshot so a briefly lagging follower catches up by log, and a
+        // long snapshot transfer does not race with purging (openraft #1706).
+        max_in_snapshot_log_to_keep: (s.snapshot_threshold / 2).max(10),
+        purge_batch_size: 64,
+        install_snapshot_timeout: 10_000,
+        max_payload_entries: 512,
+        enable_pre_vote: Some(true),
+        ..Default::default()
+    };
+    Ok(Arc::new(cfg.validate()?))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    #[error("no leader or no quorum within the deadline")]
+    Unavailable,
+    #[error("leader {leader}: {source}")]
+    Forward { leader: NodeId, source: PeerError },
+    #[error("{0}")]
+    Remote(RemoteError),
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// The Raft handle plus the peer network: write from anywhere, read linearizably anywhere.
+#[derive(Clone)]
+pub struct Replica {
+    pub raft: Raft,
+    pub net: Arc<PeerNet>,
+}
+
+impl Replica {
+    pub fn id(&self) -> NodeId {
+        self.net.node_id()
+    }
+
+    pub fn metrics(&self) -> RaftMetrics {
+        self.raft.metrics().borrow_watched().clone()
+    }
+
+    pub fn leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow_watched().current_leader
+    }
+
+    /// Wait (bounded by `deadline`) until a leader is known.
+    async fn wait_leader(&self, deadline: Instant) -> Result<NodeId, ReplicaError> {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Some(l) = rx.borrow_and_update().current_leader {
+                return Ok(l);
+            }
+            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+                return Err(ReplicaError::Unavailable);
+            }
+        }
+    }
+
+    /// Commit a command through the leader, forwarding from a follower. Returns the log index and
+    /// the command's result, only after the entry is committed and applied.
+    pub async fn write(&self, cmd: Command, timeout: Duration) -> Result<(u64, CommandResult), ReplicaError> {
+        let deadline = Instant::now() + timeout;
+        // Bounded: each pass either returns or waits for a leader change, and the deadline ends it.
+        for attempt in 0..64u32 {
+            let leader = self.wait_leader(deadline).await?;
+            let outcome = if leader == self.id() {
+                tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await.map_err(|_| ReplicaError::Unavailable)?
+            } else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.net.request(leader, &PeerRequest::Write(cmd.clone()), left).await {
+                    Ok(PeerResponse::Written { index, result }) => Ok((index, result)),
+                    Ok(PeerResponse::Error(e)) => Err(e),
+                    Ok(other) => Err(RemoteError::Internal(format!("unexpected {other:?}"))),
+                    Err(PeerError::Timeout { .. }) => return Err(ReplicaError::Unavailable),
+                    Err(e) if e.not_delivered() => Err(RemoteError::Unavailable(e.to_string())),
+                    Err(source) => return Err(ReplicaError::Forward { leader, source }),
+                }
+            };
+            match outcome {
+                Ok(r) => return Ok(r),
+                Err(RemoteError::NotLeader { .. }) | Err(RemoteError::Unavailable(_)) => {
+                    debug!(attempt, leader, "write retry: leader moved or unreachable");
+                    // Let the membership/leader view settle; bounded by the deadline.
+                    let pause = Duration::from_millis(20 * u64::from(attempt.min(10) + 1));
+                    if Instant::now() + pause >= deadline {
+                        return Err(ReplicaError::Unavailable);
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(ReplicaError::Remote(e)),
+            }
+        }
+        Err(ReplicaError::Unavailable)
+    }
+
+    /// Propose on this node, which must be the leader (serves forwarded writes too).
+    pub async fn write_local(&self, cmd: Command) -> Result<(u64, CommandResult), RemoteError> {
+        match self.raft.client_write(cmd).await {
+            Ok(resp) => Ok((resp.log_id.index, resp.data)),
+            Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(RemoteError::NotLeader { leader: f.leader_id })
+            }
+            Err(openraft::error::RaftError::APIError(e)) => Err(RemoteError::Invalid(e.to_string())),
+            Err(openraft::error::RaftError::Fatal(e)) => Err(RemoteError::Internal(e.to_string())),
+        }
+    }
+
+    /// Leader side of a read barrier: confirm leadership with a quorum, return the read index.
+    pub async fn read_index_local(&self) -> Result<u64, RemoteError> {
+        match self.raft.get_read_linearizer(ReadPolicy::ReadIndex).await {
+            Ok(lin) => Ok(lin.read_log_id().index()),
+            Err(openraft::error::RaftError::APIError(openraft::error::LinearizableReadError::ForwardToLeader(f))) => {
+                Err(RemoteError::NotLeader { leader: f.leader_id })
+            }
+            Err(openraft::error::RaftError::APIError(e)) => Err(RemoteError::Unavailable(e.to_string())),
+            Err(openraft::error::RaftError::Fatal(e)) => Err(RemoteError::Internal(e.to_string())),
+        }
+    }
+
+    /// Make the next local read linearizable: get a read index from the leader (this node or a
+    /// peer) and wait until this node has applied up to it.
+    pub async fn read_barrier(&self, timeout: Duration) -> Result<(), ReplicaError> {
+        let deadline = Instant::now() + timeout;
+        for attempt in 0..64u32 {
+            let leader = self.wait_leader(deadline).await?;
+            let outcome = if leader == self.id() {
+                tokio::time::timeout_at(deadline, self.read_index_local()).await.map_err(|_| ReplicaError::Unavailable)?
+            } else {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match self.net.request(leader, &PeerRequest::ReadIndex, left).await {
+                    Ok(PeerResponse::ReadIndex(i)) => Ok(i),
+                    Ok(PeerResponse::Error(e)) => Err(e),
+                    Ok(other) => Err(RemoteError::Internal(format!("unexpected {other:?}"))),
+                    Err(PeerError::Timeout { .. }) => return Err(ReplicaError::Unavailable),
+                    Err(e) => Err(RemoteError::Unavailable(e.to_string())),
+                }
+            };
+            match outcome {
+                Ok(index) => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    return self
+                        .raft
+                        .wait(Some(left))
+                        .applied_index_at_least(Some(index), "read barrier")
+                        .await
+                        .map(|_| ())
+                        .map_err(|_| ReplicaError::Unavailable);
+                }
+                Err(RemoteError::NotLeader { .. }) | Err(RemoteError::Unavailable(_)) => {
+                    let pause = Duration::from_millis(20 * u64::from(attempt.min(10) + 1));
+                    if Instant::now() + pause >= deadline {
+                        return Err(ReplicaError::Unavailable);
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+                Err(e) => return Err(ReplicaError::Remote(e)),
+            }
+        }
+        Err(ReplicaError::Unavailable)
+    }
+}

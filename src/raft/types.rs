@@ -1,0 +1,100 @@
+//! Every openraft type we use, behind one module.
+//!
+//! openraft 0.10 is generic-heavy and still in alpha: its traits change between releases. Keeping
+//! the type configuration and the aliases here means an upgrade (the version is pinned with `=` in
+//! `Cargo.toml`) touches this file and the three trait implementations next to it, nothing else.
+
+use std::fmt;
+
+use serde::Deserialize;
+use serde::Serialize;
+
+pub use openraft::BasicNode;
+pub use openraft::ChangeMembers;
+pub use openraft::Config as RaftConfig;
+pub use openraft::LogIdOptionExt;
+pub use openraft::RaftLogReader;
+pub use openraft::RaftNetworkFactory;
+pub use openraft::RaftNetworkV2;
+pub use openraft::RaftSnapshotBuilder;
+pub use openraft::ReadPolicy;
+pub use openraft::ServerState;
+pub use openraft::SnapshotPolicy;
+pub use openraft::StoredMembership;
+pub use openraft::entry::RaftEntry;
+pub use openraft::storage::IOFlushed;
+pub use openraft::storage::LogState;
+pub use openraft::storage::RaftLogStorage;
+pub use openraft::storage::RaftStateMachine;
+pub use openraft::async_runtime::watch::WatchReceiver;
+
+/// Cluster-wide node identifier, chosen by the operator (`--id`) and stored in the data dir.
+pub type NodeId = u64;
+
+openraft::declare_raft_types!(
+    /// The raftbridge type configuration for openraft.
+    pub TypeConfig:
+        D = Command,
+        R = CommandResult,
+        NodeId = NodeId,
+        Node = BasicNode,
+);
+
+pub type Raft = openraft::Raft<TypeConfig, crate::raft::state_machine::StateMachine>;
+pub type Entry = openraft::type_config::alias::EntryOf<TypeConfig>;
+pub type LogId = openraft::type_config::alias::LogIdOf<TypeConfig>;
+pub type Vote = openraft::type_config::alias::VoteOf<TypeConfig>;
+pub type SnapshotMeta = openraft::type_config::alias::SnapshotMetaOf<TypeConfig>;
+pub type Snapshot = openraft::type_config::alias::SnapshotOf<TypeConfig, SnapshotData>;
+pub type StoredMembershipT = openraft::type_config::alias::StoredMembershipOf<TypeConfig>;
+pub type Membership = openraft::Membership<NodeId, BasicNode>;
+pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+pub type EntryResponder = openraft::storage::EntryResponder<TypeConfig>;
+pub type AppendEntriesRequest = openraft::raft::AppendEntriesRequest<TypeConfig>;
+pub type AppendEntriesResponse = openraft::raft::AppendEntriesResponse<TypeConfig>;
+pub type VoteRequest = openraft::raft::VoteRequest<TypeConfig>;
+pub type VoteResponse = openraft::raft::VoteResponse<TypeConfig>;
+pub type SnapshotResponse = openraft::raft::SnapshotResponse<TypeConfig>;
+pub type TransferLeaderRequest = openraft::raft::TransferLeaderRequest<TypeConfig>;
+pub type RPCError = openraft::error::RPCError<TypeConfig>;
+pub type StreamingError = openraft::error::StreamingError<TypeConfig>;
+pub type RaftError<E = openraft::error::Infallible> = openraft::error::RaftError<TypeConfig, E>;
+pub type ClientWriteError = openraft::error::ClientWriteError<TypeConfig>;
+pub type ClientWriteResponse = openraft::raft::ClientWriteResponse<TypeConfig>;
+
+/// A snapshot of the state machine is an in-memory serialized image (see `state_machine`).
+pub type SnapshotData = Vec<u8>;
+
+/// An entry in the replicated log: one state-machine command.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Command {
+    /// Set `store/key` to `value` (raw JSON bytes). With `if_revision`, only when the key's current
+    /// revision equals it (0 = the key must not exist).
+    Put { store: String, key: String, value: Vec<u8>, if_revision: Option<u64> },
+    /// Remove `store/key`, optionally conditional like `Put`.
+    Delete { store: String, key: String, if_revision: Option<u64> },
+}
+
+impl fmt::Display for Command {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print values: they may hold secrets.
+        match self {
+            Command::Put { store, key, .. } => write!(f, "put {store}/{key}"),
+            Command::Delete { store, key, .. } => write!(f, "delete {store}/{key}"),
+        }
+    }
+}
+
+/// What applying a `Command` produced.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub enum CommandResult {
+    /// Blank and membership entries produce nothing.
+    #[default]
+    None,
+    /// The key now has this revision.
+    Written { revision: u64 },
+    /// The key was removed (`existed` = it was there).
+    Deleted { existed: bool },
+    /// `if_revision` did not match; `current` is the key's revision (None = absent).
+    PreconditionFailed { current: Option<u64> },
+}

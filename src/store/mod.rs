@@ -1,0 +1,111 @@
+//! The replicated state store: JSON values under `store/key`, a revision per key, compare-and-set.
+//!
+//! Values live in the Raft state machine, so a write is acknowledged only after it is committed
+//! (fsynced on a quorum) and applied. Reads are linearizable by default — a read barrier through
+//! the leader's read index, then a local read — or `stale` straight from the local copy. The
+//! revision of a key is the log index of the write that set it: unique, increasing, and equal on
+//! every node. The config and secret stores of later issues are further namespaces of this one.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::raft::Replica;
+use crate::raft::ReplicaError;
+use crate::raft::state_machine::SmShared;
+use crate::raft::state_machine::Versioned;
+use crate::raft::types::Command;
+use crate::raft::types::CommandResult;
+
+pub const MAX_STORE_NAME: usize = 128;
+pub const MAX_KEY: usize = 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consistency {
+    Linearizable,
+    Stale,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid name: {0}")]
+    InvalidName(String),
+    #[error("invalid JSON value: {0}")]
+    InvalidJson(String),
+    #[error("revision mismatch (current: {current:?})")]
+    PreconditionFailed { current: Option<u64> },
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    #[error("unexpected result {0:?}")]
+    Unexpected(CommandResult),
+}
+
+#[derive(Clone)]
+pub struct StateStore {
+    replica: Replica,
+    sm: Arc<SmShared>,
+    timeout: Duration,
+}
+
+fn check_names(store: &str, key: &str) -> Result<(), StoreError> {
+    if store.is_empty() || store.len() > MAX_STORE_NAME {
+        return Err(StoreError::InvalidName(format!("store name must be 1..={MAX_STORE_NAME} bytes")));
+    }
+    if key.is_empty() || key.len() > MAX_KEY {
+        return Err(StoreError::InvalidName(format!("key must be 1..={MAX_KEY} bytes")));
+    }
+    if store.chars().chain(key.chars()).any(char::is_control) {
+        return Err(StoreError::InvalidName("names may not contain control characters".into()));
+    }
+    Ok(())
+}
+
+impl StateStore {
+    pub fn new(replica: Replica, sm: Arc<SmShared>, timeout: Duration) -> StateStore {
+        StateStore { replica, sm, timeout }
+    }
+
+    pub async fn get(&self, store: &str, key: &str, consistency: Consistency) -> Result<Option<Versioned>, StoreError> {
+        check_names(store, key)?;
+        if consistency == Consistency::Linearizable {
+            self.replica.read_barrier(self.timeout).await?;
+        }
+        Ok(self.sm.get(store, key))
+    }
+
+    /// Set a key to a JSON value; returns the new revision.
+    pub async fn put(&self, store: &str, key: &str, value: &[u8], if_revision: Option<u64>) -> Result<u64, StoreError> {
+        check_names(store, key)?;
+        serde_json::from_slice::<serde::de::IgnoredAny>(value).map_err(|e| StoreError::InvalidJson(e.to_string()))?;
+        let cmd = Command::Put { store: store.into(), key: key.into(), value: value.to_vec(), if_revision };
+        match self.replica.write(cmd, self.timeout).await?.1 {
+            CommandResult::Written { revision } => Ok(revision),
+            CommandResult::PreconditionFailed { current } => Err(StoreError::PreconditionFailed { current }),
+            other => Err(StoreError::Unexpected(other)),
+        }
+    }
+
+    /// Remove a key; returns whether it existed.
+    pub async fn delete(&self, store: &str, key: &str, if_revision: Option<u64>) -> Result<bool, StoreError> {
+        check_names(store, key)?;
+        let cmd = Command::Delete { store: store.into(), key: key.into(), if_revision };
+        match self.replica.write(cmd, self.timeout).await?.1 {
+            CommandResult::Deleted { existed } => Ok(existed),
+            CommandResult::PreconditionFailed { current } => Err(StoreError::PreconditionFailed { current }),
+            other => Err(StoreError::Unexpected(other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_names("default", "k").is_ok());
+        assert!(check_names("", "k").is_err());
+        assert!(check_names("s", "").is_err());
+        assert!(check_names("s", &"x".repeat(MAX_KEY + 1)).is_err());
+        assert!(check_names("s", "a\nb").is_err());
+    }
+}

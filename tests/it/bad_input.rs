@@ -1,0 +1,143 @@
+//! Hostile or broken input must cost only the offending connection or request: garbage, a junk
+//! handshake and an oversized length prefix on the peer port each get their connection closed,
+//! bad HTTP requests get JSON errors (400, 404, 413) or a closed connection, and afterwards the
+//! cluster is still healthy and takes writes.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::assert_json_error;
+use crate::harness::Cluster;
+use crate::harness::FORMATION;
+use crate::http::raw_exchange;
+
+/// How long a node may take to drop a bad peer connection.
+const CLOSE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Deterministic pseudo-random bytes (xorshift64).
+fn noise(len: usize, mut seed: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed as u8
+        })
+        .collect()
+}
+
+/// A frame: `[u32 big-endian length][body]`.
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut out = (body.len() as u32).to_be_bytes().to_vec();
+    out.extend_from_slice(body);
+    out
+}
+
+/// Asserts the whole cluster still serves: every node ready and accepting a write.
+fn assert_healthy(c: &Cluster, what: &str) {
+    c.assert_alive();
+    c.wait_all_ready(FORMATION);
+    for api in c.apis() {
+        api.must_put(
+            &format!("healthy-after-{what}-via-{}", api.id),
+            &json!({"after": what}),
+        );
+    }
+}
+
+#[test]
+fn peer_port_closes_bad_connections_and_keeps_serving() {
+    let (c, _) = Cluster::formed("bad-peer", 3, &[]);
+
+    // Garbage that does not start like a frame (as text, its "length" is ~1 GiB), junk of a
+    // well-formed length, and a length prefix far over the 16 MiB limit.
+    let mut garbage = b"GET / HTTP/1.1\r\nHost: raftbridge\r\n\r\n".to_vec();
+    garbage.extend(noise(4096, 0x9e37_79b9_7f4a_7c15));
+    let junk_handshake = frame(&noise(64, 42));
+    let mut oversized = 0x7FFF_FFFFu32.to_be_bytes().to_vec();
+    oversized.extend(noise(256, 7));
+    let cases = [
+        ("garbage", garbage),
+        ("junk handshake", junk_handshake),
+        ("oversized length prefix", oversized),
+    ];
+
+    for id in c.ids() {
+        for (what, bytes) in &cases {
+            let outcome = raw_exchange(c.peer(id), bytes, CLOSE_DEADLINE)
+                .unwrap_or_else(|e| panic!("node {id}: connect to peer port for {what}: {e}"));
+            assert!(
+                outcome.closed,
+                "node {id} kept the peer connection open after {what}: {}",
+                outcome.how
+            );
+        }
+    }
+    assert_healthy(&c, "bad-peer-input");
+    // The peer listener itself is still accepting.
+    for id in c.ids() {
+        std::net::TcpStream::connect_timeout(&c.peer(id), Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("node {id}: peer port no longer accepts: {e}"));
+    }
+}
+
+#[test]
+fn http_rejects_bad_requests_with_json_errors_and_keeps_serving() {
+    let (c, _) = Cluster::formed("bad-http", 3, &["--max-body", "1024"]);
+    let api = c.api(c.ids()[1]);
+    let send = |method: &str, path: &str, body: &[u8]| {
+        api.request(method, path, &[], body)
+            .unwrap_or_else(|e| panic!("{method} {path}: request failed: {e}"))
+    };
+
+    assert_json_error(
+        &send("PUT", "/v1/state/default/bad", b"{\"a\":"),
+        400,
+        "truncated JSON body",
+    );
+    assert_json_error(
+        &send("PUT", "/v1/state/default/bad", b"not json at all"),
+        400,
+        "non-JSON body",
+    );
+    assert_json_error(&send("GET", "/no/such/route", b""), 404, "unknown route");
+
+    let big = json!({ "pad": "x".repeat(4096) }).to_string();
+    assert_json_error(
+        &send("PUT", "/v1/state/default/big", big.as_bytes()),
+        413,
+        "body over --max-body 1024",
+    );
+    let small = json!({ "pad": "x".repeat(900) }).to_string();
+    assert!(small.len() < 1024);
+    let resp = send("PUT", "/v1/state/default/small", small.as_bytes());
+    assert_eq!(
+        resp.status,
+        200,
+        "a body under --max-body: {}",
+        resp.describe()
+    );
+
+    // Malformed HTTP: a 400 or a closed connection are both fine; anything else is not.
+    for raw in [
+        &b"GARBAGE\r\n\r\n"[..],
+        &b"\x00\x01\x02\x03 nonsense \xff\xfe\r\n\r\n"[..],
+    ] {
+        let outcome =
+            raw_exchange(api.addr, raw, CLOSE_DEADLINE).unwrap_or_else(|e| panic!("connect: {e}"));
+        let text = String::from_utf8_lossy(&outcome.received);
+        assert!(
+            outcome.received.is_empty()
+                || text.starts_with("HTTP/1.1 400")
+                || text.starts_with("HTTP/1.0 400"),
+            "malformed HTTP {raw:?} got neither a 400 nor a closed connection: {text:?}"
+        );
+        assert!(
+            outcome.closed,
+            "malformed HTTP {raw:?}: connection left open ({})",
+            outcome.how
+        );
+    }
+    assert_healthy(&c, "bad-http-input");
+}

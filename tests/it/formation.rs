@@ -1,0 +1,151 @@
+//! Cluster formation: nodes started together or one at a time form exactly one cluster, and
+//! later nodes join by themselves through `--seeds` (as voters up to `--max-voters`, then as
+//! learners that still serve reads and writes).
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::verify_reads;
+use crate::harness::Acked;
+use crate::harness::Cluster;
+use crate::harness::Consistency;
+use crate::harness::CATCH_UP;
+use crate::harness::FORMATION;
+
+#[test]
+fn three_nodes_started_together_form_one_cluster() {
+    let (c, leader) = Cluster::formed("together", 3, &[]);
+
+    let statuses = c.statuses().unwrap_or_else(|e| panic!("{e}"));
+    let term = statuses[&leader].term;
+    for (id, s) in &statuses {
+        assert_eq!(s.node_id, *id, "{s}");
+        assert_eq!(s.leader, Some(leader), "{s}");
+        assert_eq!(s.term, term, "all nodes are in the leader's term: {s}");
+        let expected_state = if *id == leader { "Leader" } else { "Follower" };
+        assert_eq!(s.state, expected_state, "{s}");
+        for m in &s.members {
+            let known = [c.peer(m.id).to_string(), c.http(m.id).to_string()];
+            assert!(
+                known.contains(&m.addr),
+                "member {} addr {:?} is none of its addresses {known:?}",
+                m.id,
+                m.addr
+            );
+        }
+    }
+    for api in c.apis() {
+        assert_eq!(api.probe("/healthz"), Ok(200), "node {} /healthz", api.id);
+        assert_eq!(api.probe("/readyz"), Ok(200), "node {} /readyz", api.id);
+    }
+}
+
+#[test]
+fn nodes_started_one_at_a_time_form_one_cluster_and_later_nodes_join() {
+    let mut c = Cluster::new("staggered", 3, &[]);
+    let not_ready = |ids: &[u64]| {
+        let apis: Vec<_> = ids.iter().map(|&id| c.api(id)).collect();
+        move || -> Result<(), String> {
+            for api in &apis {
+                match api.probe("/readyz")? {
+                    503 => {}
+                    code => return Err(format!("node {} /readyz {code} (expected 503)", api.id)),
+                }
+            }
+            Ok(())
+        }
+    };
+
+    // One node of an expected three is up but must not consider itself a cluster.
+    c.start(1);
+    c.wait_healthy(1);
+    c.assert_stays(
+        "node 1 alone not ready",
+        Duration::from_secs(2),
+        not_ready(&[1]),
+    );
+    let alone = c.api(1).status().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        alone.leader, None,
+        "a lone node expecting 3 must not know a leader: {alone}"
+    );
+
+    // Two of three: still no bootstrap.
+    c.start(2);
+    c.wait_healthy(2);
+    c.assert_stays(
+        "nodes 1 and 2 not ready",
+        Duration::from_millis(1500),
+        not_ready(&[1, 2]),
+    );
+
+    c.start(3);
+    c.wait_for_membership(&[1, 2, 3], &[], FORMATION);
+    c.wait_all_ready(FORMATION);
+
+    // Later nodes join through a single seed each, becoming voters up to the default max (5).
+    let n4 = c.add_node(&[3]);
+    let n5 = c.add_node(&[1]);
+    let leader = c.wait_for_membership(&[1, 2, 3, n4, n5], &[], CATCH_UP);
+    c.wait_all_ready(CATCH_UP);
+
+    // The grown cluster replicates to everyone.
+    let key = "staggered";
+    let value = json!({"joined": [n4, n5]});
+    let revision = c.api(n5).must_put(key, &value);
+    let write = [Acked {
+        key: key.into(),
+        value,
+        revision,
+        via: n5,
+        writer: 0,
+    }];
+    c.wait_caught_up(&c.ids(), CATCH_UP);
+    for api in c.apis() {
+        verify_reads(api, &write, Consistency::Stale);
+    }
+    verify_reads(c.api(leader), &write, Consistency::Linearizable);
+}
+
+#[test]
+fn node_beyond_max_voters_stays_learner_and_serves() {
+    let (mut c, _) = Cluster::formed("max-voters", 3, &["--max-voters", "3"]);
+    let n4 = c.add_node(&[2]);
+    c.wait_for_membership(&[1, 2, 3], &[n4], CATCH_UP);
+    c.assert_stays("node 4 still a learner", Duration::from_secs(2), || {
+        let s = c.api(1).status()?;
+        if s.voters().contains(&n4) {
+            return Err(format!("node 4 was promoted beyond --max-voters 3: {s}"));
+        }
+        Ok(())
+    });
+    let own = c.api(n4).status().unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(own.state, "Learner", "{own}");
+    c.wait_all_ready(CATCH_UP);
+
+    // The learner accepts a write (forwarded) and serves both kinds of read.
+    let learner = c.api(n4);
+    let value = json!({"from": "learner"});
+    let revision = learner.must_put("learner-write", &value);
+    let from_learner = Acked {
+        key: "learner-write".into(),
+        value,
+        revision,
+        via: n4,
+        writer: 0,
+    };
+    let value = json!({"from": "node 1"});
+    let revision = c.api(1).must_put("voter-write", &value);
+    let from_voter = Acked {
+        key: "voter-write".into(),
+        value,
+        revision,
+        via: 1,
+        writer: 1,
+    };
+    let writes = [from_learner, from_voter];
+    verify_reads(learner, &writes, Consistency::Linearizable);
+    c.wait_caught_up(&[n4], CATCH_UP);
+    verify_reads(learner, &writes, Consistency::Stale);
+}

@@ -1,0 +1,19 @@
+//! Multi-node integration tests for raftbridge: real node processes on loopback.
+//!
+//! Every test starts its own cluster of `raftbridge node` processes through the harness and
+//! talks to them over HTTP and raw TCP only, exactly as an operator would. The tests share ports,
+//! CPU and timing-sensitive elections, so they run one at a time (nextest test group, plus a
+//! global mutex for plain `cargo test`).
+
+mod harness;
+mod http;
+
+mod bad_input;
+mod durability;
+mod failover;
+mod formation;
+mod membership;
+mod quorum;
+mod replication;
+mod snapshot;
+mod state_store;

@@ -1,0 +1,87 @@
+//! Removing a node for good, through `DELETE /cluster/members/{id}` on another node and through
+//! `raftbridge leave`: the cluster stops listing it, does not let it back in, and counts its
+//! quorum without it.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::Cluster;
+use crate::harness::CATCH_UP;
+
+/// Builds a 4-node cluster (3 + one joined), removes a follower with `remove(cluster, victim,
+/// via)`, where `via` is a third node (neither leader nor victim), and checks the outcome.
+fn removal_scenario(name: &str, remove: impl FnOnce(&Cluster, u64, u64)) {
+    let (mut c, _) = Cluster::formed(name, 3, &[]);
+    let n4 = c.add_node(&[1]);
+    let leader = c.wait_for_membership(&c.ids(), &[], CATCH_UP);
+    let followers: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
+    let (victim, via) = (followers[followers.len() - 1], followers[0]);
+    eprintln!("[membership] leader {leader}, removing {victim} via {via} (joined node: {n4})");
+
+    c.allow_exit(victim);
+    remove(&c, victim, via);
+    let remaining: Vec<u64> = c.ids().into_iter().filter(|&id| id != victim).collect();
+    c.wait_for_membership_seen_by(&remaining, &remaining, &[], CATCH_UP);
+
+    // It stays out, even while its process (with its --seeds) may still run.
+    c.assert_stays(
+        &format!("node {victim} out of the membership"),
+        Duration::from_secs(3),
+        || {
+            for &id in &remaining {
+                let s = c.api(id).status()?;
+                if s.member(victim).is_some() {
+                    return Err(format!("node {victim} is listed again: {s}"));
+                }
+            }
+            Ok(())
+        },
+    );
+    if c.is_running(victim) {
+        c.kill(victim);
+    }
+
+    // Three voters now: one more loss still leaves a quorum of two.
+    let leader = c.wait_for_leader(CATCH_UP);
+    let expendable = remaining
+        .iter()
+        .copied()
+        .find(|&id| id != leader)
+        .expect("a follower");
+    c.kill(expendable);
+    c.api(leader)
+        .must_put("after-removal", &json!({"removed": victim}));
+}
+
+#[test]
+fn delete_member_removes_a_follower_from_the_cluster() {
+    removal_scenario("remove-delete", |c, victim, via| {
+        let resp = c
+            .api(via)
+            .request("DELETE", &format!("/cluster/members/{victim}"), &[], b"")
+            .unwrap_or_else(|e| panic!("DELETE /cluster/members/{victim} via {via}: {e}"));
+        assert!(
+            (200..300).contains(&resp.status),
+            "DELETE /cluster/members/{victim} via {via}: {}",
+            resp.describe()
+        );
+    });
+}
+
+#[test]
+fn leave_command_removes_a_follower_from_the_cluster() {
+    removal_scenario("remove-leave", |c, victim, via| {
+        let http = c.http(via).to_string();
+        let id = victim.to_string();
+        let status = c.run_cli(
+            "leave",
+            &["leave", "--http-addr", &http, "--id", &id],
+            CATCH_UP,
+        );
+        assert!(
+            status.success(),
+            "`raftbridge leave --http-addr {http} --id {id}` exited with {status}"
+        );
+    });
+}

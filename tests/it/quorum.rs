@@ -1,0 +1,67 @@
+//! Loss of quorum: with 2 of 3 nodes dead a write fails with a JSON 503 within a bounded time,
+//! both at a leader that cannot commit and at a follower that has no leader, and the cluster
+//! takes writes again once a majority is back.
+
+use std::time::Duration;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::harness::assert_json_error;
+use crate::harness::Api;
+use crate::harness::Cluster;
+use crate::harness::CATCH_UP;
+
+/// The node's own write deadline is ~5-10 s; the 503 must come before this.
+const NO_QUORUM_ANSWER: Duration = Duration::from_secs(15);
+
+fn assert_write_unavailable(api: Api, what: &str) {
+    let start = Instant::now();
+    let resp = api
+        .put(&format!("no-quorum-{}", api.id), &json!({"what": what}))
+        .unwrap_or_else(|e| {
+            panic!(
+                "{what}: write to node {} got no answer after {:?}: {e}",
+                api.id,
+                start.elapsed()
+            )
+        });
+    let took = start.elapsed();
+    assert_json_error(&resp, 503, what);
+    assert!(took < NO_QUORUM_ANSWER, "{what}: the 503 took {took:?}");
+    eprintln!("[quorum] {what}: 503 after {took:?}");
+}
+
+#[test]
+fn writes_without_quorum_fail_with_503() {
+    let (c, leader) = Cluster::formed("no-quorum", 3, &[]);
+    let followers: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
+
+    // A leader alone cannot commit.
+    for &f in &followers {
+        c.kill(f);
+    }
+    assert_write_unavailable(c.api(leader), "leader without followers");
+
+    // A majority back: writes work again.
+    for &f in &followers {
+        c.restart(f);
+    }
+    let leader = c.wait_for_membership(&c.ids(), &[], CATCH_UP);
+    c.wait_all_ready(CATCH_UP);
+    c.api(followers[0])
+        .must_put("quorum-back", &json!({"ok": true}));
+
+    // A follower alone has no leader to forward to.
+    let survivor = c
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
+    for id in c.ids() {
+        if id != survivor {
+            c.kill(id);
+        }
+    }
+    assert_write_unavailable(c.api(survivor), "follower without a leader");
+}

@@ -1,0 +1,99 @@
+//! State-store semantics over HTTP: compare-and-set with `If-Match` (right revision, stale
+//! revision, must-not-exist), delete, and 404 for absent keys, with JSON error bodies.
+
+use serde_json::json;
+
+use crate::harness::assert_json_error;
+use crate::harness::body_revision;
+use crate::harness::Cluster;
+use crate::http::Response;
+
+/// Unwraps a request that must answer 200.
+fn ok(resp: std::io::Result<Response>, what: &str) -> Response {
+    let resp = resp.unwrap_or_else(|e| panic!("{what}: request failed: {e}"));
+    assert_eq!(resp.status, 200, "{what}: {}", resp.describe());
+    resp
+}
+
+/// Unwraps a request that must answer with a JSON error `code`.
+fn fail(resp: std::io::Result<Response>, code: u16, what: &str) {
+    assert_json_error(
+        &resp.unwrap_or_else(|e| panic!("{what}: request failed: {e}")),
+        code,
+        what,
+    );
+}
+
+#[test]
+fn compare_and_set_and_delete() {
+    let (c, leader) = Cluster::formed("cas", 3, &[]);
+    let follower = c.api(
+        c.ids()
+            .into_iter()
+            .find(|&id| id != leader)
+            .expect("a follower"),
+    );
+    let api = c.api(leader);
+    // If-Match: 0 creates only a key that does not exist.
+    let r1 = body_revision(&ok(
+        api.put_if("cas", &json!({"v": 1}), 0),
+        "create with If-Match: 0",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    fail(
+        api.put_if("cas", &json!({"v": "dup"}), 0),
+        412,
+        "If-Match: 0 on an existing key",
+    );
+
+    // The right revision wins (also through a follower), a stale one loses.
+    let r2 = body_revision(&ok(
+        follower.put_if("cas", &json!({"v": 2}), r1),
+        "If-Match: current revision",
+    ))
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r2 > r1, "revisions increase: {r1} then {r2}");
+    fail(
+        api.put_if("cas", &json!({"v": "stale"}), r1),
+        412,
+        "If-Match: stale revision",
+    );
+    fail(
+        follower.put_if("cas", &json!({"v": "future"}), r2 + 1000),
+        412,
+        "If-Match: unknown revision",
+    );
+
+    let got = ok(follower.get("cas"), "GET after CAS");
+    assert_eq!(
+        got.json().unwrap_or_else(|e| panic!("{e}")),
+        json!({"v": 2})
+    );
+    assert_eq!(
+        got.revision_header(),
+        Some(r2),
+        "x-revision after CAS: {got:?}"
+    );
+
+    // Unconditional writes still work and move the revision on.
+    let r3 = body_revision(&ok(api.put("cas", &json!({"v": 3})), "unconditional PUT"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(r3 > r2, "revisions increase: {r2} then {r3}");
+
+    // Delete, then the key is gone everywhere; a second delete finds nothing.
+    let deleted = ok(follower.delete("cas"), "DELETE");
+    assert_eq!(
+        deleted.json().unwrap_or_else(|e| panic!("{e}")),
+        json!({"deleted": true})
+    );
+    fail(api.get("cas"), 404, "GET after DELETE");
+    fail(follower.get("cas"), 404, "GET after DELETE via follower");
+    fail(api.delete("cas"), 404, "second DELETE");
+    fail(api.get("never-written"), 404, "GET of a key never written");
+
+    // After the delete the key counts as absent for If-Match: 0.
+    ok(
+        api.put_if("cas", &json!({"v": "reborn"}), 0),
+        "If-Match: 0 after DELETE",
+    );
+}
