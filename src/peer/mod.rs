@@ -488,8 +488,8 @@ impl PeerNet {
             closed: self.shutdown.child_token(),
             last_seen: Mutex::new(Instant::now()),
         });
-        let keep = self.register(&link);
-        if !keep {
+        let existing = self.register(&link);
+        if existing.is_some() {
             debug!(peer, "duplicate link closed by tie-break");
             link.close();
         } else {
@@ -501,6 +501,7 @@ impl PeerNet {
         let idle = self.cfg.idle_timeout;
         let net_links = self.links.clone();
         let reader_link = link.clone();
+        let chosen = existing.unwrap_or_else(|| link.clone());
         tokio::spawn(async move {
             let link = reader_link;
             read_loop(link.clone(), reader, handler, idle).await;
@@ -514,26 +515,28 @@ impl PeerNet {
                 info!(peer = link.peer, "peer link down");
             }
         });
-        link
+        chosen
     }
 
-    /// Decide whether a new link replaces the current one (see the module comment).
-    fn register(&self, link: &Arc<Link>) -> bool {
-        if self.shutting_down.load(Ordering::Relaxed) {
-            return false;
-        }
+    /// Decide whether a new link replaces the current one (see the module comment). Returns the
+    /// existing link when it wins; `None` when the new one is registered.
+    fn register(&self, link: &Arc<Link>) -> Option<Arc<Link>> {
         let mut links = lock(&self.links);
+        if self.shutting_down.load(Ordering::Relaxed) {
+            // Shutting down: register nothing; the new link is closed and its callers fail fast.
+            return Some(link.clone());
+        }
         if let Some(old) = links.get(&link.peer) {
             if old.is_alive() && old.incarnation == link.incarnation {
                 let preferred = self.cfg.node_id.min(link.peer);
                 if !(link.dialer == preferred && old.dialer != preferred) {
-                    return false;
+                    return Some(old.clone());
                 }
             }
             old.close();
         }
         links.insert(link.peer, link.clone());
-        true
+        None
     }
 
     /// Keep links to every known peer up; pings keep idle links verified.
