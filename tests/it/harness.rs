@@ -1030,16 +1030,11 @@ impl WriteLoad {
     }
 
     /// Waits for every writer to finish its writes.
-    pub fn finish(self) -> LoadOutcome {
-        for h in self.handles {
+    pub fn finish(mut self) -> LoadOutcome {
+        for h in std::mem::take(&mut self.handles) {
             h.join().expect("writer thread panicked");
         }
-        let shared =
-            Arc::try_unwrap(self.shared).unwrap_or_else(|_| panic!("writers still hold the load"));
-        shared
-            .outcome
-            .into_inner()
-            .unwrap_or_else(|p| p.into_inner())
+        std::mem::take(&mut *lock(&self.shared.outcome))
     }
 
     /// Tells the writers to stop after their current request, then collects the outcome.
@@ -1051,6 +1046,13 @@ impl WriteLoad {
     /// Writes `count` keys with `writers` threads through `targets` and waits for them.
     pub fn run(targets: Vec<Api>, writers: usize, count: usize, prefix: &str) -> LoadOutcome {
         WriteLoad::start(targets, writers, count.div_ceil(writers), prefix).finish()
+    }
+}
+
+impl Drop for WriteLoad {
+    /// A test that fails mid-load must not leave writers running into the next test's ports.
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
     }
 }
 
