@@ -113,7 +113,7 @@ pub async fn run(
     let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone() }, log_store, sm)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
-    let replica = Replica { raft: raft.clone(), net: net.clone() };
+    let replica = Replica::new(raft.clone(), net.clone());
     let cluster_stop = CancellationToken::new();
     let cluster = Cluster::start(
         replica.clone(),
@@ -222,6 +222,7 @@ impl Handler for PeerHandler {
                     Ok((index, result)) => PeerResponse::Written { index, result },
                     Err(e) => PeerResponse::Error(e),
                 },
+                PeerRequest::WriteBatch(cmds) => PeerResponse::WrittenBatch(replica.write_batch_local(cmds).await),
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
                 PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),
                 PeerRequest::Remove { id } => cluster.remove(id).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),

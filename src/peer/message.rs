@@ -36,6 +36,9 @@ pub enum PeerRequest {
     Join { id: NodeId, addr: String },
     /// Remove a node for good. Forwarded to the leader.
     Remove { id: NodeId },
+    /// Many client writes forwarded to the leader in one frame (a follower batches what queued
+    /// up while its previous batch was in flight). Answered in order.
+    WriteBatch(Vec<Command>),
 }
 
 impl PeerRequest {
@@ -52,6 +55,7 @@ impl PeerRequest {
             PeerRequest::ReadIndex => "read_index",
             PeerRequest::Join { .. } => "join",
             PeerRequest::Remove { .. } => "remove",
+            PeerRequest::WriteBatch(_) => "write_batch",
         }
     }
 }
@@ -68,6 +72,8 @@ pub enum PeerResponse {
     ReadIndex(u64),
     Done,
     Error(RemoteError),
+    /// One outcome per command of a `WriteBatch`, in order.
+    WrittenBatch(Vec<Result<(u64, CommandResult), RemoteError>>),
 }
 
 /// What a node says about itself to a peer or a seed prober.

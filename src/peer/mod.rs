@@ -88,6 +88,23 @@ pub enum PeerError {
     Protocol { peer: NodeId, reason: String },
 }
 
+impl Clone for PeerError {
+    fn clone(&self) -> Self {
+        match self {
+            PeerError::Io { addr, source } => {
+                PeerError::Io { addr: addr.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
+            }
+            PeerError::Handshake { addr, reason } => PeerError::Handshake { addr: addr.clone(), reason: reason.clone() },
+            PeerError::UnknownPeer(id) => PeerError::UnknownPeer(*id),
+            PeerError::BackingOff { addr } => PeerError::BackingOff { addr: addr.clone() },
+            PeerError::SelfDial { addr } => PeerError::SelfDial { addr: addr.clone() },
+            PeerError::Closed { peer } => PeerError::Closed { peer: *peer },
+            PeerError::Timeout { peer, timeout } => PeerError::Timeout { peer: *peer, timeout: *timeout },
+            PeerError::Protocol { peer, reason } => PeerError::Protocol { peer: *peer, reason: reason.clone() },
+        }
+    }
+}
+
 impl PeerError {
     /// True when the request certainly never reached the peer (safe to retry anywhere).
     pub fn not_delivered(&self) -> bool {

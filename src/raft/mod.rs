@@ -14,6 +14,8 @@ pub mod types;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -70,9 +72,34 @@ pub enum ReplicaError {
 pub struct Replica {
     pub raft: Raft,
     pub net: Arc<PeerNet>,
+    /// Queue of writes to forward to the leader; the batching task (`forwarder`) owns the
+    /// receiver and ends when every `Replica` clone is gone.
+    forward: mpsc::Sender<Forward>,
 }
 
+/// A write waiting to be forwarded, with where to send its outcome.
+type Forward = (Command, oneshot::Sender<Result<(u64, CommandResult), ForwardError>>);
+
+/// Why a forwarded write has no result.
+#[derive(Debug)]
+enum ForwardError {
+    Remote(RemoteError),
+    Peer(PeerError),
+}
+
+/// Writes forwarded per frame at most.
+const FORWARD_BATCH: usize = 512;
+/// Writes waiting to be forwarded at most (callers wait beyond it: backpressure).
+const FORWARD_QUEUE: usize = 8192;
+
 impl Replica {
+    pub fn new(raft: Raft, net: Arc<PeerNet>) -> Replica {
+        let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
+        let replica = Replica { raft, net, forward: tx };
+        tokio::spawn(forwarder(replica.raft.clone(), replica.net.clone(), rx));
+        replica
+    }
+
     pub fn id(&self) -> NodeId {
         self.net.node_id()
     }
@@ -108,14 +135,20 @@ impl Replica {
             let outcome = if leader == self.id() {
                 tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await.map_err(|_| ReplicaError::Unavailable)?
             } else {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match self.net.request(leader, &PeerRequest::Write(cmd.clone()), left).await {
-                    Ok(PeerResponse::Written { index, result }) => Ok((index, result)),
-                    Ok(PeerResponse::Error(e)) => Err(e),
-                    Ok(other) => Err(RemoteError::Internal(format!("unexpected {other:?}"))),
-                    Err(PeerError::Timeout { .. }) => return Err(ReplicaError::Unavailable),
-                    Err(e) if e.not_delivered() => Err(RemoteError::Unavailable(e.to_string())),
-                    Err(source) => return Err(ReplicaError::Forward { leader, source }),
+                let (tx, rx) = oneshot::channel();
+                if tokio::time::timeout_at(deadline, self.forward.send((cmd.clone(), tx))).await.is_err() {
+                    return Err(ReplicaError::Unavailable);
+                }
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Err(_) => return Err(ReplicaError::Unavailable),
+                    Ok(Err(_)) => Err(RemoteError::Unavailable("forwarder stopped".into())),
+                    Ok(Ok(Ok(r))) => Ok(r),
+                    Ok(Ok(Err(ForwardError::Remote(e)))) => Err(e),
+                    Ok(Ok(Err(ForwardError::Peer(PeerError::Timeout { .. })))) => return Err(ReplicaError::Unavailable),
+                    Ok(Ok(Err(ForwardError::Peer(e)))) if e.not_delivered() || cmd.retry_safe() => {
+                        Err(RemoteError::Unavailable(e.to_string()))
+                    }
+                    Ok(Ok(Err(ForwardError::Peer(source)))) => return Err(ReplicaError::Forward { leader, source }),
                 }
             };
             match outcome {
@@ -145,6 +178,27 @@ impl Replica {
             Err(openraft::error::RaftError::APIError(e)) => Err(RemoteError::Invalid(e.to_string())),
             Err(openraft::error::RaftError::Fatal(e)) => Err(RemoteError::Internal(e.to_string())),
         }
+    }
+
+    /// Leader side of a forwarded batch: propose all in one call, answer in order.
+    pub async fn write_batch_local(&self, cmds: Vec<Command>) -> Vec<Result<(u64, CommandResult), RemoteError>> {
+        use futures_util::StreamExt;
+        let n = cmds.len();
+        let stream = match self.raft.client_write_many(cmds).await {
+            Ok(s) => s,
+            Err(e) => return vec![Err(RemoteError::Internal(e.to_string())); n],
+        };
+        let mut out: Vec<Result<(u64, CommandResult), RemoteError>> = stream
+            .map(|r| match r {
+                Ok(Ok(resp)) => Ok((resp.log_id.index, resp.response)),
+                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(RemoteError::NotLeader { leader: f.leader_id }),
+                Ok(Err(e)) => Err(RemoteError::Unavailable(e.to_string())),
+                Err(fatal) => Err(RemoteError::Internal(fatal.to_string())),
+            })
+            .collect()
+            .await;
+        out.resize(n, Err(RemoteError::Unavailable("write dropped".into())));
+        out
     }
 
     /// Leader side of a read barrier: confirm leadership with a quorum, return the read index.
@@ -199,5 +253,78 @@ impl Replica {
             }
         }
         Err(ReplicaError::Unavailable)
+    }
+}
+
+/// Forwards queued writes to the leader, many per frame. Each batch is sent by its own task so
+/// the next batch forms while one is in flight; what queues up meanwhile is the next batch.
+async fn forwarder(raft: Raft, net: Arc<PeerNet>, mut rx: mpsc::Receiver<Forward>) {
+    let mut batch: Vec<Forward> = Vec::with_capacity(FORWARD_BATCH);
+    loop {
+        match rx.recv().await {
+            Some(f) => batch.push(f),
+            None => return,
+        }
+        while batch.len() < FORWARD_BATCH {
+            match rx.try_recv() {
+                Ok(f) => batch.push(f),
+                Err(_) => break,
+            }
+        }
+        let items = std::mem::replace(&mut batch, Vec::with_capacity(FORWARD_BATCH));
+        let leader = raft.metrics().borrow_watched().current_leader;
+        let net = net.clone();
+        tokio::spawn(async move {
+            let Some(leader) = leader else {
+                for (_, tx) in items {
+                    let _ = tx.send(Err(ForwardError::Remote(RemoteError::NotLeader { leader: None })));
+                }
+                return;
+            };
+            let (cmds, txs): (Vec<Command>, Vec<_>) = items.into_iter().unzip();
+            let n = cmds.len();
+            // Callers hold their own deadlines; this bounds the batch itself.
+            match net.request(leader, &PeerRequest::WriteBatch(cmds), FORWARD_TIMEOUT).await {
+                Ok(PeerResponse::WrittenBatch(results)) if results.len() == n => {
+                    for (tx, r) in txs.into_iter().zip(results) {
+                        let _ = tx.send(r.map_err(ForwardError::Remote));
+                    }
+                }
+                Ok(PeerResponse::Error(e)) => {
+                    for tx in txs {
+                        let _ = tx.send(Err(ForwardError::Remote(e.clone())));
+                    }
+                }
+                Ok(other) => {
+                    let e = RemoteError::Internal(format!("unexpected {}", response_name(&other)));
+                    for tx in txs {
+                        let _ = tx.send(Err(ForwardError::Remote(e.clone())));
+                    }
+                }
+                Err(e) => {
+                    for tx in txs {
+                        let _ = tx.send(Err(ForwardError::Peer(e.clone())));
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// How long one forwarded batch may take before its callers hear a timeout.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn response_name(r: &PeerResponse) -> &'static str {
+    match r {
+        PeerResponse::AppendEntries(_) => "AppendEntries",
+        PeerResponse::Vote(_) => "Vote",
+        PeerResponse::Snapshot(_) => "Snapshot",
+        PeerResponse::TransferLeader => "TransferLeader",
+        PeerResponse::Status(_) => "Status",
+        PeerResponse::Written { .. } => "Written",
+        PeerResponse::ReadIndex(_) => "ReadIndex",
+        PeerResponse::Done => "Done",
+        PeerResponse::Error(_) => "Error",
+        PeerResponse::WrittenBatch(_) => "WrittenBatch",
     }
 }

@@ -75,6 +75,14 @@ pub enum Command {
     Delete { store: String, key: String, if_revision: Option<u64> },
 }
 
+impl Command {
+    /// True when applying the command twice leaves the same state as once (so a write whose
+    /// outcome is unknown may be sent again).
+    pub fn retry_safe(&self) -> bool {
+        matches!(self, Command::Put { if_revision: None, .. })
+    }
+}
+
 impl fmt::Display for Command {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Never print values: they may hold secrets.
