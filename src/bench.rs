@@ -5,8 +5,11 @@
 //!   targets: `--concurrency` is then exactly the number of sockets and of requests in flight,
 //!   which is what we want to reason about when measuring Raft commit throughput and latency.
 //! - The engine ([`drive`]) knows nothing about workloads; a workload is only a function from
-//!   (worker index, sequence number) to a [`BenchRequest`]. `bench commands` / `bench events`
-//!   plug in as a new [`BenchCmd`] variant plus such a function.
+//!   (worker index, sequence number) to a [`BenchRequest`]. `bench state` and `bench commands`
+//!   are such functions; `bench events` plugs in the same way (a [`BenchCmd`] variant plus one).
+//! - `bench commands` takes the request from the command line; `{worker}`/`{seq}`/`{run}`
+//!   placeholders make paths, bodies or `Idempotency-Key`s unique per request when wanted, and
+//!   the common case (no placeholder) costs a clone per request.
 //! - Each worker owns its histogram and counters (no contention on the hot path); they are merged
 //!   once at the end. Only two shared atomics feed the once-a-second progress line.
 //! - Requests started during `--warmup` are excluded; requests still in flight at the deadline
@@ -56,6 +59,8 @@ pub struct CommonArgs {
 pub enum BenchCmd {
     /// replicated state-store writes
     State(StateArgs),
+    /// commands through the proxy (e.g. the example service's `POST /api/v1/echo`)
+    Commands(CommandsArgs),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -71,6 +76,27 @@ pub struct StateArgs {
     /// State store name.
     #[arg(long, default_value = "bench")]
     pub store: String,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommandsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Path (and query) of the command endpoint. `{worker}`, `{seq}` and `{run}` (random per
+    /// run) are replaced per request here, in `--header` values and in `--body`.
+    #[arg(long, default_value = "/api/v1/echo")]
+    pub path: String,
+    /// HTTP method.
+    #[arg(long, default_value = "POST", value_parser = parse_method)]
+    pub method: Method,
+    /// Request body, sent as `application/json` [default: {"hello":"world"} for POST, PUT and
+    /// PATCH, none for other methods; `--body ''` sends none].
+    #[arg(long)]
+    pub body: Option<String>,
+    /// Extra request header `name:value` (repeatable), e.g.
+    /// `--header 'idempotency-key:bench-{run}-{worker}-{seq}'`.
+    #[arg(long = "header", value_name = "NAME:VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
 }
 
 /// One request as built by a workload.
@@ -161,6 +187,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 pub async fn run(cmd: BenchCmd) -> anyhow::Result<Report> {
     let report = match cmd {
         BenchCmd::State(args) => run_state(&args).await?,
+        BenchCmd::Commands(args) => run_commands(&args).await?,
     };
     println!("{report}");
     Ok(report)
@@ -185,6 +212,95 @@ async fn run_state(args: &StateArgs) -> anyhow::Result<Report> {
         path: format!("{prefix}{}", fastrand::u64(0..keys)),
         headers: Vec::new(),
         body: Bytes::from(format!(r#"{{"v":"{filler}","n":{seq}}}"#)),
+    })
+    .await
+}
+
+/// Parses an HTTP method; lower case is accepted and sent upper case.
+fn parse_method(s: &str) -> Result<Method, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    if upper.is_empty() || !upper.bytes().all(|b| b.is_ascii_alphabetic()) {
+        return Err(format!("invalid method {s:?}: expected e.g. GET, POST"));
+    }
+    Method::from_bytes(upper.as_bytes()).map_err(|e| format!("invalid method {s:?}: {e}"))
+}
+
+/// Parses `name:value` (split at the first `:`, both sides trimmed; the value may be empty).
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    let (name, value) = s
+        .split_once(':')
+        .ok_or_else(|| format!("invalid header {s:?}: expected name:value"))?;
+    let (name, value) = (name.trim(), value.trim());
+    http::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("invalid header name {name:?} in {s:?}"))?;
+    http::HeaderValue::from_str(value)
+        .map_err(|_| format!("invalid header value {value:?} in {s:?}"))?;
+    Ok((name.to_ascii_lowercase(), value.to_string()))
+}
+
+/// A string with optional `{worker}`, `{seq}`, `{run}` placeholders; the common case (none)
+/// costs one clone per request.
+#[derive(Debug, Clone)]
+struct Template {
+    text: String,
+    dynamic: bool,
+}
+
+impl Template {
+    const PLACEHOLDERS: [&'static str; 3] = ["{worker}", "{seq}", "{run}"];
+
+    fn new(text: &str, run: &str) -> Template {
+        // `{run}` is fixed for the whole run: substitute it once.
+        let text = text.replace("{run}", run);
+        let dynamic = Self::PLACEHOLDERS.iter().any(|p| text.contains(p));
+        Template { text, dynamic }
+    }
+
+    fn expand(&self, worker: usize, seq: u64) -> String {
+        if !self.dynamic {
+            return self.text.clone();
+        }
+        self.text
+            .replace("{worker}", &worker.to_string())
+            .replace("{seq}", &seq.to_string())
+    }
+}
+
+async fn run_commands(args: &CommandsArgs) -> anyhow::Result<Report> {
+    if !args.path.starts_with('/') {
+        bail!(
+            "--path {:?}: must start with '/', e.g. /api/v1/echo",
+            args.path
+        );
+    }
+    let body = match &args.body {
+        Some(b) => b.clone(),
+        None if [Method::POST, Method::PUT, Method::PATCH].contains(&args.method) => {
+            r#"{"hello":"world"}"#.to_string()
+        }
+        None => String::new(),
+    };
+    let run = format!("{:016x}", fastrand::u64(..));
+    let path = Template::new(&args.path, &run);
+    let body = Template::new(&body, &run);
+    let static_body = (!body.dynamic).then(|| Bytes::from(body.text.clone()));
+    let headers: Vec<(String, Template)> = args
+        .headers
+        .iter()
+        .map(|(k, v)| (k.clone(), Template::new(v, &run)))
+        .collect();
+    let method = args.method.clone();
+    let workload = format!("commands {} {}", args.method, args.path);
+    drive(&workload, &args.common, move |worker, seq| BenchRequest {
+        method: method.clone(),
+        path: path.expand(worker, seq),
+        headers: headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expand(worker, seq)))
+            .collect(),
+        body: static_body
+            .clone()
+            .unwrap_or_else(|| Bytes::from(body.expand(worker, seq))),
     })
     .await
 }
@@ -377,33 +493,52 @@ mod tests {
     use hyper_util::rt::TokioIo;
     use std::convert::Infallible;
 
+    /// Decides whether a request is what the workload under test should send.
+    type Validator = Arc<dyn Fn(&http::request::Parts, &Bytes) -> bool + Send + Sync>;
+
     /// Hyper server on 127.0.0.1:0 answering every request with `status`; PUTs to the state API
     /// are validated (path shape, JSON body) and answered 400 if malformed.
     async fn server(status: u16) -> String {
+        server_with(
+            status,
+            Arc::new(|parts, body| {
+                parts.method == Method::PUT
+                    && parts
+                        .uri
+                        .path()
+                        .strip_prefix("/v1/state/bench/k")
+                        .is_some_and(|k| k.parse::<u64>().is_ok_and(|k| k < 10))
+                    && serde_json::from_slice::<serde_json::Value>(body)
+                        .is_ok_and(|v| v["v"].is_string() && v["n"].is_u64())
+                    && (100..140).contains(&body.len())
+            }),
+        )
+        .await
+    }
+
+    /// Hyper server on 127.0.0.1:0 answering `status` to requests `valid` accepts, else 400.
+    async fn server_with(status: u16, valid: Validator) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                let svc = hyper::service::service_fn(
-                    move |req: http::Request<hyper::body::Incoming>| async move {
-                        let (parts, body) = req.into_parts();
-                        let body = body.collect().await.unwrap().to_bytes();
-                        let valid = parts.method == Method::PUT
-                            && parts
-                                .uri
-                                .path()
-                                .strip_prefix("/v1/state/bench/k")
-                                .is_some_and(|k| k.parse::<u64>().is_ok_and(|k| k < 10))
-                            && serde_json::from_slice::<serde_json::Value>(&body)
-                                .is_ok_and(|v| v["v"].is_string() && v["n"].is_u64())
-                            && (100..140).contains(&body.len());
-                        let mut resp = http::Response::new(Full::new(Bytes::from_static(b"{}")));
-                        *resp.status_mut() =
-                            http::StatusCode::from_u16(if valid { status } else { 400 }).unwrap();
-                        Ok::<_, Infallible>(resp)
-                    },
-                );
+                let valid = valid.clone();
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let valid = valid.clone();
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body.collect().await.unwrap().to_bytes();
+                            let valid = valid(&parts, &body);
+                            let mut resp =
+                                http::Response::new(Full::new(Bytes::from_static(b"{}")));
+                            *resp.status_mut() =
+                                http::StatusCode::from_u16(if valid { status } else { 400 })
+                                    .unwrap();
+                            Ok::<_, Infallible>(resp)
+                        }
+                    });
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), svc),
@@ -434,7 +569,9 @@ mod tests {
             Cli::try_parse_from(argv.iter().chain(&["--warmup", "200ms", "--keys", "10"]))
                 .unwrap()
                 .cmd;
-        let BenchCmd::State(args) = &mut cmd;
+        let BenchCmd::State(args) = &mut cmd else {
+            unreachable!("parsed `state`")
+        };
         assert_eq!(
             (args.size, args.store.as_str(), args.common.timeout),
             (128, "bench", Duration::from_secs(5))
@@ -483,6 +620,129 @@ mod tests {
         assert_eq!(r.ok, 0);
         assert_eq!(r.error_kinds.get("connect"), Some(&r.errors), "{r}");
         assert!(r.errors <= 4 * 25, "backoff bounds the error rate: {r}");
+    }
+
+    fn parse_bench(argv: &[&str]) -> Result<BenchCmd, clap::Error> {
+        Cli::try_parse_from(std::iter::once("x").chain(argv.iter().copied())).map(|c| c.cmd)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn commands_against_ok_server() {
+        // Every request must be the configured command, and every idempotency key unique.
+        let seen = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let seen2 = seen.clone();
+        let a = server_with(
+            200,
+            Arc::new(move |parts, body| {
+                let header = |n: &str| parts.headers.get(n).and_then(|v| v.to_str().ok());
+                let key = header("idempotency-key").unwrap_or_default().to_string();
+                parts.method == Method::POST
+                    && parts.uri.path() == "/api/v1/echo"
+                    && header("x-bench") == Some("yes")
+                    && header("content-type") == Some("application/json")
+                    && body.as_ref() == br#"{"hello":"world"}"#
+                    && key.starts_with("k-")
+                    && key.split('-').count() == 4
+                    && seen2.lock().unwrap().insert(key)
+            }),
+        )
+        .await;
+        let cmd = parse_bench(&[
+            "commands",
+            "--targets",
+            &a,
+            "--concurrency",
+            "3",
+            "--duration",
+            "1s",
+            "--warmup",
+            "100ms",
+            "--header",
+            "X-Bench: yes",
+            "--header",
+            "idempotency-key:k-{run}-{worker}-{seq}",
+        ])
+        .unwrap();
+        let BenchCmd::Commands(args) = &cmd else {
+            unreachable!("parsed `commands`")
+        };
+        assert_eq!(
+            (args.path.as_str(), &args.method, args.body.as_deref()),
+            ("/api/v1/echo", &Method::POST, None)
+        );
+        let r = run(cmd).await.unwrap();
+        assert!(r.ok > 0, "{r}");
+        assert_eq!(r.errors, 0, "{r}");
+        assert!(seen.lock().unwrap().len() as u64 >= r.ok);
+        assert!(r
+            .to_string()
+            .starts_with("bench commands POST /api/v1/echo: 1 targets, 3 connections, 1.0s\n"));
+
+        // GET with a per-request path and no body by default; a 504 counts as an error.
+        let b = server_with(
+            504,
+            Arc::new(|parts, body| {
+                parts.method == Method::GET
+                    && body.is_empty()
+                    && parts
+                        .uri
+                        .path_and_query()
+                        .is_some_and(|p| p.as_str().starts_with("/api/v1/slow?ms=1&w="))
+            }),
+        )
+        .await;
+        let argv = [
+            "commands",
+            "--targets",
+            &b,
+            "--method",
+            "get",
+            "--concurrency",
+            "2",
+            "--duration",
+            "500ms",
+            "--warmup",
+            "0s",
+            "--path",
+            "/api/v1/slow?ms=1&w={worker}",
+        ];
+        let r = run(parse_bench(&argv).unwrap()).await.unwrap();
+        assert_eq!(r.ok, 0, "{r}");
+        assert!(r.errors > 0, "{r}");
+        assert_eq!(r.error_kinds.get("status 504"), Some(&r.errors), "{r}");
+    }
+
+    #[tokio::test]
+    async fn commands_rejects_bad_args() {
+        let base = ["commands", "--targets", "127.0.0.1:1"];
+        for bad in [
+            &["--header", "no-colon"][..],
+            &["--header", "bad name:v"],
+            &["--method", "P O"],
+            &["--method", ""],
+        ] {
+            assert!(
+                parse_bench(&[&base[..], bad].concat()).is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+        let cmd = parse_bench(&[&base[..], &["--path", "api/v1/echo"]].concat()).unwrap();
+        let err = run(cmd).await.unwrap_err().to_string();
+        assert!(err.contains("must start with '/'"), "{err}");
+    }
+
+    #[test]
+    fn templates_expand_placeholders() {
+        let t = Template::new("/c/{worker}/{seq}/{run}", "r1");
+        assert_eq!(t.expand(3, 42), "/c/3/42/r1");
+        let t = Template::new("plain-{run}", "r2");
+        assert!(!t.dynamic);
+        assert_eq!(t.expand(1, 1), "plain-r2");
+        assert_eq!(
+            parse_header(" Idempotency-Key : a:b "),
+            Ok(("idempotency-key".into(), "a:b".into()))
+        );
+        assert_eq!(parse_method("patch"), Ok(Method::PATCH));
     }
 
     #[tokio::test]

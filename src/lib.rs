@@ -12,4 +12,5 @@ pub mod fsutil;
 pub mod node;
 pub mod peer;
 pub mod raft;
+pub mod sdk;
 pub mod store;

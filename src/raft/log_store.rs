@@ -731,7 +731,7 @@ mod tests {
 
     fn ent(term: u64, index: u64) -> Entry {
         let (store, key, value) = ("s".into(), format!("k{index}"), vec![7; 100]);
-        Entry::new_normal(log_id(term, index), Command::Put { store, key, value, if_revision: None })
+        Entry::new_normal(log_id(term, index), Command::Put { store, key, value, if_revision: None, tag: None })
     }
 
     /// About 6 entries a segment.

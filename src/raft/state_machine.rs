@@ -9,6 +9,7 @@
 //! handed to openraft, because an install error is fatal to the Raft node.
 
 use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::io;
 use std::path::Path;
 use std::path::PathBuf;
@@ -24,6 +25,10 @@ use crate::raft::types::Command;
 use crate::raft::types::CommandResult;
 use crate::raft::types::EntryResponder;
 use crate::raft::types::LogId;
+use crate::raft::types::NodeId;
+use crate::raft::types::StoredResponse;
+use crate::raft::types::WriteTag;
+use crate::sdk::ServiceDecl;
 use crate::raft::types::RaftSnapshotBuilder;
 use crate::raft::types::RaftStateMachine;
 use crate::raft::types::Snapshot;
@@ -39,19 +44,45 @@ pub struct Versioned {
     pub revision: u64,
 }
 
+/// The life of one idempotency key (see `SmData::apply`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct IdemRecord {
+    pub created_ms: u64,
+    pub state: IdemState,
+    /// Results of the tagged writes made under this key, by sequence number: a re-run handler
+    /// gets the recorded result instead of applying the write again.
+    pub effects: BTreeMap<u32, CommandResult>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum IdemState {
+    /// `attempt` runs the request; others wait until `until_ms`, then may take over.
+    Pending { attempt: u64, until_ms: u64 },
+    Done(StoredResponse),
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SmData {
     pub last_applied: Option<LogId>,
     pub last_membership: StoredMembershipT,
     /// store name → key → value.
     pub stores: BTreeMap<String, BTreeMap<String, Versioned>>,
+    /// Which node offers which services (the routing table's source).
+    pub registry: BTreeMap<NodeId, Vec<ServiceDecl>>,
+    /// Log index of the last registry change (lets readers cache derived tables).
+    pub registry_revision: u64,
+    pub idem: BTreeMap<String, IdemRecord>,
+    /// Keys in creation order, for expiry.
+    pub idem_order: VecDeque<(u64, String)>,
+    /// The latest `now_ms` seen in a command: the state machine's deterministic clock.
+    pub clock_ms: u64,
 }
 
 impl SmData {
     fn apply(&mut self, index: u64, cmd: Command) -> CommandResult {
         match cmd {
-            Command::Put { store, key, value, if_revision } => {
-                let entries = self.stores.entry(store).or_default();
+            Command::Put { store, key, value, if_revision, tag } => self.tagged(tag, |d| {
+                let entries = d.stores.entry(store).or_default();
                 let current = entries.get(&key).map(|v| v.revision);
                 if let Some(expected) = if_revision {
                     if current.unwrap_or(0) != expected {
@@ -60,7 +91,20 @@ impl SmData {
                 }
                 entries.insert(key, Versioned { value, revision: index });
                 CommandResult::Written { revision: index }
-            }
+            }),
+            Command::Increment { store, key, by, tag } => self.tagged(tag, |d| {
+                let entries = d.stores.entry(store).or_default();
+                let current = match entries.get(&key) {
+                    None => 0,
+                    Some(v) => match serde_json::from_slice::<i64>(&v.value) {
+                        Ok(n) => n,
+                        Err(_) => return CommandResult::NotANumber,
+                    },
+                };
+                let value = current.saturating_add(by);
+                entries.insert(key, Versioned { value: value.to_string().into_bytes(), revision: index });
+                CommandResult::Incremented { value, revision: index }
+            }),
             Command::Delete { store, key, if_revision } => {
                 let Some(entries) = self.stores.get_mut(&store) else {
                     return match if_revision {
@@ -79,6 +123,87 @@ impl SmData {
                     self.stores.remove(&store);
                 }
                 CommandResult::Deleted { existed }
+            }
+            Command::Register { node, services } => {
+                if services.is_empty() {
+                    self.registry.remove(&node);
+                } else {
+                    self.registry.insert(node, services);
+                }
+                self.registry_revision = index;
+                CommandResult::Registered
+            }
+            Command::IdemBegin { key, attempt, now_ms, lease_ms, window_ms } => {
+                self.tick(now_ms, window_ms);
+                let until_ms = now_ms.saturating_add(lease_ms);
+                match self.idem.get_mut(&key) {
+                    None => {
+                        let state = IdemState::Pending { attempt, until_ms };
+                        self.idem.insert(key.clone(), IdemRecord { created_ms: now_ms, state, effects: BTreeMap::new() });
+                        self.idem_order.push_back((now_ms, key));
+                        CommandResult::IdemBegun
+                    }
+                    Some(rec) => match &rec.state {
+                        IdemState::Done(resp) => CommandResult::IdemDone(resp.clone()),
+                        IdemState::Pending { attempt: owner, until_ms: held } => {
+                            if *owner == attempt || *held <= now_ms {
+                                rec.state = IdemState::Pending { attempt, until_ms };
+                                CommandResult::IdemBegun
+                            } else {
+                                CommandResult::IdemPending { until_ms: *held }
+                            }
+                        }
+                    },
+                }
+            }
+            Command::IdemComplete { key, attempt: _, response } => match self.idem.get_mut(&key) {
+                // The first completion wins; a slower duplicate attempt gets the winner's answer.
+                Some(IdemRecord { state: IdemState::Done(first), .. }) => CommandResult::IdemDone(first.clone()),
+                Some(rec) => {
+                    rec.state = IdemState::Done(response.clone());
+                    CommandResult::IdemDone(response)
+                }
+                None => {
+                    let rec = IdemRecord { created_ms: self.clock_ms, state: IdemState::Done(response.clone()), effects: BTreeMap::new() };
+                    self.idem.insert(key.clone(), rec);
+                    self.idem_order.push_back((self.clock_ms, key));
+                    CommandResult::IdemDone(response)
+                }
+            },
+        }
+    }
+
+    /// Apply a write at most once per tag.
+    fn tagged(&mut self, tag: WriteTag, f: impl FnOnce(&mut SmData) -> CommandResult) -> CommandResult {
+        let Some((key, seq)) = tag else { return f(self) };
+        if let Some(done) = self.idem.get(&key).and_then(|r| r.effects.get(&seq)) {
+            return done.clone();
+        }
+        let result = f(self);
+        if !self.idem.contains_key(&key) {
+            // Its begin expired or never ran: keep the record anyway, expiring like the others.
+            let state = IdemState::Pending { attempt: 0, until_ms: 0 };
+            self.idem.insert(key.clone(), IdemRecord { created_ms: self.clock_ms, state, effects: BTreeMap::new() });
+            self.idem_order.push_back((self.clock_ms, key.clone()));
+        }
+        if let Some(rec) = self.idem.get_mut(&key) {
+            rec.effects.insert(seq, result.clone());
+        }
+        result
+    }
+
+    /// Advance the deterministic clock and forget idempotency keys older than the window.
+    fn tick(&mut self, now_ms: u64, window_ms: u64) {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        let horizon = self.clock_ms.saturating_sub(window_ms);
+        while let Some((created, _)) = self.idem_order.front() {
+            if *created >= horizon {
+                break;
+            }
+            if let Some((created, key)) = self.idem_order.pop_front() {
+                if self.idem.get(&key).is_some_and(|r| r.created_ms == created) {
+                    self.idem.remove(&key);
+                }
             }
         }
     }
@@ -103,6 +228,21 @@ impl SmShared {
     /// Read a key from the local copy.
     pub fn get(&self, store: &str, key: &str) -> Option<Versioned> {
         read(&self.data).stores.get(store).and_then(|s| s.get(key)).cloned()
+    }
+
+    /// The service registry and the log index of its last change.
+    pub fn registry(&self) -> (u64, BTreeMap<NodeId, Vec<ServiceDecl>>) {
+        let d = read(&self.data);
+        (d.registry_revision, d.registry.clone())
+    }
+
+    pub fn registry_revision(&self) -> u64 {
+        read(&self.data).registry_revision
+    }
+
+    /// The local view of an idempotency key's state.
+    pub fn idem_state(&self, key: &str) -> Option<IdemState> {
+        read(&self.data).idem.get(key).map(|r| r.state.clone())
     }
 
     pub fn last_applied_index(&self) -> Option<u64> {
@@ -290,7 +430,7 @@ mod tests {
     use super::*;
 
     fn put(store: &str, key: &str, v: &str, if_revision: Option<u64>) -> Command {
-        Command::Put { store: store.into(), key: key.into(), value: v.as_bytes().to_vec(), if_revision }
+        Command::Put { store: store.into(), key: key.into(), value: v.as_bytes().to_vec(), if_revision, tag: None }
     }
 
     #[test]
@@ -304,6 +444,30 @@ mod tests {
         let del = Command::Delete { store: "s".into(), key: "k".into(), if_revision: None };
         assert_eq!(d.apply(9, del), CommandResult::Deleted { existed: true });
         assert!(d.stores.is_empty());
+    }
+
+    #[test]
+    fn tagged_writes_apply_once() {
+        let mut d = SmData::default();
+        let incr = |tag: Option<(String, u32)>| Command::Increment { store: "s".into(), key: "c".into(), by: 1, tag };
+        let begin = |attempt, now_ms| Command::IdemBegin { key: "k1".into(), attempt, now_ms, lease_ms: 1000, window_ms: 60_000 };
+        assert_eq!(d.apply(1, begin(7, 100)), CommandResult::IdemBegun);
+        assert_eq!(d.apply(2, incr(Some(("k1".into(), 0)))), CommandResult::Incremented { value: 1, revision: 2 });
+        // The same write again (a re-run handler) gets the recorded result; the counter stays.
+        assert_eq!(d.apply(3, incr(Some(("k1".into(), 0)))), CommandResult::Incremented { value: 1, revision: 2 });
+        assert_eq!(d.apply(4, incr(None)), CommandResult::Incremented { value: 2, revision: 4 });
+        // Another attempt waits while the lease holds, takes over after it.
+        assert_eq!(d.apply(5, begin(8, 500)), CommandResult::IdemPending { until_ms: 1100 });
+        assert_eq!(d.apply(6, begin(8, 1200)), CommandResult::IdemBegun);
+        let resp = StoredResponse { status: 200, body: b"{}".to_vec(), content_type: None };
+        let done = Command::IdemComplete { key: "k1".into(), attempt: 8, response: resp.clone() };
+        assert_eq!(d.apply(7, done), CommandResult::IdemDone(resp.clone()));
+        assert_eq!(d.apply(8, begin(9, 1300)), CommandResult::IdemDone(resp));
+        // Past the window the key is forgotten.
+        let later = Command::IdemBegin { key: "k2".into(), attempt: 1, now_ms: 100_000, lease_ms: 10, window_ms: 60_000 };
+        d.apply(9, later);
+        assert!(!d.idem.contains_key("k1"));
+        assert!(d.idem.contains_key("k2"));
     }
 
     #[tokio::test]

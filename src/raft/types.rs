@@ -65,21 +65,48 @@ pub type ClientWriteResponse = openraft::raft::ClientWriteResponse<TypeConfig>;
 /// A snapshot of the state machine is an in-memory serialized image (see `state_machine`).
 pub type SnapshotData = Vec<u8>;
 
+/// Tags a state write made by a handler during a request with an idempotency key: (key, the
+/// write's sequence number within the request). The state machine applies a tagged write once.
+pub type WriteTag = Option<(String, u32)>;
+
 /// An entry in the replicated log: one state-machine command.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Command {
     /// Set `store/key` to `value` (raw JSON bytes). With `if_revision`, only when the key's current
     /// revision equals it (0 = the key must not exist).
-    Put { store: String, key: String, value: Vec<u8>, if_revision: Option<u64> },
+    Put { store: String, key: String, value: Vec<u8>, if_revision: Option<u64>, tag: WriteTag },
     /// Remove `store/key`, optionally conditional like `Put`.
     Delete { store: String, key: String, if_revision: Option<u64> },
+    /// Add `by` to the integer at `store/key` (absent = 0).
+    Increment { store: String, key: String, by: i64, tag: WriteTag },
+    /// Replace this node's entry in the service registry (empty = offers nothing).
+    Register { node: NodeId, services: Vec<crate::sdk::ServiceDecl> },
+    /// Claim the right to run the request with this idempotency key (see `state_machine`).
+    IdemBegin { key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64 },
+    /// Record the finished response for an idempotency key.
+    IdemComplete { key: String, attempt: u64, response: StoredResponse },
+}
+
+/// A command response kept for idempotent replay.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: Vec<u8>,
+    pub content_type: Option<String>,
 }
 
 impl Command {
     /// True when applying the command twice leaves the same state as once (so a write whose
     /// outcome is unknown may be sent again).
     pub fn retry_safe(&self) -> bool {
-        matches!(self, Command::Put { if_revision: None, .. })
+        matches!(
+            self,
+            Command::Put { if_revision: None, .. }
+                | Command::Increment { tag: Some(_), .. }
+                | Command::Register { .. }
+                | Command::IdemBegin { .. }
+                | Command::IdemComplete { .. }
+        )
     }
 }
 
@@ -89,6 +116,10 @@ impl fmt::Display for Command {
         match self {
             Command::Put { store, key, .. } => write!(f, "put {store}/{key}"),
             Command::Delete { store, key, .. } => write!(f, "delete {store}/{key}"),
+            Command::Increment { store, key, .. } => write!(f, "increment {store}/{key}"),
+            Command::Register { node, .. } => write!(f, "register node {node}"),
+            Command::IdemBegin { .. } => write!(f, "idempotency begin"),
+            Command::IdemComplete { .. } => write!(f, "idempotency complete"),
         }
     }
 }
@@ -105,4 +136,16 @@ pub enum CommandResult {
     Deleted { existed: bool },
     /// `if_revision` did not match; `current` is the key's revision (None = absent).
     PreconditionFailed { current: Option<u64> },
+    /// The new value of an incremented key, and its revision.
+    Incremented { value: i64, revision: u64 },
+    /// The key holds something that is not an integer.
+    NotANumber,
+    /// Registry updated.
+    Registered,
+    /// The caller now owns the idempotency key and runs the request.
+    IdemBegun,
+    /// Another attempt owns the key until `until_ms`.
+    IdemPending { until_ms: u64 },
+    /// The request already finished: replay this.
+    IdemDone(StoredResponse),
 }

@@ -15,6 +15,7 @@ use crate::raft::state_machine::SmShared;
 use crate::raft::state_machine::Versioned;
 use crate::raft::types::Command;
 use crate::raft::types::CommandResult;
+use crate::raft::types::WriteTag;
 
 pub const MAX_STORE_NAME: usize = 128;
 pub const MAX_KEY: usize = 1024;
@@ -74,14 +75,50 @@ impl StateStore {
 
     /// Set a key to a JSON value; returns the new revision.
     pub async fn put(&self, store: &str, key: &str, value: &[u8], if_revision: Option<u64>) -> Result<u64, StoreError> {
+        self.put_tagged(store, key, value, if_revision, None).await
+    }
+
+    /// `put`, applied at most once per `tag` (a handler's write under an idempotency key).
+    pub async fn put_tagged(
+        &self,
+        store: &str,
+        key: &str,
+        value: &[u8],
+        if_revision: Option<u64>,
+        tag: WriteTag,
+    ) -> Result<u64, StoreError> {
         check_names(store, key)?;
         serde_json::from_slice::<serde::de::IgnoredAny>(value).map_err(|e| StoreError::InvalidJson(e.to_string()))?;
-        let cmd = Command::Put { store: store.into(), key: key.into(), value: value.to_vec(), if_revision };
+        let cmd = Command::Put { store: store.into(), key: key.into(), value: value.to_vec(), if_revision, tag };
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Written { revision } => Ok(revision),
             CommandResult::PreconditionFailed { current } => Err(StoreError::PreconditionFailed { current }),
             other => Err(StoreError::Unexpected(other)),
         }
+    }
+
+    /// Atomically add `by` to an integer key; returns the new value.
+    pub async fn increment(&self, store: &str, key: &str, by: i64, tag: WriteTag) -> Result<i64, StoreError> {
+        check_names(store, key)?;
+        let cmd = Command::Increment { store: store.into(), key: key.into(), by, tag };
+        match self.replica.write(cmd, self.timeout).await?.1 {
+            CommandResult::Incremented { value, .. } => Ok(value),
+            CommandResult::NotANumber => Err(StoreError::InvalidJson(format!("{store}/{key} is not an integer"))),
+            other => Err(StoreError::Unexpected(other)),
+        }
+    }
+
+    /// Commit any other state-machine command (registry, idempotency records).
+    pub async fn command(&self, cmd: Command, timeout: Duration) -> Result<CommandResult, StoreError> {
+        Ok(self.replica.write(cmd, timeout).await?.1)
+    }
+
+    pub fn local(&self) -> &Arc<SmShared> {
+        &self.sm
+    }
+
+    pub fn replica(&self) -> &Replica {
+        &self.replica
     }
 
     /// Remove a key; returns whether it existed.

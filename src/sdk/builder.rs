@@ -1,0 +1,3 @@
+//! (being written)
+pub struct Service;
+pub struct CommandBuilder;

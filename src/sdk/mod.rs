@@ -1,0 +1,234 @@
+//! The service SDK: how commands are declared, invoked and answered, wherever they run.
+//!
+//! A *service* (name + version) offers *commands*. Each command is declared once (`CommandDecl`:
+//! method, path with `:params`, idempotent flag, timeout, optional JSON schemas) and served by a
+//! type-erased `CommandHandler`. Declarations are replicated in the cluster registry so any node
+//! can route to any other; handlers stay in the process that offers them. Compiled-in Rust
+//! services (`builder`) and sidecar upstreams (`crate::sidecar`) both produce these same parts, so
+//! the proxy has one path for both.
+//!
+//! Handlers get an `Invocation` (parameters, payload, message fields) and a `Ctx` (message fields,
+//! node id, and the replicated state store). State writes made through `Ctx` during a request
+//! that carries an `Idempotency-Key` are tagged with that key and a per-request sequence number;
+//! the state machine applies each tagged write once, so a handler re-run after a node failure has
+//! its effects exactly once.
+
+pub mod builder;
+pub mod demo;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU32;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::store::StateStore;
+use crate::store::StoreError;
+
+pub use self::builder::CommandBuilder;
+pub use self::builder::Service;
+
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A command as the cluster registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandDecl {
+    pub name: String,
+    /// HTTP method exposing it (`GET`, `POST`, ...).
+    pub method: String,
+    /// Path under `/api/v{version}/`, segments starting with `:` are parameters
+    /// (e.g. `counter/:name/increment`).
+    pub path: String,
+    /// Safe to run twice: the proxy may retry it on another node.
+    pub idempotent: bool,
+    /// Deadline when the request does not shorten it (`x-timeout-ms`).
+    pub timeout_ms: u64,
+    /// JSON Schema of the payload / result, as JSON text, when the SDK has one.
+    pub input_schema: Option<String>,
+    pub output_schema: Option<String>,
+}
+
+/// A service version and its commands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceDecl {
+    pub name: String,
+    pub version: u32,
+    pub commands: Vec<CommandDecl>,
+}
+
+/// Sender of a message (PURISTA's `sender`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sender {
+    pub service_name: String,
+    pub service_version: String,
+    pub service_target: String,
+    pub instance_id: String,
+}
+
+/// Message fields that travel with a command.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageMeta {
+    /// W3C trace id (32 hex digits) from `traceparent`, created when absent.
+    pub trace_id: String,
+    /// `x-request-id`, created when absent; also the message's correlation id.
+    pub correlation_id: String,
+    pub principal_id: Option<String>,
+    pub tenant_id: Option<String>,
+    pub sender: Option<Sender>,
+    /// The client's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<String>,
+    /// The full `traceparent` header to pass on (new span id per hop is the caller's concern).
+    pub traceparent: String,
+}
+
+/// One call of a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Invocation {
+    pub service: String,
+    pub version: u32,
+    pub command: String,
+    /// Query and path parameters, as a JSON object (values are strings).
+    pub params: BTreeMap<String, String>,
+    /// The request body as received (JSON, or empty).
+    pub payload: Bytes,
+    pub meta: MessageMeta,
+    /// Milliseconds left until the deadline when the call was sent.
+    pub timeout_ms: u64,
+}
+
+/// A handler's successful answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Output {
+    /// 200, or 204 when `body` is empty.
+    pub status: u16,
+    pub body: Bytes,
+    pub content_type: Option<String>,
+}
+
+impl Output {
+    pub fn json(body: Bytes) -> Output {
+        if body.is_empty() {
+            Output { status: 204, body, content_type: None }
+        } else {
+            Output { status: 200, body, content_type: Some("application/json".into()) }
+        }
+    }
+}
+
+/// A failed command: `{"status","message","data"?}` on the wire. 4xx = handled (the caller's
+/// fault), 500 = unhandled, 502/503/504 = infrastructure.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, thiserror::Error)]
+#[error("{status}: {message}")]
+pub struct HandlerError {
+    pub status: u16,
+    pub message: String,
+    /// JSON text of extra data, if any.
+    pub data: Option<String>,
+}
+
+impl HandlerError {
+    pub fn new(status: u16, message: impl Into<String>) -> HandlerError {
+        HandlerError { status, message: message.into(), data: None }
+    }
+    pub fn bad_request(message: impl Into<String>) -> HandlerError {
+        HandlerError::new(400, message)
+    }
+    pub fn not_found(message: impl Into<String>) -> HandlerError {
+        HandlerError::new(404, message)
+    }
+    pub fn unhandled(message: impl Into<String>) -> HandlerError {
+        HandlerError::new(500, message)
+    }
+    pub fn with_data(mut self, data: &serde_json::Value) -> HandlerError {
+        self.data = Some(data.to_string());
+        self
+    }
+    /// The JSON body sent to clients.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({ "status": self.status, "message": self.message });
+        if let Some(d) = self.data.as_deref().and_then(|d| serde_json::from_str::<serde_json::Value>(d).ok()) {
+            v["data"] = d;
+        }
+        v
+    }
+}
+
+impl From<StoreError> for HandlerError {
+    fn from(e: StoreError) -> HandlerError {
+        match e {
+            StoreError::InvalidName(_) | StoreError::InvalidJson(_) => HandlerError::bad_request(e.to_string()),
+            StoreError::PreconditionFailed { .. } => HandlerError::new(409, e.to_string()),
+            StoreError::Replica(_) => HandlerError::new(503, e.to_string()),
+            StoreError::Unexpected(_) => HandlerError::unhandled(e.to_string()),
+        }
+    }
+}
+
+/// Serves one command; implemented by the builder's typed wrappers and by the sidecar.
+pub trait CommandHandler: Send + Sync + 'static {
+    fn call(&self, ctx: Ctx, inv: Invocation) -> BoxFuture<Result<Output, HandlerError>>;
+}
+
+/// A service ready to be run by a node: its declaration and one handler per command name.
+#[derive(Clone)]
+pub struct ServiceParts {
+    pub decl: ServiceDecl,
+    pub handlers: BTreeMap<String, Arc<dyn CommandHandler>>,
+}
+
+/// What a handler may use while it runs.
+#[derive(Clone)]
+pub struct Ctx {
+    pub meta: MessageMeta,
+    pub node_id: u64,
+    state: StateHandle,
+}
+
+impl Ctx {
+    pub fn new(meta: MessageMeta, node_id: u64, store: StateStore) -> Ctx {
+        let dedup = meta.idempotency_key.clone().map(|k| (k, Arc::new(AtomicU32::new(0))));
+        Ctx { meta, node_id, state: StateHandle { store, dedup } }
+    }
+
+    /// The replicated state store.
+    pub fn state(&self) -> &StateHandle {
+        &self.state
+    }
+}
+
+/// The state store as a handler sees it: JSON values, writes deduplicated per idempotency key.
+#[derive(Clone)]
+pub struct StateHandle {
+    store: StateStore,
+    /// (idempotency key, next write sequence number) when the request carries a key.
+    dedup: Option<(String, Arc<AtomicU32>)>,
+}
+
+impl StateHandle {
+    fn next_tag(&self) -> Option<(String, u32)> {
+        self.dedup.as_ref().map(|(k, seq)| (k.clone(), seq.fetch_add(1, Ordering::SeqCst)))
+    }
+
+    pub async fn get(&self, store: &str, key: &str) -> Result<Option<serde_json::Value>, HandlerError> {
+        match self.store.get(store, key, crate::store::Consistency::Linearizable).await? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v.value).map(Some).map_err(|e| HandlerError::unhandled(e.to_string())),
+        }
+    }
+
+    /// Set a key; returns its new revision.
+    pub async fn put(&self, store: &str, key: &str, value: &serde_json::Value) -> Result<u64, HandlerError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+        Ok(self.store.put_tagged(store, key, &bytes, None, self.next_tag()).await?)
+    }
+
+    /// Atomically add `by` to an integer key (absent = 0); returns the new value.
+    pub async fn increment(&self, store: &str, key: &str, by: i64) -> Result<i64, HandlerError> {
+        Ok(self.store.increment(store, key, by, self.next_tag()).await?)
+    }
+}
