@@ -116,7 +116,11 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .ok();
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone());
-    crate::node::run(cfg, metrics, shutdown).await?;
+    let mut services = Vec::new();
+    if cfg.example_services {
+        services.push(crate::sdk::demo::demo_service());
+    }
+    crate::node::run(cfg, services, metrics, shutdown).await?;
     Ok(())
 }
 
@@ -146,7 +150,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         let child = tokio::process::Command::new(&exe)
             .args(["node", "--id", &(i + 1).to_string(), "--data-dir"])
             .arg(&dir)
-            .args(["--peer-addr", &peers[i], "--http-addr", &https[i], "--seeds", &peers.join(","), "--bootstrap-expect", "3"])
+            .args(["--peer-addr", &peers[i], "--http-addr", &https[i], "--seeds", &peers.join(","), "--bootstrap-expect", "3", "--example-services"])
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
@@ -172,6 +176,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  curl -s {}/cluster", url(&https[1]));
     println!("  curl -s -X PUT {}/v1/state/default/greeting -d '{{\"hello\":\"world\"}}'", url(&https[2]));
     println!("  curl -si {}/v1/state/default/greeting", url(&https[0]));
+    println!("  curl -s -X POST {}/api/v1/echo -d '{{\"hi\":1}}'      # served by any node", url(&https[0]));
+    println!("  curl -s -X POST -H 'Idempotency-Key: k1' {}/api/v1/counter/a/increment", url(&https[1]));
+    println!("  curl -s {}/openapi.json", url(&https[2]));
     println!("  curl -s {}/metrics | head", url(&https[0]));
     println!("  raftbridge bench state --targets {} --concurrency 64 --duration 10s", https.iter().map(|h| url(h)).collect::<Vec<_>>().join(","));
     println!("\nCtrl-C stops the cluster.");

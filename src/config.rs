@@ -81,6 +81,19 @@ pub struct NodeArgs {
     /// Grace period for in-flight work on shutdown (ms).
     #[arg(long, env = "RAFTBRIDGE_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// Also run the example `demo` service.
+    #[arg(
+        long,
+        env = "RAFTBRIDGE_EXAMPLE_SERVICES",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub example_services: Option<bool>,
+    /// Commands served by a local upstream app (`[sidecar]`, config file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub sidecar: Option<crate::sidecar::SidecarConfig>,
 }
 
 /// The resolved, validated configuration of one node.
@@ -103,6 +116,8 @@ pub struct NodeConfig {
     pub max_frame: usize,
     pub max_connections: usize,
     pub shutdown_grace_ms: u64,
+    pub example_services: bool,
+    pub sidecar: Option<crate::sidecar::SidecarConfig>,
 }
 
 impl NodeArgs {
@@ -158,6 +173,8 @@ impl NodeArgs {
             max_frame: pick!(max_frame).unwrap_or(16 << 20),
             max_connections: pick!(max_connections).unwrap_or(10_000),
             shutdown_grace_ms: pick!(shutdown_grace_ms).unwrap_or(10_000),
+            example_services: pick!(example_services).unwrap_or(false),
+            sidecar: pick!(sidecar),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -203,6 +220,48 @@ mod tests {
         assert_eq!(cfg.max_voters, 7, "the flag wins over the file");
         assert_eq!(cfg.max_body, 1 << 20);
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn sidecar_section_and_example_services() {
+        let text = r#"
+            id = 1
+            data_dir = "/tmp/x"
+            example_services = true
+            [sidecar]
+            upstream = "http://127.0.0.1:9000"
+            health_path = "/health"
+            [[sidecar.commands]]
+            service = "orders"
+            version = 1
+            name = "create"
+            method = "POST"
+            path = "orders/:id"
+            upstream_path = "/orders/:id"
+            idempotent = true
+        "#;
+        let file: NodeArgs = toml::from_str(text).unwrap();
+        let sidecar = file.sidecar.clone().unwrap();
+        assert_eq!((sidecar.health_interval_ms, sidecar.pool_size), (1000, 32));
+        let c = &sidecar.commands[0];
+        assert_eq!((c.service.as_str(), c.version, c.path.as_str(), c.idempotent, c.timeout_ms), ("orders", 1, "orders/:id", true, 30_000));
+        assert_eq!(c.upstream_path.as_deref(), Some("/orders/:id"));
+        assert!(toml::from_str::<NodeArgs>("[sidecar]\nupstream = \"http://x:1\"\nport = 1\n").is_err());
+
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        use clap::Parser;
+        let parse = |args: &[&str]| Cli::try_parse_from([&["x"], args].concat()).unwrap().node.example_services;
+        assert_eq!(parse(&["--example-services", "--id", "1"]), Some(true));
+        assert_eq!(parse(&["--example-services=false"]), Some(false));
+        assert_eq!(parse(&[]), None);
+        let args = NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), ..file };
+        let cfg = args.resolve().unwrap();
+        assert!(cfg.example_services);
+        assert_eq!(cfg.sidecar, Some(sidecar));
     }
 
     #[test]

@@ -11,6 +11,8 @@ pub mod config;
 pub mod fsutil;
 pub mod node;
 pub mod peer;
+pub mod proxy;
 pub mod raft;
 pub mod sdk;
+pub mod sidecar;
 pub mod store;

@@ -31,6 +31,12 @@ use crate::raft::log_store::LogStoreOptions;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::types::*;
+use crate::proxy::LocalServices;
+use crate::proxy::Proxy;
+use crate::proxy::ProxySettings;
+use crate::proxy::registry;
+use crate::proxy::registry::Offering;
+use crate::sdk::ServiceParts;
 use crate::store::StateStore;
 
 /// Largest snapshot a node accepts from a leader (assembled in memory before install).
@@ -75,8 +81,12 @@ fn claim_data_dir(dir: &Path, id: u64) -> Result<(), NodeError> {
 }
 
 /// Run a node until `shutdown` fires, then drain and stop.
+///
+/// `services` are the compiled-in services this node runs (an application embedding raftbridge
+/// passes its own, built with `sdk::Service`).
 pub async fn run(
     cfg: NodeConfig,
+    services: Vec<ServiceParts>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
@@ -120,18 +130,39 @@ pub async fn run(
         ClusterSettings { seeds: cfg.seeds.clone(), bootstrap_expect: cfg.bootstrap_expect, max_voters: cfg.max_voters },
         cluster_stop.clone(),
     );
+    let timeout = Duration::from_millis(cfg.write_timeout_ms);
+    let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout);
+    let proxy = Arc::new(Proxy::new(
+        cfg.id,
+        cluster.clone(),
+        store.clone(),
+        LocalServices::new(services),
+        ProxySettings {
+            local_first: false,
+            max_inflight_per_peer: 1024,
+            idempotency_window: Duration::from_secs(600),
+        },
+    ));
     net.set_handler(Arc::new(PeerHandler {
         replica: replica.clone(),
         cluster: cluster.clone(),
+        proxy: proxy.clone(),
         snapshots: Arc::new(Mutex::new(HashMap::new())),
     }));
     let peer_task = tokio::spawn(net.clone().run(peer_listener));
 
-    let timeout = Duration::from_millis(cfg.write_timeout_ms);
+    let offering: Offering = {
+        let proxy = proxy.clone();
+        Arc::new(move || proxy.local().decls().to_vec())
+    };
+    let registry_stop = CancellationToken::new();
+    let registry_task = tokio::spawn(registry::run(store.clone(), cluster.clone(), offering, registry_stop.clone()));
+
     let app = Arc::new(api::App {
         replica: replica.clone(),
         cluster: cluster.clone(),
-        store: StateStore::new(replica.clone(), sm_shared.clone(), timeout),
+        store,
+        proxy: proxy.clone(),
         sm: sm_shared,
         metrics,
         settings: api::HttpSettings {
@@ -147,7 +178,10 @@ pub async fn run(
     info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, advertise = %cfg.advertise, "node started");
 
     shutdown.cancelled().await;
-    info!("shutting down: draining HTTP, handing over leadership");
+    info!("shutting down: leaving the registry, draining HTTP, handing over leadership");
+    registry_stop.cancel();
+    let _ = registry_task.await;
+    proxy.set_draining();
     http_stop.cancel();
     let _ = http_task.await;
     hand_over_leadership(&replica).await;
@@ -194,6 +228,7 @@ type Assembly = (Option<u64>, Vec<u8>);
 struct PeerHandler {
     replica: Replica,
     cluster: Cluster,
+    proxy: Arc<Proxy>,
     snapshots: Arc<Mutex<HashMap<NodeId, Assembly>>>,
 }
 
@@ -202,6 +237,7 @@ impl Handler for PeerHandler {
         let replica = self.replica.clone();
         let cluster = self.cluster.clone();
         let snapshots = self.snapshots.clone();
+        let proxy = self.proxy.clone();
         Box::pin(async move {
             let raft = &replica.raft;
             let fatal = |e: &dyn std::fmt::Display| PeerResponse::Error(RemoteError::Internal(e.to_string()));
@@ -222,6 +258,7 @@ impl Handler for PeerHandler {
                     Ok((index, result)) => PeerResponse::Written { index, result },
                     Err(e) => PeerResponse::Error(e),
                 },
+                PeerRequest::Invoke(inv) => proxy.serve_remote(inv).await,
                 PeerRequest::WriteBatch(cmds) => PeerResponse::WrittenBatch(replica.write_batch_local(cmds).await),
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
                 PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),

@@ -62,7 +62,9 @@ impl ApiError {
 impl From<RemoteError> for ApiError {
     fn from(e: RemoteError) -> Self {
         match e {
-            RemoteError::NotLeader { .. } | RemoteError::Unavailable(_) => ApiError::Unavailable(e.to_string()),
+            RemoteError::NotLeader { .. } | RemoteError::Unavailable(_) | RemoteError::NotServed(_) => {
+                ApiError::Unavailable(e.to_string())
+            }
             RemoteError::Invalid(m) => ApiError::BadRequest(m),
             RemoteError::Internal(m) => ApiError::BadGateway(m),
         }

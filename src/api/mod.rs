@@ -1,4 +1,5 @@
-//! The client HTTP API every node serves: health, cluster view, metrics and the state store.
+//! The client HTTP API every node serves: health, cluster view, metrics, the state store, and
+//! `/api/...` commands, which go to the proxy (`crate::proxy`).
 //!
 //! hyper (HTTP/1.1 and h2c via hyper-util's auto builder) with an explicit, small stack around the
 //! router — in order, each for a reason:
@@ -57,6 +58,7 @@ pub struct App {
     pub replica: Replica,
     pub cluster: Cluster,
     pub store: StateStore,
+    pub proxy: Arc<crate::proxy::Proxy>,
     pub sm: Arc<SmShared>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub settings: HttpSettings,
@@ -131,7 +133,11 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
+    if path.starts_with("/api/") {
+        return ("api", Ok(app.proxy.handle(req, app.settings.max_body).await));
+    }
     match (method, segs.as_slice()) {
+        (Method::GET, ["openapi.json"]) => ("openapi", Ok(json_response(StatusCode::OK, &app.proxy.openapi()))),
         (Method::GET, ["healthz"]) => ("healthz", Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
         ,
         (Method::GET, ["readyz"]) => ("readyz", readyz(app)),

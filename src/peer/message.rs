@@ -39,6 +39,8 @@ pub enum PeerRequest {
     /// Many client writes forwarded to the leader in one frame (a follower batches what queued
     /// up while its previous batch was in flight). Answered in order.
     WriteBatch(Vec<Command>),
+    /// Run a command handler on this node (the proxy forwarding a client request).
+    Invoke(crate::sdk::Invocation),
 }
 
 impl PeerRequest {
@@ -56,6 +58,7 @@ impl PeerRequest {
             PeerRequest::Join { .. } => "join",
             PeerRequest::Remove { .. } => "remove",
             PeerRequest::WriteBatch(_) => "write_batch",
+            PeerRequest::Invoke(_) => "invoke",
         }
     }
 }
@@ -74,6 +77,8 @@ pub enum PeerResponse {
     Error(RemoteError),
     /// One outcome per command of a `WriteBatch`, in order.
     WrittenBatch(Vec<Result<(u64, CommandResult), RemoteError>>),
+    /// What the handler answered (it ran).
+    Invoked(Result<crate::sdk::Output, crate::sdk::HandlerError>),
 }
 
 /// What a node says about itself to a peer or a seed prober.
@@ -98,4 +103,8 @@ pub enum RemoteError {
     Invalid(String),
     #[error("remote failure: {0}")]
     Internal(String),
+    /// The request arrived but no handler ran (not offered here, draining, overloaded): safe to
+    /// send elsewhere.
+    #[error("not served: {0}")]
+    NotServed(String),
 }

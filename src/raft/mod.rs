@@ -326,5 +326,6 @@ fn response_name(r: &PeerResponse) -> &'static str {
         PeerResponse::Done => "Done",
         PeerResponse::Error(_) => "Error",
         PeerResponse::WrittenBatch(_) => "WrittenBatch",
+        PeerResponse::Invoked(_) => "Invoked",
     }
 }

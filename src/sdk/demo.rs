@@ -1,1 +1,156 @@
-//! (being written)
+//! The example `demo` service (version 1), run with `--example-services` and by `raftbridge dev`.
+//!
+//! Each command exists to make one property of the cluster observable from outside:
+//! - `echo` (idempotent) answers with the node that served it: load balancing and failover;
+//! - `increment` (not idempotent) changes replicated state: exactly-once effects when the client
+//!   sends an `Idempotency-Key` (the state layer deduplicates tagged writes);
+//! - `slow` (idempotent) sleeps: deadlines, and requests in flight on a node that dies.
+//!
+//! Its routes and answers are a contract the integration tests rely on.
+
+use std::time::Duration;
+
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+use serde::Serialize;
+use serde_json::json;
+
+use super::{CommandBuilder, Ctx, HandlerError, Service, ServiceParts};
+
+pub const SERVICE: &str = "demo";
+pub const VERSION: u32 = 1;
+/// State store holding the counters (`counter/<name>`).
+pub const STATE_STORE: &str = "demo";
+/// Longest sleep `slow` accepts; its timeout is a little longer so the bound is reachable.
+pub const MAX_SLEEP_MS: u64 = 120_000;
+
+#[derive(Debug, Deserialize)]
+pub struct CounterParams {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CounterValue {
+    pub name: String,
+    pub value: i64,
+    pub served_by: u64,
+}
+
+#[derive(Debug, Deserialize)]
+pub struct SlowParams {
+    pub ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Slept {
+    pub slept_ms: u64,
+    pub served_by: u64,
+}
+
+/// The `demo` service: `POST echo`, `POST counter/:name/increment`, `GET slow?ms=N`.
+pub fn demo_service() -> ServiceParts {
+    let echo_out = json!({"type": "object", "required": ["echo", "servedBy"],
+        "properties": {"echo": {}, "servedBy": {"type": "integer"}}});
+    let counter_out = json!({"type": "object", "required": ["name", "value", "servedBy"],
+        "properties": {"name": {"type": "string"}, "value": {"type": "integer"}, "servedBy": {"type": "integer"}}});
+    Service::new(SERVICE, VERSION)
+        .command(
+            CommandBuilder::post("echo", "echo")
+                .idempotent(true)
+                .input_schema(json!({"description": "any JSON value (or no body)"}))
+                .output_schema(echo_out)
+                .handler(echo),
+        )
+        .command(
+            CommandBuilder::post("increment", "counter/:name/increment")
+                .input_schema(json!({"description": "ignored (may be empty)"}))
+                .output_schema(counter_out)
+                .handler(increment),
+        )
+        .command(
+            CommandBuilder::get("slow", "slow")
+                .idempotent(true)
+                .timeout(Duration::from_millis(MAX_SLEEP_MS + 5_000))
+                .handler(slow),
+        )
+        .into_parts()
+        // The declarations above are constants; the unit test below proves they validate.
+        .expect("the demo service's declarations are valid")
+}
+
+async fn echo(ctx: Ctx, body: serde_json::Value, _: ()) -> Result<serde_json::Value, HandlerError> {
+    Ok(json!({"echo": body, "servedBy": ctx.node_id}))
+}
+
+async fn increment(ctx: Ctx, _: IgnoredAny, p: CounterParams) -> Result<CounterValue, HandlerError> {
+    let value = ctx.state().increment(STATE_STORE, &format!("counter/{}", p.name), 1).await?;
+    Ok(CounterValue { name: p.name, value, served_by: ctx.node_id })
+}
+
+async fn slow(ctx: Ctx, _: IgnoredAny, p: SlowParams) -> Result<Slept, HandlerError> {
+    check_sleep(&p)?;
+    tokio::time::sleep(Duration::from_millis(p.ms)).await;
+    Ok(Slept { slept_ms: p.ms, served_by: ctx.node_id })
+}
+
+fn check_sleep(p: &SlowParams) -> Result<(), HandlerError> {
+    if p.ms > MAX_SLEEP_MS {
+        return Err(HandlerError::bad_request(format!("ms must be at most {MAX_SLEEP_MS}")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::sdk::builder::{decode_params, decode_payload, match_path};
+
+    fn params(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn declares_the_contract_routes() {
+        let parts = demo_service();
+        assert_eq!((parts.decl.name.as_str(), parts.decl.version), ("demo", 1));
+        let routes: Vec<_> = parts
+            .decl
+            .commands
+            .iter()
+            .map(|c| (c.name.as_str(), c.method.as_str(), c.path.as_str(), c.idempotent))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                ("echo", "POST", "echo", true),
+                ("increment", "POST", "counter/:name/increment", false),
+                ("slow", "GET", "slow", true)
+            ]
+        );
+        assert!(parts.decl.commands[0].input_schema.is_some() && parts.decl.commands[1].output_schema.is_some());
+        assert_eq!(parts.handlers.len(), 3);
+    }
+
+    #[test]
+    fn decodes_requests_as_the_handlers_see_them() {
+        let path = match_path("counter/:name/increment", "counter/visits/increment").unwrap();
+        assert_eq!(decode_params::<CounterParams>(&path).unwrap().name, "visits");
+        decode_payload::<IgnoredAny>(b"").unwrap();
+        decode_payload::<IgnoredAny>(br#"{"any": [1]}"#).unwrap();
+        assert_eq!(decode_payload::<serde_json::Value>(b"").unwrap(), serde_json::Value::Null);
+        assert_eq!(decode_params::<SlowParams>(&params(&[("ms", "250")])).unwrap().ms, 250);
+        for bad in [&[("ms", "soon")][..], &[("ms", "-1")], &[]] {
+            assert_eq!(decode_params::<SlowParams>(&params(bad)).unwrap_err().status, 400, "{bad:?}");
+        }
+        assert!(check_sleep(&SlowParams { ms: MAX_SLEEP_MS }).is_ok());
+        assert_eq!(check_sleep(&SlowParams { ms: MAX_SLEEP_MS + 1 }).unwrap_err().status, 400);
+        let out = serde_json::to_value(Slept { slept_ms: 5, served_by: 2 }).unwrap();
+        assert_eq!(out, json!({"sleptMs": 5, "servedBy": 2}));
+        let out = serde_json::to_value(CounterValue { name: "n".into(), value: 3, served_by: 1 }).unwrap();
+        assert_eq!(out, json!({"name": "n", "value": 3, "servedBy": 1}));
+    }
+}

@@ -1150,3 +1150,184 @@ pub fn verify_reads(api: Api, writes: &[Acked], read: Consistency) {
         &bad[..bad.len().min(10)]
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Per-node flags, files next to the nodes, and helper processes (commands and sidecar tests)
+// ---------------------------------------------------------------------------------------------
+
+impl Cluster {
+    /// Like `formed`, but node `id` also gets `per_node(cluster_dir, id)` as extra flags (e.g. its
+    /// own `--config` file written into the cluster dir).
+    pub fn formed_with(
+        name: &str,
+        n: usize,
+        flags: &[&str],
+        per_node: impl Fn(&Path, u64) -> Vec<String>,
+    ) -> (Cluster, u64) {
+        let mut cluster = Cluster::new(name, n, flags);
+        for id in cluster.ids() {
+            let extra = per_node(&cluster.dir, id);
+            cluster.add_node_flags(id, &extra);
+        }
+        cluster.start_all();
+        let voters: Vec<u64> = cluster.ids();
+        let leader = cluster.wait_for_membership(&voters, &[], FORMATION);
+        (cluster, leader)
+    }
+
+    /// Appends `flags` to node `id`'s command line, for its next (re)start and every later one.
+    pub fn add_node_flags(&mut self, id: u64, flags: &[String]) {
+        let index = (id as usize).wrapping_sub(1);
+        let node = self
+            .nodes
+            .get_mut(index)
+            .unwrap_or_else(|| panic!("no node {id} in cluster {}", self.name));
+        node.args.extend(flags.iter().cloned());
+    }
+}
+
+/// `n` distinct free loopback ports.
+pub fn free_loopback_ports(n: usize) -> Vec<SocketAddr> {
+    free_ports(n)
+}
+
+/// Polls `probe` until it returns `Ok`, for at most `deadline`; panics with `desc` and the last
+/// observation otherwise. For conditions outside a `Cluster` (helper processes).
+pub fn poll_until<T>(
+    desc: &str,
+    deadline: Duration,
+    mut probe: impl FnMut() -> Result<T, String>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        let last = match probe() {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        if start.elapsed() >= deadline {
+            panic!(
+                "timed out after {:?} waiting for {desc}\n  last observation: {last}",
+                start.elapsed()
+            );
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// A helper process (e.g. the Python upstream of the sidecar tests) with its output in `log`;
+/// killed and reaped on drop, its log tail printed if the test is failing.
+pub struct HelperProcess {
+    pub name: String,
+    program: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl HelperProcess {
+    /// Spawns `program args` with stdout and stderr appended to `log`.
+    pub fn spawn(name: &str, program: &str, args: &[String], log: PathBuf) -> HelperProcess {
+        let mut p = HelperProcess {
+            name: name.to_string(),
+            program: program.to_string(),
+            args: args.to_vec(),
+            log,
+            child: None,
+        };
+        p.start();
+        p
+    }
+
+    /// (Re)starts the process with the same command line.
+    pub fn start(&mut self) {
+        assert!(self.child.is_none(), "{} is already running", self.name);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.log.display()));
+        let err = log.try_clone().expect("clone log file handle");
+        let child = Command::new(&self.program)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(err))
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {} {:?}: {e}", self.program, self.args));
+        self.child = Some(child);
+    }
+
+    /// SIGKILLs and reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The last lines of the process's output.
+    pub fn log_tail(&self) -> String {
+        tail(&self.log, LOG_TAIL_LINES)
+    }
+}
+
+impl Drop for HelperProcess {
+    fn drop(&mut self) {
+        self.kill();
+        if thread::panicking() {
+            eprintln!(
+                "----- last {LOG_TAIL_LINES} lines of {} ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_tail()
+            );
+        }
+    }
+}
+
+/// Sends one request that must fail with the JSON error `code` in less than `within` (a fast
+/// 503, a deadline turned into a 504); returns how long it took.
+pub fn assert_json_error_within(
+    api: Api,
+    (method, path): (&str, &str),
+    headers: &[(&str, &str)],
+    body: &[u8],
+    (code, within): (u16, Duration),
+    what: &str,
+) -> Duration {
+    let start = Instant::now();
+    let resp = api
+        .request(method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{what}: {method} {path} via node {}: {e}", api.id));
+    let took = start.elapsed();
+    assert_json_error(
+        &resp,
+        code,
+        &format!("{what} ({method} {path} via node {})", api.id),
+    );
+    assert!(
+        took < within,
+        "{what}: {method} {path} via node {} answered {code} after {took:?}; expected under {within:?}",
+        api.id
+    );
+    took
+}
+
+/// True for a W3C `traceparent`: `00-<32 hex trace id>-<16 hex parent id>-<2 hex flags>`,
+/// lower-case, ids not all zeros.
+pub fn is_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    let nonzero = |s: &str| s.bytes().any(|b| b != b'0');
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && nonzero(parts[1])
+        && hex(parts[2], 16)
+        && nonzero(parts[2])
+        && hex(parts[3], 2)
+}

@@ -9,11 +9,13 @@ mod harness;
 mod http;
 
 mod bad_input;
+mod commands;
 mod durability;
 mod failover;
 mod formation;
 mod membership;
 mod quorum;
 mod replication;
+mod sidecar;
 mod snapshot;
 mod state_store;

@@ -1,0 +1,234 @@
+//! Target choice and retry budget.
+//!
+//! - *Power of two choices* on `(in-flight + 1) × EWMA latency`: two random candidates, the
+//!   cheaper wins. It needs no global view, adapts to a slow node within a few requests, and
+//!   avoids the herding of "always the least loaded" (Mitzenmacher; used by Envoy and Linkerd).
+//! - *Outlier ejection*: after `EJECT_AFTER` consecutive infrastructure failures a node is skipped
+//!   for a backoff that doubles with each ejection (1 s … 30 s); one success clears it. If every
+//!   candidate is ejected, they are used anyway (a guess beats a certain 503).
+//! - *Retry budget*: retries may add at most ~20 % to the request rate plus a floor of 10 per
+//!   second, so retries cannot multiply load during an outage (Finagle/Linkerd style).
+//!
+//! Time comes from `tokio::time::Instant`, so the tests run on a paused clock.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::raft::types::NodeId;
+
+const EJECT_AFTER: u32 = 5;
+const EJECT_BASE: Duration = Duration::from_secs(1);
+const EJECT_MAX: Duration = Duration::from_secs(30);
+/// Weight of a new latency sample in the EWMA.
+const EWMA_ALPHA: f64 = 0.2;
+/// Latency assumed for a node never measured (ms): optimistic, so new nodes get traffic.
+const EWMA_START_MS: f64 = 1.0;
+
+#[derive(Debug, Clone)]
+struct NodeStats {
+    inflight: u64,
+    ewma_ms: f64,
+    failures: u32,
+    ejections: u32,
+    ejected_until: Option<Instant>,
+}
+
+impl Default for NodeStats {
+    fn default() -> Self {
+        NodeStats { inflight: 0, ewma_ms: EWMA_START_MS, failures: 0, ejections: 0, ejected_until: None }
+    }
+}
+
+#[derive(Default)]
+pub struct Balancer {
+    stats: Mutex<HashMap<NodeId, NodeStats>>,
+}
+
+/// Outcome of one attempt, for the stats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The node answered (whatever the handler said).
+    Answered,
+    /// The node or the link failed.
+    Failed,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Stats are plain numbers, valid after any panic elsewhere.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Balancer {
+    /// Pick a target among `candidates` (non-empty), preferring `local` when given and healthy.
+    pub fn pick(&self, candidates: &[NodeId], local: Option<NodeId>) -> Option<NodeId> {
+        let now = Instant::now();
+        let stats = lock(&self.stats);
+        let healthy = |id: &NodeId| stats.get(id).and_then(|s| s.ejected_until).is_none_or(|t| t <= now);
+        if let Some(l) = local.filter(|l| candidates.contains(l) && healthy(l)) {
+            return Some(l);
+        }
+        let mut pool: Vec<NodeId> = candidates.iter().copied().filter(|c| healthy(c)).collect();
+        if pool.is_empty() {
+            pool = candidates.to_vec();
+        }
+        let cost = |id: &NodeId| {
+            let s = stats.get(id).cloned().unwrap_or_default();
+            (s.inflight as f64 + 1.0) * s.ewma_ms
+        };
+        match pool.len() {
+            0 => None,
+            1 => Some(pool[0]),
+            n => {
+                let a = fastrand::usize(..n);
+                let mut b = fastrand::usize(..n - 1);
+                if b >= a {
+                    b += 1;
+                }
+                Some(if cost(&pool[a]) <= cost(&pool[b]) { pool[a] } else { pool[b] })
+            }
+        }
+    }
+
+    pub fn start(&self, node: NodeId) {
+        lock(&self.stats).entry(node).or_default().inflight += 1;
+    }
+
+    pub fn finish(&self, node: NodeId, outcome: Outcome, latency: Duration) {
+        let now = Instant::now();
+        let mut stats = lock(&self.stats);
+        let s = stats.entry(node).or_default();
+        s.inflight = s.inflight.saturating_sub(1);
+        match outcome {
+            Outcome::Answered => {
+                let ms = latency.as_secs_f64() * 1000.0;
+                s.ewma_ms = s.ewma_ms * (1.0 - EWMA_ALPHA) + ms * EWMA_ALPHA;
+                s.failures = 0;
+                s.ejections = 0;
+                s.ejected_until = None;
+            }
+            Outcome::Failed => {
+                s.failures += 1;
+                if s.failures >= EJECT_AFTER {
+                    s.ejections += 1;
+                    s.failures = 0;
+                    let backoff = EJECT_BASE.saturating_mul(1 << (s.ejections - 1).min(5)).min(EJECT_MAX);
+                    s.ejected_until = Some(now + backoff);
+                    metrics::counter!("raftbridge_proxy_ejections_total").increment(1);
+                }
+            }
+        }
+    }
+
+    pub fn is_ejected(&self, node: NodeId) -> bool {
+        let now = Instant::now();
+        lock(&self.stats).get(&node).and_then(|s| s.ejected_until).is_some_and(|t| t > now)
+    }
+}
+
+/// Token bucket for retries: each request deposits `RATIO` tokens, each retry takes one; at
+/// least `FLOOR_PER_SEC` retries per second are always allowed.
+pub struct RetryBudget {
+    state: Mutex<BudgetState>,
+}
+
+struct BudgetState {
+    tokens: f64,
+    floor_left: u32,
+    window: Instant,
+}
+
+const RATIO: f64 = 0.2;
+const FLOOR_PER_SEC: u32 = 10;
+const MAX_TOKENS: f64 = 1000.0;
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        RetryBudget { state: Mutex::new(BudgetState { tokens: 0.0, floor_left: FLOOR_PER_SEC, window: Instant::now() }) }
+    }
+}
+
+impl RetryBudget {
+    pub fn deposit(&self) {
+        let mut s = lock(&self.state);
+        s.tokens = (s.tokens + RATIO).min(MAX_TOKENS);
+    }
+
+    /// True if a retry may be made now (and takes its token).
+    pub fn withdraw(&self) -> bool {
+        let now = Instant::now();
+        let mut s = lock(&self.state);
+        if now.duration_since(s.window) >= Duration::from_secs(1) {
+            s.window = now;
+            s.floor_left = FLOOR_PER_SEC;
+        }
+        if s.tokens >= 1.0 {
+            s.tokens -= 1.0;
+            true
+        } else if s.floor_left > 0 {
+            s.floor_left -= 1;
+            true
+        } else {
+            metrics::counter!("raftbridge_proxy_retries_denied_total").increment(1);
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn failing_node_is_ejected_with_growing_backoff() {
+        let b = Balancer::default();
+        for _ in 0..EJECT_AFTER {
+            b.start(2);
+            b.finish(2, Outcome::Failed, Duration::from_millis(1));
+        }
+        assert!(b.is_ejected(2));
+        for _ in 0..100 {
+            assert_eq!(b.pick(&[1, 2], None), Some(1));
+        }
+        tokio::time::advance(EJECT_BASE + Duration::from_millis(1)).await;
+        assert!(!b.is_ejected(2));
+        for _ in 0..EJECT_AFTER {
+            b.finish(2, Outcome::Failed, Duration::from_millis(1));
+        }
+        tokio::time::advance(EJECT_BASE + Duration::from_millis(1)).await;
+        assert!(b.is_ejected(2), "second ejection lasts twice as long");
+        // All ejected: still pick one rather than nothing.
+        assert_eq!(b.pick(&[2], None), Some(2));
+        b.finish(2, Outcome::Answered, Duration::from_millis(1));
+        assert!(!b.is_ejected(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_choices_prefer_the_faster_node() {
+        let b = Balancer::default();
+        for _ in 0..20 {
+            b.finish(1, Outcome::Answered, Duration::from_millis(50));
+            b.finish(2, Outcome::Answered, Duration::from_millis(1));
+        }
+        let picks_2 = (0..200).filter(|_| b.pick(&[1, 2], None) == Some(2)).count();
+        assert_eq!(picks_2, 200, "with two candidates the cheaper one always wins");
+        assert_eq!(b.pick(&[1, 2], Some(1)), Some(1), "local first when asked");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_budget_caps_retries() {
+        let budget = RetryBudget::default();
+        let mut allowed = 0;
+        for _ in 0..100 {
+            budget.deposit();
+        }
+        for _ in 0..100 {
+            allowed += u32::from(budget.withdraw());
+        }
+        assert_eq!(allowed, 20 + FLOOR_PER_SEC);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(budget.withdraw(), "the floor refills each second");
+    }
+}

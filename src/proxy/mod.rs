@@ -1,0 +1,510 @@
+//! The proxy: any node takes a `METHOD /api/v{version}/{path}` request, runs the command on a
+//! node that offers it, and answers with the result.
+//!
+//! The request passes an explicit stack of small layers, outermost first; each sits where it does
+//! for a reason:
+//! 1. `trace` — `x-request-id`/`traceparent` are read or created first, so every answer (errors
+//!    included) echoes them and every hop passes them on.
+//! 2. `route` — the cached routing table names the command (404/405 before any work).
+//! 3. `liveness` — only nodes with a live peer link (or this node) are candidates; none → 503 at
+//!    once, never a timeout.
+//! 4. `deadline` — the command's timeout, shortened by `x-timeout-ms`; everything below runs
+//!    under it (→ 504) and remote nodes get the *remaining* time.
+//! 5. `body` — bounded read (413) and parameters (400); only now is memory spent on the request.
+//! 6. `idempotency` — with `Idempotency-Key`, the first finished result is replayed and
+//!    concurrent duplicates wait for it (`idempotency.rs`).
+//! 7. `retry` — another node only when safe (never delivered, idempotent command, or keyed),
+//!    within the retry budget (`balance.rs`).
+//! 8. `balance` — power of two choices, outlier ejection, a bound on in-flight requests per peer.
+//! 9. `dispatch` — the local handler, or `PeerRequest::Invoke` over the peer link.
+
+pub mod balance;
+pub mod idempotency;
+pub mod registry;
+pub mod routing;
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http::HeaderValue;
+use http::StatusCode;
+use http_body_util::Full;
+use hyper::Request;
+use hyper::Response;
+use hyper::body::Incoming;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tracing::debug;
+
+use self::balance::Balancer;
+use self::balance::Outcome;
+use self::balance::RetryBudget;
+use self::routing::Lookup;
+use self::routing::Route;
+use self::routing::RouteTable;
+use self::routing::SharedTable;
+use crate::api::error::ApiError;
+use crate::peer::PeerError;
+use crate::peer::PeerNet;
+use crate::peer::message::PeerRequest;
+use crate::peer::message::PeerResponse;
+use crate::peer::message::RemoteError;
+use crate::raft::state_machine::SmShared;
+use crate::raft::types::NodeId;
+use crate::sdk::CommandHandler;
+use crate::sdk::Ctx;
+use crate::sdk::HandlerError;
+use crate::sdk::Invocation;
+use crate::sdk::MessageMeta;
+use crate::sdk::Output;
+use crate::sdk::ServiceDecl;
+use crate::sdk::ServiceParts;
+use crate::store::StateStore;
+
+/// Attempts per request at most (first try + retries).
+const MAX_ATTEMPTS: usize = 3;
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    /// Run on this node when it offers the command and is healthy.
+    pub local_first: bool,
+    /// Forwarded requests in flight to one peer at most; beyond, that peer is skipped.
+    pub max_inflight_per_peer: usize,
+    /// How long an idempotency key's result is kept.
+    pub idempotency_window: Duration,
+}
+
+/// The handlers this node runs, by (service, version, command).
+pub struct LocalServices {
+    handlers: HashMap<(String, u32, String), Arc<dyn CommandHandler>>,
+    decls: Vec<ServiceDecl>,
+}
+
+impl LocalServices {
+    pub fn new(parts: Vec<ServiceParts>) -> LocalServices {
+        let mut handlers = HashMap::new();
+        let mut decls = Vec::new();
+        for p in parts {
+            for (name, h) in p.handlers {
+                handlers.insert((p.decl.name.clone(), p.decl.version, name), h);
+            }
+            decls.push(p.decl);
+        }
+        LocalServices { handlers, decls }
+    }
+
+    pub fn decls(&self) -> &[ServiceDecl] {
+        &self.decls
+    }
+
+    fn get(&self, service: &str, version: u32, command: &str) -> Option<Arc<dyn CommandHandler>> {
+        self.handlers.get(&(service.to_string(), version, command.to_string())).cloned()
+    }
+}
+
+/// Why an attempt on one node did not produce an answer.
+enum Miss {
+    /// No handler ran: safe to try another node.
+    NotServed(String),
+    /// The request may have reached a handler; its fate is unknown.
+    Lost(String),
+}
+
+pub struct Proxy {
+    node_id: NodeId,
+    /// Whether this node is ready (in a cluster with a leader): an unready node runs nothing.
+    cluster: crate::cluster::Cluster,
+    store: StateStore,
+    net: Arc<PeerNet>,
+    sm: Arc<SmShared>,
+    local: LocalServices,
+    table: Mutex<SharedTable>,
+    balancer: Balancer,
+    budget: RetryBudget,
+    peer_slots: Mutex<HashMap<NodeId, Arc<Semaphore>>>,
+    settings: ProxySettings,
+    /// Set when the node starts draining: remote invocations are refused (`NotServed`).
+    draining: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Every value behind these locks is replaced whole; a panic elsewhere leaves it valid.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Proxy {
+    pub fn new(
+        node_id: NodeId,
+        cluster: crate::cluster::Cluster,
+        store: StateStore,
+        local: LocalServices,
+        settings: ProxySettings,
+    ) -> Proxy {
+        let net = store.replica().net.clone();
+        let sm = store.local().clone();
+        Proxy {
+            node_id,
+            cluster,
+            store,
+            net,
+            sm,
+            local,
+            table: Mutex::new(Arc::new(RouteTable::default())),
+            balancer: Balancer::default(),
+            budget: RetryBudget::default(),
+            peer_slots: Mutex::new(HashMap::new()),
+            settings,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn local(&self) -> &LocalServices {
+        &self.local
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// The routing table for the current registry (rebuilt when the registry changed).
+    pub fn table(&self) -> SharedTable {
+        let revision = self.sm.registry_revision();
+        let cached = lock(&self.table).clone();
+        if cached.revision == revision && revision != 0 {
+            return cached;
+        }
+        let (revision, registry) = self.sm.registry();
+        let table = Arc::new(RouteTable::build(revision, &registry));
+        *lock(&self.table) = table.clone();
+        table
+    }
+
+    /// Serve a client request under `/api/`.
+    pub async fn handle(&self, req: Request<Incoming>, max_body: usize) -> Response<Full<Bytes>> {
+        let (request_id, traceparent) = trace_ids(req.headers());
+        let mut resp = match self.serve(req, &request_id, &traceparent, max_body).await {
+            Ok(r) => r,
+            Err(e) => e.into_response(),
+        };
+        let h = resp.headers_mut();
+        if let Ok(v) = HeaderValue::from_str(&request_id) {
+            h.insert("x-request-id", v);
+        }
+        if let Ok(v) = HeaderValue::from_str(&traceparent) {
+            h.insert("traceparent", v);
+        }
+        resp
+    }
+
+    async fn serve(
+        &self,
+        req: Request<Incoming>,
+        request_id: &str,
+        traceparent: &str,
+        max_body: usize,
+    ) -> Result<Response<Full<Bytes>>, ApiError> {
+        // route
+        let path = req.uri().path().to_string();
+        let rest = path.strip_prefix("/api/v").ok_or_else(|| ApiError::NotFound(format!("no route for {path}")))?;
+        let (version, cmd_path) = rest.split_once('/').unwrap_or((rest, ""));
+        let version: u32 = version.parse().map_err(|_| ApiError::NotFound(format!("no route for {path}")))?;
+        let table = self.table();
+        let (route, path_params) = match table.lookup(version, req.method().as_str(), cmd_path) {
+            Lookup::Found { route, params } => (route.clone(), params),
+            Lookup::WrongMethod => return Err(ApiError::MethodNotAllowed),
+            Lookup::NotFound => return Err(ApiError::NotFound(format!("no command for {} {path}", req.method()))),
+        };
+        // liveness
+        if self.candidates(&route).is_empty() {
+            return Err(ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version)));
+        }
+        // deadline
+        let mut timeout = Duration::from_millis(route.decl.timeout_ms.max(1));
+        if let Some(ms) = header(req.headers(), "x-timeout-ms") {
+            let ms: u64 = ms.parse().map_err(|_| ApiError::BadRequest(format!("x-timeout-ms must be a number, got {ms:?}")))?;
+            timeout = timeout.min(Duration::from_millis(ms.max(1)));
+        }
+        let deadline = Instant::now() + timeout;
+        // body and parameters
+        let mut params = routing::parse_query(req.uri().query().unwrap_or(""))
+            .ok_or_else(|| ApiError::BadRequest("malformed query string".into()))?;
+        params.extend(path_params);
+        let meta = MessageMeta {
+            trace_id: traceparent.split('-').nth(1).unwrap_or_default().to_string(),
+            correlation_id: request_id.to_string(),
+            principal_id: header(req.headers(), "x-principal-id").map(str::to_string),
+            tenant_id: header(req.headers(), "x-tenant-id").map(str::to_string),
+            sender: None,
+            idempotency_key: header(req.headers(), "idempotency-key").map(str::to_string),
+            traceparent: traceparent.to_string(),
+        };
+        if meta.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
+            return Err(ApiError::BadRequest("Idempotency-Key must be 1..=256 bytes".into()));
+        }
+        let payload = tokio::time::timeout_at(deadline, crate::api::read_body(req, max_body))
+            .await
+            .map_err(|_| ApiError::Timeout)??;
+        let inv = Invocation {
+            service: route.service.clone(),
+            version: route.version,
+            command: route.decl.name.clone(),
+            params,
+            payload,
+            meta,
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        metrics::counter!("raftbridge_proxy_requests_total", "service" => route.service.clone()).increment(1);
+        match inv.meta.idempotency_key.clone() {
+            Some(key) => self.idempotent(&key, inv, &route, deadline).await,
+            None => {
+                let retry = route.decl.idempotent;
+                self.dispatch(inv, &route, deadline, retry).await.map(|(out, _)| answer(out))
+            }
+        }
+    }
+
+    /// Live nodes offering the route.
+    fn candidates(&self, route: &Route) -> Vec<NodeId> {
+        route
+            .nodes
+            .iter()
+            .copied()
+            .filter(|n| {
+                if *n == self.node_id {
+                    self.cluster.ready() && self.local.get(&route.service, route.version, &route.decl.name).is_some()
+                } else {
+                    self.net.reachable(*n)
+                }
+            })
+            .collect()
+    }
+
+    /// Run on some node, retrying elsewhere when that is safe. Returns the handler's answer and
+    /// the node that gave it.
+    async fn dispatch(
+        &self,
+        inv: Invocation,
+        route: &Route,
+        deadline: Instant,
+        retry_after_delivery: bool,
+    ) -> Result<(Result<Output, HandlerError>, NodeId), ApiError> {
+        self.budget.deposit();
+        let mut tried: Vec<NodeId> = Vec::new();
+        let mut last = ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version));
+        for attempt in 0..MAX_ATTEMPTS {
+            if attempt > 0 && !self.budget.withdraw() {
+                break;
+            }
+            let all = self.candidates(route);
+            let fresh: Vec<NodeId> = all.iter().copied().filter(|n| !tried.contains(n)).collect();
+            let pool = if fresh.is_empty() { all } else { fresh };
+            let local = self.settings.local_first.then_some(self.node_id);
+            let Some(target) = self.balancer.pick(&pool, local) else { break };
+            tried.push(target);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(ApiError::Timeout);
+            }
+            let mut inv = inv.clone();
+            inv.timeout_ms = left.as_millis().max(1) as u64;
+            let started = Instant::now();
+            self.balancer.start(target);
+            let outcome = tokio::time::timeout_at(deadline, self.invoke(target, inv)).await;
+            match outcome {
+                Err(_) => {
+                    self.balancer.finish(target, Outcome::Failed, started.elapsed());
+                    return Err(ApiError::Timeout);
+                }
+                Ok(Ok(answer)) => {
+                    self.balancer.finish(target, Outcome::Answered, started.elapsed());
+                    return Ok((answer, target));
+                }
+                Ok(Err(Miss::NotServed(why))) => {
+                    self.balancer.finish(target, Outcome::Failed, started.elapsed());
+                    debug!(target, %why, "not served; trying another node");
+                    last = ApiError::Unavailable(format!("node {target}: {why}"));
+                }
+                Ok(Err(Miss::Lost(why))) => {
+                    self.balancer.finish(target, Outcome::Failed, started.elapsed());
+                    last = ApiError::BadGateway(format!("node {target}: {why}"));
+                    if !retry_after_delivery {
+                        return Err(last);
+                    }
+                    metrics::counter!("raftbridge_proxy_retries_total").increment(1);
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// One attempt on one node.
+    async fn invoke(&self, target: NodeId, inv: Invocation) -> Result<Result<Output, HandlerError>, Miss> {
+        if target == self.node_id {
+            let handler = self
+                .local
+                .get(&inv.service, inv.version, &inv.command)
+                .ok_or_else(|| Miss::NotServed("not offered here".into()))?;
+            return Ok(self.run_local(handler, inv).await);
+        }
+        let slots = lock(&self.peer_slots)
+            .entry(target)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_inflight_per_peer)))
+            .clone();
+        let _permit = slots.try_acquire_owned().map_err(|_| Miss::NotServed("too many requests in flight to it".into()))?;
+        let timeout = Duration::from_millis(inv.timeout_ms);
+        match self.net.request(target, &PeerRequest::Invoke(inv), timeout).await {
+            Ok(PeerResponse::Invoked(r)) => Ok(r),
+            Ok(PeerResponse::Error(RemoteError::NotServed(why))) => Err(Miss::NotServed(why)),
+            Ok(PeerResponse::Error(e)) => Err(Miss::Lost(e.to_string())),
+            Ok(_) => Err(Miss::Lost("unexpected response".into())),
+            Err(e) if e.not_delivered() => Err(Miss::NotServed(e.to_string())),
+            Err(e @ PeerError::Timeout { .. }) => Err(Miss::Lost(e.to_string())),
+            Err(e) => Err(Miss::Lost(e.to_string())),
+        }
+    }
+
+    async fn run_local(&self, handler: Arc<dyn CommandHandler>, inv: Invocation) -> Result<Output, HandlerError> {
+        let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone());
+        let timeout = Duration::from_millis(inv.timeout_ms.max(1));
+        match tokio::time::timeout(timeout, handler.call(ctx, inv)).await {
+            Ok(r) => r,
+            Err(_) => Err(HandlerError::new(504, "deadline exceeded")),
+        }
+    }
+
+    /// Serve `PeerRequest::Invoke` from another node's proxy.
+    pub async fn serve_remote(&self, inv: Invocation) -> PeerResponse {
+        if self.draining.load(Ordering::SeqCst) {
+            return PeerResponse::Error(RemoteError::NotServed("node is draining".into()));
+        }
+        if !self.cluster.ready() {
+            return PeerResponse::Error(RemoteError::NotServed("node is not ready".into()));
+        }
+        match self.local.get(&inv.service, inv.version, &inv.command) {
+            None => PeerResponse::Error(RemoteError::NotServed("not offered here".into())),
+            Some(handler) => PeerResponse::Invoked(self.run_local(handler, inv).await),
+        }
+    }
+
+    /// `GET /openapi.json`: every command exposed in the cluster.
+    pub fn openapi(&self) -> serde_json::Value {
+        let table = self.table();
+        let mut paths: BTreeMap<String, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+        for route in table.all() {
+            let mut params = Vec::new();
+            let segs: Vec<String> = route
+                .decl
+                .path
+                .trim_matches('/')
+                .split('/')
+                .map(|s| match s.strip_prefix(':') {
+                    Some(name) => {
+                        params.push(serde_json::json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}));
+                        format!("{{{name}}}")
+                    }
+                    None => s.to_string(),
+                })
+                .collect();
+            let p = format!("/api/v{}/{}", route.version, segs.join("/"));
+            let schema = |s: &Option<String>| {
+                s.as_deref().and_then(|s| serde_json::from_str::<serde_json::Value>(s).ok()).unwrap_or(serde_json::json!({}))
+            };
+            let mut op = serde_json::json!({
+                "operationId": format!("{}.v{}.{}", route.service, route.version, route.decl.name),
+                "tags": [route.service],
+                "parameters": params,
+                "responses": {
+                    "200": {"description": "result", "content": {"application/json": {"schema": schema(&route.decl.output_schema)}}},
+                    "204": {"description": "no result"},
+                    "default": {"description": "error {status, message, data?}"}
+                },
+                "x-raftbridge": {"idempotent": route.decl.idempotent, "timeoutMs": route.decl.timeout_ms, "nodes": route.nodes},
+            });
+            if route.decl.method != "GET" && route.decl.method != "DELETE" {
+                op["requestBody"] = serde_json::json!({"content": {"application/json": {"schema": schema(&route.decl.input_schema)}}});
+            }
+            paths.entry(p).or_default().insert(route.decl.method.to_ascii_lowercase(), op);
+        }
+        serde_json::json!({
+            "openapi": "3.0.3",
+            "info": {"title": "raftbridge cluster commands", "version": env!("CARGO_PKG_VERSION")},
+            "paths": paths,
+        })
+    }
+}
+
+/// A handler's answer as an HTTP response.
+fn answer(out: Result<Output, HandlerError>) -> Response<Full<Bytes>> {
+    match out {
+        Ok(o) => {
+            let mut resp = Response::new(Full::new(o.body));
+            *resp.status_mut() = StatusCode::from_u16(o.status).unwrap_or(StatusCode::OK);
+            if let Some(ct) = o.content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                resp.headers_mut().insert(http::header::CONTENT_TYPE, ct);
+            }
+            resp
+        }
+        Err(e) => {
+            let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            crate::api::json_response(status, &e.to_json())
+        }
+    }
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
+fn hex(n: usize) -> String {
+    (0..n).map(|_| char::from_digit(fastrand::u32(..16), 16).unwrap_or('0')).collect()
+}
+
+/// `x-request-id` and a valid W3C `traceparent` (both created when absent or malformed).
+fn trace_ids(h: &HeaderMap) -> (String, String) {
+    let request_id = header(h, "x-request-id")
+        .filter(|v| v.len() <= 200)
+        .map(str::to_string)
+        .unwrap_or_else(|| hex(32));
+    let traceparent = header(h, "traceparent").filter(|t| valid_traceparent(t)).map(str::to_string);
+    let traceparent = traceparent.unwrap_or_else(|| format!("00-{}-{}-01", hex(32), hex(16)));
+    (request_id, traceparent)
+}
+
+fn valid_traceparent(t: &str) -> bool {
+    let parts: Vec<&str> = t.split('-').collect();
+    let is_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    parts.len() == 4
+        && is_hex(parts[0], 2)
+        && is_hex(parts[1], 32)
+        && is_hex(parts[2], 16)
+        && is_hex(parts[3], 2)
+        && parts[1] != "0".repeat(32)
+        && parts[2] != "0".repeat(16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_ids_are_kept_or_created() {
+        let mut h = HeaderMap::new();
+        let (rid, tp) = trace_ids(&h);
+        assert_eq!(rid.len(), 32);
+        assert!(valid_traceparent(&tp), "{tp}");
+        h.insert("x-request-id", HeaderValue::from_static("abc"));
+        h.insert("traceparent", HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        let (rid, tp) = trace_ids(&h);
+        assert_eq!(rid, "abc");
+        assert_eq!(tp, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        h.insert("traceparent", HeaderValue::from_static("00-xyz-1-01"));
+        assert_ne!(trace_ids(&h).1, "00-xyz-1-01");
+    }
+}

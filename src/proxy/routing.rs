@@ -1,0 +1,204 @@
+//! The routing table: which command a `METHOD /api/v{version}/{path}` request names, and which
+//! nodes offer it.
+//!
+//! Built from the replicated registry and cached by the registry's revision (the log index of its
+//! last change), so a request costs one map lookup plus a pattern match over the commands of that
+//! method and version. Liveness is not part of the table: the proxy filters the nodes by the peer
+//! links at request time, so a dead node drops out as soon as its link does.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use crate::raft::types::NodeId;
+use crate::sdk::CommandDecl;
+use crate::sdk::ServiceDecl;
+
+/// One routable command.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub service: String,
+    pub version: u32,
+    pub decl: CommandDecl,
+    /// Nodes that registered it.
+    pub nodes: Vec<NodeId>,
+}
+
+/// What a request path resolves to.
+pub enum Lookup<'a> {
+    Found { route: &'a Route, params: BTreeMap<String, String> },
+    /// The path exists for other methods.
+    WrongMethod,
+    NotFound,
+}
+
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    pub revision: u64,
+    /// (version, METHOD) → routes.
+    routes: BTreeMap<(u32, String), Vec<Route>>,
+}
+
+impl RouteTable {
+    pub fn build(revision: u64, registry: &BTreeMap<NodeId, Vec<ServiceDecl>>) -> RouteTable {
+        let mut by_key: BTreeMap<(u32, String, String), Route> = BTreeMap::new();
+        for (node, services) in registry {
+            for svc in services {
+                for cmd in &svc.commands {
+                    let key = (svc.version, cmd.method.to_ascii_uppercase(), cmd.path.trim_matches('/').to_string());
+                    let route = by_key.entry(key).or_insert_with(|| Route {
+                        service: svc.name.clone(),
+                        version: svc.version,
+                        decl: cmd.clone(),
+                        nodes: Vec::new(),
+                    });
+                    // Two services claiming one path: the first (by node, then name) wins,
+                    // deterministically on every node.
+                    if route.service == svc.name && route.decl.name == cmd.name {
+                        route.nodes.push(*node);
+                    }
+                }
+            }
+        }
+        let mut routes: BTreeMap<(u32, String), Vec<Route>> = BTreeMap::new();
+        for ((version, method, _), route) in by_key {
+            routes.entry((version, method)).or_default().push(route);
+        }
+        RouteTable { revision, routes }
+    }
+
+    pub fn lookup(&self, version: u32, method: &str, path: &str) -> Lookup<'_> {
+        let path = path.trim_matches('/');
+        if let Some(routes) = self.routes.get(&(version, method.to_string())) {
+            for route in routes {
+                if let Some(params) = match_path(&route.decl.path, path) {
+                    return Lookup::Found { route, params };
+                }
+            }
+        }
+        let elsewhere = self
+            .routes
+            .iter()
+            .filter(|((v, _), _)| *v == version)
+            .any(|(_, rs)| rs.iter().any(|r| match_path(&r.decl.path, path).is_some()));
+        if elsewhere { Lookup::WrongMethod } else { Lookup::NotFound }
+    }
+
+    /// Every route, for `/openapi.json`.
+    pub fn all(&self) -> impl Iterator<Item = &Route> {
+        self.routes.values().flatten()
+    }
+
+    /// Every node that offers anything.
+    pub fn nodes(&self) -> BTreeSet<NodeId> {
+        self.all().flat_map(|r| r.nodes.iter().copied()).collect()
+    }
+}
+
+/// Match `counter/:name/increment` against `counter/a/increment` → `{name: a}`.
+pub fn match_path(pattern: &str, path: &str) -> Option<BTreeMap<String, String>> {
+    let mut params = BTreeMap::new();
+    let mut want = pattern.trim_matches('/').split('/');
+    let mut got = path.trim_matches('/').split('/');
+    loop {
+        match (want.next(), got.next()) {
+            (None, None) => return Some(params),
+            (Some(w), Some(g)) => {
+                if let Some(name) = w.strip_prefix(':') {
+                    if g.is_empty() {
+                        return None;
+                    }
+                    params.insert(name.to_string(), percent_decode(g)?);
+                } else if w != g {
+                    return None;
+                }
+            }
+            _ => return None,
+        }
+    }
+}
+
+/// Decode `%XX` escapes (and `+` as space when `plus` is set, for query strings).
+pub fn percent_decode_with(s: &str, plus: bool) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = bytes.get(i + 1..i + 3)?;
+                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
+                out.push(v);
+                i += 3;
+            }
+            b'+' if plus => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    percent_decode_with(s, false)
+}
+
+/// Parse a query string into parameters (later duplicates win). `None` on a malformed escape.
+pub fn parse_query(q: &str) -> Option<BTreeMap<String, String>> {
+    let mut out = BTreeMap::new();
+    for pair in q.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        out.insert(percent_decode_with(k, true)?, percent_decode_with(v, true)?);
+    }
+    Some(out)
+}
+
+/// A shared, cheaply cloned table.
+pub type SharedTable = Arc<RouteTable>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decl(name: &str, method: &str, path: &str) -> CommandDecl {
+        CommandDecl {
+            name: name.into(),
+            method: method.into(),
+            path: path.into(),
+            idempotent: false,
+            timeout_ms: 30_000,
+            input_schema: None,
+            output_schema: None,
+        }
+    }
+
+    #[test]
+    fn paths_match_with_params() {
+        let p = match_path("counter/:name/increment", "/counter/a%20b/increment").unwrap();
+        assert_eq!(p.get("name").map(String::as_str), Some("a b"));
+        assert!(match_path("counter/:name/increment", "counter//increment").is_none());
+        assert!(match_path("echo", "echo/more").is_none());
+        assert!(match_path("echo", "echo/").is_some());
+        assert_eq!(parse_query("ms=5&x=a+b&y=%2F").unwrap().get("x").map(String::as_str), Some("a b"));
+        assert!(parse_query("bad=%zz").is_none());
+    }
+
+    #[test]
+    fn table_groups_nodes_and_reports_wrong_method() {
+        let svc = ServiceDecl { name: "demo".into(), version: 1, commands: vec![decl("echo", "POST", "echo")] };
+        let registry = BTreeMap::from([(1, vec![svc.clone()]), (3, vec![svc])]);
+        let t = RouteTable::build(7, &registry);
+        match t.lookup(1, "POST", "echo") {
+            Lookup::Found { route, .. } => assert_eq!(route.nodes, vec![1, 3]),
+            _ => panic!("echo not found"),
+        }
+        assert!(matches!(t.lookup(1, "GET", "echo"), Lookup::WrongMethod));
+        assert!(matches!(t.lookup(2, "POST", "echo"), Lookup::NotFound));
+        assert_eq!(t.nodes(), BTreeSet::from([1, 3]));
+    }
+}

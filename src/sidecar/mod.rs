@@ -1,0 +1,631 @@
+//! Sidecar mode: commands served by an app in any language running next to the node.
+//!
+//! The `[sidecar]` section of the TOML config lists commands (service, version, method, path) and
+//! the local upstream URL that serves them. Each becomes an ordinary [`ServiceParts`] entry whose
+//! handler forwards the call over HTTP/1.1, so the proxy, the registry and the deadlines treat a
+//! sidecar command exactly like a compiled-in one.
+//!
+//! Why it is built this way:
+//! - Connections are [`crate::client::Conn`]s kept in a small LIFO pool of idle keep-alive
+//!   connections: the upstream is on loopback, where a TCP handshake per request would be most of
+//!   the cost, and the most recently used connection is the one least likely to have been closed.
+//! - Failures are mapped so the caller can tell whose fault they are: the app's own 4xx pass
+//!   through (they are answers), a 5xx or a broken connection is 502 and no answer in time is 504.
+//!   An upstream failure is never reported as 400.
+//! - A background task probes `health_path`; [`Sidecar::healthy`] lets the node stop advertising
+//!   these commands while the app is down, so the proxy routes to nodes whose app is up.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Method;
+use serde::Deserialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{ClientError, Conn, Response};
+use crate::sdk::builder::{deadline, BuildError};
+use crate::sdk::{BoxFuture, CommandBuilder, CommandHandler, Ctx, HandlerError, Invocation, Output, Service, ServiceParts};
+
+/// Longest error message taken from an upstream body that is not JSON with a `message`.
+const MAX_MESSAGE: usize = 1024;
+/// Longest a health check may take, whatever the interval.
+const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The `[sidecar]` section of the config file.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarConfig {
+    /// Base URL of the app, `http://host:port` (optionally with a path prefix).
+    pub upstream: String,
+    /// `GET` path that must answer 2xx while the app can serve; none = always healthy.
+    #[serde(default)]
+    pub health_path: Option<String>,
+    #[serde(default = "default_health_interval_ms")]
+    pub health_interval_ms: u64,
+    /// Idle keep-alive connections kept at most.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    #[serde(default)]
+    pub commands: Vec<SidecarCommand>,
+}
+
+/// One `[[sidecar.commands]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarCommand {
+    pub service: String,
+    pub version: u32,
+    pub name: String,
+    pub method: String,
+    /// Exposed as `/api/v{version}/{path}`; `:name` segments are parameters.
+    pub path: String,
+    /// Path on the upstream (`:name` substituted); default `/{path}`.
+    #[serde(default)]
+    pub upstream_path: Option<String>,
+    #[serde(default)]
+    pub idempotent: bool,
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+fn default_health_interval_ms() -> u64 {
+    1000
+}
+fn default_pool_size() -> usize {
+    32
+}
+fn default_timeout_ms() -> u64 {
+    crate::sdk::builder::DEFAULT_TIMEOUT.as_millis() as u64
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SidecarError {
+    #[error("sidecar upstream {url:?}: {reason}")]
+    Upstream { url: String, reason: String },
+    #[error("sidecar command {service} v{version} `{command}`: {reason}")]
+    Command { service: String, version: u32, command: String, reason: String },
+    #[error("sidecar: {0}")]
+    Declaration(#[from] BuildError),
+    #[error("sidecar: must be started inside a Tokio runtime")]
+    NoRuntime,
+}
+
+/// A running sidecar: its commands as services, and the upstream's health.
+pub struct Sidecar {
+    parts: Vec<ServiceParts>,
+    healthy: watch::Receiver<bool>,
+}
+
+impl Sidecar {
+    /// Validates the config and starts the health checks (until `shutdown`). Needs a Tokio runtime.
+    pub fn start(cfg: SidecarConfig, shutdown: CancellationToken) -> Result<Sidecar, SidecarError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| SidecarError::NoRuntime)?;
+        let (pool, forwards) = forwarders(&cfg)?;
+        let mut services: BTreeMap<(String, u32), Service> = BTreeMap::new();
+        for (c, forward) in cfg.commands.iter().zip(forwards) {
+            let method = forward.method.clone();
+            let command = CommandBuilder::new(&c.name, method, &c.path)
+                .idempotent(c.idempotent)
+                .timeout(Duration::from_millis(c.timeout_ms))
+                .raw_handler(Arc::new(forward));
+            let key = (c.service.clone(), c.version);
+            let service = services.remove(&key).unwrap_or_else(|| Service::new(&c.service, c.version));
+            services.insert(key, service.command(command));
+        }
+        let parts = services.into_values().map(Service::into_parts).collect::<Result<Vec<_>, _>>()?;
+        let (tx, healthy) = watch::channel(cfg.health_path.is_none());
+        let interval = Duration::from_millis(cfg.health_interval_ms);
+        let health = cfg.health_path.map(|path| format!("{}{path}", pool.base));
+        runtime.spawn(health_loop(pool.addr.clone(), health, interval, tx, shutdown));
+        Ok(Sidecar { parts, healthy })
+    }
+
+    /// One `ServiceParts` per (service, version) in the config.
+    pub fn parts(&self) -> Vec<ServiceParts> {
+        self.parts.clone()
+    }
+
+    /// True while the last health check passed (always true without `health_path`).
+    pub fn healthy(&self) -> watch::Receiver<bool> {
+        self.healthy.clone()
+    }
+}
+
+/// Validates the config; returns the shared pool and one forwarder per command, in order.
+fn forwarders(cfg: &SidecarConfig) -> Result<(Arc<Pool>, Vec<Forward>), SidecarError> {
+    let bad_upstream = |reason: &str| SidecarError::Upstream { url: cfg.upstream.clone(), reason: reason.into() };
+    let uri: http::Uri = cfg.upstream.parse().map_err(|e| bad_upstream(&format!("{e}")))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(bad_upstream("must be an http:// URL (the app runs next to the node)"));
+    }
+    let authority = uri.authority().ok_or_else(|| bad_upstream("has no host"))?;
+    if uri.query().is_some() || authority.as_str().contains('@') {
+        return Err(bad_upstream("may not have a query or user info"));
+    }
+    let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(80));
+    let base = uri.path().trim_end_matches('/').to_string();
+    if cfg.health_path.as_deref().is_some_and(|p| !p.starts_with('/') || p.parse::<http::Uri>().is_err()) {
+        return Err(bad_upstream("health_path must be a path starting with /"));
+    }
+    if cfg.health_interval_ms == 0 {
+        return Err(bad_upstream("health_interval_ms must be at least 1"));
+    }
+    let pool = Arc::new(Pool { addr, base, max_idle: cfg.pool_size, idle: Mutex::new(Vec::new()) });
+    let forwards = cfg.commands.iter().map(|c| forwarder(&pool, c)).collect::<Result<_, _>>()?;
+    Ok((pool, forwards))
+}
+
+fn forwarder(pool: &Arc<Pool>, c: &SidecarCommand) -> Result<Forward, SidecarError> {
+    let fail = |reason: String| SidecarError::Command {
+        service: c.service.clone(),
+        version: c.version,
+        command: c.name.clone(),
+        reason,
+    };
+    let method = Method::from_bytes(c.method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| fail(format!("method {:?} is not an HTTP method", c.method)))?;
+    let path = c.path.strip_prefix('/').unwrap_or(&c.path);
+    let upstream_path = c.upstream_path.clone().unwrap_or_else(|| format!("/{path}"));
+    if !upstream_path.starts_with('/') || upstream_path.contains(['?', '#']) {
+        return Err(fail(format!("upstream_path {upstream_path:?} must start with / and have no query")));
+    }
+    let template: Vec<Segment> = format!("{}{upstream_path}", pool.base)
+        .split('/')
+        .map(|s| match s.strip_prefix(':') {
+            Some(name) => Segment::Param(name.to_string()),
+            None => Segment::Literal(s.to_string()),
+        })
+        .collect();
+    let exposed: Vec<&str> = path.split('/').filter_map(|s| s.strip_prefix(':')).collect();
+    for seg in &template {
+        match seg {
+            Segment::Param(name) if !exposed.contains(&name.as_str()) => {
+                return Err(fail(format!("upstream_path uses :{name}, which path {path:?} does not have")))
+            }
+            Segment::Literal(s) if format!("/{s}").parse::<http::uri::PathAndQuery>().is_err() => {
+                return Err(fail(format!("upstream_path segment {s:?} is not valid in a URL")))
+            }
+            _ => {}
+        }
+    }
+    Ok(Forward { pool: pool.clone(), method, template: Arc::new(template), timeout: Duration::from_millis(c.timeout_ms) })
+}
+
+/// Idle keep-alive connections to the upstream.
+struct Pool {
+    /// `host:port`.
+    addr: String,
+    /// Path prefix of the upstream URL, without a trailing `/`.
+    base: String,
+    max_idle: usize,
+    idle: Mutex<Vec<Conn>>,
+}
+
+impl Pool {
+    fn take(&self) -> Conn {
+        // A poisoned lock only means a panic elsewhere while holding it; the Vec is still valid.
+        let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        popped.unwrap_or_else(|| Conn::new(self.addr.clone()))
+    }
+
+    fn put(&self, conn: Conn) {
+        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        if conn.is_connected() && idle.len() < self.max_idle {
+            idle.push(conn);
+        }
+    }
+}
+
+enum Segment {
+    Literal(String),
+    Param(String),
+}
+
+/// The handler of one sidecar command.
+#[derive(Clone)]
+struct Forward {
+    pool: Arc<Pool>,
+    method: Method,
+    template: Arc<Vec<Segment>>,
+    timeout: Duration,
+}
+
+impl CommandHandler for Forward {
+    fn call(&self, _ctx: Ctx, inv: Invocation) -> BoxFuture<Result<Output, HandlerError>> {
+        let this = self.clone();
+        Box::pin(async move { this.forward(inv).await })
+    }
+}
+
+impl Forward {
+    /// The upstream path and query: path parameters substituted, the other parameters as query.
+    fn target(&self, params: &BTreeMap<String, String>) -> Result<String, HandlerError> {
+        let mut used = Vec::new();
+        let mut segments = Vec::with_capacity(self.template.len());
+        for seg in self.template.iter() {
+            segments.push(match seg {
+                Segment::Literal(s) => s.clone(),
+                Segment::Param(name) => {
+                    let value = params.get(name).ok_or_else(|| {
+                        HandlerError::unhandled(format!("path parameter `{name}` missing from the invocation"))
+                    })?;
+                    used.push(name.as_str());
+                    percent_encode(value)
+                }
+            });
+        }
+        let mut target = segments.join("/");
+        let query: Vec<String> = params
+            .iter()
+            .filter(|(k, _)| !used.contains(&k.as_str()))
+            .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+            .collect();
+        if !query.is_empty() {
+            target.push('?');
+            target.push_str(&query.join("&"));
+        }
+        Ok(target)
+    }
+
+    async fn forward(&self, inv: Invocation) -> Result<Output, HandlerError> {
+        let target = self.target(&inv.params)?;
+        let limit = deadline(self.timeout, inv.timeout_ms);
+        let m = &inv.meta;
+        let headers: Vec<(&str, &str)> = [
+            ("x-request-id", Some(m.correlation_id.as_str())),
+            ("traceparent", Some(m.traceparent.as_str())),
+            ("x-principal-id", m.principal_id.as_deref()),
+            ("x-tenant-id", m.tenant_id.as_deref()),
+            ("idempotency-key", m.idempotency_key.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.filter(|v| !v.is_empty()).map(|v| (k, v)))
+        .collect();
+        let mut conn = self.pool.take();
+        let result = conn.request(self.method.clone(), &target, &headers, inv.payload.clone(), limit).await;
+        match result {
+            Ok(resp) => {
+                self.pool.put(conn);
+                answer(resp)
+            }
+            Err(e) => {
+                let status = if matches!(e, ClientError::Timeout { .. }) { 504 } else { 502 };
+                tracing::warn!(command = %inv.command, %target, error = %e, status, "sidecar upstream failed");
+                Err(match e {
+                    ClientError::Timeout { .. } => {
+                        HandlerError::new(504, format!("upstream did not answer within {} ms", limit.as_millis()))
+                    }
+                    e => HandlerError::new(502, format!("upstream unreachable: {e}")),
+                })
+            }
+        }
+    }
+}
+
+/// Maps an upstream answer: 2xx passes, 4xx is the app's own error, anything else is 502.
+fn answer(resp: Response) -> Result<Output, HandlerError> {
+    let content_type = resp.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
+    match resp.status {
+        200..=299 => Ok(Output { status: resp.status, body: resp.body, content_type }),
+        400..=499 => {
+            let (message, data) = error_message(&resp.body);
+            Err(HandlerError { status: resp.status, message, data })
+        }
+        500..=599 => {
+            let (message, _) = error_message(&resp.body);
+            Err(HandlerError::new(502, format!("upstream answered {}: {message}", resp.status)))
+        }
+        status => Err(HandlerError::new(502, format!("upstream answered unexpected status {status}"))),
+    }
+}
+
+/// The `message` (and `data`) of a JSON error body, else the body text cut to [`MAX_MESSAGE`].
+fn error_message(body: &[u8]) -> (String, Option<String>) {
+    if let Ok(serde_json::Value::Object(map)) = serde_json::from_slice(body) {
+        if let Some(serde_json::Value::String(message)) = map.get("message") {
+            return (message.clone(), map.get("data").map(|d| d.to_string()));
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let mut end = text.len().min(MAX_MESSAGE);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    (text[..end].trim().to_string(), None)
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+async fn health_loop(
+    addr: String,
+    path: Option<String>,
+    interval: Duration,
+    tx: watch::Sender<bool>,
+    shutdown: CancellationToken,
+) {
+    let Some(path) = path else {
+        // Keep the sender (and so the constant `true`) alive until shutdown.
+        shutdown.cancelled().await;
+        return;
+    };
+    let mut conn = Conn::new(addr.clone());
+    let timeout = interval.min(MAX_HEALTH_TIMEOUT);
+    let mut checked = false;
+    loop {
+        let ok = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = conn.get(&path, timeout) => match r {
+                Ok(r) if r.is_success() => true,
+                Ok(r) => { tracing::debug!(%addr, status = r.status, "sidecar health check failed"); false }
+                Err(e) => { tracing::debug!(%addr, error = %e, "sidecar health check failed"); false }
+            },
+        };
+        let changed = tx.send_if_modified(|v| std::mem::replace(v, ok) != ok);
+        if changed || !checked {
+            if ok {
+                tracing::info!(%addr, "sidecar upstream is healthy");
+            } else {
+                tracing::warn!(%addr, %path, "sidecar upstream is unhealthy; its commands are not advertised");
+            }
+        }
+        checked = true;
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::TokioIo;
+    use serde_json::json;
+
+    use crate::sdk::MessageMeta;
+
+    struct Upstream {
+        addr: std::net::SocketAddr,
+        healthy: Arc<AtomicBool>,
+        conns: Arc<AtomicUsize>,
+    }
+
+    /// A hyper upstream on 127.0.0.1:0: `/orders/*` echoes the request, `/empty` 204, `/bad` 422
+    /// JSON, `/text` 404 with a long text body, `/fail` 500, `/sleep` 2 s, `/health` per flag.
+    async fn upstream() -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let healthy = Arc::new(AtomicBool::new(true));
+        let conns = Arc::new(AtomicUsize::new(0));
+        let (h, c) = (healthy.clone(), conns.clone());
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                c.fetch_add(1, Ordering::SeqCst);
+                let h = h.clone();
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let h = h.clone();
+                    async move {
+                        let (parts, body) = req.into_parts();
+                        let body = body.collect().await.unwrap().to_bytes();
+                        let header = |n: &str| parts.headers.get(n).map(|v| v.to_str().unwrap().to_string());
+                        let (status, text) = match parts.uri.path() {
+                            p if p.starts_with("/orders/") => {
+                                let names = ["x-request-id", "traceparent", "x-principal-id", "x-tenant-id", "idempotency-key", "content-type"];
+                                let headers: BTreeMap<_, _> = names.iter().map(|n| (*n, header(n))).collect();
+                                let echo = json!({"method": parts.method.as_str(), "uri": parts.uri.to_string(),
+                                    "body": String::from_utf8_lossy(&body), "headers": headers});
+                                (200, echo.to_string())
+                            }
+                            "/empty" => (204, String::new()),
+                            "/bad" => (422, json!({"message": "bad thing", "data": {"field": "x"}}).to_string()),
+                            "/text" => (404, "é".repeat(1000)),
+                            "/fail" => (500, "oops".into()),
+                            "/sleep" => {
+                                tokio::time::sleep(Duration::from_secs(2)).await;
+                                (200, "{}".into())
+                            }
+                            "/health" if h.load(Ordering::SeqCst) => (200, "ok".into()),
+                            _ => (503, "down".into()),
+                        };
+                        let mut resp = http::Response::new(Full::new(Bytes::from(text)));
+                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        if status != 204 {
+                            resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+            }
+        });
+        Upstream { addr, healthy, conns }
+    }
+
+    fn config(upstream: &str, extra: &str) -> SidecarConfig {
+        let text = format!(
+            r#"
+            upstream = "{upstream}"
+            {extra}
+            [[commands]]
+            service = "orders"
+            version = 1
+            name = "create"
+            method = "post"
+            path = "orders/:id"
+            [[commands]]
+            service = "orders"
+            version = 1
+            name = "get"
+            method = "GET"
+            path = "o/:id"
+            upstream_path = "/:id"
+            idempotent = true
+            timeout_ms = 5000
+            [[commands]]
+            service = "orders"
+            version = 2
+            name = "create"
+            method = "POST"
+            path = "orders/:id"
+            upstream_path = "/orders/v2/:id"
+            "#
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    fn inv(params: &[(&str, &str)], body: &str, timeout_ms: u64) -> Invocation {
+        Invocation {
+            service: "orders".into(),
+            version: 1,
+            command: "create".into(),
+            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            payload: Bytes::from(body.to_string()),
+            meta: MessageMeta {
+                trace_id: "0af7651916cd43dd8448eb211c80319c".into(),
+                correlation_id: "req-1".into(),
+                principal_id: Some("alice".into()),
+                tenant_id: None,
+                sender: None,
+                idempotency_key: Some("k1".into()),
+                traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
+            },
+            timeout_ms,
+        }
+    }
+
+    /// A forwarder for `method path` on the test upstream.
+    fn forward_to(addr: impl std::fmt::Display, method: &str, path: &str) -> Forward {
+        let mut cfg = config(&format!("http://{addr}"), "");
+        cfg.commands.truncate(1);
+        cfg.commands[0].method = method.into();
+        cfg.commands[0].path = path.into();
+        forwarders(&cfg).unwrap().1.remove(0)
+    }
+
+    #[tokio::test]
+    async fn forwards_path_query_body_and_headers_over_pooled_connections() {
+        let up = upstream().await;
+        let (_, fw) = forwarders(&config(&format!("http://{}/", up.addr), "")).unwrap();
+        let out = fw[0].forward(inv(&[("id", "a b/1"), ("x", "1&2")], r#"{"n":1}"#, 0)).await.unwrap();
+        assert_eq!((out.status, out.content_type.as_deref()), (200, Some("application/json")));
+        let echo: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(echo["method"], "POST");
+        assert_eq!(echo["uri"], "/orders/a%20b%2F1?x=1%262");
+        assert_eq!(echo["body"], r#"{"n":1}"#);
+        let h = &echo["headers"];
+        assert_eq!((h["x-request-id"].as_str(), h["x-principal-id"].as_str()), (Some("req-1"), Some("alice")));
+        assert_eq!(h["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
+        assert_eq!((h["idempotency-key"].as_str(), h["content-type"].as_str()), (Some("k1"), Some("application/json")));
+        assert!(h["x-tenant-id"].is_null());
+        // upstream_path templates (the GET has no body, so no content-type).
+        let got = fw[1].forward(inv(&[("id", "7")], "", 0)).await;
+        assert_eq!(got.unwrap_err().status, 502, "/7 is not an /orders path: the stub answers 503");
+        let out = fw[2].forward(inv(&[("id", "7")], "", 0)).await.unwrap();
+        let echo: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!((echo["uri"].as_str(), echo["headers"]["content-type"].as_str()), (Some("/orders/v2/7"), None));
+        for _ in 0..5 {
+            fw[0].forward(inv(&[("id", "1")], "{}", 0)).await.unwrap();
+        }
+        assert_eq!(up.conns.load(Ordering::SeqCst), 1, "one keep-alive connection serves them all");
+    }
+
+    #[tokio::test]
+    async fn maps_upstream_answers_and_failures() {
+        let up = upstream().await;
+        let call = |path: &str, timeout_ms| {
+            let fw = forward_to(up.addr, "GET", path);
+            async move { fw.forward(inv(&[], "", timeout_ms)).await }
+        };
+        let out = call("empty", 0).await.unwrap();
+        assert_eq!((out.status, out.body.len(), out.content_type), (204, 0, None));
+        let e = call("bad", 0).await.unwrap_err();
+        assert_eq!(e.to_json(), json!({"status": 422, "message": "bad thing", "data": {"field": "x"}}));
+        let e = call("text", 0).await.unwrap_err();
+        assert_eq!(e.status, 404);
+        assert!(e.message.len() <= MAX_MESSAGE && e.message.len() > MAX_MESSAGE - 4, "{}", e.message.len());
+        let e = call("fail", 0).await.unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (502, "upstream answered 500: oops"));
+        let started = std::time::Instant::now();
+        let e = call("sleep", 200).await.unwrap_err();
+        assert_eq!(e.status, 504, "{e}");
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+        let e = forward_to(closed, "POST", "orders/:id").forward(inv(&[("id", "1")], "{}", 0)).await.unwrap_err();
+        assert_eq!(e.status, 502, "{e}");
+        assert!(e.message.contains("unreachable"), "{}", e.message);
+    }
+
+    #[tokio::test]
+    async fn parts_group_commands_and_health_flips() {
+        let up = upstream().await;
+        let shutdown = CancellationToken::new();
+        let cfg = config(&format!("http://{}", up.addr), "health_path = \"/health\"\nhealth_interval_ms = 20");
+        let sidecar = Sidecar::start(cfg, shutdown.clone()).unwrap();
+        let parts = sidecar.parts();
+        let decls: Vec<_> = parts.iter().map(|p| (p.decl.name.as_str(), p.decl.version, p.decl.commands.len())).collect();
+        assert_eq!(decls, [("orders", 1, 2), ("orders", 2, 1)]);
+        let get = &parts[0].decl.commands[1];
+        assert_eq!((get.method.as_str(), get.path.as_str(), get.idempotent, get.timeout_ms), ("GET", "o/:id", true, 5000));
+        let create = &parts[0].decl.commands[0];
+        assert_eq!((create.method.as_str(), create.idempotent, create.timeout_ms), ("POST", false, 30_000));
+        assert!(parts[0].handlers.contains_key("create") && parts[0].handlers.contains_key("get"));
+
+        let wait = |want: bool| {
+            let mut rx = sidecar.healthy();
+            async move { tokio::time::timeout(Duration::from_secs(5), rx.wait_for(|v| *v == want)).await.unwrap().unwrap(); }
+        };
+        wait(true).await;
+        up.healthy.store(false, Ordering::SeqCst);
+        wait(false).await;
+        up.healthy.store(true, Ordering::SeqCst);
+        wait(true).await;
+        shutdown.cancel();
+
+        let no_health = Sidecar::start(config(&format!("http://{}", up.addr), ""), CancellationToken::new()).unwrap();
+        assert!(*no_health.healthy().borrow());
+    }
+
+    #[tokio::test]
+    async fn rejects_bad_config() {
+        let start = |cfg: SidecarConfig| Sidecar::start(cfg, CancellationToken::new()).err().map(|e| e.to_string());
+        for url in ["https://x:1", "x:1", "http://x:1/?a=1", "ftp://x"] {
+            assert!(start(config(url, "")).unwrap().contains("upstream"), "{url}");
+        }
+        assert!(start(config("http://x:1", "health_path = \"health\"")).unwrap().contains("health_path"));
+        let mut cfg = config("http://x:1", "");
+        cfg.commands[1].upstream_path = Some("/:nope".into());
+        assert!(start(cfg).unwrap().contains(":nope"));
+        let mut cfg = config("http://x:1", "");
+        cfg.commands[0].method = "G ET".into();
+        assert!(start(cfg).unwrap().contains("method"));
+        let mut cfg = config("http://x:1", "");
+        cfg.commands[1].path = "orders/:id".into();
+        cfg.commands[1].method = "POST".into();
+        cfg.commands[1].upstream_path = None;
+        assert!(start(cfg).unwrap().contains("already taken"));
+        let mut cfg = config("http://x:1", "");
+        cfg.commands[0].path = "a//b".into();
+        assert!(start(cfg).unwrap().contains("path"));
+        assert!(toml::from_str::<SidecarConfig>("upstream = \"http://x:1\"\nbogus = 1").is_err());
+    }
+}

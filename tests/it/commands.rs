@@ -1,0 +1,902 @@
+//! Commands through the proxy, against the example service `demo` v1 (`--example-services`):
+//! a request to one node is served by every node; with `Idempotency-Key` every increment takes
+//! effect exactly once even while a node is SIGKILLed under load (and replays return the stored
+//! result); a command nobody offers is a 503 at once, an expired deadline a 504, bad input a
+//! 400/404/413; `x-request-id` and `traceparent` are passed on and echoed; a dead node leaves the
+//! routing table and a restarted one gets traffic again once ready; `/openapi.json` on any node
+//! lists the commands of the whole cluster.
+//!
+//! Every check is on the content of answers (echoed payloads, `servedBy`, counter values read
+//! back from the replicated state store), never on log lines.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::io;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Barrier;
+use std::sync::Mutex;
+use std::thread;
+use std::thread::JoinHandle;
+use std::time::Duration;
+use std::time::Instant;
+
+use serde_json::json;
+use serde_json::Value;
+
+use crate::harness::assert_json_error;
+use crate::harness::assert_json_error_within;
+use crate::harness::is_traceparent;
+use crate::harness::Api;
+use crate::harness::Cluster;
+use crate::harness::CATCH_UP;
+use crate::http::Response;
+
+const EXAMPLE_SERVICES: &str = "--example-services";
+/// A fresh cluster's commands reaching handlers on every node (registry replicated, links up).
+const ROUTING: Duration = Duration::from_secs(30);
+/// "At once": how fast a command nobody offers must be refused.
+const AT_ONCE: Duration = Duration::from_secs(1);
+/// A 300 ms `x-timeout-ms` must be a 504 within about a second.
+const DEADLINE_504: Duration = Duration::from_millis(1500);
+/// A dead node's commands leave the routing table within 2 s; 1 s slack for a loaded box.
+const REGISTRY_DROP: Duration = Duration::from_secs(3);
+/// How long a client keeps retrying one logical increment with the same key.
+const KEY_RETRY_DEADLINE: Duration = Duration::from_secs(60);
+/// Pause between a client's attempts after a failure (a dead node refuses at once).
+const RETRY_PAUSE: Duration = Duration::from_millis(50);
+
+// ---------------------------------------------------------------------------------------------
+// Helpers: clusters, the demo service's commands, answers
+// ---------------------------------------------------------------------------------------------
+
+/// Three nodes, all with the example services, once node 1 routes to every one of them.
+fn demo_cluster(name: &str, extra: &[&str]) -> Cluster {
+    let flags: Vec<&str> = std::iter::once(EXAMPLE_SERVICES)
+        .chain(extra.iter().copied())
+        .collect();
+    let (c, _) = Cluster::formed(name, 3, &flags);
+    wait_served_by(&c, c.api(1), &c.ids());
+    c
+}
+
+/// Three nodes where only node 3 runs the example services, once node 1 routes to it.
+fn only_node3_offers(name: &str) -> Cluster {
+    let (c, _) = Cluster::formed_with(name, 3, &[], |_, id| {
+        if id == 3 {
+            vec![EXAMPLE_SERVICES.to_string()]
+        } else {
+            Vec::new()
+        }
+    });
+    wait_served_by(&c, c.api(1), &[3]);
+    c
+}
+
+/// `POST /api/v1/echo` with `payload`.
+fn echo(api: Api, payload: &Value, headers: &[(&str, &str)]) -> io::Result<Response> {
+    api.request(
+        "POST",
+        "/api/v1/echo",
+        headers,
+        payload.to_string().as_bytes(),
+    )
+}
+
+/// The node id in a command answer's `servedBy`.
+fn served_by(resp: &Response) -> Result<u64, String> {
+    resp.json()?
+        .get("servedBy")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("no numeric \"servedBy\" in {}", resp.describe()))
+}
+
+/// Checks an echo answer: 200 echoing exactly `payload`. Returns the node that served it.
+fn check_echo(resp: io::Result<Response>, payload: &Value) -> Result<u64, String> {
+    let resp = resp.map_err(|e| format!("request failed: {e}"))?;
+    if resp.status != 200 {
+        return Err(resp.describe());
+    }
+    if resp.json()?.get("echo") != Some(payload) {
+        return Err(format!("echo differs from {payload}: {}", resp.describe()));
+    }
+    served_by(&resp)
+}
+
+/// Sends echoes via `api` until each node of `want` has served one. Every answer must be a
+/// correct echo once answers start arriving (before that, e.g. while the registry fills, errors
+/// are retried until the deadline).
+fn wait_served_by(c: &Cluster, api: Api, want: &[u64]) {
+    let mut seen = BTreeSet::new();
+    let mut n = 0u64;
+    let desc = format!(
+        "echoes via node {} to be served by each of {want:?}",
+        api.id
+    );
+    c.wait_for(&desc, ROUTING, || {
+        for _ in 0..10 {
+            n += 1;
+            let payload = json!({ "probe": n });
+            let id = check_echo(echo(api, &payload, &[]), &payload)
+                .map_err(|e| format!("probe {n}: {e}; served so far by {seen:?}"))?;
+            seen.insert(id);
+            if want.iter().all(|id| seen.contains(id)) {
+                return Ok(());
+            }
+        }
+        Err(format!("served so far by {seen:?}"))
+    });
+}
+
+/// `POST /api/v1/counter/{counter}/increment`, with an `Idempotency-Key` if given.
+fn increment(api: Api, counter: &str, key: Option<&str>) -> io::Result<Response> {
+    let headers: Vec<(&str, &str)> = key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
+    api.request(
+        "POST",
+        &format!("/api/v1/counter/{counter}/increment"),
+        &headers,
+        b"{}",
+    )
+}
+
+/// The new `value` of a successful increment answer.
+fn incremented(resp: &Response, counter: &str) -> Result<u64, String> {
+    if resp.status != 200 {
+        return Err(resp.describe());
+    }
+    let body = resp.json()?;
+    if body.get("name").and_then(Value::as_str) != Some(counter) {
+        return Err(format!(
+            "increment of {counter:?} answered for another name: {}",
+            resp.describe()
+        ));
+    }
+    body.get("value")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("no numeric \"value\" in {}", resp.describe()))
+}
+
+/// The answer was replayed from the idempotency record, not produced by a handler run.
+fn is_replay(resp: &Response) -> bool {
+    resp.header("idempotent-replay") == Some("true")
+}
+
+/// The counter's value in the replicated state store (`GET /v1/state/demo/counter/<name>`,
+/// linearizable); 0 if it was never incremented.
+fn counter_value(api: Api, counter: &str) -> u64 {
+    let path = format!("/v1/state/demo/counter/{counter}");
+    let resp = api
+        .request("GET", &path, &[], b"")
+        .unwrap_or_else(|e| panic!("GET {path} via node {}: {e}", api.id));
+    match resp.status {
+        404 => 0,
+        200 => {
+            let v = resp.json().unwrap_or_else(|e| panic!("GET {path}: {e}"));
+            v.as_u64()
+                .or_else(|| v.get("value").and_then(Value::as_u64))
+                .unwrap_or_else(|| panic!("GET {path}: not a counter: {v}"))
+        }
+        _ => panic!("GET {path} via node {}: {}", api.id, resp.describe()),
+    }
+}
+
+/// The `(path, method)` operations of a node's `/openapi.json`.
+fn openapi_operations(api: Api) -> Result<BTreeSet<(String, String)>, String> {
+    let resp = api
+        .request("GET", "/openapi.json", &[], b"")
+        .map_err(|e| format!("node {}: GET /openapi.json: {e}", api.id))?;
+    if resp.status != 200 {
+        return Err(format!("node {}: {}", api.id, resp.describe()));
+    }
+    let doc = resp.json()?;
+    let paths = doc
+        .get("paths")
+        .and_then(Value::as_object)
+        .ok_or_else(|| format!("node {}: no \"paths\" object in {doc}", api.id))?;
+    Ok(paths
+        .iter()
+        .flat_map(|(path, item)| {
+            let methods = item.as_object().into_iter().flat_map(|m| m.keys());
+            methods.map(move |m| (path.clone(), m.to_ascii_lowercase()))
+        })
+        .collect())
+}
+
+/// Waits until every running node's `/openapi.json` lists the demo service's commands.
+fn wait_openapi_lists_demo(c: &Cluster) {
+    let want: BTreeSet<(String, String)> = [
+        ("/api/v1/echo", "post"),
+        ("/api/v1/counter/{name}/increment", "post"),
+        ("/api/v1/slow", "get"),
+    ]
+    .iter()
+    .map(|(p, m)| (p.to_string(), m.to_string()))
+    .collect();
+    c.wait_for(
+        "every node's /openapi.json to list echo, increment and slow",
+        ROUTING,
+        || {
+            for api in c.apis() {
+                let ops = openapi_operations(api)?;
+                let missing: Vec<_> = want.difference(&ops).collect();
+                if !missing.is_empty() {
+                    return Err(format!("node {} lacks {missing:?}; lists {ops:?}", api.id));
+                }
+            }
+            Ok(())
+        },
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A closed-loop increment load: clients with and without Idempotency-Key
+// ---------------------------------------------------------------------------------------------
+
+/// One acknowledged increment.
+#[derive(Debug, Clone)]
+struct Ack {
+    key: Option<String>,
+    value: u64,
+    served_by: u64,
+    replay: bool,
+}
+
+#[derive(Debug, Default)]
+struct IncrementOutcome {
+    /// Logical keyed increments, each acknowledged once (after retries with its key).
+    keyed: Vec<Ack>,
+    /// Keyed attempts that failed and were retried with the same key.
+    keyed_retries: usize,
+    /// Keys never acknowledged within `KEY_RETRY_DEADLINE`.
+    gave_up: Vec<String>,
+    unkeyed: Vec<Ack>,
+    unkeyed_failed: usize,
+    /// The first few failures, for messages and the report.
+    failures: Vec<String>,
+}
+
+impl IncrementOutcome {
+    fn note_failure(&mut self, what: String) {
+        if self.failures.len() < 20 {
+            self.failures.push(what);
+        }
+    }
+}
+
+struct LoadShared {
+    stop: AtomicBool,
+    acked: AtomicUsize,
+    served: Mutex<BTreeMap<u64, usize>>,
+    outcome: Mutex<IncrementOutcome>,
+    started: Instant,
+}
+
+impl LoadShared {
+    fn record(&self, ack: Ack) {
+        *lock(&self.served).entry(ack.served_by).or_insert(0) += 1;
+        let mut outcome = lock(&self.outcome);
+        if ack.key.is_some() {
+            outcome.keyed.push(ack);
+        } else {
+            outcome.unkeyed.push(ack);
+        }
+        self.acked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn fail(&self, what: String, keyed: bool) {
+        let mut outcome = lock(&self.outcome);
+        if keyed {
+            outcome.keyed_retries += 1;
+        } else {
+            outcome.unkeyed_failed += 1;
+        }
+        let at = self.started.elapsed();
+        outcome.note_failure(format!("[{at:.2?}] {what}"));
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A client: which node it talks to and whether it sends an `Idempotency-Key`.
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    via: Api,
+    keyed: bool,
+}
+
+/// Closed-loop clients incrementing `"{prefix}-keyed"` (keyed clients, every logical increment
+/// retried with its key until acknowledged) and `"{prefix}-unkeyed"` (one attempt each).
+struct IncrementLoad {
+    shared: Arc<LoadShared>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl IncrementLoad {
+    fn start(clients: &[Client], prefix: &str) -> IncrementLoad {
+        let shared = Arc::new(LoadShared {
+            stop: AtomicBool::new(false),
+            acked: AtomicUsize::new(0),
+            served: Mutex::new(BTreeMap::new()),
+            outcome: Mutex::new(IncrementOutcome::default()),
+            started: Instant::now(),
+        });
+        let handles = clients
+            .iter()
+            .enumerate()
+            .map(|(i, &client)| {
+                let shared = Arc::clone(&shared);
+                let prefix = prefix.to_string();
+                thread::spawn(move || {
+                    if client.keyed {
+                        run_keyed_client(&shared, client.via, &format!("{prefix}-keyed"), i)
+                    } else {
+                        run_unkeyed_client(&shared, client.via, &format!("{prefix}-unkeyed"))
+                    }
+                })
+            })
+            .collect();
+        IncrementLoad { shared, handles }
+    }
+
+    fn acked(&self) -> usize {
+        self.shared.acked.load(Ordering::Relaxed)
+    }
+
+    fn served_by(&self, id: u64) -> usize {
+        lock(&self.shared.served).get(&id).copied().unwrap_or(0)
+    }
+
+    /// Stops the clients (each finishes its current logical increment) and collects the outcome.
+    fn stop(mut self) -> IncrementOutcome {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for h in std::mem::take(&mut self.handles) {
+            h.join().expect("load client panicked");
+        }
+        std::mem::take(&mut *lock(&self.shared.outcome))
+    }
+}
+
+impl Drop for IncrementLoad {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn run_keyed_client(shared: &LoadShared, api: Api, counter: &str, client: usize) {
+    for seq in 0.. {
+        if shared.stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let key = format!("{counter}-c{client}-{seq}");
+        let first_try = Instant::now();
+        loop {
+            let result = increment(api, counter, Some(&key))
+                .map_err(|e| format!("request failed: {e}"))
+                .and_then(|resp| {
+                    let value = incremented(&resp, counter)?;
+                    Ok(Ack {
+                        key: Some(key.clone()),
+                        value,
+                        served_by: served_by(&resp)?,
+                        replay: is_replay(&resp),
+                    })
+                });
+            match result {
+                Ok(ack) => {
+                    shared.record(ack);
+                    break;
+                }
+                Err(e) => {
+                    shared.fail(format!("key {key} via node {}: {e}", api.id), true);
+                    if first_try.elapsed() >= KEY_RETRY_DEADLINE {
+                        lock(&shared.outcome).gave_up.push(key);
+                        return;
+                    }
+                    thread::sleep(RETRY_PAUSE);
+                }
+            }
+        }
+    }
+}
+
+fn run_unkeyed_client(shared: &LoadShared, api: Api, counter: &str) {
+    while !shared.stop.load(Ordering::Relaxed) {
+        let result = increment(api, counter, None)
+            .map_err(|e| format!("request failed: {e}"))
+            .and_then(|resp| {
+                Ok(Ack {
+                    key: None,
+                    value: incremented(&resp, counter)?,
+                    served_by: served_by(&resp)?,
+                    replay: is_replay(&resp),
+                })
+            });
+        match result {
+            Ok(ack) => shared.record(ack),
+            Err(e) => {
+                shared.fail(format!("unkeyed via node {}: {e}", api.id), false);
+                thread::sleep(RETRY_PAUSE);
+            }
+        }
+    }
+}
+
+/// Asserts that `acks` (all on one counter that nothing else touched) are exactly-once: their
+/// values are exactly 1..=n, each produced by one handler run.
+fn assert_values_are_one_to_n(acks: &[Ack], what: &str) {
+    let mut values: Vec<u64> = acks.iter().map(|a| a.value).collect();
+    values.sort_unstable();
+    let expected: Vec<u64> = (1..=acks.len() as u64).collect();
+    if values != expected {
+        let mut counts: BTreeMap<u64, usize> = BTreeMap::new();
+        for v in &values {
+            *counts.entry(*v).or_insert(0) += 1;
+        }
+        let dupes: Vec<_> = counts.iter().filter(|(_, &n)| n > 1).collect();
+        let gaps: Vec<u64> = (1..=values.last().copied().unwrap_or(0))
+            .filter(|v| !counts.contains_key(v))
+            .take(20)
+            .collect();
+        panic!(
+            "{what}: {} acknowledged increments should have returned the values 1..={}; \
+             duplicated values {dupes:?}, missing values {gaps:?}",
+            acks.len(),
+            acks.len()
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn requests_to_one_node_are_served_by_every_node() {
+    let c = demo_cluster("cmd-spread", &[]);
+    let api = c.api(1);
+    let mut served: BTreeMap<u64, usize> = BTreeMap::new();
+    for i in 0..100 {
+        let payload = json!({
+            "i": i,
+            "text": format!("hello {i}"),
+            "nested": { "list": [i, i * 2, null, true], "unicode": "é✓ \"quoted\"" },
+        });
+        let id = check_echo(echo(api, &payload, &[]), &payload)
+            .unwrap_or_else(|e| panic!("echo {i} via node 1: {e}"));
+        *served.entry(id).or_insert(0) += 1;
+    }
+    assert_eq!(
+        served.keys().copied().collect::<Vec<_>>(),
+        c.ids(),
+        "100 echoes sent to node 1 should be served by every node; served: {served:?}"
+    );
+}
+
+#[test]
+fn keyed_increments_are_exactly_once_while_a_node_is_killed_under_load() {
+    let c = demo_cluster("cmd-kill", &[]);
+    let (a, b, cc) = (c.api(1), c.api(2), c.api(3));
+    let clients: Vec<Client> = [a, cc, a, cc, a, cc]
+        .iter()
+        .map(|&via| Client { via, keyed: true })
+        .chain([a, cc, a].iter().map(|&via| Client { via, keyed: false }))
+        .collect();
+    let unkeyed_clients = clients.iter().filter(|cl| !cl.keyed).count();
+    let load = IncrementLoad::start(&clients, "kill");
+
+    c.wait_until(
+        "the load to be acknowledged 40 times, 3 of them served by node 2",
+        ROUTING,
+        || load.acked() >= 40 && load.served_by(b.id) >= 3,
+    );
+    c.kill(b.id);
+    let killed = Instant::now();
+    let before = load.acked();
+    c.wait_until(
+        "60 more increments acknowledged, and 3 s passed, after killing node 2",
+        Duration::from_secs(90),
+        || load.acked() >= before + 60 && killed.elapsed() >= REGISTRY_DROP,
+    );
+    let outcome = load.stop();
+    let replays = outcome.keyed.iter().filter(|a| a.replay).count();
+    eprintln!(
+        "[commands] kill under load: {} keyed acks ({} retried attempts, {replays} replays), \
+         {} unkeyed acks, {} unkeyed failures; failures: {:#?}",
+        outcome.keyed.len(),
+        outcome.keyed_retries,
+        outcome.unkeyed.len(),
+        outcome.unkeyed_failed,
+        outcome.failures
+    );
+
+    assert!(
+        outcome.gave_up.is_empty(),
+        "keys never acknowledged within {KEY_RETRY_DEADLINE:?} of retrying: {:?}; failures: {:#?}",
+        outcome.gave_up,
+        outcome.failures
+    );
+    // Exactly once per key: each logical increment returned a distinct value, the values are
+    // 1..=n, and the replicated counter is n.
+    let keys: BTreeSet<_> = outcome.keyed.iter().map(|a| a.key.clone()).collect();
+    assert_eq!(
+        keys.len(),
+        outcome.keyed.len(),
+        "each key acknowledged once"
+    );
+    assert_values_are_one_to_n(&outcome.keyed, "keyed increments");
+    for api in [a, cc] {
+        assert_eq!(
+            counter_value(api, "kill-keyed"),
+            outcome.keyed.len() as u64,
+            "counter kill-keyed read via node {}: one increment per acknowledged key",
+            api.id
+        );
+    }
+
+    // Without a key, only requests in flight on node 2 may fail: at most one per client.
+    assert!(
+        outcome.unkeyed_failed <= unkeyed_clients,
+        "{} unkeyed increments failed, more than the {unkeyed_clients} that can have been in \
+         flight on the killed node; failures: {:#?}",
+        outcome.unkeyed_failed,
+        outcome.failures
+    );
+    // Each failed one ran at most once; each acknowledged one exactly once.
+    let unkeyed_value = counter_value(a, "kill-unkeyed");
+    let acked = outcome.unkeyed.len() as u64;
+    assert!(
+        (acked..=acked + outcome.unkeyed_failed as u64).contains(&unkeyed_value),
+        "counter kill-unkeyed is {unkeyed_value}; {acked} increments acknowledged, {} failed",
+        outcome.unkeyed_failed
+    );
+    let distinct: BTreeSet<u64> = outcome.unkeyed.iter().map(|a| a.value).collect();
+    assert_eq!(
+        distinct.len(),
+        outcome.unkeyed.len(),
+        "two acknowledged unkeyed increments returned the same value"
+    );
+}
+
+#[test]
+fn a_repeated_idempotency_key_replays_the_stored_result() {
+    let c = demo_cluster("cmd-replay", &[]);
+    let (a, cc) = (c.api(1), c.api(3));
+
+    let first = increment(a, "replay", Some("replay-key-1")).expect("first increment");
+    assert_eq!(incremented(&first, "replay"), Ok(1), "{}", first.describe());
+    assert!(
+        !is_replay(&first),
+        "a first run is no replay: {:?}",
+        first.headers
+    );
+    for api in [a, cc, a] {
+        let again = increment(api, "replay", Some("replay-key-1")).expect("repeat");
+        assert_eq!(
+            again.status,
+            200,
+            "repeat via node {}: {}",
+            api.id,
+            again.describe()
+        );
+        assert_eq!(
+            again.json(),
+            first.json(),
+            "a repeat via node {} returns the stored body",
+            api.id
+        );
+        assert!(
+            is_replay(&again),
+            "a repeat via node {} carries idempotent-replay: true; headers {:?}",
+            api.id,
+            again.headers
+        );
+        assert_eq!(
+            counter_value(api, "replay"),
+            1,
+            "a replay does not run the handler"
+        );
+    }
+    // The counter itself still moves, and the old key still replays afterwards.
+    let unkeyed = increment(cc, "replay", None).expect("unkeyed increment");
+    assert_eq!(
+        incremented(&unkeyed, "replay"),
+        Ok(2),
+        "{}",
+        unkeyed.describe()
+    );
+    let late = increment(cc, "replay", Some("replay-key-1")).expect("late repeat");
+    assert!(
+        is_replay(&late) && late.json() == first.json(),
+        "{}",
+        late.describe()
+    );
+    assert_eq!(counter_value(a, "replay"), 2);
+
+    // Two concurrent requests with one key: the handler runs once. The loser of the race gets
+    // the same result (it waited for it) or a 409 while the first is still in progress.
+    let rounds = 5;
+    for round in 0..rounds {
+        let key = format!("concurrent-{round}");
+        let barrier = Barrier::new(2);
+        let answers: Vec<Response> = thread::scope(|s| {
+            let handles: Vec<_> = [a, cc]
+                .iter()
+                .map(|&api| {
+                    let (key, barrier) = (&key, &barrier);
+                    s.spawn(move || {
+                        barrier.wait();
+                        increment(api, "concurrent", Some(key)).expect("concurrent increment")
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("client"))
+                .collect()
+        });
+        let ok: Vec<&Response> = answers.iter().filter(|r| r.status == 200).collect();
+        assert!(
+            !ok.is_empty() && answers.iter().all(|r| r.status == 200 || r.status == 409),
+            "round {round}: expected one or two 200s (a 409 for the other): {:?}",
+            answers.iter().map(Response::describe).collect::<Vec<_>>()
+        );
+        assert!(
+            ok.iter().all(|r| r.json() == ok[0].json()),
+            "round {round}: both answers carry the one result: {:?}",
+            ok.iter().map(|r| r.describe()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            incremented(ok[0], "concurrent"),
+            Ok(round + 1),
+            "round {round}: the counter moved once per key"
+        );
+    }
+    assert_eq!(counter_value(a, "concurrent"), rounds);
+}
+
+#[test]
+fn a_command_nobody_offers_is_refused_at_once_with_503() {
+    let c = only_node3_offers("cmd-503");
+    // An unknown path is a 404, with or without live offerers of other commands.
+    assert_json_error(
+        &c.api(1)
+            .request("POST", "/api/v1/no-such-command", &[], b"{}")
+            .expect("unknown command"),
+        404,
+        "unknown command while node 3 is up",
+    );
+    c.kill(3);
+    let killed = Instant::now();
+    let mut seen = Vec::new();
+    c.wait_for(
+        "echo via node 1 to be refused with 503 after node 3 died",
+        ROUTING,
+        || {
+            let resp =
+                echo(c.api(1), &json!({}), &[]).map_err(|e| format!("request failed: {e}"))?;
+            seen.push(resp.status);
+            if resp.status == 503 {
+                Ok(())
+            } else {
+                Err(format!("{}; statuses so far {seen:?}", resp.describe()))
+            }
+        },
+    );
+    assert!(
+        killed.elapsed() < REGISTRY_DROP,
+        "echo was refused with 503 only {:?} after node 3 died (statuses {seen:?})",
+        killed.elapsed()
+    );
+    for api in c.apis() {
+        for headers in [&[][..], &[("x-timeout-ms", "20000")][..]] {
+            assert_json_error_within(
+                api,
+                ("POST", "/api/v1/echo"),
+                headers,
+                b"{}",
+                (503, AT_ONCE),
+                "echo while its only offerer is dead",
+            );
+        }
+        let resp = api
+            .request("POST", "/api/v1/no-such-command", &[], b"{}")
+            .expect("unknown command");
+        assert_json_error(&resp, 404, "unknown command while nobody offers anything");
+    }
+}
+
+#[test]
+fn openapi_on_any_node_lists_the_commands_of_the_cluster() {
+    // Nodes 1 and 2 offer nothing themselves: they list what node 3 exposes.
+    let c = only_node3_offers("cmd-openapi");
+    wait_openapi_lists_demo(&c);
+}
+
+#[test]
+fn deadlines_and_bad_input_get_clear_errors() {
+    let c = demo_cluster("cmd-errors", &["--max-body", "65536"]);
+    for api in c.apis() {
+        let send = |method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]| {
+            api.request(method, path, headers, body)
+                .unwrap_or_else(|e| panic!("{method} {path} via node {}: {e}", api.id))
+        };
+        assert_json_error_within(
+            api,
+            ("GET", "/api/v1/slow?ms=3000"),
+            &[("x-timeout-ms", "300")],
+            b"",
+            (504, DEADLINE_504),
+            "a 3 s command with x-timeout-ms: 300",
+        );
+        let resp = send(
+            "GET",
+            "/api/v1/slow?ms=50",
+            &[("x-timeout-ms", "10000")],
+            b"",
+        );
+        assert_eq!(
+            resp.status,
+            200,
+            "a deadline that suffices: {}",
+            resp.describe()
+        );
+
+        let what = format!("echo via node {}", api.id);
+        let post_echo = |body: &[u8]| send("POST", "/api/v1/echo", &[], body);
+        assert_json_error(
+            &post_echo(b"{\"a\":"),
+            400,
+            &format!("{what}: truncated JSON"),
+        );
+        assert_json_error(&post_echo(b"not json"), 400, &format!("{what}: not JSON"));
+        let big = json!({ "pad": "x".repeat(100 * 1024) }).to_string();
+        assert_json_error(
+            &post_echo(big.as_bytes()),
+            413,
+            &format!("{what}: over --max-body"),
+        );
+        let small = json!({ "pad": "x".repeat(60 * 1024) });
+        check_echo(echo(api, &small, &[]), &small)
+            .unwrap_or_else(|e| panic!("{what}: a body under --max-body: {e}"));
+
+        for (method, path) in [
+            ("POST", "/api/v1/no-such-command"),
+            ("POST", "/api/v2/echo"),
+            ("POST", "/api/v1/echo/extra"),
+            ("GET", "/api/v1/counter/x/increment/more"),
+            ("POST", "/api/echo"),
+        ] {
+            let resp = send(method, path, &[], b"{}");
+            assert_json_error(&resp, 404, &format!("{method} {path} via node {}", api.id));
+        }
+    }
+}
+
+#[test]
+fn request_id_and_traceparent_are_passed_on_and_echoed() {
+    let c = demo_cluster("cmd-trace", &[]);
+    let api = c.api(1);
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    // Given ones come back unchanged, whichever node serves the request.
+    let mut served = BTreeSet::new();
+    let mut n = 0;
+    c.wait_for(
+        "requests with given ids served by every node",
+        ROUTING,
+        || {
+            n += 1;
+            let request_id = format!("it-request-{n}");
+            let headers = [
+                ("x-request-id", request_id.as_str()),
+                ("traceparent", traceparent),
+            ];
+            let payload = json!({ "n": n });
+            let resp = echo(api, &payload, &headers).map_err(|e| e.to_string())?;
+            let by = check_echo(Ok(resp.clone()), &payload)?;
+            assert_eq!(
+                resp.header("x-request-id"),
+                Some(request_id.as_str()),
+                "x-request-id of a request served by node {by}"
+            );
+            assert_eq!(
+                resp.header("traceparent"),
+                Some(traceparent),
+                "traceparent of a request served by node {by}"
+            );
+            served.insert(by);
+            if served.len() == 3 {
+                Ok(())
+            } else {
+                Err(format!("served by {served:?}"))
+            }
+        },
+    );
+
+    // Absent ones are created: a request id, and a valid traceparent, distinct per request.
+    let created: Vec<(String, String)> = (0..2)
+        .map(|i| {
+            let payload = json!({ "created": i });
+            let resp = echo(api, &payload, &[]).expect("echo");
+            check_echo(Ok(resp.clone()), &payload).unwrap_or_else(|e| panic!("{e}"));
+            let id = resp.header("x-request-id").unwrap_or_default().to_string();
+            let tp = resp.header("traceparent").unwrap_or_default().to_string();
+            assert!(
+                !id.is_empty(),
+                "a created x-request-id; headers {:?}",
+                resp.headers
+            );
+            assert!(is_traceparent(&tp), "a created W3C traceparent, got {tp:?}");
+            (id, tp)
+        })
+        .collect();
+    assert_ne!(created[0].0, created[1].0, "request ids are per request");
+    assert_ne!(
+        &created[0].1[3..35],
+        &created[1].1[3..35],
+        "trace ids are per request"
+    );
+}
+
+#[test]
+fn a_dead_node_gets_no_traffic_and_a_restarted_one_gets_it_once_ready() {
+    let c = demo_cluster("cmd-registry", &[]);
+    c.kill(2);
+    let killed = Instant::now();
+    // A measurement window, not a wait: through the survivors every request keeps succeeding,
+    // during the 2 s the registry may take to drop node 2 and after.
+    let mut failures = Vec::new();
+    let mut n = 0u64;
+    let mut slowest_late = Duration::ZERO;
+    while killed.elapsed() < REGISTRY_DROP + Duration::from_secs(2) {
+        for api in [c.api(1), c.api(3)] {
+            n += 1;
+            let payload = json!({ "after_kill": n });
+            let sent = Instant::now();
+            match check_echo(echo(api, &payload, &[]), &payload) {
+                Ok(2) => panic!("request {n} via node {} served by the dead node 2", api.id),
+                Ok(_) => {}
+                Err(e) => failures.push(format!(
+                    "{:.2?} after the kill, via node {}: {e}",
+                    killed.elapsed(),
+                    api.id
+                )),
+            }
+            if sent.duration_since(killed) >= REGISTRY_DROP {
+                slowest_late = slowest_late.max(sent.elapsed());
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {n} requests through the survivors failed after node 2 died: {failures:#?}",
+        failures.len()
+    );
+    eprintln!(
+        "[commands] {n} requests after the kill; slowest once node 2 was dropped: {slowest_late:?}"
+    );
+
+    // Back: node 2 gets traffic again, and only while it reports ready.
+    c.restart(2);
+    let mut served = BTreeSet::new();
+    n = 0;
+    c.wait_for("node 2 to serve echoes via node 1 again", CATCH_UP, || {
+        n += 1;
+        let payload = json!({ "after_restart": n });
+        let by = check_echo(echo(c.api(1), &payload, &[]), &payload)
+            .unwrap_or_else(|e| panic!("request {n} while node 2 restarts: {e}"));
+        served.insert(by);
+        if by != 2 {
+            return Err(format!("served by {served:?}"));
+        }
+        let ready = c.api(2).probe("/readyz")?;
+        assert_eq!(
+            ready, 200,
+            "node 2 served a request but reports /readyz {ready}"
+        );
+        Ok(())
+    });
+}

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""A small upstream app for sidecar-mode tests (Python 3 standard library only).
+
+Run one next to each node: `python3 upstream.py --port N --name X`. It speaks HTTP/1.1 with
+keep-alive (the node pools connections), one thread per connection, and answers:
+
+  GET  /health              200 {"status":"ok","name":X}, or 503 after POST /admin/unhealthy
+  POST /admin/unhealthy     make /health answer 503       POST /admin/healthy   back to 200
+  GET  /admin/stats         {"requests": n, "orders": {id: times served}}
+  POST /orders/<id>         200 {"id","body":<json>,"query","servedBy":X,"headers":{...}}
+                            (400 {"message"} if the body is not JSON)
+  GET  /fail                500 {"message":"upstream failure"}
+  GET  /bad                 422 {"message":"bad thing"}
+  GET  /sleep?ms=N          sleeps N ms, then 200 {"sleptMs":N,"servedBy":X}
+  anything else             404 {"message":"no route"}
+
+It prints `listening on HOST:PORT` once it accepts connections (useful with --port 0).
+"""
+
+import argparse
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+# Headers the node is expected to pass on; echoed back so tests can check them.
+PASSED_HEADERS = (
+    "x-request-id",
+    "traceparent",
+    "x-principal-id",
+    "x-tenant-id",
+    "idempotency-key",
+    "content-type",
+)
+
+
+class State:
+    def __init__(self, name):
+        self.name = name
+        self.healthy = True
+        self.requests = 0
+        self.orders = {}
+        self.lock = threading.Lock()
+
+
+def make_handler(state, verbose):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive; every answer carries Content-Length
+
+        def log_message(self, fmt, *args):
+            if verbose:
+                sys.stderr.write("%s %s\n" % (state.name, fmt % args))
+
+        def send_json(self, status, value):
+            body = json.dumps(value).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def read_body(self):
+            length = int(self.headers.get("Content-Length") or 0)
+            return self.rfile.read(length) if length > 0 else b""
+
+        def handle_any(self, method):
+            url = urlsplit(self.path)
+            query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+            raw = self.read_body()
+            with state.lock:
+                state.requests += 1
+            route = (method, url.path)
+
+            if route == ("GET", "/health"):
+                if state.healthy:
+                    return self.send_json(200, {"status": "ok", "name": state.name})
+                return self.send_json(503, {"message": "unhealthy", "name": state.name})
+            if route in (("POST", "/admin/unhealthy"), ("POST", "/admin/healthy")):
+                state.healthy = url.path == "/admin/healthy"
+                return self.send_json(200, {"healthy": state.healthy})
+            if route == ("GET", "/admin/stats"):
+                with state.lock:
+                    return self.send_json(200, {"requests": state.requests, "orders": dict(state.orders)})
+            if method == "POST" and url.path.startswith("/orders/") and url.path.count("/") == 2:
+                order_id = unquote(url.path[len("/orders/"):])
+                try:
+                    body = json.loads(raw) if raw.strip() else None
+                except ValueError as e:
+                    return self.send_json(400, {"message": "body is not JSON: %s" % e})
+                with state.lock:
+                    state.orders[order_id] = state.orders.get(order_id, 0) + 1
+                headers = {h: self.headers.get(h) for h in PASSED_HEADERS if self.headers.get(h) is not None}
+                return self.send_json(200, {
+                    "id": order_id,
+                    "body": body,
+                    "query": query,
+                    "servedBy": state.name,
+                    "headers": headers,
+                })
+            if route == ("GET", "/fail"):
+                return self.send_json(500, {"message": "upstream failure"})
+            if route == ("GET", "/bad"):
+                return self.send_json(422, {"message": "bad thing"})
+            if route == ("GET", "/sleep"):
+                try:
+                    ms = int(query.get("ms", "0"))
+                except ValueError:
+                    return self.send_json(400, {"message": "ms must be an integer"})
+                time.sleep(max(ms, 0) / 1000.0)
+                return self.send_json(200, {"sleptMs": ms, "servedBy": state.name})
+            return self.send_json(404, {"message": "no route for %s %s" % (method, url.path)})
+
+        def do_GET(self):
+            self.handle_any("GET")
+
+        def do_POST(self):
+            self.handle_any("POST")
+
+        def do_PUT(self):
+            self.handle_any("PUT")
+
+        def do_DELETE(self):
+            self.handle_any("DELETE")
+
+    return Handler
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    args = parser.parse_args()
+
+    ThreadingHTTPServer.daemon_threads = True
+    server = ThreadingHTTPServer((args.host, args.port), make_handler(State(args.name), args.verbose))
+    host, port = server.server_address[:2]
+    print("listening on %s:%d" % (host, port), flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    main()
