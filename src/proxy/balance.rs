@@ -24,8 +24,9 @@ const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
 /// Weight of a new latency sample in the EWMA.
 const EWMA_ALPHA: f64 = 0.2;
-/// Latency assumed for a node never measured (ms): optimistic, so new nodes get traffic.
-const EWMA_START_MS: f64 = 1.0;
+/// Latency assumed for a node never measured (ms): zero, so a new or returning node is tried at
+/// once and then judged by what it measures (otherwise a faster known node starves it forever).
+const EWMA_START_MS: f64 = 0.0;
 
 #[derive(Debug, Clone)]
 struct NodeStats {
@@ -76,7 +77,8 @@ impl Balancer {
         }
         let cost = |id: &NodeId| {
             let s = stats.get(id).cloned().unwrap_or_default();
-            (s.inflight as f64 + 1.0) * s.ewma_ms
+            // The small floor keeps in-flight counts meaningful between near-zero latencies.
+            (s.inflight as f64 + 1.0) * (s.ewma_ms + 0.05)
         };
         match pool.len() {
             0 => None,
@@ -128,32 +130,35 @@ impl Balancer {
     }
 }
 
-/// Token bucket for retries: each request deposits `RATIO` tokens, each retry takes one; at
-/// least `FLOOR_PER_SEC` retries per second are always allowed.
+/// Token bucket for retries: each request deposits a fifth of a retry, each retry takes a whole
+/// one; at least `FLOOR_PER_SEC` retries per second are always allowed.
 pub struct RetryBudget {
     state: Mutex<BudgetState>,
 }
 
 struct BudgetState {
-    tokens: f64,
+    /// In fifths of a retry (each request deposits one fifth): integer, so no rounding drift.
+    fifths: u32,
     floor_left: u32,
     window: Instant,
 }
 
-const RATIO: f64 = 0.2;
+/// Fifths of a retry per request (1 = 20 %).
+const DEPOSIT: u32 = 1;
+const RETRY_COST: u32 = 5;
 const FLOOR_PER_SEC: u32 = 10;
-const MAX_TOKENS: f64 = 1000.0;
+const MAX_FIFTHS: u32 = 5_000;
 
 impl Default for RetryBudget {
     fn default() -> Self {
-        RetryBudget { state: Mutex::new(BudgetState { tokens: 0.0, floor_left: FLOOR_PER_SEC, window: Instant::now() }) }
+        RetryBudget { state: Mutex::new(BudgetState { fifths: 0, floor_left: FLOOR_PER_SEC, window: Instant::now() }) }
     }
 }
 
 impl RetryBudget {
     pub fn deposit(&self) {
         let mut s = lock(&self.state);
-        s.tokens = (s.tokens + RATIO).min(MAX_TOKENS);
+        s.fifths = (s.fifths + DEPOSIT).min(MAX_FIFTHS);
     }
 
     /// True if a retry may be made now (and takes its token).
@@ -164,8 +169,8 @@ impl RetryBudget {
             s.window = now;
             s.floor_left = FLOOR_PER_SEC;
         }
-        if s.tokens >= 1.0 {
-            s.tokens -= 1.0;
+        if s.fifths >= RETRY_COST {
+            s.fifths -= RETRY_COST;
             true
         } else if s.floor_left > 0 {
             s.floor_left -= 1;

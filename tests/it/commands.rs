@@ -489,12 +489,16 @@ fn keyed_increments_are_exactly_once_while_a_node_is_killed_under_load() {
     let load = IncrementLoad::start(&clients, "kill");
 
     c.wait_until(
-        "the load to be acknowledged 40 times, 3 of them served by node 2",
+        "the load to be acknowledged 200 times, 3 of them served by node 2",
         ROUTING,
-        || load.acked() >= 40 && load.served_by(b.id) >= 3,
+        || load.acked() >= 200 && load.served_by(b.id) >= 3,
     );
     c.kill(b.id);
     let killed = Instant::now();
+    eprintln!(
+        "[commands] killed node 2 {:.2?} into the load",
+        killed.duration_since(load.shared.started)
+    );
     let before = load.acked();
     c.wait_until(
         "60 more increments acknowledged, and 3 s passed, after killing node 2",
