@@ -346,6 +346,8 @@ impl Proxy {
 
     /// One attempt on one node.
     async fn invoke(&self, target: NodeId, inv: Invocation) -> Result<Result<Output, HandlerError>, Miss> {
+        let place = if target == self.node_id { "local" } else { "remote" };
+        metrics::counter!("raftbridge_proxy_dispatch_total", "target" => place).increment(1);
         if target == self.node_id {
             let handler = self
                 .local
