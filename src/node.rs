@@ -56,6 +56,8 @@ pub enum NodeError {
     RaftConfig(#[from] openraft::ConfigError),
     #[error("raft: {0}")]
     Raft(String),
+    #[error("sidecar: {0}")]
+    Sidecar(#[from] crate::sidecar::SidecarError),
 }
 
 /// Check or record the node id in the data dir: a data dir belongs to one node id forever.
@@ -130,6 +132,17 @@ pub async fn run(
         ClusterSettings { seeds: cfg.seeds.clone(), bootstrap_expect: cfg.bootstrap_expect, max_voters: cfg.max_voters },
         cluster_stop.clone(),
     );
+    // Compiled-in services are always offered; sidecar commands only while the upstream is healthy.
+    let sidecar_stop = CancellationToken::new();
+    let compiled: Vec<crate::sdk::ServiceDecl> = services.iter().map(|p| p.decl.clone()).collect();
+    let mut services = services;
+    let mut sidecar_offer: Option<(Vec<crate::sdk::ServiceDecl>, tokio::sync::watch::Receiver<bool>)> = None;
+    if let Some(sc) = cfg.sidecar.clone() {
+        let sidecar = crate::sidecar::Sidecar::start(sc, sidecar_stop.clone())?;
+        let parts = sidecar.parts();
+        sidecar_offer = Some((parts.iter().map(|p| p.decl.clone()).collect(), sidecar.healthy()));
+        services.extend(parts);
+    }
     let timeout = Duration::from_millis(cfg.write_timeout_ms);
     let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout);
     let proxy = Arc::new(Proxy::new(
@@ -151,10 +164,15 @@ pub async fn run(
     }));
     let peer_task = tokio::spawn(net.clone().run(peer_listener));
 
-    let offering: Offering = {
-        let proxy = proxy.clone();
-        Arc::new(move || proxy.local().decls().to_vec())
-    };
+    let offering: Offering = Arc::new(move || {
+        let mut decls = compiled.clone();
+        if let Some((sidecar_decls, healthy)) = &sidecar_offer {
+            if *healthy.borrow() {
+                decls.extend(sidecar_decls.iter().cloned());
+            }
+        }
+        decls
+    });
     let registry_stop = CancellationToken::new();
     let registry_task = tokio::spawn(registry::run(store.clone(), cluster.clone(), offering, registry_stop.clone()));
 
@@ -185,6 +203,7 @@ pub async fn run(
     http_stop.cancel();
     let _ = http_task.await;
     hand_over_leadership(&replica).await;
+    sidecar_stop.cancel();
     cluster_stop.cancel();
     if let Err(e) = raft.shutdown().await {
         warn!(cause = %e, "raft shutdown");

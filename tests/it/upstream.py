@@ -136,6 +136,7 @@ def main():
     args = parser.parse_args()
 
     ThreadingHTTPServer.daemon_threads = True
+    ThreadingHTTPServer.request_queue_size = 128  # the default backlog of 5 drops bursts of connects
     server = ThreadingHTTPServer((args.host, args.port), make_handler(State(args.name), args.verbose))
     host, port = server.server_address[:2]
     print("listening on %s:%d" % (host, port), flush=True)
