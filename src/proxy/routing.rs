@@ -95,27 +95,27 @@ impl RouteTable {
     }
 }
 
-/// Match `counter/:name/increment` against `counter/a/increment` → `{name: a}`.
+/// Matches a request path (relative to `/api/v{version}/`) against a pattern such as
+/// `counter/:name/increment`, returning the `:params` (percent-decoded). One leading `/` on either
+/// side is ignored; otherwise segments must match one for one: `echo/` does not match `echo`, and
+/// an empty segment never matches a parameter. `None` when the path does not match or a parameter
+/// is not valid percent-encoded UTF-8.
 pub fn match_path(pattern: &str, path: &str) -> Option<BTreeMap<String, String>> {
+    let pattern = pattern.strip_prefix('/').unwrap_or(pattern);
+    let path = path.strip_prefix('/').unwrap_or(path);
+    let mut segments = path.split('/');
     let mut params = BTreeMap::new();
-    let mut want = pattern.trim_matches('/').split('/');
-    let mut got = path.trim_matches('/').split('/');
-    loop {
-        match (want.next(), got.next()) {
-            (None, None) => return Some(params),
-            (Some(w), Some(g)) => {
-                if let Some(name) = w.strip_prefix(':') {
-                    if g.is_empty() {
-                        return None;
-                    }
-                    params.insert(name.to_string(), percent_decode(g)?);
-                } else if w != g {
-                    return None;
-                }
+    for want in pattern.split('/') {
+        let got = segments.next()?;
+        match want.strip_prefix(':') {
+            Some(name) if !got.is_empty() => {
+                params.insert(name.to_string(), percent_decode(got)?);
             }
+            _ if want == got && !got.is_empty() => {}
             _ => return None,
         }
     }
+    segments.next().is_none().then_some(params)
 }
 
 /// Decode `%XX` escapes (and `+` as space when `plus` is set, for query strings).
@@ -183,7 +183,7 @@ mod tests {
         assert_eq!(p.get("name").map(String::as_str), Some("a b"));
         assert!(match_path("counter/:name/increment", "counter//increment").is_none());
         assert!(match_path("echo", "echo/more").is_none());
-        assert!(match_path("echo", "echo/").is_some());
+        assert!(match_path("echo", "echo/").is_none(), "a trailing slash is a different path");
         assert_eq!(parse_query("ms=5&x=a+b&y=%2F").unwrap().get("x").map(String::as_str), Some("a b"));
         assert!(parse_query("bad=%zz").is_none());
     }

@@ -266,45 +266,7 @@ pub fn encode_output<O: Serialize>(output: O) -> Result<Output, HandlerError> {
     Ok(Output::json(if body == b"null" { Bytes::new() } else { Bytes::from(body) }))
 }
 
-/// Matches a request path (relative to `/api/v{version}/`) against a pattern such as
-/// `counter/:name/increment`, returning the `:params` (percent-decoded). One leading `/` on either
-/// side is ignored; otherwise segments must match one for one: `echo/` does not match `echo`, and
-/// an empty segment never matches a parameter. `None` when the path does not match or a parameter
-/// is not valid percent-encoded UTF-8.
-pub fn match_path(pattern: &str, path: &str) -> Option<BTreeMap<String, String>> {
-    let pattern = pattern.strip_prefix('/').unwrap_or(pattern);
-    let path = path.strip_prefix('/').unwrap_or(path);
-    let mut segments = path.split('/');
-    let mut params = BTreeMap::new();
-    for want in pattern.split('/') {
-        let got = segments.next()?;
-        match want.strip_prefix(':') {
-            Some(name) if !got.is_empty() => {
-                params.insert(name.to_string(), percent_decode(got)?);
-            }
-            _ if want == got && !got.is_empty() => {}
-            _ => return None,
-        }
-    }
-    segments.next().is_none().then_some(params)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
+pub use crate::proxy::routing::match_path;
 
 fn check_name(name: &str) -> Result<(), String> {
     let ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
