@@ -1,4 +1,4 @@
-//! Command-line interface: `node`, `dev`, `leave`, `bench`.
+//! Command-line interface: `node`, `dev`, `leave`, `bench`, `probe`.
 //!
 //! This is the binary's edge, so errors are `anyhow` here and exit codes are decided here.
 //! `dev` runs a three-node loopback cluster as child processes of this same binary, which is
@@ -34,6 +34,8 @@ enum Cmd {
     /// Load benchmarks against a running cluster.
     #[command(subcommand)]
     Bench(BenchCmd),
+    /// GET a URL; exit 0 on a 2xx answer, 1 otherwise (container health checks: no curl needed).
+    Probe(ProbeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -56,6 +58,15 @@ struct LeaveArgs {
     id: u64,
 }
 
+#[derive(Debug, clap::Args)]
+struct ProbeArgs {
+    /// `http://host:port/path`, e.g. http://127.0.0.1:8400/readyz.
+    url: String,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
@@ -72,6 +83,7 @@ pub fn main() -> ExitCode {
             Cmd::Dev(args) => dev(args).await,
             Cmd::Leave(args) => leave(args).await,
             Cmd::Bench(cmd) => crate::bench::run(cmd).await.map(|_| ()),
+            Cmd::Probe(args) => probe(args).await,
         }
     });
     match result {
@@ -135,6 +147,25 @@ async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("{}: {}", resp.status, String::from_utf8_lossy(&resp.body))
+    }
+}
+
+async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
+    let rest = args.url.strip_prefix("http://").with_context(|| format!("{:?}: only http:// URLs are supported", args.url))?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if host.is_empty() {
+        anyhow::bail!("{:?}: no host", args.url);
+    }
+    let mut conn = crate::client::Conn::new(host);
+    let resp = conn.get(path, Duration::from_millis(args.timeout_ms)).await.with_context(|| format!("GET {}", args.url))?;
+    if resp.is_success() {
+        Ok(())
+    } else {
+        let body = String::from_utf8_lossy(&resp.body);
+        anyhow::bail!("GET {}: {} {}", args.url, resp.status, body.trim())
     }
 }
 

@@ -78,6 +78,15 @@ pub struct NodeArgs {
     /// Concurrent client HTTP connections at most.
     #[arg(long, env = "RAFTBRIDGE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Events kept in the log at most (oldest dropped first).
+    #[arg(long, env = "RAFTBRIDGE_EVENTS_MAX_COUNT")]
+    pub events_max_count: Option<u64>,
+    /// Bytes of events kept at most.
+    #[arg(long, env = "RAFTBRIDGE_EVENTS_MAX_BYTES")]
+    pub events_max_bytes: Option<u64>,
+    /// Age of the oldest kept event, in seconds.
+    #[arg(long, env = "RAFTBRIDGE_EVENTS_MAX_AGE_S")]
+    pub events_max_age_s: Option<u64>,
     /// Grace period for in-flight work on shutdown (ms).
     #[arg(long, env = "RAFTBRIDGE_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
@@ -116,6 +125,9 @@ pub struct NodeConfig {
     pub max_frame: usize,
     pub max_connections: usize,
     pub shutdown_grace_ms: u64,
+    pub events_max_count: u64,
+    pub events_max_bytes: u64,
+    pub events_max_age_s: u64,
     pub example_services: bool,
     pub sidecar: Option<crate::sidecar::SidecarConfig>,
 }
@@ -173,6 +185,9 @@ impl NodeArgs {
             max_frame: pick!(max_frame).unwrap_or(16 << 20),
             max_connections: pick!(max_connections).unwrap_or(10_000),
             shutdown_grace_ms: pick!(shutdown_grace_ms).unwrap_or(10_000),
+            events_max_count: pick!(events_max_count).unwrap_or(100_000),
+            events_max_bytes: pick!(events_max_bytes).unwrap_or(64 << 20),
+            events_max_age_s: pick!(events_max_age_s).unwrap_or(7 * 24 * 3600),
             example_services: pick!(example_services).unwrap_or(false),
             sidecar: pick!(sidecar),
         };

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod broker;
 pub mod bench;
 pub mod cli;
 pub mod client;

@@ -31,7 +31,12 @@ use crate::raft::log_store::LogStoreOptions;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::types::*;
+use crate::broker::Broker;
+use crate::broker::dispatch::Dispatcher;
+use crate::broker::dispatch::LocalSubscriber;
 use crate::proxy::LocalServices;
+use crate::raft::types::EventLimits;
+use crate::sdk::Sender;
 use crate::proxy::Proxy;
 use crate::proxy::ProxySettings;
 use crate::proxy::registry;
@@ -145,9 +150,31 @@ pub async fn run(
     }
     let timeout = Duration::from_millis(cfg.write_timeout_ms);
     let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout);
+    let broker_stop = CancellationToken::new();
+    let limits = EventLimits {
+        max_events: cfg.events_max_count,
+        max_bytes: cfg.events_max_bytes,
+        max_age_ms: cfg.events_max_age_s.saturating_mul(1000),
+        dedup_window_ms: 120_000,
+    };
+    let broker = Broker::start(store.clone(), limits, timeout, broker_stop.clone());
+    let subscribers: HashMap<String, LocalSubscriber> = services
+        .iter()
+        .flat_map(|p| {
+            let service = Sender {
+                service_name: p.decl.name.clone(),
+                service_version: p.decl.version.to_string(),
+                service_target: String::new(),
+                instance_id: cfg.id.to_string(),
+            };
+            p.subscribers.iter().map(move |(name, h)| (name.clone(), LocalSubscriber { handler: h.clone(), service: service.clone() }))
+        })
+        .collect();
+    let dispatcher = Dispatcher::start(broker.clone(), net.clone(), cluster.clone(), subscribers, broker_stop.clone());
     let proxy = Arc::new(Proxy::new(
         cfg.id,
         cluster.clone(),
+        broker.clone(),
         store.clone(),
         LocalServices::new(services),
         ProxySettings {
@@ -160,6 +187,7 @@ pub async fn run(
         replica: replica.clone(),
         cluster: cluster.clone(),
         proxy: proxy.clone(),
+        dispatcher,
         snapshots: Arc::new(Mutex::new(HashMap::new())),
     }));
     let peer_task = tokio::spawn(net.clone().run(peer_listener));
@@ -167,9 +195,11 @@ pub async fn run(
     let offering: Offering = Arc::new(move || {
         let mut decls = compiled.clone();
         if let Some((sidecar_decls, healthy)) = &sidecar_offer {
-            if *healthy.borrow() {
-                decls.extend(sidecar_decls.iter().cloned());
-            }
+            let up = *healthy.borrow();
+            decls.extend(sidecar_decls.iter().cloned().map(|mut d| {
+                d.available = up;
+                d
+            }));
         }
         decls
     });
@@ -181,6 +211,7 @@ pub async fn run(
         cluster: cluster.clone(),
         store,
         proxy: proxy.clone(),
+        broker,
         sm: sm_shared,
         metrics,
         settings: api::HttpSettings {
@@ -204,6 +235,7 @@ pub async fn run(
     let _ = http_task.await;
     hand_over_leadership(&replica).await;
     sidecar_stop.cancel();
+    broker_stop.cancel();
     cluster_stop.cancel();
     if let Err(e) = raft.shutdown().await {
         warn!(cause = %e, "raft shutdown");
@@ -248,6 +280,7 @@ struct PeerHandler {
     replica: Replica,
     cluster: Cluster,
     proxy: Arc<Proxy>,
+    dispatcher: Arc<Dispatcher>,
     snapshots: Arc<Mutex<HashMap<NodeId, Assembly>>>,
 }
 
@@ -257,6 +290,7 @@ impl Handler for PeerHandler {
         let cluster = self.cluster.clone();
         let snapshots = self.snapshots.clone();
         let proxy = self.proxy.clone();
+        let dispatcher = self.dispatcher.clone();
         Box::pin(async move {
             let raft = &replica.raft;
             let fatal = |e: &dyn std::fmt::Display| PeerResponse::Error(RemoteError::Internal(e.to_string()));
@@ -278,6 +312,7 @@ impl Handler for PeerHandler {
                     Err(e) => PeerResponse::Error(e),
                 },
                 PeerRequest::Invoke(inv) => proxy.serve_remote(inv).await,
+                PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
                 PeerRequest::WriteBatch(cmds) => PeerResponse::WrittenBatch(replica.write_batch_local(cmds).await),
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
                 PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),

@@ -13,6 +13,7 @@
 //! grace period to finish.
 
 pub mod error;
+pub mod events;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -59,6 +60,7 @@ pub struct App {
     pub cluster: Cluster,
     pub store: StateStore,
     pub proxy: Arc<crate::proxy::Proxy>,
+    pub broker: Arc<crate::broker::Broker>,
     pub sm: Arc<SmShared>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub settings: HttpSettings,
@@ -144,6 +146,14 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (Method::GET, ["metrics"]) => ("metrics", metrics_text(app)),
         (Method::GET, ["cluster"]) => ("cluster", Ok(json_response(StatusCode::OK, &cluster_view(app)))),
         (Method::DELETE, ["cluster", "members", id]) => ("cluster_remove", remove_member(app, id).await),
+        (Method::POST, ["v1", "events", name]) => {
+            let name = name.to_string();
+            ("events_publish", events::publish_one(app, &name, req).await)
+        }
+        (Method::POST, ["v1", "events"]) => ("events_batch", events::publish_batch(app, req).await),
+        (Method::GET, ["v1", "events"]) => ("events_read", events::read(app, req.uri().query())),
+        (Method::GET, ["v1", "dead-letters"]) => ("dead_letters", events::dead_letters(app, req.uri().query())),
+        (Method::GET, ["v1", "subscriptions", name]) => ("subscription", events::subscription(app, name)),
         (m, ["v1", "state", store, key]) => {
             let (store, key) = (store.to_string(), key.to_string());
             ("state", state(app, m, &store, &key, req).await)

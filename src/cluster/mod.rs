@@ -36,6 +36,8 @@ use crate::raft::types::*;
 const PROMOTE_LAG: u64 = 64;
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 const QUEUE: usize = 64;
+/// How long one bootstrap round waits for a seed's DNS answer.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Debug, Clone)]
 pub struct ClusterSettings {
@@ -264,7 +266,15 @@ impl Cluster {
                 }
             }
             round += 1;
-            let probes = self.settings.seeds.iter().map(|seed| {
+            // Re-resolved every round: a DNS name (one alias for all nodes, a headless service)
+            // gains addresses as nodes start. Every address is probed, not just the first.
+            let resolved = resolve_seeds(&self.settings.seeds, RESOLVE_TIMEOUT).await;
+            if round % 20 == 1 {
+                for (seed, cause) in &resolved.unresolved {
+                    info!(%seed, %cause, "seed does not resolve yet");
+                }
+            }
+            let probes = resolved.addrs.iter().map(|seed| {
                 let net = self.replica.net.clone();
                 async move { (seed.clone(), net.request_addr(seed, &PeerRequest::Status, Duration::from_secs(1)).await) }
             });
@@ -314,10 +324,84 @@ impl Cluster {
     }
 }
 
+/// Seeds resolved to the addresses a round probes.
+#[derive(Debug, Default)]
+struct ResolvedSeeds {
+    /// `ip:port` strings (IPv6 as `[ip]:port`), deduplicated, in seed order; an `ip:port` seed
+    /// is kept exactly as written.
+    addrs: Vec<String>,
+    /// Seeds that did not resolve this round, with the cause (unreachable for this round only).
+    unresolved: Vec<(String, String)>,
+}
+
+/// Resolve every seed to *all* of its addresses, each lookup bounded by `timeout`. A name that
+/// does not resolve (yet) is reported, never an error: the caller retries next round.
+async fn resolve_seeds(seeds: &[String], timeout: Duration) -> ResolvedSeeds {
+    let lookups = seeds.iter().map(|seed| async move {
+        if seed.parse::<std::net::SocketAddr>().is_ok() {
+            return (seed, Ok(vec![seed.clone()]));
+        }
+        let r = match tokio::time::timeout(timeout, tokio::net::lookup_host(seed.as_str())).await {
+            Ok(Ok(addrs)) => Ok(addrs.map(|a| a.to_string()).collect::<Vec<_>>()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no DNS answer within {timeout:?}")),
+        };
+        (seed, r)
+    });
+    let mut out = ResolvedSeeds::default();
+    let mut seen = BTreeSet::new();
+    for (seed, r) in futures_util::future::join_all(lookups).await {
+        match r {
+            Ok(addrs) if !addrs.is_empty() => {
+                for a in addrs {
+                    if seen.insert(a.clone()) {
+                        out.addrs.push(a);
+                    }
+                }
+            }
+            Ok(_) => out.unresolved.push((seed.clone(), "no addresses".into())),
+            Err(cause) => out.unresolved.push((seed.clone(), cause)),
+        }
+    }
+    out
+}
+
 fn to_remote(e: RaftError<ClientWriteError>) -> RemoteError {
     match e {
         openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => RemoteError::NotLeader { leader: f.leader_id },
         openraft::error::RaftError::APIError(e) => RemoteError::Invalid(e.to_string()),
         openraft::error::RaftError::Fatal(e) => RemoteError::Internal(e.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn seeds_resolve_to_every_address() {
+        let seeds: Vec<String> =
+            ["127.0.0.1:7401", "localhost:7400", "127.0.0.1:7401", "[::1]:7402", "no-such-host.invalid:7400", "no-port"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let r = resolve_seeds(&seeds, Duration::from_secs(5)).await;
+        // IP seeds stay exactly as written (and are deduplicated).
+        assert_eq!(r.addrs[0], "127.0.0.1:7401");
+        assert_eq!(r.addrs.iter().filter(|a| *a == "127.0.0.1:7401").count(), 1);
+        assert!(r.addrs.contains(&"[::1]:7402".to_string()));
+        // A name yields at least one ip:port the peer layer can dial as is.
+        let local: Vec<&String> = r.addrs.iter().filter(|a| a.ends_with(":7400")).collect();
+        assert!(!local.is_empty(), "localhost resolved to nothing: {r:?}");
+        assert!(local.iter().all(|a| a.parse::<std::net::SocketAddr>().is_ok()), "{r:?}");
+        // Names that do not resolve are reported for this round, not an error.
+        let bad: Vec<&str> = r.unresolved.iter().map(|(s, _)| s.as_str()).collect();
+        assert_eq!(bad, ["no-such-host.invalid:7400", "no-port"]);
+    }
+
+    #[tokio::test]
+    async fn no_seeds_resolve_to_nothing() {
+        let r = resolve_seeds(&[], Duration::from_secs(1)).await;
+        assert!(r.addrs.is_empty() && r.unresolved.is_empty());
     }
 }

@@ -41,6 +41,8 @@ pub enum PeerRequest {
     WriteBatch(Vec<Command>),
     /// Run a command handler on this node (the proxy forwarding a client request).
     Invoke(crate::sdk::Invocation),
+    /// Process an event for a shared subscription (from the leader's dispatcher).
+    Deliver { sub: String, event: crate::broker::event::Event },
 }
 
 impl PeerRequest {
@@ -59,6 +61,7 @@ impl PeerRequest {
             PeerRequest::Remove { .. } => "remove",
             PeerRequest::WriteBatch(_) => "write_batch",
             PeerRequest::Invoke(_) => "invoke",
+            PeerRequest::Deliver { .. } => "deliver",
         }
     }
 }
@@ -79,6 +82,8 @@ pub enum PeerResponse {
     WrittenBatch(Vec<Result<(u64, CommandResult), RemoteError>>),
     /// What the handler answered (it ran).
     Invoked(Result<crate::sdk::Output, crate::sdk::HandlerError>),
+    /// The subscription handler's outcome: `Ok` = ack.
+    Delivered(Result<(), crate::sdk::HandlerError>),
 }
 
 /// What a node says about itself to a peer or a seed prober.

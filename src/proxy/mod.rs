@@ -121,6 +121,8 @@ pub struct Proxy {
     node_id: NodeId,
     /// Whether this node is ready (in a cluster with a leader): an unready node runs nothing.
     cluster: crate::cluster::Cluster,
+    /// For handlers' `ctx.emit`.
+    broker: Arc<crate::broker::Broker>,
     store: StateStore,
     net: Arc<PeerNet>,
     sm: Arc<SmShared>,
@@ -143,6 +145,7 @@ impl Proxy {
     pub fn new(
         node_id: NodeId,
         cluster: crate::cluster::Cluster,
+        broker: Arc<crate::broker::Broker>,
         store: StateStore,
         local: LocalServices,
         settings: ProxySettings,
@@ -152,6 +155,7 @@ impl Proxy {
         Proxy {
             node_id,
             cluster,
+            broker,
             store,
             net,
             sm,
@@ -331,6 +335,10 @@ impl Proxy {
                     debug!(target, %why, "not served; trying another node");
                     last = ApiError::Unavailable(format!("node {target}: {why}"));
                 }
+                Ok(Err(Miss::Lost(_))) if Instant::now() >= deadline => {
+                    self.balancer.finish(target, Outcome::Failed, started.elapsed());
+                    return Err(ApiError::Timeout);
+                }
                 Ok(Err(Miss::Lost(why))) => {
                     self.balancer.finish(target, Outcome::Failed, started.elapsed());
                     last = ApiError::BadGateway(format!("node {target}: {why}"));
@@ -360,7 +368,9 @@ impl Proxy {
             .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_inflight_per_peer)))
             .clone();
         let _permit = slots.try_acquire_owned().map_err(|_| Miss::NotServed("too many requests in flight to it".into()))?;
-        let timeout = Duration::from_millis(inv.timeout_ms);
+        // A little longer than the time left: the caller's deadline fires first and answers 504,
+        // rather than the link's timeout turning a deadline into a 502.
+        let timeout = Duration::from_millis(inv.timeout_ms) + Duration::from_millis(50);
         match self.net.request(target, &PeerRequest::Invoke(inv), timeout).await {
             Ok(PeerResponse::Invoked(r)) => Ok(r),
             Ok(PeerResponse::Error(RemoteError::NotServed(why))) => Err(Miss::NotServed(why)),
@@ -373,7 +383,13 @@ impl Proxy {
     }
 
     async fn run_local(&self, handler: Arc<dyn CommandHandler>, inv: Invocation) -> Result<Output, HandlerError> {
-        let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone());
+        let sender = crate::sdk::Sender {
+            service_name: inv.service.clone(),
+            service_version: inv.version.to_string(),
+            service_target: inv.command.clone(),
+            instance_id: self.node_id.to_string(),
+        };
+        let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone()).with_broker(self.broker.clone(), sender);
         let timeout = Duration::from_millis(inv.timeout_ms.max(1));
         match tokio::time::timeout(timeout, handler.call(ctx, inv)).await {
             Ok(r) => r,

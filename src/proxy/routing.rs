@@ -54,7 +54,7 @@ impl RouteTable {
                     });
                     // Two services claiming one path: the first (by node, then name) wins,
                     // deterministically on every node.
-                    if route.service == svc.name && route.decl.name == cmd.name {
+                    if svc.available && route.service == svc.name && route.decl.name == cmd.name {
                         route.nodes.push(*node);
                     }
                 }
@@ -190,7 +190,13 @@ mod tests {
 
     #[test]
     fn table_groups_nodes_and_reports_wrong_method() {
-        let svc = ServiceDecl { name: "demo".into(), version: 1, commands: vec![decl("echo", "POST", "echo")] };
+        let svc = ServiceDecl {
+            name: "demo".into(),
+            version: 1,
+            commands: vec![decl("echo", "POST", "echo")],
+            subscriptions: Vec::new(),
+            available: true,
+        };
         let registry = BTreeMap::from([(1, vec![svc.clone()]), (3, vec![svc])]);
         let t = RouteTable::build(7, &registry);
         match t.lookup(1, "POST", "echo") {

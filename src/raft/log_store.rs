@@ -35,6 +35,12 @@
 //! * **Live entries are kept in memory** (a `BTreeMap`, purge point to tip) so reads never touch
 //!   the disk. Memory is bounded by the snapshot/purge policy: openraft purges what a snapshot
 //!   covers (keeping `max_in_snapshot_log_to_keep`), and purge drops it here.
+//! * **Test-only power-loss mode** (`RAFTBRIDGE_TEST_POWER_LOSS=1`, used by `raftbridge chaos`):
+//!   every segment fsync first notes the segment's length, then records `name length` in the
+//!   side file `synced` (monotonic, not fsynced: the test kills the process, which keeps the page
+//!   cache). On open, every segment is first cut back to what was recorded as synced (newer
+//!   segments are deleted) and the `committed` hint is removed: exactly what a power cut would
+//!   leave of the log. `meta` and snapshots are fsynced before use and stay.
 //!
 //! Concurrency: openraft calls the writing methods one at a time; they serialize on `io` (lock
 //! order: `io`, then `mem`). Readers (replication tasks) only take `mem`, briefly. The flush
@@ -86,11 +92,20 @@ pub struct LogStoreOptions {
     pub segment_bytes: u64,
     /// fsync for durability. `false` only for benchmarks: acknowledged entries may be lost.
     pub sync: bool,
+    /// Test-only power-loss simulation (module doc); the default comes from the env var
+    /// [`POWER_LOSS_ENV`] being `1`.
+    pub power_loss_test: bool,
 }
+
+/// Env var that turns on the test-only power-loss mode for the default options.
+pub const POWER_LOSS_ENV: &str = "RAFTBRIDGE_TEST_POWER_LOSS";
+/// Side file of the power-loss mode: `<segment name> <synced length>`.
+const SYNCED_FILE: &str = "synced";
 
 impl Default for LogStoreOptions {
     fn default() -> Self {
-        LogStoreOptions { segment_bytes: 64 << 20, sync: true }
+        let power_loss_test = std::env::var(POWER_LOSS_ENV).is_ok_and(|v| v == "1");
+        LogStoreOptions { segment_bytes: 64 << 20, sync: true, power_loss_test }
     }
 }
 
@@ -151,6 +166,74 @@ struct Io {
 struct SegFile {
     path: PathBuf,
     file: File,
+    /// Segment name, for the power-loss record.
+    name: u64,
+    /// Set in the test-only power-loss mode: where to record what each fsync covered.
+    synced: Option<Arc<SyncedRecord>>,
+}
+
+/// The power-loss mode's record of the newest synced segment position, kept monotonic: the
+/// flusher and the writer both sync, and a slower one must not move the record back.
+struct SyncedRecord {
+    path: PathBuf,
+    last: Mutex<(u64, u64)>,
+}
+
+impl SyncedRecord {
+    /// Records that segment `name` is synced up to `len` bytes (if that is newer).
+    fn advance(&self, name: u64, len: u64) -> io::Result<()> {
+        let mut last = lock(&self.last)?;
+        if (name, len) > *last {
+            *last = (name, len);
+            // Deliberately no fsync: see the module doc.
+            fs::write(&self.path, format!("{name} {len}\n")).map_err(ctx("write", &self.path))?;
+        }
+        Ok(())
+    }
+}
+
+fn read_synced_record(path: &Path) -> io::Result<Option<(u64, u64)>> {
+    let text = match fs::read_to_string(path) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        read => read.map_err(ctx("read", path))?,
+    };
+    let mut it = text.split_whitespace().map(str::parse::<u64>);
+    match (it.next(), it.next()) {
+        (Some(Ok(name)), Some(Ok(len))) => Ok(Some((name, len))),
+        _ => Err(invalid(format!("corrupt {}: {text:?}", path.display()))),
+    }
+}
+
+/// Power-loss mode at open: throws away every segment byte that no fsync covered (module doc).
+/// Returns the sync record it applied, `None` when there was none yet (nothing dropped).
+fn drop_unsynced(dir: &Path, names: &[u64]) -> io::Result<Option<(u64, u64)>> {
+    let record_path = dir.join(SYNCED_FILE);
+    let Some((synced_name, synced_len)) = read_synced_record(&record_path)? else {
+        tracing::warn!(dir = %dir.display(), "power-loss test mode: no sync record yet; nothing dropped");
+        return Ok(None);
+    };
+    let mut dropped = 0;
+    for &name in names {
+        let path = seg_path(dir, name);
+        let len = fs::metadata(&path).map_err(ctx("stat", &path))?.len();
+        if name > synced_name {
+            fs::remove_file(&path).map_err(ctx("remove", &path))?;
+            dropped += len;
+        } else if name == synced_name && len > synced_len {
+            let f = OpenOptions::new().write(true).open(&path).map_err(ctx("open", &path))?;
+            f.set_len(synced_len).map_err(ctx("truncate", &path))?;
+            f.sync_all().map_err(ctx("fsync", &path))?;
+            dropped += len - synced_len;
+        }
+    }
+    match fs::remove_file(dir.join("committed")) {
+        Err(e) if e.kind() != ErrorKind::NotFound => return Err(ctx("remove committed in", dir)(e)),
+        _ => {}
+    }
+    fsync_dir(dir, true)?;
+    tracing::warn!(dir = %dir.display(), dropped_bytes = dropped, synced_segment = synced_name, synced_len,
+        "power-loss test mode: dropped every unsynced log byte");
+    Ok(Some((synced_name, synced_len)))
 }
 
 struct SegInfo {
@@ -193,11 +276,19 @@ fn parse_seg_name(file_name: &str) -> Option<u64> {
 }
 
 fn fsync(f: &SegFile, sync: bool) -> io::Result<()> {
-    if sync {
-        f.file.sync_data().map_err(ctx("fsync", &f.path))
-    } else {
-        Ok(())
+    if !sync {
+        return Ok(());
     }
+    // Power-loss mode: the length *before* the sync is a safe lower bound of what it covers.
+    let before = match &f.synced {
+        Some(_) => Some(f.file.metadata().map_err(ctx("stat", &f.path))?.len()),
+        None => None,
+    };
+    f.file.sync_data().map_err(ctx("fsync", &f.path))?;
+    if let (Some(record), Some(len)) = (&f.synced, before) {
+        record.advance(f.name, len)?;
+    }
+    Ok(())
 }
 
 fn fsync_dir(dir: &Path, sync: bool) -> io::Result<()> {
@@ -363,6 +454,16 @@ impl LogStore {
             names.extend(item.file_name().to_str().and_then(parse_seg_name));
         }
         names.sort_unstable();
+        let synced = if opts.power_loss_test {
+            let last = drop_unsynced(dir, &names)?;
+            if let Some((synced_name, _)) = last {
+                names.retain(|&n| n <= synced_name);
+            }
+            let last = Mutex::new(last.unwrap_or((0, 0)));
+            Some(Arc::new(SyncedRecord { path: dir.join(SYNCED_FILE), last }))
+        } else {
+            None
+        };
         let mut closed = BTreeMap::new();
         for (i, &name) in names.iter().enumerate() {
             let info = replay_segment(&seg_path(dir, name), i + 1 == names.len(), opts.sync, &mut mem)?;
@@ -409,7 +510,7 @@ impl LogStore {
             .name("raft-log-flush".into())
             .spawn(move || flusher(rx, sync, flag))
             .map_err(ctx("spawn flusher for", dir))?;
-        let active = Arc::new(SegFile { path, file });
+        let active = Arc::new(SegFile { path, file, name: active_name, synced });
         let io = Io { active, active_seg, active_name, closed, flush_tx: Some(tx) };
         let inner = Inner {
             dir: dir.to_path_buf(),
@@ -474,7 +575,8 @@ impl Inner {
         let mut open = OpenOptions::new();
         let file = open.create_new(true).append(true).open(&path).map_err(ctx("create", &path))?;
         fsync_dir(&self.dir, self.opts.sync)?;
-        io.active = Arc::new(SegFile { path: path.clone(), file });
+        let synced = io.active.synced.clone();
+        io.active = Arc::new(SegFile { path: path.clone(), file, name, synced });
         let seg = std::mem::replace(&mut io.active_seg, SegInfo::empty(path));
         io.closed.insert(std::mem::replace(&mut io.active_name, name), seg);
         Ok(())
@@ -736,7 +838,7 @@ mod tests {
 
     /// About 6 entries a segment.
     fn small() -> LogStoreOptions {
-        LogStoreOptions { segment_bytes: 1000, sync: true }
+        LogStoreOptions { segment_bytes: 1000, sync: true, power_loss_test: false }
     }
 
     async fn append(store: &mut LogStore, entries: Vec<Entry>) {
@@ -935,6 +1037,51 @@ mod tests {
         }
     }
 
+    /// Power-loss mode: bytes that reached the segment files but no fsync (written here behind
+    /// the store's back, as a write the flusher had not synced yet would be) vanish on reopen,
+    /// as does a newer segment; synced entries stay. Without the mode the same bytes replay.
+    #[tokio::test]
+    async fn power_loss_mode_drops_unsynced_bytes_only() {
+        let power = || LogStoreOptions { segment_bytes: 1000, sync: true, power_loss_test: true };
+        let unsynced = |dir: &Path| {
+            let last = segments(dir).pop().unwrap();
+            let name = parse_seg_name(last.file_name().unwrap().to_str().unwrap()).unwrap();
+            let mut buf = Vec::new();
+            encode(&mut buf, &Record::Entry(&ent(1, 9))).unwrap();
+            OpenOptions::new().append(true).open(&last).unwrap().write_all(&buf).unwrap();
+            let mut newer = Vec::new();
+            encode(&mut newer, &Record::Entry(&ent(1, 10))).unwrap();
+            fs::write(seg_path(dir, name + 100), newer).unwrap();
+        };
+        let dir = TempDir::new();
+        {
+            let mut store = LogStore::open(&dir.0, power()).unwrap();
+            append(&mut store, (1..=8).map(|i| ent(1, i)).collect()).await;
+            store.save_committed(Some(log_id(1, 8))).await.unwrap();
+        }
+        assert!(dir.0.join(SYNCED_FILE).exists());
+        unsynced(&dir.0);
+        let mut store = LogStore::open(&dir.0, power()).unwrap();
+        assert_eq!(ids(&mut store).await, run(1, 1..=8), "unsynced entries 9 and 10 are gone");
+        assert_eq!(store.read_committed().await.unwrap(), None, "the unsynced hint is gone");
+        // The store goes on normally after the cut, and its synced appends survive the next one.
+        append(&mut store, vec![ent(2, 9)]).await;
+        drop(store);
+        let mut store = LogStore::open(&dir.0, power()).unwrap();
+        assert_eq!(ids(&mut store).await, [run(1, 1..=8), vec![(2, 9)]].concat());
+        drop(store);
+
+        // Control: the same unsynced bytes without the mode are replayed.
+        let dir = TempDir::new();
+        {
+            let mut store = LogStore::open(&dir.0, small()).unwrap();
+            append(&mut store, (1..=8).map(|i| ent(1, i)).collect()).await;
+        }
+        unsynced(&dir.0);
+        let mut store = LogStore::open(&dir.0, small()).unwrap();
+        assert_eq!(ids(&mut store).await, run(1, 1..=10));
+    }
+
     #[tokio::test]
     async fn corrupt_older_segment_or_lost_segment_is_an_error() {
         let dir = TempDir::new();
@@ -962,7 +1109,7 @@ mod tests {
     #[tokio::test]
     async fn group_commit_completes_every_callback() {
         let dir = TempDir::new();
-        let opts = LogStoreOptions { segment_bytes: 20_000, sync: true };
+        let opts = LogStoreOptions { segment_bytes: 20_000, sync: true, power_loss_test: false };
         let mut store = LogStore::open(&dir.0, opts).unwrap();
         let mut pending = Vec::new();
         for i in 1..=500 {

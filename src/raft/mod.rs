@@ -314,7 +314,7 @@ async fn forwarder(raft: Raft, net: Arc<PeerNet>, mut rx: mpsc::Receiver<Forward
 /// How long one forwarded batch may take before its callers hear a timeout.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn response_name(r: &PeerResponse) -> &'static str {
+pub fn response_name(r: &PeerResponse) -> &'static str {
     match r {
         PeerResponse::AppendEntries(_) => "AppendEntries",
         PeerResponse::Vote(_) => "Vote",
@@ -327,5 +327,6 @@ fn response_name(r: &PeerResponse) -> &'static str {
         PeerResponse::Error(_) => "Error",
         PeerResponse::WrittenBatch(_) => "WrittenBatch",
         PeerResponse::Invoked(_) => "Invoked",
+        PeerResponse::Delivered(_) => "Delivered",
     }
 }

@@ -28,7 +28,14 @@ use crate::raft::types::LogId;
 use crate::raft::types::NodeId;
 use crate::raft::types::StoredResponse;
 use crate::raft::types::WriteTag;
+use crate::broker::event::DeadLetter;
+use crate::broker::event::Event;
+use crate::broker::event::NewEvent;
+use crate::broker::event::SubscriptionDecl;
+use crate::raft::types::EventLimits;
+use crate::raft::types::SubUpdate;
 use crate::sdk::ServiceDecl;
+use std::collections::BTreeSet;
 use crate::raft::types::RaftSnapshotBuilder;
 use crate::raft::types::RaftStateMachine;
 use crate::raft::types::Snapshot;
@@ -61,6 +68,56 @@ pub enum IdemState {
     Done(StoredResponse),
 }
 
+/// Dead letters kept per subscription at most (oldest dropped first).
+pub const MAX_DEAD_LETTERS: usize = 10_000;
+
+/// A subscription's replicated progress.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct SubState {
+    pub decl: SubscriptionDecl,
+    /// Every position below is done (processed, dead, filtered out or expired).
+    pub cursor: u64,
+    /// Done positions at or above the cursor (acked out of order).
+    pub done: BTreeSet<u64>,
+    /// Failed attempts per pending position.
+    pub attempts: BTreeMap<u64, u32>,
+    pub dead: VecDeque<DeadLetter>,
+    /// Every-instance subscriptions: each node's next position.
+    pub instances: BTreeMap<NodeId, u64>,
+}
+
+/// The replicated event log (retained part) and producer-dedup keys.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventLog {
+    pub events: VecDeque<Event>,
+    pub bytes: u64,
+    /// Position the next event gets (positions start at 1 and survive restarts via the log).
+    pub next: u64,
+    /// idempotency key → (id, position, accepted at ms).
+    pub keys: BTreeMap<String, (String, u64, u64)>,
+    pub key_order: VecDeque<(u64, String)>,
+}
+
+impl Default for EventLog {
+    fn default() -> Self {
+        EventLog { events: VecDeque::new(), bytes: 0, next: 1, keys: BTreeMap::new(), key_order: VecDeque::new() }
+    }
+}
+
+impl EventLog {
+    pub fn first(&self) -> u64 {
+        self.events.front().map_or(self.next, |e| e.position)
+    }
+
+    pub fn get(&self, position: u64) -> Option<&Event> {
+        let first = self.first();
+        if position < first {
+            return None;
+        }
+        self.events.get((position - first) as usize)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SmData {
     pub last_applied: Option<LogId>,
@@ -76,6 +133,8 @@ pub struct SmData {
     pub idem_order: VecDeque<(u64, String)>,
     /// The latest `now_ms` seen in a command: the state machine's deterministic clock.
     pub clock_ms: u64,
+    pub log: EventLog,
+    pub subs: BTreeMap<String, SubState>,
 }
 
 impl SmData {
@@ -125,6 +184,22 @@ impl SmData {
                 CommandResult::Deleted { existed }
             }
             Command::Register { node, services } => {
+                for sub in services.iter().flat_map(|s| s.subscriptions.iter()) {
+                    let start = if sub.durable { self.log.first() } else { self.log.next };
+                    let state = self.subs.entry(sub.name.clone()).or_insert_with(|| SubState {
+                        decl: sub.clone(),
+                        cursor: start,
+                        done: BTreeSet::new(),
+                        attempts: BTreeMap::new(),
+                        dead: VecDeque::new(),
+                        instances: BTreeMap::new(),
+                    });
+                    state.decl = sub.clone();
+                    if !sub.shared {
+                        let next = self.log.next;
+                        state.instances.entry(node).or_insert(if sub.durable { start } else { next });
+                    }
+                }
                 if services.is_empty() {
                     self.registry.remove(&node);
                 } else {
@@ -156,6 +231,13 @@ impl SmData {
                     },
                 }
             }
+            Command::Publish { now_ms, events, limits } => self.publish(now_ms, events, limits),
+            Command::SubUpdate { updates } => {
+                for u in updates {
+                    self.sub_update(u);
+                }
+                CommandResult::SubUpdated
+            }
             Command::IdemComplete { key, attempt: _, response } => match self.idem.get_mut(&key) {
                 // The first completion wins; a slower duplicate attempt gets the winner's answer.
                 Some(IdemRecord { state: IdemState::Done(first), .. }) => CommandResult::IdemDone(first.clone()),
@@ -170,6 +252,115 @@ impl SmData {
                     CommandResult::IdemDone(response)
                 }
             },
+        }
+    }
+
+    fn publish(&mut self, now_ms: u64, events: Vec<NewEvent>, limits: EventLimits) -> CommandResult {
+        self.clock_ms = self.clock_ms.max(now_ms);
+        let log = &mut self.log;
+        let horizon = self.clock_ms.saturating_sub(limits.dedup_window_ms);
+        while log.key_order.front().is_some_and(|(at, _)| *at < horizon) {
+            if let Some((at, key)) = log.key_order.pop_front() {
+                if log.keys.get(&key).is_some_and(|(_, _, t)| *t == at) {
+                    log.keys.remove(&key);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(events.len());
+        for e in events {
+            if let Some(key) = &e.idempotency_key {
+                if let Some((id, position, _)) = log.keys.get(key) {
+                    out.push((id.clone(), *position));
+                    continue;
+                }
+                log.keys.insert(key.clone(), (e.id.clone(), log.next, self.clock_ms));
+                log.key_order.push_back((self.clock_ms, key.clone()));
+            }
+            let event = e.into_event(log.next);
+            out.push((event.id.clone(), event.position));
+            log.bytes += event.size() as u64;
+            log.events.push_back(event);
+            log.next += 1;
+        }
+        let age_horizon = self.clock_ms.saturating_sub(limits.max_age_ms);
+        while let Some(front) = log.events.front() {
+            let over = log.events.len() as u64 > limits.max_events
+                || log.bytes > limits.max_bytes
+                || front.timestamp < age_horizon;
+            if !over {
+                break;
+            }
+            if let Some(e) = log.events.pop_front() {
+                log.bytes = log.bytes.saturating_sub(e.size() as u64);
+            }
+        }
+        let names: Vec<String> = self.subs.keys().cloned().collect();
+        for name in names {
+            self.advance(&name);
+        }
+        CommandResult::Published(out)
+    }
+
+    fn sub_update(&mut self, u: SubUpdate) {
+        match u {
+            SubUpdate::Ack { sub, position } => {
+                if let Some(s) = self.subs.get_mut(&sub) {
+                    if position >= s.cursor {
+                        s.done.insert(position);
+                    }
+                    s.attempts.remove(&position);
+                }
+                self.advance(&sub);
+            }
+            SubUpdate::Failed { sub, position, reason } => {
+                let event_id = self.log.get(position).map(|e| e.id.clone()).unwrap_or_default();
+                if let Some(s) = self.subs.get_mut(&sub) {
+                    if position < s.cursor || s.done.contains(&position) {
+                        return;
+                    }
+                    let n = s.attempts.entry(position).or_insert(0);
+                    *n += 1;
+                    if *n >= s.decl.max_attempts {
+                        let attempts = *n;
+                        s.attempts.remove(&position);
+                        s.done.insert(position);
+                        push_dead(s, DeadLetter { position, event_id, attempts, reason, node: None });
+                    }
+                }
+                self.advance(&sub);
+            }
+            SubUpdate::Instance { sub, node, position, dead } => {
+                let event_id = self.log.get(position).map(|e| e.id.clone()).unwrap_or_default();
+                if let Some(s) = self.subs.get_mut(&sub) {
+                    let next = s.instances.entry(node).or_insert(0);
+                    if position + 1 > *next {
+                        *next = position + 1;
+                        if let Some((attempts, reason)) = dead {
+                            push_dead(s, DeadLetter { position, event_id, attempts, reason, node: Some(node) });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Move a shared subscription's cursor over done, filtered-out and expired positions.
+    fn advance(&mut self, sub: &str) {
+        let Some(s) = self.subs.get_mut(sub) else { return };
+        let first = self.log.first();
+        if s.cursor < first {
+            s.cursor = first;
+            s.done = s.done.split_off(&first);
+            s.attempts = s.attempts.split_off(&first);
+        }
+        while s.cursor < self.log.next {
+            let c = s.cursor;
+            let skip = s.done.remove(&c) || self.log.get(c).is_none_or(|e| !s.decl.filter.matches(e));
+            if !skip {
+                break;
+            }
+            s.attempts.remove(&c);
+            s.cursor += 1;
         }
     }
 
@@ -238,6 +429,88 @@ impl SmShared {
 
     pub fn registry_revision(&self) -> u64 {
         read(&self.data).registry_revision
+    }
+
+    /// Up to `limit` retained events after position `after` (optionally one name), and the
+    /// position to continue from.
+    pub fn events_after(&self, after: u64, limit: usize, name: Option<&str>) -> (Vec<Event>, u64) {
+        let d = read(&self.data);
+        let mut out = Vec::new();
+        let mut next = after.max(d.log.first().saturating_sub(1));
+        let start = (after + 1).max(d.log.first());
+        let skip = (start - d.log.first()) as usize;
+        for e in d.log.events.iter().skip(skip) {
+            if out.len() >= limit {
+                break;
+            }
+            next = e.position;
+            if name.is_none_or(|n| n == e.event_name) {
+                out.push(e.clone());
+            }
+        }
+        (out, next)
+    }
+
+    pub fn event(&self, position: u64) -> Option<Event> {
+        read(&self.data).log.get(position).cloned()
+    }
+
+    /// (first retained position, next position).
+    pub fn event_bounds(&self) -> (u64, u64) {
+        let d = read(&self.data);
+        (d.log.first(), d.log.next)
+    }
+
+    /// Shared subscriptions and their declarations.
+    pub fn shared_subscriptions(&self) -> Vec<(String, SubscriptionDecl)> {
+        read(&self.data).subs.iter().filter(|(_, s)| s.decl.shared).map(|(n, s)| (n.clone(), s.decl.clone())).collect()
+    }
+
+    /// Up to `limit` events a shared subscription still has to process, in log order, with
+    /// their failed-attempt counts.
+    pub fn pending(&self, sub: &str, limit: usize) -> Vec<(Event, u32)> {
+        let d = read(&self.data);
+        let Some(s) = d.subs.get(sub) else { return Vec::new() };
+        let first = d.log.first();
+        let start = s.cursor.max(first);
+        d.log
+            .events
+            .iter()
+            .skip((start - first) as usize)
+            .filter(|e| !s.done.contains(&e.position) && s.decl.filter.matches(e))
+            .take(limit)
+            .map(|e| (e.clone(), s.attempts.get(&e.position).copied().unwrap_or(0)))
+            .collect()
+    }
+
+    /// Up to `limit` events matching a subscription's filter from position `from` on, and the
+    /// position to continue scanning from (`None` when nothing was scanned).
+    pub fn matching_from(&self, sub: &str, from: u64, limit: usize) -> (Vec<Event>, Option<u64>) {
+        let d = read(&self.data);
+        let Some(s) = d.subs.get(sub) else { return (Vec::new(), None) };
+        let first = d.log.first();
+        let start = from.max(first);
+        let mut out = Vec::new();
+        let mut scanned = None;
+        // Bounded scan so a long run of non-matching events does not hold the lock for long.
+        for e in d.log.events.iter().skip((start - first) as usize).take(limit * 16) {
+            if out.len() >= limit {
+                break;
+            }
+            scanned = Some(e.position + 1);
+            if s.decl.filter.matches(e) {
+                out.push(e.clone());
+            }
+        }
+        // Matching events are delivered first; continue scanning after the last returned one.
+        if let Some(last) = out.last() {
+            scanned = Some(last.position + 1);
+        }
+        (out, scanned)
+    }
+
+    pub fn subscription(&self, name: &str) -> Option<SubState> {
+        read(&self.data).subs.get(name).cloned()
     }
 
     /// The local view of an idempotency key's state.
@@ -488,4 +761,12 @@ mod tests {
         assert!(StateMachine::open(&dir).is_err());
         std::fs::remove_dir_all(dir).unwrap();
     }
+}
+
+fn push_dead(s: &mut SubState, d: DeadLetter) {
+    if s.dead.len() >= MAX_DEAD_LETTERS {
+        s.dead.pop_front();
+    }
+    metrics::counter!("raftbridge_dead_letters_total").increment(1);
+    s.dead.push_back(d);
 }

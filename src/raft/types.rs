@@ -85,6 +85,31 @@ pub enum Command {
     IdemBegin { key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64 },
     /// Record the finished response for an idempotency key.
     IdemComplete { key: String, attempt: u64, response: StoredResponse },
+    /// Append events to the event log (one entry, many events: one fsync serves them all).
+    Publish { now_ms: u64, events: Vec<crate::broker::event::NewEvent>, limits: EventLimits },
+    /// Subscription progress: acks, failed attempts, dead letters, per-instance positions.
+    SubUpdate { updates: Vec<SubUpdate> },
+}
+
+/// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
+/// node applies the same limits).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventLimits {
+    pub max_events: u64,
+    pub max_bytes: u64,
+    pub max_age_ms: u64,
+    pub dedup_window_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum SubUpdate {
+    /// A shared subscription's event was processed.
+    Ack { sub: String, position: u64 },
+    /// A delivery failed; after `max_attempts` the event goes to the dead letters.
+    Failed { sub: String, position: u64, reason: String },
+    /// An every-instance subscription's consumer on `node` finished `position` (acked, or dead
+    /// when `dead` holds the reason).
+    Instance { sub: String, node: NodeId, position: u64, dead: Option<(u32, String)> },
 }
 
 /// A command response kept for idempotent replay.
@@ -106,6 +131,7 @@ impl Command {
                 | Command::Register { .. }
                 | Command::IdemBegin { .. }
                 | Command::IdemComplete { .. }
+                | Command::SubUpdate { .. }
         )
     }
 }
@@ -120,6 +146,8 @@ impl fmt::Display for Command {
             Command::Register { node, .. } => write!(f, "register node {node}"),
             Command::IdemBegin { .. } => write!(f, "idempotency begin"),
             Command::IdemComplete { .. } => write!(f, "idempotency complete"),
+            Command::Publish { events, .. } => write!(f, "publish {} events", events.len()),
+            Command::SubUpdate { updates } => write!(f, "{} subscription updates", updates.len()),
         }
     }
 }
@@ -148,4 +176,7 @@ pub enum CommandResult {
     IdemPending { until_ms: u64 },
     /// The request already finished: replay this.
     IdemDone(StoredResponse),
+    /// (id, position) per published event, in order (a deduplicated one gets its first id/position).
+    Published(Vec<(String, u64)>),
+    SubUpdated,
 }

@@ -33,6 +33,8 @@ use serde::de::{self, DeserializeOwned, DeserializeSeed, IntoDeserializer, MapAc
 use serde::Serialize;
 
 use super::{BoxFuture, CommandDecl, CommandHandler, Ctx, HandlerError, Invocation, Output, ServiceDecl, ServiceParts};
+use super::SubscriptionHandler;
+use crate::broker::event::SubscriptionDecl;
 
 /// Timeout of a command that does not set one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -51,11 +53,18 @@ pub struct Service {
     name: String,
     version: u32,
     commands: Vec<(CommandDecl, Arc<dyn CommandHandler>)>,
+    subscriptions: Vec<(SubscriptionDecl, Arc<dyn SubscriptionHandler>)>,
 }
 
 impl Service {
     pub fn new(name: impl Into<String>, version: u32) -> Service {
-        Service { name: name.into(), version, commands: Vec::new() }
+        Service { name: name.into(), version, commands: Vec::new(), subscriptions: Vec::new() }
+    }
+
+    /// Adds a subscription, as returned by [`super::subscription::SubscriptionBuilder::handler`].
+    pub fn subscription(mut self, sub: (SubscriptionDecl, Arc<dyn SubscriptionHandler>)) -> Service {
+        self.subscriptions.push(sub);
+        self
     }
 
     /// Adds a command, as returned by [`CommandBuilder::handler`].
@@ -96,7 +105,24 @@ impl Service {
             }
             commands.push(decl);
         }
-        Ok(ServiceParts { decl: ServiceDecl { name: service, version, commands }, handlers })
+        let mut subscribers = BTreeMap::new();
+        let mut subscriptions = Vec::with_capacity(self.subscriptions.len());
+        for (decl, handler) in self.subscriptions {
+            let fail = |reason: String| BuildError::Service { service: service.clone(), version, reason };
+            check_name(&decl.name).map_err(|r| fail(format!("subscription: {r}")))?;
+            if decl.max_attempts == 0 || decl.max_in_flight == 0 || decl.ack_deadline_ms == 0 {
+                return Err(fail(format!("subscription {}: attempts, in-flight and ack deadline must be ≥ 1", decl.name)));
+            }
+            if subscribers.insert(decl.name.clone(), handler).is_some() {
+                return Err(fail(format!("two subscriptions are named {}", decl.name)));
+            }
+            subscriptions.push(decl);
+        }
+        Ok(ServiceParts {
+            decl: ServiceDecl { name: service, version, commands, subscriptions, available: true },
+            handlers,
+            subscribers,
+        })
     }
 }
 

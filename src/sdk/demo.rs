@@ -5,6 +5,9 @@
 //! - `increment` (not idempotent) changes replicated state: exactly-once effects when the client
 //!   sends an `Idempotency-Key` (the state layer deduplicates tagged writes);
 //! - `slow` (idempotent) sleeps: deadlines, and requests in flight on a node that dies.
+//! - `orders` stores an order and emits `orderPlaced`; the shared durable subscription
+//!   `countOrders` increments `orders-seen/<order id>` for each one it processes, so a test can see
+//!   at-least-once delivery and count duplicates by content.
 //!
 //! Its routes and answers are a contract the integration tests rely on.
 
@@ -15,7 +18,8 @@ use serde::Deserialize;
 use serde::Serialize;
 use serde_json::json;
 
-use super::{CommandBuilder, Ctx, HandlerError, Service, ServiceParts};
+use super::subscription::SubscriptionBuilder;
+use super::{CommandBuilder, Ctx, Emit, HandlerError, Service, ServiceParts};
 
 pub const SERVICE: &str = "demo";
 pub const VERSION: u32 = 1;
@@ -70,6 +74,13 @@ pub fn demo_service() -> ServiceParts {
                 .handler(increment),
         )
         .command(
+            CommandBuilder::post("placeOrder", "orders")
+                .input_schema(json!({"type": "object", "properties": {"id": {"type": "string"}}}))
+                .output_schema(json!({"type": "object", "required": ["id", "position", "servedBy"]}))
+                .handler(place_order),
+        )
+        .subscription(SubscriptionBuilder::new("countOrders").event_name("orderPlaced").handler(count_order))
+        .command(
             CommandBuilder::get("slow", "slow")
                 .idempotent(true)
                 .timeout(Duration::from_millis(MAX_SLEEP_MS + 5_000))
@@ -87,6 +98,45 @@ async fn echo(ctx: Ctx, body: serde_json::Value, _: ()) -> Result<serde_json::Va
 async fn increment(ctx: Ctx, _: IgnoredAny, p: CounterParams) -> Result<CounterValue, HandlerError> {
     let value = ctx.state().increment(STATE_STORE, &format!("counter/{}", p.name), 1).await?;
     Ok(CounterValue { name: p.name, value, served_by: ctx.node_id })
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Placed {
+    pub id: String,
+    pub event_id: String,
+    pub position: u64,
+    pub served_by: u64,
+}
+
+/// Store the order (its `id`, or a new one) and emit `orderPlaced` with it.
+async fn place_order(ctx: Ctx, mut order: serde_json::Value, _: ()) -> Result<Placed, HandlerError> {
+    if !order.is_object() {
+        return Err(HandlerError::bad_request("an order is a JSON object"));
+    }
+    let id = match order.get("id").and_then(|v| v.as_str()) {
+        Some(id) if !id.is_empty() && id.len() <= 128 => id.to_string(),
+        Some(_) => return Err(HandlerError::bad_request("order id must be 1..=128 characters")),
+        None => crate::broker::new_id(),
+    };
+    order["id"] = json!(id);
+    ctx.state().put(STATE_STORE, &format!("orders/{id}"), &order).await?;
+    let (event_id, position) = ctx.emit("orderPlaced", &order).await?;
+    Ok(Placed { id, event_id, position, served_by: ctx.node_id })
+}
+
+/// `countOrders`: one increment of `orders-seen/<order id>` per processed `orderPlaced`.
+async fn count_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
+    let order: serde_json::Value =
+        serde_json::from_slice(&event.payload).map_err(|e| HandlerError::bad_request(e.to_string()))?;
+    let id = order.get("id").and_then(|v| v.as_str()).ok_or_else(|| HandlerError::bad_request("order without id"))?;
+    if order.get("poison").and_then(|v| v.as_bool()) == Some(true) {
+        // Lets tests exercise redelivery and the dead letters.
+        return Err(HandlerError::unhandled("poison order"));
+    }
+    // Untagged on purpose: each delivery counts, so duplicates stay visible.
+    ctx.state().increment_untagged(STATE_STORE, &format!("orders-seen/{id}"), 1).await?;
+    Ok(None)
 }
 
 async fn slow(ctx: Ctx, _: IgnoredAny, p: SlowParams) -> Result<Slept, HandlerError> {

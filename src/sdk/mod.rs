@@ -15,6 +15,7 @@
 
 pub mod builder;
 pub mod demo;
+pub mod subscription;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -59,6 +60,17 @@ pub struct ServiceDecl {
     pub name: String,
     pub version: u32,
     pub commands: Vec<CommandDecl>,
+    /// Subscriptions this service's instances consume.
+    #[serde(default)]
+    pub subscriptions: Vec<crate::broker::event::SubscriptionDecl>,
+    /// False while the node cannot serve it (e.g. its sidecar upstream fails its health check):
+    /// the commands stay known to the cluster (503, not 404) but this node is not routed to.
+    #[serde(default = "yes")]
+    pub available: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Sender of a message (PURISTA's `sender`).
@@ -174,11 +186,25 @@ pub trait CommandHandler: Send + Sync + 'static {
     fn call(&self, ctx: Ctx, inv: Invocation) -> BoxFuture<Result<Output, HandlerError>>;
 }
 
-/// A service ready to be run by a node: its declaration and one handler per command name.
+/// A service ready to be run by a node: its declaration, one handler per command name and one
+/// per subscription name.
 #[derive(Clone)]
 pub struct ServiceParts {
     pub decl: ServiceDecl,
     pub handlers: BTreeMap<String, Arc<dyn CommandHandler>>,
+    pub subscribers: BTreeMap<String, Arc<dyn SubscriptionHandler>>,
+}
+
+/// What a subscription handler may ask for after processing an event: another event to emit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Emit {
+    pub event_name: String,
+    pub payload: serde_json::Value,
+}
+
+/// Processes one event; `Ok` acks it (emitting the returned event first), `Err` nacks it.
+pub trait SubscriptionHandler: Send + Sync + 'static {
+    fn handle(&self, ctx: Ctx, event: crate::broker::event::Event) -> BoxFuture<Result<Option<Emit>, HandlerError>>;
 }
 
 /// What a handler may use while it runs.
@@ -186,18 +212,38 @@ pub struct ServiceParts {
 pub struct Ctx {
     pub meta: MessageMeta,
     pub node_id: u64,
+    /// The service this handler belongs to (the `sender` of events it emits).
+    pub service: Option<Sender>,
     state: StateHandle,
+    broker: Option<Arc<crate::broker::Broker>>,
 }
 
 impl Ctx {
     pub fn new(meta: MessageMeta, node_id: u64, store: StateStore) -> Ctx {
         let dedup = meta.idempotency_key.clone().map(|k| (k, Arc::new(AtomicU32::new(0))));
-        Ctx { meta, node_id, state: StateHandle { store, dedup } }
+        Ctx { meta, node_id, service: None, state: StateHandle { store, dedup }, broker: None }
+    }
+
+    /// Give the handler the broker (for `emit`) and its service identity.
+    pub fn with_broker(mut self, broker: Arc<crate::broker::Broker>, service: Sender) -> Ctx {
+        self.broker = Some(broker);
+        self.service = Some(service);
+        self
     }
 
     /// The replicated state store.
     pub fn state(&self) -> &StateHandle {
         &self.state
+    }
+
+    /// Emit an event; returns (id, position) once it is committed on a quorum. Under an
+    /// idempotency key the event is deduplicated like the handler's state writes.
+    pub async fn emit(&self, event_name: &str, payload: &impl Serialize) -> Result<(String, u64), HandlerError> {
+        let broker = self.broker.as_ref().ok_or_else(|| HandlerError::unhandled("no broker in this context"))?;
+        let payload = serde_json::to_vec(payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+        let idempotency_key = self.state.next_tag().map(|(k, seq)| format!("{k}#emit{seq}"));
+        let event = crate::broker::new_event(event_name, payload, &self.meta, self.service.clone(), idempotency_key);
+        broker.publish_one(event).await.map_err(|e| HandlerError::new(503, e.to_string()))
     }
 }
 
@@ -225,6 +271,11 @@ impl StateHandle {
     pub async fn put(&self, store: &str, key: &str, value: &serde_json::Value) -> Result<u64, HandlerError> {
         let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
         Ok(self.store.put_tagged(store, key, &bytes, None, self.next_tag()).await?)
+    }
+
+    /// `increment` without the idempotency tag: applied on every call, even a repeated one.
+    pub async fn increment_untagged(&self, store: &str, key: &str, by: i64) -> Result<i64, HandlerError> {
+        Ok(self.store.increment(store, key, by, None).await?)
     }
 
     /// Atomically add `by` to an integer key (absent = 0); returns the new value.

@@ -492,9 +492,13 @@ fn keyed_increments_are_exactly_once_while_a_node_is_killed_under_load() {
     let load = IncrementLoad::start(&clients, "kill");
 
     c.wait_until(
-        "the load to be acknowledged 200 times, 3 of them served by node 2",
+        "the load to run 1 s and be acknowledged 200 times, 3 of them served by node 2",
         ROUTING,
-        || load.acked() >= 200 && load.served_by(b.id) >= 3,
+        || {
+            load.shared.started.elapsed() >= Duration::from_secs(1)
+                && load.acked() >= 200
+                && load.served_by(b.id) >= 3
+        },
     );
     c.kill(b.id);
     let killed = Instant::now();

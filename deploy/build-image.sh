@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Build the raftbridge container image without any registry (no `docker pull`).
+#
+# The binary links glibc dynamically, so this script stages a minimal root filesystem: the release
+# binary, the shared libraries `ldd` reports plus the dynamic loader, /etc/passwd and /etc/group
+# with the user raftbridge (uid/gid 10001), /etc/nsswitch.conf (`hosts: files dns`, so glibc
+# resolves names such as the compose alias `raftbridge`), and /data owned by that user. Then
+# `docker build` turns deploy/Dockerfile (FROM scratch) into the image.
+#
+# Usage: deploy/build-image.sh [TAG]          (default tag raftbridge:dev)
+# Env:   SKIP_CARGO_BUILD=1  reuse target/release/raftbridge as is (no cargo build)
+#        CARGO_TARGET_DIR    honoured when locating the binary
+set -euo pipefail
+
+tag="${1:-raftbridge:dev}"
+repo="$(cd "$(dirname "$0")/.." && pwd)"
+target_dir="${CARGO_TARGET_DIR:-$repo/target}"
+bin="$target_dir/release/raftbridge"
+
+if [[ "${SKIP_CARGO_BUILD:-0}" != 1 ]]; then
+  echo "build-image: cargo build --release (no-op when target/release is fresh)"
+  (cd "$repo" && cargo build --release --locked --bin raftbridge)
+fi
+[[ -x "$bin" ]] || { echo "build-image: $bin missing; run cargo build --release" >&2; exit 1; }
+
+ctx="$(mktemp -d "${TMPDIR:-/tmp}/raftbridge-image.XXXXXX")"
+trap 'rm -rf "$ctx"' EXIT
+root="$ctx/rootfs"
+mkdir -p "$root/etc" "$root/tmp" "$ctx/data"
+
+# The binary, stripped of debug info (line tables are useful for backtraces but triple the size;
+# keep them with KEEP_DEBUG=1).
+if [[ "${KEEP_DEBUG:-0}" == 1 ]] || ! command -v strip >/dev/null 2>&1; then
+  cp "$bin" "$root/raftbridge"
+else
+  strip --strip-debug -o "$root/raftbridge" "$bin"
+fi
+
+# Shared libraries and the loader, at the paths the binary expects. The glibc NSS modules for
+# files/dns are built into libc since glibc 2.34; on older hosts they are separate libraries, so
+# copy them (and their dependencies) when they exist.
+libs=("$bin")
+for extra in libnss_files.so.2 libnss_dns.so.2 libresolv.so.2; do
+  for dir in /lib/x86_64-linux-gnu /usr/lib/x86_64-linux-gnu /lib64 /usr/lib64 /lib /usr/lib; do
+    if [[ -e "$dir/$extra" ]]; then libs+=("$dir/$extra"); break; fi
+  done
+done
+copy_lib() { # copy a file keeping its absolute path; resolve symlinks to the real file
+  local src="$1"
+  mkdir -p "$root$(dirname "$src")"
+  cp -L "$src" "$root$src"
+}
+for f in "${libs[@]}"; do
+  [[ "$f" == "$bin" ]] || copy_lib "$f"
+  # `ldd` lines: "libc.so.6 => /lib/.../libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)".
+  while read -r lib; do
+    [[ -n "$lib" && -e "$root$lib" ]] || copy_lib "$lib"
+  done < <(ldd "$f" | awk '/=> \// { print $3; next } /^[[:space:]]*\// { print $1 }')
+done
+
+cat > "$root/etc/passwd" <<'PASSWD'
+root:x:0:0:root:/:/sbin/nologin
+raftbridge:x:10001:10001:raftbridge:/data:/sbin/nologin
+PASSWD
+cat > "$root/etc/group" <<'GROUP'
+root:x:0:
+raftbridge:x:10001:
+GROUP
+printf 'hosts: files dns\n' > "$root/etc/nsswitch.conf"
+# Docker and Kubernetes bind-mount /etc/hosts and /etc/resolv.conf over these placeholders.
+: > "$root/etc/hosts"
+: > "$root/etc/resolv.conf"
+chmod 1777 "$root/tmp"
+
+cp "$repo/deploy/Dockerfile" "$ctx/Dockerfile"
+echo "build-image: rootfs $(du -sh "$root" | cut -f1), building $tag"
+# The legacy builder is enough for a FROM scratch image and needs no buildx plugin.
+DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" docker build -q -t "$tag" "$ctx" >/dev/null
+echo "build-image: $tag $(docker image inspect -f '{{.Size}}' "$tag" | awk '{ printf "%.1f MB", $1/1e6 }')"

@@ -1,0 +1,343 @@
+//! Delivering events to subscriptions (see the module doc of `broker` for the model).
+//!
+//! Ordering: a shared subscription's events are handed out in log order, up to `max_in_flight`
+//! per consumer instance at a time, so with more than one in flight they may *complete* out of
+//! order; an event that fails is retried after a backoff while later events go ahead, so
+//! redelivery reorders. An every-instance subscription is delivered strictly in log order on each
+//! node (an event is retried, blocking the ones after it, until it succeeds or is dead-lettered).
+//! Delivery is at least once: an ack lost to a crash means a redelivery, so handlers should be
+//! idempotent (the demo's `countOrders` counts each order id, so duplicates are visible).
+
+use std::collections::HashMap;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+use tracing::warn;
+
+use super::Broker;
+use super::event::Event;
+use super::event::SubscriptionDecl;
+use crate::cluster::Cluster;
+use crate::peer::PeerNet;
+use crate::peer::message::PeerRequest;
+use crate::peer::message::PeerResponse;
+use crate::raft::state_machine::SmShared;
+use crate::raft::types::Command;
+use crate::raft::types::NodeId;
+use crate::raft::types::SubUpdate;
+use crate::sdk::Ctx;
+use crate::sdk::HandlerError;
+use crate::sdk::MessageMeta;
+use crate::sdk::Sender;
+use crate::sdk::SubscriptionHandler;
+
+const TICK: Duration = Duration::from_millis(10);
+const UPDATE_BATCH: usize = 4096;
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+/// A local subscription handler and the identity of the service it belongs to.
+#[derive(Clone)]
+pub struct LocalSubscriber {
+    pub handler: Arc<dyn SubscriptionHandler>,
+    pub service: Sender,
+}
+
+type UpdateReq = (SubUpdate, oneshot::Sender<bool>);
+
+pub struct Dispatcher {
+    node_id: NodeId,
+    sm: Arc<SmShared>,
+    net: Arc<PeerNet>,
+    broker: Arc<Broker>,
+    cluster: Cluster,
+    local: HashMap<String, LocalSubscriber>,
+    /// Feeds the update writer; it ends with the dispatcher.
+    updates: mpsc::Sender<UpdateReq>,
+}
+
+fn backoff(attempts: u32) -> Duration {
+    BACKOFF_BASE.saturating_mul(1 << attempts.min(10)).min(BACKOFF_MAX)
+}
+
+impl Dispatcher {
+    pub fn start(
+        broker: Arc<Broker>,
+        net: Arc<PeerNet>,
+        cluster: Cluster,
+        local: HashMap<String, LocalSubscriber>,
+        shutdown: CancellationToken,
+    ) -> Arc<Dispatcher> {
+        let (tx, rx) = mpsc::channel(UPDATE_BATCH * 4);
+        let d = Arc::new(Dispatcher {
+            node_id: net.node_id(),
+            sm: broker.store().local().clone(),
+            net,
+            broker,
+            cluster,
+            local,
+            updates: tx,
+        });
+        tokio::spawn(update_writer(d.broker.clone(), rx, shutdown.clone()));
+        tokio::spawn(d.clone().shared_loop(shutdown.clone()));
+        for (name, sub) in &d.local {
+            let _ = sub;
+            tokio::spawn(d.clone().instance_loop(name.clone(), shutdown.clone()));
+        }
+        d
+    }
+
+    /// Commit one progress update (batched with others); true once applied.
+    async fn update(&self, u: SubUpdate) -> bool {
+        let (tx, rx) = oneshot::channel();
+        if self.updates.send((u, tx)).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// Run the local handler for one event: emit what it returns, then report success.
+    pub async fn run_local(&self, sub: &str, event: Event) -> Result<(), HandlerError> {
+        let Some(s) = self.local.get(sub) else {
+            return Err(HandlerError::new(503, format!("subscription {sub} is not consumed here")));
+        };
+        let meta = MessageMeta {
+            trace_id: event.trace_id.clone().unwrap_or_default(),
+            correlation_id: event.correlation_id.clone().unwrap_or_default(),
+            principal_id: event.principal_id.clone(),
+            tenant_id: event.tenant_id.clone(),
+            sender: event.sender.clone(),
+            // Writes the handler makes are tagged per (subscription, event): a redelivery
+            // does not apply them twice.
+            idempotency_key: Some(format!("sub:{sub}:{}", event.id)),
+            traceparent: String::new(),
+        };
+        let ctx = Ctx::new(meta, self.node_id, self.broker.store().clone()).with_broker(self.broker.clone(), s.service.clone());
+        let event_id = event.id.clone();
+        let out = s.handler.handle(ctx.clone(), event).await?;
+        if let Some(emit) = out {
+            let payload = serde_json::to_vec(&emit.payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+            let key = Some(format!("sub:{sub}:{event_id}:emit"));
+            let new = super::new_event(&emit.event_name, payload, &ctx.meta, Some(s.service.clone()), key);
+            self.broker.publish_one(new).await.map_err(|e| HandlerError::new(503, e.to_string()))?;
+        }
+        Ok(())
+    }
+
+    /// Serve `PeerRequest::Deliver` from the leader's dispatcher.
+    pub async fn serve_delivery(&self, sub: String, event: Event) -> PeerResponse {
+        if !self.cluster.ready() {
+            return PeerResponse::Delivered(Err(HandlerError::new(503, "node is not ready")));
+        }
+        PeerResponse::Delivered(self.run_local(&sub, event).await)
+    }
+
+    /// Consumers of a shared subscription: registered, available, and live.
+    fn consumers(&self, sub: &str) -> Vec<NodeId> {
+        let (_, registry) = self.sm.registry();
+        registry
+            .iter()
+            .filter(|(_, services)| services.iter().any(|s| s.available && s.subscriptions.iter().any(|d| d.name == sub)))
+            .map(|(node, _)| *node)
+            .filter(|n| if *n == self.node_id { self.local.contains_key(sub) && self.cluster.ready() } else { self.net.reachable(*n) })
+            .collect()
+    }
+
+    /// On the leader: hand pending events of every shared subscription to consumers.
+    async fn shared_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        // (subscription, position) → consumer, for deliveries not yet settled in the log.
+        let inflight: Arc<Mutex<HashMap<(String, u64), NodeId>>> = Arc::new(Mutex::new(HashMap::new()));
+        let mut retry_at: HashMap<(String, u64), Instant> = HashMap::new();
+        // Failed deliveries report their backoff here; drained every tick. Bounded by the
+        // deliveries in flight (each sends at most one note).
+        let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<((String, u64), Duration)>();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut was_leader = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let leader = self.broker.store().replica().raft.is_leader();
+            if !leader {
+                if was_leader {
+                    // Deliveries in flight finish or time out on their own; the next leader
+                    // starts from the replicated progress.
+                    lock(&inflight).clear();
+                    retry_at.clear();
+                }
+                was_leader = false;
+                continue;
+            }
+            was_leader = true;
+            while let Ok((key, pause)) = retry_rx.try_recv() {
+                retry_at.insert(key, Instant::now() + pause);
+            }
+            let now = Instant::now();
+            retry_at.retain(|_, t| *t > now);
+            for (name, decl) in self.sm.shared_subscriptions() {
+                let consumers = self.consumers(&name);
+                if consumers.is_empty() {
+                    continue;
+                }
+                let mut load: HashMap<NodeId, u32> = consumers.iter().map(|c| (*c, 0)).collect();
+                let busy: HashSet<u64> = {
+                    let f = lock(&inflight);
+                    for ((s, _), node) in f.iter() {
+                        if s == &name {
+                            if let Some(l) = load.get_mut(node) {
+                                *l += 1;
+                            }
+                        }
+                    }
+                    f.keys().filter(|(s, _)| s == &name).map(|(_, p)| *p).collect()
+                };
+                let capacity = consumers.len() * decl.max_in_flight as usize;
+                let free = capacity.saturating_sub(busy.len());
+                if free == 0 {
+                    continue;
+                }
+                let pending = self.sm.pending(&name, busy.len() + retry_at.len() + free);
+                for (event, attempts) in pending {
+                    let key = (name.clone(), event.position);
+                    if busy.contains(&event.position) || retry_at.contains_key(&key) {
+                        continue;
+                    }
+                    let Some((&target, _)) = load.iter().filter(|(_, l)| **l < decl.max_in_flight).min_by_key(|(_, l)| **l)
+                    else {
+                        break;
+                    };
+                    *load.entry(target).or_default() += 1;
+                    lock(&inflight).insert(key.clone(), target);
+                    let this = self.clone();
+                    let inflight = inflight.clone();
+                    let decl = decl.clone();
+                    let retry_tx = retry_tx.clone();
+                    tokio::spawn(async move {
+                        let pause = this.deliver_shared(&decl, target, event, attempts).await;
+                        lock(&inflight).remove(&key);
+                        if let Some(pause) = pause {
+                            let _ = retry_tx.send((key, pause));
+                        }
+                    });
+                }
+            }
+        }
+    }
+
+    /// One delivery of a shared subscription's event; returns a backoff when it failed.
+    async fn deliver_shared(&self, decl: &SubscriptionDecl, target: NodeId, event: Event, attempts: u32) -> Option<Duration> {
+        let position = event.position;
+        let deadline = Duration::from_millis(decl.ack_deadline_ms.max(1));
+        let result = if target == self.node_id {
+            match tokio::time::timeout(deadline, self.run_local(&decl.name, event)).await {
+                Ok(r) => r,
+                Err(_) => Err(HandlerError::new(504, "ack deadline passed")),
+            }
+        } else {
+            let req = PeerRequest::Deliver { sub: decl.name.clone(), event };
+            match self.net.request(target, &req, deadline).await {
+                Ok(PeerResponse::Delivered(r)) => r,
+                Ok(other) => Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other)))),
+                Err(e) => Err(HandlerError::new(502, e.to_string())),
+            }
+        };
+        match result {
+            Ok(()) => {
+                metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(1);
+                self.update(SubUpdate::Ack { sub: decl.name.clone(), position }).await;
+                None
+            }
+            Err(e) => {
+                metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(1);
+                debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
+                let reason = format!("node {target}: {e}");
+                self.update(SubUpdate::Failed { sub: decl.name.clone(), position, reason }).await;
+                Some(backoff(attempts + 1))
+            }
+        }
+    }
+
+    /// On every node: deliver an every-instance subscription's events to the local handler, in
+    /// log order.
+    async fn instance_loop(self: Arc<Self>, name: String, shutdown: CancellationToken) {
+        let mut next: Option<u64> = None;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let Some(state) = self.sm.subscription(&name) else { continue };
+            if state.decl.shared || !self.cluster.ready() {
+                continue;
+            }
+            let replicated = state.instances.get(&self.node_id).copied().unwrap_or(0);
+            let from = next.unwrap_or(replicated).max(replicated);
+            let (events, scanned_to) = self.sm.matching_from(&name, from, 256);
+            for event in events {
+                let position = event.position;
+                let mut attempts = 0u32;
+                let dead = loop {
+                    match self.run_local(&name, event.clone()).await {
+                        Ok(()) => break None,
+                        Err(e) => {
+                            attempts += 1;
+                            if attempts >= state.decl.max_attempts {
+                                break Some((attempts, e.to_string()));
+                            }
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(backoff(attempts)) => {}
+                            }
+                        }
+                    }
+                };
+                next = Some(position + 1);
+                let u = SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead };
+                if !self.update(u).await {
+                    warn!(sub = %name, position, "could not record progress; will redeliver after a restart");
+                }
+            }
+            if let Some(to) = scanned_to {
+                next = Some(next.unwrap_or(to).max(to));
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Maps of small values, valid after a panic elsewhere.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Commits progress updates in batches (one Raft entry per batch, one batch at a time).
+async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, shutdown: CancellationToken) {
+    loop {
+        let first = tokio::select! {
+            f = rx.recv() => match f { Some(f) => f, None => return },
+            _ = shutdown.cancelled() => return,
+        };
+        let mut batch = vec![first];
+        while batch.len() < UPDATE_BATCH {
+            match rx.try_recv() {
+                Ok(u) => batch.push(u),
+                Err(_) => break,
+            }
+        }
+        let (updates, txs): (Vec<SubUpdate>, Vec<_>) = batch.into_iter().unzip();
+        let ok = broker.store().command(Command::SubUpdate { updates }, Duration::from_secs(10)).await.is_ok();
+        for tx in txs {
+            let _ = tx.send(ok);
+        }
+    }
+}

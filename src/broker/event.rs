@@ -1,0 +1,199 @@
+//! Event types shared by the state machine, the broker runtime, the SDK and the HTTP API.
+//!
+//! An event is stored once, in log order, with a cluster-wide `position` assigned when its
+//! Raft entry is applied (so every node agrees on it). Filters follow PURISTA's subscription
+//! semantics: every field that is set must match, an unset field matches anything.
+
+use serde::Deserialize;
+use serde::Serialize;
+
+use crate::sdk::Sender;
+
+/// An event as stored in the replicated log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub position: u64,
+    pub id: String,
+    pub event_name: String,
+    /// Milliseconds since the epoch, set by the node that accepted the event.
+    pub timestamp: u64,
+    /// PURISTA message type: `customMessage`, or `commandSuccessResponse` for command results.
+    pub message_type: String,
+    pub sender: Option<Sender>,
+    pub principal_id: Option<String>,
+    pub tenant_id: Option<String>,
+    pub trace_id: Option<String>,
+    pub correlation_id: Option<String>,
+    /// The payload as JSON text.
+    pub payload: Vec<u8>,
+}
+
+impl Event {
+    /// Stored size used for retention by size.
+    pub fn size(&self) -> usize {
+        self.payload.len() + self.id.len() + self.event_name.len() + 64
+    }
+
+    /// The JSON form served by `GET /v1/events` and POSTed to sidecar subscribers.
+    pub fn to_json(&self) -> serde_json::Value {
+        let payload: serde_json::Value = serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null);
+        serde_json::json!({
+            "position": self.position,
+            "id": self.id,
+            "eventName": self.event_name,
+            "timestamp": self.timestamp,
+            "messageType": self.message_type,
+            "sender": self.sender.as_ref().map(|s| serde_json::json!({
+                "serviceName": s.service_name, "serviceVersion": s.service_version,
+                "serviceTarget": s.service_target, "instanceId": s.instance_id,
+            })),
+            "principalId": self.principal_id,
+            "tenantId": self.tenant_id,
+            "traceId": self.trace_id,
+            "correlationId": self.correlation_id,
+            "contentType": "application/json",
+            "payload": payload,
+        })
+    }
+}
+
+/// An event to publish (the position comes from the log).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewEvent {
+    pub id: String,
+    pub event_name: String,
+    pub timestamp: u64,
+    pub message_type: String,
+    pub sender: Option<Sender>,
+    pub principal_id: Option<String>,
+    pub tenant_id: Option<String>,
+    pub trace_id: Option<String>,
+    pub correlation_id: Option<String>,
+    pub payload: Vec<u8>,
+    /// Producer dedup: a repeat within the window returns the first id/position.
+    pub idempotency_key: Option<String>,
+}
+
+impl NewEvent {
+    pub fn into_event(self, position: u64) -> Event {
+        Event {
+            position,
+            id: self.id,
+            event_name: self.event_name,
+            timestamp: self.timestamp,
+            message_type: self.message_type,
+            sender: self.sender,
+            principal_id: self.principal_id,
+            tenant_id: self.tenant_id,
+            trace_id: self.trace_id,
+            correlation_id: self.correlation_id,
+            payload: self.payload,
+        }
+    }
+}
+
+/// PURISTA's subscription filter: set fields must match, unset fields match anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventFilter {
+    pub event_name: Option<String>,
+    pub sender_service: Option<String>,
+    pub sender_version: Option<String>,
+    pub sender_target: Option<String>,
+    pub message_type: Option<String>,
+    pub principal_id: Option<String>,
+    pub tenant_id: Option<String>,
+}
+
+impl EventFilter {
+    pub fn matches(&self, e: &Event) -> bool {
+        fn ok(want: &Option<String>, got: Option<&str>) -> bool {
+            want.as_deref().is_none_or(|w| got == Some(w))
+        }
+        let sender = e.sender.as_ref();
+        ok(&self.event_name, Some(&e.event_name))
+            && ok(&self.sender_service, sender.map(|s| s.service_name.as_str()))
+            && ok(&self.sender_version, sender.map(|s| s.service_version.as_str()))
+            && ok(&self.sender_target, sender.map(|s| s.service_target.as_str()))
+            && ok(&self.message_type, Some(&e.message_type))
+            && ok(&self.principal_id, e.principal_id.as_deref())
+            && ok(&self.tenant_id, e.tenant_id.as_deref())
+    }
+}
+
+/// A subscription as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionDecl {
+    /// Cluster-wide name (its state — positions, attempts, dead letters — is kept under it).
+    pub name: String,
+    pub filter: EventFilter,
+    /// Each event to one live instance (competing consumers); otherwise to every instance.
+    pub shared: bool,
+    /// Keep the position while no consumer runs; otherwise start at the log's end.
+    pub durable: bool,
+    pub max_attempts: u32,
+    pub ack_deadline_ms: u64,
+    /// Deliveries in flight per consumer instance at most.
+    pub max_in_flight: u32,
+}
+
+impl SubscriptionDecl {
+    pub fn new(name: impl Into<String>, filter: EventFilter) -> SubscriptionDecl {
+        SubscriptionDecl {
+            name: name.into(),
+            filter,
+            shared: true,
+            durable: true,
+            max_attempts: 5,
+            ack_deadline_ms: 30_000,
+            max_in_flight: 64,
+        }
+    }
+}
+
+/// A delivery that failed `max_attempts` times.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub position: u64,
+    pub event_id: String,
+    pub attempts: u32,
+    pub reason: String,
+    /// The instance, for every-instance subscriptions.
+    pub node: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(name: &str, sender: Option<&str>, tenant: Option<&str>) -> Event {
+        Event {
+            position: 1,
+            id: "e".into(),
+            event_name: name.into(),
+            timestamp: 0,
+            message_type: "customMessage".into(),
+            sender: sender.map(|s| Sender { service_name: s.into(), service_version: "1".into(), ..Default::default() }),
+            principal_id: None,
+            tenant_id: tenant.map(str::to_string),
+            trace_id: None,
+            correlation_id: None,
+            payload: b"{}".to_vec(),
+        }
+    }
+
+    #[test]
+    fn filters_follow_purista() {
+        let any = EventFilter::default();
+        assert!(any.matches(&ev("a", None, None)));
+        let by_name = EventFilter { event_name: Some("a".into()), ..Default::default() };
+        assert!(by_name.matches(&ev("a", None, None)));
+        assert!(!by_name.matches(&ev("b", None, None)));
+        let by_sender = EventFilter { sender_service: Some("users".into()), sender_version: Some("1".into()), ..Default::default() };
+        assert!(by_sender.matches(&ev("x", Some("users"), None)));
+        assert!(!by_sender.matches(&ev("x", Some("orders"), None)));
+        assert!(!by_sender.matches(&ev("x", None, None)), "a set field does not match an absent one");
+        let by_tenant = EventFilter { tenant_id: Some("t1".into()), ..Default::default() };
+        assert!(by_tenant.matches(&ev("x", None, Some("t1"))));
+        assert!(!by_tenant.matches(&ev("x", None, Some("t2"))));
+    }
+}

@@ -1,0 +1,431 @@
+//! Cluster control for the chaos suite: start, kill, pause, isolate and heal nodes.
+//!
+//! [`ClusterControl`] is what the driver needs from a cluster; [`ProcessCluster`] implements it
+//! with `raftbridge node` child processes of this same binary on free loopback ports (the same
+//! way `raftbridge dev` and the integration tests run nodes). A container implementation (docker
+//! pause / network disconnect) plugs in behind the same trait.
+//!
+//! Isolation in process mode: every node *advertises* (and is seeded with) the address of a small
+//! TCP relay owned by this process instead of its own peer port, so every peer link runs through
+//! a relay. The relay reads the dialer's `Hello` frame (proto/PEER.md: it carries the dialer's
+//! node id) and therefore knows both ends of each link. Isolating node N closes every link with N
+//! at one end and refuses new ones until healed: for both nodes it looks exactly like a network
+//! cut (the links reset, dials fail). Client HTTP does not go through the relay, so clients can
+//! still reach an isolated node — as with a real partition between servers.
+//!
+//! Processes are signalled with `kill(1)` (the crate forbids `unsafe`, so no libc). Every child
+//! is spawned with `kill_on_drop`, so dropping the cluster (also on panic or Ctrl-C) kills them.
+
+use std::collections::BTreeSet;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::Context;
+use tokio::io::AsyncReadExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpListener;
+use tokio::net::TcpStream;
+use tokio::process::Child;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// What the chaos driver needs from a cluster.
+#[allow(async_fn_in_trait)] // used generically by the driver only, never boxed or spawned
+pub trait ClusterControl {
+    /// Node ids, 1..=n.
+    fn ids(&self) -> Vec<u64>;
+    /// `host:port` of the node's client HTTP API.
+    fn http_addr(&self, id: u64) -> String;
+    /// Whether [`ClusterControl::isolate`] is a real network cut in this mode.
+    fn supports_isolation(&self) -> bool;
+    /// Whether the node's process is running (paused counts as running).
+    fn is_running(&self, id: u64) -> bool;
+    /// Starts (or restarts, same data dir and flags) a node that is not running.
+    async fn start(&self, id: u64) -> anyhow::Result<()>;
+    /// SIGKILL, and wait until the process is gone.
+    async fn kill(&self, id: u64) -> anyhow::Result<()>;
+    /// SIGTERM and wait for the node to drain and exit; SIGKILL after `deadline`.
+    /// Returns whether it exited by itself.
+    async fn stop_gracefully(&self, id: u64, deadline: Duration) -> anyhow::Result<bool>;
+    /// SIGSTOP.
+    async fn pause(&self, id: u64) -> anyhow::Result<()>;
+    /// SIGCONT.
+    async fn resume(&self, id: u64) -> anyhow::Result<()>;
+    /// Cut the node off from every other node.
+    async fn isolate(&self, id: u64) -> anyhow::Result<()>;
+    /// Undo [`ClusterControl::isolate`].
+    async fn heal(&self, id: u64) -> anyhow::Result<()>;
+    /// Kill everything and release resources.
+    async fn shutdown(&self);
+}
+
+/// Who may talk to whom: the set of isolated nodes plus a generation that relays watch.
+pub struct Partition {
+    isolated: Mutex<BTreeSet<u64>>,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for Partition {
+    fn default() -> Self {
+        Partition { isolated: Mutex::new(BTreeSet::new()), changed: watch::channel(0).0 }
+    }
+}
+
+impl Partition {
+    fn set(&self, id: u64, isolated: bool) {
+        {
+            let mut set = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+            if isolated {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+        }
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// A link from `from` (unknown when the first frame was no Hello) to `to` is cut.
+    pub fn blocked(&self, from: Option<u64>, to: u64) -> bool {
+        let set = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+        set.contains(&to) || from.is_some_and(|f| set.contains(&f))
+    }
+}
+
+/// Parses the dialer's node id out of a peer `Hello` frame (proto/PEER.md): u32 BE length,
+/// kind 1, u64 correlation, then bincode `{magic: u32, version: u16, cluster: String, node_id}`.
+pub fn hello_node_id(frame: &[u8]) -> Option<u64> {
+    let body = frame.get(4..)?;
+    if *body.first()? != 1 {
+        return None;
+    }
+    let payload = body.get(9..)?;
+    let magic = u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?);
+    if magic != 0x5242_5247 {
+        return None;
+    }
+    let len = u64::from_le_bytes(payload.get(6..14)?.try_into().ok()?) as usize;
+    let at = 14usize.checked_add(len)?;
+    Some(u64::from_le_bytes(payload.get(at..at.checked_add(8)?)?.try_into().ok()?))
+}
+
+/// Reads the first frame (bounded) into `buf`; returns the dialer's id if it was a Hello.
+async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u64> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.ok()?;
+    buf.extend_from_slice(&len);
+    let n = u32::from_be_bytes(len) as usize;
+    if n > 64 << 10 {
+        return None;
+    }
+    let mut rest = vec![0u8; n];
+    stream.read_exact(&mut rest).await.ok()?;
+    buf.extend_from_slice(&rest);
+    hello_node_id(buf)
+}
+
+/// One relayed peer connection toward node `to`.
+async fn relay(mut inbound: TcpStream, to: u64, dest: SocketAddr, part: Arc<Partition>) {
+    let mut first = Vec::new();
+    let from = tokio::time::timeout(Duration::from_secs(3), read_hello(&mut inbound, &mut first)).await.ok().flatten();
+    if part.blocked(from, to) {
+        return; // dropped: the dialer sees a reset, as on a cut network
+    }
+    let Ok(mut outbound) = TcpStream::connect(dest).await else { return };
+    let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+    if outbound.write_all(&first).await.is_err() {
+        return;
+    }
+    let mut changed = part.changed.subscribe();
+    let cut = async {
+        loop {
+            if changed.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            if part.blocked(from, to) {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+        _ = cut => {}
+    }
+}
+
+/// Accepts peer connections for node `to` on `listener` and relays them to `dest`.
+fn spawn_relay(listener: TcpListener, to: u64, dest: SocketAddr, part: Arc<Partition>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    let (part, stop) = (part.clone(), stop.clone());
+                    tokio::spawn(async move {
+                        tokio::select! {
+                            _ = stop.cancelled() => {}
+                            _ = relay(stream, to, dest, part) => {}
+                        }
+                    });
+                }
+                // Out of file descriptors or similar: back off briefly (pacing, not a wait).
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+}
+
+struct ProcNode {
+    id: u64,
+    http: SocketAddr,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Mutex<Option<Child>>,
+    starts: Mutex<u32>,
+}
+
+/// A cluster of `raftbridge node` child processes on loopback (module doc).
+pub struct ProcessCluster {
+    exe: PathBuf,
+    nodes: Vec<ProcNode>,
+    partition: Arc<Partition>,
+    stop: CancellationToken,
+}
+
+/// Free loopback ports: bound, then released for the child to bind (the harness does the same).
+fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let listeners: Vec<std::net::TcpListener> =
+        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>().context("binding a free port")?;
+    listeners.iter().map(|l| l.local_addr().context("local_addr")).collect()
+}
+
+impl ProcessCluster {
+    /// Prepares `n` nodes under `dir` and their relays; starts nothing.
+    pub async fn new(exe: &Path, dir: &Path, n: usize, extra_flags: &[String]) -> anyhow::Result<ProcessCluster> {
+        let partition = Arc::new(Partition::default());
+        let stop = CancellationToken::new();
+        let ports = free_ports(2 * n)?;
+        let mut relays = Vec::new();
+        for _ in 0..n {
+            relays.push(TcpListener::bind("127.0.0.1:0").await.context("binding a relay port")?);
+        }
+        let relay_addrs: Vec<String> = relays.iter().map(|l| l.local_addr().map(|a| a.to_string())).collect::<Result<_, _>>()?;
+        let seeds = relay_addrs.join(",");
+        let mut nodes = Vec::new();
+        for (i, relay) in relays.into_iter().enumerate() {
+            let id = i as u64 + 1;
+            let (peer, http) = (ports[i], ports[n + i]);
+            let data = dir.join(format!("n{id}"));
+            std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+            let mut args: Vec<String> = [
+                "node", "--id", &id.to_string(), "--data-dir", &data.display().to_string(),
+                "--peer-addr", &peer.to_string(), "--advertise", &relay_addrs[i], "--http-addr", &http.to_string(),
+                "--seeds", &seeds, "--bootstrap-expect", &n.to_string(), "--cluster-name", "chaos", "--example-services",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            args.extend(extra_flags.iter().cloned());
+            spawn_relay(relay, id, peer, partition.clone(), stop.clone());
+            let log = dir.join(format!("n{id}.log"));
+            nodes.push(ProcNode { id, http, args, log, child: Mutex::new(None), starts: Mutex::new(0) });
+        }
+        Ok(ProcessCluster { exe: exe.to_path_buf(), nodes, partition, stop })
+    }
+
+    fn node(&self, id: u64) -> anyhow::Result<&ProcNode> {
+        self.nodes.iter().find(|n| n.id == id).with_context(|| format!("no node {id}"))
+    }
+
+    fn pid(&self, id: u64) -> anyhow::Result<Option<u32>> {
+        let node = self.node(id)?;
+        let child = node.child.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(child.as_ref().and_then(|c| c.id()))
+    }
+
+    fn signal(&self, id: u64, sig: &str) -> anyhow::Result<()> {
+        let Some(pid) = self.pid(id)? else { anyhow::bail!("node {id} is not running") };
+        let status = std::process::Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().context("running kill")?;
+        anyhow::ensure!(status.success(), "kill -{sig} {pid} (node {id}) failed: {status}");
+        Ok(())
+    }
+
+    /// Waits (bounded) for the node's process to exit; returns whether it did.
+    async fn reap(&self, id: u64, deadline: Duration) -> anyhow::Result<bool> {
+        let node = self.node(id)?;
+        let Some(mut child) = node.child.lock().unwrap_or_else(|p| p.into_inner()).take() else { return Ok(true) };
+        match tokio::time::timeout(deadline, child.wait()).await {
+            Ok(_) => Ok(true),
+            Err(_) => {
+                // Still running: put it back so that the caller can escalate.
+                *node.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+                Ok(false)
+            }
+        }
+    }
+
+    fn note(&self, id: u64, what: &str) {
+        if let Ok(node) = self.node(id) {
+            if let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&node.log) {
+                let _ = writeln!(f, "===== chaos: {what} =====");
+            }
+        }
+    }
+}
+
+impl ClusterControl for ProcessCluster {
+    fn ids(&self) -> Vec<u64> {
+        self.nodes.iter().map(|n| n.id).collect()
+    }
+
+    fn http_addr(&self, id: u64) -> String {
+        self.nodes.iter().find(|n| n.id == id).map(|n| n.http.to_string()).unwrap_or_default()
+    }
+
+    fn supports_isolation(&self) -> bool {
+        true
+    }
+
+    fn is_running(&self, id: u64) -> bool {
+        self.node(id).is_ok_and(|n| n.child.lock().unwrap_or_else(|p| p.into_inner()).is_some())
+    }
+
+    async fn start(&self, id: u64) -> anyhow::Result<()> {
+        let node = self.node(id)?;
+        let mut slot = node.child.lock().unwrap_or_else(|p| p.into_inner());
+        anyhow::ensure!(slot.is_none(), "node {id} is already running");
+        let starts = {
+            let mut s = node.starts.lock().unwrap_or_else(|p| p.into_inner());
+            *s += 1;
+            *s
+        };
+        let mut log = OpenOptions::new().create(true).append(true).open(&node.log).with_context(|| format!("opening {}", node.log.display()))?;
+        let _ = writeln!(log, "===== chaos: start #{starts} of node {id} =====");
+        let stderr = log.try_clone()?;
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.args(&node.args).stdin(Stdio::null()).stdout(Stdio::from(log)).stderr(Stdio::from(stderr)).kill_on_drop(true);
+        // Only our flags configure the node; the power-loss test mode is always on (module doc
+        // of raft::log_store): every restart after a kill drops the unsynced log tail.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("RAFTBRIDGE_") {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.env(crate::raft::log_store::POWER_LOSS_ENV, "1");
+        if std::env::var_os("RUST_LOG").is_none() {
+            cmd.env("RUST_LOG", "info,openraft=warn");
+        }
+        *slot = Some(cmd.spawn().with_context(|| format!("spawning {}", self.exe.display()))?);
+        Ok(())
+    }
+
+    async fn kill(&self, id: u64) -> anyhow::Result<()> {
+        self.note(id, "SIGKILL");
+        self.signal(id, "KILL")?;
+        anyhow::ensure!(self.reap(id, Duration::from_secs(10)).await?, "node {id} survived SIGKILL for 10 s");
+        Ok(())
+    }
+
+    async fn stop_gracefully(&self, id: u64, deadline: Duration) -> anyhow::Result<bool> {
+        self.note(id, "SIGTERM");
+        self.signal(id, "TERM")?;
+        if self.reap(id, deadline).await? {
+            return Ok(true);
+        }
+        self.kill(id).await?;
+        Ok(false)
+    }
+
+    async fn pause(&self, id: u64) -> anyhow::Result<()> {
+        self.note(id, "SIGSTOP");
+        self.signal(id, "STOP")
+    }
+
+    async fn resume(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, "CONT")?;
+        self.note(id, "SIGCONT");
+        Ok(())
+    }
+
+    async fn isolate(&self, id: u64) -> anyhow::Result<()> {
+        self.note(id, "isolated from its peers");
+        self.partition.set(id, true);
+        Ok(())
+    }
+
+    async fn heal(&self, id: u64) -> anyhow::Result<()> {
+        self.partition.set(id, false);
+        self.note(id, "reconnected to its peers");
+        Ok(())
+    }
+
+    async fn shutdown(&self) {
+        self.stop.cancel();
+        let started = Instant::now();
+        for id in self.ids() {
+            if self.is_running(id) {
+                let _ = self.signal(id, "CONT");
+                let _ = self.signal(id, "KILL");
+                let left = Duration::from_secs(10).saturating_sub(started.elapsed());
+                let _ = self.reap(id, left.max(Duration::from_millis(100))).await;
+            }
+        }
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        // Children are `kill_on_drop`; a stopped child still dies of SIGKILL.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(node_id: u64, cluster: &str) -> Vec<u8> {
+        let mut payload = Vec::new();
+        payload.extend_from_slice(&0x5242_5247u32.to_le_bytes());
+        payload.extend_from_slice(&1u16.to_le_bytes());
+        payload.extend_from_slice(&(cluster.len() as u64).to_le_bytes());
+        payload.extend_from_slice(cluster.as_bytes());
+        payload.extend_from_slice(&node_id.to_le_bytes());
+        payload.extend_from_slice(&[0; 20]); // addr and incarnation: not read
+        let mut frame = ((payload.len() + 9) as u32).to_be_bytes().to_vec();
+        frame.push(1);
+        frame.extend_from_slice(&0u64.to_be_bytes());
+        frame.extend_from_slice(&payload);
+        frame
+    }
+
+    #[test]
+    fn reads_the_dialer_id_from_a_hello_only() {
+        assert_eq!(hello_node_id(&hello(42, "chaos")), Some(42));
+        let mut ping = hello(42, "chaos");
+        ping[4] = 6;
+        assert_eq!(hello_node_id(&ping), None);
+        assert_eq!(hello_node_id(&hello(42, "chaos")[..20]), None);
+        assert_eq!(hello_node_id(b"GET / HTTP/1.1\r\n"), None);
+    }
+
+    #[test]
+    fn isolation_blocks_both_directions_and_heals() {
+        let p = Partition::default();
+        p.set(2, true);
+        assert!(p.blocked(Some(1), 2) && p.blocked(Some(2), 3) && p.blocked(None, 2));
+        assert!(!p.blocked(Some(1), 3) && !p.blocked(None, 3));
+        p.set(2, false);
+        assert!(!p.blocked(Some(1), 2));
+    }
+}
