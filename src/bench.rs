@@ -61,6 +61,23 @@ pub enum BenchCmd {
     State(StateArgs),
     /// commands through the proxy (e.g. the example service's `POST /api/v1/echo`)
     Commands(CommandsArgs),
+    /// publishing events (acknowledged = committed on a quorum)
+    Events(EventsArgs),
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct EventsArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Payload size in bytes (approximately).
+    #[arg(long, default_value_t = 128)]
+    pub size: usize,
+    /// Events per request: 1 uses `POST /v1/events/{name}`, more use the batch endpoint.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Event name.
+    #[arg(long, default_value = "benchEvent")]
+    pub name: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -188,9 +205,90 @@ pub async fn run(cmd: BenchCmd) -> anyhow::Result<Report> {
     let report = match cmd {
         BenchCmd::State(args) => run_state(&args).await?,
         BenchCmd::Commands(args) => run_commands(&args).await?,
+        BenchCmd::Events(args) => run_events(&args).await?,
     };
     println!("{report}");
     Ok(report)
+}
+
+async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
+    if args.batch == 0 || args.batch > 1000 {
+        bail!("--batch must be 1..=1000");
+    }
+    let filler: Arc<str> = "x".repeat(args.size.saturating_sub(20)).into();
+    let (batch, name) = (args.batch, args.name.clone());
+    // End-to-end: a reader on the first target follows the log and records, for every event,
+    // how long after its acceptance (its timestamp) the reader saw it.
+    let reader_target = args.common.targets.first().cloned().unwrap_or_default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = tokio::spawn(follow_log(reader_target, stop.clone()));
+    let report = drive("events", &args.common, move |worker, seq| {
+        let one = |i: usize| format!(r#"{{"v":"{filler}","w":{worker},"n":{seq},"i":{i}}}"#);
+        if batch == 1 {
+            BenchRequest {
+                method: Method::POST,
+                path: format!("/v1/events/{name}"),
+                headers: Vec::new(),
+                body: Bytes::from(one(0)),
+            }
+        } else {
+            let items: Vec<String> =
+                (0..batch).map(|i| format!(r#"{{"eventName":"{name}","payload":{}}}"#, one(i))).collect();
+            BenchRequest {
+                method: Method::POST,
+                path: "/v1/events".into(),
+                headers: Vec::new(),
+                body: Bytes::from(format!("[{}]", items.join(","))),
+            }
+        }
+    })
+    .await?;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let e2e = reader.await.unwrap_or_default();
+    let events = report.ok * args.batch as u64;
+    println!(
+        "events: {events} acknowledged ({:.1}/s, {} per request); publish-ack latency is the request latency below",
+        events as f64 / report.elapsed.as_secs_f64().max(1e-9),
+        args.batch
+    );
+    if let Some((n, p50, p99)) = e2e {
+        println!("end-to-end (accepted → read from the log on the first target): {n} events, p50 {p50} ms, p99 {p99} ms");
+    }
+    Ok(report)
+}
+
+/// Follows `GET /v1/events` from the current end until `stop`; (events seen, p50 ms, p99 ms) of
+/// the delay between an event's timestamp and when the reader saw it.
+async fn follow_log(target: String, stop: Arc<std::sync::atomic::AtomicBool>) -> Option<(u64, u64, u64)> {
+    let mut conn = crate::client::Conn::new(target);
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000, 3).ok()?;
+    let timeout = Duration::from_secs(5);
+    let first = conn.get("/v1/events?after=0&limit=1", timeout).await.ok()?;
+    let mut after = first.json::<serde_json::Value>().ok()?.get("end").and_then(|v| v.as_u64()).unwrap_or(0);
+    // Bounded by `stop` (set when the load ends) and by a generous cap on polls.
+    for _ in 0..10_000_000u64 {
+        if stop.load(std::sync::atomic::Ordering::Relaxed) {
+            break;
+        }
+        let Ok(resp) = conn.get(&format!("/v1/events?after={after}&limit=1000"), timeout).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let Ok(body) = resp.json::<serde_json::Value>() else { continue };
+        let events = body.get("events").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+        for e in &events {
+            if let Some(ts) = e.get("timestamp").and_then(|v| v.as_u64()) {
+                let _ = hist.record(now.saturating_sub(ts).max(1));
+            }
+        }
+        let next = body.get("next").and_then(|v| v.as_u64()).unwrap_or(after);
+        if events.is_empty() || next == after {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        after = next.max(after);
+    }
+    (hist.len() > 0).then(|| (hist.len(), hist.value_at_quantile(0.5), hist.value_at_quantile(0.99)))
 }
 
 async fn run_state(args: &StateArgs) -> anyhow::Result<Report> {

@@ -36,6 +36,9 @@ enum Cmd {
     Bench(BenchCmd),
     /// GET a URL; exit 0 on a 2xx answer, 1 otherwise (container health checks: no curl needed).
     Probe(ProbeArgs),
+    /// Chaos suite: a cluster under mixed load and a seeded schedule of faults, then a check
+    /// that nothing acknowledged was lost or applied twice (see deploy/chaos/README.md).
+    Chaos(crate::chaos::ChaosArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,6 +68,9 @@ struct ProbeArgs {
     /// Give up after this many milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
+    /// Print the response body on stdout (a curl stand-in inside scratch images).
+    #[arg(long)]
+    body: bool,
 }
 
 pub fn main() -> ExitCode {
@@ -84,6 +90,7 @@ pub fn main() -> ExitCode {
             Cmd::Leave(args) => leave(args).await,
             Cmd::Bench(cmd) => crate::bench::run(cmd).await.map(|_| ()),
             Cmd::Probe(args) => probe(args).await,
+            Cmd::Chaos(args) => crate::chaos::run(args).await,
         }
     });
     match result {
@@ -162,6 +169,11 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     let mut conn = crate::client::Conn::new(host);
     let resp = conn.get(path, Duration::from_millis(args.timeout_ms)).await.with_context(|| format!("GET {}", args.url))?;
     if resp.is_success() {
+        if args.body {
+            use std::io::Write;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&resp.body).and_then(|_| out.write_all(b"\n")).context("writing the body")?;
+        }
         Ok(())
     } else {
         let body = String::from_utf8_lossy(&resp.body);

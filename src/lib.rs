@@ -5,6 +5,7 @@
 pub mod api;
 pub mod broker;
 pub mod bench;
+pub mod chaos;
 pub mod cli;
 pub mod client;
 pub mod cluster;

@@ -127,10 +127,13 @@ pub async fn run(
         election_max_ms: cfg.election_timeout_ms * 2,
         snapshot_threshold: cfg.snapshot_threshold,
     })?;
+    let log_bytes = log_store.clone();
     let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone() }, log_store, sm)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     let replica = Replica::new(raft.clone(), net.clone());
+    let guard_stop = CancellationToken::new();
+    tokio::spawn(log_guard(raft.clone(), log_bytes, LOG_MAX_BYTES, guard_stop.clone()));
     let cluster_stop = CancellationToken::new();
     let cluster = Cluster::start(
         replica.clone(),
@@ -167,7 +170,11 @@ pub async fn run(
                 service_target: String::new(),
                 instance_id: cfg.id.to_string(),
             };
-            p.subscribers.iter().map(move |(name, h)| (name.clone(), LocalSubscriber { handler: h.clone(), service: service.clone() }))
+            let decls = p.decl.subscriptions.clone();
+            p.subscribers.iter().map(move |(name, h)| {
+                let shared = decls.iter().find(|d| &d.name == name).is_none_or(|d| d.shared);
+                (name.clone(), LocalSubscriber { handler: h.clone(), service: service.clone(), shared })
+            })
         })
         .collect();
     let dispatcher = Dispatcher::start(broker.clone(), net.clone(), cluster.clone(), subscribers, broker_stop.clone());
@@ -235,6 +242,7 @@ pub async fn run(
     let _ = http_task.await;
     hand_over_leadership(&replica).await;
     sidecar_stop.cancel();
+    guard_stop.cancel();
     broker_stop.cancel();
     cluster_stop.cancel();
     if let Err(e) = raft.shutdown().await {
@@ -244,6 +252,42 @@ pub async fn run(
     let _ = peer_task.await;
     info!("node stopped");
     Ok(())
+}
+
+/// Log bytes on disk (and so in memory) that trigger a snapshot and purge regardless of the
+/// entry-count policy: event batches make entries large, and the count alone would let the log grow
+/// to gigabytes.
+const LOG_MAX_BYTES: u64 = 128 << 20;
+
+/// Keep the log within `max` bytes: snapshot when it grows past it, then purge up to the snapshot.
+async fn log_guard(raft: Raft, log: LogStore, max: u64, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_trigger: Option<u64> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if log.disk_bytes() <= max {
+            continue;
+        }
+        let (applied, snapshot) = {
+            let m = raft.metrics().borrow_watched().clone();
+            (m.last_applied.map(|l| l.index), m.snapshot.map(|l| l.index))
+        };
+        match (applied, snapshot) {
+            (Some(a), s) if s.is_none_or(|s| a > s + 1) && last_trigger != Some(a) => {
+                info!(bytes = log.disk_bytes(), "log over its byte bound: snapshotting");
+                last_trigger = Some(a);
+                let _ = raft.trigger().snapshot().await;
+            }
+            (_, Some(s)) => {
+                let _ = raft.trigger().purge_log(s).await;
+            }
+            _ => {}
+        }
+    }
 }
 
 /// If leader, ask the most up-to-date reachable voter to take over, and wait briefly for it.

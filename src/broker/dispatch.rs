@@ -48,6 +48,8 @@ const BACKOFF_MAX: Duration = Duration::from_secs(10);
 pub struct LocalSubscriber {
     pub handler: Arc<dyn SubscriptionHandler>,
     pub service: Sender,
+    /// Every-instance subscriptions get a delivery loop on this node.
+    pub shared: bool,
 }
 
 type UpdateReq = (SubUpdate, oneshot::Sender<bool>);
@@ -88,8 +90,9 @@ impl Dispatcher {
         tokio::spawn(update_writer(d.broker.clone(), rx, shutdown.clone()));
         tokio::spawn(d.clone().shared_loop(shutdown.clone()));
         for (name, sub) in &d.local {
-            let _ = sub;
-            tokio::spawn(d.clone().instance_loop(name.clone(), shutdown.clone()));
+            if !sub.shared {
+                tokio::spawn(d.clone().instance_loop(name.clone(), shutdown.clone()));
+            }
         }
         d
     }
@@ -141,11 +144,9 @@ impl Dispatcher {
 
     /// Consumers of a shared subscription: registered, available, and live.
     fn consumers(&self, sub: &str) -> Vec<NodeId> {
-        let (_, registry) = self.sm.registry();
-        registry
-            .iter()
-            .filter(|(_, services)| services.iter().any(|s| s.available && s.subscriptions.iter().any(|d| d.name == sub)))
-            .map(|(node, _)| *node)
+        self.sm
+            .subscribers_of(sub)
+            .into_iter()
             .filter(|n| if *n == self.node_id { self.local.contains_key(sub) && self.cluster.ready() } else { self.net.reachable(*n) })
             .collect()
     }

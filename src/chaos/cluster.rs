@@ -37,6 +37,24 @@ use tokio::process::Child;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+/// Removes terminal colour sequences (`ESC [ ... m`) from a log line.
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 /// What the chaos driver needs from a cluster.
 #[allow(async_fn_in_trait)] // used generically by the driver only, never boxed or spawned
 pub trait ClusterControl {
@@ -50,8 +68,14 @@ pub trait ClusterControl {
     fn is_running(&self, id: u64) -> bool;
     /// Starts (or restarts, same data dir and flags) a node that is not running.
     async fn start(&self, id: u64) -> anyhow::Result<()>;
-    /// SIGKILL, and wait until the process is gone.
+    /// SIGKILL, and wait until the process is gone: a process crash (what the node wrote is
+    /// kept, as the OS page cache keeps it).
     async fn kill(&self, id: u64) -> anyhow::Result<()>;
+    /// A power cut of the node's machine: killed, and on its next start every log byte it had
+    /// not fsynced is gone.
+    async fn power_cut(&self, id: u64) -> anyhow::Result<()>;
+    /// What the node reported about dropped unsynced bytes since its last start, if it has.
+    fn power_loss_note(&self, id: u64) -> Option<String>;
     /// SIGTERM and wait for the node to drain and exit; SIGKILL after `deadline`.
     /// Returns whether it exited by itself.
     async fn stop_gracefully(&self, id: u64, deadline: Duration) -> anyhow::Result<bool>;
@@ -187,6 +211,8 @@ fn spawn_relay(listener: TcpListener, to: u64, dest: SocketAddr, part: Arc<Parti
 
 struct ProcNode {
     id: u64,
+    /// The node's log dir, holding the power-loss mode's `synced` record.
+    log_dir: PathBuf,
     http: SocketAddr,
     args: Vec<String>,
     log: PathBuf,
@@ -238,7 +264,7 @@ impl ProcessCluster {
             args.extend(extra_flags.iter().cloned());
             spawn_relay(relay, id, peer, partition.clone(), stop.clone());
             let log = dir.join(format!("n{id}.log"));
-            nodes.push(ProcNode { id, http, args, log, child: Mutex::new(None), starts: Mutex::new(0) });
+            nodes.push(ProcNode { id, log_dir: data.join("log"), http, args, log, child: Mutex::new(None), starts: Mutex::new(0) });
         }
         Ok(ProcessCluster { exe: exe.to_path_buf(), nodes, partition, stop })
     }
@@ -271,6 +297,22 @@ impl ProcessCluster {
                 *node.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
                 Ok(false)
             }
+        }
+    }
+
+    async fn sigkill(&self, id: u64) -> anyhow::Result<()> {
+        self.signal(id, "KILL")?;
+        anyhow::ensure!(self.reap(id, Duration::from_secs(10)).await?, "node {id} survived SIGKILL for 10 s");
+        Ok(())
+    }
+
+    /// The nodes always run in the power-loss test mode (so that any kill *can* be a power cut);
+    /// removing the sync record before a restart makes that restart a plain crash recovery.
+    fn forget_sync_record(&self, id: u64) -> anyhow::Result<()> {
+        let path = self.node(id)?.log_dir.join("synced");
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e).with_context(|| format!("removing {}", path.display())),
+            _ => Ok(()),
         }
     }
 
@@ -321,7 +363,7 @@ impl ClusterControl for ProcessCluster {
                 cmd.env_remove(&key);
             }
         }
-        cmd.env(crate::raft::log_store::POWER_LOSS_ENV, "1");
+        cmd.env(crate::raft::log_store::POWER_LOSS_ENV, "1").env("NO_COLOR", "1");
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info,openraft=warn");
         }
@@ -330,20 +372,37 @@ impl ClusterControl for ProcessCluster {
     }
 
     async fn kill(&self, id: u64) -> anyhow::Result<()> {
-        self.note(id, "SIGKILL");
-        self.signal(id, "KILL")?;
-        anyhow::ensure!(self.reap(id, Duration::from_secs(10)).await?, "node {id} survived SIGKILL for 10 s");
-        Ok(())
+        self.note(id, "SIGKILL (process crash)");
+        self.sigkill(id).await?;
+        self.forget_sync_record(id)
+    }
+
+    async fn power_cut(&self, id: u64) -> anyhow::Result<()> {
+        self.note(id, "SIGKILL + power cut: unsynced log bytes are dropped at the next start");
+        self.sigkill(id).await
+    }
+
+    fn power_loss_note(&self, id: u64) -> Option<String> {
+        let log = std::fs::read_to_string(&self.node(id).ok()?.log).ok()?;
+        let since_start = &log[log.rfind("===== chaos: start #")?..];
+        let line = since_start.lines().find(|l| l.contains("power-loss test mode"))?;
+        let line = strip_ansi(line);
+        let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name)).map(str::to_string);
+        Some(match field("dropped_bytes=") {
+            Some(n) => format!("{n} unsynced log bytes dropped at restart"),
+            None => "no sync record yet: nothing dropped".to_string(),
+        })
     }
 
     async fn stop_gracefully(&self, id: u64, deadline: Duration) -> anyhow::Result<bool> {
         self.note(id, "SIGTERM");
         self.signal(id, "TERM")?;
-        if self.reap(id, deadline).await? {
-            return Ok(true);
+        let clean = self.reap(id, deadline).await?;
+        if !clean {
+            self.sigkill(id).await?;
         }
-        self.kill(id).await?;
-        Ok(false)
+        self.forget_sync_record(id)?;
+        Ok(clean)
     }
 
     async fn pause(&self, id: u64) -> anyhow::Result<()> {
@@ -394,14 +453,18 @@ impl Drop for ProcessCluster {
 mod tests {
     use super::*;
 
+    /// A Hello frame as the peer layer writes it (its own types and encoder), length included.
     fn hello(node_id: u64, cluster: &str) -> Vec<u8> {
-        let mut payload = Vec::new();
-        payload.extend_from_slice(&0x5242_5247u32.to_le_bytes());
-        payload.extend_from_slice(&1u16.to_le_bytes());
-        payload.extend_from_slice(&(cluster.len() as u64).to_le_bytes());
-        payload.extend_from_slice(cluster.as_bytes());
-        payload.extend_from_slice(&node_id.to_le_bytes());
-        payload.extend_from_slice(&[0; 20]); // addr and incarnation: not read
+        use crate::peer::frame::Hello;
+        let hello = Hello {
+            magic: crate::peer::frame::MAGIC,
+            version: 1,
+            cluster: cluster.into(),
+            node_id,
+            addr: "127.0.0.1:1".into(),
+            incarnation: 9,
+        };
+        let payload = bincode::serialize(&hello).unwrap();
         let mut frame = ((payload.len() + 9) as u32).to_be_bytes().to_vec();
         frame.push(1);
         frame.extend_from_slice(&0u64.to_be_bytes());
@@ -417,6 +480,11 @@ mod tests {
         assert_eq!(hello_node_id(&ping), None);
         assert_eq!(hello_node_id(&hello(42, "chaos")[..20]), None);
         assert_eq!(hello_node_id(b"GET / HTTP/1.1\r\n"), None);
+    }
+
+    #[test]
+    fn strips_colours() {
+        assert_eq!(strip_ansi("\u{1b}[3mdropped_bytes\u{1b}[0m\u{1b}[2m=\u{1b}[0m12 x"), "dropped_bytes=12 x");
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //!   `Idempotency-Key`, retried with the same key until a 2xx answer (or the run ends; the checker
 //!   then finishes it);
 //! - **unkeyed increments** of `chaos-unkeyed`: never retried by the client;
-//! - **events**: `POST /v1/events/chaos` with a unique nonce, when the node serves the events API.
+//! - **events**: `POST /v1/events/chaos` with a unique nonce that is also the producer's
+//!   `Idempotency-Key` (retried like keyed commands), when the node serves the events API.
 //!
 //! Outcomes: `Acked` (2xx), `Rejected` (a definite "no", e.g. 412: it did not take effect) and
 //! `Unknown` (timeout, connection lost, 5xx: it may or may not have taken effect).
@@ -366,17 +367,31 @@ async fn publisher(load: Load, t: usize) -> Records {
     let mut n = 0u64;
     while load.pace(15).await {
         n += 1;
+        // The nonce doubles as the producer's Idempotency-Key: a publish whose answer was lost
+        // is retried with it, and must still be in the log exactly once.
         let nonce = format!("{}-{t}-{n}", load.seed);
         let body = Bytes::from(json!({"nonce": nonce}).to_string());
-        let op = match client.call(Method::POST, &format!("/v1/events/{EVENT_NAME}"), &[], body).await {
-            Reply::Ok(r) => {
-                out.ack_ms.push(load.ms());
-                let id = r.json::<serde_json::Value>().ok().and_then(|v| v["id"].as_str().map(str::to_string));
-                EventOp { nonce, id, outcome: Outcome::Acked }
+        let mut op = EventOp { nonce: nonce.clone(), id: None, outcome: Outcome::Unknown };
+        for _ in 0..1_000 {
+            let headers = [("idempotency-key", nonce.as_str())];
+            match client.call(Method::POST, &format!("/v1/events/{EVENT_NAME}"), &headers, body.clone()).await {
+                Reply::Ok(r) => {
+                    out.ack_ms.push(load.ms());
+                    op.id = r.json::<serde_json::Value>().ok().and_then(|v| v["id"].as_str().map(str::to_string));
+                    op.outcome = Outcome::Acked;
+                    break;
+                }
+                Reply::Refused(_) => {
+                    op.outcome = Outcome::Rejected;
+                    break;
+                }
+                Reply::Unknown(_) => {
+                    if !load.pace(100).await {
+                        break;
+                    }
+                }
             }
-            Reply::Refused(_) => EventOp { nonce, id: None, outcome: Outcome::Rejected },
-            Reply::Unknown(_) => EventOp { nonce, id: None, outcome: Outcome::Unknown },
-        };
+        }
         out.events.push(op);
     }
     out

@@ -461,6 +461,16 @@ impl SmShared {
         (d.log.first(), d.log.next)
     }
 
+    /// Nodes whose registry entry consumes the subscription (and is available).
+    pub fn subscribers_of(&self, sub: &str) -> Vec<NodeId> {
+        let d = read(&self.data);
+        d.registry
+            .iter()
+            .filter(|(_, services)| services.iter().any(|s| s.available && s.subscriptions.iter().any(|x| x.name == sub)))
+            .map(|(node, _)| *node)
+            .collect()
+    }
+
     /// Shared subscriptions and their declarations.
     pub fn shared_subscriptions(&self) -> Vec<(String, SubscriptionDecl)> {
         read(&self.data).subs.iter().filter(|(_, s)| s.decl.shared).map(|(n, s)| (n.clone(), s.decl.clone())).collect()

@@ -1,0 +1,622 @@
+//! `raftbridge chaos`: the chaos suite. It starts a cluster, runs a steady mixed load, injects
+//! faults on a schedule drawn from `--seed`, heals everything, and then checks by content that
+//! nothing acknowledged was lost, nothing happened twice and every node holds the same state.
+//!
+//! Why a subcommand of the node binary: the suite needs the exact binary under test, the
+//! project's HTTP client and the peer `Hello` layout (for isolation), and CI needs one command.
+//! `deploy/chaos/run` wraps it (builds the release binary, maps `--duration 120` to seconds).
+//!
+//! Parts: [`schedule`] (the seeded fault plan), [`cluster`] (process control behind the
+//! [`cluster::ClusterControl`] trait, isolation relay), [`workload`] (clients and the record of
+//! every operation), [`checker`] (verification and the report table). This module is the driver
+//! and owns the timeline; anyhow is used here as in the CLI.
+//!
+//! Faults and healing are real: SIGKILL / SIGSTOP / SIGTERM on the node processes, peer links cut
+//! by the relay, and the storage layer's test-only power-loss mode (see `raft::log_store`) for a
+//! power cut. Waits for conditions poll with deadlines; sleeps only set fault durations and pace.
+
+pub mod checker;
+pub mod cluster;
+pub mod schedule;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::path::Path;
+use std::path::PathBuf;
+use std::time::Duration;
+use std::time::Instant;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http::Method;
+use tokio_util::sync::CancellationToken;
+
+use self::checker::FaultRow;
+use self::checker::NodeView;
+use self::checker::Observed;
+use self::checker::Read;
+use self::cluster::ClusterControl;
+use self::cluster::ProcessCluster;
+use self::schedule::FaultKind;
+use self::schedule::PlannedFault;
+use self::workload::Client;
+use self::workload::Load;
+use self::workload::Records;
+use self::workload::Reply;
+
+/// Where the nodes run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Child processes on loopback (works everywhere; the default, and what CI runs).
+    Process,
+    /// Containers of the image `raftbridge:dev` (not implemented yet).
+    Docker,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ChaosArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: usize,
+    /// Length of the fault phase: `120` (seconds), `120s`, `10m`.
+    #[arg(long, default_value = "120s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// Seed of the fault schedule and the load.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = Mode::Process)]
+    pub mode: Mode,
+    /// The `raftbridge` binary to run as nodes (default: this binary).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+    /// Directory for node data, logs and `report.txt` (kept). Default: a temp dir, removed
+    /// after a passing run.
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Snapshot threshold given to the nodes (low, so that snapshots and purges happen).
+    #[arg(long, default_value_t = 5000)]
+    pub snapshot_threshold: u64,
+}
+
+/// `120` (seconds), `120s`, `1500ms`, `10m`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
+    }
+}
+
+/// Time allowed for the whole cluster to become ready (start, after faults).
+const READY_DEADLINE: Duration = Duration::from_secs(60);
+/// Time allowed for the cluster to heal after one fault before the next.
+const HEAL_DEADLINE: Duration = Duration::from_secs(30);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What happened during one fault.
+#[derive(Debug, Clone)]
+struct FaultRecord {
+    kind: FaultKind,
+    /// ms since the load started.
+    start_ms: u64,
+    /// When the cluster was ready again (or the heal deadline passed).
+    end_ms: u64,
+    note: String,
+    healed: bool,
+}
+
+pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.nodes >= 3, "--nodes must be at least 3 (a minority must be able to fail)");
+    if args.mode == Mode::Docker {
+        anyhow::bail!(
+            "--mode docker is not implemented yet; use --mode process (the default), which runs the same faults \
+             on loopback child processes"
+        );
+    }
+    let exe = match &args.binary {
+        Some(b) => b.clone(),
+        None => std::env::current_exe().context("locating this binary")?,
+    };
+    let (workdir, temp) = match &args.workdir {
+        Some(d) => (d.clone(), false),
+        None => (std::env::temp_dir().join(format!("raftbridge-chaos-{}-{}", args.seed, std::process::id())), true),
+    };
+    if workdir.exists() {
+        // A previous run's data would make the nodes rejoin an old cluster.
+        std::fs::remove_dir_all(&workdir).with_context(|| format!("clearing {}", workdir.display()))?;
+    }
+    std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+    let flags = vec![
+        "--snapshot-threshold".to_string(),
+        args.snapshot_threshold.to_string(),
+        "--shutdown-grace-ms".to_string(),
+        "5000".to_string(),
+        // The checker reads the whole event log: nothing may age out by count during the run.
+        "--events-max-count".to_string(),
+        "10000000".to_string(),
+    ];
+    let cluster = ProcessCluster::new(&exe, &workdir, args.nodes, &flags).await?;
+    println!(
+        "chaos: {} nodes, fault phase {} s, seed {}, mode process, binary {}, workdir {}",
+        args.nodes,
+        args.duration.as_secs(),
+        args.seed,
+        exe.display(),
+        workdir.display()
+    );
+    let interrupted = CancellationToken::new();
+    let on_ctrl_c = interrupted.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_ctrl_c.cancel();
+        }
+    });
+    let outcome = tokio::select! {
+        r = drive(&cluster, &args, &workdir) => r,
+        _ = interrupted.cancelled() => Err(anyhow::anyhow!("interrupted")),
+    };
+    cluster.shutdown().await;
+    drop(cluster);
+    for id in 1..=args.nodes {
+        let _ = std::fs::remove_dir_all(workdir.join(format!("n{id}")));
+    }
+    match outcome {
+        Ok(true) => {
+            if temp {
+                let _ = std::fs::remove_dir_all(&workdir);
+            }
+            Ok(())
+        }
+        Ok(false) => anyhow::bail!("chaos check FAILED (node logs and report.txt in {})", workdir.display()),
+        Err(e) => Err(e.context(format!("chaos run aborted (node logs in {})", workdir.display()))),
+    }
+}
+
+/// The whole run against a prepared cluster; returns whether the check passed.
+async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path) -> anyhow::Result<bool> {
+    let ids = cluster.ids();
+    for &id in &ids {
+        cluster.start(id).await?;
+    }
+    anyhow::ensure!(wait_ready(cluster, &ids, READY_DEADLINE).await, "the cluster did not become ready in {READY_DEADLINE:?}");
+    println!("chaos: cluster ready, leader {:?}", find_leader(cluster).await);
+
+    let addrs: Vec<String> = ids.iter().map(|&id| cluster.http_addr(id)).collect();
+    let load = Load { addrs: addrs.clone(), seed: args.seed, started: Instant::now(), stop: CancellationToken::new() };
+    let mut probe = Records::default();
+    workload::probe_events(&load, &mut probe).await;
+    println!("chaos: events API {}", if probe.events_available { "available" } else { "not available (404): event load skipped" });
+    let load_task = tokio::spawn(workload::run(load.clone(), probe.events_available));
+
+    let plan = schedule::plan(args.seed, args.duration, ids.len());
+    let mut faults = Vec::new();
+    for planned in &plan {
+        let due = load.started + planned.at;
+        tokio::time::sleep_until(due.into()).await;
+        let start_ms = load.started.elapsed().as_millis() as u64;
+        println!("chaos: t={:>5.1}s {} ...", start_ms as f64 / 1000.0, planned.kind);
+        let note = match inject(cluster, planned, &ids).await {
+            Ok(note) => note,
+            Err(e) => format!("injection error: {e:#}"),
+        };
+        let healed = heal_all(cluster, &ids).await.is_ok() && wait_ready(cluster, &ids, HEAL_DEADLINE).await;
+        let end_ms = load.started.elapsed().as_millis() as u64;
+        println!("chaos:          {note}; {} after {:.1} s", if healed { "healed" } else { "NOT healed" }, (end_ms - start_ms) as f64 / 1000.0);
+        faults.push(FaultRecord { kind: planned.kind, start_ms, end_ms, note, healed });
+    }
+    tokio::time::sleep_until((load.started + args.duration).into()).await;
+
+    // Faults are over: heal, stop the load, let the cluster settle, then check.
+    heal_all(cluster, &ids).await?;
+    load.stop.cancel();
+    let mut records = match tokio::time::timeout(Duration::from_secs(60), load_task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => anyhow::bail!("the load task failed: {e}"),
+        Err(_) => anyhow::bail!("the load did not stop within 60 s"),
+    };
+    records.events.extend(probe.events);
+    records.events_available = probe.events_available;
+    let ready = wait_ready(cluster, &ids, READY_DEADLINE).await;
+    println!("chaos: faults over, load stopped; cluster {}", if ready { "ready" } else { "NOT ready" });
+    finish_keyed(&addrs, &mut records).await;
+    let converged = wait_converged(cluster, &ids, READY_DEADLINE).await;
+    println!("chaos: nodes {}", if converged { "converged" } else { "did NOT converge" });
+    let observed = observe(cluster, &ids, &records).await;
+    let verdict = checker::check(&records, &observed);
+
+    let rows = fault_rows(&faults, &records.ack_ms, cluster.supports_isolation());
+    let header = format!(
+        "raftbridge chaos report: {} nodes, {} s fault phase, seed {}, mode process, {} faults",
+        ids.len(),
+        args.duration.as_secs(),
+        args.seed,
+        faults.len()
+    );
+    let mut report = checker::render(&header, &rows, &verdict, records.events_available);
+    let unhealed: Vec<String> = faults.iter().filter(|f| !f.healed).map(|f| format!("{} at {} ms", f.kind, f.start_ms)).collect();
+    if !unhealed.is_empty() {
+        report.push_str(&format!("note: the cluster was not ready within {HEAL_DEADLINE:?} after: {}\n", unhealed.join(", ")));
+    }
+    report.push_str("\nfault log:\n");
+    for f in &faults {
+        report.push_str(&format!("  t={:>6.1}s  {:<18} {:>5.1} s  {}\n", f.start_ms as f64 / 1000.0, f.kind.name(), (f.end_ms - f.start_ms) as f64 / 1000.0, f.note));
+    }
+    println!("\n{report}");
+    let path = workdir.join("report.txt");
+    std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
+    Ok(verdict.passed())
+}
+
+/// Carries out one fault, including its hold time and the undoing of it; returns a note.
+async fn inject<C: ClusterControl>(cluster: &C, f: &PlannedFault, ids: &[u64]) -> anyhow::Result<String> {
+    let random = ids[f.node_index % ids.len()];
+    let leader_or_random = || async {
+        match find_leader(cluster).await {
+            Some(l) => (l, "leader".to_string()),
+            None => (random, "no leader known: random".to_string()),
+        }
+    };
+    let hold = f.hold;
+    Ok(match f.kind {
+        FaultKind::KillRandom => {
+            cluster.kill(random).await?;
+            tokio::time::sleep(hold).await;
+            cluster.start(random).await?;
+            format!("node {random} SIGKILLed, down {:.1} s", hold.as_secs_f64())
+        }
+        FaultKind::KillLeader => {
+            let (id, what) = leader_or_random().await;
+            cluster.kill(id).await?;
+            let new_leader = wait_new_leader(cluster, ids, id, hold).await;
+            tokio::time::sleep(hold.saturating_sub(new_leader.map_or(hold, |(_, t)| t))).await;
+            cluster.start(id).await?;
+            format!("node {id} ({what}) SIGKILLed, down {:.1} s; {}", hold.as_secs_f64(), describe_leader(new_leader))
+        }
+        FaultKind::PowerLoss => {
+            cluster.power_cut(random).await?;
+            tokio::time::sleep(hold).await;
+            cluster.start(random).await?;
+            let dropped = wait_power_loss_note(cluster, random).await;
+            format!("node {random} power cut, down {:.1} s; {dropped}", hold.as_secs_f64())
+        }
+        FaultKind::Pause => {
+            cluster.pause(random).await?;
+            tokio::time::sleep(hold).await;
+            cluster.resume(random).await?;
+            format!("node {random} SIGSTOPped for {:.1} s", hold.as_secs_f64())
+        }
+        FaultKind::Isolate | FaultKind::IsolateLeader => {
+            let (id, what) = if f.kind == FaultKind::Isolate { (random, "random".to_string()) } else { leader_or_random().await };
+            cluster.isolate(id).await?;
+            let new_leader = wait_new_leader(cluster, ids, id, hold).await;
+            tokio::time::sleep(hold.saturating_sub(new_leader.map_or(hold, |(_, t)| t))).await;
+            cluster.heal(id).await?;
+            format!("node {id} ({what}) cut off for {:.1} s; {}", hold.as_secs_f64(), describe_leader(new_leader))
+        }
+        FaultKind::KillAll => {
+            for &id in ids {
+                cluster.power_cut(id).await?;
+            }
+            tokio::time::sleep(hold).await;
+            for &id in ids {
+                cluster.start(id).await?;
+            }
+            format!("all nodes power cut (unsynced log bytes dropped), down {:.1} s", hold.as_secs_f64())
+        }
+        FaultKind::RollingRestart => {
+            let mut notes = Vec::new();
+            for &id in ids {
+                let t = Instant::now();
+                let clean = cluster.stop_gracefully(id, Duration::from_secs(20)).await?;
+                cluster.start(id).await?;
+                let ready = wait_ready(cluster, &[id], HEAL_DEADLINE).await;
+                notes.push(format!(
+                    "{id}: {}{} {:.1} s",
+                    if clean { "drained" } else { "KILLED after 20 s" },
+                    if ready { ", ready in" } else { ", NOT ready after" },
+                    t.elapsed().as_secs_f64()
+                ));
+            }
+            format!("SIGTERM + restart one by one ({})", notes.join("; "))
+        }
+    })
+}
+
+fn describe_leader(l: Option<(u64, Duration)>) -> String {
+    match l {
+        Some((id, t)) => format!("node {id} leads after {} ms", t.as_millis()),
+        None => "no other leader seen during the fault".to_string(),
+    }
+}
+
+/// Polls the nodes other than `gone` until one reports a leader other than `gone` (bounded).
+async fn wait_new_leader<C: ClusterControl>(cluster: &C, ids: &[u64], gone: u64, within: Duration) -> Option<(u64, Duration)> {
+    let t = Instant::now();
+    let others: Vec<u64> = ids.iter().copied().filter(|&i| i != gone).collect();
+    while t.elapsed() < within {
+        for &id in &others {
+            if let Some(view) = cluster_view(cluster, id, Duration::from_millis(300)).await {
+                if let Some(l) = view["leader"].as_u64().filter(|&l| l != gone) {
+                    return Some((l, t.elapsed()));
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// What the power-loss mode logged when the node reopened its log (bounded wait for the line).
+async fn wait_power_loss_note<C: ClusterControl>(cluster: &C, id: u64) -> String {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(10) {
+        if let Some(note) = cluster.power_loss_note(id) {
+            return note;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    "power-loss note not found in the node log".to_string()
+}
+
+async fn heal_all<C: ClusterControl>(cluster: &C, ids: &[u64]) -> anyhow::Result<()> {
+    for &id in ids {
+        if cluster.is_running(id) {
+            cluster.resume(id).await?;
+        } else {
+            cluster.start(id).await?;
+        }
+        cluster.heal(id).await?;
+    }
+    Ok(())
+}
+
+async fn cluster_view<C: ClusterControl>(cluster: &C, id: u64, timeout: Duration) -> Option<serde_json::Value> {
+    let mut conn = crate::client::Conn::new(cluster.http_addr(id));
+    let r = conn.get("/cluster", timeout).await.ok().filter(|r| r.is_success())?;
+    r.json().ok()
+}
+
+async fn is_ready<C: ClusterControl>(cluster: &C, id: u64) -> bool {
+    let mut conn = crate::client::Conn::new(cluster.http_addr(id));
+    conn.get("/readyz", PROBE_TIMEOUT).await.is_ok_and(|r| r.is_success())
+}
+
+/// Polls `/readyz` of `ids` until all answer 200 or `deadline` passes.
+async fn wait_ready<C: ClusterControl>(cluster: &C, ids: &[u64], deadline: Duration) -> bool {
+    let t = Instant::now();
+    loop {
+        let mut all = true;
+        for &id in ids {
+            all &= is_ready(cluster, id).await;
+        }
+        if all {
+            return true;
+        }
+        if t.elapsed() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The leader most nodes report, if any.
+async fn find_leader<C: ClusterControl>(cluster: &C) -> Option<u64> {
+    let mut votes: BTreeMap<u64, usize> = BTreeMap::new();
+    for id in cluster.ids() {
+        if let Some(l) = cluster_view(cluster, id, Duration::from_millis(500)).await.and_then(|v| v["leader"].as_u64()) {
+            *votes.entry(l).or_default() += 1;
+        }
+    }
+    votes.into_iter().max_by_key(|(_, n)| *n).map(|(l, _)| l)
+}
+
+/// Polls `/cluster` until every node reports the same applied index and state digest, with
+/// committed == applied, twice in a row; bounded by `deadline`.
+async fn wait_converged<C: ClusterControl>(cluster: &C, ids: &[u64], deadline: Duration) -> bool {
+    let t = Instant::now();
+    let mut last = None;
+    while t.elapsed() < deadline {
+        let mut views = Vec::new();
+        for &id in ids {
+            let v = cluster_view(cluster, id, PROBE_TIMEOUT).await;
+            views.push(v.map(|v| (v["applied"].as_u64(), v["committed"].as_u64(), v["state_digest"].as_str().map(str::to_string))));
+        }
+        let first = views.first().cloned().flatten();
+        let same = first.as_ref().is_some_and(|f| f.0.is_some() && f.0 == f.1 && views.iter().all(|v| v.as_ref().is_some_and(|v| v.0 == f.0 && v.2 == f.2)));
+        if same {
+            if last == first {
+                return true;
+            }
+            last = first;
+        } else {
+            last = None;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    false
+}
+
+/// Finishes keyed increments the load left without an answer (same key, bounded attempts), so
+/// that the keyed counter must equal the acknowledged keys exactly.
+async fn finish_keyed(addrs: &[String], records: &mut Records) {
+    let stop = CancellationToken::new();
+    let mut client = Client::new(addrs, 0);
+    for op in records.keyed.iter_mut().filter(|k| k.value.is_none() && !k.rejected) {
+        let before = op.attempts;
+        workload::keyed_increment(&mut client, op, &stop, before + 50).await;
+    }
+}
+
+/// Reads with a few retries over the nodes: `Ok(None)` is a definite 404.
+async fn read(client: &mut Client, path: &str) -> Result<Option<crate::client::Response>, String> {
+    let mut last = String::new();
+    for _ in 0..10 {
+        match client.call(Method::GET, path, &[], Bytes::new()).await {
+            Reply::Ok(r) => return Ok(Some(r)),
+            Reply::Refused(r) if r.status == 404 => return Ok(None),
+            Reply::Refused(r) => last = format!("status {}: {}", r.status, String::from_utf8_lossy(&r.body)),
+            Reply::Unknown(e) => last = e,
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err(last)
+}
+
+fn counter_value(r: Result<Option<crate::client::Response>, String>) -> Result<Option<i64>, String> {
+    match r? {
+        None => Ok(None),
+        Some(r) => serde_json::from_slice::<i64>(&r.body).map(Some).map_err(|e| format!("not an integer: {e}")),
+    }
+}
+
+/// Reads everything the checker needs from the healed cluster (linearizable reads, spread over
+/// all nodes).
+async fn observe<C: ClusterControl>(cluster: &C, ids: &[u64], records: &Records) -> Observed {
+    let addrs: Vec<String> = ids.iter().map(|&id| cluster.http_addr(id)).collect();
+    let mut obs = Observed::default();
+
+    // Acknowledged state writes, 8 readers in parallel.
+    let keys: Vec<String> =
+        records.writes.iter().filter(|w| w.outcome == workload::Outcome::Acked).map(|w| w.key.clone()).collect();
+    let mut readers = tokio::task::JoinSet::new();
+    for (i, chunk) in keys.chunks(keys.len().div_ceil(8).max(1)).enumerate() {
+        let (chunk, addrs) = (chunk.to_vec(), addrs.clone());
+        readers.spawn(async move {
+            let mut client = Client::new(&addrs, i);
+            let mut out = HashMap::new();
+            for key in chunk {
+                let got = match read(&mut client, &format!("/v1/state/chaos/{key}")).await {
+                    Ok(Some(r)) => match serde_json::from_slice(&r.body) {
+                        Ok(v) => Read::Value(v),
+                        Err(e) => Read::Unreadable(format!("bad JSON: {e}")),
+                    },
+                    Ok(None) => Read::Absent,
+                    Err(e) => Read::Unreadable(e),
+                };
+                client.rotate();
+                out.insert(key, got);
+            }
+            out
+        });
+    }
+    while let Some(done) = readers.join_next().await {
+        if let Ok(part) = done {
+            obs.writes.extend(part);
+        }
+    }
+
+    let mut client = Client::new(&addrs, 0);
+    for k in 0..workload::CAS_COUNTERS {
+        let got = read(&mut client, &format!("/v1/state/chaos/c-{k}")).await.and_then(|r| match r {
+            None => Ok(None),
+            Some(r) => workload::parse_cas_value(&r.body).map(Some).ok_or_else(|| format!("bad value {}", String::from_utf8_lossy(&r.body))),
+        });
+        obs.cas.push(got);
+    }
+    obs.keyed = counter_value(read(&mut client, &format!("/v1/state/demo/counter/{}", workload::KEYED_COUNTER)).await);
+    obs.unkeyed = counter_value(read(&mut client, &format!("/v1/state/demo/counter/{}", workload::UNKEYED_COUNTER)).await);
+    if records.events_available {
+        obs.events = Some(read_event_log(&mut client, records.events.len()).await);
+    }
+    for &id in ids {
+        let ready = is_ready(cluster, id).await;
+        let view = cluster_view(cluster, id, PROBE_TIMEOUT).await;
+        obs.nodes.push(NodeView {
+            id,
+            ready,
+            applied: view.as_ref().and_then(|v| v["applied"].as_u64()),
+            digest: view.as_ref().and_then(|v| v["state_digest"].as_str().map(str::to_string)),
+        });
+    }
+    obs
+}
+
+/// Pages through `GET /v1/events?after=N&limit=M`; returns `(id, nonce)` of every event.
+async fn read_event_log(client: &mut Client, expected: usize) -> Result<Vec<(String, String)>, String> {
+    const LIMIT: usize = 500;
+    let mut out = Vec::new();
+    let mut after = 0u64;
+    // Bounded: a log much longer than what the load published is itself a finding.
+    for _ in 0..(expected * 2 / LIMIT + 20) {
+        let r = read(client, &format!("/v1/events?after={after}&limit={LIMIT}")).await?.ok_or("GET /v1/events: 404")?;
+        let page: serde_json::Value = r.json().map_err(|e| e.to_string())?;
+        let events = page["events"].as_array().ok_or("no events array")?;
+        if events.is_empty() {
+            return Ok(out);
+        }
+        for e in events {
+            let id = e["id"].as_str().unwrap_or_default().to_string();
+            let nonce = e["payload"]["nonce"].as_str().unwrap_or_default().to_string();
+            out.push((id, nonce));
+        }
+        let next = page["next"].as_u64().ok_or("no next position")?;
+        if next <= after {
+            return Err(format!("event paging does not advance (after={after}, next={next})"));
+        }
+        after = next;
+    }
+    Err(format!("event log longer than expected ({} events read)", out.len()))
+}
+
+/// Longest time without any acknowledged operation inside `[start, end]` (ms).
+fn longest_gap(acks: &[u64], start: u64, end: u64) -> u64 {
+    let from = acks.partition_point(|&a| a < start);
+    let mut prev = start;
+    let mut longest = 0;
+    for &a in acks[from..].iter().take_while(|&&a| a <= end) {
+        longest = longest.max(a - prev);
+        prev = a;
+    }
+    longest.max(end.saturating_sub(prev))
+}
+
+fn fault_rows(faults: &[FaultRecord], acks: &[u64], isolation: bool) -> Vec<FaultRow> {
+    let mut acks = acks.to_vec();
+    acks.sort_unstable();
+    FaultKind::ALL
+        .iter()
+        .map(|&kind| {
+            let of_kind: Vec<&FaultRecord> = faults.iter().filter(|f| f.kind == kind).collect();
+            let longest = of_kind.iter().map(|f| longest_gap(&acks, f.start_ms, f.end_ms)).max();
+            let mut note = String::new();
+            if !isolation && matches!(kind, FaultKind::Isolate | FaultKind::IsolateLeader) {
+                note = "not available in this mode".into();
+            } else if of_kind.iter().any(|f| !f.healed) {
+                note = "cluster not ready within 30 s after it".into();
+            } else if of_kind.is_empty() {
+                note = "not scheduled in this run".into();
+            }
+            FaultRow { kind: kind.name().to_string(), count: of_kind.len() as u64, longest_unavailable_ms: longest, note }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("120"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("120s"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("x").is_err() && parse_duration("5h").is_err());
+    }
+
+    #[test]
+    fn gaps_between_acks() {
+        let acks = [100, 200, 1200, 1300, 5000];
+        assert_eq!(longest_gap(&acks, 150, 1250), 1000);
+        assert_eq!(longest_gap(&acks, 1300, 4000), 2700, "no ack until the end of the window");
+        assert_eq!(longest_gap(&[], 0, 800), 800);
+    }
+}
