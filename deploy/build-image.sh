@@ -74,6 +74,12 @@ chmod 1777 "$root/tmp"
 
 cp "$repo/deploy/Dockerfile" "$ctx/Dockerfile"
 echo "build-image: rootfs $(du -sh "$root" | cut -f1), building $tag"
+previous="$(docker image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"
 # The legacy builder is enough for a FROM scratch image and needs no buildx plugin.
 DOCKER_BUILDKIT="${DOCKER_BUILDKIT:-0}" docker build -q -t "$tag" "$ctx" >/dev/null
+current="$(docker image inspect -f '{{.Id}}' "$tag")"
+if [[ -n "$previous" && "$previous" != "$current" ]]; then
+  # Drop the image this tag pointed to before, unless a container still uses it.
+  docker rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "build-image: $tag $(docker image inspect -f '{{.Size}}' "$tag" | awk '{ printf "%.1f MB", $1/1e6 }')"

@@ -214,14 +214,16 @@ fn check_keyed(r: &Records, o: &Observed, v: &mut Verdict) {
     let mut budget = MAX_LINES;
     s.acked = r.keyed.iter().filter(|k| k.value.is_some()).count() as u64;
     s.failed = s.attempted - s.acked;
-    let unresolved = r.keyed.iter().filter(|k| k.value.is_none() && !k.rejected && k.attempts > 0).count() as u64;
+    let unresolved = r.keyed.iter().filter(|k| k.value.is_none() && k.rejected.is_none() && k.attempts > 0).count() as u64;
+    let refused: Vec<String> =
+        r.keyed.iter().filter_map(|k| k.rejected.as_ref().map(|why| format!("{} answered {why}", k.key))).collect();
     let replays = r.keyed.iter().filter(|k| k.replayed).count();
     let mut seen: HashMap<i64, &str> = HashMap::new();
     for k in &r.keyed {
         if let Some(val) = k.value {
             if let Some(other) = seen.insert(val, &k.key) {
-                s.duplicates += 1;
-                problem(v, &mut budget, format!("keyed increments {other} and {} both answered value {val}", k.key));
+                // One effect answered twice, or an answer that is not its key's own effect.
+                problem(v, &mut budget, format!("inconsistent answers: keyed increments {other} and {} both answered value {val}", k.key));
             }
         }
     }
@@ -238,7 +240,15 @@ fn check_keyed(r: &Records, o: &Observed, v: &mut Verdict) {
             }
             if val > s.acked + unresolved {
                 s.duplicates += val - s.acked - unresolved;
-                problem(v, &mut budget, format!("keyed counter is {val}: more than {} acknowledged + {unresolved} unresolved keys (an effect happened twice)", s.acked));
+                let hint = if refused.is_empty() { String::new() } else { format!("; refused keys: {}", refused.join(", ")) };
+                problem(
+                    v,
+                    &mut budget,
+                    format!(
+                        "keyed counter is {val}: more than {} acknowledged + {unresolved} unresolved keys (an effect happened twice, or a refused key took effect{hint})",
+                        s.acked
+                    ),
+                );
             }
             if let Some(max) = seen.keys().max().filter(|m| **m as u64 > val) {
                 problem(v, &mut budget, format!("a keyed increment answered {max} but the counter is {val}"));
@@ -256,8 +266,7 @@ fn check_unkeyed(r: &Records, o: &Observed, v: &mut Verdict) {
     let mut seen = HashSet::new();
     for val in r.unkeyed.iter().filter_map(|u| u.value) {
         if !seen.insert(val) {
-            s.duplicates += 1;
-            problem(v, &mut budget, format!("two unkeyed increments answered the same value {val}"));
+            problem(v, &mut budget, format!("inconsistent answers: two unkeyed increments answered the same value {val}"));
         }
     }
     let may = r.unkeyed.iter().filter(|u| u.outcome != Outcome::Rejected).count() as u64;
@@ -401,7 +410,7 @@ mod tests {
     }
 
     fn keyed(key: &str, value: Option<i64>) -> KeyedOp {
-        KeyedOp { key: key.into(), attempts: 1, value, replayed: false, rejected: false }
+        KeyedOp { key: key.into(), attempts: 1, value, replayed: false, rejected: None }
     }
 
     fn node(id: u64, applied: u64, digest: &str) -> NodeView {
@@ -487,10 +496,11 @@ mod tests {
         let v = check(&r, &o);
         assert_eq!(v.duplicates(), 1);
         assert!(!v.passed());
-        // Two keys answered with the same value: one effect is counted twice.
+        // Two keys answered with the same value: not a duplicate effect, but a failure.
         let (mut r, o) = healthy();
         r.keyed[1].value = Some(1);
-        assert_eq!(check(&r, &o).duplicates(), 1);
+        let v = check(&r, &o);
+        assert!(!v.passed() && v.problems[0].contains("inconsistent answers"), "{:?}", v.problems);
     }
 
     #[test]

@@ -232,6 +232,8 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
     let observed = observe(cluster, &ids, &records).await;
     let verdict = checker::check(&records, &observed);
 
+    let diverging = if verdict.divergent { diff_known_keys(cluster, &ids, &records).await } else { Vec::new() };
+
     let rows = fault_rows(&faults, &records.ack_ms, cluster.supports_isolation());
     let header = format!(
         "raftbridge chaos report: {} nodes, {} s fault phase, seed {}, mode process, {} faults",
@@ -244,6 +246,12 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
     let unhealed: Vec<String> = faults.iter().filter(|f| !f.healed).map(|f| format!("{} at {} ms", f.kind, f.start_ms)).collect();
     if !unhealed.is_empty() {
         report.push_str(&format!("note: the cluster was not ready within {HEAL_DEADLINE:?} after: {}\n", unhealed.join(", ")));
+    }
+    if !diverging.is_empty() {
+        report.push_str("keys that differ between nodes (stale local reads: status, x-revision, value):\n");
+        for line in &diverging {
+            report.push_str(&format!("  {line}\n"));
+        }
     }
     report.push_str("\nfault log:\n");
     for f in &faults {
@@ -449,7 +457,7 @@ async fn wait_converged<C: ClusterControl>(cluster: &C, ids: &[u64], deadline: D
 async fn finish_keyed(addrs: &[String], records: &mut Records) {
     let stop = CancellationToken::new();
     let mut client = Client::new(addrs, 0);
-    for op in records.keyed.iter_mut().filter(|k| k.value.is_none() && !k.rejected) {
+    for op in records.keyed.iter_mut().filter(|k| k.value.is_none() && k.rejected.is_none()) {
         let before = op.attempts;
         workload::keyed_increment(&mut client, op, &stop, before + 50).await;
     }
@@ -537,6 +545,41 @@ async fn observe<C: ClusterControl>(cluster: &C, ids: &[u64], records: &Records)
         });
     }
     obs
+}
+
+/// For a diagnosis of divergence: every key the load touched, read locally (`stale`) on each
+/// node; returns the first keys whose status, revision or value differ (and how many in all).
+async fn diff_known_keys<C: ClusterControl>(cluster: &C, ids: &[u64], records: &Records) -> Vec<String> {
+    let mut paths: Vec<String> = records.writes.iter().map(|w| format!("/v1/state/chaos/{}", w.key)).collect();
+    paths.extend((0..workload::CAS_COUNTERS).map(|k| format!("/v1/state/chaos/c-{k}")));
+    for c in [workload::KEYED_COUNTER, workload::UNKEYED_COUNTER] {
+        paths.push(format!("/v1/state/demo/counter/{c}"));
+    }
+    let mut conns: Vec<crate::client::Conn> = ids.iter().map(|&id| crate::client::Conn::new(cluster.http_addr(id))).collect();
+    let mut out = Vec::new();
+    let mut differing = 0;
+    for path in &paths {
+        let mut seen = Vec::new();
+        for (conn, id) in conns.iter_mut().zip(ids) {
+            let got = match conn.get(&format!("{path}?consistency=stale"), PROBE_TIMEOUT).await {
+                Ok(r) => {
+                    let rev = r.headers.get("x-revision").and_then(|v| v.to_str().ok()).unwrap_or("-").to_string();
+                    format!("{} rev {rev} {}", r.status, String::from_utf8_lossy(&r.body))
+                }
+                Err(e) => format!("error {e}"),
+            };
+            seen.push((id, got));
+        }
+        if seen.windows(2).any(|w| w[0].1 != w[1].1) {
+            differing += 1;
+            if out.len() < 10 {
+                let all: Vec<String> = seen.iter().map(|(id, g)| format!("node {id}: {g}")).collect();
+                out.push(format!("{path}: {}", all.join(" | ")));
+            }
+        }
+    }
+    out.push(format!("{differing} of {} known keys differ", paths.len()));
+    out
 }
 
 /// Pages through `GET /v1/events?after=N&limit=M`; returns `(id, nonce)` of every event.

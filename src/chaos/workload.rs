@@ -72,8 +72,8 @@ pub struct KeyedOp {
     /// Counter value of the 2xx answer.
     pub value: Option<i64>,
     pub replayed: bool,
-    /// A definite non-2xx answer (e.g. 4xx) ended it.
-    pub rejected: bool,
+    /// The definite non-2xx answer (status and body) that ended it, if one did.
+    pub rejected: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -309,8 +309,9 @@ pub async fn keyed_increment(client: &mut Client, op: &mut KeyedOp, stop: &Cance
                 return true;
             }
             Reply::Refused(r) if r.status != 404 && r.status != 409 => {
-                tracing::warn!(key = %op.key, status = r.status, "chaos: keyed increment refused");
-                op.rejected = true;
+                let why = format!("{} {}", r.status, String::from_utf8_lossy(&r.body));
+                tracing::warn!(key = %op.key, answer = %why, "chaos: keyed increment refused");
+                op.rejected = Some(why);
                 return false;
             }
             // 404/409 can be transient (routing table not yet rebuilt after a restart).
@@ -332,7 +333,7 @@ async fn keyed(load: Load, t: usize) -> Records {
     let mut n = 0u64;
     while load.pace(10).await {
         n += 1;
-        let mut op = KeyedOp { key: format!("chaos-{}-{t}-{n}", load.seed), attempts: 0, value: None, replayed: false, rejected: false };
+        let mut op = KeyedOp { key: format!("chaos-{}-{t}-{n}", load.seed), attempts: 0, value: None, replayed: false, rejected: None };
         if keyed_increment(&mut client, &mut op, &load.stop, 1_000).await {
             out.ack_ms.push(load.ms());
         }

@@ -84,20 +84,28 @@ pub struct ProxySettings {
 /// The handlers this node runs, by (service, version, command).
 pub struct LocalServices {
     handlers: HashMap<(String, u32, String), Arc<dyn CommandHandler>>,
+    /// Commands whose successful results are also emitted as events.
+    success_events: HashMap<(String, u32, String), String>,
     decls: Vec<ServiceDecl>,
 }
 
 impl LocalServices {
     pub fn new(parts: Vec<ServiceParts>) -> LocalServices {
         let mut handlers = HashMap::new();
+        let mut success_events = HashMap::new();
         let mut decls = Vec::new();
         for p in parts {
+            for c in &p.decl.commands {
+                if let Some(e) = &c.success_event {
+                    success_events.insert((p.decl.name.clone(), p.decl.version, c.name.clone()), e.clone());
+                }
+            }
             for (name, h) in p.handlers {
                 handlers.insert((p.decl.name.clone(), p.decl.version, name), h);
             }
             decls.push(p.decl);
         }
-        LocalServices { handlers, decls }
+        LocalServices { handlers, success_events, decls }
     }
 
     pub fn decls(&self) -> &[ServiceDecl] {
@@ -389,12 +397,23 @@ impl Proxy {
             service_target: inv.command.clone(),
             instance_id: self.node_id.to_string(),
         };
-        let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone()).with_broker(self.broker.clone(), sender);
+        let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone()).with_broker(self.broker.clone(), sender.clone());
         let timeout = Duration::from_millis(inv.timeout_ms.max(1));
-        match tokio::time::timeout(timeout, handler.call(ctx, inv)).await {
+        let key = (inv.service.clone(), inv.version, inv.command.clone());
+        let meta = inv.meta.clone();
+        let out = match tokio::time::timeout(timeout, handler.call(ctx, inv)).await {
             Ok(r) => r,
             Err(_) => Err(HandlerError::new(504, "deadline exceeded")),
+        }?;
+        if let Some(event_name) = self.local.success_events.get(&key) {
+            // The result as an event; under an idempotency key a re-run emits nothing new.
+            let payload = if out.body.is_empty() { b"null".to_vec() } else { out.body.to_vec() };
+            let dedup = meta.idempotency_key.as_ref().map(|k| format!("{k}#success"));
+            let mut event = crate::broker::new_event(event_name, payload, &meta, Some(sender), dedup);
+            event.message_type = "commandSuccessResponse".into();
+            self.broker.publish_one(event).await.map_err(|e| HandlerError::new(503, format!("result not emitted: {e}")))?;
         }
+        Ok(out)
     }
 
     /// Serve `PeerRequest::Invoke` from another node's proxy.

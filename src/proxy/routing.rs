@@ -174,6 +174,7 @@ mod tests {
             timeout_ms: 30_000,
             input_schema: None,
             output_schema: None,
+            success_event: None,
         }
     }
 

@@ -185,8 +185,11 @@ impl SyncedRecord {
         let mut last = lock(&self.last)?;
         if (name, len) > *last {
             *last = (name, len);
-            // Deliberately no fsync: see the module doc.
-            fs::write(&self.path, format!("{name} {len}\n")).map_err(ctx("write", &self.path))?;
+            // Replaced by rename so that a kill never leaves a half-written record; deliberately
+            // no fsync: see the module doc.
+            let tmp = self.path.with_extension("tmp");
+            fs::write(&tmp, format!("{name} {len}\n")).map_err(ctx("write", &tmp))?;
+            fs::rename(&tmp, &self.path).map_err(ctx("rename to", &self.path))?;
         }
         Ok(())
     }

@@ -145,6 +145,7 @@ impl CommandBuilder {
                 timeout_ms: DEFAULT_TIMEOUT.as_millis() as u64,
                 input_schema: None,
                 output_schema: None,
+                success_event: None,
             },
         }
     }
@@ -178,6 +179,12 @@ impl CommandBuilder {
         self.decl.output_schema = Some(schema.to_string());
         self
     }
+    /// Also emit a successful result as this event (message type `commandSuccessResponse`).
+    pub fn success_event(mut self, event_name: impl Into<String>) -> CommandBuilder {
+        self.decl.success_event = Some(event_name.into());
+        self
+    }
+
     pub fn decl(&self) -> &CommandDecl {
         &self.decl
     }

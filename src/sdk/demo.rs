@@ -5,9 +5,12 @@
 //! - `increment` (not idempotent) changes replicated state: exactly-once effects when the client
 //!   sends an `Idempotency-Key` (the state layer deduplicates tagged writes);
 //! - `slow` (idempotent) sleeps: deadlines, and requests in flight on a node that dies.
+//! - `notify` answers its input and declares a success event, `notified`: a command's result
+//!   emitted as an event;
 //! - `orders` stores an order and emits `orderPlaced`; the shared durable subscription
 //!   `countOrders` increments `orders-seen/<order id>` for each one it processes, so a test can see
-//!   at-least-once delivery and count duplicates by content.
+//!   at-least-once delivery and count duplicates by content; the every-instance subscription
+//!   `auditOrders` records `orders-audit/<node>/<order id>` on each node.
 //!
 //! Its routes and answers are a contract the integration tests rely on.
 
@@ -79,7 +82,14 @@ pub fn demo_service() -> ServiceParts {
                 .output_schema(json!({"type": "object", "required": ["id", "position", "servedBy"]}))
                 .handler(place_order),
         )
+        .command(
+            CommandBuilder::post("notify", "notify")
+                .success_event("notified")
+                .input_schema(json!({"description": "any JSON value; the result is also emitted as `notified`"}))
+                .handler(notify),
+        )
         .subscription(SubscriptionBuilder::new("countOrders").event_name("orderPlaced").handler(count_order))
+        .subscription(SubscriptionBuilder::new("auditOrders").event_name("orderPlaced").shared(false).handler(audit_order))
         .command(
             CommandBuilder::get("slow", "slow")
                 .idempotent(true)
@@ -125,6 +135,11 @@ async fn place_order(ctx: Ctx, mut order: serde_json::Value, _: ()) -> Result<Pl
     Ok(Placed { id, event_id, position, served_by: ctx.node_id })
 }
 
+/// `notify`: answers its input; the command's declared success event carries the result.
+async fn notify(ctx: Ctx, body: serde_json::Value, _: ()) -> Result<serde_json::Value, HandlerError> {
+    Ok(json!({"notified": body, "servedBy": ctx.node_id}))
+}
+
 /// `countOrders`: one increment of `orders-seen/<order id>` per processed `orderPlaced`.
 async fn count_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
     let order: serde_json::Value =
@@ -136,6 +151,15 @@ async fn count_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Opt
     }
     // Untagged on purpose: each delivery counts, so duplicates stay visible.
     ctx.state().increment_untagged(STATE_STORE, &format!("orders-seen/{id}"), 1).await?;
+    Ok(None)
+}
+
+/// `auditOrders` (every instance): each node records `orders-audit/<node>/<order id>`.
+async fn audit_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
+    let order: serde_json::Value =
+        serde_json::from_slice(&event.payload).map_err(|e| HandlerError::bad_request(e.to_string()))?;
+    let id = order.get("id").and_then(|v| v.as_str()).ok_or_else(|| HandlerError::bad_request("order without id"))?;
+    ctx.state().increment_untagged(STATE_STORE, &format!("orders-audit/{}/{id}", ctx.node_id), 1).await?;
     Ok(None)
 }
 

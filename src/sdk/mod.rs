@@ -52,6 +52,9 @@ pub struct CommandDecl {
     /// JSON Schema of the payload / result, as JSON text, when the SDK has one.
     pub input_schema: Option<String>,
     pub output_schema: Option<String>,
+    /// When set, a successful result is also emitted as this event (`commandSuccessResponse`).
+    #[serde(default)]
+    pub success_event: Option<String>,
 }
 
 /// A service version and its commands.

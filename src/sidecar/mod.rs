@@ -49,6 +49,100 @@ pub struct SidecarConfig {
     pub pool_size: usize,
     #[serde(default)]
     pub commands: Vec<SidecarCommand>,
+    /// Events POSTed to the app (`[[sidecar.subscriptions]]`).
+    #[serde(default)]
+    pub subscriptions: Vec<SidecarSubscription>,
+}
+
+/// One `[[sidecar.subscriptions]]` entry: matching events are POSTed (the event's JSON) to
+/// `upstream + path`; a 2xx answer acks, anything else or a timeout nacks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SidecarSubscription {
+    pub name: String,
+    /// The service the subscription belongs to (default `sidecar`, version 1).
+    #[serde(default = "default_sub_service")]
+    pub service: String,
+    #[serde(default = "default_sub_version")]
+    pub version: u32,
+    pub path: String,
+    #[serde(default)]
+    pub event_name: Option<String>,
+    #[serde(default)]
+    pub sender_service: Option<String>,
+    #[serde(default)]
+    pub sender_version: Option<String>,
+    #[serde(default)]
+    pub sender_target: Option<String>,
+    #[serde(default)]
+    pub message_type: Option<String>,
+    #[serde(default)]
+    pub principal_id: Option<String>,
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    #[serde(default = "default_true")]
+    pub shared: bool,
+    #[serde(default = "default_true")]
+    pub durable: bool,
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    #[serde(default = "default_ack_deadline_ms")]
+    pub ack_deadline_ms: u64,
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: u32,
+}
+
+fn default_sub_service() -> String {
+    "sidecar".into()
+}
+fn default_sub_version() -> u32 {
+    1
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_attempts() -> u32 {
+    5
+}
+fn default_ack_deadline_ms() -> u64 {
+    10_000
+}
+fn default_max_in_flight() -> u32 {
+    64
+}
+
+/// Delivers events of one sidecar subscription to the app.
+struct EventPost {
+    pool: Arc<Pool>,
+    path: String,
+    timeout: Duration,
+}
+
+impl crate::sdk::SubscriptionHandler for EventPost {
+    fn handle(
+        &self,
+        _ctx: Ctx,
+        event: crate::broker::event::Event,
+    ) -> BoxFuture<Result<Option<crate::sdk::Emit>, HandlerError>> {
+        let (pool, path, timeout) = (self.pool.clone(), format!("{}{}", self.pool.base, self.path), self.timeout);
+        Box::pin(async move {
+            let body = bytes::Bytes::from(event.to_json().to_string());
+            let mut conn = pool.take();
+            let headers = [("content-type", "application/json")];
+            match conn.request(Method::POST, &path, &headers, body, timeout).await {
+                Ok(resp) if (200..300).contains(&resp.status) => {
+                    pool.put(conn);
+                    Ok(None)
+                }
+                Ok(resp) => {
+                    pool.put(conn);
+                    Err(HandlerError::new(502, format!("app answered {} to event {}", resp.status, event.id)))
+                }
+                Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
+                Err(e) => Err(HandlerError::new(502, format!("app unreachable: {e}"))),
+            }
+        })
+    }
 }
 
 /// One `[[sidecar.commands]]` entry.
@@ -113,6 +207,39 @@ impl Sidecar {
             let key = (c.service.clone(), c.version);
             let service = services.remove(&key).unwrap_or_else(|| Service::new(&c.service, c.version));
             services.insert(key, service.command(command));
+        }
+        for sub in &cfg.subscriptions {
+            if !sub.path.starts_with('/') || sub.path.parse::<http::uri::PathAndQuery>().is_err() {
+                return Err(SidecarError::Upstream {
+                    url: cfg.upstream.clone(),
+                    reason: format!("subscription {}: path must start with /", sub.name),
+                });
+            }
+            let decl = crate::broker::event::SubscriptionDecl {
+                name: sub.name.clone(),
+                filter: crate::broker::event::EventFilter {
+                    event_name: sub.event_name.clone(),
+                    sender_service: sub.sender_service.clone(),
+                    sender_version: sub.sender_version.clone(),
+                    sender_target: sub.sender_target.clone(),
+                    message_type: sub.message_type.clone(),
+                    principal_id: sub.principal_id.clone(),
+                    tenant_id: sub.tenant_id.clone(),
+                },
+                shared: sub.shared,
+                durable: sub.durable,
+                max_attempts: sub.max_attempts,
+                ack_deadline_ms: sub.ack_deadline_ms,
+                max_in_flight: sub.max_in_flight,
+            };
+            let post = EventPost {
+                pool: pool.clone(),
+                path: sub.path.clone(),
+                timeout: Duration::from_millis(sub.ack_deadline_ms),
+            };
+            let key = (sub.service.clone(), sub.version);
+            let service = services.remove(&key).unwrap_or_else(|| Service::new(&sub.service, sub.version));
+            services.insert(key, service.subscription((decl, Arc::new(post))));
         }
         let parts = services.into_values().map(Service::into_parts).collect::<Result<Vec<_>, _>>()?;
         let (tx, healthy) = watch::channel(cfg.health_path.is_none());

@@ -12,6 +12,12 @@ keep-alive (the node pools connections), one thread per connection, and answers:
   GET  /fail                500 {"message":"upstream failure"}
   GET  /bad                 422 {"message":"bad thing"}
   GET  /sleep?ms=N          sleeps N ms, then 200 {"sleptMs":N,"servedBy":X}
+  POST /events/<name>       a sidecar subscription delivery (body = the event JSON): records the
+                            event id and answers 200 {"ok":true,"servedBy":X}; while failing
+                            (POST /admin/fail-events) answers 500 and records it as failed instead
+  POST /admin/fail-events   make /events/<name> answer 500     POST /admin/ok-events   back to 200
+  GET  /events/received     JSON list of the event ids acknowledged with 200 (with duplicates)
+  GET  /events/failed       JSON list of the event ids answered 500 (with duplicates)
   anything else             404 {"message":"no route"}
 
 It prints `listening on HOST:PORT` once it accepts connections (useful with --port 0).
@@ -42,6 +48,9 @@ class State:
         self.healthy = True
         self.requests = 0
         self.orders = {}
+        self.fail_events = False
+        self.events_received = []
+        self.events_failed = []
         self.lock = threading.Lock()
 
 
@@ -99,6 +108,28 @@ def make_handler(state, verbose):
                     "servedBy": state.name,
                     "headers": headers,
                 })
+            if route in (("POST", "/admin/fail-events"), ("POST", "/admin/ok-events")):
+                with state.lock:
+                    state.fail_events = url.path == "/admin/fail-events"
+                    return self.send_json(200, {"failEvents": state.fail_events})
+            if route == ("GET", "/events/received"):
+                with state.lock:
+                    return self.send_json(200, list(state.events_received))
+            if route == ("GET", "/events/failed"):
+                with state.lock:
+                    return self.send_json(200, list(state.events_failed))
+            if method == "POST" and url.path.startswith("/events/") and url.path.count("/") == 2:
+                try:
+                    event = json.loads(raw)
+                    event_id = event["id"]
+                except (ValueError, KeyError, TypeError) as e:
+                    return self.send_json(400, {"message": "body is not an event: %s" % e})
+                with state.lock:
+                    failing = state.fail_events
+                    (state.events_failed if failing else state.events_received).append(event_id)
+                if failing:
+                    return self.send_json(500, {"message": "failing events on purpose", "servedBy": state.name})
+                return self.send_json(200, {"ok": True, "servedBy": state.name})
             if route == ("GET", "/fail"):
                 return self.send_json(500, {"message": "upstream failure"})
             if route == ("GET", "/bad"):
