@@ -79,7 +79,8 @@ cleanup() {
   exit "$rc"
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+trap 'exit 130' INT
+trap 'exit 143' TERM
 
 # Leftovers of an interrupted earlier run would hold the ports and the volumes.
 dc down -v --remove-orphans >/dev/null 2>&1 || true

@@ -33,6 +33,10 @@ pub struct NodeArgs {
     /// This node's id (unique in the cluster, never reused; stored in the data dir).
     #[arg(long, env = "RAFTBRIDGE_ID")]
     pub id: Option<u64>,
+    /// Derive the id from the hostname's trailing `-N` as N+1 (StatefulSet pods `name-0` → 1);
+    /// `--id` wins when both are given.
+    #[arg(long, env = "RAFTBRIDGE_ID_FROM_HOSTNAME", num_args = 0..=1, default_missing_value = "true")]
+    pub id_from_hostname: Option<bool>,
     /// Directory for the Raft log, snapshots and the node id.
     #[arg(long, env = "RAFTBRIDGE_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -147,7 +151,11 @@ impl NodeArgs {
                 self.$f.clone().or(file.$f.clone())
             };
         }
-        let id = pick!(id).ok_or(ConfigError::Missing("id"))?;
+        let id = match pick!(id) {
+            Some(id) => id,
+            None if pick!(id_from_hostname).unwrap_or(false) => id_from_hostname(&hostname())?,
+            None => return Err(ConfigError::Missing("id")),
+        };
         let data_dir = pick!(data_dir).ok_or(ConfigError::Missing("data-dir"))?;
         let peer_addr = pick!(peer_addr).unwrap_or_else(|| "127.0.0.1:7400".into());
         let http_addr = pick!(http_addr).unwrap_or_else(|| "127.0.0.1:8400".into());
@@ -194,6 +202,27 @@ impl NodeArgs {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// `raftbridge-2` → 3: StatefulSet ordinals start at 0, node ids at 1.
+fn id_from_hostname(host: &str) -> Result<u64, ConfigError> {
+    let invalid = || ConfigError::Invalid {
+        name: "id-from-hostname",
+        reason: format!("hostname {host:?} does not end in -<number>"),
+    };
+    let (_, ordinal) = host.rsplit_once('-').ok_or_else(invalid)?;
+    let n: u64 = ordinal.parse().map_err(|_| invalid())?;
+    n.checked_add(1).ok_or_else(invalid)
 }
 
 impl NodeConfig {
@@ -277,6 +306,14 @@ mod tests {
         let cfg = args.resolve().unwrap();
         assert!(cfg.example_services);
         assert_eq!(cfg.sidecar, Some(sidecar));
+    }
+
+    #[test]
+    fn id_from_hostname_uses_the_ordinal() {
+        assert_eq!(id_from_hostname("raftbridge-0").unwrap(), 1);
+        assert_eq!(id_from_hostname("my-app-12").unwrap(), 13);
+        assert!(id_from_hostname("raftbridge").is_err());
+        assert!(id_from_hostname("raftbridge-x").is_err());
     }
 
     #[test]

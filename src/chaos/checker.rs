@@ -182,7 +182,7 @@ fn check_cas(r: &Records, o: &Observed, v: &mut Verdict) {
         }
         let in_chain: HashSet<&str> = chain.iter().copied().collect();
         for (pos, op) in chain.iter().enumerate() {
-            let a = attempts[op];
+            let a = attempts[op]; // every op in the chain was found in `attempts` above
             if a.n != pos as u64 + 1 {
                 problem(v, &mut budget, format!("CAS counter c-{k}: op {op} wrote n={} at chain position {}", a.n, pos + 1));
             }

@@ -265,7 +265,7 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
 
 /// Carries out one fault, including its hold time and the undoing of it; returns a note.
 async fn inject<C: ClusterControl>(cluster: &C, f: &PlannedFault, ids: &[u64]) -> anyhow::Result<String> {
-    let random = ids[f.node_index % ids.len()];
+    let random = ids[f.node_index % ids.len()]; // `run` ensures at least 3 nodes
     let leader_or_random = || async {
         match find_leader(cluster).await {
             Some(l) => (l, "leader".to_string()),

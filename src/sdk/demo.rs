@@ -202,11 +202,17 @@ mod tests {
             [
                 ("echo", "POST", "echo", true),
                 ("increment", "POST", "counter/:name/increment", false),
+                ("placeOrder", "POST", "orders", false),
+                ("notify", "POST", "notify", false),
                 ("slow", "GET", "slow", true)
             ]
         );
         assert!(parts.decl.commands[0].input_schema.is_some() && parts.decl.commands[1].output_schema.is_some());
-        assert_eq!(parts.handlers.len(), 3);
+        assert_eq!(parts.handlers.len(), 5);
+        assert_eq!(parts.decl.commands[3].success_event.as_deref(), Some("notified"));
+        let subs: Vec<_> = parts.decl.subscriptions.iter().map(|s| (s.name.as_str(), s.shared, s.durable)).collect();
+        assert_eq!(subs, [("countOrders", true, true), ("auditOrders", false, true)]);
+        assert_eq!(parts.subscribers.len(), 2);
     }
 
     #[test]

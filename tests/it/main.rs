@@ -11,6 +11,7 @@ mod http;
 mod bad_input;
 mod commands;
 mod durability;
+mod events;
 mod failover;
 mod formation;
 mod membership;

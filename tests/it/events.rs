@@ -1,0 +1,948 @@
+//! The broker and events API on real clusters: events and orders acknowledged under load survive
+//! SIGKILL of the leader and then of another node, and of every node at once (same ids, same
+//! positions, exactly once in the log, each order processed by `countOrders` at least once);
+//! producer dedup with `idempotency-key` across a node failure; a poison order reaches the dead
+//! letters after its attempts while later orders are still processed; the every-instance
+//! subscription `auditOrders` runs on every node; batch publishing and its bad-input answers; and
+//! sidecar subscriptions POSTing events to `tests/it/upstream.py`, also while one upstream fails.
+//!
+//! Events are compared by content: every published payload carries a unique `tag`, every order a
+//! unique id, so a lost or duplicated event is found whatever ids and positions the log shows.
+
+use std::collections::BTreeMap;
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::thread;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use serde_json::json;
+use serde_json::Value;
+
+use crate::harness::assert_json_error;
+use crate::harness::free_loopback_ports;
+use crate::harness::poll_until;
+use crate::harness::Api;
+use crate::harness::Cluster;
+use crate::harness::HelperProcess;
+use crate::harness::CATCH_UP;
+use crate::harness::FAILOVER;
+use crate::harness::FORMATION;
+use crate::http;
+
+/// Services registered, subscriptions known and the first order routable after formation.
+const SERVICES_UP: Duration = Duration::from_secs(30);
+/// Subscriptions catching up with everything published (deliveries, retries after failover).
+const DELIVERY: Duration = Duration::from_secs(90);
+/// A poison order going through its 5 attempts (backoff 200 ms doubling: ~3 s) into the dead letters.
+const DEAD_LETTER: Duration = Duration::from_secs(60);
+/// Progress the load must make between two steps of a scenario.
+const PROGRESS: Duration = Duration::from_secs(60);
+const UPSTREAM_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/upstream.py");
+
+// ---------------------------------------------------------------------------------------------
+// Small API helpers
+// ---------------------------------------------------------------------------------------------
+
+/// `POST /v1/events/{name}` that must answer 201; (id, position).
+fn publish(api: Api, name: &str, payload: &Value, headers: &[(&str, &str)]) -> Result<(String, u64), String> {
+    let resp = api
+        .request("POST", &format!("/v1/events/{name}"), headers, payload.to_string().as_bytes())
+        .map_err(|e| format!("POST /v1/events/{name} via node {}: {e}", api.id))?;
+    if resp.status != 201 {
+        return Err(format!("POST /v1/events/{name} via node {}: {}", api.id, resp.describe()));
+    }
+    id_position(&resp.json()?)
+}
+
+fn id_position(v: &Value) -> Result<(String, u64), String> {
+    let id = v.get("id").and_then(Value::as_str).ok_or_else(|| format!("no string id in {v}"))?;
+    let position = v.get("position").and_then(Value::as_u64).ok_or_else(|| format!("no numeric position in {v}"))?;
+    Ok((id.to_string(), position))
+}
+
+/// An order the cluster acknowledged.
+#[derive(Debug, Clone)]
+struct PlacedOrder {
+    order_id: String,
+    event_id: String,
+    position: u64,
+    via: u64,
+}
+
+/// `POST /api/v1/orders` that must answer 2xx with `{"id","eventId","position","servedBy"}`.
+fn place_order(api: Api, order: &Value) -> Result<PlacedOrder, String> {
+    let resp = api
+        .request("POST", "/api/v1/orders", &[], order.to_string().as_bytes())
+        .map_err(|e| format!("POST /api/v1/orders via node {}: {e}", api.id))?;
+    if !(200..300).contains(&resp.status) {
+        return Err(format!("POST /api/v1/orders via node {}: {}", api.id, resp.describe()));
+    }
+    let v = resp.json()?;
+    let order_id = v.get("id").and_then(Value::as_str).ok_or_else(|| format!("order answer without id: {v}"))?;
+    if Some(order_id) != order.get("id").and_then(Value::as_str) {
+        return Err(format!("order answer names id {order_id}, sent {order}"));
+    }
+    let event_id = v.get("eventId").and_then(Value::as_str).ok_or_else(|| format!("order answer without eventId: {v}"))?;
+    let position = v.get("position").and_then(Value::as_u64).ok_or_else(|| format!("order answer without position: {v}"))?;
+    if v.get("servedBy").and_then(Value::as_u64).is_none() {
+        return Err(format!("order answer without servedBy: {v}"));
+    }
+    Ok(PlacedOrder { order_id: order_id.to_string(), event_id: event_id.to_string(), position, via: api.id })
+}
+
+/// Any GET that must answer 200 with JSON.
+fn get_json(api: Api, path: &str) -> Result<Value, String> {
+    let resp = api.request("GET", path, &[], b"").map_err(|e| format!("GET {path} via node {}: {e}", api.id))?;
+    if resp.status != 200 {
+        return Err(format!("GET {path} via node {}: {}", api.id, resp.describe()));
+    }
+    resp.json()
+}
+
+/// A counter of the demo state store (`GET /v1/state/demo/{key}`): None while absent (404).
+/// `stale` reads the node's local copy.
+fn demo_counter(api: Api, key: &str, stale: bool) -> Result<Option<i64>, String> {
+    let q = if stale { "?consistency=stale" } else { "" };
+    let path = format!("/v1/state/demo/{key}{q}");
+    let resp = api.request("GET", &path, &[], b"").map_err(|e| format!("GET {path} via node {}: {e}", api.id))?;
+    match resp.status {
+        404 => Ok(None),
+        200 => resp
+            .json()?
+            .as_i64()
+            .map(Some)
+            .ok_or_else(|| format!("GET {path} via node {}: not an integer: {}", api.id, resp.describe())),
+        _ => Err(format!("GET {path} via node {}: {}", api.id, resp.describe())),
+    }
+}
+
+/// The cursor of a subscription (`GET /v1/subscriptions/{name}`).
+fn cursor(api: Api, sub: &str) -> Result<u64, String> {
+    let v = get_json(api, &format!("/v1/subscriptions/{sub}"))?;
+    v.get("cursor").and_then(Value::as_u64).ok_or_else(|| format!("subscription {sub} without numeric cursor: {v}"))
+}
+
+/// The dead letters of a subscription.
+fn dead_letters(api: Api, sub: &str) -> Result<Vec<Value>, String> {
+    let v = get_json(api, &format!("/v1/dead-letters?subscription={sub}"))?;
+    if v.get("subscription").and_then(Value::as_str) != Some(sub) {
+        return Err(format!("dead letters answer names another subscription: {v}"));
+    }
+    v.get("deadLetters").and_then(Value::as_array).cloned().ok_or_else(|| format!("no deadLetters array: {v}"))
+}
+
+/// The whole event log as node `api` serves it, paged with `after`/`next` (1000 at a time).
+fn read_log(api: Api) -> Result<Vec<Value>, String> {
+    let mut out: Vec<Value> = Vec::new();
+    let mut after = 0u64;
+    for _ in 0..100_000 {
+        let page = get_json(api, &format!("/v1/events?after={after}&limit=1000"))?;
+        let events = page.get("events").and_then(Value::as_array).ok_or_else(|| format!("no events array: {page}"))?;
+        let next = page.get("next").and_then(Value::as_u64).ok_or_else(|| format!("no numeric next: {page}"))?;
+        let end = page.get("end").and_then(Value::as_u64).ok_or_else(|| format!("no numeric end: {page}"))?;
+        if events.len() > 1000 {
+            return Err(format!("node {}: {} events in one page, limit is 1000", api.id, events.len()));
+        }
+        for e in events {
+            let p = e.get("position").and_then(Value::as_u64).ok_or_else(|| format!("event without position: {e}"))?;
+            if p <= after {
+                return Err(format!("node {}: read after={after} returned position {p}", api.id));
+            }
+            if let Some(last) = out.last().and_then(|l| l.get("position")).and_then(Value::as_u64) {
+                if p <= last {
+                    return Err(format!("node {}: position {p} after {last}: log not in order", api.id));
+                }
+            }
+            out.push(e.clone());
+        }
+        if next >= end || (events.is_empty() && next <= after) {
+            return Ok(out);
+        }
+        if next <= after {
+            return Err(format!("node {}: after={after} answered next={next} (no progress) with end={end}", api.id));
+        }
+        after = next;
+    }
+    Err(format!("node {}: log paging did not end", api.id))
+}
+
+/// Log entries indexed by event id (several entries under one id = a duplicate).
+fn by_id(log: &[Value]) -> BTreeMap<String, Vec<&Value>> {
+    let mut m: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for e in log {
+        m.entry(e.get("id").and_then(Value::as_str).unwrap_or("<no id>").to_string()).or_default().push(e);
+    }
+    m
+}
+
+/// Log entries indexed by a string field of their payload (`tag` of published events, `id` of orders).
+fn by_payload_field<'a>(log: &'a [Value], event_name: &str, field: &str) -> BTreeMap<String, Vec<&'a Value>> {
+    let mut m: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
+    for e in log.iter().filter(|e| e.get("eventName").and_then(Value::as_str) == Some(event_name)) {
+        if let Some(t) = e.get("payload").and_then(|p| p.get(field)).and_then(Value::as_str) {
+            m.entry(t.to_string()).or_default().push(e);
+        }
+    }
+    m
+}
+
+/// Waits until every node in `apis` serves `GET /v1/subscriptions/{sub}` (registered and applied).
+fn wait_subscription(c: &Cluster, apis: &[Api], sub: &str) {
+    c.wait_for(&format!("subscription {sub} known on every node"), SERVICES_UP, || {
+        for &api in apis {
+            cursor(api, sub)?;
+        }
+        Ok(())
+    });
+}
+
+/// Waits until orders are accepted through every running node (demo registered, routable).
+fn wait_orders_routable(c: &Cluster, prefix: &str) {
+    let mut n = 0;
+    for api in c.apis() {
+        c.wait_for(&format!("an order accepted via node {}", api.id), SERVICES_UP, || {
+            n += 1;
+            place_order(api, &json!({"id": format!("{prefix}-warmup-{n}")})).map(|_| ())
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Emit load: threads publishing events and placing orders through every node
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct AckedEvent {
+    tag: String,
+    id: String,
+    position: u64,
+    via: u64,
+}
+
+#[derive(Debug, Default)]
+struct EmitOutcome {
+    events: Vec<AckedEvent>,
+    orders: Vec<PlacedOrder>,
+    failed: usize,
+    failures: Vec<String>,
+}
+
+struct EmitShared {
+    stop: AtomicBool,
+    acked: AtomicUsize,
+    orders: AtomicUsize,
+    outcome: Mutex<EmitOutcome>,
+}
+
+/// `threads` threads, each alternating a `POST /v1/events/x` with a unique `tag` and a
+/// `POST /api/v1/orders` with a unique id, round-robin over `targets` (dead ones included:
+/// they fail fast), recording every acknowledgement.
+struct EmitLoad {
+    shared: Arc<EmitShared>,
+    handles: Vec<JoinHandle<()>>,
+}
+
+impl EmitLoad {
+    fn start(targets: Vec<Api>, threads: usize, prefix: &str) -> EmitLoad {
+        let shared = Arc::new(EmitShared {
+            stop: AtomicBool::new(false),
+            acked: AtomicUsize::new(0),
+            orders: AtomicUsize::new(0),
+            outcome: Mutex::new(EmitOutcome::default()),
+        });
+        let handles = (0..threads)
+            .map(|t| {
+                let shared = shared.clone();
+                let targets = targets.clone();
+                let prefix = prefix.to_string();
+                thread::spawn(move || {
+                    for seq in 0.. {
+                        if shared.stop.load(Ordering::Relaxed) {
+                            return;
+                        }
+                        let api = targets[(t + seq) % targets.len()];
+                        let tag = format!("{prefix}-{t}-{seq}");
+                        let result = if seq % 2 == 0 {
+                            publish(api, "x", &json!({"tag": tag, "thread": t, "seq": seq}), &[])
+                                .map(|(id, position)| (Some(AckedEvent { tag: tag.clone(), id, position, via: api.id }), None))
+                        } else {
+                            place_order(api, &json!({"id": tag, "thread": t, "seq": seq})).map(|o| (None, Some(o)))
+                        };
+                        let mut out = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
+                        match result {
+                            Ok((e, o)) => {
+                                if let Some(e) = e {
+                                    out.events.push(e);
+                                }
+                                if let Some(o) = o {
+                                    out.orders.push(o);
+                                    shared.orders.fetch_add(1, Ordering::Relaxed);
+                                }
+                                shared.acked.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                out.failed += 1;
+                                if out.failures.len() < 10 {
+                                    out.failures.push(e);
+                                }
+                                drop(out);
+                                thread::sleep(Duration::from_millis(20));
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        EmitLoad { shared, handles }
+    }
+
+    /// Acknowledged requests (events and orders) so far.
+    fn acked(&self) -> usize {
+        self.shared.acked.load(Ordering::Relaxed)
+    }
+
+    fn orders(&self) -> usize {
+        self.shared.orders.load(Ordering::Relaxed)
+    }
+
+    /// Waits until `more` further requests (and at least one more order) are acknowledged.
+    fn wait_progress(&self, c: &Cluster, more: usize, what: &str) {
+        let (base, base_orders) = (self.acked(), self.orders());
+        c.wait_for(&format!("{more} more acknowledged requests {what}"), PROGRESS, || {
+            let (now, orders) = (self.acked(), self.orders());
+            if now >= base + more && orders > base_orders {
+                Ok(())
+            } else {
+                let out = self.shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
+                Err(format!("{} acked ({} orders), {} failed; last failures {:?}", now - base, orders - base_orders, out.failed, out.failures.iter().rev().take(3).collect::<Vec<_>>()))
+            }
+        });
+    }
+
+    fn stop(mut self) -> EmitOutcome {
+        self.shared.stop.store(true, Ordering::Relaxed);
+        for h in std::mem::take(&mut self.handles) {
+            h.join().expect("load thread panicked");
+        }
+        std::mem::take(&mut *self.shared.outcome.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl Drop for EmitLoad {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Checks a log read from one node against the acknowledged events and orders: each acked event
+/// (by tag) and each acked order (by order id and event id) exactly once, at its acknowledged
+/// id and position. Err lists what is missing or wrong (missing may still be in flight).
+fn check_log(node: u64, log: &[Value], out: &EmitOutcome) -> Result<(), String> {
+    let ids = by_id(log);
+    let tags = by_payload_field(log, "x", "tag");
+    let orders = by_payload_field(log, "orderPlaced", "id");
+    let mut bad = Vec::new();
+    for (id, entries) in &ids {
+        if entries.len() > 1 {
+            bad.push(format!("event id {id} appears {} times", entries.len()));
+        }
+    }
+    for e in &out.events {
+        match tags.get(&e.tag).map(Vec::as_slice) {
+            None | Some([]) => bad.push(format!("acked event {e:?} is missing")),
+            Some([one]) => {
+                let got = id_position(one)?;
+                if got != (e.id.clone(), e.position) {
+                    bad.push(format!("acked event {e:?} is in the log as {one}"));
+                }
+            }
+            Some(many) => bad.push(format!("acked event {e:?} appears {} times: {many:?}", many.len())),
+        }
+    }
+    for o in &out.orders {
+        match orders.get(&o.order_id).map(Vec::as_slice) {
+            None | Some([]) => bad.push(format!("orderPlaced of acked order {o:?} is missing")),
+            Some([one]) => {
+                let got = id_position(one)?;
+                if got != (o.event_id.clone(), o.position) {
+                    bad.push(format!("orderPlaced of acked order {o:?} is in the log as {one}"));
+                }
+            }
+            Some(many) => bad.push(format!("orderPlaced of acked order {o:?} appears {} times: {many:?}", many.len())),
+        }
+    }
+    if bad.is_empty() {
+        Ok(())
+    } else {
+        Err(format!(
+            "node {node} ({} events in log; {} acked events, {} acked orders): {} problems; first: {:#?}",
+            log.len(),
+            out.events.len(),
+            out.orders.len(),
+            bad.len(),
+            &bad[..bad.len().min(8)]
+        ))
+    }
+}
+
+/// Polls until the log on every node in `apis` holds every acknowledged event and order exactly
+/// once, and the nodes agree on (position, id) of every event. Returns one node's log.
+fn wait_log_complete(c: &Cluster, apis: &[Api], out: &EmitOutcome) -> Vec<Value> {
+    c.wait_for("every acknowledged event exactly once in the log of every node", CATCH_UP, || {
+        let mut first: Option<(u64, Vec<(u64, String)>, Vec<Value>)> = None;
+        for &api in apis {
+            let log = read_log(api)?;
+            check_log(api.id, &log, out)?;
+            let summary: Vec<(u64, String)> = log
+                .iter()
+                .map(|e| (e["position"].as_u64().unwrap_or(0), e["id"].as_str().unwrap_or("").to_string()))
+                .collect();
+            match &first {
+                None => first = Some((api.id, summary, log)),
+                Some((n, s, _)) if *s != summary => {
+                    let diff = s.iter().zip(&summary).find(|(a, b)| a != b);
+                    return Err(format!(
+                        "logs differ between node {n} ({} events) and node {} ({} events); first difference {diff:?}",
+                        s.len(),
+                        api.id,
+                        summary.len()
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(first.map(|(_, _, log)| log).unwrap_or_default())
+    })
+}
+
+/// Polls until `countOrders` processed each order at least once (`orders-seen/<id>` ≥ 1);
+/// returns the counts (values above 1 are redeliveries).
+fn wait_orders_counted(c: &Cluster, api_of: impl Fn() -> Api, orders: &[String], deadline: Duration) -> BTreeMap<String, i64> {
+    let mut counts: BTreeMap<String, i64> = BTreeMap::new();
+    c.wait_for(&format!("countOrders to process each of {} acknowledged orders", orders.len()), deadline, || {
+        let api = api_of();
+        let mut missing = Vec::new();
+        for id in orders {
+            if counts.get(id).is_some_and(|n| *n >= 1) {
+                continue;
+            }
+            match demo_counter(api, &format!("orders-seen/{id}"), true)? {
+                Some(n) if n >= 1 => {
+                    counts.insert(id.clone(), n);
+                }
+                other => missing.push(format!("{id}: {other:?}")),
+            }
+        }
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            let cur = cursor(api, "countOrders").map_or_else(|e| e, |p| p.to_string());
+            Err(format!("{} orders not processed yet (countOrders cursor {cur} on node {}); first: {:?}", missing.len(), api.id, &missing[..missing.len().min(5)]))
+        }
+    });
+    // Re-read linearizably at the end: the final counts.
+    let api = api_of();
+    for id in orders {
+        if let Ok(Some(n)) = demo_counter(api, &format!("orders-seen/{id}"), false) {
+            counts.insert(id.clone(), n);
+        }
+    }
+    counts
+}
+
+fn example_cluster(name: &str) -> (Cluster, u64) {
+    let (c, leader) = Cluster::formed(name, 3, &["--example-services"]);
+    c.wait_all_ready(FORMATION);
+    wait_subscription(&c, &c.apis(), "countOrders");
+    wait_orders_routable(&c, name);
+    (c, leader)
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Failover under load
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn acknowledged_events_and_orders_survive_killing_the_leader_then_another_node() {
+    let (c, _) = example_cluster("ev-failover");
+    let load = EmitLoad::start(c.apis(), 4, "fo");
+    load.wait_progress(&c, 200, "before any failure");
+
+    let first = c.wait_for_leader(FAILOVER);
+    eprintln!("[ev-failover] SIGKILL leader {first} after {} acks", load.acked());
+    c.kill(first);
+    let second = c.wait_for_leader(FAILOVER);
+    load.wait_progress(&c, 100, &format!("with node {first} dead (new leader {second})"));
+
+    // The new leader drives every shared delivery (it hands events to consumers and commits the
+    // acks), so killing it interrupts deliveries in flight: the next leader must redeliver.
+    eprintln!("[ev-failover] SIGKILL new leader {second} after {} acks", load.acked());
+    c.kill(second);
+    c.restart(first);
+    c.restart(second);
+    let voters = c.ids();
+    c.wait_for_membership(&voters, &[], FORMATION);
+    load.wait_progress(&c, 100, "after both restarts");
+    let out = load.stop();
+    eprintln!(
+        "[ev-failover] acked {} events and {} orders; {} requests failed (first: {:?})",
+        out.events.len(),
+        out.orders.len(),
+        out.failed,
+        out.failures.first()
+    );
+
+    let mut per_node: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
+    out.events.iter().for_each(|e| per_node.entry(e.via).or_default().0 += 1);
+    out.orders.iter().for_each(|o| per_node.entry(o.via).or_default().1 += 1);
+    eprintln!("[ev-failover] acked (events, orders) per node it was sent to: {per_node:?}");
+
+    let apis = c.apis();
+    let log = wait_log_complete(&c, &apis, &out);
+    eprintln!("[ev-failover] log of {} events consistent on nodes {:?}", log.len(), c.ids());
+
+    let ids: Vec<String> = out.orders.iter().map(|o| o.order_id.clone()).collect();
+    let counts = wait_orders_counted(&c, || c.api(1), &ids, DELIVERY);
+    let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
+    eprintln!("[ev-failover] {} orders processed, {} of them more than once: {:?}", counts.len(), dups.len(), &dups[..dups.len().min(10)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Crash of every node at once
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn log_and_consumer_position_survive_killing_every_node_at_once() {
+    let (c, _) = example_cluster("ev-kill-all");
+    let load = EmitLoad::start(c.apis(), 4, "ka");
+    load.wait_progress(&c, 200, "before the crash");
+    // The consumer position just before the crash (it only grows).
+    let leader = c.wait_for_leader(FAILOVER);
+    let before = cursor(c.api(leader), "countOrders").expect("countOrders cursor");
+    c.kill_all();
+    let out = load.stop();
+    eprintln!(
+        "[ev-kill-all] cursor {before}; acked {} events and {} orders, {} failed when the nodes died",
+        out.events.len(),
+        out.orders.len(),
+        out.failed
+    );
+    assert!(before > 0, "countOrders processed nothing before the crash");
+
+    c.start_all();
+    let voters = c.ids();
+    c.wait_for_membership(&voters, &[], FORMATION);
+    let apis = c.apis();
+    wait_log_complete(&c, &apis, &out);
+    c.wait_caught_up(&voters, CATCH_UP);
+    for &api in &apis {
+        let after = cursor(api, "countOrders").expect("countOrders cursor after restart");
+        assert!(after >= before, "node {}: countOrders cursor {after} after the restart, {before} before the crash", api.id);
+    }
+
+    // New events keep flowing, and countOrders keeps consuming.
+    let (id, position) = c.wait_for("a new event accepted after the restart", PROGRESS, || {
+        publish(c.api(2), "x", &json!({"tag": "ka-after"}), &[])
+    });
+    let order = c.wait_for("a new order accepted after the restart", PROGRESS, || {
+        place_order(c.api(3), &json!({"id": "ka-after-order"}))
+    });
+    assert!(position > before && order.position > position, "new event {id} at {position}, order at {}: positions must grow past the old log", order.position);
+    let ids: Vec<String> = out.orders.iter().map(|o| o.order_id.clone()).chain([order.order_id.clone()]).collect();
+    wait_orders_counted(&c, || c.api(1), &ids, DELIVERY);
+    c.wait_for("countOrders cursor past the new order", DELIVERY, || {
+        let now = cursor(c.api(2), "countOrders")?;
+        if now > order.position {
+            Ok(())
+        } else {
+            Err(format!("cursor {now}, new order at {}", order.position))
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Producer dedup across a node failure
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn idempotency_key_dedups_a_retry_on_another_node_after_the_first_died() {
+    let (c, leader) = Cluster::formed("ev-dedup", 3, &[]);
+    c.wait_all_ready(FORMATION);
+    let b = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    let key = "order-42-attempt";
+
+    // Through a follower first: the same key twice on one node.
+    let f = publish(c.api(b), "x", &json!({"tag": "dd-follower"}), &[("idempotency-key", "k-follower")]).expect("first publish");
+    let again = publish(c.api(leader), "x", &json!({"tag": "dd-follower-2"}), &[("idempotency-key", "k-follower")]).expect("repeat");
+    assert_eq!(again, f, "a repeated idempotency-key on another live node must return the original id/position");
+
+    // Through the leader, which dies right after its 201.
+    let first = publish(c.api(leader), "x", &json!({"tag": "dd-1"}), &[("idempotency-key", key)]).expect("publish via the leader");
+    c.kill(leader);
+    let retry = c.wait_for(&format!("the retry with the same key via node {b}"), FORMATION, || {
+        publish(c.api(b), "x", &json!({"tag": "dd-1"}), &[("idempotency-key", key)])
+    });
+    assert_eq!(retry, first, "retry with idempotency-key {key} via node {b} after node {leader} died");
+    // Different payload, same key: still the original, nothing stored.
+    let other = publish(c.api(b), "x", &json!({"tag": "dd-1-changed"}), &[("idempotency-key", key)]).expect("third publish");
+    assert_eq!(other, first, "a repeat with another payload must return the original too");
+    let fresh = publish(c.api(b), "x", &json!({"tag": "dd-fresh"}), &[("idempotency-key", "another-key")]).expect("new key");
+    assert_ne!(fresh.0, first.0, "another key is another event");
+
+    c.restart(leader);
+    let voters = c.ids();
+    c.wait_for_membership(&voters, &[], FORMATION);
+    c.wait_caught_up(&voters, CATCH_UP);
+    for api in c.apis() {
+        let log = read_log(api).expect("read log");
+        let ids = by_id(&log);
+        let tags = by_payload_field(&log, "x", "tag");
+        assert_eq!(ids.get(&first.0).map(Vec::len), Some(1), "node {}: event {first:?} must be in the log once: {log:?}", api.id);
+        assert_eq!(ids.get(&f.0).map(Vec::len), Some(1), "node {}: event {f:?} must be in the log once", api.id);
+        for (tag, want) in [("dd-1", 1), ("dd-1-changed", 0), ("dd-follower", 1), ("dd-follower-2", 0), ("dd-fresh", 1)] {
+            assert_eq!(tags.get(tag).map_or(0, Vec::len), want, "node {}: events tagged {tag} in the log: {log:?}", api.id);
+        }
+        assert_eq!(log.len(), 3, "node {}: exactly three events stored: {log:?}", api.id);
+        let e = &ids[&first.0][0];
+        assert_eq!(e["position"].as_u64(), Some(first.1), "node {}: {e}", api.id);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. Poison order → dead letters
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn poison_order_is_dead_lettered_after_max_attempts_and_later_orders_are_processed() {
+    let (c, _) = example_cluster("ev-poison");
+    let poison = place_order(c.api(2), &json!({"id": "poison-1", "poison": true})).expect("place the poison order");
+    let normal: Vec<PlacedOrder> = (0..5)
+        .map(|i| place_order(c.api(1 + i % 3), &json!({"id": format!("after-poison-{i}")})).expect("place an order"))
+        .collect();
+
+    let dead = c.wait_for("the poison order in countOrders' dead letters", DEAD_LETTER, || {
+        for api in c.apis() {
+            let list = dead_letters(api, "countOrders")?;
+            let found: Vec<&Value> = list.iter().filter(|d| d["eventId"].as_str() == Some(poison.event_id.as_str())).collect();
+            match found.as_slice() {
+                [one] => return Ok((*one).clone()),
+                [] => return Err(format!("node {}: dead letters {list:?}", api.id)),
+                many => panic!("node {}: poison event dead-lettered {} times: {many:?}", api.id, many.len()),
+            }
+        }
+        Err("no nodes".into())
+    });
+    eprintln!("[ev-poison] dead letter: {dead}");
+    assert_eq!(dead["attempts"].as_u64(), Some(5), "attempts of the dead letter: {dead}");
+    assert_eq!(dead["position"].as_u64(), Some(poison.position), "position of the dead letter: {dead}");
+    assert!(dead["reason"].as_str().is_some_and(|r| !r.is_empty()), "a dead letter says why: {dead}");
+    assert_eq!(dead["event"]["id"].as_str(), Some(poison.event_id.as_str()), "the dead letter carries the event: {dead}");
+    assert_eq!(dead["event"]["payload"]["id"].as_str(), Some("poison-1"), "the dead letter carries the event: {dead}");
+
+    let ids: Vec<String> = normal.iter().map(|o| o.order_id.clone()).collect();
+    let counts = wait_orders_counted(&c, || c.api(3), &ids, DELIVERY);
+    eprintln!("[ev-poison] later orders processed: {counts:?}");
+    for api in c.apis() {
+        assert_eq!(demo_counter(api, "orders-seen/poison-1", false).expect("read"), None, "node {}: the poison order never counted", api.id);
+    }
+    let last = normal.iter().map(|o| o.position).max().unwrap_or(0);
+    c.wait_for("countOrders cursor past the poison order and the later orders", DELIVERY, || {
+        let now = cursor(c.api(1), "countOrders")?;
+        if now > last {
+            Ok(())
+        } else {
+            Err(format!("cursor {now}; poison at {}, last order at {last}", poison.position))
+        }
+    });
+    // Every node agrees on the dead letter (it is replicated).
+    c.wait_for("the dead letter on every node", CATCH_UP, || {
+        for api in c.apis() {
+            let list = dead_letters(api, "countOrders")?;
+            if list.len() != 1 {
+                return Err(format!("node {}: {list:?}", api.id));
+            }
+        }
+        Ok(())
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Every-instance subscription
+// ---------------------------------------------------------------------------------------------
+
+fn audited(api: Api, node: u64, order: &str) -> Result<(), String> {
+    match demo_counter(api, &format!("orders-audit/{node}/{order}"), true)? {
+        Some(n) if n >= 1 => Ok(()),
+        other => Err(format!("orders-audit/{node}/{order} = {other:?}")),
+    }
+}
+
+#[test]
+fn every_instance_subscription_reaches_each_node() {
+    let (c, _) = example_cluster("ev-audit");
+    wait_subscription(&c, &c.apis(), "auditOrders");
+    let orders: Vec<PlacedOrder> = c
+        .ids()
+        .into_iter()
+        .map(|id| place_order(c.api(id), &json!({"id": format!("audit-{id}")})).expect("place an order"))
+        .collect();
+    c.wait_for("each node to audit each order", DELIVERY, || {
+        for o in &orders {
+            for node in c.ids() {
+                audited(c.api(1), node, &o.order_id)?;
+            }
+        }
+        Ok(())
+    });
+    let sub = get_json(c.api(1), "/v1/subscriptions/auditOrders").expect("auditOrders");
+    assert_eq!(sub["shared"], json!(false), "auditOrders is every-instance: {sub}");
+
+    // A node that was down catches up when it comes back (durable), the live ones at once.
+    let down = 3;
+    c.kill(down);
+    let missed = c.wait_for("an order accepted with node 3 down", PROGRESS, || place_order(c.api(1), &json!({"id": "audit-missed"})));
+    c.wait_for("the live nodes to audit the order", DELIVERY, || {
+        audited(c.api(1), 1, &missed.order_id)?;
+        audited(c.api(2), 2, &missed.order_id)
+    });
+    c.restart(down);
+    let voters = c.ids();
+    c.wait_for_membership(&voters, &[], FORMATION);
+    c.wait_for("the restarted node to audit the order it missed", DELIVERY, || audited(c.api(1), down, &missed.order_id));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. Batch publishing and bad input
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn batch_publish_is_contiguous_and_readable_and_bad_batches_are_rejected() {
+    let (c, _) = Cluster::formed("ev-batch", 3, &[]);
+    c.wait_all_ready(FORMATION);
+    let items: Vec<Value> = (0..100)
+        .map(|i| {
+            let name = if i % 2 == 0 { "even" } else { "odd" };
+            let mut item = json!({"eventName": name, "payload": {"i": i}});
+            if i == 7 {
+                item["idempotencyKey"] = json!("batch-item-7");
+            }
+            item
+        })
+        .collect();
+    let resp = c.api(2).request("POST", "/v1/events", &[], Value::Array(items.clone()).to_string().as_bytes()).expect("batch");
+    assert_eq!(resp.status, 201, "batch of 100: {}", resp.describe());
+    let body = resp.json().expect("json");
+    let acked: Vec<(String, u64)> = body["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no events array: {body}"))
+        .iter()
+        .map(|e| id_position(e).expect("id and position"))
+        .collect();
+    assert_eq!(acked.len(), 100, "{body}");
+    let first = acked[0].1;
+    for (i, (_, p)) in acked.iter().enumerate() {
+        assert_eq!(*p, first + i as u64, "positions of a batch are contiguous: {acked:?}");
+    }
+    assert_eq!(acked.iter().map(|(id, _)| id).collect::<BTreeSet<_>>().len(), 100, "distinct ids");
+
+    for api in c.apis() {
+        let page = c.wait_for(&format!("the batch readable on node {}", api.id), CATCH_UP, || {
+            let page = get_json(api, &format!("/v1/events?after={}&limit=1000", first - 1))?;
+            let n = page["events"].as_array().map_or(0, Vec::len);
+            if n == 100 {
+                Ok(page)
+            } else {
+                Err(format!("{n} events: {page}"))
+            }
+        });
+        let events = page["events"].as_array().expect("events");
+        for (i, e) in events.iter().enumerate() {
+            assert_eq!(e["id"].as_str(), Some(acked[i].0.as_str()), "node {}: event {i}: {e}", api.id);
+            assert_eq!(e["position"].as_u64(), Some(acked[i].1), "node {}: event {i}: {e}", api.id);
+            assert_eq!(e["eventName"], items[i]["eventName"], "node {}: event {i}: {e}", api.id);
+            assert_eq!(e["payload"], items[i]["payload"], "node {}: event {i}: {e}", api.id);
+            assert!(e["timestamp"].as_u64().is_some_and(|t| t > 0), "node {}: timestamp: {e}", api.id);
+        }
+        assert_eq!(page["end"].as_u64(), Some(first + 99), "node {}: end: {page}", api.id);
+        assert_eq!(page["next"].as_u64(), Some(first + 99), "node {}: next: {page}", api.id);
+        // Paging: `next` continues where a short page stopped.
+        let p1 = get_json(api, &format!("/v1/events?after={}&limit=10", first - 1)).expect("page");
+        assert_eq!(p1["events"].as_array().map(Vec::len), Some(10), "{p1}");
+        let next = p1["next"].as_u64().expect("next");
+        let p2 = get_json(api, &format!("/v1/events?after={next}&limit=10")).expect("page");
+        assert_eq!(p2["events"][0]["position"].as_u64(), Some(first + 10), "page 2 after next={next}: {p2}");
+        // The eventName filter.
+        let odd = get_json(api, &format!("/v1/events?after={}&limit=1000&eventName=odd", first - 1)).expect("odd");
+        let odd = odd["events"].as_array().expect("events");
+        assert_eq!(odd.len(), 50, "node {}: odd events", api.id);
+        assert!(odd.iter().all(|e| e["eventName"] == "odd"), "node {}: filter: {odd:?}", api.id);
+    }
+    // The batch item's idempotency key dedups a later single publish.
+    let again = publish(c.api(3), "odd", &json!({"i": 7}), &[("idempotency-key", "batch-item-7")]).expect("repeat");
+    assert_eq!(again, acked[7], "an idempotency key from a batch item dedups a later publish");
+
+    let api = c.api(1);
+    let too_many: Vec<Value> = (0..1001).map(|i| json!({"eventName": "x", "payload": i})).collect();
+    let resp = api.request("POST", "/v1/events", &[], Value::Array(too_many).to_string().as_bytes()).expect("1001");
+    assert_json_error(&resp, 400, "a batch of 1001 events");
+    let exactly: Vec<Value> = (0..1000).map(|i| json!({"eventName": "max", "payload": i})).collect();
+    let resp = api.request("POST", "/v1/events", &[], Value::Array(exactly).to_string().as_bytes()).expect("1000");
+    assert_eq!(resp.status, 201, "a batch of exactly 1000 events: {}", resp.describe());
+    for (what, body) in [
+        ("bad JSON", &b"[{\"eventName\": \"x\", "[..]),
+        ("not an array", b"{\"eventName\": \"x\"}"),
+        ("an empty batch", b"[]"),
+        ("an item without eventName", b"[{\"payload\": 1}]"),
+    ] {
+        let resp = api.request("POST", "/v1/events", &[], body).expect("request");
+        assert_json_error(&resp, 400, &format!("batch with {what}"));
+    }
+    let resp = api.request("POST", "/v1/events/x", &[], b"{not json").expect("request");
+    assert_json_error(&resp, 400, "single publish with bad JSON");
+    let resp = api.request("GET", "/v1/events?after=abc", &[], b"").expect("request");
+    assert_json_error(&resp, 400, "read with a non-numeric after");
+    for path in ["/v1/eventz", "/v1/events/x/y/z", "/v2/events"] {
+        let resp = api.request("GET", path, &[], b"").expect("request");
+        assert_json_error(&resp, 404, &format!("unknown route GET {path}"));
+    }
+    let resp = api.request("GET", "/v1/subscriptions/no-such-sub", &[], b"").expect("request");
+    assert_json_error(&resp, 404, "an unknown subscription");
+    // Nothing from the rejected requests was stored: 100 + 1000 events (+ none).
+    let log = read_log(api).expect("log");
+    assert_eq!(log.len(), 1100, "only the accepted batches are in the log");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Sidecar subscriptions
+// ---------------------------------------------------------------------------------------------
+
+struct EventsUpstream {
+    name: String,
+    addr: SocketAddr,
+    _process: HelperProcess,
+}
+
+impl EventsUpstream {
+    fn spawn(dir: &Path, name: &str, addr: SocketAddr) -> EventsUpstream {
+        let args = [UPSTREAM_PY.to_string(), "--port".into(), addr.port().to_string(), "--name".into(), name.to_string()];
+        let process = HelperProcess::spawn(name, "python3", &args, dir.join(format!("{name}.log")));
+        let up = EventsUpstream { name: name.to_string(), addr, _process: process };
+        poll_until(&format!("upstream {name} /health"), FORMATION, || up.call("GET", "/health").map(|_| ()));
+        up
+    }
+
+    fn call(&self, method: &str, path: &str) -> Result<Value, String> {
+        let resp = http::request(self.addr, method, path, &[], b"", Duration::from_secs(5))
+            .map_err(|e| format!("upstream {}: {method} {path}: {e}", self.name))?;
+        if resp.status != 200 {
+            return Err(format!("upstream {}: {method} {path}: {}", self.name, resp.describe()));
+        }
+        resp.json()
+    }
+
+    fn list(&self, path: &str) -> Result<Vec<String>, String> {
+        let v = self.call("GET", path)?;
+        v.as_array()
+            .ok_or_else(|| format!("upstream {}: {path} is not a list: {v}", self.name))
+            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+    }
+}
+
+fn events_sidecar_toml(upstream: SocketAddr) -> String {
+    format!(
+        "[sidecar]\nupstream = \"http://{upstream}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 500\n\n\
+         [[sidecar.subscriptions]]\nname = \"appOrders\"\nevent_name = \"orderPlaced\"\npath = \"/events/orderPlaced\"\n"
+    )
+}
+
+/// Polls until every id in `want` was acknowledged by some upstream; returns how often each
+/// upstream got each.
+fn wait_delivered(c: &Cluster, ups: &[EventsUpstream], want: &[String], what: &str) -> BTreeMap<String, Vec<String>> {
+    c.wait_for(&format!("{} events {what} delivered to some upstream", want.len()), DELIVERY, || {
+        let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for u in ups {
+            for id in u.list("/events/received")? {
+                got.entry(id).or_default().push(u.name.clone());
+            }
+        }
+        let missing: Vec<&String> = want.iter().filter(|id| !got.contains_key(*id)).collect();
+        if missing.is_empty() {
+            Ok(got)
+        } else {
+            let dead = dead_letters(c.api(1), "appOrders").map(|d| d.len().to_string()).unwrap_or_else(|e| e);
+            Err(format!("{} of {} missing (first {:?}); appOrders dead letters: {dead}", missing.len(), want.len(), &missing[..missing.len().min(5)]))
+        }
+    })
+}
+
+#[test]
+fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
+    let ports = free_loopback_ports(3);
+    let ups = std::cell::RefCell::new(Vec::new());
+    let (c, _) = Cluster::formed_with("ev-sidecar", 3, &[], |dir, id| {
+        let up = EventsUpstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
+        let config = dir.join(format!("n{id}-events-sidecar.toml"));
+        fs::write(&config, events_sidecar_toml(up.addr)).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        ups.borrow_mut().push(up);
+        vec!["--config".to_string(), config.display().to_string()]
+    });
+    let ups = ups.into_inner();
+    c.wait_all_ready(FORMATION);
+    wait_subscription(&c, &c.apis(), "appOrders");
+
+    let n = 30;
+    let publish_all = |prefix: &str| -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let api = c.api(1 + (i % 3) as u64);
+                c.wait_for("an orderPlaced event accepted", PROGRESS, || {
+                    publish(api, "orderPlaced", &json!({"id": format!("{prefix}-{i}")}), &[])
+                })
+                .0
+            })
+            .collect()
+    };
+    // Other events are not delivered to this subscription.
+    let other = publish(c.api(1), "somethingElse", &json!({"id": "not-for-apps"}), &[]).expect("publish").0;
+
+    let healthy = publish_all("sc");
+    let got = wait_delivered(&c, &ups, &healthy, "with all apps healthy");
+    let per_up: Vec<(String, usize)> =
+        ups.iter().map(|u| (u.name.clone(), got.values().filter(|v| v.contains(&u.name)).count())).collect();
+    eprintln!("[ev-sidecar] healthy phase: per upstream {per_up:?}");
+    assert!(!got.contains_key(&other), "an event not matching event_name was delivered: {got:?}");
+    // The event as POSTed is the event of GET /v1/events: check one by content.
+    let log = read_log(c.api(2)).expect("log");
+    assert!(log.iter().any(|e| e["id"].as_str() == Some(healthy[0].as_str()) && e["payload"]["id"] == "sc-0"));
+
+    // One app fails every event: they are retried or redelivered, and still arrive.
+    let failing = &ups[0];
+    failing.call("POST", "/admin/fail-events").expect("fail-events");
+    let during = publish_all("scf");
+    let got = wait_delivered(&c, &ups, &during, "with up1 failing them");
+    let failed = failing.list("/events/failed").expect("failed list");
+    let mut per_event: BTreeMap<&String, usize> = BTreeMap::new();
+    failed.iter().for_each(|id| *per_event.entry(id).or_default() += 1);
+    eprintln!(
+        "[ev-sidecar] failing phase: up1 answered 500 to {} deliveries of {} events, at most {} times to one event",
+        failed.len(),
+        per_event.len(),
+        per_event.values().max().unwrap_or(&0)
+    );
+    for id in &during {
+        assert!(!got[id].contains(&failing.name), "event {id} acked by the failing app?");
+    }
+    let dead = dead_letters(c.api(1), "appOrders").expect("dead letters");
+    assert!(dead.is_empty(), "events were dead-lettered although two apps were healthy: {dead:?}");
+    failing.call("POST", "/admin/ok-events").expect("ok-events");
+    let after = publish_all("sca");
+    wait_delivered(&c, &ups, &after, "after up1 recovered");
+}
