@@ -303,11 +303,18 @@ async fn inject<C: ClusterControl>(cluster: &C, f: &PlannedFault, ids: &[u64]) -
         }
         FaultKind::Isolate | FaultKind::IsolateLeader => {
             let (id, what) = if f.kind == FaultKind::Isolate { (random, "random".to_string()) } else { leader_or_random().await };
+            let leader_before = find_leader(cluster).await;
             cluster.isolate(id).await?;
-            let new_leader = wait_new_leader(cluster, ids, id, hold).await;
-            tokio::time::sleep(hold.saturating_sub(new_leader.map_or(hold, |(_, t)| t))).await;
+            let leader = if leader_before == Some(id) {
+                let new_leader = wait_new_leader(cluster, ids, id, hold).await;
+                tokio::time::sleep(hold.saturating_sub(new_leader.map_or(hold, |(_, t)| t))).await;
+                describe_leader(new_leader)
+            } else {
+                tokio::time::sleep(hold).await;
+                format!("it was not the leader ({leader_before:?})")
+            };
             cluster.heal(id).await?;
-            format!("node {id} ({what}) cut off for {:.1} s; {}", hold.as_secs_f64(), describe_leader(new_leader))
+            format!("node {id} ({what}) cut off for {:.1} s; {leader}", hold.as_secs_f64())
         }
         FaultKind::KillAll => {
             for &id in ids {

@@ -89,7 +89,9 @@ pub struct SubState {
 /// The replicated event log (retained part) and producer-dedup keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventLog {
-    pub events: VecDeque<Event>,
+    /// Shared so a snapshot can copy the log under the lock in O(n) pointer copies and serialize
+    /// it outside, without stalling apply.
+    pub events: VecDeque<Arc<Event>>,
     pub bytes: u64,
     /// Position the next event gets (positions start at 1 and survive restarts via the log).
     pub next: u64,
@@ -114,7 +116,7 @@ impl EventLog {
         if position < first {
             return None;
         }
-        self.events.get((position - first) as usize)
+        self.events.get((position - first) as usize).map(|e| &**e)
     }
 }
 
@@ -279,7 +281,7 @@ impl SmData {
             let event = e.into_event(log.next);
             out.push((event.id.clone(), event.position));
             log.bytes += event.size() as u64;
-            log.events.push_back(event);
+            log.events.push_back(Arc::new(event));
             log.next += 1;
         }
         let age_horizon = self.clock_ms.saturating_sub(limits.max_age_ms);
@@ -445,7 +447,7 @@ impl SmShared {
             }
             next = e.position;
             if name.is_none_or(|n| n == e.event_name) {
-                out.push(e.clone());
+                out.push((**e).clone());
             }
         }
         (out, next)
@@ -489,7 +491,7 @@ impl SmShared {
             .skip((start - first) as usize)
             .filter(|e| !s.done.contains(&e.position) && s.decl.filter.matches(e))
             .take(limit)
-            .map(|e| (e.clone(), s.attempts.get(&e.position).copied().unwrap_or(0)))
+            .map(|e| ((**e).clone(), s.attempts.get(&e.position).copied().unwrap_or(0)))
             .collect()
     }
 
@@ -509,7 +511,7 @@ impl SmShared {
             }
             scanned = Some(e.position + 1);
             if s.decl.filter.matches(e) {
-                out.push(e.clone());
+                out.push((**e).clone());
             }
         }
         // Matching events are delivered first; continue scanning after the last returned one.
@@ -635,16 +637,20 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     type SnapshotData = SnapshotData;
 
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
-        let (meta, data) = {
-            let d = read(&self.shared.data);
-            let meta = SnapshotMeta { last_log_id: d.last_applied, last_membership: d.last_membership.clone() };
-            (meta, bincode::serialize(&*d).map_err(io::Error::other)?)
-        };
-        let snap = StoredSnapshot { meta: meta.clone(), data: data.clone() };
+        // Copy under the read lock (events are shared pointers), serialize and write outside it,
+        // so applying entries does not wait for the snapshot.
+        let copy = read(&self.shared.data).clone();
+        let meta = SnapshotMeta { last_log_id: copy.last_applied, last_membership: copy.last_membership.clone() };
         let this = self.clone();
-        let snap = tokio::task::spawn_blocking(move || this.persist(&snap).map(|_| snap))
-            .await
-            .map_err(io::Error::other)??;
+        let meta2 = meta.clone();
+        let snap = tokio::task::spawn_blocking(move || {
+            let data = bincode::serialize(&copy).map_err(io::Error::other)?;
+            let snap = StoredSnapshot { meta: meta2, data };
+            this.persist(&snap).map(|_| snap)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let data = snap.data.clone();
         *lock(&self.shared.current) = Some(snap);
         metrics::counter!("raftbridge_snapshots_built_total").increment(1);
         Ok(Snapshot { meta, snapshot: data })
