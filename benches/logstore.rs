@@ -5,6 +5,10 @@
 //!     awaited, repeated; batches of 1/16/64/256 entries with 128-byte values. Shows how many
 //!     appends share one fsync on the flusher thread. Every ~200k entries the log is purged, as
 //!     the snapshot policy would do, to keep memory bounded.
+//! (c) the same work on redb (the embedded store the issue suggested), for the decision: one
+//!     durable write transaction per entry awaited one at a time, then one transaction per round
+//!     of 64 × batch entries (the best redb can do: it has a single writer, so group commit has to
+//!     happen above it).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -49,7 +53,7 @@ fn log_id(index: u64) -> LogId {
 
 fn entry(index: u64) -> Entry {
     let (store, key, value) = ("bench".into(), format!("key-{index}"), vec![0xab; VALUE]);
-    Entry::new_normal(log_id(index), Command::Put { store, key, value, if_revision: None })
+    Entry::new_normal(log_id(index), Command::Put { store, key, value, if_revision: None, tag: None })
 }
 
 fn open(tag: &str) -> (TempDir, LogStore) {
@@ -132,6 +136,48 @@ async fn group_commit(batch: u64, budget: Duration) {
     );
 }
 
+const REDB_LOG: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("log");
+
+/// redb: `per_txn` entries per durable write transaction, for `budget`; entries/s and p50/p99.
+fn redb_run(per_txn: u64, budget: Duration) {
+    let dir = TempDir::new(&format!("redb-{per_txn}"));
+    std::fs::create_dir_all(&dir.0).expect("mkdir");
+    let db = redb::Database::create(dir.0.join("log.redb")).expect("redb create");
+    let (mut next, mut lat) = (1u64, Vec::new());
+    let start = Instant::now();
+    while start.elapsed() < budget {
+        let t = Instant::now();
+        let txn = db.begin_write().expect("begin");
+        {
+            let mut table = txn.open_table(REDB_LOG).expect("table");
+            for i in next..next + per_txn {
+                let bytes = bincode::serialize(&entry(i)).expect("encode");
+                table.insert(i, bytes.as_slice()).expect("insert");
+            }
+        }
+        txn.commit().expect("commit"); // Durability::Immediate (the default): fsync before return
+        next += per_txn;
+        lat.push(t.elapsed());
+        if next > 200_000 {
+            // Keep the table from growing without bound, as purge would.
+            let txn = db.begin_write().expect("begin");
+            txn.delete_table(REDB_LOG).expect("drop");
+            txn.commit().expect("commit");
+            next = 1;
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort();
+    println!(
+        "    entries/txn {:>5}   txns {:>6}   {:>8.0} entries/s   txn p50 {:>6.2} ms   p99 {:>6.2} ms",
+        per_txn,
+        lat.len(),
+        (lat.len() as u64 * per_txn) as f64 / secs,
+        ms(percentile(&lat, 0.5)),
+        ms(percentile(&lat, 0.99))
+    );
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
     rt.block_on(async {
@@ -143,4 +189,9 @@ fn main() {
             group_commit(batch, Duration::from_secs(4)).await;
         }
     });
+    println!("(c) redb 2, durable commits, same entries");
+    redb_run(1, Duration::from_secs(4));
+    for batch in [1, 16, 64, 256] {
+        redb_run(WRITERS as u64 * batch, Duration::from_secs(4));
+    }
 }

@@ -223,6 +223,8 @@ struct ProcNode {
 /// A cluster of `raftbridge node` child processes on loopback (module doc).
 pub struct ProcessCluster {
     exe: PathBuf,
+    /// `false`: a power cut is only a SIGKILL (nothing unsynced is dropped); `--no-power-loss`.
+    power_loss: bool,
     nodes: Vec<ProcNode>,
     partition: Arc<Partition>,
     stop: CancellationToken,
@@ -237,7 +239,7 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
 
 impl ProcessCluster {
     /// Prepares `n` nodes under `dir` and their relays; starts nothing.
-    pub async fn new(exe: &Path, dir: &Path, n: usize, extra_flags: &[String]) -> anyhow::Result<ProcessCluster> {
+    pub async fn new(exe: &Path, dir: &Path, n: usize, extra_flags: &[String], power_loss: bool) -> anyhow::Result<ProcessCluster> {
         let partition = Arc::new(Partition::default());
         let stop = CancellationToken::new();
         let ports = free_ports(2 * n)?;
@@ -266,7 +268,7 @@ impl ProcessCluster {
             let log = dir.join(format!("n{id}.log"));
             nodes.push(ProcNode { id, log_dir: data.join("log"), http, args, log, child: Mutex::new(None), starts: Mutex::new(0) });
         }
-        Ok(ProcessCluster { exe: exe.to_path_buf(), nodes, partition, stop })
+        Ok(ProcessCluster { exe: exe.to_path_buf(), power_loss, nodes, partition, stop })
     }
 
     fn node(&self, id: u64) -> anyhow::Result<&ProcNode> {
@@ -378,6 +380,9 @@ impl ClusterControl for ProcessCluster {
     }
 
     async fn power_cut(&self, id: u64) -> anyhow::Result<()> {
+        if !self.power_loss {
+            return self.kill(id).await;
+        }
         self.note(id, "SIGKILL + power cut: unsynced log bytes are dropped at the next start");
         self.sigkill(id).await
     }

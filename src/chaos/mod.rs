@@ -77,6 +77,10 @@ pub struct ChaosArgs {
     /// Snapshot threshold given to the nodes (low, so that snapshots and purges happen).
     #[arg(long, default_value_t = 5000)]
     pub snapshot_threshold: u64,
+    /// Power cuts become plain SIGKILLs (nothing unsynced is dropped): tells storage-level
+    /// findings from the rest.
+    #[arg(long)]
+    pub no_power_loss: bool,
 }
 
 /// `120` (seconds), `120s`, `1500ms`, `10m`.
@@ -143,7 +147,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         "--events-max-count".to_string(),
         "10000000".to_string(),
     ];
-    let cluster = ProcessCluster::new(&exe, &workdir, args.nodes, &flags).await?;
+    let cluster = ProcessCluster::new(&exe, &workdir, args.nodes, &flags, !args.no_power_loss).await?;
     println!(
         "chaos: {} nodes, fault phase {} s, seed {}, mode process, binary {}, workdir {}",
         args.nodes,
@@ -236,11 +240,12 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
 
     let rows = fault_rows(&faults, &records.ack_ms, cluster.supports_isolation());
     let header = format!(
-        "raftbridge chaos report: {} nodes, {} s fault phase, seed {}, mode process, {} faults",
+        "raftbridge chaos report: {} nodes, {} s fault phase, seed {}, mode process, {} faults{}",
         ids.len(),
         args.duration.as_secs(),
         args.seed,
-        faults.len()
+        faults.len(),
+        if args.no_power_loss { ", --no-power-loss (power cuts are plain kills)" } else { "" }
     );
     let mut report = checker::render(&header, &rows, &verdict, records.events_available);
     let unhealed: Vec<String> = faults.iter().filter(|f| !f.healed).map(|f| format!("{} at {} ms", f.kind, f.start_ms)).collect();
@@ -324,7 +329,11 @@ async fn inject<C: ClusterControl>(cluster: &C, f: &PlannedFault, ids: &[u64]) -
             for &id in ids {
                 cluster.start(id).await?;
             }
-            format!("all nodes power cut (unsynced log bytes dropped), down {:.1} s", hold.as_secs_f64())
+            let mut notes = Vec::new();
+            for &id in ids {
+                notes.push(format!("{id}: {}", wait_power_loss_note(cluster, id).await));
+            }
+            format!("all nodes power cut, down {:.1} s ({})", hold.as_secs_f64(), notes.join("; "))
         }
         FaultKind::RollingRestart => {
             let mut notes = Vec::new();

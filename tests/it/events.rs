@@ -194,6 +194,16 @@ fn by_payload_field<'a>(log: &'a [Value], event_name: &str, field: &str) -> BTre
     m
 }
 
+/// `publish` with an `idempotency-key`, retried with the same key (what a client does with a key)
+/// until a 201; transient failures (e.g. a peer link replaced right after formation) are printed.
+fn publish_keyed(c: &Cluster, api: Api, name: &str, payload: &Value, key: &str) -> (String, u64) {
+    let mut tries = 0;
+    c.wait_for(&format!("POST /v1/events/{name} with idempotency-key {key} via node {}", api.id), FORMATION, || {
+        tries += 1;
+        publish(api, name, payload, &[("idempotency-key", key)]).inspect_err(|e| eprintln!("[events] try {tries}: {e}"))
+    })
+}
+
 /// Waits until every node in `apis` serves `GET /v1/subscriptions/{sub}` (registered and applied).
 fn wait_subscription(c: &Cluster, apis: &[Api], sub: &str) {
     c.wait_for(&format!("subscription {sub} known on every node"), SERVICES_UP, || {
@@ -579,22 +589,20 @@ fn idempotency_key_dedups_a_retry_on_another_node_after_the_first_died() {
     let b = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
     let key = "order-42-attempt";
 
-    // Through a follower first: the same key twice on one node.
-    let f = publish(c.api(b), "x", &json!({"tag": "dd-follower"}), &[("idempotency-key", "k-follower")]).expect("first publish");
-    let again = publish(c.api(leader), "x", &json!({"tag": "dd-follower-2"}), &[("idempotency-key", "k-follower")]).expect("repeat");
+    // Through a follower first, then the same key on the leader.
+    let f = publish_keyed(&c, c.api(b), "x", &json!({"tag": "dd-follower"}), "k-follower");
+    let again = publish_keyed(&c, c.api(leader), "x", &json!({"tag": "dd-follower-2"}), "k-follower");
     assert_eq!(again, f, "a repeated idempotency-key on another live node must return the original id/position");
 
     // Through the leader, which dies right after its 201.
-    let first = publish(c.api(leader), "x", &json!({"tag": "dd-1"}), &[("idempotency-key", key)]).expect("publish via the leader");
+    let first = publish_keyed(&c, c.api(leader), "x", &json!({"tag": "dd-1"}), key);
     c.kill(leader);
-    let retry = c.wait_for(&format!("the retry with the same key via node {b}"), FORMATION, || {
-        publish(c.api(b), "x", &json!({"tag": "dd-1"}), &[("idempotency-key", key)])
-    });
+    let retry = publish_keyed(&c, c.api(b), "x", &json!({"tag": "dd-1"}), key);
     assert_eq!(retry, first, "retry with idempotency-key {key} via node {b} after node {leader} died");
     // Different payload, same key: still the original, nothing stored.
-    let other = publish(c.api(b), "x", &json!({"tag": "dd-1-changed"}), &[("idempotency-key", key)]).expect("third publish");
+    let other = publish_keyed(&c, c.api(b), "x", &json!({"tag": "dd-1-changed"}), key);
     assert_eq!(other, first, "a repeat with another payload must return the original too");
-    let fresh = publish(c.api(b), "x", &json!({"tag": "dd-fresh"}), &[("idempotency-key", "another-key")]).expect("new key");
+    let fresh = publish_keyed(&c, c.api(b), "x", &json!({"tag": "dd-fresh"}), "another-key");
     assert_ne!(fresh.0, first.0, "another key is another event");
 
     c.restart(leader);
@@ -815,9 +823,30 @@ fn batch_publish_is_contiguous_and_readable_and_bad_batches_are_rejected() {
     }
     let resp = api.request("GET", "/v1/subscriptions/no-such-sub", &[], b"").expect("request");
     assert_json_error(&resp, 404, "an unknown subscription");
-    // Nothing from the rejected requests was stored: 100 + 1000 events (+ none).
+    // A read never returns more than 1000 events; `next` is the last position returned.
+    let big = get_json(api, "/v1/events?after=0&limit=5000").expect("read");
+    let events = big["events"].as_array().expect("events");
+    assert_eq!(events.len(), 1000, "limit is capped at 1000");
+    assert_eq!(big["next"], events[999]["position"], "next of a full page: {}", big["next"]);
+
+    // Message fields from the headers of a single publish.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let headers = [("x-principal-id", "alice"), ("x-tenant-id", "t1"), ("traceparent", traceparent)];
+    let (id, position) = publish(c.api(3), "withMeta", &json!({"k": "v"}), &headers).expect("publish with headers");
+    let e = c.wait_for("the event with message fields readable on node 1", CATCH_UP, || {
+        let page = get_json(api, &format!("/v1/events?after={}&limit=1", position - 1))?;
+        page["events"].get(0).cloned().ok_or_else(|| format!("not yet: {page}"))
+    });
+    assert_eq!(e["id"].as_str(), Some(id.as_str()), "{e}");
+    assert_eq!(e["eventName"], "withMeta", "{e}");
+    assert_eq!(e["principalId"], "alice", "principal from x-principal-id: {e}");
+    assert_eq!(e["tenantId"], "t1", "tenant from x-tenant-id: {e}");
+    assert_eq!(e["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736", "trace id from traceparent: {e}");
+    assert_eq!(e["payload"], json!({"k": "v"}), "{e}");
+
+    // Nothing from the rejected requests was stored: 100 + 1000 + 1 events.
     let log = read_log(api).expect("log");
-    assert_eq!(log.len(), 1100, "only the accepted batches are in the log");
+    assert_eq!(log.len(), 1101, "only the accepted publishes are in the log");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -877,8 +906,32 @@ fn wait_delivered(c: &Cluster, ups: &[EventsUpstream], want: &[String], what: &s
         if missing.is_empty() {
             Ok(got)
         } else {
-            let dead = dead_letters(c.api(1), "appOrders").map(|d| d.len().to_string()).unwrap_or_else(|e| e);
-            Err(format!("{} of {} missing (first {:?}); appOrders dead letters: {dead}", missing.len(), want.len(), &missing[..missing.len().min(5)]))
+            // Dead letters without their event bodies, and how often each app failed a missing event.
+            let dead_list = dead_letters(c.api(1), "appOrders")?;
+            let dead_missing = dead_list.iter().any(|d| missing.iter().any(|m| d["eventId"].as_str() == Some(m.as_str())));
+            let dead: Vec<Value> = dead_list
+                .iter()
+                .map(|x| json!({"eventId": x["eventId"], "attempts": x["attempts"], "reason": x["reason"]}))
+                .collect();
+            let mut failures = Vec::new();
+            for u in ups {
+                let failed = u.list("/events/failed")?;
+                for id in &missing {
+                    let n = failed.iter().filter(|f| f == id).count();
+                    if n > 0 {
+                        failures.push(format!("{} answered 500 to {id} {n} times", u.name));
+                    }
+                }
+            }
+            let msg = format!(
+                "{} of {} missing (first {:?}); {failures:?}; appOrders dead letters: {dead:?}",
+                missing.len(),
+                want.len(),
+                &missing[..missing.len().min(5)]
+            );
+            // A dead-lettered event is never delivered again: fail now rather than at the deadline.
+            assert!(!dead_missing, "events {what} were dead-lettered instead of delivered: {msg}");
+            Err(msg)
         }
     })
 }
