@@ -158,7 +158,9 @@ impl Dispatcher {
         let mut retry_at: HashMap<(String, u64), Instant> = HashMap::new();
         // Failed deliveries report their backoff here; drained every tick. Bounded by the
         // deliveries in flight (each sends at most one note).
-        let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<((String, u64), Duration)>();
+        let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<((String, u64), Duration, NodeId)>();
+        // Consumers that failed an event: its retries go to others while any are left.
+        let mut failed_on: HashMap<(String, u64), Vec<NodeId>> = HashMap::new();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_leader = false;
@@ -174,16 +176,22 @@ impl Dispatcher {
                     // starts from the replicated progress.
                     lock(&inflight).clear();
                     retry_at.clear();
+                    failed_on.clear();
                 }
                 was_leader = false;
                 continue;
             }
             was_leader = true;
-            while let Ok((key, pause)) = retry_rx.try_recv() {
-                retry_at.insert(key, Instant::now() + pause);
+            while let Ok((key, pause, node)) = retry_rx.try_recv() {
+                retry_at.insert(key.clone(), Instant::now() + pause);
+                failed_on.entry(key).or_default().push(node);
             }
             let now = Instant::now();
             retry_at.retain(|_, t| *t > now);
+            if failed_on.len() > 10_000 {
+                // Bounded: forget the oldest knowledge rather than grow (only a preference).
+                failed_on.clear();
+            }
             for (name, decl) in self.sm.shared_subscriptions() {
                 let consumers = self.consumers(&name);
                 if consumers.is_empty() {
@@ -212,8 +220,11 @@ impl Dispatcher {
                     if busy.contains(&event.position) || retry_at.contains_key(&key) {
                         continue;
                     }
-                    let Some((&target, _)) = load.iter().filter(|(_, l)| **l < decl.max_in_flight).min_by_key(|(_, l)| **l)
-                    else {
+                    let avoid = failed_on.get(&key);
+                    let open = |n: &NodeId, l: &u32| *l < decl.max_in_flight && avoid.is_none_or(|a| !a.contains(n));
+                    let fresh = load.iter().filter(|(n, l)| open(n, l)).min_by_key(|(_, l)| **l);
+                    let any = load.iter().filter(|(_, l)| **l < decl.max_in_flight).min_by_key(|(_, l)| **l);
+                    let Some((&target, _)) = fresh.or(any) else {
                         break;
                     };
                     *load.entry(target).or_default() += 1;
@@ -226,7 +237,7 @@ impl Dispatcher {
                         let pause = this.deliver_shared(&decl, target, event, attempts).await;
                         lock(&inflight).remove(&key);
                         if let Some(pause) = pause {
-                            let _ = retry_tx.send((key, pause));
+                            let _ = retry_tx.send((key, pause, target));
                         }
                     });
                 }

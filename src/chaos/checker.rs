@@ -358,7 +358,7 @@ pub struct FaultRow {
 pub fn render(header: &str, faults: &[FaultRow], v: &Verdict, events_available: bool) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{header}\n");
-    let _ = writeln!(out, "{:<22} {:>6} {:>22}  {}", "fault", "count", "longest unavailable", "note");
+    let _ = writeln!(out, "{:<22} {:>6} {:>22}  note", "fault", "count", "longest unavailable");
     for f in faults {
         let unavail = f.longest_unavailable_ms.map_or("-".to_string(), |ms| format!("{:.1} s", ms as f64 / 1000.0));
         let _ = writeln!(out, "{:<22} {:>6} {:>22}  {}", f.kind, f.count, unavail, f.note);
@@ -366,8 +366,8 @@ pub fn render(header: &str, faults: &[FaultRow], v: &Verdict, events_available: 
     let _ = writeln!(out);
     let _ = writeln!(
         out,
-        "{:<18} {:>9} {:>9} {:>8} {:>14} {:>10}  {}",
-        "operations", "attempted", "acked", "failed", "acked but lost", "duplicates", "note"
+        "{:<18} {:>9} {:>9} {:>8} {:>14} {:>10}  note",
+        "operations", "attempted", "acked", "failed", "acked but lost", "duplicates"
     );
     for (name, s) in &v.kinds {
         let _ = writeln!(

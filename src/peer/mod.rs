@@ -153,6 +153,8 @@ pub struct Link {
     /// Cancelled by whoever closes the link (reader end, idle timeout, replacement, shutdown).
     closed: CancellationToken,
     last_seen: Mutex<Instant>,
+    /// Requests from the peer being served on this link right now (for retirement).
+    serving: AtomicU64,
 }
 
 impl Link {
@@ -504,11 +506,12 @@ impl PeerNet {
             next_corr: AtomicU64::new(1),
             closed: self.shutdown.child_token(),
             last_seen: Mutex::new(Instant::now()),
+            serving: AtomicU64::new(0),
         });
         let existing = self.register(&link);
         if existing.is_some() {
-            debug!(peer, "duplicate link closed by tie-break");
-            link.close();
+            debug!(peer, "duplicate link retired by tie-break");
+            retire(&link);
         } else {
             metrics::counter!("raftbridge_peer_links_opened_total").increment(1);
             info!(peer, addr = %link.peer_addr, "peer link up");
@@ -549,8 +552,13 @@ impl PeerNet {
                 if !(link.dialer == preferred && old.dialer != preferred) {
                     return Some(old.clone());
                 }
+                // The same process on both ends: requests in flight on the old link may still
+                // complete; it just takes no new ones.
+                retire(old);
+            } else {
+                // The peer restarted (or the link died): nothing in flight can complete.
+                old.close();
             }
-            old.close();
         }
         links.insert(link.peer, link.clone());
         None
@@ -586,6 +594,29 @@ impl PeerNet {
             }
         }
     }
+}
+
+/// How long a link that lost the duplicate tie-break keeps serving what is in flight on it.
+const RETIRE_GRACE: Duration = Duration::from_secs(10);
+
+/// Stop using a duplicate link for new requests (it is no longer registered) but let requests in
+/// flight on it finish, in both directions; close it when nothing is pending or after the grace.
+fn retire(link: &Arc<Link>) {
+    let link = link.clone();
+    tokio::spawn(async move {
+        let until = tokio::time::Instant::now() + RETIRE_GRACE;
+        while tokio::time::Instant::now() < until && !link.closed.is_cancelled() {
+            if lock(&link.pending).is_empty() && link.serving.load(Ordering::Relaxed) == 0 {
+                // Give the peer a moment to see the same tie-break before closing under it.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if lock(&link.pending).is_empty() && link.serving.load(Ordering::Relaxed) == 0 {
+                    break;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        link.close();
+    });
 }
 
 /// Writes queued frames, many per flush, until the link closes.
@@ -678,6 +709,7 @@ async fn read_loop(
                 let Ok(permit) = serving.clone().acquire_owned().await else { return };
                 let link = link.clone();
                 let corr = frame.corr;
+                link.serving.fetch_add(1, Ordering::Relaxed);
                 tokio::spawn(async move {
                     let _permit = permit;
                     let resp = handler.handle(link.peer, req).await;
@@ -687,6 +719,7 @@ async fn read_loop(
                         }
                         Err(err) => warn!(peer = link.peer, cause = %err, "response does not encode"),
                     }
+                    link.serving.fetch_sub(1, Ordering::Relaxed);
                 });
             }
             Kind::Hello | Kind::HelloAck | Kind::Reject => {

@@ -52,19 +52,39 @@ const UPSTREAM_PY: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/it/upstrea
 // ---------------------------------------------------------------------------------------------
 
 /// `POST /v1/events/{name}` that must answer 201; (id, position).
-fn publish(api: Api, name: &str, payload: &Value, headers: &[(&str, &str)]) -> Result<(String, u64), String> {
+fn publish(
+    api: Api,
+    name: &str,
+    payload: &Value,
+    headers: &[(&str, &str)],
+) -> Result<(String, u64), String> {
     let resp = api
-        .request("POST", &format!("/v1/events/{name}"), headers, payload.to_string().as_bytes())
+        .request(
+            "POST",
+            &format!("/v1/events/{name}"),
+            headers,
+            payload.to_string().as_bytes(),
+        )
         .map_err(|e| format!("POST /v1/events/{name} via node {}: {e}", api.id))?;
     if resp.status != 201 {
-        return Err(format!("POST /v1/events/{name} via node {}: {}", api.id, resp.describe()));
+        return Err(format!(
+            "POST /v1/events/{name} via node {}: {}",
+            api.id,
+            resp.describe()
+        ));
     }
     id_position(&resp.json()?)
 }
 
 fn id_position(v: &Value) -> Result<(String, u64), String> {
-    let id = v.get("id").and_then(Value::as_str).ok_or_else(|| format!("no string id in {v}"))?;
-    let position = v.get("position").and_then(Value::as_u64).ok_or_else(|| format!("no numeric position in {v}"))?;
+    let id = v
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("no string id in {v}"))?;
+    let position = v
+        .get("position")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("no numeric position in {v}"))?;
     Ok((id.to_string(), position))
 }
 
@@ -83,26 +103,50 @@ fn place_order(api: Api, order: &Value) -> Result<PlacedOrder, String> {
         .request("POST", "/api/v1/orders", &[], order.to_string().as_bytes())
         .map_err(|e| format!("POST /api/v1/orders via node {}: {e}", api.id))?;
     if !(200..300).contains(&resp.status) {
-        return Err(format!("POST /api/v1/orders via node {}: {}", api.id, resp.describe()));
+        return Err(format!(
+            "POST /api/v1/orders via node {}: {}",
+            api.id,
+            resp.describe()
+        ));
     }
     let v = resp.json()?;
-    let order_id = v.get("id").and_then(Value::as_str).ok_or_else(|| format!("order answer without id: {v}"))?;
+    let order_id = v
+        .get("id")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("order answer without id: {v}"))?;
     if Some(order_id) != order.get("id").and_then(Value::as_str) {
         return Err(format!("order answer names id {order_id}, sent {order}"));
     }
-    let event_id = v.get("eventId").and_then(Value::as_str).ok_or_else(|| format!("order answer without eventId: {v}"))?;
-    let position = v.get("position").and_then(Value::as_u64).ok_or_else(|| format!("order answer without position: {v}"))?;
+    let event_id = v
+        .get("eventId")
+        .and_then(Value::as_str)
+        .ok_or_else(|| format!("order answer without eventId: {v}"))?;
+    let position = v
+        .get("position")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("order answer without position: {v}"))?;
     if v.get("servedBy").and_then(Value::as_u64).is_none() {
         return Err(format!("order answer without servedBy: {v}"));
     }
-    Ok(PlacedOrder { order_id: order_id.to_string(), event_id: event_id.to_string(), position, via: api.id })
+    Ok(PlacedOrder {
+        order_id: order_id.to_string(),
+        event_id: event_id.to_string(),
+        position,
+        via: api.id,
+    })
 }
 
 /// Any GET that must answer 200 with JSON.
 fn get_json(api: Api, path: &str) -> Result<Value, String> {
-    let resp = api.request("GET", path, &[], b"").map_err(|e| format!("GET {path} via node {}: {e}", api.id))?;
+    let resp = api
+        .request("GET", path, &[], b"")
+        .map_err(|e| format!("GET {path} via node {}: {e}", api.id))?;
     if resp.status != 200 {
-        return Err(format!("GET {path} via node {}: {}", api.id, resp.describe()));
+        return Err(format!(
+            "GET {path} via node {}: {}",
+            api.id,
+            resp.describe()
+        ));
     }
     resp.json()
 }
@@ -112,31 +156,46 @@ fn get_json(api: Api, path: &str) -> Result<Value, String> {
 fn demo_counter(api: Api, key: &str, stale: bool) -> Result<Option<i64>, String> {
     let q = if stale { "?consistency=stale" } else { "" };
     let path = format!("/v1/state/demo/{key}{q}");
-    let resp = api.request("GET", &path, &[], b"").map_err(|e| format!("GET {path} via node {}: {e}", api.id))?;
+    let resp = api
+        .request("GET", &path, &[], b"")
+        .map_err(|e| format!("GET {path} via node {}: {e}", api.id))?;
     match resp.status {
         404 => Ok(None),
-        200 => resp
-            .json()?
-            .as_i64()
-            .map(Some)
-            .ok_or_else(|| format!("GET {path} via node {}: not an integer: {}", api.id, resp.describe())),
-        _ => Err(format!("GET {path} via node {}: {}", api.id, resp.describe())),
+        200 => resp.json()?.as_i64().map(Some).ok_or_else(|| {
+            format!(
+                "GET {path} via node {}: not an integer: {}",
+                api.id,
+                resp.describe()
+            )
+        }),
+        _ => Err(format!(
+            "GET {path} via node {}: {}",
+            api.id,
+            resp.describe()
+        )),
     }
 }
 
 /// The cursor of a subscription (`GET /v1/subscriptions/{name}`).
 fn cursor(api: Api, sub: &str) -> Result<u64, String> {
     let v = get_json(api, &format!("/v1/subscriptions/{sub}"))?;
-    v.get("cursor").and_then(Value::as_u64).ok_or_else(|| format!("subscription {sub} without numeric cursor: {v}"))
+    v.get("cursor")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| format!("subscription {sub} without numeric cursor: {v}"))
 }
 
 /// The dead letters of a subscription.
 fn dead_letters(api: Api, sub: &str) -> Result<Vec<Value>, String> {
     let v = get_json(api, &format!("/v1/dead-letters?subscription={sub}"))?;
     if v.get("subscription").and_then(Value::as_str) != Some(sub) {
-        return Err(format!("dead letters answer names another subscription: {v}"));
+        return Err(format!(
+            "dead letters answer names another subscription: {v}"
+        ));
     }
-    v.get("deadLetters").and_then(Value::as_array).cloned().ok_or_else(|| format!("no deadLetters array: {v}"))
+    v.get("deadLetters")
+        .and_then(Value::as_array)
+        .cloned()
+        .ok_or_else(|| format!("no deadLetters array: {v}"))
 }
 
 /// The whole event log as node `api` serves it, paged with `after`/`next` (1000 at a time).
@@ -145,20 +204,46 @@ fn read_log(api: Api) -> Result<Vec<Value>, String> {
     let mut after = 0u64;
     for _ in 0..100_000 {
         let page = get_json(api, &format!("/v1/events?after={after}&limit=1000"))?;
-        let events = page.get("events").and_then(Value::as_array).ok_or_else(|| format!("no events array: {page}"))?;
-        let next = page.get("next").and_then(Value::as_u64).ok_or_else(|| format!("no numeric next: {page}"))?;
-        let end = page.get("end").and_then(Value::as_u64).ok_or_else(|| format!("no numeric end: {page}"))?;
+        let events = page
+            .get("events")
+            .and_then(Value::as_array)
+            .ok_or_else(|| format!("no events array: {page}"))?;
+        let next = page
+            .get("next")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("no numeric next: {page}"))?;
+        let end = page
+            .get("end")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("no numeric end: {page}"))?;
         if events.len() > 1000 {
-            return Err(format!("node {}: {} events in one page, limit is 1000", api.id, events.len()));
+            return Err(format!(
+                "node {}: {} events in one page, limit is 1000",
+                api.id,
+                events.len()
+            ));
         }
         for e in events {
-            let p = e.get("position").and_then(Value::as_u64).ok_or_else(|| format!("event without position: {e}"))?;
+            let p = e
+                .get("position")
+                .and_then(Value::as_u64)
+                .ok_or_else(|| format!("event without position: {e}"))?;
             if p <= after {
-                return Err(format!("node {}: read after={after} returned position {p}", api.id));
+                return Err(format!(
+                    "node {}: read after={after} returned position {p}",
+                    api.id
+                ));
             }
-            if let Some(last) = out.last().and_then(|l| l.get("position")).and_then(Value::as_u64) {
+            if let Some(last) = out
+                .last()
+                .and_then(|l| l.get("position"))
+                .and_then(Value::as_u64)
+            {
                 if p <= last {
-                    return Err(format!("node {}: position {p} after {last}: log not in order", api.id));
+                    return Err(format!(
+                        "node {}: position {p} after {last}: log not in order",
+                        api.id
+                    ));
                 }
             }
             out.push(e.clone());
@@ -167,7 +252,10 @@ fn read_log(api: Api) -> Result<Vec<Value>, String> {
             return Ok(out);
         }
         if next <= after {
-            return Err(format!("node {}: after={after} answered next={next} (no progress) with end={end}", api.id));
+            return Err(format!(
+                "node {}: after={after} answered next={next} (no progress) with end={end}",
+                api.id
+            ));
         }
         after = next;
     }
@@ -178,16 +266,34 @@ fn read_log(api: Api) -> Result<Vec<Value>, String> {
 fn by_id(log: &[Value]) -> BTreeMap<String, Vec<&Value>> {
     let mut m: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
     for e in log {
-        m.entry(e.get("id").and_then(Value::as_str).unwrap_or("<no id>").to_string()).or_default().push(e);
+        m.entry(
+            e.get("id")
+                .and_then(Value::as_str)
+                .unwrap_or("<no id>")
+                .to_string(),
+        )
+        .or_default()
+        .push(e);
     }
     m
 }
 
 /// Log entries indexed by a string field of their payload (`tag` of published events, `id` of orders).
-fn by_payload_field<'a>(log: &'a [Value], event_name: &str, field: &str) -> BTreeMap<String, Vec<&'a Value>> {
+fn by_payload_field<'a>(
+    log: &'a [Value],
+    event_name: &str,
+    field: &str,
+) -> BTreeMap<String, Vec<&'a Value>> {
     let mut m: BTreeMap<String, Vec<&Value>> = BTreeMap::new();
-    for e in log.iter().filter(|e| e.get("eventName").and_then(Value::as_str) == Some(event_name)) {
-        if let Some(t) = e.get("payload").and_then(|p| p.get(field)).and_then(Value::as_str) {
+    for e in log
+        .iter()
+        .filter(|e| e.get("eventName").and_then(Value::as_str) == Some(event_name))
+    {
+        if let Some(t) = e
+            .get("payload")
+            .and_then(|p| p.get(field))
+            .and_then(Value::as_str)
+        {
             m.entry(t.to_string()).or_default().push(e);
         }
     }
@@ -198,30 +304,46 @@ fn by_payload_field<'a>(log: &'a [Value], event_name: &str, field: &str) -> BTre
 /// until a 201; transient failures (e.g. a peer link replaced right after formation) are printed.
 fn publish_keyed(c: &Cluster, api: Api, name: &str, payload: &Value, key: &str) -> (String, u64) {
     let mut tries = 0;
-    c.wait_for(&format!("POST /v1/events/{name} with idempotency-key {key} via node {}", api.id), FORMATION, || {
-        tries += 1;
-        publish(api, name, payload, &[("idempotency-key", key)]).inspect_err(|e| eprintln!("[events] try {tries}: {e}"))
-    })
+    c.wait_for(
+        &format!(
+            "POST /v1/events/{name} with idempotency-key {key} via node {}",
+            api.id
+        ),
+        FORMATION,
+        || {
+            tries += 1;
+            publish(api, name, payload, &[("idempotency-key", key)])
+                .inspect_err(|e| eprintln!("[events] try {tries}: {e}"))
+        },
+    )
 }
 
 /// Waits until every node in `apis` serves `GET /v1/subscriptions/{sub}` (registered and applied).
 fn wait_subscription(c: &Cluster, apis: &[Api], sub: &str) {
-    c.wait_for(&format!("subscription {sub} known on every node"), SERVICES_UP, || {
-        for &api in apis {
-            cursor(api, sub)?;
-        }
-        Ok(())
-    });
+    c.wait_for(
+        &format!("subscription {sub} known on every node"),
+        SERVICES_UP,
+        || {
+            for &api in apis {
+                cursor(api, sub)?;
+            }
+            Ok(())
+        },
+    );
 }
 
 /// Waits until orders are accepted through every running node (demo registered, routable).
 fn wait_orders_routable(c: &Cluster, prefix: &str) {
     let mut n = 0;
     for api in c.apis() {
-        c.wait_for(&format!("an order accepted via node {}", api.id), SERVICES_UP, || {
-            n += 1;
-            place_order(api, &json!({"id": format!("{prefix}-warmup-{n}")})).map(|_| ())
-        });
+        c.wait_for(
+            &format!("an order accepted via node {}", api.id),
+            SERVICES_UP,
+            || {
+                n += 1;
+                place_order(api, &json!({"id": format!("{prefix}-warmup-{n}")})).map(|_| ())
+            },
+        );
     }
 }
 
@@ -282,9 +404,20 @@ impl EmitLoad {
                         let tag = format!("{prefix}-{t}-{seq}");
                         let result = if seq % 2 == 0 {
                             publish(api, "x", &json!({"tag": tag, "thread": t, "seq": seq}), &[])
-                                .map(|(id, position)| (Some(AckedEvent { tag: tag.clone(), id, position, via: api.id }), None))
+                                .map(|(id, position)| {
+                                    (
+                                        Some(AckedEvent {
+                                            tag: tag.clone(),
+                                            id,
+                                            position,
+                                            via: api.id,
+                                        }),
+                                        None,
+                                    )
+                                })
                         } else {
-                            place_order(api, &json!({"id": tag, "thread": t, "seq": seq})).map(|o| (None, Some(o)))
+                            place_order(api, &json!({"id": tag, "thread": t, "seq": seq}))
+                                .map(|o| (None, Some(o)))
                         };
                         let mut out = shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
                         match result {
@@ -326,15 +459,29 @@ impl EmitLoad {
     /// Waits until `more` further requests (and at least one more order) are acknowledged.
     fn wait_progress(&self, c: &Cluster, more: usize, what: &str) {
         let (base, base_orders) = (self.acked(), self.orders());
-        c.wait_for(&format!("{more} more acknowledged requests {what}"), PROGRESS, || {
-            let (now, orders) = (self.acked(), self.orders());
-            if now >= base + more && orders > base_orders {
-                Ok(())
-            } else {
-                let out = self.shared.outcome.lock().unwrap_or_else(|p| p.into_inner());
-                Err(format!("{} acked ({} orders), {} failed; last failures {:?}", now - base, orders - base_orders, out.failed, out.failures.iter().rev().take(3).collect::<Vec<_>>()))
-            }
-        });
+        c.wait_for(
+            &format!("{more} more acknowledged requests {what}"),
+            PROGRESS,
+            || {
+                let (now, orders) = (self.acked(), self.orders());
+                if now >= base + more && orders > base_orders {
+                    Ok(())
+                } else {
+                    let out = self
+                        .shared
+                        .outcome
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner());
+                    Err(format!(
+                        "{} acked ({} orders), {} failed; last failures {:?}",
+                        now - base,
+                        orders - base_orders,
+                        out.failed,
+                        out.failures.iter().rev().take(3).collect::<Vec<_>>()
+                    ))
+                }
+            },
+        );
     }
 
     fn stop(mut self) -> EmitOutcome {
@@ -342,7 +489,13 @@ impl EmitLoad {
         for h in std::mem::take(&mut self.handles) {
             h.join().expect("load thread panicked");
         }
-        std::mem::take(&mut *self.shared.outcome.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(
+            &mut *self
+                .shared
+                .outcome
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        )
     }
 }
 
@@ -374,7 +527,10 @@ fn check_log(node: u64, log: &[Value], out: &EmitOutcome) -> Result<(), String> 
                     bad.push(format!("acked event {e:?} is in the log as {one}"));
                 }
             }
-            Some(many) => bad.push(format!("acked event {e:?} appears {} times: {many:?}", many.len())),
+            Some(many) => bad.push(format!(
+                "acked event {e:?} appears {} times: {many:?}",
+                many.len()
+            )),
         }
     }
     for o in &out.orders {
@@ -383,10 +539,15 @@ fn check_log(node: u64, log: &[Value], out: &EmitOutcome) -> Result<(), String> 
             Some([one]) => {
                 let got = id_position(one)?;
                 if got != (o.event_id.clone(), o.position) {
-                    bad.push(format!("orderPlaced of acked order {o:?} is in the log as {one}"));
+                    bad.push(format!(
+                        "orderPlaced of acked order {o:?} is in the log as {one}"
+                    ));
                 }
             }
-            Some(many) => bad.push(format!("orderPlaced of acked order {o:?} appears {} times: {many:?}", many.len())),
+            Some(many) => bad.push(format!(
+                "orderPlaced of acked order {o:?} appears {} times: {many:?}",
+                many.len()
+            )),
         }
     }
     if bad.is_empty() {
@@ -435,7 +596,12 @@ fn wait_log_complete(c: &Cluster, apis: &[Api], out: &EmitOutcome) -> Vec<Value>
 
 /// Polls until `countOrders` processed each order at least once (`orders-seen/<id>` ≥ 1);
 /// returns the counts (values above 1 are redeliveries).
-fn wait_orders_counted(c: &Cluster, api_of: impl Fn() -> Api, orders: &[String], deadline: Duration) -> BTreeMap<String, i64> {
+fn wait_orders_counted(
+    c: &Cluster,
+    api_of: impl Fn() -> Api,
+    orders: &[String],
+    deadline: Duration,
+) -> BTreeMap<String, i64> {
     let mut counts: BTreeMap<String, i64> = BTreeMap::new();
     c.wait_for(&format!("countOrders to process each of {} acknowledged orders", orders.len()), deadline, || {
         let api = api_of();
@@ -487,14 +653,24 @@ fn acknowledged_events_and_orders_survive_killing_the_leader_then_another_node()
     load.wait_progress(&c, 200, "before any failure");
 
     let first = c.wait_for_leader(FAILOVER);
-    eprintln!("[ev-failover] SIGKILL leader {first} after {} acks", load.acked());
+    eprintln!(
+        "[ev-failover] SIGKILL leader {first} after {} acks",
+        load.acked()
+    );
     c.kill(first);
     let second = c.wait_for_leader(FAILOVER);
-    load.wait_progress(&c, 100, &format!("with node {first} dead (new leader {second})"));
+    load.wait_progress(
+        &c,
+        100,
+        &format!("with node {first} dead (new leader {second})"),
+    );
 
     // The new leader drives every shared delivery (it hands events to consumers and commits the
     // acks), so killing it interrupts deliveries in flight: the next leader must redeliver.
-    eprintln!("[ev-failover] SIGKILL new leader {second} after {} acks", load.acked());
+    eprintln!(
+        "[ev-failover] SIGKILL new leader {second} after {} acks",
+        load.acked()
+    );
     c.kill(second);
     c.restart(first);
     c.restart(second);
@@ -511,18 +687,31 @@ fn acknowledged_events_and_orders_survive_killing_the_leader_then_another_node()
     );
 
     let mut per_node: BTreeMap<u64, (usize, usize)> = BTreeMap::new();
-    out.events.iter().for_each(|e| per_node.entry(e.via).or_default().0 += 1);
-    out.orders.iter().for_each(|o| per_node.entry(o.via).or_default().1 += 1);
+    out.events
+        .iter()
+        .for_each(|e| per_node.entry(e.via).or_default().0 += 1);
+    out.orders
+        .iter()
+        .for_each(|o| per_node.entry(o.via).or_default().1 += 1);
     eprintln!("[ev-failover] acked (events, orders) per node it was sent to: {per_node:?}");
 
     let apis = c.apis();
     let log = wait_log_complete(&c, &apis, &out);
-    eprintln!("[ev-failover] log of {} events consistent on nodes {:?}", log.len(), c.ids());
+    eprintln!(
+        "[ev-failover] log of {} events consistent on nodes {:?}",
+        log.len(),
+        c.ids()
+    );
 
     let ids: Vec<String> = out.orders.iter().map(|o| o.order_id.clone()).collect();
     let counts = wait_orders_counted(&c, || c.api(1), &ids, DELIVERY);
     let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    eprintln!("[ev-failover] {} orders processed, {} of them more than once: {:?}", counts.len(), dups.len(), &dups[..dups.len().min(10)]);
+    eprintln!(
+        "[ev-failover] {} orders processed, {} of them more than once: {:?}",
+        counts.len(),
+        dups.len(),
+        &dups[..dups.len().min(10)]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -555,7 +744,11 @@ fn log_and_consumer_position_survive_killing_every_node_at_once() {
     c.wait_caught_up(&voters, CATCH_UP);
     for &api in &apis {
         let after = cursor(api, "countOrders").expect("countOrders cursor after restart");
-        assert!(after >= before, "node {}: countOrders cursor {after} after the restart, {before} before the crash", api.id);
+        assert!(
+            after >= before,
+            "node {}: countOrders cursor {after} after the restart, {before} before the crash",
+            api.id
+        );
     }
 
     // New events keep flowing, and countOrders keeps consuming.
@@ -565,8 +758,17 @@ fn log_and_consumer_position_survive_killing_every_node_at_once() {
     let order = c.wait_for("a new order accepted after the restart", PROGRESS, || {
         place_order(c.api(3), &json!({"id": "ka-after-order"}))
     });
-    assert!(position > before && order.position > position, "new event {id} at {position}, order at {}: positions must grow past the old log", order.position);
-    let ids: Vec<String> = out.orders.iter().map(|o| o.order_id.clone()).chain([order.order_id.clone()]).collect();
+    assert!(
+        position > before && order.position > position,
+        "new event {id} at {position}, order at {}: positions must grow past the old log",
+        order.position
+    );
+    let ids: Vec<String> = out
+        .orders
+        .iter()
+        .map(|o| o.order_id.clone())
+        .chain([order.order_id.clone()])
+        .collect();
     wait_orders_counted(&c, || c.api(1), &ids, DELIVERY);
     c.wait_for("countOrders cursor past the new order", DELIVERY, || {
         let now = cursor(c.api(2), "countOrders")?;
@@ -586,23 +788,54 @@ fn log_and_consumer_position_survive_killing_every_node_at_once() {
 fn idempotency_key_dedups_a_retry_on_another_node_after_the_first_died() {
     let (c, leader) = Cluster::formed("ev-dedup", 3, &[]);
     c.wait_all_ready(FORMATION);
-    let b = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    let b = c
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
     let key = "order-42-attempt";
 
     // Through a follower first, then the same key on the leader.
-    let f = publish_keyed(&c, c.api(b), "x", &json!({"tag": "dd-follower"}), "k-follower");
-    let again = publish_keyed(&c, c.api(leader), "x", &json!({"tag": "dd-follower-2"}), "k-follower");
-    assert_eq!(again, f, "a repeated idempotency-key on another live node must return the original id/position");
+    let f = publish_keyed(
+        &c,
+        c.api(b),
+        "x",
+        &json!({"tag": "dd-follower"}),
+        "k-follower",
+    );
+    let again = publish_keyed(
+        &c,
+        c.api(leader),
+        "x",
+        &json!({"tag": "dd-follower-2"}),
+        "k-follower",
+    );
+    assert_eq!(
+        again, f,
+        "a repeated idempotency-key on another live node must return the original id/position"
+    );
 
     // Through the leader, which dies right after its 201.
     let first = publish_keyed(&c, c.api(leader), "x", &json!({"tag": "dd-1"}), key);
     c.kill(leader);
     let retry = publish_keyed(&c, c.api(b), "x", &json!({"tag": "dd-1"}), key);
-    assert_eq!(retry, first, "retry with idempotency-key {key} via node {b} after node {leader} died");
+    assert_eq!(
+        retry, first,
+        "retry with idempotency-key {key} via node {b} after node {leader} died"
+    );
     // Different payload, same key: still the original, nothing stored.
     let other = publish_keyed(&c, c.api(b), "x", &json!({"tag": "dd-1-changed"}), key);
-    assert_eq!(other, first, "a repeat with another payload must return the original too");
-    let fresh = publish_keyed(&c, c.api(b), "x", &json!({"tag": "dd-fresh"}), "another-key");
+    assert_eq!(
+        other, first,
+        "a repeat with another payload must return the original too"
+    );
+    let fresh = publish_keyed(
+        &c,
+        c.api(b),
+        "x",
+        &json!({"tag": "dd-fresh"}),
+        "another-key",
+    );
     assert_ne!(fresh.0, first.0, "another key is another event");
 
     c.restart(leader);
@@ -613,14 +846,45 @@ fn idempotency_key_dedups_a_retry_on_another_node_after_the_first_died() {
         let log = read_log(api).expect("read log");
         let ids = by_id(&log);
         let tags = by_payload_field(&log, "x", "tag");
-        assert_eq!(ids.get(&first.0).map(Vec::len), Some(1), "node {}: event {first:?} must be in the log once: {log:?}", api.id);
-        assert_eq!(ids.get(&f.0).map(Vec::len), Some(1), "node {}: event {f:?} must be in the log once", api.id);
-        for (tag, want) in [("dd-1", 1), ("dd-1-changed", 0), ("dd-follower", 1), ("dd-follower-2", 0), ("dd-fresh", 1)] {
-            assert_eq!(tags.get(tag).map_or(0, Vec::len), want, "node {}: events tagged {tag} in the log: {log:?}", api.id);
+        assert_eq!(
+            ids.get(&first.0).map(Vec::len),
+            Some(1),
+            "node {}: event {first:?} must be in the log once: {log:?}",
+            api.id
+        );
+        assert_eq!(
+            ids.get(&f.0).map(Vec::len),
+            Some(1),
+            "node {}: event {f:?} must be in the log once",
+            api.id
+        );
+        for (tag, want) in [
+            ("dd-1", 1),
+            ("dd-1-changed", 0),
+            ("dd-follower", 1),
+            ("dd-follower-2", 0),
+            ("dd-fresh", 1),
+        ] {
+            assert_eq!(
+                tags.get(tag).map_or(0, Vec::len),
+                want,
+                "node {}: events tagged {tag} in the log: {log:?}",
+                api.id
+            );
         }
-        assert_eq!(log.len(), 3, "node {}: exactly three events stored: {log:?}", api.id);
+        assert_eq!(
+            log.len(),
+            3,
+            "node {}: exactly three events stored: {log:?}",
+            api.id
+        );
         let e = &ids[&first.0][0];
-        assert_eq!(e["position"].as_u64(), Some(first.1), "node {}: {e}", api.id);
+        assert_eq!(
+            e["position"].as_u64(),
+            Some(first.1),
+            "node {}: {e}",
+            api.id
+        );
     }
 }
 
@@ -631,45 +895,94 @@ fn idempotency_key_dedups_a_retry_on_another_node_after_the_first_died() {
 #[test]
 fn poison_order_is_dead_lettered_after_max_attempts_and_later_orders_are_processed() {
     let (c, _) = example_cluster("ev-poison");
-    let poison = place_order(c.api(2), &json!({"id": "poison-1", "poison": true})).expect("place the poison order");
+    let poison = place_order(c.api(2), &json!({"id": "poison-1", "poison": true}))
+        .expect("place the poison order");
     let normal: Vec<PlacedOrder> = (0..5)
-        .map(|i| place_order(c.api(1 + i % 3), &json!({"id": format!("after-poison-{i}")})).expect("place an order"))
+        .map(|i| {
+            place_order(
+                c.api(1 + i % 3),
+                &json!({"id": format!("after-poison-{i}")}),
+            )
+            .expect("place an order")
+        })
         .collect();
 
-    let dead = c.wait_for("the poison order in countOrders' dead letters", DEAD_LETTER, || {
-        for api in c.apis() {
-            let list = dead_letters(api, "countOrders")?;
-            let found: Vec<&Value> = list.iter().filter(|d| d["eventId"].as_str() == Some(poison.event_id.as_str())).collect();
-            match found.as_slice() {
-                [one] => return Ok((*one).clone()),
-                [] => return Err(format!("node {}: dead letters {list:?}", api.id)),
-                many => panic!("node {}: poison event dead-lettered {} times: {many:?}", api.id, many.len()),
+    let dead = c.wait_for(
+        "the poison order in countOrders' dead letters",
+        DEAD_LETTER,
+        || {
+            for api in c.apis() {
+                let list = dead_letters(api, "countOrders")?;
+                let found: Vec<&Value> = list
+                    .iter()
+                    .filter(|d| d["eventId"].as_str() == Some(poison.event_id.as_str()))
+                    .collect();
+                match found.as_slice() {
+                    [one] => return Ok((*one).clone()),
+                    [] => return Err(format!("node {}: dead letters {list:?}", api.id)),
+                    many => panic!(
+                        "node {}: poison event dead-lettered {} times: {many:?}",
+                        api.id,
+                        many.len()
+                    ),
+                }
             }
-        }
-        Err("no nodes".into())
-    });
+            Err("no nodes".into())
+        },
+    );
     eprintln!("[ev-poison] dead letter: {dead}");
-    assert_eq!(dead["attempts"].as_u64(), Some(5), "attempts of the dead letter: {dead}");
-    assert_eq!(dead["position"].as_u64(), Some(poison.position), "position of the dead letter: {dead}");
-    assert!(dead["reason"].as_str().is_some_and(|r| !r.is_empty()), "a dead letter says why: {dead}");
-    assert_eq!(dead["event"]["id"].as_str(), Some(poison.event_id.as_str()), "the dead letter carries the event: {dead}");
-    assert_eq!(dead["event"]["payload"]["id"].as_str(), Some("poison-1"), "the dead letter carries the event: {dead}");
+    assert_eq!(
+        dead["attempts"].as_u64(),
+        Some(5),
+        "attempts of the dead letter: {dead}"
+    );
+    assert_eq!(
+        dead["position"].as_u64(),
+        Some(poison.position),
+        "position of the dead letter: {dead}"
+    );
+    assert!(
+        dead["reason"].as_str().is_some_and(|r| !r.is_empty()),
+        "a dead letter says why: {dead}"
+    );
+    assert_eq!(
+        dead["event"]["id"].as_str(),
+        Some(poison.event_id.as_str()),
+        "the dead letter carries the event: {dead}"
+    );
+    assert_eq!(
+        dead["event"]["payload"]["id"].as_str(),
+        Some("poison-1"),
+        "the dead letter carries the event: {dead}"
+    );
 
     let ids: Vec<String> = normal.iter().map(|o| o.order_id.clone()).collect();
     let counts = wait_orders_counted(&c, || c.api(3), &ids, DELIVERY);
     eprintln!("[ev-poison] later orders processed: {counts:?}");
     for api in c.apis() {
-        assert_eq!(demo_counter(api, "orders-seen/poison-1", false).expect("read"), None, "node {}: the poison order never counted", api.id);
+        assert_eq!(
+            demo_counter(api, "orders-seen/poison-1", false).expect("read"),
+            None,
+            "node {}: the poison order never counted",
+            api.id
+        );
     }
     let last = normal.iter().map(|o| o.position).max().unwrap_or(0);
-    c.wait_for("countOrders cursor past the poison order and the later orders", DELIVERY, || {
-        let now = cursor(c.api(1), "countOrders")?;
-        if now > last {
-            Ok(())
-        } else {
-            Err(format!("cursor {now}; poison at {}, last order at {last}", poison.position))
-        }
-    });
+    c.wait_for(
+        "countOrders cursor past the poison order and the later orders",
+        DELIVERY,
+        || {
+            let now = cursor(c.api(1), "countOrders")?;
+            if now > last {
+                Ok(())
+            } else {
+                Err(format!(
+                    "cursor {now}; poison at {}, last order at {last}",
+                    poison.position
+                ))
+            }
+        },
+    );
     // Every node agrees on the dead letter (it is replicated).
     c.wait_for("the dead letter on every node", CATCH_UP, || {
         for api in c.apis() {
@@ -700,7 +1013,9 @@ fn every_instance_subscription_reaches_each_node() {
     let orders: Vec<PlacedOrder> = c
         .ids()
         .into_iter()
-        .map(|id| place_order(c.api(id), &json!({"id": format!("audit-{id}")})).expect("place an order"))
+        .map(|id| {
+            place_order(c.api(id), &json!({"id": format!("audit-{id}")})).expect("place an order")
+        })
         .collect();
     c.wait_for("each node to audit each order", DELIVERY, || {
         for o in &orders {
@@ -711,12 +1026,18 @@ fn every_instance_subscription_reaches_each_node() {
         Ok(())
     });
     let sub = get_json(c.api(1), "/v1/subscriptions/auditOrders").expect("auditOrders");
-    assert_eq!(sub["shared"], json!(false), "auditOrders is every-instance: {sub}");
+    assert_eq!(
+        sub["shared"],
+        json!(false),
+        "auditOrders is every-instance: {sub}"
+    );
 
     // A node that was down catches up when it comes back (durable), the live ones at once.
     let down = 3;
     c.kill(down);
-    let missed = c.wait_for("an order accepted with node 3 down", PROGRESS, || place_order(c.api(1), &json!({"id": "audit-missed"})));
+    let missed = c.wait_for("an order accepted with node 3 down", PROGRESS, || {
+        place_order(c.api(1), &json!({"id": "audit-missed"}))
+    });
     c.wait_for("the live nodes to audit the order", DELIVERY, || {
         audited(c.api(1), 1, &missed.order_id)?;
         audited(c.api(2), 2, &missed.order_id)
@@ -724,7 +1045,11 @@ fn every_instance_subscription_reaches_each_node() {
     c.restart(down);
     let voters = c.ids();
     c.wait_for_membership(&voters, &[], FORMATION);
-    c.wait_for("the restarted node to audit the order it missed", DELIVERY, || audited(c.api(1), down, &missed.order_id));
+    c.wait_for(
+        "the restarted node to audit the order it missed",
+        DELIVERY,
+        || audited(c.api(1), down, &missed.order_id),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -745,7 +1070,15 @@ fn batch_publish_is_contiguous_and_readable_and_bad_batches_are_rejected() {
             item
         })
         .collect();
-    let resp = c.api(2).request("POST", "/v1/events", &[], Value::Array(items.clone()).to_string().as_bytes()).expect("batch");
+    let resp = c
+        .api(2)
+        .request(
+            "POST",
+            "/v1/events",
+            &[],
+            Value::Array(items.clone()).to_string().as_bytes(),
+        )
+        .expect("batch");
     assert_eq!(resp.status, 201, "batch of 100: {}", resp.describe());
     let body = resp.json().expect("json");
     let acked: Vec<(String, u64)> = body["events"]
@@ -757,96 +1090,222 @@ fn batch_publish_is_contiguous_and_readable_and_bad_batches_are_rejected() {
     assert_eq!(acked.len(), 100, "{body}");
     let first = acked[0].1;
     for (i, (_, p)) in acked.iter().enumerate() {
-        assert_eq!(*p, first + i as u64, "positions of a batch are contiguous: {acked:?}");
+        assert_eq!(
+            *p,
+            first + i as u64,
+            "positions of a batch are contiguous: {acked:?}"
+        );
     }
-    assert_eq!(acked.iter().map(|(id, _)| id).collect::<BTreeSet<_>>().len(), 100, "distinct ids");
+    assert_eq!(
+        acked
+            .iter()
+            .map(|(id, _)| id)
+            .collect::<BTreeSet<_>>()
+            .len(),
+        100,
+        "distinct ids"
+    );
 
     for api in c.apis() {
-        let page = c.wait_for(&format!("the batch readable on node {}", api.id), CATCH_UP, || {
-            let page = get_json(api, &format!("/v1/events?after={}&limit=1000", first - 1))?;
-            let n = page["events"].as_array().map_or(0, Vec::len);
-            if n == 100 {
-                Ok(page)
-            } else {
-                Err(format!("{n} events: {page}"))
-            }
-        });
+        let page = c.wait_for(
+            &format!("the batch readable on node {}", api.id),
+            CATCH_UP,
+            || {
+                let page = get_json(api, &format!("/v1/events?after={}&limit=1000", first - 1))?;
+                let n = page["events"].as_array().map_or(0, Vec::len);
+                if n == 100 {
+                    Ok(page)
+                } else {
+                    Err(format!("{n} events: {page}"))
+                }
+            },
+        );
         let events = page["events"].as_array().expect("events");
         for (i, e) in events.iter().enumerate() {
-            assert_eq!(e["id"].as_str(), Some(acked[i].0.as_str()), "node {}: event {i}: {e}", api.id);
-            assert_eq!(e["position"].as_u64(), Some(acked[i].1), "node {}: event {i}: {e}", api.id);
-            assert_eq!(e["eventName"], items[i]["eventName"], "node {}: event {i}: {e}", api.id);
-            assert_eq!(e["payload"], items[i]["payload"], "node {}: event {i}: {e}", api.id);
-            assert!(e["timestamp"].as_u64().is_some_and(|t| t > 0), "node {}: timestamp: {e}", api.id);
+            assert_eq!(
+                e["id"].as_str(),
+                Some(acked[i].0.as_str()),
+                "node {}: event {i}: {e}",
+                api.id
+            );
+            assert_eq!(
+                e["position"].as_u64(),
+                Some(acked[i].1),
+                "node {}: event {i}: {e}",
+                api.id
+            );
+            assert_eq!(
+                e["eventName"], items[i]["eventName"],
+                "node {}: event {i}: {e}",
+                api.id
+            );
+            assert_eq!(
+                e["payload"], items[i]["payload"],
+                "node {}: event {i}: {e}",
+                api.id
+            );
+            assert!(
+                e["timestamp"].as_u64().is_some_and(|t| t > 0),
+                "node {}: timestamp: {e}",
+                api.id
+            );
         }
-        assert_eq!(page["end"].as_u64(), Some(first + 99), "node {}: end: {page}", api.id);
-        assert_eq!(page["next"].as_u64(), Some(first + 99), "node {}: next: {page}", api.id);
+        assert_eq!(
+            page["end"].as_u64(),
+            Some(first + 99),
+            "node {}: end: {page}",
+            api.id
+        );
+        assert_eq!(
+            page["next"].as_u64(),
+            Some(first + 99),
+            "node {}: next: {page}",
+            api.id
+        );
         // Paging: `next` continues where a short page stopped.
         let p1 = get_json(api, &format!("/v1/events?after={}&limit=10", first - 1)).expect("page");
         assert_eq!(p1["events"].as_array().map(Vec::len), Some(10), "{p1}");
         let next = p1["next"].as_u64().expect("next");
         let p2 = get_json(api, &format!("/v1/events?after={next}&limit=10")).expect("page");
-        assert_eq!(p2["events"][0]["position"].as_u64(), Some(first + 10), "page 2 after next={next}: {p2}");
+        assert_eq!(
+            p2["events"][0]["position"].as_u64(),
+            Some(first + 10),
+            "page 2 after next={next}: {p2}"
+        );
         // The eventName filter.
-        let odd = get_json(api, &format!("/v1/events?after={}&limit=1000&eventName=odd", first - 1)).expect("odd");
+        let odd = get_json(
+            api,
+            &format!("/v1/events?after={}&limit=1000&eventName=odd", first - 1),
+        )
+        .expect("odd");
         let odd = odd["events"].as_array().expect("events");
         assert_eq!(odd.len(), 50, "node {}: odd events", api.id);
-        assert!(odd.iter().all(|e| e["eventName"] == "odd"), "node {}: filter: {odd:?}", api.id);
+        assert!(
+            odd.iter().all(|e| e["eventName"] == "odd"),
+            "node {}: filter: {odd:?}",
+            api.id
+        );
     }
     // The batch item's idempotency key dedups a later single publish.
-    let again = publish(c.api(3), "odd", &json!({"i": 7}), &[("idempotency-key", "batch-item-7")]).expect("repeat");
-    assert_eq!(again, acked[7], "an idempotency key from a batch item dedups a later publish");
+    let again = publish(
+        c.api(3),
+        "odd",
+        &json!({"i": 7}),
+        &[("idempotency-key", "batch-item-7")],
+    )
+    .expect("repeat");
+    assert_eq!(
+        again, acked[7],
+        "an idempotency key from a batch item dedups a later publish"
+    );
 
     let api = c.api(1);
-    let too_many: Vec<Value> = (0..1001).map(|i| json!({"eventName": "x", "payload": i})).collect();
-    let resp = api.request("POST", "/v1/events", &[], Value::Array(too_many).to_string().as_bytes()).expect("1001");
+    let too_many: Vec<Value> = (0..1001)
+        .map(|i| json!({"eventName": "x", "payload": i}))
+        .collect();
+    let resp = api
+        .request(
+            "POST",
+            "/v1/events",
+            &[],
+            Value::Array(too_many).to_string().as_bytes(),
+        )
+        .expect("1001");
     assert_json_error(&resp, 400, "a batch of 1001 events");
-    let exactly: Vec<Value> = (0..1000).map(|i| json!({"eventName": "max", "payload": i})).collect();
-    let resp = api.request("POST", "/v1/events", &[], Value::Array(exactly).to_string().as_bytes()).expect("1000");
-    assert_eq!(resp.status, 201, "a batch of exactly 1000 events: {}", resp.describe());
+    let exactly: Vec<Value> = (0..1000)
+        .map(|i| json!({"eventName": "max", "payload": i}))
+        .collect();
+    let resp = api
+        .request(
+            "POST",
+            "/v1/events",
+            &[],
+            Value::Array(exactly).to_string().as_bytes(),
+        )
+        .expect("1000");
+    assert_eq!(
+        resp.status,
+        201,
+        "a batch of exactly 1000 events: {}",
+        resp.describe()
+    );
     for (what, body) in [
         ("bad JSON", &b"[{\"eventName\": \"x\", "[..]),
         ("not an array", b"{\"eventName\": \"x\"}"),
         ("an empty batch", b"[]"),
         ("an item without eventName", b"[{\"payload\": 1}]"),
     ] {
-        let resp = api.request("POST", "/v1/events", &[], body).expect("request");
+        let resp = api
+            .request("POST", "/v1/events", &[], body)
+            .expect("request");
         assert_json_error(&resp, 400, &format!("batch with {what}"));
     }
-    let resp = api.request("POST", "/v1/events/x", &[], b"{not json").expect("request");
+    let resp = api
+        .request("POST", "/v1/events/x", &[], b"{not json")
+        .expect("request");
     assert_json_error(&resp, 400, "single publish with bad JSON");
-    let resp = api.request("GET", "/v1/events?after=abc", &[], b"").expect("request");
+    let resp = api
+        .request("GET", "/v1/events?after=abc", &[], b"")
+        .expect("request");
     assert_json_error(&resp, 400, "read with a non-numeric after");
     for path in ["/v1/eventz", "/v1/events/x/y/z", "/v2/events"] {
         let resp = api.request("GET", path, &[], b"").expect("request");
         assert_json_error(&resp, 404, &format!("unknown route GET {path}"));
     }
-    let resp = api.request("GET", "/v1/subscriptions/no-such-sub", &[], b"").expect("request");
+    let resp = api
+        .request("GET", "/v1/subscriptions/no-such-sub", &[], b"")
+        .expect("request");
     assert_json_error(&resp, 404, "an unknown subscription");
     // A read never returns more than 1000 events; `next` is the last position returned.
     let big = get_json(api, "/v1/events?after=0&limit=5000").expect("read");
     let events = big["events"].as_array().expect("events");
     assert_eq!(events.len(), 1000, "limit is capped at 1000");
-    assert_eq!(big["next"], events[999]["position"], "next of a full page: {}", big["next"]);
+    assert_eq!(
+        big["next"], events[999]["position"],
+        "next of a full page: {}",
+        big["next"]
+    );
 
     // Message fields from the headers of a single publish.
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let headers = [("x-principal-id", "alice"), ("x-tenant-id", "t1"), ("traceparent", traceparent)];
-    let (id, position) = publish(c.api(3), "withMeta", &json!({"k": "v"}), &headers).expect("publish with headers");
-    let e = c.wait_for("the event with message fields readable on node 1", CATCH_UP, || {
-        let page = get_json(api, &format!("/v1/events?after={}&limit=1", position - 1))?;
-        page["events"].get(0).cloned().ok_or_else(|| format!("not yet: {page}"))
-    });
+    let headers = [
+        ("x-principal-id", "alice"),
+        ("x-tenant-id", "t1"),
+        ("traceparent", traceparent),
+    ];
+    let (id, position) =
+        publish(c.api(3), "withMeta", &json!({"k": "v"}), &headers).expect("publish with headers");
+    let e = c.wait_for(
+        "the event with message fields readable on node 1",
+        CATCH_UP,
+        || {
+            let page = get_json(api, &format!("/v1/events?after={}&limit=1", position - 1))?;
+            page["events"]
+                .get(0)
+                .cloned()
+                .ok_or_else(|| format!("not yet: {page}"))
+        },
+    );
     assert_eq!(e["id"].as_str(), Some(id.as_str()), "{e}");
     assert_eq!(e["eventName"], "withMeta", "{e}");
-    assert_eq!(e["principalId"], "alice", "principal from x-principal-id: {e}");
+    assert_eq!(
+        e["principalId"], "alice",
+        "principal from x-principal-id: {e}"
+    );
     assert_eq!(e["tenantId"], "t1", "tenant from x-tenant-id: {e}");
-    assert_eq!(e["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736", "trace id from traceparent: {e}");
+    assert_eq!(
+        e["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736",
+        "trace id from traceparent: {e}"
+    );
     assert_eq!(e["payload"], json!({"k": "v"}), "{e}");
 
     // Nothing from the rejected requests was stored: 100 + 1000 + 1 events.
     let log = read_log(api).expect("log");
-    assert_eq!(log.len(), 1101, "only the accepted publishes are in the log");
+    assert_eq!(
+        log.len(),
+        1101,
+        "only the accepted publishes are in the log"
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -861,10 +1320,22 @@ struct EventsUpstream {
 
 impl EventsUpstream {
     fn spawn(dir: &Path, name: &str, addr: SocketAddr) -> EventsUpstream {
-        let args = [UPSTREAM_PY.to_string(), "--port".into(), addr.port().to_string(), "--name".into(), name.to_string()];
+        let args = [
+            UPSTREAM_PY.to_string(),
+            "--port".into(),
+            addr.port().to_string(),
+            "--name".into(),
+            name.to_string(),
+        ];
         let process = HelperProcess::spawn(name, "python3", &args, dir.join(format!("{name}.log")));
-        let up = EventsUpstream { name: name.to_string(), addr, _process: process };
-        poll_until(&format!("upstream {name} /health"), FORMATION, || up.call("GET", "/health").map(|_| ()));
+        let up = EventsUpstream {
+            name: name.to_string(),
+            addr,
+            _process: process,
+        };
+        poll_until(&format!("upstream {name} /health"), FORMATION, || {
+            up.call("GET", "/health").map(|_| ())
+        });
         up
     }
 
@@ -872,7 +1343,11 @@ impl EventsUpstream {
         let resp = http::request(self.addr, method, path, &[], b"", Duration::from_secs(5))
             .map_err(|e| format!("upstream {}: {method} {path}: {e}", self.name))?;
         if resp.status != 200 {
-            return Err(format!("upstream {}: {method} {path}: {}", self.name, resp.describe()));
+            return Err(format!(
+                "upstream {}: {method} {path}: {}",
+                self.name,
+                resp.describe()
+            ));
         }
         resp.json()
     }
@@ -881,7 +1356,11 @@ impl EventsUpstream {
         let v = self.call("GET", path)?;
         v.as_array()
             .ok_or_else(|| format!("upstream {}: {path} is not a list: {v}", self.name))
-            .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
     }
 }
 
@@ -894,7 +1373,12 @@ fn events_sidecar_toml(upstream: SocketAddr) -> String {
 
 /// Polls until every id in `want` was acknowledged by some upstream; returns how often each
 /// upstream got each.
-fn wait_delivered(c: &Cluster, ups: &[EventsUpstream], want: &[String], what: &str) -> BTreeMap<String, Vec<String>> {
+fn wait_delivered(
+    c: &Cluster,
+    ups: &[EventsUpstream],
+    want: &[String],
+    what: &str,
+) -> BTreeMap<String, Vec<String>> {
     c.wait_for(&format!("{} events {what} delivered to some upstream", want.len()), DELIVERY, || {
         let mut got: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for u in ups {
@@ -943,7 +1427,8 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
     let (c, _) = Cluster::formed_with("ev-sidecar", 3, &[], |dir, id| {
         let up = EventsUpstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
         let config = dir.join(format!("n{id}-events-sidecar.toml"));
-        fs::write(&config, events_sidecar_toml(up.addr)).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        fs::write(&config, events_sidecar_toml(up.addr))
+            .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
         ups.borrow_mut().push(up);
         vec!["--config".to_string(), config.display().to_string()]
     });
@@ -957,33 +1442,61 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
             .map(|i| {
                 let api = c.api(1 + (i % 3) as u64);
                 c.wait_for("an orderPlaced event accepted", PROGRESS, || {
-                    publish(api, "orderPlaced", &json!({"id": format!("{prefix}-{i}")}), &[])
+                    publish(
+                        api,
+                        "orderPlaced",
+                        &json!({"id": format!("{prefix}-{i}")}),
+                        &[],
+                    )
                 })
                 .0
             })
             .collect()
     };
     // Other events are not delivered to this subscription.
-    let other = publish(c.api(1), "somethingElse", &json!({"id": "not-for-apps"}), &[]).expect("publish").0;
+    let other = publish(
+        c.api(1),
+        "somethingElse",
+        &json!({"id": "not-for-apps"}),
+        &[],
+    )
+    .expect("publish")
+    .0;
 
     let healthy = publish_all("sc");
     let got = wait_delivered(&c, &ups, &healthy, "with all apps healthy");
-    let per_up: Vec<(String, usize)> =
-        ups.iter().map(|u| (u.name.clone(), got.values().filter(|v| v.contains(&u.name)).count())).collect();
+    let per_up: Vec<(String, usize)> = ups
+        .iter()
+        .map(|u| {
+            (
+                u.name.clone(),
+                got.values().filter(|v| v.contains(&u.name)).count(),
+            )
+        })
+        .collect();
     eprintln!("[ev-sidecar] healthy phase: per upstream {per_up:?}");
-    assert!(!got.contains_key(&other), "an event not matching event_name was delivered: {got:?}");
+    assert!(
+        !got.contains_key(&other),
+        "an event not matching event_name was delivered: {got:?}"
+    );
     // The event as POSTed is the event of GET /v1/events: check one by content.
     let log = read_log(c.api(2)).expect("log");
-    assert!(log.iter().any(|e| e["id"].as_str() == Some(healthy[0].as_str()) && e["payload"]["id"] == "sc-0"));
+    assert!(log
+        .iter()
+        .any(|e| e["id"].as_str() == Some(healthy[0].as_str()) && e["payload"]["id"] == "sc-0"));
 
     // One app fails every event: they are retried or redelivered, and still arrive.
     let failing = &ups[0];
-    failing.call("POST", "/admin/fail-events").expect("fail-events");
+    failing
+        .call("POST", "/admin/fail-events")
+        .expect("fail-events");
     let during = publish_all("scf");
     let got = wait_delivered(&c, &ups, &during, "with up1 failing them");
     let failed = failing.list("/events/failed").expect("failed list");
     let mut per_event: BTreeMap<&String, usize> = BTreeMap::new();
-    failed.iter().for_each(|id| *per_event.entry(id).or_default() += 1);
+    failed
+        .iter()
+        .for_each(|id| *per_event.entry(id).or_default() += 1);
     eprintln!(
         "[ev-sidecar] failing phase: up1 answered 500 to {} deliveries of {} events, at most {} times to one event",
         failed.len(),
@@ -991,10 +1504,16 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
         per_event.values().max().unwrap_or(&0)
     );
     for id in &during {
-        assert!(!got[id].contains(&failing.name), "event {id} acked by the failing app?");
+        assert!(
+            !got[id].contains(&failing.name),
+            "event {id} acked by the failing app?"
+        );
     }
     let dead = dead_letters(c.api(1), "appOrders").expect("dead letters");
-    assert!(dead.is_empty(), "events were dead-lettered although two apps were healthy: {dead:?}");
+    assert!(
+        dead.is_empty(),
+        "events were dead-lettered although two apps were healthy: {dead:?}"
+    );
     failing.call("POST", "/admin/ok-events").expect("ok-events");
     let after = publish_all("sca");
     wait_delivered(&c, &ups, &after, "after up1 recovered");
