@@ -234,10 +234,14 @@ pub async fn run(
     info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, advertise = %cfg.advertise, "node started");
 
     shutdown.cancelled().await;
-    info!("shutting down: leaving the registry, draining HTTP, handing over leadership");
+    // Drain in order: say "not ready" (load balancers and probes stop sending), leave the
+    // registry (peers stop routing here), keep serving for a moment so in-flight clients see the
+    // change, stop accepting and finish in-flight requests, hand Raft leadership over, stop.
+    info!("shutting down: readyz 503, leaving the registry, draining HTTP, handing over leadership");
+    proxy.set_draining();
     registry_stop.cancel();
     let _ = registry_task.await;
-    proxy.set_draining();
+    tokio::time::sleep(DRAIN_DELAY).await;
     http_stop.cancel();
     let _ = http_task.await;
     hand_over_leadership(&replica).await;
@@ -253,6 +257,9 @@ pub async fn run(
     info!("node stopped");
     Ok(())
 }
+
+/// How long a draining node keeps answering (readyz 503) before it stops accepting connections.
+const DRAIN_DELAY: Duration = Duration::from_millis(500);
 
 /// Log bytes on disk (and so in memory) that trigger a snapshot and purge regardless of the
 /// entry-count policy: event batches make entries large, and the count alone would let the log grow

@@ -164,6 +164,9 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
 }
 
 fn readyz(app: &App) -> ApiResult {
+    if app.proxy.is_draining() {
+        return Err(ApiError::Unavailable("draining: shutting down".into()));
+    }
     if app.cluster.ready() {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
     } else {

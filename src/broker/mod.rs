@@ -42,7 +42,7 @@ use crate::store::StoreError;
 /// Events per `Publish` entry at most.
 pub const MAX_BATCH: usize = 500;
 /// `Publish` entries a node has in flight at most.
-const MAX_INFLIGHT_BATCHES: usize = 4;
+const MAX_INFLIGHT_BATCHES: usize = 32;
 /// Events waiting to be batched at most (publishers wait beyond it: backpressure).
 const QUEUE: usize = 16_384;
 

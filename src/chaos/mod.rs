@@ -17,6 +17,7 @@
 
 pub mod checker;
 pub mod cluster;
+pub mod docker;
 pub mod schedule;
 pub mod workload;
 
@@ -38,6 +39,7 @@ use self::checker::Observed;
 use self::checker::Read;
 use self::cluster::ClusterControl;
 use self::cluster::ProcessCluster;
+use self::docker::DockerCluster;
 use self::schedule::FaultKind;
 use self::schedule::PlannedFault;
 use self::workload::Client;
@@ -50,7 +52,7 @@ use self::workload::Reply;
 pub enum Mode {
     /// Child processes on loopback (works everywhere; the default, and what CI runs).
     Process,
-    /// Containers of the image `raftbridge:dev` (not implemented yet).
+    /// Containers of `--image` on a private Docker network (isolation with nsenter + iptables).
     Docker,
 }
 
@@ -67,9 +69,12 @@ pub struct ChaosArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = Mode::Process)]
     pub mode: Mode,
-    /// The `raftbridge` binary to run as nodes (default: this binary).
+    /// The `raftbridge` binary to run as nodes (default: this binary; process mode).
     #[arg(long)]
     pub binary: Option<PathBuf>,
+    /// The node image (docker mode; `deploy/build-image.sh` builds it).
+    #[arg(long, default_value = "raftbridge:dev")]
+    pub image: String,
     /// Directory for node data, logs and `report.txt` (kept). Default: a temp dir, removed
     /// after a passing run.
     #[arg(long)]
@@ -119,12 +124,6 @@ struct FaultRecord {
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 3, "--nodes must be at least 3 (a minority must be able to fail)");
-    if args.mode == Mode::Docker {
-        anyhow::bail!(
-            "--mode docker is not implemented yet; use --mode process (the default), which runs the same faults \
-             on loopback child processes"
-        );
-    }
     let exe = match &args.binary {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("locating this binary")?,
@@ -147,28 +146,28 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         "--events-max-count".to_string(),
         "10000000".to_string(),
     ];
-    let cluster = ProcessCluster::new(&exe, &workdir, args.nodes, &flags, !args.no_power_loss).await?;
     println!(
-        "chaos: {} nodes, fault phase {} s, seed {}, mode process, binary {}, workdir {}",
+        "chaos: {} nodes, fault phase {} s, seed {}, mode {:?}, {}, workdir {}",
         args.nodes,
         args.duration.as_secs(),
         args.seed,
-        exe.display(),
+        args.mode,
+        match args.mode {
+            Mode::Process => format!("binary {}", exe.display()),
+            Mode::Docker => format!("image {}", args.image),
+        },
         workdir.display()
     );
-    let interrupted = CancellationToken::new();
-    let on_ctrl_c = interrupted.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            on_ctrl_c.cancel();
+    let outcome = match args.mode {
+        Mode::Process => {
+            let cluster = ProcessCluster::new(&exe, &workdir, args.nodes, &flags, !args.no_power_loss).await?;
+            run_with(cluster, &args, &workdir).await
         }
-    });
-    let outcome = tokio::select! {
-        r = drive(&cluster, &args, &workdir) => r,
-        _ = interrupted.cancelled() => Err(anyhow::anyhow!("interrupted")),
+        Mode::Docker => {
+            let cluster = DockerCluster::new(&args.image, &workdir, args.nodes, &flags, !args.no_power_loss)?;
+            run_with(cluster, &args, &workdir).await
+        }
     };
-    cluster.shutdown().await;
-    drop(cluster);
     for id in 1..=args.nodes {
         let _ = std::fs::remove_dir_all(workdir.join(format!("n{id}")));
     }
@@ -182,6 +181,24 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         Ok(false) => anyhow::bail!("chaos check FAILED (node logs and report.txt in {})", workdir.display()),
         Err(e) => Err(e.context(format!("chaos run aborted (node logs in {})", workdir.display()))),
     }
+}
+
+/// Runs the suite on a prepared cluster and tears it down (also on Ctrl-C).
+async fn run_with<C: ClusterControl>(cluster: C, args: &ChaosArgs, workdir: &Path) -> anyhow::Result<bool> {
+    let interrupted = CancellationToken::new();
+    let on_ctrl_c = interrupted.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            on_ctrl_c.cancel();
+        }
+    });
+    let outcome = tokio::select! {
+        r = drive(&cluster, args, workdir) => r,
+        _ = interrupted.cancelled() => Err(anyhow::anyhow!("interrupted")),
+    };
+    cluster.shutdown().await;
+    drop(cluster);
+    outcome
 }
 
 /// The whole run against a prepared cluster; returns whether the check passed.
@@ -240,10 +257,11 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
 
     let rows = fault_rows(&faults, &records.ack_ms, cluster.supports_isolation());
     let header = format!(
-        "raftbridge chaos report: {} nodes, {} s fault phase, seed {}, mode process, {} faults{}",
+        "raftbridge chaos report: {} nodes, {} s fault phase, seed {}, mode {:?}, {} faults{}",
         ids.len(),
         args.duration.as_secs(),
         args.seed,
+        args.mode,
         faults.len(),
         if args.no_power_loss { ", --no-power-loss (power cuts are plain kills)" } else { "" }
     );
@@ -304,7 +322,10 @@ async fn inject<C: ClusterControl>(cluster: &C, f: &PlannedFault, ids: &[u64]) -
             cluster.pause(random).await?;
             tokio::time::sleep(hold).await;
             cluster.resume(random).await?;
-            format!("node {random} SIGSTOPped for {:.1} s", hold.as_secs_f64())
+            format!("node {random} paused for {:.1} s", hold.as_secs_f64())
+        }
+        FaultKind::Isolate | FaultKind::IsolateLeader if !cluster.supports_isolation() => {
+            "skipped: isolation is not available in this mode".to_string()
         }
         FaultKind::Isolate | FaultKind::IsolateLeader => {
             let (id, what) = if f.kind == FaultKind::Isolate { (random, "random".to_string()) } else { leader_or_random().await };

@@ -22,7 +22,7 @@ pub enum FaultKind {
     KillRandom,
     /// SIGKILL the current leader, restart it after a short down time.
     KillLeader,
-    /// SIGSTOP a random node for longer than the election timeout, then SIGCONT.
+    /// SIGSTOP (`docker pause`) a random node for longer than the election timeout, then resume.
     Pause,
     /// Cut a random node off from every other node (peer links), then heal.
     Isolate,
@@ -52,7 +52,7 @@ impl FaultKind {
         match self {
             FaultKind::KillRandom => "kill random node",
             FaultKind::KillLeader => "kill leader",
-            FaultKind::Pause => "pause (SIGSTOP)",
+            FaultKind::Pause => "pause",
             FaultKind::Isolate => "isolate node",
             FaultKind::IsolateLeader => "isolate leader",
             FaultKind::KillAll => "kill all nodes",

@@ -185,6 +185,10 @@ impl Proxy {
         self.draining.store(true, Ordering::SeqCst);
     }
 
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
     /// The routing table for the current registry (rebuilt when the registry changed).
     pub fn table(&self) -> SharedTable {
         let revision = self.sm.registry_revision();
@@ -290,7 +294,9 @@ impl Proxy {
             .copied()
             .filter(|n| {
                 if *n == self.node_id {
-                    self.cluster.ready() && self.local.get(&route.service, route.version, &route.decl.name).is_some()
+                    !self.is_draining()
+                        && self.cluster.ready()
+                        && self.local.get(&route.service, route.version, &route.decl.name).is_some()
                 } else {
                     self.net.reachable(*n)
                 }
