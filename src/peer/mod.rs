@@ -289,6 +289,18 @@ impl PeerNet {
         }
     }
 
+    /// Reachable, or not known to be unreachable: a known peer with no live link whose address
+    /// has not failed a dial since (a restarted node before its links are up, or a peer whose link
+    /// just dropped). Routing uses this so a fresh node is not cut off from everyone for the moment
+    /// its links take to form; a dial to a dead peer fails fast and is then excluded.
+    pub fn maybe_reachable(&self, id: NodeId) -> bool {
+        if self.reachable(id) {
+            return true;
+        }
+        let Some(addr) = lock(&self.addrs).get(&id).cloned() else { return false };
+        lock(&self.dials).get(&addr).is_none_or(|d| d.failures == 0)
+    }
+
     pub fn reachable(&self, id: NodeId) -> bool {
         id == self.cfg.node_id || lock(&self.links).get(&id).is_some_and(|l| l.is_alive())
     }

@@ -298,7 +298,7 @@ impl Proxy {
                         && self.cluster.ready()
                         && self.local.get(&route.service, route.version, &route.decl.name).is_some()
                 } else {
-                    self.net.reachable(*n)
+                    self.net.maybe_reachable(*n)
                 }
             })
             .collect()

@@ -1331,3 +1331,34 @@ pub fn is_traceparent(value: &str) -> bool {
         && nonzero(parts[2])
         && hex(parts[3], 2)
 }
+
+impl Cluster {
+    /// Sends SIGTERM to node `id` (graceful drain) and waits, bounded, for it to exit.
+    pub fn terminate(&self, id: u64) {
+        let mut guard = lock(&self.node(id).child);
+        let mut child = guard.take().unwrap_or_else(|| panic!("node {id} is not running"));
+        let status = std::process::Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        assert!(status.is_ok_and(|s| s.success()), "kill -TERM node {id}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("node {id} did not exit within 30 s of SIGTERM");
+                }
+            }
+        }
+    }
+
+    /// Waits until node `id` answers `/readyz` 200.
+    pub fn wait_ready(&self, id: u64) {
+        let api = self.api(id);
+        self.wait_for(&format!("node {id} /readyz 200"), FORMATION, || match api.probe("/readyz")? {
+            200 => Ok(()),
+            code => Err(format!("node {id}: /readyz {code}")),
+        });
+    }
+}

@@ -10,6 +10,7 @@ mod http;
 
 mod bad_input;
 mod commands;
+mod drain;
 mod durability;
 mod events;
 mod failover;

@@ -1,0 +1,114 @@
+//! Graceful drain: SIGTERM makes a node say "not ready", leave the registry, finish what is in
+//! flight, hand over leadership and exit. A rolling restart of every node under load must cost a
+//! client that retries on connection errors no failed request.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use std::time::Instant;
+
+use serde_json::json;
+
+use crate::harness::Cluster;
+use crate::http;
+
+/// What the load saw.
+#[derive(Default)]
+struct Tally {
+    ok: AtomicU64,
+    retried: AtomicU64,
+    failures: Mutex<Vec<String>>,
+}
+
+/// One client: round-robin over the nodes, echo commands and state writes; a connection error
+/// moves on to the next node (the request never reached a handler), any HTTP error is a failure.
+fn client(addrs: Vec<std::net::SocketAddr>, worker: usize, stop: Arc<AtomicBool>, tally: Arc<Tally>) {
+    let mut next = worker;
+    for seq in 0..1_000_000u64 {
+        if stop.load(Ordering::Relaxed) {
+            return;
+        }
+        let (method, path, body) = if seq % 2 == 0 {
+            ("POST", "/api/v1/echo".to_string(), json!({"w": worker, "n": seq}).to_string())
+        } else {
+            ("PUT", format!("/v1/state/drain/w{worker}-{seq}"), json!(seq).to_string())
+        };
+        // Bounded retries over the nodes for this one request.
+        let mut done = false;
+        for _ in 0..60 {
+            let addr = addrs[next % addrs.len()];
+            match http::request(addr, method, &path, &[], body.as_bytes(), Duration::from_secs(20)) {
+                Ok(r) if r.status / 100 == 2 => {
+                    tally.ok.fetch_add(1, Ordering::Relaxed);
+                    done = true;
+                    break;
+                }
+                Ok(r) => {
+                    lock(&tally.failures).push(format!("{method} {path} via {addr}: {}", r.describe()));
+                    done = true;
+                    break;
+                }
+                Err(_) => {
+                    tally.retried.fetch_add(1, Ordering::Relaxed);
+                    next += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+        if !done {
+            lock(&tally.failures).push(format!("{method} {path}: no node accepted a connection"));
+        }
+        next += 1;
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[test]
+fn rolling_restart_under_load_fails_no_request() {
+    let (cluster, _leader) = Cluster::formed("drain", 3, &["--example-services"]);
+    let api = cluster.api(1);
+    cluster.wait_for("echo routable", Duration::from_secs(20), || {
+        let r = api.request("POST", "/api/v1/echo", &[], b"{}").map_err(|e| e.to_string())?;
+        if r.status == 200 { Ok(()) } else { Err(r.describe()) }
+    });
+    let addrs: Vec<_> = cluster.ids().iter().map(|&id| cluster.http(id)).collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally::default());
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (addrs, stop, tally) = (addrs.clone(), stop.clone(), tally.clone());
+            std::thread::spawn(move || client(addrs, w, stop, tally))
+        })
+        .collect();
+    let started = Instant::now();
+    cluster.wait_until("load running", Duration::from_secs(20), || tally.ok.load(Ordering::Relaxed) > 50);
+    for id in cluster.ids() {
+        cluster.terminate(id);
+        cluster.restart(id);
+        cluster.wait_ready(id);
+        cluster.wait_for_leader(Duration::from_secs(20));
+    }
+    let before = tally.ok.load(Ordering::Relaxed);
+    cluster.wait_until("load continues after the rolling restart", Duration::from_secs(20), || {
+        tally.ok.load(Ordering::Relaxed) > before + 50
+    });
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        w.join().expect("client thread");
+    }
+    let failures = lock(&tally.failures).clone();
+    eprintln!(
+        "rolling restart in {:?}: {} ok, {} connection retries, {} failures",
+        started.elapsed(),
+        tally.ok.load(Ordering::Relaxed),
+        tally.retried.load(Ordering::Relaxed),
+        failures.len()
+    );
+    assert!(failures.is_empty(), "requests failed during the rolling restart: {failures:#?}");
+}
