@@ -185,7 +185,7 @@ impl NodeArgs {
             bootstrap_expect: pick!(bootstrap_expect).unwrap_or(0),
             max_voters: pick!(max_voters).unwrap_or(5),
             max_body: pick!(max_body).unwrap_or(1 << 20),
-            snapshot_threshold: pick!(snapshot_threshold).unwrap_or(10_000),
+            snapshot_threshold: pick!(snapshot_threshold).unwrap_or(50_000),
             cluster_name: pick!(cluster_name).unwrap_or_else(|| "raftbridge".into()),
             heartbeat_ms: pick!(heartbeat_ms).unwrap_or(100),
             election_timeout_ms: pick!(election_timeout_ms).unwrap_or(500),
