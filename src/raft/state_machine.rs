@@ -601,13 +601,19 @@ impl StateMachine {
         self.shared.clone()
     }
 
+    /// Write `[crc32][len][bincode(StoredSnapshot)]` without copying the (large) data again: the
+    /// bincode form of the struct is bincode(meta) ++ u64 length ++ data bytes, written in parts.
     fn persist(&self, snap: &StoredSnapshot) -> io::Result<()> {
-        let body = bincode::serialize(snap).map_err(io::Error::other)?;
-        let mut file = Vec::with_capacity(body.len() + 12);
-        file.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-        file.extend_from_slice(&(body.len() as u64).to_le_bytes());
-        file.extend_from_slice(&body);
-        crate::fsutil::write_atomic(&self.shared.dir, SNAPSHOT_FILE, &file)
+        let mut head = bincode::serialize(&snap.meta).map_err(io::Error::other)?;
+        head.extend_from_slice(&(snap.data.len() as u64).to_le_bytes());
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&head);
+        crc.update(&snap.data);
+        let len = (head.len() + snap.data.len()) as u64;
+        let mut prefix = Vec::with_capacity(12);
+        prefix.extend_from_slice(&crc.finalize().to_le_bytes());
+        prefix.extend_from_slice(&len.to_le_bytes());
+        crate::fsutil::write_atomic_parts(&self.shared.dir, SNAPSHOT_FILE, &[&prefix, &head, &snap.data])
     }
 }
 
@@ -644,7 +650,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let this = self.clone();
         let meta2 = meta.clone();
         let snap = tokio::task::spawn_blocking(move || {
-            let data = bincode::serialize(&copy).map_err(io::Error::other)?;
+            let size = bincode::serialized_size(&copy).map_err(io::Error::other)? as usize;
+            let mut data = Vec::with_capacity(size);
+            bincode::serialize_into(&mut data, &copy).map_err(io::Error::other)?;
+            drop(copy);
             let snap = StoredSnapshot { meta: meta2, data };
             this.persist(&snap).map(|_| snap)
         })
