@@ -89,6 +89,11 @@ pub trait ClusterControl {
     async fn heal(&self, id: u64) -> anyhow::Result<()>;
     /// Kill everything and release resources.
     async fn shutdown(&self);
+    /// Nodes that exited without being told to (crashes, or something outside the suite
+    /// killing them), as `node N: status`; found while checking [`ClusterControl::is_running`].
+    fn unexpected_exits(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// Who may talk to whom: the set of isolated nodes plus a generation that relays watch.
@@ -228,6 +233,7 @@ pub struct ProcessCluster {
     nodes: Vec<ProcNode>,
     partition: Arc<Partition>,
     stop: CancellationToken,
+    unexpected: Mutex<Vec<String>>,
 }
 
 /// Free loopback ports: bound, then released for the child to bind (the harness does the same).
@@ -268,7 +274,7 @@ impl ProcessCluster {
             let log = dir.join(format!("n{id}.log"));
             nodes.push(ProcNode { id, log_dir: data.join("log"), http, args, log, child: Mutex::new(None), starts: Mutex::new(0) });
         }
-        Ok(ProcessCluster { exe: exe.to_path_buf(), power_loss, nodes, partition, stop })
+        Ok(ProcessCluster { exe: exe.to_path_buf(), power_loss, nodes, partition, stop, unexpected: Mutex::new(Vec::new()) })
     }
 
     fn node(&self, id: u64) -> anyhow::Result<&ProcNode> {
@@ -341,7 +347,24 @@ impl ClusterControl for ProcessCluster {
     }
 
     fn is_running(&self, id: u64) -> bool {
-        self.node(id).is_ok_and(|n| n.child.lock().unwrap_or_else(|p| p.into_inner()).is_some())
+        let Ok(node) = self.node(id) else { return false };
+        let mut slot = node.child.lock().unwrap_or_else(|p| p.into_inner());
+        let exited = match slot.as_mut().map(|c| c.try_wait()) {
+            None => return false,
+            Some(Ok(None)) => return true,
+            Some(Ok(Some(status))) => status.to_string(),
+            Some(Err(e)) => format!("unknown ({e})"),
+        };
+        // Not reaped by us after a kill or stop: it died by itself (or was killed from outside).
+        *slot = None;
+        drop(slot);
+        self.note(id, &format!("node exited unexpectedly: {exited}"));
+        self.unexpected.lock().unwrap_or_else(|p| p.into_inner()).push(format!("node {id}: {exited}"));
+        false
+    }
+
+    fn unexpected_exits(&self) -> Vec<String> {
+        self.unexpected.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     async fn start(&self, id: u64) -> anyhow::Result<()> {

@@ -251,7 +251,10 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
     let converged = wait_converged(cluster, &ids, READY_DEADLINE).await;
     println!("chaos: nodes {}", if converged { "converged" } else { "did NOT converge" });
     let observed = observe(cluster, &ids, &records).await;
-    let verdict = checker::check(&records, &observed);
+    let mut verdict = checker::check(&records, &observed);
+    for exit in cluster.unexpected_exits() {
+        verdict.problems.push(format!("a node exited without a fault telling it to ({exit}): a crash, or killed from outside the suite"));
+    }
 
     let diverging = if verdict.divergent { diff_known_keys(cluster, &ids, &records).await } else { Vec::new() };
 
