@@ -82,6 +82,9 @@ pub struct NodeArgs {
     /// Concurrent client HTTP connections at most.
     #[arg(long, env = "RAFTBRIDGE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Run a command on this node when it offers it (instead of balancing across all nodes).
+    #[arg(long, env = "RAFTBRIDGE_LOCAL_FIRST", num_args = 0..=1, default_missing_value = "true")]
+    pub local_first: Option<bool>,
     /// Events kept in the log at most (oldest dropped first).
     #[arg(long, env = "RAFTBRIDGE_EVENTS_MAX_COUNT")]
     pub events_max_count: Option<u64>,
@@ -130,6 +133,7 @@ pub struct NodeConfig {
     pub max_connections: usize,
     pub shutdown_grace_ms: u64,
     pub events_max_count: u64,
+    pub local_first: bool,
     pub events_max_bytes: u64,
     pub events_max_age_s: u64,
     pub example_services: bool,
@@ -194,6 +198,7 @@ impl NodeArgs {
             max_connections: pick!(max_connections).unwrap_or(10_000),
             shutdown_grace_ms: pick!(shutdown_grace_ms).unwrap_or(10_000),
             events_max_count: pick!(events_max_count).unwrap_or(100_000),
+            local_first: pick!(local_first).unwrap_or(false),
             events_max_bytes: pick!(events_max_bytes).unwrap_or(64 << 20),
             events_max_age_s: pick!(events_max_age_s).unwrap_or(7 * 24 * 3600),
             example_services: pick!(example_services).unwrap_or(false),

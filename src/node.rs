@@ -185,7 +185,7 @@ pub async fn run(
         store.clone(),
         LocalServices::new(services),
         ProxySettings {
-            local_first: false,
+            local_first: cfg.local_first,
             max_inflight_per_peer: 1024,
             idempotency_window: Duration::from_secs(600),
         },
