@@ -236,11 +236,24 @@ pub struct ProcessCluster {
     unexpected: Mutex<Vec<String>>,
 }
 
-/// Free loopback ports: bound, then released for the child to bind (the harness does the same).
+/// Free loopback ports for the nodes, chosen below the kernel's ephemeral range: a port from
+/// `bind(:0)` is ephemeral, and before the node binds it an outgoing connection (the load's
+/// clients, the nodes' dials) may take it. Random ports in 10000..32000, checked by binding.
 fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
-    let listeners: Vec<std::net::TcpListener> =
-        (0..n).map(|_| std::net::TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>().context("binding a free port")?;
-    listeners.iter().map(|l| l.local_addr().context("local_addr")).collect()
+    let mut out: Vec<SocketAddr> = Vec::with_capacity(n);
+    for _ in 0..100_000 {
+        if out.len() == n {
+            return Ok(out);
+        }
+        let port = 10_000 + fastrand::u16(..22_000);
+        if out.iter().any(|a| a.port() == port) {
+            continue;
+        }
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            out.push(l.local_addr().context("local_addr")?);
+        }
+    }
+    anyhow::bail!("could not find {n} free loopback ports")
 }
 
 impl ProcessCluster {

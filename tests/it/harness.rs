@@ -897,14 +897,31 @@ fn describe_exit(status: ExitStatus) -> String {
 }
 
 /// Distinct free loopback ports: all bound at once (so they differ), then released.
+/// `n` free loopback ports, chosen below the kernel's ephemeral range (32768+ here): a port
+/// handed out by `bind(:0)` is ephemeral, and between the probe and the node's own bind any
+/// outgoing connection (our HTTP clients, the nodes' peer dials) may take it. Random ports in
+/// 10000..32000, checked by binding, do not race with those.
 fn free_ports(n: usize) -> Vec<SocketAddr> {
-    let listeners: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral loopback port"))
-        .collect();
-    listeners
-        .iter()
-        .map(|l| l.local_addr().expect("local_addr"))
-        .collect()
+    use std::hash::BuildHasher;
+    static TAKEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut out = Vec::with_capacity(n);
+    let mut taken = lock(&TAKEN);
+    for _ in 0..100_000 {
+        if out.len() == n {
+            break;
+        }
+        let random = std::collections::hash_map::RandomState::new().hash_one(out.len());
+        let port = 10_000 + (random % 22_000) as u16;
+        if taken.contains(&port) {
+            continue;
+        }
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            taken.insert(port);
+            out.push(l.local_addr().expect("local_addr"));
+        }
+    }
+    assert_eq!(out.len(), n, "could not find {n} free loopback ports");
+    out
 }
 
 fn join_addrs(addrs: &[SocketAddr]) -> String {
