@@ -211,7 +211,9 @@ pub async fn run(
         decls
     });
     let registry_stop = CancellationToken::new();
-    let registry_task = tokio::spawn(registry::run(store.clone(), cluster.clone(), offering, registry_stop.clone()));
+    let registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let registry_task =
+        tokio::spawn(registry::run(store.clone(), cluster.clone(), offering, registered.clone(), registry_stop.clone()));
 
     let app = Arc::new(api::App {
         replica: replica.clone(),
@@ -219,6 +221,7 @@ pub async fn run(
         store,
         proxy: proxy.clone(),
         broker,
+        registered,
         sm: sm_shared,
         metrics,
         settings: api::HttpSettings {

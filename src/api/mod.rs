@@ -54,6 +54,9 @@ pub struct HttpSettings {
     pub shutdown_grace: Duration,
 }
 
+/// Longest a starting node keeps clients waiting until it is ready and knows its peer links.
+const WARM_UP_MAX: Duration = Duration::from_secs(5);
+
 /// Everything the handlers need.
 pub struct App {
     pub replica: Replica,
@@ -61,6 +64,8 @@ pub struct App {
     pub store: StateStore,
     pub proxy: Arc<crate::proxy::Proxy>,
     pub broker: Arc<crate::broker::Broker>,
+    /// Set by the registry task while this node's registry entry is current.
+    pub registered: Arc<std::sync::atomic::AtomicBool>,
     pub sm: Arc<SmShared>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub settings: HttpSettings,
@@ -81,6 +86,18 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: CancellationTok
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let conns = Arc::new(Semaphore::new(app.settings.max_connections));
+    // Warm-up: clients connecting meanwhile wait in the listen backlog rather than get a 503
+    // from a node that cannot route yet (bounded: a node that cannot join still serves /healthz).
+    // Only a node restarting with cluster state warms up; a new node has nothing to wait for.
+    let restarting = app.cluster.status().initialized;
+    let warm_until = tokio::time::Instant::now() + WARM_UP_MAX;
+    while restarting && tokio::time::Instant::now() < warm_until && !shutdown.is_cancelled() {
+        let members: Vec<u64> = app.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();
+        if app.cluster.ready() && app.replica.net.links_settled(&members) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     loop {
         let (stream, remote) = tokio::select! {
             r = listener.accept() => match r {
@@ -166,6 +183,9 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
 fn readyz(app: &App) -> ApiResult {
     if app.proxy.is_draining() {
         return Err(ApiError::Unavailable("draining: shutting down".into()));
+    }
+    if !app.registered.load(std::sync::atomic::Ordering::SeqCst) && app.cluster.ready() {
+        return Err(ApiError::Unavailable("registering this node's services".into()));
     }
     if app.cluster.ready() {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))

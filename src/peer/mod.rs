@@ -301,6 +301,19 @@ impl PeerNet {
         lock(&self.dials).get(&addr).is_none_or(|d| d.failures == 0)
     }
 
+    /// True when every listed peer has a live link or has failed a dial since it was last up:
+    /// the node knows who it can reach (used before serving clients after a start).
+    pub fn links_settled(&self, ids: &[NodeId]) -> bool {
+        ids.iter().filter(|id| **id != self.cfg.node_id).all(|id| {
+            if self.reachable(*id) {
+                return true;
+            }
+            // Settled as unreachable only once its address is known and a dial to it failed.
+            let Some(addr) = lock(&self.addrs).get(id).cloned() else { return false };
+            lock(&self.dials).get(&addr).is_some_and(|d| d.failures > 0)
+        })
+    }
+
     pub fn reachable(&self, id: NodeId) -> bool {
         id == self.cfg.node_id || lock(&self.links).get(&id).is_some_and(|l| l.is_alive())
     }

@@ -24,7 +24,15 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// What this node offers right now (re-evaluated every period).
 pub type Offering = Arc<dyn Fn() -> Vec<ServiceDecl> + Send + Sync>;
 
-pub async fn run(store: StateStore, cluster: Cluster, offering: Offering, shutdown: CancellationToken) {
+/// `in_sync` is set while this node's registry entry equals its offering (readiness includes it:
+/// a node is routed to by its peers only once registered, so a rolling restart must wait for it).
+pub async fn run(
+    store: StateStore,
+    cluster: Cluster,
+    offering: Offering,
+    in_sync: Arc<std::sync::atomic::AtomicBool>,
+    shutdown: CancellationToken,
+) {
     let me = store.replica().id();
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -38,6 +46,7 @@ pub async fn run(store: StateStore, cluster: Cluster, offering: Offering, shutdo
         }
         let want = offering();
         let have = store.local().registry().1.get(&me).cloned().unwrap_or_default();
+        in_sync.store(want == have, std::sync::atomic::Ordering::SeqCst);
         if want != have {
             info!(services = want.len(), "updating service registry entry");
             if let Err(e) = store.command(Command::Register { node: me, services: want }, WRITE_TIMEOUT).await {
@@ -46,6 +55,7 @@ pub async fn run(store: StateStore, cluster: Cluster, offering: Offering, shutdo
         }
     }
     // Drain: stop being routed to.
+    in_sync.store(false, std::sync::atomic::Ordering::SeqCst);
     let registered = store.local().registry().1.contains_key(&me);
     if registered {
         if let Err(e) = store.command(Command::Register { node: me, services: Vec::new() }, Duration::from_secs(2)).await {
