@@ -211,7 +211,8 @@ pub async fn run(
         decls
     });
     let registry_stop = CancellationToken::new();
-    let registered = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Nothing to register: in sync from the start (readiness then is just "in a cluster with a leader").
+    let registered = Arc::new(std::sync::atomic::AtomicBool::new(offering().is_empty()));
     let registry_task =
         tokio::spawn(registry::run(store.clone(), cluster.clone(), offering, registered.clone(), registry_stop.clone()));
 
