@@ -84,7 +84,9 @@ impl Cluster {
 
     /// True when this node is a member of a cluster that has a leader.
     pub fn ready(&self) -> bool {
-        let m = self.replica.metrics();
+        // Called per proxied request: borrow the metrics instead of cloning them.
+        let rx = self.replica.raft.metrics();
+        let m = rx.borrow_watched();
         let member = m.membership_config.membership().get_node(&self.replica.id()).is_some();
         member && m.current_leader.is_some()
     }
