@@ -168,8 +168,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             run_with(cluster, &args, &workdir).await
         }
     };
-    for id in 1..=args.nodes {
-        let _ = std::fs::remove_dir_all(workdir.join(format!("n{id}")));
+    // Node data is kept after a failed check, for inspecting the logs and snapshots.
+    if !matches!(outcome, Ok(false)) {
+        for id in 1..=args.nodes {
+            let _ = std::fs::remove_dir_all(workdir.join(format!("n{id}")));
+        }
     }
     match outcome {
         Ok(true) => {
@@ -178,7 +181,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Ok(false) => anyhow::bail!("chaos check FAILED (node logs and report.txt in {})", workdir.display()),
+        Ok(false) => anyhow::bail!("chaos check FAILED (node logs, data dirs and report.txt in {})", workdir.display()),
         Err(e) => Err(e.context(format!("chaos run aborted (node logs in {})", workdir.display()))),
     }
 }

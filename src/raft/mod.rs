@@ -50,6 +50,13 @@ pub fn openraft_config(s: &RaftSettings) -> Result<Arc<RaftConfig>, openraft::Co
         install_snapshot_timeout: 10_000,
         max_payload_entries: 512,
         enable_pre_vote: Some(true),
+        // A restarted leader must win a new election, never resume its old term. The leader
+        // replicates entries before its own fsync completes (openraft does, as Raft allows); a
+        // power cut can then take entries from the leader's log that a follower already holds.
+        // Resuming the same term, it would hand out those same log ids again for new entries,
+        // and a follower keeping the old ones (same log id, so no conflict is detected) would
+        // diverge. Found by the chaos suite's all-node power cut (deploy/chaos/README.md).
+        enable_leader_restore: Some(false),
         ..Default::default()
     };
     Ok(Arc::new(cfg.validate()?))

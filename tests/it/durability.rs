@@ -68,3 +68,22 @@ fn acknowledged_writes_survive_killing_every_node_at_once() {
     // The restarted cluster takes new writes too.
     WriteLoad::run(c.apis(), 1, 3, "after").assert_all_acked();
 }
+
+/// A leader that restarts must win a new election (a higher term), never resume its old term:
+/// it may have lost unsynced entries that followers already hold, and reusing their log ids in
+/// the same term would make the logs diverge unnoticed (found by the chaos suite's power cuts).
+#[test]
+fn restarted_leader_never_resumes_its_old_term() {
+    let (c, leader) = Cluster::formed("leader-restart", 3, &[]);
+    WriteLoad::run(c.apis(), 1, 5, "before").assert_all_acked();
+    let term = c.api(leader).status().expect("leader status").term;
+    // Every node restarts at once, so nobody elects before the old leader is back.
+    c.kill_all();
+    c.start_all();
+    let voters = c.ids();
+    c.wait_for_membership(&voters, &[], FORMATION);
+    let new_leader = c.wait_for_leader(FORMATION);
+    let new_term = c.api(new_leader).status().expect("leader status").term;
+    assert!(new_term > term, "leader {new_leader} leads term {new_term}; the old leader {leader} led term {term}");
+    WriteLoad::run(c.apis(), 1, 5, "after").assert_all_acked();
+}
