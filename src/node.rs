@@ -128,6 +128,7 @@ pub async fn run(
         snapshot_threshold: cfg.snapshot_threshold,
     })?;
     let log_bytes = log_store.clone();
+    let restarting = log_store.has_state();
     let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone() }, log_store, sm)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
@@ -223,6 +224,7 @@ pub async fn run(
         proxy: proxy.clone(),
         broker,
         registered,
+        restarting,
         sm: sm_shared,
         metrics,
         settings: api::HttpSettings {

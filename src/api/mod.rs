@@ -66,6 +66,10 @@ pub struct App {
     pub broker: Arc<crate::broker::Broker>,
     /// Set by the registry task while this node's registry entry is current.
     pub registered: Arc<std::sync::atomic::AtomicBool>,
+    /// The node started with Raft state on disk (a restart, not a first start): it warms up
+    /// before accepting clients. Taken from the log at open, because Raft's metrics may not
+    /// show the membership yet when the HTTP server starts.
+    pub restarting: bool,
     pub sm: Arc<SmShared>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub settings: HttpSettings,
@@ -89,11 +93,12 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: CancellationTok
     // Warm-up: clients connecting meanwhile wait in the listen backlog rather than get a 503
     // from a node that cannot route yet (bounded: a node that cannot join still serves /healthz).
     // Only a node restarting with cluster state warms up; a new node has nothing to wait for.
-    let restarting = app.cluster.status().initialized;
+    let restarting = app.restarting;
     let warm_until = tokio::time::Instant::now() + WARM_UP_MAX;
     while restarting && tokio::time::Instant::now() < warm_until && !shutdown.is_cancelled() {
         let members: Vec<u64> = app.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();
-        if app.cluster.ready() && app.replica.net.links_settled(&members) {
+        let registered = app.registered.load(std::sync::atomic::Ordering::SeqCst);
+        if app.cluster.ready() && registered && app.replica.net.links_settled(&members) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -136,7 +136,7 @@ impl Dispatcher {
 
     /// Serve `PeerRequest::Deliver` from the leader's dispatcher.
     pub async fn serve_delivery(&self, sub: String, event: Event) -> PeerResponse {
-        if !self.cluster.ready() {
+        if !self.cluster.serving() {
             return PeerResponse::Delivered(Err(HandlerError::new(503, "node is not ready")));
         }
         PeerResponse::Delivered(self.run_local(&sub, event).await)
@@ -147,7 +147,7 @@ impl Dispatcher {
         self.sm
             .subscribers_of(sub)
             .into_iter()
-            .filter(|n| if *n == self.node_id { self.local.contains_key(sub) && self.cluster.ready() } else { self.net.reachable(*n) })
+            .filter(|n| if *n == self.node_id { self.local.contains_key(sub) && self.cluster.serving() } else { self.net.reachable(*n) })
             .collect()
     }
 

@@ -16,7 +16,10 @@
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
+use std::time::Instant;
 
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
@@ -57,13 +60,22 @@ pub struct Cluster {
     settings: Arc<ClusterSettings>,
     /// Feeds the membership task; the task ends when every `Cluster` clone is dropped or on shutdown.
     changes: mpsc::Sender<Change>,
+    /// When [`Cluster::ready`] was last seen true, in ms after `since` (0: never); see `serving`.
+    last_ready_ms: Arc<AtomicU64>,
+    since: Instant,
 }
+
+/// How long a node that was ready keeps running commands and deliveries while it knows no
+/// leader: an election (a leader hand-over during a rolling restart, a leader crash) takes
+/// 0.3–1.2 s with the default timeouts, and a command that needs no leader must not fail then.
+const LEADERLESS_GRACE: Duration = Duration::from_secs(3);
 
 impl Cluster {
     /// Start the membership task, the address-book watcher and the bootstrap/join loop.
     pub fn start(replica: Replica, settings: ClusterSettings, shutdown: CancellationToken) -> Cluster {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let cluster = Cluster { replica, settings: Arc::new(settings), changes: tx };
+        let last_ready_ms = Arc::new(AtomicU64::new(0));
+        let cluster = Cluster { replica, settings: Arc::new(settings), changes: tx, last_ready_ms, since: Instant::now() };
         tokio::spawn(cluster.clone().membership_task(rx, shutdown.clone()));
         tokio::spawn(cluster.clone().address_book(shutdown.clone()));
         tokio::spawn(cluster.clone().bootstrap_or_join(shutdown));
@@ -89,6 +101,20 @@ impl Cluster {
         let m = rx.borrow_watched();
         let member = m.membership_config.membership().get_node(&self.replica.id()).is_some();
         member && m.current_leader.is_some()
+    }
+
+    /// True when this node may run commands and take deliveries: [`Cluster::ready`] now, or
+    /// within the last [`LEADERLESS_GRACE`] (an election in progress). Readiness probes keep
+    /// using `ready`; routing uses this, so that a leader hand-over fails no request.
+    pub fn serving(&self) -> bool {
+        // +1: 0 means "never ready".
+        let now_ms = self.since.elapsed().as_millis() as u64 + 1;
+        if self.ready() {
+            self.last_ready_ms.store(now_ms, Ordering::Relaxed);
+            return true;
+        }
+        let last = self.last_ready_ms.load(Ordering::Relaxed);
+        last != 0 && now_ms.saturating_sub(last) < LEADERLESS_GRACE.as_millis() as u64
     }
 
     /// Serve a join request: on the leader, queue it; elsewhere, forward it to the leader.

@@ -239,6 +239,14 @@ impl Proxy {
         };
         // liveness
         if self.candidates(&route).is_empty() {
+            debug!(
+                service = %route.service,
+                nodes = ?route.nodes,
+                draining = self.is_draining(),
+                serving = self.cluster.serving(),
+                reachable = ?route.nodes.iter().map(|n| (*n, self.net.maybe_reachable(*n))).collect::<Vec<_>>(),
+                "no candidate"
+            );
             return Err(ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version)));
         }
         // deadline
@@ -295,7 +303,7 @@ impl Proxy {
             .filter(|n| {
                 if *n == self.node_id {
                     !self.is_draining()
-                        && self.cluster.ready()
+                        && self.cluster.serving()
                         && self.local.get(&route.service, route.version, &route.decl.name).is_some()
                 } else {
                     self.net.maybe_reachable(*n)
@@ -427,7 +435,7 @@ impl Proxy {
         if self.draining.load(Ordering::SeqCst) {
             return PeerResponse::Error(RemoteError::NotServed("node is draining".into()));
         }
-        if !self.cluster.ready() {
+        if !self.cluster.serving() {
             return PeerResponse::Error(RemoteError::NotServed("node is not ready".into()));
         }
         match self.local.get(&inv.service, inv.version, &inv.command) {

@@ -527,6 +527,12 @@ impl LogStore {
         Ok(LogStore { inner: Arc::new(inner) })
     }
 
+    /// True when the log holds any Raft state (a vote, entries or a purge point): the node has
+    /// run before, as opposed to a first start.
+    pub fn has_state(&self) -> bool {
+        lock(&self.inner.mem).is_ok_and(|m| m.meta.vote.is_some() || !m.entries.is_empty() || m.meta.last_purged.is_some())
+    }
+
     /// Total bytes of the segment files.
     pub fn disk_bytes(&self) -> u64 {
         // Read-only, so a poisoned lock is harmless here.
