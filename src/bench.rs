@@ -53,6 +53,11 @@ pub struct CommonArgs {
     /// Per-request timeout.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Total requests per second, spread evenly over the workers (0: as fast as they can). Each
+    /// worker sends on a fixed schedule; latency counts from the scheduled time, so a stall is
+    /// not hidden by the requests it delayed (no coordinated omission).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate: f64,
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -442,12 +447,18 @@ where
     if common.duration.is_zero() {
         bail!("--duration must be positive");
     }
-    let title = format!(
+    if !(common.rate >= 0.0 && common.rate.is_finite()) {
+        bail!("--rate must be a non-negative number");
+    }
+    let mut title = format!(
         "bench {workload}: {} targets, {} connections, {:.1}s",
         targets.len(),
         common.concurrency,
         common.duration.as_secs_f64()
     );
+    if common.rate > 0.0 {
+        title.push_str(&format!(", paced at {:.0} req/s", common.rate));
+    }
     eprintln!("{title} (warmup {:.1}s)", common.warmup.as_secs_f64());
 
     let start = Instant::now();
@@ -460,8 +471,13 @@ where
     for i in 0..common.concurrency {
         let conn = Conn::new(targets[i % targets.len()].clone());
         let (make, progress, timeout) = (make_request.clone(), progress.clone(), common.timeout);
+        // Each worker's share of the rate; workers start staggered over one interval.
+        let interval = (common.rate > 0.0)
+            .then(|| Duration::from_secs_f64(common.concurrency as f64 / common.rate));
+        let first = interval.map(|iv| start + iv.mul_f64(i as f64 / common.concurrency as f64));
+        let pace = interval.zip(first);
         workers.push(tokio::spawn(async move {
-            worker(i, conn, &*make, &progress, timeout, measure_from, deadline).await
+            worker(i, conn, &*make, &progress, timeout, measure_from, deadline, pace).await
         }));
     }
     let printer = tokio::spawn(print_progress(progress.clone(), measure_from, deadline));
@@ -507,6 +523,7 @@ async fn worker<F>(
     timeout: Duration,
     measure_from: Instant,
     deadline: Instant,
+    pace: Option<(Duration, Instant)>,
 ) -> anyhow::Result<WorkerStats>
 where
     F: Fn(usize, u64) -> BenchRequest,
@@ -514,7 +531,18 @@ where
     let (mut hist, mut kinds) = (new_histogram()?, BTreeMap::new());
     let mut backoff = BACKOFF_MIN;
     for seq in 0.. {
-        let started = Instant::now();
+        // Paced: wait for this request's slot and count latency from it.
+        let started = match pace {
+            Some((interval, first)) => {
+                let slot = first + interval.mul_f64(seq as f64);
+                if slot >= deadline {
+                    break;
+                }
+                sleep_until(slot).await;
+                slot
+            }
+            None => Instant::now(),
+        };
         if started >= deadline {
             break;
         }
@@ -850,6 +878,7 @@ mod tests {
             duration: Duration::from_secs(1),
             warmup: Duration::ZERO,
             timeout: Duration::from_secs(1),
+            rate: 0.0,
         };
         let make = |_, _| BenchRequest {
             method: Method::GET,

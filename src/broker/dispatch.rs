@@ -122,6 +122,10 @@ impl Dispatcher {
             idempotency_key: Some(format!("sub:{sub}:{}", event.id)),
             traceparent: String::new(),
         };
+        // End to end: from acceptance (the event's timestamp, set by the node that took it) to
+        // this handler (same clock on one machine; across machines it includes clock skew).
+        let age_ms = super::now_ms().saturating_sub(event.timestamp);
+        metrics::histogram!("raftbridge_delivery_latency_seconds", "subscription" => sub.to_string()).record(age_ms as f64 / 1e3);
         let ctx = Ctx::new(meta, self.node_id, self.broker.store().clone()).with_broker(self.broker.clone(), s.service.clone());
         let event_id = event.id.clone();
         let out = s.handler.handle(ctx.clone(), event).await?;
