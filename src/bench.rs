@@ -83,6 +83,10 @@ pub struct EventsArgs {
     /// Event name.
     #[arg(long, default_value = "benchEvent")]
     pub name: String,
+    /// Subscription whose end-to-end delivery latency is read from the targets' `/metrics` after
+    /// the run (the demo service's `benchSink` consumes `benchEvent`).
+    #[arg(long, default_value = "benchSink")]
+    pub subscription: String,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -259,7 +263,41 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
     if let Some((n, p50, p99)) = e2e {
         println!("end-to-end (accepted → readable on the first target, sampled): {n} events, p50 {p50} ms, p99 {p99} ms");
     }
+    for (target, line) in delivery_latency(&args.common.targets, &args.subscription).await {
+        println!("delivery to subscription {} on {target}: {line}", args.subscription);
+    }
     Ok(report)
+}
+
+/// The subscription's delivery latency (event accepted → handler called) as each target's
+/// `/metrics` summary reports it: (target, "n deliveries, p50 .. ms, p99 .. ms") or why not.
+/// A shared subscription's events are spread over the consuming nodes, hence one line per node.
+async fn delivery_latency(targets: &[String], sub: &str) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for target in targets.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
+        let mut conn = crate::client::Conn::new(target.to_string());
+        let line = match conn.get("/metrics", Duration::from_secs(5)).await {
+            Err(e) => format!("metrics unavailable ({e})"),
+            Ok(resp) => {
+                let text = String::from_utf8_lossy(&resp.body).into_owned();
+                let label = format!("subscription=\"{sub}\"");
+                let value = |suffix: &str, quantile: Option<&str>| -> Option<f64> {
+                    text.lines()
+                        .filter(|l| l.starts_with(&format!("raftbridge_delivery_latency_seconds{suffix}{{")) && l.contains(&label))
+                        .find(|l| quantile.is_none_or(|q| l.contains(&format!("quantile=\"{q}\""))))
+                        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                };
+                match (value("_count", None), value("", Some("0.5")), value("", Some("0.99"))) {
+                    (Some(n), Some(p50), Some(p99)) if n > 0.0 => {
+                        format!("{n} deliveries, p50 {:.1} ms, p99 {:.1} ms", p50 * 1e3, p99 * 1e3)
+                    }
+                    _ => "no deliveries here (is a node consuming it? the demo service's benchSink consumes benchEvent)".into(),
+                }
+            }
+        };
+        out.push((target.to_string(), line));
+    }
+    out
 }
 
 /// Samples end-to-end latency until `stop`: every 20 ms it reads the newest events (at most 20)

@@ -11,6 +11,9 @@
 //!   `countOrders` increments `orders-seen/<order id>` for each one it processes, so a test can see
 //!   at-least-once delivery and count duplicates by content; the every-instance subscription
 //!   `auditOrders` records `orders-audit/<node>/<order id>` on each node.
+//! - `benchSink`, a shared durable subscription to `benchEvent` (what `raftbridge bench events`
+//!   publishes), only acknowledges: the bench reads its end-to-end delivery latency from
+//!   `/metrics` (`raftbridge_delivery_latency_seconds{subscription="benchSink"}`).
 //!
 //! Its routes and answers are a contract the integration tests rely on.
 
@@ -90,6 +93,7 @@ pub fn demo_service() -> ServiceParts {
         )
         .subscription(SubscriptionBuilder::new("countOrders").event_name("orderPlaced").handler(count_order))
         .subscription(SubscriptionBuilder::new("auditOrders").event_name("orderPlaced").shared(false).handler(audit_order))
+        .subscription(SubscriptionBuilder::new("benchSink").event_name("benchEvent").handler(bench_sink))
         .command(
             CommandBuilder::get("slow", "slow")
                 .idempotent(true)
@@ -163,6 +167,11 @@ async fn audit_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Opt
     Ok(None)
 }
 
+/// Acknowledges: the delivery itself is what the bench measures.
+async fn bench_sink(_: Ctx, _: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
+    Ok(None)
+}
+
 async fn slow(ctx: Ctx, _: IgnoredAny, p: SlowParams) -> Result<Slept, HandlerError> {
     check_sleep(&p)?;
     tokio::time::sleep(Duration::from_millis(p.ms)).await;
@@ -211,8 +220,8 @@ mod tests {
         assert_eq!(parts.handlers.len(), 5);
         assert_eq!(parts.decl.commands[3].success_event.as_deref(), Some("notified"));
         let subs: Vec<_> = parts.decl.subscriptions.iter().map(|s| (s.name.as_str(), s.shared, s.durable)).collect();
-        assert_eq!(subs, [("countOrders", true, true), ("auditOrders", false, true)]);
-        assert_eq!(parts.subscribers.len(), 2);
+        assert_eq!(subs, [("countOrders", true, true), ("auditOrders", false, true), ("benchSink", true, true)]);
+        assert_eq!(parts.subscribers.len(), 3);
     }
 
     #[test]
