@@ -109,11 +109,14 @@ impl Cluster {
     pub fn serving(&self) -> bool {
         // +1: 0 means "never ready".
         let now_ms = self.since.elapsed().as_millis() as u64 + 1;
+        let last = self.last_ready_ms.load(Ordering::Relaxed);
         if self.ready() {
-            self.last_ready_ms.store(now_ms, Ordering::Relaxed);
+            // Called per request: write the shared stamp only when it is 100 ms old.
+            if now_ms.saturating_sub(last) >= 100 {
+                self.last_ready_ms.store(now_ms, Ordering::Relaxed);
+            }
             return true;
         }
-        let last = self.last_ready_ms.load(Ordering::Relaxed);
         last != 0 && now_ms.saturating_sub(last) < LEADERLESS_GRACE.as_millis() as u64
     }
 
