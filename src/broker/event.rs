@@ -9,10 +9,12 @@ use serde::Serialize;
 
 use crate::sdk::Sender;
 
-/// An event as stored in the replicated log.
+/// What an event says: everything but its log position. Shared by the event to publish
+/// ([`NewEvent`]) and the stored one ([`Event`]). Nested structs encode as their fields in
+/// order (bincode), so `Event` and `NewEvent` keep the byte layout they had as flat structs:
+/// Raft logs and snapshots written before stay readable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    pub position: u64,
+pub struct EventBody {
     pub id: String,
     pub event_name: String,
     /// Milliseconds since the epoch, set by the node that accepted the event.
@@ -26,6 +28,20 @@ pub struct Event {
     pub correlation_id: Option<String>,
     /// The payload as JSON text.
     pub payload: Vec<u8>,
+}
+
+/// An event as stored in the replicated log. Reads its body's fields through `Deref`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub position: u64,
+    pub body: EventBody,
+}
+
+impl std::ops::Deref for Event {
+    type Target = EventBody;
+    fn deref(&self) -> &EventBody {
+        &self.body
+    }
 }
 
 impl Event {
@@ -60,35 +76,14 @@ impl Event {
 /// An event to publish (the position comes from the log).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
-    pub id: String,
-    pub event_name: String,
-    pub timestamp: u64,
-    pub message_type: String,
-    pub sender: Option<Sender>,
-    pub principal_id: Option<String>,
-    pub tenant_id: Option<String>,
-    pub trace_id: Option<String>,
-    pub correlation_id: Option<String>,
-    pub payload: Vec<u8>,
+    pub body: EventBody,
     /// Producer dedup: a repeat within the window returns the first id/position.
     pub idempotency_key: Option<String>,
 }
 
 impl NewEvent {
     pub fn into_event(self, position: u64) -> Event {
-        Event {
-            position,
-            id: self.id,
-            event_name: self.event_name,
-            timestamp: self.timestamp,
-            message_type: self.message_type,
-            sender: self.sender,
-            principal_id: self.principal_id,
-            tenant_id: self.tenant_id,
-            trace_id: self.trace_id,
-            correlation_id: self.correlation_id,
-            payload: self.payload,
-        }
+        Event { position, body: self.body }
     }
 }
 
@@ -166,8 +161,7 @@ mod tests {
     use super::*;
 
     fn ev(name: &str, sender: Option<&str>, tenant: Option<&str>) -> Event {
-        Event {
-            position: 1,
+        let body = EventBody {
             id: "e".into(),
             event_name: name.into(),
             timestamp: 0,
@@ -178,7 +172,49 @@ mod tests {
             trace_id: None,
             correlation_id: None,
             payload: b"{}".to_vec(),
+        };
+        Event { position: 1, body }
+    }
+
+    /// Logs and snapshots hold events in bincode: nesting the body must not change the bytes
+    /// (compared with the flat layout `Event` and `NewEvent` had before `EventBody`).
+    #[test]
+    fn nested_body_keeps_the_flat_encoding() {
+        #[derive(Serialize)]
+        struct FlatEvent<'a> {
+            position: u64,
+            id: &'a str,
+            event_name: &'a str,
+            timestamp: u64,
+            message_type: &'a str,
+            sender: &'a Option<Sender>,
+            principal_id: Option<&'a str>,
+            tenant_id: Option<&'a str>,
+            trace_id: Option<&'a str>,
+            correlation_id: Option<&'a str>,
+            payload: &'a Vec<u8>,
         }
+        let e = ev("orderPlaced", Some("shop"), Some("t1"));
+        let flat = FlatEvent {
+            position: e.position,
+            id: &e.id,
+            event_name: &e.event_name,
+            timestamp: e.timestamp,
+            message_type: &e.message_type,
+            sender: &e.sender,
+            principal_id: e.principal_id.as_deref(),
+            tenant_id: e.tenant_id.as_deref(),
+            trace_id: e.trace_id.as_deref(),
+            correlation_id: e.correlation_id.as_deref(),
+            payload: &e.payload,
+        };
+        assert_eq!(bincode::serialize(&e).unwrap(), bincode::serialize(&flat).unwrap());
+        let new = NewEvent { body: e.body.clone(), idempotency_key: Some("k".into()) };
+        let mut flat_new = bincode::serialize(&flat).unwrap()[8..].to_vec(); // without position
+        flat_new.extend(bincode::serialize(&Some("k")).unwrap());
+        assert_eq!(bincode::serialize(&new).unwrap(), flat_new);
+        let back: Event = bincode::deserialize(&bincode::serialize(&flat).unwrap()).unwrap();
+        assert_eq!(back, e);
     }
 
     #[test]

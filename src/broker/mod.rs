@@ -30,6 +30,7 @@ use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
+use self::event::EventBody;
 use self::event::NewEvent;
 use crate::raft::types::Command;
 use crate::raft::types::CommandResult;
@@ -87,7 +88,7 @@ pub fn new_event(
     sender: Option<Sender>,
     idempotency_key: Option<String>,
 ) -> NewEvent {
-    NewEvent {
+    let body = EventBody {
         id: new_id(),
         event_name: event_name.to_string(),
         timestamp: now_ms(),
@@ -98,8 +99,8 @@ pub fn new_event(
         trace_id: Some(meta.trace_id.clone()).filter(|t| !t.is_empty()),
         correlation_id: Some(meta.correlation_id.clone()).filter(|c| !c.is_empty()),
         payload,
-        idempotency_key,
-    }
+    };
+    NewEvent { body, idempotency_key }
 }
 
 impl Broker {

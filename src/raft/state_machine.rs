@@ -275,7 +275,7 @@ impl SmData {
                     out.push((id.clone(), *position));
                     continue;
                 }
-                log.keys.insert(key.clone(), (e.id.clone(), log.next, self.clock_ms));
+                log.keys.insert(key.clone(), (e.body.id.clone(), log.next, self.clock_ms));
                 log.key_order.push_back((self.clock_ms, key.clone()));
             }
             let event = e.into_event(log.next);
