@@ -412,6 +412,9 @@ struct StoredSnapshot {
 /// Shared between openraft (apply, snapshots) and the HTTP API (reads).
 pub struct SmShared {
     data: RwLock<SmData>,
+    /// `data.registry_revision`, mirrored after every apply and install so that the proxy can
+    /// check its cached routing table per request without taking the state-machine lock.
+    registry_rev: std::sync::atomic::AtomicU64,
     /// The latest snapshot; replaced whole by build or install.
     current: Mutex<Option<StoredSnapshot>>,
     dir: PathBuf,
@@ -430,7 +433,7 @@ impl SmShared {
     }
 
     pub fn registry_revision(&self) -> u64 {
-        read(&self.data).registry_revision
+        self.registry_rev.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// Up to `limit` retained events after position `after` (optionally one name), and the
@@ -593,7 +596,12 @@ impl StateMachine {
             Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
         }
         Ok(StateMachine {
-            shared: Arc::new(SmShared { data: RwLock::new(data), current: Mutex::new(current), dir: dir.to_path_buf() }),
+            shared: Arc::new(SmShared {
+                registry_rev: std::sync::atomic::AtomicU64::new(data.registry_revision),
+                data: RwLock::new(data),
+                current: Mutex::new(current),
+                dir: dir.to_path_buf(),
+            }),
         })
     }
 
@@ -682,14 +690,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let result = {
                 let mut d = write(&self.shared.data);
                 d.last_applied = Some(entry.log_id);
-                match entry.payload {
+                let result = match entry.payload {
                     openraft::EntryPayload::Blank => CommandResult::None,
                     openraft::EntryPayload::Normal(cmd) => d.apply(entry.log_id.index, cmd),
                     openraft::EntryPayload::Membership(m) => {
                         d.last_membership = StoredMembershipT::new(Some(entry.log_id), m);
                         CommandResult::None
                     }
-                }
+                };
+                self.shared.registry_rev.store(d.registry_revision, std::sync::atomic::Ordering::Release);
+                result
             };
             if let Some(responder) = responder {
                 responder.send(result);
@@ -712,7 +722,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let snap = tokio::task::spawn_blocking(move || this.persist(&snap).map(|_| snap))
             .await
             .map_err(io::Error::other)??;
-        *write(&self.shared.data) = data;
+        {
+            let mut d = write(&self.shared.data);
+            self.shared.registry_rev.store(data.registry_revision, std::sync::atomic::Ordering::Release);
+            *d = data;
+        }
         *lock(&self.shared.current) = Some(snap);
         metrics::counter!("raftbridge_snapshots_installed_total").increment(1);
         Ok(())
