@@ -257,6 +257,11 @@ impl PeerNet {
         })
     }
 
+    /// Largest frame a link sends or accepts.
+    pub fn max_frame(&self) -> usize {
+        self.cfg.max_frame
+    }
+
     pub fn node_id(&self) -> NodeId {
         self.cfg.node_id
     }

@@ -24,6 +24,9 @@ use crate::raft::types::*;
 /// Bytes of snapshot per frame (well under the default 16 MiB frame bound).
 pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 
+/// Deadline of an AppendEntries request that carries entries (see `append_entries`).
+const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct Network {
     pub net: Arc<PeerNet>,
 }
@@ -59,6 +62,27 @@ impl PeerClient {
     }
 }
 
+/// Keep the longest prefix of `entries` (at least one) whose encoding fits in `budget` bytes, so
+/// an AppendEntries request never exceeds the peer frame bound: openraft sends up to
+/// `max_payload_entries` entries, and an entry of merged events may be a megabyte. Returns the
+/// log id of the last entry kept if any were dropped.
+fn trim_to_frame(entries: &mut Vec<Entry>, budget: usize) -> Option<LogId> {
+    let mut total = 0usize;
+    let mut keep = entries.len();
+    for (i, e) in entries.iter().enumerate() {
+        total = total.saturating_add(bincode::serialized_size(e).map_or(usize::MAX, |n| n as usize));
+        if total > budget && i > 0 {
+            keep = i;
+            break;
+        }
+    }
+    if keep == entries.len() {
+        return None;
+    }
+    entries.truncate(keep);
+    entries.last().map(|e| e.log_id)
+}
+
 fn unexpected(resp: &PeerResponse) -> RPCError {
     let e = std::io::Error::other(format!("unexpected response {resp:?}"));
     RPCError::Network(NetworkError::new(&e))
@@ -67,8 +91,19 @@ fn unexpected(resp: &PeerResponse) -> RPCError {
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotData;
 
-    async fn append_entries(&mut self, rpc: AppendEntriesRequest, option: RPCOption) -> Result<AppendEntriesResponse, RPCError> {
-        match self.call(PeerRequest::AppendEntries(rpc), RPCTypes::AppendEntries, option.hard_ttl()).await? {
+    async fn append_entries(&mut self, mut rpc: AppendEntriesRequest, option: RPCOption) -> Result<AppendEntriesResponse, RPCError> {
+        let trimmed = trim_to_frame(&mut rpc.entries, self.net.max_frame() / 2);
+        // openraft gives every AppendEntries the heartbeat interval (60 ms) as its deadline. A
+        // request carrying entries (up to megabytes, with the follower's fsync) can take longer
+        // on a loaded machine, and a timeout only makes openraft back off and send it again:
+        // measured, that produced the 100-300 ms stalls in `bench events --batch 100`. A dead
+        // peer is noticed by the link itself (closed connection, missed pings) long before this.
+        let ttl = if rpc.entries.is_empty() { option.hard_ttl() } else { option.hard_ttl().max(REPLICATION_TIMEOUT) };
+        match self.call(PeerRequest::AppendEntries(rpc), RPCTypes::AppendEntries, ttl).await? {
+            // The follower took what was sent: tell openraft how far, and it sends the rest next.
+            PeerResponse::AppendEntries(AppendEntriesResponse::Success) if trimmed.is_some() => {
+                Ok(AppendEntriesResponse::PartialSuccess(trimmed))
+            }
             PeerResponse::AppendEntries(r) => Ok(r),
             other => Err(unexpected(&other)),
         }
@@ -141,5 +176,36 @@ fn to_streaming(e: RPCError) -> StreamingError {
         RPCError::Unreachable(u) => StreamingError::Unreachable(u),
         RPCError::Network(n) => StreamingError::Network(n),
         RPCError::RemoteError(r) => StreamingError::Network(NetworkError::new(&r)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::RaftTypeConfig;
+    use openraft::vote::RaftLeaderIdExt;
+
+    use super::*;
+
+    fn ent(index: u64, value_bytes: usize) -> Entry {
+        let log_id = LogId::new(<TypeConfig as RaftTypeConfig>::LeaderId::new_committed(1, 1), index);
+        let cmd = Command::Put { store: "s".into(), key: format!("k{index}"), value: vec![7; value_bytes], if_revision: None, tag: None };
+        Entry::new_normal(log_id, cmd)
+    }
+
+    #[test]
+    fn append_entries_are_trimmed_to_the_frame_budget() {
+        let mut small: Vec<Entry> = (1..=10).map(|i| ent(i, 100)).collect();
+        assert_eq!(trim_to_frame(&mut small, 1 << 20), None, "everything fits: nothing dropped");
+        assert_eq!(small.len(), 10);
+
+        let mut big: Vec<Entry> = (1..=10).map(|i| ent(i, 1000)).collect();
+        let last = trim_to_frame(&mut big, 3500).expect("some entries dropped");
+        assert_eq!(big.len(), 3, "three entries of ~1 KiB fit in 3.5 KiB");
+        assert_eq!(last.index, 3);
+
+        // One entry larger than the budget still goes alone: replication must make progress.
+        let mut huge: Vec<Entry> = (1..=3).map(|i| ent(i, 10_000)).collect();
+        assert_eq!(trim_to_frame(&mut huge, 1000).map(|l| l.index), Some(1));
+        assert_eq!(huge.len(), 1);
     }
 }
