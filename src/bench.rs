@@ -450,6 +450,9 @@ async fn run_commands(args: &CommandsArgs) -> anyhow::Result<Report> {
 struct Progress {
     ok: AtomicU64,
     errors: AtomicU64,
+    /// Slowest acknowledged request since the last progress line, in µs: shows when a stall
+    /// happened, which the end-of-run percentiles cannot.
+    max_us: AtomicU64,
 }
 
 /// What one worker measured: latencies of acknowledged requests, and errors by kind.
@@ -614,6 +617,7 @@ where
             None if measured => {
                 hist.saturating_record(latency_us);
                 progress.ok.fetch_add(1, Ordering::Relaxed);
+                progress.max_us.fetch_max(latency_us, Ordering::Relaxed);
             }
             Some(kind) if measured => {
                 *kinds.entry(kind).or_insert(0) += 1;
@@ -625,7 +629,8 @@ where
     Ok((hist, kinds))
 }
 
-/// Prints `[  3s] acknowledged 63012  21034/s  errors 0` to stderr every second of the window.
+/// Prints `[  3s] acknowledged 63012  21034/s  errors 0  max 4.1 ms` to stderr every second of
+/// the window (max: the slowest acknowledged request of that second).
 async fn print_progress(progress: Arc<Progress>, measure_from: Instant, deadline: Instant) {
     let mut tick = tokio::time::interval_at(
         measure_from + Duration::from_secs(1),
@@ -640,8 +645,9 @@ async fn print_progress(progress: Arc<Progress>, measure_from: Instant, deadline
         let ok = progress.ok.load(Ordering::Relaxed);
         let errors = progress.errors.load(Ordering::Relaxed);
         let secs = now.duration_since(measure_from).as_secs_f64();
+        let max_ms = progress.max_us.swap(0, Ordering::Relaxed) as f64 / 1000.0;
         eprintln!(
-            "[{secs:>4.0}s] acknowledged {ok}  {}/s  errors {errors}",
+            "[{secs:>4.0}s] acknowledged {ok}  {}/s  errors {errors}  max {max_ms:.1} ms",
             ok - last_ok
         );
         last_ok = ok;
