@@ -33,6 +33,24 @@ impl From<BrokerError> for ApiError {
     }
 }
 
+/// A broker error shared by every publisher of a batch: the HTTP status of its cause.
+fn unshare(e: std::sync::Arc<BrokerError>) -> ApiError {
+    match std::sync::Arc::try_unwrap(e) {
+        Ok(e) => ApiError::from(e),
+        Err(shared) => match &*shared {
+            BrokerError::Store(crate::store::StoreError::Replica(r)) => match r {
+                crate::raft::ReplicaError::Unavailable => ApiError::Unavailable(shared.to_string()),
+                crate::raft::ReplicaError::Remote(crate::peer::message::RemoteError::Invalid(m)) => {
+                    ApiError::BadRequest(m.clone())
+                }
+                _ => ApiError::BadGateway(shared.to_string()),
+            },
+            BrokerError::Stopped => ApiError::Unavailable(shared.to_string()),
+            _ => ApiError::Internal(shared.to_string()),
+        },
+    }
+}
+
 fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
     req.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
 }
@@ -65,19 +83,17 @@ pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiRe
     let body = super::read_body(req, app.settings.max_body).await?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     let event = new_event(name, body.to_vec(), &meta, None, key);
-    let (id, position) = app.broker.publish_one(event).await.map_err(|e| match std::sync::Arc::try_unwrap(e) {
-        Ok(e) => ApiError::from(e),
-        Err(shared) => ApiError::Unavailable(shared.to_string()),
-    })?;
+    let (id, position) = app.broker.publish_one(event).await.map_err(unshare)?;
     Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "id": id, "position": position })))
 }
 
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct BatchItem {
+struct BatchItem<'a> {
     event_name: String,
-    #[serde(default)]
-    payload: serde_json::Value,
+    /// Kept as the client's JSON text: validated by the parse, stored without re-encoding.
+    #[serde(borrow, default)]
+    payload: Option<&'a serde_json::value::RawValue>,
     idempotency_key: Option<String>,
 }
 
@@ -93,10 +109,10 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
     let mut events = Vec::with_capacity(items.len());
     for item in items {
         check_name(&item.event_name)?;
-        let payload = serde_json::to_vec(&item.payload).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let payload = item.payload.map_or_else(|| b"null".to_vec(), |p| p.get().as_bytes().to_vec());
         events.push(new_event(&item.event_name, payload, &meta, None, item.idempotency_key));
     }
-    let ids = app.broker.publish_batch(events).await?;
+    let ids = app.broker.publish_batch(events).await.map_err(unshare)?;
     let list: Vec<serde_json::Value> = ids.into_iter().map(|(id, position)| serde_json::json!({"id": id, "position": position})).collect();
     Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "events": list })))
 }
