@@ -13,13 +13,29 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     write_atomic_parts(dir, name, &[bytes])
 }
 
+/// Bytes written between syncs of a large file (see `write_atomic_parts`).
+const SYNC_EVERY: usize = 1 << 20;
+
 /// `write_atomic` with the content given in parts (no copy into one buffer).
+///
+/// A large file (a snapshot of tens of megabytes) is synced every `SYNC_EVERY` bytes instead of
+/// once at the end: one fsync of the whole file puts it all on the device queue at once, and every
+/// Raft log fsync on the same disk (this node's and, on a shared disk, its peers') waited behind
+/// it — measured as 100-300 ms commit stalls cluster-wide whenever a node wrote a snapshot.
 pub fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> io::Result<()> {
     let ctx = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}/{name}: {e}", dir.display()));
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp).map_err(|e| ctx(e, "create"))?;
+    let mut unsynced = 0;
     for part in parts {
-        f.write_all(part).map_err(|e| ctx(e, "write"))?;
+        for chunk in part.chunks(SYNC_EVERY) {
+            f.write_all(chunk).map_err(|e| ctx(e, "write"))?;
+            unsynced += chunk.len();
+            if unsynced >= SYNC_EVERY {
+                f.sync_data().map_err(|e| ctx(e, "fsync"))?;
+                unsynced = 0;
+            }
+        }
     }
     f.sync_all().map_err(|e| ctx(e, "fsync"))?;
     drop(f);
