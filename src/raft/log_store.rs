@@ -654,18 +654,25 @@ impl Inner {
         // Delete only a *prefix* of the closed segments: a kept older segment may hold stale
         // entries that a Truncate record in a newer one removes, and deleting that newer one
         // would bring them back.
-        let mut deleted = false;
+        let mut doomed = Vec::new();
         while let Some(seg) = io.closed.first_entry() {
             if seg.get().max_index.is_some_and(|m| m > upto) {
                 break;
             }
-            match fs::remove_file(&seg.get().path) {
-                Err(e) if e.kind() != ErrorKind::NotFound => return Err(ctx("remove", &seg.get().path)(e)),
-                _ => drop(seg.remove()),
-            }
-            deleted = true;
+            doomed.push(seg.remove().path);
         }
-        if deleted {
+        // Unlink outside the lock: freeing a 64 MiB segment's blocks takes milliseconds on a
+        // busy disk, and appends (openraft's core) wait for this lock. Nothing reads a segment
+        // once it is out of `closed`; a crash before the unlink leaves a file that replay skips
+        // (its entries are <= last_purged, made durable above).
+        drop(io);
+        for path in &doomed {
+            match fs::remove_file(path) {
+                Err(e) if e.kind() != ErrorKind::NotFound => return Err(ctx("remove", path)(e)),
+                _ => {}
+            }
+        }
+        if !doomed.is_empty() {
             fsync_dir(&self.dir, self.opts.sync)?;
         }
         Ok(())
