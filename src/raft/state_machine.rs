@@ -653,6 +653,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
         // Copy under the read lock (events are shared pointers), serialize and write outside it,
         // so applying entries does not wait for the snapshot.
+        let started = std::time::Instant::now();
         let copy = read(&self.shared.data).clone();
         let meta = SnapshotMeta { last_log_id: copy.last_applied, last_membership: copy.last_membership.clone() };
         let this = self.clone();
@@ -670,6 +671,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let data = snap.data.clone();
         *lock(&self.shared.current) = Some(snap);
         metrics::counter!("raftbridge_snapshots_built_total").increment(1);
+        tracing::info!(bytes = data.len(), ms = started.elapsed().as_millis() as u64, last = ?meta.last_log_id, "snapshot built");
         Ok(Snapshot { meta, snapshot: data })
     }
 }
