@@ -50,10 +50,10 @@ use crate::store::StoreError;
 
 /// Events per `Publish` entry at most. A group larger than this (a client's batch is at most
 /// 1000) still goes as one entry of its own: a group is never split.
-pub const MAX_BATCH: usize = 4_096;
+pub const MAX_BATCH: usize = 1_024;
 /// Payload bytes per `Publish` entry at most, with the same exception. Keeps an entry well
 /// inside a peer frame and bounds what one commit holds in memory.
-const MAX_BATCH_BYTES: usize = 1 << 20;
+const MAX_BATCH_BYTES: usize = 256 << 10;
 /// `Publish` entries a node has in flight at most. Small on purpose: with 32, a node with ~20
 /// concurrent publishers always had a free slot and sent every event as its own entry (median
 /// batch 1, measured with `raftbridge bench events`); with 2 the batches grow with the load and
