@@ -56,8 +56,11 @@ use crate::raft::types::NodeId;
 
 /// Frames waiting to be written on one link.
 const SEND_QUEUE: usize = 4096;
-/// Requests this node may have outstanding on one link.
-const MAX_OUTSTANDING: usize = 4096;
+/// Requests this node may have outstanding on one link. Not more than the peer serves at once
+/// (`MAX_SERVING`): beyond that the peer stops reading the link, and the responses it owes us
+/// (AppendEntries acks among them) would wait behind requests that may themselves wait for a
+/// commit — forwarded writes do. Callers wait here instead, where nothing else queues behind them.
+const MAX_OUTSTANDING: usize = MAX_SERVING;
 /// Requests from one peer this node serves concurrently; beyond it, reading from the link pauses.
 const MAX_SERVING: usize = 1024;
 /// Frames written per flush at most (batched writes).
