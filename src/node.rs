@@ -25,8 +25,6 @@ use crate::peer::PeerNet;
 use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::peer::message::RemoteError;
-use crate::raft::types::Command;
-use crate::raft::types::CommandResult;
 use crate::raft::RaftSettings;
 use crate::raft::Replica;
 use crate::raft::log_store::LogStore;
@@ -407,35 +405,6 @@ struct PeerHandler {
     snapshots: Arc<Mutex<HashMap<NodeId, Assembly>>>,
 }
 
-/// Leader side of a follower's forwarded writes: `Publish` batches merge into this node's next
-/// event entry (see `broker`), everything else is proposed as it is; answers in order.
-async fn write_batch(replica: &Replica, broker: &Arc<Broker>, cmds: Vec<Command>) -> Vec<Result<(u64, CommandResult), RemoteError>> {
-    if !cmds.iter().any(|c| matches!(c, Command::Publish { .. })) {
-        return replica.write_batch_local(cmds).await;
-    }
-    let (mut publishes, mut others) = (Vec::new(), Vec::new());
-    let mut order = Vec::with_capacity(cmds.len());
-    for cmd in cmds {
-        match cmd {
-            Command::Publish { events, .. } => {
-                order.push(true);
-                publishes.push(broker.publish_forwarded(events));
-            }
-            other => {
-                order.push(false);
-                others.push(other);
-            }
-        }
-    }
-    let written = async {
-        if others.is_empty() { Vec::new() } else { replica.write_batch_local(others).await }
-    };
-    let (published, written) = futures_util::future::join(futures_util::future::join_all(publishes), written).await;
-    let (mut published, mut written) = (published.into_iter(), written.into_iter());
-    let lost = || Err(RemoteError::Internal("write dropped".into()));
-    order.into_iter().map(|p| if p { published.next().unwrap_or_else(lost) } else { written.next().unwrap_or_else(lost) }).collect()
-}
-
 impl Handler for PeerHandler {
     fn handle(&self, from: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
         let replica = self.replica.clone();
@@ -466,7 +435,7 @@ impl Handler for PeerHandler {
                 },
                 PeerRequest::Invoke(inv) => proxy.serve_remote(inv).await,
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
-                PeerRequest::WriteBatch(cmds) => PeerResponse::WrittenBatch(write_batch(&replica, &broker, cmds).await),
+                PeerRequest::WriteBatch(cmds) => PeerResponse::WrittenBatch(broker.write_forwarded(cmds).await),
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
                 PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),
                 PeerRequest::Remove { id } => cluster.remove(id).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),

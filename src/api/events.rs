@@ -33,22 +33,10 @@ impl From<BrokerError> for ApiError {
     }
 }
 
-/// A broker error shared by every publisher of a batch: the HTTP status of its cause.
+/// A broker error, shared by every publisher whose events were in the failed entry: the HTTP
+/// status of its cause, mapped in one place (`From<BrokerError>`).
 fn unshare(e: std::sync::Arc<BrokerError>) -> ApiError {
-    match std::sync::Arc::try_unwrap(e) {
-        Ok(e) => ApiError::from(e),
-        Err(shared) => match &*shared {
-            BrokerError::Store(crate::store::StoreError::Replica(r)) => match r {
-                crate::raft::ReplicaError::Unavailable => ApiError::Unavailable(shared.to_string()),
-                crate::raft::ReplicaError::Remote(crate::peer::message::RemoteError::Invalid(m)) => {
-                    ApiError::BadRequest(m.clone())
-                }
-                _ => ApiError::BadGateway(shared.to_string()),
-            },
-            BrokerError::Stopped => ApiError::Unavailable(shared.to_string()),
-            _ => ApiError::Internal(shared.to_string()),
-        },
-    }
+    ApiError::from(std::sync::Arc::unwrap_or_clone(e))
 }
 
 fn header(req: &Request<Incoming>, name: &str) -> Option<String> {

@@ -12,7 +12,7 @@
 //!   committed, new events queue up and form the next batch: no fixed linger when idle, large
 //!   batches under load (bounded by `MAX_BATCH` events and `MAX_BATCH_BYTES`).
 //! - *One batch for the whole cluster.* A follower's batch is forwarded to the leader, whose
-//!   broker merges it into its own next entry (`publish_forwarded`) instead of proposing it as an
+//!   broker merges it into its own next entry (`write_forwarded`) instead of proposing it as an
 //!   entry of its own. Every node's concurrent publishers then share one entry, one fsync per
 //!   node and one replication round: measured with `raftbridge bench events` against three
 //!   nodes, per-node entries cost more CPU than anything else on the publish path.
@@ -65,7 +65,7 @@ const MAX_FORWARDED_BATCHES: usize = 16;
 /// Events waiting to be batched at most (publishers wait beyond it: backpressure).
 const QUEUE_EVENTS: usize = 65_536;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -145,21 +145,16 @@ impl Broker {
 
     /// Publish one event through the batcher; (id, position) once committed.
     pub async fn publish_one(&self, event: NewEvent) -> Result<(String, u64), Arc<BrokerError>> {
-        let mut out = self.publish_group(vec![event]).await?;
+        let mut out = self.publish_batch(vec![event]).await?;
         out.pop().ok_or_else(|| Arc::new(BrokerError::Unexpected))
     }
 
-    /// Publish a client's batch, all or nothing, merged with whatever else is queued into as
-    /// few entries as the bounds allow; (id, position) per event once committed.
+    /// Publish a group of events (a client's batch, a follower's forwarded batch), all or
+    /// nothing, merged with whatever else is queued into as few entries as the bounds allow;
+    /// (id, position) per event once committed. On a follower the batcher forwards its batch to
+    /// the leader, where [`Broker::write_forwarded`] merges it into the leader's next entry: the
+    /// whole cluster's concurrent publishes share one entry and one fsync per node.
     pub async fn publish_batch(&self, events: Vec<NewEvent>) -> Result<Published, Arc<BrokerError>> {
-        self.publish_group(events).await
-    }
-
-    /// Queue a group for the batcher and wait for its commit. On a follower the batcher
-    /// forwards its batch to the leader, where [`Broker::publish_forwarded`] merges it into the
-    /// leader's next entry: the whole cluster's concurrent publishes share one entry and one
-    /// fsync per node, instead of one entry per node.
-    async fn publish_group(&self, events: Vec<NewEvent>) -> Result<Published, Arc<BrokerError>> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -170,16 +165,44 @@ impl Broker {
         rx.await.map_err(|_| Arc::new(BrokerError::Stopped))?
     }
 
-    /// Leader side of a follower's forwarded `Publish`: merge it into this node's next entry.
+    /// Leader side of a follower's forwarded writes (`PeerRequest::WriteBatch`): `Publish`
+    /// batches merge into this node's next event entry, everything else is proposed as it is;
+    /// answers in order.
+    pub async fn write_forwarded(&self, cmds: Vec<Command>) -> Vec<Result<(u64, CommandResult), RemoteError>> {
+        let replica = self.store.replica();
+        if !cmds.iter().any(|c| matches!(c, Command::Publish { .. })) {
+            return replica.write_batch_local(cmds).await;
+        }
+        let (mut publishes, mut others, mut is_publish) = (Vec::new(), Vec::new(), Vec::with_capacity(cmds.len()));
+        for cmd in cmds {
+            is_publish.push(matches!(cmd, Command::Publish { .. }));
+            match cmd {
+                Command::Publish { events, .. } => publishes.push(self.publish_forwarded(events)),
+                other => others.push(other),
+            }
+        }
+        let written = async {
+            if others.is_empty() { Vec::new() } else { replica.write_batch_local(others).await }
+        };
+        let (published, written) = futures_util::future::join(futures_util::future::join_all(publishes), written).await;
+        let (mut published, mut written) = (published.into_iter(), written.into_iter());
+        let lost = || Err(RemoteError::Internal("write dropped".into()));
+        is_publish
+            .into_iter()
+            .map(|p| if p { published.next().unwrap_or_else(lost) } else { written.next().unwrap_or_else(lost) })
+            .collect()
+    }
+
+    /// Leader side of one forwarded `Publish`: merge it into this node's next entry.
     /// Only while this node leads; otherwise the follower is told to retry at the leader (the
     /// group was not queued, so nothing of it can commit).
-    pub async fn publish_forwarded(&self, events: Vec<NewEvent>) -> Result<(u64, CommandResult), RemoteError> {
+    async fn publish_forwarded(&self, events: Vec<NewEvent>) -> Result<(u64, CommandResult), RemoteError> {
         let replica = self.store.replica();
         let leader = replica.leader();
         if leader != Some(replica.id()) {
             return Err(RemoteError::NotLeader { leader });
         }
-        match self.publish_group(events).await {
+        match self.publish_batch(events).await {
             // The entry's log index is not tracked per group; publishers use positions only.
             Ok(ids) => Ok((0, CommandResult::Published(ids))),
             // Queued on the leader, the group may have committed even though this failed (a

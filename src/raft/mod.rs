@@ -62,7 +62,7 @@ pub fn openraft_config(s: &RaftSettings) -> Result<Arc<RaftConfig>, openraft::Co
     Ok(Arc::new(cfg.validate()?))
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ReplicaError {
     #[error("no leader or no quorum within the deadline")]
     Unavailable,

@@ -26,7 +26,7 @@ pub enum Consistency {
     Stale,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     #[error("invalid name: {0}")]
     InvalidName(String),
