@@ -658,6 +658,8 @@ async fn write_loop(
     mut rx: mpsc::Receiver<Bytes>,
     mut writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, tokio_util::codec::LengthDelimitedCodec>,
 ) {
+    let frames = metrics::counter!("raftbridge_peer_frames_written_total");
+    let flushes = metrics::counter!("raftbridge_peer_flushes_total");
     loop {
         let first = tokio::select! {
             f = rx.recv() => match f { Some(f) => f, None => break },
@@ -667,6 +669,7 @@ async fn write_loop(
             break;
         }
         let mut n = 1;
+        let mut yielded = false;
         while n < WRITE_BATCH {
             match rx.try_recv() {
                 Ok(f) => {
@@ -676,9 +679,19 @@ async fn write_loop(
                     }
                     n += 1;
                 }
+                // Once per flush, let the tasks that are ready run first: responses completed by
+                // one commit are queued by their own tasks a moment apart, and this gathers them
+                // into one write (measured: 1.1 -> 4.2 frames per write on the leader's links,
+                // a quarter of the writes and their wake-ups on the peer).
+                Err(_) if !yielded => {
+                    yielded = true;
+                    tokio::task::yield_now().await;
+                }
                 Err(_) => break,
             }
         }
+        frames.increment(n as u64);
+        flushes.increment(1);
         if SinkExt::<Bytes>::flush(&mut writer).await.is_err() {
             break;
         }
