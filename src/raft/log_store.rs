@@ -7,6 +7,15 @@
 //!   `Truncate` record; purge deletes whole old files, which bounds disk use without rewriting.
 //!   A segment is named after the next index when it is created, bumped to `active + 1` after a
 //!   truncation below the active segment: **name order is write order**, which replay relies on.
+//! * **Segments are zero-filled ahead of the writer.** After each group commit the flusher
+//!   extends the active segment with zeros (`GROW_STEP` at a time, up to `GROW_AHEAD` beyond the
+//!   last record) and syncs them, so appends overwrite allocated blocks of a file whose size does
+//!   not change. Then `fdatasync` only writes data: no ext4 journal commit for a new size or new
+//!   blocks. Measured on the 2-core VM (C loop, 2 KB write + `fdatasync`): 53 µs CPU, 140 µs
+//!   and 3 context switches per sync when appending, 33 µs, 85 µs and 2 when overwriting zeros;
+//!   on a busier disk 250 µs vs 130 µs. The zeros end the records: replay stops at a tail of
+//!   zeros in the last segment without a warning and appends over it; rotation cuts a segment
+//!   back to its records before it is synced and closed, so closed segments hold no zeros.
 //! * **Every record is framed** `[u32 LE len][u32 LE crc32(payload)][payload]`, the payload being
 //!   bincode of [`Record`]. On open each frame is checked. A torn or corrupt frame at the tail of
 //!   the last segment (the only place a crash can tear) ends replay and the file is cut back to
@@ -56,11 +65,13 @@ use std::fs::OpenOptions;
 use std::io;
 use std::io::ErrorKind;
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::ops::Bound;
 use std::ops::RangeBounds;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
 use std::sync::Arc;
@@ -84,6 +95,13 @@ use crate::raft::types::Vote;
 /// A record larger than this is refused on write and taken as corrupt on read.
 const MAX_RECORD: usize = 64 << 20;
 const HEADER: usize = 8;
+/// The flusher keeps the active segment zero-filled this far past its records (module doc).
+const GROW_AHEAD: u64 = 2 << 20;
+/// Zeros written per flusher round at most: a bounded pause for the group commits behind it.
+const GROW_STEP: u64 = 1 << 20;
+/// How far past `segment_bytes` a segment is zero-filled (the append that crosses it still lands
+/// in the same segment).
+const GROW_SLACK: u64 = 64 << 10;
 
 /// Tuning knobs of a [`LogStore`].
 #[derive(Debug, Clone)]
@@ -170,6 +188,66 @@ struct SegFile {
     name: u64,
     /// Set in the test-only power-loss mode: where to record what each fsync covered.
     synced: Option<Arc<SyncedRecord>>,
+    /// Bytes of records in the file; written only by the writer (under `Io`).
+    written: AtomicU64,
+    /// Length of the file: `written..allocated` holds zeros. Raised by the flusher's zero-fill
+    /// and by a write that runs past it, both under `grow`.
+    allocated: AtomicU64,
+    /// Taken to change `allocated` or the file's length. `true` once rotation has closed the
+    /// segment (cut back to `written`): the flusher must not extend it again.
+    grow: Mutex<bool>,
+}
+
+impl SegFile {
+    fn new(path: PathBuf, file: File, name: u64, synced: Option<Arc<SyncedRecord>>, written: u64, allocated: u64) -> SegFile {
+        let (written, allocated) = (AtomicU64::new(written), AtomicU64::new(allocated.max(written)));
+        SegFile { path, file, name, synced, written, allocated, grow: Mutex::new(false) }
+    }
+
+    /// Writes `buf` at the end of the records. Only the writer calls this (under `Io`), so
+    /// `written` cannot move meanwhile.
+    fn write_records(&self, buf: &[u8]) -> io::Result<()> {
+        let at = self.written.load(Ordering::SeqCst);
+        let end = at + buf.len() as u64;
+        if end <= self.allocated.load(Ordering::SeqCst) {
+            // Inside the zero-filled part: the flusher only writes at or past `allocated`.
+            self.file.write_all_at(buf, at).map_err(ctx("write", &self.path))?;
+        } else {
+            let _grow = lock(&self.grow)?;
+            self.file.write_all_at(buf, at).map_err(ctx("write", &self.path))?;
+            self.allocated.fetch_max(end, Ordering::SeqCst);
+        }
+        self.written.store(end, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Flusher side: once fewer than `GROW_AHEAD - GROW_STEP` zero bytes are left past the
+    /// records, zero-fills one more `GROW_STEP` (not past `limit`): a few large fills, not a
+    /// small one per group commit. Returns whether the file grew (then it wants a sync).
+    fn grow(&self, limit: u64, zeros: &[u8]) -> io::Result<bool> {
+        let closed = lock(&self.grow)?;
+        let at = self.allocated.load(Ordering::SeqCst);
+        let low = self.written.load(Ordering::SeqCst) + (GROW_AHEAD - GROW_STEP);
+        if *closed || at >= low || at >= limit {
+            return Ok(false);
+        }
+        let n = (limit - at).min(GROW_STEP).min(zeros.len() as u64);
+        self.file.write_all_at(&zeros[..n as usize], at).map_err(ctx("zero-fill", &self.path))?;
+        self.allocated.store(at + n, Ordering::SeqCst);
+        Ok(true)
+    }
+
+    /// Rotation: cuts the zeros off and stops further growth. The caller syncs.
+    fn close(&self) -> io::Result<()> {
+        let mut closed = lock(&self.grow)?;
+        *closed = true;
+        let written = self.written.load(Ordering::SeqCst);
+        if self.allocated.load(Ordering::SeqCst) > written {
+            self.file.set_len(written).map_err(ctx("truncate", &self.path))?;
+            self.allocated.store(written, Ordering::SeqCst);
+        }
+        Ok(())
+    }
 }
 
 /// The power-loss mode's record of the newest synced segment position, kept monotonic: the
@@ -282,11 +360,9 @@ fn fsync(f: &SegFile, sync: bool) -> io::Result<()> {
     if !sync {
         return Ok(());
     }
-    // Power-loss mode: the length *before* the sync is a safe lower bound of what it covers.
-    let before = match &f.synced {
-        Some(_) => Some(f.file.metadata().map_err(ctx("stat", &f.path))?.len()),
-        None => None,
-    };
+    // Power-loss mode: the records' length *before* the sync is a safe lower bound of what it
+    // covers (the file's length is not: it includes the zero-fill).
+    let before = f.synced.as_ref().map(|_| f.written.load(Ordering::SeqCst));
     f.file.sync_data().map_err(ctx("fsync", &f.path))?;
     if let (Some(record), Some(len)) = (&f.synced, before) {
         record.advance(f.name, len)?;
@@ -382,6 +458,8 @@ fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem) -> io::
     while pos < data.len() {
         let (payload, next) = match next_frame(&data, pos) {
             Ok(frame) => frame,
+            // The zero-fill ahead of the writer (module doc): the records end here.
+            Err(_) if is_last && data[pos..].iter().all(|&b| b == 0) => break,
             Err(why) if is_last => {
                 let dropped = data.len() - pos;
                 tracing::warn!(path = %path.display(), offset = pos, dropped, %why,
@@ -413,7 +491,8 @@ fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem) -> io::
 }
 
 /// The flusher thread (group commit). Exits once the channel is closed and drained.
-fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>) {
+fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>, grow_limit: u64) {
+    let zeros = vec![0u8; GROW_STEP as usize];
     while let Ok(first) = rx.recv() {
         // Everything queued before the sync starts shares it.
         let mut batch = vec![first];
@@ -433,11 +512,21 @@ fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>) {
         } else {
             None
         };
+        let newest = batch.last().map(|(f, _)| f.clone());
         for (_, callback) in batch {
             callback.io_completed(match &error {
                 None => Ok(()),
                 Some((kind, msg)) => Err(io::Error::new(*kind, msg.clone())),
             });
+        }
+        // Zero-fill ahead of the writer once the callbacks are on their way; synced here so
+        // that the next group commit's fdatasync finds the new size and blocks already on disk.
+        if let (None, Some(f)) = (error, newest) {
+            let grown = f.grow(grow_limit, &zeros).and_then(|grew| if grew { fsync(&f, sync) } else { Ok(()) });
+            if let Err(e) = grown {
+                // Not fatal: the writer appends past the zeros as it would without them.
+                tracing::warn!(error = %e, "raft log zero-fill failed");
+            }
         }
     }
 }
@@ -501,19 +590,21 @@ impl LogStore {
             None => (next_index(&mem), SegInfo::empty(seg_path(dir, next_index(&mem)))),
         };
         let path = active_seg.path.clone();
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(ctx("open", &path))?;
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(ctx("open", &path))?;
+        let file_len = file.metadata().map_err(ctx("stat", &path))?.len();
         fsync_dir(dir, opts.sync)?;
         let segments = closed.len() + 1;
         tracing::info!(dir = %dir.display(), entries = mem.entries.len(), segments, "raft log opened");
 
         let failed = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
-        let (sync, flag) = (opts.sync, failed.clone());
+        let (sync, flag, grow_limit) = (opts.sync, failed.clone(), opts.segment_bytes.saturating_add(GROW_SLACK));
         let flusher = std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || flusher(rx, sync, flag))
+            .spawn(move || flusher(rx, sync, flag, grow_limit))
             .map_err(ctx("spawn flusher for", dir))?;
-        let active = Arc::new(SegFile { path, file, name: active_name, synced });
+        let written = active_seg.bytes;
+        let active = Arc::new(SegFile::new(path, file, active_name, synced, written, file_len));
         let io = Io { active, active_seg, active_name, closed, flush_tx: Some(tx) };
         let inner = Inner {
             dir: dir.to_path_buf(),
@@ -570,7 +661,7 @@ impl Inner {
     }
 
     fn write_active(&self, io: &mut Io, buf: &[u8]) -> io::Result<()> {
-        self.check((&io.active.file).write_all(buf).map_err(ctx("write", &io.active.path)))?;
+        self.check(io.active.write_records(buf))?;
         io.active_seg.bytes += buf.len() as u64;
         Ok(())
     }
@@ -578,14 +669,15 @@ impl Inner {
     /// Syncs the full active segment, then starts the next one. Syncing first is what makes
     /// the last segment the only one that can have a torn tail.
     fn rotate(&self, io: &mut Io, next: u64) -> io::Result<()> {
+        io.active.close()?;
         fsync(&io.active, self.opts.sync)?;
         let name = next.max(io.active_name + 1);
         let path = seg_path(&self.dir, name);
         let mut open = OpenOptions::new();
-        let file = open.create_new(true).append(true).open(&path).map_err(ctx("create", &path))?;
+        let file = open.create_new(true).write(true).open(&path).map_err(ctx("create", &path))?;
         fsync_dir(&self.dir, self.opts.sync)?;
         let synced = io.active.synced.clone();
-        io.active = Arc::new(SegFile { path: path.clone(), file, name, synced });
+        io.active = Arc::new(SegFile::new(path.clone(), file, name, synced, 0, 0));
         let seg = std::mem::replace(&mut io.active_seg, SegInfo::empty(path));
         io.closed.insert(std::mem::replace(&mut io.active_name, name), seg);
         Ok(())
@@ -873,6 +965,21 @@ mod tests {
         indexes.map(|i| (term, i)).collect()
     }
 
+    /// Where the records of a segment file end (the zero-fill, if any, follows).
+    fn records_end(path: &Path) -> u64 {
+        let data = fs::read(path).unwrap();
+        let mut pos = 0;
+        while let Ok((_, next)) = next_frame(&data, pos) {
+            pos = next;
+        }
+        pos as u64
+    }
+
+    /// Cuts the zero-fill off a segment, so that a test can damage its last record.
+    fn cut_zero_fill(path: &Path) {
+        OpenOptions::new().write(true).open(path).unwrap().set_len(records_end(path)).unwrap();
+    }
+
     fn segments(dir: &Path) -> Vec<PathBuf> {
         let mut v: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
         v.retain(|p| p.extension().is_some_and(|x| x == "seg"));
@@ -970,7 +1077,7 @@ mod tests {
         store.purge(log_id(1, 50)).await.unwrap();
         let after = (segments(&dir.0).len(), store.disk_bytes());
         assert!(before.0 >= 10 && after.0 <= 3 && after.1 < before.1 / 3, "{before:?} {after:?}");
-        let on_disk: u64 = segments(&dir.0).iter().map(|p| fs::metadata(p).unwrap().len()).sum();
+        let on_disk: u64 = segments(&dir.0).iter().map(|p| records_end(p)).sum();
         assert_eq!(on_disk, store.disk_bytes());
         drop(store);
         let mut store = LogStore::open(&dir.0, small()).unwrap();
@@ -1041,16 +1148,65 @@ mod tests {
                 append(&mut store, vec![ent(1, 6)]).await;
             }
             let last = segments(&dir.0).pop().unwrap();
+            cut_zero_fill(&last);
             let whole = fs::metadata(&last).unwrap().len();
             damage(&last);
             let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
             assert_eq!(ids(&mut store).await, run(1, 1..=keep));
-            assert!(fs::metadata(&last).unwrap().len() <= whole);
+            // Cut back to the last whole record (a zero tail may stay: it reads as zero-fill).
+            assert!(records_end(&last) <= whole);
             append(&mut store, vec![ent(2, keep + 1)]).await;
             drop(store);
             let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
             assert_eq!(ids(&mut store).await, [run(1, 1..=keep), vec![(2, keep + 1)]].concat());
         }
+    }
+
+    /// The flusher zero-fills the active segment ahead of the records; a reopen stops at the
+    /// zeros without cutting them, appends over them, and rotation leaves no zeros behind.
+    #[tokio::test]
+    async fn zero_fill_ahead_is_kept_appended_over_and_cut_at_rotation() {
+        let dir = TempDir::new();
+        let opts = || LogStoreOptions { segment_bytes: 4 << 20, sync: true, power_loss_test: false };
+        let mut store = LogStore::open(&dir.0, opts()).unwrap();
+        append(&mut store, (1..=5).map(|i| ent(1, i)).collect()).await;
+        let last = segments(&dir.0).pop().unwrap();
+        let records = records_end(&last);
+        // The zero-fill follows the group commit on the flusher thread: wait for it (bounded).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while fs::metadata(&last).unwrap().len() < records + GROW_STEP {
+            assert!(std::time::Instant::now() < deadline, "no zero-fill after 10 s");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        append(&mut store, vec![ent(1, 6)]).await;
+        drop(store);
+        let filled = fs::metadata(&last).unwrap().len();
+        assert!(filled > records_end(&last), "zeros follow the records");
+        let mut store = LogStore::open(&dir.0, opts()).unwrap();
+        assert_eq!(ids(&mut store).await, run(1, 1..=6));
+        assert_eq!(fs::metadata(&last).unwrap().len(), filled, "a zero tail is not a torn tail: kept");
+        append(&mut store, vec![ent(2, 7)]).await;
+        drop(store);
+        let mut store = LogStore::open(&dir.0, opts()).unwrap();
+        assert_eq!(ids(&mut store).await, [run(1, 1..=6), vec![(2, 7)]].concat());
+        drop(store);
+
+        // Rotation cuts the closed segment back to its records; replay of closed segments
+        // stays strict.
+        let dir = TempDir::new();
+        let mut store = LogStore::open(&dir.0, small()).unwrap();
+        for i in 1..=30 {
+            append(&mut store, vec![ent(1, i)]).await;
+        }
+        drop(store);
+        let mut segs = segments(&dir.0);
+        segs.pop();
+        assert!(segs.len() >= 3);
+        for seg in segs {
+            assert_eq!(fs::metadata(&seg).unwrap().len(), records_end(&seg), "{}", seg.display());
+        }
+        let mut store = LogStore::open(&dir.0, small()).unwrap();
+        assert_eq!(ids(&mut store).await, run(1, 1..=30));
     }
 
     /// Power-loss mode: bytes that reached the segment files but no fsync (written here behind
@@ -1064,7 +1220,8 @@ mod tests {
             let name = parse_seg_name(last.file_name().unwrap().to_str().unwrap()).unwrap();
             let mut buf = Vec::new();
             encode(&mut buf, &Record::Entry(&ent(1, 9))).unwrap();
-            OpenOptions::new().append(true).open(&last).unwrap().write_all(&buf).unwrap();
+            // Where the store's next append would land: over the zero-fill.
+            OpenOptions::new().write(true).open(&last).unwrap().write_all_at(&buf, records_end(&last)).unwrap();
             let mut newer = Vec::new();
             encode(&mut newer, &Record::Entry(&ent(1, 10))).unwrap();
             fs::write(seg_path(dir, name + 100), newer).unwrap();
