@@ -177,7 +177,7 @@ impl Broker {
         for cmd in cmds {
             is_publish.push(matches!(cmd, Command::Publish { .. }));
             match cmd {
-                Command::Publish { events, .. } => publishes.push(self.publish_forwarded(events)),
+                Command::Publish { events, .. } => publishes.push(self.publish_forwarded(Arc::unwrap_or_clone(events))),
                 other => others.push(other),
             }
         }
@@ -226,17 +226,23 @@ async fn first_group(rx: &mut mpsc::Receiver<Group>, carry: &mut Option<Group>, 
 /// Adds whatever else is queued to `first` while it fits in one entry; a group that does not
 /// fit is carried into the next batch.
 fn fill(first: Group, rx: &mut mpsc::Receiver<Group>, carry: &mut Option<Group>) -> (Vec<NewEvent>, Vec<(Reply, usize)>) {
-    let mut bytes = payload_bytes(&first.events);
-    let mut replies = vec![(first.reply, first.events.len())];
-    let mut events = first.events;
-    while events.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+    let (mut count, mut bytes) = (first.events.len(), payload_bytes(&first.events));
+    let mut groups = vec![first];
+    while count < MAX_BATCH && bytes < MAX_BATCH_BYTES {
         let Ok(g) = rx.try_recv() else { break };
         let more = payload_bytes(&g.events);
-        if events.len() + g.events.len() > MAX_BATCH || bytes + more > MAX_BATCH_BYTES {
+        if count + g.events.len() > MAX_BATCH || bytes + more > MAX_BATCH_BYTES {
             *carry = Some(g);
             break;
         }
-        bytes += more;
+        (count, bytes) = (count + g.events.len(), bytes + more);
+        groups.push(g);
+    }
+    // One allocation of the final size: growing the batch group by group reallocated it
+    // log2(n) times, each time into fresh allocator pages (seen in perf on the leader).
+    let mut events = Vec::with_capacity(count);
+    let mut replies = Vec::with_capacity(groups.len());
+    for g in groups {
         replies.push((g.reply, g.events.len()));
         events.extend(g.events);
     }
@@ -267,7 +273,7 @@ async fn batcher(
         tokio::spawn(async move {
             let _permit = permit;
             let n = events.len();
-            let cmd = Command::Publish { now_ms: now_ms(), events, limits };
+            let cmd = Command::Publish { now_ms: now_ms(), events: Arc::new(events), limits };
             let result = match store.command(cmd, timeout).await {
                 Ok(CommandResult::Published(ids)) if ids.len() == n => Ok(ids),
                 Ok(_) => Err(Arc::new(BrokerError::Unexpected)),

@@ -233,7 +233,7 @@ impl SmData {
                     },
                 }
             }
-            Command::Publish { now_ms, events, limits } => self.publish(now_ms, events, limits),
+            Command::Publish { now_ms, events, limits } => self.publish(now_ms, Arc::unwrap_or_clone(events), limits),
             Command::SubUpdate { updates } => {
                 for u in updates {
                     self.sub_update(u);

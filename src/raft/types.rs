@@ -86,7 +86,14 @@ pub enum Command {
     /// Record the finished response for an idempotency key.
     IdemComplete { key: String, attempt: u64, response: StoredResponse },
     /// Append events to the event log (one entry, many events: one fsync serves them all).
-    Publish { now_ms: u64, events: Vec<crate::broker::event::NewEvent>, limits: EventLimits },
+    Publish {
+        now_ms: u64,
+        /// Shared, so that the copies openraft and the forwarding path make of an entry (one
+        /// per follower it is sent to, one per write attempt) do not copy every event; the
+        /// encoding is that of the plain `Vec`.
+        events: std::sync::Arc<Vec<crate::broker::event::NewEvent>>,
+        limits: EventLimits,
+    },
     /// Subscription progress: acks, failed attempts, dead letters, per-instance positions.
     SubUpdate { updates: Vec<SubUpdate> },
 }
