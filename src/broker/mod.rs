@@ -129,7 +129,7 @@ pub fn new_event(
         correlation_id: Some(meta.correlation_id.clone()).filter(|c| !c.is_empty()),
         payload,
     };
-    NewEvent { body, idempotency_key }
+    NewEvent { body: Arc::new(body), idempotency_key }
 }
 
 impl Broker {

@@ -424,7 +424,8 @@ impl Proxy {
             let payload = if out.body.is_empty() { b"null".to_vec() } else { out.body.to_vec() };
             let dedup = meta.idempotency_key.as_ref().map(|k| format!("{k}#success"));
             let mut event = crate::broker::new_event(event_name, payload, &meta, Some(sender), dedup);
-            event.body.message_type = "commandSuccessResponse".into();
+            // Just built, so not shared yet: no copy.
+            Arc::make_mut(&mut event.body).message_type = "commandSuccessResponse".into();
             self.broker.publish_one(event).await.map_err(|e| HandlerError::new(503, format!("result not emitted: {e}")))?;
         }
         Ok(out)
