@@ -493,7 +493,10 @@ fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem) -> io::
 /// The flusher thread (group commit). Exits once the channel is closed and drained.
 fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>, grow_limit: u64) {
     let zeros = vec![0u8; GROW_STEP as usize];
+    let commit_seconds = metrics::histogram!("raftbridge_log_group_commit_seconds");
+    let zero_fill_seconds = metrics::histogram!("raftbridge_log_zero_fill_seconds");
     while let Ok(first) = rx.recv() {
+        let started = std::time::Instant::now();
         // Everything queued before the sync starts shares it.
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
@@ -512,6 +515,7 @@ fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>, grow_
         } else {
             None
         };
+        commit_seconds.record(started.elapsed().as_secs_f64());
         let newest = batch.last().map(|(f, _)| f.clone());
         for (_, callback) in batch {
             callback.io_completed(match &error {
@@ -522,7 +526,14 @@ fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>, grow_
         // Zero-fill ahead of the writer once the callbacks are on their way; synced here so
         // that the next group commit's fdatasync finds the new size and blocks already on disk.
         if let (None, Some(f)) = (error, newest) {
-            let grown = f.grow(grow_limit, &zeros).and_then(|grew| if grew { fsync(&f, sync) } else { Ok(()) });
+            let started = std::time::Instant::now();
+            let grown = f.grow(grow_limit, &zeros).and_then(|grew| {
+                if grew {
+                    fsync(&f, sync)?;
+                    zero_fill_seconds.record(started.elapsed().as_secs_f64());
+                }
+                Ok(())
+            });
             if let Err(e) = grown {
                 // Not fatal: the writer appends past the zeros as it would without them.
                 tracing::warn!(error = %e, "raft log zero-fill failed");
