@@ -2,8 +2,8 @@
 //!
 //! Crash safety is the product's promise, so this module is built to be easy to reason about:
 //!
-//! * **Append-only segment files** `log-<20-digit index>.seg`. Nothing is overwritten in place, so
-//!   a crash can only damage the unsynced tail of the newest file. Truncation is an appended
+//! * **Append-only segment files** `log-<20-digit index>.seg`. No record is overwritten in place
+//!   (only the zero-fill below is), so a crash can only damage the unsynced tail of the newest file. Truncation is an appended
 //!   `Truncate` record; purge deletes whole old files, which bounds disk use without rewriting.
 //!   A segment is named after the next index when it is created, bumped to `active + 1` after a
 //!   truncation below the active segment: **name order is write order**, which replay relies on.
@@ -19,7 +19,8 @@
 //! * **Every record is framed** `[u32 LE len][u32 LE crc32(payload)][payload]`, the payload being
 //!   bincode of [`Record`]. On open each frame is checked. A torn or corrupt frame at the tail of
 //!   the last segment (the only place a crash can tear) ends replay and the file is cut back to
-//!   the last whole record: nothing is half-applied. Media rot there cannot be told from a torn
+//!   the last whole record: nothing is half-applied. (A tail that is all zeros is the zero-fill,
+//!   kept as it is; a torn record inside the zero-fill leaves non-zero bytes and is cut.) Media rot there cannot be told from a torn
 //!   tail and is treated alike (as etcd's WAL does), with a warning saying what was dropped. A bad
 //!   frame in any *other* segment cannot come from a crash (a segment is fsynced before the next
 //!   is created), and neither can a frame whose crc matches but which does not decode: both are
@@ -45,11 +46,12 @@
 //!   the disk. Memory is bounded by the snapshot/purge policy: openraft purges what a snapshot
 //!   covers (keeping `max_in_snapshot_log_to_keep`), and purge drops it here.
 //! * **Test-only power-loss mode** (`RAFTBRIDGE_TEST_POWER_LOSS=1`, used by `raftbridge chaos`):
-//!   every segment fsync first notes the segment's length, then records `name length` in the
-//!   side file `synced` (monotonic, not fsynced: the test kills the process, which keeps the page
-//!   cache). On open, every segment is first cut back to what was recorded as synced (newer
-//!   segments are deleted) and the `committed` hint is removed: exactly what a power cut would
-//!   leave of the log. `meta` and snapshots are fsynced before use and stay.
+//!   every segment fsync first notes the length of the segment's records and the end of its
+//!   zero-fill, then records `name length fill-end` in the side file `synced` (monotonic, not
+//!   fsynced: the test kills the process, which keeps the page cache). On open, every segment is
+//!   first reset to what was recorded as synced: unsynced records over synced zero-fill become
+//!   zeros again, anything past the synced fill is cut, newer segments are deleted, and the
+//!   `committed` hint is removed: exactly what a power cut would leave of the log. `meta` and snapshots are fsynced before use and stay.
 //!
 //! Concurrency: openraft calls the writing methods one at a time; they serialize on `io` (lock
 //! order: `io`, then `mem`). Readers (replication tasks) only take `mem`, briefly. The flush
@@ -190,11 +192,12 @@ struct SegFile {
     synced: Option<Arc<SyncedRecord>>,
     /// Bytes of records in the file; written only by the writer (under `Io`).
     written: AtomicU64,
-    /// Length of the file: `written..allocated` holds zeros. Raised by the flusher's zero-fill
-    /// and by a write that runs past it, both under `grow`.
+    /// Where the zero-fill ends: `written..allocated` holds zeros (the file may be longer only
+    /// after a failed zero-fill, which stops growth). Raised by the flusher's zero-fill and by a
+    /// write that runs past it, both under `grow`.
     allocated: AtomicU64,
-    /// Taken to change `allocated` or the file's length. `true` once rotation has closed the
-    /// segment (cut back to `written`): the flusher must not extend it again.
+    /// Taken to change `allocated` or the file's length. `true` once the segment must not grow
+    /// any more: rotation closed it (cut back to `written`), or a zero-fill failed.
     grow: Mutex<bool>,
 }
 
@@ -223,29 +226,37 @@ impl SegFile {
 
     /// Flusher side: once fewer than `GROW_AHEAD - GROW_STEP` zero bytes are left past the
     /// records, zero-fills one more `GROW_STEP` (not past `limit`): a few large fills, not a
-    /// small one per group commit. Returns whether the file grew (then it wants a sync).
+    /// small one per group commit. Returns whether the file grew (then it wants a sync). A
+    /// failed fill (a full disk) stops growth for this segment: the writer appends past the end
+    /// as it would without zero-fill, and the error is reported once.
     fn grow(&self, limit: u64, zeros: &[u8]) -> io::Result<bool> {
-        let closed = lock(&self.grow)?;
+        let mut stopped = lock(&self.grow)?;
         let at = self.allocated.load(Ordering::SeqCst);
         let low = self.written.load(Ordering::SeqCst) + (GROW_AHEAD - GROW_STEP);
-        if *closed || at >= low || at >= limit {
+        if *stopped || at >= low || at >= limit {
             return Ok(false);
         }
         let n = (limit - at).min(GROW_STEP).min(zeros.len() as u64);
-        self.file.write_all_at(&zeros[..n as usize], at).map_err(ctx("zero-fill", &self.path))?;
+        if let Err(e) = self.file.write_all_at(&zeros[..n as usize], at) {
+            *stopped = true;
+            // Best effort: a part of the fill may have landed; `close` cuts whatever is left.
+            let _ = self.file.set_len(at);
+            return Err(ctx("zero-fill", &self.path)(e));
+        }
         self.allocated.store(at + n, Ordering::SeqCst);
         Ok(true)
     }
 
-    /// Rotation: cuts the zeros off and stops further growth. The caller syncs.
+    /// Rotation: cuts the file back to its records (zeros, and what a failed fill may have
+    /// left) and stops further growth. The caller syncs.
     fn close(&self) -> io::Result<()> {
-        let mut closed = lock(&self.grow)?;
-        *closed = true;
+        let mut stopped = lock(&self.grow)?;
+        *stopped = true;
         let written = self.written.load(Ordering::SeqCst);
-        if self.allocated.load(Ordering::SeqCst) > written {
+        if self.file.metadata().map_err(ctx("stat", &self.path))?.len() > written {
             self.file.set_len(written).map_err(ctx("truncate", &self.path))?;
-            self.allocated.store(written, Ordering::SeqCst);
         }
+        self.allocated.store(written, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -254,42 +265,50 @@ impl SegFile {
 /// flusher and the writer both sync, and a slower one must not move the record back.
 struct SyncedRecord {
     path: PathBuf,
-    last: Mutex<(u64, u64)>,
+    last: Mutex<Synced>,
 }
 
+/// What a sync covered: segment name, length of its records, end of its zero-fill.
+type Synced = (u64, u64, u64);
+
 impl SyncedRecord {
-    /// Records that segment `name` is synced up to `len` bytes (if that is newer).
-    fn advance(&self, name: u64, len: u64) -> io::Result<()> {
+    /// Records that segment `name` is synced up to `len` bytes of records and `alloc` bytes of
+    /// zero-fill (if that is newer).
+    fn advance(&self, name: u64, len: u64, alloc: u64) -> io::Result<()> {
         let mut last = lock(&self.last)?;
-        if (name, len) > *last {
-            *last = (name, len);
+        if (name, len, alloc) > *last {
+            *last = (name, len, alloc);
             // Replaced by rename so that a kill never leaves a half-written record; deliberately
             // no fsync: see the module doc.
             let tmp = self.path.with_extension("tmp");
-            fs::write(&tmp, format!("{name} {len}\n")).map_err(ctx("write", &tmp))?;
+            fs::write(&tmp, format!("{name} {len} {alloc}\n")).map_err(ctx("write", &tmp))?;
             fs::rename(&tmp, &self.path).map_err(ctx("rename to", &self.path))?;
         }
         Ok(())
     }
 }
 
-fn read_synced_record(path: &Path) -> io::Result<Option<(u64, u64)>> {
+fn read_synced_record(path: &Path) -> io::Result<Option<Synced>> {
     let text = match fs::read_to_string(path) {
         Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
         read => read.map_err(ctx("read", path))?,
     };
     let mut it = text.split_whitespace().map(str::parse::<u64>);
-    match (it.next(), it.next()) {
-        (Some(Ok(name)), Some(Ok(len))) => Ok(Some((name, len))),
+    // Records written before zero-fill existed have no third number.
+    match (it.next(), it.next(), it.next()) {
+        (Some(Ok(name)), Some(Ok(len)), None) => Ok(Some((name, len, len))),
+        (Some(Ok(name)), Some(Ok(len)), Some(Ok(alloc))) => Ok(Some((name, len, alloc))),
         _ => Err(invalid(format!("corrupt {}: {text:?}", path.display()))),
     }
 }
 
 /// Power-loss mode at open: throws away every segment byte that no fsync covered (module doc).
-/// Returns the sync record it applied, `None` when there was none yet (nothing dropped).
-fn drop_unsynced(dir: &Path, names: &[u64]) -> io::Result<Option<(u64, u64)>> {
+/// Records written over synced zero-fill turn back into zeros (the fill's blocks and the file's
+/// size were durable, the records were not); bytes past the synced fill are cut. Returns the sync
+/// record it applied, `None` when there was none yet (nothing dropped).
+fn drop_unsynced(dir: &Path, names: &[u64]) -> io::Result<Option<Synced>> {
     let record_path = dir.join(SYNCED_FILE);
-    let Some((synced_name, synced_len)) = read_synced_record(&record_path)? else {
+    let Some((synced_name, synced_len, synced_alloc)) = read_synced_record(&record_path)? else {
         tracing::warn!(dir = %dir.display(), "power-loss test mode: no sync record yet; nothing dropped");
         return Ok(None);
     };
@@ -298,13 +317,18 @@ fn drop_unsynced(dir: &Path, names: &[u64]) -> io::Result<Option<(u64, u64)>> {
         let path = seg_path(dir, name);
         let len = fs::metadata(&path).map_err(ctx("stat", &path))?.len();
         if name > synced_name {
+            dropped += bytes_before_zero_fill(&path, 0)?;
             fs::remove_file(&path).map_err(ctx("remove", &path))?;
-            dropped += len;
         } else if name == synced_name && len > synced_len {
+            dropped += bytes_before_zero_fill(&path, synced_len)?;
+            let keep = synced_alloc.max(synced_len);
             let f = OpenOptions::new().write(true).open(&path).map_err(ctx("open", &path))?;
-            f.set_len(synced_len).map_err(ctx("truncate", &path))?;
+            if len > keep {
+                f.set_len(keep).map_err(ctx("truncate", &path))?;
+            }
+            let zeros = vec![0u8; (len.min(keep) - synced_len) as usize];
+            f.write_all_at(&zeros, synced_len).map_err(ctx("zero", &path))?;
             f.sync_all().map_err(ctx("fsync", &path))?;
-            dropped += len - synced_len;
         }
     }
     match fs::remove_file(dir.join("committed")) {
@@ -312,9 +336,17 @@ fn drop_unsynced(dir: &Path, names: &[u64]) -> io::Result<Option<(u64, u64)>> {
         _ => {}
     }
     fsync_dir(dir, true)?;
-    tracing::warn!(dir = %dir.display(), dropped_bytes = dropped, synced_segment = synced_name, synced_len,
+    tracing::warn!(dir = %dir.display(), dropped_bytes = dropped, synced_segment = synced_name, synced_len, synced_alloc,
         "power-loss test mode: dropped every unsynced log byte");
-    Ok(Some((synced_name, synced_len)))
+    Ok(Some((synced_name, synced_len, synced_alloc)))
+}
+
+/// Bytes of `path` from `from` to its last non-zero byte: what cutting it at `from` drops, the
+/// zero-fill not counted (power-loss mode's report).
+fn bytes_before_zero_fill(path: &Path, from: u64) -> io::Result<u64> {
+    let data = fs::read(path).map_err(ctx("read", path))?;
+    let end = data.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1) as u64;
+    Ok(end.saturating_sub(from))
 }
 
 struct SegInfo {
@@ -360,12 +392,12 @@ fn fsync(f: &SegFile, sync: bool) -> io::Result<()> {
     if !sync {
         return Ok(());
     }
-    // Power-loss mode: the records' length *before* the sync is a safe lower bound of what it
-    // covers (the file's length is not: it includes the zero-fill).
-    let before = f.synced.as_ref().map(|_| f.written.load(Ordering::SeqCst));
+    // Power-loss mode: the records' length and the zero-fill's end *before* the sync are safe
+    // lower bounds of what it covers. `written` first: `allocated` is raised before it.
+    let before = f.synced.as_ref().map(|_| (f.written.load(Ordering::SeqCst), f.allocated.load(Ordering::SeqCst)));
     f.file.sync_data().map_err(ctx("fsync", &f.path))?;
-    if let (Some(record), Some(len)) = (&f.synced, before) {
-        record.advance(f.name, len)?;
+    if let (Some(record), Some((len, alloc))) = (&f.synced, before) {
+        record.advance(f.name, len, alloc)?;
     }
     Ok(())
 }
@@ -527,16 +559,20 @@ fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>, grow_
         // that the next group commit's fdatasync finds the new size and blocks already on disk.
         if let (None, Some(f)) = (error, newest) {
             let started = std::time::Instant::now();
-            let grown = f.grow(grow_limit, &zeros).and_then(|grew| {
-                if grew {
-                    fsync(&f, sync)?;
-                    zero_fill_seconds.record(started.elapsed().as_secs_f64());
-                }
-                Ok(())
-            });
-            if let Err(e) = grown {
-                // Not fatal: the writer appends past the zeros as it would without them.
-                tracing::warn!(error = %e, "raft log zero-fill failed");
+            match f.grow(grow_limit, &zeros) {
+                Ok(false) => {}
+                Ok(true) => match fsync(&f, sync) {
+                    Ok(()) => zero_fill_seconds.record(started.elapsed().as_secs_f64()),
+                    // This fsync also covers records appended since the group commit: a failure
+                    // is as fatal as the group commit's own (a later fsync may "succeed"
+                    // without the lost pages).
+                    Err(e) => {
+                        tracing::error!(error = %e, "raft log fsync failed; refusing further writes");
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                },
+                // Not fatal: the segment stops growing and the writer appends past its end.
+                Err(e) => tracing::warn!(error = %e, "raft log zero-fill failed; this segment is no longer zero-filled"),
             }
         }
     }
@@ -559,10 +595,10 @@ impl LogStore {
         names.sort_unstable();
         let synced = if opts.power_loss_test {
             let last = drop_unsynced(dir, &names)?;
-            if let Some((synced_name, _)) = last {
+            if let Some((synced_name, _, _)) = last {
                 names.retain(|&n| n <= synced_name);
             }
-            let last = Mutex::new(last.unwrap_or((0, 0)));
+            let last = Mutex::new(last.unwrap_or((0, 0, 0)));
             Some(Arc::new(SyncedRecord { path: dir.join(SYNCED_FILE), last }))
         } else {
             None
@@ -635,7 +671,8 @@ impl LogStore {
         lock(&self.inner.mem).is_ok_and(|m| m.meta.vote.is_some() || !m.entries.is_empty() || m.meta.last_purged.is_some())
     }
 
-    /// Total bytes of the segment files.
+    /// Total bytes of records in the segment files (the active one's zero-fill, at most a few
+    /// MiB, is not counted).
     pub fn disk_bytes(&self) -> u64 {
         // Read-only, so a poisoned lock is harmless here.
         let io = self.inner.io.lock().unwrap_or_else(|p| p.into_inner());
@@ -677,8 +714,9 @@ impl Inner {
         Ok(())
     }
 
-    /// Syncs the full active segment, then starts the next one. Syncing first is what makes
-    /// the last segment the only one that can have a torn tail.
+    /// Cuts the active segment back to its records and syncs it, then starts the next one.
+    /// Syncing first is what makes the last segment the only one that can have a torn tail, and
+    /// cutting first keeps zeros out of closed segments.
     fn rotate(&self, io: &mut Io, next: u64) -> io::Result<()> {
         io.active.close()?;
         fsync(&io.active, self.opts.sync)?;
@@ -838,7 +876,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        use std::os::unix::fs::FileExt;
         // A page-cache write of a few dozen bytes: no fsync, no blocking thread (module doc).
         let mut buf = Vec::with_capacity(64);
         encode(&mut buf, &committed)?;
@@ -1202,6 +1239,24 @@ mod tests {
         assert_eq!(ids(&mut store).await, [run(1, 1..=6), vec![(2, 7)]].concat());
         drop(store);
 
+        // A torn last record with zero-fill behind it is torn, not zero-fill: cut back to the
+        // record before it, and the next append goes there.
+        let end = records_end(&last);
+        assert!(fs::metadata(&last).unwrap().len() > end, "zero-fill behind the last record");
+        let f = OpenOptions::new().read(true).write(true).open(&last).unwrap();
+        let mut byte = [0u8; 1];
+        f.read_exact_at(&mut byte, end - 1).unwrap();
+        f.write_all_at(&[byte[0] ^ 0x55], end - 1).unwrap();
+        drop(f);
+        let mut store = LogStore::open(&dir.0, opts()).unwrap();
+        assert_eq!(ids(&mut store).await, run(1, 1..=6), "the damaged entry 7 is dropped");
+        assert!(records_end(&last) < end);
+        append(&mut store, vec![ent(3, 7)]).await;
+        drop(store);
+        let mut store = LogStore::open(&dir.0, opts()).unwrap();
+        assert_eq!(ids(&mut store).await, [run(1, 1..=6), vec![(3, 7)]].concat());
+        drop(store);
+
         // Rotation cuts the closed segment back to its records; replay of closed segments
         // stays strict.
         let dir = TempDir::new();
@@ -1264,6 +1319,41 @@ mod tests {
         unsynced(&dir.0);
         let mut store = LogStore::open(&dir.0, small()).unwrap();
         assert_eq!(ids(&mut store).await, run(1, 1..=10));
+    }
+
+    /// Power-loss mode with zero-fill: an unsynced record written over synced zero-fill turns
+    /// back into zeros (the file keeps its synced length), and replay ends at them.
+    #[tokio::test]
+    async fn power_loss_mode_turns_unsynced_records_over_zero_fill_back_into_zeros() {
+        let power = || LogStoreOptions { segment_bytes: 4 << 20, sync: true, power_loss_test: true };
+        let dir = TempDir::new();
+        let mut store = LogStore::open(&dir.0, power()).unwrap();
+        append(&mut store, (1..=5).map(|i| ent(1, i)).collect()).await;
+        let last = segments(&dir.0).pop().unwrap();
+        // Wait (bounded) until the flusher's zero-fill is synced and recorded.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let rec = read_synced_record(&dir.0.join(SYNCED_FILE)).unwrap();
+            if rec.is_some_and(|(_, len, alloc)| alloc >= len + GROW_STEP) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "no synced zero-fill after 10 s: {rec:?}");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        drop(store);
+        let (filled, end) = (fs::metadata(&last).unwrap().len(), records_end(&last));
+        let mut buf = Vec::new();
+        encode(&mut buf, &Record::Entry(&ent(1, 6))).unwrap();
+        OpenOptions::new().write(true).open(&last).unwrap().write_all_at(&buf, end).unwrap();
+        assert_eq!(records_end(&last), end + buf.len() as u64, "entry 6 is on the page cache");
+        let mut store = LogStore::open(&dir.0, power()).unwrap();
+        assert_eq!(ids(&mut store).await, run(1, 1..=5), "the unsynced entry 6 is gone");
+        assert_eq!(fs::metadata(&last).unwrap().len(), filled, "the synced zero-fill stays");
+        assert_eq!(records_end(&last), end);
+        append(&mut store, vec![ent(2, 6)]).await;
+        drop(store);
+        let mut store = LogStore::open(&dir.0, power()).unwrap();
+        assert_eq!(ids(&mut store).await, [run(1, 1..=5), vec![(2, 6)]].concat());
     }
 
     #[tokio::test]
