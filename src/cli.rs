@@ -189,6 +189,9 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating this binary")?;
     let peers: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", args.base_port + i)).collect();
     let https: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", args.base_port + 1000 + i)).collect();
+    // Three nodes share this machine: each gets a third of the cores (README, `--worker-threads`).
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = (cores / 3).max(1).to_string();
     let mut children = Vec::new();
     for i in 0..3 {
         let dir = args.data_dir.join(format!("node{}", i + 1));
@@ -198,6 +201,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .args(["node", "--id", &(i + 1).to_string(), "--data-dir"])
             .arg(&dir)
             .args(["--peer-addr", &peers[i], "--http-addr", &https[i], "--seeds", &peers.join(","), "--bootstrap-expect", "3", "--example-services"])
+            .args(["--worker-threads", &threads])
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
