@@ -1003,6 +1003,13 @@ mod tests {
         rx.await.unwrap().unwrap();
     }
 
+    /// Appends `entry`, closes the store and returns the (term, index) ids a reopen replays.
+    async fn append_and_reopen(mut store: LogStore, dir: &Path, opts: LogStoreOptions, entry: Entry) -> Vec<(u64, u64)> {
+        append(&mut store, vec![entry]).await;
+        drop(store);
+        ids(&mut LogStore::open(dir, opts).unwrap()).await
+    }
+
     /// (term, index) of every entry.
     async fn ids(store: &mut LogStore) -> Vec<(u64, u64)> {
         let entries = store.try_get_log_entries(..).await.unwrap();
@@ -1133,10 +1140,7 @@ mod tests {
         // Purging past the tip (as after a snapshot install) empties the log, which goes on after it.
         store.purge(log_id(2, 70)).await.unwrap();
         assert_eq!(store.get_log_state().await.unwrap().last_log_id, Some(log_id(2, 70)));
-        append(&mut store, vec![ent(2, 71)]).await;
-        drop(store);
-        let mut store = LogStore::open(&dir.0, small()).unwrap();
-        assert_eq!(ids(&mut store).await, vec![(2, 71)]);
+        assert_eq!(append_and_reopen(store, &dir.0, small(), ent(2, 71)).await, vec![(2, 71)]);
     }
 
     /// The segment holding a Truncate record falls wholly below the purge point while an older
@@ -1159,10 +1163,7 @@ mod tests {
         // Rotated before index 12, but named 20 so that name order stays write order.
         assert_eq!(names(&dir.0), vec![0, 7, 13, 19, 20]);
         store.purge(log_id(2, 11)).await.unwrap();
-        append(&mut store, vec![ent(2, 12)]).await;
-        drop(store);
-        let mut store = LogStore::open(&dir.0, small()).unwrap();
-        assert_eq!(ids(&mut store).await, vec![(2, 12)]);
+        assert_eq!(append_and_reopen(store, &dir.0, small(), ent(2, 12)).await, vec![(2, 12)]);
     }
 
     #[tokio::test]
@@ -1203,10 +1204,7 @@ mod tests {
             assert_eq!(ids(&mut store).await, run(1, 1..=keep));
             // Cut back to the last whole record (a zero tail may stay: it reads as zero-fill).
             assert!(records_end(&last) <= whole);
-            append(&mut store, vec![ent(2, keep + 1)]).await;
-            drop(store);
-            let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
-            assert_eq!(ids(&mut store).await, [run(1, 1..=keep), vec![(2, keep + 1)]].concat());
+            assert_eq!(append_and_reopen(store, &dir.0, LogStoreOptions::default(), ent(2, keep + 1)).await, [run(1, 1..=keep), vec![(2, keep + 1)]].concat());
         }
     }
 
@@ -1233,11 +1231,7 @@ mod tests {
         let mut store = LogStore::open(&dir.0, opts()).unwrap();
         assert_eq!(ids(&mut store).await, run(1, 1..=6));
         assert_eq!(fs::metadata(&last).unwrap().len(), filled, "a zero tail is not a torn tail: kept");
-        append(&mut store, vec![ent(2, 7)]).await;
-        drop(store);
-        let mut store = LogStore::open(&dir.0, opts()).unwrap();
-        assert_eq!(ids(&mut store).await, [run(1, 1..=6), vec![(2, 7)]].concat());
-        drop(store);
+        assert_eq!(append_and_reopen(store, &dir.0, opts(), ent(2, 7)).await, [run(1, 1..=6), vec![(2, 7)]].concat());
 
         // A torn last record with zero-fill behind it is torn, not zero-fill: cut back to the
         // record before it, and the next append goes there.
@@ -1251,11 +1245,7 @@ mod tests {
         let mut store = LogStore::open(&dir.0, opts()).unwrap();
         assert_eq!(ids(&mut store).await, run(1, 1..=6), "the damaged entry 7 is dropped");
         assert!(records_end(&last) < end);
-        append(&mut store, vec![ent(3, 7)]).await;
-        drop(store);
-        let mut store = LogStore::open(&dir.0, opts()).unwrap();
-        assert_eq!(ids(&mut store).await, [run(1, 1..=6), vec![(3, 7)]].concat());
-        drop(store);
+        assert_eq!(append_and_reopen(store, &dir.0, opts(), ent(3, 7)).await, [run(1, 1..=6), vec![(3, 7)]].concat());
 
         // Rotation cuts the closed segment back to its records; replay of closed segments
         // stays strict.
@@ -1304,11 +1294,7 @@ mod tests {
         assert_eq!(ids(&mut store).await, run(1, 1..=8), "unsynced entries 9 and 10 are gone");
         assert_eq!(store.read_committed().await.unwrap(), None, "the unsynced hint is gone");
         // The store goes on normally after the cut, and its synced appends survive the next one.
-        append(&mut store, vec![ent(2, 9)]).await;
-        drop(store);
-        let mut store = LogStore::open(&dir.0, power()).unwrap();
-        assert_eq!(ids(&mut store).await, [run(1, 1..=8), vec![(2, 9)]].concat());
-        drop(store);
+        assert_eq!(append_and_reopen(store, &dir.0, power(), ent(2, 9)).await, [run(1, 1..=8), vec![(2, 9)]].concat());
 
         // Control: the same unsynced bytes without the mode are replayed.
         let dir = TempDir::new();
@@ -1350,10 +1336,7 @@ mod tests {
         assert_eq!(ids(&mut store).await, run(1, 1..=5), "the unsynced entry 6 is gone");
         assert_eq!(fs::metadata(&last).unwrap().len(), filled, "the synced zero-fill stays");
         assert_eq!(records_end(&last), end);
-        append(&mut store, vec![ent(2, 6)]).await;
-        drop(store);
-        let mut store = LogStore::open(&dir.0, power()).unwrap();
-        assert_eq!(ids(&mut store).await, [run(1, 1..=5), vec![(2, 6)]].concat());
+        assert_eq!(append_and_reopen(store, &dir.0, power(), ent(2, 6)).await, [run(1, 1..=5), vec![(2, 6)]].concat());
     }
 
     #[tokio::test]
