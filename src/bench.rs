@@ -150,6 +150,18 @@ pub struct Report {
     pub p999_us: u64,
     pub max_us: u64,
     pub error_kinds: BTreeMap<String, u64>,
+    /// CPU the targets used over the measured window, summed (their `process_cpu_seconds_total`);
+    /// `None` when a target does not export it (not a raftbridge node, or not reachable).
+    pub node_cpu: Option<Duration>,
+    /// CPU this load generator used over the measured window.
+    pub bench_cpu: Option<Duration>,
+}
+
+impl Report {
+    /// CPU per acknowledged request, in microseconds.
+    fn per_ok_us(&self, cpu: Option<Duration>) -> Option<f64> {
+        cpu.filter(|_| self.ok > 0).map(|c| c.as_secs_f64() * 1e6 / self.ok as f64)
+    }
 }
 
 impl fmt::Display for Report {
@@ -171,6 +183,13 @@ impl fmt::Display for Report {
         for (kind, n) in &self.error_kinds {
             write!(f, "\n  error {kind}: {n}")?;
         }
+        let per = |c| self.per_ok_us(c).map_or_else(|| "n/a".to_string(), |us| format!("{us:.0} µs"));
+        write!(
+            f,
+            "\ncpu per acknowledged request: nodes {} (sum over the targets), load generator {}",
+            per(self.node_cpu),
+            per(self.bench_cpu)
+        )?;
         Ok(())
     }
 }
@@ -263,6 +282,9 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
         events as f64 / report.elapsed.as_secs_f64().max(1e-9),
         args.batch
     );
+    if let (Some(cpu), true) = (report.node_cpu, events > 0) {
+        println!("node cpu per acknowledged event: {:.1} µs (sum over the targets)", cpu.as_secs_f64() * 1e6 / events as f64);
+    }
     if let Some((n, p50, p99)) = e2e {
         println!("end-to-end (accepted → readable on the first target, sampled): {n} events, p50 {p50} ms, p99 {p99} ms");
     }
@@ -525,6 +547,7 @@ where
         }));
     }
     let printer = tokio::spawn(print_progress(progress.clone(), measure_from, deadline));
+    let cpu_at_start = tokio::spawn(cpu_sample(targets.clone(), Some(measure_from)));
 
     let (mut hist, mut error_kinds) = (new_histogram()?, BTreeMap::new());
     for w in workers {
@@ -536,6 +559,16 @@ where
     }
     printer.abort();
     let (ok, errors) = (hist.len(), error_kinds.values().sum());
+    let (node_cpu, bench_cpu) = match cpu_at_start.await {
+        Ok((nodes_before, bench_before)) => {
+            let (nodes_after, bench_after) = cpu_sample(targets.clone(), None).await;
+            (
+                nodes_before.zip(nodes_after).map(|(b, a)| a.saturating_sub(b)),
+                bench_before.zip(bench_after).map(|(b, a)| a.saturating_sub(b)),
+            )
+        }
+        Err(_) => (None, None),
+    };
 
     let elapsed = Instant::now()
         .min(deadline)
@@ -556,7 +589,30 @@ where
         p999_us: hist.value_at_quantile(0.999),
         max_us: hist.max(),
         error_kinds,
+        node_cpu,
+        bench_cpu,
     })
+}
+
+/// At `at` (or now): the targets' CPU time summed (`None` unless every target exports
+/// `process_cpu_seconds_total`), and this process's own.
+async fn cpu_sample(targets: Vec<String>, at: Option<Instant>) -> (Option<Duration>, Option<Duration>) {
+    if let Some(at) = at {
+        sleep_until(at).await;
+    }
+    let bench = crate::process::cpu_time();
+    let scrapes = targets.into_iter().map(|t| async move {
+        let mut conn = Conn::new(t);
+        let resp = conn.get("/metrics", Duration::from_secs(5)).await.ok()?;
+        let text = std::str::from_utf8(&resp.body).ok()?;
+        crate::process::parse_cpu_seconds(text)
+    });
+    let nodes = futures_util::future::join_all(scrapes)
+        .await
+        .into_iter()
+        .sum::<Option<f64>>()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok());
+    (nodes, bench)
 }
 
 async fn worker<F>(
@@ -696,17 +752,24 @@ mod tests {
     }
 
     /// Hyper server on 127.0.0.1:0 answering `status` to requests `valid` accepts, else 400.
+    /// `GET /metrics` reports a CPU time that grows by 2 s per scrape, like a node's.
     async fn server_with(status: u16, valid: Validator) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let scrapes = Arc::new(std::sync::atomic::AtomicU64::new(0));
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
-                let valid = valid.clone();
+                let (valid, scrapes) = (valid.clone(), scrapes.clone());
                 let svc =
                     hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                        let valid = valid.clone();
+                        let (valid, scrapes) = (valid.clone(), scrapes.clone());
                         async move {
+                            if req.method() == Method::GET && req.uri().path() == "/metrics" {
+                                let n = scrapes.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                let text = format!("# TYPE process_cpu_seconds_total gauge\nprocess_cpu_seconds_total {}\n", 1 + 2 * n);
+                                return Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from(text))));
+                            }
                             let (parts, body) = req.into_parts();
                             let body = body.collect().await.unwrap().to_bytes();
                             let valid = valid(&parts, &body);
@@ -777,6 +840,10 @@ mod tests {
         assert!(r
             .to_string()
             .starts_with("bench state: 2 targets, 4 connections, 1.0s\nacknowledged: "));
+        // Each target's CPU grew by 2 s between the scrape at the window's start and its end.
+        assert_eq!(r.node_cpu, Some(Duration::from_secs(4)), "{r}");
+        assert!(r.bench_cpu.is_some(), "{r}");
+        assert!(r.to_string().contains("\ncpu per acknowledged request: nodes "), "{r}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -784,6 +851,7 @@ mod tests {
         let r = run(state_cmd(vec![server(503).await])).await.unwrap();
         assert_eq!(r.ok, 0);
         assert!(r.errors > 0);
+        assert!(r.to_string().ends_with("nodes n/a (sum over the targets), load generator n/a"), "{r}");
         assert_eq!(r.error_kinds.get("status 503"), Some(&r.errors), "{r}");
 
         // A closed port: connection errors, backed off rather than spun.
@@ -798,6 +866,7 @@ mod tests {
             .unwrap();
         assert_eq!(r.ok, 0);
         assert_eq!(r.error_kinds.get("connect"), Some(&r.errors), "{r}");
+        assert_eq!(r.node_cpu, None, "no target to ask: {r}");
         assert!(r.errors <= 4 * 25, "backoff bounds the error rate: {r}");
     }
 

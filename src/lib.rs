@@ -13,6 +13,7 @@ pub mod config;
 pub mod fsutil;
 pub mod node;
 pub mod peer;
+pub mod process;
 pub mod proxy;
 pub mod raft;
 pub mod sdk;

@@ -205,6 +205,9 @@ fn metrics_text(app: &App) -> ApiResult {
     metrics::gauge!("raftbridge_raft_applied_index").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
     metrics::gauge!("raftbridge_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
     metrics::gauge!("raftbridge_raft_is_leader").set(if m.current_leader == Some(m.id) { 1.0 } else { 0.0 });
+    if let Some(cpu) = crate::process::cpu_time() {
+        metrics::gauge!("process_cpu_seconds_total").set(cpu.as_secs_f64());
+    }
     let body = app.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));

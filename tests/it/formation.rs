@@ -38,6 +38,16 @@ fn three_nodes_started_together_form_one_cluster() {
     for api in c.apis() {
         assert_eq!(api.probe("/healthz"), Ok(200), "node {} /healthz", api.id);
         assert_eq!(api.probe("/readyz"), Ok(200), "node {} /readyz", api.id);
+        // Prometheus text: the node's role and its CPU time (what `raftbridge bench` reads).
+        let m = api.request("GET", "/metrics", &[], b"").unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(m.status, 200, "node {} /metrics", api.id);
+        let text = m.text();
+        let value = |name: &str| -> Option<f64> {
+            text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        };
+        let is_leader = if api.id == leader { 1.0 } else { 0.0 };
+        assert_eq!(value("raftbridge_raft_is_leader"), Some(is_leader), "node {}:\n{text}", api.id);
+        assert!(value("process_cpu_seconds_total").is_some_and(|s| s >= 0.0), "node {}:\n{text}", api.id);
     }
 }
 
