@@ -155,6 +155,8 @@ pub struct Report {
     pub node_cpu: Option<Duration>,
     /// CPU this load generator used over the measured window.
     pub bench_cpu: Option<Duration>,
+    /// This machine's busy and steal shares over the measured window, in percent.
+    pub host: Option<(f64, f64)>,
 }
 
 impl Report {
@@ -190,6 +192,9 @@ impl fmt::Display for Report {
             per(self.node_cpu),
             per(self.bench_cpu)
         )?;
+        if let Some((busy, steal)) = self.host {
+            write!(f, "\nthis machine over the window: {busy:.0}% busy, {steal:.0}% stolen by the hypervisor")?;
+        }
         Ok(())
     }
 }
@@ -559,15 +564,16 @@ where
     }
     printer.abort();
     let (ok, errors) = (hist.len(), error_kinds.values().sum());
-    let (node_cpu, bench_cpu) = match cpu_at_start.await {
-        Ok((nodes_before, bench_before)) => {
-            let (nodes_after, bench_after) = cpu_sample(targets.clone(), None).await;
+    let (node_cpu, bench_cpu, host) = match cpu_at_start.await {
+        Ok(before) => {
+            let after = cpu_sample(targets.clone(), None).await;
             (
-                nodes_before.zip(nodes_after).map(|(b, a)| a.saturating_sub(b)),
-                bench_before.zip(bench_after).map(|(b, a)| a.saturating_sub(b)),
+                before.nodes.zip(after.nodes).map(|(b, a)| a.saturating_sub(b)),
+                before.bench.zip(after.bench).map(|(b, a)| a.saturating_sub(b)),
+                before.host.zip(after.host).and_then(|(b, a)| a.shares_since(&b)),
             )
         }
-        Err(_) => (None, None),
+        Err(_) => (None, None, None),
     };
 
     let elapsed = Instant::now()
@@ -591,16 +597,27 @@ where
         error_kinds,
         node_cpu,
         bench_cpu,
+        host,
     })
 }
 
-/// At `at` (or now): the targets' CPU time summed (`None` unless every target exports
-/// `process_cpu_seconds_total`), and this process's own.
-async fn cpu_sample(targets: Vec<String>, at: Option<Instant>) -> (Option<Duration>, Option<Duration>) {
+/// CPU counters at one moment.
+struct CpuSample {
+    /// The targets' CPU time summed (`None` unless every target exports
+    /// `process_cpu_seconds_total`).
+    nodes: Option<Duration>,
+    /// This process's.
+    bench: Option<Duration>,
+    /// This machine's.
+    host: Option<crate::process::HostCpu>,
+}
+
+/// [`CpuSample`] at `at` (or now).
+async fn cpu_sample(targets: Vec<String>, at: Option<Instant>) -> CpuSample {
     if let Some(at) = at {
         sleep_until(at).await;
     }
-    let bench = crate::process::cpu_time();
+    let (bench, host) = (crate::process::cpu_time(), crate::process::host_cpu());
     let scrapes = targets.into_iter().map(|t| async move {
         let mut conn = Conn::new(t);
         let resp = conn.get("/metrics", Duration::from_secs(5)).await.ok()?;
@@ -612,7 +629,7 @@ async fn cpu_sample(targets: Vec<String>, at: Option<Instant>) -> (Option<Durati
         .into_iter()
         .sum::<Option<f64>>()
         .and_then(|s| Duration::try_from_secs_f64(s).ok());
-    (nodes, bench)
+    CpuSample { nodes, bench, host }
 }
 
 async fn worker<F>(
@@ -843,6 +860,7 @@ mod tests {
         // Each target's CPU grew by 2 s between the scrape at the window's start and its end.
         assert_eq!(r.node_cpu, Some(Duration::from_secs(4)), "{r}");
         assert!(r.bench_cpu.is_some(), "{r}");
+        assert!(r.host.is_some_and(|(busy, steal)| (0.0..=100.0).contains(&busy) && (0.0..=100.0).contains(&steal)), "{r}");
         assert!(r.to_string().contains("\ncpu per acknowledged request: nodes "), "{r}");
     }
 
@@ -851,7 +869,7 @@ mod tests {
         let r = run(state_cmd(vec![server(503).await])).await.unwrap();
         assert_eq!(r.ok, 0);
         assert!(r.errors > 0);
-        assert!(r.to_string().ends_with("nodes n/a (sum over the targets), load generator n/a"), "{r}");
+        assert!(r.to_string().contains("\ncpu per acknowledged request: nodes n/a (sum over the targets), load generator n/a"), "{r}");
         assert_eq!(r.error_kinds.get("status 503"), Some(&r.errors), "{r}");
 
         // A closed port: connection errors, backed off rather than spun.

@@ -1,6 +1,7 @@
 //! This process's CPU time, read from `/proc/self/stat`, for `/metrics`
 //! (`process_cpu_seconds_total`, the name Prometheus' own process collectors use) and for
-//! `raftbridge bench`, which prints node and load-generator CPU per acknowledged operation.
+//! `raftbridge bench`, which prints node and load-generator CPU per acknowledged operation, and
+//! the machine's busy and steal shares (`/proc/stat`) over its window.
 //!
 //! Why: on a shared 2-core VM the same build's throughput drifts by ±15% within minutes, so
 //! comparing two builds by requests per second alone needs many runs. CPU time per acknowledged
@@ -29,6 +30,43 @@ fn parse_stat_cpu(stat: &str) -> Option<Duration> {
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
     Some(Duration::from_millis((utime + stime) * 1000 / USER_HZ))
+}
+
+/// This machine's CPU time so far, from the first line of `/proc/stat`, in ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostCpu {
+    /// Everything but idle, I/O wait and steal.
+    pub busy: u64,
+    /// Time the hypervisor ran something else while a vCPU wanted to run.
+    pub steal: u64,
+    pub total: u64,
+}
+
+impl HostCpu {
+    /// Busy and steal shares of the time between `earlier` and `self`, in percent.
+    pub fn shares_since(&self, earlier: &HostCpu) -> Option<(f64, f64)> {
+        let total = self.total.checked_sub(earlier.total).filter(|t| *t > 0)? as f64;
+        let busy = self.busy.saturating_sub(earlier.busy) as f64;
+        let steal = self.steal.saturating_sub(earlier.steal) as f64;
+        Some((100.0 * busy / total, 100.0 * steal / total))
+    }
+}
+
+/// This machine's CPU time so far; `None` where `/proc` is not available.
+pub fn host_cpu() -> Option<HostCpu> {
+    parse_host_cpu(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal ...` (older kernels stop earlier).
+fn parse_host_cpu(stat: &str) -> Option<HostCpu> {
+    let line = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = line.split_ascii_whitespace().take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
+    if v.len() < 5 {
+        return None;
+    }
+    let total: u64 = v.iter().sum();
+    let steal = v.get(7).copied().unwrap_or(0);
+    Some(HostCpu { busy: total - v[3] - v[4] - steal, steal, total })
 }
 
 /// `process_cpu_seconds_total` as a value in Prometheus' text format (`None`: not found).
@@ -66,6 +104,20 @@ mod tests {
         }
         std::hint::black_box(x);
         assert!(after > before, "{after:?} > {before:?}");
+    }
+
+    #[test]
+    fn host_cpu_from_proc_stat() {
+        let before = parse_host_cpu("cpu  100 0 50 800 30 0 10 10 0 0\ncpu0 1 2 3\n").unwrap();
+        assert_eq!(before, HostCpu { busy: 160, steal: 10, total: 1000 });
+        let after = HostCpu { busy: 260, steal: 30, total: 1200 };
+        assert_eq!(after.shares_since(&before), Some((50.0, 10.0)));
+        assert_eq!(before.shares_since(&before), None);
+        assert_eq!(parse_host_cpu("cpu  1 2 x 4 5"), None);
+        assert_eq!(parse_host_cpu("intr 1 2"), None);
+        if let Some(now) = host_cpu() {
+            assert!(now.total >= now.busy + now.steal, "{now:?}");
+        }
     }
 
     #[test]
