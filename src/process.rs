@@ -10,8 +10,9 @@
 
 use std::time::Duration;
 
-/// `/proc` reports CPU times in `USER_HZ` ticks, which the kernel fixes at 100 per second for
-/// user space on every architecture Linux supports (`sysconf(_SC_CLK_TCK)` returns it).
+/// `/proc` reports CPU times in `USER_HZ` ticks (what `sysconf(_SC_CLK_TCK)` returns), which
+/// the kernel fixes at 100 per second on x86-64 and arm64, the targets we build for, whatever
+/// the kernel's own tick rate.
 const USER_HZ: u64 = 100;
 
 /// User + system CPU time of this process so far (all threads, live and exited); `None` where
