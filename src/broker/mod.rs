@@ -90,6 +90,8 @@ struct Group {
     reply: Reply,
     /// Holds the group's share of `QUEUE_EVENTS` until the batcher takes the group.
     _queued: OwnedSemaphorePermit,
+    /// When the group was queued: how long it waited for an entry is a metric.
+    since: std::time::Instant,
 }
 
 fn payload_bytes(events: &[NewEvent]) -> usize {
@@ -165,7 +167,8 @@ impl Broker {
         let n = events.len().min(QUEUE_EVENTS) as u32;
         let queued = self.admit.clone().acquire_many_owned(n).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         let (reply, rx) = oneshot::channel();
-        self.queue.send(Group { events, reply, _queued: queued }).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
+        let group = Group { events, reply, _queued: queued, since: std::time::Instant::now() };
+        self.queue.send(group).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         rx.await.map_err(|_| Arc::new(BrokerError::Stopped))?
     }
 
@@ -247,6 +250,7 @@ fn fill(first: Group, rx: &mut mpsc::Receiver<Group>, carry: &mut Option<Group>)
     let mut events = Vec::with_capacity(count);
     let mut replies = Vec::with_capacity(groups.len());
     for g in groups {
+        metrics::histogram!("raftbridge_publish_queue_seconds").record(g.since.elapsed().as_secs_f64());
         replies.push((g.reply, g.events.len()));
         events.extend(g.events);
     }
@@ -278,7 +282,11 @@ async fn batcher(
             let _permit = permit;
             let n = events.len();
             let cmd = Command::Publish { now_ms: now_ms(), events: Arc::new(events), limits };
-            let result = match store.command(cmd, timeout).await {
+            let started = std::time::Instant::now();
+            let outcome = store.command(cmd, timeout).await;
+            // Leader: propose → committed and applied; follower: forwarded → the leader's answer.
+            metrics::histogram!("raftbridge_publish_commit_seconds").record(started.elapsed().as_secs_f64());
+            let result = match outcome {
                 Ok(CommandResult::Published(ids)) if ids.len() == n => Ok(ids),
                 Ok(_) => Err(Arc::new(BrokerError::Unexpected)),
                 Err(e) => Err(Arc::new(BrokerError::Store(e))),
@@ -316,7 +324,7 @@ mod tests {
                 let (reply, rx) = oneshot::channel();
                 let queued = admit.clone().try_acquire_many_owned(n as u32).expect("room in the queue");
                 let events = (0..n).map(|_| event(bytes)).collect();
-                tx.try_send(Group { events, reply, _queued: queued }).expect("room in the channel");
+                tx.try_send(Group { events, reply, _queued: queued, since: std::time::Instant::now() }).expect("room in the channel");
                 rx
             })
             .collect()
