@@ -162,7 +162,8 @@ pub async fn run(
         max_age_ms: cfg.events_max_age_s.saturating_mul(1000),
         dedup_window_ms: 120_000,
     };
-    let broker = Broker::start(store.clone(), limits, timeout, broker_stop.clone());
+    let linger = Duration::from_millis(cfg.publish_linger_ms);
+    let broker = Broker::start(store.clone(), limits, timeout, linger, broker_stop.clone());
     let subscribers: HashMap<String, LocalSubscriber> = services
         .iter()
         .flat_map(|p| {
