@@ -165,7 +165,7 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (Method::GET, ["healthz"]) => ("healthz", Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
         ,
         (Method::GET, ["readyz"]) => ("readyz", readyz(app)),
-        (Method::GET, ["metrics"]) => ("metrics", metrics_text(app)),
+        (Method::GET, ["metrics"]) => ("metrics", metrics_text(app).await),
         (Method::GET, ["cluster"]) => ("cluster", Ok(json_response(StatusCode::OK, &cluster_view(app)))),
         (Method::DELETE, ["cluster", "members", id]) => ("cluster_remove", remove_member(app, id).await),
         (Method::POST, ["v1", "events", name]) => {
@@ -199,7 +199,11 @@ fn readyz(app: &App) -> ApiResult {
     }
 }
 
-fn metrics_text(app: &App) -> ApiResult {
+/// Renders on a blocking thread: draining a histogram waits for any thread that is recording
+/// into it at that moment (the fsync thread, a preempted task), and under load that wait took up
+/// to 65 ms; on the async worker it stalled every request of the node, and `raftbridge bench`,
+/// which scrapes at the start and end of its window, measured it as publish outliers.
+async fn metrics_text(app: &App) -> ApiResult {
     let m = app.replica.metrics();
     metrics::gauge!("raftbridge_raft_term").set(m.current_term as f64);
     metrics::gauge!("raftbridge_raft_applied_index").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
@@ -208,7 +212,12 @@ fn metrics_text(app: &App) -> ApiResult {
     if let Some(cpu) = crate::process::cpu_time() {
         metrics::gauge!("process_cpu_seconds_total").set(cpu.as_secs_f64());
     }
-    let body = app.metrics.as_ref().map(|h| h.render()).unwrap_or_default();
+    let body = match app.metrics.clone() {
+        Some(h) => tokio::task::spawn_blocking(move || h.render())
+            .await
+            .map_err(|e| ApiError::Internal(format!("rendering metrics: {e}")))?,
+        None => String::new(),
+    };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     Ok(resp)
