@@ -277,12 +277,11 @@ const DRAIN_DELAY: Duration = Duration::from_millis(500);
 const METRICS_UPKEEP: Duration = Duration::from_secs(1);
 
 /// The Prometheus recorder keeps every histogram sample until upkeep folds it into the exported
-/// summaries; `install_recorder` (we serve `/metrics` ourselves) leaves running upkeep to us. Without
-/// it, samples piled up for as long as nobody scraped (memory without bound), and the first
-/// `/metrics` after a busy stretch folded them all on the async worker: measured 65 ms per scrape
-/// after 8 s at 2,000 events/s, a stall of every request on that node (it was the 50–70 ms
-/// publish outliers `raftbridge bench` saw, which scrapes at the start and end of its window).
-/// Every second, and on a blocking thread, each fold stays small and off the request path.
+/// summaries; `install_recorder` (we serve `/metrics` ourselves) leaves running upkeep to us.
+/// Without it, samples piled up for as long as nobody scraped (memory without bound) and the
+/// next scrape folded them all. Every second, on a blocking thread, each fold stays small and
+/// off the async workers. (The scrape stalls themselves came from rendering on the worker; see
+/// `api::metrics_text`.)
 async fn metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, stop: CancellationToken) {
     let mut tick = tokio::time::interval(METRICS_UPKEEP);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
