@@ -287,8 +287,8 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
         events as f64 / report.elapsed.as_secs_f64().max(1e-9),
         args.batch
     );
-    if let (Some(cpu), true) = (report.node_cpu, events > 0) {
-        println!("node cpu per acknowledged event: {:.1} µs (sum over the targets)", cpu.as_secs_f64() * 1e6 / events as f64);
+    if let Some(us) = report.per_ok_us(report.node_cpu) {
+        println!("node cpu per acknowledged event: {:.1} µs (sum over the targets)", us / args.batch as f64);
     }
     if let Some((n, p50, p99)) = e2e {
         println!("end-to-end (accepted → readable on the first target, sampled): {n} events, p50 {p50} ms, p99 {p99} ms");
@@ -311,11 +311,10 @@ async fn delivery_latency(targets: &[String], sub: &str) -> Vec<(String, String)
             Ok(resp) => {
                 let text = String::from_utf8_lossy(&resp.body).into_owned();
                 let label = format!("subscription=\"{sub}\"");
-                let value = |suffix: &str, quantile: Option<&str>| -> Option<f64> {
-                    text.lines()
-                        .filter(|l| l.starts_with(&format!("raftbridge_delivery_latency_seconds{suffix}{{")) && l.contains(&label))
-                        .find(|l| quantile.is_none_or(|q| l.contains(&format!("quantile=\"{q}\""))))
-                        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+                let value = |suffix: &str, quantile: Option<&str>| {
+                    let q = quantile.map(|q| format!("quantile=\"{q}\""));
+                    let labels: Vec<&str> = std::iter::once(label.as_str()).chain(q.as_deref()).collect();
+                    metric_value(&text, &format!("raftbridge_delivery_latency_seconds{suffix}"), &labels)
                 };
                 match (value("_count", None), value("", Some("0.5")), value("", Some("0.99"))) {
                     (Some(n), Some(p50), Some(p99)) if n > 0.0 => {
@@ -328,6 +327,16 @@ async fn delivery_latency(targets: &[String], sub: &str) -> Vec<(String, String)
         out.push((target.to_string(), line));
     }
     out
+}
+
+/// The value of the first sample of `name` in Prometheus' text format whose labels contain every
+/// one of `labels` (each written `key="value"`); `None` if there is none.
+fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// Samples end-to-end latency until `stop`: every 20 ms it reads the newest events (at most 20)
@@ -621,8 +630,7 @@ async fn cpu_sample(targets: Vec<String>, at: Option<Instant>) -> CpuSample {
     let scrapes = targets.into_iter().map(|t| async move {
         let mut conn = Conn::new(t);
         let resp = conn.get("/metrics", Duration::from_secs(5)).await.ok()?;
-        let text = std::str::from_utf8(&resp.body).ok()?;
-        crate::process::parse_cpu_seconds(text)
+        metric_value(std::str::from_utf8(&resp.body).ok()?, "process_cpu_seconds_total", &[])
     });
     let nodes = futures_util::future::join_all(scrapes)
         .await
@@ -1039,6 +1047,21 @@ mod tests {
         )
         .await
         .is_err());
+    }
+
+    #[test]
+    fn metric_values_by_name_and_labels() {
+        let text = "# TYPE process_cpu_seconds_total gauge\nprocess_cpu_seconds_total 12.5\n\
+            process_cpu_seconds_total_other 3\n\
+            d_seconds{subscription=\"a\",quantile=\"0.5\"} 0.25\n\
+            d_seconds{subscription=\"b\",quantile=\"0.5\"} 0.5\n\
+            d_seconds_count{subscription=\"b\"} 7\n";
+        assert_eq!(metric_value(text, "process_cpu_seconds_total", &[]), Some(12.5));
+        assert_eq!(metric_value(text, "d_seconds", &["subscription=\"b\"", "quantile=\"0.5\""]), Some(0.5));
+        assert_eq!(metric_value(text, "d_seconds_count", &["subscription=\"b\""]), Some(7.0));
+        assert_eq!(metric_value(text, "d_seconds", &["subscription=\"c\""]), None);
+        assert_eq!(metric_value(text, "process_cpu", &[]), None, "a prefix of a name is not the name");
+        assert_eq!(metric_value("other 1\n", "process_cpu_seconds_total", &[]), None);
     }
 
     #[test]

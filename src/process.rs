@@ -70,14 +70,6 @@ fn parse_host_cpu(stat: &str) -> Option<HostCpu> {
     Some(HostCpu { busy: total - v[3] - v[4] - steal, steal, total })
 }
 
-/// `process_cpu_seconds_total` as a value in Prometheus' text format (`None`: not found).
-pub fn parse_cpu_seconds(metrics_text: &str) -> Option<f64> {
-    metrics_text
-        .lines()
-        .find_map(|l| l.strip_prefix("process_cpu_seconds_total "))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,12 +111,5 @@ mod tests {
         if let Some(now) = host_cpu() {
             assert!(now.total >= now.busy + now.steal, "{now:?}");
         }
-    }
-
-    #[test]
-    fn cpu_seconds_from_metrics_text() {
-        let text = "# TYPE process_cpu_seconds_total gauge\nprocess_cpu_seconds_total 12.5\nother 1\n";
-        assert_eq!(parse_cpu_seconds(text), Some(12.5));
-        assert_eq!(parse_cpu_seconds("other 1\n"), None);
     }
 }
