@@ -233,6 +233,7 @@ pub async fn run(
         restarting,
         sm: sm_shared,
         metrics,
+        rendering: tokio::sync::Semaphore::new(1),
         settings: api::HttpSettings {
             max_body: cfg.max_body,
             max_connections: cfg.max_connections,

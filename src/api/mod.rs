@@ -72,6 +72,9 @@ pub struct App {
     pub restarting: bool,
     pub sm: Arc<SmShared>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// One `/metrics` render at a time: each runs on a blocking thread, and concurrent scrapes
+    /// would each hold one. Never closed; dropped with the app.
+    pub rendering: tokio::sync::Semaphore,
     pub settings: HttpSettings,
     pub cluster_name: String,
 }
@@ -213,9 +216,12 @@ async fn metrics_text(app: &App) -> ApiResult {
         metrics::gauge!("process_cpu_seconds_total").set(cpu.as_secs_f64());
     }
     let body = match app.metrics.clone() {
-        Some(h) => tokio::task::spawn_blocking(move || h.render())
+        Some(h) => {
+            let _one = app.rendering.acquire().await.map_err(|_| ApiError::Unavailable("shutting down".into()))?;
+            tokio::task::spawn_blocking(move || h.render())
             .await
-            .map_err(|e| ApiError::Internal(format!("rendering metrics: {e}")))?,
+            .map_err(|e| ApiError::Internal(format!("rendering metrics: {e}")))?
+        }
         None => String::new(),
     };
     let mut resp = Response::new(Full::new(Bytes::from(body)));
