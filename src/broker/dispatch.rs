@@ -29,7 +29,6 @@ use crate::peer::PeerNet;
 use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::raft::state_machine::SmShared;
-use crate::raft::types::Command;
 use crate::raft::types::NodeId;
 use crate::raft::types::SubUpdate;
 use crate::sdk::Ctx;
@@ -40,6 +39,8 @@ use crate::sdk::SubscriptionHandler;
 
 const TICK: Duration = Duration::from_millis(10);
 const UPDATE_BATCH: usize = 4096;
+/// Update batches being committed at once, at most.
+const UPDATE_BATCHES_OUT: usize = 4;
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -336,13 +337,18 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Commits progress updates in batches (one Raft entry per batch, one batch at a time).
+/// Commits progress updates in batches through the broker, which puts them into its next event
+/// entry on the leader (`Broker::settle`). Up to `UPDATE_BATCHES_OUT` batches are outstanding, so
+/// the acks that arrive while one entry commits are already queued when the batcher forms the
+/// next (updates commute: acks and instance positions are idempotent, failures only count).
 async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, shutdown: CancellationToken) {
+    let out = Arc::new(tokio::sync::Semaphore::new(UPDATE_BATCHES_OUT));
     loop {
         let first = tokio::select! {
             f = rx.recv() => match f { Some(f) => f, None => return },
             _ = shutdown.cancelled() => return,
         };
+        let Ok(permit) = out.clone().acquire_owned().await else { return };
         let mut batch = vec![first];
         while batch.len() < UPDATE_BATCH {
             match rx.try_recv() {
@@ -351,9 +357,13 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
             }
         }
         let (updates, txs): (Vec<SubUpdate>, Vec<_>) = batch.into_iter().unzip();
-        let ok = broker.store().command(Command::SubUpdate { updates }, Duration::from_secs(10)).await.is_ok();
-        for tx in txs {
-            let _ = tx.send(ok);
-        }
+        let broker = broker.clone();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let ok = broker.settle(updates, Duration::from_secs(10)).await;
+            for tx in txs {
+                let _ = tx.send(ok);
+            }
+        });
     }
 }

@@ -240,6 +240,12 @@ impl SmData {
                 }
                 CommandResult::SubUpdated
             }
+            Command::PublishAndSettle { now_ms, events, limits, updates } => {
+                for u in updates {
+                    self.sub_update(u);
+                }
+                self.publish(now_ms, Arc::unwrap_or_clone(events), limits)
+            }
             Command::IdemComplete { key, attempt: _, response } => match self.idem.get_mut(&key) {
                 // The first completion wins; a slower duplicate attempt gets the winner's answer.
                 Some(IdemRecord { state: IdemState::Done(first), .. }) => CommandResult::IdemDone(first.clone()),
@@ -782,6 +788,39 @@ mod tests {
         d.apply(9, later);
         assert!(!d.idem.contains_key("k1"));
         assert!(d.idem.contains_key("k2"));
+    }
+
+    #[test]
+    fn progress_in_an_event_entry_applies_like_its_own_entry_then_the_events() {
+        use crate::broker::event::EventFilter;
+        use crate::broker::event::SubscriptionDecl;
+        use crate::sdk::MessageMeta;
+        let limits = EventLimits { max_events: 100, max_bytes: 1 << 20, max_age_ms: 3_600_000, dedup_window_ms: 60_000 };
+        let events = |n: usize| Arc::new((0..n).map(|_| crate::broker::new_event("e", b"1".to_vec(), &MessageMeta::default(), None, None)).collect::<Vec<_>>());
+        let service = crate::sdk::ServiceDecl {
+            name: "svc".into(),
+            version: 1,
+            commands: Vec::new(),
+            subscriptions: vec![SubscriptionDecl::new("sub", EventFilter::default())],
+            available: true,
+        };
+        let ack = |position| SubUpdate::Ack { sub: "sub".into(), position };
+        // Two nodes apply the same progress, one as its own entry and one inside an event entry.
+        let (mut apart, mut merged) = (SmData::default(), SmData::default());
+        for d in [&mut apart, &mut merged] {
+            d.apply(1, Command::Register { node: 1, services: vec![service.clone()] });
+            assert!(matches!(d.apply(2, Command::Publish { now_ms: 10, events: events(3), limits }), CommandResult::Published(ids) if ids.len() == 3));
+        }
+        let first = apart.subs["sub"].cursor;
+        assert_eq!(apart.apply(3, Command::SubUpdate { updates: vec![ack(first), ack(first + 1)] }), CommandResult::SubUpdated);
+        let published = apart.apply(4, Command::Publish { now_ms: 20, events: events(2), limits });
+        let both = Command::PublishAndSettle { now_ms: 20, events: events(2), limits, updates: vec![ack(first), ack(first + 1)] };
+        let CommandResult::Published(ids) = merged.apply(3, both) else { panic!("the events' ids and positions") };
+        let CommandResult::Published(apart_ids) = published else { panic!("published") };
+        assert_eq!(ids.iter().map(|(_, p)| p).collect::<Vec<_>>(), apart_ids.iter().map(|(_, p)| p).collect::<Vec<_>>());
+        assert_eq!(merged.subs["sub"].cursor, first + 2, "the two acks moved the cursor");
+        assert_eq!(merged.subs["sub"].cursor, apart.subs["sub"].cursor);
+        assert_eq!(merged.log.next, apart.log.next);
     }
 
     #[tokio::test]

@@ -96,6 +96,16 @@ pub enum Command {
     },
     /// Subscription progress: acks, failed attempts, dead letters, per-instance positions.
     SubUpdate { updates: Vec<SubUpdate> },
+    /// `SubUpdate`'s progress and `Publish`'s events in one entry: the leader's batcher puts
+    /// the acks it has queued into its next event entry, so deliveries cost no entries (and
+    /// fsyncs, and replication rounds) of their own. Applies the updates, then the events.
+    /// Added after the others: logs written before it still decode.
+    PublishAndSettle {
+        now_ms: u64,
+        events: std::sync::Arc<Vec<crate::broker::event::NewEvent>>,
+        limits: EventLimits,
+        updates: Vec<SubUpdate>,
+    },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -155,6 +165,9 @@ impl fmt::Display for Command {
             Command::IdemComplete { .. } => write!(f, "idempotency complete"),
             Command::Publish { events, .. } => write!(f, "publish {} events", events.len()),
             Command::SubUpdate { updates } => write!(f, "{} subscription updates", updates.len()),
+            Command::PublishAndSettle { events, updates, .. } => {
+                write!(f, "publish {} events and {} subscription updates", events.len(), updates.len())
+            }
         }
     }
 }
