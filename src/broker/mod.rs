@@ -9,8 +9,11 @@
 //! - *Batching.* Publishers on a node queue their events as groups (one event, or a client's
 //!   batch, which commits all or nothing); a batcher turns everything queued into one `Publish`
 //!   entry, with at most `MAX_INFLIGHT_BATCHES` entries in flight. While those are being
-//!   committed, new events queue up and form the next batch: no fixed linger when idle, large
-//!   batches under load (bounded by `MAX_BATCH` events and `MAX_BATCH_BYTES`).
+//!   committed, new events queue up and form the next batch: large batches under load (bounded
+//!   by `MAX_BATCH` events and `MAX_BATCH_BYTES`). With fewer than `LINGER_ENOUGH` events queued
+//!   the leader lingers for more, never past `--publish-linger-ms` after the oldest was queued:
+//!   otherwise the commit loop clocks itself and a light load costs an entry (an fsync on every
+//!   node and a replication round) per handful of events.
 //! - *One batch for the whole cluster.* A follower's batch is forwarded to the leader, whose
 //!   broker merges it into its own next entry (`write_forwarded`) instead of proposing it as an
 //!   entry of its own. Every node's concurrent publishers then share one entry, one fsync per
@@ -29,6 +32,7 @@
 pub mod dispatch;
 pub mod event;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use std::time::SystemTime;
@@ -68,6 +72,11 @@ const MAX_BATCH_BYTES: usize = 256 << 10;
 /// and the same for batches of 100. All in-flight entries go to the same leader, so more slots
 /// would not help during a failover either.
 const MAX_INFLIGHT_BATCHES: usize = 1;
+/// Events queued that make the leader's next entry worth proposing at once; with fewer it
+/// lingers (up to `--publish-linger-ms` after the oldest was queued) for more. Below the ~27
+/// events per entry that `raftbridge bench events` (64 connections) reaches at saturation, so
+/// a saturated leader never waits.
+const LINGER_ENOUGH: usize = 16;
 /// Batches a follower has forwarded to the leader and not yet heard back about, at most.
 const MAX_FORWARDED_BATCHES: usize = 16;
 /// Events waiting to be batched at most (publishers wait beyond it: backpressure).
@@ -100,7 +109,7 @@ struct Group {
     /// Holds the group's share of `QUEUE_EVENTS` until the batcher takes the group.
     _queued: OwnedSemaphorePermit,
     /// When the group was queued: how long it waited for an entry is a metric.
-    since: std::time::Instant,
+    since: tokio::time::Instant,
 }
 
 /// Subscription progress (acks, failures, instance positions) waiting for the leader's next
@@ -159,12 +168,12 @@ pub fn new_event(
 }
 
 impl Broker {
-    /// `linger`: the least time between two entries this node proposes as leader
-    /// (`--publish-linger-ms`; zero: none, the next entry goes when the previous one commits).
+    /// `linger`: how long, as leader, it may hold fewer than `LINGER_ENOUGH` queued events for
+    /// more, counted from when the oldest was queued (`--publish-linger-ms`; zero: never).
     pub fn start(store: StateStore, limits: EventLimits, timeout: Duration, linger: Duration, shutdown: CancellationToken) -> Arc<Broker> {
         let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
-        let inbox = Inbox { groups: rx, settles: settle_rx, carry: None };
+        let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new() };
         tokio::spawn(batcher(store.clone(), limits, timeout, linger, inbox, shutdown));
         Arc::new(Broker { store, queue: tx, settles: settle_tx, admit: Arc::new(Semaphore::new(QUEUE_EVENTS)) })
     }
@@ -191,7 +200,7 @@ impl Broker {
         let n = events.len().min(QUEUE_EVENTS) as u32;
         let queued = self.admit.clone().acquire_many_owned(n).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         let (reply, rx) = oneshot::channel();
-        let group = Group { events, reply, _queued: queued, since: std::time::Instant::now() };
+        let group = Group { events, reply, _queued: queued, since: tokio::time::Instant::now() };
         self.queue.send(group).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         rx.await.map_err(|_| Arc::new(BrokerError::Stopped))?
     }
@@ -280,25 +289,15 @@ impl Broker {
     }
 }
 
-/// When the leader's next entry may go: `linger` after the previous one (`None`: now). Without
-/// a linger the leader proposes as soon as its previous entry commits, so under steady light load
-/// it commits small entries back to back and the nodes spend about one core on fsyncs and
-/// replication whatever the rate (measured with `raftbridge bench events --rate`: 585 µs of node
-/// CPU per event at 2,000 events/s, 120 µs at 9,000). A 2 ms linger cut that from 583–608 to
-/// 324–393 µs at 2,000/s and from 242 to 168 µs at 5,000/s, for 1–2 ms more p50 and less
-/// closed-loop throughput at saturation; hence off by default (`--publish-linger-ms`).
-fn linger_until(last: Option<tokio::time::Instant>, linger: Duration, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
-    let until = last? + linger;
-    (until > now).then_some(until)
-}
-
 /// What the batcher takes its entries from. Owned by the batcher; both channels close when the
 /// `Broker` is dropped.
 struct Inbox {
     groups: mpsc::Receiver<Group>,
     settles: mpsc::Receiver<Settle>,
-    /// A group that did not fit into the previous entry: it starts the next one.
-    carry: Option<Group>,
+    /// Groups taken off `groups` but not yet into an entry, oldest first: one that did not fit
+    /// into the previous entry, and those received while lingering (at most `LINGER_ENOUGH`
+    /// events' worth plus that one; each still holds its share of `QUEUE_EVENTS`).
+    held: VecDeque<Group>,
 }
 
 /// What woke the batcher: a group of events, or subscription progress with no events queued.
@@ -308,9 +307,9 @@ enum Work {
 }
 
 impl Inbox {
-    /// Waits until something is queued (the group carried over first).
+    /// Waits until something is queued (held groups first).
     async fn next(&mut self, shutdown: &CancellationToken) -> Option<Work> {
-        if let Some(g) = self.carry.take() {
+        if let Some(g) = self.held.pop_front() {
             return Some(Work::Group(g));
         }
         tokio::select! {
@@ -320,16 +319,38 @@ impl Inbox {
         }
     }
 
+    /// The leader's linger: while fewer than `LINGER_ENOUGH` events are queued (`queued` of
+    /// them already taken), receive more until `until`. False on shutdown.
+    async fn gather(&mut self, mut queued: usize, until: tokio::time::Instant, shutdown: &CancellationToken) -> bool {
+        queued += self.held.iter().map(|g| g.events.len()).sum::<usize>();
+        while queued < LINGER_ENOUGH {
+            let g = match self.groups.try_recv() {
+                Ok(g) => g,
+                Err(_) => tokio::select! {
+                    g = self.groups.recv() => match g {
+                        Some(g) => g,
+                        None => return true,
+                    },
+                    _ = tokio::time::sleep_until(until) => return true,
+                    _ = shutdown.cancelled() => return false,
+                },
+            };
+            queued += g.events.len();
+            self.held.push_back(g);
+        }
+        true
+    }
+
     /// Adds whatever else is queued to `first` while it fits in one entry; a group that does not
-    /// fit is carried into the next batch.
+    /// fit is held for the next batch.
     fn fill(&mut self, first: Group) -> (Vec<NewEvent>, Vec<(Reply, usize)>) {
         let (mut count, mut bytes) = (first.events.len(), payload_bytes(&first.events));
         let mut groups = vec![first];
         while count < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-            let Ok(g) = self.groups.try_recv() else { break };
+            let Some(g) = self.held.pop_front().or_else(|| self.groups.try_recv().ok()) else { break };
             let more = payload_bytes(&g.events);
             if count + g.events.len() > MAX_BATCH || bytes + more > MAX_BATCH_BYTES {
-                self.carry = Some(g);
+                self.held.push_front(g);
                 break;
             }
             (count, bytes) = (count + g.events.len(), bytes + more);
@@ -360,7 +381,7 @@ impl Inbox {
 }
 
 /// The entry for what the batcher took: events, progress, or both in one.
-fn entry(events: Vec<NewEvent>, settles: &mut Vec<Settle>, limits: EventLimits) -> Command {
+fn entry(events: Vec<NewEvent>, settles: &mut [Settle], limits: EventLimits) -> Command {
     let updates: Vec<SubUpdate> = settles.iter_mut().flat_map(|s| std::mem::take(&mut s.updates)).collect();
     match (events.is_empty(), updates.is_empty()) {
         (_, true) => Command::Publish { now_ms: now_ms(), events: Arc::new(events), limits },
@@ -380,7 +401,6 @@ async fn batcher(
     let leading = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
     let following = Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES));
     let replica = store.replica().clone();
-    let mut last_entry = None;
     loop {
         let Some(first) = inbox.next(&shutdown).await else { return };
         // The leader waits for a free slot, and meanwhile events accumulate into this batch. A
@@ -389,21 +409,19 @@ async fn batcher(
         let leader = replica.leader() == Some(replica.id());
         let slots = if leader { &leading } else { &following };
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        if leader {
-            // With a linger, more publishers queue meanwhile and the entry takes them too.
-            if let Some(until) = linger_until(last_entry, linger, tokio::time::Instant::now()) {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(until) => {}
-                    _ = shutdown.cancelled() => return,
-                }
-            }
-            last_entry = Some(tokio::time::Instant::now());
-        }
         let (first, mut settles) = match first {
             Work::Group(g) => (Some(g), Vec::new()),
             // Woken by progress alone: events queued since then still join this entry.
-            Work::Settle(s) => (inbox.carry.take().or_else(|| inbox.groups.try_recv().ok()), vec![s]),
+            Work::Settle(s) => (inbox.held.pop_front().or_else(|| inbox.groups.try_recv().ok()), vec![s]),
         };
+        if let Some(first) = first.as_ref().filter(|_| leader && !linger.is_zero()) {
+            // A few events only: wait a little for more (never past `linger` after the oldest
+            // was queued), so a light load does not cost an entry per handful of events.
+            let until = first.since + linger;
+            if !inbox.gather(first.events.len(), until, &shutdown).await {
+                return;
+            }
+        }
         let (events, replies) = match first {
             Some(g) => inbox.fill(g),
             None => (Vec::new(), Vec::new()),
@@ -479,37 +497,63 @@ mod tests {
                 let (reply, rx) = oneshot::channel();
                 let queued = admit.clone().try_acquire_many_owned(n as u32).expect("room in the queue");
                 let events = (0..n).map(|_| event(bytes)).collect();
-                tx.try_send(Group { events, reply, _queued: queued, since: std::time::Instant::now() }).expect("room in the channel");
+                tx.try_send(Group { events, reply, _queued: queued, since: tokio::time::Instant::now() }).expect("room in the channel");
                 rx
             })
             .collect()
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn linger_spaces_entries_and_never_delays_the_first() {
-        let now = tokio::time::Instant::now();
-        let ms = Duration::from_millis;
-        assert_eq!(linger_until(None, ms(2), now), None, "the first entry goes at once");
-        assert_eq!(linger_until(Some(now), Duration::ZERO, now), None, "no linger configured");
-        assert_eq!(linger_until(Some(now), ms(2), now), Some(now + ms(2)));
-        tokio::time::advance(ms(1)).await;
-        let later = tokio::time::Instant::now();
-        assert_eq!(linger_until(Some(now), ms(2), later), Some(now + ms(2)), "waits out the rest");
-        tokio::time::advance(ms(5)).await;
-        assert_eq!(linger_until(Some(now), ms(2), tokio::time::Instant::now()), None, "idle longer than the linger: at once");
     }
 
     /// An inbox fed by the returned senders.
     fn inbox() -> (mpsc::Sender<Group>, mpsc::Sender<Settle>, Inbox) {
         let (tx, rx) = mpsc::channel(16);
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
-        (tx, settle_tx, Inbox { groups: rx, settles: settle_rx, carry: None })
+        (tx, settle_tx, Inbox { groups: rx, settles: settle_rx, held: VecDeque::new() })
     }
 
     fn acks(sub: &str, positions: std::ops::Range<u64>) -> (Settle, oneshot::Receiver<bool>) {
         let (reply, rx) = oneshot::channel();
         let updates = positions.map(|position| SubUpdate::Ack { sub: sub.into(), position }).collect();
         (Settle { updates, reply }, rx)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_lingers_only_while_few_events_are_queued_and_never_past_the_linger() {
+        let ms = Duration::from_millis;
+        let shutdown = CancellationToken::new();
+        let admit = Arc::new(Semaphore::new(QUEUE_EVENTS));
+        // Enough queued: no wait at all.
+        let (tx, _s, mut ib) = inbox();
+        let _rxs = queue(&tx, &admit, &[(10, 1), (10, 1)]);
+        let start = tokio::time::Instant::now();
+        assert!(ib.gather(1, start + ms(2), &shutdown).await);
+        assert_eq!(tokio::time::Instant::now(), start, "16 or more events queued: propose at once");
+        assert_eq!(ib.held.len(), 2);
+        // Few queued and nothing more comes: waits until the deadline, not longer.
+        let (_tx, _s, mut ib) = inbox();
+        let start = tokio::time::Instant::now();
+        assert!(ib.gather(1, start + ms(2), &shutdown).await);
+        assert_eq!(tokio::time::Instant::now(), start + ms(2));
+        // Few queued, more arrive during the linger: it stops as soon as there are enough.
+        let (tx, _s, mut ib) = inbox();
+        let start = tokio::time::Instant::now();
+        let feeder = tokio::spawn({
+            let (tx, admit) = (tx.clone(), admit.clone());
+            async move {
+                tokio::time::sleep(ms(1)).await;
+                let rxs = queue(&tx, &admit, &[(20, 1)]);
+                tokio::time::sleep(ms(10)).await;
+                drop(rxs);
+            }
+        });
+        assert!(ib.gather(1, start + ms(5), &shutdown).await);
+        assert_eq!(tokio::time::Instant::now(), start + ms(1), "the 20 events that came after 1 ms end the wait");
+        let first = ib.held.pop_front().expect("held");
+        assert_eq!(ib.fill(first).0.len(), 20, "held groups go into the entry");
+        feeder.abort();
+        // Shutdown ends the wait.
+        let (_tx, _s, mut ib) = inbox();
+        shutdown.cancel();
+        assert!(!ib.gather(0, tokio::time::Instant::now() + ms(1000), &shutdown).await);
     }
 
     #[tokio::test]
@@ -522,7 +566,7 @@ mod tests {
         let (events, replies) = inbox.fill(first);
         assert_eq!(events.len(), 6);
         assert_eq!(replies.iter().map(|(_, n)| *n).collect::<Vec<_>>(), vec![1, 3, 2], "one reply per group, in order");
-        assert!(inbox.carry.is_none());
+        assert!(inbox.held.is_empty());
         assert_eq!(admit.available_permits(), QUEUE_EVENTS, "taken groups free their queue room");
     }
 
