@@ -5,6 +5,13 @@
 //! order; an event that fails is retried after a backoff while later events go ahead, so
 //! redelivery reorders. An every-instance subscription is delivered strictly in log order on each
 //! node (an event is retried, blocking the ones after it, until it succeeds or is dead-lettered).
+//! The loops wake when events are applied and when a delivery is answered (paced to one pass per
+//! `MIN_PASS`), and tick every `TICK` for retries and leadership changes: polling alone put a
+//! `TICK` into every delivery's latency and capped a subscription at `max_in_flight × consumers`
+//! events per tick. A consumer's slot frees when it answers, not when its ack is committed
+//! (which waits for the next event entry): the position is kept from being handed out again
+//! until then.
+//!
 //! Delivery is at least once: an ack lost to a crash means a redelivery, so handlers should be
 //! idempotent (the demo's `countOrders` counts each order id, so duplicates are visible).
 
@@ -37,7 +44,14 @@ use crate::sdk::MessageMeta;
 use crate::sdk::Sender;
 use crate::sdk::SubscriptionHandler;
 
+/// Delivery loops also pass this often without a wake-up: retries due after a backoff, a
+/// leadership change, a consumer that came or went.
 const TICK: Duration = Duration::from_millis(10);
+/// Positions of a shared subscription in flight, including those whose outcome is being
+/// committed, at most this many times its consumers' slots.
+const SETTLING_FACTOR: usize = 8;
+/// Least time between two passes of a delivery loop.
+const MIN_PASS: Duration = Duration::from_millis(1);
 const UPDATE_BATCH: usize = 4096;
 /// Update batches being committed at once, at most.
 const UPDATE_BATCHES_OUT: usize = 4;
@@ -158,22 +172,35 @@ impl Dispatcher {
 
     /// On the leader: hand pending events of every shared subscription to consumers.
     async fn shared_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        // (subscription, position) → consumer, for deliveries not yet settled in the log.
-        let inflight: Arc<Mutex<HashMap<(String, u64), NodeId>>> = Arc::new(Mutex::new(HashMap::new()));
+        // (subscription, position) → the consumer it was handed to, for deliveries not yet
+        // settled in the log; `None` once the consumer answered and the outcome is being
+        // committed: the position is not handed out again, but the consumer's slot is free.
+        let inflight: Arc<Mutex<HashMap<(String, u64), Option<NodeId>>>> = Arc::new(Mutex::new(HashMap::new()));
         let mut retry_at: HashMap<(String, u64), Instant> = HashMap::new();
         // Failed deliveries report their backoff here; drained every tick. Bounded by the
         // deliveries in flight (each sends at most one note).
         let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<((String, u64), Duration, NodeId)>();
         // Consumers that failed an event: its retries go to others while any are left.
         let mut failed_on: HashMap<(String, u64), Vec<NodeId>> = HashMap::new();
+        // A finished delivery frees a slot: the next pass can hand out another event.
+        let freed = Arc::new(tokio::sync::Notify::new());
+        let mut appended = self.sm.watch_events();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut was_leader = false;
+        let mut last_pass = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                Ok(()) = appended.changed() => {}
+                _ = freed.notified() => {}
             }
+            if !pace(&mut last_pass, &shutdown).await {
+                return;
+            }
+            // This pass sees every event appended so far.
+            appended.borrow_and_update();
             let leader = self.broker.store().replica().raft.is_leader();
             if !leader {
                 if was_leader {
@@ -203,28 +230,29 @@ impl Dispatcher {
                     continue;
                 }
                 let mut load: HashMap<NodeId, u32> = consumers.iter().map(|c| (*c, 0)).collect();
-                let busy: HashSet<u64> = {
+                let (busy, handed): (HashSet<u64>, usize) = {
                     let f = lock(&inflight);
+                    let mut handed = 0;
                     for ((s, _), node) in f.iter() {
                         if s == &name {
-                            if let Some(l) = load.get_mut(node) {
+                            if let Some(l) = node.and_then(|n| load.get_mut(&n)) {
                                 *l += 1;
+                                handed += 1;
                             }
                         }
                     }
-                    f.keys().filter(|(s, _)| s == &name).map(|(_, p)| *p).collect()
+                    (f.keys().filter(|(s, _)| s == &name).map(|(_, p)| *p).collect(), handed)
                 };
                 let capacity = consumers.len() * decl.max_in_flight as usize;
-                let free = capacity.saturating_sub(busy.len());
+                // Outcomes being committed do not hold a consumer's slot, but are bounded too.
+                let free = capacity.saturating_sub(handed).min((capacity * SETTLING_FACTOR).saturating_sub(busy.len()));
                 if free == 0 {
                     continue;
                 }
-                let pending = self.sm.pending(&name, busy.len() + retry_at.len() + free);
+                let backing_off: HashSet<u64> = retry_at.keys().filter(|(s, _)| s == &name).map(|(_, p)| *p).collect();
+                let pending = self.sm.pending(&name, free, |p| busy.contains(&p) || backing_off.contains(&p));
                 for (event, attempts) in pending {
                     let key = (name.clone(), event.position);
-                    if busy.contains(&event.position) || retry_at.contains_key(&key) {
-                        continue;
-                    }
                     let avoid = failed_on.get(&key);
                     let open = |n: &NodeId, l: &u32| *l < decl.max_in_flight && avoid.is_none_or(|a| !a.contains(n));
                     let fresh = load.iter().filter(|(n, l)| open(n, l)).min_by_key(|(_, l)| **l);
@@ -233,13 +261,20 @@ impl Dispatcher {
                         break;
                     };
                     *load.entry(target).or_default() += 1;
-                    lock(&inflight).insert(key.clone(), target);
+                    lock(&inflight).insert(key.clone(), Some(target));
                     let this = self.clone();
                     let inflight = inflight.clone();
                     let decl = decl.clone();
                     let retry_tx = retry_tx.clone();
+                    let freed = freed.clone();
                     tokio::spawn(async move {
-                        let pause = this.deliver_shared(&decl, target, event, attempts).await;
+                        let answered = || {
+                            if let Some(slot) = lock(&inflight).get_mut(&key) {
+                                *slot = None;
+                            }
+                            freed.notify_one();
+                        };
+                        let pause = this.deliver_shared(&decl, target, event, attempts, answered).await;
                         lock(&inflight).remove(&key);
                         if let Some(pause) = pause {
                             let _ = retry_tx.send((key, pause, target));
@@ -250,8 +285,17 @@ impl Dispatcher {
         }
     }
 
-    /// One delivery of a shared subscription's event; returns a backoff when it failed.
-    async fn deliver_shared(&self, decl: &SubscriptionDecl, target: NodeId, event: Event, attempts: u32) -> Option<Duration> {
+    /// One delivery of a shared subscription's event: `answered` runs when the consumer has
+    /// answered (its slot is free from then on), the outcome is then committed. Returns a
+    /// backoff when it failed.
+    async fn deliver_shared(
+        &self,
+        decl: &SubscriptionDecl,
+        target: NodeId,
+        event: Event,
+        attempts: u32,
+        answered: impl FnOnce(),
+    ) -> Option<Duration> {
         let position = event.position;
         let deadline = Duration::from_millis(decl.ack_deadline_ms.max(1));
         let result = if target == self.node_id {
@@ -267,6 +311,7 @@ impl Dispatcher {
                 Err(e) => Err(HandlerError::new(502, e.to_string())),
             }
         };
+        answered();
         match result {
             Ok(()) => {
                 metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(1);
@@ -287,13 +332,21 @@ impl Dispatcher {
     /// log order.
     async fn instance_loop(self: Arc<Self>, name: String, shutdown: CancellationToken) {
         let mut next: Option<u64> = None;
+        let mut appended = self.sm.watch_events();
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_pass = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
+                Ok(()) = appended.changed() => {}
             }
+            if !pace(&mut last_pass, &shutdown).await {
+                return;
+            }
+            // This pass sees every event appended so far.
+            appended.borrow_and_update();
             let Some(state) = self.sm.subscription(&name) else { continue };
             if state.decl.shared || !self.cluster.ready() {
                 continue;
@@ -332,6 +385,22 @@ impl Dispatcher {
     }
 }
 
+/// Spaces a delivery loop's passes at least `MIN_PASS` apart (false on shutdown). The loops wake
+/// on appended events and freed slots, which under load come thousands of times a second; one
+/// pass takes everything that accumulated, so a short spacing bounds their CPU without a
+/// polling delay.
+async fn pace(last: &mut Instant, shutdown: &CancellationToken) -> bool {
+    let due = *last + MIN_PASS;
+    if due > Instant::now() {
+        tokio::select! {
+            _ = tokio::time::sleep_until(due) => {}
+            _ = shutdown.cancelled() => return false,
+        }
+    }
+    *last = Instant::now();
+    true
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Maps of small values, valid after a panic elsewhere.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -365,5 +434,23 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
                 let _ = tx.send(ok);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn passes_are_spaced_but_an_idle_loop_passes_at_once() {
+        let shutdown = CancellationToken::new();
+        let mut last = Instant::now() - Duration::from_secs(1);
+        let start = Instant::now();
+        assert!(pace(&mut last, &shutdown).await);
+        assert_eq!(Instant::now(), start, "the last pass was long ago: no wait");
+        assert!(pace(&mut last, &shutdown).await);
+        assert_eq!(Instant::now(), start + MIN_PASS, "right after a pass: waits out the spacing");
+        shutdown.cancel();
+        assert!(!pace(&mut last, &shutdown).await, "shutdown ends the wait");
     }
 }

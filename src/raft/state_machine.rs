@@ -424,6 +424,9 @@ pub struct SmShared {
     /// The latest snapshot; replaced whole by build or install.
     current: Mutex<Option<StoredSnapshot>>,
     dir: PathBuf,
+    /// `data.log.next` (the next event position), sent after every apply that moved it and
+    /// every install: delivery loops wait on it instead of polling. Lives as long as this.
+    events_next: tokio::sync::watch::Sender<u64>,
 }
 
 impl SmShared {
@@ -440,6 +443,15 @@ impl SmShared {
 
     pub fn registry_revision(&self) -> u64 {
         self.registry_rev.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Changes when events are appended (or a snapshot installed).
+    pub fn watch_events(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.events_next.subscribe()
+    }
+
+    fn events_moved(&self, next: u64) {
+        self.events_next.send_if_modified(|v| std::mem::replace(v, next) != next);
     }
 
     /// Up to `limit` retained events after position `after` (optionally one name), and the
@@ -488,8 +500,9 @@ impl SmShared {
     }
 
     /// Up to `limit` events a shared subscription still has to process, in log order, with
-    /// their failed-attempt counts.
-    pub fn pending(&self, sub: &str, limit: usize) -> Vec<(Event, u32)> {
+    /// their failed-attempt counts, leaving out positions `skip` names (in flight, backing off)
+    /// before copying anything.
+    pub fn pending(&self, sub: &str, limit: usize, skip: impl Fn(u64) -> bool) -> Vec<(Event, u32)> {
         let d = read(&self.data);
         let Some(s) = d.subs.get(sub) else { return Vec::new() };
         let first = d.log.first();
@@ -498,7 +511,7 @@ impl SmShared {
             .events
             .iter()
             .skip((start - first) as usize)
-            .filter(|e| !s.done.contains(&e.position) && s.decl.filter.matches(e))
+            .filter(|e| !skip(e.position) && !s.done.contains(&e.position) && s.decl.filter.matches(e))
             .take(limit)
             .map(|e| ((**e).clone(), s.attempts.get(&e.position).copied().unwrap_or(0)))
             .collect()
@@ -604,6 +617,7 @@ impl StateMachine {
         Ok(StateMachine {
             shared: Arc::new(SmShared {
                 registry_rev: std::sync::atomic::AtomicU64::new(data.registry_revision),
+                events_next: tokio::sync::watch::Sender::new(data.log.next),
                 data: RwLock::new(data),
                 current: Mutex::new(current),
                 dir: dir.to_path_buf(),
@@ -713,6 +727,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 responder.send(result);
             }
         }
+        let next = read(&self.shared.data).log.next;
+        self.shared.events_moved(next);
         Ok(())
     }
 
@@ -734,6 +750,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut d = write(&self.shared.data);
             self.shared.registry_rev.store(data.registry_revision, std::sync::atomic::Ordering::Release);
             *d = data;
+            self.shared.events_moved(d.log.next);
         }
         *lock(&self.shared.current) = Some(snap);
         metrics::counter!("raftbridge_snapshots_installed_total").increment(1);
@@ -821,6 +838,41 @@ mod tests {
         assert_eq!(merged.subs["sub"].cursor, first + 2, "the two acks moved the cursor");
         assert_eq!(merged.subs["sub"].cursor, apart.subs["sub"].cursor);
         assert_eq!(merged.log.next, apart.log.next);
+    }
+
+    #[test]
+    fn pending_leaves_out_skipped_and_done_positions_and_stops_at_the_limit() {
+        use crate::broker::event::EventFilter;
+        use crate::broker::event::SubscriptionDecl;
+        use crate::sdk::MessageMeta;
+        let limits = EventLimits { max_events: 100, max_bytes: 1 << 20, max_age_ms: 3_600_000, dedup_window_ms: 60_000 };
+        let events = Arc::new((0..6).map(|_| crate::broker::new_event("e", b"1".to_vec(), &MessageMeta::default(), None, None)).collect::<Vec<_>>());
+        let service = crate::sdk::ServiceDecl {
+            name: "svc".into(),
+            version: 1,
+            commands: Vec::new(),
+            subscriptions: vec![SubscriptionDecl::new("sub", EventFilter::default())],
+            available: true,
+        };
+        let sm = SmShared {
+            data: RwLock::new(SmData::default()),
+            registry_rev: std::sync::atomic::AtomicU64::new(0),
+            current: Mutex::new(None),
+            dir: PathBuf::new(),
+            events_next: tokio::sync::watch::Sender::new(0),
+        };
+        let mut appended = sm.watch_events();
+        {
+            let mut d = write(&sm.data);
+            d.apply(1, Command::Register { node: 1, services: vec![service] });
+            d.apply(2, Command::Publish { now_ms: 10, events, limits });
+        }
+        let first = read(&sm.data).subs["sub"].cursor;
+        write(&sm.data).apply(3, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "sub".into(), position: first + 2 }] });
+        let got: Vec<u64> = sm.pending("sub", 3, |p| p == first + 1).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(got, vec![first, first + 3, first + 4], "skipped and acked positions are left out, in log order");
+        sm.events_moved(read(&sm.data).log.next);
+        assert!(appended.has_changed().unwrap(), "appending events wakes the delivery loops");
     }
 
     #[tokio::test]
