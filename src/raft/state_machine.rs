@@ -766,6 +766,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
 
+    const LIMITS: EventLimits = EventLimits { max_events: 100, max_bytes: 1 << 20, max_age_ms: 3_600_000, dedup_window_ms: 60_000 };
+
+    /// `n` new events named `e`.
+    fn events(n: usize) -> Arc<Vec<crate::broker::event::NewEvent>> {
+        let meta = crate::sdk::MessageMeta::default();
+        Arc::new((0..n).map(|_| crate::broker::new_event("e", b"1".to_vec(), &meta, None, None)).collect())
+    }
+
+    /// A service with one shared durable subscription to every event.
+    fn one_subscription(name: &str) -> crate::sdk::ServiceDecl {
+        use crate::broker::event::EventFilter;
+        use crate::broker::event::SubscriptionDecl;
+        let subscriptions = vec![SubscriptionDecl::new(name, EventFilter::default())];
+        crate::sdk::ServiceDecl { name: "svc".into(), version: 1, commands: Vec::new(), subscriptions, available: true }
+    }
+
     fn put(store: &str, key: &str, v: &str, if_revision: Option<u64>) -> Command {
         Command::Put { store: store.into(), key: key.into(), value: v.as_bytes().to_vec(), if_revision, tag: None }
     }
@@ -809,18 +825,7 @@ mod tests {
 
     #[test]
     fn progress_in_an_event_entry_applies_like_its_own_entry_then_the_events() {
-        use crate::broker::event::EventFilter;
-        use crate::broker::event::SubscriptionDecl;
-        use crate::sdk::MessageMeta;
-        let limits = EventLimits { max_events: 100, max_bytes: 1 << 20, max_age_ms: 3_600_000, dedup_window_ms: 60_000 };
-        let events = |n: usize| Arc::new((0..n).map(|_| crate::broker::new_event("e", b"1".to_vec(), &MessageMeta::default(), None, None)).collect::<Vec<_>>());
-        let service = crate::sdk::ServiceDecl {
-            name: "svc".into(),
-            version: 1,
-            commands: Vec::new(),
-            subscriptions: vec![SubscriptionDecl::new("sub", EventFilter::default())],
-            available: true,
-        };
+        let (limits, service) = (LIMITS, one_subscription("sub"));
         let ack = |position| SubUpdate::Ack { sub: "sub".into(), position };
         // Two nodes apply the same progress, one as its own entry and one inside an event entry.
         let (mut apart, mut merged) = (SmData::default(), SmData::default());
@@ -842,18 +847,7 @@ mod tests {
 
     #[test]
     fn pending_leaves_out_skipped_and_done_positions_and_stops_at_the_limit() {
-        use crate::broker::event::EventFilter;
-        use crate::broker::event::SubscriptionDecl;
-        use crate::sdk::MessageMeta;
-        let limits = EventLimits { max_events: 100, max_bytes: 1 << 20, max_age_ms: 3_600_000, dedup_window_ms: 60_000 };
-        let events = Arc::new((0..6).map(|_| crate::broker::new_event("e", b"1".to_vec(), &MessageMeta::default(), None, None)).collect::<Vec<_>>());
-        let service = crate::sdk::ServiceDecl {
-            name: "svc".into(),
-            version: 1,
-            commands: Vec::new(),
-            subscriptions: vec![SubscriptionDecl::new("sub", EventFilter::default())],
-            available: true,
-        };
+        let (limits, service, events) = (LIMITS, one_subscription("sub"), events(6));
         let sm = SmShared {
             data: RwLock::new(SmData::default()),
             registry_rev: std::sync::atomic::AtomicU64::new(0),
