@@ -68,6 +68,8 @@ pub struct LocalSubscriber {
 }
 
 type UpdateReq = (SubUpdate, oneshot::Sender<bool>);
+/// (subscription, position) → consumer, or `None` while the outcome is being committed.
+type InFlight = Arc<Mutex<HashMap<(String, u64), Option<NodeId>>>>;
 
 pub struct Dispatcher {
     node_id: NodeId,
@@ -175,7 +177,7 @@ impl Dispatcher {
         // (subscription, position) → the consumer it was handed to, for deliveries not yet
         // settled in the log; `None` once the consumer answered and the outcome is being
         // committed: the position is not handed out again, but the consumer's slot is free.
-        let inflight: Arc<Mutex<HashMap<(String, u64), Option<NodeId>>>> = Arc::new(Mutex::new(HashMap::new()));
+        let inflight: InFlight = Arc::new(Mutex::new(HashMap::new()));
         let mut retry_at: HashMap<(String, u64), Instant> = HashMap::new();
         // Failed deliveries report their backoff here; drained every tick. Bounded by the
         // deliveries in flight (each sends at most one note).

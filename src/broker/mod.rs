@@ -601,8 +601,8 @@ mod tests {
             other => panic!("expected one entry with both, got {other}"),
         }
         let (only, _r) = acks("s", 5..6);
-        assert!(matches!(entry(Vec::new(), &mut vec![only], limits), Command::SubUpdate { updates } if updates.len() == 1));
-        assert!(matches!(entry(vec![event(4)], &mut Vec::new(), limits), Command::Publish { events, .. } if events.len() == 1));
+        assert!(matches!(entry(Vec::new(), &mut [only], limits), Command::SubUpdate { updates } if updates.len() == 1));
+        assert!(matches!(entry(vec![event(4)], &mut [], limits), Command::Publish { events, .. } if events.len() == 1));
     }
 
     #[tokio::test]

@@ -855,7 +855,7 @@ mod tests {
             dir: PathBuf::new(),
             events_next: tokio::sync::watch::Sender::new(0),
         };
-        let mut appended = sm.watch_events();
+        let appended = sm.watch_events();
         {
             let mut d = write(&sm.data);
             d.apply(1, Command::Register { node: 1, services: vec![service] });
