@@ -30,7 +30,10 @@ pub struct EventBody {
     pub tenant_id: Option<String>,
     pub trace_id: Option<String>,
     pub correlation_id: Option<String>,
-    /// The payload as JSON text.
+    /// The payload as JSON text. As bytes, not a sequence of `u8`: the same bincode layout,
+    /// but one copy instead of a call per byte (decoding events was a third of a follower's
+    /// CPU under batched publishing, mostly here).
+    #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
 
@@ -184,6 +187,7 @@ mod tests {
     /// (compared with the flat layout `Event` and `NewEvent` had before `EventBody`).
     #[test]
     fn nested_body_keeps_the_flat_encoding() {
+        // Also covers the payload: `serde_bytes` there, a plain `Vec<u8>` (a sequence) here.
         #[derive(Serialize)]
         struct FlatEvent<'a> {
             position: u64,

@@ -24,7 +24,14 @@ pub enum PeerRequest {
     Vote(VoteRequest),
     PreVote(VoteRequest),
     /// A piece of a full snapshot; the receiver assembles pieces in order and installs on `done`.
-    SnapshotChunk { vote: Vote, meta: SnapshotMeta, offset: u64, data: Vec<u8>, done: bool },
+    SnapshotChunk {
+        vote: Vote,
+        meta: SnapshotMeta,
+        offset: u64,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        done: bool,
+    },
     TransferLeader(TransferLeaderRequest),
     /// Who are you and are you in a cluster (used by bootstrap and join).
     Status,

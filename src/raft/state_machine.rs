@@ -47,6 +47,7 @@ use crate::raft::types::TypeConfig;
 /// One stored value: raw JSON bytes and the log index that last wrote it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Versioned {
+    #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     pub revision: u64,
 }
@@ -412,6 +413,7 @@ impl SmData {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct StoredSnapshot {
     meta: SnapshotMeta,
+    #[serde(with = "serde_bytes")]
     data: Vec<u8>,
 }
 

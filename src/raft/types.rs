@@ -74,7 +74,14 @@ pub type WriteTag = Option<(String, u32)>;
 pub enum Command {
     /// Set `store/key` to `value` (raw JSON bytes). With `if_revision`, only when the key's current
     /// revision equals it (0 = the key must not exist).
-    Put { store: String, key: String, value: Vec<u8>, if_revision: Option<u64>, tag: WriteTag },
+    Put {
+        store: String,
+        key: String,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        if_revision: Option<u64>,
+        tag: WriteTag,
+    },
     /// Remove `store/key`, optionally conditional like `Put`.
     Delete { store: String, key: String, if_revision: Option<u64> },
     /// Add `by` to the integer at `store/key` (absent = 0).
@@ -133,6 +140,7 @@ pub enum SubUpdate {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoredResponse {
     pub status: u16,
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     pub content_type: Option<String>,
 }
@@ -199,4 +207,37 @@ pub enum CommandResult {
     /// (id, position) per published event, in order (a deduplicated one gets its first id/position).
     Published(Vec<(String, u64)>),
     SubUpdated,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Byte fields encode as bytes (`serde_bytes`: one copy) where they used to be sequences
+    /// of `u8` (a call per byte). bincode lays both out the same, so logs, snapshots and peers
+    /// from before read the same.
+    #[test]
+    fn byte_fields_keep_the_layout_of_a_plain_vec() {
+        #[derive(Serialize, Deserialize)]
+        enum Before {
+            Put { store: String, key: String, value: Vec<u8>, if_revision: Option<u64>, tag: WriteTag },
+        }
+        #[derive(Serialize, Deserialize)]
+        struct ResponseBefore {
+            status: u16,
+            body: Vec<u8>,
+            content_type: Option<String>,
+        }
+        let value = br#"{"a":[1,2,3]}"#.to_vec();
+        let before = Before::Put { store: "s".into(), key: "k".into(), value: value.clone(), if_revision: Some(3), tag: Some(("t".into(), 1)) };
+        let now = Command::Put { store: "s".into(), key: "k".into(), value: value.clone(), if_revision: Some(3), tag: Some(("t".into(), 1)) };
+        let old_bytes = bincode::serialize(&before).unwrap();
+        assert_eq!(bincode::serialize(&now).unwrap(), old_bytes);
+        assert!(matches!(bincode::deserialize(&old_bytes).unwrap(), Command::Put { value: v, .. } if v == value));
+        let response = ResponseBefore { status: 201, body: value.clone(), content_type: None };
+        let old_bytes = bincode::serialize(&response).unwrap();
+        let now = StoredResponse { status: 201, body: value, content_type: None };
+        assert_eq!(bincode::serialize(&now).unwrap(), old_bytes);
+        assert_eq!(bincode::deserialize::<StoredResponse>(&old_bytes).unwrap(), now);
+    }
 }
