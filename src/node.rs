@@ -462,6 +462,7 @@ impl Handler for PeerHandler {
                 },
                 PeerRequest::Invoke(inv) => proxy.serve_remote(inv).await,
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
+                PeerRequest::DeliverBatch { sub, events } => dispatcher.serve_delivery_batch(sub, events).await,
                 PeerRequest::WriteBatch(cmds) => PeerResponse::WrittenBatch(broker.write_forwarded(cmds).await),
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
                 PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),

@@ -10,7 +10,9 @@
 //! `TICK` into every delivery's latency and capped a subscription at `max_in_flight × consumers`
 //! events per tick. A consumer's slot frees when it answers, not when its ack is committed
 //! (which waits for the next event entry): the position is kept from being handed out again
-//! until then.
+//! until then. A pass hands a consumer on another node everything it gets in one
+//! `DeliverBatch` frame when that peer announced the feature (one request, one task per pass
+//! and consumer instead of per event), and one `Deliver` per event otherwise.
 //!
 //! Delivery is at least once: an ack lost to a crash means a redelivery, so handlers should be
 //! idempotent (the demo's `countOrders` counts each order id, so duplicates are visible).
@@ -33,6 +35,7 @@ use super::event::Event;
 use super::event::SubscriptionDecl;
 use crate::cluster::Cluster;
 use crate::peer::PeerNet;
+use crate::peer::frame::features;
 use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::raft::state_machine::SmShared;
@@ -50,6 +53,8 @@ const TICK: Duration = Duration::from_millis(10);
 /// Positions of a shared subscription in flight, including those whose outcome is being
 /// committed, at most this many times its consumers' slots.
 const SETTLING_FACTOR: usize = 8;
+/// Events one `DeliverBatch` may carry (a consumer serves them all at once).
+const MAX_DELIVER_BATCH: usize = 1024;
 /// Least time between two passes of a delivery loop.
 const MIN_PASS: Duration = Duration::from_millis(1);
 const UPDATE_BATCH: usize = 4096;
@@ -163,6 +168,20 @@ impl Dispatcher {
         PeerResponse::Delivered(self.run_local(&sub, event).await)
     }
 
+    /// Serve `PeerRequest::DeliverBatch`: the events' handlers run concurrently (the leader sends
+    /// at most `max_in_flight` of them, the bound here is for anything else).
+    pub async fn serve_delivery_batch(&self, sub: String, events: Vec<Event>) -> PeerResponse {
+        if !self.cluster.serving() {
+            return PeerResponse::DeliveredBatch(vec![Err(HandlerError::new(503, "node is not ready")); events.len()]);
+        }
+        if events.len() > MAX_DELIVER_BATCH {
+            let e = HandlerError::new(413, format!("{} events in one delivery, at most {MAX_DELIVER_BATCH}", events.len()));
+            return PeerResponse::DeliveredBatch(vec![Err(e); events.len()]);
+        }
+        let runs = events.into_iter().map(|event| self.run_local(&sub, event));
+        PeerResponse::DeliveredBatch(futures_util::future::join_all(runs).await)
+    }
+
     /// Consumers of a shared subscription: registered, available, and live.
     fn consumers(&self, sub: &str) -> Vec<NodeId> {
         self.sm
@@ -253,6 +272,9 @@ impl Dispatcher {
                 }
                 let backing_off: HashSet<u64> = retry_at.keys().filter(|(s, _)| s == &name).map(|(_, p)| *p).collect();
                 let pending = self.sm.pending(&name, free, |p| busy.contains(&p) || backing_off.contains(&p));
+                // What each consumer gets in this pass: one frame per consumer that takes
+                // batches, one request per event otherwise (and for this node).
+                let mut handout: HashMap<NodeId, Vec<(Event, u32)>> = HashMap::new();
                 for (event, attempts) in pending {
                     let key = (name.clone(), event.position);
                     let avoid = failed_on.get(&key);
@@ -263,71 +285,93 @@ impl Dispatcher {
                         break;
                     };
                     *load.entry(target).or_default() += 1;
-                    lock(&inflight).insert(key.clone(), Some(target));
-                    let this = self.clone();
-                    let inflight = inflight.clone();
-                    let decl = decl.clone();
-                    let retry_tx = retry_tx.clone();
-                    let freed = freed.clone();
-                    tokio::spawn(async move {
-                        let answered = || {
-                            if let Some(slot) = lock(&inflight).get_mut(&key) {
-                                *slot = None;
+                    lock(&inflight).insert(key, Some(target));
+                    handout.entry(target).or_default().push((event, attempts));
+                }
+                for (target, events) in handout {
+                    let batched = target != self.node_id && self.net.features(target) & features::DELIVER_BATCH != 0;
+                    let batches: Vec<Vec<(Event, u32)>> = if batched { vec![events] } else { events.into_iter().map(|e| vec![e]).collect() };
+                    for batch in batches {
+                        let (this, inflight, decl, retry_tx, freed) = (self.clone(), inflight.clone(), decl.clone(), retry_tx.clone(), freed.clone());
+                        tokio::spawn(async move {
+                            let keys: Vec<(String, u64)> = batch.iter().map(|(e, _)| (decl.name.clone(), e.position)).collect();
+                            let answered = || {
+                                let mut f = lock(&inflight);
+                                for key in &keys {
+                                    if let Some(slot) = f.get_mut(key) {
+                                        *slot = None;
+                                    }
+                                }
+                                drop(f);
+                                freed.notify_one();
+                            };
+                            let pauses = this.deliver_shared(&decl, target, batch, answered).await;
+                            let mut f = lock(&inflight);
+                            for (key, pause) in keys.into_iter().zip(pauses) {
+                                f.remove(&key);
+                                if let Some(pause) = pause {
+                                    let _ = retry_tx.send((key, pause, target));
+                                }
                             }
-                            freed.notify_one();
-                        };
-                        let pause = this.deliver_shared(&decl, target, event, attempts, answered).await;
-                        lock(&inflight).remove(&key);
-                        if let Some(pause) = pause {
-                            let _ = retry_tx.send((key, pause, target));
-                        }
-                    });
+                        });
+                    }
                 }
             }
         }
     }
 
-    /// One delivery of a shared subscription's event: `answered` runs when the consumer has
-    /// answered (its slot is free from then on), the outcome is then committed. Returns a
-    /// backoff when it failed.
-    async fn deliver_shared(
-        &self,
-        decl: &SubscriptionDecl,
-        target: NodeId,
-        event: Event,
-        attempts: u32,
-        answered: impl FnOnce(),
-    ) -> Option<Duration> {
-        let position = event.position;
+    /// Hands events of a shared subscription to one consumer (several only to a peer that
+    /// takes `DeliverBatch`): `answered` runs once the consumer has answered (its slots are
+    /// free from then on), then each outcome is committed. Returns, per event, a backoff when
+    /// it failed.
+    async fn deliver_shared(&self, decl: &SubscriptionDecl, target: NodeId, batch: Vec<(Event, u32)>, answered: impl FnOnce()) -> Vec<Option<Duration>> {
         let deadline = Duration::from_millis(decl.ack_deadline_ms.max(1));
-        let result = if target == self.node_id {
-            match tokio::time::timeout(deadline, self.run_local(&decl.name, event)).await {
-                Ok(r) => r,
-                Err(_) => Err(HandlerError::new(504, "ack deadline passed")),
-            }
-        } else {
+        let n = batch.len();
+        let (events, attempts): (Vec<Event>, Vec<u32>) = batch.into_iter().unzip();
+        let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
+        let unexpected = |other: &PeerResponse| HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(other)));
+        let results: Vec<Result<(), HandlerError>> = if target == self.node_id {
+            let runs = events.into_iter().map(|event| async move {
+                match tokio::time::timeout(deadline, self.run_local(&decl.name, event)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(HandlerError::new(504, "ack deadline passed")),
+                }
+            });
+            futures_util::future::join_all(runs).await
+        } else if n == 1 {
+            let event = events.into_iter().next().expect("one event"); // n == 1
             let req = PeerRequest::Deliver { sub: decl.name.clone(), event };
-            match self.net.request(target, &req, deadline).await {
+            vec![match self.net.request(target, &req, deadline).await {
                 Ok(PeerResponse::Delivered(r)) => r,
-                Ok(other) => Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other)))),
+                Ok(other) => Err(unexpected(&other)),
                 Err(e) => Err(HandlerError::new(502, e.to_string())),
+            }]
+        } else {
+            let req = PeerRequest::DeliverBatch { sub: decl.name.clone(), events };
+            match self.net.request(target, &req, deadline).await {
+                Ok(PeerResponse::DeliveredBatch(r)) if r.len() == n => r,
+                Ok(other) => vec![Err(unexpected(&other)); n],
+                Err(e) => vec![Err(HandlerError::new(502, e.to_string())); n],
             }
         };
         answered();
-        match result {
-            Ok(()) => {
-                metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(1);
-                self.update(SubUpdate::Ack { sub: decl.name.clone(), position }).await;
-                None
+        let outcomes = positions.into_iter().zip(attempts).zip(results).map(|((position, attempts), result)| async move {
+            match result {
+                Ok(()) => {
+                    metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(1);
+                    self.update(SubUpdate::Ack { sub: decl.name.clone(), position }).await;
+                    None
+                }
+                Err(e) => {
+                    metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(1);
+                    debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
+                    let reason = format!("node {target}: {e}");
+                    self.update(SubUpdate::Failed { sub: decl.name.clone(), position, reason }).await;
+                    Some(backoff(attempts + 1))
+                }
             }
-            Err(e) => {
-                metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(1);
-                debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
-                let reason = format!("node {target}: {e}");
-                self.update(SubUpdate::Failed { sub: decl.name.clone(), position, reason }).await;
-                Some(backoff(attempts + 1))
-            }
-        }
+        });
+        futures_util::future::join_all(outcomes).await
     }
 
     /// On every node: deliver an every-instance subscription's events to the local handler, in

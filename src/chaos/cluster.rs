@@ -504,6 +504,7 @@ mod tests {
             node_id,
             addr: "127.0.0.1:1".into(),
             incarnation: 9,
+            features: crate::peer::frame::features::ALL,
         };
         let payload = bincode::serialize(&hello).unwrap();
         let mut frame = ((payload.len() + 9) as u32).to_be_bytes().to_vec();

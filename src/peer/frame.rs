@@ -110,6 +110,16 @@ pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder().big_endian().length_field_type::<u32>().max_frame_length(max_frame).new_codec()
 }
 
+/// Optional messages this build understands, announced in `Hello::features`: a node sends one
+/// only to peers that announced it, so nodes of older builds (which know none) keep working
+/// with newer ones in one cluster, e.g. during a rolling upgrade.
+pub mod features {
+    /// `PeerRequest::DeliverBatch` / `PeerResponse::DeliveredBatch`.
+    pub const DELIVER_BATCH: u64 = 1;
+    /// Everything this build understands.
+    pub const ALL: u64 = DELIVER_BATCH;
+}
+
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Hello {
@@ -121,6 +131,35 @@ pub struct Hello {
     pub addr: String,
     /// Random per process start: a changed incarnation means the peer restarted.
     pub incarnation: u64,
+    /// Bits of [`features`]. Last, so that older builds, which stop decoding before it (bincode
+    /// allows trailing bytes), read the rest as before; a `Hello` from them ends before it and
+    /// decodes with no features (`Hello::decode`).
+    pub features: u64,
+}
+
+/// `Hello` as builds before `features` sent it.
+#[derive(Deserialize)]
+struct HelloBefore {
+    magic: u32,
+    version: u16,
+    cluster: String,
+    node_id: NodeId,
+    addr: String,
+    incarnation: u64,
+}
+
+impl Hello {
+    /// Decodes a `Hello` or `HelloAck` from this build or an older one.
+    pub fn decode(frame: &Frame) -> Result<Hello, FrameError> {
+        match frame.message::<Hello>() {
+            Ok(h) => Ok(h),
+            Err(_) => {
+                let h: HelloBefore = frame.message()?;
+                let HelloBefore { magic, version, cluster, node_id, addr, incarnation } = h;
+                Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features: 0 })
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -136,12 +175,36 @@ mod tests {
             node_id: 7,
             addr: "127.0.0.1:1".into(),
             incarnation: 42,
+            features: features::ALL,
         };
         let body = Frame::encode(Kind::Hello, 9, &hello).unwrap();
         let frame = Frame::decode(BytesMut::from(&body[..])).unwrap();
         assert_eq!(frame.kind, Kind::Hello);
         assert_eq!(frame.corr, 9);
-        assert_eq!(frame.message::<Hello>().unwrap(), hello);
+        assert_eq!(Hello::decode(&frame).unwrap(), hello);
+    }
+
+    /// Nodes of a build before `features` and of this one understand each other's `Hello`.
+    #[test]
+    fn hello_decodes_across_builds_with_and_without_features() {
+        #[derive(Serialize)]
+        struct Before<'a> {
+            magic: u32,
+            version: u16,
+            cluster: &'a str,
+            node_id: NodeId,
+            addr: &'a str,
+            incarnation: u64,
+        }
+        let old = Before { magic: MAGIC, version: PROTOCOL_VERSION, cluster: "c", node_id: 2, addr: "a:1", incarnation: 5 };
+        let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &old).unwrap()[..])).unwrap();
+        let read = Hello::decode(&frame).unwrap();
+        assert_eq!((read.node_id, read.incarnation, read.features), (2, 5, 0), "an old Hello: no features");
+        // An old build decodes a new Hello as its own struct: the features are trailing bytes.
+        let new = Hello { magic: MAGIC, version: PROTOCOL_VERSION, cluster: "c".into(), node_id: 3, addr: "b:2".into(), incarnation: 6, features: features::ALL };
+        let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &new).unwrap()[..])).unwrap();
+        let seen_by_old: HelloBefore = frame.message().unwrap();
+        assert_eq!((seen_by_old.node_id, seen_by_old.addr.as_str(), seen_by_old.cluster.as_str()), (3, "b:2", "c"));
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub enum PeerRequest {
     Invoke(crate::sdk::Invocation),
     /// Process an event for a shared subscription (from the leader's dispatcher).
     Deliver { sub: String, event: crate::broker::event::Event },
+    /// Process several events for a shared subscription, concurrently; answered with one
+    /// outcome per event, in order. Only to peers that announced `features::DELIVER_BATCH`.
+    DeliverBatch { sub: String, events: Vec<crate::broker::event::Event> },
 }
 
 impl PeerRequest {
@@ -69,6 +72,7 @@ impl PeerRequest {
             PeerRequest::WriteBatch(_) => "write_batch",
             PeerRequest::Invoke(_) => "invoke",
             PeerRequest::Deliver { .. } => "deliver",
+            PeerRequest::DeliverBatch { .. } => "deliver_batch",
         }
     }
 }
@@ -91,6 +95,8 @@ pub enum PeerResponse {
     Invoked(Result<crate::sdk::Output, crate::sdk::HandlerError>),
     /// The subscription handler's outcome: `Ok` = ack.
     Delivered(Result<(), crate::sdk::HandlerError>),
+    /// One outcome per event of a `DeliverBatch`, in order.
+    DeliveredBatch(Vec<Result<(), crate::sdk::HandlerError>>),
 }
 
 /// What a node says about itself to a peer or a seed prober.

@@ -147,6 +147,8 @@ pub struct Link {
     /// Node id of the side that dialed this connection (for the duplicate tie-break).
     dialer: NodeId,
     incarnation: u64,
+    /// Optional messages both sides understand (`frame::features`).
+    features: u64,
     /// Frames to write. The writer task owns the receiver; it ends when `closed` fires.
     tx: mpsc::Sender<Bytes>,
     /// Outstanding requests by correlation id; drained with an error when the link closes.
@@ -322,6 +324,11 @@ impl PeerNet {
         })
     }
 
+    /// Optional messages (`frame::features`) the live link to `id` may carry; 0 without one.
+    pub fn features(&self, id: NodeId) -> u64 {
+        lock(&self.links).get(&id).filter(|l| l.is_alive()).map_or(0, |l| l.features)
+    }
+
     pub fn reachable(&self, id: NodeId) -> bool {
         id == self.cfg.node_id || lock(&self.links).get(&id).is_some_and(|l| l.is_alive())
     }
@@ -409,7 +416,7 @@ impl PeerNet {
             let frame = Frame::decode(raw).map_err(|e| e.to_string())?;
             match frame.kind {
                 Kind::HelloAck => {
-                    let theirs: Hello = frame.message().map_err(|e| e.to_string())?;
+                    let theirs = Hello::decode(&frame).map_err(|e| e.to_string())?;
                     self.check_hello(&theirs)?;
                     Ok(theirs)
                 }
@@ -425,7 +432,7 @@ impl PeerNet {
             return Err(PeerError::SelfDial { addr: addr.to_string() });
         }
         // We dialed `addr`; remember it as the way to reach this peer.
-        let link = self.start_link(theirs.node_id, addr.to_string(), self.cfg.node_id, theirs.incarnation, reader, writer);
+        let link = self.start_link(theirs.node_id, addr.to_string(), self.cfg.node_id, &theirs, reader, writer);
         Ok(link)
     }
 
@@ -437,6 +444,7 @@ impl PeerNet {
             node_id: self.cfg.node_id,
             addr: self.cfg.advertise.clone(),
             incarnation: self.incarnation,
+            features: frame::features::ALL,
         }
     }
 
@@ -498,7 +506,7 @@ impl PeerNet {
         if frame.kind != Kind::Hello {
             return Err(format!("expected Hello, got {:?}", frame.kind));
         }
-        let theirs: Hello = frame.message().map_err(|e| format!("bad Hello: {e}"))?;
+        let theirs = Hello::decode(&frame).map_err(|e| format!("bad Hello: {e}"))?;
         if let Err(reason) = self.check_hello(&theirs) {
             let _ = writer.send(Frame::encode_raw(Kind::Reject, 0, reason.as_bytes())).await;
             return Err(reason);
@@ -514,7 +522,7 @@ impl PeerNet {
             // We dialed ourselves (our own address is in the seed list); the dialer notices too.
             return Ok(());
         }
-        self.start_link(theirs.node_id, theirs.addr.clone(), theirs.node_id, theirs.incarnation, reader, writer);
+        self.start_link(theirs.node_id, theirs.addr.clone(), theirs.node_id, &theirs, reader, writer);
         Ok(())
     }
 
@@ -523,7 +531,7 @@ impl PeerNet {
         peer: NodeId,
         peer_addr: String,
         dialer: NodeId,
-        incarnation: u64,
+        theirs: &Hello,
         reader: FramedRead<tokio::net::tcp::OwnedReadHalf, tokio_util::codec::LengthDelimitedCodec>,
         writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, tokio_util::codec::LengthDelimitedCodec>,
     ) -> Arc<Link> {
@@ -532,7 +540,8 @@ impl PeerNet {
             peer,
             peer_addr,
             dialer,
-            incarnation,
+            incarnation: theirs.incarnation,
+            features: theirs.features & frame::features::ALL,
             tx,
             pending: Mutex::new(HashMap::new()),
             outstanding: Semaphore::new(MAX_OUTSTANDING),

@@ -338,5 +338,6 @@ pub fn response_name(r: &PeerResponse) -> &'static str {
         PeerResponse::WrittenBatch(_) => "WrittenBatch",
         PeerResponse::Invoked(_) => "Invoked",
         PeerResponse::Delivered(_) => "Delivered",
+        PeerResponse::DeliveredBatch(_) => "DeliveredBatch",
     }
 }
