@@ -290,8 +290,7 @@ impl Dispatcher {
                 }
                 for (target, events) in handout {
                     let batched = target != self.node_id && self.net.features(target) & features::DELIVER_BATCH != 0;
-                    let batches: Vec<Vec<(Event, u32)>> = if batched { vec![events] } else { events.into_iter().map(|e| vec![e]).collect() };
-                    for batch in batches {
+                    for batch in in_frames(events, if batched { MAX_DELIVER_BATCH } else { 1 }) {
                         let (this, inflight, decl, retry_tx, freed) = (self.clone(), inflight.clone(), decl.clone(), retry_tx.clone(), freed.clone());
                         tokio::spawn(async move {
                             let keys: Vec<(String, u64)> = batch.iter().map(|(e, _)| (decl.name.clone(), e.position)).collect();
@@ -447,6 +446,17 @@ async fn pace(last: &mut Instant, shutdown: &CancellationToken) -> bool {
     true
 }
 
+/// `items` in order, in groups of at most `per_frame` (a `max_in_flight` above
+/// `MAX_DELIVER_BATCH` takes several frames: a consumer refuses larger ones).
+fn in_frames<T>(items: Vec<T>, per_frame: usize) -> Vec<Vec<T>> {
+    let mut items = items.into_iter().peekable();
+    let mut frames = Vec::new();
+    while items.peek().is_some() {
+        frames.push(items.by_ref().take(per_frame.max(1)).collect());
+    }
+    frames
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     // Maps of small values, valid after a panic elsewhere.
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -486,6 +496,14 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn deliveries_split_into_frames_of_at_most_the_bound_in_order() {
+        assert_eq!(in_frames(vec![1, 2, 3, 4, 5], 2), vec![vec![1, 2], vec![3, 4], vec![5]]);
+        assert_eq!(in_frames(vec![1, 2], 1), vec![vec![1], vec![2]]);
+        assert_eq!(in_frames((0..2500).collect(), MAX_DELIVER_BATCH).iter().map(Vec::len).collect::<Vec<_>>(), vec![1024, 1024, 452]);
+        assert!(in_frames(Vec::<u8>::new(), 4).is_empty());
+    }
 
     #[tokio::test(start_paused = true)]
     async fn passes_are_spaced_but_an_idle_loop_passes_at_once() {
