@@ -209,15 +209,28 @@ impl Broker {
     /// (or goes alone when no events are queued); elsewhere it is written like any command (the
     /// leader merges it on arrival, see [`Broker::write_forwarded`]). True once applied.
     pub async fn settle(&self, updates: Vec<SubUpdate>, timeout: Duration) -> bool {
-        let replica = self.store.replica();
-        if replica.leader() != Some(replica.id()) {
+        if self.must_lead().is_err() {
             return self.store.command(Command::SubUpdate { updates }, timeout).await.is_ok();
         }
-        let (reply, rx) = oneshot::channel();
-        if self.settles.send(Settle { updates, reply }).await.is_err() {
-            return false;
+        match self.queue_settle(updates).await {
+            Some(committed) => committed.await.unwrap_or(false),
+            None => false,
         }
-        rx.await.unwrap_or(false)
+    }
+
+    /// `NotLeader` unless this node leads: forwarded writes merge into its entries only then.
+    fn must_lead(&self) -> Result<(), RemoteError> {
+        let replica = self.store.replica();
+        let leader = replica.leader();
+        if leader == Some(replica.id()) { Ok(()) } else { Err(RemoteError::NotLeader { leader }) }
+    }
+
+    /// Queues progress for the batcher's next entry; the receiver says whether it committed.
+    /// `None` once the broker has stopped.
+    async fn queue_settle(&self, updates: Vec<SubUpdate>) -> Option<oneshot::Receiver<bool>> {
+        let (reply, rx) = oneshot::channel();
+        self.settles.send(Settle { updates, reply }).await.ok()?;
+        Some(rx)
     }
 
     /// Leader side of a follower's forwarded writes (`PeerRequest::WriteBatch`): `Publish`
@@ -253,16 +266,11 @@ impl Broker {
     /// Leader side of one forwarded `SubUpdate`: merge it into this node's next entry (only
     /// while this node leads, like `publish_forwarded`).
     async fn settle_forwarded(&self, updates: Vec<SubUpdate>) -> Result<(u64, CommandResult), RemoteError> {
-        let replica = self.store.replica();
-        let leader = replica.leader();
-        if leader != Some(replica.id()) {
-            return Err(RemoteError::NotLeader { leader });
-        }
-        let (reply, rx) = oneshot::channel();
-        if self.settles.send(Settle { updates, reply }).await.is_err() {
+        self.must_lead()?;
+        let Some(committed) = self.queue_settle(updates).await else {
             return Err(RemoteError::Unavailable("the broker is shutting down".into()));
-        }
-        match rx.await {
+        };
+        match committed.await {
             Ok(true) => Ok((0, CommandResult::SubUpdated)),
             // Progress updates apply idempotently enough (an ack twice is one ack; a failure
             // counted twice only brings its dead-lettering forward), but say it as it is.
@@ -274,11 +282,7 @@ impl Broker {
     /// Only while this node leads; otherwise the follower is told to retry at the leader (the
     /// group was not queued, so nothing of it can commit).
     async fn publish_forwarded(&self, events: Vec<NewEvent>) -> Result<(u64, CommandResult), RemoteError> {
-        let replica = self.store.replica();
-        let leader = replica.leader();
-        if leader != Some(replica.id()) {
-            return Err(RemoteError::NotLeader { leader });
-        }
+        self.must_lead()?;
         match self.publish_batch(events).await {
             // The entry's log index is not tracked per group; publishers use positions only.
             Ok(ids) => Ok((0, CommandResult::Published(ids))),
