@@ -3,6 +3,11 @@
 //! - *Power of two choices* on `(in-flight + 1) × EWMA latency`: two random candidates, the
 //!   cheaper wins. It needs no global view, adapts to a slow node within a few requests, and
 //!   avoids the herding of "always the least loaded" (Mitzenmacher; used by Envoy and Linkerd).
+//! - The latency estimate *decays toward zero* while a node gets no answers (time constant
+//!   `DECAY`, as Linkerd's peak-EWMA does). Without it a node that answered slowly once would
+//!   never be picked again under light load: with nothing in flight its cost stays above its
+//!   peers', and only a new sample could lower it. With the decay it is probed again within a few
+//!   seconds and judged by what it measures then.
 //! - *Outlier ejection*: after `EJECT_AFTER` consecutive infrastructure failures a node is skipped
 //!   for a backoff that doubles with each ejection (1 s … 30 s); one success clears it. If every
 //!   candidate is ejected, they are used anyway (a guess beats a certain 503).
@@ -27,11 +32,17 @@ const EWMA_ALPHA: f64 = 0.2;
 /// Latency assumed for a node never measured (ms): zero, so a new or returning node is tried at
 /// once and then judged by what it measures (otherwise a faster known node starves it forever).
 const EWMA_START_MS: f64 = 0.0;
+/// Time constant of the estimate's decay while a node is not answering: a 100× slower sample is
+/// forgotten (back to parity) after about 4.6 × `DECAY` without answers.
+const DECAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 struct NodeStats {
     inflight: u64,
+    /// As of `sampled`; read through [`NodeStats::latency_ms`], which applies the decay.
     ewma_ms: f64,
+    /// When `ewma_ms` last took a sample (None: never).
+    sampled: Option<Instant>,
     failures: u32,
     ejections: u32,
     ejected_until: Option<Instant>,
@@ -39,7 +50,20 @@ struct NodeStats {
 
 impl Default for NodeStats {
     fn default() -> Self {
-        NodeStats { inflight: 0, ewma_ms: EWMA_START_MS, failures: 0, ejections: 0, ejected_until: None }
+        NodeStats { inflight: 0, ewma_ms: EWMA_START_MS, sampled: None, failures: 0, ejections: 0, ejected_until: None }
+    }
+}
+
+impl NodeStats {
+    /// The latency estimate at `now`: the EWMA, decayed by the time since its last sample.
+    fn latency_ms(&self, now: Instant) -> f64 {
+        match self.sampled {
+            None => self.ewma_ms,
+            Some(t) => {
+                let idle = now.saturating_duration_since(t).as_secs_f64();
+                self.ewma_ms * (-idle / DECAY.as_secs_f64()).exp()
+            }
+        }
     }
 }
 
@@ -76,9 +100,9 @@ impl Balancer {
             pool = candidates.to_vec();
         }
         let cost = |id: &NodeId| {
-            let s = stats.get(id).cloned().unwrap_or_default();
+            let (inflight, latency) = stats.get(id).map_or((0, EWMA_START_MS), |s| (s.inflight, s.latency_ms(now)));
             // The small floor keeps in-flight counts meaningful between near-zero latencies.
-            (s.inflight as f64 + 1.0) * (s.ewma_ms + 0.05)
+            (inflight as f64 + 1.0) * (latency + 0.05)
         };
         match pool.len() {
             0 => None,
@@ -106,7 +130,8 @@ impl Balancer {
         match outcome {
             Outcome::Answered => {
                 let ms = latency.as_secs_f64() * 1000.0;
-                s.ewma_ms = s.ewma_ms * (1.0 - EWMA_ALPHA) + ms * EWMA_ALPHA;
+                s.ewma_ms = s.latency_ms(now) * (1.0 - EWMA_ALPHA) + ms * EWMA_ALPHA;
+                s.sampled = Some(now);
                 s.failures = 0;
                 s.ejections = 0;
                 s.ejected_until = None;
@@ -220,6 +245,42 @@ mod tests {
         let picks_2 = (0..200).filter(|_| b.pick(&[1, 2], None) == Some(2)).count();
         assert_eq!(picks_2, 200, "with two candidates the cheaper one always wins");
         assert_eq!(b.pick(&[1, 2], Some(1)), Some(1), "local first when asked");
+    }
+
+    /// Sequential requests (nothing in flight): a node that answered slowly once must be tried
+    /// again once its estimate has decayed, not starved for good (a CI run saw node 2 get none of
+    /// 396 requests in 30 s after one slow answer).
+    #[tokio::test(start_paused = true)]
+    async fn a_node_slow_once_is_probed_again_under_light_load() {
+        let b = Balancer::default();
+        b.finish(2, Outcome::Answered, Duration::from_millis(500));
+        let mut picked_2_at = None;
+        // 100 requests a second, 1 ms each, for at most 20 s.
+        for i in 0..2_000u32 {
+            let target = b.pick(&[1, 2, 3], None).expect("a target");
+            b.start(target);
+            b.finish(target, Outcome::Answered, Duration::from_millis(1));
+            if target == 2 {
+                picked_2_at = Some(i);
+                break;
+            }
+            tokio::time::advance(Duration::from_millis(10)).await;
+        }
+        let at = picked_2_at.expect("node 2 picked again within 20 s");
+        // 500 ms must decay to about 0.2 ms (the peers' 1 ms EWMA may sit anywhere below 1 ms):
+        // ln(2500) × 1 s ≈ 7.8 s at the latest.
+        assert!(at >= 300, "not while its estimate is still high (picked at request {at})");
+        assert!(at <= 900, "picked at request {at}");
+        // Its fresh 1 ms sample makes it a peer again: it gets a fair share.
+        let picks_2 = (0..300)
+            .filter(|_| {
+                let t = b.pick(&[1, 2, 3], None).expect("a target");
+                b.start(t);
+                b.finish(t, Outcome::Answered, Duration::from_millis(1));
+                t == 2
+            })
+            .count();
+        assert!(picks_2 >= 30, "node 2 got {picks_2} of 300 once it answered fast");
     }
 
     #[tokio::test(start_paused = true)]
