@@ -57,6 +57,8 @@ const SETTLING_FACTOR: usize = 8;
 const MAX_DELIVER_BATCH: usize = 1024;
 /// Least time between two passes of a delivery loop.
 const MIN_PASS: Duration = Duration::from_millis(1);
+/// Progress updates the writer gathers into one batch: it stops taking requests once this many
+/// are in (a request, one delivery's outcomes, is at most `MAX_DELIVER_BATCH` and never split).
 const UPDATE_BATCH: usize = 4096;
 /// Update batches being committed at once, at most.
 const UPDATE_BATCHES_OUT: usize = 4;
@@ -72,9 +74,13 @@ pub struct LocalSubscriber {
     pub shared: bool,
 }
 
-type UpdateReq = (SubUpdate, oneshot::Sender<bool>);
-/// (subscription, position) → consumer, or `None` while the outcome is being committed.
-type InFlight = Arc<Mutex<HashMap<(String, u64), Option<NodeId>>>>;
+/// The outcomes of one delivery (one handout to one consumer), committed together: one message
+/// and one wake-up per handout, not per event.
+type UpdateReq = (Vec<SubUpdate>, oneshot::Sender<bool>);
+/// subscription → position → consumer, or `None` while the outcome is being committed. Keyed by
+/// subscription first so that a pass and a delivery task find a position without building a
+/// `(String, u64)` key (an allocation and a string hash per event).
+type InFlight = Arc<Mutex<HashMap<String, HashMap<u64, Option<NodeId>>>>>;
 
 pub struct Dispatcher {
     node_id: NodeId,
@@ -83,6 +89,9 @@ pub struct Dispatcher {
     broker: Arc<Broker>,
     cluster: Cluster,
     local: HashMap<String, LocalSubscriber>,
+    /// `raftbridge_delivery_latency_seconds` per local subscription, registered once (the
+    /// macro looks its labels up on every call).
+    latency: HashMap<String, metrics::Histogram>,
     /// Feeds the update writer; it ends with the dispatcher.
     updates: mpsc::Sender<UpdateReq>,
 }
@@ -100,6 +109,10 @@ impl Dispatcher {
         shutdown: CancellationToken,
     ) -> Arc<Dispatcher> {
         let (tx, rx) = mpsc::channel(UPDATE_BATCH * 4);
+        let latency = local
+            .keys()
+            .map(|sub| (sub.clone(), metrics::histogram!("raftbridge_delivery_latency_seconds", "subscription" => sub.clone())))
+            .collect();
         let d = Arc::new(Dispatcher {
             node_id: net.node_id(),
             sm: broker.store().local().clone(),
@@ -107,6 +120,7 @@ impl Dispatcher {
             broker,
             cluster,
             local,
+            latency,
             updates: tx,
         });
         tokio::spawn(update_writer(d.broker.clone(), rx, shutdown.clone()));
@@ -119,8 +133,11 @@ impl Dispatcher {
         d
     }
 
-    /// Commit one progress update (batched with others); true once applied.
-    async fn update(&self, u: SubUpdate) -> bool {
+    /// Commit progress updates (batched with others); true once applied.
+    async fn update(&self, u: Vec<SubUpdate>) -> bool {
+        if u.is_empty() {
+            return true;
+        }
         let (tx, rx) = oneshot::channel();
         if self.updates.send((u, tx)).await.is_err() {
             return false;
@@ -147,7 +164,9 @@ impl Dispatcher {
         // End to end: from acceptance (the event's timestamp, set by the node that took it) to
         // this handler (same clock on one machine; across machines it includes clock skew).
         let age_ms = super::now_ms().saturating_sub(event.timestamp);
-        metrics::histogram!("raftbridge_delivery_latency_seconds", "subscription" => sub.to_string()).record(age_ms as f64 / 1e3);
+        if let Some(h) = self.latency.get(sub) {
+            h.record(age_ms as f64 / 1e3);
+        }
         let ctx = Ctx::new(meta, self.node_id, self.broker.store().clone()).with_broker(self.broker.clone(), s.service.clone());
         let event_id = event.id.clone();
         let out = s.handler.handle(ctx.clone(), event).await?;
@@ -251,54 +270,61 @@ impl Dispatcher {
                     continue;
                 }
                 let mut load: HashMap<NodeId, u32> = consumers.iter().map(|c| (*c, 0)).collect();
-                let (busy, handed): (HashSet<u64>, usize) = {
+                let backing_off: HashSet<u64> = retry_at.keys().filter(|(s, _)| s == &name).map(|(_, p)| *p).collect();
+                let pending = {
+                    // Held while `pending` reads the log, so the positions in flight are read in
+                    // place (delivery tasks take this lock only briefly, the log's read lock is
+                    // never taken the other way round).
                     let f = lock(&inflight);
+                    let busy = f.get(&name);
                     let mut handed = 0;
-                    for ((s, _), node) in f.iter() {
-                        if s == &name {
-                            if let Some(l) = node.and_then(|n| load.get_mut(&n)) {
-                                *l += 1;
-                                handed += 1;
-                            }
+                    for node in busy.into_iter().flat_map(|m| m.values()).flatten() {
+                        if let Some(l) = load.get_mut(node) {
+                            *l += 1;
+                            handed += 1;
                         }
                     }
-                    (f.keys().filter(|(s, _)| s == &name).map(|(_, p)| *p).collect(), handed)
+                    let settling = busy.map_or(0, HashMap::len);
+                    let capacity = consumers.len() * decl.max_in_flight as usize;
+                    // Outcomes being committed do not hold a consumer's slot, but are bounded too.
+                    let free = capacity.saturating_sub(handed).min((capacity * SETTLING_FACTOR).saturating_sub(settling));
+                    if free == 0 {
+                        continue;
+                    }
+                    self.sm.pending(&name, free, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.contains(&p))
                 };
-                let capacity = consumers.len() * decl.max_in_flight as usize;
-                // Outcomes being committed do not hold a consumer's slot, but are bounded too.
-                let free = capacity.saturating_sub(handed).min((capacity * SETTLING_FACTOR).saturating_sub(busy.len()));
-                if free == 0 {
-                    continue;
-                }
-                let backing_off: HashSet<u64> = retry_at.keys().filter(|(s, _)| s == &name).map(|(_, p)| *p).collect();
-                let pending = self.sm.pending(&name, free, |p| busy.contains(&p) || backing_off.contains(&p));
                 // What each consumer gets in this pass: one frame per consumer that takes
                 // batches, one request per event otherwise (and for this node).
                 let mut handout: HashMap<NodeId, Vec<(Event, u32)>> = HashMap::new();
-                for (event, attempts) in pending {
-                    let key = (name.clone(), event.position);
-                    let avoid = failed_on.get(&key);
-                    let open = |n: &NodeId, l: &u32| *l < decl.max_in_flight && avoid.is_none_or(|a| !a.contains(n));
-                    let fresh = load.iter().filter(|(n, l)| open(n, l)).min_by_key(|(_, l)| **l);
-                    let any = load.iter().filter(|(_, l)| **l < decl.max_in_flight).min_by_key(|(_, l)| **l);
-                    let Some((&target, _)) = fresh.or(any) else {
-                        break;
-                    };
-                    *load.entry(target).or_default() += 1;
-                    lock(&inflight).insert(key, Some(target));
-                    handout.entry(target).or_default().push((event, attempts));
+                {
+                    let mut f = lock(&inflight);
+                    let busy = f.entry(name.clone()).or_default();
+                    for (event, attempts) in pending {
+                        let avoid = if failed_on.is_empty() { None } else { failed_on.get(&(name.clone(), event.position)) };
+                        let open = |n: &NodeId, l: &u32| *l < decl.max_in_flight && avoid.is_none_or(|a| !a.contains(n));
+                        let fresh = load.iter().filter(|(n, l)| open(n, l)).min_by_key(|(_, l)| **l);
+                        let any = load.iter().filter(|(_, l)| **l < decl.max_in_flight).min_by_key(|(_, l)| **l);
+                        let Some((&target, _)) = fresh.or(any) else {
+                            break;
+                        };
+                        *load.entry(target).or_default() += 1;
+                        busy.insert(event.position, Some(target));
+                        handout.entry(target).or_default().push((event, attempts));
+                    }
                 }
                 for (target, events) in handout {
                     let batched = target != self.node_id && self.net.features(target) & features::DELIVER_BATCH != 0;
                     for batch in in_frames(events, if batched { MAX_DELIVER_BATCH } else { 1 }) {
                         let (this, inflight, decl, retry_tx, freed) = (self.clone(), inflight.clone(), decl.clone(), retry_tx.clone(), freed.clone());
                         tokio::spawn(async move {
-                            let keys: Vec<(String, u64)> = batch.iter().map(|(e, _)| (decl.name.clone(), e.position)).collect();
+                            let positions: Vec<u64> = batch.iter().map(|(e, _)| e.position).collect();
                             let answered = || {
                                 let mut f = lock(&inflight);
-                                for key in &keys {
-                                    if let Some(slot) = f.get_mut(key) {
-                                        *slot = None;
+                                if let Some(busy) = f.get_mut(&decl.name) {
+                                    for p in &positions {
+                                        if let Some(slot) = busy.get_mut(p) {
+                                            *slot = None;
+                                        }
                                     }
                                 }
                                 drop(f);
@@ -306,10 +332,15 @@ impl Dispatcher {
                             };
                             let pauses = this.deliver_shared(&decl, target, batch, answered).await;
                             let mut f = lock(&inflight);
-                            for (key, pause) in keys.into_iter().zip(pauses) {
-                                f.remove(&key);
+                            if let Some(busy) = f.get_mut(&decl.name) {
+                                for p in &positions {
+                                    busy.remove(p);
+                                }
+                            }
+                            drop(f);
+                            for (p, pause) in positions.into_iter().zip(pauses) {
                                 if let Some(pause) = pause {
-                                    let _ = retry_tx.send((key, pause, target));
+                                    let _ = retry_tx.send(((decl.name.clone(), p), pause, target));
                                 }
                             }
                         });
@@ -354,23 +385,30 @@ impl Dispatcher {
             }
         };
         answered();
-        let outcomes = positions.into_iter().zip(attempts).zip(results).map(|((position, attempts), result)| async move {
-            match result {
+        let mut updates = Vec::with_capacity(n);
+        let mut acks = 0;
+        let pauses = positions
+            .into_iter()
+            .zip(attempts)
+            .zip(results)
+            .map(|((position, attempts), result)| match result {
                 Ok(()) => {
-                    metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(1);
-                    self.update(SubUpdate::Ack { sub: decl.name.clone(), position }).await;
+                    acks += 1;
+                    updates.push(SubUpdate::Ack { sub: decl.name.clone(), position });
                     None
                 }
                 Err(e) => {
-                    metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(1);
                     debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
                     let reason = format!("node {target}: {e}");
-                    self.update(SubUpdate::Failed { sub: decl.name.clone(), position, reason }).await;
+                    updates.push(SubUpdate::Failed { sub: decl.name.clone(), position, reason });
                     Some(backoff(attempts + 1))
                 }
-            }
-        });
-        futures_util::future::join_all(outcomes).await
+            })
+            .collect();
+        metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(acks);
+        metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(n as u64 - acks);
+        self.update(updates).await;
+        pauses
     }
 
     /// On every node: deliver an every-instance subscription's events to the local handler, in
@@ -419,7 +457,7 @@ impl Dispatcher {
                 };
                 next = Some(position + 1);
                 let u = SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead };
-                if !self.update(u).await {
+                if !self.update(vec![u]).await {
                     warn!(sub = %name, position, "could not record progress; will redeliver after a restart");
                 }
             }
@@ -474,14 +512,17 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
             _ = shutdown.cancelled() => return,
         };
         let Ok(permit) = out.clone().acquire_owned().await else { return };
-        let mut batch = vec![first];
-        while batch.len() < UPDATE_BATCH {
+        let (mut updates, first_tx) = first;
+        let mut txs = vec![first_tx];
+        while updates.len() < UPDATE_BATCH {
             match rx.try_recv() {
-                Ok(u) => batch.push(u),
+                Ok((more, tx)) => {
+                    updates.extend(more);
+                    txs.push(tx);
+                }
                 Err(_) => break,
             }
         }
-        let (updates, txs): (Vec<SubUpdate>, Vec<_>) = batch.into_iter().unzip();
         let broker = broker.clone();
         tokio::spawn(async move {
             let _permit = permit;
