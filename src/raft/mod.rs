@@ -177,12 +177,10 @@ impl Replica {
 
     /// Propose on this node, which must be the leader (serves forwarded writes too).
     pub async fn write_local(&self, cmd: Command) -> Result<(u64, CommandResult), RemoteError> {
+        let retry_safe = cmd.retry_safe();
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok((resp.log_id.index, resp.data)),
-            Err(openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(RemoteError::NotLeader { leader: f.leader_id })
-            }
-            Err(openraft::error::RaftError::APIError(e)) => Err(RemoteError::Invalid(e.to_string())),
+            Err(openraft::error::RaftError::APIError(e)) => Err(write_error(e, retry_safe)),
             Err(openraft::error::RaftError::Fatal(e)) => Err(RemoteError::Internal(e.to_string())),
         }
     }
@@ -191,15 +189,16 @@ impl Replica {
     pub async fn write_batch_local(&self, cmds: Vec<Command>) -> Vec<Result<(u64, CommandResult), RemoteError>> {
         use futures_util::StreamExt;
         let n = cmds.len();
+        let retry_safe: Vec<bool> = cmds.iter().map(Command::retry_safe).collect();
         let stream = match self.raft.client_write_many(cmds).await {
             Ok(s) => s,
             Err(e) => return vec![Err(RemoteError::Internal(e.to_string())); n],
         };
         let mut out: Vec<Result<(u64, CommandResult), RemoteError>> = stream
-            .map(|r| match r {
+            .enumerate()
+            .map(|(i, r)| match r {
                 Ok(Ok(resp)) => Ok((resp.log_id.index, resp.response)),
-                Ok(Err(ClientWriteError::ForwardToLeader(f))) => Err(RemoteError::NotLeader { leader: f.leader_id }),
-                Ok(Err(e)) => Err(RemoteError::Unavailable(e.to_string())),
+                Ok(Err(e)) => Err(write_error(e, retry_safe.get(i).copied().unwrap_or(false))),
                 Err(fatal) => Err(RemoteError::Internal(fatal.to_string())),
             })
             .collect()
@@ -339,5 +338,44 @@ pub fn response_name(r: &PeerResponse) -> &'static str {
         PeerResponse::Invoked(_) => "Invoked",
         PeerResponse::Delivered(_) => "Delivered",
         PeerResponse::DeliveredBatch(_) => "DeliveredBatch",
+    }
+}
+
+/// What a refused proposal means for its sender. Rejected before its entry was appended: not
+/// the leader, send it there. Appended, then discarded when this node took another leader's log:
+/// the outcome is unknown (it may still commit), so only a command that may be applied twice is
+/// retried (`Unavailable`); any other gets a gateway error, never a 400 (the chaos suite saw a
+/// keyed increment answered 400 after a leader change). Anything else is about the request.
+fn write_error(e: ClientWriteError, retry_safe: bool) -> RemoteError {
+    match e {
+        ClientWriteError::ForwardToLeader(f) => RemoteError::NotLeader { leader: f.leader_id },
+        ClientWriteError::LogEntryDiscarded(_) if retry_safe => RemoteError::Unavailable(e.to_string()),
+        ClientWriteError::LogEntryDiscarded(_) => RemoteError::Internal(e.to_string()),
+        other => RemoteError::Invalid(other.to_string()),
+    }
+}
+
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::error::ApiError;
+
+    #[test]
+    fn a_discarded_entry_is_retried_only_when_safe_and_is_never_a_400() {
+        let to = || openraft::error::ForwardToLeader::new(3, BasicNode { addr: "127.0.0.1:1".into() });
+        let status = |e: RemoteError| ApiError::from(e).status().as_u16();
+
+        let e = write_error(ClientWriteError::LogEntryDiscarded(to()), true);
+        assert!(matches!(e, RemoteError::Unavailable(_)), "{e:?}: the write loop retries it");
+        assert_eq!(status(e), 503);
+
+        let e = write_error(ClientWriteError::LogEntryDiscarded(to()), false);
+        assert!(matches!(e, RemoteError::Internal(_)), "{e:?}: outcome unknown, not retried");
+        assert_eq!(status(e), 502);
+
+        let e = write_error(ClientWriteError::ForwardToLeader(to()), false);
+        assert!(matches!(e, RemoteError::NotLeader { leader: Some(3) }), "{e:?}");
+        assert_eq!(status(e), 503);
     }
 }
