@@ -14,7 +14,6 @@ use std::io;
 use std::path::Path;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::RwLock;
 
 use futures_util::StreamExt;
@@ -423,8 +422,9 @@ pub struct SmShared {
     /// `data.registry_revision`, mirrored after every apply and install so that the proxy can
     /// check its cached routing table per request without taking the state-machine lock.
     registry_rev: std::sync::atomic::AtomicU64,
-    /// The latest snapshot; replaced whole by build or install.
-    current: Mutex<Option<StoredSnapshot>>,
+    /// Holds `snapshot.bin`, the latest snapshot (replaced atomically by build and install). Not
+    /// kept in memory as well: only a lagging follower's catch-up reads it back, and keeping it
+    /// meant tens of MB per node plus a copy of the whole image on an async worker per build.
     dir: PathBuf,
     /// `data.log.next` (the next event position), sent after every apply that moved it and
     /// every install: delivery loops wait on it instead of polling. Lives as long as this.
@@ -589,10 +589,6 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 #[derive(Clone)]
 pub struct StateMachine {
     shared: Arc<SmShared>,
@@ -605,23 +601,15 @@ impl StateMachine {
     pub fn open(dir: &Path) -> io::Result<StateMachine> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(SNAPSHOT_FILE);
-        let mut data = SmData::default();
-        let mut current = None;
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let snap = decode_file(&bytes).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-                data = decode_data(&snap.data)?;
-                current = Some(snap);
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
-        }
+        let data = match read_snapshot_file(&path)? {
+            Some(snap) => decode_data(&snap.data)?,
+            None => SmData::default(),
+        };
         Ok(StateMachine {
             shared: Arc::new(SmShared {
                 registry_rev: std::sync::atomic::AtomicU64::new(data.registry_revision),
                 events_next: tokio::sync::watch::Sender::new(data.log.next),
                 data: RwLock::new(data),
-                current: Mutex::new(current),
                 dir: dir.to_path_buf(),
             }),
         })
@@ -644,6 +632,15 @@ impl StateMachine {
         prefix.extend_from_slice(&crc.finalize().to_le_bytes());
         prefix.extend_from_slice(&len.to_le_bytes());
         crate::fsutil::write_atomic_parts(&self.shared.dir, SNAPSHOT_FILE, &[&prefix, &head, &snap.data])
+    }
+}
+
+/// The snapshot in `path`, if there is one.
+fn read_snapshot_file(path: &Path) -> io::Result<Option<StoredSnapshot>> {
+    match std::fs::read(path) {
+        Ok(bytes) => decode_file(&bytes).map(Some).map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io::Error::new(e.kind(), format!("{}: {e}", path.display()))),
     }
 }
 
@@ -681,8 +678,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let this = self.clone();
         let meta2 = meta.clone();
         let snap = tokio::task::spawn_blocking(move || {
-            let size = bincode::serialized_size(&copy).map_err(io::Error::other)? as usize;
-            let mut data = Vec::with_capacity(size);
+            // Sized by the previous image (plus an eighth) rather than by `serialized_size`,
+            // which walks every event once more only to count bytes.
+            let previous = std::fs::metadata(this.shared.dir.join(SNAPSHOT_FILE)).map_or(0, |m| m.len() as usize);
+            let mut data = Vec::with_capacity(previous + previous / 8);
             bincode::serialize_into(&mut data, &copy).map_err(io::Error::other)?;
             drop(copy);
             let snap = StoredSnapshot { meta: meta2, data };
@@ -690,8 +689,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         })
         .await
         .map_err(io::Error::other)??;
-        let data = snap.data.clone();
-        *lock(&self.shared.current) = Some(snap);
+        let data = snap.data;
         metrics::counter!("raftbridge_snapshots_built_total").increment(1);
         tracing::info!(bytes = data.len(), ms = started.elapsed().as_millis() as u64, last = ?meta.last_log_id, "snapshot built");
         Ok(Snapshot { meta, snapshot: data })
@@ -745,22 +743,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         data.last_membership = meta.last_membership.clone();
         let snap = StoredSnapshot { meta: meta.clone(), data: snapshot };
         let this = self.clone();
-        let snap = tokio::task::spawn_blocking(move || this.persist(&snap).map(|_| snap))
-            .await
-            .map_err(io::Error::other)??;
+        tokio::task::spawn_blocking(move || this.persist(&snap)).await.map_err(io::Error::other)??;
         {
             let mut d = write(&self.shared.data);
             self.shared.registry_rev.store(data.registry_revision, std::sync::atomic::Ordering::Release);
             *d = data;
             self.shared.events_moved(d.log.next);
         }
-        *lock(&self.shared.current) = Some(snap);
         metrics::counter!("raftbridge_snapshots_installed_total").increment(1);
         Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
-        Ok(lock(&self.shared.current).clone().map(|s| Snapshot { meta: s.meta, snapshot: s.data }))
+        // The file is replaced atomically, so it holds one whole snapshot, its meta included.
+        let path = self.shared.dir.join(SNAPSHOT_FILE);
+        let snap = tokio::task::spawn_blocking(move || read_snapshot_file(&path)).await.map_err(io::Error::other)??;
+        Ok(snap.map(|s| Snapshot { meta: s.meta, snapshot: s.data }))
     }
 }
 
@@ -853,7 +851,6 @@ mod tests {
         let sm = SmShared {
             data: RwLock::new(SmData::default()),
             registry_rev: std::sync::atomic::AtomicU64::new(0),
-            current: Mutex::new(None),
             dir: PathBuf::new(),
             events_next: tokio::sync::watch::Sender::new(0),
         };
@@ -876,10 +873,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
         let mut sm = StateMachine::open(&dir).unwrap();
         write(&sm.shared.data).apply(3, put("s", "k", "{\"a\":1}", None));
+        assert!(sm.get_current_snapshot().await.unwrap().is_none(), "none built yet");
         let snap = sm.build_snapshot().await.unwrap();
         let sm2 = StateMachine::open(&dir).unwrap();
         assert_eq!(sm2.shared.get("s", "k").unwrap().revision, 3);
         assert_eq!(decode_data(&snap.snapshot).unwrap().stores.len(), 1);
+        // The current snapshot is read back from the file: the same image and meta.
+        let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot");
+        assert_eq!((current.meta.clone(), &current.snapshot), (snap.meta.clone(), &snap.snapshot));
+        // One installed from a leader becomes the current one, and what a reopen restores.
+        let other = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
+        let mut follower = StateMachine::open(&other).unwrap();
+        follower.install_snapshot(&current.meta, current.snapshot.clone()).await.unwrap();
+        let installed = follower.get_current_snapshot().await.unwrap().expect("installed");
+        assert_eq!(installed.snapshot, current.snapshot);
+        assert_eq!(StateMachine::open(&other).unwrap().shared.get("s", "k").unwrap().revision, 3);
+        std::fs::remove_dir_all(other).unwrap();
         // A corrupt file is refused, not half-loaded.
         let path = dir.join(SNAPSHOT_FILE);
         let mut bytes = std::fs::read(&path).unwrap();
