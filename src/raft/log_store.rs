@@ -886,8 +886,9 @@ impl Inner {
         Ok(())
     }
 
-    /// Queues `reap` for the reaper (waiting while `REAP_QUEUE` are queued); does it here if the
-    /// reaper is gone (only while the store is being dropped).
+    /// Queues `reap` for the reaper (waiting while `REAP_QUEUE` are queued). Without a reaper
+    /// (only while the store is being dropped) the entries are freed here and the files stay,
+    /// which replay skips.
     fn reap(&self, reap: Reap) {
         let tx = lock(&self.reap_tx).ok().and_then(|tx| tx.clone());
         let Some(tx) = tx else {
