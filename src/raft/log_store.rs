@@ -555,6 +555,7 @@ fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem) -> io::
 /// anything is queued here, replay skips entries at or below it, and a crash before an unlink
 /// leaves a file that replay skips. Unlink errors are logged: such a file is harmless.
 fn reaper(rx: mpsc::Receiver<Reap>, dir: PathBuf, sync: bool) {
+    crate::process::background_thread();
     while let Ok(reap) = rx.recv() {
         for path in &reap.paths {
             match fs::remove_file(path) {

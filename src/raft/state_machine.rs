@@ -677,7 +677,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         let meta = SnapshotMeta { last_log_id: copy.last_applied, last_membership: copy.last_membership.clone() };
         let this = self.clone();
         let meta2 = meta.clone();
-        let snap = tokio::task::spawn_blocking(move || {
+        // At background priority: see `process::background_thread`.
+        let snap = crate::process::run_in_background("snapshot-build", move || {
             // Sized by the previous image (plus an eighth) rather than by `serialized_size`,
             // which walks every event once more only to count bytes.
             let previous = std::fs::metadata(this.shared.dir.join(SNAPSHOT_FILE)).map_or(0, |m| m.len() as usize);
@@ -687,8 +688,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let snap = StoredSnapshot { meta: meta2, data };
             this.persist(&snap).map(|_| snap)
         })
-        .await
-        .map_err(io::Error::other)??;
+        .await?;
         let data = snap.data;
         metrics::counter!("raftbridge_snapshots_built_total").increment(1);
         tracing::info!(bytes = data.len(), ms = started.elapsed().as_millis() as u64, last = ?meta.last_log_id, "snapshot built");
