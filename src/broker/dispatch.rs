@@ -12,7 +12,9 @@
 //! (which waits for the next event entry): the position is kept from being handed out again
 //! until then. A pass hands a consumer on another node everything it gets in one
 //! `DeliverBatch` frame when that peer announced the feature (one request, one task per pass
-//! and consumer instead of per event), and one `Deliver` per event otherwise.
+//! and consumer instead of per event), and one `Deliver` per event otherwise; this node's own
+//! consumer gets its handout as one task too (its handlers run concurrently, each within the
+//! ack deadline).
 //!
 //! Delivery is at least once: an ack lost to a crash means a redelivery, so handlers should be
 //! idempotent (the demo's `countOrders` counts each order id, so duplicates are visible).
@@ -293,8 +295,9 @@ impl Dispatcher {
                     }
                     self.sm.pending(&name, free, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.contains(&p))
                 };
-                // What each consumer gets in this pass: one frame per consumer that takes
-                // batches, one request per event otherwise (and for this node).
+                // What each consumer gets in this pass: one task (and one progress message) for
+                // this node's consumer and for each peer that takes `DeliverBatch` (one frame),
+                // one request per event for older peers.
                 let mut handout: HashMap<NodeId, Vec<(Event, u32)>> = HashMap::new();
                 {
                     let mut f = lock(&inflight);
@@ -313,7 +316,7 @@ impl Dispatcher {
                     }
                 }
                 for (target, events) in handout {
-                    let batched = target != self.node_id && self.net.features(target) & features::DELIVER_BATCH != 0;
+                    let batched = target == self.node_id || self.net.features(target) & features::DELIVER_BATCH != 0;
                     for batch in in_frames(events, if batched { MAX_DELIVER_BATCH } else { 1 }) {
                         let (this, inflight, decl, retry_tx, freed) = (self.clone(), inflight.clone(), decl.clone(), retry_tx.clone(), freed.clone());
                         tokio::spawn(async move {
