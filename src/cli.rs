@@ -76,6 +76,10 @@ struct ProbeArgs {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    // Before the runtime's threads start and before the node's memory grows (see the function).
+    if let Err(e) = crate::process::disable_transparent_huge_pages() {
+        tracing::debug!(error = %e, "could not turn transparent huge pages off");
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Cmd::Node(NodeArgs { worker_threads: Some(n), .. }) = &cli.cmd {
         builder.worker_threads(usize::from(*n));
