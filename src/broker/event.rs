@@ -89,8 +89,9 @@ pub struct NewEvent {
 }
 
 impl NewEvent {
-    pub fn into_event(self, position: u64) -> Event {
-        Event { position, body: self.body }
+    /// The stored event at `position` (shares the body).
+    pub fn to_event(&self, position: u64) -> Event {
+        Event { position, body: self.body.clone() }
     }
 }
 

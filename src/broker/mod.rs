@@ -390,7 +390,7 @@ fn entry(events: Vec<NewEvent>, settles: &mut [Settle], limits: EventLimits) -> 
     match (events.is_empty(), updates.is_empty()) {
         (_, true) => Command::Publish { now_ms: now_ms(), events: Arc::new(events), limits },
         (true, false) => Command::SubUpdate { updates },
-        (false, false) => Command::PublishAndSettle { now_ms: now_ms(), events: Arc::new(events), limits, updates },
+        (false, false) => Command::PublishAndSettle { now_ms: now_ms(), events: Arc::new(events), limits, updates: Arc::new(updates) },
     }
 }
 

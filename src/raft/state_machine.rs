@@ -233,18 +233,20 @@ impl SmData {
                     },
                 }
             }
-            Command::Publish { now_ms, events, limits } => self.publish(now_ms, Arc::unwrap_or_clone(events), limits),
+            // By reference: the log store keeps its copy of the entry (the `Arc`s are shared),
+            // so taking the events or updates by value would clone every one of them.
+            Command::Publish { now_ms, events, limits } => self.publish(now_ms, &events, limits),
             Command::SubUpdate { updates } => {
-                for u in updates {
+                for u in &updates {
                     self.sub_update(u);
                 }
                 CommandResult::SubUpdated
             }
             Command::PublishAndSettle { now_ms, events, limits, updates } => {
-                for u in updates {
+                for u in updates.iter() {
                     self.sub_update(u);
                 }
-                self.publish(now_ms, Arc::unwrap_or_clone(events), limits)
+                self.publish(now_ms, &events, limits)
             }
             Command::IdemComplete { key, attempt: _, response } => match self.idem.get_mut(&key) {
                 // The first completion wins; a slower duplicate attempt gets the winner's answer.
@@ -263,7 +265,7 @@ impl SmData {
         }
     }
 
-    fn publish(&mut self, now_ms: u64, events: Vec<NewEvent>, limits: EventLimits) -> CommandResult {
+    fn publish(&mut self, now_ms: u64, events: &[NewEvent], limits: EventLimits) -> CommandResult {
         self.clock_ms = self.clock_ms.max(now_ms);
         let log = &mut self.log;
         let horizon = self.clock_ms.saturating_sub(limits.dedup_window_ms);
@@ -284,7 +286,7 @@ impl SmData {
                 log.keys.insert(key.clone(), (e.body.id.clone(), log.next, self.clock_ms));
                 log.key_order.push_back((self.clock_ms, key.clone()));
             }
-            let event = e.into_event(log.next);
+            let event = e.to_event(log.next);
             out.push((event.id.clone(), event.position));
             log.bytes += event.size() as u64;
             log.events.push_back(Arc::new(event));
@@ -309,20 +311,22 @@ impl SmData {
         CommandResult::Published(out)
     }
 
-    fn sub_update(&mut self, u: SubUpdate) {
+    fn sub_update(&mut self, u: &SubUpdate) {
         match u {
             SubUpdate::Ack { sub, position } => {
-                if let Some(s) = self.subs.get_mut(&sub) {
+                let position = *position;
+                if let Some(s) = self.subs.get_mut(sub) {
                     if position >= s.cursor {
                         s.done.insert(position);
                     }
                     s.attempts.remove(&position);
                 }
-                self.advance(&sub);
+                self.advance(sub);
             }
             SubUpdate::Failed { sub, position, reason } => {
+                let position = *position;
                 let event_id = self.log.get(position).map(|e| e.id.clone()).unwrap_or_default();
-                if let Some(s) = self.subs.get_mut(&sub) {
+                if let Some(s) = self.subs.get_mut(sub) {
                     if position < s.cursor || s.done.contains(&position) {
                         return;
                     }
@@ -332,19 +336,20 @@ impl SmData {
                         let attempts = *n;
                         s.attempts.remove(&position);
                         s.done.insert(position);
-                        push_dead(s, DeadLetter { position, event_id, attempts, reason, node: None });
+                        push_dead(s, DeadLetter { position, event_id, attempts, reason: reason.clone(), node: None });
                     }
                 }
-                self.advance(&sub);
+                self.advance(sub);
             }
             SubUpdate::Instance { sub, node, position, dead } => {
+                let (node, position) = (*node, *position);
                 let event_id = self.log.get(position).map(|e| e.id.clone()).unwrap_or_default();
-                if let Some(s) = self.subs.get_mut(&sub) {
+                if let Some(s) = self.subs.get_mut(sub) {
                     let next = s.instances.entry(node).or_insert(0);
                     if position + 1 > *next {
                         *next = position + 1;
                         if let Some((attempts, reason)) = dead {
-                            push_dead(s, DeadLetter { position, event_id, attempts, reason, node: Some(node) });
+                            push_dead(s, DeadLetter { position, event_id, attempts: *attempts, reason: reason.clone(), node: Some(node) });
                         }
                     }
                 }
@@ -836,7 +841,7 @@ mod tests {
         let first = apart.subs["sub"].cursor;
         assert_eq!(apart.apply(3, Command::SubUpdate { updates: vec![ack(first), ack(first + 1)] }), CommandResult::SubUpdated);
         let published = apart.apply(4, Command::Publish { now_ms: 20, events: events(2), limits });
-        let both = Command::PublishAndSettle { now_ms: 20, events: events(2), limits, updates: vec![ack(first), ack(first + 1)] };
+        let both = Command::PublishAndSettle { now_ms: 20, events: events(2), limits, updates: Arc::new(vec![ack(first), ack(first + 1)]) };
         let CommandResult::Published(ids) = merged.apply(3, both) else { panic!("the events' ids and positions") };
         let CommandResult::Published(apart_ids) = published else { panic!("published") };
         assert_eq!(ids.iter().map(|(_, p)| p).collect::<Vec<_>>(), apart_ids.iter().map(|(_, p)| p).collect::<Vec<_>>());

@@ -111,7 +111,9 @@ pub enum Command {
         now_ms: u64,
         events: std::sync::Arc<Vec<crate::broker::event::NewEvent>>,
         limits: EventLimits,
-        updates: Vec<SubUpdate>,
+        /// Shared like `events`: an entry carries hundreds of acks under load, each with its
+        /// subscription's name, and every copy of the entry used to clone them all.
+        updates: std::sync::Arc<Vec<SubUpdate>>,
     },
 }
 
