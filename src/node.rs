@@ -130,7 +130,7 @@ pub async fn run(
     })?;
     let log_bytes = log_store.clone();
     let restarting = log_store.has_state();
-    let raft = Raft::new(cfg.id, raft_cfg, Network::new(net.clone()), log_store, sm)
+    let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone() }, log_store, sm)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     let replica = Replica::new(raft.clone(), net.clone());

@@ -90,17 +90,6 @@ impl Frame {
         buf.freeze()
     }
 
-    /// A frame body whose payload is `parts` one after the other (pieces encoded elsewhere).
-    pub fn encode_parts(kind: Kind, corr: u64, parts: &[&[u8]]) -> Bytes {
-        let mut buf = BytesMut::with_capacity(HEADER_LEN + parts.iter().map(|p| p.len()).sum::<usize>());
-        buf.put_u8(kind as u8);
-        buf.put_u64(corr);
-        for p in parts {
-            buf.put_slice(p);
-        }
-        buf.freeze()
-    }
-
     pub fn decode(mut body: BytesMut) -> Result<Frame, FrameError> {
         if body.len() < HEADER_LEN {
             return Err(FrameError::Short(body.len()));

@@ -173,16 +173,6 @@ impl Link {
 
     /// Send one request and wait for its response (bounded by `timeout`).
     pub async fn call(&self, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
-        self.call_encoded(|corr| Frame::encode(Kind::Request, corr, req), timeout).await
-    }
-
-    /// Like [`Link::call`], with the request frame built by `encode` from the correlation id
-    /// (a caller that has parts of the request already encoded splices them in).
-    pub async fn call_encoded(
-        &self,
-        encode: impl FnOnce(u64) -> Result<Bytes, bincode::Error>,
-        timeout: Duration,
-    ) -> Result<PeerResponse, PeerError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let timeout_err = || PeerError::Timeout { peer: self.peer, timeout };
         let _permit = tokio::time::timeout_at(deadline, self.outstanding.acquire())
@@ -190,7 +180,8 @@ impl Link {
             .map_err(|_| timeout_err())?
             .map_err(|_| PeerError::Closed { peer: self.peer })?;
         let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
-        let body = encode(corr).map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
+        let body = Frame::encode(Kind::Request, corr, req)
+            .map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(corr, tx);
         let guard = PendingGuard { link: self, corr };
@@ -346,17 +337,6 @@ impl PeerNet {
     pub async fn request(&self, target: NodeId, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
         let link = self.link_to(target).await?;
         link.call(req, timeout).await
-    }
-
-    /// Like [`PeerNet::request`], with the frame built by `encode` from the correlation id.
-    pub async fn request_encoded(
-        &self,
-        target: NodeId,
-        encode: impl FnOnce(u64) -> Result<Bytes, bincode::Error>,
-        timeout: Duration,
-    ) -> Result<PeerResponse, PeerError> {
-        let link = self.link_to(target).await?;
-        link.call_encoded(encode, timeout).await
     }
 
     /// Send a request to an address (a seed whose id we may not know yet); returns the peer's id.
