@@ -14,6 +14,10 @@
 //! - `benchSink`, a shared durable subscription to `benchEvent` (what `raftbridge bench events`
 //!   publishes), only acknowledges: the bench reads its end-to-end delivery latency from
 //!   `/metrics` (`raftbridge_delivery_latency_seconds{subscription="benchSink"}`).
+//! - `answerPings`, a shared durable subscription to `demoPing`, returns an event: each ping is
+//!   answered by a `demoPong` whose payload is `{"ping": <the ping's payload>, "servedBy": node}`,
+//!   emitted once per ping (deduplicated across redeliveries) with the ping's trace, principal
+//!   and tenant: a subscription's returned event, observable from outside.
 //!
 //! Its routes and answers are a contract the integration tests rely on.
 
@@ -94,6 +98,7 @@ pub fn demo_service() -> ServiceParts {
         .subscription(SubscriptionBuilder::new("countOrders").event_name("orderPlaced").handler(count_order))
         .subscription(SubscriptionBuilder::new("auditOrders").event_name("orderPlaced").shared(false).handler(audit_order))
         .subscription(SubscriptionBuilder::new("benchSink").event_name("benchEvent").handler(bench_sink))
+        .subscription(SubscriptionBuilder::new("answerPings").event_name("demoPing").handler(answer_ping))
         .command(
             CommandBuilder::get("slow", "slow")
                 .idempotent(true)
@@ -167,6 +172,13 @@ async fn audit_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Opt
     Ok(None)
 }
 
+/// `answerPings`: answers each `demoPing` with a `demoPong` (the dispatcher emits it).
+async fn answer_ping(ctx: Ctx, event: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
+    let ping: serde_json::Value =
+        serde_json::from_slice(&event.payload).map_err(|e| HandlerError::bad_request(e.to_string()))?;
+    Ok(Some(Emit { event_name: "demoPong".into(), payload: json!({"ping": ping, "servedBy": ctx.node_id}) }))
+}
+
 /// Acknowledges: the delivery itself is what the bench measures.
 async fn bench_sink(_: Ctx, _: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
     Ok(None)
@@ -220,8 +232,11 @@ mod tests {
         assert_eq!(parts.handlers.len(), 5);
         assert_eq!(parts.decl.commands[3].success_event.as_deref(), Some("notified"));
         let subs: Vec<_> = parts.decl.subscriptions.iter().map(|s| (s.name.as_str(), s.shared, s.durable)).collect();
-        assert_eq!(subs, [("countOrders", true, true), ("auditOrders", false, true), ("benchSink", true, true)]);
-        assert_eq!(parts.subscribers.len(), 3);
+        assert_eq!(
+            subs,
+            [("countOrders", true, true), ("auditOrders", false, true), ("benchSink", true, true), ("answerPings", true, true)]
+        );
+        assert_eq!(parts.subscribers.len(), 4);
     }
 
     #[test]

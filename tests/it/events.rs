@@ -1062,6 +1062,38 @@ fn every_instance_subscription_reaches_each_node() {
     );
 }
 
+/// A subscription's returned event is emitted: the demo's `answerPings` answers a `demoPing`
+/// with one `demoPong` carrying the ping's payload, trace, principal and tenant, sent by `demo`.
+#[test]
+fn a_subscription_returns_an_event_that_is_emitted_once() {
+    let (c, _) = example_cluster("ev-pong");
+    wait_subscription(&c, &c.apis(), "answerPings");
+    let traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let headers = [("x-principal-id", "bob"), ("x-tenant-id", "t2"), ("traceparent", traceparent)];
+    let ping = json!({"n": 7, "note": "returned-event test"});
+    let (ping_id, ping_position) = publish(c.api(2), "demoPing", &ping, &headers).expect("publish a ping");
+    let pongs = c.wait_for("the pong for the ping", DELIVERY, || {
+        let page = get_json(c.api(1), "/v1/events?after=0&limit=1000&eventName=demoPong")?;
+        let events = page["events"].as_array().cloned().ok_or_else(|| format!("no events array: {page}"))?;
+        let mine: Vec<Value> = events.into_iter().filter(|e| e["payload"]["ping"] == ping).collect();
+        if mine.is_empty() { Err(format!("no pong yet: {page}")) } else { Ok(mine) }
+    });
+    assert_eq!(pongs.len(), 1, "one pong per ping: {pongs:?}");
+    let pong = &pongs[0];
+    assert!(pong["position"].as_u64().is_some_and(|p| p > ping_position), "after the ping: {pong}");
+    assert_ne!(pong["id"].as_str(), Some(ping_id.as_str()), "an event of its own: {pong}");
+    assert!(pong["payload"]["servedBy"].as_u64().is_some_and(|n| (1..=3).contains(&n)), "{pong}");
+    assert_eq!(pong["sender"]["serviceName"], "demo", "sent by the subscribing service: {pong}");
+    assert_eq!(pong["principalId"], "bob", "{pong}");
+    assert_eq!(pong["tenantId"], "t2", "{pong}");
+    assert_eq!(pong["traceId"], "0af7651916cd43dd8448eb211c80319c", "the ping's trace: {pong}");
+    // The ping was acknowledged: the subscription's cursor moves past it.
+    c.wait_for("answerPings past the ping", DELIVERY, || {
+        let at = cursor(c.api(1), "answerPings")?;
+        if at > ping_position { Ok(()) } else { Err(format!("cursor {at}")) }
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Batch publishing and bad input
 // ---------------------------------------------------------------------------------------------
