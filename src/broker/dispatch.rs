@@ -77,8 +77,9 @@ pub struct LocalSubscriber {
 }
 
 /// The outcomes of one delivery (one handout to one consumer), committed together: one message
-/// and one wake-up per handout, not per event.
-type UpdateReq = (Vec<SubUpdate>, oneshot::Sender<bool>);
+/// and one wake-up per handout, not per event. `bool`: lazy (see `Broker::settle`): nothing
+/// waits on the outcome but the settling positions.
+type UpdateReq = (Vec<SubUpdate>, bool, oneshot::Sender<bool>);
 /// subscription → position → consumer, or `None` while the outcome is being committed. Keyed by
 /// subscription first so that a pass and a delivery task find a position without building a
 /// `(String, u64)` key (an allocation and a string hash per event).
@@ -135,13 +136,14 @@ impl Dispatcher {
         d
     }
 
-    /// Commit progress updates (batched with others); true once applied.
-    async fn update(&self, u: Vec<SubUpdate>) -> bool {
+    /// Commit progress updates (batched with others); true once applied. `lazy`: they may wait
+    /// a little for an event entry to ride in (`Broker::settle`).
+    async fn update(&self, u: Vec<SubUpdate>, lazy: bool) -> bool {
         if u.is_empty() {
             return true;
         }
         let (tx, rx) = oneshot::channel();
-        if self.updates.send((u, tx)).await.is_err() {
+        if self.updates.send((u, lazy, tx)).await.is_err() {
             return false;
         }
         rx.await.unwrap_or(false)
@@ -404,7 +406,9 @@ impl Dispatcher {
             .collect();
         metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(acks);
         metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(n as u64 - acks);
-        self.update(updates).await;
+        // Nothing waits on these but the positions they settle: they may ride in the next
+        // event entry rather than make one.
+        self.update(updates, true).await;
         pauses
     }
 
@@ -454,7 +458,7 @@ impl Dispatcher {
                 };
                 next = Some(position + 1);
                 let u = SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead };
-                if !self.update(vec![u]).await {
+                if !self.update(vec![u], false).await {
                     warn!(sub = %name, position, "could not record progress; will redeliver after a restart");
                 }
             }
@@ -524,12 +528,13 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
             _ = shutdown.cancelled() => return,
         };
         let Ok(permit) = out.clone().acquire_owned().await else { return };
-        let (mut updates, first_tx) = first;
+        let (mut updates, mut lazy, first_tx) = first;
         let mut txs = vec![first_tx];
         while updates.len() < UPDATE_BATCH {
             match rx.try_recv() {
-                Ok((more, tx)) => {
+                Ok((more, more_lazy, tx)) => {
                     updates.extend(more);
+                    lazy &= more_lazy;
                     txs.push(tx);
                 }
                 Err(_) => break,
@@ -538,7 +543,7 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
         let broker = broker.clone();
         tokio::spawn(async move {
             let _permit = permit;
-            let ok = broker.settle(updates, Duration::from_secs(10)).await;
+            let ok = broker.settle(updates, lazy, Duration::from_secs(10)).await;
             for tx in txs {
                 let _ = tx.send(ok);
             }

@@ -86,6 +86,12 @@ const SETTLE_QUEUE: usize = 64;
 /// Subscription updates the batcher adds to one entry: it stops taking queued batches of them
 /// once this many are in (a batch is never split).
 const MAX_SETTLE_UPDATES: usize = 4_096;
+/// How long a shared subscription's acks may wait for an event entry to ride in, when they find
+/// none queued but events are flowing (a group was taken this recently). Without it, at moderate
+/// publish rates the acks of one entry's events were committed in an entry of their own about
+/// as often as not: up to twice the entries, fsyncs and replication rounds per event. Nothing
+/// waits on these acks but the positions they settle (the consumer's slot is already free).
+const SETTLE_LINGER: Duration = Duration::from_millis(5);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
@@ -117,6 +123,11 @@ struct Group {
 struct Settle {
     updates: Vec<SubUpdate>,
     reply: oneshot::Sender<bool>,
+    /// May wait up to `SETTLE_LINGER` (from `since`) for an event entry to ride in: only when
+    /// nothing waits on it (a shared subscription's acks; not an every-instance loop's next
+    /// event, nor a follower's forwarded write, whose frame may carry other writes).
+    lazy: bool,
+    since: tokio::time::Instant,
 }
 
 fn payload_bytes(events: &[NewEvent]) -> usize {
@@ -206,13 +217,14 @@ impl Broker {
     }
 
     /// Commit subscription progress. On the leader it rides in the batcher's next event entry
-    /// (or goes alone when no events are queued); elsewhere it is written like any command (the
-    /// leader merges it on arrival, see [`Broker::write_forwarded`]). True once applied.
-    pub async fn settle(&self, updates: Vec<SubUpdate>, timeout: Duration) -> bool {
+    /// (or goes alone when no events are queued; `lazy`: after waiting up to `SETTLE_LINGER` for
+    /// some while events are flowing); elsewhere it is written like any command (the leader
+    /// merges it on arrival, see [`Broker::write_forwarded`]). True once applied.
+    pub async fn settle(&self, updates: Vec<SubUpdate>, lazy: bool, timeout: Duration) -> bool {
         if self.must_lead().is_err() {
             return self.store.command(Command::SubUpdate { updates }, timeout).await.is_ok();
         }
-        match self.queue_settle(updates).await {
+        match self.queue_settle(updates, lazy).await {
             Some(committed) => committed.await.unwrap_or(false),
             None => false,
         }
@@ -227,9 +239,9 @@ impl Broker {
 
     /// Queues progress for the batcher's next entry; the receiver says whether it committed.
     /// `None` once the broker has stopped.
-    async fn queue_settle(&self, updates: Vec<SubUpdate>) -> Option<oneshot::Receiver<bool>> {
+    async fn queue_settle(&self, updates: Vec<SubUpdate>, lazy: bool) -> Option<oneshot::Receiver<bool>> {
         let (reply, rx) = oneshot::channel();
-        self.settles.send(Settle { updates, reply }).await.ok()?;
+        self.settles.send(Settle { updates, reply, lazy, since: tokio::time::Instant::now() }).await.ok()?;
         Some(rx)
     }
 
@@ -267,7 +279,7 @@ impl Broker {
     /// while this node leads, like `publish_forwarded`).
     async fn settle_forwarded(&self, updates: Vec<SubUpdate>) -> Result<(u64, CommandResult), RemoteError> {
         self.must_lead()?;
-        let Some(committed) = self.queue_settle(updates).await else {
+        let Some(committed) = self.queue_settle(updates, false).await else {
             return Err(RemoteError::Unavailable("the broker is shutting down".into()));
         };
         match committed.await {
@@ -345,6 +357,29 @@ impl Inbox {
         true
     }
 
+    /// Lazy progress found no events queued: wait until `until` for a group to ride with (taken
+    /// progress goes into `settles`; progress that may not wait ends the wait). `Err` on
+    /// shutdown.
+    async fn await_group(&mut self, settles: &mut Vec<Settle>, until: tokio::time::Instant, shutdown: &CancellationToken) -> Result<Option<Group>, ()> {
+        loop {
+            tokio::select! {
+                g = self.groups.recv() => return Ok(g),
+                s = self.settles.recv() => match s {
+                    Some(s) => {
+                        let lazy = s.lazy;
+                        settles.push(s);
+                        if !lazy {
+                            return Ok(None);
+                        }
+                    }
+                    None => return Ok(None),
+                },
+                _ = tokio::time::sleep_until(until) => return Ok(None),
+                _ = shutdown.cancelled() => return Err(()),
+            }
+        }
+    }
+
     /// Adds whatever else is queued to `first` while it fits in one entry; a group that does not
     /// fit is held for the next batch.
     fn fill(&mut self, first: Group) -> (Vec<NewEvent>, Vec<(Reply, usize)>) {
@@ -394,6 +429,15 @@ fn entry(events: Vec<NewEvent>, settles: &mut [Settle], limits: EventLimits) -> 
     }
 }
 
+/// Until when progress found with no events queued waits for a group to ride with: only when
+/// all of it is lazy and events are flowing (the batcher took a group within `SETTLE_LINGER`),
+/// and never past `SETTLE_LINGER` after the oldest was queued.
+fn lazy_until(settles: &[Settle], last_group: Option<tokio::time::Instant>) -> Option<tokio::time::Instant> {
+    let flowing = last_group.is_some_and(|t| t.elapsed() < SETTLE_LINGER);
+    let oldest = settles.iter().map(|s| s.since).min()?;
+    (flowing && settles.iter().all(|s| s.lazy)).then(|| oldest + SETTLE_LINGER)
+}
+
 async fn batcher(
     store: StateStore,
     limits: EventLimits,
@@ -405,6 +449,9 @@ async fn batcher(
     let leading = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
     let following = Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES));
     let replica = store.replica().clone();
+    // When the batcher last took a group of events: lazy progress waits for one only while
+    // events are flowing.
+    let mut last_group: Option<tokio::time::Instant> = None;
     loop {
         let Some(first) = inbox.next(&shutdown).await else { return };
         // The leader waits for a free slot, and meanwhile events accumulate into this batch. A
@@ -413,11 +460,20 @@ async fn batcher(
         let leader = replica.leader() == Some(replica.id());
         let slots = if leader { &leading } else { &following };
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
-        let (first, mut settles) = match first {
+        let (mut first, mut settles) = match first {
             Work::Group(g) => (Some(g), Vec::new()),
             // Woken by progress alone: events queued since then still join this entry.
             Work::Settle(s) => (inbox.held.pop_front().or_else(|| inbox.groups.try_recv().ok()), vec![s]),
         };
+        if let Some(until) = lazy_until(&settles, last_group).filter(|_| first.is_none() && leader) {
+            match inbox.await_group(&mut settles, until, &shutdown).await {
+                Ok(g) => first = g,
+                Err(()) => return,
+            }
+        }
+        if first.is_some() {
+            last_group = Some(tokio::time::Instant::now());
+        }
         if let Some(first) = first.as_ref().filter(|_| leader && !linger.is_zero()) {
             // A few events only: wait a little for more (never past `linger` after the oldest
             // was queued), so a light load does not cost an entry per handful of events.
@@ -517,7 +573,7 @@ mod tests {
     fn acks(sub: &str, positions: std::ops::Range<u64>) -> (Settle, oneshot::Receiver<bool>) {
         let (reply, rx) = oneshot::channel();
         let updates = positions.map(|position| SubUpdate::Ack { sub: sub.into(), position }).collect();
-        (Settle { updates, reply }, rx)
+        (Settle { updates, reply, lazy: true, since: tokio::time::Instant::now() }, rx)
     }
 
     #[tokio::test(start_paused = true)]
@@ -558,6 +614,69 @@ mod tests {
         let (_tx, _s, mut ib) = inbox();
         shutdown.cancel();
         assert!(!ib.gather(0, tokio::time::Instant::now() + ms(1000), &shutdown).await);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lazy_progress_waits_for_a_group_until_its_deadline_or_progress_that_may_not_wait() {
+        let ms = Duration::from_millis;
+        let shutdown = CancellationToken::new();
+        let admit = Arc::new(Semaphore::new(QUEUE_EVENTS));
+        // A group comes after 2 ms: the progress rides with it.
+        let (tx, _s, mut ib) = inbox();
+        let start = tokio::time::Instant::now();
+        let feeder = tokio::spawn({
+            let (tx, admit) = (tx.clone(), admit.clone());
+            async move {
+                tokio::time::sleep(ms(2)).await;
+                let rxs = queue(&tx, &admit, &[(3, 1)]);
+                tokio::time::sleep(ms(100)).await;
+                drop(rxs);
+            }
+        });
+        let mut settles = Vec::new();
+        let got = ib.await_group(&mut settles, start + SETTLE_LINGER, &shutdown).await.expect("not shut down");
+        assert_eq!(got.map(|g| g.events.len()), Some(3));
+        assert_eq!(tokio::time::Instant::now(), start + ms(2), "taken as soon as it came");
+        feeder.abort();
+        // Nothing comes: the wait ends at the deadline; lazy progress that comes meanwhile joins.
+        let (_tx, settle_tx, mut ib) = inbox();
+        let start = tokio::time::Instant::now();
+        let (more, _r) = acks("s", 0..2);
+        settle_tx.try_send(more).expect("room");
+        let mut settles = Vec::new();
+        assert!(ib.await_group(&mut settles, start + SETTLE_LINGER, &shutdown).await.expect("not shut down").is_none());
+        assert_eq!(tokio::time::Instant::now(), start + SETTLE_LINGER);
+        assert_eq!(settles.len(), 1, "lazy progress gathered while waiting");
+        // Progress that may not wait ends the wait at once.
+        let (_tx, settle_tx, mut ib) = inbox();
+        let start = tokio::time::Instant::now();
+        let (mut eager, _r) = acks("t", 5..6);
+        eager.lazy = false;
+        settle_tx.try_send(eager).expect("room");
+        let mut settles = Vec::new();
+        assert!(ib.await_group(&mut settles, start + SETTLE_LINGER, &shutdown).await.expect("not shut down").is_none());
+        assert_eq!(tokio::time::Instant::now(), start);
+        assert!(settles.len() == 1 && !settles[0].lazy);
+        // Shutdown ends it too.
+        let (_tx, _s, mut ib) = inbox();
+        shutdown.cancel();
+        assert!(ib.await_group(&mut Vec::new(), tokio::time::Instant::now() + ms(1000), &shutdown).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_waits_for_events_only_while_they_flow_and_all_of_it_is_lazy() {
+        let now = tokio::time::Instant::now();
+        let (lazy, _r) = acks("s", 0..1);
+        let recent = Some(now - Duration::from_millis(1));
+        assert_eq!(lazy_until(std::slice::from_ref(&lazy), recent), Some(lazy.since + SETTLE_LINGER));
+        // No group for a while (a backlog being consumed, an idle publisher): no wait.
+        assert_eq!(lazy_until(std::slice::from_ref(&lazy), Some(now - SETTLE_LINGER)), None);
+        assert_eq!(lazy_until(std::slice::from_ref(&lazy), None), None);
+        // Any progress that may not wait (an every-instance position) means no wait.
+        let (mut eager, _r) = acks("t", 1..2);
+        eager.lazy = false;
+        assert_eq!(lazy_until(&[lazy, eager], recent), None);
+        assert_eq!(lazy_until(&[], recent), None);
     }
 
     #[tokio::test]
