@@ -41,7 +41,15 @@ pub struct EventBody {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
     pub position: u64,
+    #[serde(deserialize_with = "body_in_arc")]
     pub body: Arc<EventBody>,
+}
+
+/// Decodes a body straight into its `Arc`. serde's `Arc<T>` decodes a `Box<T>` and moves it
+/// into a new allocation (one allocation, copy and free per event more; 3% of a follower's CPU
+/// under batched publishing). Same bytes either way.
+fn body_in_arc<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Arc<EventBody>, D::Error> {
+    EventBody::deserialize(d).map(Arc::new)
 }
 
 impl std::ops::Deref for Event {
@@ -83,6 +91,7 @@ impl Event {
 /// An event to publish (the position comes from the log).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewEvent {
+    #[serde(deserialize_with = "body_in_arc")]
     pub body: Arc<EventBody>,
     /// Producer dedup: a repeat within the window returns the first id/position.
     pub idempotency_key: Option<String>,
