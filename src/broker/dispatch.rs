@@ -64,6 +64,9 @@ const MIN_PASS: Duration = Duration::from_millis(1);
 const UPDATE_BATCH: usize = 4096;
 /// Update batches being committed at once, at most.
 const UPDATE_BATCHES_OUT: usize = 4;
+/// An every-instance loop commits its progress at least this often while it works through a
+/// pass (and at the end of each), so a crash redelivers at most about this much handling.
+const INSTANCE_FLUSH: Duration = Duration::from_millis(100);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
@@ -438,6 +441,11 @@ impl Dispatcher {
             let replicated = state.instances.get(&self.node_id).copied().unwrap_or(0);
             let from = next.unwrap_or(replicated).max(replicated);
             let (events, scanned_to) = self.sm.matching_from(&name, from, 256);
+            // Progress is committed once per pass (or per `INSTANCE_FLUSH` of handling), not per
+            // event: waiting for a commit after each event capped an every-instance
+            // subscription at one event per commit round (a few hundred a second per node).
+            let mut progress: Vec<SubUpdate> = Vec::new();
+            let mut flushed = Instant::now();
             for event in events {
                 let position = event.position;
                 let mut attempts = 0u32;
@@ -457,16 +465,43 @@ impl Dispatcher {
                     }
                 };
                 next = Some(position + 1);
-                let u = SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead };
-                if !self.update(vec![u], false).await {
-                    warn!(sub = %name, position, "could not record progress; will redeliver after a restart");
+                note_progress(&mut progress, SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead });
+                if flushed.elapsed() >= INSTANCE_FLUSH {
+                    self.record_instance_progress(&name, std::mem::take(&mut progress)).await;
+                    flushed = Instant::now();
                 }
             }
+            self.record_instance_progress(&name, progress).await;
             if let Some(to) = scanned_to {
                 next = Some(next.unwrap_or(to).max(to));
             }
         }
     }
+}
+
+impl Dispatcher {
+    /// Commits an every-instance loop's progress (see `note_progress`); on failure the events
+    /// are delivered again after a restart (at least once).
+    async fn record_instance_progress(&self, sub: &str, progress: Vec<SubUpdate>) {
+        let last = progress.last().map(|u| match u {
+            SubUpdate::Instance { position, .. } => *position,
+            _ => 0,
+        });
+        if !self.update(progress, false).await {
+            warn!(sub, position = ?last, "could not record progress; will redeliver after a restart");
+        }
+    }
+}
+
+/// Adds one handled event of an every-instance subscription to the progress of a pass, in log
+/// order: a dead-lettered event keeps its own update (it records the dead letter), a run of
+/// handled ones needs only its last (the replicated position is the next one to deliver).
+fn note_progress(progress: &mut Vec<SubUpdate>, update: SubUpdate) {
+    let plain = |u: &SubUpdate| matches!(u, SubUpdate::Instance { dead: None, .. });
+    if plain(&update) && progress.last().is_some_and(plain) {
+        progress.pop();
+    }
+    progress.push(update);
 }
 
 /// The context of a delivery of `event` to subscription `sub`.
@@ -561,6 +596,24 @@ mod tests {
         assert_eq!(in_frames(vec![1, 2], 1), vec![vec![1], vec![2]]);
         assert_eq!(in_frames((0..2500).collect(), MAX_DELIVER_BATCH).iter().map(Vec::len).collect::<Vec<_>>(), vec![1024, 1024, 452]);
         assert!(in_frames(Vec::<u8>::new(), 4).is_empty());
+    }
+
+    #[test]
+    fn instance_progress_keeps_dead_letters_and_the_last_of_each_run_in_order() {
+        let at = |position: u64, dead: bool| SubUpdate::Instance {
+            sub: "a".into(),
+            node: 2,
+            position,
+            dead: dead.then(|| (5, "boom".to_string())),
+        };
+        let mut p = Vec::new();
+        for (position, dead) in [(1, false), (2, false), (3, true), (4, false), (5, false), (6, false), (7, true), (8, true)] {
+            note_progress(&mut p, at(position, dead));
+        }
+        assert_eq!(p, vec![at(2, false), at(3, true), at(6, false), at(7, true), at(8, true)]);
+        let mut p = Vec::new();
+        note_progress(&mut p, at(9, false));
+        assert_eq!(p, vec![at(9, false)]);
     }
 
     #[tokio::test(start_paused = true)]

@@ -14,6 +14,9 @@
 //! - `benchSink`, a shared durable subscription to `benchEvent` (what `raftbridge bench events`
 //!   publishes), only acknowledges: the bench reads its end-to-end delivery latency from
 //!   `/metrics` (`raftbridge_delivery_latency_seconds{subscription="benchSink"}`).
+//! - `benchEveryNode`, an every-instance subscription to `benchBroadcast`, only acknowledges
+//!   too: the same measurement for the every-instance path (`raftbridge bench events --name
+//!   benchBroadcast --subscription benchEveryNode`).
 //! - `answerPings`, a shared durable subscription to `demoPing`, returns an event: each ping is
 //!   answered by a `demoPong` whose payload is `{"ping": <the ping's payload>, "servedBy": node}`,
 //!   emitted once per ping (deduplicated across redeliveries) with the ping's trace, principal
@@ -98,6 +101,7 @@ pub fn demo_service() -> ServiceParts {
         .subscription(SubscriptionBuilder::new("countOrders").event_name("orderPlaced").handler(count_order))
         .subscription(SubscriptionBuilder::new("auditOrders").event_name("orderPlaced").shared(false).handler(audit_order))
         .subscription(SubscriptionBuilder::new("benchSink").event_name("benchEvent").handler(bench_sink))
+        .subscription(SubscriptionBuilder::new("benchEveryNode").event_name("benchBroadcast").shared(false).handler(bench_sink))
         .subscription(SubscriptionBuilder::new("answerPings").event_name("demoPing").handler(answer_ping))
         .command(
             CommandBuilder::get("slow", "slow")
@@ -234,9 +238,9 @@ mod tests {
         let subs: Vec<_> = parts.decl.subscriptions.iter().map(|s| (s.name.as_str(), s.shared, s.durable)).collect();
         assert_eq!(
             subs,
-            [("countOrders", true, true), ("auditOrders", false, true), ("benchSink", true, true), ("answerPings", true, true)]
+            [("countOrders", true, true), ("auditOrders", false, true), ("benchSink", true, true), ("benchEveryNode", false, true), ("answerPings", true, true)]
         );
-        assert_eq!(parts.subscribers.len(), 4);
+        assert_eq!(parts.subscribers.len(), 5);
     }
 
     #[test]

@@ -1062,6 +1062,76 @@ fn every_instance_subscription_reaches_each_node() {
     );
 }
 
+/// An every-instance subscription's progress is recorded per pass, not per event: a burst of
+/// events reaches every node and each node's replicated position covers all of it; an event a
+/// node's handler cannot take is dead-lettered for that node, and later events are still
+/// delivered and recorded.
+#[test]
+fn every_instance_progress_covers_a_burst_and_dead_letters_per_node() {
+    let (c, _) = example_cluster("ev-burst");
+    wait_subscription(&c, &c.apis(), "auditOrders");
+    wait_subscription(&c, &c.apis(), "benchEveryNode");
+    // `auditOrders` cannot take an order without an id: dead on every node after 5 attempts.
+    let (bad_id, bad) = publish(c.api(1), "orderPlaced", &json!({"noId": true}), &[])
+        .expect("publish an order without id");
+    let burst: Vec<Value> = (0..300)
+        .map(|i| json!({"eventName": "benchBroadcast", "payload": {"i": i}}))
+        .collect();
+    let resp = c
+        .api(2)
+        .request("POST", "/v1/events", &[], Value::Array(burst).to_string().as_bytes())
+        .expect("batch");
+    assert_eq!(resp.status, 201, "burst: {}", resp.describe());
+    let body = resp.json().expect("json");
+    let last = body["events"]
+        .as_array()
+        .and_then(|a| a.last())
+        .map(|e| id_position(e).expect("id and position").1)
+        .unwrap_or_else(|| panic!("no events in {body}"));
+    assert!(last > bad);
+    c.wait_for("each node's benchEveryNode position past the burst", DELIVERY, || {
+        let sub = get_json(c.api(1), "/v1/subscriptions/benchEveryNode")?;
+        for node in c.ids() {
+            let next = sub["instances"][node.to_string()].as_u64().unwrap_or(0);
+            if next <= last {
+                return Err(format!("node {node} at {next}, burst ends at {last}: {sub}"));
+            }
+        }
+        Ok(())
+    });
+    c.wait_for("the bad order dead-lettered once per node", DEAD_LETTER, || {
+        let dead = dead_letters(c.api(3), "auditOrders")?;
+        let mut nodes: Vec<u64> = dead
+            .iter()
+            .filter(|d| d["position"].as_u64() == Some(bad))
+            .map(|d| {
+                assert_eq!(d["eventId"], json!(bad_id), "{d}");
+                assert_eq!(d["attempts"], json!(5), "{d}");
+                d["node"].as_u64().unwrap_or(0)
+            })
+            .collect();
+        nodes.sort_unstable();
+        if nodes == c.ids() { Ok(()) } else { Err(format!("dead letters for {bad} from nodes {nodes:?}: {dead:?}")) }
+    });
+    let later = place_order(c.api(3), &json!({"id": "after-the-bad-one"})).expect("place an order");
+    c.wait_for("each node to audit the later order", DELIVERY, || {
+        for node in c.ids() {
+            audited(c.api(1), node, &later.order_id)?;
+        }
+        Ok(())
+    });
+    c.wait_for("each node's auditOrders position past the later order", DELIVERY, || {
+        let sub = get_json(c.api(1), "/v1/subscriptions/auditOrders")?;
+        for node in c.ids() {
+            let next = sub["instances"][node.to_string()].as_u64().unwrap_or(0);
+            if next <= later.position {
+                return Err(format!("node {node} at {next}, the later order is at {}: {sub}", later.position));
+            }
+        }
+        Ok(())
+    });
+}
+
 /// A subscription's returned event is emitted: the demo's `answerPings` answers a `demoPing`
 /// with one `demoPong` carrying the ping's payload, trace, principal and tenant, sent by `demo`.
 #[test]
