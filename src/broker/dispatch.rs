@@ -477,9 +477,7 @@ impl Dispatcher {
             }
         }
     }
-}
 
-impl Dispatcher {
     /// Commits an every-instance loop's progress (see `note_progress`); on failure the events
     /// are delivered again after a restart (at least once).
     async fn record_instance_progress(&self, sub: &str, progress: Vec<SubUpdate>) {
