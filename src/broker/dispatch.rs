@@ -434,11 +434,10 @@ impl Dispatcher {
             }
             // This pass sees every event appended so far.
             appended.borrow_and_update();
-            let Some(state) = self.sm.subscription(&name) else { continue };
-            if state.decl.shared || !self.cluster.ready() {
+            let Some((decl, replicated)) = self.sm.instance_position(&name, self.node_id) else { continue };
+            if decl.shared || !self.cluster.ready() {
                 continue;
             }
-            let replicated = state.instances.get(&self.node_id).copied().unwrap_or(0);
             let from = next.unwrap_or(replicated).max(replicated);
             let (events, scanned_to) = self.sm.matching_from(&name, from, 256);
             // Progress is committed once per pass (or per `INSTANCE_FLUSH` of handling), not per
@@ -454,7 +453,7 @@ impl Dispatcher {
                         Ok(()) => break None,
                         Err(e) => {
                             attempts += 1;
-                            if attempts >= state.decl.max_attempts {
+                            if attempts >= decl.max_attempts {
                                 break Some((attempts, e.to_string()));
                             }
                             tokio::select! {

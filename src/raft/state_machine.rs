@@ -554,6 +554,15 @@ impl SmShared {
         read(&self.data).subs.get(name).cloned()
     }
 
+    /// What an every-instance loop needs on each pass: the declaration and `node`'s next
+    /// position, without copying the rest of the state (its dead letters alone may be
+    /// `MAX_DEAD_LETTERS` entries, which `subscription` copies every time).
+    pub fn instance_position(&self, name: &str, node: NodeId) -> Option<(SubscriptionDecl, u64)> {
+        let d = read(&self.data);
+        let s = d.subs.get(name)?;
+        Some((s.decl.clone(), s.instances.get(&node).copied().unwrap_or(0)))
+    }
+
     /// The local view of an idempotency key's state.
     pub fn idem_state(&self, key: &str) -> Option<IdemState> {
         read(&self.data).idem.get(key).map(|r| r.state.clone())
@@ -871,6 +880,40 @@ mod tests {
         assert_eq!(got, vec![first, first + 3, first + 4], "skipped and acked positions are left out, in log order");
         sm.events_moved(read(&sm.data).log.next);
         assert!(appended.has_changed().unwrap(), "appending events wakes the delivery loops");
+    }
+
+    #[test]
+    fn an_instance_position_is_the_nodes_next_event_and_its_declaration() {
+        use crate::broker::event::EventFilter;
+        use crate::broker::event::SubscriptionDecl;
+        let mut decl = SubscriptionDecl::new("each", EventFilter::default());
+        decl.shared = false;
+        let service = crate::sdk::ServiceDecl { name: "svc".into(), version: 1, commands: Vec::new(), subscriptions: vec![decl], available: true };
+        let sm = SmShared {
+            data: RwLock::new(SmData::default()),
+            registry_rev: std::sync::atomic::AtomicU64::new(0),
+            dir: PathBuf::new(),
+            events_next: tokio::sync::watch::Sender::new(0),
+        };
+        {
+            let mut d = write(&sm.data);
+            d.apply(1, Command::Register { node: 2, services: vec![service] });
+            d.apply(2, Command::Publish { now_ms: 10, events: events(3), limits: LIMITS });
+        }
+        let first = read(&sm.data).log.first();
+        let dead = Some((5, "boom".to_string()));
+        let updates = vec![
+            SubUpdate::Instance { sub: "each".into(), node: 2, position: first, dead },
+            SubUpdate::Instance { sub: "each".into(), node: 2, position: first + 1, dead: None },
+        ];
+        write(&sm.data).apply(3, Command::SubUpdate { updates });
+        let (decl, next) = sm.instance_position("each", 2).expect("known");
+        assert!(!decl.shared);
+        assert_eq!(next, first + 2, "past the dead-lettered and the handled event");
+        let full = sm.subscription("each").expect("known");
+        assert_eq!((full.instances[&2], full.dead.len()), (next, 1), "the same as the full state says");
+        assert_eq!(sm.instance_position("each", 3).map(|(_, p)| p), Some(0), "a node with no position yet");
+        assert!(sm.instance_position("other", 2).is_none());
     }
 
     #[tokio::test]
