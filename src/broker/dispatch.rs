@@ -4,7 +4,9 @@
 //! per consumer instance at a time, so with more than one in flight they may *complete* out of
 //! order; an event that fails is retried after a backoff while later events go ahead, so
 //! redelivery reorders. An every-instance subscription is delivered strictly in log order on each
-//! node (an event is retried, blocking the ones after it, until it succeeds or is dead-lettered).
+//! node (an event is retried, blocking the ones after it, until it succeeds or is dead-lettered);
+//! its position is committed after each pass (and at least every `INSTANCE_FLUSH`), not after
+//! each event, which would cost a commit round per event.
 //! The loops wake when events are applied and when a delivery is answered (paced to one pass per
 //! `MIN_PASS`), and tick every `TICK` for retries and leadership changes: polling alone put a
 //! `TICK` into every delivery's latency and capped a subscription at `max_in_flight × consumers`
