@@ -358,15 +358,17 @@ impl Inbox {
     }
 
     /// Lazy progress found no events queued: wait until `until` for a group to ride with (taken
-    /// progress goes into `settles`; progress that may not wait ends the wait). `Err` on
-    /// shutdown.
+    /// progress goes into `settles`; progress that may not wait, or `MAX_SETTLE_UPDATES` of it,
+    /// ends the wait: one entry's bound). `Err` on shutdown.
     async fn await_group(&mut self, settles: &mut Vec<Settle>, until: tokio::time::Instant, shutdown: &CancellationToken) -> Result<Option<Group>, ()> {
-        loop {
+        let mut n: usize = settles.iter().map(|s| s.updates.len()).sum();
+        while n < MAX_SETTLE_UPDATES {
             tokio::select! {
                 g = self.groups.recv() => return Ok(g),
                 s = self.settles.recv() => match s {
                     Some(s) => {
                         let lazy = s.lazy;
+                        n += s.updates.len();
                         settles.push(s);
                         if !lazy {
                             return Ok(None);
@@ -378,6 +380,7 @@ impl Inbox {
                 _ = shutdown.cancelled() => return Err(()),
             }
         }
+        Ok(None)
     }
 
     /// Adds whatever else is queued to `first` while it fits in one entry; a group that does not
@@ -657,6 +660,14 @@ mod tests {
         assert!(ib.await_group(&mut settles, start + SETTLE_LINGER, &shutdown).await.expect("not shut down").is_none());
         assert_eq!(tokio::time::Instant::now(), start);
         assert!(settles.len() == 1 && !settles[0].lazy);
+        // An entry's worth of progress ends it too.
+        let (_tx, settle_tx, mut ib) = inbox();
+        let start = tokio::time::Instant::now();
+        let (big, _r) = acks("u", 0..MAX_SETTLE_UPDATES as u64);
+        settle_tx.try_send(big).expect("room");
+        let mut settles = Vec::new();
+        assert!(ib.await_group(&mut settles, start + SETTLE_LINGER, &shutdown).await.expect("not shut down").is_none());
+        assert_eq!((tokio::time::Instant::now(), settles.len()), (start, 1));
         // Shutdown ends it too.
         let (_tx, _s, mut ib) = inbox();
         shutdown.cancel();

@@ -796,6 +796,16 @@ mod tests {
         crate::sdk::ServiceDecl { name: "svc".into(), version: 1, commands: Vec::new(), subscriptions, available: true }
     }
 
+    /// A state machine's shared part, empty and without a directory.
+    fn empty_shared() -> SmShared {
+        SmShared {
+            data: RwLock::new(SmData::default()),
+            registry_rev: std::sync::atomic::AtomicU64::new(0),
+            dir: PathBuf::new(),
+            events_next: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
     fn put(store: &str, key: &str, v: &str, if_revision: Option<u64>) -> Command {
         Command::Put { store: store.into(), key: key.into(), value: v.as_bytes().to_vec(), if_revision, tag: None }
     }
@@ -862,12 +872,7 @@ mod tests {
     #[test]
     fn pending_leaves_out_skipped_and_done_positions_and_stops_at_the_limit() {
         let (limits, service, events) = (LIMITS, one_subscription("sub"), events(6));
-        let sm = SmShared {
-            data: RwLock::new(SmData::default()),
-            registry_rev: std::sync::atomic::AtomicU64::new(0),
-            dir: PathBuf::new(),
-            events_next: tokio::sync::watch::Sender::new(0),
-        };
+        let sm = empty_shared();
         let appended = sm.watch_events();
         {
             let mut d = write(&sm.data);
@@ -889,12 +894,7 @@ mod tests {
         let mut decl = SubscriptionDecl::new("each", EventFilter::default());
         decl.shared = false;
         let service = crate::sdk::ServiceDecl { name: "svc".into(), version: 1, commands: Vec::new(), subscriptions: vec![decl], available: true };
-        let sm = SmShared {
-            data: RwLock::new(SmData::default()),
-            registry_rev: std::sync::atomic::AtomicU64::new(0),
-            dir: PathBuf::new(),
-            events_next: tokio::sync::watch::Sender::new(0),
-        };
+        let sm = empty_shared();
         {
             let mut d = write(&sm.data);
             d.apply(1, Command::Register { node: 2, services: vec![service] });
