@@ -29,6 +29,7 @@ use crate::raft::RaftSettings;
 use crate::raft::Replica;
 use crate::raft::log_store::LogStore;
 use crate::raft::log_store::LogStoreOptions;
+use crate::raft::network::AppendLanes;
 use crate::raft::network::Network;
 use crate::raft::state_machine::StateMachine;
 use crate::raft::types::*;
@@ -200,6 +201,7 @@ pub async fn run(
         dispatcher,
         broker: broker.clone(),
         snapshots: Arc::new(Mutex::new(HashMap::new())),
+        appends: AppendLanes::new(replica.raft.clone()),
     }));
     let peer_task = tokio::spawn(net.clone().run(peer_listener));
 
@@ -430,10 +432,22 @@ struct PeerHandler {
     dispatcher: Arc<Dispatcher>,
     broker: Arc<Broker>,
     snapshots: Arc<Mutex<HashMap<NodeId, Assembly>>>,
+    /// AppendEntries in arrival order per leader (pipelined replication, `raft::network`).
+    appends: Arc<AppendLanes>,
 }
 
 impl Handler for PeerHandler {
     fn handle(&self, from: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
+        let req = match req {
+            // Taken now, in arrival order: a leader may have several in flight.
+            PeerRequest::AppendEntries(r) => {
+                let served = self.appends.submit(from, r);
+                return Box::pin(async move {
+                    served.await.map_or_else(|e| PeerResponse::Error(RemoteError::Internal(e)), PeerResponse::AppendEntries)
+                });
+            }
+            other => other,
+        };
         let replica = self.replica.clone();
         let cluster = self.cluster.clone();
         let snapshots = self.snapshots.clone();
@@ -444,7 +458,8 @@ impl Handler for PeerHandler {
             let raft = &replica.raft;
             let fatal = |e: &dyn std::fmt::Display| PeerResponse::Error(RemoteError::Internal(e.to_string()));
             match req {
-                PeerRequest::AppendEntries(r) => raft.append_entries(r).await.map_or_else(|e| fatal(&e), PeerResponse::AppendEntries),
+                // Served by `appends` above; kept for an exhaustive match.
+                PeerRequest::AppendEntries(_) => fatal(&"append entries go through their lane"),
                 PeerRequest::Vote(r) => raft.vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 PeerRequest::PreVote(r) => raft.pre_vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 PeerRequest::SnapshotChunk { vote, meta, offset, data, done } => {

@@ -116,8 +116,11 @@ pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
 pub mod features {
     /// `PeerRequest::DeliverBatch` / `PeerResponse::DeliveredBatch`.
     pub const DELIVER_BATCH: u64 = 1;
+    /// The node serves `AppendEntries` from one peer in arrival order (`raft::network`), so a
+    /// leader may keep several in flight to it (pipelined replication).
+    pub const ORDERED_APPENDS: u64 = 2;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

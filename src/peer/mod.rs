@@ -125,6 +125,10 @@ impl PeerError {
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Serves requests that arrive on links (implemented by the node's composition root).
+///
+/// `handle` is called in the order requests arrive on a link; the futures it returns then run
+/// concurrently, in no particular order (a spawned task each). A handler that needs some requests
+/// in arrival order (pipelined AppendEntries) takes them in `handle` itself, before returning.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, from: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse>;
 }
@@ -153,7 +157,7 @@ pub struct Link {
     tx: mpsc::Sender<Bytes>,
     /// Outstanding requests by correlation id; drained with an error when the link closes.
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
-    outstanding: Semaphore,
+    outstanding: Arc<Semaphore>,
     next_corr: AtomicU64,
     /// Cancelled by whoever closes the link (reader end, idle timeout, replacement, shutdown).
     closed: CancellationToken,
@@ -172,10 +176,18 @@ impl Link {
     }
 
     /// Send one request and wait for its response (bounded by `timeout`).
-    pub async fn call(&self, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
+    pub async fn call(self: &Arc<Self>, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
+        self.send(req, timeout).await?.response().await
+    }
+
+    /// Queue one request on the link and return at once, without waiting for the response
+    /// (`Call::response`). Requests queued one after another go out in that order, and a peer
+    /// answers in any order: this is what lets a caller keep several in flight (pipelined
+    /// AppendEntries). `timeout` bounds the wait here and for the response together.
+    pub async fn send(self: &Arc<Self>, req: &PeerRequest, timeout: Duration) -> Result<Call, PeerError> {
         let deadline = tokio::time::Instant::now() + timeout;
         let timeout_err = || PeerError::Timeout { peer: self.peer, timeout };
-        let _permit = tokio::time::timeout_at(deadline, self.outstanding.acquire())
+        let permit = tokio::time::timeout_at(deadline, self.outstanding.clone().acquire_owned())
             .await
             .map_err(|_| timeout_err())?
             .map_err(|_| PeerError::Closed { peer: self.peer })?;
@@ -184,25 +196,15 @@ impl Link {
             .map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(corr, tx);
-        let guard = PendingGuard { link: self, corr };
+        let call = Call { link: self.clone(), corr, rx, deadline, timeout, _permit: permit };
         if !self.is_alive() {
             return Err(PeerError::Closed { peer: self.peer });
         }
         match tokio::time::timeout_at(deadline, self.tx.send(body)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(_)) => return Err(PeerError::Closed { peer: self.peer }),
-            Err(_) => return Err(timeout_err()),
+            Ok(Ok(())) => Ok(call),
+            Ok(Err(_)) => Err(PeerError::Closed { peer: self.peer }),
+            Err(_) => Err(timeout_err()),
         }
-        let frame = tokio::select! {
-            r = tokio::time::timeout_at(deadline, rx) => match r {
-                Ok(Ok(frame)) => frame,
-                Ok(Err(_)) => return Err(PeerError::Closed { peer: self.peer }),
-                Err(_) => return Err(timeout_err()),
-            },
-            _ = self.closed.cancelled() => return Err(PeerError::Closed { peer: self.peer }),
-        };
-        drop(guard);
-        frame.message::<PeerResponse>().map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })
     }
 
     fn touch(&self) {
@@ -210,13 +212,34 @@ impl Link {
     }
 }
 
-/// Removes a request's pending slot when the caller gives up (timeout, cancellation).
-struct PendingGuard<'a> {
-    link: &'a Link,
+/// A request sent on a link, its response still to come. Dropping it (the caller gives up:
+/// timeout, cancellation) removes its pending slot and frees its share of `MAX_OUTSTANDING`.
+pub struct Call {
+    link: Arc<Link>,
     corr: u64,
+    rx: oneshot::Receiver<Frame>,
+    deadline: tokio::time::Instant,
+    timeout: Duration,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-impl Drop for PendingGuard<'_> {
+impl Call {
+    /// Waits for the response, until the deadline set when the request was sent.
+    pub async fn response(mut self) -> Result<PeerResponse, PeerError> {
+        let peer = self.link.peer;
+        let frame = tokio::select! {
+            r = tokio::time::timeout_at(self.deadline, &mut self.rx) => match r {
+                Ok(Ok(frame)) => frame,
+                Ok(Err(_)) => return Err(PeerError::Closed { peer }),
+                Err(_) => return Err(PeerError::Timeout { peer, timeout: self.timeout }),
+            },
+            _ = self.link.closed.cancelled() => return Err(PeerError::Closed { peer }),
+        };
+        frame.message::<PeerResponse>().map_err(|e| PeerError::Protocol { peer, reason: e.to_string() })
+    }
+}
+
+impl Drop for Call {
     fn drop(&mut self) {
         lock(&self.link.pending).remove(&self.corr);
     }
@@ -337,6 +360,13 @@ impl PeerNet {
     pub async fn request(&self, target: NodeId, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
         let link = self.link_to(target).await?;
         link.call(req, timeout).await
+    }
+
+    /// Queue a request to a node by id (dialing if needed) without waiting for the response:
+    /// see `Link::send`. Requests to one node queued one after another arrive in that order.
+    pub async fn send_request(&self, target: NodeId, req: &PeerRequest, timeout: Duration) -> Result<Call, PeerError> {
+        let link = self.link_to(target).await?;
+        link.send(req, timeout).await
     }
 
     /// Send a request to an address (a seed whose id we may not know yet); returns the peer's id.
@@ -544,7 +574,7 @@ impl PeerNet {
             features: theirs.features & frame::features::ALL,
             tx,
             pending: Mutex::new(HashMap::new()),
-            outstanding: Semaphore::new(MAX_OUTSTANDING),
+            outstanding: Arc::new(Semaphore::new(MAX_OUTSTANDING)),
             next_corr: AtomicU64::new(1),
             closed: self.shutdown.child_token(),
             last_seen: Mutex::new(Instant::now()),
@@ -765,9 +795,12 @@ async fn read_loop(
                 let link = link.clone();
                 let corr = frame.corr;
                 link.serving.fetch_add(1, Ordering::Relaxed);
+                // Called here, in arrival order (see `Handler`), not in the spawned task: tasks
+                // spawned together may start in any order.
+                let serve = handler.handle(link.peer, req);
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let resp = handler.handle(link.peer, req).await;
+                    let resp = serve.await;
                     match Frame::encode(Kind::Response, corr, &resp) {
                         Ok(body) => {
                             let _ = link.tx.send(body).await;

@@ -3,10 +3,30 @@
 //! Each Raft RPC is one request on the shared link to the target. Snapshots are sent in chunks of
 //! at most `SNAPSHOT_CHUNK` bytes so no frame exceeds the peer frame bound, whatever the state size;
 //! the receiver (`node::Node`) reassembles and validates before installing.
+//!
+//! *Pipelined replication.* A leader keeps up to `PIPELINE` AppendEntries in flight to a follower
+//! (`stream_append`) instead of waiting for each response before sending the next. Why: when an
+//! entry commits, openraft sends its commit index in an AppendEntries of its own, and the
+//! broker's next entry (proposed as soon as the previous one is applied) waited behind that
+//! request's round trip. The follower must then take them in order: `AppendLanes` hands each
+//! leader's requests to `Raft::stream_append` in arrival order (the peer layer calls the handler
+//! in arrival order), which answers them in order as they are flushed. A leader pipelines only to
+//! peers that announce `features::ORDERED_APPENDS`; to older builds it sends one at a time.
 
+use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::Weak;
 use std::time::Duration;
+
+use futures_util::Stream;
+use futures_util::StreamExt;
+use futures_util::future::BoxFuture;
+use futures_util::stream::BoxStream;
+use tokio::sync::mpsc;
+use tokio::sync::oneshot;
 
 use openraft::error::NetworkError;
 use openraft::error::ReplicationClosed;
@@ -15,8 +35,10 @@ use openraft::error::Unreachable;
 use openraft::network::RPCOption;
 use openraft::network::RPCTypes;
 
+use crate::peer::Call;
 use crate::peer::PeerError;
 use crate::peer::PeerNet;
+use crate::peer::frame::features;
 use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::raft::types::*;
@@ -24,8 +46,16 @@ use crate::raft::types::*;
 /// Bytes of snapshot per frame (well under the default 16 MiB frame bound).
 pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 
-/// Deadline of an AppendEntries request that carries entries (see `append_entries`).
+/// Deadline of an AppendEntries request that carries entries (see `append_entries`), and of
+/// every request of a pipelined stream (it may wait behind the ones before it).
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
+/// AppendEntries a leader keeps in flight to one follower at most. Enough for the commit-only
+/// request and the next entries to overlap; each may be up to half a frame, so this also bounds
+/// what one stream holds in memory.
+const PIPELINE: usize = 4;
+/// AppendEntries from one leader waiting for the follower's Raft core at most. Not reached in
+/// practice: the peer layer serves at most `MAX_SERVING` (1024) requests per link at once.
+const LANE_QUEUE: usize = 1024;
 
 pub struct Network {
     pub net: Arc<PeerNet>,
@@ -47,7 +77,12 @@ pub struct PeerClient {
 
 impl PeerClient {
     async fn call(&self, req: PeerRequest, action: RPCTypes, ttl: Duration) -> Result<PeerResponse, RPCError> {
-        match self.net.request(self.target, &req, ttl).await {
+        let resp = self.net.request(self.target, &req, ttl).await;
+        self.rpc_result(resp, action)
+    }
+
+    fn rpc_result(&self, resp: Result<PeerResponse, PeerError>, action: RPCTypes) -> Result<PeerResponse, RPCError> {
+        match resp {
             Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&e))),
             Ok(resp) => Ok(resp),
             Err(PeerError::Timeout { timeout, .. }) => Err(RPCError::Timeout(Timeout {
@@ -59,6 +94,119 @@ impl PeerClient {
             Err(e) if e.not_delivered() => Err(RPCError::Unreachable(Unreachable::new(&e))),
             Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
         }
+    }
+}
+
+/// Where an AppendEntries request leaves the follower if it succeeds: (prev, last sent).
+fn sent_range(rpc: &AppendEntriesRequest) -> (Option<LogId>, Option<LogId>) {
+    let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
+    (rpc.prev_log_id, last)
+}
+
+/// One AppendEntries of a pipelined stream, sent and waiting for its response.
+struct InFlight {
+    call: BoxFuture<'static, Result<PeerResponse, PeerError>>,
+    range: (Option<LogId>, Option<LogId>),
+    /// Set when only a prefix of the entries went (`trim_to_frame`): the last one sent.
+    trimmed: Option<LogId>,
+}
+
+/// The state of one pipelined replication stream (`PeerClient::stream_append`).
+struct Pipeline<'s, S> {
+    client: &'s mut PeerClient,
+    input: S,
+    inflight: VecDeque<InFlight>,
+    /// Whether more requests may be taken from `input`: not after it ended, after a trimmed
+    /// request (the rest must be sent again from where the follower got to) or after an error.
+    open: bool,
+}
+
+impl<S> Pipeline<'_, S>
+where S: Stream<Item = AppendEntriesRequest> + Unpin
+{
+    /// The next response, in request order, sending requests while waiting for it. `None` when
+    /// the stream is over: the input ended, or the previous response ended it.
+    async fn next(&mut self) -> Option<Result<StreamAppendResult, RPCError>> {
+        loop {
+            if self.inflight.is_empty() {
+                if !self.open {
+                    return None;
+                }
+                let Some(rpc) = self.input.next().await else {
+                    self.open = false;
+                    return None;
+                };
+                if let Err(e) = self.send(rpc).await {
+                    self.open = false;
+                    return Some(Err(e));
+                }
+                continue;
+            }
+            let room = self.open && self.inflight.len() < PIPELINE;
+            let head = self.inflight.front_mut().map(|f| &mut f.call)?;
+            let resp = if room {
+                tokio::select! {
+                    biased;
+                    resp = head => resp,
+                    rpc = self.input.next() => {
+                        match rpc {
+                            Some(rpc) => {
+                                if let Err(e) = self.send(rpc).await {
+                                    // Answer what is in flight first (in order), then this error.
+                                    self.open = false;
+                                    self.inflight.push_back(InFlight {
+                                        call: Box::pin(std::future::ready(Err(PeerError::Closed { peer: self.client.target }))),
+                                        range: (None, None),
+                                        trimmed: None,
+                                    });
+                                    tracing::debug!(cause = %e, "pipelined append could not be sent");
+                                }
+                            }
+                            None => self.open = false,
+                        }
+                        continue;
+                    }
+                }
+            } else {
+                head.await
+            };
+            let done = self.inflight.pop_front()?;
+            let result = match self.client.rpc_result(resp, RPCTypes::AppendEntries) {
+                Ok(PeerResponse::AppendEntries(r)) => {
+                    let r = match (r, done.trimmed) {
+                        (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
+                        (r, _) => r,
+                    };
+                    Ok(r.into_stream_result(done.range.0, done.range.1))
+                }
+                Ok(other) => Err(unexpected(&other)),
+                Err(e) => Err(e),
+            };
+            if !matches!(result, Ok(Ok(_))) || done.trimmed.is_some() {
+                // An error, a conflict or a higher vote ends the stream (openraft starts a new
+                // one from what it learned); so does a partial success, once answered.
+                self.open = false;
+                if !matches!(result, Ok(Ok(_))) {
+                    self.inflight.clear();
+                }
+            }
+            return Some(result);
+        }
+    }
+
+    /// Queues `rpc` on the link (in order) and adds it to the in-flight requests.
+    async fn send(&mut self, mut rpc: AppendEntriesRequest) -> Result<(), RPCError> {
+        let trimmed = trim_to_frame(&mut rpc.entries, self.client.net.max_frame() / 2);
+        if trimmed.is_some() {
+            self.open = false;
+        }
+        let range = sent_range(&rpc);
+        let call: Call = match self.client.net.send_request(self.client.target, &PeerRequest::AppendEntries(rpc), REPLICATION_TIMEOUT).await {
+            Ok(call) => call,
+            Err(e) => return self.client.rpc_result(Err(e), RPCTypes::AppendEntries).map(|_| ()),
+        };
+        self.inflight.push_back(InFlight { call: Box::pin(call.response()), range, trimmed });
+        Ok(())
     }
 }
 
@@ -113,6 +261,26 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         }
     }
 
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult, RPCError>>, RPCError>>
+    where S: Stream<Item = AppendEntriesRequest> + Send + Unpin + 'static {
+        if self.net.features(self.target) & features::ORDERED_APPENDS == 0 {
+            // An older build may serve requests out of order: one at a time.
+            return openraft::network::stream_append_sequential(self, input, option);
+        }
+        Box::pin(async move {
+            let pipeline = Pipeline { client: self, input, inflight: VecDeque::new(), open: true };
+            let responses = futures_util::stream::unfold(pipeline, |mut p| async move {
+                let r = p.next().await?;
+                Some((r, p))
+            });
+            Ok(Box::pin(responses) as BoxStream<'s, _>)
+        })
+    }
+
     async fn vote(&mut self, rpc: VoteRequest, option: RPCOption) -> Result<VoteResponse, RPCError> {
         match self.call(PeerRequest::Vote(rpc), RPCTypes::Vote, option.hard_ttl()).await? {
             PeerResponse::Vote(r) => Ok(r),
@@ -152,7 +320,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 let end = (offset + SNAPSHOT_CHUNK).min(data.len());
                 let done = end == data.len();
                 let req = PeerRequest::SnapshotChunk {
-                    vote: vote.clone(),
+                    vote,
                     meta: snapshot.meta.clone(),
                     offset: offset as u64,
                     data: data[offset..end].to_vec(),
@@ -170,6 +338,103 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         tokio::select! {
             r = send => r,
             closed = cancel => Err(StreamingError::Closed(closed)),
+        }
+    }
+}
+
+/// The receiving side of pipelined replication: each leader's AppendEntries go to
+/// `Raft::stream_append` in the order `submit` is called (the order they arrived on the link),
+/// one lane per leader. openraft ends a stream after a conflict or a higher vote: the lane then
+/// ends, requests queued behind get an error (the leader sends them again), and the next
+/// request from that leader starts a new lane.
+pub struct AppendLanes {
+    raft: Raft,
+    /// Lane of each leader that sent us AppendEntries. A lane's task removes its entry when the
+    /// lane ends (its sender is then closed, and `submit` would replace it anyway).
+    lanes: Mutex<HashMap<NodeId, Lane>>,
+    /// Tells lanes apart, so an ended lane removes only its own entry.
+    next_lane: std::sync::atomic::AtomicU64,
+}
+
+struct Lane {
+    id: u64,
+    tx: mpsc::Sender<(AppendEntriesRequest, oneshot::Sender<LaneResult>)>,
+}
+
+type LaneResult = Result<StreamAppendResult, String>;
+
+impl AppendLanes {
+    pub fn new(raft: Raft) -> Arc<AppendLanes> {
+        Arc::new(AppendLanes { raft, lanes: Mutex::new(HashMap::new()), next_lane: Default::default() })
+    }
+
+    /// Takes `rpc` from `from` now, behind every request submitted before it; the future
+    /// resolves with its response (`Err`: the lane ended first, or the Raft core stopped).
+    pub fn submit(self: &Arc<Self>, from: NodeId, rpc: AppendEntriesRequest) -> impl Future<Output = Result<AppendEntriesResponse, String>> + Send + 'static {
+        let (tx, rx) = oneshot::channel();
+        let mut item = Some((rpc, tx));
+        {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            // The current lane, or a new one if it has ended: two tries at most.
+            for _ in 0..2 {
+                let Some(it) = item.take() else { break };
+                let lane = lanes.entry(from).or_insert_with(|| self.start_lane(from));
+                match lane.tx.try_send(it) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Closed(it)) => {
+                        lanes.remove(&from);
+                        item = Some(it);
+                    }
+                    // Beyond what a link serves at once (`LANE_QUEUE`): refused, and retried.
+                    Err(mpsc::error::TrySendError::Full(_)) => break,
+                }
+            }
+        }
+        async move {
+            match rx.await {
+                Ok(Ok(r)) => Ok(AppendEntriesResponse::from(r)),
+                Ok(Err(fatal)) => Err(fatal),
+                Err(_) => Err("append lane ended before this request was served".to_string()),
+            }
+        }
+    }
+
+    fn start_lane(self: &Arc<Self>, from: NodeId) -> Lane {
+        let id = self.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(LANE_QUEUE);
+        tokio::spawn(run_lane(self.raft.clone(), rx, Arc::downgrade(self), from, id));
+        Lane { id, tx }
+    }
+}
+
+/// Feeds one leader's requests to `Raft::stream_append` and answers each in order. Ends when
+/// openraft ends the stream (conflict, higher vote, core stopped) or nobody can send any more.
+async fn run_lane(
+    raft: Raft,
+    rx: mpsc::Receiver<(AppendEntriesRequest, oneshot::Sender<LaneResult>)>,
+    lanes: Weak<AppendLanes>,
+    from: NodeId,
+    id: u64,
+) {
+    // Reply slots in request order: pushed as openraft takes each request, popped as it
+    // answers them, in the same order.
+    let waiting: Arc<Mutex<VecDeque<oneshot::Sender<LaneResult>>>> = Arc::default();
+    let slots = waiting.clone();
+    let input = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+        .map(move |(rpc, reply)| {
+            slots.lock().unwrap_or_else(|p| p.into_inner()).push_back(reply);
+            rpc
+        });
+    let results = raft.stream_append(input);
+    let mut results = std::pin::pin!(results);
+    while let Some(result) = results.next().await {
+        let Some(reply) = waiting.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else { break };
+        let _ = reply.send(result.map_err(|fatal| fatal.to_string()));
+    }
+    if let Some(lanes) = lanes.upgrade() {
+        let mut lanes = lanes.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        if lanes.get(&from).is_some_and(|lane| lane.id == id) {
+            lanes.remove(&from);
         }
     }
 }
@@ -194,6 +459,114 @@ mod tests {
         let log_id = LogId::new(<TypeConfig as RaftTypeConfig>::LeaderId::new_committed(1, 1), index);
         let cmd = Command::Put { store: "s".into(), key: format!("k{index}"), value: vec![7; value_bytes], if_revision: None, tag: None };
         Entry::new_normal(log_id, cmd)
+    }
+
+    fn log_id(index: u64) -> LogId {
+        LogId::new(<TypeConfig as RaftTypeConfig>::LeaderId::new_committed(1, 1), index)
+    }
+
+    /// What a follower stand-in saw: AppendEntries in arrival order (by prev index), and how
+    /// many it served at once at most.
+    #[derive(Default)]
+    struct Seen {
+        arrived: Mutex<Vec<u64>>,
+        serving: std::sync::atomic::AtomicUsize,
+        max_serving: std::sync::atomic::AtomicUsize,
+    }
+
+    /// Answers each AppendEntries after a few ms, with a conflict for the one after `conflict_at`.
+    struct FakeFollower {
+        seen: Arc<Seen>,
+        conflict_at: Option<u64>,
+    }
+
+    impl crate::peer::Handler for FakeFollower {
+        fn handle(&self, _from: NodeId, req: PeerRequest) -> crate::peer::BoxFuture<PeerResponse> {
+            use std::sync::atomic::Ordering::SeqCst;
+            let PeerRequest::AppendEntries(rpc) = req else {
+                return Box::pin(async { PeerResponse::Error(crate::peer::message::RemoteError::Internal("only appends".into())) });
+            };
+            let prev = rpc.prev_log_id.map_or(0, |l| l.index);
+            self.seen.arrived.lock().unwrap().push(prev);
+            let now = self.seen.serving.fetch_add(1, SeqCst) + 1;
+            self.seen.max_serving.fetch_max(now, SeqCst);
+            let conflict = self.conflict_at == Some(prev);
+            let seen = self.seen.clone();
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                seen.serving.fetch_sub(1, SeqCst);
+                PeerResponse::AppendEntries(if conflict { AppendEntriesResponse::Conflict } else { AppendEntriesResponse::Success })
+            })
+        }
+    }
+
+    /// A leader's `PeerClient` linked to a `FakeFollower` on loopback.
+    async fn linked_to_fake(conflict_at: Option<u64>) -> (PeerClient, Arc<Seen>, tokio_util::sync::CancellationToken) {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cfg = |id: NodeId, advertise: &str| crate::peer::PeerConfig {
+            node_id: id,
+            cluster: "t".into(),
+            advertise: advertise.into(),
+            max_frame: 1 << 20,
+            idle_timeout: Duration::from_secs(10),
+        };
+        let follower = PeerNet::new(cfg(2, &addr), stop.clone());
+        let seen = Arc::new(Seen::default());
+        follower.set_handler(Arc::new(FakeFollower { seen: seen.clone(), conflict_at }));
+        tokio::spawn(follower.run(listener));
+        let leader = PeerNet::new(cfg(1, "127.0.0.1:1"), stop.clone());
+        leader.set_peer_addr(2, &addr);
+        // Any exchange sets the link up, and with it the follower's features.
+        let _ = leader.request(2, &PeerRequest::Status, Duration::from_secs(5)).await;
+        assert_ne!(leader.features(2) & features::ORDERED_APPENDS, 0, "this build announces ordered appends");
+        (PeerClient { target: 2, net: leader }, seen, stop)
+    }
+
+    fn appends(n: u64) -> Vec<AppendEntriesRequest> {
+        (0..n)
+            .map(|i| AppendEntriesRequest {
+                vote: Vote::new_committed(1, 1),
+                prev_log_id: (i > 0).then(|| log_id(i)),
+                leader_commit: None,
+                entries: vec![ent(i + 1, 10)],
+            })
+            .collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leader_keeps_appends_in_flight_and_reads_the_answers_in_order() {
+        let (mut client, seen, stop) = linked_to_fake(None).await;
+        let results: Vec<_> = {
+            let out = client.stream_append(futures_util::stream::iter(appends(40)), RPCOption::new(Duration::from_millis(60))).await.unwrap();
+            out.collect().await
+        };
+        let matched: Vec<Option<u64>> = results.into_iter().map(|r| r.unwrap().unwrap().map(|l| l.index)).collect();
+        assert_eq!(matched, (1..=40).map(Some).collect::<Vec<_>>(), "every request answered, in order");
+        assert_eq!(*seen.arrived.lock().unwrap(), (0..40).collect::<Vec<_>>(), "the follower got them in the order sent");
+        let most = seen.max_serving.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(most > 1, "requests overlapped (pipelined): at most {most} at once");
+        assert!(most <= PIPELINE, "never more than {PIPELINE} in flight: {most}");
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conflict_ends_the_pipelined_stream() {
+        let (mut client, _seen, stop) = linked_to_fake(Some(5)).await;
+        let results: Vec<_> = {
+            let out = client.stream_append(futures_util::stream::iter(appends(40)), RPCOption::new(Duration::from_millis(60))).await.unwrap();
+            out.collect().await
+        };
+        assert_eq!(results.len(), 6, "five successes, then the conflict, then nothing");
+        for (i, r) in results[..5].iter().enumerate() {
+            assert_eq!(r.as_ref().unwrap().as_ref().unwrap().map(|l| l.index), Some(i as u64 + 1));
+        }
+        match &results[5] {
+            Ok(Err(openraft::raft::StreamAppendError::Conflict(at))) => assert_eq!(at.index, 5),
+            other => panic!("expected a conflict at 5, got {other:?}"),
+        }
+        stop.cancel();
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
 pub type EntryResponder = openraft::storage::EntryResponder<TypeConfig>;
 pub type AppendEntriesRequest = openraft::raft::AppendEntriesRequest<TypeConfig>;
 pub type AppendEntriesResponse = openraft::raft::AppendEntriesResponse<TypeConfig>;
+/// One AppendEntries outcome in a replication stream: how far the follower matches, or why not.
+pub type StreamAppendResult = openraft::raft::StreamAppendResult<TypeConfig>;
 pub type VoteRequest = openraft::raft::VoteRequest<TypeConfig>;
 pub type VoteResponse = openraft::raft::VoteResponse<TypeConfig>;
 pub type SnapshotResponse = openraft::raft::SnapshotResponse<TypeConfig>;
