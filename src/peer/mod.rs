@@ -171,6 +171,11 @@ impl Link {
         !self.closed.is_cancelled()
     }
 
+    /// Optional messages both sides of this link understand (`frame::features`).
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
     pub fn close(&self) {
         self.closed.cancel();
     }
@@ -362,11 +367,11 @@ impl PeerNet {
         link.call(req, timeout).await
     }
 
-    /// Queue a request to a node by id (dialing if needed) without waiting for the response:
-    /// see `Link::send`. Requests to one node queued one after another arrive in that order.
-    pub async fn send_request(&self, target: NodeId, req: &PeerRequest, timeout: Duration) -> Result<Call, PeerError> {
-        let link = self.link_to(target).await?;
-        link.send(req, timeout).await
+    /// The live link to a node, dialing if needed. Requests sent on one link one after another
+    /// arrive in that order (`Link::send`); two links to the same node (a reconnect, or both
+    /// sides dialing at once) give no order between them.
+    pub async fn link(&self, target: NodeId) -> Result<Arc<Link>, PeerError> {
+        self.link_to(target).await
     }
 
     /// Send a request to an address (a seed whose id we may not know yet); returns the peer's id.

@@ -35,7 +35,7 @@ use openraft::error::Unreachable;
 use openraft::network::RPCOption;
 use openraft::network::RPCTypes;
 
-use crate::peer::Call;
+use crate::peer::Link;
 use crate::peer::PeerError;
 use crate::peer::PeerNet;
 use crate::peer::frame::features;
@@ -85,14 +85,15 @@ impl PeerClient {
         match resp {
             Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&e))),
             Ok(resp) => Ok(resp),
-            Err(PeerError::Timeout { timeout, .. }) => Err(RPCError::Timeout(Timeout {
-                action,
-                id: self.net.node_id(),
-                target: self.target,
-                timeout,
-            })),
-            Err(e) if e.not_delivered() => Err(RPCError::Unreachable(Unreachable::new(&e))),
-            Err(e) => Err(RPCError::Network(NetworkError::new(&e))),
+            Err(e) => Err(self.rpc_error(e, action)),
+        }
+    }
+
+    fn rpc_error(&self, e: PeerError, action: RPCTypes) -> RPCError {
+        match e {
+            PeerError::Timeout { timeout, .. } => RPCError::Timeout(Timeout { action, id: self.net.node_id(), target: self.target, timeout }),
+            e if e.not_delivered() => RPCError::Unreachable(Unreachable::new(&e)),
+            e => RPCError::Network(NetworkError::new(&e)),
         }
     }
 }
@@ -114,6 +115,11 @@ struct InFlight {
 /// The state of one pipelined replication stream (`PeerClient::stream_append`).
 struct Pipeline<'s, S> {
     client: &'s mut PeerClient,
+    /// Every request of the stream goes on this one link: requests on one link arrive in order,
+    /// on two links they may not (the follower would refuse the second as a conflict after
+    /// accepting the first, and openraft takes a conflict below a match as a log reversion).
+    /// When it closes, sending fails and the stream ends; openraft starts a new one.
+    link: Arc<Link>,
     input: S,
     inflight: VecDeque<InFlight>,
     /// Whether more requests may be taken from `input`: not after it ended, after a trimmed
@@ -138,7 +144,7 @@ where S: Stream<Item = AppendEntriesRequest> + Unpin
                 };
                 if let Err(e) = self.send(rpc).await {
                     self.open = false;
-                    return Some(Err(e));
+                    return Some(Err(self.client.rpc_error(e, RPCTypes::AppendEntries)));
                 }
                 continue;
             }
@@ -155,11 +161,10 @@ where S: Stream<Item = AppendEntriesRequest> + Unpin
                                     // Answer what is in flight first (in order), then this error.
                                     self.open = false;
                                     self.inflight.push_back(InFlight {
-                                        call: Box::pin(std::future::ready(Err(PeerError::Closed { peer: self.client.target }))),
+                                        call: Box::pin(std::future::ready(Err(e))),
                                         range: (None, None),
                                         trimmed: None,
                                     });
-                                    tracing::debug!(cause = %e, "pipelined append could not be sent");
                                 }
                             }
                             None => self.open = false,
@@ -194,17 +199,14 @@ where S: Stream<Item = AppendEntriesRequest> + Unpin
         }
     }
 
-    /// Queues `rpc` on the link (in order) and adds it to the in-flight requests.
-    async fn send(&mut self, mut rpc: AppendEntriesRequest) -> Result<(), RPCError> {
+    /// Queues `rpc` on the stream's link (in order) and adds it to the in-flight requests.
+    async fn send(&mut self, mut rpc: AppendEntriesRequest) -> Result<(), PeerError> {
         let trimmed = trim_to_frame(&mut rpc.entries, self.client.net.max_frame() / 2);
         if trimmed.is_some() {
             self.open = false;
         }
         let range = sent_range(&rpc);
-        let call: Call = match self.client.net.send_request(self.client.target, &PeerRequest::AppendEntries(rpc), REPLICATION_TIMEOUT).await {
-            Ok(call) => call,
-            Err(e) => return self.client.rpc_result(Err(e), RPCTypes::AppendEntries).map(|_| ()),
-        };
+        let call = self.link.send(&PeerRequest::AppendEntries(rpc), REPLICATION_TIMEOUT).await?;
         self.inflight.push_back(InFlight { call: Box::pin(call.response()), range, trimmed });
         Ok(())
     }
@@ -267,12 +269,16 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult, RPCError>>, RPCError>>
     where S: Stream<Item = AppendEntriesRequest> + Send + Unpin + 'static {
-        if self.net.features(self.target) & features::ORDERED_APPENDS == 0 {
-            // An older build may serve requests out of order: one at a time.
-            return openraft::network::stream_append_sequential(self, input, option);
-        }
         Box::pin(async move {
-            let pipeline = Pipeline { client: self, input, inflight: VecDeque::new(), open: true };
+            let link = match self.net.link(self.target).await {
+                Ok(link) => link,
+                Err(e) => return Err(self.rpc_error(e, RPCTypes::AppendEntries)),
+            };
+            if link.features() & features::ORDERED_APPENDS == 0 {
+                // An older build may serve requests out of order: one at a time.
+                return openraft::network::stream_append_sequential(self, input, option).await;
+            }
+            let pipeline = Pipeline { client: self, link, input, inflight: VecDeque::new(), open: true };
             let responses = futures_util::stream::unfold(pipeline, |mut p| async move {
                 let r = p.next().await?;
                 Some((r, p))
@@ -548,6 +554,29 @@ mod tests {
         let most = seen.max_serving.load(std::sync::atomic::Ordering::SeqCst);
         assert!(most > 1, "requests overlapped (pipelined): at most {most} at once");
         assert!(most <= PIPELINE, "never more than {PIPELINE} in flight: {most}");
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipelined_stream_stays_on_its_link_and_ends_when_it_closes() {
+        let (mut client, seen, stop) = linked_to_fake(None).await;
+        let net = client.net.clone();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let input = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) }).boxed();
+        let mut reqs = appends(3).into_iter();
+        let mut out = client.stream_append(input, RPCOption::new(Duration::from_millis(60))).await.unwrap();
+        for expect in 1..=2 {
+            tx.send(reqs.next().unwrap()).unwrap();
+            let r = out.next().await.expect("an answer");
+            assert_eq!(r.unwrap().unwrap().map(|l| l.index), Some(expect));
+        }
+        // The link closes (a reconnect would bring a new one): the stream must not move over.
+        net.link(2).await.unwrap().close();
+        tx.send(reqs.next().unwrap()).unwrap();
+        let r = out.next().await.expect("an answer");
+        assert!(r.is_err(), "sending on the closed link fails: {r:?}");
+        assert!(out.next().await.is_none(), "and the stream ends there");
+        assert_eq!(*seen.arrived.lock().unwrap(), vec![0, 1], "the third request never left");
         stop.cancel();
     }
 
