@@ -53,6 +53,12 @@ const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
 /// request and the next entries to overlap; each may be up to half a frame, so this also bounds
 /// what one stream holds in memory.
 const PIPELINE: usize = 4;
+/// How long a commit-only AppendEntries (openraft sends one when an entry commits and no later
+/// request has carried the new commit index) waits for a request with entries to carry it
+/// instead. Under load the broker proposes its next entry right after the previous one applies,
+/// so the commit index rides along and the follower serves one request per entry instead of
+/// two; when nothing follows, followers learn the commit index this much later.
+const COMMIT_HOLD: Duration = Duration::from_millis(1);
 /// AppendEntries from one leader waiting for the follower's Raft core at most. Not reached in
 /// practice: the peer layer serves at most `MAX_SERVING` (1024) requests per link at once.
 const LANE_QUEUE: usize = 1024;
@@ -110,6 +116,9 @@ struct InFlight {
     range: (Option<LogId>, Option<LogId>),
     /// Set when only a prefix of the entries went (`trim_to_frame`): the last one sent.
     trimmed: Option<LogId>,
+    /// A held commit-only request this one stands in for (its range): answered first, from
+    /// this one's response (see `COMMIT_HOLD`).
+    folded: Option<(Option<LogId>, Option<LogId>)>,
 }
 
 /// The state of one pipelined replication stream (`PeerClient::stream_append`).
@@ -122,6 +131,12 @@ struct Pipeline<'s, S> {
     link: Arc<Link>,
     input: S,
     inflight: VecDeque<InFlight>,
+    /// A commit-only request (no entries) not sent yet, and until when it may wait.
+    held: Option<(AppendEntriesRequest, tokio::time::Instant)>,
+    /// A request could not be sent: its error is queued as its answer and nothing after it goes.
+    failed: bool,
+    /// Answers worked out but not yet returned (a folded request's and its stand-in's).
+    ready: VecDeque<Result<StreamAppendResult, RPCError>>,
     /// Whether more requests may be taken from `input`: not after it ended, after a trimmed
     /// request (the rest must be sent again from where the follower got to) or after an error.
     open: bool,
@@ -134,81 +149,127 @@ where S: Stream<Item = AppendEntriesRequest> + Unpin
     /// the stream is over: the input ended, or the previous response ended it.
     async fn next(&mut self) -> Option<Result<StreamAppendResult, RPCError>> {
         loop {
-            if self.inflight.is_empty() {
+            if let Some(r) = self.ready.pop_front() {
+                return Some(r);
+            }
+            if self.inflight.is_empty() && self.held.is_none() {
                 if !self.open {
                     return None;
                 }
-                let Some(rpc) = self.input.next().await else {
-                    self.open = false;
-                    return None;
-                };
-                if let Err(e) = self.send(rpc).await {
-                    self.open = false;
-                    return Some(Err(self.client.rpc_error(e, RPCTypes::AppendEntries)));
+                match self.input.next().await {
+                    Some(rpc) => self.take(rpc).await,
+                    None => self.open = false,
                 }
                 continue;
             }
             let room = self.open && self.inflight.len() < PIPELINE;
-            let head = self.inflight.front_mut().map(|f| &mut f.call)?;
-            let resp = if room {
-                tokio::select! {
-                    biased;
-                    resp = head => resp,
-                    rpc = self.input.next() => {
-                        match rpc {
-                            Some(rpc) => {
-                                if let Err(e) = self.send(rpc).await {
-                                    // Answer what is in flight first (in order), then this error.
-                                    self.open = false;
-                                    self.inflight.push_back(InFlight {
-                                        call: Box::pin(std::future::ready(Err(e))),
-                                        range: (None, None),
-                                        trimmed: None,
-                                    });
-                                }
-                            }
-                            None => self.open = false,
-                        }
-                        continue;
+            let hold_until = self.held.as_ref().map(|(_, until)| *until);
+            let head = self.inflight.front_mut().map(|f| &mut f.call);
+            tokio::select! {
+                biased;
+                Some(resp) = futures_util::future::OptionFuture::from(head) => self.answer(resp),
+                _ = tokio::time::sleep_until(hold_until.unwrap_or_else(tokio::time::Instant::now)), if hold_until.is_some() => {
+                    // Nothing came to carry the commit index: it goes on its own.
+                    if let Some((rpc, _)) = self.held.take() {
+                        self.send(rpc, None).await;
                     }
                 }
-            } else {
-                head.await
-            };
-            let done = self.inflight.pop_front()?;
-            let result = match self.client.rpc_result(resp, RPCTypes::AppendEntries) {
-                Ok(PeerResponse::AppendEntries(r)) => {
-                    let r = match (r, done.trimmed) {
-                        (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
-                        (r, _) => r,
-                    };
-                    Ok(r.into_stream_result(done.range.0, done.range.1))
-                }
-                Ok(other) => Err(unexpected(&other)),
-                Err(e) => Err(e),
-            };
-            if !matches!(result, Ok(Ok(_))) || done.trimmed.is_some() {
-                // An error, a conflict or a higher vote ends the stream (openraft starts a new
-                // one from what it learned); so does a partial success, once answered.
-                self.open = false;
-                if !matches!(result, Ok(Ok(_))) {
-                    self.inflight.clear();
-                }
+                rpc = self.input.next(), if room => match rpc {
+                    Some(rpc) => self.take(rpc).await,
+                    None => {
+                        self.open = false;
+                        if let Some((rpc, _)) = self.held.take() {
+                            self.send(rpc, None).await;
+                        }
+                    }
+                },
             }
-            return Some(result);
         }
     }
 
-    /// Queues `rpc` on the stream's link (in order) and adds it to the in-flight requests.
-    async fn send(&mut self, mut rpc: AppendEntriesRequest) -> Result<(), PeerError> {
+    /// A request from openraft: a commit-only one is held for `COMMIT_HOLD`; one with entries
+    /// that starts where a held one ends goes in its place (its answer answers both).
+    async fn take(&mut self, rpc: AppendEntriesRequest) {
+        let held = self.held.take();
+        if rpc.entries.is_empty() && self.open {
+            if let Some((older, _)) = held {
+                self.send(older, None).await;
+            }
+            self.held = Some((rpc, tokio::time::Instant::now() + COMMIT_HOLD));
+            return;
+        }
+        let folded = match held {
+            Some((h, _)) if h.prev_log_id == rpc.prev_log_id && h.leader_commit <= rpc.leader_commit => Some(sent_range(&h)),
+            Some((h, _)) => {
+                self.send(h, None).await;
+                None
+            }
+            None => None,
+        };
+        self.send(rpc, folded).await;
+    }
+
+    /// Works out the answers of the head request (and of the request it stands in for).
+    fn answer(&mut self, resp: Result<PeerResponse, PeerError>) {
+        let Some(done) = self.inflight.pop_front() else { return };
+        let resp = self.client.rpc_result(resp, RPCTypes::AppendEntries);
+        let result = match &resp {
+            Ok(PeerResponse::AppendEntries(r)) => {
+                let r = match (r.clone(), done.trimmed) {
+                    (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
+                    (r, _) => r,
+                };
+                Ok(r.into_stream_result(done.range.0, done.range.1))
+            }
+            Ok(other) => Err(unexpected(other)),
+            Err(e) => Err(e.clone()),
+        };
+        let ok = matches!(result, Ok(Ok(_)));
+        if let Some((prev, last)) = done.folded {
+            // The stand-in started where the held request ended: its success means the follower
+            // holds everything up to that point; its failure is the held request's failure.
+            match &resp {
+                Ok(PeerResponse::AppendEntries(_)) if ok => self.ready.push_back(Ok(Ok(last))),
+                Ok(PeerResponse::AppendEntries(r)) => self.ready.push_back(Ok(r.clone().into_stream_result(prev, last))),
+                _ => self.ready.push_back(result.clone()),
+            }
+        }
+        if !ok || done.trimmed.is_some() {
+            // An error, a conflict or a higher vote ends the stream (openraft starts a new one
+            // from what it learned); so does a partial success, once answered.
+            self.open = false;
+            self.held = None;
+            if !ok {
+                self.inflight.clear();
+                if done.folded.is_some() {
+                    return; // the held request's failure ends the stream first
+                }
+            }
+        }
+        self.ready.push_back(result);
+    }
+
+    /// Queues `rpc` on the stream's link (in order) and adds it to the in-flight requests; if
+    /// it cannot be sent, its answer is that error, in order, and the stream ends there.
+    async fn send(&mut self, mut rpc: AppendEntriesRequest, folded: Option<(Option<LogId>, Option<LogId>)>) {
+        if self.failed {
+            return;
+        }
         let trimmed = trim_to_frame(&mut rpc.entries, self.client.net.max_frame() / 2);
         if trimmed.is_some() {
             self.open = false;
         }
         let range = sent_range(&rpc);
-        let call = self.link.send(&PeerRequest::AppendEntries(rpc), REPLICATION_TIMEOUT).await?;
-        self.inflight.push_back(InFlight { call: Box::pin(call.response()), range, trimmed });
-        Ok(())
+        let call: BoxFuture<'static, Result<PeerResponse, PeerError>> = match self.link.send(&PeerRequest::AppendEntries(rpc), REPLICATION_TIMEOUT).await {
+            Ok(call) => Box::pin(call.response()),
+            Err(e) => {
+                self.open = false;
+                self.failed = true;
+                self.held = None;
+                Box::pin(std::future::ready(Err(e)))
+            }
+        };
+        self.inflight.push_back(InFlight { call, range, trimmed, folded });
     }
 }
 
@@ -278,7 +339,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 // An older build may serve requests out of order: one at a time.
                 return openraft::network::stream_append_sequential(self, input, option).await;
             }
-            let pipeline = Pipeline { client: self, link, input, inflight: VecDeque::new(), open: true };
+            let pipeline = Pipeline { client: self, link, input, inflight: VecDeque::new(), held: None, failed: false, ready: VecDeque::new(), open: true };
             let responses = futures_util::stream::unfold(pipeline, |mut p| async move {
                 let r = p.next().await?;
                 Some((r, p))
@@ -577,6 +638,78 @@ mod tests {
         assert!(r.is_err(), "sending on the closed link fails: {r:?}");
         assert!(out.next().await.is_none(), "and the stream ends there");
         assert_eq!(*seen.arrived.lock().unwrap(), vec![0, 1], "the third request never left");
+        stop.cancel();
+    }
+
+    /// An AppendEntries with no entries after `prev` carrying commit `commit`.
+    fn commit_only(prev: u64, commit: u64) -> AppendEntriesRequest {
+        AppendEntriesRequest { vote: Vote::new_committed(1, 1), prev_log_id: Some(log_id(prev)), leader_commit: Some(log_id(commit)), entries: vec![] }
+    }
+
+    fn with_commit(mut rpc: AppendEntriesRequest, commit: u64) -> AppendEntriesRequest {
+        rpc.leader_commit = Some(log_id(commit));
+        rpc
+    }
+
+    fn matched(results: Vec<Result<StreamAppendResult, RPCError>>) -> Vec<Option<u64>> {
+        results.into_iter().map(|r| r.unwrap().unwrap().map(|l| l.index)).collect()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_only_append_rides_with_the_next_entries_and_is_answered_by_them() {
+        let (mut client, seen, stop) = linked_to_fake(None).await;
+        let mut reqs = appends(3).into_iter();
+        let (first, second, third) = (reqs.next().unwrap(), reqs.next().unwrap(), reqs.next().unwrap());
+        // entries 1; commit 1 alone; entries 2 (carrying commit 1); commit 2 alone; entries 3.
+        let input = vec![first, commit_only(1, 1), with_commit(second, 1), commit_only(2, 2), with_commit(third, 2)];
+        let results: Vec<_> = {
+            let out = client.stream_append(futures_util::stream::iter(input), RPCOption::new(Duration::from_millis(60))).await.unwrap();
+            out.collect().await
+        };
+        assert_eq!(matched(results), vec![Some(1), Some(1), Some(2), Some(2), Some(3)], "five answers, in order");
+        assert_eq!(*seen.arrived.lock().unwrap(), vec![0, 1, 2], "the commit-only requests never went on their own");
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_commit_only_append_goes_alone_when_nothing_follows() {
+        let (mut client, seen, stop) = linked_to_fake(None).await;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let input = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|r| (r, rx)) }).boxed();
+        let mut out = client.stream_append(input, RPCOption::new(Duration::from_millis(60))).await.unwrap();
+        tx.send(appends(1).remove(0)).unwrap();
+        assert_eq!(out.next().await.unwrap().unwrap().unwrap().map(|l| l.index), Some(1));
+        let sent = tokio::time::Instant::now();
+        tx.send(commit_only(1, 1)).unwrap();
+        assert_eq!(out.next().await.unwrap().unwrap().unwrap().map(|l| l.index), Some(1), "answered on its own");
+        assert!(sent.elapsed() >= COMMIT_HOLD, "after waiting for entries to ride with");
+        assert_eq!(*seen.arrived.lock().unwrap(), vec![0, 1]);
+        // The input ends while one is held: it goes at once.
+        tx.send(commit_only(1, 1)).unwrap();
+        drop(tx);
+        assert_eq!(out.next().await.unwrap().unwrap().unwrap().map(|l| l.index), Some(1));
+        assert!(out.next().await.is_none());
+        assert_eq!(*seen.arrived.lock().unwrap(), vec![0, 1, 1]);
+        stop.cancel();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conflict_answers_the_held_commit_and_ends_the_stream() {
+        let (mut client, seen, stop) = linked_to_fake(Some(1)).await;
+        let mut reqs = appends(3).into_iter();
+        let (first, second, third) = (reqs.next().unwrap(), reqs.next().unwrap(), reqs.next().unwrap());
+        let input = vec![first, commit_only(1, 1), with_commit(second, 1), third];
+        let results: Vec<_> = {
+            let out = client.stream_append(futures_util::stream::iter(input), RPCOption::new(Duration::from_millis(60))).await.unwrap();
+            out.collect().await
+        };
+        assert_eq!(results.len(), 2, "the first entries, then the held commit's conflict, then nothing: {results:?}");
+        assert_eq!(results[0].as_ref().unwrap().as_ref().unwrap().map(|l| l.index), Some(1));
+        match &results[1] {
+            Ok(Err(openraft::raft::StreamAppendError::Conflict(at))) => assert_eq!(at.index, 1),
+            other => panic!("expected a conflict at 1, got {other:?}"),
+        }
+        assert_eq!(seen.arrived.lock().unwrap()[..2], [0, 1]);
         stop.cancel();
     }
 
