@@ -49,9 +49,10 @@ pub const SNAPSHOT_CHUNK: usize = 1 << 20;
 /// Deadline of an AppendEntries request that carries entries (see `append_entries`), and of
 /// every request of a pipelined stream (it may wait behind the ones before it).
 const REPLICATION_TIMEOUT: Duration = Duration::from_secs(2);
-/// AppendEntries a leader keeps in flight to one follower at most. Enough for the commit-only
-/// request and the next entries to overlap; each may be up to half a frame, so this also bounds
-/// what one stream holds in memory.
+/// AppendEntries with entries a leader keeps in flight to one follower at most (a commit-only
+/// request, which holds no entries, may go on top). Enough for the commit-only request and the
+/// next entries to overlap; each may be up to half a frame, so this also bounds what one stream
+/// holds in memory.
 const PIPELINE: usize = 4;
 /// How long a commit-only AppendEntries (openraft sends one when an entry commits and no later
 /// request has carried the new commit index) waits for a request with entries to carry it
