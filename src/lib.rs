@@ -19,3 +19,10 @@ pub mod raft;
 pub mod sdk;
 pub mod sidecar;
 pub mod store;
+
+/// Locks a std mutex, going on if it is poisoned. Every mutex in this crate guards maps, queues
+/// or plain values that stay valid between statements, so a panic elsewhere while one was held
+/// leaves nothing half-updated to refuse.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

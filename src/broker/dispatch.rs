@@ -37,6 +37,7 @@ use tracing::warn;
 use super::Broker;
 use super::event::Event;
 use super::event::SubscriptionDecl;
+use crate::lock;
 use crate::cluster::Cluster;
 use crate::peer::PeerNet;
 use crate::peer::frame::features;
@@ -545,10 +546,6 @@ fn in_frames<T>(items: Vec<T>, per_frame: usize) -> Vec<Vec<T>> {
     frames
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Maps of small values, valid after a panic elsewhere.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// Commits progress updates in batches through the broker, which puts them into its next event
 /// entry on the leader (`Broker::settle`). Up to `UPDATE_BATCHES_OUT` batches are outstanding, so

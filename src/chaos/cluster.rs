@@ -16,6 +16,7 @@
 //! Processes are signalled with `kill(1)` (the crate forbids `unsafe`, so no libc). Every child
 //! is spawned with `kill_on_drop`, so dropping the cluster (also on panic or Ctrl-C) kills them.
 
+use crate::lock;
 use std::collections::BTreeSet;
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -111,7 +112,7 @@ impl Default for Partition {
 impl Partition {
     fn set(&self, id: u64, isolated: bool) {
         {
-            let mut set = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+            let mut set = lock(&self.isolated);
             if isolated {
                 set.insert(id);
             } else {
@@ -123,7 +124,7 @@ impl Partition {
 
     /// A link from `from` (unknown when the first frame was no Hello) to `to` is cut.
     pub fn blocked(&self, from: Option<u64>, to: u64) -> bool {
-        let set = self.isolated.lock().unwrap_or_else(|p| p.into_inner());
+        let set = lock(&self.isolated);
         set.contains(&to) || from.is_some_and(|f| set.contains(&f))
     }
 }
@@ -296,7 +297,7 @@ impl ProcessCluster {
 
     fn pid(&self, id: u64) -> anyhow::Result<Option<u32>> {
         let node = self.node(id)?;
-        let child = node.child.lock().unwrap_or_else(|p| p.into_inner());
+        let child = lock(&node.child);
         Ok(child.as_ref().and_then(|c| c.id()))
     }
 
@@ -310,12 +311,12 @@ impl ProcessCluster {
     /// Waits (bounded) for the node's process to exit; returns whether it did.
     async fn reap(&self, id: u64, deadline: Duration) -> anyhow::Result<bool> {
         let node = self.node(id)?;
-        let Some(mut child) = node.child.lock().unwrap_or_else(|p| p.into_inner()).take() else { return Ok(true) };
+        let Some(mut child) = lock(&node.child).take() else { return Ok(true) };
         match tokio::time::timeout(deadline, child.wait()).await {
             Ok(_) => Ok(true),
             Err(_) => {
                 // Still running: put it back so that the caller can escalate.
-                *node.child.lock().unwrap_or_else(|p| p.into_inner()) = Some(child);
+                *lock(&node.child) = Some(child);
                 Ok(false)
             }
         }
@@ -361,7 +362,7 @@ impl ClusterControl for ProcessCluster {
 
     fn is_running(&self, id: u64) -> bool {
         let Ok(node) = self.node(id) else { return false };
-        let mut slot = node.child.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&node.child);
         let exited = match slot.as_mut().map(|c| c.try_wait()) {
             None => return false,
             Some(Ok(None)) => return true,
@@ -372,20 +373,20 @@ impl ClusterControl for ProcessCluster {
         *slot = None;
         drop(slot);
         self.note(id, &format!("node exited unexpectedly: {exited}"));
-        self.unexpected.lock().unwrap_or_else(|p| p.into_inner()).push(format!("node {id}: {exited}"));
+        lock(&self.unexpected).push(format!("node {id}: {exited}"));
         false
     }
 
     fn unexpected_exits(&self) -> Vec<String> {
-        self.unexpected.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        lock(&self.unexpected).clone()
     }
 
     async fn start(&self, id: u64) -> anyhow::Result<()> {
         let node = self.node(id)?;
-        let mut slot = node.child.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = lock(&node.child);
         anyhow::ensure!(slot.is_none(), "node {id} is already running");
         let starts = {
-            let mut s = node.starts.lock().unwrap_or_else(|p| p.into_inner());
+            let mut s = lock(&node.starts);
             *s += 1;
             *s
         };

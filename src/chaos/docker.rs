@@ -15,6 +15,7 @@
 //! address stays the same across restarts. Containers, the network and the data dirs are removed
 //! at the end (also from `Drop`); container logs are saved to `<workdir>/n<id>.log` first.
 
+use crate::lock;
 use std::path::Path;
 use std::path::PathBuf;
 use std::process::Command;
@@ -198,8 +199,8 @@ impl ClusterControl for DockerCluster {
 
     async fn start(&self, id: u64) -> anyhow::Result<()> {
         let node = self.node(id)?;
-        *node.notes_before.lock().unwrap_or_else(|p| p.into_inner()) = self.logs(id).matches("power-loss test mode").count();
-        let mut created = node.created.lock().unwrap_or_else(|p| p.into_inner());
+        *lock(&node.notes_before) = self.logs(id).matches("power-loss test mode").count();
+        let mut created = lock(&node.created);
         if *created {
             docker(&["start", &node.name])?;
             return Ok(());
@@ -234,7 +235,7 @@ impl ClusterControl for DockerCluster {
     }
 
     fn power_loss_note(&self, id: u64) -> Option<String> {
-        let before = *self.node(id).ok()?.notes_before.lock().unwrap_or_else(|p| p.into_inner());
+        let before = *lock(&self.node(id).ok()?.notes_before);
         let logs = self.logs(id);
         let line = logs.lines().filter(|l| l.contains("power-loss test mode")).nth(before)?;
         let dropped = line.split_whitespace().find_map(|w| w.strip_prefix("dropped_bytes="));

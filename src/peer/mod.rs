@@ -52,6 +52,7 @@ use self::frame::Hello;
 use self::frame::Kind;
 use self::message::PeerRequest;
 use self::message::PeerResponse;
+use crate::lock;
 use crate::raft::types::NodeId;
 
 /// Frames waiting to be written on one link.
@@ -250,11 +251,6 @@ impl Drop for Call {
     }
 }
 
-/// Locks a std mutex; a poisoned lock only means another thread panicked while holding it, and
-/// every structure guarded here stays valid between statements, so we keep going.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 #[derive(Default)]
 struct DialState {

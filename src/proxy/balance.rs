@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::lock;
 use crate::raft::types::NodeId;
 
 const EJECT_AFTER: u32 = 5;
@@ -81,10 +82,6 @@ pub enum Outcome {
     Failed,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Stats are plain numbers, valid after any panic elsewhere.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Balancer {
     /// Pick a target among `candidates` (non-empty), preferring `local` when given and healthy.

@@ -50,6 +50,7 @@ use self::routing::Lookup;
 use self::routing::Route;
 use self::routing::RouteTable;
 use self::routing::SharedTable;
+use crate::lock;
 use crate::api::error::ApiError;
 use crate::peer::PeerError;
 use crate::peer::PeerNet;
@@ -144,10 +145,6 @@ pub struct Proxy {
     draining: AtomicBool,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Every value behind these locks is replaced whole; a panic elsewhere leaves it valid.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 impl Proxy {
     pub fn new(

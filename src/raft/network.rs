@@ -35,6 +35,7 @@ use openraft::error::Unreachable;
 use openraft::network::RPCOption;
 use openraft::network::RPCTypes;
 
+use crate::lock;
 use crate::peer::Link;
 use crate::peer::PeerError;
 use crate::peer::PeerNet;
@@ -418,7 +419,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 pub struct AppendLanes {
     raft: Raft,
     /// Lane of each leader that sent us AppendEntries. A lane's task removes its entry when the
-    /// lane ends (its sender is then closed, and `submit` would replace it anyway).
+    /// lane ends (its sender is then closed, and `submit` would replace it anyway). An idle lane
+    /// of a former leader stays (a task and an empty channel): at most one per node id that has
+    /// led, like the peer layer's links.
     lanes: Mutex<HashMap<NodeId, Lane>>,
     /// Tells lanes apart, so an ended lane removes only its own entry.
     next_lane: std::sync::atomic::AtomicU64,
@@ -442,7 +445,7 @@ impl AppendLanes {
         let (tx, rx) = oneshot::channel();
         let mut item = Some((rpc, tx));
         {
-            let mut lanes = self.lanes.lock().unwrap_or_else(|p| p.into_inner());
+            let mut lanes = lock(&self.lanes);
             // The current lane, or a new one if it has ended: two tries at most.
             for _ in 0..2 {
                 let Some(it) = item.take() else { break };
@@ -490,17 +493,17 @@ async fn run_lane(
     let slots = waiting.clone();
     let input = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
         .map(move |(rpc, reply)| {
-            slots.lock().unwrap_or_else(|p| p.into_inner()).push_back(reply);
+            lock(&slots).push_back(reply);
             rpc
         });
     let results = raft.stream_append(input);
     let mut results = std::pin::pin!(results);
     while let Some(result) = results.next().await {
-        let Some(reply) = waiting.lock().unwrap_or_else(|p| p.into_inner()).pop_front() else { break };
+        let Some(reply) = lock(&waiting).pop_front() else { break };
         let _ = reply.send(result.map_err(|fatal| fatal.to_string()));
     }
     if let Some(lanes) = lanes.upgrade() {
-        let mut lanes = lanes.lanes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut lanes = lock(&lanes.lanes);
         if lanes.get(&from).is_some_and(|lane| lane.id == id) {
             lanes.remove(&from);
         }
