@@ -73,6 +73,25 @@ struct ProbeArgs {
     body: bool,
 }
 
+/// The node's async runtime. One worker thread (`--worker-threads 1`) gets tokio's current-thread
+/// scheduler: it runs the same tasks on one thread without the work-stealing scheduler's
+/// cross-thread bookkeeping (atomic task states, the injection queue, a parked worker to wake
+/// for every task that another thread — the log flusher, a blocking task — makes ready).
+/// Measured with three nodes on two cores (`bench events`, seven interleaved pairs): 23,200 →
+/// 24,500 events/s on average and 56 → 52 µs of node CPU per event; `bench state` +20%.
+/// More threads, or none given (one per core), get the multi-thread scheduler.
+fn runtime_builder(worker_threads: Option<u16>) -> tokio::runtime::Builder {
+    match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(usize::from(n));
+            builder
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
@@ -80,11 +99,11 @@ pub fn main() -> ExitCode {
     if let Err(e) = crate::process::disable_transparent_huge_pages() {
         tracing::debug!(error = %e, "could not turn transparent huge pages off");
     }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Cmd::Node(NodeArgs { worker_threads: Some(n), .. }) = &cli.cmd {
-        builder.worker_threads(usize::from(*n));
-    }
-    let runtime = match builder.enable_all().build() {
+    let worker_threads = match &cli.cmd {
+        Cmd::Node(NodeArgs { worker_threads, .. }) => *worker_threads,
+        _ => None,
+    };
+    let runtime = match runtime_builder(worker_threads).enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the tokio runtime: {e}");
@@ -254,4 +273,32 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
 
 fn url(addr: &str) -> String {
     format!("http://{addr}")
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::runtime::RuntimeFlavor;
+
+    use super::runtime_builder;
+
+    #[test]
+    fn one_worker_thread_gets_the_current_thread_scheduler() {
+        let rt = runtime_builder(Some(1)).enable_all().build().expect("runtime");
+        assert_eq!(rt.handle().runtime_flavor(), RuntimeFlavor::CurrentThread);
+        // Tasks spawned on it run while the node's main future is driven, and a task made ready
+        // by another OS thread (as the log flusher does) is woken.
+        let got = rt.block_on(async {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let task = tokio::spawn(async move { rx.await.map(|v: u32| v + 1) });
+            std::thread::spawn(move || tx.send(41));
+            task.await
+        });
+        assert_eq!(got.expect("task").expect("value"), 42);
+
+        let rt = runtime_builder(Some(3)).enable_all().build().expect("runtime");
+        assert_eq!(rt.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        assert_eq!(rt.metrics().num_workers(), 3);
+        let rt = runtime_builder(None).enable_all().build().expect("runtime");
+        assert_eq!(rt.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+    }
 }

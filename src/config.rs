@@ -40,7 +40,8 @@ pub struct NodeArgs {
     /// Async worker threads (default: one per core). When several nodes share a machine (a
     /// loopback test cluster), give each its share of the cores: fewer threads than cores
     /// means fewer wake-ups and context switches (measured: ~11% less CPU per event with
-    /// three nodes at 1 thread each on 2 cores). Flag or env only: the runtime starts before
+    /// three nodes at 1 thread each on 2 cores). 1 runs tokio's current-thread scheduler
+    /// (cheaper still, see `cli::runtime_builder`). Flag or env only: the runtime starts before
     /// the config file is read.
     #[arg(long, env = "RAFTBRIDGE_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     #[serde(skip)]

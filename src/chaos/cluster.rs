@@ -283,6 +283,11 @@ impl ProcessCluster {
             .iter()
             .map(|s| s.to_string())
             .collect();
+            // Odd ids run one worker thread (the current-thread runtime), even ids the default
+            // multi-thread one: the faults hit both runtimes and a cluster that mixes them.
+            if id % 2 == 1 {
+                args.extend(["--worker-threads".to_string(), "1".to_string()]);
+            }
             args.extend(extra_flags.iter().cloned());
             spawn_relay(relay, id, peer, partition.clone(), stop.clone());
             let log = dir.join(format!("n{id}.log"));

@@ -426,6 +426,12 @@ impl Cluster {
             "--cluster-name".into(),
             format!("it-{}", self.name),
         ];
+        // Odd ids run one worker thread (tokio's current-thread scheduler, as `raftbridge dev`
+        // and the benchmarks do on small machines), even ids the default multi-thread one: every
+        // cluster test covers both runtimes and a cluster that mixes them.
+        if id % 2 == 1 {
+            args.extend(["--worker-threads".to_string(), "1".to_string()]);
+        }
         args.extend(extra);
         args.extend(self.flags.iter().cloned());
         self.nodes.push(Node {
