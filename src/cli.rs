@@ -79,7 +79,8 @@ struct ProbeArgs {
 /// for every task that another thread — the log flusher, a blocking task — makes ready).
 /// Measured with three nodes on two cores (`bench events`, seven interleaved pairs): 23,200 →
 /// 24,500 events/s on average and 56 → 52 µs of node CPU per event; `bench state` +20%.
-/// More threads, or none given (one per core), get the multi-thread scheduler.
+/// The load generator (`raftbridge bench`) runs on one thread by default for the same reason
+/// (`--threads`). More threads, or none given (one per core), get the multi-thread scheduler.
 fn runtime_builder(worker_threads: Option<u16>) -> tokio::runtime::Builder {
     match worker_threads {
         Some(1) => tokio::runtime::Builder::new_current_thread(),
@@ -101,6 +102,7 @@ pub fn main() -> ExitCode {
     }
     let worker_threads = match &cli.cmd {
         Cmd::Node(NodeArgs { worker_threads, .. }) => *worker_threads,
+        Cmd::Bench(cmd) => Some(cmd.common().threads),
         _ => None,
     };
     let runtime = match runtime_builder(worker_threads).enable_all().build() {
