@@ -387,7 +387,7 @@ async fn follow_log(target: String, stop: Arc<std::sync::atomic::AtomicBool>) ->
             }
         }
     }
-    (hist.len() > 0).then(|| (hist.len(), hist.value_at_quantile(0.5), hist.value_at_quantile(0.99)))
+    (!hist.is_empty()).then(|| (hist.len(), hist.value_at_quantile(0.5), hist.value_at_quantile(0.99)))
 }
 
 async fn run_state(args: &StateArgs) -> anyhow::Result<Report> {

@@ -122,7 +122,7 @@ impl Cluster {
 
     /// Serve a join request: on the leader, queue it; elsewhere, forward it to the leader.
     pub async fn join(&self, id: NodeId, addr: String) -> Result<(), RemoteError> {
-        self.leader_op(PeerRequest::Join { id: id, addr: addr.clone() }, |reply| Change::Join { id, addr, reply }).await
+        self.leader_op(PeerRequest::Join { id, addr: addr.clone() }, |reply| Change::Join { id, addr, reply }).await
     }
 
     /// Remove a node for good (voter and learner entries).

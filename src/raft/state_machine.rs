@@ -776,6 +776,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 }
 
+fn push_dead(s: &mut SubState, d: DeadLetter) {
+    if s.dead.len() >= MAX_DEAD_LETTERS {
+        s.dead.pop_front();
+    }
+    metrics::counter!("raftbridge_dead_letters_total").increment(1);
+    s.dead.push_back(d);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -948,10 +956,3 @@ mod tests {
     }
 }
 
-fn push_dead(s: &mut SubState, d: DeadLetter) {
-    if s.dead.len() >= MAX_DEAD_LETTERS {
-        s.dead.pop_front();
-    }
-    metrics::counter!("raftbridge_dead_letters_total").increment(1);
-    s.dead.push_back(d);
-}
