@@ -64,8 +64,9 @@ pub struct CommonArgs {
     /// Load generator threads. One (the default) runs every connection on one thread (tokio's
     /// current-thread scheduler), which takes the least CPU from nodes that share the machine:
     /// three nodes and the bench on two cores did 13% more events/s (median of 16 interleaved
-    /// pairs), at about 10% less node CPU per event, than with two threads. Raise it when the load generator's CPU per request
-    /// (printed at the end) times the request rate nears one core.
+    /// pairs), at about 10% less node CPU per event, than with two threads. Raise it when the
+    /// load generator's CPU per request (printed at the end) times the request rate nears one
+    /// core.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
 }

@@ -78,7 +78,7 @@ struct ProbeArgs {
 /// cross-thread bookkeeping (atomic task states, the injection queue, a parked worker to wake
 /// for every task that another thread — the log flusher, a blocking task — makes ready).
 /// Measured with three nodes on two cores (`bench events`, seven interleaved pairs): 23,200 →
-/// 24,500 events/s on average and 56 → 52 µs of node CPU per event; `bench state` +20%.
+/// 24,500 events/s on average and 56 → 52 µs of node CPU per event; `bench state` +10 to +20%.
 /// The load generator (`raftbridge bench`) runs on one thread by default for the same reason
 /// (`--threads`). More threads, or none given (one per core), get the multi-thread scheduler.
 fn runtime_builder(worker_threads: Option<u16>) -> tokio::runtime::Builder {
