@@ -501,7 +501,7 @@ async fn snapshot_chunk(
     let invalid = |m: String| PeerResponse::Error(RemoteError::Invalid(m));
     let key = meta.last_log_id.map(|l| l.index);
     let complete = {
-        let mut map = snapshots.lock().unwrap_or_else(|p| p.into_inner());
+        let mut map = crate::lock(snapshots);
         let entry = map.entry(from).or_insert_with(|| (key, Vec::new()));
         if offset == 0 {
             *entry = (key, Vec::new());

@@ -546,7 +546,6 @@ fn in_frames<T>(items: Vec<T>, per_frame: usize) -> Vec<Vec<T>> {
     frames
 }
 
-
 /// Commits progress updates in batches through the broker, which puts them into its next event
 /// entry on the leader (`Broker::settle`). Up to `UPDATE_BATCHES_OUT` batches are outstanding, so
 /// the acks that arrive while one entry commits are already queued when the batcher forms the

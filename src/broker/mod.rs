@@ -360,12 +360,14 @@ impl Inbox {
     }
 
     /// A follower's batch: let every task that is ready to run go first (one yield), so that
-    /// publishers woken by the same I/O poll queue their events before the batch is cut. The
-    /// first group's send woke the batcher straight away (tokio runs a task woken by the running
-    /// one next), so without this a follower forwarded ~1.2 events per batch at saturation, each
-    /// batch a request and a response on the peer link and a task on both nodes. Measured
-    /// (single events, 3 nodes, 64 connections): 4.6 events per forwarded batch, node CPU per
-    /// event 55 → 48 µs, 23,800 → 26,800 events/s. Costs no waiting when nothing else is ready.
+    /// publishers woken by the same I/O poll queue their events before the batch is cut. On the
+    /// multi-thread scheduler the first group's send woke the batcher straight away (a task
+    /// woken by the running one runs next), so without this a follower forwarded ~1.2 events per
+    /// batch at saturation, each batch a request and a response on the peer link and a task on
+    /// both nodes; on the current-thread scheduler the yield costs one pass of the run queue.
+    /// Measured (single events, 3 nodes, 64 connections): 4.6 events per forwarded batch, node
+    /// CPU per event 55 → 48 µs, 23,800 → 26,800 events/s. Costs no waiting when nothing else is
+    /// ready.
     async fn let_ready_publishers_queue() {
         tokio::task::yield_now().await;
     }

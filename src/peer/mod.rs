@@ -251,7 +251,6 @@ impl Drop for Call {
     }
 }
 
-
 #[derive(Default)]
 struct DialState {
     failures: u32,
@@ -359,15 +358,8 @@ impl PeerNet {
 
     /// Send a request to a node by id, dialing if needed.
     pub async fn request(&self, target: NodeId, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
-        let link = self.link_to(target).await?;
+        let link = self.link(target).await?;
         link.call(req, timeout).await
-    }
-
-    /// The live link to a node, dialing if needed. Requests sent on one link one after another
-    /// arrive in that order (`Link::send`); two links to the same node (a reconnect, or both
-    /// sides dialing at once) give no order between them.
-    pub async fn link(&self, target: NodeId) -> Result<Arc<Link>, PeerError> {
-        self.link_to(target).await
     }
 
     /// Send a request to an address (a seed whose id we may not know yet); returns the peer's id.
@@ -382,7 +374,10 @@ impl PeerNet {
         Ok((link.peer, resp))
     }
 
-    async fn link_to(&self, target: NodeId) -> Result<Arc<Link>, PeerError> {
+    /// The live link to a node, dialing if needed. Requests sent on one link one after another
+    /// arrive in that order (`Link::send`); two links to the same node (a reconnect, or both
+    /// sides dialing at once) give no order between them.
+    pub async fn link(&self, target: NodeId) -> Result<Arc<Link>, PeerError> {
         if let Some(link) = lock(&self.links).get(&target).filter(|l| l.is_alive()) {
             return Ok(link.clone());
         }

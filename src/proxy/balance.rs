@@ -82,7 +82,6 @@ pub enum Outcome {
     Failed,
 }
 
-
 impl Balancer {
     /// Pick a target among `candidates` (non-empty), preferring `local` when given and healthy.
     pub fn pick(&self, candidates: &[NodeId], local: Option<NodeId>) -> Option<NodeId> {

@@ -145,7 +145,6 @@ pub struct Proxy {
     draining: AtomicBool,
 }
 
-
 impl Proxy {
     pub fn new(
         node_id: NodeId,
