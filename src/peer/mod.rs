@@ -843,6 +843,17 @@ mod tests {
     type RawReader = FramedRead<tokio::net::tcp::OwnedReadHalf, tokio_util::codec::LengthDelimitedCodec>;
     type RawWriter = FramedWrite<tokio::net::tcp::OwnedWriteHalf, tokio_util::codec::LengthDelimitedCodec>;
 
+    /// Node 1 accepting peer links on a free loopback port; `stop` ends it.
+    async fn listening(idle_timeout: Duration) -> (Arc<PeerNet>, std::net::SocketAddr, CancellationToken) {
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout };
+        let stop = CancellationToken::new();
+        let net = PeerNet::new(cfg, stop.clone());
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(net.clone().run(listener));
+        (net, addr, stop)
+    }
+
     /// A peer that completed the handshake on `addr`, speaking raw frames from here on.
     async fn handshaken(net: &PeerNet, addr: std::net::SocketAddr, node_id: NodeId) -> (RawReader, RawWriter) {
         let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
@@ -858,12 +869,7 @@ mod tests {
     #[tokio::test]
     async fn a_silent_peer_link_is_closed_and_a_talking_one_is_kept() {
         let idle = Duration::from_millis(1500);
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: idle };
-        let stop = CancellationToken::new();
-        let net = PeerNet::new(cfg, stop.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(net.clone().run(listener));
+        let (net, addr, stop) = listening(idle).await;
 
         // Pings every 100 ms for three idle periods: the link stays up throughout.
         let (mut reader, mut writer) = handshaken(&net, addr, 2).await;
@@ -881,12 +887,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_call_ends_when_its_link_closes_not_at_its_deadline() {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(60) };
-        let stop = CancellationToken::new();
-        let net = PeerNet::new(cfg, stop.clone());
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(net.clone().run(listener));
+        let (net, addr, stop) = listening(Duration::from_secs(60)).await;
         let (mut reader, writer) = handshaken(&net, addr, 2).await;
         let caller = net.clone();
         let call = tokio::spawn(async move { caller.request(2, &PeerRequest::Status, Duration::from_secs(60)).await });
