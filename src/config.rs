@@ -268,6 +268,11 @@ impl NodeConfig {
         if self.max_frame < 64 * 1024 {
             return invalid("max-frame", "must be at least 65536");
         }
+        if self.max_body > self.max_frame / 2 {
+            // A body is written as one Raft entry, and an entry must fit into a peer frame with
+            // room to spare, or it could never be replicated and every later write would stall.
+            return invalid("max-body", "must be at most half of --max-frame");
+        }
         if self.snapshot_threshold == 0 {
             return invalid("snapshot-threshold", "must be at least 1");
         }
@@ -302,6 +307,12 @@ mod tests {
         assert_eq!(linger(0).unwrap().publish_linger_ms, 0, "0 turns the linger off");
         assert_eq!(linger(5).unwrap().publish_linger_ms, 5);
         assert!(linger(1_001).is_err());
+        let sizes = |body: usize, frame: usize| {
+            NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), max_body: Some(body), max_frame: Some(frame), ..Default::default() }.resolve()
+        };
+        assert!(sizes(8 << 20, 16 << 20).is_ok(), "a body of half a frame fits an entry");
+        assert!(matches!(sizes((8 << 20) + 1, 16 << 20), Err(ConfigError::Invalid { name: "max-body", .. })));
+        assert!(matches!(sizes(1 << 20, 1 << 20), Err(ConfigError::Invalid { name: "max-body", .. })));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

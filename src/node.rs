@@ -164,7 +164,9 @@ pub async fn run(
         dedup_window_ms: 120_000,
     };
     let linger = Duration::from_millis(cfg.publish_linger_ms);
-    let broker = Broker::start(store.clone(), limits, timeout, linger, broker_stop.clone());
+    // Half a peer frame: an entry of one group always fits into AppendEntries (module doc of
+    // `broker`), whatever `--max-body` allows.
+    let broker = Broker::start(store.clone(), limits, timeout, linger, cfg.max_frame / 2, broker_stop.clone());
     let subscribers: HashMap<String, LocalSubscriber> = services
         .iter()
         .flat_map(|p| {

@@ -22,6 +22,9 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body larger than {limit} bytes")]
     TooLarge { limit: usize },
+    /// Accepted as HTTP, but more than the log takes in one piece (events with metadata).
+    #[error("{0}")]
+    Oversized(String),
     #[error("revision mismatch")]
     PreconditionFailed { current: Option<u64> },
     #[error("{0}")]
@@ -40,7 +43,7 @@ impl ApiError {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge { .. } | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,

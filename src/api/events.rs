@@ -10,6 +10,7 @@ use hyper::body::Incoming;
 
 use super::App;
 use super::error::ApiError;
+use super::json_body;
 use super::json_response;
 use crate::broker::BrokerError;
 use crate::broker::new_event;
@@ -20,6 +21,8 @@ use crate::sdk::MessageMeta;
 pub const MAX_BATCH_REQUEST: usize = 1_000;
 /// Events in one read at most.
 const MAX_READ: usize = 1_000;
+/// Payload bytes in one read's answer, about (at least one event always goes).
+const MAX_READ_BYTES: usize = 4 << 20;
 
 type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
 
@@ -28,6 +31,7 @@ impl From<BrokerError> for ApiError {
         match e {
             BrokerError::Store(s) => s.into(),
             BrokerError::Stopped => ApiError::Unavailable(e.to_string()),
+            BrokerError::TooLarge { .. } => ApiError::Oversized(e.to_string()),
             BrokerError::Unexpected => ApiError::Internal(e.to_string()),
         }
     }
@@ -39,10 +43,6 @@ fn unshare(e: std::sync::Arc<BrokerError>) -> ApiError {
     ApiError::from(std::sync::Arc::unwrap_or_clone(e))
 }
 
-fn header(req: &Request<Incoming>, name: &str) -> Option<String> {
-    req.headers().get(name).and_then(|v| v.to_str().ok()).map(|s| s.trim().to_string()).filter(|s| !s.is_empty())
-}
-
 fn check_name(name: &str) -> Result<(), ApiError> {
     if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
         return Err(ApiError::BadRequest("event name must be 1..=256 printable characters".into()));
@@ -50,25 +50,44 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn meta_of(req: &Request<Incoming>) -> MessageMeta {
-    let traceparent = header(req, "traceparent").unwrap_or_default();
-    MessageMeta {
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if key.is_empty() || key.len() > super::MAX_META_LEN {
+        return Err(ApiError::BadRequest(format!("idempotencyKey must be 1..={} bytes", super::MAX_META_LEN)));
+    }
+    Ok(())
+}
+
+/// The event metadata a client sets with headers. Identity (`x-principal-id`, `x-tenant-id`)
+/// must be valid or the request is refused (see `meta_header`); trace context that is not valid
+/// (`x-request-id` over 200 bytes, a malformed `traceparent`) is left out, as the proxy does.
+fn meta_of(req: &Request<Incoming>) -> Result<MessageMeta, ApiError> {
+    let h = req.headers();
+    let text = |name| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
+    let traceparent = text("traceparent").filter(|t| crate::proxy::valid_traceparent(t)).unwrap_or_default();
+    Ok(MessageMeta {
         trace_id: traceparent.split('-').nth(1).unwrap_or_default().to_string(),
-        correlation_id: header(req, "x-request-id").unwrap_or_default(),
-        principal_id: header(req, "x-principal-id"),
-        tenant_id: header(req, "x-tenant-id"),
+        correlation_id: text("x-request-id").filter(|v| v.len() <= 200).unwrap_or_default().to_string(),
+        principal_id: super::meta_header(h, "x-principal-id")?.map(str::to_string),
+        tenant_id: super::meta_header(h, "x-tenant-id")?.map(str::to_string),
         sender: None,
         idempotency_key: None,
-        traceparent,
-    }
+        traceparent: traceparent.to_string(),
+    })
+}
+
+/// A body must be UTF-8 JSON text: a syntax check alone lets invalid UTF-8 inside strings
+/// through, which could not be served back as JSON.
+fn check_utf8(body: &[u8]) -> Result<(), ApiError> {
+    std::str::from_utf8(body).map(|_| ()).map_err(|e| ApiError::BadRequest(format!("body is not UTF-8: {e}")))
 }
 
 /// `POST /v1/events/{eventName}` → 201 `{"id","position"}` once committed.
 pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiResult {
     check_name(name)?;
-    let meta = meta_of(&req);
-    let key = header(&req, "idempotency-key");
+    let meta = meta_of(&req)?;
+    let key = super::meta_header(req.headers(), "idempotency-key")?.map(str::to_string);
     let body = super::read_body(req, app.settings.max_body).await?;
+    check_utf8(&body)?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     let event = new_event(name, body.to_vec(), &meta, None, key);
     let (id, position) = app.broker.publish_one(event).await.map_err(unshare)?;
@@ -87,8 +106,9 @@ struct BatchItem<'a> {
 
 /// `POST /v1/events` with a JSON array → 201 `{"events":[{"id","position"},..]}` once committed.
 pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
-    let meta = meta_of(&req);
+    let meta = meta_of(&req)?;
     let body = super::read_body(req, app.settings.max_body).await?;
+    check_utf8(&body)?;
     let items: Vec<BatchItem> =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("expected an array of events: {e}")))?;
     if items.is_empty() || items.len() > MAX_BATCH_REQUEST {
@@ -97,6 +117,9 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
     let mut events = Vec::with_capacity(items.len());
     for item in items {
         check_name(&item.event_name)?;
+        if let Some(key) = &item.idempotency_key {
+            check_key(key)?;
+        }
         let payload = item.payload.map_or_else(|| b"null".to_vec(), |p| p.get().as_bytes().to_vec());
         events.push(new_event(&item.event_name, payload, &meta, None, item.idempotency_key));
     }
@@ -106,38 +129,93 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
 }
 
 /// `GET /v1/events?after=N&limit=M[&eventName=..]`: the log in order, from the local replica
-/// (every committed event is on every node once applied).
+/// (every committed event is on every node once applied). One answer holds at most `MAX_READ`
+/// events and about `MAX_READ_BYTES` of payload; `next` says where to continue.
 pub fn read(app: &App, query: Option<&str>) -> ApiResult {
     let q = parse_query(query.unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
-    let num = |k: &str, default: u64| -> Result<u64, ApiError> {
-        q.get(k).map_or(Ok(default), |v| v.parse().map_err(|_| ApiError::BadRequest(format!("{k} must be a number"))))
-    };
-    let after = num("after", 0)?;
-    let limit = num("limit", 100)?.clamp(1, MAX_READ as u64) as usize;
-    let (events, next) = app.sm.events_after(after, limit, q.get("eventName").map(String::as_str));
-    let list: Vec<serde_json::Value> = events.iter().map(|e| e.to_json()).collect();
+    let after = number(&q, "after")?.unwrap_or(0);
+    let limit = number(&q, "limit")?.unwrap_or(100).clamp(1, MAX_READ as u64) as usize;
+    let name = q.get("eventName").map(String::as_str);
+    if let Some(name) = name {
+        check_name(name)?;
+    }
+    let (events, next) = app.sm.events_after(after, limit, MAX_READ_BYTES, name);
     let (first, end) = app.sm.event_bounds();
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({ "events": list, "next": next, "first": first, "end": end.saturating_sub(1) }),
-    ))
+    #[derive(serde::Serialize)]
+    struct Page<'a> {
+        events: Vec<crate::broker::event::EventJson<'a>>,
+        next: u64,
+        first: u64,
+        end: u64,
+    }
+    let page = Page { events: events.iter().map(|e| e.to_json()).collect(), next, first, end: end.saturating_sub(1) };
+    Ok(json_body(StatusCode::OK, &page))
 }
 
-/// `GET /v1/dead-letters?subscription=NAME`.
+/// A query parameter that must be a number when present.
+fn number(q: &std::collections::BTreeMap<String, String>, k: &str) -> Result<Option<u64>, ApiError> {
+    q.get(k).map(|v| v.parse().map_err(|_| ApiError::BadRequest(format!("{k} must be a number")))).transpose()
+}
+
+/// `GET /v1/dead-letters?subscription=NAME[&after=POSITION][&limit=M]`: in position order, at
+/// most `limit` positions' worth (default and bound `MAX_READ`) and about `MAX_READ_BYTES` of
+/// event payload; `next` (when present) is the `after` to continue from.
 pub fn dead_letters(app: &App, query: Option<&str>) -> ApiResult {
     let q = parse_query(query.unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
     let name = q.get("subscription").ok_or_else(|| ApiError::BadRequest("subscription=NAME is required".into()))?;
-    let state = app.sm.subscription(name).ok_or_else(|| ApiError::NotFound(format!("no subscription {name}")))?;
-    let list: Vec<serde_json::Value> = state
-        .dead
+    let after = number(&q, "after")?;
+    let limit = number(&q, "limit")?.unwrap_or(MAX_READ as u64).clamp(1, MAX_READ as u64) as usize;
+    let dead = app.sm.dead_letters(name, after, limit).ok_or_else(|| ApiError::NotFound(format!("no subscription {name}")))?;
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Letter<'a> {
+        position: u64,
+        event_id: &'a str,
+        attempts: u32,
+        reason: &'a str,
+        node: Option<u64>,
+        event: Option<crate::broker::event::EventJson<'a>>,
+    }
+    // The events, fetched once per position; the page ends (at a position boundary) once their
+    // payloads pass the byte bound.
+    let mut events: Vec<(u64, Option<crate::broker::event::Event>)> = Vec::new();
+    let mut bytes = 0;
+    let mut kept = dead.len();
+    for (i, d) in dead.iter().enumerate() {
+        if events.last().is_some_and(|(p, _)| *p == d.position) {
+            continue;
+        }
+        if bytes >= MAX_READ_BYTES {
+            kept = i;
+            break;
+        }
+        let event = app.sm.event(d.position);
+        bytes += event.as_ref().map_or(0, |e| e.payload.len());
+        events.push((d.position, event));
+    }
+    let dead = &dead[..kept];
+    // Letters are cut at a position boundary, so the page ends with all of its last position's.
+    let next = dead.last().map(|d| d.position).or(after);
+    let event_of = |p: u64| events.binary_search_by_key(&p, |(q, _)| *q).ok().and_then(|i| events[i].1.as_ref());
+    let list: Vec<Letter> = dead
         .iter()
-        .map(|d| {
-            let event = app.sm.event(d.position).map(|e| e.to_json());
-            serde_json::json!({"position": d.position, "eventId": d.event_id, "attempts": d.attempts,
-                "reason": d.reason, "node": d.node, "event": event})
+        .map(|d| Letter {
+            position: d.position,
+            event_id: &d.event_id,
+            attempts: d.attempts,
+            reason: &d.reason,
+            node: d.node,
+            event: event_of(d.position).map(|e| e.to_json()),
         })
         .collect();
-    Ok(json_response(StatusCode::OK, &serde_json::json!({ "subscription": name, "deadLetters": list })))
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Page<'a> {
+        subscription: &'a str,
+        dead_letters: Vec<Letter<'a>>,
+        next: Option<u64>,
+    }
+    Ok(json_body(StatusCode::OK, &Page { subscription: name, dead_letters: list, next }))
 }
 
 /// `GET /v1/subscriptions/{name}`: replicated progress, for operators and tests.

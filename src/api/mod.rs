@@ -80,7 +80,14 @@ pub struct App {
 }
 
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    json_body(status, body)
+}
+
+/// A JSON answer from anything serializable (events carry their payload as raw JSON text,
+/// which must not go through a `serde_json::Value`).
+pub fn json_body<T: serde::Serialize + ?Sized>(status: StatusCode, body: &T) -> Response<Full<Bytes>> {
+    // Our own response types: string keys, no maps with non-string keys, so this cannot fail.
+    let mut resp = Response::new(Full::new(Bytes::from(serde_json::to_vec(body).unwrap_or_default())));
     *resp.status_mut() = status;
     resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp
@@ -171,10 +178,10 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (Method::GET, ["metrics"]) => ("metrics", metrics_text(app).await),
         (Method::GET, ["cluster"]) => ("cluster", Ok(json_response(StatusCode::OK, &cluster_view(app)))),
         (Method::DELETE, ["cluster", "members", id]) => ("cluster_remove", remove_member(app, id).await),
-        (Method::POST, ["v1", "events", name]) => {
-            let name = name.to_string();
-            ("events_publish", events::publish_one(app, &name, req).await)
-        }
+        (Method::POST, ["v1", "events", name]) => match crate::proxy::routing::percent_decode_with(name, false) {
+            Some(name) => ("events_publish", events::publish_one(app, &name, req).await),
+            None => ("events_publish", Err(ApiError::BadRequest("the event name in the path is not valid percent-encoded UTF-8".into()))),
+        },
         (Method::POST, ["v1", "events"]) => ("events_batch", events::publish_batch(app, req).await),
         (Method::GET, ["v1", "events"]) => ("events_read", events::read(app, req.uri().query())),
         (Method::GET, ["v1", "dead-letters"]) => ("dead_letters", events::dead_letters(app, req.uri().query())),
@@ -183,7 +190,9 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
             let (store, key) = (store.to_string(), key.to_string());
             ("state", state(app, m, &store, &key, req).await)
         }
-        (_, ["healthz" | "readyz" | "metrics" | "cluster"]) => ("other", Err(ApiError::MethodNotAllowed)),
+        (_, ["healthz" | "readyz" | "metrics" | "cluster"])
+        | (_, ["v1", "events" | "dead-letters"])
+        | (_, ["v1", "events" | "subscriptions", _]) => ("other", Err(ApiError::MethodNotAllowed)),
         _ => ("unknown", Err(ApiError::NotFound(format!("no route for {path}")))),
     }
 }
@@ -284,6 +293,23 @@ fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
     }
 }
 
+/// Longest value of a client-set metadata header (`x-principal-id`, `x-tenant-id`,
+/// `idempotency-key`): each travels with every event and command it is set on, into the log.
+pub const MAX_META_LEN: usize = 256;
+
+/// A client-set metadata header: `None` when absent or blank, else its trimmed value, which must
+/// be 1..=`MAX_META_LEN` bytes of visible ASCII (HTTP header text). Anything else is a 400: a
+/// key or identity silently dropped would make a retry publish twice, or an event lose its
+/// tenant.
+pub fn meta_header<'a>(h: &'a http::HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
+    let Some(v) = h.get(name) else { return Ok(None) };
+    let v = v.to_str().map_err(|_| ApiError::BadRequest(format!("{name} must be visible ASCII")))?.trim();
+    if v.len() > MAX_META_LEN {
+        return Err(ApiError::BadRequest(format!("{name} must be at most {MAX_META_LEN} bytes")));
+    }
+    Ok(Some(v).filter(|v| !v.is_empty()))
+}
+
 /// Read the whole body, enforcing the size limit.
 pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
     if let Some(len) = req.headers().get(http::header::CONTENT_LENGTH) {
@@ -332,5 +358,26 @@ async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<I
             }
         }
         _ => Err(ApiError::MethodNotAllowed),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_headers_are_visible_ascii_of_bounded_length() {
+        let mut h = http::HeaderMap::new();
+        assert_eq!(meta_header(&h, "x-tenant-id").unwrap(), None);
+        h.insert("x-tenant-id", HeaderValue::from_static("  t1 "));
+        assert_eq!(meta_header(&h, "x-tenant-id").unwrap(), Some("t1"));
+        h.insert("x-tenant-id", HeaderValue::from_static("   "));
+        assert_eq!(meta_header(&h, "x-tenant-id").unwrap(), None, "blank is absent");
+        h.insert("x-tenant-id", HeaderValue::from_str(&"t".repeat(MAX_META_LEN)).unwrap());
+        assert!(meta_header(&h, "x-tenant-id").is_ok());
+        h.insert("x-tenant-id", HeaderValue::from_str(&"t".repeat(MAX_META_LEN + 1)).unwrap());
+        assert!(matches!(meta_header(&h, "x-tenant-id"), Err(ApiError::BadRequest(_))));
+        h.insert("idempotency-key", HeaderValue::from_bytes("café".as_bytes()).unwrap());
+        assert!(matches!(meta_header(&h, "idempotency-key"), Err(ApiError::BadRequest(m)) if m.contains("idempotency-key")));
     }
 }

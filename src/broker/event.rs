@@ -59,33 +59,96 @@ impl std::ops::Deref for Event {
     }
 }
 
+impl EventBody {
+    /// Bytes this body holds: payload, every metadata string and a fixed overhead. The broker
+    /// bounds its queue and each entry by it, so that metadata (headers a client sets) counts
+    /// like payload. (Retention keeps its own measure, [`Event::size`].)
+    pub fn full_size(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::len);
+        let sender = self.sender.as_ref().map_or(0, |s| {
+            s.service_name.len() + s.service_version.len() + s.service_target.len() + s.instance_id.len()
+        });
+        self.payload.len()
+            + self.id.len()
+            + self.event_name.len()
+            + self.message_type.len()
+            + sender
+            + opt(&self.principal_id)
+            + opt(&self.tenant_id)
+            + opt(&self.trace_id)
+            + opt(&self.correlation_id)
+            + 64
+    }
+}
+
 impl Event {
-    /// Stored size used for retention by size.
+    /// Stored size used for retention by size. Part of the replicated state's rules: every node
+    /// (and every version) must trim at the same events, so this formula never changes; the
+    /// metadata it leaves out is bounded where events are accepted.
     pub fn size(&self) -> usize {
         self.payload.len() + self.id.len() + self.event_name.len() + 64
     }
 
-    /// The JSON form served by `GET /v1/events` and POSTed to sidecar subscribers.
-    pub fn to_json(&self) -> serde_json::Value {
-        let payload: serde_json::Value = serde_json::from_slice(&self.payload).unwrap_or(serde_json::Value::Null);
-        serde_json::json!({
-            "position": self.position,
-            "id": self.id,
-            "eventName": self.event_name,
-            "timestamp": self.timestamp,
-            "messageType": self.message_type,
-            "sender": self.sender.as_ref().map(|s| serde_json::json!({
-                "serviceName": s.service_name, "serviceVersion": s.service_version,
-                "serviceTarget": s.service_target, "instanceId": s.instance_id,
-            })),
-            "principalId": self.principal_id,
-            "tenantId": self.tenant_id,
-            "traceId": self.trace_id,
-            "correlationId": self.correlation_id,
-            "contentType": "application/json",
-            "payload": payload,
-        })
+    /// The JSON form served by `GET /v1/events` and POSTed to sidecar subscribers. The payload
+    /// is the producer's JSON text as it was accepted (`RawValue`), not re-parsed: numbers
+    /// beyond f64, long integers and escapes come back exactly as they were sent. Serialize it
+    /// with `serde_json::to_vec`/`to_writer`, not into a `serde_json::Value` (which would parse
+    /// the payload again and lose that).
+    pub fn to_json(&self) -> EventJson<'_> {
+        // Payloads are checked to be UTF-8 JSON when accepted; `null` only for data that was
+        // stored before that check and is not.
+        let payload = std::str::from_utf8(&self.payload)
+            .ok()
+            .and_then(|s| serde_json::from_str::<&serde_json::value::RawValue>(s).ok())
+            .unwrap_or(serde_json::value::RawValue::NULL);
+        EventJson {
+            position: self.position,
+            id: &self.id,
+            event_name: &self.event_name,
+            timestamp: self.timestamp,
+            message_type: &self.message_type,
+            sender: self.sender.as_ref().map(|s| SenderJson {
+                service_name: &s.service_name,
+                service_version: &s.service_version,
+                service_target: &s.service_target,
+                instance_id: &s.instance_id,
+            }),
+            principal_id: self.principal_id.as_deref(),
+            tenant_id: self.tenant_id.as_deref(),
+            trace_id: self.trace_id.as_deref(),
+            correlation_id: self.correlation_id.as_deref(),
+            content_type: "application/json",
+            payload,
+        }
     }
+}
+
+/// An event as JSON (see [`Event::to_json`]).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EventJson<'a> {
+    pub position: u64,
+    pub id: &'a str,
+    pub event_name: &'a str,
+    pub timestamp: u64,
+    pub message_type: &'a str,
+    pub sender: Option<SenderJson<'a>>,
+    pub principal_id: Option<&'a str>,
+    pub tenant_id: Option<&'a str>,
+    pub trace_id: Option<&'a str>,
+    pub correlation_id: Option<&'a str>,
+    pub content_type: &'static str,
+    pub payload: &'a serde_json::value::RawValue,
+}
+
+/// An event's sender as JSON.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SenderJson<'a> {
+    pub service_name: &'a str,
+    pub service_version: &'a str,
+    pub service_target: &'a str,
+    pub instance_id: &'a str,
 }
 
 /// An event to publish (the position comes from the log).
@@ -191,6 +254,37 @@ mod tests {
             payload: b"{}".to_vec(),
         };
         Event { position: 1, body: Arc::new(body) }
+    }
+
+    #[test]
+    fn json_gives_the_payload_back_as_it_was_sent() {
+        let mut e = ev("raw", Some("shop"), Some("t1"));
+        let sent = r#"{"big":123456789012345678901234567890,"tiny":1e400,"esc":"\ud83d\ude00","x":[1.50]}"#;
+        Arc::make_mut(&mut e.body).payload = sent.as_bytes().to_vec();
+        let text = String::from_utf8(serde_json::to_vec(&e.to_json()).unwrap()).unwrap();
+        assert!(text.contains(&format!(r#""payload":{sent}"#)), "{text}");
+        // (`1e400` is beyond what serde_json's own `Value` holds, so read the rest without it.)
+        let v: serde_json::Value = serde_json::from_str(&text.replace("1e400", "1")).unwrap();
+        assert_eq!(v["payload"]["esc"], "\u{1f600}");
+        assert_eq!((v["eventName"].as_str(), v["tenantId"].as_str()), (Some("raw"), Some("t1")));
+        assert_eq!(v["sender"]["serviceName"], "shop");
+        assert!(v["principalId"].is_null() && v["traceId"].is_null());
+        // Bytes that are not JSON (only data from before the check could be) read as null.
+        Arc::make_mut(&mut e.body).payload = b"\xff{".to_vec();
+        let v: serde_json::Value = serde_json::from_slice(&serde_json::to_vec(&e.to_json()).unwrap()).unwrap();
+        assert!(v["payload"].is_null());
+    }
+
+    #[test]
+    fn full_size_counts_metadata_and_retention_size_stays_as_it_was() {
+        let plain = ev("n", None, None);
+        let mut tagged = plain.clone();
+        let body = Arc::make_mut(&mut tagged.body);
+        body.principal_id = Some("p".repeat(200));
+        body.tenant_id = Some("t".repeat(100));
+        assert_eq!(tagged.full_size(), plain.full_size() + 300);
+        assert_eq!(tagged.size(), plain.size(), "retention's measure is part of the replicated rules");
+        assert_eq!(plain.size(), 2 + 1 + 1 + 64);
     }
 
     /// Logs and snapshots hold events in bincode: nesting the body must not change the bytes

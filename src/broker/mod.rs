@@ -61,7 +61,7 @@ use crate::store::StoreError;
 /// Events per `Publish` entry at most. A group larger than this (a client's batch is at most
 /// 1000) still goes as one entry of its own: a group is never split.
 pub const MAX_BATCH: usize = 1_024;
-/// Payload bytes per `Publish` entry at most, with the same exception. Keeps an entry well
+/// Bytes (payload and metadata) per `Publish` entry at most, with the same exception. Keeps an entry well
 /// inside a peer frame and bounds what one commit holds in memory.
 const MAX_BATCH_BYTES: usize = 256 << 10;
 /// `Publish` entries the leader has in flight at most. Small on purpose: with 32, a node with ~20
@@ -83,6 +83,9 @@ const LINGER_ENOUGH: usize = 16;
 const MAX_FORWARDED_BATCHES: usize = 16;
 /// Events waiting to be batched at most (publishers wait beyond it: backpressure).
 const QUEUE_EVENTS: usize = 65_536;
+/// And their bytes (payload and metadata, counted in KiB): 64 MiB. A group larger than this
+/// (only with a `--max-frame` over 128 MiB) takes the whole queue.
+const QUEUE_KIB: u32 = 64 * 1024;
 /// Batches of subscription progress waiting for an entry at most (senders wait beyond it).
 const SETTLE_QUEUE: usize = 64;
 /// Subscription updates the batcher adds to one entry: it stops taking queued batches of them
@@ -103,6 +106,9 @@ pub enum BrokerError {
     Stopped,
     #[error("unexpected result from the state machine")]
     Unexpected,
+    /// A group (one event, or a client's batch) larger than one replicated entry may be.
+    #[error("events of {bytes} bytes with their metadata, more than the {limit} one entry may hold (half of --max-frame)")]
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// Ids and positions of a committed group, in the group's order.
@@ -114,8 +120,9 @@ type Reply = oneshot::Sender<Result<Published, Arc<BrokerError>>>;
 struct Group {
     events: Vec<NewEvent>,
     reply: Reply,
-    /// Holds the group's share of `QUEUE_EVENTS` until the batcher takes the group.
+    /// Hold the group's share of `QUEUE_EVENTS` and `QUEUE_KIB` until the batcher takes it.
     _queued: OwnedSemaphorePermit,
+    _queued_kib: OwnedSemaphorePermit,
     /// When the group was queued: how long it waited for an entry is a metric.
     since: tokio::time::Instant,
 }
@@ -132,8 +139,9 @@ struct Settle {
     since: tokio::time::Instant,
 }
 
-fn payload_bytes(events: &[NewEvent]) -> usize {
-    events.iter().map(|e| e.body.payload.len()).sum()
+/// Bytes of events, metadata included (the entry and queue bounds).
+fn event_bytes(events: &[NewEvent]) -> usize {
+    events.iter().map(|e| e.body.full_size()).sum()
 }
 
 pub struct Broker {
@@ -144,8 +152,13 @@ pub struct Broker {
     /// bounded by its source: the dispatcher's update writer or one forwarded command); closed
     /// with `queue`.
     settles: mpsc::Sender<Settle>,
-    /// Bounds the events queued for the batcher (a group takes one permit per event).
+    /// Bound the events queued for the batcher: a group takes one permit per event from
+    /// `admit` and one per KiB of `event_bytes` from `admit_kib`.
     admit: Arc<Semaphore>,
+    admit_kib: Arc<Semaphore>,
+    /// A group's `event_bytes` at most (half of `--max-frame`, so its entry always fits into a
+    /// peer frame with room for the encoding's overhead).
+    max_group_bytes: usize,
 }
 
 pub fn now_ms() -> u64 {
@@ -183,12 +196,27 @@ pub fn new_event(
 impl Broker {
     /// `linger`: how long, as leader, it may hold fewer than `LINGER_ENOUGH` queued events for
     /// more, counted from when the oldest was queued (`--publish-linger-ms`; zero: never).
-    pub fn start(store: StateStore, limits: EventLimits, timeout: Duration, linger: Duration, shutdown: CancellationToken) -> Arc<Broker> {
+    /// `max_group_bytes`: what one group (event or batch, with metadata) may hold at most.
+    pub fn start(
+        store: StateStore,
+        limits: EventLimits,
+        timeout: Duration,
+        linger: Duration,
+        max_group_bytes: usize,
+        shutdown: CancellationToken,
+    ) -> Arc<Broker> {
         let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
         let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new() };
         tokio::spawn(batcher(store.clone(), limits, timeout, linger, inbox, shutdown));
-        Arc::new(Broker { store, queue: tx, settles: settle_tx, admit: Arc::new(Semaphore::new(QUEUE_EVENTS)) })
+        Arc::new(Broker {
+            store,
+            queue: tx,
+            settles: settle_tx,
+            admit: Arc::new(Semaphore::new(QUEUE_EVENTS)),
+            admit_kib: Arc::new(Semaphore::new(QUEUE_KIB as usize)),
+            max_group_bytes,
+        })
     }
 
     pub fn store(&self) -> &StateStore {
@@ -210,10 +238,16 @@ impl Broker {
         if events.is_empty() {
             return Ok(Vec::new());
         }
+        let bytes = event_bytes(&events);
+        if bytes > self.max_group_bytes {
+            return Err(Arc::new(BrokerError::TooLarge { bytes, limit: self.max_group_bytes }));
+        }
         let n = events.len().min(QUEUE_EVENTS) as u32;
+        let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).min(QUEUE_KIB);
         let queued = self.admit.clone().acquire_many_owned(n).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
+        let queued_kib = self.admit_kib.clone().acquire_many_owned(kib).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         let (reply, rx) = oneshot::channel();
-        let group = Group { events, reply, _queued: queued, since: tokio::time::Instant::now() };
+        let group = Group { events, reply, _queued: queued, _queued_kib: queued_kib, since: tokio::time::Instant::now() };
         self.queue.send(group).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         rx.await.map_err(|_| Arc::new(BrokerError::Stopped))?
     }
@@ -401,11 +435,11 @@ impl Inbox {
     /// Adds whatever else is queued to `first` while it fits in one entry; a group that does not
     /// fit is held for the next batch.
     fn fill(&mut self, first: Group) -> (Vec<NewEvent>, Vec<(Reply, usize)>) {
-        let (mut count, mut bytes) = (first.events.len(), payload_bytes(&first.events));
+        let (mut count, mut bytes) = (first.events.len(), event_bytes(&first.events));
         let mut groups = vec![first];
         while count < MAX_BATCH && bytes < MAX_BATCH_BYTES {
             let Some(g) = self.held.pop_front().or_else(|| self.groups.try_recv().ok()) else { break };
-            let more = payload_bytes(&g.events);
+            let more = event_bytes(&g.events);
             if count + g.events.len() > MAX_BATCH || bytes + more > MAX_BATCH_BYTES {
                 self.held.push_front(g);
                 break;
@@ -572,13 +606,20 @@ mod tests {
 
     /// Queues groups of the given (events, payload bytes each); returns the receivers.
     fn queue(tx: &mpsc::Sender<Group>, admit: &Arc<Semaphore>, groups: &[(usize, usize)]) -> Vec<oneshot::Receiver<Result<Published, Arc<BrokerError>>>> {
+        let groups = groups.iter().map(|&(n, bytes)| (0..n).map(|_| event(bytes)).collect()).collect();
+        queue_events(tx, admit, groups)
+    }
+
+    /// Queues the given groups; returns the receivers.
+    fn queue_events(tx: &mpsc::Sender<Group>, admit: &Arc<Semaphore>, groups: Vec<Vec<NewEvent>>) -> Vec<oneshot::Receiver<Result<Published, Arc<BrokerError>>>> {
         groups
-            .iter()
-            .map(|&(n, bytes)| {
+            .into_iter()
+            .map(|events| {
                 let (reply, rx) = oneshot::channel();
-                let queued = admit.clone().try_acquire_many_owned(n as u32).expect("room in the queue");
-                let events = (0..n).map(|_| event(bytes)).collect();
-                tx.try_send(Group { events, reply, _queued: queued, since: tokio::time::Instant::now() }).expect("room in the channel");
+                let queued = admit.clone().try_acquire_many_owned(events.len() as u32).expect("room in the queue");
+                let queued_kib = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a fresh permit");
+                let group = Group { events, reply, _queued: queued, _queued_kib: queued_kib, since: tokio::time::Instant::now() };
+                tx.try_send(group).expect("room in the channel");
                 rx
             })
             .collect()
@@ -802,6 +843,28 @@ mod tests {
         assert_eq!(batch_sizes(&[(MAX_BATCH - 1, 1), (2, 1), (1, 1)]).await, vec![MAX_BATCH - 1, 3]);
         // A group larger than the bounds still goes, alone: groups are never split.
         assert_eq!(batch_sizes(&[(1, 1), (MAX_BATCH + 5, 1), (1, 1)]).await, vec![1, MAX_BATCH + 5, 1]);
+    }
+
+    #[tokio::test]
+    async fn metadata_counts_toward_an_entrys_bytes() {
+        // 1-byte payloads with ~1 KiB of metadata each: ten groups of 100 are ~1 MiB, four
+        // entries' worth of MAX_BATCH_BYTES, though their payloads are 1,000 bytes.
+        let meta = MessageMeta { principal_id: Some("p".repeat(500)), tenant_id: Some("t".repeat(500)), ..Default::default() };
+        let groups: Vec<Vec<NewEvent>> = (0..10).map(|_| (0..100).map(|_| new_event("e", b"1".to_vec(), &meta, None, None)).collect()).collect();
+        assert!(event_bytes(&groups[0]) > 100 * 1000);
+        let (tx, _settle_tx, mut inbox) = inbox();
+        let admit = Arc::new(Semaphore::new(QUEUE_EVENTS));
+        let _rxs = queue_events(&tx, &admit, groups);
+        drop(tx);
+        let shutdown = CancellationToken::new();
+        let mut sizes = Vec::new();
+        while let Some(Work::Group(first)) = inbox.next(&shutdown).await {
+            let (events, _) = inbox.fill(first);
+            assert!(events.len() == 100 || event_bytes(&events) <= MAX_BATCH_BYTES, "an entry over the bound: {} bytes", event_bytes(&events));
+            sizes.push(events.len());
+        }
+        assert_eq!(sizes.iter().sum::<usize>(), 1000);
+        assert!(sizes.len() >= 4, "entries {sizes:?}");
     }
 
     #[tokio::test]

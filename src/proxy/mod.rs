@@ -259,15 +259,12 @@ impl Proxy {
         let meta = MessageMeta {
             trace_id: traceparent.split('-').nth(1).unwrap_or_default().to_string(),
             correlation_id: request_id.to_string(),
-            principal_id: header(req.headers(), "x-principal-id").map(str::to_string),
-            tenant_id: header(req.headers(), "x-tenant-id").map(str::to_string),
+            principal_id: crate::api::meta_header(req.headers(), "x-principal-id")?.map(str::to_string),
+            tenant_id: crate::api::meta_header(req.headers(), "x-tenant-id")?.map(str::to_string),
             sender: None,
-            idempotency_key: header(req.headers(), "idempotency-key").map(str::to_string),
+            idempotency_key: crate::api::meta_header(req.headers(), "idempotency-key")?.map(str::to_string),
             traceparent: traceparent.to_string(),
         };
-        if meta.idempotency_key.as_ref().is_some_and(|k| k.is_empty() || k.len() > 256) {
-            return Err(ApiError::BadRequest("Idempotency-Key must be 1..=256 bytes".into()));
-        }
         let payload = tokio::time::timeout_at(deadline, crate::api::read_body(req, max_body))
             .await
             .map_err(|_| ApiError::Timeout)??;
@@ -525,7 +522,8 @@ fn trace_ids(h: &HeaderMap) -> (String, String) {
     (request_id, traceparent)
 }
 
-fn valid_traceparent(t: &str) -> bool {
+/// A W3C `traceparent`: version, 32-hex trace id, 16-hex parent id, flags; ids not all zero.
+pub(crate) fn valid_traceparent(t: &str) -> bool {
     let parts: Vec<&str> = t.split('-').collect();
     let is_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     parts.len() == 4

@@ -71,6 +71,9 @@ pub enum IdemState {
 /// Dead letters kept per subscription at most (oldest dropped first).
 pub const MAX_DEAD_LETTERS: usize = 10_000;
 
+/// Retained positions one `events_after` looks at most (a filtered read of a long log).
+const MAX_SCAN: usize = 100_000;
+
 /// A subscription's replicated progress.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SubState {
@@ -362,6 +365,15 @@ impl SmData {
         let Some(s) = self.subs.get_mut(sub) else { return };
         let first = self.log.first();
         if s.cursor < first {
+            // Retention (count, bytes or age) dropped events this durable subscription had not
+            // settled: they are gone for it. Said, not silent (positions it had settled ahead of
+            // its cursor are not counted; filtered-out ones cannot be told apart any more).
+            let settled = s.done.range(..first).count() as u64;
+            let expired = (first - s.cursor).saturating_sub(settled);
+            if expired > 0 {
+                metrics::counter!("raftbridge_subscription_expired_events_total", "subscription" => sub.to_string()).increment(expired);
+                tracing::warn!(subscription = sub, expired, first, "retention dropped events this subscription had not settled");
+            }
             s.cursor = first;
             s.done = s.done.split_off(&first);
             s.attempts = s.attempts.split_off(&first);
@@ -462,23 +474,57 @@ impl SmShared {
     }
 
     /// Up to `limit` retained events after position `after` (optionally one name), and the
-    /// position to continue from.
-    pub fn events_after(&self, after: u64, limit: usize, name: Option<&str>) -> (Vec<Event>, u64) {
+    /// position to continue from. Bounded three ways, so one read neither holds the lock that
+    /// apply needs for long nor builds a huge answer: `limit` events, payloads of about
+    /// `max_bytes` (at least one event always), and `MAX_SCAN` positions looked at (a name that
+    /// matches nothing returns no events and a `next` further on, to continue from).
+    pub fn events_after(&self, after: u64, limit: usize, max_bytes: usize, name: Option<&str>) -> (Vec<Event>, u64) {
         let d = read(&self.data);
         let mut out = Vec::new();
+        let mut bytes = 0;
         let mut next = after.max(d.log.first().saturating_sub(1));
-        let start = (after + 1).max(d.log.first());
-        let skip = (start - d.log.first()) as usize;
-        for e in d.log.events.iter().skip(skip) {
-            if out.len() >= limit {
+        let start = after.saturating_add(1).max(d.log.first());
+        let skip = usize::try_from(start - d.log.first()).unwrap_or(usize::MAX);
+        for e in d.log.events.iter().skip(skip).take(MAX_SCAN) {
+            if out.len() >= limit || (bytes >= max_bytes && !out.is_empty()) {
                 break;
             }
-            next = e.position;
             if name.is_none_or(|n| n == e.event_name) {
+                if bytes + e.payload.len() > max_bytes && !out.is_empty() {
+                    break;
+                }
+                bytes += e.payload.len();
                 out.push((**e).clone());
             }
+            next = e.position;
         }
         (out, next)
+    }
+
+    /// A subscription's dead letters in position order (several nodes' letters for one position
+    /// of an every-instance subscription in the order they were written), those after position
+    /// `after`, at most `limit` positions' worth (a position's letters are never split). `None`
+    /// for an unknown subscription.
+    pub fn dead_letters(&self, sub: &str, after: Option<u64>, limit: usize) -> Option<Vec<DeadLetter>> {
+        let mut dead: Vec<DeadLetter> = {
+            let d = read(&self.data);
+            let s = d.subs.get(sub)?;
+            s.dead.iter().filter(|l| after.is_none_or(|a| l.position > a)).cloned().collect()
+        };
+        dead.sort_by_key(|l| l.position);
+        let mut positions = 0;
+        let cut = dead
+            .iter()
+            .enumerate()
+            .position(|(i, l)| {
+                if i == 0 || dead[i - 1].position != l.position {
+                    positions += 1;
+                }
+                positions > limit
+            })
+            .unwrap_or(dead.len());
+        dead.truncate(cut);
+        Some(dead)
     }
 
     pub fn event(&self, position: u64) -> Option<Event> {
@@ -922,6 +968,63 @@ mod tests {
         assert_eq!((full.instances[&2], full.dead.len()), (next, 1), "the same as the full state says");
         assert_eq!(sm.instance_position("each", 3).map(|(_, p)| p), Some(0), "a node with no position yet");
         assert!(sm.instance_position("other", 2).is_none());
+    }
+
+    #[test]
+    fn a_read_is_bounded_by_count_bytes_and_scan_and_takes_any_after() {
+        let sm = empty_shared();
+        let meta = crate::sdk::MessageMeta::default();
+        let named = |name: &str, n: usize, payload: usize| -> Arc<Vec<crate::broker::event::NewEvent>> {
+            Arc::new((0..n).map(|_| crate::broker::new_event(name, vec![b'1'; payload], &meta, None, None)).collect())
+        };
+        let limits = EventLimits { max_events: 1_000_000, max_bytes: 1 << 30, max_age_ms: 3_600_000, dedup_window_ms: 60_000 };
+        {
+            let mut d = write(&sm.data);
+            d.apply(1, Command::Publish { now_ms: 10, events: named("big", 5, 1000), limits });
+            d.apply(2, Command::Publish { now_ms: 10, events: named("small", MAX_SCAN + 10, 1), limits });
+            d.apply(3, Command::Publish { now_ms: 10, events: named("late", 1, 1), limits });
+        }
+        let first = read(&sm.data).log.first();
+        // By count, then by bytes (at least one event, whatever its size).
+        let (got, next) = sm.events_after(0, 3, usize::MAX, None);
+        assert_eq!((got.len(), next), (3, first + 2));
+        let (got, next) = sm.events_after(0, 100, 2500, None);
+        assert_eq!((got.len(), next), (2, first + 1), "two 1000-byte payloads fit 2500 bytes, a third not");
+        let (got, _) = sm.events_after(0, 100, 10, None);
+        assert_eq!(got.len(), 1, "one event always goes");
+        // A filter that matches only far away: one read looks at MAX_SCAN positions and says
+        // where to go on; the next read finds the event.
+        let (got, next) = sm.events_after(0, 10, usize::MAX, Some("late"));
+        assert!(got.is_empty());
+        assert_eq!(next, first + MAX_SCAN as u64 - 1);
+        let (got, _) = sm.events_after(next, 10, usize::MAX, Some("late"));
+        assert_eq!(got.iter().map(|e| e.event_name.as_str()).collect::<Vec<_>>(), vec!["late"]);
+        // `after` at the end of the numbers: nothing, no overflow.
+        let (got, next) = sm.events_after(u64::MAX, 10, usize::MAX, None);
+        assert_eq!((got.len(), next), (0, u64::MAX));
+    }
+
+    #[test]
+    fn dead_letters_page_in_position_order_without_splitting_a_position() {
+        let sm = empty_shared();
+        {
+            let mut d = write(&sm.data);
+            d.apply(1, Command::Register { node: 1, services: vec![one_subscription("sub")] });
+            let s = d.subs.get_mut("sub").expect("registered");
+            // Dead-lettered out of position order; position 5 by two nodes.
+            for (position, node) in [(7, 1), (5, 1), (9, 1), (5, 2)] {
+                let letter = DeadLetter { position, event_id: format!("e{position}"), attempts: 5, reason: "x".into(), node: Some(node) };
+                push_dead(s, letter);
+            }
+        }
+        let page = |after, limit| -> Vec<(u64, Option<u64>)> {
+            sm.dead_letters("sub", after, limit).expect("known").iter().map(|l| (l.position, l.node)).collect()
+        };
+        assert_eq!(page(None, 10), vec![(5, Some(1)), (5, Some(2)), (7, Some(1)), (9, Some(1))]);
+        assert_eq!(page(None, 1), vec![(5, Some(1)), (5, Some(2))], "a position's letters stay together");
+        assert_eq!(page(Some(5), 1), vec![(7, Some(1))]);
+        assert_eq!(page(Some(9), 10), vec![]);
+        assert!(sm.dead_letters("other", None, 10).is_none());
     }
 
     #[tokio::test]

@@ -246,7 +246,11 @@ impl Ctx {
         let payload = serde_json::to_vec(payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
         let idempotency_key = self.state.next_tag().map(|(k, seq)| format!("{k}#emit{seq}"));
         let event = crate::broker::new_event(event_name, payload, &self.meta, self.service.clone(), idempotency_key);
-        broker.publish_one(event).await.map_err(|e| HandlerError::new(503, e.to_string()))
+        broker.publish_one(event).await.map_err(|e| {
+            // Too large is the handler's input problem (413); anything else a broker outage.
+            let status = if matches!(*e, crate::broker::BrokerError::TooLarge { .. }) { 413 } else { 503 };
+            HandlerError::new(status, e.to_string())
+        })
     }
 }
 

@@ -126,7 +126,8 @@ impl crate::sdk::SubscriptionHandler for EventPost {
     ) -> BoxFuture<Result<Option<crate::sdk::Emit>, HandlerError>> {
         let (pool, path, timeout) = (self.pool.clone(), format!("{}{}", self.pool.base, self.path), self.timeout);
         Box::pin(async move {
-            let body = bytes::Bytes::from(event.to_json().to_string());
+            // Serializing borrowed strings and a raw payload cannot fail.
+            let body = bytes::Bytes::from(serde_json::to_vec(&event.to_json()).unwrap_or_default());
             let mut conn = pool.take();
             let headers = [("content-type", "application/json")];
             match conn.request(Method::POST, &path, &headers, body, timeout).await {

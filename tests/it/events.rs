@@ -568,7 +568,9 @@ fn check_log(node: u64, log: &[Value], out: &EmitOutcome) -> Result<(), String> 
 /// once, and the nodes agree on (position, id) of every event. Returns one node's log.
 fn wait_log_complete(c: &Cluster, apis: &[Api], out: &EmitOutcome) -> Vec<Value> {
     c.wait_for("every acknowledged event exactly once in the log of every node", CATCH_UP, || {
-        let mut first: Option<(u64, Vec<(u64, String)>, Vec<Value>)> = None;
+        // (node, its (position, id) list, its log)
+        type Seen = (u64, Vec<(u64, String)>, Vec<Value>);
+        let mut first: Option<Seen> = None;
         for &api in apis {
             let log = read_log(api)?;
             check_log(api.id, &log, out)?;
@@ -1422,6 +1424,106 @@ fn batch_publish_is_contiguous_and_readable_and_bad_batches_are_rejected() {
         1101,
         "only the accepted publishes are in the log"
     );
+}
+
+/// A request that must get a JSON error with `status`.
+fn must_refuse(api: Api, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], status: u16, what: &str) {
+    let resp = api
+        .request(method, path, headers, body)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_json_error(&resp, status, what);
+}
+
+#[test]
+fn event_input_is_checked_and_payloads_come_back_as_sent() {
+    // A small frame: one entry may hold at most 64 KiB of events with their metadata.
+    let (c, _) = Cluster::formed("ev-input", 3, &["--max-frame", "131072", "--max-body", "65536"]);
+    c.wait_all_ready(FORMATION);
+    let api = c.api(2);
+
+    // The payload comes back byte for byte: a number beyond f64, an integer beyond u64, escapes.
+    let sent = r#"{"tag":"raw-1","big":123456789012345678901234567890,"tiny":1e400,"esc":"\ud83d\ude00\u0041","x":[1.50]}"#;
+    let resp = api.request("POST", "/v1/events/rawPayload", &[], sent.as_bytes()).expect("publish");
+    assert_eq!(resp.status, 201, "a valid JSON body: {}", resp.describe());
+    let (_, position) = id_position(&resp.json().expect("json")).expect("id and position");
+    let batch = format!(r#"[{{"eventName":"rawPayload","payload":{sent}}}]"#);
+    let resp = api.request("POST", "/v1/events", &[], batch.as_bytes()).expect("batch");
+    assert_eq!(resp.status, 201, "a batch with that payload: {}", resp.describe());
+    for node in c.apis() {
+        let text = c.wait_for(&format!("both raw events on node {}", node.id), CATCH_UP, || {
+            let resp = node
+                .request("GET", &format!("/v1/events?after={}&eventName=rawPayload", position - 1), &[], b"")
+                .map_err(|e| e.to_string())?;
+            let text = String::from_utf8(resp.body.clone()).map_err(|e| e.to_string())?;
+            if text.matches(&format!(r#""payload":{sent}"#)).count() == 2 { Ok(text) } else { Err(format!("not yet: {text}")) }
+        });
+        assert!(text.starts_with('{') && text.contains(r#""next":"#), "node {}: {text}", node.id);
+    }
+
+    // Bodies and names that are not what they must be: 400, and nothing stored.
+    let long = "p".repeat(257);
+    // (method, path, headers, body, what)
+    type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Vec<u8>, &'a str);
+    let cases: [Case; 10] = [
+        ("POST", "/v1/events/x", vec![], b"{\"a\":\"\xff\"}".to_vec(), "a body that is not UTF-8"),
+        ("POST", "/v1/events", vec![], b"[{\"eventName\":\"x\",\"payload\":\"\xff\"}]".to_vec(), "a batch that is not UTF-8"),
+        ("POST", "/v1/events/x", vec![("x-principal-id", long.as_str())], b"{}".to_vec(), "an x-principal-id of 257 bytes"),
+        ("POST", "/v1/events/x", vec![("x-tenant-id", "t\u{e9}")], b"{}".to_vec(), "a non-ASCII x-tenant-id"),
+        ("POST", "/v1/events/x", vec![("idempotency-key", "caf\u{e9}")], b"{}".to_vec(), "a non-ASCII idempotency-key"),
+        ("POST", "/v1/events", vec![("x-principal-id", long.as_str())], b"[{\"eventName\":\"x\"}]".to_vec(), "a batch with an overlong x-principal-id"),
+        ("POST", "/v1/events", vec![], b"[{\"eventName\":\"x\",\"idempotencyKey\":\"\"}]".to_vec(), "an empty idempotencyKey"),
+        ("POST", "/v1/events", vec![], format!(r#"[{{"eventName":"x","idempotencyKey":"{long}"}}]"#).into_bytes(), "an idempotencyKey of 257 bytes"),
+        ("POST", "/v1/events/%ff", vec![], b"{}".to_vec(), "an event name that is not UTF-8"),
+        ("GET", "/v1/events?eventName=", vec![], Vec::new(), "an empty eventName filter"),
+    ];
+    for (method, path, headers, body, what) in &cases {
+        must_refuse(api, method, path, headers, body, 400, what);
+    }
+    // Wrong methods on the broker's paths.
+    for (method, path) in [("PUT", "/v1/events"), ("GET", "/v1/events/x"), ("POST", "/v1/dead-letters"), ("DELETE", "/v1/subscriptions/x")] {
+        must_refuse(api, method, path, &[], b"", 405, &format!("{method} {path}"));
+    }
+    // More than an entry may hold, counting metadata: 1000 tiny events under ~700 bytes of
+    // headers each are ~750 KiB, over half the 128 KiB frame. A 413, not a stalled log.
+    let principal = "p".repeat(256);
+    let tenant = "t".repeat(256);
+    let request_id = "r".repeat(200);
+    let heavy = [("x-principal-id", principal.as_str()), ("x-tenant-id", tenant.as_str()), ("x-request-id", request_id.as_str())];
+    let tiny: Vec<Value> = (0..1000).map(|i| json!({"eventName": "heavy", "payload": i})).collect();
+    let tiny = Value::Array(tiny).to_string();
+    assert!(tiny.len() < 65536, "the body itself is under --max-body");
+    must_refuse(api, "POST", "/v1/events", &heavy, tiny.as_bytes(), 413, "events whose metadata overflows an entry");
+    // The same headers on one event are fine.
+    let (_, heavy_position) = publish(api, "heavy", &json!({"tag": "heavy-1"}), &heavy).expect("one event with long metadata");
+
+    // An event name is percent-decoded in the path, like in the eventName filter.
+    let (spaced_id, _) = publish(api, "order%20placed", &json!({"tag": "spaced-1"}), &[]).expect("a percent-encoded name");
+    let spaced = c.wait_for("the spaced name readable", CATCH_UP, || {
+        let page = get_json(api, "/v1/events?eventName=order%20placed")?;
+        page["events"].get(0).cloned().ok_or_else(|| format!("not yet: {page}"))
+    });
+    assert_eq!((spaced["id"].as_str(), spaced["eventName"].as_str()), (Some(spaced_id.as_str()), Some("order placed")), "{spaced}");
+
+    // `after` at the end of the numbers is an empty page, not an overflow.
+    let end = get_json(api, "/v1/events?after=18446744073709551615").expect("after u64::MAX");
+    assert_eq!(end["events"].as_array().map(Vec::len), Some(0), "{end}");
+
+    // Nothing from the refused requests was stored: exactly the accepted events, by content.
+    // (Read as text first: `1e400` is beyond what serde_json's `Value` takes.)
+    let log = c.wait_for("all accepted events on node 2", CATCH_UP, || {
+        let resp = api.request("GET", "/v1/events?after=0&limit=1000", &[], b"").map_err(|e| e.to_string())?;
+        let text = String::from_utf8(resp.body).map_err(|e| e.to_string())?.replace("1e400", "1");
+        let page: Value = serde_json::from_str(&text).map_err(|e| format!("{e}: {text}"))?;
+        let log = page["events"].as_array().cloned().unwrap_or_default();
+        if log.len() >= 4 { Ok(log) } else { Err(format!("{} events", log.len())) }
+    });
+    let tags: Vec<&str> = log.iter().map(|e| e["payload"]["tag"].as_str().unwrap_or("?")).collect();
+    assert_eq!(tags, vec!["raw-1", "raw-1", "heavy-1", "spaced-1"], "the log by content");
+    assert_eq!(log[2]["position"].as_u64(), Some(heavy_position));
+    assert_eq!(log[2]["principalId"].as_str(), Some(principal.as_str()));
+    for node in c.apis() {
+        node.must_put("after-bad-input", &json!({"ok": true}));
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
