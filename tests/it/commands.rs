@@ -781,6 +781,17 @@ fn deadlines_and_bad_input_get_clear_errors() {
         let small = json!({ "pad": "x".repeat(60 * 1024) });
         check_echo(echo(api, &small, &[]), &small)
             .unwrap_or_else(|e| panic!("{what}: a body under --max-body: {e}"));
+        // Identity and dedup headers travel into the log: bounded, and refused rather than
+        // dropped when they break the rule.
+        let long = "p".repeat(257);
+        for (header, value) in [
+            ("x-principal-id", long.as_str()),
+            ("x-tenant-id", "t\u{e9}"),
+            ("idempotency-key", long.as_str()),
+        ] {
+            let resp = send("POST", "/api/v1/echo", &[(header, value)], b"{}");
+            assert_json_error(&resp, 400, &format!("{what}: a bad {header}"));
+        }
 
         for (method, path) in [
             ("POST", "/api/v1/no-such-command"),
