@@ -194,6 +194,7 @@ pub async fn run(
             local_first: cfg.local_first,
             max_inflight_per_peer: 1024,
             idempotency_window: Duration::from_secs(600),
+            max_output: cfg.max_frame / 2,
         },
     ));
     net.set_handler(Arc::new(PeerHandler {

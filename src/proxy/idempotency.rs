@@ -61,8 +61,8 @@ impl Proxy {
         route: &Route,
         deadline: Instant,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
-        // Scope keys by command so one key reused across commands cannot replay a wrong answer.
-        let key = format!("{}/v{}/{}:{}", route.service, route.version, route.decl.name, key);
+        // Scoped by command, as the handler's writes are (`run_local`).
+        let key = super::idempotency_scope(&route.service, route.version, &route.decl.name, key);
         let attempt = fastrand::u64(1..);
         let window_ms = self.settings.idempotency_window.as_millis() as u64;
         // Bounded: each pass ends in a return, or waits for a lease that the deadline bounds.

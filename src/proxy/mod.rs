@@ -80,6 +80,17 @@ pub struct ProxySettings {
     pub max_inflight_per_peer: usize,
     /// How long an idempotency key's result is kept.
     pub idempotency_window: Duration,
+    /// A command's answer body at most (half of `--max-frame`): it crosses a peer link as one
+    /// frame, and under an idempotency key it is stored in one Raft entry. A larger answer
+    /// would close the link (the codec refuses it) or stall the log, so it becomes a 502.
+    pub max_output: usize,
+}
+
+/// The replicated key of an idempotent request: the client's key scoped by command, so one key
+/// reused for another command neither replays a wrong answer nor has its writes (tagged with
+/// this key) answered from the other command's record.
+pub fn idempotency_scope(service: &str, version: u32, command: &str, key: &str) -> String {
+    format!("{service}/v{version}/{command}:{key}")
 }
 
 /// The handlers this node runs, by (service, version, command).
@@ -404,7 +415,10 @@ impl Proxy {
             service_target: inv.command.clone(),
             instance_id: self.node_id.to_string(),
         };
-        let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone()).with_broker(self.broker.clone(), sender.clone());
+        let scoped = inv.meta.idempotency_key.as_deref().map(|k| idempotency_scope(&inv.service, inv.version, &inv.command, k));
+        let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone())
+            .with_dedup_key(scoped.clone())
+            .with_broker(self.broker.clone(), sender.clone());
         let timeout = Duration::from_millis(inv.timeout_ms.max(1));
         let key = (inv.service.clone(), inv.version, inv.command.clone());
         let meta = inv.meta.clone();
@@ -412,10 +426,15 @@ impl Proxy {
             Ok(r) => r,
             Err(_) => Err(HandlerError::new(504, "deadline exceeded")),
         }?;
+        if out.body.len() > self.settings.max_output {
+            let why = format!("the command answered {} bytes, more than the {} a node can carry (half of --max-frame)", out.body.len(), self.settings.max_output);
+            tracing::warn!(service = %key.0, command = %key.2, bytes = out.body.len(), "command answer too large");
+            return Err(HandlerError::new(502, why));
+        }
         if let Some(event_name) = self.local.success_events.get(&key) {
             // The result as an event; under an idempotency key a re-run emits nothing new.
             let payload = if out.body.is_empty() { b"null".to_vec() } else { out.body.to_vec() };
-            let dedup = meta.idempotency_key.as_ref().map(|k| format!("{k}#success"));
+            let dedup = scoped.map(|k| format!("{k}#success"));
             let mut event = crate::broker::new_event(event_name, payload, &meta, Some(sender), dedup);
             // Just built, so not shared yet: no copy.
             Arc::make_mut(&mut event.body).message_type = "commandSuccessResponse".into();

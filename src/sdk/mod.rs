@@ -227,6 +227,13 @@ impl Ctx {
         Ctx { meta, node_id, service: None, state: StateHandle { store, dedup }, broker: None }
     }
 
+    /// Tag the handler's writes (and emits) with `key` instead of the request's own
+    /// idempotency key: the proxy scopes a command's key by command.
+    pub fn with_dedup_key(mut self, key: Option<String>) -> Ctx {
+        self.state.dedup = key.map(|k| (k, Arc::new(AtomicU32::new(0))));
+        self
+    }
+
     /// Give the handler the broker (for `emit`) and its service identity.
     pub fn with_broker(mut self, broker: Arc<crate::broker::Broker>, service: Sender) -> Ctx {
         self.broker = Some(broker);

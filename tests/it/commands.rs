@@ -634,6 +634,15 @@ fn a_repeated_idempotency_key_replays_the_stored_result() {
         late.describe()
     );
     assert_eq!(counter_value(a, "replay"), 2);
+    // The same key on another command (another counter's path is another route instance of the
+    // same command, so use the order command): a run of its own whose write is applied, not
+    // answered from the first command's record.
+    let order = a
+        .request("POST", "/api/v1/orders", &[("idempotency-key", "replay-key-1")], b"{\"id\":\"replay-order-1\"}")
+        .expect("order with a reused key");
+    assert!(order.status < 300 && !is_replay(&order), "an order under a key used by increment: {}", order.describe());
+    let stored = a.request("GET", "/v1/state/demo/orders/replay-order-1", &[], b"").expect("read the order");
+    assert_eq!(stored.status, 200, "the order was stored: {}", stored.describe());
 
     // Two concurrent requests with one key: the handler runs once. The loser of the race gets
     // the same result (it waited for it) or a 409 while the first is still in progress.
@@ -737,7 +746,8 @@ fn openapi_on_any_node_lists_the_commands_of_the_cluster() {
 
 #[test]
 fn deadlines_and_bad_input_get_clear_errors() {
-    let c = demo_cluster("cmd-errors", &["--max-body", "65536"]);
+    // A small frame: answers may be at most 64 KiB (half of it).
+    let c = demo_cluster("cmd-errors", &["--max-body", "65536", "--max-frame", "131072"]);
     for api in c.apis() {
         let send = |method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]| {
             api.request(method, path, headers, body)
@@ -781,6 +791,19 @@ fn deadlines_and_bad_input_get_clear_errors() {
         let small = json!({ "pad": "x".repeat(60 * 1024) });
         check_echo(echo(api, &small, &[]), &small)
             .unwrap_or_else(|e| panic!("{what}: a body under --max-body: {e}"));
+        // An answer larger than a node can carry (the echo of a body at --max-body is a few
+        // bytes over it) is a 502, keyed or not, and breaks no peer link: the next echoes,
+        // through this node to every node, still work.
+        let full = json!("x".repeat(65536 - 2)).to_string();
+        assert_eq!(full.len(), 65536);
+        for key in [None, Some(format!("big-echo-{}", api.id))] {
+            let headers: Vec<(&str, &str)> = key.iter().map(|k| ("idempotency-key", k.as_str())).collect();
+            let resp = send("POST", "/api/v1/echo", &headers, full.as_bytes());
+            assert_json_error(&resp, 502, &format!("{what}: an answer over half the frame (key {key:?})"));
+        }
+        for _ in 0..6 {
+            check_echo(echo(api, &small, &[]), &small).unwrap_or_else(|e| panic!("{what}: after a refused answer: {e}"));
+        }
         // Identity and dedup headers travel into the log: bounded, and refused rather than
         // dropped when they break the rule.
         let long = "p".repeat(257);
