@@ -278,6 +278,11 @@ fn cluster_view(app: &App) -> serde_json::Value {
 
 async fn remove_member(app: &App, id: &str) -> ApiResult {
     let id: u64 = id.parse().map_err(|_| ApiError::BadRequest(format!("bad node id {id:?}")))?;
+    // This node's view of the membership: a node added a moment ago may not be in it yet, which
+    // a retry settles.
+    if app.replica.metrics().membership_config.membership().get_node(&id).is_none() {
+        return Err(ApiError::NotFound(format!("node {id} is not a member")));
+    }
     app.cluster.remove(id).await?;
     Ok(json_response(StatusCode::OK, &serde_json::json!({"removed": id})))
 }

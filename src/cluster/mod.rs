@@ -210,6 +210,20 @@ impl Cluster {
             if membership.voter_ids().count() <= 1 {
                 return Err(RemoteError::Invalid("cannot remove the last voter".into()));
             }
+            // The change commits in a joint configuration that needs a majority of the old and
+            // of the new voters: refuse it unless both have one reachable now, or every write
+            // would stall behind it until enough of the missing nodes came back.
+            let old: Vec<NodeId> = membership.voter_ids().collect();
+            let live = |voters: &[NodeId]| voters.iter().filter(|v| self.replica.net.reachable(**v)).count();
+            let new: Vec<NodeId> = old.iter().copied().filter(|v| *v != id).collect();
+            for (which, voters) in [("current", &old), ("remaining", &new)] {
+                let (up, need) = (live(voters), voters.len() / 2 + 1);
+                if up < need {
+                    return Err(RemoteError::Unavailable(format!(
+                        "removing node {id} needs {need} of the {which} voters {voters:?} reachable, and only {up} are"
+                    )));
+                }
+            }
             info!(id, "removing voter");
             self.change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
         }
@@ -401,8 +415,13 @@ async fn resolve_seeds(seeds: &[String], timeout: Duration) -> ResolvedSeeds {
 }
 
 fn to_remote(e: RaftError<ClientWriteError>) -> RemoteError {
+    use openraft::error::ChangeMembershipError;
     match e {
         openraft::error::RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => RemoteError::NotLeader { leader: f.leader_id },
+        // Transient: another change is still being committed, or leadership moved under it.
+        openraft::error::RaftError::APIError(
+            e @ (ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_)) | ClientWriteError::LogEntryDiscarded(_)),
+        ) => RemoteError::Unavailable(e.to_string()),
         openraft::error::RaftError::APIError(e) => RemoteError::Invalid(e.to_string()),
         openraft::error::RaftError::Fatal(e) => RemoteError::Internal(e.to_string()),
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
+use crate::harness::assert_json_error;
 use crate::harness::Cluster;
 use crate::harness::CATCH_UP;
 
@@ -52,11 +53,40 @@ fn removal_scenario(name: &str, remove: impl FnOnce(&Cluster, u64, u64)) {
     c.kill(expendable);
     c.api(leader)
         .must_put("after-removal", &json!({"removed": victim}));
+
+    // Now removing the other live voter would leave {leader, dead node}: no live majority, and
+    // every write would stall behind the change. It is refused with a 503 and writes go on.
+    let other = remaining
+        .iter()
+        .copied()
+        .find(|&id| id != leader && id != expendable)
+        .expect("another follower");
+    c.wait_for(&format!("node {expendable} unreachable from the leader"), CATCH_UP, || {
+        let s = c.api(leader).status()?;
+        match s.member(expendable) {
+            Some(m) if !m.reachable => Ok(()),
+            m => Err(format!("{m:?}")),
+        }
+    });
+    let resp = c
+        .api(leader)
+        .request("DELETE", &format!("/cluster/members/{other}"), &[], b"")
+        .expect("DELETE");
+    assert_json_error(&resp, 503, "removing a voter that would leave no live majority");
+    c.api(leader)
+        .must_put("after-refused-removal", &json!({"kept": other}));
+    let s = c.api(leader).status().expect("status");
+    assert!(s.voters().contains(&other), "node {other} is still a voter: {s}");
 }
 
 #[test]
 fn delete_member_removes_a_follower_from_the_cluster() {
     removal_scenario("remove-delete", |c, victim, via| {
+        let unknown = c
+            .api(via)
+            .request("DELETE", "/cluster/members/999", &[], b"")
+            .expect("DELETE an unknown member");
+        assert_json_error(&unknown, 404, "DELETE /cluster/members/999 (no such member)");
         let resp = c
             .api(via)
             .request("DELETE", &format!("/cluster/members/{victim}"), &[], b"")
