@@ -114,8 +114,10 @@ impl Balancer {
         }
     }
 
-    pub fn start(&self, node: NodeId) {
+    /// Count a request to `node` as in flight until the returned guard is finished or dropped.
+    pub fn start(&self, node: NodeId) -> InFlight<'_> {
         lock(&self.stats).entry(node).or_default().inflight += 1;
+        InFlight { balancer: self, node, done: false }
     }
 
     pub fn finish(&self, node: NodeId, outcome: Outcome, latency: Duration) {
@@ -203,16 +205,61 @@ impl RetryBudget {
     }
 }
 
+/// A request in flight to a node, from [`Balancer::start`] until [`InFlight::finish`] records
+/// its outcome. Dropped unfinished (the request's future was cancelled: its client went away, a
+/// shutdown's grace ended), it still stops counting as in flight, without a latency sample: a
+/// leaked count would make the node look busier forever.
+pub struct InFlight<'a> {
+    balancer: &'a Balancer,
+    node: NodeId,
+    done: bool,
+}
+
+impl InFlight<'_> {
+    pub fn finish(mut self, outcome: Outcome, latency: Duration) {
+        self.done = true;
+        self.balancer.finish(self.node, outcome, latency);
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let mut stats = lock(&self.balancer.stats);
+            let s = stats.entry(self.node).or_default();
+            s.inflight = s.inflight.saturating_sub(1);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[tokio::test(start_paused = true)]
+    async fn a_cancelled_request_stops_counting_as_in_flight() {
+        let b = Balancer::default();
+        let inflight = |b: &Balancer| lock(&b.stats).get(&2).map_or(0, |s| s.inflight);
+        let (one, two) = (b.start(2), b.start(2));
+        assert_eq!(inflight(&b), 2);
+        drop(one);
+        assert_eq!(inflight(&b), 1, "a dropped (cancelled) request is no longer in flight");
+        two.finish(Outcome::Answered, Duration::from_millis(1));
+        assert_eq!(inflight(&b), 0);
+        // A request future cancelled while it waits: its guard goes with it.
+        let slow = async {
+            let _flight = b.start(2);
+            std::future::pending::<()>().await;
+        };
+        assert!(tokio::time::timeout(Duration::from_millis(10), slow).await.is_err());
+        assert_eq!(inflight(&b), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn failing_node_is_ejected_with_growing_backoff() {
         let b = Balancer::default();
         for _ in 0..EJECT_AFTER {
-            b.start(2);
-            b.finish(2, Outcome::Failed, Duration::from_millis(1));
+            b.start(2).finish(Outcome::Failed, Duration::from_millis(1));
         }
         assert!(b.is_ejected(2));
         for _ in 0..100 {
@@ -254,8 +301,7 @@ mod tests {
         // 100 requests a second, 1 ms each, for at most 20 s.
         for i in 0..2_000u32 {
             let target = b.pick(&[1, 2, 3], None).expect("a target");
-            b.start(target);
-            b.finish(target, Outcome::Answered, Duration::from_millis(1));
+            b.start(target).finish(Outcome::Answered, Duration::from_millis(1));
             if target == 2 {
                 picked_2_at = Some(i);
                 break;
@@ -271,8 +317,7 @@ mod tests {
         let picks_2 = (0..300)
             .filter(|_| {
                 let t = b.pick(&[1, 2, 3], None).expect("a target");
-                b.start(t);
-                b.finish(t, Outcome::Answered, Duration::from_millis(1));
+                b.start(t).finish(Outcome::Answered, Duration::from_millis(1));
                 t == 2
             })
             .count();

@@ -345,28 +345,28 @@ impl Proxy {
             let mut inv = inv.clone();
             inv.timeout_ms = left.as_millis().max(1) as u64;
             let started = Instant::now();
-            self.balancer.start(target);
+            let flight = self.balancer.start(target);
             let outcome = tokio::time::timeout_at(deadline, self.invoke(target, inv)).await;
             match outcome {
                 Err(_) => {
-                    self.balancer.finish(target, Outcome::Failed, started.elapsed());
+                    flight.finish(Outcome::Failed, started.elapsed());
                     return Err(ApiError::Timeout);
                 }
                 Ok(Ok(answer)) => {
-                    self.balancer.finish(target, Outcome::Answered, started.elapsed());
+                    flight.finish(Outcome::Answered, started.elapsed());
                     return Ok((answer, target));
                 }
                 Ok(Err(Miss::NotServed(why))) => {
-                    self.balancer.finish(target, Outcome::Failed, started.elapsed());
+                    flight.finish(Outcome::Failed, started.elapsed());
                     debug!(target, %why, "not served; trying another node");
                     last = ApiError::Unavailable(format!("node {target}: {why}"));
                 }
                 Ok(Err(Miss::Lost(_))) if Instant::now() >= deadline => {
-                    self.balancer.finish(target, Outcome::Failed, started.elapsed());
+                    flight.finish(Outcome::Failed, started.elapsed());
                     return Err(ApiError::Timeout);
                 }
                 Ok(Err(Miss::Lost(why))) => {
-                    self.balancer.finish(target, Outcome::Failed, started.elapsed());
+                    flight.finish(Outcome::Failed, started.elapsed());
                     last = ApiError::BadGateway(format!("node {target}: {why}"));
                     if !retry_after_delivery {
                         return Err(last);
