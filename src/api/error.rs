@@ -1,6 +1,6 @@
 //! The one place where error causes become HTTP statuses.
 //!
-//! Bad input → 400/404/405/412/413; no leader or no quorum → 503; a peer that failed after taking
+//! Bad input → 400/404/405/412/413, a body that does not arrive in time → 408; no leader or no quorum → 503; a peer that failed after taking
 //! the request → 502; a deadline → 504; our own bug → 500. An upstream failure is never a 400.
 
 use bytes::Bytes;
@@ -33,6 +33,9 @@ pub enum ApiError {
     BadGateway(String),
     #[error("deadline exceeded")]
     Timeout,
+    /// The client did not send its whole request in time.
+    #[error("the request body did not arrive within {0:?}")]
+    RequestTimeout(std::time::Duration),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -48,6 +51,7 @@ impl ApiError {
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

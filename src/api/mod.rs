@@ -187,8 +187,13 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (Method::GET, ["v1", "dead-letters"]) => ("dead_letters", events::dead_letters(app, req.uri().query())),
         (Method::GET, ["v1", "subscriptions", name]) => ("subscription", events::subscription(app, name)),
         (m, ["v1", "state", store, key]) => {
-            let (store, key) = (store.to_string(), key.to_string());
-            ("state", state(app, m, &store, &key, req).await)
+            // Percent-decoded, as the proxy decodes a command's path parameters: a handler's
+            // key `counter/a b` is `/v1/state/demo/counter/a%20b` here.
+            let decode = |s: &str| crate::proxy::routing::percent_decode_with(s, false);
+            match (decode(store), decode(key)) {
+                (Some(store), Some(key)) => ("state", state(app, m, &store, &key, req).await),
+                _ => ("state", Err(ApiError::BadRequest("store or key is not valid percent-encoded UTF-8".into()))),
+            }
         }
         (_, ["healthz" | "readyz" | "metrics" | "cluster"])
         | (_, ["v1", "events" | "dead-letters"])
@@ -315,15 +320,28 @@ pub fn meta_header<'a>(h: &'a http::HeaderMap, name: &str) -> Result<Option<&'a 
     Ok(Some(v).filter(|v| !v.is_empty()))
 }
 
-/// Read the whole body, enforcing the size limit.
-pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, ApiError> {
+/// How long a request's body may take to arrive, whole.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Read the whole body, enforcing the size limit and `BODY_READ_TIMEOUT` (408).
+pub async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, ApiError>
+where
+    B: hyper::body::Body<Data = Bytes>,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     if let Some(len) = req.headers().get(http::header::CONTENT_LENGTH) {
         let len: u64 = len.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| ApiError::BadRequest("bad Content-Length".into()))?;
         if len > limit as u64 {
             return Err(ApiError::TooLarge { limit });
         }
     }
-    match Limited::new(req.into_body(), limit).collect().await {
+    // A client that trickles its body would hold a connection slot for ever: hyper's header
+    // timeout does not cover the body.
+    let collect = Limited::new(req.into_body(), limit).collect();
+    let Ok(collected) = tokio::time::timeout(BODY_READ_TIMEOUT, collect).await else {
+        return Err(ApiError::RequestTimeout(BODY_READ_TIMEOUT));
+    };
+    match collected {
         Ok(c) => Ok(c.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge { limit }),
         Err(e) => Err(ApiError::BadRequest(format!("reading body: {e}"))),
@@ -369,6 +387,25 @@ async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<I
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    type Chunks = futures_util::stream::BoxStream<'static, Result<hyper::body::Frame<Bytes>, Infallible>>;
+
+    /// A body whose first chunk comes at once and the rest never.
+    fn trickle() -> Request<http_body_util::StreamBody<Chunks>> {
+        use futures_util::StreamExt;
+        let first = futures_util::stream::iter([Ok(hyper::body::Frame::data(Bytes::from_static(b"{\"a\":")))]);
+        let stream = first.chain(futures_util::stream::pending()).boxed();
+        Request::new(http_body_util::StreamBody::new(stream))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_body_that_does_not_arrive_in_time_is_a_408() {
+        let err = read_body(trickle(), 1024).await.expect_err("never complete");
+        assert!(matches!(err, ApiError::RequestTimeout(_)), "{err:?}");
+        assert_eq!(err.status(), StatusCode::REQUEST_TIMEOUT);
+        let whole = Request::new(Full::new(Bytes::from_static(b"{}")));
+        assert_eq!(read_body(whole, 1024).await.expect("a whole body"), Bytes::from_static(b"{}"));
+    }
 
     #[test]
     fn metadata_headers_are_visible_ascii_of_bounded_length() {

@@ -126,9 +126,10 @@ pub fn percent_decode_with(s: &str, plus: bool) -> Option<String> {
     while i < bytes.len() {
         match bytes[i] {
             b'%' => {
-                let hex = bytes.get(i + 1..i + 3)?;
-                let v = u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?;
-                out.push(v);
+                // Exactly two hex digits (`from_str_radix` alone would take a sign: `%+5`).
+                let digit = |b: u8| char::from(b).to_digit(16);
+                let (hi, lo) = (digit(*bytes.get(i + 1)?)?, digit(*bytes.get(i + 2)?)?);
+                out.push((hi * 16 + lo) as u8);
                 i += 3;
             }
             b'+' if plus => {
@@ -187,6 +188,8 @@ mod tests {
         assert!(match_path("echo", "echo/").is_none(), "a trailing slash is a different path");
         assert_eq!(parse_query("ms=5&x=a+b&y=%2F").unwrap().get("x").map(String::as_str), Some("a b"));
         assert!(parse_query("bad=%zz").is_none());
+        assert!(parse_query("bad=%+5").is_none() && parse_query("bad=%-1").is_none() && parse_query("bad=%4").is_none());
+        assert_eq!(parse_query("ok=%4a%4A").unwrap().get("ok").map(String::as_str), Some("JJ"));
     }
 
     #[test]

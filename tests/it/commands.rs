@@ -643,6 +643,11 @@ fn a_repeated_idempotency_key_replays_the_stored_result() {
     assert!(order.status < 300 && !is_replay(&order), "an order under a key used by increment: {}", order.describe());
     let stored = a.request("GET", "/v1/state/demo/orders/replay-order-1", &[], b"").expect("read the order");
     assert_eq!(stored.status, 200, "the order was stored: {}", stored.describe());
+    // A name that needs escaping: the proxy decodes the path parameter, and the state API its
+    // path, the same way.
+    let spaced = increment(a, "a%20b", None).expect("increment a%20b");
+    assert_eq!(incremented(&spaced, "a b"), Ok(1), "{}", spaced.describe());
+    assert_eq!(counter_value(cc, "a%20b"), 1);
 
     // Two concurrent requests with one key: the handler runs once. The loser of the race gets
     // the same result (it waited for it) or a 409 while the first is still in progress.
