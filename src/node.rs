@@ -490,6 +490,31 @@ impl Handler for PeerHandler {
     }
 }
 
+/// Adds a chunk of `from`'s snapshot (`key`: its last log index) to the assemblies; the whole
+/// image once `done`. One snapshot is assembled at a time (from the leader of the moment): a
+/// transfer that a crashed or deposed leader left half done goes when a new one starts, so at
+/// most one `MAX_SNAPSHOT` is held. A chunk out of order ends its transfer.
+fn assemble(map: &mut HashMap<NodeId, Assembly>, from: NodeId, key: Option<u64>, offset: u64, data: &[u8], done: bool) -> Result<Option<Vec<u8>>, String> {
+    if offset == 0 {
+        map.clear();
+        map.insert(from, (key, Vec::new()));
+    }
+    let Some(entry) = map.get_mut(&from) else { return Err(format!("snapshot chunk at {offset} of no transfer")) };
+    if entry.0 != key || entry.1.len() as u64 != offset {
+        map.remove(&from);
+        return Err(format!("snapshot chunk at {offset} out of order"));
+    }
+    if entry.1.len() + data.len() > MAX_SNAPSHOT {
+        map.remove(&from);
+        return Err(format!("snapshot larger than {MAX_SNAPSHOT} bytes"));
+    }
+    entry.1.extend_from_slice(data);
+    if !done {
+        return Ok(None);
+    }
+    Ok(map.remove(&from).map(|(_, bytes)| bytes))
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn snapshot_chunk(
     replica: &Replica,
@@ -503,25 +528,10 @@ async fn snapshot_chunk(
 ) -> PeerResponse {
     let invalid = |m: String| PeerResponse::Error(RemoteError::Invalid(m));
     let key = meta.last_log_id.map(|l| l.index);
-    let complete = {
-        let mut map = crate::lock(snapshots);
-        let entry = map.entry(from).or_insert_with(|| (key, Vec::new()));
-        if offset == 0 {
-            *entry = (key, Vec::new());
-        }
-        if entry.0 != key || entry.1.len() as u64 != offset {
-            map.remove(&from);
-            return invalid(format!("snapshot chunk at {offset} out of order"));
-        }
-        if entry.1.len() + data.len() > MAX_SNAPSHOT {
-            map.remove(&from);
-            return invalid(format!("snapshot larger than {MAX_SNAPSHOT} bytes"));
-        }
-        entry.1.extend_from_slice(&data);
-        if !done {
-            return PeerResponse::Snapshot(None);
-        }
-        map.remove(&from).map(|(_, bytes)| bytes).unwrap_or_default()
+    let complete = match assemble(&mut crate::lock(snapshots), from, key, offset, &data, done) {
+        Ok(Some(bytes)) => bytes,
+        Ok(None) => return PeerResponse::Snapshot(None),
+        Err(why) => return invalid(why),
     };
     // An install error is fatal to openraft: check the image decodes before handing it over.
     if let Err(e) = crate::raft::state_machine::decode_data(&complete) {
@@ -536,6 +546,26 @@ async fn snapshot_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_snapshot_is_assembled_in_order_one_transfer_at_a_time() {
+        let mut map = HashMap::new();
+        assert_eq!(assemble(&mut map, 1, Some(9), 0, b"ab", false), Ok(None));
+        assert_eq!(assemble(&mut map, 1, Some(9), 2, b"cd", true), Ok(Some(b"abcd".to_vec())));
+        assert!(map.is_empty(), "a finished transfer is not kept");
+        // A leader that died half way: the next leader's transfer replaces its partial image.
+        assert_eq!(assemble(&mut map, 1, Some(9), 0, &[7; 1000], false), Ok(None));
+        assert_eq!(assemble(&mut map, 2, Some(12), 0, b"x", false), Ok(None));
+        assert_eq!(map.len(), 1);
+        assert!(assemble(&mut map, 1, Some(9), 1000, b"y", true).is_err(), "the old transfer is gone");
+        assert_eq!(assemble(&mut map, 2, Some(12), 1, b"y", true), Ok(Some(b"xy".to_vec())));
+        // Out of order, or another snapshot's chunk: the transfer ends.
+        assert_eq!(assemble(&mut map, 3, Some(5), 0, b"a", false), Ok(None));
+        assert!(assemble(&mut map, 3, Some(5), 5, b"b", false).is_err());
+        assert!(map.is_empty());
+        assert_eq!(assemble(&mut map, 3, Some(5), 0, b"a", false), Ok(None));
+        assert!(assemble(&mut map, 3, Some(6), 1, b"b", true).is_err());
+    }
 
     #[test]
     fn log_guard_builds_one_snapshot_at_a_time_and_purges_after_it() {
