@@ -47,6 +47,11 @@ pub struct SidecarConfig {
     /// Idle keep-alive connections kept at most.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
+    /// Connections open to the app at most (busy and idle). A request that finds none free
+    /// waits up to its deadline, then gets a 503, as Envoy's circuit breaker does: the app is
+    /// not flooded with one connection per concurrent client request.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
     #[serde(default)]
     pub commands: Vec<SidecarCommand>,
     /// Events POSTed to the app (`[[sidecar.subscriptions]]`).
@@ -128,9 +133,13 @@ impl crate::sdk::SubscriptionHandler for EventPost {
         Box::pin(async move {
             // Serializing borrowed strings and a raw payload cannot fail.
             let body = bytes::Bytes::from(serde_json::to_vec(&event.to_json()).unwrap_or_default());
-            let mut conn = pool.take();
+            let started = tokio::time::Instant::now();
+            let Some(mut conn) = pool.take(timeout).await else {
+                return Err(HandlerError::new(503, "every connection to the app is busy"));
+            };
+            let timeout = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
             let headers = [("content-type", "application/json")];
-            match conn.request(Method::POST, &path, &headers, body, timeout).await {
+            match conn.conn.request(Method::POST, &path, &headers, body, timeout).await {
                 Ok(resp) if (200..300).contains(&resp.status) => {
                     pool.put(conn);
                     Ok(None)
@@ -170,6 +179,9 @@ fn default_health_interval_ms() -> u64 {
 }
 fn default_pool_size() -> usize {
     32
+}
+fn default_max_connections() -> usize {
+    1024
 }
 fn default_timeout_ms() -> u64 {
     crate::sdk::builder::DEFAULT_TIMEOUT.as_millis() as u64
@@ -280,7 +292,18 @@ fn forwarders(cfg: &SidecarConfig) -> Result<(Arc<Pool>, Vec<Forward>), SidecarE
     if cfg.health_interval_ms == 0 {
         return Err(bad_upstream("health_interval_ms must be at least 1"));
     }
-    let pool = Arc::new(Pool { addr, base, max_idle: cfg.pool_size, idle: Mutex::new(Vec::new()) });
+    if cfg.max_connections == 0 {
+        return Err(bad_upstream("max_connections must be at least 1"));
+    }
+    let pool = Arc::new(Pool {
+        addr,
+        base,
+        max_idle: cfg.pool_size.min(cfg.max_connections),
+        idle: Mutex::new(Vec::new()),
+        open: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
+        open_max: cfg.max_connections,
+        waiting: std::sync::atomic::AtomicUsize::new(0),
+    });
     let forwards = cfg.commands.iter().map(|c| forwarder(&pool, c)).collect::<Result<_, _>>()?;
     Ok((pool, forwards))
 }
@@ -321,26 +344,65 @@ fn forwarder(pool: &Arc<Pool>, c: &SidecarCommand) -> Result<Forward, SidecarErr
     Ok(Forward { pool: pool.clone(), method, template: Arc::new(template), timeout: Duration::from_millis(c.timeout_ms) })
 }
 
-/// Idle keep-alive connections to the upstream.
+/// Connections to the upstream: at most `open_max` open, of which up to `max_idle` kept idle
+/// for reuse.
 struct Pool {
     /// `host:port`.
     addr: String,
     /// Path prefix of the upstream URL, without a trailing `/`.
     base: String,
     max_idle: usize,
-    idle: Mutex<Vec<Conn>>,
+    idle: Mutex<Vec<Leased>>,
+    /// One permit per open connection, held by its `Leased` (busy or idle) and returned when
+    /// the connection is dropped.
+    open: Arc<tokio::sync::Semaphore>,
+    open_max: usize,
+    /// Requests waiting for a place (`open` exhausted); while there are any, a finished
+    /// connection is closed rather than kept idle, since waiters wait on `open`.
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts a waiter in `Pool::waiting` while it lives (also when its request is cancelled).
+struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A connection and its place among the pool's open ones.
+struct Leased {
+    conn: Conn,
+    _open: tokio::sync::OwnedSemaphorePermit,
 }
 
 impl Pool {
-    fn take(&self) -> Conn {
+    /// An idle connection, or a new one once fewer than `open_max` are open (waiting up to
+    /// `wait` for that); `None` if none came free in time.
+    async fn take(&self, wait: Duration) -> Option<Leased> {
         // A poisoned lock only means a panic elsewhere while holding it; the Vec is still valid.
-        let popped = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        popped.unwrap_or_else(|| Conn::new(self.addr.clone()))
+        let idle = || self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        if let Some(idle) = idle() {
+            return Some(idle);
+        }
+        // Counted as waiting, then the idle list again: a `put` either saw us waiting (and
+        // closed its connection, freeing a place) or pushed it before we looked (under the lock).
+        self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let _waiting = Waiting(&self.waiting);
+        if let Some(idle) = idle() {
+            return Some(idle);
+        }
+        let permit = tokio::time::timeout(wait, self.open.clone().acquire_owned()).await.ok()?.ok()?;
+        Some(Leased { conn: Conn::new(self.addr.clone()), _open: permit })
     }
 
-    fn put(&self, conn: Conn) {
+    /// Returns a connection after a request. Kept idle only while nobody waits for a place:
+    /// a waiter waits on `open`, so a finished connection is closed to let it open its own.
+    fn put(&self, conn: Leased) {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        if conn.is_connected() && idle.len() < self.max_idle {
+        let waiting = self.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0;
+        if conn.conn.is_connected() && idle.len() < self.max_idle && !waiting {
             idle.push(conn);
         }
     }
@@ -411,8 +473,13 @@ impl Forward {
         .into_iter()
         .filter_map(|(k, v)| v.filter(|v| !v.is_empty()).map(|v| (k, v)))
         .collect();
-        let mut conn = self.pool.take();
-        let result = conn.request(self.method.clone(), &target, &headers, inv.payload.clone(), limit).await;
+        let started = tokio::time::Instant::now();
+        let Some(mut conn) = self.pool.take(limit).await else {
+            return Err(HandlerError::new(503, format!("all {} connections to the app are busy", self.pool.open_max)));
+        };
+        // The wait for a connection counts against the deadline.
+        let limit = limit.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+        let result = conn.conn.request(self.method.clone(), &target, &headers, inv.payload.clone(), limit).await;
         match result {
             Ok(resp) => {
                 self.pool.put(conn);
@@ -674,6 +741,38 @@ mod tests {
             fw[0].forward(inv(&[("id", "1")], "{}", 0)).await.unwrap();
         }
         assert_eq!(up.conns.load(Ordering::SeqCst), 1, "one keep-alive connection serves them all");
+    }
+
+    #[tokio::test]
+    async fn connections_to_the_app_are_capped_and_overflow_is_a_503() {
+        let up = upstream().await;
+        let mut cfg = config(&format!("http://{}", up.addr), "max_connections = 2");
+        cfg.commands.truncate(1);
+        cfg.commands[0].path = "sleep".into();
+        cfg.commands[0].upstream_path = Some("/sleep".into());
+        let fw = forwarders(&cfg).unwrap().1.remove(0);
+        // Two 2 s requests with a 1.5 s deadline take both places; a third with 300 ms waits for
+        // a place until its deadline and gets a 503, the two a 504 from the slow app.
+        let slow: Vec<_> = (0..2)
+            .map(|_| {
+                let fw = fw.clone();
+                tokio::spawn(async move { fw.forward(inv(&[], "", 1500)).await.unwrap_err().status })
+            })
+            .collect();
+        for _ in 0..200 {
+            if up.conns.load(Ordering::SeqCst) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(up.conns.load(Ordering::SeqCst), 2);
+        assert_eq!(fw.forward(inv(&[], "", 300)).await.unwrap_err().status, 503);
+        for task in slow {
+            assert_eq!(task.await.unwrap(), 504);
+        }
+        assert_eq!(up.conns.load(Ordering::SeqCst), 2, "never more than max_connections open");
+        // The places are free again: a new request gets a connection.
+        assert_eq!(fw.forward(inv(&[], "", 300)).await.unwrap_err().status, 504);
     }
 
     #[tokio::test]
