@@ -76,6 +76,13 @@ pub struct NodeArgs {
     /// Cluster name; peers of another cluster are refused at the handshake.
     #[arg(long, env = "RAFTBRIDGE_CLUSTER_NAME")]
     pub cluster_name: Option<String>,
+    /// Shared secret of the cluster's nodes (at least 16 bytes, e.g. `openssl rand -hex 32`;
+    /// prefer the env var to the flag, which `ps` shows). When set, a peer connection is taken
+    /// only from a node that proves it knows the same secret (HMAC-SHA256 challenge-response in
+    /// the handshake), and this node proves it in turn. It authenticates peers; it does not
+    /// encrypt the link.
+    #[arg(long, env = "RAFTBRIDGE_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, env = "RAFTBRIDGE_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -143,6 +150,7 @@ pub struct NodeConfig {
     pub max_body: usize,
     pub snapshot_threshold: u64,
     pub cluster_name: String,
+    pub cluster_secret: Option<crate::peer::ClusterSecret>,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     pub write_timeout_ms: u64,
@@ -209,6 +217,7 @@ impl NodeArgs {
             max_body: pick!(max_body).unwrap_or(1 << 20),
             snapshot_threshold: pick!(snapshot_threshold).unwrap_or(50_000),
             cluster_name: pick!(cluster_name).unwrap_or_else(|| "raftbridge".into()),
+            cluster_secret: pick!(cluster_secret).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
             heartbeat_ms: pick!(heartbeat_ms).unwrap_or(60),
             election_timeout_ms: pick!(election_timeout_ms).unwrap_or(300),
             write_timeout_ms: pick!(write_timeout_ms).unwrap_or(5_000),
@@ -272,6 +281,9 @@ impl NodeConfig {
             // A body is written as one Raft entry, and an entry must fit into a peer frame with
             // room to spare, or it could never be replicated and every later write would stall.
             return invalid("max-body", "must be at most half of --max-frame");
+        }
+        if self.cluster_secret.as_ref().is_some_and(|s| s.len() < 16) {
+            return invalid("cluster-secret", "must be at least 16 bytes");
         }
         if self.snapshot_threshold == 0 {
             return invalid("snapshot-threshold", "must be at least 1");

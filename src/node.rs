@@ -119,6 +119,7 @@ pub async fn run(
             advertise: cfg.advertise.clone(),
             max_frame: cfg.max_frame,
             idle_timeout: Duration::from_millis((cfg.election_timeout_ms * 4).max(2_000)),
+            secret: cfg.cluster_secret.clone(),
         },
         net_stop.clone(),
     );

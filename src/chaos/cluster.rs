@@ -511,6 +511,8 @@ mod tests {
             addr: "127.0.0.1:1".into(),
             incarnation: 9,
             features: crate::peer::frame::features::ALL,
+            nonce: [7; 16],
+            proof: [0; 32],
         };
         let payload = bincode::serialize(&hello).unwrap();
         let mut frame = ((payload.len() + 9) as u32).to_be_bytes().to_vec();

@@ -32,6 +32,8 @@ pub enum Kind {
     Response = 5,
     Ping = 6,
     Pong = 7,
+    /// The dialer's proof of the cluster secret, after a `HelloAck` that asked for it.
+    Auth = 8,
 }
 
 impl Kind {
@@ -44,6 +46,7 @@ impl Kind {
             5 => Kind::Response,
             6 => Kind::Ping,
             7 => Kind::Pong,
+            8 => Kind::Auth,
             _ => return None,
         })
     }
@@ -138,6 +141,24 @@ pub struct Hello {
     /// allows trailing bytes), read the rest as before; a `Hello` from them ends before it and
     /// decodes with no features (`Hello::decode`).
     pub features: u64,
+    /// Random per handshake (zero from builds without authentication): what the other side's
+    /// proof of the cluster secret must cover, so no recorded proof can be replayed.
+    pub nonce: [u8; 16],
+    /// In a `HelloAck` from a node with a cluster secret: HMAC-SHA256 over both nonces and node
+    /// ids (see `peer::proof`), which also tells the dialer to answer with `Auth`. Zero otherwise.
+    pub proof: [u8; 32],
+}
+
+/// `Hello` as builds before `nonce` and `proof` sent it.
+#[derive(Deserialize)]
+struct HelloWithoutAuth {
+    magic: u32,
+    version: u16,
+    cluster: String,
+    node_id: NodeId,
+    addr: String,
+    incarnation: u64,
+    features: u64,
 }
 
 /// `Hello` as builds before `features` sent it.
@@ -154,14 +175,17 @@ struct HelloBefore {
 impl Hello {
     /// Decodes a `Hello` or `HelloAck` from this build or an older one.
     pub fn decode(frame: &Frame) -> Result<Hello, FrameError> {
-        match frame.message::<Hello>() {
-            Ok(h) => Ok(h),
-            Err(_) => {
-                let h: HelloBefore = frame.message()?;
-                let HelloBefore { magic, version, cluster, node_id, addr, incarnation } = h;
-                Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features: 0 })
-            }
+        if let Ok(h) = frame.message::<Hello>() {
+            return Ok(h);
         }
+        let (nonce, proof) = ([0; 16], [0; 32]);
+        if let Ok(h) = frame.message::<HelloWithoutAuth>() {
+            let HelloWithoutAuth { magic, version, cluster, node_id, addr, incarnation, features } = h;
+            return Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof });
+        }
+        let h: HelloBefore = frame.message()?;
+        let HelloBefore { magic, version, cluster, node_id, addr, incarnation } = h;
+        Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features: 0, nonce, proof })
     }
 }
 
@@ -179,6 +203,8 @@ mod tests {
             addr: "127.0.0.1:1".into(),
             incarnation: 42,
             features: features::ALL,
+            nonce: [3; 16],
+            proof: [4; 32],
         };
         let body = Frame::encode(Kind::Hello, 9, &hello).unwrap();
         let frame = Frame::decode(BytesMut::from(&body[..])).unwrap();
@@ -204,10 +230,37 @@ mod tests {
         let read = Hello::decode(&frame).unwrap();
         assert_eq!((read.node_id, read.incarnation, read.features), (2, 5, 0), "an old Hello: no features");
         // An old build decodes a new Hello as its own struct: the features are trailing bytes.
-        let new = Hello { magic: MAGIC, version: PROTOCOL_VERSION, cluster: "c".into(), node_id: 3, addr: "b:2".into(), incarnation: 6, features: features::ALL };
+        let new = Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            cluster: "c".into(),
+            node_id: 3,
+            addr: "b:2".into(),
+            incarnation: 6,
+            features: features::ALL,
+            nonce: [1; 16],
+            proof: [2; 32],
+        };
         let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &new).unwrap()[..])).unwrap();
         let seen_by_old: HelloBefore = frame.message().unwrap();
         assert_eq!((seen_by_old.node_id, seen_by_old.addr.as_str(), seen_by_old.cluster.as_str()), (3, "b:2", "c"));
+        // A build with features but before authentication: and back.
+        let seen: HelloWithoutAuth = frame.message().unwrap();
+        assert_eq!((seen.node_id, seen.features), (3, features::ALL));
+        #[derive(Serialize)]
+        struct WithFeatures<'a> {
+            magic: u32,
+            version: u16,
+            cluster: &'a str,
+            node_id: NodeId,
+            addr: &'a str,
+            incarnation: u64,
+            features: u64,
+        }
+        let mid = WithFeatures { magic: MAGIC, version: PROTOCOL_VERSION, cluster: "c", node_id: 4, addr: "d:4", incarnation: 7, features: features::ALL };
+        let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &mid).unwrap()[..])).unwrap();
+        let read = Hello::decode(&frame).unwrap();
+        assert_eq!((read.node_id, read.features, read.nonce, read.proof), (4, features::ALL, [0; 16], [0; 32]));
     }
 
     #[test]

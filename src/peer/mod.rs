@@ -143,6 +143,73 @@ pub struct PeerConfig {
     pub advertise: String,
     pub max_frame: usize,
     pub idle_timeout: Duration,
+    /// When set, peers must prove they know it at the handshake (and this node proves it).
+    pub secret: Option<ClusterSecret>,
+}
+
+/// The cluster's shared secret (`--cluster-secret`). Its `Debug` does not show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ClusterSecret(Arc<[u8]>);
+
+impl ClusterSecret {
+    pub fn new(bytes: &[u8]) -> ClusterSecret {
+        ClusterSecret(bytes.into())
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// HMAC-SHA256 of one side's proof in a handshake: who proves (`label`), then both nonces
+    /// and node ids, dialer first. Fresh nonces on both sides mean no proof is valid twice.
+    fn mac(&self, label: &[u8], dialer: &Hello, acceptor: &Hello) -> hmac::Hmac<sha2::Sha256> {
+        use hmac::Mac;
+        // HMAC takes a key of any length, so this cannot fail.
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC accepts any key length");
+        mac.update(b"raftbridge peer handshake v1\0");
+        mac.update(label);
+        mac.update(&dialer.nonce);
+        mac.update(&acceptor.nonce);
+        mac.update(&dialer.node_id.to_be_bytes());
+        mac.update(&acceptor.node_id.to_be_bytes());
+        mac
+    }
+
+    fn prove(&self, label: &[u8], dialer: &Hello, acceptor: &Hello) -> [u8; 32] {
+        use hmac::Mac;
+        self.mac(label, dialer, acceptor).finalize().into_bytes().into()
+    }
+
+    /// Checks a proof in constant time.
+    fn verify(&self, label: &[u8], dialer: &Hello, acceptor: &Hello, proof: &[u8]) -> bool {
+        use hmac::Mac;
+        self.mac(label, dialer, acceptor).verify_slice(proof).is_ok()
+    }
+}
+
+impl std::fmt::Debug for ClusterSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClusterSecret(..)")
+    }
+}
+
+/// Labels of the two proofs: an acceptor's proof can never pass for a dialer's.
+const PROOF_ACCEPTOR: &[u8] = b"acceptor";
+const PROOF_DIALER: &[u8] = b"dialer";
+
+/// A random handshake nonce from the OS.
+fn nonce() -> [u8; 16] {
+    let mut n = [0u8; 16];
+    if getrandom::fill(&mut n).is_err() {
+        // The OS source failing is near impossible; a fast PRNG's nonce still differs per
+        // handshake, which is what replay protection needs.
+        n = fastrand::u128(..).to_le_bytes();
+    }
+    n
 }
 
 /// One established connection to a peer.
@@ -445,6 +512,19 @@ impl PeerNet {
                 Kind::HelloAck => {
                     let theirs = Hello::decode(&frame).map_err(|e| e.to_string())?;
                     self.check_hello(&theirs)?;
+                    let asked = theirs.proof != [0; 32];
+                    match &self.cfg.secret {
+                        Some(secret) if asked => {
+                            if !secret.verify(PROOF_ACCEPTOR, &hello, &theirs, &theirs.proof) {
+                                return Err("the peer's proof of the cluster secret is wrong (another secret?)".to_string());
+                            }
+                            let proof = secret.prove(PROOF_DIALER, &hello, &theirs);
+                            writer.send(Frame::encode_raw(Kind::Auth, 0, &proof)).await.map_err(|e| e.to_string())?;
+                        }
+                        Some(_) => return Err("the peer has no cluster secret, and this node requires one".to_string()),
+                        None if asked => return Err("the peer requires a cluster secret (--cluster-secret)".to_string()),
+                        None => {}
+                    }
                     Ok(theirs)
                 }
                 Kind::Reject => Err(format!("rejected: {}", String::from_utf8_lossy(&frame.payload))),
@@ -472,6 +552,8 @@ impl PeerNet {
             addr: self.cfg.advertise.clone(),
             incarnation: self.incarnation,
             features: frame::features::ALL,
+            nonce: nonce(),
+            proof: [0; 32],
         }
     }
 
@@ -543,11 +625,28 @@ impl PeerNet {
             let _ = writer.send(Frame::encode_raw(Kind::Reject, 0, reason.as_bytes())).await;
             return Err(reason);
         }
-        let ack = Frame::encode(Kind::HelloAck, 0, &self.hello()).map_err(|e| e.to_string())?;
+        let mut ours = self.hello();
+        if let Some(secret) = &self.cfg.secret {
+            ours.proof = secret.prove(PROOF_ACCEPTOR, &theirs, &ours);
+        }
+        let ack = Frame::encode(Kind::HelloAck, 0, &ours).map_err(|e| e.to_string())?;
         writer.send(ack).await.map_err(|e| e.to_string())?;
         if theirs.node_id == self.cfg.node_id {
             // We dialed ourselves (our own address is in the seed list); the dialer notices too.
             return Ok(());
+        }
+        if let Some(secret) = &self.cfg.secret {
+            // Nothing of the peer's is served before it has proved the secret.
+            let next = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next()).await;
+            let proved = match next {
+                Ok(Some(Ok(raw))) => Frame::decode(raw).ok().filter(|f| f.kind == Kind::Auth),
+                _ => None,
+            };
+            if !proved.is_some_and(|f| secret.verify(PROOF_DIALER, &theirs, &ours, &f.payload)) {
+                let reason = format!("node {} did not prove the cluster secret", theirs.node_id);
+                let _ = writer.send(Frame::encode_raw(Kind::Reject, 0, reason.as_bytes())).await;
+                return Err(reason);
+            }
         }
         self.start_link(theirs.node_id, theirs.addr.clone(), theirs.node_id, &theirs, reader, writer);
         Ok(())
@@ -828,7 +927,7 @@ async fn read_loop(
                     link.serving.fetch_sub(1, Ordering::Relaxed);
                 });
             }
-            Kind::Hello | Kind::HelloAck | Kind::Reject => {
+            Kind::Hello | Kind::HelloAck | Kind::Reject | Kind::Auth => {
                 warn!(peer = link.peer, kind = ?frame.kind, "handshake frame on an established link, closing");
                 return;
             }
@@ -845,13 +944,93 @@ mod tests {
 
     /// Node 1 accepting peer links on a free loopback port; `stop` ends it.
     async fn listening(idle_timeout: Duration) -> (Arc<PeerNet>, std::net::SocketAddr, CancellationToken) {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout, secret: None };
         let stop = CancellationToken::new();
         let net = PeerNet::new(cfg, stop.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(net.clone().run(listener));
         (net, addr, stop)
+    }
+
+    /// A node with `secret` listening on port 0 (id 1), and a second one (id 2) with
+    /// `dialer_secret` that knows its address.
+    async fn pair(secret: Option<&str>, dialer_secret: Option<&str>) -> (Arc<PeerNet>, Arc<PeerNet>, std::net::SocketAddr, CancellationToken) {
+        let stop = CancellationToken::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = |node_id, advertise: String, secret: Option<&str>| PeerConfig {
+            node_id,
+            cluster: "t".into(),
+            advertise,
+            max_frame: 1 << 20,
+            idle_timeout: Duration::from_secs(10),
+            secret: secret.map(|s| ClusterSecret::new(s.as_bytes())),
+        };
+        let acceptor = PeerNet::new(cfg(1, addr.to_string(), secret), stop.clone());
+        tokio::spawn(acceptor.clone().run(listener));
+        let dialer = PeerNet::new(cfg(2, "127.0.0.1:1".into(), dialer_secret), stop.clone());
+        dialer.set_peer_addr(1, &addr.to_string());
+        (acceptor, dialer, addr, stop)
+    }
+
+    #[tokio::test]
+    async fn peers_with_the_same_secret_link_and_any_other_is_refused() {
+        let (same, other) = ("0123456789abcdef-one", "0123456789abcdef-two");
+        let (acceptor, dialer, _, stop) = pair(Some(same), Some(same)).await;
+        dialer.link(1).await.expect("the same secret links");
+        assert!(dialer.reachable(1));
+        stop.cancel();
+        for (theirs, ours, why) in [
+            (Some(same), Some(other), "another secret"),
+            (Some(same), None, "no secret on the dialer"),
+            (None, Some(same), "no secret on the acceptor"),
+        ] {
+            let (acceptor, dialer, _, stop) = pair(theirs, ours).await;
+            let Err(err) = dialer.link(1).await else { panic!("{why}: linked") };
+            assert!(matches!(err, PeerError::Handshake { .. }), "{why}: {err}");
+            assert!(!dialer.reachable(1), "{why}: no link on the dialer");
+            // An acceptor without a secret took the link before the dialer refused it: it ends
+            // when the dialer closes the connection.
+            for _ in 0..200 {
+                if !acceptor.reachable(2) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(!acceptor.reachable(2), "{why}: no link on the acceptor");
+            stop.cancel();
+        }
+        drop(acceptor);
+    }
+
+    /// A dialer that knows no secret cannot get a request served by replaying, or by sending
+    /// requests right after the `HelloAck`: the acceptor wants a valid `Auth` first.
+    #[tokio::test]
+    async fn an_acceptor_with_a_secret_serves_nothing_before_a_valid_proof() {
+        let (acceptor, _, addr, stop) = pair(Some("0123456789abcdef"), None).await;
+        for first in [Frame::encode_raw(Kind::Auth, 0, &[0; 32]), Frame::encode_raw(Kind::Ping, 0, &[])] {
+            let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
+            let mut reader = FramedRead::new(rd, frame::codec(1 << 20));
+            let mut writer = FramedWrite::new(wr, frame::codec(1 << 20));
+            let hello = Hello { node_id: 5, addr: "127.0.0.1:1".into(), ..acceptor.hello() };
+            writer.send(Frame::encode(Kind::Hello, 0, &hello).unwrap()).await.unwrap();
+            let ack = Frame::decode(reader.next().await.unwrap().unwrap()).unwrap();
+            assert_eq!(ack.kind, Kind::HelloAck);
+            assert_ne!(Hello::decode(&ack).unwrap().proof, [0; 32], "the acceptor asks for a proof");
+            writer.send(first).await.unwrap();
+            let answer = Frame::decode(reader.next().await.unwrap().unwrap()).unwrap();
+            assert_eq!(answer.kind, Kind::Reject, "{:?}", String::from_utf8_lossy(&answer.payload));
+            assert!(reader.next().await.is_none(), "then the connection is closed");
+            assert!(!acceptor.reachable(5));
+        }
+        stop.cancel();
+    }
+
+    #[test]
+    fn a_secret_is_not_shown_by_debug() {
+        let s = ClusterSecret::new(b"0123456789abcdef");
+        assert_eq!(format!("{s:?}"), "ClusterSecret(..)");
     }
 
     /// A peer that completed the handshake on `addr`, speaking raw frames from here on.

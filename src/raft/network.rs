@@ -582,6 +582,7 @@ mod tests {
             advertise: advertise.into(),
             max_frame: 1 << 20,
             idle_timeout: Duration::from_secs(10),
+            secret: None,
         };
         let follower = PeerNet::new(cfg(2, &addr), stop.clone());
         let seen = Arc::new(Seen::default());

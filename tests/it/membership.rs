@@ -115,3 +115,37 @@ fn leave_command_removes_a_follower_from_the_cluster() {
         );
     });
 }
+
+/// With `--cluster-secret` the nodes form a cluster as usual, and a node that does not know the
+/// secret is refused at every handshake: seeded with the cluster, it never becomes a member,
+/// and the cluster keeps taking writes.
+#[test]
+fn a_node_without_the_cluster_secret_cannot_join() {
+    let mut c = Cluster::new("peer-secret", 3, &[]);
+    for id in c.ids() {
+        c.add_node_flags(
+            id,
+            &["--cluster-secret".into(), "it-secret-0123456789abcdef".into()],
+        );
+    }
+    c.start_all();
+    let leader = c.wait_for_membership(&c.ids(), &[], crate::harness::FORMATION);
+    c.api(leader).must_put("with-a-secret", &json!({"formed": true}));
+
+    let members = c.ids();
+    let intruder = c.add_node(&[leader]);
+    c.assert_stays(
+        &format!("node {intruder} (no secret) kept out"),
+        Duration::from_secs(5),
+        || {
+            for &id in &members {
+                let s = c.api(id).status()?;
+                if s.member(intruder).is_some() {
+                    return Err(format!("node {intruder} became a member: {s}"));
+                }
+            }
+            Ok(())
+        },
+    );
+    c.api(leader).must_put("after-intruder", &json!({"still": "serving"}));
+}
