@@ -7,7 +7,8 @@
 #  3. brings up deploy/compose.yml as project raftbridge-ci and checks the cluster: all nodes
 #     ready, a write through node 1 read back through node 3, three voters and one leader,
 #     Docker HEALTHCHECK healthy, requests through the alias `raftbridge` from inside the network,
-#     the leader killed and restarted (the others keep serving, it rejoins from its volume);
+#     the leader killed and restarted (the others keep serving, it rejoins from its volume), all
+#     with a fresh RAFTBRIDGE_CLUSTER_SECRET, so peer authentication runs end to end;
 #  4. always tears the project down (containers, network, volumes), also on failure or Ctrl-C.
 #
 # Every wait polls against a deadline. On failure it prints the nodes' log tails and exits 1.
@@ -20,6 +21,8 @@ cd "$(dirname "$0")/.."
 project="${RAFTBRIDGE_CHECK_PROJECT:-raftbridge-ci}"
 image="${RAFTBRIDGE_IMAGE:-raftbridge:dev}"
 export RAFTBRIDGE_IMAGE="$image"
+# The nodes authenticate each other with a cluster secret (compose passes it on), fresh per run.
+export RAFTBRIDGE_CLUSTER_SECRET="${RAFTBRIDGE_CLUSTER_SECRET:-ci-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
 ports=("${RAFTBRIDGE_HOST_PORT_1:-18401}" "${RAFTBRIDGE_HOST_PORT_2:-18402}" "${RAFTBRIDGE_HOST_PORT_3:-18403}")
 export RAFTBRIDGE_HOST_PORT_1="${ports[0]}" RAFTBRIDGE_HOST_PORT_2="${ports[1]}" RAFTBRIDGE_HOST_PORT_3="${ports[2]}"
 start=$SECONDS
