@@ -576,7 +576,7 @@ where
         let first = interval.map(|iv| start + iv.mul_f64(i as f64 / common.concurrency as f64));
         let pace = interval.zip(first);
         workers.push(tokio::spawn(async move {
-            worker(i, conn, &*make, &progress, timeout, measure_from, deadline, pace).await
+            worker(i, conn, &*make, &progress, timeout, Window { measure_from, deadline, pace }).await
         }));
     }
     let printer = tokio::spawn(print_progress(progress.clone(), measure_from, deadline));
@@ -659,19 +659,28 @@ async fn cpu_sample(targets: Vec<String>, at: Option<Instant>) -> CpuSample {
     CpuSample { nodes, bench, host }
 }
 
+/// When a worker measures and stops, and its pace when the load is paced.
+struct Window {
+    /// Requests started from here on are measured (after the warmup).
+    measure_from: Instant,
+    /// No request starts after it.
+    deadline: Instant,
+    /// (interval between this worker's requests, its first slot) under `--rate`.
+    pace: Option<(Duration, Instant)>,
+}
+
 async fn worker<F>(
     index: usize,
     mut conn: Conn,
     make_request: &F,
     progress: &Progress,
     timeout: Duration,
-    measure_from: Instant,
-    deadline: Instant,
-    pace: Option<(Duration, Instant)>,
+    window: Window,
 ) -> anyhow::Result<WorkerStats>
 where
     F: Fn(usize, u64) -> BenchRequest,
 {
+    let Window { measure_from, deadline, pace } = window;
     let (mut hist, mut kinds) = (new_histogram()?, BTreeMap::new());
     let mut backoff = BACKOFF_MIN;
     let mut prev_done = Instant::now();

@@ -25,8 +25,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Run a node.
-    Node(NodeArgs),
+    /// Run a node. (Boxed: the node's flags are most of the size of this enum.)
+    Node(Box<NodeArgs>),
     /// Run a three-node cluster on loopback (child processes) and print commands to try.
     Dev(DevArgs),
     /// Remove a node from the cluster for good.
@@ -101,7 +101,7 @@ pub fn main() -> ExitCode {
         tracing::debug!(error = %e, "could not turn transparent huge pages off");
     }
     let worker_threads = match &cli.cmd {
-        Cmd::Node(NodeArgs { worker_threads, .. }) => *worker_threads,
+        Cmd::Node(args) => args.worker_threads,
         Cmd::Bench(cmd) => Some(cmd.common().threads),
         _ => None,
     };
@@ -114,7 +114,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.cmd {
-            Cmd::Node(args) => run_node(args).await,
+            Cmd::Node(args) => run_node(*args).await,
             Cmd::Dev(args) => dev(args).await,
             Cmd::Leave(args) => leave(args).await,
             Cmd::Bench(cmd) => crate::bench::run(cmd).await.map(|_| ()),
