@@ -337,9 +337,17 @@ where
     }
     // A client that trickles its body would hold a connection slot for ever: hyper's header
     // timeout does not cover the body.
+    // Most bodies have arrived with their headers: one poll takes them without arming a timer
+    // (one per request on the publish path otherwise).
     let collect = Limited::new(req.into_body(), limit).collect();
-    let Ok(collected) = tokio::time::timeout(BODY_READ_TIMEOUT, collect).await else {
-        return Err(ApiError::RequestTimeout(BODY_READ_TIMEOUT));
+    tokio::pin!(collect);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(collect.as_mut(), cx))).await;
+    let collected = match first {
+        std::task::Poll::Ready(c) => c,
+        std::task::Poll::Pending => match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
+            Ok(c) => c,
+            Err(_) => return Err(ApiError::RequestTimeout(BODY_READ_TIMEOUT)),
+        },
     };
     match collected {
         Ok(c) => Ok(c.to_bytes()),
