@@ -426,7 +426,8 @@ async fn hand_over_leadership(replica: &Replica) {
 }
 
 /// Partially received snapshot from one leader: (last log index it covers, bytes so far).
-type Assembly = (Option<u64>, Vec<u8>);
+/// A snapshot being received: the sender's vote, its last log index, the bytes so far.
+type Assembly = (Vote, Option<u64>, Vec<u8>);
 
 /// Serves peer requests by handing each to the module that owns it.
 struct PeerHandler {
@@ -491,29 +492,41 @@ impl Handler for PeerHandler {
     }
 }
 
-/// Adds a chunk of `from`'s snapshot (`key`: its last log index) to the assemblies; the whole
-/// image once `done`. One snapshot is assembled at a time (from the leader of the moment): a
-/// transfer that a crashed or deposed leader left half done goes when a new one starts, so at
-/// most one `MAX_SNAPSHOT` is held. A chunk out of order ends its transfer.
-fn assemble(map: &mut HashMap<NodeId, Assembly>, from: NodeId, key: Option<u64>, offset: u64, data: &[u8], done: bool) -> Result<Option<Vec<u8>>, String> {
+/// Adds a chunk of `from`'s snapshot (sent under `vote`; `key`: its last log index) to the
+/// assemblies; the whole image once `done`. One snapshot is assembled at a time (from the leader
+/// of the moment): a transfer that a crashed or deposed leader left half done goes when a new
+/// one starts, so at most one `MAX_SNAPSHOT` is held; a transfer under an older vote does not
+/// displace one under a newer vote. A chunk out of order ends its transfer.
+fn assemble(
+    map: &mut HashMap<NodeId, Assembly>,
+    from: NodeId,
+    vote: &Vote,
+    key: Option<u64>,
+    offset: u64,
+    data: &[u8],
+    done: bool,
+) -> Result<Option<Vec<u8>>, String> {
     if offset == 0 {
+        if map.iter().any(|(sender, a)| *sender != from && a.0 > *vote) {
+            return Err("snapshot from a leader of an older term than the transfer under way".into());
+        }
         map.clear();
-        map.insert(from, (key, Vec::new()));
+        map.insert(from, (*vote, key, Vec::new()));
     }
     let Some(entry) = map.get_mut(&from) else { return Err(format!("snapshot chunk at {offset} of no transfer")) };
-    if entry.0 != key || entry.1.len() as u64 != offset {
+    if entry.0 != *vote || entry.1 != key || entry.2.len() as u64 != offset {
         map.remove(&from);
         return Err(format!("snapshot chunk at {offset} out of order"));
     }
-    if entry.1.len() + data.len() > MAX_SNAPSHOT {
+    if entry.2.len() + data.len() > MAX_SNAPSHOT {
         map.remove(&from);
         return Err(format!("snapshot larger than {MAX_SNAPSHOT} bytes"));
     }
-    entry.1.extend_from_slice(data);
+    entry.2.extend_from_slice(data);
     if !done {
         return Ok(None);
     }
-    Ok(map.remove(&from).map(|(_, bytes)| bytes))
+    Ok(map.remove(&from).map(|(_, _, bytes)| bytes))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -529,7 +542,7 @@ async fn snapshot_chunk(
 ) -> PeerResponse {
     let invalid = |m: String| PeerResponse::Error(RemoteError::Invalid(m));
     let key = meta.last_log_id.map(|l| l.index);
-    let complete = match assemble(&mut crate::lock(snapshots), from, key, offset, &data, done) {
+    let complete = match assemble(&mut crate::lock(snapshots), from, &vote, key, offset, &data, done) {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return PeerResponse::Snapshot(None),
         Err(why) => return invalid(why),
@@ -551,21 +564,23 @@ mod tests {
     #[test]
     fn a_snapshot_is_assembled_in_order_one_transfer_at_a_time() {
         let mut map = HashMap::new();
-        assert_eq!(assemble(&mut map, 1, Some(9), 0, b"ab", false), Ok(None));
-        assert_eq!(assemble(&mut map, 1, Some(9), 2, b"cd", true), Ok(Some(b"abcd".to_vec())));
-        assert!(map.is_empty(), "a finished transfer is not kept");
+        let (v1, v2) = (Vote::new_committed(1, 1), Vote::new_committed(2, 2));
+        let mut add = |from, vote: &Vote, key, offset, data: &[u8], done| assemble(&mut map, from, vote, key, offset, data, done);
+        assert_eq!(add(1, &v1, Some(9), 0, b"ab", false), Ok(None));
+        assert_eq!(add(1, &v1, Some(9), 2, b"cd", true), Ok(Some(b"abcd".to_vec())));
         // A leader that died half way: the next leader's transfer replaces its partial image.
-        assert_eq!(assemble(&mut map, 1, Some(9), 0, &[7; 1000], false), Ok(None));
-        assert_eq!(assemble(&mut map, 2, Some(12), 0, b"x", false), Ok(None));
-        assert_eq!(map.len(), 1);
-        assert!(assemble(&mut map, 1, Some(9), 1000, b"y", true).is_err(), "the old transfer is gone");
-        assert_eq!(assemble(&mut map, 2, Some(12), 1, b"y", true), Ok(Some(b"xy".to_vec())));
+        assert_eq!(add(1, &v1, Some(9), 0, &[7; 1000], false), Ok(None));
+        assert_eq!(add(2, &v2, Some(12), 0, b"x", false), Ok(None));
+        assert!(add(1, &v1, Some(9), 1000, b"y", true).is_err(), "the old transfer is gone");
+        // The deposed leader cannot restart over the newer one's transfer.
+        assert!(add(1, &v1, Some(9), 0, b"z", false).is_err());
+        assert_eq!(add(2, &v2, Some(12), 1, b"y", true), Ok(Some(b"xy".to_vec())));
         // Out of order, or another snapshot's chunk: the transfer ends.
-        assert_eq!(assemble(&mut map, 3, Some(5), 0, b"a", false), Ok(None));
-        assert!(assemble(&mut map, 3, Some(5), 5, b"b", false).is_err());
-        assert!(map.is_empty());
-        assert_eq!(assemble(&mut map, 3, Some(5), 0, b"a", false), Ok(None));
-        assert!(assemble(&mut map, 3, Some(6), 1, b"b", true).is_err());
+        assert_eq!(add(3, &v2, Some(5), 0, b"a", false), Ok(None));
+        assert!(add(3, &v2, Some(5), 5, b"b", false).is_err());
+        assert_eq!(add(3, &v2, Some(5), 0, b"a", false), Ok(None));
+        assert!(add(3, &v2, Some(6), 1, b"b", true).is_err());
+        assert!(map.is_empty(), "nothing is kept of ended transfers");
     }
 
     #[test]

@@ -139,9 +139,9 @@ struct Settle {
     since: tokio::time::Instant,
 }
 
-/// Bytes of events, metadata included (the entry and queue bounds).
-fn event_bytes(events: &[NewEvent]) -> usize {
-    events.iter().map(|e| e.body.full_size()).sum()
+/// Bytes of events, metadata and idempotency keys included (the entry and queue bounds).
+pub(crate) fn event_bytes(events: &[NewEvent]) -> usize {
+    events.iter().map(|e| e.body.full_size() + e.idempotency_key.as_ref().map_or(0, String::len)).sum()
 }
 
 pub struct Broker {
@@ -207,7 +207,9 @@ impl Broker {
     ) -> Arc<Broker> {
         let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
-        let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new() };
+        // An entry holds at most what one group may (or less): it must fit into a peer frame.
+        let max_bytes = MAX_BATCH_BYTES.min(max_group_bytes);
+        let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes };
         tokio::spawn(batcher(store.clone(), limits, timeout, linger, inbox, shutdown));
         Arc::new(Broker {
             store,
@@ -334,6 +336,8 @@ impl Broker {
         match self.publish_batch(events).await {
             // The entry's log index is not tracked per group; publishers use positions only.
             Ok(ids) => Ok((0, CommandResult::Published(ids))),
+            // Refused before it was queued (the nodes' --max-frame differ): nothing committed.
+            Err(e) if matches!(*e, BrokerError::TooLarge { .. }) => Err(RemoteError::Invalid(e.to_string())),
             // Queued on the leader, the group may have committed even though this failed (a
             // deadline, a lost leadership): the follower must not retry it.
             Err(e) => Err(RemoteError::Internal(format!("publish outcome unknown: {e}"))),
@@ -350,6 +354,9 @@ struct Inbox {
     /// into the previous entry, and those received while lingering (at most `LINGER_ENOUGH`
     /// events' worth plus that one; each still holds its share of `QUEUE_EVENTS`).
     held: VecDeque<Group>,
+    /// `event_bytes` per entry at most (`MAX_BATCH_BYTES`, or less with a small `--max-frame`);
+    /// a group larger than this still goes alone.
+    max_bytes: usize,
 }
 
 /// What woke the batcher: a group of events, or subscription progress with no events queued.
@@ -437,10 +444,10 @@ impl Inbox {
     fn fill(&mut self, first: Group) -> (Vec<NewEvent>, Vec<(Reply, usize)>) {
         let (mut count, mut bytes) = (first.events.len(), event_bytes(&first.events));
         let mut groups = vec![first];
-        while count < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        while count < MAX_BATCH && bytes < self.max_bytes {
             let Some(g) = self.held.pop_front().or_else(|| self.groups.try_recv().ok()) else { break };
             let more = event_bytes(&g.events);
-            if count + g.events.len() > MAX_BATCH || bytes + more > MAX_BATCH_BYTES {
+            if count + g.events.len() > MAX_BATCH || bytes + more > self.max_bytes {
                 self.held.push_front(g);
                 break;
             }
@@ -629,7 +636,7 @@ mod tests {
     fn inbox() -> (mpsc::Sender<Group>, mpsc::Sender<Settle>, Inbox) {
         let (tx, rx) = mpsc::channel(16);
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
-        (tx, settle_tx, Inbox { groups: rx, settles: settle_rx, held: VecDeque::new() })
+        (tx, settle_tx, Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes: MAX_BATCH_BYTES })
     }
 
     fn acks(sub: &str, positions: std::ops::Range<u64>) -> (Settle, oneshot::Receiver<bool>) {
@@ -865,6 +872,20 @@ mod tests {
         }
         assert_eq!(sizes.iter().sum::<usize>(), 1000);
         assert!(sizes.len() >= 4, "entries {sizes:?}");
+
+        // With a small frame the entry bound is smaller too (half a frame): 32 KiB here.
+        let (tx, _settle_tx, mut small) = self::tests::inbox();
+        small.max_bytes = 32 << 10;
+        let groups: Vec<Vec<NewEvent>> = (0..10).map(|_| vec![event(10_000)]).collect();
+        let _rxs = queue_events(&tx, &admit, groups);
+        drop(tx);
+        let mut sizes = Vec::new();
+        while let Some(Work::Group(first)) = small.next(&shutdown).await {
+            let (events, _) = small.fill(first);
+            assert!(event_bytes(&events) <= 32 << 10, "an entry over the small bound: {} bytes", event_bytes(&events));
+            sizes.push(events.len());
+        }
+        assert_eq!(sizes, vec![3, 3, 3, 1], "three 10 KB events per 32 KiB entry");
     }
 
     #[tokio::test]

@@ -1019,9 +1019,12 @@ mod tests {
             assert_eq!(ack.kind, Kind::HelloAck);
             assert_ne!(Hello::decode(&ack).unwrap().proof, [0; 32], "the acceptor asks for a proof");
             writer.send(first).await.unwrap();
-            let answer = Frame::decode(reader.next().await.unwrap().unwrap()).unwrap();
+            let limit = Duration::from_secs(10);
+            let answer = tokio::time::timeout(limit, reader.next()).await.expect("answered in time");
+            let answer = Frame::decode(answer.unwrap().unwrap()).unwrap();
             assert_eq!(answer.kind, Kind::Reject, "{:?}", String::from_utf8_lossy(&answer.payload));
-            assert!(reader.next().await.is_none(), "then the connection is closed");
+            let after = tokio::time::timeout(limit, reader.next()).await.expect("closed in time");
+            assert!(after.is_none(), "then the connection is closed");
             assert!(!acceptor.reachable(5));
         }
         stop.cancel();

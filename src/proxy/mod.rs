@@ -276,9 +276,10 @@ impl Proxy {
             idempotency_key: crate::api::meta_header(req.headers(), "idempotency-key")?.map(str::to_string),
             traceparent: traceparent.to_string(),
         };
+        // A body still arriving at the deadline is the client's delay: 408, not a gateway's 504.
         let payload = tokio::time::timeout_at(deadline, crate::api::read_body(req, max_body))
             .await
-            .map_err(|_| ApiError::Timeout)??;
+            .map_err(|_| ApiError::RequestTimeout(timeout))??;
         let inv = Invocation {
             service: route.service.clone(),
             version: route.version,

@@ -150,6 +150,23 @@ pub struct StoredResponse {
 }
 
 impl Command {
+    /// About the bytes this command takes encoded, cheaply: its variable-size parts plus a
+    /// fixed allowance. Bounds how many writes go into one forwarded frame.
+    pub fn approx_size(&self) -> usize {
+        const FIXED: usize = 128;
+        FIXED
+            + match self {
+                Command::Put { store, key, value, .. } => store.len() + key.len() + value.len(),
+                Command::Delete { store, key, .. } | Command::Increment { store, key, .. } => store.len() + key.len(),
+                Command::IdemComplete { key, response, .. } => key.len() + response.body.len(),
+                Command::IdemBegin { key, .. } => key.len(),
+                Command::Publish { events, .. } => crate::broker::event_bytes(events),
+                Command::PublishAndSettle { events, updates, .. } => crate::broker::event_bytes(events) + updates.len() * 64,
+                Command::SubUpdate { updates } => updates.len() * 64,
+                Command::Register { services, .. } => services.len() * 4096,
+            }
+    }
+
     /// True when applying the command twice leaves the same state as once (so a write whose
     /// outcome is unknown may be sent again).
     pub fn retry_safe(&self) -> bool {

@@ -147,5 +147,22 @@ fn a_node_without_the_cluster_secret_cannot_join() {
             Ok(())
         },
     );
+    // It did try: the members refused its handshakes (not merely never heard from it).
+    c.wait_for("a member refused the intruder's handshake", CATCH_UP, || {
+        for &id in &members {
+            let resp = c.api(id).request("GET", "/metrics", &[], b"").map_err(|e| e.to_string())?;
+            let text = String::from_utf8_lossy(&resp.body).to_string();
+            let refused = text
+                .lines()
+                .find(|l| l.starts_with("raftbridge_peer_rejected_total"))
+                .and_then(|l| l.split_whitespace().last())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0);
+            if refused > 0.0 {
+                return Ok(());
+            }
+        }
+        Err("no member counted a refused peer connection".to_string())
+    });
     c.api(leader).must_put("after-intruder", &json!({"still": "serving"}));
 }
