@@ -57,22 +57,11 @@ fn check_key(key: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// The event metadata a client sets with headers. Identity (`x-principal-id`, `x-tenant-id`)
-/// must be valid or the request is refused (see `meta_header`); trace context that is not valid
-/// (`x-request-id` over 200 bytes, a malformed `traceparent`) is left out, as the proxy does.
+/// The event metadata a client sets with headers, as the proxy reads it (`proxy::client_meta`),
+/// except that trace context the client did not send is left out rather than created.
 fn meta_of(req: &Request<Incoming>) -> Result<MessageMeta, ApiError> {
-    let h = req.headers();
-    let text = |name| h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty());
-    let traceparent = text("traceparent").filter(|t| crate::proxy::valid_traceparent(t)).unwrap_or_default();
-    Ok(MessageMeta {
-        trace_id: traceparent.split('-').nth(1).unwrap_or_default().to_string(),
-        correlation_id: text("x-request-id").filter(|v| v.len() <= 200).unwrap_or_default().to_string(),
-        principal_id: super::meta_header(h, "x-principal-id")?.map(str::to_string),
-        tenant_id: super::meta_header(h, "x-tenant-id")?.map(str::to_string),
-        sender: None,
-        idempotency_key: None,
-        traceparent: traceparent.to_string(),
-    })
+    let (request_id, traceparent) = crate::proxy::client_trace(req.headers());
+    crate::proxy::client_meta(req.headers(), request_id.unwrap_or_default(), traceparent.unwrap_or_default())
 }
 
 /// A body must be UTF-8 JSON text: a syntax check alone lets invalid UTF-8 inside strings
@@ -84,8 +73,9 @@ fn check_utf8(body: &[u8]) -> Result<(), ApiError> {
 /// `POST /v1/events/{eventName}` → 201 `{"id","position"}` once committed.
 pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiResult {
     check_name(name)?;
-    let meta = meta_of(&req)?;
-    let key = super::meta_header(req.headers(), "idempotency-key")?.map(str::to_string);
+    let mut meta = meta_of(&req)?;
+    // The header is the event's dedup key (a batch's items carry their own).
+    let key = meta.idempotency_key.take();
     let body = super::read_body(req, app.settings.max_body).await?;
     check_utf8(&body)?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
@@ -106,7 +96,8 @@ struct BatchItem<'a> {
 
 /// `POST /v1/events` with a JSON array → 201 `{"events":[{"id","position"},..]}` once committed.
 pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
-    let meta = meta_of(&req)?;
+    let mut meta = meta_of(&req)?;
+    meta.idempotency_key = None;
     let body = super::read_body(req, app.settings.max_body).await?;
     check_utf8(&body)?;
     let items: Vec<BatchItem> =

@@ -335,10 +335,9 @@ where
             return Err(ApiError::TooLarge { limit });
         }
     }
-    // A client that trickles its body would hold a connection slot for ever: hyper's header
-    // timeout does not cover the body.
-    // Most bodies have arrived with their headers: one poll takes them without arming a timer
-    // (one per request on the publish path otherwise).
+    // A client that trickles its body would hold a connection slot for ever (hyper's header
+    // timeout does not cover the body), hence the deadline. Most bodies have arrived with their
+    // headers: one poll takes them without arming a timer (one per publish otherwise).
     let collect = Limited::new(req.into_body(), limit).collect();
     tokio::pin!(collect);
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(collect.as_mut(), cx))).await;

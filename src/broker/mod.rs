@@ -123,6 +123,8 @@ struct Group {
     /// Hold the group's share of `QUEUE_EVENTS` and `QUEUE_KIB` until the batcher takes it.
     _queued: OwnedSemaphorePermit,
     _queued_kib: OwnedSemaphorePermit,
+    /// `event_bytes(&events)`, counted once at admission for the entry bound.
+    bytes: usize,
     /// When the group was queued: how long it waited for an entry is a metric.
     since: tokio::time::Instant,
 }
@@ -249,7 +251,7 @@ impl Broker {
         let queued = self.admit.clone().acquire_many_owned(n).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         let queued_kib = self.admit_kib.clone().acquire_many_owned(kib).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         let (reply, rx) = oneshot::channel();
-        let group = Group { events, reply, _queued: queued, _queued_kib: queued_kib, since: tokio::time::Instant::now() };
+        let group = Group { events, reply, _queued: queued, _queued_kib: queued_kib, bytes, since: tokio::time::Instant::now() };
         self.queue.send(group).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         rx.await.map_err(|_| Arc::new(BrokerError::Stopped))?
     }
@@ -442,11 +444,11 @@ impl Inbox {
     /// Adds whatever else is queued to `first` while it fits in one entry; a group that does not
     /// fit is held for the next batch.
     fn fill(&mut self, first: Group) -> (Vec<NewEvent>, Vec<(Reply, usize)>) {
-        let (mut count, mut bytes) = (first.events.len(), event_bytes(&first.events));
+        let (mut count, mut bytes) = (first.events.len(), first.bytes);
         let mut groups = vec![first];
         while count < MAX_BATCH && bytes < self.max_bytes {
             let Some(g) = self.held.pop_front().or_else(|| self.groups.try_recv().ok()) else { break };
-            let more = event_bytes(&g.events);
+            let more = g.bytes;
             if count + g.events.len() > MAX_BATCH || bytes + more > self.max_bytes {
                 self.held.push_front(g);
                 break;
@@ -625,7 +627,8 @@ mod tests {
                 let (reply, rx) = oneshot::channel();
                 let queued = admit.clone().try_acquire_many_owned(events.len() as u32).expect("room in the queue");
                 let queued_kib = Arc::new(Semaphore::new(1)).try_acquire_owned().expect("a fresh permit");
-                let group = Group { events, reply, _queued: queued, _queued_kib: queued_kib, since: tokio::time::Instant::now() };
+                let bytes = event_bytes(&events);
+                let group = Group { events, reply, _queued: queued, _queued_kib: queued_kib, bytes, since: tokio::time::Instant::now() };
                 tx.try_send(group).expect("room in the channel");
                 rx
             })

@@ -267,15 +267,7 @@ impl Proxy {
         let mut params = routing::parse_query(req.uri().query().unwrap_or(""))
             .ok_or_else(|| ApiError::BadRequest("malformed query string".into()))?;
         params.extend(path_params);
-        let meta = MessageMeta {
-            trace_id: traceparent.split('-').nth(1).unwrap_or_default().to_string(),
-            correlation_id: request_id.to_string(),
-            principal_id: crate::api::meta_header(req.headers(), "x-principal-id")?.map(str::to_string),
-            tenant_id: crate::api::meta_header(req.headers(), "x-tenant-id")?.map(str::to_string),
-            sender: None,
-            idempotency_key: crate::api::meta_header(req.headers(), "idempotency-key")?.map(str::to_string),
-            traceparent: traceparent.to_string(),
-        };
+        let meta = client_meta(req.headers(), request_id, traceparent)?;
         // A body still arriving at the deadline is the client's delay: 408, not a gateway's 504.
         let payload = tokio::time::timeout_at(deadline, crate::api::read_body(req, max_body))
             .await
@@ -531,19 +523,38 @@ fn hex(n: usize) -> String {
     (0..n).map(|_| char::from_digit(fastrand::u32(..16), 16).unwrap_or('0')).collect()
 }
 
+/// The client's own `x-request-id` (at most 200 bytes) and W3C `traceparent`, each `None` when
+/// absent or malformed.
+pub(crate) fn client_trace(h: &HeaderMap) -> (Option<&str>, Option<&str>) {
+    let request_id = header(h, "x-request-id").filter(|v| v.len() <= 200);
+    (request_id, header(h, "traceparent").filter(|t| valid_traceparent(t)))
+}
+
 /// `x-request-id` and a valid W3C `traceparent` (both created when absent or malformed).
 fn trace_ids(h: &HeaderMap) -> (String, String) {
-    let request_id = header(h, "x-request-id")
-        .filter(|v| v.len() <= 200)
-        .map(str::to_string)
-        .unwrap_or_else(|| hex(32));
-    let traceparent = header(h, "traceparent").filter(|t| valid_traceparent(t)).map(str::to_string);
-    let traceparent = traceparent.unwrap_or_else(|| format!("00-{}-{}-01", hex(32), hex(16)));
+    let (request_id, traceparent) = client_trace(h);
+    let request_id = request_id.map_or_else(|| hex(32), str::to_string);
+    let traceparent = traceparent.map_or_else(|| format!("00-{}-{}-01", hex(32), hex(16)), str::to_string);
     (request_id, traceparent)
 }
 
+/// A client request's message fields: the given trace context (empty = none) and the identity
+/// and dedup headers, which must be valid (`api::meta_header`). Shared by commands and events.
+pub(crate) fn client_meta(h: &HeaderMap, request_id: &str, traceparent: &str) -> Result<MessageMeta, ApiError> {
+    let text = |name| crate::api::meta_header(h, name).map(|v| v.map(str::to_string));
+    Ok(MessageMeta {
+        trace_id: traceparent.split('-').nth(1).unwrap_or_default().to_string(),
+        correlation_id: request_id.to_string(),
+        principal_id: text("x-principal-id")?,
+        tenant_id: text("x-tenant-id")?,
+        sender: None,
+        idempotency_key: text("idempotency-key")?,
+        traceparent: traceparent.to_string(),
+    })
+}
+
 /// A W3C `traceparent`: version, 32-hex trace id, 16-hex parent id, flags; ids not all zero.
-pub(crate) fn valid_traceparent(t: &str) -> bool {
+fn valid_traceparent(t: &str) -> bool {
     let parts: Vec<&str> = t.split('-').collect();
     let is_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     parts.len() == 4

@@ -10,6 +10,19 @@ use crate::harness::assert_json_error;
 use crate::harness::Cluster;
 use crate::harness::CATCH_UP;
 
+/// Asserts that none of `nodes` lists `outsider` as a member for the whole of `period`.
+fn assert_kept_out(c: &Cluster, nodes: &[u64], outsider: u64, period: Duration) {
+    c.assert_stays(&format!("node {outsider} out of the membership"), period, || {
+        for &id in nodes {
+            let s = c.api(id).status()?;
+            if s.member(outsider).is_some() {
+                return Err(format!("node {outsider} is listed by node {id}: {s}"));
+            }
+        }
+        Ok(())
+    });
+}
+
 /// Builds a 4-node cluster (3 + one joined), removes a follower with `remove(cluster, victim,
 /// via)`, where `via` is a third node (neither leader nor victim), and checks the outcome.
 fn removal_scenario(name: &str, remove: impl FnOnce(&Cluster, u64, u64)) {
@@ -26,19 +39,7 @@ fn removal_scenario(name: &str, remove: impl FnOnce(&Cluster, u64, u64)) {
     c.wait_for_membership_seen_by(&remaining, &remaining, &[], CATCH_UP);
 
     // It stays out, even while its process (with its --seeds) may still run.
-    c.assert_stays(
-        &format!("node {victim} out of the membership"),
-        Duration::from_secs(3),
-        || {
-            for &id in &remaining {
-                let s = c.api(id).status()?;
-                if s.member(victim).is_some() {
-                    return Err(format!("node {victim} is listed again: {s}"));
-                }
-            }
-            Ok(())
-        },
-    );
+    assert_kept_out(&c, &remaining, victim, Duration::from_secs(3));
     if c.is_running(victim) {
         c.kill(victim);
     }
@@ -134,19 +135,7 @@ fn a_node_without_the_cluster_secret_cannot_join() {
 
     let members = c.ids();
     let intruder = c.add_node(&[leader]);
-    c.assert_stays(
-        &format!("node {intruder} (no secret) kept out"),
-        Duration::from_secs(5),
-        || {
-            for &id in &members {
-                let s = c.api(id).status()?;
-                if s.member(intruder).is_some() {
-                    return Err(format!("node {intruder} became a member: {s}"));
-                }
-            }
-            Ok(())
-        },
-    );
+    assert_kept_out(&c, &members, intruder, Duration::from_secs(5));
     // It did try: the members refused its handshakes (not merely never heard from it).
     c.wait_for("a member refused the intruder's handshake", CATCH_UP, || {
         for &id in &members {
