@@ -8,12 +8,14 @@
 #     ready, a write through node 1 read back through node 3, three voters and one leader,
 #     Docker HEALTHCHECK healthy, requests through the alias `raftbridge` from inside the network,
 #     the leader killed and restarted (the others keep serving, it rejoins from its volume), all
-#     with a fresh RAFTBRIDGE_CLUSTER_SECRET, so peer authentication runs end to end;
+#     with a fresh RAFTBRIDGE_CLUSTER_SECRET and peer links over mutual TLS (compose.tls.yml with
+#     certificates from `raftbridge certs`, a throwaway CA), so both run end to end;
 #  4. always tears the project down (containers, network, volumes), also on failure or Ctrl-C.
 #
 # Every wait polls against a deadline. On failure it prints the nodes' log tails and exits 1.
 # Env: RAFTBRIDGE_CHECK_PROJECT (raftbridge-ci), RAFTBRIDGE_HOST_PORT_1..3 (18401..18403),
 #      RAFTBRIDGE_SKIP_DOCKER=1 (only step 1, for machines without Docker),
+#      RAFTBRIDGE_CHECK_TLS=0 (plain peer links),
 #      SKIP_CARGO_BUILD=1 (image from the existing target/release/raftbridge).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,8 +52,11 @@ elif command -v docker-compose >/dev/null; then
 else
   fail "neither 'docker compose' nor docker-compose found"
 fi
-dc() { "${compose[@]}" -p "$project" -f deploy/compose.yml "$@"; }
-dc config -q || fail "deploy/compose.yml is not a valid compose file"
+files=(-f deploy/compose.yml)
+tls="${RAFTBRIDGE_CHECK_TLS:-1}"
+[[ $tls == 1 ]] && files+=(-f deploy/compose.tls.yml)
+dc() { "${compose[@]}" -p "$project" "${files[@]}" "$@"; }
+RAFTBRIDGE_PKI_DIR="${RAFTBRIDGE_PKI_DIR:-/pki-made-later}" dc config -q || fail "deploy/compose.yml (with compose.tls.yml) is not a valid compose file"
 
 if command -v systemd-analyze >/dev/null; then
   # The unit names /usr/local/bin/raftbridge, which is not installed here: ignore only that.
@@ -68,9 +73,11 @@ docker run --rm "$image" --version
 
 # ---------------------------------------------------------------- 3. compose cluster
 ok=0
+pki=""
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  [[ -n "$pki" ]] && rm -rf "$pki"
   if [[ $ok != 1 ]]; then
     echo "---- container logs (tail) ----" >&2
     dc logs --no-color --tail=60 >&2 2>&1 || true
@@ -84,6 +91,21 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+
+if [[ $tls == 1 ]]; then
+  # A throwaway CA: each node's certificate names the node and the seed alias `raftbridge`.
+  bin="${CARGO_TARGET_DIR:-target}/release/raftbridge"
+  pki="$(mktemp -d "${TMPDIR:-/tmp}/raftbridge-pki.XXXXXX")"
+  for n in 1 2 3; do
+    "$bin" certs --dir "$pki" --name "raftbridge-$n" --san "raftbridge-$n" --san raftbridge --days 2 >/dev/null \
+      || fail "raftbridge certs for raftbridge-$n"
+  done
+  # The nodes get no CA key; they run as uid 10001, so the (throwaway) keys must be readable.
+  rm "$pki/ca-key.pem"
+  chmod 755 "$pki" && chmod 644 "$pki"/*.pem
+  export RAFTBRIDGE_PKI_DIR="$pki"
+  say "peer links over mutual TLS (certificates in $pki)"
+fi
 
 # Leftovers of an interrupted earlier run would hold the ports and the volumes.
 dc down -v --remove-orphans >/dev/null 2>&1 || true
@@ -105,6 +127,10 @@ wait_until() {
 
 all_ready() { for p in "${ports[@]}"; do curl -fsS -m 2 "http://127.0.0.1:$p/readyz" || return 1; done; }
 wait_until 90 "all three nodes ready" all_ready
+if [[ $tls == 1 ]]; then
+  [[ "$(dc logs --no-color 2>&1 | grep -c 'peer links over mutual TLS')" -ge 3 ]] || fail "not every node reports peer TLS"
+  say "every node runs its peer links over mutual TLS"
+fi
 
 key="ci-$$-$RANDOM"
 put="$(http -X PUT -w ' %{http_code}' "http://127.0.0.1:${ports[0]}/v1/state/default/$key" -d '{"via":"node1"}')"

@@ -1,4 +1,4 @@
-//! Command-line interface: `node`, `dev`, `leave`, `bench`, `probe`.
+//! Command-line interface: `node`, `dev`, `leave`, `bench`, `probe`, `chaos`, `certs`.
 //!
 //! This is the binary's edge, so errors are `anyhow` here and exit codes are decided here.
 //! `dev` runs a three-node loopback cluster as child processes of this same binary, which is
@@ -39,6 +39,26 @@ enum Cmd {
     /// Chaos suite: a cluster under mixed load and a seeded schedule of faults, then a check
     /// that nothing acknowledged was lost or applied twice (see deploy/chaos/README.md).
     Chaos(crate::chaos::ChaosArgs),
+    /// Make a certificate and key for one node's peer TLS (`--peer-tls-*`), signed by the
+    /// cluster CA in --dir (made there first when the directory has none).
+    Certs(CertsArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct CertsArgs {
+    /// Directory of the cluster CA (`ca.pem`, `ca-key.pem`) and of the files made.
+    #[arg(long)]
+    dir: std::path::PathBuf,
+    /// The node's name: the files are `<name>.pem` and `<name>-key.pem`.
+    #[arg(long)]
+    name: String,
+    /// A host name or IP address that peers dial this node by (its --advertise or seed
+    /// address host), or the shared --peer-tls-server-name. Repeat for several.
+    #[arg(long = "san", required = true)]
+    sans: Vec<String>,
+    /// Days the node certificate is valid.
+    #[arg(long, default_value_t = 825)]
+    days: u32,
 }
 
 #[derive(Debug, clap::Args)]
@@ -120,6 +140,7 @@ pub fn main() -> ExitCode {
             Cmd::Bench(cmd) => crate::bench::run(cmd).await.map(|_| ()),
             Cmd::Probe(args) => probe(args).await,
             Cmd::Chaos(args) => crate::chaos::run(args).await,
+            Cmd::Certs(args) => certs(args),
         }
     });
     match result {
@@ -169,6 +190,18 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         services.push(crate::sdk::demo::demo_service());
     }
     crate::node::run(cfg, services, metrics, shutdown).await?;
+    Ok(())
+}
+
+fn certs(args: CertsArgs) -> anyhow::Result<()> {
+    let issued = crate::peer::tls::issue(&args.dir, &args.name, &args.sans, args.days)?;
+    let ca = args.dir.join(crate::peer::tls::CA_CERT);
+    if issued.ca_created {
+        println!("made the cluster CA: {} (its key {} signs node certificates: keep it off the nodes)",
+            ca.display(), args.dir.join(crate::peer::tls::CA_KEY).display());
+    }
+    println!("made {} and {}; run the node with", issued.cert.display(), issued.key.display());
+    println!("  --peer-tls-cert {} --peer-tls-key {} --peer-tls-ca {}", issued.cert.display(), issued.key.display(), ca.display());
     Ok(())
 }
 

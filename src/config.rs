@@ -83,6 +83,21 @@ pub struct NodeArgs {
     /// encrypt the link.
     #[arg(long, env = "RAFTBRIDGE_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// Peer links over mutual TLS: this node's certificate chain (PEM). Needs --peer-tls-key and
+    /// --peer-tls-ca too; `raftbridge certs` makes all three. Every node of a cluster must use
+    /// TLS, or none.
+    #[arg(long, env = "RAFTBRIDGE_PEER_TLS_CERT")]
+    pub peer_tls_cert: Option<PathBuf>,
+    /// This node's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, env = "RAFTBRIDGE_PEER_TLS_KEY")]
+    pub peer_tls_key: Option<PathBuf>,
+    /// The cluster CA (PEM): a peer's certificate must chain to it, in both directions.
+    #[arg(long, env = "RAFTBRIDGE_PEER_TLS_CA")]
+    pub peer_tls_ca: Option<PathBuf>,
+    /// The name every node's certificate carries, checked instead of the dialed host (when
+    /// peers' addresses are not known when certificates are made).
+    #[arg(long, env = "RAFTBRIDGE_PEER_TLS_SERVER_NAME")]
+    pub peer_tls_server_name: Option<String>,
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, env = "RAFTBRIDGE_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -151,6 +166,7 @@ pub struct NodeConfig {
     pub snapshot_threshold: u64,
     pub cluster_name: String,
     pub cluster_secret: Option<crate::peer::ClusterSecret>,
+    pub peer_tls: Option<PeerTlsFiles>,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     pub write_timeout_ms: u64,
@@ -164,6 +180,15 @@ pub struct NodeConfig {
     pub events_max_age_s: u64,
     pub example_services: bool,
     pub sidecar: Option<crate::sidecar::SidecarConfig>,
+}
+
+/// Where a node's peer TLS material is (`--peer-tls-*`); read when the node starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerTlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+    pub server_name: Option<String>,
 }
 
 impl NodeArgs {
@@ -205,6 +230,16 @@ impl NodeArgs {
         };
         let seeds: Vec<String> =
             pick!(seeds).unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let peer_tls = match (pick!(peer_tls_cert), pick!(peer_tls_key), pick!(peer_tls_ca)) {
+            (Some(cert), Some(key), Some(ca)) => Some(PeerTlsFiles { cert, key, ca, server_name: pick!(peer_tls_server_name) }),
+            (None, None, None) if pick!(peer_tls_server_name).is_none() => None,
+            _ => {
+                return Err(ConfigError::Invalid {
+                    name: "peer-tls-cert",
+                    reason: "peer TLS needs all of --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into(),
+                })
+            }
+        };
         let cfg = NodeConfig {
             id,
             data_dir,
@@ -218,6 +253,7 @@ impl NodeArgs {
             snapshot_threshold: pick!(snapshot_threshold).unwrap_or(50_000),
             cluster_name: pick!(cluster_name).unwrap_or_else(|| "raftbridge".into()),
             cluster_secret: pick!(cluster_secret).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
+            peer_tls,
             heartbeat_ms: pick!(heartbeat_ms).unwrap_or(60),
             election_timeout_ms: pick!(election_timeout_ms).unwrap_or(300),
             write_timeout_ms: pick!(write_timeout_ms).unwrap_or(5_000),
@@ -368,6 +404,24 @@ mod tests {
         let cfg = args.resolve().unwrap();
         assert!(cfg.example_services);
         assert_eq!(cfg.sidecar, Some(sidecar));
+    }
+
+    #[test]
+    fn peer_tls_needs_all_three_files() {
+        let base = || NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), ..Default::default() };
+        assert_eq!(base().resolve().unwrap().peer_tls, None);
+        let all = NodeArgs {
+            peer_tls_cert: Some("c.pem".into()),
+            peer_tls_key: Some("k.pem".into()),
+            peer_tls_ca: Some("ca.pem".into()),
+            ..base()
+        };
+        let tls = all.clone().resolve().unwrap().peer_tls.unwrap();
+        assert_eq!((tls.cert.to_str(), tls.key.to_str(), tls.ca.to_str(), tls.server_name), (Some("c.pem"), Some("k.pem"), Some("ca.pem"), None));
+        let missing_ca = NodeArgs { peer_tls_ca: None, ..all };
+        assert!(matches!(missing_ca.resolve(), Err(ConfigError::Invalid { name: "peer-tls-cert", .. })));
+        let only_name = NodeArgs { peer_tls_server_name: Some("peers".into()), ..base() };
+        assert!(only_name.resolve().is_err(), "a server name without certificates is a mistake");
     }
 
     #[test]

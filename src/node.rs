@@ -25,6 +25,7 @@ use crate::peer::PeerNet;
 use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::peer::message::RemoteError;
+use crate::peer::tls::PeerTls;
 use crate::raft::RaftSettings;
 use crate::raft::Replica;
 use crate::raft::log_store::LogStore;
@@ -65,6 +66,8 @@ pub enum NodeError {
     Raft(String),
     #[error("sidecar: {0}")]
     Sidecar(#[from] crate::sidecar::SidecarError),
+    #[error("peer TLS: {0}")]
+    Tls(#[from] crate::peer::tls::TlsError),
 }
 
 /// Check or record the node id in the data dir: a data dir belongs to one node id forever.
@@ -100,6 +103,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     claim_data_dir(&cfg.data_dir, cfg.id)?;
+    let tls = match &cfg.peer_tls {
+        Some(files) => {
+            let tls = PeerTls::load(&files.cert, &files.key, &files.ca, files.server_name.as_deref())?;
+            info!(cert = %files.cert.display(), ca = %files.ca.display(), server_name = ?files.server_name, "peer links over mutual TLS");
+            Some(tls)
+        }
+        None => None,
+    };
     let peer_listener =
         TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
     let http_listener =
@@ -120,6 +131,7 @@ pub async fn run(
             max_frame: cfg.max_frame,
             idle_timeout: Duration::from_millis((cfg.election_timeout_ms * 4).max(2_000)),
             secret: cfg.cluster_secret.clone(),
+            tls,
         },
         net_stop.clone(),
     );

@@ -20,6 +20,7 @@
 
 pub mod frame;
 pub mod message;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -54,6 +55,10 @@ use self::message::PeerRequest;
 use self::message::PeerResponse;
 use crate::lock;
 use crate::raft::types::NodeId;
+
+/// A link's frames, read from and written to plain TCP or TLS (`tls`).
+type Reader = FramedRead<tls::ReadHalf, tokio_util::codec::LengthDelimitedCodec>;
+type Writer = FramedWrite<tls::WriteHalf, tokio_util::codec::LengthDelimitedCodec>;
 
 /// Frames waiting to be written on one link.
 const SEND_QUEUE: usize = 4096;
@@ -145,6 +150,8 @@ pub struct PeerConfig {
     pub idle_timeout: Duration,
     /// When set, peers must prove they know it at the handshake (and this node proves it).
     pub secret: Option<ClusterSecret>,
+    /// When set, every link is mutual TLS with certificates from the cluster CA.
+    pub tls: Option<tls::PeerTls>,
 }
 
 /// The cluster's shared secret (`--cluster-secret`). Its `Debug` does not show it.
@@ -499,7 +506,13 @@ impl PeerNet {
             .map_err(|_| io_err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))?
             .map_err(io_err)?;
         stream.set_nodelay(true).map_err(io_err)?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = match &self.cfg.tls {
+            Some(tls) => tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connect(addr, stream))
+                .await
+                .map_err(|_| PeerError::Handshake { addr: addr.to_string(), reason: "TLS handshake timed out".into() })?
+                .map_err(|e| PeerError::Handshake { addr: addr.to_string(), reason: format!("TLS: {e}") })?,
+            None => tls::plain(stream),
+        };
         let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
         let mut writer = FramedWrite::new(wr, frame::codec(self.cfg.max_frame));
         let hello = self.hello();
@@ -603,7 +616,15 @@ impl PeerNet {
 
     async fn accept(self: &Arc<Self>, stream: TcpStream) -> Result<(), String> {
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (rd, wr) = stream.into_split();
+        let (rd, wr) = match &self.cfg.tls {
+            // Before anything of ours is read: a peer without a certificate from the cluster CA
+            // gets no further than the TLS handshake.
+            Some(tls) => tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream))
+                .await
+                .map_err(|_| "no TLS handshake in time".to_string())?
+                .map_err(|e| format!("TLS: {e}"))?,
+            None => tls::plain(stream),
+        };
         let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
         let mut writer = FramedWrite::new(wr, frame::codec(self.cfg.max_frame));
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
@@ -658,8 +679,8 @@ impl PeerNet {
         peer_addr: String,
         dialer: NodeId,
         theirs: &Hello,
-        reader: FramedRead<tokio::net::tcp::OwnedReadHalf, tokio_util::codec::LengthDelimitedCodec>,
-        writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, tokio_util::codec::LengthDelimitedCodec>,
+        reader: Reader,
+        writer: Writer,
     ) -> Arc<Link> {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let link = Arc::new(Link {
@@ -791,7 +812,7 @@ fn retire(link: &Arc<Link>) {
 async fn write_loop(
     link: Arc<Link>,
     mut rx: mpsc::Receiver<Bytes>,
-    mut writer: FramedWrite<tokio::net::tcp::OwnedWriteHalf, tokio_util::codec::LengthDelimitedCodec>,
+    mut writer: Writer,
 ) {
     let frames = metrics::counter!("raftbridge_peer_frames_written_total");
     let flushes = metrics::counter!("raftbridge_peer_flushes_total");
@@ -841,7 +862,7 @@ async fn write_loop(
 /// (bounded) and completes outstanding calls with their responses.
 async fn read_loop(
     link: Arc<Link>,
-    mut reader: FramedRead<tokio::net::tcp::OwnedReadHalf, tokio_util::codec::LengthDelimitedCodec>,
+    mut reader: Reader,
     handler: Option<Arc<dyn Handler>>,
     idle: Duration,
 ) {
@@ -939,12 +960,12 @@ async fn read_loop(
 mod tests {
     use super::*;
 
-    type RawReader = FramedRead<tokio::net::tcp::OwnedReadHalf, tokio_util::codec::LengthDelimitedCodec>;
-    type RawWriter = FramedWrite<tokio::net::tcp::OwnedWriteHalf, tokio_util::codec::LengthDelimitedCodec>;
+    type RawReader = Reader;
+    type RawWriter = Writer;
 
     /// Node 1 accepting peer links on a free loopback port; `stop` ends it.
     async fn listening(idle_timeout: Duration) -> (Arc<PeerNet>, std::net::SocketAddr, CancellationToken) {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout, secret: None };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout, secret: None, tls: None };
         let stop = CancellationToken::new();
         let net = PeerNet::new(cfg, stop.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -966,6 +987,7 @@ mod tests {
             max_frame: 1 << 20,
             idle_timeout: Duration::from_secs(10),
             secret: secret.map(|s| ClusterSecret::new(s.as_bytes())),
+            tls: None,
         };
         let acceptor = PeerNet::new(cfg(1, addr.to_string(), secret), stop.clone());
         tokio::spawn(acceptor.clone().run(listener));
@@ -1010,7 +1032,7 @@ mod tests {
     async fn an_acceptor_with_a_secret_serves_nothing_before_a_valid_proof() {
         let (acceptor, _, addr, stop) = pair(Some("0123456789abcdef"), None).await;
         for first in [Frame::encode_raw(Kind::Auth, 0, &[0; 32]), Frame::encode_raw(Kind::Ping, 0, &[])] {
-            let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
+            let (rd, wr) = tls::plain(TcpStream::connect(addr).await.unwrap());
             let mut reader = FramedRead::new(rd, frame::codec(1 << 20));
             let mut writer = FramedWrite::new(wr, frame::codec(1 << 20));
             let hello = Hello { node_id: 5, addr: "127.0.0.1:1".into(), ..acceptor.hello() };
@@ -1030,6 +1052,95 @@ mod tests {
         stop.cancel();
     }
 
+    /// Two nodes on loopback with the given TLS settings (None: plain TCP); node 2 dials node 1.
+    async fn tls_pair(acceptor_tls: Option<tls::PeerTls>, dialer_tls: Option<tls::PeerTls>) -> (Arc<PeerNet>, Arc<PeerNet>, CancellationToken) {
+        let stop = CancellationToken::new();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cfg = |node_id, advertise: String, tls| PeerConfig {
+            node_id,
+            cluster: "t".into(),
+            advertise,
+            max_frame: 1 << 20,
+            idle_timeout: Duration::from_secs(10),
+            secret: None,
+            tls,
+        };
+        let acceptor = PeerNet::new(cfg(1, addr.to_string(), acceptor_tls), stop.clone());
+        tokio::spawn(acceptor.clone().run(listener));
+        let dialer = PeerNet::new(cfg(2, "127.0.0.1:1".into(), dialer_tls), stop.clone());
+        dialer.set_peer_addr(1, &addr.to_string());
+        (acceptor, dialer, stop)
+    }
+
+    /// Answers every request with `Done` (the link, not the request, is under test).
+    struct Answers;
+    impl Handler for Answers {
+        fn handle(&self, _: NodeId, _: PeerRequest) -> BoxFuture<PeerResponse> {
+            Box::pin(async { PeerResponse::Done })
+        }
+    }
+
+    /// Nodes with certificates from one CA link over TLS and serve requests both ways; a node
+    /// with another CA's certificate, without TLS, or with a certificate for another name is
+    /// refused, and the acceptor keeps no link to it.
+    #[tokio::test]
+    async fn tls_links_need_a_certificate_from_the_cluster_ca() {
+        let dir = std::env::temp_dir().join(format!("rb-peer-tls-{}", fastrand::u64(..)));
+        let other = dir.join("other");
+        for (d, name, san) in [
+            (&dir, "n1", "127.0.0.1"),
+            (&dir, "n2", "127.0.0.1"),
+            (&dir, "elsewhere", "10.9.9.9"),
+            (&dir, "shared", "rb-peers"),
+            (&other, "n3", "127.0.0.1"),
+        ] {
+            tls::issue(d, name, &[san.to_string()], 30).unwrap();
+        }
+        let load = |d: &std::path::Path, name: &str, server_name: Option<&str>| {
+            tls::PeerTls::load(&d.join(format!("{name}.pem")), &d.join(format!("{name}-key.pem")), &d.join(tls::CA_CERT), server_name)
+                .unwrap()
+        };
+        let (acceptor, dialer, stop) = tls_pair(Some(load(&dir, "n1", None)), Some(load(&dir, "n2", None))).await;
+        acceptor.set_handler(Arc::new(Answers));
+        dialer.set_handler(Arc::new(Answers));
+        dialer.link(1).await.expect("one CA: linked");
+        let status = dialer.request(1, &PeerRequest::Status, Duration::from_secs(5)).await;
+        assert!(matches!(status, Ok(PeerResponse::Done)), "{status:?}");
+        assert!(acceptor.reachable(2));
+        let back = acceptor.request(2, &PeerRequest::Status, Duration::from_secs(5)).await;
+        assert!(matches!(back, Ok(PeerResponse::Done)), "and back: {back:?}");
+        stop.cancel();
+        // One certificate for every node with one shared name, checked whatever address was
+        // dialed (--peer-tls-server-name, deploy/k8s/README.md).
+        let shared = || Some(load(&dir, "shared", Some("rb-peers")));
+        let (_acceptor, dialer, stop) = tls_pair(shared(), shared()).await;
+        dialer.link(1).await.expect("the shared name is checked, not the dialed IP address");
+        stop.cancel();
+        for (theirs, ours, why) in [
+            (Some(load(&dir, "n1", None)), Some(load(&other, "n3", None)), "the dialer's certificate is from another CA"),
+            (Some(load(&other, "n3", None)), Some(load(&dir, "n2", None)), "the acceptor's certificate is from another CA"),
+            (Some(load(&dir, "elsewhere", None)), Some(load(&dir, "n2", None)), "the acceptor's certificate is for another address"),
+            (Some(load(&dir, "n1", None)), Some(load(&dir, "n2", Some("peers.example"))), "the acceptor lacks the configured name"),
+            (Some(load(&dir, "n1", None)), None, "the dialer speaks plain TCP"),
+            (None, Some(load(&dir, "n2", None)), "the acceptor speaks plain TCP"),
+        ] {
+            let (acceptor, dialer, stop) = tls_pair(theirs, ours).await;
+            let Err(err) = dialer.link(1).await else { panic!("{why}: linked") };
+            assert!(matches!(err, PeerError::Handshake { .. } | PeerError::Io { .. }), "{why}: {err}");
+            assert!(!dialer.reachable(1), "{why}: no link on the dialer");
+            for _ in 0..300 {
+                if !acceptor.reachable(2) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(!acceptor.reachable(2), "{why}: no link on the acceptor");
+            stop.cancel();
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[test]
     fn a_secret_is_not_shown_by_debug() {
         let s = ClusterSecret::new(b"0123456789abcdef");
@@ -1038,7 +1149,7 @@ mod tests {
 
     /// A peer that completed the handshake on `addr`, speaking raw frames from here on.
     async fn handshaken(net: &PeerNet, addr: std::net::SocketAddr, node_id: NodeId) -> (RawReader, RawWriter) {
-        let (rd, wr) = TcpStream::connect(addr).await.unwrap().into_split();
+        let (rd, wr) = tls::plain(TcpStream::connect(addr).await.unwrap());
         let mut reader = FramedRead::new(rd, frame::codec(1 << 20));
         let mut writer = FramedWrite::new(wr, frame::codec(1 << 20));
         let hello = Hello { node_id, addr: "127.0.0.1:1".into(), ..net.hello() };

@@ -583,6 +583,7 @@ mod tests {
             max_frame: 1 << 20,
             idle_timeout: Duration::from_secs(10),
             secret: None,
+            tls: None,
         };
         let follower = PeerNet::new(cfg(2, &addr), stop.clone());
         let seen = Arc::new(Seen::default());

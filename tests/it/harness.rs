@@ -579,15 +579,23 @@ impl Cluster {
     /// Adds node `len+1`, seeded with the peer addresses of `seeds` and no `--bootstrap-expect`,
     /// and starts it: it must join the running cluster by itself. Returns its id.
     pub fn add_node(&mut self, seeds: &[u64]) -> u64 {
+        self.add_node_with(seeds, &[])
+    }
+
+    /// `add_node` with `flags` of its own besides the cluster's.
+    pub fn add_node_with(&mut self, seeds: &[u64], flags: &[String]) -> u64 {
         let seeds: Vec<SocketAddr> = seeds.iter().map(|&s| self.peer(s)).collect();
         let ports = free_ports(2);
-        let id = self.push_node(
-            ports[0],
-            ports[1],
-            vec!["--seeds".into(), join_addrs(&seeds)],
-        );
+        let mut extra = vec!["--seeds".into(), join_addrs(&seeds)];
+        extra.extend(flags.iter().cloned());
+        let id = self.push_node(ports[0], ports[1], extra);
         self.start(id);
         id
+    }
+
+    /// The cluster's temp dir (removed with the cluster unless a test failed).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// Declares that node `id` may exit on its own from now on (the liveness check skips it).

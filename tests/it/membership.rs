@@ -137,8 +137,14 @@ fn a_node_without_the_cluster_secret_cannot_join() {
     let intruder = c.add_node(&[leader]);
     assert_kept_out(&c, &members, intruder, Duration::from_secs(5));
     // It did try: the members refused its handshakes (not merely never heard from it).
+    assert_refused_a_handshake(&c, &members);
+    c.api(leader).must_put("after-intruder", &json!({"still": "serving"}));
+}
+
+/// Waits until some member counts a refused peer connection (`raftbridge_peer_rejected_total`).
+fn assert_refused_a_handshake(c: &Cluster, members: &[u64]) {
     c.wait_for("a member refused the intruder's handshake", CATCH_UP, || {
-        for &id in &members {
+        for &id in members {
             let resp = c.api(id).request("GET", "/metrics", &[], b"").map_err(|e| e.to_string())?;
             let text = String::from_utf8_lossy(&resp.body).to_string();
             let refused = text
@@ -153,5 +159,62 @@ fn a_node_without_the_cluster_secret_cannot_join() {
         }
         Err("no member counted a refused peer connection".to_string())
     });
+}
+
+/// `raftbridge certs` for node `name` in `dir` (the cluster CA is made on first use); returns
+/// the node's `--peer-tls-*` flags.
+fn node_certs(c: &Cluster, dir: &std::path::Path, name: &str) -> Vec<String> {
+    let d = dir.display().to_string();
+    let status = c.run_cli(
+        &format!("certs-{name}"),
+        &["certs", "--dir", &d, "--name", name, "--san", "127.0.0.1", "--san", "localhost"],
+        CATCH_UP,
+    );
+    assert!(status.success(), "`raftbridge certs --dir {d} --name {name}` exited with {status}");
+    let file = |f: String| dir.join(f).display().to_string();
+    vec![
+        "--peer-tls-cert".into(),
+        file(format!("{name}.pem")),
+        "--peer-tls-key".into(),
+        file(format!("{name}-key.pem")),
+        "--peer-tls-ca".into(),
+        file("ca.pem".into()),
+    ]
+}
+
+/// With `--peer-tls-*` (certificates from `raftbridge certs`) the nodes form a cluster over
+/// mutual TLS and replicate and forward as usual; a node whose certificate comes from another
+/// CA is refused at every handshake and never becomes a member.
+#[test]
+fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
+    let mut c = Cluster::new("peer-tls", 3, &[]);
+    let pki = c.dir().join("pki");
+    for id in c.ids() {
+        let flags = node_certs(&c, &pki, &format!("n{id}"));
+        c.add_node_flags(id, &flags);
+    }
+    c.start_all();
+    let leader = c.wait_for_membership(&c.ids(), &[], crate::harness::FORMATION);
+    let followers: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
+    // A write at a follower is forwarded to the leader and replicated; the other follower
+    // reads it back: every hop crossed a TLS link.
+    let value = json!({"over": "tls", "at": followers[0]});
+    c.api(followers[0]).must_put("over-tls", &value);
+    c.wait_for("the write is readable at the other follower", CATCH_UP, || {
+        let resp = c.api(followers[1]).get("over-tls").map_err(|e| e.to_string())?;
+        let body: serde_json::Value = serde_json::from_slice(&resp.body).map_err(|e| e.to_string())?;
+        if resp.status == 200 && body == value {
+            Ok(())
+        } else {
+            Err(format!("{} {body}", resp.status))
+        }
+    });
+
+    let members = c.ids();
+    let other_ca = c.dir().join("other-pki");
+    let flags = node_certs(&c, &other_ca, "n4");
+    let intruder = c.add_node_with(&[leader], &flags);
+    assert_kept_out(&c, &members, intruder, Duration::from_secs(5));
+    assert_refused_a_handshake(&c, &members);
     c.api(leader).must_put("after-intruder", &json!({"still": "serving"}));
 }

@@ -1,0 +1,348 @@
+//! Mutual TLS for peer links (`--peer-tls-cert`, `--peer-tls-key`, `--peer-tls-ca`), and the
+//! cluster CA that `raftbridge certs` makes.
+//!
+//! Why it is built this way:
+//! - *Mutual.* A peer link carries Raft RPCs and forwarded writes, so both ends must be members:
+//!   the acceptor demands a client certificate and both sides check the other's chain against the
+//!   cluster CA (not the system roots: a public CA's certificate must not make anyone a member).
+//!   One certificate per node serves both directions (it carries the serverAuth and clientAuth
+//!   key usages).
+//! - *Names.* The dialer checks the acceptor's certificate against the host it dialed (a DNS name
+//!   or an IP address, as in the seed list and the advertised address), like any TLS client.
+//!   Where addresses are not known in advance (DHCP, NAT), `--peer-tls-server-name` makes every
+//!   node check for one shared name instead, as Consul's `server.<dc>.consul` does.
+//! - *TLS under the frames, not instead of them.* The handshake, framing and the cluster-secret
+//!   proof are unchanged on top (proto/PEER.md); TLS only wraps the byte stream, so a link is the
+//!   same code with or without it.
+//! - *rustls with ring*: no system OpenSSL to match, no cmake for aws-lc; TLS 1.3 and 1.2 with
+//!   rustls' safe defaults. `rcgen` makes certificates so that a test or a newcomer needs no
+//!   openssl recipe.
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::ServerName;
+use rustls::pki_types::pem::PemObject;
+use tokio::io::AsyncRead;
+use tokio::io::AsyncWrite;
+use tokio::net::TcpStream;
+
+/// ALPN protocol of a peer link: a TLS client of another protocol is refused in the handshake.
+const ALPN: &[u8] = b"raftbridge-peer/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{what} {path}: {reason}")]
+    File { what: &'static str, path: PathBuf, reason: String },
+    #[error("peer TLS: {0}")]
+    Config(String),
+    #[error("peer TLS server name {name:?}: {reason}")]
+    ServerName { name: String, reason: String },
+}
+
+/// The byte stream under a link's frames: plain TCP, or TLS over it.
+pub type ReadHalf = Box<dyn AsyncRead + Send + Unpin>;
+pub type WriteHalf = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// A plain TCP stream in two halves (no lock between them).
+pub fn plain(stream: TcpStream) -> (ReadHalf, WriteHalf) {
+    let (rd, wr) = stream.into_split();
+    (Box::new(rd), Box::new(wr))
+}
+
+/// This node's certificate and key, and the CA its peers' certificates must chain to.
+#[derive(Clone)]
+pub struct PeerTls {
+    connector: tokio_rustls::TlsConnector,
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// The name every acceptor's certificate must carry, instead of the dialed host.
+    server_name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for PeerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerTls").field("server_name", &self.server_name).finish_non_exhaustive()
+    }
+}
+
+impl PeerTls {
+    /// Reads the PEM files and builds both sides' configurations.
+    pub fn load(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Result<PeerTls, TlsError> {
+        let file_err = |what, path: &Path| {
+            let path = path.to_path_buf();
+            move |e: rustls::pki_types::pem::Error| TlsError::File { what, path, reason: e.to_string() }
+        };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(file_err("certificate", cert))?
+            .collect::<Result<_, _>>()
+            .map_err(file_err("certificate", cert))?;
+        if chain.is_empty() {
+            return Err(TlsError::File { what: "certificate", path: cert.into(), reason: "no CERTIFICATE in the file".into() });
+        }
+        let key = PrivateKeyDer::from_pem_file(key).map_err(file_err("private key", key))?;
+        let mut roots = RootCertStore::empty();
+        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+            .map_err(file_err("CA certificate", ca))?
+            .collect::<Result<_, _>>()
+            .map_err(file_err("CA certificate", ca))?;
+        for c in cas {
+            roots
+                .add(c)
+                .map_err(|e| TlsError::File { what: "CA certificate", path: ca.into(), reason: e.to_string() })?;
+        }
+        if roots.is_empty() {
+            return Err(TlsError::File { what: "CA certificate", path: ca.into(), reason: "no CERTIFICATE in the file".into() });
+        }
+        Self::from_parts(chain, key, roots, server_name)
+    }
+
+    fn from_parts(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: RootCertStore,
+        server_name: Option<&str>,
+    ) -> Result<PeerTls, TlsError> {
+        let config_err = |e: rustls::Error| TlsError::Config(e.to_string());
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = Arc::new(roots);
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(config_err)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain.clone(), key.clone_key())
+            .map_err(config_err)?;
+        server.alpn_protocols = vec![ALPN.to_vec()];
+        let mut client = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(config_err)?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(chain, key)
+            .map_err(config_err)?;
+        client.alpn_protocols = vec![ALPN.to_vec()];
+        let server_name = match server_name {
+            Some(name) => Some(
+                ServerName::try_from(name.to_string())
+                    .map_err(|e| TlsError::ServerName { name: name.into(), reason: e.to_string() })?,
+            ),
+            None => None,
+        };
+        Ok(PeerTls {
+            connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+            acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+            server_name,
+        })
+    }
+
+    /// The name the acceptor at `addr` must prove: `--peer-tls-server-name`, or the dialed host.
+    pub fn name_for(&self, addr: &str) -> Result<ServerName<'static>, TlsError> {
+        if let Some(name) = &self.server_name {
+            return Ok(name.clone());
+        }
+        let host = match addr.rsplit_once(':') {
+            Some((host, port)) if port.parse::<u16>().is_ok() => host,
+            _ => addr,
+        };
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        ServerName::try_from(host.to_string()).map_err(|e| TlsError::ServerName { name: host.into(), reason: e.to_string() })
+    }
+
+    /// TLS as the dialer, over a connected stream.
+    pub async fn connect(&self, addr: &str, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
+        let name = self.name_for(addr).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let tls = self.connector.connect(name, stream).await?;
+        let (rd, wr) = tokio::io::split(tls);
+        Ok((Box::new(rd), Box::new(wr)))
+    }
+
+    /// TLS as the acceptor: the peer must present a certificate from the cluster CA.
+    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
+        let tls = self.acceptor.accept(stream).await?;
+        let (rd, wr) = tokio::io::split(tls);
+        Ok((Box::new(rd), Box::new(wr)))
+    }
+}
+
+/// Files `raftbridge certs` writes into its directory.
+pub const CA_CERT: &str = "ca.pem";
+pub const CA_KEY: &str = "ca-key.pem";
+
+/// The CA's subject. A CA is re-made from its key with this same name to sign more node
+/// certificates later: the chain check matches a certificate to its issuer by name and key.
+const CA_NAME: &str = "raftbridge cluster CA";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} already exists (remove it to make a new one)")]
+    Exists { path: PathBuf },
+    #[error("certificate: {0}")]
+    Generate(#[from] rcgen::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What `raftbridge certs` wrote.
+#[derive(Debug)]
+pub struct Issued {
+    pub ca_created: bool,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Makes the cluster CA in `dir` unless it is there, then a certificate and key for one node,
+/// `<name>.pem` and `<name>-key.pem`, valid for `days` for the names `sans` (DNS names or IP
+/// addresses the node is dialed by). Keys are written readable by their owner only.
+pub fn issue(dir: &Path, name: &str, sans: &[String], days: u32) -> Result<Issued, CertError> {
+    use rcgen::BasicConstraints;
+    use rcgen::CertificateParams;
+    use rcgen::DnType;
+    use rcgen::ExtendedKeyUsagePurpose;
+    use rcgen::IsCa;
+    use rcgen::KeyPair;
+    use rcgen::KeyUsagePurpose;
+
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')) {
+        return Err(CertError::Invalid(format!("node name {name:?}: use letters, digits, '-', '_' and '.'")));
+    }
+    if sans.is_empty() {
+        return Err(CertError::Invalid("give at least one --san (the host or IP address peers dial)".into()));
+    }
+    if days == 0 {
+        return Err(CertError::Invalid("--days must be at least 1".into()));
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| CertError::Io { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let cert_path = dir.join(format!("{name}.pem"));
+    let key_path = dir.join(format!("{name}-key.pem"));
+    for path in [&cert_path, &key_path] {
+        if path.exists() {
+            return Err(CertError::Exists { path: path.clone() });
+        }
+    }
+    let now = time::OffsetDateTime::now_utc();
+    let ca_params = |valid_until| -> Result<CertificateParams, CertError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, CA_NAME);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.not_before = now - time::Duration::days(1);
+        params.not_after = valid_until;
+        Ok(params)
+    };
+    let (ca_path, ca_key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
+    let ca_created = !ca_key_path.exists();
+    let (ca_cert, ca_key) = if ca_created {
+        let key = KeyPair::generate()?;
+        let cert = ca_params(now + time::Duration::days(3650))?.self_signed(&key)?;
+        write_new(&ca_key_path, key.serialize_pem().as_bytes(), true)?;
+        write_new(&ca_path, cert.pem().as_bytes(), false)?;
+        (cert, key)
+    } else {
+        let pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
+        let key = KeyPair::from_pem(&pem)?;
+        // The same name and key as the CA in ca.pem: what it signs chains to that certificate.
+        let cert = ca_params(now + time::Duration::days(3650))?.self_signed(&key)?;
+        (cert, key)
+    };
+
+    let mut params = CertificateParams::new(sans.to_vec())?;
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(i64::from(days));
+    params.use_authority_key_identifier_extension = true;
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+    write_new(&key_path, key.serialize_pem().as_bytes(), true)?;
+    write_new(&cert_path, cert.pem().as_bytes(), false)?;
+    Ok(Issued { ca_created, cert: cert_path, key: key_path })
+}
+
+/// Creates a file that must not exist yet; a key is readable by its owner only.
+fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CertError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true).mode(if secret { 0o600 } else { 0o644 });
+    let mut file = options.open(path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::AlreadyExists => CertError::Exists { path: path.into() },
+        _ => CertError::Io { path: path.into(), source },
+    })?;
+    file.write_all(bytes).and_then(|_| file.sync_all()).map_err(|source| CertError::Io { path: path.into(), source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("rb-tls-{tag}-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn certs_make_a_ca_once_and_sign_nodes_with_it() {
+        let dir = temp_dir("issue");
+        let sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
+        let first = issue(&dir, "node1", &sans, 30).unwrap();
+        assert!(first.ca_created);
+        let ca_before = std::fs::read(dir.join(CA_CERT)).unwrap();
+        let second = issue(&dir, "node2", &sans, 30).unwrap();
+        assert!(!second.ca_created, "the CA in the directory is reused");
+        assert_eq!(std::fs::read(dir.join(CA_CERT)).unwrap(), ca_before);
+        assert!(matches!(issue(&dir, "node1", &sans, 30), Err(CertError::Exists { .. })), "nothing is overwritten");
+        assert!(matches!(issue(&dir, "../x", &sans, 30), Err(CertError::Invalid(_))));
+        assert!(matches!(issue(&dir, "n", &[], 30), Err(CertError::Invalid(_))));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&second.key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "keys are private");
+        let mode = std::fs::metadata(dir.join(CA_KEY)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Both node certificates load against the one CA file.
+        for n in ["node1", "node2"] {
+            PeerTls::load(&dir.join(format!("{n}.pem")), &dir.join(format!("{n}-key.pem")), &dir.join(CA_CERT), None).unwrap();
+        }
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_files_are_named_in_the_error() {
+        let dir = temp_dir("bad");
+        issue(&dir, "n1", &["127.0.0.1".into()], 30).unwrap();
+        std::fs::write(dir.join("empty.pem"), "").unwrap();
+        let err = PeerTls::load(&dir.join("missing.pem"), &dir.join("n1-key.pem"), &dir.join(CA_CERT), None).unwrap_err();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+        let err = PeerTls::load(&dir.join("n1.pem"), &dir.join("n1-key.pem"), &dir.join("empty.pem"), None).unwrap_err();
+        assert!(err.to_string().contains("CA certificate"), "{err}");
+        let err = PeerTls::load(&dir.join("n1.pem"), &dir.join("n1.pem"), &dir.join(CA_CERT), None).unwrap_err();
+        assert!(err.to_string().contains("private key"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_dialed_host_is_the_server_name_unless_one_is_configured() {
+        let dir = temp_dir("names");
+        issue(&dir, "n1", &["127.0.0.1".into()], 30).unwrap();
+        let load = |name| PeerTls::load(&dir.join("n1.pem"), &dir.join("n1-key.pem"), &dir.join(CA_CERT), name).unwrap();
+        let tls = load(None);
+        assert_eq!(format!("{:?}", tls.name_for("127.0.0.1:7400").unwrap()), format!("{:?}", ServerName::try_from("127.0.0.1").unwrap()));
+        assert_eq!(format!("{:?}", tls.name_for("[::1]:7400").unwrap()), format!("{:?}", ServerName::try_from("::1").unwrap()));
+        assert_eq!(format!("{:?}", tls.name_for("rb-0.rb:7400").unwrap()), format!("{:?}", ServerName::try_from("rb-0.rb").unwrap()));
+        let tls = load(Some("peers.raftbridge"));
+        assert_eq!(format!("{:?}", tls.name_for("10.0.0.1:7400").unwrap()), format!("{:?}", ServerName::try_from("peers.raftbridge").unwrap()));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
