@@ -471,6 +471,7 @@ impl Handler for PeerHandler {
         let proxy = self.proxy.clone();
         let dispatcher = self.dispatcher.clone();
         let broker = self.broker.clone();
+        let max_frame = replica.net.max_frame();
         Box::pin(async move {
             let raft = &replica.raft;
             let fatal = |e: &dyn std::fmt::Display| PeerResponse::Error(RemoteError::Internal(e.to_string()));
@@ -495,7 +496,9 @@ impl Handler for PeerHandler {
                 PeerRequest::Invoke(inv) => proxy.serve_remote(inv).await,
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
                 PeerRequest::DeliverBatch { sub, events } => dispatcher.serve_delivery_batch(sub, events).await,
-                PeerRequest::WriteBatch(cmds) => PeerResponse::WrittenBatch(broker.write_forwarded(cmds).await),
+                PeerRequest::WriteBatch(cmds) => {
+                    PeerResponse::WrittenBatch(crate::raft::fit_answers(broker.write_forwarded(cmds).await, max_frame))
+                }
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
                 PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),
                 PeerRequest::Remove { id } => cluster.remove(id).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),

@@ -262,6 +262,37 @@ impl Replica {
     }
 }
 
+/// Room in a frame for everything of a `WrittenBatch` but its answers (frame and enum headers).
+const ANSWER_HEADROOM: usize = 64 << 10;
+
+/// Leader side of a forwarded batch's reply: keeps its answers within one frame of `max_frame`.
+/// The forwarder cuts a batch by the size of its commands, but a command's answer can be far
+/// larger than the command: `IdemBegin` answers a finished request with its stored response (up
+/// to half a frame), and several of them would make a reply no frame can carry (the link would
+/// close and every write on it fail). Answers are kept in order while they fit; a replayed
+/// response that no longer fits is withheld as `Unavailable`, which the follower's
+/// `Replica::write` retries in a later batch. Asking again is safe: `IdemBegin` on a finished
+/// key changes nothing and answers the same. The first answer always goes: one stored response
+/// fits a frame. Other answers are small (revisions, positions) and always go.
+pub fn fit_answers(
+    mut results: Vec<Result<(u64, CommandResult), RemoteError>>,
+    max_frame: usize,
+) -> Vec<Result<(u64, CommandResult), RemoteError>> {
+    let budget = max_frame.saturating_sub(ANSWER_HEADROOM);
+    let mut used = 0usize;
+    for (i, r) in results.iter_mut().enumerate() {
+        let size = bincode::serialized_size(&*r).map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let replay = matches!(r, Ok((_, CommandResult::IdemDone(_))));
+        if replay && i > 0 && used.saturating_add(size) > budget {
+            metrics::counter!("raftbridge_forward_answers_withheld_total").increment(1);
+            *r = Err(RemoteError::Unavailable("answer withheld: the batch's answers would not fit a frame; ask again".into()));
+            continue;
+        }
+        used = used.saturating_add(size);
+    }
+    results
+}
+
 /// Forwards queued writes to the leader, many per frame. Each batch is sent by its own task so
 /// the next batch forms while one is in flight; what queues up meanwhile is the next batch.
 async fn forwarder(raft: Raft, net: Arc<PeerNet>, mut rx: mpsc::Receiver<Forward>) {
@@ -450,5 +481,26 @@ mod tests {
         let e = write_error(ClientWriteError::ForwardToLeader(to()), false);
         assert!(matches!(e, RemoteError::NotLeader { leader: Some(3) }), "{e:?}");
         assert_eq!(status(e), 503);
+    }
+
+    #[test]
+    fn a_batch_reply_keeps_its_answers_within_a_frame() {
+        let frame = 1 << 20;
+        let replay = |kib: usize| Ok((7, CommandResult::IdemDone(StoredResponse { status: 200, body: vec![b'x'; kib << 10], content_type: None })));
+        let small = || Ok((8, CommandResult::Written { revision: 3 }));
+        let results = vec![replay(500), small(), replay(480), replay(100), small(), replay(500), Err(RemoteError::Invalid("bad".into()))];
+        let fitted = super::fit_answers(results.clone(), frame);
+        let withheld: Vec<usize> = fitted.iter().enumerate().filter(|(_, r)| matches!(r, Err(RemoteError::Unavailable(_)))).map(|(i, _)| i).collect();
+        assert_eq!(withheld, vec![2, 5], "replays kept in order while they fit: 500 + 100 KiB kept of a 960 KiB budget, 480 and 500 withheld");
+        let kept_small = fitted.iter().filter(|r| matches!(r, Ok((_, CommandResult::Written { .. })))).count();
+        assert_eq!(kept_small, 2, "small answers always go");
+        assert!(matches!(fitted[6], Err(RemoteError::Invalid(_))), "errors are passed on as they are");
+        let size = bincode::serialized_size(&crate::peer::message::PeerResponse::WrittenBatch(fitted)).unwrap();
+        assert!(size <= frame as u64, "{size} bytes fit a frame of {frame}");
+        // The first answer always goes, however large: one stored response fits a frame.
+        let alone = super::fit_answers(vec![replay(900)], frame);
+        assert!(alone[0].is_ok());
+        // Withheld answers are asked again by the follower's write loop.
+        assert!(matches!(super::fit_answers(vec![replay(500), replay(500)], frame)[1], Err(RemoteError::Unavailable(_))));
     }
 }

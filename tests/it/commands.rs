@@ -959,3 +959,76 @@ fn a_dead_node_gets_no_traffic_and_a_restarted_one_gets_it_once_ready() {
         Ok(())
     });
 }
+
+/// The value of an unlabelled counter on `api`'s `/metrics` (0 when not yet exported).
+fn metric(api: Api, name: &str) -> f64 {
+    let resp = api
+        .request("GET", "/metrics", &[], b"")
+        .unwrap_or_else(|e| panic!("GET /metrics via node {}: {e}", api.id));
+    String::from_utf8_lossy(&resp.body)
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Many clients repeat keyed requests with large stored answers at a follower, at once: the
+/// follower forwards their `IdemBegin`s to the leader in shared batches, and a batch's replayed
+/// answers together would exceed a peer frame (here 128 KiB, answers of ~60 KB). The leader
+/// answers what fits and has the rest asked again: every client gets its own stored answer,
+/// and no peer link is closed on the way (an oversized reply used to close the link).
+#[test]
+fn large_replayed_answers_asked_together_all_arrive_without_closing_a_link() {
+    let c = demo_cluster("cmd-big-replays", &["--max-frame", "131072", "--max-body", "65536"]);
+    let leader = c.wait_for_leader(CATCH_UP);
+    let follower = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    let api = c.api(follower);
+    const CLIENTS: usize = 12;
+    const ROUNDS: usize = 6;
+    // First runs, one by one: each key's answer (~60 KB) is stored.
+    let firsts: Vec<(Value, Value)> = (0..CLIENTS)
+        .map(|i| {
+            let payload = json!(format!("{i:02}-{}", "x".repeat(60_000)));
+            let key = format!("big-replay-{i}");
+            let resp = echo(api, &payload, &[("idempotency-key", &key)]).expect("first run");
+            assert_eq!(resp.status, 200, "first run of {key}: {}", resp.describe());
+            assert!(!is_replay(&resp));
+            (payload, resp.json().expect("a JSON answer"))
+        })
+        .collect();
+    let links_before = metric(api, "raftbridge_peer_links_opened_total");
+    let start = Arc::new(Barrier::new(CLIENTS));
+    let clients: Vec<JoinHandle<Result<(), String>>> = firsts
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(i, (payload, first))| {
+            let start = start.clone();
+            thread::spawn(move || {
+                let key = format!("big-replay-{i}");
+                start.wait();
+                for round in 0..ROUNDS {
+                    let resp = echo(api, &payload, &[("idempotency-key", &key)])
+                        .map_err(|e| format!("{key} round {round}: {e}"))?;
+                    if resp.status != 200 || !is_replay(&resp) || resp.json()? != first {
+                        return Err(format!("{key} round {round}: not its stored answer: {}", resp.describe()));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client thread").unwrap_or_else(|e| panic!("{e}"));
+    }
+    assert_eq!(
+        metric(api, "raftbridge_peer_links_opened_total"),
+        links_before,
+        "no peer link of node {follower} was closed and opened again"
+    );
+    assert!(
+        metric(c.api(leader), "raftbridge_forward_answers_withheld_total") > 0.0,
+        "the leader withheld answers that did not fit (else the test did not batch replays)"
+    );
+}
