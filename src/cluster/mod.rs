@@ -317,6 +317,11 @@ impl Cluster {
             // Re-resolved every round: a DNS name (one alias for all nodes, a headless service)
             // gains addresses as nodes start. Every address is probed, not just the first.
             let resolved = resolve_seeds(&self.settings.seeds, RESOLVE_TIMEOUT).await;
+            for (addr, host) in &resolved.names {
+                // A seed's name resolves to addresses, and the dialer dials those: TLS must
+                // check the name the operator gave, which is what a certificate carries.
+                self.replica.net.set_tls_name(addr, host);
+            }
             if round % 20 == 1 {
                 for (seed, cause) in &resolved.unresolved {
                     info!(%seed, %cause, "seed does not resolve yet");
@@ -380,6 +385,8 @@ struct ResolvedSeeds {
     addrs: Vec<String>,
     /// Seeds that did not resolve this round, with the cause (unreachable for this round only).
     unresolved: Vec<(String, String)>,
+    /// (address, the DNS name it came from) for seeds given by name: TLS checks that name.
+    names: Vec<(String, String)>,
 }
 
 /// Resolve every seed to *all* of its addresses, each lookup bounded by `timeout`. A name that
@@ -401,7 +408,11 @@ async fn resolve_seeds(seeds: &[String], timeout: Duration) -> ResolvedSeeds {
     for (seed, r) in futures_util::future::join_all(lookups).await {
         match r {
             Ok(addrs) if !addrs.is_empty() => {
+                let host = seed.parse::<std::net::SocketAddr>().is_err().then(|| seed.rsplit_once(':').map_or(seed.as_str(), |(h, _)| h));
                 for a in addrs {
+                    if let Some(host) = host {
+                        out.names.push((a.clone(), host.to_string()));
+                    }
                     if seen.insert(a.clone()) {
                         out.addrs.push(a);
                     }
@@ -447,6 +458,10 @@ mod tests {
         let local: Vec<&String> = r.addrs.iter().filter(|a| a.ends_with(":7400")).collect();
         assert!(!local.is_empty(), "localhost resolved to nothing: {r:?}");
         assert!(local.iter().all(|a| a.parse::<std::net::SocketAddr>().is_ok()), "{r:?}");
+        // Each remembers the name it came from (TLS checks the name); IP seeds have none.
+        let named: Vec<(&str, &str)> = r.names.iter().map(|(a, h)| (a.as_str(), h.as_str())).collect();
+        assert!(local.iter().all(|a| named.contains(&(a.as_str(), "localhost"))), "{named:?}");
+        assert!(r.names.iter().all(|(a, _)| a.ends_with(":7400")), "only the name's addresses: {named:?}");
         // Names that do not resolve are reported for this round, not an error.
         let bad: Vec<&str> = r.unresolved.iter().map(|(s, _)| s.as_str()).collect();
         assert_eq!(bad, ["no-such-host.invalid:7400", "no-port"]);

@@ -76,6 +76,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// Resolved seed addresses whose DNS names TLS remembers at most (`set_tls_name`).
+const MAX_TLS_NAMES: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
@@ -341,6 +343,8 @@ pub struct PeerNet {
     links: Arc<Mutex<HashMap<NodeId, Arc<Link>>>>,
     addrs: Mutex<HashMap<NodeId, String>>,
     dials: Mutex<HashMap<String, DialState>>,
+    /// Resolved seed address → the DNS name TLS checks there (`set_tls_name`).
+    tls_names: Mutex<HashMap<String, String>>,
     /// Cancelled by the node on shutdown; closes the listener, the maintainer and every link.
     shutdown: CancellationToken,
     shutting_down: AtomicBool,
@@ -355,6 +359,7 @@ impl PeerNet {
             links: Arc::new(Mutex::new(HashMap::new())),
             addrs: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
+            tls_names: Mutex::new(HashMap::new()),
             shutdown,
             shutting_down: AtomicBool::new(false),
         })
@@ -499,6 +504,16 @@ impl PeerNet {
         result
     }
 
+    /// When TLS dials `addr` (an address a seed's DNS name resolved to), the certificate must
+    /// carry `host`, the name, not the address. Bounded: the oldest names go past `MAX_TLS_NAMES`.
+    pub fn set_tls_name(&self, addr: &str, host: &str) {
+        let mut names = lock(&self.tls_names);
+        if names.len() >= MAX_TLS_NAMES && !names.contains_key(addr) {
+            names.clear();
+        }
+        names.insert(addr.to_string(), host.to_string());
+    }
+
     async fn connect(&self, addr: &str) -> Result<Arc<Link>, PeerError> {
         let io_err = |source| PeerError::Io { addr: addr.to_string(), source };
         let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
@@ -507,7 +522,7 @@ impl PeerNet {
             .map_err(io_err)?;
         stream.set_nodelay(true).map_err(io_err)?;
         let (rd, wr) = match &self.cfg.tls {
-            Some(tls) => tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connect(addr, stream))
+            Some(tls) => tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connect(&self.tls_dial_name(addr), stream))
                 .await
                 .map_err(|_| PeerError::Handshake { addr: addr.to_string(), reason: "TLS handshake timed out".into() })?
                 .map_err(|e| PeerError::Handshake { addr: addr.to_string(), reason: format!("TLS: {e}") })?,
@@ -554,6 +569,14 @@ impl PeerNet {
         // We dialed `addr`; remember it as the way to reach this peer.
         let link = self.start_link(theirs.node_id, addr.to_string(), self.cfg.node_id, &theirs, reader, writer);
         Ok(link)
+    }
+
+    /// What TLS checks for `addr`: the DNS name it was resolved from, if any, with its port.
+    fn tls_dial_name(&self, addr: &str) -> String {
+        match (lock(&self.tls_names).get(addr), addr.rsplit_once(':')) {
+            (Some(host), Some((_, port))) => format!("{host}:{port}"),
+            _ => addr.to_string(),
+        }
     }
 
     fn hello(&self) -> Hello {
@@ -1093,6 +1116,7 @@ mod tests {
             (&dir, "n2", "127.0.0.1"),
             (&dir, "elsewhere", "10.9.9.9"),
             (&dir, "shared", "rb-peers"),
+            (&dir, "named", "localhost"),
             (&other, "n3", "127.0.0.1"),
         ] {
             tls::issue(d, name, &[san.to_string()], 30).unwrap();
@@ -1110,6 +1134,14 @@ mod tests {
         assert!(acceptor.reachable(2));
         let back = acceptor.request(2, &PeerRequest::Status, Duration::from_secs(5)).await;
         assert!(matches!(back, Ok(PeerResponse::Done)), "and back: {back:?}");
+        stop.cancel();
+        // A seed given by name is dialed at the address it resolves to; the name is checked.
+        let (_acceptor, dialer, stop) = tls_pair(Some(load(&dir, "named", None)), Some(load(&dir, "n2", None))).await;
+        assert!(dialer.link(1).await.is_err(), "the certificate does not carry the address");
+        let addr = lock(&dialer.addrs).get(&1).cloned().expect("the acceptor's address");
+        lock(&dialer.dials).clear();
+        dialer.set_tls_name(&addr, "localhost");
+        dialer.link(1).await.expect("the name the address was resolved from is checked");
         stop.cancel();
         // One certificate for every node with one shared name, checked whatever address was
         // dialed (--peer-tls-server-name, deploy/k8s/README.md).
