@@ -124,6 +124,17 @@ pub struct NodeArgs {
     /// saturated leader always has 16 queued and never waits.
     #[arg(long, env = "RAFTBRIDGE_PUBLISH_LINGER_MS")]
     pub publish_linger_ms: Option<u64>,
+    /// Deduplication keys kept at most, each for producer keys (`idempotency-key` of events)
+    /// and for command idempotency records (default 250000). Keys are kept for their window
+    /// (2 min for events, 10 min for commands); past this bound the oldest are forgotten sooner
+    /// (`raftbridge_dedup_window_shortened_total` counts it), so memory stays bounded under any
+    /// rate of unique keys.
+    #[arg(long, env = "RAFTBRIDGE_DEDUP_MAX_KEYS")]
+    pub dedup_max_keys: Option<usize>,
+    /// Bytes the command idempotency records (their stored answers) may take at most (default
+    /// 64 MiB; at least --max-frame); past it the oldest are forgotten sooner.
+    #[arg(long, env = "RAFTBRIDGE_IDEMPOTENCY_MAX_BYTES")]
+    pub idempotency_max_bytes: Option<u64>,
     /// Events kept in the log at most (oldest dropped first).
     #[arg(long, env = "RAFTBRIDGE_EVENTS_MAX_COUNT")]
     pub events_max_count: Option<u64>,
@@ -174,6 +185,8 @@ pub struct NodeConfig {
     pub max_connections: usize,
     pub shutdown_grace_ms: u64,
     pub events_max_count: u64,
+    pub dedup_max_keys: usize,
+    pub idempotency_max_bytes: u64,
     pub publish_linger_ms: u64,
     pub local_first: bool,
     pub events_max_bytes: u64,
@@ -261,6 +274,8 @@ impl NodeArgs {
             max_connections: pick!(max_connections).unwrap_or(10_000),
             shutdown_grace_ms: pick!(shutdown_grace_ms).unwrap_or(10_000),
             events_max_count: pick!(events_max_count).unwrap_or(100_000),
+            dedup_max_keys: pick!(dedup_max_keys).unwrap_or(250_000),
+            idempotency_max_bytes: pick!(idempotency_max_bytes).unwrap_or(64 << 20),
             publish_linger_ms: pick!(publish_linger_ms).unwrap_or(DEFAULT_PUBLISH_LINGER_MS),
             local_first: pick!(local_first).unwrap_or(false),
             events_max_bytes: pick!(events_max_bytes).unwrap_or(64 << 20),
@@ -320,6 +335,13 @@ impl NodeConfig {
         }
         if self.cluster_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return invalid("cluster-secret", "must be at least 16 bytes");
+        }
+        if self.dedup_max_keys == 0 {
+            return invalid("dedup-max-keys", "must be at least 1");
+        }
+        if self.idempotency_max_bytes < self.max_frame as u64 {
+            // One stored answer may take half a frame; a smaller bound would forget each at once.
+            return invalid("idempotency-max-bytes", "must be at least --max-frame");
         }
         if self.snapshot_threshold == 0 {
             return invalid("snapshot-threshold", "must be at least 1");
@@ -422,6 +444,16 @@ mod tests {
         assert!(matches!(missing_ca.resolve(), Err(ConfigError::Invalid { name: "peer-tls-cert", .. })));
         let only_name = NodeArgs { peer_tls_server_name: Some("peers".into()), ..base() };
         assert!(only_name.resolve().is_err(), "a server name without certificates is a mistake");
+    }
+
+    #[test]
+    fn dedup_bounds_are_checked() {
+        let base = || NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), ..Default::default() };
+        let cfg = base().resolve().unwrap();
+        assert_eq!((cfg.dedup_max_keys, cfg.idempotency_max_bytes), (250_000, 64 << 20));
+        assert!(matches!(NodeArgs { dedup_max_keys: Some(0), ..base() }.resolve(), Err(ConfigError::Invalid { name: "dedup-max-keys", .. })));
+        let small = NodeArgs { idempotency_max_bytes: Some((16 << 20) - 1), ..base() };
+        assert!(matches!(small.resolve(), Err(ConfigError::Invalid { name: "idempotency-max-bytes", .. })), "below one frame");
     }
 
     #[test]

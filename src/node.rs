@@ -179,7 +179,8 @@ pub async fn run(
     let linger = Duration::from_millis(cfg.publish_linger_ms);
     // Half a peer frame: an entry of one group always fits into AppendEntries (module doc of
     // `broker`), whatever `--max-body` allows.
-    let broker = Broker::start(store.clone(), limits, timeout, linger, cfg.max_frame / 2, broker_stop.clone());
+    let broker =
+        Broker::start(store.clone(), limits, timeout, linger, cfg.max_frame / 2, cfg.dedup_max_keys, broker_stop.clone());
     let subscribers: HashMap<String, LocalSubscriber> = services
         .iter()
         .flat_map(|p| {
@@ -207,6 +208,8 @@ pub async fn run(
             local_first: cfg.local_first,
             max_inflight_per_peer: 1024,
             idempotency_window: Duration::from_secs(600),
+            idempotency_max_keys: cfg.dedup_max_keys,
+            idempotency_max_bytes: cfg.idempotency_max_bytes,
             max_output: cfg.max_frame / 2,
         },
     ));

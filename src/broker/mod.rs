@@ -205,6 +205,7 @@ impl Broker {
         timeout: Duration,
         linger: Duration,
         max_group_bytes: usize,
+        dedup_max_keys: usize,
         shutdown: CancellationToken,
     ) -> Arc<Broker> {
         let (tx, rx) = mpsc::channel(QUEUE_EVENTS);
@@ -212,7 +213,7 @@ impl Broker {
         // An entry holds at most what one group may (or less): it must fit into a peer frame.
         let max_bytes = MAX_BATCH_BYTES.min(max_group_bytes);
         let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes };
-        tokio::spawn(batcher(store.clone(), limits, timeout, linger, inbox, shutdown));
+        tokio::spawn(batcher(store.clone(), limits, timeout, linger, inbox, dedup_max_keys, shutdown));
         Arc::new(Broker {
             store,
             queue: tx,
@@ -505,6 +506,7 @@ async fn batcher(
     timeout: Duration,
     linger: Duration,
     mut inbox: Inbox,
+    dedup_max_keys: usize,
     shutdown: CancellationToken,
 ) {
     let leading = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
@@ -573,7 +575,12 @@ async fn batcher(
         tokio::spawn(async move {
             let _permit = permit;
             let n = events.len();
-            let cmd = entry(events, &mut settles, limits);
+            // Shorter while more producer keys than their bound are younger than the window.
+            let window_ms = store.local().dedup_window(limits.dedup_window_ms, dedup_max_keys);
+            if window_ms < limits.dedup_window_ms {
+                crate::raft::state_machine::note_shortened_window("events", window_ms, limits.dedup_window_ms);
+            }
+            let cmd = entry(events, &mut settles, EventLimits { dedup_window_ms: window_ms, ..limits });
             let started = std::time::Instant::now();
             let outcome = store.command(cmd, timeout).await;
             // Leader: propose → committed and applied; follower: forwarded → the leader's answer.

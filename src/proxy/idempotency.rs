@@ -64,7 +64,16 @@ impl Proxy {
         // Scoped by command, as the handler's writes are (`run_local`).
         let key = super::idempotency_scope(&route.service, route.version, &route.decl.name, key);
         let attempt = fastrand::u64(1..);
-        let window_ms = self.settings.idempotency_window.as_millis() as u64;
+        let full_window_ms = self.settings.idempotency_window.as_millis() as u64;
+        // Shorter while the records exceed their bounds, so that applying it forgets the oldest.
+        let window_ms = || {
+            let s = &self.settings;
+            let w = self.sm.idem_window(full_window_ms, s.idempotency_max_keys, s.idempotency_max_bytes);
+            if w < full_window_ms {
+                crate::raft::state_machine::note_shortened_window("commands", w, full_window_ms);
+            }
+            w
+        };
         // Bounded: each pass ends in a return, or waits for a lease that the deadline bounds.
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -72,7 +81,7 @@ impl Proxy {
                 return Err(ApiError::Timeout);
             }
             let lease_ms = LEASE.as_millis() as u64;
-            let begin = Command::IdemBegin { key: key.clone(), attempt, now_ms: now_ms(), lease_ms, window_ms };
+            let begin = Command::IdemBegin { key: key.clone(), attempt, now_ms: now_ms(), lease_ms, window_ms: window_ms() };
             match self.store.command(begin, left).await? {
                 CommandResult::IdemBegun => break,
                 CommandResult::IdemDone(stored) => return Ok(replay(stored)),
@@ -94,7 +103,7 @@ impl Proxy {
                     r = &mut run => break r,
                     _ = renew.tick() => {
                         let again = Command::IdemBegin {
-                            key: key.clone(), attempt, now_ms: now_ms(), lease_ms: LEASE.as_millis() as u64, window_ms,
+                            key: key.clone(), attempt, now_ms: now_ms(), lease_ms: LEASE.as_millis() as u64, window_ms: window_ms(),
                         };
                         let _ = self.store.command(again, RENEW).await;
                     }
@@ -123,7 +132,7 @@ impl Proxy {
             }
             other => {
                 // Nothing to keep: release the claim at once so a retry need not wait the lease out.
-                let release = Command::IdemBegin { key, attempt, now_ms: now_ms(), lease_ms: 0, window_ms };
+                let release = Command::IdemBegin { key, attempt, now_ms: now_ms(), lease_ms: 0, window_ms: window_ms() };
                 let _ = self.store.command(release, left).await;
                 other.map(|(out, _)| answer(out))
             }

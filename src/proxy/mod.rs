@@ -80,6 +80,10 @@ pub struct ProxySettings {
     pub max_inflight_per_peer: usize,
     /// How long an idempotency key's result is kept.
     pub idempotency_window: Duration,
+    /// Idempotency records kept at most, by count and by weight (`--dedup-max-keys`,
+    /// `--idempotency-max-bytes`): beyond either, the oldest are forgotten before their window.
+    pub idempotency_max_keys: usize,
+    pub idempotency_max_bytes: u64,
     /// A command's answer body at most (half of `--max-frame`): it crosses a peer link as one
     /// frame, and under an idempotency key it is stored in one Raft entry. A larger answer
     /// would close the link (the codec refuses it) or stall the log, so it becomes a 502.

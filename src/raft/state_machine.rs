@@ -68,6 +68,57 @@ pub enum IdemState {
     Done(StoredResponse),
 }
 
+/// About the memory one idempotency record takes: its key, its stored answer, its effects, and a
+/// fixed allowance for the map and queue entries.
+fn idem_weight(key: &str, rec: &IdemRecord) -> u64 {
+    let answer = match &rec.state {
+        IdemState::Done(r) => r.body.len() + r.content_type.as_ref().map_or(0, String::len),
+        IdemState::Pending { .. } => 0,
+    };
+    (2 * key.len() + answer + 64 * rec.effects.len() + 160) as u64
+}
+
+/// The window to propose so that applying it leaves at most `max_keys` keys (and `max_bytes` by
+/// `weigh`) of those in `order`: `window_ms`, or shorter, ending at the oldest key that may stay.
+/// The rule that forgets keys is the replicated one (a command carries its window), so a count
+/// or byte bound needs no new rule: the proposer shortens the window it asks for. `weigh` gives
+/// an entry's weight, or `None` for a stale entry (its key was forgotten or made again later).
+fn bounded_window(
+    order: &VecDeque<(u64, String)>,
+    clock_ms: u64,
+    window_ms: u64,
+    (mut keys, mut bytes): (usize, u64),
+    (max_keys, max_bytes): (usize, u64),
+    weigh: impl Fn(u64, &str) -> Option<u64>,
+) -> u64 {
+    for (created, key) in order {
+        if keys <= max_keys && bytes <= max_bytes {
+            return window_ms.min(clock_ms.saturating_sub(*created));
+        }
+        if let Some(w) = weigh(*created, key) {
+            keys = keys.saturating_sub(1);
+            bytes = bytes.saturating_sub(w);
+        }
+    }
+    0
+}
+
+/// Counts a proposal whose window was shortened by a count or byte bound, and says so in the
+/// log at most once a minute per kind (`events`: producer keys, `commands`: idempotency records).
+pub fn note_shortened_window(kind: &'static str, window_ms: u64, configured_ms: u64) {
+    use std::sync::atomic::AtomicU64;
+    use std::sync::atomic::Ordering;
+    static LAST_EVENTS: AtomicU64 = AtomicU64::new(0);
+    static LAST_COMMANDS: AtomicU64 = AtomicU64::new(0);
+    metrics::counter!("raftbridge_dedup_window_shortened_total", "kind" => kind).increment(1);
+    let last = if kind == "events" { &LAST_EVENTS } else { &LAST_COMMANDS };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let before = last.load(Ordering::Relaxed);
+    if now >= before + 60 && last.compare_exchange(before, now, Ordering::Relaxed, Ordering::Relaxed).is_ok() {
+        tracing::warn!(kind, window_ms, configured_ms, "more dedup keys than their bound: the oldest are forgotten before the window ends");
+    }
+}
+
 /// Dead letters kept per subscription at most (oldest dropped first).
 pub const MAX_DEAD_LETTERS: usize = 10_000;
 
@@ -136,6 +187,10 @@ pub struct SmData {
     pub idem: BTreeMap<String, IdemRecord>,
     /// Keys in creation order, for expiry.
     pub idem_order: VecDeque<(u64, String)>,
+    /// What the idempotency records weigh (`idem_weight`), kept as they change. Not in
+    /// snapshots (their layout stays as it was): counted again when one is decoded.
+    #[serde(skip)]
+    pub idem_bytes: u64,
     /// The latest `now_ms` seen in a command: the state machine's deterministic clock.
     pub clock_ms: u64,
     pub log: EventLog,
@@ -219,7 +274,9 @@ impl SmData {
                 match self.idem.get_mut(&key) {
                     None => {
                         let state = IdemState::Pending { attempt, until_ms };
-                        self.idem.insert(key.clone(), IdemRecord { created_ms: now_ms, state, effects: BTreeMap::new() });
+                        let rec = IdemRecord { created_ms: now_ms, state, effects: BTreeMap::new() };
+                        self.idem_bytes += idem_weight(&key, &rec);
+                        self.idem.insert(key.clone(), rec);
                         self.idem_order.push_back((now_ms, key));
                         CommandResult::IdemBegun
                     }
@@ -255,11 +312,14 @@ impl SmData {
                 // The first completion wins; a slower duplicate attempt gets the winner's answer.
                 Some(IdemRecord { state: IdemState::Done(first), .. }) => CommandResult::IdemDone(first.clone()),
                 Some(rec) => {
+                    let before = idem_weight(&key, rec);
                     rec.state = IdemState::Done(response.clone());
+                    self.idem_bytes = (self.idem_bytes + idem_weight(&key, rec)).saturating_sub(before);
                     CommandResult::IdemDone(response)
                 }
                 None => {
                     let rec = IdemRecord { created_ms: self.clock_ms, state: IdemState::Done(response.clone()), effects: BTreeMap::new() };
+                    self.idem_bytes += idem_weight(&key, &rec);
                     self.idem.insert(key.clone(), rec);
                     self.idem_order.push_back((self.clock_ms, key));
                     CommandResult::IdemDone(response)
@@ -399,11 +459,15 @@ impl SmData {
         if !self.idem.contains_key(&key) {
             // Its begin expired or never ran: keep the record anyway, expiring like the others.
             let state = IdemState::Pending { attempt: 0, until_ms: 0 };
-            self.idem.insert(key.clone(), IdemRecord { created_ms: self.clock_ms, state, effects: BTreeMap::new() });
+            let rec = IdemRecord { created_ms: self.clock_ms, state, effects: BTreeMap::new() };
+            self.idem_bytes += idem_weight(&key, &rec);
+            self.idem.insert(key.clone(), rec);
             self.idem_order.push_back((self.clock_ms, key.clone()));
         }
         if let Some(rec) = self.idem.get_mut(&key) {
+            let before = idem_weight(&key, rec);
             rec.effects.insert(seq, result.clone());
+            self.idem_bytes = (self.idem_bytes + idem_weight(&key, rec)).saturating_sub(before);
         }
         result
     }
@@ -418,7 +482,9 @@ impl SmData {
             }
             if let Some((created, key)) = self.idem_order.pop_front() {
                 if self.idem.get(&key).is_some_and(|r| r.created_ms == created) {
-                    self.idem.remove(&key);
+                    if let Some(rec) = self.idem.remove(&key) {
+                        self.idem_bytes = self.idem_bytes.saturating_sub(idem_weight(&key, &rec));
+                    }
                 }
             }
         }
@@ -609,6 +675,29 @@ impl SmShared {
         Some((s.decl.clone(), s.instances.get(&node).copied().unwrap_or(0)))
     }
 
+    /// The window an `IdemBegin` proposes: `window_ms`, or shorter while the records younger
+    /// than it are more than `max_keys` or weigh more than `max_bytes` (`bounded_window`).
+    pub fn idem_window(&self, window_ms: u64, max_keys: usize, max_bytes: u64) -> u64 {
+        let d = read(&self.data);
+        if d.idem.len() <= max_keys && d.idem_bytes <= max_bytes {
+            return window_ms;
+        }
+        let weigh = |created, key: &str| d.idem.get(key).filter(|r| r.created_ms == created).map(|r| idem_weight(key, r));
+        bounded_window(&d.idem_order, d.clock_ms, window_ms, (d.idem.len(), d.idem_bytes), (max_keys, max_bytes), weigh)
+    }
+
+    /// The producer-dedup window a `Publish` proposes: `window_ms`, or shorter while more than
+    /// `max_keys` keys are younger than it.
+    pub fn dedup_window(&self, window_ms: u64, max_keys: usize) -> u64 {
+        let d = read(&self.data);
+        let log = &d.log;
+        if log.keys.len() <= max_keys {
+            return window_ms;
+        }
+        let weigh = |at, key: &str| log.keys.get(key).filter(|(_, _, t)| *t == at).map(|_| 0);
+        bounded_window(&log.key_order, d.clock_ms, window_ms, (log.keys.len(), 0), (max_keys, u64::MAX), weigh)
+    }
+
     /// The local view of an idempotency key's state.
     pub fn idem_state(&self, key: &str) -> Option<IdemState> {
         read(&self.data).idem.get(key).map(|r| r.state.clone())
@@ -722,8 +811,10 @@ fn decode_file(bytes: &[u8]) -> io::Result<StoredSnapshot> {
 
 /// Decode and check a snapshot image; used before installing one received from the leader.
 pub fn decode_data(bytes: &[u8]) -> io::Result<SmData> {
-    bincode::deserialize(bytes)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot data does not decode: {e}")))
+    let mut data: SmData = bincode::deserialize(bytes)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot data does not decode: {e}")))?;
+    data.idem_bytes = data.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
+    Ok(data)
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -862,6 +953,79 @@ mod tests {
 
     fn put(store: &str, key: &str, v: &str, if_revision: Option<u64>) -> Command {
         Command::Put { store: store.into(), key: key.into(), value: v.as_bytes().to_vec(), if_revision, tag: None }
+    }
+
+    /// Idempotency records past their count or byte bound: the proposed window shrinks to what
+    /// keeps the newest within the bounds, applying it forgets exactly the oldest, and the
+    /// running weight always equals a fresh count (as a decoded snapshot makes it).
+    #[test]
+    fn idempotency_records_stay_within_their_bounds() {
+        let shared = empty_shared();
+        let begin = |key: &str, now_ms, window_ms| Command::IdemBegin { key: key.into(), attempt: 1, now_ms, lease_ms: 1000, window_ms };
+        let answer = |kib: usize| StoredResponse { status: 200, body: vec![b'a'; kib << 10], content_type: None };
+        {
+            let mut d = shared.data.write().unwrap();
+            for i in 0..10u64 {
+                let key = format!("k{i}");
+                assert_eq!(d.apply(i + 1, begin(&key, 1_000 + i, 600_000)), CommandResult::IdemBegun);
+                let done = Command::IdemComplete { key, attempt: 1, response: answer(10) };
+                assert!(matches!(d.apply(i + 100, done), CommandResult::IdemDone(_)));
+            }
+            let recount: u64 = d.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
+            assert_eq!(d.idem_bytes, recount, "the running weight is the sum of the records");
+        }
+        assert_eq!(shared.idem_window(600_000, 10, u64::MAX), 600_000, "within the bounds: the full window");
+        // Six keys at most: the window reaches back to k4 (created at 1004), the clock is 1009.
+        assert_eq!(shared.idem_window(600_000, 6, u64::MAX), 5);
+        // 35 KiB at most: three 10 KiB answers and their keys fit, so the window starts at k7.
+        assert_eq!(shared.idem_window(600_000, 100, 35 << 10), 2);
+        {
+            let mut d = shared.data.write().unwrap();
+            let w = shared_window(&d, 6);
+            d.apply(200, begin("k9", 1_009, w));
+            let kept: Vec<&String> = d.idem.keys().collect();
+            assert_eq!(kept, ["k4", "k5", "k6", "k7", "k8", "k9"], "the oldest are forgotten first");
+            let recount: u64 = d.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
+            assert_eq!(d.idem_bytes, recount);
+            let image = bincode::serialize(&*d).unwrap();
+            assert_eq!(decode_data(&image).unwrap().idem_bytes, recount, "a decoded snapshot counts the same");
+        }
+
+        fn shared_window(d: &SmData, max_keys: usize) -> u64 {
+            let weigh = |created, key: &str| d.idem.get(key).filter(|r| r.created_ms == created).map(|r| idem_weight(key, r));
+            bounded_window(&d.idem_order, d.clock_ms, 600_000, (d.idem.len(), d.idem_bytes), (max_keys, u64::MAX), weigh)
+        }
+    }
+
+    /// Producer keys past their count bound: a publish with the proposed window keeps the newest
+    /// `max_keys` keys; a forgotten key publishes anew, a kept one is still deduplicated.
+    #[test]
+    fn producer_keys_stay_within_their_bound() {
+        let shared = empty_shared();
+        let meta = crate::sdk::MessageMeta::default();
+        let keyed = |k: &str| Arc::new(vec![crate::broker::new_event("e", b"1".to_vec(), &meta, None, Some(k.to_string()))]);
+        let publish = |now_ms, key: &str, window_ms| Command::Publish {
+            now_ms,
+            events: keyed(key),
+            limits: EventLimits { dedup_window_ms: window_ms, ..LIMITS },
+        };
+        {
+            let mut d = shared.data.write().unwrap();
+            for i in 0..8u64 {
+                d.apply(i + 1, publish(5_000 + i, &format!("p{i}"), 60_000));
+            }
+            assert_eq!(d.log.keys.len(), 8);
+        }
+        assert_eq!(shared.dedup_window(60_000, 8), 60_000);
+        let w = shared.dedup_window(60_000, 3);
+        assert_eq!(w, 2, "the clock is 5007; the newest three keys start at 5005");
+        let mut d = shared.data.write().unwrap();
+        let CommandResult::Published(first) = d.apply(20, publish(5_007, "p7", w)) else { panic!() };
+        let kept: Vec<&str> = d.log.keys.keys().map(String::as_str).collect();
+        assert_eq!(kept, ["p5", "p6", "p7"], "the oldest keys are forgotten first");
+        assert_eq!(first[0].1, 8, "a kept key is deduplicated: p7 keeps its position");
+        let CommandResult::Published(again) = d.apply(21, publish(5_008, "p0", w)) else { panic!() };
+        assert_eq!(again[0].1, 9, "a forgotten key is published anew");
     }
 
     #[test]

@@ -1032,3 +1032,25 @@ fn large_replayed_answers_asked_together_all_arrive_without_closing_a_link() {
         "the leader withheld answers that did not fit (else the test did not batch replays)"
     );
 }
+
+/// With `--dedup-max-keys 20`, 60 keyed increments leave about the newest 20 idempotency
+/// records: a repeat of a recent key replays its answer, a repeat of the oldest runs again.
+#[test]
+fn idempotency_records_past_their_bound_forget_the_oldest_first() {
+    let c = demo_cluster("cmd-idem-bound", &["--dedup-max-keys", "20"]);
+    let api = c.api(1);
+    let mut firsts = Vec::new();
+    for i in 0..60 {
+        let key = format!("idem-bound-{i}");
+        let resp = increment(api, "bounded", Some(&key)).expect("increment");
+        assert_eq!(resp.status, 200, "{key}: {}", resp.describe());
+        firsts.push(resp.json().expect("JSON"));
+    }
+    let recent = increment(api, "bounded", Some("idem-bound-59")).expect("repeat");
+    assert!(is_replay(&recent) && recent.json().ok() == Some(firsts[59].clone()), "a recent key replays: {}", recent.describe());
+    let oldest = increment(api, "bounded", Some("idem-bound-0")).expect("repeat");
+    assert_eq!(oldest.status, 200, "{}", oldest.describe());
+    assert!(!is_replay(&oldest), "the oldest record was forgotten: the request runs again");
+    assert_eq!(incremented(&oldest, "bounded"), Ok(61), "{}", oldest.describe());
+    assert_eq!(counter_value(api, "bounded"), 61);
+}

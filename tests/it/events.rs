@@ -1736,3 +1736,39 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
     let after = publish_all("sca");
     wait_delivered(&c, &ups, &after, "after up1 recovered");
 }
+
+/// The sum over `apis` of one labelled series on `/metrics` (`name{labels} value`).
+fn metric_sum(apis: &[Api], series: &str) -> f64 {
+    apis.iter()
+        .filter_map(|api| api.request("GET", "/metrics", &[], b"").ok())
+        .map(|resp| {
+            String::from_utf8_lossy(&resp.body)
+                .lines()
+                .filter(|l| l.starts_with(series))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>()
+        })
+        .sum()
+}
+
+/// With `--dedup-max-keys 40`, 120 keyed events leave only about the newest 40 keys in the
+/// dedup set: a repeat of a recent key still gets its original id and position, a repeat of
+/// the oldest key is a new event, and the leader counts the shortened window.
+#[test]
+fn producer_keys_past_their_bound_forget_the_oldest_first() {
+    let (c, leader) = Cluster::formed("ev-dedup-bound", 3, &["--dedup-max-keys", "40"]);
+    c.wait_all_ready(FORMATION);
+    let api = c.api(leader);
+    let firsts: Vec<(String, u64)> = (0..120)
+        .map(|i| publish_keyed(&c, api, "bounded", &json!({"i": i}), &format!("bound-{i}")))
+        .collect();
+    let recent = publish_keyed(&c, api, "bounded", &json!({"i": 119}), "bound-119");
+    assert_eq!(recent, firsts[119], "a recent key is still deduplicated");
+    let recent = publish_keyed(&c, api, "bounded", &json!({"i": 90}), "bound-90");
+    assert_eq!(recent, firsts[90], "the newest 40 keys are kept");
+    let oldest = publish_keyed(&c, api, "bounded", &json!({"i": 0, "again": true}), "bound-0");
+    assert_ne!(oldest, firsts[0], "the oldest key was forgotten: its repeat is a new event");
+    assert!(oldest.1 > firsts[119].1, "appended after the others: {oldest:?}");
+    let shortened = metric_sum(&c.apis(), "raftbridge_dedup_window_shortened_total{kind=\"events\"}");
+    assert!(shortened > 0.0, "the shortened window is counted");
+}
