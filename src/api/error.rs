@@ -18,8 +18,9 @@ pub enum ApiError {
     BadRequest(String),
     #[error("{0}")]
     NotFound(String),
-    #[error("method not allowed")]
-    MethodNotAllowed,
+    /// `allow`: the methods the path takes (the `Allow` header, RFC 9110 §15.5.6).
+    #[error("method not allowed (allowed: {allow})")]
+    MethodNotAllowed { allow: String },
     #[error("request body larger than {limit} bytes")]
     TooLarge { limit: usize },
     /// Accepted as HTTP, but more than the log takes in one piece (events with metadata).
@@ -45,7 +46,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -62,7 +63,13 @@ impl ApiError {
         if let ApiError::PreconditionFailed { current } = &self {
             body["revision"] = serde_json::json!(current);
         }
-        super::json_response(status, &body)
+        let mut resp = super::json_response(status, &body);
+        if let ApiError::MethodNotAllowed { allow } = &self {
+            if let Ok(value) = http::HeaderValue::from_str(allow) {
+                resp.headers_mut().insert(http::header::ALLOW, value);
+            }
+        }
+        resp
     }
 }
 

@@ -195,9 +195,12 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
                 _ => ("state", Err(ApiError::BadRequest("store or key is not valid percent-encoded UTF-8".into()))),
             }
         }
-        (_, ["healthz" | "readyz" | "metrics" | "cluster"])
-        | (_, ["v1", "events" | "dead-letters"])
-        | (_, ["v1", "events" | "subscriptions", _]) => ("other", Err(ApiError::MethodNotAllowed)),
+        (_, ["healthz" | "readyz" | "metrics" | "cluster" | "openapi.json"])
+        | (_, ["v1", "dead-letters"])
+        | (_, ["v1", "subscriptions", _]) => ("other", Err(not_allowed("GET"))),
+        (_, ["v1", "events"]) => ("other", Err(not_allowed("GET, POST"))),
+        (_, ["v1", "events", _]) => ("other", Err(not_allowed("POST"))),
+        (_, ["cluster", "members", _]) => ("other", Err(not_allowed("DELETE"))),
         _ => ("unknown", Err(ApiError::NotFound(format!("no route for {path}")))),
     }
 }
@@ -387,8 +390,12 @@ async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<I
                 Err(ApiError::NotFound(format!("no key {store}/{key}")))
             }
         }
-        _ => Err(ApiError::MethodNotAllowed),
+        _ => Err(not_allowed("GET, PUT, DELETE")),
     }
+}
+
+fn not_allowed(allow: &str) -> ApiError {
+    ApiError::MethodNotAllowed { allow: allow.to_string() }
 }
 
 #[cfg(test)]

@@ -245,7 +245,7 @@ impl Proxy {
         let table = self.table();
         let (route, path_params) = match table.lookup(version, req.method().as_str(), cmd_path) {
             Lookup::Found { route, params } => (route.clone(), params),
-            Lookup::WrongMethod => return Err(ApiError::MethodNotAllowed),
+            Lookup::WrongMethod(allowed) => return Err(ApiError::MethodNotAllowed { allow: allowed.join(", ") }),
             Lookup::NotFound => return Err(ApiError::NotFound(format!("no command for {} {path}", req.method()))),
         };
         // liveness

@@ -27,8 +27,8 @@ pub struct Route {
 /// What a request path resolves to.
 pub enum Lookup<'a> {
     Found { route: &'a Route, params: BTreeMap<String, String> },
-    /// The path exists for other methods.
-    WrongMethod,
+    /// The path exists for other methods: these (sorted, for the `Allow` header).
+    WrongMethod(Vec<String>),
     NotFound,
 }
 
@@ -76,12 +76,14 @@ impl RouteTable {
                 }
             }
         }
-        let elsewhere = self
+        // Keys are sorted by (version, method), so the methods come sorted and once each.
+        let allowed: Vec<String> = self
             .routes
             .iter()
-            .filter(|((v, _), _)| *v == version)
-            .any(|(_, rs)| rs.iter().any(|r| match_path(&r.decl.path, path).is_some()));
-        if elsewhere { Lookup::WrongMethod } else { Lookup::NotFound }
+            .filter(|((v, _), rs)| *v == version && rs.iter().any(|r| match_path(&r.decl.path, path).is_some()))
+            .map(|((_, m), _)| m.clone())
+            .collect();
+        if allowed.is_empty() { Lookup::NotFound } else { Lookup::WrongMethod(allowed) }
     }
 
     /// Every route, for `/openapi.json`.
@@ -207,7 +209,7 @@ mod tests {
             Lookup::Found { route, .. } => assert_eq!(route.nodes, vec![1, 3]),
             _ => panic!("echo not found"),
         }
-        assert!(matches!(t.lookup(1, "GET", "echo"), Lookup::WrongMethod));
+        assert!(matches!(t.lookup(1, "GET", "echo"), Lookup::WrongMethod(m) if m == ["POST"]));
         assert!(matches!(t.lookup(2, "POST", "echo"), Lookup::NotFound));
         assert_eq!(t.nodes(), BTreeSet::from([1, 3]));
     }

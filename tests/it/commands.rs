@@ -787,6 +787,9 @@ fn deadlines_and_bad_input_get_clear_errors() {
             &format!("{what}: truncated JSON"),
         );
         assert_json_error(&post_echo(b"not json"), 400, &format!("{what}: not JSON"));
+        let get_echo = send("GET", "/api/v1/echo", &[], b"");
+        assert_json_error(&get_echo, 405, &format!("{what}: GET on a POST command"));
+        assert_eq!(get_echo.header("allow"), Some("POST"), "{what}: the Allow header names the command's method");
         let big = json!({ "pad": "x".repeat(100 * 1024) }).to_string();
         assert_json_error(
             &post_echo(big.as_bytes()),

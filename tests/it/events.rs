@@ -1480,8 +1480,17 @@ fn event_input_is_checked_and_payloads_come_back_as_sent() {
         must_refuse(api, method, path, headers, body, 400, what);
     }
     // Wrong methods on the broker's paths.
-    for (method, path) in [("PUT", "/v1/events"), ("GET", "/v1/events/x"), ("POST", "/v1/dead-letters"), ("DELETE", "/v1/subscriptions/x")] {
+    for (method, path, allow) in [
+        ("PUT", "/v1/events", "GET, POST"),
+        ("GET", "/v1/events/x", "POST"),
+        ("POST", "/v1/dead-letters", "GET"),
+        ("DELETE", "/v1/subscriptions/x", "GET"),
+        ("POST", "/v1/state/s/k", "GET, PUT, DELETE"),
+        ("GET", "/cluster/members/1", "DELETE"),
+    ] {
         must_refuse(api, method, path, &[], b"", 405, &format!("{method} {path}"));
+        let resp = api.request(method, path, &[], b"").expect("answered");
+        assert_eq!(resp.header("allow"), Some(allow), "{method} {path}: the Allow header names the methods");
     }
     // More than an entry may hold, counting metadata: 1000 tiny events under ~700 bytes of
     // headers each are ~750 KiB, over half the 128 KiB frame. A 413, not a stalled log.
