@@ -44,6 +44,7 @@ use crate::cluster::Cluster;
 use crate::raft::Replica;
 use crate::raft::state_machine::SmShared;
 use crate::store::Consistency;
+use crate::store::Precondition;
 use crate::store::StateStore;
 
 #[derive(Debug, Clone)]
@@ -295,14 +296,28 @@ async fn remove_member(app: &App, id: &str) -> ApiResult {
     Ok(json_response(StatusCode::OK, &serde_json::json!({"removed": id})))
 }
 
-fn if_match(req: &Request<Incoming>) -> Result<Option<u64>, ApiError> {
-    match req.headers().get(http::header::IF_MATCH) {
-        None => Ok(None),
-        Some(v) => {
-            let s = v.to_str().map_err(|_| ApiError::BadRequest("If-Match is not text".into()))?;
-            let s = s.trim().trim_matches('"');
-            s.parse::<u64>().map(Some).map_err(|_| ApiError::BadRequest(format!("If-Match must be a revision number, got {s:?}")))
+/// A state write's precondition: `If-Match: N` (revision N; 0: absent), `If-Match: *` (exists),
+/// `If-None-Match: *` (absent). Anything else, or both headers, is a 400.
+fn precondition(req: &Request<Incoming>) -> Result<Precondition, ApiError> {
+    let text = |name: http::header::HeaderName| -> Result<Option<String>, ApiError> {
+        match req.headers().get(&name) {
+            None => Ok(None),
+            Some(v) => {
+                let s = v.to_str().map_err(|_| ApiError::BadRequest(format!("{name} is not text")))?;
+                Ok(Some(s.trim().trim_matches('"').to_string()))
+            }
         }
+    };
+    match (text(http::header::IF_MATCH)?, text(http::header::IF_NONE_MATCH)?) {
+        (None, None) => Ok(Precondition::Any),
+        (Some(_), Some(_)) => Err(ApiError::BadRequest("give If-Match or If-None-Match, not both".into())),
+        (Some(m), None) if m == "*" => Ok(Precondition::Exists),
+        (Some(m), None) => m
+            .parse::<u64>()
+            .map(Precondition::Revision)
+            .map_err(|_| ApiError::BadRequest(format!("If-Match must be a revision number or *, got {m:?}"))),
+        (None, Some(n)) if n == "*" => Ok(Precondition::Absent),
+        (None, Some(n)) => Err(ApiError::BadRequest(format!("If-None-Match takes only *, got {n:?}"))),
     }
 }
 
@@ -375,16 +390,16 @@ async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<I
             None => Err(ApiError::NotFound(format!("no key {store}/{key}"))),
         },
         Method::PUT => {
-            let expected = if_match(&req)?;
+            let pre = precondition(&req)?;
             let body = read_body(req, app.settings.max_body).await?;
-            let revision = app.store.put(store, key, &body, expected).await?;
+            let revision = app.store.put_if(store, key, &body, pre).await?;
             let mut resp = json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));
             resp.headers_mut().insert("x-revision", HeaderValue::from(revision));
             Ok(resp)
         }
         Method::DELETE => {
-            let expected = if_match(&req)?;
-            if app.store.delete(store, key, expected).await? {
+            let pre = precondition(&req)?;
+            if app.store.delete_if(store, key, pre).await? {
                 Ok(json_response(StatusCode::OK, &serde_json::json!({ "deleted": true })))
             } else {
                 Err(ApiError::NotFound(format!("no key {store}/{key}")))

@@ -60,6 +60,22 @@ fn check_names(store: &str, key: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A write's condition on the key's current revision (HTTP `If-Match` / `If-None-Match`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precondition {
+    /// Unconditional.
+    Any,
+    /// The key is at this revision (0: the key does not exist).
+    Revision(u64),
+    /// The key exists, at whatever revision (`If-Match: *`).
+    Exists,
+    /// The key does not exist (`If-None-Match: *`).
+    Absent,
+}
+
+/// Compare-and-set rounds an `Exists` write makes at most when the key keeps changing under it.
+const EXISTS_ROUNDS: usize = 16;
+
 impl StateStore {
     pub fn new(replica: Replica, sm: Arc<SmShared>, timeout: Duration) -> StateStore {
         StateStore { replica, sm, timeout }
@@ -94,6 +110,60 @@ impl StateStore {
             CommandResult::Written { revision } => Ok(revision),
             CommandResult::PreconditionFailed { current } => Err(StoreError::PreconditionFailed { current }),
             other => Err(StoreError::Unexpected(other)),
+        }
+    }
+
+    /// `put` under a precondition. `Exists` is a compare-and-set on the revision the key has
+    /// (the replicated rule knows revisions, and "absent" as revision 0), repeated while the key
+    /// changes under it: the write applies only while the key exists, and a key that changes
+    /// faster than `EXISTS_ROUNDS` rounds is a 503, not a false 412.
+    pub async fn put_if(&self, store: &str, key: &str, value: &[u8], pre: Precondition) -> Result<u64, StoreError> {
+        match pre {
+            Precondition::Any => self.put(store, key, value, None).await,
+            Precondition::Revision(r) => self.put(store, key, value, Some(r)).await,
+            Precondition::Absent => self.put(store, key, value, Some(0)).await,
+            Precondition::Exists => {
+                let mut rev = self.existing_revision(store, key).await?;
+                for _ in 0..EXISTS_ROUNDS {
+                    match self.put(store, key, value, Some(rev)).await {
+                        Err(StoreError::PreconditionFailed { current: Some(now) }) => rev = now,
+                        other => return other,
+                    }
+                }
+                Err(StoreError::Replica(crate::raft::ReplicaError::Unavailable))
+            }
+        }
+    }
+
+    /// `delete` under a precondition (see `put_if`); `Exists` on an absent key is a 412.
+    pub async fn delete_if(&self, store: &str, key: &str, pre: Precondition) -> Result<bool, StoreError> {
+        match pre {
+            Precondition::Any => self.delete(store, key, None).await,
+            Precondition::Revision(r) => self.delete(store, key, Some(r)).await,
+            Precondition::Absent => self.delete(store, key, Some(0)).await,
+            Precondition::Exists => {
+                let mut rev = self.existing_revision(store, key).await?;
+                for _ in 0..EXISTS_ROUNDS {
+                    match self.delete(store, key, Some(rev)).await {
+                        Err(StoreError::PreconditionFailed { current: Some(now) }) => rev = now,
+                        other => return other,
+                    }
+                }
+                Err(StoreError::Replica(crate::raft::ReplicaError::Unavailable))
+            }
+        }
+    }
+
+    /// The key's revision to start an `Exists` compare-and-set from: this node's copy, or a
+    /// linearizable read when the copy has none (it may lag); absent there too is a 412.
+    async fn existing_revision(&self, store: &str, key: &str) -> Result<u64, StoreError> {
+        check_names(store, key)?;
+        if let Some(v) = self.sm.get(store, key) {
+            return Ok(v.revision);
+        }
+        match self.get(store, key, Consistency::Linearizable).await? {
+            Some(v) => Ok(v.revision),
+            None => Err(StoreError::PreconditionFailed { current: None }),
         }
     }
 

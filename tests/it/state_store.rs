@@ -97,3 +97,40 @@ fn compare_and_set_and_delete() {
         "If-Match: 0 after DELETE",
     );
 }
+
+/// `If-Match: *` writes only an existing key (at whatever revision, also while another writer
+/// moves it on), `If-None-Match: *` only an absent one; both at once or other values are 400s.
+#[test]
+fn if_match_star_needs_the_key_and_if_none_match_star_its_absence() {
+    let (c, leader) = Cluster::formed("cas-star", 3, &[]);
+    let follower = c
+        .ids()
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("a follower");
+    let path = "/v1/state/default/star";
+    for id in [leader, follower] {
+        let api = c.api(id);
+        let send = |method: &str, headers: &[(&str, &str)], body: &str| {
+            api.request(method, path, headers, body.as_bytes())
+        };
+        let _ = send("DELETE", &[], "");
+        fail(send("PUT", &[("If-Match", "*")], "1"), 412, "If-Match: * on an absent key");
+        fail(send("DELETE", &[("If-Match", "*")], ""), 412, "DELETE If-Match: * on an absent key");
+        let created = body_revision(&ok(send("PUT", &[("If-None-Match", "*")], "2"), "If-None-Match: * creates"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        fail(send("PUT", &[("If-None-Match", "*")], "3"), 412, "If-None-Match: * on an existing key");
+        // Another writer moves the key on; `*` still matches whatever revision it has now.
+        ok(api.put("star", &json!(4)), "an unconditional write in between");
+        let updated = body_revision(&ok(send("PUT", &[("If-Match", "*")], "5"), "If-Match: * on an existing key"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(updated > created + 1, "via node {id}: {created} then {updated}");
+        let got = ok(api.get("star"), "GET");
+        assert_eq!(got.json().unwrap_or_else(|e| panic!("{e}")), json!(5));
+        fail(send("PUT", &[("If-Match", "*"), ("If-None-Match", "*")], "6"), 400, "both headers");
+        fail(send("PUT", &[("If-None-Match", "\"7\"")], "6"), 400, "If-None-Match with a revision");
+        fail(send("PUT", &[("If-Match", "x")], "6"), 400, "If-Match neither a number nor *");
+        ok(send("DELETE", &[("If-Match", "*")], ""), "DELETE If-Match: * on an existing key");
+        fail(api.get("star"), 404, "GET after the delete");
+    }
+}
