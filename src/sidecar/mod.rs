@@ -299,10 +299,9 @@ fn forwarders(cfg: &SidecarConfig) -> Result<(Arc<Pool>, Vec<Forward>), SidecarE
         addr,
         base,
         max_idle: cfg.pool_size.min(cfg.max_connections),
-        idle: Mutex::new(Vec::new()),
+        idle: Mutex::new(Idle::default()),
         open: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
         open_max: cfg.max_connections,
-        waiting: std::sync::atomic::AtomicUsize::new(0),
     });
     let forwards = cfg.commands.iter().map(|c| forwarder(&pool, c)).collect::<Result<_, _>>()?;
     Ok((pool, forwards))
@@ -352,23 +351,24 @@ struct Pool {
     /// Path prefix of the upstream URL, without a trailing `/`.
     base: String,
     max_idle: usize,
-    idle: Mutex<Vec<Leased>>,
+    idle: Mutex<Idle>,
     /// One permit per open connection, held by its `Leased` (busy or idle) and returned when
     /// the connection is dropped.
     open: Arc<tokio::sync::Semaphore>,
     open_max: usize,
-    /// Requests waiting for a place (`open` exhausted); while there are any, a finished
-    /// connection is closed rather than kept idle, since waiters wait on `open`.
-    waiting: std::sync::atomic::AtomicUsize,
 }
 
-/// Counts a waiter in `Pool::waiting` while it lives (also when its request is cancelled).
-struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-    }
+/// The pool's free connections and the requests waiting for one, under one lock: a request
+/// that finds no idle connection queues itself before the lock is let go, so a connection put
+/// back meanwhile is handed to it rather than kept idle.
+#[derive(Default)]
+struct Idle {
+    conns: Vec<Leased>,
+    /// Oldest first. A waiter that gave up (deadline, or a place of its own came free) has
+    /// dropped its receiver: a hand-over to it fails and goes to the next, and the next waiter
+    /// to queue clears it out. So at most one per request in flight, which the proxy and the
+    /// subscription loops bound.
+    waiters: std::collections::VecDeque<tokio::sync::oneshot::Sender<Leased>>,
 }
 
 /// A connection and its place among the pool's open ones.
@@ -381,29 +381,46 @@ impl Pool {
     /// An idle connection, or a new one once fewer than `open_max` are open (waiting up to
     /// `wait` for that); `None` if none came free in time.
     async fn take(&self, wait: Duration) -> Option<Leased> {
-        // A poisoned lock only means a panic elsewhere while holding it; the Vec is still valid.
-        let idle = || self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        if let Some(idle) = idle() {
-            return Some(idle);
-        }
-        // Counted as waiting, then the idle list again: a `put` either saw us waiting (and
-        // closed its connection, freeing a place) or pushed it before we looked (under the lock).
-        self.waiting.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let _waiting = Waiting(&self.waiting);
-        if let Some(idle) = idle() {
-            return Some(idle);
-        }
-        let permit = tokio::time::timeout(wait, self.open.clone().acquire_owned()).await.ok()?.ok()?;
-        Some(Leased { conn: Conn::new(self.addr.clone()), _open: permit })
+        // A poisoned lock only means a panic elsewhere while holding it; the lists stay valid.
+        let handed = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(conn) = idle.conns.pop() {
+                return Some(conn);
+            }
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            // Waiters that gave up go first, so the queue holds only live ones (and a few).
+            idle.waiters.retain(|w| !w.is_closed());
+            idle.waiters.push_back(tx);
+            rx
+        };
+        // Whichever comes first: a connection a finished request hands over (kept alive, no
+        // new handshake), or a free place to open one.
+        let got = tokio::time::timeout(wait, async {
+            tokio::select! {
+                conn = handed => conn.ok(),
+                permit = self.open.clone().acquire_owned() => {
+                    permit.ok().map(|permit| Leased { conn: Conn::new(self.addr.clone()), _open: permit })
+                }
+            }
+        });
+        got.await.ok().flatten()
     }
 
-    /// Returns a connection after a request. Kept idle only while nobody waits for a place:
-    /// a waiter waits on `open`, so a finished connection is closed to let it open its own.
-    fn put(&self, conn: Leased) {
+    /// Returns a connection after a request: to the oldest waiting request, else to the idle
+    /// list (up to `max_idle`); a broken one, or one beyond that, is closed and frees its place.
+    fn put(&self, mut conn: Leased) {
+        if !conn.conn.is_connected() {
+            return;
+        }
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let waiting = self.waiting.load(std::sync::atomic::Ordering::SeqCst) > 0;
-        if conn.conn.is_connected() && idle.len() < self.max_idle && !waiting {
-            idle.push(conn);
+        while let Some(waiter) = idle.waiters.pop_front() {
+            match waiter.send(conn) {
+                Ok(()) => return,
+                Err(back) => conn = back,
+            }
+        }
+        if idle.conns.len() < self.max_idle {
+            idle.conns.push(conn);
         }
     }
 }
@@ -773,6 +790,26 @@ mod tests {
         assert_eq!(up.conns.load(Ordering::SeqCst), 2, "never more than max_connections open");
         // The places are free again: a new request gets a connection.
         assert_eq!(fw.forward(inv(&[], "", 300)).await.unwrap_err().status, 504);
+    }
+
+    /// At the cap, a request that waits gets the connection the previous request finishes
+    /// with, kept alive: one connection serves them all, none is closed and opened again.
+    #[tokio::test]
+    async fn a_waiting_request_gets_the_finished_connection() {
+        let up = upstream().await;
+        let cfg = config(&format!("http://{}", up.addr), "max_connections = 1");
+        let fw = forwarders(&cfg).unwrap().1.remove(0);
+        let calls: Vec<_> = (0..8)
+            .map(|i| {
+                let fw = fw.clone();
+                tokio::spawn(async move { fw.forward(inv(&[("id", &i.to_string())], "{}", 10_000)).await })
+            })
+            .collect();
+        for call in calls {
+            call.await.unwrap().expect("served");
+        }
+        assert_eq!(up.conns.load(Ordering::SeqCst), 1, "eight queued requests over one kept-alive connection");
+        assert!(fw.pool.idle.lock().unwrap().waiters.iter().all(|w| w.is_closed()), "no live waiter left");
     }
 
     #[tokio::test]
