@@ -60,6 +60,9 @@ const TICK: Duration = Duration::from_millis(10);
 const SETTLING_FACTOR: usize = 8;
 /// Events one `DeliverBatch` may carry (a consumer serves them all at once).
 const MAX_DELIVER_BATCH: usize = 1024;
+/// Bytes of a failed delivery's reason kept at most (it is replicated and kept in the dead
+/// letters, up to `MAX_DEAD_LETTERS` per subscription).
+const MAX_REASON: usize = 1024;
 /// Least time between two passes of a delivery loop.
 const MIN_PASS: Duration = Duration::from_millis(1);
 /// Progress updates the writer gathers into one batch: it stops taking requests once this many
@@ -172,7 +175,9 @@ impl Dispatcher {
         let source = event.body.clone();
         let ctx = Ctx::new(delivery_meta(sub, &source), self.node_id, self.broker.store().clone())
             .with_broker(self.broker.clone(), s.service.clone());
-        let out = s.handler.handle(ctx, event).await?;
+        // Only the status of a failure matters here, and its text goes into the replicated
+        // progress and the dead letters: cut to `MAX_REASON`.
+        let out = s.handler.handle(ctx, event).await.map_err(|e| e.truncated(MAX_REASON))?;
         if let Some(emit) = out {
             let payload = serde_json::to_vec(&emit.payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
             let key = Some(format!("sub:{sub}:{}:emit", source.id));
@@ -404,7 +409,8 @@ impl Dispatcher {
                 }
                 Err(e) => {
                     debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
-                    let reason = format!("node {target}: {e}");
+                    let mut reason = format!("node {target}: {e}");
+                    crate::sdk::truncate_utf8(&mut reason, MAX_REASON);
                     updates.push(SubUpdate::Failed { sub: decl.name.clone(), position, reason });
                     Some(backoff(attempts + 1))
                 }

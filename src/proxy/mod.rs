@@ -422,7 +422,17 @@ impl Proxy {
         let out = match tokio::time::timeout(timeout, handler.call(ctx, inv)).await {
             Ok(r) => r,
             Err(_) => Err(HandlerError::new(504, "deadline exceeded")),
-        }?;
+        };
+        // An error answer is bounded like a result: it crosses the link as one frame and, as a
+        // 4xx under an idempotency key, is stored in one Raft entry.
+        let out = out.map_err(|e| {
+            if e.size() <= self.settings.max_output {
+                return e;
+            }
+            tracing::warn!(service = %key.0, command = %key.2, bytes = e.size(), "command error answer too large");
+            let why = format!("the command's error answer was {} bytes, more than the {} a node can carry (half of --max-frame)", e.size(), self.settings.max_output);
+            HandlerError::new(502, why)
+        })?;
         if out.body.len() > self.settings.max_output {
             let why = format!("the command answered {} bytes, more than the {} a node can carry (half of --max-frame)", out.body.len(), self.settings.max_output);
             tracing::warn!(service = %key.0, command = %key.2, bytes = out.body.len(), "command answer too large");

@@ -163,6 +163,22 @@ impl HandlerError {
         self.data = Some(data.to_string());
         self
     }
+    /// Bytes of text it carries (message and data).
+    pub fn size(&self) -> usize {
+        self.message.len() + self.data.as_ref().map_or(0, String::len)
+    }
+
+    /// The same error cut to at most `max` bytes of message, without its data, when it carries
+    /// more than `max`: for where only the status matters and the text travels into the log (a
+    /// failed delivery's reason, replicated and kept in the dead letters).
+    pub fn truncated(mut self, max: usize) -> HandlerError {
+        if self.size() > max {
+            self.data = None;
+            truncate_utf8(&mut self.message, max);
+        }
+        self
+    }
+
     /// The JSON body sent to clients.
     pub fn to_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({ "status": self.status, "message": self.message });
@@ -171,6 +187,19 @@ impl HandlerError {
         }
         v
     }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary, marking the cut with `…`.
+pub fn truncate_utf8(s: &mut String, max: usize) {
+    if s.len() <= max {
+        return;
+    }
+    let mut end = max.saturating_sub('…'.len_utf8());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+    s.push('…');
 }
 
 impl From<StoreError> for HandlerError {
@@ -295,5 +324,28 @@ impl StateHandle {
     /// Atomically add `by` to an integer key (absent = 0); returns the new value.
     pub async fn increment(&self, store: &str, key: &str, by: i64) -> Result<i64, HandlerError> {
         Ok(self.store.increment(store, key, by, self.next_tag()).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_long_error_is_cut_on_a_character_boundary_and_loses_its_data() {
+        let mut s = "é".repeat(10);
+        truncate_utf8(&mut s, 8);
+        assert!(s.len() <= 8 && s.ends_with('…'), "{s:?}");
+        assert_eq!(s, "éé…");
+        let mut short = "abc".to_string();
+        truncate_utf8(&mut short, 3);
+        assert_eq!(short, "abc", "what fits is kept as it is");
+
+        let e = HandlerError::new(422, "x".repeat(5000)).with_data(&serde_json::json!({"field": "y"}));
+        let cut = e.clone().truncated(1024);
+        assert_eq!((cut.status, cut.data.clone()), (422, None), "the status stays, the data goes");
+        assert!(cut.size() <= 1024, "{}", cut.size());
+        let small = HandlerError::new(400, "bad").with_data(&serde_json::json!(1));
+        assert_eq!(small.clone().truncated(1024), small, "a small error is kept whole");
     }
 }

@@ -388,6 +388,14 @@ fn upstream_failures_are_gateway_errors_and_app_errors_pass_through() {
             what("upstream 422"),
             bad.describe()
         );
+        // An error answer larger than a node carries (half of the 16 MiB frame) is a 502 like
+        // a result of that size, keyed or not; the next request is served as usual.
+        for key in [None, Some(format!("big-error-{}", api.id))] {
+            let headers: Vec<(&str, &str)> = key.iter().map(|k| ("idempotency-key", k.as_str())).collect();
+            let huge = get("/api/v1/bad?pad=9000000", &headers);
+            assert_json_error(&huge, 502, &what("a 9 MB error answer"));
+        }
+        assert_eq!(get("/api/v1/bad", &[]).status, 422, "{}", what("served after the huge error"));
 
         assert_json_error_within(
             api,

@@ -10,7 +10,7 @@ keep-alive (the node pools connections), one thread per connection, and answers:
   POST /orders/<id>         200 {"id","body":<json>,"query","servedBy":X,"headers":{...}}
                             (400 {"message"} if the body is not JSON)
   GET  /fail                500 {"message":"upstream failure"}
-  GET  /bad                 422 {"message":"bad thing"}
+  GET  /bad                 422 {"message":"bad thing"}; with ?pad=N the message is N bytes longer
   GET  /sleep?ms=N          sleeps N ms, then 200 {"sleptMs":N,"servedBy":X}
   POST /events/<name>       a sidecar subscription delivery (body = the event JSON): records the
                             event id and answers 200 {"ok":true,"servedBy":X}; while failing
@@ -133,7 +133,8 @@ def make_handler(state, verbose):
             if route == ("GET", "/fail"):
                 return self.send_json(500, {"message": "upstream failure"})
             if route == ("GET", "/bad"):
-                return self.send_json(422, {"message": "bad thing"})
+                pad = int(query.get("pad", "0") or 0)
+                return self.send_json(422, {"message": "bad thing" + "x" * pad})
             if route == ("GET", "/sleep"):
                 try:
                     ms = int(query.get("ms", "0"))
