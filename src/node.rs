@@ -38,6 +38,7 @@ use crate::broker::Broker;
 use crate::broker::dispatch::Dispatcher;
 use crate::broker::dispatch::LocalSubscriber;
 use crate::proxy::LocalServices;
+use crate::raft::types::Command;
 use crate::raft::types::EventLimits;
 use crate::sdk::Sender;
 use crate::proxy::Proxy;
@@ -500,7 +501,8 @@ impl Handler for PeerHandler {
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
                 PeerRequest::DeliverBatch { sub, events } => dispatcher.serve_delivery_batch(sub, events).await,
                 PeerRequest::WriteBatch(cmds) => {
-                    PeerResponse::WrittenBatch(crate::raft::fit_answers(broker.write_forwarded(cmds).await, max_frame))
+                    let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. })).collect();
+                    PeerResponse::WrittenBatch(crate::raft::fit_answers(broker.write_forwarded(cmds).await, &replayable, max_frame))
                 }
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
                 PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),

@@ -482,12 +482,12 @@ impl Inbox {
 }
 
 /// The entry for what the batcher took: events, progress, or both in one.
-fn entry(events: Vec<NewEvent>, settles: &mut [Settle], limits: EventLimits) -> Command {
+fn entry(events: Vec<NewEvent>, settles: &mut [Settle], now_ms: u64, limits: EventLimits) -> Command {
     let updates: Vec<SubUpdate> = settles.iter_mut().flat_map(|s| std::mem::take(&mut s.updates)).collect();
     match (events.is_empty(), updates.is_empty()) {
-        (_, true) => Command::Publish { now_ms: now_ms(), events: Arc::new(events), limits },
+        (_, true) => Command::Publish { now_ms, events: Arc::new(events), limits },
         (true, false) => Command::SubUpdate { updates },
-        (false, false) => Command::PublishAndSettle { now_ms: now_ms(), events: Arc::new(events), limits, updates: Arc::new(updates) },
+        (false, false) => Command::PublishAndSettle { now_ms, events: Arc::new(events), limits, updates: Arc::new(updates) },
     }
 }
 
@@ -576,11 +576,12 @@ async fn batcher(
             let _permit = permit;
             let n = events.len();
             // Shorter while more producer keys than their bound are younger than the window.
-            let window_ms = store.local().dedup_window(limits.dedup_window_ms, dedup_max_keys);
+            let now = now_ms();
+            let window_ms = store.local().dedup_window(now, limits.dedup_window_ms, dedup_max_keys);
             if window_ms < limits.dedup_window_ms {
                 crate::raft::state_machine::note_shortened_window("events", window_ms, limits.dedup_window_ms);
             }
-            let cmd = entry(events, &mut settles, EventLimits { dedup_window_ms: window_ms, ..limits });
+            let cmd = entry(events, &mut settles, now, EventLimits { dedup_window_ms: window_ms, ..limits });
             let started = std::time::Instant::now();
             let outcome = store.command(cmd, timeout).await;
             // Leader: propose → committed and applied; follower: forwarded → the leader's answer.
@@ -824,7 +825,7 @@ mod tests {
         let (first, _r1) = acks("s", 0..3);
         let (second, _r2) = acks("t", 3..4);
         let mut settles = vec![first, second];
-        match entry(vec![event(4), event(4)], &mut settles, limits) {
+        match entry(vec![event(4), event(4)], &mut settles, 1, limits) {
             Command::PublishAndSettle { events, updates, .. } => {
                 assert_eq!(events.len(), 2);
                 assert_eq!(updates.len(), 4, "every queued update, in order");
@@ -833,8 +834,8 @@ mod tests {
             other => panic!("expected one entry with both, got {other}"),
         }
         let (only, _r) = acks("s", 5..6);
-        assert!(matches!(entry(Vec::new(), &mut [only], limits), Command::SubUpdate { updates } if updates.len() == 1));
-        assert!(matches!(entry(vec![event(4)], &mut [], limits), Command::Publish { events, .. } if events.len() == 1));
+        assert!(matches!(entry(Vec::new(), &mut [only], 1, limits), Command::SubUpdate { updates } if updates.len() == 1));
+        assert!(matches!(entry(vec![event(4)], &mut [], 1, limits), Command::Publish { events, .. } if events.len() == 1));
     }
 
     #[tokio::test]

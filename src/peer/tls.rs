@@ -31,7 +31,8 @@ use tokio::io::AsyncRead;
 use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
-/// ALPN protocol of a peer link: a TLS client of another protocol is refused in the handshake.
+/// ALPN protocol of a peer link: a TLS client that offers other protocols only is refused in
+/// the handshake (one that offers none is served, and fails at the `Hello`).
 const ALPN: &[u8] = b"raftbridge-peer/1";
 
 #[derive(Debug, thiserror::Error)]
@@ -241,17 +242,35 @@ pub fn issue(dir: &Path, name: &str, sans: &[String], days: u32) -> Result<Issue
         Ok(params)
     };
     let (ca_path, ca_key_path) = (dir.join(CA_CERT), dir.join(CA_KEY));
-    let ca_created = !ca_key_path.exists();
+    let ca_created = match (ca_path.exists(), ca_key_path.exists()) {
+        (false, false) => true,
+        (true, true) => false,
+        (true, false) => {
+            return Err(CertError::Invalid(format!(
+                "{} is there but its key {} is not (moved away?): put the key back to sign more certificates, or use another --dir for a new CA",
+                ca_path.display(),
+                ca_key_path.display()
+            )))
+        }
+        (false, true) => {
+            return Err(CertError::Invalid(format!("{} is there without {}", ca_key_path.display(), ca_path.display())))
+        }
+    };
     let (ca_cert, ca_key) = if ca_created {
         let key = KeyPair::generate()?;
         let cert = ca_params(now + time::Duration::days(3650))?.self_signed(&key)?;
-        write_new(&ca_key_path, key.serialize_pem().as_bytes(), true)?;
+        // The certificate first: a key without it would be taken for a CA on the next run.
         write_new(&ca_path, cert.pem().as_bytes(), false)?;
+        if let Err(e) = write_new(&ca_key_path, key.serialize_pem().as_bytes(), true) {
+            let _ = std::fs::remove_file(&ca_path);
+            return Err(e);
+        }
         (cert, key)
     } else {
         let pem = std::fs::read_to_string(&ca_key_path).map_err(io(&ca_key_path))?;
         let key = KeyPair::from_pem(&pem)?;
-        // The same name and key as the CA in ca.pem: what it signs chains to that certificate.
+        // The same name and key as the CA in ca.pem: what it signs chains to that certificate
+        // (checked below, before anything is written).
         let cert = ca_params(now + time::Duration::days(3650))?.self_signed(&key)?;
         (cert, key)
     };
@@ -265,9 +284,33 @@ pub fn issue(dir: &Path, name: &str, sans: &[String], days: u32) -> Result<Issue
     params.use_authority_key_identifier_extension = true;
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &ca_cert, &ca_key)?;
+    // A wildcard name is checked as one name it covers.
+    let name = sans[0].strip_prefix("*.").map_or_else(|| sans[0].clone(), |rest| format!("a.{rest}"));
+    chains_to(&ca_path, cert.der(), &name)?;
     write_new(&key_path, key.serialize_pem().as_bytes(), true)?;
     write_new(&cert_path, cert.pem().as_bytes(), false)?;
     Ok(Issued { ca_created, cert: cert_path, key: key_path })
+}
+
+/// Checks that `cert` chains to the CA certificate in `ca_path` for the name `san`, as a peer
+/// will: a `ca-key.pem` that is not the key of `ca.pem` would sign certificates every node
+/// refuses.
+fn chains_to(ca_path: &Path, cert: &CertificateDer<'_>, san: &str) -> Result<(), CertError> {
+    let invalid = |why: String| CertError::Invalid(why);
+    let mut roots = RootCertStore::empty();
+    for ca in CertificateDer::pem_file_iter(ca_path).map_err(|e| invalid(format!("{}: {e}", ca_path.display())))? {
+        roots.add(ca.map_err(|e| invalid(format!("{}: {e}", ca_path.display())))?).map_err(|e| invalid(e.to_string()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider)
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    let name = ServerName::try_from(san.to_string()).map_err(|e| invalid(format!("--san {san}: {e}")))?;
+    let now = rustls::pki_types::UnixTime::now();
+    use rustls::client::danger::ServerCertVerifier;
+    verifier.verify_server_cert(cert, &[], &name, &[], now).map(|_| ()).map_err(|e| {
+        invalid(format!("the new certificate does not chain to {} ({e}): is {CA_KEY} the key of that CA?", ca_path.display()))
+    })
 }
 
 /// Creates a file that must not exist yet; a key is readable by its owner only.
@@ -305,6 +348,21 @@ mod tests {
         assert_eq!(std::fs::read(dir.join(CA_CERT)).unwrap(), ca_before);
         assert!(matches!(issue(&dir, "node1", &sans, 30), Err(CertError::Exists { .. })), "nothing is overwritten");
         assert!(matches!(issue(&dir, "../x", &sans, 30), Err(CertError::Invalid(_))));
+        // The CA key moved away (as advised): a clear error, and nothing is written.
+        std::fs::rename(dir.join(CA_KEY), dir.join("moved-key.pem")).unwrap();
+        let err = issue(&dir, "node3", &sans, 30).unwrap_err();
+        assert!(matches!(&err, CertError::Invalid(m) if m.contains("moved away")), "{err}");
+        assert!(!dir.join(CA_KEY).exists() && !dir.join("node3.pem").exists(), "no new CA key, no certificate");
+        // A key that is not the CA's: refused before anything is written.
+        let other = temp_dir("other-ca");
+        issue(&other, "x", &sans, 30).unwrap();
+        std::fs::copy(other.join(CA_KEY), dir.join(CA_KEY)).unwrap();
+        let err = issue(&dir, "node3", &sans, 30).unwrap_err();
+        assert!(err.to_string().contains("does not chain"), "{err}");
+        assert!(!dir.join("node3.pem").exists() && !dir.join("node3-key.pem").exists());
+        std::fs::rename(dir.join("moved-key.pem"), dir.join(CA_KEY)).unwrap();
+        issue(&dir, "node3", &["*.peers.internal".to_string()], 30).expect("the key back: signs again, a wildcard too");
+        std::fs::remove_dir_all(other).unwrap();
         assert!(matches!(issue(&dir, "n", &[], 30), Err(CertError::Invalid(_))));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&second.key).unwrap().permissions().mode() & 0o777;

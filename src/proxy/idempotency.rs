@@ -66,9 +66,9 @@ impl Proxy {
         let attempt = fastrand::u64(1..);
         let full_window_ms = self.settings.idempotency_window.as_millis() as u64;
         // Shorter while the records exceed their bounds, so that applying it forgets the oldest.
-        let window_ms = || {
+        let window_ms = |now: u64| {
             let s = &self.settings;
-            let w = self.sm.idem_window(full_window_ms, s.idempotency_max_keys, s.idempotency_max_bytes);
+            let w = self.sm.idem_window(now, full_window_ms, s.idempotency_max_keys, s.idempotency_max_bytes);
             if w < full_window_ms {
                 crate::raft::state_machine::note_shortened_window("commands", w, full_window_ms);
             }
@@ -81,7 +81,8 @@ impl Proxy {
                 return Err(ApiError::Timeout);
             }
             let lease_ms = LEASE.as_millis() as u64;
-            let begin = Command::IdemBegin { key: key.clone(), attempt, now_ms: now_ms(), lease_ms, window_ms: window_ms() };
+            let now = now_ms();
+            let begin = Command::IdemBegin { key: key.clone(), attempt, now_ms: now, lease_ms, window_ms: window_ms(now) };
             match self.store.command(begin, left).await? {
                 CommandResult::IdemBegun => break,
                 CommandResult::IdemDone(stored) => return Ok(replay(stored)),
@@ -102,8 +103,9 @@ impl Proxy {
                 tokio::select! {
                     r = &mut run => break r,
                     _ = renew.tick() => {
+                        let now = now_ms();
                         let again = Command::IdemBegin {
-                            key: key.clone(), attempt, now_ms: now_ms(), lease_ms: LEASE.as_millis() as u64, window_ms: window_ms(),
+                            key: key.clone(), attempt, now_ms: now, lease_ms: LEASE.as_millis() as u64, window_ms: window_ms(now),
                         };
                         let _ = self.store.command(again, RENEW).await;
                     }
@@ -132,7 +134,8 @@ impl Proxy {
             }
             other => {
                 // Nothing to keep: release the claim at once so a retry need not wait the lease out.
-                let release = Command::IdemBegin { key, attempt, now_ms: now_ms(), lease_ms: 0, window_ms: window_ms() };
+                let now = now_ms();
+                let release = Command::IdemBegin { key, attempt, now_ms: now, lease_ms: 0, window_ms: window_ms(now) };
                 let _ = self.store.command(release, left).await;
                 other.map(|(out, _)| answer(out))
             }

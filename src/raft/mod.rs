@@ -262,28 +262,32 @@ impl Replica {
     }
 }
 
-/// Room in a frame for everything of a `WrittenBatch` but its answers (frame and enum headers).
-const ANSWER_HEADROOM: usize = 64 << 10;
+/// Room in a frame for everything of a `WrittenBatch` but its answers: the frame header, the
+/// response's tag and the list's length (each answer's own encoding is counted exactly).
+const ANSWER_HEADROOM: usize = 1 << 10;
 
 /// Leader side of a forwarded batch's reply: keeps its answers within one frame of `max_frame`.
 /// The forwarder cuts a batch by the size of its commands, but a command's answer can be far
 /// larger than the command: `IdemBegin` answers a finished request with its stored response (up
 /// to half a frame), and several of them would make a reply no frame can carry (the link would
-/// close and every write on it fail). Answers are kept in order while they fit; a replayed
-/// response that no longer fits is withheld as `Unavailable`, which the follower's
-/// `Replica::write` retries in a later batch. Asking again is safe: `IdemBegin` on a finished
-/// key changes nothing and answers the same. The first answer always goes: one stored response
-/// fits a frame. Other answers are small (revisions, positions) and always go.
+/// close and every write on it fail). Answers are kept in order while they fit; an `IdemBegin`'s
+/// replayed response (`replayable[i]`) that no longer fits is withheld as `Unavailable`, which
+/// the follower's `Replica::write` retries in a later batch, where it comes first. Asking again
+/// is safe and cheap: `IdemBegin` on a finished key changes nothing and answers the same. Every
+/// other answer goes: an `IdemComplete`'s answer repeats its command's body, and the forwarder
+/// cut the batch's commands at half a frame; the rest are small (revisions, positions). The
+/// first answer always fits: one stored response is at most half a frame.
 pub fn fit_answers(
     mut results: Vec<Result<(u64, CommandResult), RemoteError>>,
+    replayable: &[bool],
     max_frame: usize,
 ) -> Vec<Result<(u64, CommandResult), RemoteError>> {
     let budget = max_frame.saturating_sub(ANSWER_HEADROOM);
     let mut used = 0usize;
     for (i, r) in results.iter_mut().enumerate() {
         let size = bincode::serialized_size(&*r).map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
-        let replay = matches!(r, Ok((_, CommandResult::IdemDone(_))));
-        if replay && i > 0 && used.saturating_add(size) > budget {
+        let replay = replayable.get(i).copied().unwrap_or(false) && matches!(r, Ok((_, CommandResult::IdemDone(_))));
+        if replay && used.saturating_add(size) > budget {
             metrics::counter!("raftbridge_forward_answers_withheld_total").increment(1);
             *r = Err(RemoteError::Unavailable("answer withheld: the batch's answers would not fit a frame; ask again".into()));
             continue;
@@ -488,19 +492,23 @@ mod tests {
         let frame = 1 << 20;
         let replay = |kib: usize| Ok((7, CommandResult::IdemDone(StoredResponse { status: 200, body: vec![b'x'; kib << 10], content_type: None })));
         let small = || Ok((8, CommandResult::Written { revision: 3 }));
-        let results = vec![replay(500), small(), replay(480), replay(100), small(), replay(500), Err(RemoteError::Invalid("bad".into()))];
-        let fitted = super::fit_answers(results.clone(), frame);
+        let results = vec![replay(600), small(), replay(450), replay(100), small(), replay(500), Err(RemoteError::Invalid("bad".into()))];
+        let begins = [true; 7];
+        let fitted = super::fit_answers(results.clone(), &begins, frame);
         let withheld: Vec<usize> = fitted.iter().enumerate().filter(|(_, r)| matches!(r, Err(RemoteError::Unavailable(_)))).map(|(i, _)| i).collect();
-        assert_eq!(withheld, vec![2, 5], "replays kept in order while they fit: 500 + 100 KiB kept of a 960 KiB budget, 480 and 500 withheld");
+        assert_eq!(withheld, vec![2, 5], "replays kept in order while they fit: 600 + 100 KiB kept of a 1023 KiB budget, 450 and 500 withheld");
         let kept_small = fitted.iter().filter(|r| matches!(r, Ok((_, CommandResult::Written { .. })))).count();
         assert_eq!(kept_small, 2, "small answers always go");
         assert!(matches!(fitted[6], Err(RemoteError::Invalid(_))), "errors are passed on as they are");
         let size = bincode::serialized_size(&crate::peer::message::PeerResponse::WrittenBatch(fitted)).unwrap();
         assert!(size <= frame as u64, "{size} bytes fit a frame of {frame}");
-        // The first answer always goes, however large: one stored response fits a frame.
-        let alone = super::fit_answers(vec![replay(900)], frame);
-        assert!(alone[0].is_ok());
+        // Two stored responses of half a frame each fit, with the headroom.
+        let halves = super::fit_answers(vec![replay(511), replay(511)], &begins, frame);
+        assert!(halves.iter().all(Result::is_ok));
         // Withheld answers are asked again by the follower's write loop.
-        assert!(matches!(super::fit_answers(vec![replay(500), replay(500)], frame)[1], Err(RemoteError::Unavailable(_))));
+        assert!(matches!(super::fit_answers(vec![replay(600), replay(600)], &begins, frame)[1], Err(RemoteError::Unavailable(_))));
+        // An IdemComplete's answer is never withheld (asking again would log its body again).
+        let completes = super::fit_answers(vec![replay(600), replay(600)], &[false, false], frame);
+        assert!(completes.iter().all(Result::is_ok));
     }
 }

@@ -80,6 +80,9 @@ fn idem_weight(key: &str, rec: &IdemRecord) -> u64 {
 
 /// The window to propose so that applying it leaves at most `max_keys` keys (and `max_bytes` by
 /// `weigh`) of those in `order`: `window_ms`, or shorter, ending at the oldest key that may stay.
+/// `clock_ms` must be the clock the command will be applied at: at least its own `now_ms`
+/// (applying moves the clock there first), so that a command after a quiet spell does not
+/// reach back past the keys it should keep.
 /// The rule that forgets keys is the replicated one (a command carries its window), so a count
 /// or byte bound needs no new rule: the proposer shortens the window it asks for. `weigh` gives
 /// an entry's weight, or `None` for a stale entry (its key was forgotten or made again later).
@@ -677,25 +680,28 @@ impl SmShared {
 
     /// The window an `IdemBegin` proposes: `window_ms`, or shorter while the records younger
     /// than it are more than `max_keys` or weigh more than `max_bytes` (`bounded_window`).
-    pub fn idem_window(&self, window_ms: u64, max_keys: usize, max_bytes: u64) -> u64 {
+    /// `now_ms`: the command's own, which applying it moves the clock to.
+    pub fn idem_window(&self, now_ms: u64, window_ms: u64, max_keys: usize, max_bytes: u64) -> u64 {
         let d = read(&self.data);
         if d.idem.len() <= max_keys && d.idem_bytes <= max_bytes {
             return window_ms;
         }
         let weigh = |created, key: &str| d.idem.get(key).filter(|r| r.created_ms == created).map(|r| idem_weight(key, r));
-        bounded_window(&d.idem_order, d.clock_ms, window_ms, (d.idem.len(), d.idem_bytes), (max_keys, max_bytes), weigh)
+        let clock = d.clock_ms.max(now_ms);
+        bounded_window(&d.idem_order, clock, window_ms, (d.idem.len(), d.idem_bytes), (max_keys, max_bytes), weigh)
     }
 
     /// The producer-dedup window a `Publish` proposes: `window_ms`, or shorter while more than
     /// `max_keys` keys are younger than it.
-    pub fn dedup_window(&self, window_ms: u64, max_keys: usize) -> u64 {
+    /// `now_ms`: the command's own, which applying it moves the clock to.
+    pub fn dedup_window(&self, now_ms: u64, window_ms: u64, max_keys: usize) -> u64 {
         let d = read(&self.data);
         let log = &d.log;
         if log.keys.len() <= max_keys {
             return window_ms;
         }
         let weigh = |at, key: &str| log.keys.get(key).filter(|(_, _, t)| *t == at).map(|_| 0);
-        bounded_window(&log.key_order, d.clock_ms, window_ms, (log.keys.len(), 0), (max_keys, u64::MAX), weigh)
+        bounded_window(&log.key_order, d.clock_ms.max(now_ms), window_ms, (log.keys.len(), 0), (max_keys, u64::MAX), weigh)
     }
 
     /// The local view of an idempotency key's state.
@@ -974,11 +980,14 @@ mod tests {
             let recount: u64 = d.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
             assert_eq!(d.idem_bytes, recount, "the running weight is the sum of the records");
         }
-        assert_eq!(shared.idem_window(600_000, 10, u64::MAX), 600_000, "within the bounds: the full window");
+        assert_eq!(shared.idem_window(1_009, 600_000, 10, u64::MAX), 600_000, "within the bounds: the full window");
         // Six keys at most: the window reaches back to k4 (created at 1004), the clock is 1009.
-        assert_eq!(shared.idem_window(600_000, 6, u64::MAX), 5);
+        assert_eq!(shared.idem_window(1_009, 600_000, 6, u64::MAX), 5);
         // 35 KiB at most: three 10 KiB answers and their keys fit, so the window starts at k7.
-        assert_eq!(shared.idem_window(600_000, 100, 35 << 10), 2);
+        assert_eq!(shared.idem_window(1_009, 600_000, 100, 35 << 10), 2);
+        // After a quiet spell the command's own clock counts: 5 s later the window is 5 s longer,
+        // so applying it still keeps k4..k9 (it used to forget them all).
+        assert_eq!(shared.idem_window(6_009, 600_000, 6, u64::MAX), 5_005);
         {
             let mut d = shared.data.write().unwrap();
             let w = shared_window(&d, 6);
@@ -1016,8 +1025,17 @@ mod tests {
             }
             assert_eq!(d.log.keys.len(), 8);
         }
-        assert_eq!(shared.dedup_window(60_000, 8), 60_000);
-        let w = shared.dedup_window(60_000, 3);
+        assert_eq!(shared.dedup_window(5_007, 60_000, 8), 60_000);
+        // A publish 30 s after the last one still keeps the newest three.
+        let later = shared.dedup_window(35_007, 60_000, 3);
+        assert_eq!(later, 30_002);
+        {
+            let mut quiet = shared.data.read().unwrap().clone();
+            quiet.apply(19, publish(35_007, "p-new", later));
+            let kept: Vec<&str> = quiet.log.keys.keys().map(String::as_str).collect();
+            assert_eq!(kept, ["p-new", "p5", "p6", "p7"], "after a pause the newest keys stay");
+        }
+        let w = shared.dedup_window(5_007, 60_000, 3);
         assert_eq!(w, 2, "the clock is 5007; the newest three keys start at 5005");
         let mut d = shared.data.write().unwrap();
         let CommandResult::Published(first) = d.apply(20, publish(5_007, "p7", w)) else { panic!() };

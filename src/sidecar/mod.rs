@@ -365,10 +365,12 @@ struct Pool {
 struct Idle {
     conns: Vec<Leased>,
     /// Oldest first. A waiter that gave up (deadline, or a place of its own came free) has
-    /// dropped its receiver: a hand-over to it fails and goes to the next, and the next waiter
-    /// to queue clears it out. So at most one per request in flight, which the proxy and the
-    /// subscription loops bound.
+    /// dropped its receiver: a hand-over to it fails and goes to the next, and queueing clears
+    /// such waiters out (`prune_at`). So about one per request in flight, which the proxy and
+    /// the subscription loops bound.
     waiters: std::collections::VecDeque<tokio::sync::oneshot::Sender<Leased>>,
+    /// Queue length at which the next waiter clears out those that gave up.
+    prune_at: usize,
 }
 
 /// A connection and its place among the pool's open ones.
@@ -388,8 +390,12 @@ impl Pool {
                 return Some(conn);
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
-            // Waiters that gave up go first, so the queue holds only live ones (and a few).
-            idle.waiters.retain(|w| !w.is_closed());
+            // Waiters that gave up are cleared out whenever the queue has doubled since the last
+            // pass: it stays within twice the live ones, at amortized O(1) per request.
+            if idle.waiters.len() >= idle.prune_at {
+                idle.waiters.retain(|w| !w.is_closed());
+                idle.prune_at = (2 * idle.waiters.len()).max(16);
+            }
             idle.waiters.push_back(tx);
             rx
         };
