@@ -86,6 +86,11 @@ pub struct ChaosArgs {
     /// findings from the rest.
     #[arg(long)]
     pub no_power_loss: bool,
+    /// Peer links over mutual TLS (process mode): a throwaway CA in the workdir and one
+    /// certificate for every node under one shared name (`--peer-tls-server-name`), so the
+    /// faults also hit TLS handshakes, reconnects and half-closed TLS streams.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// `120` (seconds), `120s`, `1500ms`, `10m`.
@@ -137,7 +142,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&workdir).with_context(|| format!("clearing {}", workdir.display()))?;
     }
     std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
-    let flags = vec![
+    anyhow::ensure!(!(args.tls && args.mode == Mode::Docker), "--tls runs in process mode only");
+    let mut flags = vec![
         "--snapshot-threshold".to_string(),
         args.snapshot_threshold.to_string(),
         "--shutdown-grace-ms".to_string(),
@@ -146,12 +152,28 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         "--events-max-count".to_string(),
         "10000000".to_string(),
     ];
+    if args.tls {
+        let pki = workdir.join("pki");
+        crate::peer::tls::issue(&pki, "chaos-peers", &["chaos-peers".to_string()], 2).context("making the chaos run's certificates")?;
+        let file = |name: &str| pki.join(name).display().to_string();
+        flags.extend([
+            "--peer-tls-cert".to_string(),
+            file("chaos-peers.pem"),
+            "--peer-tls-key".to_string(),
+            file("chaos-peers-key.pem"),
+            "--peer-tls-ca".to_string(),
+            file(crate::peer::tls::CA_CERT),
+            "--peer-tls-server-name".to_string(),
+            "chaos-peers".to_string(),
+        ]);
+    }
     println!(
-        "chaos: {} nodes, fault phase {} s, seed {}, mode {:?}, {}, workdir {}",
+        "chaos: {} nodes, fault phase {} s, seed {}, mode {:?}{}, {}, workdir {}",
         args.nodes,
         args.duration.as_secs(),
         args.seed,
         args.mode,
+        if args.tls { " with peer TLS" } else { "" },
         match args.mode {
             Mode::Process => format!("binary {}", exe.display()),
             Mode::Docker => format!("image {}", args.image),
