@@ -71,6 +71,43 @@ pub enum NodeError {
     Tls(#[from] crate::peer::tls::TlsError),
 }
 
+/// How often the peer TLS files are looked at for changes (a renewed certificate, a Kubernetes
+/// secret updated in place).
+const TLS_CHECK: Duration = Duration::from_secs(30);
+
+/// Reloads the peer TLS files on SIGHUP and when they change, until `shutdown`. New
+/// connections use what was loaded; links up keep theirs. A reload that fails is logged and the
+/// previous certificates stay in use. Without TLS it only takes SIGHUP, which has nothing to do.
+async fn reload_tls(tls: Option<PeerTls>, shutdown: CancellationToken) {
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TLS_CHECK, TLS_CHECK);
+    loop {
+        let asked = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => false,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
+        };
+        let Some(tls) = &tls else {
+            if asked {
+                info!("SIGHUP: no peer TLS configured, nothing to reload");
+            }
+            continue;
+        };
+        let outcome = if asked { tls.reload().map(|()| true) } else { tls.reload_if_changed() };
+        match outcome {
+            Ok(true) => {
+                metrics::counter!("raftbridge_peer_tls_reloads_total", "outcome" => "ok").increment(1);
+                info!(signal = asked, "peer TLS certificates reloaded");
+            }
+            Ok(false) => {}
+            Err(e) => {
+                metrics::counter!("raftbridge_peer_tls_reloads_total", "outcome" => "failed").increment(1);
+                warn!(cause = %e, "peer TLS reload failed; the certificates loaded before stay in use");
+            }
+        }
+    }
+}
+
 /// Check or record the node id in the data dir: a data dir belongs to one node id forever.
 fn claim_data_dir(dir: &Path, id: u64) -> Result<(), NodeError> {
     let path = dir.display().to_string();
@@ -112,6 +149,8 @@ pub async fn run(
         }
         None => None,
     };
+    // Also without TLS: SIGHUP (systemd's reload) must not end the node, as its default would.
+    tokio::spawn(reload_tls(tls.clone(), shutdown.clone()));
     let peer_listener =
         TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
     let http_listener =

@@ -14,6 +14,9 @@
 //! - *TLS under the frames, not instead of them.* The handshake, framing and the cluster-secret
 //!   proof are unchanged on top (proto/PEER.md); TLS only wraps the byte stream, so a link is the
 //!   same code with or without it.
+//! - *Reloadable.* Certificates expire and get rotated: `reload` reads the files again and swaps
+//!   the configuration for new connections (links up keep theirs); the node calls it on SIGHUP
+//!   and when the files change. A reload that fails keeps what was loaded.
 //! - *rustls with ring*: no system OpenSSL to match, no cmake for aws-lc; TLS 1.3 and 1.2 with
 //!   rustls' safe defaults. `rcgen` makes certificates so that a test or a newcomer needs no
 //!   openssl recipe.
@@ -55,24 +58,89 @@ pub fn plain(stream: TcpStream) -> (ReadHalf, WriteHalf) {
     (Box::new(rd), Box::new(wr))
 }
 
-/// This node's certificate and key, and the CA its peers' certificates must chain to.
+/// This node's certificate and key, and the CA its peers' certificates must chain to; cheap to
+/// clone (all clones see a reload).
 #[derive(Clone)]
 pub struct PeerTls {
+    /// Swapped whole by `reload`; a handshake takes the current one (a clone of two `Arc`s).
+    current: Arc<std::sync::RwLock<Configs>>,
+    /// Where it was loaded from, and the files' modification times then (for `reload_if_changed`).
+    source: Arc<Source>,
+}
+
+#[derive(Clone)]
+struct Configs {
     connector: tokio_rustls::TlsConnector,
     acceptor: tokio_rustls::TlsAcceptor,
     /// The name every acceptor's certificate must carry, instead of the dialed host.
     server_name: Option<ServerName<'static>>,
 }
 
+struct Source {
+    cert: PathBuf,
+    key: PathBuf,
+    ca: PathBuf,
+    server_name: Option<String>,
+    /// The files' modification times at the last (re)load; written by whoever reloads.
+    stamps: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
+}
+
+impl Source {
+    fn stamps(&self) -> Vec<Option<std::time::SystemTime>> {
+        [&self.cert, &self.key, &self.ca].iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+    }
+}
+
 impl std::fmt::Debug for PeerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PeerTls").field("server_name", &self.server_name).finish_non_exhaustive()
+        let name = self.configs().server_name;
+        f.debug_struct("PeerTls").field("server_name", &name).finish_non_exhaustive()
     }
 }
 
 impl PeerTls {
+    fn configs(&self) -> Configs {
+        // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Reads the PEM files and builds both sides' configurations.
     pub fn load(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Result<PeerTls, TlsError> {
+        let source = Source {
+            cert: cert.into(),
+            key: key.into(),
+            ca: ca.into(),
+            server_name: server_name.map(str::to_string),
+            stamps: std::sync::Mutex::new(Vec::new()),
+        };
+        let stamps = source.stamps();
+        let configs = Self::read(cert, key, ca, server_name)?;
+        *source.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps;
+        Ok(PeerTls { current: Arc::new(std::sync::RwLock::new(configs)), source: Arc::new(source) })
+    }
+
+    /// Reads the files again and uses them for every connection from now on; on an error the
+    /// configuration loaded before stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let src = &self.source;
+        let stamps = src.stamps();
+        let configs = Self::read(&src.cert, &src.key, &src.ca, src.server_name.as_deref())?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = configs;
+        *src.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps;
+        Ok(())
+    }
+
+    /// `reload` when a file's modification time moved since the last load (a renewed
+    /// certificate, a Kubernetes secret updated in place). `Ok(true)` when it reloaded.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let src = &self.source;
+        if src.stamps() == *src.stamps.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(false);
+        }
+        self.reload().map(|()| true)
+    }
+
+    fn read(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Result<Configs, TlsError> {
         let file_err = |what, path: &Path| {
             let path = path.to_path_buf();
             move |e: rustls::pki_types::pem::Error| TlsError::File { what, path, reason: e.to_string() }
@@ -106,7 +174,7 @@ impl PeerTls {
         key: PrivateKeyDer<'static>,
         roots: RootCertStore,
         server_name: Option<&str>,
-    ) -> Result<PeerTls, TlsError> {
+    ) -> Result<Configs, TlsError> {
         let config_err = |e: rustls::Error| TlsError::Config(e.to_string());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let roots = Arc::new(roots);
@@ -134,7 +202,7 @@ impl PeerTls {
             ),
             None => None,
         };
-        Ok(PeerTls {
+        Ok(Configs {
             connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(server)),
             server_name,
@@ -143,8 +211,8 @@ impl PeerTls {
 
     /// The name the acceptor at `addr` must prove: `--peer-tls-server-name`, or the dialed host.
     pub fn name_for(&self, addr: &str) -> Result<ServerName<'static>, TlsError> {
-        if let Some(name) = &self.server_name {
-            return Ok(name.clone());
+        if let Some(name) = self.configs().server_name {
+            return Ok(name);
         }
         let host = match addr.rsplit_once(':') {
             Some((host, port)) if port.parse::<u16>().is_ok() => host,
@@ -157,14 +225,16 @@ impl PeerTls {
     /// TLS as the dialer, over a connected stream.
     pub async fn connect(&self, addr: &str, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
         let name = self.name_for(addr).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        let tls = self.connector.connect(name, stream).await?;
+        let connector = self.configs().connector;
+        let tls = connector.connect(name, stream).await?;
         let (rd, wr) = tokio::io::split(tls);
         Ok((Box::new(rd), Box::new(wr)))
     }
 
     /// TLS as the acceptor: the peer must present a certificate from the cluster CA.
     pub async fn accept(&self, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
-        let tls = self.acceptor.accept(stream).await?;
+        let acceptor = self.configs().acceptor;
+        let tls = acceptor.accept(stream).await?;
         let (rd, wr) = tokio::io::split(tls);
         Ok((Box::new(rd), Box::new(wr)))
     }
@@ -387,6 +457,49 @@ mod tests {
         assert!(err.to_string().contains("CA certificate"), "{err}");
         let err = PeerTls::load(&dir.join("n1.pem"), &dir.join("n1.pem"), &dir.join(CA_CERT), None).unwrap_err();
         assert!(err.to_string().contains("private key"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A reload takes new files for new handshakes; one that fails keeps what was loaded.
+    #[tokio::test]
+    async fn a_reload_uses_the_new_files_and_a_bad_one_keeps_the_old() {
+        let dir = temp_dir("reload");
+        issue(&dir, "by-name", &["localhost".into()], 30).unwrap();
+        issue(&dir, "by-ip", &["127.0.0.1".into()], 30).unwrap();
+        issue(&dir, "dialer", &["127.0.0.1".into()], 30).unwrap();
+        let (cert, key, ca) = (dir.join("live.pem"), dir.join("live-key.pem"), dir.join(CA_CERT));
+        std::fs::copy(dir.join("by-name.pem"), &cert).unwrap();
+        std::fs::copy(dir.join("by-name-key.pem"), &key).unwrap();
+        let acceptor = PeerTls::load(&cert, &key, &ca, None).unwrap();
+        let dialer = PeerTls::load(&dir.join("dialer.pem"), &dir.join("dialer-key.pem"), &ca, None).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let serving = acceptor.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let tls = serving.clone();
+                tokio::spawn(async move {
+                    if let Ok((mut rd, _wr)) = tls.accept(stream).await {
+                        let mut buf = [0u8; 1];
+                        let _ = tokio::io::AsyncReadExt::read(&mut rd, &mut buf).await;
+                    }
+                });
+            }
+        });
+        let handshake = || async { dialer.connect(&addr, tokio::net::TcpStream::connect(&addr).await.unwrap()).await.map(|_| ()) };
+        assert!(handshake().await.is_err(), "the certificate names localhost, not the dialed 127.0.0.1");
+        assert!(!acceptor.reload_if_changed().unwrap(), "nothing changed yet");
+        // Renewed in place: the next handshake uses the new certificate.
+        std::fs::write(&cert, std::fs::read(dir.join("by-ip.pem")).unwrap()).unwrap();
+        std::fs::write(&key, std::fs::read(dir.join("by-ip-key.pem")).unwrap()).unwrap();
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+        std::fs::File::options().write(true).open(&cert).unwrap().set_modified(later).unwrap();
+        assert!(acceptor.reload_if_changed().unwrap(), "a changed file is reloaded");
+        handshake().await.expect("the reloaded certificate names 127.0.0.1");
+        // A broken file: the reload fails, and handshakes go on with what was loaded.
+        std::fs::write(&key, "not a key").unwrap();
+        assert!(acceptor.reload().is_err());
+        handshake().await.expect("the previous configuration stays");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

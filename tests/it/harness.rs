@@ -551,6 +551,18 @@ impl Cluster {
         self.start(id);
     }
 
+    /// Sends `signal` (a `kill` name such as `HUP`) to node `id`, which must be running.
+    pub fn signal(&self, id: u64, signal: &str) {
+        let guard = lock(&self.node(id).child);
+        let child = guard.as_ref().unwrap_or_else(|| panic!("node {id} is not running"));
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(child.id().to_string())
+            .status()
+            .unwrap_or_else(|e| panic!("kill -{signal} node {id}: {e}"));
+        assert!(status.success(), "kill -{signal} node {id}: {status}");
+    }
+
     /// SIGKILLs node `id` and reaps it.
     pub fn kill(&self, id: u64) {
         let mut guard = lock(&self.node(id).child);

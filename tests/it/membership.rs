@@ -133,6 +133,11 @@ fn a_node_without_the_cluster_secret_cannot_join() {
     let leader = c.wait_for_membership(&c.ids(), &[], crate::harness::FORMATION);
     c.api(leader).must_put("with-a-secret", &json!({"formed": true}));
 
+    // SIGHUP (systemd's reload) does not end a node without peer TLS: nothing to reload.
+    c.signal(leader, "HUP");
+    c.api(leader).must_put("after-sighup", &json!({"still": "up"}));
+    c.assert_alive();
+
     let members = c.ids();
     let intruder = c.add_node(&[leader]);
     assert_kept_out(&c, &members, intruder, Duration::from_secs(5));
@@ -209,6 +214,23 @@ fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
             Err(format!("{} {body}", resp.status))
         }
     });
+
+    // A renewed certificate, written over the old files, is taken on SIGHUP without a restart.
+    let renewed = node_certs(&c, &pki, "n1-renewed");
+    for (from, to) in [(&renewed[1], "n1.pem"), (&renewed[3], "n1-key.pem")] {
+        std::fs::copy(from, pki.join(to)).unwrap_or_else(|e| panic!("copy {from}: {e}"));
+    }
+    c.signal(1, "HUP");
+    c.wait_for("node 1 reloaded its certificate", CATCH_UP, || {
+        let resp = c.api(1).request("GET", "/metrics", &[], b"").map_err(|e| e.to_string())?;
+        let text = String::from_utf8_lossy(&resp.body).to_string();
+        text.lines()
+            .find(|l| l.starts_with("raftbridge_peer_tls_reloads_total{outcome=\"ok\"}"))
+            .map(|_| ())
+            .ok_or_else(|| "no successful reload counted yet".to_string())
+    });
+    c.api(1).must_put("after-reload", &json!({"renewed": true}));
+    c.assert_alive();
 
     let members = c.ids();
     let other_ca = c.dir().join("other-pki");
