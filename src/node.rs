@@ -78,9 +78,9 @@ const TLS_CHECK: Duration = Duration::from_secs(30);
 /// Reloads the peer TLS files on SIGHUP and when they change, until `shutdown`. New
 /// connections use what was loaded; links up keep theirs. A reload that fails is logged and the
 /// previous certificates stay in use. Without TLS it only takes SIGHUP, which has nothing to do.
-async fn reload_tls(tls: Option<PeerTls>, shutdown: CancellationToken) {
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+async fn reload_tls(tls: Option<PeerTls>, mut hup: Option<tokio::signal::unix::Signal>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TLS_CHECK, TLS_CHECK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let asked = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -94,14 +94,15 @@ async fn reload_tls(tls: Option<PeerTls>, shutdown: CancellationToken) {
             continue;
         };
         let outcome = if asked { tls.reload().map(|()| true) } else { tls.reload_if_changed() };
+        let trigger = if asked { "signal" } else { "change" };
         match outcome {
             Ok(true) => {
-                metrics::counter!("raftbridge_peer_tls_reloads_total", "outcome" => "ok").increment(1);
+                metrics::counter!("raftbridge_peer_tls_reloads_total", "outcome" => "ok", "trigger" => trigger).increment(1);
                 info!(signal = asked, "peer TLS certificates reloaded");
             }
             Ok(false) => {}
             Err(e) => {
-                metrics::counter!("raftbridge_peer_tls_reloads_total", "outcome" => "failed").increment(1);
+                metrics::counter!("raftbridge_peer_tls_reloads_total", "outcome" => "failed", "trigger" => trigger).increment(1);
                 warn!(cause = %e, "peer TLS reload failed; the certificates loaded before stay in use");
             }
         }
@@ -140,6 +141,14 @@ pub async fn run(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
+    // First, so that SIGHUP (systemd's reload) never ends the node once it runs (its default).
+    let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            warn!(cause = %e, "cannot take SIGHUP: it would end the node, and certificates reload only on change");
+            None
+        }
+    };
     claim_data_dir(&cfg.data_dir, cfg.id)?;
     let tls = match &cfg.peer_tls {
         Some(files) => {
@@ -150,7 +159,7 @@ pub async fn run(
         None => None,
     };
     // Also without TLS: SIGHUP (systemd's reload) must not end the node, as its default would.
-    tokio::spawn(reload_tls(tls.clone(), shutdown.clone()));
+    tokio::spawn(reload_tls(tls.clone(), hup, shutdown.clone()));
     let peer_listener =
         TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
     let http_listener =

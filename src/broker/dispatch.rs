@@ -61,8 +61,15 @@ const SETTLING_FACTOR: usize = 8;
 /// Events one `DeliverBatch` may carry (a consumer serves them all at once).
 const MAX_DELIVER_BATCH: usize = 1024;
 /// Bytes of a failed delivery's reason kept at most (it is replicated and kept in the dead
-/// letters, up to `MAX_DEAD_LETTERS` per subscription).
+/// letters, up to `MAX_DEAD_LETTERS` per subscription); less with a small `--max-frame`
+/// (`reason_cap`), as a delivery batch's failures share one reply frame and one entry.
 const MAX_REASON: usize = 1024;
+
+/// A failed delivery's reason at most, for frames of `max_frame` bytes: 1 KiB at the default
+/// 16 MiB, 64 bytes from 1 MiB down.
+fn reason_cap(max_frame: usize) -> usize {
+    (max_frame / 16_384).clamp(64, MAX_REASON)
+}
 /// Least time between two passes of a delivery loop.
 const MIN_PASS: Duration = Duration::from_millis(1);
 /// Progress updates the writer gathers into one batch: it stops taking requests once this many
@@ -177,7 +184,7 @@ impl Dispatcher {
             .with_broker(self.broker.clone(), s.service.clone());
         // Only the status of a failure matters here, and its text goes into the replicated
         // progress and the dead letters: cut to `MAX_REASON`.
-        let out = s.handler.handle(ctx, event).await.map_err(|e| e.truncated(MAX_REASON))?;
+        let out = s.handler.handle(ctx, event).await.map_err(|e| e.truncated(reason_cap(self.net.max_frame())))?;
         if let Some(emit) = out {
             let payload = serde_json::to_vec(&emit.payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
             let key = Some(format!("sub:{sub}:{}:emit", source.id));
@@ -410,7 +417,7 @@ impl Dispatcher {
                 Err(e) => {
                     debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
                     let mut reason = format!("node {target}: {e}");
-                    crate::sdk::truncate_utf8(&mut reason, MAX_REASON);
+                    crate::sdk::truncate_utf8(&mut reason, reason_cap(self.net.max_frame()));
                     updates.push(SubUpdate::Failed { sub: decl.name.clone(), position, reason });
                     Some(backoff(attempts + 1))
                 }

@@ -129,6 +129,7 @@ struct FaultRecord {
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 3, "--nodes must be at least 3 (a minority must be able to fail)");
+    anyhow::ensure!(!(args.tls && args.mode == Mode::Docker), "--tls runs in process mode only");
     let exe = match &args.binary {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("locating this binary")?,
@@ -142,7 +143,6 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&workdir).with_context(|| format!("clearing {}", workdir.display()))?;
     }
     std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
-    anyhow::ensure!(!(args.tls && args.mode == Mode::Docker), "--tls runs in process mode only");
     let mut flags = vec![
         "--snapshot-threshold".to_string(),
         args.snapshot_threshold.to_string(),

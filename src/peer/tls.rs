@@ -181,6 +181,14 @@ impl PeerTls {
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| TlsError::Config(e.to_string()))?;
+        // This node's own certificate must pass the check its peers make (chain to the CA, a
+        // client's key usage): a wrong file is refused here, at start or reload, rather than
+        // cutting the node off at its next reconnect.
+        if let Some((leaf, intermediates)) = chain.split_first() {
+            verifier
+                .verify_client_cert(leaf, intermediates, rustls::pki_types::UnixTime::now())
+                .map_err(|e| TlsError::Config(format!("this node's certificate does not pass its peers' check: {e}")))?;
+        }
         let mut server = rustls::ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(config_err)?
@@ -457,6 +465,11 @@ mod tests {
         assert!(err.to_string().contains("CA certificate"), "{err}");
         let err = PeerTls::load(&dir.join("n1.pem"), &dir.join("n1.pem"), &dir.join(CA_CERT), None).unwrap_err();
         assert!(err.to_string().contains("private key"), "{err}");
+        // A certificate of another CA is refused when loaded, not at the next reconnect.
+        let other = dir.join("other");
+        issue(&other, "n9", &["127.0.0.1".into()], 30).unwrap();
+        let err = PeerTls::load(&other.join("n9.pem"), &other.join("n9-key.pem"), &dir.join(CA_CERT), None).unwrap_err();
+        assert!(err.to_string().contains("does not pass its peers' check"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

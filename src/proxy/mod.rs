@@ -425,12 +425,19 @@ impl Proxy {
         };
         // An error answer is bounded like a result: it crosses the link as one frame and, as a
         // 4xx under an idempotency key, is stored in one Raft entry.
+        // Measured as sent on a link (`size`) and as stored under a key (its JSON text, where
+        // escapes may make it several times longer).
         let out = out.map_err(|e| {
-            if e.size() <= self.settings.max_output {
+            let bytes = if e.size() > self.settings.max_output {
+                e.size()
+            } else {
+                serde_json::to_vec(&e.to_json()).map_or(usize::MAX, |v| v.len())
+            };
+            if bytes <= self.settings.max_output {
                 return e;
             }
-            tracing::warn!(service = %key.0, command = %key.2, bytes = e.size(), "command error answer too large");
-            let why = format!("the command's error answer was {} bytes, more than the {} a node can carry (half of --max-frame)", e.size(), self.settings.max_output);
+            tracing::warn!(service = %key.0, command = %key.2, bytes, "command error answer too large");
+            let why = format!("the command's error answer was {bytes} bytes, more than the {} a node can carry (half of --max-frame)", self.settings.max_output);
             HandlerError::new(502, why)
         })?;
         if out.body.len() > self.settings.max_output {

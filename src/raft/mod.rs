@@ -276,7 +276,8 @@ const ANSWER_HEADROOM: usize = 1 << 10;
 /// is safe and cheap: `IdemBegin` on a finished key changes nothing and answers the same. Every
 /// other answer goes: an `IdemComplete`'s answer repeats its command's body, and the forwarder
 /// cut the batch's commands at half a frame; the rest are small (revisions, positions). The
-/// first answer always fits: one stored response is at most half a frame.
+/// first answer always goes (alone it fits: a stored response is at most half a frame), so a
+/// retried replay, which comes first in its next batch, is never withheld again.
 pub fn fit_answers(
     mut results: Vec<Result<(u64, CommandResult), RemoteError>>,
     replayable: &[bool],
@@ -287,7 +288,7 @@ pub fn fit_answers(
     for (i, r) in results.iter_mut().enumerate() {
         let size = bincode::serialized_size(&*r).map_or(usize::MAX, |n| usize::try_from(n).unwrap_or(usize::MAX));
         let replay = replayable.get(i).copied().unwrap_or(false) && matches!(r, Ok((_, CommandResult::IdemDone(_))));
-        if replay && used.saturating_add(size) > budget {
+        if replay && i > 0 && used.saturating_add(size) > budget {
             metrics::counter!("raftbridge_forward_answers_withheld_total").increment(1);
             *r = Err(RemoteError::Unavailable("answer withheld: the batch's answers would not fit a frame; ask again".into()));
             continue;

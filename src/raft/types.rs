@@ -140,6 +140,17 @@ pub enum SubUpdate {
     Instance { sub: String, node: NodeId, position: u64, dead: Option<(u32, String)> },
 }
 
+impl SubUpdate {
+    /// About the bytes it takes encoded: its strings and a fixed allowance.
+    pub fn approx_size(&self) -> usize {
+        32 + match self {
+            SubUpdate::Ack { sub, .. } => sub.len(),
+            SubUpdate::Failed { sub, reason, .. } => sub.len() + reason.len(),
+            SubUpdate::Instance { sub, dead, .. } => sub.len() + dead.as_ref().map_or(0, |(_, r)| r.len()),
+        }
+    }
+}
+
 /// A command response kept for idempotent replay.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct StoredResponse {
@@ -161,8 +172,10 @@ impl Command {
                 Command::IdemComplete { key, response, .. } => key.len() + response.body.len(),
                 Command::IdemBegin { key, .. } => key.len(),
                 Command::Publish { events, .. } => crate::broker::event_bytes(events),
-                Command::PublishAndSettle { events, updates, .. } => crate::broker::event_bytes(events) + updates.len() * 64,
-                Command::SubUpdate { updates } => updates.len() * 64,
+                Command::PublishAndSettle { events, updates, .. } => {
+                    crate::broker::event_bytes(events) + updates.iter().map(SubUpdate::approx_size).sum::<usize>()
+                }
+                Command::SubUpdate { updates } => updates.iter().map(SubUpdate::approx_size).sum(),
                 Command::Register { services, .. } => services.len() * 4096,
             }
     }

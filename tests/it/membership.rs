@@ -225,7 +225,7 @@ fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
         let resp = c.api(1).request("GET", "/metrics", &[], b"").map_err(|e| e.to_string())?;
         let text = String::from_utf8_lossy(&resp.body).to_string();
         text.lines()
-            .find(|l| l.starts_with("raftbridge_peer_tls_reloads_total{outcome=\"ok\"}"))
+            .find(|l| l.starts_with("raftbridge_peer_tls_reloads_total{") && l.contains("outcome=\"ok\"") && l.contains("trigger=\"signal\""))
             .map(|_| ())
             .ok_or_else(|| "no successful reload counted yet".to_string())
     });

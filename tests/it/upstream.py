@@ -11,6 +11,7 @@ keep-alive (the node pools connections), one thread per connection, and answers:
                             (400 {"message"} if the body is not JSON)
   GET  /fail                500 {"message":"upstream failure"}
   GET  /bad                 422 {"message":"bad thing"}; with ?pad=N the message is N bytes longer
+                            (of `"` with &quotes=1, each escaped in JSON)
   GET  /sleep?ms=N          sleeps N ms, then 200 {"sleptMs":N,"servedBy":X}
   POST /events/<name>       a sidecar subscription delivery (body = the event JSON): records the
                             event id and answers 200 {"ok":true,"servedBy":X}; while failing
@@ -134,7 +135,8 @@ def make_handler(state, verbose):
                 return self.send_json(500, {"message": "upstream failure"})
             if route == ("GET", "/bad"):
                 pad = int(query.get("pad", "0") or 0)
-                return self.send_json(422, {"message": "bad thing" + "x" * pad})
+                fill = '"' if query.get("quotes") else "x"
+                return self.send_json(422, {"message": "bad thing" + fill * pad})
             if route == ("GET", "/sleep"):
                 try:
                     ms = int(query.get("ms", "0"))
