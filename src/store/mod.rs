@@ -73,6 +73,19 @@ pub enum Precondition {
     Absent,
 }
 
+impl Precondition {
+    /// The `if_revision` of a single write (`None` inside: unconditional), or `None` for
+    /// `Exists`, which no single revision expresses.
+    fn revision(self) -> Option<Option<u64>> {
+        match self {
+            Precondition::Any => Some(None),
+            Precondition::Revision(r) => Some(Some(r)),
+            Precondition::Absent => Some(Some(0)),
+            Precondition::Exists => None,
+        }
+    }
+}
+
 /// Compare-and-set rounds an `Exists` write makes at most when the key keeps changing under it.
 const EXISTS_ROUNDS: usize = 16;
 
@@ -118,40 +131,36 @@ impl StateStore {
     /// changes under it: the write applies only while the key exists, and a key that changes
     /// faster than `EXISTS_ROUNDS` rounds is a 503, not a false 412.
     pub async fn put_if(&self, store: &str, key: &str, value: &[u8], pre: Precondition) -> Result<u64, StoreError> {
-        match pre {
-            Precondition::Any => self.put(store, key, value, None).await,
-            Precondition::Revision(r) => self.put(store, key, value, Some(r)).await,
-            Precondition::Absent => self.put(store, key, value, Some(0)).await,
-            Precondition::Exists => {
-                let mut rev = self.existing_revision(store, key).await?;
-                for _ in 0..EXISTS_ROUNDS {
-                    match self.put(store, key, value, Some(rev)).await {
-                        Err(StoreError::PreconditionFailed { current: Some(now) }) => rev = now,
-                        other => return other,
-                    }
-                }
-                Err(StoreError::Replica(crate::raft::ReplicaError::Unavailable))
-            }
+        match pre.revision() {
+            Some(expected) => self.put(store, key, value, expected).await,
+            None => self.while_exists(store, key, |rev| self.put(store, key, value, Some(rev))).await,
         }
     }
 
     /// `delete` under a precondition (see `put_if`); `Exists` on an absent key is a 412.
     pub async fn delete_if(&self, store: &str, key: &str, pre: Precondition) -> Result<bool, StoreError> {
-        match pre {
-            Precondition::Any => self.delete(store, key, None).await,
-            Precondition::Revision(r) => self.delete(store, key, Some(r)).await,
-            Precondition::Absent => self.delete(store, key, Some(0)).await,
-            Precondition::Exists => {
-                let mut rev = self.existing_revision(store, key).await?;
-                for _ in 0..EXISTS_ROUNDS {
-                    match self.delete(store, key, Some(rev)).await {
-                        Err(StoreError::PreconditionFailed { current: Some(now) }) => rev = now,
-                        other => return other,
-                    }
-                }
-                Err(StoreError::Replica(crate::raft::ReplicaError::Unavailable))
+        match pre.revision() {
+            Some(expected) => self.delete(store, key, expected).await,
+            None => self.while_exists(store, key, |rev| self.delete(store, key, Some(rev))).await,
+        }
+    }
+
+    /// Runs `write` as a compare-and-set on the key's current revision, again with the newer
+    /// revision while another writer moves it on (at most `EXISTS_ROUNDS` rounds, then a 503);
+    /// a key that is absent, or becomes absent, is a 412.
+    async fn while_exists<T, W, F>(&self, store: &str, key: &str, mut write: W) -> Result<T, StoreError>
+    where
+        W: FnMut(u64) -> F,
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        let mut rev = self.existing_revision(store, key).await?;
+        for _ in 0..EXISTS_ROUNDS {
+            match write(rev).await {
+                Err(StoreError::PreconditionFailed { current: Some(now) }) => rev = now,
+                other => return other,
             }
         }
+        Err(StoreError::Replica(crate::raft::ReplicaError::Unavailable))
     }
 
     /// The key's revision to start an `Exists` compare-and-set from: this node's copy, or a

@@ -963,17 +963,9 @@ fn a_dead_node_gets_no_traffic_and_a_restarted_one_gets_it_once_ready() {
     });
 }
 
-/// The value of an unlabelled counter on `api`'s `/metrics` (0 when not yet exported).
+/// A counter on `api`'s `/metrics`, summed over its labels (0 when not yet exported).
 fn metric(api: Api, name: &str) -> f64 {
-    let resp = api
-        .request("GET", "/metrics", &[], b"")
-        .unwrap_or_else(|e| panic!("GET /metrics via node {}: {e}", api.id));
-    String::from_utf8_lossy(&resp.body)
-        .lines()
-        .find(|l| l.split_whitespace().next() == Some(name))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
+    api.metric(name, &[]).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Many clients repeat keyed requests with large stored answers at a follower, at once: the

@@ -1746,19 +1746,6 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
     wait_delivered(&c, &ups, &after, "after up1 recovered");
 }
 
-/// The sum over `apis` of one labelled series on `/metrics` (`name{labels} value`).
-fn metric_sum(apis: &[Api], series: &str) -> f64 {
-    apis.iter()
-        .filter_map(|api| api.request("GET", "/metrics", &[], b"").ok())
-        .map(|resp| {
-            String::from_utf8_lossy(&resp.body)
-                .lines()
-                .filter(|l| l.starts_with(series))
-                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum::<f64>()
-        })
-        .sum()
-}
 
 /// With `--dedup-max-keys 40`, 120 keyed events leave only about the newest 40 keys in the
 /// dedup set: a repeat of a recent key still gets its original id and position, a repeat of
@@ -1778,6 +1765,10 @@ fn producer_keys_past_their_bound_forget_the_oldest_first() {
     let oldest = publish_keyed(&c, api, "bounded", &json!({"i": 0, "again": true}), "bound-0");
     assert_ne!(oldest, firsts[0], "the oldest key was forgotten: its repeat is a new event");
     assert!(oldest.1 > firsts[119].1, "appended after the others: {oldest:?}");
-    let shortened = metric_sum(&c.apis(), "raftbridge_dedup_window_shortened_total{kind=\"events\"}");
+    let shortened: f64 = c
+        .apis()
+        .iter()
+        .map(|api| api.metric("raftbridge_dedup_window_shortened_total", &["kind=\"events\""]).unwrap_or_else(|e| panic!("{e}")))
+        .sum();
     assert!(shortened > 0.0, "the shortened window is counted");
 }

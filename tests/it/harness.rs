@@ -166,6 +166,24 @@ impl Api {
         Status::parse(&resp.json()?).map_err(|e| format!("node {}: /cluster: {e}", self.id))
     }
 
+    /// The sum of the samples of `name` on `/metrics` whose labels include every one of `labels`
+    /// (each `key="value"`); 0 when there are none yet (a counter appears once counted).
+    pub fn metric(&self, name: &str, labels: &[&str]) -> Result<f64, String> {
+        let resp = self
+            .request("GET", "/metrics", &[], b"")
+            .map_err(|e| format!("node {}: GET /metrics: {e}", self.id))?;
+        let text = String::from_utf8_lossy(&resp.body);
+        let mut sum = 0.0;
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else { continue };
+            let (sample, tags) = series.split_once('{').unwrap_or((series, ""));
+            if sample == name && labels.iter().all(|l| tags.contains(l)) {
+                sum += value.parse::<f64>().map_err(|e| format!("node {}: {line:?}: {e}", self.id))?;
+            }
+        }
+        Ok(sum)
+    }
+
     /// HTTP status of a probe endpoint (`/healthz`, `/readyz`), or the error.
     pub fn probe(&self, path: &str) -> Result<u16, String> {
         http::request(self.addr, "GET", path, &[], b"", PROBE_TIMEOUT)

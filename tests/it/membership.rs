@@ -150,15 +150,7 @@ fn a_node_without_the_cluster_secret_cannot_join() {
 fn assert_refused_a_handshake(c: &Cluster, members: &[u64]) {
     c.wait_for("a member refused the intruder's handshake", CATCH_UP, || {
         for &id in members {
-            let resp = c.api(id).request("GET", "/metrics", &[], b"").map_err(|e| e.to_string())?;
-            let text = String::from_utf8_lossy(&resp.body).to_string();
-            let refused = text
-                .lines()
-                .find(|l| l.starts_with("raftbridge_peer_rejected_total"))
-                .and_then(|l| l.split_whitespace().last())
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0);
-            if refused > 0.0 {
+            if c.api(id).metric("raftbridge_peer_rejected_total", &[])? > 0.0 {
                 return Ok(());
             }
         }
@@ -222,12 +214,8 @@ fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
     }
     c.signal(1, "HUP");
     c.wait_for("node 1 reloaded its certificate", CATCH_UP, || {
-        let resp = c.api(1).request("GET", "/metrics", &[], b"").map_err(|e| e.to_string())?;
-        let text = String::from_utf8_lossy(&resp.body).to_string();
-        text.lines()
-            .find(|l| l.starts_with("raftbridge_peer_tls_reloads_total{") && l.contains("outcome=\"ok\"") && l.contains("trigger=\"signal\""))
-            .map(|_| ())
-            .ok_or_else(|| "no successful reload counted yet".to_string())
+        let reloads = c.api(1).metric("raftbridge_peer_tls_reloads_total", &["outcome=\"ok\"", "trigger=\"signal\""])?;
+        if reloads > 0.0 { Ok(()) } else { Err("no successful reload on SIGHUP counted yet".to_string()) }
     });
     c.api(1).must_put("after-reload", &json!({"renewed": true}));
     c.assert_alive();
