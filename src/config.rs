@@ -55,6 +55,21 @@ pub struct NodeArgs {
     /// Address the client HTTP listener binds.
     #[arg(long, env = "RAFTBRIDGE_HTTP_ADDR")]
     pub http_addr: Option<String>,
+    /// Address of a second client listener that serves the same API over TLS (HTTP/1.1 and
+    /// HTTP/2). Needs --http-tls-cert and --http-tls-key; plain HTTP stays on --http-addr (bind
+    /// it to loopback to keep it for probes and a local sidecar app only).
+    #[arg(long, env = "RAFTBRIDGE_HTTPS_ADDR")]
+    pub https_addr: Option<String>,
+    /// HTTPS: this node's certificate chain (PEM), for the names clients use.
+    #[arg(long, env = "RAFTBRIDGE_HTTP_TLS_CERT")]
+    pub http_tls_cert: Option<PathBuf>,
+    /// HTTPS: the certificate's private key (PEM).
+    #[arg(long, env = "RAFTBRIDGE_HTTP_TLS_KEY")]
+    pub http_tls_key: Option<PathBuf>,
+    /// HTTPS: require client certificates that chain to this CA (PEM); without it any client
+    /// may connect.
+    #[arg(long, env = "RAFTBRIDGE_HTTP_TLS_CLIENT_CA")]
+    pub http_tls_client_ca: Option<PathBuf>,
     /// Peer address other nodes use to reach this one (default: --peer-addr).
     #[arg(long, env = "RAFTBRIDGE_ADVERTISE")]
     pub advertise: Option<String>,
@@ -178,6 +193,7 @@ pub struct NodeConfig {
     pub cluster_name: String,
     pub cluster_secret: Option<crate::peer::ClusterSecret>,
     pub peer_tls: Option<PeerTlsFiles>,
+    pub https: Option<HttpsConfig>,
     pub heartbeat_ms: u64,
     pub election_timeout_ms: u64,
     pub write_timeout_ms: u64,
@@ -202,6 +218,15 @@ pub struct PeerTlsFiles {
     pub key: PathBuf,
     pub ca: PathBuf,
     pub server_name: Option<String>,
+}
+
+/// The HTTPS listener (`--https-addr`, `--http-tls-*`); its files are read when the node starts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpsConfig {
+    pub addr: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 impl NodeArgs {
@@ -253,6 +278,22 @@ impl NodeArgs {
                 })
             }
         };
+        let https = match (pick!(https_addr), pick!(http_tls_cert), pick!(http_tls_key)) {
+            (Some(addr), Some(cert), Some(key)) => Some(HttpsConfig { addr, cert, key, client_ca: pick!(http_tls_client_ca) }),
+            (None, None, None) if pick!(http_tls_client_ca).is_none() => None,
+            (Some(_), _, _) => {
+                return Err(ConfigError::Invalid {
+                    name: "https-addr",
+                    reason: "HTTPS needs --http-tls-cert and --http-tls-key".into(),
+                })
+            }
+            (None, _, _) => {
+                return Err(ConfigError::Invalid {
+                    name: "http-tls-cert",
+                    reason: "--http-tls-cert, --http-tls-key and --http-tls-client-ca need --https-addr (the listener that serves TLS)".into(),
+                })
+            }
+        };
         let cfg = NodeConfig {
             id,
             data_dir,
@@ -267,6 +308,7 @@ impl NodeArgs {
             cluster_name: pick!(cluster_name).unwrap_or_else(|| "raftbridge".into()),
             cluster_secret: pick!(cluster_secret).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
             peer_tls,
+            https,
             heartbeat_ms: pick!(heartbeat_ms).unwrap_or(60),
             election_timeout_ms: pick!(election_timeout_ms).unwrap_or(300),
             write_timeout_ms: pick!(write_timeout_ms).unwrap_or(5_000),
@@ -444,6 +486,28 @@ mod tests {
         assert!(matches!(missing_ca.resolve(), Err(ConfigError::Invalid { name: "peer-tls-cert", .. })));
         let only_name = NodeArgs { peer_tls_server_name: Some("peers".into()), ..base() };
         assert!(only_name.resolve().is_err(), "a server name without certificates is a mistake");
+    }
+
+    #[test]
+    fn https_needs_its_address_certificate_and_key() {
+        let base = || NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), ..Default::default() };
+        assert_eq!(base().resolve().unwrap().https, None);
+        let all = NodeArgs {
+            https_addr: Some("0.0.0.0:8443".into()),
+            http_tls_cert: Some("c.pem".into()),
+            http_tls_key: Some("k.pem".into()),
+            ..base()
+        };
+        let https = all.clone().resolve().unwrap().https.unwrap();
+        assert_eq!((https.addr.as_str(), https.cert.to_str(), https.key.to_str(), https.client_ca), ("0.0.0.0:8443", Some("c.pem"), Some("k.pem"), None));
+        let mtls = NodeArgs { http_tls_client_ca: Some("ca.pem".into()), ..all.clone() }.resolve().unwrap().https.unwrap();
+        assert_eq!(mtls.client_ca.as_deref(), Some(std::path::Path::new("ca.pem")));
+        let no_key = NodeArgs { http_tls_key: None, ..all.clone() };
+        assert!(matches!(no_key.resolve(), Err(ConfigError::Invalid { name: "https-addr", .. })));
+        let no_addr = NodeArgs { https_addr: None, ..all };
+        assert!(matches!(no_addr.resolve(), Err(ConfigError::Invalid { name: "http-tls-cert", .. })), "files without a listener");
+        let only_ca = NodeArgs { http_tls_client_ca: Some("ca.pem".into()), ..base() };
+        assert!(only_ca.resolve().is_err(), "a client CA without HTTPS is a mistake");
     }
 
     #[test]

@@ -75,10 +75,16 @@ pub enum NodeError {
 /// secret updated in place).
 const TLS_CHECK: Duration = Duration::from_secs(30);
 
-/// Reloads the peer TLS files on SIGHUP and when they change, until `shutdown`. New
-/// connections use what was loaded; links up keep theirs. A reload that fails is logged and the
-/// previous certificates stay in use. Without TLS it only takes SIGHUP, which has nothing to do.
-async fn reload_tls(tls: Option<PeerTls>, mut hup: Option<tokio::signal::unix::Signal>, shutdown: CancellationToken) {
+/// Reloads the TLS files (peer links, HTTPS) on SIGHUP and when they change, until `shutdown`.
+/// New connections use what was loaded; connections up keep theirs. A reload that fails is
+/// logged and the previous certificates stay in use. Without TLS it only takes SIGHUP, which
+/// has nothing to do.
+async fn reload_tls(
+    peer: Option<PeerTls>,
+    https: Option<api::tls::HttpTls>,
+    mut hup: Option<tokio::signal::unix::Signal>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TLS_CHECK, TLS_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -87,24 +93,32 @@ async fn reload_tls(tls: Option<PeerTls>, mut hup: Option<tokio::signal::unix::S
             _ = tick.tick() => false,
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => true,
         };
-        let Some(tls) = &tls else {
-            if asked {
-                info!("SIGHUP: no peer TLS configured, nothing to reload");
-            }
-            continue;
-        };
-        let outcome = if asked { tls.reload().map(|()| true) } else { tls.reload_if_changed() };
-        let trigger = if asked { "signal" } else { "change" };
-        match outcome {
-            Ok(true) => {
-                metrics::counter!("raftbridge_peer_tls_reloads_total", "outcome" => "ok", "trigger" => trigger).increment(1);
-                info!(signal = asked, "peer TLS certificates reloaded");
-            }
-            Ok(false) => {}
-            Err(e) => {
-                metrics::counter!("raftbridge_peer_tls_reloads_total", "outcome" => "failed", "trigger" => trigger).increment(1);
-                warn!(cause = %e, "peer TLS reload failed; the certificates loaded before stay in use");
-            }
+        if asked && peer.is_none() && https.is_none() {
+            info!("SIGHUP: no TLS configured, nothing to reload");
+        }
+        if let Some(tls) = &peer {
+            let outcome = if asked { tls.reload().map(|()| true) } else { tls.reload_if_changed() };
+            note_reload("raftbridge_peer_tls_reloads_total", "peer TLS", asked, outcome);
+        }
+        if let Some(tls) = &https {
+            let outcome = if asked { tls.reload().map(|()| true) } else { tls.reload_if_changed() };
+            note_reload("raftbridge_https_reloads_total", "HTTPS", asked, outcome);
+        }
+    }
+}
+
+/// Counts and logs one reload of `what` (see `reload_tls`).
+fn note_reload(counter: &'static str, what: &'static str, asked: bool, outcome: Result<bool, crate::peer::tls::TlsError>) {
+    let trigger = if asked { "signal" } else { "change" };
+    match outcome {
+        Ok(true) => {
+            metrics::counter!(counter, "outcome" => "ok", "trigger" => trigger).increment(1);
+            info!(signal = asked, "{what} certificates reloaded");
+        }
+        Ok(false) => {}
+        Err(e) => {
+            metrics::counter!(counter, "outcome" => "failed", "trigger" => trigger).increment(1);
+            warn!(cause = %e, "{what} reload failed; the certificates loaded before stay in use");
         }
     }
 }
@@ -158,12 +172,24 @@ pub async fn run(
         }
         None => None,
     };
+    let https = match &cfg.https {
+        Some(h) => {
+            let tls = api::tls::HttpTls::load(&h.cert, &h.key, h.client_ca.as_deref())?;
+            info!(addr = %h.addr, cert = %h.cert.display(), client_ca = ?h.client_ca, "HTTPS for clients");
+            Some(tls)
+        }
+        None => None,
+    };
     // Also without TLS: SIGHUP (systemd's reload) must not end the node, as its default would.
-    tokio::spawn(reload_tls(tls.clone(), hup, shutdown.clone()));
+    tokio::spawn(reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
     let peer_listener =
         TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
     let http_listener =
         TcpListener::bind(&cfg.http_addr).await.map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
+    let https_listener = match &cfg.https {
+        Some(h) => Some(TcpListener::bind(&h.addr).await.map_err(|source| NodeError::Bind { addr: h.addr.clone(), source })?),
+        None => None,
+    };
 
     let dir_err = |source| NodeError::DataDir { path: cfg.data_dir.display().to_string(), source };
     let log_store = LogStore::open(&cfg.data_dir.join("log"), LogStoreOptions::default()).map_err(dir_err)?;
@@ -313,8 +339,12 @@ pub async fn run(
         cluster_name: cfg.cluster_name.clone(),
     });
     let http_stop = CancellationToken::new();
-    let http_task = tokio::spawn(api::run(http_listener, app, http_stop.clone()));
-    info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, advertise = %cfg.advertise, "node started");
+    let https_task = match (https_listener, https) {
+        (Some(listener), Some(tls)) => Some(tokio::spawn(api::run(listener, app.clone(), Some(tls), http_stop.clone()))),
+        _ => None,
+    };
+    let http_task = tokio::spawn(api::run(http_listener, app, None, http_stop.clone()));
+    info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, https = ?cfg.https.as_ref().map(|h| &h.addr), advertise = %cfg.advertise, "node started");
 
     shutdown.cancelled().await;
     // Drain in order: say "not ready" (load balancers and probes stop sending), leave the
@@ -327,6 +357,9 @@ pub async fn run(
     tokio::time::sleep(DRAIN_DELAY).await;
     http_stop.cancel();
     let _ = http_task.await;
+    if let Some(task) = https_task {
+        let _ = task.await;
+    }
     hand_over_leadership(&replica).await;
     sidecar_stop.cancel();
     guard_stop.cancel();

@@ -9,11 +9,16 @@
 //! 4. router → handler; every error leaves through `ApiError`, the one status mapping.
 //!    Requests are counted and timed per route for Prometheus.
 //!
+//! The same stack serves plain HTTP (`--http-addr`) and, when configured, HTTPS
+//! (`--https-addr`, `tls.rs`): the TLS handshake happens after the connection limit and within the
+//! header read timeout, then the connection is served like a plain one.
+//!
 //! Shutdown: `run` stops accepting when the token fires and gives in-flight connections a bounded
 //! grace period to finish.
 
 pub mod error;
 pub mod events;
+pub mod tls;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -95,10 +100,11 @@ pub fn json_body<T: serde::Serialize + ?Sized>(status: StatusCode, body: &T) -> 
 }
 
 /// Serve HTTP on `listener` until `shutdown`, then drain for at most the grace period.
-pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) {
+pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>, shutdown: CancellationToken) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(app.settings.header_read_timeout).keep_alive(true);
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let conns = Arc::new(Semaphore::new(app.settings.max_connections));
     // Warm-up: clients connecting meanwhile wait in the listen backlog rather than get a 503
@@ -133,15 +139,31 @@ pub async fn run(listener: TcpListener, app: Arc<App>, shutdown: CancellationTok
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let handshake_timeout = app.settings.header_read_timeout;
         let service = hyper::service::service_fn(move |req| {
             let app = app.clone();
             async move { Ok::<_, Infallible>(handle(app, req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-        let conn = graceful.watch(conn);
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            if let Err(err) = conn.await {
+            let served = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                    Ok(Ok(stream)) => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                    Ok(Err(err)) => {
+                        metrics::counter!("raftbridge_https_handshake_failures_total", "cause" => "refused").increment(1);
+                        tracing::debug!(%remote, cause = %err, "https handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        metrics::counter!("raftbridge_https_handshake_failures_total", "cause" => "timeout").increment(1);
+                        tracing::debug!(%remote, "https handshake timed out");
+                        return;
+                    }
+                },
+            };
+            if let Err(err) = served {
                 tracing::debug!(%remote, cause = %err, "http connection ended with error");
             }
         });

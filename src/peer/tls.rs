@@ -44,6 +44,8 @@ pub enum TlsError {
     File { what: &'static str, path: PathBuf, reason: String },
     #[error("peer TLS: {0}")]
     Config(String),
+    #[error("HTTPS: {0}")]
+    Https(String),
     #[error("peer TLS server name {name:?}: {reason}")]
     ServerName { name: String, reason: String },
 }
@@ -81,14 +83,65 @@ struct Source {
     key: PathBuf,
     ca: PathBuf,
     server_name: Option<String>,
-    /// The files' modification times at the last (re)load; written by whoever reloads.
-    stamps: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
+    stamps: FileStamps,
 }
 
-impl Source {
-    fn stamps(&self) -> Vec<Option<std::time::SystemTime>> {
-        [&self.cert, &self.key, &self.ca].iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+/// The modification times of a set of files at their last (re)load, so that a periodic check
+/// reloads only when one moved (shared by the peer and the HTTPS configurations).
+pub(crate) struct FileStamps {
+    paths: Vec<PathBuf>,
+    /// Written by whoever (re)loads.
+    seen: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
+}
+
+impl FileStamps {
+    pub(crate) fn new(paths: Vec<PathBuf>) -> FileStamps {
+        FileStamps { paths, seen: std::sync::Mutex::new(Vec::new()) }
     }
+
+    /// The files' modification times now (None for a file that cannot be read).
+    pub(crate) fn now(&self) -> Vec<Option<std::time::SystemTime>> {
+        self.paths.iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+    }
+
+    /// Records `stamps` (taken before the files were read) as loaded.
+    pub(crate) fn loaded(&self, stamps: Vec<Option<std::time::SystemTime>>) {
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamps;
+    }
+
+    /// Whether a file moved since the last load.
+    pub(crate) fn changed(&self) -> bool {
+        self.now() != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn pem_err(what: &'static str, path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError {
+    let path = path.to_path_buf();
+    move |e| TlsError::File { what, path, reason: e.to_string() }
+}
+
+/// A certificate chain from a PEM file (leaf first); at least one certificate.
+pub(crate) fn read_chain(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let chain: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(path).map_err(pem_err(what, path))?.collect::<Result<_, _>>().map_err(pem_err(what, path))?;
+    if chain.is_empty() {
+        return Err(TlsError::File { what, path: path.into(), reason: "no CERTIFICATE in the file".into() });
+    }
+    Ok(chain)
+}
+
+/// A private key from a PEM file (PKCS#8, PKCS#1 or SEC1).
+pub(crate) fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(pem_err("private key", path))
+}
+
+/// Trust anchors from a PEM file of CA certificates; at least one.
+pub(crate) fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for c in read_chain("CA certificate", path)? {
+        roots.add(c).map_err(|e| TlsError::File { what: "CA certificate", path: path.into(), reason: e.to_string() })?;
+    }
+    Ok(roots)
 }
 
 impl std::fmt::Debug for PeerTls {
@@ -111,11 +164,11 @@ impl PeerTls {
             key: key.into(),
             ca: ca.into(),
             server_name: server_name.map(str::to_string),
-            stamps: std::sync::Mutex::new(Vec::new()),
+            stamps: FileStamps::new(vec![cert.into(), key.into(), ca.into()]),
         };
-        let stamps = source.stamps();
+        let stamps = source.stamps.now();
         let configs = Self::read(cert, key, ca, server_name)?;
-        *source.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps;
+        source.stamps.loaded(stamps);
         Ok(PeerTls { current: Arc::new(std::sync::RwLock::new(configs)), source: Arc::new(source) })
     }
 
@@ -123,50 +176,24 @@ impl PeerTls {
     /// configuration loaded before stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let src = &self.source;
-        let stamps = src.stamps();
+        let stamps = src.stamps.now();
         let configs = Self::read(&src.cert, &src.key, &src.ca, src.server_name.as_deref())?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = configs;
-        *src.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps;
+        src.stamps.loaded(stamps);
         Ok(())
     }
 
     /// `reload` when a file's modification time moved since the last load (a renewed
     /// certificate, a Kubernetes secret updated in place). `Ok(true)` when it reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let src = &self.source;
-        if src.stamps() == *src.stamps.lock().unwrap_or_else(|e| e.into_inner()) {
+        if !self.source.stamps.changed() {
             return Ok(false);
         }
         self.reload().map(|()| true)
     }
 
     fn read(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Result<Configs, TlsError> {
-        let file_err = |what, path: &Path| {
-            let path = path.to_path_buf();
-            move |e: rustls::pki_types::pem::Error| TlsError::File { what, path, reason: e.to_string() }
-        };
-        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-            .map_err(file_err("certificate", cert))?
-            .collect::<Result<_, _>>()
-            .map_err(file_err("certificate", cert))?;
-        if chain.is_empty() {
-            return Err(TlsError::File { what: "certificate", path: cert.into(), reason: "no CERTIFICATE in the file".into() });
-        }
-        let key = PrivateKeyDer::from_pem_file(key).map_err(file_err("private key", key))?;
-        let mut roots = RootCertStore::empty();
-        let cas: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
-            .map_err(file_err("CA certificate", ca))?
-            .collect::<Result<_, _>>()
-            .map_err(file_err("CA certificate", ca))?;
-        for c in cas {
-            roots
-                .add(c)
-                .map_err(|e| TlsError::File { what: "CA certificate", path: ca.into(), reason: e.to_string() })?;
-        }
-        if roots.is_empty() {
-            return Err(TlsError::File { what: "CA certificate", path: ca.into(), reason: "no CERTIFICATE in the file".into() });
-        }
-        Self::from_parts(chain, key, roots, server_name)
+        Self::from_parts(read_chain("certificate", cert)?, read_key(key)?, read_roots(ca)?, server_name)
     }
 
     fn from_parts(

@@ -15,6 +15,7 @@ mod durability;
 mod events;
 mod failover;
 mod formation;
+mod https;
 mod membership;
 mod quorum;
 mod replication;

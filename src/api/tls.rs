@@ -1,0 +1,118 @@
+//! HTTPS for clients (`--https-addr` with `--http-tls-cert`, `--http-tls-key`, and optionally
+//! `--http-tls-client-ca`).
+//!
+//! Why it is built this way:
+//! - *On the node, not in front of it.* Clients point DNS at any node and there is no load
+//!   balancer to terminate TLS, so a node must do it itself, as Consul's and NATS' servers do.
+//! - *A listener of its own.* `--https-addr` is a second listener beside `--http-addr` (Consul's
+//!   `ports.http`/`ports.https`): probes, a sidecar app and the CLI keep plain HTTP, which can be
+//!   bound to loopback, while other clients get TLS. Both serve the same API through the same
+//!   stack (`api::run`); TLS only wraps the byte stream.
+//! - *HTTP/1.1 and HTTP/2*, offered by ALPN (`h2`, `http/1.1`); hyper's auto builder serves
+//!   either.
+//! - *Client certificates are optional.* With `--http-tls-client-ca`, a client must present a
+//!   certificate that chains to that CA (mutual TLS, for service-to-service callers); without it
+//!   any client may connect, as with plain HTTP.
+//! - *Reloadable* like the peer certificates (SIGHUP and a change of the files, `node`), through
+//!   the same file stamps. A reload that fails keeps what was loaded.
+//! - The handshake counts against the connection limit and must finish within the header read
+//!   timeout, so a client that opens sockets and stalls holds nothing for long.
+
+use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
+
+use crate::peer::tls::FileStamps;
+use crate::peer::tls::TlsError;
+use crate::peer::tls::read_chain;
+use crate::peer::tls::read_key;
+use crate::peer::tls::read_roots;
+
+/// What HTTPS serves with: certificate, key, and the CA of client certificates if required;
+/// cheap to clone (all clones see a reload).
+#[derive(Clone)]
+pub struct HttpTls {
+    /// Swapped whole by `reload`; a handshake takes the current one.
+    current: Arc<std::sync::RwLock<tokio_rustls::TlsAcceptor>>,
+    source: Arc<Source>,
+}
+
+struct Source {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: Option<PathBuf>,
+    stamps: FileStamps,
+}
+
+impl std::fmt::Debug for HttpTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpTls").field("cert", &self.source.cert).field("client_ca", &self.source.client_ca).finish_non_exhaustive()
+    }
+}
+
+impl HttpTls {
+    /// Reads the PEM files and builds the server configuration.
+    pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<HttpTls, TlsError> {
+        let mut paths = vec![cert.to_path_buf(), key.to_path_buf()];
+        paths.extend(client_ca.map(Path::to_path_buf));
+        let source =
+            Source { cert: cert.into(), key: key.into(), client_ca: client_ca.map(Into::into), stamps: FileStamps::new(paths) };
+        let stamps = source.stamps.now();
+        let acceptor = source.read()?;
+        source.stamps.loaded(stamps);
+        Ok(HttpTls { current: Arc::new(std::sync::RwLock::new(acceptor)), source: Arc::new(source) })
+    }
+
+    /// Reads the files again and uses them for every new connection; on an error the
+    /// configuration loaded before stays.
+    pub fn reload(&self) -> Result<(), TlsError> {
+        let stamps = self.source.stamps.now();
+        let acceptor = self.source.read()?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
+        self.source.stamps.loaded(stamps);
+        Ok(())
+    }
+
+    /// `reload` when a file's modification time moved since the last load. `Ok(true)` when it
+    /// reloaded.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        if !self.source.stamps.changed() {
+            return Ok(false);
+        }
+        self.reload().map(|()| true)
+    }
+
+    /// The server side of the handshake over an accepted connection.
+    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
+        // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
+        let acceptor = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        acceptor.accept(stream).await
+    }
+}
+
+impl Source {
+    fn read(&self) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+        let chain = read_chain("certificate", &self.cert)?;
+        let key = read_key(&self.key)?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config_err = |e: rustls::Error| TlsError::Https(e.to_string());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(config_err)?;
+        let builder = match &self.client_ca {
+            Some(ca) => {
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(read_roots(ca)?), provider)
+                    .build()
+                    .map_err(|e| TlsError::Https(e.to_string()))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(chain, key).map_err(config_err)?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+    }
+}

@@ -1,0 +1,169 @@
+//! HTTPS for clients (`--https-addr`, `--http-tls-*`), checked with curl as a client would:
+//! HTTP/1.1 and HTTP/2 by ALPN, writes that go through Raft, client certificates when a client
+//! CA is configured, plain bytes on the TLS port, and a certificate renewed on SIGHUP.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use serde_json::json;
+use serde_json::Value;
+
+use crate::harness::free_ports;
+use crate::harness::Cluster;
+use crate::harness::CATCH_UP;
+
+/// What curl saw: the HTTP status (0 when no response came), the HTTP version, the body, and
+/// curl's own exit code.
+#[derive(Debug)]
+struct Curled {
+    status: u16,
+    version: String,
+    body: String,
+    exit: i32,
+}
+
+/// Marks the end of the body in curl's output, before the `--write-out` fields.
+const SEP: &str = "\n--curl-write-out--\n";
+
+fn curl(args: &[&str]) -> Curled {
+    let mut cmd = Command::new("curl");
+    cmd.args(["--silent", "--show-error", "--max-time", "10", "--write-out"])
+        .arg(format!("{SEP}%{{http_code}} %{{http_version}}"))
+        .args(args);
+    let out = cmd.output().unwrap_or_else(|e| panic!("run curl (is it installed?): {e}"));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, tail) = text.rsplit_once(SEP).unwrap_or((text.as_str(), "0 0"));
+    let mut fields = tail.split_whitespace();
+    let status = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let version = fields.next().unwrap_or("0").to_string();
+    Curled { status, version, body: body.to_string(), exit: out.status.code().unwrap_or(-1) }
+}
+
+/// `raftbridge certs` for `name` in `dir` (its CA made on first use); returns (cert, key) paths.
+fn issue(c: &Cluster, dir: &Path, name: &str) -> (String, String) {
+    let d = dir.display().to_string();
+    let status = c.run_cli(
+        &format!("certs-{name}"),
+        &["certs", "--dir", &d, "--name", name, "--san", "127.0.0.1", "--san", "localhost"],
+        CATCH_UP,
+    );
+    assert!(status.success(), "`raftbridge certs --dir {d} --name {name}` exited with {status}");
+    let file = |f: String| dir.join(f).display().to_string();
+    (file(format!("{name}.pem")), file(format!("{name}-key.pem")))
+}
+
+fn https_flags(addr: SocketAddr, (cert, key): &(String, String), client_ca: Option<&str>) -> Vec<String> {
+    let mut flags = vec![
+        "--https-addr".to_string(),
+        addr.to_string(),
+        "--http-tls-cert".to_string(),
+        cert.clone(),
+        "--http-tls-key".to_string(),
+        key.clone(),
+    ];
+    if let Some(ca) = client_ca {
+        flags.extend(["--http-tls-client-ca".to_string(), ca.to_string()]);
+    }
+    flags
+}
+
+/// Node 1 serves HTTPS to any client, node 2 only to clients with a certificate from the client
+/// CA, node 3 plain HTTP only; all three are one cluster.
+#[test]
+fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
+    let mut c = Cluster::new("https", 3, &[]);
+    let pki = c.dir().join("pki");
+    let server = issue(&c, &pki, "web");
+    let client = issue(&c, &pki, "client");
+    let outsider = issue(&c, &c.dir().join("other-pki"), "outsider");
+    let ca = pki.join("ca.pem").display().to_string();
+    let ports = free_ports(2);
+    c.add_node_flags(1, &https_flags(ports[0], &server, None));
+    c.add_node_flags(2, &https_flags(ports[1], &server, Some(&ca)));
+    c.start_all();
+    c.wait_for_membership(&c.ids(), &[], crate::harness::FORMATION);
+    let url = |port: usize, path: &str| format!("https://localhost:{}{path}", ports[port].port());
+
+    // HTTP/1.1 and HTTP/2 (ALPN) on node 1, checked against the CA.
+    let h1 = curl(&["--cacert", &ca, "--http1.1", &url(0, "/healthz")]);
+    assert_eq!((h1.status, h1.version.as_str()), (200, "1.1"), "{h1:?}");
+    let value = json!({"over": "https", "n": 1});
+    let put = curl(&["--cacert", &ca, "--http2", "-X", "PUT", "--data", &value.to_string(), &url(0, "/v1/state/default/via-https")]);
+    assert_eq!((put.status, put.version.as_str()), (200, "2"), "{put:?}");
+    // The write went through Raft: node 3 reads it back over plain HTTP.
+    let resp = c.api(3).get("via-https").expect("read at node 3");
+    let body: Value = serde_json::from_slice(&resp.body).expect("JSON body");
+    assert_eq!((resp.status, body), (200, value.clone()));
+    let event = curl(&["--cacert", &ca, "-X", "POST", "--data", "{\"order\":7}", &url(0, "/v1/events/httpsPlaced")]);
+    assert_eq!(event.status, 201, "{event:?}");
+    // Bad input over TLS gets the same JSON error as over plain HTTP.
+    let bad = curl(&["--cacert", &ca, "-X", "PUT", "--data", "{not json", &url(0, "/v1/state/default/k")]);
+    assert_eq!(bad.status, 400, "{bad:?}");
+
+    // Plain HTTP on the TLS port gets no HTTP answer, and the node keeps serving.
+    let plain = curl(&[&format!("http://127.0.0.1:{}/healthz", ports[0].port())]);
+    assert_ne!(plain.status, 200, "plain HTTP on the HTTPS port: {plain:?}");
+    assert_eq!(curl(&["--cacert", &ca, &url(0, "/healthz")]).status, 200);
+    // A client that does not trust the node's CA refuses the connection (curl's own check).
+    let untrusted = curl(&[&url(0, "/healthz")]);
+    assert!(untrusted.status == 0 && untrusted.exit != 0, "{untrusted:?}");
+
+    // Node 2 wants a client certificate from the client CA.
+    let without = curl(&["--cacert", &ca, &url(1, "/healthz")]);
+    assert!(without.status == 0 && without.exit != 0, "no client certificate: {without:?}");
+    let with = curl(&["--cacert", &ca, "--cert", &client.0, "--key", &client.1, &url(1, "/v1/state/default/via-https")]);
+    let read: Value = serde_json::from_str(&with.body).unwrap_or(Value::Null);
+    assert_eq!((with.status, read), (200, value), "{with:?}");
+    let foreign = curl(&["--cacert", &ca, "--cert", &outsider.0, "--key", &outsider.1, &url(1, "/healthz")]);
+    assert!(foreign.status == 0 && foreign.exit != 0, "a certificate of another CA: {foreign:?}");
+    c.wait_for("node 2 counted the refused handshakes", CATCH_UP, || {
+        let refused = c.api(2).metric("raftbridge_https_handshake_failures_total", &["cause=\"refused\""])?;
+        if refused >= 2.0 { Ok(()) } else { Err(format!("{refused} refused handshakes counted")) }
+    });
+
+    // A renewed certificate written over the files is served after SIGHUP, without a restart.
+    let renewed = issue(&c, &pki, "web-renewed");
+    let old_pem = std::fs::read_to_string(&server.0).expect("read the certificate in use");
+    std::fs::copy(&renewed.0, &server.0).expect("copy the renewed certificate");
+    std::fs::copy(&renewed.1, &server.1).expect("copy the renewed key");
+    c.signal(1, "HUP");
+    c.wait_for("node 1 reloaded its HTTPS certificate", CATCH_UP, || {
+        let reloads = c.api(1).metric("raftbridge_https_reloads_total", &["outcome=\"ok\"", "trigger=\"signal\""])?;
+        if reloads > 0.0 { Ok(()) } else { Err("no successful reload on SIGHUP counted yet".to_string()) }
+    });
+    let pem = std::fs::read_to_string(&renewed.0).expect("read the renewed certificate");
+    // A line of the new certificate's base64 that the old one does not have (its key differs).
+    let marker = pem.lines().find(|l| !old_pem.contains(l)).expect("the renewed certificate differs").to_string();
+    c.wait_for("node 1 serves the renewed certificate", CATCH_UP, || {
+        let out = Command::new("curl")
+            .args(["--silent", "--max-time", "10", "--cacert", &ca, "--output", "/dev/null", "--write-out", "%{certs}", &url(0, "/healthz")])
+            .output()
+            .map_err(|e| e.to_string())?;
+        let served = String::from_utf8_lossy(&out.stdout).into_owned();
+        if served.contains(&marker) { Ok(()) } else { Err(format!("served chain: {served}")) }
+    });
+    c.assert_alive();
+}
+
+/// A node refuses to start with HTTPS files it cannot use, saying which.
+#[test]
+fn https_with_a_missing_key_file_is_refused_at_start() {
+    let c = Cluster::new("https-bad", 1, &[]);
+    let pki = c.dir().join("pki");
+    let (cert, _) = issue(&c, &pki, "web");
+    let port = free_ports(1)[0];
+    let status = c.run_cli(
+        "node-bad-https",
+        &[
+            "node", "--id", "1", "--data-dir", &c.dir().join("bad").display().to_string(),
+            "--peer-addr", &free_ports(1)[0].to_string(), "--http-addr", &free_ports(1)[0].to_string(),
+            "--https-addr", &port.to_string(), "--http-tls-cert", &cert, "--http-tls-key", &pki.join("missing.pem").display().to_string(),
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(!status.success(), "a node with an unreadable HTTPS key must not start");
+    let log = std::fs::read_to_string(c.dir().join("node-bad-https.cli.log")).unwrap_or_default();
+    assert!(log.contains("missing.pem"), "the error names the file: {log}");
+}
