@@ -27,6 +27,9 @@ export RAFTBRIDGE_IMAGE="$image"
 export RAFTBRIDGE_CLUSTER_SECRET="${RAFTBRIDGE_CLUSTER_SECRET:-ci-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
 ports=("${RAFTBRIDGE_HOST_PORT_1:-18401}" "${RAFTBRIDGE_HOST_PORT_2:-18402}" "${RAFTBRIDGE_HOST_PORT_3:-18403}")
 export RAFTBRIDGE_HOST_PORT_1="${ports[0]}" RAFTBRIDGE_HOST_PORT_2="${ports[1]}" RAFTBRIDGE_HOST_PORT_3="${ports[2]}"
+# HTTPS for clients (with compose.tls.yml): node N on 127.0.0.1:1844N.
+https_ports=("${RAFTBRIDGE_HTTPS_HOST_PORT_1:-18441}" "${RAFTBRIDGE_HTTPS_HOST_PORT_2:-18442}" "${RAFTBRIDGE_HTTPS_HOST_PORT_3:-18443}")
+export RAFTBRIDGE_HTTPS_HOST_PORT_1="${https_ports[0]}" RAFTBRIDGE_HTTPS_HOST_PORT_2="${https_ports[1]}" RAFTBRIDGE_HTTPS_HOST_PORT_3="${https_ports[2]}"
 start=$SECONDS
 
 say() { echo "deploy-check [$((SECONDS - start))s] $*"; }
@@ -138,6 +141,20 @@ put="$(http -X PUT -w ' %{http_code}' "http://127.0.0.1:${ports[0]}/v1/state/def
 got="$(http -w ' %{http_code}' "http://127.0.0.1:${ports[2]}/v1/state/default/$key")"
 [[ "$got" == '{"via":"node1"} 200' ]] || fail "read back through node 3: $got"
 say "write through node 1 read back through node 3"
+
+if [[ $tls == 1 ]]; then
+  # HTTPS on every node, checked against the cluster CA for the shared name `raftbridge`.
+  https() { local p=$1; shift; curl -sS -m 3 --cacert "$pki/ca.pem" --resolve "raftbridge:$p:127.0.0.1" "$@"; }
+  for p in "${https_ports[@]}"; do
+    code="$(https "$p" -o /dev/null -w '%{http_code} %{http_version}' --http2 "https://raftbridge:$p/readyz")"
+    [[ "$code" == '200 2' ]] || fail "HTTPS (h2) readyz on port $p: $code"
+  done
+  put="$(https "${https_ports[1]}" -X PUT -w ' %{http_code}' "https://raftbridge:${https_ports[1]}/v1/state/default/$key-tls" -d '{"via":"https"}')"
+  [[ "$put" == *' 200' ]] || fail "write over HTTPS through node 2: $put"
+  got="$(http -w ' %{http_code}' "http://127.0.0.1:${ports[0]}/v1/state/default/$key-tls")"
+  [[ "$got" == '{"via":"https"} 200' ]] || fail "HTTPS write read back through node 1: $got"
+  say "HTTPS on every node; a write over HTTPS through node 2 read back through node 1"
+fi
 
 # /cluster on every node: three voters at the advertised names, one leader all agree on.
 cluster_ok() {

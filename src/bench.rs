@@ -31,6 +31,7 @@ use hdrhistogram::Histogram;
 use http::Method;
 use tokio::time::{sleep_until, timeout_at, Instant};
 
+use crate::client::ClientTls;
 use crate::client::Conn;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -38,9 +39,13 @@ const BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
-    /// Comma-separated node HTTP addresses (`host:port` or `http://host:port`).
+    /// Comma-separated node HTTP addresses (`host:port`, `http://host:port`, or
+    /// `https://host:port` with --cacert).
     #[arg(long, value_delimiter = ',', required = true)]
     pub targets: Vec<String>,
+    /// CA certificate (PEM) that `https://` targets' certificates chain to.
+    #[arg(long)]
+    pub cacert: Option<std::path::PathBuf>,
     /// Number of workers, each with its own keep-alive connection.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
@@ -276,7 +281,8 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
     // how long after its acceptance (its timestamp) the reader saw it.
     let reader_target = args.common.targets.first().cloned().unwrap_or_default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let reader = tokio::spawn(follow_log(reader_target, stop.clone()));
+    let tls = client_tls(&args.common)?;
+    let reader = tokio::spawn(follow_log(reader_target, tls.clone(), stop.clone()));
     let report = drive("events", &args.common, move |worker, seq| {
         let one = |i: usize| format!(r#"{{"v":"{filler}","w":{worker},"n":{seq},"i":{i}}}"#);
         if batch == 1 {
@@ -312,7 +318,7 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
     if let Some((n, p50, p99)) = e2e {
         println!("end-to-end (accepted → readable on the first target, sampled): {n} events, p50 {p50} ms, p99 {p99} ms");
     }
-    for (target, line) in delivery_latency(&args.common.targets, &args.subscription).await {
+    for (target, line) in delivery_latency(&args.common.targets, tls, &args.subscription).await {
         println!("delivery to subscription {} on {target}: {line}", args.subscription);
     }
     Ok(report)
@@ -321,10 +327,10 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
 /// The subscription's delivery latency (event accepted → handler called) as each target's
 /// `/metrics` summary reports it: (target, "n deliveries, p50 .. ms, p99 .. ms") or why not.
 /// A shared subscription's events are spread over the consuming nodes, hence one line per node.
-async fn delivery_latency(targets: &[String], sub: &str) -> Vec<(String, String)> {
+async fn delivery_latency(targets: &[String], tls: Option<ClientTls>, sub: &str) -> Vec<(String, String)> {
     let mut out = Vec::new();
     for target in targets.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
-        let mut conn = crate::client::Conn::new(target.to_string());
+        let mut conn = crate::client::Conn::new(target.to_string()).with_tls(tls.clone());
         let line = match conn.get("/metrics", Duration::from_secs(5)).await {
             Err(e) => format!("metrics unavailable ({e})"),
             Ok(resp) => {
@@ -362,8 +368,8 @@ fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
 /// from `target` and records, for each event not seen before, how long after its acceptance (its
 /// timestamp) it was readable there. Sampling keeps the reader from adding load comparable to the
 /// publishers'. Returns (events sampled, p50 ms, p99 ms).
-async fn follow_log(target: String, stop: Arc<std::sync::atomic::AtomicBool>) -> Option<(u64, u64, u64)> {
-    let mut conn = crate::client::Conn::new(target);
+async fn follow_log(target: String, tls: Option<ClientTls>, stop: Arc<std::sync::atomic::AtomicBool>) -> Option<(u64, u64, u64)> {
+    let mut conn = crate::client::Conn::new(target).with_tls(tls);
     let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000, 3).ok()?;
     let timeout = Duration::from_secs(5);
     let mut seen = 0u64;
@@ -549,6 +555,10 @@ where
     if !(common.rate >= 0.0 && common.rate.is_finite()) {
         bail!("--rate must be a non-negative number");
     }
+    let tls = client_tls(common)?;
+    if tls.is_none() && targets.iter().any(|t| t.starts_with("https://")) {
+        bail!("--targets: https:// addresses need --cacert (the CA their certificates chain to)");
+    }
     let mut title = format!(
         "bench {workload}: {} targets, {} connections, {:.1}s",
         targets.len(),
@@ -568,7 +578,7 @@ where
 
     let mut workers = Vec::with_capacity(common.concurrency);
     for i in 0..common.concurrency {
-        let conn = Conn::new(targets[i % targets.len()].clone());
+        let conn = Conn::new(targets[i % targets.len()].clone()).with_tls(tls.clone());
         let (make, progress, timeout) = (make_request.clone(), progress.clone(), common.timeout);
         // Each worker's share of the rate; workers start staggered over one interval.
         let interval = (common.rate > 0.0)
@@ -580,7 +590,7 @@ where
         }));
     }
     let printer = tokio::spawn(print_progress(progress.clone(), measure_from, deadline));
-    let cpu_at_start = tokio::spawn(cpu_sample(targets.clone(), Some(measure_from)));
+    let cpu_at_start = tokio::spawn(cpu_sample(targets.clone(), tls.clone(), Some(measure_from)));
 
     let (mut hist, mut error_kinds) = (new_histogram()?, BTreeMap::new());
     for w in workers {
@@ -594,7 +604,7 @@ where
     let (ok, errors) = (hist.len(), error_kinds.values().sum());
     let (node_cpu, bench_cpu, host) = match cpu_at_start.await {
         Ok(before) => {
-            let after = cpu_sample(targets.clone(), None).await;
+            let after = cpu_sample(targets.clone(), tls.clone(), None).await;
             (
                 before.nodes.zip(after.nodes).map(|(b, a)| a.saturating_sub(b)),
                 before.bench.zip(after.bench).map(|(b, a)| a.saturating_sub(b)),
@@ -640,16 +650,28 @@ struct CpuSample {
     host: Option<crate::process::HostCpu>,
 }
 
+/// The TLS configuration for `https://` targets, from `--cacert`.
+fn client_tls(common: &CommonArgs) -> anyhow::Result<Option<ClientTls>> {
+    common
+        .cacert
+        .as_deref()
+        .map(|ca| ClientTls::from_ca_file(ca).with_context(|| format!("--cacert {}", ca.display())))
+        .transpose()
+}
+
 /// [`CpuSample`] at `at` (or now).
-async fn cpu_sample(targets: Vec<String>, at: Option<Instant>) -> CpuSample {
+async fn cpu_sample(targets: Vec<String>, tls: Option<ClientTls>, at: Option<Instant>) -> CpuSample {
     if let Some(at) = at {
         sleep_until(at).await;
     }
     let (bench, host) = (crate::process::cpu_time(), crate::process::host_cpu());
-    let scrapes = targets.into_iter().map(|t| async move {
-        let mut conn = Conn::new(t);
-        let resp = conn.get("/metrics", Duration::from_secs(5)).await.ok()?;
-        metric_value(std::str::from_utf8(&resp.body).ok()?, "process_cpu_seconds_total", &[])
+    let scrapes = targets.into_iter().map(|t| {
+        let tls = tls.clone();
+        async move {
+            let mut conn = Conn::new(t).with_tls(tls);
+            let resp = conn.get("/metrics", Duration::from_secs(5)).await.ok()?;
+            metric_value(std::str::from_utf8(&resp.body).ok()?, "process_cpu_seconds_total", &[])
+        }
     });
     let nodes = futures_util::future::join_all(scrapes)
         .await
@@ -1050,6 +1072,7 @@ mod tests {
     #[tokio::test]
     async fn drive_rejects_bad_args() {
         let common = CommonArgs {
+            cacert: None,
             targets: vec![],
             concurrency: 1,
             duration: Duration::from_secs(1),

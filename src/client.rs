@@ -3,7 +3,9 @@
 //! Why not a pooled client (`hyper_util::client::legacy`, reqwest)? The bench wants exactly one
 //! connection per worker so that "64 connections" means 64 sockets, the node probes one peer at a
 //! time, and tests want to observe reuse and reconnects. A hand-held `SendRequest` gives all of
-//! that in a few lines with no pool, no TLS and no extra dependencies.
+//! that in a few lines with no pool and no extra dependencies. `https://` addresses need a
+//! [`ClientTls`] (the CA their certificates chain to; `bench --cacert`): the bench measures a
+//! node's HTTPS listener with the same client.
 //!
 //! Behaviour worth knowing:
 //! - The connection is opened lazily and reopened transparently on the next request after it
@@ -86,7 +88,33 @@ impl Response {
 /// request after the connection closed.
 pub struct Conn {
     addr: String,
+    /// The address was `https://…`: requests need `tls`.
+    https: bool,
+    tls: Option<ClientTls>,
     live: Option<Live>,
+}
+
+/// TLS for `https://` addresses: the CA certificates a server's chain must lead to, checked for
+/// the host of the address; cheap to clone.
+#[derive(Clone)]
+pub struct ClientTls {
+    connector: tokio_rustls::TlsConnector,
+}
+
+impl ClientTls {
+    /// Trusts the CA certificates in the PEM file at `ca`.
+    pub fn from_ca_file(ca: &std::path::Path) -> Result<ClientTls, crate::peer::tls::TlsError> {
+        let roots = crate::peer::tls::read_roots(ca)?;
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| crate::peer::tls::TlsError::Https(e.to_string()))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        // This client speaks HTTP/1.1 only.
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(ClientTls { connector: tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)) })
+    }
 }
 
 struct Live {
@@ -102,18 +130,27 @@ impl Drop for Live {
 }
 
 impl Conn {
-    /// `addr` is `host:port`; a leading `http://` and trailing `/` are stripped.
+    /// `addr` is `host:port`; a leading `http://` and trailing `/` are stripped. A leading
+    /// `https://` is stripped too, and then requests need [`Conn::with_tls`].
     pub fn new(addr: impl Into<String>) -> Conn {
         let addr = addr.into();
-        let addr = addr
-            .trim()
-            .strip_prefix("http://")
-            .unwrap_or(addr.trim())
-            .trim_end_matches('/');
+        let trimmed = addr.trim();
+        let (https, rest) = match trimmed.strip_prefix("https://") {
+            Some(rest) => (true, rest),
+            None => (false, trimmed.strip_prefix("http://").unwrap_or(trimmed)),
+        };
         Conn {
-            addr: addr.to_string(),
+            addr: rest.trim_end_matches('/').to_string(),
+            https,
+            tls: None,
             live: None,
         }
+    }
+
+    /// The TLS configuration for an `https://` address (ignored for a plain one).
+    pub fn with_tls(mut self, tls: Option<ClientTls>) -> Conn {
+        self.tls = tls;
+        self
     }
 
     /// The normalized `host:port` this connection talks to.
@@ -153,6 +190,12 @@ impl Conn {
         let host = host.filter(|_| !self.addr.is_empty() && !self.addr.contains('/'));
         let host =
             host.ok_or_else(|| ClientError::BadUrl(format!("{:?} (want host:port)", self.addr)))?;
+        if self.https && self.tls.is_none() {
+            return Err(ClientError::BadUrl(format!(
+                "https://{} needs the CA its certificate chains to (--cacert)",
+                self.addr
+            )));
+        }
         if !path_and_query.starts_with('/') {
             return Err(ClientError::BadUrl(format!(
                 "{path_and_query:?} (want /path)"
@@ -244,15 +287,39 @@ impl Conn {
             addr: addr.clone(),
             source,
         })?;
-        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| self.http_err(source))?;
         let peer = addr.clone();
-        let driver = tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(addr = %peer, error = %e, "http connection ended with error");
+        let (sender, driver) = match self.tls.as_ref().filter(|_| self.https) {
+            None => {
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|source| self.http_err(source))?;
+                let driver = tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(addr = %peer, error = %e, "http connection ended with error");
+                    }
+                });
+                (sender, driver)
             }
-        });
+            Some(tls) => {
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| ClientError::BadUrl(format!("{host:?}: {e}")))?;
+                let stream = tls.connector.connect(name, stream).await.map_err(|source| ClientError::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|source| self.http_err(source))?;
+                let driver = tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(addr = %peer, error = %e, "https connection ended with error");
+                    }
+                });
+                (sender, driver)
+            }
+        };
         Ok((Live { sender, driver }, false))
     }
 

@@ -287,9 +287,16 @@ impl NodeArgs {
                     reason: "HTTPS needs --http-tls-cert and --http-tls-key".into(),
                 })
             }
-            (None, _, _) => {
+            (None, cert, key) => {
+                let name = if cert.is_some() {
+                    "http-tls-cert"
+                } else if key.is_some() {
+                    "http-tls-key"
+                } else {
+                    "http-tls-client-ca"
+                };
                 return Err(ConfigError::Invalid {
-                    name: "http-tls-cert",
+                    name,
                     reason: "--http-tls-cert, --http-tls-key and --http-tls-client-ca need --https-addr (the listener that serves TLS)".into(),
                 })
             }
@@ -507,7 +514,7 @@ mod tests {
         let no_addr = NodeArgs { https_addr: None, ..all };
         assert!(matches!(no_addr.resolve(), Err(ConfigError::Invalid { name: "http-tls-cert", .. })), "files without a listener");
         let only_ca = NodeArgs { http_tls_client_ca: Some("ca.pem".into()), ..base() };
-        assert!(only_ca.resolve().is_err(), "a client CA without HTTPS is a mistake");
+        assert!(matches!(only_ca.resolve(), Err(ConfigError::Invalid { name: "http-tls-client-ca", .. })), "a client CA without HTTPS");
     }
 
     #[test]

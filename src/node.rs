@@ -69,6 +69,8 @@ pub enum NodeError {
     Sidecar(#[from] crate::sidecar::SidecarError),
     #[error("peer TLS: {0}")]
     Tls(#[from] crate::peer::tls::TlsError),
+    #[error("HTTPS: {0}")]
+    Https(crate::peer::tls::TlsError),
 }
 
 /// How often the peer TLS files are looked at for changes (a renewed certificate, a Kubernetes
@@ -174,7 +176,7 @@ pub async fn run(
     };
     let https = match &cfg.https {
         Some(h) => {
-            let tls = api::tls::HttpTls::load(&h.cert, &h.key, h.client_ca.as_deref())?;
+            let tls = api::tls::HttpTls::load(&h.cert, &h.key, h.client_ca.as_deref()).map_err(NodeError::Https)?;
             info!(addr = %h.addr, cert = %h.cert.display(), client_ca = ?h.client_ca, "HTTPS for clients");
             Some(tls)
         }
@@ -319,6 +321,12 @@ pub async fn run(
     if let Some(handle) = metrics.clone() {
         tokio::spawn(metrics_upkeep(handle, guard_stop.clone()));
     }
+    let settings = api::HttpSettings {
+        max_body: cfg.max_body,
+        max_connections: cfg.max_connections,
+        header_read_timeout: Duration::from_secs(10),
+        shutdown_grace: Duration::from_millis(cfg.shutdown_grace_ms),
+    };
     let app = Arc::new(api::App {
         replica: replica.clone(),
         cluster: cluster.clone(),
@@ -330,12 +338,8 @@ pub async fn run(
         sm: sm_shared,
         metrics,
         rendering: tokio::sync::Semaphore::new(1),
-        settings: api::HttpSettings {
-            max_body: cfg.max_body,
-            max_connections: cfg.max_connections,
-            header_read_timeout: Duration::from_secs(10),
-            shutdown_grace: Duration::from_millis(cfg.shutdown_grace_ms),
-        },
+        connections: api::App::new_connections(&settings),
+        settings,
         cluster_name: cfg.cluster_name.clone(),
     });
     let http_stop = CancellationToken::new();

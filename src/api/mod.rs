@@ -82,7 +82,17 @@ pub struct App {
     /// would each hold one. Never closed; dropped with the app.
     pub rendering: tokio::sync::Semaphore,
     pub settings: HttpSettings,
+    /// Client connections open at once, on the plain and the HTTPS listener together: at most
+    /// `settings.max_connections` (`App::new_connections`). Never closed; dropped with the app.
+    pub connections: Arc<Semaphore>,
     pub cluster_name: String,
+}
+
+impl App {
+    /// The shared connection bound for `App::connections`.
+    pub fn new_connections(settings: &HttpSettings) -> Arc<Semaphore> {
+        Arc::new(Semaphore::new(settings.max_connections))
+    }
 }
 
 pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Full<Bytes>> {
@@ -106,7 +116,8 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
     let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let conns = Arc::new(Semaphore::new(app.settings.max_connections));
+    let conns = app.connections.clone();
+    let listener_name: &'static str = if tls.is_some() { "https" } else { "http" };
     // Warm-up: clients connecting meanwhile wait in the listen backlog rather than get a 503
     // from a node that cannot route yet (bounded: a node that cannot join still serves /healthz).
     // Only a node restarting with cluster state warms up; a new node has nothing to wait for.
@@ -125,7 +136,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(err) => {
-                    warn!(cause = %err, "http accept failed");
+                    warn!(listener = listener_name, cause = %err, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
                     continue;
                 }
@@ -133,7 +144,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             _ = shutdown.cancelled() => break,
         };
         let Ok(permit) = conns.clone().try_acquire_owned() else {
-            metrics::counter!("raftbridge_http_connections_refused_total").increment(1);
+            metrics::counter!("raftbridge_http_connections_refused_total", "listener" => listener_name).increment(1);
             drop(stream);
             continue;
         };
@@ -152,7 +163,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                 Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
                     Ok(Ok(stream)) => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
                     Ok(Err(err)) => {
-                        metrics::counter!("raftbridge_https_handshake_failures_total", "cause" => "refused").increment(1);
+                        metrics::counter!("raftbridge_https_handshake_failures_total", "cause" => "error").increment(1);
                         tracing::debug!(%remote, cause = %err, "https handshake failed");
                         return;
                     }
@@ -168,9 +179,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             }
         });
     }
-    info!("http: draining connections");
+    info!(listener = listener_name, "http: draining connections");
     if tokio::time::timeout(app.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
-        warn!("http: grace period over, closing remaining connections");
+        warn!(listener = listener_name, "http: grace period over, closing remaining connections");
     }
 }
 

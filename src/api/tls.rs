@@ -15,8 +15,11 @@
 //!   any client may connect, as with plain HTTP.
 //! - *Reloadable* like the peer certificates (SIGHUP and a change of the files, `node`), through
 //!   the same file stamps. A reload that fails keeps what was loaded.
-//! - The handshake counts against the connection limit and must finish within the header read
-//!   timeout, so a client that opens sockets and stalls holds nothing for long.
+//! - The handshake counts against the connection limit (shared with the plain listener) and must
+//!   finish within the header read timeout (10 s; the request headers then get that long again,
+//!   as on plain HTTP), so a client that opens sockets and stalls holds a slot for a bounded time.
+//! - Its own certificate is not checked at load beyond rustls' checks (the key must match it):
+//!   its issuer may be a public CA whose roots the node does not have.
 
 use std::path::Path;
 use std::path::PathBuf;

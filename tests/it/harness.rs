@@ -945,7 +945,7 @@ fn describe_exit(status: ExitStatus) -> String {
 /// handed out by `bind(:0)` is ephemeral, and between the probe and the node's own bind any
 /// outgoing connection (our HTTP clients, the nodes' peer dials) may take it. Random ports in
 /// 10000..32000, checked by binding, do not race with those.
-pub fn free_ports(n: usize) -> Vec<SocketAddr> {
+fn free_ports(n: usize) -> Vec<SocketAddr> {
     use std::hash::BuildHasher;
     static TAKEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
     let mut out = Vec::with_capacity(n);

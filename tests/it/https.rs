@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde_json::json;
 use serde_json::Value;
 
-use crate::harness::free_ports;
+use crate::harness::free_loopback_ports;
 use crate::harness::Cluster;
 use crate::harness::CATCH_UP;
 
@@ -79,12 +79,12 @@ fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
     let client = issue(&c, &pki, "client");
     let outsider = issue(&c, &c.dir().join("other-pki"), "outsider");
     let ca = pki.join("ca.pem").display().to_string();
-    let ports = free_ports(2);
+    let ports = free_loopback_ports(2);
     c.add_node_flags(1, &https_flags(ports[0], &server, None));
     c.add_node_flags(2, &https_flags(ports[1], &server, Some(&ca)));
     c.start_all();
     c.wait_for_membership(&c.ids(), &[], crate::harness::FORMATION);
-    let url = |port: usize, path: &str| format!("https://localhost:{}{path}", ports[port].port());
+    let url = |port: usize, path: &str| format!("https://127.0.0.1:{}{path}", ports[port].port());
 
     // HTTP/1.1 and HTTP/2 (ALPN) on node 1, checked against the CA.
     let h1 = curl(&["--cacert", &ca, "--http1.1", &url(0, "/healthz")]);
@@ -98,14 +98,43 @@ fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
     assert_eq!((resp.status, body), (200, value.clone()));
     let event = curl(&["--cacert", &ca, "-X", "POST", "--data", "{\"order\":7}", &url(0, "/v1/events/httpsPlaced")]);
     assert_eq!(event.status, 201, "{event:?}");
+    // The bench's client speaks HTTPS too (`--cacert`): a short run of state writes through it.
+    let target = format!("https://127.0.0.1:{}", ports[0].port());
+    let status = c.run_cli(
+        "bench-https",
+        &["bench", "state", "--targets", &target, "--cacert", &ca, "--concurrency", "2", "--duration", "1s", "--warmup", "0s"],
+        Duration::from_secs(60),
+    );
+    let out = std::fs::read_to_string(c.dir().join("bench-https.cli.log")).unwrap_or_default();
+    assert!(status.success(), "bench over HTTPS: {out}");
+    let acked: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("acknowledged: "))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no acknowledged count in: {out}"));
+    assert!(acked > 0 && out.contains("errors: 0"), "bench over HTTPS: {out}");
     // Bad input over TLS gets the same JSON error as over plain HTTP.
     let bad = curl(&["--cacert", &ca, "-X", "PUT", "--data", "{not json", &url(0, "/v1/state/default/k")]);
     assert_eq!(bad.status, 400, "{bad:?}");
 
-    // Plain HTTP on the TLS port gets no HTTP answer, and the node keeps serving.
+    // Plain HTTP on the TLS port gets no HTTP answer but a closed connection (not a hang: curl's
+    // exit 28 is its timeout), the failed handshake is counted, and the node keeps serving.
     let plain = curl(&[&format!("http://127.0.0.1:{}/healthz", ports[0].port())]);
-    assert_ne!(plain.status, 200, "plain HTTP on the HTTPS port: {plain:?}");
+    assert!(plain.status == 0 && plain.exit != 0 && plain.exit != 28, "plain HTTP on the HTTPS port: {plain:?}");
+    c.wait_for("node 1 counted the failed handshake", CATCH_UP, || {
+        let failed = c.api(1).metric("raftbridge_https_handshake_failures_total", &["cause=\"error\""])?;
+        if failed >= 1.0 { Ok(()) } else { Err(format!("{failed} failed handshakes counted")) }
+    });
     assert_eq!(curl(&["--cacert", &ca, &url(0, "/healthz")]).status, 200);
+    // A client that connects and says nothing is cut off after the handshake timeout (10 s), so
+    // it holds a connection slot for a bounded time.
+    let mut silent = std::net::TcpStream::connect(ports[0]).expect("connect to the HTTPS port");
+    silent.set_read_timeout(Some(Duration::from_secs(30))).expect("set a read timeout");
+    let mut buf = [0u8; 64];
+    let read = std::io::Read::read(&mut silent, &mut buf);
+    assert!(matches!(read, Ok(0)) || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "the node closes a silent connection: {read:?}");
+    let timeouts = c.api(1).metric("raftbridge_https_handshake_failures_total", &["cause=\"timeout\""]).expect("metric");
+    assert!(timeouts >= 1.0, "the handshake timeout is counted: {timeouts}");
     // A client that does not trust the node's CA refuses the connection (curl's own check).
     let untrusted = curl(&[&url(0, "/healthz")]);
     assert!(untrusted.status == 0 && untrusted.exit != 0, "{untrusted:?}");
@@ -119,7 +148,7 @@ fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
     let foreign = curl(&["--cacert", &ca, "--cert", &outsider.0, "--key", &outsider.1, &url(1, "/healthz")]);
     assert!(foreign.status == 0 && foreign.exit != 0, "a certificate of another CA: {foreign:?}");
     c.wait_for("node 2 counted the refused handshakes", CATCH_UP, || {
-        let refused = c.api(2).metric("raftbridge_https_handshake_failures_total", &["cause=\"refused\""])?;
+        let refused = c.api(2).metric("raftbridge_https_handshake_failures_total", &["cause=\"error\""])?;
         if refused >= 2.0 { Ok(()) } else { Err(format!("{refused} refused handshakes counted")) }
     });
 
@@ -149,21 +178,26 @@ fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
 
 /// A node refuses to start with HTTPS files it cannot use, saying which.
 #[test]
-fn https_with_a_missing_key_file_is_refused_at_start() {
+fn https_with_a_missing_or_mismatched_key_is_refused_at_start() {
     let c = Cluster::new("https-bad", 1, &[]);
     let pki = c.dir().join("pki");
     let (cert, _) = issue(&c, &pki, "web");
-    let port = free_ports(1)[0];
-    let status = c.run_cli(
-        "node-bad-https",
-        &[
-            "node", "--id", "1", "--data-dir", &c.dir().join("bad").display().to_string(),
-            "--peer-addr", &free_ports(1)[0].to_string(), "--http-addr", &free_ports(1)[0].to_string(),
-            "--https-addr", &port.to_string(), "--http-tls-cert", &cert, "--http-tls-key", &pki.join("missing.pem").display().to_string(),
-        ],
-        Duration::from_secs(20),
-    );
-    assert!(!status.success(), "a node with an unreadable HTTPS key must not start");
-    let log = std::fs::read_to_string(c.dir().join("node-bad-https.cli.log")).unwrap_or_default();
-    assert!(log.contains("missing.pem"), "the error names the file: {log}");
+    let (_, other_key) = issue(&c, &pki, "other");
+    let missing = pki.join("missing.pem").display().to_string();
+    for (case, key, expect) in [("missing", missing.as_str(), "missing.pem"), ("mismatched", other_key.as_str(), "HTTPS")] {
+        let ports = free_loopback_ports(3);
+        let data = c.dir().join(format!("bad-{case}")).display().to_string();
+        let name = format!("node-{case}-key");
+        let status = c.run_cli(
+            &name,
+            &[
+                "node", "--id", "1", "--data-dir", &data, "--peer-addr", &ports[0].to_string(), "--http-addr",
+                &ports[1].to_string(), "--https-addr", &ports[2].to_string(), "--http-tls-cert", &cert, "--http-tls-key", key,
+            ],
+            Duration::from_secs(20),
+        );
+        assert!(!status.success(), "a node with a {case} HTTPS key must not start");
+        let log = std::fs::read_to_string(c.dir().join(format!("{name}.cli.log"))).unwrap_or_default();
+        assert!(log.contains("HTTPS") && log.contains(expect), "the error says HTTPS and names {expect}: {log}");
+    }
 }
