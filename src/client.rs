@@ -287,19 +287,8 @@ impl Conn {
             addr: addr.clone(),
             source,
         })?;
-        let peer = addr.clone();
         let (sender, driver) = match self.tls.as_ref().filter(|_| self.https) {
-            None => {
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|source| self.http_err(source))?;
-                let driver = tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(addr = %peer, error = %e, "http connection ended with error");
-                    }
-                });
-                (sender, driver)
-            }
+            None => self.handshake(stream).await?,
             Some(tls) => {
                 let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
                 let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
@@ -309,18 +298,27 @@ impl Conn {
                     addr: addr.clone(),
                     source,
                 })?;
-                let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                    .await
-                    .map_err(|source| self.http_err(source))?;
-                let driver = tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(addr = %peer, error = %e, "https connection ended with error");
-                    }
-                });
-                (sender, driver)
+                self.handshake(stream).await?
             }
         };
         Ok((Live { sender, driver }, false))
+    }
+
+    /// HTTP/1.1 over an open stream (TCP or TLS); the connection's driver runs as its own task.
+    async fn handshake<I>(&self, io: I) -> Result<(SendRequest<Full<Bytes>>, JoinHandle<()>), ClientError>
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+    {
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|source| self.http_err(source))?;
+        let peer = self.addr.clone();
+        let driver = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(addr = %peer, error = %e, "http connection ended with error");
+            }
+        });
+        Ok((sender, driver))
     }
 
     fn http_err(&self, source: hyper::Error) -> ClientError {

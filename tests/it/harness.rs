@@ -892,6 +892,20 @@ impl Cluster {
         );
     }
 
+    /// `raftbridge certs` for `name` in `dir` (its CA made on first use), valid for 127.0.0.1
+    /// and localhost; returns the certificate's and the key's paths.
+    pub fn certs(&self, dir: &Path, name: &str) -> (String, String) {
+        let d = dir.display().to_string();
+        let status = self.run_cli(
+            &format!("certs-{name}"),
+            &["certs", "--dir", &d, "--name", name, "--san", "127.0.0.1", "--san", "localhost"],
+            Duration::from_secs(30),
+        );
+        assert!(status.success(), "`raftbridge certs --dir {d} --name {name}` exited with {status}");
+        let file = |f: String| dir.join(f).display().to_string();
+        (file(format!("{name}.pem")), file(format!("{name}-key.pem")))
+    }
+
     /// Prints the last lines of every node's log to stderr.
     pub fn print_logs(&self) {
         for node in &self.nodes {

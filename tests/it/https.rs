@@ -43,15 +43,7 @@ fn curl(args: &[&str]) -> Curled {
 
 /// `raftbridge certs` for `name` in `dir` (its CA made on first use); returns (cert, key) paths.
 fn issue(c: &Cluster, dir: &Path, name: &str) -> (String, String) {
-    let d = dir.display().to_string();
-    let status = c.run_cli(
-        &format!("certs-{name}"),
-        &["certs", "--dir", &d, "--name", name, "--san", "127.0.0.1", "--san", "localhost"],
-        CATCH_UP,
-    );
-    assert!(status.success(), "`raftbridge certs --dir {d} --name {name}` exited with {status}");
-    let file = |f: String| dir.join(f).display().to_string();
-    (file(format!("{name}.pem")), file(format!("{name}-key.pem")))
+    c.certs(dir, name)
 }
 
 fn https_flags(addr: SocketAddr, (cert, key): &(String, String), client_ca: Option<&str>) -> Vec<String> {

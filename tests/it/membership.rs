@@ -161,22 +161,9 @@ fn assert_refused_a_handshake(c: &Cluster, members: &[u64]) {
 /// `raftbridge certs` for node `name` in `dir` (the cluster CA is made on first use); returns
 /// the node's `--peer-tls-*` flags.
 fn node_certs(c: &Cluster, dir: &std::path::Path, name: &str) -> Vec<String> {
-    let d = dir.display().to_string();
-    let status = c.run_cli(
-        &format!("certs-{name}"),
-        &["certs", "--dir", &d, "--name", name, "--san", "127.0.0.1", "--san", "localhost"],
-        CATCH_UP,
-    );
-    assert!(status.success(), "`raftbridge certs --dir {d} --name {name}` exited with {status}");
-    let file = |f: String| dir.join(f).display().to_string();
-    vec![
-        "--peer-tls-cert".into(),
-        file(format!("{name}.pem")),
-        "--peer-tls-key".into(),
-        file(format!("{name}-key.pem")),
-        "--peer-tls-ca".into(),
-        file("ca.pem".into()),
-    ]
+    let (cert, key) = c.certs(dir, name);
+    let ca = dir.join("ca.pem").display().to_string();
+    vec!["--peer-tls-cert".into(), cert, "--peer-tls-key".into(), key, "--peer-tls-ca".into(), ca]
 }
 
 /// With `--peer-tls-*` (certificates from `raftbridge certs`) the nodes form a cluster over
