@@ -32,6 +32,10 @@ pub const MAX_BODY: usize = 16 << 20;
 pub enum ClientError {
     #[error("connect {addr}: {source}")]
     Connect { addr: String, source: io::Error },
+    /// The TLS handshake failed: most often the server's certificate does not chain to the CA
+    /// given, or does not name the host dialed.
+    #[error("TLS with {addr}: {source}")]
+    Tls { addr: String, source: io::Error },
     #[error("{addr}: {source}")]
     Http { addr: String, source: hyper::Error },
     #[error("{addr}: request timed out")]
@@ -51,6 +55,7 @@ impl ClientError {
     pub fn kind(&self) -> &'static str {
         match self {
             ClientError::Connect { .. } => "connect",
+            ClientError::Tls { .. } => "tls",
             ClientError::Http { .. } => "http",
             ClientError::Timeout { .. } => "timeout",
             ClientError::BodyTooLarge { .. } => "body too large",
@@ -63,7 +68,7 @@ impl ClientError {
     /// True when the transport failed (as opposed to a slow or malformed answer);
     /// callers hammering a node should back off before reconnecting.
     pub fn is_connection(&self) -> bool {
-        matches!(self, ClientError::Connect { .. } | ClientError::Http { .. })
+        matches!(self, ClientError::Connect { .. } | ClientError::Tls { .. } | ClientError::Http { .. })
     }
 }
 
@@ -278,6 +283,18 @@ impl Conn {
             }
         }
         let addr = &self.addr;
+        // The name the server's certificate must carry, found before any socket is opened (a
+        // bad one is a bad address, not a connection failure to back off from).
+        let tls = match self.tls.as_ref().filter(|_| self.https) {
+            None => None,
+            Some(tls) => {
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
+                let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+                let name = rustls::pki_types::ServerName::try_from(host.to_string())
+                    .map_err(|e| ClientError::BadUrl(format!("{host:?}: {e}")))?;
+                Some((tls, name))
+            }
+        };
         let connect = async {
             let stream = TcpStream::connect(addr.as_str()).await?;
             stream.set_nodelay(true)?;
@@ -287,14 +304,10 @@ impl Conn {
             addr: addr.clone(),
             source,
         })?;
-        let (sender, driver) = match self.tls.as_ref().filter(|_| self.https) {
+        let (sender, driver) = match tls {
             None => self.handshake(stream).await?,
-            Some(tls) => {
-                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-                let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-                let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                    .map_err(|e| ClientError::BadUrl(format!("{host:?}: {e}")))?;
-                let stream = tls.connector.connect(name, stream).await.map_err(|source| ClientError::Connect {
+            Some((tls, name)) => {
+                let stream = tls.connector.connect(name, stream).await.map_err(|source| ClientError::Tls {
                     addr: addr.clone(),
                     source,
                 })?;
@@ -365,6 +378,8 @@ fn is_stale(e: &hyper::Error) -> bool {
             io::ErrorKind::ConnectionReset
                 | io::ErrorKind::BrokenPipe
                 | io::ErrorKind::ConnectionAborted
+                // TLS: the server closed the socket without a close_notify (an idle timeout).
+                | io::ErrorKind::UnexpectedEof
         )
     })
 }

@@ -44,7 +44,7 @@ pub enum TlsError {
     File { what: &'static str, path: PathBuf, reason: String },
     #[error("peer TLS: {0}")]
     Config(String),
-    #[error("HTTPS: {0}")]
+    #[error("TLS configuration: {0}")]
     Https(String),
     #[error("peer TLS server name {name:?}: {reason}")]
     ServerName { name: String, reason: String },

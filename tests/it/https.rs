@@ -92,9 +92,10 @@ fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
     assert_eq!(event.status, 201, "{event:?}");
     // The bench's client speaks HTTPS too (`--cacert`): a short run of state writes through it.
     let target = format!("https://127.0.0.1:{}", ports[0].port());
+    // `bench events` also reads the log and every target's /metrics (CPU, delivery) over it.
     let status = c.run_cli(
         "bench-https",
-        &["bench", "state", "--targets", &target, "--cacert", &ca, "--concurrency", "2", "--duration", "1s", "--warmup", "0s"],
+        &["bench", "events", "--targets", &target, "--cacert", &ca, "--concurrency", "2", "--duration", "1s", "--warmup", "0s"],
         Duration::from_secs(60),
     );
     let out = std::fs::read_to_string(c.dir().join("bench-https.cli.log")).unwrap_or_default();
@@ -105,6 +106,7 @@ fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
         .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
         .unwrap_or_else(|| panic!("no acknowledged count in: {out}"));
     assert!(acked > 0 && out.contains("errors: 0"), "bench over HTTPS: {out}");
+    assert!(!out.contains("n/a") && !out.contains("metrics unavailable"), "the nodes' /metrics were read over HTTPS: {out}");
     // Bad input over TLS gets the same JSON error as over plain HTTP.
     let bad = curl(&["--cacert", &ca, "-X", "PUT", "--data", "{not json", &url(0, "/v1/state/default/k")]);
     assert_eq!(bad.status, 400, "{bad:?}");
@@ -125,8 +127,10 @@ fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
     let mut buf = [0u8; 64];
     let read = std::io::Read::read(&mut silent, &mut buf);
     assert!(matches!(read, Ok(0)) || matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset), "the node closes a silent connection: {read:?}");
-    let timeouts = c.api(1).metric("raftbridge_https_handshake_failures_total", &["cause=\"timeout\""]).expect("metric");
-    assert!(timeouts >= 1.0, "the handshake timeout is counted: {timeouts}");
+    c.wait_for("node 1 counted the handshake timeout", CATCH_UP, || {
+        let timeouts = c.api(1).metric("raftbridge_https_handshake_failures_total", &["cause=\"timeout\""])?;
+        if timeouts >= 1.0 { Ok(()) } else { Err(format!("{timeouts} handshake timeouts counted")) }
+    });
     // A client that does not trust the node's CA refuses the connection (curl's own check).
     let untrusted = curl(&[&url(0, "/healthz")]);
     assert!(untrusted.status == 0 && untrusted.exit != 0, "{untrusted:?}");
@@ -176,7 +180,7 @@ fn https_with_a_missing_or_mismatched_key_is_refused_at_start() {
     let (cert, _) = issue(&c, &pki, "web");
     let (_, other_key) = issue(&c, &pki, "other");
     let missing = pki.join("missing.pem").display().to_string();
-    for (case, key, expect) in [("missing", missing.as_str(), "missing.pem"), ("mismatched", other_key.as_str(), "HTTPS")] {
+    for (case, key, expect) in [("missing", missing.as_str(), "missing.pem"), ("mismatched", other_key.as_str(), "key")] {
         let ports = free_loopback_ports(3);
         let data = c.dir().join(format!("bad-{case}")).display().to_string();
         let name = format!("node-{case}-key");
