@@ -288,10 +288,7 @@ impl Conn {
         let tls = match self.tls.as_ref().filter(|_| self.https) {
             None => None,
             Some(tls) => {
-                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h);
-                let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-                let name = rustls::pki_types::ServerName::try_from(host.to_string())
-                    .map_err(|e| ClientError::BadUrl(format!("{host:?}: {e}")))?;
+                let name = crate::peer::tls::host_name(addr).map_err(|e| ClientError::BadUrl(e.to_string()))?;
                 Some((tls, name))
             }
         };

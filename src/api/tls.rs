@@ -14,7 +14,7 @@
 //!   certificate that chains to that CA (mutual TLS, for service-to-service callers); without it
 //!   any client may connect, as with plain HTTP.
 //! - *Reloadable* like the peer certificates (SIGHUP and a change of the files, `node`), through
-//!   the same file stamps. A reload that fails keeps what was loaded.
+//!   the same `Reloadable`. A reload that fails keeps what was loaded.
 //! - The handshake counts against the connection limit (shared with the plain listener) and must
 //!   finish within the header read timeout (10 s; the request headers then get that long again,
 //!   as on plain HTTP), so a client that opens sockets and stalls holds a slot for a bounded time.
@@ -28,7 +28,7 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
-use crate::peer::tls::FileStamps;
+use crate::peer::tls::Reloadable;
 use crate::peer::tls::TlsError;
 use crate::peer::tls::read_chain;
 use crate::peer::tls::read_key;
@@ -39,7 +39,7 @@ use crate::peer::tls::read_roots;
 #[derive(Clone)]
 pub struct HttpTls {
     /// Swapped whole by `reload`; a handshake takes the current one.
-    current: Arc<std::sync::RwLock<tokio_rustls::TlsAcceptor>>,
+    current: Arc<Reloadable<tokio_rustls::TlsAcceptor>>,
     source: Arc<Source>,
 }
 
@@ -47,7 +47,6 @@ struct Source {
     cert: PathBuf,
     key: PathBuf,
     client_ca: Option<PathBuf>,
-    stamps: FileStamps,
 }
 
 impl std::fmt::Debug for HttpTls {
@@ -59,40 +58,28 @@ impl std::fmt::Debug for HttpTls {
 impl HttpTls {
     /// Reads the PEM files and builds the server configuration.
     pub fn load(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Result<HttpTls, TlsError> {
-        let mut paths = vec![cert.to_path_buf(), key.to_path_buf()];
-        paths.extend(client_ca.map(Path::to_path_buf));
-        let source =
-            Source { cert: cert.into(), key: key.into(), client_ca: client_ca.map(Into::into), stamps: FileStamps::new(paths) };
-        let stamps = source.stamps.now();
-        let acceptor = source.read()?;
-        source.stamps.loaded(stamps);
-        Ok(HttpTls { current: Arc::new(std::sync::RwLock::new(acceptor)), source: Arc::new(source) })
+        let source = Source { cert: cert.into(), key: key.into(), client_ca: client_ca.map(Into::into) };
+        let mut paths = vec![source.cert.clone(), source.key.clone()];
+        paths.extend(source.client_ca.clone());
+        let current = Reloadable::load(paths, || source.read())?;
+        Ok(HttpTls { current: Arc::new(current), source: Arc::new(source) })
     }
 
     /// Reads the files again and uses them for every new connection; on an error the
     /// configuration loaded before stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let stamps = self.source.stamps.now();
-        let acceptor = self.source.read()?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = acceptor;
-        self.source.stamps.loaded(stamps);
-        Ok(())
+        self.current.reload(|| self.source.read())
     }
 
     /// `reload` when a file's modification time moved since the last load. `Ok(true)` when it
     /// reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        if !self.source.stamps.changed() {
-            return Ok(false);
-        }
-        self.reload().map(|()| true)
+        self.current.reload_if_changed(|| self.source.read())
     }
 
     /// The server side of the handshake over an accepted connection.
     pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
-        // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
-        let acceptor = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
-        acceptor.accept(stream).await
+        self.current.get().accept(stream).await
     }
 }
 

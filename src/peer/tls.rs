@@ -65,8 +65,8 @@ pub fn plain(stream: TcpStream) -> (ReadHalf, WriteHalf) {
 #[derive(Clone)]
 pub struct PeerTls {
     /// Swapped whole by `reload`; a handshake takes the current one (a clone of two `Arc`s).
-    current: Arc<std::sync::RwLock<Configs>>,
-    /// Where it was loaded from, and the files' modification times then (for `reload_if_changed`).
+    current: Arc<Reloadable<Configs>>,
+    /// Where it was loaded from.
     source: Arc<Source>,
 }
 
@@ -83,36 +83,66 @@ struct Source {
     key: PathBuf,
     ca: PathBuf,
     server_name: Option<String>,
-    stamps: FileStamps,
 }
 
-/// The modification times of a set of files at their last (re)load, so that a periodic check
-/// reloads only when one moved (shared by the peer and the HTTPS configurations).
-pub(crate) struct FileStamps {
+/// A configuration built from files, swapped whole when they are read again (peer TLS and
+/// HTTPS both reload this way). It keeps the files' modification times at the last (re)load,
+/// taken *before* reading them, so a periodic check reloads only when one moved, and a file
+/// replaced during a read is read again at the next check. A read that fails keeps the value.
+pub(crate) struct Reloadable<T> {
+    current: std::sync::RwLock<T>,
     paths: Vec<PathBuf>,
     /// Written by whoever (re)loads.
     seen: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
 }
 
-impl FileStamps {
-    pub(crate) fn new(paths: Vec<PathBuf>) -> FileStamps {
-        FileStamps { paths, seen: std::sync::Mutex::new(Vec::new()) }
+impl<T: Clone> Reloadable<T> {
+    /// Reads the value the first time (`read` reads `paths`).
+    pub(crate) fn load(paths: Vec<PathBuf>, read: impl FnOnce() -> Result<T, TlsError>) -> Result<Reloadable<T>, TlsError> {
+        let stamps = stamps(&paths);
+        let value = read()?;
+        Ok(Reloadable { current: std::sync::RwLock::new(value), paths, seen: std::sync::Mutex::new(stamps) })
     }
 
-    /// The files' modification times now (None for a file that cannot be read).
-    pub(crate) fn now(&self) -> Vec<Option<std::time::SystemTime>> {
-        self.paths.iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+    /// The value now (a clone: connections take it and let go of the lock at once).
+    pub(crate) fn get(&self) -> T {
+        // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// Records `stamps` (taken before the files were read) as loaded.
-    pub(crate) fn loaded(&self, stamps: Vec<Option<std::time::SystemTime>>) {
+    /// Reads again and swaps the value in; on an error the value loaded before stays.
+    pub(crate) fn reload(&self, read: impl FnOnce() -> Result<T, TlsError>) -> Result<(), TlsError> {
+        let stamps = stamps(&self.paths);
+        let value = read()?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = value;
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamps;
+        Ok(())
     }
 
-    /// Whether a file moved since the last load.
-    pub(crate) fn changed(&self) -> bool {
-        self.now() != *self.seen.lock().unwrap_or_else(|e| e.into_inner())
+    /// `reload` when a file's modification time moved since the last load. `Ok(true)` when it
+    /// reloaded.
+    pub(crate) fn reload_if_changed(&self, read: impl FnOnce() -> Result<T, TlsError>) -> Result<bool, TlsError> {
+        if stamps(&self.paths) == *self.seen.lock().unwrap_or_else(|e| e.into_inner()) {
+            return Ok(false);
+        }
+        self.reload(read).map(|()| true)
     }
+}
+
+/// The files' modification times now (None for a file that cannot be read).
+fn stamps(paths: &[PathBuf]) -> Vec<Option<std::time::SystemTime>> {
+    paths.iter().map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).collect()
+}
+
+/// The TLS name of the host in `addr` (`host:port`, `[v6]:port`, or a bare host): what a
+/// server's certificate must carry for a client that dialed `addr`.
+pub(crate) fn host_name(addr: &str) -> Result<ServerName<'static>, TlsError> {
+    let host = match addr.rsplit_once(':') {
+        Some((host, port)) if port.parse::<u16>().is_ok() => host,
+        _ => addr,
+    };
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    ServerName::try_from(host.to_string()).map_err(|e| TlsError::ServerName { name: host.into(), reason: e.to_string() })
 }
 
 fn pem_err(what: &'static str, path: &Path) -> impl FnOnce(rustls::pki_types::pem::Error) -> TlsError {
@@ -153,43 +183,30 @@ impl std::fmt::Debug for PeerTls {
 
 impl PeerTls {
     fn configs(&self) -> Configs {
-        // A poisoned lock only means a panic elsewhere while swapping; the value is whole.
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current.get()
     }
 
     /// Reads the PEM files and builds both sides' configurations.
     pub fn load(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Result<PeerTls, TlsError> {
-        let source = Source {
-            cert: cert.into(),
-            key: key.into(),
-            ca: ca.into(),
-            server_name: server_name.map(str::to_string),
-            stamps: FileStamps::new(vec![cert.into(), key.into(), ca.into()]),
-        };
-        let stamps = source.stamps.now();
-        let configs = Self::read(cert, key, ca, server_name)?;
-        source.stamps.loaded(stamps);
-        Ok(PeerTls { current: Arc::new(std::sync::RwLock::new(configs)), source: Arc::new(source) })
+        let source =
+            Source { cert: cert.into(), key: key.into(), ca: ca.into(), server_name: server_name.map(str::to_string) };
+        let paths = vec![cert.into(), key.into(), ca.into()];
+        let current = Reloadable::load(paths, || Self::read(cert, key, ca, server_name))?;
+        Ok(PeerTls { current: Arc::new(current), source: Arc::new(source) })
     }
 
     /// Reads the files again and uses them for every connection from now on; on an error the
     /// configuration loaded before stays.
     pub fn reload(&self) -> Result<(), TlsError> {
         let src = &self.source;
-        let stamps = src.stamps.now();
-        let configs = Self::read(&src.cert, &src.key, &src.ca, src.server_name.as_deref())?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = configs;
-        src.stamps.loaded(stamps);
-        Ok(())
+        self.current.reload(|| Self::read(&src.cert, &src.key, &src.ca, src.server_name.as_deref()))
     }
 
     /// `reload` when a file's modification time moved since the last load (a renewed
     /// certificate, a Kubernetes secret updated in place). `Ok(true)` when it reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        if !self.source.stamps.changed() {
-            return Ok(false);
-        }
-        self.reload().map(|()| true)
+        let src = &self.source;
+        self.current.reload_if_changed(|| Self::read(&src.cert, &src.key, &src.ca, src.server_name.as_deref()))
     }
 
     fn read(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Result<Configs, TlsError> {
@@ -249,12 +266,7 @@ impl PeerTls {
         if let Some(name) = self.configs().server_name {
             return Ok(name);
         }
-        let host = match addr.rsplit_once(':') {
-            Some((host, port)) if port.parse::<u16>().is_ok() => host,
-            _ => addr,
-        };
-        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-        ServerName::try_from(host.to_string()).map_err(|e| TlsError::ServerName { name: host.into(), reason: e.to_string() })
+        host_name(addr)
     }
 
     /// TLS as the dialer, over a connected stream.
