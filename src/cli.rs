@@ -73,18 +73,25 @@ struct DevArgs {
 
 #[derive(Debug, clap::Args)]
 struct LeaveArgs {
-    /// HTTP address of any node of the cluster.
+    /// Address of any node of the cluster: `host:port` or `http://host:port` for its plain
+    /// HTTP, `https://host:port` (with --cacert) for its HTTPS listener.
     #[arg(long)]
     http_addr: String,
     /// Id of the node to remove.
     #[arg(long)]
     id: u64,
+    /// PEM file of the CA that an `https://` node's certificate must chain to.
+    #[arg(long)]
+    cacert: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
 struct ProbeArgs {
-    /// `http://host:port/path`, e.g. http://127.0.0.1:8400/readyz.
+    /// `http://host:port/path`, e.g. http://127.0.0.1:8400/readyz, or `https://…` with --cacert.
     url: String,
+    /// PEM file of the CA that an `https://` URL's certificate must chain to.
+    #[arg(long)]
+    cacert: Option<std::path::PathBuf>,
     /// Give up after this many milliseconds.
     #[arg(long, default_value_t = 2000)]
     timeout_ms: u64,
@@ -205,8 +212,20 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A client for `addr` (`host:port`, `http://…` or `https://…`): an `https://` one checks the
+/// server's certificate against the CA in `cacert`, which it then needs.
+fn connect_to(addr: &str, cacert: Option<&std::path::Path>) -> anyhow::Result<crate::client::Conn> {
+    let tls = cacert
+        .map(|ca| crate::client::ClientTls::from_ca_file(ca).with_context(|| format!("--cacert {}", ca.display())))
+        .transpose()?;
+    if addr.trim().starts_with("https://") && tls.is_none() {
+        anyhow::bail!("{addr}: an https:// address needs --cacert (the CA its certificate chains to)");
+    }
+    Ok(crate::client::Conn::new(addr).with_tls(tls))
+}
+
 async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
-    let mut conn = crate::client::Conn::new(args.http_addr.clone());
+    let mut conn = connect_to(&args.http_addr, args.cacert.as_deref())?;
     let resp = conn
         .request(http::Method::DELETE, &format!("/cluster/members/{}", args.id), &[], bytes::Bytes::new(), Duration::from_secs(30))
         .await
@@ -220,7 +239,11 @@ async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
 }
 
 async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
-    let rest = args.url.strip_prefix("http://").with_context(|| format!("{:?}: only http:// URLs are supported", args.url))?;
+    let (scheme, rest) = args
+        .url
+        .split_once("://")
+        .filter(|(scheme, _)| ["http", "https"].contains(scheme))
+        .with_context(|| format!("{:?}: only http:// and https:// URLs are supported", args.url))?;
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -228,7 +251,7 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
     if host.is_empty() {
         anyhow::bail!("{:?}: no host", args.url);
     }
-    let mut conn = crate::client::Conn::new(host);
+    let mut conn = connect_to(&format!("{scheme}://{host}"), args.cacert.as_deref())?;
     let resp = conn.get(path, Duration::from_millis(args.timeout_ms)).await.with_context(|| format!("GET {}", args.url))?;
     if resp.is_success() {
         if args.body {

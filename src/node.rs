@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
+use tracing::error;
 use tracing::info;
 use tracing::warn;
 
@@ -77,10 +78,16 @@ pub enum NodeError {
 /// secret updated in place).
 const TLS_CHECK: Duration = Duration::from_secs(30);
 
+/// A certificate this close to its expiry is warned about (at most once an hour per listener):
+/// a week leaves time to renew before clients or peers start failing their handshakes.
+const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Reloads the TLS files (peer links, HTTPS) on SIGHUP and when they change, until `shutdown`.
 /// New connections use what was loaded; connections up keep theirs. A reload that fails is
 /// logged and the previous certificates stay in use. Without TLS it only takes SIGHUP, which
-/// has nothing to do.
+/// has nothing to do. At every check it also publishes when each listener's certificates expire
+/// (`raftbridge_tls_cert_expiry_timestamp_seconds{listener}`, for an alert on `… - time()`), and
+/// warns when that is less than `EXPIRY_WARNING` away.
 async fn reload_tls(
     peer: Option<PeerTls>,
     https: Option<api::tls::HttpTls>,
@@ -89,6 +96,16 @@ async fn reload_tls(
 ) {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + TLS_CHECK, TLS_CHECK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned: [Option<tokio::time::Instant>; 2] = [None, None];
+    let mut publish_expiry = |peer: &Option<PeerTls>, https: &Option<api::tls::HttpTls>| {
+        let listeners = [("peer", peer.as_ref().map(PeerTls::expires)), ("https", https.as_ref().map(api::tls::HttpTls::expires))];
+        for ((listener, expires), warned) in listeners.into_iter().zip(&mut warned) {
+            if let Some(expires) = expires {
+                note_expiry(listener, expires, std::time::SystemTime::now(), warned);
+            }
+        }
+    };
+    publish_expiry(&peer, &https);
     loop {
         let asked = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -106,6 +123,24 @@ async fn reload_tls(
             let outcome = if asked { tls.reload().map(|()| true) } else { tls.reload_if_changed() };
             note_reload("raftbridge_https_reloads_total", "HTTPS", asked, outcome);
         }
+        publish_expiry(&peer, &https);
+    }
+}
+
+/// Publishes when `listener`'s certificates expire, and warns (at most hourly, `warned` holds
+/// when it last did) once that is within `EXPIRY_WARNING` of `now`.
+fn note_expiry(listener: &'static str, expires: std::time::SystemTime, now: std::time::SystemTime, warned: &mut Option<tokio::time::Instant>) {
+    let at = expires.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    metrics::gauge!("raftbridge_tls_cert_expiry_timestamp_seconds", "listener" => listener).set(at);
+    let left = expires.duration_since(now).unwrap_or_default();
+    if left >= EXPIRY_WARNING || warned.is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
+        return;
+    }
+    *warned = Some(tokio::time::Instant::now());
+    if left.is_zero() {
+        error!(listener, "a TLS certificate has expired: handshakes fail until it is renewed (replace the files; they are reloaded)");
+    } else {
+        warn!(listener, hours_left = left.as_secs() / 3600, "a TLS certificate expires soon: renew it (replace the files; they are reloaded)");
     }
 }
 
@@ -665,6 +700,24 @@ async fn snapshot_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A certificate near its expiry is warned about, at most once an hour; one far from it is not.
+    #[tokio::test(start_paused = true)]
+    async fn expiry_is_warned_about_within_a_week_at_most_hourly() {
+        let now = std::time::SystemTime::now();
+        let day = Duration::from_secs(86_400);
+        let mut warned = None;
+        note_expiry("https", now + 30 * day, now, &mut warned);
+        assert!(warned.is_none(), "a month left: no warning");
+        note_expiry("https", now + 2 * day, now, &mut warned);
+        let first = warned.expect("two days left: warned");
+        tokio::time::advance(Duration::from_secs(600)).await;
+        note_expiry("https", now + 2 * day, now, &mut warned);
+        assert_eq!(warned, Some(first), "not again within the hour");
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        note_expiry("https", now - day, now, &mut warned);
+        assert!(warned.is_some_and(|t| t > first), "expired, an hour later: warned again");
+    }
 
     #[test]
     fn a_snapshot_is_assembled_in_order_one_transfer_at_a_time() {

@@ -18,8 +18,9 @@
 //! - The handshake counts against the connection limit (shared with the plain listener) and must
 //!   finish within the header read timeout (10 s; the request headers then get that long again,
 //!   as on plain HTTP), so a client that opens sockets and stalls holds a slot for a bounded time.
-//! - Its own certificate is not checked at load beyond rustls' checks (the key must match it):
-//!   its issuer may be a public CA whose roots the node does not have.
+//! - Its own certificate is checked at load for its dates (rustls checks only that the key
+//!   matches it), but not for its chain: its issuer may be a public CA whose roots the node does
+//!   not have. An expired certificate is refused at start and a reload to one keeps the old.
 
 use std::path::Path;
 use std::path::PathBuf;
@@ -28,7 +29,9 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 
+use crate::peer::tls::Read;
 use crate::peer::tls::Reloadable;
+use crate::peer::tls::check_dates;
 use crate::peer::tls::TlsError;
 use crate::peer::tls::read_chain;
 use crate::peer::tls::read_key;
@@ -77,6 +80,11 @@ impl HttpTls {
         self.current.reload_if_changed(|| self.source.read())
     }
 
+    /// When the loaded certificate chain's first certificate expires.
+    pub fn expires(&self) -> std::time::SystemTime {
+        self.current.expires()
+    }
+
     /// The server side of the handshake over an accepted connection.
     pub async fn accept(&self, stream: TcpStream) -> std::io::Result<TlsStream<TcpStream>> {
         self.current.get().accept(stream).await
@@ -84,8 +92,9 @@ impl HttpTls {
 }
 
 impl Source {
-    fn read(&self) -> Result<tokio_rustls::TlsAcceptor, TlsError> {
+    fn read(&self) -> Read<tokio_rustls::TlsAcceptor> {
         let chain = read_chain("certificate", &self.cert)?;
+        let expires = check_dates("certificate", &self.cert, &chain, std::time::SystemTime::now())?;
         let key = read_key(&self.key)?;
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let config_err = |e: rustls::Error| TlsError::Https(e.to_string());
@@ -103,6 +112,39 @@ impl Source {
         };
         let mut config = builder.with_single_cert(chain, key).map_err(config_err)?;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        Ok((tokio_rustls::TlsAcceptor::from(Arc::new(config)), expires))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::peer::tls::tests::dated;
+
+    #[test]
+    fn an_expired_certificate_is_refused_at_load_and_a_reload_to_one_keeps_the_old() {
+        let dir = std::env::temp_dir().join(format!("rb-https-dates-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        let write = |(c, k): (String, String)| {
+            std::fs::write(&cert, c).unwrap();
+            std::fs::write(&key, k).unwrap();
+        };
+        write(dated(-30, -1));
+        let err = HttpTls::load(&cert, &key, None).unwrap_err().to_string();
+        assert!(err.contains("cert.pem") && err.contains("expired at"), "{err}");
+
+        write(dated(-1, 30));
+        let tls = HttpTls::load(&cert, &key, None).unwrap();
+        let first = tls.expires();
+        let days = first.duration_since(std::time::SystemTime::now()).unwrap().as_secs() / 86_400;
+        assert!((29..=30).contains(&days), "{days}");
+        write(dated(-30, -1));
+        assert!(tls.reload().unwrap_err().to_string().contains("expired at"));
+        assert_eq!(tls.expires(), first, "the certificate loaded before stays, and its date");
+        write(dated(-1, 90));
+        tls.reload().unwrap();
+        assert!(tls.expires() > first + std::time::Duration::from_secs(50 * 86_400), "a renewed certificate's date");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }

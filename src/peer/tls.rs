@@ -94,14 +94,34 @@ pub(crate) struct Reloadable<T> {
     paths: Vec<PathBuf>,
     /// Written by whoever (re)loads.
     seen: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
+    /// When the first certificate of the loaded chain expires (its `notAfter`), in seconds
+    /// since the Unix epoch; written with `current` by whoever (re)loads.
+    expires: std::sync::atomic::AtomicU64,
+}
+
+/// What a read of the files gives: the value and its chain's earliest expiry (`check_dates`).
+pub(crate) type Read<T> = Result<(T, std::time::SystemTime), TlsError>;
+
+fn unix_secs(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 impl<T: Clone> Reloadable<T> {
     /// Reads the value the first time (`read` reads `paths`).
-    pub(crate) fn load(paths: Vec<PathBuf>, read: impl FnOnce() -> Result<T, TlsError>) -> Result<Reloadable<T>, TlsError> {
+    pub(crate) fn load(paths: Vec<PathBuf>, read: impl FnOnce() -> Read<T>) -> Result<Reloadable<T>, TlsError> {
         let stamps = stamps(&paths);
-        let value = read()?;
-        Ok(Reloadable { current: std::sync::RwLock::new(value), paths, seen: std::sync::Mutex::new(stamps) })
+        let (value, expires) = read()?;
+        Ok(Reloadable {
+            current: std::sync::RwLock::new(value),
+            paths,
+            seen: std::sync::Mutex::new(stamps),
+            expires: unix_secs(expires).into(),
+        })
+    }
+
+    /// When the loaded certificate chain's first certificate expires.
+    pub(crate) fn expires(&self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.expires.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     /// The value now (a clone: connections take it and let go of the lock at once).
@@ -111,17 +131,18 @@ impl<T: Clone> Reloadable<T> {
     }
 
     /// Reads again and swaps the value in; on an error the value loaded before stays.
-    pub(crate) fn reload(&self, read: impl FnOnce() -> Result<T, TlsError>) -> Result<(), TlsError> {
+    pub(crate) fn reload(&self, read: impl FnOnce() -> Read<T>) -> Result<(), TlsError> {
         let stamps = stamps(&self.paths);
-        let value = read()?;
+        let (value, expires) = read()?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = value;
+        self.expires.store(unix_secs(expires), std::sync::atomic::Ordering::Relaxed);
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = stamps;
         Ok(())
     }
 
     /// `reload` when a file's modification time moved since the last load. `Ok(true)` when it
     /// reloaded.
-    pub(crate) fn reload_if_changed(&self, read: impl FnOnce() -> Result<T, TlsError>) -> Result<bool, TlsError> {
+    pub(crate) fn reload_if_changed(&self, read: impl FnOnce() -> Read<T>) -> Result<bool, TlsError> {
         if stamps(&self.paths) == *self.seen.lock().unwrap_or_else(|e| e.into_inner()) {
             return Ok(false);
         }
@@ -158,6 +179,35 @@ pub(crate) fn read_chain(what: &'static str, path: &Path) -> Result<Vec<Certific
         return Err(TlsError::File { what, path: path.into(), reason: "no CERTIFICATE in the file".into() });
     }
     Ok(chain)
+}
+
+/// Checks that every certificate of `chain` (read from `path`) is valid at `now`, and returns
+/// the earliest `notAfter` among them: when the chain stops working. rustls checks the dates of
+/// the *other* side's certificates only, so without this a node would start, or reload, with an
+/// expired certificate of its own and every client's handshake would fail.
+pub(crate) fn check_dates(
+    what: &'static str,
+    path: &Path,
+    chain: &[CertificateDer<'_>],
+    now: std::time::SystemTime,
+) -> Result<std::time::SystemTime, TlsError> {
+    use x509_cert::der::Decode;
+    let invalid = |reason: String| TlsError::File { what, path: path.into(), reason };
+    let mut earliest: Option<std::time::SystemTime> = None;
+    for (i, der) in chain.iter().enumerate() {
+        let which = if i == 0 { "the certificate".to_string() } else { format!("certificate {} of the chain", i + 1) };
+        let cert = x509_cert::Certificate::from_der(der).map_err(|e| invalid(format!("{which} is not X.509 DER: {e}")))?;
+        let validity = cert.tbs_certificate().validity();
+        if now < validity.not_before.to_system_time() {
+            return Err(invalid(format!("{which} is not valid before {} (is this node's clock right?)", validity.not_before)));
+        }
+        let not_after = validity.not_after.to_system_time();
+        if now > not_after {
+            return Err(invalid(format!("{which} expired at {}", validity.not_after)));
+        }
+        earliest = Some(earliest.map_or(not_after, |e| e.min(not_after)));
+    }
+    earliest.ok_or_else(|| invalid("no CERTIFICATE in the file".into()))
 }
 
 /// A private key from a PEM file (PKCS#8, PKCS#1 or SEC1).
@@ -209,8 +259,16 @@ impl PeerTls {
         self.current.reload_if_changed(|| Self::read(&src.cert, &src.key, &src.ca, src.server_name.as_deref()))
     }
 
-    fn read(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Result<Configs, TlsError> {
-        Self::from_parts(read_chain("certificate", cert)?, read_key(key)?, read_roots(ca)?, server_name)
+    fn read(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Read<Configs> {
+        let chain = read_chain("certificate", cert)?;
+        // Before the chain check below, whose date error would not name the file.
+        let expires = check_dates("certificate", cert, &chain, std::time::SystemTime::now())?;
+        Ok((Self::from_parts(chain, read_key(key)?, read_roots(ca)?, server_name)?, expires))
+    }
+
+    /// When the loaded certificate chain's first certificate expires.
+    pub fn expires(&self) -> std::time::SystemTime {
+        self.current.expires()
     }
 
     fn from_parts(
@@ -444,7 +502,7 @@ fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<(), CertError> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn temp_dir(tag: &str) -> PathBuf {
@@ -491,6 +549,45 @@ mod tests {
             PeerTls::load(&dir.join(format!("{n}.pem")), &dir.join(format!("{n}-key.pem")), &dir.join(CA_CERT), None).unwrap();
         }
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// A self-signed certificate for `localhost` valid from `from` to `until` days from now,
+    /// with its key, as PEM.
+    pub(crate) fn dated(from: i64, until: i64) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now + time::Duration::days(from);
+        params.not_after = now + time::Duration::days(until);
+        let key = rcgen::KeyPair::generate().unwrap();
+        (params.self_signed(&key).unwrap().pem(), key.serialize_pem())
+    }
+
+    fn ders(pem: &str) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(pem.as_bytes()).collect::<Result<_, _>>().unwrap()
+    }
+
+    #[test]
+    fn dates_are_checked_on_every_certificate_and_the_earliest_expiry_is_returned() {
+        let now = std::time::SystemTime::now();
+        let path = Path::new("/etc/x/cert.pem");
+        let (valid, _) = dated(-1, 30);
+        let (expired, _) = dated(-30, -1);
+        let (early, _) = dated(2, 30);
+        let (sooner, _) = dated(-1, 3);
+        let at = check_dates("certificate", path, &ders(&valid), now).unwrap();
+        let days = at.duration_since(now).unwrap().as_secs() / 86_400;
+        assert!((29..=30).contains(&days), "{days}");
+        let err = check_dates("certificate", path, &ders(&expired), now).unwrap_err().to_string();
+        assert!(err.contains("/etc/x/cert.pem") && err.contains("the certificate expired at 20"), "{err}");
+        let err = check_dates("certificate", path, &ders(&early), now).unwrap_err().to_string();
+        assert!(err.contains("is not valid before"), "{err}");
+        // A chain: every certificate counts, and the one expiring first gives the date.
+        let at = check_dates("certificate", path, &ders(&format!("{valid}{sooner}")), now).unwrap();
+        assert!(at.duration_since(now).unwrap().as_secs() / 86_400 < 3);
+        let err = check_dates("certificate", path, &ders(&format!("{valid}{expired}")), now).unwrap_err().to_string();
+        assert!(err.contains("certificate 2 of the chain expired"), "{err}");
+        let err = check_dates("certificate", path, &[CertificateDer::from(vec![1u8, 2, 3])], now).unwrap_err().to_string();
+        assert!(err.contains("not X.509"), "{err}");
     }
 
     #[test]

@@ -107,6 +107,17 @@ fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
         .unwrap_or_else(|| panic!("no acknowledged count in: {out}"));
     assert!(acked > 0 && out.contains("errors: 0"), "bench over HTTPS: {out}");
     assert!(!out.contains("n/a") && !out.contains("metrics unavailable"), "the nodes' /metrics were read over HTTPS: {out}");
+    // `raftbridge probe` speaks HTTPS too (with the CA), and says what is missing without it.
+    let probe = c.run_cli("probe-https", &["probe", &url(0, "/readyz"), "--cacert", &ca], Duration::from_secs(30));
+    assert!(probe.success(), "probe over HTTPS: {}", std::fs::read_to_string(c.dir().join("probe-https.cli.log")).unwrap_or_default());
+    let probe = c.run_cli("probe-https-no-ca", &["probe", &url(0, "/readyz")], Duration::from_secs(30));
+    let log = std::fs::read_to_string(c.dir().join("probe-https-no-ca.cli.log")).unwrap_or_default();
+    assert!(!probe.success() && log.contains("needs --cacert"), "{log}");
+    // The certificate's expiry is published for an alert (`raftbridge certs` gives 825 days).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_secs_f64();
+    let expiry = c.api(1).metric("raftbridge_tls_cert_expiry_timestamp_seconds", &["listener=\"https\""]).expect("expiry metric");
+    let days = (expiry - now) / 86_400.0;
+    assert!((823.0..=825.0).contains(&days), "HTTPS certificate expires in {days} days");
     // Bad input over TLS gets the same JSON error as over plain HTTP.
     let bad = curl(&["--cacert", &ca, "-X", "PUT", "--data", "{not json", &url(0, "/v1/state/default/k")]);
     assert_eq!(bad.status, 400, "{bad:?}");
@@ -170,6 +181,11 @@ fn https_serves_http1_and_h2_checks_client_certificates_and_reloads() {
         if served.contains(&marker) { Ok(()) } else { Err(format!("served chain: {served}")) }
     });
     c.assert_alive();
+
+    // `raftbridge leave` over HTTPS removes the plain-HTTP node from the cluster.
+    let leave = c.run_cli("leave-https", &["leave", "--http-addr", &target, "--cacert", &ca, "--id", "3"], Duration::from_secs(60));
+    assert!(leave.success(), "leave over HTTPS: {}", std::fs::read_to_string(c.dir().join("leave-https.cli.log")).unwrap_or_default());
+    c.wait_for_membership_seen_by(&[1, 2], &[1, 2], &[], crate::harness::FORMATION);
 }
 
 /// A node refuses to start with HTTPS files it cannot use, saying which.
@@ -196,4 +212,34 @@ fn https_with_a_missing_or_mismatched_key_is_refused_at_start() {
         let log = std::fs::read_to_string(c.dir().join(format!("{name}.cli.log"))).unwrap_or_default();
         assert!(log.contains("HTTPS") && log.contains(expect), "the error says HTTPS and names {expect}: {log}");
     }
+}
+
+/// A node refuses to start with an expired HTTPS certificate (rustls would serve it, and every
+/// client's handshake would fail), naming the file and the date.
+#[test]
+fn https_with_an_expired_certificate_is_refused_at_start() {
+    let c = Cluster::new("https-expired", 1, &[]);
+    let mut params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()]).expect("certificate parameters");
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(400);
+    params.not_after = now - time::Duration::days(35);
+    let key = rcgen::KeyPair::generate().expect("a key");
+    let cert = params.self_signed(&key).expect("a self-signed certificate");
+    let (cert_path, key_path) = (c.dir().join("expired.pem"), c.dir().join("expired-key.pem"));
+    std::fs::write(&cert_path, cert.pem()).expect("write the certificate");
+    std::fs::write(&key_path, key.serialize_pem()).expect("write the key");
+    let ports = free_loopback_ports(3);
+    let data = c.dir().join("data").display().to_string();
+    let (cert_arg, key_arg) = (cert_path.display().to_string(), key_path.display().to_string());
+    let status = c.run_cli(
+        "node-expired",
+        &[
+            "node", "--id", "1", "--data-dir", &data, "--peer-addr", &ports[0].to_string(), "--http-addr", &ports[1].to_string(),
+            "--https-addr", &ports[2].to_string(), "--http-tls-cert", &cert_arg, "--http-tls-key", &key_arg,
+        ],
+        Duration::from_secs(20),
+    );
+    assert!(!status.success(), "a node with an expired HTTPS certificate must not start");
+    let log = std::fs::read_to_string(c.dir().join("node-expired.cli.log")).unwrap_or_default();
+    assert!(log.contains("HTTPS") && log.contains("expired.pem") && log.contains("expired at"), "{log}");
 }

@@ -194,6 +194,14 @@ fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
         }
     });
 
+    // Each node publishes when its peer certificate expires (`raftbridge certs` gives 825 days).
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock after 1970").as_secs_f64();
+    for id in c.ids() {
+        let expiry = c.api(id).metric("raftbridge_tls_cert_expiry_timestamp_seconds", &["listener=\"peer\""]).expect("expiry metric");
+        let days = (expiry - now) / 86_400.0;
+        assert!((823.0..=825.0).contains(&days), "node {id}'s peer certificate expires in {days} days");
+    }
+
     // A renewed certificate, written over the old files, is taken on SIGHUP without a restart.
     let renewed = node_certs(&c, &pki, "n1-renewed");
     for (from, to) in [(&renewed[1], "n1.pem"), (&renewed[3], "n1-key.pem")] {
