@@ -96,11 +96,12 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 if [[ $tls == 1 ]]; then
-  # A throwaway CA: each node's certificate names the node and the seed alias `raftbridge`.
+  # A throwaway CA: each node's certificate names the node and the seed alias `raftbridge`, and
+  # is bound to its node id (compose.tls.yml requires that).
   bin="${CARGO_TARGET_DIR:-target}/release/raftbridge"
   pki="$(mktemp -d "${TMPDIR:-/tmp}/raftbridge-pki.XXXXXX")"
   for n in 1 2 3; do
-    "$bin" certs --dir "$pki" --name "raftbridge-$n" --san "raftbridge-$n" --san raftbridge --days 2 >/dev/null \
+    "$bin" certs --dir "$pki" --name "raftbridge-$n" --san "raftbridge-$n" --san raftbridge --node-id "$n" --days 2 >/dev/null \
       || fail "raftbridge certs for raftbridge-$n"
   done
   # The nodes get no CA key; they run as uid 10001, so the (throwaway) keys must be readable.

@@ -59,6 +59,11 @@ struct CertsArgs {
     /// Days the node certificate is valid.
     #[arg(long, default_value_t = 825)]
     days: u32,
+    /// Bind the certificate to this node id (a `urn:raftbridge:node:<id>` URI name): peers then
+    /// refuse it from a node that claims another id, and a node with another --id will not
+    /// load it. Leave it out for one certificate shared by every node.
+    #[arg(long)]
+    node_id: Option<u64>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -201,7 +206,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
 }
 
 fn certs(args: CertsArgs) -> anyhow::Result<()> {
-    let issued = crate::peer::tls::issue(&args.dir, &args.name, &args.sans, args.days)?;
+    let issued = crate::peer::tls::issue(&args.dir, &args.name, &args.sans, args.days, args.node_id)?;
     let ca = args.dir.join(crate::peer::tls::CA_CERT);
     if issued.ca_created {
         println!("made the cluster CA: {} (its key {} signs node certificates: keep it off the nodes)",

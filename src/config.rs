@@ -113,6 +113,17 @@ pub struct NodeArgs {
     /// peers' addresses are not known when certificates are made).
     #[arg(long, env = "RAFTBRIDGE_PEER_TLS_SERVER_NAME")]
     pub peer_tls_server_name: Option<String>,
+    /// Every peer certificate, this node's too, must be bound to its node id (`raftbridge certs
+    /// --node-id`). Without it, a certificate bound to ids is still checked against the id its
+    /// node claims, and one that names none is accepted.
+    #[arg(
+        long,
+        env = "RAFTBRIDGE_PEER_TLS_REQUIRE_NODE_ID",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub peer_tls_require_node_id: Option<bool>,
     /// Raft heartbeat interval in milliseconds.
     #[arg(long, env = "RAFTBRIDGE_HEARTBEAT_MS")]
     pub heartbeat_ms: Option<u64>,
@@ -218,6 +229,7 @@ pub struct PeerTlsFiles {
     pub key: PathBuf,
     pub ca: PathBuf,
     pub server_name: Option<String>,
+    pub require_node_id: bool,
 }
 
 /// The HTTPS listener (`--https-addr`, `--http-tls-*`); its files are read when the node starts.
@@ -269,8 +281,14 @@ impl NodeArgs {
         let seeds: Vec<String> =
             pick!(seeds).unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         let peer_tls = match (pick!(peer_tls_cert), pick!(peer_tls_key), pick!(peer_tls_ca)) {
-            (Some(cert), Some(key), Some(ca)) => Some(PeerTlsFiles { cert, key, ca, server_name: pick!(peer_tls_server_name) }),
-            (None, None, None) if pick!(peer_tls_server_name).is_none() => None,
+            (Some(cert), Some(key), Some(ca)) => Some(PeerTlsFiles {
+                cert,
+                key,
+                ca,
+                server_name: pick!(peer_tls_server_name),
+                require_node_id: pick!(peer_tls_require_node_id).unwrap_or(false),
+            }),
+            (None, None, None) if pick!(peer_tls_server_name).is_none() && !pick!(peer_tls_require_node_id).unwrap_or(false) => None,
             _ => {
                 return Err(ConfigError::Invalid {
                     name: "peer-tls-cert",
@@ -489,6 +507,11 @@ mod tests {
         };
         let tls = all.clone().resolve().unwrap().peer_tls.unwrap();
         assert_eq!((tls.cert.to_str(), tls.key.to_str(), tls.ca.to_str(), tls.server_name), (Some("c.pem"), Some("k.pem"), Some("ca.pem"), None));
+        assert!(!tls.require_node_id, "bound certificates are not required by default");
+        let required = NodeArgs { peer_tls_require_node_id: Some(true), ..all.clone() };
+        assert!(required.resolve().unwrap().peer_tls.unwrap().require_node_id);
+        let only_required = NodeArgs { peer_tls_require_node_id: Some(true), ..base() };
+        assert!(only_required.resolve().is_err(), "requiring bound certificates without TLS is a mistake");
         let missing_ca = NodeArgs { peer_tls_ca: None, ..all };
         assert!(matches!(missing_ca.resolve(), Err(ConfigError::Invalid { name: "peer-tls-cert", .. })));
         let only_name = NodeArgs { peer_tls_server_name: Some("peers".into()), ..base() };

@@ -154,7 +154,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     ];
     if args.tls {
         let pki = workdir.join("pki");
-        crate::peer::tls::issue(&pki, "chaos-peers", &["chaos-peers".to_string()], 2).context("making the chaos run's certificates")?;
+        crate::peer::tls::issue(&pki, "chaos-peers", &["chaos-peers".to_string()], 2, None).context("making the chaos run's certificates")?;
         let file = |name: &str| pki.join(name).display().to_string();
         flags.extend([
             "--peer-tls-cert".to_string(),

@@ -521,12 +521,16 @@ impl PeerNet {
             .map_err(|_| io_err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))?
             .map_err(io_err)?;
         stream.set_nodelay(true).map_err(io_err)?;
-        let (rd, wr) = match &self.cfg.tls {
+        // `bound`: the node ids the acceptor's certificate names, checked once it says who it is.
+        let (rd, wr, bound) = match &self.cfg.tls {
             Some(tls) => tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.connect(&self.tls_dial_name(addr), stream))
                 .await
                 .map_err(|_| PeerError::Handshake { addr: addr.to_string(), reason: "TLS handshake timed out".into() })?
                 .map_err(|e| PeerError::Handshake { addr: addr.to_string(), reason: format!("TLS: {e}") })?,
-            None => tls::plain(stream),
+            None => {
+                let (rd, wr) = tls::plain(stream);
+                (rd, wr, Vec::new())
+            }
         };
         let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
         let mut writer = FramedWrite::new(wr, frame::codec(self.cfg.max_frame));
@@ -540,6 +544,9 @@ impl PeerNet {
                 Kind::HelloAck => {
                     let theirs = Hello::decode(&frame).map_err(|e| e.to_string())?;
                     self.check_hello(&theirs)?;
+                    if let Some(tls) = &self.cfg.tls {
+                        tls.check_peer(theirs.node_id, &bound)?;
+                    }
                     let asked = theirs.proof != [0; 32];
                     match &self.cfg.secret {
                         Some(secret) if asked => {
@@ -639,14 +646,17 @@ impl PeerNet {
 
     async fn accept(self: &Arc<Self>, stream: TcpStream) -> Result<(), String> {
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
-        let (rd, wr) = match &self.cfg.tls {
+        let (rd, wr, bound) = match &self.cfg.tls {
             // Before anything of ours is read: a peer without a certificate from the cluster CA
             // gets no further than the TLS handshake.
             Some(tls) => tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream))
                 .await
                 .map_err(|_| "no TLS handshake in time".to_string())?
                 .map_err(|e| format!("TLS: {e}"))?,
-            None => tls::plain(stream),
+            None => {
+                let (rd, wr) = tls::plain(stream);
+                (rd, wr, Vec::new())
+            }
         };
         let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
         let mut writer = FramedWrite::new(wr, frame::codec(self.cfg.max_frame));
@@ -660,7 +670,13 @@ impl PeerNet {
             return Err(format!("expected Hello, got {:?}", frame.kind));
         }
         let theirs = Hello::decode(&frame).map_err(|e| format!("bad Hello: {e}"))?;
-        if let Err(reason) = self.check_hello(&theirs) {
+        // A member's certificate does not make it any member: the id it claims must be one its
+        // certificate is bound to, if it names any (`tls::NODE_URI`).
+        let checked = self.check_hello(&theirs).and_then(|()| match &self.cfg.tls {
+            Some(tls) => tls.check_peer(theirs.node_id, &bound),
+            None => Ok(()),
+        });
+        if let Err(reason) = checked {
             let _ = writer.send(Frame::encode_raw(Kind::Reject, 0, reason.as_bytes())).await;
             return Err(reason);
         }
@@ -1104,6 +1120,60 @@ mod tests {
         }
     }
 
+    /// A certificate bound to node ids (`certs --node-id`) serves only a node that claims one of
+    /// them, checked by the acceptor and the dialer; with the requirement on, an unbound one is
+    /// refused too.
+    #[tokio::test]
+    async fn node_ids_bound_to_certificates_are_checked_on_both_sides() {
+        let dir = std::env::temp_dir().join(format!("rb-peer-bound-{}", fastrand::u64(..)));
+        for (name, id) in [("b1", Some(1)), ("b2", Some(2)), ("b3", Some(3)), ("shared", None)] {
+            tls::issue(&dir, name, &["127.0.0.1".to_string()], 30, id).unwrap();
+        }
+        let load = |name: &str| {
+            tls::PeerTls::load(&dir.join(format!("{name}.pem")), &dir.join(format!("{name}-key.pem")), &dir.join(tls::CA_CERT), None)
+                .unwrap()
+        };
+        // A node loads only a certificate bound to its own id (or, unless required, to none).
+        let err = load("b2").bound_to(1, false).unwrap_err().to_string();
+        assert!(err.contains("b2.pem") && err.contains("not this node's") && err.contains("[2]"), "{err}");
+        let err = load("shared").bound_to(1, true).unwrap_err().to_string();
+        assert!(err.contains("names no node id"), "{err}");
+        load("shared").bound_to(1, false).expect("an unbound certificate, not required");
+        // The acceptor is node 1, the dialer node 2.
+        let (acceptor, dialer, stop) = tls_pair(Some(load("b1").bound_to(1, true).unwrap()), Some(load("b2").bound_to(2, true).unwrap())).await;
+        dialer.link(1).await.expect("both bound to the ids they claim: linked");
+        assert!(acceptor.reachable(2));
+        stop.cancel();
+        for (theirs, ours, why, says) in [
+            (load("b1"), load("b3"), "the dialer claims 2 with node 3's certificate", None),
+            (load("b3"), load("b2"), "the acceptor claims 1 with node 3's certificate", Some("bound to node [3]")),
+            (load("b1").bound_to(1, true).unwrap(), load("shared"), "the acceptor requires bound certificates", None),
+            (load("shared"), load("b2").bound_to(2, true).unwrap(), "the dialer requires bound certificates", Some("names no node id")),
+        ] {
+            let (acceptor, dialer, stop) = tls_pair(Some(theirs), Some(ours)).await;
+            let Err(err) = dialer.link(1).await else { panic!("{why}: linked") };
+            assert!(matches!(err, PeerError::Handshake { .. }), "{why}: {err}");
+            if let Some(says) = says {
+                assert!(err.to_string().contains(says), "{why}: {err}");
+            }
+            assert!(!dialer.reachable(1), "{why}: no link on the dialer");
+            // An acceptor that the dialer refused saw a link until the dialer hung up.
+            for _ in 0..300 {
+                if !acceptor.reachable(2) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            assert!(!acceptor.reachable(2), "{why}: no link on the acceptor");
+            stop.cancel();
+        }
+        // Unbound certificates on both sides, not required: linked as before.
+        let (_acceptor, dialer, stop) = tls_pair(Some(load("shared")), Some(load("shared"))).await;
+        dialer.link(1).await.expect("unbound and not required: linked");
+        stop.cancel();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     /// Nodes with certificates from one CA link over TLS and serve requests both ways; a node
     /// with another CA's certificate, without TLS, or with a certificate for another name is
     /// refused, and the acceptor keeps no link to it.
@@ -1119,7 +1189,7 @@ mod tests {
             (&dir, "named", "localhost"),
             (&other, "n3", "127.0.0.1"),
         ] {
-            tls::issue(d, name, &[san.to_string()], 30).unwrap();
+            tls::issue(d, name, &[san.to_string()], 30, None).unwrap();
         }
         let load = |d: &std::path::Path, name: &str, server_name: Option<&str>| {
             tls::PeerTls::load(&d.join(format!("{name}.pem")), &d.join(format!("{name}-key.pem")), &d.join(tls::CA_CERT), server_name)

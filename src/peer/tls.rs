@@ -11,6 +11,13 @@
 //!   or an IP address, as in the seed list and the advertised address), like any TLS client.
 //!   Where addresses are not known in advance (DHCP, NAT), `--peer-tls-server-name` makes every
 //!   node check for one shared name instead, as Consul's `server.<dc>.consul` does.
+//! - *Node ids bound to certificates.* The chain check makes a peer a member; it does not stop
+//!   one member from claiming another's node id in its `Hello` (to vote or answer as it). A
+//!   certificate from `raftbridge certs --node-id N` carries the URI name
+//!   `urn:raftbridge:node:N`; a peer whose certificate names node ids must claim one of them, or
+//!   the handshake is refused, and a node will not load a certificate bound to another id. A
+//!   certificate that names none (one shared by every node, as in deploy/k8s) is accepted unless
+//!   `--peer-tls-require-node-id` is set, which makes every member's certificate bound.
 //! - *TLS under the frames, not instead of them.* The handshake, framing and the cluster-secret
 //!   proof are unchanged on top (proto/PEER.md); TLS only wraps the byte stream, so a link is the
 //!   same code with or without it.
@@ -78,11 +85,58 @@ struct Configs {
     server_name: Option<ServerName<'static>>,
 }
 
+#[derive(Clone)]
 struct Source {
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
     server_name: Option<String>,
+    /// This node's id, when its certificate must not be bound to another (`bound_to`).
+    node_id: Option<u64>,
+    /// Every certificate, ours and the peers', must name a node id.
+    require_node_id: bool,
+}
+
+/// The URI name prefix by which a certificate binds node ids: `urn:raftbridge:node:<id>`.
+pub const NODE_URI: &str = "urn:raftbridge:node:";
+
+/// The node ids a certificate is bound to (its `urn:raftbridge:node:<id>` URI names); empty
+/// when it names none, or when its names cannot be read (the chain check has passed by then).
+pub fn node_ids(cert: &CertificateDer<'_>) -> Vec<u64> {
+    use x509_cert::der::Decode;
+    use x509_cert::ext::pkix::SubjectAltName;
+    use x509_cert::ext::pkix::name::GeneralName;
+    let Ok(cert) = x509_cert::Certificate::from_der(cert) else {
+        return Vec::new();
+    };
+    let Ok(Some((_, SubjectAltName(names)))) = cert.tbs_certificate().get_extension::<SubjectAltName>() else {
+        return Vec::new();
+    };
+    names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::UniformResourceIdentifier(uri) => uri.as_str().strip_prefix(NODE_URI)?.parse().ok(),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Whether a peer that claims `claimed` in its `Hello` may, given the node ids its certificate
+/// is bound to (`node_ids`).
+fn check_binding(claimed: u64, bound: &[u64], required: bool) -> Result<(), String> {
+    if bound.is_empty() {
+        if required {
+            return Err(format!(
+                "node {claimed}'s certificate names no node id ({NODE_URI}<id>), and --peer-tls-require-node-id is set"
+            ));
+        }
+        return Ok(());
+    }
+    if bound.contains(&claimed) {
+        Ok(())
+    } else {
+        Err(format!("the peer claims node id {claimed}, but its certificate is bound to node {bound:?}"))
+    }
 }
 
 /// A configuration built from files, swapped whole when they are read again (peer TLS and
@@ -224,6 +278,22 @@ pub(crate) fn read_roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
+impl Source {
+    fn read(&self) -> Read<Configs> {
+        let chain = read_chain("certificate", &self.cert)?;
+        // Before the chain check below, whose date error would not name the file.
+        let expires = check_dates("certificate", &self.cert, &chain, std::time::SystemTime::now())?;
+        if let Some(id) = self.node_id {
+            check_binding(id, &node_ids(&chain[0]), self.require_node_id).map_err(|reason| TlsError::File {
+                what: "certificate",
+                path: self.cert.clone(),
+                reason: format!("not this node's: {reason}"),
+            })?;
+        }
+        Ok((PeerTls::from_parts(chain, read_key(&self.key)?, read_roots(&self.ca)?, self.server_name.as_deref())?, expires))
+    }
+}
+
 impl std::fmt::Debug for PeerTls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let name = self.configs().server_name;
@@ -238,32 +308,44 @@ impl PeerTls {
 
     /// Reads the PEM files and builds both sides' configurations.
     pub fn load(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Result<PeerTls, TlsError> {
-        let source =
-            Source { cert: cert.into(), key: key.into(), ca: ca.into(), server_name: server_name.map(str::to_string) };
-        let paths = vec![cert.into(), key.into(), ca.into()];
-        let current = Reloadable::load(paths, || Self::read(cert, key, ca, server_name))?;
+        let source = Source {
+            cert: cert.into(),
+            key: key.into(),
+            ca: ca.into(),
+            server_name: server_name.map(str::to_string),
+            node_id: None,
+            require_node_id: false,
+        };
+        Self::with_source(source)
+    }
+
+    /// The same files for node `node_id`: a certificate bound to other node ids is refused, now
+    /// and at every reload, and with `require` so is one that names none (ours and the peers').
+    pub fn bound_to(self, node_id: u64, require: bool) -> Result<PeerTls, TlsError> {
+        Self::with_source(Source { node_id: Some(node_id), require_node_id: require, ..(*self.source).clone() })
+    }
+
+    fn with_source(source: Source) -> Result<PeerTls, TlsError> {
+        let paths = vec![source.cert.clone(), source.key.clone(), source.ca.clone()];
+        let current = Reloadable::load(paths, || source.read())?;
         Ok(PeerTls { current: Arc::new(current), source: Arc::new(source) })
     }
 
     /// Reads the files again and uses them for every connection from now on; on an error the
     /// configuration loaded before stays.
     pub fn reload(&self) -> Result<(), TlsError> {
-        let src = &self.source;
-        self.current.reload(|| Self::read(&src.cert, &src.key, &src.ca, src.server_name.as_deref()))
+        self.current.reload(|| self.source.read())
     }
 
     /// `reload` when a file's modification time moved since the last load (a renewed
     /// certificate, a Kubernetes secret updated in place). `Ok(true)` when it reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
-        let src = &self.source;
-        self.current.reload_if_changed(|| Self::read(&src.cert, &src.key, &src.ca, src.server_name.as_deref()))
+        self.current.reload_if_changed(|| self.source.read())
     }
 
-    fn read(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Read<Configs> {
-        let chain = read_chain("certificate", cert)?;
-        // Before the chain check below, whose date error would not name the file.
-        let expires = check_dates("certificate", cert, &chain, std::time::SystemTime::now())?;
-        Ok((Self::from_parts(chain, read_key(key)?, read_roots(ca)?, server_name)?, expires))
+    /// Whether a peer whose certificate is bound to `bound` (`node_ids`) may be node `claimed`.
+    pub fn check_peer(&self, claimed: u64, bound: &[u64]) -> Result<(), String> {
+        check_binding(claimed, bound, self.source.require_node_id)
     }
 
     /// When the loaded certificate chain's first certificate expires.
@@ -327,21 +409,25 @@ impl PeerTls {
         host_name(addr)
     }
 
-    /// TLS as the dialer, over a connected stream.
-    pub async fn connect(&self, addr: &str, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
+    /// TLS as the dialer, over a connected stream; also the node ids the acceptor's certificate
+    /// is bound to (`node_ids`), for `check_peer` once it has said who it is.
+    pub async fn connect(&self, addr: &str, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf, Vec<u64>)> {
         let name = self.name_for(addr).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let connector = self.configs().connector;
         let tls = connector.connect(name, stream).await?;
+        let bound = tls.get_ref().1.peer_certificates().and_then(<[_]>::first).map(node_ids).unwrap_or_default();
         let (rd, wr) = tokio::io::split(tls);
-        Ok((Box::new(rd), Box::new(wr)))
+        Ok((Box::new(rd), Box::new(wr), bound))
     }
 
-    /// TLS as the acceptor: the peer must present a certificate from the cluster CA.
-    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf)> {
+    /// TLS as the acceptor: the peer must present a certificate from the cluster CA. Also the
+    /// node ids that certificate is bound to, as `connect`.
+    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf, Vec<u64>)> {
         let acceptor = self.configs().acceptor;
         let tls = acceptor.accept(stream).await?;
+        let bound = tls.get_ref().1.peer_certificates().and_then(<[_]>::first).map(node_ids).unwrap_or_default();
         let (rd, wr) = tokio::io::split(tls);
-        Ok((Box::new(rd), Box::new(wr)))
+        Ok((Box::new(rd), Box::new(wr), bound))
     }
 }
 
@@ -375,8 +461,9 @@ pub struct Issued {
 
 /// Makes the cluster CA in `dir` unless it is there, then a certificate and key for one node,
 /// `<name>.pem` and `<name>-key.pem`, valid for `days` for the names `sans` (DNS names or IP
-/// addresses the node is dialed by). Keys are written readable by their owner only.
-pub fn issue(dir: &Path, name: &str, sans: &[String], days: u32) -> Result<Issued, CertError> {
+/// addresses the node is dialed by), and bound to `node_id` when given (`NODE_URI`). Keys are
+/// written readable by their owner only.
+pub fn issue(dir: &Path, name: &str, sans: &[String], days: u32, node_id: Option<u64>) -> Result<Issued, CertError> {
     use rcgen::BasicConstraints;
     use rcgen::CertificateParams;
     use rcgen::DnType;
@@ -451,6 +538,10 @@ pub fn issue(dir: &Path, name: &str, sans: &[String], days: u32) -> Result<Issue
     };
 
     let mut params = CertificateParams::new(sans.to_vec())?;
+    if let Some(id) = node_id {
+        let uri = rcgen::Ia5String::try_from(format!("{NODE_URI}{id}"))?;
+        params.subject_alt_names.push(rcgen::SanType::URI(uri));
+    }
     params.distinguished_name.push(DnType::CommonName, name);
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
@@ -515,30 +606,30 @@ pub(crate) mod tests {
     fn certs_make_a_ca_once_and_sign_nodes_with_it() {
         let dir = temp_dir("issue");
         let sans = vec!["127.0.0.1".to_string(), "localhost".to_string()];
-        let first = issue(&dir, "node1", &sans, 30).unwrap();
+        let first = issue(&dir, "node1", &sans, 30, None).unwrap();
         assert!(first.ca_created);
         let ca_before = std::fs::read(dir.join(CA_CERT)).unwrap();
-        let second = issue(&dir, "node2", &sans, 30).unwrap();
+        let second = issue(&dir, "node2", &sans, 30, None).unwrap();
         assert!(!second.ca_created, "the CA in the directory is reused");
         assert_eq!(std::fs::read(dir.join(CA_CERT)).unwrap(), ca_before);
-        assert!(matches!(issue(&dir, "node1", &sans, 30), Err(CertError::Exists { .. })), "nothing is overwritten");
-        assert!(matches!(issue(&dir, "../x", &sans, 30), Err(CertError::Invalid(_))));
+        assert!(matches!(issue(&dir, "node1", &sans, 30, None), Err(CertError::Exists { .. })), "nothing is overwritten");
+        assert!(matches!(issue(&dir, "../x", &sans, 30, None), Err(CertError::Invalid(_))));
         // The CA key moved away (as advised): a clear error, and nothing is written.
         std::fs::rename(dir.join(CA_KEY), dir.join("moved-key.pem")).unwrap();
-        let err = issue(&dir, "node3", &sans, 30).unwrap_err();
+        let err = issue(&dir, "node3", &sans, 30, None).unwrap_err();
         assert!(matches!(&err, CertError::Invalid(m) if m.contains("moved away")), "{err}");
         assert!(!dir.join(CA_KEY).exists() && !dir.join("node3.pem").exists(), "no new CA key, no certificate");
         // A key that is not the CA's: refused before anything is written.
         let other = temp_dir("other-ca");
-        issue(&other, "x", &sans, 30).unwrap();
+        issue(&other, "x", &sans, 30, None).unwrap();
         std::fs::copy(other.join(CA_KEY), dir.join(CA_KEY)).unwrap();
-        let err = issue(&dir, "node3", &sans, 30).unwrap_err();
+        let err = issue(&dir, "node3", &sans, 30, None).unwrap_err();
         assert!(err.to_string().contains("does not chain"), "{err}");
         assert!(!dir.join("node3.pem").exists() && !dir.join("node3-key.pem").exists());
         std::fs::rename(dir.join("moved-key.pem"), dir.join(CA_KEY)).unwrap();
-        issue(&dir, "node3", &["*.peers.internal".to_string()], 30).expect("the key back: signs again, a wildcard too");
+        issue(&dir, "node3", &["*.peers.internal".to_string()], 30, None).expect("the key back: signs again, a wildcard too");
         std::fs::remove_dir_all(other).unwrap();
-        assert!(matches!(issue(&dir, "n", &[], 30), Err(CertError::Invalid(_))));
+        assert!(matches!(issue(&dir, "n", &[], 30, None), Err(CertError::Invalid(_))));
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(&second.key).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "keys are private");
@@ -591,9 +682,24 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn certs_bind_a_node_id_that_peers_check() {
+        let dir = temp_dir("bind");
+        issue(&dir, "n7", &["127.0.0.1".into()], 30, Some(7)).unwrap();
+        issue(&dir, "any", &["127.0.0.1".into()], 30, None).unwrap();
+        let der = |name: &str| read_chain("certificate", &dir.join(format!("{name}.pem"))).unwrap().remove(0);
+        assert_eq!(node_ids(&der("n7")), vec![7]);
+        assert_eq!(node_ids(&der("any")), Vec::<u64>::new());
+        assert!(check_binding(7, &[7], true).is_ok());
+        assert!(check_binding(3, &[], false).is_ok(), "an unbound certificate, not required");
+        assert!(check_binding(3, &[], true).unwrap_err().contains("names no node id"));
+        assert!(check_binding(3, &[7], false).unwrap_err().contains("claims node id 3, but its certificate is bound to node [7]"));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn bad_files_are_named_in_the_error() {
         let dir = temp_dir("bad");
-        issue(&dir, "n1", &["127.0.0.1".into()], 30).unwrap();
+        issue(&dir, "n1", &["127.0.0.1".into()], 30, None).unwrap();
         std::fs::write(dir.join("empty.pem"), "").unwrap();
         let err = PeerTls::load(&dir.join("missing.pem"), &dir.join("n1-key.pem"), &dir.join(CA_CERT), None).unwrap_err();
         assert!(err.to_string().contains("missing.pem"), "{err}");
@@ -603,7 +709,7 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("private key"), "{err}");
         // A certificate of another CA is refused when loaded, not at the next reconnect.
         let other = dir.join("other");
-        issue(&other, "n9", &["127.0.0.1".into()], 30).unwrap();
+        issue(&other, "n9", &["127.0.0.1".into()], 30, None).unwrap();
         let err = PeerTls::load(&other.join("n9.pem"), &other.join("n9-key.pem"), &dir.join(CA_CERT), None).unwrap_err();
         assert!(err.to_string().contains("does not pass its peers' check"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
@@ -613,9 +719,9 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn a_reload_uses_the_new_files_and_a_bad_one_keeps_the_old() {
         let dir = temp_dir("reload");
-        issue(&dir, "by-name", &["localhost".into()], 30).unwrap();
-        issue(&dir, "by-ip", &["127.0.0.1".into()], 30).unwrap();
-        issue(&dir, "dialer", &["127.0.0.1".into()], 30).unwrap();
+        issue(&dir, "by-name", &["localhost".into()], 30, None).unwrap();
+        issue(&dir, "by-ip", &["127.0.0.1".into()], 30, None).unwrap();
+        issue(&dir, "dialer", &["127.0.0.1".into()], 30, None).unwrap();
         let (cert, key, ca) = (dir.join("live.pem"), dir.join("live-key.pem"), dir.join(CA_CERT));
         std::fs::copy(dir.join("by-name.pem"), &cert).unwrap();
         std::fs::copy(dir.join("by-name-key.pem"), &key).unwrap();
@@ -628,7 +734,7 @@ pub(crate) mod tests {
             while let Ok((stream, _)) = listener.accept().await {
                 let tls = serving.clone();
                 tokio::spawn(async move {
-                    if let Ok((mut rd, _wr)) = tls.accept(stream).await {
+                    if let Ok((mut rd, _wr, _)) = tls.accept(stream).await {
                         let mut buf = [0u8; 1];
                         let _ = tokio::io::AsyncReadExt::read(&mut rd, &mut buf).await;
                     }
@@ -655,7 +761,7 @@ pub(crate) mod tests {
     #[test]
     fn the_dialed_host_is_the_server_name_unless_one_is_configured() {
         let dir = temp_dir("names");
-        issue(&dir, "n1", &["127.0.0.1".into()], 30).unwrap();
+        issue(&dir, "n1", &["127.0.0.1".into()], 30, None).unwrap();
         let load = |name| PeerTls::load(&dir.join("n1.pem"), &dir.join("n1-key.pem"), &dir.join(CA_CERT), name).unwrap();
         let tls = load(None);
         assert_eq!(format!("{:?}", tls.name_for("127.0.0.1:7400").unwrap()), format!("{:?}", ServerName::try_from("127.0.0.1").unwrap()));

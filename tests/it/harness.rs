@@ -895,12 +895,15 @@ impl Cluster {
     /// `raftbridge certs` for `name` in `dir` (its CA made on first use), valid for 127.0.0.1
     /// and localhost; returns the certificate's and the key's paths.
     pub fn certs(&self, dir: &Path, name: &str) -> (String, String) {
+        self.certs_with(dir, name, &[])
+    }
+
+    /// `certs` with more of `raftbridge certs`' flags (`--node-id N`).
+    pub fn certs_with(&self, dir: &Path, name: &str, extra: &[&str]) -> (String, String) {
         let d = dir.display().to_string();
-        let status = self.run_cli(
-            &format!("certs-{name}"),
-            &["certs", "--dir", &d, "--name", name, "--san", "127.0.0.1", "--san", "localhost"],
-            Duration::from_secs(30),
-        );
+        let mut args = vec!["certs", "--dir", &d, "--name", name, "--san", "127.0.0.1", "--san", "localhost"];
+        args.extend_from_slice(extra);
+        let status = self.run_cli(&format!("certs-{name}"), &args, Duration::from_secs(30));
         assert!(status.success(), "`raftbridge certs --dir {d} --name {name}` exited with {status}");
         let file = |f: String| dir.join(f).display().to_string();
         (file(format!("{name}.pem")), file(format!("{name}-key.pem")))

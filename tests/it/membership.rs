@@ -158,23 +158,32 @@ fn assert_refused_a_handshake(c: &Cluster, members: &[u64]) {
     });
 }
 
-/// `raftbridge certs` for node `name` in `dir` (the cluster CA is made on first use); returns
-/// the node's `--peer-tls-*` flags.
-fn node_certs(c: &Cluster, dir: &std::path::Path, name: &str) -> Vec<String> {
-    let (cert, key) = c.certs(dir, name);
+/// `raftbridge certs` for node `name` in `dir` (the cluster CA is made on first use), bound to
+/// `id` when given (`--node-id`); returns the node's `--peer-tls-*` flags, which require bound
+/// certificates when it is.
+fn node_certs(c: &Cluster, dir: &std::path::Path, name: &str, id: Option<u64>) -> Vec<String> {
+    let id_arg = id.map(|id| id.to_string());
+    let extra: Vec<&str> = id_arg.iter().flat_map(|id| ["--node-id", id.as_str()]).collect();
+    let (cert, key) = c.certs_with(dir, name, &extra);
     let ca = dir.join("ca.pem").display().to_string();
-    vec!["--peer-tls-cert".into(), cert, "--peer-tls-key".into(), key, "--peer-tls-ca".into(), ca]
+    let mut flags = vec!["--peer-tls-cert".into(), cert, "--peer-tls-key".into(), key, "--peer-tls-ca".into(), ca];
+    if id.is_some() {
+        flags.push("--peer-tls-require-node-id".into());
+    }
+    flags
 }
 
-/// With `--peer-tls-*` (certificates from `raftbridge certs`) the nodes form a cluster over
-/// mutual TLS and replicate and forward as usual; a node whose certificate comes from another
-/// CA is refused at every handshake and never becomes a member.
+/// With `--peer-tls-*` (certificates from `raftbridge certs --node-id`, bound ones required) the
+/// nodes form a cluster over mutual TLS and replicate and forward as usual; a node whose
+/// certificate comes from another CA, or from the cluster CA but bound to no node id, is
+/// refused at every handshake and never becomes a member, and a node will not start with
+/// another node's certificate.
 #[test]
 fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
     let mut c = Cluster::new("peer-tls", 3, &[]);
     let pki = c.dir().join("pki");
     for id in c.ids() {
-        let flags = node_certs(&c, &pki, &format!("n{id}"));
+        let flags = node_certs(&c, &pki, &format!("n{id}"), Some(id));
         c.add_node_flags(id, &flags);
     }
     c.start_all();
@@ -203,7 +212,7 @@ fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
     }
 
     // A renewed certificate, written over the old files, is taken on SIGHUP without a restart.
-    let renewed = node_certs(&c, &pki, "n1-renewed");
+    let renewed = node_certs(&c, &pki, "n1-renewed", Some(1));
     for (from, to) in [(&renewed[1], "n1.pem"), (&renewed[3], "n1-key.pem")] {
         std::fs::copy(from, pki.join(to)).unwrap_or_else(|e| panic!("copy {from}: {e}"));
     }
@@ -217,9 +226,25 @@ fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
 
     let members = c.ids();
     let other_ca = c.dir().join("other-pki");
-    let flags = node_certs(&c, &other_ca, "n4");
+    let flags = node_certs(&c, &other_ca, "n4", Some(4));
     let intruder = c.add_node_with(&[leader], &flags);
     assert_kept_out(&c, &members, intruder, Duration::from_secs(5));
     assert_refused_a_handshake(&c, &members);
+    // From the cluster CA, but bound to no node id, while the members require bound ones.
+    let flags = node_certs(&c, &pki, "unbound", None);
+    let unbound = c.add_node_with(&[leader], &flags);
+    assert_kept_out(&c, &members, unbound, Duration::from_secs(5));
+    // Another node's certificate: the node refuses to start with it, naming the file.
+    let ports = crate::harness::free_loopback_ports(2);
+    let data = c.dir().join("impostor").display().to_string();
+    let mut args: Vec<String> = ["node", "--id", "9", "--data-dir", &data, "--peer-addr", &ports[0].to_string(), "--http-addr", &ports[1].to_string()]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(node_certs(&c, &pki, "n2-copy", Some(2)));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let status = c.run_cli("impostor", &args, Duration::from_secs(20));
+    let log = std::fs::read_to_string(c.dir().join("impostor.cli.log")).unwrap_or_default();
+    assert!(!status.success() && log.contains("n2-copy.pem") && log.contains("not this node's"), "{log}");
     c.api(leader).must_put("after-intruder", &json!({"still": "serving"}));
 }
