@@ -101,7 +101,7 @@ if [[ $tls == 1 ]]; then
   bin="${CARGO_TARGET_DIR:-target}/release/raftbridge"
   pki="$(mktemp -d "${TMPDIR:-/tmp}/raftbridge-pki.XXXXXX")"
   for n in 1 2 3; do
-    "$bin" certs --dir "$pki" --name "raftbridge-$n" --san "raftbridge-$n" --san raftbridge --node-id "$n" --days 2 >/dev/null \
+    "$bin" certs --dir "$pki" --name "raftbridge-$n" --san "raftbridge-$n" --san raftbridge --node-id "$n" --days 10 >/dev/null \
       || fail "raftbridge certs for raftbridge-$n"
   done
   # The nodes get no CA key; they run as uid 10001, so the (throwaway) keys must be readable.

@@ -289,6 +289,12 @@ impl NodeArgs {
                 require_node_id: pick!(peer_tls_require_node_id).unwrap_or(false),
             }),
             (None, None, None) if pick!(peer_tls_server_name).is_none() && !pick!(peer_tls_require_node_id).unwrap_or(false) => None,
+            (None, None, None) => {
+                return Err(ConfigError::Invalid {
+                    name: if pick!(peer_tls_server_name).is_some() { "peer-tls-server-name" } else { "peer-tls-require-node-id" },
+                    reason: "applies to peer TLS, which needs --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into(),
+                })
+            }
             _ => {
                 return Err(ConfigError::Invalid {
                     name: "peer-tls-cert",
@@ -511,7 +517,10 @@ mod tests {
         let required = NodeArgs { peer_tls_require_node_id: Some(true), ..all.clone() };
         assert!(required.resolve().unwrap().peer_tls.unwrap().require_node_id);
         let only_required = NodeArgs { peer_tls_require_node_id: Some(true), ..base() };
-        assert!(only_required.resolve().is_err(), "requiring bound certificates without TLS is a mistake");
+        assert!(
+            matches!(only_required.resolve(), Err(ConfigError::Invalid { name: "peer-tls-require-node-id", .. })),
+            "requiring bound certificates without TLS is a mistake, named"
+        );
         let missing_ca = NodeArgs { peer_tls_ca: None, ..all };
         assert!(matches!(missing_ca.resolve(), Err(ConfigError::Invalid { name: "peer-tls-cert", .. })));
         let only_name = NodeArgs { peer_tls_server_name: Some("peers".into()), ..base() };

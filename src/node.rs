@@ -98,7 +98,7 @@ async fn reload_tls(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned: [Option<tokio::time::Instant>; 2] = [None, None];
     let mut publish_expiry = |peer: &Option<PeerTls>, https: &Option<api::tls::HttpTls>| {
-        let listeners = [("peer", peer.as_ref().map(PeerTls::expires)), ("https", https.as_ref().map(api::tls::HttpTls::expires))];
+        let listeners = [("peer", peer.as_ref().and_then(PeerTls::expires)), ("https", https.as_ref().and_then(api::tls::HttpTls::expires))];
         for ((listener, expires), warned) in listeners.into_iter().zip(&mut warned) {
             if let Some(expires) = expires {
                 note_expiry(listener, expires, std::time::SystemTime::now(), warned);

@@ -20,7 +20,8 @@
 //!   as on plain HTTP), so a client that opens sockets and stalls holds a slot for a bounded time.
 //! - Its own certificate is checked at load for its dates (rustls checks only that the key
 //!   matches it), but not for its chain: its issuer may be a public CA whose roots the node does
-//!   not have. An expired certificate is refused at start and a reload to one keeps the old.
+//!   not have. An expired certificate is refused at start and a reload to one keeps the old
+//!   (`peer::tls::check_dates`).
 
 use std::path::Path;
 use std::path::PathBuf;
@@ -80,8 +81,8 @@ impl HttpTls {
         self.current.reload_if_changed(|| self.source.read())
     }
 
-    /// When the loaded certificate chain's first certificate expires.
-    pub fn expires(&self) -> std::time::SystemTime {
+    /// When the loaded certificate chain stops working (`check_dates`), if known.
+    pub fn expires(&self) -> Option<std::time::SystemTime> {
         self.current.expires()
     }
 
@@ -136,15 +137,15 @@ mod tests {
 
         write(dated(-1, 30));
         let tls = HttpTls::load(&cert, &key, None).unwrap();
-        let first = tls.expires();
+        let first = tls.expires().expect("dates read");
         let days = first.duration_since(std::time::SystemTime::now()).unwrap().as_secs() / 86_400;
         assert!((29..=30).contains(&days), "{days}");
         write(dated(-30, -1));
         assert!(tls.reload().unwrap_err().to_string().contains("expired at"));
-        assert_eq!(tls.expires(), first, "the certificate loaded before stays, and its date");
+        assert_eq!(tls.expires(), Some(first), "the certificate loaded before stays, and its date");
         write(dated(-1, 90));
         tls.reload().unwrap();
-        assert!(tls.expires() > first + std::time::Duration::from_secs(50 * 86_400), "a renewed certificate's date");
+        assert!(tls.expires().expect("dates read") > first + std::time::Duration::from_secs(50 * 86_400), "a renewed certificate's date");
         std::fs::remove_dir_all(dir).unwrap();
     }
 }

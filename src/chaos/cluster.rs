@@ -288,7 +288,7 @@ impl ProcessCluster {
             if id % 2 == 1 {
                 args.extend(["--worker-threads".to_string(), "1".to_string()]);
             }
-            args.extend(extra_flags.iter().cloned());
+            args.extend(extra_flags.iter().map(|f| f.replace(super::ID_PLACEHOLDER, &id.to_string())));
             spawn_relay(relay, id, peer, partition.clone(), stop.clone());
             let log = dir.join(format!("n{id}.log"));
             nodes.push(ProcNode { id, log_dir: data.join("log"), http, args, log, child: Mutex::new(None), starts: Mutex::new(0) });

@@ -95,7 +95,7 @@ impl DockerCluster {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            a.extend(extra_flags.iter().cloned());
+            a.extend(extra_flags.iter().map(|f| f.replace(super::ID_PLACEHOLDER, &i.to_string())));
             args.push(a);
             nodes.push(DockerNode {
                 id: i,

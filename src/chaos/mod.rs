@@ -29,6 +29,9 @@ use std::time::Duration;
 use std::time::Instant;
 
 use anyhow::Context;
+
+/// In a node flag given to a chaos cluster, replaced by the node's id (per-node certificates).
+const ID_PLACEHOLDER: &str = "{id}";
 use bytes::Bytes;
 use http::Method;
 use tokio_util::sync::CancellationToken;
@@ -86,9 +89,10 @@ pub struct ChaosArgs {
     /// findings from the rest.
     #[arg(long)]
     pub no_power_loss: bool,
-    /// Peer links over mutual TLS (process mode): a throwaway CA in the workdir and one
-    /// certificate for every node under one shared name (`--peer-tls-server-name`), so the
-    /// faults also hit TLS handshakes, reconnects and half-closed TLS streams.
+    /// Peer links over mutual TLS (process mode): a throwaway CA in the workdir and a
+    /// certificate per node, bound to its id (required), under one shared name
+    /// (`--peer-tls-server-name`), so the faults also hit TLS handshakes, the id check,
+    /// reconnects and half-closed TLS streams.
     #[arg(long)]
     pub tls: bool,
 }
@@ -154,13 +158,19 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     ];
     if args.tls {
         let pki = workdir.join("pki");
-        crate::peer::tls::issue(&pki, "chaos-peers", &["chaos-peers".to_string()], 2, None).context("making the chaos run's certificates")?;
+        // One certificate per node, bound to its id and required to be (`{id}` in a flag is
+        // the node's id): every restart and rejoin of the run goes through that check too.
+        for id in 1..=args.nodes as u64 {
+            crate::peer::tls::issue(&pki, &format!("chaos-{id}"), &["chaos-peers".to_string()], 2, Some(id))
+                .context("making the chaos run's certificates")?;
+        }
         let file = |name: &str| pki.join(name).display().to_string();
         flags.extend([
+            "--peer-tls-require-node-id".to_string(),
             "--peer-tls-cert".to_string(),
-            file("chaos-peers.pem"),
+            file(&format!("chaos-{ID_PLACEHOLDER}.pem")),
             "--peer-tls-key".to_string(),
-            file("chaos-peers-key.pem"),
+            file(&format!("chaos-{ID_PLACEHOLDER}-key.pem")),
             "--peer-tls-ca".to_string(),
             file(crate::peer::tls::CA_CERT),
             "--peer-tls-server-name".to_string(),

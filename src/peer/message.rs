@@ -56,6 +56,19 @@ pub enum PeerRequest {
 }
 
 impl PeerRequest {
+    /// For a Raft RPC, the node it is sent in the name of (the candidate of a vote, the leader
+    /// of an append, a snapshot or a leadership transfer): always the sender itself, which the
+    /// receiver checks against the link's peer so that a member cannot vote or lead as another.
+    pub fn raft_sender(&self) -> Option<NodeId> {
+        match self {
+            PeerRequest::AppendEntries(r) => Some(r.vote.leader_id().node_id),
+            PeerRequest::Vote(r) | PeerRequest::PreVote(r) => Some(r.vote.leader_id().node_id),
+            PeerRequest::SnapshotChunk { vote, .. } => Some(vote.leader_id().node_id),
+            PeerRequest::TransferLeader(r) => Some(r.from_leader().leader_id().node_id),
+            _ => None,
+        }
+    }
+
     /// A short name for metrics and logs (never the content).
     pub fn name(&self) -> &'static str {
         match self {

@@ -529,7 +529,7 @@ impl PeerNet {
                 .map_err(|e| PeerError::Handshake { addr: addr.to_string(), reason: format!("TLS: {e}") })?,
             None => {
                 let (rd, wr) = tls::plain(stream);
-                (rd, wr, Vec::new())
+                (rd, wr, Ok(Vec::new()))
             }
         };
         let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
@@ -655,7 +655,7 @@ impl PeerNet {
                 .map_err(|e| format!("TLS: {e}"))?,
             None => {
                 let (rd, wr) = tls::plain(stream);
-                (rd, wr, Vec::new())
+                (rd, wr, Ok(Vec::new()))
             }
         };
         let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
@@ -963,6 +963,14 @@ async fn read_loop(
                         return;
                     }
                 };
+                // The link's peer is the node it proved to be at the handshake (its certificate's
+                // node id, when bound): a Raft RPC in another node's name (a vote for another
+                // candidate, an append as another leader) is hostile, and ends the link.
+                if let Some(sender) = req.raft_sender().filter(|s| *s != link.peer) {
+                    metrics::counter!("raftbridge_peer_impersonations_total").increment(1);
+                    warn!(peer = link.peer, sender, request = req.name(), "a Raft request in another node's name, closing link");
+                    return;
+                }
                 // Also while waiting for a slot, a closed link ends the reader at once: its exit
                 // ends the calls still pending on the link (`Call::response`).
                 let permit = tokio::select! {
@@ -1276,6 +1284,37 @@ mod tests {
         assert!(!ended.is_finished() && net.reachable(2), "a link that keeps talking is not closed");
         // Then silent: the node closes the connection within a few idle periods.
         tokio::time::timeout(idle * 10, ended).await.expect("a silent link is closed").unwrap();
+        assert!(!net.reachable(2));
+        stop.cancel();
+    }
+
+    /// A Raft request in another node's name (here: node 2 asking for votes as candidate 3)
+    /// is not served: the link closes. One in its own name is served.
+    #[tokio::test]
+    async fn a_raft_request_in_another_nodes_name_closes_the_link() {
+        let (net, addr, stop) = listening(Duration::from_secs(60)).await;
+        net.set_handler(Arc::new(Answers));
+        let vote = |candidate| PeerRequest::Vote(crate::raft::types::VoteRequest::new(crate::raft::types::Vote::new(4, candidate), None));
+        let (mut reader, mut writer) = handshaken(&net, addr, 2).await;
+        writer.send(Frame::encode(Kind::Request, 7, &vote(2)).unwrap()).await.unwrap();
+        let answer = loop {
+            let frame = Frame::decode(reader.next().await.unwrap().unwrap()).unwrap();
+            if frame.kind == Kind::Response {
+                break frame;
+            }
+        };
+        assert_eq!(answer.corr, 7, "a vote in its own name is served");
+        writer.send(Frame::encode(Kind::Request, 8, &vote(3)).unwrap()).await.unwrap();
+        let rest = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut kinds = Vec::new();
+            while let Some(Ok(raw)) = reader.next().await {
+                kinds.push(Frame::decode(raw).unwrap().kind);
+            }
+            kinds
+        })
+        .await
+        .expect("the link is closed");
+        assert!(!rest.contains(&Kind::Response), "no answer to a vote in node 3's name: {rest:?}");
         assert!(!net.reachable(2));
         stop.cancel();
     }

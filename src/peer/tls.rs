@@ -100,42 +100,47 @@ struct Source {
 /// The URI name prefix by which a certificate binds node ids: `urn:raftbridge:node:<id>`.
 pub const NODE_URI: &str = "urn:raftbridge:node:";
 
-/// The node ids a certificate is bound to (its `urn:raftbridge:node:<id>` URI names); empty
-/// when it names none, or when its names cannot be read (the chain check has passed by then).
-pub fn node_ids(cert: &CertificateDer<'_>) -> Vec<u64> {
+/// The node ids a certificate is bound to (its `urn:raftbridge:node:<id>` URI names, the
+/// prefix in any case); empty when it names none. A certificate whose names cannot be read, or
+/// with such a name that does not end in a number, is an error: it must not pass for one that
+/// binds nothing.
+pub fn node_ids(cert: &CertificateDer<'_>) -> Result<Vec<u64>, String> {
     use x509_cert::der::Decode;
     use x509_cert::ext::pkix::SubjectAltName;
     use x509_cert::ext::pkix::name::GeneralName;
-    let Ok(cert) = x509_cert::Certificate::from_der(cert) else {
-        return Vec::new();
+    let cert = x509_cert::Certificate::from_der(cert).map_err(|e| format!("cannot read the certificate's names: {e}"))?;
+    let names = match cert.tbs_certificate().get_extension::<SubjectAltName>() {
+        Ok(Some((_, SubjectAltName(names)))) => names,
+        Ok(None) => return Ok(Vec::new()),
+        Err(e) => return Err(format!("cannot read the certificate's names: {e}")),
     };
-    let Ok(Some((_, SubjectAltName(names)))) = cert.tbs_certificate().get_extension::<SubjectAltName>() else {
-        return Vec::new();
-    };
-    names
-        .iter()
-        .filter_map(|n| match n {
-            GeneralName::UniformResourceIdentifier(uri) => uri.as_str().strip_prefix(NODE_URI)?.parse().ok(),
-            _ => None,
-        })
-        .collect()
+    let mut ids = Vec::new();
+    for name in &names {
+        let GeneralName::UniformResourceIdentifier(uri) = name else { continue };
+        let uri = uri.as_str();
+        let Some(prefix) = uri.get(..NODE_URI.len()).filter(|p| p.eq_ignore_ascii_case(NODE_URI)) else { continue };
+        let id = uri[prefix.len()..].parse().map_err(|_| format!("the certificate names {uri:?}, which is not {NODE_URI}<number>"))?;
+        ids.push(id);
+    }
+    Ok(ids)
 }
 
-/// Whether a peer that claims `claimed` in its `Hello` may, given the node ids its certificate
-/// is bound to (`node_ids`).
-fn check_binding(claimed: u64, bound: &[u64], required: bool) -> Result<(), String> {
+/// The node ids a peer's certificate binds (`node_ids`), or why they could not be read.
+pub type Bound = Result<Vec<u64>, String>;
+
+/// Whether a node may claim `claimed` with a certificate bound to `bound` (`node_ids`); the
+/// reason names `whose` certificate it is.
+fn check_binding(whose: &str, claimed: u64, bound: &[u64], required: bool) -> Result<(), String> {
     if bound.is_empty() {
         if required {
-            return Err(format!(
-                "node {claimed}'s certificate names no node id ({NODE_URI}<id>), and --peer-tls-require-node-id is set"
-            ));
+            return Err(format!("{whose} certificate names no node id ({NODE_URI}<id>), and --peer-tls-require-node-id is set"));
         }
         return Ok(());
     }
     if bound.contains(&claimed) {
         Ok(())
     } else {
-        Err(format!("the peer claims node id {claimed}, but its certificate is bound to node {bound:?}"))
+        Err(format!("{whose} certificate is bound to node {bound:?}, not to node {claimed}"))
     }
 }
 
@@ -148,16 +153,18 @@ pub(crate) struct Reloadable<T> {
     paths: Vec<PathBuf>,
     /// Written by whoever (re)loads.
     seen: std::sync::Mutex<Vec<Option<std::time::SystemTime>>>,
-    /// When the first certificate of the loaded chain expires (its `notAfter`), in seconds
-    /// since the Unix epoch; written with `current` by whoever (re)loads.
+    /// When the loaded chain stops working (`check_dates`), in seconds since the Unix epoch,
+    /// 0 when its dates could not be read; written after `current` by whoever (re)loads, and
+    /// read by the node's TLS task, which also does the reloads (no order to keep).
     expires: std::sync::atomic::AtomicU64,
 }
 
-/// What a read of the files gives: the value and its chain's earliest expiry (`check_dates`).
-pub(crate) type Read<T> = Result<(T, std::time::SystemTime), TlsError>;
+/// What a read of the files gives: the value and when its chain stops working, if known
+/// (`check_dates`).
+pub(crate) type Read<T> = Result<(T, Option<std::time::SystemTime>), TlsError>;
 
-fn unix_secs(t: std::time::SystemTime) -> u64 {
-    t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+fn unix_secs(t: Option<std::time::SystemTime>) -> u64 {
+    t.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map_or(0, |d| d.as_secs())
 }
 
 impl<T: Clone> Reloadable<T> {
@@ -173,9 +180,10 @@ impl<T: Clone> Reloadable<T> {
         })
     }
 
-    /// When the loaded certificate chain's first certificate expires.
-    pub(crate) fn expires(&self) -> std::time::SystemTime {
-        std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.expires.load(std::sync::atomic::Ordering::Relaxed))
+    /// When the loaded certificate chain stops working (`check_dates`), if known.
+    pub(crate) fn expires(&self) -> Option<std::time::SystemTime> {
+        let secs = self.expires.load(std::sync::atomic::Ordering::Relaxed);
+        (secs > 0).then(|| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs))
     }
 
     /// The value now (a clone: connections take it and let go of the lock at once).
@@ -235,33 +243,54 @@ pub(crate) fn read_chain(what: &'static str, path: &Path) -> Result<Vec<Certific
     Ok(chain)
 }
 
-/// Checks that every certificate of `chain` (read from `path`) is valid at `now`, and returns
-/// the earliest `notAfter` among them: when the chain stops working. rustls checks the dates of
-/// the *other* side's certificates only, so without this a node would start, or reload, with an
-/// expired certificate of its own and every client's handshake would fail.
+/// Checks that the leaf of `chain` (read from `path`) is valid at `now`, and returns when the
+/// chain stops working: the earliest `notAfter` of the leaf and of the other certificates that
+/// are valid now. rustls checks the dates of the *other* side's certificates only, so without
+/// this a node would start, or reload, with an expired certificate of its own and every
+/// client's handshake would fail. The other certificates are only warned about when they are
+/// out of date (a chain may carry an expired cross-signature that no client needs), and a
+/// certificate whose dates cannot be read (x509-cert is stricter than rustls about some
+/// encodings) is not checked, with a warning: `None` when that is the leaf.
 pub(crate) fn check_dates(
     what: &'static str,
     path: &Path,
     chain: &[CertificateDer<'_>],
     now: std::time::SystemTime,
-) -> Result<std::time::SystemTime, TlsError> {
+) -> Result<Option<std::time::SystemTime>, TlsError> {
     use x509_cert::der::Decode;
     let invalid = |reason: String| TlsError::File { what, path: path.into(), reason };
     let mut earliest: Option<std::time::SystemTime> = None;
     for (i, der) in chain.iter().enumerate() {
         let which = if i == 0 { "the certificate".to_string() } else { format!("certificate {} of the chain", i + 1) };
-        let cert = x509_cert::Certificate::from_der(der).map_err(|e| invalid(format!("{which} is not X.509 DER: {e}")))?;
+        let cert = match x509_cert::Certificate::from_der(der) {
+            Ok(cert) => cert,
+            Err(e) if i == 0 => {
+                tracing::warn!(path = %path.display(), cause = %e, "cannot read the certificate's dates: not checked");
+                return Ok(None);
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), cause = %e, "cannot read the dates of {which}: not checked");
+                continue;
+            }
+        };
         let validity = cert.tbs_certificate().validity();
-        if now < validity.not_before.to_system_time() {
-            return Err(invalid(format!("{which} is not valid before {} (is this node's clock right?)", validity.not_before)));
+        let problem = if now < validity.not_before.to_system_time() {
+            Some(format!("{which} is not valid before {} (is this node's clock right?)", validity.not_before))
+        } else if now > validity.not_after.to_system_time() {
+            Some(format!("{which} expired at {}", validity.not_after))
+        } else {
+            None
+        };
+        match problem {
+            Some(reason) if i == 0 => return Err(invalid(reason)),
+            Some(reason) => tracing::warn!(path = %path.display(), "{reason}: clients that need it will refuse the chain"),
+            None => {
+                let not_after = validity.not_after.to_system_time();
+                earliest = Some(earliest.map_or(not_after, |e| e.min(not_after)));
+            }
         }
-        let not_after = validity.not_after.to_system_time();
-        if now > not_after {
-            return Err(invalid(format!("{which} expired at {}", validity.not_after)));
-        }
-        earliest = Some(earliest.map_or(not_after, |e| e.min(not_after)));
     }
-    earliest.ok_or_else(|| invalid("no CERTIFICATE in the file".into()))
+    Ok(earliest)
 }
 
 /// A private key from a PEM file (PKCS#8, PKCS#1 or SEC1).
@@ -284,11 +313,10 @@ impl Source {
         // Before the chain check below, whose date error would not name the file.
         let expires = check_dates("certificate", &self.cert, &chain, std::time::SystemTime::now())?;
         if let Some(id) = self.node_id {
-            check_binding(id, &node_ids(&chain[0]), self.require_node_id).map_err(|reason| TlsError::File {
-                what: "certificate",
-                path: self.cert.clone(),
-                reason: format!("not this node's: {reason}"),
-            })?;
+            // `read_chain` refused an empty chain.
+            node_ids(&chain[0])
+                .and_then(|bound| check_binding("the", id, &bound, self.require_node_id))
+                .map_err(|reason| TlsError::File { what: "certificate", path: self.cert.clone(), reason: format!("not this node's: {reason}") })?;
         }
         Ok((PeerTls::from_parts(chain, read_key(&self.key)?, read_roots(&self.ca)?, self.server_name.as_deref())?, expires))
     }
@@ -343,13 +371,15 @@ impl PeerTls {
         self.current.reload_if_changed(|| self.source.read())
     }
 
-    /// Whether a peer whose certificate is bound to `bound` (`node_ids`) may be node `claimed`.
-    pub fn check_peer(&self, claimed: u64, bound: &[u64]) -> Result<(), String> {
-        check_binding(claimed, bound, self.source.require_node_id)
+    /// Whether a peer whose certificate is bound to `bound` (`node_ids`, or why they could not
+    /// be read) may be node `claimed`, as its `Hello` says.
+    pub fn check_peer(&self, claimed: u64, bound: &Bound) -> Result<(), String> {
+        let bound = bound.as_ref().map_err(|e| format!("node {claimed}: {e}"))?;
+        check_binding(&format!("node {claimed}'s"), claimed, bound, self.source.require_node_id)
     }
 
-    /// When the loaded certificate chain's first certificate expires.
-    pub fn expires(&self) -> std::time::SystemTime {
+    /// When the loaded certificate chain stops working (`check_dates`), if known.
+    pub fn expires(&self) -> Option<std::time::SystemTime> {
         self.current.expires()
     }
 
@@ -411,24 +441,30 @@ impl PeerTls {
 
     /// TLS as the dialer, over a connected stream; also the node ids the acceptor's certificate
     /// is bound to (`node_ids`), for `check_peer` once it has said who it is.
-    pub async fn connect(&self, addr: &str, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf, Vec<u64>)> {
+    pub async fn connect(&self, addr: &str, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf, Bound)> {
         let name = self.name_for(addr).map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
         let connector = self.configs().connector;
         let tls = connector.connect(name, stream).await?;
-        let bound = tls.get_ref().1.peer_certificates().and_then(<[_]>::first).map(node_ids).unwrap_or_default();
+        let bound = peer_ids(tls.get_ref().1.peer_certificates());
         let (rd, wr) = tokio::io::split(tls);
         Ok((Box::new(rd), Box::new(wr), bound))
     }
 
     /// TLS as the acceptor: the peer must present a certificate from the cluster CA. Also the
     /// node ids that certificate is bound to, as `connect`.
-    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf, Vec<u64>)> {
+    pub async fn accept(&self, stream: TcpStream) -> std::io::Result<(ReadHalf, WriteHalf, Bound)> {
         let acceptor = self.configs().acceptor;
         let tls = acceptor.accept(stream).await?;
-        let bound = tls.get_ref().1.peer_certificates().and_then(<[_]>::first).map(node_ids).unwrap_or_default();
+        let bound = peer_ids(tls.get_ref().1.peer_certificates());
         let (rd, wr) = tokio::io::split(tls);
         Ok((Box::new(rd), Box::new(wr), bound))
     }
+}
+
+/// What the peer's leaf certificate binds (`node_ids`); both sides demand a certificate, so
+/// one is there after a handshake.
+fn peer_ids(certs: Option<&[CertificateDer<'static>]>) -> Result<Vec<u64>, String> {
+    certs.and_then(<[_]>::first).map_or_else(|| Err("no certificate".to_string()), node_ids)
 }
 
 /// Files `raftbridge certs` writes into its directory.
@@ -658,27 +694,32 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn dates_are_checked_on_every_certificate_and_the_earliest_expiry_is_returned() {
+    fn the_leaf_must_be_in_date_and_the_chain_gives_the_earliest_expiry() {
         let now = std::time::SystemTime::now();
         let path = Path::new("/etc/x/cert.pem");
         let (valid, _) = dated(-1, 30);
         let (expired, _) = dated(-30, -1);
         let (early, _) = dated(2, 30);
         let (sooner, _) = dated(-1, 3);
-        let at = check_dates("certificate", path, &ders(&valid), now).unwrap();
+        let at = check_dates("certificate", path, &ders(&valid), now).unwrap().expect("dates read");
         let days = at.duration_since(now).unwrap().as_secs() / 86_400;
         assert!((29..=30).contains(&days), "{days}");
         let err = check_dates("certificate", path, &ders(&expired), now).unwrap_err().to_string();
         assert!(err.contains("/etc/x/cert.pem") && err.contains("the certificate expired at 20"), "{err}");
         let err = check_dates("certificate", path, &ders(&early), now).unwrap_err().to_string();
         assert!(err.contains("is not valid before"), "{err}");
-        // A chain: every certificate counts, and the one expiring first gives the date.
-        let at = check_dates("certificate", path, &ders(&format!("{valid}{sooner}")), now).unwrap();
+        // A chain: the certificate expiring first gives the date.
+        let at = check_dates("certificate", path, &ders(&format!("{valid}{sooner}")), now).unwrap().expect("dates read");
         assert!(at.duration_since(now).unwrap().as_secs() / 86_400 < 3);
-        let err = check_dates("certificate", path, &ders(&format!("{valid}{expired}")), now).unwrap_err().to_string();
-        assert!(err.contains("certificate 2 of the chain expired"), "{err}");
-        let err = check_dates("certificate", path, &[CertificateDer::from(vec![1u8, 2, 3])], now).unwrap_err().to_string();
-        assert!(err.contains("not X.509"), "{err}");
+        // An expired certificate behind the leaf (an old cross-signature) is only warned about,
+        // and does not count for the date; nor does one whose dates cannot be read.
+        let at = check_dates("certificate", path, &ders(&format!("{valid}{expired}")), now).unwrap().expect("dates read");
+        assert_eq!(at.duration_since(now).unwrap().as_secs() / 86_400, days);
+        let junk = CertificateDer::from(vec![1u8, 2, 3]);
+        let chain = [ders(&valid).remove(0), junk.clone()];
+        assert_eq!(check_dates("certificate", path, &chain, now).unwrap(), Some(at));
+        // A leaf whose dates cannot be read is not refused here (rustls has the last word).
+        assert_eq!(check_dates("certificate", path, &[junk], now).unwrap(), None);
     }
 
     #[test]
@@ -687,12 +728,18 @@ pub(crate) mod tests {
         issue(&dir, "n7", &["127.0.0.1".into()], 30, Some(7)).unwrap();
         issue(&dir, "any", &["127.0.0.1".into()], 30, None).unwrap();
         let der = |name: &str| read_chain("certificate", &dir.join(format!("{name}.pem"))).unwrap().remove(0);
-        assert_eq!(node_ids(&der("n7")), vec![7]);
-        assert_eq!(node_ids(&der("any")), Vec::<u64>::new());
-        assert!(check_binding(7, &[7], true).is_ok());
-        assert!(check_binding(3, &[], false).is_ok(), "an unbound certificate, not required");
-        assert!(check_binding(3, &[], true).unwrap_err().contains("names no node id"));
-        assert!(check_binding(3, &[7], false).unwrap_err().contains("claims node id 3, but its certificate is bound to node [7]"));
+        assert_eq!(node_ids(&der("n7")), Ok(vec![7]));
+        assert_eq!(node_ids(&der("any")), Ok(Vec::new()));
+        assert!(node_ids(&CertificateDer::from(vec![1u8, 2, 3])).unwrap_err().contains("cannot read"), "unreadable is not unbound");
+        // A node-id name that is not a number: refused, not ignored.
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::URI(rcgen::Ia5String::try_from("URN:raftbridge:node:x").unwrap()));
+        let odd = params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap();
+        assert!(node_ids(odd.der()).unwrap_err().contains("not urn:raftbridge:node:<number>"));
+        assert!(check_binding("a", 7, &[7], true).is_ok());
+        assert!(check_binding("a", 3, &[], false).is_ok(), "an unbound certificate, not required");
+        assert!(check_binding("a", 3, &[], true).unwrap_err().contains("names no node id"));
+        assert_eq!(check_binding("node 3's", 3, &[7], false).unwrap_err(), "node 3's certificate is bound to node [7], not to node 3");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
