@@ -132,8 +132,14 @@ wait_until() {
 all_ready() { for p in "${ports[@]}"; do curl -fsS -m 2 "http://127.0.0.1:$p/readyz" || return 1; done; }
 wait_until 90 "all three nodes ready" all_ready
 if [[ $tls == 1 ]]; then
-  [[ "$(dc logs --no-color 2>&1 | grep -c 'peer links over mutual TLS')" -ge 3 ]] || fail "not every node reports peer TLS"
-  say "every node runs its peer links over mutual TLS"
+  [[ "$(dc logs --no-color 2>&1 | grep 'peer links over mutual TLS' | grep -c 'require_node_id=true')" -ge 3 ]] \
+    || fail "not every node reports peer TLS with certificates bound to node ids"
+  # Each certificate is bound to its node: the /metrics of every node publish its expiry too.
+  for p in "${ports[@]}"; do
+    curl -fsS -m 2 "http://127.0.0.1:$p/metrics" | grep -q '^raftbridge_tls_cert_expiry_timestamp_seconds{listener="peer"}' \
+      || fail "node on port $p publishes no peer certificate expiry"
+  done
+  say "every node runs its peer links over mutual TLS, certificates bound to node ids"
 fi
 
 key="ci-$$-$RANDOM"
