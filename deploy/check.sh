@@ -136,7 +136,8 @@ if [[ $tls == 1 ]]; then
     || fail "not every node reports peer TLS with certificates bound to node ids"
   # Each certificate is bound to its node: the /metrics of every node publish its expiry too.
   for p in "${ports[@]}"; do
-    curl -fsS -m 2 "http://127.0.0.1:$p/metrics" | grep -q '^raftbridge_tls_cert_expiry_timestamp_seconds{listener="peer"}' \
+    metrics="$(curl -fsS -m 2 "http://127.0.0.1:$p/metrics")" || fail "node on port $p: no /metrics"
+    grep -q '^raftbridge_tls_cert_expiry_timestamp_seconds{listener="peer"}' <<<"$metrics" \
       || fail "node on port $p publishes no peer certificate expiry"
   done
   say "every node runs its peer links over mutual TLS, certificates bound to node ids"

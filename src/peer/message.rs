@@ -139,3 +139,28 @@ pub enum RemoteError {
     #[error("not served: {0}")]
     NotServed(String),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every Raft request names its sender (the candidate, or the leader), which the link
+    /// reader holds against the link's peer; other requests name none.
+    #[test]
+    fn raft_requests_name_their_sender() {
+        let vote = || Vote::new(3, 7);
+        let append = AppendEntriesRequest { vote: vote(), prev_log_id: None, entries: Vec::new(), leader_commit: None };
+        let requests = [
+            PeerRequest::AppendEntries(append),
+            PeerRequest::Vote(VoteRequest::new(vote(), None)),
+            PeerRequest::PreVote(VoteRequest::new(vote(), None)),
+            PeerRequest::SnapshotChunk { vote: vote(), meta: SnapshotMeta::default(), offset: 0, data: Vec::new(), done: false },
+            PeerRequest::TransferLeader(TransferLeaderRequest::new(vote(), 2, None)),
+        ];
+        for r in &requests {
+            assert_eq!(r.raft_sender(), Some(7), "{}", r.name());
+        }
+        assert_eq!(PeerRequest::Status.raft_sender(), None);
+        assert_eq!(PeerRequest::Join { id: 4, addr: "a:1".into() }.raft_sender(), None);
+    }
+}
