@@ -1058,16 +1058,7 @@ mod tests {
             let (acceptor, dialer, _, stop) = pair(theirs, ours).await;
             let Err(err) = dialer.link(1).await else { panic!("{why}: linked") };
             assert!(matches!(err, PeerError::Handshake { .. }), "{why}: {err}");
-            assert!(!dialer.reachable(1), "{why}: no link on the dialer");
-            // An acceptor without a secret took the link before the dialer refused it: it ends
-            // when the dialer closes the connection.
-            for _ in 0..200 {
-                if !acceptor.reachable(2) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert!(!acceptor.reachable(2), "{why}: no link on the acceptor");
+            assert_unlinked(&acceptor, &dialer, why).await;
             stop.cancel();
         }
         drop(acceptor);
@@ -1164,15 +1155,7 @@ mod tests {
             if let Some(says) = says {
                 assert!(err.to_string().contains(says), "{why}: {err}");
             }
-            assert!(!dialer.reachable(1), "{why}: no link on the dialer");
-            // An acceptor that the dialer refused saw a link until the dialer hung up.
-            for _ in 0..300 {
-                if !acceptor.reachable(2) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert!(!acceptor.reachable(2), "{why}: no link on the acceptor");
+            assert_unlinked(&acceptor, &dialer, why).await;
             stop.cancel();
         }
         // Unbound certificates on both sides, not required: linked as before.
@@ -1238,14 +1221,7 @@ mod tests {
             let (acceptor, dialer, stop) = tls_pair(theirs, ours).await;
             let Err(err) = dialer.link(1).await else { panic!("{why}: linked") };
             assert!(matches!(err, PeerError::Handshake { .. } | PeerError::Io { .. }), "{why}: {err}");
-            assert!(!dialer.reachable(1), "{why}: no link on the dialer");
-            for _ in 0..300 {
-                if !acceptor.reachable(2) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            assert!(!acceptor.reachable(2), "{why}: no link on the acceptor");
+            assert_unlinked(&acceptor, &dialer, why).await;
             stop.cancel();
         }
         std::fs::remove_dir_all(dir).unwrap();
@@ -1258,6 +1234,20 @@ mod tests {
     }
 
     /// A peer that completed the handshake on `addr`, speaking raw frames from here on.
+    /// Neither side of a refused handshake keeps a link: the dialer none to node 1, and the
+    /// acceptor none to node 2 (one that answered before the dialer refused it had a link
+    /// until the dialer hung up: waited for, up to 3 s).
+    async fn assert_unlinked(acceptor: &PeerNet, dialer: &PeerNet, why: &str) {
+        assert!(!dialer.reachable(1), "{why}: no link on the dialer");
+        for _ in 0..300 {
+            if !acceptor.reachable(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!acceptor.reachable(2), "{why}: no link on the acceptor");
+    }
+
     async fn handshaken(net: &PeerNet, addr: std::net::SocketAddr, node_id: NodeId) -> (RawReader, RawWriter) {
         let (rd, wr) = tls::plain(TcpStream::connect(addr).await.unwrap());
         let mut reader = FramedRead::new(rd, frame::codec(1 << 20));
