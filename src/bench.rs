@@ -281,7 +281,7 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
     // how long after its acceptance (its timestamp) the reader saw it.
     let reader_target = args.common.targets.first().cloned().unwrap_or_default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let tls = client_tls(&args.common)?;
+    let tls = client_tls(args.common.cacert.as_deref(), args.common.targets.iter().map(String::as_str))?;
     let reader = tokio::spawn(follow_log(reader_target, tls.clone(), stop.clone()));
     let report = drive("events", &args.common, move |worker, seq| {
         let one = |i: usize| format!(r#"{{"v":"{filler}","w":{worker},"n":{seq},"i":{i}}}"#);
@@ -555,10 +555,7 @@ where
     if !(common.rate >= 0.0 && common.rate.is_finite()) {
         bail!("--rate must be a non-negative number");
     }
-    let tls = client_tls(common)?;
-    if tls.is_none() && targets.iter().any(|t| t.starts_with("https://")) {
-        bail!("--targets: https:// addresses need --cacert (the CA their certificates chain to)");
-    }
+    let tls = client_tls(common.cacert.as_deref(), targets.iter().map(String::as_str)).context("--targets")?;
     let mut title = format!(
         "bench {workload}: {} targets, {} connections, {:.1}s",
         targets.len(),
@@ -650,13 +647,14 @@ struct CpuSample {
     host: Option<crate::process::HostCpu>,
 }
 
-/// The TLS configuration for `https://` targets, from `--cacert`.
-fn client_tls(common: &CommonArgs) -> anyhow::Result<Option<ClientTls>> {
-    common
-        .cacert
-        .as_deref()
-        .map(|ca| ClientTls::from_ca_file(ca).with_context(|| format!("--cacert {}", ca.display())))
-        .transpose()
+/// The TLS configuration for `https://` addresses among `addrs`, from `--cacert` (the bench's
+/// and the CLI's): an error names the file, or the first `https://` address when there is none.
+pub(crate) fn client_tls<'a>(cacert: Option<&std::path::Path>, mut addrs: impl Iterator<Item = &'a str>) -> anyhow::Result<Option<ClientTls>> {
+    let tls = cacert.map(|ca| ClientTls::from_ca_file(ca).with_context(|| format!("--cacert {}", ca.display()))).transpose()?;
+    if let (None, Some(https)) = (&tls, addrs.find(|a| a.trim().starts_with("https://"))) {
+        bail!("{https}: an https:// address needs --cacert (the CA its certificate chains to)");
+    }
+    Ok(tls)
 }
 
 /// [`CpuSample`] at `at` (or now).

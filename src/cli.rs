@@ -220,12 +220,7 @@ fn certs(args: CertsArgs) -> anyhow::Result<()> {
 /// A client for `addr` (`host:port`, `http://…` or `https://…`): an `https://` one checks the
 /// server's certificate against the CA in `cacert`, which it then needs.
 fn connect_to(addr: &str, cacert: Option<&std::path::Path>) -> anyhow::Result<crate::client::Conn> {
-    let tls = cacert
-        .map(|ca| crate::client::ClientTls::from_ca_file(ca).with_context(|| format!("--cacert {}", ca.display())))
-        .transpose()?;
-    if addr.trim().starts_with("https://") && tls.is_none() {
-        anyhow::bail!("{addr}: an https:// address needs --cacert (the CA its certificate chains to)");
-    }
+    let tls = crate::bench::client_tls(cacert, std::iter::once(addr))?;
     Ok(crate::client::Conn::new(addr).with_tls(tls))
 }
 

@@ -280,18 +280,13 @@ impl NodeArgs {
         };
         let seeds: Vec<String> =
             pick!(seeds).unwrap_or_default().into_iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        let (server_name, require_node_id) = (pick!(peer_tls_server_name), pick!(peer_tls_require_node_id).unwrap_or(false));
         let peer_tls = match (pick!(peer_tls_cert), pick!(peer_tls_key), pick!(peer_tls_ca)) {
-            (Some(cert), Some(key), Some(ca)) => Some(PeerTlsFiles {
-                cert,
-                key,
-                ca,
-                server_name: pick!(peer_tls_server_name),
-                require_node_id: pick!(peer_tls_require_node_id).unwrap_or(false),
-            }),
-            (None, None, None) if pick!(peer_tls_server_name).is_none() && !pick!(peer_tls_require_node_id).unwrap_or(false) => None,
+            (Some(cert), Some(key), Some(ca)) => Some(PeerTlsFiles { cert, key, ca, server_name, require_node_id }),
+            (None, None, None) if server_name.is_none() && !require_node_id => None,
             (None, None, None) => {
                 return Err(ConfigError::Invalid {
-                    name: if pick!(peer_tls_server_name).is_some() { "peer-tls-server-name" } else { "peer-tls-require-node-id" },
+                    name: if server_name.is_some() { "peer-tls-server-name" } else { "peer-tls-require-node-id" },
                     reason: "applies to peer TLS, which needs --peer-tls-cert, --peer-tls-key and --peer-tls-ca".into(),
                 })
             }

@@ -203,8 +203,7 @@ pub async fn run(
     claim_data_dir(&cfg.data_dir, cfg.id)?;
     let tls = match &cfg.peer_tls {
         Some(files) => {
-            let tls = PeerTls::load(&files.cert, &files.key, &files.ca, files.server_name.as_deref())?
-                .bound_to(cfg.id, files.require_node_id)?;
+            let tls = PeerTls::load_for(&files.cert, &files.key, &files.ca, files.server_name.as_deref(), Some(cfg.id), files.require_node_id)?;
             info!(cert = %files.cert.display(), ca = %files.ca.display(), server_name = ?files.server_name,
                 require_node_id = files.require_node_id, "peer links over mutual TLS");
             Some(tls)

@@ -1128,26 +1128,29 @@ mod tests {
         for (name, id) in [("b1", Some(1)), ("b2", Some(2)), ("b3", Some(3)), ("shared", None)] {
             tls::issue(&dir, name, &["127.0.0.1".to_string()], 30, id).unwrap();
         }
-        let load = |name: &str| {
-            tls::PeerTls::load(&dir.join(format!("{name}.pem")), &dir.join(format!("{name}-key.pem")), &dir.join(tls::CA_CERT), None)
-                .unwrap()
+        // `name`'s files, for node `node` (or for any), requiring bound certificates or not.
+        let load_as = |name: &str, node: Option<u64>, require: bool| {
+            let file = |suffix: &str| dir.join(format!("{name}{suffix}.pem"));
+            tls::PeerTls::load_for(&file(""), &file("-key"), &dir.join(tls::CA_CERT), None, node, require)
         };
+        let load = |name: &str| load_as(name, None, false).unwrap();
+        let bound_to = |name: &str, node| load_as(name, Some(node), true).unwrap();
         // A node loads only a certificate bound to its own id (or, unless required, to none).
-        let err = load("b2").bound_to(1, false).unwrap_err().to_string();
+        let err = load_as("b2", Some(1), false).unwrap_err().to_string();
         assert!(err.contains("b2.pem") && err.contains("not this node's") && err.contains("[2]"), "{err}");
-        let err = load("shared").bound_to(1, true).unwrap_err().to_string();
+        let err = load_as("shared", Some(1), true).unwrap_err().to_string();
         assert!(err.contains("names no node id"), "{err}");
-        load("shared").bound_to(1, false).expect("an unbound certificate, not required");
+        load_as("shared", Some(1), false).expect("an unbound certificate, not required");
         // The acceptor is node 1, the dialer node 2.
-        let (acceptor, dialer, stop) = tls_pair(Some(load("b1").bound_to(1, true).unwrap()), Some(load("b2").bound_to(2, true).unwrap())).await;
+        let (acceptor, dialer, stop) = tls_pair(Some(bound_to("b1", 1)), Some(bound_to("b2", 2))).await;
         dialer.link(1).await.expect("both bound to the ids they claim: linked");
         assert!(acceptor.reachable(2));
         stop.cancel();
         for (theirs, ours, why, says) in [
             (load("b1"), load("b3"), "the dialer claims 2 with node 3's certificate", None),
             (load("b3"), load("b2"), "the acceptor claims 1 with node 3's certificate", Some("bound to node [3]")),
-            (load("b1").bound_to(1, true).unwrap(), load("shared"), "the acceptor requires bound certificates", None),
-            (load("shared"), load("b2").bound_to(2, true).unwrap(), "the dialer requires bound certificates", Some("names no node id")),
+            (bound_to("b1", 1), load("shared"), "the acceptor requires bound certificates", None),
+            (load("shared"), bound_to("b2", 2), "the dialer requires bound certificates", Some("names no node id")),
         ] {
             let (acceptor, dialer, stop) = tls_pair(Some(theirs), Some(ours)).await;
             let Err(err) = dialer.link(1).await else { panic!("{why}: linked") };

@@ -85,13 +85,12 @@ struct Configs {
     server_name: Option<ServerName<'static>>,
 }
 
-#[derive(Clone)]
 struct Source {
     cert: PathBuf,
     key: PathBuf,
     ca: PathBuf,
     server_name: Option<String>,
-    /// This node's id, when its certificate must not be bound to another (`bound_to`).
+    /// This node's id, when its certificate must not be bound to another (`load_for`).
     node_id: Option<u64>,
     /// Every certificate, ours and the peers', must name a node id.
     require_node_id: bool,
@@ -334,26 +333,29 @@ impl PeerTls {
         self.current.get()
     }
 
-    /// Reads the PEM files and builds both sides' configurations.
+    /// Reads the PEM files and builds both sides' configurations, for any node id.
     pub fn load(cert: &Path, key: &Path, ca: &Path, server_name: Option<&str>) -> Result<PeerTls, TlsError> {
+        Self::load_for(cert, key, ca, server_name, None, false)
+    }
+
+    /// `load` for node `node_id` when given: a certificate bound to other node ids is refused,
+    /// now and at every reload; with `require`, so is one that names none (ours and the peers').
+    pub fn load_for(
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        server_name: Option<&str>,
+        node_id: Option<u64>,
+        require: bool,
+    ) -> Result<PeerTls, TlsError> {
         let source = Source {
             cert: cert.into(),
             key: key.into(),
             ca: ca.into(),
             server_name: server_name.map(str::to_string),
-            node_id: None,
-            require_node_id: false,
+            node_id,
+            require_node_id: require,
         };
-        Self::with_source(source)
-    }
-
-    /// The same files for node `node_id`: a certificate bound to other node ids is refused, now
-    /// and at every reload, and with `require` so is one that names none (ours and the peers').
-    pub fn bound_to(self, node_id: u64, require: bool) -> Result<PeerTls, TlsError> {
-        Self::with_source(Source { node_id: Some(node_id), require_node_id: require, ..(*self.source).clone() })
-    }
-
-    fn with_source(source: Source) -> Result<PeerTls, TlsError> {
         let paths = vec![source.cert.clone(), source.key.clone(), source.ca.clone()];
         let current = Reloadable::load(paths, || source.read())?;
         Ok(PeerTls { current: Arc::new(current), source: Arc::new(source) })
