@@ -82,6 +82,10 @@ const TLS_CHECK: Duration = Duration::from_secs(30);
 /// a week leaves time to renew before clients or peers start failing their handshakes.
 const EXPIRY_WARNING: Duration = Duration::from_secs(7 * 24 * 3600);
 
+/// When each listener's certificate chain stops working, as a Unix timestamp; NaN when its dates
+/// could not be read.
+const EXPIRY_GAUGE: &str = "raftbridge_tls_cert_expiry_timestamp_seconds";
+
 /// Reloads the TLS files (peer links, HTTPS) on SIGHUP and when they change, until `shutdown`.
 /// New connections use what was loaded; connections up keep theirs. A reload that fails is
 /// logged and the previous certificates stay in use. Without TLS it only takes SIGHUP, which
@@ -98,10 +102,16 @@ async fn reload_tls(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned: [Option<tokio::time::Instant>; 2] = [None, None];
     let mut publish_expiry = |peer: &Option<PeerTls>, https: &Option<api::tls::HttpTls>| {
-        let listeners = [("peer", peer.as_ref().and_then(PeerTls::expires)), ("https", https.as_ref().and_then(api::tls::HttpTls::expires))];
+        // Outer `None`: that listener has no TLS (no series); inner `None`: its dates are unknown.
+        let listeners = [("peer", peer.as_ref().map(PeerTls::expires)), ("https", https.as_ref().map(api::tls::HttpTls::expires))];
         for ((listener, expires), warned) in listeners.into_iter().zip(&mut warned) {
-            if let Some(expires) = expires {
-                note_expiry(listener, expires, std::time::SystemTime::now(), warned);
+            match expires {
+                Some(Some(expires)) => note_expiry(listener, expires, std::time::SystemTime::now(), warned),
+                // A reload to a certificate whose dates could not be read (warned about then):
+                // NaN, not the previous certificate's date, which would no longer be true.
+                // An alert on `… - time() < N` does not fire on NaN; `absent`/`isnan` checks can.
+                Some(None) => metrics::gauge!(EXPIRY_GAUGE, "listener" => listener).set(f64::NAN),
+                None => {}
             }
         }
     };
@@ -131,7 +141,7 @@ async fn reload_tls(
 /// when it last did) once that is within `EXPIRY_WARNING` of `now`.
 fn note_expiry(listener: &'static str, expires: std::time::SystemTime, now: std::time::SystemTime, warned: &mut Option<tokio::time::Instant>) {
     let at = expires.duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
-    metrics::gauge!("raftbridge_tls_cert_expiry_timestamp_seconds", "listener" => listener).set(at);
+    metrics::gauge!(EXPIRY_GAUGE, "listener" => listener).set(at);
     let left = expires.duration_since(now).unwrap_or_default();
     if left >= EXPIRY_WARNING || warned.is_some_and(|t| t.elapsed() < Duration::from_secs(3600)) {
         return;

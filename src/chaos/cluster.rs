@@ -259,7 +259,7 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
 
 impl ProcessCluster {
     /// Prepares `n` nodes under `dir` and their relays; starts nothing.
-    pub async fn new(exe: &Path, dir: &Path, n: usize, extra_flags: &[String], power_loss: bool) -> anyhow::Result<ProcessCluster> {
+    pub async fn new(exe: &Path, dir: &Path, n: usize, extra_flags: super::NodeFlags<'_>, power_loss: bool) -> anyhow::Result<ProcessCluster> {
         let partition = Arc::new(Partition::default());
         let stop = CancellationToken::new();
         let ports = free_ports(2 * n)?;
@@ -288,7 +288,7 @@ impl ProcessCluster {
             if id % 2 == 1 {
                 args.extend(["--worker-threads".to_string(), "1".to_string()]);
             }
-            args.extend(extra_flags.iter().map(|f| f.replace(super::ID_PLACEHOLDER, &id.to_string())));
+            args.extend(extra_flags(id));
             spawn_relay(relay, id, peer, partition.clone(), stop.clone());
             let log = dir.join(format!("n{id}.log"));
             nodes.push(ProcNode { id, log_dir: data.join("log"), http, args, log, child: Mutex::new(None), starts: Mutex::new(0) });

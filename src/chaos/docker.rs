@@ -71,7 +71,7 @@ fn free_port() -> anyhow::Result<u16> {
 
 impl DockerCluster {
     /// Creates the network and prepares `n` nodes (nothing runs yet).
-    pub fn new(image: &str, workdir: &Path, n: usize, extra_flags: &[String], power_loss: bool) -> anyhow::Result<DockerCluster> {
+    pub fn new(image: &str, workdir: &Path, n: usize, extra_flags: super::NodeFlags<'_>, power_loss: bool) -> anyhow::Result<DockerCluster> {
         docker(&["image", "inspect", image]).with_context(|| format!("image {image} not found: build it with deploy/build-image.sh"))?;
         let tag = format!("raftbridge-chaos-{}", std::process::id());
         docker(&["network", "create", &tag])?;
@@ -95,7 +95,7 @@ impl DockerCluster {
             .iter()
             .map(|s| s.to_string())
             .collect();
-            a.extend(extra_flags.iter().map(|f| f.replace(super::ID_PLACEHOLDER, &i.to_string())));
+            a.extend(extra_flags(i));
             args.push(a);
             nodes.push(DockerNode {
                 id: i,

@@ -30,8 +30,8 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-/// In a node flag given to a chaos cluster, replaced by the node's id (per-node certificates).
-const ID_PLACEHOLDER: &str = "{id}";
+/// The flags a chaos cluster adds to node `id`'s command line (per-node certificates differ).
+pub type NodeFlags<'a> = &'a (dyn Fn(u64) -> Vec<String> + Sync);
 use bytes::Bytes;
 use http::Method;
 use tokio_util::sync::CancellationToken;
@@ -147,7 +147,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         std::fs::remove_dir_all(&workdir).with_context(|| format!("clearing {}", workdir.display()))?;
     }
     std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
-    let mut flags = vec![
+    let common = vec![
         "--snapshot-threshold".to_string(),
         args.snapshot_threshold.to_string(),
         "--shutdown-grace-ms".to_string(),
@@ -156,27 +156,33 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         "--events-max-count".to_string(),
         "10000000".to_string(),
     ];
+    let pki = workdir.join("pki");
     if args.tls {
-        let pki = workdir.join("pki");
-        // One certificate per node, bound to its id and required to be (`{id}` in a flag is
-        // the node's id): every restart and rejoin of the run goes through that check too.
+        // One certificate per node, bound to its id and required to be: every restart and
+        // rejoin of the run goes through that check too.
         for id in 1..=args.nodes as u64 {
             crate::peer::tls::issue(&pki, &format!("chaos-{id}"), &["chaos-peers".to_string()], 2, Some(id))
                 .context("making the chaos run's certificates")?;
         }
-        let file = |name: &str| pki.join(name).display().to_string();
-        flags.extend([
-            "--peer-tls-require-node-id".to_string(),
-            "--peer-tls-cert".to_string(),
-            file(&format!("chaos-{ID_PLACEHOLDER}.pem")),
-            "--peer-tls-key".to_string(),
-            file(&format!("chaos-{ID_PLACEHOLDER}-key.pem")),
-            "--peer-tls-ca".to_string(),
-            file(crate::peer::tls::CA_CERT),
-            "--peer-tls-server-name".to_string(),
-            "chaos-peers".to_string(),
-        ]);
     }
+    let node_flags = |id: u64| {
+        let mut flags = common.clone();
+        if args.tls {
+            let file = |name: &str| pki.join(name).display().to_string();
+            flags.extend([
+                "--peer-tls-require-node-id".to_string(),
+                "--peer-tls-cert".to_string(),
+                file(&format!("chaos-{id}.pem")),
+                "--peer-tls-key".to_string(),
+                file(&format!("chaos-{id}-key.pem")),
+                "--peer-tls-ca".to_string(),
+                file(crate::peer::tls::CA_CERT),
+                "--peer-tls-server-name".to_string(),
+                "chaos-peers".to_string(),
+            ]);
+        }
+        flags
+    };
     println!(
         "chaos: {} nodes, fault phase {} s, seed {}, mode {:?}{}, {}, workdir {}",
         args.nodes,
@@ -192,11 +198,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     );
     let outcome = match args.mode {
         Mode::Process => {
-            let cluster = ProcessCluster::new(&exe, &workdir, args.nodes, &flags, !args.no_power_loss).await?;
+            let cluster = ProcessCluster::new(&exe, &workdir, args.nodes, &node_flags, !args.no_power_loss).await?;
             run_with(cluster, &args, &workdir).await
         }
         Mode::Docker => {
-            let cluster = DockerCluster::new(&args.image, &workdir, args.nodes, &flags, !args.no_power_loss)?;
+            let cluster = DockerCluster::new(&args.image, &workdir, args.nodes, &node_flags, !args.no_power_loss)?;
             run_with(cluster, &args, &workdir).await
         }
     };
