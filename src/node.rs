@@ -636,6 +636,7 @@ impl Handler for PeerHandler {
                     PeerResponse::WrittenBatch(crate::raft::fit_answers(broker.write_forwarded(cmds).await, &replayable, max_frame))
                 }
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
+                PeerRequest::Join { .. } | PeerRequest::Remove { .. } if let Err(e) = cluster.admits(from, &req) => PeerResponse::Error(e),
                 PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),
                 PeerRequest::Remove { id } => cluster.remove(id).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),
             }

@@ -120,6 +120,32 @@ impl Cluster {
         last != 0 && now_ms.saturating_sub(last) < LEADERLESS_GRACE.as_millis() as u64
     }
 
+    /// Whether a membership request that arrived on a peer link from `from` may be acted on:
+    /// one from a member (which passes on what its clients and joiners asked), or a node outside
+    /// the cluster asking to join as itself. Refused: a node outside the cluster asking to remove
+    /// any node, or to join (add, or move to a new address) under another node's id. With peer
+    /// certificates bound to node ids (`--peer-tls-require-node-id`), `from` is proven, so a
+    /// holder of a valid certificate that is not a member cannot move or remove a member.
+    pub fn admits(&self, from: NodeId, req: &PeerRequest) -> Result<(), RemoteError> {
+        let (what, target) = match req {
+            PeerRequest::Join { id, .. } => ("join", *id),
+            PeerRequest::Remove { id } => ("remove", *id),
+            _ => return Ok(()),
+        };
+        if what == "join" && target == from {
+            return Ok(());
+        }
+        let rx = self.replica.raft.metrics();
+        if rx.borrow_watched().membership_config.membership().get_node(&from).is_some() {
+            return Ok(());
+        }
+        metrics::counter!("raftbridge_peer_membership_refused_total", "request" => what).increment(1);
+        warn!(from, target, request = what, "refused a membership request from a node outside the cluster");
+        Err(RemoteError::Invalid(format!(
+            "node {from} is not a member: it may only ask to join as itself, not {what} node {target}"
+        )))
+    }
+
     /// Serve a join request: on the leader, queue it; elsewhere, forward it to the leader.
     pub async fn join(&self, id: NodeId, addr: String) -> Result<(), RemoteError> {
         self.leader_op(PeerRequest::Join { id, addr: addr.clone() }, |reply| Change::Join { id, addr, reply }).await

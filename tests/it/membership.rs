@@ -248,3 +248,64 @@ fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
     assert!(!status.success() && log.contains("n2-copy.pem") && log.contains("not this node's"), "{log}");
     c.api(leader).must_put("after-intruder", &json!({"still": "serving"}));
 }
+
+/// A node outside the cluster (a bare peer endpoint with an id of its own) may only ask to join
+/// as itself: asking a member to remove a node, or to join under another node's id (which would
+/// move that member to a new address), is refused, at the leader and at a follower (which would
+/// otherwise forward it), and the membership stays as it was.
+#[test]
+fn a_node_outside_the_cluster_cannot_remove_or_move_a_member() {
+    use raftbridge::peer::message::PeerRequest;
+    use raftbridge::peer::message::PeerResponse;
+    use raftbridge::peer::message::RemoteError;
+
+    let (c, leader) = Cluster::formed("outsider-requests", 3, &[]);
+    let addrs: Vec<(u64, String)> = {
+        let s = c.api(leader).status().expect("status");
+        c.ids().into_iter().map(|id| (id, s.member(id).expect("member").addr.clone())).collect()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let cfg = raftbridge::peer::PeerConfig {
+        node_id: 99,
+        cluster: "it-outsider-requests".to_string(),
+        advertise: "127.0.0.1:9".to_string(),
+        max_frame: 16 << 20,
+        idle_timeout: Duration::from_secs(10),
+        secret: None,
+        tls: None,
+    };
+    let net = rt.block_on(async { raftbridge::peer::PeerNet::new(cfg, stop.clone()) });
+    let follower = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    let other = c.ids().into_iter().find(|&id| id != leader && id != follower).expect("another follower");
+    for asked in [leader, follower] {
+        for req in [PeerRequest::Remove { id: other }, PeerRequest::Join { id: other, addr: "127.0.0.1:9".to_string() }] {
+            let peer = c.peer(asked).to_string();
+            let (_, resp) = rt
+                .block_on(net.request_addr(&peer, &req, Duration::from_secs(10)))
+                .unwrap_or_else(|e| panic!("{} at node {asked}: {e}", req.name()));
+            match resp {
+                PeerResponse::Error(RemoteError::Invalid(msg)) if msg.contains("not a member") => {}
+                other => panic!("{} at node {asked}: expected a refusal, got {other:?}", req.name()),
+            }
+        }
+    }
+    stop.cancel();
+    c.assert_stays("the membership is unchanged", Duration::from_secs(3), || {
+        for id in c.ids() {
+            let s = c.api(id).status()?;
+            for (member, addr) in &addrs {
+                match s.member(*member) {
+                    Some(m) if m.voter && m.addr == *addr => {}
+                    m => return Err(format!("node {id} lists node {member} as {m:?}, expected a voter at {addr}")),
+                }
+            }
+        }
+        Ok(())
+    });
+    let refused: f64 = c.ids().iter().map(|&id| {
+        ["remove", "join"].iter().map(|r| c.api(id).metric("raftbridge_peer_membership_refused_total", &[&format!("request=\"{r}\"")]).unwrap_or(0.0)).sum::<f64>()
+    }).sum();
+    assert_eq!(refused, 4.0, "each refusal is counted once, where it arrived");
+    c.api(leader).must_put("after-outsider", &json!({"still": "serving"}));
+}
