@@ -335,7 +335,17 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         Box::pin(async move {
             let link = match self.net.link(self.target).await {
                 Ok(link) => link,
-                Err(e) => return Err(self.rpc_error(e, RPCTypes::AppendEntries)),
+                Err(e) => {
+                    // openraft waits out its replication backoff (`Config::backoff`, enabled
+                    // after repeated errors) while it produces the next request, and nowhere
+                    // else: failing before taking one made the replication task retry at once,
+                    // for as long as the peer was down (measured in a chaos run: ~170,000 tries
+                    // a second on the leader, a WARN line each). Take one first, which waits out
+                    // the backoff (or until there is something to send), then fail.
+                    let mut input = input;
+                    let _ = input.next().await;
+                    return Err(self.rpc_error(e, RPCTypes::AppendEntries));
+                }
             };
             if link.features() & features::ORDERED_APPENDS == 0 {
                 // An older build may serve requests out of order: one at a time.
