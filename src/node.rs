@@ -232,6 +232,8 @@ pub async fn run(
     tokio::spawn(reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
     let peer_listener =
         TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
+    // Dials leave from the peer listener's IP when it names one (`PeerConfig::source_ip`).
+    let source_ip = peer_listener.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified());
     let http_listener =
         TcpListener::bind(&cfg.http_addr).await.map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
     let https_listener = match &cfg.https {
@@ -255,6 +257,7 @@ pub async fn run(
             idle_timeout: Duration::from_millis((cfg.election_timeout_ms * 4).max(2_000)),
             secret: cfg.cluster_secret.clone(),
             tls,
+            source_ip,
         },
         net_stop.clone(),
     );

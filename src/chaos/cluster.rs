@@ -7,11 +7,14 @@
 //!
 //! Isolation in process mode: every node *advertises* (and is seeded with) the address of a small
 //! TCP relay owned by this process instead of its own peer port, so every peer link runs through
-//! a relay. The relay reads the dialer's `Hello` frame (proto/PEER.md: it carries the dialer's
-//! node id) and therefore knows both ends of each link. Isolating node N closes every link with N
-//! at one end and refuses new ones until healed: for both nodes it looks exactly like a network
-//! cut (the links reset, dials fail). Client HTTP does not go through the relay, so clients can
-//! still reach an isolated node — as with a real partition between servers.
+//! a relay. Node N listens for peers on a loopback address of its own, `127.0.1.N`, and its dials
+//! leave from that address (`PeerConfig::source_ip`), so the relay knows both ends of each link
+//! from the connection alone: it works the same over peer TLS, whose frames it cannot read (it
+//! used to read the dialer's `Hello`, so with TLS a node's own dials went through while it was
+//! "isolated"). Isolating node N closes every link with N at one end and refuses new ones until
+//! healed: for both nodes it looks exactly like a network cut (the links reset, dials fail).
+//! Client HTTP does not go through the relay, so clients can still reach an isolated node — as
+//! with a real partition between servers.
 //!
 //! Processes are signalled with `kill(1)` (the crate forbids `unsafe`, so no libc). Every child
 //! is spawned with `kill_on_drop`, so dropping the cluster (also on panic or Ctrl-C) kills them.
@@ -30,8 +33,6 @@ use std::time::Duration;
 use std::time::Instant;
 
 use anyhow::Context;
-use tokio::io::AsyncReadExt;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::net::TcpStream;
 use tokio::process::Child;
@@ -122,57 +123,37 @@ impl Partition {
         self.changed.send_modify(|g| *g += 1);
     }
 
-    /// A link from `from` (unknown when the first frame was no Hello) to `to` is cut.
+    /// A link from `from` (unknown when it came from no node's address) to `to` is cut.
     pub fn blocked(&self, from: Option<u64>, to: u64) -> bool {
         let set = lock(&self.isolated);
         set.contains(&to) || from.is_some_and(|f| set.contains(&f))
     }
 }
 
-/// Parses the dialer's node id out of a peer `Hello` frame (proto/PEER.md): u32 BE length,
-/// kind 1, u64 correlation, then bincode `{magic: u32, version: u16, cluster: String, node_id}`.
-pub fn hello_node_id(frame: &[u8]) -> Option<u64> {
-    let body = frame.get(4..)?;
-    if *body.first()? != 1 {
-        return None;
-    }
-    let payload = body.get(9..)?;
-    let magic = u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?);
-    if magic != 0x5242_5247 {
-        return None;
-    }
-    let len = u64::from_le_bytes(payload.get(6..14)?.try_into().ok()?) as usize;
-    let at = 14usize.checked_add(len)?;
-    Some(u64::from_le_bytes(payload.get(at..at.checked_add(8)?)?.try_into().ok()?))
+/// The loopback address node `id` listens and dials from (module doc); ids 1..=254.
+pub fn node_ip(id: u64) -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 1, u8::try_from(id).unwrap_or(255)))
 }
 
-/// Reads the first frame (bounded) into `buf`; returns the dialer's id if it was a Hello.
-async fn read_hello(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Option<u64> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len).await.ok()?;
-    buf.extend_from_slice(&len);
-    let n = u32::from_be_bytes(len) as usize;
-    if n > 64 << 10 {
-        return None;
+/// The node whose address a connection came from, if it is one's (`node_ip`).
+fn node_of(ip: std::net::IpAddr) -> Option<u64> {
+    match ip {
+        std::net::IpAddr::V4(v4) => match v4.octets() {
+            [127, 0, 1, id @ 1..=254] => Some(u64::from(id)),
+            _ => None,
+        },
+        std::net::IpAddr::V6(_) => None,
     }
-    let mut rest = vec![0u8; n];
-    stream.read_exact(&mut rest).await.ok()?;
-    buf.extend_from_slice(&rest);
-    hello_node_id(buf)
 }
 
 /// One relayed peer connection toward node `to`.
 async fn relay(mut inbound: TcpStream, to: u64, dest: SocketAddr, part: Arc<Partition>) {
-    let mut first = Vec::new();
-    let from = tokio::time::timeout(Duration::from_secs(3), read_hello(&mut inbound, &mut first)).await.ok().flatten();
+    let from = inbound.peer_addr().ok().and_then(|a| node_of(a.ip()));
     if part.blocked(from, to) {
         return; // dropped: the dialer sees a reset, as on a cut network
     }
     let Ok(mut outbound) = TcpStream::connect(dest).await else { return };
     let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
-    if outbound.write_all(&first).await.is_err() {
-        return;
-    }
     let mut changed = part.changed.subscribe();
     let cut = async {
         loop {
@@ -272,7 +253,7 @@ impl ProcessCluster {
         let mut nodes = Vec::new();
         for (i, relay) in relays.into_iter().enumerate() {
             let id = i as u64 + 1;
-            let (peer, http) = (ports[i], ports[n + i]);
+            let (peer, http) = (SocketAddr::new(node_ip(id), ports[i].port()), ports[n + i]);
             let data = dir.join(format!("n{id}"));
             std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
             let mut args: Vec<String> = [
@@ -500,36 +481,14 @@ impl Drop for ProcessCluster {
 mod tests {
     use super::*;
 
-    /// A Hello frame as the peer layer writes it (its own types and encoder), length included.
-    fn hello(node_id: u64, cluster: &str) -> Vec<u8> {
-        use crate::peer::frame::Hello;
-        let hello = Hello {
-            magic: crate::peer::frame::MAGIC,
-            version: 1,
-            cluster: cluster.into(),
-            node_id,
-            addr: "127.0.0.1:1".into(),
-            incarnation: 9,
-            features: crate::peer::frame::features::ALL,
-            nonce: [7; 16],
-            proof: [0; 32],
-        };
-        let payload = bincode::serialize(&hello).unwrap();
-        let mut frame = ((payload.len() + 9) as u32).to_be_bytes().to_vec();
-        frame.push(1);
-        frame.extend_from_slice(&0u64.to_be_bytes());
-        frame.extend_from_slice(&payload);
-        frame
-    }
-
     #[test]
-    fn reads_the_dialer_id_from_a_hello_only() {
-        assert_eq!(hello_node_id(&hello(42, "chaos")), Some(42));
-        let mut ping = hello(42, "chaos");
-        ping[4] = 6;
-        assert_eq!(hello_node_id(&ping), None);
-        assert_eq!(hello_node_id(&hello(42, "chaos")[..20]), None);
-        assert_eq!(hello_node_id(b"GET / HTTP/1.1\r\n"), None);
+    fn tells_nodes_apart_by_their_address() {
+        for id in [1, 7, 254] {
+            assert_eq!(node_of(node_ip(id)), Some(id));
+        }
+        assert_eq!(node_of("127.0.0.1".parse().unwrap()), None);
+        assert_eq!(node_of("127.0.1.0".parse().unwrap()), None);
+        assert_eq!(node_of("::1".parse().unwrap()), None);
     }
 
     #[test]

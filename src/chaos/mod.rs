@@ -3,7 +3,7 @@
 //! nothing acknowledged was lost, nothing happened twice and every node holds the same state.
 //!
 //! Why a subcommand of the node binary: the suite needs the exact binary under test, the
-//! project's HTTP client and the peer `Hello` layout (for isolation), and CI needs one command.
+//! project's HTTP client and its peer layer's source addresses (for isolation), and CI needs one command.
 //! `deploy/chaos/run` wraps it (builds the release binary, maps `--duration 120` to seconds).
 //!
 //! Parts: [`schedule`] (the seeded fault plan), [`cluster`] (process control behind the
@@ -133,6 +133,8 @@ struct FaultRecord {
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 3, "--nodes must be at least 3 (a minority must be able to fail)");
+    // Process mode gives node N the loopback address 127.0.1.N (`cluster::node_ip`).
+    anyhow::ensure!(args.nodes <= 254, "--nodes must be at most 254");
     anyhow::ensure!(!(args.tls && args.mode == Mode::Docker), "--tls runs in process mode only");
     let exe = match &args.binary {
         Some(b) => b.clone(),

@@ -154,6 +154,12 @@ pub struct PeerConfig {
     pub secret: Option<ClusterSecret>,
     /// When set, every link is mutual TLS with certificates from the cluster CA.
     pub tls: Option<tls::PeerTls>,
+    /// The local address this node's dials leave from: the IP of `--peer-addr` when it names
+    /// one (`None` for `0.0.0.0`: the kernel picks), so that peer traffic comes from the address
+    /// configured for it on a host with several (firewall rules, and the chaos suite's relays,
+    /// which tell nodes apart by it). Not used toward a destination it cannot reach: another
+    /// address family, or a non-loopback address from a loopback one.
+    pub source_ip: Option<std::net::IpAddr>,
 }
 
 /// The cluster's shared secret (`--cluster-secret`). Its `Debug` does not show it.
@@ -516,7 +522,7 @@ impl PeerNet {
 
     async fn connect(&self, addr: &str) -> Result<Arc<Link>, PeerError> {
         let io_err = |source| PeerError::Io { addr: addr.to_string(), source };
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+        let stream = tokio::time::timeout(CONNECT_TIMEOUT, open_tcp(addr, self.cfg.source_ip))
             .await
             .map_err(|_| io_err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")))?
             .map_err(io_err)?;
@@ -1003,6 +1009,29 @@ async fn read_loop(
     }
 }
 
+/// Connects to `addr` (`host:port`, every address it resolves to in turn), from `source` when
+/// one is given and can reach that destination (`PeerConfig::source_ip`).
+async fn open_tcp(addr: &str, source: Option<std::net::IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(source) = source else { return TcpStream::connect(addr).await };
+    let mut last = None;
+    for dest in tokio::net::lookup_host(addr).await? {
+        let fits = source.is_ipv4() == dest.is_ipv4() && (!source.is_loopback() || dest.ip().is_loopback());
+        let attempt = async {
+            if !fits {
+                return TcpStream::connect(dest).await;
+            }
+            let socket = if dest.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            socket.bind(std::net::SocketAddr::new(source, 0))?;
+            socket.connect(dest).await
+        };
+        match attempt.await {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the name resolved to no address")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1010,9 +1039,24 @@ mod tests {
     type RawReader = Reader;
     type RawWriter = Writer;
 
+    /// Dials leave from the configured source address when it can reach the destination (a
+    /// loopback one here), and from wherever the kernel picks when it cannot (another family).
+    #[tokio::test]
+    async fn dials_leave_from_the_source_address_that_fits() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        for (source, seen) in [("127.0.0.7", "127.0.0.7"), ("::1", "127.0.0.1")] {
+            let _out = open_tcp(&addr, Some(source.parse().unwrap())).await.unwrap();
+            let (_in, from) = listener.accept().await.unwrap();
+            assert_eq!(from.ip().to_string(), seen, "dialed with source {source}");
+        }
+        let _out = open_tcp(&addr, None).await.unwrap();
+        assert_eq!(listener.accept().await.unwrap().1.ip().to_string(), "127.0.0.1");
+    }
+
     /// Node 1 accepting peer links on a free loopback port; `stop` ends it.
     async fn listening(idle_timeout: Duration) -> (Arc<PeerNet>, std::net::SocketAddr, CancellationToken) {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout, secret: None, tls: None };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout, secret: None, tls: None, source_ip: None };
         let stop = CancellationToken::new();
         let net = PeerNet::new(cfg, stop.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1035,6 +1079,7 @@ mod tests {
             idle_timeout: Duration::from_secs(10),
             secret: secret.map(|s| ClusterSecret::new(s.as_bytes())),
             tls: None,
+            source_ip: None,
         };
         let acceptor = PeerNet::new(cfg(1, addr.to_string(), secret), stop.clone());
         tokio::spawn(acceptor.clone().run(listener));
@@ -1103,6 +1148,7 @@ mod tests {
             idle_timeout: Duration::from_secs(10),
             secret: None,
             tls,
+            source_ip: None,
         };
         let acceptor = PeerNet::new(cfg(1, addr.to_string(), acceptor_tls), stop.clone());
         tokio::spawn(acceptor.clone().run(listener));

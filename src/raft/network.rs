@@ -594,6 +594,7 @@ mod tests {
             idle_timeout: Duration::from_secs(10),
             secret: None,
             tls: None,
+            source_ip: None,
         };
         let follower = PeerNet::new(cfg(2, &addr), stop.clone());
         let seen = Arc::new(Seen::default());

@@ -274,6 +274,7 @@ fn a_node_outside_the_cluster_cannot_remove_or_move_a_member() {
         idle_timeout: Duration::from_secs(10),
         secret: None,
         tls: None,
+        source_ip: None,
     };
     let net = rt.block_on(async { raftbridge::peer::PeerNet::new(cfg, stop.clone()) });
     let follower = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
