@@ -164,9 +164,15 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The log filter when `RUST_LOG` is not set (deploy/Dockerfile and the systemd unit set the
+/// same). openraft's heartbeat worker warns at every missed heartbeat, 16 lines a second per
+/// unreachable peer on the leader; the peer layer already logs the link going down and the
+/// redials, and `/cluster` shows who is unreachable, so those go only at `error`.
+pub const DEFAULT_LOG: &str = "info,openraft=warn,openraft::core::heartbeat=error";
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 

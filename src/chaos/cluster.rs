@@ -390,7 +390,7 @@ impl ClusterControl for ProcessCluster {
         }
         cmd.env(crate::raft::log_store::POWER_LOSS_ENV, "1").env("NO_COLOR", "1");
         if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info,openraft=warn");
+            cmd.env("RUST_LOG", crate::cli::DEFAULT_LOG);
         }
         *slot = Some(cmd.spawn().with_context(|| format!("spawning {}", self.exe.display()))?);
         Ok(())
