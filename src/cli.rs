@@ -164,10 +164,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The log filter when `RUST_LOG` is not set (deploy/Dockerfile and the systemd unit set the
-/// same). openraft's heartbeat worker warns at every missed heartbeat, 16 lines a second per
-/// unreachable peer on the leader; the peer layer already logs the link going down and the
-/// redials, and `/cluster` shows who is unreachable, so those go only at `error`.
+/// The log filter when `RUST_LOG` is not set. openraft's heartbeat worker warns at every missed
+/// heartbeat, 16 lines a second per unreachable peer on the leader; the peer layer already logs
+/// the link going down and the redials, and `/cluster` shows who is unreachable, so that module
+/// logs only at `error` (its rarer warnings about odd heartbeat answers go too: set `RUST_LOG`
+/// to see them).
 pub const DEFAULT_LOG: &str = "info,openraft=warn,openraft::core::heartbeat=error";
 
 fn init_tracing() {

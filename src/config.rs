@@ -73,6 +73,12 @@ pub struct NodeArgs {
     /// Peer address other nodes use to reach this one (default: --peer-addr).
     #[arg(long, env = "RAFTBRIDGE_ADVERTISE")]
     pub advertise: Option<String>,
+    /// Local IP address this node's peer dials leave from (default: the kernel picks by route),
+    /// for a host with several addresses whose firewall rules expect peer traffic from one.
+    /// Not used toward a peer it cannot reach (another address family; a non-loopback peer from
+    /// a loopback address).
+    #[arg(long, env = "RAFTBRIDGE_PEER_SOURCE_ADDR")]
+    pub peer_source_addr: Option<std::net::IpAddr>,
     /// Comma-separated peer addresses of seed nodes (host:port; a DNS name may resolve to many).
     #[arg(long, env = "RAFTBRIDGE_SEEDS", value_delimiter = ',')]
     pub seeds: Option<Vec<String>>,
@@ -196,6 +202,8 @@ pub struct NodeConfig {
     pub peer_addr: String,
     pub http_addr: String,
     pub advertise: String,
+    /// `--peer-source-addr`; `None` also for an unspecified address (0.0.0.0, ::).
+    pub peer_source_addr: Option<std::net::IpAddr>,
     pub seeds: Vec<String>,
     pub bootstrap_expect: usize,
     pub max_voters: usize,
@@ -326,6 +334,7 @@ impl NodeArgs {
             peer_addr,
             http_addr,
             advertise,
+            peer_source_addr: pick!(peer_source_addr).filter(|ip| !ip.is_unspecified()),
             seeds,
             bootstrap_expect: pick!(bootstrap_expect).unwrap_or(0),
             max_voters: pick!(max_voters).unwrap_or(5),

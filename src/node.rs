@@ -18,6 +18,7 @@ use tracing::warn;
 use crate::api;
 use crate::cluster::Cluster;
 use crate::cluster::ClusterSettings;
+use crate::cluster::Membership;
 use crate::config::NodeConfig;
 use crate::peer::BoxFuture;
 use crate::peer::Handler;
@@ -110,7 +111,10 @@ async fn reload_tls(
                 // A reload to a certificate whose dates could not be read (warned about then):
                 // NaN, not the previous certificate's date, which would no longer be true.
                 // An alert on `… - time() < N` does not fire on NaN; `absent`/`isnan` checks can.
-                Some(None) => metrics::gauge!(EXPIRY_GAUGE, "listener" => listener).set(f64::NAN),
+                Some(None) => {
+                    metrics::gauge!(EXPIRY_GAUGE, "listener" => listener).set(f64::NAN);
+                    *warned = None; // the next readable certificate gets its own warning
+                }
                 None => {}
             }
         }
@@ -232,8 +236,6 @@ pub async fn run(
     tokio::spawn(reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
     let peer_listener =
         TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
-    // Dials leave from the peer listener's IP when it names one (`PeerConfig::source_ip`).
-    let source_ip = peer_listener.local_addr().ok().map(|a| a.ip()).filter(|ip| !ip.is_unspecified());
     let http_listener =
         TcpListener::bind(&cfg.http_addr).await.map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
     let https_listener = match &cfg.https {
@@ -257,7 +259,7 @@ pub async fn run(
             idle_timeout: Duration::from_millis((cfg.election_timeout_ms * 4).max(2_000)),
             secret: cfg.cluster_secret.clone(),
             tls,
-            source_ip,
+            source_ip: cfg.peer_source_addr,
         },
         net_stop.clone(),
     );
@@ -639,9 +641,12 @@ impl Handler for PeerHandler {
                     PeerResponse::WrittenBatch(crate::raft::fit_answers(broker.write_forwarded(cmds).await, &replayable, max_frame))
                 }
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
-                PeerRequest::Join { .. } | PeerRequest::Remove { .. } if let Err(e) = cluster.admits(from, &req) => PeerResponse::Error(e),
-                PeerRequest::Join { id, addr } => cluster.join(id, addr).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),
-                PeerRequest::Remove { id } => cluster.remove(id).await.map_or_else(PeerResponse::Error, |_| PeerResponse::Done),
+                PeerRequest::Join { id, addr } => async { cluster.admits(from, id, Membership::Join)?; cluster.join(id, addr).await }
+                    .await
+                    .map_or_else(PeerResponse::Error, |()| PeerResponse::Done),
+                PeerRequest::Remove { id } => async { cluster.admits(from, id, Membership::Remove)?; cluster.remove(id).await }
+                    .await
+                    .map_or_else(PeerResponse::Error, |()| PeerResponse::Done),
             }
         })
     }

@@ -8,7 +8,7 @@
 //! Isolation in process mode: every node *advertises* (and is seeded with) the address of a small
 //! TCP relay owned by this process instead of its own peer port, so every peer link runs through
 //! a relay. Node N listens for peers on a loopback address of its own, `127.0.1.N`, and its dials
-//! leave from that address (`PeerConfig::source_ip`), so the relay knows both ends of each link
+//! leave from that address (`--peer-source-addr`), so the relay knows both ends of each link
 //! from the connection alone: it works the same over peer TLS, whose frames it cannot read (it
 //! used to read the dialer's `Hello`, so with TLS a node's own dials went through while it was
 //! "isolated"). Isolating node N closes every link with N at one end and refuses new ones until
@@ -258,7 +258,7 @@ impl ProcessCluster {
             std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
             let mut args: Vec<String> = [
                 "node", "--id", &id.to_string(), "--data-dir", &data.display().to_string(),
-                "--peer-addr", &peer.to_string(), "--advertise", &relay_addrs[i], "--http-addr", &http.to_string(),
+                "--peer-addr", &peer.to_string(), "--peer-source-addr", &node_ip(id).to_string(), "--advertise", &relay_addrs[i], "--http-addr", &http.to_string(),
                 "--seeds", &seeds, "--bootstrap-expect", &n.to_string(), "--cluster-name", "chaos", "--example-services",
             ]
             .iter()

@@ -39,6 +39,13 @@ use crate::raft::types::*;
 const PROMOTE_LAG: u64 = 64;
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 const QUEUE: usize = 64;
+/// A membership request that arrives on a peer link ([`Cluster::admits`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Membership {
+    Join,
+    Remove,
+}
+
 /// How long one bootstrap round waits for a seed's DNS answer.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -126,24 +133,29 @@ impl Cluster {
     /// any node, or to join (add, or move to a new address) under another node's id. With peer
     /// certificates bound to node ids (`--peer-tls-require-node-id`), `from` is proven, so a
     /// holder of a valid certificate that is not a member cannot move or remove a member.
-    pub fn admits(&self, from: NodeId, req: &PeerRequest) -> Result<(), RemoteError> {
-        let (what, target) = match req {
-            PeerRequest::Join { id, .. } => ("join", *id),
-            PeerRequest::Remove { id } => ("remove", *id),
-            _ => return Ok(()),
+    pub fn admits(&self, from: NodeId, target: NodeId, what: Membership) -> Result<(), RemoteError> {
+        if what == Membership::Join && target == from {
+            return Ok(());
+        }
+        if self.is_member(from) {
+            return Ok(());
+        }
+        let what = match what {
+            Membership::Join => "join",
+            Membership::Remove => "remove",
         };
-        if what == "join" && target == from {
-            return Ok(());
-        }
-        let rx = self.replica.raft.metrics();
-        if rx.borrow_watched().membership_config.membership().get_node(&from).is_some() {
-            return Ok(());
-        }
         metrics::counter!("raftbridge_peer_membership_refused_total", "request" => what).increment(1);
         warn!(from, target, request = what, "refused a membership request from a node outside the cluster");
         Err(RemoteError::Invalid(format!(
             "node {from} is not a member: it may only ask to join as itself, not {what} node {target}"
         )))
+    }
+
+    /// Whether `id` is in this node's view of the membership (voter or learner).
+    fn is_member(&self, id: NodeId) -> bool {
+        let rx = self.replica.raft.metrics();
+        let m = rx.borrow_watched();
+        m.membership_config.membership().get_node(&id).is_some()
     }
 
     /// Serve a join request: on the leader, queue it; elsewhere, forward it to the leader.
@@ -172,6 +184,12 @@ impl Cluster {
                     .map_err(|_| RemoteError::Unavailable("membership change timed out".into()))?
                     .map_err(|_| RemoteError::Unavailable("membership task stopped".into()))?
             }
+            // A node outside the membership (removed, but still running) is refused by the
+            // leader (`admits`): say so here. Its own removal is already done.
+            Some(_) if !self.is_member(self.replica.id()) => match forward {
+                PeerRequest::Remove { id } if id == self.replica.id() => Ok(()),
+                _ => Err(RemoteError::Unavailable("this node is not a member of the cluster: ask a member".into())),
+            },
             Some(l) => match self.replica.net.request(l, &forward, CHANGE_TIMEOUT * 2).await {
                 Ok(PeerResponse::Done) => Ok(()),
                 Ok(PeerResponse::Error(e)) => Err(e),
@@ -375,9 +393,11 @@ impl Cluster {
                 }
             }
             if !members.is_empty() {
-                // Prefer a seed that knows the leader; it forwards our join there.
+                // Prefer a seed that knows the leader; it forwards our join there. Rounds go
+                // round the seeds in that order: one that cannot help (a removed node still
+                // running, which refuses to forward) does not hold the join up for good.
                 members.sort_by_key(|(_, st)| st.leader.is_none());
-                let (seed, _) = &members[0];
+                let (seed, _) = &members[(round % members.len() as u64) as usize];
                 let req = PeerRequest::Join { id: me, addr: self.replica.net.advertise().to_string() };
                 match self.replica.net.request_addr(seed, &req, CHANGE_TIMEOUT * 2).await {
                     Ok((_, PeerResponse::Done)) => info!(%seed, "join accepted"),

@@ -154,11 +154,11 @@ pub struct PeerConfig {
     pub secret: Option<ClusterSecret>,
     /// When set, every link is mutual TLS with certificates from the cluster CA.
     pub tls: Option<tls::PeerTls>,
-    /// The local address this node's dials leave from: the IP of `--peer-addr` when it names
-    /// one (`None` for `0.0.0.0`: the kernel picks), so that peer traffic comes from the address
-    /// configured for it on a host with several (firewall rules, and the chaos suite's relays,
-    /// which tell nodes apart by it). Not used toward a destination it cannot reach: another
-    /// address family, or a non-loopback address from a loopback one.
+    /// The local address this node's dials leave from (`--peer-source-addr`; `None`: the kernel
+    /// picks), for a host whose firewall expects peer traffic from one of its addresses, and
+    /// for the chaos suite's relays, which tell nodes apart by it. Not used toward a
+    /// destination it cannot reach: another address family, or a non-loopback address from a
+    /// loopback one.
     pub source_ip: Option<std::net::IpAddr>,
 }
 
@@ -1041,6 +1041,8 @@ mod tests {
 
     /// Dials leave from the configured source address when it can reach the destination (a
     /// loopback one here), and from wherever the kernel picks when it cannot (another family).
+    /// Linux: any 127.0.0.0/8 address is a local one there.
+    #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn dials_leave_from_the_source_address_that_fits() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -333,20 +333,25 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     ) -> BoxFuture<'s, Result<BoxStream<'s, Result<StreamAppendResult, RPCError>>, RPCError>>
     where S: Stream<Item = AppendEntriesRequest> + Send + Unpin + 'static {
         Box::pin(async move {
-            let link = match self.net.link(self.target).await {
-                Ok(link) => link,
+            let mut input = input;
+            let (link, first) = match self.net.link(self.target).await {
+                Ok(link) => (link, None),
                 Err(e) => {
                     // openraft waits out its replication backoff (`Config::backoff`, enabled
                     // after repeated errors) while it produces the next request, and nowhere
                     // else: failing before taking one made the replication task retry at once,
                     // for as long as the peer was down (measured in a chaos run: ~170,000 tries
                     // a second on the leader, a WARN line each). Take one first, which waits out
-                    // the backoff (or until there is something to send), then fail.
-                    let mut input = input;
-                    let _ = input.next().await;
-                    return Err(self.rpc_error(e, RPCTypes::AppendEntries));
+                    // the backoff (or until there is something to send), then try once more:
+                    // the peer may be back, and the request goes first on the new link.
+                    let Some(first) = input.next().await else { return Err(self.rpc_error(e, RPCTypes::AppendEntries)) };
+                    match self.net.link(self.target).await {
+                        Ok(link) => (link, Some(first)),
+                        Err(e) => return Err(self.rpc_error(e, RPCTypes::AppendEntries)),
+                    }
                 }
             };
+            let input = futures_util::stream::iter(first).chain(input);
             if link.features() & features::ORDERED_APPENDS == 0 {
                 // An older build may serve requests out of order: one at a time.
                 return openraft::network::stream_append_sequential(self, input, option).await;
