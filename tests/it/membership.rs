@@ -310,3 +310,26 @@ fn a_node_outside_the_cluster_cannot_remove_or_move_a_member() {
     assert_eq!(refused, 4.0, "each refusal is counted once, where it arrived");
     c.api(leader).must_put("after-outsider", &json!({"still": "serving"}));
 }
+
+/// A removed node that still runs (its process was not stopped) answers as a cluster member that
+/// knows a leader, so a joiner may pick it first; it refuses to forward the join (the leader
+/// would refuse a request from outside the cluster), and the joiner goes on to its other seeds.
+#[test]
+fn a_removed_node_that_still_runs_does_not_hold_up_a_join() {
+    let (mut c, leader) = Cluster::formed("removed-seed", 3, &[]);
+    let followers: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
+    let (victim, via) = (followers[0], followers[1]);
+    c.allow_exit(victim);
+    let resp = c.api(leader).request("DELETE", &format!("/cluster/members/{victim}"), &[], b"").expect("DELETE");
+    assert!((200..300).contains(&resp.status), "DELETE /cluster/members/{victim}: {}", resp.describe());
+    let remaining = [leader, via];
+    c.wait_for_membership_seen_by(&remaining, &remaining, &[], CATCH_UP);
+    assert!(c.is_running(victim), "the removed node still runs (the case under test)");
+
+    let joiner = c.add_node(&[victim, via]);
+    c.wait_for(&format!("node {joiner} joins through its second seed"), crate::harness::FORMATION, || {
+        let s = c.api(leader).status()?;
+        if s.member(joiner).is_some() { Ok(()) } else { Err(format!("not a member yet: {s}")) }
+    });
+    assert!(c.api(leader).status().expect("status").member(victim).is_none(), "node {victim} stays out");
+}
