@@ -220,7 +220,9 @@ pub struct ProcessCluster {
 
 /// Free loopback ports for the nodes, chosen below the kernel's ephemeral range: a port from
 /// `bind(:0)` is ephemeral, and before the node binds it an outgoing connection (the load's
-/// clients, the nodes' dials) may take it. Random ports in 10000..32000, checked by binding.
+/// clients, the nodes' dials) may take it. Random ports in 10000..32000, checked by binding the
+/// wildcard address, which fails while any address holds the port: peer ports are used on the
+/// node's own `node_ip`, not on 127.0.0.1. Returned on 127.0.0.1 (the HTTP listeners).
 fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
     let mut out: Vec<SocketAddr> = Vec::with_capacity(n);
     for _ in 0..100_000 {
@@ -231,8 +233,8 @@ fn free_ports(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
         if out.iter().any(|a| a.port() == port) {
             continue;
         }
-        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            out.push(l.local_addr().context("local_addr")?);
+        if std::net::TcpListener::bind(("0.0.0.0", port)).is_ok() {
+            out.push(SocketAddr::from(([127, 0, 0, 1], port)));
         }
     }
     anyhow::bail!("could not find {n} free loopback ports")
