@@ -67,6 +67,8 @@ pub enum NodeError {
     RaftConfig(#[from] openraft::ConfigError),
     #[error("raft: {0}")]
     Raft(String),
+    #[error("raft stopped on its own ({0}); restart the node to recover from its disk")]
+    RaftStopped(String),
     #[error("sidecar: {0}")]
     Sidecar(#[from] crate::sidecar::SidecarError),
     #[error("peer TLS: {0}")]
@@ -401,7 +403,18 @@ pub async fn run(
     let http_task = tokio::spawn(api::run(http_listener, app, None, http_stop.clone()));
     info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, https = ?cfg.https.as_ref().map(|h| &h.addr), advertise = %cfg.advertise, "node started");
 
-    shutdown.cancelled().await;
+    // A Raft core that stops on its own (its log or snapshot could not be written) leaves a node
+    // that answers reads from a frozen copy and fails every write: it drains and exits with an
+    // error instead, so that its supervisor restarts it and recovery starts from what the disk
+    // holds (etcd and PostgreSQL end the process on a failed fsync for the same reason).
+    let core_failure = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        why = replica.core_stopped() => Some(why),
+    };
+    if let Some(why) = &core_failure {
+        error!(cause = %why, "raft stopped on its own: this node can no longer vote, replicate or apply; \
+            draining and exiting with an error so that it is restarted and recovers from its disk");
+    }
     // Drain in order: say "not ready" (load balancers and probes stop sending), leave the
     // registry (peers stop routing here), keep serving for a moment so in-flight clients see the
     // change, stop accepting and finish in-flight requests, hand Raft leadership over, stop.
@@ -415,7 +428,9 @@ pub async fn run(
     if let Some(task) = https_task {
         let _ = task.await;
     }
-    hand_over_leadership(&replica).await;
+    if core_failure.is_none() {
+        hand_over_leadership(&replica).await;
+    }
     sidecar_stop.cancel();
     guard_stop.cancel();
     broker_stop.cancel();
@@ -425,8 +440,13 @@ pub async fn run(
     }
     net_stop.cancel();
     let _ = peer_task.await;
-    info!("node stopped");
-    Ok(())
+    match core_failure {
+        Some(why) => Err(NodeError::RaftStopped(why)),
+        None => {
+            info!("node stopped");
+            Ok(())
+        }
+    }
 }
 
 /// How long a draining node keeps answering (readyz 503) before it stops accepting connections.

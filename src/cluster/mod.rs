@@ -101,13 +101,14 @@ impl Cluster {
         }
     }
 
-    /// True when this node is a member of a cluster that has a leader.
+    /// True when this node is a member of a cluster that has a leader, and its Raft core runs
+    /// (a stopped core's last metrics still name a leader).
     pub fn ready(&self) -> bool {
         // Called per proxied request: borrow the metrics instead of cloning them.
         let rx = self.replica.raft.metrics();
         let m = rx.borrow_watched();
         let member = m.membership_config.membership().get_node(&self.replica.id()).is_some();
-        member && m.current_leader.is_some()
+        member && m.current_leader.is_some() && m.running_state.is_ok()
     }
 
     /// True when this node may run commands and take deliveries: [`Cluster::ready`] now, or

@@ -126,8 +126,26 @@ impl Replica {
             if let Some(l) = rx.borrow_and_update().current_leader {
                 return Ok(l);
             }
-            if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+            // A closed channel (the core has ended) would answer at once, forever: unavailable.
+            if !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
                 return Err(ReplicaError::Unavailable);
+            }
+        }
+    }
+
+    /// Resolves when the Raft core has stopped on its own (a failed log or snapshot write, a
+    /// panic in the core): from then on this node can neither vote nor replicate nor apply, and
+    /// openraft's last metrics (leader, term) go stale. Returns why. Only for a core that stops
+    /// unasked: after `Raft::shutdown` this resolves too.
+    pub async fn core_stopped(&self) -> String {
+        let mut rx = self.raft.metrics();
+        // Bounded by events: each pass consumes one metrics change, and the core's end ends it.
+        loop {
+            if let Err(fatal) = &rx.borrow_and_update().running_state {
+                return fatal.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "the raft core's task ended".into();
             }
         }
     }

@@ -1431,6 +1431,29 @@ impl Cluster {
         }
     }
 
+    /// Waits, bounded by `deadline`, for node `id` to exit on its own; returns how it exited.
+    /// The node must have been allowed to exit (`allow_exit`).
+    pub fn wait_exit(&self, id: u64, deadline: Duration) -> ExitStatus {
+        let node = self.node(id);
+        assert!(node.may_exit.load(Ordering::Relaxed), "node {id}: call allow_exit first");
+        let until = Instant::now() + deadline;
+        loop {
+            let mut guard = lock(&node.child);
+            let child = guard.as_mut().unwrap_or_else(|| panic!("node {id} is not running"));
+            match child.try_wait() {
+                Ok(Some(status)) => {
+                    *guard = None;
+                    return status;
+                }
+                Ok(None) if Instant::now() < until => {}
+                Ok(None) => panic!("node {id} did not exit within {deadline:?}"),
+                Err(e) => panic!("try_wait on node {id}: {e}"),
+            }
+            drop(guard);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until node `id` answers `/readyz` 200.
     pub fn wait_ready(&self, id: u64) {
         let api = self.api(id);
