@@ -199,7 +199,7 @@ impl Replica {
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok((resp.log_id.index, resp.data)),
             Err(openraft::error::RaftError::APIError(e)) => Err(write_error(e, retry_safe)),
-            Err(openraft::error::RaftError::Fatal(e)) => Err(RemoteError::Internal(e.to_string())),
+            Err(openraft::error::RaftError::Fatal(e)) => Err(stopped_error(&e, retry_safe)),
         }
     }
 
@@ -210,18 +210,22 @@ impl Replica {
         let retry_safe: Vec<bool> = cmds.iter().map(Command::retry_safe).collect();
         let stream = match self.raft.client_write_many(cmds).await {
             Ok(s) => s,
-            Err(e) => return vec![Err(RemoteError::Internal(e.to_string())); n],
+            // Refused before anything was proposed (the core had stopped): safe to send elsewhere.
+            Err(e) => return vec![Err(RemoteError::Unavailable(e.to_string())); n],
         };
         let mut out: Vec<Result<(u64, CommandResult), RemoteError>> = stream
             .enumerate()
             .map(|(i, r)| match r {
                 Ok(Ok(resp)) => Ok((resp.log_id.index, resp.response)),
                 Ok(Err(e)) => Err(write_error(e, retry_safe.get(i).copied().unwrap_or(false))),
-                Err(fatal) => Err(RemoteError::Internal(fatal.to_string())),
+                Err(fatal) => Err(stopped_error(&fatal, retry_safe.get(i).copied().unwrap_or(false))),
             })
             .collect()
             .await;
-        out.resize(n, Err(RemoteError::Unavailable("write dropped".into())));
+        // The stream ends at the first stopped one: the rest were handed to the core too.
+        for safe in retry_safe.iter().skip(out.len()) {
+            out.push(Err(stopped_error(&openraft::error::Fatal::Stopped, *safe)));
+        }
         out
     }
 
@@ -233,7 +237,8 @@ impl Replica {
                 Err(RemoteError::NotLeader { leader: f.leader_id })
             }
             Err(openraft::error::RaftError::APIError(e)) => Err(RemoteError::Unavailable(e.to_string())),
-            Err(openraft::error::RaftError::Fatal(e)) => Err(RemoteError::Internal(e.to_string())),
+            // A read barrier changes nothing: always safe to ask another leader.
+            Err(openraft::error::RaftError::Fatal(e)) => Err(RemoteError::Unavailable(e.to_string())),
         }
     }
 
@@ -430,6 +435,17 @@ pub fn response_name(r: &PeerResponse) -> &'static str {
 /// the outcome is unknown (it may still commit), so only a command that may be applied twice is
 /// retried (`Unavailable`); any other gets a gateway error, never a 400 (the chaos suite saw a
 /// keyed increment answered 400 after a leader change). Anything else is about the request.
+/// A write the Raft core took but could not finish because it stopped (a failed disk, a
+/// shutdown): it may have been replicated and may still commit, so like a discarded entry it is
+/// sent elsewhere only when running it twice changes nothing; otherwise its outcome is unknown.
+fn stopped_error(e: &openraft::error::Fatal<TypeConfig>, retry_safe: bool) -> RemoteError {
+    if retry_safe {
+        RemoteError::Unavailable(e.to_string())
+    } else {
+        RemoteError::Internal(format!("outcome unknown: {e}"))
+    }
+}
+
 fn write_error(e: ClientWriteError, retry_safe: bool) -> RemoteError {
     match e {
         ClientWriteError::ForwardToLeader(f) => RemoteError::NotLeader { leader: f.leader_id },
