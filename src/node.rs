@@ -385,7 +385,7 @@ pub async fn run(
         cluster: cluster.clone(),
         store,
         proxy: proxy.clone(),
-        broker,
+        broker: broker.clone(),
         registered,
         restarting,
         sm: sm_shared,
@@ -435,11 +435,21 @@ pub async fn run(
     guard_stop.cancel();
     broker_stop.cancel();
     cluster_stop.cancel();
+    // What is still in flight needs the links: this node's last event entries (a drained
+    // leader's go to the new one), and the answers to what peers asked of it.
+    if !broker.drained(IN_FLIGHT_GRACE).await {
+        warn!(grace = ?IN_FLIGHT_GRACE, "event entries still in flight at shutdown; their publishers get no answer");
+    }
+    if !net.quiesce(IN_FLIGHT_GRACE).await {
+        warn!(grace = ?IN_FLIGHT_GRACE, "peer requests still being served at shutdown; their senders get no answer");
+    }
+    // Links first: a request that reached a stopped core would be logged as an error on every
+    // rolling restart (openraft: "failed to send RaftMsg to RaftCore … raft stopped").
+    net_stop.cancel();
+    let _ = peer_task.await;
     if let Err(e) = raft.shutdown().await {
         warn!(cause = %e, "raft shutdown");
     }
-    net_stop.cancel();
-    let _ = peer_task.await;
     match core_failure {
         Some(why) => Err(NodeError::RaftStopped(why)),
         None => {
@@ -448,6 +458,10 @@ pub async fn run(
         }
     }
 }
+
+/// How long a stopping node waits for its event entries in flight, then for the peer requests
+/// it is serving, before it closes its links (each; an entry commits in milliseconds).
+const IN_FLIGHT_GRACE: Duration = Duration::from_secs(3);
 
 /// How long a draining node keeps answering (readyz 503) before it stops accepting connections.
 const DRAIN_DELAY: Duration = Duration::from_millis(500);

@@ -161,6 +161,23 @@ pub struct Broker {
     /// A group's `event_bytes` at most (half of `--max-frame`, so its entry always fits into a
     /// peer frame with room for the encoding's overhead).
     max_group_bytes: usize,
+    /// The batcher's entries in flight (each holds a permit until its groups are answered);
+    /// `drained` waits for all of them once the batcher has stopped.
+    slots: Arc<Slots>,
+}
+
+/// How the batcher makes entries (`Broker::start`).
+struct Batching {
+    limits: EventLimits,
+    timeout: Duration,
+    linger: Duration,
+    dedup_max_keys: usize,
+}
+
+/// Entries in flight: as leader (proposed), as follower (forwarded to the leader).
+struct Slots {
+    leading: Arc<Semaphore>,
+    following: Arc<Semaphore>,
 }
 
 pub fn now_ms() -> u64 {
@@ -213,8 +230,14 @@ impl Broker {
         // An entry holds at most what one group may (or less): it must fit into a peer frame.
         let max_bytes = MAX_BATCH_BYTES.min(max_group_bytes);
         let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes };
-        tokio::spawn(batcher(store.clone(), limits, timeout, linger, inbox, dedup_max_keys, shutdown));
+        let slots = Arc::new(Slots {
+            leading: Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES)),
+            following: Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES)),
+        });
+        let settings = Batching { limits, timeout, linger, dedup_max_keys };
+        tokio::spawn(batcher(store.clone(), settings, inbox, slots.clone(), shutdown));
         Arc::new(Broker {
+            slots,
             store,
             queue: tx,
             settles: settle_tx,
@@ -226,6 +249,18 @@ impl Broker {
 
     pub fn store(&self) -> &StateStore {
         &self.store
+    }
+
+    /// After the broker's `shutdown` fired: waits, at most `grace`, until the entries the batcher
+    /// had in flight are answered (a drained leader's last entries, forwarded to the new
+    /// leader, still need the peer links). Returns whether they all were.
+    pub async fn drained(&self, grace: Duration) -> bool {
+        let all = async {
+            let leading = self.slots.leading.acquire_many(MAX_INFLIGHT_BATCHES as u32).await;
+            let following = self.slots.following.acquire_many(MAX_FORWARDED_BATCHES as u32).await;
+            leading.is_ok() && following.is_ok()
+        };
+        tokio::time::timeout(grace, all).await.unwrap_or(false)
     }
 
     /// Publish one event through the batcher; (id, position) once committed.
@@ -341,6 +376,9 @@ impl Broker {
             Ok(ids) => Ok((0, CommandResult::Published(ids))),
             // Refused before it was queued (the nodes' --max-frame differ): nothing committed.
             Err(e) if matches!(*e, BrokerError::TooLarge { .. }) => Err(RemoteError::Invalid(e.to_string())),
+            // Never taken into an entry (the batcher stopped first: this node is draining), so
+            // nothing of it can commit: the follower sends it to the leader again.
+            Err(e) if matches!(*e, BrokerError::Stopped) => Err(RemoteError::Unavailable(e.to_string())),
             // Queued on the leader, the group may have committed even though this failed (a
             // deadline, a lost leadership): the follower must not retry it.
             Err(e) => Err(RemoteError::Internal(format!("publish outcome unknown: {e}"))),
@@ -500,17 +538,9 @@ fn lazy_until(settles: &[Settle], last_group: Option<tokio::time::Instant>) -> O
     (flowing && settles.iter().all(|s| s.lazy)).then(|| oldest + SETTLE_LINGER)
 }
 
-async fn batcher(
-    store: StateStore,
-    limits: EventLimits,
-    timeout: Duration,
-    linger: Duration,
-    mut inbox: Inbox,
-    dedup_max_keys: usize,
-    shutdown: CancellationToken,
-) {
-    let leading = Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES));
-    let following = Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES));
+async fn batcher(store: StateStore, settings: Batching, mut inbox: Inbox, slots: Arc<Slots>, shutdown: CancellationToken) {
+    let Batching { limits, timeout, linger, dedup_max_keys } = settings;
+    let (leading, following) = (&slots.leading, &slots.following);
     let replica = store.replica().clone();
     // When the batcher last took a group of events: lazy progress waits for one only while
     // events are flowing.
@@ -521,7 +551,7 @@ async fn batcher(
         // follower forwards at once: its batch merges into the leader's next entry anyway, so
         // waiting here would only add latency, not save an entry.
         let leader = replica.leader() == Some(replica.id());
-        let slots = if leader { &leading } else { &following };
+        let slots = if leader { leading } else { following };
         let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let (mut first, mut settles) = match first {
             Work::Group(g) => (Some(g), Vec::new()),

@@ -371,6 +371,24 @@ impl PeerNet {
         })
     }
 
+    /// Waits, at most `grace`, for a moment when no request from a peer is being served here, so
+    /// that closing the links (shutdown) cuts no answer short: a forwarded write this node was
+    /// committing would otherwise reach its sender as "outcome unknown". Returns whether it came.
+    pub async fn quiesce(&self, grace: Duration) -> bool {
+        let until = tokio::time::Instant::now() + grace;
+        // Bounded by `grace`.
+        loop {
+            let busy: u64 = lock(&self.links).values().map(|l| l.serving.load(Ordering::Relaxed)).sum();
+            if busy == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Largest frame a link sends or accepts.
     pub fn max_frame(&self) -> usize {
         self.cfg.max_frame

@@ -199,7 +199,7 @@ fn dead_letters(api: Api, sub: &str) -> Result<Vec<Value>, String> {
 }
 
 /// The whole event log as node `api` serves it, paged with `after`/`next` (1000 at a time).
-fn read_log(api: Api) -> Result<Vec<Value>, String> {
+pub(crate) fn read_log(api: Api) -> Result<Vec<Value>, String> {
     let mut out: Vec<Value> = Vec::new();
     let mut after = 0u64;
     for _ in 0..100_000 {
@@ -279,7 +279,7 @@ fn by_id(log: &[Value]) -> BTreeMap<String, Vec<&Value>> {
 }
 
 /// Log entries indexed by a string field of their payload (`tag` of published events, `id` of orders).
-fn by_payload_field<'a>(
+pub(crate) fn by_payload_field<'a>(
     log: &'a [Value],
     event_name: &str,
     field: &str,
