@@ -187,8 +187,15 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
 
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let start = Instant::now();
+    let http1 = req.version() <= http::Version::HTTP_11;
     let (route, result) = route(&app, req).await;
-    let resp = result.unwrap_or_else(ApiError::into_response);
+    let mut resp = result.unwrap_or_else(ApiError::into_response);
+    // Draining: an HTTP/1 client is told to reconnect (elsewhere, once this node stops
+    // accepting), as Envoy does, so that it does not send its next request on a kept-alive
+    // connection just as the drain closes it (HTTP/2 gets a GOAWAY from the graceful shutdown).
+    if http1 && app.proxy.is_draining() {
+        resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let status = resp.status().as_u16().to_string();
     metrics::counter!("raftbridge_http_requests_total", "route" => route, "status" => status).increment(1);
     metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());

@@ -141,3 +141,39 @@ fn rolling_restart_under_load_fails_no_request() {
         assert!(twice.is_empty(), "node {id}: events in the log more than once: {twice:?}");
     }
 }
+
+/// A draining node tells keep-alive clients to reconnect (`Connection: close` on its answers, as
+/// Envoy does while draining): a client that reused its connection would otherwise send a
+/// request just as the drain closes the connection, and see it fail under the request (the
+/// benchmark counted a few such errors per rolling restart).
+#[test]
+fn a_draining_node_tells_keep_alive_clients_to_reconnect() {
+    let (cluster, leader) = Cluster::formed("drain-keep-alive", 3, &[]);
+    let victim = cluster.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    let mut conn = http::KeepAlive::connect(cluster.http(victim), Duration::from_secs(10)).expect("connect");
+    for _ in 0..3 {
+        let r = conn.get("/healthz", Duration::from_secs(10)).expect("a request on the kept connection");
+        assert_eq!(r.status, 200, "{}", r.describe());
+        assert_ne!(r.header("connection"), Some("close"), "closed before the drain");
+    }
+    cluster.allow_exit(victim);
+    cluster.signal(victim, "TERM");
+    // Requests keep coming on the connection (never idle long): the first one the drain sees
+    // must be answered, and with `Connection: close`.
+    let until = Instant::now() + Duration::from_secs(10);
+    let mut answered = 0;
+    loop {
+        let r = conn
+            .get("/healthz", Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("the kept connection failed under a request after {answered} answers: {e}"));
+        answered += 1;
+        if r.header("connection") == Some("close") {
+            break;
+        }
+        assert!(Instant::now() < until, "no `Connection: close` within 10 s of SIGTERM ({answered} answers)");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(conn.get("/healthz", Duration::from_secs(5)).is_err(), "the connection stays open after `Connection: close`");
+    let status = cluster.wait_exit(victim, Duration::from_secs(30));
+    assert!(status.success(), "node {victim} exited with {status} after SIGTERM");
+}

@@ -119,6 +119,30 @@ pub fn request(
     read_response(&mut reader, method == "HEAD")
 }
 
+/// One HTTP/1.1 connection kept alive across requests, as a client's connection pool keeps it.
+pub struct KeepAlive {
+    addr: SocketAddr,
+    reader: DeadlineReader,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr, timeout: Duration) -> io::Result<KeepAlive> {
+        let stream = TcpStream::connect_timeout(&addr, timeout)?;
+        stream.set_nodelay(true)?;
+        let reader = DeadlineReader { stream, deadline: Instant::now() + timeout, buf: Vec::new(), pos: 0 };
+        Ok(KeepAlive { addr, reader })
+    }
+
+    /// `GET path` on this connection; the answer is read whole, within `timeout`.
+    pub fn get(&mut self, path: &str, timeout: Duration) -> io::Result<Response> {
+        self.reader.deadline = Instant::now() + timeout;
+        let head = format!("GET {path} HTTP/1.1\r\nHost: {}\r\n\r\n", self.addr);
+        self.reader.stream.set_write_timeout(Some(remaining(self.reader.deadline)?))?;
+        self.reader.stream.write_all(head.as_bytes())?;
+        read_response(&mut self.reader, false)
+    }
+}
+
 /// What a raw exchange produced: the bytes the peer sent, and whether it closed the connection.
 #[derive(Debug)]
 pub struct RawOutcome {
