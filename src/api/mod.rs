@@ -179,11 +179,22 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             }
         });
     }
+    // Refuse new connections (a client retries a refused connect elsewhere safely), then give
+    // those just accepted a moment to deliver their request: the graceful shutdown closes a
+    // connection that has not started one, and a request already on its way would meet a closed
+    // connection, which a client cannot safely retry unless the request is idempotent.
+    drop(listener);
+    tokio::time::sleep(ACCEPTED_SETTLE).await;
     info!(listener = listener_name, "http: draining connections");
     if tokio::time::timeout(app.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
         warn!(listener = listener_name, "http: grace period over, closing remaining connections");
     }
 }
+
+/// How long connections accepted just before the listener closed have to send their request
+/// before the graceful shutdown closes those without one (a loopback or LAN round trip is far
+/// less; each of them carries one request, answered with `Connection: close`, while draining).
+const ACCEPTED_SETTLE: Duration = Duration::from_millis(100);
 
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let start = Instant::now();
