@@ -138,15 +138,15 @@ impl Replica {
     /// openraft's last metrics (leader, term) go stale. Returns why. Only for a core that stops
     /// unasked: after `Raft::shutdown` this resolves too.
     pub async fn core_stopped(&self) -> String {
-        let mut rx = self.raft.metrics();
-        // Bounded by events: each pass consumes one metrics change, and the core's end ends it.
-        loop {
-            if let Err(fatal) = &rx.borrow_and_update().running_state {
-                return fatal.to_string();
-            }
-            if rx.changed().await.is_err() {
-                return "the raft core's task ended".into();
-            }
+        // The server metrics change rarely (state, leader, vote), unlike the full metrics (every
+        // log index): waiting on them wakes this task a few times, not per entry. Their sender
+        // lives in the core, so `changed` errs once the core has ended.
+        let mut rx = self.raft.server_metrics();
+        // Bounded by events: each pass consumes one change, and the core's end ends it.
+        while rx.changed().await.is_ok() {}
+        match &self.raft.metrics().borrow_watched().running_state {
+            Err(fatal) => fatal.to_string(),
+            Ok(()) => "the raft core's task ended".into(),
         }
     }
 
