@@ -179,6 +179,12 @@ pub struct NodeArgs {
     /// Grace period for in-flight work on shutdown (ms).
     #[arg(long, env = "RAFTBRIDGE_SHUTDOWN_GRACE_MS")]
     pub shutdown_grace_ms: Option<u64>,
+    /// On SIGTERM, how long the node keeps accepting and serving after `/readyz` turns 503 and
+    /// before it stops accepting (ms, default 500), answering HTTP/1 with `Connection: close`:
+    /// time for load balancers and Kubernetes endpoints to stop sending it new connections
+    /// (like Envoy's drain time, or a preStop sleep).
+    #[arg(long, env = "RAFTBRIDGE_DRAIN_DELAY_MS")]
+    pub drain_delay_ms: Option<u64>,
     /// Also run the example `demo` service.
     #[arg(
         long,
@@ -219,6 +225,7 @@ pub struct NodeConfig {
     pub max_frame: usize,
     pub max_connections: usize,
     pub shutdown_grace_ms: u64,
+    pub drain_delay_ms: u64,
     pub events_max_count: u64,
     pub dedup_max_keys: usize,
     pub idempotency_max_bytes: u64,
@@ -350,6 +357,7 @@ impl NodeArgs {
             max_frame: pick!(max_frame).unwrap_or(16 << 20),
             max_connections: pick!(max_connections).unwrap_or(10_000),
             shutdown_grace_ms: pick!(shutdown_grace_ms).unwrap_or(10_000),
+            drain_delay_ms: pick!(drain_delay_ms).unwrap_or(500),
             events_max_count: pick!(events_max_count).unwrap_or(100_000),
             dedup_max_keys: pick!(dedup_max_keys).unwrap_or(250_000),
             idempotency_max_bytes: pick!(idempotency_max_bytes).unwrap_or(64 << 20),

@@ -422,7 +422,7 @@ pub async fn run(
     proxy.set_draining();
     registry_stop.cancel();
     let _ = registry_task.await;
-    tokio::time::sleep(DRAIN_DELAY).await;
+    tokio::time::sleep(Duration::from_millis(cfg.drain_delay_ms)).await;
     http_stop.cancel();
     let _ = http_task.await;
     if let Some(task) = https_task {
@@ -462,9 +462,6 @@ pub async fn run(
 /// How long a stopping node waits for its event entries in flight, then for the peer requests
 /// it is serving, before it closes its links (each; an entry commits in milliseconds).
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(3);
-
-/// How long a draining node keeps answering (readyz 503) before it stops accepting connections.
-const DRAIN_DELAY: Duration = Duration::from_millis(500);
 
 /// How often histogram samples are folded into the exported summaries.
 const METRICS_UPKEEP: Duration = Duration::from_secs(1);

@@ -131,17 +131,39 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let mut stopping = false;
+    let mut late = 0usize;
+    // Bounded: after `shutdown`, at most `BACKLOG_SERVED` more connections.
     loop {
-        let (stream, remote) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(err) => {
-                    warn!(listener = listener_name, cause = %err, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
+        let (stream, remote) = if !stopping {
+            tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(err) => {
+                        warn!(listener = listener_name, cause = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        continue;
+                    }
+                },
+                _ = shutdown.cancelled() => {
+                    stopping = true;
                     continue;
                 }
-            },
-            _ = shutdown.cancelled() => break,
+            }
+        } else {
+            // Stopping: take what the kernel has already accepted for us. Closing the listener
+            // resets those connections, after their clients may have sent a request they cannot
+            // safely send again; served, each gets its answer (with `Connection: close`).
+            if late >= BACKLOG_SERVED {
+                break;
+            }
+            match tokio::time::timeout(Duration::ZERO, listener.accept()).await {
+                Ok(Ok(x)) => {
+                    late += 1;
+                    x
+                }
+                _ => break,
+            }
         };
         let Ok(permit) = conns.clone().try_acquire_owned() else {
             metrics::counter!("raftbridge_http_connections_refused_total", "listener" => listener_name).increment(1);
@@ -184,12 +206,18 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     // connection that has not started one, and a request already on its way would meet a closed
     // connection, which a client cannot safely retry unless the request is idempotent.
     drop(listener);
+    if late > 0 {
+        tracing::debug!(listener = listener_name, connections = late, "served connections accepted while stopping");
+    }
     tokio::time::sleep(ACCEPTED_SETTLE).await;
     info!(listener = listener_name, "http: draining connections");
     if tokio::time::timeout(app.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
         warn!(listener = listener_name, "http: grace period over, closing remaining connections");
     }
 }
+
+/// Connections already in the listen backlog that a stopping node still serves, at most.
+const BACKLOG_SERVED: usize = 1024;
 
 /// How long connections accepted just before the listener closed have to send their request
 /// before the graceful shutdown closes those without one (a loopback or LAN round trip is far

@@ -36,6 +36,7 @@ pub mod event;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use std::time::SystemTime;
 
@@ -164,6 +165,8 @@ pub struct Broker {
     /// The batcher's entries in flight (each holds a permit until its groups are answered);
     /// `drained` waits for all of them once the batcher has stopped.
     slots: Arc<Slots>,
+    /// The batcher's task: it ends on the broker's `shutdown`; `drained` takes and awaits it.
+    batcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// How the batcher makes entries (`Broker::start`).
@@ -235,9 +238,10 @@ impl Broker {
             following: Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES)),
         });
         let settings = Batching { limits, timeout, linger, dedup_max_keys };
-        tokio::spawn(batcher(store.clone(), settings, inbox, slots.clone(), shutdown));
+        let task = tokio::spawn(batcher(store.clone(), settings, inbox, slots.clone(), shutdown));
         Arc::new(Broker {
             slots,
+            batcher: Mutex::new(Some(task)),
             store,
             queue: tx,
             settles: settle_tx,
@@ -255,7 +259,12 @@ impl Broker {
     /// had in flight are answered (a drained leader's last entries, forwarded to the new
     /// leader, still need the peer links). Returns whether they all were.
     pub async fn drained(&self, grace: Duration) -> bool {
+        let task = self.batcher.lock().unwrap_or_else(|p| p.into_inner()).take();
         let all = async {
+            // First the batcher itself, so that it makes no entry after the permits are counted.
+            if let Some(task) = task {
+                let _ = task.await;
+            }
             let leading = self.slots.leading.acquire_many(MAX_INFLIGHT_BATCHES as u32).await;
             let following = self.slots.following.acquire_many(MAX_FORWARDED_BATCHES as u32).await;
             leading.is_ok() && following.is_ok()
@@ -409,13 +418,19 @@ enum Work {
 impl Inbox {
     /// Waits until something is queued (held groups first).
     async fn next(&mut self, shutdown: &CancellationToken) -> Option<Work> {
+        // Stopped: take nothing more, also with groups queued (`Broker::drained` then finds
+        // every entry this batcher will ever make).
+        if shutdown.is_cancelled() {
+            return None;
+        }
         if let Some(g) = self.held.pop_front() {
             return Some(Work::Group(g));
         }
         tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => None,
             g = self.groups.recv() => g.map(Work::Group),
             s = self.settles.recv() => s.map(Work::Settle),
-            _ = shutdown.cancelled() => None,
         }
     }
 
@@ -438,7 +453,7 @@ impl Inbox {
             queued += g.events.len();
             self.held.push_back(g);
         }
-        true
+        !shutdown.is_cancelled()
     }
 
     /// A follower's batch: let every task that is ready to run go first (one yield), so that

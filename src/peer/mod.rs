@@ -248,6 +248,9 @@ pub struct Link {
     last_seen: Mutex<tokio::time::Instant>,
     /// Requests from the peer being served on this link right now (for retirement).
     serving: AtomicU64,
+    /// Of those, the ones that are not Raft's own (forwarded writes, reads, calls, deliveries),
+    /// whose answers someone waits for (`PeerNet::quiesce`).
+    answering: AtomicU64,
 }
 
 impl Link {
@@ -371,14 +374,15 @@ impl PeerNet {
         })
     }
 
-    /// Waits, at most `grace`, for a moment when no request from a peer is being served here, so
-    /// that closing the links (shutdown) cuts no answer short: a forwarded write this node was
+    /// Waits, at most `grace`, for a moment when no request from a peer is being served here,
+    /// Raft's own aside (a leader keeps appending; a stopping follower need not answer), so that
+    /// closing the links (shutdown) cuts no answer short: a forwarded write this node was
     /// committing would otherwise reach its sender as "outcome unknown". Returns whether it came.
     pub async fn quiesce(&self, grace: Duration) -> bool {
         let until = tokio::time::Instant::now() + grace;
         // Bounded by `grace`.
         loop {
-            let busy: u64 = lock(&self.links).values().map(|l| l.serving.load(Ordering::Relaxed)).sum();
+            let busy: u64 = lock(&self.links).values().map(|l| l.answering.load(Ordering::Relaxed)).sum();
             if busy == 0 {
                 return true;
             }
@@ -759,6 +763,7 @@ impl PeerNet {
             closed: self.shutdown.child_token(),
             last_seen: Mutex::new(tokio::time::Instant::now()),
             serving: AtomicU64::new(0),
+            answering: AtomicU64::new(0),
         });
         let existing = self.register(&link);
         if existing.is_some() {
@@ -1003,7 +1008,11 @@ async fn read_loop(
                 };
                 let link = link.clone();
                 let corr = frame.corr;
+                let answering = req.raft_sender().is_none();
                 link.serving.fetch_add(1, Ordering::Relaxed);
+                if answering {
+                    link.answering.fetch_add(1, Ordering::Relaxed);
+                }
                 // Called here, in arrival order (see `Handler`), not in the spawned task: tasks
                 // spawned together may start in any order.
                 let serve = handler.handle(link.peer, req);
@@ -1017,6 +1026,9 @@ async fn read_loop(
                         Err(err) => warn!(peer = link.peer, cause = %err, "response does not encode"),
                     }
                     link.serving.fetch_sub(1, Ordering::Relaxed);
+                    if answering {
+                        link.answering.fetch_sub(1, Ordering::Relaxed);
+                    }
                 });
             }
             Kind::Hello | Kind::HelloAck | Kind::Reject | Kind::Auth => {

@@ -115,15 +115,31 @@ impl Replica {
         self.raft.metrics().borrow_watched().clone()
     }
 
+    /// The leader this node knows of; none once its Raft core has stopped (the core's last
+    /// metrics keep naming the leader of that moment, maybe itself).
     pub fn leader(&self) -> Option<NodeId> {
-        self.raft.metrics().borrow_watched().current_leader
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        if m.running_state.is_err() { None } else { m.current_leader }
+    }
+
+    /// The core has stopped on its own (or was shut down): nothing sent to it is taken.
+    fn core_is_stopped(&self) -> bool {
+        self.raft.metrics().borrow_watched().running_state.is_err()
     }
 
     /// Wait (bounded by `deadline`) until a leader is known.
     async fn wait_leader(&self, deadline: Instant) -> Result<NodeId, ReplicaError> {
         let mut rx = self.raft.metrics();
         loop {
-            if let Some(l) = rx.borrow_and_update().current_leader {
+            let (stopped, leader) = {
+                let m = rx.borrow_and_update();
+                (m.running_state.is_err(), m.current_leader)
+            };
+            if stopped {
+                return Err(ReplicaError::Unavailable);
+            }
+            if let Some(l) = leader {
                 return Ok(l);
             }
             // A closed channel (the core has ended) would answer at once, forever: unavailable.
@@ -195,6 +211,10 @@ impl Replica {
 
     /// Propose on this node, which must be the leader (serves forwarded writes too).
     pub async fn write_local(&self, cmd: Command) -> Result<(u64, CommandResult), RemoteError> {
+        // Stopped before this write: it cannot reach the core, so any node may take it instead.
+        if self.core_is_stopped() {
+            return Err(RemoteError::Unavailable("this node's raft has stopped".into()));
+        }
         let retry_safe = cmd.retry_safe();
         match self.raft.client_write(cmd).await {
             Ok(resp) => Ok((resp.log_id.index, resp.data)),
@@ -430,11 +450,6 @@ pub fn response_name(r: &PeerResponse) -> &'static str {
     }
 }
 
-/// What a refused proposal means for its sender. Rejected before its entry was appended: not
-/// the leader, send it there. Appended, then discarded when this node took another leader's log:
-/// the outcome is unknown (it may still commit), so only a command that may be applied twice is
-/// retried (`Unavailable`); any other gets a gateway error, never a 400 (the chaos suite saw a
-/// keyed increment answered 400 after a leader change). Anything else is about the request.
 /// A write the Raft core took but could not finish because it stopped (a failed disk, a
 /// shutdown): it may have been replicated and may still commit, so like a discarded entry it is
 /// sent elsewhere only when running it twice changes nothing; otherwise its outcome is unknown.
@@ -446,6 +461,11 @@ fn stopped_error(e: &openraft::error::Fatal<TypeConfig>, retry_safe: bool) -> Re
     }
 }
 
+/// What a refused proposal means for its sender. Rejected before its entry was appended: not
+/// the leader, send it there. Appended, then discarded when this node took another leader's log:
+/// the outcome is unknown (it may still commit), so only a command that may be applied twice is
+/// retried (`Unavailable`); any other gets a gateway error, never a 400 (the chaos suite saw a
+/// keyed increment answered 400 after a leader change). Anything else is about the request.
 fn write_error(e: ClientWriteError, retry_safe: bool) -> RemoteError {
     match e {
         ClientWriteError::ForwardToLeader(f) => RemoteError::NotLeader { leader: f.leader_id },
