@@ -893,7 +893,8 @@ async fn write_loop(
             () = &mut closed => break,
         };
         if writer.feed(first).await.is_err() {
-            break;
+            link.close();
+            return;
         }
         let mut n = 1;
         let mut yielded = false;
@@ -920,11 +921,19 @@ async fn write_loop(
         frames.increment(n as u64);
         flushes.increment(1);
         if SinkExt::<Bytes>::flush(&mut writer).await.is_err() {
-            break;
+            link.close();
+            return;
         }
     }
     link.close();
+    // Closed by either side, the connection still works: end it cleanly (a TLS close_notify,
+    // then FIN), so that the peer reads an orderly end instead of warning of a truncated TLS
+    // stream at every graceful restart. Bounded: the peer may have gone.
+    let _ = tokio::time::timeout(CLEAN_CLOSE, SinkExt::<Bytes>::close(&mut writer)).await;
 }
+
+/// How long a link's writer may take to end its connection cleanly.
+const CLEAN_CLOSE: Duration = Duration::from_millis(200);
 
 /// Reads frames until the connection ends, errs, or the link closes; serves requests concurrently
 /// (bounded) and completes outstanding calls with their responses.

@@ -333,3 +333,53 @@ fn a_removed_node_that_still_runs_does_not_hold_up_a_join() {
     });
     assert!(c.api(leader).status().expect("status").member(victim).is_none(), "node {victim} stays out");
 }
+
+/// A node stopped gracefully under peer TLS ends its links with a TLS close_notify: its peers
+/// read an orderly end, where they used to warn of a truncated TLS stream ("peer closed
+/// connection without sending TLS close_notify") at every rolling restart.
+#[test]
+fn a_graceful_stop_under_peer_tls_ends_the_links_cleanly() {
+    let mut c = Cluster::new("peer-tls-close", 3, &[]);
+    let pki = c.dir().join("pki");
+    for id in c.ids() {
+        let flags = node_certs(&c, &pki, &format!("n{id}"), Some(id));
+        c.add_node_flags(id, &flags);
+    }
+    c.start_all();
+    let leader = c.wait_for_membership(&c.ids(), &[], crate::harness::FORMATION);
+    let victim = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    c.api(leader).must_put("before-stop", &json!(1));
+    let log = |id: u64| strip_ansi(&std::fs::read_to_string(c.dir().join(format!("n{id}.log"))).unwrap_or_default());
+    let others: Vec<u64> = c.ids().into_iter().filter(|&id| id != victim).collect();
+    let downs = |id: u64| log(id).matches(&format!("peer link down peer={victim}")).count();
+    let before: Vec<usize> = others.iter().map(|&id| downs(id)).collect();
+    c.terminate(victim);
+    // Both peers saw the links go (so the check below looks at the right moment).
+    c.wait_until("the peers saw the stopped node's links close", CATCH_UP, || {
+        others.iter().zip(&before).all(|(&id, &b)| downs(id) > b)
+    });
+    for &id in &others {
+        let truncated: Vec<String> =
+            log(id).lines().filter(|l| l.contains("close_notify")).map(str::to_string).collect();
+        assert!(truncated.is_empty(), "node {id} read a truncated TLS stream from node {victim}: {truncated:#?}");
+    }
+}
+
+/// The text of a log without its terminal colours (`ESC [ … m`).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(ch) = chars.next() {
+        if ch == '\u{1b}' {
+            // Skip to the end of the escape sequence (bounded by the text).
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(ch);
+        }
+    }
+    out
+}
