@@ -174,7 +174,10 @@ pub const DEFAULT_LOG: &str = "info,openraft=warn,openraft::core::heartbeat=erro
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colours only on a terminal: in files, the journal and `docker logs` they are noise that
+    // every reader (and grep) must strip.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
 /// Cancel the token on SIGINT or SIGTERM.

@@ -164,7 +164,7 @@ pub struct Broker {
     max_group_bytes: usize,
     /// The batcher's entries in flight (each holds a permit until its groups are answered);
     /// `drained` waits for all of them once the batcher has stopped.
-    slots: Arc<Slots>,
+    slots: Slots,
     /// The batcher's task: it ends on the broker's `shutdown`; `drained` takes and awaits it.
     batcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
@@ -178,6 +178,7 @@ struct Batching {
 }
 
 /// Entries in flight: as leader (proposed), as follower (forwarded to the leader).
+#[derive(Clone)]
 struct Slots {
     leading: Arc<Semaphore>,
     following: Arc<Semaphore>,
@@ -233,10 +234,10 @@ impl Broker {
         // An entry holds at most what one group may (or less): it must fit into a peer frame.
         let max_bytes = MAX_BATCH_BYTES.min(max_group_bytes);
         let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes };
-        let slots = Arc::new(Slots {
+        let slots = Slots {
             leading: Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES)),
             following: Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES)),
-        });
+        };
         let settings = Batching { limits, timeout, linger, dedup_max_keys };
         let task = tokio::spawn(batcher(store.clone(), settings, inbox, slots.clone(), shutdown));
         Arc::new(Broker {
@@ -553,7 +554,7 @@ fn lazy_until(settles: &[Settle], last_group: Option<tokio::time::Instant>) -> O
     (flowing && settles.iter().all(|s| s.lazy)).then(|| oldest + SETTLE_LINGER)
 }
 
-async fn batcher(store: StateStore, settings: Batching, mut inbox: Inbox, slots: Arc<Slots>, shutdown: CancellationToken) {
+async fn batcher(store: StateStore, settings: Batching, mut inbox: Inbox, slots: Slots, shutdown: CancellationToken) {
     let Batching { limits, timeout, linger, dedup_max_keys } = settings;
     let (leading, following) = (&slots.leading, &slots.following);
     let replica = store.replica().clone();

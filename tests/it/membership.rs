@@ -173,14 +173,10 @@ fn node_certs(c: &Cluster, dir: &std::path::Path, name: &str, id: Option<u64>) -
     flags
 }
 
-/// With `--peer-tls-*` (certificates from `raftbridge certs --node-id`, bound ones required) the
-/// nodes form a cluster over mutual TLS and replicate and forward as usual; a node whose
-/// certificate comes from another CA, or from the cluster CA but bound to no node id, is
-/// refused at every handshake and never becomes a member, and a node will not start with
-/// another node's certificate.
-#[test]
-fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
-    let mut c = Cluster::new("peer-tls", 3, &[]);
+/// Three nodes over mutual peer TLS, each with a certificate bound to its id (required), formed;
+/// also the directory of the cluster CA and the leader.
+fn tls_cluster(name: &str) -> (Cluster, std::path::PathBuf, u64) {
+    let mut c = Cluster::new(name, 3, &[]);
     let pki = c.dir().join("pki");
     for id in c.ids() {
         let flags = node_certs(&c, &pki, &format!("n{id}"), Some(id));
@@ -188,6 +184,17 @@ fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
     }
     c.start_all();
     let leader = c.wait_for_membership(&c.ids(), &[], crate::harness::FORMATION);
+    (c, pki, leader)
+}
+
+/// With `--peer-tls-*` (certificates from `raftbridge certs --node-id`, bound ones required) the
+/// nodes form a cluster over mutual TLS and replicate and forward as usual; a node whose
+/// certificate comes from another CA, or from the cluster CA but bound to no node id, is
+/// refused at every handshake and never becomes a member, and a node will not start with
+/// another node's certificate.
+#[test]
+fn peers_link_over_mutual_tls_and_a_node_of_another_ca_is_kept_out() {
+    let (mut c, pki, leader) = tls_cluster("peer-tls");
     let followers: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
     // A write at a follower is forwarded to the leader and replicated; the other follower
     // reads it back: every hop crossed a TLS link.
@@ -339,17 +346,10 @@ fn a_removed_node_that_still_runs_does_not_hold_up_a_join() {
 /// connection without sending TLS close_notify") at every rolling restart.
 #[test]
 fn a_graceful_stop_under_peer_tls_ends_the_links_cleanly() {
-    let mut c = Cluster::new("peer-tls-close", 3, &[]);
-    let pki = c.dir().join("pki");
-    for id in c.ids() {
-        let flags = node_certs(&c, &pki, &format!("n{id}"), Some(id));
-        c.add_node_flags(id, &flags);
-    }
-    c.start_all();
-    let leader = c.wait_for_membership(&c.ids(), &[], crate::harness::FORMATION);
+    let (c, _, leader) = tls_cluster("peer-tls-close");
     let victim = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
     c.api(leader).must_put("before-stop", &json!(1));
-    let log = |id: u64| strip_ansi(&std::fs::read_to_string(c.dir().join(format!("n{id}.log"))).unwrap_or_default());
+    let log = |id: u64| std::fs::read_to_string(c.dir().join(format!("n{id}.log"))).unwrap_or_default();
     let others: Vec<u64> = c.ids().into_iter().filter(|&id| id != victim).collect();
     let downs = |id: u64| log(id).matches(&format!("peer link down peer={victim}")).count();
     let before: Vec<usize> = others.iter().map(|&id| downs(id)).collect();
@@ -365,21 +365,3 @@ fn a_graceful_stop_under_peer_tls_ends_the_links_cleanly() {
     }
 }
 
-/// The text of a log without its terminal colours (`ESC [ … m`).
-fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(ch) = chars.next() {
-        if ch == '\u{1b}' {
-            // Skip to the end of the escape sequence (bounded by the text).
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(ch);
-        }
-    }
-    out
-}
