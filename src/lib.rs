@@ -19,6 +19,7 @@ pub mod raft;
 pub mod sdk;
 pub mod sidecar;
 pub mod store;
+pub mod supervise;
 
 /// Locks a std mutex, going on if it is poisoned. Every mutex in this crate guards maps, queues
 /// or plain values that stay valid between statements, so a panic elsewhere while one was held

@@ -69,6 +69,8 @@ pub enum NodeError {
     Raft(String),
     #[error("raft stopped on its own ({0}); restart the node to recover from its disk")]
     RaftStopped(String),
+    #[error("{0}; restart the node (a bug: please report it with the log)")]
+    LoopPanicked(crate::supervise::Failure),
     #[error("sidecar: {0}")]
     Sidecar(#[from] crate::sidecar::SidecarError),
     #[error("peer TLS: {0}")]
@@ -235,7 +237,7 @@ pub async fn run(
         None => None,
     };
     // Also without TLS: SIGHUP (systemd's reload) must not end the node, as its default would.
-    tokio::spawn(reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
+    crate::supervise::spawn("certificate reload", reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
     let peer_listener =
         TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
     let http_listener =
@@ -279,7 +281,7 @@ pub async fn run(
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     let replica = Replica::new(raft.clone(), net.clone());
     let guard_stop = CancellationToken::new();
-    tokio::spawn(log_guard(raft.clone(), log_bytes, log_max_bytes(cfg.id), guard_stop.clone()));
+    crate::supervise::spawn("log guard", log_guard(raft.clone(), log_bytes, log_max_bytes(cfg.id), guard_stop.clone()));
     let cluster_stop = CancellationToken::new();
     let cluster = Cluster::start(
         replica.clone(),
@@ -352,7 +354,7 @@ pub async fn run(
         snapshots: Arc::new(Mutex::new(HashMap::new())),
         appends: AppendLanes::new(replica.raft.clone()),
     }));
-    let peer_task = tokio::spawn(net.clone().run(peer_listener));
+    let peer_task = crate::supervise::spawn("peer listener", net.clone().run(peer_listener));
 
     let offering: Offering = Arc::new(move || {
         let mut decls = compiled.clone();
@@ -369,10 +371,10 @@ pub async fn run(
     // Nothing to register: in sync from the start (readiness then is just "in a cluster with a leader").
     let registered = Arc::new(std::sync::atomic::AtomicBool::new(offering().is_empty()));
     let registry_task =
-        tokio::spawn(registry::run(store.clone(), cluster.clone(), offering, registered.clone(), registry_stop.clone()));
+        crate::supervise::spawn("service registry", registry::run(store.clone(), cluster.clone(), offering, registered.clone(), registry_stop.clone()));
 
     if let Some(handle) = metrics.clone() {
-        tokio::spawn(metrics_upkeep(handle, guard_stop.clone()));
+        crate::supervise::spawn("metrics upkeep", metrics_upkeep(handle, guard_stop.clone()));
     }
     let settings = api::HttpSettings {
         max_body: cfg.max_body,
@@ -397,24 +399,31 @@ pub async fn run(
     });
     let http_stop = CancellationToken::new();
     let https_task = match (https_listener, https) {
-        (Some(listener), Some(tls)) => Some(tokio::spawn(api::run(listener, app.clone(), Some(tls), http_stop.clone()))),
+        (Some(listener), Some(tls)) => Some(crate::supervise::spawn("HTTPS listener", api::run(listener, app.clone(), Some(tls), http_stop.clone()))),
         _ => None,
     };
-    let http_task = tokio::spawn(api::run(http_listener, app, None, http_stop.clone()));
+    let http_task = crate::supervise::spawn("HTTP listener", api::run(http_listener, app, None, http_stop.clone()));
     info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, https = ?cfg.https.as_ref().map(|h| &h.addr), advertise = %cfg.advertise, "node started");
 
     // A Raft core that stops on its own (its log or snapshot could not be written) leaves a node
     // that answers reads from a frozen copy and fails every write: it drains and exits with an
     // error instead, so that its supervisor restarts it and recovery starts from what the disk
     // holds (etcd and PostgreSQL end the process on a failed fsync for the same reason).
-    let core_failure = tokio::select! {
+    // A loop the node cannot work without that panicked (`supervise`) ends it the same way.
+    let failure = tokio::select! {
         _ = shutdown.cancelled() => None,
-        why = replica.core_stopped() => Some(why),
+        why = replica.core_stopped() => Some(Fatal::Core(why)),
+        failed = crate::supervise::global().failed() => Some(Fatal::Loop(failed)),
     };
-    if let Some(why) = &core_failure {
-        error!(cause = %why, "raft stopped on its own: this node can no longer vote, replicate or apply; \
-            draining and exiting with an error so that it is restarted and recovers from its disk");
-    }
+    let core_failure = match &failure {
+        Some(Fatal::Core(why)) => {
+            error!(cause = %why, "raft stopped on its own: this node can no longer vote, replicate or apply; \
+                draining and exiting with an error so that it is restarted and recovers from its disk");
+            true
+        }
+        // `supervise` logged the panic.
+        Some(Fatal::Loop(_)) | None => false,
+    };
     // Drain in order: say "not ready" (load balancers and probes stop sending), leave the
     // registry (peers stop routing here), keep serving for a moment so in-flight clients see the
     // change, stop accepting and finish in-flight requests, hand Raft leadership over, stop.
@@ -428,7 +437,7 @@ pub async fn run(
     if let Some(task) = https_task {
         let _ = task.await;
     }
-    if core_failure.is_none() {
+    if !core_failure {
         hand_over_leadership(&replica).await;
     }
     sidecar_stop.cancel();
@@ -450,13 +459,23 @@ pub async fn run(
     if let Err(e) = raft.shutdown().await {
         warn!(cause = %e, "raft shutdown");
     }
-    match core_failure {
-        Some(why) => Err(NodeError::RaftStopped(why)),
+    // A loop that panicked while the node drained also makes the exit an error.
+    match failure.or_else(|| crate::supervise::global().failure().map(Fatal::Loop)) {
+        Some(Fatal::Core(why)) => Err(NodeError::RaftStopped(why)),
+        Some(Fatal::Loop(failed)) => Err(NodeError::LoopPanicked(failed)),
         None => {
             info!("node stopped");
             Ok(())
         }
     }
+}
+
+/// Why a node stops without being asked to.
+enum Fatal {
+    /// Its Raft core stopped on its own, with this reason.
+    Core(String),
+    /// A loop it cannot work without panicked.
+    Loop(crate::supervise::Failure),
 }
 
 /// How long a stopping node waits for its event entries in flight, then for the peer requests
@@ -751,6 +770,44 @@ async fn snapshot_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node whose supervised loop panics drains and returns an error (so the binary exits 1),
+    /// instead of staying up without it. The panic is injected through the process's supervisor,
+    /// which is where every node loop is spawned; nextest runs each test in its own process.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_background_loop_panics_drains_and_exits_with_an_error() {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let (peer, http) = (free(), free());
+        let dir = std::env::temp_dir().join(format!("rb-supervise-{}", fastrand::u64(..)));
+        let cfg = crate::config::NodeArgs {
+            id: Some(1),
+            data_dir: Some(dir.clone()),
+            peer_addr: Some(peer.clone()),
+            http_addr: Some(http.clone()),
+            seeds: Some(vec![peer]),
+            bootstrap_expect: Some(1),
+            drain_delay_ms: Some(0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let shutdown = CancellationToken::new();
+        let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(&http).await.is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "the node never listened on {http}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        crate::supervise::spawn("injected loop", async { panic!("injected for the test") });
+        let ended = tokio::time::timeout(Duration::from_secs(60), node).await.expect("the node exits on its own").unwrap();
+        match ended {
+            Err(NodeError::LoopPanicked(f)) => assert_eq!((f.task, f.cause.as_str()), ("injected loop", "injected for the test")),
+            other => panic!("expected LoopPanicked, got {other:?}"),
+        }
+        assert!(!shutdown.is_cancelled(), "nobody asked the node to stop");
+        assert!(tokio::net::TcpStream::connect(&http).await.is_err(), "the stopped node no longer listens");
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     /// A certificate near its expiry is warned about, at most once an hour; one far from it is not.
     #[tokio::test(start_paused = true)]

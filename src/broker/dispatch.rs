@@ -142,11 +142,11 @@ impl Dispatcher {
             latency,
             updates: tx,
         });
-        tokio::spawn(update_writer(d.broker.clone(), rx, shutdown.clone()));
-        tokio::spawn(d.clone().shared_loop(shutdown.clone()));
+        crate::supervise::spawn("subscription progress writer", update_writer(d.broker.clone(), rx, shutdown.clone()));
+        crate::supervise::spawn("shared subscription dispatch", d.clone().shared_loop(shutdown.clone()));
         for (name, sub) in &d.local {
             if !sub.shared {
-                tokio::spawn(d.clone().instance_loop(name.clone(), shutdown.clone()));
+                crate::supervise::spawn("every-instance subscription dispatch", d.clone().instance_loop(name.clone(), shutdown.clone()));
             }
         }
         d

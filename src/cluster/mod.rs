@@ -83,9 +83,9 @@ impl Cluster {
         let (tx, rx) = mpsc::channel(QUEUE);
         let last_ready_ms = Arc::new(AtomicU64::new(0));
         let cluster = Cluster { replica, settings: Arc::new(settings), changes: tx, last_ready_ms, since: Instant::now() };
-        tokio::spawn(cluster.clone().membership_task(rx, shutdown.clone()));
-        tokio::spawn(cluster.clone().address_book(shutdown.clone()));
-        tokio::spawn(cluster.clone().bootstrap_or_join(shutdown));
+        crate::supervise::spawn("membership", cluster.clone().membership_task(rx, shutdown.clone()));
+        crate::supervise::spawn("address book", cluster.clone().address_book(shutdown.clone()));
+        crate::supervise::spawn("bootstrap or join", cluster.clone().bootstrap_or_join(shutdown));
         cluster
     }
 

@@ -643,7 +643,7 @@ impl PeerNet {
 
     /// Accept peer connections until `shutdown`.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        let maintainer = tokio::spawn(self.clone().maintain());
+        let maintainer = crate::supervise::spawn("peer link upkeep", self.clone().maintain());
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,

@@ -103,7 +103,7 @@ impl Replica {
     pub fn new(raft: Raft, net: Arc<PeerNet>) -> Replica {
         let (tx, rx) = mpsc::channel(FORWARD_QUEUE);
         let replica = Replica { raft, net, forward: tx };
-        tokio::spawn(forwarder(replica.raft.clone(), replica.net.clone(), rx));
+        crate::supervise::spawn("write forwarder", forwarder(replica.raft.clone(), replica.net.clone(), rx));
         replica
     }
 
