@@ -208,7 +208,8 @@ pub struct Sidecar {
 impl Sidecar {
     /// Validates the config and starts the health checks (until `shutdown`). Needs a Tokio runtime.
     pub fn start(cfg: SidecarConfig, shutdown: CancellationToken) -> Result<Sidecar, SidecarError> {
-        let runtime = tokio::runtime::Handle::try_current().map_err(|_| SidecarError::NoRuntime)?;
+        // Checked first: spawning the health check outside a runtime would panic.
+        tokio::runtime::Handle::try_current().map_err(|_| SidecarError::NoRuntime)?;
         let (pool, forwards) = forwarders(&cfg)?;
         let mut services: BTreeMap<(String, u32), Service> = BTreeMap::new();
         for (c, forward) in cfg.commands.iter().zip(forwards) {
@@ -258,7 +259,7 @@ impl Sidecar {
         let (tx, healthy) = watch::channel(cfg.health_path.is_none());
         let interval = Duration::from_millis(cfg.health_interval_ms);
         let health = cfg.health_path.map(|path| format!("{}{path}", pool.base));
-        runtime.spawn(health_loop(pool.addr.clone(), health, interval, tx, shutdown));
+        crate::supervise::spawn("sidecar health check", health_loop(pool.addr.clone(), health, interval, tx, shutdown));
         Ok(Sidecar { parts, healthy })
     }
 
