@@ -345,6 +345,7 @@ pub async fn run(
             max_output: cfg.max_frame / 2,
         },
     ));
+    let appends = AppendLanes::new(replica.raft.clone());
     net.set_handler(Arc::new(PeerHandler {
         replica: replica.clone(),
         cluster: cluster.clone(),
@@ -352,7 +353,7 @@ pub async fn run(
         dispatcher,
         broker: broker.clone(),
         snapshots: Arc::new(Mutex::new(HashMap::new())),
-        appends: AppendLanes::new(replica.raft.clone()),
+        appends: appends.clone(),
     }));
     let peer_task = crate::supervise::spawn("peer listener", net.clone().run(peer_listener));
 
@@ -456,6 +457,10 @@ pub async fn run(
     // rolling restart (openraft: "failed to send RaftMsg to RaftCore … raft stopped").
     net_stop.cancel();
     let _ = peer_task.await;
+    // Then what the core took from the links: an append it never answered is logged as an error.
+    if !appends.close(IN_FLIGHT_GRACE).await {
+        warn!(grace = ?IN_FLIGHT_GRACE, "appends still in the raft core at shutdown");
+    }
     if let Err(e) = raft.shutdown().await {
         warn!(cause = %e, "raft shutdown");
     }

@@ -440,18 +440,38 @@ pub struct AppendLanes {
     lanes: Mutex<HashMap<NodeId, Lane>>,
     /// Tells lanes apart, so an ended lane removes only its own entry.
     next_lane: std::sync::atomic::AtomicU64,
+    /// Set by `close` (under the `lanes` lock): no lane starts after it.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 struct Lane {
     id: u64,
+    /// The lane's only sender: dropping it ends the lane's input, and the lane ends once
+    /// openraft has answered what it took.
     tx: mpsc::Sender<(AppendEntriesRequest, oneshot::Sender<LaneResult>)>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 type LaneResult = Result<StreamAppendResult, String>;
 
 impl AppendLanes {
     pub fn new(raft: Raft) -> Arc<AppendLanes> {
-        Arc::new(AppendLanes { raft, lanes: Mutex::new(HashMap::new()), next_lane: Default::default() })
+        Arc::new(AppendLanes { raft, lanes: Mutex::new(HashMap::new()), next_lane: Default::default(), closed: Default::default() })
+    }
+
+    /// Ends every lane and refuses new ones; waits (at most `grace`) until the Raft core has
+    /// answered every request the lanes gave it. The node calls it after its links closed and
+    /// before it stops Raft: openraft logs an append that the core took but never answered as
+    /// an error ("stream_append: RaftCore stopped"), which a follower's graceful stop under load
+    /// did nearly every time. False if a lane was still busy when `grace` ran out.
+    pub async fn close(&self, grace: Duration) -> bool {
+        let lanes: Vec<Lane> = {
+            let mut lanes = lock(&self.lanes);
+            self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
+            lanes.drain().map(|(_, lane)| lane).collect()
+        };
+        let tasks: Vec<_> = lanes.into_iter().map(|Lane { task, .. }| task).collect();
+        tokio::time::timeout(grace, futures_util::future::join_all(tasks)).await.is_ok()
     }
 
     /// Takes `rpc` from `from` now, behind every request submitted before it; the future
@@ -461,8 +481,10 @@ impl AppendLanes {
         let mut item = Some((rpc, tx));
         {
             let mut lanes = lock(&self.lanes);
+            // After `close` the request is dropped unserved: its sender gets an error at once.
+            let tries = if self.closed.load(std::sync::atomic::Ordering::Relaxed) { 0 } else { 2 };
             // The current lane, or a new one if it has ended: two tries at most.
-            for _ in 0..2 {
+            for _ in 0..tries {
                 let Some(it) = item.take() else { break };
                 let lane = lanes.entry(from).or_insert_with(|| self.start_lane(from));
                 match lane.tx.try_send(it) {
@@ -488,8 +510,8 @@ impl AppendLanes {
     fn start_lane(self: &Arc<Self>, from: NodeId) -> Lane {
         let id = self.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(LANE_QUEUE);
-        tokio::spawn(run_lane(self.raft.clone(), rx, Arc::downgrade(self), from, id));
-        Lane { id, tx }
+        let task = tokio::spawn(run_lane(self.raft.clone(), rx, Arc::downgrade(self), from, id));
+        Lane { id, tx, task }
     }
 }
 
