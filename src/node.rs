@@ -210,6 +210,8 @@ pub async fn run(
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
+    // Panics of this run's loops only (`supervise`): a process may run a node again.
+    let supervised = crate::supervise::global().mark();
     // First, so that SIGHUP (systemd's reload) never ends the node once it runs (its default).
     let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(h) => Some(h),
@@ -414,7 +416,7 @@ pub async fn run(
     let failure = tokio::select! {
         _ = shutdown.cancelled() => None,
         why = replica.core_stopped() => Some(Fatal::Core(why)),
-        failed = crate::supervise::global().failed() => Some(Fatal::Loop(failed)),
+        failed = crate::supervise::global().failed_since(supervised) => Some(Fatal::Loop(failed)),
     };
     let core_failure = match &failure {
         Some(Fatal::Core(why)) => {
@@ -465,7 +467,7 @@ pub async fn run(
         warn!(cause = %e, "raft shutdown");
     }
     // A loop that panicked while the node drained also makes the exit an error.
-    match failure.or_else(|| crate::supervise::global().failure().map(Fatal::Loop)) {
+    match failure.or_else(|| crate::supervise::global().failure_since(supervised).map(Fatal::Loop)) {
         Some(Fatal::Core(why)) => Err(NodeError::RaftStopped(why)),
         Some(Fatal::Loop(failed)) => Err(NodeError::LoopPanicked(failed)),
         None => {
@@ -778,7 +780,7 @@ mod tests {
 
     /// A node whose supervised loop panics drains and returns an error (so the binary exits 1),
     /// instead of staying up without it. The panic is injected through the process's supervisor,
-    /// which is where every node loop is spawned; nextest runs each test in its own process.
+    /// which is where every node loop is spawned.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_whose_background_loop_panics_drains_and_exits_with_an_error() {
         let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
@@ -806,7 +808,7 @@ mod tests {
         crate::supervise::spawn("injected loop", async { panic!("injected for the test") });
         let ended = tokio::time::timeout(Duration::from_secs(60), node).await.expect("the node exits on its own").unwrap();
         match ended {
-            Err(NodeError::LoopPanicked(f)) => assert_eq!((f.task, f.cause.as_str()), ("injected loop", "injected for the test")),
+            Err(NodeError::LoopPanicked(f)) => assert_eq!((&*f.task, f.cause.as_str()), ("injected loop", "injected for the test")),
             other => panic!("expected LoopPanicked, got {other:?}"),
         }
         assert!(!shutdown.is_cancelled(), "nobody asked the node to stop");

@@ -1,6 +1,7 @@
 //! Supervision of the loops that run for a node's whole life: the event batcher, subscription
-//! dispatch, write forwarding, membership, the peer listener and link upkeep, the registry, the
-//! log guard, the HTTP listeners.
+//! dispatch and its progress writer, the write forwarder, the membership, address-book and join
+//! tasks, the peer listener and link upkeep, the registry, the log guard, certificate reload,
+//! metrics upkeep, the sidecar's health check and the HTTP listeners.
 //!
 //! Why: tokio catches a panic in a spawned task and ends only that task. For a task that serves
 //! one request or one connection that is right (and user handlers are caught closer still, in
@@ -13,14 +14,18 @@
 //! system's supervisor as the one-for-all restart.
 //!
 //! Why one process-wide supervisor rather than a handle passed to every module: a process runs
-//! one node (the binary does; an application embedding raftbridge does), its loops are started
-//! deep inside the modules that own them, and a panic is process-wide state anyway (as the panic
-//! hook is). `Supervisor::new` makes a separate one for tests.
+//! one node at a time (the binary does; an application embedding raftbridge does), its loops are
+//! started deep inside the modules that own them, and a panic is process-wide state anyway (as
+//! the panic hook is). A node run counts only the panics after its start (`mark`), so a process
+//! may run a node again after one failed. `Supervisor::new` makes a separate one for tests.
 //!
-//! A loop that returns normally is not a failure: every supervised loop ends on its own shutdown
-//! token, or when what it serves is gone.
+//! Only a panic is a failure. A loop that returns is not: most end on their shutdown token, the
+//! join task once the node is in a cluster, link upkeep when the listener stops it. A loop that
+//! returned early through a bug would go unnoticed here.
 
 use std::any::Any;
+use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, LazyLock};
@@ -34,7 +39,7 @@ use tracing::error;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     /// The loop's name, as given to `spawn`.
-    pub task: &'static str,
+    pub task: Cow<'static, str>,
     /// The panic's message.
     pub cause: String,
 }
@@ -45,13 +50,34 @@ impl std::fmt::Display for Failure {
     }
 }
 
-/// Records the first loop that panicked and wakes whoever waits for it (`failed`).
+/// Records the loops that panicked and wakes whoever waits for one (`failed_since`).
 #[derive(Clone)]
 pub struct Supervisor {
-    /// The first failure, set once and never cleared: the node that saw it is exiting. The
-    /// sender lives as long as the supervisor (for the global one, the process), so receivers
-    /// never see it closed.
-    first: Arc<watch::Sender<Option<Failure>>>,
+    /// The failures so far. The sender lives as long as the supervisor (for the global one, the
+    /// process), so receivers never see it closed.
+    failures: Arc<watch::Sender<Failures>>,
+}
+
+/// A point in a supervisor's failure count (`Supervisor::mark`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark(u64);
+
+/// How many failures a supervisor keeps: a node run needs only the first after its mark, and a
+/// node that saw one is exiting.
+const KEPT: usize = 16;
+
+#[derive(Default)]
+struct Failures {
+    /// Panics so far.
+    count: u64,
+    /// The latest ones (at most `KEPT`), each with its number in `count`.
+    recent: VecDeque<(u64, Failure)>,
+}
+
+impl Failures {
+    fn first_after(&self, mark: Mark) -> Option<Failure> {
+        self.recent.iter().find(|(n, _)| *n > mark.0).map(|(_, f)| f.clone())
+    }
 }
 
 impl Default for Supervisor {
@@ -68,7 +94,7 @@ pub fn global() -> &'static Supervisor {
 }
 
 /// Spawns a loop the node cannot work without, on the process's supervisor.
-pub fn spawn<F>(task: &'static str, fut: F) -> JoinHandle<()>
+pub fn spawn<F>(task: impl Into<Cow<'static, str>>, fut: F) -> JoinHandle<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
@@ -76,48 +102,55 @@ where
 }
 
 impl Supervisor {
+    /// A supervisor of its own (the process's is `global()`).
     pub fn new() -> Supervisor {
-        Supervisor { first: Arc::new(watch::Sender::new(None)) }
+        Supervisor { failures: Arc::new(watch::Sender::new(Failures::default())) }
     }
 
-    /// Spawns `fut` as a task; if it panics, the panic is logged and recorded as this
-    /// supervisor's failure (the first one wins). The handle completes when the task does, also
-    /// after a panic, so a shutdown that awaits it does not wait for a loop that is gone.
-    pub fn spawn<F>(&self, task: &'static str, fut: F) -> JoinHandle<()>
+    /// Spawns `fut` as a task; if it panics, the panic is logged and recorded. The handle
+    /// completes when the task does, also after a panic, so a shutdown that awaits it does not
+    /// wait for a loop that is gone; aborting it aborts the loop.
+    pub fn spawn<F>(&self, task: impl Into<Cow<'static, str>>, fut: F) -> JoinHandle<()>
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let first = self.first.clone();
+        let (failures, task) = (self.failures.clone(), task.into());
         // Unwind safety: after a panic nothing reads the loop's state again except the drain,
         // whose locks go on past poisoning (`crate::lock`) and whose waits are all bounded.
         tokio::spawn(async move {
             if let Err(panic) = AssertUnwindSafe(fut).catch_unwind().await {
-                let failure = Failure { task, cause: panic_message(panic.as_ref()) };
-                error!(task, cause = %failure.cause, "a background loop panicked: this node can no longer be trusted \
+                let cause = panic_message(panic.as_ref());
+                error!(task = %task, cause = %cause, "a background loop panicked: this node can no longer be trusted \
                     to work; draining and exiting with an error so that it is restarted");
-                first.send_if_modified(|f| {
-                    if f.is_some() {
-                        return false;
+                failures.send_modify(|f| {
+                    f.count += 1;
+                    f.recent.push_back((f.count, Failure { task, cause }));
+                    if f.recent.len() > KEPT {
+                        f.recent.pop_front();
                     }
-                    *f = Some(failure);
-                    true
                 });
             }
         })
     }
 
-    /// The first loop that panicked, if one has.
-    pub fn failure(&self) -> Option<Failure> {
-        self.first.borrow().clone()
+    /// Where the failures stand now: a node run takes one at its start and counts only the
+    /// panics after it (`failure_since`, `failed_since`).
+    pub fn mark(&self) -> Mark {
+        Mark(self.failures.borrow().count)
     }
 
-    /// Waits until a supervised loop panics (at once if one already has).
-    pub async fn failed(&self) -> Failure {
-        let mut rx = self.first.subscribe();
-        // Bounded: the value changes once (from None to the first failure). The sender outlives
-        // this call (`self` holds it), so `changed` does not err.
+    /// The first loop that panicked after `mark`, if one has.
+    pub fn failure_since(&self, mark: Mark) -> Option<Failure> {
+        self.failures.borrow().first_after(mark)
+    }
+
+    /// Waits until a supervised loop panics after `mark` (at once if one already has).
+    pub async fn failed_since(&self, mark: Mark) -> Failure {
+        let mut rx = self.failures.subscribe();
+        // Bounded by events: each pass consumes one change. The sender outlives this call
+        // (`self` holds it), so `changed` does not err.
         loop {
-            if let Some(f) = rx.borrow_and_update().clone() {
+            if let Some(f) = rx.borrow_and_update().first_after(mark) {
                 return f;
             }
             if rx.changed().await.is_err() {
@@ -147,39 +180,50 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_loop_that_panics_is_reported_with_its_message() {
         let sup = Supervisor::new();
+        let start = sup.mark();
         let n = 7;
         let handle = sup.spawn("batcher", async move {
             tokio::time::sleep(Duration::from_secs(1)).await;
             panic!("slot {n} taken twice");
         });
-        assert_eq!(sup.failure(), None);
-        let failed = tokio::time::timeout(Duration::from_secs(5), sup.failed()).await.expect("failure reported");
-        assert_eq!(failed, Failure { task: "batcher", cause: "slot 7 taken twice".into() });
+        assert_eq!(sup.failure_since(start), None);
+        let failed = tokio::time::timeout(Duration::from_secs(5), sup.failed_since(start)).await.expect("failure reported");
+        assert_eq!(failed, Failure { task: "batcher".into(), cause: "slot 7 taken twice".into() });
         // The handle completes after the panic (a drain awaiting it goes on), without a JoinError.
         handle.await.expect("the supervising task itself does not panic");
         // Reported at once to whoever asks later.
-        assert_eq!(sup.failed().await.task, "batcher");
+        assert_eq!(sup.failed_since(start).await.task, "batcher");
+        // A name built at run time (a subscription's).
+        sup.spawn(format!("dispatch of {}", "countOrders"), async { panic!("x") }).await.unwrap();
+        assert_eq!(sup.failure_since(start).map(|f| f.task), Some("batcher".into()), "the first failure wins");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_first_failure_wins_and_normal_ends_are_not_failures() {
+    async fn normal_ends_are_not_failures_and_a_mark_skips_earlier_panics() {
         let sup = Supervisor::new();
+        let start = sup.mark();
         sup.spawn("ends", async {}).await.unwrap();
         assert!(
-            tokio::time::timeout(Duration::from_secs(60), sup.failed()).await.is_err(),
+            tokio::time::timeout(Duration::from_secs(60), sup.failed_since(start)).await.is_err(),
             "a loop that returns is not a failure"
         );
         sup.spawn("first", async { panic!("one") }).await.unwrap();
-        sup.spawn("second", async {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            panic!("two")
-        })
-        .await
-        .unwrap();
-        assert_eq!(sup.failure(), Some(Failure { task: "first", cause: "one".into() }));
+        // A node run started after that panic (in the same process) does not see it.
+        let later = sup.mark();
+        assert_eq!(sup.failure_since(later), None);
+        assert!(tokio::time::timeout(Duration::from_secs(60), sup.failed_since(later)).await.is_err());
+        sup.spawn("second", async { panic!("two") }).await.unwrap();
+        assert_eq!(sup.failure_since(start).map(|f| f.task), Some("first".into()));
+        assert_eq!(sup.failure_since(later).map(|f| f.task), Some("second".into()));
+        // More panics than are kept: the marks still find the first one after them that is kept.
+        for _ in 0..2 * KEPT {
+            sup.spawn("many", async { panic!("again") }).await.unwrap();
+        }
+        assert_eq!(sup.failure_since(later).map(|f| f.task), Some("many".into()));
         // A payload that is not a string still names its loop.
         let other = Supervisor::new();
+        let mark = other.mark();
         other.spawn("odd", async { std::panic::panic_any(42u8) }).await.unwrap();
-        assert_eq!(other.failure().map(|f| (f.task, f.cause.contains("not a string"))), Some(("odd", true)));
+        assert_eq!(other.failure_since(mark).map(|f| f.cause.contains("not a string")), Some(true));
     }
 }

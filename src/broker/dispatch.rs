@@ -146,7 +146,7 @@ impl Dispatcher {
         crate::supervise::spawn("shared subscription dispatch", d.clone().shared_loop(shutdown.clone()));
         for (name, sub) in &d.local {
             if !sub.shared {
-                crate::supervise::spawn("every-instance subscription dispatch", d.clone().instance_loop(name.clone(), shutdown.clone()));
+                crate::supervise::spawn(format!("dispatch of every-instance subscription {name}"), d.clone().instance_loop(name.clone(), shutdown.clone()));
             }
         }
         d

@@ -644,6 +644,9 @@ impl PeerNet {
     /// Accept peer connections until `shutdown`.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
         let maintainer = crate::supervise::spawn("peer link upkeep", self.clone().maintain());
+        // Also when this loop panics (the node then drains): upkeep must not redial, and the
+        // links must close before the node stops Raft.
+        let _stop = StopLinks { net: self.clone(), maintainer };
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -664,11 +667,6 @@ impl PeerNet {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
-        }
-        self.shutting_down.store(true, Ordering::Relaxed);
-        maintainer.abort();
-        for link in lock(&self.links).drain().map(|(_, l)| l) {
-            link.close();
         }
     }
 
@@ -849,6 +847,23 @@ impl PeerNet {
                     });
                 }
             }
+        }
+    }
+}
+
+/// Ends what `PeerNet::run` started when it returns or unwinds: link upkeep (no more redials),
+/// then every link.
+struct StopLinks {
+    net: Arc<PeerNet>,
+    maintainer: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for StopLinks {
+    fn drop(&mut self) {
+        self.net.shutting_down.store(true, Ordering::Relaxed);
+        self.maintainer.abort();
+        for link in lock(&self.net.links).drain().map(|(_, l)| l) {
+            link.close();
         }
     }
 }

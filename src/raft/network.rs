@@ -440,7 +440,7 @@ pub struct AppendLanes {
     lanes: Mutex<HashMap<NodeId, Lane>>,
     /// Tells lanes apart, so an ended lane removes only its own entry.
     next_lane: std::sync::atomic::AtomicU64,
-    /// Set by `close` (under the `lanes` lock): no lane starts after it.
+    /// Set by `close`, and read by `submit`, only under the `lanes` lock: no lane starts after it.
     closed: std::sync::atomic::AtomicBool,
 }
 

@@ -143,7 +143,7 @@ fn rolling_restart_under_load_fails_no_request() {
     // A graceful stop is not an error: none may be logged (openraft logged one for an append its
     // stopped core never answered, on most followers' stops under load).
     for id in cluster.ids() {
-        let log = std::fs::read_to_string(cluster.dir().join(format!("n{id}.log"))).unwrap_or_default();
+        let log = std::fs::read_to_string(cluster.dir().join(format!("n{id}.log"))).expect("node log");
         let errors: Vec<&str> = log.lines().filter(|l| l.contains(" ERROR ")).collect();
         assert!(errors.is_empty(), "node {id} logged errors during a rolling restart: {errors:#?}");
     }
