@@ -775,6 +775,59 @@ mod tests {
         stop.cancel();
     }
 
+    /// `close` returns once the core has answered every append the lanes gave it (node
+    /// shutdown then stops Raft with nothing in flight), and a request after it is refused at
+    /// once. A real Raft core (node 3, empty membership) takes appends from leader 1.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn closed_lanes_answer_what_the_core_took_and_refuse_the_rest() {
+        use crate::raft::log_store::{LogStore, LogStoreOptions};
+        use crate::raft::state_machine::StateMachine;
+        let dir = std::env::temp_dir().join(format!("rb-lanes-{}", fastrand::u64(..)));
+        let log = LogStore::open(&dir.join("log"), LogStoreOptions::default()).unwrap();
+        let sm = StateMachine::open(&dir.join("sm")).unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let cfg = crate::peer::PeerConfig {
+            node_id: 3,
+            cluster: "t".into(),
+            advertise: "127.0.0.1:1".into(),
+            max_frame: 1 << 20,
+            idle_timeout: Duration::from_secs(10),
+            secret: None,
+            tls: None,
+            source_ip: None,
+        };
+        let net = PeerNet::new(cfg, stop.clone());
+        let settings = crate::raft::RaftSettings {
+            cluster: "t".into(),
+            heartbeat_ms: 50,
+            election_min_ms: 300,
+            election_max_ms: 600,
+            snapshot_threshold: 10_000,
+        };
+        let raft = Raft::new(3, crate::raft::openraft_config(&settings).unwrap(), Network { net }, log, sm).await.unwrap();
+        let lanes = AppendLanes::new(raft.clone());
+        let append = |i: u64| AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: i.checked_sub(1).map(log_id),
+            leader_commit: None,
+            entries: vec![ent(i, 100)],
+        };
+        // Pipelined, as a leader sends them; none awaited before `close`.
+        let answers: Vec<_> = (0..20).map(|i| lanes.submit(1, append(i))).collect();
+        assert!(lanes.close(Duration::from_secs(20)).await, "the lanes ended within the grace");
+        for (i, answer) in answers.into_iter().enumerate() {
+            // Answered already: `close` waited for it.
+            let r = futures_util::FutureExt::now_or_never(answer).unwrap_or_else(|| panic!("append {i} unanswered when close returned"));
+            let r = r.unwrap_or_else(|e| panic!("append {i}: {e}"));
+            assert!(matches!(r, AppendEntriesResponse::Success | AppendEntriesResponse::PartialSuccess(_)), "append {i}: {r:?}");
+        }
+        let after = tokio::time::timeout(Duration::from_secs(1), lanes.submit(1, append(20))).await.expect("refused at once");
+        assert!(after.is_err(), "a lane started after close: {after:?}");
+        raft.shutdown().await.unwrap();
+        stop.cancel();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[test]
     fn append_entries_are_trimmed_to_the_frame_budget() {
         let mut small: Vec<Entry> = (1..=10).map(|i| ent(i, 100)).collect();
