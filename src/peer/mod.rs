@@ -18,6 +18,7 @@
 //! - *Reconnect with exponential backoff and jitter*, per address, so a dead peer costs a dial
 //!   every few seconds at most, and a restarted one is found again quickly.
 
+pub mod clock;
 pub mod frame;
 pub mod message;
 pub mod tls;
@@ -251,6 +252,10 @@ pub struct Link {
     /// Of those, the ones that are not Raft's own (forwarded writes, reads, calls, deliveries),
     /// whose answers someone waits for (`PeerNet::quiesce`).
     answering: AtomicU64,
+    /// The latest ping sent (link upkeep), until its `Pong` arrives (reader).
+    probe: Mutex<Option<clock::Probe>>,
+    /// The latest measure of the peer's clock (reader), read by link upkeep and `clock_offset`.
+    clock: Mutex<Option<clock::ClockOffset>>,
 }
 
 impl Link {
@@ -357,6 +362,10 @@ pub struct PeerNet {
     /// Cancelled by the node on shutdown; closes the listener, the maintainer and every link.
     shutdown: CancellationToken,
     shutting_down: AtomicBool,
+    /// Probe ids for pings (`clock`): distinct across links, never 0 (older builds' pings).
+    next_probe: AtomicU64,
+    /// Which peers' clocks were warned about (link upkeep only).
+    clocks: Mutex<clock::Watch>,
 }
 
 impl PeerNet {
@@ -371,7 +380,17 @@ impl PeerNet {
             tls_names: Mutex::new(HashMap::new()),
             shutdown,
             shutting_down: AtomicBool::new(false),
+            next_probe: AtomicU64::new(1),
+            clocks: Mutex::new(clock::Watch::default()),
         })
+    }
+
+    /// The latest measure of `id`'s clock against ours (`clock`), while a link to it is up and
+    /// it runs a build that answers with its clock.
+    pub fn clock_offset(&self, id: NodeId) -> Option<clock::ClockOffset> {
+        let link = lock(&self.links).get(&id).cloned()?;
+        let reading = *lock(&link.clock);
+        reading
     }
 
     /// Waits, at most `grace`, for a moment when no request from a peer is being served here,
@@ -762,6 +781,8 @@ impl PeerNet {
             last_seen: Mutex::new(tokio::time::Instant::now()),
             serving: AtomicU64::new(0),
             answering: AtomicU64::new(0),
+            probe: Mutex::new(None),
+            clock: Mutex::new(None),
         });
         let existing = self.register(&link);
         if existing.is_some() {
@@ -819,7 +840,23 @@ impl PeerNet {
         None
     }
 
-    /// Keep links to every known peer up; pings keep idle links verified.
+    /// Exports the peer's latest clock offset, and warns while it is beyond `clock::MAX_OFFSET`.
+    fn check_clock(&self, link: &Link) {
+        let Some(reading) = *lock(&link.clock) else { return };
+        metrics::gauge!("raftbridge_peer_clock_offset_seconds", "peer" => link.peer.to_string()).set(reading.seconds());
+        let offset_ms = reading.offset_us / 1000;
+        let uncertainty_ms = reading.uncertainty_us / 1000;
+        match lock(&self.clocks).note(link.peer, &reading, std::time::Instant::now()) {
+            clock::Verdict::Warn => warn!(peer = link.peer, offset_ms, uncertainty_ms, max_ms = clock::MAX_OFFSET.as_millis() as u64,
+                "peer clock differs from ours: idempotency leases, dedup windows and event retention assume clocks within \
+                 about a second; check time sync (chrony, NTP) on both nodes"),
+            clock::Verdict::Recovered => info!(peer = link.peer, offset_ms, "peer clock agrees with ours again"),
+            clock::Verdict::Quiet => {}
+        }
+    }
+
+    /// Keep links to every known peer up; pings keep idle links verified and measure the
+    /// peers' clocks.
     async fn maintain(self: Arc<Self>) {
         let mut tick = tokio::time::interval(PING_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -832,7 +869,10 @@ impl PeerNet {
                     warn!(peer = link.peer, "peer link idle too long, closing");
                     link.close();
                 } else {
-                    let _ = link.tx.try_send(Frame::encode_raw(Kind::Ping, 0, &[]));
+                    self.check_clock(link);
+                    let corr = self.next_probe.fetch_add(1, Ordering::Relaxed);
+                    *lock(&link.probe) = Some(clock::Probe { corr, sent: std::time::Instant::now(), sent_wall_us: clock::wall_us() });
+                    let _ = link.tx.try_send(Frame::encode_raw(Kind::Ping, corr, &[]));
                 }
             }
             let wanted: Vec<(NodeId, String)> =
@@ -999,9 +1039,20 @@ async fn read_loop(
         };
         match frame.kind {
             Kind::Ping => {
-                let _ = link.tx.try_send(Frame::encode_raw(Kind::Pong, frame.corr, &[]));
+                let _ = link.tx.try_send(Frame::encode_raw(Kind::Pong, frame.corr, &clock::pong_payload()));
             }
-            Kind::Pong => {}
+            Kind::Pong => {
+                let probe = {
+                    let mut probe = lock(&link.probe);
+                    match *probe {
+                        Some(p) if p.corr == frame.corr => probe.take(),
+                        _ => None,
+                    }
+                };
+                if let Some(reading) = probe.and_then(|p| clock::measure(&p, &frame.payload, std::time::Instant::now())) {
+                    *lock(&link.clock) = Some(reading);
+                }
+            }
             Kind::Response => {
                 if let Some(tx) = lock(&link.pending).remove(&frame.corr) {
                     let _ = tx.send(frame);
@@ -1163,6 +1214,45 @@ mod tests {
             stop.cancel();
         }
         drop(acceptor);
+    }
+
+    /// Pings measure each peer's clock: about zero between two nodes of one host, and a peer
+    /// whose clock runs 10 s ahead is seen 10 s ahead, beyond the bound that warns.
+    #[tokio::test]
+    async fn pings_measure_each_peers_clock() {
+        let (acceptor, dialer, addr, stop) = pair(None, None).await;
+        dialer.link(1).await.expect("linked");
+        let net = &acceptor;
+        let reading = |id| async move {
+            for _ in 0..200 {
+                if let Some(r) = net.clock_offset(id) {
+                    return r;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("no clock reading of node {id} within 10 s");
+        };
+        // The answer is stamped between our send and receive: within the uncertainty of the
+        // midpoint (1 ms more for rounding).
+        let same = reading(2).await;
+        assert!(same.offset_us.unsigned_abs() <= same.uncertainty_us + 1_000, "one host, one clock: {same:?}");
+        assert!(!same.beyond(clock::MAX_OFFSET));
+
+        let (mut reader, mut writer) = handshaken(&acceptor, addr, 3).await;
+        let ahead: i64 = 10_000_000;
+        let answering = tokio::spawn(async move {
+            while let Some(Ok(raw)) = reader.next().await {
+                let Ok(f) = Frame::decode(raw) else { break };
+                if f.kind == Kind::Ping && writer.send(Frame::encode_raw(Kind::Pong, f.corr, &(clock::wall_us() + ahead).to_be_bytes())).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let fast = reading(3).await;
+        assert!((fast.offset_us - ahead).unsigned_abs() <= fast.uncertainty_us + 1_000, "10 s ahead: {fast:?}");
+        assert!(fast.beyond(clock::MAX_OFFSET));
+        answering.abort();
+        stop.cancel();
     }
 
     /// A dialer that knows no secret cannot get a request served by replaying, or by sending
