@@ -338,6 +338,12 @@ fn cluster_view(app: &App) -> serde_json::Value {
                 "addr": node.addr,
                 "voter": voters.contains(id),
                 "reachable": app.replica.net.reachable(*id),
+                // Its clock minus ours (`peer::clock`): 0 for this node, null while unmeasured.
+                "clock_offset_ms": if *id == m.id {
+                    Some(0.0)
+                } else {
+                    app.replica.net.clock_offset(*id).map(|c| c.offset_us as f64 / 1000.0)
+                },
             })
         })
         .collect();

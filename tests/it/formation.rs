@@ -35,6 +35,16 @@ fn three_nodes_started_together_form_one_cluster() {
             );
         }
     }
+    // Every node measures every other's clock with its pings: one host, one clock.
+    c.wait_until("every node knows every peer's clock offset", Duration::from_secs(20), || {
+        c.statuses().is_ok_and(|all| all.values().all(|s| s.members.iter().all(|m| m.clock_offset_ms.is_some())))
+    });
+    for (id, s) in c.statuses().unwrap_or_else(|e| panic!("{e}")) {
+        for m in &s.members {
+            let off = m.clock_offset_ms.expect("measured");
+            assert!(off.abs() < 100, "node {id} sees node {}'s clock {off} ms off", m.id);
+        }
+    }
     for api in c.apis() {
         assert_eq!(api.probe("/healthz"), Ok(200), "node {} /healthz", api.id);
         assert_eq!(api.probe("/readyz"), Ok(200), "node {} /readyz", api.id);

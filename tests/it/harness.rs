@@ -233,6 +233,8 @@ pub struct Member {
     pub addr: String,
     pub voter: bool,
     pub reachable: bool,
+    /// Its clock minus the answering node's, once measured (rounded to a millisecond).
+    pub clock_offset_ms: Option<i64>,
 }
 
 /// The `/cluster` document of one node.
@@ -287,6 +289,7 @@ impl Status {
                         .get("reachable")
                         .and_then(Value::as_bool)
                         .ok_or_else(|| format!("member without reachable: {m}"))?,
+                    clock_offset_ms: m.get("clock_offset_ms").and_then(Value::as_f64).map(|ms| ms.round() as i64),
                 })
             })
             .collect::<Result<Vec<_>, String>>()?;
