@@ -366,6 +366,10 @@ pub struct PeerNet {
     next_probe: AtomicU64,
     /// Which peers' clocks were warned about (link upkeep only).
     clocks: Mutex<clock::Watch>,
+    /// The latest clock reading of every peer measured, kept after its link goes (a node taking
+    /// over a dead node's idempotency claim reads that node's clock through it). At most one
+    /// entry per node id that was linked, like `links`.
+    offsets: Mutex<HashMap<NodeId, clock::ClockOffset>>,
 }
 
 impl PeerNet {
@@ -382,6 +386,7 @@ impl PeerNet {
             shutting_down: AtomicBool::new(false),
             next_probe: AtomicU64::new(1),
             clocks: Mutex::new(clock::Watch::default()),
+            offsets: Mutex::new(HashMap::new()),
         })
     }
 
@@ -391,6 +396,15 @@ impl PeerNet {
         let link = lock(&self.links).get(&id).cloned()?;
         let reading = *lock(&link.clock);
         reading
+    }
+
+    /// The latest measure of `id`'s clock against ours, also after its link went down; `None`
+    /// if it was never measured. Its own node: zero.
+    pub fn last_clock_offset(&self, id: NodeId) -> Option<clock::ClockOffset> {
+        if id == self.cfg.node_id {
+            return Some(clock::ClockOffset { offset_us: 0, uncertainty_us: 0 });
+        }
+        self.clock_offset(id).or_else(|| lock(&self.offsets).get(&id).copied())
     }
 
     /// Waits, at most `grace`, for a moment when no request from a peer is being served here,
@@ -843,6 +857,7 @@ impl PeerNet {
     /// Exports the peer's latest clock offset, and warns while it is beyond `clock::MAX_OFFSET`.
     fn check_clock(&self, link: &Link) {
         let Some(reading) = *lock(&link.clock) else { return };
+        lock(&self.offsets).insert(link.peer, reading);
         metrics::gauge!("raftbridge_peer_clock_offset_seconds", "peer" => link.peer.to_string()).set(reading.seconds());
         let offset_ms = reading.offset_us / 1000;
         let uncertainty_ms = reading.uncertainty_us / 1000;

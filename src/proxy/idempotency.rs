@@ -12,8 +12,15 @@
 //!    get it back with `idempotent-replay: true` until the window (10 min) passes. A 5xx is not
 //!    stored: the claim is released so a retry can run it again.
 //!
-//! Leases use the proxies' wall clocks; skew between nodes only moves when a stalled claim may be
-//! taken over, never whether an effect applies twice.
+//! A lease is written in its owner's wall clock. Whether it has lapsed is judged in the owner's
+//! clock too: an attempt id names the node that made it (`new_attempt`), and a node waiting on
+//! another's claim reads its own clock shifted by that node's measured offset (`peer::clock`,
+//! from the pings), less the measure's uncertainty, so a claim whose owner still renews it is not
+//! taken over because the waiter's clock runs ahead. That reading also goes into the waiter's
+//! `IdemBegin`, which the state machine checks against the lease: a waiter whose clock runs
+//! behind need not wait out the difference. Without a measure (an older build's attempt, a node
+//! never linked) the waiter's own clock counts, as before. Skew never decides whether an effect
+//! applies twice: writes are tagged.
 
 use std::time::Duration;
 use std::time::SystemTime;
@@ -28,9 +35,11 @@ use super::Proxy;
 use super::answer;
 use super::routing::Route;
 use crate::api::error::ApiError;
+use crate::peer::clock::ClockOffset;
 use crate::raft::state_machine::IdemState;
 use crate::raft::types::Command;
 use crate::raft::types::CommandResult;
+use crate::raft::types::NodeId;
 use crate::raft::types::StoredResponse;
 use crate::sdk::Invocation;
 use crate::sdk::Output;
@@ -41,6 +50,32 @@ const POLL: Duration = Duration::from_millis(20);
 /// a dead proxy lapses within seconds rather than at the request's (maybe long) deadline.
 const LEASE: Duration = Duration::from_secs(5);
 const RENEW: Duration = Duration::from_secs(2);
+
+/// An attempt id that names this node (bit 63 set, the node id in bits 32–62, 32 random bits),
+/// so that another node can judge its lease in this node's clock (module comment). A node id
+/// that does not fit gets a plain random id below bit 63, as older builds made.
+fn new_attempt(node: NodeId) -> u64 {
+    if node < (1 << 31) {
+        (1 << 63) | (node << 32) | u64::from(fastrand::u32(..))
+    } else {
+        fastrand::u64(1..(1 << 63))
+    }
+}
+
+/// The node that made `attempt`, if its id names one (`new_attempt`). An older build's random
+/// id may seem to name one; its lease is then judged with that node's clock, which a synced
+/// cluster keeps within milliseconds of any other.
+fn attempt_node(attempt: u64) -> Option<NodeId> {
+    (attempt >> 63 == 1).then_some((attempt >> 32) & 0x7fff_ffff)
+}
+
+/// `local_ms` read in a clock `offset` from ours: shifted by the offset, less its uncertainty,
+/// so that the reading is never ahead of that clock. Unchanged without a measure.
+fn in_clock_of(local_ms: u64, offset: Option<ClockOffset>) -> u64 {
+    let Some(o) = offset else { return local_ms };
+    let shift_ms = o.offset_us.saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX)) / 1000;
+    u64::try_from(i64::try_from(local_ms).unwrap_or(i64::MAX).saturating_add(shift_ms)).unwrap_or(0)
+}
 
 fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -63,7 +98,7 @@ impl Proxy {
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         // Scoped by command, as the handler's writes are (`run_local`).
         let key = super::idempotency_scope(&route.service, route.version, &route.decl.name, key);
-        let attempt = fastrand::u64(1..);
+        let attempt = new_attempt(self.node_id);
         let full_window_ms = self.settings.idempotency_window.as_millis() as u64;
         // Shorter while the records exceed their bounds, so that applying it forgets the oldest.
         let window_ms = |now: u64| {
@@ -81,7 +116,7 @@ impl Proxy {
                 return Err(ApiError::Timeout);
             }
             let lease_ms = LEASE.as_millis() as u64;
-            let now = now_ms();
+            let now = self.claim_clock_ms(&key, attempt);
             let begin = Command::IdemBegin { key: key.clone(), attempt, now_ms: now, lease_ms, window_ms: window_ms(now) };
             match self.store.command(begin, left).await? {
                 CommandResult::IdemBegun => break,
@@ -142,17 +177,68 @@ impl Proxy {
         }
     }
 
-    /// Wait until the key is done (its answer) or the other attempt's lease lapses (`None`).
+    /// The time a claim of `key` by `attempt` is proposed with: the current owner's clock
+    /// (`owner_clock_ms`) if another attempt holds it here, else this node's.
+    fn claim_clock_ms(&self, key: &str, attempt: u64) -> u64 {
+        match self.sm.idem_state(key) {
+            Some(IdemState::Pending { attempt: owner, .. }) if owner != attempt => self.owner_clock_ms(owner),
+            _ => now_ms(),
+        }
+    }
+
+    /// Now, in the clock of the node that made `owner` (module comment).
+    fn owner_clock_ms(&self, owner: u64) -> u64 {
+        in_clock_of(now_ms(), attempt_node(owner).and_then(|n| self.net.last_clock_offset(n)))
+    }
+
+    /// Wait until the key is done (its answer) or the other attempt's lease lapses (`None`), by
+    /// its owner's clock. `until_ms`: the lease `IdemBegin` answered, for while this node has not
+    /// applied the claim yet.
     async fn wait_for(&self, key: &str, until_ms: u64, deadline: Instant) -> Option<StoredResponse> {
         let mut tick = tokio::time::interval(POLL);
         loop {
             tick.tick().await;
-            if let Some(IdemState::Done(stored)) = self.sm.idem_state(key) {
-                return Some(stored);
-            }
-            if now_ms() >= until_ms || Instant::now() >= deadline {
+            let lapsed = match self.sm.idem_state(key) {
+                Some(IdemState::Done(stored)) => return Some(stored),
+                Some(IdemState::Pending { attempt: owner, until_ms: held }) => self.owner_clock_ms(owner) >= held,
+                None => now_ms() >= until_ms,
+            };
+            if lapsed || Instant::now() >= deadline {
                 return None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempt_names_the_node_that_made_it() {
+        for node in [1, 7, (1 << 31) - 1] {
+            let a = new_attempt(node);
+            assert_eq!(attempt_node(a), Some(node), "{a:#x}");
+            assert_ne!(a, new_attempt(node), "attempts of one node differ");
+        }
+        // An id too large to fit: a plain random attempt, which names no node.
+        for _ in 0..100 {
+            let a = new_attempt(1 << 40);
+            assert!(a != 0 && attempt_node(a).is_none(), "{a:#x}");
+        }
+    }
+
+    #[test]
+    fn a_lease_is_judged_in_its_owners_clock_never_ahead_of_it() {
+        let off = |offset_us, uncertainty_us| Some(ClockOffset { offset_us, uncertainty_us });
+        assert_eq!(in_clock_of(100_000, None), 100_000, "unmeasured: our clock");
+        // The owner runs 10 s behind us: its lease of 5 s from its now lapses 10 s later by ours.
+        assert_eq!(in_clock_of(100_000, off(-10_000_000, 0)), 90_000);
+        // It runs 10 s ahead: no need to wait out the difference.
+        assert_eq!(in_clock_of(100_000, off(10_000_000, 0)), 110_000);
+        // The round trip's uncertainty counts against the waiter: never read ahead of the owner.
+        assert_eq!(in_clock_of(100_000, off(10_000_000, 2_000)), 109_998);
+        assert_eq!(in_clock_of(100_000, off(0, 3_000)), 99_997);
+        assert_eq!(in_clock_of(1_000, off(-10_000_000, 0)), 0, "saturates at the epoch");
     }
 }
