@@ -417,6 +417,8 @@ impl Proxy {
             .with_dedup_key(scoped.clone())
             .with_broker(self.broker.clone(), sender.clone());
         let timeout = Duration::from_millis(inv.timeout_ms.max(1));
+        // Handler runs on this node (a keyed command re-run after a failover counts again).
+        metrics::counter!("raftbridge_command_runs_total", "service" => inv.service.clone(), "command" => inv.command.clone()).increment(1);
         let key = (inv.service.clone(), inv.version, inv.command.clone());
         let meta = inv.meta.clone();
         let out = match tokio::time::timeout(timeout, handler.call(ctx, inv)).await {

@@ -365,6 +365,8 @@ struct Node {
     starts: AtomicUsize,
     /// The test expects this node may exit by itself (e.g. after being removed).
     may_exit: AtomicBool,
+    /// Environment variables set for this node only (`set_env`), on every (re)start.
+    env: Mutex<Vec<(String, String)>>,
 }
 
 /// A set of `raftbridge` processes on loopback, in one temp dir. Dropping it kills them all.
@@ -464,8 +466,14 @@ impl Cluster {
             child: Mutex::new(None),
             starts: AtomicUsize::new(0),
             may_exit: AtomicBool::new(false),
+            env: Mutex::new(Vec::new()),
         });
         id
+    }
+
+    /// Sets an environment variable for node `id` from its next start on.
+    pub fn set_env(&self, id: u64, key: &str, value: &str) {
+        lock(&self.node(id).env).push((key.to_string(), value.to_string()));
     }
 
     fn node(&self, id: u64) -> &Node {
@@ -551,6 +559,7 @@ impl Cluster {
         if std::env::var_os("RUST_LOG").is_none() {
             cmd.env("RUST_LOG", "info");
         }
+        cmd.envs(lock(&node.env).iter().cloned());
         node.may_exit.store(false, Ordering::Relaxed);
         *child = Some(
             cmd.spawn()

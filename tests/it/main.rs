@@ -9,6 +9,7 @@ mod harness;
 mod http;
 
 mod bad_input;
+mod clock;
 mod commands;
 mod drain;
 mod durability;

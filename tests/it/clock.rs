@@ -1,0 +1,93 @@
+//! A node whose wall clock is off: its peers measure and report it, and an idempotency claim is
+//! judged in its owner's clock, so a node whose clock runs ahead does not take over a claim that
+//! another node is still running.
+//!
+//! The skewed node runs under libfaketime (`LD_PRELOAD`, Debian's `faketime` package; `.ci/run`
+//! installs it), which shifts what `clock_gettime(CLOCK_REALTIME)` returns and leaves the
+//! monotonic clock alone: the node's timers run as usual, only its wall clock is ahead.
+
+use std::path::PathBuf;
+use std::thread;
+use std::time::Duration;
+
+use crate::harness::Api;
+use crate::harness::Cluster;
+use crate::harness::FORMATION;
+
+/// How far node 3's clock runs ahead: twice the 5 s idempotency lease.
+const AHEAD_MS: i64 = 10_000;
+
+/// libfaketime's multi-threaded build, where Debian puts it (any architecture).
+fn faketime_lib() -> PathBuf {
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path().join("faketime/libfaketimeMT.so.1"))
+        .chain([PathBuf::from("/usr/lib/faketime/libfaketimeMT.so.1")])
+        .find(|p| p.exists());
+    found.unwrap_or_else(|| panic!("libfaketime not found: install Debian's `faketime` package (apt-get install faketime)"))
+}
+
+/// Handler runs of `command` on one node, from its `/metrics`.
+fn runs(api: &Api, command: &str) -> u64 {
+    let r = api.request("GET", "/metrics", &[], b"").expect("metrics");
+    let text = String::from_utf8_lossy(&r.body).to_string();
+    text.lines()
+        .filter(|l| l.starts_with("raftbridge_command_runs_total{") && l.contains(&format!("command=\"{command}\"")))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[test]
+fn a_node_whose_clock_runs_ahead_is_reported_and_does_not_take_over_a_live_claim() {
+    let lib = faketime_lib();
+    let c = Cluster::new("clock", 3, &["--example-services"]);
+    c.set_env(3, "LD_PRELOAD", &lib.display().to_string());
+    c.set_env(3, "FAKETIME", &format!("+{}s", AHEAD_MS / 1000));
+    c.set_env(3, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    c.start_all();
+    c.wait_for_membership(&c.ids(), &[], FORMATION);
+
+    // Node 1 sees node 3 ten seconds ahead, node 3 sees node 1 ten seconds behind, within a
+    // generous margin for the round trip.
+    let offset = |from: u64, of: u64| {
+        c.api(from).status().ok()?.members.iter().find(|m| m.id == of)?.clock_offset_ms
+    };
+    c.wait_until("nodes 1 and 3 measured each other's clocks", Duration::from_secs(20), || {
+        offset(1, 3).is_some() && offset(3, 1).is_some()
+    });
+    let (ahead, behind) = (offset(1, 3).unwrap_or(0), offset(3, 1).unwrap_or(0));
+    assert!((ahead - AHEAD_MS).abs() < 1_000, "node 1 sees node 3 {ahead} ms ahead");
+    assert!((behind + AHEAD_MS).abs() < 1_000, "node 3 sees node 1 {behind} ms off");
+    let same = offset(1, 2).expect("node 1 measured node 2");
+    assert!(same.abs() < 1_000, "nodes 1 and 2 share a clock: {same} ms");
+    let log = |id: u64| std::fs::read_to_string(c.dir().join(format!("n{id}.log"))).expect("node log");
+    c.wait_until("node 1 warned about node 3's clock", Duration::from_secs(10), || {
+        log(1).lines().any(|l| l.contains("peer clock differs from ours") && l.contains("peer=3"))
+    });
+    assert!(!log(1).lines().any(|l| l.contains("peer clock differs from ours") && l.contains("peer=2")), "node 2's clock is fine");
+
+    // A keyed command runs on node 1 for 4 s (its claim renewed every 2 s, each lease 5 s by
+    // node 1's clock). The same key at node 3, whose clock reads every lease as lapsed, must wait
+    // for node 1's answer and replay it: the handler runs once. Judged in node 3's own clock, it
+    // took the claim over at once and ran the handler a second time.
+    let apis = c.apis();
+    let before: u64 = apis.iter().map(|a| runs(a, "slow")).sum();
+    let key = [("idempotency-key", "clock-skew-1")];
+    let first = {
+        let api = c.api(1);
+        thread::spawn(move || api.request("GET", "/api/v1/slow?ms=4000", &key, b"").expect("first request"))
+    };
+    c.wait_until("the first request's handler runs", Duration::from_secs(10), || {
+        apis.iter().map(|a| runs(a, "slow")).sum::<u64>() > before
+    });
+    let second = c.api(3).request("GET", "/api/v1/slow?ms=4000", &key, b"").expect("second request");
+    let first = first.join().expect("first request thread");
+    assert_eq!(first.status, 200, "{}", first.describe());
+    assert_eq!(second.status, 200, "{}", second.describe());
+    assert_eq!(second.header("idempotent-replay"), Some("true"), "node 3 replays node 1's answer: {}", second.describe());
+    assert_eq!(second.body, first.body, "the same answer");
+    let after: u64 = apis.iter().map(|a| runs(a, "slow")).sum();
+    assert_eq!(after - before, 1, "the handler ran once");
+}
