@@ -1,10 +1,11 @@
 //! The clock offset to each peer, measured with the pings every link already carries.
 //!
 //! Why: raftbridge reads wall clocks in a few places where nodes must roughly agree. A command's
-//! idempotency claim lapses 5 s after its owner last renewed it by the owner's clock, and another
-//! node's clock decides whether it has (`proxy::idempotency`); the dedup windows and event
-//! retention by age count from the timestamps the nodes wrote. Clocks seconds apart break these
-//! quietly: a claim taken over while its owner still runs the handler, records forgotten early.
+//! idempotency claim lapses 5 s after its owner last renewed it, by the owner's clock, and
+//! another node judges whether it has (`proxy::idempotency`, which reads this module's offsets
+//! to judge it in the owner's clock); the dedup windows and event retention by age count from
+//! the timestamps the nodes wrote. Clocks seconds apart break these quietly: records forgotten
+//! early, or, judged in the wrong clock, a claim taken over while its owner still runs.
 //! So, as etcd does ("prober found high clock drift"), a node warns when a peer's clock is more
 //! than `MAX_OFFSET` off, and exports every peer's offset as a metric to alert on
 //! (`raftbridge_peer_clock_offset_seconds{peer}`).
