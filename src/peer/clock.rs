@@ -26,6 +26,9 @@ use crate::raft::types::NodeId;
 /// second leaves room and matches etcd's threshold.
 pub const MAX_OFFSET: Duration = Duration::from_secs(1);
 
+/// Pings awaiting their `Pong` that a link remembers: 2 s of them at one per 500 ms.
+pub const PROBES: usize = 4;
+
 /// How often a peer whose clock stays off is warned about again.
 const WARN_EVERY: Duration = Duration::from_secs(300);
 

@@ -24,6 +24,7 @@ pub mod message;
 pub mod tls;
 
 use std::collections::HashMap;
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -252,8 +253,9 @@ pub struct Link {
     /// Of those, the ones that are not Raft's own (forwarded writes, reads, calls, deliveries),
     /// whose answers someone waits for (`PeerNet::quiesce`).
     answering: AtomicU64,
-    /// The latest ping sent (link upkeep), until its `Pong` arrives (reader).
-    probe: Mutex<Option<clock::Probe>>,
+    /// The latest pings sent (link upkeep; at most `clock::PROBES`, so a round trip longer than
+    /// the ping interval is still measured), each until its `Pong` arrives (reader).
+    probes: Mutex<VecDeque<clock::Probe>>,
     /// The latest measure of the peer's clock (reader), read by link upkeep and `clock_offset`.
     clock: Mutex<Option<clock::ClockOffset>>,
 }
@@ -795,7 +797,7 @@ impl PeerNet {
             last_seen: Mutex::new(tokio::time::Instant::now()),
             serving: AtomicU64::new(0),
             answering: AtomicU64::new(0),
-            probe: Mutex::new(None),
+            probes: Mutex::new(VecDeque::new()),
             clock: Mutex::new(None),
         });
         let existing = self.register(&link);
@@ -886,7 +888,13 @@ impl PeerNet {
                 } else {
                     self.check_clock(link);
                     let corr = self.next_probe.fetch_add(1, Ordering::Relaxed);
-                    *lock(&link.probe) = Some(clock::Probe { corr, sent: std::time::Instant::now(), sent_wall_us: clock::wall_us() });
+                    {
+                        let mut probes = lock(&link.probes);
+                        if probes.len() >= clock::PROBES {
+                            probes.pop_front();
+                        }
+                        probes.push_back(clock::Probe { corr, sent: std::time::Instant::now(), sent_wall_us: clock::wall_us() });
+                    }
                     let _ = link.tx.try_send(Frame::encode_raw(Kind::Ping, corr, &[]));
                 }
             }
@@ -1058,11 +1066,10 @@ async fn read_loop(
             }
             Kind::Pong => {
                 let probe = {
-                    let mut probe = lock(&link.probe);
-                    match *probe {
-                        Some(p) if p.corr == frame.corr => probe.take(),
-                        _ => None,
-                    }
+                    // This one, and the older ones too: their Pongs would come first.
+                    let mut probes = lock(&link.probes);
+                    let at = probes.iter().position(|p| p.corr == frame.corr);
+                    at.and_then(|at| probes.drain(..=at).next_back())
                 };
                 if let Some(reading) = probe.and_then(|p| clock::measure(&p, &frame.payload, std::time::Instant::now())) {
                     *lock(&link.clock) = Some(reading);

@@ -18,9 +18,12 @@
 //! from the pings), less the measure's uncertainty, so a claim whose owner still renews it is not
 //! taken over because the waiter's clock runs ahead. That reading also goes into the waiter's
 //! `IdemBegin`, which the state machine checks against the lease: a waiter whose clock runs
-//! behind need not wait out the difference. Without a measure (an older build's attempt, a node
-//! never linked) the waiter's own clock counts, as before. Skew never decides whether an effect
-//! applies twice: writes are tagged.
+//! behind need not wait out the difference. A node that holds no record of the key catches up
+//! with the leader's commit first (a read barrier), so a claim made a moment ago elsewhere is
+//! judged too, not proposed over blind. The lease a claim writes always ends `LEASE` after its
+//! owner's clock. Without a measure (an older build's attempt, a node never linked) the waiter's
+//! own clock counts, as before. Skew never decides whether an effect applies twice: writes are
+//! tagged.
 
 use std::time::Duration;
 use std::time::SystemTime;
@@ -115,14 +118,18 @@ impl Proxy {
             if left.is_zero() {
                 return Err(ApiError::Timeout);
             }
-            let lease_ms = LEASE.as_millis() as u64;
-            let now = self.claim_clock_ms(&key, attempt);
+            let now = self.claim_clock_ms(&key, attempt, deadline).await;
+            let own = now_ms();
+            // Checked in the clock `now` is read in, the lease itself is written in this node's
+            // (it ends at `own + LEASE`, as the renewals make it): waiters judge it in the
+            // owner's clock.
+            let lease_ms = (own + LEASE.as_millis() as u64).saturating_sub(now);
             let begin = Command::IdemBegin { key: key.clone(), attempt, now_ms: now, lease_ms, window_ms: window_ms(now) };
             match self.store.command(begin, left).await? {
                 CommandResult::IdemBegun => break,
                 CommandResult::IdemDone(stored) => return Ok(replay(stored)),
-                CommandResult::IdemPending { until_ms } => {
-                    if let Some(stored) = self.wait_for(&key, until_ms, deadline).await {
+                CommandResult::IdemPending { .. } => {
+                    if let Some(stored) = self.wait_for(&key, deadline).await {
                         return Ok(replay(stored));
                     }
                 }
@@ -178,8 +185,17 @@ impl Proxy {
     }
 
     /// The time a claim of `key` by `attempt` is proposed with: the current owner's clock
-    /// (`owner_clock_ms`) if another attempt holds it here, else this node's.
-    fn claim_clock_ms(&self, key: &str, attempt: u64) -> u64 {
+    /// (`owner_clock_ms`) if another attempt holds it, else this node's. What this node has
+    /// applied may lag what is committed (a claim made a moment ago elsewhere), so when it holds
+    /// no record of the key it first catches up with the leader's commit (a read barrier, one
+    /// round trip): proposing blind in its own clock, a node whose clock runs ahead would take
+    /// over such a claim at once.
+    async fn claim_clock_ms(&self, key: &str, attempt: u64, deadline: Instant) -> u64 {
+        if self.sm.idem_state(key).is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            // Without a leader the claim itself fails and is retried: nothing to judge here.
+            let _ = self.store.replica().read_barrier(left).await;
+        }
         match self.sm.idem_state(key) {
             Some(IdemState::Pending { attempt: owner, .. }) if owner != attempt => self.owner_clock_ms(owner),
             _ => now_ms(),
@@ -192,16 +208,24 @@ impl Proxy {
     }
 
     /// Wait until the key is done (its answer) or the other attempt's lease lapses (`None`), by
-    /// its owner's clock. `until_ms`: the lease `IdemBegin` answered, for while this node has not
-    /// applied the claim yet.
-    async fn wait_for(&self, key: &str, until_ms: u64, deadline: Instant) -> Option<StoredResponse> {
+    /// its owner's clock. The claim is committed (`IdemBegin` answered `IdemPending`) but maybe
+    /// not applied here yet: while this node holds no record of the key it catches up once (a
+    /// read barrier); a record still missing after that was forgotten (its window or the records'
+    /// bounds), and the key is free to claim.
+    async fn wait_for(&self, key: &str, deadline: Instant) -> Option<StoredResponse> {
         let mut tick = tokio::time::interval(POLL);
+        let mut caught_up = false;
         loop {
             tick.tick().await;
             let lapsed = match self.sm.idem_state(key) {
                 Some(IdemState::Done(stored)) => return Some(stored),
                 Some(IdemState::Pending { attempt: owner, until_ms: held }) => self.owner_clock_ms(owner) >= held,
-                None => now_ms() >= until_ms,
+                None if caught_up => true,
+                None => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    caught_up = self.store.replica().read_barrier(left).await.is_ok();
+                    false
+                }
             };
             if lapsed || Instant::now() >= deadline {
                 return None;

@@ -72,22 +72,26 @@ fn a_node_whose_clock_runs_ahead_is_reported_and_does_not_take_over_a_live_claim
     // node 1's clock). The same key at node 3, whose clock reads every lease as lapsed, must wait
     // for node 1's answer and replay it: the handler runs once. Judged in node 3's own clock, it
     // took the claim over at once and ran the handler a second time.
-    let apis = c.apis();
-    let before: u64 = apis.iter().map(|a| runs(a, "slow")).sum();
-    let key = [("idempotency-key", "clock-skew-1")];
-    let first = {
-        let api = c.api(1);
-        thread::spawn(move || api.request("GET", "/api/v1/slow?ms=4000", &key, b"").expect("first request"))
-    };
-    c.wait_until("the first request's handler runs", Duration::from_secs(10), || {
-        apis.iter().map(|a| runs(a, "slow")).sum::<u64>() > before
-    });
-    let second = c.api(3).request("GET", "/api/v1/slow?ms=4000", &key, b"").expect("second request");
-    let first = first.join().expect("first request thread");
-    assert_eq!(first.status, 200, "{}", first.describe());
-    assert_eq!(second.status, 200, "{}", second.describe());
-    assert_eq!(second.header("idempotent-replay"), Some("true"), "node 3 replays node 1's answer: {}", second.describe());
-    assert_eq!(second.body, first.body, "the same answer");
-    let after: u64 = apis.iter().map(|a| runs(a, "slow")).sum();
-    assert_eq!(after - before, 1, "the handler ran once");
+    // And the other way round: node 3 owns the claim, node 1 waits. Node 3's lease must be
+    // written in node 3's own clock, in which node 1 judges it.
+    for (key, owner, waiter) in [("clock-skew-1", 1, 3), ("clock-skew-2", 3, 1)] {
+        let apis = c.apis();
+        let before: u64 = apis.iter().map(|a| runs(a, "slow")).sum();
+        let header = [("idempotency-key", key)];
+        let first = {
+            let api = c.api(owner);
+            thread::spawn(move || api.request("GET", "/api/v1/slow?ms=4000", &header, b"").expect("first request"))
+        };
+        c.wait_until("the first request's handler runs", Duration::from_secs(10), || {
+            apis.iter().map(|a| runs(a, "slow")).sum::<u64>() > before
+        });
+        let second = c.api(waiter).request("GET", "/api/v1/slow?ms=4000", &header, b"").expect("second request");
+        let first = first.join().expect("first request thread");
+        assert_eq!(first.status, 200, "{key}: {}", first.describe());
+        assert_eq!(second.status, 200, "{key}: {}", second.describe());
+        assert_eq!(second.header("idempotent-replay"), Some("true"), "{key}: node {waiter} replays node {owner}'s answer: {}", second.describe());
+        assert_eq!(second.body, first.body, "{key}: the same answer");
+        let after: u64 = apis.iter().map(|a| runs(a, "slow")).sum();
+        assert_eq!(after - before, 1, "{key}: the handler ran once");
+    }
 }

@@ -42,7 +42,8 @@ fn three_nodes_started_together_form_one_cluster() {
     for (id, s) in c.statuses().unwrap_or_else(|e| panic!("{e}")) {
         for m in &s.members {
             let off = m.clock_offset_ms.expect("measured");
-            assert!(off.abs() < 100, "node {id} sees node {}'s clock {off} ms off", m.id);
+            // Give or take half a round trip, which a loaded host can stretch: the warning's bound.
+            assert!(off.abs() < 1_000, "node {id} sees node {}'s clock {off} ms off", m.id);
         }
     }
     for api in c.apis() {
