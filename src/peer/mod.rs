@@ -400,6 +400,17 @@ impl PeerNet {
         reading
     }
 
+    /// Whether every known peer's clock has been measured and none can be more than `bound`
+    /// behind ours (its offset less the measure's uncertainty).
+    pub fn no_peer_clock_behind(&self, bound: Duration) -> bool {
+        let known: Vec<NodeId> = lock(&self.addrs).keys().copied().filter(|id| *id != self.cfg.node_id).collect();
+        let floor = -i64::try_from(bound.as_micros()).unwrap_or(i64::MAX);
+        let offsets = lock(&self.offsets);
+        known.iter().all(|id| {
+            offsets.get(id).is_some_and(|o| o.offset_us.saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX)) > floor)
+        })
+    }
+
     /// The latest measure of `id`'s clock against ours, also after its link went down; `None`
     /// if it was never measured. Its own node: zero.
     pub fn last_clock_offset(&self, id: NodeId) -> Option<clock::ClockOffset> {

@@ -18,9 +18,9 @@
 //! from the pings), less the measure's uncertainty, so a claim whose owner still renews it is not
 //! taken over because the waiter's clock runs ahead. That reading also goes into the waiter's
 //! `IdemBegin`, which the state machine checks against the lease: a waiter whose clock runs
-//! behind need not wait out the difference. A node that holds no record of the key catches up
-//! with the leader's commit first (a read barrier), so a claim made a moment ago elsewhere is
-//! judged too, not proposed over blind. The lease a claim writes always ends `LEASE` after its
+//! behind need not wait out the difference. A node that holds no record of the key while some
+//! peer's clock runs behind its own catches up with the leader's commit first (a read barrier),
+//! so a claim made a moment ago elsewhere is judged too, not proposed over blind. The lease a claim writes always ends `LEASE` after its
 //! owner's clock. Without a measure (an older build's attempt, a node never linked) the waiter's
 //! own clock counts, as before. Skew never decides whether an effect applies twice: writes are
 //! tagged.
@@ -186,12 +186,13 @@ impl Proxy {
 
     /// The time a claim of `key` by `attempt` is proposed with: the current owner's clock
     /// (`owner_clock_ms`) if another attempt holds it, else this node's. What this node has
-    /// applied may lag what is committed (a claim made a moment ago elsewhere), so when it holds
-    /// no record of the key it first catches up with the leader's commit (a read barrier, one
-    /// round trip): proposing blind in its own clock, a node whose clock runs ahead would take
-    /// over such a claim at once.
+    /// applied may lag what is committed (a claim made a moment ago elsewhere): proposing blind
+    /// in its own clock, a node whose clock runs more than the lease ahead would take over such
+    /// a claim at once. So when it holds no record of the key and some peer's clock is (or may
+    /// be, unmeasured) more than `MAX_OFFSET` behind, it first catches up with the leader's
+    /// commit (a read barrier, one round trip); in a synced cluster it need not.
     async fn claim_clock_ms(&self, key: &str, attempt: u64, deadline: Instant) -> u64 {
-        if self.sm.idem_state(key).is_none() {
+        if self.sm.idem_state(key).is_none() && !self.net.no_peer_clock_behind(crate::peer::clock::MAX_OFFSET) {
             let left = deadline.saturating_duration_since(Instant::now());
             // Without a leader the claim itself fails and is retried: nothing to judge here.
             let _ = self.store.replica().read_barrier(left).await;
