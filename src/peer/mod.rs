@@ -402,11 +402,13 @@ impl PeerNet {
 
     /// Whether every known peer's clock has been measured and none can be more than `bound`
     /// behind ours (its offset less the measure's uncertainty).
+    /// Asked per keyed request: no allocation, two short locks (`addrs`, then `offsets`; nothing
+    /// takes them in the other order).
     pub fn no_peer_clock_behind(&self, bound: Duration) -> bool {
-        let known: Vec<NodeId> = lock(&self.addrs).keys().copied().filter(|id| *id != self.cfg.node_id).collect();
         let floor = -i64::try_from(bound.as_micros()).unwrap_or(i64::MAX);
+        let addrs = lock(&self.addrs);
         let offsets = lock(&self.offsets);
-        known.iter().all(|id| {
+        addrs.keys().filter(|id| **id != self.cfg.node_id).all(|id| {
             offsets.get(id).is_some_and(|o| o.offset_us.saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX)) > floor)
         })
     }

@@ -192,13 +192,16 @@ impl Proxy {
     /// be, unmeasured) more than `MAX_OFFSET` behind, it first catches up with the leader's
     /// commit (a read barrier, one round trip); in a synced cluster it need not.
     async fn claim_clock_ms(&self, key: &str, attempt: u64, deadline: Instant) -> u64 {
-        if self.sm.idem_state(key).is_none() && !self.net.no_peer_clock_behind(crate::peer::clock::MAX_OFFSET) {
+        // Per keyed request: `idem_owner` copies no stored answer, as `idem_state` would.
+        let mut holder = self.sm.idem_owner(key);
+        if holder.is_none() && !self.net.no_peer_clock_behind(crate::peer::clock::MAX_OFFSET) {
             let left = deadline.saturating_duration_since(Instant::now());
             // Without a leader the claim itself fails and is retried: nothing to judge here.
             let _ = self.store.replica().read_barrier(left).await;
+            holder = self.sm.idem_owner(key);
         }
-        match self.sm.idem_state(key) {
-            Some(IdemState::Pending { attempt: owner, .. }) if owner != attempt => self.owner_clock_ms(owner),
+        match holder {
+            Some(Some(owner)) if owner != attempt => self.owner_clock_ms(owner),
             _ => now_ms(),
         }
     }

@@ -709,6 +709,15 @@ impl SmShared {
         read(&self.data).idem.get(key).map(|r| r.state.clone())
     }
 
+    /// Who holds an idempotency key here, without copying a stored answer: `None` without a
+    /// record, `Some(None)` when done, `Some(Some(attempt))` while that attempt's claim stands.
+    pub fn idem_owner(&self, key: &str) -> Option<Option<u64>> {
+        read(&self.data).idem.get(key).map(|r| match r.state {
+            IdemState::Pending { attempt, .. } => Some(attempt),
+            IdemState::Done(_) => None,
+        })
+    }
+
     pub fn last_applied_index(&self) -> Option<u64> {
         read(&self.data).last_applied.as_ref().map(|l| l.index)
     }
