@@ -70,7 +70,7 @@ pub enum NodeError {
     #[error("raft stopped on its own ({0}); restart the node to recover from its disk")]
     RaftStopped(String),
     #[error("{0}; restart the node (a bug: please report it with the log)")]
-    LoopPanicked(crate::supervise::Failure),
+    LoopFailed(crate::supervise::Failure),
     #[error("sidecar: {0}")]
     Sidecar(#[from] crate::sidecar::SidecarError),
     #[error("peer TLS: {0}")]
@@ -239,7 +239,7 @@ pub async fn run(
         None => None,
     };
     // Also without TLS: SIGHUP (systemd's reload) must not end the node, as its default would.
-    crate::supervise::spawn("certificate reload", reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
+    crate::supervise::spawn_until("certificate reload", &shutdown, reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
     let peer_listener =
         TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
     let http_listener =
@@ -283,7 +283,7 @@ pub async fn run(
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     let replica = Replica::new(raft.clone(), net.clone());
     let guard_stop = CancellationToken::new();
-    crate::supervise::spawn("log guard", log_guard(raft.clone(), log_bytes, log_max_bytes(cfg.id), guard_stop.clone()));
+    crate::supervise::spawn_until("log guard", &guard_stop, log_guard(raft.clone(), log_bytes, log_max_bytes(cfg.id), guard_stop.clone()));
     let cluster_stop = CancellationToken::new();
     let cluster = Cluster::start(
         replica.clone(),
@@ -357,7 +357,7 @@ pub async fn run(
         snapshots: Arc::new(Mutex::new(HashMap::new())),
         appends: appends.clone(),
     }));
-    let peer_task = crate::supervise::spawn("peer listener", net.clone().run(peer_listener));
+    let peer_task = crate::supervise::spawn_until("peer listener", &net_stop, net.clone().run(peer_listener));
 
     let offering: Offering = Arc::new(move || {
         let mut decls = compiled.clone();
@@ -374,10 +374,10 @@ pub async fn run(
     // Nothing to register: in sync from the start (readiness then is just "in a cluster with a leader").
     let registered = Arc::new(std::sync::atomic::AtomicBool::new(offering().is_empty()));
     let registry_task =
-        crate::supervise::spawn("service registry", registry::run(store.clone(), cluster.clone(), offering, registered.clone(), registry_stop.clone()));
+        crate::supervise::spawn_until("service registry", &registry_stop, registry::run(store.clone(), cluster.clone(), offering, registered.clone(), registry_stop.clone()));
 
     if let Some(handle) = metrics.clone() {
-        crate::supervise::spawn("metrics upkeep", metrics_upkeep(handle, guard_stop.clone()));
+        crate::supervise::spawn_until("metrics upkeep", &guard_stop, metrics_upkeep(handle, guard_stop.clone()));
     }
     let settings = api::HttpSettings {
         max_body: cfg.max_body,
@@ -402,10 +402,10 @@ pub async fn run(
     });
     let http_stop = CancellationToken::new();
     let https_task = match (https_listener, https) {
-        (Some(listener), Some(tls)) => Some(crate::supervise::spawn("HTTPS listener", api::run(listener, app.clone(), Some(tls), http_stop.clone()))),
+        (Some(listener), Some(tls)) => Some(crate::supervise::spawn_until("HTTPS listener", &http_stop, api::run(listener, app.clone(), Some(tls), http_stop.clone()))),
         _ => None,
     };
-    let http_task = crate::supervise::spawn("HTTP listener", api::run(http_listener, app, None, http_stop.clone()));
+    let http_task = crate::supervise::spawn_until("HTTP listener", &http_stop, api::run(http_listener, app, None, http_stop.clone()));
     info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, https = ?cfg.https.as_ref().map(|h| &h.addr), advertise = %cfg.advertise, "node started");
 
     // A Raft core that stops on its own (its log or snapshot could not be written) leaves a node
@@ -469,7 +469,7 @@ pub async fn run(
     // A loop that panicked while the node drained also makes the exit an error.
     match failure.or_else(|| crate::supervise::global().failure_since(supervised).map(Fatal::Loop)) {
         Some(Fatal::Core(why)) => Err(NodeError::RaftStopped(why)),
-        Some(Fatal::Loop(failed)) => Err(NodeError::LoopPanicked(failed)),
+        Some(Fatal::Loop(failed)) => Err(NodeError::LoopFailed(failed)),
         None => {
             info!("node stopped");
             Ok(())
@@ -808,8 +808,8 @@ mod tests {
         crate::supervise::spawn("injected loop", async { panic!("injected for the test") });
         let ended = tokio::time::timeout(Duration::from_secs(60), node).await.expect("the node exits on its own").unwrap();
         match ended {
-            Err(NodeError::LoopPanicked(f)) => assert_eq!((&*f.task, f.cause.as_str()), ("injected loop", "injected for the test")),
-            other => panic!("expected LoopPanicked, got {other:?}"),
+            Err(NodeError::LoopFailed(f)) => assert_eq!(f, crate::supervise::Failure { task: "injected loop".into(), ending: crate::supervise::Ending::Panicked("injected for the test".into()) }),
+            other => panic!("expected LoopFailed, got {other:?}"),
         }
         assert!(!shutdown.is_cancelled(), "nobody asked the node to stop");
         assert!(tokio::net::TcpStream::connect(&http).await.is_err(), "the stopped node no longer listens");

@@ -19,9 +19,12 @@
 //! the panic hook is). A node run counts only the panics after its start (`mark`), so a process
 //! may run a node again after one failed. `Supervisor::new` makes a separate one for tests.
 //!
-//! Only a panic is a failure. A loop that returns is not: most end on their shutdown token, the
-//! join task once the node is in a cluster, link upkeep when the listener stops it. A loop that
-//! returned early through a bug would go unnoticed here.
+//! A panic is a failure. So is a return before the loop's stop token fires, for the loops
+//! spawned with `spawn_until`: they run until their node stops them, and one that returns
+//! earlier (a bug: a `break` or `?` on a path nobody thought of, a channel closed by a part
+//! that went away) leaves the node as broken as a panic does, only more quietly. The loops
+//! that legitimately end on their own use `spawn`: the join task (once the node is in a
+//! cluster) and the write forwarder (when its senders go at shutdown).
 
 use std::any::Any;
 use std::borrow::Cow;
@@ -33,24 +36,37 @@ use std::sync::{Arc, LazyLock};
 use futures_util::FutureExt;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-/// A supervised loop that panicked.
+/// A supervised loop that failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     /// The loop's name, as given to `spawn`.
     pub task: Cow<'static, str>,
-    /// The panic's message.
-    pub cause: String,
+    /// How it ended.
+    pub ending: Ending,
+}
+
+/// How a supervised loop failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ending {
+    /// It panicked, with this message.
+    Panicked(String),
+    /// It returned while its stop token had not fired (`spawn_until`).
+    ReturnedEarly,
 }
 
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} panicked: {}", self.task, self.cause)
+        match &self.ending {
+            Ending::Panicked(cause) => write!(f, "{} panicked: {}", self.task, cause),
+            Ending::ReturnedEarly => write!(f, "{} returned while its node was running", self.task),
+        }
     }
 }
 
-/// Records the loops that panicked and wakes whoever waits for one (`failed_since`).
+/// Records the loops that failed and wakes whoever waits for one (`failed_since`).
 #[derive(Clone)]
 pub struct Supervisor {
     /// The failures so far. The sender lives as long as the supervisor (for the global one, the
@@ -93,12 +109,22 @@ pub fn global() -> &'static Supervisor {
     &GLOBAL
 }
 
-/// Spawns a loop the node cannot work without, on the process's supervisor.
+/// Spawns a loop the node cannot work without, on the process's supervisor; it may end on its
+/// own (see the module doc), only a panic is a failure.
 pub fn spawn<F>(task: impl Into<Cow<'static, str>>, fut: F) -> JoinHandle<()>
 where
     F: Future<Output = ()> + Send + 'static,
 {
     GLOBAL.spawn(task, fut)
+}
+
+/// Spawns a loop that runs until `stop` fires, on the process's supervisor: a panic, or a
+/// return before `stop` fired, is a failure.
+pub fn spawn_until<F>(task: impl Into<Cow<'static, str>>, stop: &CancellationToken, fut: F) -> JoinHandle<()>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    GLOBAL.spawn_until(task, stop, fut)
 }
 
 impl Supervisor {
@@ -114,22 +140,43 @@ impl Supervisor {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let (failures, task) = (self.failures.clone(), task.into());
+        self.supervised(task.into(), None, fut)
+    }
+
+    /// As `spawn`, and a return before `stop` fired is recorded as a failure too.
+    pub fn spawn_until<F>(&self, task: impl Into<Cow<'static, str>>, stop: &CancellationToken, fut: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        self.supervised(task.into(), Some(stop.clone()), fut)
+    }
+
+    fn supervised<F>(&self, task: Cow<'static, str>, stop: Option<CancellationToken>, fut: F) -> JoinHandle<()>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let failures = self.failures.clone();
         // Unwind safety: after a panic nothing reads the loop's state again except the drain,
         // whose locks go on past poisoning (`crate::lock`) and whose waits are all bounded.
         tokio::spawn(async move {
-            if let Err(panic) = AssertUnwindSafe(fut).catch_unwind().await {
-                let cause = panic_message(panic.as_ref());
-                error!(task = %task, cause = %cause, "a background loop panicked: this node can no longer be trusted \
-                    to work; draining and exiting with an error so that it is restarted");
-                failures.send_modify(|f| {
-                    f.count += 1;
-                    f.recent.push_back((f.count, Failure { task, cause }));
-                    if f.recent.len() > KEPT {
-                        f.recent.pop_front();
-                    }
-                });
+            let ending = match AssertUnwindSafe(fut).catch_unwind().await {
+                Err(panic) => Ending::Panicked(panic_message(panic.as_ref())),
+                Ok(()) if stop.is_some_and(|s| !s.is_cancelled()) => Ending::ReturnedEarly,
+                Ok(()) => return,
+            };
+            match &ending {
+                Ending::Panicked(cause) => error!(task = %task, cause = %cause, "a background loop panicked: this node can no \
+                    longer be trusted to work; draining and exiting with an error so that it is restarted"),
+                Ending::ReturnedEarly => error!(task = %task, "a background loop returned while its node was running: this \
+                    node can no longer be trusted to work; draining and exiting with an error so that it is restarted"),
             }
+            failures.send_modify(|f| {
+                f.count += 1;
+                f.recent.push_back((f.count, Failure { task, ending }));
+                if f.recent.len() > KEPT {
+                    f.recent.pop_front();
+                }
+            });
         })
     }
 
@@ -139,12 +186,12 @@ impl Supervisor {
         Mark(self.failures.borrow().count)
     }
 
-    /// The first loop that panicked after `mark`, if one has.
+    /// The first loop that failed after `mark`, if one has.
     pub fn failure_since(&self, mark: Mark) -> Option<Failure> {
         self.failures.borrow().first_after(mark)
     }
 
-    /// Waits until a supervised loop panics after `mark` (at once if one already has).
+    /// Waits until a supervised loop fails after `mark` (at once if one already has).
     pub async fn failed_since(&self, mark: Mark) -> Failure {
         let mut rx = self.failures.subscribe();
         // Bounded by events: each pass consumes one change. The sender outlives this call
@@ -188,7 +235,7 @@ mod tests {
         });
         assert_eq!(sup.failure_since(start), None);
         let failed = tokio::time::timeout(Duration::from_secs(5), sup.failed_since(start)).await.expect("failure reported");
-        assert_eq!(failed, Failure { task: "batcher".into(), cause: "slot 7 taken twice".into() });
+        assert_eq!(failed, Failure { task: "batcher".into(), ending: Ending::Panicked("slot 7 taken twice".into()) });
         // The handle completes after the panic (a drain awaiting it goes on), without a JoinError.
         handle.await.expect("the supervising task itself does not panic");
         // Reported at once to whoever asks later.
@@ -224,6 +271,33 @@ mod tests {
         let other = Supervisor::new();
         let mark = other.mark();
         other.spawn("odd", async { std::panic::panic_any(42u8) }).await.unwrap();
-        assert_eq!(other.failure_since(mark).map(|f| f.cause.contains("not a string")), Some(true));
+        let odd = other.failure_since(mark).map(|f| f.ending);
+        assert!(matches!(&odd, Some(Ending::Panicked(m)) if m.contains("not a string")), "{odd:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_loop_that_returns_before_its_stop_is_a_failure_and_one_that_returns_after_is_not() {
+        let sup = Supervisor::new();
+        let start = sup.mark();
+        // Ends when asked: no failure.
+        let stop = CancellationToken::new();
+        let waits = stop.clone();
+        let handle = sup.spawn_until("batcher", &stop, async move { waits.cancelled().await });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.cancel();
+        handle.await.unwrap();
+        assert_eq!(sup.failure_since(start), None);
+        // Ends on its own while its stop has not fired: a failure, reported to the waiter.
+        let running = CancellationToken::new();
+        sup.spawn_until("address book", &running, async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        });
+        let failed = tokio::time::timeout(Duration::from_secs(5), sup.failed_since(start)).await.expect("failure reported");
+        assert_eq!(failed, Failure { task: "address book".into(), ending: Ending::ReturnedEarly });
+        assert_eq!(failed.to_string(), "address book returned while its node was running");
+        // A panic in such a loop is still a panic.
+        let later = sup.mark();
+        sup.spawn_until("dispatch", &running, async { panic!("boom") }).await.unwrap();
+        assert_eq!(sup.failure_since(later).map(|f| f.ending), Some(Ending::Panicked("boom".into())));
     }
 }

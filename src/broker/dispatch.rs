@@ -142,11 +142,11 @@ impl Dispatcher {
             latency,
             updates: tx,
         });
-        crate::supervise::spawn("subscription progress writer", update_writer(d.broker.clone(), rx, shutdown.clone()));
-        crate::supervise::spawn("shared subscription dispatch", d.clone().shared_loop(shutdown.clone()));
+        crate::supervise::spawn_until("subscription progress writer", &shutdown, update_writer(d.broker.clone(), rx, shutdown.clone()));
+        crate::supervise::spawn_until("shared subscription dispatch", &shutdown, d.clone().shared_loop(shutdown.clone()));
         for (name, sub) in &d.local {
             if !sub.shared {
-                crate::supervise::spawn(format!("dispatch of every-instance subscription {name}"), d.clone().instance_loop(name.clone(), shutdown.clone()));
+                crate::supervise::spawn_until(format!("dispatch of every-instance subscription {name}"), &shutdown, d.clone().instance_loop(name.clone(), shutdown.clone()));
             }
         }
         d

@@ -239,7 +239,7 @@ impl Broker {
             following: Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES)),
         };
         let settings = Batching { limits, timeout, linger, dedup_max_keys };
-        let task = crate::supervise::spawn("event batcher", batcher(store.clone(), settings, inbox, slots.clone(), shutdown));
+        let task = crate::supervise::spawn_until("event batcher", &shutdown, batcher(store.clone(), settings, inbox, slots.clone(), shutdown.clone()));
         Arc::new(Broker {
             slots,
             batcher: Mutex::new(Some(task)),

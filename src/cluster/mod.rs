@@ -83,8 +83,8 @@ impl Cluster {
         let (tx, rx) = mpsc::channel(QUEUE);
         let last_ready_ms = Arc::new(AtomicU64::new(0));
         let cluster = Cluster { replica, settings: Arc::new(settings), changes: tx, last_ready_ms, since: Instant::now() };
-        crate::supervise::spawn("membership", cluster.clone().membership_task(rx, shutdown.clone()));
-        crate::supervise::spawn("address book", cluster.clone().address_book(shutdown.clone()));
+        crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
+        crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
         crate::supervise::spawn("bootstrap or join", cluster.clone().bootstrap_or_join(shutdown));
         cluster
     }
@@ -337,7 +337,9 @@ impl Cluster {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = rx.changed() => if r.is_err() { return },
+                // Closed: the Raft core stopped on its own. `node::run` sees that and drains,
+                // which stops this loop too; it is the core's failure, not this loop's.
+                r = rx.changed() => if r.is_err() { shutdown.cancelled().await; return },
             }
         }
     }

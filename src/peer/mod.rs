@@ -691,7 +691,7 @@ impl PeerNet {
 
     /// Accept peer connections until `shutdown`.
     pub async fn run(self: Arc<Self>, listener: TcpListener) {
-        let maintainer = crate::supervise::spawn("peer link upkeep", self.clone().maintain());
+        let maintainer = crate::supervise::spawn_until("peer link upkeep", &self.shutdown, self.clone().maintain());
         // Also when this loop panics (the node then drains): upkeep must not redial, and the
         // links must close before the node stops Raft.
         let _stop = StopLinks { net: self.clone(), maintainer };

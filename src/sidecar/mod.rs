@@ -259,7 +259,7 @@ impl Sidecar {
         let (tx, healthy) = watch::channel(cfg.health_path.is_none());
         let interval = Duration::from_millis(cfg.health_interval_ms);
         let health = cfg.health_path.map(|path| format!("{}{path}", pool.base));
-        crate::supervise::spawn("sidecar health check", health_loop(pool.addr.clone(), health, interval, tx, shutdown));
+        crate::supervise::spawn_until("sidecar health check", &shutdown, health_loop(pool.addr.clone(), health, interval, tx, shutdown.clone()));
         Ok(Sidecar { parts, healthy })
     }
 
