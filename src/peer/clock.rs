@@ -111,6 +111,11 @@ impl Watch {
             Verdict::Quiet
         }
     }
+
+    /// A peer that left the cluster: a node that comes back under its id is judged afresh.
+    pub fn forget(&mut self, peer: NodeId) {
+        self.warned.remove(&peer);
+    }
 }
 
 #[cfg(test)]

@@ -76,6 +76,8 @@ const WRITE_BATCH: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// Each peer's clock offset (`check_clock`), NaN once it left the cluster (`forget_peer`).
+const CLOCK_GAUGE: &str = "raftbridge_peer_clock_offset_seconds";
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
 /// Resolved seed addresses whose DNS names TLS remembers at most (`set_tls_name`).
@@ -476,6 +478,13 @@ impl PeerNet {
         if let Some(link) = lock(&self.links).remove(&id) {
             link.close();
         }
+        // Its clock is no longer measured: neither `/cluster` nor the keyed-request check may
+        // go on reading the last offset, and its gauge says "unknown" (NaN: an alert on
+        // `abs(…) > 1` does not fire on it) rather than a stale figure. The exporter cannot
+        // drop one series; one per node id that ever left is the bound.
+        lock(&self.offsets).remove(&id);
+        lock(&self.clocks).forget(id);
+        metrics::gauge!(CLOCK_GAUGE, "peer" => id.to_string()).set(f64::NAN);
     }
 
     /// Reachable, or not known to be unreachable: a known peer with no live link whose address
@@ -872,8 +881,16 @@ impl PeerNet {
     /// Exports the peer's latest clock offset, and warns while it is beyond `clock::MAX_OFFSET`.
     fn check_clock(&self, link: &Link) {
         let Some(reading) = *lock(&link.clock) else { return };
-        lock(&self.offsets).insert(link.peer, reading);
-        metrics::gauge!("raftbridge_peer_clock_offset_seconds", "peer" => link.peer.to_string()).set(reading.seconds());
+        {
+            // Under `addrs` (then `offsets`, the order `no_peer_clock_behind` takes them): a
+            // peer forgotten meanwhile (`forget_peer`) is not brought back by a link it had.
+            let addrs = lock(&self.addrs);
+            if !addrs.contains_key(&link.peer) {
+                return;
+            }
+            lock(&self.offsets).insert(link.peer, reading);
+            metrics::gauge!(CLOCK_GAUGE, "peer" => link.peer.to_string()).set(reading.seconds());
+        }
         let offset_ms = reading.offset_us / 1000;
         let uncertainty_ms = reading.uncertainty_us / 1000;
         match lock(&self.clocks).note(link.peer, &reading, std::time::Instant::now()) {
@@ -1286,6 +1303,20 @@ mod tests {
         let fast = reading(3).await;
         assert!((fast.offset_us - ahead).unsigned_abs() <= fast.uncertainty_us + 1_000, "10 s ahead: {fast:?}");
         assert!(fast.beyond(clock::MAX_OFFSET));
+        // A member's reading is remembered past its link (`/cluster`, idempotency leases)...
+        acceptor.set_peer_addr(3, "127.0.0.1:1");
+        for _ in 0..200 {
+            if lock(&acceptor.offsets).contains_key(&3) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(lock(&acceptor.offsets).contains_key(&3), "node 3's offset remembered within 10 s");
+        assert!(acceptor.no_peer_clock_behind(clock::MAX_OFFSET), "node 3 is ahead, not behind");
+        // ...until it leaves the cluster: then nothing reads the last figure any more.
+        acceptor.forget_peer(3);
+        assert_eq!(acceptor.last_clock_offset(3), None);
+        assert!(!lock(&acceptor.offsets).contains_key(&3));
         answering.abort();
         stop.cancel();
     }
