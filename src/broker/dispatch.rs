@@ -567,6 +567,8 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
     let out = Arc::new(tokio::sync::Semaphore::new(UPDATE_BATCHES_OUT));
     loop {
         let first = tokio::select! {
+            // `None` only once the `Dispatcher` (the sender's owner) is gone, after shutdown:
+            // the dispatch loops hold it until then.
             f = rx.recv() => match f { Some(f) => f, None => return },
             _ = shutdown.cancelled() => return,
         };

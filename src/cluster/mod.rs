@@ -208,6 +208,7 @@ impl Cluster {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 change = rx.recv() => match change {
+                    // Unreachable while this task runs: its own `Cluster` holds a sender.
                     None => return,
                     Some(Change::Join { id, addr, reply }) => { let _ = reply.send(self.apply_join(id, addr).await); }
                     Some(Change::Remove { id, reply }) => { let _ = reply.send(self.apply_remove(id).await); }

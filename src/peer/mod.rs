@@ -370,9 +370,10 @@ pub struct PeerNet {
     next_probe: AtomicU64,
     /// Which peers' clocks were warned about (link upkeep only).
     clocks: Mutex<clock::Watch>,
-    /// The latest clock reading of every peer measured, kept after its link goes (a node taking
-    /// over a dead node's idempotency claim reads that node's clock through it). At most one
-    /// entry per node id that was linked, like `links`.
+    /// The latest clock reading of every member measured, kept after its link goes (a node
+    /// taking over a dead node's idempotency claim reads that node's clock through it), until
+    /// it leaves the cluster (`forget_peer`): claims of a removed node are then judged in this
+    /// node's own clock, as a node that never measured it would. At most one entry per member.
     offsets: Mutex<HashMap<NodeId, clock::ClockOffset>>,
 }
 
@@ -474,6 +475,10 @@ impl PeerNet {
 
     /// Forget a removed peer and close its link.
     pub fn forget_peer(&self, id: NodeId) {
+        if id == self.cfg.node_id {
+            // This node was removed: it has no link, reading or gauge of its own.
+            return;
+        }
         lock(&self.addrs).remove(&id);
         if let Some(link) = lock(&self.links).remove(&id) {
             link.close();
@@ -881,19 +886,21 @@ impl PeerNet {
     /// Exports the peer's latest clock offset, and warns while it is beyond `clock::MAX_OFFSET`.
     fn check_clock(&self, link: &Link) {
         let Some(reading) = *lock(&link.clock) else { return };
-        {
-            // Under `addrs` (then `offsets`, the order `no_peer_clock_behind` takes them): a
-            // peer forgotten meanwhile (`forget_peer`) is not brought back by a link it had.
+        let verdict = {
+            // Under `addrs` (then `offsets` or `clocks`, each alone; `no_peer_clock_behind`
+            // takes `addrs` then `offsets` too): a peer forgotten meanwhile (`forget_peer`) is
+            // not brought back by a link it had, neither its reading nor its warning state.
             let addrs = lock(&self.addrs);
             if !addrs.contains_key(&link.peer) {
                 return;
             }
             lock(&self.offsets).insert(link.peer, reading);
             metrics::gauge!(CLOCK_GAUGE, "peer" => link.peer.to_string()).set(reading.seconds());
-        }
+            lock(&self.clocks).note(link.peer, &reading, std::time::Instant::now())
+        };
         let offset_ms = reading.offset_us / 1000;
         let uncertainty_ms = reading.uncertainty_us / 1000;
-        match lock(&self.clocks).note(link.peer, &reading, std::time::Instant::now()) {
+        match verdict {
             clock::Verdict::Warn => warn!(peer = link.peer, offset_ms, uncertainty_ms, max_ms = clock::MAX_OFFSET.as_millis() as u64,
                 "peer clock differs from ours: idempotency leases, dedup windows and event retention assume clocks within \
                  about a second; check time sync (chrony, NTP) on both nodes"),
