@@ -238,8 +238,6 @@ pub async fn run(
         }
         None => None,
     };
-    // Also without TLS: SIGHUP (systemd's reload) must not end the node, as its default would.
-    crate::supervise::spawn_until("certificate reload", &shutdown, reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
     let peer_listener =
         TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
     let http_listener =
@@ -264,7 +262,7 @@ pub async fn run(
             max_frame: cfg.max_frame,
             idle_timeout: Duration::from_millis((cfg.election_timeout_ms * 4).max(2_000)),
             secret: cfg.cluster_secret.clone(),
-            tls,
+            tls: tls.clone(),
             source_ip: cfg.peer_source_addr,
         },
         net_stop.clone(),
@@ -281,6 +279,20 @@ pub async fn run(
     let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone() }, log_store, sm)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
+    // The last step that can fail, before any loop starts: an application that runs the node
+    // again after an error must not find the first run's Raft core still writing the same log.
+    let sidecar_stop = CancellationToken::new();
+    let sidecar = match cfg.sidecar.clone().map(|sc| crate::sidecar::Sidecar::start(sc, sidecar_stop.clone())).transpose() {
+        Ok(sidecar) => sidecar,
+        Err(e) => {
+            if let Err(stop) = raft.shutdown().await {
+                warn!(cause = %stop, "raft shutdown");
+            }
+            return Err(e.into());
+        }
+    };
+    // Also without TLS: SIGHUP (systemd's reload) must not end the node, as its default would.
+    crate::supervise::spawn_until("certificate reload", &shutdown, reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
     let replica = Replica::new(raft.clone(), net.clone());
     let guard_stop = CancellationToken::new();
     crate::supervise::spawn_until("log guard", &guard_stop, log_guard(raft.clone(), log_bytes, log_max_bytes(cfg.id), guard_stop.clone()));
@@ -291,12 +303,10 @@ pub async fn run(
         cluster_stop.clone(),
     );
     // Compiled-in services are always offered; sidecar commands only while the upstream is healthy.
-    let sidecar_stop = CancellationToken::new();
     let compiled: Vec<crate::sdk::ServiceDecl> = services.iter().map(|p| p.decl.clone()).collect();
     let mut services = services;
     let mut sidecar_offer: Option<(Vec<crate::sdk::ServiceDecl>, tokio::sync::watch::Receiver<bool>)> = None;
-    if let Some(sc) = cfg.sidecar.clone() {
-        let sidecar = crate::sidecar::Sidecar::start(sc, sidecar_stop.clone())?;
+    if let Some(sidecar) = sidecar {
         let parts = sidecar.parts();
         sidecar_offer = Some((parts.iter().map(|p| p.decl.clone()).collect(), sidecar.healthy()));
         services.extend(parts);
@@ -777,6 +787,45 @@ async fn snapshot_chunk(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A node that fails to start (here: its sidecar section is invalid, the last check) leaves
+    /// nothing running: an application that runs it again must not find the first attempt's
+    /// Raft core still writing the same log. Counted by the log's flusher threads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_that_fails_to_start_leaves_no_raft_core_running() {
+        let flushers = || {
+            std::fs::read_dir("/proc/self/task")
+                .unwrap()
+                .filter_map(Result::ok)
+                .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == "raft-log-flush"))
+                .count()
+        };
+        assert_eq!(flushers(), 0, "no log open before the node starts");
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let (peer, http) = (free(), free());
+        let dir = std::env::temp_dir().join(format!("rb-failed-start-{}", fastrand::u64(..)));
+        let mut cfg = crate::config::NodeArgs {
+            id: Some(1),
+            data_dir: Some(dir.clone()),
+            peer_addr: Some(peer.clone()),
+            http_addr: Some(http.clone()),
+            seeds: Some(vec![peer]),
+            bootstrap_expect: Some(1),
+            drain_delay_ms: Some(0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        cfg.sidecar = Some(toml::from_str("upstream = \"not a url\"").unwrap());
+        let ended = tokio::time::timeout(Duration::from_secs(60), run(cfg, Vec::new(), None, CancellationToken::new())).await;
+        assert!(matches!(ended, Ok(Err(NodeError::Sidecar(_)))), "{ended:?}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while flushers() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the failed start's raft log is still open after 10 s");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     /// A node whose supervised loop panics drains and returns an error (so the binary exits 1),
     /// instead of staying up without it. The panic is injected through the process's supervisor,
