@@ -788,6 +788,27 @@ async fn snapshot_chunk(
 mod tests {
     use super::*;
 
+    /// A one-node cluster's config on free loopback ports, its data dir under the temp dir
+    /// (named after `prefix`), and its HTTP address.
+    fn single_node(prefix: &str) -> (NodeConfig, std::path::PathBuf, String) {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+        let (peer, http) = (free(), free());
+        let dir = std::env::temp_dir().join(format!("{prefix}-{}", fastrand::u64(..)));
+        let cfg = crate::config::NodeArgs {
+            id: Some(1),
+            data_dir: Some(dir.clone()),
+            peer_addr: Some(peer.clone()),
+            http_addr: Some(http.clone()),
+            seeds: Some(vec![peer]),
+            bootstrap_expect: Some(1),
+            drain_delay_ms: Some(0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        (cfg, dir, http)
+    }
+
     /// A node that fails to start (here: its sidecar section is invalid, the last check) leaves
     /// nothing running: an application that runs it again must not find the first attempt's
     /// Raft core still writing the same log. Counted by the log's flusher threads.
@@ -801,21 +822,7 @@ mod tests {
                 .count()
         };
         assert_eq!(flushers(), 0, "no log open before the node starts");
-        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-        let (peer, http) = (free(), free());
-        let dir = std::env::temp_dir().join(format!("rb-failed-start-{}", fastrand::u64(..)));
-        let mut cfg = crate::config::NodeArgs {
-            id: Some(1),
-            data_dir: Some(dir.clone()),
-            peer_addr: Some(peer.clone()),
-            http_addr: Some(http.clone()),
-            seeds: Some(vec![peer]),
-            bootstrap_expect: Some(1),
-            drain_delay_ms: Some(0),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
+        let (mut cfg, dir, _) = single_node("rb-failed-start");
         cfg.sidecar = Some(toml::from_str("upstream = \"not a url\"").unwrap());
         let ended = tokio::time::timeout(Duration::from_secs(60), run(cfg, Vec::new(), None, CancellationToken::new())).await;
         assert!(matches!(ended, Ok(Err(NodeError::Sidecar(_)))), "{ended:?}");
@@ -832,21 +839,7 @@ mod tests {
     /// which is where every node loop is spawned.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_whose_background_loop_panics_drains_and_exits_with_an_error() {
-        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-        let (peer, http) = (free(), free());
-        let dir = std::env::temp_dir().join(format!("rb-supervise-{}", fastrand::u64(..)));
-        let cfg = crate::config::NodeArgs {
-            id: Some(1),
-            data_dir: Some(dir.clone()),
-            peer_addr: Some(peer.clone()),
-            http_addr: Some(http.clone()),
-            seeds: Some(vec![peer]),
-            bootstrap_expect: Some(1),
-            drain_delay_ms: Some(0),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
+        let (cfg, dir, http) = single_node("rb-supervise");
         let shutdown = CancellationToken::new();
         let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
