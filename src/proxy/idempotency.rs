@@ -20,10 +20,11 @@
 //! `IdemBegin`, which the state machine checks against the lease: a waiter whose clock runs
 //! behind need not wait out the difference. A node that holds no record of the key while some
 //! peer's clock runs behind its own catches up with the leader's commit first (a read barrier),
-//! so a claim made a moment ago elsewhere is judged too, not proposed over blind. The lease a claim writes always ends `LEASE` after its
-//! owner's clock. Without a measure (an older build's attempt, a node never linked) the waiter's
-//! own clock counts, as before. Skew never decides whether an effect applies twice: writes are
-//! tagged.
+//! so a claim made a moment ago elsewhere is judged too, not proposed over blind. The lease a
+//! claim writes always ends `LEASE` after its owner's clock. Without a measure (an older build's
+//! attempt, a node never linked, or one that has left the cluster, whose reading is forgotten)
+//! the waiter's own clock counts, as before. Skew never decides whether an effect applies twice:
+//! writes are tagged.
 
 use std::time::Duration;
 use std::time::SystemTime;
