@@ -248,7 +248,7 @@ pub async fn run(
     };
 
     let dir_err = |source| NodeError::DataDir { path: cfg.data_dir.display().to_string(), source };
-    let log_store = LogStore::open(&cfg.data_dir.join("log"), LogStoreOptions::default()).map_err(dir_err)?;
+    let log_store = LogStore::open(&cfg.data_dir.join("log"), LogStoreOptions { grow_phase: LogStoreOptions::grow_phase_for(cfg.id), ..LogStoreOptions::default() }).map_err(dir_err)?;
     let sm = StateMachine::open(&cfg.data_dir.join("sm")).map_err(dir_err)?;
     let sm_shared = sm.shared();
 
