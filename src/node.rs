@@ -292,7 +292,10 @@ pub async fn run(
         }
     };
     // Also without TLS: SIGHUP (systemd's reload) must not end the node, as its default would.
-    crate::supervise::spawn_until("certificate reload", &shutdown, reload_tls(tls.clone(), https.clone(), hup, shutdown.clone()));
+    // Its own stop, not the caller's `shutdown`: a node that fails on its own returns without
+    // `shutdown` firing, and the loop (holding SIGHUP) must not outlive the run.
+    let reload_stop = CancellationToken::new();
+    let reload_task = crate::supervise::spawn_until("certificate reload", &reload_stop, reload_tls(tls.clone(), https.clone(), hup, reload_stop.clone()));
     let replica = Replica::new(raft.clone(), net.clone());
     let guard_stop = CancellationToken::new();
     crate::supervise::spawn_until("log guard", &guard_stop, log_guard(raft.clone(), log_bytes, log_max_bytes(cfg.id), guard_stop.clone()));
@@ -454,6 +457,8 @@ pub async fn run(
         hand_over_leadership(&replica).await;
     }
     sidecar_stop.cancel();
+    reload_stop.cancel();
+    let _ = reload_task.await;
     guard_stop.cancel();
     broker_stop.cancel();
     cluster_stop.cancel();
@@ -469,6 +474,8 @@ pub async fn run(
     // rolling restart (openraft: "failed to send RaftMsg to RaftCore … raft stopped").
     net_stop.cancel();
     let _ = peer_task.await;
+    // The handler holds the node's parts, which hold `net`: let them go with the run.
+    net.clear_handler();
     // Then what the core took from the links: an append it never answered is logged as an error.
     if !appends.close(IN_FLIGHT_GRACE).await {
         warn!(grace = ?IN_FLIGHT_GRACE, "appends still in the raft core at shutdown");
@@ -841,6 +848,8 @@ mod tests {
     async fn a_node_whose_background_loop_panics_drains_and_exits_with_an_error() {
         let (cfg, dir, http) = single_node("rb-supervise");
         let shutdown = CancellationToken::new();
+        // Each test is a process of its own (nextest): the loops since this mark are this node's.
+        let mark = crate::supervise::global().mark();
         let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(&http).await.is_err() {
@@ -855,6 +864,17 @@ mod tests {
         }
         assert!(!shutdown.is_cancelled(), "nobody asked the node to stop");
         assert!(tokio::net::TcpStream::connect(&http).await.is_err(), "the stopped node no longer listens");
+        // None of its loops outlives the run (the certificate reload loop did, until the caller's
+        // `shutdown` fired: an application that ran the node again had two of them).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = crate::supervise::global().running_since(mark);
+            if left.is_empty() {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "loops still running 10 s after the node returned: {left:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let _ = std::fs::remove_dir_all(dir);
     }
 

@@ -25,13 +25,18 @@
 //! that went away) leaves the node as broken as a panic does, only more quietly. The loops
 //! that legitimately end on their own use `spawn`: the join task (once the node is in a
 //! cluster) and the write forwarder (when its senders go at shutdown).
+//!
+//! The supervisor also knows which loops are running (`running_since`): a node run that has
+//! returned must have none left, or an application that runs a node again would have two sets
+//! (the test of a failed node checks it).
 
 use std::any::Any;
 use std::borrow::Cow;
+use std::collections::BTreeMap;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use futures_util::FutureExt;
 use tokio::sync::watch;
@@ -72,11 +77,37 @@ pub struct Supervisor {
     /// The failures so far. The sender lives as long as the supervisor (for the global one, the
     /// process), so receivers never see it closed.
     failures: Arc<watch::Sender<Failures>>,
+    /// The loops running now, by spawn number; each task removes itself when it ends, however
+    /// it ends (`Running`'s drop).
+    running: Arc<Mutex<Loops>>,
 }
 
-/// A point in a supervisor's failure count (`Supervisor::mark`).
+/// The loops a supervisor runs: spawn numbers handed out so far, and the running ones' names.
+#[derive(Default)]
+struct Loops {
+    spawned: u64,
+    names: BTreeMap<u64, Cow<'static, str>>,
+}
+
+/// Removes a loop from `Supervisor::running` when its task ends: returns, panics (after
+/// `catch_unwind`) or is aborted (the future is dropped).
+struct Running {
+    loops: Arc<Mutex<Loops>>,
+    number: u64,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        crate::lock(&self.loops).names.remove(&self.number);
+    }
+}
+
+/// A point in a supervisor's failures and spawns (`Supervisor::mark`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Mark(u64);
+pub struct Mark {
+    failures: u64,
+    spawned: u64,
+}
 
 /// How many failures a supervisor keeps: a node run needs only the first after its mark, and a
 /// node that saw one is exiting.
@@ -92,7 +123,7 @@ struct Failures {
 
 impl Failures {
     fn first_after(&self, mark: Mark) -> Option<Failure> {
-        self.recent.iter().find(|(n, _)| *n > mark.0).map(|(_, f)| f.clone())
+        self.recent.iter().find(|(n, _)| *n > mark.failures).map(|(_, f)| f.clone())
     }
 }
 
@@ -130,7 +161,7 @@ where
 impl Supervisor {
     /// A supervisor of its own (the process's is `global()`).
     pub fn new() -> Supervisor {
-        Supervisor { failures: Arc::new(watch::Sender::new(Failures::default())) }
+        Supervisor { failures: Arc::new(watch::Sender::new(Failures::default())), running: Arc::default() }
     }
 
     /// Spawns `fut` as a task; if it panics, the panic is logged and recorded. The handle
@@ -156,9 +187,17 @@ impl Supervisor {
         F: Future<Output = ()> + Send + 'static,
     {
         let failures = self.failures.clone();
+        let running = {
+            let mut loops = crate::lock(&self.running);
+            loops.spawned += 1;
+            let number = loops.spawned;
+            loops.names.insert(number, task.clone());
+            Running { loops: self.running.clone(), number }
+        };
         // Unwind safety: after a panic nothing reads the loop's state again except the drain,
         // whose locks go on past poisoning (`crate::lock`) and whose waits are all bounded.
         tokio::spawn(async move {
+            let _running = running;
             let ending = match AssertUnwindSafe(fut).catch_unwind().await {
                 Err(panic) => Ending::Panicked(panic_message(panic.as_ref())),
                 Ok(()) if stop.is_some_and(|s| !s.is_cancelled()) => Ending::ReturnedEarly,
@@ -183,7 +222,12 @@ impl Supervisor {
     /// Where the failures stand now: a node run takes one at its start and counts only the
     /// panics after it (`failure_since`, `failed_since`).
     pub fn mark(&self) -> Mark {
-        Mark(self.failures.borrow().count)
+        Mark { failures: self.failures.borrow().count, spawned: crate::lock(&self.running).spawned }
+    }
+
+    /// The names of the loops spawned after `mark` that are still running.
+    pub fn running_since(&self, mark: Mark) -> Vec<Cow<'static, str>> {
+        crate::lock(&self.running).names.range(mark.spawned + 1..).map(|(_, name)| name.clone()).collect()
     }
 
     /// The first loop that failed after `mark`, if one has.
@@ -273,6 +317,35 @@ mod tests {
         other.spawn("odd", async { std::panic::panic_any(42u8) }).await.unwrap();
         let odd = other.failure_since(mark).map(|f| f.ending);
         assert!(matches!(&odd, Some(Ending::Panicked(m)) if m.contains("not a string")), "{odd:?}");
+    }
+
+    /// The supervisor lists the loops still running, since a mark: one that returns, panics
+    /// or is aborted leaves the list, and loops spawned before the mark are not in it.
+    #[tokio::test(start_paused = true)]
+    async fn running_loops_are_listed_until_they_end_however_they_end() {
+        let sup = Supervisor::new();
+        let earlier = sup.spawn("before the mark", std::future::pending());
+        let mark = sup.mark();
+        assert!(sup.running_since(mark).is_empty());
+        let stop = CancellationToken::new();
+        let (waits, panics) = (stop.clone(), stop.clone());
+        let returns = sup.spawn_until("returns", &stop, async move { waits.cancelled().await });
+        let panicking = sup.spawn("panics", async move {
+            panics.cancelled().await;
+            panic!("on stop");
+        });
+        let aborted = sup.spawn("aborted", std::future::pending());
+        tokio::task::yield_now().await;
+        assert_eq!(sup.running_since(mark), ["returns", "panics", "aborted"]);
+        aborted.abort();
+        let _ = aborted.await;
+        assert_eq!(sup.running_since(mark), ["returns", "panics"]);
+        stop.cancel();
+        returns.await.unwrap();
+        panicking.await.unwrap();
+        assert!(sup.running_since(mark).is_empty(), "{:?}", sup.running_since(mark));
+        assert_eq!(sup.running_since(Mark { failures: 0, spawned: 0 }), ["before the mark"]);
+        earlier.abort();
     }
 
     #[tokio::test(start_paused = true)]

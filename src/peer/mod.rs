@@ -356,7 +356,10 @@ struct DialState {
 pub struct PeerNet {
     cfg: PeerConfig,
     incarnation: u64,
-    handler: std::sync::OnceLock<Arc<dyn Handler>>,
+    /// Set by the composition root before the listener starts; taken out by `clear_handler`
+    /// once the node's links are down, as the handler holds the node's parts and they hold this
+    /// net (a cycle that would otherwise keep them all, and their tasks, after the node ended).
+    handler: Mutex<Option<Arc<dyn Handler>>>,
     /// Live links by peer id; shared with each link's read task, which removes its own entry.
     links: Arc<Mutex<HashMap<NodeId, Arc<Link>>>>,
     addrs: Mutex<HashMap<NodeId, String>>,
@@ -382,7 +385,7 @@ impl PeerNet {
         Arc::new(PeerNet {
             cfg,
             incarnation: fastrand::u64(..),
-            handler: std::sync::OnceLock::new(),
+            handler: Mutex::new(None),
             links: Arc::new(Mutex::new(HashMap::new())),
             addrs: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
@@ -457,9 +460,15 @@ impl PeerNet {
         &self.cfg.advertise
     }
 
-    /// Set once by the composition root before the listener starts.
+    /// Set once by the composition root before the listener starts (a second call is ignored).
     pub fn set_handler(&self, handler: Arc<dyn Handler>) {
-        let _ = self.handler.set(handler);
+        lock(&self.handler).get_or_insert(handler);
+    }
+
+    /// Drops the handler, once the node's links are down (see the field); links made after
+    /// this serve no requests.
+    pub fn clear_handler(&self) {
+        lock(&self.handler).take();
     }
 
     /// Remember where a peer listens (from the Raft membership).
@@ -836,7 +845,7 @@ impl PeerNet {
             info!(peer, addr = %link.peer_addr, "peer link up");
         }
         tokio::spawn(write_loop(link.clone(), rx, writer));
-        let handler = self.handler.get().cloned();
+        let handler = lock(&self.handler).clone();
         let idle = self.cfg.idle_timeout;
         let net_links = self.links.clone();
         let reader_link = link.clone();
