@@ -841,15 +841,48 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// Waits (bounded) until no supervised loop spawned after `mark` runs. Each test is a
+    /// process of its own (nextest), so those are the tested node's.
+    async fn no_loops_left(mark: crate::supervise::Mark) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = crate::supervise::global().running_since(mark);
+            if left.is_empty() {
+                return;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "loops still running 10 s after the node returned: {left:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// A node asked to stop returns `Ok` and leaves none of its loops running (the write
+    /// forwarder and the node's parts stayed, held through the peer handler, before it was
+    /// dropped with the links).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_asked_to_stop_leaves_no_loop_running() {
+        let (cfg, dir, http) = single_node("rb-stop");
+        let (shutdown, mark) = (CancellationToken::new(), crate::supervise::global().mark());
+        let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // Up: its HTTP listener's loop runs (the socket is bound before).
+        while !crate::supervise::global().running_since(mark).iter().any(|l| l == "HTTP listener") {
+            assert!(tokio::time::Instant::now() < deadline, "the node never started serving {http}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        shutdown.cancel();
+        let ended = tokio::time::timeout(Duration::from_secs(60), node).await.expect("the node stops when asked").unwrap();
+        assert!(ended.is_ok(), "{ended:?}");
+        no_loops_left(mark).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// A node whose supervised loop panics drains and returns an error (so the binary exits 1),
     /// instead of staying up without it. The panic is injected through the process's supervisor,
     /// which is where every node loop is spawned.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_whose_background_loop_panics_drains_and_exits_with_an_error() {
         let (cfg, dir, http) = single_node("rb-supervise");
-        let shutdown = CancellationToken::new();
-        // Each test is a process of its own (nextest): the loops since this mark are this node's.
-        let mark = crate::supervise::global().mark();
+        let (shutdown, mark) = (CancellationToken::new(), crate::supervise::global().mark());
         let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         while tokio::net::TcpStream::connect(&http).await.is_err() {
@@ -866,15 +899,7 @@ mod tests {
         assert!(tokio::net::TcpStream::connect(&http).await.is_err(), "the stopped node no longer listens");
         // None of its loops outlives the run (the certificate reload loop did, until the caller's
         // `shutdown` fired: an application that ran the node again had two of them).
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = crate::supervise::global().running_since(mark);
-            if left.is_empty() {
-                break;
-            }
-            assert!(tokio::time::Instant::now() < deadline, "loops still running 10 s after the node returned: {left:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        no_loops_left(mark).await;
         let _ = std::fs::remove_dir_all(dir);
     }
 
