@@ -212,6 +212,11 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     // Panics of this run's loops only (`supervise`): a process may run a node again.
     let supervised = crate::supervise::global().mark();
+    // Every stop token of this run is a child of this one, which fires when the run's future is
+    // dropped (an application that stops awaiting it): its loops stop with it, not with the
+    // process.
+    let run_stop = CancellationToken::new();
+    let _stop_on_drop = run_stop.clone().drop_guard();
     // First, so that SIGHUP (systemd's reload) never ends the node once it runs (its default).
     let hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(h) => Some(h),
@@ -253,7 +258,7 @@ pub async fn run(
     let sm_shared = sm.shared();
 
     // Links and listeners stop with `net_stop`, after the HTTP API has drained.
-    let net_stop = CancellationToken::new();
+    let net_stop = run_stop.child_token();
     let net = PeerNet::new(
         PeerConfig {
             node_id: cfg.id,
@@ -281,7 +286,7 @@ pub async fn run(
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     // The last step that can fail, before any loop starts: an application that runs the node
     // again after an error must not find the first run's Raft core still writing the same log.
-    let sidecar_stop = CancellationToken::new();
+    let sidecar_stop = run_stop.child_token();
     let sidecar = match cfg.sidecar.clone().map(|sc| crate::sidecar::Sidecar::start(sc, sidecar_stop.clone())).transpose() {
         Ok(sidecar) => sidecar,
         Err(e) => {
@@ -294,12 +299,12 @@ pub async fn run(
     // Also without TLS: SIGHUP (systemd's reload) must not end the node, as its default would.
     // Its own stop, not the caller's `shutdown`: a node that fails on its own returns without
     // `shutdown` firing, and the loop (holding SIGHUP) must not outlive the run.
-    let reload_stop = CancellationToken::new();
+    let reload_stop = run_stop.child_token();
     let reload_task = crate::supervise::spawn_until("certificate reload", &reload_stop, reload_tls(tls.clone(), https.clone(), hup, reload_stop.clone()));
     let replica = Replica::new(raft.clone(), net.clone());
-    let guard_stop = CancellationToken::new();
+    let guard_stop = run_stop.child_token();
     crate::supervise::spawn_until("log guard", &guard_stop, log_guard(raft.clone(), log_bytes, log_max_bytes(cfg.id), guard_stop.clone()));
-    let cluster_stop = CancellationToken::new();
+    let cluster_stop = run_stop.child_token();
     let cluster = Cluster::start(
         replica.clone(),
         ClusterSettings { seeds: cfg.seeds.clone(), bootstrap_expect: cfg.bootstrap_expect, max_voters: cfg.max_voters },
@@ -316,7 +321,7 @@ pub async fn run(
     }
     let timeout = Duration::from_millis(cfg.write_timeout_ms);
     let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout);
-    let broker_stop = CancellationToken::new();
+    let broker_stop = run_stop.child_token();
     let limits = EventLimits {
         max_events: cfg.events_max_count,
         max_bytes: cfg.events_max_bytes,
@@ -361,6 +366,9 @@ pub async fn run(
         },
     ));
     let appends = AppendLanes::new(replica.raft.clone());
+    // The handler holds the node's parts, which hold `net`: the cycle is cut when the run ends
+    // (returns or is dropped), once its links are down.
+    let _clear_handler = ClearHandler(net.clone());
     net.set_handler(Arc::new(PeerHandler {
         replica: replica.clone(),
         cluster: cluster.clone(),
@@ -383,7 +391,7 @@ pub async fn run(
         }
         decls
     });
-    let registry_stop = CancellationToken::new();
+    let registry_stop = run_stop.child_token();
     // Nothing to register: in sync from the start (readiness then is just "in a cluster with a leader").
     let registered = Arc::new(std::sync::atomic::AtomicBool::new(offering().is_empty()));
     let registry_task =
@@ -413,7 +421,7 @@ pub async fn run(
         settings,
         cluster_name: cfg.cluster_name.clone(),
     });
-    let http_stop = CancellationToken::new();
+    let http_stop = run_stop.child_token();
     let https_task = match (https_listener, https) {
         (Some(listener), Some(tls)) => Some(crate::supervise::spawn_until("HTTPS listener", &http_stop, api::run(listener, app.clone(), Some(tls), http_stop.clone()))),
         _ => None,
@@ -474,8 +482,6 @@ pub async fn run(
     // rolling restart (openraft: "failed to send RaftMsg to RaftCore … raft stopped").
     net_stop.cancel();
     let _ = peer_task.await;
-    // The handler holds the node's parts, which hold `net`: let them go with the run.
-    net.clear_handler();
     // Then what the core took from the links: an append it never answered is logged as an error.
     if !appends.close(IN_FLIGHT_GRACE).await {
         warn!(grace = ?IN_FLIGHT_GRACE, "appends still in the raft core at shutdown");
@@ -491,6 +497,15 @@ pub async fn run(
             info!("node stopped");
             Ok(())
         }
+    }
+}
+
+/// Drops the peer handler when the run ends (see where it is made).
+struct ClearHandler(Arc<PeerNet>);
+
+impl Drop for ClearHandler {
+    fn drop(&mut self) {
+        self.0.clear_handler();
     }
 }
 
@@ -821,6 +836,7 @@ mod tests {
     /// Raft core still writing the same log. Counted by the log's flusher threads.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_that_fails_to_start_leaves_no_raft_core_running() {
+        let _one = ONE_NODE_AT_A_TIME.lock().await;
         let flushers = || {
             std::fs::read_dir("/proc/self/task")
                 .unwrap()
@@ -841,8 +857,12 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
-    /// Waits (bounded) until no supervised loop spawned after `mark` runs. Each test is a
-    /// process of its own (nextest), so those are the tested node's.
+    /// The tests that run a node watch the process's supervisor: one at a time when they share a
+    /// process (`cargo test`; nextest gives each test its own).
+    static ONE_NODE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Waits (bounded) until no supervised loop spawned after `mark` runs (this test's node's:
+    /// see `ONE_NODE_AT_A_TIME`; other modules' tests may still add theirs under `cargo test`).
     async fn no_loops_left(mark: crate::supervise::Mark) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
@@ -860,6 +880,7 @@ mod tests {
     /// dropped with the links).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_asked_to_stop_leaves_no_loop_running() {
+        let _one = ONE_NODE_AT_A_TIME.lock().await;
         let (cfg, dir, http) = single_node("rb-stop");
         let (shutdown, mark) = (CancellationToken::new(), crate::supervise::global().mark());
         let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
@@ -876,11 +897,32 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// A node whose `run` future is dropped (an application that stopped awaiting it) stops its
+    /// loops with it: every stop token of the run is a child of one that fires on drop, and the
+    /// peer handler goes too (its cycle kept the write forwarder).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_whose_run_is_dropped_leaves_no_loop_running() {
+        let _one = ONE_NODE_AT_A_TIME.lock().await;
+        let (cfg, dir, http) = single_node("rb-dropped");
+        let mark = crate::supervise::global().mark();
+        let node = tokio::spawn(run(cfg, Vec::new(), None, CancellationToken::new()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !crate::supervise::global().running_since(mark).iter().any(|l| l == "HTTP listener") {
+            assert!(tokio::time::Instant::now() < deadline, "the node never started serving {http}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        node.abort();
+        assert!(node.await.unwrap_err().is_cancelled());
+        no_loops_left(mark).await;
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// A node whose supervised loop panics drains and returns an error (so the binary exits 1),
     /// instead of staying up without it. The panic is injected through the process's supervisor,
     /// which is where every node loop is spawned.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_whose_background_loop_panics_drains_and_exits_with_an_error() {
+        let _one = ONE_NODE_AT_A_TIME.lock().await;
         let (cfg, dir, http) = single_node("rb-supervise");
         let (shutdown, mark) = (CancellationToken::new(), crate::supervise::global().mark());
         let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));

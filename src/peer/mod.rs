@@ -460,15 +460,22 @@ impl PeerNet {
         &self.cfg.advertise
     }
 
-    /// Set once by the composition root before the listener starts (a second call is ignored).
+    /// Set once by the composition root before the listener starts: while one is set, another
+    /// is ignored.
     pub fn set_handler(&self, handler: Arc<dyn Handler>) {
-        lock(&self.handler).get_or_insert(handler);
+        let mut slot = lock(&self.handler);
+        if slot.is_none() {
+            *slot = Some(handler);
+        }
+        // A refused `handler` drops after the lock is released (parameters drop after locals).
     }
 
     /// Drops the handler, once the node's links are down (see the field); links made after
     /// this serve no requests.
     pub fn clear_handler(&self) {
-        lock(&self.handler).take();
+        let old = lock(&self.handler).take();
+        // Outside the lock: the last reference tears the node's parts down.
+        drop(old);
     }
 
     /// Remember where a peer listens (from the Raft membership).
