@@ -875,21 +875,28 @@ mod tests {
         }
     }
 
+    /// Starts a node (`single_node`) and waits until it serves: its HTTP listener's loop runs
+    /// (the socket is bound before that). Returns the run's task, its shutdown token, the
+    /// supervisor's mark from before the start, its data dir and its HTTP address.
+    async fn serving_node(prefix: &str) -> (tokio::task::JoinHandle<Result<(), NodeError>>, CancellationToken, crate::supervise::Mark, std::path::PathBuf, String) {
+        let (cfg, dir, http) = single_node(prefix);
+        let (shutdown, mark) = (CancellationToken::new(), crate::supervise::global().mark());
+        let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !crate::supervise::global().running_since(mark).iter().any(|l| l == "HTTP listener") {
+            assert!(tokio::time::Instant::now() < deadline, "the node never started serving {http}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        (node, shutdown, mark, dir, http)
+    }
+
     /// A node asked to stop returns `Ok` and leaves none of its loops running (the write
     /// forwarder and the node's parts stayed, held through the peer handler, before it was
     /// dropped with the links).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_asked_to_stop_leaves_no_loop_running() {
         let _one = ONE_NODE_AT_A_TIME.lock().await;
-        let (cfg, dir, http) = single_node("rb-stop");
-        let (shutdown, mark) = (CancellationToken::new(), crate::supervise::global().mark());
-        let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        // Up: its HTTP listener's loop runs (the socket is bound before).
-        while !crate::supervise::global().running_since(mark).iter().any(|l| l == "HTTP listener") {
-            assert!(tokio::time::Instant::now() < deadline, "the node never started serving {http}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (node, shutdown, mark, dir, _) = serving_node("rb-stop").await;
         shutdown.cancel();
         let ended = tokio::time::timeout(Duration::from_secs(60), node).await.expect("the node stops when asked").unwrap();
         assert!(ended.is_ok(), "{ended:?}");
@@ -903,14 +910,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_whose_run_is_dropped_leaves_no_loop_running() {
         let _one = ONE_NODE_AT_A_TIME.lock().await;
-        let (cfg, dir, http) = single_node("rb-dropped");
-        let mark = crate::supervise::global().mark();
-        let node = tokio::spawn(run(cfg, Vec::new(), None, CancellationToken::new()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while !crate::supervise::global().running_since(mark).iter().any(|l| l == "HTTP listener") {
-            assert!(tokio::time::Instant::now() < deadline, "the node never started serving {http}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (node, _shutdown, mark, dir, _) = serving_node("rb-dropped").await;
         node.abort();
         assert!(node.await.unwrap_err().is_cancelled());
         no_loops_left(mark).await;
@@ -923,14 +923,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_whose_background_loop_panics_drains_and_exits_with_an_error() {
         let _one = ONE_NODE_AT_A_TIME.lock().await;
-        let (cfg, dir, http) = single_node("rb-supervise");
-        let (shutdown, mark) = (CancellationToken::new(), crate::supervise::global().mark());
-        let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(&http).await.is_err() {
-            assert!(tokio::time::Instant::now() < deadline, "the node never listened on {http}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let (node, shutdown, mark, dir, http) = serving_node("rb-supervise").await;
         crate::supervise::spawn("injected loop", async { panic!("injected for the test") });
         let ended = tokio::time::timeout(Duration::from_secs(60), node).await.expect("the node exits on its own").unwrap();
         match ended {
