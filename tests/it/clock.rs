@@ -54,8 +54,9 @@ fn a_node_whose_clock_runs_ahead_is_reported_and_does_not_take_over_a_live_claim
     let offset = |from: u64, of: u64| {
         c.api(from).status().ok()?.members.iter().find(|m| m.id == of)?.clock_offset_ms
     };
-    c.wait_until("nodes 1 and 3 measured each other's clocks", Duration::from_secs(20), || {
-        offset(1, 3).is_some() && offset(3, 1).is_some()
+    // Node 2 too: each link is measured on its own schedule, so one reading says nothing of another's.
+    c.wait_until("nodes 1 and 3 measured each other's clocks, and node 1 node 2's", Duration::from_secs(20), || {
+        offset(1, 3).is_some() && offset(3, 1).is_some() && offset(1, 2).is_some()
     });
     let (ahead, behind) = (offset(1, 3).unwrap_or(0), offset(3, 1).unwrap_or(0));
     assert!((ahead - AHEAD_MS).abs() < 1_000, "node 1 sees node 3 {ahead} ms ahead");
