@@ -423,16 +423,24 @@ impl SmData {
         }
     }
 
-    /// Move a shared subscription's cursor over done, filtered-out and expired positions.
-    fn advance(&mut self, sub: &str) {
-        let Some(s) = self.subs.get_mut(sub) else { return };
+    /// Move a shared subscription's cursor over done, filtered-out and expired positions;
+    /// returns how many events retention took from it (also counted and logged).
+    fn advance(&mut self, sub: &str) -> u64 {
+        let Some(s) = self.subs.get_mut(sub) else { return 0 };
+        if !s.decl.shared {
+            // An every-instance subscription keeps a position per node (`instances`) and gets
+            // no acks: its cursor would stop at its first matching event, and every trim after
+            // that would be counted and logged as events it lost.
+            return 0;
+        }
+        let mut expired = 0;
         let first = self.log.first();
         if s.cursor < first {
             // Retention (count, bytes or age) dropped events this durable subscription had not
             // settled: they are gone for it. Said, not silent (positions it had settled ahead of
             // its cursor are not counted; filtered-out ones cannot be told apart any more).
             let settled = s.done.range(..first).count() as u64;
-            let expired = (first - s.cursor).saturating_sub(settled);
+            expired = (first - s.cursor).saturating_sub(settled);
             if expired > 0 {
                 metrics::counter!("raftbridge_subscription_expired_events_total", "subscription" => sub.to_string()).increment(expired);
                 tracing::warn!(subscription = sub, expired, first, "retention dropped events this subscription had not settled");
@@ -450,6 +458,7 @@ impl SmData {
             s.attempts.remove(&c);
             s.cursor += 1;
         }
+        expired
     }
 
     /// Apply a write at most once per tag.
@@ -640,14 +649,23 @@ impl SmShared {
     }
 
     /// Up to `limit` events matching a subscription's filter from position `from` on, and the
-    /// position to continue scanning from (`None` when nothing was scanned).
+    /// position to continue scanning from (`None` when nothing was scanned or skipped). Positions
+    /// below the oldest kept event are counted as expired for the subscription on this node.
     pub fn matching_from(&self, sub: &str, from: u64, limit: usize) -> (Vec<Event>, Option<u64>) {
         let d = read(&self.data);
         let Some(s) = d.subs.get(sub) else { return (Vec::new(), None) };
         let first = d.log.first();
         let start = from.max(first);
+        if start > from {
+            // Retention dropped positions this node had not reached yet (which of them matched
+            // can no longer be told): said, not silent, as for shared subscriptions.
+            let expired = start - from;
+            metrics::counter!("raftbridge_subscription_expired_events_total", "subscription" => sub.to_string()).increment(expired);
+            tracing::warn!(subscription = sub, expired, first, "retention dropped events before this node delivered them");
+        }
         let mut out = Vec::new();
-        let mut scanned = None;
+        // Past what retention dropped, even if nothing is left to scan (so it is counted once).
+        let mut scanned = (start > from).then_some(start);
         // Bounded scan so a long run of non-matching events does not hold the lock for long.
         for e in d.log.events.iter().skip((start - first) as usize).take(limit * 16) {
             if out.len() >= limit {
@@ -675,7 +693,9 @@ impl SmShared {
     pub fn instance_position(&self, name: &str, node: NodeId) -> Option<(SubscriptionDecl, u64)> {
         let d = read(&self.data);
         let s = d.subs.get(name)?;
-        Some((s.decl.clone(), s.instances.get(&node).copied().unwrap_or(0)))
+        // `None` until `node` registered it: from 0 the loop would start at the oldest retained
+        // event, which a non-durable subscription must not see.
+        Some((s.decl.clone(), *s.instances.get(&node)?))
     }
 
     /// The window an `IdemBegin` proposes: `window_ms`, or shorter while the records younger
@@ -1132,6 +1152,63 @@ mod tests {
         assert!(appended.has_changed().unwrap(), "appending events wakes the delivery loops");
     }
 
+    /// Retention takes events from a shared subscription that had not settled them (counted),
+    /// but not from an every-instance one, whose progress is per node and never acked: its
+    /// cursor used to stop at its first event and count every later trim as lost.
+    #[test]
+    fn retention_counts_what_it_takes_from_shared_subscriptions_only() {
+        use crate::broker::event::EventFilter;
+        use crate::broker::event::SubscriptionDecl;
+        let mut each = SubscriptionDecl::new("each", EventFilter::default());
+        each.shared = false;
+        let mut service = one_subscription("shared");
+        service.subscriptions.push(each);
+        let mut d = SmData::default();
+        d.apply(1, Command::Register { node: 1, services: vec![service] });
+        let limits = EventLimits { max_events: 4, ..LIMITS };
+        d.apply(2, Command::Publish { now_ms: 10, events: events(3), limits });
+        let first = d.log.first();
+        d.apply(3, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "shared".into(), position: first }] });
+        // Three more: the log keeps four, so the oldest two go; the shared subscription had
+        // settled one of them.
+        d.apply(4, Command::Publish { now_ms: 20, events: events(3), limits });
+        assert_eq!(d.log.first(), first + 2);
+        // `advance` ran while applying; running it again shows what it would count now.
+        assert_eq!(d.subs["shared"].cursor, first + 2, "the shared cursor moved to the oldest kept event");
+        assert_eq!(d.advance("shared"), 0, "counted once, when they went");
+        // Both subscriptions as they stood before the trim (cursors at their first unsettled
+        // event): retention counts for the shared one, not for the every-instance one.
+        let mut behind = d.clone();
+        for sub in ["shared", "each"] {
+            behind.subs.get_mut(sub).expect("registered").cursor = first + 1;
+        }
+        assert_eq!(behind.advance("shared"), 1, "an unsettled event retention took is counted");
+        assert_eq!(behind.advance("each"), 0, "nothing counted for the every-instance subscription");
+        assert_eq!(d.subs["each"].instances[&1], first, "its node's position is its own");
+    }
+
+    /// An every-instance loop that fell behind retention goes on from the oldest kept event.
+    #[test]
+    fn matching_from_a_trimmed_position_starts_at_the_oldest_kept_event() {
+        use crate::broker::event::EventFilter;
+        use crate::broker::event::SubscriptionDecl;
+        let mut each = SubscriptionDecl::new("each", EventFilter::default());
+        each.shared = false;
+        let service = crate::sdk::ServiceDecl { name: "svc".into(), version: 1, commands: Vec::new(), subscriptions: vec![each], available: true };
+        let sm = empty_shared();
+        {
+            let mut d = write(&sm.data);
+            d.apply(1, Command::Register { node: 1, services: vec![service] });
+            d.apply(2, Command::Publish { now_ms: 10, events: events(6), limits: EventLimits { max_events: 4, ..LIMITS } });
+        }
+        let (first, next) = (read(&sm.data).log.first(), read(&sm.data).log.next);
+        assert_eq!(next - first, 4);
+        let (got, scanned) = sm.matching_from("each", first - 2, 10);
+        assert_eq!(got.iter().map(|e| e.position).collect::<Vec<_>>(), (first..next).collect::<Vec<_>>());
+        assert_eq!(scanned, Some(next));
+        assert_eq!(sm.matching_from("each", next, 10), (Vec::new(), None), "nothing new: nothing scanned");
+    }
+
     #[test]
     fn an_instance_position_is_the_nodes_next_event_and_its_declaration() {
         use crate::broker::event::EventFilter;
@@ -1157,7 +1234,7 @@ mod tests {
         assert_eq!(next, first + 2, "past the dead-lettered and the handled event");
         let full = sm.subscription("each").expect("known");
         assert_eq!((full.instances[&2], full.dead.len()), (next, 1), "the same as the full state says");
-        assert_eq!(sm.instance_position("each", 3).map(|(_, p)| p), Some(0), "a node with no position yet");
+        assert!(sm.instance_position("each", 3).is_none(), "a node that has not registered it has no position yet");
         assert!(sm.instance_position("other", 2).is_none());
     }
 
