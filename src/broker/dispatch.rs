@@ -19,7 +19,11 @@
 //! ack deadline).
 //!
 //! Delivery is at least once: an ack lost to a crash means a redelivery, so handlers should be
-//! idempotent (the demo's `countOrders` counts each order id, so duplicates are visible).
+//! idempotent (the demo's `countOrders` counts each order id, so duplicates are visible). What a
+//! leader has handed out is known only to it (leases are not replicated: that would cost an
+//! entry per handout), so a new leader hands out again at once whatever was not acked, and an
+//! event may then run on two instances at the same time. A node that regains leadership marks
+//! its handouts with a new epoch (`Slot`), so the tasks of its earlier term cannot free them.
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -43,6 +47,7 @@ use crate::peer::PeerNet;
 use crate::peer::frame::features;
 use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
+use crate::peer::message::RemoteError;
 use crate::raft::state_machine::SmShared;
 use crate::raft::types::NodeId;
 use crate::raft::types::SubUpdate;
@@ -96,10 +101,51 @@ pub struct LocalSubscriber {
 /// and one wake-up per handout, not per event. `bool`: lazy (see `Broker::settle`): nothing
 /// waits on the outcome but the settling positions.
 type UpdateReq = (Vec<SubUpdate>, bool, oneshot::Sender<bool>);
-/// subscription → position → consumer, or `None` while the outcome is being committed. Keyed by
-/// subscription first so that a pass and a delivery task find a position without building a
-/// `(String, u64)` key (an allocation and a string hash per event).
-type InFlight = Arc<Mutex<HashMap<String, HashMap<u64, Option<NodeId>>>>>;
+/// subscription → position → its slot. Keyed by subscription first so that a pass and a
+/// delivery task find a position without building a `(String, u64)` key (an allocation and a
+/// string hash per event).
+type InFlight = Arc<Mutex<HashMap<String, HashMap<u64, Slot>>>>;
+
+/// A position handed out by this node as leader.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Slot {
+    /// The consumer it was handed to, or `None` once that consumer answered and the outcome is
+    /// being committed (or, for a failure, until the pass has recorded its backoff): the
+    /// position is not handed out again, but the consumer's slot is free.
+    consumer: Option<NodeId>,
+    /// The leadership term of this node it was handed out in. A delivery task that outlives a
+    /// lost leadership must not touch what the node hands out after regaining it: clearing or
+    /// removing another task's position by its number alone freed a slot twice and handed the
+    /// event to a third consumer within its ack deadline.
+    epoch: u64,
+}
+
+/// The consumer of `positions` (handed out in `epoch`) answered: their consumer's slots are
+/// free, the positions stay out of handouts until their outcomes are settled.
+fn mark_answered(inflight: &InFlight, sub: &str, positions: &[u64], epoch: u64) {
+    let mut f = lock(inflight);
+    let Some(busy) = f.get_mut(sub) else { return };
+    for p in positions {
+        if let Some(slot) = busy.get_mut(p).filter(|s| s.epoch == epoch) {
+            slot.consumer = None;
+        }
+    }
+}
+
+/// `position` (handed out in `epoch`) is settled: acked and committed, or its failure's backoff
+/// recorded. It may be handed out again (the log says whether it is still pending).
+fn release(inflight: &InFlight, sub: &str, position: u64, epoch: u64) {
+    let mut f = lock(inflight);
+    if let Some(busy) = f.get_mut(sub) {
+        if busy.get(&position).is_some_and(|s| s.epoch == epoch) {
+            busy.remove(&position);
+        }
+    }
+}
+
+/// A failed delivery's note to the pass: which position, how long to back off, the consumer
+/// that failed it, and the epoch it was handed out in.
+type RetryNote = ((String, u64), Duration, NodeId, u64);
 
 pub struct Dispatcher {
     node_id: NodeId,
@@ -195,10 +241,22 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Why this node would not run a delivery of `sub` (no handler runs): the leader then hands
+    /// the events to another consumer without counting an attempt.
+    fn refusal(&self, sub: &str) -> Option<PeerResponse> {
+        if !self.cluster.serving() {
+            return Some(PeerResponse::Error(RemoteError::NotServed("node is not ready".into())));
+        }
+        if !self.local.contains_key(sub) {
+            return Some(PeerResponse::Error(RemoteError::NotServed(format!("subscription {sub} is not consumed here"))));
+        }
+        None
+    }
+
     /// Serve `PeerRequest::Deliver` from the leader's dispatcher.
     pub async fn serve_delivery(&self, sub: String, event: Event) -> PeerResponse {
-        if !self.cluster.serving() {
-            return PeerResponse::Delivered(Err(HandlerError::new(503, "node is not ready")));
+        if let Some(refused) = self.refusal(&sub) {
+            return refused;
         }
         PeerResponse::Delivered(self.run_local(&sub, event).await)
     }
@@ -206,8 +264,8 @@ impl Dispatcher {
     /// Serve `PeerRequest::DeliverBatch`: the events' handlers run concurrently (the leader sends
     /// at most `max_in_flight` of them, the bound here is for anything else).
     pub async fn serve_delivery_batch(&self, sub: String, events: Vec<Event>) -> PeerResponse {
-        if !self.cluster.serving() {
-            return PeerResponse::DeliveredBatch(vec![Err(HandlerError::new(503, "node is not ready")); events.len()]);
+        if let Some(refused) = self.refusal(&sub) {
+            return refused;
         }
         if events.len() > MAX_DELIVER_BATCH {
             let e = HandlerError::new(413, format!("{} events in one delivery, at most {MAX_DELIVER_BATCH}", events.len()));
@@ -228,14 +286,16 @@ impl Dispatcher {
 
     /// On the leader: hand pending events of every shared subscription to consumers.
     async fn shared_loop(self: Arc<Self>, shutdown: CancellationToken) {
-        // (subscription, position) → the consumer it was handed to, for deliveries not yet
-        // settled in the log; `None` once the consumer answered and the outcome is being
-        // committed: the position is not handed out again, but the consumer's slot is free.
+        // Positions handed out and not yet settled (see `Slot`).
         let inflight: InFlight = Arc::new(Mutex::new(HashMap::new()));
+        // This node's leadership terms, counted: a delivery task of an earlier one must leave
+        // the positions of this one alone.
+        let mut epoch: u64 = 0;
         let mut retry_at: HashMap<(String, u64), Instant> = HashMap::new();
-        // Failed deliveries report their backoff here; drained every tick. Bounded by the
-        // deliveries in flight (each sends at most one note).
-        let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<((String, u64), Duration, NodeId)>();
+        // Failed deliveries report their backoff here; drained every pass. Bounded by the
+        // deliveries in flight (each sends at most one note, and its position stays in flight
+        // until the note is drained).
+        let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<RetryNote>();
         // Consumers that failed an event: its retries go to others while any are left.
         let mut failed_on: HashMap<(String, u64), Vec<NodeId>> = HashMap::new();
         // A finished delivery frees a slot: the next pass can hand out another event.
@@ -265,13 +325,21 @@ impl Dispatcher {
                     lock(&inflight).clear();
                     retry_at.clear();
                     failed_on.clear();
+                    epoch += 1;
                 }
                 was_leader = false;
                 continue;
             }
             was_leader = true;
-            while let Ok((key, pause, node)) = retry_rx.try_recv() {
+            while let Ok((key, pause, node, handed_in)) = retry_rx.try_recv() {
+                if handed_in != epoch {
+                    // From a lost leadership: its position was cleared then.
+                    continue;
+                }
+                // The backoff is recorded before the position leaves the map, so no pass sees
+                // it neither in flight nor backing off (it was handed out again at once).
                 retry_at.insert(key.clone(), Instant::now() + pause);
+                release(&inflight, &key.0, key.1, epoch);
                 failed_on.entry(key).or_default().push(node);
             }
             let now = Instant::now();
@@ -294,7 +362,7 @@ impl Dispatcher {
                     let f = lock(&inflight);
                     let busy = f.get(&name);
                     let mut handed = 0;
-                    for node in busy.into_iter().flat_map(|m| m.values()).flatten() {
+                    for node in busy.into_iter().flat_map(|m| m.values()).filter_map(|s| s.consumer.as_ref()) {
                         if let Some(l) = load.get_mut(node) {
                             *l += 1;
                             handed += 1;
@@ -325,7 +393,7 @@ impl Dispatcher {
                             break;
                         };
                         *load.entry(target).or_default() += 1;
-                        busy.insert(event.position, Some(target));
+                        busy.insert(event.position, Slot { consumer: Some(target), epoch });
                         handout.entry(target).or_default().push((event, attempts));
                     }
                 }
@@ -336,28 +404,18 @@ impl Dispatcher {
                         tokio::spawn(async move {
                             let positions: Vec<u64> = batch.iter().map(|(e, _)| e.position).collect();
                             let answered = || {
-                                let mut f = lock(&inflight);
-                                if let Some(busy) = f.get_mut(&decl.name) {
-                                    for p in &positions {
-                                        if let Some(slot) = busy.get_mut(p) {
-                                            *slot = None;
-                                        }
-                                    }
-                                }
-                                drop(f);
+                                mark_answered(&inflight, &decl.name, &positions, epoch);
                                 freed.notify_one();
                             };
                             let pauses = this.deliver_shared(&decl, target, batch, answered).await;
-                            let mut f = lock(&inflight);
-                            if let Some(busy) = f.get_mut(&decl.name) {
-                                for p in &positions {
-                                    busy.remove(p);
-                                }
-                            }
-                            drop(f);
                             for (p, pause) in positions.into_iter().zip(pauses) {
-                                if let Some(pause) = pause {
-                                    let _ = retry_tx.send(((decl.name.clone(), p), pause, target));
+                                match pause {
+                                    // Acked and committed: the log no longer lists it as pending.
+                                    None => release(&inflight, &decl.name, p, epoch),
+                                    // Failed: it stays in flight until the pass has its backoff.
+                                    Some(pause) => {
+                                        let _ = retry_tx.send(((decl.name.clone(), p), pause, target, epoch));
+                                    }
                                 }
                             }
                         });
@@ -376,45 +434,43 @@ impl Dispatcher {
         let n = batch.len();
         let (events, attempts): (Vec<Event>, Vec<u32>) = batch.into_iter().unzip();
         let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
-        let unexpected = |other: &PeerResponse| HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(other)));
-        let results: Vec<Result<(), HandlerError>> = if target == self.node_id {
+        let results: Vec<Outcome> = if target == self.node_id {
             let runs = events.into_iter().map(|event| async move {
                 match tokio::time::timeout(deadline, self.run_local(&decl.name, event)).await {
-                    Ok(r) => r,
-                    Err(_) => Err(HandlerError::new(504, "ack deadline passed")),
+                    Ok(r) => Outcome::Ran(r),
+                    Err(_) => Outcome::Ran(Err(HandlerError::new(504, "ack deadline passed"))),
                 }
             });
             futures_util::future::join_all(runs).await
         } else if n == 1 {
             let event = events.into_iter().next().expect("one event"); // n == 1
             let req = PeerRequest::Deliver { sub: decl.name.clone(), event };
-            vec![match self.net.request(target, &req, deadline).await {
-                Ok(PeerResponse::Delivered(r)) => r,
-                Ok(other) => Err(unexpected(&other)),
-                Err(e) => Err(HandlerError::new(502, e.to_string())),
-            }]
+            remote_outcomes(self.net.request(target, &req, deadline).await, 1)
         } else {
             let req = PeerRequest::DeliverBatch { sub: decl.name.clone(), events };
-            match self.net.request(target, &req, deadline).await {
-                Ok(PeerResponse::DeliveredBatch(r)) if r.len() == n => r,
-                Ok(other) => vec![Err(unexpected(&other)); n],
-                Err(e) => vec![Err(HandlerError::new(502, e.to_string())); n],
-            }
+            remote_outcomes(self.net.request(target, &req, deadline).await, n)
         };
         answered();
         let mut updates = Vec::with_capacity(n);
-        let mut acks = 0;
+        let (mut acks, mut refused) = (0, 0);
         let pauses = positions
             .into_iter()
             .zip(attempts)
             .zip(results)
             .map(|((position, attempts), result)| match result {
-                Ok(()) => {
+                Outcome::Ran(Ok(())) => {
                     acks += 1;
                     updates.push(SubUpdate::Ack { sub: decl.name.clone(), position });
                     None
                 }
-                Err(e) => {
+                Outcome::Refused(why) => {
+                    // No handler ran: not an attempt. Another consumer gets it after a short
+                    // pause (this one is avoided while others are left).
+                    debug!(sub = %decl.name, position, target, why = %why, "delivery refused");
+                    refused += 1;
+                    Some(BACKOFF_BASE)
+                }
+                Outcome::Ran(Err(e)) => {
                     debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
                     let mut reason = format!("node {target}: {e}");
                     crate::sdk::truncate_utf8(&mut reason, reason_cap(self.net.max_frame()));
@@ -424,7 +480,8 @@ impl Dispatcher {
             })
             .collect();
         metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(acks);
-        metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(n as u64 - acks);
+        metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(n as u64 - acks - refused);
+        metrics::counter!("raftbridge_deliveries_total", "outcome" => "refused").increment(refused);
         // Nothing waits on these but the positions they settle: they may ride in the next
         // event entry rather than make one.
         self.update(updates, true).await;
@@ -503,6 +560,26 @@ impl Dispatcher {
         if !self.update(progress, false).await {
             warn!(sub, position = ?last, "could not record progress; will redeliver after a restart");
         }
+    }
+}
+
+/// What became of one event handed to a consumer.
+#[derive(Debug, Clone, PartialEq)]
+enum Outcome {
+    /// The handler ran, or may have (a lost link, a timeout): `Ok` acks, `Err` is an attempt.
+    Ran(Result<(), HandlerError>),
+    /// The consumer's node said no handler ran (not ready, or not consuming it there).
+    Refused(String),
+}
+
+/// The outcomes of `n` events sent to another node in one request.
+fn remote_outcomes(answer: Result<PeerResponse, crate::peer::PeerError>, n: usize) -> Vec<Outcome> {
+    match answer {
+        Ok(PeerResponse::Delivered(r)) if n == 1 => vec![Outcome::Ran(r)],
+        Ok(PeerResponse::DeliveredBatch(r)) if r.len() == n => r.into_iter().map(Outcome::Ran).collect(),
+        Ok(PeerResponse::Error(RemoteError::NotServed(why))) => vec![Outcome::Refused(why); n],
+        Ok(other) => vec![Outcome::Ran(Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other))))); n],
+        Err(e) => vec![Outcome::Ran(Err(HandlerError::new(502, e.to_string()))); n],
     }
 }
 
@@ -606,6 +683,49 @@ mod tests {
         assert_eq!(in_frames(vec![1, 2], 1), vec![vec![1], vec![2]]);
         assert_eq!(in_frames((0..2500).collect(), MAX_DELIVER_BATCH).iter().map(Vec::len).collect::<Vec<_>>(), vec![1024, 1024, 452]);
         assert!(in_frames(Vec::<u8>::new(), 4).is_empty());
+    }
+
+    /// A delivery task of an earlier leadership term finishing late leaves the positions handed
+    /// out since alone: its answer frees no slot and its release removes nothing.
+    #[test]
+    fn a_late_delivery_task_leaves_positions_of_a_later_term_alone() {
+        let inflight: InFlight = Arc::new(Mutex::new(HashMap::new()));
+        let slot = |f: &InFlight, p: u64| lock(f).get("sub").and_then(|m| m.get(&p).copied());
+        // Position 7 was handed to node 2 in term 0; leadership was lost (the map cleared) and
+        // regained, and term 1 handed it to node 3.
+        lock(&inflight).entry("sub".into()).or_default().insert(7, Slot { consumer: Some(3), epoch: 1 });
+        mark_answered(&inflight, "sub", &[7], 0);
+        release(&inflight, "sub", 7, 0);
+        assert_eq!(slot(&inflight, 7), Some(Slot { consumer: Some(3), epoch: 1 }), "term 0's task changed nothing");
+        // Term 1's own task: the answer frees the consumer, the release the position.
+        mark_answered(&inflight, "sub", &[7], 1);
+        assert_eq!(slot(&inflight, 7), Some(Slot { consumer: None, epoch: 1 }), "answered: out of handouts, slot free");
+        release(&inflight, "sub", 7, 1);
+        assert_eq!(slot(&inflight, 7), None);
+        // Unknown subscriptions and positions are no-ops.
+        mark_answered(&inflight, "other", &[1], 1);
+        release(&inflight, "other", 1, 1);
+    }
+
+    /// A node that ran no handler (not ready, not consuming the subscription) refuses, which
+    /// costs the events no attempt; anything else that is not the handler's answer (a lost link,
+    /// a timeout, an unexpected answer) may have run it and counts.
+    #[test]
+    fn a_refused_delivery_is_not_an_attempt_and_a_lost_one_is() {
+        let refused = remote_outcomes(Ok(PeerResponse::Error(RemoteError::NotServed("node is not ready".into()))), 3);
+        assert_eq!(refused, vec![Outcome::Refused("node is not ready".into()); 3]);
+        let nack = Err(HandlerError::new(500, "boom"));
+        let batch = remote_outcomes(Ok(PeerResponse::DeliveredBatch(vec![Ok(()), nack.clone()])), 2);
+        assert_eq!(batch, vec![Outcome::Ran(Ok(())), Outcome::Ran(nack.clone())]);
+        assert_eq!(remote_outcomes(Ok(PeerResponse::Delivered(nack.clone())), 1), vec![Outcome::Ran(nack)]);
+        let ran_502 = |o: &Outcome| matches!(o, Outcome::Ran(Err(e)) if e.status == 502);
+        let short = remote_outcomes(Ok(PeerResponse::DeliveredBatch(vec![Ok(())])), 2);
+        assert!(short.len() == 2 && short.iter().all(ran_502), "an answer of the wrong length: {short:?}");
+        let other = remote_outcomes(Ok(PeerResponse::Error(RemoteError::Unavailable("x".into()))), 2);
+        assert!(other.len() == 2 && other.iter().all(ran_502), "not a refusal: {other:?}");
+        let lost = crate::peer::PeerError::Handshake { addr: "127.0.0.1:1".into(), reason: "gone".into() };
+        let lost = remote_outcomes(Err(lost), 2);
+        assert!(lost.len() == 2 && lost.iter().all(ran_502), "{lost:?}");
     }
 
     #[test]
