@@ -143,9 +143,43 @@ fn release(inflight: &InFlight, sub: &str, position: u64, epoch: u64) {
     }
 }
 
-/// A failed delivery's note to the pass: which position, how long to back off, the consumer
-/// that failed it, and the epoch it was handed out in.
-type RetryNote = ((String, u64), Duration, NodeId, u64);
+/// When to hand out again an event whose delivery did not ack.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Retry {
+    /// It failed (an attempt): after this backoff.
+    After(Duration),
+    /// Its consumer refused it (no attempt): after a pause that grows with each refusal, so an
+    /// event that only refusing consumers are left for does not circle every tick.
+    Refused,
+}
+
+/// A failed delivery's note to the pass: which position, when to retry it, the consumer that
+/// failed it, and the epoch it was handed out in.
+type RetryNote = ((String, u64), Retry, NodeId, u64);
+
+/// Records that `node` failed or refused `key`, and returns when it may be handed out again.
+/// `refusals` counts each position's refusals (bounded with `failed_on`).
+fn note_retry(
+    failed_on: &mut HashMap<(String, u64), Vec<NodeId>>,
+    refusals: &mut HashMap<(String, u64), u32>,
+    key: (String, u64),
+    retry: Retry,
+    node: NodeId,
+) -> Duration {
+    let pause = match retry {
+        Retry::After(pause) => pause,
+        Retry::Refused => {
+            let n = refusals.entry(key.clone()).or_insert(0);
+            *n = n.saturating_add(1);
+            backoff(*n - 1)
+        }
+    };
+    let tried = failed_on.entry(key).or_default();
+    if !tried.contains(&node) {
+        tried.push(node);
+    }
+    pause
+}
 
 pub struct Dispatcher {
     node_id: NodeId,
@@ -298,6 +332,8 @@ impl Dispatcher {
         let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<RetryNote>();
         // Consumers that failed an event: its retries go to others while any are left.
         let mut failed_on: HashMap<(String, u64), Vec<NodeId>> = HashMap::new();
+        // How often each position was refused (see `Retry::Refused`).
+        let mut refusals: HashMap<(String, u64), u32> = HashMap::new();
         // A finished delivery frees a slot: the next pass can hand out another event.
         let freed = Arc::new(tokio::sync::Notify::new());
         let mut appended = self.sm.watch_events();
@@ -325,28 +361,30 @@ impl Dispatcher {
                     lock(&inflight).clear();
                     retry_at.clear();
                     failed_on.clear();
+                    refusals.clear();
                     epoch += 1;
                 }
                 was_leader = false;
                 continue;
             }
             was_leader = true;
-            while let Ok((key, pause, node, handed_in)) = retry_rx.try_recv() {
+            while let Ok((key, retry, node, handed_in)) = retry_rx.try_recv() {
                 if handed_in != epoch {
                     // From a lost leadership: its position was cleared then.
                     continue;
                 }
                 // The backoff is recorded before the position leaves the map, so no pass sees
                 // it neither in flight nor backing off (it was handed out again at once).
+                let pause = note_retry(&mut failed_on, &mut refusals, key.clone(), retry, node);
                 retry_at.insert(key.clone(), Instant::now() + pause);
                 release(&inflight, &key.0, key.1, epoch);
-                failed_on.entry(key).or_default().push(node);
             }
             let now = Instant::now();
             retry_at.retain(|_, t| *t > now);
-            if failed_on.len() > 10_000 {
+            if failed_on.len() > 10_000 || refusals.len() > 10_000 {
                 // Bounded: forget the oldest knowledge rather than grow (only a preference).
                 failed_on.clear();
+                refusals.clear();
             }
             for (name, decl) in self.sm.shared_subscriptions() {
                 let consumers = self.consumers(&name);
@@ -413,8 +451,8 @@ impl Dispatcher {
                                     // Acked and committed: the log no longer lists it as pending.
                                     None => release(&inflight, &decl.name, p, epoch),
                                     // Failed: it stays in flight until the pass has its backoff.
-                                    Some(pause) => {
-                                        let _ = retry_tx.send(((decl.name.clone(), p), pause, target, epoch));
+                                    Some(retry) => {
+                                        let _ = retry_tx.send(((decl.name.clone(), p), retry, target, epoch));
                                     }
                                 }
                             }
@@ -427,9 +465,9 @@ impl Dispatcher {
 
     /// Hands events of a shared subscription to one consumer (several only to a peer that
     /// takes `DeliverBatch`): `answered` runs once the consumer has answered (its slots are
-    /// free from then on), then each outcome is committed. Returns, per event, a backoff when
-    /// it failed.
-    async fn deliver_shared(&self, decl: &SubscriptionDecl, target: NodeId, batch: Vec<(Event, u32)>, answered: impl FnOnce()) -> Vec<Option<Duration>> {
+    /// free from then on), then each outcome is committed. Returns, per event, when to retry it
+    /// if it did not ack.
+    async fn deliver_shared(&self, decl: &SubscriptionDecl, target: NodeId, batch: Vec<(Event, u32)>, answered: impl FnOnce()) -> Vec<Option<Retry>> {
         let deadline = Duration::from_millis(decl.ack_deadline_ms.max(1));
         let n = batch.len();
         let (events, attempts): (Vec<Event>, Vec<u32>) = batch.into_iter().unzip();
@@ -464,18 +502,18 @@ impl Dispatcher {
                     None
                 }
                 Outcome::Refused(why) => {
-                    // No handler ran: not an attempt. Another consumer gets it after a short
-                    // pause (this one is avoided while others are left).
+                    // No handler ran: not an attempt. Another consumer gets it after a pause
+                    // (this one is avoided while others are left).
                     debug!(sub = %decl.name, position, target, why = %why, "delivery refused");
                     refused += 1;
-                    Some(BACKOFF_BASE)
+                    Some(Retry::Refused)
                 }
                 Outcome::Ran(Err(e)) => {
                     debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
                     let mut reason = format!("node {target}: {e}");
                     crate::sdk::truncate_utf8(&mut reason, reason_cap(self.net.max_frame()));
                     updates.push(SubUpdate::Failed { sub: decl.name.clone(), position, reason });
-                    Some(backoff(attempts + 1))
+                    Some(Retry::After(backoff(attempts + 1)))
                 }
             })
             .collect();
@@ -496,6 +534,8 @@ impl Dispatcher {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_pass = Instant::now();
+        // When a position past events that did not match was last committed (see below).
+        let mut scan_recorded = Instant::now();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -518,6 +558,7 @@ impl Dispatcher {
             // subscription at one event per commit round (a few hundred a second per node).
             let mut progress: Vec<SubUpdate> = Vec::new();
             let mut flushed = Instant::now();
+            let matched = !events.is_empty();
             for event in events {
                 let position = event.position;
                 let mut attempts = 0u32;
@@ -546,6 +587,14 @@ impl Dispatcher {
             self.record_instance_progress(&name, progress).await;
             if let Some(to) = scanned_to {
                 next = Some(next.unwrap_or(to).max(to));
+            }
+            // Past events that did not match, the replicated position moves too (at most every
+            // `INSTANCE_FLUSH`): otherwise a restart of a node with a selective filter went back
+            // to its last match, and retention's trims since then were counted as lost.
+            if let Some(to) = next.filter(|&to| !matched && to > replicated && scan_recorded.elapsed() >= INSTANCE_FLUSH) {
+                let skipped = SubUpdate::Instance { sub: name.clone(), node: self.node_id, position: to - 1, dead: None };
+                self.record_instance_progress(&name, vec![skipped]).await;
+                scan_recorded = Instant::now();
             }
         }
     }
@@ -726,6 +775,23 @@ mod tests {
         let lost = crate::peer::PeerError::Handshake { addr: "127.0.0.1:1".into(), reason: "gone".into() };
         let lost = remote_outcomes(Err(lost), 2);
         assert!(lost.len() == 2 && lost.iter().all(ran_502), "{lost:?}");
+    }
+
+    /// Refusals cost no attempt but pause longer each time, and a consumer is listed once per
+    /// position however often it fails or refuses it.
+    #[test]
+    fn refusals_pause_longer_each_time_and_list_a_consumer_once() {
+        let (mut failed_on, mut refusals) = (HashMap::new(), HashMap::new());
+        let key = || ("sub".to_string(), 7);
+        let pauses: Vec<Duration> = (0..4).map(|_| note_retry(&mut failed_on, &mut refusals, key(), Retry::Refused, 2)).collect();
+        assert_eq!(pauses, [100, 200, 400, 800].map(Duration::from_millis));
+        assert_eq!(note_retry(&mut failed_on, &mut refusals, key(), Retry::After(Duration::from_secs(3)), 3), Duration::from_secs(3));
+        assert_eq!(failed_on[&key()], vec![2, 3], "each consumer once, in order");
+        assert_eq!(refusals[&key()], 4, "failures are not refusals");
+        for _ in 0..100 {
+            note_retry(&mut failed_on, &mut refusals, key(), Retry::Refused, 2);
+        }
+        assert_eq!(note_retry(&mut failed_on, &mut refusals, key(), Retry::Refused, 2), BACKOFF_MAX, "the pause is bounded");
     }
 
     #[test]

@@ -1066,6 +1066,21 @@ fn every_instance_subscription_reaches_each_node() {
         DELIVERY,
         || audited(c.api(1), down, &missed.order_id),
     );
+
+    // Events it does not match move each node's replicated position too: a node restarted
+    // later goes on from there, not from its last match (retention's trims since that match
+    // used to be counted as events it lost).
+    let (_, unrelated) = publish(c.api(2), "notAnOrder", &json!({"n": 1}), &[]).expect("publish");
+    c.wait_for("each node's auditOrders position past an event it does not match", DELIVERY, || {
+        let sub = get_json(c.api(1), "/v1/subscriptions/auditOrders")?;
+        for node in c.ids() {
+            let next = sub["instances"][node.to_string()].as_u64().unwrap_or(0);
+            if next <= unrelated {
+                return Err(format!("node {node} at {next}, the unrelated event is at {unrelated}: {sub}"));
+            }
+        }
+        Ok(())
+    });
 }
 
 /// An every-instance subscription's progress is recorded per pass, not per event: a burst of
