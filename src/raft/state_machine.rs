@@ -976,6 +976,14 @@ mod tests {
         crate::sdk::ServiceDecl { name: "svc".into(), version: 1, commands: Vec::new(), subscriptions, available: true }
     }
 
+    /// An every-instance durable subscription to every event, and a service with it alone.
+    fn every_instance(name: &str) -> (crate::broker::event::SubscriptionDecl, crate::sdk::ServiceDecl) {
+        let mut decl = crate::broker::event::SubscriptionDecl::new(name, crate::broker::event::EventFilter::default());
+        decl.shared = false;
+        let service = crate::sdk::ServiceDecl { name: "svc".into(), version: 1, commands: Vec::new(), subscriptions: vec![decl.clone()], available: true };
+        (decl, service)
+    }
+
     /// A state machine's shared part, empty and without a directory.
     fn empty_shared() -> SmShared {
         SmShared {
@@ -1157,10 +1165,7 @@ mod tests {
     /// cursor used to stop at its first event and count every later trim as lost.
     #[test]
     fn retention_counts_what_it_takes_from_shared_subscriptions_only() {
-        use crate::broker::event::EventFilter;
-        use crate::broker::event::SubscriptionDecl;
-        let mut each = SubscriptionDecl::new("each", EventFilter::default());
-        each.shared = false;
+        let (each, _) = every_instance("each");
         let mut service = one_subscription("shared");
         service.subscriptions.push(each);
         let mut d = SmData::default();
@@ -1190,11 +1195,7 @@ mod tests {
     /// An every-instance loop that fell behind retention goes on from the oldest kept event.
     #[test]
     fn matching_from_a_trimmed_position_starts_at_the_oldest_kept_event() {
-        use crate::broker::event::EventFilter;
-        use crate::broker::event::SubscriptionDecl;
-        let mut each = SubscriptionDecl::new("each", EventFilter::default());
-        each.shared = false;
-        let service = crate::sdk::ServiceDecl { name: "svc".into(), version: 1, commands: Vec::new(), subscriptions: vec![each], available: true };
+        let (_, service) = every_instance("each");
         let sm = empty_shared();
         {
             let mut d = write(&sm.data);
@@ -1211,11 +1212,7 @@ mod tests {
 
     #[test]
     fn an_instance_position_is_the_nodes_next_event_and_its_declaration() {
-        use crate::broker::event::EventFilter;
-        use crate::broker::event::SubscriptionDecl;
-        let mut decl = SubscriptionDecl::new("each", EventFilter::default());
-        decl.shared = false;
-        let service = crate::sdk::ServiceDecl { name: "svc".into(), version: 1, commands: Vec::new(), subscriptions: vec![decl], available: true };
+        let (_, service) = every_instance("each");
         let sm = empty_shared();
         {
             let mut d = write(&sm.data);

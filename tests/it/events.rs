@@ -1022,6 +1022,21 @@ fn audited(api: Api, node: u64, order: &str) -> Result<(), String> {
     }
 }
 
+/// Waits until every node's replicated position in every-instance subscription `sub` is past
+/// `position` (`what` names it for the failure message).
+fn wait_instances_past(c: &Cluster, sub: &str, position: u64, what: &str) {
+    c.wait_for(&format!("each node's {sub} position past {what}"), DELIVERY, || {
+        let state = get_json(c.api(1), &format!("/v1/subscriptions/{sub}"))?;
+        for node in c.ids() {
+            let next = state["instances"][node.to_string()].as_u64().unwrap_or(0);
+            if next <= position {
+                return Err(format!("node {node} at {next}, {what} is at {position}: {state}"));
+            }
+        }
+        Ok(())
+    });
+}
+
 #[test]
 fn every_instance_subscription_reaches_each_node() {
     let (c, _) = example_cluster("ev-audit");
@@ -1071,16 +1086,7 @@ fn every_instance_subscription_reaches_each_node() {
     // later goes on from there, not from its last match (retention's trims since that match
     // used to be counted as events it lost).
     let (_, unrelated) = publish(c.api(2), "notAnOrder", &json!({"n": 1}), &[]).expect("publish");
-    c.wait_for("each node's auditOrders position past an event it does not match", DELIVERY, || {
-        let sub = get_json(c.api(1), "/v1/subscriptions/auditOrders")?;
-        for node in c.ids() {
-            let next = sub["instances"][node.to_string()].as_u64().unwrap_or(0);
-            if next <= unrelated {
-                return Err(format!("node {node} at {next}, the unrelated event is at {unrelated}: {sub}"));
-            }
-        }
-        Ok(())
-    });
+    wait_instances_past(&c, "auditOrders", unrelated, "an event it does not match");
 }
 
 /// An every-instance subscription's progress is recorded per pass, not per event: a burst of
@@ -1110,16 +1116,7 @@ fn every_instance_progress_covers_a_burst_and_dead_letters_per_node() {
         .map(|e| id_position(e).expect("id and position").1)
         .unwrap_or_else(|| panic!("no events in {body}"));
     assert!(last > bad);
-    c.wait_for("each node's benchEveryNode position past the burst", DELIVERY, || {
-        let sub = get_json(c.api(1), "/v1/subscriptions/benchEveryNode")?;
-        for node in c.ids() {
-            let next = sub["instances"][node.to_string()].as_u64().unwrap_or(0);
-            if next <= last {
-                return Err(format!("node {node} at {next}, burst ends at {last}: {sub}"));
-            }
-        }
-        Ok(())
-    });
+    wait_instances_past(&c, "benchEveryNode", last, "the burst");
     c.wait_for("the bad order dead-lettered once per node", DEAD_LETTER, || {
         let dead = dead_letters(c.api(3), "auditOrders")?;
         let mut nodes: Vec<u64> = dead
@@ -1141,16 +1138,7 @@ fn every_instance_progress_covers_a_burst_and_dead_letters_per_node() {
         }
         Ok(())
     });
-    c.wait_for("each node's auditOrders position past the later order", DELIVERY, || {
-        let sub = get_json(c.api(1), "/v1/subscriptions/auditOrders")?;
-        for node in c.ids() {
-            let next = sub["instances"][node.to_string()].as_u64().unwrap_or(0);
-            if next <= later.position {
-                return Err(format!("node {node} at {next}, the later order is at {}: {sub}", later.position));
-            }
-        }
-        Ok(())
-    });
+    wait_instances_past(&c, "auditOrders", later.position, "the later order");
 }
 
 /// A subscription's returned event is emitted: the demo's `answerPings` answers a `demoPing`
