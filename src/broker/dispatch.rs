@@ -373,8 +373,8 @@ impl Dispatcher {
                     // From a lost leadership: its position was cleared then.
                     continue;
                 }
-                // The backoff is recorded before the position leaves the map, so no pass sees
-                // it neither in flight nor backing off (it was handed out again at once).
+                // The backoff is recorded before the position leaves the map: a pass that found
+                // it in neither used to hand it out again at once.
                 let pause = note_retry(&mut failed_on, &mut refusals, key.clone(), retry, node);
                 retry_at.insert(key.clone(), Instant::now() + pause);
                 release(&inflight, &key.0, key.1, epoch);
