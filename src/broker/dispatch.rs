@@ -552,7 +552,14 @@ impl Dispatcher {
                 continue;
             }
             let from = next.unwrap_or(replicated).max(replicated);
-            let (events, scanned_to) = self.sm.matching_from(&name, from, 256);
+            let (events, scanned_to, expired) = self.sm.matching_from(&name, from, 256);
+            if expired > 0 {
+                // Retention dropped positions this node had not reached: said, not silent, as
+                // the state machine does for shared subscriptions (reported here, not under its
+                // read lock).
+                metrics::counter!("raftbridge_subscription_expired_events_total", "subscription" => name.clone()).increment(expired);
+                warn!(subscription = %name, expired, from, "retention dropped events before this node delivered them");
+            }
             // Progress is committed once per pass (or per `INSTANCE_FLUSH` of handling), not per
             // event: waiting for a commit after each event capped an every-instance
             // subscription at one event per commit round (a few hundred a second per node).

@@ -649,20 +649,14 @@ impl SmShared {
     }
 
     /// Up to `limit` events matching a subscription's filter from position `from` on, and the
-    /// position to continue scanning from (`None` when nothing was scanned or skipped). Positions
-    /// below the oldest kept event are counted as expired for the subscription on this node.
-    pub fn matching_from(&self, sub: &str, from: u64, limit: usize) -> (Vec<Event>, Option<u64>) {
+    /// position to continue scanning from (`None` when nothing was scanned or skipped), and how
+    /// many positions from `from` on retention had already dropped (which of them matched can
+    /// no longer be told).
+    pub fn matching_from(&self, sub: &str, from: u64, limit: usize) -> (Vec<Event>, Option<u64>, u64) {
         let d = read(&self.data);
-        let Some(s) = d.subs.get(sub) else { return (Vec::new(), None) };
+        let Some(s) = d.subs.get(sub) else { return (Vec::new(), None, 0) };
         let first = d.log.first();
         let start = from.max(first);
-        if start > from {
-            // Retention dropped positions this node had not reached yet (which of them matched
-            // can no longer be told): said, not silent, as for shared subscriptions.
-            let expired = start - from;
-            metrics::counter!("raftbridge_subscription_expired_events_total", "subscription" => sub.to_string()).increment(expired);
-            tracing::warn!(subscription = sub, expired, first, "retention dropped events before this node delivered them");
-        }
         let mut out = Vec::new();
         // Past what retention dropped, even if nothing is left to scan (so it is counted once).
         let mut scanned = (start > from).then_some(start);
@@ -680,7 +674,7 @@ impl SmShared {
         if let Some(last) = out.last() {
             scanned = Some(last.position + 1);
         }
-        (out, scanned)
+        (out, scanned, start - from)
     }
 
     pub fn subscription(&self, name: &str) -> Option<SubState> {
@@ -1204,10 +1198,10 @@ mod tests {
         }
         let (first, next) = (read(&sm.data).log.first(), read(&sm.data).log.next);
         assert_eq!(next - first, 4);
-        let (got, scanned) = sm.matching_from("each", first - 2, 10);
+        let (got, scanned, expired) = sm.matching_from("each", first - 2, 10);
         assert_eq!(got.iter().map(|e| e.position).collect::<Vec<_>>(), (first..next).collect::<Vec<_>>());
-        assert_eq!(scanned, Some(next));
-        assert_eq!(sm.matching_from("each", next, 10), (Vec::new(), None), "nothing new: nothing scanned");
+        assert_eq!((scanned, expired), (Some(next), 2), "past the kept events; the two dropped ones counted");
+        assert_eq!(sm.matching_from("each", next, 10), (Vec::new(), None, 0), "nothing new: nothing scanned");
     }
 
     #[test]
