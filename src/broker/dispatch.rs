@@ -48,6 +48,7 @@ use crate::peer::frame::features;
 use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::peer::message::RemoteError;
+use crate::raft::state_machine::Backlog;
 use crate::raft::state_machine::SmShared;
 use crate::raft::types::NodeId;
 use crate::raft::types::SubUpdate;
@@ -334,6 +335,8 @@ impl Dispatcher {
         let mut failed_on: HashMap<(String, u64), Vec<NodeId>> = HashMap::new();
         // How often each position was refused (see `Retry::Refused`).
         let mut refusals: HashMap<(String, u64), u32> = HashMap::new();
+        // What each shared subscription's earlier passes saw of its log (`Backlog`).
+        let mut backlogs: HashMap<String, Backlog> = HashMap::new();
         // A finished delivery frees a slot: the next pass can hand out another event.
         let freed = Arc::new(tokio::sync::Notify::new());
         let mut appended = self.sm.watch_events();
@@ -362,6 +365,8 @@ impl Dispatcher {
                     retry_at.clear();
                     failed_on.clear();
                     refusals.clear();
+                    // A follower's state may be replaced by a snapshot: look afresh next time.
+                    backlogs.clear();
                     epoch += 1;
                 }
                 was_leader = false;
@@ -386,7 +391,9 @@ impl Dispatcher {
                 failed_on.clear();
                 refusals.clear();
             }
-            for (name, decl) in self.sm.shared_subscriptions() {
+            let subscriptions = self.sm.shared_subscriptions();
+            backlogs.retain(|name, _| subscriptions.iter().any(|(n, _)| n == name));
+            for (name, decl) in subscriptions {
                 let consumers = self.consumers(&name);
                 if consumers.is_empty() {
                     continue;
@@ -413,7 +420,8 @@ impl Dispatcher {
                     if free == 0 {
                         continue;
                     }
-                    self.sm.pending(&name, free, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.contains(&p))
+                    let backlog = backlogs.entry(name.clone()).or_default();
+                    self.sm.pending(&name, free, backlog, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.contains(&p))
                 };
                 // What each consumer gets in this pass: one task (and one progress message) for
                 // this node's consumer and for each peer that takes `DeliverBatch` (one frame),

@@ -128,6 +128,34 @@ pub const MAX_DEAD_LETTERS: usize = 10_000;
 /// Retained positions one `events_after` looks at most (a filtered read of a long log).
 const MAX_SCAN: usize = 100_000;
 
+/// What a shared subscription's delivery loop (on the leader) remembers between its calls to
+/// `pending`, so that a call does not walk the whole log ahead of the cursor. It used to: with
+/// one event stuck in retries (a handler that hangs until its ack deadline, five times), the
+/// events acked after it pile up in `done` and every pass, up to one a millisecond, walked all
+/// of them under the state machine's read lock, up to the retention bound (100,000 events by
+/// default). Now each retained event is looked at once, and a pass walks only the positions
+/// still open: pending, in flight or backing off. Sound because, for positions at or above the
+/// cursor, being done only ever becomes true and a filter's verdict never changes; anything
+/// that breaks that (another filter, a cursor that went back) starts it afresh.
+#[derive(Debug, Default)]
+pub struct Backlog {
+    /// Positions below are settled (the cursor, or the first retained, when last seen).
+    from: u64,
+    /// Positions below were looked at.
+    scanned: u64,
+    /// Positions looked at that matched the filter and were not done then.
+    open: BTreeSet<u64>,
+    /// The filter they were matched with.
+    filter: Option<crate::broker::event::EventFilter>,
+}
+
+impl Backlog {
+    /// Positions it holds as maybe pending (pending, in flight or backing off).
+    pub fn open(&self) -> usize {
+        self.open.len()
+    }
+}
+
 /// A subscription's replicated progress.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SubState {
@@ -632,20 +660,52 @@ impl SmShared {
 
     /// Up to `limit` events a shared subscription still has to process, in log order, with
     /// their failed-attempt counts, leaving out positions `skip` names (in flight, backing off)
-    /// before copying anything.
-    pub fn pending(&self, sub: &str, limit: usize, skip: impl Fn(u64) -> bool) -> Vec<(Event, u32)> {
+    /// before copying anything. `backlog` is the caller's memory of this subscription from its
+    /// earlier calls (see `Backlog`): each retained event is looked at once, not on every call.
+    pub fn pending(&self, sub: &str, limit: usize, backlog: &mut Backlog, skip: impl Fn(u64) -> bool) -> Vec<(Event, u32)> {
         let d = read(&self.data);
-        let Some(s) = d.subs.get(sub) else { return Vec::new() };
-        let first = d.log.first();
+        let Some(s) = d.subs.get(sub) else {
+            *backlog = Backlog::default();
+            return Vec::new();
+        };
+        let (first, next) = (d.log.first(), d.log.next);
         let start = s.cursor.max(first);
-        d.log
-            .events
-            .iter()
-            .skip((start - first) as usize)
-            .filter(|e| !skip(e.position) && !s.done.contains(&e.position) && s.decl.filter.matches(e))
-            .take(limit)
-            .map(|e| ((**e).clone(), s.attempts.get(&e.position).copied().unwrap_or(0)))
-            .collect()
+        if backlog.filter.as_ref() != Some(&s.decl.filter) || start < backlog.from || backlog.scanned > next {
+            // New to the caller, declared with another filter, or a state that went back (a
+            // snapshot installed in between): looked at afresh.
+            *backlog = Backlog { from: start, scanned: start, open: BTreeSet::new(), filter: Some(s.decl.filter.clone()) };
+        }
+        if start > backlog.from {
+            // Settled below the cursor, or dropped by retention.
+            backlog.open = backlog.open.split_off(&start);
+            backlog.from = start;
+        }
+        backlog.scanned = backlog.scanned.max(start);
+        for e in d.log.events.iter().skip((backlog.scanned - first) as usize) {
+            if !s.done.contains(&e.position) && s.decl.filter.matches(e) {
+                backlog.open.insert(e.position);
+            }
+        }
+        backlog.scanned = next;
+        let mut out = Vec::new();
+        let mut settled = Vec::new();
+        for &p in &backlog.open {
+            if out.len() >= limit {
+                break;
+            }
+            if s.done.contains(&p) {
+                // Acked out of order: never pending again.
+                settled.push(p);
+            } else if !skip(p) {
+                if let Some(e) = d.log.get(p) {
+                    out.push((e.clone(), s.attempts.get(&p).copied().unwrap_or(0)));
+                }
+            }
+        }
+        for p in settled {
+            backlog.open.remove(&p);
+        }
+        out
     }
 
     /// Up to `limit` events matching a subscription's filter from position `from` on, and the
@@ -1148,10 +1208,119 @@ mod tests {
         }
         let first = read(&sm.data).subs["sub"].cursor;
         write(&sm.data).apply(3, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "sub".into(), position: first + 2 }] });
-        let got: Vec<u64> = sm.pending("sub", 3, |p| p == first + 1).iter().map(|(e, _)| e.position).collect();
+        let mut backlog = Backlog::default();
+        let got: Vec<u64> = sm.pending("sub", 3, &mut backlog, |p| p == first + 1).iter().map(|(e, _)| e.position).collect();
         assert_eq!(got, vec![first, first + 3, first + 4], "skipped and acked positions are left out, in log order");
         sm.events_moved(read(&sm.data).log.next);
         assert!(appended.has_changed().unwrap(), "appending events wakes the delivery loops");
+    }
+
+    /// What `pending` returned before it kept a `Backlog`: every retained position from the
+    /// cursor on, looked at on every call.
+    fn pending_by_walking(d: &SmData, sub: &str, limit: usize, skip: impl Fn(u64) -> bool) -> Vec<u64> {
+        let s = &d.subs[sub];
+        let first = d.log.first();
+        d.log
+            .events
+            .iter()
+            .skip((s.cursor.max(first) - first) as usize)
+            .filter(|e| !skip(e.position) && !s.done.contains(&e.position) && s.decl.filter.matches(e))
+            .take(limit)
+            .map(|e| e.position)
+            .collect()
+    }
+
+    /// A service with one shared subscription to events named `e` only.
+    fn subscription_to_e(name: &str) -> crate::sdk::ServiceDecl {
+        let mut service = one_subscription(name);
+        service.subscriptions[0].filter.event_name = Some("e".into());
+        service
+    }
+
+    /// `n` new events, named `e` or `f` at random.
+    fn mixed_events(rng: &mut fastrand::Rng, n: usize) -> Arc<Vec<crate::broker::event::NewEvent>> {
+        let meta = crate::sdk::MessageMeta::default();
+        let name = |rng: &mut fastrand::Rng| if rng.bool() { "e" } else { "f" };
+        Arc::new((0..n).map(|_| crate::broker::new_event(name(rng), b"1".to_vec(), &meta, None, None)).collect())
+    }
+
+    /// The backlog gives what walking the whole log gave, whatever happens between calls:
+    /// events appended and trimmed by retention, acks in and out of order, failures up to the
+    /// dead letters, positions skipped (in flight, backing off), another filter declared.
+    #[test]
+    fn pending_with_a_backlog_finds_what_walking_the_log_finds() {
+        for seed in 0..20 {
+            let mut rng = fastrand::Rng::with_seed(seed);
+            let sm = empty_shared();
+            write(&sm.data).apply(1, Command::Register { node: 1, services: vec![subscription_to_e("sub")] });
+            let mut backlog = Backlog::default();
+            for round in 0..300u64 {
+                let index = 2 + round;
+                let mut d = write(&sm.data);
+                match rng.u8(0..10) {
+                    0..=2 => {
+                        let n = rng.usize(1..20);
+                        let events = mixed_events(&mut rng, n);
+                        d.apply(index, Command::Publish { now_ms: 10 + round, events, limits: LIMITS });
+                    }
+                    3..=6 => {
+                        let (first, next) = (d.log.first(), d.log.next);
+                        let updates = (0..rng.usize(1..8))
+                            .map(|_| {
+                                let position = rng.u64(first.saturating_sub(2)..next + 2);
+                                let sub = "sub".to_string();
+                                if rng.u8(0..4) == 0 { SubUpdate::Failed { sub, position, reason: "no".into() } } else { SubUpdate::Ack { sub, position } }
+                            })
+                            .collect();
+                        d.apply(index, Command::SubUpdate { updates });
+                    }
+                    7 if round % 50 == 49 => {
+                        // Declared again: to every event, or back to `e` alone.
+                        let mut service = subscription_to_e("sub");
+                        if rng.bool() {
+                            service.subscriptions[0].filter.event_name = None;
+                        }
+                        d.apply(index, Command::Register { node: 1, services: vec![service] });
+                    }
+                    _ => {}
+                }
+                drop(d);
+                let limit = rng.usize(1..12);
+                let salt = rng.u64(..);
+                let skip = |p: u64| (p ^ salt) % 5 == 0;
+                let expected = pending_by_walking(&read(&sm.data), "sub", limit, skip);
+                let got: Vec<u64> = sm.pending("sub", limit, &mut backlog, skip).iter().map(|(e, _)| e.position).collect();
+                assert_eq!(got, expected, "seed {seed}, round {round}");
+            }
+        }
+    }
+
+    /// With one event stuck at the cursor (backing off) and everything after it acked, a call
+    /// no longer walks the acked positions again: the backlog keeps only the open ones.
+    #[test]
+    fn a_stuck_cursor_does_not_make_each_call_walk_the_acked_events_behind_it() {
+        let sm = empty_shared();
+        let limits = EventLimits { max_events: 10_000, ..LIMITS };
+        {
+            let mut d = write(&sm.data);
+            d.apply(1, Command::Register { node: 1, services: vec![one_subscription("sub")] });
+            d.apply(2, Command::Publish { now_ms: 10, events: events(1_000), limits });
+        }
+        let stuck = read(&sm.data).subs["sub"].cursor;
+        let mut backlog = Backlog::default();
+        let first_pass = sm.pending("sub", 64, &mut backlog, |_| false);
+        assert_eq!(first_pass.len(), 64);
+        assert_eq!(backlog.open(), 1_000, "every event is open before it is acked");
+        let acks = (stuck + 1..stuck + 1_000).map(|position| SubUpdate::Ack { sub: "sub".into(), position }).collect();
+        write(&sm.data).apply(3, Command::SubUpdate { updates: acks });
+        assert_eq!(read(&sm.data).subs["sub"].cursor, stuck, "the unacked first event holds the cursor");
+        let backing_off = |p: u64| p == stuck;
+        assert!(sm.pending("sub", 64, &mut backlog, backing_off).is_empty());
+        assert_eq!(backlog.open(), 1, "the acked events were dropped from the backlog once seen done");
+        write(&sm.data).apply(4, Command::Publish { now_ms: 20, events: events(3), limits });
+        let got: Vec<u64> = sm.pending("sub", 64, &mut backlog, backing_off).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(got, vec![stuck + 1_000, stuck + 1_001, stuck + 1_002], "new events after the stuck one");
+        assert_eq!(backlog.open(), 4, "the stuck event and the three new ones, nothing acked");
     }
 
     /// Retention takes events from a shared subscription that had not settled them (counted),
