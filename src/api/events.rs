@@ -211,17 +211,17 @@ pub fn dead_letters(app: &App, query: Option<&str>) -> ApiResult {
 
 /// `GET /v1/subscriptions/{name}`: replicated progress, for operators and tests.
 pub fn subscription(app: &App, name: &str) -> ApiResult {
-    let s = app.sm.subscription(name).ok_or_else(|| ApiError::NotFound(format!("no subscription {name}")))?;
+    let s = app.sm.subscription_summary(name).ok_or_else(|| ApiError::NotFound(format!("no subscription {name}")))?;
     Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({
             "name": name,
-            "shared": s.decl.shared,
-            "durable": s.decl.durable,
+            "shared": s.shared,
+            "durable": s.durable,
             "cursor": s.cursor,
-            "doneAhead": s.done.len(),
-            "retrying": s.attempts.len(),
-            "deadLetters": s.dead.len(),
+            "doneAhead": s.done_ahead,
+            "retrying": s.retrying,
+            "deadLetters": s.dead_letters,
             "instances": s.instances,
         }),
     ))

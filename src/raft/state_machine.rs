@@ -171,6 +171,18 @@ pub struct SubState {
     pub instances: BTreeMap<NodeId, u64>,
 }
 
+/// A subscription's progress in counts (`SmShared::subscription_summary`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubSummary {
+    pub shared: bool,
+    pub durable: bool,
+    pub cursor: u64,
+    pub done_ahead: usize,
+    pub retrying: usize,
+    pub dead_letters: usize,
+    pub instances: BTreeMap<NodeId, u64>,
+}
+
 /// The replicated event log (retained part) and producer-dedup keys.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventLog {
@@ -739,6 +751,23 @@ impl SmShared {
 
     pub fn subscription(&self, name: &str) -> Option<SubState> {
         read(&self.data).subs.get(name).cloned()
+    }
+
+    /// A subscription's progress in counts, for `GET /v1/subscriptions/{name}`: `subscription`
+    /// copies its done set and dead letters (up to the retained events and `MAX_DEAD_LETTERS`
+    /// with their reasons, megabytes) under the lock that apply needs, on every poll.
+    pub fn subscription_summary(&self, name: &str) -> Option<SubSummary> {
+        let d = read(&self.data);
+        let s = d.subs.get(name)?;
+        Some(SubSummary {
+            shared: s.decl.shared,
+            durable: s.decl.durable,
+            cursor: s.cursor,
+            done_ahead: s.done.len(),
+            retrying: s.attempts.len(),
+            dead_letters: s.dead.len(),
+            instances: s.instances.clone(),
+        })
     }
 
     /// What an every-instance loop needs on each pass: the declaration and `node`'s next
@@ -1313,7 +1342,8 @@ mod tests {
         assert_eq!(backlog.open(), 1_000, "every event is open before it is acked");
         let acks = (stuck + 1..stuck + 1_000).map(|position| SubUpdate::Ack { sub: "sub".into(), position }).collect();
         write(&sm.data).apply(3, Command::SubUpdate { updates: acks });
-        assert_eq!(read(&sm.data).subs["sub"].cursor, stuck, "the unacked first event holds the cursor");
+        let summary = sm.subscription_summary("sub").expect("known");
+        assert_eq!((summary.cursor, summary.done_ahead, summary.retrying), (stuck, 999, 0), "the unacked first event holds the cursor");
         let backing_off = |p: u64| p == stuck;
         assert!(sm.pending("sub", 64, &mut backlog, backing_off).is_empty());
         assert_eq!(backlog.open(), 1, "the acked events were dropped from the backlog once seen done");
