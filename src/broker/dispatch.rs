@@ -632,7 +632,8 @@ impl Dispatcher {
 enum Outcome {
     /// The handler ran, or may have (a lost link, a timeout): `Ok` acks, `Err` is an attempt.
     Ran(Result<(), HandlerError>),
-    /// The consumer's node said no handler ran (not ready, or not consuming it there).
+    /// No handler ran: the consumer's node said so (not ready, or not consuming it there), or
+    /// the request never left this node (no link to it could be made).
     Refused(String),
 }
 
@@ -643,6 +644,9 @@ fn remote_outcomes(answer: Result<PeerResponse, crate::peer::PeerError>, n: usiz
         Ok(PeerResponse::DeliveredBatch(r)) if r.len() == n => r.into_iter().map(Outcome::Ran).collect(),
         Ok(PeerResponse::Error(RemoteError::NotServed(why))) => vec![Outcome::Refused(why); n],
         Ok(other) => vec![Outcome::Ran(Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other))))); n],
+        // The request never left (no link could be made): no handler ran, as with a refusal.
+        Err(e) if e.not_delivered() => vec![Outcome::Refused(e.to_string()); n],
+        // A link lost or an answer late: the handler may have run, so it counts.
         Err(e) => vec![Outcome::Ran(Err(HandlerError::new(502, e.to_string()))); n],
     }
 }
@@ -771,9 +775,10 @@ mod tests {
         release(&inflight, "other", 1, 1);
     }
 
-    /// A node that ran no handler (not ready, not consuming the subscription) refuses, which
-    /// costs the events no attempt; anything else that is not the handler's answer (a lost link,
-    /// a timeout, an unexpected answer) may have run it and counts.
+    /// A node that ran no handler (not ready, not consuming the subscription) refuses, and a
+    /// request that could not be sent at all is the same; neither costs the events an attempt.
+    /// Anything else that is not the handler's answer (a link lost after sending, a timeout, an
+    /// unexpected answer) may have run it and counts.
     #[test]
     fn a_refused_delivery_is_not_an_attempt_and_a_lost_one_is() {
         let refused = remote_outcomes(Ok(PeerResponse::Error(RemoteError::NotServed("node is not ready".into()))), 3);
@@ -787,9 +792,13 @@ mod tests {
         assert!(short.len() == 2 && short.iter().all(ran_502), "an answer of the wrong length: {short:?}");
         let other = remote_outcomes(Ok(PeerResponse::Error(RemoteError::Unavailable("x".into()))), 2);
         assert!(other.len() == 2 && other.iter().all(ran_502), "not a refusal: {other:?}");
-        let lost = crate::peer::PeerError::Handshake { addr: "127.0.0.1:1".into(), reason: "gone".into() };
-        let lost = remote_outcomes(Err(lost), 2);
-        assert!(lost.len() == 2 && lost.iter().all(ran_502), "{lost:?}");
+        let unsent = crate::peer::PeerError::Handshake { addr: "127.0.0.1:1".into(), reason: "gone".into() };
+        let unsent = remote_outcomes(Err(unsent), 2);
+        assert!(unsent.len() == 2 && unsent.iter().all(|o| matches!(o, Outcome::Refused(_))), "never sent: {unsent:?}");
+        for lost in [crate::peer::PeerError::Closed { peer: 2 }, crate::peer::PeerError::Timeout { peer: 2, timeout: Duration::from_secs(1) }] {
+            let lost = remote_outcomes(Err(lost), 2);
+            assert!(lost.len() == 2 && lost.iter().all(ran_502), "sent, maybe run: {lost:?}");
+        }
     }
 
     /// Refusals cost no attempt but pause longer each time, and a consumer is listed once per
