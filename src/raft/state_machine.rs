@@ -122,6 +122,42 @@ pub fn note_shortened_window(kind: &'static str, window_ms: u64, configured_ms: 
     }
 }
 
+/// How often at most the log says, per subscription, that retention took events from it.
+const EXPIRED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Counts events retention took from a shared subscription before it settled them, and says so
+/// in the log at most every `EXPIRED_LOG_EVERY` per subscription, with how many since its last
+/// line. A durable subscription that no consumer runs loses one event or more to every publish
+/// entry once the log is at its retention bound: a line per entry (under apply's lock) flooded
+/// the log for as long as such a subscription was declared. The counter stays exact.
+fn note_expired(sub: &str, expired: u64, first: u64) {
+    use std::sync::Mutex;
+    /// As many entries as subscriptions that ever lost events (declared subscriptions are not
+    /// forgotten either).
+    static LOGGED: Mutex<ExpiredLog> = Mutex::new(BTreeMap::new());
+    metrics::counter!("raftbridge_subscription_expired_events_total", "subscription" => sub.to_string()).increment(expired);
+    if let Some(expired) = expired_to_log(&mut crate::lock(&LOGGED), sub, expired, std::time::Instant::now()) {
+        tracing::warn!(subscription = sub, expired, first, "retention dropped events this subscription had not settled (count since this subscription's last such line)");
+    }
+}
+
+/// Subscription → when retention's losses were last logged for it, and what was taken since.
+type ExpiredLog = BTreeMap<String, (Option<std::time::Instant>, u64)>;
+
+/// Adds `expired` to what `sub` lost since its last line; returns the sum when a line is due.
+fn expired_to_log(logged: &mut ExpiredLog, sub: &str, expired: u64, now: std::time::Instant) -> Option<u64> {
+    if !logged.contains_key(sub) {
+        logged.insert(sub.to_string(), (None, 0));
+    }
+    let (at, held) = logged.get_mut(sub)?;
+    *held += expired;
+    if at.is_some_and(|t| now.duration_since(t) < EXPIRED_LOG_EVERY) {
+        return None;
+    }
+    *at = Some(now);
+    Some(std::mem::take(held))
+}
+
 /// Dead letters kept per subscription at most (oldest dropped first).
 pub const MAX_DEAD_LETTERS: usize = 10_000;
 
@@ -482,8 +518,7 @@ impl SmData {
             let settled = s.done.range(..first).count() as u64;
             expired = (first - s.cursor).saturating_sub(settled);
             if expired > 0 {
-                metrics::counter!("raftbridge_subscription_expired_events_total", "subscription" => sub.to_string()).increment(expired);
-                tracing::warn!(subscription = sub, expired, first, "retention dropped events this subscription had not settled");
+                note_expired(sub, expired, first);
             }
             s.cursor = first;
             s.done = s.done.split_off(&first);
@@ -1383,6 +1418,22 @@ mod tests {
         assert_eq!(behind.advance("shared"), 1, "an unsettled event retention took is counted");
         assert_eq!(behind.advance("each"), 0, "nothing counted for the every-instance subscription");
         assert_eq!(d.subs["each"].instances[&1], first, "its node's position is its own");
+    }
+
+    /// Retention's losses are logged at once, then at most every `EXPIRED_LOG_EVERY` per
+    /// subscription with the sum since the last line.
+    #[test]
+    fn expired_events_are_logged_at_most_every_so_often_with_their_sum() {
+        let mut logged = ExpiredLog::new();
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        assert_eq!(expired_to_log(&mut logged, "a", 3, at(0)), Some(3), "the first loss is logged");
+        assert_eq!(expired_to_log(&mut logged, "a", 2, at(1_000)), None);
+        assert_eq!(expired_to_log(&mut logged, "b", 7, at(1_000)), Some(7), "each subscription on its own");
+        assert_eq!(expired_to_log(&mut logged, "a", 4, at(9_999)), None);
+        assert_eq!(expired_to_log(&mut logged, "a", 1, at(10_000)), Some(7), "the sum since the last line");
+        assert_eq!(expired_to_log(&mut logged, "a", 1, at(15_000)), None);
+        assert_eq!(logged.len(), 2);
     }
 
     /// An every-instance loop that fell behind retention goes on from the oldest kept event.
