@@ -25,8 +25,9 @@
 //! event may then run on two instances at the same time. A node that regains leadership marks
 //! its handouts with a new epoch (`Slot`), so the tasks of its earlier term cannot free them.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::collections::HashMap;
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -326,7 +327,13 @@ impl Dispatcher {
         // This node's leadership terms, counted: a delivery task of an earlier one must leave
         // the positions of this one alone.
         let mut epoch: u64 = 0;
-        let mut retry_at: HashMap<(String, u64), Instant> = HashMap::new();
+        // Positions backing off after a failure or refusal, per subscription, with when each is
+        // due; `due` orders them by that time (an entry whose time no longer matches is stale:
+        // its position failed again since). Until due they are parked out of the subscription's
+        // backlog, so a pass neither steps over them nor builds a set of them: a consumer that
+        // fails everything puts most of the backlog here.
+        let mut retry_at: HashMap<String, HashMap<u64, Instant>> = HashMap::new();
+        let mut due: BinaryHeap<Reverse<(Instant, String, u64)>> = BinaryHeap::new();
         // Failed deliveries report their backoff here; drained every pass. Bounded by the
         // deliveries in flight (each sends at most one note, and its position stays in flight
         // until the note is drained).
@@ -363,6 +370,7 @@ impl Dispatcher {
                     // starts from the replicated progress.
                     lock(&inflight).clear();
                     retry_at.clear();
+                    due.clear();
                     failed_on.clear();
                     refusals.clear();
                     // A follower's state may be replaced by a snapshot: look afresh next time.
@@ -381,11 +389,29 @@ impl Dispatcher {
                 // The backoff is recorded before the position leaves the map: a pass that found
                 // it in neither used to hand it out again at once.
                 let pause = note_retry(&mut failed_on, &mut refusals, key.clone(), retry, node);
-                retry_at.insert(key.clone(), Instant::now() + pause);
+                let at = Instant::now() + pause;
+                retry_at.entry(key.0.clone()).or_default().insert(key.1, at);
+                if let Some(backlog) = backlogs.get_mut(&key.0) {
+                    backlog.park(key.1);
+                }
                 release(&inflight, &key.0, key.1, epoch);
+                due.push(Reverse((at, key.0, key.1)));
             }
             let now = Instant::now();
-            retry_at.retain(|_, t| *t > now);
+            while due.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
+                let Some(Reverse((at, sub, position))) = due.pop() else { break };
+                let Some(waiting) = retry_at.get_mut(&sub) else { continue };
+                if waiting.get(&position) != Some(&at) {
+                    continue;
+                }
+                waiting.remove(&position);
+                if waiting.is_empty() {
+                    retry_at.remove(&sub);
+                }
+                if let Some(backlog) = backlogs.get_mut(&sub) {
+                    backlog.unpark(position);
+                }
+            }
             if failed_on.len() > 10_000 || refusals.len() > 10_000 {
                 // Bounded: forget the oldest knowledge rather than grow (only a preference).
                 failed_on.clear();
@@ -399,7 +425,8 @@ impl Dispatcher {
                     continue;
                 }
                 let mut load: HashMap<NodeId, u32> = consumers.iter().map(|c| (*c, 0)).collect();
-                let backing_off: HashSet<u64> = retry_at.keys().filter(|(s, _)| s == &name).map(|(_, p)| *p).collect();
+                // Parked, but a backlog looked at afresh (another filter) finds them again.
+                let backing_off = retry_at.get(&name);
                 let pending = {
                     // Held while `pending` reads the log, so the positions in flight are read in
                     // place (delivery tasks take this lock only briefly, the log's read lock is
@@ -421,7 +448,7 @@ impl Dispatcher {
                         continue;
                     }
                     let backlog = backlogs.entry(name.clone()).or_default();
-                    self.sm.pending(&name, free, backlog, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.contains(&p))
+                    self.sm.pending(&name, free, backlog, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.is_some_and(|m| m.contains_key(&p)))
                 };
                 // What each consumer gets in this pass: one task (and one progress message) for
                 // this node's consumer and for each peer that takes `DeliverBatch` (one frame),

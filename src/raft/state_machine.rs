@@ -186,9 +186,24 @@ pub struct Backlog {
 }
 
 impl Backlog {
-    /// Positions it holds as maybe pending (pending, in flight or backing off).
+    /// Positions it holds as maybe pending (pending, in flight or backing off, unless parked).
     pub fn open(&self) -> usize {
         self.open.len()
+    }
+
+    /// Leaves `position` out of the walk until `unpark`: it is backing off after a failure or
+    /// refusal. A consumer that fails everything (its downstream is down) puts most of the
+    /// backlog into backoff, and every pass stepped over all of it.
+    pub fn park(&mut self, position: u64) {
+        self.open.remove(&position);
+    }
+
+    /// `position`'s backoff is over: walked again (dropped at the next walk if it was settled
+    /// meanwhile).
+    pub fn unpark(&mut self, position: u64) {
+        if position >= self.from && position < self.scanned {
+            self.open.insert(position);
+        }
     }
 }
 
@@ -1310,7 +1325,8 @@ mod tests {
 
     /// The backlog gives what walking the whole log gave, whatever happens between calls:
     /// events appended and trimmed by retention, acks in and out of order, failures up to the
-    /// dead letters, positions skipped (in flight, backing off), another filter declared.
+    /// dead letters, positions skipped (in flight, backing off), parked and unparked, another
+    /// filter declared.
     #[test]
     fn pending_with_a_backlog_finds_what_walking_the_log_finds() {
         for seed in 0..20 {
@@ -1318,6 +1334,7 @@ mod tests {
             let sm = empty_shared();
             write(&sm.data).apply(1, Command::Register { node: 1, services: vec![subscription_to_e("sub")] });
             let mut backlog = Backlog::default();
+            let mut parked = BTreeSet::new();
             for round in 0..300u64 {
                 let index = 2 + round;
                 let mut d = write(&sm.data);
@@ -1351,10 +1368,24 @@ mod tests {
                 drop(d);
                 let limit = rng.usize(1..12);
                 let salt = rng.u64(..);
-                let skip = |p: u64| (p ^ salt) % 5 == 0;
+                let skip = |p: u64| (p ^ salt) % 5 == 0 || parked.contains(&p);
                 let expected = pending_by_walking(&read(&sm.data), "sub", limit, skip);
                 let got: Vec<u64> = sm.pending("sub", limit, &mut backlog, skip).iter().map(|(e, _)| e.position).collect();
                 assert_eq!(got, expected, "seed {seed}, round {round}");
+                // Some of what was handed out fails and backs off (parked, and skipped as the
+                // dispatcher skips what backs off); some backoffs end.
+                for p in got {
+                    if rng.u8(0..4) == 0 {
+                        parked.insert(p);
+                        backlog.park(p);
+                    }
+                }
+                for p in parked.clone() {
+                    if rng.u8(0..6) == 0 {
+                        parked.remove(&p);
+                        backlog.unpark(p);
+                    }
+                }
             }
         }
     }
