@@ -45,7 +45,7 @@ pub async fn run(
             continue;
         }
         let want = offering();
-        let have = store.local().registry().1.get(&me).cloned().unwrap_or_default();
+        let have = store.local().registry_entry(me).unwrap_or_default();
         in_sync.store(want == have, std::sync::atomic::Ordering::SeqCst);
         if want != have {
             info!(services = want.len(), "updating service registry entry");
@@ -56,7 +56,7 @@ pub async fn run(
     }
     // Drain: stop being routed to.
     in_sync.store(false, std::sync::atomic::Ordering::SeqCst);
-    let registered = store.local().registry().1.contains_key(&me);
+    let registered = store.local().registry_entry(me).is_some();
     if registered {
         if let Err(e) = store.command(Command::Register { node: me, services: Vec::new() }, Duration::from_secs(2)).await {
             warn!(cause = %e, "could not clear the registry entry on shutdown");

@@ -122,6 +122,42 @@ pub fn note_shortened_window(kind: &'static str, window_ms: u64, configured_ms: 
     }
 }
 
+/// Moves a shared subscription's cursor over done, filtered-out and expired positions;
+/// returns how many events retention took from it (also counted and logged).
+fn advance(log: &EventLog, sub: &str, s: &mut SubState) -> u64 {
+    if !s.decl.shared {
+        // An every-instance subscription keeps a position per node (`instances`) and gets
+        // no acks: its cursor would stop at its first matching event, and every trim after
+        // that would be counted and logged as events it lost.
+        return 0;
+    }
+    let mut expired = 0;
+    let first = log.first();
+    if s.cursor < first {
+        // Retention (count, bytes or age) dropped events this durable subscription had not
+        // settled: they are gone for it. Said, not silent (positions it had settled ahead of
+        // its cursor are not counted; filtered-out ones cannot be told apart any more).
+        let settled = s.done.range(..first).count() as u64;
+        expired = (first - s.cursor).saturating_sub(settled);
+        if expired > 0 {
+            note_expired(sub, expired, first);
+        }
+        s.cursor = first;
+        s.done = s.done.split_off(&first);
+        s.attempts = s.attempts.split_off(&first);
+    }
+    while s.cursor < log.next {
+        let c = s.cursor;
+        let skip = s.done.remove(&c) || log.get(c).is_none_or(|e| !s.decl.filter.matches(e));
+        if !skip {
+            break;
+        }
+        s.attempts.remove(&c);
+        s.cursor += 1;
+    }
+    expired
+}
+
 /// How often at most the log says, per subscription, that retention took events from it.
 const EXPIRED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -161,8 +197,10 @@ fn expired_to_log(logged: &mut ExpiredLog, sub: &str, expired: u64, now: std::ti
 /// Dead letters kept per subscription at most (oldest dropped first).
 pub const MAX_DEAD_LETTERS: usize = 10_000;
 
-/// Retained positions one `events_after` looks at most (a filtered read of a long log).
-const MAX_SCAN: usize = 100_000;
+/// Retained positions one `events_after` looks at most (a filtered read of a long log), under
+/// the lock apply needs. At 100,000 (the default retention) a client polling for a rare name
+/// with the same `after` made each read walk the whole log.
+const MAX_SCAN: usize = 10_000;
 
 /// What a shared subscription's delivery loop (on the leader) remembers between its calls to
 /// `pending`, so that a call does not walk the whole log ahead of the cursor. It used to: with
@@ -461,9 +499,8 @@ impl SmData {
                 log.bytes = log.bytes.saturating_sub(e.size() as u64);
             }
         }
-        let names: Vec<String> = self.subs.keys().cloned().collect();
-        for name in names {
-            self.advance(&name);
+        for (name, s) in self.subs.iter_mut() {
+            advance(&self.log, name, s);
         }
         CommandResult::Published(out)
     }
@@ -514,41 +551,10 @@ impl SmData {
         }
     }
 
-    /// Move a shared subscription's cursor over done, filtered-out and expired positions;
-    /// returns how many events retention took from it (also counted and logged).
+    /// `advance` for the subscription named `sub`.
     fn advance(&mut self, sub: &str) -> u64 {
         let Some(s) = self.subs.get_mut(sub) else { return 0 };
-        if !s.decl.shared {
-            // An every-instance subscription keeps a position per node (`instances`) and gets
-            // no acks: its cursor would stop at its first matching event, and every trim after
-            // that would be counted and logged as events it lost.
-            return 0;
-        }
-        let mut expired = 0;
-        let first = self.log.first();
-        if s.cursor < first {
-            // Retention (count, bytes or age) dropped events this durable subscription had not
-            // settled: they are gone for it. Said, not silent (positions it had settled ahead of
-            // its cursor are not counted; filtered-out ones cannot be told apart any more).
-            let settled = s.done.range(..first).count() as u64;
-            expired = (first - s.cursor).saturating_sub(settled);
-            if expired > 0 {
-                note_expired(sub, expired, first);
-            }
-            s.cursor = first;
-            s.done = s.done.split_off(&first);
-            s.attempts = s.attempts.split_off(&first);
-        }
-        while s.cursor < self.log.next {
-            let c = s.cursor;
-            let skip = s.done.remove(&c) || self.log.get(c).is_none_or(|e| !s.decl.filter.matches(e));
-            if !skip {
-                break;
-            }
-            s.attempts.remove(&c);
-            s.cursor += 1;
-        }
-        expired
+        advance(&self.log, sub, s)
     }
 
     /// Apply a write at most once per tag.
@@ -628,6 +634,11 @@ impl SmShared {
         (d.registry_revision, d.registry.clone())
     }
 
+    /// One node's registry entry (what `registry` would copy for all of them).
+    pub fn registry_entry(&self, node: NodeId) -> Option<Vec<ServiceDecl>> {
+        read(&self.data).registry.get(&node).cloned()
+    }
+
     pub fn registry_revision(&self) -> u64 {
         self.registry_rev.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -674,25 +685,25 @@ impl SmShared {
     /// `after`, at most `limit` positions' worth (a position's letters are never split). `None`
     /// for an unknown subscription.
     pub fn dead_letters(&self, sub: &str, after: Option<u64>, limit: usize) -> Option<Vec<DeadLetter>> {
-        let mut dead: Vec<DeadLetter> = {
-            let d = read(&self.data);
-            let s = d.subs.get(sub)?;
-            s.dead.iter().filter(|l| after.is_none_or(|a| l.position > a)).cloned().collect()
-        };
-        dead.sort_by_key(|l| l.position);
+        let d = read(&self.data);
+        let s = d.subs.get(sub)?;
+        // Ordered and cut by position and index first, so that only the page's letters are
+        // copied (reasons of up to 1 KiB each), not every letter after `after`.
+        let mut order: Vec<(u64, usize)> =
+            s.dead.iter().enumerate().filter(|(_, l)| after.is_none_or(|a| l.position > a)).map(|(i, l)| (l.position, i)).collect();
+        order.sort_unstable();
         let mut positions = 0;
-        let cut = dead
+        let cut = order
             .iter()
             .enumerate()
-            .position(|(i, l)| {
-                if i == 0 || dead[i - 1].position != l.position {
+            .position(|(i, (p, _))| {
+                if i == 0 || order[i - 1].0 != *p {
                     positions += 1;
                 }
                 positions > limit
             })
-            .unwrap_or(dead.len());
-        dead.truncate(cut);
-        Some(dead)
+            .unwrap_or(order.len());
+        Some(order[..cut].iter().map(|&(_, i)| s.dead[i].clone()).collect())
     }
 
     pub fn event(&self, position: u64) -> Option<Event> {
@@ -1063,12 +1074,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let snap = StoredSnapshot { meta: meta.clone(), data: snapshot };
         let this = self.clone();
         tokio::task::spawn_blocking(move || this.persist(&snap)).await.map_err(io::Error::other)??;
-        {
+        let old = {
             let mut d = write(&self.shared.data);
             self.shared.registry_rev.store(data.registry_revision, std::sync::atomic::Ordering::Release);
-            *d = data;
+            let old = std::mem::replace(&mut *d, data);
             self.shared.events_moved(d.log.next);
-        }
+            old
+        };
+        // Freed after the lock is released: the old state may be as large as the new one.
+        drop(old);
         metrics::counter!("raftbridge_snapshots_installed_total").increment(1);
         Ok(())
     }
