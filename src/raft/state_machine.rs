@@ -231,6 +231,9 @@ fn expired_to_log(logged: &mut ExpiredLog, sub: &str, expired: u64, now: std::ti
 /// Dead letters kept per subscription at most (oldest dropped first).
 pub const MAX_DEAD_LETTERS: usize = 10_000;
 
+/// New positions one `pending` call adds to its backlog at most.
+const BACKLOG_SCAN: usize = 8_192;
+
 /// Retained positions one `events_after` looks at most (a filtered read of a long log), under
 /// the lock apply needs. At 100,000 (the default retention) a client polling for a rare name
 /// with the same `after` made each read walk the whole log.
@@ -241,17 +244,20 @@ const MAX_SCAN: usize = 10_000;
 /// one event stuck in retries (a handler that hangs until its ack deadline, five times), the
 /// events acked after it pile up in `done` and every pass, up to one a millisecond, walked all
 /// of them under the state machine's read lock, up to the retention bound (100,000 events by
-/// default). Now each retained event is looked at once, and a pass walks only the positions
-/// still open: pending, in flight or backing off. Sound because, for positions at or above the
-/// cursor, being done only ever becomes true and a filter's verdict never changes; anything
-/// that breaks that (another filter, a cursor that went back) starts it afresh.
+/// default). Now each retained event is looked at once while the backlog lasts, and a pass
+/// walks only the positions still open: pending and in flight (those backing off are parked
+/// out of it until due). Sound because, for positions at or above the cursor, being done only
+/// ever becomes true and a filter's verdict never changes; anything that breaks that (another
+/// filter, a cursor that went back) starts it afresh, and a position is checked against both
+/// again before it is handed out.
 #[derive(Debug, Default)]
 pub struct Backlog {
     /// Positions below are settled (the cursor, or the first retained, when last seen).
     from: u64,
     /// Positions below were looked at.
     scanned: u64,
-    /// Positions looked at that matched the filter and were not done then.
+    /// Positions looked at that matched the filter and were not done then, less the parked
+    /// ones, plus those unparked (checked again when walked).
     open: BTreeSet<u64>,
     /// The filter they were matched with.
     filter: Option<crate::broker::event::EventFilter>,
@@ -271,7 +277,7 @@ impl Backlog {
     }
 
     /// `position`'s backoff is over: walked again (dropped at the next walk if it was settled
-    /// meanwhile).
+    /// meanwhile, or no longer matches a filter declared since).
     pub fn unpark(&mut self, position: u64) {
         if position >= self.from && position < self.scanned {
             self.open.insert(position);
@@ -348,11 +354,20 @@ impl EventLog {
 /// order), so snapshots of either kind decode as the other.
 pub type Stores = imbl::OrdMap<String, imbl::OrdMap<String, Versioned>>;
 
+/// Decodes `Stores` through `BTreeMap`s: `imbl`'s own decoder reserves room for as many entries
+/// as the input's length field says, so a corrupt length in a snapshot from a peer would abort
+/// the process (a failed allocation) instead of failing the install with an error.
+fn stores_from_btree_maps<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Stores, D::Error> {
+    let maps = BTreeMap::<String, BTreeMap<String, Versioned>>::deserialize(d)?;
+    Ok(maps.into_iter().map(|(store, keys)| (store, keys.into_iter().collect::<imbl::OrdMap<_, _>>())).collect())
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SmData {
     pub last_applied: Option<LogId>,
     pub last_membership: StoredMembershipT,
     /// store name → key → value (persistent maps: see `Stores`).
+    #[serde(deserialize_with = "stores_from_btree_maps")]
     pub stores: Stores,
     /// The digest of `stores` (`GET /cluster`'s `state_digest`), kept as they change: the
     /// wrapping sum of every entry's `entry_hash`, so a write subtracts the old entry's and adds
@@ -815,25 +830,31 @@ impl SmShared {
             backlog.from = start;
         }
         backlog.scanned = backlog.scanned.max(start);
-        for e in d.log.events.iter().skip((backlog.scanned - first) as usize) {
+        // At most `BACKLOG_SCAN` new positions a call (positions are consecutive): a fresh
+        // backlog of a subscription far behind would otherwise scan the whole retained log at
+        // once under the lock. What lies beyond comes after all of `open` in log order, so the
+        // order of handouts holds; it is reached in the next calls.
+        for e in d.log.events.iter().skip((backlog.scanned - first) as usize).take(BACKLOG_SCAN) {
             if !s.done.contains(&e.position) && s.decl.filter.matches(e) {
                 backlog.open.insert(e.position);
             }
         }
-        backlog.scanned = next;
+        backlog.scanned = (backlog.scanned + BACKLOG_SCAN as u64).min(next);
         let mut out = Vec::new();
         let mut settled = Vec::new();
         for &p in &backlog.open {
             if out.len() >= limit {
                 break;
             }
-            if s.done.contains(&p) {
-                // Acked out of order: never pending again.
-                settled.push(p);
-            } else if !skip(p) {
-                if let Some(e) = d.log.get(p) {
-                    out.push((e.clone(), s.attempts.get(&p).copied().unwrap_or(0)));
+            match d.log.get(p) {
+                // Acked out of order, or (put back by `unpark` after the filter changed) not a
+                // match: never pending again.
+                Some(e) if !s.done.contains(&p) && s.decl.filter.matches(e) => {
+                    if !skip(p) {
+                        out.push((e.clone(), s.attempts.get(&p).copied().unwrap_or(0)));
+                    }
                 }
+                _ => settled.push(p),
             }
         }
         for p in settled {
@@ -1564,6 +1585,66 @@ mod tests {
         assert_eq!(decoded, d.stores);
         let back: BTreeMap<String, BTreeMap<String, Versioned>> = bincode::deserialize(&old_bytes).expect("decodes");
         assert_eq!(back, old);
+    }
+
+    /// A position parked under one filter and unparked after another was declared that leaves
+    /// it out is not handed out again.
+    #[test]
+    fn an_unparked_position_that_no_longer_matches_is_dropped() {
+        let sm = empty_shared();
+        let meta = crate::sdk::MessageMeta::default();
+        let named = |name: &str| Arc::new(vec![crate::broker::new_event(name, b"1".to_vec(), &meta, None, None)]);
+        {
+            let mut d = write(&sm.data);
+            d.apply(1, Command::Register { node: 1, services: vec![one_subscription("sub")] });
+            d.apply(2, Command::Publish { now_ms: 10, events: named("f"), limits: LIMITS });
+            d.apply(3, Command::Publish { now_ms: 10, events: named("e"), limits: LIMITS });
+        }
+        let mut backlog = Backlog::default();
+        let first: Vec<u64> = sm.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(first.len(), 2, "no filter: both");
+        // The `f` event failed and backs off; meanwhile the subscription is declared for `e` only.
+        let f = first[0];
+        backlog.park(f);
+        write(&sm.data).apply(4, Command::Register { node: 1, services: vec![subscription_to_e("sub")] });
+        let got: Vec<u64> = sm.pending("sub", 10, &mut backlog, |p| p == f).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(got, vec![first[1]]);
+        backlog.unpark(f);
+        let got: Vec<u64> = sm.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(got, vec![first[1]], "the `f` event is not handed out under a filter for `e`");
+    }
+
+    /// A fresh backlog far behind scans the log a bounded stretch per call, in log order.
+    #[test]
+    fn a_fresh_backlog_scans_a_long_log_a_stretch_per_call() {
+        let sm = empty_shared();
+        let limits = EventLimits { max_events: 100_000, max_bytes: 1 << 30, ..LIMITS };
+        {
+            let mut d = write(&sm.data);
+            d.apply(1, Command::Register { node: 1, services: vec![one_subscription("sub")] });
+            d.apply(2, Command::Publish { now_ms: 10, events: events(3 * BACKLOG_SCAN), limits });
+        }
+        let cursor = read(&sm.data).subs["sub"].cursor;
+        // All of the first stretch in flight: nothing from it to hand out.
+        let busy = |p: u64| p < cursor + BACKLOG_SCAN as u64;
+        let mut backlog = Backlog::default();
+        assert!(sm.pending("sub", 4, &mut backlog, busy).is_empty());
+        assert_eq!((backlog.scanned, backlog.open()), (cursor + BACKLOG_SCAN as u64, BACKLOG_SCAN));
+        let got: Vec<u64> = sm.pending("sub", 4, &mut backlog, busy).iter().map(|(e, _)| e.position).collect();
+        let second = cursor + BACKLOG_SCAN as u64;
+        assert_eq!(got, (second..second + 4).collect::<Vec<_>>(), "the next stretch, in order");
+        sm.pending("sub", 4, &mut backlog, busy);
+        assert_eq!(backlog.scanned, read(&sm.data).log.next, "all of it after three calls");
+    }
+
+    /// A snapshot whose stores claim more entries than it holds fails to decode (it used to
+    /// reserve room for them first).
+    #[test]
+    fn stores_with_a_corrupt_length_are_an_error() {
+        use bincode::Options;
+        let bad = (u64::MAX / 4).to_le_bytes();
+        let options = bincode::DefaultOptions::new().with_fixint_encoding().allow_trailing_bytes();
+        assert!(stores_from_btree_maps(&mut bincode::Deserializer::from_slice(&bad, options)).is_err());
     }
 
     /// Retention's losses are logged at once, then at most every `EXPIRED_LOG_EVERY` per
