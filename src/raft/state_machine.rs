@@ -892,6 +892,9 @@ impl SmShared {
         (out, scanned, start - from)
     }
 
+    /// The whole replicated state of a subscription, copied (tests; the API reads
+    /// `subscription_summary`).
+    #[cfg(test)]
     pub fn subscription(&self, name: &str) -> Option<SubState> {
         read(&self.data).subs.get(name).cloned()
     }
@@ -1211,6 +1214,23 @@ mod tests {
         }
     }
 
+    /// A state machine where `node` registered `service` (entry 1), then `events` were published
+    /// under `limits` (entry 2).
+    fn registered_and_published(
+        node: NodeId,
+        service: crate::sdk::ServiceDecl,
+        events: Arc<Vec<crate::broker::event::NewEvent>>,
+        limits: EventLimits,
+    ) -> SmShared {
+        let sm = empty_shared();
+        {
+            let mut d = write(&sm.data);
+            d.apply(1, Command::Register { node, services: vec![service] });
+            d.apply(2, Command::Publish { now_ms: 10, events, limits });
+        }
+        sm
+    }
+
     fn put(store: &str, key: &str, v: &str, if_revision: Option<u64>) -> Command {
         Command::Put { store: store.into(), key: key.into(), value: v.as_bytes().to_vec(), if_revision, tag: None }
     }
@@ -1362,13 +1382,9 @@ mod tests {
     #[test]
     fn pending_leaves_out_skipped_and_done_positions_and_stops_at_the_limit() {
         let (limits, service, events) = (LIMITS, one_subscription("sub"), events(6));
-        let sm = empty_shared();
+        let sm = registered_and_published(1, service, events, limits);
+        // Applying does not move the watch: `events_moved` below does, as `apply` would.
         let appended = sm.watch_events();
-        {
-            let mut d = write(&sm.data);
-            d.apply(1, Command::Register { node: 1, services: vec![service] });
-            d.apply(2, Command::Publish { now_ms: 10, events, limits });
-        }
         let first = read(&sm.data).subs["sub"].cursor;
         write(&sm.data).apply(3, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "sub".into(), position: first + 2 }] });
         let mut backlog = Backlog::default();
@@ -1478,13 +1494,8 @@ mod tests {
     /// no longer walks the acked positions again: the backlog keeps only the open ones.
     #[test]
     fn a_stuck_cursor_does_not_make_each_call_walk_the_acked_events_behind_it() {
-        let sm = empty_shared();
         let limits = EventLimits { max_events: 10_000, ..LIMITS };
-        {
-            let mut d = write(&sm.data);
-            d.apply(1, Command::Register { node: 1, services: vec![one_subscription("sub")] });
-            d.apply(2, Command::Publish { now_ms: 10, events: events(1_000), limits });
-        }
+        let sm = registered_and_published(1, one_subscription("sub"), events(1_000), limits);
         let stuck = read(&sm.data).subs["sub"].cursor;
         let mut backlog = Backlog::default();
         let first_pass = sm.pending("sub", 64, &mut backlog, |_| false);
@@ -1617,13 +1628,8 @@ mod tests {
     /// A fresh backlog far behind scans the log a bounded stretch per call, in log order.
     #[test]
     fn a_fresh_backlog_scans_a_long_log_a_stretch_per_call() {
-        let sm = empty_shared();
         let limits = EventLimits { max_events: 100_000, max_bytes: 1 << 30, ..LIMITS };
-        {
-            let mut d = write(&sm.data);
-            d.apply(1, Command::Register { node: 1, services: vec![one_subscription("sub")] });
-            d.apply(2, Command::Publish { now_ms: 10, events: events(3 * BACKLOG_SCAN), limits });
-        }
+        let sm = registered_and_published(1, one_subscription("sub"), events(3 * BACKLOG_SCAN), limits);
         let cursor = read(&sm.data).subs["sub"].cursor;
         // All of the first stretch in flight: nothing from it to hand out.
         let busy = |p: u64| p < cursor + BACKLOG_SCAN as u64;
@@ -1667,12 +1673,7 @@ mod tests {
     #[test]
     fn matching_from_a_trimmed_position_starts_at_the_oldest_kept_event() {
         let (_, service) = every_instance("each");
-        let sm = empty_shared();
-        {
-            let mut d = write(&sm.data);
-            d.apply(1, Command::Register { node: 1, services: vec![service] });
-            d.apply(2, Command::Publish { now_ms: 10, events: events(6), limits: EventLimits { max_events: 4, ..LIMITS } });
-        }
+        let sm = registered_and_published(1, service, events(6), EventLimits { max_events: 4, ..LIMITS });
         let (first, next) = (read(&sm.data).log.first(), read(&sm.data).log.next);
         assert_eq!(next - first, 4);
         let (got, scanned, expired) = sm.matching_from("each", first - 2, 10);
@@ -1684,12 +1685,7 @@ mod tests {
     #[test]
     fn an_instance_position_is_the_nodes_next_event_and_its_declaration() {
         let (_, service) = every_instance("each");
-        let sm = empty_shared();
-        {
-            let mut d = write(&sm.data);
-            d.apply(1, Command::Register { node: 2, services: vec![service] });
-            d.apply(2, Command::Publish { now_ms: 10, events: events(3), limits: LIMITS });
-        }
+        let sm = registered_and_published(2, service, events(3), LIMITS);
         let first = read(&sm.data).log.first();
         let dead = Some((5, "boom".to_string()));
         let updates = vec![
