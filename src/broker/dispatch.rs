@@ -447,7 +447,11 @@ impl Dispatcher {
                     if free == 0 {
                         continue;
                     }
-                    let backlog = backlogs.entry(name.clone()).or_default();
+                    // Looked up by `&str` first: a new name is copied once, not on every pass.
+                    if !backlogs.contains_key(&name) {
+                        backlogs.insert(name.clone(), Backlog::default());
+                    }
+                    let Some(backlog) = backlogs.get_mut(&name) else { continue };
                     self.sm.pending(&name, free, backlog, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.is_some_and(|m| m.contains_key(&p)))
                 };
                 // What each consumer gets in this pass: one task (and one progress message) for
