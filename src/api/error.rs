@@ -26,6 +26,9 @@ pub enum ApiError {
     /// Accepted as HTTP, but more than the log takes in one piece (events with metadata).
     #[error("{0}")]
     Oversized(String),
+    /// The request conflicts with the current state (a subscription a node still declares).
+    #[error("{0}")]
+    Conflict(String),
     #[error("revision mismatch")]
     PreconditionFailed { current: Option<u64> },
     #[error("{0}")]
@@ -49,6 +52,7 @@ impl ApiError {
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,

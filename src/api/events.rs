@@ -212,17 +212,60 @@ pub fn dead_letters(app: &App, query: Option<&str>) -> ApiResult {
 /// `GET /v1/subscriptions/{name}`: replicated progress, for operators and tests.
 pub fn subscription(app: &App, name: &str) -> ApiResult {
     let s = app.sm.subscription_summary(name).ok_or_else(|| ApiError::NotFound(format!("no subscription {name}")))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &serde_json::json!({
-            "name": name,
-            "shared": s.shared,
-            "durable": s.durable,
-            "cursor": s.cursor,
-            "doneAhead": s.done_ahead,
-            "retrying": s.retrying,
-            "deadLetters": s.dead_letters,
-            "instances": s.instances,
-        }),
-    ))
+    Ok(json_response(StatusCode::OK, &summary_json(name, &s)))
+}
+
+/// `GET /v1/subscriptions`: every subscription's progress, by name (this node's view).
+pub fn subscriptions(app: &App) -> ApiResult {
+    let all: Vec<serde_json::Value> = app.sm.subscription_summaries().iter().map(|(name, s)| summary_json(name, s)).collect();
+    Ok(json_response(StatusCode::OK, &serde_json::json!({ "subscriptions": all })))
+}
+
+fn summary_json(name: &str, s: &crate::raft::state_machine::SubSummary) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "shared": s.shared,
+        "durable": s.durable,
+        "cursor": s.cursor,
+        "doneAhead": s.done_ahead,
+        "retrying": s.retrying,
+        "deadLetters": s.dead_letters,
+        "instances": s.instances,
+        "declaredBy": s.declared_by,
+    })
+}
+
+/// How long `DELETE /v1/subscriptions/{name}` waits for a link to a member to learn its build.
+const FEATURE_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// `DELETE /v1/subscriptions/{name}`: forget a subscription and its progress, as deleting a
+/// JetStream consumer does. 409 while a registered node declares it (it would come back with
+/// that node's next registration), 404 when there is none, 503 unless every member runs a build
+/// that can apply the drop (an older one could not decode the entry and would stall): a member
+/// is judged by the features it announced on its latest link, so one that is down counts with
+/// the build it had.
+pub async fn drop_subscription(app: &App, name: &str) -> ApiResult {
+    let me = app.replica.id();
+    let members: Vec<u64> = app.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).filter(|id| *id != me).collect();
+    for id in members {
+        let features = match app.replica.net.features_seen(id) {
+            Some(features) => features,
+            // Never linked since this node started: ask it (a node that is down stays unknown).
+            None => match tokio::time::timeout(FEATURE_PROBE, app.replica.net.link(id)).await {
+                Ok(Ok(link)) => link.features(),
+                Ok(Err(e)) => return Err(ApiError::Unavailable(format!("cannot learn node {id}'s build to drop a subscription: {e}"))),
+                Err(_) => return Err(ApiError::Unavailable(format!("cannot learn node {id}'s build to drop a subscription: no link within {FEATURE_PROBE:?}"))),
+            },
+        };
+        if features & crate::peer::frame::features::DROP_SUBSCRIPTION == 0 {
+            return Err(ApiError::Unavailable(format!("node {id} runs a build that cannot apply a subscription drop; upgrade it first")));
+        }
+    }
+    match app.store.drop_subscription(name).await? {
+        (_, declared_by) if !declared_by.is_empty() => Err(ApiError::Conflict(format!(
+            "subscription {name} is declared by node(s) {declared_by:?}: it can be dropped once no registered node declares it"
+        ))),
+        (false, _) => Err(ApiError::NotFound(format!("no subscription {name}"))),
+        (true, _) => Ok(json_response(StatusCode::OK, &serde_json::json!({ "deleted": true, "name": name }))),
+    }
 }

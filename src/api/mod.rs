@@ -265,7 +265,12 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (Method::POST, ["v1", "events"]) => ("events_batch", events::publish_batch(app, req).await),
         (Method::GET, ["v1", "events"]) => ("events_read", events::read(app, req.uri().query())),
         (Method::GET, ["v1", "dead-letters"]) => ("dead_letters", events::dead_letters(app, req.uri().query())),
-        (Method::GET, ["v1", "subscriptions", name]) => ("subscription", events::subscription(app, name)),
+        (Method::GET, ["v1", "subscriptions"]) => ("subscriptions", events::subscriptions(app)),
+        (m @ (Method::GET | Method::DELETE), ["v1", "subscriptions", name]) => match crate::proxy::routing::percent_decode_with(name, false) {
+            Some(name) if m == Method::GET => ("subscription", events::subscription(app, &name)),
+            Some(name) => ("subscription_drop", events::drop_subscription(app, &name).await),
+            None => ("subscription", Err(ApiError::BadRequest("the subscription name in the path is not valid percent-encoded UTF-8".into()))),
+        },
         (m, ["v1", "state", store, key]) => {
             // Percent-decoded, as the proxy decodes a command's path parameters: a handler's
             // key `counter/a b` is `/v1/state/demo/counter/a%20b` here.
@@ -277,7 +282,8 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         }
         (_, ["healthz" | "readyz" | "metrics" | "cluster" | "openapi.json"])
         | (_, ["v1", "dead-letters"])
-        | (_, ["v1", "subscriptions", _]) => ("other", Err(not_allowed("GET"))),
+        | (_, ["v1", "subscriptions"]) => ("other", Err(not_allowed("GET"))),
+        (_, ["v1", "subscriptions", _]) => ("other", Err(not_allowed("GET, DELETE"))),
         (_, ["v1", "events"]) => ("other", Err(not_allowed("GET, POST"))),
         (_, ["v1", "events", _]) => ("other", Err(not_allowed("POST"))),
         (_, ["cluster", "members", _]) => ("other", Err(not_allowed("DELETE"))),

@@ -122,8 +122,10 @@ pub mod features {
     /// The node serves `AppendEntries` from one peer in arrival order (`raft::network`), so a
     /// leader may keep several in flight to it (pipelined replication).
     pub const ORDERED_APPENDS: u64 = 2;
+    /// The node applies `Command::DropSubscription` (older builds cannot decode it).
+    pub const DROP_SUBSCRIPTION: u64 = 4;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

@@ -378,6 +378,10 @@ pub struct PeerNet {
     /// it leaves the cluster (`forget_peer`): claims of a removed node are then judged in this
     /// node's own clock, as a node that never measured it would. At most one entry per member.
     offsets: Mutex<HashMap<NodeId, clock::ClockOffset>>,
+    /// The features each member announced on its latest link, kept after the link goes (until
+    /// `forget_peer`), so a change every member must be able to apply can be judged while one
+    /// is down: it comes back with the build it had or a newer one. At most one per member.
+    features_seen: Mutex<HashMap<NodeId, u64>>,
 }
 
 impl PeerNet {
@@ -394,6 +398,7 @@ impl PeerNet {
             shutting_down: AtomicBool::new(false),
             next_probe: AtomicU64::new(1),
             clocks: Mutex::new(clock::Watch::default()),
+            features_seen: Mutex::new(HashMap::new()),
             offsets: Mutex::new(HashMap::new()),
         })
     }
@@ -504,6 +509,7 @@ impl PeerNet {
         // `abs(…) > 1` does not fire on it) rather than a stale figure. The exporter cannot
         // drop one series; one per node id that ever left is the bound.
         lock(&self.offsets).remove(&id);
+        lock(&self.features_seen).remove(&id);
         lock(&self.clocks).forget(id);
         metrics::gauge!(CLOCK_GAUGE, "peer" => id.to_string()).set(f64::NAN);
     }
@@ -536,6 +542,15 @@ impl PeerNet {
     /// Optional messages (`frame::features`) the live link to `id` may carry; 0 without one.
     pub fn features(&self, id: NodeId) -> u64 {
         lock(&self.links).get(&id).filter(|l| l.is_alive()).map_or(0, |l| l.features)
+    }
+
+    /// The features `id` announced on its live link, else on its latest one since this process
+    /// started (`None`: never linked, or removed since).
+    pub fn features_seen(&self, id: NodeId) -> Option<u64> {
+        if id == self.cfg.node_id {
+            return Some(frame::features::ALL);
+        }
+        lock(&self.links).get(&id).filter(|l| l.is_alive()).map(|l| l.features).or_else(|| lock(&self.features_seen).get(&id).copied())
     }
 
     pub fn reachable(&self, id: NodeId) -> bool {
@@ -895,6 +910,7 @@ impl PeerNet {
                 old.close();
             }
         }
+        lock(&self.features_seen).insert(link.peer, link.features);
         links.insert(link.peer, link.clone());
         None
     }

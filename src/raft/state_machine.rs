@@ -310,6 +310,24 @@ pub struct SubSummary {
     pub retrying: usize,
     pub dead_letters: usize,
     pub instances: BTreeMap<NodeId, u64>,
+    /// Registered nodes whose services declare it (none: `DELETE /v1/subscriptions/{name}` may
+    /// drop it).
+    pub declared_by: Vec<NodeId>,
+}
+
+/// `s`'s summary: counts, not copies of its sets (they may hold the whole retained log).
+fn summary(d: &SmData, name: &str, s: &SubState) -> SubSummary {
+    let declared_by = d.declared_by(name);
+    SubSummary {
+        shared: s.decl.shared,
+        durable: s.decl.durable,
+        cursor: s.cursor,
+        done_ahead: s.done.len(),
+        retrying: s.attempts.len(),
+        dead_letters: s.dead.len(),
+        instances: s.instances.clone(),
+        declared_by,
+    }
 }
 
 /// The replicated event log (retained part) and producer-dedup keys.
@@ -394,6 +412,16 @@ pub struct SmData {
 }
 
 impl SmData {
+    /// Registered nodes whose services declare subscription `name`, available or not (such a
+    /// node would create it again on its next registration).
+    fn declared_by(&self, name: &str) -> Vec<NodeId> {
+        self.registry
+            .iter()
+            .filter(|(_, services)| services.iter().flat_map(|s| &s.subscriptions).any(|x| x.name == name))
+            .map(|(node, _)| *node)
+            .collect()
+    }
+
     fn apply(&mut self, index: u64, cmd: Command) -> CommandResult {
         match cmd {
             Command::Put { store, key, value, if_revision, tag } => self.tagged(tag, |d| {
@@ -515,6 +543,11 @@ impl SmData {
                     self.sub_update(u);
                 }
                 self.publish(now_ms, &events, limits)
+            }
+            Command::DropSubscription { name } => {
+                let declared_by = self.declared_by(&name);
+                let existed = if declared_by.is_empty() { self.subs.remove(&name).is_some() } else { self.subs.contains_key(&name) };
+                CommandResult::SubscriptionDropped { existed, declared_by }
             }
             Command::IdemComplete { key, attempt: _, response } => match self.idem.get_mut(&key) {
                 // The first completion wins; a slower duplicate attempt gets the winner's answer.
@@ -905,15 +938,13 @@ impl SmShared {
     pub fn subscription_summary(&self, name: &str) -> Option<SubSummary> {
         let d = read(&self.data);
         let s = d.subs.get(name)?;
-        Some(SubSummary {
-            shared: s.decl.shared,
-            durable: s.decl.durable,
-            cursor: s.cursor,
-            done_ahead: s.done.len(),
-            retrying: s.attempts.len(),
-            dead_letters: s.dead.len(),
-            instances: s.instances.clone(),
-        })
+        Some(summary(&d, name, s))
+    }
+
+    /// Every subscription's summary, by name.
+    pub fn subscription_summaries(&self) -> Vec<(String, SubSummary)> {
+        let d = read(&self.data);
+        d.subs.iter().map(|(name, s)| (name.clone(), summary(&d, name, s))).collect()
     }
 
     /// What an every-instance loop needs on each pass: the declaration and `node`'s next
@@ -1414,6 +1445,38 @@ mod tests {
         let mut service = one_subscription(name);
         service.subscriptions[0].filter.event_name = Some("e".into());
         service
+    }
+
+    #[test]
+    fn a_subscription_is_dropped_only_once_no_registered_node_declares_it() {
+        let sm = registered_and_published(1, one_subscription("sub"), events(3), LIMITS);
+        let mut d = write(&sm.data);
+        d.apply(3, Command::Register { node: 2, services: vec![one_subscription("sub")] });
+        d.apply(4, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "sub".into(), position: 1 }] });
+        let drop_sub = |d: &mut SmData, index| d.apply(index, Command::DropSubscription { name: "sub".into() });
+        assert_eq!(drop_sub(&mut d, 5), CommandResult::SubscriptionDropped { existed: true, declared_by: vec![1, 2] });
+        assert_eq!(d.subs["sub"].cursor, 2, "a refused drop leaves the progress alone");
+        // Node 1 stops declaring it (a graceful stop registers nothing); node 2's service is
+        // unavailable, which still counts: its next registration would bring it back.
+        d.apply(6, Command::Register { node: 1, services: Vec::new() });
+        let mut unavailable = one_subscription("sub");
+        unavailable.available = false;
+        d.apply(7, Command::Register { node: 2, services: vec![unavailable] });
+        assert_eq!(drop_sub(&mut d, 8), CommandResult::SubscriptionDropped { existed: true, declared_by: vec![2] });
+        d.apply(9, Command::Register { node: 2, services: vec![one_subscription("other")] });
+        assert_eq!(drop_sub(&mut d, 10), CommandResult::SubscriptionDropped { existed: true, declared_by: vec![] });
+        assert!(!d.subs.contains_key("sub"), "dropped with its progress");
+        assert!(d.subs.contains_key("other"), "other subscriptions stay");
+        assert_eq!(drop_sub(&mut d, 11), CommandResult::SubscriptionDropped { existed: false, declared_by: vec![] });
+        // Declared again: a new subscription, from the oldest retained event as a durable one
+        // starts (the old acks are gone with it).
+        d.apply(12, Command::Register { node: 1, services: vec![one_subscription("sub")] });
+        assert_eq!(d.subs["sub"].cursor, 1);
+        drop(d);
+        let summary = sm.subscription_summary("sub").expect("declared again");
+        assert_eq!(summary.declared_by, vec![1]);
+        let names: Vec<String> = sm.subscription_summaries().into_iter().map(|(n, _)| n).collect();
+        assert_eq!(names, ["other", "sub"]);
     }
 
     /// `n` new events, named `e` or `f` at random.

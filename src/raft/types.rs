@@ -117,6 +117,11 @@ pub enum Command {
         /// subscription's name, and every copy of the entry used to clone them all.
         updates: std::sync::Arc<Vec<SubUpdate>>,
     },
+    /// Forget a subscription and its progress (cursor, acks, attempts, dead letters), as
+    /// deleting a JetStream consumer does: only while no registered node declares it (a
+    /// declaring node would re-create it). Added after the others: older builds cannot decode
+    /// it, so the API proposes it only when every member announced `features::DROP_SUBSCRIPTION`.
+    DropSubscription { name: String },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -177,6 +182,7 @@ impl Command {
                 }
                 Command::SubUpdate { updates } => updates.iter().map(SubUpdate::approx_size).sum(),
                 Command::Register { services, .. } => services.len() * 4096,
+                Command::DropSubscription { name } => name.len(),
             }
     }
 
@@ -191,6 +197,7 @@ impl Command {
                 | Command::IdemBegin { .. }
                 | Command::IdemComplete { .. }
                 | Command::SubUpdate { .. }
+                | Command::DropSubscription { .. }
         )
     }
 }
@@ -210,6 +217,7 @@ impl fmt::Display for Command {
             Command::PublishAndSettle { events, updates, .. } => {
                 write!(f, "publish {} events and {} subscription updates", events.len(), updates.len())
             }
+            Command::DropSubscription { name } => write!(f, "drop subscription {name}"),
         }
     }
 }
@@ -241,6 +249,9 @@ pub enum CommandResult {
     /// (id, position) per published event, in order (a deduplicated one gets its first id/position).
     Published(Vec<(String, u64)>),
     SubUpdated,
+    /// `DropSubscription`: `declared_by` lists the registered nodes that still declare it (then
+    /// nothing was dropped); otherwise `existed` says whether there was one to drop.
+    SubscriptionDropped { existed: bool, declared_by: Vec<NodeId> },
 }
 
 #[cfg(test)]

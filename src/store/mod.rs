@@ -210,6 +210,16 @@ impl StateStore {
             other => Err(StoreError::Unexpected(other)),
         }
     }
+
+    /// Forget subscription `name` and its progress (`Command::DropSubscription`): whether there
+    /// was one, and the registered nodes that still declare it (then nothing was dropped).
+    pub async fn drop_subscription(&self, name: &str) -> Result<(bool, Vec<crate::raft::types::NodeId>), StoreError> {
+        let cmd = Command::DropSubscription { name: name.into() };
+        match self.replica.write(cmd, self.timeout).await?.1 {
+            CommandResult::SubscriptionDropped { existed, declared_by } => Ok((existed, declared_by)),
+            other => Err(StoreError::Unexpected(other)),
+        }
+    }
 }
 
 #[cfg(test)]

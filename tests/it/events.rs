@@ -1173,6 +1173,73 @@ fn a_subscription_returns_an_event_that_is_emitted_once() {
     });
 }
 
+/// Subscriptions are listed with the nodes that declare them, and one that no node declares any
+/// more is dropped with its progress, as a JetStream consumer is deleted: refused (409) while a
+/// node declares it, then gone on every node (404), and back when a node declares it again.
+#[test]
+fn a_subscription_that_no_node_declares_is_dropped_with_its_progress() {
+    let (mut c, leader) = Cluster::formed("ev-drop", 3, &[]);
+    c.wait_all_ready(FORMATION);
+    let demo = c.add_node_with(&[1, 2, 3], &["--example-services".to_string()]);
+    c.wait_ready(demo);
+    let others = [c.api(1), c.api(2), c.api(3)];
+    wait_subscription(&c, &others, "benchSink");
+    // Progress to drop: events the demo node's benchSink acknowledged.
+    let mut last = 0;
+    for n in 0..5 {
+        last = publish(c.api(1 + n % 3), "benchEvent", &json!({"n": n}), &[]).expect("publish").1;
+    }
+    c.wait_for("benchSink past the events", DELIVERY, || {
+        let at = cursor(c.api(leader), "benchSink")?;
+        if at > last { Ok(()) } else { Err(format!("cursor {at}")) }
+    });
+    let listed = get_json(c.api(2), "/v1/subscriptions").expect("list");
+    let entry = listed["subscriptions"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == "benchSink"))
+        .cloned()
+        .unwrap_or_else(|| panic!("benchSink listed: {listed}"));
+    assert_eq!(entry["declaredBy"], json!([demo]), "{entry}");
+    assert_eq!((entry["shared"].as_bool(), entry["durable"].as_bool()), (Some(true), Some(true)), "{entry}");
+    let resp = c.api(leader).request("DELETE", "/v1/subscriptions/benchSink", &[], b"").expect("answered");
+    assert_json_error(&resp, 409, "dropping a subscription a node declares");
+    assert!(String::from_utf8_lossy(&resp.body).contains(&format!("[{demo}]")), "names the node: {}", resp.describe());
+    assert!(cursor(c.api(leader), "benchSink").expect("still there") > last, "a refused drop keeps the progress");
+
+    // The demo node stops gracefully: it leaves the registry, and no node declares benchSink.
+    c.terminate(demo);
+    c.wait_for("benchSink declared by no node", CATCH_UP, || {
+        let v = get_json(c.api(leader), "/v1/subscriptions/benchSink")?;
+        if v["declaredBy"] == json!([]) { Ok(()) } else { Err(format!("{v}")) }
+    });
+    // The leader linked to the demo node while it ran, so it knows that build applies a drop.
+    let resp = c.api(leader).request("DELETE", "/v1/subscriptions/benchSink", &[], b"").expect("answered");
+    assert_eq!(resp.status, 200, "{}", resp.describe());
+    assert_eq!(resp.json().expect("JSON"), json!({"deleted": true, "name": "benchSink"}));
+    for api in others {
+        c.wait_for(&format!("benchSink gone on node {}", api.id), CATCH_UP, || {
+            match api.request("GET", "/v1/subscriptions/benchSink", &[], b"") {
+                Ok(r) if r.status == 404 => Ok(()),
+                Ok(r) => Err(r.describe()),
+                Err(e) => Err(e.to_string()),
+            }
+        });
+    }
+    let resp = c.api(1).request("DELETE", "/v1/subscriptions/benchSink", &[], b"").expect("answered");
+    assert_json_error(&resp, 404, "dropping it again");
+    let listed = get_json(c.api(3), "/v1/subscriptions").expect("list");
+    let names: Vec<&str> = listed["subscriptions"].as_array().into_iter().flatten().filter_map(|s| s["name"].as_str()).collect();
+    assert!(!names.contains(&"benchSink") && names.contains(&"countOrders"), "only the dropped one went: {names:?}");
+
+    // Declared again: the demo node's registration brings it back.
+    c.start(demo);
+    c.wait_ready(demo);
+    c.wait_for("benchSink declared again", CATCH_UP, || {
+        let v = get_json(c.api(leader), "/v1/subscriptions/benchSink")?;
+        if v["declaredBy"] == json!([demo]) { Ok(()) } else { Err(format!("{v}")) }
+    });
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. Batch publishing and bad input
 // ---------------------------------------------------------------------------------------------
@@ -1487,7 +1554,8 @@ fn event_input_is_checked_and_payloads_come_back_as_sent() {
         ("PUT", "/v1/events", "GET, POST"),
         ("GET", "/v1/events/x", "POST"),
         ("POST", "/v1/dead-letters", "GET"),
-        ("DELETE", "/v1/subscriptions/x", "GET"),
+        ("POST", "/v1/subscriptions/x", "GET, DELETE"),
+        ("PUT", "/v1/subscriptions", "GET"),
         ("POST", "/v1/state/s/k", "GET, PUT, DELETE"),
         ("GET", "/cluster/members/1", "DELETE"),
     ] {
