@@ -657,6 +657,11 @@ impl LogStore {
     /// Opens the log in `dir` (created if missing) and replays it into memory.
     pub fn open(dir: &Path, opts: LogStoreOptions) -> io::Result<LogStore> {
         fs::create_dir_all(dir).map_err(ctx("create", dir))?;
+        // The directory's own entry, made above on a first start, is durable before the vote
+        // written into it is relied on.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            crate::fsutil::sync_dir(parent).map_err(ctx("sync", parent))?;
+        }
         match fs::remove_file(dir.join("meta.tmp")) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(ctx("clean", dir)(e)),
             _ => {}

@@ -726,6 +726,12 @@ pub struct SmShared {
     /// kept in memory as well: only a lagging follower's catch-up reads it back, and keeping it
     /// meant tens of MB per node plus a copy of the whole image on an async worker per build.
     dir: PathBuf,
+    /// The log id `snapshot.bin` covers, held while the file is written: openraft builds a
+    /// snapshot in a task of its own and may install a leader's meanwhile, and the two wrote the
+    /// same temp file at once (a corrupt image) or the older build's image replaced the newer
+    /// installed one after the log was purged up to it (a node that could not restart). A
+    /// write waits for the other, and an image no newer than the file's is not written.
+    persisted: std::sync::Mutex<Option<LogId>>,
     /// `data.log.next` (the next event position), sent after every apply that moved it and
     /// every install: delivery loops wait on it instead of polling. Lives as long as this.
     events_next: tokio::sync::watch::Sender<u64>,
@@ -1029,9 +1035,13 @@ impl StateMachine {
     pub fn open(dir: &Path) -> io::Result<StateMachine> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(SNAPSHOT_FILE);
-        let data = match read_snapshot_file(&path)? {
-            Some(snap) => decode_data(&snap.data)?,
-            None => SmData::default(),
+        // The directory's own entry, made by `create_dir_all` on a first start, is durable too.
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            crate::fsutil::sync_dir(parent)?;
+        }
+        let (data, persisted) = match read_snapshot_file(&path)? {
+            Some(snap) => (decode_data(&snap.data)?, snap.meta.last_log_id),
+            None => (SmData::default(), None),
         };
         Ok(StateMachine {
             shared: Arc::new(SmShared {
@@ -1039,6 +1049,7 @@ impl StateMachine {
                 events_next: tokio::sync::watch::Sender::new(data.log.next),
                 data: RwLock::new(data),
                 dir: dir.to_path_buf(),
+                persisted: std::sync::Mutex::new(persisted),
             }),
         })
     }
@@ -1049,7 +1060,13 @@ impl StateMachine {
 
     /// Write `[crc32][len][bincode(StoredSnapshot)]` without copying the (large) data again: the
     /// bincode form of the struct is bincode(meta) ++ u64 length ++ data bytes, written in parts.
-    fn persist(&self, snap: &StoredSnapshot) -> io::Result<()> {
+    /// One write at a time, and only an image newer than the file's (see `SmShared::persisted`):
+    /// false when the file already held one at least as new.
+    fn persist(&self, snap: &StoredSnapshot) -> io::Result<bool> {
+        let mut persisted = crate::lock(&self.shared.persisted);
+        if persisted.is_some() && snap.meta.last_log_id <= *persisted {
+            return Ok(false);
+        }
         let mut head = bincode::serialize(&snap.meta).map_err(io::Error::other)?;
         head.extend_from_slice(&(snap.data.len() as u64).to_le_bytes());
         let mut crc = crc32fast::Hasher::new();
@@ -1059,7 +1076,9 @@ impl StateMachine {
         let mut prefix = Vec::with_capacity(12);
         prefix.extend_from_slice(&crc.finalize().to_le_bytes());
         prefix.extend_from_slice(&len.to_le_bytes());
-        crate::fsutil::write_atomic_parts(&self.shared.dir, SNAPSHOT_FILE, &[&prefix, &head, &snap.data])
+        crate::fsutil::write_atomic_parts(&self.shared.dir, SNAPSHOT_FILE, &[&prefix, &head, &snap.data])?;
+        *persisted = snap.meta.last_log_id;
+        Ok(true)
     }
 }
 
@@ -1080,8 +1099,8 @@ fn decode_file(bytes: &[u8]) -> io::Result<StoredSnapshot> {
     let crc = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
     let mut len8 = [0u8; 8];
     len8.copy_from_slice(&bytes[4..12]);
-    let len = u64::from_le_bytes(len8) as usize;
-    let body = bytes.get(12..12 + len).ok_or_else(|| bad("truncated"))?;
+    let len = usize::try_from(u64::from_le_bytes(len8)).map_err(|_| bad("length out of range"))?;
+    let body = 12usize.checked_add(len).and_then(|end| bytes.get(12..end)).ok_or_else(|| bad("truncated"))?;
     if crc32fast::hash(body) != crc {
         return Err(bad("checksum mismatch"));
     }
@@ -1120,7 +1139,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             bincode::serialize_into(&mut data, &copy).map_err(io::Error::other)?;
             drop(copy);
             let snap = StoredSnapshot { meta: meta2, data };
-            this.persist(&snap).map(|_| snap)
+            let written = this.persist(&snap)?;
+            if !written {
+                // A leader's newer snapshot was installed while this one was built: openraft
+                // keeps that one and drops this.
+                tracing::info!(last = ?snap.meta.last_log_id, "snapshot built behind the one on disk, not written");
+            }
+            Ok(snap)
         })
         .await?;
         let data = snap.data;
@@ -1177,6 +1202,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         data.last_membership = meta.last_membership.clone();
         let snap = StoredSnapshot { meta: meta.clone(), data: snapshot };
         let this = self.clone();
+        // Not written when the file already holds this one (or a newer: not from this leader).
         tokio::task::spawn_blocking(move || this.persist(&snap)).await.map_err(io::Error::other)??;
         let old = {
             let mut d = write(&self.shared.data);
@@ -1242,6 +1268,7 @@ mod tests {
             registry_rev: std::sync::atomic::AtomicU64::new(0),
             dir: PathBuf::new(),
             events_next: tokio::sync::watch::Sender::new(0),
+            persisted: std::sync::Mutex::new(None),
         }
     }
 
@@ -1820,6 +1847,48 @@ mod tests {
         assert_eq!(page(Some(5), 1), vec![(7, Some(1))]);
         assert_eq!(page(Some(9), 10), vec![]);
         assert!(sm.dead_letters("other", None, 10).is_none());
+    }
+
+    /// openraft builds a snapshot in a task of its own and may install a leader's meanwhile: the
+    /// writes take turns (they shared one temp file), and an image no newer than the file's is
+    /// not written over it (an older build replaced a newer install after the log was purged up
+    /// to it, and the node could not restart).
+    #[test]
+    fn snapshot_writes_take_turns_and_never_replace_a_newer_image() {
+        let dir = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
+        let sm = StateMachine::open(&dir).unwrap();
+        use openraft::vote::RaftLeaderIdExt;
+        let log_id = |index| LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index);
+        // Large enough that writes overlap; the fill tells the writers apart.
+        let image = |index: u64| StoredSnapshot {
+            meta: SnapshotMeta { last_log_id: Some(log_id(index)), last_membership: Default::default() },
+            data: vec![index as u8; 2 << 20],
+        };
+        std::thread::scope(|s| {
+            for first in [1u64, 2] {
+                let sm = &sm;
+                s.spawn(move || {
+                    for index in (first..=40).step_by(2) {
+                        sm.persist(&image(index)).unwrap();
+                    }
+                });
+            }
+        });
+        let on_disk = read_snapshot_file(&dir.join(SNAPSHOT_FILE)).unwrap().expect("a snapshot");
+        assert_eq!(on_disk.meta.last_log_id, Some(log_id(40)), "the newest image is the one kept");
+        assert!(on_disk.data.iter().all(|b| *b == 40), "one writer's image, whole");
+        assert!(!sm.persist(&image(39)).unwrap(), "an older image is not written");
+        assert!(!sm.persist(&image(40)).unwrap(), "nor the same one again");
+        assert_eq!(read_snapshot_file(&dir.join(SNAPSHOT_FILE)).unwrap().unwrap().meta.last_log_id, Some(log_id(40)));
+        assert!(sm.persist(&image(41)).unwrap(), "a newer one is");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_snapshot_file_with_a_huge_length_is_an_error() {
+        let mut bytes = vec![0u8; 16];
+        bytes[4..12].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(decode_file(&bytes).is_err());
     }
 
     #[tokio::test]
