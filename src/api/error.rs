@@ -26,6 +26,9 @@ pub enum ApiError {
     /// Accepted as HTTP, but more than the log takes in one piece (events with metadata).
     #[error("{0}")]
     Oversized(String),
+    /// A command's path and query are longer than `proxy::MAX_URI`.
+    #[error("{0}")]
+    UriTooLong(String),
     /// The request conflicts with the current state (a subscription a node still declares).
     #[error("{0}")]
     Conflict(String),
@@ -53,6 +56,7 @@ impl ApiError {
             ApiError::TooLarge { .. } | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,

@@ -101,6 +101,10 @@ pub enum PeerError {
     Timeout { peer: NodeId, timeout: Duration },
     #[error("peer {peer}: bad message: {reason}")]
     Protocol { peer: NodeId, reason: String },
+    /// The request encodes to more than a frame may hold: not sent (the link's writer would
+    /// have refused it and closed the link, failing everything else in flight on it).
+    #[error("peer {peer}: a request of {size} bytes is over the {limit}-byte frame limit")]
+    TooLarge { peer: NodeId, size: usize, limit: usize },
 }
 
 impl Clone for PeerError {
@@ -116,6 +120,7 @@ impl Clone for PeerError {
             PeerError::Closed { peer } => PeerError::Closed { peer: *peer },
             PeerError::Timeout { peer, timeout } => PeerError::Timeout { peer: *peer, timeout: *timeout },
             PeerError::Protocol { peer, reason } => PeerError::Protocol { peer: *peer, reason: reason.clone() },
+            PeerError::TooLarge { peer, size, limit } => PeerError::TooLarge { peer: *peer, size: *size, limit: *limit },
         }
     }
 }
@@ -130,6 +135,7 @@ impl PeerError {
                 | PeerError::UnknownPeer(_)
                 | PeerError::BackingOff { .. }
                 | PeerError::SelfDial { .. }
+                | PeerError::TooLarge { .. }
         )
     }
 }
@@ -240,6 +246,9 @@ pub struct Link {
     incarnation: u64,
     /// Optional messages both sides understand (`frame::features`).
     features: u64,
+    /// Largest frame body the peer's reader takes (`PeerConfig::max_frame`, the same on every
+    /// node): a larger one is refused before it reaches the writer, which would close the link.
+    max_frame: usize,
     /// Frames to write. The writer task owns the receiver; it ends when `closed` fires.
     tx: mpsc::Sender<Bytes>,
     /// Outstanding requests by correlation id; drained with an error when the link closes.
@@ -295,6 +304,9 @@ impl Link {
         let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
         let body = Frame::encode(Kind::Request, corr, req)
             .map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
+        if body.len() > self.max_frame {
+            return Err(PeerError::TooLarge { peer: self.peer, size: body.len(), limit: self.max_frame });
+        }
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(corr, tx);
         let call = Call { link: self.clone(), corr, rx, deadline, timeout, _permit: permit };
@@ -847,6 +859,7 @@ impl PeerNet {
             dialer,
             incarnation: theirs.incarnation,
             features: theirs.features & frame::features::ALL,
+            max_frame: self.cfg.max_frame,
             tx,
             pending: Mutex::new(HashMap::new()),
             outstanding: Arc::new(Semaphore::new(MAX_OUTSTANDING)),
@@ -1184,8 +1197,16 @@ async fn read_loop(
                 let serve = handler.handle(link.peer, req);
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let resp = serve.await;
-                    match Frame::encode(Kind::Response, corr, &resp) {
+                    let mut resp = serve.await;
+                    let mut encoded = Frame::encode(Kind::Response, corr, &resp);
+                    if encoded.as_ref().is_ok_and(|body| body.len() > link.max_frame) {
+                        // The writer would refuse it and close the link: answer with why instead.
+                        let size = encoded.as_ref().map_or(0, Bytes::len);
+                        warn!(peer = link.peer, size, limit = link.max_frame, "response over the frame limit, answering an error instead");
+                        resp = PeerResponse::Error(message::RemoteError::Internal(format!("a response of {size} bytes is over the {}-byte frame limit", link.max_frame)));
+                        encoded = Frame::encode(Kind::Response, corr, &resp);
+                    }
+                    match encoded {
                         Ok(body) => {
                             let _ = link.tx.send(body).await;
                         }
@@ -1627,4 +1648,54 @@ mod tests {
         assert!(matches!(outcome, Err(PeerError::Closed { peer: 2 })), "{outcome:?}");
         stop.cancel();
     }
+
+    /// Answers an `Invoke` with its payload twice over (so a big one cannot go back in a frame),
+    /// anything else with `Done`.
+    struct Doubles;
+    impl Handler for Doubles {
+        fn handle(&self, _: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
+            Box::pin(async move {
+                match req {
+                    PeerRequest::Invoke(inv) => {
+                        let body = Bytes::from([inv.payload.as_ref(), inv.payload.as_ref()].concat());
+                        PeerResponse::Invoked(Ok(crate::sdk::Output { status: 200, body, content_type: None }))
+                    }
+                    _ => PeerResponse::Done,
+                }
+            })
+        }
+    }
+
+    /// A request or an answer over the frame limit is refused where it is made, not written:
+    /// the writer would have refused it and closed the link, failing everything else on it.
+    #[tokio::test]
+    async fn a_frame_over_the_limit_is_refused_and_the_link_stays_up() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(Doubles));
+        let invoke = |bytes: usize| {
+            PeerRequest::Invoke(crate::sdk::Invocation {
+                service: "s".into(),
+                version: 1,
+                command: "c".into(),
+                params: Default::default(),
+                payload: Bytes::from(vec![b'x'; bytes]),
+                meta: Default::default(),
+                timeout_ms: 1_000,
+            })
+        };
+        let timeout = Duration::from_secs(10);
+        let link = dialer.link(1).await.expect("linked");
+        let err = dialer.request(1, &invoke(2 << 20), timeout).await.expect_err("over the 1 MiB frame");
+        assert!(matches!(err, PeerError::TooLarge { peer: 1, limit, .. } if limit == 1 << 20), "{err}");
+        assert!(err.not_delivered(), "nothing was sent: another node may be tried");
+        // Fits going out, not coming back: an error answer instead of a closed link.
+        let answer = dialer.request(1, &invoke(600 << 10), timeout).await.expect("answered");
+        assert!(matches!(&answer, PeerResponse::Error(message::RemoteError::Internal(why)) if why.contains("frame limit")), "{answer:?}");
+        let answer = dialer.request(1, &invoke(100 << 10), timeout).await.expect("answered");
+        assert!(matches!(&answer, PeerResponse::Invoked(Ok(out)) if out.body.len() == 200 << 10), "a fitting answer arrives");
+        assert!(link.is_alive(), "the same link carried all of it");
+        assert!(Arc::ptr_eq(&link, &dialer.link(1).await.expect("linked")), "no new link was needed");
+        stop.cancel();
+    }
+
 }

@@ -71,6 +71,9 @@ use crate::store::StateStore;
 
 /// Attempts per request at most (first try + retries).
 const MAX_ATTEMPTS: usize = 3;
+/// Longest path and query of a command request, in bytes (its parameters travel in the peer
+/// frame with the body, and are copied per attempt): nginx answers 414 past 8 KiB by default.
+pub const MAX_URI: usize = 16 << 10;
 
 #[derive(Debug, Clone)]
 pub struct ProxySettings {
@@ -139,6 +142,8 @@ enum Miss {
     NotServed(String),
     /// The request may have reached a handler; its fate is unknown.
     Lost(String),
+    /// The request is more than a peer frame holds: no node could take it (nothing was sent).
+    TooLarge(String),
 }
 
 pub struct Proxy {
@@ -237,6 +242,10 @@ impl Proxy {
         traceparent: &str,
         max_body: usize,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
+        let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+        if uri_len > MAX_URI {
+            return Err(ApiError::UriTooLong(format!("path and query of {uri_len} bytes, at most {MAX_URI}")));
+        }
         // route
         let path = req.uri().path().to_string();
         let rest = path.strip_prefix("/api/v").ok_or_else(|| ApiError::NotFound(format!("no route for {path}")))?;
@@ -358,6 +367,10 @@ impl Proxy {
                     debug!(target, %why, "not served; trying another node");
                     last = ApiError::Unavailable(format!("node {target}: {why}"));
                 }
+                Ok(Err(Miss::TooLarge(why))) => {
+                    flight.finish(Outcome::Answered, started.elapsed());
+                    return Err(ApiError::Oversized(why));
+                }
                 Ok(Err(Miss::Lost(_))) if Instant::now() >= deadline => {
                     flight.finish(Outcome::Failed, started.elapsed());
                     return Err(ApiError::Timeout);
@@ -399,6 +412,7 @@ impl Proxy {
             Ok(PeerResponse::Error(RemoteError::NotServed(why))) => Err(Miss::NotServed(why)),
             Ok(PeerResponse::Error(e)) => Err(Miss::Lost(e.to_string())),
             Ok(_) => Err(Miss::Lost("unexpected response".into())),
+            Err(e @ PeerError::TooLarge { .. }) => Err(Miss::TooLarge(e.to_string())),
             Err(e) if e.not_delivered() => Err(Miss::NotServed(e.to_string())),
             Err(e @ PeerError::Timeout { .. }) => Err(Miss::Lost(e.to_string())),
             Err(e) => Err(Miss::Lost(e.to_string())),

@@ -102,6 +102,9 @@ fn http_rejects_bad_requests_with_json_errors_and_keeps_serving() {
         "non-JSON body",
     );
     assert_json_error(&send("GET", "/no/such/route", b""), 404, "unknown route");
+    // A command's parameters travel to the node that runs it: its path and query are bounded.
+    let long = format!("/api/v1/anything?{}", "k=v&".repeat(5_000));
+    assert_json_error(&send("GET", &long, b""), 414, "a command URI over 16 KiB");
 
     let big = json!({ "pad": "x".repeat(4096) }).to_string();
     assert_json_error(

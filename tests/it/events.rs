@@ -1428,6 +1428,16 @@ fn batch_publish_is_contiguous_and_readable_and_bad_batches_are_rejected() {
             .expect("request");
         assert_json_error(&resp, 400, &format!("batch with {what}"));
     }
+    // The header would name one event of many: refused, not dropped (a retry would publish the
+    // batch twice).
+    let resp = api
+        .request("POST", "/v1/events", &[("idempotency-key", "k-batch")], b"[{\"eventName\": \"x\"}]")
+        .expect("request");
+    assert_json_error(&resp, 400, "a batch with an idempotency-key header");
+    // Refused at the 1001st item, not after parsing tens of thousands.
+    let tiny = format!("[{}]", vec![r#"{"eventName":"a"}"#; 50_000].join(","));
+    let resp = api.request("POST", "/v1/events", &[], tiny.as_bytes()).expect("request");
+    assert_json_error(&resp, 400, "a batch of 50,000 tiny events");
     let resp = api
         .request("POST", "/v1/events/x", &[], b"{not json")
         .expect("request");
