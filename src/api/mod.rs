@@ -38,7 +38,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use hyper_util::rt::TokioTimer;
+use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -113,7 +115,8 @@ pub fn json_body<T: serde::Serialize + ?Sized>(status: StatusCode, body: &T) -> 
 pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>, shutdown: CancellationToken) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(app.settings.header_read_timeout).keep_alive(true);
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256);
+    // A peer that stops answering pings is dropped: its connection would hold a slot for good.
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(H2_PING).keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let conns = app.connections.clone();
@@ -181,9 +184,24 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
         tokio::spawn(async move {
             let _permit = permit;
             let served = match tls {
-                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                None => {
+                    if !first_bytes(&stream, handshake_timeout).await {
+                        tracing::debug!(%remote, "no request within the header timeout, closing");
+                        return;
+                    }
+                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                }
                 Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
-                    Ok(Ok(stream)) => watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await,
+                    Ok(Ok(stream)) => {
+                        // Buffered only until hyper's first read, which is larger and so goes
+                        // straight to the stream (tokio's `BufReader` skips its buffer then).
+                        let mut stream = tokio::io::BufReader::with_capacity(1024, stream);
+                        if !matches!(tokio::time::timeout(handshake_timeout, stream.fill_buf()).await, Ok(Ok(b)) if !b.is_empty()) {
+                            tracing::debug!(%remote, "no request within the header timeout after the handshake, closing");
+                            return;
+                        }
+                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
+                    }
                     Ok(Err(err)) => {
                         metrics::counter!("raftbridge_https_handshake_failures_total", "cause" => "error").increment(1);
                         tracing::debug!(%remote, cause = %err, "https handshake failed");
@@ -214,6 +232,19 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     if tokio::time::timeout(app.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
         warn!(listener = listener_name, "http: grace period over, closing remaining connections");
     }
+}
+
+/// How often an idle HTTP/2 client is pinged, and how long its answer may take.
+const H2_PING: Duration = Duration::from_secs(30);
+const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Waits, at most `timeout`, for a new connection's first bytes; false if none came (or it
+/// closed). hyper's HTTP/1 header timeout starts only once it has told HTTP/1 from HTTP/2 by
+/// those bytes, so a client that connects and sends nothing held its connection slot (one of
+/// `--max-connections`) until the node stopped: enough such sockets and no client got in.
+async fn first_bytes(stream: &TcpStream, timeout: Duration) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(tokio::time::timeout(timeout, stream.peek(&mut byte)).await, Ok(Ok(n)) if n > 0)
 }
 
 /// Connections already in the listen backlog that a stopping node still serves, at most.

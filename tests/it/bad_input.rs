@@ -142,5 +142,9 @@ fn http_rejects_bad_requests_with_json_errors_and_keeps_serving() {
             outcome.how
         );
     }
+    // A client that connects and sends nothing is closed after the header timeout (10 s): it
+    // held one of `--max-connections` until the node stopped.
+    let outcome = raw_exchange(api.addr, b"", Duration::from_secs(25)).unwrap_or_else(|e| panic!("connect: {e}"));
+    assert!(outcome.closed && outcome.received.is_empty(), "a silent connection: {} {:?}", outcome.how, outcome.received);
     assert_healthy(&c, "bad-http-input");
 }
