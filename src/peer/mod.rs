@@ -74,6 +74,13 @@ const MAX_SERVING: usize = 1024;
 /// Frames written per flush at most (batched writes).
 const WRITE_BATCH: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Largest frame read before a link is up (`Hello`, `HelloAck`, `Auth`, `Reject` are far
+/// smaller): the codec reserves a frame's claimed length as soon as it reads the prefix, and a
+/// stranger could claim `--max-frame` (16 MiB) per connection before proving anything.
+const HANDSHAKE_FRAME: usize = 64 << 10;
+/// Peer connections in their handshake at once, at most; more are closed at once (each is held
+/// up to `HANDSHAKE_TIMEOUT`, so a flood of them would otherwise pile up tasks and sockets).
+const MAX_HANDSHAKES: usize = 64;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// Each peer's clock offset (`check_clock`), NaN once it left the cluster (`forget_peer`).
@@ -665,7 +672,7 @@ impl PeerNet {
                 (rd, wr, Ok(Vec::new()))
             }
         };
-        let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
+        let mut reader = FramedRead::new(rd, frame::codec(HANDSHAKE_FRAME.min(self.cfg.max_frame)));
         let mut writer = FramedWrite::new(wr, frame::codec(self.cfg.max_frame));
         let hello = self.hello();
         let handshake = async {
@@ -707,6 +714,7 @@ impl PeerNet {
             return Err(PeerError::SelfDial { addr: addr.to_string() });
         }
         // We dialed `addr`; remember it as the way to reach this peer.
+        reader.decoder_mut().set_max_frame_length(self.cfg.max_frame);
         let link = self.start_link(theirs.node_id, addr.to_string(), self.cfg.node_id, &theirs, reader, writer);
         Ok(link)
     }
@@ -752,6 +760,7 @@ impl PeerNet {
         // Also when this loop panics (the node then drains): upkeep must not redial, and the
         // links must close before the node stops Raft.
         let _stop = StopLinks { net: self.clone(), maintainer };
+        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -759,8 +768,14 @@ impl PeerNet {
             };
             match accepted {
                 Ok((stream, remote)) => {
+                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                        metrics::counter!("raftbridge_peer_rejected_total").increment(1);
+                        debug!(%remote, "peer connection closed: {MAX_HANDSHAKES} handshakes already in progress");
+                        continue;
+                    };
                     let net = self.clone();
                     tokio::spawn(async move {
+                        let _permit = permit;
                         if let Err(reason) = net.accept(stream).await {
                             metrics::counter!("raftbridge_peer_rejected_total").increment(1);
                             info!(%remote, %reason, "peer connection rejected");
@@ -789,7 +804,7 @@ impl PeerNet {
                 (rd, wr, Ok(Vec::new()))
             }
         };
-        let mut reader = FramedRead::new(rd, frame::codec(self.cfg.max_frame));
+        let mut reader = FramedRead::new(rd, frame::codec(HANDSHAKE_FRAME.min(self.cfg.max_frame)));
         let mut writer = FramedWrite::new(wr, frame::codec(self.cfg.max_frame));
         let first = tokio::time::timeout(HANDSHAKE_TIMEOUT, reader.next())
             .await
@@ -839,6 +854,7 @@ impl PeerNet {
                 return Err(reason);
             }
         }
+        reader.decoder_mut().set_max_frame_length(self.cfg.max_frame);
         self.start_link(theirs.node_id, theirs.addr.clone(), theirs.node_id, &theirs, reader, writer);
         Ok(())
     }
@@ -1695,6 +1711,23 @@ mod tests {
         assert!(matches!(&answer, PeerResponse::Invoked(Ok(out)) if out.body.len() == 200 << 10), "a fitting answer arrives");
         assert!(link.is_alive(), "the same link carried all of it");
         assert!(Arc::ptr_eq(&link, &dialer.link(1).await.expect("linked")), "no new link was needed");
+        stop.cancel();
+    }
+
+
+    /// Before a link is up, a frame may claim at most `HANDSHAKE_FRAME`: a stranger's claim of a
+    /// whole `--max-frame` is refused at its length prefix, not buffered for the handshake's
+    /// three seconds.
+    #[tokio::test]
+    async fn a_big_frame_before_the_handshake_is_refused_at_its_prefix() {
+        let (net, _, stop) = listening(Duration::from_secs(60)).await;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let claim = u32::try_from(HANDSHAKE_FRAME + 1).unwrap();
+        tokio::io::AsyncWriteExt::write_all(&mut client, &claim.to_be_bytes()).await.unwrap();
+        let reason = net.accept(server).await.expect_err("refused");
+        assert!(reason.starts_with("bad first frame"), "{reason}");
         stop.cancel();
     }
 
