@@ -126,7 +126,14 @@ impl Proxy {
             // owner's clock.
             let lease_ms = (own + LEASE.as_millis() as u64).saturating_sub(now);
             let begin = Command::IdemBegin { key: key.clone(), attempt, now_ms: now, lease_ms, window_ms: window_ms(now) };
-            match self.store.command(begin, left).await? {
+            let claimed = match self.store.command(begin, left).await {
+                Ok(claimed) => claimed,
+                // The client's deadline ran out waiting for the write: a 504, not the 503 of a
+                // write that found no leader within the node's own write timeout.
+                Err(_) if Instant::now() >= deadline => return Err(ApiError::Timeout),
+                Err(e) => return Err(e.into()),
+            };
+            match claimed {
                 CommandResult::IdemBegun => break,
                 CommandResult::IdemDone(stored) => return Ok(replay(stored)),
                 CommandResult::IdemPending { .. } => {

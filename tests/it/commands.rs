@@ -766,6 +766,16 @@ fn deadlines_and_bad_input_get_clear_errors() {
             (504, DEADLINE_504),
             "a 3 s command with x-timeout-ms: 300",
         );
+        // Keyed: the deadline may end while the key is being claimed (a write): a 504 too.
+        let key = format!("deadline-{}", api.id);
+        assert_json_error_within(
+            api,
+            ("GET", "/api/v1/slow?ms=3000"),
+            &[("x-timeout-ms", "1"), ("idempotency-key", &key)],
+            b"",
+            (504, DEADLINE_504),
+            "a keyed 3 s command with x-timeout-ms: 1",
+        );
         let resp = send(
             "GET",
             "/api/v1/slow?ms=50",
