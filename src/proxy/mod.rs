@@ -271,6 +271,9 @@ impl Proxy {
         }
         // deadline
         let mut timeout = Duration::from_millis(route.decl.timeout_ms.max(1));
+        if req.headers().get("x-timeout-ms").is_some_and(|v| v.to_str().is_err()) {
+            return Err(ApiError::BadRequest("x-timeout-ms must be a number".into()));
+        }
         if let Some(ms) = header(req.headers(), "x-timeout-ms") {
             let ms: u64 = ms.parse().map_err(|_| ApiError::BadRequest(format!("x-timeout-ms must be a number, got {ms:?}")))?;
             timeout = timeout.min(Duration::from_millis(ms.max(1)));
