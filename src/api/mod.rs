@@ -38,9 +38,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioExecutor;
 use hyper_util::rt::TokioIo;
 use hyper_util::rt::TokioTimer;
-use tokio::io::AsyncBufReadExt;
 use tokio::net::TcpListener;
-use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
@@ -176,7 +174,11 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
         let _ = stream.set_nodelay(true);
         let app = app.clone();
         let handshake_timeout = app.settings.header_read_timeout;
+        // Set when the connection's first request begins (see `first_request_within`).
+        let begun = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = begun.clone();
         let service = hyper::service::service_fn(move |req| {
+            seen.store(true, std::sync::atomic::Ordering::Relaxed);
             let app = app.clone();
             async move { Ok::<_, Infallible>(handle(app, req).await) }
         });
@@ -185,22 +187,19 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             let _permit = permit;
             let served = match tls {
                 None => {
-                    if !first_bytes(&stream, handshake_timeout).await {
-                        tracing::debug!(%remote, "no request within the header timeout, closing");
-                        return;
+                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                    match first_request_within(conn, &begun, handshake_timeout).await {
+                        Some(served) => served,
+                        None => return tracing::debug!(%remote, "no request within the header timeout, closing"),
                     }
-                    watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
                 }
                 Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
-                        // Buffered only until hyper's first read, which is larger and so goes
-                        // straight to the stream (tokio's `BufReader` skips its buffer then).
-                        let mut stream = tokio::io::BufReader::with_capacity(1024, stream);
-                        if !matches!(tokio::time::timeout(handshake_timeout, stream.fill_buf()).await, Ok(Ok(b)) if !b.is_empty()) {
-                            tracing::debug!(%remote, "no request within the header timeout after the handshake, closing");
-                            return;
+                        let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
+                        match first_request_within(conn, &begun, handshake_timeout).await {
+                            Some(served) => served,
+                            None => return tracing::debug!(%remote, "no request within the header timeout after the handshake, closing"),
                         }
-                        watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned()).await
                     }
                     Ok(Err(err)) => {
                         metrics::counter!("raftbridge_https_handshake_failures_total", "cause" => "error").increment(1);
@@ -238,13 +237,23 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
 const H2_PING: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Waits, at most `timeout`, for a new connection's first bytes; false if none came (or it
-/// closed). hyper's HTTP/1 header timeout starts only once it has told HTTP/1 from HTTP/2 by
-/// those bytes, so a client that connects and sends nothing held its connection slot (one of
-/// `--max-connections`) until the node stopped: enough such sockets and no client got in.
-async fn first_bytes(stream: &TcpStream, timeout: Duration) -> bool {
-    let mut byte = [0u8; 1];
-    matches!(tokio::time::timeout(timeout, stream.peek(&mut byte)).await, Ok(Ok(n)) if n > 0)
+/// Serves a connection, but drops it when no request has begun (`begun`, set by the service)
+/// within `timeout`. hyper's HTTP/1 header timeout starts only once it has told HTTP/1 from
+/// HTTP/2 by the first bytes (up to the 24 of the HTTP/2 preface), and an HTTP/2 connection has
+/// none, so a client that connected and sent nothing, or a byte or two, held its connection slot
+/// (one of `--max-connections`) until the node stopped: enough such sockets and no client got in.
+/// Later requests are bounded by hyper (the header timeout between HTTP/1 requests, pings on
+/// HTTP/2). `None` when dropped.
+async fn first_request_within<F: std::future::Future>(conn: F, begun: &std::sync::atomic::AtomicBool, timeout: Duration) -> Option<F::Output> {
+    tokio::pin!(conn);
+    tokio::select! {
+        served = &mut conn => return Some(served),
+        () = tokio::time::sleep(timeout) => {}
+    }
+    if !begun.load(std::sync::atomic::Ordering::Relaxed) {
+        return None;
+    }
+    Some(conn.await)
 }
 
 /// Connections already in the listen backlog that a stopping node still serves, at most.
