@@ -202,8 +202,8 @@ const EXPIRED_LOG_EVERY: std::time::Duration = std::time::Duration::from_secs(10
 /// the log for as long as such a subscription was declared. The counter stays exact.
 fn note_expired(sub: &str, expired: u64, first: u64) {
     use std::sync::Mutex;
-    /// As many entries as subscriptions that ever lost events (declared subscriptions are not
-    /// forgotten either).
+    /// As many entries as subscription names that ever lost events, dropped ones included (as
+    /// the counter keeps a series for each: the exporter cannot remove one).
     static LOGGED: Mutex<ExpiredLog> = Mutex::new(BTreeMap::new());
     metrics::counter!("raftbridge_subscription_expired_events_total", "subscription" => sub.to_string()).increment(expired);
     if let Some(expired) = expired_to_log(&mut crate::lock(&LOGGED), sub, expired, std::time::Instant::now()) {
@@ -412,11 +412,14 @@ pub struct SmData {
 }
 
 impl SmData {
-    /// Registered nodes whose services declare subscription `name`, available or not (such a
-    /// node would create it again on its next registration).
+    /// Member nodes whose services declare subscription `name`, available or not (such a node
+    /// would create it again on its next registration). A node removed from the cluster does not
+    /// count: only its own registration clears its entry, which it can no longer make.
     fn declared_by(&self, name: &str) -> Vec<NodeId> {
+        let members = self.last_membership.membership();
         self.registry
             .iter()
+            .filter(|(node, _)| members.get_node(node).is_some())
             .filter(|(_, services)| services.iter().flat_map(|s| &s.subscriptions).any(|x| x.name == name))
             .map(|(node, _)| *node)
             .collect()
@@ -1478,7 +1481,11 @@ mod tests {
     fn a_subscription_is_dropped_only_once_no_registered_node_declares_it() {
         let sm = registered_and_published(1, one_subscription("sub"), events(3), LIMITS);
         let mut d = write(&sm.data);
+        let members = crate::raft::types::Membership::new_with_defaults(vec![[1, 2].into()], []);
+        d.last_membership = StoredMembershipT::new(None, members);
         d.apply(3, Command::Register { node: 2, services: vec![one_subscription("sub")] });
+        // Node 3 is no member (removed, say): its stale registration does not hold the drop up.
+        d.apply(3, Command::Register { node: 3, services: vec![one_subscription("sub")] });
         d.apply(4, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "sub".into(), position: 1 }] });
         let drop_sub = |d: &mut SmData, index| d.apply(index, Command::DropSubscription { name: "sub".into() });
         assert_eq!(drop_sub(&mut d, 5), CommandResult::SubscriptionDropped { existed: true, declared_by: vec![1, 2] });

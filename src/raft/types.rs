@@ -197,7 +197,6 @@ impl Command {
                 | Command::IdemBegin { .. }
                 | Command::IdemComplete { .. }
                 | Command::SubUpdate { .. }
-                | Command::DropSubscription { .. }
         )
     }
 }
