@@ -371,7 +371,8 @@ impl Proxy {
                     last = ApiError::Unavailable(format!("node {target}: {why}"));
                 }
                 Ok(Err(Miss::TooLarge(why))) => {
-                    flight.finish(Outcome::Answered, started.elapsed());
+                    // Nothing was sent: says nothing of the node, so its record is left alone.
+                    drop(flight);
                     return Err(ApiError::Oversized(why));
                 }
                 Ok(Err(Miss::Lost(_))) if Instant::now() >= deadline => {

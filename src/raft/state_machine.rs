@@ -1066,8 +1066,10 @@ impl StateMachine {
     /// One write at a time, and only an image newer than the file's (see `SmShared::persisted`):
     /// false when the file already held one at least as new.
     fn persist(&self, snap: &StoredSnapshot) -> io::Result<bool> {
-        let mut persisted = crate::lock(&self.shared.persisted);
-        if persisted.is_some() && snap.meta.last_log_id <= *persisted {
+        let stale = |persisted: &Option<LogId>| persisted.is_some() && snap.meta.last_log_id <= *persisted;
+        // Checked before the checksum (a pass over the whole image) and again under the lock,
+        // which covers only the write: an install, with apply stalled, waits for less.
+        if stale(&crate::lock(&self.shared.persisted)) {
             return Ok(false);
         }
         let mut head = bincode::serialize(&snap.meta).map_err(io::Error::other)?;
@@ -1079,6 +1081,10 @@ impl StateMachine {
         let mut prefix = Vec::with_capacity(12);
         prefix.extend_from_slice(&crc.finalize().to_le_bytes());
         prefix.extend_from_slice(&len.to_le_bytes());
+        let mut persisted = crate::lock(&self.shared.persisted);
+        if stale(&persisted) {
+            return Ok(false);
+        }
         crate::fsutil::write_atomic_parts(&self.shared.dir, SNAPSHOT_FILE, &[&prefix, &head, &snap.data])?;
         *persisted = snap.meta.last_log_id;
         Ok(true)
@@ -1205,8 +1211,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         data.last_membership = meta.last_membership.clone();
         let snap = StoredSnapshot { meta: meta.clone(), data: snapshot };
         let this = self.clone();
-        // Not written when the file already holds this one (or a newer: not from this leader).
-        tokio::task::spawn_blocking(move || this.persist(&snap)).await.map_err(io::Error::other)??;
+        // openraft installs only a snapshot newer than what this node committed, so the file
+        // never holds a newer one; if it did, memory and file would disagree: say so.
+        let written = tokio::task::spawn_blocking(move || this.persist(&snap)).await.map_err(io::Error::other)??;
+        if !written {
+            tracing::error!(last = ?meta.last_log_id, "installed snapshot not written: the file holds one at least as new");
+        }
         let old = {
             let mut d = write(&self.shared.data);
             self.shared.registry_rev.store(data.registry_revision, std::sync::atomic::Ordering::Release);
