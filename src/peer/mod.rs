@@ -78,9 +78,52 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 /// smaller): the codec reserves a frame's claimed length as soon as it reads the prefix, and a
 /// stranger could claim `--max-frame` (16 MiB) per connection before proving anything.
 const HANDSHAKE_FRAME: usize = 64 << 10;
-/// Peer connections in their handshake at once, at most; more are closed at once (each is held
-/// up to `HANDSHAKE_TIMEOUT`, so a flood of them would otherwise pile up tasks and sockets).
-const MAX_HANDSHAKES: usize = 64;
+/// Peer connections in their handshake at once, at most, and from one address other than
+/// loopback: more are closed at once. Each is held up to `HANDSHAKE_TIMEOUT` (per step), so a flood would otherwise pile up
+/// tasks and sockets; the bound per address keeps one source from taking every slot, which
+/// would shut real peers out.
+const MAX_HANDSHAKES: usize = 256;
+const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
+
+/// Handshakes in progress, by the address they come from (`PeerNet::run`).
+#[derive(Default)]
+struct Handshakes {
+    total: usize,
+    by_address: HashMap<std::net::IpAddr, usize>,
+}
+
+/// One handshake's place in `Handshakes`, given back when dropped.
+struct HandshakeSlot {
+    all: Arc<Mutex<Handshakes>>,
+    from: std::net::IpAddr,
+}
+
+impl HandshakeSlot {
+    fn take(all: &Arc<Mutex<Handshakes>>, from: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let mut h = lock(all);
+        let mine = h.by_address.get(&from).copied().unwrap_or(0);
+        // Loopback is this machine's own nodes (a local cluster, tests), not a remote source.
+        if h.total >= MAX_HANDSHAKES || (mine >= MAX_HANDSHAKES_PER_ADDRESS && !from.is_loopback()) {
+            return None;
+        }
+        h.total += 1;
+        h.by_address.insert(from, mine + 1);
+        Some(HandshakeSlot { all: all.clone(), from })
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut h = lock(&self.all);
+        h.total = h.total.saturating_sub(1);
+        if let Some(n) = h.by_address.get_mut(&self.from) {
+            *n -= 1;
+            if *n == 0 {
+                h.by_address.remove(&self.from);
+            }
+        }
+    }
+}
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const PING_INTERVAL: Duration = Duration::from_millis(500);
 /// Each peer's clock offset (`check_clock`), NaN once it left the cluster (`forget_peer`).
@@ -760,7 +803,7 @@ impl PeerNet {
         // Also when this loop panics (the node then drains): upkeep must not redial, and the
         // links must close before the node stops Raft.
         let _stop = StopLinks { net: self.clone(), maintainer };
-        let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let handshakes = Arc::new(Mutex::new(Handshakes::default()));
         loop {
             let accepted = tokio::select! {
                 r = listener.accept() => r,
@@ -768,9 +811,9 @@ impl PeerNet {
             };
             match accepted {
                 Ok((stream, remote)) => {
-                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    let Some(permit) = HandshakeSlot::take(&handshakes, remote.ip()) else {
                         metrics::counter!("raftbridge_peer_rejected_total").increment(1);
-                        debug!(%remote, "peer connection closed: {MAX_HANDSHAKES} handshakes already in progress");
+                        debug!(%remote, "peer connection closed: too many handshakes in progress (from it, or in all)");
                         continue;
                     };
                     let net = self.clone();
@@ -1729,6 +1772,24 @@ mod tests {
         let reason = net.accept(server).await.expect_err("refused");
         assert!(reason.starts_with("bad first frame"), "{reason}");
         stop.cancel();
+    }
+
+
+    #[test]
+    fn handshakes_are_bounded_in_all_and_per_address() {
+        let all = Arc::new(Mutex::new(Handshakes::default()));
+        let ip = |n: u8| std::net::IpAddr::from([10, 0, 0, n]);
+        let one: Vec<_> = (0..MAX_HANDSHAKES_PER_ADDRESS).map(|_| HandshakeSlot::take(&all, ip(1)).expect("a slot")).collect();
+        assert!(HandshakeSlot::take(&all, ip(1)).is_none(), "one address takes at most its share");
+        assert!(HandshakeSlot::take(&all, ip(2)).is_some(), "others still get in");
+        drop(one);
+        assert!(lock(&all).by_address.is_empty() && lock(&all).total == 0, "every slot given back");
+        let many: Vec<_> = (0..MAX_HANDSHAKES).map(|i| HandshakeSlot::take(&all, ip((i % 200) as u8)).expect("a slot")).collect();
+        assert!(HandshakeSlot::take(&all, ip(250)).is_none(), "at most MAX_HANDSHAKES in all");
+        drop(many);
+        assert!(HandshakeSlot::take(&all, ip(250)).is_some());
+        let local: Vec<_> = (0..2 * MAX_HANDSHAKES_PER_ADDRESS).map(|_| HandshakeSlot::take(&all, [127, 0, 0, 1].into()).expect("a slot")).collect();
+        assert_eq!(local.len(), 2 * MAX_HANDSHAKES_PER_ADDRESS, "this machine's own nodes share one address");
     }
 
 }
