@@ -65,11 +65,11 @@ type Writer = FramedWrite<tls::WriteHalf, tokio_util::codec::LengthDelimitedCode
 /// Frames waiting to be written on one link.
 const SEND_QUEUE: usize = 4096;
 /// Requests this node may have outstanding on one link. Not more than the peer serves at once
-/// (`MAX_SERVING`): beyond that the peer stops reading the link, and the responses it owes us
-/// (AppendEntries acks among them) would wait behind requests that may themselves wait for a
-/// commit — forwarded writes do. Callers wait here instead, where nothing else queues behind them.
+/// (`MAX_SERVING`), beyond which it answers `NotServed`: callers wait here instead. (A call that
+/// times out frees its place here at once, while the peer may still be serving it.)
 const MAX_OUTSTANDING: usize = MAX_SERVING;
-/// Requests from one peer this node serves concurrently; beyond it, reading from the link pauses.
+/// Requests from one peer this node serves concurrently, Raft's own aside; more are answered
+/// `NotServed` without running (`read_loop`).
 const MAX_SERVING: usize = 1024;
 /// Frames written per flush at most (batched writes).
 const WRITE_BATCH: usize = 256;
@@ -1238,11 +1238,24 @@ async fn read_loop(
                     warn!(peer = link.peer, sender, request = req.name(), "a Raft request in another node's name, closing link");
                     return;
                 }
-                // Also while waiting for a slot, a closed link ends the reader at once: its exit
-                // ends the calls still pending on the link (`Call::response`).
-                let permit = tokio::select! {
-                    p = serving.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-                    () = &mut closed => return,
+                // Raft's own requests (a few appends the leader pipelines, a vote, a snapshot
+                // chunk) take no slot: nothing may hold them up. Any other request takes one or is
+                // answered `NotServed` at once (no handler runs; the caller may go elsewhere):
+                // waiting for a slot stopped this reader, and with it the link's responses and
+                // Raft traffic, whenever the peer had given up on requests still served here (a
+                // caller's timeout frees its side, not ours).
+                let permit = if req.raft_sender().is_some() {
+                    None
+                } else if let Ok(permit) = serving.clone().try_acquire_owned() {
+                    Some(permit)
+                } else {
+                    metrics::counter!("raftbridge_peer_requests_shed_total").increment(1);
+                    let busy = PeerResponse::Error(message::RemoteError::NotServed(format!("{MAX_SERVING} requests from this node are being served here")));
+                    // Not waited for either: with the send queue full the caller times out.
+                    if let Ok(body) = Frame::encode(Kind::Response, frame.corr, &busy) {
+                        let _ = link.tx.try_send(body);
+                    }
+                    continue;
                 };
                 let link = link.clone();
                 let corr = frame.corr;
@@ -1790,6 +1803,64 @@ mod tests {
         assert!(HandshakeSlot::take(&all, ip(250)).is_some());
         let local: Vec<_> = (0..2 * MAX_HANDSHAKES_PER_ADDRESS).map(|_| HandshakeSlot::take(&all, [127, 0, 0, 1].into()).expect("a slot")).collect();
         assert_eq!(local.len(), 2 * MAX_HANDSHAKES_PER_ADDRESS, "this machine's own nodes share one address");
+    }
+
+
+    /// Never answers an `Invoke`; answers anything else with `Done`.
+    struct Stalls;
+    impl Handler for Stalls {
+        fn handle(&self, _: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
+            Box::pin(async move {
+                if matches!(req, PeerRequest::Invoke(_)) {
+                    std::future::pending::<()>().await;
+                }
+                PeerResponse::Done
+            })
+        }
+    }
+
+    /// The caller gave up on requests the peer still serves (its timeouts free its side only):
+    /// once `MAX_SERVING` of them are served, more are answered `NotServed` at once, and Raft's
+    /// requests and the link's answers still flow. The reader used to stop reading the link.
+    #[tokio::test]
+    async fn a_peer_serving_its_limit_sheds_requests_and_keeps_reading() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(Stalls));
+        let invoke = || {
+            PeerRequest::Invoke(crate::sdk::Invocation {
+                service: "s".into(),
+                version: 1,
+                command: "c".into(),
+                params: Default::default(),
+                payload: Bytes::new(),
+                meta: Default::default(),
+                timeout_ms: 1_000,
+            })
+        };
+        dialer.link(1).await.expect("linked");
+        // All of this side's places, given up on after 300 ms; then 50 more.
+        let send = |n: usize| {
+            futures_util::future::join_all((0..n).map(|_| {
+                let (dialer, invoke) = (dialer.clone(), invoke());
+                tokio::spawn(async move { dialer.request(1, &invoke, Duration::from_millis(300)).await })
+            }))
+        };
+        let abandoned = send(MAX_OUTSTANDING).await;
+        let odd: Vec<String> = abandoned.iter().filter(|o| !matches!(o, Ok(Err(PeerError::Timeout { .. })))).map(|o| format!("{o:?}")).take(3).collect();
+        assert!(odd.is_empty(), "the first ones were served, never answered: {odd:?}");
+        let outcomes = send(50).await;
+        let shed = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(Ok(PeerResponse::Error(message::RemoteError::NotServed(_))))))
+            .count();
+        assert_eq!(shed, 50, "requests past the limit are shed at once");
+        let timeout = Duration::from_secs(10);
+        let answer = dialer.request(1, &PeerRequest::Status, timeout).await.expect("answered, not stuck behind the served ones");
+        assert!(matches!(answer, PeerResponse::Error(message::RemoteError::NotServed(_))), "{answer:?}");
+        let vote = PeerRequest::Vote(crate::raft::types::VoteRequest::new(crate::raft::types::Vote::new(3, 2), None));
+        let answer = dialer.request(1, &vote, timeout).await.expect("Raft's requests are served");
+        assert!(matches!(answer, PeerResponse::Done), "{answer:?}");
+        stop.cancel();
     }
 
 }

@@ -194,7 +194,7 @@ impl Replica {
             };
             match outcome {
                 Ok(r) => return Ok(r),
-                Err(RemoteError::NotLeader { .. }) | Err(RemoteError::Unavailable(_)) => {
+                Err(RemoteError::NotLeader { .. }) | Err(RemoteError::Unavailable(_)) | Err(RemoteError::NotServed(_)) => {
                     debug!(attempt, leader, "write retry: leader moved or unreachable");
                     // Let the membership/leader view settle; bounded by the deadline.
                     let pause = Duration::from_millis(20 * u64::from(attempt.min(10) + 1));
@@ -291,7 +291,7 @@ impl Replica {
                         .map(|_| ())
                         .map_err(|_| ReplicaError::Unavailable);
                 }
-                Err(RemoteError::NotLeader { .. }) | Err(RemoteError::Unavailable(_)) => {
+                Err(RemoteError::NotLeader { .. }) | Err(RemoteError::Unavailable(_)) | Err(RemoteError::NotServed(_)) => {
                     let pause = Duration::from_millis(20 * u64::from(attempt.min(10) + 1));
                     if Instant::now() + pause >= deadline {
                         return Err(ReplicaError::Unavailable);
