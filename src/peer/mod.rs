@@ -1106,12 +1106,24 @@ async fn write_loop(
     // One cancellation waiter for the link's life, not one per flush.
     let closed = link.closed.cancelled();
     tokio::pin!(closed);
+    // A write that cannot go out (a peer that stopped reading: paused, cut off) is abandoned
+    // when the link closes (idle timeout, shutdown): waiting on it kept this task, the socket
+    // and every queued frame, and the serving tasks waiting to queue their answers, for as long
+    // as the peer stayed silent.
+    macro_rules! or_closed {
+        ($io:expr) => {
+            tokio::select! {
+                r = $io => r.is_ok(),
+                () = &mut closed => false,
+            }
+        };
+    }
     loop {
         let first = tokio::select! {
             f = rx.recv() => match f { Some(f) => f, None => break },
             () = &mut closed => break,
         };
-        if writer.feed(first).await.is_err() {
+        if !or_closed!(writer.feed(first)) {
             link.close();
             return;
         }
@@ -1120,7 +1132,7 @@ async fn write_loop(
         while n < WRITE_BATCH {
             match rx.try_recv() {
                 Ok(f) => {
-                    if writer.feed(f).await.is_err() {
+                    if !or_closed!(writer.feed(f)) {
                         link.close();
                         return;
                     }
@@ -1139,7 +1151,7 @@ async fn write_loop(
         }
         frames.increment(n as u64);
         flushes.increment(1);
-        if SinkExt::<Bytes>::flush(&mut writer).await.is_err() {
+        if !or_closed!(SinkExt::<Bytes>::flush(&mut writer)) {
             link.close();
             return;
         }
@@ -1860,6 +1872,50 @@ mod tests {
         let vote = PeerRequest::Vote(crate::raft::types::VoteRequest::new(crate::raft::types::Vote::new(3, 2), None));
         let answer = dialer.request(1, &vote, timeout).await.expect("Raft's requests are served");
         assert!(matches!(answer, PeerResponse::Done), "{answer:?}");
+        stop.cancel();
+    }
+
+
+    /// A peer that stops reading (paused, cut off) leaves a write that cannot finish: when the
+    /// link closes, the writer gives it up and ends, and so does everything it held.
+    #[tokio::test]
+    async fn a_closed_link_ends_its_writer_even_if_the_peer_never_reads() {
+        let (net, addr, stop) = listening(Duration::from_secs(60)).await;
+        let (reader, writer) = handshaken(&net, addr, 2).await;
+        let link = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if let Some(link) = lock(&net.links).get(&2).cloned() {
+                    break link;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the link is up");
+        // Queue far more than the socket buffers take; the peer reads none of it.
+        let big = PeerRequest::Invoke(crate::sdk::Invocation {
+            service: "s".into(),
+            version: 1,
+            command: "c".into(),
+            params: Default::default(),
+            payload: Bytes::from(vec![b'x'; 256 << 10]),
+            meta: Default::default(),
+            timeout_ms: 1_000,
+        });
+        for _ in 0..64 {
+            if link.send(&big, Duration::from_millis(200)).await.is_err() {
+                break;
+            }
+        }
+        link.close();
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            while Arc::strong_count(&link) > 1 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "the link's tasks still hold it ({} references)", Arc::strong_count(&link));
+        drop((reader, writer));
         stop.cancel();
     }
 
