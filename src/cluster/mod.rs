@@ -349,6 +349,7 @@ impl Cluster {
     async fn bootstrap_or_join(self, shutdown: CancellationToken) {
         let me = self.replica.id();
         let mut round: u64 = 0;
+        let mut steady = SteadyPlan::default();
         loop {
             match self.replica.raft.is_initialized().await {
                 Ok(true) => {
@@ -396,6 +397,9 @@ impl Cluster {
                     }
                 }
             }
+            let plan = (members.is_empty() && self.settings.bootstrap_expect > 0 && fresh.len() >= self.settings.bootstrap_expect && fresh.keys().next() == Some(&me))
+                .then(|| fresh.keys().copied().collect::<Vec<_>>());
+            let bootstrap = steady.holds(plan);
             if !members.is_empty() {
                 // Prefer a seed that knows the leader; it forwards our join there. Rounds go
                 // round the seeds in that order: one that cannot help (a removed node still
@@ -408,10 +412,7 @@ impl Cluster {
                     Ok((_, other)) => info!(%seed, response = ?other, "join not accepted yet"),
                     Err(e) => info!(%seed, cause = %e, "join request failed"),
                 }
-            } else if self.settings.bootstrap_expect > 0
-                && fresh.len() >= self.settings.bootstrap_expect
-                && fresh.keys().next() == Some(&me)
-            {
+            } else if bootstrap {
                 let nodes: BTreeMap<NodeId, BasicNode> =
                     fresh.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
                 info!(members = ?nodes.keys().collect::<Vec<_>>(), "bootstrapping the cluster");
@@ -424,6 +425,28 @@ impl Cluster {
                 _ = tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(..200))) => {}
             }
         }
+    }
+}
+
+/// A bootstrap plan (the uninitialized nodes this one, the lowest id among them, would form the
+/// cluster with) is carried out only when two rounds in a row made the same one. Two nodes whose
+/// views differ could otherwise both bootstrap, and Raft cannot tell their first entries apart
+/// (both are the membership at index 0): two clusters. The case: more seeds than
+/// `--bootstrap-expect`, and the lowest-id node starting a moment late, seen by the others only
+/// after one of them planned without it. Waiting a round (300–500 ms) lets it be seen; a node
+/// reachable one way only for that long can still split the start, which only a seed list of
+/// exactly the first nodes rules out (README).
+#[derive(Debug, Default)]
+struct SteadyPlan {
+    last: Option<Vec<NodeId>>,
+}
+
+impl SteadyPlan {
+    /// This round's plan (`None`: no bootstrap from here); true when it is last round's too.
+    fn holds(&mut self, plan: Option<Vec<NodeId>>) -> bool {
+        let steady = plan.is_some() && plan == self.last;
+        self.last = plan;
+        steady
     }
 }
 
@@ -491,6 +514,16 @@ fn to_remote(e: RaftError<ClientWriteError>) -> RemoteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bootstrap_plan_is_carried_out_once_two_rounds_agree() {
+        let mut steady = SteadyPlan::default();
+        assert!(!steady.holds(Some(vec![2, 3, 4])), "the first round only plans");
+        assert!(!steady.holds(Some(vec![1, 2, 3, 4])), "node 1 showed up late: another plan");
+        assert!(!steady.holds(None), "node 1 is the lowest id now: no bootstrap from here");
+        assert!(!steady.holds(Some(vec![2, 3, 4])));
+        assert!(steady.holds(Some(vec![2, 3, 4])), "the same plan twice in a row");
+    }
 
     #[tokio::test]
     async fn seeds_resolve_to_every_address() {
