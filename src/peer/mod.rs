@@ -1112,14 +1112,20 @@ async fn write_loop(
     // as the peer stayed silent.
     macro_rules! or_closed {
         ($io:expr) => {
+            // The write first: one that can finish (the last answers of a draining node) does,
+            // whether or not the link closed meanwhile.
             tokio::select! {
+                biased;
                 r = $io => r.is_ok(),
                 () = &mut closed => false,
             }
         };
     }
     loop {
+        // Frames already queued go out first, also once the link closed (nothing new is queued
+        // on a closed link): they are answers someone waits for, a draining node's last ones.
         let first = tokio::select! {
+            biased;
             f = rx.recv() => match f { Some(f) => f, None => break },
             () = &mut closed => break,
         };
