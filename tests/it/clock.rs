@@ -79,12 +79,23 @@ fn a_node_whose_clock_runs_ahead_is_reported_and_does_not_take_over_a_live_claim
         let apis = c.apis();
         let before: u64 = apis.iter().map(|a| runs(a, "slow")).sum();
         let header = [("idempotency-key", key)];
+        // What the first request got, once it ends: said if it ends before its handler ran.
+        let answered = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
         let first = {
-            let api = c.api(owner);
-            thread::spawn(move || api.request("GET", "/api/v1/slow?ms=4000", &header, b"").expect("first request"))
+            let (api, answered) = (c.api(owner), answered.clone());
+            thread::spawn(move || {
+                let resp = api.request("GET", "/api/v1/slow?ms=4000", &header, b"").expect("first request");
+                *answered.lock().unwrap_or_else(|p| p.into_inner()) = Some(resp.describe());
+                resp
+            })
         };
-        c.wait_until("the first request's handler runs", Duration::from_secs(10), || {
-            apis.iter().map(|a| runs(a, "slow")).sum::<u64>() > before
+        c.wait_for("the first request's handler runs", Duration::from_secs(10), || {
+            let ran = apis.iter().map(|a| runs(a, "slow")).sum::<u64>();
+            match answered.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                _ if ran > before => Ok(()),
+                Some(answer) => Err(format!("{key}: the first request ended before a handler ran: {answer}")),
+                None => Err(format!("{key}: {ran} runs")),
+            }
         });
         let second = c.api(waiter).request("GET", "/api/v1/slow?ms=4000", &header, b"").expect("second request");
         let first = first.join().expect("first request thread");
