@@ -1869,7 +1869,8 @@ mod tests {
     /// openraft builds a snapshot in a task of its own and may install a leader's meanwhile: the
     /// writes take turns (they shared one temp file), and an image no newer than the file's is
     /// not written over it (an older build replaced a newer install after the log was purged up
-    /// to it, and the node could not restart).
+    /// to it, and the node could not restart). Images of 512 KiB, 40 synced writes: enough to
+    /// overlap, light enough not to stall the cluster tests running beside it.
     #[test]
     fn snapshot_writes_take_turns_and_never_replace_a_newer_image() {
         let dir = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
@@ -1879,7 +1880,7 @@ mod tests {
         // Large enough that writes overlap; the fill tells the writers apart.
         let image = |index: u64| StoredSnapshot {
             meta: SnapshotMeta { last_log_id: Some(log_id(index)), last_membership: Default::default() },
-            data: vec![index as u8; 2 << 20],
+            data: vec![index as u8; 512 << 10],
         };
         std::thread::scope(|s| {
             for first in [1u64, 2] {

@@ -48,6 +48,17 @@ fn a_node_whose_clock_runs_ahead_is_reported_and_does_not_take_over_a_live_claim
     c.set_env(3, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
     c.start_all();
     c.wait_for_membership(&c.ids(), &[], FORMATION);
+    // Every node routes the demo's `slow` command (registrations committed and applied): a
+    // slow disk under a loaded machine can take longer than the clock checks below.
+    c.wait_for("every node routes /api/v1/slow", FORMATION, || {
+        for api in c.apis() {
+            let page = api.request("GET", "/openapi.json", &[], b"").map_err(|e| e.to_string())?;
+            if !String::from_utf8_lossy(&page.body).contains("/api/v1/slow") {
+                return Err(format!("node {} does not list it yet", api.id));
+            }
+        }
+        Ok(())
+    });
 
     // Node 1 sees node 3 ten seconds ahead, node 3 sees node 1 ten seconds behind, within a
     // generous margin for the round trip.
