@@ -43,6 +43,15 @@ pub fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> io::Result
     sync_dir(dir)
 }
 
+/// fsync the directory holding `dir`, so that `dir`'s own entry (just made by
+/// `create_dir_all` on a first start) is durable. Nothing for a path without a parent.
+pub fn sync_parent(dir: &Path) -> io::Result<()> {
+    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(parent) => sync_dir(parent),
+        None => Ok(()),
+    }
+}
+
 /// fsync a directory so a rename or a new file in it is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()

@@ -196,10 +196,7 @@ fn claim_data_dir(dir: &Path, id: u64) -> Result<(), NodeError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             crate::fsutil::write_atomic(dir, "node_id", format!("{id}\n").as_bytes()).map_err(ctx)?;
             // A first start: the directory's own entry (made above) is durable too.
-            match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                Some(parent) => crate::fsutil::sync_dir(parent).map_err(ctx),
-                None => Ok(()),
-            }
+            crate::fsutil::sync_parent(dir).map_err(ctx)
         }
         Err(e) => Err(ctx(e)),
     }

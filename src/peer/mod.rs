@@ -606,13 +606,13 @@ impl PeerNet {
         lock(&self.links).get(&id).filter(|l| l.is_alive()).map_or(0, |l| l.features)
     }
 
-    /// The features `id` announced on its live link, else on its latest one since this process
-    /// started (`None`: never linked, or removed since).
+    /// The features `id` announced on its latest link since this process started, live or not
+    /// (`None`: never linked, or removed since).
     pub fn features_seen(&self, id: NodeId) -> Option<u64> {
         if id == self.cfg.node_id {
             return Some(frame::features::ALL);
         }
-        lock(&self.links).get(&id).filter(|l| l.is_alive()).map(|l| l.features).or_else(|| lock(&self.features_seen).get(&id).copied())
+        lock(&self.features_seen).get(&id).copied()
     }
 
     pub fn reachable(&self, id: NodeId) -> bool {
@@ -1739,6 +1739,19 @@ mod tests {
         stop.cancel();
     }
 
+    /// A command invocation carrying `payload` (the link, not the command, is under test).
+    fn invoke(payload: Bytes) -> PeerRequest {
+        PeerRequest::Invoke(crate::sdk::Invocation {
+            service: "s".into(),
+            version: 1,
+            command: "c".into(),
+            params: Default::default(),
+            payload,
+            meta: Default::default(),
+            timeout_ms: 1_000,
+        })
+    }
+
     /// Answers an `Invoke` with its payload twice over (so a big one cannot go back in a frame),
     /// anything else with `Done`.
     struct Doubles;
@@ -1762,26 +1775,16 @@ mod tests {
     async fn a_frame_over_the_limit_is_refused_and_the_link_stays_up() {
         let (acceptor, dialer, _, stop) = pair(None, None).await;
         acceptor.set_handler(Arc::new(Doubles));
-        let invoke = |bytes: usize| {
-            PeerRequest::Invoke(crate::sdk::Invocation {
-                service: "s".into(),
-                version: 1,
-                command: "c".into(),
-                params: Default::default(),
-                payload: Bytes::from(vec![b'x'; bytes]),
-                meta: Default::default(),
-                timeout_ms: 1_000,
-            })
-        };
+        let sized = |bytes: usize| invoke(Bytes::from(vec![b'x'; bytes]));
         let timeout = Duration::from_secs(10);
         let link = dialer.link(1).await.expect("linked");
-        let err = dialer.request(1, &invoke(2 << 20), timeout).await.expect_err("over the 1 MiB frame");
+        let err = dialer.request(1, &sized(2 << 20), timeout).await.expect_err("over the 1 MiB frame");
         assert!(matches!(err, PeerError::TooLarge { peer: 1, limit, .. } if limit == 1 << 20), "{err}");
         assert!(err.not_delivered(), "nothing was sent: another node may be tried");
         // Fits going out, not coming back: an error answer instead of a closed link.
-        let answer = dialer.request(1, &invoke(600 << 10), timeout).await.expect("answered");
+        let answer = dialer.request(1, &sized(600 << 10), timeout).await.expect("answered");
         assert!(matches!(&answer, PeerResponse::Error(message::RemoteError::Internal(why)) if why.contains("frame limit")), "{answer:?}");
-        let answer = dialer.request(1, &invoke(100 << 10), timeout).await.expect("answered");
+        let answer = dialer.request(1, &sized(100 << 10), timeout).await.expect("answered");
         assert!(matches!(&answer, PeerResponse::Invoked(Ok(out)) if out.body.len() == 200 << 10), "a fitting answer arrives");
         assert!(link.is_alive(), "the same link carried all of it");
         assert!(Arc::ptr_eq(&link, &dialer.link(1).await.expect("linked")), "no new link was needed");
@@ -1844,23 +1847,12 @@ mod tests {
     async fn a_peer_serving_its_limit_sheds_requests_and_keeps_reading() {
         let (acceptor, dialer, _, stop) = pair(None, None).await;
         acceptor.set_handler(Arc::new(Stalls));
-        let invoke = || {
-            PeerRequest::Invoke(crate::sdk::Invocation {
-                service: "s".into(),
-                version: 1,
-                command: "c".into(),
-                params: Default::default(),
-                payload: Bytes::new(),
-                meta: Default::default(),
-                timeout_ms: 1_000,
-            })
-        };
         dialer.link(1).await.expect("linked");
         // All of this side's places, given up on after 300 ms; then 50 more.
         let send = |n: usize| {
             futures_util::future::join_all((0..n).map(|_| {
-                let (dialer, invoke) = (dialer.clone(), invoke());
-                tokio::spawn(async move { dialer.request(1, &invoke, Duration::from_millis(300)).await })
+                let (dialer, request) = (dialer.clone(), invoke(Bytes::new()));
+                tokio::spawn(async move { dialer.request(1, &request, Duration::from_millis(300)).await })
             }))
         };
         let abandoned = send(MAX_OUTSTANDING).await;
@@ -1899,15 +1891,7 @@ mod tests {
         .await
         .expect("the link is up");
         // Queue far more than the socket buffers take; the peer reads none of it.
-        let big = PeerRequest::Invoke(crate::sdk::Invocation {
-            service: "s".into(),
-            version: 1,
-            command: "c".into(),
-            params: Default::default(),
-            payload: Bytes::from(vec![b'x'; 256 << 10]),
-            meta: Default::default(),
-            timeout_ms: 1_000,
-        });
+        let big = invoke(Bytes::from(vec![b'x'; 256 << 10]));
         for _ in 0..64 {
             if link.send(&big, Duration::from_millis(200)).await.is_err() {
                 break;

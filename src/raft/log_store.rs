@@ -659,9 +659,7 @@ impl LogStore {
         fs::create_dir_all(dir).map_err(ctx("create", dir))?;
         // The directory's own entry, made above on a first start, is durable before the vote
         // written into it is relied on.
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            crate::fsutil::sync_dir(parent).map_err(ctx("sync", parent))?;
-        }
+        crate::fsutil::sync_parent(dir).map_err(ctx("sync the parent of", dir))?;
         match fs::remove_file(dir.join("meta.tmp")) {
             Err(e) if e.kind() != ErrorKind::NotFound => return Err(ctx("clean", dir)(e)),
             _ => {}

@@ -1039,9 +1039,7 @@ impl StateMachine {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(SNAPSHOT_FILE);
         // The directory's own entry, made by `create_dir_all` on a first start, is durable too.
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            crate::fsutil::sync_dir(parent)?;
-        }
+        crate::fsutil::sync_parent(dir)?;
         let (data, persisted) = match read_snapshot_file(&path)? {
             Some(snap) => (decode_data(&snap.data)?, snap.meta.last_log_id),
             None => (SmData::default(), None),
