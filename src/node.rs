@@ -283,7 +283,8 @@ pub async fn run(
     })?;
     let log_bytes = log_store.clone();
     let restarting = log_store.has_state();
-    let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone() }, log_store, sm)
+    let reversions = Arc::new(crate::raft::network::Reversions::default());
+    let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone(), reversions: reversions.clone() }, log_store, sm)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     // The last step that can fail, before any loop starts: an application that runs the node
@@ -310,6 +311,7 @@ pub async fn run(
     let cluster = Cluster::start(
         replica.clone(),
         ClusterSettings { seeds: cfg.seeds.clone(), bootstrap_expect: cfg.bootstrap_expect, max_voters: cfg.max_voters },
+        reversions,
         cluster_stop.clone(),
     );
     // Compiled-in services are always offered; sidecar commands only while the upstream is healthy.

@@ -12,6 +12,11 @@
 //!   `change_membership` calls could otherwise interleave joint configurations). The same task
 //!   promotes caught-up learners to voters while voters < `--max-voters`.
 //! - *Seeds are only a way in.* Join requests reaching a follower are forwarded to the leader.
+//! - *A voter that lost its data is a learner until it has it back.* A node whose data directory
+//!   was lost comes back under its id with an empty log and no memory of its votes; as a voter
+//!   it could elect a leader that lacks entries it had helped commit. The leader notices from the
+//!   follower's answers (`raft::network::Reversions`), makes it a learner, and promotes it only
+//!   once it holds again everything it had acknowledged.
 
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
@@ -33,6 +38,7 @@ use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::peer::message::RemoteError;
 use crate::raft::Replica;
+use crate::raft::network::Reversions;
 use crate::raft::types::*;
 
 /// How far behind the leader's last log a learner may be and still be promoted.
@@ -79,11 +85,11 @@ const LEADERLESS_GRACE: Duration = Duration::from_secs(3);
 
 impl Cluster {
     /// Start the membership task, the address-book watcher and the bootstrap/join loop.
-    pub fn start(replica: Replica, settings: ClusterSettings, shutdown: CancellationToken) -> Cluster {
+    pub fn start(replica: Replica, settings: ClusterSettings, reversions: Arc<Reversions>, shutdown: CancellationToken) -> Cluster {
         let (tx, rx) = mpsc::channel(QUEUE);
         let last_ready_ms = Arc::new(AtomicU64::new(0));
         let cluster = Cluster { replica, settings: Arc::new(settings), changes: tx, last_ready_ms, since: Instant::now() };
-        crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
+        crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, reversions, shutdown.clone()));
         crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
         crate::supervise::spawn("bootstrap or join", cluster.clone().bootstrap_or_join(shutdown));
         cluster
@@ -201,9 +207,12 @@ impl Cluster {
         }
     }
 
-    async fn membership_task(self, mut rx: mpsc::Receiver<Change>, shutdown: CancellationToken) {
+    async fn membership_task(self, mut rx: mpsc::Receiver<Change>, reversions: Arc<Reversions>, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Nodes whose log went back, and the index each must hold again before it may vote
+        // (module doc). One entry per such node; dropped once it holds that or leaves.
+        let mut held_back: BTreeMap<NodeId, u64> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -213,11 +222,44 @@ impl Cluster {
                     Some(Change::Join { id, addr, reply }) => { let _ = reply.send(self.apply_join(id, addr).await); }
                     Some(Change::Remove { id, reply }) => { let _ = reply.send(self.apply_remove(id).await); }
                 },
-                _ = tick.tick() => {
+                _ = reversions.found() => {
+                    for (id, had) in reversions.take() {
+                        warn!(id, acknowledged = had, "node's log went back below what it acknowledged (its data was lost): \
+                            replicating to it from the start, as a learner until it holds that again");
+                        metrics::counter!("raftbridge_raft_follower_reversions_total").increment(1);
+                        let e = held_back.entry(id).or_insert(had);
+                        *e = (*e).max(had);
+                    }
                     if self.replica.raft.is_leader() {
-                        self.promote_learners().await;
+                        self.demote_held_back(&held_back).await;
                     }
                 }
+                _ = tick.tick() => {
+                    if self.replica.raft.is_leader() {
+                        self.demote_held_back(&held_back).await;
+                        self.promote_learners(&mut held_back).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes each voter that lost its log a learner (retried every tick while a quorum for the
+    /// change is not reachable).
+    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, u64>) {
+        for &id in held_back.keys() {
+            let m = self.replica.metrics();
+            let membership = m.membership_config.membership();
+            if membership.get_joint_config().len() > 1 || !membership.voter_ids().any(|v| v == id) {
+                continue;
+            }
+            let result = match self.removal_has_quorum(membership.voter_ids().collect(), id) {
+                Ok(()) => self.change_retaining(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => info!(id, "voter that lost its log is a learner now"),
+                Err(e) => warn!(id, cause = %e, "cannot make the voter that lost its log a learner yet"),
             }
         }
     }
@@ -256,20 +298,7 @@ impl Cluster {
             if membership.voter_ids().count() <= 1 {
                 return Err(RemoteError::Invalid("cannot remove the last voter".into()));
             }
-            // The change commits in a joint configuration that needs a majority of the old and
-            // of the new voters: refuse it unless both have one reachable now, or every write
-            // would stall behind it until enough of the missing nodes came back.
-            let old: Vec<NodeId> = membership.voter_ids().collect();
-            let live = |voters: &[NodeId]| voters.iter().filter(|v| self.replica.net.reachable(**v)).count();
-            let new: Vec<NodeId> = old.iter().copied().filter(|v| *v != id).collect();
-            for (which, voters) in [("current", &old), ("remaining", &new)] {
-                let (up, need) = (live(voters), voters.len() / 2 + 1);
-                if up < need {
-                    return Err(RemoteError::Unavailable(format!(
-                        "removing node {id} needs {need} of the {which} voters {voters:?} reachable, and only {up} are"
-                    )));
-                }
-            }
+            self.removal_has_quorum(membership.voter_ids().collect(), id)?;
             info!(id, "removing voter");
             self.change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
         }
@@ -281,18 +310,48 @@ impl Cluster {
         Ok(())
     }
 
+    /// Whether voter `id` can be removed now. The change commits in a joint configuration that
+    /// needs a majority of the old and of the new voters: refuse it unless both have one
+    /// reachable now, or every write would stall behind it until enough of the missing nodes
+    /// came back.
+    fn removal_has_quorum(&self, old: Vec<NodeId>, id: NodeId) -> Result<(), RemoteError> {
+        let live = |voters: &[NodeId]| voters.iter().filter(|v| self.replica.net.reachable(**v)).count();
+        let new: Vec<NodeId> = old.iter().copied().filter(|v| *v != id).collect();
+        for (which, voters) in [("current", &old), ("remaining", &new)] {
+            let (up, need) = (live(voters), voters.len() / 2 + 1);
+            if up < need {
+                return Err(RemoteError::Unavailable(format!(
+                    "removing node {id} needs {need} of the {which} voters {voters:?} reachable, and only {up} are"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     async fn change(&self, c: ChangeMembers<NodeId, BasicNode>) -> Result<(), RemoteError> {
-        match tokio::time::timeout(CHANGE_TIMEOUT, self.replica.raft.change_membership(c, false)).await {
+        self.change_retaining(c, false).await
+    }
+
+    /// A membership change; with `retain`, voters it removes stay on as learners.
+    async fn change_retaining(&self, c: ChangeMembers<NodeId, BasicNode>, retain: bool) -> Result<(), RemoteError> {
+        match tokio::time::timeout(CHANGE_TIMEOUT, self.replica.raft.change_membership(c, retain)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(to_remote(e)),
             Err(_) => Err(RemoteError::Unavailable("membership change timed out".into())),
         }
     }
 
-    /// Promote one caught-up learner while voters < max_voters.
-    async fn promote_learners(&self) {
+    /// Promote one caught-up learner while voters < max_voters; one that lost its log only once
+    /// it holds again what it had acknowledged (`held_back`, whose entries are dropped here once
+    /// that holds or the node left).
+    async fn promote_learners(&self, held_back: &mut BTreeMap<NodeId, u64>) {
         let m = self.replica.metrics();
         let membership = m.membership_config.membership();
+        let repl = m.replication.as_ref();
+        held_back.retain(|id, had| {
+            let matched = repl.and_then(|r| r.get(id)).and_then(|l| l.as_ref()).map(|l| l.index);
+            membership.get_node(id).is_some() && matched.is_none_or(|m| m < *had)
+        });
         if membership.get_joint_config().len() > 1 {
             return;
         }
@@ -305,6 +364,9 @@ impl Cluster {
         let learners: Vec<NodeId> = membership.learner_ids().collect();
         for id in learners {
             let matched = repl.get(&id).and_then(|l| l.as_ref()).map(|l| l.index).unwrap_or(0);
+            if held_back.contains_key(&id) {
+                continue;
+            }
             if matched + PROMOTE_LAG >= last && self.replica.net.reachable(id) {
                 info!(id, matched, last, "promoting learner to voter");
                 if let Err(e) = self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await {

@@ -57,6 +57,12 @@ pub fn openraft_config(s: &RaftSettings) -> Result<Arc<RaftConfig>, openraft::Co
         // and a follower keeping the old ones (same log id, so no conflict is detected) would
         // diverge. Found by the chaos suite's all-node power cut (deploy/chaos/README.md).
         enable_leader_restore: Some(false),
+        // A follower whose log went back below what it acknowledged (its data directory was
+        // lost) is replicated to from the start again; without this the leader resent the same
+        // append forever and the follower never caught up (a debug build panicked instead).
+        // The membership task makes such a voter a learner until it holds what it had
+        // (`network::Reversions`).
+        allow_log_reversion: Some(true),
         ..Default::default()
     };
     Ok(Arc::new(cfg.validate()?))

@@ -67,6 +67,7 @@ const LANE_QUEUE: usize = 1024;
 
 pub struct Network {
     pub net: Arc<PeerNet>,
+    pub reversions: Arc<Reversions>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -74,13 +75,80 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         self.net.set_peer_addr(target, &node.addr);
-        PeerClient { target, net: self.net.clone() }
+        PeerClient { target, net: self.net.clone(), reversions: self.reversions.clone() }
+    }
+}
+
+/// Followers whose log went back below what they had acknowledged to this leader: their data
+/// directory was lost (wiped, a new disk) and the node came back under the same id.
+///
+/// Why here: a leader learns it only from a follower's answers, which pass through this module.
+/// openraft, with `allow_log_reversion`, then replicates to that follower from the start (without
+/// it, the leader resent the same append forever and the follower never caught up); but the
+/// follower is still a voter with an empty log and no memory of its votes, so it would vote for
+/// a candidate that lacks entries it had helped commit. The cluster's membership task takes what
+/// is found here and makes such a voter a learner until it holds again all it had acknowledged
+/// (`cluster::Cluster`). Acks count per leader term: an entry acknowledged to an earlier term of
+/// this node may have been replaced by another leader's since, which is no reversion.
+#[derive(Default)]
+pub struct Reversions {
+    /// Per follower: (this node's leader term, highest index the follower acknowledged in it).
+    /// One entry per node this node ever replicated to; cleared for a node once it reverts.
+    acked: Mutex<HashMap<NodeId, (u64, u64)>>,
+    /// Reverted followers and the index each had acknowledged, until the membership task takes
+    /// them; one entry per node.
+    found: Mutex<HashMap<NodeId, u64>>,
+    /// Wakes the membership task when `found` gains an entry; lives as long as the network.
+    notify: tokio::sync::Notify,
+}
+
+impl Reversions {
+    /// `target` answered Success to an append of `term` that leaves its log at `last`.
+    fn acked(&self, target: NodeId, term: u64, last: Option<LogId>) {
+        let Some(last) = last else { return };
+        let mut acked = lock(&self.acked);
+        let e = acked.entry(target).or_insert((term, last.index));
+        if term > e.0 || (term == e.0 && last.index > e.1) {
+            *e = (term, last.index);
+        }
+    }
+
+    /// `target` answered Conflict to an append of `term` whose previous entry is `prev`: it
+    /// does not hold `prev`. A reversion if it had acknowledged `prev` (or later) in this term.
+    fn conflict(&self, target: NodeId, term: u64, prev: Option<LogId>) {
+        let Some(prev) = prev else { return };
+        let had = {
+            let mut acked = lock(&self.acked);
+            match acked.get(&target) {
+                Some(&(t, had)) if t == term && prev.index <= had => {
+                    acked.remove(&target);
+                    had
+                }
+                _ => return,
+            }
+        };
+        let mut found = lock(&self.found);
+        let e = found.entry(target).or_insert(had);
+        *e = (*e).max(had);
+        self.notify.notify_one();
+    }
+
+    /// Takes the reverted followers found so far, with what each had acknowledged.
+    pub fn take(&self) -> Vec<(NodeId, u64)> {
+        lock(&self.found).drain().collect()
+    }
+
+    /// Resolves when a reverted follower was found since the last `take` (at once if one was
+    /// found while nobody waited).
+    pub async fn found(&self) {
+        self.notify.notified().await
     }
 }
 
 pub struct PeerClient {
     target: NodeId,
     net: Arc<PeerNet>,
+    reversions: Arc<Reversions>,
 }
 
 impl PeerClient {
@@ -94,6 +162,16 @@ impl PeerClient {
             Ok(PeerResponse::Error(e)) => Err(RPCError::Network(NetworkError::new(&e))),
             Ok(resp) => Ok(resp),
             Err(e) => Err(self.rpc_error(e, action)),
+        }
+    }
+
+    /// Notes what an append's answer says of the follower's log (see `Reversions`).
+    fn track(&self, resp: &AppendEntriesResponse, term: u64, (prev, last): (Option<LogId>, Option<LogId>), trimmed: Option<LogId>) {
+        match resp {
+            AppendEntriesResponse::Success => self.reversions.acked(self.target, term, trimmed.or(last)),
+            AppendEntriesResponse::PartialSuccess(upto) => self.reversions.acked(self.target, term, *upto),
+            AppendEntriesResponse::Conflict => self.reversions.conflict(self.target, term, prev),
+            AppendEntriesResponse::HigherVote(_) => {}
         }
     }
 
@@ -118,6 +196,8 @@ struct InFlight {
     range: (Option<LogId>, Option<LogId>),
     /// Set when only a prefix of the entries went (`trim_to_frame`): the last one sent.
     trimmed: Option<LogId>,
+    /// The leader term the request was sent in (acks count per term, see `Reversions`).
+    term: u64,
     /// A held commit-only request this one stands in for (its range): answered first, from
     /// this one's response (see `COMMIT_HOLD`).
     folded: Option<(Option<LogId>, Option<LogId>)>,
@@ -217,6 +297,7 @@ where S: Stream<Item = AppendEntriesRequest> + Unpin
         let resp = self.client.rpc_result(resp, RPCTypes::AppendEntries);
         let result = match &resp {
             Ok(PeerResponse::AppendEntries(r)) => {
+                self.client.track(r, done.term, done.range, done.trimmed);
                 let r = match (r.clone(), done.trimmed) {
                     (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
                     (r, _) => r,
@@ -262,6 +343,7 @@ where S: Stream<Item = AppendEntriesRequest> + Unpin
             self.open = false;
         }
         let range = sent_range(&rpc);
+        let term = rpc.vote.leader_id().term;
         let call: BoxFuture<'static, Result<PeerResponse, PeerError>> = match self.link.send(&PeerRequest::AppendEntries(rpc), REPLICATION_TIMEOUT).await {
             Ok(call) => Box::pin(call.response()),
             Err(e) => {
@@ -271,7 +353,7 @@ where S: Stream<Item = AppendEntriesRequest> + Unpin
                 Box::pin(std::future::ready(Err(e)))
             }
         };
-        self.inflight.push_back(InFlight { call, range, trimmed, folded });
+        self.inflight.push_back(InFlight { call, range, trimmed, folded, term });
     }
 }
 
@@ -316,7 +398,12 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         // measured, that produced the 100-300 ms stalls in `bench events --batch 100`. A dead
         // peer is noticed by the link itself (closed connection, missed pings) long before this.
         let ttl = if rpc.entries.is_empty() { option.hard_ttl() } else { option.hard_ttl().max(REPLICATION_TIMEOUT) };
-        match self.call(PeerRequest::AppendEntries(rpc), RPCTypes::AppendEntries, ttl).await? {
+        let (term, range) = (rpc.vote.leader_id().term, sent_range(&rpc));
+        let resp = self.call(PeerRequest::AppendEntries(rpc), RPCTypes::AppendEntries, ttl).await?;
+        if let PeerResponse::AppendEntries(r) = &resp {
+            self.track(r, term, range, trimmed);
+        }
+        match resp {
             // The follower took what was sent: tell openraft how far, and it sends the rest next.
             PeerResponse::AppendEntries(AppendEntriesResponse::Success) if trimmed.is_some() => {
                 Ok(AppendEntriesResponse::PartialSuccess(trimmed))
@@ -632,7 +719,7 @@ mod tests {
         // Any exchange sets the link up, and with it the follower's features.
         let _ = leader.request(2, &PeerRequest::Status, Duration::from_secs(5)).await;
         assert_ne!(leader.features(2) & features::ORDERED_APPENDS, 0, "this build announces ordered appends");
-        (PeerClient { target: 2, net: leader }, seen, stop)
+        (PeerClient { target: 2, net: leader, reversions: Default::default() }, seen, stop)
     }
 
     fn appends(n: u64) -> Vec<AppendEntriesRequest> {
@@ -804,7 +891,7 @@ mod tests {
             election_max_ms: 600,
             snapshot_threshold: 10_000,
         };
-        let raft = Raft::new(3, crate::raft::openraft_config(&settings).unwrap(), Network { net }, log, sm).await.unwrap();
+        let raft = Raft::new(3, crate::raft::openraft_config(&settings).unwrap(), Network { net, reversions: Default::default() }, log, sm).await.unwrap();
         let lanes = AppendLanes::new(raft.clone());
         let append = |i: u64| AppendEntriesRequest {
             vote: Vote::new_committed(1, 1),
@@ -826,6 +913,50 @@ mod tests {
         raft.shutdown().await.unwrap();
         stop.cancel();
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_conflict_below_what_the_follower_acknowledged_in_the_same_term_is_a_reversion() {
+        let r = Reversions::default();
+        r.acked(2, 5, Some(log_id(10)));
+        r.acked(2, 5, Some(log_id(7))); // an older answer arriving late moves nothing back
+        r.conflict(2, 5, Some(log_id(11)));
+        assert!(r.take().is_empty(), "a conflict past what it acknowledged is the usual search");
+        r.conflict(2, 6, Some(log_id(3)));
+        assert!(r.take().is_empty(), "acknowledged in another term: those entries may have been replaced");
+        r.conflict(3, 5, Some(log_id(3)));
+        assert!(r.take().is_empty(), "another follower acknowledged nothing");
+        r.conflict(2, 5, Some(log_id(10)));
+        assert_eq!(r.take(), vec![(2, 10)]);
+        r.conflict(2, 5, Some(log_id(4)));
+        assert!(r.take().is_empty(), "the search from the start that follows is not reported again");
+        r.acked(2, 7, Some(log_id(20)));
+        r.conflict(2, 7, None);
+        assert!(r.take().is_empty(), "an append from the start cannot conflict");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_follower_whose_log_went_back_is_reported_from_a_stream_and_a_single_append() {
+        // The fake follower takes entries 1..=5, then says it lacks entry 5: its log went back.
+        let (mut client, _seen, stop) = linked_to_fake(Some(5)).await;
+        let reversions = client.reversions.clone();
+        let results: Vec<_> = client.stream_append(futures_util::stream::iter(appends(6)), RPCOption::new(Duration::from_secs(1))).await.unwrap().collect().await;
+        assert!(matches!(results.last(), Some(Ok(Err(openraft::raft::StreamAppendError::Conflict(_))))), "{results:?}");
+        assert_eq!(reversions.take(), vec![(2, 5)]);
+        stop.cancel();
+
+        // The same through one-at-a-time appends (to builds without ordered appends).
+        let (mut client, _seen, stop) = linked_to_fake(Some(3)).await;
+        let reversions = client.reversions.clone();
+        let mut reqs = appends(4).into_iter().skip(2);
+        let option = || RPCOption::new(Duration::from_secs(1));
+        let first = client.append_entries(reqs.next().unwrap(), option()).await.unwrap();
+        assert!(first.is_success(), "{first:?}");
+        assert_eq!(reversions.take(), vec![], "nothing went back yet");
+        let second = client.append_entries(reqs.next().unwrap(), option()).await.unwrap();
+        assert!(matches!(second, AppendEntriesResponse::Conflict), "{second:?}");
+        assert_eq!(reversions.take(), vec![(2, 3)]);
+        stop.cancel();
     }
 
     #[test]

@@ -365,3 +365,52 @@ fn a_graceful_stop_under_peer_tls_ends_the_links_cleanly() {
     }
 }
 
+
+/// A follower whose data directory is lost comes back under its id with an empty log. The
+/// leader notices from its answers, replicates to it from the start (it used to resend the same
+/// append forever, and the node never caught up), keeps it a learner until it holds again what
+/// it had acknowledged, then makes it a voter: it then holds every acknowledged write, by
+/// content, and carries the cluster when the old leader dies.
+#[test]
+fn a_voter_whose_data_was_lost_catches_up_as_a_learner_and_votes_again() {
+    let (c, leader) = Cluster::formed("wiped", 3, &[]);
+    let api = c.api(leader);
+    let mut written = Vec::new();
+    for i in 0..150 {
+        let key = format!("wiped/k{i}");
+        api.must_put(&key, &json!({"i": i}));
+        written.push((key, i));
+    }
+    let victim = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    // Every node acknowledged every write (so the leader saw the victim hold them).
+    c.wait_caught_up(&c.ids(), CATCH_UP);
+    eprintln!("[membership] leader {leader}, wiping node {victim}");
+    c.kill(victim);
+    let dir = c.dir().join(format!("n{victim}"));
+    std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+    c.start(victim);
+
+    // The leader saw the victim's log go back (and it did not move since).
+    c.wait_until("the leader counts the lost log", CATCH_UP, || {
+        c.api(leader).metric("raftbridge_raft_follower_reversions_total", &[]).is_ok_and(|n| n == 1.0)
+    });
+    // It holds every write again, by content, from its own copy.
+    c.wait_until("the wiped node holds every write", CATCH_UP, || {
+        written.iter().all(|(key, i)| {
+            c.api(victim).get_stale(key).is_ok_and(|r| r.status == 200 && r.json().is_ok_and(|v| v == json!({"i": i})))
+        })
+    });
+    // And is a voter again.
+    c.wait_for_membership(&c.ids(), &[], CATCH_UP);
+
+    // It carries a quorum with the third node once the old leader is gone.
+    c.kill(leader);
+    let new_leader = c.wait_for_leader(CATCH_UP);
+    assert_ne!(new_leader, leader);
+    c.api(new_leader).must_put("wiped/after", &json!({"leader": new_leader}));
+    for (key, i) in &written {
+        let r = c.api(victim).get(key).unwrap_or_else(|e| panic!("GET {key} on node {victim}: {e}"));
+        assert_eq!(r.status, 200, "GET {key} on node {victim}: {}", r.describe());
+        assert_eq!(r.json().expect("json"), json!({"i": i}), "{key} on node {victim}");
+    }
+}
