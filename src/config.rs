@@ -145,6 +145,10 @@ pub struct NodeArgs {
     /// Concurrent client HTTP connections at most.
     #[arg(long, env = "RAFTBRIDGE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// Bytes of request bodies held at once across all requests (being received or handled);
+    /// past it a request is answered 503. Default 256 MiB.
+    #[arg(long, env = "RAFTBRIDGE_MAX_BODY_BUFFERED")]
+    pub max_body_buffered: Option<usize>,
     /// Run a command on this node when it offers it (instead of balancing across all nodes).
     #[arg(long, env = "RAFTBRIDGE_LOCAL_FIRST", num_args = 0..=1, default_missing_value = "true")]
     pub local_first: Option<bool>,
@@ -224,6 +228,7 @@ pub struct NodeConfig {
     pub write_timeout_ms: u64,
     pub max_frame: usize,
     pub max_connections: usize,
+    pub max_body_buffered: usize,
     pub shutdown_grace_ms: u64,
     pub drain_delay_ms: u64,
     pub events_max_count: u64,
@@ -356,6 +361,7 @@ impl NodeArgs {
             write_timeout_ms: pick!(write_timeout_ms).unwrap_or(5_000),
             max_frame: pick!(max_frame).unwrap_or(16 << 20),
             max_connections: pick!(max_connections).unwrap_or(10_000),
+            max_body_buffered: pick!(max_body_buffered).unwrap_or(256 << 20),
             shutdown_grace_ms: pick!(shutdown_grace_ms).unwrap_or(10_000),
             drain_delay_ms: pick!(drain_delay_ms).unwrap_or(500),
             events_max_count: pick!(events_max_count).unwrap_or(100_000),
@@ -398,6 +404,9 @@ fn id_from_hostname(host: &str) -> Result<u64, ConfigError> {
 /// loopback nodes, 2 ms halved node CPU per event at 2,000 events/s and cut it by a third at
 /// 5,000/s (p99 13.7 → 10.6 ms there), for 1–2 ms more p50; saturation within noise.
 pub const DEFAULT_PUBLISH_LINGER_MS: u64 = 2;
+/// Most `--max-body-buffered` accepted: a body's bytes are taken from a semaphore in one call,
+/// which takes at most `u32::MAX` permits.
+const MAX_BODY_BUFFERED: usize = u32::MAX as usize;
 /// Most `--max-connections` accepted (each open connection holds a socket and a task).
 const MAX_CONNECTIONS: usize = 1_000_000;
 /// Longest `--publish-linger-ms` accepted: beyond a second it would only hold publishers up.
@@ -423,6 +432,10 @@ impl NodeConfig {
             // A body is written as one Raft entry, and an entry must fit into a peer frame with
             // room to spare, or it could never be replicated and every later write would stall.
             return invalid("max-body", "must be at most half of --max-frame");
+        }
+        if self.max_body_buffered < self.max_body || self.max_body_buffered > MAX_BODY_BUFFERED {
+            // At least one whole body; at most what one semaphore acquisition takes (u32).
+            return invalid("max-body-buffered", "must be at least --max-body and at most 4294967295");
         }
         if self.cluster_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return invalid("cluster-secret", "must be at least 16 bytes");
@@ -478,6 +491,13 @@ mod tests {
         assert!(sizes(8 << 20, 16 << 20).is_ok(), "a body of half a frame fits an entry");
         assert!(matches!(sizes((8 << 20) + 1, 16 << 20), Err(ConfigError::Invalid { name: "max-body", .. })));
         assert!(matches!(sizes(1 << 20, 1 << 20), Err(ConfigError::Invalid { name: "max-body", .. })));
+        assert_eq!(cfg.max_body_buffered, 256 << 20);
+        let buffered = |body: usize, all: usize| {
+            NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), max_body: Some(body), max_body_buffered: Some(all), ..Default::default() }.resolve()
+        };
+        assert!(buffered(1 << 20, 1 << 20).is_ok(), "room for one whole body");
+        assert!(matches!(buffered(1 << 20, (1 << 20) - 1), Err(ConfigError::Invalid { name: "max-body-buffered", .. })));
+        assert!(matches!(buffered(1 << 20, usize::MAX), Err(ConfigError::Invalid { name: "max-body-buffered", .. })));
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -406,6 +406,7 @@ pub async fn run(
     }
     let settings = api::HttpSettings {
         max_body: cfg.max_body,
+        bodies: api::BodyBudget::new(cfg.max_body_buffered),
         max_connections: cfg.max_connections,
         header_read_timeout: Duration::from_secs(10),
         shutdown_grace: Duration::from_millis(cfg.shutdown_grace_ms),

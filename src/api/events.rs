@@ -76,7 +76,7 @@ pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiRe
     let mut meta = meta_of(&req)?;
     // The header is the event's dedup key (a batch's items carry their own).
     let key = meta.idempotency_key.take();
-    let body = super::read_body(req, app.settings.max_body).await?;
+    let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
     check_utf8(&body)?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
     let event = new_event(name, body.to_vec(), &meta, None, key);
@@ -128,7 +128,7 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
         // Silently dropped, a retry of the batch would publish it twice.
         return Err(ApiError::BadRequest("an idempotency-key header names one event: give each batch item its own idempotencyKey".into()));
     }
-    let body = super::read_body(req, app.settings.max_body).await?;
+    let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
     check_utf8(&body)?;
     let BatchItems(items) =
         serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("expected an array of events: {e}")))?;

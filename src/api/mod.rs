@@ -31,7 +31,6 @@ use http::Method;
 use http::StatusCode;
 use http_body_util::BodyExt;
 use http_body_util::Full;
-use http_body_util::Limited;
 use hyper::Request;
 use hyper::Response;
 use hyper::body::Incoming;
@@ -55,6 +54,7 @@ use crate::store::StateStore;
 #[derive(Debug, Clone)]
 pub struct HttpSettings {
     pub max_body: usize,
+    pub bodies: BodyBudget,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     pub shutdown_grace: Duration,
@@ -288,7 +288,7 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
     let method = req.method().clone();
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
     if path.starts_with("/api/") {
-        return ("api", Ok(app.proxy.handle(req, app.settings.max_body).await));
+        return ("api", Ok(app.proxy.handle(req, app.settings.max_body, &app.settings.bodies).await));
     }
     match (method, segs.as_slice()) {
         (Method::GET, ["openapi.json"]) => ("openapi", Ok(json_response(StatusCode::OK, &app.proxy.openapi()))),
@@ -472,36 +472,111 @@ pub fn meta_header<'a>(h: &'a http::HeaderMap, name: &str) -> Result<Option<&'a 
 /// How long a request's body may take to arrive, whole.
 pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Read the whole body, enforcing the size limit and `BODY_READ_TIMEOUT` (408).
-pub async fn read_body<B>(req: Request<B>, limit: usize) -> Result<Bytes, ApiError>
+/// Bytes of request bodies this node holds at once, across all connections and streams
+/// (`--max-body-buffered`). Each body is bounded by `--max-body`, but 10,000 connections with
+/// up to 256 HTTP/2 streams each could otherwise make the node hold terabytes; past the budget a
+/// request is refused with 503 at once (not queued: a queue would hold the connection anyway).
+/// A body's bytes are taken as they arrive (all at once when `Content-Length` gives them) and
+/// given back when its handler has answered ([`Received`] is dropped).
+#[derive(Debug, Clone)]
+pub struct BodyBudget {
+    /// Permits are bytes; taken by `read_body`, returned when a `Received` drops; never closed.
+    bytes: Arc<tokio::sync::Semaphore>,
+    total: usize,
+}
+
+impl BodyBudget {
+    /// `total` at most `u32::MAX` (the config checks it): one body's bytes are one acquisition.
+    pub fn new(total: usize) -> BodyBudget {
+        BodyBudget { bytes: Arc::new(tokio::sync::Semaphore::new(total)), total }
+    }
+
+    fn take(&self, n: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
+        let n = u32::try_from(n).map_err(|_| ApiError::TooLarge { limit: self.total })?;
+        self.bytes.clone().try_acquire_many_owned(n).map_err(|_| {
+            metrics::counter!("raftbridge_http_bodies_refused_total").increment(1);
+            ApiError::Unavailable(format!(
+                "this node holds {} bytes of request bodies at most (--max-body-buffered) and has no room for this one now: retry",
+                self.total
+            ))
+        })
+    }
+}
+
+/// A request body read whole, holding its share of the node's [`BodyBudget`] until dropped.
+#[derive(Debug)]
+pub struct Received {
+    bytes: Bytes,
+    /// Its bytes in the budget; `None` for an empty body.
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl std::ops::Deref for Received {
+    type Target = Bytes;
+    fn deref(&self) -> &Bytes {
+        &self.bytes
+    }
+}
+
+/// Read the whole body, enforcing the size limit, the node's body budget (503) and
+/// `BODY_READ_TIMEOUT` (408).
+pub async fn read_body<B>(req: Request<B>, limit: usize, budget: &BodyBudget) -> Result<Received, ApiError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    let mut held = None;
     if let Some(len) = req.headers().get(http::header::CONTENT_LENGTH) {
         let len: u64 = len.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| ApiError::BadRequest("bad Content-Length".into()))?;
         if len > limit as u64 {
             return Err(ApiError::TooLarge { limit });
         }
+        if len > 0 {
+            // At most `limit` (a usize), checked above.
+            held = Some(budget.take(len as usize)?);
+        }
     }
+    let prepaid = held.is_some();
     // A client that trickles its body would hold a connection slot for ever (hyper's header
     // timeout does not cover the body), hence the deadline. Most bodies have arrived with their
     // headers: one poll takes them without arming a timer (one per publish otherwise).
-    let collect = Limited::new(req.into_body(), limit).collect();
+    let collect = async move {
+        let mut body = std::pin::pin!(req.into_body());
+        let mut chunks: Vec<Bytes> = Vec::new();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ApiError::BadRequest(format!("reading body: {}", e.into())))?;
+            let Ok(data) = frame.into_data() else { continue }; // trailers: not part of the body
+            total = total.saturating_add(data.len());
+            if total > limit {
+                return Err(ApiError::TooLarge { limit });
+            }
+            if !prepaid && !data.is_empty() {
+                let more = budget.take(data.len())?;
+                match held.as_mut() {
+                    Some(h) => h.merge(more),
+                    None => held = Some(more),
+                }
+            }
+            chunks.push(data);
+        }
+        let bytes = match chunks.len() {
+            0 => Bytes::new(),
+            1 => chunks.pop().unwrap_or_default(),
+            _ => Bytes::from(chunks.concat()),
+        };
+        Ok((bytes, held))
+    };
     tokio::pin!(collect);
     let first = std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(collect.as_mut(), cx))).await;
-    let collected = match first {
+    let (bytes, held) = match first {
         std::task::Poll::Ready(c) => c,
         std::task::Poll::Pending => match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
             Ok(c) => c,
             Err(_) => return Err(ApiError::RequestTimeout(BODY_READ_TIMEOUT)),
         },
-    };
-    match collected {
-        Ok(c) => Ok(c.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::TooLarge { limit }),
-        Err(e) => Err(ApiError::BadRequest(format!("reading body: {e}"))),
-    }
+    }?;
+    Ok(Received { bytes, _held: held })
 }
 
 async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<Incoming>) -> ApiResult {
@@ -522,7 +597,7 @@ async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<I
         },
         Method::PUT => {
             let pre = precondition(&req)?;
-            let body = read_body(req, app.settings.max_body).await?;
+            let body = read_body(req, app.settings.max_body, &app.settings.bodies).await?;
             let revision = app.store.put_if(store, key, &body, pre).await?;
             let mut resp = json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));
             resp.headers_mut().insert("x-revision", HeaderValue::from(revision));
@@ -560,11 +635,47 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_that_does_not_arrive_in_time_is_a_408() {
-        let err = read_body(trickle(), 1024).await.expect_err("never complete");
+        let budget = BodyBudget::new(4096);
+        let err = read_body(trickle(), 1024, &budget).await.expect_err("never complete");
         assert!(matches!(err, ApiError::RequestTimeout(_)), "{err:?}");
         assert_eq!(err.status(), StatusCode::REQUEST_TIMEOUT);
+        assert_eq!(budget.bytes.available_permits(), 4096, "what the trickle took is given back");
         let whole = Request::new(Full::new(Bytes::from_static(b"{}")));
-        assert_eq!(read_body(whole, 1024).await.expect("a whole body"), Bytes::from_static(b"{}"));
+        assert_eq!(*read_body(whole, 1024, &budget).await.expect("a whole body"), Bytes::from_static(b"{}"));
+    }
+
+    /// A body of `chunks`, each sent as its own frame, without a `Content-Length`.
+    fn chunked(chunks: &[&'static [u8]]) -> Request<http_body_util::StreamBody<Chunks>> {
+        use futures_util::StreamExt;
+        let frames: Vec<_> = chunks.iter().map(|c| Ok(hyper::body::Frame::data(Bytes::from_static(c)))).collect();
+        Request::new(http_body_util::StreamBody::new(futures_util::stream::iter(frames).boxed()))
+    }
+
+    fn with_length(body: &'static [u8]) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(Bytes::from_static(body)));
+        req.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        req
+    }
+
+    #[tokio::test]
+    async fn bodies_held_at_once_share_the_node_budget() {
+        let budget = BodyBudget::new(10);
+        let first = read_body(with_length(b"12345678"), 100, &budget).await.expect("fits the budget");
+        assert_eq!(*first, Bytes::from_static(b"12345678"));
+        let err = read_body(with_length(b"1234"), 100, &budget).await.expect_err("no room while the first is held");
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE, "{err:?}");
+        let err = read_body(chunked(&[b"12", b"34"]), 100, &budget).await.expect_err("no room chunk by chunk either");
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE, "{err:?}");
+        assert_eq!(budget.bytes.available_permits(), 2, "the refused body's first chunk was given back");
+        drop(first);
+        let whole = read_body(chunked(&[b"1234", b"5678", b"90"]), 100, &budget).await.expect("room again");
+        assert_eq!(*whole, Bytes::from_static(b"1234567890"));
+        assert_eq!(budget.bytes.available_permits(), 0, "a chunked body holds what it took");
+        drop(whole);
+        let err = read_body(chunked(&[b"1234", b"5678"]), 6, &budget).await.expect_err("over the body limit");
+        assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE, "{err:?}");
+        assert_eq!(*read_body(chunked(&[]), 6, &budget).await.expect("empty"), Bytes::new());
+        assert_eq!(budget.bytes.available_permits(), 10);
     }
 
     #[test]

@@ -219,9 +219,9 @@ impl Proxy {
     }
 
     /// Serve a client request under `/api/`.
-    pub async fn handle(&self, req: Request<Incoming>, max_body: usize) -> Response<Full<Bytes>> {
+    pub async fn handle(&self, req: Request<Incoming>, max_body: usize, bodies: &crate::api::BodyBudget) -> Response<Full<Bytes>> {
         let (request_id, traceparent) = trace_ids(req.headers());
-        let mut resp = match self.serve(req, &request_id, &traceparent, max_body).await {
+        let mut resp = match self.serve(req, &request_id, &traceparent, max_body, bodies).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         };
@@ -241,6 +241,7 @@ impl Proxy {
         request_id: &str,
         traceparent: &str,
         max_body: usize,
+        bodies: &crate::api::BodyBudget,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         let uri_len = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
         if uri_len > MAX_URI {
@@ -285,9 +286,11 @@ impl Proxy {
         params.extend(path_params);
         let meta = client_meta(req.headers(), request_id, traceparent)?;
         // A body still arriving at the deadline is the client's delay: 408, not a gateway's 504.
-        let payload = tokio::time::timeout_at(deadline, crate::api::read_body(req, max_body))
+        // `received` holds the body's share of the node's budget until the answer is back.
+        let received = tokio::time::timeout_at(deadline, crate::api::read_body(req, max_body, bodies))
             .await
             .map_err(|_| ApiError::RequestTimeout(timeout))??;
+        let payload = Bytes::clone(&received);
         let inv = Invocation {
             service: route.service.clone(),
             version: route.version,
