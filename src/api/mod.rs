@@ -5,7 +5,9 @@
 //! router — in order, each for a reason:
 //! 1. connection limit (semaphore at accept): a flood of sockets cannot exhaust memory/fds;
 //! 2. header read timeout (HTTP/1): a slow client cannot hold a connection open forever;
-//! 3. body limit (`Content-Length` check, then a `Limited` body): 413 before buffering too much;
+//! 3. body limits (`Content-Length` check, then counted as it arrives): 413 before buffering
+//!    more than `--max-body`, and 503 when the node already holds `--max-body-buffered` bytes of
+//!    bodies (`BodyBudget`: each body is bounded, but not how many arrive at once);
 //! 4. router → handler; every error leaves through `ApiError`, the one status mapping.
 //!    Requests are counted and timed per route for Prometheus.
 //!
