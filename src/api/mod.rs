@@ -414,6 +414,8 @@ fn cluster_view(app: &App) -> serde_json::Value {
         "snapshot": m.snapshot.map(|l| l.index),
         "purged": m.purged.map(|l| l.index),
         "members": members,
+        // A membership change in progress: `voter` then marks a voter of either configuration.
+        "joint": membership.get_joint_config().len() > 1,
         "state_digest": format!("{:016x}", app.sm.digest()),
     })
 }

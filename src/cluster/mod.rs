@@ -76,6 +76,8 @@ pub struct Cluster {
     /// When [`Cluster::ready`] was last seen true, in ms after `since` (0: never); see `serving`.
     last_ready_ms: Arc<AtomicU64>,
     since: Instant,
+    /// Followers whose log went back, as this node's replication saw them (when it leads).
+    reversions: Arc<Reversions>,
 }
 
 /// How long a node that was ready keeps running commands and deliveries while it knows no
@@ -88,8 +90,8 @@ impl Cluster {
     pub fn start(replica: Replica, settings: ClusterSettings, reversions: Arc<Reversions>, shutdown: CancellationToken) -> Cluster {
         let (tx, rx) = mpsc::channel(QUEUE);
         let last_ready_ms = Arc::new(AtomicU64::new(0));
-        let cluster = Cluster { replica, settings: Arc::new(settings), changes: tx, last_ready_ms, since: Instant::now() };
-        crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, reversions, shutdown.clone()));
+        let cluster = Cluster { replica, settings: Arc::new(settings), changes: tx, last_ready_ms, since: Instant::now(), reversions };
+        crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
         crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
         crate::supervise::spawn("bootstrap or join", cluster.clone().bootstrap_or_join(shutdown));
         cluster
@@ -207,12 +209,13 @@ impl Cluster {
         }
     }
 
-    async fn membership_task(self, mut rx: mpsc::Receiver<Change>, reversions: Arc<Reversions>, shutdown: CancellationToken) {
+    async fn membership_task(self, mut rx: mpsc::Receiver<Change>, shutdown: CancellationToken) {
+        let reversions = self.reversions.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Nodes whose log went back, and the index each must hold again before it may vote
-        // (module doc). One entry per such node; dropped once it holds that or leaves.
-        let mut held_back: BTreeMap<NodeId, u64> = BTreeMap::new();
+        // Nodes whose log went back: the leader term it was seen in and the index each must hold
+        // again before it may vote (module doc). One entry per such node (`prune_held_back`).
+        let mut held_back: BTreeMap<NodeId, (u64, u64)> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -223,30 +226,54 @@ impl Cluster {
                     Some(Change::Remove { id, reply }) => { let _ = reply.send(self.apply_remove(id).await); }
                 },
                 _ = reversions.found() => {
-                    for (id, had) in reversions.take() {
-                        warn!(id, acknowledged = had, "node's log went back below what it acknowledged (its data was lost): \
+                    for (id, term, had) in reversions.take() {
+                        warn!(id, term, acknowledged = had, "node's log went back below what it acknowledged (its data was lost): \
                             replicating to it from the start, as a learner until it holds that again");
                         metrics::counter!("raftbridge_raft_follower_reversions_total").increment(1);
-                        let e = held_back.entry(id).or_insert(had);
-                        *e = (*e).max(had);
+                        let e = held_back.entry(id).or_insert((term, had));
+                        *e = (*e).max((term, had));
                     }
-                    if self.replica.raft.is_leader() {
-                        self.demote_held_back(&held_back).await;
-                    }
+                    self.prune_held_back(&mut held_back);
+                    self.demote_held_back(&held_back).await;
                 }
                 _ = tick.tick() => {
+                    self.prune_held_back(&mut held_back);
                     if self.replica.raft.is_leader() {
                         self.demote_held_back(&held_back).await;
-                        self.promote_learners(&mut held_back).await;
+                        self.promote_learners(&held_back).await;
                     }
                 }
             }
         }
     }
 
+    /// Keeps only the held-back nodes that still need it: seen in this node's current term as
+    /// leader (after a change of leader or term another leader decides, which did not see the
+    /// reversion: the usual promotion lag applies), still members, and not yet holding again what
+    /// they had acknowledged (as they acknowledge it to this leader: `Reversions`, not openraft's
+    /// metrics, which may still show the match from before the reversion).
+    fn prune_held_back(&self, held_back: &mut BTreeMap<NodeId, (u64, u64)>) {
+        if held_back.is_empty() {
+            return;
+        }
+        let m = self.replica.metrics();
+        let leading = m.state == ServerState::Leader;
+        let membership = m.membership_config.membership();
+        held_back.retain(|id, (term, had)| {
+            let keep = leading
+                && *term == m.current_term
+                && membership.get_node(id).is_some()
+                && self.reversions.acknowledged(*id, *term).is_none_or(|a| a < *had);
+            if !keep {
+                info!(id, "node that lost its log is no longer held back");
+            }
+            keep
+        });
+    }
+
     /// Makes each voter that lost its log a learner (retried every tick while a quorum for the
     /// change is not reachable).
-    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, u64>) {
+    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>) {
         for &id in held_back.keys() {
             let m = self.replica.metrics();
             let membership = m.membership_config.membership();
@@ -258,7 +285,10 @@ impl Cluster {
                 Err(e) => Err(e),
             };
             match result {
-                Ok(()) => info!(id, "voter that lost its log is a learner now"),
+                Ok(()) => {
+                    metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
+                    info!(id, "voter that lost its log is a learner now");
+                }
                 Err(e) => warn!(id, cause = %e, "cannot make the voter that lost its log a learner yet"),
             }
         }
@@ -341,17 +371,11 @@ impl Cluster {
         }
     }
 
-    /// Promote one caught-up learner while voters < max_voters; one that lost its log only once
-    /// it holds again what it had acknowledged (`held_back`, whose entries are dropped here once
-    /// that holds or the node left).
-    async fn promote_learners(&self, held_back: &mut BTreeMap<NodeId, u64>) {
+    /// Promote one caught-up learner while voters < max_voters; not one that lost its log and
+    /// does not hold again what it had acknowledged (`held_back`, pruned just before).
+    async fn promote_learners(&self, held_back: &BTreeMap<NodeId, (u64, u64)>) {
         let m = self.replica.metrics();
         let membership = m.membership_config.membership();
-        let repl = m.replication.as_ref();
-        held_back.retain(|id, had| {
-            let matched = repl.and_then(|r| r.get(id)).and_then(|l| l.as_ref()).map(|l| l.index);
-            membership.get_node(id).is_some() && matched.is_none_or(|m| m < *had)
-        });
         if membership.get_joint_config().len() > 1 {
             return;
         }
@@ -395,6 +419,7 @@ impl Cluster {
                 }
                 for id in known.keys().filter(|id| !current.contains_key(id)) {
                     self.replica.net.forget_peer(*id);
+                    self.reversions.forget(*id);
                 }
                 known = current;
             }

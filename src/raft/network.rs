@@ -93,11 +93,12 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 #[derive(Default)]
 pub struct Reversions {
     /// Per follower: (this node's leader term, highest index the follower acknowledged in it).
-    /// One entry per node this node ever replicated to; cleared for a node once it reverts.
+    /// One entry per member this node replicated to; cleared for a node once it reverts or leaves
+    /// the membership (`forget`: an id reused after a removal starts afresh).
     acked: Mutex<HashMap<NodeId, (u64, u64)>>,
-    /// Reverted followers and the index each had acknowledged, until the membership task takes
-    /// them; one entry per node.
-    found: Mutex<HashMap<NodeId, u64>>,
+    /// Reverted followers, with the leader term and the index each had acknowledged in it, until
+    /// the membership task takes them; one entry per node.
+    found: Mutex<HashMap<NodeId, (u64, u64)>>,
     /// Wakes the membership task when `found` gains an entry; lives as long as the network.
     notify: tokio::sync::Notify,
 }
@@ -128,14 +129,26 @@ impl Reversions {
             }
         };
         let mut found = lock(&self.found);
-        let e = found.entry(target).or_insert(had);
-        *e = (*e).max(had);
+        let e = found.entry(target).or_insert((term, had));
+        *e = (*e).max((term, had));
         self.notify.notify_one();
     }
 
-    /// Takes the reverted followers found so far, with what each had acknowledged.
-    pub fn take(&self) -> Vec<(NodeId, u64)> {
-        lock(&self.found).drain().collect()
+    /// Takes the reverted followers found so far: (node, leader term, index it had acknowledged).
+    pub fn take(&self) -> Vec<(NodeId, u64, u64)> {
+        lock(&self.found).drain().map(|(id, (term, had))| (id, term, had)).collect()
+    }
+
+    /// The highest index `id` acknowledged in leader term `term` (since it last reverted).
+    pub fn acknowledged(&self, id: NodeId, term: u64) -> Option<u64> {
+        lock(&self.acked).get(&id).filter(|(t, _)| *t == term).map(|(_, index)| *index)
+    }
+
+    /// `id` left the membership: what it acknowledged no longer says anything about a node that
+    /// may join under the same id later.
+    pub fn forget(&self, id: NodeId) {
+        lock(&self.acked).remove(&id);
+        lock(&self.found).remove(&id);
     }
 
     /// Resolves when a reverted follower was found since the last `take` (at once if one was
@@ -499,7 +512,13 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 };
                 let resp = self.call(req, RPCTypes::InstallSnapshot, option.hard_ttl()).await.map_err(to_streaming)?;
                 match resp {
-                    PeerResponse::Snapshot(Some(r)) if done => return Ok(r),
+                    PeerResponse::Snapshot(Some(r)) if done => {
+                        if r.vote == vote {
+                            // It holds everything up to the snapshot now (as openraft's matching).
+                            self.reversions.acked(self.target, vote.leader_id().term, snapshot.meta.last_log_id);
+                        }
+                        return Ok(r);
+                    }
                     PeerResponse::Snapshot(None) if !done => {}
                     other => return Err(to_streaming(unexpected(&other))),
                 }
@@ -926,13 +945,18 @@ mod tests {
         assert!(r.take().is_empty(), "acknowledged in another term: those entries may have been replaced");
         r.conflict(3, 5, Some(log_id(3)));
         assert!(r.take().is_empty(), "another follower acknowledged nothing");
+        assert_eq!(r.acknowledged(2, 5), Some(10));
+        assert_eq!(r.acknowledged(2, 6), None, "acks count per term");
         r.conflict(2, 5, Some(log_id(10)));
-        assert_eq!(r.take(), vec![(2, 10)]);
+        assert_eq!(r.take(), vec![(2, 5, 10)]);
+        assert_eq!(r.acknowledged(2, 5), None, "it starts afresh");
         r.conflict(2, 5, Some(log_id(4)));
         assert!(r.take().is_empty(), "the search from the start that follows is not reported again");
-        r.acked(2, 7, Some(log_id(20)));
-        r.conflict(2, 7, None);
-        assert!(r.take().is_empty(), "an append from the start cannot conflict");
+        r.acked(2, 5, Some(log_id(3)));
+        assert_eq!(r.acknowledged(2, 5), Some(3), "what it holds again");
+        r.forget(2);
+        r.conflict(2, 5, Some(log_id(1)));
+        assert!(r.take().is_empty(), "a node that left (an id joining again) has acknowledged nothing");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -942,7 +966,7 @@ mod tests {
         let reversions = client.reversions.clone();
         let results: Vec<_> = client.stream_append(futures_util::stream::iter(appends(6)), RPCOption::new(Duration::from_secs(1))).await.unwrap().collect().await;
         assert!(matches!(results.last(), Some(Ok(Err(openraft::raft::StreamAppendError::Conflict(_))))), "{results:?}");
-        assert_eq!(reversions.take(), vec![(2, 5)]);
+        assert_eq!(reversions.take(), vec![(2, 1, 5)]);
         stop.cancel();
 
         // The same through one-at-a-time appends (to builds without ordered appends).
@@ -955,7 +979,7 @@ mod tests {
         assert_eq!(reversions.take(), vec![], "nothing went back yet");
         let second = client.append_entries(reqs.next().unwrap(), option()).await.unwrap();
         assert!(matches!(second, AppendEntriesResponse::Conflict), "{second:?}");
-        assert_eq!(reversions.take(), vec![(2, 3)]);
+        assert_eq!(reversions.take(), vec![(2, 1, 3)]);
         stop.cancel();
     }
 

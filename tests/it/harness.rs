@@ -249,6 +249,8 @@ pub struct Status {
     pub members: Vec<Member>,
     pub snapshot: Option<u64>,
     pub purged: Option<u64>,
+    /// A membership change is half done (joint configuration): `voter` covers both halves.
+    pub joint: bool,
 }
 
 impl Status {
@@ -308,6 +310,7 @@ impl Status {
             members,
             snapshot: opt_u64("snapshot")?,
             purged: opt_u64("purged")?,
+            joint: v.get("joint").and_then(Value::as_bool).unwrap_or(false),
         })
     }
 
@@ -346,7 +349,7 @@ impl fmt::Display for Status {
             let reach = if m.reachable { "" } else { ",unreachable" };
             write!(f, "{sep}{}:{kind}{reach}", m.id)?;
         }
-        write!(f, "]")
+        write!(f, "]{}", if self.joint { " joint" } else { "" })
     }
 }
 
@@ -827,7 +830,7 @@ impl Cluster {
                 if status.node_id != id {
                     return Err(format!("node {id} reports node_id {}", status.node_id));
                 }
-                if status.voters() != want_voters || status.learners() != want_learners {
+                if status.voters() != want_voters || status.learners() != want_learners || status.joint {
                     return Err(format!("membership differs: {status}"));
                 }
                 if let Some(m) = status

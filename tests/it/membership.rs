@@ -391,8 +391,10 @@ fn a_voter_whose_data_was_lost_catches_up_as_a_learner_and_votes_again() {
     c.start(victim);
 
     // The leader saw the victim's log go back (and it did not move since).
-    c.wait_until("the leader counts the lost log", CATCH_UP, || {
-        c.api(leader).metric("raftbridge_raft_follower_reversions_total", &[]).is_ok_and(|n| n == 1.0)
+    c.wait_until("the leader counts the lost log and makes the node a learner", CATCH_UP, || {
+        let leader = c.api(leader);
+        leader.metric("raftbridge_raft_follower_reversions_total", &[]).is_ok_and(|n| n >= 1.0)
+            && leader.metric("raftbridge_raft_voters_held_back_total", &[]).is_ok_and(|n| n >= 1.0)
     });
     // It holds every write again, by content, from its own copy.
     c.wait_until("the wiped node holds every write", CATCH_UP, || {
@@ -400,7 +402,7 @@ fn a_voter_whose_data_was_lost_catches_up_as_a_learner_and_votes_again() {
             c.api(victim).get_stale(key).is_ok_and(|r| r.status == 200 && r.json().is_ok_and(|v| v == json!({"i": i})))
         })
     });
-    // And is a voter again.
+    // And is a voter again (a finished change: not the joint half of one).
     c.wait_for_membership(&c.ids(), &[], CATCH_UP);
 
     // It carries a quorum with the third node once the old leader is gone.
