@@ -5,6 +5,8 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -179,7 +181,9 @@ fn note_reload(counter: &'static str, what: &'static str, asked: bool, outcome: 
 }
 
 /// Check or record the node id in the data dir: a data dir belongs to one node id forever.
-fn claim_data_dir(dir: &Path, id: u64) -> Result<(), NodeError> {
+/// True when the dir was new (no node id recorded yet): a first start, or a node whose data was
+/// lost.
+fn claim_data_dir(dir: &Path, id: u64) -> Result<bool, NodeError> {
     let path = dir.display().to_string();
     let ctx = |source| NodeError::DataDir { path: path.clone(), source };
     std::fs::create_dir_all(dir).map_err(ctx)?;
@@ -191,12 +195,13 @@ fn claim_data_dir(dir: &Path, id: u64) -> Result<(), NodeError> {
             if stored != id {
                 return Err(NodeError::IdMismatch { path, stored, given: id });
             }
-            Ok(())
+            Ok(false)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             crate::fsutil::write_atomic(dir, "node_id", format!("{id}\n").as_bytes()).map_err(ctx)?;
             // A first start: the directory's own entry (made above) is durable too.
-            crate::fsutil::sync_parent(dir).map_err(ctx)
+            crate::fsutil::sync_parent(dir).map_err(ctx)?;
+            Ok(true)
         }
         Err(e) => Err(ctx(e)),
     }
@@ -227,7 +232,7 @@ pub async fn run(
             None
         }
     };
-    claim_data_dir(&cfg.data_dir, cfg.id)?;
+    let new_data_dir = claim_data_dir(&cfg.data_dir, cfg.id)?;
     let tls = match &cfg.peer_tls {
         Some(files) => {
             let tls = PeerTls::load_for(&files.cert, &files.key, &files.ca, files.server_name.as_deref(), Some(cfg.id), files.require_node_id)?;
@@ -381,6 +386,7 @@ pub async fn run(
         broker: broker.clone(),
         snapshots: Arc::new(Mutex::new(HashMap::new())),
         appends: appends.clone(),
+        unproven: Arc::new(AtomicBool::new(new_data_dir)),
     }));
     let peer_task = crate::supervise::spawn_until("peer listener", &net_stop, net.clone().run(peer_listener));
 
@@ -685,6 +691,34 @@ struct PeerHandler {
     snapshots: Arc<Mutex<HashMap<NodeId, Assembly>>>,
     /// AppendEntries in arrival order per leader (pipelined replication, `raft::network`).
     appends: Arc<AppendLanes>,
+    /// Set while this node's data dir is new this start and its log has held nothing yet
+    /// (`withhold_vote`); cleared for good once the log holds an entry.
+    unproven: Arc<AtomicBool>,
+}
+
+/// Whether to refuse `req`'s vote (or pre-vote): when this node's data dir is new and its log
+/// still empty, it cannot tell a first start from a start after its data was lost, and in the
+/// second case it may once have acknowledged entries that a candidate lacks; granting with an
+/// empty log would let such a candidate win. So it votes only for a candidate whose log is at
+/// most the bootstrap membership entry (index 0: forming a cluster), until a leader has sent it
+/// entries (the leader then keeps it a learner while it catches up, `cluster`). The refusal is
+/// an error, which the candidate counts as no answer.
+fn withhold_vote(unproven: &AtomicBool, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
+    if !unproven.load(Ordering::Relaxed) {
+        return None;
+    }
+    if replica.metrics().last_log_index.is_some() {
+        unproven.store(false, Ordering::Relaxed);
+        return None;
+    }
+    if req.last_log_id.is_none_or(|l| l.index == 0) {
+        return None;
+    }
+    metrics::counter!("raftbridge_raft_votes_withheld_total").increment(1);
+    info!(candidate = req.vote.leader_id().node_id, "vote withheld: this node's data dir is new and its log empty, and the candidate's log is not");
+    Some(PeerResponse::Error(RemoteError::NotServed(
+        "this node's data dir is new and its log is empty: it votes once a leader has sent it entries".into(),
+    )))
 }
 
 impl Handler for PeerHandler {
@@ -705,6 +739,7 @@ impl Handler for PeerHandler {
         let proxy = self.proxy.clone();
         let dispatcher = self.dispatcher.clone();
         let broker = self.broker.clone();
+        let unproven = self.unproven.clone();
         let max_frame = replica.net.max_frame();
         Box::pin(async move {
             let raft = &replica.raft;
@@ -712,8 +747,14 @@ impl Handler for PeerHandler {
             match req {
                 // Served by `appends` above; kept for an exhaustive match.
                 PeerRequest::AppendEntries(_) => fatal(&"append entries go through their lane"),
-                PeerRequest::Vote(r) => raft.vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
-                PeerRequest::PreVote(r) => raft.pre_vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
+                PeerRequest::Vote(r) => match withhold_vote(&unproven, &replica, &r) {
+                    Some(refused) => refused,
+                    None => raft.vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
+                },
+                PeerRequest::PreVote(r) => match withhold_vote(&unproven, &replica, &r) {
+                    Some(refused) => refused,
+                    None => raft.pre_vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
+                },
                 PeerRequest::SnapshotChunk { vote, meta, offset, data, done } => {
                     snapshot_chunk(&replica, &snapshots, from, vote, meta, offset, data, done).await
                 }

@@ -416,3 +416,55 @@ fn a_voter_whose_data_was_lost_catches_up_as_a_learner_and_votes_again() {
         assert_eq!(r.json().expect("json"), json!({"i": i}), "{key} on node {victim}");
     }
 }
+
+/// The same loss while the leader is down as well: the node whose data was lost cannot tell it
+/// from a first start, so it grants no vote with an empty log to a candidate whose log holds
+/// more than the bootstrap entry. With the old leader down and the wiped node withholding, the
+/// third node cannot win; once the old leader is back, a leader that holds every acknowledged
+/// write is elected, the wiped node catches up, and nothing acknowledged is missing.
+#[test]
+fn a_node_whose_data_was_lost_votes_for_no_one_until_a_leader_reaches_it() {
+    let (c, leader) = Cluster::formed("wipedvote", 3, &[]);
+    let mut written = Vec::new();
+    for i in 0..50 {
+        let key = format!("wipedvote/k{i}");
+        c.api(leader).must_put(&key, &json!({"i": i}));
+        written.push((key, i));
+    }
+    c.wait_caught_up(&c.ids(), CATCH_UP);
+    let followers: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
+    let (victim, other) = (followers[0], followers[1]);
+    eprintln!("[membership] leader {leader} down, node {victim} wiped, node {other} left to campaign");
+    c.kill(leader);
+    c.kill(victim);
+    let dir = c.dir().join(format!("n{victim}"));
+    std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+    c.start(victim);
+
+    c.wait_until("the wiped node withholds a vote", CATCH_UP, || {
+        c.api(victim).metric("raftbridge_raft_votes_withheld_total", &[]).is_ok_and(|n| n >= 1.0)
+    });
+    c.assert_stays("no leader elected with the wiped node's vote", Duration::from_secs(3), || {
+        for id in [victim, other] {
+            let s = c.api(id).status()?;
+            if s.state == "Leader" {
+                return Err(format!("node {id} leads: {s}"));
+            }
+        }
+        Ok(())
+    });
+
+    c.start(leader);
+    c.wait_for_membership(&c.ids(), &[], CATCH_UP);
+    c.wait_until("the wiped node holds every write again", CATCH_UP, || {
+        written.iter().all(|(key, i)| {
+            c.api(victim).get_stale(key).is_ok_and(|r| r.status == 200 && r.json().is_ok_and(|v| v == json!({"i": i})))
+        })
+    });
+    let now = c.wait_for_leader(CATCH_UP);
+    for (key, i) in &written {
+        let r = c.api(now).get(key).unwrap_or_else(|e| panic!("GET {key}: {e}"));
+        assert_eq!(r.status, 200, "GET {key}: {}", r.describe());
+        assert_eq!(r.json().expect("json"), json!({"i": i}), "{key}");
+    }
+}
