@@ -36,6 +36,10 @@ pub enum ApiError {
     PreconditionFailed { current: Option<u64> },
     #[error("{0}")]
     Unavailable(String),
+    /// This node has no room for the request now (its body budget is spent): 503 with a
+    /// `Retry-After`, as it frees within seconds.
+    #[error("{0}")]
+    Busy(String),
     #[error("{0}")]
     BadGateway(String),
     #[error("deadline exceeded")]
@@ -57,7 +61,7 @@ impl ApiError {
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -72,6 +76,9 @@ impl ApiError {
             body["revision"] = serde_json::json!(current);
         }
         let mut resp = super::json_response(status, &body);
+        if let ApiError::Busy(_) = &self {
+            resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
         if let ApiError::MethodNotAllowed { allow } = &self {
             if let Ok(value) = http::HeaderValue::from_str(allow) {
                 resp.headers_mut().insert(http::header::ALLOW, value);

@@ -24,6 +24,8 @@ pub mod tls;
 
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
 
@@ -480,30 +482,49 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// (`--max-body-buffered`). Each body is bounded by `--max-body`, but 10,000 connections with
 /// up to 256 HTTP/2 streams each could otherwise make the node hold terabytes; past the budget a
 /// request is refused with 503 at once (not queued: a queue would hold the connection anyway).
-/// A body's bytes are taken as they arrive (all at once when `Content-Length` gives them) and
-/// given back when its handler has answered ([`Received`] is dropped).
+/// A body's bytes are counted as they arrive (not from what `Content-Length` announces: a client
+/// announcing big bodies and sending nothing would hold the budget for free) and given back
+/// when its handler has answered ([`Received`] is dropped). Copies a handler makes (an event
+/// built from the body, a peer frame) are not counted: the budget bounds what clients send,
+/// and what is held is at most a small multiple of it.
 #[derive(Debug, Clone)]
 pub struct BodyBudget {
-    /// Permits are bytes; taken by `read_body`, returned when a `Received` drops; never closed.
-    bytes: Arc<tokio::sync::Semaphore>,
+    /// Bytes counted now; added to by `read_body`, taken off when a `Held` drops.
+    used: Arc<AtomicUsize>,
     total: usize,
 }
 
 impl BodyBudget {
-    /// `total` at most `u32::MAX` (the config checks it): one body's bytes are one acquisition.
     pub fn new(total: usize) -> BodyBudget {
-        BodyBudget { bytes: Arc::new(tokio::sync::Semaphore::new(total)), total }
+        BodyBudget { used: Arc::new(AtomicUsize::new(0)), total }
     }
 
-    fn take(&self, n: usize) -> Result<tokio::sync::OwnedSemaphorePermit, ApiError> {
-        let n = u32::try_from(n).map_err(|_| ApiError::TooLarge { limit: self.total })?;
-        self.bytes.clone().try_acquire_many_owned(n).map_err(|_| {
+    /// Counts `n` more bytes into `held`, or refuses (503) if the budget has no room for them.
+    fn take(&self, held: &mut Held, n: usize) -> Result<(), ApiError> {
+        let taken = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| used.checked_add(n).filter(|u| *u <= self.total));
+        if taken.is_err() {
             metrics::counter!("raftbridge_http_bodies_refused_total").increment(1);
-            ApiError::Unavailable(format!(
-                "this node holds {} bytes of request bodies at most (--max-body-buffered) and has no room for this one now: retry",
-                self.total
-            ))
-        })
+            return Err(ApiError::Busy(
+                "this node holds as many bytes of request bodies as --max-body-buffered allows: retry shortly".into(),
+            ));
+        }
+        held.bytes += n;
+        Ok(())
+    }
+}
+
+/// The bytes one body counts in the [`BodyBudget`], given back when dropped.
+#[derive(Debug)]
+struct Held {
+    budget: BodyBudget,
+    bytes: usize,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+        }
     }
 }
 
@@ -511,8 +532,7 @@ impl BodyBudget {
 #[derive(Debug)]
 pub struct Received {
     bytes: Bytes,
-    /// Its bytes in the budget; `None` for an empty body.
-    _held: Option<tokio::sync::OwnedSemaphorePermit>,
+    _held: Held,
 }
 
 impl std::ops::Deref for Received {
@@ -522,52 +542,60 @@ impl std::ops::Deref for Received {
     }
 }
 
-/// Read the whole body, enforcing the size limit, the node's body budget (503) and
+/// Read the whole body, enforcing the size limit (413), the node's body budget (503) and
 /// `BODY_READ_TIMEOUT` (408).
 pub async fn read_body<B>(req: Request<B>, limit: usize, budget: &BodyBudget) -> Result<Received, ApiError>
 where
     B: hyper::body::Body<Data = Bytes>,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut held = None;
+    let mut announced = None;
     if let Some(len) = req.headers().get(http::header::CONTENT_LENGTH) {
         let len: u64 = len.to_str().ok().and_then(|s| s.parse().ok()).ok_or_else(|| ApiError::BadRequest("bad Content-Length".into()))?;
         if len > limit as u64 {
             return Err(ApiError::TooLarge { limit });
         }
-        if len > 0 {
-            // At most `limit` (a usize), checked above.
-            held = Some(budget.take(len as usize)?);
-        }
+        announced = Some(len as usize); // at most `limit`, a usize
     }
-    let prepaid = held.is_some();
     // A client that trickles its body would hold a connection slot for ever (hyper's header
     // timeout does not cover the body), hence the deadline. Most bodies have arrived with their
     // headers: one poll takes them without arming a timer (one per publish otherwise).
+    let mut held = Held { budget: budget.clone(), bytes: 0 };
     let collect = async move {
         let mut body = std::pin::pin!(req.into_body());
-        let mut chunks: Vec<Bytes> = Vec::new();
+        // One chunk (the usual case) is kept as it came; more are copied into one buffer.
+        let mut first: Option<Bytes> = None;
+        let mut rest: Option<bytes::BytesMut> = None;
         let mut total = 0usize;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ApiError::BadRequest(format!("reading body: {}", e.into())))?;
             let Ok(data) = frame.into_data() else { continue }; // trailers: not part of the body
+            if data.is_empty() {
+                continue;
+            }
             total = total.saturating_add(data.len());
             if total > limit {
                 return Err(ApiError::TooLarge { limit });
             }
-            if !prepaid && !data.is_empty() {
-                let more = budget.take(data.len())?;
-                match held.as_mut() {
-                    Some(h) => h.merge(more),
-                    None => held = Some(more),
-                }
+            if announced.is_some_and(|len| total > len) {
+                // hyper enforces it for HTTP/1 and HTTP/2; other bodies are checked here.
+                return Err(ApiError::BadRequest("body longer than its Content-Length".into()));
             }
-            chunks.push(data);
+            budget.take(&mut held, data.len())?;
+            match (&mut first, &mut rest) {
+                (None, _) => first = Some(data),
+                (Some(one), None) => {
+                    let mut buf = bytes::BytesMut::with_capacity(announced.unwrap_or(0).max(total));
+                    buf.extend_from_slice(one);
+                    buf.extend_from_slice(&data);
+                    rest = Some(buf);
+                }
+                (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+            }
         }
-        let bytes = match chunks.len() {
-            0 => Bytes::new(),
-            1 => chunks.pop().unwrap_or_default(),
-            _ => Bytes::from(chunks.concat()),
+        let bytes = match rest {
+            Some(buf) => buf.freeze(),
+            None => first.unwrap_or_default(),
         };
         Ok((bytes, held))
     };
@@ -643,7 +671,7 @@ mod tests {
         let err = read_body(trickle(), 1024, &budget).await.expect_err("never complete");
         assert!(matches!(err, ApiError::RequestTimeout(_)), "{err:?}");
         assert_eq!(err.status(), StatusCode::REQUEST_TIMEOUT);
-        assert_eq!(budget.bytes.available_permits(), 4096, "what the trickle took is given back");
+        assert_eq!(budget.used.load(Ordering::Relaxed), 0, "what the trickle took is given back");
         let whole = Request::new(Full::new(Bytes::from_static(b"{}")));
         assert_eq!(*read_body(whole, 1024, &budget).await.expect("a whole body"), Bytes::from_static(b"{}"));
     }
@@ -664,22 +692,34 @@ mod tests {
     #[tokio::test]
     async fn bodies_held_at_once_share_the_node_budget() {
         let budget = BodyBudget::new(10);
+        let used = |b: &BodyBudget| b.used.load(Ordering::Relaxed);
         let first = read_body(with_length(b"12345678"), 100, &budget).await.expect("fits the budget");
         assert_eq!(*first, Bytes::from_static(b"12345678"));
+        assert_eq!(used(&budget), 8);
         let err = read_body(with_length(b"1234"), 100, &budget).await.expect_err("no room while the first is held");
         assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE, "{err:?}");
         let err = read_body(chunked(&[b"12", b"34"]), 100, &budget).await.expect_err("no room chunk by chunk either");
         assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE, "{err:?}");
-        assert_eq!(budget.bytes.available_permits(), 2, "the refused body's first chunk was given back");
+        assert_eq!(used(&budget), 8, "the refused body's first chunk was given back");
         drop(first);
         let whole = read_body(chunked(&[b"1234", b"5678", b"90"]), 100, &budget).await.expect("room again");
         assert_eq!(*whole, Bytes::from_static(b"1234567890"));
-        assert_eq!(budget.bytes.available_permits(), 0, "a chunked body holds what it took");
+        assert_eq!(used(&budget), 10, "a chunked body holds what it took");
         drop(whole);
         let err = read_body(chunked(&[b"1234", b"5678"]), 6, &budget).await.expect_err("over the body limit");
         assert_eq!(err.status(), StatusCode::PAYLOAD_TOO_LARGE, "{err:?}");
         assert_eq!(*read_body(chunked(&[]), 6, &budget).await.expect("empty"), Bytes::new());
-        assert_eq!(budget.bytes.available_permits(), 10);
+        // A body is counted as it arrives, not as announced: announcing 1,000 bytes takes nothing.
+        let mut announced = chunked(&[b"12"]);
+        announced.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(9));
+        let partial = read_body(announced, 100, &budget).await.expect("what came");
+        assert_eq!(*partial, Bytes::from_static(b"12"));
+        let mut longer = chunked(&[b"1234", b"56"]);
+        longer.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(4));
+        let err = read_body(longer, 100, &budget).await.expect_err("longer than announced");
+        assert_eq!(err.status(), StatusCode::BAD_REQUEST, "{err:?}");
+        drop(partial);
+        assert_eq!(used(&budget), 0);
     }
 
     #[test]

@@ -156,31 +156,43 @@ fn http_rejects_bad_requests_with_json_errors_and_keeps_serving() {
     assert_healthy(&c, "bad-http-input");
 }
 
-/// Bodies held at once share one budget per node (`--max-body-buffered`): clients that announce
-/// big bodies and send them slowly fill it, further requests get a JSON 503 at once (not a hang,
-/// not an out-of-memory node), and once those clients go the node takes bodies again.
+/// Bodies held at once share one budget per node (`--max-body-buffered`): clients that send big
+/// bodies slowly fill it (counted as the bytes arrive), further requests with a body get a JSON
+/// 503 with `Retry-After` at once (not a hang, not an out-of-memory node), and once those
+/// clients go the node takes bodies again.
 #[test]
 fn slow_bodies_fill_the_body_budget_and_further_requests_get_503() {
     use std::io::Write;
     let (c, _) = Cluster::formed("bodybudget", 1, &["--max-body", "1048576", "--max-body-buffered", "2097152"]);
     let api = c.api(1);
-    // Two requests that announce 1 MiB each and send only a few bytes of it.
+    // Two requests that announce 1 MiB each and send all but 576 bytes of it: 2,096,000 bytes
+    // held, 1,152 left in the budget.
     let mut slow = Vec::new();
     for i in 0..2 {
         let mut s = std::net::TcpStream::connect(c.http(1)).expect("connect");
-        write!(s, "PUT /v1/state/default/slow{i} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1048576\r\n\r\n[1,").expect("send headers");
+        write!(s, "PUT /v1/state/default/slow{i} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1048576\r\n\r\n").expect("send headers");
+        s.write_all(&vec![b' '; 1_048_000]).expect("send most of the body");
         slow.push(s);
     }
-    c.wait_until("a small write is refused while the budget is held", Duration::from_secs(20), || {
-        api.put("budget-small", &json!({"a": 1})).is_ok_and(|r| r.status == 503)
+    let big = json!({"pad": "x".repeat(4096)});
+    let mut refused = None;
+    c.wait_until("a 4 KiB write is refused while the budget is held", Duration::from_secs(20), || {
+        match api.put("budget-big", &big) {
+            Ok(r) if r.status == 503 => {
+                refused = Some(r);
+                true
+            }
+            _ => false,
+        }
     });
-    let refused = api.put("budget-small", &json!({"a": 1})).expect("PUT");
+    let refused = refused.expect("set when the wait ended");
     assert_json_error(&refused, 503, "a body past the node's budget");
     assert!(String::from_utf8_lossy(&refused.body).contains("--max-body-buffered"), "{}", refused.describe());
+    assert!(refused.header("retry-after").is_some(), "{}", refused.describe());
     assert!(api.metric("raftbridge_http_bodies_refused_total", &[]).expect("metrics") >= 1.0);
     assert_eq!(api.probe("/healthz").expect("healthz"), 200, "bodiless requests are served");
     drop(slow);
     c.wait_until("writes are taken again once the slow clients are gone", Duration::from_secs(20), || {
-        api.put("budget-small", &json!({"a": 2})).is_ok_and(|r| r.status == 200)
+        api.put("budget-big", &big).is_ok_and(|r| r.status == 200)
     });
 }
