@@ -57,6 +57,16 @@ fn strip_ansi(line: &str) -> String {
     out
 }
 
+/// Deletes everything in `dir`, keeping `dir` itself (a bind mount in docker mode).
+pub(crate) fn empty_dir(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+        let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        removed.with_context(|| format!("removing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// What the chaos driver needs from a cluster.
 #[allow(async_fn_in_trait)] // used generically by the driver only, never boxed or spawned
 pub trait ClusterControl {
@@ -76,6 +86,9 @@ pub trait ClusterControl {
     /// A power cut of the node's machine: killed, and on its next start every log byte it had
     /// not fsynced is gone.
     async fn power_cut(&self, id: u64) -> anyhow::Result<()>;
+    /// SIGKILL, then delete everything in the node's data dir (its disk was replaced): it starts
+    /// again empty under its id.
+    async fn lose_data(&self, id: u64) -> anyhow::Result<()>;
     /// What the node reported about dropped unsynced bytes since its last start, if it has.
     fn power_loss_note(&self, id: u64) -> Option<String>;
     /// SIGTERM and wait for the node to drain and exit; SIGKILL after `deadline`.
@@ -198,6 +211,8 @@ fn spawn_relay(listener: TcpListener, to: u64, dest: SocketAddr, part: Arc<Parti
 
 struct ProcNode {
     id: u64,
+    /// The node's data dir.
+    data: PathBuf,
     /// The node's log dir, holding the power-loss mode's `synced` record.
     log_dir: PathBuf,
     http: SocketAddr,
@@ -274,7 +289,7 @@ impl ProcessCluster {
             args.extend(extra_flags(id));
             spawn_relay(relay, id, peer, partition.clone(), stop.clone());
             let log = dir.join(format!("n{id}.log"));
-            nodes.push(ProcNode { id, log_dir: data.join("log"), http, args, log, child: Mutex::new(None), starts: Mutex::new(0) });
+            nodes.push(ProcNode { id, log_dir: data.join("log"), data, http, args, log, child: Mutex::new(None), starts: Mutex::new(0) });
         }
         Ok(ProcessCluster { exe: exe.to_path_buf(), power_loss, nodes, partition, stop, unexpected: Mutex::new(Vec::new()) })
     }
@@ -410,6 +425,12 @@ impl ClusterControl for ProcessCluster {
         }
         self.note(id, "SIGKILL + power cut: unsynced log bytes are dropped at the next start");
         self.sigkill(id).await
+    }
+
+    async fn lose_data(&self, id: u64) -> anyhow::Result<()> {
+        self.note(id, "SIGKILL + data dir deleted (a replaced disk)");
+        self.sigkill(id).await?;
+        empty_dir(&self.node(id)?.data)
     }
 
     fn power_loss_note(&self, id: u64) -> Option<String> {

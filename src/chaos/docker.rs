@@ -234,6 +234,11 @@ impl ClusterControl for DockerCluster {
         Ok(())
     }
 
+    async fn lose_data(&self, id: u64) -> anyhow::Result<()> {
+        self.kill(id).await?;
+        super::cluster::empty_dir(&self.node(id)?.data)
+    }
+
     fn power_loss_note(&self, id: u64) -> Option<String> {
         let before = *lock(&self.node(id).ok()?.notes_before);
         let logs = self.logs(id);

@@ -364,6 +364,12 @@ async fn inject<C: ClusterControl>(cluster: &C, f: &PlannedFault, ids: &[u64]) -
             let dropped = wait_power_loss_note(cluster, random).await;
             format!("node {random} power cut, down {:.1} s; {dropped}", hold.as_secs_f64())
         }
+        FaultKind::LoseData => {
+            cluster.lose_data(random).await?;
+            tokio::time::sleep(hold).await;
+            cluster.start(random).await?;
+            format!("node {random} SIGKILLed and its data dir deleted, down {:.1} s", hold.as_secs_f64())
+        }
         FaultKind::Pause => {
             cluster.pause(random).await?;
             tokio::time::sleep(hold).await;

@@ -15,6 +15,9 @@ pub const TAIL: Duration = Duration::from_secs(5);
 /// Preferred spacing of fault starts (the schedule squeezes it to fit every kind in).
 pub const PREFERRED_GAP: Duration = Duration::from_millis(12_500);
 
+/// Least time between two faults' starts when the run is long enough (healing time).
+pub const MIN_SPACING: Duration = Duration::from_secs(10);
+
 /// Every kind of fault the suite injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum FaultKind {
@@ -34,10 +37,12 @@ pub enum FaultKind {
     RollingRestart,
     /// SIGKILL a random node and throw away every log byte it had not fsynced.
     PowerLoss,
+    /// SIGKILL a random node and delete its whole data dir (a replaced disk); restart it empty.
+    LoseData,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 8] = [
+    pub const ALL: [FaultKind; 9] = [
         FaultKind::KillRandom,
         FaultKind::KillLeader,
         FaultKind::Pause,
@@ -46,6 +51,7 @@ impl FaultKind {
         FaultKind::KillAll,
         FaultKind::RollingRestart,
         FaultKind::PowerLoss,
+        FaultKind::LoseData,
     ];
 
     pub fn name(self) -> &'static str {
@@ -58,6 +64,7 @@ impl FaultKind {
             FaultKind::KillAll => "kill all nodes",
             FaultKind::RollingRestart => "rolling restart",
             FaultKind::PowerLoss => "power loss",
+            FaultKind::LoseData => "lose data",
         }
     }
 }
@@ -104,11 +111,13 @@ pub fn plan(seed: u64, duration: Duration, nodes: usize) -> Vec<PlannedFault> {
     let gap = window / slots as u32;
     let mut out = Vec::with_capacity(slots);
     for (i, kind) in kinds.into_iter().enumerate() {
-        // Start somewhere in the first 20% of the slot: the rest is healing time.
-        let jitter = Duration::from_millis(rng.u64(0..=(gap.as_millis() as u64 / 5)));
+        // Start somewhere in the first 20% of the slot (the rest is healing time), and at least
+        // `MIN_SPACING` after the previous fault's earliest possible start.
+        let most = (gap.as_millis() as u64 / 5).min(gap.saturating_sub(MIN_SPACING).as_millis() as u64);
+        let jitter = Duration::from_millis(rng.u64(0..=most));
         let at = WARMUP + gap * i as u32 + jitter;
         let hold = match kind {
-            FaultKind::KillRandom | FaultKind::KillLeader | FaultKind::PowerLoss => ms(&mut rng, 1_500, 4_000),
+            FaultKind::KillRandom | FaultKind::KillLeader | FaultKind::PowerLoss | FaultKind::LoseData => ms(&mut rng, 1_500, 4_000),
             // Election timeout is 500–1000 ms: pause for two to three times that.
             FaultKind::Pause => ms(&mut rng, 2_000, 3_000),
             FaultKind::Isolate | FaultKind::IsolateLeader => ms(&mut rng, 3_000, 5_000),
@@ -143,7 +152,7 @@ mod tests {
             let p = plan(seed, Duration::from_secs(120), 3);
             let kinds: BTreeSet<FaultKind> = p.iter().map(|f| f.kind).collect();
             assert_eq!(kinds.len(), FaultKind::ALL.len(), "seed {seed}: {p:?}");
-            assert!(p.windows(2).all(|w| w[0].at + Duration::from_secs(10) <= w[1].at), "seed {seed}: {p:?}");
+            assert!(p.windows(2).all(|w| w[0].at + MIN_SPACING <= w[1].at), "seed {seed}: {p:?}");
             assert!(p.iter().all(|f| f.at >= WARMUP && f.at + TAIL <= Duration::from_secs(120) && f.node_index < 3));
         }
     }
