@@ -181,9 +181,7 @@ fn note_reload(counter: &'static str, what: &'static str, asked: bool, outcome: 
 }
 
 /// Check or record the node id in the data dir: a data dir belongs to one node id forever.
-/// True when the dir was new (no node id recorded yet): a first start, or a node whose data was
-/// lost.
-fn claim_data_dir(dir: &Path, id: u64) -> Result<bool, NodeError> {
+fn claim_data_dir(dir: &Path, id: u64) -> Result<(), NodeError> {
     let path = dir.display().to_string();
     let ctx = |source| NodeError::DataDir { path: path.clone(), source };
     std::fs::create_dir_all(dir).map_err(ctx)?;
@@ -195,13 +193,12 @@ fn claim_data_dir(dir: &Path, id: u64) -> Result<bool, NodeError> {
             if stored != id {
                 return Err(NodeError::IdMismatch { path, stored, given: id });
             }
-            Ok(false)
+            Ok(())
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             crate::fsutil::write_atomic(dir, "node_id", format!("{id}\n").as_bytes()).map_err(ctx)?;
             // A first start: the directory's own entry (made above) is durable too.
-            crate::fsutil::sync_parent(dir).map_err(ctx)?;
-            Ok(true)
+            crate::fsutil::sync_parent(dir).map_err(ctx)
         }
         Err(e) => Err(ctx(e)),
     }
@@ -232,7 +229,7 @@ pub async fn run(
             None
         }
     };
-    let new_data_dir = claim_data_dir(&cfg.data_dir, cfg.id)?;
+    claim_data_dir(&cfg.data_dir, cfg.id)?;
     let tls = match &cfg.peer_tls {
         Some(files) => {
             let tls = PeerTls::load_for(&files.cert, &files.key, &files.ca, files.server_name.as_deref(), Some(cfg.id), files.require_node_id)?;
@@ -288,6 +285,9 @@ pub async fn run(
     })?;
     let log_bytes = log_store.clone();
     let restarting = log_store.has_state();
+    // An empty log (a first start, or a data dir that was lost, whether or not its node id
+    // file survived): the node may have acknowledged entries in an earlier life (`withhold_vote`).
+    let empty_log = !log_store.holds_entries();
     let reversions = Arc::new(crate::raft::network::Reversions::default());
     let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone(), reversions: reversions.clone() }, log_store, sm)
         .await
@@ -386,7 +386,7 @@ pub async fn run(
         broker: broker.clone(),
         snapshots: Arc::new(Mutex::new(HashMap::new())),
         appends: appends.clone(),
-        unproven: Arc::new(AtomicBool::new(new_data_dir)),
+        unproven: Arc::new(AtomicBool::new(empty_log)),
     }));
     let peer_task = crate::supervise::spawn_until("peer listener", &net_stop, net.clone().run(peer_listener));
 
@@ -691,23 +691,31 @@ struct PeerHandler {
     snapshots: Arc<Mutex<HashMap<NodeId, Assembly>>>,
     /// AppendEntries in arrival order per leader (pipelined replication, `raft::network`).
     appends: Arc<AppendLanes>,
-    /// Set while this node's data dir is new this start and its log has held nothing yet
-    /// (`withhold_vote`); cleared for good once the log holds an entry.
+    /// Set while this node started with an empty log and has not yet been brought up to date by
+    /// a leader (`withhold_vote`); cleared for good once it has.
     unproven: Arc<AtomicBool>,
 }
 
-/// Whether to refuse `req`'s vote (or pre-vote): when this node's data dir is new and its log
-/// still empty, it cannot tell a first start from a start after its data was lost, and in the
-/// second case it may once have acknowledged entries that a candidate lacks; granting with an
-/// empty log would let such a candidate win. So it votes only for a candidate whose log is at
-/// most the bootstrap membership entry (index 0: forming a cluster), until a leader has sent it
-/// entries (the leader then keeps it a learner while it catches up, `cluster`). The refusal is
-/// an error, which the candidate counts as no answer.
+/// Whether to refuse `req`'s vote (or pre-vote). A node that started with an empty log cannot
+/// tell a first start from one after its data was lost, and in the second case it may once have
+/// acknowledged entries that a candidate lacks: granting with an empty or partial log could elect
+/// that candidate. So it votes only for a candidate whose log is at most the bootstrap membership
+/// entry (index 0: forming a cluster) until it holds an entry of the term of the leader it
+/// follows. By log matching it then holds that leader's log up to there, and by leader
+/// completeness every entry committed before that leader's term, so it votes as usual from then
+/// on. (Entries acknowledged to that same leader later in its term are covered by the leader,
+/// which notices the lost log and keeps the node a learner: `cluster`.) The refusal is an error,
+/// which the candidate counts as no answer.
 fn withhold_vote(unproven: &AtomicBool, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
     if !unproven.load(Ordering::Relaxed) {
         return None;
     }
-    if replica.metrics().last_log_index.is_some() {
+    let brought_up = {
+        let vote = replica.raft.server_metrics().borrow_watched().vote;
+        let last = replica.raft.data_metrics().borrow_watched().last_log;
+        vote.is_committed() && last.is_some_and(|l| l.committed_leader_id().term == vote.leader_id().term)
+    };
+    if brought_up {
         unproven.store(false, Ordering::Relaxed);
         return None;
     }
@@ -715,9 +723,9 @@ fn withhold_vote(unproven: &AtomicBool, replica: &Replica, req: &VoteRequest) ->
         return None;
     }
     metrics::counter!("raftbridge_raft_votes_withheld_total").increment(1);
-    info!(candidate = req.vote.leader_id().node_id, "vote withheld: this node's data dir is new and its log empty, and the candidate's log is not");
+    info!(candidate = req.vote.leader_id().node_id, "vote withheld: this node started with an empty log and no leader has brought it up to date yet");
     Some(PeerResponse::Error(RemoteError::NotServed(
-        "this node's data dir is new and its log is empty: it votes once a leader has sent it entries".into(),
+        "this node started with an empty log: it votes once a leader has brought it up to date".into(),
     )))
 }
 

@@ -387,7 +387,9 @@ impl Cluster {
         let Some(repl) = m.replication.as_ref() else { return };
         let learners: Vec<NodeId> = membership.learner_ids().collect();
         for id in learners {
-            let matched = repl.get(&id).and_then(|l| l.as_ref()).map(|l| l.index).unwrap_or(0);
+            // A learner that acknowledged nothing yet (just added, or this leader is new) is not
+            // caught up, however short the log.
+            let Some(matched) = repl.get(&id).and_then(|l| l.as_ref()).map(|l| l.index) else { continue };
             if held_back.contains_key(&id) {
                 continue;
             }

@@ -757,6 +757,12 @@ impl LogStore {
         lock(&self.inner.mem).is_ok_and(|m| m.meta.vote.is_some() || !m.entries.is_empty() || m.meta.last_purged.is_some())
     }
 
+    /// True when the log holds entries, or held some and purged them into a snapshot: a vote
+    /// alone does not count.
+    pub fn holds_entries(&self) -> bool {
+        lock(&self.inner.mem).is_ok_and(|m| !m.entries.is_empty() || m.meta.last_purged.is_some())
+    }
+
     /// Total bytes of records in the segment files (the active one's zero-fill, at most a few
     /// MiB, is not counted).
     pub fn disk_bytes(&self) -> u64 {

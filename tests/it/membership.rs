@@ -454,6 +454,18 @@ fn a_node_whose_data_was_lost_votes_for_no_one_until_a_leader_reaches_it() {
         Ok(())
     });
 
+    // Restarted once more before any leader reached it (its node id file is back by now): still
+    // an empty log, still no vote.
+    c.kill(victim);
+    c.start(victim);
+    c.wait_until("the restarted wiped node withholds a vote again", CATCH_UP, || {
+        c.api(victim).metric("raftbridge_raft_votes_withheld_total", &[]).is_ok_and(|n| n >= 1.0)
+    });
+    c.assert_stays("still no leader", Duration::from_secs(2), || match c.api(other).status()? {
+        s if s.state == "Leader" => Err(format!("node {other} leads: {s}")),
+        _ => Ok(()),
+    });
+
     c.start(leader);
     c.wait_for_membership(&c.ids(), &[], CATCH_UP);
     c.wait_until("the wiped node holds every write again", CATCH_UP, || {
