@@ -492,11 +492,13 @@ pub struct BodyBudget {
     /// Bytes counted now; added to by `read_body`, taken off when a `Held` drops.
     used: Arc<AtomicUsize>,
     total: usize,
+    /// `raftbridge_http_body_bytes_held`: `used`, for Prometheus (a handle, registered once).
+    gauge: metrics::Gauge,
 }
 
 impl BodyBudget {
     pub fn new(total: usize) -> BodyBudget {
-        BodyBudget { used: Arc::new(AtomicUsize::new(0)), total }
+        BodyBudget { used: Arc::new(AtomicUsize::new(0)), total, gauge: metrics::gauge!("raftbridge_http_body_bytes_held") }
     }
 
     /// Counts `n` more bytes into `held`, or refuses (503) if the budget has no room for them.
@@ -509,6 +511,7 @@ impl BodyBudget {
             ));
         }
         held.bytes += n;
+        self.gauge.increment(n as f64);
         Ok(())
     }
 }
@@ -524,6 +527,7 @@ impl Drop for Held {
     fn drop(&mut self) {
         if self.bytes > 0 {
             self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+            self.budget.gauge.decrement(self.bytes as f64);
         }
     }
 }

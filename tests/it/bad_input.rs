@@ -174,6 +174,11 @@ fn slow_bodies_fill_the_body_budget_and_further_requests_get_503() {
         s.write_all(&vec![b' '; 1_048_000]).expect("send most of the body");
         slow.push(s);
     }
+    // Counted once the node has read them (a write sent before could take room a slow body
+    // then lacks, and the slow body would be the one refused).
+    c.wait_until("the slow bodies are counted", Duration::from_secs(20), || {
+        api.metric("raftbridge_http_body_bytes_held", &[]).is_ok_and(|n| n >= 2_096_000.0)
+    });
     let big = json!({"pad": "x".repeat(4096)});
     let mut refused = None;
     c.wait_until("a 4 KiB write is refused while the budget is held", Duration::from_secs(20), || {
