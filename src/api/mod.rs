@@ -359,6 +359,7 @@ async fn metrics_text(app: &App) -> ApiResult {
     metrics::gauge!("raftbridge_raft_applied_index").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
     metrics::gauge!("raftbridge_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
     metrics::gauge!("raftbridge_raft_is_leader").set(if m.current_leader == Some(m.id) { 1.0 } else { 0.0 });
+    metrics::gauge!("raftbridge_http_body_bytes_held").set(app.settings.bodies.held() as f64);
     if let Some(cpu) = crate::process::cpu_time() {
         metrics::gauge!("process_cpu_seconds_total").set(cpu.as_secs_f64());
     }
@@ -488,46 +489,54 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// built from the body, a peer frame) are not counted: the budget bounds what clients send,
 /// and what is held is at most a small multiple of it.
 #[derive(Debug, Clone)]
-pub struct BodyBudget {
-    /// Bytes counted now; added to by `read_body`, taken off when a `Held` drops.
-    used: Arc<AtomicUsize>,
+pub struct BodyBudget(Arc<BudgetInner>);
+
+#[derive(Debug)]
+struct BudgetInner {
+    /// Bytes counted now; added to by `read_body`, taken off when a `Held` drops. Exported as
+    /// `raftbridge_http_body_bytes_held` when `/metrics` is scraped.
+    used: AtomicUsize,
     total: usize,
-    /// `raftbridge_http_body_bytes_held`: `used`, for Prometheus (a handle, registered once).
-    gauge: metrics::Gauge,
 }
 
 impl BodyBudget {
     pub fn new(total: usize) -> BodyBudget {
-        BodyBudget { used: Arc::new(AtomicUsize::new(0)), total, gauge: metrics::gauge!("raftbridge_http_body_bytes_held") }
+        BodyBudget(Arc::new(BudgetInner { used: AtomicUsize::new(0), total }))
+    }
+
+    /// Bytes of bodies counted now.
+    pub fn held(&self) -> usize {
+        self.0.used.load(Ordering::Relaxed)
     }
 
     /// Counts `n` more bytes into `held`, or refuses (503) if the budget has no room for them.
     fn take(&self, held: &mut Held, n: usize) -> Result<(), ApiError> {
-        let taken = self.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| used.checked_add(n).filter(|u| *u <= self.total));
-        if taken.is_err() {
+        let inner = &self.0;
+        if inner.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| used.checked_add(n).filter(|u| *u <= inner.total)).is_err() {
             metrics::counter!("raftbridge_http_bodies_refused_total").increment(1);
             return Err(ApiError::Busy(
                 "this node holds as many bytes of request bodies as --max-body-buffered allows: retry shortly".into(),
             ));
         }
+        // The budget is referenced only by bodies that took from it (not by empty ones).
+        held.budget.get_or_insert_with(|| self.clone());
         held.bytes += n;
-        self.gauge.increment(n as f64);
         Ok(())
     }
 }
 
 /// The bytes one body counts in the [`BodyBudget`], given back when dropped.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Held {
-    budget: BodyBudget,
+    /// Set by the first `take`.
+    budget: Option<BodyBudget>,
     bytes: usize,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.bytes > 0 {
-            self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-            self.budget.gauge.decrement(self.bytes as f64);
+        if let Some(budget) = &self.budget {
+            budget.0.used.fetch_sub(self.bytes, Ordering::AcqRel);
         }
     }
 }
@@ -564,7 +573,7 @@ where
     // A client that trickles its body would hold a connection slot for ever (hyper's header
     // timeout does not cover the body), hence the deadline. Most bodies have arrived with their
     // headers: one poll takes them without arming a timer (one per publish otherwise).
-    let mut held = Held { budget: budget.clone(), bytes: 0 };
+    let mut held = Held::default();
     let collect = async move {
         let mut body = std::pin::pin!(req.into_body());
         // One chunk (the usual case) is kept as it came; more are copied into one buffer.
@@ -675,7 +684,7 @@ mod tests {
         let err = read_body(trickle(), 1024, &budget).await.expect_err("never complete");
         assert!(matches!(err, ApiError::RequestTimeout(_)), "{err:?}");
         assert_eq!(err.status(), StatusCode::REQUEST_TIMEOUT);
-        assert_eq!(budget.used.load(Ordering::Relaxed), 0, "what the trickle took is given back");
+        assert_eq!(budget.held(), 0, "what the trickle took is given back");
         let whole = Request::new(Full::new(Bytes::from_static(b"{}")));
         assert_eq!(*read_body(whole, 1024, &budget).await.expect("a whole body"), Bytes::from_static(b"{}"));
     }
@@ -696,7 +705,7 @@ mod tests {
     #[tokio::test]
     async fn bodies_held_at_once_share_the_node_budget() {
         let budget = BodyBudget::new(10);
-        let used = |b: &BodyBudget| b.used.load(Ordering::Relaxed);
+        let used = |b: &BodyBudget| b.held();
         let first = read_body(with_length(b"12345678"), 100, &budget).await.expect("fits the budget");
         assert_eq!(*first, Bytes::from_static(b"12345678"));
         assert_eq!(used(&budget), 8);

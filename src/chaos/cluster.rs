@@ -60,8 +60,11 @@ fn strip_ansi(line: &str) -> String {
 /// Deletes everything in `dir`, keeping `dir` itself (a bind mount in docker mode).
 pub(crate) fn empty_dir(dir: &Path) -> anyhow::Result<()> {
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
-        let removed = if path.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+        let entry = entry.with_context(|| format!("reading {}", dir.display()))?;
+        let path = entry.path();
+        // The entry's own type: a symlink to a directory is removed, not followed.
+        let is_dir = entry.file_type().with_context(|| format!("reading {}", path.display()))?.is_dir();
+        let removed = if is_dir { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
         removed.with_context(|| format!("removing {}", path.display()))?;
     }
     Ok(())
