@@ -262,15 +262,18 @@ impl Dispatcher {
         // from the source event, kept here by reference (the context is not cloned per event:
         // its strings were a dozen allocations per delivery).
         let source = event.body.clone();
-        let ctx = Ctx::new(delivery_meta(sub, &source), self.node_id, self.broker.store().clone())
+        // An every-instance subscription runs on every node: its writes and emits are tagged per
+        // node too, or the first node's would stand for all of them (`tagged` dedups on the key).
+        let scope = tag_scope(sub, s.shared, self.node_id);
+        let ctx = Ctx::new(delivery_meta(&scope, &source), self.node_id, self.broker.store().clone())
             .with_broker(self.broker.clone(), s.service.clone());
         // Only the status of a failure matters here, and its text goes into the replicated
         // progress and the dead letters: cut to `MAX_REASON`.
         let out = s.handler.handle(ctx, event).await.map_err(|e| e.truncated(reason_cap(self.net.max_frame())))?;
         if let Some(emit) = out {
             let payload = serde_json::to_vec(&emit.payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
-            let key = Some(format!("sub:{sub}:{}:emit", source.id));
-            let meta = delivery_meta(sub, &source);
+            let key = Some(format!("sub:{scope}:{}:emit", source.id));
+            let meta = delivery_meta(&scope, &source);
             let new = super::new_event(&emit.event_name, payload, &meta, Some(s.service.clone()), key);
             self.broker.publish_one(new).await.map_err(|e| HandlerError::new(503, e.to_string()))?;
         }
@@ -693,7 +696,13 @@ fn note_progress(progress: &mut Vec<SubUpdate>, update: SubUpdate) {
     progress.push(update);
 }
 
-/// The context of a delivery of `event` to subscription `sub`.
+/// What a delivery's writes and emits are tagged with: the subscription's name, and for an
+/// every-instance subscription also the node (each node's run is its own).
+fn tag_scope(sub: &str, shared: bool, node_id: u64) -> String {
+    if shared { sub.to_string() } else { format!("{sub}@{node_id}") }
+}
+
+/// The context of a delivery of `event` to subscription `sub` (its tag scope, `tag_scope`).
 fn delivery_meta(sub: &str, event: &super::event::EventBody) -> MessageMeta {
     MessageMeta {
         trace_id: event.trace_id.clone().unwrap_or_default(),
@@ -775,6 +784,15 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_instance_runs_are_tagged_per_node_and_shared_ones_per_subscription() {
+        assert_eq!(tag_scope("countOrders", true, 1), tag_scope("countOrders", true, 2));
+        assert_ne!(tag_scope("audit", false, 1), tag_scope("audit", false, 2));
+        let event = crate::broker::new_event("e", b"1".to_vec(), &MessageMeta::default(), None, None).body;
+        let key = |node| delivery_meta(&tag_scope("audit", false, node), &event).idempotency_key;
+        assert_ne!(key(1), key(2));
+    }
 
     #[test]
     fn deliveries_split_into_frames_of_at_most_the_bound_in_order() {

@@ -94,8 +94,39 @@ where
     Fut: Future<Output = Result<Option<Emit>, HandlerError>> + Send + 'static,
 {
     fn handle(&self, ctx: Ctx, event: Event) -> BoxFuture<Result<Option<Emit>, HandlerError>> {
-        // A panicking handler is a nack, not a dead node.
-        let fut = std::panic::AssertUnwindSafe((self.0)(ctx, event)).catch_unwind();
-        Box::pin(async move { fut.await.unwrap_or_else(|_| Err(HandlerError::unhandled("subscription handler panicked"))) })
+        guarded(|| (self.0)(ctx, event))
+    }
+}
+
+/// Runs a handler so that its panic is a nack, not a dead node (an every-instance loop that
+/// panicked ended the node, which replayed the event at restart and ended again): also a
+/// handler that panics before it returns its future (a payload parsed with `unwrap` outside
+/// the `async` block).
+fn guarded<Fut>(start: impl FnOnce() -> Fut) -> BoxFuture<Result<Option<Emit>, HandlerError>>
+where
+    Fut: Future<Output = Result<Option<Emit>, HandlerError>> + Send + 'static,
+{
+    let panicked = || HandlerError::unhandled("subscription handler panicked");
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(start)) {
+        Ok(fut) => {
+            let fut = std::panic::AssertUnwindSafe(fut).catch_unwind();
+            Box::pin(async move { fut.await.unwrap_or_else(|_| Err(panicked())) })
+        }
+        Err(_) => Box::pin(std::future::ready(Err(panicked()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_handler_that_panics_before_or_inside_its_future_is_a_nack() {
+        let before = guarded(|| -> std::future::Ready<Result<Option<Emit>, HandlerError>> { panic!("before the future") });
+        assert_eq!(before.await.expect_err("a nack").status, 500);
+        let inside = guarded(|| async { panic!("inside the future") });
+        assert_eq!(inside.await.expect_err("a nack").status, 500);
+        let fine = guarded(|| async { Ok(None) });
+        assert!(fine.await.expect("ran").is_none());
     }
 }

@@ -511,7 +511,8 @@ impl Forward {
             }
             Err(e) => {
                 let status = if matches!(e, ClientError::Timeout { .. }) { 504 } else { 502 };
-                tracing::warn!(command = %inv.command, %target, error = %e, status, "sidecar upstream failed");
+                // Not the target: its path and query carry the client's parameters (tokens, ids).
+                tracing::warn!(command = %inv.command, error = %e, status, "sidecar upstream failed");
                 Err(match e {
                     ClientError::Timeout { .. } => {
                         HandlerError::new(504, format!("upstream did not answer within {} ms", limit.as_millis()))

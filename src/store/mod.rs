@@ -47,6 +47,13 @@ pub struct StateStore {
     timeout: Duration,
 }
 
+/// A value must be JSON text that can be served back as JSON: UTF-8 throughout, no lone
+/// surrogate escapes (a syntax check alone lets both through inside strings).
+fn check_json(value: &[u8]) -> Result<(), StoreError> {
+    let text = std::str::from_utf8(value).map_err(|e| StoreError::InvalidJson(format!("value is not UTF-8: {e}")))?;
+    serde_json::from_str::<serde_json::Value>(text).map(drop).map_err(|e| StoreError::InvalidJson(e.to_string()))
+}
+
 fn check_names(store: &str, key: &str) -> Result<(), StoreError> {
     if store.is_empty() || store.len() > MAX_STORE_NAME {
         return Err(StoreError::InvalidName(format!("store name must be 1..={MAX_STORE_NAME} bytes")));
@@ -117,7 +124,7 @@ impl StateStore {
         tag: WriteTag,
     ) -> Result<u64, StoreError> {
         check_names(store, key)?;
-        serde_json::from_slice::<serde::de::IgnoredAny>(value).map_err(|e| StoreError::InvalidJson(e.to_string()))?;
+        check_json(value)?;
         let cmd = Command::Put { store: store.into(), key: key.into(), value: value.to_vec(), if_revision, tag };
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Written { revision } => Ok(revision),
@@ -233,5 +240,14 @@ mod tests {
         assert!(check_names("s", "").is_err());
         assert!(check_names("s", &"x".repeat(MAX_KEY + 1)).is_err());
         assert!(check_names("s", "a\nb").is_err());
+    }
+
+    #[test]
+    fn values_must_be_json_that_can_be_served_back() {
+        assert!(check_json(br#"{"a":[1,"\u00e9"]}"#).is_ok());
+        assert!(check_json(b"{").is_err());
+        // Invalid UTF-8 and a lone surrogate inside a string pass a syntax-only check.
+        assert!(check_json(b"\"\xff\"").is_err());
+        assert!(check_json(br#""\ud800""#).is_err());
     }
 }
