@@ -698,8 +698,9 @@ fn note_progress(progress: &mut Vec<SubUpdate>, update: SubUpdate) {
 
 /// What a delivery's writes and emits are tagged with: the subscription's name, and for an
 /// every-instance subscription also the node (each node's run is its own).
-fn tag_scope(sub: &str, shared: bool, node_id: u64) -> String {
-    if shared { sub.to_string() } else { format!("{sub}@{node_id}") }
+/// Borrowed for a shared subscription: no allocation per delivery on the common path.
+fn tag_scope(sub: &str, shared: bool, node_id: u64) -> std::borrow::Cow<'_, str> {
+    if shared { sub.into() } else { format!("{sub}@{node_id}").into() }
 }
 
 /// The context of a delivery of `event` to subscription `sub` (its tag scope, `tag_scope`).
