@@ -191,6 +191,23 @@ impl Conn {
         body: Bytes,
         timeout: Duration,
     ) -> Result<Response, ClientError> {
+        let resend = method.is_idempotent();
+        self.request_resending(method, path_and_query, headers, body, timeout, resend).await
+    }
+
+    /// `request`, saying whether a request that may have reached the server on a reused
+    /// connection that then failed may be sent again on a new one. `request` allows it for
+    /// HTTP's idempotent methods; a caller that knows better (a command declared
+    /// non-idempotent behind a PUT) passes `false`. A request known unsent is always resent.
+    pub async fn request_resending(
+        &mut self,
+        method: Method,
+        path_and_query: &str,
+        headers: &[(&str, &str)],
+        body: Bytes,
+        timeout: Duration,
+        resend: bool,
+    ) -> Result<Response, ClientError> {
         let host = HeaderValue::from_str(&self.addr).ok();
         let host = host.filter(|_| !self.addr.is_empty() && !self.addr.contains('/'));
         let host =
@@ -222,7 +239,7 @@ impl Conn {
             map.insert(name, value);
         }
         let result =
-            tokio::time::timeout(timeout, self.exchange(&method, path_and_query, &map, body)).await;
+            tokio::time::timeout(timeout, self.exchange(&method, path_and_query, &map, body, resend)).await;
         let result = result.unwrap_or_else(|_| {
             Err(ClientError::Timeout {
                 addr: self.addr.clone(),
@@ -241,6 +258,7 @@ impl Conn {
         path: &str,
         headers: &HeaderMap,
         body: Bytes,
+        resend: bool,
     ) -> Result<Response, ClientError> {
         let build = || {
             let mut req = Request::new(Full::new(body.clone()));
@@ -262,8 +280,7 @@ impl Conn {
                 }
                 Err(mut e) => {
                     let unsent = e.take_message().is_some();
-                    let idempotent = method.is_idempotent();
-                    if reused && !retried && (unsent || (idempotent && is_stale(e.error()))) {
+                    if reused && !retried && (unsent || (resend && is_stale(e.error()))) {
                         retried = true;
                         req = build()?;
                         continue;

@@ -475,7 +475,9 @@ impl Proxy {
             let mut event = crate::broker::new_event(event_name, payload, &meta, Some(sender), dedup);
             // Just built, so not shared yet: no copy.
             Arc::make_mut(&mut event.body).message_type = "commandSuccessResponse".into();
-            self.broker.publish_one(event).await.map_err(|e| HandlerError::new(503, format!("result not emitted: {e}")))?;
+            // The command has run and its writes are committed: a 502 (the result could not be
+            // passed on), not a 503, which tells a client nothing happened and invites a retry.
+            self.broker.publish_one(event).await.map_err(|e| HandlerError::new(502, format!("the command ran but its result was not emitted: {e}")))?;
         }
         Ok(out)
     }

@@ -64,6 +64,12 @@ impl RouteTable {
         for ((version, method, _), route) in by_key {
             routes.entry((version, method)).or_default().push(route);
         }
+        // A literal segment is tried before a parameter in the same place (`orders/recent`
+        // before `orders/:id`), leftmost segment first; `lookup` takes the first match. Path
+        // order alone put `:` before letters, so a parameter hid the literal routes beside it.
+        for list in routes.values_mut() {
+            list.sort_by_cached_key(|r| specificity(&r.decl.path));
+        }
         RouteTable { revision, routes }
     }
 
@@ -95,6 +101,13 @@ impl RouteTable {
     pub fn nodes(&self) -> BTreeSet<NodeId> {
         self.all().flat_map(|r| r.nodes.iter().copied()).collect()
     }
+}
+
+/// Sort key of a route pattern: per segment, literal (0) before parameter (1), then the path
+/// itself so the order is total and the same on every node.
+fn specificity(pattern: &str) -> (Vec<u8>, String) {
+    let pattern = pattern.trim_matches('/');
+    (pattern.split('/').map(|seg| u8::from(seg.starts_with(':'))).collect(), pattern.to_string())
 }
 
 /// Matches a request path (relative to `/api/v{version}/`) against a pattern such as
@@ -192,6 +205,34 @@ mod tests {
         assert!(parse_query("bad=%zz").is_none());
         assert!(parse_query("bad=%+5").is_none() && parse_query("bad=%-1").is_none() && parse_query("bad=%4").is_none());
         assert_eq!(parse_query("ok=%4a%4A").unwrap().get("ok").map(String::as_str), Some("JJ"));
+    }
+
+    #[test]
+    fn a_literal_segment_is_tried_before_a_parameter() {
+        let svc = ServiceDecl {
+            name: "shop".into(),
+            version: 1,
+            commands: vec![
+                decl("byId", "GET", "orders/:id"),
+                decl("recent", "GET", "orders/recent"),
+                decl("lines", "GET", ":kind/lines"),
+                decl("orderLines", "GET", "orders/:id/lines"),
+            ],
+            subscriptions: Vec::new(),
+            available: true,
+        };
+        let t = RouteTable::build(1, &BTreeMap::from([(1, vec![svc])]));
+        let found = |path: &str| match t.lookup(1, "GET", path) {
+            Lookup::Found { route, params } => (route.decl.name.clone(), params),
+            _ => panic!("{path} not found"),
+        };
+        assert_eq!(found("orders/recent").0, "recent");
+        let (name, params) = found("orders/o-17");
+        assert_eq!((name.as_str(), params.get("id").map(String::as_str)), ("byId", Some("o-17")));
+        assert_eq!(found("orders/x/lines").0, "orderLines");
+        // Both `orders/:id` and `:kind/lines` match: the leftmost literal wins.
+        assert_eq!(found("orders/lines").0, "byId");
+        assert_eq!(found("items/lines").0, "lines");
     }
 
     #[test]

@@ -341,7 +341,13 @@ fn forwarder(pool: &Arc<Pool>, c: &SidecarCommand) -> Result<Forward, SidecarErr
             _ => {}
         }
     }
-    Ok(Forward { pool: pool.clone(), method, template: Arc::new(template), timeout: Duration::from_millis(c.timeout_ms) })
+    Ok(Forward {
+        pool: pool.clone(),
+        method,
+        idempotent: c.idempotent,
+        template: Arc::new(template),
+        timeout: Duration::from_millis(c.timeout_ms),
+    })
 }
 
 /// Connections to the upstream: at most `open_max` open, of which up to `max_idle` kept idle
@@ -442,6 +448,9 @@ enum Segment {
 struct Forward {
     pool: Arc<Pool>,
     method: Method,
+    /// The command is declared idempotent: a request that may have reached the app on a pooled
+    /// connection that then failed may be sent again (a non-idempotent PUT may not).
+    idempotent: bool,
     template: Arc<Vec<Segment>>,
     timeout: Duration,
 }
@@ -503,7 +512,8 @@ impl Forward {
         };
         // The wait for a connection counts against the deadline.
         let limit = limit.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
-        let result = conn.conn.request(self.method.clone(), &target, &headers, inv.payload.clone(), limit).await;
+        let resend = self.idempotent && self.method.is_idempotent();
+        let result = conn.conn.request_resending(self.method.clone(), &target, &headers, inv.payload.clone(), limit, resend).await;
         match result {
             Ok(resp) => {
                 self.pool.put(conn);
@@ -766,6 +776,79 @@ mod tests {
             fw[0].forward(inv(&[("id", "1")], "{}", 0)).await.unwrap();
         }
         assert_eq!(up.conns.load(Ordering::SeqCst), 1, "one keep-alive connection serves them all");
+    }
+
+    /// An app that answers the first request on each connection, then reads the second and
+    /// closes the connection without answering (as one that crashes mid-request, or an idle
+    /// timeout racing a request). Counts the requests it read.
+    async fn drops_second_request() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let counter = seen.clone();
+        tokio::spawn(async move {
+            for _ in 0..16 {
+                let (mut stream, _) = listener.accept().await.unwrap();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for served in 0..2 {
+                        // A whole request: headers, then the Content-Length body.
+                        let mut chunk = [0u8; 4096];
+                        let need = loop {
+                            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                                let len = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length:"))
+                                    .map_or(0, |v| v.trim().parse::<usize>().unwrap());
+                                break end + 4 + len;
+                            }
+                            let n = stream.read(&mut chunk).await.unwrap();
+                            assert!(n > 0, "client closed mid-request");
+                            buf.extend_from_slice(&chunk[..n]);
+                        };
+                        while buf.len() < need {
+                            let n = stream.read(&mut chunk).await.unwrap();
+                            assert!(n > 0, "client closed mid-body");
+                            buf.extend_from_slice(&chunk[..n]);
+                        }
+                        buf.drain(..need);
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        if served == 1 {
+                            return; // read, not answered: the connection closes
+                        }
+                        let ok = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+                        stream.write_all(ok.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        (addr, seen)
+    }
+
+    #[tokio::test]
+    async fn a_non_idempotent_command_is_not_sent_twice_when_a_reused_connection_fails() {
+        for idempotent in [false, true] {
+            let (addr, seen) = drops_second_request().await;
+            let mut cfg = config(&format!("http://{addr}"), "");
+            cfg.commands.truncate(1);
+            cfg.commands[0].method = "PUT".into();
+            cfg.commands[0].idempotent = idempotent;
+            let fw = forwarders(&cfg).unwrap().1.remove(0);
+            fw.forward(inv(&[("id", "1")], "{}", 0)).await.unwrap();
+            let second = fw.forward(inv(&[("id", "1")], "{}", 0)).await;
+            if idempotent {
+                // Sent again on a new connection, where it is that connection's first request.
+                assert_eq!(second.unwrap().status, 200);
+                assert_eq!(seen.load(Ordering::SeqCst), 3, "the idempotent PUT was resent once");
+            } else {
+                // The app read the PUT: it may have acted on it. Not resent; the client decides.
+                assert_eq!(second.unwrap_err().status, 502);
+                assert_eq!(seen.load(Ordering::SeqCst), 2, "the non-idempotent PUT reached the app once");
+            }
+        }
     }
 
     #[tokio::test]
