@@ -329,7 +329,7 @@ pub async fn run(
         services.extend(parts);
     }
     let timeout = Duration::from_millis(cfg.write_timeout_ms);
-    let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout);
+    let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout, cfg.max_body);
     let broker_stop = run_stop.child_token();
     let limits = EventLimits {
         max_events: cfg.events_max_count,
@@ -353,8 +353,10 @@ pub async fn run(
             };
             let decls = p.decl.subscriptions.clone();
             p.subscribers.iter().map(move |(name, h)| {
-                let shared = decls.iter().find(|d| &d.name == name).is_none_or(|d| d.shared);
-                (name.clone(), LocalSubscriber { handler: h.clone(), service: service.clone(), shared })
+                let decl = decls.iter().find(|d| &d.name == name);
+                let shared = decl.is_none_or(|d| d.shared);
+                let ack_deadline = Duration::from_millis(decl.map_or(crate::broker::event::DEFAULT_ACK_DEADLINE_MS, |d| d.ack_deadline_ms).max(1));
+                (name.clone(), LocalSubscriber { handler: h.clone(), service: service.clone(), shared, ack_deadline })
             })
         })
         .collect();
@@ -699,34 +701,64 @@ struct PeerHandler {
 /// Whether to refuse `req`'s vote (or pre-vote). A node that started with an empty log cannot
 /// tell a first start from one after its data was lost, and in the second case it may once have
 /// acknowledged entries that a candidate lacks: granting with an empty or partial log could elect
-/// that candidate. So it votes only for a candidate whose log is at most the bootstrap membership
-/// entry (index 0: forming a cluster) until it holds an entry of the term of the leader it
-/// follows. By log matching it then holds that leader's log up to there, and by leader
-/// completeness every entry committed before that leader's term, so it votes as usual from then
-/// on. (Entries acknowledged to that same leader later in its term are covered by the leader,
-/// which notices the lost log and keeps the node a learner: `cluster`.) The refusal is an error,
-/// which the candidate counts as no answer.
+/// that candidate. So until it holds an entry of the term of the leader it follows (see
+/// [`VoteRule`]) it votes only for a candidate whose log is at most the bootstrap membership entry
+/// (index 0: forming a cluster), or one whose log reaches that leader's term. By log matching it
+/// then holds that leader's log up to there (or the candidate does), and by leader completeness
+/// every entry committed before that leader's term, so it votes as usual from then on. (Entries
+/// acknowledged to that same leader later in its term are covered by the leader, which notices
+/// the lost log and keeps the node a learner: `cluster`.) The refusal is an error, which the
+/// candidate counts as no answer.
 fn withhold_vote(unproven: &AtomicBool, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
     if !unproven.load(Ordering::Relaxed) {
         return None;
     }
-    let brought_up = {
-        let vote = replica.raft.server_metrics().borrow_watched().vote;
-        let last = replica.raft.data_metrics().borrow_watched().last_log;
-        vote.is_committed() && last.is_some_and(|l| l.committed_leader_id().term == vote.leader_id().term)
-    };
-    if brought_up {
-        unproven.store(false, Ordering::Relaxed);
-        return None;
+    let vote = replica.raft.server_metrics().borrow_watched().vote;
+    let last = replica.raft.data_metrics().borrow_watched().last_log;
+    match vote_rule(&vote, last.as_ref(), req.last_log_id.as_ref()) {
+        VoteRule::BroughtUp => {
+            unproven.store(false, Ordering::Relaxed);
+            None
+        }
+        VoteRule::Grant => None,
+        VoteRule::Withhold => {
+            metrics::counter!("raftbridge_raft_votes_withheld_total").increment(1);
+            info!(candidate = req.vote.leader_id().node_id, "vote withheld: this node started with an empty log and no leader has brought it up to date yet");
+            Some(PeerResponse::Error(RemoteError::NotServed(
+                "this node started with an empty log: it votes once a leader has brought it up to date".into(),
+            )))
+        }
     }
-    if req.last_log_id.is_none_or(|l| l.index == 0) {
-        return None;
+}
+
+/// What a node that started with an empty log does with a vote request (`withhold_vote`).
+#[derive(Debug, PartialEq, Eq)]
+enum VoteRule {
+    /// Its log holds an entry of the term of the leader it follows: it votes as usual for good.
+    BroughtUp,
+    /// Not yet, but this candidate is safe to vote for (Raft's own checks still apply).
+    Grant,
+    Withhold,
+}
+
+/// The rule of `withhold_vote` on this node's `vote` and last log id, for a candidate whose log
+/// ends at `candidate`. A candidate whose log reaches the term of the leader this node follows
+/// holds, by the same argument as for this node, everything committed before that term; a
+/// brought-up node would grant it as well. Without this, a new cluster whose first leader died
+/// after the bootstrap entry reached every node but its first entry of term 1 reached only some
+/// never elected again: the node with the term-1 entry could not get the vote of the one without.
+fn vote_rule(vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>) -> VoteRule {
+    let term = vote.leader_id().term;
+    if vote.is_committed() && last.is_some_and(|l| l.committed_leader_id().term == term) {
+        return VoteRule::BroughtUp;
     }
-    metrics::counter!("raftbridge_raft_votes_withheld_total").increment(1);
-    info!(candidate = req.vote.leader_id().node_id, "vote withheld: this node started with an empty log and no leader has brought it up to date yet");
-    Some(PeerResponse::Error(RemoteError::NotServed(
-        "this node started with an empty log: it votes once a leader has brought it up to date".into(),
-    )))
+    if candidate.is_none_or(|l| l.index == 0) {
+        return VoteRule::Grant;
+    }
+    if vote.is_committed() && candidate.is_some_and(|l| l.committed_leader_id().term >= term) {
+        return VoteRule::Grant;
+    }
+    VoteRule::Withhold
 }
 
 impl Handler for PeerHandler {
@@ -1008,6 +1040,33 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3600)).await;
         note_expiry("https", now - day, now, &mut warned);
         assert!(warned.is_some_and(|t| t > first), "expired, an hour later: warned again");
+    }
+
+    /// A node that started with an empty log: withholds its vote until it holds an entry of its
+    /// leader's term, except from a candidate forming the cluster or one whose log reaches that
+    /// term (a new cluster whose first leader died after only some nodes stored its term-1 entry
+    /// must still elect one of them).
+    #[test]
+    fn an_unproven_node_votes_for_a_candidate_that_reaches_its_leaders_term() {
+        use openraft::RaftTypeConfig;
+        use openraft::vote::RaftLeaderIdExt;
+        let id = |term: u64, index: u64| LogId::new(<TypeConfig as RaftTypeConfig>::LeaderId::new_committed(term, 1), index);
+        let following_1 = Vote::new_committed(1, 1);
+        let bootstrap = id(0, 0);
+        // Holds only the bootstrap entry; a peer holds leader 1's blank entry (term 1, index 1).
+        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&id(1, 1))), VoteRule::Grant);
+        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&id(2, 1))), VoteRule::Grant);
+        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&bootstrap)), VoteRule::Grant, "forming");
+        // After lost data, following leader 3 with a partial log of older terms: a candidate
+        // whose log ends before term 3 may lack what this node once acknowledged.
+        let following_3 = Vote::new_committed(3, 2);
+        assert_eq!(vote_rule(&following_3, Some(&id(2, 40)), Some(&id(2, 90))), VoteRule::Withhold);
+        assert_eq!(vote_rule(&following_3, None, Some(&id(1, 5))), VoteRule::Withhold);
+        assert_eq!(vote_rule(&following_3, Some(&id(2, 40)), Some(&id(3, 41))), VoteRule::Grant);
+        // Never followed a leader (only voted): nothing to reason from.
+        assert_eq!(vote_rule(&Vote::new(3, 2), None, Some(&id(3, 41))), VoteRule::Withhold);
+        // Holds an entry of its leader's term: brought up, for good.
+        assert_eq!(vote_rule(&following_3, Some(&id(3, 41)), Some(&id(2, 1))), VoteRule::BroughtUp);
     }
 
     #[test]

@@ -106,6 +106,7 @@ impl From<ReplicaError> for ApiError {
             ReplicaError::Unavailable => ApiError::Unavailable(e.to_string()),
             ReplicaError::Forward { .. } => ApiError::BadGateway(e.to_string()),
             ReplicaError::Remote(r) => r.into(),
+            ReplicaError::TooLarge { .. } => ApiError::Oversized(e.to_string()),
             ReplicaError::Raft(m) => ApiError::Internal(m),
         }
     }
@@ -115,6 +116,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::InvalidName(_) | StoreError::InvalidJson(_) => ApiError::BadRequest(e.to_string()),
+            StoreError::TooLarge { .. } => ApiError::Oversized(e.to_string()),
             StoreError::PreconditionFailed { current } => ApiError::PreconditionFailed { current },
             StoreError::Replica(r) => r.into(),
             StoreError::Unexpected(_) => ApiError::Internal(e.to_string()),

@@ -97,6 +97,10 @@ pub struct LocalSubscriber {
     pub service: Sender,
     /// Every-instance subscriptions get a delivery loop on this node.
     pub shared: bool,
+    /// The subscription's ack deadline: a handler still running after it is a nack, and is
+    /// dropped (the leader has given the event to another consumer by then; a hung handler
+    /// would otherwise hold its peer request slot, or an every-instance loop, for good).
+    pub ack_deadline: Duration,
 }
 
 /// The outcomes of one delivery (one handout to one consumer), committed together: one message
@@ -269,7 +273,10 @@ impl Dispatcher {
             .with_broker(self.broker.clone(), s.service.clone());
         // Only the status of a failure matters here, and its text goes into the replicated
         // progress and the dead letters: cut to `MAX_REASON`.
-        let out = s.handler.handle(ctx, event).await.map_err(|e| e.truncated(reason_cap(self.net.max_frame())))?;
+        let out = match tokio::time::timeout(s.ack_deadline, s.handler.handle(ctx, event)).await {
+            Ok(out) => out.map_err(|e| e.truncated(reason_cap(self.net.max_frame())))?,
+            Err(_) => return Err(HandlerError::new(504, format!("ack deadline of {} ms passed", s.ack_deadline.as_millis()))),
+        };
         if let Some(emit) = out {
             let payload = serde_json::to_vec(&emit.payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
             let key = Some(format!("sub:{scope}:{}:emit", source.id));
@@ -515,20 +522,16 @@ impl Dispatcher {
         let (events, attempts): (Vec<Event>, Vec<u32>) = batch.into_iter().unzip();
         let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
         let results: Vec<Outcome> = if target == self.node_id {
-            let runs = events.into_iter().map(|event| async move {
-                match tokio::time::timeout(deadline, self.run_local(&decl.name, event)).await {
-                    Ok(r) => Outcome::Ran(r),
-                    Err(_) => Outcome::Ran(Err(HandlerError::new(504, "ack deadline passed"))),
-                }
-            });
+            // `run_local` holds the handler to the ack deadline.
+            let runs = events.into_iter().map(|event| async move { Outcome::Ran(self.run_local(&decl.name, event).await) });
             futures_util::future::join_all(runs).await
         } else if n == 1 {
             let event = events.into_iter().next().expect("one event"); // n == 1
             let req = PeerRequest::Deliver { sub: decl.name.clone(), event };
-            remote_outcomes(self.net.request(target, &req, deadline).await, 1)
+            remote_outcomes(self.net.request(target, &req, deadline).await, 1, deadline)
         } else {
             let req = PeerRequest::DeliverBatch { sub: decl.name.clone(), events };
-            remote_outcomes(self.net.request(target, &req, deadline).await, n)
+            remote_outcomes(self.net.request(target, &req, deadline).await, n, deadline)
         };
         answered();
         let mut updates = Vec::with_capacity(n);
@@ -672,7 +675,7 @@ enum Outcome {
 }
 
 /// The outcomes of `n` events sent to another node in one request.
-fn remote_outcomes(answer: Result<PeerResponse, crate::peer::PeerError>, n: usize) -> Vec<Outcome> {
+fn remote_outcomes(answer: Result<PeerResponse, crate::peer::PeerError>, n: usize, deadline: Duration) -> Vec<Outcome> {
     match answer {
         Ok(PeerResponse::Delivered(r)) if n == 1 => vec![Outcome::Ran(r)],
         Ok(PeerResponse::DeliveredBatch(r)) if r.len() == n => r.into_iter().map(Outcome::Ran).collect(),
@@ -680,7 +683,12 @@ fn remote_outcomes(answer: Result<PeerResponse, crate::peer::PeerError>, n: usiz
         Ok(other) => vec![Outcome::Ran(Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other))))); n],
         // The request never left (no link could be made): no handler ran, as with a refusal.
         Err(e) if e.not_delivered() => vec![Outcome::Refused(e.to_string()); n],
-        // A link lost or an answer late: the handler may have run, so it counts.
+        // An answer late: the consumer stops its handler at the same deadline.
+        Err(crate::peer::PeerError::Timeout { .. }) => {
+            let why = format!("ack deadline of {} ms passed", deadline.as_millis());
+            vec![Outcome::Ran(Err(HandlerError::new(504, why))); n]
+        }
+        // A link lost: the handler may have run, so it counts.
         Err(e) => vec![Outcome::Ran(Err(HandlerError::new(502, e.to_string()))); n],
     }
 }
@@ -831,24 +839,27 @@ mod tests {
     /// unexpected answer) may have run it and counts.
     #[test]
     fn a_refused_delivery_is_not_an_attempt_and_a_lost_one_is() {
-        let refused = remote_outcomes(Ok(PeerResponse::Error(RemoteError::NotServed("node is not ready".into()))), 3);
+        const D: Duration = Duration::from_millis(1500);
+        let refused = remote_outcomes(Ok(PeerResponse::Error(RemoteError::NotServed("node is not ready".into()))), 3, D);
         assert_eq!(refused, vec![Outcome::Refused("node is not ready".into()); 3]);
         let nack = Err(HandlerError::new(500, "boom"));
-        let batch = remote_outcomes(Ok(PeerResponse::DeliveredBatch(vec![Ok(()), nack.clone()])), 2);
+        let batch = remote_outcomes(Ok(PeerResponse::DeliveredBatch(vec![Ok(()), nack.clone()])), 2, D);
         assert_eq!(batch, vec![Outcome::Ran(Ok(())), Outcome::Ran(nack.clone())]);
-        assert_eq!(remote_outcomes(Ok(PeerResponse::Delivered(nack.clone())), 1), vec![Outcome::Ran(nack)]);
+        assert_eq!(remote_outcomes(Ok(PeerResponse::Delivered(nack.clone())), 1, D), vec![Outcome::Ran(nack)]);
         let ran_502 = |o: &Outcome| matches!(o, Outcome::Ran(Err(e)) if e.status == 502);
-        let short = remote_outcomes(Ok(PeerResponse::DeliveredBatch(vec![Ok(())])), 2);
+        let short = remote_outcomes(Ok(PeerResponse::DeliveredBatch(vec![Ok(())])), 2, D);
         assert!(short.len() == 2 && short.iter().all(ran_502), "an answer of the wrong length: {short:?}");
-        let other = remote_outcomes(Ok(PeerResponse::Error(RemoteError::Unavailable("x".into()))), 2);
+        let other = remote_outcomes(Ok(PeerResponse::Error(RemoteError::Unavailable("x".into()))), 2, D);
         assert!(other.len() == 2 && other.iter().all(ran_502), "not a refusal: {other:?}");
         let unsent = crate::peer::PeerError::Handshake { addr: "127.0.0.1:1".into(), reason: "gone".into() };
-        let unsent = remote_outcomes(Err(unsent), 2);
+        let unsent = remote_outcomes(Err(unsent), 2, D);
         assert!(unsent.len() == 2 && unsent.iter().all(|o| matches!(o, Outcome::Refused(_))), "never sent: {unsent:?}");
-        for lost in [crate::peer::PeerError::Closed { peer: 2 }, crate::peer::PeerError::Timeout { peer: 2, timeout: Duration::from_secs(1) }] {
-            let lost = remote_outcomes(Err(lost), 2);
-            assert!(lost.len() == 2 && lost.iter().all(ran_502), "sent, maybe run: {lost:?}");
-        }
+        let lost = remote_outcomes(Err(crate::peer::PeerError::Closed { peer: 2 }), 2, D);
+        assert!(lost.len() == 2 && lost.iter().all(ran_502), "sent, maybe run: {lost:?}");
+        // No answer by the ack deadline: a nack that says so.
+        let late = remote_outcomes(Err(crate::peer::PeerError::Timeout { peer: 2, timeout: D }), 2, D);
+        let said = |o: &Outcome| matches!(o, Outcome::Ran(Err(e)) if e.status == 504 && e.message.contains("ack deadline of 1500 ms"));
+        assert!(late.len() == 2 && late.iter().all(said), "sent, maybe run, late: {late:?}");
     }
 
     /// Refusals cost no attempt but pause longer each time, and a consumer is listed once per

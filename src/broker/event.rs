@@ -211,6 +211,9 @@ pub struct SubscriptionDecl {
     pub max_in_flight: u32,
 }
 
+/// A subscription's ack deadline unless it sets one.
+pub const DEFAULT_ACK_DEADLINE_MS: u64 = 30_000;
+
 impl SubscriptionDecl {
     pub fn new(name: impl Into<String>, filter: EventFilter) -> SubscriptionDecl {
         SubscriptionDecl {
@@ -219,7 +222,7 @@ impl SubscriptionDecl {
             shared: true,
             durable: true,
             max_attempts: 5,
-            ack_deadline_ms: 30_000,
+            ack_deadline_ms: DEFAULT_ACK_DEADLINE_MS,
             max_in_flight: 64,
         }
     }

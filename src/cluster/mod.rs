@@ -45,6 +45,9 @@ use crate::raft::types::*;
 const PROMOTE_LAG: u64 = 64;
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 const QUEUE: usize = 64;
+/// How long the leader asks a member's old address whether it still runs there before moving
+/// the member to a new address (`apply_join`).
+const ADDRESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A membership request that arrives on a peer link ([`Cluster::admits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Membership {
@@ -304,6 +307,23 @@ impl Cluster {
         let membership = m.membership_config.membership();
         if let Some(node) = membership.get_node(&id) {
             if node.addr != addr {
+                // Same id at a new address: a rescheduled container, or a second process started
+                // with a member's `--id` by mistake. Moving the member to the second one would
+                // cut the live one off, so the old address is asked first: a node that still
+                // answers there as `id` keeps its place.
+                let in_use = id == self.replica.id()
+                    || matches!(
+                        self.replica.net.request_addr(&node.addr, &PeerRequest::Status, ADDRESS_PROBE_TIMEOUT).await,
+                        Ok((peer, _)) if peer == id
+                    );
+                if in_use {
+                    metrics::counter!("raftbridge_peer_duplicate_id_refused_total").increment(1);
+                    warn!(id, old = %node.addr, new = %addr, "refused a join under the id of a running member");
+                    return Err(RemoteError::Invalid(format!(
+                        "node id {id} is in use by a running member at {}: give the new node an id of its own",
+                        node.addr
+                    )));
+                }
                 // Same id at a new address (e.g. a rescheduled container): update it.
                 info!(id, %addr, "updating node address");
                 let nodes = BTreeMap::from([(id, BasicNode { addr })]);
@@ -439,6 +459,13 @@ impl Cluster {
         let me = self.replica.id();
         let mut round: u64 = 0;
         let mut steady = SteadyPlan::default();
+        // Only a node that is one of the seeds may bootstrap (the README's "the first N seeds
+        // form the cluster"): it has seen itself among them (a probe that reached itself), kept
+        // once seen as DNS answers may lag. A node outside the list sees only itself and the
+        // seeds, so as the lowest id it would form a membership the seeds do not agree on: a
+        // second cluster beside theirs. With no seeds at all (`--bootstrap-expect 1`) it is alone.
+        let mut among_seeds = self.settings.seeds.is_empty();
+        let mut told_outside = false;
         loop {
             match self.replica.raft.is_initialized().await {
                 Ok(true) => {
@@ -478,7 +505,8 @@ impl Cluster {
                     Ok((_, PeerResponse::Status(st))) => {
                         fresh.insert(st.node_id, st.addr);
                     }
-                    Ok(_) | Err(PeerError::SelfDial { .. }) => {}
+                    Err(PeerError::SelfDial { .. }) => among_seeds = true,
+                    Ok(_) => {}
                     Err(e) => {
                         if round % 20 == 1 {
                             info!(%seed, cause = %e, "seed not reachable yet");
@@ -486,8 +514,12 @@ impl Cluster {
                     }
                 }
             }
-            let plan = (members.is_empty() && self.settings.bootstrap_expect > 0 && fresh.len() >= self.settings.bootstrap_expect && fresh.keys().next() == Some(&me))
-                .then(|| fresh.keys().copied().collect::<Vec<_>>());
+            let lowest = members.is_empty() && self.settings.bootstrap_expect > 0 && fresh.len() >= self.settings.bootstrap_expect && fresh.keys().next() == Some(&me);
+            if lowest && !among_seeds && !told_outside {
+                told_outside = true;
+                info!("not bootstrapping: this node is not one of the seeds (it joins once they have formed the cluster)");
+            }
+            let plan = (lowest && among_seeds).then(|| fresh.keys().copied().collect::<Vec<_>>());
             let bootstrap = steady.holds(plan);
             if !members.is_empty() {
                 // Prefer a seed that knows the leader; it forwards our join there. Rounds go

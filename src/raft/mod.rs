@@ -76,6 +76,10 @@ pub enum ReplicaError {
     Forward { leader: NodeId, source: PeerError },
     #[error("{0}")]
     Remote(RemoteError),
+    /// A command bigger than a log entry may be (`entry_limit`): refused before it is proposed,
+    /// as an entry no peer frame carries would stall replication behind it.
+    #[error("write of about {bytes} bytes is larger than a log entry may be ({limit} bytes)")]
+    TooLarge { bytes: usize, limit: usize },
     #[error("raft: {0}")]
     Raft(String),
 }
@@ -175,6 +179,10 @@ impl Replica {
     /// Commit a command through the leader, forwarding from a follower. Returns the log index and
     /// the command's result, only after the entry is committed and applied.
     pub async fn write(&self, cmd: Command, timeout: Duration) -> Result<(u64, CommandResult), ReplicaError> {
+        let limit = entry_limit(self.net.max_frame());
+        if cmd.approx_size() > limit {
+            return Err(ReplicaError::TooLarge { bytes: cmd.approx_size(), limit });
+        }
         let deadline = Instant::now() + timeout;
         // Bounded: each pass either returns or waits for a leader change, and the deadline ends it.
         for attempt in 0..64u32 {
@@ -349,6 +357,14 @@ pub fn fit_answers(
         used = used.saturating_add(size);
     }
     results
+}
+
+/// The largest command (by `Command::approx_size`) that becomes a log entry, for peer frames of
+/// `max_frame` bytes: one entry always goes alone in an AppendEntries request, so it must fit a
+/// frame with room for the request's own fields. The size limits of the paths in (`--max-body`,
+/// events' `max_group_bytes`, command answers) are half a frame; this catches what slips past.
+pub fn entry_limit(max_frame: usize) -> usize {
+    max_frame / 4 * 3
 }
 
 /// Forwards queued writes to the leader, many per frame. Each batch is sent by its own task so

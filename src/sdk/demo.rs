@@ -102,7 +102,12 @@ pub fn demo_service() -> ServiceParts {
         .subscription(SubscriptionBuilder::new("auditOrders").event_name("orderPlaced").shared(false).handler(audit_order))
         .subscription(SubscriptionBuilder::new("benchSink").event_name("benchEvent").handler(bench_sink))
         .subscription(SubscriptionBuilder::new("benchEveryNode").event_name("benchBroadcast").shared(false).handler(bench_sink))
-        .subscription(SubscriptionBuilder::new("answerPings").event_name("demoPing").handler(answer_ping))
+        .subscription(
+            SubscriptionBuilder::new("answerPings")
+                .event_name("demoPing")
+                .ack_deadline(Duration::from_millis(PING_ACK_DEADLINE_MS))
+                .handler(answer_ping),
+        )
         .command(
             CommandBuilder::get("slow", "slow")
                 .idempotent(true)
@@ -176,10 +181,18 @@ async fn audit_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Opt
     Ok(None)
 }
 
-/// `answerPings`: answers each `demoPing` with a `demoPong` (the dispatcher emits it).
+/// `answerPings`' ack deadline: short, so a test sees a stalled ping through its attempts.
+pub const PING_ACK_DEADLINE_MS: u64 = 2_000;
+
+/// `answerPings`: answers each `demoPing` with a `demoPong` (the dispatcher emits it). A ping
+/// with `"stallMs": N` first waits N ms (at most `MAX_SLEEP_MS`): lets tests hold a handler
+/// past its ack deadline.
 async fn answer_ping(ctx: Ctx, event: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
     let ping: serde_json::Value =
         serde_json::from_slice(&event.payload).map_err(|e| HandlerError::bad_request(e.to_string()))?;
+    if let Some(ms) = ping.get("stallMs").and_then(serde_json::Value::as_u64) {
+        tokio::time::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS))).await;
+    }
     Ok(Some(Emit { event_name: "demoPong".into(), payload: json!({"ping": ping, "servedBy": ctx.node_id}) }))
 }
 

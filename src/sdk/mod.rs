@@ -28,6 +28,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde::Serialize;
 
+use crate::raft::ReplicaError;
 use crate::store::StateStore;
 use crate::store::StoreError;
 
@@ -207,6 +208,7 @@ impl From<StoreError> for HandlerError {
         match e {
             StoreError::InvalidName(_) | StoreError::InvalidJson(_) => HandlerError::bad_request(e.to_string()),
             StoreError::PreconditionFailed { .. } => HandlerError::new(409, e.to_string()),
+            StoreError::TooLarge { .. } | StoreError::Replica(ReplicaError::TooLarge { .. }) => HandlerError::new(413, e.to_string()),
             StoreError::Replica(_) => HandlerError::new(503, e.to_string()),
             StoreError::Unexpected(_) => HandlerError::unhandled(e.to_string()),
         }

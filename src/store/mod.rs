@@ -32,6 +32,10 @@ pub enum StoreError {
     InvalidName(String),
     #[error("invalid JSON value: {0}")]
     InvalidJson(String),
+    /// A value larger than the node takes in one write (`--max-body`): a bigger one would make
+    /// a log entry that no peer frame carries, and replication would stall behind it.
+    #[error("value of {bytes} bytes is larger than the limit of {limit} bytes")]
+    TooLarge { bytes: usize, limit: usize },
     #[error("revision mismatch (current: {current:?})")]
     PreconditionFailed { current: Option<u64> },
     #[error(transparent)]
@@ -45,6 +49,9 @@ pub struct StateStore {
     replica: Replica,
     sm: Arc<SmShared>,
     timeout: Duration,
+    /// Largest value a write takes (`--max-body`, which is at most half a peer frame). HTTP
+    /// bodies are bounded before they get here; a handler's `put` is bounded only by this.
+    max_value: usize,
 }
 
 /// A value must be JSON text that can be served back as JSON: UTF-8 throughout, no lone
@@ -97,8 +104,8 @@ impl Precondition {
 const EXISTS_ROUNDS: usize = 16;
 
 impl StateStore {
-    pub fn new(replica: Replica, sm: Arc<SmShared>, timeout: Duration) -> StateStore {
-        StateStore { replica, sm, timeout }
+    pub fn new(replica: Replica, sm: Arc<SmShared>, timeout: Duration, max_value: usize) -> StateStore {
+        StateStore { replica, sm, timeout, max_value }
     }
 
     pub async fn get(&self, store: &str, key: &str, consistency: Consistency) -> Result<Option<Versioned>, StoreError> {
@@ -124,6 +131,9 @@ impl StateStore {
         tag: WriteTag,
     ) -> Result<u64, StoreError> {
         check_names(store, key)?;
+        if value.len() > self.max_value {
+            return Err(StoreError::TooLarge { bytes: value.len(), limit: self.max_value });
+        }
         check_json(value)?;
         let cmd = Command::Put { store: store.into(), key: key.into(), value: value.to_vec(), if_revision, tag };
         match self.replica.write(cmd, self.timeout).await?.1 {

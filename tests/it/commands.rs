@@ -822,6 +822,20 @@ fn deadlines_and_bad_input_get_clear_errors() {
         for _ in 0..6 {
             check_echo(echo(api, &small, &[]), &small).unwrap_or_else(|e| panic!("{what}: after a refused answer: {e}"));
         }
+        // A handler's own state write is bounded like an HTTP PUT: `placeOrder` stores the
+        // order with its new id added, a few bytes over --max-body for a body at the limit.
+        let order = json!({ "pad": "o".repeat(65536 - 10) }).to_string();
+        assert_eq!(order.len(), 65536);
+        let resp = send("POST", "/api/v1/orders", &[], order.as_bytes());
+        assert_json_error(&resp, 413, &format!("{what}: an order whose stored form is over --max-body"));
+        let resp = send("POST", "/api/v1/orders", &[], json!({ "pad": "o".repeat(60 * 1024) }).to_string().as_bytes());
+        assert_eq!(resp.status / 100, 2, "{what}: an order under --max-body: {}", resp.describe());
+        // `notify` ran, but its result (an answer just under half the frame) does not fit an
+        // event with its metadata: the success event cannot be emitted. That is a 502, not a
+        // 503 that would tell the client nothing happened.
+        let note = json!("n".repeat(65500 - 2)).to_string();
+        let resp = send("POST", "/api/v1/notify", &[], note.as_bytes());
+        assert_json_error(&resp, 502, &format!("{what}: a result too large to emit as the success event"));
         // Identity and dedup headers travel into the log: bounded, and refused rather than
         // dropped when they break the rule.
         let long = "p".repeat(257);

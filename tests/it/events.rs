@@ -1171,6 +1171,30 @@ fn a_subscription_returns_an_event_that_is_emitted_once() {
         let at = cursor(c.api(1), "answerPings")?;
         if at > ping_position { Ok(()) } else { Err(format!("cursor {at}")) }
     });
+
+    // A handler still running at the ack deadline (2 s for `answerPings`) is a nack on the
+    // node that runs it too, and is stopped there: each attempt of a ping that stalls 4 s
+    // fails, the ping goes to the dead letters, and no stopped handler answers it later.
+    let stalled = json!({"n": 8, "stallMs": 4000});
+    let (_, stalled_position) = publish(c.api(3), "demoPing", &stalled, &[]).expect("publish a stalling ping");
+    let letter = c.wait_for("the stalled ping in the dead letters", DEAD_LETTER, || {
+        let list = dead_letters(c.api(2), "answerPings")?;
+        list.into_iter()
+            .find(|d| d["position"].as_u64() == Some(stalled_position))
+            .ok_or_else(|| format!("position {stalled_position} not dead yet"))
+    });
+    assert!(letter["reason"].as_str().is_some_and(|r| r.contains("ack deadline")), "{letter}");
+    assert_eq!(letter["attempts"].as_u64(), Some(5), "{letter}");
+    // The last attempt started at most 2 s before the dead letter; a handler left running
+    // would answer within 4 s of its start.
+    c.assert_stays("no pong for the stalled ping", Duration::from_secs(6), || {
+        let page = get_json(c.api(1), "/v1/events?after=0&limit=1000&eventName=demoPong")?;
+        let events = page["events"].as_array().cloned().ok_or_else(|| format!("no events array: {page}"))?;
+        match events.iter().find(|e| e["payload"]["ping"] == stalled) {
+            Some(pong) => Err(format!("a handler past its ack deadline answered: {pong}")),
+            None => Ok(()),
+        }
+    });
 }
 
 /// Subscriptions are listed with the nodes that declare them, and one that no node declares any

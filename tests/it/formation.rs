@@ -129,6 +129,29 @@ fn nodes_started_one_at_a_time_form_one_cluster_and_later_nodes_join() {
     verify_reads(c.api(leader), &write, Consistency::Linearizable);
 }
 
+/// Only the seeds form the cluster. Node 1 seeds with nodes 2 and 3, which seed only each
+/// other, all with `--bootstrap-expect 2`: node 1 is the lowest id it sees, but not one of the
+/// seeds, and bootstrapping {1, 2, 3} beside their {2, 3} would make two clusters whose first
+/// entries Raft cannot tell apart. It joins theirs instead.
+#[test]
+fn a_node_outside_the_seed_list_does_not_bootstrap_but_joins() {
+    let c = Cluster::seeded("outsider", 3, 2, |_| vec![2, 3], &[]);
+    c.start_all();
+    c.wait_for_membership(&[1, 2, 3], &[], FORMATION);
+    let log = c.log_text(1);
+    assert!(!log.contains("bootstrapping the cluster"), "node 1 bootstrapped:\n{log}");
+    let bootstrapped = [2, 3].into_iter().filter(|&id| c.log_text(id).contains("bootstrapping the cluster")).count();
+    assert_eq!(bootstrapped, 1, "exactly one of the seeds bootstrapped");
+    // One cluster: a write through the outsider is read back through every node.
+    let value = json!({"via": 1});
+    let revision = c.api(1).must_put("outsider", &value);
+    let write = [Acked { key: "outsider".into(), value, revision, via: 1, writer: 0 }];
+    c.wait_caught_up(&c.ids(), CATCH_UP);
+    for api in c.apis() {
+        verify_reads(api, &write, Consistency::Stale);
+    }
+}
+
 #[test]
 fn node_beyond_max_voters_stays_learner_and_serves() {
     let (mut c, _) = Cluster::formed("max-voters", 3, &["--max-voters", "3"]);

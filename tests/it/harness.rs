@@ -386,6 +386,13 @@ impl Cluster {
     /// Prepares `n` nodes (ids 1..=n) that seed each other with `--bootstrap-expect n`; nothing is
     /// started yet. `flags` go to every node, including nodes added later.
     pub fn new(name: &str, n: usize, flags: &[&str]) -> Cluster {
+        let all: Vec<u64> = (1..=n as u64).collect();
+        Cluster::seeded(name, n, n, |_| all.clone(), flags)
+    }
+
+    /// Prepares `n` nodes (ids 1..=n) with `--bootstrap-expect expect`, node `id` seeded with
+    /// the peer addresses of `seeds(id)`; nothing is started yet.
+    pub fn seeded(name: &str, n: usize, expect: usize, seeds: impl Fn(u64) -> Vec<u64>, flags: &[&str]) -> Cluster {
         let serial = SERIAL
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -407,13 +414,13 @@ impl Cluster {
         };
         let ports = free_ports(2 * n);
         let peers: Vec<SocketAddr> = ports[..n].to_vec();
-        let seeds = join_addrs(&peers);
         for i in 0..n {
+            let of: Vec<SocketAddr> = seeds(i as u64 + 1).iter().map(|&s| peers[s as usize - 1]).collect();
             let extra = vec![
                 "--seeds".to_string(),
-                seeds.clone(),
+                join_addrs(&of),
                 "--bootstrap-expect".to_string(),
-                n.to_string(),
+                expect.to_string(),
             ];
             cluster.push_node(peers[i], ports[n + i], extra);
         }
@@ -636,6 +643,12 @@ impl Cluster {
         let id = self.push_node(ports[0], ports[1], extra);
         self.start(id);
         id
+    }
+
+    /// Everything node `id` has logged so far (all its starts).
+    pub fn log_text(&self, id: u64) -> String {
+        let path = &self.node(id).log;
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
     }
 
     /// The cluster's temp dir (removed with the cluster unless a test failed).

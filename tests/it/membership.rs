@@ -318,6 +318,82 @@ fn a_node_outside_the_cluster_cannot_remove_or_move_a_member() {
     c.api(leader).must_put("after-outsider", &json!({"still": "serving"}));
 }
 
+/// A second process started with a member's `--id` at another address asks to join as that id:
+/// while the member still answers at its own address, the leader refuses to move it (the live
+/// node would be cut off). Once the member is gone, the same request moves it, as for a
+/// rescheduled container.
+#[test]
+fn a_second_process_with_a_members_id_does_not_take_its_place() {
+    use raftbridge::peer::message::PeerRequest;
+    use raftbridge::peer::message::PeerResponse;
+    use raftbridge::peer::message::RemoteError;
+
+    let (c, leader) = Cluster::formed("duplicate-id", 3, &[]);
+    let twin = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    let addrs: Vec<(u64, String)> = {
+        let s = c.api(leader).status().expect("status");
+        c.ids().into_iter().map(|id| (id, s.member(id).expect("member").addr.clone())).collect()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let elsewhere = "127.0.0.1:9".to_string();
+    let cfg = raftbridge::peer::PeerConfig {
+        node_id: twin,
+        cluster: "it-duplicate-id".to_string(),
+        advertise: elsewhere.clone(),
+        max_frame: 16 << 20,
+        idle_timeout: Duration::from_secs(10),
+        secret: None,
+        tls: None,
+        source_ip: None,
+    };
+    let net = rt.block_on(async { raftbridge::peer::PeerNet::new(cfg, stop.clone()) });
+    let join = PeerRequest::Join { id: twin, addr: elsewhere.clone() };
+    let leader_peer = c.peer(leader).to_string();
+    // The leader asks the member's own address, and that link to the real node takes the place
+    // of the twin's (one link per node id): the refusal may come back, or the twin's link close.
+    match rt.block_on(net.request_addr(&leader_peer, &join, Duration::from_secs(20))) {
+        Ok((_, PeerResponse::Error(RemoteError::Invalid(msg)))) if msg.contains("in use by a running member") => {}
+        Err(raftbridge::peer::PeerError::Closed { .. }) => {}
+        other => panic!("join as running node {twin}: expected a refusal, got {other:?}"),
+    }
+    c.wait_for("the leader refused the twin, once", CATCH_UP, || {
+        match c.api(leader).metric("raftbridge_peer_duplicate_id_refused_total", &[])? {
+            1.0 => Ok(()),
+            n => Err(format!("{n} refusals counted")),
+        }
+    });
+    c.assert_stays("every member at its own address", Duration::from_secs(3), || {
+        for id in c.ids() {
+            let s = c.api(id).status()?;
+            for (member, addr) in &addrs {
+                match s.member(*member) {
+                    Some(m) if m.voter && m.addr == *addr => {}
+                    m => return Err(format!("node {id} lists node {member} as {m:?}, expected a voter at {addr}")),
+                }
+            }
+        }
+        Ok(())
+    });
+    c.api(twin).must_put("twin-refused", &json!({"node": twin, "serving": true}));
+
+    // The member is gone: the same request is a move to the new address.
+    c.kill(twin);
+    c.wait_for("the member moved to its new address", CATCH_UP, || {
+        match rt.block_on(net.request_addr(&leader_peer, &join, Duration::from_secs(20))) {
+            Ok((_, PeerResponse::Done)) => {}
+            Ok((_, other)) => return Err(format!("join answered {other:?}")),
+            Err(e) => return Err(format!("join: {e}")),
+        }
+        let s = c.api(leader).status()?;
+        match s.member(twin) {
+            Some(m) if m.addr == elsewhere => Ok(()),
+            m => Err(format!("node {twin} listed as {m:?}")),
+        }
+    });
+    stop.cancel();
+}
+
 /// A removed node that still runs (its process was not stopped) answers as a cluster member that
 /// knows a leader, so a joiner may pick it first; it refuses to forward the join (the leader
 /// would refuse a request from outside the cluster), and the joiner goes on to its other seeds.
