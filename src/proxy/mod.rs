@@ -219,7 +219,7 @@ impl Proxy {
     }
 
     /// Serve a client request under `/api/`.
-    pub async fn handle(&self, req: Request<Incoming>, max_body: usize, bodies: &crate::api::BodyBudget) -> Response<Full<Bytes>> {
+    pub async fn handle(self: &Arc<Self>, req: Request<Incoming>, max_body: usize, bodies: &crate::api::BodyBudget) -> Response<Full<Bytes>> {
         let (request_id, traceparent) = trace_ids(req.headers());
         let mut resp = match self.serve(req, &request_id, &traceparent, max_body, bodies).await {
             Ok(r) => r,
@@ -236,7 +236,7 @@ impl Proxy {
     }
 
     async fn serve(
-        &self,
+        self: &Arc<Self>,
         req: Request<Incoming>,
         request_id: &str,
         traceparent: &str,
@@ -301,13 +301,22 @@ impl Proxy {
             timeout_ms: timeout.as_millis() as u64,
         };
         metrics::counter!("raftbridge_proxy_requests_total", "service" => route.service.clone()).increment(1);
-        match inv.meta.idempotency_key.clone() {
-            Some(key) => self.idempotent(&key, inv, &route, deadline).await,
-            None => {
-                let retry = route.decl.idempotent;
-                self.dispatch(inv, &route, deadline, retry).await.map(|(out, _)| answer(out))
+        // From here on the command runs in a task of its own: a client that disconnects drops
+        // this future, and a handler dropped part-way (its put done, its emit not; a key's
+        // claim never completed) would leave half a command behind. The task ends by the
+        // deadline like the request; `received` keeps the body's budget until it does.
+        let this = Arc::clone(self);
+        let run = tokio::spawn(async move {
+            let _received = received;
+            match inv.meta.idempotency_key.clone() {
+                Some(key) => this.idempotent(&key, inv, &route, deadline).await,
+                None => {
+                    let retry = route.decl.idempotent;
+                    this.dispatch(inv, &route, deadline, retry).await.map(|(out, _)| answer(out))
+                }
             }
-        }
+        });
+        run.await.map_err(|e| ApiError::Internal(format!("command task failed: {e}")))?
     }
 
     /// Live nodes offering the route.

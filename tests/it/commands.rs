@@ -1073,3 +1073,42 @@ fn idempotency_records_past_their_bound_forget_the_oldest_first() {
     assert_eq!(incremented(&oldest, "bounded"), Ok(61), "{}", oldest.describe());
     assert_eq!(counter_value(api, "bounded"), 61);
 }
+
+/// A client that goes away right after sending a command does not cut the command short: the
+/// order is stored and its `orderPlaced` emitted, whichever node the request landed on (the
+/// handler used to be dropped with the client's connection, part-way through).
+#[test]
+fn a_command_runs_to_the_end_when_its_client_disconnects() {
+    use std::io::Write;
+    let c = demo_cluster("cmd-gone-client", &[]);
+    for api in c.apis() {
+        let id = format!("gone-client-{}", api.id);
+        let body = json!({ "id": id }).to_string();
+        let request = format!(
+            "POST /api/v1/orders HTTP/1.1\r\nhost: raftbridge\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut conn = std::net::TcpStream::connect_timeout(&api.addr, Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("connect to node {}: {e}", api.id));
+        conn.write_all(request.as_bytes()).unwrap_or_else(|e| panic!("send to node {}: {e}", api.id));
+        drop(conn);
+        c.wait_for(&format!("order {id} stored and emitted"), CATCH_UP, || {
+            let stored = api
+                .request("GET", &format!("/v1/state/demo/orders/{id}"), &[], b"")
+                .map_err(|e| format!("GET order: {e}"))?;
+            if stored.status != 200 || stored.json()?["id"] != id.as_str() {
+                return Err(format!("order not stored: {}", stored.describe()));
+            }
+            let page = api
+                .request("GET", "/v1/events?after=0&limit=1000&eventName=orderPlaced", &[], b"")
+                .map_err(|e| format!("GET events: {e}"))?
+                .json()?;
+            let events = page["events"].as_array().cloned().unwrap_or_default();
+            if events.iter().any(|e| e["payload"]["id"] == id.as_str()) {
+                Ok(())
+            } else {
+                Err(format!("no orderPlaced for {id}: {page}"))
+            }
+        });
+    }
+}
