@@ -75,6 +75,9 @@ pub enum NodeError {
     LoopFailed(crate::supervise::Failure),
     #[error("sidecar: {0}")]
     Sidecar(#[from] crate::sidecar::SidecarError),
+    /// The services this node offers do not fit together (one subscription name twice).
+    #[error("services: {0}")]
+    Services(String),
     #[error("peer TLS: {0}")]
     Tls(#[from] crate::peer::tls::TlsError),
     #[error("HTTPS: {0}")]
@@ -229,6 +232,7 @@ pub async fn run(
             None
         }
     };
+    check_subscription_names(&services, cfg.sidecar.as_ref())?;
     claim_data_dir(&cfg.data_dir, cfg.id)?;
     let tls = match &cfg.peer_tls {
         Some(files) => {
@@ -698,6 +702,24 @@ struct PeerHandler {
     unproven: Arc<AtomicBool>,
 }
 
+/// A subscription's name is its identity cluster-wide (its progress and dead letters are kept
+/// under it), and this node's handlers are looked up by it: two declarations of one name on a
+/// node, by two services, two versions of one or a service and the sidecar, would take each
+/// other's events. Refused at start. (Across nodes, `registry` keeps one service per name.)
+fn check_subscription_names(services: &[ServiceParts], sidecar: Option<&crate::sidecar::SidecarConfig>) -> Result<(), NodeError> {
+    let compiled = services.iter().flat_map(|p| p.decl.subscriptions.iter().map(move |s| (s.name.as_str(), p.decl.name.as_str(), p.decl.version)));
+    let configured = sidecar.into_iter().flat_map(|c| c.subscriptions.iter().map(|s| (s.name.as_str(), s.service.as_str(), s.version)));
+    let mut seen: HashMap<&str, (&str, u32)> = HashMap::new();
+    for (name, service, version) in compiled.chain(configured) {
+        if let Some((other, v)) = seen.insert(name, (service, version)) {
+            return Err(NodeError::Services(format!(
+                "subscription {name:?} is declared twice on this node ({other} v{v} and {service} v{version}); subscription names are cluster-wide: give each its own"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Whether to refuse `req`'s vote (or pre-vote). A node that started with an empty log cannot
 /// tell a first start from one after its data was lost, and in the second case it may once have
 /// acknowledged entries that a candidate lacks: granting with an empty or partial log could elect
@@ -1040,6 +1062,21 @@ mod tests {
         tokio::time::advance(Duration::from_secs(3600)).await;
         note_expiry("https", now - day, now, &mut warned);
         assert!(warned.is_some_and(|t| t > first), "expired, an hour later: warned again");
+    }
+
+    #[test]
+    fn one_subscription_name_twice_on_a_node_is_refused_at_start() {
+        use crate::sdk::demo::demo_service;
+        assert!(check_subscription_names(&[demo_service()], None).is_ok());
+        let twice = check_subscription_names(&[demo_service(), demo_service()], None).unwrap_err();
+        assert!(twice.to_string().contains("\"countOrders\" is declared twice"), "{twice}");
+        let sidecar: crate::sidecar::SidecarConfig = toml::from_str(
+            "upstream = \"http://127.0.0.1:1\"\n[[subscriptions]]\nname = \"auditOrders\"\nservice = \"orders\"\npath = \"/audit\"\n",
+        )
+        .unwrap();
+        let clash = check_subscription_names(&[demo_service()], Some(&sidecar)).unwrap_err();
+        assert!(clash.to_string().contains("demo v1 and orders v1"), "{clash}");
+        assert!(check_subscription_names(&[], Some(&sidecar)).is_ok());
     }
 
     /// A node that started with an empty log: withholds its vote until it holds an entry of its

@@ -145,6 +145,9 @@ pub enum PeerError {
     BackingOff { addr: String },
     #[error("peer {addr} is this node")]
     SelfDial { addr: String },
+    /// No link could be made within the request's deadline: the request was not sent.
+    #[error("peer {peer}: no link within {timeout:?}")]
+    NoLinkInTime { peer: String, timeout: Duration },
     #[error("peer {peer}: link closed")]
     Closed { peer: NodeId },
     #[error("peer {peer}: no response within {timeout:?}")]
@@ -167,6 +170,7 @@ impl Clone for PeerError {
             PeerError::UnknownPeer(id) => PeerError::UnknownPeer(*id),
             PeerError::BackingOff { addr } => PeerError::BackingOff { addr: addr.clone() },
             PeerError::SelfDial { addr } => PeerError::SelfDial { addr: addr.clone() },
+            PeerError::NoLinkInTime { peer, timeout } => PeerError::NoLinkInTime { peer: peer.clone(), timeout: *timeout },
             PeerError::Closed { peer } => PeerError::Closed { peer: *peer },
             PeerError::Timeout { peer, timeout } => PeerError::Timeout { peer: *peer, timeout: *timeout },
             PeerError::Protocol { peer, reason } => PeerError::Protocol { peer: *peer, reason: reason.clone() },
@@ -185,6 +189,7 @@ impl PeerError {
                 | PeerError::UnknownPeer(_)
                 | PeerError::BackingOff { .. }
                 | PeerError::SelfDial { .. }
+                | PeerError::NoLinkInTime { .. }
                 | PeerError::TooLarge { .. }
         )
     }
@@ -620,9 +625,14 @@ impl PeerNet {
     }
 
     /// Send a request to a node by id, dialing if needed.
+    /// `timeout` bounds the whole request, making the link included: a dial (up to a second to
+    /// connect and a few for the handshake) used to come on top of the caller's deadline.
     pub async fn request(&self, target: NodeId, req: &PeerRequest, timeout: Duration) -> Result<PeerResponse, PeerError> {
-        let link = self.link(target).await?;
-        link.call(req, timeout).await
+        let deadline = tokio::time::Instant::now() + timeout;
+        let link = tokio::time::timeout_at(deadline, self.link(target))
+            .await
+            .map_err(|_| PeerError::NoLinkInTime { peer: target.to_string(), timeout })??;
+        link.call(req, deadline.saturating_duration_since(tokio::time::Instant::now())).await
     }
 
     /// Send a request to an address (a seed whose id we may not know yet); returns the peer's id.
@@ -632,8 +642,11 @@ impl PeerNet {
         req: &PeerRequest,
         timeout: Duration,
     ) -> Result<(NodeId, PeerResponse), PeerError> {
-        let link = self.dial(addr).await?;
-        let resp = link.call(req, timeout).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let link = tokio::time::timeout_at(deadline, self.dial(addr))
+            .await
+            .map_err(|_| PeerError::NoLinkInTime { peer: addr.to_string(), timeout })??;
+        let resp = link.call(req, deadline.saturating_duration_since(tokio::time::Instant::now())).await?;
         Ok((link.peer, resp))
     }
 
@@ -1395,6 +1408,31 @@ mod tests {
         let dialer = PeerNet::new(cfg(2, "127.0.0.1:1".into(), dialer_secret), stop.clone());
         dialer.set_peer_addr(1, &addr.to_string());
         (acceptor, dialer, addr, stop)
+    }
+
+    /// A peer that takes the connection but never completes the handshake costs a request its
+    /// own timeout, not the handshake's several seconds on top; the request was never sent.
+    #[tokio::test]
+    async fn a_request_deadline_includes_making_the_link() {
+        let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = silent.local_addr().unwrap().to_string();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            for _ in 0..4 {
+                open.push(silent.accept().await.unwrap().0);
+            }
+        });
+        let (_acceptor, dialer, _, stop) = pair(None, None).await;
+        dialer.set_peer_addr(7, &addr);
+        let asked = tokio::time::Instant::now();
+        let by_id = dialer.request(7, &PeerRequest::Status, Duration::from_millis(300)).await.unwrap_err();
+        let by_addr = dialer.request_addr(&addr, &PeerRequest::Status, Duration::from_millis(300)).await.unwrap_err();
+        assert!(asked.elapsed() < Duration::from_millis(2_000), "took {:?}", asked.elapsed());
+        for e in [by_id, by_addr] {
+            assert!(matches!(e, PeerError::NoLinkInTime { .. }) && e.not_delivered(), "{e}");
+        }
+        held.abort();
+        stop.cancel();
     }
 
     #[tokio::test]

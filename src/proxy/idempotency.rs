@@ -148,18 +148,23 @@ impl Proxy {
         let result = {
             let run = self.dispatch(inv, route, deadline, true);
             tokio::pin!(run);
-            let mut renew = tokio::time::interval_at(Instant::now() + RENEW, RENEW);
-            loop {
-                tokio::select! {
-                    r = &mut run => break r,
-                    _ = renew.tick() => {
-                        let now = now_ms();
-                        let again = Command::IdemBegin {
-                            key: key.clone(), attempt, now_ms: now, lease_ms: LEASE.as_millis() as u64, window_ms: window_ms(now),
-                        };
-                        let _ = self.store.command(again, RENEW).await;
-                    }
+            // The lease is renewed beside the run, not in a select arm: awaiting a renewal's
+            // write there stopped the run (a local handler) from being polled for up to `RENEW`
+            // each time, exactly when writes are slow. Renewals end with the deadline.
+            let renew = async {
+                let mut tick = tokio::time::interval_at(Instant::now() + RENEW, RENEW);
+                while Instant::now() < deadline {
+                    tick.tick().await;
+                    let now = now_ms();
+                    let again = Command::IdemBegin {
+                        key: key.clone(), attempt, now_ms: now, lease_ms: LEASE.as_millis() as u64, window_ms: window_ms(now),
+                    };
+                    let _ = self.store.command(again, RENEW).await;
                 }
+            };
+            tokio::select! {
+                r = &mut run => r,
+                () = renew => run.await,
             }
         };
         let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));

@@ -10,11 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+use tracing::error;
 use tracing::info;
 use tracing::warn;
 
 use crate::cluster::Cluster;
 use crate::raft::types::Command;
+use crate::raft::types::NodeId;
 use crate::sdk::ServiceDecl;
 use crate::store::StateStore;
 
@@ -34,6 +36,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) {
     let me = store.replica().id();
+    // Conflicting subscription names already reported (once each).
+    let mut warned: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -44,7 +48,15 @@ pub async fn run(
         if !cluster.ready() {
             continue;
         }
-        let want = offering();
+        let mut want = offering();
+        let (_, registry) = store.local().registry();
+        for (sub, service, owner) in drop_foreign_subscriptions(&mut want, &registry, me) {
+            if warned.insert(sub.clone()) {
+                metrics::counter!("raftbridge_subscription_name_conflicts_total").increment(1);
+                error!(subscription = %sub, service = %service, owner = %owner,
+                    "subscription name already declared by another service: not consumed here (names are cluster-wide)");
+            }
+        }
         let have = store.local().registry_entry(me).unwrap_or_default();
         in_sync.store(want == have, std::sync::atomic::Ordering::SeqCst);
         if want != have {
@@ -61,5 +73,85 @@ pub async fn run(
         if let Err(e) = store.command(Command::Register { node: me, services: Vec::new() }, Duration::from_secs(2)).await {
             warn!(cause = %e, "could not clear the registry entry on shutdown");
         }
+    }
+}
+
+/// Removes from `want` the subscriptions whose name another service declares. A subscription's
+/// progress, filter and dead letters are kept under its name alone, cluster-wide, so two
+/// services declaring one name would take each other's events under whichever filter registered
+/// last. The name belongs to the least service name (by byte order) that declares it on any
+/// node, this one included: every node decides the same from the same registry, also when two
+/// registered at once. Returns (subscription, this node's service, the owner) per removal.
+fn drop_foreign_subscriptions(
+    want: &mut [ServiceDecl],
+    registry: &std::collections::BTreeMap<NodeId, Vec<ServiceDecl>>,
+    me: NodeId,
+) -> Vec<(String, String, String)> {
+    let mut owner: std::collections::BTreeMap<&str, &str> = std::collections::BTreeMap::new();
+    let others = registry.iter().filter(|(node, _)| **node != me).flat_map(|(_, services)| services.iter());
+    for service in others.chain(want.iter()) {
+        for sub in &service.subscriptions {
+            let least = owner.entry(sub.name.as_str()).or_insert(service.name.as_str());
+            if service.name.as_str() < *least {
+                *least = service.name.as_str();
+            }
+        }
+    }
+    let owner: std::collections::BTreeMap<String, String> =
+        owner.into_iter().map(|(sub, service)| (sub.to_string(), service.to_string())).collect();
+    let mut dropped = Vec::new();
+    for service in want.iter_mut() {
+        service.subscriptions.retain(|sub| match owner.get(&sub.name) {
+            Some(o) if *o != service.name => {
+                dropped.push((sub.name.clone(), service.name.clone(), o.clone()));
+                false
+            }
+            _ => true,
+        });
+    }
+    dropped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::event::EventFilter;
+    use crate::broker::event::SubscriptionDecl;
+
+    fn service(name: &str, subs: &[&str]) -> ServiceDecl {
+        ServiceDecl {
+            name: name.into(),
+            version: 1,
+            commands: Vec::new(),
+            subscriptions: subs.iter().map(|s| SubscriptionDecl::new(*s, EventFilter::default())).collect(),
+            available: true,
+        }
+    }
+
+    fn names(want: &[ServiceDecl]) -> Vec<(String, Vec<String>)> {
+        want.iter().map(|s| (s.name.clone(), s.subscriptions.iter().map(|x| x.name.clone()).collect())).collect()
+    }
+
+    #[test]
+    fn a_subscription_name_belongs_to_one_service_cluster_wide() {
+        let registry = std::collections::BTreeMap::from([
+            (1, vec![service("billing", &["invoices", "audit"])]),
+            (2, vec![service("shipping", &["parcels"])]),
+            // This node's own earlier entry does not count against it.
+            (3, vec![service("zeta", &["parcels"])]),
+        ]);
+        let mut want = vec![service("zeta", &["parcels", "mine"]), service("audit", &["audit"])];
+        let dropped = drop_foreign_subscriptions(&mut want, &registry, 3);
+        assert_eq!(dropped, vec![("parcels".to_string(), "zeta".to_string(), "shipping".to_string())]);
+        // `audit` sorts before `billing`: the name is this node's service's, on every node alike.
+        assert_eq!(names(&want), [("zeta".to_string(), vec!["mine".to_string()]), ("audit".to_string(), vec!["audit".to_string()])]);
+        let mut theirs = registry.get(&1).cloned().unwrap();
+        let mine = std::collections::BTreeMap::from([(3, want.clone())]);
+        let dropped = drop_foreign_subscriptions(&mut theirs, &mine, 1);
+        assert_eq!(dropped, vec![("audit".to_string(), "billing".to_string(), "audit".to_string())]);
+        // Without conflicts nothing changes.
+        let mut alone = vec![service("x", &["a", "b"])];
+        assert!(drop_foreign_subscriptions(&mut alone, &registry, 9).is_empty());
+        assert_eq!(names(&alone), [("x".to_string(), vec!["a".to_string(), "b".to_string()])]);
     }
 }

@@ -429,13 +429,15 @@ impl SmData {
         match cmd {
             Command::Put { store, key, value, if_revision, tag } => self.tagged(tag, |d| {
                 let seed = store_seed(&store);
-                let entries = d.stores.entry(store).or_default();
-                let current = entries.get(&key).map(|v| v.revision);
+                // Checked before the store's map is made: a refused write to a new store used
+                // to leave an empty map behind, one per name a client cared to try.
+                let current = d.stores.get(&store).and_then(|entries| entries.get(&key)).map(|v| v.revision);
                 if let Some(expected) = if_revision {
                     if current.unwrap_or(0) != expected {
                         return CommandResult::PreconditionFailed { current };
                     }
                 }
+                let entries = d.stores.entry(store).or_default();
                 let new = Versioned { value, revision: index };
                 let (added, removed) = (entry_hash(seed, &key, &new), entries.get(&key).map_or(0, |old| entry_hash(seed, &key, old)));
                 entries.insert(key, new);
@@ -483,7 +485,15 @@ impl SmData {
                 CommandResult::Deleted { existed }
             }
             Command::Register { node, services } => {
-                for sub in services.iter().flat_map(|s| s.subscriptions.iter()) {
+                for (service, sub) in services.iter().flat_map(|s| s.subscriptions.iter().map(move |x| (s.name.as_str(), x))) {
+                    // A name belongs to the least service name declaring it (the rule of
+                    // `registry::drop_foreign_subscriptions`, which keeps nodes from declaring
+                    // another's); a registration racing that rule does not take it over.
+                    if self.registry.iter().filter(|(n, _)| **n != node).flat_map(|(_, s)| s.iter()).any(|other| {
+                        other.name.as_str() < service && other.subscriptions.iter().any(|x| x.name == sub.name)
+                    }) {
+                        continue;
+                    }
                     let start = if sub.durable { self.log.first() } else { self.log.next };
                     let state = self.subs.entry(sub.name.clone()).or_insert_with(|| SubState {
                         decl: sub.clone(),
@@ -1389,6 +1399,27 @@ mod tests {
         assert_eq!(again[0].1, 9, "a forgotten key is published anew");
     }
 
+    /// Two services declaring one subscription name: the least service name's declaration
+    /// stands, whichever registered first or last.
+    #[test]
+    fn a_subscription_name_keeps_the_declaration_of_its_owner() {
+        let register = |d: &mut SmData, index, node, service: &str, event: &str| {
+            let filter = crate::broker::event::EventFilter { event_name: Some(event.into()), ..Default::default() };
+            let decl = SubscriptionDecl::new("s", filter);
+            let svc = crate::sdk::ServiceDecl { name: service.into(), version: 1, commands: Vec::new(), subscriptions: vec![decl], available: true };
+            d.apply(index, Command::Register { node, services: vec![svc] });
+        };
+        let filter_of = |d: &SmData| d.subs.get("s").and_then(|s| s.decl.filter.event_name.clone());
+        let mut d = SmData::default();
+        register(&mut d, 1, 1, "billing", "b");
+        assert_eq!(filter_of(&d).as_deref(), Some("b"));
+        register(&mut d, 2, 2, "audit", "a");
+        assert_eq!(filter_of(&d).as_deref(), Some("a"), "audit sorts first: it owns the name");
+        register(&mut d, 3, 1, "billing", "b2");
+        register(&mut d, 4, 3, "zeta", "z");
+        assert_eq!(filter_of(&d).as_deref(), Some("a"), "later registrations of other services do not take it over");
+    }
+
     #[test]
     fn compare_and_set() {
         let mut d = SmData::default();
@@ -1400,6 +1431,9 @@ mod tests {
         let del = Command::Delete { store: "s".into(), key: "k".into(), if_revision: None };
         assert_eq!(d.apply(9, del), CommandResult::Deleted { existed: true });
         assert!(d.stores.is_empty());
+        // A refused write to a store that does not exist leaves nothing behind.
+        assert_eq!(d.apply(10, put("new", "k", "1", Some(3))), CommandResult::PreconditionFailed { current: None });
+        assert!(d.stores.is_empty(), "{:?}", d.stores.keys().collect::<Vec<_>>());
     }
 
     #[test]
