@@ -26,6 +26,7 @@
 //! the waiter's own clock counts, as before. Skew never decides whether an effect applies twice:
 //! writes are tagged.
 
+use std::sync::Arc;
 use std::time::Duration;
 use std::time::SystemTime;
 
@@ -47,6 +48,12 @@ use crate::raft::types::NodeId;
 use crate::raft::types::StoredResponse;
 use crate::sdk::Invocation;
 use crate::sdk::Output;
+
+/// The claim that `expire_records` makes to tick the replicated clock. No client key has this
+/// form (theirs are scoped `service/vN/command:key`, a handler's `sub:…`).
+const EXPIRY_KEY: &str = "\u{0}expiry";
+/// How often the leader looks for idempotency records past their window.
+const EXPIRY_CHECK: Duration = Duration::from_secs(30);
 
 /// How often a waiting duplicate looks for the first request's result.
 const POLL: Duration = Duration::from_millis(20);
@@ -93,6 +100,31 @@ fn replay(stored: StoredResponse) -> Response<Full<Bytes>> {
 }
 
 impl Proxy {
+    /// On the leader, every `EXPIRY_CHECK`: when idempotency records are past their window (or
+    /// over their bounds), a claim of `EXPIRY_KEY` with no lease, which applies the expiry. It
+    /// is proposed in the state machine's own clock (the latest any command brought), so a node
+    /// whose clock runs ahead expires nothing early. Ends with `shutdown`.
+    pub async fn expire_records(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut check = tokio::time::interval(EXPIRY_CHECK);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = check.tick() => {}
+            }
+            if !self.store.replica().raft.is_leader() {
+                continue;
+            }
+            let s = &self.settings;
+            let full = s.idempotency_window.as_millis() as u64;
+            let Some((clock, window)) = self.sm.idem_expiry_due(full, s.idempotency_max_keys, s.idempotency_max_bytes) else { continue };
+            let tick = Command::IdemBegin { key: EXPIRY_KEY.into(), attempt: 0, now_ms: clock, lease_ms: 0, window_ms: window };
+            if let Err(e) = self.store.command(tick, EXPIRY_CHECK).await {
+                tracing::debug!(cause = %e, "idempotency expiry not applied; next round");
+            }
+        }
+    }
+
     pub(super) async fn idempotent(
         &self,
         key: &str,

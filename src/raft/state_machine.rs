@@ -980,6 +980,18 @@ impl SmShared {
     /// The window an `IdemBegin` proposes: `window_ms`, or shorter while the records younger
     /// than it are more than `max_keys` or weigh more than `max_bytes` (`bounded_window`).
     /// `now_ms`: the command's own, which applying it moves the clock to.
+    /// When some idempotency record is past `window_ms` (or the records are over their bounds)
+    /// in the state machine's own clock: that clock and the window to expire them with. A
+    /// record made by a handler's tagged write (a subscription's delivery) is forgotten only
+    /// when a claim ticks the clock, and a cluster without keyed commands makes none.
+    pub fn idem_expiry_due(&self, window_ms: u64, max_keys: usize, max_bytes: u64) -> Option<(u64, u64)> {
+        let clock = read(&self.data).clock_ms;
+        let window = self.idem_window(clock, window_ms, max_keys, max_bytes);
+        let d = read(&self.data);
+        let oldest = d.idem_order.front().map(|(created, _)| *created)?;
+        (window < window_ms || oldest < clock.saturating_sub(window)).then_some((clock, window))
+    }
+
     pub fn idem_window(&self, now_ms: u64, window_ms: u64, max_keys: usize, max_bytes: u64) -> u64 {
         let d = read(&self.data);
         if d.idem.len() <= max_keys && d.idem_bytes <= max_bytes {
@@ -1418,6 +1430,35 @@ mod tests {
         register(&mut d, 3, 1, "billing", "b2");
         register(&mut d, 4, 3, "zeta", "z");
         assert_eq!(filter_of(&d).as_deref(), Some("a"), "later registrations of other services do not take it over");
+    }
+
+    /// A subscription handler's tagged write leaves a record that no claim ticks away; the
+    /// expiry claim (`Proxy::expire_records`) is due once it is past the window, in the state
+    /// machine's own clock, and applying it forgets the record.
+    #[test]
+    fn handler_records_are_due_for_expiry_past_their_window() {
+        let shared = empty_shared();
+        let incr = Command::Increment { store: "s".into(), key: "c".into(), by: 1, tag: Some(("sub:audit:e1".into(), 0)) };
+        {
+            let mut d = write(&shared.data);
+            d.clock_ms = 1_000;
+            assert!(matches!(d.apply(1, incr), CommandResult::Incremented { value: 1, .. }));
+        }
+        assert_eq!(shared.idem_expiry_due(60_000, 1000, u64::MAX), None, "young");
+        // Events move the clock on (their own `now_ms`), nothing else happens to the record.
+        {
+            let mut d = write(&shared.data);
+            d.clock_ms = 70_000;
+            assert!(d.idem.contains_key("sub:audit:e1"));
+        }
+        assert_eq!(shared.idem_expiry_due(60_000, 1000, u64::MAX), Some((70_000, 60_000)));
+        // Over the count bound, due at once with a shorter window.
+        assert!(shared.idem_expiry_due(600_000, 0, u64::MAX).is_some_and(|(_, w)| w < 600_000));
+        let tick = Command::IdemBegin { key: "\u{0}expiry".into(), attempt: 0, now_ms: 70_000, lease_ms: 0, window_ms: 60_000 };
+        assert_eq!(write(&shared.data).apply(2, tick), CommandResult::IdemBegun);
+        let d = read(&shared.data);
+        assert!(!d.idem.contains_key("sub:audit:e1"), "expired");
+        assert_eq!(d.idem.len(), 1, "only the expiry claim's own record is left");
     }
 
     #[test]

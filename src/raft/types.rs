@@ -186,12 +186,15 @@ impl Command {
             }
     }
 
-    /// True when applying the command twice leaves the same state as once (so a write whose
-    /// outcome is unknown may be sent again).
+    /// True when applying the command twice leaves the same history as once (so a write whose
+    /// outcome is unknown may be sent again). Not a plain untagged put, though applying it twice
+    /// leaves the same value: another client's write may land between the two, and readers
+    /// would see the value, the other write, then the value again (one write seen twice),
+    /// which no order of the three writes explains. Its caller hears "unknown" instead.
     pub fn retry_safe(&self) -> bool {
         matches!(
             self,
-            Command::Put { if_revision: None, .. }
+            Command::Put { tag: Some(_), .. }
                 | Command::Increment { tag: Some(_), .. }
                 | Command::Register { .. }
                 | Command::IdemBegin { .. }
@@ -256,6 +259,20 @@ pub enum CommandResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only writes whose second application is invisible are sent again after an unknown
+    /// outcome: a tagged put is, a plain one is not (see `retry_safe`).
+    #[test]
+    fn a_plain_put_is_not_sent_twice_and_a_tagged_one_may_be() {
+        let put = |if_revision, tag: WriteTag| Command::Put { store: "s".into(), key: "k".into(), value: b"1".to_vec(), if_revision, tag };
+        assert!(!put(None, None).retry_safe());
+        assert!(!put(Some(4), None).retry_safe());
+        assert!(put(None, Some(("handler-key".into(), 0))).retry_safe());
+        assert!(put(Some(4), Some(("handler-key".into(), 1))).retry_safe(), "the tag records its outcome");
+        assert!(!Command::Delete { store: "s".into(), key: "k".into(), if_revision: None }.retry_safe());
+        assert!(Command::Increment { store: "s".into(), key: "k".into(), by: 1, tag: Some(("k".into(), 1)) }.retry_safe());
+        assert!(!Command::Increment { store: "s".into(), key: "k".into(), by: 1, tag: None }.retry_safe());
+    }
 
     /// Byte fields encode as bytes (`serde_bytes`: one copy) where they used to be sequences
     /// of `u8` (a call per byte). bincode lays both out the same, so logs, snapshots and peers
