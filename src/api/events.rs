@@ -54,7 +54,22 @@ fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.len() > super::MAX_META_LEN {
         return Err(ApiError::BadRequest(format!("idempotencyKey must be 1..={} bytes", super::MAX_META_LEN)));
     }
+    // As for the header form; it also keeps `dedup_key`'s tenant separator unambiguous.
+    if key.chars().any(char::is_control) {
+        return Err(ApiError::BadRequest("idempotencyKey may not contain control characters".into()));
+    }
     Ok(())
+}
+
+/// A producer's dedup key as the log keeps it: scoped by tenant (`x-tenant-id`), so that one
+/// tenant's key never answers another's event with its id and drops it. A line break, which no
+/// key holds (`check_key`, header values), separates the tenant; without one the key is kept
+/// as given, as before tenants counted.
+fn dedup_key(tenant: Option<&str>, key: Option<String>) -> Option<String> {
+    match (tenant, key) {
+        (Some(t), Some(k)) => Some(format!("{t}\n{k}")),
+        (_, k) => k,
+    }
 }
 
 /// The event metadata a client sets with headers, as the proxy reads it (`proxy::client_meta`),
@@ -75,7 +90,7 @@ pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiRe
     check_name(name)?;
     let mut meta = meta_of(&req)?;
     // The header is the event's dedup key (a batch's items carry their own).
-    let key = meta.idempotency_key.take();
+    let key = dedup_key(meta.tenant_id.as_deref(), meta.idempotency_key.take());
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
     check_utf8(&body)?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
@@ -142,7 +157,7 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
             check_key(key)?;
         }
         let payload = item.payload.map_or_else(|| b"null".to_vec(), |p| p.get().as_bytes().to_vec());
-        events.push(new_event(&item.event_name, payload, &meta, None, item.idempotency_key));
+        events.push(new_event(&item.event_name, payload, &meta, None, dedup_key(meta.tenant_id.as_deref(), item.idempotency_key)));
     }
     let ids = app.broker.publish_batch(events).await.map_err(unshare)?;
     let list: Vec<serde_json::Value> = ids.into_iter().map(|(id, position)| serde_json::json!({"id": id, "position": position})).collect();

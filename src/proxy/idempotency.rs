@@ -133,7 +133,7 @@ impl Proxy {
         deadline: Instant,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         // Scoped by command, as the handler's writes are (`run_local`).
-        let key = super::idempotency_scope(&route.service, route.version, &route.decl.name, key);
+        let key = super::idempotency_scope(&route.service, route.version, &route.decl.name, inv.meta.tenant_id.as_deref(), key);
         let attempt = new_attempt(self.node_id);
         let full_window_ms = self.settings.idempotency_window.as_millis() as u64;
         // Shorter while the records exceed their bounds, so that applying it forgets the oldest.

@@ -95,9 +95,15 @@ pub struct ProxySettings {
 
 /// The replicated key of an idempotent request: the client's key scoped by command, so one key
 /// reused for another command neither replays a wrong answer nor has its writes (tagged with
-/// this key) answered from the other command's record.
-pub fn idempotency_scope(service: &str, version: u32, command: &str, key: &str) -> String {
-    format!("{service}/v{version}/{command}:{key}")
+/// this key) answered from the other command's record; and by tenant (`x-tenant-id`), so one
+/// tenant's key never replays another tenant's answer. A line break separates the tenant:
+/// header values cannot hold one, so no other key takes that form. Without a tenant the form
+/// is the one records were kept under before tenants counted.
+pub fn idempotency_scope(service: &str, version: u32, command: &str, tenant: Option<&str>, key: &str) -> String {
+    match tenant {
+        None => format!("{service}/v{version}/{command}:{key}"),
+        Some(t) => format!("{service}/v{version}/{command}\n{t}:{key}"),
+    }
 }
 
 /// The handlers this node runs, by (service, version, command).
@@ -442,7 +448,7 @@ impl Proxy {
             service_target: inv.command.clone(),
             instance_id: self.node_id.to_string(),
         };
-        let scoped = inv.meta.idempotency_key.as_deref().map(|k| idempotency_scope(&inv.service, inv.version, &inv.command, k));
+        let scoped = inv.meta.idempotency_key.as_deref().map(|k| idempotency_scope(&inv.service, inv.version, &inv.command, inv.meta.tenant_id.as_deref(), k));
         let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone())
             .with_dedup_key(scoped.clone())
             .with_broker(self.broker.clone(), sender.clone());

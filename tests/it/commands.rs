@@ -1112,3 +1112,37 @@ fn a_command_runs_to_the_end_when_its_client_disconnects() {
         });
     }
 }
+
+/// An idempotency key is the client's within its tenant (`x-tenant-id`): the same key from two
+/// tenants is two requests, for commands and for published events alike; within a tenant it
+/// still replays.
+#[test]
+fn one_idempotency_key_in_two_tenants_is_two_requests() {
+    let c = demo_cluster("cmd-tenant-keys", &[]);
+    let api = c.api(1);
+    let key = "shared-by-two-tenants";
+    let call = |tenant: &str, n: u64| {
+        let resp = echo(api, &json!({ "n": n }), &[("idempotency-key", key), ("x-tenant-id", tenant)])
+            .unwrap_or_else(|e| panic!("echo for {tenant}: {e}"));
+        assert_eq!(resp.status, 200, "echo for {tenant}: {}", resp.describe());
+        (resp.json().expect("JSON")["echo"]["n"].as_u64(), resp.header("idempotent-replay").is_some())
+    };
+    assert_eq!(call("tenant-a", 1), (Some(1), false));
+    assert_eq!(call("tenant-b", 2), (Some(2), false), "tenant b is not answered with tenant a's result");
+    assert_eq!(call("tenant-a", 3), (Some(1), true), "tenant a's retry replays its own");
+
+    let publish = |tenant: &str| {
+        let resp = api
+            .request("POST", "/v1/events/tenantKeys", &[("idempotency-key", key), ("x-tenant-id", tenant)], b"{}")
+            .unwrap_or_else(|e| panic!("publish for {tenant}: {e}"));
+        assert_eq!(resp.status, 201, "publish for {tenant}: {}", resp.describe());
+        resp.json().expect("JSON")["id"].as_str().expect("id").to_string()
+    };
+    let (a, b) = (publish("tenant-a"), publish("tenant-b"));
+    assert_ne!(a, b, "tenant b's event is its own, not dropped as a duplicate of tenant a's");
+    assert_eq!(publish("tenant-a"), a, "within a tenant the key still deduplicates");
+    let batch = api
+        .request("POST", "/v1/events", &[], br#"[{"eventName":"tenantKeys","idempotencyKey":"a\nb"}]"#)
+        .expect("batch");
+    assert_json_error(&batch, 400, "a batch item's key with a control character");
+}
