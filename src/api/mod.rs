@@ -389,6 +389,9 @@ fn cluster_view(app: &App) -> serde_json::Value {
                 "addr": node.addr,
                 "voter": voters.contains(id),
                 "reachable": app.replica.net.reachable(*id),
+                // Since anything arrived from it (null: no live link); a stopped peer's link
+                // stays up a while, silent.
+                "heard_ms_ago": app.replica.net.heard_ago(*id).map(|d| d.as_millis() as u64),
                 // Its clock minus ours (`peer::clock`): 0 for this node, null while unmeasured.
                 "clock_offset_ms": if *id == m.id {
                     Some(0.0)

@@ -29,6 +29,7 @@ use std::time::Instant;
 use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
+use tracing::debug;
 use tracing::info;
 use tracing::warn;
 
@@ -45,6 +46,9 @@ use crate::raft::types::*;
 const PROMOTE_LAG: u64 = 64;
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
 const QUEUE: usize = 64;
+/// A voter heard from within this long answers (`keeps_up`): several of the leader's heartbeats
+/// and the links' pings arrive in it.
+const RESPONSIVE: Duration = Duration::from_millis(1500);
 /// How long the leader asks a member's old address whether it still runs there before moving
 /// the member to a new address (`apply_join`).
 const ADDRESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -365,17 +369,34 @@ impl Cluster {
     /// reachable now, or every write would stall behind it until enough of the missing nodes
     /// came back.
     fn removal_has_quorum(&self, old: Vec<NodeId>, id: NodeId) -> Result<(), RemoteError> {
-        let live = |voters: &[NodeId]| voters.iter().filter(|v| self.replica.net.reachable(**v)).count();
+        let m = self.replica.metrics();
+        let live = |voters: &[NodeId]| voters.iter().filter(|v| self.keeps_up(&m, **v)).count();
         let new: Vec<NodeId> = old.iter().copied().filter(|v| *v != id).collect();
         for (which, voters) in [("current", &old), ("remaining", &new)] {
             let (up, need) = (live(voters), voters.len() / 2 + 1);
             if up < need {
                 return Err(RemoteError::Unavailable(format!(
-                    "removing node {id} needs {need} of the {which} voters {voters:?} reachable, and only {up} are"
+                    "removing node {id} needs {need} of the {which} voters {voters:?} answering and caught up, and only {up} are"
                 )));
             }
         }
         Ok(())
+    }
+
+    /// Whether voter `id` would acknowledge a membership change now, as this leader sees it: it
+    /// is this node, or it was heard from within `RESPONSIVE` and its log is within
+    /// `PROMOTE_LAG` of the leader's. A link alone is not enough: a stopped process keeps its
+    /// link up, silent, until the idle timeout, and a voter being caught up (a snapshot, a long
+    /// backlog) acknowledges the change only once it reaches it; a change counted on either
+    /// held every write behind it.
+    fn keeps_up(&self, m: &crate::raft::types::RaftMetrics, id: NodeId) -> bool {
+        if id == m.id {
+            return true;
+        }
+        let heard = self.replica.net.heard_ago(id).is_some_and(|ago| ago <= RESPONSIVE);
+        let last = m.last_log_index.unwrap_or(0);
+        let matched = m.replication.as_ref().and_then(|r| r.get(&id)).and_then(|l| l.as_ref()).map(|l| l.index);
+        heard && matched.is_some_and(|i| i + PROMOTE_LAG >= last)
     }
 
     async fn change(&self, c: ChangeMembers<NodeId, BasicNode>) -> Result<(), RemoteError> {
@@ -401,6 +422,13 @@ impl Cluster {
         }
         let voters = membership.voter_ids().count();
         if voters >= self.settings.max_voters {
+            return;
+        }
+        // Not while a voter is down or behind: the change commits in a joint configuration, and
+        // one more failure during it stalls every write until it ends. A dead voter is removed
+        // by the operator (`leave`, `DELETE /cluster/members/{id}`); promotion resumes then.
+        if let Some(down) = membership.voter_ids().find(|v| !self.keeps_up(&m, *v)) {
+            debug!(voter = down, "no promotion while a voter is down or behind");
             return;
         }
         let last = m.last_log_index.unwrap_or(0);

@@ -624,6 +624,18 @@ impl PeerNet {
         id == self.cfg.node_id || lock(&self.links).get(&id).is_some_and(|l| l.is_alive())
     }
 
+    /// How long ago anything arrived from `id` on its live link (zero for this node; `None`
+    /// without a live link). A link stays up for its idle timeout after the peer goes silent (a
+    /// stopped process, a hung host): this tells a silent peer from one that answers.
+    pub fn heard_ago(&self, id: NodeId) -> Option<Duration> {
+        if id == self.cfg.node_id {
+            return Some(Duration::ZERO);
+        }
+        let link = lock(&self.links).get(&id).filter(|l| l.is_alive()).cloned()?;
+        let heard = *lock(&link.last_seen);
+        Some(heard.elapsed())
+    }
+
     /// Send a request to a node by id, dialing if needed.
     /// `timeout` bounds the whole request, making the link included: a dial (up to a second to
     /// connect and a few for the handshake) used to come on top of the caller's deadline.

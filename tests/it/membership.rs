@@ -80,6 +80,46 @@ fn removal_scenario(name: &str, remove: impl FnOnce(&Cluster, u64, u64)) {
     assert!(s.voters().contains(&other), "node {other} is still a voter: {s}");
 }
 
+/// A voter that stopped answering (SIGSTOP: its links stay up, silent) counts as down: removing
+/// another voter then would need it to commit the change, and every write would stall behind
+/// the change until it came back. The removal is refused with a 503 and writes go on; once it
+/// answers again, the same removal goes through.
+#[test]
+fn a_removal_that_needs_a_silent_voter_is_refused() {
+    // A longer election timeout keeps a silent peer's link up for 4 s (`idle_timeout`), well
+    // past the 1.5 s after which the leader counts it as not answering.
+    let (c, leader) = Cluster::formed("remove-needs-silent", 3, &["--election-timeout-ms", "1000"]);
+    let followers: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
+    let (silent, victim) = (followers[0], followers[1]);
+    c.signal(silent, "STOP");
+    c.wait_for(&format!("node {silent} silent for the leader"), CATCH_UP, || {
+        let v = c.api(leader).request("GET", "/cluster", &[], b"").map_err(|e| e.to_string())?.json()?;
+        let member = v["members"].as_array().and_then(|all| all.iter().find(|m| m["id"] == silent)).cloned();
+        // Still linked (the check this replaces counted that as up), silent for a while.
+        match member.as_ref().map(|m| (&m["reachable"], &m["heard_ms_ago"])) {
+            Some((serde_json::Value::Bool(true), ago)) if ago.as_u64().is_some_and(|ms| ms > 1_700) => Ok(()),
+            other => Err(format!("reachable, heard_ms_ago: {other:?}")),
+        }
+    });
+    let resp = c.api(leader).request("DELETE", &format!("/cluster/members/{victim}"), &[], b"").expect("DELETE");
+    assert_json_error(&resp, 503, "removing a voter while the third one is silent");
+    c.api(leader).must_put("silent-voter", &json!({"silent": silent}));
+    let s = c.api(leader).status().expect("status");
+    assert!(s.voters().contains(&victim) && s.voters().contains(&silent), "both still voters: {s}");
+
+    c.signal(silent, "CONT");
+    c.allow_exit(victim);
+    c.wait_for(&format!("node {victim} removed once node {silent} answers"), CATCH_UP, || {
+        let resp = c.api(leader).request("DELETE", &format!("/cluster/members/{victim}"), &[], b"").map_err(|e| e.to_string())?;
+        if !(200..300).contains(&resp.status) {
+            return Err(resp.describe());
+        }
+        let s = c.api(leader).status()?;
+        if s.member(victim).is_none() { Ok(()) } else { Err(format!("still listed: {s}")) }
+    });
+    c.api(leader).must_put("after-removal", &json!({"removed": victim}));
+}
+
 #[test]
 fn delete_member_removes_a_follower_from_the_cluster() {
     removal_scenario("remove-delete", |c, victim, via| {
