@@ -346,6 +346,13 @@ pub async fn run(
     // `broker`), whatever `--max-body` allows.
     let broker =
         Broker::start(store.clone(), limits, timeout, linger, cfg.max_frame / 2, cfg.dedup_max_keys, broker_stop.clone());
+    // A sidecar's subscriptions run only while its app passes the health check.
+    let sidecar_healthy = sidecar_offer.as_ref().map(|(_, healthy)| healthy.clone());
+    let sidecar_subs: std::collections::HashSet<String> = sidecar_offer
+        .iter()
+        .flat_map(|(decls, _)| decls.iter().flat_map(|d| d.subscriptions.iter().map(|s| s.name.clone())))
+        .collect();
+    let (sidecar_healthy, sidecar_subs) = (&sidecar_healthy, &sidecar_subs);
     let subscribers: HashMap<String, LocalSubscriber> = services
         .iter()
         .flat_map(|p| {
@@ -360,7 +367,8 @@ pub async fn run(
                 let decl = decls.iter().find(|d| &d.name == name);
                 let shared = decl.is_none_or(|d| d.shared);
                 let ack_deadline = Duration::from_millis(decl.map_or(crate::broker::event::DEFAULT_ACK_DEADLINE_MS, |d| d.ack_deadline_ms).max(1));
-                (name.clone(), LocalSubscriber { handler: h.clone(), service: service.clone(), shared, ack_deadline })
+                let available = sidecar_subs.contains(name.as_str()).then(|| sidecar_healthy.clone()).flatten();
+                (name.clone(), LocalSubscriber { handler: h.clone(), service: service.clone(), shared, ack_deadline, available })
             })
         })
         .collect();

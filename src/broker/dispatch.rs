@@ -101,6 +101,17 @@ pub struct LocalSubscriber {
     /// dropped (the leader has given the event to another consumer by then; a hung handler
     /// would otherwise hold its peer request slot, or an every-instance loop, for good).
     pub ack_deadline: Duration,
+    /// Whether the handler can run now (a sidecar's app passes its health check); `None`:
+    /// always. While it cannot, deliveries here are refused (not counted as attempts) and an
+    /// every-instance subscription waits, rather than spending its attempts and dead-lettering
+    /// what the app would have taken a moment later. The sidecar's health check owns the sender.
+    pub available: Option<tokio::sync::watch::Receiver<bool>>,
+}
+
+impl LocalSubscriber {
+    fn available(&self) -> bool {
+        self.available.as_ref().is_none_or(|rx| *rx.borrow())
+    }
 }
 
 /// The outcomes of one delivery (one handout to one consumer), committed together: one message
@@ -287,16 +298,32 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Waits while `sub`'s handler cannot run here (`LocalSubscriber::available`); false once
+    /// `shutdown` fires or the health check is gone.
+    async fn until_available(&self, sub: &str, shutdown: &CancellationToken) -> bool {
+        let Some(mut rx) = self.local.get(sub).and_then(|s| s.available.clone()) else { return true };
+        loop {
+            if *rx.borrow_and_update() {
+                return true;
+            }
+            tokio::select! {
+                _ = shutdown.cancelled() => return false,
+                changed = rx.changed() => if changed.is_err() { return false },
+            }
+        }
+    }
+
     /// Why this node would not run a delivery of `sub` (no handler runs): the leader then hands
     /// the events to another consumer without counting an attempt.
     fn refusal(&self, sub: &str) -> Option<PeerResponse> {
         if !self.cluster.serving() {
             return Some(PeerResponse::Error(RemoteError::NotServed("node is not ready".into())));
         }
-        if !self.local.contains_key(sub) {
-            return Some(PeerResponse::Error(RemoteError::NotServed(format!("subscription {sub} is not consumed here"))));
+        match self.local.get(sub) {
+            None => Some(PeerResponse::Error(RemoteError::NotServed(format!("subscription {sub} is not consumed here")))),
+            Some(s) if !s.available() => Some(PeerResponse::Error(RemoteError::NotServed(format!("subscription {sub}: its app is down here")))),
+            Some(_) => None,
         }
-        None
     }
 
     /// Serve `PeerRequest::Deliver` from the leader's dispatcher.
@@ -326,7 +353,13 @@ impl Dispatcher {
         self.sm
             .subscribers_of(sub)
             .into_iter()
-            .filter(|n| if *n == self.node_id { self.local.contains_key(sub) && self.cluster.serving() } else { self.net.reachable(*n) })
+            .filter(|n| {
+                if *n == self.node_id {
+                    self.local.get(sub).is_some_and(LocalSubscriber::available) && self.cluster.serving()
+                } else {
+                    self.net.reachable(*n)
+                }
+            })
             .collect()
     }
 
@@ -615,6 +648,9 @@ impl Dispatcher {
                 let position = event.position;
                 let mut attempts = 0u32;
                 let dead = loop {
+                    if !self.until_available(&name, &shutdown).await {
+                        return;
+                    }
                     match self.run_local(&name, event.clone()).await {
                         Ok(()) => break None,
                         Err(e) => {

@@ -604,11 +604,12 @@ async fn health_loop(
             },
         };
         let changed = tx.send_if_modified(|v| std::mem::replace(v, ok) != ok);
+        metrics::gauge!("raftbridge_sidecar_upstream_healthy").set(if ok { 1.0 } else { 0.0 });
         if changed || !checked {
             if ok {
                 tracing::info!(%addr, "sidecar upstream is healthy");
             } else {
-                tracing::warn!(%addr, %path, "sidecar upstream is unhealthy; its commands are not advertised");
+                tracing::warn!(%addr, %path, "sidecar upstream is unhealthy; its commands are not advertised and its subscriptions wait");
             }
         }
         checked = true;

@@ -1852,6 +1852,63 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
 }
 
 
+/// An every-instance sidecar subscription waits while its app fails its health check, instead
+/// of spending its attempts on an app that is down and dead-lettering the events: once the app
+/// is healthy again, it gets every event published meanwhile, and nothing is dead.
+#[test]
+fn an_every_instance_sidecar_subscription_waits_for_its_app_to_be_healthy() {
+    let ports = free_loopback_ports(3);
+    let ups = std::cell::RefCell::new(Vec::new());
+    let (c, _) = Cluster::formed_with("ev-sidecar-down", 3, &[], |dir, id| {
+        let up = EventsUpstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
+        let config = dir.join(format!("n{id}-audit-sidecar.toml"));
+        let toml = format!(
+            "[sidecar]\nupstream = \"http://{}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 250\n\n\
+             [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = false\n\
+             max_attempts = 2\npath = \"/events/audit\"\n",
+            up.addr
+        );
+        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        ups.borrow_mut().push(up);
+        vec!["--config".to_string(), config.display().to_string()]
+    });
+    let ups = ups.into_inner();
+    c.wait_all_ready(FORMATION);
+    wait_subscription(&c, &c.apis(), "appAudit");
+
+    let down = &ups[0];
+    down.call("POST", "/admin/unhealthy").expect("unhealthy");
+    c.wait_for("node 1 sees its app unhealthy", PROGRESS, || {
+        match c.api(1).metric("raftbridge_sidecar_upstream_healthy", &[])? {
+            0.0 => Ok(()),
+            v => Err(format!("healthy gauge {v}")),
+        }
+    });
+    let ids: Vec<String> = (0..10)
+        .map(|i| c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"i": i}), &[])).0)
+        .collect();
+    // The healthy apps get every event; the one that is down none. (This stub fails only its
+    // health check and would take them: none arriving shows that none was sent.)
+    for up in &ups[1..] {
+        c.wait_for(&format!("{} audited every event", up.name), DELIVERY, || {
+            let got = up.list("/events/received")?;
+            let missing = ids.iter().filter(|id| !got.contains(id)).count();
+            if missing == 0 { Ok(()) } else { Err(format!("{missing} missing")) }
+        });
+    }
+    assert!(down.list("/events/received").expect("received").is_empty() && down.list("/events/failed").expect("failed").is_empty(),
+        "no delivery was tried on the app that is down");
+    assert!(dead_letters(c.api(1), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered while waiting");
+
+    down.call("POST", "/admin/healthy").expect("healthy");
+    c.wait_for("up1 audited every event once healthy", DELIVERY, || {
+        let got = down.list("/events/received")?;
+        let missing = ids.iter().filter(|id| !got.contains(id)).count();
+        if missing == 0 { Ok(()) } else { Err(format!("{missing} missing")) }
+    });
+    assert!(dead_letters(c.api(1), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered");
+}
+
 /// With `--dedup-max-keys 40`, 120 keyed events leave only about the newest 40 keys in the
 /// dedup set: a repeat of a recent key still gets its original id and position, a repeat of
 /// the oldest key is a new event, and the leader counts the shortened window.
