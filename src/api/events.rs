@@ -54,9 +54,10 @@ fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.len() > super::MAX_META_LEN {
         return Err(ApiError::BadRequest(format!("idempotencyKey must be 1..={} bytes", super::MAX_META_LEN)));
     }
-    // As for the header form; it also keeps `dedup_key`'s tenant separator unambiguous.
-    if key.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest("idempotencyKey may not contain control characters".into()));
+    // As for the header form (what an HTTP header value may hold); it also keeps `dedup_key`'s
+    // tenant separator, a line break, unambiguous.
+    if !key.bytes().all(|b| b == b'\t' || (0x20..0x7f).contains(&b)) {
+        return Err(ApiError::BadRequest("idempotencyKey must be visible ASCII".into()));
     }
     Ok(())
 }

@@ -626,7 +626,9 @@ impl Dispatcher {
             // This pass sees every event appended so far.
             appended.borrow_and_update();
             let Some((decl, replicated)) = self.sm.instance_position(&name, self.node_id) else { continue };
-            if decl.shared || !self.cluster.ready() {
+            // Only while this node's registration declares it: a service that gave the name up
+            // (`registry::drop_foreign_subscriptions`) keeps its handler, not the events.
+            if decl.shared || !self.cluster.ready() || !self.sm.declares(self.node_id, &name) {
                 continue;
             }
             let from = next.unwrap_or(replicated).max(replicated);
@@ -648,6 +650,12 @@ impl Dispatcher {
                 let position = event.position;
                 let mut attempts = 0u32;
                 let dead = loop {
+                    if !self.local.get(&name).is_some_and(LocalSubscriber::available) && !progress.is_empty() {
+                        // Committed before a wait that may be long: a stop meanwhile would
+                        // otherwise deliver these again after the restart.
+                        self.record_instance_progress(&name, std::mem::take(&mut progress)).await;
+                        flushed = Instant::now();
+                    }
                     if !self.until_available(&name, &shutdown).await {
                         return;
                     }

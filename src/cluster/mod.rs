@@ -49,6 +49,10 @@ const QUEUE: usize = 64;
 /// A voter heard from within this long answers (`keeps_up`): several of the leader's heartbeats
 /// and the links' pings arrive in it.
 const RESPONSIVE: Duration = Duration::from_millis(1500);
+/// A voter whose log is within this many entries of the leader's keeps up (`keeps_up`): under
+/// load a healthy follower is a few entries in flight behind; one receiving a snapshot or a long
+/// backlog is thousands.
+const KEEP_UP_LAG: u64 = 1024;
 /// How long the leader asks a member's old address whether it still runs there before moving
 /// the member to a new address (`apply_join`).
 const ADDRESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -315,10 +319,12 @@ impl Cluster {
                 // with a member's `--id` by mistake. Moving the member to the second one would
                 // cut the live one off, so the old address is asked first: a node that still
                 // answers there as `id` keeps its place.
+                // The same process reached through its old address too (it now advertises a
+                // name for the same host, say) answers with the new address: that is a move.
                 let in_use = id == self.replica.id()
                     || matches!(
                         self.replica.net.request_addr(&node.addr, &PeerRequest::Status, ADDRESS_PROBE_TIMEOUT).await,
-                        Ok((peer, _)) if peer == id
+                        Ok((peer, PeerResponse::Status(st))) if peer == id && st.addr != addr
                     );
                 if in_use {
                     metrics::counter!("raftbridge_peer_duplicate_id_refused_total").increment(1);
@@ -385,7 +391,7 @@ impl Cluster {
 
     /// Whether voter `id` would acknowledge a membership change now, as this leader sees it: it
     /// is this node, or it was heard from within `RESPONSIVE` and its log is within
-    /// `PROMOTE_LAG` of the leader's. A link alone is not enough: a stopped process keeps its
+    /// `KEEP_UP_LAG` of the leader's. A link alone is not enough: a stopped process keeps its
     /// link up, silent, until the idle timeout, and a voter being caught up (a snapshot, a long
     /// backlog) acknowledges the change only once it reaches it; a change counted on either
     /// held every write behind it.
@@ -396,7 +402,7 @@ impl Cluster {
         let heard = self.replica.net.heard_ago(id).is_some_and(|ago| ago <= RESPONSIVE);
         let last = m.last_log_index.unwrap_or(0);
         let matched = m.replication.as_ref().and_then(|r| r.get(&id)).and_then(|l| l.as_ref()).map(|l| l.index);
-        heard && matched.is_some_and(|i| i + PROMOTE_LAG >= last)
+        heard && matched.is_some_and(|i| i + KEEP_UP_LAG >= last)
     }
 
     async fn change(&self, c: ChangeMembers<NodeId, BasicNode>) -> Result<(), RemoteError> {

@@ -96,13 +96,13 @@ pub struct ProxySettings {
 /// The replicated key of an idempotent request: the client's key scoped by command, so one key
 /// reused for another command neither replays a wrong answer nor has its writes (tagged with
 /// this key) answered from the other command's record; and by tenant (`x-tenant-id`), so one
-/// tenant's key never replays another tenant's answer. A line break separates the tenant:
-/// header values cannot hold one, so no other key takes that form. Without a tenant the form
+/// tenant's key never replays another tenant's answer. Line breaks enclose the tenant: header
+/// values cannot hold one, so no other key or tenant takes that form. Without a tenant the form
 /// is the one records were kept under before tenants counted.
 pub fn idempotency_scope(service: &str, version: u32, command: &str, tenant: Option<&str>, key: &str) -> String {
     match tenant {
         None => format!("{service}/v{version}/{command}:{key}"),
-        Some(t) => format!("{service}/v{version}/{command}\n{t}:{key}"),
+        Some(t) => format!("{service}/v{version}/{command}\n{t}\n{key}"),
     }
 }
 
@@ -169,7 +169,18 @@ pub struct Proxy {
     settings: ProxySettings,
     /// Set when the node starts draining: remote invocations are refused (`NotServed`).
     draining: AtomicBool,
+    /// The commands this node's clients started, each in a task of its own (`serve`): closed
+    /// and waited for by the node's shutdown (`commands_finished`) before the broker and the
+    /// links stop, so that none is cut off between its write and its emit.
+    running: tokio_util::task::TaskTracker,
+    /// At most `MAX_RUNNING` of them at once: a client that disconnects right after sending no
+    /// longer ends its command, so without a bound one could start any number of them.
+    running_slots: Arc<Semaphore>,
 }
+
+/// Client commands running at once on a node at most (`Proxy::running_slots`); past it a new
+/// one is a 503 with `Retry-After`.
+const MAX_RUNNING: usize = 16_384;
 
 impl Proxy {
     pub fn new(
@@ -193,6 +204,8 @@ impl Proxy {
             table: Mutex::new(Arc::new(RouteTable::default())),
             balancer: Balancer::default(),
             budget: RetryBudget::default(),
+            running: tokio_util::task::TaskTracker::new(),
+            running_slots: Arc::new(Semaphore::new(MAX_RUNNING)),
             peer_slots: Mutex::new(HashMap::new()),
             settings,
             draining: AtomicBool::new(false),
@@ -311,9 +324,14 @@ impl Proxy {
         // this future, and a handler dropped part-way (its put done, its emit not; a key's
         // claim never completed) would leave half a command behind. The task ends by the
         // deadline like the request; `received` keeps the body's budget until it does.
+        let slot = self
+            .running_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Busy(format!("{MAX_RUNNING} commands are running on this node")))?;
         let this = Arc::clone(self);
-        let run = tokio::spawn(async move {
-            let _received = received;
+        let run = self.running.spawn(async move {
+            let (_slot, _received) = (slot, received);
             match inv.meta.idempotency_key.clone() {
                 Some(key) => this.idempotent(&key, inv, &route, deadline).await,
                 None => {
@@ -323,6 +341,13 @@ impl Proxy {
             }
         });
         run.await.map_err(|e| ApiError::Internal(format!("command task failed: {e}")))?
+    }
+
+    /// Stops taking client commands and waits up to `grace` for the running ones (their clients
+    /// may be gone); false if some were still running.
+    pub async fn commands_finished(&self, grace: Duration) -> bool {
+        self.running.close();
+        tokio::time::timeout(grace, self.running.wait()).await.is_ok()
     }
 
     /// Live nodes offering the route.

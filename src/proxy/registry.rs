@@ -49,7 +49,10 @@ pub async fn run(
             continue;
         }
         let mut want = offering();
-        let (_, registry) = store.local().registry();
+        let (_, mut registry) = store.local().registry();
+        // Entries of nodes no longer in the cluster own nothing.
+        let members = store.replica().metrics().membership_config.membership().clone();
+        registry.retain(|node, _| members.get_node(node).is_some());
         for (sub, service, owner) in drop_foreign_subscriptions(&mut want, &registry, me) {
             if warned.insert(sub.clone()) {
                 metrics::counter!("raftbridge_subscription_name_conflicts_total").increment(1);

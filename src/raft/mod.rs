@@ -361,10 +361,11 @@ pub fn fit_answers(
 
 /// The largest command (by `Command::approx_size`) that becomes a log entry, for peer frames of
 /// `max_frame` bytes: one entry always goes alone in an AppendEntries request, so it must fit a
-/// frame with room for the request's own fields. The size limits of the paths in (`--max-body`,
-/// events' `max_group_bytes`, command answers) are half a frame; this catches what slips past.
+/// frame with room for the request's own fields (an eighth of it). The size limits of the paths
+/// in (`--max-body`, events' `max_group_bytes`, command answers) are half a frame, and an event
+/// entry may carry subscription progress besides; this catches what slips past.
 pub fn entry_limit(max_frame: usize) -> usize {
-    max_frame / 4 * 3
+    max_frame - max_frame / 8
 }
 
 /// Forwards queued writes to the leader, many per frame. Each batch is sent by its own task so

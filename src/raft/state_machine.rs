@@ -489,7 +489,9 @@ impl SmData {
                     // A name belongs to the least service name declaring it (the rule of
                     // `registry::drop_foreign_subscriptions`, which keeps nodes from declaring
                     // another's); a registration racing that rule does not take it over.
-                    if self.registry.iter().filter(|(n, _)| **n != node).flat_map(|(_, s)| s.iter()).any(|other| {
+                    let members = self.last_membership.membership();
+                    let others = self.registry.iter().filter(|(n, _)| **n != node && members.get_node(n).is_some());
+                    if others.flat_map(|(_, s)| s.iter()).any(|other| {
                         other.name.as_str() < service && other.subscriptions.iter().any(|x| x.name == sub.name)
                     }) {
                         continue;
@@ -845,6 +847,11 @@ impl SmShared {
     }
 
     /// Nodes whose registry entry consumes the subscription (and is available).
+    /// Whether `node`'s registry entry declares subscription `sub` (available or not).
+    pub fn declares(&self, node: NodeId, sub: &str) -> bool {
+        read(&self.data).registry.get(&node).is_some_and(|services| services.iter().any(|s| s.subscriptions.iter().any(|x| x.name == sub)))
+    }
+
     pub fn subscribers_of(&self, sub: &str) -> Vec<NodeId> {
         let d = read(&self.data);
         d.registry
@@ -1423,6 +1430,8 @@ mod tests {
         };
         let filter_of = |d: &SmData| d.subs.get("s").and_then(|s| s.decl.filter.event_name.clone());
         let mut d = SmData::default();
+        let members = crate::raft::types::Membership::new_with_defaults(vec![[1, 2, 3].into()], []);
+        d.last_membership = StoredMembershipT::new(None, members);
         register(&mut d, 1, 1, "billing", "b");
         assert_eq!(filter_of(&d).as_deref(), Some("b"));
         register(&mut d, 2, 2, "audit", "a");
@@ -1430,6 +1439,10 @@ mod tests {
         register(&mut d, 3, 1, "billing", "b2");
         register(&mut d, 4, 3, "zeta", "z");
         assert_eq!(filter_of(&d).as_deref(), Some("a"), "later registrations of other services do not take it over");
+        // The entry of a node that left the cluster owns nothing.
+        d.last_membership = StoredMembershipT::new(None, crate::raft::types::Membership::new_with_defaults(vec![[1, 3].into()], []));
+        register(&mut d, 5, 1, "billing", "b3");
+        assert_eq!(filter_of(&d).as_deref(), Some("b3"), "node 2 (audit) is gone: billing owns it");
     }
 
     /// A subscription handler's tagged write leaves a record that no claim ticks away; the

@@ -512,7 +512,8 @@ impl Forward {
         };
         // The wait for a connection counts against the deadline.
         let limit = limit.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
-        let resend = self.idempotent && self.method.is_idempotent();
+        // GET and HEAD are safe by HTTP's rules, whatever the declaration says.
+        let resend = self.method.is_safe() || (self.idempotent && self.method.is_idempotent());
         let result = conn.conn.request_resending(self.method.clone(), &target, &headers, inv.payload.clone(), limit, resend).await;
         match result {
             Ok(resp) => {

@@ -1145,4 +1145,8 @@ fn one_idempotency_key_in_two_tenants_is_two_requests() {
         .request("POST", "/v1/events", &[], br#"[{"eventName":"tenantKeys","idempotencyKey":"a\nb"}]"#)
         .expect("batch");
     assert_json_error(&batch, 400, "a batch item's key with a control character");
+    let batch = api
+        .request("POST", "/v1/events", &[], "[{\"eventName\":\"tenantKeys\",\"idempotencyKey\":\"cl\u{e9}\"}]".as_bytes())
+        .expect("batch");
+    assert_json_error(&batch, 400, "a batch item's key that is not ASCII");
 }
