@@ -813,9 +813,13 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
         let Ok(permit) = out.clone().acquire_owned().await else { return };
         let (mut updates, mut lazy, first_tx) = first;
         let mut txs = vec![first_tx];
-        while updates.len() < UPDATE_BATCH {
+        // By count and by bytes (`Broker::progress_budget`): a batch must fit one entry.
+        let budget = broker.progress_budget();
+        let mut bytes: usize = updates.iter().map(SubUpdate::approx_size).sum();
+        while updates.len() < UPDATE_BATCH && bytes < budget {
             match rx.try_recv() {
                 Ok((more, more_lazy, tx)) => {
+                    bytes += more.iter().map(SubUpdate::approx_size).sum::<usize>();
                     updates.extend(more);
                     lazy &= more_lazy;
                     txs.push(tx);

@@ -233,7 +233,7 @@ impl Broker {
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
         // An entry holds at most what one group may (or less): it must fit into a peer frame.
         let max_bytes = MAX_BATCH_BYTES.min(max_group_bytes);
-        let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes };
+        let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes, max_progress_bytes: max_group_bytes / 4 };
         let slots = Slots {
             leading: Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES)),
             following: Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES)),
@@ -254,6 +254,13 @@ impl Broker {
 
     pub fn store(&self) -> &StateStore {
         &self.store
+    }
+
+    /// How much subscription progress (by `SubUpdate::approx_size`) one batch handed to
+    /// `settle` should hold at most: an eighth of a frame (see `Inbox::max_progress_bytes`).
+    /// `max_group_bytes` is half a frame.
+    pub fn progress_budget(&self) -> usize {
+        self.max_group_bytes / 4
     }
 
     /// After the broker's `shutdown` fired: waits, at most `grace`, until the entries the batcher
@@ -408,6 +415,16 @@ struct Inbox {
     /// `event_bytes` per entry at most (`MAX_BATCH_BYTES`, or less with a small `--max-frame`);
     /// a group larger than this still goes alone.
     max_bytes: usize,
+    /// Subscription progress per entry, by `SubUpdate::approx_size`: no more batches are taken
+    /// once an eighth of a frame is (a batch is not split, and each is about an eighth at most,
+    /// `Broker::progress_budget`), so with half a frame of events an entry stays well under
+    /// `raft::entry_limit`. The count bound alone let 4,096 updates
+    /// with their reasons outgrow a small frame, and such an entry was refused every time.
+    max_progress_bytes: usize,
+}
+
+fn progress_bytes(s: &Settle) -> usize {
+    s.updates.iter().map(SubUpdate::approx_size).sum()
 }
 
 /// What woke the batcher: a group of events, or subscription progress with no events queued.
@@ -475,13 +492,15 @@ impl Inbox {
     /// ends the wait: one entry's bound). `Err` on shutdown.
     async fn await_group(&mut self, settles: &mut Vec<Settle>, until: tokio::time::Instant, shutdown: &CancellationToken) -> Result<Option<Group>, ()> {
         let mut n: usize = settles.iter().map(|s| s.updates.len()).sum();
-        while n < MAX_SETTLE_UPDATES {
+        let mut bytes: usize = settles.iter().map(progress_bytes).sum();
+        while n < MAX_SETTLE_UPDATES && bytes < self.max_progress_bytes {
             tokio::select! {
                 g = self.groups.recv() => return Ok(g),
                 s = self.settles.recv() => match s {
                     Some(s) => {
                         let lazy = s.lazy;
                         n += s.updates.len();
+                        bytes += progress_bytes(&s);
                         settles.push(s);
                         if !lazy {
                             return Ok(None);
@@ -523,12 +542,15 @@ impl Inbox {
         (events, replies)
     }
 
-    /// Queued subscription progress, up to about `MAX_SETTLE_UPDATES` (a batch is not split).
+    /// Queued subscription progress, up to about `MAX_SETTLE_UPDATES` and `max_progress_bytes`
+    /// (a batch is not split).
     fn settles(&mut self, mut taken: Vec<Settle>) -> Vec<Settle> {
         let mut n: usize = taken.iter().map(|s| s.updates.len()).sum();
-        while n < MAX_SETTLE_UPDATES {
+        let mut bytes: usize = taken.iter().map(progress_bytes).sum();
+        while n < MAX_SETTLE_UPDATES && bytes < self.max_progress_bytes {
             let Ok(s) = self.settles.try_recv() else { break };
             n += s.updates.len();
+            bytes += progress_bytes(&s);
             taken.push(s);
         }
         taken
@@ -693,7 +715,7 @@ mod tests {
     fn inbox() -> (mpsc::Sender<Group>, mpsc::Sender<Settle>, Inbox) {
         let (tx, rx) = mpsc::channel(16);
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
-        (tx, settle_tx, Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes: MAX_BATCH_BYTES })
+        (tx, settle_tx, Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes: MAX_BATCH_BYTES, max_progress_bytes: usize::MAX })
     }
 
     fn acks(sub: &str, positions: std::ops::Range<u64>) -> (Settle, oneshot::Receiver<bool>) {
@@ -897,6 +919,15 @@ mod tests {
         // 3000 < MAX_SETTLE_UPDATES, so the second batch is taken whole; then the bound is met.
         assert_eq!(taken.iter().map(|s| s.updates.len()).sum::<usize>(), 6000);
         assert_eq!(inbox.settles(Vec::new()).len(), 1, "the rest waits for the next entry");
+        // By bytes too: with room for about 100 acks, the second batch of 100 waits.
+        let (_tx, settle_tx, mut inbox) = super::tests::inbox();
+        inbox.max_progress_bytes = 100 * SubUpdate::Ack { sub: "s".into(), position: 0 }.approx_size();
+        for i in 0..3u64 {
+            let (s, _) = acks("s", i * 100..(i + 1) * 100);
+            settle_tx.try_send(s).expect("room");
+        }
+        assert_eq!(inbox.settles(Vec::new()).len(), 1, "one batch reaches the byte bound");
+        assert_eq!(inbox.settles(Vec::new()).len(), 1);
     }
 
     #[tokio::test]

@@ -11,12 +11,15 @@
 //! 4. `deadline` — the command's timeout, shortened by `x-timeout-ms`; everything below runs
 //!    under it (→ 504) and remote nodes get the *remaining* time.
 //! 5. `body` — bounded read (413) and parameters (400); only now is memory spent on the request.
-//! 6. `idempotency` — with `Idempotency-Key`, the first finished result is replayed and
+//! 6. `detach` — from here on the command runs in a task of its own (bounded in number, waited
+//!    for at drain): a client that disconnects does not cut a handler between its write and its
+//!    emit.
+//! 7. `idempotency` — with `Idempotency-Key`, the first finished result is replayed and
 //!    concurrent duplicates wait for it (`idempotency.rs`).
-//! 7. `retry` — another node only when safe (never delivered, idempotent command, or keyed),
+//! 8. `retry` — another node only when safe (never delivered, idempotent command, or keyed),
 //!    within the retry budget (`balance.rs`).
-//! 8. `balance` — power of two choices, outlier ejection, a bound on in-flight requests per peer.
-//! 9. `dispatch` — the local handler, or `PeerRequest::Invoke` over the peer link.
+//! 9. `balance` — power of two choices, outlier ejection, a bound on in-flight requests per peer.
+//! 10. `dispatch` — the local handler, or `PeerRequest::Invoke` over the peer link.
 
 pub mod balance;
 pub mod idempotency;
