@@ -171,6 +171,14 @@ pub struct NodeArgs {
     /// 64 MiB; at least --max-frame); past it the oldest are forgotten sooner.
     #[arg(long, env = "RAFTBRIDGE_IDEMPOTENCY_MAX_BYTES")]
     pub idempotency_max_bytes: Option<u64>,
+    /// Keys the state store may hold at most, over all stores (default 1000000): a write that
+    /// would add one more is refused with 507 until keys are deleted.
+    #[arg(long, env = "RAFTBRIDGE_STATE_MAX_KEYS")]
+    pub state_max_keys: Option<u64>,
+    /// Bytes the state store may hold at most (keys, values and a small allowance per entry;
+    /// default 512 MiB, at least --max-body): a write that would grow it past this is a 507.
+    #[arg(long, env = "RAFTBRIDGE_STATE_MAX_BYTES")]
+    pub state_max_bytes: Option<u64>,
     /// Events kept in the log at most (oldest dropped first).
     #[arg(long, env = "RAFTBRIDGE_EVENTS_MAX_COUNT")]
     pub events_max_count: Option<u64>,
@@ -234,6 +242,8 @@ pub struct NodeConfig {
     pub events_max_count: u64,
     pub dedup_max_keys: usize,
     pub idempotency_max_bytes: u64,
+    pub state_max_keys: u64,
+    pub state_max_bytes: u64,
     pub publish_linger_ms: u64,
     pub local_first: bool,
     pub events_max_bytes: u64,
@@ -367,6 +377,8 @@ impl NodeArgs {
             events_max_count: pick!(events_max_count).unwrap_or(100_000),
             dedup_max_keys: pick!(dedup_max_keys).unwrap_or(250_000),
             idempotency_max_bytes: pick!(idempotency_max_bytes).unwrap_or(64 << 20),
+            state_max_keys: pick!(state_max_keys).unwrap_or(1_000_000),
+            state_max_bytes: pick!(state_max_bytes).unwrap_or(512 << 20),
             publish_linger_ms: pick!(publish_linger_ms).unwrap_or(DEFAULT_PUBLISH_LINGER_MS),
             local_first: pick!(local_first).unwrap_or(false),
             events_max_bytes: pick!(events_max_bytes).unwrap_or(64 << 20),
@@ -443,6 +455,13 @@ impl NodeConfig {
         if self.idempotency_max_bytes < self.max_frame as u64 {
             // One stored answer may take half a frame; a smaller bound would forget each at once.
             return invalid("idempotency-max-bytes", "must be at least --max-frame");
+        }
+        if self.state_max_keys == 0 {
+            return invalid("state-max-keys", "must be at least 1");
+        }
+        if self.state_max_bytes < self.max_body as u64 {
+            // One value may be as large as a body.
+            return invalid("state-max-bytes", "must be at least --max-body");
         }
         if self.snapshot_threshold == 0 {
             return invalid("snapshot-threshold", "must be at least 1");
@@ -594,6 +613,9 @@ mod tests {
         let cfg = base().resolve().unwrap();
         assert_eq!((cfg.dedup_max_keys, cfg.idempotency_max_bytes), (250_000, 64 << 20));
         assert!(matches!(NodeArgs { dedup_max_keys: Some(0), ..base() }.resolve(), Err(ConfigError::Invalid { name: "dedup-max-keys", .. })));
+        assert_eq!((cfg.state_max_keys, cfg.state_max_bytes), (1_000_000, 512 << 20));
+        assert!(matches!(NodeArgs { state_max_keys: Some(0), ..base() }.resolve(), Err(ConfigError::Invalid { name: "state-max-keys", .. })));
+        assert!(matches!(NodeArgs { state_max_bytes: Some(1000), ..base() }.resolve(), Err(ConfigError::Invalid { name: "state-max-bytes", .. })));
         let small = NodeArgs { idempotency_max_bytes: Some((16 << 20) - 1), ..base() };
         assert!(matches!(small.resolve(), Err(ConfigError::Invalid { name: "idempotency-max-bytes", .. })), "below one frame");
     }

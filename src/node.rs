@@ -333,7 +333,7 @@ pub async fn run(
         services.extend(parts);
     }
     let timeout = Duration::from_millis(cfg.write_timeout_ms);
-    let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout, cfg.max_body);
+    let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout, cfg.max_body, (cfg.state_max_keys, cfg.state_max_bytes));
     let broker_stop = run_stop.child_token();
     let limits = EventLimits {
         max_events: cfg.events_max_count,

@@ -1,6 +1,6 @@
 //! The one place where error causes become HTTP statuses.
 //!
-//! Bad input → 400/404/405/412/413, a body that does not arrive in time → 408; no leader or no quorum → 503; a peer that failed after taking
+//! Bad input → 400/404/405/412/413, a body that does not arrive in time → 408; a full state store → 507; no leader or no quorum → 503; a peer that failed after taking
 //! the request → 502; a deadline → 504; our own bug → 500. An upstream failure is never a 400.
 
 use bytes::Bytes;
@@ -42,6 +42,9 @@ pub enum ApiError {
     Busy(String),
     #[error("{0}")]
     BadGateway(String),
+    /// The state store is at its quota: 507 until something is deleted.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("deadline exceeded")]
     Timeout,
     /// The client did not send its whole request in time.
@@ -63,6 +66,7 @@ impl ApiError {
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
+            ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -117,6 +121,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::InvalidName(_) | StoreError::InvalidJson(_) => ApiError::BadRequest(e.to_string()),
             StoreError::TooLarge { .. } => ApiError::Oversized(e.to_string()),
+            StoreError::QuotaExceeded(m) => ApiError::InsufficientStorage(m),
             StoreError::PreconditionFailed { current } => ApiError::PreconditionFailed { current },
             StoreError::Replica(r) => r.into(),
             StoreError::Unexpected(_) => ApiError::Internal(e.to_string()),

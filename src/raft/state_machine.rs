@@ -394,6 +394,12 @@ pub struct SmData {
     /// layout stays as it was): counted again when one is decoded.
     #[serde(skip)]
     pub stores_digest: u64,
+    /// How many keys `stores` holds and what they weigh (`entry_weight`), kept as they change
+    /// for the store's quota (`store::StateStore`). Not in snapshots: counted when one is decoded.
+    #[serde(skip)]
+    pub stores_keys: u64,
+    #[serde(skip)]
+    pub stores_bytes: u64,
     /// Which node offers which services (the routing table's source).
     pub registry: BTreeMap<NodeId, Vec<ServiceDecl>>,
     /// Log index of the last registry change (lets readers cache derived tables).
@@ -411,7 +417,22 @@ pub struct SmData {
     pub subs: BTreeMap<String, SubState>,
 }
 
+/// What one state-store entry weighs for the quota: its names, its value and an allowance for
+/// the maps' nodes and the revision.
+pub fn entry_weight(store: &str, key: &str, value_len: usize) -> u64 {
+    (store.len() + key.len() + value_len + 64) as u64
+}
+
 impl SmData {
+    /// Counts an entry written with `weight`, replacing one of `old` (`None`: a new key).
+    fn count_entry(&mut self, weight: u64, old: Option<u64>) {
+        match old {
+            None => self.stores_keys += 1,
+            Some(old) => self.stores_bytes = self.stores_bytes.saturating_sub(old),
+        }
+        self.stores_bytes += weight;
+    }
+
     /// Member nodes whose services declare subscription `name`, available or not (such a node
     /// would create it again on its next registration). A node removed from the cluster does not
     /// count: only its own registration clears its entry, which it can no longer make.
@@ -437,15 +458,19 @@ impl SmData {
                         return CommandResult::PreconditionFailed { current };
                     }
                 }
+                let weight = entry_weight(&store, &key, value.len());
                 let entries = d.stores.entry(store).or_default();
                 let new = Versioned { value, revision: index };
                 let (added, removed) = (entry_hash(seed, &key, &new), entries.get(&key).map_or(0, |old| entry_hash(seed, &key, old)));
+                let old_weight = entries.get(&key).map(|old| weight - new.value.len() as u64 + old.value.len() as u64);
                 entries.insert(key, new);
                 d.stores_digest = d.stores_digest.wrapping_add(added).wrapping_sub(removed);
+                d.count_entry(weight, old_weight);
                 CommandResult::Written { revision: index }
             }),
             Command::Increment { store, key, by, tag } => self.tagged(tag, |d| {
                 let seed = store_seed(&store);
+                let store_name = store.clone();
                 let entries = d.stores.entry(store).or_default();
                 let current = match entries.get(&key) {
                     None => 0,
@@ -457,8 +482,11 @@ impl SmData {
                 let value = current.saturating_add(by);
                 let new = Versioned { value: value.to_string().into_bytes(), revision: index };
                 let (added, removed) = (entry_hash(seed, &key, &new), entries.get(&key).map_or(0, |old| entry_hash(seed, &key, old)));
+                let weight = entry_weight(&store_name, &key, new.value.len());
+                let old_weight = entries.get(&key).map(|old| entry_weight(&store_name, &key, old.value.len()));
                 entries.insert(key, new);
                 d.stores_digest = d.stores_digest.wrapping_add(added).wrapping_sub(removed);
+                d.count_entry(weight, old_weight);
                 CommandResult::Incremented { value, revision: index }
             }),
             Command::Delete { store, key, if_revision } => {
@@ -478,6 +506,8 @@ impl SmData {
                 let existed = removed.is_some();
                 if let Some(old) = removed {
                     self.stores_digest = self.stores_digest.wrapping_sub(entry_hash(store_seed(&store), &key, &old));
+                    self.stores_keys = self.stores_keys.saturating_sub(1);
+                    self.stores_bytes = self.stores_bytes.saturating_sub(entry_weight(&store, &key, old.value.len()));
                 }
                 if entries.is_empty() {
                     self.stores.remove(&store);
@@ -847,6 +877,12 @@ impl SmShared {
     }
 
     /// Nodes whose registry entry consumes the subscription (and is available).
+    /// The state store's keys and weight now (`SmData::stores_keys`, `stores_bytes`).
+    pub fn stores_usage(&self) -> (u64, u64) {
+        let d = read(&self.data);
+        (d.stores_keys, d.stores_bytes)
+    }
+
     /// Whether `node`'s registry entry declares subscription `sub` (available or not).
     pub fn declares(&self, node: NodeId, sub: &str) -> bool {
         read(&self.data).registry.get(&node).is_some_and(|services| services.iter().any(|s| s.subscriptions.iter().any(|x| x.name == sub)))
@@ -1143,12 +1179,25 @@ fn decode_file(bytes: &[u8]) -> io::Result<StoredSnapshot> {
     bincode::deserialize(body).map_err(|e| bad(&e.to_string()))
 }
 
+/// Keys and weight (`entry_weight`) of every state-store entry, counted afresh.
+fn stores_usage(stores: &Stores) -> (u64, u64) {
+    let mut usage = (0, 0);
+    for (store, entries) in stores {
+        for (key, v) in entries {
+            usage.0 += 1;
+            usage.1 += entry_weight(store, key, v.value.len());
+        }
+    }
+    usage
+}
+
 /// Decode and check a snapshot image; used before installing one received from the leader.
 pub fn decode_data(bytes: &[u8]) -> io::Result<SmData> {
     let mut data: SmData = bincode::deserialize(bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot data does not decode: {e}")))?;
     data.idem_bytes = data.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
     data.stores_digest = stores_digest(&data.stores);
+    (data.stores_keys, data.stores_bytes) = stores_usage(&data.stores);
     Ok(data)
 }
 
@@ -1485,6 +1534,21 @@ mod tests {
         let del = Command::Delete { store: "s".into(), key: "k".into(), if_revision: None };
         assert_eq!(d.apply(9, del), CommandResult::Deleted { existed: true });
         assert!(d.stores.is_empty());
+        // The quota's count follows every write, and a decoded snapshot counts the same.
+        assert_eq!((d.stores_keys, d.stores_bytes), (0, 0));
+        d.apply(11, put("s", "a", "12345", None));
+        d.apply(12, put("s", "a", "1", None));
+        d.apply(13, Command::Increment { store: "t".into(), key: "n".into(), by: 7, tag: None });
+        d.apply(14, put("t", "m", "\"x\"", None));
+        let expect = entry_weight("s", "a", 1) + entry_weight("t", "n", 1) + entry_weight("t", "m", 3);
+        assert_eq!((d.stores_keys, d.stores_bytes), (3, expect));
+        d.apply(15, Command::Delete { store: "t".into(), key: "m".into(), if_revision: None });
+        assert_eq!((d.stores_keys, d.stores_bytes), (2, expect - entry_weight("t", "m", 3)));
+        let decoded = decode_data(&bincode::serialize(&d).expect("encodes")).expect("decodes");
+        assert_eq!((decoded.stores_keys, decoded.stores_bytes), (d.stores_keys, d.stores_bytes));
+        d.apply(16, Command::Delete { store: "s".into(), key: "a".into(), if_revision: None });
+        d.apply(17, Command::Delete { store: "t".into(), key: "n".into(), if_revision: None });
+        assert_eq!((d.stores_keys, d.stores_bytes), (0, 0));
         // A refused write to a store that does not exist leaves nothing behind.
         assert_eq!(d.apply(10, put("new", "k", "1", Some(3))), CommandResult::PreconditionFailed { current: None });
         assert!(d.stores.is_empty(), "{:?}", d.stores.keys().collect::<Vec<_>>());

@@ -209,6 +209,7 @@ impl From<StoreError> for HandlerError {
             StoreError::InvalidName(_) | StoreError::InvalidJson(_) => HandlerError::bad_request(e.to_string()),
             StoreError::PreconditionFailed { .. } => HandlerError::new(409, e.to_string()),
             StoreError::TooLarge { .. } | StoreError::Replica(ReplicaError::TooLarge { .. }) => HandlerError::new(413, e.to_string()),
+            StoreError::QuotaExceeded(_) => HandlerError::new(507, e.to_string()),
             StoreError::Replica(_) => HandlerError::new(503, e.to_string()),
             StoreError::Unexpected(_) => HandlerError::unhandled(e.to_string()),
         }

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::raft::Replica;
 use crate::raft::ReplicaError;
 use crate::raft::state_machine::SmShared;
+use crate::raft::state_machine::entry_weight;
 use crate::raft::state_machine::Versioned;
 use crate::raft::types::Command;
 use crate::raft::types::CommandResult;
@@ -36,6 +37,9 @@ pub enum StoreError {
     /// a log entry that no peer frame carries, and replication would stall behind it.
     #[error("value of {bytes} bytes is larger than the limit of {limit} bytes")]
     TooLarge { bytes: usize, limit: usize },
+    /// The store is full (`--state-max-keys`, `--state-max-bytes`): 507 until keys are deleted.
+    #[error("{0}")]
+    QuotaExceeded(String),
     #[error("revision mismatch (current: {current:?})")]
     PreconditionFailed { current: Option<u64> },
     #[error(transparent)]
@@ -52,6 +56,10 @@ pub struct StateStore {
     /// Largest value a write takes (`--max-body`, which is at most half a peer frame). HTTP
     /// bodies are bounded before they get here; a handler's `put` is bounded only by this.
     max_value: usize,
+    /// Keys and bytes (`entry_weight`) the store may hold (`--state-max-keys`,
+    /// `--state-max-bytes`). Checked against this node's copy before a write is proposed, as
+    /// etcd checks its quota: writes racing on several nodes may overshoot by what they add.
+    quota: (u64, u64),
 }
 
 /// A value must be JSON text that can be served back as JSON: UTF-8 throughout, no lone
@@ -104,8 +112,27 @@ impl Precondition {
 const EXISTS_ROUNDS: usize = 16;
 
 impl StateStore {
-    pub fn new(replica: Replica, sm: Arc<SmShared>, timeout: Duration, max_value: usize) -> StateStore {
-        StateStore { replica, sm, timeout, max_value }
+    pub fn new(replica: Replica, sm: Arc<SmShared>, timeout: Duration, max_value: usize, quota: (u64, u64)) -> StateStore {
+        StateStore { replica, sm, timeout, max_value, quota }
+    }
+
+    /// Refuses a write of `value_len` bytes to `store/key` that would take the store past its
+    /// quota; a write that adds nothing (an overwrite no larger than before) always passes, so a
+    /// full store can still be changed and emptied.
+    fn check_quota(&self, store: &str, key: &str, value_len: usize) -> Result<(), StoreError> {
+        let (keys, bytes) = self.sm.stores_usage();
+        let (max_keys, max_bytes) = self.quota;
+        let old = self.sm.get(store, key).map(|v| entry_weight(store, key, v.value.len()));
+        let new = entry_weight(store, key, value_len);
+        if old.is_none() && keys >= max_keys {
+            return Err(StoreError::QuotaExceeded(format!("the state store holds {keys} keys, its limit (--state-max-keys)")));
+        }
+        if new > old.unwrap_or(0) && bytes.saturating_sub(old.unwrap_or(0)) + new > max_bytes {
+            return Err(StoreError::QuotaExceeded(format!(
+                "the state store holds {bytes} of its {max_bytes} bytes (--state-max-bytes); this write needs {new}"
+            )));
+        }
+        Ok(())
     }
 
     pub async fn get(&self, store: &str, key: &str, consistency: Consistency) -> Result<Option<Versioned>, StoreError> {
@@ -135,6 +162,7 @@ impl StateStore {
             return Err(StoreError::TooLarge { bytes: value.len(), limit: self.max_value });
         }
         check_json(value)?;
+        self.check_quota(store, key, value.len())?;
         let cmd = Command::Put { store: store.into(), key: key.into(), value: value.to_vec(), if_revision, tag };
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Written { revision } => Ok(revision),
@@ -196,6 +224,8 @@ impl StateStore {
     /// Atomically add `by` to an integer key; returns the new value.
     pub async fn increment(&self, store: &str, key: &str, by: i64, tag: WriteTag) -> Result<i64, StoreError> {
         check_names(store, key)?;
+        // An i64 in text: at most 20 bytes.
+        self.check_quota(store, key, 20)?;
         let cmd = Command::Increment { store: store.into(), key: key.into(), by, tag };
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Incremented { value, .. } => Ok(value),

@@ -134,3 +134,37 @@ fn if_match_star_needs_the_key_and_if_none_match_star_its_absence() {
         fail(api.get("star"), 404, "GET after the delete");
     }
 }
+
+/// The state store is bounded (`--state-max-keys`, `--state-max-bytes`): a write that would add
+/// a key past the count, or bytes past the size, is a 507 with a JSON message; overwrites that
+/// add nothing and deletes still work, and once keys are deleted new ones fit again.
+#[test]
+fn a_full_state_store_refuses_new_keys_with_507_and_takes_them_after_deletes() {
+    let (c, leader) = Cluster::formed("state-quota", 3, &["--state-max-keys", "4", "--state-max-bytes", "1048576"]);
+    let api = c.api(leader);
+    for i in 0..4 {
+        api.must_put(&format!("q{i}"), &json!({"i": i}));
+    }
+    // Every node's copy counts the same: each refuses the fifth key.
+    c.wait_caught_up(&c.ids(), crate::harness::CATCH_UP);
+    for node in c.apis() {
+        let resp = node.put("q4", &json!({"i": 4})).expect("PUT");
+        assert_json_error(&resp, 507, &format!("a fifth key via node {}", node.id));
+    }
+    api.must_put("q0", &json!({"i": "again"}));
+    ok(api.delete("q1"), "delete one");
+    api.must_put("q4", &json!({"i": 4}));
+    assert_json_error(&api.put("q5", &json!({})).expect("PUT"), 507, "full again");
+    // By bytes: three values of 300 KiB fit into 1 MiB, a fourth does not.
+    // (One cluster at a time: the harness serializes them.)
+    drop(c);
+    let (c, leader) = Cluster::formed("state-quota-bytes", 1, &["--state-max-bytes", "1048576"]);
+    let api = c.api(leader);
+    let big = json!("b".repeat(300 << 10));
+    for i in 0..3 {
+        api.must_put(&format!("big{i}"), &big);
+    }
+    assert_json_error(&api.put("big3", &big).expect("PUT"), 507, "a fourth 300 KiB value");
+    api.must_put("big0", &json!("small now"));
+    api.must_put("big3", &big);
+}
