@@ -346,8 +346,9 @@ impl Proxy {
         run.await.map_err(|e| ApiError::Internal(format!("command task failed: {e}")))?
     }
 
-    /// Stops taking client commands and waits up to `grace` for the running ones (their clients
-    /// may be gone); false if some were still running.
+    /// Waits up to `grace` for the client commands still running (their clients may be gone;
+    /// the node calls this once its HTTP listeners have stopped, so no new ones come); false if
+    /// some were still running.
     pub async fn commands_finished(&self, grace: Duration) -> bool {
         self.running.close();
         tokio::time::timeout(grace, self.running.wait()).await.is_ok()
