@@ -11,9 +11,9 @@
 //! 4. `deadline` — the command's timeout, shortened by `x-timeout-ms`; everything below runs
 //!    under it (→ 504) and remote nodes get the *remaining* time.
 //! 5. `body` — bounded read (413) and parameters (400); only now is memory spent on the request.
-//! 6. `detach` — from here on the command runs in a task of its own (bounded in number, waited
-//!    for at drain): a client that disconnects does not cut a handler between its write and its
-//!    emit.
+//! 6. `detach` — from here on a client that disconnects does not cut the command short: what is
+//!    left of it finishes in a task of its own (bounded in number, waited for at drain), so no
+//!    handler stops between its write and its emit.
 //! 7. `idempotency` — with `Idempotency-Key`, the first finished result is replayed and
 //!    concurrent duplicates wait for it (`idempotency.rs`).
 //! 8. `retry` — another node only when safe (never delivered, idempotent command, or keyed),
@@ -28,6 +28,8 @@ pub mod routing;
 
 use std::collections::BTreeMap;
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
@@ -172,13 +174,46 @@ pub struct Proxy {
     settings: ProxySettings,
     /// Set when the node starts draining: remote invocations are refused (`NotServed`).
     draining: AtomicBool,
-    /// The commands this node's clients started, each in a task of its own (`serve`): closed
-    /// and waited for by the node's shutdown (`commands_finished`) before the broker and the
-    /// links stop, so that none is cut off between its write and its emit.
+    /// The commands whose clients left before they ended, each finishing in a task of its own
+    /// (`Detachable`): waited for by the node's shutdown (`commands_finished`) before the broker
+    /// and the links stop, so that none is cut off between its write and its emit.
     running: tokio_util::task::TaskTracker,
-    /// At most `MAX_RUNNING` of them at once: a client that disconnects right after sending no
-    /// longer ends its command, so without a bound one could start any number of them.
+    /// At most `MAX_RUNNING` client commands at once: a client that disconnects right after
+    /// sending no longer ends its command, so without a bound one could start any number.
     running_slots: Arc<Semaphore>,
+}
+
+/// Runs a command in place (no task hop while its client waits) and, if it is dropped before
+/// the command ends (hyper drops a request's future when its client goes away), hands the rest
+/// to `tracker` to finish in a task of its own: a handler is never cut off part-way.
+struct Detachable<F: Future + Send + 'static> {
+    /// `None` once finished; pinned on the heap, so what is left can move into a task.
+    run: Option<Pin<Box<F>>>,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+impl<F: Future + Send + 'static> Future for Detachable<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        let Some(run) = self.run.as_mut() else { return std::task::Poll::Pending };
+        let out = run.as_mut().poll(cx);
+        if out.is_ready() {
+            self.run = None;
+        }
+        out
+    }
+}
+
+impl<F: Future + Send + 'static> Drop for Detachable<F> {
+    fn drop(&mut self) {
+        if let Some(run) = self.run.take() {
+            metrics::counter!("raftbridge_proxy_commands_detached_total").increment(1);
+            self.tracker.spawn(async move {
+                let _ = run.await;
+            });
+        }
+    }
 }
 
 /// Client commands running at once on a node at most (`Proxy::running_slots`); past it a new
@@ -323,17 +358,18 @@ impl Proxy {
             timeout_ms: timeout.as_millis() as u64,
         };
         metrics::counter!("raftbridge_proxy_requests_total", "service" => route.service.clone()).increment(1);
-        // From here on the command runs in a task of its own: a client that disconnects drops
-        // this future, and a handler dropped part-way (its put done, its emit not; a key's
-        // claim never completed) would leave half a command behind. The task ends by the
-        // deadline like the request; `received` keeps the body's budget until it does.
+        // From here on the command cannot be cut short: a client that disconnects drops this
+        // future, and a handler dropped part-way (its put done, its emit not; a key's claim
+        // never completed) would leave half a command behind. `Detachable` then finishes it in
+        // a task of its own, ended by the deadline like the request; `received` keeps the
+        // body's budget until it does.
         let slot = self
             .running_slots
             .clone()
             .try_acquire_owned()
             .map_err(|_| ApiError::Busy(format!("{MAX_RUNNING} commands are running on this node")))?;
         let this = Arc::clone(self);
-        let run = self.running.spawn(async move {
+        let run = async move {
             let (_slot, _received) = (slot, received);
             match inv.meta.idempotency_key.clone() {
                 Some(key) => this.idempotent(&key, inv, &route, deadline).await,
@@ -342,8 +378,8 @@ impl Proxy {
                     this.dispatch(inv, &route, deadline, retry).await.map(|(out, _)| answer(out))
                 }
             }
-        });
-        run.await.map_err(|e| ApiError::Internal(format!("command task failed: {e}")))?
+        };
+        Detachable { run: Some(Box::pin(run)), tracker: self.running.clone() }.await
     }
 
     /// Waits up to `grace` for the client commands still running (their clients may be gone;

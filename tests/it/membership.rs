@@ -23,6 +23,44 @@ fn assert_kept_out(c: &Cluster, nodes: &[u64], outsider: u64, period: Duration) 
     });
 }
 
+/// Every member's peer address, as the leader lists them.
+fn member_addrs(c: &Cluster, leader: u64) -> Vec<(u64, String)> {
+    let s = c.api(leader).status().expect("status");
+    c.ids().into_iter().map(|id| (id, s.member(id).expect("member").addr.clone())).collect()
+}
+
+/// Asserts for 3 s that every node lists each of `addrs` as a voter at that address.
+fn assert_members_stay(c: &Cluster, addrs: &[(u64, String)], desc: &str) {
+    c.assert_stays(desc, Duration::from_secs(3), || {
+        for id in c.ids() {
+            let s = c.api(id).status()?;
+            for (member, addr) in addrs {
+                match s.member(*member) {
+                    Some(m) if m.voter && m.addr == *addr => {}
+                    m => return Err(format!("node {id} lists node {member} as {m:?}, expected a voter at {addr}")),
+                }
+            }
+        }
+        Ok(())
+    });
+}
+
+/// A peer endpoint of this test's own, outside the cluster's processes, that claims `node_id`
+/// (in a Tokio runtime; `stop` ends it).
+fn foreign_peer(node_id: u64, cluster: &str, advertise: &str, stop: &tokio_util::sync::CancellationToken) -> std::sync::Arc<raftbridge::peer::PeerNet> {
+    let cfg = raftbridge::peer::PeerConfig {
+        node_id,
+        cluster: cluster.to_string(),
+        advertise: advertise.to_string(),
+        max_frame: 16 << 20,
+        idle_timeout: Duration::from_secs(10),
+        secret: None,
+        tls: None,
+        source_ip: None,
+    };
+    raftbridge::peer::PeerNet::new(cfg, stop.clone())
+}
+
 /// Builds a 4-node cluster (3 + one joined), removes a follower with `remove(cluster, victim,
 /// via)`, where `via` is a third node (neither leader nor victim), and checks the outcome.
 fn removal_scenario(name: &str, remove: impl FnOnce(&Cluster, u64, u64)) {
@@ -307,23 +345,10 @@ fn a_node_outside_the_cluster_cannot_remove_or_move_a_member() {
     use raftbridge::peer::message::RemoteError;
 
     let (c, leader) = Cluster::formed("outsider-requests", 3, &[]);
-    let addrs: Vec<(u64, String)> = {
-        let s = c.api(leader).status().expect("status");
-        c.ids().into_iter().map(|id| (id, s.member(id).expect("member").addr.clone())).collect()
-    };
+    let addrs = member_addrs(&c, leader);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let stop = tokio_util::sync::CancellationToken::new();
-    let cfg = raftbridge::peer::PeerConfig {
-        node_id: 99,
-        cluster: "it-outsider-requests".to_string(),
-        advertise: "127.0.0.1:9".to_string(),
-        max_frame: 16 << 20,
-        idle_timeout: Duration::from_secs(10),
-        secret: None,
-        tls: None,
-        source_ip: None,
-    };
-    let net = rt.block_on(async { raftbridge::peer::PeerNet::new(cfg, stop.clone()) });
+    let net = rt.block_on(async { foreign_peer(99, "it-outsider-requests", "127.0.0.1:9", &stop) });
     let follower = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
     let other = c.ids().into_iter().find(|&id| id != leader && id != follower).expect("another follower");
     for asked in [leader, follower] {
@@ -339,18 +364,7 @@ fn a_node_outside_the_cluster_cannot_remove_or_move_a_member() {
         }
     }
     stop.cancel();
-    c.assert_stays("the membership is unchanged", Duration::from_secs(3), || {
-        for id in c.ids() {
-            let s = c.api(id).status()?;
-            for (member, addr) in &addrs {
-                match s.member(*member) {
-                    Some(m) if m.voter && m.addr == *addr => {}
-                    m => return Err(format!("node {id} lists node {member} as {m:?}, expected a voter at {addr}")),
-                }
-            }
-        }
-        Ok(())
-    });
+    assert_members_stay(&c, &addrs, "the membership is unchanged");
     let refused: f64 = c.ids().iter().map(|&id| {
         ["remove", "join"].iter().map(|r| c.api(id).metric("raftbridge_peer_membership_refused_total", &[&format!("request=\"{r}\"")]).unwrap_or(0.0)).sum::<f64>()
     }).sum();
@@ -370,24 +384,11 @@ fn a_second_process_with_a_members_id_does_not_take_its_place() {
 
     let (c, leader) = Cluster::formed("duplicate-id", 3, &[]);
     let twin = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
-    let addrs: Vec<(u64, String)> = {
-        let s = c.api(leader).status().expect("status");
-        c.ids().into_iter().map(|id| (id, s.member(id).expect("member").addr.clone())).collect()
-    };
+    let addrs = member_addrs(&c, leader);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let stop = tokio_util::sync::CancellationToken::new();
     let elsewhere = "127.0.0.1:9".to_string();
-    let cfg = raftbridge::peer::PeerConfig {
-        node_id: twin,
-        cluster: "it-duplicate-id".to_string(),
-        advertise: elsewhere.clone(),
-        max_frame: 16 << 20,
-        idle_timeout: Duration::from_secs(10),
-        secret: None,
-        tls: None,
-        source_ip: None,
-    };
-    let net = rt.block_on(async { raftbridge::peer::PeerNet::new(cfg, stop.clone()) });
+    let net = rt.block_on(async { foreign_peer(twin, "it-duplicate-id", &elsewhere, &stop) });
     let join = PeerRequest::Join { id: twin, addr: elsewhere.clone() };
     let leader_peer = c.peer(leader).to_string();
     // The leader asks the member's own address, and that link to the real node takes the place
@@ -403,18 +404,7 @@ fn a_second_process_with_a_members_id_does_not_take_its_place() {
             n => Err(format!("{n} refusals counted")),
         }
     });
-    c.assert_stays("every member at its own address", Duration::from_secs(3), || {
-        for id in c.ids() {
-            let s = c.api(id).status()?;
-            for (member, addr) in &addrs {
-                match s.member(*member) {
-                    Some(m) if m.voter && m.addr == *addr => {}
-                    m => return Err(format!("node {id} lists node {member} as {m:?}, expected a voter at {addr}")),
-                }
-            }
-        }
-        Ok(())
-    });
+    assert_members_stay(&c, &addrs, "every member at its own address");
     c.api(twin).must_put("twin-refused", &json!({"node": twin, "serving": true}));
 
     // The member is gone: the same request is a move to the new address.
