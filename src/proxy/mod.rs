@@ -207,11 +207,15 @@ impl<F: Future + Send + 'static> Future for Detachable<F> {
 
 impl<F: Future + Send + 'static> Drop for Detachable<F> {
     fn drop(&mut self) {
-        if let Some(run) = self.run.take() {
+        // Outside a runtime (the process ending) there is nothing to finish it on.
+        if let (Some(run), Ok(rt)) = (self.run.take(), tokio::runtime::Handle::try_current()) {
             metrics::counter!("raftbridge_proxy_commands_detached_total").increment(1);
-            self.tracker.spawn(async move {
-                let _ = run.await;
-            });
+            self.tracker.spawn_on(
+                async move {
+                    let _ = run.await;
+                },
+                &rt,
+            );
         }
     }
 }
