@@ -49,11 +49,17 @@ pub async fn run(
             continue;
         }
         let mut want = offering();
-        let (_, mut registry) = store.local().registry();
-        // Entries of nodes no longer in the cluster own nothing.
-        let members = store.replica().metrics().membership_config.membership().clone();
-        registry.retain(|node, _| members.get_node(node).is_some());
-        for (sub, service, owner) in drop_foreign_subscriptions(&mut want, &registry, me) {
+        // Only an offering with subscriptions can clash (the copies below are made every tick).
+        let conflicts = if want.iter().any(|s| !s.subscriptions.is_empty()) {
+            let (_, mut registry) = store.local().registry();
+            // Entries of nodes no longer in the cluster own nothing.
+            let members = store.replica().metrics().membership_config.membership().clone();
+            registry.retain(|node, _| members.get_node(node).is_some());
+            drop_foreign_subscriptions(&mut want, &registry, me)
+        } else {
+            Vec::new()
+        };
+        for (sub, service, owner) in conflicts {
             if warned.insert(sub.clone()) {
                 metrics::counter!("raftbridge_subscription_name_conflicts_total").increment(1);
                 error!(subscription = %sub, service = %service, owner = %owner,

@@ -180,8 +180,9 @@ impl Replica {
     /// the command's result, only after the entry is committed and applied.
     pub async fn write(&self, cmd: Command, timeout: Duration) -> Result<(u64, CommandResult), ReplicaError> {
         let limit = entry_limit(self.net.max_frame());
-        if cmd.approx_size() > limit {
-            return Err(ReplicaError::TooLarge { bytes: cmd.approx_size(), limit });
+        let bytes = cmd.approx_size();
+        if bytes > limit {
+            return Err(ReplicaError::TooLarge { bytes, limit });
         }
         let deadline = Instant::now() + timeout;
         // Bounded: each pass either returns or waits for a leader change, and the deadline ends it.

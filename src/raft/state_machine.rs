@@ -877,10 +877,13 @@ impl SmShared {
     }
 
     /// Nodes whose registry entry consumes the subscription (and is available).
-    /// The state store's keys and weight now (`SmData::stores_keys`, `stores_bytes`).
-    pub fn stores_usage(&self) -> (u64, u64) {
+    /// The state store's keys and weight now (`SmData::stores_keys`, `stores_bytes`), and the
+    /// length of `store/key`'s value if it exists: what a write's quota check needs, under one
+    /// lock and without copying the value.
+    pub fn stores_usage(&self, store: &str, key: &str) -> (u64, u64, Option<usize>) {
         let d = read(&self.data);
-        (d.stores_keys, d.stores_bytes)
+        let old = d.stores.get(store).and_then(|s| s.get(key)).map(|v| v.value.len());
+        (d.stores_keys, d.stores_bytes, old)
     }
 
     /// Whether `node`'s registry entry declares subscription `sub` (available or not).

@@ -120,9 +120,9 @@ impl StateStore {
     /// quota; a write that adds nothing (an overwrite no larger than before) always passes, so a
     /// full store can still be changed and emptied.
     fn check_quota(&self, store: &str, key: &str, value_len: usize) -> Result<(), StoreError> {
-        let (keys, bytes) = self.sm.stores_usage();
+        let (keys, bytes, old_len) = self.sm.stores_usage(store, key);
         let (max_keys, max_bytes) = self.quota;
-        let old = self.sm.get(store, key).map(|v| entry_weight(store, key, v.value.len()));
+        let old = old_len.map(|len| entry_weight(store, key, len));
         let new = entry_weight(store, key, value_len);
         if old.is_none() && keys >= max_keys {
             return Err(StoreError::QuotaExceeded(format!("the state store holds {keys} keys, its limit (--state-max-keys)")));
