@@ -292,6 +292,11 @@ pub async fn run(
     // An empty log (a first start, or a data dir that was lost, whether or not its node id
     // file survived): the node may have acknowledged entries in an earlier life (`withhold_vote`).
     let empty_log = !log_store.holds_entries();
+    // Unless the empty log is a founder's, kept since before the cluster's first entry (`found`).
+    let founder = log_store.founder();
+    let unproven = empty_log && !founder;
+    info!(empty_log, founder, "raft state at start");
+    let founder_log = log_store.clone();
     let reversions = Arc::new(crate::raft::network::Reversions::default());
     let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone(), reversions: reversions.clone() }, log_store, sm)
         .await
@@ -400,7 +405,8 @@ pub async fn run(
         broker: broker.clone(),
         snapshots: Arc::new(Mutex::new(HashMap::new())),
         appends: appends.clone(),
-        unproven: Arc::new(AtomicBool::new(empty_log)),
+        unproven: Arc::new(AtomicBool::new(unproven)),
+        log: founder_log,
     }));
     let peer_task = crate::supervise::spawn_until("peer listener", &net_stop, net.clone().run(peer_listener));
 
@@ -711,8 +717,47 @@ struct PeerHandler {
     /// AppendEntries in arrival order per leader (pipelined replication, `raft::network`).
     appends: Arc<AppendLanes>,
     /// Set while this node started with an empty log and has not yet been brought up to date by
-    /// a leader (`withhold_vote`); cleared for good once it has.
+    /// a leader (`withhold_vote`); cleared for good once it has, or once its log is marked a
+    /// founder's (`found`).
     unproven: Arc<AtomicBool>,
+    /// This node's Raft log, for the founder mark (`found`).
+    log: LogStore,
+}
+
+/// Serves `PeerRequest::Found`: `from` is about to bootstrap a cluster of `members` with this
+/// node among them, having seen every one of them without cluster state. This node marks its
+/// log, if still empty and with no cluster state, as a founder's (durably, before answering).
+///
+/// Why that is safe: the mark is made while no seed holds an entry of the cluster, so this
+/// node cannot have acknowledged one before; it is kept with the log's segments, so a node
+/// that lost its log has lost the mark too. A node that restarts with an empty log and the
+/// mark therefore never acknowledged an entry, and votes as Raft says: the new-cluster stall
+/// of `withhold_vote` (a first leader that dies after its first entry reached only some nodes)
+/// does not hold up the founders that missed that entry.
+async fn found(replica: &Replica, log: &LogStore, unproven: &AtomicBool, from: NodeId, members: Vec<NodeId>) -> PeerResponse {
+    let me = replica.id();
+    if !members.contains(&me) || !members.contains(&from) {
+        return PeerResponse::Error(RemoteError::Invalid(format!("node {me} is not among the founders {members:?} with node {from}")));
+    }
+    match replica.raft.is_initialized().await {
+        Ok(false) if !log.holds_entries() => {}
+        Ok(_) => return PeerResponse::Error(RemoteError::Invalid(format!("node {me} already has cluster state"))),
+        Err(e) => return PeerResponse::Error(RemoteError::Internal(e.to_string())),
+    }
+    if log.founder() {
+        return PeerResponse::Done;
+    }
+    let marked = log.clone();
+    let ids = members.clone();
+    match tokio::task::spawn_blocking(move || marked.mark_founder(&ids)).await {
+        Ok(Ok(())) => {
+            unproven.store(false, Ordering::Relaxed);
+            info!(from, ?members, "forming a new cluster: this node's empty log is marked as a founder's");
+            PeerResponse::Done
+        }
+        Ok(Err(e)) => PeerResponse::Error(RemoteError::Internal(format!("marking the log: {e}"))),
+        Err(e) => PeerResponse::Error(RemoteError::Internal(format!("marking the log: {e}"))),
+    }
 }
 
 /// A subscription's name is its identity cluster-wide (its progress and dead letters are kept
@@ -744,10 +789,13 @@ fn check_subscription_names(services: &[ServiceParts], sidecar: Option<&crate::s
 /// which notices the lost log and keeps the node a learner: `cluster`.) The refusal is an error,
 /// which the candidate counts as no answer.
 ///
-/// Known gap, kept for safety: a new cluster whose first leader dies after its first entry
-/// reached some nodes but not others elects no one until that leader is back (the node without
-/// the entry cannot tell it from a node that lost its data; a vote for a candidate that merely
-/// reaches the leader's term would let one that lacks entries of that very term win).
+/// A node whose empty log is a founder's (`found`) is not held to this: its log was never lost,
+/// so it never acknowledged an entry. That is what lets a new cluster whose first leader dies
+/// after its first entry reached some founders but not others elect among them. Left as a gap:
+/// a founder that the bootstrapping node could not mark (no answer within `FOUND_TIMEOUT`, or a
+/// build from before the mark) still withholds in that case until the first leader is back.
+/// (A vote for a candidate that merely reaches the leader's term is no way out: it would let one
+/// that lacks entries of that very term win.)
 fn withhold_vote(unproven: &AtomicBool, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
     if !unproven.load(Ordering::Relaxed) {
         return None;
@@ -812,6 +860,7 @@ impl Handler for PeerHandler {
         let dispatcher = self.dispatcher.clone();
         let broker = self.broker.clone();
         let unproven = self.unproven.clone();
+        let log = self.log.clone();
         let max_frame = replica.net.max_frame();
         Box::pin(async move {
             let raft = &replica.raft;
@@ -854,6 +903,7 @@ impl Handler for PeerHandler {
                 PeerRequest::Remove { id } => async { cluster.admits(from, id, Membership::Remove)?; cluster.remove(id).await }
                     .await
                     .map_or_else(PeerResponse::Error, |()| PeerResponse::Done),
+                PeerRequest::Found { members } => found(&replica, &log, &unproven, from, members).await,
             }
         })
     }

@@ -56,6 +56,8 @@ const KEEP_UP_LAG: u64 = 1024;
 /// How long the leader asks a member's old address whether it still runs there before moving
 /// the member to a new address (`apply_join`).
 const ADDRESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the bootstrapping node waits for each founder to mark its log (`mark_founders`).
+const FOUND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A membership request that arrives on a peer link ([`Cluster::admits`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Membership {
@@ -488,6 +490,26 @@ impl Cluster {
         }
     }
 
+    /// Before bootstrapping: asks the other founders to mark their empty logs as founders'
+    /// (`PeerRequest::Found`, served by `node::found`), so that one of them that misses the first
+    /// leader's first entries can still vote once that leader is gone. Best effort: a founder
+    /// that does not answer in time keeps the stricter vote rule for an empty log.
+    async fn mark_founders(&self, fresh: &BTreeMap<NodeId, String>, ids: &[NodeId]) {
+        let me = self.replica.id();
+        let asks = fresh.iter().filter(|(id, _)| **id != me).map(|(id, addr)| {
+            let net = self.replica.net.clone();
+            let req = PeerRequest::Found { members: ids.to_vec() };
+            async move { (*id, net.request_addr(addr, &req, FOUND_TIMEOUT).await) }
+        });
+        for (id, answer) in futures_util::future::join_all(asks).await {
+            match answer {
+                Ok((_, PeerResponse::Done)) => debug!(node = id, "founder marked"),
+                Ok((_, other)) => info!(node = id, answer = ?other, "founder not marked"),
+                Err(e) => info!(node = id, cause = %e, "founder not marked"),
+            }
+        }
+    }
+
     /// Until this node is in a cluster: join one through a seed, or bootstrap one (see module doc).
     async fn bootstrap_or_join(self, shutdown: CancellationToken) {
         let me = self.replica.id();
@@ -570,7 +592,9 @@ impl Cluster {
             } else if bootstrap {
                 let nodes: BTreeMap<NodeId, BasicNode> =
                     fresh.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
-                info!(members = ?nodes.keys().collect::<Vec<_>>(), "bootstrapping the cluster");
+                let ids: Vec<NodeId> = nodes.keys().copied().collect();
+                info!(members = ?ids, "bootstrapping the cluster");
+                self.mark_founders(&fresh, &ids).await;
                 if let Err(e) = self.replica.raft.initialize(nodes).await {
                     warn!(cause = %e, "initialize failed");
                 }

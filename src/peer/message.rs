@@ -53,6 +53,9 @@ pub enum PeerRequest {
     /// Process several events for a shared subscription, concurrently; answered with one
     /// outcome per event, in order. Only to peers that announced `features::DELIVER_BATCH`.
     DeliverBatch { sub: String, events: Vec<crate::broker::event::Event> },
+    /// From the node about to bootstrap a cluster of `members` (all seen without cluster
+    /// state): mark this node's still empty log as a founder's (`LogStore::mark_founder`).
+    Found { members: Vec<NodeId> },
 }
 
 impl PeerRequest {
@@ -86,6 +89,7 @@ impl PeerRequest {
             PeerRequest::Invoke(_) => "invoke",
             PeerRequest::Deliver { .. } => "deliver",
             PeerRequest::DeliverBatch { .. } => "deliver_batch",
+            PeerRequest::Found { .. } => "found",
         }
     }
 }

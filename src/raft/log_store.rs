@@ -141,6 +141,9 @@ impl LogStoreOptions {
 pub const POWER_LOSS_ENV: &str = "RAFTBRIDGE_TEST_POWER_LOSS";
 /// Side file of the power-loss mode: `<segment name> <synced length>`.
 const SYNCED_FILE: &str = "synced";
+/// Present when this log was made before its cluster formed, as one of the nodes that formed it
+/// (`LogStore::mark_founder`). It lives with the segments: a log that is lost loses it too.
+const FOUNDER_FILE: &str = "founder";
 
 impl Default for LogStoreOptions {
     fn default() -> Self {
@@ -757,6 +760,21 @@ impl LogStore {
         lock(&self.inner.mem).is_ok_and(|m| m.meta.vote.is_some() || !m.entries.is_empty() || m.meta.last_purged.is_some())
     }
 
+    /// True when this log was marked, while still empty, as that of a node forming a new cluster
+    /// (`PeerRequest::Found`). As the mark is kept with the segments, a log that has it has not
+    /// been lost since before the cluster's first entry: an empty one never acknowledged an
+    /// entry, and the node may vote as Raft says (`node::withhold_vote`).
+    pub fn founder(&self) -> bool {
+        self.inner.dir.join(FOUNDER_FILE).exists()
+    }
+
+    /// Marks this log as a founder's (see `founder`), durably: `members` are the nodes forming
+    /// the cluster, kept for whoever reads the data dir. Blocking (a file write and fsyncs).
+    pub fn mark_founder(&self, members: &[u64]) -> io::Result<()> {
+        let text = format!("formed a cluster with nodes {members:?} while this log was empty\n");
+        crate::fsutil::write_atomic(&self.inner.dir, FOUNDER_FILE, text.as_bytes())
+    }
+
     /// True when the log holds entries, or held some and purged them into a snapshot: a vote
     /// alone does not count.
     pub fn holds_entries(&self) -> bool {
@@ -1162,6 +1180,24 @@ mod tests {
         v.retain(|p| p.extension().is_some_and(|x| x == "seg"));
         v.sort();
         v
+    }
+
+    /// The founder mark survives a reopen, and goes with the log's directory.
+    #[tokio::test]
+    async fn the_founder_mark_is_kept_with_the_log() {
+        let dir = TempDir::new();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert!(!store.founder());
+        store.mark_founder(&[1, 2, 3]).unwrap();
+        assert!(store.founder());
+        drop(store);
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert!(store.founder(), "kept across a restart");
+        assert!(!store.holds_entries());
+        drop(store);
+        fs::remove_dir_all(&dir.0).unwrap();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert!(!store.founder(), "a lost log loses its mark");
     }
 
     #[tokio::test]

@@ -9,6 +9,7 @@ use serde_json::json;
 use crate::harness::assert_json_error;
 use crate::harness::Cluster;
 use crate::harness::CATCH_UP;
+use crate::harness::FORMATION;
 
 /// Asserts that none of `nodes` lists `outsider` as a member for the whole of `period`.
 fn assert_kept_out(c: &Cluster, nodes: &[u64], outsider: u64, period: Duration) {
@@ -585,4 +586,54 @@ fn a_node_whose_data_was_lost_votes_for_no_one_until_a_leader_reaches_it() {
         assert_eq!(r.status, 200, "GET {key}: {}", r.describe());
         assert_eq!(r.json().expect("json"), json!({"i": i}), "{key}");
     }
+}
+
+/// A new cluster whose first leader dies after its first entries reached one founder but not
+/// the other. The one that missed them restarts with an empty log, as a node that lost its data
+/// would; but its log was marked as a founder's while the cluster formed (`PeerRequest::Found`),
+/// so it votes, and the two elect a leader without the first. (Before the mark it withheld its
+/// vote until the first leader was back.)
+#[test]
+fn founders_elect_a_leader_when_the_first_dies_before_its_entries_reached_them_all() {
+    let c = Cluster::new("founders", 3, &[]);
+    c.start_all();
+    // Node 1 (the lowest id) bootstraps after the other two marked their logs; its election
+    // comes an election timeout later, so node 3 is stopped before any entry reaches it.
+    let start = std::time::Instant::now();
+    let mut polls = 0u32;
+    while !c.log_text(3).contains("marked as a founder") {
+        assert!(start.elapsed() < FORMATION && polls < 1_000_000, "node 3 was never marked as a founder");
+        polls += 1;
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    c.signal(3, "STOP");
+    eprintln!("[membership] node 3 stopped once marked as a founder");
+    let leader = c.wait_for("a leader between nodes 1 and 2 whose entries node 2 holds", FORMATION, || {
+        let s = c.api(2).status()?;
+        match s.leader {
+            Some(l) if l != 3 && s.applied >= 1 => Ok(l),
+            _ => Err(format!("node 2: {s}")),
+        }
+    });
+    let first = if leader == 1 { 1 } else { 2 };
+    let survivor = 3 - first;
+    eprintln!("[membership] first leader {first}; killing it and node 3, restarting node 3");
+    c.kill(first);
+    c.kill(3);
+    c.start(3);
+    // What is under test: node 3 is back with an empty log that is a founder's.
+    c.wait_until("node 3 reopened an empty log marked as a founder's", CATCH_UP, || {
+        c.log_text(3).lines().filter(|l| l.contains("raft state at start")).nth(1).is_some_and(|l| l.contains("empty_log=true") && l.contains("founder=true"))
+    });
+    let now = c.wait_for_leader(CATCH_UP);
+    assert_ne!(now, first);
+    c.api(survivor).must_put("founders/after", &json!({"leader": now}));
+    c.start(first);
+    c.wait_for_membership(&c.ids(), &[], CATCH_UP);
+    for id in c.ids() {
+        let r = c.api(id).get("founders/after").unwrap_or_else(|e| panic!("GET on node {id}: {e}"));
+        assert_eq!(r.status, 200, "node {id}: {}", r.describe());
+        assert_eq!(r.json().expect("json"), json!({"leader": now}), "node {id}");
+    }
+    assert_eq!(c.api(3).metric("raftbridge_raft_votes_withheld_total", &[]), Ok(0.0), "node 3 withheld no vote");
 }
