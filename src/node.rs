@@ -373,7 +373,10 @@ pub async fn run(
                 let shared = decl.is_none_or(|d| d.shared);
                 let ack_deadline = Duration::from_millis(decl.map_or(crate::broker::event::DEFAULT_ACK_DEADLINE_MS, |d| d.ack_deadline_ms).max(1));
                 let available = sidecar_subs.contains(name.as_str()).then(|| sidecar_healthy.clone()).flatten();
-                (name.clone(), LocalSubscriber { handler: h.clone(), service: service.clone(), shared, ack_deadline, available })
+                // What it emits names the subscription as its sender's target, as a command's
+                // events name the command (PURISTA's `serviceTarget`).
+                let service = Sender { service_target: name.clone(), ..service.clone() };
+                (name.clone(), LocalSubscriber { handler: h.clone(), service, shared, ack_deadline, available })
             })
         })
         .collect();

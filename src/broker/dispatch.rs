@@ -67,6 +67,14 @@ const TICK: Duration = Duration::from_millis(10);
 const SETTLING_FACTOR: usize = 8;
 /// Events one `DeliverBatch` may carry (a consumer serves them all at once).
 const MAX_DELIVER_BATCH: usize = 1024;
+/// How long past the ack deadline the leader waits for a consumer's answer. The consumer stops
+/// each handler at the deadline counted from the request's arrival and answers every event of
+/// the batch at once: without this margin, one handler held to its deadline made the request
+/// time out on the leader first, and the batch's acked events failed with it.
+const DELIVERY_GRACE: Duration = Duration::from_secs(1);
+/// What an event's encoding in a delivery frame adds to `EventBody::full_size` at most
+/// (bincode's string lengths, options, position and timestamp), for cutting batches by bytes.
+const EVENT_FRAME_OVERHEAD: usize = 192;
 /// Bytes of a failed delivery's reason kept at most (it is replicated and kept in the dead
 /// letters, up to `MAX_DEAD_LETTERS` per subscription); less with a small `--max-frame`
 /// (`reason_cap`), as a delivery batch's failures share one reply frame and one entry.
@@ -168,6 +176,10 @@ enum Retry {
     /// Its consumer refused it (no attempt): after a pause that grows with each refusal, so an
     /// event that only refusing consumers are left for does not circle every tick.
     Refused,
+    /// Acked, but the ack could not be committed (no leader for a while): the log still lists
+    /// it as pending, so it is handed out again, after a short pause rather than on the next
+    /// pass (every handler would otherwise run again each millisecond while commits fail).
+    Unsettled,
 }
 
 /// A failed delivery's note to the pass: which position, when to retry it, the consumer that
@@ -184,6 +196,7 @@ fn note_retry(
     node: NodeId,
 ) -> Duration {
     let pause = match retry {
+        Retry::Unsettled => return BACKOFF_BASE,
         Retry::After(pause) => pause,
         Retry::Refused => {
             let n = refusals.entry(key.clone()).or_insert(0);
@@ -308,7 +321,10 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
-                changed = rx.changed() => if changed.is_err() { return false },
+                // The sender (the sidecar's health loop) goes only when the sidecar stops, at
+                // drain and before this loop's stop: returning now would read as a loop that
+                // failed (`supervise`), so wait for the stop.
+                changed = rx.changed() => if changed.is_err() { shutdown.cancelled().await; return false },
             }
         }
     }
@@ -519,7 +535,8 @@ impl Dispatcher {
                 }
                 for (target, events) in handout {
                     let batched = target == self.node_id || self.net.features(target) & features::DELIVER_BATCH != 0;
-                    for batch in in_frames(events, if batched { MAX_DELIVER_BATCH } else { 1 }) {
+                    let per_frame = if batched { MAX_DELIVER_BATCH } else { 1 };
+                    for batch in in_frames(events, per_frame, self.net.max_frame() / 2, |(e, _)| e.full_size() + EVENT_FRAME_OVERHEAD) {
                         let (this, inflight, decl, retry_tx, freed) = (self.clone(), inflight.clone(), decl.clone(), retry_tx.clone(), freed.clone());
                         tokio::spawn(async move {
                             let positions: Vec<u64> = batch.iter().map(|(e, _)| e.position).collect();
@@ -561,15 +578,15 @@ impl Dispatcher {
         } else if n == 1 {
             let event = events.into_iter().next().expect("one event"); // n == 1
             let req = PeerRequest::Deliver { sub: decl.name.clone(), event };
-            remote_outcomes(self.net.request(target, &req, deadline).await, 1, deadline)
+            remote_outcomes(self.net.request(target, &req, deadline + DELIVERY_GRACE).await, 1, deadline)
         } else {
             let req = PeerRequest::DeliverBatch { sub: decl.name.clone(), events };
-            remote_outcomes(self.net.request(target, &req, deadline).await, n, deadline)
+            remote_outcomes(self.net.request(target, &req, deadline + DELIVERY_GRACE).await, n, deadline)
         };
         answered();
         let mut updates = Vec::with_capacity(n);
         let (mut acks, mut refused) = (0, 0);
-        let pauses = positions
+        let pauses: Vec<Option<Retry>> = positions
             .into_iter()
             .zip(attempts)
             .zip(results)
@@ -600,8 +617,11 @@ impl Dispatcher {
         metrics::counter!("raftbridge_deliveries_total", "outcome" => "refused").increment(refused);
         // Nothing waits on these but the positions they settle: they may ride in the next
         // event entry rather than make one.
-        self.update(updates, true).await;
-        pauses
+        if self.update(updates, true).await {
+            pauses
+        } else {
+            pauses.into_iter().map(|p| p.or(Some(Retry::Unsettled))).collect()
+        }
     }
 
     /// On every node: deliver an every-instance subscription's events to the local handler, in
@@ -646,14 +666,22 @@ impl Dispatcher {
             let mut progress: Vec<SubUpdate> = Vec::new();
             let mut flushed = Instant::now();
             let matched = !events.is_empty();
-            for event in events {
+            // Progress that could not be committed: this pass ends and the next starts from the
+            // replicated position again (`next = None`). Going on from memory would let a later
+            // position commit past it: a dead letter in it would be neither recorded nor
+            // delivered again.
+            let mut lost = false;
+            'events: for event in events {
                 let position = event.position;
                 let mut attempts = 0u32;
                 let dead = loop {
                     if !self.local.get(&name).is_some_and(LocalSubscriber::available) && !progress.is_empty() {
                         // Committed before a wait that may be long: a stop meanwhile would
                         // otherwise deliver these again after the restart.
-                        self.record_instance_progress(&name, std::mem::take(&mut progress)).await;
+                        if !self.record_instance_progress(&name, std::mem::take(&mut progress)).await {
+                            lost = true;
+                            break 'events;
+                        }
                         flushed = Instant::now();
                     }
                     if !self.until_available(&name, &shutdown).await {
@@ -666,6 +694,15 @@ impl Dispatcher {
                             if attempts >= decl.max_attempts {
                                 break Some((attempts, e.to_string()));
                             }
+                            // Committed before the backoff too: retries of one event can take
+                            // minutes, and `INSTANCE_FLUSH` promises less redelivery than that.
+                            if !progress.is_empty() {
+                                if !self.record_instance_progress(&name, std::mem::take(&mut progress)).await {
+                                    lost = true;
+                                    break 'events;
+                                }
+                                flushed = Instant::now();
+                            }
                             tokio::select! {
                                 _ = shutdown.cancelled() => return,
                                 _ = tokio::time::sleep(backoff(attempts)) => {}
@@ -676,11 +713,22 @@ impl Dispatcher {
                 next = Some(position + 1);
                 note_progress(&mut progress, SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead });
                 if flushed.elapsed() >= INSTANCE_FLUSH {
-                    self.record_instance_progress(&name, std::mem::take(&mut progress)).await;
+                    if !self.record_instance_progress(&name, std::mem::take(&mut progress)).await {
+                        lost = true;
+                        break 'events;
+                    }
                     flushed = Instant::now();
                 }
             }
-            self.record_instance_progress(&name, progress).await;
+            if lost || !self.record_instance_progress(&name, progress).await {
+                next = None;
+                // Commits fail while there is no leader: not a pass each millisecond meanwhile.
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(BACKOFF_BASE) => {}
+                }
+                continue;
+            }
             if let Some(to) = scanned_to {
                 next = Some(next.unwrap_or(to).max(to));
             }
@@ -695,16 +743,22 @@ impl Dispatcher {
         }
     }
 
-    /// Commits an every-instance loop's progress (see `note_progress`); on failure the events
-    /// are delivered again after a restart (at least once).
-    async fn record_instance_progress(&self, sub: &str, progress: Vec<SubUpdate>) {
+    /// Commits an every-instance loop's progress (see `note_progress`). False when it could not:
+    /// the loop then goes back to the replicated position, and delivers those events again (at
+    /// least once).
+    async fn record_instance_progress(&self, sub: &str, progress: Vec<SubUpdate>) -> bool {
+        if progress.is_empty() {
+            return true;
+        }
         let last = progress.last().map(|u| match u {
             SubUpdate::Instance { position, .. } => *position,
             _ => 0,
         });
-        if !self.update(progress, false).await {
-            warn!(sub, position = ?last, "could not record progress; will redeliver after a restart");
+        let ok = self.update(progress, false).await;
+        if !ok {
+            warn!(sub, position = ?last, "could not record progress; delivering from the recorded position again");
         }
+        ok
     }
 }
 
@@ -725,9 +779,13 @@ fn remote_outcomes(answer: Result<PeerResponse, crate::peer::PeerError>, n: usiz
         Ok(PeerResponse::DeliveredBatch(r)) if r.len() == n => r.into_iter().map(Outcome::Ran).collect(),
         Ok(PeerResponse::Error(RemoteError::NotServed(why))) => vec![Outcome::Refused(why); n],
         Ok(other) => vec![Outcome::Ran(Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other))))); n],
+        // One event that no frame can carry: no consumer will ever take it, so it is an attempt
+        // (it dead-letters after the subscription's attempts) rather than a refusal, which
+        // would hand it out again for good. (Batches are cut to half a frame: `in_frames`.)
+        Err(e @ crate::peer::PeerError::TooLarge { .. }) if n == 1 => vec![Outcome::Ran(Err(HandlerError::new(413, e.to_string())))],
         // The request never left (no link could be made): no handler ran, as with a refusal.
         Err(e) if e.not_delivered() => vec![Outcome::Refused(e.to_string()); n],
-        // An answer late: the consumer stops its handler at the same deadline.
+        // No answer even past the deadline (`DELIVERY_GRACE`): the consumer is stuck or gone.
         Err(crate::peer::PeerError::Timeout { .. }) => {
             let why = format!("ack deadline of {} ms passed", deadline.as_millis());
             vec![Outcome::Ran(Err(HandlerError::new(504, why))); n]
@@ -787,12 +845,24 @@ async fn pace(last: &mut Instant, shutdown: &CancellationToken) -> bool {
 }
 
 /// `items` in order, in groups of at most `per_frame` (a `max_in_flight` above
-/// `MAX_DELIVER_BATCH` takes several frames: a consumer refuses larger ones).
-fn in_frames<T>(items: Vec<T>, per_frame: usize) -> Vec<Vec<T>> {
-    let mut items = items.into_iter().peekable();
-    let mut frames = Vec::new();
-    while items.peek().is_some() {
-        frames.push(items.by_ref().take(per_frame.max(1)).collect());
+/// `MAX_DELIVER_BATCH` takes several frames: a consumer refuses larger ones) and of at most
+/// `max_bytes` by `size` (a frame has a size limit: a batch over it would be refused whole, and
+/// handed out again whole, for good); an item larger than that goes alone.
+fn in_frames<T>(items: Vec<T>, per_frame: usize, max_bytes: usize, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
+    let mut frames: Vec<Vec<T>> = Vec::new();
+    let mut bytes = 0;
+    for item in items {
+        let s = size(&item);
+        match frames.last_mut() {
+            Some(frame) if frame.len() < per_frame.max(1) && bytes + s <= max_bytes => {
+                bytes += s;
+                frame.push(item);
+            }
+            _ => {
+                bytes = s;
+                frames.push(vec![item]);
+            }
+        }
     }
     frames
 }
@@ -853,10 +923,16 @@ mod tests {
 
     #[test]
     fn deliveries_split_into_frames_of_at_most_the_bound_in_order() {
-        assert_eq!(in_frames(vec![1, 2, 3, 4, 5], 2), vec![vec![1, 2], vec![3, 4], vec![5]]);
-        assert_eq!(in_frames(vec![1, 2], 1), vec![vec![1], vec![2]]);
-        assert_eq!(in_frames((0..2500).collect(), MAX_DELIVER_BATCH).iter().map(Vec::len).collect::<Vec<_>>(), vec![1024, 1024, 452]);
-        assert!(in_frames(Vec::<u8>::new(), 4).is_empty());
+        let one = |_: &u32| 1;
+        assert_eq!(in_frames(vec![1, 2, 3, 4, 5], 2, usize::MAX, one), vec![vec![1, 2], vec![3, 4], vec![5]]);
+        assert_eq!(in_frames(vec![1, 2], 1, usize::MAX, one), vec![vec![1], vec![2]]);
+        assert_eq!(in_frames((0..2500).collect(), MAX_DELIVER_BATCH, usize::MAX, one).iter().map(Vec::len).collect::<Vec<_>>(), vec![1024, 1024, 452]);
+        assert!(in_frames(Vec::<u32>::new(), 4, usize::MAX, one).is_empty());
+        // By bytes as well: a frame is cut before it would pass the bound, and an item larger
+        // than the bound goes alone (the link then refuses it, which counts as an attempt).
+        let size = |n: &u32| *n as usize;
+        assert_eq!(in_frames(vec![4, 4, 4, 9, 1, 1], 100, 10, size), vec![vec![4, 4], vec![4], vec![9, 1], vec![1]]);
+        assert_eq!(in_frames(vec![30, 2, 30], 100, 10, size), vec![vec![30], vec![2], vec![30]]);
     }
 
     /// A delivery task of an earlier leadership term finishing late leaves the positions handed

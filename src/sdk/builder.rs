@@ -38,6 +38,8 @@ use crate::broker::event::SubscriptionDecl;
 
 /// Timeout of a command that does not set one.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+/// A subscription's ack deadline at most: one day.
+pub const MAX_ACK_DEADLINE_MS: u64 = 86_400_000;
 
 /// A service or command declaration that cannot be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -112,6 +114,10 @@ impl Service {
             check_name(&decl.name).map_err(|r| fail(format!("subscription: {r}")))?;
             if decl.max_attempts == 0 || decl.max_in_flight == 0 || decl.ack_deadline_ms == 0 {
                 return Err(fail(format!("subscription {}: attempts, in-flight and ack deadline must be ≥ 1", decl.name)));
+            }
+            // A deadline is added to `Instant`s on the delivery path (it would overflow one).
+            if decl.ack_deadline_ms > MAX_ACK_DEADLINE_MS {
+                return Err(fail(format!("subscription {}: ack deadline {} ms is over the limit of one day", decl.name, decl.ack_deadline_ms)));
             }
             if subscribers.insert(decl.name.clone(), handler).is_some() {
                 return Err(fail(format!("two subscriptions are named {}", decl.name)));
@@ -595,5 +601,11 @@ mod tests {
         assert!(bad(Service::new("s", 1).command(h(noop().timeout(Duration::ZERO)))).contains("timeout"));
         let lower = CommandBuilder::new("c", http::Method::from_bytes(b"get").unwrap(), "c");
         assert!(bad(Service::new("s", 1).command(h(lower))).contains("method"));
+        let sub = |d: Duration| {
+            Service::new("s", 1).subscription(crate::sdk::subscription::SubscriptionBuilder::new("sub").ack_deadline(d).handler(|_, _| async { Ok(None) }))
+        };
+        assert!(sub(Duration::from_secs(86_400)).into_parts().is_ok());
+        assert!(bad(sub(Duration::from_secs(86_401))).contains("ack deadline"));
+        assert!(bad(sub(Duration::MAX)).contains("ack deadline"));
     }
 }
