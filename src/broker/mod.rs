@@ -240,6 +240,8 @@ impl Broker {
         };
         let settings = Batching { limits, timeout, linger, dedup_max_keys };
         let task = crate::supervise::spawn_until("event batcher", &shutdown, batcher(store.clone(), settings, inbox, slots.clone(), shutdown.clone()));
+        // Detached: it ends with `shutdown` and holds nothing that the drain waits for.
+        drop(crate::supervise::spawn_until("event expiry", &shutdown, expire_loop(store.clone(), limits, dedup_max_keys, shutdown.clone())));
         Arc::new(Broker {
             slots,
             batcher: Mutex::new(Some(task)),
@@ -554,6 +556,37 @@ impl Inbox {
             taken.push(s);
         }
         taken
+    }
+}
+
+/// How often the leader looks for events past their age, or producer keys past their window,
+/// that no publish has dropped (`expire_loop`).
+const EXPIRY_CHECK: Duration = Duration::from_secs(30);
+
+/// On the leader, every `EXPIRY_CHECK`: retention by age and the dedup window are applied by a
+/// `Publish` only, so while nothing is published, events older than `--events-max-age-s` (and
+/// their memory, disk and snapshot space) and expired keys stayed for good. An empty `Publish`
+/// applies both, when something is due. Ends with `shutdown`.
+async fn expire_loop(store: StateStore, limits: EventLimits, dedup_max_keys: usize, shutdown: CancellationToken) {
+    let mut check = tokio::time::interval(EXPIRY_CHECK);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = check.tick() => {}
+        }
+        if !store.replica().raft.is_leader() {
+            continue;
+        }
+        let now = now_ms();
+        if !store.local().events_expiry_due(now, limits.max_age_ms, limits.dedup_window_ms) {
+            continue;
+        }
+        let window_ms = store.local().dedup_window(now, limits.dedup_window_ms, dedup_max_keys);
+        let cmd = Command::Publish { now_ms: now, events: Arc::new(Vec::new()), limits: EventLimits { dedup_window_ms: window_ms, ..limits } };
+        if let Err(e) = store.command(cmd, EXPIRY_CHECK).await {
+            tracing::debug!(cause = %e, "event expiry not applied; next round");
+        }
     }
 }
 

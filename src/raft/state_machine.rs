@@ -526,7 +526,13 @@ impl SmData {
                     }) {
                         continue;
                     }
+                    // Whether a registration already declares it: this node's before this
+                    // command, and any other member's.
+                    let declares = |services: &Vec<ServiceDecl>| services.iter().any(|s| s.subscriptions.iter().any(|x| x.name == sub.name));
+                    let here_before = self.registry.get(&node).is_some_and(declares);
+                    let elsewhere = self.registry.iter().any(|(n, s)| *n != node && members.get_node(n).is_some() && declares(s));
                     let start = if sub.durable { self.log.first() } else { self.log.next };
+                    let next = self.log.next;
                     let state = self.subs.entry(sub.name.clone()).or_insert_with(|| SubState {
                         decl: sub.clone(),
                         cursor: start,
@@ -536,9 +542,22 @@ impl SmData {
                         instances: BTreeMap::new(),
                     });
                     state.decl = sub.clone();
+                    // Not durable: nothing is kept for it while no registration declares it.
+                    // A consumer that registers it when none does (all left at drain or were
+                    // removed) starts at the newest event, as the first one did; one that
+                    // crashed is still registered and keeps its place. Dead letters stay.
+                    if !sub.durable && !here_before {
+                        if sub.shared && !elsewhere {
+                            state.cursor = next;
+                            state.done.clear();
+                            state.attempts.clear();
+                        }
+                        if !sub.shared {
+                            state.instances.insert(node, next);
+                        }
+                    }
                     if !sub.shared {
-                        let next = self.log.next;
-                        state.instances.entry(node).or_insert(if sub.durable { start } else { next });
+                        state.instances.entry(node).or_insert(start);
                     }
                 }
                 if services.is_empty() {
@@ -1046,6 +1065,17 @@ impl SmShared {
         let weigh = |created, key: &str| d.idem.get(key).filter(|r| r.created_ms == created).map(|r| idem_weight(key, r));
         let clock = d.clock_ms.max(now_ms);
         bounded_window(&d.idem_order, clock, window_ms, (d.idem.len(), d.idem_bytes), (max_keys, max_bytes), weigh)
+    }
+
+    /// Whether retention by age or the producer-dedup window has something to drop at `now_ms`
+    /// (or the state machine's clock, if later). Both are applied by a `Publish` only, so while
+    /// nothing is published the leader proposes an empty one when this says so
+    /// (`broker::expire_loop`). Like the trim itself, it looks at the oldest event only.
+    pub fn events_expiry_due(&self, now_ms: u64, max_age_ms: u64, dedup_window_ms: u64) -> bool {
+        let d = read(&self.data);
+        let clock = d.clock_ms.max(now_ms);
+        d.log.events.front().is_some_and(|e| e.timestamp < clock.saturating_sub(max_age_ms))
+            || d.log.key_order.front().is_some_and(|(at, _)| *at < clock.saturating_sub(dedup_window_ms))
     }
 
     /// The producer-dedup window a `Publish` proposes: `window_ms`, or shorter while more than
@@ -1674,6 +1704,81 @@ mod tests {
         assert_eq!(summary.declared_by, vec![1]);
         let names: Vec<String> = sm.subscription_summaries().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["other", "sub"]);
+    }
+
+    /// Events past their age and dedup keys past their window go with an empty publish, which
+    /// the leader proposes while nothing else is published.
+    #[test]
+    fn an_empty_publish_applies_retention_by_age_and_the_dedup_window() {
+        let limits = EventLimits { max_events: 100, max_bytes: 1 << 20, max_age_ms: 60_000, dedup_window_ms: 10_000 };
+        let sm = empty_shared();
+        let meta = crate::sdk::MessageMeta::default();
+        // The event's timestamp is its publisher's clock, the key's stamp the state machine's.
+        let keyed = Arc::new(vec![crate::broker::new_event("e", b"1".to_vec(), &meta, None, Some("k".into()))]);
+        let t = crate::broker::now_ms();
+        write(&sm.data).apply(1, Command::Publish { now_ms: t, events: keyed, limits });
+        let front = read(&sm.data).log.events.front().map(|e| e.timestamp).expect("one event");
+        assert!(front <= t);
+        assert!(!sm.events_expiry_due(t, limits.max_age_ms, limits.dedup_window_ms), "nothing due yet");
+        assert!(sm.events_expiry_due(t + 10_001, u64::MAX, limits.dedup_window_ms), "the key is past its window");
+        assert!(sm.events_expiry_due(front + 60_001, limits.max_age_ms, u64::MAX), "the event is past its age");
+        let now = t + 60_001;
+        {
+            let mut d = write(&sm.data);
+            assert_eq!(d.apply(2, Command::Publish { now_ms: now, events: Arc::new(Vec::new()), limits }), CommandResult::Published(Vec::new()));
+            assert!(d.log.events.is_empty() && d.log.keys.is_empty() && d.log.key_order.is_empty());
+        }
+        assert!(!sm.events_expiry_due(now, limits.max_age_ms, limits.dedup_window_ms), "nothing left to drop");
+    }
+
+    /// A non-durable subscription keeps nothing while no registration declares it: a consumer
+    /// that registers it then starts at the newest event. A durable one keeps its place.
+    #[test]
+    fn a_non_durable_subscription_skips_what_was_published_while_nobody_declared_it() {
+        let nd = |shared: bool| {
+            let mut s = one_subscription("nd");
+            s.subscriptions[0].durable = false;
+            s.subscriptions[0].shared = shared;
+            s
+        };
+        let register = |d: &mut SmData, index, node, services| d.apply(index, Command::Register { node, services });
+        for shared in [true, false] {
+            let sm = empty_shared();
+            let mut d = write(&sm.data);
+            d.last_membership = StoredMembershipT::new(None, crate::raft::types::Membership::new_with_defaults(vec![[1, 2].into()], []));
+            let at = |d: &SmData, node| if shared { d.subs["nd"].cursor } else { d.subs["nd"].instances[&node] };
+            register(&mut d, 1, 1, vec![nd(shared)]);
+            let first = d.log.next;
+            d.apply(2, Command::Publish { now_ms: 10, events: events(3), limits: LIMITS });
+            assert_eq!(at(&d, 1), first, "registered before they were published: it gets them");
+            register(&mut d, 3, 1, vec![nd(shared)]);
+            assert_eq!(at(&d, 1), first, "registered again while declared: its place is kept");
+            // Gone (a graceful stop registers nothing), events meanwhile, back.
+            register(&mut d, 4, 1, Vec::new());
+            d.apply(5, Command::Publish { now_ms: 20, events: events(2), limits: LIMITS });
+            register(&mut d, 6, 1, vec![nd(shared)]);
+            let back = d.log.next;
+            assert_eq!(at(&d, 1), back, "shared: {shared}");
+            assert!(d.subs["nd"].done.is_empty() && d.subs["nd"].attempts.is_empty());
+            d.apply(7, Command::Publish { now_ms: 30, events: events(1), limits: LIMITS });
+            register(&mut d, 8, 2, vec![nd(shared)]);
+            // Node 1 leaves and comes back while node 2 declares it: a shared subscription had
+            // a consumer all along; an every-instance one is node 1's own and starts anew.
+            register(&mut d, 9, 1, Vec::new());
+            register(&mut d, 10, 1, vec![nd(shared)]);
+            if shared {
+                assert_eq!(at(&d, 1), back);
+            } else {
+                assert_eq!((at(&d, 1), at(&d, 2)), (d.log.next, d.log.next));
+            }
+        }
+        let sm = registered_and_published(1, one_subscription("d"), events(3), LIMITS);
+        let mut d = write(&sm.data);
+        let first = d.subs["d"].cursor;
+        register(&mut d, 3, 1, Vec::new());
+        d.apply(4, Command::Publish { now_ms: 20, events: events(2), limits: LIMITS });
+        register(&mut d, 5, 1, vec![one_subscription("d")]);
+        assert_eq!(d.subs["d"].cursor, first, "a durable subscription keeps its place");
     }
 
     /// `n` new events, named `e` or `f` at random.
