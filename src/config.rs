@@ -418,6 +418,8 @@ fn id_from_hostname(host: &str) -> Result<u64, ConfigError> {
 pub const DEFAULT_PUBLISH_LINGER_MS: u64 = 2;
 /// Most `--max-connections` accepted (each open connection holds a socket and a task).
 const MAX_CONNECTIONS: usize = 1_000_000;
+/// `--max-frame` at most: a log record holds at most 64 MiB (`raft::log_store`).
+const MAX_FRAME: usize = 64 << 20;
 /// Longest `--publish-linger-ms` accepted: beyond a second it would only hold publishers up.
 const MAX_PUBLISH_LINGER_MS: u64 = 1_000;
 
@@ -436,6 +438,11 @@ impl NodeConfig {
         }
         if self.max_frame < 64 * 1024 {
             return invalid("max-frame", "must be at least 65536");
+        }
+        if self.max_frame > MAX_FRAME {
+            // An entry may take 7/8 of a frame, and the log stores a record of at most 64 MiB: a
+            // larger entry would stop the Raft core (and, retried, the next leader's).
+            return invalid("max-frame", "must be at most 64 MiB (67108864)");
         }
         if self.max_body > self.max_frame / 2 {
             // A body is written as one Raft entry, and an entry must fit into a peer frame with
@@ -507,6 +514,8 @@ mod tests {
         assert!(sizes(8 << 20, 16 << 20).is_ok(), "a body of half a frame fits an entry");
         assert!(matches!(sizes((8 << 20) + 1, 16 << 20), Err(ConfigError::Invalid { name: "max-body", .. })));
         assert!(matches!(sizes(1 << 20, 1 << 20), Err(ConfigError::Invalid { name: "max-body", .. })));
+        assert!(sizes(1 << 20, 64 << 20).is_ok());
+        assert!(matches!(sizes(1 << 20, (64 << 20) + 1), Err(ConfigError::Invalid { name: "max-frame", .. })));
         assert_eq!(cfg.max_body_buffered, 256 << 20);
         let buffered = |body: usize, all: usize| {
             NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), max_body: Some(body), max_body_buffered: Some(all), ..Default::default() }.resolve()
