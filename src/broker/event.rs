@@ -346,5 +346,36 @@ mod tests {
         let by_tenant = EventFilter { tenant_id: Some("t1".into()), ..Default::default() };
         assert!(by_tenant.matches(&ev("x", None, Some("t1"))));
         assert!(!by_tenant.matches(&ev("x", None, Some("t2"))));
+        assert!(!by_tenant.matches(&ev("x", None, None)), "a tenant filter does not match an event without one");
+        // Every other field, each on its own and all together (each set field must match).
+        let mut full = ev("x", Some("users"), Some("t1"));
+        {
+            let body = Arc::make_mut(&mut full.body);
+            body.principal_id = Some("p1".into());
+            body.message_type = "infoMessage".into();
+            if let Some(sender) = body.sender.as_mut() {
+                sender.service_target = "signUp".into();
+            }
+        }
+        let one = |f: EventFilter| f.matches(&full);
+        assert!(one(EventFilter { principal_id: Some("p1".into()), ..Default::default() }));
+        assert!(!one(EventFilter { principal_id: Some("p2".into()), ..Default::default() }));
+        assert!(!EventFilter { principal_id: Some("p1".into()), ..Default::default() }.matches(&ev("x", None, None)));
+        assert!(one(EventFilter { message_type: Some("infoMessage".into()), ..Default::default() }));
+        assert!(!one(EventFilter { message_type: Some("customMessage".into()), ..Default::default() }));
+        assert!(one(EventFilter { sender_target: Some("signUp".into()), ..Default::default() }));
+        assert!(!one(EventFilter { sender_target: Some("signIn".into()), ..Default::default() }));
+        assert!(!one(EventFilter { sender_service: Some("users".into()), sender_version: Some("2".into()), ..Default::default() }));
+        let all = EventFilter {
+            event_name: Some("x".into()),
+            sender_service: Some("users".into()),
+            sender_version: Some("1".into()),
+            sender_target: Some("signUp".into()),
+            message_type: Some("infoMessage".into()),
+            principal_id: Some("p1".into()),
+            tenant_id: Some("t1".into()),
+        };
+        assert!(one(all.clone()));
+        assert!(!one(EventFilter { tenant_id: Some("t2".into()), ..all }), "one field off is no match");
     }
 }

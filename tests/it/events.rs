@@ -667,16 +667,34 @@ fn acknowledged_events_and_orders_survive_killing_the_leader_then_another_node()
         &format!("with node {first} dead (new leader {second})"),
     );
 
-    // The new leader drives every shared delivery (it hands events to consumers and commits the
-    // acks), so killing it interrupts deliveries in flight: the next leader must redeliver.
+    // The first back, so that the next kill leaves a quorum: the cluster must go on taking
+    // events and delivering them without the killed node.
+    c.restart(first);
+    let voters = c.ids();
+    c.wait_for_membership(&voters, &[], FORMATION);
+    load.wait_progress(&c, 100, &format!("with node {first} back"));
+
+    // The leader drives every shared delivery (it hands events to consumers, itself included,
+    // and commits the acks), so killing it interrupts deliveries in flight: the next leader
+    // must redeliver them, to the nodes left.
+    let second = c.wait_for_leader(FAILOVER);
+    let consumed = cursor(c.api(second), "countOrders").expect("countOrders cursor");
     eprintln!(
-        "[ev-failover] SIGKILL new leader {second} after {} acks",
+        "[ev-failover] SIGKILL leader {second} (countOrders cursor {consumed}) after {} acks",
         load.acked()
     );
     c.kill(second);
-    c.restart(first);
+    let third = c.wait_for_leader(FAILOVER);
+    load.wait_progress(&c, 100, &format!("with node {second} dead (new leader {third})"));
+    // An order placed with the node down is consumed by the nodes left.
+    let probe = c.wait_for(&format!("an order accepted with node {second} down"), PROGRESS, || {
+        place_order(c.api(third), &json!({"id": "fo-while-down"}))
+    });
+    c.wait_for(&format!("countOrders to go on without node {second}"), DELIVERY, || {
+        let now = cursor(c.api(third), "countOrders")?;
+        (now > probe.position).then_some(()).ok_or(format!("cursor {now}, {consumed} at the kill, the order at {}", probe.position))
+    });
     c.restart(second);
-    let voters = c.ids();
     c.wait_for_membership(&voters, &[], FORMATION);
     load.wait_progress(&c, 100, "after both restarts");
     let out = load.stop();
@@ -705,7 +723,7 @@ fn acknowledged_events_and_orders_survive_killing_the_leader_then_another_node()
         c.ids()
     );
 
-    let ids: Vec<String> = out.orders.iter().map(|o| o.order_id.clone()).collect();
+    let ids: Vec<String> = out.orders.iter().map(|o| o.order_id.clone()).chain([probe.order_id.clone()]).collect();
     let counts = wait_orders_counted(&c, || c.api(1), &ids, DELIVERY);
     let dups: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
     eprintln!(
@@ -725,6 +743,8 @@ fn log_and_consumer_position_survive_killing_every_node_at_once() {
     let (c, _) = example_cluster("ev-kill-all");
     let load = EmitLoad::start(c.apis(), 4, "ka");
     load.wait_progress(&c, 200, "before the crash");
+    // Enough orders consumed before the crash that consuming them again after it shows (below).
+    c.wait_until("500 orders acknowledged before the crash", PROGRESS, || load.orders() >= 500);
     // The consumer position just before the crash (it only grows).
     let leader = c.wait_for_leader(FAILOVER);
     let before = cursor(c.api(leader), "countOrders").expect("countOrders cursor");
@@ -790,6 +810,19 @@ fn log_and_consumer_position_survive_killing_every_node_at_once() {
             Err(format!("cursor {now}, new order at {}", order.position))
         }
     });
+    // The position survived, rather than being caught up again: since the restart countOrders
+    // ran (on any node) only for orders at or past it, give or take one handout per consumer
+    // around the leader's election. A position lost at the restart would have run every order
+    // again (the handlers' tagged writes hide that from `orders-seen`, the run count does not).
+    let log = read_log(c.api(1)).expect("log after the restart");
+    let orders_at = |pred: &dyn Fn(u64) -> bool| {
+        log.iter().filter(|e| e["eventName"] == "orderPlaced" && e["position"].as_u64().is_some_and(pred)).count() as f64
+    };
+    let (below, from) = (orders_at(&|p| p < before), orders_at(&|p| p >= before));
+    let runs: f64 = c.apis().into_iter().map(|api| api.metric("raftbridge_delivery_latency_seconds_count", &["subscription=\"countOrders\""]).expect("metrics")).sum();
+    eprintln!("[ev-kill-all] {below} orders below the position {before}, {from} at or past it; {runs} countOrders runs since the restart");
+    assert!(below >= 300.0, "only {below} orders were consumed before the crash: the check below needs more");
+    assert!(runs <= from + 3.0 * 64.0, "{runs} countOrders runs since the restart for {from} orders at or past the position {before}: orders before it ran again");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1835,6 +1868,7 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
         per_event.len(),
         per_event.values().max().unwrap_or(&0)
     );
+    assert!(!failed.is_empty(), "up1 was handed none of the {n} events: the failing path went untested");
     for id in &during {
         assert!(
             !got[id].contains(&failing.name),

@@ -76,8 +76,11 @@ fn a_dead_follower_is_retried_at_the_backoff_pace() {
     let before = tries();
     let started = std::time::Instant::now();
     let mut writes = 0u64;
+    let mut acked = Vec::new();
     while started.elapsed() < std::time::Duration::from_secs(3) && writes < 5_000 {
-        c.api(leader).must_put(&format!("while-down-{writes}"), &json!(writes));
+        let (key, value) = (format!("while-down-{writes}"), json!(writes));
+        let revision = c.api(leader).must_put(&key, &value);
+        acked.push(Acked { key, value, revision, via: leader, writer: 0 });
         writes += 1;
     }
     let window = started.elapsed().as_secs_f64();
@@ -96,4 +99,10 @@ fn a_dead_follower_is_retried_at_the_backoff_pace() {
         let resp = c.api(victim).get_stale(&last).map_err(|e| e.to_string())?;
         if resp.status == 200 { Ok(()) } else { Err(format!("{} {}", resp.status, String::from_utf8_lossy(&resp.body))) }
     });
+    // Every acknowledged write, by content and revision, on every node (the restarted one from
+    // its own copy).
+    verify_reads(c.api(victim), &acked, Consistency::Stale);
+    for api in c.apis() {
+        verify_reads(api, &acked, Consistency::Linearizable);
+    }
 }
