@@ -10,7 +10,8 @@
 //!   counter value equals the chain's length;
 //! - the keyed counter equals the number of keys that took effect (exactly once), and every
 //!   acknowledged key answered a distinct value;
-//! - the unkeyed counter is between the acknowledged and the attempted increments;
+//! - the unkeyed counter is between the acknowledged and the attempted increments, and no
+//!   acknowledged increment answered a value above it (an effect it saw is not lost);
 //! - every acknowledged event is in the log exactly once, and no payload appears twice;
 //! - every node answers, and all report the same applied index and state digest.
 
@@ -269,6 +270,11 @@ fn check_unkeyed(r: &Records, o: &Observed, v: &mut Verdict) {
             problem(v, &mut budget, format!("inconsistent answers: two unkeyed increments answered the same value {val}"));
         }
     }
+    let unanswered = r.unkeyed.iter().filter(|u| u.outcome == Outcome::Acked && u.value.is_none()).count();
+    if unanswered > 0 {
+        // The counter answers its new value with every 2xx: without it the content is unchecked.
+        problem(v, &mut budget, format!("{unanswered} acknowledged unkeyed increments answered no counter value"));
+    }
     let may = r.unkeyed.iter().filter(|u| u.outcome != Outcome::Rejected).count() as u64;
     match &o.unkeyed {
         Err(why) => {
@@ -277,10 +283,22 @@ fn check_unkeyed(r: &Records, o: &Observed, v: &mut Verdict) {
         }
         Ok(val) => {
             let val = val.unwrap_or(0).max(0) as u64;
-            if val < s.acked {
-                s.lost += s.acked - val;
+            // By count: fewer than the acknowledged increments. By content: an acknowledged
+            // increment answered a value the counter no longer reaches, so an effect it
+            // included is gone (an unknown increment that took effect can hide it from the count).
+            let short = s.acked.saturating_sub(val);
+            let above: Vec<i64> = seen.iter().copied().filter(|a| *a > 0 && *a as u64 > val).collect();
+            if short > 0 {
                 problem(v, &mut budget, format!("unkeyed counter is {val} below {} acknowledged increments", s.acked));
             }
+            if let Some(max) = above.iter().max() {
+                problem(
+                    v,
+                    &mut budget,
+                    format!("{} acknowledged unkeyed increments answered values above the final counter {val} (highest {max})", above.len()),
+                );
+            }
+            s.lost += short.max(u64::from(!above.is_empty()));
             if val > may {
                 s.duplicates += val - may;
                 problem(v, &mut budget, format!("unkeyed counter is {val} above {may} possibly applied requests"));
@@ -511,6 +529,29 @@ mod tests {
         let (r, mut o) = healthy();
         o.events = Some(Ok(vec![("id2".into(), "e2".into())]));
         assert_eq!(check(&r, &o).lost(), 1);
+    }
+
+    #[test]
+    fn a_lost_unkeyed_increment_hidden_by_an_unknown_one_is_caught() {
+        // Acknowledged answers {1, 2, 50}, final 40: within [3 acked, 60 possible] by count,
+        // but the increment that answered 50 saw an effect the final counter has lost.
+        let (mut r, mut o) = healthy();
+        r.unkeyed = [1, 2, 50].iter().map(|&n| UnkeyedOp { outcome: Outcome::Acked, value: Some(n) }).collect();
+        r.unkeyed.extend((0..57).map(|_| UnkeyedOp { outcome: Outcome::Unknown, value: None }));
+        o.unkeyed = Ok(Some(40));
+        let v = check(&r, &o);
+        assert_eq!(v.lost(), 1, "{:?}", v.problems);
+        assert!(v.problems.iter().any(|p| p.contains("highest 50")), "{:?}", v.problems);
+        // The same answers with the counter at 50 pass.
+        o.unkeyed = Ok(Some(50));
+        assert!(check(&r, &o).passed());
+        // Below the count and below an answer: one loss line each, counted once.
+        o.unkeyed = Ok(Some(1));
+        assert_eq!(check(&r, &o).lost(), 2);
+        // A 2xx without the counter value cannot be checked by content.
+        let (mut r, o) = healthy();
+        r.unkeyed[0].value = None;
+        assert!(!check(&r, &o).passed());
     }
 
     #[test]
