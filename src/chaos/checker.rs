@@ -12,7 +12,8 @@
 //!   acknowledged key answered a distinct value;
 //! - the unkeyed counter is between the acknowledged and the attempted increments, and no
 //!   acknowledged increment answered a value above it (an effect it saw is not lost);
-//! - every acknowledged event is in the log exactly once, and no payload appears twice;
+//! - every acknowledged event is in the log exactly once, under the id it was acknowledged with
+//!   and with its payload (nonce), and no payload appears twice;
 //! - every node answers, and all report the same applied index and state digest.
 
 use std::collections::HashMap;
@@ -319,21 +320,31 @@ fn check_events(r: &Records, o: &Observed, v: &mut Verdict) {
             problem(v, &mut budget, format!("event log unreadable: {why}"));
         }
         Ok(log) => {
-            let mut by_id: HashMap<&str, u64> = HashMap::new();
+            // By content: the nonces each id holds, and how often each nonce appears.
+            let mut by_id: HashMap<&str, Vec<&str>> = HashMap::new();
             let mut by_nonce: HashMap<&str, u64> = HashMap::new();
             for (id, nonce) in log {
-                *by_id.entry(id.as_str()).or_default() += 1;
+                by_id.entry(id.as_str()).or_default().push(nonce.as_str());
                 *by_nonce.entry(nonce.as_str()).or_default() += 1;
             }
             for e in &r.events {
-                let by_payload = by_nonce.get(e.nonce.as_str()).copied().unwrap_or(0);
-                let times = match (&e.id, e.outcome) {
-                    (Some(id), Outcome::Acked) => by_id.get(id.as_str()).copied().unwrap_or(0).max(by_payload),
-                    _ => by_payload,
-                };
-                if e.outcome == Outcome::Acked && times == 0 {
-                    s.lost += 1;
-                    problem(v, &mut budget, format!("acknowledged event {:?} (nonce {}) is not in the log", e.id, e.nonce));
+                let times = by_nonce.get(e.nonce.as_str()).copied().unwrap_or(0);
+                if e.outcome == Outcome::Acked {
+                    // The event must be in the log under the id it was acknowledged with, with
+                    // the acknowledged payload; another event's nonce under that id, or the
+                    // nonce under another id only, is a loss.
+                    let lost = match &e.id {
+                        Some(id) => match by_id.get(id.as_str()).map(Vec::as_slice) {
+                            None => Some(format!("acknowledged event {id} (nonce {}) is not in the log", e.nonce)),
+                            Some([nonce]) if *nonce == e.nonce => None,
+                            Some(held) => Some(format!("acknowledged event {id} (nonce {}) is in the log with nonces {held:?}", e.nonce)),
+                        },
+                        None => Some(format!("event with nonce {} acknowledged without an id: its content cannot be checked", e.nonce)),
+                    };
+                    if let Some(line) = lost {
+                        s.lost += 1;
+                        problem(v, &mut budget, line);
+                    }
                 }
                 if times > 1 {
                     s.duplicates += times - 1;
@@ -529,6 +540,29 @@ mod tests {
         let (r, mut o) = healthy();
         o.events = Some(Ok(vec![("id2".into(), "e2".into())]));
         assert_eq!(check(&r, &o).lost(), 1);
+    }
+
+    #[test]
+    fn an_acknowledged_event_is_checked_by_content() {
+        // The acknowledged id holds another payload, and the acknowledged nonce sits under an
+        // unknown id: the acknowledged event is not in the log as acknowledged.
+        let (r, mut o) = healthy();
+        o.events = Some(Ok(vec![("id1".into(), "e2".into()), ("id9".into(), "e1".into())]));
+        let v = check(&r, &o);
+        assert_eq!(v.lost(), 1, "{:?}", v.problems);
+        assert!(v.problems.iter().any(|p| p.contains("id1") && p.contains("[\"e2\"]")), "{:?}", v.problems);
+        // The nonce alone under another id is not enough either.
+        let (r, mut o) = healthy();
+        o.events = Some(Ok(vec![("id9".into(), "e1".into()), ("id2".into(), "e2".into())]));
+        assert_eq!(check(&r, &o).lost(), 1);
+        // The acknowledged id and nonce, but the id twice (once with another payload).
+        let (r, mut o) = healthy();
+        o.events = Some(Ok(vec![("id1".into(), "e1".into()), ("id1".into(), "e2".into())]));
+        assert_eq!(check(&r, &o).lost(), 1);
+        // An acknowledgement without an id cannot be checked by content.
+        let (mut r, o) = healthy();
+        r.events[0].id = None;
+        assert!(!check(&r, &o).passed());
     }
 
     #[test]
