@@ -50,8 +50,8 @@ pub struct Observed {
     /// Final keyed counter value (`None`: never written) or why unreadable.
     pub keyed: Result<Option<i64>, String>,
     pub unkeyed: Result<Option<i64>, String>,
-    /// The whole event log as `(id, nonce)`, when the events API exists.
-    pub events: Option<Result<Vec<(String, String)>, String>>,
+    /// The whole event log as `(id, nonce)`, or why it could not be read.
+    pub events: Result<Vec<(String, String)>, String>,
     pub nodes: Vec<NodeView>,
 }
 
@@ -59,7 +59,7 @@ impl Default for Observed {
     /// Nothing read yet: the counters count as unreadable until the driver reads them.
     fn default() -> Self {
         let unread = || Err("not read".to_string());
-        Observed { writes: HashMap::new(), cas: Vec::new(), keyed: unread(), unkeyed: unread(), events: None, nodes: Vec::new() }
+        Observed { writes: HashMap::new(), cas: Vec::new(), keyed: unread(), unkeyed: unread(), events: Err("not read".to_string()), nodes: Vec::new() }
     }
 }
 
@@ -311,10 +311,9 @@ fn check_unkeyed(r: &Records, o: &Observed, v: &mut Verdict) {
 }
 
 fn check_events(r: &Records, o: &Observed, v: &mut Verdict) {
-    let Some(log) = &o.events else { return };
     let mut s = count(r.events.iter().map(|e| e.outcome));
     let mut budget = MAX_LINES;
-    match log {
+    match &o.events {
         Err(why) => {
             s.lost += s.acked;
             problem(v, &mut budget, format!("event log unreadable: {why}"));
@@ -384,7 +383,7 @@ pub struct FaultRow {
 }
 
 /// The report: fault table, operation table, summary lines.
-pub fn render(header: &str, faults: &[FaultRow], v: &Verdict, events_available: bool) -> String {
+pub fn render(header: &str, faults: &[FaultRow], v: &Verdict) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{header}\n");
     let _ = writeln!(out, "{:<22} {:>6} {:>22}  note", "fault", "count", "longest unavailable");
@@ -404,9 +403,6 @@ pub fn render(header: &str, faults: &[FaultRow], v: &Verdict, events_available: 
             "{:<18} {:>9} {:>9} {:>8} {:>14} {:>10}  {}",
             name, s.attempted, s.acked, s.failed, s.lost, s.duplicates, s.note
         );
-    }
-    if !events_available {
-        let _ = writeln!(out, "{:<18} not available (this build answers 404 on POST /v1/events/{{name}})", "events");
     }
     let _ = writeln!(out);
     let _ = writeln!(out, "acknowledged but lost: {} (must be 0)", v.lost());
@@ -465,7 +461,6 @@ mod tests {
                 EventOp { nonce: "e1".into(), id: Some("id1".into()), outcome: Outcome::Acked },
                 EventOp { nonce: "e2".into(), id: None, outcome: Outcome::Unknown },
             ],
-            events_available: true,
             ack_ms: vec![],
         };
         let observed = Observed {
@@ -473,7 +468,7 @@ mod tests {
             cas: vec![Ok(Some((3, "1-2".into())))],
             keyed: Ok(Some(3)),
             unkeyed: Ok(Some(2)),
-            events: Some(Ok(vec![("id1".into(), "e1".into()), ("id2".into(), "e2".into())])),
+            events: Ok(vec![("id1".into(), "e1".into()), ("id2".into(), "e2".into())]),
             nodes: vec![node(1, 100, "ab"), node(2, 100, "ab"), node(3, 100, "ab")],
         };
         (records, observed)
@@ -486,7 +481,7 @@ mod tests {
         assert!(v.passed(), "{:?}", v.problems);
         let cas = &v.kinds.iter().find(|k| k.0 == "CAS increments").unwrap().1;
         assert_eq!((cas.attempted, cas.acked, cas.failed), (4, 2, 2));
-        assert!(render("t", &[], &v, true).contains("result: PASS"));
+        assert!(render("t", &[], &v).contains("result: PASS"));
     }
 
     #[test]
@@ -496,7 +491,7 @@ mod tests {
         let v = check(&r, &o);
         assert_eq!(v.lost(), 1);
         assert!(!v.passed());
-        assert!(render("t", &[], &v, true).contains("acknowledged but lost: 1"));
+        assert!(render("t", &[], &v).contains("acknowledged but lost: 1"));
         // A stale value is a loss too.
         let (r, mut o) = healthy();
         o.writes.insert("w-0-1".into(), Read::Value(json!({"n": 0})));
@@ -535,10 +530,14 @@ mod tests {
     #[test]
     fn duplicate_and_lost_events_are_caught() {
         let (r, mut o) = healthy();
-        o.events = Some(Ok(vec![("id1".into(), "e1".into()), ("id2".into(), "e2".into()), ("id3".into(), "e2".into())]));
+        o.events = Ok(vec![("id1".into(), "e1".into()), ("id2".into(), "e2".into()), ("id3".into(), "e2".into())]);
         assert_eq!(check(&r, &o).duplicates(), 1);
         let (r, mut o) = healthy();
-        o.events = Some(Ok(vec![("id2".into(), "e2".into())]));
+        o.events = Ok(vec![("id2".into(), "e2".into())]);
+        assert_eq!(check(&r, &o).lost(), 1);
+        // An event log that was not read checks nothing: every acknowledged event counts lost.
+        let (r, mut o) = healthy();
+        o.events = Observed::default().events;
         assert_eq!(check(&r, &o).lost(), 1);
     }
 
@@ -547,17 +546,17 @@ mod tests {
         // The acknowledged id holds another payload, and the acknowledged nonce sits under an
         // unknown id: the acknowledged event is not in the log as acknowledged.
         let (r, mut o) = healthy();
-        o.events = Some(Ok(vec![("id1".into(), "e2".into()), ("id9".into(), "e1".into())]));
+        o.events = Ok(vec![("id1".into(), "e2".into()), ("id9".into(), "e1".into())]);
         let v = check(&r, &o);
         assert_eq!(v.lost(), 1, "{:?}", v.problems);
         assert!(v.problems.iter().any(|p| p.contains("id1") && p.contains("[\"e2\"]")), "{:?}", v.problems);
         // The nonce alone under another id is not enough either.
         let (r, mut o) = healthy();
-        o.events = Some(Ok(vec![("id9".into(), "e1".into()), ("id2".into(), "e2".into())]));
+        o.events = Ok(vec![("id9".into(), "e1".into()), ("id2".into(), "e2".into())]);
         assert_eq!(check(&r, &o).lost(), 1);
         // The acknowledged id and nonce, but the id twice (once with another payload).
         let (r, mut o) = healthy();
-        o.events = Some(Ok(vec![("id1".into(), "e1".into()), ("id1".into(), "e2".into())]));
+        o.events = Ok(vec![("id1".into(), "e1".into()), ("id1".into(), "e2".into())]);
         assert_eq!(check(&r, &o).lost(), 1);
         // An acknowledgement without an id cannot be checked by content.
         let (mut r, o) = healthy();

@@ -255,10 +255,10 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
 
     let addrs: Vec<String> = ids.iter().map(|&id| cluster.http_addr(id)).collect();
     let load = Load { addrs: addrs.clone(), seed: args.seed, started: Instant::now(), stop: CancellationToken::new() };
-    let mut probe = Records::default();
-    workload::probe_events(&load, &mut probe).await;
-    println!("chaos: events API {}", if probe.events_available { "available" } else { "not available (404): event load skipped" });
-    let load_task = tokio::spawn(workload::run(load.clone(), probe.events_available));
+    // The events API is always built in: a run without its event load checks less, and fails.
+    let probe = workload::probe_events(&load).await.context("the event workload could not start")?;
+    println!("chaos: events API answers (probe event {:?})", probe.id);
+    let load_task = tokio::spawn(workload::run(load.clone()));
 
     let plan = schedule::plan(args.seed, args.duration, ids.len());
     let mut faults = Vec::new();
@@ -286,8 +286,7 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
         Ok(Err(e)) => anyhow::bail!("the load task failed: {e}"),
         Err(_) => anyhow::bail!("the load did not stop within 60 s"),
     };
-    records.events.extend(probe.events);
-    records.events_available = probe.events_available;
+    records.events.push(probe);
     let ready = wait_ready(cluster, &ids, READY_DEADLINE).await;
     println!("chaos: faults over, load stopped; cluster {}", if ready { "ready" } else { "NOT ready" });
     finish_keyed(&addrs, &mut records).await;
@@ -311,7 +310,7 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
         faults.len(),
         if args.no_power_loss { ", --no-power-loss (power cuts are plain kills)" } else { "" }
     );
-    let mut report = checker::render(&header, &rows, &verdict, records.events_available);
+    let mut report = checker::render(&header, &rows, &verdict);
     let unhealed: Vec<String> = faults.iter().filter(|f| !f.healed).map(|f| format!("{} at {} ms", f.kind, f.start_ms)).collect();
     if !unhealed.is_empty() {
         report.push_str(&format!("note: the cluster was not ready within {HEAL_DEADLINE:?} after: {}\n", unhealed.join(", ")));
@@ -620,9 +619,7 @@ async fn observe<C: ClusterControl>(cluster: &C, ids: &[u64], records: &Records)
     }
     obs.keyed = counter_value(read(&mut client, &format!("/v1/state/demo/counter/{}", workload::KEYED_COUNTER)).await);
     obs.unkeyed = counter_value(read(&mut client, &format!("/v1/state/demo/counter/{}", workload::UNKEYED_COUNTER)).await);
-    if records.events_available {
-        obs.events = Some(read_event_log(&mut client, records.events.len()).await);
-    }
+    obs.events = read_event_log(&mut client, records.events.len()).await;
     for &id in ids {
         let ready = is_ready(cluster, id).await;
         let view = cluster_view(cluster, id, PROBE_TIMEOUT).await;

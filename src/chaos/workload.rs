@@ -15,7 +15,8 @@
 //!   then finishes it);
 //! - **unkeyed increments** of `chaos-unkeyed`: never retried by the client;
 //! - **events**: `POST /v1/events/chaos` with a unique nonce that is also the producer's
-//!   `Idempotency-Key` (retried like keyed commands), when the node serves the events API.
+//!   `Idempotency-Key` (retried like keyed commands). The events API is always built in: a run
+//!   whose first publish ([`probe_events`]) fails does not start.
 //!
 //! Outcomes: `Acked` (2xx), `Rejected` (a definite "no", e.g. 412: it did not take effect) and
 //! `Unknown` (timeout, connection lost, 5xx: it may or may not have taken effect).
@@ -97,7 +98,6 @@ pub struct Records {
     pub keyed: Vec<KeyedOp>,
     pub unkeyed: Vec<UnkeyedOp>,
     pub events: Vec<EventOp>,
-    pub events_available: bool,
     pub ack_ms: Vec<u64>,
 }
 
@@ -181,44 +181,53 @@ impl Load {
     }
 }
 
-/// Checks whether the node serves the events API (`POST /v1/events/{name}`); a 404/405 means
-/// "not built into this binary". The probe event, when accepted, is recorded like any other.
-pub async fn probe_events(load: &Load, records: &mut Records) {
+/// How long the event probe retries answers of unknown outcome (503 while the cluster settles,
+/// timeouts) before the run fails.
+const PROBE_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Publishes the first event (`POST /v1/events/{name}`), so that a run whose event load cannot
+/// start fails instead of passing without an event check: the events API is always built in.
+/// Answers of unknown outcome are retried (same nonce, which is also the Idempotency-Key) for
+/// [`PROBE_DEADLINE`]; a definite non-2xx answer fails at once. The accepted probe event is
+/// returned, to be checked like any other.
+pub async fn probe_events(load: &Load) -> anyhow::Result<EventOp> {
     let mut client = Client::new(&load.addrs, 0);
-    for _ in 0..10 {
-        let nonce = format!("probe-{}", load.seed);
-        let body = Bytes::from(json!({"nonce": nonce}).to_string());
-        match client.call(Method::POST, &format!("/v1/events/{EVENT_NAME}"), &[], body).await {
+    let nonce = format!("probe-{}", load.seed);
+    let body = Bytes::from(json!({"nonce": nonce}).to_string());
+    let path = format!("/v1/events/{EVENT_NAME}");
+    let t = Instant::now();
+    let mut last = String::new();
+    // Bounded by count and by time (each request by REQUEST_TIMEOUT).
+    for _ in 0..200 {
+        if t.elapsed() >= PROBE_DEADLINE {
+            break;
+        }
+        match client.call(Method::POST, &path, &[("idempotency-key", nonce.as_str())], body.clone()).await {
             Reply::Ok(r) => {
                 let id = r.json::<serde_json::Value>().ok().and_then(|v| v["id"].as_str().map(str::to_string));
-                records.events.push(EventOp { nonce, id, outcome: Outcome::Acked });
-                records.events_available = true;
-                return;
+                return Ok(EventOp { nonce, id, outcome: Outcome::Acked });
             }
-            Reply::Refused(r) if r.status == 404 || r.status == 405 => return,
-            Reply::Refused(_) => return,
-            Reply::Unknown(_) => {
-                if !load.pace(300).await {
-                    return;
-                }
+            Reply::Refused(r) => {
+                anyhow::bail!("POST {path} answered {} {}: the event load cannot run", r.status, String::from_utf8_lossy(&r.body).trim())
             }
+            Reply::Unknown(why) => last = why,
         }
+        tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    anyhow::bail!("POST {path} got no definite answer within {PROBE_DEADLINE:?} (last: {last}): the event load cannot run")
 }
 
 /// Runs every load task until `load.stop` is cancelled and returns what they did.
-pub async fn run(load: Load, events: bool) -> Records {
+pub async fn run(load: Load) -> Records {
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..2 {
         tasks.spawn(writer(load.clone(), t));
         tasks.spawn(cas(load.clone(), t));
         tasks.spawn(keyed(load.clone(), t));
-        if events {
-            tasks.spawn(publisher(load.clone(), t));
-        }
+        tasks.spawn(publisher(load.clone(), t));
     }
     tasks.spawn(unkeyed(load.clone()));
-    let mut all = Records { events_available: events, ..Records::default() };
+    let mut all = Records::default();
     while let Some(done) = tasks.join_next().await {
         match done {
             Ok(r) => all.merge(r),
