@@ -258,7 +258,7 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
     // The events API is always built in: a run without its event load checks less, and fails.
     let probe = workload::probe_events(&load).await.context("the event workload could not start")?;
     println!("chaos: events API answers (probe event {:?})", probe.id);
-    let load_task = tokio::spawn(workload::run(load.clone()));
+    let mut load_task = tokio::spawn(workload::run(load.clone()));
 
     let plan = schedule::plan(args.seed, args.duration, ids.len());
     let mut faults = Vec::new();
@@ -275,14 +275,17 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
         let end_ms = load.started.elapsed().as_millis() as u64;
         println!("chaos:          {note}; {} after {:.1} s", if healed { "healed" } else { "NOT healed" }, (end_ms - start_ms) as f64 / 1000.0);
         faults.push(FaultRecord { kind: planned.kind, start_ms, end_ms, note, healed });
+        load_ended_early(&mut load_task).await?;
     }
     tokio::time::sleep_until((load.started + args.duration).into()).await;
+    load_ended_early(&mut load_task).await?;
 
     // Faults are over: heal, stop the load, let the cluster settle, then check.
     heal_all(cluster, &ids).await?;
     load.stop.cancel();
     let mut records = match tokio::time::timeout(Duration::from_secs(60), load_task).await {
-        Ok(Ok(r)) => r,
+        Ok(Ok(Ok(r))) => r,
+        Ok(Ok(Err(e))) => return Err(e.context("the load failed")),
         Ok(Err(e)) => anyhow::bail!("the load task failed: {e}"),
         Err(_) => anyhow::bail!("the load did not stop within 60 s"),
     };
@@ -329,6 +332,20 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
     let path = workdir.join("report.txt");
     std::fs::write(&path, &report).with_context(|| format!("writing {}", path.display()))?;
     Ok(verdict.passed())
+}
+
+/// The load runs until the driver stops it: if it ended during the fault phase, a task of it
+/// failed and what that task acknowledged cannot be checked, so the run is aborted.
+async fn load_ended_early(load_task: &mut tokio::task::JoinHandle<anyhow::Result<Records>>) -> anyhow::Result<()> {
+    if !load_task.is_finished() {
+        return Ok(());
+    }
+    let why = match load_task.await {
+        Ok(Ok(_)) => "it stopped by itself".to_string(),
+        Ok(Err(e)) => format!("{e:#}"),
+        Err(e) => e.to_string(),
+    };
+    anyhow::bail!("the load ended during the fault phase: {why}")
 }
 
 /// Carries out one fault, including its hold time and the undoing of it; returns a note.
@@ -739,6 +756,28 @@ mod tests {
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("x").is_err() && parse_duration("5h").is_err());
+    }
+
+    #[tokio::test]
+    async fn a_load_that_ends_early_aborts_the_run() {
+        let mut running = tokio::spawn(async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Ok(Records::default())
+        });
+        assert!(load_ended_early(&mut running).await.is_ok());
+        running.abort();
+        let mut panicked: tokio::task::JoinHandle<anyhow::Result<Records>> = tokio::spawn(async { panic!("a load task panicked") });
+        let mut failed = tokio::spawn(async { Err(anyhow::anyhow!("2 load tasks failed")) });
+        for _ in 0..100 {
+            if panicked.is_finished() && failed.is_finished() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let e = load_ended_early(&mut panicked).await.expect_err("a panicked load fails the run");
+        assert!(e.to_string().contains("during the fault phase"), "{e:#}");
+        let e = load_ended_early(&mut failed).await.expect_err("a failed load fails the run");
+        assert!(e.to_string().contains("2 load tasks failed"), "{e:#}");
     }
 
     #[test]

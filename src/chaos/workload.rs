@@ -217,8 +217,10 @@ pub async fn probe_events(load: &Load) -> anyhow::Result<EventOp> {
     anyhow::bail!("POST {path} got no definite answer within {PROBE_DEADLINE:?} (last: {last}): the event load cannot run")
 }
 
-/// Runs every load task until `load.stop` is cancelled and returns what they did.
-pub async fn run(load: Load) -> Records {
+/// Runs every load task until `load.stop` is cancelled and returns what they did. A task that
+/// fails (panics) takes its records, acknowledged operations included, with it: then the rest
+/// of the load is stopped and the run fails, since what it acknowledged can no longer be checked.
+pub async fn run(load: Load) -> anyhow::Result<Records> {
     let mut tasks = tokio::task::JoinSet::new();
     for t in 0..2 {
         tasks.spawn(writer(load.clone(), t));
@@ -228,13 +230,19 @@ pub async fn run(load: Load) -> Records {
     }
     tasks.spawn(unkeyed(load.clone()));
     let mut all = Records::default();
+    let mut failed = Vec::new();
     while let Some(done) = tasks.join_next().await {
         match done {
             Ok(r) => all.merge(r),
-            Err(e) => tracing::error!(error = %e, "a chaos load task failed"),
+            Err(e) => {
+                tracing::error!(error = %e, "a chaos load task failed");
+                failed.push(e.to_string());
+                load.stop.cancel();
+            }
         }
     }
-    all
+    anyhow::ensure!(failed.is_empty(), "{} load tasks failed and their records are lost: {}", failed.len(), failed.join("; "));
+    Ok(all)
 }
 
 async fn writer(load: Load, t: usize) -> Records {
