@@ -128,7 +128,41 @@ struct FaultRecord {
     /// When the cluster was ready again (or the heal deadline passed).
     end_ms: u64,
     note: String,
-    healed: bool,
+    /// The fault was carried out (not skipped as unavailable in this mode, no injection error).
+    injected: bool,
+    /// Why carrying out or undoing the fault failed (a kill, pause, isolation or restart).
+    error: Option<String>,
+    /// Why healing every node afterwards (resume, start, reconnect) failed.
+    heal_error: Option<String>,
+    /// The whole cluster was ready within [`HEAL_DEADLINE`] after it.
+    ready: bool,
+}
+
+/// The failures of fault control: a fault that was not carried out or not undone is not a fault
+/// the run survived, and a run in which no fault happened tested nothing. A cluster slow to be
+/// ready after a fault is not one of them: that is availability, reported as a note, and nodes
+/// that stay unready or disagree fail the final check (`checker::check_nodes`).
+fn fault_problems(faults: &[FaultRecord]) -> Vec<String> {
+    let at = |f: &FaultRecord| format!("{} at t={:.1}s", f.kind, f.start_ms as f64 / 1000.0);
+    let mut out = Vec::new();
+    for f in faults {
+        if let Some(e) = &f.error {
+            out.push(format!("fault {} failed: {e}", at(f)));
+        }
+        if let Some(e) = &f.heal_error {
+            out.push(format!("healing after fault {} failed: {e}", at(f)));
+        }
+    }
+    if !faults.iter().any(|f| f.injected) {
+        out.push(format!("no fault was injected ({} planned, none carried out): the run tested nothing", faults.len()));
+    }
+    out
+}
+
+/// Faults this cluster cannot inject (isolation without a way to cut links): skipped, and they
+/// count as no fault.
+fn unavailable<C: ClusterControl>(cluster: &C, kind: FaultKind) -> bool {
+    matches!(kind, FaultKind::Isolate | FaultKind::IsolateLeader) && !cluster.supports_isolation()
 }
 
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
@@ -136,6 +170,12 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     // Process mode gives node N the loopback address 127.0.1.N (`cluster::node_ip`).
     anyhow::ensure!(args.nodes <= 254, "--nodes must be at most 254");
     anyhow::ensure!(!(args.tls && args.mode == Mode::Docker), "--tls runs in process mode only");
+    anyhow::ensure!(
+        !schedule::plan(args.seed, args.duration, args.nodes).is_empty(),
+        "--duration {} s leaves no time for a fault (more than {} s are needed)",
+        args.duration.as_secs(),
+        (schedule::WARMUP + schedule::TAIL).as_secs()
+    );
     let exe = match &args.binary {
         Some(b) => b.clone(),
         None => std::env::current_exe().context("locating this binary")?,
@@ -267,14 +307,21 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
         tokio::time::sleep_until(due.into()).await;
         let start_ms = load.started.elapsed().as_millis() as u64;
         println!("chaos: t={:>5.1}s {} ...", start_ms as f64 / 1000.0, planned.kind);
-        let note = match inject(cluster, planned, &ids).await {
-            Ok(note) => note,
-            Err(e) => format!("injection error: {e:#}"),
+        let (note, error) = match inject(cluster, planned, &ids).await {
+            Ok(note) => (note, None),
+            Err(e) => (format!("INJECTION FAILED: {e:#}"), Some(format!("{e:#}"))),
         };
-        let healed = heal_all(cluster, &ids).await.is_ok() && wait_ready(cluster, &ids, HEAL_DEADLINE).await;
+        let injected = error.is_none() && !unavailable(cluster, planned.kind);
+        let heal_error = heal_all(cluster, &ids).await.err().map(|e| format!("{e:#}"));
+        let ready = wait_ready(cluster, &ids, HEAL_DEADLINE).await;
         let end_ms = load.started.elapsed().as_millis() as u64;
-        println!("chaos:          {note}; {} after {:.1} s", if healed { "healed" } else { "NOT healed" }, (end_ms - start_ms) as f64 / 1000.0);
-        faults.push(FaultRecord { kind: planned.kind, start_ms, end_ms, note, healed });
+        let healed = match (&heal_error, ready) {
+            (Some(e), _) => format!("healing FAILED ({e}); cluster {}", if ready { "ready" } else { "NOT ready" }),
+            (None, true) => "healed".to_string(),
+            (None, false) => "NOT ready".to_string(),
+        };
+        println!("chaos:          {note}; {healed} after {:.1} s", (end_ms - start_ms) as f64 / 1000.0);
+        faults.push(FaultRecord { kind: planned.kind, start_ms, end_ms, note, injected, error, heal_error, ready });
         load_ended_early(&mut load_task).await?;
     }
     tokio::time::sleep_until((load.started + args.duration).into()).await;
@@ -297,6 +344,7 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
     println!("chaos: nodes {}", if converged { "converged" } else { "did NOT converge" });
     let observed = observe(cluster, &ids, &records).await;
     let mut verdict = checker::check(&records, &observed);
+    verdict.problems.extend(fault_problems(&faults));
     for exit in cluster.unexpected_exits() {
         verdict.problems.push(format!("a node exited without a fault telling it to ({exit}): a crash, or killed from outside the suite"));
     }
@@ -314,7 +362,7 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
         if args.no_power_loss { ", --no-power-loss (power cuts are plain kills)" } else { "" }
     );
     let mut report = checker::render(&header, &rows, &verdict);
-    let unhealed: Vec<String> = faults.iter().filter(|f| !f.healed).map(|f| format!("{} at {} ms", f.kind, f.start_ms)).collect();
+    let unhealed: Vec<String> = faults.iter().filter(|f| !f.ready).map(|f| format!("{} at {} ms", f.kind, f.start_ms)).collect();
     if !unhealed.is_empty() {
         report.push_str(&format!("note: the cluster was not ready within {HEAL_DEADLINE:?} after: {}\n", unhealed.join(", ")));
     }
@@ -392,7 +440,7 @@ async fn inject<C: ClusterControl>(cluster: &C, f: &PlannedFault, ids: &[u64]) -
             cluster.resume(random).await?;
             format!("node {random} paused for {:.1} s", hold.as_secs_f64())
         }
-        FaultKind::Isolate | FaultKind::IsolateLeader if !cluster.supports_isolation() => {
+        kind if unavailable(cluster, kind) => {
             "skipped: isolation is not available in this mode".to_string()
         }
         FaultKind::Isolate | FaultKind::IsolateLeader => {
@@ -735,7 +783,9 @@ fn fault_rows(faults: &[FaultRecord], acks: &[u64], isolation: bool) -> Vec<Faul
             let mut note = String::new();
             if !isolation && matches!(kind, FaultKind::Isolate | FaultKind::IsolateLeader) {
                 note = "not available in this mode".into();
-            } else if of_kind.iter().any(|f| !f.healed) {
+            } else if of_kind.iter().any(|f| f.error.is_some() || f.heal_error.is_some()) {
+                note = "FAILED to inject or undo (see the problems)".into();
+            } else if of_kind.iter().any(|f| !f.ready) {
                 note = "cluster not ready within 30 s after it".into();
             } else if of_kind.is_empty() {
                 note = "not scheduled in this run".into();
@@ -756,6 +806,30 @@ mod tests {
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("x").is_err() && parse_duration("5h").is_err());
+    }
+
+    fn fault(kind: FaultKind, injected: bool, error: Option<&str>, heal_error: Option<&str>, ready: bool) -> FaultRecord {
+        let (error, heal_error) = (error.map(str::to_string), heal_error.map(str::to_string));
+        FaultRecord { kind, start_ms: 5_000, end_ms: 9_000, note: String::new(), injected, error, heal_error, ready }
+    }
+
+    #[test]
+    fn failed_or_missing_faults_are_problems() {
+        // Carried out and healed, even if slow to be ready: no problem (a note in the report).
+        let ok = fault(FaultKind::KillRandom, true, None, None, false);
+        assert!(fault_problems(std::slice::from_ref(&ok)).is_empty());
+        // A kill that failed, and a restart that failed while healing.
+        let failed = fault(FaultKind::KillLeader, false, Some("kill -KILL 42 failed"), None, true);
+        let unhealed = fault(FaultKind::Pause, true, None, Some("spawning raftbridge"), true);
+        let p = fault_problems(&[ok.clone(), failed, unhealed]);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(p[0].contains("kill leader at t=5.0s failed: kill -KILL 42") && p[1].contains("healing after fault pause"), "{p:?}");
+        // Only skipped (unavailable) or failed faults: the run injected nothing.
+        let skipped = fault(FaultKind::Isolate, false, None, None, true);
+        let p = fault_problems(std::slice::from_ref(&skipped));
+        assert!(p.len() == 1 && p[0].contains("no fault was injected (1 planned"), "{p:?}");
+        assert!(fault_problems(&[]).iter().any(|l| l.contains("no fault was injected")));
+        assert!(fault_problems(&[skipped, ok]).is_empty());
     }
 
     #[tokio::test]
