@@ -266,22 +266,52 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     }
 }
 
-/// Runs the suite on a prepared cluster and tears it down (also on Ctrl-C).
+/// Runs the suite on a prepared cluster and tears it down (also on Ctrl-C, and on SIGTERM as a
+/// CI timeout sends: without a handler it would end this process and leave the nodes running).
 async fn run_with<C: ClusterControl>(cluster: C, args: &ChaosArgs, workdir: &Path) -> anyhow::Result<bool> {
-    let interrupted = CancellationToken::new();
-    let on_ctrl_c = interrupted.clone();
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            on_ctrl_c.cancel();
-        }
-    });
+    // Registered before the run starts, so that a SIGTERM from now on is caught.
+    let term = sigterm();
     let outcome = tokio::select! {
         r = drive(&cluster, args, workdir) => r,
-        _ = interrupted.cancelled() => Err(anyhow::anyhow!("interrupted")),
+        why = interrupted(term) => Err(anyhow::anyhow!("interrupted by {why}")),
     };
     cluster.shutdown().await;
     drop(cluster);
     outcome
+}
+
+/// SIGTERM's handler; `None` (and a warning) when it cannot be installed.
+fn sigterm() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "chaos: cannot handle SIGTERM: it would leave the nodes running");
+            None
+        }
+    }
+}
+
+/// Resolves when Ctrl-C (SIGINT) or SIGTERM arrives, naming it; never if neither can be handled.
+async fn interrupted(mut term: Option<tokio::signal::unix::Signal>) -> &'static str {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        let got = match term.as_mut() {
+            Some(t) => t.recv().await.is_some(),
+            None => false,
+        };
+        // No handler, or (`None` from `recv`) the signal driver is gone: no SIGTERM will come.
+        if !got {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => "Ctrl-C",
+        _ = term => "SIGTERM",
+    }
 }
 
 /// The whole run against a prepared cluster; returns whether the check passed.
@@ -830,6 +860,17 @@ mod tests {
         assert!(p.len() == 1 && p[0].contains("no fault was injected (1 planned"), "{p:?}");
         assert!(fault_problems(&[]).iter().any(|l| l.contains("no fault was injected")));
         assert!(fault_problems(&[skipped, ok]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn sigterm_interrupts_the_run() {
+        // The handler is installed first: from then on SIGTERM no longer ends this process.
+        let term = sigterm();
+        assert!(term.is_some());
+        let status = std::process::Command::new("kill").arg("-TERM").arg(std::process::id().to_string()).status().expect("running kill");
+        assert!(status.success());
+        let why = tokio::time::timeout(Duration::from_secs(10), interrupted(term)).await.expect("SIGTERM seen within 10 s");
+        assert_eq!(why, "SIGTERM");
     }
 
     #[tokio::test]
