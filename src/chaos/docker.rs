@@ -65,6 +65,27 @@ fn docker(args: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
+/// Removes a Docker network when dropped, unless [`NetworkGuard::keep`] handed it on: a step of
+/// [`DockerCluster::new`] that fails after `docker network create` must not leave the network
+/// behind (once the cluster exists, its `shutdown` and `Drop` remove it).
+struct NetworkGuard {
+    name: Option<String>,
+}
+
+impl NetworkGuard {
+    fn keep(mut self) -> String {
+        self.name.take().unwrap_or_default()
+    }
+}
+
+impl Drop for NetworkGuard {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take() {
+            let _ = Command::new("docker").args(["network", "rm", &name]).output();
+        }
+    }
+}
+
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -75,6 +96,7 @@ impl DockerCluster {
         docker(&["image", "inspect", image]).with_context(|| format!("image {image} not found: build it with deploy/build-image.sh"))?;
         let tag = format!("raftbridge-chaos-{}", std::process::id());
         docker(&["network", "create", &tag])?;
+        let network = NetworkGuard { name: Some(tag.clone()) };
         let seeds: Vec<String> = (1..=n).map(|i| format!("{tag}-n{i}:{PEER_PORT}")).collect();
         let mut nodes = Vec::new();
         let mut args = Vec::new();
@@ -108,7 +130,7 @@ impl DockerCluster {
         }
         let isolation = Command::new("nsenter").arg("--version").output().is_ok_and(|o| o.status.success())
             && Command::new("iptables").arg("--version").output().is_ok_and(|o| o.status.success());
-        Ok(DockerCluster { image: image.to_string(), network: tag, workdir: workdir.to_path_buf(), nodes, args, power_loss, isolation })
+        Ok(DockerCluster { image: image.to_string(), network: network.keep(), workdir: workdir.to_path_buf(), nodes, args, power_loss, isolation })
     }
 
     fn node(&self, id: u64) -> anyhow::Result<&DockerNode> {
