@@ -118,6 +118,8 @@ const READY_DEADLINE: Duration = Duration::from_secs(60);
 /// Time allowed for the cluster to heal after one fault before the next.
 const HEAL_DEADLINE: Duration = Duration::from_secs(30);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Time allowed for finishing the keyed increments the load left unanswered.
+const FINISH_DEADLINE: Duration = Duration::from_secs(60);
 
 /// What happened during one fault.
 #[derive(Debug, Clone)]
@@ -369,7 +371,7 @@ async fn drive<C: ClusterControl>(cluster: &C, args: &ChaosArgs, workdir: &Path)
     records.events.push(probe);
     let ready = wait_ready(cluster, &ids, READY_DEADLINE).await;
     println!("chaos: faults over, load stopped; cluster {}", if ready { "ready" } else { "NOT ready" });
-    finish_keyed(&addrs, &mut records).await;
+    finish_keyed(&addrs, &mut records, FINISH_DEADLINE).await;
     let converged = wait_converged(cluster, &ids, READY_DEADLINE).await;
     println!("chaos: nodes {}", if converged { "converged" } else { "did NOT converge" });
     let observed = observe(cluster, &ids, &records).await;
@@ -635,15 +637,27 @@ async fn wait_converged<C: ClusterControl>(cluster: &C, ids: &[u64], deadline: D
     false
 }
 
-/// Finishes keyed increments the load left without an answer (same key, bounded attempts), so
-/// that the keyed counter must equal the acknowledged keys exactly.
-async fn finish_keyed(addrs: &[String], records: &mut Records) {
+/// Finishes keyed increments the load left without an answer (same key, bounded attempts, and
+/// all of them within `deadline`), so that the keyed counter must equal the acknowledged keys
+/// exactly. Those still unanswered at the deadline stay unresolved: the checker allows them to
+/// have taken effect or not. Returns how many stay unresolved.
+async fn finish_keyed(addrs: &[String], records: &mut Records, deadline: Duration) -> usize {
+    let unresolved = |k: &workload::KeyedOp| k.value.is_none() && k.rejected.is_none();
     let stop = CancellationToken::new();
     let mut client = Client::new(addrs, 0);
-    for op in records.keyed.iter_mut().filter(|k| k.value.is_none() && k.rejected.is_none()) {
-        let before = op.attempts;
-        workload::keyed_increment(&mut client, op, &stop, before + 50).await;
+    let finish = async {
+        for op in records.keyed.iter_mut().filter(|k| unresolved(k)) {
+            let before = op.attempts;
+            workload::keyed_increment(&mut client, op, &stop, before + 50).await;
+        }
+    };
+    // A request cut off by the deadline counted as an attempt and left no answer: unresolved.
+    let timed_out = tokio::time::timeout(deadline, finish).await.is_err();
+    let left = records.keyed.iter().filter(|k| unresolved(k)).count();
+    if timed_out {
+        println!("chaos: finishing keyed increments stopped after {deadline:?}; {left} stay unresolved");
     }
+    left
 }
 
 /// Reads with a few retries over the nodes: `Ok(None)` is a definite 404.
@@ -860,6 +874,18 @@ mod tests {
         assert!(p.len() == 1 && p[0].contains("no fault was injected (1 planned"), "{p:?}");
         assert!(fault_problems(&[]).iter().any(|l| l.contains("no fault was injected")));
         assert!(fault_problems(&[skipped, ok]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn finishing_keyed_increments_is_bounded_in_time() {
+        // No node answers: each op would take 50 attempts with pauses (5 s); the deadline cuts it.
+        let op = |n: u32| workload::KeyedOp { key: format!("k{n}"), attempts: 1, value: None, replayed: false, rejected: None };
+        let mut records = Records { keyed: (0..3).map(op).collect(), ..Records::default() };
+        let t = Instant::now();
+        let left = finish_keyed(&[], &mut records, Duration::from_millis(300)).await;
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        assert_eq!(left, 3);
+        assert!(records.keyed.iter().all(|k| k.value.is_none() && k.attempts >= 1));
     }
 
     #[tokio::test]
