@@ -410,6 +410,7 @@ pub async fn run(
         appends: appends.clone(),
         unproven: Arc::new(AtomicBool::new(unproven)),
         log: founder_log,
+        raft_seen: Arc::new(AtomicBool::new(false)),
     }));
     let peer_task = crate::supervise::spawn_until("peer listener", &net_stop, net.clone().run(peer_listener));
 
@@ -725,6 +726,9 @@ struct PeerHandler {
     unproven: Arc<AtomicBool>,
     /// This node's Raft log, for the founder mark (`found`).
     log: LogStore,
+    /// Set once any Raft request (a vote, pre-vote, append or snapshot) reached this process:
+    /// a cluster exists somewhere, so `found` marks nothing.
+    raft_seen: Arc<AtomicBool>,
 }
 
 /// Serves `PeerRequest::Found`: `from` is about to bootstrap a cluster of `members` with this
@@ -737,10 +741,16 @@ struct PeerHandler {
 /// mark therefore never acknowledged an entry, and votes as Raft says: the new-cluster stall
 /// of `withhold_vote` (a first leader that dies after its first entry reached only some nodes)
 /// does not hold up the founders that missed that entry.
-async fn found(replica: &Replica, log: &LogStore, unproven: &AtomicBool, from: NodeId, members: Vec<NodeId>) -> PeerResponse {
+async fn found(replica: &Replica, log: &LogStore, unproven: &AtomicBool, raft_seen: &AtomicBool, from: NodeId, members: Vec<NodeId>) -> PeerResponse {
     let me = replica.id();
     if !members.contains(&me) || !members.contains(&from) {
         return PeerResponse::Error(RemoteError::Invalid(format!("node {me} is not among the founders {members:?} with node {from}")));
+    }
+    // A bootstrapping node sees only the seeds: Raft traffic here means a cluster exists beyond
+    // them (members outside the seed list, say, while the seeds lost their data), and this
+    // node may once have acknowledged its entries.
+    if raft_seen.load(Ordering::SeqCst) {
+        return PeerResponse::Error(RemoteError::Invalid(format!("node {me} has had Raft requests: a cluster exists")));
     }
     match replica.raft.is_initialized().await {
         Ok(false) if !log.holds_entries() => {}
@@ -753,7 +763,8 @@ async fn found(replica: &Replica, log: &LogStore, unproven: &AtomicBool, from: N
     let marked = log.clone();
     let ids = members.clone();
     match tokio::task::spawn_blocking(move || marked.mark_founder(&ids)).await {
-        Ok(Ok(())) => {
+        Ok(Ok(false)) => PeerResponse::Error(RemoteError::Invalid(format!("node {me} holds log entries"))),
+        Ok(Ok(true)) => {
             unproven.store(false, Ordering::Relaxed);
             info!(from, ?members, "forming a new cluster: this node's empty log is marked as a founder's");
             PeerResponse::Done
@@ -846,6 +857,9 @@ fn vote_rule(vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>) -> Vo
 
 impl Handler for PeerHandler {
     fn handle(&self, from: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
+        if req.raft_sender().is_some() {
+            self.raft_seen.store(true, Ordering::Relaxed);
+        }
         let req = match req {
             // Taken now, in arrival order: a leader may have several in flight.
             PeerRequest::AppendEntries(r) => {
@@ -864,6 +878,7 @@ impl Handler for PeerHandler {
         let broker = self.broker.clone();
         let unproven = self.unproven.clone();
         let log = self.log.clone();
+        let raft_seen = self.raft_seen.clone();
         let max_frame = replica.net.max_frame();
         Box::pin(async move {
             let raft = &replica.raft;
@@ -906,7 +921,7 @@ impl Handler for PeerHandler {
                 PeerRequest::Remove { id } => async { cluster.admits(from, id, Membership::Remove)?; cluster.remove(id).await }
                     .await
                     .map_or_else(PeerResponse::Error, |()| PeerResponse::Done),
-                PeerRequest::Found { members } => found(&replica, &log, &unproven, from, members).await,
+                PeerRequest::Found { members } => found(&replica, &log, &unproven, &raft_seen, from, members).await,
             }
         })
     }

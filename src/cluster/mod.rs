@@ -493,17 +493,21 @@ impl Cluster {
     /// Before bootstrapping: asks the other founders to mark their empty logs as founders'
     /// (`PeerRequest::Found`, served by `node::found`), so that one of them that misses the first
     /// leader's first entries can still vote once that leader is gone. Best effort: a founder
-    /// that does not answer in time keeps the stricter vote rule for an empty log.
-    async fn mark_founders(&self, fresh: &BTreeMap<NodeId, String>, ids: &[NodeId]) {
+    /// that does not answer in time keeps the stricter vote rule for an empty log. `marked`:
+    /// those that answered, not asked again.
+    async fn mark_founders(&self, fresh: &BTreeMap<NodeId, String>, ids: &[NodeId], marked: &mut BTreeSet<NodeId>) {
         let me = self.replica.id();
-        let asks = fresh.iter().filter(|(id, _)| **id != me).map(|(id, addr)| {
+        let asks = fresh.iter().filter(|(id, _)| **id != me && !marked.contains(*id)).map(|(id, addr)| {
             let net = self.replica.net.clone();
             let req = PeerRequest::Found { members: ids.to_vec() };
             async move { (*id, net.request_addr(addr, &req, FOUND_TIMEOUT).await) }
         });
         for (id, answer) in futures_util::future::join_all(asks).await {
             match answer {
-                Ok((_, PeerResponse::Done)) => debug!(node = id, "founder marked"),
+                Ok((_, PeerResponse::Done)) => {
+                    debug!(node = id, "founder marked");
+                    marked.insert(id);
+                }
                 Ok((_, other)) => info!(node = id, answer = ?other, "founder not marked"),
                 Err(e) => info!(node = id, cause = %e, "founder not marked"),
             }
@@ -522,6 +526,8 @@ impl Cluster {
         // second cluster beside theirs. With no seeds at all (`--bootstrap-expect 1`) it is alone.
         let mut among_seeds = self.settings.seeds.is_empty();
         let mut told_outside = false;
+        // Founders whose logs are marked (`mark_founders`): asked once each.
+        let mut marked: BTreeSet<NodeId> = BTreeSet::new();
         loop {
             match self.replica.raft.is_initialized().await {
                 Ok(true) => {
@@ -576,6 +582,13 @@ impl Cluster {
                 info!("not bootstrapping: this node is not one of the seeds (it joins once they have formed the cluster)");
             }
             let plan = (lowest && among_seeds).then(|| fresh.keys().copied().collect::<Vec<_>>());
+            if let Some(ids) = plan.as_ref().filter(|_| members.is_empty()) {
+                // In the round that plans (every seed seen without cluster state), not in the
+                // one that bootstraps: the founders' answers may take a while, and the gap
+                // between the second look at the seeds and `initialize` stays as short as it was
+                // (`SteadyPlan`). A plan that changes leaves marks that are true all the same.
+                self.mark_founders(&fresh, ids, &mut marked).await;
+            }
             let bootstrap = steady.holds(plan);
             if !members.is_empty() {
                 // Prefer a seed that knows the leader; it forwards our join there. Rounds go
@@ -592,9 +605,7 @@ impl Cluster {
             } else if bootstrap {
                 let nodes: BTreeMap<NodeId, BasicNode> =
                     fresh.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
-                let ids: Vec<NodeId> = nodes.keys().copied().collect();
-                info!(members = ?ids, "bootstrapping the cluster");
-                self.mark_founders(&fresh, &ids).await;
+                info!(members = ?nodes.keys().collect::<Vec<_>>(), "bootstrapping the cluster");
                 if let Err(e) = self.replica.raft.initialize(nodes).await {
                     warn!(cause = %e, "initialize failed");
                 }

@@ -141,8 +141,10 @@ impl LogStoreOptions {
 pub const POWER_LOSS_ENV: &str = "RAFTBRIDGE_TEST_POWER_LOSS";
 /// Side file of the power-loss mode: `<segment name> <synced length>`.
 const SYNCED_FILE: &str = "synced";
-/// Present when this log was made before its cluster formed, as one of the nodes that formed it
-/// (`LogStore::mark_founder`). It lives with the segments: a log that is lost loses it too.
+/// Present while this log, made before its cluster formed by one of the nodes that formed it
+/// (`LogStore::mark_founder`), has never held an entry: removed, durably, before the first
+/// append is acknowledged (and at open if entries are there). It lives with the segments: a
+/// log that is lost loses it too.
 const FOUNDER_FILE: &str = "founder";
 
 impl Default for LogStoreOptions {
@@ -185,6 +187,8 @@ struct Inner {
     io: Mutex<Io>,
     /// Set by the writer or the flusher after a failed write or fsync; never cleared.
     failed: Arc<AtomicBool>,
+    /// The founder mark (`FOUNDER_FILE`), shared with the flusher, which removes it.
+    founder: Founder,
     /// Joined in `Drop`, after the flush channel is closed.
     flusher: Option<JoinHandle<()>>,
     /// Hands purged entries and segment files to the reaper thread. Closed (set to `None`) by
@@ -600,8 +604,34 @@ fn reaper(rx: mpsc::Receiver<Reap>, dir: PathBuf, sync: bool) {
     }
 }
 
+/// The founder mark of a log (`FOUNDER_FILE`) and whether it is there.
+#[derive(Clone)]
+struct Founder {
+    path: PathBuf,
+    dir: PathBuf,
+    /// Set by `LogStore::mark_founder` (under the `mem` lock), cleared once the file is gone.
+    marked: Arc<AtomicBool>,
+}
+
+impl Founder {
+    /// Removes the mark durably, if it is there: on the flusher thread before the first append
+    /// it syncs is acknowledged, so that a log that acknowledged an entry never carries it.
+    fn unmark(&self, sync: bool) -> io::Result<()> {
+        if !self.marked.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match fs::remove_file(&self.path) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        fsync_dir(&self.dir, sync)?;
+        self.marked.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
 /// The flusher thread (group commit). Exits once the channel is closed and drained.
-fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>, grow_limit: u64, phase: u64) {
+fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>, grow_limit: u64, phase: u64, founder: Founder) {
     let zeros = vec![0u8; GROW_STEP as usize];
     let commit_seconds = metrics::histogram!("raftbridge_log_group_commit_seconds");
     let zero_fill_seconds = metrics::histogram!("raftbridge_log_zero_fill_seconds");
@@ -618,7 +648,7 @@ fn flusher(rx: mpsc::Receiver<Flush>, sync: bool, failed: Arc<AtomicBool>, grow_
         }
         let error = if failed.load(Ordering::SeqCst) {
             Some((ErrorKind::Other, "raft log store failed earlier; restart to recover".into()))
-        } else if let Err(e) = files.iter().try_for_each(|f| fsync(f, sync)) {
+        } else if let Err(e) = files.iter().try_for_each(|f| fsync(f, sync)).and_then(|()| founder.unmark(sync)) {
             tracing::error!(error = %e, "raft log fsync failed; refusing further writes");
             failed.store(true, Ordering::SeqCst);
             Some((e.kind(), e.to_string()))
@@ -724,12 +754,18 @@ impl LogStore {
         let segments = closed.len() + 1;
         tracing::info!(dir = %dir.display(), entries = mem.entries.len(), segments, "raft log opened");
 
+        // A mark beside entries is stale (a mark made as an append raced it): gone before use.
+        let founder = Founder { path: dir.join(FOUNDER_FILE), dir: dir.to_path_buf(), marked: Arc::new(AtomicBool::new(dir.join(FOUNDER_FILE).exists())) };
+        if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
+            founder.unmark(opts.sync)?;
+        }
         let failed = Arc::new(AtomicBool::new(false));
         let (tx, rx) = mpsc::channel();
         let (sync, flag, grow_limit, phase) = (opts.sync, failed.clone(), opts.segment_bytes.saturating_add(GROW_SLACK), opts.grow_phase % GROW_STEP);
+        let flusher_founder = founder.clone();
         let flusher = std::thread::Builder::new()
             .name("raft-log-flush".into())
-            .spawn(move || flusher(rx, sync, flag, grow_limit, phase))
+            .spawn(move || flusher(rx, sync, flag, grow_limit, phase, flusher_founder))
             .map_err(ctx("spawn flusher for", dir))?;
         let (reap_tx, reap_rx) = mpsc::sync_channel(REAP_QUEUE);
         let reap_dir = dir.to_path_buf();
@@ -747,6 +783,7 @@ impl LogStore {
             mem: Mutex::new(mem),
             io: Mutex::new(io),
             failed,
+            founder,
             flusher: Some(flusher),
             reap_tx: Mutex::new(Some(reap_tx)),
             reaper: Some(reaper),
@@ -765,14 +802,24 @@ impl LogStore {
     /// been lost since before the cluster's first entry: an empty one never acknowledged an
     /// entry, and the node may vote as Raft says (`node::withhold_vote`).
     pub fn founder(&self) -> bool {
-        self.inner.dir.join(FOUNDER_FILE).exists()
+        self.inner.founder.marked.load(Ordering::SeqCst)
     }
 
-    /// Marks this log as a founder's (see `founder`), durably: `members` are the nodes forming
-    /// the cluster, kept for whoever reads the data dir. Blocking (a file write and fsyncs).
-    pub fn mark_founder(&self, members: &[u64]) -> io::Result<()> {
+    /// Marks this log as a founder's (see `founder`), durably, if it has never held an entry
+    /// (false if it has): `members` are the nodes forming the cluster, kept for whoever reads
+    /// the data dir. Blocking (a file write and fsyncs), under the lock that appends take: an
+    /// append either came first (no mark) or finds the mark, which the flusher then removes
+    /// before acknowledging it.
+    pub fn mark_founder(&self, members: &[u64]) -> io::Result<bool> {
+        let mem = lock(&self.inner.mem)?;
+        if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
+            return Ok(false);
+        }
         let text = format!("formed a cluster with nodes {members:?} while this log was empty\n");
-        crate::fsutil::write_atomic(&self.inner.dir, FOUNDER_FILE, text.as_bytes())
+        crate::fsutil::write_atomic(&self.inner.dir, FOUNDER_FILE, text.as_bytes())?;
+        self.inner.founder.marked.store(true, Ordering::SeqCst);
+        drop(mem);
+        Ok(true)
     }
 
     /// True when the log holds entries, or held some and purged them into a snapshot: a vote
@@ -1182,18 +1229,37 @@ mod tests {
         v
     }
 
-    /// The founder mark survives a reopen, and goes with the log's directory.
+    /// The founder mark survives a reopen while the log is empty, goes with the log's
+    /// directory, and is gone (durably) once an entry is appended: a log that acknowledged an
+    /// entry never carries it, also when its segments are lost later.
     #[tokio::test]
-    async fn the_founder_mark_is_kept_with_the_log() {
+    async fn the_founder_mark_is_kept_only_while_the_log_never_held_an_entry() {
         let dir = TempDir::new();
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
         assert!(!store.founder());
-        store.mark_founder(&[1, 2, 3]).unwrap();
+        assert!(store.mark_founder(&[1, 2, 3]).unwrap());
         assert!(store.founder());
         drop(store);
-        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
         assert!(store.founder(), "kept across a restart");
         assert!(!store.holds_entries());
+        append(&mut store, vec![ent(1, 1)]).await;
+        assert!(!store.founder() && !dir.0.join(FOUNDER_FILE).exists(), "gone once an entry is acknowledged");
+        assert!(!store.mark_founder(&[1, 2, 3]).unwrap(), "a log that holds entries is not marked");
+        drop(store);
+        for seg in segments(&dir.0) {
+            fs::remove_file(seg).unwrap();
+        }
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert!(!store.founder(), "segments lost later: no mark to vouch for the empty log");
+        drop(store);
+        // A mark beside entries (an append that raced the mark) is removed at open.
+        let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        append(&mut store, vec![ent(1, 1)]).await;
+        drop(store);
+        fs::write(dir.0.join(FOUNDER_FILE), b"stale").unwrap();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert!(!store.founder() && !dir.0.join(FOUNDER_FILE).exists());
         drop(store);
         fs::remove_dir_all(&dir.0).unwrap();
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();

@@ -597,17 +597,19 @@ fn a_node_whose_data_was_lost_votes_for_no_one_until_a_leader_reaches_it() {
 fn founders_elect_a_leader_when_the_first_dies_before_its_entries_reached_them_all() {
     let c = Cluster::new("founders", 3, &[]);
     c.start_all();
-    // Node 1 (the lowest id) bootstraps after the other two marked their logs; its election
-    // comes an election timeout later, so node 3 is stopped before any entry reaches it.
+    // Node 1 (the lowest id) marks the other two as founders in the round that plans the
+    // cluster, and bootstraps a round later; its election comes an election timeout after
+    // that, so node 3, stopped as soon as node 1 says it bootstraps, gets no entry.
     let start = std::time::Instant::now();
     let mut polls = 0u32;
-    while !c.log_text(3).contains("marked as a founder") {
-        assert!(start.elapsed() < FORMATION && polls < 1_000_000, "node 3 was never marked as a founder");
+    while !c.log_text(1).contains("bootstrapping the cluster") {
+        assert!(start.elapsed() < FORMATION && polls < 1_000_000, "node 1 never bootstrapped");
         polls += 1;
         std::thread::sleep(Duration::from_millis(1));
     }
     c.signal(3, "STOP");
-    eprintln!("[membership] node 3 stopped once marked as a founder");
+    assert!(c.log_text(3).contains("marked as a founder"), "node 3 was marked before the bootstrap");
+    eprintln!("[membership] node 3 stopped as node 1 bootstraps");
     let leader = c.wait_for("a leader between nodes 1 and 2 whose entries node 2 holds", FORMATION, || {
         let s = c.api(2).status()?;
         match s.leader {
