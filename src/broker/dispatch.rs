@@ -538,7 +538,11 @@ impl Dispatcher {
                     let per_frame = if batched { MAX_DELIVER_BATCH } else { 1 };
                     for batch in in_frames(events, per_frame, self.net.max_frame() / 2, |(e, _)| e.full_size() + EVENT_FRAME_OVERHEAD) {
                         let (this, inflight, decl, retry_tx, freed) = (self.clone(), inflight.clone(), decl.clone(), retry_tx.clone(), freed.clone());
-                        tokio::spawn(async move {
+                        let stop = shutdown.clone();
+                        // Ends with the dispatcher: a local handler does not run on for up to its
+                        // ack deadline after the node stopped (unacked, the event is delivered
+                        // again by the next leader).
+                        tokio::spawn(stop.run_until_cancelled_owned(async move {
                             let positions: Vec<u64> = batch.iter().map(|(e, _)| e.position).collect();
                             let answered = || {
                                 mark_answered(&inflight, &decl.name, &positions, epoch);
@@ -555,7 +559,7 @@ impl Dispatcher {
                                     }
                                 }
                             }
-                        });
+                        }));
                     }
                 }
             }
@@ -712,7 +716,10 @@ impl Dispatcher {
                 };
                 next = Some(position + 1);
                 note_progress(&mut progress, SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead });
-                if flushed.elapsed() >= INSTANCE_FLUSH {
+                // By bytes too: dead letters with their reasons, many to a pass, must fit one
+                // entry (one that never fits would be refused, and the pass redone, for good).
+                let bytes: usize = progress.iter().map(SubUpdate::approx_size).sum();
+                if flushed.elapsed() >= INSTANCE_FLUSH || bytes >= self.broker.progress_budget() {
                     if !self.record_instance_progress(&name, std::mem::take(&mut progress)).await {
                         lost = true;
                         break 'events;

@@ -607,5 +607,6 @@ mod tests {
         assert!(sub(Duration::from_secs(86_400)).into_parts().is_ok());
         assert!(bad(sub(Duration::from_secs(86_401))).contains("ack deadline"));
         assert!(bad(sub(Duration::MAX)).contains("ack deadline"));
+        assert!(bad(sub(Duration::from_millis(u64::MAX) + Duration::from_millis(6))).contains("ack deadline"), "not wrapped to 5 ms");
     }
 }

@@ -69,7 +69,8 @@ impl SubscriptionBuilder {
         self
     }
     pub fn ack_deadline(mut self, d: Duration) -> Self {
-        self.decl.ack_deadline_ms = d.as_millis().max(1) as u64;
+        // Saturated, not truncated: a huge deadline must fail the build's bound, not wrap.
+        self.decl.ack_deadline_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
         self
     }
     pub fn max_in_flight(mut self, n: u32) -> Self {
