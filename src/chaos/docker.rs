@@ -50,7 +50,13 @@ pub struct DockerCluster {
     nodes: Vec<DockerNode>,
     args: Vec<Vec<String>>,
     power_loss: bool,
-    isolation: bool,
+    /// Isolation works here: the tools are on the host and (checked once a container runs,
+    /// `probe_isolation`) may enter a container's network namespace. Cleared if they may not
+    /// (rootless Docker, the suite inside a container on the host's socket): then isolation is
+    /// unavailable in this mode rather than every isolation fault failing.
+    isolation: std::sync::atomic::AtomicBool,
+    /// `probe_isolation` ran.
+    probed: std::sync::atomic::AtomicBool,
 }
 
 /// Runs `docker <args>`; returns stdout, or an error with stderr.
@@ -130,7 +136,8 @@ impl DockerCluster {
         }
         let isolation = Command::new("nsenter").arg("--version").output().is_ok_and(|o| o.status.success())
             && Command::new("iptables").arg("--version").output().is_ok_and(|o| o.status.success());
-        Ok(DockerCluster { image: image.to_string(), network: network.keep(), workdir: workdir.to_path_buf(), nodes, args, power_loss, isolation })
+        let (isolation, probed) = (std::sync::atomic::AtomicBool::new(isolation), std::sync::atomic::AtomicBool::new(false));
+        Ok(DockerCluster { image: image.to_string(), network: network.keep(), workdir: workdir.to_path_buf(), nodes, args, power_loss, isolation, probed })
     }
 
     fn node(&self, id: u64) -> anyhow::Result<&DockerNode> {
@@ -170,6 +177,24 @@ impl DockerCluster {
             .and_then(|n| Command::new("docker").args(["logs", &n.name]).output().ok())
             .map(|o| format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
             .unwrap_or_default()
+    }
+
+    /// Once, with the first container running: lists the iptables rules in its network
+    /// namespace as isolation would enter it; if that fails, isolation is unavailable.
+    fn probe_isolation(&self, id: u64) {
+        use std::sync::atomic::Ordering;
+        if !self.supports_isolation() || self.probed.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let entered = self.node(id).and_then(|n| docker(&["inspect", "-f", "{{.State.Pid}}", &n.name])).and_then(|pid| {
+            let out = Command::new("nsenter").args(["-t", &pid, "-n", "iptables", "-S"]).output().context("running nsenter iptables")?;
+            anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr).trim());
+            Ok(())
+        });
+        if let Err(e) = entered {
+            println!("chaos: isolation unavailable: cannot enter a container's network namespace ({e:#})");
+            self.isolation.store(false, Ordering::SeqCst);
+        }
     }
 
     /// iptables rules dropping peer traffic in the container's network namespace.
@@ -212,7 +237,7 @@ impl ClusterControl for DockerCluster {
     }
 
     fn supports_isolation(&self) -> bool {
-        self.isolation
+        self.isolation.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn is_running(&self, id: u64) -> bool {
@@ -238,6 +263,8 @@ impl ClusterControl for DockerCluster {
         run.extend(self.args[idx].iter().map(String::as_str));
         docker(&run)?;
         *created = true;
+        drop(created);
+        self.probe_isolation(id);
         Ok(())
     }
 
@@ -293,12 +320,12 @@ impl ClusterControl for DockerCluster {
     }
 
     async fn isolate(&self, id: u64) -> anyhow::Result<()> {
-        anyhow::ensure!(self.isolation, "isolation needs nsenter and iptables on the host");
+        anyhow::ensure!(self.supports_isolation(), "isolation needs nsenter and iptables on the host");
         self.peer_rules(id, "-A")
     }
 
     async fn heal(&self, id: u64) -> anyhow::Result<()> {
-        if !self.isolation || !self.running(id) {
+        if !self.supports_isolation() || !self.running(id) {
             return Ok(());
         }
         // Remove every copy of the rules (a rule absent is fine).
