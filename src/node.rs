@@ -737,7 +737,8 @@ struct PeerHandler {
 ///
 /// Why that is safe: the mark is made while no seed holds an entry of the cluster, so this
 /// node cannot have acknowledged one before; it is kept with the log's segments, so a node
-/// that lost its log has lost the mark too. A node that restarts with an empty log and the
+/// that lost its log has lost the mark too, and it is removed before the log acknowledges its
+/// first entry (`LogStore::mark_founder`). A node that restarts with an empty log and the
 /// mark therefore never acknowledged an entry, and votes as Raft says: the new-cluster stall
 /// of `withhold_vote` (a first leader that dies after its first entry reached only some nodes)
 /// does not hold up the founders that missed that entry.
