@@ -186,7 +186,13 @@ impl DockerCluster {
         if !self.supports_isolation() || self.probed.swap(true, Ordering::SeqCst) {
             return;
         }
-        let entered = self.node(id).and_then(|n| docker(&["inspect", "-f", "{{.State.Pid}}", &n.name])).and_then(|pid| {
+        let pid = self.node(id).and_then(|n| docker(&["inspect", "-f", "{{.State.Pid}}", &n.name]));
+        if !pid.as_deref().is_ok_and(|p| p != "0") {
+            // Not running (a node that crashed on start): no conclusion, the next start probes.
+            self.probed.store(false, Ordering::SeqCst);
+            return;
+        }
+        let entered = pid.and_then(|pid| {
             let out = Command::new("nsenter").args(["-t", &pid, "-n", "iptables", "-S"]).output().context("running nsenter iptables")?;
             anyhow::ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr).trim());
             Ok(())

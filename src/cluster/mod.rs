@@ -582,14 +582,17 @@ impl Cluster {
                 info!("not bootstrapping: this node is not one of the seeds (it joins once they have formed the cluster)");
             }
             let plan = (lowest && among_seeds).then(|| fresh.keys().copied().collect::<Vec<_>>());
-            if let Some(ids) = plan.as_ref().filter(|_| members.is_empty()) {
-                // In the round that plans (every seed seen without cluster state), not in the
+            let bootstrap = steady.holds(plan.clone());
+            // A node gone from the seeds' answers (restarted, maybe with its data lost) is asked
+            // again if it comes back.
+            marked.retain(|id| fresh.contains_key(id));
+            if let Some(ids) = plan.as_ref().filter(|_| members.is_empty() && !bootstrap) {
+                // In a round that plans (every seed seen without cluster state), never in the
                 // one that bootstraps: the founders' answers may take a while, and the gap
                 // between the second look at the seeds and `initialize` stays as short as it was
                 // (`SteadyPlan`). A plan that changes leaves marks that are true all the same.
                 self.mark_founders(&fresh, ids, &mut marked).await;
             }
-            let bootstrap = steady.holds(plan);
             if !members.is_empty() {
                 // Prefer a seed that knows the leader; it forwards our join there. Rounds go
                 // round the seeds in that order: one that cannot help (a removed node still

@@ -609,15 +609,18 @@ fn reaper(rx: mpsc::Receiver<Reap>, dir: PathBuf, sync: bool) {
 struct Founder {
     path: PathBuf,
     dir: PathBuf,
-    /// Set by `LogStore::mark_founder` (under the `mem` lock), cleared once the file is gone.
-    marked: Arc<AtomicBool>,
+    /// Whether the mark may be on disk: set by `LogStore::mark_founder` (under the `mem` lock)
+    /// before it writes the file, cleared by `unmark` once the file is gone; held across each
+    /// one's file operations, so neither sees the other half done.
+    marked: Arc<Mutex<bool>>,
 }
 
 impl Founder {
     /// Removes the mark durably, if it is there: on the flusher thread before the first append
     /// it syncs is acknowledged, so that a log that acknowledged an entry never carries it.
     fn unmark(&self, sync: bool) -> io::Result<()> {
-        if !self.marked.load(Ordering::SeqCst) {
+        let mut marked = lock(&self.marked)?;
+        if !*marked {
             return Ok(());
         }
         match fs::remove_file(&self.path) {
@@ -625,8 +628,12 @@ impl Founder {
             _ => {}
         }
         fsync_dir(&self.dir, sync)?;
-        self.marked.store(false, Ordering::SeqCst);
+        *marked = false;
         Ok(())
+    }
+
+    fn is_marked(&self) -> bool {
+        lock(&self.marked).is_ok_and(|m| *m)
     }
 }
 
@@ -755,7 +762,7 @@ impl LogStore {
         tracing::info!(dir = %dir.display(), entries = mem.entries.len(), segments, "raft log opened");
 
         // A mark beside entries is stale (a mark made as an append raced it): gone before use.
-        let founder = Founder { path: dir.join(FOUNDER_FILE), dir: dir.to_path_buf(), marked: Arc::new(AtomicBool::new(dir.join(FOUNDER_FILE).exists())) };
+        let founder = Founder { path: dir.join(FOUNDER_FILE), dir: dir.to_path_buf(), marked: Arc::new(Mutex::new(dir.join(FOUNDER_FILE).exists())) };
         if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
             founder.unmark(opts.sync)?;
         }
@@ -802,7 +809,7 @@ impl LogStore {
     /// been lost since before the cluster's first entry: an empty one never acknowledged an
     /// entry, and the node may vote as Raft says (`node::withhold_vote`).
     pub fn founder(&self) -> bool {
-        self.inner.founder.marked.load(Ordering::SeqCst)
+        self.inner.founder.is_marked()
     }
 
     /// Marks this log as a founder's (see `founder`), durably, if it has never held an entry
@@ -816,8 +823,12 @@ impl LogStore {
             return Ok(false);
         }
         let text = format!("formed a cluster with nodes {members:?} while this log was empty\n");
+        // Flagged first: a write that fails half way (renamed, the directory not synced) may
+        // leave the file, which the flusher must then remove before the first acknowledgement.
+        let mut marked = lock(&self.inner.founder.marked)?;
+        *marked = true;
         crate::fsutil::write_atomic(&self.inner.dir, FOUNDER_FILE, text.as_bytes())?;
-        self.inner.founder.marked.store(true, Ordering::SeqCst);
+        drop(marked);
         drop(mem);
         Ok(true)
     }
