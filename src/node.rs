@@ -753,9 +753,10 @@ async fn found(replica: &Replica, log: &LogStore, unproven: &AtomicBool, raft_se
     if raft_seen.load(Ordering::SeqCst) {
         return PeerResponse::Error(RemoteError::Invalid(format!("node {me} has had Raft requests: a cluster exists")));
     }
+    // (Entries without cluster state are refused by `mark_founder`, under the log's lock.)
     match replica.raft.is_initialized().await {
-        Ok(false) if !log.holds_entries() => {}
-        Ok(_) => return PeerResponse::Error(RemoteError::Invalid(format!("node {me} already has cluster state"))),
+        Ok(false) => {}
+        Ok(true) => return PeerResponse::Error(RemoteError::Invalid(format!("node {me} already has cluster state"))),
         Err(e) => return PeerResponse::Error(RemoteError::Internal(e.to_string())),
     }
     if log.founder() {
@@ -771,7 +772,7 @@ async fn found(replica: &Replica, log: &LogStore, unproven: &AtomicBool, raft_se
             PeerResponse::Done
         }
         Ok(Err(e)) => PeerResponse::Error(RemoteError::Internal(format!("marking the log: {e}"))),
-        Err(e) => PeerResponse::Error(RemoteError::Internal(format!("marking the log: {e}"))),
+        Err(panicked) => PeerResponse::Error(RemoteError::Internal(format!("marking the log: {panicked}"))),
     }
 }
 

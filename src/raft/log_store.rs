@@ -762,7 +762,8 @@ impl LogStore {
         tracing::info!(dir = %dir.display(), entries = mem.entries.len(), segments, "raft log opened");
 
         // A mark beside entries is stale (a mark made as an append raced it): gone before use.
-        let founder = Founder { path: dir.join(FOUNDER_FILE), dir: dir.to_path_buf(), marked: Arc::new(Mutex::new(dir.join(FOUNDER_FILE).exists())) };
+        let mark = dir.join(FOUNDER_FILE);
+        let founder = Founder { marked: Arc::new(Mutex::new(mark.exists())), path: mark, dir: dir.to_path_buf() };
         if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
             founder.unmark(opts.sync)?;
         }

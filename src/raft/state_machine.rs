@@ -526,11 +526,9 @@ impl SmData {
                     }) {
                         continue;
                     }
-                    // Whether a registration already declares it: this node's before this
-                    // command, and any other member's.
-                    let declares = |services: &Vec<ServiceDecl>| services.iter().any(|s| s.subscriptions.iter().any(|x| x.name == sub.name));
-                    let here_before = self.registry.get(&node).is_some_and(declares);
-                    let elsewhere = self.registry.iter().any(|(n, s)| *n != node && members.get_node(n).is_some() && declares(s));
+                    // For a non-durable one: the members whose registrations declare it before
+                    // this command (this node's own among them or not).
+                    let declared = if sub.durable { Vec::new() } else { self.declared_by(&sub.name) };
                     let start = if sub.durable { self.log.first() } else { self.log.next };
                     let next = self.log.next;
                     let state = self.subs.entry(sub.name.clone()).or_insert_with(|| SubState {
@@ -546,8 +544,8 @@ impl SmData {
                     // A consumer that registers it when none does (all left at drain or were
                     // removed) starts at the newest event, as the first one did; one that
                     // crashed is still registered and keeps its place. Dead letters stay.
-                    if !sub.durable && !here_before {
-                        if sub.shared && !elsewhere {
+                    if !sub.durable && !declared.contains(&node) {
+                        if sub.shared && declared.is_empty() {
                             state.cursor = next;
                             state.done.clear();
                             state.attempts.clear();
