@@ -29,13 +29,17 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
 use http::Method;
-use tokio::time::{sleep_until, timeout_at, Instant};
+use tokio::time::{sleep, sleep_until, timeout_at, Instant};
 
 use crate::client::ClientTls;
 use crate::client::Conn;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// Error kinds for requests still unanswered when the window ends, and (under `--rate`) for
+/// the slots such a request kept from being sent.
+const UNFINISHED: &str = "\0unanswered";
+const UNSENT: &str = "\0unsent";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
@@ -59,11 +63,10 @@ pub struct CommonArgs {
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     pub timeout: Duration,
     /// Total requests per second, spread evenly over the workers (0: as fast as they can). Each
-    /// worker sends on a fixed schedule. When the worker's previous request was still in flight
-    /// at the scheduled time, latency counts from the scheduled time, so a stall is not hidden
-    /// by the requests it delayed (no coordinated omission); otherwise it counts from the send,
-    /// so the load generator's own timer lateness (tokio's timer has 1 ms ticks) is not charged
-    /// to the cluster.
+    /// worker sends on a fixed schedule, and latency counts from the scheduled time, so a stall
+    /// is not hidden by the requests it delayed (no coordinated omission). That includes the
+    /// load generator's own lateness (tokio's timer has 1 ms ticks; a busy machine wakes it
+    /// late): on a machine it shares with the nodes, that is queueing a client would see too.
     #[arg(long, default_value_t = 0.0)]
     pub rate: f64,
     /// Load generator threads. One (the default) runs every connection on one thread (tokio's
@@ -110,8 +113,9 @@ pub struct EventsArgs {
     /// Event name.
     #[arg(long, default_value = "benchEvent")]
     pub name: String,
-    /// Subscription whose end-to-end delivery latency is read from the targets' `/metrics` after
-    /// the run (the demo service's `benchSink` consumes `benchEvent`).
+    /// Subscription whose end-to-end delivery latency (event accepted → handler called) is read
+    /// from the targets' `/metrics` histograms when the window opens and again once the run's
+    /// events are delivered (the demo service's `benchSink` consumes `benchEvent`).
     #[arg(long, default_value = "benchSink")]
     pub subscription: String,
 }
@@ -159,6 +163,9 @@ pub struct BenchRequest {
     pub path: String,
     pub headers: Vec<(String, String)>,
     pub body: Bytes,
+    /// The status that acknowledges it (`None`: any 2xx). A publish is acknowledged by 201
+    /// only: a stray 200 from a wrong target must not count as a committed event.
+    pub expect: Option<u16>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +181,10 @@ pub struct Report {
     pub p999_us: u64,
     pub max_us: u64,
     pub error_kinds: BTreeMap<String, u64>,
+    /// Requests still unanswered when the window closed (neither acknowledged nor errors),
+    /// and under `--rate` the slots they kept from being sent.
+    pub unanswered: u64,
+    pub unsent: u64,
     /// CPU the targets used over the measured window, summed (their `process_cpu_seconds_total`);
     /// `None` when a target does not export it (not a raftbridge node, or not reachable).
     pub node_cpu: Option<Duration>,
@@ -184,6 +195,15 @@ pub struct Report {
 }
 
 impl Report {
+    /// An error (a non-zero exit) for a run that acknowledged nothing, or failed more often
+    /// than it succeeded: its figures describe failures, and a script must not take them.
+    pub fn judge(&self) -> anyhow::Result<()> {
+        if self.ok == 0 || self.errors > self.ok {
+            bail!("the run failed: {} acknowledged, {} errors (see the error kinds above)", self.ok, self.errors);
+        }
+        Ok(())
+    }
+
     /// CPU per acknowledged request, in microseconds.
     fn per_ok_us(&self, cpu: Option<Duration>) -> Option<f64> {
         cpu.filter(|_| self.ok > 0).map(|c| c.as_secs_f64() * 1e6 / self.ok as f64)
@@ -198,16 +218,23 @@ impl fmt::Display for Report {
             "acknowledged: {} ({:.1}/s)  errors: {}",
             self.ok, self.per_sec, self.errors
         )?;
-        write!(
-            f,
-            "latency: p50 {}  p99 {}  p999 {}  max {}",
-            fmt_us(self.p50_us),
-            fmt_us(self.p99_us),
-            fmt_us(self.p999_us),
-            fmt_us(self.max_us)
-        )?;
+        if self.ok == 0 {
+            write!(f, "latency: n/a (nothing acknowledged)")?;
+        } else {
+            write!(
+                f,
+                "latency: p50 {}  p99 {}  p999 {}  max {}",
+                fmt_us(self.p50_us),
+                fmt_us(self.p99_us),
+                fmt_us(self.p999_us),
+                fmt_us(self.max_us)
+            )?;
+        }
         for (kind, n) in &self.error_kinds {
             write!(f, "\n  error {kind}: {n}")?;
+        }
+        if self.unanswered > 0 || self.unsent > 0 {
+            write!(f, "\n  unanswered when the window closed: {} (not counted); slots not sent behind them: {}", self.unanswered, self.unsent)?;
         }
         let per = |c| self.per_ok_us(c).map_or_else(|| "n/a".to_string(), |us| format!("{us:.0} µs"));
         write!(
@@ -277,12 +304,18 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
     }
     let filler: Arc<str> = "x".repeat(args.size.saturating_sub(20)).into();
     let (batch, name) = (args.batch, args.name.clone());
-    // End-to-end: a reader on the first target follows the log and records, for every event,
-    // how long after its acceptance (its timestamp) the reader saw it.
-    let reader_target = args.common.targets.first().cloned().unwrap_or_default();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let tls = client_tls(args.common.cacert.as_deref(), args.common.targets.iter().map(String::as_str))?;
-    let reader = tokio::spawn(follow_log(reader_target, tls.clone(), stop.clone()));
+    // Delivery latency to the subscription over this run only: the targets' histogram buckets
+    // counted when the window opens and again once the run's events are delivered.
+    let targets: Vec<String> = args.common.targets.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
+    let tls = client_tls(args.common.cacert.as_deref(), targets.iter().map(String::as_str))?;
+    let window_opens = Instant::now() + args.common.warmup;
+    let before = tokio::spawn({
+        let (targets, tls, sub) = (targets.clone(), tls.clone(), args.subscription.clone());
+        async move {
+            sleep_until(window_opens).await;
+            deliveries(&targets, tls, &sub).await
+        }
+    });
     let report = drive("events", &args.common, move |worker, seq| {
         let one = |i: usize| format!(r#"{{"v":"{filler}","w":{worker},"n":{seq},"i":{i}}}"#);
         if batch == 1 {
@@ -291,6 +324,7 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
                 path: format!("/v1/events/{name}"),
                 headers: Vec::new(),
                 body: Bytes::from(one(0)),
+                expect: Some(201),
             }
         } else {
             let items: Vec<String> =
@@ -300,12 +334,11 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
                 path: "/v1/events".into(),
                 headers: Vec::new(),
                 body: Bytes::from(format!("[{}]", items.join(","))),
+                expect: Some(201),
             }
         }
     })
     .await?;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let e2e = reader.await.unwrap_or_default();
     let events = report.ok * args.batch as u64;
     println!(
         "events: {events} acknowledged ({:.1}/s, {} per request); publish-ack latency is the request latency below",
@@ -315,43 +348,128 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
     if let Some(us) = report.per_ok_us(report.node_cpu) {
         println!("node cpu per acknowledged event: {:.1} µs (sum over the targets)", us / args.batch as f64);
     }
-    if let Some((n, p50, p99)) = e2e {
-        println!("end-to-end (accepted → readable on the first target, sampled): {n} events, p50 {p50} ms, p99 {p99} ms");
-    }
-    for (target, line) in delivery_latency(&args.common.targets, tls, &args.subscription).await {
-        println!("delivery to subscription {} on {target}: {line}", args.subscription);
+    let sub = &args.subscription;
+    match before.await.ok().flatten() {
+        None => println!("delivery to subscription {sub}: n/a (a target's /metrics could not be read)"),
+        Some(before) => match delivered_since(&targets, tls, sub, &before, events).await {
+            None => println!("delivery to subscription {sub}: n/a (a target's /metrics could not be read)"),
+            Some(run) if run.count <= 0.0 => println!(
+                "delivery to subscription {sub}: no deliveries (is a node consuming it? the demo service's benchSink consumes benchEvent)"
+            ),
+            Some(run) => println!(
+                "delivery to subscription {sub} (accepted → handler called, all consumers, this run): {:.0} deliveries for {events} events acknowledged, p50 {}, p99 {}, max {} (whole ms: event timestamps are in ms)",
+                run.count,
+                run.quantile_text(0.5),
+                run.quantile_text(0.99),
+                run.quantile_text(1.0),
+            ),
+        },
     }
     Ok(report)
 }
 
-/// The subscription's delivery latency (event accepted → handler called) as each target's
-/// `/metrics` summary reports it: (target, "n deliveries, p50 .. ms, p99 .. ms") or why not.
-/// A shared subscription's events are spread over the consuming nodes, hence one line per node.
-async fn delivery_latency(targets: &[String], tls: Option<ClientTls>, sub: &str) -> Vec<(String, String)> {
-    let mut out = Vec::new();
-    for target in targets.iter().map(|t| t.trim()).filter(|t| !t.is_empty()) {
-        let mut conn = crate::client::Conn::new(target.to_string()).with_tls(tls.clone());
-        let line = match conn.get("/metrics", Duration::from_secs(5)).await {
-            Err(e) => format!("metrics unavailable ({e})"),
-            Ok(resp) => {
-                let text = String::from_utf8_lossy(&resp.body).into_owned();
-                let label = format!("subscription=\"{sub}\"");
-                let value = |suffix: &str, quantile: Option<&str>| {
-                    let q = quantile.map(|q| format!("quantile=\"{q}\""));
-                    let labels: Vec<&str> = std::iter::once(label.as_str()).chain(q.as_deref()).collect();
-                    metric_value(&text, &format!("raftbridge_delivery_latency_seconds{suffix}"), &labels)
+/// Deliveries by latency bucket: the cumulative count per upper bound (in µs; `u64::MAX` for
+/// `+Inf`) and the total, summed over targets or differenced between two moments.
+#[derive(Debug, Default, Clone, PartialEq)]
+struct Deliveries {
+    buckets: BTreeMap<u64, f64>,
+    count: f64,
+}
+
+impl Deliveries {
+    /// `raftbridge_delivery_latency_seconds` (a histogram: `DELIVERY_LATENCY_BUCKETS`) for
+    /// `sub` in one target's Prometheus text; empty when the target has not delivered any.
+    fn parse(text: &str, sub: &str) -> Deliveries {
+        let label = format!("subscription=\"{sub}\"");
+        let mut out = Deliveries::default();
+        for line in text.lines().filter(|l| l.contains(&label)) {
+            let value = || line.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok());
+            if line.starts_with("raftbridge_delivery_latency_seconds_bucket{") {
+                let le = line.split("le=\"").nth(1).and_then(|r| r.split('"').next());
+                let bound = match le {
+                    Some("+Inf") => Some(u64::MAX),
+                    Some(le) => le.parse::<f64>().ok().map(|s| (s * 1e6).round() as u64),
+                    None => None,
                 };
-                match (value("_count", None), value("", Some("0.5")), value("", Some("0.99"))) {
-                    (Some(n), Some(p50), Some(p99)) if n > 0.0 => {
-                        format!("{n} deliveries, p50 {:.1} ms, p99 {:.1} ms", p50 * 1e3, p99 * 1e3)
-                    }
-                    _ => "no deliveries here (is a node consuming it? the demo service's benchSink consumes benchEvent)".into(),
+                if let (Some(bound), Some(v)) = (bound, value()) {
+                    *out.buckets.entry(bound).or_insert(0.0) += v;
                 }
+            } else if line.starts_with("raftbridge_delivery_latency_seconds_count") {
+                out.count += value().unwrap_or(0.0);
             }
-        };
-        out.push((target.to_string(), line));
+        }
+        out
     }
-    out
+
+    fn add(&mut self, other: &Deliveries) {
+        for (b, v) in &other.buckets {
+            *self.buckets.entry(*b).or_insert(0.0) += v;
+        }
+        self.count += other.count;
+    }
+
+    fn since(&self, before: &Deliveries) -> Deliveries {
+        let buckets = self.buckets.iter().map(|(b, v)| (*b, v - before.buckets.get(b).copied().unwrap_or(0.0))).collect();
+        Deliveries { buckets, count: self.count - before.count }
+    }
+
+    /// The upper bound (µs) of the bucket holding the `q` quantile; `None` without deliveries.
+    fn quantile(&self, q: f64) -> Option<u64> {
+        if self.count <= 0.0 {
+            return None;
+        }
+        let rank = (q * self.count).ceil().max(1.0);
+        self.buckets.iter().find(|(_, cum)| **cum >= rank).map(|(b, _)| *b)
+    }
+
+    /// The quantile in whole ms: a bucket `(k - 0.5, k + 0.5]` ms holds exactly `k` (timestamps
+    /// are whole ms); past `DELIVERY_EXACT_MS` the buckets are wider and the figure a bound.
+    fn quantile_text(&self, q: f64) -> String {
+        match self.quantile(q) {
+            None => "n/a".into(),
+            Some(u64::MAX) => format!("> {} ms", crate::broker::dispatch::DELIVERY_LATENCY_BUCKETS.last().map_or(0.0, |s| s * 1e3).floor()),
+            Some(us) => {
+                let ms = us.saturating_sub(500) / 1000;
+                if ms <= crate::broker::dispatch::DELIVERY_EXACT_MS { format!("{ms} ms") } else { format!("≤ {ms} ms") }
+            }
+        }
+    }
+}
+
+/// [`Deliveries`] of `sub` summed over `targets`; `None` if a target's `/metrics` fails.
+async fn deliveries(targets: &[String], tls: Option<ClientTls>, sub: &str) -> Option<Deliveries> {
+    let scrapes = targets.iter().map(|t| {
+        let tls = tls.clone();
+        async move {
+            let mut conn = Conn::new(t.clone()).with_tls(tls);
+            let resp = conn.get("/metrics", Duration::from_secs(5)).await.ok()?;
+            Some(Deliveries::parse(std::str::from_utf8(&resp.body).ok()?, sub))
+        }
+    });
+    let mut sum = Deliveries::default();
+    for one in futures_util::future::join_all(scrapes).await {
+        sum.add(&one?);
+    }
+    Some(sum)
+}
+
+/// Deliveries since `before`, once the run's events are delivered: polls until there are at
+/// least `events` of them (redeliveries count too), or none came for 2 s, or 30 s passed, so
+/// the slowest deliveries of the run are in.
+async fn delivered_since(targets: &[String], tls: Option<ClientTls>, sub: &str, before: &Deliveries, events: u64) -> Option<Deliveries> {
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let (mut last, mut last_change) = (-1.0, Instant::now());
+    loop {
+        let run = deliveries(targets, tls.clone(), sub).await?.since(before);
+        let now = Instant::now();
+        if run.count != last {
+            (last, last_change) = (run.count, now);
+        }
+        if run.count >= events as f64 || now >= give_up || now.duration_since(last_change) >= Duration::from_secs(2) {
+            return Some(run);
+        }
+        sleep(Duration::from_millis(250)).await;
+    }
 }
 
 /// The value of the first sample of `name` in Prometheus' text format whose labels contain every
@@ -362,39 +480,6 @@ fn metric_value(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
         .find(|l| labels.iter().all(|want| l.contains(want)))
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-}
-
-/// Samples end-to-end latency until `stop`: every 20 ms it reads the newest events (at most 20)
-/// from `target` and records, for each event not seen before, how long after its acceptance (its
-/// timestamp) it was readable there. Sampling keeps the reader from adding load comparable to the
-/// publishers'. Returns (events sampled, p50 ms, p99 ms).
-async fn follow_log(target: String, tls: Option<ClientTls>, stop: Arc<std::sync::atomic::AtomicBool>) -> Option<(u64, u64, u64)> {
-    let mut conn = crate::client::Conn::new(target).with_tls(tls);
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000, 3).ok()?;
-    let timeout = Duration::from_secs(5);
-    let mut seen = 0u64;
-    // Bounded by `stop` (set when the load ends) and by a cap on polls.
-    for _ in 0..1_000_000u64 {
-        if stop.load(std::sync::atomic::Ordering::Relaxed) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let Ok(resp) = conn.get("/v1/events?after=0&limit=1", timeout).await else { continue };
-        let Some(end) = resp.json::<serde_json::Value>().ok().and_then(|b| b.get("end").and_then(|v| v.as_u64())) else {
-            continue;
-        };
-        let after = end.saturating_sub(20).max(seen);
-        let Ok(resp) = conn.get(&format!("/v1/events?after={after}&limit=20"), timeout).await else { continue };
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
-        let Ok(body) = resp.json::<serde_json::Value>() else { continue };
-        for e in body.get("events").and_then(|v| v.as_array()).into_iter().flatten() {
-            if let (Some(ts), Some(pos)) = (e.get("timestamp").and_then(|v| v.as_u64()), e.get("position").and_then(|v| v.as_u64())) {
-                let _ = hist.record(now.saturating_sub(ts).max(1));
-                seen = seen.max(pos);
-            }
-        }
-    }
-    (!hist.is_empty()).then(|| (hist.len(), hist.value_at_quantile(0.5), hist.value_at_quantile(0.99)))
 }
 
 async fn run_state(args: &StateArgs) -> anyhow::Result<Report> {
@@ -416,6 +501,7 @@ async fn run_state(args: &StateArgs) -> anyhow::Result<Report> {
         path: format!("{prefix}{}", fastrand::u64(0..keys)),
         headers: Vec::new(),
         body: Bytes::from(format!(r#"{{"v":"{filler}","n":{seq}}}"#)),
+        expect: None,
     })
     .await
 }
@@ -505,6 +591,7 @@ async fn run_commands(args: &CommandsArgs) -> anyhow::Result<Report> {
         body: static_body
             .clone()
             .unwrap_or_else(|| Bytes::from(body.expand(worker, seq))),
+        expect: None,
     })
     .await
 }
@@ -555,6 +642,14 @@ where
     if !(common.rate >= 0.0 && common.rate.is_finite()) {
         bail!("--rate must be a non-negative number");
     }
+    // Each worker's interval under `--rate` (at most a day: a smaller rate sends nothing).
+    let per_worker = match common.rate > 0.0 {
+        true => Duration::try_from_secs_f64(common.concurrency as f64 / common.rate)
+            .ok()
+            .filter(|iv| *iv <= Duration::from_secs(86_400))
+            .context("--rate is too small: a connection would send less than once a day")?,
+        false => Duration::ZERO,
+    };
     let tls = client_tls(common.cacert.as_deref(), targets.iter().map(String::as_str)).context("--targets")?;
     let mut title = format!(
         "bench {workload}: {} targets, {} connections, {:.1}s",
@@ -578,8 +673,7 @@ where
         let conn = Conn::new(targets[i % targets.len()].clone()).with_tls(tls.clone());
         let (make, progress, timeout) = (make_request.clone(), progress.clone(), common.timeout);
         // Each worker's share of the rate; workers start staggered over one interval.
-        let interval = (common.rate > 0.0)
-            .then(|| Duration::from_secs_f64(common.concurrency as f64 / common.rate));
+        let interval = (common.rate > 0.0).then_some(per_worker);
         let first = interval.map(|iv| start + iv.mul_f64(i as f64 / common.concurrency as f64));
         let pace = interval.zip(first);
         workers.push(tokio::spawn(async move {
@@ -598,6 +692,8 @@ where
         }
     }
     printer.abort();
+    let unanswered = error_kinds.remove(UNFINISHED).unwrap_or(0);
+    let unsent = error_kinds.remove(UNSENT).unwrap_or(0);
     let (ok, errors) = (hist.len(), error_kinds.values().sum());
     let (node_cpu, bench_cpu, host) = match cpu_at_start.await {
         Ok(before) => {
@@ -630,6 +726,8 @@ where
         p999_us: hist.value_at_quantile(0.999),
         max_us: hist.max(),
         error_kinds,
+        unanswered,
+        unsent,
         node_cpu,
         bench_cpu,
         host,
@@ -703,22 +801,18 @@ where
     let Window { measure_from, deadline, pace } = window;
     let (mut hist, mut kinds) = (new_histogram()?, BTreeMap::new());
     let mut backoff = BACKOFF_MIN;
-    let mut prev_done = Instant::now();
     for seq in 0.. {
-        // Paced: wait for this request's slot; count latency from it if the previous request
-        // made this one late, else from the send (the `rate` flag's doc says why).
+        // Paced: wait for this request's slot and count its latency from the slot, the time it
+        // was meant to be sent, whether the previous request or the generator's own lateness
+        // delayed it (no coordinated omission: a stall is charged to every request it held up).
         let started = match pace {
             Some((interval, first)) => {
                 let slot = first + interval.mul_f64(seq as f64);
                 if slot >= deadline {
                     break;
                 }
-                if prev_done > slot {
-                    slot
-                } else {
-                    sleep_until(slot).await;
-                    Instant::now()
-                }
+                sleep_until(slot).await;
+                slot
             }
             None => Instant::now(),
         };
@@ -733,21 +827,44 @@ where
             .collect();
         let sent = conn.request(req.method, &req.path, &headers, req.body, timeout);
         let Ok(result) = timeout_at(deadline, sent).await else {
+            // Still unanswered at the end: said as such, not left out silently. Under `--rate`,
+            // the slots this request held up until the end were never sent: counted too.
+            if Instant::now() >= measure_from {
+                *kinds.entry(UNFINISHED.to_string()).or_insert(0) += 1;
+                if let Some((interval, first)) = pace {
+                    let next = first + interval.mul_f64((seq + 1) as f64);
+                    let behind = deadline.saturating_duration_since(next).as_secs_f64() / interval.as_secs_f64().max(1e-9);
+                    let behind = behind.ceil() as u64;
+                    if behind > 0 {
+                        *kinds.entry(UNSENT.to_string()).or_insert(0) += behind;
+                    }
+                }
+            }
             break;
         };
-        prev_done = Instant::now();
-        let latency_us = u64::try_from(prev_done.saturating_duration_since(started).as_micros()).unwrap_or(u64::MAX);
-        let measured = started >= measure_from;
+        let done = Instant::now();
+        let latency_us = u64::try_from(done.saturating_duration_since(started).as_micros()).unwrap_or(u64::MAX);
+        // Counted by when it finished: the rate is what was acknowledged within the window,
+        // including requests sent during the warmup that the window saw answered.
+        let measured = done >= measure_from;
         let failure = match result {
             Ok(resp) => {
                 backoff = BACKOFF_MIN; // the node answered: the connection is fine
-                (!resp.is_success()).then(|| format!("status {}", resp.status))
+                let acknowledged = match req.expect {
+                    Some(status) => resp.status == status,
+                    None => resp.is_success(),
+                };
+                (!acknowledged).then(|| format!("status {}", resp.status))
             }
             Err(e) => {
                 tracing::debug!(target = conn.addr(), error = %e, "bench request failed");
                 if e.is_connection() {
                     sleep_until((Instant::now() + backoff).min(deadline)).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
+                } else {
+                    // An error that comes back at once (a bad address) must not keep this
+                    // worker from yielding to the others on a one-thread runtime.
+                    tokio::task::yield_now().await;
                 }
                 Some(e.kind().to_string())
             }
@@ -1084,6 +1201,7 @@ mod tests {
             path: "/".into(),
             headers: vec![],
             body: Bytes::new(),
+            expect: None,
         };
         assert!(drive("t", &common, make).await.is_err());
         assert!(drive(
@@ -1097,6 +1215,48 @@ mod tests {
         )
         .await
         .is_err());
+    }
+
+    #[test]
+    fn delivery_latency_is_the_difference_of_two_scrapes() {
+        let scrape = |n: [u64; 4]| {
+            format!(
+                "# TYPE raftbridge_delivery_latency_seconds histogram\n\
+                 raftbridge_delivery_latency_seconds_bucket{{subscription=\"benchSink\",le=\"0.0015\"}} {}\n\
+                 raftbridge_delivery_latency_seconds_bucket{{subscription=\"benchSink\",le=\"0.0025\"}} {}\n\
+                 raftbridge_delivery_latency_seconds_bucket{{subscription=\"benchSink\",le=\"0.0255\"}} {}\n\
+                 raftbridge_delivery_latency_seconds_bucket{{subscription=\"benchSink\",le=\"+Inf\"}} {}\n\
+                 raftbridge_delivery_latency_seconds_sum{{subscription=\"benchSink\"}} 1.5\n\
+                 raftbridge_delivery_latency_seconds_count{{subscription=\"benchSink\"}} {}\n\
+                 raftbridge_delivery_latency_seconds_count{{subscription=\"other\"}} 999\n",
+                n[0], n[1], n[2], n[3], n[3]
+            )
+        };
+        // Before the run: 100 deliveries at 1 ms, from an earlier run.
+        let before = Deliveries::parse(&scrape([100, 100, 100, 100]), "benchSink");
+        // The run adds 90 at 2 ms, 9 at ≤ 25 ms and 1 past the last bound; two targets.
+        let mut after = Deliveries::parse(&scrape([100, 190, 199, 200]), "benchSink");
+        after.add(&Deliveries::parse("", "benchSink"));
+        let run = after.since(&before);
+        assert_eq!(run.count, 100.0, "only the run's deliveries");
+        assert_eq!(run.quantile_text(0.5), "2 ms", "the earlier run's 1 ms deliveries are not in it");
+        assert_eq!(run.quantile_text(0.9), "2 ms");
+        assert_eq!(run.quantile_text(0.99), "≤ 25 ms");
+        assert_eq!(run.quantile_text(1.0), "> 60000 ms");
+        assert_eq!(Deliveries::default().quantile_text(0.5), "n/a");
+        assert_eq!(Deliveries::parse(&scrape([1, 2, 3, 4]), "nobody"), Deliveries::default());
+    }
+
+    #[test]
+    fn a_run_that_mostly_failed_is_an_error() {
+        let report = |ok, errors| Report {
+            title: String::new(), ok, errors, elapsed: Duration::from_secs(1), per_sec: 0.0, p50_us: 0, p99_us: 0,
+            p999_us: 0, max_us: 0, error_kinds: BTreeMap::new(), unanswered: 0, unsent: 0, node_cpu: None, bench_cpu: None, host: None,
+        };
+        assert!(report(10, 1).judge().is_ok());
+        assert!(report(0, 0).judge().is_err(), "nothing acknowledged");
+        assert!(report(5, 6).judge().is_err(), "more errors than acknowledgements");
+        assert!(report(0, 0).to_string().contains("latency: n/a"));
     }
 
     #[test]

@@ -149,7 +149,7 @@ pub fn main() -> ExitCode {
             Cmd::Node(args) => run_node(*args).await,
             Cmd::Dev(args) => dev(args).await,
             Cmd::Leave(args) => leave(args).await,
-            Cmd::Bench(cmd) => crate::bench::run(cmd).await.map(|_| ()),
+            Cmd::Bench(cmd) => crate::bench::run(cmd).await.and_then(|r| r.judge()),
             Cmd::Probe(args) => probe(args).await,
             Cmd::Chaos(args) => crate::chaos::run(args).await,
             Cmd::Certs(args) => certs(args),
@@ -202,7 +202,11 @@ fn on_signal(token: CancellationToken) {
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full("raftbridge_delivery_latency_seconds".into()),
+            crate::broker::dispatch::DELIVERY_LATENCY_BUCKETS,
+        )
+        .and_then(|b| b.install_recorder())
         .map_err(|e| tracing::warn!(cause = %e, "metrics recorder not installed"))
         .ok();
     let shutdown = CancellationToken::new();

@@ -225,6 +225,19 @@ pub struct Dispatcher {
     updates: mpsc::Sender<UpdateReq>,
 }
 
+/// Bucket bounds (seconds) of `raftbridge_delivery_latency_seconds`, a histogram so that a
+/// benchmark can difference two scrapes (a summary's quantiles cover a rolling window that mixes
+/// runs). Event timestamps are whole milliseconds, so a latency is a whole number of ms and the
+/// bounds sit half-way between: up to `DELIVERY_EXACT_MS` each bucket holds one value exactly.
+pub const DELIVERY_LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.0015, 0.0025, 0.0035, 0.0045, 0.0055, 0.0065, 0.0075, 0.0085, 0.0095, 0.0105, 0.0115,
+    0.0125, 0.0135, 0.0145, 0.0155, 0.0165, 0.0175, 0.0185, 0.0195, 0.0205, 0.0255, 0.0305, 0.0405,
+    0.0505, 0.0755, 0.1005, 0.1505, 0.2005, 0.3005, 0.5005, 1.0005, 2.0005, 5.0005, 10.0005, 30.0005,
+    60.0005,
+];
+/// Latencies (ms) up to which `DELIVERY_LATENCY_BUCKETS` tell each whole ms apart.
+pub const DELIVERY_EXACT_MS: u64 = 20;
+
 fn backoff(attempts: u32) -> Duration {
     BACKOFF_BASE.saturating_mul(1 << attempts.min(10)).min(BACKOFF_MAX)
 }
