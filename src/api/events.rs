@@ -50,6 +50,14 @@ fn check_name(name: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// A subscription name as services declare them (`sdk::builder::check_name`): anything else
+/// names none, and is refused before it is looked up, echoed, probed for or proposed.
+fn check_subscription(name: &str) -> Result<(), ApiError> {
+    crate::sdk::builder::check_name(name).map_err(|_| {
+        ApiError::BadRequest(format!("subscription {:?}: a name is 1..=128 characters of A-Z a-z 0-9 - _ .", super::cut(name, 64)))
+    })
+}
+
 fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.len() > super::MAX_META_LEN {
         return Err(ApiError::BadRequest(format!("idempotencyKey must be 1..={} bytes", super::MAX_META_LEN)));
@@ -86,6 +94,61 @@ fn check_utf8(body: &[u8]) -> Result<(), ApiError> {
     std::str::from_utf8(body).map(|_| ()).map_err(|e| ApiError::BadRequest(format!("body is not UTF-8: {e}")))
 }
 
+/// Nesting levels a payload may reach: serde_json's readers stop at 128 (as do many others), so
+/// a deeper payload would be stored and then fail in every consumer.
+const MAX_PAYLOAD_DEPTH: usize = 127;
+
+/// What serde's syntax check (`IgnoredAny`, `RawValue`: numbers of any size are kept as sent)
+/// lets through but a consumer could not read: nesting past `MAX_PAYLOAD_DEPTH`, and a UTF-16
+/// surrogate escape without its pair (`"\ud800"`), which decodes to no string. `json` has
+/// passed that check already. One pass over the bytes, no tree built.
+fn check_payload(json: &[u8]) -> Result<(), ApiError> {
+    let lone = || ApiError::BadRequest("invalid JSON: a lone UTF-16 surrogate escape".into());
+    let (mut depth, mut in_string, mut high, mut i) = (0usize, false, false, 0);
+    while let Some(&b) = json.get(i) {
+        i += 1;
+        if !in_string {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_PAYLOAD_DEPTH {
+                        return Err(ApiError::BadRequest(format!("payload nested deeper than {MAX_PAYLOAD_DEPTH} levels")));
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            continue;
+        }
+        // In a string: a high surrogate escape must be followed at once by a low one.
+        let unit = match (b, json.get(i)) {
+            (b'\\', Some(b'u')) => {
+                let hex = json.get(i + 1..i + 5).and_then(|h| std::str::from_utf8(h).ok());
+                i += 5;
+                hex.and_then(|h| u16::from_str_radix(h, 16).ok())
+            }
+            (b'\\', _) => {
+                i += 1;
+                None
+            }
+            (b'"', _) => {
+                in_string = false;
+                None
+            }
+            _ => None,
+        };
+        match unit {
+            Some(0xD800..=0xDBFF) if !high => high = true,
+            Some(0xDC00..=0xDFFF) if high => high = false,
+            Some(0xD800..=0xDFFF) => return Err(lone()),
+            _ if high => return Err(lone()),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// `POST /v1/events/{eventName}` → 201 `{"id","position"}` once committed.
 pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiResult {
     check_name(name)?;
@@ -95,6 +158,7 @@ pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiRe
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
     check_utf8(&body)?;
     serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+    check_payload(&body)?;
     let event = new_event(name, body.to_vec(), &meta, None, key);
     let (id, position) = app.broker.publish_one(event).await.map_err(unshare)?;
     Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "id": id, "position": position })))
@@ -157,6 +221,9 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
         if let Some(key) = &item.idempotency_key {
             check_key(key)?;
         }
+        if let Some(p) = item.payload {
+            check_payload(p.get().as_bytes())?;
+        }
         let payload = item.payload.map_or_else(|| b"null".to_vec(), |p| p.get().as_bytes().to_vec());
         events.push(new_event(&item.event_name, payload, &meta, None, dedup_key(meta.tenant_id.as_deref(), item.idempotency_key)));
     }
@@ -200,6 +267,7 @@ fn number(q: &std::collections::BTreeMap<String, String>, k: &str) -> Result<Opt
 pub fn dead_letters(app: &App, query: Option<&str>) -> ApiResult {
     let q = parse_query(query.unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
     let name = q.get("subscription").ok_or_else(|| ApiError::BadRequest("subscription=NAME is required".into()))?;
+    check_subscription(name)?;
     let after = number(&q, "after")?;
     let limit = number(&q, "limit")?.unwrap_or(MAX_READ as u64).clamp(1, MAX_READ as u64) as usize;
     let dead = app.sm.dead_letters(name, after, limit).ok_or_else(|| ApiError::NotFound(format!("no subscription {name}")))?;
@@ -257,6 +325,7 @@ pub fn dead_letters(app: &App, query: Option<&str>) -> ApiResult {
 
 /// `GET /v1/subscriptions/{name}`: replicated progress, for operators and tests.
 pub fn subscription(app: &App, name: &str) -> ApiResult {
+    check_subscription(name)?;
     let s = app.sm.subscription_summary(name).ok_or_else(|| ApiError::NotFound(format!("no subscription {name}")))?;
     Ok(json_response(StatusCode::OK, &summary_json(name, &s)))
 }
@@ -291,6 +360,7 @@ const FEATURE_PROBE: std::time::Duration = std::time::Duration::from_secs(2);
 /// is judged by the features it announced on its latest link, so one that is down counts with
 /// the build it had.
 pub async fn drop_subscription(app: &App, name: &str) -> ApiResult {
+    check_subscription(name)?;
     let me = app.replica.id();
     let members: Vec<u64> = app.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).filter(|id| *id != me).collect();
     for id in members {
@@ -313,5 +383,35 @@ pub async fn drop_subscription(app: &App, name: &str) -> ApiResult {
         ))),
         (false, _) => Err(ApiError::NotFound(format!("no subscription {name}"))),
         (true, _) => Ok(json_response(StatusCode::OK, &serde_json::json!({ "deleted": true, "name": name }))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_a_consumer_cannot_read_are_refused() {
+        let ok = |s: &str| check_payload(s.as_bytes()).is_ok();
+        assert!(ok(r#"{"esc":"\ud83d\ude00\u0041","q":"\"\\u","big":1e400}"#));
+        assert!(ok(r#"["\\ud800"]"#), "an escaped backslash, not an escape");
+        for lone in [r#""\ud800""#, r#""\ude00""#, r#""\ud800x""#, r#""\ud800\u0041""#, r#""\ud800\ud800""#, r#"{"\udfff":1}"#] {
+            assert!(!ok(lone), "{lone}");
+        }
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(ok(&nested(MAX_PAYLOAD_DEPTH)));
+        assert!(!ok(&nested(MAX_PAYLOAD_DEPTH + 1)));
+        assert!(ok(&format!(r#""{}""#, "[".repeat(500))), "brackets inside a string do not nest");
+        // What serde_json's own reader takes is what passes.
+        let reads = |s: &str| serde_json::from_str::<serde_json::Value>(s).is_ok();
+        assert!(reads(&nested(MAX_PAYLOAD_DEPTH)) && !reads(&nested(MAX_PAYLOAD_DEPTH + 1)));
+    }
+
+    #[test]
+    fn subscription_names_are_those_services_can_declare() {
+        assert!(check_subscription("countOrders").is_ok());
+        for bad in ["", "a b", "x/y", &"s".repeat(129), "naïve"] {
+            assert!(matches!(check_subscription(bad), Err(ApiError::BadRequest(_))), "{bad:?}");
+        }
     }
 }

@@ -331,8 +331,18 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (_, ["v1", "events"]) => ("other", Err(not_allowed("GET, POST"))),
         (_, ["v1", "events", _]) => ("other", Err(not_allowed("POST"))),
         (_, ["cluster", "members", _]) => ("other", Err(not_allowed("DELETE"))),
-        _ => ("unknown", Err(ApiError::NotFound(format!("no route for {path}")))),
+        // The path is echoed cut to 256 bytes: an answer need not repeat 64 KiB of input.
+        _ => ("unknown", Err(ApiError::NotFound(format!("no route for {}", cut(&path, 256))))),
     }
+}
+
+/// `s` cut to at most `max` bytes at a character boundary, with "…" when cut.
+pub(crate) fn cut(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return s.into();
+    }
+    let end = (0..=max).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
+    format!("{}…", &s[..end]).into()
 }
 
 fn readyz(app: &App) -> ApiResult {
@@ -670,6 +680,14 @@ fn not_allowed(allow: &str) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echoed_input_is_cut_at_a_character_boundary() {
+        assert_eq!(cut("short", 256), "short");
+        let long = "é".repeat(200);
+        let c = cut(&long, 255);
+        assert!(c.len() <= 255 + "…".len() && c.ends_with('…') && c.starts_with("éé"), "{c}");
+    }
 
     type Chunks = futures_util::stream::BoxStream<'static, Result<hyper::body::Frame<Bytes>, Infallible>>;
 

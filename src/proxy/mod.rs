@@ -689,6 +689,7 @@ fn valid_traceparent(t: &str) -> bool {
     let is_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     parts.len() == 4
         && is_hex(parts[0], 2)
+        && parts[0] != "ff"
         && is_hex(parts[1], 32)
         && is_hex(parts[2], 16)
         && is_hex(parts[3], 2)
@@ -713,5 +714,8 @@ mod tests {
         assert_eq!(tp, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
         h.insert("traceparent", HeaderValue::from_static("00-xyz-1-01"));
         assert_ne!(trace_ids(&h).1, "00-xyz-1-01");
+        // Version ff is forbidden (W3C Trace Context): a new trace starts.
+        h.insert("traceparent", HeaderValue::from_static("ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+        assert!(trace_ids(&h).1.starts_with("00-"));
     }
 }

@@ -124,7 +124,13 @@ pub fn match_path(pattern: &str, path: &str) -> Option<BTreeMap<String, String>>
         let got = segments.next()?;
         match want.strip_prefix(':') {
             Some(name) if !got.is_empty() => {
-                params.insert(name.to_string(), percent_decode(got)?);
+                // `.` and `..` (also as `%2E%2E`) name no resource: sent on to an app, a server
+                // that normalises paths would read them as a step up to a path never exposed.
+                let value = percent_decode(got)?;
+                if value == "." || value == ".." {
+                    return None;
+                }
+                params.insert(name.to_string(), value);
             }
             _ if want == got && !got.is_empty() => {}
             _ => return None,
@@ -201,6 +207,11 @@ mod tests {
         assert!(match_path("counter/:name/increment", "counter//increment").is_none());
         assert!(match_path("echo", "echo/more").is_none());
         assert!(match_path("echo", "echo/").is_none(), "a trailing slash is a different path");
+        // A parameter is never a step in the path, written plainly or escaped.
+        for dots in ["..", ".", "%2E%2E", "%2e.", "%2E"] {
+            assert!(match_path("orders/:id/cancel", &format!("/orders/{dots}/cancel")).is_none(), "{dots}");
+        }
+        assert!(match_path("orders/:id/cancel", "/orders/...x/cancel").is_some());
         assert_eq!(parse_query("ms=5&x=a+b&y=%2F").unwrap().get("x").map(String::as_str), Some("a b"));
         assert!(parse_query("bad=%zz").is_none());
         assert!(parse_query("bad=%+5").is_none() && parse_query("bad=%-1").is_none() && parse_query("bad=%4").is_none());

@@ -307,7 +307,9 @@ pub fn encode_output<O: Serialize>(output: O) -> Result<Output, HandlerError> {
 
 pub use crate::proxy::routing::match_path;
 
-fn check_name(name: &str) -> Result<(), String> {
+/// A service, command or subscription name: 1..=128 characters of `A-Z a-z 0-9 - _ .` (the API
+/// refuses any other subscription name with a 400).
+pub(crate) fn check_name(name: &str) -> Result<(), String> {
     let ok = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
     if name.is_empty() || name.len() > 128 || !name.chars().all(ok) {
         return Err(format!("name {name:?} must be 1..=128 characters of A-Z a-z 0-9 - _ ."));

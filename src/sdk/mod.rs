@@ -160,6 +160,10 @@ impl HandlerError {
     pub fn unhandled(message: impl Into<String>) -> HandlerError {
         HandlerError::new(500, message)
     }
+    /// The status the HTTP API gives the same cause (`api::error`: mapped in one place).
+    pub(crate) fn from_api(e: crate::api::error::ApiError) -> HandlerError {
+        HandlerError::new(e.status().as_u16(), e.to_string())
+    }
     pub fn with_data(mut self, data: &serde_json::Value) -> HandlerError {
         self.data = Some(data.to_string());
         self
@@ -210,7 +214,9 @@ impl From<StoreError> for HandlerError {
             StoreError::PreconditionFailed { .. } => HandlerError::new(409, e.to_string()),
             StoreError::TooLarge { .. } | StoreError::Replica(ReplicaError::TooLarge { .. }) => HandlerError::new(413, e.to_string()),
             StoreError::QuotaExceeded(_) => HandlerError::new(507, e.to_string()),
-            StoreError::Replica(_) => HandlerError::new(503, e.to_string()),
+            // As the HTTP API answers them (`api::error`, the one mapping): a write whose outcome
+            // is unknown is a 502, not a 503 that tells the client nothing happened.
+            StoreError::Replica(r) => HandlerError::from_api(r.into()),
             StoreError::Unexpected(_) => HandlerError::unhandled(e.to_string()),
         }
     }
@@ -285,11 +291,9 @@ impl Ctx {
         let payload = serde_json::to_vec(payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
         let idempotency_key = self.state.next_tag().map(|(k, seq)| format!("{k}#emit{seq}"));
         let event = crate::broker::new_event(event_name, payload, &self.meta, self.service.clone(), idempotency_key);
-        broker.publish_one(event).await.map_err(|e| {
-            // Too large is the handler's input problem (413); anything else a broker outage.
-            let status = if matches!(*e, crate::broker::BrokerError::TooLarge { .. }) { 413 } else { 503 };
-            HandlerError::new(status, e.to_string())
-        })
+        // Statuses as the HTTP API's for a publish: too large 413, nothing committed 503, an
+        // outcome unknown 502 (the handler's writes before it may have committed).
+        broker.publish_one(event).await.map_err(|e| HandlerError::from_api(std::sync::Arc::unwrap_or_clone(e).into()))
     }
 }
 
@@ -350,5 +354,28 @@ mod tests {
         assert!(cut.size() <= 1024, "{}", cut.size());
         let small = HandlerError::new(400, "bad").with_data(&serde_json::json!(1));
         assert_eq!(small.clone().truncated(1024), small, "a small error is kept whole");
+    }
+
+    #[test]
+    fn a_handlers_store_and_emit_errors_get_the_http_apis_statuses() {
+        use crate::broker::BrokerError;
+        use crate::peer::message::RemoteError;
+        let replica = |r: ReplicaError| HandlerError::from(StoreError::Replica(r)).status;
+        assert_eq!(replica(ReplicaError::Unavailable), 503, "no quorum in time: nothing to tell");
+        assert_eq!(replica(ReplicaError::Remote(RemoteError::Internal("outcome unknown".into()))), 502);
+        assert_eq!(replica(ReplicaError::Remote(RemoteError::NotLeader { leader: None })), 503);
+        assert_eq!(replica(ReplicaError::Remote(RemoteError::Invalid("x".into()))), 400);
+        assert_eq!(replica(ReplicaError::TooLarge { bytes: 2, limit: 1 }), 413);
+        assert_eq!(HandlerError::from(StoreError::QuotaExceeded("full".into())).status, 507);
+        for (e, status) in [
+            (BrokerError::Stopped, 503),
+            (BrokerError::TooLarge { bytes: 2, limit: 1 }, 413),
+            (BrokerError::Store(StoreError::Replica(ReplicaError::Remote(RemoteError::Internal("?".into())))), 502),
+        ] {
+            // What `Ctx::emit` answers with.
+            assert_eq!(HandlerError::from_api(e.clone().into()).status, status, "{e}");
+            let api: crate::api::error::ApiError = e.into();
+            assert_eq!(api.status().as_u16(), status);
+        }
     }
 }

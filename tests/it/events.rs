@@ -1601,7 +1601,9 @@ fn event_input_is_checked_and_payloads_come_back_as_sent() {
     let long = "p".repeat(257);
     // (method, path, headers, body, what)
     type Case<'a> = (&'a str, &'a str, Vec<(&'a str, &'a str)>, Vec<u8>, &'a str);
-    let cases: [Case; 10] = [
+    let deep = format!(r#"[{{"eventName":"x","payload":{}1{}}}]"#, "[".repeat(200), "]".repeat(200));
+    let long_sub = format!("/v1/subscriptions/{}", "s".repeat(300));
+    let cases: [Case; 15] = [
         ("POST", "/v1/events/x", vec![], b"{\"a\":\"\xff\"}".to_vec(), "a body that is not UTF-8"),
         ("POST", "/v1/events", vec![], b"[{\"eventName\":\"x\",\"payload\":\"\xff\"}]".to_vec(), "a batch that is not UTF-8"),
         ("POST", "/v1/events/x", vec![("x-principal-id", long.as_str())], b"{}".to_vec(), "an x-principal-id of 257 bytes"),
@@ -1612,6 +1614,13 @@ fn event_input_is_checked_and_payloads_come_back_as_sent() {
         ("POST", "/v1/events", vec![], format!(r#"[{{"eventName":"x","idempotencyKey":"{long}"}}]"#).into_bytes(), "an idempotencyKey of 257 bytes"),
         ("POST", "/v1/events/%ff", vec![], b"{}".to_vec(), "an event name that is not UTF-8"),
         ("GET", "/v1/events?eventName=", vec![], Vec::new(), "an empty eventName filter"),
+        // JSON that no consumer could read back: a lone surrogate escape, nesting past 127.
+        ("POST", "/v1/events/x", vec![], br#"{"id":"\ud800"}"#.to_vec(), "a lone surrogate escape"),
+        ("POST", "/v1/events", vec![], deep.clone().into_bytes(), "a payload nested 200 deep"),
+        // Names no service can declare: refused before they are looked up or proposed.
+        ("GET", "/v1/dead-letters?subscription=a%20b", vec![], Vec::new(), "a subscription name with a space"),
+        ("DELETE", long_sub.as_str(), vec![], Vec::new(), "a subscription name of 300 characters"),
+        ("GET", "/v1/subscriptions/a%2Fb", vec![], Vec::new(), "a subscription name with a slash"),
     ];
     for (method, path, headers, body, what) in &cases {
         must_refuse(api, method, path, headers, body, 400, what);
