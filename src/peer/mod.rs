@@ -491,6 +491,24 @@ impl PeerNet {
         })
     }
 
+    /// How far (ms) this node's clock is surely ahead of most other members' by more than
+    /// `bound`: `Some(least such lead)` when a strict majority of the other known members were
+    /// measured that far behind, whatever the round trip hid; `None` otherwise (unmeasured
+    /// members count as not behind, so a node just started refuses nothing).
+    pub fn clock_ahead_of_most(&self, bound: Duration) -> Option<i64> {
+        let bound_us = i64::try_from(bound.as_micros()).unwrap_or(i64::MAX);
+        let others: Vec<NodeId> = lock(&self.addrs).keys().copied().filter(|id| *id != self.cfg.node_id).collect();
+        // A peer's offset is its clock minus ours: behind us is negative. The link's reading
+        // first: `offsets` follows it only at the link's next upkeep.
+        let leads: Vec<i64> = others
+            .iter()
+            .filter_map(|id| self.last_clock_offset(*id))
+            .map(|o| o.offset_us.saturating_neg().saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX)))
+            .filter(|lead| *lead > bound_us)
+            .collect();
+        (!others.is_empty() && leads.len() * 2 > others.len()).then(|| leads.iter().min().copied().unwrap_or(0) / 1000)
+    }
+
     /// The latest measure of `id`'s clock against ours, also after its link went down; `None`
     /// if it was never measured. Its own node: zero.
     pub fn last_clock_offset(&self, id: NodeId) -> Option<clock::ClockOffset> {

@@ -61,6 +61,11 @@ const POLL: Duration = Duration::from_millis(20);
 /// a dead proxy lapses within seconds rather than at the request's (maybe long) deadline.
 const LEASE: Duration = Duration::from_secs(5);
 const RENEW: Duration = Duration::from_secs(2);
+/// How far ahead of most members a node's clock may run and still claim keys. Well above what
+/// NTP leaves (peers warn past `clock::MAX_OFFSET`, 1 s) and the 10 s that the skewed-clock
+/// test runs a node at; a quarter of the events' 2 min dedup window, the most one such claim
+/// could take from it.
+const CLOCK_REFUSE: Duration = Duration::from_secs(30);
 
 /// An attempt id that names this node (bit 63 set, the node id in bits 32–62, 32 random bits),
 /// so that another node can judge its lease in this node's clock (module comment). A node id
@@ -132,6 +137,16 @@ impl Proxy {
         route: &Route,
         deadline: Instant,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
+        // A claim carries this node's clock (or an owner's), and applying it moves the state
+        // machine's clock, which only ever goes forward: from a node whose clock runs far ahead,
+        // one claim would shorten every dedup window and age out events early, cluster-wide.
+        if let Some(ahead_ms) = self.net.clock_ahead_of_most(CLOCK_REFUSE) {
+            metrics::counter!("raftbridge_clock_refusals_total").increment(1);
+            return Err(ApiError::Unavailable(format!(
+                "this node's clock runs {ahead_ms} ms ahead of most members' (more than {} s): keyed requests are refused here until it is corrected",
+                CLOCK_REFUSE.as_secs()
+            )));
+        }
         // Scoped by command, as the handler's writes are (`run_local`).
         let key = super::idempotency_scope(&route.service, route.version, &route.decl.name, inv.meta.tenant_id.as_deref(), key);
         let attempt = new_attempt(self.node_id);

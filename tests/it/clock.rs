@@ -118,3 +118,59 @@ fn a_node_whose_clock_runs_ahead_is_reported_and_does_not_take_over_a_live_claim
         assert_eq!(after - before, 1, "{key}: the handler ran once");
     }
 }
+
+/// A node whose clock runs two minutes ahead of the others' is refused keyed requests: a claim
+/// carries its clock, and applying it would move the state machine's clock (which only goes
+/// forward) two minutes on for good, so that an event key published a moment ago counts as past
+/// the 2 min dedup window and its producer's retry is stored a second time. Without the refusal
+/// this test fails at that retry.
+#[test]
+fn a_node_whose_clock_runs_far_ahead_claims_no_keys_and_dedup_holds() {
+    let lib = faketime_lib();
+    let c = Cluster::new("clock-far", 3, &["--example-services"]);
+    c.set_env(3, "LD_PRELOAD", &lib.display().to_string());
+    c.set_env(3, "FAKETIME", "+150s");
+    c.set_env(3, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    c.start_all();
+    c.wait_for_membership(&c.ids(), &[], FORMATION);
+    c.wait_for("every node routes /api/v1/echo", FORMATION, || {
+        for api in c.apis() {
+            let page = api.request("GET", "/openapi.json", &[], b"").map_err(|e| e.to_string())?;
+            if !String::from_utf8_lossy(&page.body).contains("/api/v1/echo") {
+                return Err(format!("node {} does not list it yet", api.id));
+            }
+        }
+        Ok(())
+    });
+    let offset = |from: u64, of: u64| c.api(from).status().ok()?.members.iter().find(|m| m.id == of)?.clock_offset_ms;
+    c.wait_until("node 3 measured both peers' clocks", Duration::from_secs(20), || offset(3, 1).is_some() && offset(3, 2).is_some());
+
+    // A producer's event with a key, through node 1.
+    let key = [("idempotency-key", "far-clock-event-1")];
+    let publish = |api: &Api| {
+        let resp = api.request("POST", "/v1/events/farClock", &key, br#"{"n":1}"#).expect("publish");
+        assert_eq!(resp.status, 201, "{}", resp.describe());
+        let v: serde_json::Value = resp.json().expect("json");
+        (v["id"].as_str().unwrap_or_default().to_string(), v["position"].as_u64().unwrap_or(0))
+    };
+    let first = publish(&c.api(1));
+
+    // A keyed command at node 3: refused at once, with the reason.
+    let asked = std::time::Instant::now();
+    let refused = c.api(3).request("POST", "/api/v1/echo", &[("idempotency-key", "far-clock-cmd")], b"{}").expect("keyed command at node 3");
+    assert_eq!(refused.status, 503, "{}", refused.describe());
+    assert!(String::from_utf8_lossy(&refused.body).contains("clock runs"), "{}", refused.describe());
+    assert!(asked.elapsed() < Duration::from_secs(3), "refused at once, not after a deadline");
+    // Unkeyed requests at node 3, and keyed ones elsewhere, are served.
+    let plain = c.api(3).request("POST", "/api/v1/echo", &[], b"{}").expect("plain command at node 3");
+    assert_eq!(plain.status, 200, "{}", plain.describe());
+    let keyed = c.api(1).request("POST", "/api/v1/echo", &[("idempotency-key", "near-clock-cmd")], b"{}").expect("keyed command at node 1");
+    assert_eq!(keyed.status, 200, "{}", keyed.describe());
+
+    // The producer retries through node 2: the same event, nothing new stored.
+    let again = publish(&c.api(2));
+    assert_eq!(again, first, "the retry is deduplicated");
+    let page = c.api(2).request("GET", "/v1/events?after=0&eventName=farClock", &[], b"").expect("read");
+    let events: serde_json::Value = page.json().expect("json");
+    assert_eq!(events["events"].as_array().map(Vec::len), Some(1), "one farClock event: {events}");
+}
