@@ -188,6 +188,21 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// The time an event entry is proposed at: this node's clock, or, when it runs more than
+/// `clock::FAR_AHEAD` ahead of most members' (as measured), that clock less its lead, so that a
+/// leader whose clock jumped ahead does not move the state machine's clock (which never goes
+/// back) with it, shortening every dedup window and ageing events out early.
+fn entry_clock_ms(store: &StateStore) -> u64 {
+    let now = now_ms();
+    match store.replica().net.clock_ahead_of_most(crate::peer::clock::FAR_AHEAD) {
+        Some(lead_ms) => {
+            metrics::counter!("raftbridge_clock_corrected_entries_total").increment(1);
+            now.saturating_sub(u64::try_from(lead_ms).unwrap_or(0))
+        }
+        None => now,
+    }
+}
+
 /// A new random event id (32 hex digits).
 pub fn new_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
@@ -578,7 +593,7 @@ async fn expire_loop(store: StateStore, limits: EventLimits, dedup_max_keys: usi
         if !store.replica().raft.is_leader() {
             continue;
         }
-        let now = now_ms();
+        let now = entry_clock_ms(&store);
         if !store.local().events_expiry_due(now, limits.max_age_ms, limits.dedup_window_ms) {
             continue;
         }
@@ -677,7 +692,7 @@ async fn batcher(store: StateStore, settings: Batching, mut inbox: Inbox, slots:
             let _permit = permit;
             let n = events.len();
             // Shorter while more producer keys than their bound are younger than the window.
-            let now = now_ms();
+            let now = entry_clock_ms(&store);
             let window_ms = store.local().dedup_window(now, limits.dedup_window_ms, dedup_max_keys);
             if window_ms < limits.dedup_window_ms {
                 crate::raft::state_machine::note_shortened_window("events", window_ms, limits.dedup_window_ms);

@@ -25,6 +25,12 @@ use crate::raft::types::NodeId;
 /// How far a peer's clock may be from ours before we warn. The idempotency lease is 5 s; a
 /// second leaves room and matches etcd's threshold.
 pub const MAX_OFFSET: Duration = Duration::from_secs(1);
+/// How far ahead of most members a node's clock may run before the node stops proposing in it
+/// (`PeerNet::clock_ahead_of_most`): the state machine's clock is the latest any command
+/// carried and never goes back, so one command in a clock that far ahead would shorten every
+/// dedup window and age events out early, cluster-wide. Well above what NTP leaves and the 10 s
+/// the skewed-clock test runs a node at; a quarter of the events' 2 min dedup window.
+pub const FAR_AHEAD: Duration = Duration::from_secs(30);
 
 /// Pings awaiting their `Pong` that a link remembers: 2 s of them at one per 500 ms.
 pub const PROBES: usize = 4;

@@ -61,11 +61,8 @@ const POLL: Duration = Duration::from_millis(20);
 /// a dead proxy lapses within seconds rather than at the request's (maybe long) deadline.
 const LEASE: Duration = Duration::from_secs(5);
 const RENEW: Duration = Duration::from_secs(2);
-/// How far ahead of most members a node's clock may run and still claim keys. Well above what
-/// NTP leaves (peers warn past `clock::MAX_OFFSET`, 1 s) and the 10 s that the skewed-clock
-/// test runs a node at; a quarter of the events' 2 min dedup window, the most one such claim
-/// could take from it.
-const CLOCK_REFUSE: Duration = Duration::from_secs(30);
+/// How far ahead of most members a node's clock may run and still claim keys.
+const CLOCK_REFUSE: Duration = crate::peer::clock::FAR_AHEAD;
 
 /// An attempt id that names this node (bit 63 set, the node id in bits 32–62, 32 random bits),
 /// so that another node can judge its lease in this node's clock (module comment). A node id
