@@ -453,9 +453,10 @@ async fn deliveries(targets: &[String], tls: Option<ClientTls>, sub: &str) -> Op
     Some(sum)
 }
 
-/// Deliveries since `before`, once the run's events are delivered: polls until there are at
-/// least `events` of them (redeliveries count too), or none came for 2 s, or 30 s passed, so
-/// the slowest deliveries of the run are in.
+/// Deliveries since `before`, once the run's events are delivered: polls until the count has
+/// stood still for 1 s with at least `events` of them (an every-instance subscription delivers
+/// each event once per node, so reaching `events` is not the end), or for 2 s short of it, or
+/// 30 s passed, so the slowest deliveries of the run are in.
 async fn delivered_since(targets: &[String], tls: Option<ClientTls>, sub: &str, before: &Deliveries, events: u64) -> Option<Deliveries> {
     let give_up = Instant::now() + Duration::from_secs(30);
     let (mut last, mut last_change) = (-1.0, Instant::now());
@@ -465,7 +466,8 @@ async fn delivered_since(targets: &[String], tls: Option<ClientTls>, sub: &str, 
         if run.count != last {
             (last, last_change) = (run.count, now);
         }
-        if run.count >= events as f64 || now >= give_up || now.duration_since(last_change) >= Duration::from_secs(2) {
+        let settled = Duration::from_secs(if run.count >= events as f64 { 1 } else { 2 });
+        if now >= give_up || now.duration_since(last_change) >= settled {
             return Some(run);
         }
         sleep(Duration::from_millis(250)).await;

@@ -561,11 +561,11 @@ enum Fatal {
 /// it is serving, before it closes its links (each; an entry commits in milliseconds).
 const IN_FLIGHT_GRACE: Duration = Duration::from_secs(3);
 
-/// How often histogram samples are folded into the exported summaries.
+/// How often histogram samples are folded into the exported summaries and histograms.
 const METRICS_UPKEEP: Duration = Duration::from_secs(1);
 
 /// The Prometheus recorder keeps every histogram sample until upkeep folds it into the exported
-/// summaries; `install_recorder` (we serve `/metrics` ourselves) leaves running upkeep to us.
+/// summaries (and histograms, for metrics given buckets); `install_recorder` (we serve `/metrics` ourselves) leaves running upkeep to us.
 /// Without it, samples piled up for as long as nobody scraped (memory without bound) and the
 /// next scrape folded them all. Every second, on a blocking thread, each fold stays small and
 /// off the async workers. (The scrape stalls themselves came from rendering on the worker; see

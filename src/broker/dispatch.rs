@@ -319,7 +319,9 @@ impl Dispatcher {
             let key = Some(format!("sub:{scope}:{}:emit", source.id));
             let meta = delivery_meta(&scope, &source);
             let new = super::new_event(&emit.event_name, payload, &meta, Some(s.service.clone()), key);
-            self.broker.publish_one(new).await.map_err(|e| HandlerError::new(503, e.to_string()))?;
+            // The HTTP API's status for the cause (`api::error`): a publish whose outcome is
+            // unknown is a 502, one refused before it was queued a 503.
+            self.broker.publish_one(new).await.map_err(|e| HandlerError::from_api(std::sync::Arc::unwrap_or_clone(e).into()))?;
         }
         Ok(())
     }

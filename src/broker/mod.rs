@@ -189,12 +189,15 @@ pub fn now_ms() -> u64 {
 }
 
 /// The time an event entry is proposed at: this node's clock, or, when it runs more than
-/// `clock::FAR_AHEAD` ahead of most members' (as measured), that clock less its lead, so that a
-/// leader whose clock jumped ahead does not move the state machine's clock (which never goes
-/// back) with it, shortening every dedup window and ageing events out early.
+/// `clock::MAX_OFFSET` (1 s) ahead of most members' (as measured), that clock less its lead, so
+/// that a leader whose clock jumped ahead does not move the state machine's clock (which never
+/// goes back) with it, shortening every dedup window and ageing events out early. Corrected
+/// from the warning's bound, not from `FAR_AHEAD` (which refuses keyed commands): correcting
+/// costs nothing, and a correction that only started at 30 s would let 29 s through and jump
+/// by 30 s as a clock slewed back across it.
 fn entry_clock_ms(store: &StateStore) -> u64 {
     let now = now_ms();
-    match store.replica().net.clock_ahead_of_most(crate::peer::clock::FAR_AHEAD) {
+    match store.replica().net.clock_ahead_of_most(crate::peer::clock::MAX_OFFSET) {
         Some(lead_ms) => {
             metrics::counter!("raftbridge_clock_corrected_entries_total").increment(1);
             now.saturating_sub(u64::try_from(lead_ms).unwrap_or(0))

@@ -491,22 +491,26 @@ impl PeerNet {
         })
     }
 
-    /// How far (ms) this node's clock is surely ahead of most other members' by more than
-    /// `bound`: `Some(least such lead)` when a strict majority of the other known members were
-    /// measured that far behind, whatever the round trip hid; `None` otherwise (unmeasured
-    /// members count as not behind, so a node just started refuses nothing).
+    /// How far (ms) this node's clock is surely ahead of most members' by more than `bound`:
+    /// `Some(least such lead)` when those measured that far behind it are a strict majority of
+    /// all known members, itself counted among the others (so in a cluster of two, or a tie,
+    /// neither side is judged); `None` otherwise. A lead is net of the measure's uncertainty, and
+    /// unmeasured members count as not behind, so a node just started judges nothing.
     pub fn clock_ahead_of_most(&self, bound: Duration) -> Option<i64> {
         let bound_us = i64::try_from(bound.as_micros()).unwrap_or(i64::MAX);
         let others: Vec<NodeId> = lock(&self.addrs).keys().copied().filter(|id| *id != self.cfg.node_id).collect();
+        let (mut behind, mut least_us) = (0usize, i64::MAX);
         // A peer's offset is its clock minus ours: behind us is negative. The link's reading
-        // first: `offsets` follows it only at the link's next upkeep.
-        let leads: Vec<i64> = others
-            .iter()
-            .filter_map(|id| self.last_clock_offset(*id))
-            .map(|o| o.offset_us.saturating_neg().saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX)))
-            .filter(|lead| *lead > bound_us)
-            .collect();
-        (!others.is_empty() && leads.len() * 2 > others.len()).then(|| leads.iter().min().copied().unwrap_or(0) / 1000)
+        // first (`last_clock_offset`): `offsets` follows it only at the link's next upkeep.
+        for id in &others {
+            let Some(o) = self.last_clock_offset(*id) else { continue };
+            let lead_us = o.offset_us.saturating_neg().saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX));
+            if lead_us > bound_us {
+                behind += 1;
+                least_us = least_us.min(lead_us);
+            }
+        }
+        (behind * 2 > others.len() + 1).then_some(least_us / 1000)
     }
 
     /// The latest measure of `id`'s clock against ours, also after its link went down; `None`
@@ -1403,6 +1407,50 @@ mod tests {
         }
         let _out = open_tcp(&addr, None).await.unwrap();
         assert_eq!(listener.accept().await.unwrap().1.ip().to_string(), "127.0.0.1");
+    }
+
+    /// Judged against a strict majority of all members (itself among them), net of each
+    /// measure's uncertainty; a peer's offset is its clock minus ours.
+    #[tokio::test]
+    async fn a_clock_is_far_ahead_only_of_a_majority_measured_surely_behind() {
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None };
+        let net = PeerNet::new(cfg, CancellationToken::new());
+        let bound = Duration::from_secs(30);
+        let set = |readings: &[(NodeId, i64, u64)]| {
+            let mut addrs = lock(&net.addrs);
+            let mut offsets = lock(&net.offsets);
+            addrs.clear();
+            offsets.clear();
+            addrs.insert(1, "self".into());
+            for (id, offset_ms, uncertainty_ms) in readings {
+                addrs.insert(*id, format!("n{id}"));
+                if *offset_ms != i64::MIN {
+                    offsets.insert(*id, clock::ClockOffset { offset_us: offset_ms * 1000, uncertainty_us: uncertainty_ms * 1000 });
+                }
+            }
+        };
+        const UNMEASURED: i64 = i64::MIN;
+        // Three nodes: both peers 150 s behind us → 150 s ahead (the least lead, net of uncertainty).
+        set(&[(2, -150_000, 0), (3, -160_000, 2_000)]);
+        assert_eq!(net.clock_ahead_of_most(bound), Some(150_000));
+        // One peer behind, one in step: not a majority.
+        set(&[(2, -150_000, 0), (3, 100, 0)]);
+        assert_eq!(net.clock_ahead_of_most(bound), None);
+        // Peers ahead of us (positive offsets) are no lead of ours.
+        set(&[(2, 150_000, 0), (3, 160_000, 0)]);
+        assert_eq!(net.clock_ahead_of_most(bound), None);
+        // A lead within the uncertainty is not sure: 40 s behind ± 15 s is no lead over 30 s.
+        set(&[(2, -40_000, 15_000), (3, -40_000, 15_000)]);
+        assert_eq!(net.clock_ahead_of_most(bound), None);
+        // Unmeasured peers count as not behind (a node just started judges nothing).
+        set(&[(2, -150_000, 0), (3, UNMEASURED, 0)]);
+        assert_eq!(net.clock_ahead_of_most(bound), None);
+        // Two nodes: a tie, neither side is judged.
+        set(&[(2, -150_000, 0)]);
+        assert_eq!(net.clock_ahead_of_most(bound), None);
+        // Five nodes: three of the four others behind is a majority of five.
+        set(&[(2, -60_000, 0), (3, -61_000, 0), (4, -62_000, 0), (5, 0, 0)]);
+        assert_eq!(net.clock_ahead_of_most(bound), Some(60_000));
     }
 
     /// Node 1 accepting peer links on a free loopback port; `stop` ends it.

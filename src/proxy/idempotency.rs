@@ -258,7 +258,13 @@ impl Proxy {
             holder = self.sm.idem_owner(key);
         }
         match holder {
-            Some(Some(owner)) if owner != attempt => self.owner_clock_ms(owner),
+            // Never more than `CLOCK_REFUSE` past this node's own clock: an owner whose clock
+            // runs further ahead (it claimed before it had measured its peers) must not have its
+            // clock carried into the state machine by the nodes that wait for it. Its claim then
+            // looks held a while longer, and the waiter waits (bounded by its deadline).
+            Some(Some(owner)) if owner != attempt => {
+                self.owner_clock_ms(owner).min(now_ms().saturating_add(CLOCK_REFUSE.as_millis() as u64))
+            }
             _ => now_ms(),
         }
     }

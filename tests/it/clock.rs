@@ -29,6 +29,28 @@ fn faketime_lib() -> PathBuf {
     found.unwrap_or_else(|| panic!("libfaketime not found: install Debian's `faketime` package (apt-get install faketime)"))
 }
 
+/// Three nodes with the demo services, node 3's wall clock `ahead_s` seconds ahead, formed and
+/// each routing `route` (its registrations committed and applied).
+fn skewed_cluster(name: &str, ahead_s: i64, route: &str) -> Cluster {
+    let lib = faketime_lib();
+    let c = Cluster::new(name, 3, &["--example-services"]);
+    c.set_env(3, "LD_PRELOAD", &lib.display().to_string());
+    c.set_env(3, "FAKETIME", &format!("+{ahead_s}s"));
+    c.set_env(3, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    c.start_all();
+    c.wait_for_membership(&c.ids(), &[], FORMATION);
+    c.wait_for(&format!("every node routes {route}"), FORMATION, || {
+        for api in c.apis() {
+            let page = api.request("GET", "/openapi.json", &[], b"").map_err(|e| e.to_string())?;
+            if !String::from_utf8_lossy(&page.body).contains(route) {
+                return Err(format!("node {} does not list it yet", api.id));
+            }
+        }
+        Ok(())
+    });
+    c
+}
+
 /// Handler runs of `command` on one node, from its `/metrics`.
 fn runs(api: &Api, command: &str) -> u64 {
     let r = api.request("GET", "/metrics", &[], b"").expect("metrics");
@@ -41,24 +63,9 @@ fn runs(api: &Api, command: &str) -> u64 {
 
 #[test]
 fn a_node_whose_clock_runs_ahead_is_reported_and_does_not_take_over_a_live_claim() {
-    let lib = faketime_lib();
-    let c = Cluster::new("clock", 3, &["--example-services"]);
-    c.set_env(3, "LD_PRELOAD", &lib.display().to_string());
-    c.set_env(3, "FAKETIME", &format!("+{}s", AHEAD_MS / 1000));
-    c.set_env(3, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
-    c.start_all();
-    c.wait_for_membership(&c.ids(), &[], FORMATION);
     // Every node routes the demo's `slow` command (registrations committed and applied): a
     // slow disk under a loaded machine can take longer than the clock checks below.
-    c.wait_for("every node routes /api/v1/slow", FORMATION, || {
-        for api in c.apis() {
-            let page = api.request("GET", "/openapi.json", &[], b"").map_err(|e| e.to_string())?;
-            if !String::from_utf8_lossy(&page.body).contains("/api/v1/slow") {
-                return Err(format!("node {} does not list it yet", api.id));
-            }
-        }
-        Ok(())
-    });
+    let c = skewed_cluster("clock", AHEAD_MS / 1000, "/api/v1/slow");
 
     // Node 1 sees node 3 ten seconds ahead, node 3 sees node 1 ten seconds behind, within a
     // generous margin for the round trip.
@@ -126,22 +133,7 @@ fn a_node_whose_clock_runs_ahead_is_reported_and_does_not_take_over_a_live_claim
 /// this test fails at that retry.
 #[test]
 fn a_node_whose_clock_runs_far_ahead_claims_no_keys_and_dedup_holds() {
-    let lib = faketime_lib();
-    let c = Cluster::new("clock-far", 3, &["--example-services"]);
-    c.set_env(3, "LD_PRELOAD", &lib.display().to_string());
-    c.set_env(3, "FAKETIME", "+150s");
-    c.set_env(3, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
-    c.start_all();
-    c.wait_for_membership(&c.ids(), &[], FORMATION);
-    c.wait_for("every node routes /api/v1/echo", FORMATION, || {
-        for api in c.apis() {
-            let page = api.request("GET", "/openapi.json", &[], b"").map_err(|e| e.to_string())?;
-            if !String::from_utf8_lossy(&page.body).contains("/api/v1/echo") {
-                return Err(format!("node {} does not list it yet", api.id));
-            }
-        }
-        Ok(())
-    });
+    let c = skewed_cluster("clock-far", 150, "/api/v1/echo");
     let offset = |from: u64, of: u64| c.api(from).status().ok()?.members.iter().find(|m| m.id == of)?.clock_offset_ms;
     c.wait_until("node 3 measured both peers' clocks", Duration::from_secs(20), || offset(3, 1).is_some() && offset(3, 2).is_some());
 

@@ -1614,7 +1614,7 @@ fn event_input_is_checked_and_payloads_come_back_as_sent() {
         ("POST", "/v1/events", vec![], format!(r#"[{{"eventName":"x","idempotencyKey":"{long}"}}]"#).into_bytes(), "an idempotencyKey of 257 bytes"),
         ("POST", "/v1/events/%ff", vec![], b"{}".to_vec(), "an event name that is not UTF-8"),
         ("GET", "/v1/events?eventName=", vec![], Vec::new(), "an empty eventName filter"),
-        // JSON that no consumer could read back: a lone surrogate escape, nesting past 127.
+        // JSON that no consumer could read back: a lone surrogate escape, nesting past 64.
         ("POST", "/v1/events/x", vec![], br#"{"id":"\ud800"}"#.to_vec(), "a lone surrogate escape"),
         ("POST", "/v1/events", vec![], deep.clone().into_bytes(), "a payload nested 200 deep"),
         // Names no service can declare: refused before they are looked up or proposed.
