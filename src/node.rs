@@ -280,6 +280,16 @@ pub async fn run(
         },
         net_stop.clone(),
     );
+    net.announce_settings(crate::peer::frame::Settings {
+        max_frame: cfg.max_frame as u64,
+        events_max_count: cfg.events_max_count,
+        events_max_bytes: cfg.events_max_bytes,
+        events_max_age_s: cfg.events_max_age_s,
+        dedup_max_keys: cfg.dedup_max_keys as u64,
+        idempotency_max_bytes: cfg.idempotency_max_bytes,
+        state_max_keys: cfg.state_max_keys,
+        state_max_bytes: cfg.state_max_bytes,
+    });
     let raft_cfg = crate::raft::openraft_config(&RaftSettings {
         cluster: cfg.cluster_name.clone(),
         heartbeat_ms: cfg.heartbeat_ms,

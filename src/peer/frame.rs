@@ -149,6 +149,56 @@ pub struct Hello {
     /// In a `HelloAck` from a node with a cluster secret: HMAC-SHA256 over both nonces and node
     /// ids (see `peer::proof`), which also tells the dialer to answer with `Auth`. Zero otherwise.
     pub proof: [u8; 32],
+    /// The sender's flags that become cluster-wide rules through its proposals (`None` from
+    /// builds before it, and from a node that has not set them): peers warn when theirs differ.
+    pub settings: Option<Settings>,
+}
+
+/// A node's flags that its proposals carry to every node: event retention comes from the
+/// leader's, the dedup, idempotency and state-store bounds from the proposing node's, and the
+/// frame size bounds what a peer accepts. Members that differ apply different rules depending on
+/// who leads or proposes, so each announces them and its peers warn about a difference.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+pub struct Settings {
+    pub max_frame: u64,
+    pub events_max_count: u64,
+    pub events_max_bytes: u64,
+    pub events_max_age_s: u64,
+    pub dedup_max_keys: u64,
+    pub idempotency_max_bytes: u64,
+    pub state_max_keys: u64,
+    pub state_max_bytes: u64,
+}
+
+impl Settings {
+    /// The flags (as written on the command line) whose values differ: (flag, ours, theirs).
+    pub fn differences(&self, theirs: &Settings) -> Vec<(&'static str, u64, u64)> {
+        let pairs = [
+            ("--max-frame", self.max_frame, theirs.max_frame),
+            ("--events-max-count", self.events_max_count, theirs.events_max_count),
+            ("--events-max-bytes", self.events_max_bytes, theirs.events_max_bytes),
+            ("--events-max-age-s", self.events_max_age_s, theirs.events_max_age_s),
+            ("--dedup-max-keys", self.dedup_max_keys, theirs.dedup_max_keys),
+            ("--idempotency-max-bytes", self.idempotency_max_bytes, theirs.idempotency_max_bytes),
+            ("--state-max-keys", self.state_max_keys, theirs.state_max_keys),
+            ("--state-max-bytes", self.state_max_bytes, theirs.state_max_bytes),
+        ];
+        pairs.into_iter().filter(|(_, a, b)| a != b).collect()
+    }
+}
+
+/// `Hello` as builds before `settings` sent it.
+#[derive(Deserialize)]
+struct HelloWithoutSettings {
+    magic: u32,
+    version: u16,
+    cluster: String,
+    node_id: NodeId,
+    addr: String,
+    incarnation: u64,
+    features: u64,
+    nonce: [u8; 16],
+    proof: [u8; 32],
 }
 
 /// `Hello` as builds before `nonce` and `proof` sent it.
@@ -180,14 +230,18 @@ impl Hello {
         if let Ok(h) = frame.message::<Hello>() {
             return Ok(h);
         }
-        let (nonce, proof) = ([0; 16], [0; 32]);
+        if let Ok(h) = frame.message::<HelloWithoutSettings>() {
+            let HelloWithoutSettings { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof } = h;
+            return Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof, settings: None });
+        }
+        let (nonce, proof, settings) = ([0; 16], [0; 32], None);
         if let Ok(h) = frame.message::<HelloWithoutAuth>() {
             let HelloWithoutAuth { magic, version, cluster, node_id, addr, incarnation, features } = h;
-            return Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof });
+            return Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof, settings });
         }
         let h: HelloBefore = frame.message()?;
         let HelloBefore { magic, version, cluster, node_id, addr, incarnation } = h;
-        Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features: 0, nonce, proof })
+        Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features: 0, nonce, proof, settings })
     }
 }
 
@@ -207,6 +261,7 @@ mod tests {
             features: features::ALL,
             nonce: [3; 16],
             proof: [4; 32],
+            settings: Some(Settings { max_frame: 1 << 20, events_max_count: 7, ..Settings::default() }),
         };
         let body = Frame::encode(Kind::Hello, 9, &hello).unwrap();
         let frame = Frame::decode(BytesMut::from(&body[..])).unwrap();
@@ -242,6 +297,7 @@ mod tests {
             features: features::ALL,
             nonce: [1; 16],
             proof: [2; 32],
+            settings: Some(Settings::default()),
         };
         let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &new).unwrap()[..])).unwrap();
         let seen_by_old: HelloBefore = frame.message().unwrap();
@@ -263,6 +319,34 @@ mod tests {
         let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &mid).unwrap()[..])).unwrap();
         let read = Hello::decode(&frame).unwrap();
         assert_eq!((read.node_id, read.features, read.nonce, read.proof), (4, features::ALL, [0; 16], [0; 32]));
+        // A build with authentication but before settings reads a new Hello as its own, and a
+        // new build reads its Hello with no settings.
+        let seen: HelloWithoutSettings = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &new).unwrap()[..])).unwrap().message().unwrap();
+        assert_eq!((seen.node_id, seen.nonce, seen.proof), (3, [1; 16], [2; 32]));
+        #[derive(Serialize)]
+        struct WithAuth<'a> {
+            magic: u32,
+            version: u16,
+            cluster: &'a str,
+            node_id: NodeId,
+            addr: &'a str,
+            incarnation: u64,
+            features: u64,
+            nonce: [u8; 16],
+            proof: [u8; 32],
+        }
+        let auth = WithAuth { magic: MAGIC, version: PROTOCOL_VERSION, cluster: "c", node_id: 5, addr: "e:5", incarnation: 8, features: features::ALL, nonce: [5; 16], proof: [6; 32] };
+        let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &auth).unwrap()[..])).unwrap();
+        let read = Hello::decode(&frame).unwrap();
+        assert_eq!((read.node_id, read.nonce, read.proof, read.settings), (5, [5; 16], [6; 32], None));
+    }
+
+    #[test]
+    fn settings_that_differ_are_named_by_their_flags() {
+        let ours = Settings { max_frame: 1 << 20, events_max_count: 100_000, ..Settings::default() };
+        assert!(ours.differences(&ours).is_empty());
+        let theirs = Settings { events_max_count: 10, state_max_keys: 5, ..ours };
+        assert_eq!(ours.differences(&theirs), vec![("--events-max-count", 100_000, 10), ("--state-max-keys", 0, 5)]);
     }
 
     #[test]

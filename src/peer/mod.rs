@@ -440,6 +440,11 @@ pub struct PeerNet {
     next_probe: AtomicU64,
     /// Which peers' clocks were warned about (link upkeep only).
     clocks: Mutex<clock::Watch>,
+    /// This node's announced settings (`announce_settings`, once, before the first link).
+    settings: std::sync::OnceLock<frame::Settings>,
+    /// The settings each peer announced last (link upkeep only): a warning is logged when they
+    /// change, not on every reconnect. At most one entry per peer that linked.
+    settings_seen: Mutex<HashMap<NodeId, frame::Settings>>,
     /// The latest clock reading of every member measured, kept after its link goes (a node
     /// taking over a dead node's idempotency claim reads that node's clock through it), until
     /// it leaves the cluster (`forget_peer`): claims of a removed node are then judged in this
@@ -467,6 +472,8 @@ impl PeerNet {
             clocks: Mutex::new(clock::Watch::default()),
             features_seen: Mutex::new(HashMap::new()),
             offsets: Mutex::new(HashMap::new()),
+            settings: std::sync::OnceLock::new(),
+            settings_seen: Mutex::new(HashMap::new()),
         })
     }
 
@@ -827,7 +834,33 @@ impl PeerNet {
             features: frame::features::ALL,
             nonce: nonce(),
             proof: [0; 32],
+            settings: self.settings.get().copied(),
         }
+    }
+
+    /// This node's flags that its proposals carry to every node, announced in each `Hello`
+    /// from now on (`frame::Settings`). Set once, before the first link; a second call is ignored.
+    pub fn announce_settings(&self, settings: frame::Settings) {
+        let _ = self.settings.set(settings);
+    }
+
+    /// Compares a peer's announced settings with ours: warns once per peer and difference, and
+    /// exports how many differ (`raftbridge_peer_settings_differ{peer}`; 0 when they agree or
+    /// the peer did not announce them).
+    fn note_settings(&self, peer: NodeId, theirs: Option<frame::Settings>) {
+        let (Some(ours), Some(theirs)) = (self.settings.get(), theirs) else { return };
+        let differ = ours.differences(&theirs);
+        metrics::gauge!("raftbridge_peer_settings_differ", "peer" => peer.to_string()).set(differ.len() as f64);
+        let seen = lock(&self.settings_seen).insert(peer, theirs);
+        if differ.is_empty() || seen == Some(theirs) {
+            return;
+        }
+        let list: Vec<String> = differ.iter().map(|(flag, a, b)| format!("{flag} {a} here, {b} there")).collect();
+        warn!(
+            peer,
+            differ = %list.join("; "),
+            "peer settings differ from ours: event retention follows the leader's flags and the dedup, idempotency and state bounds the proposing node's, so the cluster's rules change with who leads; set them alike on every node"
+        );
     }
 
     fn check_hello(&self, h: &Hello) -> Result<(), String> {
@@ -957,6 +990,7 @@ impl PeerNet {
         reader: Reader,
         writer: Writer,
     ) -> Arc<Link> {
+        self.note_settings(peer, theirs.settings);
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let link = Arc::new(Link {
             peer,

@@ -639,3 +639,23 @@ fn founders_elect_a_leader_when_the_first_dies_before_its_entries_reached_them_a
     }
     assert_eq!(c.api(3).metric("raftbridge_raft_votes_withheld_total", &[]), Ok(0.0), "node 3 withheld no vote");
 }
+
+/// A member started with other cluster-rule flags than the rest (here `--events-max-count`) is
+/// named by its peers: a warning that says which flag differs, and a gauge per peer. Event
+/// retention follows the leader's flags, so such a cluster trims differently after a failover.
+#[test]
+fn members_whose_cluster_rules_differ_are_warned_about() {
+    let c = Cluster::new("settings-differ", 3, &[]);
+    c.set_env(2, "RAFTBRIDGE_EVENTS_MAX_COUNT", "50000");
+    c.start_all();
+    c.wait_all_ready(FORMATION);
+    let log = |id: u64| std::fs::read_to_string(c.dir().join(format!("n{id}.log"))).unwrap_or_default();
+    c.wait_until("node 1 warned about node 2's settings", Duration::from_secs(20), || {
+        log(1).lines().any(|l| l.contains("peer settings differ") && l.contains("peer=2") && l.contains("--events-max-count 100000 here, 50000 there"))
+    });
+    assert!(!log(1).lines().any(|l| l.contains("peer settings differ") && l.contains("peer=3")), "node 3's settings are node 1's");
+    assert!(log(2).lines().any(|l| l.contains("peer settings differ") && l.contains("peer=1")), "node 2 warns too");
+    let gauge = |peer: &str| c.api(1).metric("raftbridge_peer_settings_differ", &[&format!("peer=\"{peer}\"")]);
+    assert_eq!(gauge("2"), Ok(1.0));
+    assert_eq!(gauge("3"), Ok(0.0));
+}
