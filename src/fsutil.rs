@@ -44,15 +44,40 @@ pub fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> io::Result
 }
 
 /// fsync the directory holding `dir`, so that `dir`'s own entry (just made by
-/// `create_dir_all` on a first start) is durable. Nothing for a path without a parent.
+/// `create_dir_all` on a first start) is durable: `.` for a relative path of one component.
+/// The levels above it, which `create_dir_all` may have made too, are synced as well, best
+/// effort (an ancestor this user cannot open holds no entry of ours). Nothing for a root.
 pub fn sync_parent(dir: &Path) -> io::Result<()> {
-    match dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-        Some(parent) => sync_dir(parent),
-        None => Ok(()),
+    let Some(parent) = dir.parent() else { return Ok(()) };
+    let here = Path::new(".");
+    let parent = if parent.as_os_str().is_empty() { here } else { parent };
+    sync_dir(parent)?;
+    for up in parent.ancestors().skip(1) {
+        let _ = sync_dir(if up.as_os_str().is_empty() { here } else { up });
     }
+    Ok(())
 }
 
 /// fsync a directory so a rename or a new file in it is durable.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_parent_of_a_one_component_relative_path_is_the_working_directory() {
+        // `Path::new("data").parent()` is the empty path, which no `open` takes.
+        assert!(sync_dir(Path::new("")).is_err());
+        sync_parent(Path::new("data")).expect("syncs `.`");
+        sync_parent(Path::new("a/b/data")).map(drop).unwrap_or_else(|e| assert_eq!(e.kind(), io::ErrorKind::NotFound));
+        let base = std::env::temp_dir().join(format!("rb-fsutil-{}", std::process::id()));
+        let deep = base.join("x/y/z");
+        std::fs::create_dir_all(&deep).unwrap();
+        sync_parent(&deep).expect("every level up to the root");
+        std::fs::remove_dir_all(&base).unwrap();
+        sync_parent(Path::new("/")).expect("a root has no parent");
+    }
 }

@@ -443,7 +443,7 @@ pub struct PeerNet {
     /// This node's announced settings (`announce_settings`, once, before the first link).
     settings: std::sync::OnceLock<frame::Settings>,
     /// The settings each peer announced last (link upkeep only): a warning is logged when they
-    /// change, not on every reconnect. At most one entry per peer that linked.
+    /// change, not on every reconnect. At most one entry per member (`forget_peer` drops it).
     settings_seen: Mutex<HashMap<NodeId, frame::Settings>>,
     /// The latest clock reading of every member measured, kept after its link goes (a node
     /// taking over a dead node's idempotency claim reads that node's clock through it), until
@@ -606,8 +606,10 @@ impl PeerNet {
         // drop one series; one per node id that ever left is the bound.
         lock(&self.offsets).remove(&id);
         lock(&self.features_seen).remove(&id);
+        lock(&self.settings_seen).remove(&id);
         lock(&self.clocks).forget(id);
         metrics::gauge!(CLOCK_GAUGE, "peer" => id.to_string()).set(f64::NAN);
+        metrics::gauge!("raftbridge_peer_settings_differ", "peer" => id.to_string()).set(0.0);
     }
 
     /// Reachable, or not known to be unreachable: a known peer with no live link whose address
