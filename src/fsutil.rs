@@ -50,7 +50,12 @@ pub fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> io::Result
 pub fn sync_parent(dir: &Path) -> io::Result<()> {
     let Some(parent) = dir.parent() else { return Ok(()) };
     let here = Path::new(".");
-    let parent = if parent.as_os_str().is_empty() { here } else { parent };
+    if parent.as_os_str().is_empty() {
+        // The working directory: best effort too (one that cannot be opened for reading
+        // did not stop a first start before this was synced at all).
+        let _ = sync_dir(here);
+        return Ok(());
+    }
     sync_dir(parent)?;
     for up in parent.ancestors().skip(1) {
         let _ = sync_dir(if up.as_os_str().is_empty() { here } else { up });

@@ -324,6 +324,8 @@ pub struct Link {
     probes: Mutex<VecDeque<clock::Probe>>,
     /// The latest measure of the peer's clock (reader), read by link upkeep and `clock_offset`.
     clock: Mutex<Option<clock::ClockOffset>>,
+    /// What the peer announced in its `Hello` (`frame::Settings`), compared by link upkeep.
+    settings: Option<frame::Settings>,
 }
 
 impl Link {
@@ -846,15 +848,29 @@ impl PeerNet {
         let _ = self.settings.set(settings);
     }
 
-    /// Compares a peer's announced settings with ours: warns once per peer and difference, and
-    /// exports how many differ (`raftbridge_peer_settings_differ{peer}`; 0 when they agree or
-    /// the peer did not announce them).
+    /// Compares a member's announced settings with ours (link upkeep, every ping): warns once
+    /// per member and change, and exports how many differ (`raftbridge_peer_settings_differ{peer}`;
+    /// 0 when they agree or the peer did not announce them).
     fn note_settings(&self, peer: NodeId, theirs: Option<frame::Settings>) {
-        let (Some(ours), Some(theirs)) = (self.settings.get(), theirs) else { return };
+        let Some(ours) = self.settings.get() else { return };
+        // Members only (the address book, as for clock readings): a node that completes a
+        // handshake without joining leaves no entry and no gauge behind.
+        if !lock(&self.addrs).contains_key(&peer) {
+            return;
+        }
+        let Some(theirs) = theirs else {
+            // A build from before settings (say, rolled back): nothing to compare.
+            lock(&self.settings_seen).remove(&peer);
+            metrics::gauge!("raftbridge_peer_settings_differ", "peer" => peer.to_string()).set(0.0);
+            return;
+        };
+        let seen = lock(&self.settings_seen).insert(peer, theirs);
+        if seen == Some(theirs) {
+            return;
+        }
         let differ = ours.differences(&theirs);
         metrics::gauge!("raftbridge_peer_settings_differ", "peer" => peer.to_string()).set(differ.len() as f64);
-        let seen = lock(&self.settings_seen).insert(peer, theirs);
-        if differ.is_empty() || seen == Some(theirs) {
+        if differ.is_empty() {
             return;
         }
         let list: Vec<String> = differ.iter().map(|(flag, a, b)| format!("{flag} {a} here, {b} there")).collect();
@@ -992,7 +1008,6 @@ impl PeerNet {
         reader: Reader,
         writer: Writer,
     ) -> Arc<Link> {
-        self.note_settings(peer, theirs.settings);
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let link = Arc::new(Link {
             peer,
@@ -1011,6 +1026,7 @@ impl PeerNet {
             answering: AtomicU64::new(0),
             probes: Mutex::new(VecDeque::new()),
             clock: Mutex::new(None),
+            settings: theirs.settings,
         });
         let existing = self.register(&link);
         if existing.is_some() {
@@ -1110,6 +1126,7 @@ impl PeerNet {
                     link.close();
                 } else {
                     self.check_clock(link);
+                    self.note_settings(link.peer, link.settings);
                     let corr = self.next_probe.fetch_add(1, Ordering::Relaxed);
                     {
                         let mut probes = lock(&link.probes);
