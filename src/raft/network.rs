@@ -61,9 +61,32 @@ const PIPELINE: usize = 4;
 /// so the commit index rides along and the follower serves one request per entry instead of
 /// two; when nothing follows, followers learn the commit index this much later.
 const COMMIT_HOLD: Duration = Duration::from_millis(1);
-/// AppendEntries from one leader waiting for the follower's Raft core at most. Not reached in
-/// practice: the peer layer serves at most `MAX_SERVING` (1024) requests per link at once.
+/// AppendEntries from one leader waiting for the follower's Raft core at most.
 const LANE_QUEUE: usize = 1024;
+/// Bytes (`approx_bytes`) of AppendEntries one leader's lane holds at most: queued, or taken by
+/// openraft (which buffers up to 64 of a stream) and not yet answered. A live stream has at
+/// most `PIPELINE` + 1 requests out, each of at most half a frame; more is a leader's resends
+/// from streams it gave up on (every `REPLICATION_TIMEOUT`) while this node's disk stalls,
+/// which `LANE_QUEUE` alone let grow to gigabytes. A request into an empty lane is always
+/// taken, so no frame size can stall one.
+const LANE_BYTES: usize = 128 << 20;
+
+/// About the bytes an AppendEntries takes: its commands' sizes plus an allowance per entry.
+fn approx_bytes(rpc: &AppendEntriesRequest) -> usize {
+    64 + rpc
+        .entries
+        .iter()
+        .map(|e| match &e.payload {
+            openraft::EntryPayload::Normal(cmd) => 64 + cmd.approx_size(),
+            _ => 256,
+        })
+        .sum::<usize>()
+}
+
+/// Whether a lane holding `held` bytes takes a request of `bytes` more (`LANE_BYTES`).
+fn lane_takes(held: usize, bytes: usize) -> bool {
+    held == 0 || held.saturating_add(bytes) <= LANE_BYTES
+}
 
 pub struct Network {
     pub net: Arc<PeerNet>,
@@ -554,9 +577,17 @@ struct Lane {
     id: u64,
     /// The lane's only sender: dropping it ends the lane's input, and the lane ends once
     /// openraft has answered what it took.
-    tx: mpsc::Sender<(AppendEntriesRequest, oneshot::Sender<LaneResult>)>,
+    tx: mpsc::Sender<LaneItem>,
     task: tokio::task::JoinHandle<()>,
+    /// Bytes queued or taken and not answered (`LANE_BYTES`): `submit` adds, the lane's task
+    /// subtracts as each is answered.
+    held: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// A request, where its answer goes, and its `approx_bytes`.
+type LaneItem = (AppendEntriesRequest, oneshot::Sender<LaneResult>, usize);
+/// Where a request taken by openraft is answered, and its `approx_bytes`.
+type Slot = (oneshot::Sender<LaneResult>, usize);
 
 type LaneResult = Result<StreamAppendResult, String>;
 
@@ -584,7 +615,8 @@ impl AppendLanes {
     /// resolves with its response (`Err`: the lane ended first, or the Raft core stopped).
     pub fn submit(self: &Arc<Self>, from: NodeId, rpc: AppendEntriesRequest) -> impl Future<Output = Result<AppendEntriesResponse, String>> + Send + 'static {
         let (tx, rx) = oneshot::channel();
-        let mut item = Some((rpc, tx));
+        let bytes = approx_bytes(&rpc);
+        let mut item = Some((rpc, tx, bytes));
         {
             let mut lanes = lock(&self.lanes);
             // After `close` the request is dropped unserved: its sender gets an error at once.
@@ -593,14 +625,27 @@ impl AppendLanes {
             for _ in 0..tries {
                 let Some(it) = item.take() else { break };
                 let lane = lanes.entry(from).or_insert_with(|| self.start_lane(from));
+                let held = lane.held.load(std::sync::atomic::Ordering::Relaxed);
+                if !lane_takes(held, bytes) {
+                    // Refused (the leader sends it again): the lane holds enough already.
+                    metrics::counter!("raftbridge_append_lane_refused_total").increment(1);
+                    tracing::debug!(from, held, bytes, "append lane full by bytes; refused");
+                    break;
+                }
+                lane.held.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
                 match lane.tx.try_send(it) {
                     Ok(()) => {}
                     Err(mpsc::error::TrySendError::Closed(it)) => {
+                        lane.held.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
                         lanes.remove(&from);
                         item = Some(it);
                     }
                     // Beyond what a link serves at once (`LANE_QUEUE`): refused, and retried.
-                    Err(mpsc::error::TrySendError::Full(_)) => break,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        lane.held.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
+                        metrics::counter!("raftbridge_append_lane_refused_total").increment(1);
+                        break;
+                    }
                 }
             }
         }
@@ -616,8 +661,9 @@ impl AppendLanes {
     fn start_lane(self: &Arc<Self>, from: NodeId) -> Lane {
         let id = self.next_lane.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(LANE_QUEUE);
-        let task = tokio::spawn(run_lane(self.raft.clone(), rx, Arc::downgrade(self), from, id));
-        Lane { id, tx, task }
+        let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let task = tokio::spawn(run_lane(self.raft.clone(), rx, held.clone(), Arc::downgrade(self), from, id));
+        Lane { id, tx, task, held }
     }
 }
 
@@ -625,24 +671,26 @@ impl AppendLanes {
 /// openraft ends the stream (conflict, higher vote, core stopped) or nobody can send any more.
 async fn run_lane(
     raft: Raft,
-    rx: mpsc::Receiver<(AppendEntriesRequest, oneshot::Sender<LaneResult>)>,
+    rx: mpsc::Receiver<LaneItem>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
     lanes: Weak<AppendLanes>,
     from: NodeId,
     id: u64,
 ) {
     // Reply slots in request order: pushed as openraft takes each request, popped as it
     // answers them, in the same order.
-    let waiting: Arc<Mutex<VecDeque<oneshot::Sender<LaneResult>>>> = Arc::default();
+    let waiting: Arc<Mutex<VecDeque<Slot>>> = Arc::default();
     let slots = waiting.clone();
     let input = futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
-        .map(move |(rpc, reply)| {
-            lock(&slots).push_back(reply);
+        .map(move |(rpc, reply, bytes)| {
+            lock(&slots).push_back((reply, bytes));
             rpc
         });
     let results = raft.stream_append(input);
     let mut results = std::pin::pin!(results);
     while let Some(result) = results.next().await {
-        let Some(reply) = lock(&waiting).pop_front() else { break };
+        let Some((reply, bytes)) = lock(&waiting).pop_front() else { break };
+        held.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
         let _ = reply.send(result.map_err(|fatal| fatal.to_string()));
     }
     if let Some(lanes) = lanes.upgrade() {
@@ -932,6 +980,29 @@ mod tests {
         raft.shutdown().await.unwrap();
         stop.cancel();
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A lane takes any request while empty, and beyond that only up to `LANE_BYTES`; a
+    /// request's size counts its entries' commands.
+    #[test]
+    fn a_lane_is_bounded_by_bytes_but_never_refuses_into_an_empty_lane() {
+        assert!(lane_takes(0, LANE_BYTES * 4), "a request larger than the bound still goes alone");
+        assert!(lane_takes(LANE_BYTES - 1000, 1000));
+        assert!(!lane_takes(LANE_BYTES - 1000, 1001));
+        assert!(!lane_takes(usize::MAX, 1), "no overflow");
+        let rpc = |sizes: &[usize]| AppendEntriesRequest {
+            vote: Vote::new_committed(1, 1),
+            prev_log_id: None,
+            leader_commit: None,
+            entries: sizes.iter().enumerate().map(|(i, n)| ent(i as u64 + 1, *n)).collect(),
+        };
+        let one_mib = approx_bytes(&rpc(&[1 << 20]));
+        assert!((1 << 20..(1 << 20) + 1024).contains(&one_mib), "{one_mib}");
+        assert!(approx_bytes(&rpc(&[100; 10])) >= 10 * 100);
+        // A leader resending 8 MiB requests to a stalled follower: 15 held (120 MiB), not 1,024.
+        let eight = approx_bytes(&rpc(&[8 << 20]));
+        let taken = (0..1024).scan(0usize, |held, _| lane_takes(*held, eight).then(|| *held += eight)).count();
+        assert_eq!(taken, LANE_BYTES / eight);
     }
 
     #[test]
