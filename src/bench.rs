@@ -36,10 +36,6 @@ use crate::client::Conn;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// Error kinds for requests still unanswered when the window ends, and (under `--rate`) for
-/// the slots such a request kept from being sent.
-const UNFINISHED: &str = "\0unanswered";
-const UNSENT: &str = "\0unsent";
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct CommonArgs {
@@ -608,8 +604,17 @@ struct Progress {
     max_us: AtomicU64,
 }
 
-/// What one worker measured: latencies of acknowledged requests, and errors by kind.
-type WorkerStats = (Histogram<u64>, BTreeMap<String, u64>);
+/// What one worker measured.
+struct WorkerStats {
+    /// Latencies of acknowledged requests.
+    hist: Histogram<u64>,
+    /// Errors by kind.
+    kinds: BTreeMap<String, u64>,
+    /// Its request still unanswered when the window closed (0 or 1), and under `--rate` the
+    /// slots that request kept from being sent.
+    unanswered: u64,
+    unsent: u64,
+}
 
 fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 60_000_000, 3).context("creating latency histogram")
@@ -685,17 +690,17 @@ where
     let printer = tokio::spawn(print_progress(progress.clone(), measure_from, deadline));
     let cpu_at_start = tokio::spawn(cpu_sample(targets.clone(), tls.clone(), Some(measure_from)));
 
-    let (mut hist, mut error_kinds) = (new_histogram()?, BTreeMap::new());
+    let (mut hist, mut error_kinds, mut unanswered, mut unsent) = (new_histogram()?, BTreeMap::new(), 0, 0);
     for w in workers {
-        let (h, kinds) = w.await.context("bench worker panicked")??;
-        hist.add(&h).context("merging latency histograms")?;
-        for (kind, n) in kinds {
+        let stats = w.await.context("bench worker panicked")??;
+        hist.add(&stats.hist).context("merging latency histograms")?;
+        for (kind, n) in stats.kinds {
             *error_kinds.entry(kind).or_insert(0) += n;
         }
+        unanswered += stats.unanswered;
+        unsent += stats.unsent;
     }
     printer.abort();
-    let unanswered = error_kinds.remove(UNFINISHED).unwrap_or(0);
-    let unsent = error_kinds.remove(UNSENT).unwrap_or(0);
     let (ok, errors) = (hist.len(), error_kinds.values().sum());
     let (node_cpu, bench_cpu, host) = match cpu_at_start.await {
         Ok(before) => {
@@ -801,7 +806,7 @@ where
     F: Fn(usize, u64) -> BenchRequest,
 {
     let Window { measure_from, deadline, pace } = window;
-    let (mut hist, mut kinds) = (new_histogram()?, BTreeMap::new());
+    let (mut hist, mut kinds, mut unanswered, mut unsent) = (new_histogram()?, BTreeMap::new(), 0, 0);
     let mut backoff = BACKOFF_MIN;
     for seq in 0.. {
         // Paced: wait for this request's slot and count its latency from the slot, the time it
@@ -832,14 +837,11 @@ where
             // Still unanswered at the end: said as such, not left out silently. Under `--rate`,
             // the slots this request held up until the end were never sent: counted too.
             if Instant::now() >= measure_from {
-                *kinds.entry(UNFINISHED.to_string()).or_insert(0) += 1;
+                unanswered = 1;
                 if let Some((interval, first)) = pace {
                     let next = first + interval.mul_f64((seq + 1) as f64);
                     let behind = deadline.saturating_duration_since(next).as_secs_f64() / interval.as_secs_f64().max(1e-9);
-                    let behind = behind.ceil() as u64;
-                    if behind > 0 {
-                        *kinds.entry(UNSENT.to_string()).or_insert(0) += behind;
-                    }
+                    unsent = behind.ceil() as u64;
                 }
             }
             break;
@@ -884,7 +886,7 @@ where
             _ => {}
         }
     }
-    Ok((hist, kinds))
+    Ok(WorkerStats { hist, kinds, unanswered, unsent })
 }
 
 /// Prints `[  3s] acknowledged 63012  21034/s  errors 0  max 4.1 ms` to stderr every second of

@@ -336,13 +336,12 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
     }
 }
 
-/// `s` cut to at most `max` bytes at a character boundary, with "…" when cut.
-pub(crate) fn cut(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
-    if s.len() <= max {
-        return s.into();
-    }
-    let end = (0..=max).rev().find(|i| s.is_char_boundary(*i)).unwrap_or(0);
-    format!("{}…", &s[..end]).into()
+/// `s` cut to at most `max` bytes at a character boundary (`sdk::truncate_utf8`), for echoing
+/// client input in an error.
+pub(crate) fn cut(s: &str, max: usize) -> String {
+    let mut s = s.to_string();
+    crate::sdk::truncate_utf8(&mut s, max);
+    s
 }
 
 fn readyz(app: &App) -> ApiResult {
@@ -686,7 +685,7 @@ mod tests {
         assert_eq!(cut("short", 256), "short");
         let long = "é".repeat(200);
         let c = cut(&long, 255);
-        assert!(c.len() <= 255 + "…".len() && c.ends_with('…') && c.starts_with("éé"), "{c}");
+        assert!(c.len() <= 255 && c.ends_with('…') && c.starts_with("éé"), "{c}");
     }
 
     type Chunks = futures_util::stream::BoxStream<'static, Result<hyper::body::Frame<Bytes>, Infallible>>;

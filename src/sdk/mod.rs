@@ -28,7 +28,6 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde::Serialize;
 
-use crate::raft::ReplicaError;
 use crate::store::StateStore;
 use crate::store::StoreError;
 
@@ -210,14 +209,12 @@ pub fn truncate_utf8(s: &mut String, max: usize) {
 impl From<StoreError> for HandlerError {
     fn from(e: StoreError) -> HandlerError {
         match e {
-            StoreError::InvalidName(_) | StoreError::InvalidJson(_) => HandlerError::bad_request(e.to_string()),
+            // A handler's own compare-and-set that lost: a conflict (the client sent no
+            // `If-Match`, so the HTTP API's 412 would not fit).
             StoreError::PreconditionFailed { .. } => HandlerError::new(409, e.to_string()),
-            StoreError::TooLarge { .. } | StoreError::Replica(ReplicaError::TooLarge { .. }) => HandlerError::new(413, e.to_string()),
-            StoreError::QuotaExceeded(_) => HandlerError::new(507, e.to_string()),
-            // As the HTTP API answers them (`api::error`, the one mapping): a write whose outcome
-            // is unknown is a 502, not a 503 that tells the client nothing happened.
-            StoreError::Replica(r) => HandlerError::from_api(r.into()),
-            StoreError::Unexpected(_) => HandlerError::unhandled(e.to_string()),
+            // Everything else as the HTTP API answers it (`api::error`, the one mapping): a
+            // write whose outcome is unknown is a 502, not a 503 that says nothing happened.
+            e => HandlerError::from_api(e.into()),
         }
     }
 }
@@ -358,6 +355,8 @@ mod tests {
 
     #[test]
     fn a_handlers_store_and_emit_errors_get_the_http_apis_statuses() {
+        use crate::raft::ReplicaError;
+        use crate::raft::types::CommandResult;
         use crate::broker::BrokerError;
         use crate::peer::message::RemoteError;
         let replica = |r: ReplicaError| HandlerError::from(StoreError::Replica(r)).status;
@@ -367,6 +366,9 @@ mod tests {
         assert_eq!(replica(ReplicaError::Remote(RemoteError::Invalid("x".into()))), 400);
         assert_eq!(replica(ReplicaError::TooLarge { bytes: 2, limit: 1 }), 413);
         assert_eq!(HandlerError::from(StoreError::QuotaExceeded("full".into())).status, 507);
+        assert_eq!(HandlerError::from(StoreError::InvalidJson("x".into())).status, 400);
+        assert_eq!(HandlerError::from(StoreError::Unexpected(CommandResult::SubUpdated)).status, 500);
+        assert_eq!(HandlerError::from(StoreError::PreconditionFailed { current: Some(3) }).status, 409, "a handler's lost CAS");
         for (e, status) in [
             (BrokerError::Stopped, 503),
             (BrokerError::TooLarge { bytes: 2, limit: 1 }, 413),
