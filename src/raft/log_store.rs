@@ -26,11 +26,13 @@
 //!   bincode of [`Record`]. On open each frame is checked. A torn or corrupt frame at the tail of
 //!   the last segment (the only place a crash can tear) ends replay and the file is cut back to
 //!   the last whole record: nothing is half-applied. (A tail that is all zeros is the zero-fill,
-//!   kept as it is; a torn record inside the zero-fill leaves non-zero bytes and is cut.) Media rot there is not told from a torn
-//!   tail and is treated alike, with a warning saying what was dropped: rot in an acknowledged
-//!   record cuts the acknowledged ones after it too (ARCHITECTURE.md, session 29, says why this
-//!   is left: etcd tells a torn entry by an all-zero sector, and a safe version of that test
-//!   needs a power-loss mode that persists unsynced sectors out of order to be checked). A bad
+//!   kept as it is; a torn record inside the zero-fill leaves non-zero bytes and is cut.) A
+//!   damaged frame there that no power cut can leave is refused instead: a crc mismatch with no
+//!   sector of the frame reading as zeros (an unfinished write over the zero-fill leaves its
+//!   missing sectors as zeros: etcd's test for a torn entry) *and* a whole frame right after it,
+//!   which shows that records were synced past the damage and may have been acknowledged
+//!   (`damage_before_a_whole_record`). Damage to the very last frame, or to a frame's length,
+//!   leaves no such evidence and is cut like a torn tail, with a warning saying what was dropped. A bad
 //!   frame in any *other* segment cannot come from a crash (a segment is fsynced before the next
 //!   is created), and neither can a frame whose crc matches but which does not decode: both are
 //!   `InvalidData` errors, never skipped.
@@ -504,6 +506,39 @@ fn next_frame(data: &[u8], pos: usize) -> Result<(&[u8], usize), String> {
     Ok((payload, pos + HEADER + len))
 }
 
+/// The unit in which a disk persists a write whole or not at all (etcd's `minSectorSize`).
+const SECTOR: usize = 512;
+
+/// Where a whole record follows the damaged frame at `pos`, if one does and the damage is no
+/// torn write. A power cut leaves the sectors of an unsynced write that did not reach the disk
+/// as they were: zeros, as records are written over synced zero-fill or past the file's end
+/// (module doc). So a frame with a sane length and a crc mismatch of which no sector-aligned
+/// piece reads as all zeros (etcd's test for a torn entry) was damaged after it was written,
+/// and a whole frame right after it shows that records were synced past it. Without that
+/// evidence (the damage is the last frame, or its length is damaged too) the tail is cut as a
+/// torn one: on a file system that may show a crashed extension's stale blocks (ext4's
+/// `data=writeback`) a torn frame can hold no zeros, but no whole frame follows it.
+fn damage_before_a_whole_record(data: &[u8], pos: usize) -> Option<usize> {
+    let &[l0, l1, l2, l3, ..] = data.get(pos..)?.first_chunk::<HEADER>()?;
+    let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+    if len == 0 || len > MAX_RECORD {
+        return None;
+    }
+    let end = pos + HEADER + len;
+    if end > data.len() {
+        return None;
+    }
+    let mut at = pos;
+    while at < end {
+        let to = ((at / SECTOR + 1) * SECTOR).min(end);
+        if data[at..to].iter().all(|&b| b == 0) {
+            return None;
+        }
+        at = to;
+    }
+    next_frame(data, end).ok().map(|_| end)
+}
+
 /// Splits off and returns the entries with index > `after`.
 fn split_after(entries: &mut BTreeMap<u64, Entry>, after: Option<u64>) -> BTreeMap<u64, Entry> {
     match after {
@@ -548,6 +583,16 @@ fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem) -> io::
             // The zero-fill ahead of the writer (module doc): the records end here.
             Err(_) if is_last && data[pos..].iter().all(|&b| b == 0) => break,
             Err(why) if is_last => {
+                if let Some(next) = damage_before_a_whole_record(&data, pos) {
+                    return Err(invalid(format!(
+                        "{} at offset {pos}: {why}, and a whole record follows it at offset {next}: the disk damaged a record that had been \
+                         synced (a power cut leaves an unsynced write's missing sectors as zeros here, and none of this record's are). \
+                         The records after it may have been acknowledged, so the node does not start with them cut off. Move the data \
+                         dir aside and start the node again with the same --id: it rejoins as a node whose data was lost, votes once a \
+                         leader has brought it up to date, and is sent the log",
+                        path.display()
+                    )));
+                }
                 let dropped = data.len() - pos;
                 tracing::warn!(path = %path.display(), offset = pos, dropped, %why,
                     "torn raft log tail: cut back to the last whole record");
@@ -1445,6 +1490,67 @@ mod tests {
             // Cut back to the last whole record (a zero tail may stay: it reads as zero-fill).
             assert!(records_end(&last) <= whole);
             assert_eq!(append_and_reopen(store, &dir.0, LogStoreOptions::default(), ent(2, keep + 1)).await, [run(1, 1..=keep), vec![(2, keep + 1)]].concat());
+        }
+    }
+
+    /// Offsets of the frames of a segment file, in order.
+    fn frame_starts(path: &Path) -> Vec<usize> {
+        let data = fs::read(path).unwrap();
+        let (mut pos, mut starts) = (0, Vec::new());
+        while let Ok((_, next)) = next_frame(&data, pos) {
+            starts.push(pos);
+            pos = next;
+        }
+        starts
+    }
+
+    /// Damage inside the last segment's records that no power cut can leave (no sector of the
+    /// damaged frame reads as zeros, and a whole frame follows it) refuses the open: the frames
+    /// after it may be acknowledged. A damaged frame with a sector of zeros is a torn write, cut
+    /// as before, also with whole frames after it (a disk may persist a write's sectors out of
+    /// order, and nothing of an unfinished group commit was acknowledged).
+    #[tokio::test]
+    async fn damage_before_whole_records_refuses_the_open_and_a_torn_frame_is_cut() {
+        let big = |index: u64| {
+            let (store, key, value) = ("s".into(), format!("k{index}"), vec![7; 3000]);
+            Entry::new_normal(log_id(1, index), Command::Put { store, key, value, if_revision: None, tag: None })
+        };
+        type Damage = Box<dyn Fn(&mut Vec<u8>, usize)>;
+        let cases: Vec<(&str, Damage, Option<u64>)> = vec![
+            // A payload byte of entry 3: refused.
+            ("rot", Box::new(|d: &mut Vec<u8>, at: usize| d[at + HEADER + 1000] ^= 0x55), None),
+            // A whole sector inside entry 3 left as zeros: torn, cut back to entry 2.
+            ("torn", Box::new(|d: &mut Vec<u8>, at: usize| {
+                let from = (at / SECTOR + 2) * SECTOR;
+                d[from..from + SECTOR].fill(0);
+            }), Some(2)),
+            // Entry 3's length damaged too: no evidence of records past it, cut as torn.
+            ("length", Box::new(|d: &mut Vec<u8>, at: usize| d[at + 1] ^= 0x01), Some(2)),
+        ];
+        for (what, damage, keep) in cases {
+            let dir = TempDir::new();
+            {
+                let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+                for i in 1..=5 {
+                    append(&mut store, vec![big(i)]).await;
+                }
+            }
+            let last = segments(&dir.0).pop().unwrap();
+            let third = frame_starts(&last)[2];
+            let mut data = fs::read(&last).unwrap();
+            damage(&mut data, third);
+            fs::write(&last, data).unwrap();
+            match (keep, LogStore::open(&dir.0, LogStoreOptions::default())) {
+                (None, Err(e)) => {
+                    assert_eq!(e.kind(), ErrorKind::InvalidData, "{what}");
+                    assert!(e.to_string().contains(&format!("at offset {third}")), "{what}: {e}");
+                    assert!(e.to_string().contains("Move the data dir aside"), "{what}: {e}");
+                    // Refused again, not cut by the first attempt.
+                    assert!(LogStore::open(&dir.0, LogStoreOptions::default()).is_err(), "{what}");
+                }
+                (Some(keep), Ok(mut store)) => assert_eq!(ids(&mut store).await, run(1, 1..=keep), "{what}"),
+                (keep, opened) => panic!("{what}: expected {keep:?}, got {:?}", opened.map(|_| ())),
+            }
         }
     }
 

@@ -1136,6 +1136,16 @@ impl StateMachine {
         let path = dir.join(SNAPSHOT_FILE);
         // The directory's own entry, made by `create_dir_all` on a first start, is durable too.
         crate::fsutil::sync_parent(dir)?;
+        // A crash while a snapshot was being written leaves its temp file (`write_atomic_parts`):
+        // as large as a snapshot and never read, so it would hold that much disk until the next
+        // snapshot replaced it.
+        let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                tracing::warn!(path = %tmp.display(), error = %e, "could not remove a snapshot left half written by a crash");
+            }
+            _ => {}
+        }
         let (data, persisted) = match read_snapshot_file(&path)? {
             Some(snap) => (decode_data(&snap.data)?, snap.meta.last_log_id),
             None => (SmData::default(), None),
@@ -2172,7 +2182,11 @@ mod tests {
         write(&sm.shared.data).apply(3, put("s", "k", "{\"a\":1}", None));
         assert!(sm.get_current_snapshot().await.unwrap().is_none(), "none built yet");
         let snap = sm.build_snapshot().await.unwrap();
+        // A temp file a crash left mid-write is removed at open; the snapshot is kept.
+        let tmp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
+        std::fs::write(&tmp, b"half a snapshot").unwrap();
         let sm2 = StateMachine::open(&dir).unwrap();
+        assert!(!tmp.exists(), "the crashed write's temp file is gone");
         assert_eq!(sm2.shared.get("s", "k").unwrap().revision, 3);
         assert_eq!(decode_data(&snap.snapshot).unwrap().stores.len(), 1);
         // The current snapshot is read back from the file: the same image and meta.
