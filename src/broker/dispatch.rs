@@ -316,7 +316,10 @@ impl Dispatcher {
         };
         if let Some(emit) = out {
             let payload = serde_json::to_vec(&emit.payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
-            let key = Some(format!("sub:{scope}:{}:emit", source.id));
+            // Once per (delivery, content): a redelivery that returns the same event emits
+            // nothing new, one that returns another emits it (`sdk::StateHandle::next_tag`).
+            let print = crate::sdk::content_fingerprint(&[emit.event_name.as_bytes(), &payload]);
+            let key = Some(format!("sub:{scope}:{}:emit#{print:08x}", source.id));
             let meta = delivery_meta(&scope, &source);
             let new = super::new_event(&emit.event_name, payload, &meta, Some(s.service.clone()), key);
             // The HTTP API's status for the cause (`api::error`): a publish whose outcome is

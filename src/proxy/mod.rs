@@ -553,9 +553,10 @@ impl Proxy {
             return Err(HandlerError::new(502, why));
         }
         if let Some(event_name) = self.local.success_events.get(&key) {
-            // The result as an event; under an idempotency key a re-run emits nothing new.
+            // The result as an event; under an idempotency key a re-run with the same result
+            // emits nothing new, one with another result (`sdk::StateHandle::next_tag`) emits it.
             let payload = if out.body.is_empty() { b"null".to_vec() } else { out.body.to_vec() };
-            let dedup = scoped.map(|k| format!("{k}#success"));
+            let dedup = scoped.map(|k| format!("{k}#success#{:08x}", crate::sdk::content_fingerprint(&[event_name.as_bytes(), &payload])));
             let mut event = crate::broker::new_event(event_name, payload, &meta, Some(sender), dedup);
             // Just built, so not shared yet: no copy.
             Arc::make_mut(&mut event.body).message_type = "commandSuccessResponse".into();

@@ -1619,6 +1619,34 @@ mod tests {
         assert!(d.idem.contains_key("k2"));
     }
 
+    /// A handler re-run (its first run's node died before the result was recorded) that draws
+    /// another random id stores another key in the same place: that write is applied, not
+    /// answered with the first run's result; a write the re-run repeats is answered from the
+    /// record (tags as the SDK makes them, `sdk::next_tag`).
+    #[test]
+    fn a_rerun_that_writes_another_key_is_applied_and_a_repeated_write_is_not() {
+        use std::sync::atomic::AtomicU32;
+        let mut d = SmData::default();
+        let run = || ("k1".to_string(), Arc::new(AtomicU32::new(0)));
+        let put = |run: &(String, Arc<AtomicU32>), key: &str| {
+            let tag = crate::sdk::next_tag(Some(run), &[b"put", b"s", key.as_bytes(), b"1"]).unwrap();
+            Command::Put { store: "s".into(), key: key.into(), value: b"1".to_vec(), if_revision: None, tag }
+        };
+        let incr = |run: &(String, Arc<AtomicU32>)| {
+            let tag = crate::sdk::next_tag(Some(run), &[b"increment", b"s", b"n", &1i64.to_le_bytes()]).unwrap();
+            Command::Increment { store: "s".into(), key: "n".into(), by: 1, tag }
+        };
+        let (first, second) = (run(), run());
+        assert_eq!(d.apply(1, put(&first, "orders/a")), CommandResult::Written { revision: 1 });
+        assert_eq!(d.apply(2, incr(&first)), CommandResult::Incremented { value: 1, revision: 2 });
+        assert_eq!(d.apply(3, put(&second, "orders/b")), CommandResult::Written { revision: 3 }, "another key: applied");
+        assert_eq!(d.apply(4, incr(&second)), CommandResult::Incremented { value: 1, revision: 2 }, "the same increment: once");
+        assert!(d.stores["s"].contains_key("orders/a") && d.stores["s"].contains_key("orders/b"));
+        // A run past the bound on tagged writes is refused, not wrapped onto an earlier place.
+        first.1.store(crate::sdk::MAX_TAGGED_WRITES, std::sync::atomic::Ordering::SeqCst);
+        assert!(crate::sdk::next_tag(Some(&first), &[b"x"]).is_err());
+    }
+
     #[test]
     fn progress_in_an_event_entry_applies_like_its_own_entry_then_the_events() {
         let (limits, service) = (LIMITS, one_subscription("sub"));

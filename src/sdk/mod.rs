@@ -286,7 +286,7 @@ impl Ctx {
     pub async fn emit(&self, event_name: &str, payload: &impl Serialize) -> Result<(String, u64), HandlerError> {
         let broker = self.broker.as_ref().ok_or_else(|| HandlerError::unhandled("no broker in this context"))?;
         let payload = serde_json::to_vec(payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
-        let idempotency_key = self.state.next_tag().map(|(k, seq)| format!("{k}#emit{seq}"));
+        let idempotency_key = self.state.next_tag(&[b"emit", event_name.as_bytes(), &payload])?.map(|(k, seq)| format!("{k}#emit{seq}"));
         let event = crate::broker::new_event(event_name, payload, &self.meta, self.service.clone(), idempotency_key);
         // Statuses as the HTTP API's for a publish: too large 413, nothing committed 503, an
         // outcome unknown 502 (the handler's writes before it may have committed).
@@ -302,9 +302,35 @@ pub struct StateHandle {
     dedup: Option<(String, Arc<AtomicU32>)>,
 }
 
+/// Bits of a tag's sequence number that count the write's place in the handler's run
+/// (`StateHandle::next_tag`); the bits above hold a fingerprint of what it writes.
+const TAG_PLACE_BITS: u32 = 16;
+/// Writes and emits one handler run may make under an idempotency key.
+pub const MAX_TAGGED_WRITES: u32 = 1 << TAG_PLACE_BITS;
+
+/// A fingerprint of a write's content (its parts, each length-prefixed so that no two splits
+/// of the same bytes agree): the same on every node and build, as it goes into the log.
+pub fn content_fingerprint(parts: &[&[u8]]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    for part in parts {
+        h.update(&(part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    h.finalize()
+}
+
 impl StateHandle {
-    fn next_tag(&self) -> Option<(String, u32)> {
-        self.dedup.as_ref().map(|(k, seq)| (k.clone(), seq.fetch_add(1, Ordering::SeqCst)))
+    /// The tag of the handler's next write or emit, whose content is `what`: the request's
+    /// idempotency key and a sequence number made of the write's place in this run (low bits)
+    /// and a fingerprint of `what` (high bits). The state machine answers a tag it has seen
+    /// from its record, without applying the write again; that is right for a re-run that
+    /// makes the same write in the same place, and wrong for one that makes another (a handler
+    /// that draws a random id, or branches on a read, then stores a different key): with the
+    /// place alone that write was answered with the first run's result and never applied. With
+    /// the fingerprint a different write is applied, and the same one is not. (A run on an
+    /// earlier build tagged by place alone: a re-run across that upgrade applies its writes again.)
+    fn next_tag(&self, what: &[&[u8]]) -> Result<Option<(String, u32)>, HandlerError> {
+        next_tag(self.dedup.as_ref(), what)
     }
 
     pub async fn get(&self, store: &str, key: &str) -> Result<Option<serde_json::Value>, HandlerError> {
@@ -317,7 +343,22 @@ impl StateHandle {
     /// Set a key; returns its new revision.
     pub async fn put(&self, store: &str, key: &str, value: &serde_json::Value) -> Result<u64, HandlerError> {
         let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
-        Ok(self.store.put_tagged(store, key, &bytes, None, self.next_tag()).await?)
+        let tag = self.next_tag(&[b"put", store.as_bytes(), key.as_bytes(), &bytes])?;
+        Ok(self.store.put_tagged(store, key, &bytes, None, tag).await?)
+    }
+
+    /// Set a key only while its revision is `revision` (0: only while it is absent); returns
+    /// the new revision, or a 409 with the current one when another write came first.
+    pub async fn put_if_revision(&self, store: &str, key: &str, value: &serde_json::Value, revision: u64) -> Result<u64, HandlerError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+        let tag = self.next_tag(&[b"put_if", store.as_bytes(), key.as_bytes(), &bytes, &revision.to_le_bytes()])?;
+        Ok(self.store.put_tagged(store, key, &bytes, Some(revision), tag).await?)
+    }
+
+    /// Remove a key; returns whether it existed. Not tagged: a re-run of the handler removes
+    /// the key again (the same end state; `existed` says what that run found).
+    pub async fn delete(&self, store: &str, key: &str) -> Result<bool, HandlerError> {
+        Ok(self.store.delete(store, key, None).await?)
     }
 
     /// `increment` without the idempotency tag: applied on every call, even a repeated one.
@@ -327,8 +368,22 @@ impl StateHandle {
 
     /// Atomically add `by` to an integer key (absent = 0); returns the new value.
     pub async fn increment(&self, store: &str, key: &str, by: i64) -> Result<i64, HandlerError> {
-        Ok(self.store.increment(store, key, by, self.next_tag()).await?)
+        let tag = self.next_tag(&[b"increment", store.as_bytes(), key.as_bytes(), &by.to_le_bytes()])?;
+        Ok(self.store.increment(store, key, by, tag).await?)
     }
+}
+
+/// `StateHandle::next_tag` on a handler run's (idempotency key, next place).
+pub(crate) fn next_tag(dedup: Option<&(String, Arc<AtomicU32>)>, what: &[&[u8]]) -> Result<Option<(String, u32)>, HandlerError> {
+    let Some((key, next)) = dedup else { return Ok(None) };
+    let place = next.fetch_add(1, Ordering::SeqCst);
+    if place >= MAX_TAGGED_WRITES {
+        return Err(HandlerError::unhandled(format!(
+            "a handler run makes at most {MAX_TAGGED_WRITES} state writes and emits under one idempotency key"
+        )));
+    }
+    let print = content_fingerprint(what) >> TAG_PLACE_BITS;
+    Ok(Some((key.clone(), print << TAG_PLACE_BITS | place)))
 }
 
 #[cfg(test)]
