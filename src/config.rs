@@ -420,6 +420,8 @@ pub const DEFAULT_PUBLISH_LINGER_MS: u64 = 2;
 const MAX_CONNECTIONS: usize = 1_000_000;
 /// `--max-frame` at most: a log record holds at most 64 MiB (`raft::log_store`).
 const MAX_FRAME: usize = 64 << 20;
+/// The least `--max-frame` a node takes.
+pub const MIN_MAX_FRAME: usize = 64 * 1024;
 /// Longest `--publish-linger-ms` accepted: beyond a second it would only hold publishers up.
 const MAX_PUBLISH_LINGER_MS: u64 = 1_000;
 
@@ -436,7 +438,7 @@ impl NodeConfig {
             // tokio's semaphore takes at most `usize::MAX >> 3` permits (it panics beyond).
             return invalid("max-connections", "must be 1..=1000000");
         }
-        if self.max_frame < 64 * 1024 {
+        if self.max_frame < MIN_MAX_FRAME {
             return invalid("max-frame", "must be at least 65536");
         }
         if self.max_frame > MAX_FRAME {

@@ -554,7 +554,7 @@ impl Dispatcher {
                 for (target, events) in handout {
                     let batched = target == self.node_id || self.net.features(target) & features::DELIVER_BATCH != 0;
                     let per_frame = if batched { MAX_DELIVER_BATCH } else { 1 };
-                    for batch in in_frames(events, per_frame, self.net.max_frame() / 2, |(e, _)| e.full_size() + EVENT_FRAME_OVERHEAD) {
+                    for batch in in_frames(events, per_frame, self.net.max_frame_to(target) / 2, |(e, _)| e.full_size() + EVENT_FRAME_OVERHEAD) {
                         let (this, inflight, decl, retry_tx, freed) = (self.clone(), inflight.clone(), decl.clone(), retry_tx.clone(), freed.clone());
                         let stop = shutdown.clone();
                         // Ends with the dispatcher: a local handler does not run on for up to its

@@ -13,7 +13,7 @@
 //!   channel (senders wait: backpressure), in-flight requests per link are capped by a semaphore and
 //!   so are concurrently served requests. Garbage, a bad handshake or an oversized frame closes
 //!   that connection only.
-//! - *Liveness from the links.* Each link pings every second; a link silent for `idle_timeout` is
+//! - *Liveness from the links.* Each link pings every 500 ms; a link silent for `idle_timeout` is
 //!   closed. `reachable(id)` is what `/cluster` and routing use — not Raft writes.
 //! - *Reconnect with exponential backoff and jitter*, per address, so a dead peer costs a dial
 //!   every few seconds at most, and a restarted one is found again quickly.
@@ -71,6 +71,11 @@ const MAX_OUTSTANDING: usize = MAX_SERVING;
 /// Requests from one peer this node serves concurrently, Raft's own aside; more are answered
 /// `NotServed` without running (`read_loop`).
 const MAX_SERVING: usize = 1024;
+/// Raft requests other than appends (votes, pre-votes, snapshot chunks, leader transfers) from
+/// one peer served concurrently: a leader or candidate has a few at most, and they take no
+/// `MAX_SERVING` slot (nothing may hold them up behind other work). Appends are bounded by
+/// their lanes (`raft::network`). More are answered `NotServed`, which Raft retries.
+const MAX_RAFT_SERVING: usize = 64;
 /// Frames written per flush at most (batched writes).
 const WRITE_BATCH: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -100,6 +105,7 @@ struct HandshakeSlot {
 
 impl HandshakeSlot {
     fn take(all: &Arc<Mutex<Handshakes>>, from: std::net::IpAddr) -> Option<HandshakeSlot> {
+        let from = source_of(from);
         let mut h = lock(all);
         let mine = h.by_address.get(&from).copied().unwrap_or(0);
         // Loopback is this machine's own nodes (a local cluster, tests), not a remote source.
@@ -109,6 +115,49 @@ impl HandshakeSlot {
         h.total += 1;
         h.by_address.insert(from, mine + 1);
         Some(HandshakeSlot { all: all.clone(), from })
+    }
+}
+
+/// This dial's turn at its address (`PeerNet::dialing`): given back when dropped, also when the
+/// dial is abandoned (a caller's deadline); the entry goes with the last holder or waiter.
+struct DialTurn<'a> {
+    net: &'a PeerNet,
+    addr: String,
+    turn: Arc<tokio::sync::Mutex<()>>,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl<'a> DialTurn<'a> {
+    /// Waits for the address's turn, or (`wait` false) gives up at once when another dial has it.
+    async fn take(net: &'a PeerNet, addr: &str, wait: bool) -> Option<DialTurn<'a>> {
+        let turn = lock(&net.dialing).entry(addr.to_string()).or_default().clone();
+        let mut taken = DialTurn { net, addr: addr.to_string(), turn: turn.clone(), guard: None };
+        taken.guard = Some(if wait { turn.lock_owned().await } else { turn.try_lock_owned().ok()? });
+        Some(taken)
+    }
+}
+
+impl Drop for DialTurn<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut dialing = lock(&self.net.dialing);
+        // Only the map's and this one's: nobody else holds or waits for the address's turn.
+        if Arc::strong_count(&self.turn) == 2 && dialing.get(&self.addr).is_some_and(|t| Arc::ptr_eq(t, &self.turn)) {
+            dialing.remove(&self.addr);
+        }
+    }
+}
+
+/// The source a handshake is counted against: an IPv4 address as itself (also when a
+/// dual-stack listener sees it as `::ffff:a.b.c.d`, so that loopback stays loopback), an IPv6
+/// one by its /64, the least any host is given (one host can use every address in it).
+fn source_of(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) if !v6.is_loopback() => {
+            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
+            std::net::IpAddr::V6(std::net::Ipv6Addr::from(prefix))
+        }
+        other => other,
     }
 }
 
@@ -301,8 +350,10 @@ pub struct Link {
     incarnation: u64,
     /// Optional messages both sides understand (`frame::features`).
     features: u64,
-    /// Largest frame body the peer's reader takes (`PeerConfig::max_frame`, the same on every
-    /// node): a larger one is refused before it reaches the writer, which would close the link.
+    /// Largest frame body both sides' readers take: the smaller of our `--max-frame` and the one
+    /// the peer announced in its `Hello` (`link_max_frame`). A larger frame is refused before it
+    /// reaches the writer (`send`, and answers in `read_loop`): the peer's reader would close
+    /// the link on it, failing everything else in flight there.
     max_frame: usize,
     /// Frames to write. The writer task owns the receiver; it ends when `closed` fires.
     tx: mpsc::Sender<Bytes>,
@@ -340,6 +391,11 @@ impl Link {
 
     pub fn close(&self) {
         self.closed.cancel();
+    }
+
+    /// Largest frame body this link carries either way (see the field).
+    pub fn max_frame(&self) -> usize {
+        self.max_frame
     }
 
     /// Send one request and wait for its response (bounded by `timeout`).
@@ -433,6 +489,13 @@ pub struct PeerNet {
     links: Arc<Mutex<HashMap<NodeId, Arc<Link>>>>,
     addrs: Mutex<HashMap<NodeId, String>>,
     dials: Mutex<HashMap<String, DialState>>,
+    /// One dial at a time per address (`dial`): each caller that found no link used to dial on
+    /// its own, and two links dialed by this node could be kept differently by the two sides
+    /// (each keeps the first it registered), which then retired each other's under traffic.
+    /// An entry lives while a dial to its address runs or is waited for (`DialTurn`).
+    dialing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Links this node made or took (handshakes completed), for the tests.
+    links_made: AtomicU64,
     /// Resolved seed address → the DNS name TLS checks there (`set_tls_name`).
     tls_names: Mutex<HashMap<String, String>>,
     /// Cancelled by the node on shutdown; closes the listener, the maintainer and every link.
@@ -467,6 +530,8 @@ impl PeerNet {
             links: Arc::new(Mutex::new(HashMap::new())),
             addrs: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
+            dialing: Mutex::new(HashMap::new()),
+            links_made: AtomicU64::new(0),
             tls_names: Mutex::new(HashMap::new()),
             shutdown,
             shutting_down: AtomicBool::new(false),
@@ -553,6 +618,12 @@ impl PeerNet {
     /// Largest frame a link sends or accepts.
     pub fn max_frame(&self) -> usize {
         self.cfg.max_frame
+    }
+
+    /// Largest frame body that reaches `target`: its live link's (`Link::max_frame`), else
+    /// ours (a link made later takes the smaller of the two, and refuses what is over it).
+    pub fn max_frame_to(&self, target: NodeId) -> usize {
+        lock(&self.links).get(&target).filter(|l| l.is_alive()).map_or(self.cfg.max_frame, |l| l.max_frame)
     }
 
     pub fn node_id(&self) -> NodeId {
@@ -712,11 +783,37 @@ impl PeerNet {
         Ok(link)
     }
 
-    /// Dial an address, or reuse a live link to whichever node answers there.
+    /// The live link to whichever node answers at `addr`, if there is one.
+    fn link_at(&self, addr: &str) -> Option<Arc<Link>> {
+        lock(&self.links).values().find(|l| l.peer_addr == addr && l.is_alive()).cloned()
+    }
+
+    /// Dial an address, or reuse a live link to whichever node answers there. A dial to the
+    /// same address already under way is waited for, and its link used (`dialing`).
     async fn dial(&self, addr: &str) -> Result<Arc<Link>, PeerError> {
-        if let Some(link) = lock(&self.links).values().find(|l| l.peer_addr == addr && l.is_alive()) {
-            return Ok(link.clone());
+        self.dial_turn(addr, true).await
+    }
+
+    /// `dial` for link upkeep: a dial to the address already under way is not waited for.
+    async fn redial(&self, addr: &str) -> Result<Arc<Link>, PeerError> {
+        self.dial_turn(addr, false).await
+    }
+
+    async fn dial_turn(&self, addr: &str, wait: bool) -> Result<Arc<Link>, PeerError> {
+        if let Some(link) = self.link_at(addr) {
+            return Ok(link);
         }
+        let turn = DialTurn::take(self, addr, wait).await.ok_or_else(|| PeerError::BackingOff { addr: addr.to_string() })?;
+        // The dial waited for may have made it.
+        if let Some(link) = self.link_at(addr) {
+            return Ok(link);
+        }
+        let result = self.dial_now(addr).await;
+        drop(turn);
+        result
+    }
+
+    async fn dial_now(&self, addr: &str) -> Result<Arc<Link>, PeerError> {
         {
             let dials = lock(&self.dials);
             if let Some(next) = dials.get(addr).and_then(|d| d.next_try) {
@@ -1015,7 +1112,7 @@ impl PeerNet {
             dialer,
             incarnation: theirs.incarnation,
             features: theirs.features & frame::features::ALL,
-            max_frame: self.cfg.max_frame,
+            max_frame: link_max_frame(self.cfg.max_frame, theirs.settings),
             tx,
             pending: Mutex::new(HashMap::new()),
             outstanding: Arc::new(Semaphore::new(MAX_OUTSTANDING)),
@@ -1028,6 +1125,7 @@ impl PeerNet {
             clock: Mutex::new(None),
             settings: theirs.settings,
         });
+        self.links_made.fetch_add(1, Ordering::Relaxed);
         let existing = self.register(&link);
         if existing.is_some() {
             debug!(peer, "duplicate link retired by tie-break");
@@ -1144,7 +1242,7 @@ impl PeerNet {
                 if !self.reachable(id) {
                     let net = self.clone();
                     tokio::spawn(async move {
-                        if let Err(err) = net.dial(&addr).await {
+                        if let Err(err) = net.redial(&addr).await {
                             debug!(peer = id, cause = %err, "redial failed");
                         }
                     });
@@ -1280,6 +1378,7 @@ async fn read_loop(
     idle: Duration,
 ) {
     let serving = Arc::new(Semaphore::new(MAX_SERVING));
+    let raft_serving = Arc::new(Semaphore::new(MAX_RAFT_SERVING));
     // One timer and one cancellation waiter for the link's life, not one of each per frame
     // (perf put ~3% of a node's samples under registering and dropping them; no throughput
     // change was measurable): the timer fires at most once per `idle` and is then pushed to
@@ -1356,23 +1455,29 @@ async fn read_loop(
                     return;
                 }
                 // Raft's own requests (a few appends the leader pipelines, a vote, a snapshot
-                // chunk) take no slot: nothing may hold them up. Any other request takes one or is
+                // chunk) take no slot of `serving`: nothing may hold them up. Appends are bounded
+                // by their lanes, the others by `raft_serving`. Any request without a slot is
                 // answered `NotServed` at once (no handler runs; the caller may go elsewhere):
                 // waiting for a slot stopped this reader, and with it the link's responses and
                 // Raft traffic, whenever the peer had given up on requests still served here (a
                 // caller's timeout frees its side, not ours).
-                let permit = if req.raft_sender().is_some() {
-                    None
-                } else if let Ok(permit) = serving.clone().try_acquire_owned() {
-                    Some(permit)
-                } else {
-                    metrics::counter!("raftbridge_peer_requests_shed_total").increment(1);
-                    let busy = PeerResponse::Error(message::RemoteError::NotServed(format!("{MAX_SERVING} requests from this node are being served here")));
-                    // Not waited for either: with the send queue full the caller times out.
-                    if let Ok(body) = Frame::encode(Kind::Response, frame.corr, &busy) {
-                        let _ = link.tx.try_send(body);
+                let slots = match (&req, req.raft_sender().is_some()) {
+                    (PeerRequest::AppendEntries(_), _) => None,
+                    (_, true) => Some((&raft_serving, MAX_RAFT_SERVING)),
+                    (_, false) => Some((&serving, MAX_SERVING)),
+                };
+                let permit = match slots.map(|(slots, n)| (slots.clone().try_acquire_owned(), n)) {
+                    None => None,
+                    Some((Ok(permit), _)) => Some(permit),
+                    Some((Err(_), n)) => {
+                        metrics::counter!("raftbridge_peer_requests_shed_total").increment(1);
+                        let busy = PeerResponse::Error(message::RemoteError::NotServed(format!("{n} requests of this kind from this node are being served here")));
+                        // Not waited for either: with the send queue full the caller times out.
+                        if let Ok(body) = Frame::encode(Kind::Response, frame.corr, &busy) {
+                            let _ = link.tx.try_send(body);
+                        }
+                        continue;
                     }
-                    continue;
                 };
                 let link = link.clone();
                 let corr = frame.corr;
@@ -1412,6 +1517,18 @@ async fn read_loop(
                 return;
             }
         }
+    }
+}
+
+/// The frame limit of a link: the smaller of ours and the one the peer announced. Nodes may
+/// run with different `--max-frame` during a rolling change of the flag (a warning, not a
+/// refusal: `note_settings`), and a frame over the peer's limit would close the link at its
+/// reader. A peer that announced none (an older build) or less than any node accepts is taken
+/// to have ours.
+fn link_max_frame(ours: usize, theirs: Option<frame::Settings>) -> usize {
+    match theirs.map(|s| s.max_frame) {
+        Some(m) if m >= crate::config::MIN_MAX_FRAME as u64 => ours.min(usize::try_from(m).unwrap_or(usize::MAX)),
+        _ => ours,
     }
 }
 
@@ -1520,6 +1637,11 @@ mod tests {
     /// A node with `secret` listening on port 0 (id 1), and a second one (id 2) with
     /// `dialer_secret` that knows its address.
     async fn pair(secret: Option<&str>, dialer_secret: Option<&str>) -> (Arc<PeerNet>, Arc<PeerNet>, std::net::SocketAddr, CancellationToken) {
+        pair_framed(secret, dialer_secret, (1 << 20, 1 << 20)).await
+    }
+
+    /// `pair` with each side's `--max-frame` (acceptor, dialer), each announced in its `Hello`.
+    async fn pair_framed(secret: Option<&str>, dialer_secret: Option<&str>, frames: (usize, usize)) -> (Arc<PeerNet>, Arc<PeerNet>, std::net::SocketAddr, CancellationToken) {
         let stop = CancellationToken::new();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1527,15 +1649,19 @@ mod tests {
             node_id,
             cluster: "t".into(),
             advertise,
-            max_frame: 1 << 20,
+            max_frame: if node_id == 1 { frames.0 } else { frames.1 },
             idle_timeout: Duration::from_secs(10),
             secret: secret.map(|s| ClusterSecret::new(s.as_bytes())),
             tls: None,
             source_ip: None,
         };
         let acceptor = PeerNet::new(cfg(1, addr.to_string(), secret), stop.clone());
-        tokio::spawn(acceptor.clone().run(listener));
         let dialer = PeerNet::new(cfg(2, "127.0.0.1:1".into(), dialer_secret), stop.clone());
+        if frames.0 != frames.1 {
+            acceptor.announce_settings(frame::Settings { max_frame: frames.0 as u64, ..frame::Settings::default() });
+            dialer.announce_settings(frame::Settings { max_frame: frames.1 as u64, ..frame::Settings::default() });
+        }
+        tokio::spawn(acceptor.clone().run(listener));
         dialer.set_peer_addr(1, &addr.to_string());
         (acceptor, dialer, addr, stop)
     }
@@ -1957,6 +2083,30 @@ mod tests {
     }
 
 
+    /// Nodes with different `--max-frame` (a rolling change of the flag): the dialer's 2 MiB
+    /// frames would be refused by the acceptor's 1 MiB reader, closing the link. The link takes
+    /// the smaller limit from the acceptor's `Hello`, so the dialer refuses such a request
+    /// where it is made and the link carries on.
+    #[tokio::test]
+    async fn a_link_takes_the_smaller_frame_limit_of_its_two_sides() {
+        let (acceptor, dialer, _, stop) = pair_framed(None, None, (1 << 20, 2 << 20)).await;
+        acceptor.set_handler(Arc::new(Doubles));
+        let timeout = Duration::from_secs(10);
+        let link = dialer.link(1).await.expect("linked");
+        assert_eq!((link.max_frame(), dialer.max_frame_to(1), dialer.max_frame()), (1 << 20, 1 << 20, 2 << 20));
+        let err = dialer.request(1, &invoke(Bytes::from(vec![b'x'; 1_500_000])), timeout).await.expect_err("over the acceptor's limit");
+        assert!(matches!(err, PeerError::TooLarge { peer: 1, limit, .. } if limit == 1 << 20), "{err}");
+        let answer = dialer.request(1, &invoke(Bytes::from(vec![b'x'; 100 << 10])), timeout).await.expect("answered");
+        assert!(matches!(&answer, PeerResponse::Invoked(Ok(out)) if out.body.len() == 200 << 10), "{answer:?}");
+        assert!(link.is_alive() && Arc::ptr_eq(&link, &dialer.link(1).await.expect("linked")), "the same link carried both");
+        // The acceptor's side of the link keeps its own, smaller limit.
+        assert_eq!(acceptor.max_frame_to(2), 1 << 20);
+        // A peer that announces nothing (an older build), or a limit no node takes, is taken to have ours.
+        assert_eq!(link_max_frame(2 << 20, None), 2 << 20);
+        assert_eq!(link_max_frame(2 << 20, Some(frame::Settings { max_frame: 100, ..frame::Settings::default() })), 2 << 20);
+        stop.cancel();
+    }
+
     /// Before a link is up, a frame may claim at most `HANDSHAKE_FRAME`: a stranger's claim of a
     /// whole `--max-frame` is refused at its length prefix, not buffered for the handshake's
     /// three seconds.
@@ -2038,6 +2188,87 @@ mod tests {
         stop.cancel();
     }
 
+
+    /// Handshakes are counted by source: IPv6 by its /64 (a host may hold them all), an IPv4
+    /// address seen by a dual-stack listener as itself (loopback stays exempt).
+    #[test]
+    fn handshakes_are_counted_per_source_host() {
+        let all = Arc::new(Mutex::new(Handshakes::default()));
+        let v6 = |last: u16| std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, last));
+        let held: Vec<_> = (1..=MAX_HANDSHAKES_PER_ADDRESS as u16).map(|i| HandshakeSlot::take(&all, v6(i)).expect("within the bound")).collect();
+        assert!(HandshakeSlot::take(&all, v6(999)).is_none(), "another address of the same /64 counts as the same host");
+        let other_net = std::net::IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 1, 0, 0, 0, 1));
+        assert!(HandshakeSlot::take(&all, other_net).is_some(), "another /64 is another host");
+        drop(held);
+        let mapped_loopback: std::net::IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        let many: Vec<_> = (0..MAX_HANDSHAKES_PER_ADDRESS + 4).map(|_| HandshakeSlot::take(&all, mapped_loopback)).collect();
+        assert!(many.iter().all(Option::is_some), "loopback through a dual-stack listener is exempt too");
+        drop(many);
+        assert_eq!(lock(&all).total, 0, "every place given back");
+        assert!(lock(&all).by_address.is_empty());
+    }
+
+    /// Many callers that find no link to a peer at once share one dial: one connection is
+    /// made, every caller gets its link, and nothing of the dial is left behind. (Each used to
+    /// dial on its own, and the two sides could keep different ones of those links.)
+    #[tokio::test]
+    async fn callers_without_a_link_share_one_dial() {
+        let (acceptor, dialer, addr, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(Doubles));
+        let links = futures_util::future::join_all((0..16).map(|_| {
+            let dialer = dialer.clone();
+            tokio::spawn(async move { dialer.link(1).await })
+        }))
+        .await;
+        let links: Vec<Arc<Link>> = links.into_iter().map(|l| l.unwrap().expect("linked")).collect();
+        assert!(links.iter().all(|l| Arc::ptr_eq(l, &links[0])), "one link for every caller");
+        assert_eq!(dialer.links_made.load(Ordering::Relaxed), 1, "one connection was made");
+        assert!(lock(&dialer.dialing).is_empty(), "no dial turn is left behind");
+        // Upkeep does not wait for a dial under way: it leaves the address to it.
+        let turn = DialTurn::take(&dialer, &addr.to_string(), true).await.expect("free");
+        assert!(DialTurn::take(&dialer, &addr.to_string(), false).await.is_none());
+        drop(turn);
+        assert!(lock(&dialer.dialing).is_empty());
+        stop.cancel();
+    }
+
+    /// Serves pre-votes never (a member that keeps asking in its own name and never reads).
+    struct StallsPreVotes;
+    impl Handler for StallsPreVotes {
+        fn handle(&self, _: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
+            Box::pin(async move {
+                if matches!(req, PeerRequest::PreVote(_)) {
+                    std::future::pending::<()>().await;
+                }
+                PeerResponse::Done
+            })
+        }
+    }
+
+    /// Raft's requests other than appends take no `MAX_SERVING` slot, but are bounded too: past
+    /// `MAX_RAFT_SERVING` served at once from one link, more are answered `NotServed` (each
+    /// used to run in a task of its own, without a bound), and other requests still flow.
+    #[tokio::test]
+    async fn raft_requests_from_one_peer_are_served_up_to_their_own_bound() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(StallsPreVotes));
+        dialer.link(1).await.expect("linked");
+        let pre_vote = || PeerRequest::PreVote(crate::raft::types::VoteRequest::new(crate::raft::types::Vote::new(3, 2), None));
+        let send = |n: usize| {
+            futures_util::future::join_all((0..n).map(|_| {
+                let (dialer, request) = (dialer.clone(), pre_vote());
+                tokio::spawn(async move { dialer.request(1, &request, Duration::from_millis(300)).await })
+            }))
+        };
+        let held = send(MAX_RAFT_SERVING).await;
+        assert!(held.iter().all(|o| matches!(o, Ok(Err(PeerError::Timeout { .. })))), "served, never answered");
+        let shed = send(10).await;
+        let refused = shed.iter().filter(|o| matches!(o, Ok(Ok(PeerResponse::Error(message::RemoteError::NotServed(_)))))).count();
+        assert_eq!(refused, 10, "past the bound they are answered at once");
+        let answer = dialer.request(1, &invoke(Bytes::new()), Duration::from_secs(10)).await.expect("other requests flow");
+        assert!(matches!(answer, PeerResponse::Done), "{answer:?}");
+        stop.cancel();
+    }
 
     /// A peer that stops reading (paused, cut off) leaves a write that cannot finish: when the
     /// link closes, the writer gives it up and ends, and so does everything it held.

@@ -374,8 +374,9 @@ pub fn entry_limit(max_frame: usize) -> usize {
 async fn forwarder(raft: Raft, net: Arc<PeerNet>, mut rx: mpsc::Receiver<Forward>) {
     // A write that did not fit into the previous batch goes first into the next.
     let mut held = None;
-    let budget = net.max_frame() / 2;
     loop {
+        // Sized for the leader's link (its `--max-frame` may be smaller than ours).
+        let budget = raft.metrics().borrow_watched().current_leader.map_or(net.max_frame(), |l| net.max_frame_to(l)) / 2;
         let Some(items) = next_batch(&mut rx, budget, &mut held).await else { return };
         let leader = raft.metrics().borrow_watched().current_leader;
         let net = net.clone();

@@ -374,7 +374,7 @@ where S: Stream<Item = AppendEntriesRequest> + Unpin
         if self.failed {
             return;
         }
-        let trimmed = trim_to_frame(&mut rpc.entries, self.client.net.max_frame() / 2);
+        let trimmed = trim_to_frame(&mut rpc.entries, self.link.max_frame() / 2);
         if trimmed.is_some() {
             self.open = false;
         }
@@ -427,7 +427,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotData;
 
     async fn append_entries(&mut self, mut rpc: AppendEntriesRequest, option: RPCOption) -> Result<AppendEntriesResponse, RPCError> {
-        let trimmed = trim_to_frame(&mut rpc.entries, self.net.max_frame() / 2);
+        let trimmed = trim_to_frame(&mut rpc.entries, self.net.max_frame_to(self.target) / 2);
         // openraft gives every AppendEntries the heartbeat interval (60 ms) as its deadline. A
         // request carrying entries (up to megabytes, with the follower's fsync) can take longer
         // on a loaded machine, and a timeout only makes openraft back off and send it again:
