@@ -27,6 +27,8 @@ ctx="$(mktemp -d "${TMPDIR:-/tmp}/raftbridge-image.XXXXXX")"
 trap 'rm -rf "$ctx"' EXIT
 root="$ctx/rootfs"
 mkdir -p "$root/etc" "$root/tmp" "$ctx/data"
+# The data dir holds every stored value in clear: its user only (the node warns otherwise).
+chmod 700 "$ctx/data"
 
 # The binary, stripped of debug info (line tables are useful for backtraces but triple the size;
 # keep them with KEEP_DEBUG=1).

@@ -290,7 +290,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     let mut children = Vec::new();
     for i in 0..3 {
         let dir = args.data_dir.join(format!("node{}", i + 1));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::fsutil::create_private_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let log = std::fs::File::create(args.data_dir.join(format!("node{}.log", i + 1)))?;
         let child = tokio::process::Command::new(&exe)
             .args(["node", "--id", &(i + 1).to_string(), "--data-dir"])

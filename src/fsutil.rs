@@ -43,6 +43,29 @@ pub fn write_atomic_parts(dir: &Path, name: &str, parts: &[&[u8]]) -> io::Result
     sync_dir(dir)
 }
 
+/// Makes `dir` (and any missing parent) readable by this user only, or warns when it exists
+/// and is open to others: a node's data dir holds every stored value in clear (etcd warns
+/// alike). Returns whether it had to be made.
+pub fn create_private_dir(dir: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(dir) {
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(path = %dir.display(), mode = %format!("{mode:o}"),
+                    "the data dir is open to other users, and it holds every stored value in clear: chmod 700 it");
+            }
+            Ok(false)
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            Ok(true)
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// fsync the directory holding `dir`, so that `dir`'s own entry (just made by
 /// `create_dir_all` on a first start) is durable: `.` for a relative path of one component.
 /// The levels above it, which `create_dir_all` may have made too, are synced as well, best
@@ -84,5 +107,22 @@ mod tests {
         sync_parent(&deep).expect("every level up to the root");
         std::fs::remove_dir_all(&base).unwrap();
         sync_parent(Path::new("/")).expect("a root has no parent");
+    }
+
+    /// A data dir a node makes is its user's only, whatever the umask; one that exists is left
+    /// as it is (the node warns when it is open to others).
+    #[test]
+    fn a_data_dir_made_here_is_private_and_an_existing_one_is_kept() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = std::env::temp_dir().join(format!("rb-private-{}-{}", std::process::id(), fastrand::u64(..)));
+        let dir = base.join("a/node1");
+        assert!(create_private_dir(&dir).unwrap(), "made");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert!(!create_private_dir(&dir).unwrap(), "there already");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!create_private_dir(&dir).unwrap());
+        assert_eq!(mode(&dir), 0o755, "an existing dir's mode is the operator's");
+        std::fs::remove_dir_all(&base).unwrap();
     }
 }

@@ -187,7 +187,7 @@ fn note_reload(counter: &'static str, what: &'static str, asked: bool, outcome: 
 fn claim_data_dir(dir: &Path, id: u64) -> Result<(), NodeError> {
     let path = dir.display().to_string();
     let ctx = |source| NodeError::DataDir { path: path.clone(), source };
-    std::fs::create_dir_all(dir).map_err(ctx)?;
+    crate::fsutil::create_private_dir(dir).map_err(ctx)?;
     match std::fs::read_to_string(dir.join("node_id")) {
         Ok(text) => {
             let stored: u64 = text.trim().parse().map_err(|_| {

@@ -158,7 +158,7 @@ fn a_full_state_store_refuses_new_keys_with_507_and_takes_them_after_deletes() {
     // By bytes: three values of 300 KiB fit into 1 MiB, a fourth does not.
     // (One cluster at a time: the harness serializes them.)
     drop(c);
-    let (c, leader) = Cluster::formed("state-quota-bytes", 1, &["--state-max-bytes", "1048576"]);
+    let (c, leader) = Cluster::formed("state-quota-bytes", 1, &["--state-max-bytes", "1048576", "--example-services"]);
     let api = c.api(leader);
     let big = json!("b".repeat(300 << 10));
     for i in 0..3 {
@@ -167,4 +167,32 @@ fn a_full_state_store_refuses_new_keys_with_507_and_takes_them_after_deletes() {
     assert_json_error(&api.put("big3", &big).expect("PUT"), 507, "a fourth 300 KiB value");
     api.must_put("big0", &json!("small now"));
     api.must_put("big3", &big);
+    // Filled to the last byte, an existing counter still counts: its new value is no longer
+    // (it used to be checked as if 20 bytes long, a 507).
+    let incr = || api.request("POST", "/api/v1/counter/c/increment", &[], b"{}").expect("POST");
+    let counted = |resp: Response, want: u64| {
+        assert_eq!(resp.status, 200, "increment: {}", resp.describe());
+        assert_eq!(resp.json().expect("JSON")["value"], json!(want));
+    };
+    c.wait_ready(leader);
+    counted(incr(), 1);
+    // The largest filler that fits, found by halving (each probe overwrites the last).
+    let (mut fits, mut too_big) = (0usize, 1usize << 20);
+    for _ in 0..24 {
+        if too_big - fits <= 1 {
+            break;
+        }
+        let mid = (fits + too_big) / 2;
+        let resp = api.put("edge", &json!("e".repeat(mid))).expect("PUT");
+        match resp.status {
+            200 => fits = mid,
+            507 => too_big = mid,
+            _ => panic!("filler of {mid}: {}", resp.describe()),
+        }
+    }
+    assert_eq!(too_big - fits, 1, "the edge was found");
+    api.must_put("edge", &json!("e".repeat(fits)));
+    assert_json_error(&api.put("edge", &json!("e".repeat(fits + 1))).expect("PUT"), 507, "one byte more");
+    counted(incr(), 2);
+    assert_json_error(&api.put("another", &json!(1)).expect("PUT"), 507, "a new key");
 }
