@@ -875,6 +875,7 @@ impl Handler for PeerHandler {
         let req = match req {
             // Taken now, in arrival order: a leader may have several in flight.
             PeerRequest::AppendEntries(r) => {
+                self.cluster.note_append(from);
                 let served = self.appends.submit(from, r);
                 return Box::pin(async move {
                     served.await.map_or_else(|e| PeerResponse::Error(RemoteError::Internal(e)), PeerResponse::AppendEntries)

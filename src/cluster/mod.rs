@@ -91,7 +91,21 @@ pub struct Cluster {
     since: Instant,
     /// Followers whose log went back, as this node's replication saw them (when it leads).
     reversions: Arc<Reversions>,
+    /// The node whose `AppendEntries` (a heartbeat or entries) arrived last, and when, in ms
+    /// after `since` + 1 (0: none yet); written by the peer handler (`note_append`) as each
+    /// arrives, read by `ready`.
+    append_from: Arc<AtomicU64>,
+    append_ms: Arc<AtomicU64>,
 }
+
+/// How long a node counts as in touch with its leader (a follower: since the leader's last
+/// append or heartbeat arrived; a leader: since a quorum last acknowledged it). The leader
+/// heartbeats every `--heartbeat-ms` (50 ms by default) and elections take about a second, so
+/// a node that has not heard for this long has lost its leader or been cut off from a
+/// majority: openraft's metrics still name the leader then (a follower's failed pre-votes
+/// change no vote, a leader in a minority never steps down, a removed node never learns it was
+/// removed), and `/readyz` must not say it serves.
+const IN_TOUCH: Duration = Duration::from_secs(2);
 
 /// How long a node that was ready keeps running commands and deliveries while it knows no
 /// leader: an election (a leader hand-over during a rolling restart, a leader crash) takes
@@ -103,7 +117,16 @@ impl Cluster {
     pub fn start(replica: Replica, settings: ClusterSettings, reversions: Arc<Reversions>, shutdown: CancellationToken) -> Cluster {
         let (tx, rx) = mpsc::channel(QUEUE);
         let last_ready_ms = Arc::new(AtomicU64::new(0));
-        let cluster = Cluster { replica, settings: Arc::new(settings), changes: tx, last_ready_ms, since: Instant::now(), reversions };
+        let cluster = Cluster {
+            replica,
+            settings: Arc::new(settings),
+            changes: tx,
+            last_ready_ms,
+            since: Instant::now(),
+            reversions,
+            append_from: Arc::new(AtomicU64::new(0)),
+            append_ms: Arc::new(AtomicU64::new(0)),
+        };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
         crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
         crate::supervise::spawn("bootstrap or join", cluster.clone().bootstrap_or_join(shutdown));
@@ -122,14 +145,33 @@ impl Cluster {
         }
     }
 
-    /// True when this node is a member of a cluster that has a leader, and its Raft core runs
-    /// (a stopped core's last metrics still name a leader).
+    /// Notes that an `AppendEntries` from `from` arrived (the peer handler, as each arrives).
+    pub fn note_append(&self, from: NodeId) {
+        self.append_from.store(from, Ordering::Relaxed);
+        self.append_ms.store(self.since.elapsed().as_millis() as u64 + 1, Ordering::Relaxed);
+    }
+
+    /// True when this node is a member of a cluster that has a leader, it is in touch with that
+    /// leader (`IN_TOUCH`), and its Raft core runs (a stopped core's last metrics still name a
+    /// leader).
     pub fn ready(&self) -> bool {
         // Called per proxied request: borrow the metrics instead of cloning them.
         let rx = self.replica.raft.metrics();
         let m = rx.borrow_watched();
-        let member = m.membership_config.membership().get_node(&self.replica.id()).is_some();
-        member && m.current_leader.is_some() && m.running_state.is_ok()
+        let me = self.replica.id();
+        let membership = m.membership_config.membership();
+        let member = membership.get_node(&me).is_some();
+        let Some(leader) = m.current_leader else { return false };
+        let in_touch = if leader == me {
+            // A lone voter is its own quorum.
+            membership.voter_ids().all(|v| v == me)
+                || m.last_quorum_acked.as_ref().is_some_and(|acked| openraft::Instant::elapsed(&**acked) <= IN_TOUCH)
+        } else {
+            let at = self.append_ms.load(Ordering::Relaxed);
+            let now = self.since.elapsed().as_millis() as u64 + 1;
+            self.append_from.load(Ordering::Relaxed) == leader && at != 0 && now.saturating_sub(at) <= IN_TOUCH.as_millis() as u64
+        };
+        member && in_touch && m.running_state.is_ok()
     }
 
     /// True when this node may run commands and take deliveries: [`Cluster::ready`] now, or

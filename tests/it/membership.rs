@@ -439,6 +439,12 @@ fn a_removed_node_that_still_runs_does_not_hold_up_a_join() {
     let remaining = [leader, via];
     c.wait_for_membership_seen_by(&remaining, &remaining, &[], CATCH_UP);
     assert!(c.is_running(victim), "the removed node still runs (the case under test)");
+    // It never learns of its removal (no leader replicates to it any more), and its metrics
+    // still name the leader: it must stop saying it serves.
+    c.wait_for(&format!("the removed node {victim} is not ready"), CATCH_UP, || match c.api(victim).probe("/readyz")? {
+        503 => Ok(()),
+        code => Err(format!("/readyz {code}")),
+    });
 
     let joiner = c.add_node(&[victim, via]);
     c.wait_for(&format!("node {joiner} joins through its second seed"), crate::harness::FORMATION, || {

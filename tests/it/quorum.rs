@@ -42,6 +42,14 @@ fn writes_without_quorum_fail_with_503() {
         c.kill(f);
     }
     assert_write_unavailable(c.api(leader), "leader without followers");
+    // Its metrics still name it leader (nothing makes it step down): it must not say it serves.
+    let not_ready = |id: u64, what: &str| {
+        c.wait_for(&format!("node {id} ({what}) is not ready"), CATCH_UP, || match c.api(id).probe("/readyz")? {
+            503 => Ok(()),
+            code => Err(format!("/readyz {code}")),
+        })
+    };
+    not_ready(leader, "a leader without followers");
 
     // A majority back: writes work again.
     for &f in &followers {
@@ -64,4 +72,6 @@ fn writes_without_quorum_fail_with_503() {
         }
     }
     assert_write_unavailable(c.api(survivor), "follower without a leader");
+    // Its failed pre-votes change no vote: its metrics still name the lost leader.
+    not_ready(survivor, "a follower without a leader");
 }
