@@ -80,6 +80,11 @@ pub enum Outcome {
     Answered,
     /// The node or the link failed.
     Failed,
+    /// The caller's deadline passed while the node worked: its latency was at least that long
+    /// (fed into the estimate, so picks steer away), but a deadline the client chose
+    /// (`x-timeout-ms`) says nothing of the node's health: no failure is counted. A node that
+    /// does not answer at all loses its link (pings) and fails its requests.
+    Slow,
 }
 
 impl Balancer {
@@ -133,6 +138,11 @@ impl Balancer {
                 s.failures = 0;
                 s.ejections = 0;
                 s.ejected_until = None;
+            }
+            Outcome::Slow => {
+                let ms = latency.as_secs_f64() * 1000.0;
+                s.ewma_ms = s.latency_ms(now) * (1.0 - EWMA_ALPHA) + ms * EWMA_ALPHA;
+                s.sampled = Some(now);
             }
             Outcome::Failed => {
                 s.failures += 1;
@@ -253,6 +263,20 @@ mod tests {
         };
         assert!(tokio::time::timeout(Duration::from_millis(10), slow).await.is_err());
         assert_eq!(inflight(&b), 0);
+    }
+
+    /// Requests that ran out of the caller's deadline (which the client may have chosen) eject
+    /// no node, but they count as slow: picks steer away from it.
+    #[tokio::test(start_paused = true)]
+    async fn deadlines_that_pass_slow_a_node_down_but_never_eject_it() {
+        let b = Balancer::default();
+        for _ in 0..EJECT_AFTER * 4 {
+            b.start(2).finish(Outcome::Slow, Duration::from_millis(2_000));
+            b.start(1).finish(Outcome::Answered, Duration::from_millis(1));
+        }
+        assert!(!b.is_ejected(2), "a client's short deadline says nothing of the node's health");
+        let twos = (0..200).filter(|_| b.pick(&[1, 2], None) == Some(2)).count();
+        assert!(twos < 20, "the slow node is picked less: {twos} of 200");
     }
 
     #[tokio::test(start_paused = true)]

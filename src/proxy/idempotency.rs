@@ -61,6 +61,14 @@ const POLL: Duration = Duration::from_millis(20);
 /// a dead proxy lapses within seconds rather than at the request's (maybe long) deadline.
 const LEASE: Duration = Duration::from_secs(5);
 const RENEW: Duration = Duration::from_secs(2);
+/// A claim write that fails with less than this left of the request's deadline failed for the
+/// deadline: `Replica::write` gives up as soon as its next pause (up to 220 ms) would cross
+/// it, before the deadline itself. A 504, then, not the 503 of a write that found no leader.
+const CLAIM_MARGIN: Duration = Duration::from_millis(250);
+/// How long past the request's deadline its answer may wait for the write that records it.
+const COMPLETE_GRACE: Duration = Duration::from_millis(250);
+/// How long a released claim's write may take, in the background (the lease lapses anyway).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 /// How far ahead of most members a node's clock may run and still claim keys.
 const CLOCK_REFUSE: Duration = crate::peer::clock::FAR_AHEAD;
 
@@ -158,6 +166,7 @@ impl Proxy {
             w
         };
         // Bounded: each pass ends in a return, or waits for a lease that the deadline bounds.
+        let mut proposed;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -165,6 +174,7 @@ impl Proxy {
             }
             let now = self.claim_clock_ms(&key, attempt, deadline).await;
             let own = now_ms();
+            proposed = Instant::now();
             // Checked in the clock `now` is read in, the lease itself is written in this node's
             // (it ends at `own + LEASE`, as the renewals make it): waiters judge it in the
             // owner's clock.
@@ -174,7 +184,7 @@ impl Proxy {
                 Ok(claimed) => claimed,
                 // The client's deadline ran out waiting for the write: a 504, not the 503 of a
                 // write that found no leader within the node's own write timeout.
-                Err(_) if Instant::now() >= deadline => return Err(ApiError::Timeout),
+                Err(_) if deadline.saturating_duration_since(Instant::now()) < CLAIM_MARGIN => return Err(ApiError::Timeout),
                 Err(e) => return Err(e.into()),
             };
             match claimed {
@@ -196,7 +206,10 @@ impl Proxy {
             // write there stopped the run (a local handler) from being polled for up to `RENEW`
             // each time, exactly when writes are slow. Renewals end with the deadline.
             let renew = async {
-                let mut tick = tokio::time::interval_at(Instant::now() + RENEW, RENEW);
+                // Counted from when the claim was proposed (its lease runs from then), not from
+                // when its write returned: a claim that took longer than `RENEW` to commit is
+                // renewed at once, before its lease can lapse and a waiting duplicate take over.
+                let mut tick = tokio::time::interval_at(proposed + RENEW, RENEW);
                 while Instant::now() < deadline {
                     tick.tick().await;
                     let now = now_ms();
@@ -211,7 +224,7 @@ impl Proxy {
                 () = renew => run.await,
             }
         };
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1));
+        let left = deadline.saturating_duration_since(Instant::now()).max(COMPLETE_GRACE);
         match result {
             Ok((out, _)) if out.as_ref().map_or_else(|e| e.status < 500, |o| o.status < 500) => {
                 let response = match &out {
@@ -232,10 +245,15 @@ impl Proxy {
                 }
             }
             other => {
-                // Nothing to keep: release the claim at once so a retry need not wait the lease out.
+                // Nothing to keep: release the claim so a retry need not wait the lease out, in
+                // the background: the client's answer (a 504 at its deadline, say) does not wait
+                // for that write, which may be what failed.
                 let now = now_ms();
                 let release = Command::IdemBegin { key, attempt, now_ms: now, lease_ms: 0, window_ms: window_ms(now) };
-                let _ = self.store.command(release, left).await;
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    let _ = store.command(release, RELEASE_TIMEOUT).await;
+                });
                 other.map(|(out, _)| answer(out))
             }
         }

@@ -155,6 +155,9 @@ enum Miss {
     Lost(String),
     /// The request is more than a peer frame holds: no node could take it (nothing was sent).
     TooLarge(String),
+    /// This node already has `--max-inflight-per-peer` requests out to the target: nothing was
+    /// sent, and nothing is known of the target.
+    Busy(String),
 }
 
 pub struct Proxy {
@@ -445,7 +448,8 @@ impl Proxy {
             let outcome = tokio::time::timeout_at(deadline, self.invoke(target, inv)).await;
             match outcome {
                 Err(_) => {
-                    flight.finish(Outcome::Failed, started.elapsed());
+                    // The deadline may be one the client chose (`x-timeout-ms`): slow, not failed.
+                    flight.finish(Outcome::Slow, started.elapsed());
                     return Err(ApiError::Timeout);
                 }
                 Ok(Ok(answer)) => {
@@ -462,8 +466,13 @@ impl Proxy {
                     drop(flight);
                     return Err(ApiError::Oversized(why));
                 }
+                Ok(Err(Miss::Busy(why))) => {
+                    // This node's own bound, not the target's doing: its record is left alone.
+                    drop(flight);
+                    last = ApiError::Unavailable(format!("node {target}: {why}"));
+                }
                 Ok(Err(Miss::Lost(_))) if Instant::now() >= deadline => {
-                    flight.finish(Outcome::Failed, started.elapsed());
+                    flight.finish(Outcome::Slow, started.elapsed());
                     return Err(ApiError::Timeout);
                 }
                 Ok(Err(Miss::Lost(why))) => {
@@ -494,7 +503,7 @@ impl Proxy {
             .entry(target)
             .or_insert_with(|| Arc::new(Semaphore::new(self.settings.max_inflight_per_peer)))
             .clone();
-        let _permit = slots.try_acquire_owned().map_err(|_| Miss::NotServed("too many requests in flight to it".into()))?;
+        let _permit = slots.try_acquire_owned().map_err(|_| Miss::Busy("too many requests in flight to it".into()))?;
         // A little longer than the time left: the caller's deadline fires first and answers 504,
         // rather than the link's timeout turning a deadline into a 502.
         let timeout = Duration::from_millis(inv.timeout_ms) + Duration::from_millis(50);

@@ -749,6 +749,33 @@ fn openapi_on_any_node_lists_the_commands_of_the_cluster() {
     wait_openapi_lists_demo(&c);
 }
 
+/// A keyed command that runs out of its deadline answers 504 at the deadline: the write that
+/// releases its key goes on in the background. Here it cannot commit (the other nodes died while
+/// the command ran), and the answer used to wait a second more for it.
+#[test]
+fn a_keyed_command_answers_at_its_deadline_when_its_key_cannot_be_released() {
+    let (c, _) = Cluster::formed("keyed-deadline", 3, &[EXAMPLE_SERVICES, "--local-first"]);
+    let node = c.ids()[0];
+    c.wait_ready(node);
+    let api = c.api(node);
+    let runs = move || api.metric("raftbridge_command_runs_total", &["command=\"slow\""]).unwrap_or(0.0);
+    let before = runs();
+    let asked = thread::spawn(move || {
+        let started = Instant::now();
+        let headers = [("x-timeout-ms", "3000"), ("idempotency-key", "keyed-deadline")];
+        let resp = api.request("GET", "/api/v1/slow?ms=20000", &headers, b"");
+        (resp, started.elapsed())
+    });
+    c.wait_until("the command runs on the node asked", CATCH_UP, || runs() > before);
+    for id in c.ids().into_iter().filter(|&id| id != node) {
+        c.kill(id);
+    }
+    let (resp, took) = asked.join().expect("the request thread");
+    let resp = resp.expect("answered");
+    assert_eq!(resp.status, 504, "{}", resp.describe());
+    assert!(took < Duration::from_millis(3_700), "answered {took:?} after it was asked, with a 3 s deadline");
+}
+
 #[test]
 fn deadlines_and_bad_input_get_clear_errors() {
     // A small frame: answers may be at most 64 KiB (half of it).
