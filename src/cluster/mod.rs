@@ -193,12 +193,15 @@ impl Cluster {
 
     /// Whether a membership request that arrived on a peer link from `from` may be acted on:
     /// one from a member (which passes on what its clients and joiners asked), or a node outside
-    /// the cluster asking to join as itself. Refused: a node outside the cluster asking to remove
-    /// any node, or to join (add, or move to a new address) under another node's id. With peer
+    /// the cluster asking to join or leave as itself. Refused: a node outside the cluster asking
+    /// to remove another node, or to join (add, or move to a new address) under another node's id. With peer
     /// certificates bound to node ids (`--peer-tls-require-node-id`), `from` is proven, so a
     /// holder of a valid certificate that is not a member cannot move or remove a member.
     pub fn admits(&self, from: NodeId, target: NodeId, what: Membership) -> Result<(), RemoteError> {
-        if what == Membership::Join && target == from {
+        // A node may always ask to join, or to leave, as itself: a node removed while it runs
+        // never learns it (no leader replicates to it any more), and its `leave` repeated, or
+        // sent after an answer that was lost, asks to remove what is gone (a no-op, 200).
+        if target == from {
             return Ok(());
         }
         if self.is_member(from) {
@@ -294,6 +297,7 @@ impl Cluster {
                 _ = tick.tick() => {
                     self.prune_held_back(&mut held_back);
                     if self.replica.raft.is_leader() {
+                        self.finish_joint(&held_back).await;
                         self.demote_held_back(&held_back).await;
                         self.promote_learners(&held_back).await;
                     }
@@ -458,7 +462,35 @@ impl Cluster {
         match tokio::time::timeout(CHANGE_TIMEOUT, self.replica.raft.change_membership(c, retain)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(to_remote(e)),
-            Err(_) => Err(RemoteError::Unavailable("membership change timed out".into())),
+            Err(_) => Err(RemoteError::Unavailable(format!(
+                "the membership change did not commit within {} s; it may still commit (see GET /cluster: \"joint\" true \
+                 means half done, which the leader finishes once a majority of both halves answers)",
+                CHANGE_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Finishes a membership change left half done. openraft makes a change in two entries, a
+    /// joint configuration and then the new one, and proposes the second from the caller's
+    /// future: a change whose wait was cut (`CHANGE_TIMEOUT`: its joint entry committed later,
+    /// once enough voters were back) or whose leader lost office between the two leaves the
+    /// cluster joint, and every later change here (promotions, demotions) waits for it to end.
+    /// Changes run one at a time on this task and none runs now, so a joint configuration that
+    /// is committed is such a leftover: this moves to its newer half. The voters it drops were
+    /// being removed (they leave the cluster), unless one of them lost its log (`held_back`):
+    /// that change was a demotion, and they stay on as learners.
+    async fn finish_joint(&self, held_back: &BTreeMap<NodeId, (u64, u64)>) {
+        let m = self.replica.metrics();
+        let joint = m.membership_config.membership().get_joint_config();
+        if joint.len() < 2 || m.membership_config.log_id() != m.committed_membership_config.log_id() {
+            return;
+        }
+        let (Some(old), Some(goal)) = (joint.first(), joint.last().cloned()) else { return };
+        let demotion = old.difference(&goal).any(|id| held_back.contains_key(id));
+        warn!(voters = ?goal, demotion, "a membership change was left half done (joint configuration): finishing it");
+        metrics::counter!("raftbridge_membership_joint_finished_total").increment(1);
+        if let Err(e) = self.change_retaining(ChangeMembers::ReplaceAllVoters(goal), demotion).await {
+            warn!(cause = %e, "could not finish the membership change left half done; trying again");
         }
     }
 

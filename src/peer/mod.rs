@@ -670,8 +670,10 @@ impl PeerNet {
             return;
         }
         lock(&self.addrs).remove(&id);
+        // Retired, not closed: the membership changes as its entry is appended, and the answer
+        // to the node's own request to leave (or anything else it asked) is still on its way.
         if let Some(link) = lock(&self.links).remove(&id) {
-            link.close();
+            retire(&link);
         }
         // Its clock is no longer measured: neither `/cluster` nor the keyed-request check may
         // go on reading the last offset, and its gauge says "unknown" (NaN: an alert on

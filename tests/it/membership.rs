@@ -196,6 +196,55 @@ fn leave_command_removes_a_follower_from_the_cluster() {
     });
 }
 
+/// A removal whose joint configuration could not commit within the change's timeout (two of
+/// four voters stopped just after the leader last heard them) answers 503, and its joint entry
+/// commits once they are back: openraft proposes the second half from the abandoned wait, so
+/// the cluster stayed joint for good and every later change waited behind it. The leader now
+/// finishes it, and the node leaves the cluster as asked.
+#[test]
+fn a_membership_change_left_joint_is_finished_by_the_leader() {
+    let (mut c, _) = Cluster::formed("joint-left", 3, &[]);
+    c.add_node(&[1]);
+    let leader = c.wait_for_membership(&c.ids(), &[], CATCH_UP);
+    let followers: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
+    let (victim, stopped) = (followers[0], [followers[1], followers[2]]);
+    c.allow_exit(victim);
+    for id in stopped {
+        c.signal(id, "STOP");
+    }
+    // Within `RESPONSIVE` of their last word the leader still counts them: the change starts,
+    // and its joint configuration (3 of the 4 voters needed) cannot commit.
+    let resp = c.api(leader).request("DELETE", &format!("/cluster/members/{victim}"), &[], b"").expect("DELETE");
+    assert_json_error(&resp, 503, "a removal that cannot commit in time");
+    for id in stopped {
+        c.signal(id, "CONT");
+    }
+    let voters: Vec<u64> = c.ids().into_iter().filter(|&id| id != victim).collect();
+    c.wait_for("the change left joint is finished", CATCH_UP, || {
+        let s = c.api(leader).status()?;
+        let now: Vec<u64> = s.members.iter().map(|m| m.id).collect();
+        if !s.joint && now == voters && s.members.iter().all(|m| m.voter) { Ok(()) } else { Err(format!("{s}")) }
+    });
+    c.wait_for_membership_seen_by(&voters, &voters, &[], CATCH_UP);
+    c.api(leader).must_put("after-the-change", &json!(1));
+}
+
+/// `raftbridge leave` sent to the node being removed (the StatefulSet recipe's pod, or a
+/// Service that picked it): the leader closed that node's link as the change was appended,
+/// before its answer went out, so the command failed although the node was removed; and a
+/// repeat was refused (400) as a request of a node outside the cluster. Both succeed now.
+#[test]
+fn leave_through_the_node_being_removed_succeeds_and_so_does_a_repeat() {
+    removal_scenario("remove-leave-self", |c, victim, _| {
+        let http = c.http(victim).to_string();
+        let id = victim.to_string();
+        for what in ["leave", "leave again"] {
+            let status = c.run_cli(what, &["leave", "--http-addr", &http, "--id", &id], CATCH_UP);
+            assert!(status.success(), "{what}: `raftbridge leave --http-addr {http} --id {id}` exited with {status}");
+        }
+    });
+}
+
 /// With `--cluster-secret` the nodes form a cluster as usual, and a node that does not know the
 /// secret is refused at every handshake: seeded with the cluster, it never becomes a member,
 /// and the cluster keeps taking writes.
