@@ -391,7 +391,7 @@ impl Dispatcher {
                 if *n == self.node_id {
                     self.local.get(sub).is_some_and(LocalSubscriber::available) && self.cluster.serving()
                 } else {
-                    self.net.reachable(*n)
+                    self.net.reachable(*n) && self.cluster.is_member(*n)
                 }
             })
             .collect()

@@ -45,6 +45,9 @@ use crate::raft::types::*;
 /// How far behind the leader's last log a learner may be and still be promoted.
 const PROMOTE_LAG: u64 = 64;
 const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Rounds a second apart in which a member that restarted at a new address asks to be moved
+/// there (`announce_address`).
+const ADDRESS_ROUNDS: u32 = 60;
 const QUEUE: usize = 64;
 /// A voter heard from within this long answers (`keeps_up`): several of the leader's heartbeats
 /// and the links' pings arrive in it.
@@ -218,8 +221,10 @@ impl Cluster {
         )))
     }
 
-    /// Whether `id` is in this node's view of the membership (voter or learner).
-    fn is_member(&self, id: NodeId) -> bool {
+    /// Whether `id` is in this node's view of the membership (voter or learner). Routing and
+    /// delivery ask it too: a node removed while it runs keeps its registrations and may link
+    /// to its old peers again, but takes no work.
+    pub fn is_member(&self, id: NodeId) -> bool {
         let rx = self.replica.raft.metrics();
         let m = rx.borrow_watched();
         m.membership_config.membership().get_node(&id).is_some()
@@ -369,11 +374,13 @@ impl Cluster {
                 // answers there as `id` keeps its place.
                 // The same process reached through its old address too (it now advertises a
                 // name for the same host, say) answers with the new address: that is a move.
-                let in_use = id == self.replica.id()
-                    || matches!(
+                // (This node itself, at an address other than the one it advertises: the
+                // leader restarted at a new address asks to be moved like any member.)
+                let in_use = (id == self.replica.id() && addr != self.replica.net.advertise())
+                    || (id != self.replica.id() && matches!(
                         self.replica.net.request_addr(&node.addr, &PeerRequest::Status, ADDRESS_PROBE_TIMEOUT).await,
                         Ok((peer, PeerResponse::Status(st))) if peer == id && st.addr != addr
-                    );
+                    ));
                 if in_use {
                     metrics::counter!("raftbridge_peer_duplicate_id_refused_total").increment(1);
                     warn!(id, old = %node.addr, new = %addr, "refused a join under the id of a running member");
@@ -588,6 +595,40 @@ impl Cluster {
         }
     }
 
+    /// A member that restarts with its data at a new address (a rescheduled container that kept
+    /// its volume, a new `--advertise`) asks the leader to move it there, as a join does: only a
+    /// node without cluster state joins, so the membership kept the old address, which peers
+    /// dialed in vain. Bounded: `ADDRESS_ROUNDS` attempts a second apart, until a leader knows
+    /// the address this node advertises (or this node is not a member any more).
+    async fn announce_address(&self, shutdown: &CancellationToken) {
+        let (me, addr) = (self.replica.id(), self.replica.net.advertise().to_string());
+        for _ in 0..ADDRESS_ROUNDS {
+            let known = {
+                let rx = self.replica.raft.metrics();
+                let m = rx.borrow_watched();
+                m.membership_config.membership().get_node(&me).map(|n| n.addr.clone())
+            };
+            match known {
+                None => return,
+                Some(known) if known == addr => return,
+                Some(known) => {
+                    let led = self.replica.raft.metrics().borrow_watched().current_leader.is_some();
+                    if led {
+                        info!(old = %known, new = %addr, "this member's address changed: asking the leader to move it");
+                        match self.join(me, addr.clone()).await {
+                            Ok(()) => {}
+                            Err(e) => info!(cause = %e, "moving this member's address failed; trying again"),
+                        }
+                    }
+                }
+            }
+            if tokio::time::timeout(Duration::from_secs(1), shutdown.cancelled()).await.is_ok() {
+                return;
+            }
+        }
+        warn!(%addr, "this member's address in the membership is not the one it advertises; peers may not reach it");
+    }
+
     /// Until this node is in a cluster: join one through a seed, or bootstrap one (see module doc).
     async fn bootstrap_or_join(self, shutdown: CancellationToken) {
         let me = self.replica.id();
@@ -606,6 +647,7 @@ impl Cluster {
             match self.replica.raft.is_initialized().await {
                 Ok(true) => {
                     info!("node has cluster state; bootstrap/join done");
+                    self.announce_address(&shutdown).await;
                     return;
                 }
                 Ok(false) => {}

@@ -409,7 +409,7 @@ impl Proxy {
                         && self.cluster.serving()
                         && self.local.get(&route.service, route.version, &route.decl.name).is_some()
                 } else {
-                    self.net.maybe_reachable(*n)
+                    self.net.maybe_reachable(*n) && self.cluster.is_member(*n)
                 }
             })
             .collect()

@@ -1281,6 +1281,18 @@ impl Cluster {
         (cluster, leader)
     }
 
+    /// Gives node `id` (stopped) a new peer address for its next (re)start, as a rescheduled
+    /// container that kept its volume gets; returns it.
+    pub fn move_peer_addr(&mut self, id: u64) -> SocketAddr {
+        let new = free_ports(1)[0];
+        let index = (id as usize).wrapping_sub(1);
+        let node = self.nodes.get_mut(index).unwrap_or_else(|| panic!("no node {id} in cluster {}", self.name));
+        let at = node.args.iter().position(|a| a == "--peer-addr").expect("a --peer-addr flag") + 1;
+        node.args[at] = new.to_string();
+        node.peer = new;
+        new
+    }
+
     /// Appends `flags` to node `id`'s command line, for its next (re)start and every later one.
     pub fn add_node_flags(&mut self, id: u64, flags: &[String]) {
         let index = (id as usize).wrapping_sub(1);

@@ -229,6 +229,27 @@ fn a_membership_change_left_joint_is_finished_by_the_leader() {
     c.api(leader).must_put("after-the-change", &json!(1));
 }
 
+/// A member that restarts with its data at a new peer address (a rescheduled container that
+/// kept its volume) is moved there in the membership. Only a node without cluster state used to
+/// join, so the old address stayed, and peers could reach the node only while it dialed them.
+#[test]
+fn a_member_restarted_at_a_new_address_is_moved_there() {
+    let (mut c, leader) = Cluster::formed("moved-member", 3, &[]);
+    let mover = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    c.kill(mover);
+    let new = c.move_peer_addr(mover).to_string();
+    c.restart(mover);
+    c.wait_for(&format!("node {mover} listed at {new}"), CATCH_UP, || {
+        let s = c.api(leader).status()?;
+        match s.member(mover) {
+            Some(m) if m.addr == new => Ok(()),
+            m => Err(format!("{m:?}")),
+        }
+    });
+    c.wait_all_ready(CATCH_UP);
+    c.api(mover).must_put("after-the-move", &json!(1));
+}
+
 /// `raftbridge leave` sent to the node being removed (the StatefulSet recipe's pod, or a
 /// Service that picked it): the leader closed that node's link as the change was appended,
 /// before its answer went out, so the command failed although the node was removed; and a
