@@ -10,7 +10,7 @@
 //!    exactly once even though the handler ran twice.
 //! 3. `IdemComplete` stores the first finished answer (2xx or 4xx); later requests with the key
 //!    get it back with `idempotent-replay: true` until the window (10 min) passes. A 5xx is not
-//!    stored: the claim is released so a retry can run it again.
+//!    stored, nor a 408, 425 or 429 (`kept`): the claim is released so a retry can run it again.
 //!
 //! A lease is written in its owner's wall clock. Whether it has lapsed is judged in the owner's
 //! clock too: an attempt id names the node that made it (`new_attempt`), and a node waiting on
@@ -96,6 +96,13 @@ fn in_clock_of(local_ms: u64, offset: Option<ClockOffset>) -> u64 {
     let Some(o) = offset else { return local_ms };
     let shift_ms = o.offset_us.saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX)) / 1000;
     u64::try_from(i64::try_from(local_ms).unwrap_or(i64::MAX).saturating_add(shift_ms)).unwrap_or(0)
+}
+
+/// Whether an answer with `status` is stored as the key's for the window: a 2xx or a 4xx, but
+/// not a 5xx nor the 4xx that say "not now" (408 timeout, 425 too early, 429 too many
+/// requests: a retry may well succeed, and replaying them for 10 minutes would refuse it).
+fn kept(status: u16) -> bool {
+    status < 500 && !matches!(status, 408 | 425 | 429)
 }
 
 fn now_ms() -> u64 {
@@ -226,7 +233,7 @@ impl Proxy {
         };
         let left = deadline.saturating_duration_since(Instant::now()).max(COMPLETE_GRACE);
         match result {
-            Ok((out, _)) if out.as_ref().map_or_else(|e| e.status < 500, |o| o.status < 500) => {
+            Ok((out, _)) if out.as_ref().map_or_else(|e| kept(e.status), |o| kept(o.status)) => {
                 let response = match &out {
                     Ok(o) => StoredResponse { status: o.status, body: o.body.to_vec(), content_type: o.content_type.clone() },
                     Err(e) => StoredResponse {
@@ -322,6 +329,18 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 2xx and 4xx answers are the key's for the window, but not 5xx nor the 4xx that say "not
+    /// now": a retry of those runs again.
+    #[test]
+    fn answers_that_say_not_now_are_not_kept() {
+        for status in [200, 201, 204, 400, 404, 409, 412, 422] {
+            assert!(kept(status), "{status}");
+        }
+        for status in [408, 425, 429, 500, 502, 503, 504] {
+            assert!(!kept(status), "{status}");
+        }
+    }
 
     #[test]
     fn an_attempt_names_the_node_that_made_it() {
