@@ -101,14 +101,6 @@ pub struct Cluster {
     append_ms: Arc<AtomicU64>,
 }
 
-/// How long a node counts as in touch with its leader (a follower: since the leader's last
-/// append or heartbeat arrived; a leader: since a quorum last acknowledged it). The leader
-/// heartbeats every `--heartbeat-ms` (50 ms by default) and elections take about a second, so
-/// a node that has not heard for this long has lost its leader or been cut off from a
-/// majority: openraft's metrics still name the leader then (a follower's failed pre-votes
-/// change no vote, a leader in a minority never steps down, a removed node never learns it was
-/// removed), and `/readyz` must not say it serves.
-const IN_TOUCH: Duration = Duration::from_secs(2);
 
 /// How long a node that was ready keeps running commands and deliveries while it knows no
 /// leader: an election (a leader hand-over during a rolling restart, a leader crash) takes
@@ -155,8 +147,15 @@ impl Cluster {
     }
 
     /// True when this node is a member of a cluster that has a leader, it is in touch with that
-    /// leader (`IN_TOUCH`), and its Raft core runs (a stopped core's last metrics still name a
-    /// leader).
+    /// leader, and its Raft core runs (a stopped core's last metrics still name a leader).
+    ///
+    /// In touch: a follower had an append or heartbeat from the leader, a leader the
+    /// acknowledgement of a quorum, within the peer links' idle timeout (`max(4 × election
+    /// timeout, 2 s)`: a leader heartbeats every `--heartbeat-ms`, at most half an election
+    /// timeout). A node that has not heard for that long has lost its leader or been cut off from
+    /// a majority, and openraft's metrics still name the leader then (a follower's failed
+    /// pre-votes change no vote, a leader in a minority never steps down, a removed node never
+    /// learns it was removed): `/readyz` must not say it serves.
     pub fn ready(&self) -> bool {
         // Called per proxied request: borrow the metrics instead of cloning them.
         let rx = self.replica.raft.metrics();
@@ -165,14 +164,15 @@ impl Cluster {
         let membership = m.membership_config.membership();
         let member = membership.get_node(&me).is_some();
         let Some(leader) = m.current_leader else { return false };
+        let in_touch_for = self.replica.net.idle_timeout();
         let in_touch = if leader == me {
             // A lone voter is its own quorum.
             membership.voter_ids().all(|v| v == me)
-                || m.last_quorum_acked.as_ref().is_some_and(|acked| openraft::Instant::elapsed(&**acked) <= IN_TOUCH)
+                || m.last_quorum_acked.as_ref().is_some_and(|acked| openraft::Instant::elapsed(&**acked) <= in_touch_for)
         } else {
             let at = self.append_ms.load(Ordering::Relaxed);
             let now = self.since.elapsed().as_millis() as u64 + 1;
-            self.append_from.load(Ordering::Relaxed) == leader && at != 0 && now.saturating_sub(at) <= IN_TOUCH.as_millis() as u64
+            self.append_from.load(Ordering::Relaxed) == leader && at != 0 && now.saturating_sub(at) <= in_touch_for.as_millis() as u64
         };
         member && in_touch && m.running_state.is_ok()
     }
@@ -302,7 +302,7 @@ impl Cluster {
                 _ = tick.tick() => {
                     self.prune_held_back(&mut held_back);
                     if self.replica.raft.is_leader() {
-                        self.finish_joint(&held_back).await;
+                        self.finish_joint().await;
                         self.demote_held_back(&held_back).await;
                         self.promote_learners(&held_back).await;
                     }
@@ -483,21 +483,29 @@ impl Cluster {
     /// once enough voters were back) or whose leader lost office between the two leaves the
     /// cluster joint, and every later change here (promotions, demotions) waits for it to end.
     /// Changes run one at a time on this task and none runs now, so a joint configuration that
-    /// is committed is such a leftover: this moves to its newer half. The voters it drops were
-    /// being removed (they leave the cluster), unless one of them lost its log (`held_back`):
-    /// that change was a demotion, and they stay on as learners.
-    async fn finish_joint(&self, held_back: &BTreeMap<NodeId, (u64, u64)>) {
+    /// is committed is such a leftover: this moves to its newer half. Whether the voters it drops
+    /// were being removed or demoted (a voter that lost its log) is not written anywhere a new
+    /// leader could read: those that keep up stay on as learners (a demotion is what it meant,
+    /// and a removal whose caller was told 503 is asked again; until then promotion may bring
+    /// the node back), those that do not are removed (a removal of a dead node, the usual case).
+    async fn finish_joint(&self) {
         let m = self.replica.metrics();
         let joint = m.membership_config.membership().get_joint_config();
         if joint.len() < 2 || m.membership_config.log_id() != m.committed_membership_config.log_id() {
             return;
         }
         let (Some(old), Some(goal)) = (joint.first(), joint.last().cloned()) else { return };
-        let demotion = old.difference(&goal).any(|id| held_back.contains_key(id));
-        warn!(voters = ?goal, demotion, "a membership change was left half done (joint configuration): finishing it");
+        let gone: BTreeSet<NodeId> = old.difference(&goal).copied().filter(|id| !self.keeps_up(&m, *id)).collect();
+        warn!(voters = ?goal, removed = ?gone, "a membership change was left half done (joint configuration): finishing it");
         metrics::counter!("raftbridge_membership_joint_finished_total").increment(1);
-        if let Err(e) = self.change_retaining(ChangeMembers::ReplaceAllVoters(goal), demotion).await {
+        if let Err(e) = self.change_retaining(ChangeMembers::ReplaceAllVoters(goal), true).await {
             warn!(cause = %e, "could not finish the membership change left half done; trying again");
+            return;
+        }
+        if !gone.is_empty() {
+            if let Err(e) = self.change(ChangeMembers::RemoveNodes(gone)).await {
+                warn!(cause = %e, "could not remove the voters the unfinished change dropped");
+            }
         }
     }
 

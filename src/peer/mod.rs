@@ -630,6 +630,11 @@ impl PeerNet {
         self.cfg.node_id
     }
 
+    /// How long a link may stay silent before it is closed: `max(4 × election timeout, 2 s)`.
+    pub fn idle_timeout(&self) -> Duration {
+        self.cfg.idle_timeout
+    }
+
     pub fn advertise(&self) -> &str {
         &self.cfg.advertise
     }
@@ -663,7 +668,7 @@ impl PeerNet {
         }
     }
 
-    /// Forget a removed peer and close its link.
+    /// Forget a removed peer and retire its link (closed once what is in flight on it is done).
     pub fn forget_peer(&self, id: NodeId) {
         if id == self.cfg.node_id {
             // This node was removed: it has no link, reading or gauge of its own.
@@ -2259,7 +2264,7 @@ mod tests {
         let send = |n: usize| {
             futures_util::future::join_all((0..n).map(|_| {
                 let (dialer, request) = (dialer.clone(), pre_vote());
-                tokio::spawn(async move { dialer.request(1, &request, Duration::from_millis(300)).await })
+                tokio::spawn(async move { dialer.request(1, &request, Duration::from_secs(2)).await })
             }))
         };
         let held = send(MAX_RAFT_SERVING).await;

@@ -80,10 +80,10 @@ pub enum Outcome {
     Answered,
     /// The node or the link failed.
     Failed,
-    /// The caller's deadline passed while the node worked: its latency was at least that long
-    /// (fed into the estimate, so picks steer away), but a deadline the client chose
-    /// (`x-timeout-ms`) says nothing of the node's health: no failure is counted. A node that
-    /// does not answer at all loses its link (pings) and fails its requests.
+    /// A deadline the client chose (`x-timeout-ms`) passed while the node worked: its latency
+    /// was at least that long (fed into the estimate, so picks steer away), but that says
+    /// nothing of the node's health: no failure is counted. (The command's own timeout passing
+    /// is a failure.)
     Slow,
 }
 

@@ -425,6 +425,12 @@ impl Proxy {
         retry_after_delivery: bool,
     ) -> Result<(Result<Output, HandlerError>, NodeId), ApiError> {
         self.budget.deposit();
+        // Whether the client cut the command's timeout short (`x-timeout-ms`; 100 ms of slack for
+        // what ran before, a key's claim): a deadline it chose says nothing of a node's health,
+        // one the command's own timeout set does (a hung handler, local ones too).
+        let own_timeout = Duration::from_millis(route.decl.timeout_ms.max(1));
+        let client_deadline = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100) < own_timeout;
+        let expired = if client_deadline { Outcome::Slow } else { Outcome::Failed };
         let mut tried: Vec<NodeId> = Vec::new();
         let mut last = ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version));
         for attempt in 0..MAX_ATTEMPTS {
@@ -448,8 +454,7 @@ impl Proxy {
             let outcome = tokio::time::timeout_at(deadline, self.invoke(target, inv)).await;
             match outcome {
                 Err(_) => {
-                    // The deadline may be one the client chose (`x-timeout-ms`): slow, not failed.
-                    flight.finish(Outcome::Slow, started.elapsed());
+                    flight.finish(expired, started.elapsed());
                     return Err(ApiError::Timeout);
                 }
                 Ok(Ok(answer)) => {
@@ -472,7 +477,7 @@ impl Proxy {
                     last = ApiError::Unavailable(format!("node {target}: {why}"));
                 }
                 Ok(Err(Miss::Lost(_))) if Instant::now() >= deadline => {
-                    flight.finish(Outcome::Slow, started.elapsed());
+                    flight.finish(expired, started.elapsed());
                     return Err(ApiError::Timeout);
                 }
                 Ok(Err(Miss::Lost(why))) => {

@@ -516,8 +516,11 @@ const SECTOR: usize = 512;
 /// piece reads as all zeros (etcd's test for a torn entry) was damaged after it was written,
 /// and a whole frame right after it shows that records were synced past it. Without that
 /// evidence (the damage is the last frame, or its length is damaged too) the tail is cut as a
-/// torn one: on a file system that may show a crashed extension's stale blocks (ext4's
-/// `data=writeback`) a torn frame can hold no zeros, but no whole frame follows it.
+/// torn one. Left: a file system that may show stale blocks of a file's crashed extension
+/// (ext4's `data=writeback`, not the default) can leave a torn append that outran the zero-fill
+/// with stale bytes in one frame and a whole frame after it, a log a power cut made that this
+/// refuses (the node then starts again with an empty data dir, as one whose data was lost).
+/// The chaos suite's power-loss mode zeroes every unsynced byte, so it does not reach this.
 fn damage_before_a_whole_record(data: &[u8], pos: usize) -> Option<usize> {
     let &[l0, l1, l2, l3, ..] = data.get(pos..)?.first_chunk::<HEADER>()?;
     let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;

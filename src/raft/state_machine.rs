@@ -1628,12 +1628,13 @@ mod tests {
         use std::sync::atomic::AtomicU32;
         let mut d = SmData::default();
         let run = || ("k1".to_string(), Arc::new(AtomicU32::new(0)));
-        let put = |run: &(String, Arc<AtomicU32>), key: &str| {
-            let tag = crate::sdk::next_tag(Some(run), &[b"put", b"s", key.as_bytes(), b"1"]).unwrap();
-            Command::Put { store: "s".into(), key: key.into(), value: b"1".to_vec(), if_revision: None, tag }
+        let put_value = |run: &(String, Arc<AtomicU32>), key: &str, value: &str| {
+            let tag = crate::sdk::next_tag(Some(run), &[b"put", b"s", key.as_bytes()]).unwrap();
+            Command::Put { store: "s".into(), key: key.into(), value: value.as_bytes().to_vec(), if_revision: None, tag }
         };
+        let put = |run: &(String, Arc<AtomicU32>), key: &str| put_value(run, key, "1");
         let incr = |run: &(String, Arc<AtomicU32>)| {
-            let tag = crate::sdk::next_tag(Some(run), &[b"increment", b"s", b"n", &1i64.to_le_bytes()]).unwrap();
+            let tag = crate::sdk::next_tag(Some(run), &[b"increment", b"s", b"n"]).unwrap();
             Command::Increment { store: "s".into(), key: "n".into(), by: 1, tag }
         };
         let (first, second) = (run(), run());
@@ -1642,7 +1643,15 @@ mod tests {
         assert_eq!(d.apply(3, put(&second, "orders/b")), CommandResult::Written { revision: 3 }, "another key: applied");
         assert_eq!(d.apply(4, incr(&second)), CommandResult::Incremented { value: 1, revision: 2 }, "the same increment: once");
         assert!(d.stores["s"].contains_key("orders/a") && d.stores["s"].contains_key("orders/b"));
+        // Read, then write the same key again (`v = get(k); put(k, v + 1)`): the re-run read
+        // what the first run wrote, and its write of the same key in the same place is the
+        // same write, whatever its value: applied once.
+        let (first, second) = (run(), run());
+        assert_eq!(d.apply(5, put_value(&first, "v", "6")), CommandResult::Written { revision: 5 });
+        assert_eq!(d.apply(6, put_value(&second, "v", "7")), CommandResult::Written { revision: 5 }, "answered from the record");
+        assert_eq!(d.stores["s"]["v"].value, b"6".to_vec());
         // A run past the bound on tagged writes is refused, not wrapped onto an earlier place.
+        let first = run();
         first.1.store(crate::sdk::MAX_TAGGED_WRITES, std::sync::atomic::Ordering::SeqCst);
         assert!(crate::sdk::next_tag(Some(&first), &[b"x"]).is_err());
     }

@@ -9,9 +9,10 @@
 //!
 //! Handlers get an `Invocation` (parameters, payload, message fields) and a `Ctx` (message fields,
 //! node id, and the replicated state store). State writes made through `Ctx` during a request
-//! that carries an `Idempotency-Key` are tagged with that key and a per-request sequence number;
-//! the state machine applies each tagged write once, so a handler re-run after a node failure has
-//! its effects exactly once.
+//! that carries an `Idempotency-Key` are tagged with that key and a sequence number (the write's
+//! place in the run and a fingerprint of the key it writes, `StateHandle::next_tag`); the state
+//! machine applies each tagged write once, so a handler re-run after a node failure has its
+//! effects once, as long as it writes the same keys in the same order.
 
 pub mod builder;
 pub mod demo;
@@ -320,15 +321,18 @@ pub fn content_fingerprint(parts: &[&[u8]]) -> u32 {
 }
 
 impl StateHandle {
-    /// The tag of the handler's next write or emit, whose content is `what`: the request's
+    /// The tag of the handler's next write or emit, which `what` names: the request's
     /// idempotency key and a sequence number made of the write's place in this run (low bits)
     /// and a fingerprint of `what` (high bits). The state machine answers a tag it has seen
-    /// from its record, without applying the write again; that is right for a re-run that
-    /// makes the same write in the same place, and wrong for one that makes another (a handler
-    /// that draws a random id, or branches on a read, then stores a different key): with the
-    /// place alone that write was answered with the first run's result and never applied. With
-    /// the fingerprint a different write is applied, and the same one is not. (A run on an
-    /// earlier build tagged by place alone: a re-run across that upgrade applies its writes again.)
+    /// from its record, without applying the write again. With the place alone, a re-run that
+    /// writes another key in that place (a handler that draws a random id, or branches on a
+    /// read) was answered with the first run's result and its write never applied. A state
+    /// write is named by its kind, store and key, not its value: a re-run that reads what the
+    /// first run wrote and writes the key again (`v = get(k); put(k, v + 1)`,
+    /// `put_if_revision`) is the same write and applies once. An emit is named by its event
+    /// name and payload (a re-run that emits other content emits it: events are delivered at
+    /// least once, and an event missing for the answer the client got would be worse). (A run
+    /// on an earlier build tagged by place alone: a re-run across that upgrade applies again.)
     fn next_tag(&self, what: &[&[u8]]) -> Result<Option<(String, u32)>, HandlerError> {
         next_tag(self.dedup.as_ref(), what)
     }
@@ -343,7 +347,7 @@ impl StateHandle {
     /// Set a key; returns its new revision.
     pub async fn put(&self, store: &str, key: &str, value: &serde_json::Value) -> Result<u64, HandlerError> {
         let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
-        let tag = self.next_tag(&[b"put", store.as_bytes(), key.as_bytes(), &bytes])?;
+        let tag = self.next_tag(&[b"put", store.as_bytes(), key.as_bytes()])?;
         Ok(self.store.put_tagged(store, key, &bytes, None, tag).await?)
     }
 
@@ -351,7 +355,7 @@ impl StateHandle {
     /// the new revision, or a 409 with the current one when another write came first.
     pub async fn put_if_revision(&self, store: &str, key: &str, value: &serde_json::Value, revision: u64) -> Result<u64, HandlerError> {
         let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
-        let tag = self.next_tag(&[b"put_if", store.as_bytes(), key.as_bytes(), &bytes, &revision.to_le_bytes()])?;
+        let tag = self.next_tag(&[b"put", store.as_bytes(), key.as_bytes()])?;
         Ok(self.store.put_tagged(store, key, &bytes, Some(revision), tag).await?)
     }
 
@@ -368,7 +372,7 @@ impl StateHandle {
 
     /// Atomically add `by` to an integer key (absent = 0); returns the new value.
     pub async fn increment(&self, store: &str, key: &str, by: i64) -> Result<i64, HandlerError> {
-        let tag = self.next_tag(&[b"increment", store.as_bytes(), key.as_bytes(), &by.to_le_bytes()])?;
+        let tag = self.next_tag(&[b"increment", store.as_bytes(), key.as_bytes()])?;
         Ok(self.store.increment(store, key, by, tag).await?)
     }
 }
