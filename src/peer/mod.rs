@@ -201,6 +201,10 @@ pub enum PeerError {
     Closed { peer: NodeId },
     #[error("peer {peer}: no response within {timeout:?}")]
     Timeout { peer: NodeId, timeout: Duration },
+    /// The link had no room for the request within its deadline (its outstanding requests or
+    /// its send queue at their bounds): the request was not sent.
+    #[error("peer {peer}: no room on the link within {timeout:?}, not sent")]
+    Unsent { peer: NodeId, timeout: Duration },
     #[error("peer {peer}: bad message: {reason}")]
     Protocol { peer: NodeId, reason: String },
     /// The request encodes to more than a frame may hold: not sent (the link's writer would
@@ -222,6 +226,7 @@ impl Clone for PeerError {
             PeerError::NoLinkInTime { peer, timeout } => PeerError::NoLinkInTime { peer: peer.clone(), timeout: *timeout },
             PeerError::Closed { peer } => PeerError::Closed { peer: *peer },
             PeerError::Timeout { peer, timeout } => PeerError::Timeout { peer: *peer, timeout: *timeout },
+            PeerError::Unsent { peer, timeout } => PeerError::Unsent { peer: *peer, timeout: *timeout },
             PeerError::Protocol { peer, reason } => PeerError::Protocol { peer: *peer, reason: reason.clone() },
             PeerError::TooLarge { peer, size, limit } => PeerError::TooLarge { peer: *peer, size: *size, limit: *limit },
         }
@@ -239,6 +244,7 @@ impl PeerError {
                 | PeerError::BackingOff { .. }
                 | PeerError::SelfDial { .. }
                 | PeerError::NoLinkInTime { .. }
+                | PeerError::Unsent { .. }
                 | PeerError::TooLarge { .. }
         )
     }
@@ -409,10 +415,11 @@ impl Link {
     /// AppendEntries). `timeout` bounds the wait here and for the response together.
     pub async fn send(self: &Arc<Self>, req: &PeerRequest, timeout: Duration) -> Result<Call, PeerError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let timeout_err = || PeerError::Timeout { peer: self.peer, timeout };
+        // Not sent, either way: the caller may try elsewhere (`not_delivered`).
+        let unsent = || PeerError::Unsent { peer: self.peer, timeout };
         let permit = tokio::time::timeout_at(deadline, self.outstanding.clone().acquire_owned())
             .await
-            .map_err(|_| timeout_err())?
+            .map_err(|_| unsent())?
             .map_err(|_| PeerError::Closed { peer: self.peer })?;
         let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
         let body = Frame::encode(Kind::Request, corr, req)
@@ -429,7 +436,7 @@ impl Link {
         match tokio::time::timeout_at(deadline, self.tx.send(body)).await {
             Ok(Ok(())) => Ok(call),
             Ok(Err(_)) => Err(PeerError::Closed { peer: self.peer }),
-            Err(_) => Err(timeout_err()),
+            Err(_) => Err(unsent()),
         }
     }
 
@@ -2237,6 +2244,33 @@ mod tests {
         drop(turn);
         assert!(lock(&dialer.dialing).is_empty());
         stop.cancel();
+    }
+
+    /// A request that finds no room on the link (all of its outstanding places taken) within
+    /// its deadline was never sent: it says so (`Unsent`, not delivered), so a caller may try
+    /// another node, where a timeout would have said its outcome is unknown.
+    #[tokio::test]
+    async fn a_request_with_no_room_on_the_link_is_not_sent_and_says_so() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(Stalls));
+        let link = dialer.link(1).await.expect("linked");
+        let held: Vec<_> = (0..MAX_OUTSTANDING)
+            .map(|_| {
+                let dialer = dialer.clone();
+                tokio::spawn(async move { dialer.request(1, &invoke(Bytes::new()), Duration::from_secs(30)).await })
+            })
+            .collect();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while link.outstanding.available_permits() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the held requests never took every place");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let err = dialer.request(1, &invoke(Bytes::new()), Duration::from_millis(200)).await.expect_err("no room");
+        assert!(matches!(err, PeerError::Unsent { peer: 1, .. }) && err.not_delivered(), "{err}");
+        stop.cancel();
+        for h in held {
+            h.abort();
+        }
     }
 
     /// Serves pre-votes never (a member that keeps asking in its own name and never reads).

@@ -444,7 +444,9 @@ impl Cluster {
     fn push_node(&mut self, peer: SocketAddr, http: SocketAddr, extra: Vec<String>) -> u64 {
         let id = self.nodes.len() as u64 + 1;
         let data_dir = self.dir.join(format!("n{id}"));
-        fs::create_dir_all(&data_dir)
+        // Private, as a node makes its own (it warns about one open to other users).
+        std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+            .create(&data_dir)
             .unwrap_or_else(|e| panic!("create {}: {e}", data_dir.display()));
         let mut args: Vec<String> = vec![
             "node".into(),
