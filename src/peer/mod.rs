@@ -2156,17 +2156,23 @@ mod tests {
     }
 
 
-    /// Never answers an `Invoke`; answers anything else with `Done`.
-    struct Stalls;
-    impl Handler for Stalls {
+    /// Never answers the requests its test picks; answers anything else with `Done`.
+    struct StallsOn(fn(&PeerRequest) -> bool);
+    impl Handler for StallsOn {
         fn handle(&self, _: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
+            let stalls = (self.0)(&req);
             Box::pin(async move {
-                if matches!(req, PeerRequest::Invoke(_)) {
+                if stalls {
                     std::future::pending::<()>().await;
                 }
                 PeerResponse::Done
             })
         }
+    }
+
+    /// Never answers an `Invoke` (a handler that hangs).
+    fn stalls() -> StallsOn {
+        StallsOn(|r| matches!(r, PeerRequest::Invoke(_)))
     }
 
     /// The caller gave up on requests the peer still serves (its timeouts free its side only):
@@ -2175,7 +2181,7 @@ mod tests {
     #[tokio::test]
     async fn a_peer_serving_its_limit_sheds_requests_and_keeps_reading() {
         let (acceptor, dialer, _, stop) = pair(None, None).await;
-        acceptor.set_handler(Arc::new(Stalls));
+        acceptor.set_handler(Arc::new(stalls()));
         dialer.link(1).await.expect("linked");
         // All of this side's places, given up on after 300 ms; then 50 more.
         let send = |n: usize| {
@@ -2252,7 +2258,7 @@ mod tests {
     #[tokio::test]
     async fn a_request_with_no_room_on_the_link_is_not_sent_and_says_so() {
         let (acceptor, dialer, _, stop) = pair(None, None).await;
-        acceptor.set_handler(Arc::new(Stalls));
+        acceptor.set_handler(Arc::new(stalls()));
         let link = dialer.link(1).await.expect("linked");
         let held: Vec<_> = (0..MAX_OUTSTANDING)
             .map(|_| {
@@ -2273,26 +2279,14 @@ mod tests {
         }
     }
 
-    /// Serves pre-votes never (a member that keeps asking in its own name and never reads).
-    struct StallsPreVotes;
-    impl Handler for StallsPreVotes {
-        fn handle(&self, _: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
-            Box::pin(async move {
-                if matches!(req, PeerRequest::PreVote(_)) {
-                    std::future::pending::<()>().await;
-                }
-                PeerResponse::Done
-            })
-        }
-    }
-
     /// Raft's requests other than appends take no `MAX_SERVING` slot, but are bounded too: past
     /// `MAX_RAFT_SERVING` served at once from one link, more are answered `NotServed` (each
     /// used to run in a task of its own, without a bound), and other requests still flow.
     #[tokio::test]
     async fn raft_requests_from_one_peer_are_served_up_to_their_own_bound() {
         let (acceptor, dialer, _, stop) = pair(None, None).await;
-        acceptor.set_handler(Arc::new(StallsPreVotes));
+        // Pre-votes never answered: a member that keeps asking in its own name and never reads.
+        acceptor.set_handler(Arc::new(StallsOn(|r| matches!(r, PeerRequest::PreVote(_)))));
         dialer.link(1).await.expect("linked");
         let pre_vote = || PeerRequest::PreVote(crate::raft::types::VoteRequest::new(crate::raft::types::Vote::new(3, 2), None));
         let send = |n: usize| {
