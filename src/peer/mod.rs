@@ -501,7 +501,8 @@ pub struct PeerNet {
     /// (each keeps the first it registered), which then retired each other's under traffic.
     /// An entry lives while a dial to its address runs or is waited for (`DialTurn`).
     dialing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    /// Links this node made or took (handshakes completed), for the tests.
+    /// Links this node made or took (handshakes completed).
+    #[cfg(test)]
     links_made: AtomicU64,
     /// Resolved seed address → the DNS name TLS checks there (`set_tls_name`).
     tls_names: Mutex<HashMap<String, String>>,
@@ -538,6 +539,7 @@ impl PeerNet {
             addrs: Mutex::new(HashMap::new()),
             dials: Mutex::new(HashMap::new()),
             dialing: Mutex::new(HashMap::new()),
+            #[cfg(test)]
             links_made: AtomicU64::new(0),
             tls_names: Mutex::new(HashMap::new()),
             shutdown,
@@ -1139,6 +1141,7 @@ impl PeerNet {
             clock: Mutex::new(None),
             settings: theirs.settings,
         });
+        #[cfg(test)]
         self.links_made.fetch_add(1, Ordering::Relaxed);
         let existing = self.register(&link);
         if existing.is_some() {

@@ -66,6 +66,13 @@ impl NodeStats {
             }
         }
     }
+
+    /// Folds a request's `latency` into the estimate.
+    fn sample(&mut self, latency: Duration, now: Instant) {
+        let ms = latency.as_secs_f64() * 1000.0;
+        self.ewma_ms = self.latency_ms(now) * (1.0 - EWMA_ALPHA) + ms * EWMA_ALPHA;
+        self.sampled = Some(now);
+    }
 }
 
 #[derive(Default)]
@@ -132,18 +139,12 @@ impl Balancer {
         s.inflight = s.inflight.saturating_sub(1);
         match outcome {
             Outcome::Answered => {
-                let ms = latency.as_secs_f64() * 1000.0;
-                s.ewma_ms = s.latency_ms(now) * (1.0 - EWMA_ALPHA) + ms * EWMA_ALPHA;
-                s.sampled = Some(now);
+                s.sample(latency, now);
                 s.failures = 0;
                 s.ejections = 0;
                 s.ejected_until = None;
             }
-            Outcome::Slow => {
-                let ms = latency.as_secs_f64() * 1000.0;
-                s.ewma_ms = s.latency_ms(now) * (1.0 - EWMA_ALPHA) + ms * EWMA_ALPHA;
-                s.sampled = Some(now);
-            }
+            Outcome::Slow => s.sample(latency, now),
             Outcome::Failed => {
                 s.failures += 1;
                 if s.failures >= EJECT_AFTER {

@@ -425,12 +425,10 @@ impl Proxy {
         retry_after_delivery: bool,
     ) -> Result<(Result<Output, HandlerError>, NodeId), ApiError> {
         self.budget.deposit();
-        // Whether the client cut the command's timeout short (`x-timeout-ms`; 100 ms of slack for
-        // what ran before, a key's claim): a deadline it chose says nothing of a node's health,
-        // one the command's own timeout set does (a hung handler, local ones too).
-        let own_timeout = Duration::from_millis(route.decl.timeout_ms.max(1));
-        let client_deadline = deadline.saturating_duration_since(Instant::now()) + Duration::from_millis(100) < own_timeout;
-        let expired = if client_deadline { Outcome::Slow } else { Outcome::Failed };
+        // Whether the client cut the command's timeout short (`x-timeout-ms`: the invocation's
+        // timeout is the shorter of the two): a deadline it chose says nothing of a node's
+        // health, one the command's own timeout set does (a hung handler, local ones too).
+        let expired = if inv.timeout_ms < route.decl.timeout_ms.max(1) { Outcome::Slow } else { Outcome::Failed };
         let mut tried: Vec<NodeId> = Vec::new();
         let mut last = ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version));
         for attempt in 0..MAX_ATTEMPTS {

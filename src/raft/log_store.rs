@@ -1272,12 +1272,18 @@ mod tests {
 
     /// Where the records of a segment file end (the zero-fill, if any, follows).
     fn records_end(path: &Path) -> u64 {
+        frames(path).1 as u64
+    }
+
+    /// Offsets of the whole frames of a segment file, in order, and where they end.
+    fn frames(path: &Path) -> (Vec<usize>, usize) {
         let data = fs::read(path).unwrap();
-        let mut pos = 0;
+        let (mut pos, mut starts) = (0, Vec::new());
         while let Ok((_, next)) = next_frame(&data, pos) {
+            starts.push(pos);
             pos = next;
         }
-        pos as u64
+        (starts, pos)
     }
 
     /// Cuts the zero-fill off a segment, so that a test can damage its last record.
@@ -1496,17 +1502,6 @@ mod tests {
         }
     }
 
-    /// Offsets of the frames of a segment file, in order.
-    fn frame_starts(path: &Path) -> Vec<usize> {
-        let data = fs::read(path).unwrap();
-        let (mut pos, mut starts) = (0, Vec::new());
-        while let Ok((_, next)) = next_frame(&data, pos) {
-            starts.push(pos);
-            pos = next;
-        }
-        starts
-    }
-
     /// Damage inside the last segment's records that no power cut can leave (no sector of the
     /// damaged frame reads as zeros, and a whole frame follows it) refuses the open: the frames
     /// after it may be acknowledged. A damaged frame with a sector of zeros is a torn write, cut
@@ -1539,7 +1534,7 @@ mod tests {
                 }
             }
             let last = segments(&dir.0).pop().unwrap();
-            let third = frame_starts(&last)[2];
+            let third = frames(&last).0[2];
             let mut data = fs::read(&last).unwrap();
             damage(&mut data, third);
             fs::write(&last, data).unwrap();

@@ -445,8 +445,7 @@ impl Cluster {
         let id = self.nodes.len() as u64 + 1;
         let data_dir = self.dir.join(format!("n{id}"));
         // Private, as a node makes its own (it warns about one open to other users).
-        std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
-            .create(&data_dir)
+        raftbridge::fsutil::create_private_dir(&data_dir)
             .unwrap_or_else(|e| panic!("create {}: {e}", data_dir.display()));
         let mut args: Vec<String> = vec![
             "node".into(),
