@@ -187,16 +187,12 @@ impl Settings {
     }
 }
 
-/// `Hello` as builds before `settings` sent it.
+/// `Hello` as builds before `settings` sent it. Each older shape is the one before it with the
+/// fields that build added: bincode lays a nested struct out as its fields, so nesting them is
+/// the same wire format as writing each out.
 #[derive(Deserialize)]
 struct HelloWithoutSettings {
-    magic: u32,
-    version: u16,
-    cluster: String,
-    node_id: NodeId,
-    addr: String,
-    incarnation: u64,
-    features: u64,
+    without_auth: HelloWithoutAuth,
     nonce: [u8; 16],
     proof: [u8; 32],
 }
@@ -204,12 +200,7 @@ struct HelloWithoutSettings {
 /// `Hello` as builds before `nonce` and `proof` sent it.
 #[derive(Deserialize)]
 struct HelloWithoutAuth {
-    magic: u32,
-    version: u16,
-    cluster: String,
-    node_id: NodeId,
-    addr: String,
-    incarnation: u64,
+    before: HelloBefore,
     features: u64,
 }
 
@@ -224,24 +215,28 @@ struct HelloBefore {
     incarnation: u64,
 }
 
+impl HelloBefore {
+    /// This build's `Hello` with what the older one did not send.
+    fn with(self, features: u64, nonce: [u8; 16], proof: [u8; 32]) -> Hello {
+        let HelloBefore { magic, version, cluster, node_id, addr, incarnation } = self;
+        Hello { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof, settings: None }
+    }
+}
+
 impl Hello {
     /// Decodes a `Hello` or `HelloAck` from this build or an older one.
     pub fn decode(frame: &Frame) -> Result<Hello, FrameError> {
         if let Ok(h) = frame.message::<Hello>() {
             return Ok(h);
         }
-        if let Ok(h) = frame.message::<HelloWithoutSettings>() {
-            let HelloWithoutSettings { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof } = h;
-            return Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof, settings: None });
+        if let Ok(HelloWithoutSettings { without_auth, nonce, proof }) = frame.message() {
+            return Ok(without_auth.before.with(without_auth.features, nonce, proof));
         }
-        let (nonce, proof, settings) = ([0; 16], [0; 32], None);
-        if let Ok(h) = frame.message::<HelloWithoutAuth>() {
-            let HelloWithoutAuth { magic, version, cluster, node_id, addr, incarnation, features } = h;
-            return Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof, settings });
+        if let Ok(HelloWithoutAuth { before, features }) = frame.message() {
+            return Ok(before.with(features, [0; 16], [0; 32]));
         }
-        let h: HelloBefore = frame.message()?;
-        let HelloBefore { magic, version, cluster, node_id, addr, incarnation } = h;
-        Ok(Hello { magic, version, cluster, node_id, addr, incarnation, features: 0, nonce, proof, settings })
+        let before: HelloBefore = frame.message()?;
+        Ok(before.with(0, [0; 16], [0; 32]))
     }
 }
 
@@ -304,7 +299,7 @@ mod tests {
         assert_eq!((seen_by_old.node_id, seen_by_old.addr.as_str(), seen_by_old.cluster.as_str()), (3, "b:2", "c"));
         // A build with features but before authentication: and back.
         let seen: HelloWithoutAuth = frame.message().unwrap();
-        assert_eq!((seen.node_id, seen.features), (3, features::ALL));
+        assert_eq!((seen.before.node_id, seen.features), (3, features::ALL));
         #[derive(Serialize)]
         struct WithFeatures<'a> {
             magic: u32,
@@ -322,7 +317,7 @@ mod tests {
         // A build with authentication but before settings reads a new Hello as its own, and a
         // new build reads its Hello with no settings.
         let seen: HelloWithoutSettings = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &new).unwrap()[..])).unwrap().message().unwrap();
-        assert_eq!((seen.node_id, seen.nonce, seen.proof), (3, [1; 16], [2; 32]));
+        assert_eq!((seen.without_auth.before.node_id, seen.nonce, seen.proof), (3, [1; 16], [2; 32]));
         #[derive(Serialize)]
         struct WithAuth<'a> {
             magic: u32,
