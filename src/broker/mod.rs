@@ -67,14 +67,16 @@ pub const MAX_BATCH: usize = 1_024;
 const MAX_BATCH_BYTES: usize = 256 << 10;
 /// `Publish` entries the leader has in flight at most. Small on purpose: with 32, a node with ~20
 /// concurrent publishers always had a free slot and sent every event as its own entry (median
-/// batch 1, measured with `raftbridge bench events`); with 2 the batches grew with the load, and
-/// with 1 each entry holds everything queued during the previous commit. Measured (single
-/// events, three nodes, 64 connections): 26.7 instead of 15.3 events per entry, 40% fewer fsyncs
-/// per event on the leader and 15% fewer on followers, ~15% fewer context switches per event.
-/// Throughput and p99 were within this VM's noise over 9 interleaved pairs (1 slot ahead in 5),
-/// and the same for batches of 100. All in-flight entries go to the same leader, so more slots
-/// would not help during a failover either.
-const MAX_INFLIGHT_BATCHES: usize = 1;
+/// batch 1, measured with `raftbridge bench events`); a second entry is proposed only once
+/// `LINGER_ENOUGH` events are queued or the linger passes, so under load entries still grow.
+/// One slot (sessions 4–30) made every event queued during a commit wait for it and ride the
+/// next: on hosts where 64 closed-loop connections are bound by that latency rather than the
+/// CPU, two gained 4% (session 30) and 6–48% (session 31, ahead in 12 of 12 interleaved single-
+/// event pairs, the same CPU per event); with the CPU saturated by a busy loop beside the nodes
+/// two was ahead in 3 of 3 pairs by 1–5%, and half-rate tails were the same or lower. Three
+/// measured the same as two. All in-flight entries go to the same leader, so more slots would
+/// not help during a failover either.
+const MAX_INFLIGHT_BATCHES: usize = 2;
 /// Events queued that make the leader's next entry worth proposing at once; with fewer it
 /// lingers (up to `--publish-linger-ms` after the oldest was queued) for more. Below the ~27
 /// events per entry that `raftbridge bench events` (64 connections) reaches at saturation, so
