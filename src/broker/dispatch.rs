@@ -211,6 +211,35 @@ fn note_retry(
     pause
 }
 
+/// Where a shared subscription's event goes in a pass.
+#[derive(Debug, PartialEq, Eq)]
+enum Pick {
+    Take(NodeId),
+    /// Only consumers it failed on have room, while one it has not failed on is live.
+    Wait,
+    /// No consumer has room: the pass hands out nothing more.
+    Full,
+}
+
+/// The least loaded consumer with room (`load` below `max`) that the event has not failed on
+/// (`avoid`). An event that failed on some consumers waits for one it has not failed on while
+/// such a one is live, even if only those it failed on have room: otherwise a consumer that
+/// fails fast (and so always has free slots) took every retry while a healthy one was busy, and
+/// the event was dead-lettered without another instance ever trying it. Once it has failed on
+/// every live consumer, any with room takes it.
+fn pick(load: &HashMap<NodeId, u32>, max: u32, avoid: Option<&[NodeId]>) -> Pick {
+    let least = |ok: &dyn Fn(&NodeId) -> bool| load.iter().filter(|(n, l)| **l < max && ok(n)).min_by_key(|(n, l)| (**l, **n)).map(|(n, _)| *n);
+    let Some(any) = least(&|_| true) else { return Pick::Full };
+    match avoid {
+        None => Pick::Take(any),
+        Some(a) => match least(&|n| !a.contains(n)) {
+            Some(fresh) => Pick::Take(fresh),
+            None if load.keys().any(|n| !a.contains(n)) => Pick::Wait,
+            None => Pick::Take(any),
+        },
+    }
+}
+
 pub struct Dispatcher {
     node_id: NodeId,
     sm: Arc<SmShared>,
@@ -310,21 +339,31 @@ impl Dispatcher {
             .with_broker(self.broker.clone(), s.service.clone());
         // Only the status of a failure matters here, and its text goes into the replicated
         // progress and the dead letters: cut to `MAX_REASON`.
-        let out = match tokio::time::timeout(s.ack_deadline, s.handler.handle(ctx, event)).await {
+        // The handler and the publish of an event it returns share the ack deadline: the leader
+        // waits for the outcome only that long (plus `DELIVERY_GRACE`), and an emit past it
+        // (publish backpressure, a slow commit) made a remote batch's whole answer late, every
+        // event in it counted as failed. A returned event whose publish is cut off may still
+        // commit; the redelivery's emit has the same key and is deduplicated.
+        let deadline = tokio::time::Instant::now() + s.ack_deadline;
+        let passed = |what: &str| HandlerError::new(504, format!("ack deadline of {} ms passed {what}", s.ack_deadline.as_millis()));
+        let out = match tokio::time::timeout_at(deadline, s.handler.handle(ctx, event)).await {
             Ok(out) => out.map_err(|e| e.truncated(reason_cap(self.net.max_frame())))?,
-            Err(_) => return Err(HandlerError::new(504, format!("ack deadline of {} ms passed", s.ack_deadline.as_millis()))),
+            Err(_) => return Err(passed("in the handler")),
         };
         if let Some(emit) = out {
             let payload = serde_json::to_vec(&emit.payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
             // Once per (delivery, content): a redelivery that returns the same event emits
             // nothing new, one that returns another emits it (`sdk::StateHandle::next_tag`).
             let print = crate::sdk::content_fingerprint(&[emit.event_name.as_bytes(), &payload]);
-            let key = Some(format!("sub:{scope}:{}:emit#{print:08x}", source.id));
+            let key = Some(super::internal_key(format_args!("sub:{scope}:{}:emit#{print:08x}", source.id)));
             let meta = delivery_meta(&scope, &source);
             let new = super::new_event(&emit.event_name, payload, &meta, Some(s.service.clone()), key);
             // The HTTP API's status for the cause (`api::error`): a publish whose outcome is
             // unknown is a 502, one refused before it was queued a 503.
-            self.broker.publish_one(new).await.map_err(|e| HandlerError::from_api(std::sync::Arc::unwrap_or_clone(e).into()))?;
+            match tokio::time::timeout_at(deadline, self.broker.publish_one(new)).await {
+                Ok(published) => published.map_err(|e| HandlerError::from_api(std::sync::Arc::unwrap_or_clone(e).into()))?,
+                Err(_) => return Err(passed("publishing the event the handler returned")),
+            };
         }
         Ok(())
     }
@@ -490,9 +529,20 @@ impl Dispatcher {
                 }
             }
             if failed_on.len() > 10_000 || refusals.len() > 10_000 {
-                // Bounded: forget the oldest knowledge rather than grow (only a preference).
-                failed_on.clear();
-                refusals.clear();
+                // Nothing says when a failed event is later acked: first forget the positions
+                // that are neither backing off nor in flight (settled, most of them), and only
+                // if that is not enough all of it (a preference, bounded rather than grown).
+                let f = lock(&inflight);
+                let live = |(sub, position): &(String, u64)| {
+                    retry_at.get(sub).is_some_and(|m| m.contains_key(position)) || f.get(sub).is_some_and(|m| m.contains_key(position))
+                };
+                failed_on.retain(|k, _| live(k));
+                refusals.retain(|k, _| live(k));
+                drop(f);
+                if failed_on.len() > 10_000 || refusals.len() > 10_000 {
+                    failed_on.clear();
+                    refusals.clear();
+                }
             }
             let subscriptions = self.sm.shared_subscriptions();
             backlogs.retain(|name, _| subscriptions.iter().any(|(n, _)| n == name));
@@ -540,11 +590,10 @@ impl Dispatcher {
                     let busy = f.entry(name.clone()).or_default();
                     for (event, attempts) in pending {
                         let avoid = if failed_on.is_empty() { None } else { failed_on.get(&(name.clone(), event.position)) };
-                        let open = |n: &NodeId, l: &u32| *l < decl.max_in_flight && avoid.is_none_or(|a| !a.contains(n));
-                        let fresh = load.iter().filter(|(n, l)| open(n, l)).min_by_key(|(_, l)| **l);
-                        let any = load.iter().filter(|(_, l)| **l < decl.max_in_flight).min_by_key(|(_, l)| **l);
-                        let Some((&target, _)) = fresh.or(any) else {
-                            break;
+                        let target = match pick(&load, decl.max_in_flight, avoid.map(Vec::as_slice)) {
+                            Pick::Take(target) => target,
+                            Pick::Wait => continue,
+                            Pick::Full => break,
                         };
                         *load.entry(target).or_default() += 1;
                         busy.insert(event.position, Slot { consumer: Some(target), epoch });
@@ -936,6 +985,22 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A retry goes to a consumer the event has not failed on, and waits for one while such a
+    /// one is live but busy, rather than going back to the one that failed it (which, failing
+    /// fast, always has room); once every live consumer failed it, any with room takes it.
+    #[test]
+    fn a_retry_waits_for_a_consumer_it_has_not_failed_on() {
+        let load: HashMap<NodeId, u32> = [(1, 0), (2, 4), (3, 1)].into_iter().collect();
+        assert_eq!(pick(&load, 4, None), Pick::Take(1), "the least loaded");
+        assert_eq!(pick(&load, 4, Some(&[1])), Pick::Take(3), "not the one it failed on");
+        assert_eq!(pick(&load, 4, Some(&[1, 3])), Pick::Wait, "2 has not tried it and is live, but busy");
+        assert_eq!(pick(&load, 4, Some(&[1, 2, 3])), Pick::Take(1), "it failed everywhere: any with room");
+        assert_eq!(pick(&load, 4, Some(&[9])), Pick::Take(1), "a consumer that left counts for nothing");
+        let full: HashMap<NodeId, u32> = [(1, 4), (2, 4)].into_iter().collect();
+        assert_eq!(pick(&full, 4, None), Pick::Full);
+        assert_eq!(pick(&full, 4, Some(&[1])), Pick::Full);
+    }
 
     #[test]
     fn every_instance_runs_are_tagged_per_node_and_shared_ones_per_subscription() {
