@@ -234,12 +234,15 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
 }
 
 /// `GET /v1/events?after=N&limit=M[&eventName=..]`: the log in order, from the local replica
-/// (every committed event is on every node once applied). One answer holds at most `MAX_READ`
-/// events and about `MAX_READ_BYTES` of payload; `next` says where to continue.
-pub fn read(app: &App, query: Option<&str>) -> ApiResult {
+/// (every committed event is on every node once applied), once it holds every event this node
+/// has acknowledged (`Broker::caught_up_with_acks`: a client reads its own writes). One answer
+/// holds at most `MAX_READ` events and about `MAX_READ_BYTES` of payload; `next` says where to
+/// continue.
+pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
     let q = parse_query(query.unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
+    app.broker.caught_up_with_acks().await;
     let after = number(&q, "after")?.unwrap_or(0);
-    let limit = number(&q, "limit")?.unwrap_or(100).clamp(1, MAX_READ as u64) as usize;
+    let limit = limit(&q, 100)?;
     let name = q.get("eventName").map(String::as_str);
     if let Some(name) = name {
         check_name(name)?;
@@ -257,6 +260,22 @@ pub fn read(app: &App, query: Option<&str>) -> ApiResult {
     Ok(json_body(StatusCode::OK, &page))
 }
 
+/// `limit`: `default` when absent, at most `MAX_READ` (a larger one is read as that, as a page
+/// may hold fewer than asked anyway); 0 or anything but a number is a 400 (0 used to read as 1,
+/// and moved `next` on past an event the client asked not to see).
+fn limit(q: &std::collections::BTreeMap<String, String>, default: usize) -> Result<usize, ApiError> {
+    let bad = || ApiError::BadRequest(format!("limit must be a whole number from 1 (at most {MAX_READ} are read)"));
+    match q.get("limit") {
+        None => Ok(default),
+        Some(v) if !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()) => match v.trim_start_matches('0') {
+            "" => Err(bad()),
+            digits if digits.len() > 9 => Ok(MAX_READ),
+            digits => Ok(digits.parse::<usize>().map_err(|_| bad())?.min(MAX_READ)),
+        },
+        Some(_) => Err(bad()),
+    }
+}
+
 /// A query parameter that must be a number when present.
 fn number(q: &std::collections::BTreeMap<String, String>, k: &str) -> Result<Option<u64>, ApiError> {
     q.get(k).map(|v| v.parse().map_err(|_| ApiError::BadRequest(format!("{k} must be a number")))).transpose()
@@ -270,7 +289,7 @@ pub fn dead_letters(app: &App, query: Option<&str>) -> ApiResult {
     let name = q.get("subscription").ok_or_else(|| ApiError::BadRequest("subscription=NAME is required".into()))?;
     check_subscription(name)?;
     let after = number(&q, "after")?;
-    let limit = number(&q, "limit")?.unwrap_or(MAX_READ as u64).clamp(1, MAX_READ as u64) as usize;
+    let limit = limit(&q, MAX_READ)?;
     let dead = app.sm.dead_letters(name, after, limit).ok_or_else(|| ApiError::NotFound(format!("no subscription {name}")))?;
     #[derive(serde::Serialize)]
     #[serde(rename_all = "camelCase")]
@@ -390,6 +409,31 @@ pub async fn drop_subscription(app: &App, name: &str) -> ApiResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `limit` 0 is refused (it read as 1), a large one reads as the bound, anything else that is
+    /// not a whole number is refused.
+    #[test]
+    fn a_read_limit_is_a_whole_number_from_one() {
+        let q = |v: &str| limit(&parse_query(&format!("limit={v}")).expect("query"), 100);
+        assert_eq!(limit(&parse_query("").expect("query"), 100).ok(), Some(100));
+        assert_eq!(q("1").ok(), Some(1));
+        assert_eq!(q("007").ok(), Some(7));
+        assert_eq!(q("5000").ok(), Some(MAX_READ));
+        assert_eq!(q("99999999999999999999999").ok(), Some(MAX_READ));
+        for bad in ["0", "000", "", "-1", "+5", "1.5", "x"] {
+            assert!(q(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    /// The keys the runtime gives its handlers' events are ones no producer can send: a client
+    /// cannot publish first under one and have the handler's event deduplicated into its own.
+    #[test]
+    fn no_producer_key_is_an_internal_one() {
+        let internal = crate::broker::internal_key("sub:answerPings:0123:emit#00000000");
+        assert!(check_key(&internal).is_err());
+        assert!(check_key("sub:answerPings:0123:emit#00000000").is_ok());
+        assert!(!dedup_key(Some("t"), Some("k".into())).unwrap_or_default().starts_with('\u{1}'));
+    }
 
     #[test]
     fn payloads_a_consumer_cannot_read_are_refused() {

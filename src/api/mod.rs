@@ -307,7 +307,7 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
             None => ("events_publish", Err(ApiError::BadRequest("the event name in the path is not valid percent-encoded UTF-8".into()))),
         },
         (Method::POST, ["v1", "events"]) => ("events_batch", events::publish_batch(app, req).await),
-        (Method::GET, ["v1", "events"]) => ("events_read", events::read(app, req.uri().query())),
+        (Method::GET, ["v1", "events"]) => ("events_read", events::read(app, req.uri().query()).await),
         (Method::GET, ["v1", "dead-letters"]) => ("dead_letters", events::dead_letters(app, req.uri().query())),
         (Method::GET, ["v1", "subscriptions"]) => ("subscriptions", events::subscriptions(app)),
         (m @ (Method::GET | Method::DELETE), ["v1", "subscriptions", name]) => match crate::proxy::routing::percent_decode_with(name, false) {
@@ -637,7 +637,10 @@ where
 }
 
 async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<Incoming>) -> ApiResult {
-    let consistency = match req.uri().query().unwrap_or("").split('&').find_map(|kv| kv.strip_prefix("consistency=")) {
+    // Read as every other query parameter is (`parse_query`: percent-decoded, the last of
+    // repeated ones).
+    let query = crate::proxy::routing::parse_query(req.uri().query().unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
+    let consistency = match query.get("consistency").map(String::as_str) {
         None | Some("linearizable") | Some("strong") => Consistency::Linearizable,
         Some("stale") => Consistency::Stale,
         Some(other) => return Err(ApiError::BadRequest(format!("unknown consistency {other:?}"))),

@@ -37,6 +37,8 @@ pub mod event;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::SystemTime;
 
@@ -169,7 +171,13 @@ pub struct Broker {
     slots: Slots,
     /// The batcher's task: it ends on the broker's `shutdown`; `drained` takes and awaits it.
     batcher: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The highest position acknowledged to a publisher on this node (`acked`): a read of the
+    /// log here waits for this node to apply it (`caught_up_with_acks`).
+    acked: AtomicU64,
 }
+
+/// How long a read of the log waits for this node to apply what it has acknowledged.
+const READ_OWN_WRITES: Duration = Duration::from_secs(2);
 
 /// How the batcher makes entries (`Broker::start`).
 struct Batching {
@@ -211,6 +219,16 @@ fn entry_clock_ms(store: &StateStore) -> u64 {
 /// A new random event id (32 hex digits).
 pub fn new_id() -> String {
     format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+/// The dedup key of an event the runtime emits for a handler (`Ctx::emit`, a subscription's
+/// returned event, a command's success event). It starts with U+0001, which no producer's key
+/// can: a client's is visible ASCII (`api::events::check_key`, header values), and a tenant's
+/// scope starts with the tenant id, visible ASCII too. Without it a client that learned an
+/// event's id could publish first under the key its handler would use, and the handler's event
+/// was deduplicated into the client's and never stored.
+pub fn internal_key(key: impl std::fmt::Display) -> String {
+    format!("\u{1}{key}")
 }
 
 /// Build an event from a handler's or an HTTP producer's context.
@@ -271,7 +289,24 @@ impl Broker {
             admit: Arc::new(Semaphore::new(QUEUE_EVENTS)),
             admit_kib: Arc::new(Semaphore::new(QUEUE_KIB as usize)),
             max_group_bytes,
+            acked: AtomicU64::new(0),
         })
+    }
+
+    /// Waits (at most `READ_OWN_WRITES`) until this node has applied every event it has
+    /// acknowledged to a publisher. A follower's publish is answered once the leader has
+    /// applied it, before this node has learned of the commit, so a client reading the log
+    /// here right after its 201 could miss its own event. Returns whether it caught up (a read
+    /// goes ahead either way: it is only later).
+    pub async fn caught_up_with_acks(&self) -> bool {
+        let acked = self.acked.load(Ordering::Acquire);
+        let sm = self.store.local();
+        let mut next = sm.watch_events();
+        let applied = |next: u64| next > acked;
+        if applied(*next.borrow_and_update()) {
+            return true;
+        }
+        tokio::time::timeout(READ_OWN_WRITES, next.wait_for(|n| applied(*n))).await.is_ok_and(|r| r.is_ok())
     }
 
     pub fn store(&self) -> &StateStore {
@@ -328,7 +363,11 @@ impl Broker {
         let (reply, rx) = oneshot::channel();
         let group = Group { events, reply, _queued: queued, _queued_kib: queued_kib, bytes, since: tokio::time::Instant::now() };
         self.queue.send(group).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
-        rx.await.map_err(|_| Arc::new(BrokerError::Stopped))?
+        let published = rx.await.map_err(|_| Arc::new(BrokerError::Stopped))??;
+        if let Some(last) = published.iter().map(|(_, position)| *position).max() {
+            self.acked.fetch_max(last, Ordering::AcqRel);
+        }
+        Ok(published)
     }
 
     /// Commit subscription progress. On the leader it rides in the batcher's next event entry

@@ -568,7 +568,7 @@ impl Proxy {
             // The result as an event; under an idempotency key a re-run with the same result
             // emits nothing new, one with another result (`sdk::StateHandle::next_tag`) emits it.
             let payload = if out.body.is_empty() { b"null".to_vec() } else { out.body.to_vec() };
-            let dedup = scoped.map(|k| format!("{k}#success#{:08x}", crate::sdk::content_fingerprint(&[event_name.as_bytes(), &payload])));
+            let dedup = scoped.map(|k| crate::broker::internal_key(format_args!("{k}#success#{:08x}", crate::sdk::content_fingerprint(&[event_name.as_bytes(), &payload]))));
             let mut event = crate::broker::new_event(event_name, payload, &meta, Some(sender), dedup);
             // Just built, so not shared yet: no copy.
             Arc::make_mut(&mut event.body).message_type = "commandSuccessResponse".into();

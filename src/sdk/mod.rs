@@ -287,7 +287,7 @@ impl Ctx {
     pub async fn emit(&self, event_name: &str, payload: &impl Serialize) -> Result<(String, u64), HandlerError> {
         let broker = self.broker.as_ref().ok_or_else(|| HandlerError::unhandled("no broker in this context"))?;
         let payload = serde_json::to_vec(payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
-        let idempotency_key = self.state.next_tag(&[b"emit", event_name.as_bytes(), &payload])?.map(|(k, seq)| format!("{k}#emit{seq}"));
+        let idempotency_key = self.state.next_tag(&[b"emit", event_name.as_bytes(), &payload])?.map(|(k, seq)| crate::broker::internal_key(format_args!("{k}#emit{seq}")));
         let event = crate::broker::new_event(event_name, payload, &self.meta, self.service.clone(), idempotency_key);
         // Statuses as the HTTP API's for a publish: too large 413, nothing committed 503, an
         // outcome unknown 502 (the handler's writes before it may have committed).

@@ -1561,6 +1561,24 @@ fn batch_publish_is_contiguous_and_readable_and_bad_batches_are_rejected() {
         1101,
         "only the accepted publishes are in the log"
     );
+
+    // A client reads its own writes: right after a 201, a read of the log on the node that
+    // answered it holds the event, on followers too (their publish is answered once the leader
+    // applied it, before they learn of the commit). No waiting here.
+    for round in 0..20 {
+        for api in c.apis() {
+            let (id, position) = publish(api, "ownWrite", &json!({"round": round}), &[]).expect("publish");
+            let page = get_json(api, &format!("/v1/events?after={}&limit=1", position - 1)).expect("read");
+            assert_eq!(
+                page["events"][0]["id"].as_str(),
+                Some(id.as_str()),
+                "node {} round {round}: its own event at {position} at once: {page}",
+                api.id
+            );
+        }
+    }
+    // A limit of 0 is refused rather than read as 1.
+    must_refuse(api, "GET", "/v1/events?after=0&limit=0", &[], b"", 400, "limit 0");
 }
 
 /// A request that must get a JSON error with `status`.
