@@ -132,6 +132,8 @@ pub fn main() -> ExitCode {
     if let Err(e) = crate::process::disable_transparent_huge_pages() {
         tracing::debug!(error = %e, "could not turn transparent huge pages off");
     }
+    // Before any listener or file is opened (the node warns if it is still too low).
+    crate::process::raise_open_files_limit();
     let worker_threads = match &cli.cmd {
         Cmd::Node(args) => args.worker_threads,
         Cmd::Bench(cmd) => Some(cmd.common().threads),

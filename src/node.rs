@@ -473,6 +473,12 @@ pub async fn run(
         _ => None,
     };
     let http_task = crate::supervise::spawn_until("HTTP listener", &http_stop, api::run(http_listener, app, None, http_stop.clone()));
+    // Client connections, peer links, log segments, snapshots and the runtime's own descriptors
+    // (`process::raise_open_files_limit` ran at start).
+    let wanted = cfg.max_connections as u64 + 512;
+    if let Some(limit) = crate::process::open_files_limit().filter(|l| *l < wanted) {
+        warn!(limit, wanted, "the open-file limit is below what --max-connections may open: raise it (ulimit -n, LimitNOFILE, the container's nofile ulimit) or lower --max-connections");
+    }
     info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, https = ?cfg.https.as_ref().map(|h| &h.addr), advertise = %cfg.advertise, "node started");
 
     // A Raft core that stops on its own (its log or snapshot could not be written) leaves a node

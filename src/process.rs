@@ -35,6 +35,29 @@ pub fn disable_transparent_huge_pages() -> std::io::Result<()> {
     Ok(())
 }
 
+/// Raises this process's soft limit on open files to its hard limit, as Go's runtime and most
+/// servers do, and returns the soft limit it ends with. Why: containers start with a soft limit
+/// of 1,024 since Docker 25 and containerd 2 (the hard one stays high), below the default
+/// `--max-connections` of 10,000; at the soft limit `accept` fails and, worse, so can opening a
+/// log segment or a snapshot, which stops the node. Best effort: where it is refused the limit
+/// stays as it was (the node warns when it is below what it may open).
+pub fn raise_open_files_limit() -> Option<u64> {
+    use rustix::process::Resource;
+    let limit = rustix::process::getrlimit(Resource::Nofile);
+    if limit.current.is_some() && limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit { current: limit.maximum, maximum: limit.maximum };
+        if let Err(e) = rustix::process::setrlimit(Resource::Nofile, raised) {
+            tracing::debug!(error = %e, "could not raise the open-file limit");
+        }
+    }
+    open_files_limit()
+}
+
+/// This process's soft limit on open files (`None`: unlimited).
+pub fn open_files_limit() -> Option<u64> {
+    rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+}
+
 /// Lowers the calling thread's CPU priority to `BACKGROUND_NICE` (Linux: the nice value is per
 /// thread). Best effort: where it is refused, the thread runs at normal priority.
 pub fn background_thread() {
@@ -133,6 +156,13 @@ mod tests {
         assert_eq!(rustix::process::getpriority_process(Some(rustix::thread::gettid())).expect("own nice"), mine);
         let err = run_in_background::<()>("test-bg", || Err(std::io::Error::other("boom"))).await.unwrap_err();
         assert_eq!(err.to_string(), "boom", "its error comes back");
+    }
+
+    /// The soft limit ends at the hard one (this process may always raise it that far).
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_one() {
+        let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile).maximum;
+        assert_eq!(raise_open_files_limit(), hard);
     }
 
     #[test]
