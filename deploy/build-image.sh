@@ -8,16 +8,20 @@
 # `docker build` turns deploy/Dockerfile (FROM scratch) into the image.
 #
 # Usage: deploy/build-image.sh [TAG]          (default tag raftbridge:dev)
-# Env:   SKIP_CARGO_BUILD=1  reuse target/release/raftbridge as is (no cargo build)
+# Env:   RAFTBRIDGE_BIN      the binary to pack (default target/release/raftbridge, built first);
+#                            set, it is packed as is (no cargo build), e.g. the binary a chaos
+#                            run names (deploy/chaos/run --mode docker)
+#        SKIP_CARGO_BUILD=1  reuse target/release/raftbridge as is (no cargo build)
 #        CARGO_TARGET_DIR    honoured when locating the binary
 set -euo pipefail
 
 tag="${1:-raftbridge:dev}"
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 target_dir="${CARGO_TARGET_DIR:-$repo/target}"
-bin="$target_dir/release/raftbridge"
+bin="${RAFTBRIDGE_BIN:-$target_dir/release/raftbridge}"
 
-if [[ "${SKIP_CARGO_BUILD:-0}" != 1 ]]; then
+# A given RAFTBRIDGE_BIN is what goes in the image: building target/release would not change it.
+if [[ "${SKIP_CARGO_BUILD:-0}" != 1 && -z "${RAFTBRIDGE_BIN:-}" ]]; then
   echo "build-image: cargo build --release (no-op when target/release is fresh)"
   (cd "$repo" && cargo build --release --locked --bin raftbridge)
 fi
@@ -54,10 +58,25 @@ copy_lib() { # copy a file keeping its absolute path; resolve symlinks to the re
 }
 for f in "${libs[@]}"; do
   [[ "$f" == "$bin" ]] || copy_lib "$f"
+  # ldd runs on its own first: inside the process substitution below its failure would go
+  # unnoticed (set -e does not see it) and the image would lack every library. One failure is
+  # expected: a static binary, for which glibc's ldd says "not a dynamic executable" and exits 1
+  # (a static-pie one: "statically linked", exit 0); it needs no libraries, as before. ldd says
+  # the same of a file that is no ELF binary at all, hence the check of the ELF magic.
+  if ! deps="$(LC_ALL=C ldd "$f" 2>"$ctx/ldd.err")"; then
+    if [[ "$f" == "$bin" && "$(od -An -N4 -c "$f" | tr -d ' ')" == '177ELF' ]] \
+      && grep -q 'not a dynamic executable' "$ctx/ldd.err"; then
+      echo "build-image: $bin is statically linked: no shared libraries to copy"
+      deps=""
+    else
+      echo "build-image: ldd $f failed: $(cat "$ctx/ldd.err")" >&2
+      exit 1
+    fi
+  fi
   # `ldd` lines: "libc.so.6 => /lib/.../libc.so.6 (0x...)" or "/lib64/ld-linux-x86-64.so.2 (0x...)".
   while read -r lib; do
     [[ -n "$lib" && -e "$root$lib" ]] || copy_lib "$lib"
-  done < <(ldd "$f" | awk '/=> \// { print $3; next } /^[[:space:]]*\// { print $1 }')
+  done < <(awk '/=> \// { print $3; next } /^[[:space:]]*\// { print $1 }' <<<"$deps")
 done
 
 cat > "$root/etc/passwd" <<'PASSWD'

@@ -16,7 +16,8 @@
 # Env: RAFTBRIDGE_CHECK_PROJECT (raftbridge-ci), RAFTBRIDGE_HOST_PORT_1..3 (18401..18403),
 #      RAFTBRIDGE_SKIP_DOCKER=1 (only step 1, for machines without Docker),
 #      RAFTBRIDGE_CHECK_TLS=0 (plain peer links),
-#      SKIP_CARGO_BUILD=1 (image from the existing target/release/raftbridge).
+#      SKIP_CARGO_BUILD=1 (image from the existing target/release/raftbridge),
+#      RAFTBRIDGE_BIN (image and certificates from that binary, no cargo build: build-image.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,8 +39,9 @@ fail() { echo "deploy-check [$((SECONDS - start))s] FAILED: $*" >&2; exit 1; }
 # ---------------------------------------------------------------- 1. static validation
 say "validating YAML and manifests"
 if ! python3 -c 'import yaml' 2>/dev/null; then
-  say "PyYAML missing: pip install pyyaml"
-  python3 -m pip install --quiet pyyaml 2>/dev/null || python3 -m pip install --quiet --user --break-system-packages pyyaml
+  # From the distribution (CI machines reach apt and crates.io, not PyPI).
+  say "python3 or PyYAML missing: apt-get install python3 python3-yaml"
+  { apt-get update -qq && apt-get install -y -qq python3 python3-yaml; } || fail "installing python3-yaml"
 fi
 python3 deploy/validate-manifests.py deploy || fail "manifest validation"
 
@@ -98,15 +100,20 @@ trap 'exit 143' TERM
 if [[ $tls == 1 ]]; then
   # A throwaway CA: each node's certificate names the node and the seed alias `raftbridge`, and
   # is bound to its node id (compose.tls.yml requires that).
-  bin="${CARGO_TARGET_DIR:-target}/release/raftbridge"
+  # The binary build-image.sh packed (RAFTBRIDGE_BIN when set).
+  bin="${RAFTBRIDGE_BIN:-${CARGO_TARGET_DIR:-target}/release/raftbridge}"
   pki="$(mktemp -d "${TMPDIR:-/tmp}/raftbridge-pki.XXXXXX")"
   for n in 1 2 3; do
     "$bin" certs --dir "$pki" --name "raftbridge-$n" --san "raftbridge-$n" --san raftbridge --node-id "$n" --days 10 >/dev/null \
       || fail "raftbridge certs for raftbridge-$n"
+    # Node N mounts the directory raftbridge-N as /pki: its certificate and key and the CA.
+    mkdir "$pki/raftbridge-$n"
+    mv "$pki/raftbridge-$n.pem" "$pki/raftbridge-$n-key.pem" "$pki/raftbridge-$n/"
+    cp "$pki/ca.pem" "$pki/raftbridge-$n/"
   done
   # The nodes get no CA key; they run as uid 10001, so the (throwaway) keys must be readable.
   rm "$pki/ca-key.pem"
-  chmod 755 "$pki" && chmod 644 "$pki"/*.pem
+  chmod 755 "$pki" "$pki"/raftbridge-* && chmod 644 "$pki"/*.pem "$pki"/raftbridge-*/*.pem
   export RAFTBRIDGE_PKI_DIR="$pki"
   say "peer links over mutual TLS (certificates in $pki)"
 fi

@@ -18,7 +18,7 @@ import sys
 try:
     import yaml
 except ImportError:  # check.sh installs PyYAML first; say so plainly if run by hand
-    sys.exit("validate-manifests: PyYAML missing (pip install pyyaml)")
+    sys.exit("validate-manifests: PyYAML missing (apt-get install python3-yaml)")
 
 deploy = os.path.abspath(sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(__file__))
 problems = []

@@ -79,7 +79,8 @@ pub struct ChaosArgs {
     #[arg(long, default_value = "raftbridge:dev")]
     pub image: String,
     /// Directory for node data, logs and `report.txt` (kept). Default: a temp dir, removed
-    /// after a passing run.
+    /// after a passing run. An existing one is cleared first only when it is empty or an
+    /// earlier chaos run made it (its `.raftbridge-chaos` marker); any other is refused.
     #[arg(long)]
     pub workdir: Option<PathBuf>,
     /// Snapshot threshold given to the nodes (low, so that snapshots and purges happen).
@@ -167,6 +168,19 @@ fn unavailable<C: ClusterControl>(cluster: &C, kind: FaultKind) -> bool {
     matches!(kind, FaultKind::Isolate | FaultKind::IsolateLeader) && !cluster.supports_isolation()
 }
 
+/// The file a run writes into its workdir: a later run may clear a directory holding it.
+const WORKDIR_MARKER: &str = ".raftbridge-chaos";
+
+/// Whether the existing directory `dir` may be cleared for a run: it is empty, or an earlier
+/// run made it (`WORKDIR_MARKER` is in it). Anything else may be someone's files.
+fn may_clear(dir: &Path) -> anyhow::Result<bool> {
+    if dir.join(WORKDIR_MARKER).is_file() {
+        return Ok(true);
+    }
+    let mut entries = std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+    Ok(entries.next().is_none())
+}
+
 pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.nodes >= 3, "--nodes must be at least 3 (a minority must be able to fail)");
     // Process mode gives node N the loopback address 127.0.1.N (`cluster::node_ip`).
@@ -187,10 +201,22 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<()> {
         None => (std::env::temp_dir().join(format!("raftbridge-chaos-{}-{}", args.seed, std::process::id())), true),
     };
     if workdir.exists() {
-        // A previous run's data would make the nodes rejoin an old cluster.
-        std::fs::remove_dir_all(&workdir).with_context(|| format!("clearing {}", workdir.display()))?;
+        // A previous run's data would make the nodes rejoin an old cluster. But `--workdir .` or
+        // `~` names someone's files: only an empty directory or one a run made is cleared, and
+        // emptied rather than removed (it may be the current directory or a mount point).
+        anyhow::ensure!(
+            may_clear(&workdir)?,
+            "--workdir {}: not empty and not made by a chaos run (no {} in it); give a new or empty directory",
+            workdir.display(),
+            WORKDIR_MARKER
+        );
+        cluster::empty_dir(&workdir).with_context(|| format!("clearing {}", workdir.display()))?;
     }
     std::fs::create_dir_all(&workdir).with_context(|| format!("creating {}", workdir.display()))?;
+    // From here the directory holds this run's files: the marker lets a later run clear it.
+    let marker = workdir.join(WORKDIR_MARKER);
+    std::fs::write(&marker, "made by `raftbridge chaos`: a later run with this --workdir clears this directory\n")
+        .with_context(|| format!("writing {}", marker.display()))?;
     let common = vec![
         "--snapshot-threshold".to_string(),
         args.snapshot_threshold.to_string(),
@@ -919,6 +945,19 @@ mod tests {
         assert!(e.to_string().contains("during the fault phase"), "{e:#}");
         let e = load_ended_early(&mut failed).await.expect_err("a failed load fails the run");
         assert!(e.to_string().contains("2 load tasks failed"), "{e:#}");
+    }
+
+    #[test]
+    fn only_an_empty_or_marked_workdir_may_be_cleared() {
+        let dir = std::env::temp_dir().join(format!("rb-chaos-workdir-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        assert!(may_clear(&dir).unwrap(), "an empty directory");
+        std::fs::write(dir.join("notes.txt"), "mine").unwrap();
+        assert!(!may_clear(&dir).unwrap(), "someone's files, no marker");
+        std::fs::write(dir.join(WORKDIR_MARKER), "").unwrap();
+        assert!(may_clear(&dir).unwrap(), "an earlier run's directory");
+        assert!(may_clear(&dir.join("missing")).is_err(), "not a directory");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
