@@ -186,10 +186,13 @@ enum Retry {
 /// failed it, and the epoch it was handed out in.
 type RetryNote = ((String, u64), Retry, NodeId, u64);
 
+/// Per subscription, per position: the consumers that failed or refused it, in that order.
+type FailedOn = HashMap<String, HashMap<u64, Vec<NodeId>>>;
+
 /// Records that `node` failed or refused `key`, and returns when it may be handed out again.
 /// `refusals` counts each position's refusals (bounded with `failed_on`).
 fn note_retry(
-    failed_on: &mut HashMap<(String, u64), Vec<NodeId>>,
+    failed_on: &mut FailedOn,
     refusals: &mut HashMap<(String, u64), u32>,
     key: (String, u64),
     retry: Retry,
@@ -204,7 +207,7 @@ fn note_retry(
             backoff(*n - 1)
         }
     };
-    let tried = failed_on.entry(key).or_default();
+    let tried = failed_on.entry(key.0).or_default().entry(key.1).or_default();
     if !tried.contains(&node) {
         tried.push(node);
     }
@@ -455,7 +458,7 @@ impl Dispatcher {
         // until the note is drained).
         let (retry_tx, mut retry_rx) = mpsc::unbounded_channel::<RetryNote>();
         // Consumers that failed an event: its retries go to others while any are left.
-        let mut failed_on: HashMap<(String, u64), Vec<NodeId>> = HashMap::new();
+        let mut failed_on: FailedOn = HashMap::new();
         // How often each position was refused (see `Retry::Refused`).
         let mut refusals: HashMap<(String, u64), u32> = HashMap::new();
         // What each shared subscription's earlier passes saw of its log (`Backlog`).
@@ -528,18 +531,25 @@ impl Dispatcher {
                     backlog.unpark(position);
                 }
             }
-            if failed_on.len() > 10_000 || refusals.len() > 10_000 {
+            let noted = |f: &FailedOn| f.values().map(HashMap::len).sum::<usize>();
+            if noted(&failed_on) > 10_000 || refusals.len() > 10_000 {
                 // Nothing says when a failed event is later acked: first forget the positions
-                // that are neither backing off nor in flight (settled, most of them), and only
-                // if that is not enough all of it (a preference, bounded rather than grown).
+                // that are settled (neither backing off, nor in flight, nor open in their
+                // subscription's backlog: waiting for a consumer counts as open), and only if
+                // that is not enough all of it (a preference, bounded rather than grown).
                 let f = lock(&inflight);
-                let live = |(sub, position): &(String, u64)| {
-                    retry_at.get(sub).is_some_and(|m| m.contains_key(position)) || f.get(sub).is_some_and(|m| m.contains_key(position))
+                let live = |sub: &str, position: u64| {
+                    retry_at.get(sub).is_some_and(|m| m.contains_key(&position))
+                        || f.get(sub).is_some_and(|m| m.contains_key(&position))
+                        || backlogs.get(sub).is_some_and(|b| b.holds(position))
                 };
-                failed_on.retain(|k, _| live(k));
-                refusals.retain(|k, _| live(k));
+                for (sub, positions) in failed_on.iter_mut() {
+                    positions.retain(|p, _| live(sub, *p));
+                }
+                failed_on.retain(|_, positions| !positions.is_empty());
+                refusals.retain(|(sub, p), _| live(sub, *p));
                 drop(f);
-                if failed_on.len() > 10_000 || refusals.len() > 10_000 {
+                if noted(&failed_on) > 10_000 || refusals.len() > 10_000 {
                     failed_on.clear();
                     refusals.clear();
                 }
@@ -554,6 +564,7 @@ impl Dispatcher {
                 let mut load: HashMap<NodeId, u32> = consumers.iter().map(|c| (*c, 0)).collect();
                 // Parked, but a backlog looked at afresh (another filter) finds them again.
                 let backing_off = retry_at.get(&name);
+                let failed = failed_on.get(&name);
                 let pending = {
                     // Held while `pending` reads the log, so the positions in flight are read in
                     // place (delivery tasks take this lock only briefly, the log's read lock is
@@ -579,7 +590,15 @@ impl Dispatcher {
                         backlogs.insert(name.clone(), Backlog::default());
                     }
                     let Some(backlog) = backlogs.get_mut(&name) else { continue };
-                    self.sm.pending(&name, free, backlog, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.is_some_and(|m| m.contains_key(&p)))
+                    // Nor those that wait for a consumer they have not failed on while only those
+                    // they failed on have room (`pick`): they would take the places of events
+                    // that a consumer with room could take.
+                    let waits = |p: u64| {
+                        failed.and_then(|m| m.get(&p)).is_some_and(|a| pick(&load, decl.max_in_flight, Some(a)) == Pick::Wait)
+                    };
+                    self.sm.pending(&name, free, backlog, |p| {
+                        busy.is_some_and(|m| m.contains_key(&p)) || backing_off.is_some_and(|m| m.contains_key(&p)) || waits(p)
+                    })
                 };
                 // What each consumer gets in this pass: one task (and one progress message) for
                 // this node's consumer and for each peer that takes `DeliverBatch` (one frame),
@@ -589,7 +608,7 @@ impl Dispatcher {
                     let mut f = lock(&inflight);
                     let busy = f.entry(name.clone()).or_default();
                     for (event, attempts) in pending {
-                        let avoid = if failed_on.is_empty() { None } else { failed_on.get(&(name.clone(), event.position)) };
+                        let avoid = failed.and_then(|m| m.get(&event.position));
                         let target = match pick(&load, decl.max_in_flight, avoid.map(Vec::as_slice)) {
                             Pick::Take(target) => target,
                             Pick::Wait => continue,
@@ -1085,7 +1104,7 @@ mod tests {
         let pauses: Vec<Duration> = (0..4).map(|_| note_retry(&mut failed_on, &mut refusals, key(), Retry::Refused, 2)).collect();
         assert_eq!(pauses, [100, 200, 400, 800].map(Duration::from_millis));
         assert_eq!(note_retry(&mut failed_on, &mut refusals, key(), Retry::After(Duration::from_secs(3)), 3), Duration::from_secs(3));
-        assert_eq!(failed_on[&key()], vec![2, 3], "each consumer once, in order");
+        assert_eq!(failed_on["sub"][&7], vec![2, 3], "each consumer once, in order");
         assert_eq!(refusals[&key()], 4, "failures are not refusals");
         for _ in 0..100 {
             note_retry(&mut failed_on, &mut refusals, key(), Retry::Refused, 2);
