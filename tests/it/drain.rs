@@ -100,6 +100,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 #[test]
 fn rolling_restart_under_load_fails_no_request() {
     let (cluster, _leader) = Cluster::formed("drain", 3, &["--example-services"]);
+    // Every node ready, which includes its own registration: with only node 1 registered when
+    // the load began, its stop (it leaves the registry) left no node offering `echo` for a few
+    // ms, and every node rightly answered 404.
+    cluster.wait_all_ready(Duration::from_secs(20));
     // On every node: the load goes to all of them, and a node that has not applied any
     // registration yet answers 404 (seen once, 7 ms after node 1 could route it).
     for id in cluster.ids() {
