@@ -73,8 +73,8 @@ const MAX_BATCH_BYTES: usize = 256 << 10;
 /// `LINGER_ENOUGH` events are queued or the linger passes, so under load entries still grow.
 /// One slot (sessions 4–30) made every event queued during a commit wait for it and ride the
 /// next: on hosts where 64 closed-loop connections are bound by that latency rather than the
-/// CPU, two gained 4% (session 30) and 6–48% (session 31, ahead in 12 of 12 interleaved single-
-/// event pairs, the same CPU per event); with the CPU saturated by a busy loop beside the nodes
+/// CPU, two gained 4% (session 30) and 4–48% (session 31, ahead in 6 of 6 interleaved single-event
+/// pairs, the same CPU per event); with the CPU saturated by a busy loop beside the nodes
 /// two was ahead in 3 of 3 pairs by 1–5%, and half-rate tails were the same or lower. Three
 /// measured the same as two. All in-flight entries go to the same leader, so more slots would
 /// not help during a failover either.
