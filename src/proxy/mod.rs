@@ -269,16 +269,20 @@ impl Proxy {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// The routing table for the current registry (rebuilt when the registry changed).
+    /// The routing table for the current registry (rebuilt when the registry changed, or when a
+    /// departed node's commands are due to be forgotten: `RouteTable::next`).
     pub fn table(&self) -> SharedTable {
         let revision = self.sm.registry_revision();
-        let cached = lock(&self.table).clone();
-        if cached.revision == revision && revision != 0 {
-            return cached;
+        let now = tokio::time::Instant::now();
+        let mut cached = lock(&self.table);
+        if cached.revision == revision && revision != 0 && cached.expires().is_none_or(|at| now < at) {
+            return cached.clone();
         }
+        // Under the lock: two requests that find it stale build it once, in order, so the
+        // departed nodes are judged against the table that came before.
         let (revision, registry) = self.sm.registry();
-        let table = Arc::new(RouteTable::build(revision, &registry));
-        *lock(&self.table) = table.clone();
+        let table = Arc::new(cached.next(revision, registry, now));
+        *cached = table.clone();
         table
     }
 

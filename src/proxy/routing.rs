@@ -9,6 +9,9 @@
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::raft::types::NodeId;
 use crate::sdk::CommandDecl;
@@ -37,9 +40,63 @@ pub struct RouteTable {
     pub revision: u64,
     /// (version, METHOD) → routes.
     routes: BTreeMap<(u32, String), Vec<Route>>,
+    /// The registry it was built from, to tell which nodes left it at the next build.
+    registry: BTreeMap<NodeId, Vec<ServiceDecl>>,
+    /// Nodes that left the registry (a drained node clears its entry) within `DEPARTED_FOR`,
+    /// with when this node saw it and what they offered (`RouteTable::next`).
+    departed: BTreeMap<NodeId, (Instant, Vec<ServiceDecl>)>,
 }
 
+/// How long the commands of a node that left the registry stay known, offered by no node: a
+/// request for one is a 503 (no node offers it right now) rather than a 404 (no such command)
+/// while its only offering node restarts, as Envoy answers for a route whose cluster has no
+/// healthy endpoint. A command nobody offers for longer than this is gone: 404.
+pub const DEPARTED_FOR: Duration = Duration::from_secs(60);
+
 impl RouteTable {
+    /// The table for `registry` at `revision`, seen at `now`: nodes in this table's registry that
+    /// are not in the new one join the departed (a node back in the registry leaves them), and
+    /// departed nodes older than `DEPARTED_FOR` are forgotten. Their commands are routes with
+    /// no nodes, added only where no registered node's command already takes the path.
+    pub fn next(&self, revision: u64, registry: BTreeMap<NodeId, Vec<ServiceDecl>>, now: Instant) -> RouteTable {
+        let mut departed: BTreeMap<NodeId, (Instant, Vec<ServiceDecl>)> = self
+            .departed
+            .iter()
+            .filter(|(node, (at, _))| !registry.contains_key(node) && now.saturating_duration_since(*at) < DEPARTED_FOR)
+            .map(|(node, d)| (*node, d.clone()))
+            .collect();
+        for (node, services) in &self.registry {
+            if !registry.contains_key(node) {
+                departed.insert(*node, (now, services.clone()));
+            }
+        }
+        let mut table = RouteTable::build(revision, &registry);
+        table.add_departed(&departed);
+        table.registry = registry;
+        table.departed = departed;
+        table
+    }
+
+    /// When the oldest departed node is to be forgotten (the table must be built again then).
+    pub fn expires(&self) -> Option<Instant> {
+        self.departed.values().map(|(at, _)| *at + DEPARTED_FOR).min()
+    }
+
+    /// Routes with no nodes for the departed nodes' commands, where no route takes the key.
+    fn add_departed(&mut self, departed: &BTreeMap<NodeId, (Instant, Vec<ServiceDecl>)>) {
+        for svc in departed.values().flat_map(|(_, services)| services) {
+            for cmd in &svc.commands {
+                let list = self.routes.entry((svc.version, cmd.method.to_ascii_uppercase())).or_default();
+                let path = cmd.path.trim_matches('/');
+                if list.iter().any(|r| r.decl.path.trim_matches('/') == path) {
+                    continue;
+                }
+                list.push(Route { service: svc.name.clone(), version: svc.version, decl: cmd.clone(), nodes: Vec::new() });
+                list.sort_by_cached_key(|r| specificity(&r.decl.path));
+            }
+        }
+    }
+
     pub fn build(revision: u64, registry: &BTreeMap<NodeId, Vec<ServiceDecl>>) -> RouteTable {
         let mut by_key: BTreeMap<(u32, String, String), Route> = BTreeMap::new();
         for (node, services) in registry {
@@ -70,7 +127,7 @@ impl RouteTable {
         for list in routes.values_mut() {
             list.sort_by_cached_key(|r| specificity(&r.decl.path));
         }
-        RouteTable { revision, routes }
+        RouteTable { revision, routes, ..RouteTable::default() }
     }
 
     pub fn lookup(&self, version: u32, method: &str, path: &str) -> Lookup<'_> {
@@ -264,5 +321,43 @@ mod tests {
         assert!(matches!(t.lookup(1, "GET", "echo"), Lookup::WrongMethod(m) if m == ["POST"]));
         assert!(matches!(t.lookup(2, "POST", "echo"), Lookup::NotFound));
         assert_eq!(t.nodes(), BTreeSet::from([1, 3]));
+    }
+
+    /// A node that leaves the registry (drained) leaves its commands known, offered by no node,
+    /// for `DEPARTED_FOR`: a request for one is then a 503, not a 404. A registered node's
+    /// command on the same path wins, and a node back in the registry is no longer departed.
+    #[test]
+    fn a_departed_nodes_commands_stay_known_with_no_node_for_a_while() {
+        let svc = |name: &str, cmds: Vec<CommandDecl>| ServiceDecl { name: name.into(), version: 1, commands: cmds, subscriptions: Vec::new(), available: true };
+        let solo = svc("solo", vec![decl("only", "POST", "only"), decl("shared", "POST", "shared")]);
+        let other = svc("other", vec![decl("shared", "POST", "shared")]);
+        let t0 = Instant::now();
+        let both = RouteTable::default().next(1, BTreeMap::from([(1, vec![solo.clone()]), (2, vec![other.clone()])]), t0);
+        assert_eq!(both.expires(), None);
+        // Node 1 drains: `only` has no node, `shared` is still node 2's.
+        let drained = both.next(2, BTreeMap::from([(2, vec![other.clone()])]), t0 + Duration::from_secs(1));
+        match drained.lookup(1, "POST", "only") {
+            Lookup::Found { route, .. } => assert!(route.nodes.is_empty() && route.service == "solo"),
+            _ => panic!("a departed node's command is still known"),
+        }
+        match drained.lookup(1, "POST", "shared") {
+            Lookup::Found { route, .. } => assert_eq!((route.service.as_str(), route.nodes.as_slice()), ("other", &[2][..])),
+            _ => panic!("shared"),
+        }
+        assert_eq!(drained.expires(), Some(t0 + Duration::from_secs(1) + DEPARTED_FOR));
+        assert_eq!(drained.nodes(), BTreeSet::from([2]));
+        // Another change later keeps it until its time is up, then it is gone.
+        let later = drained.next(3, BTreeMap::from([(2, vec![other.clone()])]), t0 + Duration::from_secs(30));
+        assert!(matches!(later.lookup(1, "POST", "only"), Lookup::Found { .. }));
+        let gone = later.next(3, BTreeMap::from([(2, vec![other.clone()])]), t0 + Duration::from_secs(1) + DEPARTED_FOR);
+        assert!(matches!(gone.lookup(1, "POST", "only"), Lookup::NotFound));
+        assert_eq!(gone.expires(), None);
+        // Back in the registry: routed to again, and not departed.
+        let back = drained.next(4, BTreeMap::from([(1, vec![solo]), (2, vec![other])]), t0 + Duration::from_secs(2));
+        match back.lookup(1, "POST", "only") {
+            Lookup::Found { route, .. } => assert_eq!(route.nodes, vec![1]),
+            _ => panic!("only"),
+        }
+        assert_eq!(back.expires(), None);
     }
 }

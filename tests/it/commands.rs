@@ -740,6 +740,19 @@ fn a_command_nobody_offers_is_refused_at_once_with_503() {
             .expect("unknown command");
         assert_json_error(&resp, 404, "unknown command while nobody offers anything");
     }
+    // A graceful stop takes node 3 out of the registry, so echo has no registered offerer at all;
+    // it is still a known command for a while (a restart), so a 503, not a 404.
+    c.restart(3);
+    c.wait_ready(3);
+    c.wait_for("echo routable again via node 1", ROUTING, || {
+        let resp = c.api(1).request("POST", "/api/v1/echo", &[], b"{}").map_err(|e| e.to_string())?;
+        if resp.status == 200 { Ok(()) } else { Err(resp.describe()) }
+    });
+    c.terminate(3);
+    for api in c.apis() {
+        let resp = api.request("POST", "/api/v1/echo", &[], b"{}").expect("echo");
+        assert_json_error(&resp, 503, "echo while its only offerer restarts (left the registry)");
+    }
 }
 
 #[test]
