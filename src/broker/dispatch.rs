@@ -96,6 +96,9 @@ const UPDATE_BATCHES_OUT: usize = 4;
 /// pass (and at the end of each), so a crash redelivers at most about this much handling.
 const INSTANCE_FLUSH: Duration = Duration::from_millis(100);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
+/// How long an event that waits for a consumer it has not failed on (`Pick::Wait`) stays out of
+/// the passes before it is looked at again.
+const WAIT_RECHECK: Duration = Duration::from_millis(20);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// A local subscription handler and the identity of the service it belongs to.
@@ -590,20 +593,14 @@ impl Dispatcher {
                         backlogs.insert(name.clone(), Backlog::default());
                     }
                     let Some(backlog) = backlogs.get_mut(&name) else { continue };
-                    // Nor those that wait for a consumer they have not failed on while only those
-                    // they failed on have room (`pick`): they would take the places of events
-                    // that a consumer with room could take.
-                    let waits = |p: u64| {
-                        failed.and_then(|m| m.get(&p)).is_some_and(|a| pick(&load, decl.max_in_flight, Some(a)) == Pick::Wait)
-                    };
-                    self.sm.pending(&name, free, backlog, |p| {
-                        busy.is_some_and(|m| m.contains_key(&p)) || backing_off.is_some_and(|m| m.contains_key(&p)) || waits(p)
-                    })
+                    self.sm.pending(&name, free, backlog, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.is_some_and(|m| m.contains_key(&p)))
                 };
                 // What each consumer gets in this pass: one task (and one progress message) for
                 // this node's consumer and for each peer that takes `DeliverBatch` (one frame),
                 // one request per event for older peers.
                 let mut handout: HashMap<NodeId, Vec<(Event, u32)>> = HashMap::new();
+                // Events that wait for a consumer they have not failed on (`pick`).
+                let mut waiting = Vec::new();
                 {
                     let mut f = lock(&inflight);
                     let busy = f.entry(name.clone()).or_default();
@@ -611,12 +608,31 @@ impl Dispatcher {
                         let avoid = failed.and_then(|m| m.get(&event.position));
                         let target = match pick(&load, decl.max_in_flight, avoid.map(Vec::as_slice)) {
                             Pick::Take(target) => target,
-                            Pick::Wait => continue,
+                            Pick::Wait => {
+                                waiting.push(event.position);
+                                continue;
+                            }
                             Pick::Full => break,
                         };
                         *load.entry(target).or_default() += 1;
                         busy.insert(event.position, Slot { consumer: Some(target), epoch });
                         handout.entry(target).or_default().push((event, attempts));
+                    }
+                }
+                // Parked like a backoff, for `WAIT_RECHECK`: left in the walk, they would take the
+                // places of events a consumer with room could take in every pass, and a pass
+                // would step over all of them (a consumer failing everything fast makes many).
+                if !waiting.is_empty() {
+                    let at = Instant::now() + WAIT_RECHECK;
+                    let parked = retry_at.entry(name.clone()).or_default();
+                    for &p in &waiting {
+                        parked.insert(p, at);
+                        due.push(Reverse((at, name.clone(), p)));
+                    }
+                    if let Some(backlog) = backlogs.get_mut(&name) {
+                        for p in waiting {
+                            backlog.park(p);
+                        }
                     }
                 }
                 for (target, events) in handout {

@@ -223,6 +223,9 @@ impl<F: Future + Send + 'static> Drop for Detachable<F> {
     }
 }
 
+/// How often the routing table is brought up to the registry without a request (`refresh_routes`).
+const ROUTES_REFRESH: Duration = Duration::from_secs(1);
+
 /// Client commands running at once on a node at most (`Proxy::running_slots`); past it a new
 /// one is a 503 with `Retry-After`.
 const MAX_RUNNING: usize = 16_384;
@@ -284,6 +287,22 @@ impl Proxy {
         let table = Arc::new(cached.next(revision, registry, now));
         *cached = table.clone();
         table
+    }
+
+    /// Every `ROUTES_REFRESH` until `shutdown`: brings the routing table up to the registry
+    /// even while no request comes, so that a node leaving the registry is seen to leave within
+    /// about that long (its commands stay known for `routing::DEPARTED_FOR` from then), not at
+    /// the next request, which could be long after, or never for a node that came and went.
+    pub async fn refresh_routes(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(ROUTES_REFRESH);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.table();
+        }
     }
 
     /// Serve a client request under `/api/`.

@@ -45,6 +45,9 @@ pub struct RouteTable {
     /// Nodes that left the registry (a drained node clears its entry) within `DEPARTED_FOR`,
     /// with when this node saw it and what they offered (`RouteTable::next`).
     departed: BTreeMap<NodeId, (Instant, Vec<ServiceDecl>)>,
+    /// Their commands, as routes with no nodes, looked up only when no registered command
+    /// takes the request (so they never shadow one), and not listed by `all`.
+    departed_routes: BTreeMap<(u32, String), Vec<Route>>,
 }
 
 /// How long the commands of a node that left the registry stay known, offered by no node: a
@@ -82,11 +85,11 @@ impl RouteTable {
         self.departed.values().map(|(at, _)| *at + DEPARTED_FOR).min()
     }
 
-    /// Routes with no nodes for the departed nodes' commands, where no route takes the key.
+    /// Routes with no nodes for the departed nodes' commands (`departed_routes`).
     fn add_departed(&mut self, departed: &BTreeMap<NodeId, (Instant, Vec<ServiceDecl>)>) {
         for svc in departed.values().flat_map(|(_, services)| services) {
             for cmd in &svc.commands {
-                let list = self.routes.entry((svc.version, cmd.method.to_ascii_uppercase())).or_default();
+                let list = self.departed_routes.entry((svc.version, cmd.method.to_ascii_uppercase())).or_default();
                 let path = cmd.path.trim_matches('/');
                 if list.iter().any(|r| r.decl.path.trim_matches('/') == path) {
                     continue;
@@ -132,8 +135,10 @@ impl RouteTable {
 
     pub fn lookup(&self, version: u32, method: &str, path: &str) -> Lookup<'_> {
         let path = path.trim_matches('/');
-        if let Some(routes) = self.routes.get(&(version, method.to_string())) {
-            for route in routes {
+        let key = (version, method.to_string());
+        // A registered command first; a departed node's only where none takes the request.
+        for table in [&self.routes, &self.departed_routes] {
+            for route in table.get(&key).into_iter().flatten() {
                 if let Some(params) = match_path(&route.decl.path, path) {
                     return Lookup::Found { route, params };
                 }
@@ -346,6 +351,20 @@ mod tests {
         }
         assert_eq!(drained.expires(), Some(t0 + Duration::from_secs(1) + DEPARTED_FOR));
         assert_eq!(drained.nodes(), BTreeSet::from([2]));
+        assert!(drained.all().all(|r| r.service == "other"), "departed commands are not listed");
+        // A departed command never shadows a registered one that takes the same requests: a
+        // renamed parameter, or a literal beside a live parameter.
+        let old = svc("shop", vec![decl("byId", "GET", "orders/:id"), decl("me", "GET", "users/me")]);
+        let new = svc("shop", vec![decl("byId", "GET", "orders/:orderId"), decl("user", "GET", "users/:id")]);
+        let upgraded = RouteTable::default()
+            .next(1, BTreeMap::from([(1, vec![new.clone()]), (2, vec![old])]), t0)
+            .next(2, BTreeMap::from([(1, vec![new])]), t0 + Duration::from_secs(1));
+        for (path, name) in [("orders/7", "byId"), ("users/me", "user")] {
+            match upgraded.lookup(1, "GET", path) {
+                Lookup::Found { route, .. } => assert_eq!((route.decl.name.as_str(), route.nodes.as_slice()), (name, &[1][..]), "{path}"),
+                _ => panic!("{path}"),
+            }
+        }
         // Another change later keeps it until its time is up, then it is gone.
         let later = drained.next(3, BTreeMap::from([(2, vec![other.clone()])]), t0 + Duration::from_secs(30));
         assert!(matches!(later.lookup(1, "POST", "only"), Lookup::Found { .. }));

@@ -269,15 +269,16 @@ impl Backlog {
         self.open.len()
     }
 
-    /// Leaves `position` out of the walk until `unpark`: it is backing off after a failure or
-    /// refusal. A consumer that fails everything (its downstream is down) puts most of the
-    /// backlog into backoff, and every pass stepped over all of it.
     /// Whether `position` is open here (maybe pending or in flight, not parked, not yet found
     /// settled).
     pub fn holds(&self, position: u64) -> bool {
         self.open.contains(&position)
     }
 
+    /// Leaves `position` out of the walk until `unpark`: it is backing off after a failure or
+    /// refusal, or waiting for a consumer it has not failed on. A consumer that fails everything
+    /// (its downstream is down) puts most of the backlog into backoff, and every pass stepped
+    /// over all of it.
     pub fn park(&mut self, position: u64) {
         self.open.remove(&position);
     }
