@@ -234,7 +234,9 @@ enum Pick {
 /// the event was dead-lettered without another instance ever trying it. Once it has failed on
 /// every live consumer, any with room takes it.
 fn pick(load: &HashMap<NodeId, u32>, max: u32, avoid: Option<&[NodeId]>) -> Pick {
-    let least = |ok: &dyn Fn(&NodeId) -> bool| load.iter().filter(|(n, l)| **l < max && ok(n)).min_by_key(|(n, l)| (**l, **n)).map(|(n, _)| *n);
+    // Ties go as the map iterates, which differs from pass to pass (its hasher is seeded per
+    // map): at light load, events spread over the consumers instead of all going to one.
+    let least = |ok: &dyn Fn(&NodeId) -> bool| load.iter().filter(|(n, l)| **l < max && ok(n)).min_by_key(|(_, l)| **l).map(|(n, _)| *n);
     let Some(any) = least(&|_| true) else { return Pick::Full };
     match avoid {
         None => Pick::Take(any),
