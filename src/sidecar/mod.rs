@@ -180,6 +180,11 @@ fn default_health_interval_ms() -> u64 {
 fn default_pool_size() -> usize {
     32
 }
+/// Connections to the app at most (`max_connections`), as many as a node's own clients.
+const MAX_APP_CONNECTIONS: usize = 1_000_000;
+/// The longest health check interval (`health_interval_ms`): an hour.
+const MAX_HEALTH_INTERVAL_MS: u64 = 3_600_000;
+
 fn default_max_connections() -> usize {
     1024
 }
@@ -290,11 +295,12 @@ fn forwarders(cfg: &SidecarConfig) -> Result<(Arc<Pool>, Vec<Forward>), SidecarE
     if cfg.health_path.as_deref().is_some_and(|p| !p.starts_with('/') || p.parse::<http::Uri>().is_err()) {
         return Err(bad_upstream("health_path must be a path starting with /"));
     }
-    if cfg.health_interval_ms == 0 {
-        return Err(bad_upstream("health_interval_ms must be at least 1"));
+    if cfg.health_interval_ms == 0 || cfg.health_interval_ms > MAX_HEALTH_INTERVAL_MS {
+        return Err(bad_upstream(&format!("health_interval_ms must be 1..={MAX_HEALTH_INTERVAL_MS}")));
     }
-    if cfg.max_connections == 0 {
-        return Err(bad_upstream("max_connections must be at least 1"));
+    // Bounded above too: a huge one reached tokio's semaphore bound and panicked at start.
+    if cfg.max_connections == 0 || cfg.max_connections > MAX_APP_CONNECTIONS {
+        return Err(bad_upstream(&format!("max_connections must be 1..={MAX_APP_CONNECTIONS}")));
     }
     let pool = Arc::new(Pool {
         addr,
@@ -969,6 +975,10 @@ mod tests {
             assert!(start(config(url, "")).unwrap().contains("upstream"), "{url}");
         }
         assert!(start(config("http://x:1", "health_path = \"health\"")).unwrap().contains("health_path"));
+        for (field, value) in [("max_connections", "0"), ("max_connections", "2305843009213693952"), ("health_interval_ms", "0"), ("health_interval_ms", "3600001")] {
+            assert!(start(config("http://x:1", &format!("{field} = {value}"))).unwrap().contains(field), "{field} = {value}");
+        }
+        assert!(start(config("http://x:1", "max_connections = 1000000\nhealth_interval_ms = 3600000")).is_none());
         let mut cfg = config("http://x:1", "");
         cfg.commands[1].upstream_path = Some("/:nope".into());
         assert!(start(cfg).unwrap().contains(":nope"));
