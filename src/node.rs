@@ -588,13 +588,8 @@ const METRICS_UPKEEP: Duration = Duration::from_secs(1);
 /// off the async workers. (The scrape stalls themselves came from rendering on the worker; see
 /// `api::metrics_text`.)
 async fn metrics_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(METRICS_UPKEEP);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
+    let mut tick = crate::supervise::Ticker::new(METRICS_UPKEEP, &stop);
+    while tick.next().await {
         let handle = handle.clone();
         let _ = tokio::task::spawn_blocking(move || handle.run_upkeep()).await;
     }

@@ -263,9 +263,46 @@ fn panic_message(panic: &(dyn Any + Send)) -> String {
     }
 }
 
+/// A loop's clock: `next` waits for the next tick every `period` (a late tick is not made up
+/// for: the next one comes a whole period after it) and says false once `stop` fires. The
+/// periodic loops of a node (registry, expiries, route refresh, metrics upkeep) run on it.
+pub struct Ticker {
+    interval: tokio::time::Interval,
+    stop: CancellationToken,
+}
+
+impl Ticker {
+    pub fn new(period: std::time::Duration, stop: &CancellationToken) -> Ticker {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Ticker { interval, stop: stop.clone() }
+    }
+
+    /// True at the next tick (the first at once), false once `stop` has fired.
+    pub async fn next(&mut self) -> bool {
+        tokio::select! {
+            _ = self.stop.cancelled() => false,
+            _ = self.interval.tick() => true,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ticker ticks at once, then each period, and says false once its stop fires.
+    #[tokio::test(start_paused = true)]
+    async fn a_ticker_ticks_each_period_until_stopped() {
+        let stop = CancellationToken::new();
+        let mut tick = Ticker::new(std::time::Duration::from_secs(1), &stop);
+        let start = tokio::time::Instant::now();
+        assert!(tick.next().await);
+        assert!(tick.next().await);
+        assert_eq!(start.elapsed(), std::time::Duration::from_secs(1));
+        stop.cancel();
+        assert!(!tick.next().await);
+    }
     use std::time::Duration;
 
     #[tokio::test(start_paused = true)]

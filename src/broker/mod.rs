@@ -627,13 +627,8 @@ const EXPIRY_CHECK: Duration = Duration::from_secs(30);
 /// their memory, disk and snapshot space) and expired keys stayed for good. An empty `Publish`
 /// applies both, when something is due. Ends with `shutdown`.
 async fn expire_loop(store: StateStore, limits: EventLimits, dedup_max_keys: usize, shutdown: CancellationToken) {
-    let mut check = tokio::time::interval(EXPIRY_CHECK);
-    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = check.tick() => {}
-        }
+    let mut check = crate::supervise::Ticker::new(EXPIRY_CHECK, &shutdown);
+    while check.next().await {
         if !store.replica().raft.is_leader() {
             continue;
         }

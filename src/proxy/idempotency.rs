@@ -122,13 +122,8 @@ impl Proxy {
     /// is proposed in the state machine's own clock (the latest any command brought), so a node
     /// whose clock runs ahead expires nothing early. Ends with `shutdown`.
     pub async fn expire_records(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let mut check = tokio::time::interval(EXPIRY_CHECK);
-        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = check.tick() => {}
-            }
+        let mut check = crate::supervise::Ticker::new(EXPIRY_CHECK, &shutdown);
+        while check.next().await {
             if !self.store.replica().raft.is_leader() {
                 continue;
             }

@@ -294,13 +294,8 @@ impl Proxy {
     /// about that long (its commands stay known for `routing::DEPARTED_FOR` from then), not at
     /// the next request, which could be long after, or never for a node that came and went.
     pub async fn refresh_routes(self: Arc<Self>, shutdown: tokio_util::sync::CancellationToken) {
-        let mut tick = tokio::time::interval(ROUTES_REFRESH);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        let mut tick = crate::supervise::Ticker::new(ROUTES_REFRESH, &shutdown);
+        while tick.next().await {
             self.table();
         }
     }

@@ -38,13 +38,8 @@ pub async fn run(
     let me = store.replica().id();
     // Conflicting subscription names already reported (once each).
     let mut warned: std::collections::HashSet<String> = std::collections::HashSet::new();
-    let mut tick = tokio::time::interval(PERIOD);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tick.tick() => {}
-        }
+    let mut tick = crate::supervise::Ticker::new(PERIOD, &shutdown);
+    while tick.next().await {
         if !cluster.ready() {
             continue;
         }
