@@ -412,7 +412,11 @@ impl Dispatcher {
         if let Some(refused) = self.refusal(&sub) {
             return refused;
         }
-        PeerResponse::Delivered(self.run_local(&sub, event).await)
+        match self.run_local(&sub, event).await {
+            // Nothing ran (the sidecar's app refused the connection): a refusal, not an attempt.
+            Err(e) if e.is_not_served() => PeerResponse::Error(RemoteError::NotServed(e.message)),
+            r => PeerResponse::Delivered(r),
+        }
     }
 
     /// Serve `PeerRequest::DeliverBatch`: the events' handlers run concurrently (the leader sends
@@ -426,7 +430,13 @@ impl Dispatcher {
             return PeerResponse::DeliveredBatch(vec![Err(e); events.len()]);
         }
         let runs = events.into_iter().map(|event| self.run_local(&sub, event));
-        PeerResponse::DeliveredBatch(futures_util::future::join_all(runs).await)
+        let results = futures_util::future::join_all(runs).await;
+        // A batch none of whose events ran is refused as a whole. One in which some ran has
+        // no way to say which did not (the flag does not cross a link): those count as attempts.
+        if let Some(Err(e)) = results.first().filter(|_| results.iter().all(|r| r.as_ref().is_err_and(HandlerError::is_not_served))) {
+            return PeerResponse::Error(RemoteError::NotServed(e.message.clone()));
+        }
+        PeerResponse::DeliveredBatch(results)
     }
 
     /// Consumers of a shared subscription: registered, available, and live.
@@ -681,7 +691,7 @@ impl Dispatcher {
         let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
         let results: Vec<Outcome> = if target == self.node_id {
             // `run_local` holds the handler to the ack deadline.
-            let runs = events.into_iter().map(|event| async move { Outcome::Ran(self.run_local(&decl.name, event).await) });
+            let runs = events.into_iter().map(|event| async move { Outcome::local(self.run_local(&decl.name, event).await) });
             futures_util::future::join_all(runs).await
         } else if n == 1 {
             let event = events.into_iter().next().expect("one event"); // n == 1
@@ -797,6 +807,15 @@ impl Dispatcher {
                     }
                     match self.run_local(&name, event.clone()).await {
                         Ok(()) => break None,
+                        Err(e) if e.is_not_served() => {
+                            // Nothing ran: no attempt. The refusal most often took the app's
+                            // availability down, which the next turn waits on; a pause in
+                            // case it did not.
+                            tokio::select! {
+                                _ = shutdown.cancelled() => return,
+                                _ = tokio::time::sleep(BACKOFF_BASE) => {}
+                            }
+                        }
                         Err(e) => {
                             attempts += 1;
                             if attempts >= decl.max_attempts {
@@ -881,6 +900,17 @@ enum Outcome {
     /// No handler ran: the consumer's node said so (not ready, or not consuming it there), or
     /// the request never left this node (no link to it could be made).
     Refused(String),
+}
+
+impl Outcome {
+    /// A handler's result on this node: one that did not run ([`HandlerError::not_served`]) is
+    /// a refusal.
+    fn local(result: Result<(), HandlerError>) -> Outcome {
+        match result {
+            Err(e) if e.is_not_served() => Outcome::Refused(e.message),
+            r => Outcome::Ran(r),
+        }
+    }
 }
 
 /// The outcomes of `n` events sent to another node in one request.

@@ -76,6 +76,8 @@ use crate::store::StateStore;
 
 /// Attempts per request at most (first try + retries).
 const MAX_ATTEMPTS: usize = 3;
+/// Why a command offered here is refused while its handler is not available.
+const UNAVAILABLE: &str = "the command's app is down here";
 /// Longest path and query of a command request, in bytes (its parameters travel in the peer
 /// frame with the body, and are copied per attempt): nginx answers 414 past 8 KiB by default.
 pub const MAX_URI: usize = 16 << 10;
@@ -425,7 +427,7 @@ impl Proxy {
                 if *n == self.node_id {
                     !self.is_draining()
                         && self.cluster.serving()
-                        && self.local.get(&route.service, route.version, &route.decl.name).is_some()
+                        && self.local.get(&route.service, route.version, &route.decl.name).is_some_and(|h| h.available())
                 } else {
                     self.net.maybe_reachable(*n) && self.cluster.is_member(*n)
                 }
@@ -518,7 +520,13 @@ impl Proxy {
                 .local
                 .get(&inv.service, inv.version, &inv.command)
                 .ok_or_else(|| Miss::NotServed("not offered here".into()))?;
-            return Ok(self.run_local(handler, inv).await);
+            if !handler.available() {
+                return Err(Miss::NotServed(UNAVAILABLE.into()));
+            }
+            return match self.run_local(handler, inv).await {
+                Err(e) if e.is_not_served() => Err(Miss::NotServed(e.message)),
+                answer => Ok(answer),
+            };
         }
         let slots = lock(&self.peer_slots)
             .entry(target)
@@ -607,7 +615,12 @@ impl Proxy {
         }
         match self.local.get(&inv.service, inv.version, &inv.command) {
             None => PeerResponse::Error(RemoteError::NotServed("not offered here".into())),
-            Some(handler) => PeerResponse::Invoked(self.run_local(handler, inv).await),
+            Some(handler) if !handler.available() => PeerResponse::Error(RemoteError::NotServed(UNAVAILABLE.into())),
+            Some(handler) => match self.run_local(handler, inv).await {
+                // Nothing ran (the sidecar's app refused the connection): the caller goes on.
+                Err(e) if e.is_not_served() => PeerResponse::Error(RemoteError::NotServed(e.message)),
+                answer => PeerResponse::Invoked(answer),
+            },
         }
     }
 

@@ -145,11 +145,26 @@ pub struct HandlerError {
     pub message: String,
     /// JSON text of extra data, if any.
     pub data: Option<String>,
+    /// Set by [`HandlerError::not_served`]: nothing ran, so the caller may go to another node
+    /// and count no attempt. Read where the handler runs and turned into the peer protocol's
+    /// `NotServed` there; it does not cross a link itself.
+    #[serde(skip)]
+    not_served: bool,
 }
 
 impl HandlerError {
     pub fn new(status: u16, message: impl Into<String>) -> HandlerError {
-        HandlerError { status, message: message.into(), data: None }
+        HandlerError { status, message: message.into(), data: None, not_served: false }
+    }
+    /// The handler could not take the request at all and did nothing (the sidecar's app
+    /// refused the connection): the proxy tries another node, a delivery counts no attempt.
+    /// A 503 where no other node is left.
+    pub fn not_served(message: impl Into<String>) -> HandlerError {
+        HandlerError { not_served: true, ..HandlerError::new(503, message) }
+    }
+    /// Whether this is [`HandlerError::not_served`].
+    pub fn is_not_served(&self) -> bool {
+        self.not_served
     }
     pub fn bad_request(message: impl Into<String>) -> HandlerError {
         HandlerError::new(400, message)
@@ -223,6 +238,11 @@ impl From<StoreError> for HandlerError {
 /// Serves one command; implemented by the builder's typed wrappers and by the sidecar.
 pub trait CommandHandler: Send + Sync + 'static {
     fn call(&self, ctx: Ctx, inv: Invocation) -> BoxFuture<Result<Output, HandlerError>>;
+    /// Whether it can run here now. While false the proxy sends the command to other nodes
+    /// and refuses it from them (`NotServed`) without calling it: the sidecar's app is down.
+    fn available(&self) -> bool {
+        true
+    }
 }
 
 /// A service ready to be run by a node: its declaration, one handler per command name and one

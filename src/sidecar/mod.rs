@@ -13,7 +13,11 @@
 //!   through (they are answers), a 5xx or a broken connection is 502 and no answer in time is 504.
 //!   An upstream failure is never reported as 400.
 //! - A background task probes `health_path`; [`Sidecar::healthy`] lets the node stop advertising
-//!   these commands while the app is down, so the proxy routes to nodes whose app is up.
+//!   these commands while the app is down, so the proxy routes to nodes whose app is up. It
+//!   takes `unhealthy_threshold` failed probes in a row (one slow answer under load does not
+//!   withdraw the node), but a refused connection, probe or request, takes the app down at once:
+//!   nothing listens. Such a request reached nothing, so it is `not_served` (the proxy tries
+//!   another node, a delivery counts no attempt), not a 502 the balancer would read as an answer.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -44,6 +48,14 @@ pub struct SidecarConfig {
     pub health_path: Option<String>,
     #[serde(default = "default_health_interval_ms")]
     pub health_interval_ms: u64,
+    /// Failed probes in a row that take the app's commands out (default 3, as Kubernetes'
+    /// `failureThreshold`): one slow answer under load does not withdraw the node. A refused
+    /// connection takes them out at once, probe or request.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+    /// Passed probes in a row that bring them back (default 1).
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
     /// Idle keep-alive connections kept at most.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
@@ -149,6 +161,7 @@ impl crate::sdk::SubscriptionHandler for EventPost {
                     Err(HandlerError::new(502, format!("app answered {} to event {}", resp.status, event.id)))
                 }
                 Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
+                Err(e @ ClientError::Connect { .. }) => Err(pool.refused(&e)),
                 Err(e) => Err(HandlerError::new(502, format!("app unreachable: {e}"))),
             }
         })
@@ -177,6 +190,14 @@ pub struct SidecarCommand {
 fn default_health_interval_ms() -> u64 {
     1000
 }
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+fn default_healthy_threshold() -> u32 {
+    1
+}
+/// The most probes a threshold may ask for.
+const MAX_THRESHOLD: u32 = 100;
 fn default_pool_size() -> usize {
     32
 }
@@ -207,7 +228,7 @@ pub enum SidecarError {
 /// A running sidecar: its commands as services, and the upstream's health.
 pub struct Sidecar {
     parts: Vec<ServiceParts>,
-    healthy: watch::Receiver<bool>,
+    pool: Arc<Pool>,
 }
 
 impl Sidecar {
@@ -261,11 +282,14 @@ impl Sidecar {
             services.insert(key, service.subscription((decl, Arc::new(post))));
         }
         let parts = services.into_values().map(Service::into_parts).collect::<Result<Vec<_>, _>>()?;
-        let (tx, healthy) = watch::channel(cfg.health_path.is_none());
-        let interval = Duration::from_millis(cfg.health_interval_ms);
-        let health = cfg.health_path.map(|path| format!("{}{path}", pool.base));
-        crate::supervise::spawn_until("sidecar health check", &shutdown, health_loop(pool.addr.clone(), health, interval, tx, shutdown.clone()));
-        Ok(Sidecar { parts, healthy })
+        let check = HealthCheck {
+            path: cfg.health_path.map(|path| format!("{}{path}", pool.base)),
+            interval: Duration::from_millis(cfg.health_interval_ms),
+            unhealthy_threshold: cfg.unhealthy_threshold,
+            healthy_threshold: cfg.healthy_threshold,
+        };
+        crate::supervise::spawn_until("sidecar health check", &shutdown, health_loop(pool.clone(), check, shutdown.clone()));
+        Ok(Sidecar { parts, pool })
     }
 
     /// One `ServiceParts` per (service, version) in the config.
@@ -273,9 +297,10 @@ impl Sidecar {
         self.parts.clone()
     }
 
-    /// True while the last health check passed (always true without `health_path`).
+    /// True while the app can take requests: its health checks pass (`health_path`), and no
+    /// connection to it was refused since the last passing probe.
     pub fn healthy(&self) -> watch::Receiver<bool> {
-        self.healthy.clone()
+        self.pool.up.subscribe()
     }
 }
 
@@ -298,6 +323,11 @@ fn forwarders(cfg: &SidecarConfig) -> Result<(Arc<Pool>, Vec<Forward>), SidecarE
     if cfg.health_interval_ms == 0 || cfg.health_interval_ms > MAX_HEALTH_INTERVAL_MS {
         return Err(bad_upstream(&format!("health_interval_ms must be 1..={MAX_HEALTH_INTERVAL_MS}")));
     }
+    for (name, n) in [("unhealthy_threshold", cfg.unhealthy_threshold), ("healthy_threshold", cfg.healthy_threshold)] {
+        if n == 0 || n > MAX_THRESHOLD {
+            return Err(bad_upstream(&format!("{name} must be 1..={MAX_THRESHOLD}")));
+        }
+    }
     // Bounded above too: a huge one reached tokio's semaphore bound and panicked at start.
     if cfg.max_connections == 0 || cfg.max_connections > MAX_APP_CONNECTIONS {
         return Err(bad_upstream(&format!("max_connections must be 1..={MAX_APP_CONNECTIONS}")));
@@ -309,6 +339,9 @@ fn forwarders(cfg: &SidecarConfig) -> Result<(Arc<Pool>, Vec<Forward>), SidecarE
         idle: Mutex::new(Idle::default()),
         open: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
         open_max: cfg.max_connections,
+        // Without a health check the app counts as up until a connection to it is refused.
+        up: watch::Sender::new(cfg.health_path.is_none()),
+        went_down: tokio::sync::Notify::new(),
     });
     let forwards = cfg.commands.iter().map(|c| forwarder(&pool, c)).collect::<Result<_, _>>()?;
     Ok((pool, forwards))
@@ -369,6 +402,13 @@ struct Pool {
     /// the connection is dropped.
     open: Arc<tokio::sync::Semaphore>,
     open_max: usize,
+    /// Whether the app can take requests. Set by the health loop from its probes, and cleared
+    /// by any request or delivery whose connection the app refused (`refused`): nothing listens,
+    /// so the node stops taking the app's work at once, not a probe and a threshold later.
+    up: watch::Sender<bool>,
+    /// Wakes the health loop when a refusal took the app down: without `health_path` it only
+    /// probes (by connecting) while the app is down.
+    went_down: tokio::sync::Notify,
 }
 
 /// The pool's free connections and the requests waiting for one, under one lock: a request
@@ -393,6 +433,21 @@ struct Leased {
 }
 
 impl Pool {
+    /// Notes that the app refused a connection (nothing was sent) and returns the error for
+    /// it: not served, so the proxy tries another node and a delivery counts no attempt.
+    fn refused(&self, e: &ClientError) -> HandlerError {
+        if self.up.send_if_modified(|up| std::mem::replace(up, false)) {
+            metrics::gauge!("raftbridge_sidecar_upstream_healthy").set(0.0);
+            tracing::warn!(addr = %self.addr, error = %e, "sidecar app refused a connection; its commands and subscriptions move to other nodes until it answers again");
+            self.went_down.notify_one();
+        }
+        HandlerError::not_served("the app refused the connection")
+    }
+
+    fn is_up(&self) -> bool {
+        *self.up.borrow()
+    }
+
     /// An idle connection, or a new one once fewer than `open_max` are open (waiting up to
     /// `wait` for that); `None` if none came free in time.
     async fn take(&self, wait: Duration) -> Option<Leased> {
@@ -466,6 +521,10 @@ impl CommandHandler for Forward {
         let this = self.clone();
         Box::pin(async move { this.forward(inv).await })
     }
+
+    fn available(&self) -> bool {
+        self.pool.is_up()
+    }
 }
 
 impl Forward {
@@ -526,6 +585,9 @@ impl Forward {
                 self.pool.put(conn);
                 answer(resp)
             }
+            // No connection could be made: nothing reached the app. (A failed resend of a
+            // safe or idempotent request may follow one that did, which that allows.)
+            Err(e @ ClientError::Connect { .. }) => Err(self.pool.refused(&e)),
             Err(e) => {
                 let status = if matches!(e, ClientError::Timeout { .. }) { 504 } else { 502 };
                 // Not the target: its path and query carry the client's parameters (tokens, ids).
@@ -548,7 +610,9 @@ fn answer(resp: Response) -> Result<Output, HandlerError> {
         200..=299 => Ok(Output { status: resp.status, body: resp.body, content_type }),
         400..=499 => {
             let (message, data) = error_message(&resp.body);
-            Err(HandlerError { status: resp.status, message, data })
+            let mut e = HandlerError::new(resp.status, message);
+            e.data = data;
+            Err(e)
         }
         500..=599 => {
             let (message, _) = error_message(&resp.body);
@@ -586,43 +650,106 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-async fn health_loop(
-    addr: String,
+/// How the health loop probes the app.
+struct HealthCheck {
+    /// `GET` path (with the upstream's prefix); none = a TCP connect, and only while the app
+    /// is down (after a refused connection).
     path: Option<String>,
     interval: Duration,
-    tx: watch::Sender<bool>,
-    shutdown: CancellationToken,
-) {
-    let Some(path) = path else {
-        // Keep the sender (and so the constant `true`) alive until shutdown.
-        shutdown.cancelled().await;
-        return;
-    };
+    unhealthy_threshold: u32,
+    healthy_threshold: u32,
+}
+
+/// Probes the app every `interval` and sets `pool.up` once `unhealthy_threshold` probes in a
+/// row failed (false) or `healthy_threshold` passed (true). A refused connection elsewhere
+/// clears it at once and restarts the count of passes.
+async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: CancellationToken) {
+    let addr = pool.addr.clone();
     let mut conn = Conn::new(addr.clone());
-    let timeout = interval.min(MAX_HEALTH_TIMEOUT);
+    let timeout = check.interval.min(MAX_HEALTH_TIMEOUT);
+    let (mut passes, mut fails) = (0u32, 0u32);
     let mut checked = false;
     loop {
-        let ok = tokio::select! {
+        if check.path.is_none() && pool.is_up() {
+            // Nothing to probe while it answers: wait for a refused connection.
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = pool.went_down.notified() => {}
+            }
+            passes = 0;
+            continue;
+        }
+        let probed = tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = conn.get(&path, timeout) => match r {
-                Ok(r) if r.is_success() => true,
-                Ok(r) => { tracing::debug!(%addr, status = r.status, "sidecar health check failed"); false }
-                Err(e) => { tracing::debug!(%addr, error = %e, "sidecar health check failed"); false }
-            },
+            probed = probe(&mut conn, check.path.as_deref(), timeout) => probed,
         };
-        let changed = tx.send_if_modified(|v| std::mem::replace(v, ok) != ok);
-        metrics::gauge!("raftbridge_sidecar_upstream_healthy").set(if ok { 1.0 } else { 0.0 });
-        if changed || !checked {
-            if ok {
+        let up = pool.is_up();
+        let ok = probed == Probe::Passed;
+        let flip = if ok {
+            (fails, passes) = (0, passes.saturating_add(1));
+            !up && passes >= check.healthy_threshold
+        } else {
+            (passes, fails) = (0, fails.saturating_add(1));
+            // Refused: nothing listens, which no later probe can make less certain.
+            up && (fails >= check.unhealthy_threshold || probed == Probe::Refused)
+        };
+        if flip {
+            pool.up.send_replace(ok);
+        }
+        metrics::gauge!("raftbridge_sidecar_upstream_healthy").set(if pool.is_up() { 1.0 } else { 0.0 });
+        if flip || !checked {
+            if pool.is_up() {
                 tracing::info!(%addr, "sidecar upstream is healthy");
             } else {
-                tracing::warn!(%addr, %path, "sidecar upstream is unhealthy; its commands are not advertised and its subscriptions wait");
+                let path = check.path.as_deref().unwrap_or("(connect)");
+                tracing::warn!(%addr, %path, fails, "sidecar upstream is unhealthy; its commands are not advertised and its subscriptions wait");
             }
         }
         checked = true;
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
+            _ = tokio::time::sleep(check.interval) => {}
+            // A refusal meanwhile: the passes before it no longer count.
+            _ = pool.went_down.notified() => passes = 0,
+        }
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum Probe {
+    Passed,
+    /// An answer other than 2xx, or none in time.
+    Failed,
+    /// No connection could be made.
+    Refused,
+}
+
+/// One probe: `GET path` answers 2xx, or without a path a TCP connection is accepted.
+async fn probe(conn: &mut Conn, path: Option<&str>, timeout: Duration) -> Probe {
+    let addr = conn.addr().to_string();
+    let Some(path) = path else {
+        return match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr.as_str())).await {
+            Ok(Ok(_)) => Probe::Passed,
+            Ok(Err(e)) => {
+                tracing::debug!(%addr, error = %e, "sidecar connect probe failed");
+                Probe::Refused
+            }
+            Err(_) => Probe::Failed,
+        };
+    };
+    match conn.get(path, timeout).await {
+        Ok(r) if r.is_success() => Probe::Passed,
+        Ok(r) => {
+            tracing::debug!(%addr, status = r.status, "sidecar health check failed");
+            Probe::Failed
+        }
+        Err(e) => {
+            tracing::debug!(%addr, error = %e, "sidecar health check failed");
+            if matches!(e, ClientError::Connect { .. }) {
+                Probe::Refused
+            } else {
+                Probe::Failed
+            }
         }
     }
 }
@@ -644,6 +771,8 @@ mod tests {
         addr: std::net::SocketAddr,
         healthy: Arc<AtomicBool>,
         conns: Arc<AtomicUsize>,
+        /// `/health` requests served.
+        health_probes: Arc<AtomicUsize>,
     }
 
     /// A hyper upstream on 127.0.0.1:0: `/orders/*` echoes the request, `/empty` 204, `/bad` 422
@@ -653,15 +782,19 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let healthy = Arc::new(AtomicBool::new(true));
         let conns = Arc::new(AtomicUsize::new(0));
-        let (h, c) = (healthy.clone(), conns.clone());
+        let health_probes = Arc::new(AtomicUsize::new(0));
+        let (h, c, probes) = (healthy.clone(), conns.clone(), health_probes.clone());
         tokio::spawn(async move {
             loop {
                 let (stream, _) = listener.accept().await.unwrap();
                 c.fetch_add(1, Ordering::SeqCst);
-                let h = h.clone();
+                let (h, probes) = (h.clone(), probes.clone());
                 let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let h = h.clone();
+                    let (h, probes) = (h.clone(), probes.clone());
                     async move {
+                        if req.uri().path() == "/health" {
+                            probes.fetch_add(1, Ordering::SeqCst);
+                        }
                         let (parts, body) = req.into_parts();
                         let body = body.collect().await.unwrap().to_bytes();
                         let header = |n: &str| parts.headers.get(n).map(|v| v.to_str().unwrap().to_string());
@@ -695,7 +828,7 @@ mod tests {
                 tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
             }
         });
-        Upstream { addr, healthy, conns }
+        Upstream { addr, healthy, conns, health_probes }
     }
 
     fn config(upstream: &str, extra: &str) -> SidecarConfig {
@@ -932,10 +1065,60 @@ mod tests {
         assert_eq!(e.status, 504, "{e}");
         assert!(started.elapsed() < Duration::from_secs(1));
 
+        // Nothing listens: not served (the proxy goes to another node), and the app is down.
         let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
-        let e = forward_to(closed, "POST", "orders/:id").forward(inv(&[("id", "1")], "{}", 0)).await.unwrap_err();
-        assert_eq!(e.status, 502, "{e}");
-        assert!(e.message.contains("unreachable"), "{}", e.message);
+        let fw = forward_to(closed, "POST", "orders/:id");
+        assert!(fw.available());
+        let e = fw.forward(inv(&[("id", "1")], "{}", 0)).await.unwrap_err();
+        assert!(e.is_not_served() && e.status == 503, "{e}");
+        assert!(!fw.available(), "a refused connection takes the app down at once");
+    }
+
+    /// Without `health_path` the app is up until a connection to it is refused; from then on
+    /// the node probes by connecting, and the app is up again once one is accepted.
+    #[tokio::test]
+    async fn a_refused_connection_takes_the_app_down_until_it_accepts_again() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let shutdown = CancellationToken::new();
+        let cfg = config(&format!("http://{addr}"), "health_interval_ms = 20");
+        let sidecar = Sidecar::start(cfg.clone(), shutdown.clone()).unwrap();
+        let mut healthy = sidecar.healthy();
+        assert!(*healthy.borrow(), "up until something says otherwise");
+        // The handler the node runs for `create`, on the sidecar's own pool.
+        let create = forwarder(&sidecar.pool, &cfg.commands[0]).unwrap();
+        assert!(sidecar.parts()[0].handlers["create"].available());
+        let e = create.forward(inv(&[("id", "1")], "{}", 0)).await.unwrap_err();
+        assert!(e.is_not_served(), "{e}");
+        assert!(!*healthy.borrow() && !create.available() && !sidecar.parts()[0].handlers["create"].available());
+        // Still down while nothing listens (probes go on), up once the app listens again.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!*healthy.borrow_and_update());
+        let app = tokio::net::TcpListener::bind(addr).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), healthy.wait_for(|up| *up)).await.unwrap().unwrap();
+        assert!(create.available());
+        drop(app);
+        shutdown.cancel();
+    }
+
+    /// One failed probe does not take the app out: `unhealthy_threshold` in a row do.
+    #[tokio::test]
+    async fn the_health_check_withdraws_after_failures_in_a_row() {
+        let up = upstream().await;
+        let shutdown = CancellationToken::new();
+        let extra = "health_path = \"/health\"\nhealth_interval_ms = 20\nunhealthy_threshold = 4";
+        let sidecar = Sidecar::start(config(&format!("http://{}", up.addr), extra), shutdown.clone()).unwrap();
+        let mut healthy = sidecar.healthy();
+        tokio::time::timeout(Duration::from_secs(5), healthy.wait_for(|v| *v)).await.unwrap().unwrap();
+        let before = up.health_probes.load(Ordering::SeqCst);
+        up.healthy.store(false, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), healthy.wait_for(|v| !*v)).await.unwrap().unwrap();
+        let failed = up.health_probes.load(Ordering::SeqCst) - before;
+        assert!(failed >= 4, "down after {failed} failed probes, want 4 in a row");
+        up.healthy.store(true, Ordering::SeqCst);
+        tokio::time::timeout(Duration::from_secs(5), healthy.wait_for(|v| *v)).await.unwrap().unwrap();
+        shutdown.cancel();
     }
 
     #[tokio::test]
@@ -975,7 +1158,7 @@ mod tests {
             assert!(start(config(url, "")).unwrap().contains("upstream"), "{url}");
         }
         assert!(start(config("http://x:1", "health_path = \"health\"")).unwrap().contains("health_path"));
-        for (field, value) in [("max_connections", "0"), ("max_connections", "2305843009213693952"), ("health_interval_ms", "0"), ("health_interval_ms", "3600001")] {
+        for (field, value) in [("max_connections", "0"), ("max_connections", "2305843009213693952"), ("health_interval_ms", "0"), ("health_interval_ms", "3600001"), ("unhealthy_threshold", "0"), ("healthy_threshold", "101")] {
             assert!(start(config("http://x:1", &format!("{field} = {value}"))).unwrap().contains(field), "{field} = {value}");
         }
         assert!(start(config("http://x:1", "max_connections = 1000000\nhealth_interval_ms = 3600000")).is_none());

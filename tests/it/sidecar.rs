@@ -115,11 +115,13 @@ impl Upstream {
     }
 }
 
-/// The `[sidecar]` section routing the `orders` service v1 to `upstream`.
-fn sidecar_toml(upstream: SocketAddr) -> String {
-    let mut toml = format!(
-        "[sidecar]\nupstream = \"http://{upstream}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 250\n"
-    );
+/// The `[sidecar]` section routing the `orders` service v1 to `upstream`, with a health check
+/// of `/health` or none.
+fn sidecar_toml(upstream: SocketAddr, health_check: bool) -> String {
+    let mut toml = format!("[sidecar]\nupstream = \"http://{upstream}\"\nhealth_interval_ms = 250\n");
+    if health_check {
+        toml.push_str("health_path = \"/health\"\n");
+    }
     for (name, method, path, upstream_path) in [
         ("create", "POST", "orders/:id", "/orders/:id"),
         ("fail", "GET", "fail", "/fail"),
@@ -143,12 +145,16 @@ struct SidecarCluster {
 
 impl SidecarCluster {
     fn formed(name: &str) -> SidecarCluster {
+        SidecarCluster::formed_with(name, true)
+    }
+
+    fn formed_with(name: &str, health_check: bool) -> SidecarCluster {
         let ports = free_loopback_ports(3);
         let upstreams = RefCell::new(Vec::new());
         let (c, _) = Cluster::formed_with(name, 3, &[], |dir, id| {
             let upstream = Upstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
             let config = dir.join(format!("n{id}-sidecar.toml"));
-            fs::write(&config, sidecar_toml(upstream.addr))
+            fs::write(&config, sidecar_toml(upstream.addr, health_check))
                 .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
             upstreams.borrow_mut().push(upstream);
             vec!["--config".to_string(), config.display().to_string()]
@@ -429,6 +435,8 @@ fn a_killed_upstream_stops_being_advertised_and_comes_back() {
     sc.upstream("up2").process.kill();
     let statuses = sc.wait_routed_around(&["up2"]);
     eprintln!("[sidecar] statuses while routing around the killed up2: {statuses:?}");
+    // A refused connection to the app is no answer: the request goes to another node.
+    assert!(statuses.iter().all(|s| *s == 200), "every order served elsewhere once up2 died: {statuses:?}");
     // Node 2 itself (whose upstream is gone) keeps answering through the others.
     for n in 0..10 {
         let order = Order::new(3000 + n);
@@ -495,5 +503,31 @@ fn an_unhealthy_upstream_is_not_advertised_and_none_healthy_is_503() {
     }
     for api in sc.c.apis() {
         sc.wait_reaches(api, &sc.names());
+    }
+}
+
+/// Without a health check, an app that refuses connections still loses its node no request:
+/// each refused one goes to another node, and the node takes the app's work again once it
+/// accepts connections (the node probes by connecting while the app is down).
+#[test]
+fn without_a_health_check_a_dead_app_loses_no_request_and_comes_back() {
+    let mut sc = SidecarCluster::formed_with("sc-nocheck", false);
+    for api in sc.c.apis() {
+        sc.wait_reaches(api, &sc.names());
+    }
+    sc.upstream("up3").process.kill();
+    for n in 0..30u64 {
+        let api = sc.c.api(n % 3 + 1);
+        let order = Order::new(5000 + n as usize);
+        let seen = order
+            .check(order.send(api, &[]))
+            .unwrap_or_else(|e| panic!("order {n} via node {} with up3 dead: {e}", api.id));
+        assert_ne!(seen.served_by, "up3");
+    }
+    let up3 = sc.upstream("up3");
+    up3.process.start();
+    up3.wait_health(200);
+    for api in sc.c.apis() {
+        sc.wait_reaches(api, &["up3".to_string()]);
     }
 }
