@@ -34,6 +34,8 @@ use crate::sdk::{BoxFuture, CommandBuilder, CommandHandler, Ctx, HandlerError, I
 
 /// Longest error message taken from an upstream body that is not JSON with a `message`.
 const MAX_MESSAGE: usize = 1024;
+/// How much sooner than its deadline a request stops waiting for a connection to the app.
+const POOL_WAIT_MARGIN: Duration = Duration::from_millis(20);
 /// Longest a health check may take, whatever the interval.
 const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -146,7 +148,7 @@ impl crate::sdk::SubscriptionHandler for EventPost {
             // Serializing borrowed strings and a raw payload cannot fail.
             let body = bytes::Bytes::from(serde_json::to_vec(&event.to_json()).unwrap_or_default());
             let started = tokio::time::Instant::now();
-            let Some(mut conn) = pool.take(timeout).await else {
+            let Some(mut conn) = pool.take(pool_wait(timeout)).await else {
                 return Err(HandlerError::new(503, "every connection to the app is busy"));
             };
             let timeout = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
@@ -162,7 +164,7 @@ impl crate::sdk::SubscriptionHandler for EventPost {
                 }
                 Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
                 Err(e @ ClientError::Connect { .. }) => Err(pool.refused(&e)),
-                Err(e) => Err(HandlerError::new(502, format!("app unreachable: {e}"))),
+                Err(e) => Err(HandlerError::new(502, format!("the app's connection failed: {}", cause(&e)))),
             }
         })
     }
@@ -389,6 +391,13 @@ fn forwarder(pool: &Arc<Pool>, c: &SidecarCommand) -> Result<Forward, SidecarErr
     })
 }
 
+/// How long a request with `limit` left waits for a connection: a little less, so that "every
+/// connection is busy" (503) is what its caller hears, not the deadline (504) that the
+/// caller's own timer would give at about the same moment, one or the other by chance.
+fn pool_wait(limit: Duration) -> Duration {
+    limit.saturating_sub(POOL_WAIT_MARGIN.min(limit / 2))
+}
+
 /// Connections to the upstream: at most `open_max` open, of which up to `max_idle` kept idle
 /// for reuse.
 struct Pool {
@@ -572,7 +581,7 @@ impl Forward {
         .filter_map(|(k, v)| v.filter(|v| !v.is_empty()).map(|v| (k, v)))
         .collect();
         let started = tokio::time::Instant::now();
-        let Some(mut conn) = self.pool.take(limit).await else {
+        let Some(mut conn) = self.pool.take(pool_wait(limit)).await else {
             return Err(HandlerError::new(503, format!("all {} connections to the app are busy", self.pool.open_max)));
         };
         // The wait for a connection counts against the deadline.
@@ -596,10 +605,21 @@ impl Forward {
                     ClientError::Timeout { .. } => {
                         HandlerError::new(504, format!("upstream did not answer within {} ms", limit.as_millis()))
                     }
-                    e => HandlerError::new(502, format!("upstream unreachable: {e}")),
+                    e => HandlerError::new(502, format!("the app's connection failed: {}", cause(&e))),
                 })
             }
         }
+    }
+}
+
+/// What went wrong with a request to the app, for its caller: without the app's address,
+/// which is this node's business (the node's log names it).
+fn cause(e: &ClientError) -> String {
+    match e {
+        ClientError::Http { source, .. } => source.to_string(),
+        ClientError::BodyTooLarge { limit, .. } => format!("its answer was larger than {limit} bytes"),
+        ClientError::Timeout { .. } => "no answer in time".into(),
+        e => e.kind().to_string(),
     }
 }
 
@@ -986,7 +1006,9 @@ mod tests {
                 assert_eq!(seen.load(Ordering::SeqCst), 3, "the idempotent PUT was resent once");
             } else {
                 // The app read the PUT: it may have acted on it. Not resent; the client decides.
-                assert_eq!(second.unwrap_err().status, 502);
+                let e = second.unwrap_err();
+                assert_eq!(e.status, 502);
+                assert!(!e.message.contains(&addr.port().to_string()), "the app's address is the node's business: {}", e.message);
                 assert_eq!(seen.load(Ordering::SeqCst), 2, "the non-idempotent PUT reached the app once");
             }
         }
