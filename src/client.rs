@@ -97,6 +97,8 @@ pub struct Conn {
     https: bool,
     tls: Option<ClientTls>,
     live: Option<Live>,
+    /// The largest response body read (`with_max_body`).
+    max_body: usize,
 }
 
 /// TLS for `https://` addresses: the CA certificates a server's chain must lead to, checked for
@@ -149,7 +151,15 @@ impl Conn {
             https,
             tls: None,
             live: None,
+            max_body: MAX_BODY,
         }
+    }
+
+    /// The largest response body read ([`MAX_BODY`] unless set); a larger one is
+    /// [`ClientError::BodyTooLarge`].
+    pub fn with_max_body(mut self, max_body: usize) -> Conn {
+        self.max_body = max_body;
+        self
     }
 
     /// The TLS configuration for an `https://` address (ignored for a plain one).
@@ -360,14 +370,14 @@ impl Conn {
         resp: http::Response<hyper::body::Incoming>,
     ) -> Result<Response, ClientError> {
         let (parts, body) = resp.into_parts();
-        let body = match Limited::new(body, MAX_BODY).collect().await {
+        let body = match Limited::new(body, self.max_body).collect().await {
             Ok(collected) => collected.to_bytes(),
             Err(e) => {
                 return Err(match e.downcast::<hyper::Error>() {
                     Ok(source) => self.http_err(*source),
                     Err(_) => ClientError::BodyTooLarge {
                         addr: self.addr.clone(),
-                        limit: MAX_BODY,
+                        limit: self.max_body,
                     },
                 })
             }

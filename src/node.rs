@@ -314,7 +314,7 @@ pub async fn run(
     // The last step that can fail, before any loop starts: an application that runs the node
     // again after an error must not find the first run's Raft core still writing the same log.
     let sidecar_stop = run_stop.child_token();
-    let sidecar = match cfg.sidecar.clone().map(|sc| crate::sidecar::Sidecar::start(sc, sidecar_stop.clone())).transpose() {
+    let sidecar = match cfg.sidecar.clone().map(|sc| crate::sidecar::Sidecar::start(sc, cfg.max_frame / 2, sidecar_stop.clone())).transpose() {
         Ok(sidecar) => sidecar,
         Err(e) => {
             if let Err(stop) = raft.shutdown().await {

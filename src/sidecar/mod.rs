@@ -36,6 +36,8 @@ use crate::sdk::{BoxFuture, CommandBuilder, CommandHandler, Ctx, HandlerError, I
 const MAX_MESSAGE: usize = 1024;
 /// How much sooner than its deadline a request stops waiting for a connection to the app.
 const POOL_WAIT_MARGIN: Duration = Duration::from_millis(20);
+/// Largest health check answer read (a larger one fails the probe).
+const MAX_HEALTH_ANSWER: usize = 64 << 10;
 /// Longest a health check may take, whatever the interval.
 const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -164,7 +166,7 @@ impl crate::sdk::SubscriptionHandler for EventPost {
                 }
                 Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
                 Err(e @ ClientError::Connect { .. }) => Err(pool.refused(&e)),
-                Err(e) => Err(HandlerError::new(502, format!("the app's connection failed: {}", cause(&e)))),
+                Err(e) => Err(HandlerError::new(502, format!("the request to the app failed: {}", cause(&e)))),
             }
         })
     }
@@ -235,10 +237,13 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Validates the config and starts the health checks (until `shutdown`). Needs a Tokio runtime.
-    pub fn start(cfg: SidecarConfig, shutdown: CancellationToken) -> Result<Sidecar, SidecarError> {
+    /// The app's answers are read up to `max_answer` bytes (the most a node passes on: a
+    /// larger one is a 502 either way), so the answers being read hold at most
+    /// `max_connections` × `max_answer`.
+    pub fn start(cfg: SidecarConfig, max_answer: usize, shutdown: CancellationToken) -> Result<Sidecar, SidecarError> {
         // Checked first: spawning the health check outside a runtime would panic.
         tokio::runtime::Handle::try_current().map_err(|_| SidecarError::NoRuntime)?;
-        let (pool, forwards) = forwarders(&cfg)?;
+        let (pool, forwards) = forwarders(&cfg, max_answer)?;
         let mut services: BTreeMap<(String, u32), Service> = BTreeMap::new();
         for (c, forward) in cfg.commands.iter().zip(forwards) {
             let method = forward.method.clone();
@@ -307,7 +312,7 @@ impl Sidecar {
 }
 
 /// Validates the config; returns the shared pool and one forwarder per command, in order.
-fn forwarders(cfg: &SidecarConfig) -> Result<(Arc<Pool>, Vec<Forward>), SidecarError> {
+fn forwarders(cfg: &SidecarConfig, max_answer: usize) -> Result<(Arc<Pool>, Vec<Forward>), SidecarError> {
     let bad_upstream = |reason: &str| SidecarError::Upstream { url: cfg.upstream.clone(), reason: reason.into() };
     let uri: http::Uri = cfg.upstream.parse().map_err(|e| bad_upstream(&format!("{e}")))?;
     if uri.scheme_str() != Some("http") {
@@ -337,6 +342,7 @@ fn forwarders(cfg: &SidecarConfig) -> Result<(Arc<Pool>, Vec<Forward>), SidecarE
     let pool = Arc::new(Pool {
         addr,
         base,
+        max_answer,
         max_idle: cfg.pool_size.min(cfg.max_connections),
         idle: Mutex::new(Idle::default()),
         open: Arc::new(tokio::sync::Semaphore::new(cfg.max_connections)),
@@ -405,6 +411,8 @@ struct Pool {
     addr: String,
     /// Path prefix of the upstream URL, without a trailing `/`.
     base: String,
+    /// The largest answer read from the app.
+    max_answer: usize,
     max_idle: usize,
     idle: Mutex<Idle>,
     /// One permit per open connection, held by its `Leased` (busy or idle) and returned when
@@ -482,7 +490,7 @@ impl Pool {
             tokio::select! {
                 conn = handed => conn.ok(),
                 permit = self.open.clone().acquire_owned() => {
-                    permit.ok().map(|permit| Leased { conn: Conn::new(self.addr.clone()), _open: permit })
+                    permit.ok().map(|permit| Leased { conn: Conn::new(self.addr.clone()).with_max_body(self.max_answer), _open: permit })
                 }
             }
         });
@@ -605,7 +613,7 @@ impl Forward {
                     ClientError::Timeout { .. } => {
                         HandlerError::new(504, format!("upstream did not answer within {} ms", limit.as_millis()))
                     }
-                    e => HandlerError::new(502, format!("the app's connection failed: {}", cause(&e))),
+                    e => HandlerError::new(502, format!("the request to the app failed: {}", cause(&e))),
                 })
             }
         }
@@ -617,7 +625,7 @@ impl Forward {
 fn cause(e: &ClientError) -> String {
     match e {
         ClientError::Http { source, .. } => source.to_string(),
-        ClientError::BodyTooLarge { limit, .. } => format!("its answer was larger than {limit} bytes"),
+        ClientError::BodyTooLarge { limit, .. } => format!("its answer is larger than the {limit} bytes a node passes on"),
         ClientError::Timeout { .. } => "no answer in time".into(),
         e => e.kind().to_string(),
     }
@@ -685,7 +693,7 @@ struct HealthCheck {
 /// clears it at once and restarts the count of passes.
 async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: CancellationToken) {
     let addr = pool.addr.clone();
-    let mut conn = Conn::new(addr.clone());
+    let mut conn = Conn::new(addr.clone()).with_max_body(MAX_HEALTH_ANSWER);
     let timeout = check.interval.min(MAX_HEALTH_TIMEOUT);
     let (mut passes, mut fails) = (0u32, 0u32);
     let mut checked = false;
@@ -909,13 +917,13 @@ mod tests {
         cfg.commands.truncate(1);
         cfg.commands[0].method = method.into();
         cfg.commands[0].path = path.into();
-        forwarders(&cfg).unwrap().1.remove(0)
+        forwarders(&cfg, crate::client::MAX_BODY).unwrap().1.remove(0)
     }
 
     #[tokio::test]
     async fn forwards_path_query_body_and_headers_over_pooled_connections() {
         let up = upstream().await;
-        let (_, fw) = forwarders(&config(&format!("http://{}/", up.addr), "")).unwrap();
+        let (_, fw) = forwarders(&config(&format!("http://{}/", up.addr), ""), crate::client::MAX_BODY).unwrap();
         let out = fw[0].forward(inv(&[("id", "a b/1"), ("x", "1&2")], r#"{"n":1}"#, 0)).await.unwrap();
         assert_eq!((out.status, out.content_type.as_deref()), (200, Some("application/json")));
         let echo: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
@@ -997,7 +1005,7 @@ mod tests {
             cfg.commands.truncate(1);
             cfg.commands[0].method = "PUT".into();
             cfg.commands[0].idempotent = idempotent;
-            let fw = forwarders(&cfg).unwrap().1.remove(0);
+            let fw = forwarders(&cfg, crate::client::MAX_BODY).unwrap().1.remove(0);
             fw.forward(inv(&[("id", "1")], "{}", 0)).await.unwrap();
             let second = fw.forward(inv(&[("id", "1")], "{}", 0)).await;
             if idempotent {
@@ -1021,7 +1029,7 @@ mod tests {
         cfg.commands.truncate(1);
         cfg.commands[0].path = "sleep".into();
         cfg.commands[0].upstream_path = Some("/sleep".into());
-        let fw = forwarders(&cfg).unwrap().1.remove(0);
+        let fw = forwarders(&cfg, crate::client::MAX_BODY).unwrap().1.remove(0);
         // Two 2 s requests with a 1.5 s deadline take both places; a third with 300 ms waits for
         // a place until its deadline and gets a 503, the two a 504 from the slow app.
         let slow: Vec<_> = (0..2)
@@ -1052,7 +1060,7 @@ mod tests {
     async fn a_waiting_request_gets_the_finished_connection() {
         let up = upstream().await;
         let cfg = config(&format!("http://{}", up.addr), "max_connections = 1");
-        let fw = forwarders(&cfg).unwrap().1.remove(0);
+        let fw = forwarders(&cfg, crate::client::MAX_BODY).unwrap().1.remove(0);
         let calls: Vec<_> = (0..8)
             .map(|i| {
                 let fw = fw.clone();
@@ -1080,6 +1088,12 @@ mod tests {
         let e = call("text", 0).await.unwrap_err();
         assert_eq!(e.status, 404);
         assert!(e.message.len() <= MAX_MESSAGE && e.message.len() > MAX_MESSAGE - 4, "{}", e.message.len());
+        // An answer larger than a node passes on is not read whole.
+        let mut cfg = config(&format!("http://{}", up.addr), "");
+        cfg.commands.truncate(1);
+        (cfg.commands[0].method, cfg.commands[0].path) = ("GET".into(), "text".into());
+        let e = forwarders(&cfg, 100).unwrap().1[0].forward(inv(&[], "", 0)).await.unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (502, "the request to the app failed: its answer is larger than the 100 bytes a node passes on"));
         let e = call("fail", 0).await.unwrap_err();
         assert_eq!((e.status, e.message.as_str()), (502, "upstream answered 500: oops"));
         let started = std::time::Instant::now();
@@ -1105,7 +1119,7 @@ mod tests {
         drop(listener);
         let shutdown = CancellationToken::new();
         let cfg = config(&format!("http://{addr}"), "health_interval_ms = 20");
-        let sidecar = Sidecar::start(cfg.clone(), shutdown.clone()).unwrap();
+        let sidecar = Sidecar::start(cfg.clone(), crate::client::MAX_BODY, shutdown.clone()).unwrap();
         let mut healthy = sidecar.healthy();
         assert!(*healthy.borrow(), "up until something says otherwise");
         // The handler the node runs for `create`, on the sidecar's own pool.
@@ -1130,7 +1144,7 @@ mod tests {
         let up = upstream().await;
         let shutdown = CancellationToken::new();
         let extra = "health_path = \"/health\"\nhealth_interval_ms = 20\nunhealthy_threshold = 4";
-        let sidecar = Sidecar::start(config(&format!("http://{}", up.addr), extra), shutdown.clone()).unwrap();
+        let sidecar = Sidecar::start(config(&format!("http://{}", up.addr), extra), crate::client::MAX_BODY, shutdown.clone()).unwrap();
         let mut healthy = sidecar.healthy();
         tokio::time::timeout(Duration::from_secs(5), healthy.wait_for(|v| *v)).await.unwrap().unwrap();
         let before = up.health_probes.load(Ordering::SeqCst);
@@ -1148,7 +1162,7 @@ mod tests {
         let up = upstream().await;
         let shutdown = CancellationToken::new();
         let cfg = config(&format!("http://{}", up.addr), "health_path = \"/health\"\nhealth_interval_ms = 20");
-        let sidecar = Sidecar::start(cfg, shutdown.clone()).unwrap();
+        let sidecar = Sidecar::start(cfg, crate::client::MAX_BODY, shutdown.clone()).unwrap();
         let parts = sidecar.parts();
         let decls: Vec<_> = parts.iter().map(|p| (p.decl.name.as_str(), p.decl.version, p.decl.commands.len())).collect();
         assert_eq!(decls, [("orders", 1, 2), ("orders", 2, 1)]);
@@ -1169,13 +1183,13 @@ mod tests {
         wait(true).await;
         shutdown.cancel();
 
-        let no_health = Sidecar::start(config(&format!("http://{}", up.addr), ""), CancellationToken::new()).unwrap();
+        let no_health = Sidecar::start(config(&format!("http://{}", up.addr), ""), crate::client::MAX_BODY, CancellationToken::new()).unwrap();
         assert!(*no_health.healthy().borrow());
     }
 
     #[tokio::test]
     async fn rejects_bad_config() {
-        let start = |cfg: SidecarConfig| Sidecar::start(cfg, CancellationToken::new()).err().map(|e| e.to_string());
+        let start = |cfg: SidecarConfig| Sidecar::start(cfg, crate::client::MAX_BODY, CancellationToken::new()).err().map(|e| e.to_string());
         for url in ["https://x:1", "x:1", "http://x:1/?a=1", "ftp://x"] {
             assert!(start(config(url, "")).unwrap().contains("upstream"), "{url}");
         }
