@@ -115,7 +115,8 @@ pub struct LocalSubscriber {
     /// Whether the handler can run now (a sidecar's app passes its health check); `None`:
     /// always. While it cannot, deliveries here are refused (not counted as attempts) and an
     /// every-instance subscription waits, rather than spending its attempts and dead-lettering
-    /// what the app would have taken a moment later. The sidecar's health check owns the sender.
+    /// what the app would have taken a moment later. The sender is the sidecar's pool (set by
+    /// its health loop and by refused connections), dropped only with the sidecar.
     pub available: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
@@ -333,9 +334,6 @@ impl Dispatcher {
         // End to end: from acceptance (the event's timestamp, set by the node that took it) to
         // this handler (same clock on one machine; across machines it includes clock skew).
         let age_ms = super::now_ms().saturating_sub(event.timestamp);
-        if let Some(h) = self.latency.get(sub) {
-            h.record(age_ms as f64 / 1e3);
-        }
         // The handler takes the event and its context; an event it returns gets its metadata
         // from the source event, kept here by reference (the context is not cloned per event:
         // its strings were a dozen allocations per delivery).
@@ -354,7 +352,14 @@ impl Dispatcher {
         // commit; the redelivery's emit has the same key and is deduplicated.
         let deadline = tokio::time::Instant::now() + s.ack_deadline;
         let passed = |what: &str| HandlerError::new(504, format!("ack deadline of {} ms passed {what}", s.ack_deadline.as_millis()));
-        let out = match tokio::time::timeout_at(deadline, s.handler.handle(ctx, event)).await {
+        let out = tokio::time::timeout_at(deadline, s.handler.handle(ctx, event)).await;
+        // Recorded once the handler had the event: one that refused it did not.
+        if !matches!(&out, Ok(Err(e)) if e.is_not_served()) {
+            if let Some(h) = self.latency.get(sub) {
+                h.record(age_ms as f64 / 1e3);
+            }
+        }
+        let out = match out {
             Ok(out) => out.map_err(|e| e.truncated(reason_cap(self.net.max_frame())))?,
             Err(_) => return Err(passed("in the handler")),
         };
@@ -386,9 +391,9 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
-                // The sender (the sidecar's health loop) goes only when the sidecar stops, at
-                // drain and before this loop's stop: returning now would read as a loop that
-                // failed (`supervise`), so wait for the stop.
+                // The sender (the sidecar's pool) goes only with the sidecar, at drain and
+                // before this loop's stop: returning now would read as a loop that failed
+                // (`supervise`), so wait for the stop.
                 changed = rx.changed() => if changed.is_err() { shutdown.cancelled().await; return false },
             }
         }

@@ -451,10 +451,15 @@ impl Proxy {
         let expired = if inv.timeout_ms < route.decl.timeout_ms.max(1) { Outcome::Slow } else { Outcome::Failed };
         let mut tried: Vec<NodeId> = Vec::new();
         let mut last = ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version));
+        // Whether the last attempt was `NotServed`: a retry after it costs no budget. Nothing
+        // ran, so a retry adds no work for the cluster; the budget is there to stop retries
+        // multiplying the load of handlers that fail, and attempts stay at most MAX_ATTEMPTS.
+        let mut unserved = false;
         for attempt in 0..MAX_ATTEMPTS {
-            if attempt > 0 && !self.budget.withdraw() {
+            if attempt > 0 && !unserved && !self.budget.withdraw() {
                 break;
             }
+            unserved = false;
             let all = self.candidates(route);
             let fresh: Vec<NodeId> = all.iter().copied().filter(|n| !tried.contains(n)).collect();
             let pool = if fresh.is_empty() { all } else { fresh };
@@ -482,7 +487,12 @@ impl Proxy {
                 Ok(Err(Miss::NotServed(why))) => {
                     flight.finish(Outcome::Failed, started.elapsed());
                     debug!(target, %why, "not served; trying another node");
-                    last = ApiError::Unavailable(format!("node {target}: {why}"));
+                    unserved = true;
+                    // An earlier attempt that may have run keeps its 502: a 503 would tell the
+                    // client that nothing happened.
+                    if !matches!(last, ApiError::BadGateway(_)) {
+                        last = ApiError::Unavailable(format!("node {target}: {why}"));
+                    }
                 }
                 Ok(Err(Miss::TooLarge(why))) => {
                     // Nothing was sent: says nothing of the node, so its record is left alone.
@@ -492,7 +502,9 @@ impl Proxy {
                 Ok(Err(Miss::Busy(why))) => {
                     // This node's own bound, not the target's doing: its record is left alone.
                     drop(flight);
-                    last = ApiError::Unavailable(format!("node {target}: {why}"));
+                    if !matches!(last, ApiError::BadGateway(_)) {
+                        last = ApiError::Unavailable(format!("node {target}: {why}"));
+                    }
                 }
                 Ok(Err(Miss::Lost(_))) if Instant::now() >= deadline => {
                     flight.finish(expired, started.elapsed());
@@ -560,14 +572,17 @@ impl Proxy {
             .with_dedup_key(scoped.clone())
             .with_broker(self.broker.clone(), sender.clone());
         let timeout = Duration::from_millis(inv.timeout_ms.max(1));
-        // Handler runs on this node (a keyed command re-run after a failover counts again).
-        metrics::counter!("raftbridge_command_runs_total", "service" => inv.service.clone(), "command" => inv.command.clone()).increment(1);
         let key = (inv.service.clone(), inv.version, inv.command.clone());
         let meta = inv.meta.clone();
         let out = match tokio::time::timeout(timeout, handler.call(ctx, inv)).await {
             Ok(r) => r,
             Err(_) => Err(HandlerError::new(504, "deadline exceeded")),
         };
+        if matches!(&out, Err(e) if e.is_not_served()) {
+            return out;
+        }
+        // The handler ran on this node (a keyed command re-run after a failover counts again).
+        metrics::counter!("raftbridge_command_runs_total", "service" => key.0.clone(), "command" => key.2.clone()).increment(1);
         // An error answer is bounded like a result: it crosses the link as one frame and, as a
         // 4xx under an idempotency key, is stored in one Raft entry.
         // Measured as sent on a link (`size`) and as stored under a key (its JSON text, where

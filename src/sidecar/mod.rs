@@ -305,7 +305,7 @@ impl Sidecar {
     }
 
     /// True while the app can take requests: its health checks pass (`health_path`), and no
-    /// connection to it was refused since the last passing probe.
+    /// connection to it was refused since the probes that brought it back began.
     pub fn healthy(&self) -> watch::Receiver<bool> {
         self.pool.up.subscribe()
     }
@@ -350,6 +350,7 @@ fn forwarders(cfg: &SidecarConfig, max_answer: usize) -> Result<(Arc<Pool>, Vec<
         // Without a health check the app counts as up until a connection to it is refused.
         up: watch::Sender::new(cfg.health_path.is_none()),
         went_down: tokio::sync::Notify::new(),
+        refusals: std::sync::atomic::AtomicU64::new(0),
     });
     let forwards = cfg.commands.iter().map(|c| forwarder(&pool, c)).collect::<Result<_, _>>()?;
     Ok((pool, forwards))
@@ -426,6 +427,8 @@ struct Pool {
     /// Wakes the health loop when a refusal took the app down: without `health_path` it only
     /// probes (by connecting) while the app is down.
     went_down: tokio::sync::Notify,
+    /// Connections refused so far: a probe that passed while one was refused does not count.
+    refusals: std::sync::atomic::AtomicU64,
 }
 
 /// The pool's free connections and the requests waiting for one, under one lock: a request
@@ -453,6 +456,7 @@ impl Pool {
     /// Notes that the app refused a connection (nothing was sent) and returns the error for
     /// it: not served, so the proxy tries another node and a delivery counts no attempt.
     fn refused(&self, e: &ClientError) -> HandlerError {
+        self.refusals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         if self.up.send_if_modified(|up| std::mem::replace(up, false)) {
             metrics::gauge!("raftbridge_sidecar_upstream_healthy").set(0.0);
             tracing::warn!(addr = %self.addr, error = %e, "sidecar app refused a connection; its commands and subscriptions move to other nodes until it answers again");
@@ -707,10 +711,22 @@ async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: Cancellation
             passes = 0;
             continue;
         }
-        let probed = tokio::select! {
+        let up = pool.is_up();
+        if !up {
+            // A fresh connection: an app that closed its listener may still answer on one
+            // that stayed open, while it refuses every new one.
+            conn = Conn::new(addr.clone()).with_max_body(MAX_HEALTH_ANSWER);
+        }
+        let refusals = pool.refusals.load(std::sync::atomic::Ordering::SeqCst);
+        let mut probed = tokio::select! {
             _ = shutdown.cancelled() => return,
             probed = probe(&mut conn, check.path.as_deref(), timeout) => probed,
         };
+        if pool.refusals.load(std::sync::atomic::Ordering::SeqCst) != refusals {
+            // A request's connection was refused while this probe ran: the refusal is the
+            // newer news, and the app is down whatever the probe saw.
+            probed = Probe::Refused;
+        }
         let up = pool.is_up();
         let ok = probed == Probe::Passed;
         let flip = if ok {

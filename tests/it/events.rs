@@ -1707,7 +1707,7 @@ fn event_input_is_checked_and_payloads_come_back_as_sent() {
 struct EventsUpstream {
     name: String,
     addr: SocketAddr,
-    _process: HelperProcess,
+    process: HelperProcess,
 }
 
 impl EventsUpstream {
@@ -1723,7 +1723,7 @@ impl EventsUpstream {
         let up = EventsUpstream {
             name: name.to_string(),
             addr,
-            _process: process,
+            process,
         };
         poll_until(&format!("upstream {name} /health"), FORMATION, || {
             up.call("GET", "/health").map(|_| ())
@@ -1968,6 +1968,64 @@ fn an_every_instance_sidecar_subscription_waits_for_its_app_to_be_healthy() {
         if missing == 0 { Ok(()) } else { Err(format!("{missing} missing")) }
     });
     assert!(dead_letters(c.api(1), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered");
+}
+
+/// An app that refuses connections has received nothing: a delivery to it is no attempt. With
+/// `max_attempts = 1` and no health check (only the refusals can tell the node that the app is
+/// down), a shared subscription's events go to the other apps and an every-instance
+/// subscription's wait on the node whose app is dead, until it runs again; none is dead-lettered.
+#[test]
+fn deliveries_to_an_app_that_refuses_connections_count_no_attempt() {
+    let ports = free_loopback_ports(3);
+    let ups = std::cell::RefCell::new(Vec::new());
+    let (c, _) = Cluster::formed_with("ev-sidecar-refused", 3, &[], |dir, id| {
+        let up = EventsUpstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
+        let config = dir.join(format!("n{id}-refused-sidecar.toml"));
+        let toml = format!(
+            "[sidecar]\nupstream = \"http://{}\"\nhealth_interval_ms = 250\n\n\
+             [[sidecar.subscriptions]]\nname = \"appOrders\"\nevent_name = \"orderPlaced\"\nmax_attempts = 1\npath = \"/events/orderPlaced\"\n\n\
+             [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = false\nmax_attempts = 1\npath = \"/events/audit\"\n",
+            up.addr
+        );
+        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        ups.borrow_mut().push(up);
+        vec!["--config".to_string(), config.display().to_string()]
+    });
+    let mut ups = ups.into_inner();
+    c.wait_all_ready(FORMATION);
+    wait_subscription(&c, &c.apis(), "appOrders");
+    wait_subscription(&c, &c.apis(), "appAudit");
+
+    ups[0].process.kill();
+    let publish_n = |name: &str, prefix: &str| -> Vec<String> {
+        (0..12)
+            .map(|i| {
+                let api = c.api(1 + (i % 3) as u64);
+                c.wait_for(&format!("a {name} event accepted"), PROGRESS, || publish(api, name, &json!({"id": format!("{prefix}-{i}")}), &[])).0
+            })
+            .collect()
+    };
+    let orders = publish_n("orderPlaced", "refused");
+    let audits = publish_n("auditMe", "refused-audit");
+    wait_delivered(&c, &ups[1..], &orders, "with up1 dead");
+    let received_all = |up: &EventsUpstream, ids: &[String]| -> Result<(), String> {
+        let got = up.list("/events/received")?;
+        let missing = ids.iter().filter(|id| !got.contains(id)).count();
+        if missing == 0 { Ok(()) } else { Err(format!("{missing} missing")) }
+    };
+    for up in &ups[1..] {
+        c.wait_for(&format!("{} audited every event", up.name), DELIVERY, || received_all(up, &audits));
+    }
+    for sub in ["appOrders", "appAudit"] {
+        let dead = dead_letters(c.api(2), sub).expect("dead letters");
+        assert!(dead.is_empty(), "{sub}: deliveries to the dead app counted as attempts: {dead:?}");
+    }
+
+    // Node 1 finds its app again by connecting, and audits what it missed.
+    ups[0].process.start();
+    poll_until("up1 /health", FORMATION, || ups[0].call("GET", "/health").map(|_| ()));
+    c.wait_for("up1 audited every event once it runs again", DELIVERY, || received_all(&ups[0], &audits));
+    assert!(dead_letters(c.api(2), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered");
 }
 
 /// With `--dedup-max-keys 40`, 120 keyed events leave only about the newest 40 keys in the
