@@ -40,8 +40,9 @@ pub enum ClientError {
     Http { addr: String, source: hyper::Error },
     #[error("{addr}: request timed out")]
     Timeout { addr: String },
+    /// The answer's status came, its body was larger than the limit.
     #[error("{addr}: response body larger than {limit} bytes")]
-    BodyTooLarge { addr: String, limit: usize },
+    BodyTooLarge { addr: String, limit: usize, status: u16 },
     #[error("bad url: {0}")]
     BadUrl(String),
     #[error("bad header {0}")]
@@ -378,6 +379,7 @@ impl Conn {
                     Err(_) => ClientError::BodyTooLarge {
                         addr: self.addr.clone(),
                         limit: self.max_body,
+                        status: parts.status.as_u16(),
                     },
                 })
             }

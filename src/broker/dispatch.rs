@@ -116,7 +116,8 @@ pub struct LocalSubscriber {
     /// always. While it cannot, deliveries here are refused (not counted as attempts) and an
     /// every-instance subscription waits, rather than spending its attempts and dead-lettering
     /// what the app would have taken a moment later. The sender is the sidecar's pool (set by
-    /// its health loop and by refused connections), dropped only with the sidecar.
+    /// its health loop and by refused connections), which the handlers hold: it lives as long
+    /// as this subscriber.
     pub available: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
@@ -391,8 +392,8 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = shutdown.cancelled() => return false,
-                // The sender (the sidecar's pool) goes only with the sidecar, at drain and
-                // before this loop's stop: returning now would read as a loop that failed
+                // The sender (the sidecar's pool) lives as long as the handler, so this should
+                // not happen; if it did, returning now would read as a loop that failed
                 // (`supervise`), so wait for the stop.
                 changed = rx.changed() => if changed.is_err() { shutdown.cancelled().await; return false },
             }

@@ -20,6 +20,7 @@
 //!   another node, a delivery counts no attempt), not a 502 the balancer would read as an answer.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -166,6 +167,8 @@ impl crate::sdk::SubscriptionHandler for EventPost {
                 }
                 Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
                 Err(e @ ClientError::Connect { .. }) => Err(pool.refused(&e)),
+                // Only the status counts here: a long body beside a 2xx is still an ack.
+                Err(ClientError::BodyTooLarge { status, .. }) if (200..300).contains(&status) => Ok(None),
                 Err(e) => Err(HandlerError::new(502, format!("the request to the app failed: {}", cause(&e)))),
             }
         })
@@ -400,7 +403,9 @@ fn forwarder(pool: &Arc<Pool>, c: &SidecarCommand) -> Result<Forward, SidecarErr
 
 /// How long a request with `limit` left waits for a connection: a little less, so that "every
 /// connection is busy" (503) is what its caller hears, not the deadline (504) that the
-/// caller's own timer would give at about the same moment, one or the other by chance.
+/// caller's own timer would give at about the same moment, one or the other by chance. (For a
+/// request from another node, whose timer started a link's transit earlier, only while that
+/// transit is shorter than the margin.)
 fn pool_wait(limit: Duration) -> Duration {
     limit.saturating_sub(POOL_WAIT_MARGIN.min(limit / 2))
 }
@@ -456,7 +461,7 @@ impl Pool {
     /// Notes that the app refused a connection (nothing was sent) and returns the error for
     /// it: not served, so the proxy tries another node and a delivery counts no attempt.
     fn refused(&self, e: &ClientError) -> HandlerError {
-        self.refusals.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.refusals.fetch_add(1, SeqCst);
         if self.up.send_if_modified(|up| std::mem::replace(up, false)) {
             metrics::gauge!("raftbridge_sidecar_upstream_healthy").set(0.0);
             tracing::warn!(addr = %self.addr, error = %e, "sidecar app refused a connection; its commands and subscriptions move to other nodes until it answers again");
@@ -609,6 +614,10 @@ impl Forward {
             // No connection could be made: nothing reached the app. (A failed resend of a
             // safe or idempotent request may follow one that did, which that allows.)
             Err(e @ ClientError::Connect { .. }) => Err(self.pool.refused(&e)),
+            // The app's own error, too long to pass on: still its error, with its status.
+            Err(ClientError::BodyTooLarge { status: status @ 400..=499, limit, .. }) => {
+                Err(HandlerError::new(status, format!("the app answered {status} with a body larger than the {limit} bytes a node passes on")))
+            }
             Err(e) => {
                 let status = if matches!(e, ClientError::Timeout { .. }) { 504 } else { 502 };
                 // Not the target: its path and query carry the client's parameters (tokens, ids).
@@ -701,6 +710,8 @@ async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: Cancellation
     let timeout = check.interval.min(MAX_HEALTH_TIMEOUT);
     let (mut passes, mut fails) = (0u32, 0u32);
     let mut checked = false;
+    // Refused connections counted by the last probe (`Pool::refusals`).
+    let mut seen = pool.refusals.load(SeqCst);
     loop {
         if check.path.is_none() && pool.is_up() {
             // Nothing to probe while it answers: wait for a refused connection.
@@ -708,23 +719,25 @@ async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: Cancellation
                 _ = shutdown.cancelled() => return,
                 _ = pool.went_down.notified() => {}
             }
-            passes = 0;
             continue;
         }
-        let up = pool.is_up();
-        if !up {
+        if !pool.is_up() {
             // A fresh connection: an app that closed its listener may still answer on one
             // that stayed open, while it refuses every new one.
             conn = Conn::new(addr.clone()).with_max_body(MAX_HEALTH_ANSWER);
         }
-        let refusals = pool.refusals.load(std::sync::atomic::Ordering::SeqCst);
+        let before = pool.refusals.load(SeqCst);
+        if before != seen {
+            // A connection was refused since the last probe: the passes before it do not count.
+            passes = 0;
+        }
         let mut probed = tokio::select! {
             _ = shutdown.cancelled() => return,
             probed = probe(&mut conn, check.path.as_deref(), timeout) => probed,
         };
-        if pool.refusals.load(std::sync::atomic::Ordering::SeqCst) != refusals {
-            // A request's connection was refused while this probe ran: the refusal is the
-            // newer news, and the app is down whatever the probe saw.
+        seen = pool.refusals.load(SeqCst);
+        if seen != before {
+            // One was refused while this probe ran: the refusal is the newer news.
             probed = Probe::Refused;
         }
         let up = pool.is_up();
@@ -737,11 +750,17 @@ async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: Cancellation
             // Refused: nothing listens, which no later probe can make less certain.
             up && (fails >= check.unhealthy_threshold || probed == Probe::Refused)
         };
-        if flip {
-            pool.up.send_replace(ok);
-        }
+        // Back up only if no connection was refused since the probe: `refused` counts before it
+        // takes the watch's lock, which this check holds, so the later of the two decides.
+        let flipped = flip && pool.up.send_if_modified(|v| {
+            if ok && pool.refusals.load(SeqCst) != seen {
+                return false;
+            }
+            *v = ok;
+            true
+        });
         metrics::gauge!("raftbridge_sidecar_upstream_healthy").set(if pool.is_up() { 1.0 } else { 0.0 });
-        if flip || !checked {
+        if flipped || !checked {
             if pool.is_up() {
                 tracing::info!(%addr, "sidecar upstream is healthy");
             } else {
@@ -753,8 +772,8 @@ async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: Cancellation
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(check.interval) => {}
-            // A refusal meanwhile: the passes before it no longer count.
-            _ = pool.went_down.notified() => passes = 0,
+            // A refusal took the app down: probe at once whether it is back.
+            _ = pool.went_down.notified() => {}
         }
     }
 }
@@ -1109,6 +1128,9 @@ mod tests {
         cfg.commands.truncate(1);
         (cfg.commands[0].method, cfg.commands[0].path) = ("GET".into(), "text".into());
         let e = forwarders(&cfg, 100).unwrap().1[0].forward(inv(&[], "", 0)).await.unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (404, "the app answered 404 with a body larger than the 100 bytes a node passes on"));
+        cfg.commands[0].path = "orders/big".into();
+        let e = forwarders(&cfg, 100).unwrap().1[0].forward(inv(&[], &"x".repeat(200), 0)).await.unwrap_err();
         assert_eq!((e.status, e.message.as_str()), (502, "the request to the app failed: its answer is larger than the 100 bytes a node passes on"));
         let e = call("fail", 0).await.unwrap_err();
         assert_eq!((e.status, e.message.as_str()), (502, "upstream answered 500: oops"));
