@@ -390,7 +390,7 @@ pub async fn run(
             })
         })
         .collect();
-    let dispatcher = Dispatcher::start(broker.clone(), net.clone(), cluster.clone(), subscribers, broker_stop.clone());
+    let dispatcher = Dispatcher::start(broker.clone(), net.clone(), cluster.clone(), subscribers, Some(cfg.data_dir.join("attempts")), broker_stop.clone());
     let proxy = Arc::new(Proxy::new(
         cfg.id,
         cluster.clone(),

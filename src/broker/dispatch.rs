@@ -36,6 +36,8 @@ use tokio::sync::mpsc;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use super::marks::AttemptMark;
 use tracing::debug;
 use tracing::warn;
 
@@ -262,6 +264,8 @@ pub struct Dispatcher {
     latency: HashMap<String, metrics::Histogram>,
     /// Feeds the update writer; it ends with the dispatcher.
     updates: mpsc::Sender<UpdateReq>,
+    /// Where every-instance subscriptions note their attempts (`marks`); `None`: in memory only.
+    marks_dir: Option<std::path::PathBuf>,
 }
 
 /// Bucket bounds (seconds) of `raftbridge_delivery_latency_seconds`, a histogram so that a
@@ -287,6 +291,7 @@ impl Dispatcher {
         net: Arc<PeerNet>,
         cluster: Cluster,
         local: HashMap<String, LocalSubscriber>,
+        marks_dir: Option<std::path::PathBuf>,
         shutdown: CancellationToken,
     ) -> Arc<Dispatcher> {
         let (tx, rx) = mpsc::channel(UPDATE_BATCH * 4);
@@ -303,6 +308,7 @@ impl Dispatcher {
             local,
             latency,
             updates: tx,
+            marks_dir,
         });
         crate::supervise::spawn_until("subscription progress writer", &shutdown, update_writer(d.broker.clone(), rx, shutdown.clone()));
         crate::supervise::spawn_until("shared subscription dispatch", &shutdown, d.clone().shared_loop(shutdown.clone()));
@@ -758,6 +764,8 @@ impl Dispatcher {
         let mut last_pass = Instant::now();
         // When a position past events that did not match was last committed (see below).
         let mut scan_recorded = Instant::now();
+        // Attempts noted on disk before each run: a handler that ends the process counts.
+        let mut mark = self.marks_dir.as_deref().map(|dir| AttemptMark::open(dir, &name));
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -797,8 +805,14 @@ impl Dispatcher {
             let mut lost = false;
             'events: for event in events {
                 let position = event.position;
-                let mut attempts = 0u32;
+                // Attempts started on it by earlier runs of this process that never ended them
+                // (the process ended first).
+                let mut attempts = mark.as_ref().map_or(0, |m| m.started_before(position));
                 let dead = loop {
+                    if attempts >= decl.max_attempts {
+                        warn!(subscription = %name, position, attempts, "the process ended during every attempt on this event: dead-lettered");
+                        break Some((attempts, format!("the process ended during each of its {attempts} attempts")));
+                    }
                     if !self.local.get(&name).is_some_and(LocalSubscriber::available) && !progress.is_empty() {
                         // Committed before a wait that may be long: a stop meanwhile would
                         // otherwise deliver these again after the restart.
@@ -811,7 +825,16 @@ impl Dispatcher {
                     if !self.until_available(&name, &shutdown).await {
                         return;
                     }
-                    match self.run_local(&name, event.clone()).await {
+                    let result = match mark.as_mut() {
+                        Some(mark) => {
+                            let started = Starting::new(mark, position, attempts + 1);
+                            let result = self.run_local(&name, event.clone()).await;
+                            started.ended();
+                            result
+                        }
+                        None => self.run_local(&name, event.clone()).await,
+                    };
+                    match result {
                         Ok(()) => break None,
                         Err(e) if e.is_not_served() => {
                             // Nothing ran: no attempt. The refusal most often took the app's
@@ -895,6 +918,36 @@ impl Dispatcher {
             warn!(sub, position = ?last, "could not record progress; delivering from the recorded position again");
         }
         ok
+    }
+}
+
+/// An attempt noted as started in an every-instance subscription's [`AttemptMark`]. If the
+/// run is dropped before it ends (the node stops and its loops with it), the note goes back to
+/// the attempts before it: a stop is not the handler's doing. Only a process that ends without
+/// unwinding (killed, aborted) leaves the attempt counted.
+struct Starting<'a> {
+    mark: &'a mut AttemptMark,
+    position: u64,
+    n: u32,
+    ended: bool,
+}
+
+impl<'a> Starting<'a> {
+    fn new(mark: &'a mut AttemptMark, position: u64, n: u32) -> Starting<'a> {
+        mark.starting(position, n);
+        Starting { mark, position, n, ended: false }
+    }
+
+    fn ended(mut self) {
+        self.ended = true;
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.mark.starting(self.position, self.n - 1);
+        }
     }
 }
 

@@ -33,6 +33,7 @@
 
 pub mod dispatch;
 pub mod event;
+pub mod marks;
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -2028,6 +2028,63 @@ fn deliveries_to_an_app_that_refuses_connections_count_no_attempt() {
     assert!(dead_letters(c.api(2), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered");
 }
 
+/// An event whose handler ends the process does not take the node down for good: each attempt
+/// is noted on the node's disk before it runs, so after `max_attempts` restarts during the
+/// same event it is dead-lettered there and the node goes on with the next. (The app holds the
+/// event, and the test SIGKILLs the node while it waits: as a handler that aborts would.)
+#[test]
+fn an_event_that_ends_the_process_is_dead_lettered_after_its_attempts() {
+    let ports = free_loopback_ports(3);
+    let ups = std::cell::RefCell::new(Vec::new());
+    let (c, _) = Cluster::formed_with("ev-poison", 3, &[], |dir, id| {
+        let up = EventsUpstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
+        let config = dir.join(format!("n{id}-poison-sidecar.toml"));
+        let toml = format!(
+            "[sidecar]\nupstream = \"http://{}\"\n\n\
+             [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = false\n\
+             max_attempts = 2\nack_deadline_ms = 60000\npath = \"/events/audit\"\n",
+            up.addr
+        );
+        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        ups.borrow_mut().push(up);
+        vec!["--config".to_string(), config.display().to_string()]
+    });
+    let ups = ups.into_inner();
+    c.wait_all_ready(FORMATION);
+    wait_subscription(&c, &c.apis(), "appAudit");
+
+    let (poison, _) = c.wait_for("the poison event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"hold": true}), &[]));
+    let held = |up: &EventsUpstream| -> usize { up.list("/events/held").map_or(0, |ids| ids.iter().filter(|id| **id == poison).count()) };
+    for attempt in 1..=2 {
+        c.wait_for(&format!("node 1's app holding the poison event (attempt {attempt})"), DELIVERY, || {
+            match held(&ups[0]) {
+                n if n == attempt => Ok(()),
+                n => Err(format!("held {n} times")),
+            }
+        });
+        c.kill(1);
+        c.restart(1);
+    }
+    c.wait_for("node 1 to dead-letter the poison event", DELIVERY, || {
+        let dead = dead_letters(c.api(2), "appAudit")?;
+        if dead.iter().any(|d| d["eventId"].as_str() == Some(poison.as_str()) && d["node"] == json!(1)) {
+            Ok(())
+        } else {
+            Err(format!("dead letters: {dead:?}"))
+        }
+    });
+    // And goes on: the next event reaches its app, and the poison was not handed out a third time.
+    let (next, _) = c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"i": 1}), &[]));
+    c.wait_for("node 1's app to get the next event", DELIVERY, || {
+        let got = ups[0].list("/events/received")?;
+        if got.contains(&next) { Ok(()) } else { Err(format!("received {got:?}")) }
+    });
+    assert_eq!(held(&ups[0]), 2, "the poison event was delivered again after its attempts");
+    for up in &ups {
+        up.call("POST", "/admin/release").expect("release");
+    }
+}
+
 /// With `--dedup-max-keys 40`, 120 keyed events leave only about the newest 40 keys in the
 /// dedup set: a repeat of a recent key still gets its original id and position, a repeat of
 /// the oldest key is a new event, and the leader counts the shortened window.

@@ -19,6 +19,9 @@ keep-alive (the node pools connections), one thread per connection, and answers:
   POST /admin/fail-events   make /events/<name> answer 500     POST /admin/ok-events   back to 200
   GET  /events/received     JSON list of the event ids acknowledged with 200 (with duplicates)
   GET  /events/failed       JSON list of the event ids answered 500 (with duplicates)
+                            An event whose payload has "hold": true is recorded in
+  GET  /events/held         (JSON list, with duplicates) and answered only after
+  POST /admin/release       (or after 30 s)
   anything else             404 {"message":"no route"}
 
 It prints `listening on HOST:PORT` once it accepts connections (useful with --port 0).
@@ -52,6 +55,8 @@ class State:
         self.fail_events = False
         self.events_received = []
         self.events_failed = []
+        self.events_held = []
+        self.released = threading.Event()
         self.lock = threading.Lock()
 
 
@@ -119,12 +124,23 @@ def make_handler(state, verbose):
             if route == ("GET", "/events/failed"):
                 with state.lock:
                     return self.send_json(200, list(state.events_failed))
+            if route == ("GET", "/events/held"):
+                with state.lock:
+                    return self.send_json(200, list(state.events_held))
+            if route == ("POST", "/admin/release"):
+                state.released.set()
+                return self.send_json(200, {"released": True})
             if method == "POST" and url.path.startswith("/events/") and url.path.count("/") == 2:
                 try:
                     event = json.loads(raw)
                     event_id = event["id"]
                 except (ValueError, KeyError, TypeError) as e:
                     return self.send_json(400, {"message": "body is not an event: %s" % e})
+                payload = event.get("payload")
+                if isinstance(payload, dict) and payload.get("hold") is True:
+                    with state.lock:
+                        state.events_held.append(event_id)
+                    state.released.wait(30)
                 with state.lock:
                     failing = state.fail_events
                     (state.events_failed if failing else state.events_received).append(event_id)
