@@ -38,6 +38,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::marks::AttemptMark;
+use super::marks::EventRef;
 use tracing::debug;
 use tracing::warn;
 
@@ -805,13 +806,14 @@ impl Dispatcher {
             let mut lost = false;
             'events: for event in events {
                 let position = event.position;
-                // Attempts started on it by earlier runs of this process that never ended them
-                // (the process ended first).
-                let mut attempts = mark.as_ref().map_or(0, |m| m.started_before(position));
+                let event_ref = EventRef::new(position, &event.body.id);
+                // Attempts on it that an earlier process counted and never ended: it ended first
+                // (or failed attempts before a restart).
+                let mut attempts = mark.as_ref().map_or(0, |m| m.started_before(event_ref));
                 let dead = loop {
                     if attempts >= decl.max_attempts {
-                        warn!(subscription = %name, position, attempts, "the process ended during every attempt on this event: dead-lettered");
-                        break Some((attempts, format!("the process ended during each of its {attempts} attempts")));
+                        warn!(subscription = %name, position, attempts, "this event's attempts ran out across restarts of the node: dead-lettered");
+                        break Some((attempts, format!("{attempts} attempts, the last cut short when the process ended")));
                     }
                     if !self.local.get(&name).is_some_and(LocalSubscriber::available) && !progress.is_empty() {
                         // Committed before a wait that may be long: a stop meanwhile would
@@ -827,9 +829,11 @@ impl Dispatcher {
                     }
                     let result = match mark.as_mut() {
                         Some(mark) => {
-                            let started = Starting::new(mark, position, attempts + 1);
+                            let started = Starting::new(mark, event_ref, attempts + 1);
                             let result = self.run_local(&name, event.clone()).await;
-                            started.ended();
+                            // A refusal ran nothing: its attempt is taken back. (An ack is
+                            // cleared below, with a dead letter.)
+                            started.ended(if matches!(&result, Err(e) if e.is_not_served()) { attempts } else { attempts + 1 });
                             result
                         }
                         None => self.run_local(&name, event.clone()).await,
@@ -866,6 +870,10 @@ impl Dispatcher {
                         }
                     }
                 };
+                if let Some(mark) = mark.as_mut() {
+                    // Settled here: a restart before its progress commits delivers it afresh.
+                    mark.done(event_ref);
+                }
                 next = Some(position + 1);
                 note_progress(&mut progress, SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead });
                 // By bytes too: dead letters with their reasons, many to a pass, must fit one
@@ -921,32 +929,38 @@ impl Dispatcher {
     }
 }
 
-/// An attempt noted as started in an every-instance subscription's [`AttemptMark`]. If the
-/// run is dropped before it ends (the node stops and its loops with it), the note goes back to
-/// the attempts before it: a stop is not the handler's doing. Only a process that ends without
-/// unwinding (killed, aborted) leaves the attempt counted.
+/// An attempt noted as started in an every-instance subscription's [`AttemptMark`], to be
+/// noted again with what counts once it ended. If the run is dropped unended and not by a
+/// panic (the runtime shutting down drops the node's tasks), the attempt is taken back: a stop
+/// is not the handler's doing. A panic leaves it counted (it is a crash the next run would meet
+/// again), as does a process that ends without unwinding (killed, aborted). A graceful drain
+/// does not drop the loop (`supervise` waits for it): the handler ends, and counts as it ends.
 struct Starting<'a> {
     mark: &'a mut AttemptMark,
-    position: u64,
+    event: EventRef,
     n: u32,
     ended: bool,
 }
 
 impl<'a> Starting<'a> {
-    fn new(mark: &'a mut AttemptMark, position: u64, n: u32) -> Starting<'a> {
-        mark.starting(position, n);
-        Starting { mark, position, n, ended: false }
+    fn new(mark: &'a mut AttemptMark, event: EventRef, n: u32) -> Starting<'a> {
+        mark.note(event, n);
+        Starting { mark, event, n, ended: false }
     }
 
-    fn ended(mut self) {
+    /// The attempt ended with `counted` attempts on the event (rewritten only if that differs).
+    fn ended(mut self, counted: u32) {
         self.ended = true;
+        if counted != self.n {
+            self.mark.note(self.event, counted);
+        }
     }
 }
 
 impl Drop for Starting<'_> {
     fn drop(&mut self) {
-        if !self.ended {
-            self.mark.starting(self.position, self.n - 1);
+        if !self.ended && !std::thread::panicking() {
+            self.mark.note(self.event, self.n - 1);
         }
     }
 }
@@ -1111,6 +1125,32 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What an every-instance attempt leaves noted for the next process: an attempt that ended
+    /// in a failure counts, a refusal does not, an ack or dead letter clears the event, and a
+    /// run dropped unended (the runtime stopping) takes its attempt back.
+    #[test]
+    fn an_attempt_counts_for_the_next_process_only_as_it_ended() {
+        let dir = std::env::temp_dir().join(format!("raftbridge-starting-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let reopen = || AttemptMark::open(&dir, "each");
+        let e = EventRef::new(3, "id-3");
+        let mut mark = reopen();
+        Starting::new(&mut mark, e, 1).ended(1);
+        assert_eq!(reopen().started_before(e), 1, "a failed attempt counts");
+        Starting::new(&mut mark, e, 2).ended(1);
+        assert_eq!(reopen().started_before(e), 1, "a refused one does not");
+        drop(Starting::new(&mut mark, e, 2));
+        assert_eq!(reopen().started_before(e), 1, "a dropped one is taken back");
+        let started = Starting::new(&mut mark, e, 2);
+        // The process ends here, mid-attempt: nothing after the note runs.
+        std::mem::forget(started);
+        assert_eq!(reopen().started_before(e), 2, "one the process ended during counts");
+        Starting::new(&mut mark, e, 3).ended(3);
+        mark.done(e);
+        assert_eq!(reopen().started_before(e), 0, "an acked event counts no attempts any more");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     /// A retry goes to a consumer the event has not failed on, and waits for one while such a
     /// one is live but busy, rather than going back to the one that failed it (which, failing

@@ -21,8 +21,23 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::path::PathBuf;
 
-/// `v1 <position:20> <started:10>\n`: fixed-size text, readable by an operator.
-const RECORD_LEN: usize = 3 + 20 + 1 + 10 + 1;
+/// `v1 <position:20> <event:8> <started:10>\n`: fixed-size text, readable by an operator
+/// (`event`: the CRC-32 of the event's id, in hex, so a record left from another log that
+/// reused the position does not count for this event).
+const RECORD_LEN: usize = 3 + 20 + 1 + 8 + 1 + 10 + 1;
+
+/// Which event a record is about: its position and a fingerprint of its id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventRef {
+    pub position: u64,
+    id_crc: u32,
+}
+
+impl EventRef {
+    pub fn new(position: u64, id: &str) -> EventRef {
+        EventRef { position, id_crc: crc32fast::hash(id.as_bytes()) }
+    }
+}
 
 /// The attempts note of one every-instance subscription on this node.
 pub struct AttemptMark {
@@ -30,8 +45,8 @@ pub struct AttemptMark {
     /// `None` when the file could not be opened (warned once): nothing is kept.
     file: Option<File>,
     /// What the file said when opened: the event the last run was on, and how many attempts
-    /// it had started on it.
-    previous: Option<(u64, u32)>,
+    /// it had started on it that did not end.
+    previous: Option<(EventRef, u32)>,
     /// Whether a failed write was warned about already.
     warned: bool,
 }
@@ -41,7 +56,7 @@ impl AttemptMark {
     /// (`A-Z a-z 0-9 - _ .`, so a file name once prefixed).
     pub fn open(dir: &Path, name: &str) -> AttemptMark {
         let path = dir.join(format!("sub-{name}.attempts"));
-        let opened = std::fs::create_dir_all(dir).and_then(|()| OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path));
+        let opened = crate::fsutil::create_private_dir(dir).and_then(|_| OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path));
         let (file, previous) = match opened {
             Ok(file) => {
                 let previous = read_record(&file);
@@ -55,18 +70,29 @@ impl AttemptMark {
         AttemptMark { path, file, previous, warned: false }
     }
 
-    /// Attempts started on `position` before this process (0 unless the last note was for it).
-    pub fn started_before(&self, position: u64) -> u32 {
+    /// Attempts on `event` that an earlier process started and did not end (0 unless the
+    /// last note was for it).
+    pub fn started_before(&self, event: EventRef) -> u32 {
         match self.previous {
-            Some((p, started)) if p == position => started,
+            Some((e, started)) if e == event => started,
             _ => 0,
         }
     }
 
-    /// Notes that attempt `n` (1-based) on `position` is starting.
-    pub fn starting(&mut self, position: u64, n: u32) {
+    /// `event` is settled (acked or dead-lettered): no attempt on it counts any more, also for
+    /// a later process that meets it again before its progress was committed.
+    pub fn done(&mut self, event: EventRef) {
+        if self.previous.is_some_and(|(e, _)| e == event) {
+            self.previous = None;
+        }
+        self.note(event, 0);
+    }
+
+    /// Notes that `n` attempts on `event` count: before attempt `n` runs, and again once it
+    /// ended (with what then counts).
+    pub fn note(&mut self, event: EventRef, n: u32) {
         let Some(file) = &self.file else { return };
-        let record = format!("v1 {position:020} {n:010}\n");
+        let record = format!("v1 {:020} {:08x} {n:010}\n", event.position, event.id_crc);
         debug_assert_eq!(record.len(), RECORD_LEN);
         if let Err(e) = file.write_all_at(record.as_bytes(), 0) {
             if !std::mem::replace(&mut self.warned, true) {
@@ -77,17 +103,19 @@ impl AttemptMark {
 }
 
 /// The record in `file`, if it holds one.
-fn read_record(file: &File) -> Option<(u64, u32)> {
+fn read_record(file: &File) -> Option<(EventRef, u32)> {
     let mut buf = [0u8; RECORD_LEN];
     file.read_exact_at(&mut buf, 0).ok()?;
     parse(&buf)
 }
 
-fn parse(buf: &[u8]) -> Option<(u64, u32)> {
+fn parse(buf: &[u8]) -> Option<(EventRef, u32)> {
     let text = std::str::from_utf8(buf).ok()?;
-    let rest = text.strip_prefix("v1 ")?.strip_suffix('\n')?;
-    let (position, started) = rest.split_once(' ')?;
-    Some((position.parse().ok()?, started.parse().ok()?))
+    let mut fields = text.strip_prefix("v1 ")?.strip_suffix('\n')?.split(' ');
+    let position = fields.next()?.parse().ok()?;
+    let id_crc = u32::from_str_radix(fields.next()?, 16).ok()?;
+    let started = fields.next()?.parse().ok()?;
+    fields.next().is_none().then_some((EventRef { position, id_crc }, started))
 }
 
 impl std::fmt::Debug for AttemptMark {
@@ -123,30 +151,40 @@ mod tests {
     #[test]
     fn a_note_outlives_its_writer_and_counts_only_for_its_event() {
         let dir = Scratch::new("outlives");
+        let (e7, e8) = (EventRef::new(7, "id-7"), EventRef::new(8, "id-8"));
         let mut mark = AttemptMark::open(dir.path(), "audit.v1");
-        assert_eq!(mark.started_before(7), 0, "nothing noted yet");
-        mark.starting(7, 1);
-        mark.starting(7, 2);
+        assert_eq!(mark.started_before(e7), 0, "nothing noted yet");
+        mark.note(e7, 1);
+        mark.note(e7, 2);
         // What the previous process noted is what a new one reads; the one that wrote it
         // still answers from what it found at its own start.
-        assert_eq!(mark.started_before(7), 0);
+        assert_eq!(mark.started_before(e7), 0);
         drop(mark);
         let mut again = AttemptMark::open(dir.path(), "audit.v1");
-        assert_eq!((again.started_before(7), again.started_before(8)), (2, 0));
-        again.starting(12_345_678_901, 1);
-        assert_eq!(AttemptMark::open(dir.path(), "audit.v1").started_before(12_345_678_901), 1);
-        assert_eq!(AttemptMark::open(dir.path(), "other").started_before(7), 0, "one note per subscription");
+        assert_eq!((again.started_before(e7), again.started_before(e8)), (2, 0));
+        assert_eq!(again.started_before(EventRef::new(7, "another log's id-7")), 0, "same position, another event");
+        let far = EventRef::new(12_345_678_901, "far");
+        again.note(far, 1);
+        assert_eq!(AttemptMark::open(dir.path(), "audit.v1").started_before(far), 1);
+        assert_eq!(AttemptMark::open(dir.path(), "other").started_before(e7), 0, "one note per subscription");
+        // Settled: neither this process nor the next counts attempts on it any more.
+        let mut third = AttemptMark::open(dir.path(), "audit.v1");
+        assert_eq!(third.started_before(far), 1);
+        third.done(far);
+        assert_eq!(third.started_before(far), 0);
+        assert_eq!(AttemptMark::open(dir.path(), "audit.v1").started_before(far), 0);
     }
 
     #[test]
     fn a_damaged_note_reads_as_none() {
-        assert_eq!(parse(b"v1 00000000000000000007 0000000002\n"), Some((7, 2)));
-        for bad in [&b"v2 00000000000000000007 0000000002\n"[..], b"v1 0000000000000000000x 0000000002\n", b""] {
+        let e = EventRef { position: 7, id_crc: 0xab };
+        assert_eq!(parse(b"v1 00000000000000000007 000000ab 0000000002\n"), Some((e, 2)));
+        for bad in [&b"v2 00000000000000000007 000000ab 0000000002\n"[..], b"v1 0000000000000000000x 000000ab 0000000002\n", b"v1 00000000000000000007 0000000002\n", b""] {
             assert_eq!(parse(bad), None);
         }
         let dir = Scratch::new("damaged");
         std::fs::create_dir_all(dir.path()).unwrap();
         std::fs::write(dir.path().join("sub-x.attempts"), b"garbage").unwrap();
-        assert_eq!(AttemptMark::open(dir.path(), "x").started_before(0), 0);
+        assert_eq!(AttemptMark::open(dir.path(), "x").started_before(EventRef::new(0, "")), 0);
     }
 }
