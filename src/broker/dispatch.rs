@@ -815,6 +815,10 @@ impl Dispatcher {
                         warn!(subscription = %name, position, attempts, "this event's attempts ran out across restarts of the node: dead-lettered");
                         break Some((attempts, format!("{attempts} attempts, the last cut short when the process ended")));
                     }
+                    if !self.local.get(&name).is_some_and(LocalSubscriber::available) {
+                        // Before a wait that may be long: the previous event's clearing is written.
+                        settle_mark(&mut mark);
+                    }
                     if !self.local.get(&name).is_some_and(LocalSubscriber::available) && !progress.is_empty() {
                         // Committed before a wait that may be long: a stop meanwhile would
                         // otherwise deliver these again after the restart.
@@ -872,7 +876,9 @@ impl Dispatcher {
                 };
                 if let Some(mark) = mark.as_mut() {
                     // Settled here: a restart before its progress commits delivers it afresh.
-                    mark.done(event_ref);
+                    // Written with the next event's first note (one write per event), or before
+                    // anything that waits (`settle_mark`).
+                    mark.settled(event_ref);
                 }
                 next = Some(position + 1);
                 note_progress(&mut progress, SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead });
@@ -880,6 +886,7 @@ impl Dispatcher {
                 // entry (one that never fits would be refused, and the pass redone, for good).
                 let bytes: usize = progress.iter().map(SubUpdate::approx_size).sum();
                 if flushed.elapsed() >= INSTANCE_FLUSH || bytes >= self.broker.progress_budget() {
+                    settle_mark(&mut mark);
                     if !self.record_instance_progress(&name, std::mem::take(&mut progress)).await {
                         lost = true;
                         break 'events;
@@ -887,6 +894,7 @@ impl Dispatcher {
                     flushed = Instant::now();
                 }
             }
+            settle_mark(&mut mark);
             if lost || !self.record_instance_progress(&name, progress).await {
                 next = None;
                 // Commits fail while there is no leader: not a pass each millisecond meanwhile.
@@ -926,6 +934,14 @@ impl Dispatcher {
             warn!(sub, position = ?last, "could not record progress; delivering from the recorded position again");
         }
         ok
+    }
+}
+
+/// Writes what `AttemptMark::settled` left pending (before the loop awaits anything that may
+/// take long: between two events it is written with the next one's first note).
+fn settle_mark(mark: &mut Option<AttemptMark>) {
+    if let Some(mark) = mark {
+        mark.flush();
     }
 }
 
@@ -1147,8 +1163,13 @@ mod tests {
         std::mem::forget(started);
         assert_eq!(reopen().started_before(e), 2, "one the process ended during counts");
         Starting::new(&mut mark, e, 3).ended(3);
-        mark.done(e);
+        mark.settled(e);
+        assert_eq!(reopen().started_before(e), 3, "written with the next note");
+        mark.flush();
         assert_eq!(reopen().started_before(e), 0, "an acked event counts no attempts any more");
+        mark.settled(e);
+        Starting::new(&mut mark, EventRef::new(4, "id-4"), 1).ended(1);
+        assert_eq!(reopen().started_before(e), 0, "the next event's note replaces it");
         let _ = std::fs::remove_dir_all(&dir);
     }
 

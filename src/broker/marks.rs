@@ -17,6 +17,7 @@
 
 use std::fs::File;
 use std::fs::OpenOptions;
+use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::path::PathBuf;
@@ -49,6 +50,14 @@ pub struct AttemptMark {
     previous: Option<(EventRef, u32)>,
     /// Whether a failed write was warned about already.
     warned: bool,
+    /// A settled event whose record is not written yet (`settled`).
+    pending: Option<EventRef>,
+}
+
+impl Drop for AttemptMark {
+    fn drop(&mut self) {
+        self.flush();
+    }
 }
 
 impl AttemptMark {
@@ -67,7 +76,7 @@ impl AttemptMark {
                 (None, None)
             }
         };
-        AttemptMark { path, file, previous, warned: false }
+        AttemptMark { path, file, previous, warned: false, pending: None }
     }
 
     /// Attempts on `event` that an earlier process started and did not end (0 unless the
@@ -80,21 +89,34 @@ impl AttemptMark {
     }
 
     /// `event` is settled (acked or dead-lettered): no attempt on it counts any more, also for
-    /// a later process that meets it again before its progress was committed.
-    pub fn done(&mut self, event: EventRef) {
+    /// a later process that meets it again before its progress was committed. Written by the
+    /// next `note` (which replaces the record anyway) or by `flush`, whichever comes first, so
+    /// that an event costs one write: the caller flushes before it waits on anything.
+    pub fn settled(&mut self, event: EventRef) {
         if self.previous.is_some_and(|(e, _)| e == event) {
             self.previous = None;
         }
-        self.note(event, 0);
+        self.pending = Some(event);
+    }
+
+    /// Writes a settled event's record now, if one waits.
+    pub fn flush(&mut self) {
+        if let Some(event) = self.pending.take() {
+            self.note(event, 0);
+        }
     }
 
     /// Notes that `n` attempts on `event` count: before attempt `n` runs, and again once it
     /// ended (with what then counts).
     pub fn note(&mut self, event: EventRef, n: u32) {
+        self.pending = None;
         let Some(file) = &self.file else { return };
-        let record = format!("v1 {:020} {:08x} {n:010}\n", event.position, event.id_crc);
-        debug_assert_eq!(record.len(), RECORD_LEN);
-        if let Err(e) = file.write_all_at(record.as_bytes(), 0) {
+        let mut record = [0u8; RECORD_LEN];
+        let mut w = &mut record[..];
+        // Fits: every field is at most its width (u64 in 20 digits, u32 in 8 hex and 10 digits).
+        let _ = writeln!(w, "v1 {:020} {:08x} {n:010}", event.position, event.id_crc);
+        debug_assert!(w.is_empty(), "the record fills its {RECORD_LEN} bytes");
+        if let Err(e) = file.write_all_at(&record, 0) {
             if !std::mem::replace(&mut self.warned, true) {
                 tracing::warn!(path = %self.path.display(), cause = %e, "cannot note an every-instance attempt");
             }
@@ -170,9 +192,10 @@ mod tests {
         // Settled: neither this process nor the next counts attempts on it any more.
         let mut third = AttemptMark::open(dir.path(), "audit.v1");
         assert_eq!(third.started_before(far), 1);
-        third.done(far);
+        third.settled(far);
         assert_eq!(third.started_before(far), 0);
-        assert_eq!(AttemptMark::open(dir.path(), "audit.v1").started_before(far), 0);
+        drop(third);
+        assert_eq!(AttemptMark::open(dir.path(), "audit.v1").started_before(far), 0, "written when dropped");
     }
 
     #[test]
