@@ -1812,20 +1812,26 @@ fn wait_delivered(
     })
 }
 
-#[test]
-fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
+/// Three nodes, node `i` with its own `upN` app and a `[sidecar]` config made by `toml` from
+/// the app's address; once every node is ready. The apps are dropped (killed) before the
+/// cluster when the caller binds the pair as `let (c, ups)`.
+fn sidecar_events_cluster(name: &str, toml: impl Fn(SocketAddr) -> String) -> (Cluster, Vec<EventsUpstream>) {
     let ports = free_loopback_ports(3);
     let ups = std::cell::RefCell::new(Vec::new());
-    let (c, _) = Cluster::formed_with("ev-sidecar", 3, &[], |dir, id| {
+    let (c, _) = Cluster::formed_with(name, 3, &[], |dir, id| {
         let up = EventsUpstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
-        let config = dir.join(format!("n{id}-events-sidecar.toml"));
-        fs::write(&config, events_sidecar_toml(up.addr))
-            .unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        let config = dir.join(format!("n{id}-sidecar.toml"));
+        fs::write(&config, toml(up.addr)).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
         ups.borrow_mut().push(up);
         vec!["--config".to_string(), config.display().to_string()]
     });
-    let ups = ups.into_inner();
     c.wait_all_ready(FORMATION);
+    (c, ups.into_inner())
+}
+
+#[test]
+fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
+    let (c, ups) = sidecar_events_cluster("ev-sidecar", events_sidecar_toml);
     wait_subscription(&c, &c.apis(), "appOrders");
 
     let n = 30;
@@ -1918,23 +1924,14 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
 /// is healthy again, it gets every event published meanwhile, and nothing is dead.
 #[test]
 fn an_every_instance_sidecar_subscription_waits_for_its_app_to_be_healthy() {
-    let ports = free_loopback_ports(3);
-    let ups = std::cell::RefCell::new(Vec::new());
-    let (c, _) = Cluster::formed_with("ev-sidecar-down", 3, &[], |dir, id| {
-        let up = EventsUpstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
-        let config = dir.join(format!("n{id}-audit-sidecar.toml"));
-        let toml = format!(
+    let (c, ups) = sidecar_events_cluster("ev-sidecar-down", |addr| {
+        format!(
             "[sidecar]\nupstream = \"http://{}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 250\n\n\
              [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = false\n\
              max_attempts = 2\npath = \"/events/audit\"\n",
-            up.addr
-        );
-        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        ups.borrow_mut().push(up);
-        vec!["--config".to_string(), config.display().to_string()]
+            addr
+        )
     });
-    let ups = ups.into_inner();
-    c.wait_all_ready(FORMATION);
     wait_subscription(&c, &c.apis(), "appAudit");
 
     let down = &ups[0];
@@ -1976,23 +1973,14 @@ fn an_every_instance_sidecar_subscription_waits_for_its_app_to_be_healthy() {
 /// subscription's wait on the node whose app is dead, until it runs again; none is dead-lettered.
 #[test]
 fn deliveries_to_an_app_that_refuses_connections_count_no_attempt() {
-    let ports = free_loopback_ports(3);
-    let ups = std::cell::RefCell::new(Vec::new());
-    let (c, _) = Cluster::formed_with("ev-sidecar-refused", 3, &[], |dir, id| {
-        let up = EventsUpstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
-        let config = dir.join(format!("n{id}-refused-sidecar.toml"));
-        let toml = format!(
+    let (c, mut ups) = sidecar_events_cluster("ev-sidecar-refused", |addr| {
+        format!(
             "[sidecar]\nupstream = \"http://{}\"\nhealth_interval_ms = 250\n\n\
              [[sidecar.subscriptions]]\nname = \"appOrders\"\nevent_name = \"orderPlaced\"\nmax_attempts = 1\npath = \"/events/orderPlaced\"\n\n\
              [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = false\nmax_attempts = 1\npath = \"/events/audit\"\n",
-            up.addr
-        );
-        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        ups.borrow_mut().push(up);
-        vec!["--config".to_string(), config.display().to_string()]
+            addr
+        )
     });
-    let mut ups = ups.into_inner();
-    c.wait_all_ready(FORMATION);
     wait_subscription(&c, &c.apis(), "appOrders");
     wait_subscription(&c, &c.apis(), "appAudit");
 
@@ -2034,23 +2022,14 @@ fn deliveries_to_an_app_that_refuses_connections_count_no_attempt() {
 /// event, and the test SIGKILLs the node while it waits: as a handler that aborts would.)
 #[test]
 fn an_event_that_ends_the_process_is_dead_lettered_after_its_attempts() {
-    let ports = free_loopback_ports(3);
-    let ups = std::cell::RefCell::new(Vec::new());
-    let (c, _) = Cluster::formed_with("ev-poison", 3, &[], |dir, id| {
-        let up = EventsUpstream::spawn(dir, &format!("up{id}"), ports[id as usize - 1]);
-        let config = dir.join(format!("n{id}-poison-sidecar.toml"));
-        let toml = format!(
+    let (c, ups) = sidecar_events_cluster("ev-poison", |addr| {
+        format!(
             "[sidecar]\nupstream = \"http://{}\"\n\n\
              [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = false\n\
              max_attempts = 2\nack_deadline_ms = 60000\npath = \"/events/audit\"\n",
-            up.addr
-        );
-        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        ups.borrow_mut().push(up);
-        vec!["--config".to_string(), config.display().to_string()]
+            addr
+        )
     });
-    let ups = ups.into_inner();
-    c.wait_all_ready(FORMATION);
     wait_subscription(&c, &c.apis(), "appAudit");
 
     let (poison, _) = c.wait_for("the poison event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"hold": true}), &[]));
