@@ -813,23 +813,23 @@ impl Dispatcher {
                 let dead = loop {
                     if attempts >= decl.max_attempts {
                         warn!(subscription = %name, position, attempts, "this event's attempts ran out across restarts of the node: dead-lettered");
-                        break Some((attempts, format!("{attempts} attempts, the last cut short when the process ended")));
+                        break Some((attempts, format!("its {attempts} attempts ran out across restarts of the node (the process ended during the last)")));
                     }
-                    if !self.local.get(&name).is_some_and(LocalSubscriber::available) {
-                        // Before a wait that may be long: the previous event's clearing is written.
+                    while !self.local.get(&name).is_some_and(LocalSubscriber::available) {
+                        // Before a wait that may be long: the previous event's clearing is
+                        // written, and what is done committed (a stop meanwhile would otherwise
+                        // deliver these again after the restart).
                         settle_mark(&mut mark);
-                    }
-                    if !self.local.get(&name).is_some_and(LocalSubscriber::available) && !progress.is_empty() {
-                        // Committed before a wait that may be long: a stop meanwhile would
-                        // otherwise deliver these again after the restart.
-                        if !self.record_instance_progress(&name, std::mem::take(&mut progress)).await {
-                            lost = true;
-                            break 'events;
+                        if !progress.is_empty() {
+                            if !self.record_instance_progress(&name, std::mem::take(&mut progress)).await {
+                                lost = true;
+                                break 'events;
+                            }
+                            flushed = Instant::now();
                         }
-                        flushed = Instant::now();
-                    }
-                    if !self.until_available(&name, &shutdown).await {
-                        return;
+                        if !self.until_available(&name, &shutdown).await {
+                            return;
+                        }
                     }
                     let result = match mark.as_mut() {
                         Some(mark) => {
@@ -874,14 +874,26 @@ impl Dispatcher {
                         }
                     }
                 };
+                let dead_lettered = dead.is_some();
+                next = Some(position + 1);
+                note_progress(&mut progress, SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead });
+                if dead_lettered {
+                    // Committed before the next event runs, and its note cleared only then:
+                    // were the next one to end the process too, this one would otherwise start
+                    // over after the restart, and the two take turns for good.
+                    settle_mark(&mut mark);
+                    if !self.record_instance_progress(&name, std::mem::take(&mut progress)).await {
+                        lost = true;
+                        break 'events;
+                    }
+                    flushed = Instant::now();
+                }
                 if let Some(mark) = mark.as_mut() {
                     // Settled here: a restart before its progress commits delivers it afresh.
                     // Written with the next event's first note (one write per event), or before
                     // anything that waits (`settle_mark`).
                     mark.settled(event_ref);
                 }
-                next = Some(position + 1);
-                note_progress(&mut progress, SubUpdate::Instance { sub: name.clone(), node: self.node_id, position, dead });
                 // By bytes too: dead letters with their reasons, many to a pass, must fit one
                 // entry (one that never fits would be refused, and the pass redone, for good).
                 let bytes: usize = progress.iter().map(SubUpdate::approx_size).sum();

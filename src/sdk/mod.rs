@@ -158,8 +158,10 @@ impl HandlerError {
     }
     /// The handler could not take the request at all and did nothing (the sidecar's app
     /// refused the connection): the proxy tries another node, a delivery counts no attempt.
-    /// A 503 where no other node is left.
-    pub fn not_served(message: impl Into<String>) -> HandlerError {
+    /// A 503 where no other node is left. Crate-private: a delivery refused this way waits
+    /// for the handler's availability to come back (`LocalSubscriber::available`), which only
+    /// the sidecar has; an SDK handler returning it would be retried without end.
+    pub(crate) fn not_served(message: impl Into<String>) -> HandlerError {
         HandlerError { not_served: true, ..HandlerError::new(503, message) }
     }
     /// Whether this is [`HandlerError::not_served`].

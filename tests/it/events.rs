@@ -2018,8 +2018,9 @@ fn deliveries_to_an_app_that_refuses_connections_count_no_attempt() {
 
 /// An event whose handler ends the process does not take the node down for good: each attempt
 /// is noted on the node's disk before it runs, so after `max_attempts` restarts during the
-/// same event it is dead-lettered there and the node goes on with the next. (The app holds the
-/// event, and the test SIGKILLs the node while it waits: as a handler that aborts would.)
+/// same event it is dead-lettered there and the node goes on with the next; also for two such
+/// events in a row. (The app holds the event, and the test SIGKILLs the node while it waits: as
+/// a handler that aborts would.)
 #[test]
 fn an_event_that_ends_the_process_is_dead_lettered_after_its_attempts() {
     let (c, ups) = sidecar_events_cluster("ev-poison", |addr| {
@@ -2032,33 +2033,41 @@ fn an_event_that_ends_the_process_is_dead_lettered_after_its_attempts() {
     });
     wait_subscription(&c, &c.apis(), "appAudit");
 
-    let (poison, _) = c.wait_for("the poison event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"hold": true}), &[]));
-    let held = |up: &EventsUpstream| -> usize { up.list("/events/held").map_or(0, |ids| ids.iter().filter(|id| **id == poison).count()) };
-    for attempt in 1..=2 {
-        c.wait_for(&format!("node 1's app holding the poison event (attempt {attempt})"), DELIVERY, || {
-            match held(&ups[0]) {
-                n if n == attempt => Ok(()),
-                n => Err(format!("held {n} times")),
+    // Two in a row: the second must not wipe out the first's count (nor the first's dead
+    // letter, which a kill during the second would lose if it were not committed first).
+    let poison: Vec<String> = (0..2)
+        .map(|i| c.wait_for("a poison event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"hold": true, "i": i}), &[])).0)
+        .collect();
+    let held = |up: &EventsUpstream, id: &str| -> usize { up.list("/events/held").map_or(0, |ids| ids.iter().filter(|h| *h == id).count()) };
+    for id in &poison {
+        for attempt in 1..=2 {
+            c.wait_for(&format!("node 1's app holding poison event {id} (attempt {attempt})"), DELIVERY, || {
+                match held(&ups[0], id) {
+                    n if n == attempt => Ok(()),
+                    n => Err(format!("held {n} times; all held: {:?}", ups[0].list("/events/held"))),
+                }
+            });
+            c.kill(1);
+            c.restart(1);
+        }
+        c.wait_for(&format!("node 1 to dead-letter poison event {id}"), DELIVERY, || {
+            let dead = dead_letters(c.api(2), "appAudit")?;
+            if dead.iter().any(|d| d["eventId"].as_str() == Some(id.as_str()) && d["node"] == json!(1)) {
+                Ok(())
+            } else {
+                Err(format!("dead letters: {dead:?}"))
             }
         });
-        c.kill(1);
-        c.restart(1);
     }
-    c.wait_for("node 1 to dead-letter the poison event", DELIVERY, || {
-        let dead = dead_letters(c.api(2), "appAudit")?;
-        if dead.iter().any(|d| d["eventId"].as_str() == Some(poison.as_str()) && d["node"] == json!(1)) {
-            Ok(())
-        } else {
-            Err(format!("dead letters: {dead:?}"))
-        }
-    });
     // And goes on: the next event reaches its app, and the poison was not handed out a third time.
     let (next, _) = c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"i": 1}), &[]));
     c.wait_for("node 1's app to get the next event", DELIVERY, || {
         let got = ups[0].list("/events/received")?;
         if got.contains(&next) { Ok(()) } else { Err(format!("received {got:?}")) }
     });
-    assert_eq!(held(&ups[0]), 2, "the poison event was delivered again after its attempts");
+    for id in &poison {
+        assert_eq!(held(&ups[0], id), 2, "poison event {id} was delivered again after its attempts");
+    }
     for up in &ups {
         up.call("POST", "/admin/release").expect("release");
     }
