@@ -706,7 +706,8 @@ struct HealthCheck {
 /// clears it at once and restarts the count of passes.
 async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: CancellationToken) {
     let addr = pool.addr.clone();
-    let mut conn = Conn::new(addr.clone()).with_max_body(MAX_HEALTH_ANSWER);
+    let fresh = || Conn::new(addr.clone()).with_max_body(MAX_HEALTH_ANSWER);
+    let mut conn = fresh();
     let timeout = check.interval.min(MAX_HEALTH_TIMEOUT);
     let (mut passes, mut fails) = (0u32, 0u32);
     let mut checked = false;
@@ -724,7 +725,7 @@ async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: Cancellation
         if !pool.is_up() {
             // A fresh connection: an app that closed its listener may still answer on one
             // that stayed open, while it refuses every new one.
-            conn = Conn::new(addr.clone()).with_max_body(MAX_HEALTH_ANSWER);
+            conn = fresh();
         }
         let before = pool.refusals.load(SeqCst);
         if before != seen {

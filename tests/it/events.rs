@@ -1744,6 +1744,13 @@ impl EventsUpstream {
         resp.json()
     }
 
+    /// Ok once the app has acknowledged every one of `ids` (with 200).
+    fn received_all(&self, ids: &[String]) -> Result<(), String> {
+        let got = self.list("/events/received")?;
+        let missing = ids.iter().filter(|id| !got.contains(id)).count();
+        if missing == 0 { Ok(()) } else { Err(format!("{missing} missing")) }
+    }
+
     fn list(&self, path: &str) -> Result<Vec<String>, String> {
         let v = self.call("GET", path)?;
         v.as_array()
@@ -1948,22 +1955,14 @@ fn an_every_instance_sidecar_subscription_waits_for_its_app_to_be_healthy() {
     // The healthy apps get every event; the one that is down none. (This stub fails only its
     // health check and would take them: none arriving shows that none was sent.)
     for up in &ups[1..] {
-        c.wait_for(&format!("{} audited every event", up.name), DELIVERY, || {
-            let got = up.list("/events/received")?;
-            let missing = ids.iter().filter(|id| !got.contains(id)).count();
-            if missing == 0 { Ok(()) } else { Err(format!("{missing} missing")) }
-        });
+        c.wait_for(&format!("{} audited every event", up.name), DELIVERY, || up.received_all(&ids));
     }
     assert!(down.list("/events/received").expect("received").is_empty() && down.list("/events/failed").expect("failed").is_empty(),
         "no delivery was tried on the app that is down");
     assert!(dead_letters(c.api(1), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered while waiting");
 
     down.call("POST", "/admin/healthy").expect("healthy");
-    c.wait_for("up1 audited every event once healthy", DELIVERY, || {
-        let got = down.list("/events/received")?;
-        let missing = ids.iter().filter(|id| !got.contains(id)).count();
-        if missing == 0 { Ok(()) } else { Err(format!("{missing} missing")) }
-    });
+    c.wait_for("up1 audited every event once healthy", DELIVERY, || down.received_all(&ids));
     assert!(dead_letters(c.api(1), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered");
 }
 
@@ -1996,13 +1995,8 @@ fn deliveries_to_an_app_that_refuses_connections_count_no_attempt() {
     let orders = publish_n("orderPlaced", "refused");
     let audits = publish_n("auditMe", "refused-audit");
     wait_delivered(&c, &ups[1..], &orders, "with up1 dead");
-    let received_all = |up: &EventsUpstream, ids: &[String]| -> Result<(), String> {
-        let got = up.list("/events/received")?;
-        let missing = ids.iter().filter(|id| !got.contains(id)).count();
-        if missing == 0 { Ok(()) } else { Err(format!("{missing} missing")) }
-    };
     for up in &ups[1..] {
-        c.wait_for(&format!("{} audited every event", up.name), DELIVERY, || received_all(up, &audits));
+        c.wait_for(&format!("{} audited every event", up.name), DELIVERY, || up.received_all(&audits));
     }
     for sub in ["appOrders", "appAudit"] {
         let dead = dead_letters(c.api(2), sub).expect("dead letters");
@@ -2012,7 +2006,7 @@ fn deliveries_to_an_app_that_refuses_connections_count_no_attempt() {
     // Node 1 finds its app again by connecting, and audits what it missed.
     ups[0].process.start();
     poll_until("up1 /health", FORMATION, || ups[0].call("GET", "/health").map(|_| ()));
-    c.wait_for("up1 audited every event once it runs again", DELIVERY, || received_all(&ups[0], &audits));
+    c.wait_for("up1 audited every event once it runs again", DELIVERY, || ups[0].received_all(&audits));
     assert!(dead_letters(c.api(2), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered");
 }
 
