@@ -926,7 +926,7 @@ impl Handler for PeerHandler {
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
                 PeerRequest::DeliverBatch { sub, events } => dispatcher.serve_delivery_batch(sub, events).await,
                 PeerRequest::WriteBatch(cmds) => {
-                    let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. })).collect();
+                    let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. } | Command::IdemClaim { .. })).collect();
                     PeerResponse::WrittenBatch(crate::raft::fit_answers(broker.write_forwarded(cmds).await, &replayable, max_frame))
                 }
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),

@@ -32,6 +32,10 @@ pub enum ApiError {
     /// The request conflicts with the current state (a subscription a node still declares).
     #[error("{0}")]
     Conflict(String),
+    /// Well-formed, but not what this resource can take: an `Idempotency-Key` first used for a
+    /// request with other parameters or body (the IETF idempotency-key draft's 422).
+    #[error("{0}")]
+    Unprocessable(String),
     #[error("revision mismatch")]
     PreconditionFailed { current: Option<u64> },
     #[error("{0}")]
@@ -63,6 +67,7 @@ impl ApiError {
             ApiError::TooLarge { .. } | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,

@@ -124,8 +124,10 @@ pub mod features {
     pub const ORDERED_APPENDS: u64 = 2;
     /// The node applies `Command::DropSubscription` (older builds cannot decode it).
     pub const DROP_SUBSCRIPTION: u64 = 4;
+    /// The node applies `Command::IdemClaim` and keeps its fingerprints in snapshots.
+    pub const IDEM_FINGERPRINT: u64 = 8;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

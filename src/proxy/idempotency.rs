@@ -109,6 +109,33 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
+/// What a keyed request asks, as the state machine compares it (`Command::IdemClaim`): FNV-1a
+/// (64 bit) over its path and query parameters (sorted by name) and its body, exactly as
+/// received. The route (service, version, command) and the tenant are in the key already. A
+/// function of the bytes alone, written out here, so that every build and node computes the
+/// same value for the same request (std's hasher promises no such thing).
+pub(super) fn fingerprint(inv: &Invocation) -> u64 {
+    const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0100_0000_01b3;
+    let mut h = OFFSET;
+    let mut feed = |bytes: &[u8]| {
+        for b in bytes {
+            h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
+        }
+    };
+    // Lengths before contents, so that no two requests run together into the same bytes.
+    feed(&(inv.params.len() as u64).to_le_bytes());
+    for (name, value) in &inv.params {
+        for part in [name.as_bytes(), value.as_bytes()] {
+            feed(&(part.len() as u64).to_le_bytes());
+            feed(part);
+        }
+    }
+    feed(&(inv.payload.len() as u64).to_le_bytes());
+    feed(&inv.payload);
+    h
+}
+
 fn replay(stored: StoredResponse) -> Response<Full<Bytes>> {
     let out = Output { status: stored.status, body: Bytes::from(stored.body), content_type: stored.content_type };
     let mut resp = answer(Ok(out));
@@ -157,6 +184,9 @@ impl Proxy {
         // Scoped by command, as the handler's writes are (`run_local`).
         let key = super::idempotency_scope(&route.service, route.version, &route.decl.name, inv.meta.tenant_id.as_deref(), key);
         let attempt = new_attempt(self.node_id);
+        // Compared by the state machine only once every member's build can apply the claim
+        // that carries it (an older one could not decode the entry and would stall).
+        let print = self.store.replica().members_have(crate::peer::frame::features::IDEM_FINGERPRINT).then(|| fingerprint(&inv));
         let full_window_ms = self.settings.idempotency_window.as_millis() as u64;
         // Shorter while the records exceed their bounds, so that applying it forgets the oldest.
         let window_ms = |now: u64| {
@@ -181,7 +211,11 @@ impl Proxy {
             // (it ends at `own + LEASE`, as the renewals make it): waiters judge it in the
             // owner's clock.
             let lease_ms = (own + LEASE.as_millis() as u64).saturating_sub(now);
-            let begin = Command::IdemBegin { key: key.clone(), attempt, now_ms: now, lease_ms, window_ms: window_ms(now) };
+            let window_ms = window_ms(now);
+            let begin = match print {
+                Some(fingerprint) => Command::IdemClaim { key: key.clone(), attempt, now_ms: now, lease_ms, window_ms, fingerprint },
+                None => Command::IdemBegin { key: key.clone(), attempt, now_ms: now, lease_ms, window_ms },
+            };
             let claimed = match self.store.command(begin, left).await {
                 Ok(claimed) => claimed,
                 // The client's deadline ran out waiting for the write: a 504, not the 503 of a
@@ -192,6 +226,12 @@ impl Proxy {
             match claimed {
                 CommandResult::IdemBegun => break,
                 CommandResult::IdemDone(stored) => return Ok(replay(stored)),
+                CommandResult::IdemMismatch => {
+                    metrics::counter!("raftbridge_idempotency_mismatches_total").increment(1);
+                    return Err(ApiError::Unprocessable(
+                        "this Idempotency-Key was first used for a request with other parameters or body; use a new key for a new request".into(),
+                    ));
+                }
                 CommandResult::IdemPending { .. } => {
                     if let Some(stored) = self.wait_for(&key, deadline).await {
                         return Ok(replay(stored));

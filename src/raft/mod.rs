@@ -121,6 +121,16 @@ impl Replica {
         self.net.node_id()
     }
 
+    /// Whether every member (voters and learners, this node included) announced `feature` on
+    /// its latest link since this node started: a command only newer builds decode may then be
+    /// proposed. A member never linked since counts as without it.
+    pub fn members_have(&self, feature: u64) -> bool {
+        let watch = self.raft.metrics();
+        let metrics = watch.borrow_watched();
+        let all = metrics.membership_config.membership().nodes().all(|(id, _)| self.net.features_seen(*id).is_some_and(|f| f & feature != 0));
+        all
+    }
+
     pub fn metrics(&self) -> RaftMetrics {
         self.raft.metrics().borrow_watched().clone()
     }

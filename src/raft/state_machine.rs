@@ -59,6 +59,11 @@ pub struct IdemRecord {
     /// Results of the tagged writes made under this key, by sequence number: a re-run handler
     /// gets the recorded result instead of applying the write again.
     pub effects: BTreeMap<u32, CommandResult>,
+    /// What the first claim asked (`Command::IdemClaim`); `None` for a record an `IdemBegin` or a
+    /// late `IdemComplete` made, which any request may replay. Not in the record's encoding (the
+    /// snapshot layout stays as it was): snapshots carry it in their extension (`SmExt`).
+    #[serde(skip)]
+    pub fingerprint: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -573,30 +578,9 @@ impl SmData {
                 self.registry_revision = index;
                 CommandResult::Registered
             }
-            Command::IdemBegin { key, attempt, now_ms, lease_ms, window_ms } => {
-                self.tick(now_ms, window_ms);
-                let until_ms = now_ms.saturating_add(lease_ms);
-                match self.idem.get_mut(&key) {
-                    None => {
-                        let state = IdemState::Pending { attempt, until_ms };
-                        let rec = IdemRecord { created_ms: now_ms, state, effects: BTreeMap::new() };
-                        self.idem_bytes += idem_weight(&key, &rec);
-                        self.idem.insert(key.clone(), rec);
-                        self.idem_order.push_back((now_ms, key));
-                        CommandResult::IdemBegun
-                    }
-                    Some(rec) => match &rec.state {
-                        IdemState::Done(resp) => CommandResult::IdemDone(resp.clone()),
-                        IdemState::Pending { attempt: owner, until_ms: held } => {
-                            if *owner == attempt || *held <= now_ms {
-                                rec.state = IdemState::Pending { attempt, until_ms };
-                                CommandResult::IdemBegun
-                            } else {
-                                CommandResult::IdemPending { until_ms: *held }
-                            }
-                        }
-                    },
-                }
+            Command::IdemBegin { key, attempt, now_ms, lease_ms, window_ms } => self.idem_begin(key, attempt, now_ms, lease_ms, window_ms, None),
+            Command::IdemClaim { key, attempt, now_ms, lease_ms, window_ms, fingerprint } => {
+                self.idem_begin(key, attempt, now_ms, lease_ms, window_ms, Some(fingerprint))
             }
             // By reference: the log store keeps its copy of the entry (the `Arc`s are shared),
             // so taking the events or updates by value would clone every one of them.
@@ -628,7 +612,12 @@ impl SmData {
                     CommandResult::IdemDone(response)
                 }
                 None => {
-                    let rec = IdemRecord { created_ms: self.clock_ms, state: IdemState::Done(response.clone()), effects: BTreeMap::new() };
+                    let rec = IdemRecord {
+                        created_ms: self.clock_ms,
+                        state: IdemState::Done(response.clone()),
+                        effects: BTreeMap::new(),
+                        fingerprint: None,
+                    };
                     self.idem_bytes += idem_weight(&key, &rec);
                     self.idem.insert(key.clone(), rec);
                     self.idem_order.push_back((self.clock_ms, key));
@@ -745,7 +734,7 @@ impl SmData {
         if !self.idem.contains_key(&key) {
             // Its begin expired or never ran: keep the record anyway, expiring like the others.
             let state = IdemState::Pending { attempt: 0, until_ms: 0 };
-            let rec = IdemRecord { created_ms: self.clock_ms, state, effects: BTreeMap::new() };
+            let rec = IdemRecord { created_ms: self.clock_ms, state, effects: BTreeMap::new(), fingerprint: None };
             self.idem_bytes += idem_weight(&key, &rec);
             self.idem.insert(key.clone(), rec);
             self.idem_order.push_back((self.clock_ms, key.clone()));
@@ -759,6 +748,38 @@ impl SmData {
     }
 
     /// Advance the deterministic clock and forget idempotency keys older than the window.
+    /// `IdemBegin` (`fingerprint` None) and `IdemClaim`: claim `key` for `attempt`, or say who
+    /// holds it or what it answered. A claim whose fingerprint differs from the one the record
+    /// was made with changes nothing and is answered `IdemMismatch`.
+    fn idem_begin(&mut self, key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: Option<u64>) -> CommandResult {
+        self.tick(now_ms, window_ms);
+        let until_ms = now_ms.saturating_add(lease_ms);
+        match self.idem.get_mut(&key) {
+            None => {
+                let state = IdemState::Pending { attempt, until_ms };
+                let rec = IdemRecord { created_ms: now_ms, state, effects: BTreeMap::new(), fingerprint };
+                self.idem_bytes += idem_weight(&key, &rec);
+                self.idem.insert(key.clone(), rec);
+                self.idem_order.push_back((now_ms, key));
+                CommandResult::IdemBegun
+            }
+            // Judged only when both sides name one: a record made without one (by an older
+            // build's claim) keeps none, so the original request's retry still replays.
+            Some(IdemRecord { fingerprint: Some(first), .. }) if fingerprint.is_some_and(|f| f != *first) => CommandResult::IdemMismatch,
+            Some(rec) => match &rec.state {
+                IdemState::Done(resp) => CommandResult::IdemDone(resp.clone()),
+                IdemState::Pending { attempt: owner, until_ms: held } => {
+                    if *owner == attempt || *held <= now_ms {
+                        rec.state = IdemState::Pending { attempt, until_ms };
+                        CommandResult::IdemBegun
+                    } else {
+                        CommandResult::IdemPending { until_ms: *held }
+                    }
+                }
+            },
+        }
+    }
+
     fn tick(&mut self, now_ms: u64, window_ms: u64) {
         self.clock_ms = self.clock_ms.max(now_ms);
         let horizon = self.clock_ms.saturating_sub(window_ms);
@@ -1239,10 +1260,59 @@ fn stores_usage(stores: &Stores) -> (u64, u64) {
     usage
 }
 
+/// State that joined after the snapshot layout was fixed. It travels after the image: the
+/// bincode of this struct, its length (u32 LE), its CRC-32 (u32 LE) and `EXT_MAGIC`. Older
+/// builds decode the image and leave the trailing bytes alone (bincode allows them), so both
+/// builds read each other's snapshots; an image without the trailer decodes with nothing here.
+/// New fields go at the end (a shorter extension then fails to decode: give it a new magic).
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+struct SmExt {
+    /// `IdemRecord::fingerprint` of the records that have one, by key.
+    idem_prints: Vec<(String, u64)>,
+}
+
+const EXT_MAGIC: [u8; 8] = *b"rbSmExt1";
+const EXT_TRAILER: usize = 16;
+
+/// Appends `d`'s extension (`SmExt`) to its image.
+fn append_ext(image: &mut Vec<u8>, d: &SmData) -> io::Result<()> {
+    let ext = SmExt { idem_prints: d.idem.iter().filter_map(|(k, r)| Some((k.clone(), r.fingerprint?))).collect() };
+    let start = image.len();
+    bincode::serialize_into(&mut *image, &ext).map_err(io::Error::other)?;
+    let len = u32::try_from(image.len() - start).map_err(|_| io::Error::other("snapshot extension over 4 GiB"))?;
+    let crc = crc32fast::hash(&image[start..]);
+    image.extend_from_slice(&len.to_le_bytes());
+    image.extend_from_slice(&crc.to_le_bytes());
+    image.extend_from_slice(&EXT_MAGIC);
+    Ok(())
+}
+
+/// The extension at the end of `image`, if it has one. The trailer must be whole and its CRC
+/// match, so an older image that happens to end in the magic reads as having none.
+fn read_ext(image: &[u8]) -> io::Result<SmExt> {
+    let Some(body_end) = image.len().checked_sub(EXT_TRAILER) else { return Ok(SmExt::default()) };
+    let trailer = &image[body_end..];
+    if trailer[8..] != EXT_MAGIC {
+        return Ok(SmExt::default());
+    }
+    let word = |at: usize| u32::from_le_bytes([trailer[at], trailer[at + 1], trailer[at + 2], trailer[at + 3]]);
+    let (len, crc) = (word(0) as usize, word(4));
+    let Some(ext) = body_end.checked_sub(len).map(|start| &image[start..body_end]) else { return Ok(SmExt::default()) };
+    if crc32fast::hash(ext) != crc {
+        return Ok(SmExt::default());
+    }
+    bincode::deserialize(ext).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot extension does not decode: {e}")))
+}
+
 /// Decode and check a snapshot image; used before installing one received from the leader.
 pub fn decode_data(bytes: &[u8]) -> io::Result<SmData> {
     let mut data: SmData = bincode::deserialize(bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot data does not decode: {e}")))?;
+    for (key, print) in read_ext(bytes)?.idem_prints {
+        if let Some(rec) = data.idem.get_mut(&key) {
+            rec.fingerprint = Some(print);
+        }
+    }
     data.idem_bytes = data.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
     data.stores_digest = stores_digest(&data.stores);
     (data.stores_keys, data.stores_bytes) = stores_usage(&data.stores);
@@ -1270,6 +1340,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let previous = std::fs::metadata(this.shared.dir.join(SNAPSHOT_FILE)).map_or(0, |m| m.len() as usize);
             let mut data = Vec::with_capacity(previous + previous / 8);
             bincode::serialize_into(&mut data, &copy).map_err(io::Error::other)?;
+            append_ext(&mut data, &copy)?;
             drop(copy);
             let snap = StoredSnapshot { meta: meta2, data };
             let written = this.persist(&snap)?;
@@ -1624,6 +1695,53 @@ mod tests {
         d.apply(9, later);
         assert!(!d.idem.contains_key("k1"));
         assert!(d.idem.contains_key("k2"));
+    }
+
+    /// A key first claimed with one fingerprint answers a claim with another `IdemMismatch`,
+    /// pending or done, and changes nothing; the same one waits or replays as before. A record
+    /// made without one (an older build's `IdemBegin`) is never judged. Snapshots keep the
+    /// fingerprints in their extension, which a plain decode (an older build's) passes over.
+    #[test]
+    fn a_claim_with_another_fingerprint_is_a_mismatch_and_snapshots_keep_them() {
+        let mut d = SmData::default();
+        let claim = |key: &str, attempt, now_ms, fingerprint| Command::IdemClaim {
+            key: key.into(), attempt, now_ms, lease_ms: 1000, window_ms: 60_000, fingerprint,
+        };
+        assert_eq!(d.apply(1, claim("k", 7, 100, 0xaa)), CommandResult::IdemBegun);
+        assert_eq!(d.apply(2, claim("k", 8, 200, 0xbb)), CommandResult::IdemMismatch, "pending, other request");
+        assert_eq!(d.apply(3, claim("k", 8, 5_000, 0xbb)), CommandResult::IdemMismatch, "lapsed lease, still not its key");
+        assert_eq!(d.apply(4, claim("k", 8, 300, 0xaa)), CommandResult::IdemPending { until_ms: 1100 });
+        let resp = StoredResponse { status: 201, body: b"{\"id\":1}".to_vec(), content_type: None };
+        d.apply(5, Command::IdemComplete { key: "k".into(), attempt: 7, response: resp.clone() });
+        assert_eq!(d.apply(6, claim("k", 9, 400, 0xaa)), CommandResult::IdemDone(resp.clone()));
+        assert_eq!(d.apply(7, claim("k", 9, 400, 0xcc)), CommandResult::IdemMismatch);
+        // A renewal or an older build's claim names none and is not judged.
+        let begin = Command::IdemBegin { key: "k".into(), attempt: 9, now_ms: 400, lease_ms: 1000, window_ms: 60_000 };
+        assert_eq!(d.apply(8, begin), CommandResult::IdemDone(resp.clone()));
+        let old = Command::IdemBegin { key: "o".into(), attempt: 1, now_ms: 400, lease_ms: 1000, window_ms: 60_000 };
+        assert_eq!(d.apply(9, old), CommandResult::IdemBegun);
+        assert_eq!(d.apply(10, claim("o", 1, 450, 0xdd)), CommandResult::IdemBegun, "no fingerprint to judge by");
+        assert_eq!(d.idem["o"].fingerprint, None, "nor does a later claim give it one");
+
+        // The image with its extension: fingerprints come back, and the image part alone decodes
+        // as before (what an older build reads).
+        let mut image = bincode::serialize(&d).expect("encodes");
+        let plain_len = image.len();
+        append_ext(&mut image, &d).expect("extension");
+        let back = decode_data(&image).expect("decodes");
+        assert_eq!(back.idem["k"].fingerprint, Some(0xaa));
+        assert_eq!(back.idem["o"].fingerprint, None);
+        let older: SmData = bincode::deserialize(&image).expect("an older build decodes it");
+        assert_eq!(older.idem.len(), 2);
+        assert_eq!(decode_data(&image[..plain_len]).expect("an image without one").idem["k"].fingerprint, None);
+        // A trailer whose checksum does not match is no extension (an older image may end in
+        // anything): read as none.
+        let last = image.len() - 9;
+        image[last - 8] ^= 0xff;
+        assert_eq!(read_ext(&image).expect("no extension"), SmExt::default());
+        // After the window the record and its fingerprint go together.
+        d.apply(11, claim("z", 1, 100_000, 0x11));
+        assert!(!d.idem.contains_key("k"));
     }
 
     /// A handler re-run (its first run's node died before the result was recorded) that draws

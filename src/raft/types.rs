@@ -122,6 +122,13 @@ pub enum Command {
     /// declaring node would re-create it). Added after the others: older builds cannot decode
     /// it, so the API proposes it only when every member announced `features::DROP_SUBSCRIPTION`.
     DropSubscription { name: String },
+    /// `IdemBegin` that also names what the request asked (`fingerprint`: path and query
+    /// parameters and body, `proxy::idempotency::fingerprint`). The key's record keeps the first
+    /// claim's fingerprint, and a claim with another one is answered `IdemMismatch` (the IETF
+    /// idempotency-key draft's 422) instead of replaying an answer to a different request.
+    /// Added after the others: older builds cannot decode it, so the proxy proposes it only when
+    /// every member announced `features::IDEM_FINGERPRINT`, and `IdemBegin` otherwise.
+    IdemClaim { key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: u64 },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -175,7 +182,7 @@ impl Command {
                 Command::Put { store, key, value, .. } => store.len() + key.len() + value.len(),
                 Command::Delete { store, key, .. } | Command::Increment { store, key, .. } => store.len() + key.len(),
                 Command::IdemComplete { key, response, .. } => key.len() + response.body.len(),
-                Command::IdemBegin { key, .. } => key.len(),
+                Command::IdemBegin { key, .. } | Command::IdemClaim { key, .. } => key.len(),
                 Command::Publish { events, .. } => crate::broker::event_bytes(events),
                 Command::PublishAndSettle { events, updates, .. } => {
                     crate::broker::event_bytes(events) + updates.iter().map(SubUpdate::approx_size).sum::<usize>()
@@ -198,6 +205,7 @@ impl Command {
                 | Command::Increment { tag: Some(_), .. }
                 | Command::Register { .. }
                 | Command::IdemBegin { .. }
+                | Command::IdemClaim { .. }
                 | Command::IdemComplete { .. }
                 | Command::SubUpdate { .. }
         )
@@ -212,7 +220,7 @@ impl fmt::Display for Command {
             Command::Delete { store, key, .. } => write!(f, "delete {store}/{key}"),
             Command::Increment { store, key, .. } => write!(f, "increment {store}/{key}"),
             Command::Register { node, .. } => write!(f, "register node {node}"),
-            Command::IdemBegin { .. } => write!(f, "idempotency begin"),
+            Command::IdemBegin { .. } | Command::IdemClaim { .. } => write!(f, "idempotency begin"),
             Command::IdemComplete { .. } => write!(f, "idempotency complete"),
             Command::Publish { events, .. } => write!(f, "publish {} events", events.len()),
             Command::SubUpdate { updates } => write!(f, "{} subscription updates", updates.len()),
@@ -254,6 +262,9 @@ pub enum CommandResult {
     /// `DropSubscription`: `declared_by` lists the registered nodes that still declare it (then
     /// nothing was dropped); otherwise `existed` says whether there was one to drop.
     SubscriptionDropped { existed: bool, declared_by: Vec<NodeId> },
+    /// `IdemClaim`: the key was first used for a request with another fingerprint; nothing
+    /// changed. Only an `IdemClaim` answers it, so only builds that know it receive it.
+    IdemMismatch,
 }
 
 #[cfg(test)]

@@ -643,6 +643,23 @@ fn a_repeated_idempotency_key_replays_the_stored_result() {
     assert!(order.status < 300 && !is_replay(&order), "an order under a key used by increment: {}", order.describe());
     let stored = a.request("GET", "/v1/state/demo/orders/replay-order-1", &[], b"").expect("read the order");
     assert_eq!(stored.status, 200, "the order was stored: {}", stored.describe());
+    // The same key with another body, or another counter (a path parameter), is another
+    // request: 422 (the IETF idempotency-key draft), at any node, and nothing runs; the first
+    // body still replays.
+    let again = |api: Api, body: &[u8]| {
+        api.request("POST", "/api/v1/orders", &[("idempotency-key", "replay-key-1")], body).expect("order again")
+    };
+    let other = again(cc, b"{\"id\":\"replay-order-2\"}");
+    assert_eq!(other.status, 422, "another body under a used key: {}", other.describe());
+    let message = other.json().ok().and_then(|v| v["message"].as_str().map(str::to_owned));
+    assert!(message.is_some_and(|m| m.contains("Idempotency-Key")), "{}", other.describe());
+    let gone = a.request("GET", "/v1/state/demo/orders/replay-order-2", &[], b"").expect("read the other order");
+    assert_eq!(gone.status, 404, "the other body did not run: {}", gone.describe());
+    let same = again(cc, b"{\"id\":\"replay-order-1\"}");
+    assert!(is_replay(&same) && same.json() == order.json(), "the first body replays: {}", same.describe());
+    let moved = increment(cc, "replay-other", Some("replay-key-1")).expect("another counter under the key");
+    assert_eq!(moved.status, 422, "another path parameter under a used key: {}", moved.describe());
+    assert_eq!(counter_value(a, "replay-other"), 0);
     // A name that needs escaping: the proxy decodes the path parameter, and the state API its
     // path, the same way.
     let spaced = increment(a, "a%20b", None).expect("increment a%20b");
