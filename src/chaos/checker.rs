@@ -52,6 +52,9 @@ pub struct Observed {
     pub unkeyed: Result<Option<i64>, String>,
     /// The whole event log as `(id, nonce)`, or why it could not be read.
     pub events: Result<Vec<(String, String)>, String>,
+    /// Every other node's copy of the log, read from that node alone: the same events in the
+    /// same order, by content, or the nodes diverge (`state_digest` covers the state store only).
+    pub node_events: Vec<(u64, Result<Vec<(String, String)>, String>)>,
     pub nodes: Vec<NodeView>,
 }
 
@@ -59,7 +62,7 @@ impl Default for Observed {
     /// Nothing read yet: the counters count as unreadable until the driver reads them.
     fn default() -> Self {
         let unread = || Err("not read".to_string());
-        Observed { writes: HashMap::new(), cas: Vec::new(), keyed: unread(), unkeyed: unread(), events: Err("not read".to_string()), nodes: Vec::new() }
+        Observed { writes: HashMap::new(), cas: Vec::new(), keyed: unread(), unkeyed: unread(), events: Err("not read".to_string()), node_events: Vec::new(), nodes: Vec::new() }
     }
 }
 
@@ -113,6 +116,12 @@ pub fn check(r: &Records, o: &Observed) -> Verdict {
     check_unkeyed(r, o, &mut v);
     check_events(r, o, &mut v);
     check_nodes(o, &mut v);
+    for (kind, s) in &v.kinds.clone() {
+        if s.acked == 0 {
+            // Nothing of this kind to check: a run that acknowledged none tested none of it.
+            v.problems.push(format!("no {kind} were acknowledged: the run checked nothing of that kind"));
+        }
+    }
     v
 }
 
@@ -216,7 +225,21 @@ fn check_keyed(r: &Records, o: &Observed, v: &mut Verdict) {
     let mut budget = MAX_LINES;
     s.acked = r.keyed.iter().filter(|k| k.value.is_some()).count() as u64;
     s.failed = s.attempted - s.acked;
-    let unresolved = r.keyed.iter().filter(|k| k.value.is_none() && k.rejected.is_none() && k.attempts > 0).count() as u64;
+    let unresolved =
+        r.keyed.iter().filter(|k| k.value.is_none() && k.rejected.is_none() && k.malformed.is_none() && k.attempts > 0).count() as u64;
+    for k in r.keyed.iter().filter(|k| k.value.is_none()) {
+        if let Some(body) = &k.malformed {
+            // Acknowledged: it may not count as unresolved (that widens what the counter may be).
+            s.acked += 1;
+            s.failed -= 1;
+            problem(v, &mut budget, format!("keyed increment {} was acknowledged without a counter value ({body:?}): its effect cannot be checked", k.key));
+        }
+    }
+    if unresolved > 0 {
+        // Each was retried after the faults, on a healed cluster: one left unanswered leaves the
+        // counter's check inconclusive by that much.
+        problem(v, &mut budget, format!("{unresolved} keyed increments stayed unresolved after the faults: the keyed counter is checked only to within them"));
+    }
     let refused: Vec<String> =
         r.keyed.iter().filter_map(|k| k.rejected.as_ref().map(|why| format!("{} answered {why}", k.key))).collect();
     let replays = r.keyed.iter().filter(|k| k.replayed).count();
@@ -356,6 +379,29 @@ fn check_events(r: &Records, o: &Observed, v: &mut Verdict) {
 }
 
 fn check_nodes(o: &Observed, v: &mut Verdict) {
+    if let Ok(first) = &o.events {
+        for (id, log) in &o.node_events {
+            let differs = match log {
+                Err(e) => Some(format!("node {id}'s event log could not be read: {e}")),
+                Ok(log) if log == first => None,
+                Ok(log) => {
+                    let at = first.iter().zip(log).position(|(a, b)| a != b).unwrap_or(first.len().min(log.len()));
+                    Some(format!(
+                        "node {id}'s event log differs from the one checked: {} against {} events, first difference at entry {} ({:?} against {:?})",
+                        log.len(),
+                        first.len(),
+                        at + 1,
+                        log.get(at),
+                        first.get(at)
+                    ))
+                }
+            };
+            if let Some(line) = differs {
+                v.divergent = true;
+                v.problems.push(line);
+            }
+        }
+    }
     for n in &o.nodes {
         if !n.ready || n.applied.is_none() || n.digest.is_none() {
             v.divergent = true;
@@ -435,7 +481,7 @@ mod tests {
     }
 
     fn keyed(key: &str, value: Option<i64>) -> KeyedOp {
-        KeyedOp { key: key.into(), attempts: 1, value, replayed: false, rejected: None }
+        KeyedOp { key: key.into(), attempts: 1, value, replayed: false, rejected: None, malformed: None }
     }
 
     fn node(id: u64, applied: u64, digest: &str) -> NodeView {
@@ -452,7 +498,8 @@ mod tests {
                 cas("0-2", "0-1", 2, Outcome::Unknown),
                 cas("1-2", "0-2", 3, Outcome::Acked),
             ],
-            keyed: vec![keyed("a", Some(1)), keyed("b", Some(2)), keyed("c", None)],
+            // "c" was never sent (the load stopped first).
+            keyed: vec![keyed("a", Some(1)), keyed("b", Some(2)), KeyedOp { attempts: 0, ..keyed("c", None) }],
             unkeyed: vec![
                 UnkeyedOp { outcome: Outcome::Acked, value: Some(1) },
                 UnkeyedOp { outcome: Outcome::Unknown, value: None },
@@ -466,9 +513,10 @@ mod tests {
         let observed = Observed {
             writes: [("w-0-1".to_string(), Read::Value(json!({"n": 1}))), ("w-0-3".to_string(), Read::Value(json!({"n": 3})))].into(),
             cas: vec![Ok(Some((3, "1-2".into())))],
-            keyed: Ok(Some(3)),
+            keyed: Ok(Some(2)),
             unkeyed: Ok(Some(2)),
             events: Ok(vec![("id1".into(), "e1".into()), ("id2".into(), "e2".into())]),
+            node_events: [2, 3].map(|id| (id, Ok(vec![("id1".into(), "e1".into()), ("id2".into(), "e2".into())]))).into(),
             nodes: vec![node(1, 100, "ab"), node(2, 100, "ab"), node(3, 100, "ab")],
         };
         (records, observed)
@@ -515,16 +563,66 @@ mod tests {
     #[test]
     fn a_duplicate_keyed_effect_is_caught() {
         let (r, mut o) = healthy();
-        // 2 acknowledged + 1 unresolved key allow at most 3.
-        o.keyed = Ok(Some(4));
+        // 2 acknowledged keys allow 2.
+        o.keyed = Ok(Some(3));
         let v = check(&r, &o);
         assert_eq!(v.duplicates(), 1);
         assert!(!v.passed());
+        // A key left unanswered after the faults widens that by one, and fails the run itself.
+        let (mut r, mut o) = healthy();
+        r.keyed[2].attempts = 1;
+        o.keyed = Ok(Some(3));
+        let v = check(&r, &o);
+        assert_eq!(v.duplicates(), 0);
+        assert!(!v.passed() && v.problems.iter().any(|p| p.contains("stayed unresolved")), "{:?}", v.problems);
+        // A 2xx without a value is acknowledged (the counter must reach it) and a problem.
+        let (mut r, mut o) = healthy();
+        r.keyed[2] = KeyedOp { malformed: Some("{}".into()), ..keyed("c", None) };
+        o.keyed = Ok(Some(3));
+        let v = check(&r, &o);
+        assert!(!v.passed() && v.problems.iter().any(|p| p.contains("without a counter value")), "{:?}", v.problems);
+        assert!(!v.problems.iter().any(|p| p.contains("unresolved") || p.contains("more than")), "{:?}", v.problems);
+        o.keyed = Ok(Some(2));
+        assert!(check(&r, &o).problems.iter().any(|p| p.contains("but 3 keys were acknowledged")));
         // Two keys answered with the same value: not a duplicate effect, but a failure.
         let (mut r, o) = healthy();
         r.keyed[1].value = Some(1);
         let v = check(&r, &o);
         assert!(!v.passed() && v.problems[0].contains("inconsistent answers"), "{:?}", v.problems);
+    }
+
+    /// A kind with nothing acknowledged checked nothing: the run fails.
+    #[test]
+    fn a_kind_with_no_acknowledgement_fails_the_run() {
+        let (mut r, o) = healthy();
+        for w in &mut r.writes {
+            w.outcome = Outcome::Unknown;
+        }
+        let v = check(&r, &o);
+        assert!(!v.passed() && v.problems.iter().any(|p| p.contains("no state writes were acknowledged")), "{:?}", v.problems);
+    }
+
+    /// Another node's copy of the event log must hold the same events in the same order: one
+    /// that lost the last, holds another nonce, or could not be read fails the run.
+    #[test]
+    fn a_node_whose_event_log_differs_fails_the_run() {
+        let (r, o) = healthy();
+        assert!(check(&r, &o).passed(), "{:?}", check(&r, &o).problems);
+        let mut cases = Vec::new();
+        for log in [
+            Ok(vec![("id1".to_string(), "e1".to_string())]),
+            Ok(vec![("id1".into(), "e1".into()), ("id2".into(), "e9".into())]),
+            Err("connection refused".to_string()),
+        ] {
+            let (r, mut o) = healthy();
+            o.node_events[1].1 = log;
+            let v = check(&r, &o);
+            assert!(!v.passed() && v.divergent, "{:?}", v.problems);
+            cases.push(v.problems.join(" "));
+        }
+        assert!(cases[0].contains("node 3's event log differs") && cases[0].contains("1 against 2 events"), "{}", cases[0]);
+        assert!(cases[1].contains("at entry 2"), "{}", cases[1]);
+        assert!(cases[2].contains("could not be read"), "{}", cases[2]);
     }
 
     #[test]

@@ -668,7 +668,7 @@ async fn wait_converged<C: ClusterControl>(cluster: &C, ids: &[u64], deadline: D
 /// exactly. Those still unanswered at the deadline stay unresolved: the checker allows them to
 /// have taken effect or not. Returns how many stay unresolved.
 async fn finish_keyed(addrs: &[String], records: &mut Records, deadline: Duration) -> usize {
-    let unresolved = |k: &workload::KeyedOp| k.value.is_none() && k.rejected.is_none();
+    let unresolved = |k: &workload::KeyedOp| k.value.is_none() && k.rejected.is_none() && k.malformed.is_none();
     let stop = CancellationToken::new();
     let mut client = Client::new(addrs, 0);
     let finish = async {
@@ -754,7 +754,15 @@ async fn observe<C: ClusterControl>(cluster: &C, ids: &[u64], records: &Records)
     }
     obs.keyed = counter_value(read(&mut client, &format!("/v1/state/demo/counter/{}", workload::KEYED_COUNTER)).await);
     obs.unkeyed = counter_value(read(&mut client, &format!("/v1/state/demo/counter/{}", workload::UNKEYED_COUNTER)).await);
-    obs.events = read_event_log(&mut client, records.events.len()).await;
+    // The first node's copy is checked; each other node's own copy is compared with it
+    // (`check_nodes`). Every node must answer at the end anyway.
+    for (i, addr) in addrs.iter().enumerate() {
+        let log = read_event_log(&mut Client::new(std::slice::from_ref(addr), 0), records.events.len()).await;
+        match i {
+            0 => obs.events = log,
+            _ => obs.node_events.push((ids[i], log)),
+        }
+    }
     for &id in ids {
         let ready = is_ready(cluster, id).await;
         let view = cluster_view(cluster, id, PROBE_TIMEOUT).await;
@@ -905,7 +913,7 @@ mod tests {
     #[tokio::test]
     async fn finishing_keyed_increments_is_bounded_in_time() {
         // No node answers: each op would take 50 attempts with pauses (5 s); the deadline cuts it.
-        let op = |n: u32| workload::KeyedOp { key: format!("k{n}"), attempts: 1, value: None, replayed: false, rejected: None };
+        let op = |n: u32| workload::KeyedOp { key: format!("k{n}"), attempts: 1, value: None, replayed: false, rejected: None, malformed: None };
         let mut records = Records { keyed: (0..3).map(op).collect(), ..Records::default() };
         let t = Instant::now();
         let left = finish_keyed(&[], &mut records, Duration::from_millis(300)).await;

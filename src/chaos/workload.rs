@@ -75,6 +75,9 @@ pub struct KeyedOp {
     pub replayed: bool,
     /// The definite non-2xx answer (status and body) that ended it, if one did.
     pub rejected: Option<String>,
+    /// A 2xx that carried no counter value (its body): acknowledged, but its content cannot be
+    /// checked, which the checker reports rather than counting the key unresolved.
+    pub malformed: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -322,6 +325,9 @@ pub async fn keyed_increment(client: &mut Client, op: &mut KeyedOp, stop: &Cance
         match client.call(Method::POST, &path, &headers, Bytes::new()).await {
             Reply::Ok(r) => {
                 op.value = r.json::<serde_json::Value>().ok().and_then(|v| v["value"].as_i64());
+                if op.value.is_none() {
+                    op.malformed = Some(String::from_utf8_lossy(&r.body).chars().take(200).collect());
+                }
                 op.replayed = r.headers.get("idempotent-replay").is_some_and(|v| v.as_bytes() == b"true");
                 return true;
             }
@@ -350,7 +356,7 @@ async fn keyed(load: Load, t: usize) -> Records {
     let mut n = 0u64;
     while load.pace(10).await {
         n += 1;
-        let mut op = KeyedOp { key: format!("chaos-{}-{t}-{n}", load.seed), attempts: 0, value: None, replayed: false, rejected: None };
+        let mut op = KeyedOp { key: format!("chaos-{}-{t}-{n}", load.seed), attempts: 0, value: None, replayed: false, rejected: None, malformed: None };
         if keyed_increment(&mut client, &mut op, &load.stop, 1_000).await {
             out.ack_ms.push(load.ms());
         }
