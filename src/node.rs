@@ -894,7 +894,6 @@ impl Handler for PeerHandler {
         let unproven = self.unproven.clone();
         let log = self.log.clone();
         let raft_seen = self.raft_seen.clone();
-        let max_frame = replica.net.max_frame();
         Box::pin(async move {
             let raft = &replica.raft;
             let fatal = |e: &dyn std::fmt::Display| PeerResponse::Error(RemoteError::Internal(e.to_string()));
@@ -927,7 +926,10 @@ impl Handler for PeerHandler {
                 PeerRequest::DeliverBatch { sub, events } => dispatcher.serve_delivery_batch(sub, events).await,
                 PeerRequest::WriteBatch(cmds) => {
                     let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. } | Command::IdemClaim { .. })).collect();
-                    PeerResponse::WrittenBatch(crate::raft::fit_answers(broker.write_forwarded(cmds).await, &replayable, max_frame))
+                    // Sized for the link's frame (the smaller of both sides'), which the reply
+                    // crosses: a reply over it would reach the follower as one error for all.
+                    let frame = replica.net.max_frame_to(from);
+                    PeerResponse::WrittenBatch(crate::raft::fit_answers(broker.write_forwarded(cmds).await, &replayable, frame))
                 }
                 PeerRequest::ReadIndex => replica.read_index_local().await.map_or_else(PeerResponse::Error, PeerResponse::ReadIndex),
                 PeerRequest::Join { id, addr } => async { cluster.admits(from, id, Membership::Join)?; cluster.join(id, addr).await }
