@@ -32,6 +32,8 @@ impl From<BrokerError> for ApiError {
             BrokerError::Store(s) => s.into(),
             BrokerError::Stopped => ApiError::Unavailable(e.to_string()),
             BrokerError::TooLarge { .. } => ApiError::Oversized(e.to_string()),
+            // Never in an entry: a 503 with `Retry-After`, and a retry is safe.
+            BrokerError::NotQueued { .. } => ApiError::Busy(e.to_string()),
             BrokerError::Unexpected => ApiError::Internal(e.to_string()),
         }
     }

@@ -115,6 +115,10 @@ pub enum BrokerError {
     /// A group (one event, or a client's batch) larger than one replicated entry may be.
     #[error("events of {bytes} bytes with their metadata, more than the {limit} one entry may hold (half of --max-frame)")]
     TooLarge { bytes: usize, limit: usize },
+    /// Waited `--write-timeout-ms` for room in the queue or for an entry and was never put
+    /// into one: nothing of it is stored, a retry is safe.
+    #[error("the events waited {waited:?} for an entry (the cluster commits slower than events arrive) and were not stored; retry")]
+    NotQueued { waited: Duration },
 }
 
 /// Ids and positions of a committed group, in the group's order.
@@ -131,7 +135,8 @@ struct Group {
     _queued_kib: OwnedSemaphorePermit,
     /// `event_bytes(&events)`, counted once at admission for the entry bound.
     bytes: usize,
-    /// When the group was queued: how long it waited for an entry is a metric.
+    /// When the group was queued: how long it waited for an entry is a metric, and one that
+    /// waited `Inbox::max_wait` is answered `NotQueued` instead of going into one.
     since: tokio::time::Instant,
 }
 
@@ -167,6 +172,8 @@ pub struct Broker {
     /// A group's `event_bytes` at most (half of `--max-frame`, so its entry always fits into a
     /// peer frame with room for the encoding's overhead).
     max_group_bytes: usize,
+    /// How long a publisher waits for room in the queue (`--write-timeout-ms`).
+    max_wait: Duration,
     /// The batcher's entries in flight (each holds a permit until its groups are answered);
     /// `drained` waits for all of them once the batcher has stopped.
     slots: Slots,
@@ -272,7 +279,8 @@ impl Broker {
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
         // An entry holds at most what one group may (or less): it must fit into a peer frame.
         let max_bytes = MAX_BATCH_BYTES.min(max_group_bytes);
-        let inbox = Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes, max_progress_bytes: max_group_bytes / 4 };
+        let inbox =
+            Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes, max_progress_bytes: max_group_bytes / 4, max_wait: timeout };
         let slots = Slots {
             leading: Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES)),
             following: Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES)),
@@ -290,6 +298,7 @@ impl Broker {
             admit: Arc::new(Semaphore::new(QUEUE_EVENTS)),
             admit_kib: Arc::new(Semaphore::new(QUEUE_KIB as usize)),
             max_group_bytes,
+            max_wait: timeout,
             acked: AtomicU64::new(0),
         })
     }
@@ -359,10 +368,19 @@ impl Broker {
         }
         let n = events.len().min(QUEUE_EVENTS) as u32;
         let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).min(QUEUE_KIB);
-        let queued = self.admit.clone().acquire_many_owned(n).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
-        let queued_kib = self.admit_kib.clone().acquire_many_owned(kib).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
+        // Bounded like the entry's own write: while the cluster cannot commit (no quorum), the
+        // queue fills and publishers beyond it used to wait for good.
+        let since = tokio::time::Instant::now();
+        let full = || Arc::new(BrokerError::NotQueued { waited: self.max_wait });
+        let admitted = async {
+            let queued = self.admit.clone().acquire_many_owned(n).await;
+            let queued_kib = self.admit_kib.clone().acquire_many_owned(kib).await;
+            queued.and_then(|q| Ok((q, queued_kib?)))
+        };
+        let (queued, queued_kib) =
+            tokio::time::timeout_at(since + self.max_wait, admitted).await.map_err(|_| full())?.map_err(|_| Arc::new(BrokerError::Stopped))?;
         let (reply, rx) = oneshot::channel();
-        let group = Group { events, reply, _queued: queued, _queued_kib: queued_kib, bytes, since: tokio::time::Instant::now() };
+        let group = Group { events, reply, _queued: queued, _queued_kib: queued_kib, bytes, since };
         self.queue.send(group).await.map_err(|_| Arc::new(BrokerError::Stopped))?;
         let published = rx.await.map_err(|_| Arc::new(BrokerError::Stopped))??;
         if let Some(last) = published.iter().map(|(_, position)| *position).max() {
@@ -457,7 +475,8 @@ impl Broker {
             Err(e) if matches!(*e, BrokerError::TooLarge { .. }) => Err(RemoteError::Invalid(e.to_string())),
             // Never taken into an entry (the batcher stopped first: this node is draining), so
             // nothing of it can commit: the follower sends it to the leader again.
-            Err(e) if matches!(*e, BrokerError::Stopped) => Err(RemoteError::Unavailable(e.to_string())),
+            // So is one that waited too long for an entry (`NotQueued`).
+            Err(e) if matches!(*e, BrokerError::Stopped | BrokerError::NotQueued { .. }) => Err(RemoteError::Unavailable(e.to_string())),
             // Queued on the leader, the group may have committed even though this failed (a
             // deadline, a lost leadership): the follower must not retry it.
             Err(e) => Err(RemoteError::Internal(format!("publish outcome unknown: {e}"))),
@@ -483,6 +502,11 @@ struct Inbox {
     /// `raft::entry_limit`. The count bound alone let 4,096 updates
     /// with their reasons outgrow a small frame, and such an entry was refused every time.
     max_progress_bytes: usize,
+    /// A group queued longer than this (`--write-timeout-ms`) is answered `NotQueued` when the
+    /// batcher comes to it, not put into an entry: its publisher has waited as long as a write
+    /// may, and while the cluster cannot commit, each entry ahead of it took that long to fail
+    /// (a full queue was answered minutes late, and events committed after their 503).
+    max_wait: Duration,
 }
 
 fn progress_bytes(s: &Settle) -> usize {
@@ -578,18 +602,27 @@ impl Inbox {
     }
 
     /// Adds whatever else is queued to `first` while it fits in one entry; a group that does not
-    /// fit is held for the next batch.
+    /// fit is held for the next batch. Groups past `max_wait` (`first` too) are answered
+    /// `NotQueued` and left out, so the events may be none.
     fn fill(&mut self, first: Group) -> (Vec<NewEvent>, Vec<(Reply, usize)>) {
-        let (mut count, mut bytes) = (first.events.len(), first.bytes);
-        let mut groups = vec![first];
-        while count < MAX_BATCH && bytes < self.max_bytes {
-            let Some(g) = self.held.pop_front().or_else(|| self.groups.try_recv().ok()) else { break };
-            let more = g.bytes;
-            if count + g.events.len() > MAX_BATCH || bytes + more > self.max_bytes {
+        let (mut count, mut bytes) = (0, 0);
+        let mut groups: Vec<Group> = Vec::new();
+        let mut next = Some(first);
+        while let Some(g) = next.take().or_else(|| {
+            (count < MAX_BATCH && bytes < self.max_bytes).then(|| self.held.pop_front().or_else(|| self.groups.try_recv().ok())).flatten()
+        }) {
+            let waited = g.since.elapsed();
+            if waited >= self.max_wait {
+                metrics::counter!("raftbridge_publish_not_queued_total").increment(g.events.len() as u64);
+                let _ = g.reply.send(Err(Arc::new(BrokerError::NotQueued { waited })));
+                continue;
+            }
+            // The first group always goes (alone it fits: see `max_bytes`).
+            if !groups.is_empty() && (count + g.events.len() > MAX_BATCH || bytes + g.bytes > self.max_bytes) {
                 self.held.push_front(g);
                 break;
             }
-            (count, bytes) = (count + g.events.len(), bytes + more);
+            (count, bytes) = (count + g.events.len(), bytes + g.bytes);
             groups.push(g);
         }
         // One allocation of the final size: growing the batch group by group reallocated it
@@ -710,6 +743,10 @@ async fn batcher(store: StateStore, settings: Batching, mut inbox: Inbox, slots:
         };
         if leader {
             settles = inbox.settles(settles);
+            if events.is_empty() && settles.is_empty() {
+                // Every group taken had waited too long (answered by `fill`): no entry.
+                continue;
+            }
         } else {
             // Leadership moved after the progress was queued: write it like any command, so
             // the forwarder takes it to the leader (whose broker merges it there).
@@ -803,7 +840,8 @@ mod tests {
     fn inbox() -> (mpsc::Sender<Group>, mpsc::Sender<Settle>, Inbox) {
         let (tx, rx) = mpsc::channel(16);
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
-        (tx, settle_tx, Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes: MAX_BATCH_BYTES, max_progress_bytes: usize::MAX })
+        let max_wait = Duration::from_secs(5);
+        (tx, settle_tx, Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes: MAX_BATCH_BYTES, max_progress_bytes: usize::MAX, max_wait })
     }
 
     fn acks(sub: &str, positions: std::ops::Range<u64>) -> (Settle, oneshot::Receiver<bool>) {
@@ -850,6 +888,35 @@ mod tests {
         let (_tx, _s, mut ib) = inbox();
         shutdown.cancel();
         assert!(!ib.gather(0, tokio::time::Instant::now() + ms(1000), &shutdown).await);
+    }
+
+    /// A group that waited `max_wait` for an entry (the cluster could not commit the ones
+    /// ahead of it) is answered `NotQueued` when the batcher comes to it and goes into no entry;
+    /// younger groups behind it still go.
+    #[tokio::test(start_paused = true)]
+    async fn groups_that_waited_past_the_write_timeout_are_answered_and_left_out() {
+        let admit = Arc::new(Semaphore::new(QUEUE_EVENTS));
+        let (tx, _s, mut ib) = inbox();
+        let mut old = queue(&tx, &admit, &[(3, 1), (2, 1)]);
+        tokio::time::advance(ib.max_wait).await;
+        let mut young = queue(&tx, &admit, &[(4, 1)]);
+        let first = ib.groups.try_recv().expect("queued");
+        let (events, replies) = ib.fill(first);
+        assert_eq!((events.len(), replies.len()), (4, 1), "only the young group goes into the entry");
+        for rx in &mut old {
+            let answer = rx.try_recv().expect("answered at once");
+            assert!(matches!(answer.as_ref().map_err(|e| &**e), Err(BrokerError::NotQueued { .. })), "{answer:?}");
+        }
+        assert!(young[0].try_recv().is_err(), "the young group waits for its entry");
+        // Every group too old: nothing to propose.
+        let _older = queue(&tx, &admit, &[(1, 1)]);
+        tokio::time::advance(ib.max_wait).await;
+        let first = ib.groups.try_recv().expect("queued");
+        assert_eq!(ib.fill(first).0.len(), 0);
+        // The API answers it 503 with Retry-After (never stored, a retry is safe).
+        let e = crate::api::error::ApiError::from(BrokerError::NotQueued { waited: ib.max_wait });
+        assert_eq!(e.status().as_u16(), 503);
+        assert!(matches!(e, crate::api::error::ApiError::Busy(_)));
     }
 
     #[tokio::test]

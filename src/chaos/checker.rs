@@ -14,7 +14,8 @@
 //!   acknowledged increment answered a value above it (an effect it saw is not lost);
 //! - every acknowledged event is in the log exactly once, under the id it was acknowledged with
 //!   and with its payload (nonce), and no payload appears twice;
-//! - every node answers, and all report the same applied index and state digest.
+//! - every node answers, and all report the same applied index and state digest, and hold the
+//!   same event log (each read from that node alone, compared by content).
 
 use std::collections::HashMap;
 use std::collections::HashSet;
@@ -453,7 +454,7 @@ pub fn render(header: &str, faults: &[FaultRow], v: &Verdict) -> String {
     let _ = writeln!(out);
     let _ = writeln!(out, "acknowledged but lost: {} (must be 0)", v.lost());
     let _ = writeln!(out, "duplicates:            {}", v.duplicates());
-    let _ = writeln!(out, "nodes agree:           {}", if v.divergent { "NO" } else { "yes (same applied index and state digest, all answer)" });
+    let _ = writeln!(out, "nodes agree:           {}", if v.divergent { "NO" } else { "yes (same applied index, state digest and event log, all answer)" });
     for p in &v.problems {
         let _ = writeln!(out, "  problem: {p}");
     }

@@ -438,15 +438,23 @@ async fn next_batch(rx: &mut mpsc::Receiver<Forward>, budget: usize, held: &mut 
     // Grows to what the batch holds. Not `with_capacity(FORWARD_BATCH)`: a `Forward` is 128
     // bytes, and reserving 512 of them (64 KiB) per batch of usually a few writes cost ~10% of
     // a follower's CPU in fresh allocator pages (measured with perf).
-    let first = match held.take() {
-        Some(f) => f,
-        None => rx.recv().await?,
+    // A write whose caller has given up (its deadline passed while it queued) is not sent: it
+    // would commit after its caller was told it failed.
+    let first = loop {
+        let f = match held.take() {
+            Some(f) => f,
+            None => rx.recv().await?,
+        };
+        if !f.1.is_closed() {
+            break f;
+        }
     };
     let mut bytes = first.0.approx_size();
     let mut batch = vec![first];
     tokio::task::yield_now().await;
     while batch.len() < FORWARD_BATCH {
         match rx.try_recv() {
+            Ok(f) if f.1.is_closed() => {}
             Ok(f) => {
                 // Bytes too: the batch is one frame (the first write always goes; each one is
                 // bounded by --max-body or the broker's group bound, both half a frame).
@@ -519,20 +527,32 @@ mod tests {
     #[tokio::test]
     async fn a_forwarded_batch_takes_what_writers_that_were_ready_queue() {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<super::Forward>(64);
+        // Each writer's receiver stays with it, as a caller waiting for its answer does.
         let write = |tx: tokio::sync::mpsc::Sender<super::Forward>| async move {
-            let (reply, _) = tokio::sync::oneshot::channel();
+            let (reply, rx) = tokio::sync::oneshot::channel();
             let cmd = super::Command::Delete { store: "s".into(), key: "k".into(), if_revision: None };
             tx.send((cmd, reply)).await.expect("forwarder listening");
+            rx
         };
         // Writers ready to run (spawned, not yet polled) while the first write wakes the forwarder.
         let writers: Vec<_> = (0..5).map(|_| tokio::spawn(write(tx.clone()))).collect();
-        write(tx.clone()).await;
+        let _waiting = write(tx.clone()).await;
         let mut held = None;
         let batch = super::next_batch(&mut rx, usize::MAX, &mut held).await.expect("a batch");
         assert_eq!(batch.len(), 6, "the five ready writers' writes join the first");
+        let mut waiting = Vec::new();
         for w in writers {
-            w.await.expect("writer ran");
+            waiting.push(w.await.expect("writer ran"));
         }
+        // A write whose caller has gone (its deadline passed while it queued) is not sent.
+        let gone = write(tx.clone()).await;
+        drop(gone);
+        let _kept = write(tx.clone()).await;
+        let (cmd, reply) = (super::Command::Delete { store: "s".into(), key: "gone".into(), if_revision: None }, tokio::sync::oneshot::channel().0);
+        tx.send((cmd, reply)).await.expect("room");
+        let batch = super::next_batch(&mut rx, usize::MAX, &mut held).await.expect("a batch");
+        assert_eq!(batch.len(), 1, "only the write whose caller waits");
+        assert!(!batch[0].1.is_closed());
         drop(tx);
         assert!(super::next_batch(&mut rx, usize::MAX, &mut held).await.is_none(), "no senders left: done");
     }
@@ -545,8 +565,10 @@ mod tests {
             super::Command::Put { store: "s".into(), key: format!("k{n}"), value, if_revision: None, tag: None }
         };
         // 40 KB, 40 KB, 40 KB under a 100 KB budget: two, then the third leads the next batch.
+        let mut waiting = Vec::new();
         for n in [40_000, 40_001, 40_002] {
-            let (reply, _) = tokio::sync::oneshot::channel();
+            let (reply, rx) = tokio::sync::oneshot::channel();
+            waiting.push(rx);
             tx.send((put(n), reply)).await.expect("room");
         }
         let keys = |b: &[super::Forward]| -> Vec<String> {
@@ -558,7 +580,7 @@ mod tests {
         let second = super::next_batch(&mut rx, 100_000, &mut held).await.expect("a batch");
         assert_eq!(keys(&second), vec!["k40002"], "the held write goes first, alone if need be");
         // One write larger than the budget still goes (each is bounded at half a frame).
-        let (reply, _) = tokio::sync::oneshot::channel();
+        let (reply, _waits) = tokio::sync::oneshot::channel();
         tx.send((put(200_000), reply)).await.expect("room");
         assert_eq!(super::next_batch(&mut rx, 100_000, &mut held).await.expect("a batch").len(), 1);
     }
