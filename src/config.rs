@@ -485,6 +485,24 @@ impl NodeConfig {
     }
 }
 
+impl NodeConfig {
+    /// The largest snapshot image a leader with these bounds can send, generously, and never
+    /// below 1 GiB: every bounded store at its bound (state and idempotency records by the
+    /// weights their bounds count, events by `--events-max-bytes` plus 2 KiB of metadata for
+    /// each of `--events-max-count`, 1 KiB per producer key), twice over for what the counting
+    /// leaves out. A node accepts a leader's image up to this; the members of a cluster should
+    /// share their bounds (a smaller node refuses a larger node's image).
+    pub fn snapshot_cap(&self) -> usize {
+        let bounded = self
+            .state_max_bytes
+            .saturating_add(self.idempotency_max_bytes)
+            .saturating_add(self.events_max_bytes)
+            .saturating_add(self.events_max_count.saturating_mul(2048))
+            .saturating_add((self.dedup_max_keys as u64).saturating_mul(1024));
+        usize::try_from(bounded.saturating_mul(2)).unwrap_or(usize::MAX).max(1 << 30)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,6 +647,13 @@ mod tests {
         assert!(matches!(NodeArgs { state_max_bytes: Some(1000), ..base() }.resolve(), Err(ConfigError::Invalid { name: "state-max-bytes", .. })));
         let small = NodeArgs { idempotency_max_bytes: Some((16 << 20) - 1), ..base() };
         assert!(matches!(small.resolve(), Err(ConfigError::Invalid { name: "idempotency-max-bytes", .. })), "below one frame");
+        // The snapshot a node accepts grows with the bounds that size it (a fixed 1 GiB refused
+        // a larger state's image for good), and is never below 1 GiB.
+        assert!(cfg.snapshot_cap() >= 2 * (512 << 20) && cfg.snapshot_cap() < 4 << 30, "{}", cfg.snapshot_cap());
+        let big = NodeArgs { state_max_bytes: Some(4 << 30), ..base() }.resolve().unwrap();
+        assert!(big.snapshot_cap() > 8 << 30);
+        let tiny = NodeArgs { state_max_bytes: Some(1 << 20), events_max_count: Some(10), dedup_max_keys: Some(10), ..base() }.resolve().unwrap();
+        assert_eq!(tiny.snapshot_cap(), 1 << 30);
     }
 
     #[test]

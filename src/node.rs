@@ -52,8 +52,6 @@ use crate::proxy::registry::Offering;
 use crate::sdk::ServiceParts;
 use crate::store::StateStore;
 
-/// Largest snapshot a node accepts from a leader (assembled in memory before install).
-const MAX_SNAPSHOT: usize = 1 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -416,7 +414,7 @@ pub async fn run(
         proxy: proxy.clone(),
         dispatcher,
         broker: broker.clone(),
-        snapshots: Arc::new(Mutex::new(HashMap::new())),
+        snapshots: Arc::new(Snapshots { assembling: Mutex::new(HashMap::new()), cap: cfg.snapshot_cap() }),
         appends: appends.clone(),
         unproven: Arc::new(AtomicBool::new(unproven)),
         log: founder_log,
@@ -718,9 +716,16 @@ async fn hand_over_leadership(replica: &Replica) {
         .await;
 }
 
-/// Partially received snapshot from one leader: (last log index it covers, bytes so far).
 /// A snapshot being received: the sender's vote, its last log index, the bytes so far.
 type Assembly = (Vote, Option<u64>, Vec<u8>);
+
+/// Snapshots being received (one at a time) and the largest image accepted: what this node's
+/// own bounds let a leader's image reach (`NodeConfig::snapshot_cap`). A fixed 1 GiB refused,
+/// for good, the image of a node whose bounds had been raised past it.
+struct Snapshots {
+    assembling: Mutex<HashMap<NodeId, Assembly>>,
+    cap: usize,
+}
 
 /// Serves peer requests by handing each to the module that owns it.
 struct PeerHandler {
@@ -729,7 +734,7 @@ struct PeerHandler {
     proxy: Arc<Proxy>,
     dispatcher: Arc<Dispatcher>,
     broker: Arc<Broker>,
-    snapshots: Arc<Mutex<HashMap<NodeId, Assembly>>>,
+    snapshots: Arc<Snapshots>,
     /// AppendEntries in arrival order per leader (pipelined replication, `raft::network`).
     appends: Arc<AppendLanes>,
     /// Set while this node started with an empty log and has not yet been brought up to date by
@@ -947,10 +952,15 @@ impl Handler for PeerHandler {
 /// Adds a chunk of `from`'s snapshot (sent under `vote`; `key`: its last log index) to the
 /// assemblies; the whole image once `done`. One snapshot is assembled at a time (from the leader
 /// of the moment): a transfer that a crashed or deposed leader left half done goes when a new
-/// one starts, so at most one `MAX_SNAPSHOT` is held; a transfer under an older vote does not
-/// displace one under a newer vote. A chunk out of order ends its transfer.
+/// one starts, so at most one image of `cap` bytes is held; a transfer under an older vote (from any
+/// sender) does not displace one under a newer vote. A chunk that fits no transfer under way
+/// (out of order, or a late one from a transfer its sender gave up) is refused without ending
+/// the one under way: a stale chunk used to cost the current transfer. The sender restarts
+/// from offset 0 after a refusal, which replaces the assembly.
+#[allow(clippy::too_many_arguments)]
 fn assemble(
     map: &mut HashMap<NodeId, Assembly>,
+    cap: usize,
     from: NodeId,
     vote: &Vote,
     key: Option<u64>,
@@ -959,7 +969,7 @@ fn assemble(
     done: bool,
 ) -> Result<Option<Vec<u8>>, String> {
     if offset == 0 {
-        if map.iter().any(|(sender, a)| *sender != from && a.0 > *vote) {
+        if map.values().any(|a| a.0 > *vote) {
             return Err("snapshot from a leader of an older term than the transfer under way".into());
         }
         map.clear();
@@ -967,12 +977,11 @@ fn assemble(
     }
     let Some(entry) = map.get_mut(&from) else { return Err(format!("snapshot chunk at {offset} of no transfer")) };
     if entry.0 != *vote || entry.1 != key || entry.2.len() as u64 != offset {
-        map.remove(&from);
         return Err(format!("snapshot chunk at {offset} out of order"));
     }
-    if entry.2.len() + data.len() > MAX_SNAPSHOT {
+    if entry.2.len() + data.len() > cap {
         map.remove(&from);
-        return Err(format!("snapshot larger than {MAX_SNAPSHOT} bytes"));
+        return Err(format!("snapshot larger than {cap} bytes, what this node's bounds allow (--state-max-bytes and the like)"));
     }
     entry.2.extend_from_slice(data);
     if !done {
@@ -984,7 +993,7 @@ fn assemble(
 #[allow(clippy::too_many_arguments)]
 async fn snapshot_chunk(
     replica: &Replica,
-    snapshots: &Mutex<HashMap<NodeId, Assembly>>,
+    snapshots: &Snapshots,
     from: NodeId,
     vote: Vote,
     meta: SnapshotMeta,
@@ -994,15 +1003,20 @@ async fn snapshot_chunk(
 ) -> PeerResponse {
     let invalid = |m: String| PeerResponse::Error(RemoteError::Invalid(m));
     let key = meta.last_log_id.map(|l| l.index);
-    let complete = match assemble(&mut crate::lock(snapshots), from, &vote, key, offset, &data, done) {
+    let complete = match assemble(&mut crate::lock(&snapshots.assembling), snapshots.cap, from, &vote, key, offset, &data, done) {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return PeerResponse::Snapshot(None),
         Err(why) => return invalid(why),
     };
     // An install error is fatal to openraft: check the image decodes before handing it over.
-    if let Err(e) = crate::raft::state_machine::decode_data(&complete) {
-        return invalid(e.to_string());
-    }
+    // Off the runtime: a large image takes long to decode (and its copy to free), and with one
+    // worker thread the node's links, pings and heartbeats would stop meanwhile.
+    let checked = tokio::task::spawn_blocking(move || crate::raft::state_machine::decode_data(&complete).map(|_| complete)).await;
+    let complete = match checked {
+        Ok(Ok(complete)) => complete,
+        Ok(Err(e)) => return invalid(e.to_string()),
+        Err(e) => return PeerResponse::Error(RemoteError::Internal(format!("snapshot check: {e}"))),
+    };
     match replica.raft.install_full_snapshot(vote, Snapshot { meta, snapshot: complete }).await {
         Ok(resp) => PeerResponse::Snapshot(Some(resp)),
         Err(e) => PeerResponse::Error(RemoteError::Internal(e.to_string())),
@@ -1199,7 +1213,7 @@ mod tests {
     fn a_snapshot_is_assembled_in_order_one_transfer_at_a_time() {
         let mut map = HashMap::new();
         let (v1, v2) = (Vote::new_committed(1, 1), Vote::new_committed(2, 2));
-        let mut add = |from, vote: &Vote, key, offset, data: &[u8], done| assemble(&mut map, from, vote, key, offset, data, done);
+        let mut add = |from, vote: &Vote, key, offset, data: &[u8], done| assemble(&mut map, 1 << 20, from, vote, key, offset, data, done);
         assert_eq!(add(1, &v1, Some(9), 0, b"ab", false), Ok(None));
         assert_eq!(add(1, &v1, Some(9), 2, b"cd", true), Ok(Some(b"abcd".to_vec())));
         // A leader that died half way: the next leader's transfer replaces its partial image.
@@ -1209,12 +1223,16 @@ mod tests {
         // The deposed leader cannot restart over the newer one's transfer.
         assert!(add(1, &v1, Some(9), 0, b"z", false).is_err());
         assert_eq!(add(2, &v2, Some(12), 1, b"y", true), Ok(Some(b"xy".to_vec())));
-        // Out of order, or another snapshot's chunk: the transfer ends.
+        // Out of order, or another snapshot's chunk (a late one from a transfer given up):
+        // refused, and the transfer under way goes on.
         assert_eq!(add(3, &v2, Some(5), 0, b"a", false), Ok(None));
         assert!(add(3, &v2, Some(5), 5, b"b", false).is_err());
-        assert_eq!(add(3, &v2, Some(5), 0, b"a", false), Ok(None));
         assert!(add(3, &v2, Some(6), 1, b"b", true).is_err());
-        assert!(map.is_empty(), "nothing is kept of ended transfers");
+        assert!(add(3, &Vote::new_committed(1, 3), Some(5), 1, b"b", true).is_err());
+        // The same sender under an older vote cannot restart over it either.
+        assert!(add(3, &Vote::new_committed(1, 3), Some(5), 0, b"z", false).is_err());
+        assert_eq!(add(3, &v2, Some(5), 1, b"b", true), Ok(Some(b"ab".to_vec())));
+        assert!(map.is_empty(), "nothing is kept of a finished transfer");
     }
 
     #[test]

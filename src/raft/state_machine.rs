@@ -1400,7 +1400,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: SnapshotData) -> Result<(), io::Error> {
-        let mut data = decode_data(&snapshot)?;
+        // Off the runtime, as the old state's drop below: either takes long for a large image.
+        let (mut data, snapshot) =
+            tokio::task::spawn_blocking(move || decode_data(&snapshot).map(|d| (d, snapshot))).await.map_err(io::Error::other)??;
         // The meta is authoritative for what the image covers.
         data.last_applied = meta.last_log_id;
         data.last_membership = meta.last_membership.clone();
@@ -1419,8 +1421,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.shared.events_moved(d.log.next);
             old
         };
-        // Freed after the lock is released: the old state may be as large as the new one.
-        drop(old);
+        // Freed after the lock is released, off the runtime: the old state may be as large as
+        // the new one.
+        drop(tokio::task::spawn_blocking(move || drop(old)));
         metrics::counter!("raftbridge_snapshots_installed_total").increment(1);
         Ok(())
     }
