@@ -41,6 +41,9 @@ pub struct NodeView {
     pub digest: Option<String>,
 }
 
+/// An event log read back as `(id, nonce)` in position order, or why it could not be read.
+pub type EventLogRead = Result<Vec<(String, String)>, String>;
+
 /// The healed cluster's state, as read by the driver.
 #[derive(Debug, Clone)]
 pub struct Observed {
@@ -52,10 +55,10 @@ pub struct Observed {
     pub keyed: Result<Option<i64>, String>,
     pub unkeyed: Result<Option<i64>, String>,
     /// The whole event log as `(id, nonce)`, or why it could not be read.
-    pub events: Result<Vec<(String, String)>, String>,
+    pub events: EventLogRead,
     /// Every other node's copy of the log, read from that node alone: the same events in the
     /// same order, by content, or the nodes diverge (`state_digest` covers the state store only).
-    pub node_events: Vec<(u64, Result<Vec<(String, String)>, String>)>,
+    pub node_events: Vec<(u64, EventLogRead)>,
     pub nodes: Vec<NodeView>,
 }
 
