@@ -678,8 +678,29 @@ async fn expire_loop(store: StateStore, limits: EventLimits, dedup_max_keys: usi
     }
 }
 
+/// How far an event's timestamp (the accepting node's clock) may be ahead of, or behind, the
+/// entry's clock. Behind: a group may wait up to `--write-timeout-ms` in queues and be sent
+/// again after a leader change.
+const TIMESTAMP_AHEAD_MS: u64 = 1_000;
+const TIMESTAMP_BEHIND_MS: u64 = 60_000;
+
+/// Sets the timestamp of every event outside those bounds to the entry's clock (which is
+/// corrected, `entry_clock_ms`). Retention by age judges timestamps by the state machine's
+/// clock and stops at the first event not yet due: one event from a node whose clock ran a day
+/// ahead held every later event past `--events-max-age-s` for that day, and events from a node
+/// far behind were dropped as soon as they reached the front. The value travels in the entry,
+/// so every node stores the same. A body is copied only when it changes (rarely).
+fn keep_timestamps_near(events: &mut [NewEvent], now_ms: u64) {
+    let range = now_ms.saturating_sub(TIMESTAMP_BEHIND_MS)..=now_ms.saturating_add(TIMESTAMP_AHEAD_MS);
+    for e in events.iter_mut().filter(|e| !range.contains(&e.body.timestamp)) {
+        metrics::counter!("raftbridge_event_timestamps_corrected_total").increment(1);
+        Arc::make_mut(&mut e.body).timestamp = now_ms;
+    }
+}
+
 /// The entry for what the batcher took: events, progress, or both in one.
-fn entry(events: Vec<NewEvent>, settles: &mut [Settle], now_ms: u64, limits: EventLimits) -> Command {
+fn entry(mut events: Vec<NewEvent>, settles: &mut [Settle], now_ms: u64, limits: EventLimits) -> Command {
+    keep_timestamps_near(&mut events, now_ms);
     let updates: Vec<SubUpdate> = settles.iter_mut().flat_map(|s| std::mem::take(&mut s.updates)).collect();
     match (events.is_empty(), updates.is_empty()) {
         (_, true) => Command::Publish { now_ms, events: Arc::new(events), limits },
@@ -888,6 +909,23 @@ mod tests {
         let (_tx, _s, mut ib) = inbox();
         shutdown.cancel();
         assert!(!ib.gather(0, tokio::time::Instant::now() + ms(1000), &shutdown).await);
+    }
+
+    /// Timestamps far from the entry's clock are set to it; those near it are kept as they are.
+    #[test]
+    fn an_entry_keeps_event_timestamps_near_its_clock() {
+        let at = |t: u64| {
+            let mut e = event(1);
+            Arc::make_mut(&mut e.body).timestamp = t;
+            e
+        };
+        let now = 10_000_000;
+        let mut events = vec![at(now - 5_000), at(now + 500), at(now + 86_400_000), at(now - 3_600_000), at(now)];
+        let shared = events[0].body.clone();
+        keep_timestamps_near(&mut events, now);
+        let times: Vec<u64> = events.iter().map(|e| e.body.timestamp).collect();
+        assert_eq!(times, vec![now - 5_000, now + 500, now, now, now]);
+        assert!(Arc::ptr_eq(&shared, &events[0].body), "a body left as it was is not copied");
     }
 
     /// A group that waited `max_wait` for an entry (the cluster could not commit the ones

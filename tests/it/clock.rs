@@ -165,4 +165,14 @@ fn a_node_whose_clock_runs_far_ahead_claims_no_keys_and_dedup_holds() {
     let page = c.api(2).request("GET", "/v1/events?after=0&eventName=farClock", &[], b"").expect("read");
     let events: serde_json::Value = page.json().expect("json");
     assert_eq!(events["events"].as_array().map(Vec::len), Some(1), "one farClock event: {events}");
+
+    // An event accepted by node 3 is stamped with the entry's corrected clock, not node 3's own
+    // (150 s ahead): retention by age judges it by the cluster's clock.
+    let resp = c.api(3).request("POST", "/v1/events/aheadStamp", &[], b"{}").expect("publish at node 3");
+    assert_eq!(resp.status, 201, "{}", resp.describe());
+    let page = c.api(1).request("GET", "/v1/events?after=0&eventName=aheadStamp", &[], b"").expect("read");
+    let events: serde_json::Value = page.json().expect("json");
+    let stamp = events["events"][0]["timestamp"].as_u64().expect("a timestamp");
+    let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    assert!(stamp <= real + 30_000, "stamped {} ms ahead of this clock: {events}", stamp.saturating_sub(real));
 }
