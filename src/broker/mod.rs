@@ -113,7 +113,7 @@ pub enum BrokerError {
     #[error("unexpected result from the state machine")]
     Unexpected,
     /// A group (one event, or a client's batch) larger than one replicated entry may be.
-    #[error("events of {bytes} bytes with their metadata, more than the {limit} one entry may hold (half of --max-frame)")]
+    #[error("events of {bytes} bytes with their metadata, more than the {limit} one entry may hold (half of the smallest member's --max-frame)")]
     TooLarge { bytes: usize, limit: usize },
     /// Waited `--write-timeout-ms` for room in the queue or for an entry and was never put
     /// into one: nothing of it is stored, a retry is safe.
@@ -363,8 +363,10 @@ impl Broker {
             return Ok(Vec::new());
         }
         let bytes = event_bytes(&events);
-        if bytes > self.max_group_bytes {
-            return Err(Arc::new(BrokerError::TooLarge { bytes, limit: self.max_group_bytes }));
+        // Half of the smallest member's frame, when one is smaller than ours (`cluster_frame`).
+        let limit = self.max_group_bytes.min(self.store.replica().net.cluster_frame() / 2);
+        if bytes > limit {
+            return Err(Arc::new(BrokerError::TooLarge { bytes, limit }));
         }
         let n = events.len().min(QUEUE_EVENTS) as u32;
         let kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).min(QUEUE_KIB);

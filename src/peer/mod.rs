@@ -31,6 +31,7 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use std::time::Instant;
@@ -518,6 +519,9 @@ pub struct PeerNet {
     /// The settings each peer announced last (link upkeep only): a warning is logged when they
     /// change, not on every reconnect. At most one entry per member (`forget_peer` drops it).
     settings_seen: Mutex<HashMap<NodeId, frame::Settings>>,
+    /// The smallest `--max-frame` of this node's and every member's in `settings_seen`, kept
+    /// as that map changes (`cluster_frame`).
+    smallest_frame: AtomicUsize,
     /// The latest clock reading of every member measured, kept after its link goes (a node
     /// taking over a dead node's idempotency claim reads that node's clock through it), until
     /// it leaves the cluster (`forget_peer`): claims of a removed node are then judged in this
@@ -531,6 +535,7 @@ pub struct PeerNet {
 
 impl PeerNet {
     pub fn new(cfg: PeerConfig, shutdown: CancellationToken) -> Arc<PeerNet> {
+        let cfg_frame = cfg.max_frame;
         Arc::new(PeerNet {
             cfg,
             incarnation: fastrand::u64(..),
@@ -550,6 +555,7 @@ impl PeerNet {
             offsets: Mutex::new(HashMap::new()),
             settings: std::sync::OnceLock::new(),
             settings_seen: Mutex::new(HashMap::new()),
+            smallest_frame: AtomicUsize::new(cfg_frame),
         })
     }
 
@@ -695,7 +701,7 @@ impl PeerNet {
         // drop one series; one per node id that ever left is the bound.
         lock(&self.offsets).remove(&id);
         lock(&self.features_seen).remove(&id);
-        lock(&self.settings_seen).remove(&id);
+        self.frames_changed(|seen| seen.remove(&id).is_some());
         lock(&self.clocks).forget(id);
         metrics::gauge!(CLOCK_GAUGE, "peer" => id.to_string()).set(f64::NAN);
         metrics::gauge!("raftbridge_peer_settings_differ", "peer" => id.to_string()).set(0.0);
@@ -973,11 +979,15 @@ impl PeerNet {
         }
         let Some(theirs) = theirs else {
             // A build from before settings (say, rolled back): nothing to compare.
-            lock(&self.settings_seen).remove(&peer);
+            self.frames_changed(|seen| seen.remove(&peer).is_some());
             metrics::gauge!("raftbridge_peer_settings_differ", "peer" => peer.to_string()).set(0.0);
             return;
         };
-        let seen = lock(&self.settings_seen).insert(peer, theirs);
+        let mut seen = None;
+        self.frames_changed(|map| {
+            seen = map.insert(peer, theirs);
+            seen != Some(theirs)
+        });
         if seen == Some(theirs) {
             return;
         }
@@ -992,6 +1002,25 @@ impl PeerNet {
             differ = %list.join("; "),
             "peer settings differ from ours: event retention follows the leader's flags and the dedup, idempotency and state bounds the proposing node's, so the cluster's rules change with who leads; set them alike on every node"
         );
+    }
+
+    /// Changes `settings_seen` with `change` (true: it changed) and keeps `smallest_frame`.
+    fn frames_changed(&self, change: impl FnOnce(&mut HashMap<NodeId, frame::Settings>) -> bool) {
+        let mut seen = lock(&self.settings_seen);
+        if change(&mut seen) {
+            let smallest = seen.values().map(|s| link_max_frame(self.cfg.max_frame, Some(*s))).fold(self.cfg.max_frame, usize::min);
+            self.smallest_frame.store(smallest, Ordering::Release);
+        }
+    }
+
+    /// The smallest `--max-frame` among this node and the members whose settings it has seen
+    /// (announced on their latest link, kept while they are down): the largest frame every
+    /// member takes. A log entry must fit it (`raft::entry_limit`), or replication to the
+    /// member with the smaller frame stops at that entry for good: a node that accepted writes
+    /// up to its own, larger frame (say, the first restarted in a rolling raise of the flag)
+    /// stalled them.
+    pub fn cluster_frame(&self) -> usize {
+        self.smallest_frame.load(Ordering::Acquire)
     }
 
     fn check_hello(&self, h: &Hello) -> Result<(), String> {
@@ -2099,6 +2128,22 @@ mod tests {
         stop.cancel();
     }
 
+
+    /// The frame every member takes is the smallest announced, kept while a member is down and
+    /// given up when it leaves; an announcement below what any node accepts counts as ours.
+    #[test]
+    fn the_cluster_frame_is_the_smallest_members() {
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 2 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None };
+        let net = PeerNet::new(cfg, CancellationToken::new());
+        let frame = |m: u64| frame::Settings { max_frame: m, ..frame::Settings::default() };
+        assert_eq!(net.cluster_frame(), 2 << 20);
+        net.frames_changed(|seen| seen.insert(5, frame(1 << 20)).is_none());
+        net.frames_changed(|seen| seen.insert(6, frame(4 << 20)).is_none());
+        net.frames_changed(|seen| seen.insert(7, frame(100)).is_none());
+        assert_eq!(net.cluster_frame(), 1 << 20);
+        net.frames_changed(|seen| seen.remove(&5).is_some());
+        assert_eq!(net.cluster_frame(), 2 << 20);
+    }
 
     /// Nodes with different `--max-frame` (a rolling change of the flag): the dialer's 2 MiB
     /// frames would be refused by the acceptor's 1 MiB reader, closing the link. The link takes

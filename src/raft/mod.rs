@@ -189,7 +189,9 @@ impl Replica {
     /// Commit a command through the leader, forwarding from a follower. Returns the log index and
     /// the command's result, only after the entry is committed and applied.
     pub async fn write(&self, cmd: Command, timeout: Duration) -> Result<(u64, CommandResult), ReplicaError> {
-        let limit = entry_limit(self.net.max_frame());
+        // Every member's frame, not only ours: an entry larger than a member's frame could
+        // never be replicated to it.
+        let limit = entry_limit(self.net.cluster_frame());
         let bytes = cmd.approx_size();
         if bytes > limit {
             return Err(ReplicaError::TooLarge { bytes, limit });

@@ -766,3 +766,33 @@ fn members_whose_cluster_rules_differ_are_warned_about() {
     assert_eq!(gauge("2"), Ok(1.0));
     assert_eq!(gauge("3"), Ok(0.0));
 }
+
+/// A member with a smaller `--max-frame` than the others (a rolling change of the flag): a
+/// write that fits the others' frames but not its own is refused (413) wherever it is made,
+/// since an entry larger than one member's frame could never be replicated to it, and that
+/// member would stall at the entry for good. Later writes reach it.
+#[test]
+fn a_write_over_the_smallest_members_frame_is_refused_and_that_member_keeps_up() {
+    let c = Cluster::new("frame-smallest", 3, &[]);
+    c.set_env(3, "RAFTBRIDGE_MAX_FRAME", "131072");
+    c.set_env(3, "RAFTBRIDGE_MAX_BODY", "65536");
+    c.start_all();
+    c.wait_all_ready(FORMATION);
+    for id in [1, 2] {
+        c.wait_until(&format!("node {id} saw node 3's frame"), Duration::from_secs(20), || {
+            c.api(id).metric("raftbridge_peer_settings_differ", &["peer=\"3\""]).is_ok_and(|n| n >= 1.0)
+        });
+    }
+    // 200 KiB: within nodes 1 and 2's own --max-body and frame, over node 3's frame.
+    let big = json!({ "blob": "x".repeat(200 << 10) });
+    for id in [1, 2] {
+        let r = c.api(id).put("frame/big", &big).expect("PUT");
+        assert_eq!(r.status, 413, "node {id}: {}", r.describe());
+    }
+    let small = json!({ "after": "big" });
+    c.api(1).must_put("frame/small", &small);
+    c.wait_for("node 3 applied the later write", Duration::from_secs(20), || {
+        let r = c.api(3).get_stale("frame/small").map_err(|e| e.to_string())?;
+        if r.status == 200 { Ok(()) } else { Err(r.describe()) }
+    });
+}
