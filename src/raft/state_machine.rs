@@ -128,8 +128,10 @@ pub fn note_shortened_window(kind: &'static str, window_ms: u64, configured_ms: 
 }
 
 /// Moves a shared subscription's cursor over done, filtered-out and expired positions;
-/// returns how many events retention took from it (also counted and logged).
-fn advance(log: &EventLog, sub: &str, s: &mut SubState) -> u64 {
+/// returns how many events retention took from it (also counted and logged): those it had not
+/// settled and that match its filter, judged by `trimmed` (what the trim that just ran took,
+/// in position order; positions before it count as they cannot be told apart any more).
+fn advance(log: &EventLog, sub: &str, s: &mut SubState, trimmed: &[Arc<Event>]) -> u64 {
     if !s.decl.shared {
         // An every-instance subscription keeps a position per node (`instances`) and gets
         // no acks: its cursor would stop at its first matching event, and every trim after
@@ -141,9 +143,11 @@ fn advance(log: &EventLog, sub: &str, s: &mut SubState) -> u64 {
     if s.cursor < first {
         // Retention (count, bytes or age) dropped events this durable subscription had not
         // settled: they are gone for it. Said, not silent (positions it had settled ahead of
-        // its cursor are not counted; filtered-out ones cannot be told apart any more).
-        let settled = s.done.range(..first).count() as u64;
-        expired = (first - s.cursor).saturating_sub(settled);
+        // its cursor are not counted, nor events its filter does not take).
+        let known = trimmed.first().map_or(first, |e| e.position).clamp(s.cursor, first);
+        let unknown = (known - s.cursor).saturating_sub(s.done.range(s.cursor..known).count() as u64);
+        let lost = trimmed.iter().filter(|e| e.position >= s.cursor && !s.done.contains(&e.position) && s.decl.filter.matches(e));
+        expired = unknown + lost.count() as u64;
         if expired > 0 {
             note_expired(sub, expired, first);
         }
@@ -655,6 +659,8 @@ impl SmData {
             log.next += 1;
         }
         let age_horizon = self.clock_ms.saturating_sub(limits.max_age_ms);
+        // What retention takes, for the subscriptions' loss count (`advance`); freed after it.
+        let mut trimmed = Vec::new();
         while let Some(front) = log.events.front() {
             let over = log.events.len() as u64 > limits.max_events
                 || log.bytes > limits.max_bytes
@@ -664,10 +670,11 @@ impl SmData {
             }
             if let Some(e) = log.events.pop_front() {
                 log.bytes = log.bytes.saturating_sub(e.size() as u64);
+                trimmed.push(e);
             }
         }
         for (name, s) in self.subs.iter_mut() {
-            advance(&self.log, name, s);
+            advance(&self.log, name, s, &trimmed);
         }
         CommandResult::Published(out)
     }
@@ -721,7 +728,7 @@ impl SmData {
     /// `advance` for the subscription named `sub`.
     fn advance(&mut self, sub: &str) -> u64 {
         let Some(s) = self.subs.get_mut(sub) else { return 0 };
-        advance(&self.log, sub, s)
+        advance(&self.log, sub, s, &[])
     }
 
     /// Apply a write at most once per tag.
@@ -2082,6 +2089,43 @@ mod tests {
         assert_eq!(behind.advance("shared"), 1, "an unsettled event retention took is counted");
         assert_eq!(behind.advance("each"), 0, "nothing counted for the every-instance subscription");
         assert_eq!(d.subs["each"].instances[&1], first, "its node's position is its own");
+    }
+
+    /// Retention's loss count for a subscription with a filter counts the unsettled events it
+    /// takes that the filter matches, not every position past the cursor.
+    #[test]
+    fn retention_counts_only_the_events_a_subscription_takes() {
+        use crate::broker::event::EventFilter;
+        use crate::broker::event::SubscriptionDecl;
+        let filter = EventFilter { event_name: Some("wanted".into()), ..EventFilter::default() };
+        let service = crate::sdk::ServiceDecl {
+            name: "svc".into(), version: 1, commands: Vec::new(),
+            subscriptions: vec![SubscriptionDecl::new("picky", filter)], available: true,
+        };
+        let mut d = SmData::default();
+        d.apply(1, Command::Register { node: 1, services: vec![service] });
+        let meta = crate::sdk::MessageMeta::default();
+        let named = |names: &[&str]| -> Arc<Vec<crate::broker::event::NewEvent>> {
+            Arc::new(names.iter().map(|n| crate::broker::new_event(n, b"1".to_vec(), &meta, None, None)).collect())
+        };
+        let limits = EventLimits { max_events: 100, ..LIMITS };
+        // other, wanted, other, wanted, other: the cursor stops at the first wanted one.
+        d.apply(2, Command::Publish { now_ms: 10, events: named(&["other", "wanted", "other", "wanted", "other"]), limits });
+        let first = d.log.first();
+        assert_eq!(d.subs["picky"].cursor, first + 1);
+        // Keep two events: the first three go, one of which the subscription wanted.
+        let mut trim = d.clone();
+        trim.apply(3, Command::Publish { now_ms: 20, events: named(&[]), limits: EventLimits { max_events: 2, ..LIMITS } });
+        assert_eq!(trim.log.first(), first + 3);
+        let mut behind = d.clone();
+        let trimmed: Vec<Arc<Event>> = behind.log.events.drain(..3).collect();
+        let s = behind.subs.get_mut("picky").expect("registered");
+        assert_eq!(advance(&behind.log, "picky", s, &trimmed), 1, "one wanted event lost, not three positions");
+        // Without the trimmed events (positions no longer known): each unsettled position counts.
+        let mut unknown = d.clone();
+        unknown.log.events.drain(..3);
+        let s = unknown.subs.get_mut("picky").expect("registered");
+        assert_eq!(advance(&unknown.log, "picky", s, &[]), 2);
     }
 
     /// The digest kept as writes apply is the one counted from scratch, also after a snapshot

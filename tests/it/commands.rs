@@ -1196,15 +1196,20 @@ fn one_idempotency_key_in_two_tenants_is_two_requests() {
     let c = demo_cluster("cmd-tenant-keys", &[]);
     let api = c.api(1);
     let key = "shared-by-two-tenants";
+    let send = |tenant: &str, n: u64| {
+        echo(api, &json!({ "n": n }), &[("idempotency-key", key), ("x-tenant-id", tenant)]).unwrap_or_else(|e| panic!("echo for {tenant}: {e}"))
+    };
     let call = |tenant: &str, n: u64| {
-        let resp = echo(api, &json!({ "n": n }), &[("idempotency-key", key), ("x-tenant-id", tenant)])
-            .unwrap_or_else(|e| panic!("echo for {tenant}: {e}"));
+        let resp = send(tenant, n);
         assert_eq!(resp.status, 200, "echo for {tenant}: {}", resp.describe());
         (resp.json().expect("JSON")["echo"]["n"].as_u64(), resp.header("idempotent-replay").is_some())
     };
     assert_eq!(call("tenant-a", 1), (Some(1), false));
     assert_eq!(call("tenant-b", 2), (Some(2), false), "tenant b is not answered with tenant a's result");
-    assert_eq!(call("tenant-a", 3), (Some(1), true), "tenant a's retry replays its own");
+    assert_eq!(call("tenant-a", 1), (Some(1), true), "tenant a's retry replays its own");
+    // Within a tenant the key names one request: another body under it is a 422.
+    let other = send("tenant-a", 3);
+    assert_eq!(other.status, 422, "{}", other.describe());
 
     let publish = |tenant: &str| {
         let resp = api
