@@ -279,8 +279,17 @@ impl Broker {
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
         // An entry holds at most what one group may (or less): it must fit into a peer frame.
         let max_bytes = MAX_BATCH_BYTES.min(max_group_bytes);
-        let inbox =
-            Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes, max_progress_bytes: max_group_bytes / 4, max_wait: timeout };
+        let max_progress_bytes = max_group_bytes / 4;
+        let inbox = Inbox {
+            groups: rx,
+            settles: settle_rx,
+            held: VecDeque::new(),
+            max_bytes,
+            max_progress_bytes,
+            start_bytes: max_bytes,
+            start_progress_bytes: max_progress_bytes,
+            max_wait: timeout,
+        };
         let slots = Slots {
             leading: Arc::new(Semaphore::new(MAX_INFLIGHT_BATCHES)),
             following: Arc::new(Semaphore::new(MAX_FORWARDED_BATCHES)),
@@ -327,7 +336,13 @@ impl Broker {
     /// `settle` should hold at most: an eighth of a frame (see `Inbox::max_progress_bytes`).
     /// `max_group_bytes` is half a frame.
     pub fn progress_budget(&self) -> usize {
-        self.max_group_bytes / 4
+        self.group_limit() / 4
+    }
+
+    /// What one group may hold: half of the smaller of this node's frame and the smallest
+    /// member's (`PeerNet::cluster_frame`), as an entry must reach every member.
+    fn group_limit(&self) -> usize {
+        self.max_group_bytes.min(self.store.replica().net.cluster_frame() / 2)
     }
 
     /// After the broker's `shutdown` fired: waits, at most `grace`, until the entries the batcher
@@ -363,8 +378,7 @@ impl Broker {
             return Ok(Vec::new());
         }
         let bytes = event_bytes(&events);
-        // Half of the smallest member's frame, when one is smaller than ours (`cluster_frame`).
-        let limit = self.max_group_bytes.min(self.store.replica().net.cluster_frame() / 2);
+        let limit = self.group_limit();
         if bytes > limit {
             return Err(Arc::new(BrokerError::TooLarge { bytes, limit }));
         }
@@ -504,6 +518,9 @@ struct Inbox {
     /// `raft::entry_limit`. The count bound alone let 4,096 updates
     /// with their reasons outgrow a small frame, and such an entry was refused every time.
     max_progress_bytes: usize,
+    /// `max_bytes` and `max_progress_bytes` for this node's own frame (`fit_frame`).
+    start_bytes: usize,
+    start_progress_bytes: usize,
     /// A group queued longer than this (`--write-timeout-ms`) is answered `NotQueued` when the
     /// batcher comes to it, not put into an entry: its publisher has waited as long as a write
     /// may, and while the cluster cannot commit, each entry ahead of it took that long to fail
@@ -522,6 +539,13 @@ enum Work {
 }
 
 impl Inbox {
+    /// Bounds entries for peer frames of `frame` bytes, within what the node started with: events
+    /// up to half a frame (`MAX_BATCH_BYTES` at most), progress up to an eighth.
+    fn fit_frame(&mut self, frame: usize) {
+        self.max_bytes = self.start_bytes.min(frame / 2);
+        self.max_progress_bytes = self.start_progress_bytes.min(frame / 8);
+    }
+
     /// Waits until something is queued (held groups first).
     async fn next(&mut self, shutdown: &CancellationToken) -> Option<Work> {
         // Stopped: take nothing more, also with groups queued (`Broker::drained` then finds
@@ -681,9 +705,11 @@ async fn expire_loop(store: StateStore, limits: EventLimits, dedup_max_keys: usi
 }
 
 /// How far an event's timestamp (the accepting node's clock) may be ahead of, or behind, the
-/// entry's clock. Behind: a group may wait up to `--write-timeout-ms` in queues and be sent
-/// again after a leader change.
-const TIMESTAMP_AHEAD_MS: u64 = 1_000;
+/// entry's clock. Ahead: more than twice what a clock may be off before the leader corrects
+/// its own (`clock::MAX_OFFSET`), with room for the measure's uncertainty, so healthy clocks
+/// keep theirs. Behind: a group may wait up to `--write-timeout-ms` in queues and be sent again
+/// after a leader change.
+const TIMESTAMP_AHEAD_MS: u64 = 5_000;
 const TIMESTAMP_BEHIND_MS: u64 = 60_000;
 
 /// Sets the timestamp of every event outside those bounds to the entry's clock (which is
@@ -729,6 +755,9 @@ async fn batcher(store: StateStore, settings: Batching, mut inbox: Inbox, slots:
     let mut last_group: Option<tokio::time::Instant> = None;
     loop {
         let Some(first) = inbox.next(&shutdown).await else { return };
+        // Per batch: the smallest member's frame may have changed (a rolling change of
+        // `--max-frame`), and an entry must reach every member (`PeerNet::cluster_frame`).
+        inbox.fit_frame(replica.net.cluster_frame());
         // The leader waits for a free slot, and meanwhile events accumulate into this batch. A
         // follower forwards at once: its batch merges into the leader's next entry anyway, so
         // waiting here would only add latency, not save an entry.
@@ -864,7 +893,17 @@ mod tests {
         let (tx, rx) = mpsc::channel(16);
         let (settle_tx, settle_rx) = mpsc::channel(SETTLE_QUEUE);
         let max_wait = Duration::from_secs(5);
-        (tx, settle_tx, Inbox { groups: rx, settles: settle_rx, held: VecDeque::new(), max_bytes: MAX_BATCH_BYTES, max_progress_bytes: usize::MAX, max_wait })
+        let inbox = Inbox {
+            groups: rx,
+            settles: settle_rx,
+            held: VecDeque::new(),
+            max_bytes: MAX_BATCH_BYTES,
+            max_progress_bytes: usize::MAX,
+            start_bytes: MAX_BATCH_BYTES,
+            start_progress_bytes: usize::MAX,
+            max_wait,
+        };
+        (tx, settle_tx, inbox)
     }
 
     fn acks(sub: &str, positions: std::ops::Range<u64>) -> (Settle, oneshot::Receiver<bool>) {
@@ -911,6 +950,17 @@ mod tests {
         let (_tx, _s, mut ib) = inbox();
         shutdown.cancel();
         assert!(!ib.gather(0, tokio::time::Instant::now() + ms(1000), &shutdown).await);
+    }
+
+    /// An entry's bounds follow the smallest member's frame, never past the node's own.
+    #[test]
+    fn entries_fit_the_smallest_members_frame() {
+        let (_tx, _s, mut ib) = inbox();
+        ib.start_progress_bytes = 64 << 10;
+        ib.fit_frame(128 << 10);
+        assert_eq!((ib.max_bytes, ib.max_progress_bytes), (64 << 10, 16 << 10));
+        ib.fit_frame(64 << 20);
+        assert_eq!((ib.max_bytes, ib.max_progress_bytes), (MAX_BATCH_BYTES, 64 << 10), "no more than its own");
     }
 
     /// Timestamps far from the entry's clock are set to it; those near it are kept as they are.

@@ -110,28 +110,36 @@ fn now_ms() -> u64 {
 }
 
 /// What a keyed request asks, as the state machine compares it (`Command::IdemClaim`): FNV-1a
-/// (64 bit) over its path and query parameters (sorted by name) and its body, exactly as
-/// received. The route (service, version, command) and the tenant are in the key already. A
-/// function of the bytes alone, written out here, so that every build and node computes the
-/// same value for the same request (std's hasher promises no such thing).
+/// (64 bit) taken over 8-byte little-endian words (the last one padded with zeros) instead of
+/// bytes, 8 times faster for the same mixing (a body may be 8 MiB, hashed on the runtime), of
+/// its path and query parameters (sorted by name) and its body, exactly as received, each part
+/// led by its length. The route (service, version, command) and the tenant are in the key
+/// already. A function of the bytes alone, written out here, so that every build and node
+/// computes the same value for the same request (std's hasher promises no such thing).
 pub(super) fn fingerprint(inv: &Invocation) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0100_0000_01b3;
     let mut h = OFFSET;
     let mut feed = |bytes: &[u8]| {
-        for b in bytes {
-            h = (h ^ u64::from(*b)).wrapping_mul(PRIME);
+        h = (h ^ bytes.len() as u64).wrapping_mul(PRIME);
+        let mut words = bytes.chunks_exact(8);
+        for w in words.by_ref() {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(w);
+            h = (h ^ u64::from_le_bytes(word)).wrapping_mul(PRIME);
+        }
+        let rest = words.remainder();
+        if !rest.is_empty() {
+            let mut word = [0u8; 8];
+            word[..rest.len()].copy_from_slice(rest);
+            h = (h ^ u64::from_le_bytes(word)).wrapping_mul(PRIME);
         }
     };
-    // Lengths before contents, so that no two requests run together into the same bytes.
     feed(&(inv.params.len() as u64).to_le_bytes());
     for (name, value) in &inv.params {
-        for part in [name.as_bytes(), value.as_bytes()] {
-            feed(&(part.len() as u64).to_le_bytes());
-            feed(part);
-        }
+        feed(name.as_bytes());
+        feed(value.as_bytes());
     }
-    feed(&(inv.payload.len() as u64).to_le_bytes());
     feed(&inv.payload);
     h
 }
@@ -364,6 +372,40 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The same request gets the same fingerprint whatever else differs (trace, principal,
+    /// deadline); another body, parameter value or split of the same bytes gets another; a
+    /// fixed value pins the function, which every build must compute alike.
+    #[test]
+    fn a_fingerprint_names_the_parameters_and_body() {
+        let inv = |params: &[(&str, &str)], body: &str| Invocation {
+            service: "s".into(),
+            version: 1,
+            command: "c".into(),
+            params: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            payload: Bytes::from(body.to_string()),
+            meta: crate::sdk::MessageMeta::default(),
+            timeout_ms: 1000,
+        };
+        let base = fingerprint(&inv(&[("id", "7")], "{\"n\":1}"));
+        let mut other_meta = inv(&[("id", "7")], "{\"n\":1}");
+        other_meta.meta.principal_id = Some("bob".into());
+        other_meta.timeout_ms = 5;
+        assert_eq!(fingerprint(&other_meta), base);
+        for (params, body) in [
+            (&[("id", "8")][..], "{\"n\":1}"),
+            (&[("id", "7")][..], "{\"n\":2}"),
+            (&[("id", "7")][..], "{\"n\":1} "),
+            (&[][..], "{\"n\":1}"),
+            (&[("i", "d7")][..], "{\"n\":1}"),
+            (&[("id", "7"), ("x", "")][..], "{\"n\":1}"),
+        ] {
+            assert_ne!(fingerprint(&inv(params, body)), base, "{params:?} {body}");
+        }
+        // Eight bytes and nine: the padded last word is told apart by the length.
+        assert_ne!(fingerprint(&inv(&[], "12345678")), fingerprint(&inv(&[], "12345678\0")));
+        assert_eq!(fingerprint(&inv(&[("id", "7")], "{\"n\":1}")), 0xb7be_e41b_6d50_ab8d, "the function every build computes");
+    }
 
     /// 2xx and 4xx answers are the key's for the window, but not 5xx nor the 4xx that say "not
     /// now": a retry of those runs again.

@@ -1294,8 +1294,10 @@ fn append_ext(image: &mut Vec<u8>, d: &SmData) -> io::Result<()> {
     Ok(())
 }
 
-/// The extension at the end of `image`, if it has one. The trailer must be whole and its CRC
-/// match, so an older image that happens to end in the magic reads as having none.
+/// The extension at the end of `image`, if it has one (an image ends in the magic by chance
+/// once in 2^64; the whole image's CRC has been checked already). A trailer that ends in the
+/// magic but whose length or CRC does not fit is damage, not an older image: an error, since a
+/// node without the fingerprints would apply claims differently from the others.
 fn read_ext(image: &[u8]) -> io::Result<SmExt> {
     let Some(body_end) = image.len().checked_sub(EXT_TRAILER) else { return Ok(SmExt::default()) };
     let trailer = &image[body_end..];
@@ -1304,9 +1306,10 @@ fn read_ext(image: &[u8]) -> io::Result<SmExt> {
     }
     let word = |at: usize| u32::from_le_bytes([trailer[at], trailer[at + 1], trailer[at + 2], trailer[at + 3]]);
     let (len, crc) = (word(0) as usize, word(4));
-    let Some(ext) = body_end.checked_sub(len).map(|start| &image[start..body_end]) else { return Ok(SmExt::default()) };
+    let bad = |m: &str| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot extension: {m}"));
+    let Some(ext) = body_end.checked_sub(len).map(|start| &image[start..body_end]) else { return Err(bad("longer than the image")) };
     if crc32fast::hash(ext) != crc {
-        return Ok(SmExt::default());
+        return Err(bad("checksum mismatch"));
     }
     bincode::deserialize(ext).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot extension does not decode: {e}")))
 }
@@ -1744,11 +1747,11 @@ mod tests {
         let older: SmData = bincode::deserialize(&image).expect("an older build decodes it");
         assert_eq!(older.idem.len(), 2);
         assert_eq!(decode_data(&image[..plain_len]).expect("an image without one").idem["k"].fingerprint, None);
-        // A trailer whose checksum does not match is no extension (an older image may end in
-        // anything): read as none.
+        // A trailer whose checksum does not match is damage: refused.
         let last = image.len() - 9;
         image[last - 8] ^= 0xff;
-        assert_eq!(read_ext(&image).expect("no extension"), SmExt::default());
+        assert!(read_ext(&image).is_err());
+        assert!(decode_data(&image).is_err());
         // After the window the record and its fingerprint go together.
         d.apply(11, claim("z", 1, 100_000, 0x11));
         assert!(!d.idem.contains_key("k"));
