@@ -755,13 +755,23 @@ async fn observe<C: ClusterControl>(cluster: &C, ids: &[u64], records: &Records)
     obs.keyed = counter_value(read(&mut client, &format!("/v1/state/demo/counter/{}", workload::KEYED_COUNTER)).await);
     obs.unkeyed = counter_value(read(&mut client, &format!("/v1/state/demo/counter/{}", workload::UNKEYED_COUNTER)).await);
     // The first node's copy is checked; each other node's own copy is compared with it
-    // (`check_nodes`). Every node must answer at the end anyway.
-    for (i, addr) in addrs.iter().enumerate() {
-        let log = read_event_log(&mut Client::new(std::slice::from_ref(addr), 0), records.events.len()).await;
-        match i {
-            0 => obs.events = log,
-            _ => obs.node_events.push((ids[i], log)),
+    // (`check_nodes`). Every node must answer at the end anyway. The copies are read one after
+    // another, so an entry committed in between (a background expiry) could tell them apart
+    // for a moment: a difference is read again, up to three times, before it counts.
+    for round in 0..3 {
+        obs.node_events.clear();
+        for (i, addr) in addrs.iter().enumerate() {
+            let log = read_event_log(&mut Client::new(std::slice::from_ref(addr), 0), records.events.len()).await;
+            match i {
+                0 => obs.events = log,
+                _ => obs.node_events.push((ids[i], log)),
+            }
         }
+        let agree = obs.events.is_ok() && obs.node_events.iter().all(|(_, log)| *log == obs.events);
+        if agree || round == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
     for &id in ids {
         let ready = is_ready(cluster, id).await;
