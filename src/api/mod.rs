@@ -20,6 +20,7 @@
 
 pub mod error;
 pub mod events;
+pub mod stall;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -138,8 +139,13 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     }
     let mut stopping = false;
     let mut late = 0usize;
+    // Every connection's task, so that those still open when the grace period ends are ended
+    // (and their commands handed on, see below); finished ones are reaped as connections come.
+    // At most `--max-connections` (each holds a permit) plus `BACKLOG_SERVED`.
+    let mut connections = tokio::task::JoinSet::new();
     // Bounded: after `shutdown`, at most `BACKLOG_SERVED` more connections.
     loop {
+        while connections.try_join_next().is_some() {}
         let (stream, remote) = if !stopping {
             tokio::select! {
                 r = listener.accept() => match r {
@@ -187,10 +193,11 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             async move { Ok::<_, Infallible>(handle(app, req).await) }
         });
         let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             let served = match tls {
                 None => {
+                    let stream = stall::Stalling::new(stream, stall::WRITE_STALL);
                     let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
                     match first_request_within(conn, &begun, handshake_timeout).await {
                         Some(served) => served,
@@ -199,6 +206,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                 }
                 Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
+                        let stream = stall::Stalling::new(stream, stall::WRITE_STALL);
                         let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
                         match first_request_within(conn, &begun, handshake_timeout).await {
                             Some(served) => served,
@@ -233,9 +241,20 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     tokio::time::sleep(ACCEPTED_SETTLE).await;
     info!(listener = listener_name, "http: draining connections");
     if tokio::time::timeout(app.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
-        warn!(listener = listener_name, "http: grace period over, closing remaining connections");
+        warn!(listener = listener_name, connections = connections.len(), "http: grace period over, closing remaining connections");
+        // Ended here, not left running past the node's stop: a command whose client is still
+        // connected is handed to the proxy's tracker as its request is dropped (`Detachable`),
+        // which the node waits for before it stops the broker, so no handler stops part-way.
+        connections.abort_all();
+        let ended = async { while connections.join_next().await.is_some() {} };
+        if tokio::time::timeout(ABORTED_WAIT, ended).await.is_err() {
+            warn!(listener = listener_name, "http: connections still ending after they were closed");
+        }
     }
 }
+
+/// How long closed connections' tasks may take to end (dropping a request hands its command on).
+const ABORTED_WAIT: Duration = Duration::from_secs(1);
 
 /// How often an idle HTTP/2 client is pinged, and how long its answer may take.
 const H2_PING: Duration = Duration::from_secs(30);
@@ -450,6 +469,11 @@ async fn remove_member(app: &App, id: &str) -> ApiResult {
 /// `If-None-Match: *` (absent). Anything else, or both headers, is a 400.
 fn precondition(req: &Request<Incoming>) -> Result<Precondition, ApiError> {
     let text = |name: http::header::HeaderName| -> Result<Option<String>, ApiError> {
+        // Two lines of one header are a list (RFC 9110 §5.3), which a one-value form refuses
+        // too: reading only the first would compare against a revision the client did not mean.
+        if req.headers().get_all(&name).iter().count() > 1 {
+            return Err(ApiError::BadRequest(format!("give {name} once")));
+        }
         match req.headers().get(&name) {
             None => Ok(None),
             Some(v) => {
@@ -462,13 +486,20 @@ fn precondition(req: &Request<Incoming>) -> Result<Precondition, ApiError> {
         (None, None) => Ok(Precondition::Any),
         (Some(_), Some(_)) => Err(ApiError::BadRequest("give If-Match or If-None-Match, not both".into())),
         (Some(m), None) if m == "*" => Ok(Precondition::Exists),
-        (Some(m), None) => m
-            .parse::<u64>()
+        (Some(m), None) => decimal(&m)
             .map(Precondition::Revision)
-            .map_err(|_| ApiError::BadRequest(format!("If-Match must be a revision number or *, got {m:?}"))),
+            .ok_or_else(|| ApiError::BadRequest(format!("If-Match must be a revision number or *, got {m:?}"))),
         (None, Some(n)) if n == "*" => Ok(Precondition::Absent),
         (None, Some(n)) => Err(ApiError::BadRequest(format!("If-None-Match takes only *, got {n:?}"))),
     }
+}
+
+/// A whole number written in decimal digits only (Rust's parse also takes a leading `+`).
+pub fn decimal(s: &str) -> Option<u64> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
 }
 
 /// Longest value of a client-set metadata header (`x-principal-id`, `x-tenant-id`,
@@ -610,7 +641,11 @@ where
             match (&mut first, &mut rest) {
                 (None, _) => first = Some(data),
                 (Some(one), None) => {
-                    let mut buf = bytes::BytesMut::with_capacity(announced.unwrap_or(0).max(total));
+                    // Sized by what arrived (and at most 64 KiB more of what was announced), not
+                    // by the announced length alone: a client that announces 1 MiB and trickles
+                    // bytes would hold memory the body budget does not count. It grows as
+                    // bytes come.
+                    let mut buf = bytes::BytesMut::with_capacity(total.max(announced.unwrap_or(0).min(total + (64 << 10))));
                     buf.extend_from_slice(one);
                     buf.extend_from_slice(&data);
                     rest = Some(buf);

@@ -509,8 +509,9 @@ impl Cluster {
         }
     }
 
-    /// Promote one caught-up learner while voters < max_voters; not one that lost its log and
-    /// does not hold again what it had acknowledged (`held_back`, pruned just before).
+    /// Promote one caught-up learner while voters < max_voters (two at once from a single
+    /// voter); not one that lost its log and does not hold again what it had acknowledged
+    /// (`held_back`, pruned just before).
     async fn promote_learners(&self, held_back: &BTreeMap<NodeId, (u64, u64)>) {
         let m = self.replica.metrics();
         let membership = m.membership_config.membership();
@@ -530,21 +531,28 @@ impl Cluster {
         }
         let last = m.last_log_index.unwrap_or(0);
         let Some(repl) = m.replication.as_ref() else { return };
-        let learners: Vec<NodeId> = membership.learner_ids().collect();
-        for id in learners {
-            // A learner that acknowledged nothing yet (just added, or this leader is new) is not
-            // caught up, however short the log.
-            let Some(matched) = repl.get(&id).and_then(|l| l.as_ref()).map(|l| l.index) else { continue };
-            if held_back.contains_key(&id) {
-                continue;
+        // Caught up, and heard from lately (a hung learner's link stays up for a while).
+        let ready: Vec<NodeId> = membership
+            .learner_ids()
+            .filter(|id| !held_back.contains_key(id))
+            .filter(|id| repl.get(id).and_then(|l| l.as_ref()).is_some_and(|l| l.index + PROMOTE_LAG >= last))
+            .filter(|id| self.keeps_up(&m, *id))
+            .collect();
+        // From one voter, two at once: one more would make two voters, and the change (and every
+        // write after it) would need both, so a second node that died before it acknowledged,
+        // or any time after, stalled the cluster until it came back (a lone voter cannot be
+        // re-elected over a log that holds the change). With three, one failure is survived.
+        let take = if voters == 1 && self.settings.max_voters >= 3 { 2 } else { 1 };
+        if ready.len() < take {
+            if !ready.is_empty() {
+                debug!(ready = ?ready, "one voter: waiting for a second caught-up learner to promote both");
             }
-            if matched + PROMOTE_LAG >= last && self.replica.net.reachable(id) {
-                info!(id, matched, last, "promoting learner to voter");
-                if let Err(e) = self.change(ChangeMembers::AddVoterIds(BTreeSet::from([id]))).await {
-                    warn!(id, cause = %e, "promotion failed");
-                }
-                return;
-            }
+            return;
+        }
+        let ids: BTreeSet<NodeId> = ready.into_iter().take(take).collect();
+        info!(ids = ?ids, last, "promoting learners to voters");
+        if let Err(e) = self.change(ChangeMembers::AddVoterIds(ids.clone())).await {
+            warn!(ids = ?ids, cause = %e, "promotion failed");
         }
     }
 

@@ -342,6 +342,20 @@ impl Proxy {
             Lookup::WrongMethod(allowed) => return Err(ApiError::MethodNotAllowed { allow: allowed.join(", ") }),
             Lookup::NotFound => return Err(ApiError::NotFound(format!("no command for {} {path}", req.method()))),
         };
+        // deadline: the request's own headers are checked before anything about the cluster,
+        // so a malformed one is a 400 whether or not a node offers the command now.
+        let mut timeout = Duration::from_millis(route.decl.timeout_ms.max(1));
+        if let Some(v) = req.headers().get("x-timeout-ms") {
+            let ms = v.to_str().ok().map(str::trim).and_then(crate::api::decimal);
+            let ms = ms.ok_or_else(|| ApiError::BadRequest(format!("x-timeout-ms must be a number of milliseconds, got {v:?}")))?;
+            timeout = timeout.min(Duration::from_millis(ms.max(1)));
+        }
+        let deadline = Instant::now() + timeout;
+        // body and parameters
+        let mut params = routing::parse_query(req.uri().query().unwrap_or(""))
+            .ok_or_else(|| ApiError::BadRequest("malformed query string".into()))?;
+        params.extend(path_params);
+        let meta = client_meta(req.headers(), request_id, traceparent)?;
         // liveness
         if self.candidates(&route).is_empty() {
             debug!(
@@ -354,21 +368,6 @@ impl Proxy {
             );
             return Err(ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version)));
         }
-        // deadline
-        let mut timeout = Duration::from_millis(route.decl.timeout_ms.max(1));
-        if req.headers().get("x-timeout-ms").is_some_and(|v| v.to_str().is_err()) {
-            return Err(ApiError::BadRequest("x-timeout-ms must be a number".into()));
-        }
-        if let Some(ms) = header(req.headers(), "x-timeout-ms") {
-            let ms: u64 = ms.parse().map_err(|_| ApiError::BadRequest(format!("x-timeout-ms must be a number, got {ms:?}")))?;
-            timeout = timeout.min(Duration::from_millis(ms.max(1)));
-        }
-        let deadline = Instant::now() + timeout;
-        // body and parameters
-        let mut params = routing::parse_query(req.uri().query().unwrap_or(""))
-            .ok_or_else(|| ApiError::BadRequest("malformed query string".into()))?;
-        params.extend(path_params);
-        let meta = client_meta(req.headers(), request_id, traceparent)?;
         // A body still arriving at the deadline is the client's delay: 408, not a gateway's 504.
         // `received` holds the body's share of the node's budget until the answer is back.
         let received = tokio::time::timeout_at(deadline, crate::api::read_body(req, max_body, bodies))

@@ -833,6 +833,10 @@ fn deadlines_and_bad_input_get_clear_errors() {
             (504, DEADLINE_504),
             "a keyed 3 s command with x-timeout-ms: 1",
         );
+        for bad in ["", "+5", "5ms", "-1"] {
+            let resp = send("GET", "/api/v1/slow?ms=50", &[("x-timeout-ms", bad)], b"");
+            assert_json_error(&resp, 400, &format!("x-timeout-ms {bad:?}"));
+        }
         let resp = send(
             "GET",
             "/api/v1/slow?ms=50",

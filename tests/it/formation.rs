@@ -193,3 +193,21 @@ fn node_beyond_max_voters_stays_learner_and_serves() {
     c.wait_caught_up(&[n4], CATCH_UP);
     verify_reads(learner, &writes, Consistency::Stale);
 }
+
+/// A cluster of one voter grows by two: a single joiner stays a learner (two voters would need
+/// both for every write, and a joiner that died during or after the change would stall the
+/// cluster until it came back), and is promoted with the second joiner, to three voters.
+#[test]
+fn a_lone_voter_promotes_joiners_two_at_a_time() {
+    let (mut c, _) = Cluster::formed("lone-voter", 1, &[]);
+    let n2 = c.add_node(&[1]);
+    c.wait_for_membership(&[1], &[n2], FORMATION);
+    c.assert_stays("one voter and a learner", Duration::from_secs(3), || {
+        let s = c.api(1).status()?;
+        if s.voters().len() == 1 { Ok(()) } else { Err(format!("promoted alone: {s}")) }
+    });
+    c.api(n2).must_put("lone/a", &json!(1));
+    let n3 = c.add_node(&[1]);
+    c.wait_for_membership(&[1, n2, n3], &[], FORMATION);
+    c.api(n3).must_put("lone/b", &json!(2));
+}

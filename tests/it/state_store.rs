@@ -58,6 +58,16 @@ fn compare_and_set_and_delete() {
         412,
         "If-Match: stale revision",
     );
+    // A revision is decimal digits, given once: a sign, or two lines (a list), is a 400.
+    let path = "/v1/state/default/cas";
+    let plus = format!("+{r2}");
+    for (headers, what) in [
+        (vec![("If-Match", plus.as_str())], "If-Match with a sign"),
+        (vec![("If-Match", "1"), ("If-Match", "2")], "If-Match twice"),
+    ] {
+        let r = api.request("PUT", path, &headers, br#"{"v":"bad"}"#).expect("PUT");
+        assert_json_error(&r, 400, what);
+    }
     fail(
         follower.put_if("cas", &json!({"v": "future"}), r2 + 1000),
         412,
