@@ -485,9 +485,9 @@ impl Cluster {
     /// Changes run one at a time on this task and none runs now, so a joint configuration that
     /// is committed is such a leftover: this moves to its newer half. Whether the voters it drops
     /// were being removed or demoted (a voter that lost its log) is not written anywhere a new
-    /// leader could read: those that keep up stay on as learners (a demotion is what it meant,
-    /// and a removal whose caller was told 503 is asked again; until then promotion may bring
-    /// the node back), those that do not are removed (a removal of a dead node, the usual case).
+    /// leader could read: those heard from lately stay on as learners (a demotion is what it
+    /// meant, and a removal whose caller was told 503 is asked again; until then promotion may
+    /// bring the node back), the others are removed (a removal of a dead node, the usual case).
     async fn finish_joint(&self) {
         let m = self.replica.metrics();
         let joint = m.membership_config.membership().get_joint_config();
@@ -495,7 +495,11 @@ impl Cluster {
             return;
         }
         let (Some(old), Some(goal)) = (joint.first(), joint.last().cloned()) else { return };
-        let gone: BTreeSet<NodeId> = old.difference(&goal).copied().filter(|id| !self.keeps_up(&m, *id)).collect();
+        // Gone: not heard from lately. A node heard from but far behind (one that lost its data
+        // and is being filled again, whose demotion this was) stays a learner: removed, it would
+        // run on as a non-member for good, as a node with a log never asks to join again.
+        let heard = |id: &NodeId| self.replica.net.heard_ago(*id).is_some_and(|ago| ago <= RESPONSIVE);
+        let gone: BTreeSet<NodeId> = old.difference(&goal).copied().filter(|id| !heard(id)).collect();
         warn!(voters = ?goal, removed = ?gone, "a membership change was left half done (joint configuration): finishing it");
         metrics::counter!("raftbridge_membership_joint_finished_total").increment(1);
         if let Err(e) = self.change_retaining(ChangeMembers::ReplaceAllVoters(goal), true).await {
