@@ -690,9 +690,6 @@ impl GuardState {
     }
 }
 
-/// How lately a voter must have been heard from to be handed leadership.
-const HAND_OVER_HEARD: Duration = Duration::from_millis(1500);
-
 /// If leader, ask the most up-to-date reachable voter to take over, and wait briefly for it.
 async fn hand_over_leadership(replica: &Replica) {
     let m = replica.metrics();
@@ -706,7 +703,7 @@ async fn hand_over_leadership(replica: &Replica) {
         .voter_ids()
         // Heard from lately, not only linked: a hung voter's link stays up for a while, and a
         // transfer to it would leave the cluster without a leader when this node stops.
-        .filter(|id| *id != m.id && replica.net.heard_ago(*id).is_some_and(|ago| ago <= HAND_OVER_HEARD))
+        .filter(|id| *id != m.id && crate::cluster::responsive(&replica.net, *id))
         .max_by_key(|id| matched.get(id).and_then(|l| l.as_ref()).map(|l| l.index));
     let Some(to) = best else { return };
     info!(to, "transferring leadership");

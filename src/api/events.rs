@@ -278,9 +278,9 @@ fn limit(q: &std::collections::BTreeMap<String, String>, default: usize) -> Resu
     }
 }
 
-/// A query parameter that must be a number when present.
+/// A query parameter that must be a number (decimal digits, `api::decimal`) when present.
 fn number(q: &std::collections::BTreeMap<String, String>, k: &str) -> Result<Option<u64>, ApiError> {
-    q.get(k).map(|v| v.parse().map_err(|_| ApiError::BadRequest(format!("{k} must be a number")))).transpose()
+    q.get(k).map(|v| super::decimal(v).ok_or_else(|| ApiError::BadRequest(format!("{k} must be a number")))).transpose()
 }
 
 /// `GET /v1/dead-letters?subscription=NAME[&after=POSITION][&limit=M]`: in position order, at

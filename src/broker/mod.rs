@@ -286,8 +286,7 @@ impl Broker {
             held: VecDeque::new(),
             max_bytes,
             max_progress_bytes,
-            start_bytes: max_bytes,
-            start_progress_bytes: max_progress_bytes,
+            frame: usize::MAX,
             max_wait: timeout,
         };
         let slots = Slots {
@@ -518,9 +517,10 @@ struct Inbox {
     /// `raft::entry_limit`. The count bound alone let 4,096 updates
     /// with their reasons outgrow a small frame, and such an entry was refused every time.
     max_progress_bytes: usize,
-    /// `max_bytes` and `max_progress_bytes` for this node's own frame (`fit_frame`).
-    start_bytes: usize,
-    start_progress_bytes: usize,
+    /// Both bounds above are for this node's own frame; an entry must also fit the smallest
+    /// member's (`PeerNet::cluster_frame`), read per batch (`fit_frame`; `entry_bytes`,
+    /// `entry_progress`).
+    frame: usize,
     /// A group queued longer than this (`--write-timeout-ms`) is answered `NotQueued` when the
     /// batcher comes to it, not put into an entry: its publisher has waited as long as a write
     /// may, and while the cluster cannot commit, each entry ahead of it took that long to fail
@@ -539,11 +539,19 @@ enum Work {
 }
 
 impl Inbox {
-    /// Bounds entries for peer frames of `frame` bytes, within what the node started with: events
-    /// up to half a frame (`MAX_BATCH_BYTES` at most), progress up to an eighth.
+    /// Bounds the next entries for peer frames of `frame` bytes too.
     fn fit_frame(&mut self, frame: usize) {
-        self.max_bytes = self.start_bytes.min(frame / 2);
-        self.max_progress_bytes = self.start_progress_bytes.min(frame / 8);
+        self.frame = frame;
+    }
+
+    /// Events per entry at most: this node's bound, and half of the smallest member's frame.
+    fn entry_bytes(&self) -> usize {
+        self.max_bytes.min(self.frame / 2)
+    }
+
+    /// Progress per entry at most: this node's bound, and an eighth of the smallest member's frame.
+    fn entry_progress(&self) -> usize {
+        self.max_progress_bytes.min(self.frame / 8)
     }
 
     /// Waits until something is queued (held groups first).
@@ -605,7 +613,7 @@ impl Inbox {
     async fn await_group(&mut self, settles: &mut Vec<Settle>, until: tokio::time::Instant, shutdown: &CancellationToken) -> Result<Option<Group>, ()> {
         let mut n: usize = settles.iter().map(|s| s.updates.len()).sum();
         let mut bytes: usize = settles.iter().map(progress_bytes).sum();
-        while n < MAX_SETTLE_UPDATES && bytes < self.max_progress_bytes {
+        while n < MAX_SETTLE_UPDATES && bytes < self.entry_progress() {
             tokio::select! {
                 g = self.groups.recv() => return Ok(g),
                 s = self.settles.recv() => match s {
@@ -633,18 +641,20 @@ impl Inbox {
     fn fill(&mut self, first: Group) -> (Vec<NewEvent>, Vec<(Reply, usize)>) {
         let (mut count, mut bytes) = (0, 0);
         let mut groups: Vec<Group> = Vec::new();
+        // One clock read per batch, not two per group (a group is one event when they come singly).
+        let now = tokio::time::Instant::now();
         let mut next = Some(first);
         while let Some(g) = next.take().or_else(|| {
-            (count < MAX_BATCH && bytes < self.max_bytes).then(|| self.held.pop_front().or_else(|| self.groups.try_recv().ok())).flatten()
+            (count < MAX_BATCH && bytes < self.entry_bytes()).then(|| self.held.pop_front().or_else(|| self.groups.try_recv().ok())).flatten()
         }) {
-            let waited = g.since.elapsed();
+            let waited = now.saturating_duration_since(g.since);
             if waited >= self.max_wait {
                 metrics::counter!("raftbridge_publish_not_queued_total").increment(g.events.len() as u64);
                 let _ = g.reply.send(Err(Arc::new(BrokerError::NotQueued { waited })));
                 continue;
             }
             // The first group always goes (alone it fits: see `max_bytes`).
-            if !groups.is_empty() && (count + g.events.len() > MAX_BATCH || bytes + g.bytes > self.max_bytes) {
+            if !groups.is_empty() && (count + g.events.len() > MAX_BATCH || bytes + g.bytes > self.entry_bytes()) {
                 self.held.push_front(g);
                 break;
             }
@@ -656,7 +666,7 @@ impl Inbox {
         let mut events = Vec::with_capacity(count);
         let mut replies = Vec::with_capacity(groups.len());
         for g in groups {
-            metrics::histogram!("raftbridge_publish_queue_seconds").record(g.since.elapsed().as_secs_f64());
+            metrics::histogram!("raftbridge_publish_queue_seconds").record(now.saturating_duration_since(g.since).as_secs_f64());
             replies.push((g.reply, g.events.len()));
             events.extend(g.events);
         }
@@ -668,7 +678,7 @@ impl Inbox {
     fn settles(&mut self, mut taken: Vec<Settle>) -> Vec<Settle> {
         let mut n: usize = taken.iter().map(|s| s.updates.len()).sum();
         let mut bytes: usize = taken.iter().map(progress_bytes).sum();
-        while n < MAX_SETTLE_UPDATES && bytes < self.max_progress_bytes {
+        while n < MAX_SETTLE_UPDATES && bytes < self.entry_progress() {
             let Ok(s) = self.settles.try_recv() else { break };
             n += s.updates.len();
             bytes += progress_bytes(&s);
@@ -899,8 +909,7 @@ mod tests {
             held: VecDeque::new(),
             max_bytes: MAX_BATCH_BYTES,
             max_progress_bytes: usize::MAX,
-            start_bytes: MAX_BATCH_BYTES,
-            start_progress_bytes: usize::MAX,
+            frame: usize::MAX,
             max_wait,
         };
         (tx, settle_tx, inbox)
@@ -956,11 +965,11 @@ mod tests {
     #[test]
     fn entries_fit_the_smallest_members_frame() {
         let (_tx, _s, mut ib) = inbox();
-        ib.start_progress_bytes = 64 << 10;
+        ib.max_progress_bytes = 64 << 10;
         ib.fit_frame(128 << 10);
-        assert_eq!((ib.max_bytes, ib.max_progress_bytes), (64 << 10, 16 << 10));
+        assert_eq!((ib.entry_bytes(), ib.entry_progress()), (64 << 10, 16 << 10));
         ib.fit_frame(64 << 20);
-        assert_eq!((ib.max_bytes, ib.max_progress_bytes), (MAX_BATCH_BYTES, 64 << 10), "no more than its own");
+        assert_eq!((ib.entry_bytes(), ib.entry_progress()), (MAX_BATCH_BYTES, 64 << 10), "no more than its own");
     }
 
     /// Timestamps far from the entry's clock are set to it; those near it are kept as they are.

@@ -52,6 +52,13 @@ const QUEUE: usize = 64;
 /// A voter heard from within this long answers (`keeps_up`): several of the leader's heartbeats
 /// and the links' pings arrive in it.
 const RESPONSIVE: Duration = Duration::from_millis(1500);
+
+/// Whether node `id` was heard from within `RESPONSIVE`: alive, not only linked (a stopped or
+/// hung process keeps its link up, silent, until the idle timeout). The rule for promoting,
+/// for finishing a change left half done and for handing leadership over at a drain.
+pub fn responsive(net: &crate::peer::PeerNet, id: NodeId) -> bool {
+    net.heard_ago(id).is_some_and(|ago| ago <= RESPONSIVE)
+}
 /// A voter whose log is within this many entries of the leader's keeps up (`keeps_up`): under
 /// load a healthy follower is a few entries in flight behind; one receiving a snapshot or a long
 /// backlog is thousands.
@@ -454,7 +461,7 @@ impl Cluster {
         if id == m.id {
             return true;
         }
-        let heard = self.replica.net.heard_ago(id).is_some_and(|ago| ago <= RESPONSIVE);
+        let heard = responsive(&self.replica.net, id);
         let last = m.last_log_index.unwrap_or(0);
         let matched = m.replication.as_ref().and_then(|r| r.get(&id)).and_then(|l| l.as_ref()).map(|l| l.index);
         heard && matched.is_some_and(|i| i + KEEP_UP_LAG >= last)
@@ -498,8 +505,7 @@ impl Cluster {
         // Gone: not heard from lately. A node heard from but far behind (one that lost its data
         // and is being filled again, whose demotion this was) stays a learner: removed, it would
         // run on as a non-member for good, as a node with a log never asks to join again.
-        let heard = |id: &NodeId| self.replica.net.heard_ago(*id).is_some_and(|ago| ago <= RESPONSIVE);
-        let gone: BTreeSet<NodeId> = old.difference(&goal).copied().filter(|id| !heard(id)).collect();
+        let gone: BTreeSet<NodeId> = old.difference(&goal).copied().filter(|id| !responsive(&self.replica.net, *id)).collect();
         warn!(voters = ?goal, removed = ?gone, "a membership change was left half done (joint configuration): finishing it");
         metrics::counter!("raftbridge_membership_joint_finished_total").increment(1);
         if let Err(e) = self.change_retaining(ChangeMembers::ReplaceAllVoters(goal), true).await {
