@@ -59,6 +59,17 @@ const RESPONSIVE: Duration = Duration::from_millis(1500);
 pub fn responsive(net: &crate::peer::PeerNet, id: NodeId) -> bool {
     net.heard_ago(id).is_some_and(|ago| ago <= RESPONSIVE)
 }
+/// Whether more than half of `voters` were heard from (`heard`, this node's own id included
+/// when it votes): the side of a partition that can elect and commit. A follower that hears
+/// only its leader and a minority is cut off with it, whatever that leader's heartbeats say.
+fn hears_quorum(voters: impl Iterator<Item = NodeId>, mut heard: impl FnMut(NodeId) -> bool) -> bool {
+    let (mut total, mut ok) = (0usize, 0usize);
+    for v in voters {
+        total += 1;
+        ok += usize::from(heard(v));
+    }
+    ok * 2 > total
+}
 /// A voter whose log is within this many entries of the leader's keeps up (`keeps_up`): under
 /// load a healthy follower is a few entries in flight behind; one receiving a snapshot or a long
 /// backlog is thousands.
@@ -156,8 +167,9 @@ impl Cluster {
     /// True when this node is a member of a cluster that has a leader, it is in touch with that
     /// leader, and its Raft core runs (a stopped core's last metrics still name a leader).
     ///
-    /// In touch: a follower had an append or heartbeat from the leader, a leader the
-    /// acknowledgement of a quorum, within the peer links' idle timeout (`max(4 × election
+    /// In touch: a follower had an append or heartbeat from the leader and heard from a
+    /// majority of the voters (itself included), a leader the acknowledgement of a quorum,
+    /// within the peer links' idle timeout (`max(4 × election
     /// timeout, 2 s)`: a leader heartbeats every `--heartbeat-ms`, at most half an election
     /// timeout). A node that has not heard for that long has lost its leader or been cut off from
     /// a majority, and openraft's metrics still name the leader then (a follower's failed
@@ -179,7 +191,12 @@ impl Cluster {
         } else {
             let at = self.append_ms.load(Ordering::Relaxed);
             let now = self.since.elapsed().as_millis() as u64 + 1;
-            self.append_from.load(Ordering::Relaxed) == leader && at != 0 && now.saturating_sub(at) <= in_touch_for.as_millis() as u64
+            self.append_from.load(Ordering::Relaxed) == leader
+                && at != 0
+                && now.saturating_sub(at) <= in_touch_for.as_millis() as u64
+                // A leader cut off in a minority keeps heartbeating the followers on its side:
+                // their own majority of voters, heard lately, tells them apart.
+                && hears_quorum(membership.voter_ids(), |v| self.replica.net.heard_ago(v).is_some_and(|ago| ago <= in_touch_for))
         };
         member && in_touch && m.running_state.is_ok()
     }
@@ -849,6 +866,22 @@ fn to_remote(e: RaftError<ClientWriteError>) -> RemoteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_follower_is_in_touch_only_on_the_side_of_a_majority_of_voters() {
+        let heard = |set: &'static [NodeId]| move |v: NodeId| set.contains(&v);
+        // Five voters split {1 (leader), 2} | {3, 4, 5}: node 2 hears 1 and itself.
+        assert!(!hears_quorum([1, 2, 3, 4, 5].into_iter(), heard(&[1, 2])));
+        assert!(hears_quorum([1, 2, 3, 4, 5].into_iter(), heard(&[3, 4, 5])));
+        // Three voters with one down: the two left are a majority.
+        assert!(hears_quorum([1, 2, 3].into_iter(), heard(&[1, 2])));
+        // Even counts need more than half: two of four is a tie, not a majority.
+        assert!(!hears_quorum([1, 2, 3, 4].into_iter(), heard(&[1, 2])));
+        // A learner (4) does not count itself: it needs a majority of the voters.
+        assert!(!hears_quorum([1, 2, 3].into_iter(), heard(&[1, 4])));
+        assert!(hears_quorum([1, 2, 3].into_iter(), heard(&[1, 2, 4])));
+        assert!(!hears_quorum(std::iter::empty(), heard(&[1])), "no voters, no quorum");
+    }
 
     #[test]
     fn a_bootstrap_plan_is_carried_out_once_two_rounds_agree() {

@@ -75,3 +75,41 @@ fn writes_without_quorum_fail_with_503() {
     // Its failed pre-votes change no vote: its metrics still name the lost leader.
     not_ready(survivor, "a follower without a leader");
 }
+
+/// A leader cut off in a minority never steps down and keeps heartbeating the followers on its
+/// side, so those heard from their leader all along: they must still say they do not serve
+/// (a load balancer would send them clients whose writes can only time out), and serve again
+/// once the majority answers. Three of five voters are stopped (SIGSTOP: their links stay up,
+/// silent), which leaves the leader and one follower a minority.
+#[test]
+fn a_follower_cut_off_with_its_leader_in_a_minority_is_not_ready() {
+    let (c, leader) = Cluster::formed("minority-follower", 5, &[]);
+    c.wait_all_ready(CATCH_UP);
+    let mut followers = c.ids().into_iter().filter(|&id| id != leader);
+    let beside = followers.next().expect("a follower");
+    let majority: Vec<u64> = followers.collect();
+    for &id in &majority {
+        c.signal(id, "STOP");
+    }
+    for (id, what) in [(leader, "the leader in a minority"), (beside, "a follower beside it")] {
+        c.wait_for(&format!("node {id} ({what}) is not ready"), CATCH_UP, || match c.api(id).probe("/readyz")? {
+            503 => Ok(()),
+            code => Err(format!("/readyz {code}")),
+        });
+    }
+    // The case meant: the follower still names that leader and hears it.
+    let v = c.api(beside).request("GET", "/cluster", &[], b"").expect("GET /cluster").json().expect("json");
+    let heard = v["members"].as_array().and_then(|all| all.iter().find(|m| m["id"] == leader)).map(|m| m["heard_ms_ago"].clone());
+    assert!(
+        heard.as_ref().and_then(|ms| ms.as_u64()).is_some_and(|ms| ms < 1_000),
+        "node {beside} should hear its leader {leader} while cut off with it: {heard:?} in {v}"
+    );
+    let s = c.api(beside).status().expect("status");
+    assert_eq!(s.leader, Some(leader), "node {beside} still names its leader: {s}");
+
+    for &id in &majority {
+        c.signal(id, "CONT");
+    }
+    c.wait_all_ready(CATCH_UP);
+    c.api(beside).must_put("majority-back", &json!({"beside": beside}));
+}
