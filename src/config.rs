@@ -145,6 +145,11 @@ pub struct NodeArgs {
     /// Concurrent client HTTP connections at most.
     #[arg(long, env = "RAFTBRIDGE_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
+    /// How long a client connection may sit with no request under way before the node closes
+    /// it (ms, default 60000; HTTP/2 gets a GOAWAY, so a request racing it is retried safely):
+    /// an idle connection holds one of `--max-connections`. As nginx's `keepalive_timeout`.
+    #[arg(long, env = "RAFTBRIDGE_HTTP_IDLE_TIMEOUT_MS")]
+    pub http_idle_timeout_ms: Option<u64>,
     /// Bytes of request bodies held at once across all requests (being received or handled);
     /// past it a request is answered 503. Default 256 MiB.
     #[arg(long, env = "RAFTBRIDGE_MAX_BODY_BUFFERED")]
@@ -236,6 +241,7 @@ pub struct NodeConfig {
     pub write_timeout_ms: u64,
     pub max_frame: usize,
     pub max_connections: usize,
+    pub http_idle_timeout_ms: u64,
     pub max_body_buffered: usize,
     pub shutdown_grace_ms: u64,
     pub drain_delay_ms: u64,
@@ -371,6 +377,7 @@ impl NodeArgs {
             write_timeout_ms: pick!(write_timeout_ms).unwrap_or(5_000),
             max_frame: pick!(max_frame).unwrap_or(16 << 20),
             max_connections: pick!(max_connections).unwrap_or(10_000),
+            http_idle_timeout_ms: pick!(http_idle_timeout_ms).unwrap_or(60_000),
             max_body_buffered: pick!(max_body_buffered).unwrap_or(256 << 20),
             shutdown_grace_ms: pick!(shutdown_grace_ms).unwrap_or(10_000),
             drain_delay_ms: pick!(drain_delay_ms).unwrap_or(500),
@@ -437,6 +444,9 @@ impl NodeConfig {
         if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS {
             // tokio's semaphore takes at most `usize::MAX >> 3` permits (it panics beyond).
             return invalid("max-connections", "must be 1..=1000000");
+        }
+        if self.http_idle_timeout_ms == 0 {
+            return invalid("http-idle-timeout-ms", "must be at least 1");
         }
         if self.max_frame < MIN_MAX_FRAME {
             return invalid("max-frame", "must be at least 65536");

@@ -449,6 +449,7 @@ pub async fn run(
         bodies: api::BodyBudget::new(cfg.max_body_buffered),
         max_connections: cfg.max_connections,
         header_read_timeout: Duration::from_secs(10),
+        idle_timeout: Duration::from_millis(cfg.http_idle_timeout_ms),
         shutdown_grace: Duration::from_millis(cfg.shutdown_grace_ms),
     };
     let app = Arc::new(api::App {

@@ -62,6 +62,8 @@ pub struct HttpSettings {
     pub bodies: BodyBudget,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
+    /// A connection with no request under way for this long is closed (`keep`).
+    pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
 }
 
@@ -121,7 +123,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     // A peer that stops answering pings is dropped: its connection would hold a slot for good.
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(H2_PING).keep_alive_timeout(H2_PING_TIMEOUT);
     let builder = Arc::new(builder);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // Cancelled when the drain begins: every connection's keeper then shuts it down gracefully
+    // (GOAWAY, or `Connection: close` after the request under way). Dropped with this function.
+    let drain = CancellationToken::new();
     let conns = app.connections.clone();
     let listener_name: &'static str = if tls.is_some() { "https" } else { "http" };
     // Warm-up: clients connecting meanwhile wait in the listen backlog rather than get a 503
@@ -183,32 +187,35 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
-        let handshake_timeout = app.settings.header_read_timeout;
-        // Set when the connection's first request begins (see `first_request_within`).
-        let begun = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let seen = begun.clone();
+        let limits = Idle { first_request: app.settings.header_read_timeout, between: app.settings.idle_timeout };
+        // Told by the service as requests begin and end (see `keep`).
+        let activity = Arc::new(Activity::new());
+        let seen = activity.clone();
         let service = hyper::service::service_fn(move |req| {
-            seen.store(true, std::sync::atomic::Ordering::Relaxed);
             let app = app.clone();
-            async move { Ok::<_, Infallible>(handle(app, req).await) }
+            let under_way = seen.begin();
+            async move {
+                let _under_way = under_way;
+                Ok::<_, Infallible>(handle(app, req).await)
+            }
         });
-        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        let (builder, drain, tls) = (builder.clone(), drain.clone(), tls.clone());
         connections.spawn(async move {
             let _permit = permit;
             let served = match tls {
                 None => {
                     let stream = stall::Stalling::new(stream, stall::WRITE_STALL);
-                    let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-                    match first_request_within(conn, &begun, handshake_timeout).await {
+                    let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    match keep(conn, &activity, limits, &drain).await {
                         Some(served) => served,
                         None => return tracing::debug!(%remote, "no request within the header timeout, closing"),
                     }
                 }
-                Some(tls) => match tokio::time::timeout(handshake_timeout, tls.accept(stream)).await {
+                Some(tls) => match tokio::time::timeout(limits.first_request, tls.accept(stream)).await {
                     Ok(Ok(stream)) => {
                         let stream = stall::Stalling::new(stream, stall::WRITE_STALL);
-                        let conn = watcher.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-                        match first_request_within(conn, &begun, handshake_timeout).await {
+                        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                        match keep(conn, &activity, limits, &drain).await {
                             Some(served) => served,
                             None => return tracing::debug!(%remote, "no request within the header timeout after the handshake, closing"),
                         }
@@ -240,7 +247,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     }
     tokio::time::sleep(ACCEPTED_SETTLE).await;
     info!(listener = listener_name, "http: draining connections");
-    if tokio::time::timeout(app.settings.shutdown_grace, graceful.shutdown()).await.is_err() {
+    drain.cancel();
+    let drained = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(app.settings.shutdown_grace, drained).await.is_err() {
         warn!(listener = listener_name, connections = connections.len(), "http: grace period over, closing remaining connections");
         // Ended here, not left running past the node's stop: a command whose client is still
         // connected is handed to the proxy's tracker as its request is dropped (`Detachable`),
@@ -260,23 +269,107 @@ const ABORTED_WAIT: Duration = Duration::from_secs(1);
 const H2_PING: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// Serves a connection, but drops it when no request has begun (`begun`, set by the service)
-/// within `timeout`. hyper's HTTP/1 header timeout starts only once it has told HTTP/1 from
-/// HTTP/2 by the first bytes (up to the 24 of the HTTP/2 preface), and an HTTP/2 connection has
-/// none, so a client that connected and sent nothing, or a byte or two, held its connection slot
-/// (one of `--max-connections`) until the node stopped: enough such sockets and no client got in.
-/// Later requests are bounded by hyper (the header timeout between HTTP/1 requests, pings on
-/// HTTP/2). `None` when dropped.
-async fn first_request_within<F: std::future::Future>(conn: F, begun: &std::sync::atomic::AtomicBool, timeout: Duration) -> Option<F::Output> {
+/// What a connection's service tells its keeper (`keep`): requests begun, requests under way,
+/// and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    /// When the connection was accepted: `ended_ms` counts from it.
+    opened: tokio::time::Instant,
+    begun: std::sync::atomic::AtomicU64,
+    under_way: std::sync::atomic::AtomicU64,
+    ended_ms: std::sync::atomic::AtomicU64,
+}
+
+/// A request under way on a connection; its drop ends it.
+struct UnderWay(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Activity {
+        Activity { opened: tokio::time::Instant::now(), begun: 0.into(), under_way: 0.into(), ended_ms: 0.into() }
+    }
+
+    fn begin(self: &Arc<Self>) -> UnderWay {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.begun.fetch_add(1, Relaxed);
+        self.under_way.fetch_add(1, Relaxed);
+        UnderWay(self.clone())
+    }
+
+    /// Since when the connection has had no request under way (`None`: one is).
+    fn idle_since(&self) -> Option<tokio::time::Instant> {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        // Acquire: the `ended_ms` stored before the count fell is seen with it.
+        (self.under_way.load(Acquire) == 0).then(|| self.opened + Duration::from_millis(self.ended_ms.load(Relaxed)))
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        let ms = tokio::time::Instant::now().saturating_duration_since(self.0.opened).as_millis() as u64;
+        self.0.ended_ms.fetch_max(ms, Relaxed);
+        self.0.under_way.fetch_sub(1, Release);
+    }
+}
+
+/// How long a connection may wait for its first request, and sit idle between requests.
+#[derive(Debug, Clone, Copy)]
+struct Idle {
+    first_request: Duration,
+    between: Duration,
+}
+
+/// A connection that can be asked to finish: hyper's, and a test's stand-in.
+trait Finish: std::future::Future {
+    fn finish(self: std::pin::Pin<&mut Self>);
+}
+
+impl<C: hyper_util::server::graceful::GracefulConnection> Finish for C {
+    fn finish(self: std::pin::Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Serves a connection until it ends, and ends it gracefully once the drain begins or when no
+/// request has been under way for `limits.between` (HTTP/2 gets a GOAWAY that names the last
+/// stream it took, so a client's request racing it is retried safely; HTTP/1 closes between
+/// requests). An idle connection holds one of `--max-connections`, and a client that answers
+/// HTTP/2 pings kept one for good. `None`, dropped, when no request began within
+/// `limits.first_request`: hyper's HTTP/1 header timeout starts only once it has told HTTP/1
+/// from HTTP/2 by the first bytes (up to the 24 of the HTTP/2 preface), and an HTTP/2
+/// connection has none, so a client that connected and sent nothing, or a byte or two, held its
+/// slot until the node stopped.
+async fn keep<C: Finish>(conn: C, activity: &Activity, limits: Idle, drain: &CancellationToken) -> Option<C::Output> {
+    use std::sync::atomic::Ordering::Relaxed;
     tokio::pin!(conn);
-    tokio::select! {
-        served = &mut conn => return Some(served),
-        () = tokio::time::sleep(timeout) => {}
+    let mut wake = activity.opened + limits.first_request;
+    let mut finishing = false;
+    loop {
+        tokio::select! {
+            served = &mut conn => return Some(served),
+            () = drain.cancelled(), if !finishing => {
+                conn.as_mut().finish();
+                finishing = true;
+            }
+            () = tokio::time::sleep_until(wake), if !finishing => {
+                if activity.begun.load(Relaxed) == 0 {
+                    return None;
+                }
+                let Some(idle_since) = activity.idle_since() else {
+                    // Judged again once it could have been idle that long.
+                    wake = tokio::time::Instant::now() + limits.between;
+                    continue;
+                };
+                if tokio::time::Instant::now() >= idle_since + limits.between {
+                    metrics::counter!("raftbridge_http_idle_closed_total").increment(1);
+                    conn.as_mut().finish();
+                    finishing = true;
+                } else {
+                    wake = idle_since + limits.between;
+                }
+            }
+        }
     }
-    if !begun.load(std::sync::atomic::Ordering::Relaxed) {
-        return None;
-    }
-    Some(conn.await)
 }
 
 /// Connections already in the listen backlog that a stopping node still serves, at most.
@@ -717,6 +810,75 @@ fn not_allowed(allow: &str) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stands in for hyper's connection: ends once asked to finish.
+    struct Conn(bool);
+
+    impl std::future::Future for Conn {
+        type Output = ();
+        fn poll(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+            if self.0 { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
+        }
+    }
+
+    impl Finish for Conn {
+        fn finish(mut self: std::pin::Pin<&mut Self>) {
+            self.0 = true;
+        }
+    }
+
+    const LIMITS: Idle = Idle { first_request: Duration::from_secs(10), between: Duration::from_secs(60) };
+
+    /// Runs `keep` on a stand-in connection; the answer is when it ended, and whether it was
+    /// served (`Some`) or dropped without a request.
+    fn kept(activity: &Arc<Activity>, drain: &CancellationToken) -> tokio::task::JoinHandle<(Option<()>, tokio::time::Instant)> {
+        let (activity, drain) = (activity.clone(), drain.clone());
+        tokio::spawn(async move { (keep(Conn(false), &activity, LIMITS, &drain).await, tokio::time::Instant::now()) })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_request_is_dropped_at_the_header_timeout() {
+        let activity = Arc::new(Activity::new());
+        let (served, at) = kept(&activity, &CancellationToken::new()).await.unwrap();
+        assert_eq!(served, None);
+        assert_eq!(at - activity.opened, LIMITS.first_request);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_finished_once_no_request_was_under_way_for_the_idle_timeout() {
+        let activity = Arc::new(Activity::new());
+        let keeper = kept(&activity, &CancellationToken::new());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let first = activity.begin();
+        // A request longer than the idle timeout keeps the connection.
+        tokio::time::sleep(LIMITS.between * 2).await;
+        assert!(!keeper.is_finished(), "a request is under way");
+        drop(first);
+        let ended = tokio::time::Instant::now();
+        tokio::time::sleep(LIMITS.between / 2).await;
+        // Another request restarts the wait.
+        drop(activity.begin());
+        let last = tokio::time::Instant::now();
+        tokio::time::sleep(LIMITS.between / 2 + Duration::from_secs(1)).await;
+        assert!(!keeper.is_finished(), "idle for {:?} only", tokio::time::Instant::now() - last);
+        let (served, at) = keeper.await.unwrap();
+        assert_eq!(served, Some(()), "finished, not dropped");
+        assert!(at - last >= LIMITS.between && at - last < LIMITS.between + Duration::from_secs(1), "{:?} after the last request", at - last);
+        assert!(at - ended > LIMITS.between);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_finishes_a_connection_at_once() {
+        let activity = Arc::new(Activity::new());
+        let drain = CancellationToken::new();
+        let keeper = kept(&activity, &drain);
+        let _under_way = activity.begin();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        drain.cancel();
+        let cancelled = tokio::time::Instant::now();
+        let (served, at) = keeper.await.unwrap();
+        assert_eq!((served, at), (Some(()), cancelled));
+    }
 
     #[test]
     fn echoed_input_is_cut_at_a_character_boundary() {

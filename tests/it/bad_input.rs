@@ -201,3 +201,73 @@ fn slow_bodies_fill_the_body_budget_and_further_requests_get_503() {
         api.put("budget-big", &big).is_ok_and(|r| r.status == 200)
     });
 }
+
+/// One HTTP/2 frame: 9-byte head (length, type, flags, stream) and its payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+    out.extend([kind, flags]);
+    out.extend(stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// An HTTP/2 client that answers the node's SETTINGS and PINGs but sends no further request
+/// holds one of `--max-connections` while it stays connected: once no request has been under
+/// way for `--http-idle-timeout-ms`, the node sends a GOAWAY (no error) and closes.
+#[test]
+fn an_idle_http2_connection_gets_a_goaway_and_is_closed() {
+    use std::io::Read;
+    use std::io::Write;
+    let (c, _) = Cluster::formed("h2idle", 1, &["--http-idle-timeout-ms", "1500"]);
+    c.wait_all_ready(FORMATION);
+    let mut s = std::net::TcpStream::connect(c.http(1)).expect("connect");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    hello.extend(h2_frame(4, 0, 0, &[]));
+    // GET /healthz (HPACK: :method GET, :scheme http, :authority literal, :path literal).
+    let mut block = vec![0x82, 0x86, 0x41, 9];
+    block.extend(b"127.0.0.1");
+    block.extend([0x04, 8]);
+    block.extend(b"/healthz");
+    hello.extend(h2_frame(1, 0x5, 1, &block));
+    s.write_all(&hello).expect("send the request");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (mut answered, mut goaway, mut closed) = (false, None, false);
+    let mut buf = Vec::new();
+    while std::time::Instant::now() < deadline {
+        s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                closed = true;
+                break;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                closed = true;
+                break;
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags, stream) = (buf[3], buf[4], u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff);
+            let payload: Vec<u8> = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            match (kind, flags & 1) {
+                (1, _) if stream == 1 => answered = true,
+                (4, 0) => s.write_all(&h2_frame(4, 1, 0, &[])).expect("ack the settings"),
+                (6, 0) => s.write_all(&h2_frame(6, 1, 0, &payload)).expect("answer the ping"),
+                (7, _) => goaway = Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])),
+                _ => {}
+            }
+        }
+    }
+    assert!(answered, "the request was answered");
+    assert_eq!(goaway, Some(0), "a GOAWAY without an error before the close");
+    assert!(closed, "the idle connection was closed");
+    assert!(c.api(1).metric("raftbridge_http_idle_closed_total", &[]).expect("metrics") >= 1.0);
+}
