@@ -142,7 +142,15 @@ impl Cluster {
         };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
         crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
-        crate::supervise::spawn("bootstrap or join", cluster.clone().bootstrap_or_join(shutdown));
+        let (joining, stop) = (cluster.clone(), shutdown.clone());
+        crate::supervise::spawn("bootstrap or join", async move {
+            // Ended at the node's stop also in the middle of a round (its requests to seeds took
+            // up to 20 s): each is a question to a peer or to the Raft core, which goes on alone.
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = joining.bootstrap_or_join(shutdown) => {}
+            }
+        });
         cluster
     }
 
