@@ -408,9 +408,9 @@ impl Proxy {
         Detachable { run: Some(Box::pin(run)), tracker: self.running.clone() }.await
     }
 
-    /// Waits up to `grace` for the client commands still running (their clients may be gone;
-    /// the node calls this once its HTTP listeners have stopped, so no new ones come); false if
-    /// some were still running.
+    /// Waits up to `grace` for the commands still running, its clients' (they may be gone; the
+    /// node calls this once its HTTP listeners have stopped, so no new ones come) and its peers'
+    /// (refused once draining); false if some were still running.
     pub async fn commands_finished(&self, grace: Duration) -> bool {
         self.running.close();
         tokio::time::timeout(grace, self.running.wait()).await.is_ok()
@@ -620,7 +620,7 @@ impl Proxy {
     }
 
     /// Serve `PeerRequest::Invoke` from another node's proxy.
-    pub async fn serve_remote(&self, inv: Invocation) -> PeerResponse {
+    pub async fn serve_remote(self: &Arc<Self>, inv: Invocation) -> PeerResponse {
         if self.draining.load(Ordering::SeqCst) {
             return PeerResponse::Error(RemoteError::NotServed("node is draining".into()));
         }
@@ -630,11 +630,20 @@ impl Proxy {
         match self.local.get(&inv.service, inv.version, &inv.command) {
             None => PeerResponse::Error(RemoteError::NotServed("not offered here".into())),
             Some(handler) if !handler.available() => PeerResponse::Error(RemoteError::NotServed(UNAVAILABLE.into())),
-            Some(handler) => match self.run_local(handler, inv).await {
+            Some(handler) => {
+                // In the tracker that a drain waits for before it stops the broker
+                // (`commands_finished`), as this node's own clients' commands are: a peer's
+                // command cut off between its write and its emit answered 503 for a stored
+                // write. Tracked before the first await, so after the draining check above a
+                // drain cannot miss it; a caller that gives up does not cut it off either.
+                let this = Arc::clone(self);
+                let run = Detachable { run: Some(Box::pin(async move { this.run_local(handler, inv).await })), tracker: self.running.clone() };
+                match self.running.track_future(run).await {
                 // Nothing ran (the sidecar's app refused the connection): the caller goes on.
-                Err(e) if e.is_not_served() => PeerResponse::Error(RemoteError::NotServed(e.message)),
-                answer => PeerResponse::Invoked(answer),
-            },
+                    Err(e) if e.is_not_served() => PeerResponse::Error(RemoteError::NotServed(e.message)),
+                    answer => PeerResponse::Invoked(answer),
+                }
+            }
         }
     }
 

@@ -7,7 +7,8 @@
 //! - `slow` (idempotent) sleeps: deadlines, and requests in flight on a node that dies.
 //! - `notify` answers its input and declares a success event, `notified`: a command's result
 //!   emitted as an event;
-//! - `orders` stores an order and emits `orderPlaced`; the shared durable subscription
+//! - `orders` stores an order and emits `orderPlaced` (an order's `"holdMs": N` waits N ms
+//!   between the two: a node stopped then must still emit); the shared durable subscription
 //!   `countOrders` increments `orders-seen/<order id>` for each one it processes, so a test can see
 //!   at-least-once delivery and count duplicates by content; the every-instance subscription
 //!   `auditOrders` records `orders-audit/<node>/<order id>` on each node.
@@ -152,7 +153,12 @@ async fn place_order(ctx: Ctx, mut order: serde_json::Value, _: ()) -> Result<Pl
         None => crate::broker::new_id(),
     };
     order["id"] = json!(id);
+    let hold = order.get("holdMs").and_then(serde_json::Value::as_u64);
     ctx.state().put(STATE_STORE, &format!("orders/{id}"), &order).await?;
+    if let Some(ms) = hold {
+        // Lets tests stop a node between a command's write and its emit.
+        tokio::time::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS))).await;
+    }
     let (event_id, position) = ctx.emit("orderPlaced", &order).await?;
     Ok(Placed { id, event_id, position, served_by: ctx.node_id })
 }

@@ -208,3 +208,41 @@ fn a_draining_node_tells_keep_alive_clients_to_reconnect() {
     let status = cluster.wait_exit(victim, Duration::from_secs(30));
     assert!(status.success(), "node {victim} exited with {status} after SIGTERM");
 }
+
+/// A command another node forwarded finishes when the node running it drains: a `placeOrder`
+/// stopped between its write and its emit answered 503 ("nothing happened", inviting a second
+/// order) for an order that was stored and never announced. Node 2 alone offers the command;
+/// the order waits 2 s between its write and its emit, and node 2 gets SIGTERM once the write
+/// is visible.
+#[test]
+fn a_forwarded_command_finishes_its_emit_when_its_node_drains() {
+    let c = Cluster::new("drain-forwarded", 3, &[]);
+    c.set_env(2, "RAFTBRIDGE_EXAMPLE_SERVICES", "true");
+    c.start_all();
+    c.wait_for_membership(&c.ids(), &[], Duration::from_secs(60));
+    c.wait_all_ready(Duration::from_secs(60));
+    let api = c.api(1);
+    let place = move |order: serde_json::Value| api.request("POST", "/api/v1/orders", &[], order.to_string().as_bytes());
+    c.wait_until("node 1 routes placeOrder to node 2", Duration::from_secs(30), || {
+        place(json!({"id": "warm-up"})).is_ok_and(|r| r.status == 200 || r.status == 201)
+    });
+    let id = "held-through-drain";
+    let client = std::thread::spawn(move || place(json!({"id": id, "holdMs": 2000})));
+    c.wait_until("the order is stored", Duration::from_secs(30), || {
+        c.api(1).request("GET", &format!("/v1/state/demo/orders/{id}"), &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    c.allow_exit(2);
+    c.signal(2, "TERM");
+    let resp = client.join().expect("client thread").expect("an answer");
+    assert!((200..300).contains(&resp.status), "the order was stored: {}", resp.describe());
+    let v = resp.json().expect("json");
+    assert_eq!(v["servedBy"], 2, "{v}");
+    let position = v["position"].as_u64().expect("a position");
+    // The log is read from node 1's copy: wait until it has applied what the leader has.
+    c.wait_caught_up(&[1, 3], Duration::from_secs(30));
+    let log = crate::events::read_log(c.api(1)).expect("node 1's event log");
+    let placed = crate::events::by_payload_field(&log, "orderPlaced", "id");
+    let ours = placed.get(id).map(Vec::as_slice).unwrap_or_default();
+    assert_eq!(ours.len(), 1, "orderPlaced for {id} once in node 1's log: {ours:?}");
+    assert_eq!(ours[0]["position"], position, "{}", ours[0]);
+}
