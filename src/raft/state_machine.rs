@@ -66,6 +66,29 @@ pub struct IdemRecord {
     pub fingerprint: Option<u64>,
 }
 
+impl IdemRecord {
+    /// Claimed by a request whose lease has not lapsed at `clock_ms`: its handler may still run
+    /// and its tagged writes be retried, so the record is not forgotten (`SmData::tick`), even
+    /// past its window or the count and byte bounds. Bounded by the commands running, each
+    /// until its deadline.
+    fn held_at(&self, clock_ms: u64) -> bool {
+        matches!(self.state, IdemState::Pending { until_ms, .. } if until_ms > clock_ms)
+    }
+}
+
+/// How many idempotency records `idem_expiry_due` looks at, past held claims, for one to expire.
+const EXPIRY_LOOK: usize = 4096;
+
+/// What forgetting one entry of a creation order frees (`bounded_window`).
+enum Forget {
+    /// The entry's record and its weight.
+    Frees(u64),
+    /// The key was forgotten or made again since: the entry holds nothing.
+    Stale,
+    /// The record stays whatever the window (a claim still held).
+    Kept,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum IdemState {
     /// `attempt` runs the request; others wait until `until_ms`, then may take over.
@@ -84,31 +107,40 @@ fn idem_weight(key: &str, rec: &IdemRecord) -> u64 {
 }
 
 /// The window to propose so that applying it leaves at most `max_keys` keys (and `max_bytes` by
-/// `weigh`) of those in `order`: `window_ms`, or shorter, ending at the oldest key that may stay.
+/// `weigh`) of those in `order`: `window_ms`, or shorter, so that its horizon (`clock_ms -
+/// window`) passes the newest entry that must go.
 /// `clock_ms` must be the clock the command will be applied at: at least its own `now_ms`
 /// (applying moves the clock there first), so that a command after a quiet spell does not
 /// reach back past the keys it should keep.
 /// The rule that forgets keys is the replicated one (a command carries its window), so a count
-/// or byte bound needs no new rule: the proposer shortens the window it asks for. `weigh` gives
-/// an entry's weight, or `None` for a stale entry (its key was forgotten or made again later).
+/// or byte bound needs no new rule: the proposer shortens the window it asks for. `weigh` says
+/// what forgetting an entry frees: stale entries count for nothing, and kept ones (a claim
+/// still held, which applying skips and moves to the back of the order) neither count nor
+/// bound the window, so an order that is not in creation order any more is judged right.
 fn bounded_window(
     order: &VecDeque<(u64, String)>,
     clock_ms: u64,
     window_ms: u64,
     (mut keys, mut bytes): (usize, u64),
     (max_keys, max_bytes): (usize, u64),
-    weigh: impl Fn(u64, &str) -> Option<u64>,
+    weigh: impl Fn(u64, &str) -> Forget,
 ) -> u64 {
+    let mut newest_gone: Option<u64> = None;
     for (created, key) in order {
         if keys <= max_keys && bytes <= max_bytes {
-            return window_ms.min(clock_ms.saturating_sub(*created));
+            break;
         }
-        if let Some(w) = weigh(*created, key) {
+        if let Forget::Frees(w) = weigh(*created, key) {
             keys = keys.saturating_sub(1);
             bytes = bytes.saturating_sub(w);
+            newest_gone = Some(newest_gone.map_or(*created, |n| n.max(*created)));
         }
     }
-    0
+    match newest_gone {
+        None => window_ms,
+        // Applied, the horizon is `newest + 1`: every entry counted above is older.
+        Some(newest) => window_ms.min(clock_ms.saturating_sub(newest.saturating_add(1))),
+    }
 }
 
 /// Counts a proposal whose window was shortened by a count or byte bound, and says so in the
@@ -790,16 +822,24 @@ impl SmData {
     fn tick(&mut self, now_ms: u64, window_ms: u64) {
         self.clock_ms = self.clock_ms.max(now_ms);
         let horizon = self.clock_ms.saturating_sub(window_ms);
-        while let Some((created, _)) = self.idem_order.front() {
-            if *created >= horizon {
-                break;
+        // Each entry is looked at once at most: a held one goes to the back.
+        for _ in 0..self.idem_order.len() {
+            match self.idem_order.front() {
+                Some((created, _)) if *created < horizon => {}
+                _ => break,
             }
-            if let Some((created, key)) = self.idem_order.pop_front() {
-                if self.idem.get(&key).is_some_and(|r| r.created_ms == created) {
+            let Some((created, key)) = self.idem_order.pop_front() else { break };
+            match self.idem.get(&key) {
+                // A claim still held: forgetting it would let a second request run beside the
+                // first, and the first's retried writes apply twice. Judged again when it comes
+                // round (its lease lapses by its deadline).
+                Some(r) if r.created_ms == created && r.held_at(self.clock_ms) => self.idem_order.push_back((created, key)),
+                Some(r) if r.created_ms == created => {
                     if let Some(rec) = self.idem.remove(&key) {
                         self.idem_bytes = self.idem_bytes.saturating_sub(idem_weight(&key, &rec));
                     }
                 }
+                _ => {}
             }
         }
     }
@@ -1086,7 +1126,13 @@ impl SmShared {
         let clock = read(&self.data).clock_ms;
         let window = self.idem_window(clock, window_ms, max_keys, max_bytes);
         let d = read(&self.data);
-        let oldest = d.idem_order.front().map(|(created, _)| *created)?;
+        // Held claims stay (`tick`): they make nothing due. A bounded look past them.
+        let oldest = d
+            .idem_order
+            .iter()
+            .take(EXPIRY_LOOK)
+            .find(|(created, key)| !d.idem.get(key).is_some_and(|r| r.created_ms == *created && r.held_at(clock)))
+            .map(|(created, _)| *created)?;
         (window < window_ms || oldest < clock.saturating_sub(window)).then_some((clock, window))
     }
 
@@ -1095,8 +1141,12 @@ impl SmShared {
         if d.idem.len() <= max_keys && d.idem_bytes <= max_bytes {
             return window_ms;
         }
-        let weigh = |created, key: &str| d.idem.get(key).filter(|r| r.created_ms == created).map(|r| idem_weight(key, r));
         let clock = d.clock_ms.max(now_ms);
+        let weigh = |created, key: &str| match d.idem.get(key).filter(|r| r.created_ms == created) {
+            None => Forget::Stale,
+            Some(r) if r.held_at(clock) => Forget::Kept,
+            Some(r) => Forget::Frees(idem_weight(key, r)),
+        };
         bounded_window(&d.idem_order, clock, window_ms, (d.idem.len(), d.idem_bytes), (max_keys, max_bytes), weigh)
     }
 
@@ -1120,7 +1170,7 @@ impl SmShared {
         if log.keys.len() <= max_keys {
             return window_ms;
         }
-        let weigh = |at, key: &str| log.keys.get(key).filter(|(_, _, t)| *t == at).map(|_| 0);
+        let weigh = |at, key: &str| if log.keys.get(key).is_some_and(|(_, _, t)| *t == at) { Forget::Frees(0) } else { Forget::Stale };
         bounded_window(&log.key_order, d.clock_ms.max(now_ms), window_ms, (log.keys.len(), 0), (max_keys, u64::MAX), weigh)
     }
 
@@ -1554,7 +1604,11 @@ mod tests {
         }
 
         fn shared_window(d: &SmData, max_keys: usize) -> u64 {
-            let weigh = |created, key: &str| d.idem.get(key).filter(|r| r.created_ms == created).map(|r| idem_weight(key, r));
+            let weigh = |created, key: &str| match d.idem.get(key).filter(|r| r.created_ms == created) {
+                None => Forget::Stale,
+                Some(r) if r.held_at(d.clock_ms) => Forget::Kept,
+                Some(r) => Forget::Frees(idem_weight(key, r)),
+            };
             bounded_window(&d.idem_order, d.clock_ms, 600_000, (d.idem.len(), d.idem_bytes), (max_keys, u64::MAX), weigh)
         }
     }
@@ -1708,6 +1762,43 @@ mod tests {
         d.apply(9, later);
         assert!(!d.idem.contains_key("k1"));
         assert!(d.idem.contains_key("k2"));
+    }
+
+    /// A claim whose lease holds is not forgotten past its window or its count bound: a second
+    /// request with its key waits, and its handler's retried writes still apply once. Once the
+    /// lease lapses it goes like the others; the window then forgets what the bound asks.
+    #[test]
+    fn a_held_claim_outlives_its_window_and_the_count_bound() {
+        let shared = empty_shared();
+        let incr = |tag: Option<(String, u32)>| Command::Increment { store: "s".into(), key: "c".into(), by: 1, tag };
+        let begin = |key: &str, attempt, now_ms, lease_ms| Command::IdemBegin { key: key.into(), attempt, now_ms, lease_ms, window_ms: 60_000 };
+        let resp = StoredResponse { status: 200, body: b"{}".to_vec(), content_type: None };
+        let mut d = shared.data.write().unwrap();
+        assert_eq!(d.apply(1, begin("a", 1, 1_000, 100_000)), CommandResult::IdemBegun);
+        let first = d.apply(2, incr(Some(("a".into(), 0))));
+        for (i, key) in ["b", "c"].into_iter().enumerate() {
+            let i = i as u64;
+            assert_eq!(d.apply(3 + 2 * i, begin(key, 1, 2_000 + i, 1_000)), CommandResult::IdemBegun);
+            d.apply(4 + 2 * i, Command::IdemComplete { key: key.into(), attempt: 1, response: resp.clone() });
+        }
+        drop(d);
+        // Two keys at most: "a" is the oldest, but held, so "b" is what goes.
+        let w = shared.idem_window(3_000, 60_000, 2, u64::MAX);
+        assert_eq!(w, 999, "the horizon passes b (created at 2000), not c (2001)");
+        let mut d = shared.data.write().unwrap();
+        d.apply(7, Command::IdemBegin { key: "d".into(), attempt: 1, now_ms: 3_000, lease_ms: 1_000, window_ms: w });
+        assert!(d.idem.contains_key("a"), "held: {:?}", d.idem.keys().collect::<Vec<_>>());
+        assert!(!d.idem.contains_key("b") && d.idem.contains_key("c"), "the oldest unheld went: {:?}", d.idem.keys().collect::<Vec<_>>());
+        assert_eq!(d.apply(10, begin("a", 2, 3_002, 1_000)), CommandResult::IdemPending { until_ms: 101_000 });
+        assert_eq!(d.apply(11, incr(Some(("a".into(), 0)))), first, "the retried write applies once");
+        // Past its window, still held.
+        d.apply(12, begin("g", 1, 90_000, 1_000));
+        assert!(d.idem.contains_key("a") && !d.idem.contains_key("d"), "{:?}", d.idem.keys().collect::<Vec<_>>());
+        // Its lease lapsed: the next pass over it forgets it.
+        d.apply(13, begin("h", 1, 200_000, 1_000));
+        assert!(!d.idem.contains_key("a"), "{:?}", d.idem.keys().collect::<Vec<_>>());
+        let recount: u64 = d.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
+        assert_eq!(d.idem_bytes, recount);
     }
 
     /// A key first claimed with one fingerprint answers a claim with another `IdemMismatch`,
