@@ -8,7 +8,12 @@
 //!   never be picked again under light load: with nothing in flight its cost stays above its
 //!   peers', and only a new sample could lower it. With the decay it is probed again within a few
 //!   seconds and judged by what it measures then.
-//! - *Outlier ejection*: after `EJECT_AFTER` consecutive infrastructure failures a node is skipped
+//! - *Failures cost latency*: a failed attempt (a lost link, a handler's 5xx) is sampled as at
+//!   least `FAILURE_PENALTY`, as Finagle's and Linkerd's balancers penalise errors. A node that
+//!   fails fast otherwise measured as the cheapest and drew the traffic it could not serve (the
+//!   "black hole" of least-latency balancing).
+//! - *Outlier ejection*: after `EJECT_AFTER` consecutive failures (infrastructure, or 5xx
+//!   answers, as Envoy's consecutive-5xx detection) a node is skipped
 //!   for a backoff that doubles with each ejection (1 s … 30 s); one success clears it. If every
 //!   candidate is ejected, they are used anyway (a guess beats a certain 503).
 //! - *Retry budget*: retries may add at most ~20 % to the request rate plus a floor of 10 per
@@ -36,6 +41,11 @@ const EWMA_START_MS: f64 = 0.0;
 /// Time constant of the estimate's decay while a node is not answering: a 100× slower sample is
 /// forgotten (back to parity) after about 4.6 × `DECAY` without answers.
 const DECAY: Duration = Duration::from_secs(1);
+
+/// What a failed attempt counts as in the latency estimate, at least: well above a healthy
+/// node's few milliseconds, so that a failing node is picked again only once the decay has
+/// brought it back (about 4 × `DECAY` later) or its peers are slower still.
+const FAILURE_PENALTY: Duration = Duration::from_millis(250);
 
 #[derive(Debug, Clone)]
 struct NodeStats {
@@ -83,8 +93,11 @@ pub struct Balancer {
 /// Outcome of one attempt, for the stats.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
-    /// The node answered (whatever the handler said).
+    /// The node answered, with what its handler said.
     Answered,
+    /// The node answered, but with a 5xx from its handler (or its sidecar app): passed on to
+    /// the client, and counted as a failure of the node.
+    Errored,
     /// The node or the link failed.
     Failed,
     /// A deadline the client chose (`x-timeout-ms`) passed while the node worked: its latency
@@ -145,7 +158,8 @@ impl Balancer {
                 s.ejected_until = None;
             }
             Outcome::Slow => s.sample(latency, now),
-            Outcome::Failed => {
+            Outcome::Failed | Outcome::Errored => {
+                s.sample(latency.max(FAILURE_PENALTY), now);
                 s.failures += 1;
                 if s.failures >= EJECT_AFTER {
                     s.ejections += 1;
@@ -278,6 +292,25 @@ mod tests {
         assert!(!b.is_ejected(2), "a client's short deadline says nothing of the node's health");
         let twos = (0..200).filter(|_| b.pick(&[1, 2], None) == Some(2)).count();
         assert!(twos < 20, "the slow node is picked less: {twos} of 200");
+    }
+
+    /// A node that fails fast (a lost link, a handler's quick 500s) must not look like the
+    /// fastest one: short of ejection, picks still steer away from it, and 5xx answers count
+    /// toward ejection as link failures do.
+    #[tokio::test(start_paused = true)]
+    async fn a_node_that_fails_fast_is_not_preferred() {
+        for failure in [Outcome::Failed, Outcome::Errored] {
+            let b = Balancer::default();
+            for _ in 0..EJECT_AFTER - 1 {
+                b.start(1).finish(Outcome::Answered, Duration::from_millis(5));
+                b.start(2).finish(failure, Duration::from_millis(1));
+            }
+            assert!(!b.is_ejected(2));
+            let twos = (0..200).filter(|_| b.pick(&[1, 2], None) == Some(2)).count();
+            assert_eq!(twos, 0, "{failure:?}: the failing node was picked {twos} of 200 times");
+            b.start(2).finish(failure, Duration::from_millis(1));
+            assert!(b.is_ejected(2), "{failure:?}: ejected after {EJECT_AFTER} in a row");
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -480,7 +480,11 @@ impl Proxy {
                     return Err(ApiError::Timeout);
                 }
                 Ok(Ok(answer)) => {
-                    flight.finish(Outcome::Answered, started.elapsed());
+                    let outcome = match &answer {
+                        Err(e) if e.status >= 500 => Outcome::Errored,
+                        _ => Outcome::Answered,
+                    };
+                    flight.finish(outcome, started.elapsed());
                     return Ok((answer, target));
                 }
                 Ok(Err(Miss::NotServed(why))) => {
@@ -496,11 +500,15 @@ impl Proxy {
                 Ok(Err(Miss::TooLarge(why))) => {
                     // Nothing was sent: says nothing of the node, so its record is left alone.
                     drop(flight);
-                    return Err(ApiError::Oversized(why));
+                    // An earlier attempt that may have run keeps its 502 (another link's frame
+                    // can be smaller than the first one's).
+                    return Err(if matches!(last, ApiError::BadGateway(_)) { last } else { ApiError::Oversized(why) });
                 }
                 Ok(Err(Miss::Busy(why))) => {
                     // This node's own bound, not the target's doing: its record is left alone.
                     drop(flight);
+                    // Nothing was sent: another node is tried without spending retry budget.
+                    unserved = true;
                     if !matches!(last, ApiError::BadGateway(_)) {
                         last = ApiError::Unavailable(format!("node {target}: {why}"));
                     }
