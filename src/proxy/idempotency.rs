@@ -102,7 +102,8 @@ fn in_clock_of(local_ms: u64, offset: Option<ClockOffset>) -> u64 {
 /// not a 5xx nor the 4xx that say "not now" (408 timeout, 425 too early, 429 too many
 /// requests: a retry may well succeed, and replaying them for 10 minutes would refuse it).
 fn kept(status: u16) -> bool {
-    status < 500 && !matches!(status, 408 | 425 | 429)
+    // Below 200 is no final answer (a handler's 42 went out as a 500 and replayed as a 200).
+    (200..500).contains(&status) && !matches!(status, 408 | 425 | 429)
 }
 
 fn now_ms() -> u64 {
@@ -208,11 +209,15 @@ impl Proxy {
         // Bounded: each pass ends in a return, or waits for a lease that the deadline bounds.
         let mut proposed;
         loop {
+            if deadline <= Instant::now() {
+                return Err(ApiError::Timeout);
+            }
+            let now = self.claim_clock_ms(&key, attempt, deadline).await;
+            // Measured after the clock's read barrier, which may have taken some of it.
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ApiError::Timeout);
             }
-            let now = self.claim_clock_ms(&key, attempt, deadline).await;
             let own = now_ms();
             proposed = Instant::now();
             // Checked in the clock `now` is read in, the lease itself is written in this node's
@@ -414,7 +419,7 @@ mod tests {
         for status in [200, 201, 204, 400, 404, 409, 412, 422] {
             assert!(kept(status), "{status}");
         }
-        for status in [408, 425, 429, 500, 502, 503, 504] {
+        for status in [0, 42, 100, 199, 408, 425, 429, 500, 502, 503, 504] {
             assert!(!kept(status), "{status}");
         }
     }

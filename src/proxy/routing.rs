@@ -114,8 +114,16 @@ impl RouteTable {
                     });
                     // Two services claiming one path: the first (by node, then name) wins,
                     // deterministically on every node.
-                    if svc.available && route.service == svc.name && route.decl.name == cmd.name {
-                        route.nodes.push(*node);
+                    if route.service == svc.name && route.decl.name == cmd.name {
+                        // Nodes that disagree (a rolling upgrade that changed the declaration):
+                        // the cautious reading of each, not the lowest node id's. Retried after a
+                        // lost answer only if every node says it may be, and cut off at the
+                        // shortest timeout any of them declares.
+                        route.decl.idempotent &= cmd.idempotent;
+                        route.decl.timeout_ms = route.decl.timeout_ms.min(cmd.timeout_ms);
+                        if svc.available {
+                            route.nodes.push(*node);
+                        }
                     }
                 }
             }
@@ -326,6 +334,28 @@ mod tests {
         assert!(matches!(t.lookup(1, "GET", "echo"), Lookup::WrongMethod(m) if m == ["POST"]));
         assert!(matches!(t.lookup(2, "POST", "echo"), Lookup::NotFound));
         assert_eq!(t.nodes(), BTreeSet::from([1, 3]));
+    }
+
+    /// Nodes whose declarations of one command disagree (a rolling upgrade changed it): the
+    /// route takes the cautious reading of each, whichever node has the lowest id.
+    #[test]
+    fn nodes_that_disagree_on_a_command_get_the_cautious_reading() {
+        let svc = |idempotent, timeout_ms| ServiceDecl {
+            name: "shop".into(),
+            version: 1,
+            commands: vec![CommandDecl { idempotent, timeout_ms, ..decl("pay", "POST", "pay") }],
+            subscriptions: Vec::new(),
+            available: true,
+        };
+        for (first, second) in [(svc(true, 30_000), svc(false, 5_000)), (svc(false, 5_000), svc(true, 30_000))] {
+            let t = RouteTable::build(1, &BTreeMap::from([(1, vec![first]), (2, vec![second])]));
+            match t.lookup(1, "POST", "pay") {
+                Lookup::Found { route, .. } => {
+                    assert_eq!((route.decl.idempotent, route.decl.timeout_ms, route.nodes.as_slice()), (false, 5_000, &[1, 2][..]));
+                }
+                _ => panic!("pay not found"),
+            }
+        }
     }
 
     /// A node that leaves the registry (drained) leaves its commands known, offered by no node,
