@@ -206,6 +206,9 @@ pub enum PeerError {
     /// its send queue at their bounds): the request was not sent.
     #[error("peer {peer}: no room on the link within {timeout:?}, not sent")]
     Unsent { peer: NodeId, timeout: Duration },
+    /// The link was found closed before the request went on it: not sent.
+    #[error("peer {peer}: link closed before the request was sent")]
+    ClosedUnsent { peer: NodeId },
     #[error("peer {peer}: bad message: {reason}")]
     Protocol { peer: NodeId, reason: String },
     /// The request encodes to more than a frame may hold: not sent (the link's writer would
@@ -228,6 +231,7 @@ impl Clone for PeerError {
             PeerError::Closed { peer } => PeerError::Closed { peer: *peer },
             PeerError::Timeout { peer, timeout } => PeerError::Timeout { peer: *peer, timeout: *timeout },
             PeerError::Unsent { peer, timeout } => PeerError::Unsent { peer: *peer, timeout: *timeout },
+            PeerError::ClosedUnsent { peer } => PeerError::ClosedUnsent { peer: *peer },
             PeerError::Protocol { peer, reason } => PeerError::Protocol { peer: *peer, reason: reason.clone() },
             PeerError::TooLarge { peer, size, limit } => PeerError::TooLarge { peer: *peer, size: *size, limit: *limit },
         }
@@ -246,6 +250,7 @@ impl PeerError {
                 | PeerError::SelfDial { .. }
                 | PeerError::NoLinkInTime { .. }
                 | PeerError::Unsent { .. }
+                | PeerError::ClosedUnsent { .. }
                 | PeerError::TooLarge { .. }
         )
     }
@@ -421,7 +426,7 @@ impl Link {
         let permit = tokio::time::timeout_at(deadline, self.outstanding.clone().acquire_owned())
             .await
             .map_err(|_| unsent())?
-            .map_err(|_| PeerError::Closed { peer: self.peer })?;
+            .map_err(|_| PeerError::ClosedUnsent { peer: self.peer })?;
         let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
         let body = Frame::encode(Kind::Request, corr, req)
             .map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
@@ -432,11 +437,12 @@ impl Link {
         lock(&self.pending).insert(corr, tx);
         let call = Call { link: self.clone(), corr, rx, deadline, timeout, _permit: permit };
         if !self.is_alive() {
-            return Err(PeerError::Closed { peer: self.peer });
+            return Err(PeerError::ClosedUnsent { peer: self.peer });
         }
         match tokio::time::timeout_at(deadline, self.tx.send(body)).await {
             Ok(Ok(())) => Ok(call),
-            Ok(Err(_)) => Err(PeerError::Closed { peer: self.peer }),
+            // The writer is gone: this request never reached its queue.
+            Ok(Err(_)) => Err(PeerError::ClosedUnsent { peer: self.peer }),
             Err(_) => Err(unsent()),
         }
     }
@@ -2325,6 +2331,20 @@ mod tests {
         for h in held {
             h.abort();
         }
+    }
+
+    /// A request put on a link that closed before it went out was never sent: it says so
+    /// (`ClosedUnsent`, not delivered), so a non-idempotent command goes to another node
+    /// instead of answering 502 "may have run".
+    #[tokio::test]
+    async fn a_request_on_a_link_closed_before_it_went_out_is_not_delivered() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(Doubles));
+        let link = dialer.link(1).await.expect("linked");
+        link.close();
+        let err = link.send(&invoke(Bytes::new()), Duration::from_secs(5)).await.err().expect("closed");
+        assert!(matches!(err, PeerError::ClosedUnsent { peer: 1 }) && err.not_delivered(), "{err}");
+        stop.cancel();
     }
 
     /// Raft's requests other than appends take no `MAX_SERVING` slot, but are bounded too: past

@@ -214,6 +214,9 @@ impl PeerClient {
     fn rpc_error(&self, e: PeerError, action: RPCTypes) -> RPCError {
         match e {
             PeerError::Timeout { timeout, .. } => RPCError::Timeout(Timeout { action, id: self.net.node_id(), target: self.target, timeout }),
+            // A link that closed under the request: as before the proxy told it apart from
+            // one that closed after sending (replication retries at once, on a new link).
+            e @ PeerError::ClosedUnsent { .. } => RPCError::Network(NetworkError::new(&e)),
             e if e.not_delivered() => RPCError::Unreachable(Unreachable::new(&e)),
             e => RPCError::Network(NetworkError::new(&e)),
         }
