@@ -663,7 +663,7 @@ impl Dispatcher {
                 for (target, events) in handout {
                     let batched = target == self.node_id || self.net.features(target) & features::DELIVER_BATCH != 0;
                     let per_frame = if batched { MAX_DELIVER_BATCH } else { 1 };
-                    for batch in in_frames(events, per_frame, self.net.max_frame_to(target) / 2, |(e, _)| e.full_size() + EVENT_FRAME_OVERHEAD) {
+                    for batch in handout_batches(events, per_frame, self.net.max_frame_to(target) / 2) {
                         let (this, inflight, decl, retry_tx, freed) = (self.clone(), inflight.clone(), decl.clone(), retry_tx.clone(), freed.clone());
                         let stop = shutdown.clone();
                         // Ends with the dispatcher: a local handler does not run on for up to its
@@ -1090,6 +1090,19 @@ async fn pace(last: &mut Instant, shutdown: &CancellationToken) -> bool {
 /// `MAX_DELIVER_BATCH` takes several frames: a consumer refuses larger ones) and of at most
 /// `max_bytes` by `size` (a frame has a size limit: a batch over it would be refused whole, and
 /// handed out again whole, for good); an item larger than that goes alone.
+/// One consumer's handout as deliveries: events not tried before in batches of at most
+/// `per_frame` and `max_bytes`, and each event that failed before alone. A consumer that dies
+/// during a batch (a poison event ending its process, a sidecar app crashing) costs every event
+/// of the batch an attempt, as the answer that would tell them apart is lost; delivered together
+/// again they shared every later attempt, and up to a whole batch of healthy events reached the
+/// dead letters beside the one that killed it.
+fn handout_batches(events: Vec<(Event, u32)>, per_frame: usize, max_bytes: usize) -> Vec<Vec<(Event, u32)>> {
+    let (retried, fresh): (Vec<_>, Vec<_>) = events.into_iter().partition(|(_, attempts)| *attempts > 0);
+    let mut out: Vec<Vec<(Event, u32)>> = retried.into_iter().map(|e| vec![e]).collect();
+    out.extend(in_frames(fresh, per_frame, max_bytes, |(e, _)| e.full_size() + EVENT_FRAME_OVERHEAD));
+    out
+}
+
 fn in_frames<T>(items: Vec<T>, per_frame: usize, max_bytes: usize, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut frames: Vec<Vec<T>> = Vec::new();
     let mut bytes = 0;
@@ -1222,6 +1235,17 @@ mod tests {
         let size = |n: &u32| *n as usize;
         assert_eq!(in_frames(vec![4, 4, 4, 9, 1, 1], 100, 10, size), vec![vec![4, 4], vec![4], vec![9, 1], vec![1]]);
         assert_eq!(in_frames(vec![30, 2, 30], 100, 10, size), vec![vec![30], vec![2], vec![30]]);
+    }
+
+    /// Events that failed before go out alone, the others in batches: a poison event that
+    /// ended its consumer does not take its batch's healthy events to the dead letters with it.
+    #[test]
+    fn an_event_that_failed_before_is_delivered_alone() {
+        let body = crate::broker::new_event("e", b"1".to_vec(), &MessageMeta::default(), None, None).body;
+        let ev = |position, attempts| (Event { position, body: body.clone() }, attempts);
+        let batches = handout_batches(vec![ev(1, 0), ev(2, 1), ev(3, 0), ev(4, 3), ev(5, 0)], MAX_DELIVER_BATCH, usize::MAX);
+        let shape: Vec<Vec<(u64, u32)>> = batches.iter().map(|b| b.iter().map(|(e, a)| (e.position, *a)).collect()).collect();
+        assert_eq!(shape, vec![vec![(2, 1)], vec![(4, 3)], vec![(1, 0), (3, 0), (5, 0)]]);
     }
 
     /// A delivery task of an earlier leadership term finishing late leaves the positions handed
