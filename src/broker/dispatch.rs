@@ -39,6 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::marks::AttemptMark;
 use super::marks::EventRef;
+use super::marks::RunningNotes;
 use tracing::debug;
 use tracing::warn;
 
@@ -267,6 +268,12 @@ pub struct Dispatcher {
     updates: mpsc::Sender<UpdateReq>,
     /// Where every-instance subscriptions note their attempts (`marks`); `None`: in memory only.
     marks_dir: Option<std::path::PathBuf>,
+    /// Per local shared subscription, the deliveries this node handed itself that are under
+    /// way (`marks::RunningNotes`); empty without `marks_dir`. Locked for a few `pwrite`s.
+    running: Mutex<HashMap<String, RunningNotes>>,
+    /// Set by `count_unfinished` once the unfinished handlers are counted (or it gave up);
+    /// `shared_loop` hands nothing out before.
+    unfinished_counted: tokio::sync::watch::Sender<bool>,
 }
 
 /// Bucket bounds (seconds) of `raftbridge_delivery_latency_seconds`, a histogram so that a
@@ -281,6 +288,11 @@ pub const DELIVERY_LATENCY_BUCKETS: &[f64] = &[
 ];
 /// Latencies (ms) up to which `DELIVERY_LATENCY_BUCKETS` tell each whole ms apart.
 pub const DELIVERY_EXACT_MS: u64 = 20;
+
+/// How long a restarted node tries to have its unfinished handlers counted (while the cluster
+/// cannot commit), holding its shared handouts back meanwhile: then they are delivered again
+/// uncounted, as before the notes (and their notes stay for the next start).
+const UNFINISHED_WAIT: Duration = Duration::from_secs(90);
 
 fn backoff(attempts: u32) -> Duration {
     BACKOFF_BASE.saturating_mul(1 << attempts.min(10)).min(BACKOFF_MAX)
@@ -300,6 +312,10 @@ impl Dispatcher {
             .keys()
             .map(|sub| (sub.clone(), metrics::histogram!("raftbridge_delivery_latency_seconds", "subscription" => sub.clone())))
             .collect();
+        let running = match &marks_dir {
+            Some(dir) => local.iter().filter(|(_, sub)| sub.shared).map(|(name, _)| (name.clone(), RunningNotes::open(dir, name))).collect(),
+            None => HashMap::new(),
+        };
         let d = Arc::new(Dispatcher {
             node_id: net.node_id(),
             sm: broker.store().local().clone(),
@@ -310,8 +326,11 @@ impl Dispatcher {
             latency,
             updates: tx,
             marks_dir,
+            running: Mutex::new(running),
+            unfinished_counted: tokio::sync::watch::Sender::new(false),
         });
         crate::supervise::spawn_until("subscription progress writer", &shutdown, update_writer(d.broker.clone(), rx, shutdown.clone()));
+        crate::supervise::spawn_until("running handler notes", &shutdown, d.clone().count_unfinished(shutdown.clone()));
         crate::supervise::spawn_until("shared subscription dispatch", &shutdown, d.clone().shared_loop(shutdown.clone()));
         for (name, sub) in &d.local {
             if !sub.shared {
@@ -319,6 +338,59 @@ impl Dispatcher {
             }
         }
         d
+    }
+
+    /// Counts, as failed attempts, the shared deliveries this node's earlier processes handed
+    /// themselves and did not finish (`RunningNotes`: the process ended during their handlers),
+    /// once the cluster can commit, and only then lets `shared_loop` hand out (else the event
+    /// went out again first, and its handler could end the process before the count
+    /// committed). At a graceful stop, clears the notes of the handlers it ends.
+    async fn count_unfinished(self: Arc<Self>, shutdown: CancellationToken) {
+        let left: Vec<(String, EventRef, u64)> = lock(&self.running)
+            .iter_mut()
+            .flat_map(|(name, notes)| notes.take_left().into_iter().map(move |(e, slot)| (name.clone(), e, slot)))
+            .collect();
+        // Only events still in the log as they were (a position reused by another log, after
+        // the data was lost, is not this event).
+        let updates: Vec<SubUpdate> = left
+            .iter()
+            .filter(|(_, e, _)| self.sm.event(e.position).is_some_and(|ev| EventRef::new(ev.position, &ev.body.id) == *e))
+            .map(|(sub, e, _)| {
+                warn!(subscription = %sub, position = e.position, "this node ended while its handler ran this event: counted as a failed attempt");
+                SubUpdate::Failed { sub: sub.clone(), position: e.position, reason: format!("node {}: the process ended while the handler ran", self.node_id) }
+            })
+            .collect();
+        let until = Instant::now() + UNFINISHED_WAIT;
+        // Bounded by `UNFINISHED_WAIT`, or the stop.
+        let counted = loop {
+            if updates.is_empty() {
+                break true;
+            }
+            if self.cluster.ready() && self.update(updates.clone(), false).await {
+                break true;
+            }
+            if Instant::now() >= until {
+                warn!(events = updates.len(), "could not count the handlers this node's last process left unfinished: they are delivered again uncounted");
+                break false;
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break false,
+                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        };
+        if counted {
+            let mut running = lock(&self.running);
+            for (sub, _, slot) in left {
+                if let Some(notes) = running.get_mut(&sub) {
+                    notes.ended(vec![slot]);
+                }
+            }
+        }
+        self.unfinished_counted.send_replace(true);
+        shutdown.cancelled().await;
+        for notes in lock(&self.running).values_mut() {
+            notes.clear();
+        }
     }
 
     /// Commit progress updates (batched with others); true once applied. `lazy`: they may wait
@@ -469,6 +541,14 @@ impl Dispatcher {
 
     /// On the leader: hand pending events of every shared subscription to consumers.
     async fn shared_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        // What an earlier process of this node left unfinished is counted first (bounded by
+        // `UNFINISHED_WAIT`): handed out again before, a poison event could end the process
+        // again before its count committed.
+        let mut counted = self.unfinished_counted.subscribe();
+        tokio::select! {
+            _ = counted.wait_for(|done| *done) => {}
+            () = shutdown.cancelled() => return,
+        }
         // Positions handed out and not yet settled (see `Slot`).
         let inflight: InFlight = Arc::new(Mutex::new(HashMap::new()));
         // This node's leadership terms, counted: a delivery task of an earlier one must leave
@@ -703,9 +783,19 @@ impl Dispatcher {
         let (events, attempts): (Vec<Event>, Vec<u32>) = batch.into_iter().unzip();
         let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
         let results: Vec<Outcome> = if target == self.node_id {
+            // Noted on disk while they run: nobody else would count a handler that ends the
+            // process (`count_unfinished`).
+            let refs: Vec<EventRef> = events.iter().map(|e| EventRef::new(e.position, &e.body.id)).collect();
+            let slots = lock(&self.running).get_mut(&decl.name).map(|notes| notes.start(&refs));
             // `run_local` holds the handler to the ack deadline.
             let runs = events.into_iter().map(|event| async move { Outcome::local(self.run_local(&decl.name, event).await) });
-            futures_util::future::join_all(runs).await
+            let results = futures_util::future::join_all(runs).await;
+            if let Some(slots) = slots {
+                if let Some(notes) = lock(&self.running).get_mut(&decl.name) {
+                    notes.ended(slots);
+                }
+            }
+            results
         } else if n == 1 {
             let event = events.into_iter().next().expect("one event"); // n == 1
             let req = PeerRequest::Deliver { sub: decl.name.clone(), event };

@@ -140,6 +140,145 @@ fn parse(buf: &[u8]) -> Option<(EventRef, u32)> {
     fields.next().is_none().then_some((EventRef { position, id_crc }, started))
 }
 
+/// The events of one shared subscription that this node's own handler is running because this
+/// node, as the leader, handed them to itself: `dir/sub-<name>.running`, one fixed-size slot per
+/// event under way (`r1 <position:20> <event:8> <pad:10>\n`, a free slot blank).
+///
+/// A shared delivery's failure is counted by the leader when the consumer's answer (or its
+/// link) says so. The leader's own consumer has no link to lose: when its handler ended the
+/// process (an abort, the OOM killer), nothing counted the attempt, the next leader handed the
+/// event out again as new, and a lone node crashed on it for good. A node that restarts finds
+/// the slots its last process left filled and has each of those events counted as a failed
+/// attempt (`Dispatcher::count_unfinished`). Written in place without fsync, as `AttemptMark`:
+/// the note must outlive the process, not the machine. Cleared at a graceful stop, which ends
+/// the handlers and costs no attempt.
+pub struct RunningNotes {
+    path: PathBuf,
+    /// `None` when the file could not be opened (warned once): nothing is kept.
+    file: Option<File>,
+    /// Slots free for reuse; `next` is the first never used. At most the events under way at
+    /// once (bounded by the subscription's `max_in_flight`), so the file stays small.
+    free: Vec<u64>,
+    next: u64,
+    /// Events the previous processes left under way and their slots, read at open: the
+    /// slots stay filled until `ended` (once their attempts are counted), so that a process
+    /// that dies before it could count them leaves them to the next.
+    left: Vec<(EventRef, u64)>,
+    warned: bool,
+}
+
+impl RunningNotes {
+    /// Opens `dir/sub-<name>.running` and reads what earlier processes left in it.
+    pub fn open(dir: &Path, name: &str) -> RunningNotes {
+        let path = dir.join(format!("sub-{name}.running"));
+        let opened = crate::fsutil::create_private_dir(dir).and_then(|_| OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path));
+        let mut notes = RunningNotes { path, file: None, free: Vec::new(), next: 0, left: Vec::new(), warned: false };
+        match opened {
+            Ok(file) => {
+                let slots = read_running(&file);
+                notes.next = slots.len() as u64;
+                // Past what is read, nothing counts: cut, so that slots handed out later are
+                // the ones the next process reads.
+                if let Err(e) = file.set_len(notes.next * RECORD_LEN as u64) {
+                    tracing::warn!(path = %notes.path.display(), cause = %e, "cannot trim the notes of running handlers");
+                }
+                for (slot, record) in slots.into_iter().enumerate() {
+                    match record {
+                        Some(event) => notes.left.push((event, slot as u64)),
+                        None => notes.free.push(slot as u64),
+                    }
+                }
+                notes.file = Some(file);
+            }
+            Err(e) => tracing::warn!(path = %notes.path.display(), cause = %e, "cannot note the shared deliveries this node runs for itself"),
+        }
+        notes
+    }
+
+    /// The events earlier processes left under way, with their slots (once: later calls get
+    /// none); `ended` once they are counted.
+    pub fn take_left(&mut self) -> Vec<(EventRef, u64)> {
+        std::mem::take(&mut self.left)
+    }
+
+    /// Notes `events` as under way; the slots are given back to `ended`.
+    pub fn start(&mut self, events: &[EventRef]) -> Vec<u64> {
+        let mut slots = Vec::with_capacity(events.len());
+        for event in events {
+            let slot = self.free.pop().unwrap_or_else(|| {
+                self.next += 1;
+                self.next - 1
+            });
+            let mut record = [0u8; RECORD_LEN];
+            let mut w = &mut record[..];
+            // Fits: every field is at most its width (u64 in 20 digits, u32 in 8 hex).
+            let _ = writeln!(w, "r1 {:020} {:08x} {:010}", event.position, event.id_crc, 0);
+            self.write(slot, &record);
+            slots.push(slot);
+        }
+        slots
+    }
+
+    /// The events in `slots` are no longer under way (settled, or their outcome known).
+    pub fn ended(&mut self, slots: Vec<u64>) {
+        let mut blank = [b' '; RECORD_LEN];
+        blank[RECORD_LEN - 1] = b'\n';
+        for slot in slots {
+            self.write(slot, &blank);
+            self.free.push(slot);
+        }
+    }
+
+    /// A graceful stop: no handler ended the process, nothing counts.
+    pub fn clear(&mut self) {
+        if let Some(file) = &self.file {
+            let _ = file.set_len(0);
+        }
+        self.free.clear();
+        self.left.clear();
+        self.next = 0;
+    }
+
+    fn write(&mut self, slot: u64, record: &[u8; RECORD_LEN]) {
+        let Some(file) = &self.file else { return };
+        if let Err(e) = file.write_all_at(record, slot * RECORD_LEN as u64) {
+            if !std::mem::replace(&mut self.warned, true) {
+                tracing::warn!(path = %self.path.display(), cause = %e, "cannot note a shared delivery this node runs for itself");
+            }
+        }
+    }
+}
+
+/// The slots of a running-notes file, each with the event it holds (`None`: free or damaged);
+/// a bounded read, at most `MAX_RUNNING_READ` slots.
+fn read_running(file: &File) -> Vec<Option<EventRef>> {
+    let len = file.metadata().map_or(0, |m| m.len()).min((MAX_RUNNING_READ * RECORD_LEN) as u64) as usize;
+    let mut buf = vec![0u8; len];
+    if file.read_exact_at(&mut buf, 0).is_err() {
+        return Vec::new();
+    }
+    buf.chunks_exact(RECORD_LEN).map(parse_running).collect()
+}
+
+/// Slots read back at most: far more than events under way at once (`max_in_flight` is at most
+/// a few thousand).
+const MAX_RUNNING_READ: usize = 1 << 16;
+
+fn parse_running(buf: &[u8]) -> Option<EventRef> {
+    let text = std::str::from_utf8(buf).ok()?;
+    let mut fields = text.strip_prefix("r1 ")?.strip_suffix('\n')?.split(' ');
+    let position = fields.next()?.parse().ok()?;
+    let id_crc = u32::from_str_radix(fields.next()?, 16).ok()?;
+    let _pad: u64 = fields.next()?.parse().ok()?;
+    fields.next().is_none().then_some(EventRef { position, id_crc })
+}
+
+impl std::fmt::Debug for RunningNotes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunningNotes").field("path", &self.path).field("left", &self.left).finish()
+    }
+}
+
 impl std::fmt::Debug for AttemptMark {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AttemptMark").field("path", &self.path).field("previous", &self.previous).finish()
@@ -196,6 +335,48 @@ mod tests {
         assert_eq!(third.started_before(far), 0);
         drop(third);
         assert_eq!(AttemptMark::open(dir.path(), "audit.v1").started_before(far), 0, "written when dropped");
+    }
+
+    /// What a process left under way is read by the next one, and stays for the one after
+    /// until it is ended (counted); ended slots, a graceful stop's clear and damaged records
+    /// count for nothing.
+    #[test]
+    fn running_notes_outlive_their_writer_until_ended() {
+        let dir = Scratch::new("running");
+        let refs: Vec<EventRef> = (1..=4).map(|p| EventRef::new(p, &format!("id-{p}"))).collect();
+        let events = |left: Vec<(EventRef, u64)>| {
+            let mut e: Vec<EventRef> = left.into_iter().map(|(e, _)| e).collect();
+            e.sort_by_key(|e| e.position);
+            e
+        };
+        let mut notes = RunningNotes::open(dir.path(), "orders");
+        assert!(notes.take_left().is_empty());
+        let first = notes.start(&refs[..3]);
+        notes.ended(vec![first[1]]);
+        // A freed slot is used again.
+        let again = notes.start(&refs[3..]);
+        assert_eq!(again, vec![first[1]]);
+        drop(notes);
+        let mut next = RunningNotes::open(dir.path(), "orders");
+        assert_eq!(events(next.take_left()), vec![refs[0], refs[2], refs[3]]);
+        assert!(next.take_left().is_empty(), "taken once");
+        // This process dies before it counted them, and ran event 2 meanwhile: the next one
+        // finds all of it.
+        next.start(&refs[1..2]);
+        drop(next);
+        let mut third = RunningNotes::open(dir.path(), "orders");
+        let left = third.take_left();
+        assert_eq!(events(left.clone()), vec![refs[0], refs[1], refs[2], refs[3]]);
+        third.ended(left.into_iter().map(|(_, slot)| slot).collect());
+        drop(third);
+        assert!(RunningNotes::open(dir.path(), "orders").take_left().is_empty(), "counted and ended");
+        let mut stopping = RunningNotes::open(dir.path(), "orders");
+        stopping.start(&refs[..2]);
+        stopping.clear();
+        drop(stopping);
+        assert!(RunningNotes::open(dir.path(), "orders").take_left().is_empty(), "a graceful stop leaves nothing");
+        std::fs::write(dir.path().join("sub-bad.running"), b"r1 00000000000000000007 000000ab 0000000000\ngarbage\n").unwrap();
+        assert_eq!(events(RunningNotes::open(dir.path(), "bad").take_left()), vec![EventRef { position: 7, id_crc: 0xab }]);
     }
 
     #[test]

@@ -2086,6 +2086,54 @@ fn an_event_that_ends_the_process_is_dead_lettered_after_its_attempts() {
     }
 }
 
+/// A shared subscription's event whose handler ends the process of the node that handed it
+/// to itself (the leader: here the only node) is counted as an attempt too: the node notes
+/// the deliveries it runs for itself on its disk, and after a restart has the unfinished ones
+/// counted as failed, so after `max_attempts` restarts the event is dead-lettered and the next
+/// one delivered. (The app holds the event, and the test SIGKILLs the node while it waits.)
+#[test]
+fn a_shared_event_that_ends_the_leaders_process_is_dead_lettered_after_its_attempts() {
+    let port = free_loopback_ports(1)[0];
+    let ups = std::cell::RefCell::new(Vec::new());
+    let (c, _) = Cluster::formed_with("ev-poison-shared", 1, &[], |dir, id| {
+        let up = EventsUpstream::spawn(dir, &format!("up{id}"), port);
+        let config = dir.join(format!("n{id}-sidecar.toml"));
+        let toml = format!(
+            "[sidecar]\nupstream = \"http://{}\"\n\n\
+             [[sidecar.subscriptions]]\nname = \"appShared\"\nevent_name = \"sharedPoison\"\n\
+             max_attempts = 2\nack_deadline_ms = 60000\npath = \"/events/audit\"\n",
+            up.addr
+        );
+        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        ups.borrow_mut().push(up);
+        vec!["--config".to_string(), config.display().to_string()]
+    });
+    c.wait_all_ready(FORMATION);
+    let ups = ups.into_inner();
+    wait_subscription(&c, &c.apis(), "appShared");
+    let (poison, _) = c.wait_for("a poison event accepted", PROGRESS, || publish(c.api(1), "sharedPoison", &json!({"hold": true}), &[]));
+    let held = |id: &str| -> usize { ups[0].list("/events/held").map_or(0, |ids| ids.iter().filter(|h| *h == id).count()) };
+    for attempt in 1..=2 {
+        c.wait_for(&format!("the app holding the poison event (attempt {attempt})"), DELIVERY, || match held(&poison) {
+            n if n == attempt => Ok(()),
+            n => Err(format!("held {n} times; all held: {:?}", ups[0].list("/events/held"))),
+        });
+        c.kill(1);
+        c.restart(1);
+    }
+    c.wait_for("the poison event dead-lettered", DELIVERY, || {
+        let dead = dead_letters(c.api(1), "appShared")?;
+        if dead.iter().any(|d| d["eventId"].as_str() == Some(poison.as_str())) { Ok(()) } else { Err(format!("dead letters: {dead:?}")) }
+    });
+    let (next, _) = c.wait_for("a sharedPoison event accepted", PROGRESS, || publish(c.api(1), "sharedPoison", &json!({"i": 1}), &[]));
+    c.wait_for("the app to get the next event", DELIVERY, || {
+        let got = ups[0].list("/events/received")?;
+        if got.contains(&next) { Ok(()) } else { Err(format!("received {got:?}")) }
+    });
+    assert_eq!(held(&poison), 2, "the poison event was delivered again after its attempts");
+    ups[0].call("POST", "/admin/release").expect("release");
+}
+
 /// With `--dedup-max-keys 40`, 120 keyed events leave only about the newest 40 keys in the
 /// dedup set: a repeat of a recent key still gets its original id and position, a repeat of
 /// the oldest key is a new event, and the leader counts the shortened window.
