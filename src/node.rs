@@ -931,7 +931,7 @@ impl Handler for PeerHandler {
                 },
                 PeerRequest::Invoke(inv) => proxy.serve_remote(inv).await,
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
-                PeerRequest::DeliverBatch { sub, events } => dispatcher.serve_delivery_batch(sub, events).await,
+                PeerRequest::DeliverBatch { sub, events } => dispatcher.serve_delivery_batch(sub, events, replica.net.max_frame_to(from)).await,
                 PeerRequest::WriteBatch(cmds) => {
                     let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. } | Command::IdemClaim { .. })).collect();
                     // Sized for the link's frame (the smaller of both sides'), which the reply

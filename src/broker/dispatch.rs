@@ -271,6 +271,9 @@ pub struct Dispatcher {
     /// Per local shared subscription, the deliveries this node handed itself that are under
     /// way (`marks::RunningNotes`); empty without `marks_dir`. Locked for a few `pwrite`s.
     running: Mutex<HashMap<String, RunningNotes>>,
+    /// The broker's stop (the node's drain): deliveries this node serves for the leader that
+    /// still run then are answered "not served" (`cut_at_stop`). Cancelled by the node.
+    stop: CancellationToken,
     /// Set by `count_unfinished` once the unfinished handlers are counted (or it gave up);
     /// `shared_loop` hands nothing out before.
     unfinished_counted: tokio::sync::watch::Sender<bool>,
@@ -328,6 +331,7 @@ impl Dispatcher {
             marks_dir,
             running: Mutex::new(running),
             unfinished_counted: tokio::sync::watch::Sender::new(false),
+            stop: shutdown.clone(),
         });
         crate::supervise::spawn_until("subscription progress writer", &shutdown, update_writer(d.broker.clone(), rx, shutdown.clone()));
         crate::supervise::spawn_until("running handler notes", &shutdown, d.clone().count_unfinished(shutdown.clone()));
@@ -497,16 +501,29 @@ impl Dispatcher {
         if let Some(refused) = self.refusal(&sub) {
             return refused;
         }
-        match self.run_local(&sub, event).await {
+        let Some(r) = self.cut_at_stop(self.run_local(&sub, event)).await else { return stopped_during_handler() };
+        match r {
             // Nothing ran (the sidecar's app refused the connection): a refusal, not an attempt.
             Err(e) if e.is_not_served() => PeerResponse::Error(RemoteError::NotServed(e.message)),
             r => PeerResponse::Delivered(r),
         }
     }
 
+    /// Runs a delivery served for the leader until it ends or this node's broker stops (its
+    /// drain, after the grace it gives commands and handlers): `None` then, answered "not
+    /// served" before the links close. The leader saw the link close instead, and counted an
+    /// attempt for every event a healthy node being restarted was still handling.
+    async fn cut_at_stop<T>(&self, run: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            out = run => Some(out),
+            () = self.stop.cancelled() => None,
+        }
+    }
+
     /// Serve `PeerRequest::DeliverBatch`: the events' handlers run concurrently (the leader sends
     /// at most `max_in_flight` of them, the bound here is for anything else).
-    pub async fn serve_delivery_batch(&self, sub: String, events: Vec<Event>) -> PeerResponse {
+    /// `frame`: the link's (the smaller of both sides'), which the answer crosses.
+    pub async fn serve_delivery_batch(&self, sub: String, events: Vec<Event>, frame: usize) -> PeerResponse {
         if let Some(refused) = self.refusal(&sub) {
             return refused;
         }
@@ -515,13 +532,16 @@ impl Dispatcher {
             return PeerResponse::DeliveredBatch(vec![Err(e); events.len()]);
         }
         let runs = events.into_iter().map(|event| self.run_local(&sub, event));
-        let results = futures_util::future::join_all(runs).await;
+        let Some(results) = self.cut_at_stop(futures_util::future::join_all(runs)).await else { return stopped_during_handler() };
         // A batch none of whose events ran is refused as a whole. One in which some ran has
         // no way to say which did not (the flag does not cross a link): those count as attempts.
         if let Some(Err(e)) = results.first().filter(|_| results.iter().all(|r| r.as_ref().is_err_and(HandlerError::is_not_served))) {
             return PeerResponse::Error(RemoteError::NotServed(e.message.clone()));
         }
-        PeerResponse::DeliveredBatch(results)
+        // All of the reasons within half the link's frame: an answer over it reached the leader
+        // as one error, and every event of the batch, acked ones too, counted as failed.
+        let cap = reason_cap(frame).min(frame / 2 / results.len().max(1)).max(16);
+        PeerResponse::DeliveredBatch(results.into_iter().map(|r| r.map_err(|e| e.truncated(cap))).collect())
     }
 
     /// Consumers of a shared subscription: registered, available, and live.
@@ -1180,6 +1200,12 @@ async fn pace(last: &mut Instant, shutdown: &CancellationToken) -> bool {
 /// `MAX_DELIVER_BATCH` takes several frames: a consumer refuses larger ones) and of at most
 /// `max_bytes` by `size` (a frame has a size limit: a batch over it would be refused whole, and
 /// handed out again whole, for good); an item larger than that goes alone.
+/// A delivery whose handler this node's drain cut off: no outcome, not an attempt (the
+/// leader hands it to another consumer; its tagged writes apply once).
+fn stopped_during_handler() -> PeerResponse {
+    PeerResponse::Error(RemoteError::NotServed("this node stopped while the handler ran".into()))
+}
+
 /// One consumer's handout as deliveries: events not tried before in batches of at most
 /// `per_frame` and `max_bytes`, and each event that failed before alone. A consumer that dies
 /// during a batch (a poison event ending its process, a sidecar app crashing) costs every event

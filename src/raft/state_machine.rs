@@ -1499,6 +1499,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 fn push_dead(s: &mut SubState, d: DeadLetter) {
     if s.dead.len() >= MAX_DEAD_LETTERS {
         s.dead.pop_front();
+        // Counted, not silent (like the other counters bumped in apply, again on a replay).
+        metrics::counter!("raftbridge_dead_letters_evicted_total").increment(1);
     }
     metrics::counter!("raftbridge_dead_letters_total").increment(1);
     s.dead.push_back(d);

@@ -2134,6 +2134,54 @@ fn a_shared_event_that_ends_the_leaders_process_is_dead_lettered_after_its_attem
     ups[0].call("POST", "/admin/release").expect("release");
 }
 
+/// A consumer node stopped gracefully while its handler runs a shared delivery costs the event
+/// no attempt: the node answers the delivery "not served" at its broker's stop, before its
+/// links close (the leader counted the closed link as a failed attempt, so every rolling
+/// restart cost slow handlers an attempt each), and the event goes to another consumer. The
+/// leader's own app is down, so the delivery goes to a follower's app, which holds it.
+#[test]
+fn a_consumer_stopped_gracefully_during_a_handler_costs_no_attempt() {
+    let (c, mut ups) = sidecar_events_cluster("ev-drain-shared", |addr| {
+        format!(
+            "[sidecar]\nupstream = \"http://{addr}\"\n\n\
+             [[sidecar.subscriptions]]\nname = \"appDrain\"\nevent_name = \"drainMe\"\n\
+             max_attempts = 5\nack_deadline_ms = 60000\npath = \"/events/audit\"\n"
+        )
+    });
+    wait_subscription(&c, &c.apis(), "appDrain");
+    let leader = c.wait_for_leader(FORMATION);
+    ups[leader as usize - 1].process.kill();
+    let (id, position) = c.wait_for("an event accepted", PROGRESS, || publish(c.api(leader), "drainMe", &json!({"hold": true}), &[]));
+    let held_by = |ups: &[EventsUpstream]| -> Vec<u64> {
+        (1..=3u64).filter(|n| ups[*n as usize - 1].list("/events/held").is_ok_and(|h| h.contains(&id))).collect()
+    };
+    let holder = c.wait_for("a follower's app holding the event", DELIVERY, || match held_by(&ups).as_slice() {
+        [one] => Ok(*one),
+        other => Err(format!("held by {other:?}")),
+    });
+    assert_ne!(holder, leader);
+    c.allow_exit(holder);
+    c.signal(holder, "TERM");
+    c.wait_for("the event handed to the other follower's app", DELIVERY, || match held_by(&ups).as_slice() {
+        [a, b] if *a != leader && *b != leader => Ok(()),
+        other => Err(format!("held by {other:?}")),
+    });
+    let subs = get_json(c.api(leader), "/v1/subscriptions").expect("subscriptions");
+    let ours = subs["subscriptions"].as_array().and_then(|all| all.iter().find(|s| s["name"] == "appDrain")).cloned().expect("appDrain listed");
+    assert_eq!(ours["retrying"], 0, "no attempt counted for the handler the drain cut off: {ours}");
+    for (i, up) in ups.iter().enumerate() {
+        if i as u64 + 1 != leader {
+            let _ = up.call("POST", "/admin/release");
+        }
+    }
+    c.wait_for("the event acked", DELIVERY, || {
+        let subs = get_json(c.api(leader), "/v1/subscriptions")?;
+        let ours = subs["subscriptions"].as_array().and_then(|all| all.iter().find(|s| s["name"] == "appDrain")).cloned().ok_or("appDrain")?;
+        if ours["cursor"].as_u64().is_some_and(|c| c > position) && ours["retrying"] == 0 { Ok(()) } else { Err(format!("{ours}")) }
+    });
+    assert!(dead_letters(c.api(leader), "appDrain").expect("dead letters").is_empty());
+}
+
 /// With `--dedup-max-keys 40`, 120 keyed events leave only about the newest 40 keys in the
 /// dedup set: a repeat of a recent key still gets its original id and position, a repeat of
 /// the oldest key is a new event, and the leader counts the shortened window.
