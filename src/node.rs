@@ -447,6 +447,7 @@ pub async fn run(
     let settings = api::HttpSettings {
         max_body: cfg.max_body,
         bodies: api::BodyBudget::new(cfg.max_body_buffered),
+        answers: api::BodyBudget::new(cfg.max_body_buffered),
         max_connections: cfg.max_connections,
         header_read_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_millis(cfg.http_idle_timeout_ms),

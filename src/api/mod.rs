@@ -60,6 +60,8 @@ use crate::store::StateStore;
 pub struct HttpSettings {
     pub max_body: usize,
     pub bodies: BodyBudget,
+    /// Bytes of answers held at once while they are written to clients (`Answer`).
+    pub answers: BodyBudget,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     /// A connection with no request under way for this long is closed (`keep`).
@@ -380,7 +382,7 @@ const BACKLOG_SERVED: usize = 1024;
 /// less; each of them carries one request, answered with `Connection: close`, while draining).
 const ACCEPTED_SETTLE: Duration = Duration::from_millis(100);
 
-async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     let start = Instant::now();
     let http1 = req.version() <= http::Version::HTTP_11;
     let (route, result) = route(&app, req).await;
@@ -394,7 +396,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Full<Bytes>> 
     let status = resp.status().as_u16().to_string();
     metrics::counter!("raftbridge_http_requests_total", "route" => route, "status" => status).increment(1);
     metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
-    resp
+    Answer::counted(resp, &app.settings.answers)
 }
 
 type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
@@ -647,17 +649,73 @@ impl BodyBudget {
 
     /// Counts `n` more bytes into `held`, or refuses (503) if the budget has no room for them.
     fn take(&self, held: &mut Held, n: usize) -> Result<(), ApiError> {
-        let inner = &self.0;
-        if inner.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| used.checked_add(n).filter(|u| *u <= inner.total)).is_err() {
+        if !self.try_count(held, n) {
             metrics::counter!("raftbridge_http_bodies_refused_total").increment(1);
             return Err(ApiError::Busy(
                 "this node holds as many bytes of request bodies as --max-body-buffered allows: retry shortly".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// Counts `n` more bytes into `held` if the budget has room for them.
+    fn try_count(&self, held: &mut Held, n: usize) -> bool {
+        let inner = &self.0;
+        if inner.used.fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| used.checked_add(n).filter(|u| *u <= inner.total)).is_err() {
+            return false;
+        }
         // The budget is referenced only by bodies that took from it (not by empty ones).
         held.budget.get_or_insert_with(|| self.clone());
         held.bytes += n;
-        Ok(())
+        true
+    }
+}
+
+/// An answer on its way to a client, holding its bytes in the node's answer budget
+/// (`HttpSettings::answers`) until it is written or its connection drops. Answers are built
+/// whole (a page of events, a state value), and a client that reads slowly holds its answer
+/// for as long as it makes progress (`stall`): their total, not only their time, has a bound.
+#[derive(Debug)]
+pub struct Answer {
+    body: Full<Bytes>,
+    held: Held,
+}
+
+impl Answer {
+    /// `resp` counted in `budget`; over it, a 503 (a short one, not counted) instead.
+    fn counted(resp: Response<Full<Bytes>>, budget: &BodyBudget) -> Response<Answer> {
+        use hyper::body::Body as _;
+        let size = resp.body().size_hint().exact().unwrap_or(0) as usize;
+        let mut held = Held::default();
+        if size > 0 && !budget.try_count(&mut held, size) {
+            metrics::counter!("raftbridge_http_answers_refused_total").increment(1);
+            let busy = ApiError::Busy("this node holds as many bytes of answers being sent as --max-body-buffered allows: retry shortly".into());
+            return busy.into_response().map(|body| Answer { body, held: Held::default() });
+        }
+        resp.map(|body| Answer { body, held })
+    }
+}
+
+impl hyper::body::Body for Answer {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        let out = std::pin::Pin::new(&mut self.body).poll_frame(cx);
+        // Handed to the connection: hyper writes it from its own buffers now (`stall` bounds
+        // how long), so it is counted until the last frame is taken.
+        if matches!(out, std::task::Poll::Ready(None)) {
+            self.held = Held::default();
+        }
+        out
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -834,6 +892,26 @@ mod tests {
     fn kept(activity: &Arc<Activity>, drain: &CancellationToken) -> tokio::task::JoinHandle<(Option<()>, tokio::time::Instant)> {
         let (activity, drain) = (activity.clone(), drain.clone());
         tokio::spawn(async move { (keep(Conn(false), &activity, LIMITS, &drain).await, tokio::time::Instant::now()) })
+    }
+
+    /// Answers count in their budget from when they are made until their last frame is taken
+    /// (or they are dropped); one that does not fit is a 503 instead.
+    #[tokio::test]
+    async fn answers_are_held_in_their_budget_until_written() {
+        use http_body_util::BodyExt;
+        let budget = BodyBudget::new(10);
+        let text = |s: &'static str| Response::new(Full::new(Bytes::from_static(s.as_bytes())));
+        let first = Answer::counted(text("12345"), &budget);
+        assert_eq!((first.status(), budget.held()), (StatusCode::OK, 5));
+        let over = Answer::counted(text("123456"), &budget);
+        assert_eq!((over.status(), budget.held()), (StatusCode::SERVICE_UNAVAILABLE, 5), "5 + 6 is past 10");
+        let dropped = Answer::counted(text("12345"), &budget);
+        assert_eq!(budget.held(), 10);
+        drop(dropped);
+        assert_eq!(budget.held(), 5, "a dropped answer gives its bytes back");
+        let body = first.into_body().collect().await.expect("infallible").to_bytes();
+        assert_eq!((&body[..], budget.held()), (&b"12345"[..], 0), "written: given back");
+        assert_eq!(Answer::counted(text(""), &budget).status(), StatusCode::OK, "an empty answer always fits");
     }
 
     #[tokio::test(start_paused = true)]
