@@ -934,7 +934,7 @@ impl Handler for PeerHandler {
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
                 PeerRequest::DeliverBatch { sub, events } => dispatcher.serve_delivery_batch(sub, events, replica.net.max_frame_to(from)).await,
                 PeerRequest::WriteBatch(cmds) => {
-                    let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. } | Command::IdemClaim { .. })).collect();
+                    let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. } | Command::IdemClaim { .. } | Command::IdemTake { .. })).collect();
                     // Sized for the link's frame (the smaller of both sides'), which the reply
                     // crosses: a reply over it would reach the follower as one error for all.
                     let frame = replica.net.max_frame_to(from);

@@ -126,8 +126,10 @@ pub mod features {
     pub const DROP_SUBSCRIPTION: u64 = 4;
     /// The node applies `Command::IdemClaim` and keeps its fingerprints in snapshots.
     pub const IDEM_FINGERPRINT: u64 = 8;
+    /// The node applies `Command::IdemTake` (held claims outlive their window).
+    pub const HELD_CLAIMS: u64 = 16;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

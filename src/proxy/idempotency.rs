@@ -153,6 +153,19 @@ fn replay(stored: StoredResponse) -> Response<Full<Bytes>> {
 }
 
 impl Proxy {
+    /// A claim of `key` (also a renewal, a release with no lease, the expiry tick): `IdemTake`
+    /// once every member applies it (its tick keeps held claims), else what older builds know,
+    /// `IdemClaim` when it names a fingerprint and `IdemBegin` when not.
+    fn claim(&self, key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: Option<u64>) -> Command {
+        if self.store.replica().members_have(crate::peer::frame::features::HELD_CLAIMS) {
+            return Command::IdemTake { key, attempt, now_ms, lease_ms, window_ms, fingerprint };
+        }
+        match fingerprint {
+            Some(fingerprint) => Command::IdemClaim { key, attempt, now_ms, lease_ms, window_ms, fingerprint },
+            None => Command::IdemBegin { key, attempt, now_ms, lease_ms, window_ms },
+        }
+    }
+
     /// On the leader, every `EXPIRY_CHECK`: when idempotency records are past their window (or
     /// over their bounds), a claim of `EXPIRY_KEY` with no lease, which applies the expiry. It
     /// is proposed in the state machine's own clock (the latest any command brought), so a node
@@ -166,7 +179,7 @@ impl Proxy {
             let s = &self.settings;
             let full = s.idempotency_window.as_millis() as u64;
             let Some((clock, window)) = self.sm.idem_expiry_due(full, s.idempotency_max_keys, s.idempotency_max_bytes) else { continue };
-            let tick = Command::IdemBegin { key: EXPIRY_KEY.into(), attempt: 0, now_ms: clock, lease_ms: 0, window_ms: window };
+            let tick = self.claim(EXPIRY_KEY.into(), 0, clock, 0, window, None);
             if let Err(e) = self.store.command(tick, EXPIRY_CHECK).await {
                 tracing::debug!(cause = %e, "idempotency expiry not applied; next round");
             }
@@ -225,10 +238,7 @@ impl Proxy {
             // owner's clock.
             let lease_ms = (own + LEASE.as_millis() as u64).saturating_sub(now);
             let window_ms = window_ms(now);
-            let begin = match print {
-                Some(fingerprint) => Command::IdemClaim { key: key.clone(), attempt, now_ms: now, lease_ms, window_ms, fingerprint },
-                None => Command::IdemBegin { key: key.clone(), attempt, now_ms: now, lease_ms, window_ms },
-            };
+            let begin = self.claim(key.clone(), attempt, now, lease_ms, window_ms, print);
             let claimed = match self.store.command(begin, left).await {
                 Ok(claimed) => claimed,
                 // The client's deadline ran out waiting for the write: a 504, not the 503 of a
@@ -268,9 +278,7 @@ impl Proxy {
                 while Instant::now() < deadline {
                     tick.tick().await;
                     let now = now_ms();
-                    let again = Command::IdemBegin {
-                        key: key.clone(), attempt, now_ms: now, lease_ms: LEASE.as_millis() as u64, window_ms: window_ms(now),
-                    };
+                    let again = self.claim(key.clone(), attempt, now, LEASE.as_millis() as u64, window_ms(now), None);
                     let _ = self.store.command(again, RENEW).await;
                 }
             };
@@ -304,7 +312,7 @@ impl Proxy {
                 // the background: the client's answer (a 504 at its deadline, say) does not wait
                 // for that write, which may be what failed.
                 let now = now_ms();
-                let release = Command::IdemBegin { key, attempt, now_ms: now, lease_ms: 0, window_ms: window_ms(now) };
+                let release = self.claim(key, attempt, now, 0, window_ms(now), None);
                 let store = self.store.clone();
                 tokio::spawn(async move {
                     let _ = store.command(release, RELEASE_TIMEOUT).await;

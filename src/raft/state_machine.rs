@@ -76,6 +76,8 @@ impl IdemRecord {
     }
 }
 
+/// Held claims one tick moves to the back of the order at most (`SmData::tick`).
+const REQUEUE_PER_TICK: usize = 64;
 /// How many idempotency records `idem_expiry_due` looks at, past held claims, for one to expire.
 const EXPIRY_LOOK: usize = 4096;
 
@@ -614,9 +616,12 @@ impl SmData {
                 self.registry_revision = index;
                 CommandResult::Registered
             }
-            Command::IdemBegin { key, attempt, now_ms, lease_ms, window_ms } => self.idem_begin(key, attempt, now_ms, lease_ms, window_ms, None),
+            Command::IdemBegin { key, attempt, now_ms, lease_ms, window_ms } => self.idem_begin(key, attempt, now_ms, lease_ms, window_ms, None, false),
+            Command::IdemTake { key, attempt, now_ms, lease_ms, window_ms, fingerprint } => {
+                self.idem_begin(key, attempt, now_ms, lease_ms, window_ms, fingerprint, true)
+            }
             Command::IdemClaim { key, attempt, now_ms, lease_ms, window_ms, fingerprint } => {
-                self.idem_begin(key, attempt, now_ms, lease_ms, window_ms, Some(fingerprint))
+                self.idem_begin(key, attempt, now_ms, lease_ms, window_ms, Some(fingerprint), false)
             }
             // By reference: the log store keeps its copy of the entry (the `Arc`s are shared),
             // so taking the events or updates by value would clone every one of them.
@@ -790,8 +795,10 @@ impl SmData {
     /// `IdemBegin` (`fingerprint` None) and `IdemClaim`: claim `key` for `attempt`, or say who
     /// holds it or what it answered. A claim whose fingerprint differs from the one the record
     /// was made with changes nothing and is answered `IdemMismatch`.
-    fn idem_begin(&mut self, key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: Option<u64>) -> CommandResult {
-        self.tick(now_ms, window_ms);
+    /// `keep_held`: the tick of `IdemTake`, which keeps claims whose lease holds (`tick`).
+    #[allow(clippy::too_many_arguments)]
+    fn idem_begin(&mut self, key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: Option<u64>, keep_held: bool) -> CommandResult {
+        self.tick(now_ms, window_ms, keep_held);
         let until_ms = now_ms.saturating_add(lease_ms);
         match self.idem.get_mut(&key) {
             None => {
@@ -819,30 +826,60 @@ impl SmData {
         }
     }
 
-    fn tick(&mut self, now_ms: u64, window_ms: u64) {
+    /// Moves the clock to `now_ms` and forgets the records created before the window.
+    /// `keep_held` (`IdemTake`): a claim whose lease holds is kept, whatever its age, and moved
+    /// to the back of the order (at most `REQUEUE_PER_TICK` per tick, so an apply's work stays
+    /// bounded while many commands run); without it (`IdemBegin`, `IdemClaim`) the tick is the
+    /// one older builds apply, so that each entry changes every node alike.
+    fn tick(&mut self, now_ms: u64, window_ms: u64, keep_held: bool) {
         self.clock_ms = self.clock_ms.max(now_ms);
         let horizon = self.clock_ms.saturating_sub(window_ms);
-        // Each entry is looked at once at most: a held one goes to the back.
-        for _ in 0..self.idem_order.len() {
-            match self.idem_order.front() {
-                Some((created, _)) if *created < horizon => {}
-                _ => break,
-            }
-            let Some((created, key)) = self.idem_order.pop_front() else { break };
-            match self.idem.get(&key) {
-                // A claim still held: forgetting it would let a second request run beside the
-                // first, and the first's retried writes apply twice. Judged again when it comes
-                // round (its lease lapses by its deadline).
-                Some(r) if r.created_ms == created && r.held_at(self.clock_ms) => self.idem_order.push_back((created, key)),
-                Some(r) if r.created_ms == created => {
-                    if let Some(rec) = self.idem.remove(&key) {
-                        self.idem_bytes = self.idem_bytes.saturating_sub(idem_weight(&key, &rec));
+        if !keep_held {
+            while let Some((created, _)) = self.idem_order.front() {
+                if *created >= horizon {
+                    break;
+                }
+                if let Some((created, key)) = self.idem_order.pop_front() {
+                    if self.idem.get(&key).is_some_and(|r| r.created_ms == created) {
+                        if let Some(rec) = self.idem.remove(&key) {
+                            self.idem_bytes = self.idem_bytes.saturating_sub(idem_weight(&key, &rec));
+                        }
                     }
                 }
-                _ => {}
+            }
+            return;
+        }
+        let mut requeued = 0;
+        // Each entry is looked at once at most: a held one goes to the back.
+        for _ in 0..self.idem_order.len() {
+            let Some((created, key)) = self.idem_order.front() else { break };
+            let current = self.idem.get(key).filter(|r| r.created_ms == *created);
+            if current.is_some_and(|r| r.held_at(self.clock_ms)) {
+                // A claim still held: forgetting it would let a second request run beside the
+                // first, and the first's retried writes apply twice. Judged again when it comes
+                // round (its lease lapses by its deadline). Young ones too: one at the front
+                // must not hold back older records behind it.
+                if requeued >= REQUEUE_PER_TICK {
+                    break;
+                }
+                requeued += 1;
+                if let Some(entry) = self.idem_order.pop_front() {
+                    self.idem_order.push_back(entry);
+                }
+                continue;
+            }
+            if *created >= horizon {
+                break;
+            }
+            let Some((created, key)) = self.idem_order.pop_front() else { break };
+            if self.idem.get(&key).is_some_and(|r| r.created_ms == created) {
+                if let Some(rec) = self.idem.remove(&key) {
+                    self.idem_bytes = self.idem_bytes.saturating_sub(idem_weight(&key, &rec));
+                }
             }
         }
     }
+
 }
 
 /// A snapshot as kept on disk and in memory.
@@ -1132,8 +1169,9 @@ impl SmShared {
             .iter()
             .take(EXPIRY_LOOK)
             .find(|(created, key)| !d.idem.get(key).is_some_and(|r| r.created_ms == *created && r.held_at(clock)))
-            .map(|(created, _)| *created)?;
-        (window < window_ms || oldest < clock.saturating_sub(window)).then_some((clock, window))
+            .map(|(created, _)| *created);
+        // Over the bounds is due whatever the oldest record is.
+        (window < window_ms || oldest.is_some_and(|o| o < clock.saturating_sub(window))).then_some((clock, window))
     }
 
     pub fn idem_window(&self, now_ms: u64, window_ms: u64, max_keys: usize, max_bytes: u64) -> u64 {
@@ -1766,14 +1804,15 @@ mod tests {
         assert!(d.idem.contains_key("k2"));
     }
 
-    /// A claim whose lease holds is not forgotten past its window or its count bound: a second
-    /// request with its key waits, and its handler's retried writes still apply once. Once the
-    /// lease lapses it goes like the others; the window then forgets what the bound asks.
+    /// A claim whose lease holds is not forgotten past its window or its count bound by an
+    /// `IdemTake`: a second request with its key waits, and its handler's retried writes still
+    /// apply once. Once the lease lapses it goes like the others; the window then forgets what
+    /// the bound asks. `IdemBegin` keeps the tick older builds apply.
     #[test]
     fn a_held_claim_outlives_its_window_and_the_count_bound() {
         let shared = empty_shared();
         let incr = |tag: Option<(String, u32)>| Command::Increment { store: "s".into(), key: "c".into(), by: 1, tag };
-        let begin = |key: &str, attempt, now_ms, lease_ms| Command::IdemBegin { key: key.into(), attempt, now_ms, lease_ms, window_ms: 60_000 };
+        let begin = |key: &str, attempt, now_ms, lease_ms| Command::IdemTake { key: key.into(), attempt, now_ms, lease_ms, window_ms: 60_000, fingerprint: None };
         let resp = StoredResponse { status: 200, body: b"{}".to_vec(), content_type: None };
         let mut d = shared.data.write().unwrap();
         assert_eq!(d.apply(1, begin("a", 1, 1_000, 100_000)), CommandResult::IdemBegun);
@@ -1788,7 +1827,11 @@ mod tests {
         let w = shared.idem_window(3_000, 60_000, 2, u64::MAX);
         assert_eq!(w, 999, "the horizon passes b (created at 2000), not c (2001)");
         let mut d = shared.data.write().unwrap();
-        d.apply(7, Command::IdemBegin { key: "d".into(), attempt: 1, now_ms: 3_000, lease_ms: 1_000, window_ms: w });
+        // What an older build applies: the held claim goes with its window.
+        let mut older = d.clone();
+        older.apply(7, Command::IdemBegin { key: "d".into(), attempt: 1, now_ms: 3_000, lease_ms: 1_000, window_ms: w });
+        assert!(!older.idem.contains_key("a") && !older.idem.contains_key("b"), "{:?}", older.idem.keys().collect::<Vec<_>>());
+        d.apply(7, Command::IdemTake { key: "d".into(), attempt: 1, now_ms: 3_000, lease_ms: 1_000, window_ms: w, fingerprint: None });
         assert!(d.idem.contains_key("a"), "held: {:?}", d.idem.keys().collect::<Vec<_>>());
         assert!(!d.idem.contains_key("b") && d.idem.contains_key("c"), "the oldest unheld went: {:?}", d.idem.keys().collect::<Vec<_>>());
         assert_eq!(d.apply(10, begin("a", 2, 3_002, 1_000)), CommandResult::IdemPending { until_ms: 101_000 });
@@ -1801,6 +1844,35 @@ mod tests {
         assert!(!d.idem.contains_key("a"), "{:?}", d.idem.keys().collect::<Vec<_>>());
         let recount: u64 = d.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
         assert_eq!(d.idem_bytes, recount);
+        // `IdemTake` judges fingerprints as `IdemClaim` does.
+        assert_eq!(d.apply(14, Command::IdemTake { key: "p".into(), attempt: 1, now_ms: 200_001, lease_ms: 1_000, window_ms: 60_000, fingerprint: Some(1) }), CommandResult::IdemBegun);
+        assert_eq!(d.apply(15, Command::IdemTake { key: "p".into(), attempt: 2, now_ms: 200_002, lease_ms: 1_000, window_ms: 60_000, fingerprint: Some(2) }), CommandResult::IdemMismatch);
+    }
+
+    /// Many claims held at once: one tick moves at most `REQUEUE_PER_TICK` of them to the back
+    /// (an apply's work stays bounded), and records behind them are still forgotten in time.
+    #[test]
+    fn a_tick_moves_a_bounded_number_of_held_claims() {
+        let mut d = SmData::default();
+        let take = |key: String, now_ms, lease_ms| Command::IdemTake { key, attempt: 1, now_ms, lease_ms, window_ms: 1_000, fingerprint: None };
+        for i in 0..200u64 {
+            d.apply(i + 1, take(format!("held{i}"), 1_000, 1_000_000));
+        }
+        // "old" sits behind 200 held claims: the first tick moves 64 of them and stops.
+        let mut order: Vec<(u64, String)> = vec![(0, "old".into())];
+        order.splice(0..0, d.idem_order.iter().cloned());
+        let mut d2 = d.clone();
+        d2.idem_order = order.into_iter().collect();
+        d2.apply(300, take("tick".into(), 5_000, 0));
+        assert!(d2.idem.contains_key("held0"));
+        let moved = d2.idem_order.iter().rev().skip(1).take_while(|(_, k)| k.starts_with("held")).count();
+        assert!(moved <= 64, "{moved} moved in one tick");
+        d.apply(300, take("old".into(), 1_001, 0));
+        for i in 0..5u64 {
+            d.apply(301 + i, take(format!("tick{i}"), 5_000 + i, 0));
+        }
+        assert!(!d.idem.contains_key("old"), "forgotten once the ticks passed the held ones");
+        assert_eq!(d.idem.keys().filter(|k| k.starts_with("held")).count(), 200, "the held ones stay");
     }
 
     /// A key first claimed with one fingerprint answers a claim with another `IdemMismatch`,

@@ -129,6 +129,13 @@ pub enum Command {
     /// Added after the others: older builds cannot decode it, so the proxy proposes it only when
     /// every member announced `features::IDEM_FINGERPRINT`, and `IdemBegin` otherwise.
     IdemClaim { key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: u64 },
+    /// `IdemClaim` (a fingerprint when it names one: renewals, releases and the expiry tick do
+    /// not) whose clock tick keeps the claims whose lease holds (`SmData::tick`): forgetting one
+    /// let a second request with its key run beside the first, and the first's retried writes
+    /// apply twice. `IdemBegin` and `IdemClaim` keep the tick they had, so that every build
+    /// applies each entry alike. Added after the others: proposed only when every member
+    /// announced `features::HELD_CLAIMS`.
+    IdemTake { key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: Option<u64> },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -182,7 +189,7 @@ impl Command {
                 Command::Put { store, key, value, .. } => store.len() + key.len() + value.len(),
                 Command::Delete { store, key, .. } | Command::Increment { store, key, .. } => store.len() + key.len(),
                 Command::IdemComplete { key, response, .. } => key.len() + response.body.len(),
-                Command::IdemBegin { key, .. } | Command::IdemClaim { key, .. } => key.len(),
+                Command::IdemBegin { key, .. } | Command::IdemClaim { key, .. } | Command::IdemTake { key, .. } => key.len(),
                 Command::Publish { events, .. } => crate::broker::event_bytes(events),
                 Command::PublishAndSettle { events, updates, .. } => {
                     crate::broker::event_bytes(events) + updates.iter().map(SubUpdate::approx_size).sum::<usize>()
@@ -206,6 +213,7 @@ impl Command {
                 | Command::Register { .. }
                 | Command::IdemBegin { .. }
                 | Command::IdemClaim { .. }
+                | Command::IdemTake { .. }
                 | Command::IdemComplete { .. }
                 | Command::SubUpdate { .. }
         )
@@ -220,7 +228,7 @@ impl fmt::Display for Command {
             Command::Delete { store, key, .. } => write!(f, "delete {store}/{key}"),
             Command::Increment { store, key, .. } => write!(f, "increment {store}/{key}"),
             Command::Register { node, .. } => write!(f, "register node {node}"),
-            Command::IdemBegin { .. } | Command::IdemClaim { .. } => write!(f, "idempotency begin"),
+            Command::IdemBegin { .. } | Command::IdemClaim { .. } | Command::IdemTake { .. } => write!(f, "idempotency begin"),
             Command::IdemComplete { .. } => write!(f, "idempotency complete"),
             Command::Publish { events, .. } => write!(f, "publish {} events", events.len()),
             Command::SubUpdate { updates } => write!(f, "{} subscription updates", updates.len()),
