@@ -385,6 +385,9 @@ const ACCEPTED_SETTLE: Duration = Duration::from_millis(100);
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     let start = Instant::now();
     let http1 = req.version() <= http::Version::HTTP_11;
+    // Only an answer to a request that changed nothing may be refused once made.
+    // (A command is not, whatever its method: its handler has run.)
+    let refusable = matches!(*req.method(), Method::GET | Method::HEAD) && !req.uri().path().starts_with("/api/");
     let (route, result) = route(&app, req).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
     // Draining: an HTTP/1 client is told to reconnect (elsewhere, once this node stops
@@ -393,10 +396,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     if http1 && app.proxy.is_draining() {
         resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
+    metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
+    let resp = Answer::counted(resp, &app.settings.answers, refusable);
     let status = resp.status().as_u16().to_string();
     metrics::counter!("raftbridge_http_requests_total", "route" => route, "status" => status).increment(1);
-    metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
-    Answer::counted(resp, &app.settings.answers)
+    resp
 }
 
 type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
@@ -658,6 +662,13 @@ impl BodyBudget {
         Ok(())
     }
 
+    /// Counts `n` more bytes into `held` whether or not the budget has room for them.
+    fn count_anyway(&self, held: &mut Held, n: usize) {
+        self.0.used.fetch_add(n, Ordering::AcqRel);
+        held.budget.get_or_insert_with(|| self.clone());
+        held.bytes += n;
+    }
+
     /// Counts `n` more bytes into `held` if the budget has room for them.
     fn try_count(&self, held: &mut Held, n: usize) -> bool {
         let inner = &self.0;
@@ -671,51 +682,77 @@ impl BodyBudget {
     }
 }
 
-/// An answer on its way to a client, holding its bytes in the node's answer budget
-/// (`HttpSettings::answers`) until it is written or its connection drops. Answers are built
+/// An answer on its way to a client, its bytes counted in the node's answer budget
+/// (`HttpSettings::answers`) until they are written or its connection drops. Answers are built
 /// whole (a page of events, a state value), and a client that reads slowly holds its answer
 /// for as long as it makes progress (`stall`): their total, not only their time, has a bound.
+/// The count travels with the bytes (`Counted`): hyper keeps the buffer it was given until it
+/// is written (the streams are write-vectored), and HTTP/2 until it is sent.
 #[derive(Debug)]
 pub struct Answer {
-    body: Full<Bytes>,
-    held: Held,
+    /// `None` once handed to the connection.
+    data: Option<Counted>,
+}
+
+/// An answer's bytes and their share of the answer budget, given back when dropped (written).
+#[derive(Debug)]
+pub struct Counted {
+    bytes: Bytes,
+    _held: Held,
+}
+
+impl hyper::body::Buf for Counted {
+    fn remaining(&self) -> usize {
+        self.bytes.remaining()
+    }
+    fn chunk(&self) -> &[u8] {
+        self.bytes.chunk()
+    }
+    fn advance(&mut self, n: usize) {
+        self.bytes.advance(n);
+    }
 }
 
 impl Answer {
-    /// `resp` counted in `budget`; over it, a 503 (a short one, not counted) instead.
-    fn counted(resp: Response<Full<Bytes>>, budget: &BodyBudget) -> Response<Answer> {
-        use hyper::body::Body as _;
-        let size = resp.body().size_hint().exact().unwrap_or(0) as usize;
+    /// `resp` counted in `budget`. One that does not fit: a 503 (a short one, not counted)
+    /// when `refusable` (a request that changed nothing: refusing a write that committed would
+    /// say "not stored, retry" of a stored write), else counted past the budget.
+    fn counted(resp: Response<Full<Bytes>>, budget: &BodyBudget, refusable: bool) -> Response<Answer> {
+        use http_body_util::BodyExt as _;
+        let (parts, body) = resp.into_parts();
+        // `Full` holds one buffer and cannot fail: it is ready at once.
+        let bytes = match futures_util::FutureExt::now_or_never(body.collect()) {
+            Some(Ok(collected)) => collected.to_bytes(),
+            _ => Bytes::new(),
+        };
         let mut held = Held::default();
-        if size > 0 && !budget.try_count(&mut held, size) {
-            metrics::counter!("raftbridge_http_answers_refused_total").increment(1);
-            let busy = ApiError::Busy("this node holds as many bytes of answers being sent as --max-body-buffered allows: retry shortly".into());
-            return busy.into_response().map(|body| Answer { body, held: Held::default() });
+        if !bytes.is_empty() && !budget.try_count(&mut held, bytes.len()) {
+            if refusable {
+                metrics::counter!("raftbridge_http_answers_refused_total").increment(1);
+                let busy = ApiError::Busy("this node holds as many bytes of answers being sent as --max-body-buffered allows: retry shortly".into());
+                return Answer::counted(busy.into_response(), &BodyBudget::new(usize::MAX), false);
+            }
+            budget.count_anyway(&mut held, bytes.len());
         }
-        resp.map(|body| Answer { body, held })
+        let data = (!bytes.is_empty()).then_some(Counted { bytes, _held: held });
+        Response::from_parts(parts, Answer { data })
     }
 }
 
 impl hyper::body::Body for Answer {
-    type Data = Bytes;
+    type Data = Counted;
     type Error = Infallible;
 
-    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
-        let out = std::pin::Pin::new(&mut self.body).poll_frame(cx);
-        // Handed to the connection: hyper writes it from its own buffers now (`stall` bounds
-        // how long), so it is counted until the last frame is taken.
-        if matches!(out, std::task::Poll::Ready(None)) {
-            self.held = Held::default();
-        }
-        out
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Counted>, Infallible>>> {
+        std::task::Poll::Ready(self.data.take().map(|d| Ok(hyper::body::Frame::data(d))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.data.is_none()
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        self.body.size_hint()
+        hyper::body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.bytes.len() as u64))
     }
 }
 
@@ -894,24 +931,33 @@ mod tests {
         tokio::spawn(async move { (keep(Conn(false), &activity, LIMITS, &drain).await, tokio::time::Instant::now()) })
     }
 
-    /// Answers count in their budget from when they are made until their last frame is taken
-    /// (or they are dropped); one that does not fit is a 503 instead.
+    /// Answers count in their budget from when they are made until their bytes are written
+    /// (the buffer handed to the connection is dropped) or dropped unwritten; one that does not
+    /// fit is a 503 instead if it may be refused, else counted past the budget.
     #[tokio::test]
     async fn answers_are_held_in_their_budget_until_written() {
-        use http_body_util::BodyExt;
+        use hyper::body::Body as _;
         let budget = BodyBudget::new(10);
         let text = |s: &'static str| Response::new(Full::new(Bytes::from_static(s.as_bytes())));
-        let first = Answer::counted(text("12345"), &budget);
+        let first = Answer::counted(text("12345"), &budget, true);
         assert_eq!((first.status(), budget.held()), (StatusCode::OK, 5));
-        let over = Answer::counted(text("123456"), &budget);
+        assert_eq!(first.body().size_hint().exact(), Some(5));
+        let over = Answer::counted(text("123456"), &budget, true);
         assert_eq!((over.status(), budget.held()), (StatusCode::SERVICE_UNAVAILABLE, 5), "5 + 6 is past 10");
-        let dropped = Answer::counted(text("12345"), &budget);
-        assert_eq!(budget.held(), 10);
-        drop(dropped);
+        let write = Answer::counted(text("123456"), &budget, false);
+        assert_eq!((write.status(), budget.held()), (StatusCode::OK, 11), "a write's answer is never refused");
+        drop(write);
         assert_eq!(budget.held(), 5, "a dropped answer gives its bytes back");
-        let body = first.into_body().collect().await.expect("infallible").to_bytes();
-        assert_eq!((&body[..], budget.held()), (&b"12345"[..], 0), "written: given back");
-        assert_eq!(Answer::counted(text(""), &budget).status(), StatusCode::OK, "an empty answer always fits");
+        // Taken by the connection: still counted while its buffer is held, until written.
+        let mut body = first.into_body();
+        let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await.expect("a frame").expect("infallible");
+        assert!(body.is_end_stream());
+        let mut data = frame.into_data().expect("data");
+        assert_eq!(budget.held(), 5, "handed over, not yet written");
+        hyper::body::Buf::advance(&mut data, 5);
+        drop(data);
+        assert_eq!(budget.held(), 0, "written: given back");
+        assert_eq!(Answer::counted(text(""), &budget, true).status(), StatusCode::OK, "an empty answer always fits");
     }
 
     #[tokio::test(start_paused = true)]

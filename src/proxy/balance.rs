@@ -8,12 +8,12 @@
 //!   never be picked again under light load: with nothing in flight its cost stays above its
 //!   peers', and only a new sample could lower it. With the decay it is probed again within a few
 //!   seconds and judged by what it measures then.
-//! - *Failures cost latency*: a failed attempt (a lost link, a handler's 5xx) is sampled as at
+//! - *Failures cost latency*: a failed attempt (a lost link, a handler's 500 or its app's 502) is sampled as at
 //!   least `FAILURE_PENALTY`, as Finagle's and Linkerd's balancers penalise errors. A node that
 //!   fails fast otherwise measured as the cheapest and drew the traffic it could not serve (the
 //!   "black hole" of least-latency balancing).
-//! - *Outlier ejection*: after `EJECT_AFTER` consecutive failures (infrastructure, or 5xx
-//!   answers, as Envoy's consecutive-5xx detection) a node is skipped
+//! - *Outlier ejection*: after `EJECT_AFTER` consecutive failures (infrastructure, or a
+//!   handler's 500s and its app's 502s, as Envoy's consecutive-5xx detection) a node is skipped
 //!   for a backoff that doubles with each ejection (1 s … 30 s); one success clears it. If every
 //!   candidate is ejected, they are used anyway (a guess beats a certain 503).
 //! - *Retry budget*: retries may add at most ~20 % to the request rate plus a floor of 10 per
@@ -95,8 +95,8 @@ pub struct Balancer {
 pub enum Outcome {
     /// The node answered, with what its handler said.
     Answered,
-    /// The node answered, but with a 5xx from its handler (or its sidecar app): passed on to
-    /// the client, and counted as a failure of the node.
+    /// The node answered, but with its handler's 500 (or its sidecar app's failure, a 502):
+    /// passed on to the client, and counted as a failure of the node.
     Errored,
     /// The node or the link failed.
     Failed,

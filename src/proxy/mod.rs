@@ -480,8 +480,12 @@ impl Proxy {
                     return Err(ApiError::Timeout);
                 }
                 Ok(Ok(answer)) => {
+                    // A handler's own failure (500) or its sidecar app's (502) says something
+                    // of the node; a 503 or 504 comes from the platform under it (a leader
+                    // change fails every node's writes alike; a deadline the client chose ends
+                    // as a 504).
                     let outcome = match &answer {
-                        Err(e) if e.status >= 500 => Outcome::Errored,
+                        Err(e) if matches!(e.status, 500 | 502) => Outcome::Errored,
                         _ => Outcome::Answered,
                     };
                     flight.finish(outcome, started.elapsed());
