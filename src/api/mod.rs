@@ -344,7 +344,8 @@ impl<C: hyper_util::server::graceful::GracefulConnection> Finish for C {
 async fn keep<C: Finish>(conn: C, activity: &Activity, limits: Idle, drain: &CancellationToken) -> Option<C::Output> {
     use std::sync::atomic::Ordering::Relaxed;
     tokio::pin!(conn);
-    let mut wake = activity.opened + limits.first_request;
+    // From now, not from the accept: after a TLS handshake the first request has its own wait.
+    let mut wake = tokio::time::Instant::now() + limits.first_request;
     let mut finishing = false;
     loop {
         tokio::select! {
@@ -965,7 +966,7 @@ mod tests {
         let activity = Arc::new(Activity::new());
         let (served, at) = kept(&activity, &CancellationToken::new()).await.unwrap();
         assert_eq!(served, None);
-        assert_eq!(at - activity.opened, LIMITS.first_request);
+        assert_eq!(at - activity.opened, LIMITS.first_request, "counted from when the keeper starts (here: at once)");
     }
 
     #[tokio::test(start_paused = true)]

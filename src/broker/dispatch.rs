@@ -509,14 +509,20 @@ impl Dispatcher {
         }
     }
 
-    /// Runs a delivery served for the leader until it ends or this node's broker stops (its
-    /// drain, after the grace it gives commands and handlers): `None` then, answered "not
-    /// served" before the links close. The leader saw the link close instead, and counted an
-    /// attempt for every event a healthy node being restarted was still handling.
+    /// Runs a delivery served for the leader until it ends, or until `CUT_GRACE` after this
+    /// node's broker stopped (its drain): `None` then, answered "not served" before the links
+    /// close (the node waits `IN_FLIGHT_GRACE` for the answers it owes). The leader saw the link
+    /// close instead, and counted an attempt for every event a healthy node being restarted was
+    /// still handling. A handler that ends in time keeps its outcome.
     async fn cut_at_stop<T>(&self, run: impl std::future::Future<Output = T>) -> Option<T> {
+        let cut = async {
+            self.stop.cancelled().await;
+            tokio::time::sleep(CUT_GRACE).await;
+        };
         tokio::select! {
+            biased;
             out = run => Some(out),
-            () = self.stop.cancelled() => None,
+            () = cut => None,
         }
     }
 
@@ -1200,6 +1206,11 @@ async fn pace(last: &mut Instant, shutdown: &CancellationToken) -> bool {
 /// `MAX_DELIVER_BATCH` takes several frames: a consumer refuses larger ones) and of at most
 /// `max_bytes` by `size` (a frame has a size limit: a batch over it would be refused whole, and
 /// handed out again whole, for good); an item larger than that goes alone.
+/// How long deliveries served for the leader may run on once this node's broker stopped: a
+/// little less than the node's wait for the answers it owes its peers (`IN_FLIGHT_GRACE`, 3 s),
+/// so that the "not served" of one cut off still goes out.
+const CUT_GRACE: Duration = Duration::from_millis(2_500);
+
 /// A delivery whose handler this node's drain cut off: no outcome, not an attempt (the
 /// leader hands it to another consumer; its tagged writes apply once).
 fn stopped_during_handler() -> PeerResponse {

@@ -160,6 +160,10 @@ pub struct RunningNotes {
     /// once (bounded by the subscription's `max_in_flight`), so the file stays small.
     free: Vec<u64>,
     next: u64,
+    /// Slots this process filled and has not ended: what a graceful stop blanks.
+    live: std::collections::BTreeSet<u64>,
+    /// Set by `clear` (a graceful stop): nothing more is noted.
+    stopped: bool,
     /// Events the previous processes left under way and their slots, read at open: the
     /// slots stay filled until `ended` (once their attempts are counted), so that a process
     /// that dies before it could count them leaves them to the next.
@@ -172,7 +176,7 @@ impl RunningNotes {
     pub fn open(dir: &Path, name: &str) -> RunningNotes {
         let path = dir.join(format!("sub-{name}.running"));
         let opened = crate::fsutil::create_private_dir(dir).and_then(|_| OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path));
-        let mut notes = RunningNotes { path, file: None, free: Vec::new(), next: 0, left: Vec::new(), warned: false };
+        let mut notes = RunningNotes { path, file: None, free: Vec::new(), next: 0, live: Default::default(), stopped: false, left: Vec::new(), warned: false };
         match opened {
             Ok(file) => {
                 let slots = read_running(&file);
@@ -204,6 +208,10 @@ impl RunningNotes {
     /// Notes `events` as under way; the slots are given back to `ended`.
     pub fn start(&mut self, events: &[EventRef]) -> Vec<u64> {
         let mut slots = Vec::with_capacity(events.len());
+        if self.stopped {
+            // A task that raced the stop: its handler is ended with the node, not counted.
+            return slots;
+        }
         for event in events {
             let slot = self.free.pop().unwrap_or_else(|| {
                 self.next += 1;
@@ -214,6 +222,7 @@ impl RunningNotes {
             // Fits: every field is at most its width (u64 in 20 digits, u32 in 8 hex).
             let _ = writeln!(w, "r1 {:020} {:08x} {:010}", event.position, event.id_crc, 0);
             self.write(slot, &record);
+            self.live.insert(slot);
             slots.push(slot);
         }
         slots
@@ -225,18 +234,18 @@ impl RunningNotes {
         blank[RECORD_LEN - 1] = b'\n';
         for slot in slots {
             self.write(slot, &blank);
+            self.live.remove(&slot);
             self.free.push(slot);
         }
     }
 
-    /// A graceful stop: no handler ended the process, nothing counts.
+    /// A graceful stop: the handlers this process runs are ended by it, not by a crash, so
+    /// their slots are blanked and nothing more is noted. What earlier processes left and was
+    /// not counted stays for the next start.
     pub fn clear(&mut self) {
-        if let Some(file) = &self.file {
-            let _ = file.set_len(0);
-        }
-        self.free.clear();
-        self.left.clear();
-        self.next = 0;
+        self.stopped = true;
+        let live = std::mem::take(&mut self.live);
+        self.ended(live.into_iter().collect());
     }
 
     fn write(&mut self, slot: u64, record: &[u8; RECORD_LEN]) {

@@ -117,7 +117,13 @@ pub struct Cluster {
     /// arrives, read by `ready`.
     append_from: Arc<AtomicU64>,
     append_ms: Arc<AtomicU64>,
+    /// `hears_majority`'s last judgement and when it was made (ms after `since` + 1; 0: never).
+    quorum_heard: Arc<std::sync::atomic::AtomicBool>,
+    quorum_at_ms: Arc<AtomicU64>,
 }
+
+/// How long `hears_majority`'s judgement stands (a link's silence is judged in seconds).
+const QUORUM_RECHECK_MS: u64 = 100;
 
 
 /// How long a node that was ready keeps running commands and deliveries while it knows no
@@ -139,6 +145,8 @@ impl Cluster {
             reversions,
             append_from: Arc::new(AtomicU64::new(0)),
             append_ms: Arc::new(AtomicU64::new(0)),
+            quorum_heard: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            quorum_at_ms: Arc::new(AtomicU64::new(0)),
         };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
         crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
@@ -204,9 +212,25 @@ impl Cluster {
                 && now.saturating_sub(at) <= in_touch_for.as_millis() as u64
                 // A leader cut off in a minority keeps heartbeating the followers on its side:
                 // their own majority of voters, heard lately, tells them apart.
-                && hears_quorum(membership.voter_ids(), |v| self.replica.net.heard_ago(v).is_some_and(|ago| ago <= in_touch_for))
+                && self.hears_majority(membership.get_joint_config(), in_touch_for, now)
         };
         member && in_touch && m.running_state.is_ok()
+    }
+
+    /// Whether this node heard lately from a majority of each voter configuration (both halves
+    /// of a joint one, as a commit needs). Judged at most every `QUORUM_RECHECK_MS` (`ready` runs
+    /// per request, and each judgement locks the links once per voter); `now` in ms after
+    /// `since` + 1.
+    fn hears_majority(&self, configs: &[std::collections::BTreeSet<NodeId>], in_touch_for: Duration, now: u64) -> bool {
+        let at = self.quorum_at_ms.load(Ordering::Relaxed);
+        if at != 0 && now.saturating_sub(at) < QUORUM_RECHECK_MS {
+            return self.quorum_heard.load(Ordering::Relaxed);
+        }
+        let heard = |v: NodeId| self.replica.net.heard_ago(v).is_some_and(|ago| ago <= in_touch_for);
+        let ok = !configs.is_empty() && configs.iter().all(|voters| hears_quorum(voters.iter().copied(), heard));
+        self.quorum_heard.store(ok, Ordering::Relaxed);
+        self.quorum_at_ms.store(now, Ordering::Relaxed);
+        ok
     }
 
     /// True when this node may run commands and take deliveries: [`Cluster::ready`] now, or
