@@ -386,19 +386,20 @@ const ACCEPTED_SETTLE: Duration = Duration::from_millis(100);
 async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     let start = Instant::now();
     let http1 = req.version() <= http::Version::HTTP_11;
-    // Only an answer to a request that changed nothing may be refused once made.
-    // (A command is not, whatever its method: its handler has run.)
-    let refusable = matches!(*req.method(), Method::GET | Method::HEAD) && !req.uri().path().starts_with("/api/");
+    // Only an answer to a read of the data API that changed nothing may be refused once made (a
+    // command is not, whatever its method: its handler has run), and never the probes, the
+    // metrics or the cluster view: a full budget must not make the node look dead.
+    let refusable = matches!(*req.method(), Method::GET | Method::HEAD) && req.uri().path().starts_with("/v1/");
     let (route, result) = route(&app, req).await;
-    let mut resp = result.unwrap_or_else(ApiError::into_response);
+    let resp = result.unwrap_or_else(ApiError::into_response);
+    metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
+    let mut resp = Answer::counted(resp, &app.settings.answers, refusable);
     // Draining: an HTTP/1 client is told to reconnect (elsewhere, once this node stops
     // accepting), as Envoy does, so that it does not send its next request on a kept-alive
     // connection just as the drain closes it (HTTP/2 gets a GOAWAY from the graceful shutdown).
     if http1 && app.proxy.is_draining() {
         resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
     }
-    metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
-    let resp = Answer::counted(resp, &app.settings.answers, refusable);
     let status = resp.status().as_u16().to_string();
     metrics::counter!("raftbridge_http_requests_total", "route" => route, "status" => status).increment(1);
     resp
@@ -695,6 +696,9 @@ pub struct Answer {
     data: Option<Counted>,
 }
 
+/// The least answer that may be refused when the answer budget is full (`Answer::counted`).
+const REFUSABLE_ANSWER: usize = 64 * 1024;
+
 /// An answer's bytes and their share of the answer budget, given back when dropped (written).
 #[derive(Debug)]
 pub struct Counted {
@@ -728,7 +732,8 @@ impl Answer {
         };
         let mut held = Held::default();
         if !bytes.is_empty() && !budget.try_count(&mut held, bytes.len()) {
-            if refusable {
+            // Small answers are counted past the budget too: a 503 would save little.
+            if refusable && bytes.len() >= REFUSABLE_ANSWER {
                 metrics::counter!("raftbridge_http_answers_refused_total").increment(1);
                 let busy = ApiError::Busy("this node holds as many bytes of answers being sent as --max-body-buffered allows: retry shortly".into());
                 return Answer::counted(busy.into_response(), &BodyBudget::new(usize::MAX), false);
@@ -938,24 +943,29 @@ mod tests {
     #[tokio::test]
     async fn answers_are_held_in_their_budget_until_written() {
         use hyper::body::Body as _;
-        let budget = BodyBudget::new(10);
+        let k = REFUSABLE_ANSWER;
+        let budget = BodyBudget::new(2 * k);
         let text = |s: &'static str| Response::new(Full::new(Bytes::from_static(s.as_bytes())));
-        let first = Answer::counted(text("12345"), &budget, true);
-        assert_eq!((first.status(), budget.held()), (StatusCode::OK, 5));
-        assert_eq!(first.body().size_hint().exact(), Some(5));
-        let over = Answer::counted(text("123456"), &budget, true);
-        assert_eq!((over.status(), budget.held()), (StatusCode::SERVICE_UNAVAILABLE, 5), "5 + 6 is past 10");
-        let write = Answer::counted(text("123456"), &budget, false);
-        assert_eq!((write.status(), budget.held()), (StatusCode::OK, 11), "a write's answer is never refused");
+        let sized = |n: usize| Response::new(Full::new(Bytes::from(vec![b'x'; n])));
+        let first = Answer::counted(sized(k + 5), &budget, true);
+        assert_eq!((first.status(), budget.held()), (StatusCode::OK, k + 5));
+        assert_eq!(first.body().size_hint().exact(), Some(k as u64 + 5));
+        let over = Answer::counted(sized(k), &budget, true);
+        assert_eq!((over.status(), budget.held()), (StatusCode::SERVICE_UNAVAILABLE, k + 5), "past the budget");
+        let small = Answer::counted(text("12345"), &budget, true);
+        assert_eq!((small.status(), budget.held()), (StatusCode::OK, k + 10), "a small answer is never refused");
+        drop(small);
+        let write = Answer::counted(sized(k), &budget, false);
+        assert_eq!((write.status(), budget.held()), (StatusCode::OK, 2 * k + 5), "a write's answer is never refused");
         drop(write);
-        assert_eq!(budget.held(), 5, "a dropped answer gives its bytes back");
+        assert_eq!(budget.held(), k + 5, "a dropped answer gives its bytes back");
         // Taken by the connection: still counted while its buffer is held, until written.
         let mut body = first.into_body();
         let frame = std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)).await.expect("a frame").expect("infallible");
         assert!(body.is_end_stream());
         let mut data = frame.into_data().expect("data");
-        assert_eq!(budget.held(), 5, "handed over, not yet written");
-        hyper::body::Buf::advance(&mut data, 5);
+        assert_eq!(budget.held(), k + 5, "handed over, not yet written");
+        hyper::body::Buf::advance(&mut data, k + 5);
         drop(data);
         assert_eq!(budget.held(), 0, "written: given back");
         assert_eq!(Answer::counted(text(""), &budget, true).status(), StatusCode::OK, "an empty answer always fits");

@@ -355,32 +355,46 @@ impl Dispatcher {
             .flat_map(|(name, notes)| notes.take_left().into_iter().map(move |(e, slot)| (name.clone(), e, slot)))
             .collect();
         // Only events still in the log as they were (a position reused by another log, after
-        // the data was lost, is not this event).
-        let updates: Vec<SubUpdate> = left
+        // the data was lost, is not this event), and not settled since; each with the attempts
+        // counted for it now.
+        let mut pending: Vec<(SubUpdate, u32)> = left
             .iter()
             .filter(|(_, e, _)| self.sm.event(e.position).is_some_and(|ev| EventRef::new(ev.position, &ev.body.id) == *e))
-            .map(|(sub, e, _)| {
+            .filter_map(|(sub, e, _)| {
+                let counted = self.sm.attempts_at(sub, e.position)?;
                 warn!(subscription = %sub, position = e.position, "this node ended while its handler ran this event: counted as a failed attempt");
-                SubUpdate::Failed { sub: sub.clone(), position: e.position, reason: format!("node {}: the process ended while the handler ran", self.node_id) }
+                let reason = format!("node {}: the process ended while the handler ran", self.node_id);
+                Some((SubUpdate::Failed { sub: sub.clone(), position: e.position, reason }, counted))
             })
             .collect();
         let until = Instant::now() + UNFINISHED_WAIT;
         // Bounded by `UNFINISHED_WAIT`, or the stop.
         let counted = loop {
-            if updates.is_empty() {
+            if pending.is_empty() {
                 break true;
             }
-            if self.cluster.ready() && self.update(updates.clone(), false).await {
-                break true;
+            let mut pause = Duration::from_millis(100);
+            if self.cluster.ready() {
+                if self.update(pending.iter().map(|(u, _)| u.clone()).collect(), false).await {
+                    break true;
+                }
+                // Not known to have committed, nor known not to have (an answer lost with its
+                // leader): a second later, sent again only where this node's replica still
+                // shows the attempts unchanged, so that one crash is not counted twice.
+                pause = Duration::from_secs(1);
             }
             if Instant::now() >= until {
-                warn!(events = updates.len(), "could not count the handlers this node's last process left unfinished: they are delivered again uncounted");
+                warn!(events = pending.len(), "could not count the handlers this node's last process left unfinished: they are delivered again uncounted");
                 break false;
             }
             tokio::select! {
                 () = shutdown.cancelled() => break false,
-                () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                () = tokio::time::sleep(pause) => {}
             }
+            pending.retain(|(u, before)| match u {
+                SubUpdate::Failed { sub, position, .. } => self.sm.attempts_at(sub, *position) == Some(*before),
+                _ => false,
+            });
         };
         if counted {
             let mut running = lock(&self.running);

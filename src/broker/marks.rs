@@ -179,7 +179,11 @@ impl RunningNotes {
         let mut notes = RunningNotes { path, file: None, free: Vec::new(), next: 0, live: Default::default(), stopped: false, left: Vec::new(), warned: false };
         match opened {
             Ok(file) => {
-                let slots = read_running(&file);
+                let Some(slots) = read_running(&file) else {
+                    // Left as it is for a later start: this process notes nothing.
+                    tracing::warn!(path = %notes.path.display(), "cannot read the notes of running handlers");
+                    return notes;
+                };
                 notes.next = slots.len() as u64;
                 // Past what is read, nothing counts: cut, so that slots handed out later are
                 // the ones the next process reads.
@@ -260,13 +264,11 @@ impl RunningNotes {
 
 /// The slots of a running-notes file, each with the event it holds (`None`: free or damaged);
 /// a bounded read, at most `MAX_RUNNING_READ` slots.
-fn read_running(file: &File) -> Vec<Option<EventRef>> {
-    let len = file.metadata().map_or(0, |m| m.len()).min((MAX_RUNNING_READ * RECORD_LEN) as u64) as usize;
+fn read_running(file: &File) -> Option<Vec<Option<EventRef>>> {
+    let len = file.metadata().ok()?.len().min((MAX_RUNNING_READ * RECORD_LEN) as u64) as usize;
     let mut buf = vec![0u8; len];
-    if file.read_exact_at(&mut buf, 0).is_err() {
-        return Vec::new();
-    }
-    buf.chunks_exact(RECORD_LEN).map(parse_running).collect()
+    file.read_exact_at(&mut buf, 0).ok()?;
+    Some(buf.chunks_exact(RECORD_LEN).map(parse_running).collect())
 }
 
 /// Slots read back at most: far more than events under way at once (`max_in_flight` is at most

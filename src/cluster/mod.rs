@@ -117,10 +117,13 @@ pub struct Cluster {
     /// arrives, read by `ready`.
     append_from: Arc<AtomicU64>,
     append_ms: Arc<AtomicU64>,
-    /// `hears_majority`'s last judgement and when it was made (ms after `since` + 1; 0: never).
-    quorum_heard: Arc<std::sync::atomic::AtomicBool>,
-    quorum_at_ms: Arc<AtomicU64>,
+    /// `hears_majority`'s last judgement: when (ms after `since` + 1), for which membership
+    /// (its log id), and what. Locked only to read or replace it.
+    quorum_heard: Arc<std::sync::Mutex<Option<QuorumHeard>>>,
 }
+
+/// `hears_majority`'s judgement: when, for which membership, and what.
+type QuorumHeard = (u64, Option<LogId>, bool);
 
 /// How long `hears_majority`'s judgement stands (a link's silence is judged in seconds).
 const QUORUM_RECHECK_MS: u64 = 100;
@@ -145,8 +148,7 @@ impl Cluster {
             reversions,
             append_from: Arc::new(AtomicU64::new(0)),
             append_ms: Arc::new(AtomicU64::new(0)),
-            quorum_heard: Arc::new(std::sync::atomic::AtomicBool::new(false)),
-            quorum_at_ms: Arc::new(AtomicU64::new(0)),
+            quorum_heard: Arc::new(std::sync::Mutex::new(None)),
         };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
         crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
@@ -212,7 +214,7 @@ impl Cluster {
                 && now.saturating_sub(at) <= in_touch_for.as_millis() as u64
                 // A leader cut off in a minority keeps heartbeating the followers on its side:
                 // their own majority of voters, heard lately, tells them apart.
-                && self.hears_majority(membership.get_joint_config(), in_touch_for, now)
+                && self.hears_majority(membership.get_joint_config(), *m.membership_config.log_id(), in_touch_for, now)
         };
         member && in_touch && m.running_state.is_ok()
     }
@@ -221,15 +223,17 @@ impl Cluster {
     /// of a joint one, as a commit needs). Judged at most every `QUORUM_RECHECK_MS` (`ready` runs
     /// per request, and each judgement locks the links once per voter); `now` in ms after
     /// `since` + 1.
-    fn hears_majority(&self, configs: &[std::collections::BTreeSet<NodeId>], in_touch_for: Duration, now: u64) -> bool {
-        let at = self.quorum_at_ms.load(Ordering::Relaxed);
-        if at != 0 && now.saturating_sub(at) < QUORUM_RECHECK_MS {
-            return self.quorum_heard.load(Ordering::Relaxed);
+    fn hears_majority(&self, configs: &[std::collections::BTreeSet<NodeId>], membership: Option<LogId>, in_touch_for: Duration, now: u64) -> bool {
+        let mut cached = crate::lock(&self.quorum_heard);
+        if let Some((at, of, ok)) = *cached {
+            // Judged lately, for this membership.
+            if of == membership && now.saturating_sub(at) < QUORUM_RECHECK_MS {
+                return ok;
+            }
         }
         let heard = |v: NodeId| self.replica.net.heard_ago(v).is_some_and(|ago| ago <= in_touch_for);
         let ok = !configs.is_empty() && configs.iter().all(|voters| hears_quorum(voters.iter().copied(), heard));
-        self.quorum_heard.store(ok, Ordering::Relaxed);
-        self.quorum_at_ms.store(now, Ordering::Relaxed);
+        *cached = Some((now, membership, ok));
         ok
     }
 

@@ -153,11 +153,16 @@ fn replay(stored: StoredResponse) -> Response<Full<Bytes>> {
 }
 
 impl Proxy {
+    /// Whether claims are proposed as `IdemTake` (every member applies it).
+    fn holds_claims(&self) -> bool {
+        self.store.replica().members_have(crate::peer::frame::features::HELD_CLAIMS)
+    }
+
     /// A claim of `key` (also a renewal, a release with no lease, the expiry tick): `IdemTake`
     /// once every member applies it (its tick keeps held claims), else what older builds know,
     /// `IdemClaim` when it names a fingerprint and `IdemBegin` when not.
     fn claim(&self, key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: Option<u64>) -> Command {
-        if self.store.replica().members_have(crate::peer::frame::features::HELD_CLAIMS) {
+        if self.holds_claims() {
             return Command::IdemTake { key, attempt, now_ms, lease_ms, window_ms, fingerprint };
         }
         match fingerprint {
@@ -178,7 +183,8 @@ impl Proxy {
             }
             let s = &self.settings;
             let full = s.idempotency_window.as_millis() as u64;
-            let Some((clock, window)) = self.sm.idem_expiry_due(full, s.idempotency_max_keys, s.idempotency_max_bytes) else { continue };
+            let keep_held = self.holds_claims();
+            let Some((clock, window)) = self.sm.idem_expiry_due(full, s.idempotency_max_keys, s.idempotency_max_bytes, keep_held) else { continue };
             let tick = self.claim(EXPIRY_KEY.into(), 0, clock, 0, window, None);
             if let Err(e) = self.store.command(tick, EXPIRY_CHECK).await {
                 tracing::debug!(cause = %e, "idempotency expiry not applied; next round");
@@ -213,7 +219,7 @@ impl Proxy {
         // Shorter while the records exceed their bounds, so that applying it forgets the oldest.
         let window_ms = |now: u64| {
             let s = &self.settings;
-            let w = self.sm.idem_window(now, full_window_ms, s.idempotency_max_keys, s.idempotency_max_bytes);
+            let w = self.sm.idem_window(now, full_window_ms, s.idempotency_max_keys, s.idempotency_max_bytes, self.holds_claims());
             if w < full_window_ms {
                 crate::raft::state_machine::note_shortened_window("commands", w, full_window_ms);
             }

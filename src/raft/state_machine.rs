@@ -995,6 +995,14 @@ impl SmShared {
         Some(order[..cut].iter().map(|&(_, i)| s.dead[i].clone()).collect())
     }
 
+    /// The failed attempts counted for `position` of subscription `sub`, or `None` once it is
+    /// settled (acked, dead-lettered, passed) or the subscription is gone.
+    pub fn attempts_at(&self, sub: &str, position: u64) -> Option<u32> {
+        let d = read(&self.data);
+        let s = d.subs.get(sub)?;
+        (position >= s.cursor && !s.done.contains(&position)).then(|| s.attempts.get(&position).copied().unwrap_or(0))
+    }
+
     pub fn event(&self, position: u64) -> Option<Event> {
         read(&self.data).log.get(position).cloned()
     }
@@ -1159,22 +1167,25 @@ impl SmShared {
     /// in the state machine's own clock: that clock and the window to expire them with. A
     /// record made by a handler's tagged write (a subscription's delivery) is forgotten only
     /// when a claim ticks the clock, and a cluster without keyed commands makes none.
-    pub fn idem_expiry_due(&self, window_ms: u64, max_keys: usize, max_bytes: u64) -> Option<(u64, u64)> {
+    /// `keep_held`: the tick will be `IdemTake`'s (held claims stay), not the old one.
+    pub fn idem_expiry_due(&self, window_ms: u64, max_keys: usize, max_bytes: u64, keep_held: bool) -> Option<(u64, u64)> {
         let clock = read(&self.data).clock_ms;
-        let window = self.idem_window(clock, window_ms, max_keys, max_bytes);
+        let window = self.idem_window(clock, window_ms, max_keys, max_bytes, keep_held);
         let d = read(&self.data);
-        // Held claims stay (`tick`): they make nothing due. A bounded look past them.
+        // Held claims stay under `IdemTake`'s tick: they make nothing due. A bounded look past them.
         let oldest = d
             .idem_order
             .iter()
             .take(EXPIRY_LOOK)
-            .find(|(created, key)| !d.idem.get(key).is_some_and(|r| r.created_ms == *created && r.held_at(clock)))
+            .find(|(created, key)| !(keep_held && d.idem.get(key).is_some_and(|r| r.created_ms == *created && r.held_at(clock))))
             .map(|(created, _)| *created);
         // Over the bounds is due whatever the oldest record is.
         (window < window_ms || oldest.is_some_and(|o| o < clock.saturating_sub(window))).then_some((clock, window))
     }
 
-    pub fn idem_window(&self, now_ms: u64, window_ms: u64, max_keys: usize, max_bytes: u64) -> u64 {
+    /// `keep_held`: the window is for `IdemTake`, whose tick keeps held claims (they then free
+    /// nothing); the old tick forgets them like the others.
+    pub fn idem_window(&self, now_ms: u64, window_ms: u64, max_keys: usize, max_bytes: u64, keep_held: bool) -> u64 {
         let d = read(&self.data);
         if d.idem.len() <= max_keys && d.idem_bytes <= max_bytes {
             return window_ms;
@@ -1182,7 +1193,7 @@ impl SmShared {
         let clock = d.clock_ms.max(now_ms);
         let weigh = |created, key: &str| match d.idem.get(key).filter(|r| r.created_ms == created) {
             None => Forget::Stale,
-            Some(r) if r.held_at(clock) => Forget::Kept,
+            Some(r) if keep_held && r.held_at(clock) => Forget::Kept,
             Some(r) => Forget::Frees(idem_weight(key, r)),
         };
         bounded_window(&d.idem_order, clock, window_ms, (d.idem.len(), d.idem_bytes), (max_keys, max_bytes), weigh)
@@ -1623,14 +1634,14 @@ mod tests {
             let recount: u64 = d.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
             assert_eq!(d.idem_bytes, recount, "the running weight is the sum of the records");
         }
-        assert_eq!(shared.idem_window(1_009, 600_000, 10, u64::MAX), 600_000, "within the bounds: the full window");
+        assert_eq!(shared.idem_window(1_009, 600_000, 10, u64::MAX, true), 600_000, "within the bounds: the full window");
         // Six keys at most: the window reaches back to k4 (created at 1004), the clock is 1009.
-        assert_eq!(shared.idem_window(1_009, 600_000, 6, u64::MAX), 5);
+        assert_eq!(shared.idem_window(1_009, 600_000, 6, u64::MAX, true), 5);
         // 35 KiB at most: three 10 KiB answers and their keys fit, so the window starts at k7.
-        assert_eq!(shared.idem_window(1_009, 600_000, 100, 35 << 10), 2);
+        assert_eq!(shared.idem_window(1_009, 600_000, 100, 35 << 10, true), 2);
         // After a quiet spell the command's own clock counts: 5 s later the window is 5 s longer,
         // so applying it still keeps k4..k9 (it used to forget them all).
-        assert_eq!(shared.idem_window(6_009, 600_000, 6, u64::MAX), 5_005);
+        assert_eq!(shared.idem_window(6_009, 600_000, 6, u64::MAX, true), 5_005);
         {
             let mut d = shared.data.write().unwrap();
             let w = shared_window(&d, 6);
@@ -1732,16 +1743,16 @@ mod tests {
             d.clock_ms = 1_000;
             assert!(matches!(d.apply(1, incr), CommandResult::Incremented { value: 1, .. }));
         }
-        assert_eq!(shared.idem_expiry_due(60_000, 1000, u64::MAX), None, "young");
+        assert_eq!(shared.idem_expiry_due(60_000, 1000, u64::MAX, true), None, "young");
         // Events move the clock on (their own `now_ms`), nothing else happens to the record.
         {
             let mut d = write(&shared.data);
             d.clock_ms = 70_000;
             assert!(d.idem.contains_key("sub:audit:e1"));
         }
-        assert_eq!(shared.idem_expiry_due(60_000, 1000, u64::MAX), Some((70_000, 60_000)));
+        assert_eq!(shared.idem_expiry_due(60_000, 1000, u64::MAX, true), Some((70_000, 60_000)));
         // Over the count bound, due at once with a shorter window.
-        assert!(shared.idem_expiry_due(600_000, 0, u64::MAX).is_some_and(|(_, w)| w < 600_000));
+        assert!(shared.idem_expiry_due(600_000, 0, u64::MAX, true).is_some_and(|(_, w)| w < 600_000));
         let tick = Command::IdemBegin { key: "\u{0}expiry".into(), attempt: 0, now_ms: 70_000, lease_ms: 0, window_ms: 60_000 };
         assert_eq!(write(&shared.data).apply(2, tick), CommandResult::IdemBegun);
         let d = read(&shared.data);
@@ -1824,7 +1835,7 @@ mod tests {
         }
         drop(d);
         // Two keys at most: "a" is the oldest, but held, so "b" is what goes.
-        let w = shared.idem_window(3_000, 60_000, 2, u64::MAX);
+        let w = shared.idem_window(3_000, 60_000, 2, u64::MAX, true);
         assert_eq!(w, 999, "the horizon passes b (created at 2000), not c (2001)");
         let mut d = shared.data.write().unwrap();
         // What an older build applies: the held claim goes with its window.
