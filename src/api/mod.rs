@@ -213,7 +213,12 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                         None => return tracing::debug!(%remote, "no request within the header timeout, closing"),
                     }
                 }
-                Some(tls) => match tokio::time::timeout(limits.first_request, tls.accept(stream)).await {
+                // A handshake still under way when the drain begins is dropped: no request has
+                // begun on it, and the drain need not wait for it.
+                Some(tls) => match tokio::select! {
+                    r = tokio::time::timeout(limits.first_request, tls.accept(stream)) => r,
+                    () = drain.cancelled() => return tracing::debug!(%remote, "https handshake under way at the drain, closing"),
+                } {
                     Ok(Ok(stream)) => {
                         let stream = stall::Stalling::new(stream, stall::WRITE_STALL);
                         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();

@@ -1216,10 +1216,6 @@ async fn pace(last: &mut Instant, shutdown: &CancellationToken) -> bool {
     true
 }
 
-/// `items` in order, in groups of at most `per_frame` (a `max_in_flight` above
-/// `MAX_DELIVER_BATCH` takes several frames: a consumer refuses larger ones) and of at most
-/// `max_bytes` by `size` (a frame has a size limit: a batch over it would be refused whole, and
-/// handed out again whole, for good); an item larger than that goes alone.
 /// How long deliveries served for the leader may run on once this node's broker stopped: a
 /// little less than the node's wait for the answers it owes its peers (`IN_FLIGHT_GRACE`, 3 s),
 /// so that the "not served" of one cut off still goes out.
@@ -1244,6 +1240,10 @@ fn handout_batches(events: Vec<(Event, u32)>, per_frame: usize, max_bytes: usize
     out
 }
 
+/// `items` in order, in groups of at most `per_frame` (a `max_in_flight` above
+/// `MAX_DELIVER_BATCH` takes several frames: a consumer refuses larger ones) and of at most
+/// `max_bytes` by `size` (a frame has a size limit: a batch over it would be refused whole, and
+/// handed out again whole, for good); an item larger than that goes alone.
 fn in_frames<T>(items: Vec<T>, per_frame: usize, max_bytes: usize, size: impl Fn(&T) -> usize) -> Vec<Vec<T>> {
     let mut frames: Vec<Vec<T>> = Vec::new();
     let mut bytes = 0;
