@@ -728,25 +728,35 @@ impl Answer {
     /// when `refusable` (a request that changed nothing: refusing a write that committed would
     /// say "not stored, retry" of a stored write), else counted past the budget.
     fn counted(resp: Response<Full<Bytes>>, budget: &BodyBudget, refusable: bool) -> Response<Answer> {
-        use http_body_util::BodyExt as _;
         let (parts, body) = resp.into_parts();
-        // `Full` holds one buffer and cannot fail: it is ready at once.
-        let bytes = match futures_util::FutureExt::now_or_never(body.collect()) {
-            Some(Ok(collected)) => collected.to_bytes(),
-            _ => Bytes::new(),
-        };
+        let bytes = full_bytes(body);
         let mut held = Held::default();
         if !bytes.is_empty() && !budget.try_count(&mut held, bytes.len()) {
             // Small answers are counted past the budget too: a 503 would save little.
             if refusable && bytes.len() >= REFUSABLE_ANSWER {
                 metrics::counter!("raftbridge_http_answers_refused_total").increment(1);
                 let busy = ApiError::Busy("this node holds as many bytes of answers being sent as --max-body-buffered allows: retry shortly".into());
-                return Answer::counted(busy.into_response(), &BodyBudget::new(usize::MAX), false);
+                // Short, and not counted.
+                return busy.into_response().map(|body| Answer::of(full_bytes(body), Held::default()));
             }
             budget.count_anyway(&mut held, bytes.len());
         }
-        let data = (!bytes.is_empty()).then_some(Counted { bytes, _held: held });
-        Response::from_parts(parts, Answer { data })
+        Response::from_parts(parts, Answer::of(bytes, held))
+    }
+
+    fn of(bytes: Bytes, held: Held) -> Answer {
+        Answer { data: (!bytes.is_empty()).then_some(Counted { bytes, _held: held }) }
+    }
+}
+
+/// The one buffer a `Full` holds: it is ready at once and cannot fail (polled in place, with no
+/// waker to wake and nothing allocated, on the path of every answer).
+fn full_bytes(mut body: Full<Bytes>) -> Bytes {
+    use hyper::body::Body as _;
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::Pin::new(&mut body).poll_frame(&mut cx) {
+        std::task::Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
     }
 }
 

@@ -111,17 +111,22 @@ impl AttemptMark {
     pub fn note(&mut self, event: EventRef, n: u32) {
         self.pending = None;
         let Some(file) = &self.file else { return };
-        let mut record = [0u8; RECORD_LEN];
-        let mut w = &mut record[..];
-        // Fits: every field is at most its width (u64 in 20 digits, u32 in 8 hex and 10 digits).
-        let _ = writeln!(w, "v1 {:020} {:08x} {n:010}", event.position, event.id_crc);
-        debug_assert!(w.is_empty(), "the record fills its {RECORD_LEN} bytes");
-        if let Err(e) = file.write_all_at(&record, 0) {
+        if let Err(e) = file.write_all_at(&encode(event, n), 0) {
             if !std::mem::replace(&mut self.warned, true) {
                 tracing::warn!(path = %self.path.display(), cause = %e, "cannot note an every-instance attempt");
             }
         }
     }
+}
+
+/// `event`'s record with `n` attempts: the one fixed-size format of both kinds of note.
+fn encode(event: EventRef, n: u32) -> [u8; RECORD_LEN] {
+    let mut record = [0u8; RECORD_LEN];
+    let mut w = &mut record[..];
+    // Fits: every field is at most its width (u64 in 20 digits, u32 in 8 hex and 10 digits).
+    let _ = writeln!(w, "v1 {:020} {:08x} {n:010}", event.position, event.id_crc);
+    debug_assert!(w.is_empty(), "the record fills its {RECORD_LEN} bytes");
+    record
 }
 
 /// The record in `file`, if it holds one.
@@ -142,7 +147,7 @@ fn parse(buf: &[u8]) -> Option<(EventRef, u32)> {
 
 /// The events of one shared subscription that this node's own handler is running because this
 /// node, as the leader, handed them to itself: `dir/sub-<name>.running`, one fixed-size slot per
-/// event under way (`r1 <position:20> <event:8> <pad:10>\n`, a free slot blank).
+/// event under way (the record `AttemptMark` writes, with one attempt; a free slot blank).
 ///
 /// A shared delivery's failure is counted by the leader when the consumer's answer (or its
 /// link) says so. The leader's own consumer has no link to lose: when its handler ended the
@@ -221,11 +226,7 @@ impl RunningNotes {
                 self.next += 1;
                 self.next - 1
             });
-            let mut record = [0u8; RECORD_LEN];
-            let mut w = &mut record[..];
-            // Fits: every field is at most its width (u64 in 20 digits, u32 in 8 hex).
-            let _ = writeln!(w, "r1 {:020} {:08x} {:010}", event.position, event.id_crc, 0);
-            self.write(slot, &record);
+            self.write(slot, &encode(*event, 1));
             self.live.insert(slot);
             slots.push(slot);
         }
@@ -268,21 +269,12 @@ fn read_running(file: &File) -> Option<Vec<Option<EventRef>>> {
     let len = file.metadata().ok()?.len().min((MAX_RUNNING_READ * RECORD_LEN) as u64) as usize;
     let mut buf = vec![0u8; len];
     file.read_exact_at(&mut buf, 0).ok()?;
-    Some(buf.chunks_exact(RECORD_LEN).map(parse_running).collect())
+    Some(buf.chunks_exact(RECORD_LEN).map(|record| parse(record).map(|(event, _)| event)).collect())
 }
 
 /// Slots read back at most: far more than events under way at once (`max_in_flight` is at most
 /// a few thousand).
 const MAX_RUNNING_READ: usize = 1 << 16;
-
-fn parse_running(buf: &[u8]) -> Option<EventRef> {
-    let text = std::str::from_utf8(buf).ok()?;
-    let mut fields = text.strip_prefix("r1 ")?.strip_suffix('\n')?.split(' ');
-    let position = fields.next()?.parse().ok()?;
-    let id_crc = u32::from_str_radix(fields.next()?, 16).ok()?;
-    let _pad: u64 = fields.next()?.parse().ok()?;
-    fields.next().is_none().then_some(EventRef { position, id_crc })
-}
 
 impl std::fmt::Debug for RunningNotes {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -386,7 +378,7 @@ mod tests {
         stopping.clear();
         drop(stopping);
         assert!(RunningNotes::open(dir.path(), "orders").take_left().is_empty(), "a graceful stop leaves nothing");
-        std::fs::write(dir.path().join("sub-bad.running"), b"r1 00000000000000000007 000000ab 0000000000\ngarbage\n").unwrap();
+        std::fs::write(dir.path().join("sub-bad.running"), b"v1 00000000000000000007 000000ab 0000000001\ngarbage\n").unwrap();
         assert_eq!(events(RunningNotes::open(dir.path(), "bad").take_left()), vec![EventRef { position: 7, id_crc: 0xab }]);
     }
 
