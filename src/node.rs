@@ -932,7 +932,10 @@ impl Handler for PeerHandler {
                 },
                 PeerRequest::Invoke(inv) => proxy.serve_remote(inv).await,
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
-                PeerRequest::DeliverBatch { sub, events } => dispatcher.serve_delivery_batch(sub, events, replica.net.max_frame_to(from)).await,
+                PeerRequest::DeliverBatch { sub, events } => {
+                    let each = replica.net.features(from) & crate::peer::frame::features::DELIVERED_EACH != 0;
+                    dispatcher.serve_delivery_batch(sub, events, replica.net.max_frame_to(from), each).await
+                }
                 PeerRequest::WriteBatch(cmds) => {
                     let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. } | Command::IdemClaim { .. } | Command::IdemTake { .. })).collect();
                     // Sized for the link's frame (the smaller of both sides'), which the reply

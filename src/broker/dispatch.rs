@@ -50,6 +50,7 @@ use crate::lock;
 use crate::cluster::Cluster;
 use crate::peer::PeerNet;
 use crate::peer::frame::features;
+use crate::peer::message::EventOutcome;
 use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::peer::message::RemoteError;
@@ -542,8 +543,11 @@ impl Dispatcher {
 
     /// Serve `PeerRequest::DeliverBatch`: the events' handlers run concurrently (the leader sends
     /// at most `max_in_flight` of them, the bound here is for anything else).
-    /// `frame`: the link's (the smaller of both sides'), which the answer crosses.
-    pub async fn serve_delivery_batch(&self, sub: String, events: Vec<Event>, frame: usize) -> PeerResponse {
+    /// `frame`: the link's (the smaller of both sides'), which the answer crosses. `each`: the
+    /// leader reads `DeliveredEach` (`features::DELIVERED_EACH`), so an event whose handler did
+    /// not run, or was cut off by this node's drain, is said to be "not served" on its own and
+    /// the others keep their outcomes; to an older leader such a batch is refused as a whole.
+    pub async fn serve_delivery_batch(&self, sub: String, events: Vec<Event>, frame: usize, each: bool) -> PeerResponse {
         if let Some(refused) = self.refusal(&sub) {
             return refused;
         }
@@ -551,19 +555,12 @@ impl Dispatcher {
             let e = HandlerError::new(413, format!("{} events in one delivery, at most {MAX_DELIVER_BATCH}", events.len()));
             return PeerResponse::DeliveredBatch(vec![Err(e); events.len()]);
         }
-        let runs = events.into_iter().map(|event| self.run_local(&sub, event));
-        let Some(results) = self.cut_at_stop(futures_util::future::join_all(runs)).await else { return stopped_during_handler() };
-        // A batch none of whose events ran is refused as a whole. One in which some ran has
-        // no way to say which did not (the flag does not cross a link): those count as attempts.
-        if let Some(Err(e)) = results.first().filter(|_| results.iter().all(|r| r.as_ref().is_err_and(HandlerError::is_not_served))) {
-            return PeerResponse::Error(RemoteError::NotServed(e.message.clone()));
-        }
-        // All of the reasons within half the link's frame: an answer over it reached the leader
-        // as one error, and every event of the batch, acked ones too, counted as failed.
-        let cap = reason_cap(frame).min(frame / 2 / results.len().max(1)).max(16);
-        PeerResponse::DeliveredBatch(results.into_iter().map(|r| r.map_err(|e| e.truncated(cap))).collect())
+        // Each event is cut on its own (all at the same moment): one that finished in time
+        // keeps its outcome.
+        let runs = events.into_iter().map(|event| self.cut_at_stop(self.run_local(&sub, event)));
+        let results = futures_util::future::join_all(runs).await;
+        batch_answer(results, frame, each)
     }
-
     /// Consumers of a shared subscription: registered, available, and live.
     fn consumers(&self, sub: &str) -> Vec<NodeId> {
         self.sm
@@ -1149,6 +1146,13 @@ fn remote_outcomes(answer: Result<PeerResponse, crate::peer::PeerError>, n: usiz
     match answer {
         Ok(PeerResponse::Delivered(r)) if n == 1 => vec![Outcome::Ran(r)],
         Ok(PeerResponse::DeliveredBatch(r)) if r.len() == n => r.into_iter().map(Outcome::Ran).collect(),
+        Ok(PeerResponse::DeliveredEach(r)) if r.len() == n => r
+            .into_iter()
+            .map(|o| match o {
+                EventOutcome::Ran(r) => Outcome::Ran(r),
+                EventOutcome::NotServed(why) => Outcome::Refused(why),
+            })
+            .collect(),
         Ok(PeerResponse::Error(RemoteError::NotServed(why))) => vec![Outcome::Refused(why); n],
         Ok(other) => vec![Outcome::Ran(Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other))))); n],
         // One event that no frame can carry: no consumer will ever take it, so it is an attempt
@@ -1225,6 +1229,40 @@ const CUT_GRACE: Duration = Duration::from_millis(2_500);
 /// leader hands it to another consumer; its tagged writes apply once).
 fn stopped_during_handler() -> PeerResponse {
     PeerResponse::Error(RemoteError::NotServed("this node stopped while the handler ran".into()))
+}
+
+/// The answer to a `DeliverBatch` from its events' results (`None`: cut off by the drain).
+/// A batch none of whose events ran is refused as a whole. Otherwise, with `each`, every event
+/// says what became of it; without (an older leader), a batch with an event cut off is refused
+/// as a whole (handed out again, finished events included: at least once) and an event whose
+/// app refused it counts as an attempt, as the flag does not cross a link on its own.
+/// All of the reasons fit within half the link's `frame`: an answer over it reached the leader
+/// as one error, and every event of the batch, acked ones too, counted as failed.
+fn batch_answer(results: Vec<Option<Result<(), HandlerError>>>, frame: usize, each: bool) -> PeerResponse {
+    let not_run = |r: &Option<Result<(), HandlerError>>| r.as_ref().is_none_or(|r| r.as_ref().is_err_and(HandlerError::is_not_served));
+    if results.iter().all(not_run) {
+        return match results.into_iter().flatten().find_map(Result::err) {
+            Some(e) => PeerResponse::Error(RemoteError::NotServed(e.message)),
+            None => stopped_during_handler(),
+        };
+    }
+    let cap = reason_cap(frame).min(frame / 2 / results.len().max(1)).max(16);
+    if each {
+        let outcomes = results.into_iter().map(|r| match r {
+            None => EventOutcome::NotServed("this node stopped while the handler ran".into()),
+            Some(Err(e)) if e.is_not_served() => {
+                let mut why = e.message;
+                crate::sdk::truncate_utf8(&mut why, cap);
+                EventOutcome::NotServed(why)
+            }
+            Some(r) => EventOutcome::Ran(r.map_err(|e| e.truncated(cap))),
+        });
+        return PeerResponse::DeliveredEach(outcomes.collect());
+    }
+    match results.into_iter().collect::<Option<Vec<_>>>() {
+        None => stopped_during_handler(),
+        Some(results) => PeerResponse::DeliveredBatch(results.into_iter().map(|r| r.map_err(|e| e.truncated(cap))).collect()),
+    }
 }
 
 /// One consumer's handout as deliveries: events not tried before in batches of at most
@@ -1438,6 +1476,50 @@ mod tests {
         let late = remote_outcomes(Err(crate::peer::PeerError::Timeout { peer: 2, timeout: D }), 2, D);
         let said = |o: &Outcome| matches!(o, Outcome::Ran(Err(e)) if e.status == 504 && e.message.contains("ack deadline of 1500 ms"));
         assert!(late.len() == 2 && late.iter().all(said), "sent, maybe run, late: {late:?}");
+    }
+
+    /// A batch cut by the consumer's drain keeps the outcomes of the events that finished for a
+    /// leader that reads `DeliveredEach`: only the cut ones (and those whose app refused them)
+    /// are handed out again, without an attempt. An older leader gets the batch refused whole.
+    #[test]
+    fn a_batch_cut_at_the_drain_keeps_what_finished() {
+        const D: Duration = Duration::from_millis(1500);
+        let nack = Err(HandlerError::new(500, "boom"));
+        let results = || vec![Some(Ok(())), None, Some(nack.clone()), Some(Err(HandlerError::not_served("app down")))];
+        let answer = batch_answer(results(), 1 << 20, true);
+        let outcomes = remote_outcomes(Ok(answer), 4, D);
+        assert_eq!(
+            outcomes,
+            vec![
+                Outcome::Ran(Ok(())),
+                Outcome::Refused("this node stopped while the handler ran".into()),
+                Outcome::Ran(nack.clone()),
+                Outcome::Refused("app down".into()),
+            ]
+        );
+        // An older leader: refused whole while one was cut; the app's refusal is an attempt.
+        let old = remote_outcomes(Ok(batch_answer(results(), 1 << 20, false)), 4, D);
+        assert!(old.iter().all(|o| matches!(o, Outcome::Refused(_))), "{old:?}");
+        let uncut = vec![Some(Ok(())), Some(Err(HandlerError::not_served("app down")))];
+        let old = remote_outcomes(Ok(batch_answer(uncut, 1 << 20, false)), 2, D);
+        assert!(matches!(old.as_slice(), [Outcome::Ran(Ok(())), Outcome::Ran(Err(e))] if e.status == 503), "{old:?}");
+        // Nothing ran at all: refused as a whole either way.
+        for each in [true, false] {
+            let none = batch_answer(vec![None, Some(Err(HandlerError::not_served("app down")))], 1 << 20, each);
+            assert!(matches!(&none, PeerResponse::Error(RemoteError::NotServed(m)) if m == "app down"), "{none:?}");
+            let cut = batch_answer(vec![None, None], 1 << 20, each);
+            assert!(matches!(&cut, PeerResponse::Error(RemoteError::NotServed(m)) if m.contains("stopped")), "{cut:?}");
+        }
+        // The reasons fit the frame, "not served" ones too.
+        let long = "x".repeat(10_000);
+        let answer = batch_answer(vec![Some(Ok(())), Some(Err(HandlerError::not_served(long.clone()))), Some(Err(HandlerError::new(500, long)))], 4096, true);
+        let PeerResponse::DeliveredEach(outcomes) = answer else { panic!("{answer:?}") };
+        let sizes: Vec<usize> = outcomes.iter().map(|o| match o {
+            EventOutcome::NotServed(why) => why.len(),
+            EventOutcome::Ran(Err(e)) => e.message.len(),
+            EventOutcome::Ran(Ok(())) => 0,
+        }).collect();
+        assert!(sizes.iter().all(|n| *n <= 4096 / 2 / 3), "{sizes:?}");
     }
 
     /// Refusals cost no attempt but pause longer each time, and a consumer is listed once per

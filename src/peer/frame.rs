@@ -128,8 +128,10 @@ pub mod features {
     pub const IDEM_FINGERPRINT: u64 = 8;
     /// The node applies `Command::IdemTake` (held claims outlive their window).
     pub const HELD_CLAIMS: u64 = 16;
+    /// The node reads `PeerResponse::DeliveredEach` as the answer to a `DeliverBatch`.
+    pub const DELIVERED_EACH: u64 = 32;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

@@ -114,6 +114,19 @@ pub enum PeerResponse {
     Delivered(Result<(), crate::sdk::HandlerError>),
     /// One outcome per event of a `DeliverBatch`, in order.
     DeliveredBatch(Vec<Result<(), crate::sdk::HandlerError>>),
+    /// One outcome per event of a `DeliverBatch`, in order, which may also say of an event
+    /// that no handler ran for it. Only to peers that announced `features::DELIVERED_EACH`.
+    DeliveredEach(Vec<EventOutcome>),
+}
+
+/// What a consumer says of one event of a `DeliverBatch` in `DeliveredEach`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum EventOutcome {
+    /// The handler ran: `Ok` = ack.
+    Ran(Result<(), crate::sdk::HandlerError>),
+    /// No handler ran to its end (the consumer's drain cut it off, or its app refused the
+    /// connection): not an attempt, the leader hands the event to another consumer.
+    NotServed(String),
 }
 
 /// What a node says about itself to a peer or a seed prober.

@@ -492,6 +492,7 @@ pub fn response_name(r: &PeerResponse) -> &'static str {
         PeerResponse::Invoked(_) => "Invoked",
         PeerResponse::Delivered(_) => "Delivered",
         PeerResponse::DeliveredBatch(_) => "DeliveredBatch",
+        PeerResponse::DeliveredEach(_) => "DeliveredEach",
     }
 }
 

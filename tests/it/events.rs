@@ -2182,6 +2182,85 @@ fn a_consumer_stopped_gracefully_during_a_handler_costs_no_attempt() {
     assert!(dead_letters(c.api(leader), "appDrain").expect("dead letters").is_empty());
 }
 
+/// A consumer node stopped gracefully during a batch keeps the outcomes of the batch's events
+/// that finished within the drain's grace: only the event whose handler was cut off is handed
+/// out again (no attempt counted), the finished ones are not (they were handed out again with
+/// the cut one). Only node 3 consumes the subscription, and it is not the leader, so the three
+/// events of one batch publish go to it in one delivery.
+#[test]
+fn a_batch_cut_by_a_consumers_drain_hands_out_again_only_the_cut_event() {
+    let port = free_loopback_ports(1)[0];
+    let ups = std::cell::RefCell::new(Vec::new());
+    let (c, _) = Cluster::formed_with("ev-drain-batch", 3, &[], |dir, id| {
+        if id != 3 {
+            return Vec::new();
+        }
+        let up = EventsUpstream::spawn(dir, "up3", port);
+        let config = dir.join("n3-sidecar.toml");
+        let toml = format!(
+            "[sidecar]\nupstream = \"http://{}\"\n\n\
+             [[sidecar.subscriptions]]\nname = \"appCut\"\nevent_name = \"cutMe\"\n\
+             max_attempts = 5\nack_deadline_ms = 60000\npath = \"/events/audit\"\n",
+            up.addr
+        );
+        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        ups.borrow_mut().push(up);
+        vec!["--config".to_string(), config.display().to_string()]
+    });
+    c.wait_all_ready(FORMATION);
+    let up = ups.into_inner().pop().expect("node 3's app");
+    // The consumer must be a follower: its drain is what is tested, not a leader change.
+    for _ in 0..5 {
+        if c.wait_for_leader(FORMATION) != 3 {
+            break;
+        }
+        c.terminate(3);
+        c.restart(3);
+        c.wait_ready(3);
+    }
+    let leader = c.wait_for_leader(FORMATION);
+    assert_ne!(leader, 3, "node 3 stayed the leader");
+    wait_subscription(&c, &c.apis(), "appCut");
+    let batch = json!([
+        {"eventName": "cutMe", "payload": {"hold": true}},
+        {"eventName": "cutMe", "payload": {"sleepMs": 1200, "i": 1}},
+        {"eventName": "cutMe", "payload": {"sleepMs": 1200, "i": 2}},
+    ]);
+    let resp = c.api(leader).request("POST", "/v1/events", &[], batch.to_string().as_bytes()).expect("POST /v1/events");
+    assert_eq!(resp.status, 201, "{}", resp.describe());
+    let acked = resp.json().expect("JSON");
+    let events: Vec<(String, u64)> = acked["events"].as_array().expect("events").iter().map(|v| id_position(v).expect("id, position")).collect();
+    let (held, finished) = (events[0].0.clone(), [events[1].0.clone(), events[2].0.clone()]);
+    c.wait_for("node 3's app holding the first event", DELIVERY, || {
+        let got = up.list("/events/held")?;
+        if got.contains(&held) { Ok(()) } else { Err(format!("held {got:?}")) }
+    });
+    // Stopped while all three run: the sleeping two finish within its grace, the held one not.
+    c.allow_exit(3);
+    c.terminate(3);
+    let received = up.list("/events/received").expect("received");
+    for id in &finished {
+        assert_eq!(received.iter().filter(|r| *r == id).count(), 1, "{id} ran once before the stop: {received:?}");
+    }
+    c.restart(3);
+    c.wait_for("the cut event handed to node 3's app again", DELIVERY, || {
+        let got = up.list("/events/held")?;
+        if got.iter().filter(|h| **h == held).count() == 2 { Ok(()) } else { Err(format!("held {got:?}")) }
+    });
+    up.call("POST", "/admin/release").expect("release");
+    let last = events[2].1;
+    c.wait_for("all three acked", DELIVERY, || {
+        let subs = get_json(c.api(leader), "/v1/subscriptions")?;
+        let ours = subs["subscriptions"].as_array().and_then(|all| all.iter().find(|s| s["name"] == "appCut")).cloned().ok_or("appCut")?;
+        if ours["cursor"].as_u64().is_some_and(|c| c > last) && ours["retrying"] == 0 { Ok(()) } else { Err(format!("{ours}")) }
+    });
+    let received = up.list("/events/received").expect("received");
+    for id in &finished {
+        assert_eq!(received.iter().filter(|r| *r == id).count(), 1, "{id} was handed out again after it finished: {received:?}");
+    }
+    assert!(dead_letters(c.api(leader), "appCut").expect("dead letters").is_empty());
+}
+
 /// With `--dedup-max-keys 40`, 120 keyed events leave only about the newest 40 keys in the
 /// dedup set: a repeat of a recent key still gets its original id and position, a repeat of
 /// the oldest key is a new event, and the leader counts the shortened window.

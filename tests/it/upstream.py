@@ -22,6 +22,7 @@ keep-alive (the node pools connections), one thread per connection, and answers:
                             An event whose payload has "hold": true is recorded in
   GET  /events/held         (JSON list, with duplicates) and answered only after
   POST /admin/release       (or after 30 s)
+                            One whose payload has "sleepMs": N is answered after N ms.
   anything else             404 {"message":"no route"}
 
 It prints `listening on HOST:PORT` once it accepts connections (useful with --port 0).
@@ -141,6 +142,8 @@ def make_handler(state, verbose):
                     with state.lock:
                         state.events_held.append(event_id)
                     state.released.wait(30)
+                if isinstance(payload, dict) and isinstance(payload.get("sleepMs"), int):
+                    time.sleep(min(max(payload["sleepMs"], 0), 30000) / 1000.0)
                 with state.lock:
                     failing = state.fail_events
                     (state.events_failed if failing else state.events_received).append(event_id)
