@@ -934,8 +934,9 @@ impl Handler for PeerHandler {
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
                 PeerRequest::DeliverBatch { sub, events } => {
                     let each = replica.net.features(from) & crate::peer::frame::features::DELIVERED_EACH != 0;
-                    dispatcher.serve_delivery_batch(sub, events, replica.net.max_frame_to(from), each).await
+                    dispatcher.serve_delivery_batch(from, sub, events, replica.net.max_frame_to(from), each).await
                 }
+                PeerRequest::AwaitDelivery { ticket } => dispatcher.serve_await_delivery(from, ticket, replica.net.max_frame_to(from)).await,
                 PeerRequest::WriteBatch(cmds) => {
                     let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. } | Command::IdemClaim { .. } | Command::IdemTake { .. })).collect();
                     // Sized for the link's frame (the smaller of both sides'), which the reply

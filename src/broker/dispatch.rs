@@ -278,7 +278,31 @@ pub struct Dispatcher {
     /// Set by `count_unfinished` once the unfinished handlers are counted (or it gave up);
     /// `shared_loop` hands nothing out before.
     unfinished_counted: tokio::sync::watch::Sender<bool>,
+    /// Batches served for a leader that were answered while some of their handlers still ran,
+    /// by (leader, ticket): the outcomes still to come (`Remaining`). An entry's driver task
+    /// (`serve_delivery_batch`) removes it `SETTLED_LINGER` after its last handler ended, and
+    /// `serve_await_delivery` once it handed every outcome over; locked only to move it.
+    batches: Mutex<HashMap<(NodeId, u64), Remaining>>,
+    /// Numbers the entries of `batches` (from a random start, see `start`).
+    tickets: std::sync::atomic::AtomicU64,
 }
+
+/// The outcomes a batch's handlers have still to report (`Dispatcher::batches`), and how many.
+struct Remaining {
+    /// Fed by the batch's driver task, which ends (dropping its sender) with the last handler.
+    outcomes: mpsc::Receiver<(u32, EventOutcome)>,
+    left: usize,
+}
+
+/// How long a consumer waits for a batch's handlers before it answers for those that ended
+/// (`DeliveredEach`, the rest `Running`): one slow handler held the acks and the leader's slots
+/// of the whole batch up to the ack deadline. A batch whose handlers all end sooner is answered
+/// once, as a whole.
+const EARLY_ANSWER: Duration = Duration::from_millis(100);
+
+/// How long the outcomes of a batch's last handlers wait for the leader's `AwaitDelivery` after
+/// they ended (a leader that went away never asks).
+const SETTLED_LINGER: Duration = Duration::from_secs(30);
 
 /// Bucket bounds (seconds) of `raftbridge_delivery_latency_seconds`, a histogram so that a
 /// benchmark can difference two scrapes (a summary's quantiles cover a rolling window that mixes
@@ -333,6 +357,10 @@ impl Dispatcher {
             running: Mutex::new(running),
             unfinished_counted: tokio::sync::watch::Sender::new(false),
             stop: shutdown.clone(),
+            batches: Mutex::new(HashMap::new()),
+            // From a random start: a leader that asks a restarted node for a batch of the
+            // process before must not be handed another batch's outcomes.
+            tickets: std::sync::atomic::AtomicU64::new(fastrand::u64(1..u64::MAX / 2)),
         });
         crate::supervise::spawn_until("subscription progress writer", &shutdown, update_writer(d.broker.clone(), rx, shutdown.clone()));
         crate::supervise::spawn_until("running handler notes", &shutdown, d.clone().count_unfinished(shutdown.clone()));
@@ -541,25 +569,101 @@ impl Dispatcher {
         }
     }
 
-    /// Serve `PeerRequest::DeliverBatch`: the events' handlers run concurrently (the leader sends
-    /// at most `max_in_flight` of them, the bound here is for anything else).
+    /// Serve `PeerRequest::DeliverBatch` from `from`: the events' handlers run concurrently
+    /// (the leader sends at most `max_in_flight` of them, the bound here is for anything else).
     /// `frame`: the link's (the smaller of both sides'), which the answer crosses. `each`: the
-    /// leader reads `DeliveredEach` (`features::DELIVERED_EACH`), so an event whose handler did
-    /// not run, or was cut off by this node's drain, is said to be "not served" on its own and
-    /// the others keep their outcomes; to an older leader such a batch is refused as a whole.
-    pub async fn serve_delivery_batch(&self, sub: String, events: Vec<Event>, frame: usize, each: bool) -> PeerResponse {
+    /// leader reads `DeliveredEach` (`features::DELIVERED_EACH`): an event whose handler did not
+    /// run, or was cut off by this node's drain, is said to be "not served" on its own, and the
+    /// batch is answered after `EARLY_ANSWER` for the handlers that ended by then, the others
+    /// `Running` (the leader asks for them with `AwaitDelivery`). To an older leader the batch
+    /// is answered once all ended, and one with an event cut off is refused as a whole.
+    pub async fn serve_delivery_batch(self: &Arc<Self>, from: NodeId, sub: String, events: Vec<Event>, frame: usize, each: bool) -> PeerResponse {
         if let Some(refused) = self.refusal(&sub) {
             return refused;
         }
-        if events.len() > MAX_DELIVER_BATCH {
-            let e = HandlerError::new(413, format!("{} events in one delivery, at most {MAX_DELIVER_BATCH}", events.len()));
-            return PeerResponse::DeliveredBatch(vec![Err(e); events.len()]);
+        let n = events.len();
+        if n > MAX_DELIVER_BATCH {
+            let e = HandlerError::new(413, format!("{n} events in one delivery, at most {MAX_DELIVER_BATCH}", ));
+            return PeerResponse::DeliveredBatch(vec![Err(e); n]);
         }
-        // Each event is cut on its own (all at the same moment): one that finished in time
-        // keeps its outcome.
-        let runs = events.into_iter().map(|event| self.cut_at_stop(self.run_local(&sub, event)));
-        let results = futures_util::future::join_all(runs).await;
-        batch_answer(results, frame, each)
+        if !each {
+            // Each event is cut on its own (all at the same moment).
+            let runs = events.into_iter().map(|event| self.cut_at_stop(self.run_local(&sub, event)));
+            let results = futures_util::future::join_all(runs).await;
+            return batch_answer(results, frame);
+        }
+        let cap = outcome_cap(frame, n);
+        let sub = Arc::new(sub);
+        let mut runs: futures_util::stream::FuturesUnordered<_> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, event)| {
+                let (this, sub) = (self.clone(), sub.clone());
+                async move { (i as u32, event_outcome(this.cut_at_stop(this.run_local(&sub, event)).await, cap)) }
+            })
+            .collect();
+        let mut outcomes = first_outcomes(&mut runs, n, EARLY_ANSWER).await;
+        let left = outcomes.iter().filter(|o| o.is_none()).count();
+        if left == 0 {
+            let outcomes: Vec<EventOutcome> = outcomes.into_iter().flatten().collect();
+            // None ran: refused as a whole, as to an older leader.
+            if let Some(why) = outcomes.iter().map(|o| match o { EventOutcome::NotServed(why) => Some(why), _ => None }).collect::<Option<Vec<_>>>().and_then(|w| w.first().cloned()) {
+                return PeerResponse::Error(RemoteError::NotServed(why.clone()));
+            }
+            return PeerResponse::DeliveredEach { outcomes, ticket: 0 };
+        }
+        // The rest run on in a task of their own; their outcomes wait for the leader's asks.
+        let ticket = self.tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(left);
+        lock(&self.batches).insert((from, ticket), Remaining { outcomes: rx, left });
+        let this = self.clone();
+        tokio::spawn(async move {
+            while let Some(outcome) = futures_util::StreamExt::next(&mut runs).await {
+                // Room for every outcome: `left` of them at most.
+                let _ = tx.try_send(outcome);
+            }
+            drop(tx);
+            // Not past the node's stop: its runtime ends then.
+            let _ = tokio::time::timeout(SETTLED_LINGER, this.stop.cancelled()).await;
+            lock(&this.batches).remove(&(from, ticket));
+        });
+        for o in outcomes.iter_mut().filter(|o| o.is_none()) {
+            *o = Some(EventOutcome::Running);
+        }
+        PeerResponse::DeliveredEach { outcomes: outcomes.into_iter().flatten().collect(), ticket }
+    }
+
+    /// Serve `PeerRequest::AwaitDelivery` from `from`: the outcomes of the batch `ticket` that
+    /// ended since they were last asked for, once there is at least one. Bounded: each handler
+    /// ends by its ack deadline, or this node's drain cuts it (`cut_at_stop`).
+    pub async fn serve_await_delivery(&self, from: NodeId, ticket: u64, frame: usize) -> PeerResponse {
+        let Some(mut remaining) = lock(&self.batches).remove(&(from, ticket)) else {
+            return PeerResponse::Error(RemoteError::Invalid(format!("no delivery batch {ticket} runs here (this node restarted, or its outcomes waited longer than {SETTLED_LINGER:?})")));
+        };
+        let mut ended = Vec::new();
+        if let Some(first) = remaining.outcomes.recv().await {
+            ended.push(first);
+            while let Ok(more) = remaining.outcomes.try_recv() {
+                ended.push(more);
+            }
+        }
+        remaining.left = remaining.left.saturating_sub(ended.len());
+        if remaining.left > 0 && !ended.is_empty() {
+            lock(&self.batches).insert((from, ticket), remaining);
+        }
+        if ended.is_empty() {
+            return PeerResponse::Error(RemoteError::Internal(format!("delivery batch {ticket} ended without its outcomes")));
+        }
+        // Cut again for this answer's own share of the frame.
+        let cap = outcome_cap(frame, ended.len());
+        for (_, o) in &mut ended {
+            if let EventOutcome::Ran(Err(e)) = o {
+                crate::sdk::truncate_utf8(&mut e.message, cap);
+            } else if let EventOutcome::NotServed(why) = o {
+                crate::sdk::truncate_utf8(why, cap);
+            }
+        }
+        PeerResponse::DeliveredSome(ended)
     }
     /// Consumers of a shared subscription: registered, available, and live.
     fn consumers(&self, sub: &str) -> Vec<NodeId> {
@@ -787,22 +891,21 @@ impl Dispatcher {
                         // ack deadline after the node stopped (unacked, the event is delivered
                         // again by the next leader).
                         tokio::spawn(stop.run_until_cancelled_owned(async move {
-                            let positions: Vec<u64> = batch.iter().map(|(e, _)| e.position).collect();
-                            let answered = || {
-                                mark_answered(&inflight, &decl.name, &positions, epoch);
+                            // The consumer answered for these: its slots are free, the outcomes
+                            // are being committed.
+                            let answered = |positions: &[u64]| {
+                                mark_answered(&inflight, &decl.name, positions, epoch);
                                 freed.notify_one();
                             };
-                            let pauses = this.deliver_shared(&decl, target, batch, answered).await;
-                            for (p, pause) in positions.into_iter().zip(pauses) {
-                                match pause {
-                                    // Acked and committed: the log no longer lists it as pending.
-                                    None => release(&inflight, &decl.name, p, epoch),
-                                    // Failed: it stays in flight until the pass has its backoff.
-                                    Some(retry) => {
-                                        let _ = retry_tx.send(((decl.name.clone(), p), retry, target, epoch));
-                                    }
+                            let settled = |p: u64, pause: Option<Retry>| match pause {
+                                // Acked and committed: the log no longer lists it as pending.
+                                None => release(&inflight, &decl.name, p, epoch),
+                                // Failed: it stays in flight until the pass has its backoff.
+                                Some(retry) => {
+                                    let _ = retry_tx.send(((decl.name.clone(), p), retry, target, epoch));
                                 }
-                            }
+                            };
+                            this.deliver_shared(&decl, target, batch, &answered, &settled).await;
                         }));
                     }
                 }
@@ -811,44 +914,146 @@ impl Dispatcher {
     }
 
     /// Hands events of a shared subscription to one consumer (several only to a peer that
-    /// takes `DeliverBatch`): `answered` runs once the consumer has answered (its slots are
-    /// free from then on), then each outcome is committed. Returns, per event, when to retry it
-    /// if it did not ack.
-    async fn deliver_shared(&self, decl: &SubscriptionDecl, target: NodeId, batch: Vec<(Event, u32)>, answered: impl FnOnce()) -> Vec<Option<Retry>> {
+    /// takes `DeliverBatch`). As the consumer answers for some of them, `answered` runs for
+    /// those (their slots are free from then on), their outcomes are committed, and `settled`
+    /// runs for each with when to retry it if it did not ack. Events whose handlers end sooner
+    /// are not held behind a slow one: this node's own handlers are settled as they end, a
+    /// consumer that reads `DeliveredEach` answers for those that ended within its
+    /// `EARLY_ANSWER` and is asked for the rest (`AwaitDelivery`) until they end.
+    async fn deliver_shared(&self, decl: &SubscriptionDecl, target: NodeId, batch: Vec<(Event, u32)>, answered: &(impl Fn(&[u64]) + Sync), settled: &(impl Fn(u64, Option<Retry>) + Sync)) {
+        use futures_util::FutureExt;
+        use futures_util::StreamExt;
         let deadline = Duration::from_millis(decl.ack_deadline_ms.max(1));
         let n = batch.len();
         let (events, attempts): (Vec<Event>, Vec<u32>) = batch.into_iter().unzip();
         let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
-        let results: Vec<Outcome> = if target == self.node_id {
+        let item = |(i, outcome): (usize, Outcome)| (positions[i], attempts[i], outcome);
+        let mut settling = futures_util::stream::FuturesUnordered::new();
+        if target == self.node_id {
             // Noted on disk while they run: nobody else would count a handler that ends the
             // process (`count_unfinished`).
             let refs: Vec<EventRef> = events.iter().map(|e| EventRef::new(e.position, &e.body.id)).collect();
             let slots = lock(&self.running).get_mut(&decl.name).map(|notes| notes.start(&refs));
             // `run_local` holds the handler to the ack deadline.
-            let runs = events.into_iter().map(|event| async move { Outcome::local(self.run_local(&decl.name, event).await) });
-            let results = futures_util::future::join_all(runs).await;
-            if let Some(slots) = slots {
-                if let Some(notes) = lock(&self.running).get_mut(&decl.name) {
-                    notes.ended(slots);
+            let mut runs: futures_util::stream::FuturesUnordered<_> =
+                events.into_iter().enumerate().map(|(i, event)| async move { (i, Outcome::local(self.run_local(&decl.name, event).await)) }).collect();
+            loop {
+                tokio::select! {
+                    Some(first) = runs.next() => {
+                        // Those that ended together are settled together (one commit).
+                        let mut ended = vec![first];
+                        while let Some(Some(more)) = runs.next().now_or_never() {
+                            ended.push(more);
+                        }
+                        if let Some(slots) = &slots {
+                            let done: Vec<u64> = ended.iter().filter_map(|(i, _)| slots.get(*i).copied()).collect();
+                            if let Some(notes) = lock(&self.running).get_mut(&decl.name) {
+                                notes.ended(done);
+                            }
+                        }
+                        settling.push(self.settle(decl, target, ended.into_iter().map(item).collect(), answered, settled));
+                    }
+                    Some(()) = settling.next() => {}
+                    else => break,
                 }
             }
-            results
-        } else if n == 1 {
+            return;
+        }
+        let sent_at = Instant::now();
+        let answer = if n == 1 {
             let event = events.into_iter().next().expect("one event"); // n == 1
             let req = PeerRequest::Deliver { sub: decl.name.clone(), event };
-            remote_outcomes(self.net.request(target, &req, deadline + DELIVERY_GRACE).await, 1, deadline)
+            self.net.request(target, &req, deadline + DELIVERY_GRACE).await
         } else {
             let req = PeerRequest::DeliverBatch { sub: decl.name.clone(), events };
-            remote_outcomes(self.net.request(target, &req, deadline + DELIVERY_GRACE).await, n, deadline)
+            self.net.request(target, &req, deadline + DELIVERY_GRACE).await
         };
-        answered();
+        let (outcomes, ticket) = match answer {
+            Ok(PeerResponse::DeliveredEach { outcomes, ticket }) if outcomes.len() == n => (outcomes, ticket),
+            other => {
+                let all = remote_outcomes(other, n, deadline).into_iter().enumerate().map(item).collect();
+                return self.settle(decl, target, all, answered, settled).await;
+            }
+        };
+        let mut running: Vec<bool> = outcomes.iter().map(|o| matches!(o, EventOutcome::Running)).collect();
+        let ended = outcomes.into_iter().enumerate().filter_map(|(i, o)| each_outcome(o).map(|o| (i, o)));
+        settling.push(self.settle(decl, target, ended.map(item).collect(), answered, settled));
+        // Asked one at a time, until none runs or the leader's wait for the batch is over.
+        let bound = sent_at + deadline + DELIVERY_GRACE;
+        let mut asks = futures_util::stream::FuturesUnordered::new();
+        if running.contains(&true) {
+            asks.push(self.ask(target, ticket, bound, deadline));
+        }
+        loop {
+            tokio::select! {
+                Some(asked) = asks.next() => {
+                    let ended: Vec<(usize, Outcome)> = match asked {
+                        Ok(list) => list
+                            .into_iter()
+                            .filter_map(|(i, o)| {
+                                let i = i as usize;
+                                // Each once, and only those still running.
+                                let was = running.get_mut(i).filter(|r| **r)?;
+                                let o = each_outcome(o)?;
+                                *was = false;
+                                Some((i, o))
+                            })
+                            .collect(),
+                        // Whatever still runs shares the failure (a lost link, the deadline).
+                        Err(failed) => running.iter_mut().enumerate().filter(|(_, r)| **r).map(|(i, r)| {
+                            *r = false;
+                            (i, failed.clone())
+                        }).collect(),
+                    };
+                    if running.contains(&true) {
+                        asks.push(self.ask(target, ticket, bound, deadline));
+                    }
+                    settling.push(self.settle(decl, target, ended.into_iter().map(item).collect(), answered, settled));
+                }
+                Some(()) = settling.next() => {}
+                else => break,
+            }
+        }
+    }
+
+    /// Asks `target` for the outcomes of its batch `ticket` that ended since it was last asked
+    /// (`AwaitDelivery`), until `bound`; `Err`: what became of all that still ran.
+    async fn ask(&self, target: NodeId, ticket: u64, bound: Instant, deadline: Duration) -> Result<Vec<(u32, EventOutcome)>, Outcome> {
+        let late = || Outcome::Ran(Err(HandlerError::new(504, format!("ack deadline of {} ms passed", deadline.as_millis()))));
+        // Bounded by `bound`: each round waits at least `ASK_AGAIN` or until an answer.
+        loop {
+            let left = bound.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(late());
+            }
+            match self.net.request(target, &PeerRequest::AwaitDelivery { ticket }, left).await {
+                Ok(PeerResponse::DeliveredSome(list)) if !list.is_empty() => return Ok(list),
+                // Its serving slots were all taken for a moment: asked again.
+                Ok(PeerResponse::Error(RemoteError::NotServed(_))) => tokio::time::sleep(ASK_AGAIN.min(left)).await,
+                // The consumer no longer knows the batch (it restarted): its handlers may have run.
+                Ok(PeerResponse::Error(e)) => return Err(Outcome::Ran(Err(HandlerError::new(502, e.to_string())))),
+                Ok(other) => return Err(Outcome::Ran(Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other)))))),
+                Err(crate::peer::PeerError::Timeout { .. }) => return Err(late()),
+                // A link lost (or none to send the ask on): the handlers may have run.
+                Err(e) => return Err(Outcome::Ran(Err(HandlerError::new(502, e.to_string())))),
+            }
+        }
+    }
+
+    /// Commits the outcomes of `items` (position, attempts before, outcome) handed to `target`:
+    /// `answered` first (their slots are free), then `settled` for each with when to retry it.
+    async fn settle(&self, decl: &SubscriptionDecl, target: NodeId, items: Vec<(u64, u32, Outcome)>, answered: &impl Fn(&[u64]), settled: &impl Fn(u64, Option<Retry>)) {
+        if items.is_empty() {
+            return;
+        }
+        let n = items.len();
+        let positions: Vec<u64> = items.iter().map(|(p, _, _)| *p).collect();
+        answered(&positions);
         let mut updates = Vec::with_capacity(n);
         let (mut acks, mut refused) = (0, 0);
-        let pauses: Vec<Option<Retry>> = positions
+        let pauses: Vec<Option<Retry>> = items
             .into_iter()
-            .zip(attempts)
-            .zip(results)
-            .map(|((position, attempts), result)| match result {
+            .map(|(position, attempts, result)| match result {
                 Outcome::Ran(Ok(())) => {
                     acks += 1;
                     updates.push(SubUpdate::Ack { sub: decl.name.clone(), position });
@@ -875,10 +1080,9 @@ impl Dispatcher {
         metrics::counter!("raftbridge_deliveries_total", "outcome" => "refused").increment(refused);
         // Nothing waits on these but the positions they settle: they may ride in the next
         // event entry rather than make one.
-        if self.update(updates, true).await {
-            pauses
-        } else {
-            pauses.into_iter().map(|p| p.or(Some(Retry::Unsettled))).collect()
+        let committed = self.update(updates, true).await;
+        for (p, pause) in positions.into_iter().zip(pauses) {
+            settled(p, if committed { pause } else { pause.or(Some(Retry::Unsettled)) });
         }
     }
 
@@ -1141,18 +1345,28 @@ impl Outcome {
     }
 }
 
+/// What the leader makes of one event's outcome in `DeliveredEach` (`None`: still running).
+fn each_outcome(outcome: EventOutcome) -> Option<Outcome> {
+    match outcome {
+        EventOutcome::Ran(r) => Some(Outcome::Ran(r)),
+        EventOutcome::NotServed(why) => Some(Outcome::Refused(why)),
+        EventOutcome::Running => None,
+    }
+}
+
+/// How soon an `AwaitDelivery` the consumer could not take (its serving slots all taken) is
+/// sent again.
+const ASK_AGAIN: Duration = Duration::from_millis(50);
+
 /// The outcomes of `n` events sent to another node in one request.
 fn remote_outcomes(answer: Result<PeerResponse, crate::peer::PeerError>, n: usize, deadline: Duration) -> Vec<Outcome> {
     match answer {
         Ok(PeerResponse::Delivered(r)) if n == 1 => vec![Outcome::Ran(r)],
         Ok(PeerResponse::DeliveredBatch(r)) if r.len() == n => r.into_iter().map(Outcome::Ran).collect(),
-        Ok(PeerResponse::DeliveredEach(r)) if r.len() == n => r
-            .into_iter()
-            .map(|o| match o {
-                EventOutcome::Ran(r) => Outcome::Ran(r),
-                EventOutcome::NotServed(why) => Outcome::Refused(why),
-            })
-            .collect(),
+        // (Answers with events still running are taken apart by `deliver_shared`.)
+        Ok(PeerResponse::DeliveredEach { outcomes, .. }) if outcomes.len() == n && !outcomes.contains(&EventOutcome::Running) => {
+            outcomes.into_iter().filter_map(each_outcome).collect()
+        }
         Ok(PeerResponse::Error(RemoteError::NotServed(why))) => vec![Outcome::Refused(why); n],
         Ok(other) => vec![Outcome::Ran(Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other))))); n],
         // One event that no frame can carry: no consumer will ever take it, so it is an attempt
@@ -1231,14 +1445,11 @@ fn stopped_during_handler() -> PeerResponse {
     PeerResponse::Error(RemoteError::NotServed("this node stopped while the handler ran".into()))
 }
 
-/// The answer to a `DeliverBatch` from its events' results (`None`: cut off by the drain).
-/// A batch none of whose events ran is refused as a whole. Otherwise, with `each`, every event
-/// says what became of it; without (an older leader), a batch with an event cut off is refused
-/// as a whole (handed out again, finished events included: at least once) and an event whose
-/// app refused it counts as an attempt, as the flag does not cross a link on its own.
-/// All of the reasons fit within half the link's `frame`: an answer over it reached the leader
-/// as one error, and every event of the batch, acked ones too, counted as failed.
-fn batch_answer(results: Vec<Option<Result<(), HandlerError>>>, frame: usize, each: bool) -> PeerResponse {
+/// The answer to an older leader's `DeliverBatch` from its events' results (`None`: cut off
+/// by the drain). A batch none of whose events ran, or with an event cut off, is refused as a
+/// whole (handed out again, finished events included: at least once); an event whose app
+/// refused it counts as an attempt then, as the flag does not cross a link on its own.
+fn batch_answer(results: Vec<Option<Result<(), HandlerError>>>, frame: usize) -> PeerResponse {
     let not_run = |r: &Option<Result<(), HandlerError>>| r.as_ref().is_none_or(|r| r.as_ref().is_err_and(HandlerError::is_not_served));
     if results.iter().all(not_run) {
         return match results.into_iter().flatten().find_map(Result::err) {
@@ -1246,23 +1457,72 @@ fn batch_answer(results: Vec<Option<Result<(), HandlerError>>>, frame: usize, ea
             None => stopped_during_handler(),
         };
     }
-    let cap = reason_cap(frame).min(frame / 2 / results.len().max(1)).max(16);
-    if each {
-        let outcomes = results.into_iter().map(|r| match r {
-            None => EventOutcome::NotServed("this node stopped while the handler ran".into()),
-            Some(Err(e)) if e.is_not_served() => {
-                let mut why = e.message;
-                crate::sdk::truncate_utf8(&mut why, cap);
-                EventOutcome::NotServed(why)
-            }
-            Some(r) => EventOutcome::Ran(r.map_err(|e| e.truncated(cap))),
-        });
-        return PeerResponse::DeliveredEach(outcomes.collect());
-    }
+    let cap = outcome_cap(frame, results.len());
     match results.into_iter().collect::<Option<Vec<_>>>() {
         None => stopped_during_handler(),
         Some(results) => PeerResponse::DeliveredBatch(results.into_iter().map(|r| r.map_err(|e| e.truncated(cap))).collect()),
     }
+}
+
+/// How long one of `n` failure reasons in an answer may be: all of them within half the link's
+/// `frame` (an answer over it reached the leader as one error, and every event of the batch,
+/// acked ones too, counted as failed).
+fn outcome_cap(frame: usize, n: usize) -> usize {
+    reason_cap(frame).min(frame / 2 / n.max(1)).max(16)
+}
+
+/// One event's result as `DeliveredEach` says it (`None`: cut off by the drain), its reason
+/// cut to `cap`.
+fn event_outcome(result: Option<Result<(), HandlerError>>, cap: usize) -> EventOutcome {
+    match result {
+        None => EventOutcome::NotServed("this node stopped while the handler ran".into()),
+        Some(Err(e)) if e.is_not_served() => {
+            let mut why = e.message;
+            crate::sdk::truncate_utf8(&mut why, cap);
+            EventOutcome::NotServed(why)
+        }
+        Some(r) => EventOutcome::Ran(r.map_err(|e| e.truncated(cap))),
+    }
+}
+
+/// The outcomes of a batch's `n` runs that ended within `early` (all of them, if they end
+/// sooner), or else those that ended with the first after it, by index; `None`: still running.
+/// A batch is answered with these; waiting for all held the acks of the others behind one slow
+/// handler.
+async fn first_outcomes<S>(runs: &mut S, n: usize, early: Duration) -> Vec<Option<EventOutcome>>
+where
+    S: futures_util::Stream<Item = (u32, EventOutcome)> + Unpin,
+{
+    use futures_util::FutureExt;
+    use futures_util::StreamExt;
+    let mut outcomes: Vec<Option<EventOutcome>> = vec![None; n];
+    let mut ended = 0;
+    let early = tokio::time::sleep(early);
+    tokio::pin!(early);
+    let mut place = |(i, o): (u32, EventOutcome), ended: &mut usize| {
+        if let Some(slot) = outcomes.get_mut(i as usize).filter(|s| s.is_none()) {
+            *slot = Some(o);
+            *ended += 1;
+        }
+    };
+    loop {
+        tokio::select! {
+            biased;
+            next = runs.next() => match next {
+                Some(outcome) => place(outcome, &mut ended),
+                None => break,
+            },
+            () = &mut early, if ended > 0 => break,
+        }
+        if ended == n {
+            break;
+        }
+    }
+    // What else ended by now rides along.
+    while let Some(Some(outcome)) = runs.next().now_or_never() {
+        place(outcome, &mut ended);
+    }
+    outcomes
 }
 
 /// One consumer's handout as deliveries: events not tried before in batches of at most
@@ -1486,8 +1746,8 @@ mod tests {
         const D: Duration = Duration::from_millis(1500);
         let nack = Err(HandlerError::new(500, "boom"));
         let results = || vec![Some(Ok(())), None, Some(nack.clone()), Some(Err(HandlerError::not_served("app down")))];
-        let answer = batch_answer(results(), 1 << 20, true);
-        let outcomes = remote_outcomes(Ok(answer), 4, D);
+        let outcomes = results().into_iter().map(|r| event_outcome(r, 1 << 10)).collect();
+        let outcomes = remote_outcomes(Ok(PeerResponse::DeliveredEach { outcomes, ticket: 0 }), 4, D);
         assert_eq!(
             outcomes,
             vec![
@@ -1498,28 +1758,59 @@ mod tests {
             ]
         );
         // An older leader: refused whole while one was cut; the app's refusal is an attempt.
-        let old = remote_outcomes(Ok(batch_answer(results(), 1 << 20, false)), 4, D);
+        let old = remote_outcomes(Ok(batch_answer(results(), 1 << 20)), 4, D);
         assert!(old.iter().all(|o| matches!(o, Outcome::Refused(_))), "{old:?}");
         let uncut = vec![Some(Ok(())), Some(Err(HandlerError::not_served("app down")))];
-        let old = remote_outcomes(Ok(batch_answer(uncut, 1 << 20, false)), 2, D);
+        let old = remote_outcomes(Ok(batch_answer(uncut, 1 << 20)), 2, D);
         assert!(matches!(old.as_slice(), [Outcome::Ran(Ok(())), Outcome::Ran(Err(e))] if e.status == 503), "{old:?}");
-        // Nothing ran at all: refused as a whole either way.
-        for each in [true, false] {
-            let none = batch_answer(vec![None, Some(Err(HandlerError::not_served("app down")))], 1 << 20, each);
-            assert!(matches!(&none, PeerResponse::Error(RemoteError::NotServed(m)) if m == "app down"), "{none:?}");
-            let cut = batch_answer(vec![None, None], 1 << 20, each);
-            assert!(matches!(&cut, PeerResponse::Error(RemoteError::NotServed(m)) if m.contains("stopped")), "{cut:?}");
-        }
+        // Nothing ran at all: refused as a whole.
+        let none = batch_answer(vec![None, Some(Err(HandlerError::not_served("app down")))], 1 << 20);
+        assert!(matches!(&none, PeerResponse::Error(RemoteError::NotServed(m)) if m == "app down"), "{none:?}");
+        let cut = batch_answer(vec![None, None], 1 << 20);
+        assert!(matches!(&cut, PeerResponse::Error(RemoteError::NotServed(m)) if m.contains("stopped")), "{cut:?}");
+        // A `Running` outcome is not taken for a settled one.
+        let running = remote_outcomes(Ok(PeerResponse::DeliveredEach { outcomes: vec![EventOutcome::Ran(Ok(())), EventOutcome::Running], ticket: 3 }), 2, D);
+        assert!(running.iter().all(|o| matches!(o, Outcome::Ran(Err(e)) if e.status == 502)), "{running:?}");
         // The reasons fit the frame, "not served" ones too.
         let long = "x".repeat(10_000);
-        let answer = batch_answer(vec![Some(Ok(())), Some(Err(HandlerError::not_served(long.clone()))), Some(Err(HandlerError::new(500, long)))], 4096, true);
-        let PeerResponse::DeliveredEach(outcomes) = answer else { panic!("{answer:?}") };
-        let sizes: Vec<usize> = outcomes.iter().map(|o| match o {
-            EventOutcome::NotServed(why) => why.len(),
-            EventOutcome::Ran(Err(e)) => e.message.len(),
-            EventOutcome::Ran(Ok(())) => 0,
-        }).collect();
-        assert!(sizes.iter().all(|n| *n <= 4096 / 2 / 3), "{sizes:?}");
+        let cap = outcome_cap(4096, 3);
+        assert!(cap <= 4096 / 2 / 3);
+        for r in [Some(Err(HandlerError::not_served(long.clone()))), Some(Err(HandlerError::new(500, long)))] {
+            match event_outcome(r, cap) {
+                EventOutcome::NotServed(why) => assert!(why.len() <= cap),
+                EventOutcome::Ran(Err(e)) => assert!(e.message.len() <= cap),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    /// A batch is answered for the handlers that ended within `EARLY_ANSWER`, the others left
+    /// running; at once when all end sooner; and at the first end when none ended in time.
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_is_answered_early_for_the_handlers_that_ended() {
+        use futures_util::stream::FuturesUnordered;
+        let after = |i: u32, ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            (i, EventOutcome::Ran(Ok(())))
+        };
+        let early = Duration::from_millis(100);
+        let ok = || Some(EventOutcome::Ran(Ok(())));
+        // One slow handler: the two quick ones are answered at 100 ms.
+        let mut runs: FuturesUnordered<_> = [(0, 10), (1, 5_000), (2, 30)].into_iter().map(|(i, ms)| after(i, ms)).collect();
+        let start = Instant::now();
+        let first = first_outcomes(&mut runs, 3, early).await;
+        assert_eq!(first, vec![ok(), None, ok()]);
+        assert_eq!(start.elapsed(), early);
+        // All quick: answered when the last ends.
+        let mut runs: FuturesUnordered<_> = [(0, 10), (1, 40)].into_iter().map(|(i, ms)| after(i, ms)).collect();
+        let start = Instant::now();
+        assert_eq!(first_outcomes(&mut runs, 2, early).await, vec![ok(), ok()]);
+        assert_eq!(start.elapsed(), Duration::from_millis(40));
+        // All slow: answered at the first end, with those that ended with it.
+        let mut runs: FuturesUnordered<_> = [(0, 700), (1, 300), (2, 300)].into_iter().map(|(i, ms)| after(i, ms)).collect();
+        let start = Instant::now();
+        assert_eq!(first_outcomes(&mut runs, 3, early).await, vec![None, ok(), ok()]);
+        assert_eq!(start.elapsed(), Duration::from_millis(300));
     }
 
     /// Refusals cost no attempt but pause longer each time, and a consumer is listed once per

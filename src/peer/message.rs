@@ -56,6 +56,9 @@ pub enum PeerRequest {
     /// From the node about to bootstrap a cluster of `members` (all seen without cluster
     /// state): mark this node's still empty log as a founder's (`LogStore::mark_founder`).
     Found { members: Vec<NodeId> },
+    /// To the consumer that answered a `DeliverBatch` with `DeliveredEach { ticket }` and
+    /// events still `Running`: answered once at least one of them ended (`DeliveredSome`).
+    AwaitDelivery { ticket: u64 },
 }
 
 impl PeerRequest {
@@ -90,6 +93,7 @@ impl PeerRequest {
             PeerRequest::Deliver { .. } => "deliver",
             PeerRequest::DeliverBatch { .. } => "deliver_batch",
             PeerRequest::Found { .. } => "found",
+            PeerRequest::AwaitDelivery { .. } => "await_delivery",
         }
     }
 }
@@ -115,8 +119,13 @@ pub enum PeerResponse {
     /// One outcome per event of a `DeliverBatch`, in order.
     DeliveredBatch(Vec<Result<(), crate::sdk::HandlerError>>),
     /// One outcome per event of a `DeliverBatch`, in order, which may also say of an event
-    /// that no handler ran for it. Only to peers that announced `features::DELIVERED_EACH`.
-    DeliveredEach(Vec<EventOutcome>),
+    /// that no handler ran for it, or that its handler still runs: the leader then asks for
+    /// those with `AwaitDelivery { ticket }`. Only to peers that announced
+    /// `features::DELIVERED_EACH`.
+    DeliveredEach { outcomes: Vec<EventOutcome>, ticket: u64 },
+    /// The answer to `AwaitDelivery`: outcomes of events of that batch (by their index in it)
+    /// that ended since, at least one; never `Running`.
+    DeliveredSome(Vec<(u32, EventOutcome)>),
 }
 
 /// What a consumer says of one event of a `DeliverBatch` in `DeliveredEach`.
@@ -127,6 +136,8 @@ pub enum EventOutcome {
     /// No handler ran to its end (the consumer's drain cut it off, or its app refused the
     /// connection): not an attempt, the leader hands the event to another consumer.
     NotServed(String),
+    /// Its handler still runs (the others of its batch are answered without waiting for it).
+    Running,
 }
 
 /// What a node says about itself to a peer or a seed prober.

@@ -492,7 +492,8 @@ pub fn response_name(r: &PeerResponse) -> &'static str {
         PeerResponse::Invoked(_) => "Invoked",
         PeerResponse::Delivered(_) => "Delivered",
         PeerResponse::DeliveredBatch(_) => "DeliveredBatch",
-        PeerResponse::DeliveredEach(_) => "DeliveredEach",
+        PeerResponse::DeliveredEach { .. } => "DeliveredEach",
+        PeerResponse::DeliveredSome(_) => "DeliveredSome",
     }
 }
 

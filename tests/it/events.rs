@@ -2182,16 +2182,13 @@ fn a_consumer_stopped_gracefully_during_a_handler_costs_no_attempt() {
     assert!(dead_letters(c.api(leader), "appDrain").expect("dead letters").is_empty());
 }
 
-/// A consumer node stopped gracefully during a batch keeps the outcomes of the batch's events
-/// that finished within the drain's grace: only the event whose handler was cut off is handed
-/// out again (no attempt counted), the finished ones are not (they were handed out again with
-/// the cut one). Only node 3 consumes the subscription, and it is not the leader, so the three
-/// events of one batch publish go to it in one delivery.
-#[test]
-fn a_batch_cut_by_a_consumers_drain_hands_out_again_only_the_cut_event() {
+/// A cluster of three whose node 3 alone consumes the shared subscription `appCut` (events
+/// `cutMe`) through its sidecar app, and is not the leader: the events of one batch publish go
+/// to it in one delivery. (cluster, node 3's app, leader)
+fn one_remote_consumer(name: &str) -> (Cluster, EventsUpstream, u64) {
     let port = free_loopback_ports(1)[0];
     let ups = std::cell::RefCell::new(Vec::new());
-    let (c, _) = Cluster::formed_with("ev-drain-batch", 3, &[], |dir, id| {
+    let (c, _) = Cluster::formed_with(name, 3, &[], |dir, id| {
         if id != 3 {
             return Vec::new();
         }
@@ -2209,7 +2206,7 @@ fn a_batch_cut_by_a_consumers_drain_hands_out_again_only_the_cut_event() {
     });
     c.wait_all_ready(FORMATION);
     let up = ups.into_inner().pop().expect("node 3's app");
-    // The consumer must be a follower: its drain is what is tested, not a leader change.
+    // The consumer must be a follower: its deliveries cross a link.
     for _ in 0..5 {
         if c.wait_for_leader(FORMATION) != 3 {
             break;
@@ -2221,15 +2218,57 @@ fn a_batch_cut_by_a_consumers_drain_hands_out_again_only_the_cut_event() {
     let leader = c.wait_for_leader(FORMATION);
     assert_ne!(leader, 3, "node 3 stayed the leader");
     wait_subscription(&c, &c.apis(), "appCut");
-    let batch = json!([
-        {"eventName": "cutMe", "payload": {"hold": true}},
-        {"eventName": "cutMe", "payload": {"sleepMs": 1200, "i": 1}},
-        {"eventName": "cutMe", "payload": {"sleepMs": 1200, "i": 2}},
-    ]);
-    let resp = c.api(leader).request("POST", "/v1/events", &[], batch.to_string().as_bytes()).expect("POST /v1/events");
+    (c, up, leader)
+}
+
+/// `POST /v1/events` of `payloads` as `cutMe` events at `api`, which must answer 201: (id,
+/// position) of each.
+fn publish_cut_batch(api: Api, payloads: &[Value]) -> Vec<(String, u64)> {
+    let batch: Vec<Value> = payloads.iter().map(|p| json!({"eventName": "cutMe", "payload": p})).collect();
+    let resp = api.request("POST", "/v1/events", &[], Value::Array(batch).to_string().as_bytes()).expect("POST /v1/events");
     assert_eq!(resp.status, 201, "{}", resp.describe());
     let acked = resp.json().expect("JSON");
-    let events: Vec<(String, u64)> = acked["events"].as_array().expect("events").iter().map(|v| id_position(v).expect("id, position")).collect();
+    acked["events"].as_array().expect("events").iter().map(|v| id_position(v).expect("id, position")).collect()
+}
+
+/// `appCut` as the leader sees it.
+fn cut_summary(c: &Cluster, leader: u64) -> Result<Value, String> {
+    let subs = get_json(c.api(leader), "/v1/subscriptions")?;
+    subs["subscriptions"].as_array().and_then(|all| all.iter().find(|s| s["name"] == "appCut")).cloned().ok_or_else(|| "appCut not listed".to_string())
+}
+
+/// One slow handler does not hold the acks of the other events of its batch: the consumer
+/// answers for those that ended and is asked for the slow one later.
+#[test]
+fn a_slow_handler_does_not_hold_the_acks_of_its_batch() {
+    let (c, up, leader) = one_remote_consumer("ev-slow-batch");
+    let events = publish_cut_batch(c.api(leader), &[json!({"hold": true}), json!({"i": 1}), json!({"i": 2})]);
+    let (held, first) = (events[0].0.clone(), events[0].1);
+    c.wait_for("the two quick events acked while the first is held", DELIVERY, || {
+        let ours = cut_summary(&c, leader)?;
+        if ours["cursor"].as_u64() == Some(first) && ours["doneAhead"] == 2 { Ok(()) } else { Err(format!("{ours}")) }
+    });
+    assert_eq!(up.list("/events/held").expect("held"), vec![held.clone()], "the first is still held, once");
+    up.call("POST", "/admin/release").expect("release");
+    let last = events[2].1;
+    c.wait_for("all three acked", DELIVERY, || {
+        let ours = cut_summary(&c, leader)?;
+        if ours["cursor"].as_u64().is_some_and(|c| c > last) && ours["retrying"] == 0 { Ok(()) } else { Err(format!("{ours}")) }
+    });
+    let received = up.list("/events/received").expect("received");
+    for (id, _) in &events {
+        assert_eq!(received.iter().filter(|r| *r == id).count(), 1, "{id} ran once: {received:?}");
+    }
+}
+
+/// A consumer node stopped gracefully during a batch keeps the outcomes of the batch's events
+/// that finished within the drain's grace: only the event whose handler was cut off is handed
+/// out again (no attempt counted), the finished ones are not (they were handed out again with
+/// the cut one).
+#[test]
+fn a_batch_cut_by_a_consumers_drain_hands_out_again_only_the_cut_event() {
+    let (c, up, leader) = one_remote_consumer("ev-drain-batch");
+    let events = publish_cut_batch(c.api(leader), &[json!({"hold": true}), json!({"sleepMs": 1200, "i": 1}), json!({"sleepMs": 1200, "i": 2})]);
     let (held, finished) = (events[0].0.clone(), [events[1].0.clone(), events[2].0.clone()]);
     c.wait_for("node 3's app holding the first event", DELIVERY, || {
         let got = up.list("/events/held")?;
@@ -2250,8 +2289,7 @@ fn a_batch_cut_by_a_consumers_drain_hands_out_again_only_the_cut_event() {
     up.call("POST", "/admin/release").expect("release");
     let last = events[2].1;
     c.wait_for("all three acked", DELIVERY, || {
-        let subs = get_json(c.api(leader), "/v1/subscriptions")?;
-        let ours = subs["subscriptions"].as_array().and_then(|all| all.iter().find(|s| s["name"] == "appCut")).cloned().ok_or("appCut")?;
+        let ours = cut_summary(&c, leader)?;
         if ours["cursor"].as_u64().is_some_and(|c| c > last) && ours["retrying"] == 0 { Ok(()) } else { Err(format!("{ours}")) }
     });
     let received = up.list("/events/received").expect("received");
