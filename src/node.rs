@@ -412,7 +412,7 @@ pub async fn run(
         replica: replica.clone(),
         cluster: cluster.clone(),
         proxy: proxy.clone(),
-        dispatcher,
+        dispatcher: dispatcher.clone(),
         broker: broker.clone(),
         snapshots: Arc::new(Snapshots { assembling: Mutex::new(HashMap::new()), cap: cfg.snapshot_cap() }),
         appends: appends.clone(),
@@ -531,6 +531,11 @@ pub async fn run(
     // leader's go to the new one), and the answers to what peers asked of it.
     if !broker.drained(IN_FLIGHT_GRACE).await {
         warn!(grace = ?IN_FLIGHT_GRACE, "event entries still in flight at shutdown; their publishers get no answer");
+    }
+    // Deliveries answered early whose last handlers ran on (or were cut by the stop) hand their
+    // outcomes to their leaders before the links close.
+    if !dispatcher.handed_over(IN_FLIGHT_GRACE).await {
+        warn!(grace = ?IN_FLIGHT_GRACE, "delivery outcomes not asked for by their leader at shutdown; their events count an attempt");
     }
     if !net.quiesce(IN_FLIGHT_GRACE).await {
         warn!(grace = ?IN_FLIGHT_GRACE, "peer requests still being served at shutdown; their senders get no answer");
@@ -936,7 +941,7 @@ impl Handler for PeerHandler {
                     let each = replica.net.features(from) & crate::peer::frame::features::DELIVERED_EACH != 0;
                     dispatcher.serve_delivery_batch(from, sub, events, replica.net.max_frame_to(from), each).await
                 }
-                PeerRequest::AwaitDelivery { ticket } => dispatcher.serve_await_delivery(from, ticket, replica.net.max_frame_to(from)).await,
+                PeerRequest::AwaitDelivery { ticket } => dispatcher.serve_await_delivery(from, ticket).await,
                 PeerRequest::WriteBatch(cmds) => {
                     let replayable: Vec<bool> = cmds.iter().map(|c| matches!(c, Command::IdemBegin { .. } | Command::IdemClaim { .. } | Command::IdemTake { .. })).collect();
                     // Sized for the link's frame (the smaller of both sides'), which the reply

@@ -279,10 +279,12 @@ pub struct Dispatcher {
     /// `shared_loop` hands nothing out before.
     unfinished_counted: tokio::sync::watch::Sender<bool>,
     /// Batches served for a leader that were answered while some of their handlers still ran,
-    /// by (leader, ticket): the outcomes still to come (`Remaining`). An entry's driver task
+    /// by (leader, ticket): the outcomes still to come (`Remaining`; taken out while an
+    /// `AwaitDelivery` waits on them, the entry stays). An entry's driver task
     /// (`serve_delivery_batch`) removes it `SETTLED_LINGER` after its last handler ended, and
-    /// `serve_await_delivery` once it handed every outcome over; locked only to move it.
-    batches: Mutex<HashMap<(NodeId, u64), Remaining>>,
+    /// `serve_await_delivery` once it handed every outcome over; `handed_over` waits for none to
+    /// be left. Locked only to look an entry up or move it.
+    batches: Mutex<HashMap<(NodeId, u64), Option<Remaining>>>,
     /// Numbers the entries of `batches` (from a random start, see `start`).
     tickets: std::sync::atomic::AtomicU64,
 }
@@ -303,6 +305,10 @@ const EARLY_ANSWER: Duration = Duration::from_millis(100);
 /// How long the outcomes of a batch's last handlers wait for the leader's `AwaitDelivery` after
 /// they ended (a leader that went away never asks).
 const SETTLED_LINGER: Duration = Duration::from_secs(30);
+
+/// How long the handlers that end after the first of a group are waited for, so that those
+/// ending close together are settled together (one answer, one commit of their progress).
+const GATHER: Duration = Duration::from_millis(5);
 
 /// Bucket bounds (seconds) of `raftbridge_delivery_latency_seconds`, a histogram so that a
 /// benchmark can difference two scrapes (a summary's quantiles cover a rolling window that mixes
@@ -615,7 +621,7 @@ impl Dispatcher {
         // The rest run on in a task of their own; their outcomes wait for the leader's asks.
         let ticket = self.tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(left);
-        lock(&self.batches).insert((from, ticket), Remaining { outcomes: rx, left });
+        lock(&self.batches).insert((from, ticket), Some(Remaining { outcomes: rx, left }));
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(outcome) = futures_util::StreamExt::next(&mut runs).await {
@@ -623,9 +629,11 @@ impl Dispatcher {
                 let _ = tx.try_send(outcome);
             }
             drop(tx);
-            // Not past the node's stop: its runtime ends then.
-            let _ = tokio::time::timeout(SETTLED_LINGER, this.stop.cancelled()).await;
-            lock(&this.batches).remove(&(from, ticket));
+            // At the node's stop the outcomes wait for the leader's ask (`handed_over`), until
+            // the runtime ends.
+            if tokio::time::timeout(SETTLED_LINGER, this.stop.cancelled()).await.is_err() {
+                lock(&this.batches).remove(&(from, ticket));
+            }
         });
         for o in outcomes.iter_mut().filter(|o| o.is_none()) {
             *o = Some(EventOutcome::Running);
@@ -634,37 +642,65 @@ impl Dispatcher {
     }
 
     /// Serve `PeerRequest::AwaitDelivery` from `from`: the outcomes of the batch `ticket` that
-    /// ended since they were last asked for, once there is at least one. Bounded: each handler
-    /// ends by its ack deadline, or this node's drain cuts it (`cut_at_stop`).
-    pub async fn serve_await_delivery(&self, from: NodeId, ticket: u64, frame: usize) -> PeerResponse {
-        let Some(mut remaining) = lock(&self.batches).remove(&(from, ticket)) else {
-            return PeerResponse::Error(RemoteError::Invalid(format!("no delivery batch {ticket} runs here (this node restarted, or its outcomes waited longer than {SETTLED_LINGER:?})")));
+    /// ended since they were last asked for, once there is at least one, with those that end
+    /// within `GATHER` of it (handlers that end close together are answered together, not in a
+    /// round each). Bounded: each handler ends by its ack deadline, or this node's drain cuts it
+    /// (`cut_at_stop`). The reasons were cut to the batch's share of the frame already.
+    pub async fn serve_await_delivery(&self, from: NodeId, ticket: u64) -> PeerResponse {
+        let taken = lock(&self.batches).get_mut(&(from, ticket)).map(Option::take);
+        let mut remaining = match taken {
+            Some(Some(remaining)) => remaining,
+            // The leader asks one at a time; a second ask is answered as busy (asked again).
+            Some(None) => return PeerResponse::Error(RemoteError::NotServed(format!("delivery batch {ticket} is being asked for already"))),
+            None => return PeerResponse::Error(RemoteError::Invalid(format!("no delivery batch {ticket} runs here (this node restarted, or its outcomes waited longer than {SETTLED_LINGER:?})"))),
         };
         let mut ended = Vec::new();
         if let Some(first) = remaining.outcomes.recv().await {
             ended.push(first);
-            while let Ok(more) = remaining.outcomes.try_recv() {
-                ended.push(more);
+            let until = Instant::now() + GATHER;
+            while ended.len() < remaining.left {
+                match tokio::time::timeout_at(until, remaining.outcomes.recv()).await {
+                    Ok(Some(more)) => ended.push(more),
+                    Ok(None) | Err(_) => break,
+                }
             }
         }
         remaining.left = remaining.left.saturating_sub(ended.len());
-        if remaining.left > 0 && !ended.is_empty() {
-            lock(&self.batches).insert((from, ticket), remaining);
+        {
+            let mut batches = lock(&self.batches);
+            // Put back while outcomes are to come (unless the entry's linger removed it).
+            match batches.get_mut(&(from, ticket)) {
+                Some(slot) if remaining.left > 0 && !ended.is_empty() => *slot = Some(remaining),
+                Some(_) => {
+                    batches.remove(&(from, ticket));
+                }
+                None => {}
+            }
         }
         if ended.is_empty() {
             return PeerResponse::Error(RemoteError::Internal(format!("delivery batch {ticket} ended without its outcomes")));
         }
-        // Cut again for this answer's own share of the frame.
-        let cap = outcome_cap(frame, ended.len());
-        for (_, o) in &mut ended {
-            if let EventOutcome::Ran(Err(e)) = o {
-                crate::sdk::truncate_utf8(&mut e.message, cap);
-            } else if let EventOutcome::NotServed(why) = o {
-                crate::sdk::truncate_utf8(why, cap);
-            }
-        }
         PeerResponse::DeliveredSome(ended)
     }
+
+    /// Waits, at most `grace`, until every batch answered early has handed its outcomes to its
+    /// leader (`AwaitDelivery`): at the node's drain, before the links close. Their handlers
+    /// run outside the peer requests `PeerNet::quiesce` waits for, and a link closed before
+    /// the cut ones were said "not served" cost each an attempt. False if some were left.
+    pub async fn handed_over(&self, grace: Duration) -> bool {
+        let until = Instant::now() + grace;
+        // Bounded by `grace`, checked every 10 ms.
+        loop {
+            if lock(&self.batches).is_empty() {
+                return true;
+            }
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Consumers of a shared subscription: registered, available, and live.
     fn consumers(&self, sub: &str) -> Vec<NodeId> {
         self.sm
@@ -940,10 +976,18 @@ impl Dispatcher {
             loop {
                 tokio::select! {
                     Some(first) = runs.next() => {
-                        // Those that ended together are settled together (one commit).
+                        // Those that end together, or within `GATHER`, are settled together
+                        // (one commit).
                         let mut ended = vec![first];
                         while let Some(Some(more)) = runs.next().now_or_never() {
                             ended.push(more);
+                        }
+                        let until = Instant::now() + GATHER;
+                        while !runs.is_empty() {
+                            match tokio::time::timeout_at(until, runs.next()).await {
+                                Ok(Some(more)) => ended.push(more),
+                                Ok(None) | Err(_) => break,
+                            }
                         }
                         if let Some(slots) = &slots {
                             let done: Vec<u64> = ended.iter().filter_map(|(i, _)| slots.get(*i).copied()).collect();
@@ -1025,6 +1069,11 @@ impl Dispatcher {
             let left = bound.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(late());
+            }
+            // A consumer restarted on an older build (or not yet linked again) cannot decode the
+            // ask, and would close the link over it: its handlers may have run.
+            if self.net.features(target) & features::DELIVERED_EACH == 0 {
+                return Err(Outcome::Ran(Err(HandlerError::new(502, format!("node {target} no longer serves the batch (its link is gone or it runs an older build)")))));
             }
             match self.net.request(target, &PeerRequest::AwaitDelivery { ticket }, left).await {
                 Ok(PeerResponse::DeliveredSome(list)) if !list.is_empty() => return Ok(list),
