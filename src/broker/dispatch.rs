@@ -284,12 +284,20 @@ pub struct Dispatcher {
     /// (`serve_delivery_batch`) removes it `SETTLED_LINGER` after its last handler ended, and
     /// `serve_await_delivery` once it handed every outcome over; `handed_over` waits for none to
     /// be left. Locked only to look an entry up or move it.
-    batches: Mutex<HashMap<(NodeId, u64), Option<Remaining>>>,
+    batches: Mutex<HashMap<(NodeId, u64), Batch>>,
     /// Numbers the entries of `batches` (from a random start, see `start`).
     tickets: std::sync::atomic::AtomicU64,
 }
 
-/// The outcomes a batch's handlers have still to report (`Dispatcher::batches`), and how many.
+/// A batch answered before all its handlers ended (`Dispatcher::batches`).
+struct Batch {
+    /// `None` while an `AwaitDelivery` waits on it.
+    remaining: Option<Remaining>,
+    /// When it was answered or last asked for: a leader that asks does so again at once.
+    asked: Instant,
+}
+
+/// The outcomes a batch's handlers have still to report, and how many.
 struct Remaining {
     /// Fed by the batch's driver task, which ends (dropping its sender) with the last handler.
     outcomes: mpsc::Receiver<(u32, EventOutcome)>,
@@ -305,6 +313,10 @@ const EARLY_ANSWER: Duration = Duration::from_millis(100);
 /// How long the outcomes of a batch's last handlers wait for the leader's `AwaitDelivery` after
 /// they ended (a leader that went away never asks).
 const SETTLED_LINGER: Duration = Duration::from_secs(30);
+
+/// A leader that asked for a batch within this long is taken to ask again (it does so as soon
+/// as an answer arrives), so a drain waits for it (`handed_over`).
+const ASKS_LIVE: Duration = Duration::from_secs(1);
 
 /// How long the handlers that end after the first of a group are waited for, so that those
 /// ending close together are settled together (one answer, one commit of their progress).
@@ -609,6 +621,15 @@ impl Dispatcher {
             })
             .collect();
         let mut outcomes = first_outcomes(&mut runs, n, EARLY_ANSWER).await;
+        if self.stop.is_cancelled() {
+            // This node drains: no batch is left running past the answer (the drain would not
+            // wait for it before the links close); every handler ends or is cut by `CUT_GRACE`.
+            while let Some((i, o)) = futures_util::StreamExt::next(&mut runs).await {
+                if let Some(slot) = outcomes.get_mut(i as usize) {
+                    *slot = Some(o);
+                }
+            }
+        }
         let left = outcomes.iter().filter(|o| o.is_none()).count();
         if left == 0 {
             let outcomes: Vec<EventOutcome> = outcomes.into_iter().flatten().collect();
@@ -621,7 +642,9 @@ impl Dispatcher {
         // The rest run on in a task of their own; their outcomes wait for the leader's asks.
         let ticket = self.tickets.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(left);
-        lock(&self.batches).insert((from, ticket), Some(Remaining { outcomes: rx, left }));
+        // No await since the stop was checked: `handed_over` runs after the stop, so it sees
+        // this entry.
+        lock(&self.batches).insert((from, ticket), Batch { remaining: Some(Remaining { outcomes: rx, left }), asked: Instant::now() });
         let this = self.clone();
         tokio::spawn(async move {
             while let Some(outcome) = futures_util::StreamExt::next(&mut runs).await {
@@ -647,7 +670,7 @@ impl Dispatcher {
     /// round each). Bounded: each handler ends by its ack deadline, or this node's drain cuts it
     /// (`cut_at_stop`). The reasons were cut to the batch's share of the frame already.
     pub async fn serve_await_delivery(&self, from: NodeId, ticket: u64) -> PeerResponse {
-        let taken = lock(&self.batches).get_mut(&(from, ticket)).map(Option::take);
+        let taken = lock(&self.batches).get_mut(&(from, ticket)).map(|b| b.remaining.take());
         let mut remaining = match taken {
             Some(Some(remaining)) => remaining,
             // The leader asks one at a time; a second ask is answered as busy (asked again).
@@ -670,7 +693,10 @@ impl Dispatcher {
             let mut batches = lock(&self.batches);
             // Put back while outcomes are to come (unless the entry's linger removed it).
             match batches.get_mut(&(from, ticket)) {
-                Some(slot) if remaining.left > 0 && !ended.is_empty() => *slot = Some(remaining),
+                Some(batch) if remaining.left > 0 && !ended.is_empty() => {
+                    batch.remaining = Some(remaining);
+                    batch.asked = Instant::now();
+                }
                 Some(_) => {
                     batches.remove(&(from, ticket));
                 }
@@ -686,12 +712,18 @@ impl Dispatcher {
     /// Waits, at most `grace`, until every batch answered early has handed its outcomes to its
     /// leader (`AwaitDelivery`): at the node's drain, before the links close. Their handlers
     /// run outside the peer requests `PeerNet::quiesce` waits for, and a link closed before
-    /// the cut ones were said "not served" cost each an attempt. False if some were left.
+    /// the cut ones were said "not served" cost each an attempt. Only batches whose leader
+    /// still asks are waited for: one being asked for, or asked for within `ASKS_LIVE` by a
+    /// leader still linked (one that stopped or restarted never asks again). False if some
+    /// were left.
     pub async fn handed_over(&self, grace: Duration) -> bool {
         let until = Instant::now() + grace;
         // Bounded by `grace`, checked every 10 ms.
         loop {
-            if lock(&self.batches).is_empty() {
+            let waited = |(leader, _): &(NodeId, u64), b: &Batch| {
+                b.remaining.is_none() || (b.asked.elapsed() < ASKS_LIVE && self.net.features(*leader) & features::DELIVERED_EACH != 0)
+            };
+            if !lock(&self.batches).iter().any(|(k, b)| waited(k, b)) {
                 return true;
             }
             if Instant::now() >= until {
@@ -964,7 +996,6 @@ impl Dispatcher {
         let (events, attempts): (Vec<Event>, Vec<u32>) = batch.into_iter().unzip();
         let positions: Vec<u64> = events.iter().map(|e| e.position).collect();
         let item = |(i, outcome): (usize, Outcome)| (positions[i], attempts[i], outcome);
-        let mut settling = futures_util::stream::FuturesUnordered::new();
         if target == self.node_id {
             // Noted on disk while they run: nobody else would count a handler that ends the
             // process (`count_unfinished`).
@@ -973,6 +1004,25 @@ impl Dispatcher {
             // `run_local` holds the handler to the ack deadline.
             let mut runs: futures_util::stream::FuturesUnordered<_> =
                 events.into_iter().enumerate().map(|(i, event)| async move { (i, Outcome::local(self.run_local(&decl.name, event).await)) }).collect();
+            let end = |ended: &[(usize, Outcome)]| {
+                if let Some(slots) = &slots {
+                    let done: Vec<u64> = ended.iter().filter_map(|(i, _)| slots.get(*i).copied()).collect();
+                    if let Some(notes) = lock(&self.running).get_mut(&decl.name) {
+                        notes.ended(done);
+                    }
+                }
+            };
+            // Handlers that end on their first poll (the common case) are settled at once.
+            let mut ready = Vec::with_capacity(n);
+            while let Some(Some(done)) = runs.next().now_or_never() {
+                ready.push(done);
+            }
+            end(&ready);
+            if runs.is_empty() {
+                return self.settle(decl, target, ready.into_iter().map(item).collect(), answered, settled).await;
+            }
+            let mut settling = futures_util::stream::FuturesUnordered::new();
+            settling.push(self.settle(decl, target, ready.into_iter().map(item).collect(), answered, settled));
             loop {
                 tokio::select! {
                     Some(first) = runs.next() => {
@@ -989,12 +1039,7 @@ impl Dispatcher {
                                 Ok(None) | Err(_) => break,
                             }
                         }
-                        if let Some(slots) = &slots {
-                            let done: Vec<u64> = ended.iter().filter_map(|(i, _)| slots.get(*i).copied()).collect();
-                            if let Some(notes) = lock(&self.running).get_mut(&decl.name) {
-                                notes.ended(done);
-                            }
-                        }
+                        end(&ended);
                         settling.push(self.settle(decl, target, ended.into_iter().map(item).collect(), answered, settled));
                     }
                     Some(()) = settling.next() => {}
@@ -1020,14 +1065,16 @@ impl Dispatcher {
             }
         };
         let mut running: Vec<bool> = outcomes.iter().map(|o| matches!(o, EventOutcome::Running)).collect();
-        let ended = outcomes.into_iter().enumerate().filter_map(|(i, o)| each_outcome(o).map(|o| (i, o)));
-        settling.push(self.settle(decl, target, ended.map(item).collect(), answered, settled));
+        let ended: Vec<_> = outcomes.into_iter().enumerate().filter_map(|(i, o)| each_outcome(o).map(|o| (i, o))).map(item).collect();
+        if !running.contains(&true) {
+            return self.settle(decl, target, ended, answered, settled).await;
+        }
+        let mut settling = futures_util::stream::FuturesUnordered::new();
+        settling.push(self.settle(decl, target, ended, answered, settled));
         // Asked one at a time, until none runs or the leader's wait for the batch is over.
         let bound = sent_at + deadline + DELIVERY_GRACE;
         let mut asks = futures_util::stream::FuturesUnordered::new();
-        if running.contains(&true) {
-            asks.push(self.ask(target, ticket, bound, deadline));
-        }
+        asks.push(self.ask(target, ticket, bound, deadline));
         loop {
             tokio::select! {
                 Some(asked) = asks.next() => {
