@@ -2261,6 +2261,43 @@ fn a_slow_handler_does_not_hold_the_acks_of_its_batch() {
     }
 }
 
+/// The same on the leader's own consumer: a one-node cluster hands its events to itself, and
+/// settles each handler's event as it ends.
+#[test]
+fn a_slow_handler_on_the_leader_does_not_hold_the_acks_of_its_batch() {
+    let port = free_loopback_ports(1)[0];
+    let ups = std::cell::RefCell::new(Vec::new());
+    let (c, leader) = Cluster::formed_with("ev-slow-local", 1, &[], |dir, id| {
+        let up = EventsUpstream::spawn(dir, &format!("up{id}"), port);
+        let config = dir.join(format!("n{id}-sidecar.toml"));
+        let toml = format!(
+            "[sidecar]\nupstream = \"http://{}\"\n\n\
+             [[sidecar.subscriptions]]\nname = \"appCut\"\nevent_name = \"cutMe\"\n\
+             max_attempts = 5\nack_deadline_ms = 60000\npath = \"/events/audit\"\n",
+            up.addr
+        );
+        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        ups.borrow_mut().push(up);
+        vec!["--config".to_string(), config.display().to_string()]
+    });
+    c.wait_all_ready(FORMATION);
+    let up = ups.into_inner().pop().expect("the node's app");
+    wait_subscription(&c, &c.apis(), "appCut");
+    let events = publish_cut_batch(c.api(leader), &[json!({"hold": true}), json!({"i": 1}), json!({"sleepMs": 200, "i": 2})]);
+    let (held, first) = (events[0].0.clone(), events[0].1);
+    c.wait_for("the two other events acked while the first is held", DELIVERY, || {
+        let ours = cut_summary(&c, leader)?;
+        if ours["cursor"].as_u64() == Some(first) && ours["doneAhead"] == 2 { Ok(()) } else { Err(format!("{ours}")) }
+    });
+    assert_eq!(up.list("/events/held").expect("held"), vec![held], "the first is still held, once");
+    up.call("POST", "/admin/release").expect("release");
+    let last = events[2].1;
+    c.wait_for("all three acked", DELIVERY, || {
+        let ours = cut_summary(&c, leader)?;
+        if ours["cursor"].as_u64().is_some_and(|c| c > last) && ours["retrying"] == 0 { Ok(()) } else { Err(format!("{ours}")) }
+    });
+}
+
 /// A consumer node stopped gracefully during a batch keeps the outcomes of the batch's events
 /// that finished within the drain's grace: only the event whose handler was cut off is handed
 /// out again (no attempt counted), the finished ones are not (they were handed out again with
