@@ -479,7 +479,10 @@ fn readyz(app: &App) -> ApiResult {
     if app.cluster.ready() {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
     } else {
-        Err(ApiError::Unavailable("not in a cluster with a leader".into()))
+        match app.cluster.apply_backlog() {
+            behind if behind > crate::cluster::KEEP_UP_LAG => Err(ApiError::Unavailable(format!("catching up: {behind} entries of its log to apply"))),
+            _ => Err(ApiError::Unavailable("not in a cluster with a leader".into())),
+        }
     }
 }
 

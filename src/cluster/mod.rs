@@ -72,8 +72,14 @@ fn hears_quorum(voters: impl Iterator<Item = NodeId>, mut heard: impl FnMut(Node
 }
 /// A voter whose log is within this many entries of the leader's keeps up (`keeps_up`): under
 /// load a healthy follower is a few entries in flight behind; one receiving a snapshot or a long
-/// backlog is thousands.
-const KEEP_UP_LAG: u64 = 1024;
+/// backlog is thousands. The same bound holds for the entries a node has still to apply before
+/// it is ready (`ready`).
+pub const KEEP_UP_LAG: u64 = 1024;
+
+/// Entries of a log whose last index is `last_log` that are not applied yet (`applied`).
+fn apply_backlog(last_log: Option<u64>, applied: Option<u64>) -> u64 {
+    last_log.unwrap_or(0).saturating_sub(applied.unwrap_or(0))
+}
 /// How long the leader asks a member's old address whether it still runs there before moving
 /// the member to a new address (`apply_join`).
 const ADDRESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -216,7 +222,17 @@ impl Cluster {
                 // their own majority of voters, heard lately, tells them apart.
                 && self.hears_majority(membership.get_joint_config(), *m.membership_config.log_id(), in_touch_for, now)
         };
-        member && in_touch && m.running_state.is_ok()
+        // Far behind in applying its log (a restart replaying it, a follower that fell behind):
+        // reads would wait and commands run on old state, so it does not say it serves.
+        let behind = apply_backlog(m.last_log_index, m.last_applied.as_ref().map(|l| l.index));
+        member && in_touch && behind <= KEEP_UP_LAG && m.running_state.is_ok()
+    }
+
+    /// How many entries of its log this node has still to apply.
+    pub fn apply_backlog(&self) -> u64 {
+        let rx = self.replica.raft.metrics();
+        let m = rx.borrow_watched();
+        apply_backlog(m.last_log_index, m.last_applied.as_ref().map(|l| l.index))
     }
 
     /// Whether this node heard lately from a majority of each voter configuration (both halves
@@ -902,6 +918,16 @@ fn to_remote(e: RaftError<ClientWriteError>) -> RemoteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_apply_backlog_counts_the_entries_not_applied() {
+        assert_eq!(apply_backlog(None, None), 0);
+        assert_eq!(apply_backlog(Some(5_000), None), 5_000);
+        assert_eq!(apply_backlog(Some(5_000), Some(4_990)), 10);
+        // A snapshot installed ahead of the log's last entry: nothing behind.
+        assert_eq!(apply_backlog(Some(10), Some(20)), 0);
+        assert!(apply_backlog(Some(3_000), Some(1_000)) > KEEP_UP_LAG);
+    }
 
     #[test]
     fn a_follower_is_in_touch_only_on_the_side_of_a_majority_of_voters() {
