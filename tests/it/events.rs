@@ -2086,6 +2086,37 @@ fn an_event_that_ends_the_process_is_dead_lettered_after_its_attempts() {
     }
 }
 
+/// Node `id`'s sidecar app on `port` (its log in `dir`) and the flags that make the node
+/// consume the shared subscription `sub` (events `event`, `max_attempts`, a 60 s ack deadline)
+/// through it.
+fn app_consuming(dir: &Path, id: u64, port: SocketAddr, sub: &str, event: &str, max_attempts: u32) -> (EventsUpstream, Vec<String>) {
+    let up = EventsUpstream::spawn(dir, &format!("up{id}"), port);
+    let config = dir.join(format!("n{id}-sidecar.toml"));
+    let toml = format!(
+        "[sidecar]\nupstream = \"http://{}\"\n\n\
+         [[sidecar.subscriptions]]\nname = \"{sub}\"\nevent_name = \"{event}\"\n\
+         max_attempts = {max_attempts}\nack_deadline_ms = 60000\npath = \"/events/audit\"\n",
+        up.addr
+    );
+    fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+    (up, vec!["--config".to_string(), config.display().to_string()])
+}
+
+/// A one-node cluster whose node consumes the shared subscription `sub` (see `app_consuming`)
+/// through its app, ready and registered.
+fn lone_node_with_app(name: &str, sub: &str, event: &str, max_attempts: u32) -> (Cluster, EventsUpstream) {
+    let port = free_loopback_ports(1)[0];
+    let ups = std::cell::RefCell::new(Vec::new());
+    let (c, _) = Cluster::formed_with(name, 1, &[], |dir, id| {
+        let (up, flags) = app_consuming(dir, id, port, sub, event, max_attempts);
+        ups.borrow_mut().push(up);
+        flags
+    });
+    c.wait_all_ready(FORMATION);
+    wait_subscription(&c, &c.apis(), sub);
+    (c, ups.into_inner().pop().expect("the node's app"))
+}
+
 /// A shared subscription's event whose handler ends the process of the node that handed it
 /// to itself (the leader: here the only node) is counted as an attempt too: the node notes
 /// the deliveries it runs for itself on its disk, and after a restart has the unfinished ones
@@ -2093,24 +2124,8 @@ fn an_event_that_ends_the_process_is_dead_lettered_after_its_attempts() {
 /// one delivered. (The app holds the event, and the test SIGKILLs the node while it waits.)
 #[test]
 fn a_shared_event_that_ends_the_leaders_process_is_dead_lettered_after_its_attempts() {
-    let port = free_loopback_ports(1)[0];
-    let ups = std::cell::RefCell::new(Vec::new());
-    let (c, _) = Cluster::formed_with("ev-poison-shared", 1, &[], |dir, id| {
-        let up = EventsUpstream::spawn(dir, &format!("up{id}"), port);
-        let config = dir.join(format!("n{id}-sidecar.toml"));
-        let toml = format!(
-            "[sidecar]\nupstream = \"http://{}\"\n\n\
-             [[sidecar.subscriptions]]\nname = \"appShared\"\nevent_name = \"sharedPoison\"\n\
-             max_attempts = 2\nack_deadline_ms = 60000\npath = \"/events/audit\"\n",
-            up.addr
-        );
-        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        ups.borrow_mut().push(up);
-        vec!["--config".to_string(), config.display().to_string()]
-    });
-    c.wait_all_ready(FORMATION);
-    let ups = ups.into_inner();
-    wait_subscription(&c, &c.apis(), "appShared");
+    let (c, up) = lone_node_with_app("ev-poison-shared", "appShared", "sharedPoison", 2);
+    let ups = [up];
     let (poison, _) = c.wait_for("a poison event accepted", PROGRESS, || publish(c.api(1), "sharedPoison", &json!({"hold": true}), &[]));
     let held = |id: &str| -> usize { ups[0].list("/events/held").map_or(0, |ids| ids.iter().filter(|h| *h == id).count()) };
     for attempt in 1..=2 {
@@ -2192,17 +2207,9 @@ fn one_remote_consumer(name: &str) -> (Cluster, EventsUpstream, u64) {
         if id != 3 {
             return Vec::new();
         }
-        let up = EventsUpstream::spawn(dir, "up3", port);
-        let config = dir.join("n3-sidecar.toml");
-        let toml = format!(
-            "[sidecar]\nupstream = \"http://{}\"\n\n\
-             [[sidecar.subscriptions]]\nname = \"appCut\"\nevent_name = \"cutMe\"\n\
-             max_attempts = 5\nack_deadline_ms = 60000\npath = \"/events/audit\"\n",
-            up.addr
-        );
-        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        let (up, flags) = app_consuming(dir, id, port, "appCut", "cutMe", 5);
         ups.borrow_mut().push(up);
-        vec!["--config".to_string(), config.display().to_string()]
+        flags
     });
     c.wait_all_ready(FORMATION);
     let up = ups.into_inner().pop().expect("node 3's app");
@@ -2242,58 +2249,39 @@ fn cut_summary(c: &Cluster, leader: u64) -> Result<Value, String> {
 #[test]
 fn a_slow_handler_does_not_hold_the_acks_of_its_batch() {
     let (c, up, leader) = one_remote_consumer("ev-slow-batch");
-    let events = publish_cut_batch(c.api(leader), &[json!({"hold": true}), json!({"i": 1}), json!({"i": 2})]);
-    let (held, first) = (events[0].0.clone(), events[0].1);
-    c.wait_for("the two quick events acked while the first is held", DELIVERY, || {
-        let ours = cut_summary(&c, leader)?;
-        if ours["cursor"].as_u64() == Some(first) && ours["doneAhead"] == 2 { Ok(()) } else { Err(format!("{ours}")) }
-    });
-    assert_eq!(up.list("/events/held").expect("held"), vec![held.clone()], "the first is still held, once");
-    up.call("POST", "/admin/release").expect("release");
-    let last = events[2].1;
-    c.wait_for("all three acked", DELIVERY, || {
-        let ours = cut_summary(&c, leader)?;
-        if ours["cursor"].as_u64().is_some_and(|c| c > last) && ours["retrying"] == 0 { Ok(()) } else { Err(format!("{ours}")) }
-    });
-    let received = up.list("/events/received").expect("received");
-    for (id, _) in &events {
-        assert_eq!(received.iter().filter(|r| *r == id).count(), 1, "{id} ran once: {received:?}");
-    }
+    slow_handler_in_a_batch(&c, &up, leader);
 }
 
 /// The same on the leader's own consumer: a one-node cluster hands its events to itself, and
 /// settles each handler's event as it ends.
 #[test]
 fn a_slow_handler_on_the_leader_does_not_hold_the_acks_of_its_batch() {
-    let port = free_loopback_ports(1)[0];
-    let ups = std::cell::RefCell::new(Vec::new());
-    let (c, leader) = Cluster::formed_with("ev-slow-local", 1, &[], |dir, id| {
-        let up = EventsUpstream::spawn(dir, &format!("up{id}"), port);
-        let config = dir.join(format!("n{id}-sidecar.toml"));
-        let toml = format!(
-            "[sidecar]\nupstream = \"http://{}\"\n\n\
-             [[sidecar.subscriptions]]\nname = \"appCut\"\nevent_name = \"cutMe\"\n\
-             max_attempts = 5\nack_deadline_ms = 60000\npath = \"/events/audit\"\n",
-            up.addr
-        );
-        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        ups.borrow_mut().push(up);
-        vec!["--config".to_string(), config.display().to_string()]
-    });
-    c.wait_all_ready(FORMATION);
-    let up = ups.into_inner().pop().expect("the node's app");
-    wait_subscription(&c, &c.apis(), "appCut");
+    let (c, up) = lone_node_with_app("ev-slow-local", "appCut", "cutMe", 5);
+    slow_handler_in_a_batch(&c, &up, 1);
+}
+
+/// A batch of a held event, a quick one and one of 200 ms to `appCut`: the two are acked while
+/// the first is held, then all three once it is released, each run once.
+fn slow_handler_in_a_batch(c: &Cluster, up: &EventsUpstream, leader: u64) {
     let events = publish_cut_batch(c.api(leader), &[json!({"hold": true}), json!({"i": 1}), json!({"sleepMs": 200, "i": 2})]);
     let (held, first) = (events[0].0.clone(), events[0].1);
     c.wait_for("the two other events acked while the first is held", DELIVERY, || {
-        let ours = cut_summary(&c, leader)?;
+        let ours = cut_summary(c, leader)?;
         if ours["cursor"].as_u64() == Some(first) && ours["doneAhead"] == 2 { Ok(()) } else { Err(format!("{ours}")) }
     });
     assert_eq!(up.list("/events/held").expect("held"), vec![held], "the first is still held, once");
     up.call("POST", "/admin/release").expect("release");
-    let last = events[2].1;
-    c.wait_for("all three acked", DELIVERY, || {
-        let ours = cut_summary(&c, leader)?;
+    wait_cut_all_acked(c, leader, events[2].1);
+    let received = up.list("/events/received").expect("received");
+    for (id, _) in &events {
+        assert_eq!(received.iter().filter(|r| *r == id).count(), 1, "{id} ran once: {received:?}");
+    }
+}
+
+/// Waits until `appCut`'s cursor passed `last` with nothing retrying.
+fn wait_cut_all_acked(c: &Cluster, leader: u64, last: u64) {
+    c.wait_for("all acked", DELIVERY, || {
+        let ours = cut_summary(c, leader)?;
         if ours["cursor"].as_u64().is_some_and(|c| c > last) && ours["retrying"] == 0 { Ok(()) } else { Err(format!("{ours}")) }
     });
 }
@@ -2328,11 +2316,7 @@ fn a_batch_cut_by_a_consumers_drain_hands_out_again_only_the_cut_event() {
     let ours = cut_summary(&c, leader).expect("appCut");
     assert_eq!(ours["retrying"], 0, "no attempt counted for the handler the drain cut off: {ours}");
     up.call("POST", "/admin/release").expect("release");
-    let last = events[2].1;
-    c.wait_for("all three acked", DELIVERY, || {
-        let ours = cut_summary(&c, leader)?;
-        if ours["cursor"].as_u64().is_some_and(|c| c > last) && ours["retrying"] == 0 { Ok(()) } else { Err(format!("{ours}")) }
-    });
+    wait_cut_all_acked(&c, leader, events[2].1);
     let received = up.list("/events/received").expect("received");
     for id in &finished {
         assert_eq!(received.iter().filter(|r| *r == id).count(), 1, "{id} was handed out again after it finished: {received:?}");
