@@ -76,9 +76,30 @@ fn hears_quorum(voters: impl Iterator<Item = NodeId>, mut heard: impl FnMut(Node
 /// it is ready (`ready`).
 pub const KEEP_UP_LAG: u64 = 1024;
 
-/// Entries of a log whose last index is `last_log` that are not applied yet (`applied`).
-fn apply_backlog(last_log: Option<u64>, applied: Option<u64>) -> u64 {
-    last_log.unwrap_or(0).saturating_sub(applied.unwrap_or(0))
+/// Committed entries (up to `committed`, the cluster's commit index as the leader reported
+/// it, whether this node has them yet or not) not applied yet (`applied`).
+fn apply_backlog(committed: Option<u64>, applied: Option<u64>) -> u64 {
+    committed.unwrap_or(0).saturating_sub(applied.unwrap_or(0))
+}
+
+/// How long a node stays over `KEEP_UP_LAG` committed entries behind before it is not ready.
+const BEHIND_MS: u64 = 1_000;
+
+/// Whether a `backlog` of committed entries to apply over `KEEP_UP_LAG` has lasted `BEHIND_MS`
+/// by `now` (ms, never 0), noting in `since` (0: not behind) when it began.
+fn stays_behind(since: &AtomicU64, backlog: u64, now: u64) -> bool {
+    if backlog <= KEEP_UP_LAG {
+        since.store(0, Ordering::Relaxed);
+        return false;
+    }
+    let began = match since.load(Ordering::Relaxed) {
+        0 => {
+            since.store(now, Ordering::Relaxed);
+            now
+        }
+        at => at,
+    };
+    now.saturating_sub(began) >= BEHIND_MS
 }
 /// How long the leader asks a member's old address whether it still runs there before moving
 /// the member to a new address (`apply_join`).
@@ -126,6 +147,9 @@ pub struct Cluster {
     /// `hears_majority`'s last judgement: when (ms after `since` + 1), for which membership
     /// (its log id), and what. Locked only to read or replace it.
     quorum_heard: Arc<std::sync::Mutex<Option<QuorumHeard>>>,
+    /// Since when (ms after `since` + 1; 0: it is not) this node has had more than
+    /// `KEEP_UP_LAG` committed entries left to apply; written and read by `ready`.
+    behind_ms: Arc<AtomicU64>,
 }
 
 /// `hears_majority`'s judgement: when, for which membership, and what.
@@ -155,6 +179,7 @@ impl Cluster {
             append_from: Arc::new(AtomicU64::new(0)),
             append_ms: Arc::new(AtomicU64::new(0)),
             quorum_heard: Arc::new(std::sync::Mutex::new(None)),
+            behind_ms: Arc::new(AtomicU64::new(0)),
         };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
         crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
@@ -222,17 +247,19 @@ impl Cluster {
                 // their own majority of voters, heard lately, tells them apart.
                 && self.hears_majority(membership.get_joint_config(), *m.membership_config.log_id(), in_touch_for, now)
         };
-        // Far behind in applying its log (a restart replaying it, a follower that fell behind):
-        // reads would wait and commands run on old state, so it does not say it serves.
-        let behind = apply_backlog(m.last_log_index, m.last_applied.as_ref().map(|l| l.index));
-        member && in_touch && behind <= KEEP_UP_LAG && m.running_state.is_ok()
+        // Far behind in applying what the cluster committed (a restart replaying its log, a
+        // follower that fell behind) for `BEHIND_MS`: reads would wait and commands run on old
+        // state, so it does not say it serves. (One large commit does not count.)
+        let backlog = apply_backlog(m.cluster_committed.as_ref().map(|l| l.index), m.last_applied.as_ref().map(|l| l.index));
+        let now = self.since.elapsed().as_millis() as u64 + 1;
+        member && in_touch && !stays_behind(&self.behind_ms, backlog, now) && m.running_state.is_ok()
     }
 
-    /// How many entries of its log this node has still to apply.
+    /// How many committed entries this node has still to apply.
     pub fn apply_backlog(&self) -> u64 {
         let rx = self.replica.raft.metrics();
         let m = rx.borrow_watched();
-        apply_backlog(m.last_log_index, m.last_applied.as_ref().map(|l| l.index))
+        apply_backlog(m.cluster_committed.as_ref().map(|l| l.index), m.last_applied.as_ref().map(|l| l.index))
     }
 
     /// Whether this node heard lately from a majority of each voter configuration (both halves
@@ -924,9 +951,21 @@ mod tests {
         assert_eq!(apply_backlog(None, None), 0);
         assert_eq!(apply_backlog(Some(5_000), None), 5_000);
         assert_eq!(apply_backlog(Some(5_000), Some(4_990)), 10);
-        // A snapshot installed ahead of the log's last entry: nothing behind.
-        assert_eq!(apply_backlog(Some(10), Some(20)), 0);
         assert!(apply_backlog(Some(3_000), Some(1_000)) > KEEP_UP_LAG);
+    }
+
+    /// A backlog over the bound counts once it lasted a second; one that drops below starts
+    /// over.
+    #[test]
+    fn a_node_is_behind_once_its_backlog_lasted() {
+        let since = AtomicU64::new(0);
+        assert!(!stays_behind(&since, 5_000, 10));
+        assert!(!stays_behind(&since, 5_000, 900));
+        assert!(stays_behind(&since, 5_000, 1_010));
+        assert!(!stays_behind(&since, 10, 1_020), "caught up");
+        assert!(!stays_behind(&since, 5_000, 1_030), "behind again: counted from now");
+        assert!(!stays_behind(&since, 5_000, 2_000));
+        assert!(stays_behind(&since, 5_000, 2_030));
     }
 
     #[test]
