@@ -601,7 +601,7 @@ impl Dispatcher {
         }
         let n = events.len();
         if n > MAX_DELIVER_BATCH {
-            let e = HandlerError::new(413, format!("{n} events in one delivery, at most {MAX_DELIVER_BATCH}", ));
+            let e = HandlerError::new(413, format!("{n} events in one delivery, at most {MAX_DELIVER_BATCH}"));
             return PeerResponse::DeliveredBatch(vec![Err(e); n]);
         }
         if !each {
@@ -634,8 +634,11 @@ impl Dispatcher {
         if left == 0 {
             let outcomes: Vec<EventOutcome> = outcomes.into_iter().flatten().collect();
             // None ran: refused as a whole, as to an older leader.
-            if let Some(why) = outcomes.iter().map(|o| match o { EventOutcome::NotServed(why) => Some(why), _ => None }).collect::<Option<Vec<_>>>().and_then(|w| w.first().cloned()) {
-                return PeerResponse::Error(RemoteError::NotServed(why.clone()));
+            if outcomes.iter().all(|o| matches!(o, EventOutcome::NotServed(_))) {
+                if let Some(EventOutcome::NotServed(why)) = outcomes.into_iter().next() {
+                    return PeerResponse::Error(RemoteError::NotServed(why));
+                }
+                return PeerResponse::DeliveredEach { outcomes: Vec::new(), ticket: 0 };
             }
             return PeerResponse::DeliveredEach { outcomes, ticket: 0 };
         }
