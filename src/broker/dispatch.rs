@@ -1462,10 +1462,7 @@ fn remote_outcomes(answer: Result<PeerResponse, crate::peer::PeerError>, n: usiz
     match answer {
         Ok(PeerResponse::Delivered(r)) if n == 1 => vec![Outcome::Ran(r)],
         Ok(PeerResponse::DeliveredBatch(r)) if r.len() == n => r.into_iter().map(Outcome::Ran).collect(),
-        // (Answers with events still running are taken apart by `deliver_shared`.)
-        Ok(PeerResponse::DeliveredEach { outcomes, .. }) if outcomes.len() == n && !outcomes.contains(&EventOutcome::Running) => {
-            outcomes.into_iter().filter_map(each_outcome).collect()
-        }
+        // (A `DeliveredEach` of the right length is taken apart by `deliver_shared`.)
         Ok(PeerResponse::Error(RemoteError::NotServed(why))) => vec![Outcome::Refused(why); n],
         Ok(other) => vec![Outcome::Ran(Err(HandlerError::new(502, format!("unexpected answer {}", crate::raft::response_name(&other))))); n],
         // One event that no frame can carry: no consumer will ever take it, so it is an attempt
@@ -1845,8 +1842,7 @@ mod tests {
         const D: Duration = Duration::from_millis(1500);
         let nack = Err(HandlerError::new(500, "boom"));
         let results = || vec![Some(Ok(())), None, Some(nack.clone()), Some(Err(HandlerError::not_served("app down")))];
-        let outcomes = results().into_iter().map(|r| event_outcome(r, 1 << 10)).collect();
-        let outcomes = remote_outcomes(Ok(PeerResponse::DeliveredEach { outcomes, ticket: 0 }), 4, D);
+        let outcomes: Vec<Outcome> = results().into_iter().map(|r| event_outcome(r, 1 << 10)).filter_map(each_outcome).collect();
         assert_eq!(
             outcomes,
             vec![
@@ -1867,9 +1863,11 @@ mod tests {
         assert!(matches!(&none, PeerResponse::Error(RemoteError::NotServed(m)) if m == "app down"), "{none:?}");
         let cut = batch_answer(vec![None, None], 1 << 20);
         assert!(matches!(&cut, PeerResponse::Error(RemoteError::NotServed(m)) if m.contains("stopped")), "{cut:?}");
-        // A `Running` outcome is not taken for a settled one.
-        let running = remote_outcomes(Ok(PeerResponse::DeliveredEach { outcomes: vec![EventOutcome::Ran(Ok(())), EventOutcome::Running], ticket: 3 }), 2, D);
-        assert!(running.iter().all(|o| matches!(o, Outcome::Ran(Err(e)) if e.status == 502)), "{running:?}");
+        // A `Running` outcome is not taken for a settled one, nor is an answer of the wrong
+        // length.
+        assert_eq!(each_outcome(EventOutcome::Running), None);
+        let short = remote_outcomes(Ok(PeerResponse::DeliveredEach { outcomes: vec![EventOutcome::Ran(Ok(()))], ticket: 3 }), 2, D);
+        assert!(short.iter().all(|o| matches!(o, Outcome::Ran(Err(e)) if e.status == 502)), "{short:?}");
         // The reasons fit the frame, "not served" ones too.
         let long = "x".repeat(10_000);
         let cap = outcome_cap(4096, 3);

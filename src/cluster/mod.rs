@@ -89,7 +89,11 @@ const BEHIND_MS: u64 = 1_000;
 /// by `now` (ms, never 0), noting in `since` (0: not behind) when it began.
 fn stays_behind(since: &AtomicU64, backlog: u64, now: u64) -> bool {
     if backlog <= KEEP_UP_LAG {
-        since.store(0, Ordering::Relaxed);
+        // Read first: `ready` runs per request, and a store on every call would bounce the
+        // cache line between threads for nothing.
+        if since.load(Ordering::Relaxed) != 0 {
+            since.store(0, Ordering::Relaxed);
+        }
         return false;
     }
     let began = match since.load(Ordering::Relaxed) {
