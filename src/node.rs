@@ -262,6 +262,7 @@ pub async fn run(
     let log_store = LogStore::open(&cfg.data_dir.join("log"), LogStoreOptions { grow_phase: LogStoreOptions::grow_phase_for(cfg.id), ..LogStoreOptions::default() }).map_err(dir_err)?;
     let sm = StateMachine::open(&cfg.data_dir.join("sm")).map_err(dir_err)?;
     let sm_shared = sm.shared();
+    sm_shared.replay_through(log_store.last_index());
 
     // Links and listeners stop with `net_stop`, after the HTTP API has drained.
     let net_stop = run_stop.child_token();

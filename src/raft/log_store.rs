@@ -885,6 +885,13 @@ impl LogStore {
         Ok(true)
     }
 
+    /// The index of the last entry this log holds (or purged into a snapshot), if any. Read once
+    /// at start: the entries up to it are applied again from the snapshot on, as a replay.
+    pub fn last_index(&self) -> Option<u64> {
+        let mem = lock(&self.inner.mem).ok()?;
+        mem.entries.keys().next_back().copied().or(mem.meta.last_purged.map(|l| l.index))
+    }
+
     /// True when the log holds entries, or held some and purged them into a snapshot: a vote
     /// alone does not count.
     pub fn holds_entries(&self) -> bool {

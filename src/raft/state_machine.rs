@@ -22,6 +22,7 @@ use serde::Serialize;
 
 use crate::raft::types::Command;
 use crate::raft::types::CommandResult;
+use crate::raft::types::Entry;
 use crate::raft::types::EntryResponder;
 use crate::raft::types::LogId;
 use crate::raft::types::NodeId;
@@ -182,7 +183,7 @@ fn advance(log: &EventLog, sub: &str, s: &mut SubState, trimmed: &[Arc<Event>]) 
         let unknown = (known - s.cursor).saturating_sub(s.done.range(s.cursor..known).count() as u64);
         let lost = trimmed.iter().filter(|e| e.position >= s.cursor && !s.done.contains(&e.position) && s.decl.filter.matches(e));
         expired = unknown + lost.count() as u64;
-        if expired > 0 {
+        if expired > 0 && !replaying() {
             note_expired(sub, expired, first);
         }
         s.cursor = first;
@@ -909,9 +910,18 @@ pub struct SmShared {
     /// `data.log.next` (the next event position), sent after every apply that moved it and
     /// every install: delivery loops wait on it instead of polling. Lives as long as this.
     events_next: tokio::sync::watch::Sender<u64>,
+    /// One past the last index the log held when this process started (0: none), set once by
+    /// the composition root: entries up to it are a replay (`replaying`).
+    replay_end: std::sync::atomic::AtomicU64,
 }
 
 impl SmShared {
+    /// Marks the entries up to `last` (the log's last index at start) as applied before this
+    /// process started: applying them again is a replay, which counts nothing on `/metrics`.
+    pub fn replay_through(&self, last: Option<u64>) {
+        self.replay_end.store(last.map_or(0, |l| l + 1), std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Read a key from the local copy.
     pub fn get(&self, store: &str, key: &str) -> Option<Versioned> {
         read(&self.data).stores.get(store).and_then(|s| s.get(key)).cloned()
@@ -1288,6 +1298,7 @@ impl StateMachine {
             shared: Arc::new(SmShared {
                 registry_rev: std::sync::atomic::AtomicU64::new(data.registry_revision),
                 events_next: tokio::sync::watch::Sender::new(data.log.next),
+                replay_end: std::sync::atomic::AtomicU64::new(0),
                 data: RwLock::new(data),
                 dir: dir.to_path_buf(),
                 persisted: std::sync::Mutex::new(persisted),
@@ -1479,19 +1490,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
     where Strm: futures_util::Stream<Item = Result<EntryResponder, io::Error>> + Unpin + Send {
+        let replay_end = self.shared.replay_end.load(std::sync::atomic::Ordering::Relaxed);
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
             let result = {
                 let mut d = write(&self.shared.data);
-                d.last_applied = Some(entry.log_id);
-                let result = match entry.payload {
-                    openraft::EntryPayload::Blank => CommandResult::None,
-                    openraft::EntryPayload::Normal(cmd) => d.apply(entry.log_id.index, cmd),
-                    openraft::EntryPayload::Membership(m) => {
-                        d.last_membership = StoredMembershipT::new(Some(entry.log_id), m);
-                        CommandResult::None
-                    }
-                };
+                let result = apply_entry(&mut d, entry, replay_end);
                 self.shared.registry_rev.store(d.registry_revision, std::sync::atomic::Ordering::Release);
                 result
             };
@@ -1546,13 +1550,54 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 fn push_dead(s: &mut SubState, d: DeadLetter) {
+    let counted = !replaying();
     if s.dead.len() >= MAX_DEAD_LETTERS {
         s.dead.pop_front();
-        // Counted, not silent (like the other counters bumped in apply, again on a replay).
-        metrics::counter!("raftbridge_dead_letters_evicted_total").increment(1);
+        // Counted, not silent (as the other counters bumped in apply, not again on a replay).
+        if counted {
+            metrics::counter!("raftbridge_dead_letters_evicted_total").increment(1);
+        }
     }
-    metrics::counter!("raftbridge_dead_letters_total").increment(1);
+    if counted {
+        metrics::counter!("raftbridge_dead_letters_total").increment(1);
+    }
     s.dead.push_back(d);
+}
+
+thread_local! {
+    /// Set by `apply_entry` while it applies an entry this process replays (see `replaying`).
+    /// A thread-local, not a field: what reads it sits deep in apply's helpers, and apply runs
+    /// synchronously between the set and the reset, on one thread.
+    static REPLAYING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the entry being applied was in this node's log when the process started, so that
+/// an earlier process applied it already (the state machine is rebuilt from the snapshot and
+/// the log at each start). The counters apply bumps (dead letters, events retention took from
+/// a subscription) skip it, and so does the warning: Prometheus counters start at zero with a
+/// process, and counting a replay again showed as a burst of dead letters at every restart,
+/// which an alert on their rate took for new ones. An entry that was in the log but not yet
+/// applied by the earlier process (the crash came between its append and its commit) is not
+/// counted on this node either: a count short by a few on one node, not doubled.
+fn replaying() -> bool {
+    REPLAYING.with(std::cell::Cell::get)
+}
+
+/// Applies one entry; `replay_end` is one past the last index of the log at start
+/// (`SmShared::replay_through`, 0: none).
+fn apply_entry(d: &mut SmData, entry: Entry, replay_end: u64) -> CommandResult {
+    REPLAYING.with(|r| r.set(entry.log_id.index < replay_end));
+    d.last_applied = Some(entry.log_id);
+    let result = match entry.payload {
+        openraft::EntryPayload::Blank => CommandResult::None,
+        openraft::EntryPayload::Normal(cmd) => d.apply(entry.log_id.index, cmd),
+        openraft::EntryPayload::Membership(m) => {
+            d.last_membership = StoredMembershipT::new(Some(entry.log_id), m);
+            CommandResult::None
+        }
+    };
+    REPLAYING.with(|r| r.set(false));
+    result
 }
 
 #[cfg(test)]
@@ -1591,6 +1636,75 @@ mod tests {
             dir: PathBuf::new(),
             events_next: tokio::sync::watch::Sender::new(0),
             persisted: std::sync::Mutex::new(None),
+            replay_end: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts what is recorded into counters, by name, for `metrics::with_local_recorder`.
+    #[derive(Default)]
+    struct Counted(std::sync::Mutex<BTreeMap<String, Arc<std::sync::atomic::AtomicU64>>>);
+
+    impl Counted {
+        fn get(&self, name: &str) -> u64 {
+            crate::lock(&self.0).get(name).map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
+        }
+    }
+
+    impl metrics::Recorder for Counted {
+        fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+        fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
+            metrics::Counter::from_arc(crate::lock(&self.0).entry(key.name().to_string()).or_default().clone())
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    /// Entries a restarted node applies again from its log (up to the log's last index at
+    /// start) leave the counters apply bumps alone; the same entries applied for the first time
+    /// count. Before, every restart counted its replayed dead letters and expired events again.
+    #[test]
+    fn a_replayed_entry_counts_nothing_again() {
+        use openraft::entry::RaftEntry;
+        use openraft::vote::RaftLeaderIdExt;
+        let log_id = |index| LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index);
+        let mut service = one_subscription("sub");
+        service.subscriptions[0].max_attempts = 1;
+        // Two events retention keeps one of (count bound 1): the subscription loses the first.
+        let limits = EventLimits { max_events: 1, ..LIMITS };
+        // The event retention keeps: the one the subscription fails.
+        let kept = {
+            let mut d = SmData::default();
+            d.apply(1, Command::Register { node: 1, services: vec![service.clone()] });
+            d.apply(2, Command::Publish { now_ms: 10, events: events(2), limits });
+            d.log.first()
+        };
+        let entries = || {
+            [
+                Entry::new_normal(log_id(1), Command::Register { node: 1, services: vec![service.clone()] }),
+                Entry::new_normal(log_id(2), Command::Publish { now_ms: 10, events: events(2), limits }),
+                Entry::new_normal(log_id(3), Command::SubUpdate { updates: vec![SubUpdate::Failed { sub: "sub".into(), position: kept, reason: "poison".into() }] }),
+            ]
+        };
+        let names = ["raftbridge_dead_letters_total", "raftbridge_subscription_expired_events_total"];
+        for (replay_end, counted) in [(4, 0), (0, 1), (3, 0)] {
+            let recorder = Counted::default();
+            let mut d = SmData::default();
+            metrics::with_local_recorder(&recorder, || {
+                for entry in entries() {
+                    apply_entry(&mut d, entry, replay_end);
+                }
+            });
+            assert_eq!(d.subs["sub"].dead.len(), 1, "the dead letter is in the state whether replayed or not");
+            // With the log ending at entry 2, the dead letter of entry 3 is new.
+            let dead = if replay_end == 3 { 1 } else { counted };
+            assert_eq!((recorder.get(names[0]), recorder.get(names[1])), (dead, counted), "log ends before {replay_end}");
+            assert!(!replaying(), "the mark is reset after each entry");
         }
     }
 
