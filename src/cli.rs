@@ -182,22 +182,35 @@ fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
-/// Cancel the token on SIGINT or SIGTERM.
-fn on_signal(token: CancellationToken) {
+/// Cancel the token on SIGINT or SIGTERM. With `second_ends`, a second one ends the process at
+/// once, without the rest of the drain (as an operator who presses Ctrl-C twice means; the
+/// signal handlers stay installed for the process's life, so it was swallowed). Nothing
+/// acknowledged depends on the drain: that is on disk, as after a SIGKILL.
+fn on_signal(token: CancellationToken, second_ends: bool) {
     tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        for seen in 0..2 {
+            if seen == 1 && !second_ends {
+                return;
             }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
+            let term_recv = async {
+                match term.as_mut() {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                () = term_recv => {}
+            }
+            if seen == 0 {
+                token.cancel();
+            }
         }
-        token.cancel();
+        tracing::warn!("a second stop signal: ending now, without the rest of the drain");
+        std::process::exit(130);
     });
 }
 
@@ -212,7 +225,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .map_err(|e| tracing::warn!(cause = %e, "metrics recorder not installed"))
         .ok();
     let shutdown = CancellationToken::new();
-    on_signal(shutdown.clone());
+    on_signal(shutdown.clone(), true);
     let mut services = Vec::new();
     if cfg.example_services {
         services.push(crate::sdk::demo::demo_service());
@@ -283,6 +296,9 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
 }
 
 async fn dev(args: DevArgs) -> anyhow::Result<()> {
+    if args.base_port == 0 || args.base_port > u16::MAX - 1_002 {
+        anyhow::bail!("--base-port must be 1..={}: the nodes use it and the two ports above it, and HTTPS 1000 above those", u16::MAX - 1_002);
+    }
     let exe = std::env::current_exe().context("locating this binary")?;
     let peers: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", args.base_port + i)).collect();
     let https: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", args.base_port + 1000 + i)).collect();
@@ -331,7 +347,8 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  raftbridge bench state --targets {} --concurrency 64 --duration 10s", https.iter().map(|h| url(h)).collect::<Vec<_>>().join(","));
     println!("\nCtrl-C stops the cluster.");
     let stop = CancellationToken::new();
-    on_signal(stop.clone());
+    // Not ended by a second signal: the nodes it started are stopped on the way out.
+    on_signal(stop.clone(), false);
     stop.cancelled().await;
     for child in &mut children {
         if let Some(pid) = child.id() {

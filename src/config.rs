@@ -35,7 +35,7 @@ pub struct NodeArgs {
     pub id: Option<u64>,
     /// Derive the id from the hostname's trailing `-N` as N+1 (StatefulSet pods `name-0` → 1);
     /// `--id` wins when both are given.
-    #[arg(long, env = "RAFTBRIDGE_ID_FROM_HOSTNAME", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "RAFTBRIDGE_ID_FROM_HOSTNAME", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub id_from_hostname: Option<bool>,
     /// Async worker threads (default: one per core). When several nodes share a machine (a
     /// loopback test cluster), give each its share of the cores: fewer threads than cores
@@ -156,7 +156,7 @@ pub struct NodeArgs {
     #[arg(long, env = "RAFTBRIDGE_MAX_BODY_BUFFERED")]
     pub max_body_buffered: Option<usize>,
     /// Run a command on this node when it offers it (instead of balancing across all nodes).
-    #[arg(long, env = "RAFTBRIDGE_LOCAL_FIRST", num_args = 0..=1, default_missing_value = "true")]
+    #[arg(long, env = "RAFTBRIDGE_LOCAL_FIRST", num_args = 0..=1, default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new())]
     pub local_first: Option<bool>,
     /// How long the leader may hold a small batch of events for more, in milliseconds (default
     /// 2; 0: never). When its previous entry has committed and fewer than 16 events are queued,
@@ -288,6 +288,56 @@ impl NodeArgs {
             }
             None => NodeArgs::default(),
         };
+        let (this, file) = (self.without_blanks(), file.without_blanks());
+        this.merge(file)
+    }
+
+    /// Text settings left empty count as not given: an environment variable set to nothing
+    /// (compose's `${VAR:-}`, a systemd `EnvironmentFile` line `VAR=`) used to override the
+    /// config file's value with an empty one — for `--cluster-secret` that meant peer links
+    /// without authentication, for `--seeds` a joiner that waited for nobody.
+    fn without_blanks(mut self) -> NodeArgs {
+        fn text(v: &mut Option<String>) {
+            if v.as_deref().is_some_and(|t| t.trim().is_empty()) {
+                *v = None;
+            }
+        }
+        fn path(v: &mut Option<PathBuf>) {
+            if v.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+                *v = None;
+            }
+        }
+        for v in [
+            &mut self.peer_addr,
+            &mut self.http_addr,
+            &mut self.https_addr,
+            &mut self.advertise,
+            &mut self.cluster_name,
+            &mut self.cluster_secret,
+            &mut self.peer_tls_server_name,
+        ] {
+            text(v);
+        }
+        for v in [
+            &mut self.config,
+            &mut self.data_dir,
+            &mut self.http_tls_cert,
+            &mut self.http_tls_key,
+            &mut self.http_tls_client_ca,
+            &mut self.peer_tls_cert,
+            &mut self.peer_tls_key,
+            &mut self.peer_tls_ca,
+        ] {
+            path(v);
+        }
+        if self.seeds.as_ref().is_some_and(|s| s.iter().all(|s| s.trim().is_empty())) {
+            self.seeds = None;
+        }
+        self
+    }
+
+    /// `self` (flags and env) over `file` over defaults.
+    fn merge(self, file: NodeArgs) -> Result<NodeConfig, ConfigError> {
         macro_rules! pick {
             ($f:ident) => {
                 self.$f.clone().or(file.$f.clone())
@@ -302,7 +352,10 @@ impl NodeArgs {
         let peer_addr = pick!(peer_addr).unwrap_or_else(|| "127.0.0.1:7400".into());
         let http_addr = pick!(http_addr).unwrap_or_else(|| "127.0.0.1:8400".into());
         let advertise = match pick!(advertise) {
-            Some(a) => a,
+            Some(a) => {
+                check_advertise(&a)?;
+                a
+            }
             None => {
                 if let Ok(sa) = peer_addr.parse::<SocketAddr>() {
                     if sa.ip().is_unspecified() {
@@ -399,6 +452,25 @@ impl NodeArgs {
     }
 }
 
+/// An `--advertise` given is an address every peer can dial: `host:port` with a host, a port
+/// other than 0 and, for an IP, not a wildcard. It goes into join requests and the membership,
+/// where a value peers cannot dial cuts this node off for good.
+fn check_advertise(a: &str) -> Result<(), ConfigError> {
+    let invalid = |reason: &str| Err(ConfigError::Invalid { name: "advertise", reason: format!("{a:?}: {reason}") });
+    let Some((host, port)) = a.rsplit_once(':') else { return invalid("must be host:port") };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() {
+        return invalid("has no host");
+    }
+    if port.parse::<u16>().map_or(true, |p| p == 0) {
+        return invalid("needs a port from 1 to 65535");
+    }
+    if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+        return invalid("is a wildcard, which peers cannot dial");
+    }
+    Ok(())
+}
+
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
@@ -430,6 +502,12 @@ const MAX_CONNECTIONS: usize = 1_000_000;
 const MAX_FRAME: usize = 64 << 20;
 /// The least `--max-frame` a node takes.
 pub const MIN_MAX_FRAME: usize = 64 * 1024;
+/// Longest `--election-timeout-ms` accepted.
+const MAX_ELECTION_TIMEOUT_MS: u64 = 60_000;
+/// Shortest `--write-timeout-ms` accepted.
+const MIN_WRITE_TIMEOUT_MS: u64 = 100;
+/// Most events one entry holds: `--events-max-count` keeps at least that many.
+const MAX_ENTRY_EVENTS: u64 = crate::broker::MAX_BATCH as u64;
 /// Longest `--publish-linger-ms` accepted: beyond a second it would only hold publishers up.
 const MAX_PUBLISH_LINGER_MS: u64 = 1_000;
 
@@ -441,6 +519,37 @@ impl NodeConfig {
         }
         if self.heartbeat_ms == 0 || self.heartbeat_ms.checked_mul(2).is_none_or(|least| self.election_timeout_ms < least) {
             return invalid("election-timeout-ms", "must be at least twice --heartbeat-ms");
+        }
+        if self.election_timeout_ms > MAX_ELECTION_TIMEOUT_MS {
+            // Timeouts derived from it (a peer link's idle timeout is four of them) must not
+            // overflow, and a leader that is gone for longer than a minute is not waited for.
+            return invalid("election-timeout-ms", "must be at most 60000");
+        }
+        if self.write_timeout_ms < MIN_WRITE_TIMEOUT_MS {
+            // Every write waits at most this long for its commit: at 0 each one timed out at
+            // once (503) while the node still said it was ready.
+            return invalid("write-timeout-ms", "must be at least 100");
+        }
+        if self.bootstrap_expect > self.max_voters {
+            // Every node a cluster forms with is a voter.
+            return invalid("bootstrap-expect", "must be at most --max-voters");
+        }
+        // An entry's bytes: its events' up to `MAX_BATCH_BYTES`, or one group (a body) alone.
+        let entry_bytes = self.max_body.max(crate::broker::MAX_BATCH_BYTES) as u64;
+        if self.events_max_count < MAX_ENTRY_EVENTS || self.events_max_bytes < 2 * entry_bytes || self.events_max_age_s == 0 {
+            // Retention trims as an entry is applied: below one entry's events or bytes, events
+            // would be acknowledged (201) and dropped by the same apply, never delivered.
+            let name = if self.events_max_count < MAX_ENTRY_EVENTS {
+                "events-max-count"
+            } else if self.events_max_age_s == 0 {
+                "events-max-age-s"
+            } else {
+                "events-max-bytes"
+            };
+            return invalid(
+                name,
+                "must keep at least one entry's events: --events-max-count at least 1024, --events-max-bytes at least twice the larger of --max-body and 256 KiB, --events-max-age-s at least 1",
+            );
         }
         if self.max_connections == 0 || self.max_connections > MAX_CONNECTIONS {
             // tokio's semaphore takes at most `usize::MAX >> 3` permits (it panics beyond).
@@ -557,6 +666,76 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
     }
 
+    /// Text left empty (an environment variable set to nothing) is not a value: the file's
+    /// secret and seeds stay, where an empty value used to replace them.
+    #[test]
+    fn empty_settings_count_as_not_given() {
+        let dir = std::env::temp_dir().join(format!("rb-cfg-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("node.toml");
+        std::fs::write(&path, "id = 3\ndata_dir = \"/tmp/x\"\nseeds = [\"a:1\"]\ncluster_secret = \"0123456789abcdef\"\n").unwrap();
+        let args = NodeArgs {
+            config: Some(path),
+            cluster_secret: Some(String::new()),
+            seeds: Some(vec![String::new()]),
+            advertise: Some(" ".into()),
+            peer_tls_cert: Some(PathBuf::new()),
+            ..Default::default()
+        };
+        let cfg = args.resolve().unwrap();
+        assert!(cfg.cluster_secret.is_some(), "the file's secret is kept");
+        assert_eq!(cfg.seeds, vec!["a:1"]);
+        assert_eq!((cfg.advertise.as_str(), cfg.peer_tls.is_none()), ("127.0.0.1:7400", true));
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// Settings that would break a node start as an error that names them: writes that time
+    /// out at once, retention that drops an entry's events as it applies them, a bootstrap
+    /// with more voters than allowed, an address peers cannot dial, a timeout that overflows.
+    #[test]
+    fn settings_that_would_break_a_node_are_refused() {
+        let base = || NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), ..Default::default() };
+        let refused = |args: NodeArgs| match args.resolve() {
+            Err(ConfigError::Invalid { name, .. }) => name,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused(NodeArgs { write_timeout_ms: Some(0), ..base() }), "write-timeout-ms");
+        assert!(NodeArgs { write_timeout_ms: Some(100), ..base() }.resolve().is_ok());
+        assert_eq!(refused(NodeArgs { events_max_count: Some(0), ..base() }), "events-max-count");
+        assert_eq!(refused(NodeArgs { events_max_count: Some(1_023), ..base() }), "events-max-count");
+        assert!(NodeArgs { events_max_count: Some(1_024), ..base() }.resolve().is_ok());
+        assert_eq!(refused(NodeArgs { events_max_age_s: Some(0), ..base() }), "events-max-age-s");
+        assert_eq!(refused(NodeArgs { events_max_bytes: Some(1_000), ..base() }), "events-max-bytes");
+        assert_eq!(refused(NodeArgs { events_max_bytes: Some((2 << 20) - 1), ..base() }), "events-max-bytes", "twice a 1 MiB body");
+        assert!(NodeArgs { events_max_bytes: Some(2 << 20), ..base() }.resolve().is_ok());
+        let voters = |expect, max| NodeArgs { seeds: Some(vec!["a:1".into()]), bootstrap_expect: Some(expect), max_voters: Some(max), ..base() };
+        assert_eq!(refused(voters(3, 1)), "bootstrap-expect");
+        assert!(voters(3, 3).resolve().is_ok());
+        for bad in ["0.0.0.0:7400", ":7400", "host", "host:0", "host:x", "[::]:7400"] {
+            assert_eq!(refused(NodeArgs { advertise: Some(bad.into()), ..base() }), "advertise", "{bad}");
+        }
+        for good in ["node-1.peers:7400", "10.0.0.5:7400", "[::1]:7400"] {
+            assert_eq!(NodeArgs { advertise: Some(good.into()), ..base() }.resolve().unwrap().advertise, good);
+        }
+        assert_eq!(refused(NodeArgs { election_timeout_ms: Some(u64::MAX / 2), ..base() }), "election-timeout-ms");
+        assert!(NodeArgs { election_timeout_ms: Some(60_000), ..base() }.resolve().is_ok());
+    }
+
+    /// Every boolean flag reads `1`, `yes` and `on` as its environment variable may hold them.
+    #[test]
+    fn boolean_settings_take_the_same_spellings() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            node: NodeArgs,
+        }
+        use clap::Parser as _;
+        let cli = Cli::try_parse_from(["x", "--local-first", "1", "--id-from-hostname", "yes", "--example-services", "on"]).unwrap();
+        assert_eq!((cli.node.local_first, cli.node.id_from_hostname, cli.node.example_services), (Some(true), Some(true), Some(true)));
+        let cli = Cli::try_parse_from(["x", "--local-first", "0", "--id-from-hostname", "off"]).unwrap();
+        assert_eq!((cli.node.local_first, cli.node.id_from_hostname), (Some(false), Some(false)));
+    }
+
     #[test]
     fn sidecar_section_and_example_services() {
         let text = r#"
@@ -663,7 +842,7 @@ mod tests {
         assert!(cfg.snapshot_cap() >= 2 * (512 << 20) && cfg.snapshot_cap() < 4 << 30, "{}", cfg.snapshot_cap());
         let big = NodeArgs { state_max_bytes: Some(4 << 30), ..base() }.resolve().unwrap();
         assert!(big.snapshot_cap() > 8 << 30);
-        let tiny = NodeArgs { state_max_bytes: Some(1 << 20), events_max_count: Some(10), dedup_max_keys: Some(10), ..base() }.resolve().unwrap();
+        let tiny = NodeArgs { state_max_bytes: Some(1 << 20), events_max_count: Some(1_024), dedup_max_keys: Some(10), ..base() }.resolve().unwrap();
         assert_eq!(tiny.snapshot_cap(), 1 << 30);
     }
 

@@ -238,8 +238,8 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
 /// `GET /v1/events?after=N&limit=M[&eventName=..]`: the log in order, from the local replica
 /// (every committed event is on every node once applied), once it holds every event this node
 /// has acknowledged (`Broker::caught_up_with_acks`: a client reads its own writes). One answer
-/// holds at most `MAX_READ` events and about `MAX_READ_BYTES` of payload; `next` says where to
-/// continue.
+/// holds at most `MAX_READ` events and about `MAX_READ_BYTES` of payload (or a quarter of
+/// `--max-body-buffered`, if less; at least one event); `next` says where to continue.
 pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
     let q = parse_query(query.unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
     app.broker.caught_up_with_acks().await;
@@ -249,7 +249,10 @@ pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
     if let Some(name) = name {
         check_name(name)?;
     }
-    let (events, next) = app.sm.events_after(after, limit, MAX_READ_BYTES, name);
+    // A page fits a quarter of the node's answer budget, which may be set below it: a page
+    // the budget could never hold would be refused (503) at every retry.
+    let max_bytes = MAX_READ_BYTES.min(app.settings.answers.total() / 4);
+    let (events, next) = app.sm.events_after(after, limit, max_bytes, name);
     let (first, end) = app.sm.event_bounds();
     #[derive(serde::Serialize)]
     struct Page<'a> {

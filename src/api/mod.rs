@@ -656,6 +656,11 @@ impl BodyBudget {
         BodyBudget(Arc::new(BudgetInner { used: AtomicUsize::new(0), total }))
     }
 
+    /// Bytes it may count (`--max-body-buffered`).
+    pub fn total(&self) -> usize {
+        self.0.total
+    }
+
     /// Bytes of bodies counted now.
     pub fn held(&self) -> usize {
         self.0.used.load(Ordering::Relaxed)
@@ -735,8 +740,11 @@ impl Answer {
         let bytes = full_bytes(body);
         let mut held = Held::default();
         if !bytes.is_empty() && !budget.try_count(&mut held, bytes.len()) {
-            // Small answers are counted past the budget too: a 503 would save little.
-            if refusable && bytes.len() >= REFUSABLE_ANSWER {
+            // Small answers are counted past the budget too: a 503 would save little. So is
+            // one larger than the whole budget: it would be refused however often it was asked
+            // for (reads size their pages to a quarter of the budget, so only a single large
+            // value or event comes here).
+            if refusable && bytes.len() >= REFUSABLE_ANSWER && bytes.len() <= budget.total() {
                 metrics::counter!("raftbridge_http_answers_refused_total").increment(1);
                 let busy = ApiError::Busy("this node holds as many bytes of answers being sent as --max-body-buffered allows: retry shortly".into());
                 // Short, and not counted.
@@ -987,6 +995,9 @@ mod tests {
         drop(data);
         assert_eq!(budget.held(), 0, "written: given back");
         assert_eq!(Answer::counted(text(""), &budget, true).status(), StatusCode::OK, "an empty answer always fits");
+        // One larger than the whole budget is never refused: a retry could not fit it either.
+        let whole = Answer::counted(sized(2 * k + 1), &budget, true);
+        assert_eq!((whole.status(), budget.held()), (StatusCode::OK, 2 * k + 1));
     }
 
     #[tokio::test(start_paused = true)]

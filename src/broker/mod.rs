@@ -67,7 +67,7 @@ use crate::store::StoreError;
 pub const MAX_BATCH: usize = 1_024;
 /// Bytes (payload and metadata) per `Publish` entry at most, with the same exception. Keeps an entry well
 /// inside a peer frame and bounds what one commit holds in memory.
-const MAX_BATCH_BYTES: usize = 256 << 10;
+pub const MAX_BATCH_BYTES: usize = 256 << 10;
 /// `Publish` entries the leader has in flight at most. Small on purpose: with 32, a node with ~20
 /// concurrent publishers always had a free slot and sent every event as its own entry (median
 /// batch 1, measured with `raftbridge bench events`); a second entry is proposed only once

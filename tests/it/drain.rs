@@ -246,3 +246,19 @@ fn a_forwarded_command_finishes_its_emit_when_its_node_drains() {
     assert_eq!(ours.len(), 1, "orderPlaced for {id} once in node 1's log: {ours:?}");
     assert_eq!(ours[0]["position"], position, "{}", ours[0]);
 }
+
+/// A second SIGTERM during a drain ends the node at once (exit status 130), as an operator who
+/// presses Ctrl-C twice means: the signal handlers stay installed for the process's life, so
+/// the second one used to be swallowed and the drain ran its full course. The drain here is
+/// held by a 60 s `--drain-delay-ms`.
+#[test]
+fn a_second_stop_signal_ends_the_drain_at_once() {
+    let (cluster, _) = Cluster::formed("drain-twice", 1, &["--drain-delay-ms", "60000"]);
+    cluster.allow_exit(1);
+    cluster.signal(1, "TERM");
+    cluster.wait_until("node 1 drains (not ready)", Duration::from_secs(20), || cluster.api(1).probe("/readyz") == Ok(503));
+    cluster.signal(1, "TERM");
+    // Well inside the 60 s the drain would otherwise wait.
+    let status = cluster.wait_exit(1, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(130), "node 1 exited with {status} after a second SIGTERM");
+}
