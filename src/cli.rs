@@ -262,6 +262,9 @@ async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
     if resp.is_success() {
         println!("node {} removed", args.id);
         Ok(())
+    } else if resp.status == 404 {
+        // A repeat sent to another member after the removal committed lands here too.
+        anyhow::bail!("node {} is not a member (never was, or already removed): {}", args.id, String::from_utf8_lossy(&resp.body))
     } else {
         anyhow::bail!("{}: {}", resp.status, String::from_utf8_lossy(&resp.body))
     }
