@@ -72,6 +72,11 @@ const MAX_OUTSTANDING: usize = MAX_SERVING;
 /// Requests from one peer this node serves concurrently, Raft's own aside; more are answered
 /// `NotServed` without running (`read_loop`).
 const MAX_SERVING: usize = 1024;
+/// A leader's long polls for the outcomes of delivery batches (`AwaitDelivery`) served at once
+/// per link, in slots of their own: each waits until a handler ends, so very many slow handlers
+/// would otherwise take the `MAX_SERVING` slots that the leader's commands and deliveries need.
+/// More are answered `NotServed`, and the leader asks again shortly (`dispatch::ASK_AGAIN`).
+const MAX_AWAITING: usize = 256;
 /// Raft requests other than appends (votes, pre-votes, snapshot chunks, leader transfers) from
 /// one peer served concurrently: a leader or candidate has a few at most, and they take no
 /// `MAX_SERVING` slot (nothing may hold them up behind other work). Appends are bounded by
@@ -1431,6 +1436,7 @@ async fn read_loop(
 ) {
     let serving = Arc::new(Semaphore::new(MAX_SERVING));
     let raft_serving = Arc::new(Semaphore::new(MAX_RAFT_SERVING));
+    let awaiting = Arc::new(Semaphore::new(MAX_AWAITING));
     // One timer and one cancellation waiter for the link's life, not one of each per frame
     // (perf put ~3% of a node's samples under registering and dropping them; no throughput
     // change was measurable): the timer fires at most once per `idle` and is then pushed to
@@ -1516,6 +1522,7 @@ async fn read_loop(
                 let slots = match (&req, req.raft_sender().is_some()) {
                     (PeerRequest::AppendEntries(_), _) => None,
                     (_, true) => Some((&raft_serving, MAX_RAFT_SERVING)),
+                    (PeerRequest::AwaitDelivery { .. }, _) => Some((&awaiting, MAX_AWAITING)),
                     (_, false) => Some((&serving, MAX_SERVING)),
                 };
                 let permit = match slots.map(|(slots, n)| (slots.clone().try_acquire_owned(), n)) {
@@ -2262,6 +2269,38 @@ mod tests {
         stop.cancel();
     }
 
+    /// A leader's long polls for delivery outcomes (`AwaitDelivery`) have slots of their own:
+    /// with all of them held, one more is shed, and a command is still served. They used to take
+    /// the slots commands and deliveries need.
+    #[tokio::test]
+    async fn long_polls_for_delivery_outcomes_leave_the_other_slots_free() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(StallsOn(|r| matches!(r, PeerRequest::AwaitDelivery { .. }))));
+        dialer.link(1).await.expect("linked");
+        let polls: Vec<_> = (0..MAX_AWAITING)
+            .map(|ticket| {
+                let dialer = dialer.clone();
+                tokio::spawn(async move { dialer.request(1, &PeerRequest::AwaitDelivery { ticket: ticket as u64 }, Duration::from_secs(30)).await })
+            })
+            .collect();
+        let timeout = Duration::from_secs(10);
+        // Bounded: the polls take their slots as the peer reads them.
+        let until = tokio::time::Instant::now() + timeout;
+        let shed = loop {
+            match dialer.request(1, &PeerRequest::AwaitDelivery { ticket: u64::MAX }, Duration::from_millis(200)).await {
+                Ok(PeerResponse::Error(message::RemoteError::NotServed(_))) => break true,
+                _ if tokio::time::Instant::now() >= until => break false,
+                _ => {}
+            }
+        };
+        assert!(shed, "a poll past the bound is shed");
+        let answer = dialer.request(1, &invoke(Bytes::new()), timeout).await.expect("a command is served beside the polls");
+        assert!(matches!(answer, PeerResponse::Done), "{answer:?}");
+        for poll in polls {
+            poll.abort();
+        }
+        stop.cancel();
+    }
 
     /// Handshakes are counted by source: IPv6 by its /64 (a host may hold them all), an IPv4
     /// address seen by a dual-stack listener as itself (loopback stays exempt).

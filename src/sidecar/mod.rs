@@ -41,6 +41,8 @@ const POOL_WAIT_MARGIN: Duration = Duration::from_millis(20);
 const MAX_HEALTH_ANSWER: usize = 64 << 10;
 /// Longest a health check may take, whatever the interval.
 const MAX_HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// A health probe's shortest timeout, whatever the interval.
+const MIN_HEALTH_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The `[sidecar]` section of the config file.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -166,7 +168,7 @@ impl crate::sdk::SubscriptionHandler for EventPost {
                     Err(HandlerError::new(502, format!("app answered {} to event {}", resp.status, event.id)))
                 }
                 Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
-                Err(e @ ClientError::Connect { .. }) => Err(pool.refused(&e)),
+                Err(e @ ClientError::Connect { .. }) => Err(pool.connect_failed(&e)),
                 // Only the status counts here: a long body beside a 2xx is still an ack.
                 Err(ClientError::BodyTooLarge { status, .. }) if (200..300).contains(&status) => Ok(None),
                 Err(e) => Err(HandlerError::new(502, format!("the request to the app failed: {}", cause(&e)))),
@@ -458,6 +460,21 @@ struct Leased {
 }
 
 impl Pool {
+    /// A connection to the app could not be made (nothing was sent): not served, so the proxy
+    /// tries another node and a delivery counts no attempt. Only a refusal says the app is down
+    /// (`refused`); this node's own shortage (no file descriptor or local port left, EMFILE or
+    /// EADDRNOTAVAIL under a burst of connections) withdrew the app's every command and
+    /// subscription from the cluster and put them back a moment later, a registry write each.
+    fn connect_failed(&self, e: &ClientError) -> HandlerError {
+        let refused = matches!(e, ClientError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused);
+        if refused {
+            return self.refused(e);
+        }
+        metrics::counter!("raftbridge_sidecar_connect_failures_total").increment(1);
+        tracing::debug!(addr = %self.addr, error = %e, "could not connect to the sidecar app (not a refusal: it stays advertised)");
+        HandlerError::not_served(format!("no connection to the app could be made: {}", cause(e)))
+    }
+
     /// Notes that the app refused a connection (nothing was sent) and returns the error for
     /// it: not served, so the proxy tries another node and a delivery counts no attempt.
     fn refused(&self, e: &ClientError) -> HandlerError {
@@ -613,7 +630,7 @@ impl Forward {
             }
             // No connection could be made: nothing reached the app. (A failed resend of a
             // safe or idempotent request may follow one that did, which that allows.)
-            Err(e @ ClientError::Connect { .. }) => Err(self.pool.refused(&e)),
+            Err(e @ ClientError::Connect { .. }) => Err(self.pool.connect_failed(&e)),
             // The app's own error, too long to pass on: still its error, with its status.
             Err(ClientError::BodyTooLarge { status: status @ 400..=499, limit, .. }) => {
                 Err(HandlerError::new(status, format!("the app answered {status} with a body larger than the {limit} bytes a node passes on")))
@@ -657,7 +674,9 @@ fn answer(resp: Response) -> Result<Output, HandlerError> {
         }
         500..=599 => {
             let (message, _) = error_message(&resp.body);
-            Err(HandlerError::new(502, format!("upstream answered {}: {message}", resp.status)))
+            // The app's own words go to the client, cut as a text body's are (a JSON message
+            // was passed whole: a stack trace, a query).
+            Err(HandlerError::new(502, format!("upstream answered {}: {}", resp.status, cut(&message, MAX_MESSAGE))))
         }
         status => Err(HandlerError::new(502, format!("upstream answered unexpected status {status}"))),
     }
@@ -671,11 +690,16 @@ fn error_message(body: &[u8]) -> (String, Option<String>) {
         }
     }
     let text = String::from_utf8_lossy(body);
-    let mut end = text.len().min(MAX_MESSAGE);
+    (cut(&text, MAX_MESSAGE).trim().to_string(), None)
+}
+
+/// `text` cut to at most `max` bytes at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
     while !text.is_char_boundary(end) {
         end -= 1;
     }
-    (text[..end].trim().to_string(), None)
+    &text[..end]
 }
 
 /// Percent-encodes everything but RFC 3986 unreserved characters.
@@ -708,7 +732,10 @@ async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: Cancellation
     let addr = pool.addr.clone();
     let fresh = || Conn::new(addr.clone()).with_max_body(MAX_HEALTH_ANSWER);
     let mut conn = fresh();
-    let timeout = check.interval.min(MAX_HEALTH_TIMEOUT);
+    // Not tied to a short interval: a probe of a busy app that takes longer than 100 ms is
+    // not a failure (it made the app flap in and out under load, and never come back at an
+    // interval of a few ms).
+    let timeout = check.interval.clamp(MIN_HEALTH_TIMEOUT, MAX_HEALTH_TIMEOUT);
     let (mut passes, mut fails) = (0u32, 0u32);
     let mut checked = false;
     // Refused connections counted by the last probe (`Pool::refusals`).
@@ -796,7 +823,9 @@ async fn probe(conn: &mut Conn, path: Option<&str>, timeout: Duration) -> Probe 
             Ok(Ok(_)) => Probe::Passed,
             Ok(Err(e)) => {
                 tracing::debug!(%addr, error = %e, "sidecar connect probe failed");
-                Probe::Refused
+                // Only a refusal is certain news of the app; this node's own shortage
+                // (EMFILE, EADDRNOTAVAIL) counts as a failed probe.
+                if e.kind() == std::io::ErrorKind::ConnectionRefused { Probe::Refused } else { Probe::Failed }
             }
             Err(_) => Probe::Failed,
         };
@@ -809,7 +838,7 @@ async fn probe(conn: &mut Conn, path: Option<&str>, timeout: Duration) -> Probe 
         }
         Err(e) => {
             tracing::debug!(%addr, error = %e, "sidecar health check failed");
-            if matches!(e, ClientError::Connect { .. }) {
+            if matches!(&e, ClientError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused) {
                 Probe::Refused
             } else {
                 Probe::Failed
@@ -925,6 +954,23 @@ mod tests {
             "#
         );
         toml::from_str(&text).unwrap()
+    }
+
+    /// Only a refused connection withdraws the app: a connection this node could not make for
+    /// its own reasons (no file descriptor or local port left) is "not served" (another node
+    /// takes the request, a delivery counts no attempt) and leaves the app advertised.
+    #[test]
+    fn only_a_refused_connection_withdraws_the_app() {
+        let (pool, _) = forwarders(&config("http://127.0.0.1:9", ""), 1 << 20).unwrap();
+        let failed = |kind: std::io::ErrorKind| ClientError::Connect { addr: "127.0.0.1:9".into(), source: std::io::Error::from(kind) };
+        assert!(pool.is_up(), "up until a refusal, without a health check");
+        for kind in [std::io::ErrorKind::AddrNotAvailable, std::io::ErrorKind::OutOfMemory, std::io::ErrorKind::NetworkUnreachable] {
+            let e = pool.connect_failed(&failed(kind));
+            assert!(e.is_not_served(), "{kind:?}: {e}");
+            assert!(pool.is_up(), "{kind:?} says nothing of the app");
+        }
+        let e = pool.connect_failed(&failed(std::io::ErrorKind::ConnectionRefused));
+        assert!(e.is_not_served() && !pool.is_up(), "a refusal takes it down: {e}");
     }
 
     fn inv(params: &[(&str, &str)], body: &str, timeout_ms: u64) -> Invocation {
