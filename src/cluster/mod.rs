@@ -704,7 +704,7 @@ impl Cluster {
     /// those that answered, not asked again.
     async fn mark_founders(&self, fresh: &BTreeMap<NodeId, String>, ids: &[NodeId], marked: &mut BTreeSet<NodeId>) {
         let me = self.replica.id();
-        let asks = fresh.iter().filter(|(id, _)| **id != me && !marked.contains(*id)).map(|(id, addr)| {
+        let asks = fresh.iter().filter(|(id, _)| **id != me && ids.contains(id) && !marked.contains(*id)).map(|(id, addr)| {
             let net = self.replica.net.clone();
             let req = PeerRequest::Found { members: ids.to_vec() };
             async move { (*id, net.request_addr(addr, &req, FOUND_TIMEOUT).await) }
@@ -823,7 +823,10 @@ impl Cluster {
                 told_outside = true;
                 info!("not bootstrapping: this node is not one of the seeds (it joins once they have formed the cluster)");
             }
-            let plan = (lowest && among_seeds).then(|| fresh.keys().copied().collect::<Vec<_>>());
+            // The lowest `--bootstrap-expect` of them: every seed seen used to be a founder, so
+            // five seeds with an expect of three formed five voters (past `--max-voters`, and
+            // an even count with four). The others see a lower id, and join once it has formed.
+            let plan = (lowest && among_seeds).then(|| fresh.keys().copied().take(self.settings.bootstrap_expect).collect::<Vec<_>>());
             let bootstrap = steady.holds(plan.clone());
             // A node gone from the seeds' answers (restarted, maybe with its data lost) is asked
             // again if it comes back.
@@ -847,9 +850,9 @@ impl Cluster {
                     Ok((_, other)) => info!(%seed, response = ?other, "join not accepted yet"),
                     Err(e) => info!(%seed, cause = %e, "join request failed"),
                 }
-            } else if bootstrap {
+            } else if let Some(ids) = plan.as_ref().filter(|_| bootstrap) {
                 let nodes: BTreeMap<NodeId, BasicNode> =
-                    fresh.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+                    fresh.iter().filter(|(id, _)| ids.contains(id)).map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
                 info!(members = ?nodes.keys().collect::<Vec<_>>(), "bootstrapping the cluster");
                 if let Err(e) = self.replica.raft.initialize(nodes).await {
                     warn!(cause = %e, "initialize failed");

@@ -211,3 +211,15 @@ fn a_lone_voter_promotes_joiners_two_at_a_time() {
     c.wait_for_membership(&[1, n2, n3], &[], FORMATION);
     c.api(n3).must_put("lone/b", &json!(2));
 }
+
+/// Five nodes that seed each other, started together with `--bootstrap-expect 3 --max-voters
+/// 3`: the cluster forms with the three lowest ids as voters, and the other two join as
+/// learners. Every seed seen used to be a founder (five voters, past `--max-voters`).
+#[test]
+fn more_seeds_than_expected_bootstrap_only_the_expected_voters() {
+    let all: Vec<u64> = (1..=5).collect();
+    let c = Cluster::seeded("expect-of-five", 5, 3, |_| all.clone(), &["--max-voters", "3"]);
+    c.start_all();
+    c.wait_for_membership(&[1, 2, 3], &[4, 5], FORMATION);
+    c.wait_all_ready(CATCH_UP);
+}
