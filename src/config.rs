@@ -504,8 +504,9 @@ const MAX_FRAME: usize = 64 << 20;
 pub const MIN_MAX_FRAME: usize = 64 * 1024;
 /// Longest `--election-timeout-ms` accepted.
 const MAX_ELECTION_TIMEOUT_MS: u64 = 60_000;
-/// Shortest `--write-timeout-ms` accepted.
+/// Shortest and longest `--write-timeout-ms` accepted.
 const MIN_WRITE_TIMEOUT_MS: u64 = 100;
+const MAX_WRITE_TIMEOUT_MS: u64 = 300_000;
 /// Most events one entry holds: `--events-max-count` keeps at least that many.
 const MAX_ENTRY_EVENTS: u64 = crate::broker::MAX_BATCH as u64;
 /// Longest `--publish-linger-ms` accepted: beyond a second it would only hold publishers up.
@@ -525,10 +526,11 @@ impl NodeConfig {
             // overflow, and a leader that is gone for longer than a minute is not waited for.
             return invalid("election-timeout-ms", "must be at most 60000");
         }
-        if self.write_timeout_ms < MIN_WRITE_TIMEOUT_MS {
+        if self.write_timeout_ms < MIN_WRITE_TIMEOUT_MS || self.write_timeout_ms > MAX_WRITE_TIMEOUT_MS {
             // Every write waits at most this long for its commit: at 0 each one timed out at
-            // once (503) while the node still said it was ready.
-            return invalid("write-timeout-ms", "must be at least 100");
+            // once (503) while the node still said it was ready. (Five minutes at most: a
+            // write's retries are bounded in count for that.)
+            return invalid("write-timeout-ms", "must be 100..=300000");
         }
         if self.bootstrap_expect > self.max_voters {
             // Every node a cluster forms with is a voter.
@@ -701,6 +703,7 @@ mod tests {
         };
         assert_eq!(refused(NodeArgs { write_timeout_ms: Some(0), ..base() }), "write-timeout-ms");
         assert!(NodeArgs { write_timeout_ms: Some(100), ..base() }.resolve().is_ok());
+        assert_eq!(refused(NodeArgs { write_timeout_ms: Some(300_001), ..base() }), "write-timeout-ms");
         assert_eq!(refused(NodeArgs { events_max_count: Some(0), ..base() }), "events-max-count");
         assert_eq!(refused(NodeArgs { events_max_count: Some(1_023), ..base() }), "events-max-count");
         assert!(NodeArgs { events_max_count: Some(1_024), ..base() }.resolve().is_ok());

@@ -95,7 +95,9 @@ pub struct Replica {
 }
 
 /// A write waiting to be forwarded, with where to send its outcome.
-type Forward = (Command, oneshot::Sender<Result<(u64, CommandResult), ForwardError>>);
+/// A write queued for the leader: the command, where its answer goes, and its caller's
+/// deadline (past which the caller has given up and the write must not be sent).
+type Forward = (Command, oneshot::Sender<Result<(u64, CommandResult), ForwardError>>, Instant);
 
 /// Why a forwarded write has no result.
 #[derive(Debug)]
@@ -197,14 +199,16 @@ impl Replica {
             return Err(ReplicaError::TooLarge { bytes, limit });
         }
         let deadline = Instant::now() + timeout;
-        // Bounded: each pass either returns or waits for a leader change, and the deadline ends it.
-        for attempt in 0..64u32 {
+        // Bounded: each pass either returns or waits (at least 20 ms) for a leader change, and
+        // the deadline ends it (at most `--write-timeout-ms`, 5 minutes: about 1,400 passes). It
+        // gave up after 64 passes, about 13 s, whatever the deadline.
+        for attempt in 0..4_096u32 {
             let leader = self.wait_leader(deadline).await?;
             let outcome = if leader == self.id() {
                 tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await.map_err(|_| ReplicaError::Unavailable)?
             } else {
                 let (tx, rx) = oneshot::channel();
-                if tokio::time::timeout_at(deadline, self.forward.send((cmd.clone(), tx))).await.is_err() {
+                if tokio::time::timeout_at(deadline, self.forward.send((cmd.clone(), tx, deadline))).await.is_err() {
                     return Err(ReplicaError::Unavailable);
                 }
                 match tokio::time::timeout_at(deadline, rx).await {
@@ -394,15 +398,26 @@ async fn forwarder(raft: Raft, net: Arc<PeerNet>, mut rx: mpsc::Receiver<Forward
         let net = net.clone();
         tokio::spawn(async move {
             let Some(leader) = leader else {
-                for (_, tx) in items {
+                for (_, tx, _) in items {
                     let _ = tx.send(Err(ForwardError::Remote(RemoteError::NotLeader { leader: None })));
                 }
                 return;
             };
-            let (cmds, txs): (Vec<Command>, Vec<_>) = items.into_iter().unzip();
+            // Bounded by the latest caller's deadline (and `FORWARD_TIMEOUT`): the send itself
+            // may wait for the link (a dial, a free place among the requests outstanding on
+            // it), and a batch sent after every caller was told "unavailable" (503: nothing
+            // happened, retry) could commit a write its caller then sent again. With the
+            // deadline, a batch still waiting for the link when it passes is never sent.
+            let timeout = send_within(&items, Instant::now());
+            let (cmds, txs): (Vec<Command>, Vec<_>) = items.into_iter().map(|(cmd, tx, _)| (cmd, tx)).unzip();
             let n = cmds.len();
-            // Callers hold their own deadlines; this bounds the batch itself.
-            match net.request(leader, &PeerRequest::WriteBatch(cmds), FORWARD_TIMEOUT).await {
+            if timeout.is_zero() {
+                for tx in txs {
+                    let _ = tx.send(Err(ForwardError::Peer(PeerError::Timeout { peer: leader, timeout })));
+                }
+                return;
+            }
+            match net.request(leader, &PeerRequest::WriteBatch(cmds), timeout).await {
                 Ok(PeerResponse::WrittenBatch(results)) if results.len() == n => {
                     for (tx, r) in txs.into_iter().zip(results) {
                         let _ = tx.send(r.map_err(ForwardError::Remote));
@@ -477,6 +492,12 @@ async fn next_batch(rx: &mut mpsc::Receiver<Forward>, budget: usize, held: &mut 
 /// How long one forwarded batch may take before its callers hear a timeout.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long the batch `items` may take from `now`, its send included: until the latest of its
+/// callers' deadlines, at most `FORWARD_TIMEOUT`; zero once every caller has given up.
+fn send_within(items: &[Forward], now: Instant) -> Duration {
+    items.iter().map(|(_, _, d)| d.saturating_duration_since(now)).max().unwrap_or_default().min(FORWARD_TIMEOUT)
+}
+
 pub fn response_name(r: &PeerResponse) -> &'static str {
     match r {
         PeerResponse::AppendEntries(_) => "AppendEntries",
@@ -535,7 +556,7 @@ mod tests {
         let write = |tx: tokio::sync::mpsc::Sender<super::Forward>| async move {
             let (reply, rx) = tokio::sync::oneshot::channel();
             let cmd = super::Command::Delete { store: "s".into(), key: "k".into(), if_revision: None };
-            tx.send((cmd, reply)).await.expect("forwarder listening");
+            tx.send((cmd, reply, Instant::now() + Duration::from_secs(5))).await.expect("forwarder listening");
             // In an Option: a bare receiver is itself a future (clippy's async_yields_async).
             Some(rx)
         };
@@ -554,12 +575,28 @@ mod tests {
         drop(gone);
         let _kept = write(tx.clone()).await;
         let (cmd, reply) = (super::Command::Delete { store: "s".into(), key: "gone".into(), if_revision: None }, tokio::sync::oneshot::channel().0);
-        tx.send((cmd, reply)).await.expect("room");
+        tx.send((cmd, reply, Instant::now() + Duration::from_secs(5))).await.expect("room");
         let batch = super::next_batch(&mut rx, usize::MAX, &mut held).await.expect("a batch");
         assert_eq!(batch.len(), 1, "only the write whose caller waits");
         assert!(!batch[0].1.is_closed());
         drop(tx);
         assert!(super::next_batch(&mut rx, usize::MAX, &mut held).await.is_none(), "no senders left: done");
+    }
+
+    /// A forwarded batch may take, its send to the leader included, until the latest of its
+    /// callers' deadlines: one still waiting for the link when that passes is never sent (its
+    /// callers were told 503, nothing happened).
+    #[test]
+    fn a_forwarded_batch_is_sent_only_within_its_callers_deadlines() {
+        let now = Instant::now();
+        let item = |after: Duration| {
+            let cmd = super::Command::Delete { store: "s".into(), key: "k".into(), if_revision: None };
+            (cmd, tokio::sync::oneshot::channel().0, now + after)
+        };
+        let ms = Duration::from_millis;
+        assert_eq!(send_within(&[item(ms(200)), item(ms(900)), item(ms(50))], now), ms(900));
+        assert_eq!(send_within(&[item(ms(200))], now + ms(300)), Duration::ZERO, "every caller gave up: not sent");
+        assert_eq!(send_within(&[item(Duration::from_secs(300))], now), FORWARD_TIMEOUT);
     }
 
     #[tokio::test]
@@ -574,10 +611,10 @@ mod tests {
         for n in [40_000, 40_001, 40_002] {
             let (reply, rx) = tokio::sync::oneshot::channel();
             waiting.push(rx);
-            tx.send((put(n), reply)).await.expect("room");
+            tx.send((put(n), reply, Instant::now() + Duration::from_secs(5))).await.expect("room");
         }
         let keys = |b: &[super::Forward]| -> Vec<String> {
-            b.iter().map(|(c, _)| match c { super::Command::Put { key, .. } => key.clone(), _ => String::new() }).collect()
+            b.iter().map(|(c, _, _)| match c { super::Command::Put { key, .. } => key.clone(), _ => String::new() }).collect()
         };
         let mut held = None;
         let first = super::next_batch(&mut rx, 100_000, &mut held).await.expect("a batch");
@@ -586,7 +623,7 @@ mod tests {
         assert_eq!(keys(&second), vec!["k40002"], "the held write goes first, alone if need be");
         // One write larger than the budget still goes (each is bounded at half a frame).
         let (reply, _waits) = tokio::sync::oneshot::channel();
-        tx.send((put(200_000), reply)).await.expect("room");
+        tx.send((put(200_000), reply, Instant::now() + Duration::from_secs(5))).await.expect("room");
         assert_eq!(super::next_batch(&mut rx, 100_000, &mut held).await.expect("a batch").len(), 1);
     }
 
