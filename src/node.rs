@@ -32,6 +32,7 @@ use crate::peer::message::RemoteError;
 use crate::peer::tls::PeerTls;
 use crate::raft::RaftSettings;
 use crate::raft::Replica;
+use crate::raft::log_store::Founding;
 use crate::raft::log_store::LogStore;
 use crate::raft::log_store::LogStoreOptions;
 use crate::raft::network::AppendLanes;
@@ -335,6 +336,7 @@ pub async fn run(
         replica.clone(),
         ClusterSettings { seeds: cfg.seeds.clone(), bootstrap_expect: cfg.bootstrap_expect, max_voters: cfg.max_voters },
         reversions,
+        founder_log.clone(),
         cluster_stop.clone(),
     );
     // Compiled-in services are always offered; sidecar commands only while the upstream is healthy.
@@ -786,16 +788,18 @@ async fn found(replica: &Replica, log: &LogStore, unproven: &AtomicBool, raft_se
         Ok(true) => return PeerResponse::Error(RemoteError::Invalid(format!("node {me} already has cluster state"))),
         Err(e) => return PeerResponse::Error(RemoteError::Internal(e.to_string())),
     }
-    if log.founder() {
-        return PeerResponse::Done;
-    }
     let marked = log.clone();
     let ids = members.clone();
-    match tokio::task::spawn_blocking(move || marked.mark_founder(&ids)).await {
-        Ok(Ok(false)) => PeerResponse::Error(RemoteError::Invalid(format!("node {me} holds log entries"))),
-        Ok(Ok(true)) => {
+    match tokio::task::spawn_blocking(move || marked.mark_founder(from, &ids)).await {
+        Ok(Ok(Founding::HoldsEntries)) => PeerResponse::Error(RemoteError::Invalid(format!("node {me} holds log entries"))),
+        Ok(Ok(Founding::Other(by))) => {
+            PeerResponse::Error(RemoteError::Invalid(format!("node {me} is a founder of the cluster node {by} forms")))
+        }
+        Ok(Ok(Founding::Marked { new })) => {
             unproven.store(false, Ordering::Relaxed);
-            info!(from, ?members, "forming a new cluster: this node's empty log is marked as a founder's");
+            if new {
+                info!(from, ?members, "forming a new cluster: this node's empty log is marked as a founder's");
+            }
             PeerResponse::Done
         }
         Ok(Err(e)) => PeerResponse::Error(RemoteError::Internal(format!("marking the log: {e}"))),

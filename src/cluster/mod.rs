@@ -39,6 +39,8 @@ use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::peer::message::RemoteError;
 use crate::raft::Replica;
+use crate::raft::log_store::Founding;
+use crate::raft::log_store::LogStore;
 use crate::raft::network::Reversions;
 use crate::raft::types::*;
 
@@ -154,6 +156,9 @@ pub struct Cluster {
     /// Since when (ms after `since` + 1; 0: it is not) this node has had more than
     /// `KEEP_UP_LAG` committed entries left to apply; written and read by `ready`.
     behind_ms: Arc<AtomicU64>,
+    /// This node's Raft log: its bootstrap claims it (`LogStore::claim_founding`) before it
+    /// initializes a cluster.
+    log: LogStore,
 }
 
 /// `hears_majority`'s judgement: when, for which membership, and what.
@@ -170,7 +175,7 @@ const LEADERLESS_GRACE: Duration = Duration::from_secs(3);
 
 impl Cluster {
     /// Start the membership task, the address-book watcher and the bootstrap/join loop.
-    pub fn start(replica: Replica, settings: ClusterSettings, reversions: Arc<Reversions>, shutdown: CancellationToken) -> Cluster {
+    pub fn start(replica: Replica, settings: ClusterSettings, reversions: Arc<Reversions>, log: LogStore, shutdown: CancellationToken) -> Cluster {
         let (tx, rx) = mpsc::channel(QUEUE);
         let last_ready_ms = Arc::new(AtomicU64::new(0));
         let cluster = Cluster {
@@ -184,6 +189,7 @@ impl Cluster {
             append_ms: Arc::new(AtomicU64::new(0)),
             quorum_heard: Arc::new(std::sync::Mutex::new(None)),
             behind_ms: Arc::new(AtomicU64::new(0)),
+            log,
         };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
         crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
@@ -767,6 +773,7 @@ impl Cluster {
         // second cluster beside theirs. With no seeds at all (`--bootstrap-expect 1`) it is alone.
         let mut among_seeds = self.settings.seeds.is_empty();
         let mut told_outside = false;
+        let mut told_marked = false;
         // Founders whose logs are marked (`mark_founders`): asked once each.
         let mut marked: BTreeSet<NodeId> = BTreeSet::new();
         loop {
@@ -827,10 +834,13 @@ impl Cluster {
             // five seeds with an expect of three formed five voters (past `--max-voters`, and
             // an even count with four). The others see a lower id, and join once it has formed.
             let plan = (lowest && among_seeds).then(|| fresh.keys().copied().take(self.settings.bootstrap_expect).collect::<Vec<_>>());
-            let bootstrap = steady.holds(plan.clone());
             // A node gone from the seeds' answers (restarted, maybe with its data lost) is asked
             // again if it comes back.
             marked.retain(|id| fresh.contains_key(id));
+            // Only once every other founder took the mark: a founder marked by another node
+            // (whose view of the seeds differs) refuses, and that node's cluster forms instead.
+            let all_marked = plan.as_ref().is_some_and(|ids| ids.iter().all(|id| *id == me || marked.contains(id)));
+            let bootstrap = steady.holds(plan.clone()) && all_marked;
             if let Some(ids) = plan.as_ref().filter(|_| members.is_empty() && !bootstrap) {
                 // In a round that plans (every seed seen without cluster state), never in the
                 // one that bootstraps: the founders' answers may take a while, and the gap
@@ -851,11 +861,35 @@ impl Cluster {
                     Err(e) => info!(%seed, cause = %e, "join request failed"),
                 }
             } else if let Some(ids) = plan.as_ref().filter(|_| bootstrap) {
-                let nodes: BTreeMap<NodeId, BasicNode> =
-                    fresh.iter().filter(|(id, _)| ids.contains(id)).map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
-                info!(members = ?nodes.keys().collect::<Vec<_>>(), "bootstrapping the cluster");
-                if let Err(e) = self.replica.raft.initialize(nodes).await {
-                    warn!(cause = %e, "initialize failed");
+                // This node's log may have been marked for another node's cluster meanwhile;
+                // once claimed, no other node's mark is taken.
+                let log = self.log.clone();
+                let claimed = match tokio::task::spawn_blocking(move || log.claim_founding(me)).await {
+                    Ok(Ok(Founding::Marked { .. })) => true,
+                    Ok(Ok(Founding::Other(by))) => {
+                        if round % 20 == 1 || !told_marked {
+                            warn!(founder = by, "not bootstrapping: this node's empty log is marked as a founder of another node's cluster; it joins that one once it forms (if that node is gone for good, only an empty data dir here lets this node form another)");
+                        }
+                        told_marked = true;
+                        false
+                    }
+                    Ok(Ok(Founding::HoldsEntries)) => false,
+                    Ok(Err(e)) => {
+                        warn!(cause = %e, "could not claim this node's log for a new cluster");
+                        false
+                    }
+                    Err(e) => {
+                        warn!(cause = %e, "could not claim this node's log for a new cluster");
+                        false
+                    }
+                };
+                if claimed {
+                    let nodes: BTreeMap<NodeId, BasicNode> =
+                        fresh.iter().filter(|(id, _)| ids.contains(id)).map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+                    info!(members = ?nodes.keys().collect::<Vec<_>>(), "bootstrapping the cluster");
+                    if let Err(e) = self.replica.raft.initialize(nodes).await {
+                        warn!(cause = %e, "initialize failed");
+                    }
                 }
             }
             tokio::select! {

@@ -664,9 +664,30 @@ struct Founder {
     /// before it writes the file, cleared by `unmark` once the file is gone; held across each
     /// one's file operations, so neither sees the other half done.
     marked: Arc<Mutex<bool>>,
+    /// This node's id once its own bootstrap claimed the log (`LogStore::claim_founding`),
+    /// taken under `marked`'s lock; for the process's life.
+    forming: Arc<Mutex<Option<u64>>>,
+}
+
+/// What became of a founder mark, or of a claim to found a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Founding {
+    /// Marked (`new`: just now), or claimed.
+    Marked { new: bool },
+    /// The log holds entries: a cluster exists.
+    HoldsEntries,
+    /// The log belongs to this node's cluster (0: a mark that names none).
+    Other(u64),
 }
 
 impl Founder {
+    /// The node whose cluster the mark on disk is for, if it is there and names one.
+    fn by(&self) -> Option<u64> {
+        let text = fs::read_to_string(&self.path).ok()?;
+        let rest = text.strip_prefix("marked by node ")?;
+        rest.split_whitespace().next()?.parse().ok()
+    }
+
     /// Removes the mark durably, if it is there: on the flusher thread before the first append
     /// it syncs is acknowledged, so that a log that acknowledged an entry never carries it.
     fn unmark(&self, sync: bool) -> io::Result<()> {
@@ -814,7 +835,7 @@ impl LogStore {
 
         // A mark beside entries is stale (a mark made as an append raced it): gone before use.
         let mark = dir.join(FOUNDER_FILE);
-        let founder = Founder { marked: Arc::new(Mutex::new(mark.exists())), path: mark, dir: dir.to_path_buf() };
+        let founder = Founder { marked: Arc::new(Mutex::new(mark.exists())), path: mark, dir: dir.to_path_buf(), forming: Arc::new(Mutex::new(None)) };
         if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
             founder.unmark(opts.sync)?;
         }
@@ -864,25 +885,67 @@ impl LogStore {
         self.inner.founder.is_marked()
     }
 
-    /// Marks this log as a founder's (see `founder`), durably, if it has never held an entry
-    /// (false if it has): `members` are the nodes forming the cluster, kept for whoever reads
-    /// the data dir. Blocking (a file write and fsyncs), under the lock that appends take: an
+    /// Marks this log as a founder's (see `founder`), durably, if it has never held an entry:
+    /// node `by` (the lowest id among them) forms the cluster of `members`; both are kept with
+    /// the mark. Blocking (a file write and fsyncs), under the lock that appends take: an
     /// append either came first (no mark) or finds the mark, which the flusher then removes
     /// before acknowledging it.
-    pub fn mark_founder(&self, members: &[u64]) -> io::Result<bool> {
+    ///
+    /// One log founds one node's cluster: a mark by another node, or this node's own bootstrap
+    /// (`claim_founding`), refuses it (`Founding::Other`). Two nodes whose views of the seeds
+    /// differed (one's DNS lagging) could otherwise each bootstrap a membership holding the
+    /// same node, and Raft cannot tell their first entries apart: two clusters. The same node
+    /// may mark again with other members (its view grew): it initializes once, with one plan.
+    pub fn mark_founder(&self, by: u64, members: &[u64]) -> io::Result<Founding> {
         let mem = lock(&self.inner.mem)?;
         if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
-            return Ok(false);
+            return Ok(Founding::HoldsEntries);
         }
-        let text = format!("formed a cluster with nodes {members:?} while this log was empty\n");
+        let mut marked = lock(&self.inner.founder.marked)?;
+        if let Some(own) = *lock(&self.inner.founder.forming)? {
+            if own != by {
+                return Ok(Founding::Other(own));
+            }
+        }
+        if *marked {
+            // A mark of an older build names no founder: taken as this one's.
+            match self.inner.founder.by() {
+                Some(other) if other != by => return Ok(Founding::Other(other)),
+                _ => {}
+            }
+        }
+        let text = format!("marked by node {by} to form a cluster with nodes {members:?} while this log was empty\n");
         // Flagged first: a write that fails half way (renamed, the directory not synced) may
         // leave the file, which the flusher must then remove before the first acknowledgement.
-        let mut marked = lock(&self.inner.founder.marked)?;
-        *marked = true;
+        let new = !std::mem::replace(&mut *marked, true);
         crate::fsutil::write_atomic(&self.inner.dir, FOUNDER_FILE, text.as_bytes())?;
         drop(marked);
         drop(mem);
-        Ok(true)
+        Ok(Founding::Marked { new })
+    }
+
+    /// Claims this log for node `me`'s own bootstrap, before it initializes the cluster:
+    /// refused (`Founding::Other`) if another node marked it as a founder of its cluster (this
+    /// one waits for that cluster, and joins it), and from now on another node's mark is
+    /// refused. Under the same locks as `mark_founder`, so one of the two comes first and the
+    /// other sees it.
+    pub fn claim_founding(&self, me: u64) -> io::Result<Founding> {
+        let mem = lock(&self.inner.mem)?;
+        if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
+            return Ok(Founding::HoldsEntries);
+        }
+        let marked = lock(&self.inner.founder.marked)?;
+        if *marked {
+            // A mark that names no founder (an older build's) counts as another node's.
+            match self.inner.founder.by() {
+                Some(by) if by == me => {}
+                other => return Ok(Founding::Other(other.unwrap_or(0))),
+            }
+        }
+        *lock(&self.inner.founder.forming)? = Some(me);
+        drop(marked);
+        drop(mem);
+        Ok(Founding::Marked { new: false })
     }
 
     /// The index of the last entry this log holds (or purged into a snapshot), if any. Read once
@@ -1313,7 +1376,7 @@ mod tests {
         let dir = TempDir::new();
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
         assert!(!store.founder());
-        assert!(store.mark_founder(&[1, 2, 3]).unwrap());
+        assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::Marked { new: true });
         assert!(store.founder());
         drop(store);
         let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
@@ -1321,7 +1384,7 @@ mod tests {
         assert!(!store.holds_entries());
         append(&mut store, vec![ent(1, 1)]).await;
         assert!(!store.founder() && !dir.0.join(FOUNDER_FILE).exists(), "gone once an entry is acknowledged");
-        assert!(!store.mark_founder(&[1, 2, 3]).unwrap(), "a log that holds entries is not marked");
+        assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::HoldsEntries, "a log that holds entries is not marked");
         drop(store);
         for seg in segments(&dir.0) {
             fs::remove_file(seg).unwrap();
@@ -1340,6 +1403,38 @@ mod tests {
         fs::remove_dir_all(&dir.0).unwrap();
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
         assert!(!store.founder(), "a lost log loses its mark");
+    }
+
+    /// A log founds one node's cluster: marked by node 1, it takes node 1's marks again (its
+    /// view grew) but not node 2's, also after a restart, and this node's own bootstrap is
+    /// refused; a log this node claimed for its own bootstrap refuses every other node's mark.
+    /// Two nodes whose views of the seeds differed could each bootstrap a cluster holding the
+    /// same node (two clusters).
+    #[test]
+    fn a_log_founds_one_nodes_cluster() {
+        let dir = TempDir::new();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::Marked { new: true });
+        assert_eq!(store.mark_founder(1, &[1, 2, 4]).unwrap(), Founding::Marked { new: false }, "the same founder, a grown view");
+        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Other(1));
+        drop(store);
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Other(1), "kept across a restart");
+        assert_eq!(store.claim_founding(3).unwrap(), Founding::Other(1), "no cluster of its own");
+        assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::Marked { new: false });
+        drop(store);
+        // An older build's mark names no founder: it may be marked again, but not claimed.
+        fs::write(dir.0.join(FOUNDER_FILE), b"formed a cluster with nodes [1, 2, 3] while this log was empty\n").unwrap();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.claim_founding(3).unwrap(), Founding::Other(0));
+        assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::Marked { new: false });
+        drop(store);
+        fs::remove_dir_all(&dir.0).unwrap();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.claim_founding(3).unwrap(), Founding::Marked { new: false }, "an unmarked log is claimed");
+        assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::Other(3), "claimed: another node's mark is refused");
+        assert!(!store.founder());
+        assert_eq!(store.claim_founding(3).unwrap(), Founding::Marked { new: false }, "claimed again by the same node");
     }
 
     #[tokio::test]
