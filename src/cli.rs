@@ -321,6 +321,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
+            // A group of its own: a Ctrl-C in the terminal reaches `dev` alone, which then asks
+            // each node once (SIGTERM) to drain. Sent to the terminal's group, the nodes took
+            // `dev`'s SIGTERM as a second signal and ended without their drain.
+            .process_group(0)
             .spawn()
             .context("starting a node")?;
         children.push(child);

@@ -280,7 +280,10 @@ pub struct HttpsConfig {
 
 impl NodeArgs {
     /// Merge flags/env (self) over the TOML file (if any) over defaults.
-    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+    pub fn resolve(mut self) -> Result<NodeConfig, ConfigError> {
+        if self.config.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
+            self.config = None;
+        }
         let file = match &self.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;

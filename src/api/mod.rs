@@ -741,10 +741,12 @@ impl Answer {
         let mut held = Held::default();
         if !bytes.is_empty() && !budget.try_count(&mut held, bytes.len()) {
             // Small answers are counted past the budget too: a 503 would save little. So is
-            // one larger than the whole budget: it would be refused however often it was asked
-            // for (reads size their pages to a quarter of the budget, so only a single large
-            // value or event comes here).
-            if refusable && bytes.len() >= REFUSABLE_ANSWER && bytes.len() <= budget.total() {
+            // one larger than the whole budget while the budget holds nothing else: it would be
+            // refused however often it was asked for (reads size their pages to a quarter of the
+            // budget, so only a single large value or event comes here), and one at a time
+            // keeps what is held past the budget to one answer.
+            let whole = bytes.len() > budget.total() && budget.held() == 0;
+            if refusable && bytes.len() >= REFUSABLE_ANSWER && !whole {
                 metrics::counter!("raftbridge_http_answers_refused_total").increment(1);
                 let busy = ApiError::Busy("this node holds as many bytes of answers being sent as --max-body-buffered allows: retry shortly".into());
                 // Short, and not counted.
@@ -995,9 +997,12 @@ mod tests {
         drop(data);
         assert_eq!(budget.held(), 0, "written: given back");
         assert_eq!(Answer::counted(text(""), &budget, true).status(), StatusCode::OK, "an empty answer always fits");
-        // One larger than the whole budget is never refused: a retry could not fit it either.
-        let whole = Answer::counted(sized(2 * k + 1), &budget, true);
-        assert_eq!((whole.status(), budget.held()), (StatusCode::OK, 2 * k + 1));
+        // One larger than the whole budget is taken while the budget holds nothing else (a
+        // retry could never fit it), and refused while another is held: one at a time.
+        let empty = BodyBudget::new(2 * k);
+        let whole = Answer::counted(sized(2 * k + 1), &empty, true);
+        assert_eq!((whole.status(), empty.held()), (StatusCode::OK, 2 * k + 1));
+        assert_eq!(Answer::counted(sized(2 * k + 1), &empty, true).status(), StatusCode::SERVICE_UNAVAILABLE, "not two at once");
     }
 
     #[tokio::test(start_paused = true)]

@@ -280,6 +280,8 @@ impl ProcessCluster {
                 "node", "--id", &id.to_string(), "--data-dir", &data.display().to_string(),
                 "--peer-addr", &peer.to_string(), "--peer-source-addr", &node_ip(id).to_string(), "--advertise", &relay_addrs[i], "--http-addr", &http.to_string(),
                 "--seeds", &seeds, "--bootstrap-expect", &n.to_string(), "--cluster-name", "chaos", "--example-services",
+                // Every node a founder and a voter: more than the default 5 is refused otherwise.
+                "--max-voters", &n.max(5).to_string(),
             ]
             .iter()
             .map(|s| s.to_string())

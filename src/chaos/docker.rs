@@ -119,6 +119,8 @@ impl DockerCluster {
                 "--peer-addr", &format!("0.0.0.0:{PEER_PORT}"), "--advertise", &format!("{name}:{PEER_PORT}"),
                 "--http-addr", &format!("0.0.0.0:{HTTP_PORT}"), "--seeds", &seeds.join(","),
                 "--bootstrap-expect", &n.to_string(), "--cluster-name", "chaos", "--example-services",
+                // Every node a founder and a voter: more than the default 5 is refused otherwise.
+                "--max-voters", &n.max(5).to_string(),
             ]
             .iter()
             .map(|s| s.to_string())

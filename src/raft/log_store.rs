@@ -891,11 +891,13 @@ impl LogStore {
     /// append either came first (no mark) or finds the mark, which the flusher then removes
     /// before acknowledging it.
     ///
-    /// One log founds one node's cluster: a mark by another node, or this node's own bootstrap
-    /// (`claim_founding`), refuses it (`Founding::Other`). Two nodes whose views of the seeds
-    /// differed (one's DNS lagging) could otherwise each bootstrap a membership holding the
-    /// same node, and Raft cannot tell their first entries apart: two clusters. The same node
-    /// may mark again with other members (its view grew): it initializes once, with one plan.
+    /// One log founds one node's cluster: a mark by a lower id, or this node's own bootstrap
+    /// (`claim_founding`), refuses it (`Founding::Other`); a mark by a higher id is replaced
+    /// (that node planned before it saw the lower one, which it now defers to: kept, the mark
+    /// stalled every later plan for good). Two nodes whose views of the seeds differed (one's
+    /// DNS lagging) could otherwise each bootstrap a membership holding this node, and Raft
+    /// cannot tell their first entries apart: two clusters. The same node may mark again with
+    /// other members (its view grew): it initializes once, with one plan.
     pub fn mark_founder(&self, by: u64, members: &[u64]) -> io::Result<Founding> {
         let mem = lock(&self.inner.mem)?;
         if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
@@ -908,9 +910,9 @@ impl LogStore {
             }
         }
         if *marked {
-            // A mark of an older build names no founder: taken as this one's.
+            // A mark of an older build names no founder: taken as replaceable.
             match self.inner.founder.by() {
-                Some(other) if other != by => return Ok(Founding::Other(other)),
+                Some(other) if other < by => return Ok(Founding::Other(other)),
                 _ => {}
             }
         }
@@ -1405,18 +1407,21 @@ mod tests {
         assert!(!store.founder(), "a lost log loses its mark");
     }
 
-    /// A log founds one node's cluster: marked by node 1, it takes node 1's marks again (its
-    /// view grew) but not node 2's, also after a restart, and this node's own bootstrap is
-    /// refused; a log this node claimed for its own bootstrap refuses every other node's mark.
+    /// A log founds one node's cluster: marked by node 2, it takes node 1's mark instead (node
+    /// 2 defers to the lower id), then node 1's marks again (its view changed) but not node 2's,
+    /// also after a restart, and this node's own bootstrap is refused; a log this node claimed
+    /// for its own bootstrap refuses every other node's mark.
     /// Two nodes whose views of the seeds differed could each bootstrap a cluster holding the
     /// same node (two clusters).
     #[test]
     fn a_log_founds_one_nodes_cluster() {
         let dir = TempDir::new();
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
-        assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::Marked { new: true });
-        assert_eq!(store.mark_founder(1, &[1, 2, 4]).unwrap(), Founding::Marked { new: false }, "the same founder, a grown view");
-        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Other(1));
+        // Node 2 planned before it saw node 1: node 1's mark replaces its own.
+        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Marked { new: true });
+        assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::Marked { new: false }, "a lower founder's mark replaces it");
+        assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Marked { new: false }, "the same founder, another view");
+        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Other(1), "a higher founder's is refused");
         drop(store);
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
         assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Other(1), "kept across a restart");

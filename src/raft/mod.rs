@@ -409,15 +409,34 @@ async fn forwarder(raft: Raft, net: Arc<PeerNet>, mut rx: mpsc::Receiver<Forward
             // happened, retry) could commit a write its caller then sent again. With the
             // deadline, a batch still waiting for the link when it passes is never sent.
             let timeout = send_within(&items, Instant::now());
-            let (cmds, txs): (Vec<Command>, Vec<_>) = items.into_iter().map(|(cmd, tx, _)| (cmd, tx)).unzip();
+            let deadline = Instant::now() + timeout;
+            // The link first, within the same bound (a dial takes up to a few seconds).
+            let link = match tokio::time::timeout_at(deadline, net.link(leader)).await {
+                Ok(Ok(link)) => link,
+                failed => {
+                    let e = match failed {
+                        Ok(Err(e)) => e,
+                        _ => PeerError::NoLinkInTime { peer: leader.to_string(), timeout },
+                    };
+                    for (_, tx, _) in items {
+                        let _ = tx.send(Err(ForwardError::Peer(e.clone())));
+                    }
+                    return;
+                }
+            };
+            // The writes whose callers gave up meanwhile stay unsent.
+            let now = Instant::now();
+            let (cmds, txs): (Vec<Command>, Vec<_>) =
+                items.into_iter().filter(|(_, tx, until)| !tx.is_closed() && *until > now).map(|(cmd, tx, _)| (cmd, tx)).unzip();
             let n = cmds.len();
-            if timeout.is_zero() {
+            let left = deadline.saturating_duration_since(now);
+            if n == 0 || left.is_zero() {
                 for tx in txs {
                     let _ = tx.send(Err(ForwardError::Peer(PeerError::Timeout { peer: leader, timeout })));
                 }
                 return;
             }
-            match net.request(leader, &PeerRequest::WriteBatch(cmds), timeout).await {
+            match link.call(&PeerRequest::WriteBatch(cmds), left).await {
                 Ok(PeerResponse::WrittenBatch(results)) if results.len() == n => {
                     for (tx, r) in txs.into_iter().zip(results) {
                         let _ = tx.send(r.map_err(ForwardError::Remote));
@@ -489,8 +508,10 @@ async fn next_batch(rx: &mut mpsc::Receiver<Forward>, budget: usize, held: &mut 
     Some(batch)
 }
 
-/// How long one forwarded batch may take before its callers hear a timeout.
-const FORWARD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one forwarded batch may take at most; its callers' deadlines bound it first
+/// (`send_within`). As long as the longest `--write-timeout-ms`: at 30 s, a forwarded write
+/// gave up before a longer deadline, which one proposed on the leader waits out.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// How long the batch `items` may take from `now`, its send included: until the latest of its
 /// callers' deadlines, at most `FORWARD_TIMEOUT`; zero once every caller has given up.
@@ -596,7 +617,7 @@ mod tests {
         let ms = Duration::from_millis;
         assert_eq!(send_within(&[item(ms(200)), item(ms(900)), item(ms(50))], now), ms(900));
         assert_eq!(send_within(&[item(ms(200))], now + ms(300)), Duration::ZERO, "every caller gave up: not sent");
-        assert_eq!(send_within(&[item(Duration::from_secs(300))], now), FORWARD_TIMEOUT);
+        assert_eq!(send_within(&[item(Duration::from_secs(400))], now), FORWARD_TIMEOUT);
     }
 
     #[tokio::test]
