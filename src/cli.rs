@@ -182,17 +182,14 @@ fn init_tracing() {
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
 }
 
-/// Cancel the token on SIGINT or SIGTERM. With `second_ends`, a second one ends the process at
-/// once, without the rest of the drain (as an operator who presses Ctrl-C twice means; the
-/// signal handlers stay installed for the process's life, so it was swallowed). Nothing
-/// acknowledged depends on the drain: that is on disk, as after a SIGKILL.
-fn on_signal(token: CancellationToken, second_ends: bool) {
+/// Cancel the token on SIGINT or SIGTERM. A second one cancels `second` if given, else ends
+/// the process at once, without the rest of the drain (as an operator who presses Ctrl-C twice
+/// means; the signal handlers stay installed for the process's life, so it was swallowed).
+/// Nothing acknowledged depends on the drain: that is on disk, as after a SIGKILL.
+fn on_signal(token: CancellationToken, second: Option<CancellationToken>) {
     tokio::spawn(async move {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         for seen in 0..2 {
-            if seen == 1 && !second_ends {
-                return;
-            }
             let term_recv = async {
                 match term.as_mut() {
                     Some(s) => {
@@ -209,8 +206,13 @@ fn on_signal(token: CancellationToken, second_ends: bool) {
                 token.cancel();
             }
         }
-        tracing::warn!("a second stop signal: ending now, without the rest of the drain");
-        std::process::exit(130);
+        match second {
+            Some(second) => second.cancel(),
+            None => {
+                tracing::warn!("a second stop signal: ending now, without the rest of the drain");
+                std::process::exit(130);
+            }
+        }
     });
 }
 
@@ -225,7 +227,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .map_err(|e| tracing::warn!(cause = %e, "metrics recorder not installed"))
         .ok();
     let shutdown = CancellationToken::new();
-    on_signal(shutdown.clone(), true);
+    on_signal(shutdown.clone(), None);
     let mut services = Vec::new();
     if cfg.example_services {
         services.push(crate::sdk::demo::demo_service());
@@ -308,6 +310,11 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     // Three nodes share this machine: each gets a third of the cores (README, `--worker-threads`).
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let threads = (cores / 3).max(1).to_string();
+    // Before the nodes start: a Ctrl-C while they come up stops them too (they are in a
+    // process group of their own, which the terminal's signal does not reach). A second one
+    // kills them.
+    let (stop, force) = (CancellationToken::new(), CancellationToken::new());
+    on_signal(stop.clone(), Some(force.clone()));
     let mut children = Vec::new();
     for i in 0..3 {
         let dir = args.data_dir.join(format!("node{}", i + 1));
@@ -331,7 +338,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     }
     let started = Instant::now();
     let mut ready = false;
-    while started.elapsed() < Duration::from_secs(30) && !ready {
+    while started.elapsed() < Duration::from_secs(30) && !ready && !stop.is_cancelled() {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let mut all = true;
         for h in &https {
@@ -340,10 +347,34 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
         }
         ready = all;
     }
-    if !ready {
+    if !ready && !stop.is_cancelled() {
         anyhow::bail!("the cluster did not become ready in 30 s; see {}/node*.log", args.data_dir.display());
     }
-    println!("raftbridge dev cluster is up (logs: {}/node*.log). Try:\n", args.data_dir.display());
+    if ready {
+        print_dev_help(&args.data_dir, &https);
+    }
+    stop.cancelled().await;
+    for child in &mut children {
+        if let Some(pid) = child.id() {
+            // Ask once so nodes drain; a second Ctrl-C (or kill_on_drop) ends them.
+            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
+        }
+    }
+    for child in &mut children {
+        tokio::select! {
+            _ = tokio::time::timeout(Duration::from_secs(15), child.wait()) => {}
+            () = force.cancelled() => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// What `dev` prints once its cluster is ready.
+fn print_dev_help(data_dir: &std::path::Path, https: &[String]) {
+    println!("raftbridge dev cluster is up (logs: {}/node*.log). Try:\n", data_dir.display());
     println!("  curl -s {}/cluster", url(&https[1]));
     println!("  curl -s -X PUT {}/v1/state/default/greeting -d '{{\"hello\":\"world\"}}'", url(&https[2]));
     println!("  curl -si {}/v1/state/default/greeting", url(&https[0]));
@@ -352,21 +383,7 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
     println!("  curl -s {}/openapi.json", url(&https[2]));
     println!("  curl -s {}/metrics | head", url(&https[0]));
     println!("  raftbridge bench state --targets {} --concurrency 64 --duration 10s", https.iter().map(|h| url(h)).collect::<Vec<_>>().join(","));
-    println!("\nCtrl-C stops the cluster.");
-    let stop = CancellationToken::new();
-    // Not ended by a second signal: the nodes it started are stopped on the way out.
-    on_signal(stop.clone(), false);
-    stop.cancelled().await;
-    for child in &mut children {
-        if let Some(pid) = child.id() {
-            // Ask politely first so nodes drain; kill_on_drop covers the rest.
-            let _ = std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status();
-        }
-    }
-    for child in &mut children {
-        let _ = tokio::time::timeout(Duration::from_secs(15), child.wait()).await;
-    }
-    Ok(())
+    println!("\nCtrl-C stops the cluster (a second one kills it).");
 }
 
 fn url(addr: &str) -> String {

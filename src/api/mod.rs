@@ -649,11 +649,13 @@ struct BudgetInner {
     /// `raftbridge_http_body_bytes_held` when `/metrics` is scraped.
     used: AtomicUsize,
     total: usize,
+    /// Whether an answer larger than `total` is held (at most one: `Answer::counted`).
+    whole: std::sync::atomic::AtomicBool,
 }
 
 impl BodyBudget {
     pub fn new(total: usize) -> BodyBudget {
-        BodyBudget(Arc::new(BudgetInner { used: AtomicUsize::new(0), total }))
+        BodyBudget(Arc::new(BudgetInner { used: AtomicUsize::new(0), total, whole: std::sync::atomic::AtomicBool::new(false) }))
     }
 
     /// Bytes it may count (`--max-body-buffered`).
@@ -741,11 +743,12 @@ impl Answer {
         let mut held = Held::default();
         if !bytes.is_empty() && !budget.try_count(&mut held, bytes.len()) {
             // Small answers are counted past the budget too: a 503 would save little. So is
-            // one larger than the whole budget while the budget holds nothing else: it would be
-            // refused however often it was asked for (reads size their pages to a quarter of the
+            // one larger than the whole budget, one at a time (the budget's `whole` place, taken
+            // here and given back when the answer is written or dropped): it would be refused
+            // however often it was asked for (reads size their pages to a quarter of the
             // budget, so only a single large value or event comes here), and one at a time
             // keeps what is held past the budget to one answer.
-            let whole = bytes.len() > budget.total() && budget.held() == 0;
+            let whole = bytes.len() > budget.total() && budget.0.whole.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok();
             if refusable && bytes.len() >= REFUSABLE_ANSWER && !whole {
                 metrics::counter!("raftbridge_http_answers_refused_total").increment(1);
                 let busy = ApiError::Busy("this node holds as many bytes of answers being sent as --max-body-buffered allows: retry shortly".into());
@@ -753,6 +756,7 @@ impl Answer {
                 return busy.into_response().map(|body| Answer::of(full_bytes(body), Held::default()));
             }
             budget.count_anyway(&mut held, bytes.len());
+            held.whole = whole;
         }
         Response::from_parts(parts, Answer::of(bytes, held))
     }
@@ -796,12 +800,17 @@ struct Held {
     /// Set by the first `take`.
     budget: Option<BodyBudget>,
     bytes: usize,
+    /// Holds the budget's one place for an answer larger than all of it (`Answer::counted`).
+    whole: bool,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
         if let Some(budget) = &self.budget {
             budget.0.used.fetch_sub(self.bytes, Ordering::AcqRel);
+            if self.whole {
+                budget.0.whole.store(false, Ordering::Release);
+            }
         }
     }
 }
@@ -999,10 +1008,13 @@ mod tests {
         assert_eq!(Answer::counted(text(""), &budget, true).status(), StatusCode::OK, "an empty answer always fits");
         // One larger than the whole budget is taken while the budget holds nothing else (a
         // retry could never fit it), and refused while another is held: one at a time.
-        let empty = BodyBudget::new(2 * k);
-        let whole = Answer::counted(sized(2 * k + 1), &empty, true);
-        assert_eq!((whole.status(), empty.held()), (StatusCode::OK, 2 * k + 1));
-        assert_eq!(Answer::counted(sized(2 * k + 1), &empty, true).status(), StatusCode::SERVICE_UNAVAILABLE, "not two at once");
+        let small = Answer::counted(sized(k), &budget, true);
+        let whole = Answer::counted(sized(2 * k + 1), &budget, true);
+        assert_eq!(whole.status(), StatusCode::OK, "taken beside others");
+        assert_eq!(Answer::counted(sized(2 * k + 1), &budget, true).status(), StatusCode::SERVICE_UNAVAILABLE, "not two at once");
+        drop(whole);
+        assert_eq!(Answer::counted(sized(2 * k + 1), &budget, true).status(), StatusCode::OK, "its place is given back");
+        drop(small);
     }
 
     #[tokio::test(start_paused = true)]

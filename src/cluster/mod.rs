@@ -837,17 +837,21 @@ impl Cluster {
             // A node gone from the seeds' answers (restarted, maybe with its data lost) is asked
             // again if it comes back.
             marked.retain(|id| fresh.contains_key(id));
-            // Only once every other founder took the mark: a founder marked by another node
-            // (whose view of the seeds differs) refuses, and that node's cluster forms instead.
-            let all_marked = plan.as_ref().is_some_and(|ids| ids.iter().all(|id| *id == me || marked.contains(id)));
-            let bootstrap = steady.holds(plan.clone()) && all_marked;
-            if let Some(ids) = plan.as_ref().filter(|_| members.is_empty() && !bootstrap) {
-                // In a round that plans (every seed seen without cluster state), never in the
-                // one that bootstraps: the founders' answers may take a while, and the gap
-                // between the second look at the seeds and `initialize` stays as short as it was
-                // (`SteadyPlan`). A plan that changes leaves marks that are true all the same.
+            let steady_plan = steady.holds(plan.clone());
+            if let Some(ids) = plan.as_ref().filter(|_| members.is_empty()) {
+                // In every round that plans (every seed seen without cluster state). In the
+                // one that may bootstrap, every founder is asked again: a lower id that does
+                // not see this node may have replaced its mark since (a mark counted once
+                // went stale, and both nodes formed a cluster holding that founder).
+                if steady_plan {
+                    marked.clear();
+                }
                 self.mark_founders(&fresh, ids, &mut marked).await;
             }
+            // Only once every other founder took the mark, in this round: a founder marked by
+            // a lower id refuses, and that node's cluster forms instead.
+            let all_marked = plan.as_ref().is_some_and(|ids| ids.iter().all(|id| *id == me || marked.contains(id)));
+            let bootstrap = steady_plan && all_marked;
             if !members.is_empty() {
                 // Prefer a seed that knows the leader; it forwards our join there. Rounds go
                 // round the seeds in that order: one that cannot help (a removed node still
