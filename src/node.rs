@@ -773,8 +773,10 @@ struct PeerHandler {
 /// does not hold up the founders that missed that entry.
 async fn found(replica: &Replica, log: &LogStore, unproven: &AtomicBool, raft_seen: &AtomicBool, from: NodeId, members: Vec<NodeId>) -> PeerResponse {
     let me = replica.id();
-    if !members.contains(&me) || !members.contains(&from) {
-        return PeerResponse::Error(RemoteError::Invalid(format!("node {me} is not among the founders {members:?} with node {from}")));
+    // The receiver need not be among `members`: a seed past the founders is marked too, so that
+    // it defers to `from` and bootstraps no cluster of its own (it joins `from`'s).
+    if !members.contains(&from) {
+        return PeerResponse::Error(RemoteError::Invalid(format!("node {from} is not among the founders {members:?} it names")));
     }
     // A bootstrapping node sees only the seeds: Raft traffic here means a cluster exists beyond
     // them (members outside the seed list, say, while the seeds lost their data), and this

@@ -703,13 +703,27 @@ impl Cluster {
         }
     }
 
-    /// Before bootstrapping: asks the other founders to mark their empty logs as founders'
-    /// (`PeerRequest::Found`, served by `node::found`), so that one of them that misses the first
-    /// leader's first entries can still vote once that leader is gone. Best effort: a founder
-    /// that does not answer in time keeps the stricter vote rule for an empty log. `marked`:
+    /// Before bootstrapping: asks every other node it sees without cluster state to mark its
+    /// empty log as one of this node's cluster (`PeerRequest::Found`, served by `node::found`):
+    /// the founders (`ids`), so that one of them that misses the first leader's first entries
+    /// can still vote once that leader is gone, and the seeds past them, so that none of those
+    /// bootstraps a cluster of its own (one whose DNS answers lag, seeing only the seeds above
+    /// this node, would otherwise form one beside it: `LogStore::claim_founding` refuses a log
+    /// marked by another node). Bootstrapping waits for the founders' answers only. `marked`:
     /// those that answered, not asked again.
     async fn mark_founders(&self, fresh: &BTreeMap<NodeId, String>, ids: &[NodeId], marked: &mut BTreeSet<NodeId>) {
         let me = self.replica.id();
+        // The seeds past the founders: asked without waiting for their answers (bootstrapping
+        // waits for the founders' only, and the gap between their answers and `initialize`
+        // stays short), each ask bounded by `FOUND_TIMEOUT`.
+        for (id, addr) in fresh.iter().filter(|(id, _)| **id != me && !ids.contains(id)) {
+            let (net, req, addr, id) = (self.replica.net.clone(), PeerRequest::Found { members: ids.to_vec() }, addr.clone(), *id);
+            tokio::spawn(async move {
+                if let Err(e) = net.request_addr(&addr, &req, FOUND_TIMEOUT).await {
+                    debug!(node = id, cause = %e, "seed not marked as deferring to this node");
+                }
+            });
+        }
         let asks = fresh.iter().filter(|(id, _)| **id != me && ids.contains(id) && !marked.contains(*id)).map(|(id, addr)| {
             let net = self.replica.net.clone();
             let req = PeerRequest::Found { members: ids.to_vec() };

@@ -452,6 +452,44 @@ impl Link {
         }
     }
 
+    /// A call whose request is made only once it has a place on the link (one of the
+    /// outstanding requests, room in the send queue), both waited for until `deadline`:
+    /// `make` then says what to send, or `None` for nothing (`Ok(None)`). A forwarded batch of
+    /// writes is made of those whose callers still wait at that moment, so that a write whose
+    /// caller was told 503 while the batch waited for its place is not sent; the answer is
+    /// waited for until `deadline` too.
+    pub async fn call_made(
+        self: &Arc<Self>,
+        deadline: tokio::time::Instant,
+        make: impl FnOnce() -> Option<PeerRequest>,
+    ) -> Result<Option<PeerResponse>, PeerError> {
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let unsent = || PeerError::Unsent { peer: self.peer, timeout };
+        let permit = tokio::time::timeout_at(deadline, self.outstanding.clone().acquire_owned())
+            .await
+            .map_err(|_| unsent())?
+            .map_err(|_| PeerError::ClosedUnsent { peer: self.peer })?;
+        let place = match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
+            Ok(Ok(place)) => place,
+            Ok(Err(_)) => return Err(PeerError::ClosedUnsent { peer: self.peer }),
+            Err(_) => return Err(unsent()),
+        };
+        let Some(req) = make() else { return Ok(None) };
+        let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
+        let body = Frame::encode(Kind::Request, corr, &req).map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
+        if body.len() > self.max_frame {
+            return Err(PeerError::TooLarge { peer: self.peer, size: body.len(), limit: self.max_frame });
+        }
+        let (tx, rx) = oneshot::channel();
+        lock(&self.pending).insert(corr, tx);
+        let call = Call { link: self.clone(), corr, rx, deadline, timeout, _permit: permit };
+        if !self.is_alive() {
+            return Err(PeerError::ClosedUnsent { peer: self.peer });
+        }
+        place.send(body);
+        call.response().await.map(Some)
+    }
+
     fn touch(&self) {
         *lock(&self.last_seen) = tokio::time::Instant::now();
     }
@@ -2266,6 +2304,44 @@ mod tests {
         let vote = PeerRequest::Vote(crate::raft::types::VoteRequest::new(crate::raft::types::Vote::new(3, 2), None));
         let answer = dialer.request(1, &vote, timeout).await.expect("Raft's requests are served");
         assert!(matches!(answer, PeerResponse::Done), "{answer:?}");
+        stop.cancel();
+    }
+
+    /// A made call waits for its place on the link until its deadline and only then makes its
+    /// request: with every place taken it gives up unsent, without making one, and a request
+    /// made empty sends nothing. A forwarded batch is made of the writes whose callers still
+    /// wait once it has its place.
+    #[tokio::test]
+    async fn a_made_call_makes_its_request_only_once_it_has_a_place() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(stalls()));
+        let link = dialer.link(1).await.expect("linked");
+        let nothing = link.call_made(tokio::time::Instant::now() + Duration::from_secs(5), || None).await;
+        assert!(matches!(nothing, Ok(None)), "{nothing:?}");
+        let held: Vec<_> = (0..MAX_OUTSTANDING)
+            .map(|_| {
+                let link = link.clone();
+                tokio::spawn(async move { link.call(&invoke(Bytes::new()), Duration::from_secs(30)).await })
+            })
+            .collect();
+        // Bounded: the calls above take every place as they run.
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while link.outstanding.available_permits() > 0 && tokio::time::Instant::now() < until {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(link.outstanding.available_permits(), 0, "every place taken");
+        let mut made = false;
+        let outcome = link
+            .call_made(tokio::time::Instant::now() + Duration::from_millis(100), || {
+                made = true;
+                Some(PeerRequest::Status)
+            })
+            .await;
+        assert!(matches!(outcome, Err(PeerError::Unsent { .. })), "{outcome:?}");
+        assert!(!made, "no request made without a place");
+        for call in held {
+            call.abort();
+        }
         stop.cancel();
     }
 

@@ -424,19 +424,26 @@ async fn forwarder(raft: Raft, net: Arc<PeerNet>, mut rx: mpsc::Receiver<Forward
                     return;
                 }
             };
-            // The writes whose callers gave up meanwhile stay unsent.
-            let now = Instant::now();
-            let (cmds, txs): (Vec<Command>, Vec<_>) =
-                items.into_iter().filter(|(_, tx, until)| !tx.is_closed() && *until > now).map(|(cmd, tx, _)| (cmd, tx)).unzip();
-            let n = cmds.len();
-            let left = deadline.saturating_duration_since(now);
-            if n == 0 || left.is_zero() {
-                for tx in txs {
-                    let _ = tx.send(Err(ForwardError::Peer(PeerError::Timeout { peer: leader, timeout })));
-                }
-                return;
-            }
-            match link.call(&PeerRequest::WriteBatch(cmds), left).await {
+            // The batch is made once it has its place on the link (`Link::call_made`), of the
+            // writes whose callers still wait then: one whose caller heard 503 while the batch
+            // waited for the link stays unsent (a place among the outstanding requests, room
+            // in the send queue: the frame is written in the queue's order).
+            let mut txs = Vec::new();
+            let make = || {
+                let now = Instant::now();
+                let (cmds, kept): (Vec<Command>, Vec<_>) =
+                    items.into_iter().filter(|(_, tx, until)| !tx.is_closed() && *until > now).map(|(cmd, tx, _)| (cmd, tx)).unzip();
+                txs = kept;
+                (!cmds.is_empty()).then_some(PeerRequest::WriteBatch(cmds))
+            };
+            let sent = match link.call_made(deadline, make).await {
+                // Every caller gave up: nothing sent, and nobody to answer.
+                Ok(None) => return,
+                Ok(Some(answer)) => Ok(answer),
+                Err(e) => Err(e),
+            };
+            let n = txs.len();
+            match sent {
                 Ok(PeerResponse::WrittenBatch(results)) if results.len() == n => {
                     for (tx, r) in txs.into_iter().zip(results) {
                         let _ = tx.send(r.map_err(ForwardError::Remote));

@@ -356,6 +356,7 @@ fn forwarders(cfg: &SidecarConfig, max_answer: usize) -> Result<(Arc<Pool>, Vec<
         up: watch::Sender::new(cfg.health_path.is_none()),
         went_down: tokio::sync::Notify::new(),
         refusals: std::sync::atomic::AtomicU64::new(0),
+        suspect: tokio::sync::Notify::new(),
     });
     let forwards = cfg.commands.iter().map(|c| forwarder(&pool, c)).collect::<Result<_, _>>()?;
     Ok((pool, forwards))
@@ -436,6 +437,9 @@ struct Pool {
     went_down: tokio::sync::Notify,
     /// Connections refused so far: a probe that passed while one was refused does not count.
     refusals: std::sync::atomic::AtomicU64,
+    /// Wakes the health loop after a connect that failed without a refusal: it then probes
+    /// until a probe passes, also without `health_path` (`Pool::connect_failed`).
+    suspect: tokio::sync::Notify,
 }
 
 /// The pool's free connections and the requests waiting for one, under one lock: a request
@@ -465,11 +469,18 @@ impl Pool {
     /// (`refused`); this node's own shortage (no file descriptor or local port left, EMFILE or
     /// EADDRNOTAVAIL under a burst of connections) withdrew the app's every command and
     /// subscription from the cluster and put them back a moment later, a registry write each.
+    ///
+    /// Such a failure makes the health loop probe the app until a probe passes (without a
+    /// `health_path` it probes only while the app is down): failures that go on (an upstream on
+    /// another host that became unreachable, a name that stopped resolving) withdraw it after
+    /// `unhealthy_threshold` failed probes in a row, spread over the interval, not at the
+    /// first burst of them.
     fn connect_failed(&self, e: &ClientError) -> HandlerError {
         let refused = matches!(e, ClientError::Connect { source, .. } if source.kind() == std::io::ErrorKind::ConnectionRefused);
         if refused {
             return self.refused(e);
         }
+        self.suspect.notify_one();
         metrics::counter!("raftbridge_sidecar_connect_failures_total").increment(1);
         tracing::debug!(addr = %self.addr, error = %e, "could not connect to the sidecar app (not a refusal: it stays advertised)");
         HandlerError::not_served(format!("no connection to the app could be made: {}", cause(e)))
@@ -740,12 +751,16 @@ async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: Cancellation
     let mut checked = false;
     // Refused connections counted by the last probe (`Pool::refusals`).
     let mut seen = pool.refusals.load(SeqCst);
+    // A connect failed without a refusal (`Pool::connect_failed`): probed until one passes.
+    let mut suspected = false;
     loop {
-        if check.path.is_none() && pool.is_up() {
-            // Nothing to probe while it answers: wait for a refused connection.
+        if check.path.is_none() && pool.is_up() && !suspected {
+            // Nothing to probe while it answers: wait for a refused connection, or one that
+            // failed otherwise.
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = pool.went_down.notified() => {}
+                _ = pool.suspect.notified() => suspected = true,
             }
             continue;
         }
@@ -770,6 +785,7 @@ async fn health_loop(pool: Arc<Pool>, check: HealthCheck, shutdown: Cancellation
         }
         let up = pool.is_up();
         let ok = probed == Probe::Passed;
+        suspected &= !ok;
         let flip = if ok {
             (fails, passes) = (0, passes.saturating_add(1));
             !up && passes >= check.healthy_threshold
@@ -956,18 +972,23 @@ mod tests {
         toml::from_str(&text).unwrap()
     }
 
-    /// Only a refused connection withdraws the app: a connection this node could not make for
-    /// its own reasons (no file descriptor or local port left) is "not served" (another node
-    /// takes the request, a delivery counts no attempt) and leaves the app advertised.
+    /// Only a refused connection withdraws the app at once: a connection this node could not
+    /// make for its own reasons (no file descriptor or local port left) is "not served"
+    /// (another node takes the request, a delivery counts no attempt), leaves the app
+    /// advertised and has the health loop probe it.
     #[test]
     fn only_a_refused_connection_withdraws_the_app() {
         let (pool, _) = forwarders(&config("http://127.0.0.1:9", ""), 1 << 20).unwrap();
         let failed = |kind: std::io::ErrorKind| ClientError::Connect { addr: "127.0.0.1:9".into(), source: std::io::Error::from(kind) };
         assert!(pool.is_up(), "up until a refusal, without a health check");
+        use futures_util::FutureExt as _;
         for kind in [std::io::ErrorKind::AddrNotAvailable, std::io::ErrorKind::OutOfMemory, std::io::ErrorKind::NetworkUnreachable] {
             let e = pool.connect_failed(&failed(kind));
             assert!(e.is_not_served(), "{kind:?}: {e}");
-            assert!(pool.is_up(), "{kind:?} says nothing of the app");
+            assert!(pool.is_up(), "{kind:?} says nothing of the app by itself");
+            // The health loop is asked to probe: failures that go on withdraw the app after
+            // `unhealthy_threshold` failed probes.
+            assert!(pool.suspect.notified().now_or_never().is_some(), "{kind:?}: the health loop is woken");
         }
         let e = pool.connect_failed(&failed(std::io::ErrorKind::ConnectionRefused));
         assert!(e.is_not_served() && !pool.is_up(), "a refusal takes it down: {e}");
