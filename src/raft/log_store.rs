@@ -897,7 +897,8 @@ impl LogStore {
     /// stalled every later plan for good). Two nodes whose views of the seeds differed (one's
     /// DNS lagging) could otherwise each bootstrap a membership holding this node, and Raft
     /// cannot tell their first entries apart: two clusters. The same node may mark again with
-    /// other members (its view grew): it initializes once, with one plan.
+    /// other members (its view grew; the file keeps the first, for whoever reads the data
+    /// dir): it initializes once, with one plan.
     pub fn mark_founder(&self, by: u64, members: &[u64]) -> io::Result<Founding> {
         let mem = lock(&self.inner.mem)?;
         if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
@@ -913,6 +914,9 @@ impl LogStore {
             // A mark of an older build names no founder: taken as replaceable.
             match self.inner.founder.by() {
                 Some(other) if other < by => return Ok(Founding::Other(other)),
+                // Already this node's: not written again (it asks every round while it plans,
+                // and each write syncs a file and the directory).
+                Some(other) if other == by => return Ok(Founding::Marked { new: false }),
                 _ => {}
             }
         }

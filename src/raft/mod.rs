@@ -429,10 +429,16 @@ async fn forwarder(raft: Raft, net: Arc<PeerNet>, mut rx: mpsc::Receiver<Forward
             // waited for the link stays unsent (a place among the outstanding requests, room
             // in the send queue: the frame is written in the queue's order).
             let mut txs = Vec::new();
+            let mut unmade = Some(items);
             let make = || {
                 let now = Instant::now();
-                let (cmds, kept): (Vec<Command>, Vec<_>) =
-                    items.into_iter().filter(|(_, tx, until)| !tx.is_closed() && *until > now).map(|(cmd, tx, _)| (cmd, tx)).unzip();
+                let (cmds, kept): (Vec<Command>, Vec<_>) = unmade
+                    .take()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .filter(|(_, tx, until)| !tx.is_closed() && *until > now)
+                    .map(|(cmd, tx, _)| (cmd, tx))
+                    .unzip();
                 txs = kept;
                 (!cmds.is_empty()).then_some(PeerRequest::WriteBatch(cmds))
             };
@@ -442,6 +448,13 @@ async fn forwarder(raft: Raft, net: Arc<PeerNet>, mut rx: mpsc::Receiver<Forward
                 Ok(Some(answer)) => Ok(answer),
                 Err(e) => Err(e),
             };
+            // Not made (no place on the link in time, or it closed): unsent, said as such.
+            if let (Some(items), Err(e)) = (unmade, &sent) {
+                for (_, tx, _) in items {
+                    let _ = tx.send(Err(ForwardError::Peer(e.clone())));
+                }
+                return;
+            }
             let n = txs.len();
             match sent {
                 Ok(PeerResponse::WrittenBatch(results)) if results.len() == n => {
