@@ -426,29 +426,13 @@ impl Link {
     /// AppendEntries). `timeout` bounds the wait here and for the response together.
     pub async fn send(self: &Arc<Self>, req: &PeerRequest, timeout: Duration) -> Result<Call, PeerError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        // Not sent, either way: the caller may try elsewhere (`not_delivered`).
-        let unsent = || PeerError::Unsent { peer: self.peer, timeout };
-        let permit = tokio::time::timeout_at(deadline, self.outstanding.clone().acquire_owned())
-            .await
-            .map_err(|_| unsent())?
-            .map_err(|_| PeerError::ClosedUnsent { peer: self.peer })?;
-        let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
-        let body = Frame::encode(Kind::Request, corr, req)
-            .map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
-        if body.len() > self.max_frame {
-            return Err(PeerError::TooLarge { peer: self.peer, size: body.len(), limit: self.max_frame });
-        }
-        let (tx, rx) = oneshot::channel();
-        lock(&self.pending).insert(corr, tx);
-        let call = Call { link: self.clone(), corr, rx, deadline, timeout, _permit: permit };
-        if !self.is_alive() {
-            return Err(PeerError::ClosedUnsent { peer: self.peer });
-        }
+        let permit = self.place(deadline, timeout).await?;
+        let (call, body) = self.open(req, permit, deadline, timeout)?;
         match tokio::time::timeout_at(deadline, self.tx.send(body)).await {
             Ok(Ok(())) => Ok(call),
             // The writer is gone: this request never reached its queue.
             Ok(Err(_)) => Err(PeerError::ClosedUnsent { peer: self.peer }),
-            Err(_) => Err(unsent()),
+            Err(_) => Err(PeerError::Unsent { peer: self.peer, timeout }),
         }
     }
 
@@ -464,19 +448,38 @@ impl Link {
         make: impl FnOnce() -> Option<PeerRequest>,
     ) -> Result<Option<PeerResponse>, PeerError> {
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let unsent = || PeerError::Unsent { peer: self.peer, timeout };
-        let permit = tokio::time::timeout_at(deadline, self.outstanding.clone().acquire_owned())
-            .await
-            .map_err(|_| unsent())?
-            .map_err(|_| PeerError::ClosedUnsent { peer: self.peer })?;
-        let place = match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
-            Ok(Ok(place)) => place,
+        let permit = self.place(deadline, timeout).await?;
+        let room = match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
+            Ok(Ok(room)) => room,
             Ok(Err(_)) => return Err(PeerError::ClosedUnsent { peer: self.peer }),
-            Err(_) => return Err(unsent()),
+            Err(_) => return Err(PeerError::Unsent { peer: self.peer, timeout }),
         };
         let Some(req) = make() else { return Ok(None) };
+        let (call, body) = self.open(&req, permit, deadline, timeout)?;
+        room.send(body);
+        call.response().await.map(Some)
+    }
+
+    /// One of the requests this side may have outstanding on the link, waited for until
+    /// `deadline`. Not sent, either way: the caller may try elsewhere (`not_delivered`).
+    async fn place(&self, deadline: tokio::time::Instant, timeout: Duration) -> Result<tokio::sync::OwnedSemaphorePermit, PeerError> {
+        tokio::time::timeout_at(deadline, self.outstanding.clone().acquire_owned())
+            .await
+            .map_err(|_| PeerError::Unsent { peer: self.peer, timeout })?
+            .map_err(|_| PeerError::ClosedUnsent { peer: self.peer })
+    }
+
+    /// The frame of `req` and its `Call`, registered for the response (a dropped `Call` takes
+    /// its registration and place back).
+    fn open(
+        self: &Arc<Self>,
+        req: &PeerRequest,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        deadline: tokio::time::Instant,
+        timeout: Duration,
+    ) -> Result<(Call, Bytes), PeerError> {
         let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
-        let body = Frame::encode(Kind::Request, corr, &req).map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
+        let body = Frame::encode(Kind::Request, corr, req).map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
         if body.len() > self.max_frame {
             return Err(PeerError::TooLarge { peer: self.peer, size: body.len(), limit: self.max_frame });
         }
@@ -486,8 +489,7 @@ impl Link {
         if !self.is_alive() {
             return Err(PeerError::ClosedUnsent { peer: self.peer });
         }
-        place.send(body);
-        call.response().await.map(Some)
+        Ok((call, body))
     }
 
     fn touch(&self) {
