@@ -280,19 +280,17 @@ pub struct HttpsConfig {
 
 impl NodeArgs {
     /// Merge flags/env (self) over the TOML file (if any) over defaults.
-    pub fn resolve(mut self) -> Result<NodeConfig, ConfigError> {
-        if self.config.as_ref().is_some_and(|p| p.as_os_str().is_empty()) {
-            self.config = None;
-        }
-        let file = match &self.config {
+    pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
+        // Blanks first: an empty `RAFTBRIDGE_CONFIG` is no file to read.
+        let this = self.without_blanks();
+        let file = match &this.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 toml::from_str::<NodeArgs>(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?
             }
             None => NodeArgs::default(),
         };
-        let (this, file) = (self.without_blanks(), file.without_blanks());
-        this.merge(file)
+        this.merge(file.without_blanks())
     }
 
     /// Text settings left empty count as not given: an environment variable set to nothing
@@ -632,12 +630,18 @@ impl NodeConfig {
 mod tests {
     use super::*;
 
-    #[test]
-    fn file_fills_what_flags_leave_out() {
+    /// A config file holding `text` in a directory of its own: (directory, file).
+    fn config_file(text: &str) -> (PathBuf, PathBuf) {
         let dir = std::env::temp_dir().join(format!("rb-cfg-{}", fastrand::u64(..)));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("node.toml");
-        std::fs::write(&path, "id = 3\ndata_dir = \"/tmp/x\"\nseeds = [\"a:1\", \"b:2\"]\nmax_voters = 3\n").unwrap();
+        std::fs::write(&path, text).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn file_fills_what_flags_leave_out() {
+        let (dir, path) = config_file("id = 3\ndata_dir = \"/tmp/x\"\nseeds = [\"a:1\", \"b:2\"]\nmax_voters = 3\n");
         let args = NodeArgs { config: Some(path), max_voters: Some(7), ..Default::default() };
         let cfg = args.resolve().unwrap();
         assert_eq!(cfg.id, 3);
@@ -675,10 +679,9 @@ mod tests {
     /// secret and seeds stay, where an empty value used to replace them.
     #[test]
     fn empty_settings_count_as_not_given() {
-        let dir = std::env::temp_dir().join(format!("rb-cfg-{}", fastrand::u64(..)));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("node.toml");
-        std::fs::write(&path, "id = 3\ndata_dir = \"/tmp/x\"\nseeds = [\"a:1\"]\ncluster_secret = \"0123456789abcdef\"\n").unwrap();
+        let (dir, path) = config_file("id = 3\ndata_dir = \"/tmp/x\"\nseeds = [\"a:1\"]\ncluster_secret = \"0123456789abcdef\"\n");
+        let blank = NodeArgs { config: Some(PathBuf::new()), id: Some(1), data_dir: Some("/tmp/x".into()), ..Default::default() };
+        assert!(blank.resolve().is_ok(), "an empty config path is no file to read");
         let args = NodeArgs {
             config: Some(path),
             cluster_secret: Some(String::new()),
