@@ -46,10 +46,7 @@ fn unshare(e: std::sync::Arc<BrokerError>) -> ApiError {
 }
 
 fn check_name(name: &str) -> Result<(), ApiError> {
-    if name.is_empty() || name.len() > 256 || name.chars().any(char::is_control) {
-        return Err(ApiError::BadRequest("event name must be 1..=256 printable characters".into()));
-    }
-    Ok(())
+    crate::broker::event::check_event_name(name).map_err(ApiError::BadRequest)
 }
 
 /// A subscription name as services declare them (`sdk::builder::check_name`): anything else
@@ -60,7 +57,7 @@ fn check_subscription(name: &str) -> Result<(), ApiError> {
     })
 }
 
-fn check_key(key: &str) -> Result<(), ApiError> {
+pub(crate) fn check_key(key: &str) -> Result<(), ApiError> {
     if key.is_empty() || key.len() > super::MAX_META_LEN {
         return Err(ApiError::BadRequest(format!("idempotencyKey must be 1..={} bytes", super::MAX_META_LEN)));
     }
@@ -94,6 +91,15 @@ fn meta_of(req: &Request<Incoming>) -> Result<MessageMeta, ApiError> {
 /// through, which could not be served back as JSON.
 fn check_utf8(body: &[u8]) -> Result<(), ApiError> {
     std::str::from_utf8(body).map(|_| ()).map_err(|e| ApiError::BadRequest(format!("body is not UTF-8: {e}")))
+}
+
+/// An event's whole payload as every path in takes it: UTF-8 JSON text (one value) that a
+/// consumer can read back (`check_payload`). Also for payloads the runtime takes from a sidecar
+/// app's answer (a command's success event, a subscription's returned event).
+pub(crate) fn check_json_payload(body: &[u8]) -> Result<(), ApiError> {
+    check_utf8(body)?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+    check_payload(body)
 }
 
 /// Nesting levels a payload may reach. serde_json's readers stop at 128 (as do many others), and
@@ -159,9 +165,7 @@ pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiRe
     // The header is the event's dedup key (a batch's items carry their own).
     let key = dedup_key(meta.tenant_id.as_deref(), meta.idempotency_key.take());
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
-    check_utf8(&body)?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(&body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
-    check_payload(&body)?;
+    check_json_payload(&body)?;
     let event = new_event(name, body.to_vec(), &meta, None, key);
     let (id, position) = app.broker.publish_one(event).await.map_err(unshare)?;
     Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "id": id, "position": position })))
@@ -219,13 +223,18 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
         return Err(ApiError::BadRequest(format!("a batch holds 1..={MAX_BATCH_REQUEST} events")));
     }
     let mut events = Vec::with_capacity(items.len());
-    for item in items {
-        check_name(&item.event_name)?;
+    for (i, item) in items.into_iter().enumerate() {
+        // Which item: in a batch of a thousand, "event name must be ..." alone finds nothing.
+        let at = |e: ApiError| match e {
+            ApiError::BadRequest(m) => ApiError::BadRequest(format!("item {i}: {m}")),
+            other => other,
+        };
+        check_name(&item.event_name).map_err(at)?;
         if let Some(key) = &item.idempotency_key {
-            check_key(key)?;
+            check_key(key).map_err(at)?;
         }
         if let Some(p) = item.payload {
-            check_payload(p.get().as_bytes())?;
+            check_payload(p.get().as_bytes()).map_err(at)?;
         }
         let payload = item.payload.map_or_else(|| b"null".to_vec(), |p| p.get().as_bytes().to_vec());
         events.push(new_event(&item.event_name, payload, &meta, None, dedup_key(meta.tenant_id.as_deref(), item.idempotency_key)));

@@ -414,7 +414,13 @@ type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
 
 async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
     let path = req.uri().path().to_string();
-    let method = req.method().clone();
+    // HEAD is GET without the body (RFC 9110 §9.3.2; hyper leaves the body out and keeps its
+    // length): load balancers and uptime checks probe with it. Commands under `/api/` keep
+    // their own method (a command is declared for one).
+    let method = match req.method() {
+        &Method::HEAD => Method::GET,
+        m => m.clone(),
+    };
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
     if path.starts_with("/api/") {
         return ("api", Ok(app.proxy.handle(req, app.settings.max_body, &app.settings.bodies).await));
@@ -451,9 +457,9 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         }
         (_, ["healthz" | "readyz" | "metrics" | "cluster" | "openapi.json"])
         | (_, ["v1", "dead-letters"])
-        | (_, ["v1", "subscriptions"]) => ("other", Err(not_allowed("GET"))),
-        (_, ["v1", "subscriptions", _]) => ("other", Err(not_allowed("GET, DELETE"))),
-        (_, ["v1", "events"]) => ("other", Err(not_allowed("GET, POST"))),
+        | (_, ["v1", "subscriptions"]) => ("other", Err(not_allowed("GET, HEAD"))),
+        (_, ["v1", "subscriptions", _]) => ("other", Err(not_allowed("GET, HEAD, DELETE"))),
+        (_, ["v1", "events"]) => ("other", Err(not_allowed("GET, HEAD, POST"))),
         (_, ["v1", "events", _]) => ("other", Err(not_allowed("POST"))),
         (_, ["cluster", "members", _]) => ("other", Err(not_allowed("DELETE"))),
         // The path is echoed cut to 256 bytes: an answer need not repeat 64 KiB of input.
@@ -618,9 +624,14 @@ pub const MAX_META_LEN: usize = 256;
 /// A client-set metadata header: `None` when absent or blank, else its trimmed value, which must
 /// be 1..=`MAX_META_LEN` bytes of visible ASCII (HTTP header text). Anything else is a 400: a
 /// key or identity silently dropped would make a retry publish twice, or an event lose its
-/// tenant.
+/// tenant. Given twice, it is a 400 too (as `If-Match` is): which of two tenants or keys the
+/// client meant is not ours to pick.
 pub fn meta_header<'a>(h: &'a http::HeaderMap, name: &str) -> Result<Option<&'a str>, ApiError> {
-    let Some(v) = h.get(name) else { return Ok(None) };
+    let mut values = h.get_all(name).iter();
+    let Some(v) = values.next() else { return Ok(None) };
+    if values.next().is_some() {
+        return Err(ApiError::BadRequest(format!("give {name} once")));
+    }
     let v = v.to_str().map_err(|_| ApiError::BadRequest(format!("{name} must be visible ASCII")))?.trim();
     if v.len() > MAX_META_LEN {
         return Err(ApiError::BadRequest(format!("{name} must be at most {MAX_META_LEN} bytes")));
@@ -937,7 +948,7 @@ async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<I
                 Err(ApiError::NotFound(format!("no key {store}/{key}")))
             }
         }
-        _ => Err(not_allowed("GET, PUT, DELETE")),
+        _ => Err(not_allowed("GET, HEAD, PUT, DELETE")),
     }
 }
 
@@ -1150,5 +1161,10 @@ mod tests {
         assert!(matches!(meta_header(&h, "x-tenant-id"), Err(ApiError::BadRequest(_))));
         h.insert("idempotency-key", HeaderValue::from_bytes("café".as_bytes()).unwrap());
         assert!(matches!(meta_header(&h, "idempotency-key"), Err(ApiError::BadRequest(m)) if m.contains("idempotency-key")));
+        // Twice: a 400 naming the header, not the first value taken.
+        let mut h = http::HeaderMap::new();
+        h.append("x-tenant-id", http::HeaderValue::from_static("t1"));
+        h.append("x-tenant-id", http::HeaderValue::from_static("t2"));
+        assert!(matches!(meta_header(&h, "x-tenant-id"), Err(ApiError::BadRequest(m)) if m.contains("x-tenant-id")));
     }
 }

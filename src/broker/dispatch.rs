@@ -509,11 +509,10 @@ impl Dispatcher {
             Err(_) => return Err(passed("in the handler")),
         };
         if let Some(emit) = out {
+            // A nack (the handler's fault): retried, then dead-lettered with the reason.
+            super::event::check_event_name(&emit.event_name).map_err(|e| HandlerError::unhandled(format!("returned event: {e}")))?;
             let payload = serde_json::to_vec(&emit.payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
-            // Once per (delivery, content): a redelivery that returns the same event emits
-            // nothing new, one that returns another emits it (`sdk::StateHandle::next_tag`).
-            let print = crate::sdk::content_fingerprint(&[emit.event_name.as_bytes(), &payload]);
-            let key = Some(super::internal_key(format_args!("sub:{scope}:{}:emit#{print:08x}", source.id)));
+            let key = Some(returned_event_key(&scope, &source.id));
             let meta = delivery_meta(&scope, &source);
             let new = super::new_event(&emit.event_name, payload, &meta, Some(s.service.clone()), key);
             // The HTTP API's status for the cause (`api::error`): a publish whose outcome is
@@ -1499,6 +1498,17 @@ fn tag_scope(sub: &str, shared: bool, node_id: u64) -> std::borrow::Cow<'_, str>
     if shared { sub.into() } else { format!("{sub}@{node_id}").into() }
 }
 
+/// The producer key of the event a handler of subscription scope `scope` returns for the event
+/// `source_id`: one per delivered event, whatever the event holds, so a redelivery (the first
+/// run's publish committed, but its ack did not) emits nothing new, as the README promises, even
+/// when its handler returns other content (the demo's `servedBy` names the node that ran it).
+/// Until session 37 the key held a fingerprint of the content, and a redelivery on another node
+/// emitted a second event. A handler's own `ctx.emit`s keep theirs (`sdk::next_tag`): a handler
+/// may emit several events per run, and a command's re-run must emit what its answer says.
+fn returned_event_key(scope: &str, source_id: &str) -> String {
+    super::internal_key(format_args!("sub:{scope}:{source_id}:returned"))
+}
+
 /// The context of a delivery of `event` to subscription `sub` (its tag scope, `tag_scope`).
 fn delivery_meta(sub: &str, event: &super::event::EventBody) -> MessageMeta {
     MessageMeta {
@@ -1747,6 +1757,19 @@ mod tests {
         let full: HashMap<NodeId, u32> = [(1, 4), (2, 4)].into_iter().collect();
         assert_eq!(pick(&full, 4, None), Pick::Full);
         assert_eq!(pick(&full, 4, Some(&[1])), Pick::Full);
+    }
+
+    #[test]
+    fn a_returned_event_is_keyed_by_its_delivery_not_its_content() {
+        let key = returned_event_key("answerPings", "0123");
+        // The same for every run of that delivery (nothing of the content goes in)...
+        assert_eq!(key, returned_event_key("answerPings", "0123"));
+        // ...and another for another event, subscription or node's every-instance scope.
+        assert_ne!(key, returned_event_key("answerPings", "0124"));
+        assert_ne!(key, returned_event_key("otherSub", "0123"));
+        assert_ne!(key, returned_event_key(&tag_scope("answerPings", false, 2), "0123"));
+        // Internal: no client's idempotency key can name it.
+        assert!(crate::api::events::check_key(&key).is_err(), "{key:?}");
     }
 
     #[test]

@@ -167,6 +167,38 @@ impl NewEvent {
     }
 }
 
+/// Longest event name, in bytes.
+pub const MAX_EVENT_NAME: usize = 256;
+
+/// The message types events in the log carry: a filter on any other would match nothing.
+pub const MESSAGE_TYPES: [&str; 2] = ["customMessage", "commandSuccessResponse"];
+
+/// Whether `c` is invisible or turns text around: control characters, Unicode format
+/// characters (zero-width spaces and joiners, bidirectional overrides and isolates, the byte
+/// order mark, tags) and line or paragraph separators. A name holding one reads in logs and
+/// UIs as another name, or as two lines.
+fn is_hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{ad}' | '\u{600}'..='\u{605}' | '\u{61c}' | '\u{6dd}' | '\u{70f}' | '\u{180e}'
+            | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}' | '\u{2060}'..='\u{206f}'
+            | '\u{feff}' | '\u{fff9}'..='\u{fffb}' | '\u{e0001}' | '\u{e0020}'..='\u{e007f}')
+}
+
+/// An event name as every path in takes it (HTTP publish and reads, a handler's `emit`, a
+/// returned event, a command's success event, a subscription's filter): 1..=256 bytes, none of
+/// them invisible (`is_hidden`). One rule, so that an event stored by one path can be named by
+/// the others (`GET /v1/events?eventName=` of a name a handler emitted).
+pub fn check_event_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_EVENT_NAME {
+        return Err(format!("event name must be 1..={MAX_EVENT_NAME} bytes"));
+    }
+    if name.chars().any(is_hidden) {
+        return Err("event name must not hold control, invisible or direction-changing characters".into());
+    }
+    Ok(())
+}
+
 /// PURISTA's subscription filter: set fields must match, unset fields match anything.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventFilter {
@@ -180,6 +212,46 @@ pub struct EventFilter {
 }
 
 impl EventFilter {
+    /// Refuses a filter field that no event could match, as a declaration error rather than a
+    /// subscription that silently receives nothing: an empty value (unset is `None`), spaces
+    /// around it (header values are trimmed before they are stored), an event name no path
+    /// takes, a message type not in `MESSAGE_TYPES`, a sender version that is not a service
+    /// version (a whole number from 1).
+    pub fn check(&self) -> Result<(), String> {
+        let fields = [
+            ("eventName", &self.event_name),
+            ("senderService", &self.sender_service),
+            ("senderVersion", &self.sender_version),
+            ("senderTarget", &self.sender_target),
+            ("messageType", &self.message_type),
+            ("principalId", &self.principal_id),
+            ("tenantId", &self.tenant_id),
+        ];
+        for (field, value) in fields {
+            let Some(v) = value else { continue };
+            if v.is_empty() {
+                return Err(format!("filter {field} is empty: leave it out to match any"));
+            }
+            if v.trim() != v {
+                return Err(format!("filter {field} {v:?} has spaces around it: no event carries such a value"));
+            }
+        }
+        if let Some(name) = &self.event_name {
+            check_event_name(name).map_err(|e| format!("filter eventName: {e}"))?;
+        }
+        if let Some(t) = &self.message_type {
+            if !MESSAGE_TYPES.contains(&t.as_str()) {
+                return Err(format!("filter messageType {t:?} is none of {MESSAGE_TYPES:?}"));
+            }
+        }
+        if let Some(v) = &self.sender_version {
+            if !v.parse::<u32>().is_ok_and(|n| n >= 1 && n.to_string() == *v) {
+                return Err(format!("filter senderVersion {v:?} is not a service version (1, 2, ...)"));
+            }
+        }
+        Ok(())
+    }
+
     pub fn matches(&self, e: &Event) -> bool {
         fn ok(want: &Option<String>, got: Option<&str>) -> bool {
             want.as_deref().is_none_or(|w| got == Some(w))
@@ -257,6 +329,51 @@ mod tests {
             payload: b"{}".to_vec(),
         };
         Event { position: 1, body: Arc::new(body) }
+    }
+
+    #[test]
+    fn event_names_with_hidden_characters_are_refused() {
+        for ok in ["orderPlaced", "a b", "bestellung.eingegangen", "注文", &"x".repeat(MAX_EVENT_NAME)] {
+            assert!(check_event_name(ok).is_ok(), "{ok:?}");
+        }
+        let long = "x".repeat(MAX_EVENT_NAME + 1);
+        for bad in ["", &long, "a\nb", "a\tb", "a\u{200b}b", "user\u{202e}gpj", "a\u{2028}b", "\u{feff}a", "a\u{ad}b"] {
+            assert!(check_event_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn filters_that_could_match_nothing_are_refused() {
+        let with = |f: fn(&mut EventFilter)| {
+            let mut filter = EventFilter::default();
+            f(&mut filter);
+            filter
+        };
+        assert!(EventFilter::default().check().is_ok());
+        let good = with(|f| {
+            f.event_name = Some("orderPlaced".into());
+            f.sender_version = Some("2".into());
+            f.message_type = Some("commandSuccessResponse".into());
+            f.tenant_id = Some("t1".into());
+        });
+        assert!(good.check().is_ok());
+        let bad: [fn(&mut EventFilter); 8] = [
+            |f| f.tenant_id = Some(String::new()),
+            |f| f.event_name = Some(String::new()),
+            |f| f.principal_id = Some(" bob".into()),
+            |f| f.sender_service = Some("users ".into()),
+            |f| f.message_type = Some("custommessage".into()),
+            |f| f.sender_version = Some("v1".into()),
+            |f| f.sender_version = Some("01".into()),
+            |f| f.event_name = Some("a\u{200b}".into()),
+        ];
+        for (i, f) in bad.into_iter().enumerate() {
+            assert!(with(f).check().is_err(), "case {i}");
+        }
+        // What is refused is what matching could never accept.
+        let e = ev("orderPlaced", Some("users"), Some("t1"));
+        assert!(!with(|f| f.sender_version = Some("01".into())).matches(&e));
+        assert!(with(|f| f.sender_version = Some("1".into())).matches(&e));
     }
 
     #[test]

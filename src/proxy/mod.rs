@@ -620,6 +620,11 @@ impl Proxy {
             // The result as an event; under an idempotency key a re-run with the same result
             // emits nothing new, one with another result (`sdk::StateHandle::next_tag`) emits it.
             let payload = if out.body.is_empty() { b"null".to_vec() } else { out.body.to_vec() };
+            // An SDK handler answers JSON; a sidecar app may answer anything, and an event's
+            // payload is JSON a consumer can read (the API's rule for a publish).
+            if let Err(e) = crate::api::events::check_json_payload(&payload) {
+                return Err(HandlerError::new(502, format!("the command ran but its answer cannot be its success event {event_name}: {e}")));
+            }
             let dedup = scoped.map(|k| crate::broker::internal_key(format_args!("{k}#success#{:08x}", crate::sdk::content_fingerprint(&[event_name.as_bytes(), &payload]))));
             let mut event = crate::broker::new_event(event_name, payload, &meta, Some(sender), dedup);
             // Just built, so not shared yet: no copy.

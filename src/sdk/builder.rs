@@ -40,6 +40,9 @@ use crate::broker::event::SubscriptionDecl;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// A subscription's ack deadline at most: one day.
 pub const MAX_ACK_DEADLINE_MS: u64 = 86_400_000;
+/// A subscription's events in flight per consumer at most: every one holds a slot in the
+/// leader's delivery state and a running handler on the consumer.
+pub const MAX_IN_FLIGHT: u32 = 65_536;
 
 /// A service or command declaration that cannot be served.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -99,6 +102,9 @@ impl Service {
             if decl.timeout_ms == 0 {
                 return Err(fail("timeout must be at least 1 ms".into()));
             }
+            if let Some(event) = &decl.success_event {
+                crate::broker::event::check_event_name(event).map_err(|e| fail(format!("success event: {e}")))?;
+            }
             if !routes.insert((decl.method.clone(), shape)) {
                 return Err(fail(format!("route {} {} is already taken by another command", decl.method, decl.path)));
             }
@@ -113,8 +119,12 @@ impl Service {
             let fail = |reason: String| BuildError::Service { service: service.clone(), version, reason };
             check_name(&decl.name).map_err(|r| fail(format!("subscription: {r}")))?;
             if decl.max_attempts == 0 || decl.max_in_flight == 0 || decl.ack_deadline_ms == 0 {
-                return Err(fail(format!("subscription {}: attempts, in-flight and ack deadline must be ≥ 1", decl.name)));
+                return Err(fail(format!("subscription {}: attempts, in-flight and ack deadline (ms) must be ≥ 1", decl.name)));
             }
+            if decl.max_in_flight > MAX_IN_FLIGHT {
+                return Err(fail(format!("subscription {}: max in flight {} is over the limit of {MAX_IN_FLIGHT}", decl.name, decl.max_in_flight)));
+            }
+            decl.filter.check().map_err(|e| fail(format!("subscription {}: {e}", decl.name)))?;
             // A deadline is added to `Instant`s on the delivery path (it would overflow one).
             if decl.ack_deadline_ms > MAX_ACK_DEADLINE_MS {
                 return Err(fail(format!("subscription {}: ack deadline {} ms is over the limit of one day", decl.name, decl.ack_deadline_ms)));
@@ -610,5 +620,20 @@ mod tests {
         assert!(bad(sub(Duration::from_secs(86_401))).contains("ack deadline"));
         assert!(bad(sub(Duration::MAX)).contains("ack deadline"));
         assert!(bad(sub(Duration::from_millis(u64::MAX) + Duration::from_millis(6))).contains("ack deadline"), "not wrapped to 5 ms");
+        // A zero deadline is refused, as the sidecar's is (it used to become 1 ms: every event
+        // dead-lettered after its attempts), and so is a sub-millisecond one.
+        assert!(bad(sub(Duration::ZERO)).contains("ack deadline"));
+        assert!(bad(sub(Duration::from_micros(500))).contains("ack deadline"));
+        let built = |b: crate::sdk::subscription::SubscriptionBuilder| Service::new("s", 1).subscription(b.handler(|_, _| async { Ok(None) }));
+        let named = crate::sdk::subscription::SubscriptionBuilder::new;
+        assert!(built(named("sub").max_in_flight(MAX_IN_FLIGHT)).into_parts().is_ok());
+        assert!(bad(built(named("sub").max_in_flight(MAX_IN_FLIGHT + 1))).contains("in flight"));
+        // Filters no event could match (`EventFilter::check`) fail the build, named.
+        assert!(bad(built(named("sub").tenant_id(""))).contains("tenantId"));
+        assert!(bad(built(named("sub").message_type("command"))).contains("messageType"));
+        // A success event is named as any published event must be.
+        assert!(bad(Service::new("s", 1).command(h(noop().success_event("")))).contains("success event"));
+        assert!(bad(Service::new("s", 1).command(h(noop().success_event("a\nb")))).contains("success event"));
+        assert!(Service::new("s", 1).command(h(noop().success_event("done"))).into_parts().is_ok());
     }
 }

@@ -69,8 +69,10 @@ impl SubscriptionBuilder {
         self
     }
     pub fn ack_deadline(mut self, d: Duration) -> Self {
-        // Saturated, not truncated: a huge deadline must fail the build's bound, not wrap.
-        self.decl.ack_deadline_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1);
+        // Saturated, not truncated: a huge deadline must fail the build's bound, not wrap. Not
+        // raised to 1 ms either: a zero (or sub-millisecond) deadline fails the build, as the
+        // sidecar's `ack_deadline_ms = 0` does, rather than dead-letter every event.
+        self.decl.ack_deadline_ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         self
     }
     pub fn max_in_flight(mut self, n: u32) -> Self {

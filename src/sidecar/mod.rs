@@ -114,6 +114,11 @@ pub struct SidecarSubscription {
     pub ack_deadline_ms: u64,
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
+    /// When set, the app's 2xx answer to a delivery is emitted as an event of this name (its
+    /// body the payload; an empty body emits nothing), once per delivered event, as an SDK
+    /// handler's returned event is. An answer that is not JSON is a nack.
+    #[serde(default)]
+    pub emit_event: Option<String>,
 }
 
 fn default_sub_service() -> String {
@@ -140,6 +145,22 @@ struct EventPost {
     pool: Arc<Pool>,
     path: String,
     timeout: Duration,
+    /// `SidecarSubscription::emit_event`.
+    emit: Option<String>,
+}
+
+/// The event a subscription's app returns: its 2xx answer `body` as the payload of an event
+/// named `emit` (none for an empty body, or without `emit_event`). A body that is not readable
+/// JSON is the app's fault: a nack (502), retried, then dead-lettered with the reason.
+fn returned_event(emit: Option<&str>, body: &[u8]) -> Result<Option<crate::sdk::Emit>, HandlerError> {
+    let Some(event_name) = emit else { return Ok(None) };
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let unfit = |e: &dyn std::fmt::Display| HandlerError::new(502, format!("the app's answer cannot be emitted as {event_name}: {e}"));
+    crate::api::events::check_json_payload(body).map_err(|e| unfit(&e))?;
+    let payload = serde_json::from_slice(body).map_err(|e| unfit(&e))?;
+    Ok(Some(crate::sdk::Emit { event_name: event_name.to_string(), payload }))
 }
 
 impl crate::sdk::SubscriptionHandler for EventPost {
@@ -149,6 +170,7 @@ impl crate::sdk::SubscriptionHandler for EventPost {
         event: crate::broker::event::Event,
     ) -> BoxFuture<Result<Option<crate::sdk::Emit>, HandlerError>> {
         let (pool, path, timeout) = (self.pool.clone(), format!("{}{}", self.pool.base, self.path), self.timeout);
+        let emit = self.emit.clone();
         Box::pin(async move {
             // Serializing borrowed strings and a raw payload cannot fail.
             let body = bytes::Bytes::from(serde_json::to_vec(&event.to_json()).unwrap_or_default());
@@ -161,7 +183,7 @@ impl crate::sdk::SubscriptionHandler for EventPost {
             match conn.conn.request(Method::POST, &path, &headers, body, timeout).await {
                 Ok(resp) if (200..300).contains(&resp.status) => {
                     pool.put(conn);
-                    Ok(None)
+                    returned_event(emit.as_deref(), &resp.body)
                 }
                 Ok(resp) => {
                     pool.put(conn);
@@ -169,8 +191,9 @@ impl crate::sdk::SubscriptionHandler for EventPost {
                 }
                 Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
                 Err(e @ ClientError::Connect { .. }) => Err(pool.connect_failed(&e)),
-                // Only the status counts here: a long body beside a 2xx is still an ack.
-                Err(ClientError::BodyTooLarge { status, .. }) if (200..300).contains(&status) => Ok(None),
+                // Only the status counts here: a long body beside a 2xx is still an ack,
+                // unless that body was to be emitted.
+                Err(ClientError::BodyTooLarge { status, .. }) if (200..300).contains(&status) && emit.is_none() => Ok(None),
                 Err(e) => Err(HandlerError::new(502, format!("the request to the app failed: {}", cause(&e)))),
             }
         })
@@ -194,6 +217,11 @@ pub struct SidecarCommand {
     pub idempotent: bool,
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// When set, the app's 2xx answer (JSON) is also emitted as an event of this name, message
+    /// type `commandSuccessResponse`, as an SDK command's `success_event`; an answer that is not
+    /// JSON is then a 502.
+    #[serde(default)]
+    pub success_event: Option<String>,
 }
 
 fn default_health_interval_ms() -> u64 {
@@ -252,10 +280,11 @@ impl Sidecar {
         let mut services: BTreeMap<(String, u32), Service> = BTreeMap::new();
         for (c, forward) in cfg.commands.iter().zip(forwards) {
             let method = forward.method.clone();
-            let command = CommandBuilder::new(&c.name, method, &c.path)
-                .idempotent(c.idempotent)
-                .timeout(Duration::from_millis(c.timeout_ms))
-                .raw_handler(Arc::new(forward));
+            let mut command = CommandBuilder::new(&c.name, method, &c.path).idempotent(c.idempotent).timeout(Duration::from_millis(c.timeout_ms));
+            if let Some(event) = &c.success_event {
+                command = command.success_event(event);
+            }
+            let command = command.raw_handler(Arc::new(forward));
             let key = (c.service.clone(), c.version);
             let service = services.remove(&key).unwrap_or_else(|| Service::new(&c.service, c.version));
             services.insert(key, service.command(command));
@@ -284,10 +313,17 @@ impl Sidecar {
                 ack_deadline_ms: sub.ack_deadline_ms,
                 max_in_flight: sub.max_in_flight,
             };
+            if let Some(event) = &sub.emit_event {
+                crate::broker::event::check_event_name(event).map_err(|reason| SidecarError::Upstream {
+                    url: cfg.upstream.clone(),
+                    reason: format!("subscription {}: emit_event: {reason}", sub.name),
+                })?;
+            }
             let post = EventPost {
                 pool: pool.clone(),
                 path: sub.path.clone(),
                 timeout: Duration::from_millis(sub.ack_deadline_ms),
+                emit: sub.emit_event.clone(),
             };
             let key = (sub.service.clone(), sub.version);
             let service = services.remove(&key).unwrap_or_else(|| Service::new(&sub.service, sub.version));
@@ -976,6 +1012,24 @@ mod tests {
     /// make for its own reasons (no file descriptor or local port left) is "not served"
     /// (another node takes the request, a delivery counts no attempt), leaves the app
     /// advertised and has the health loop probe it.
+    #[test]
+    fn an_apps_answer_becomes_the_returned_event_when_asked_for() {
+        // Without `emit_event`, the body is not looked at.
+        assert_eq!(returned_event(None, b"not json").unwrap(), None);
+        // With it: an empty answer (204) emits nothing, a JSON one is the payload.
+        assert_eq!(returned_event(Some("pong"), b"").unwrap(), None);
+        assert_eq!(returned_event(Some("pong"), b" \r\n").unwrap(), None);
+        let emit = returned_event(Some("pong"), br#"{"ok":true,"n":[1,2]}"#).unwrap().expect("an event");
+        assert_eq!((emit.event_name.as_str(), emit.payload), ("pong", serde_json::json!({"ok": true, "n": [1, 2]})));
+        // What no consumer could read is a nack (502: the app's fault), not an event.
+        let deep = "[".repeat(100) + &"]".repeat(100);
+        for bad in [&b"ok"[..], b"{\"a\":", br#""\ud800""#, deep.as_bytes(), b"{} {}"] {
+            let err = returned_event(Some("pong"), bad).expect_err(&String::from_utf8_lossy(bad));
+            assert_eq!(err.status, 502, "{err}");
+            assert!(err.message.contains("pong"), "{err}");
+        }
+    }
+
     #[test]
     fn only_a_refused_connection_withdraws_the_app() {
         let (pool, _) = forwarders(&config("http://127.0.0.1:9", ""), 1 << 20).unwrap();

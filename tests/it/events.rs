@@ -1664,17 +1664,30 @@ fn event_input_is_checked_and_payloads_come_back_as_sent() {
     }
     // Wrong methods on the broker's paths.
     for (method, path, allow) in [
-        ("PUT", "/v1/events", "GET, POST"),
+        ("PUT", "/v1/events", "GET, HEAD, POST"),
         ("GET", "/v1/events/x", "POST"),
-        ("POST", "/v1/dead-letters", "GET"),
-        ("POST", "/v1/subscriptions/x", "GET, DELETE"),
-        ("PUT", "/v1/subscriptions", "GET"),
-        ("POST", "/v1/state/s/k", "GET, PUT, DELETE"),
+        ("POST", "/v1/dead-letters", "GET, HEAD"),
+        ("POST", "/v1/subscriptions/x", "GET, HEAD, DELETE"),
+        ("PUT", "/v1/subscriptions", "GET, HEAD"),
+        ("POST", "/v1/state/s/k", "GET, HEAD, PUT, DELETE"),
         ("GET", "/cluster/members/1", "DELETE"),
     ] {
         must_refuse(api, method, path, &[], b"", 405, &format!("{method} {path}"));
         let resp = api.request(method, path, &[], b"").expect("answered");
         assert_eq!(resp.header("allow"), Some(allow), "{method} {path}: the Allow header names the methods");
+    }
+    // A batch's refused item is named by its place.
+    let resp = api.request("POST", "/v1/events", &[], br#"[{"eventName":"ok"},{"eventName":"a\u200bb"}]"#).expect("answered");
+    assert_json_error(&resp, 400, "an invisible character in a batch's second name");
+    assert!(resp.text().contains("item 1:"), "the item is named: {}", resp.describe());
+    // A metadata header given twice is refused, not resolved to one of them.
+    let resp = api.request("POST", "/v1/events/x", &[("x-tenant-id", "t1"), ("x-tenant-id", "t2")], b"{}").expect("answered");
+    assert_json_error(&resp, 400, "x-tenant-id twice");
+    // HEAD is served as GET without its body (load balancers probe with it), never a 405.
+    for path in ["/healthz", "/readyz", "/v1/events?after=0&limit=1", "/v1/subscriptions", "/metrics"] {
+        let resp = api.request("HEAD", path, &[], b"").expect("answered");
+        assert_eq!(resp.status, 200, "HEAD {path}: {}", resp.describe());
+        assert!(resp.body.is_empty(), "HEAD {path} has no body");
     }
     // More than an entry may hold, counting metadata: 1000 tiny events under ~700 bytes of
     // headers each are ~750 KiB, over half the 128 KiB frame. A 413, not a stalled log.
@@ -1944,6 +1957,61 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
     wait_delivered(&c, &ups, &after, "after up1 recovered");
 }
 
+
+/// What a sidecar app answers becomes an event when its config asks for it: a subscription's
+/// `emit_event` emits the app's answer to a delivery (once per delivered event, with the source
+/// event's tenant), and a command's `success_event` emits the app's answer to the command as a
+/// `commandSuccessResponse`, as SDK services do.
+#[test]
+fn a_sidecar_apps_answers_become_events_when_its_config_asks() {
+    let (c, _ups) = sidecar_events_cluster("ev-sidecar-emit", |addr| {
+        format!(
+            "[sidecar]\nupstream = \"http://{addr}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 500\n\n\
+             [[sidecar.subscriptions]]\nname = \"appPings\"\nevent_name = \"sidecarPing\"\npath = \"/events/sidecarPing\"\n\
+             emit_event = \"sidecarPong\"\n\n\
+             [[sidecar.commands]]\nservice = \"shop\"\nversion = 1\nname = \"accept\"\nmethod = \"POST\"\n\
+             path = \"accept/:id\"\nupstream_path = \"/orders/:id\"\nsuccess_event = \"orderAccepted\"\n"
+        )
+    });
+    wait_subscription(&c, &c.apis(), "appPings");
+    let (ping_id, ping_position) = publish(c.api(2), "sidecarPing", &json!({"n": 1}), &[("x-tenant-id", "t3")]).expect("publish a ping");
+    // Acknowledged once the pong is committed (the returned event is published before the ack).
+    c.wait_for("appPings past the ping", DELIVERY, || {
+        let at = cursor(c.api(1), "appPings")?;
+        if at > ping_position { Ok(()) } else { Err(format!("cursor {at}")) }
+    });
+    let page = get_json(c.api(3), "/v1/events?after=0&limit=1000&eventName=sidecarPong").expect("pongs");
+    let pongs = page["events"].as_array().cloned().unwrap_or_default();
+    assert_eq!(pongs.len(), 1, "one pong for the one ping: {page}");
+    let pong = &pongs[0];
+    assert_eq!(pong["payload"]["ok"], true, "the app's answer is the payload: {pong}");
+    assert!(pong["payload"]["servedBy"].as_str().is_some_and(|s| s.starts_with("up")), "{pong}");
+    assert_eq!(pong["tenantId"], "t3", "the ping's tenant: {pong}");
+    assert_eq!(pong["sender"]["serviceName"], "sidecar", "sent by the subscribing service: {pong}");
+    assert_ne!(pong["id"].as_str(), Some(ping_id.as_str()));
+
+    // The command's answer as its success event; each try has an id of its own, so the one
+    // that was answered 200 must be there exactly once.
+    let mut tries = 0;
+    let accepted = c.wait_for("the accept command answered", PROGRESS, || {
+        tries += 1;
+        let id = format!("o-{tries}");
+        let resp = c.api(1).request("POST", &format!("/api/v1/accept/{id}"), &[], br#"{"qty":2}"#).map_err(|e| e.to_string())?;
+        if resp.status == 200 { Ok(id) } else { Err(resp.describe()) }
+    });
+    let event = c.wait_for("the success event", DELIVERY, || {
+        let page = get_json(c.api(2), "/v1/events?after=0&limit=1000&eventName=orderAccepted")?;
+        let mine: Vec<Value> = page["events"].as_array().cloned().unwrap_or_default().into_iter().filter(|e| e["payload"]["id"] == accepted.as_str()).collect();
+        match mine.len() {
+            0 => Err(format!("none yet: {page}")),
+            1 => Ok(mine[0].clone()),
+            n => panic!("{n} success events for one command: {page}"),
+        }
+    });
+    assert_eq!(event["messageType"], "commandSuccessResponse", "{event}");
+    assert_eq!(event["payload"]["body"], json!({"qty": 2}), "the app's answer, whole: {event}");
+    assert_eq!(event["sender"]["serviceName"], "shop", "{event}");
+}
 
 /// An every-instance sidecar subscription waits while its app fails its health check, instead
 /// of spending its attempts on an app that is down and dead-lettering the events: once the app
