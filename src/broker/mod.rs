@@ -487,7 +487,12 @@ impl Broker {
             // The entry's log index is not tracked per group; publishers use positions only.
             Ok(ids) => Ok((0, CommandResult::Published(ids))),
             // Refused before it was queued (the nodes' --max-frame differ): nothing committed.
-            Err(e) if matches!(*e, BrokerError::TooLarge { .. }) => Err(RemoteError::Invalid(e.to_string())),
+            // Not `Invalid` (a 400 on the follower): the follower merged several clients'
+            // groups under its own view of the frames, and none of them sent bad input. A 502
+            // says the leader refused it; sending it again would only be refused again.
+            Err(e) if matches!(*e, BrokerError::TooLarge { .. }) => {
+                Err(RemoteError::Internal(format!("the leader refused the events: {e} (the nodes' --max-frame differ)")))
+            }
             // Never taken into an entry (the batcher stopped first: this node is draining), so
             // nothing of it can commit: the follower sends it to the leader again.
             // So is one that waited too long for an entry (`NotQueued`).
