@@ -100,7 +100,8 @@ impl BenchCmd {
 pub struct EventsArgs {
     #[command(flatten)]
     pub common: CommonArgs,
-    /// Payload size in bytes (approximately).
+    /// Each event's payload size in bytes (exactly, from about 40 up: the payload carries its
+    /// worker, sequence and index numbers besides the filler).
     #[arg(long, default_value_t = 128)]
     pub size: usize,
     /// Events per request: 1 uses `POST /v1/events/{name}`, more use the batch endpoint.
@@ -182,12 +183,15 @@ pub struct Report {
     pub unanswered: u64,
     pub unsent: u64,
     /// CPU the targets used over the measured window, summed (their `process_cpu_seconds_total`);
-    /// `None` when a target does not export it (not a raftbridge node, or not reachable).
-    pub node_cpu: Option<Duration>,
+    /// `Ok(None)` when a target does not export it (not a raftbridge node, or not reachable),
+    /// `Err` when one restarted during the window (its counter started over).
+    pub node_cpu: Result<Option<Duration>, ()>,
     /// CPU this load generator used over the measured window.
     pub bench_cpu: Option<Duration>,
     /// This machine's busy and steal shares over the measured window, in percent.
     pub host: Option<(f64, f64)>,
+    /// Under `--rate`: latencies count from each request's scheduled send (open loop).
+    pub paced: bool,
 }
 
 impl Report {
@@ -225,18 +229,32 @@ impl fmt::Display for Report {
                 fmt_us(self.p999_us),
                 fmt_us(self.max_us)
             )?;
+            // How to read them: closed-loop percentiles hide a stall (each connection sends
+            // nothing while it waits, so a stall is one slow sample per connection).
+            if self.paced {
+                write!(f, "  (open loop: from each request's scheduled send)")?;
+            } else {
+                write!(f, "  (closed loop: each connection waits for its answer; --rate gives an open-loop schedule)")?;
+            }
         }
         for (kind, n) in &self.error_kinds {
             write!(f, "\n  error {kind}: {n}")?;
         }
         if self.unanswered > 0 || self.unsent > 0 {
-            write!(f, "\n  unanswered when the window closed: {} (not counted); slots not sent behind them: {}", self.unanswered, self.unsent)?;
+            write!(
+                f,
+                "\n  unanswered when the window closed: {} (not counted as acknowledged; those answered within --timeout after it are in the percentiles, with their whole latency); slots not sent behind them: {} (in the percentiles at a lower bound: the window's end less the slot)",
+                self.unanswered, self.unsent
+            )?;
         }
         let per = |c| self.per_ok_us(c).map_or_else(|| "n/a".to_string(), |us| format!("{us:.0} µs"));
+        let nodes = match self.node_cpu {
+            Ok(cpu) => per(cpu),
+            Err(()) => "n/a (a target restarted during the window)".into(),
+        };
         write!(
             f,
-            "\ncpu per acknowledged request: nodes {} (sum over the targets), load generator {}",
-            per(self.node_cpu),
+            "\ncpu per acknowledged request: nodes {nodes} (sum over the targets), load generator {}",
             per(self.bench_cpu)
         )?;
         if let Some((busy, steal)) = self.host {
@@ -298,7 +316,9 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
     if args.batch == 0 || args.batch > 1000 {
         bail!("--batch must be 1..=1000");
     }
-    let filler: Arc<str> = "x".repeat(args.size.saturating_sub(20)).into();
+    // Padded to exactly `--size` bytes per payload (it used to assume 20 bytes of framing,
+    // about 23 plus the numbers' digits: 10% over at 128).
+    let filler: Arc<str> = "x".repeat(args.size).into();
     let (batch, name) = (args.batch, args.name.clone());
     // Delivery latency to the subscription over this run only: the targets' histogram buckets
     // counted when the window opens and again once the run's events are delivered.
@@ -313,7 +333,7 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
         }
     });
     let report = drive("events", &args.common, move |worker, seq| {
-        let one = |i: usize| format!(r#"{{"v":"{filler}","w":{worker},"n":{seq},"i":{i}}}"#);
+        let one = |i: usize| event_payload(&filler, worker, seq, i);
         if batch == 1 {
             BenchRequest {
                 method: Method::POST,
@@ -341,27 +361,55 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
         events as f64 / report.elapsed.as_secs_f64().max(1e-9),
         args.batch
     );
-    if let Some(us) = report.per_ok_us(report.node_cpu) {
-        println!("node cpu per acknowledged event: {:.1} µs (sum over the targets)", us / args.batch as f64);
+    match report.node_cpu {
+        Ok(cpu) => {
+            if let Some(us) = report.per_ok_us(cpu) {
+                println!("node cpu per acknowledged event: {:.1} µs (sum over the targets)", us / args.batch as f64);
+            }
+        }
+        Err(()) => println!("node cpu per acknowledged event: n/a (a target restarted during the window)"),
     }
     let sub = &args.subscription;
     match before.await.ok().flatten() {
         None => println!("delivery to subscription {sub}: n/a (a target's /metrics could not be read)"),
         Some(before) => match delivered_since(&targets, tls, sub, &before, events).await {
-            None => println!("delivery to subscription {sub}: n/a (a target's /metrics could not be read)"),
-            Some(run) if run.count <= 0.0 => println!(
+            Delivered::Unreadable => println!("delivery to subscription {sub}: n/a (a target's /metrics could not be read)"),
+            Delivered::Restarted => println!("delivery to subscription {sub}: n/a (a target restarted during the run: its counters started over)"),
+            Delivered::Run(run) if run.count <= 0.0 => println!(
                 "delivery to subscription {sub}: no deliveries (is a node consuming it? the demo service's benchSink consumes benchEvent)"
             ),
-            Some(run) => println!(
-                "delivery to subscription {sub} (accepted → handler called, all consumers, this run): {:.0} deliveries for {events} events acknowledged, p50 {}, p99 {}, max {} (whole ms: event timestamps are in ms)",
-                run.count,
-                run.quantile_text(0.5),
-                run.quantile_text(0.99),
-                run.quantile_text(1.0),
-            ),
+            Delivered::Run(run) => {
+                // Those not delivered when polling stopped are not in the figures: said, as
+                // they are the slow ones (in backoff, retried, or dropped by retention). The
+                // window's edges count a few either way (an event delivered just before the
+                // first scrape, one committed but answered after the window), so only a gap
+                // past that is worth a word: 100 events and 0.1% of the run.
+                let gap = events as f64 - run.count;
+                let short = if gap >= 100.0_f64.max(events as f64 / 1000.0) {
+                    format!("; {gap:.0} fewer deliveries than acknowledged events when polling stopped, left out of the figures")
+                } else {
+                    String::new()
+                };
+                println!(
+                    "delivery to subscription {sub} (accepted → handler called, all consumers, this run): {:.0} deliveries for {events} events acknowledged, p50 {}, p99 {}, max {} (whole ms: the consumer's clock less the accepting node's event timestamp){short}",
+                    run.count,
+                    run.quantile_text(0.5),
+                    run.quantile_text(0.99),
+                    run.quantile_text(1.0),
+                )
+            }
         },
     }
     Ok(report)
+}
+
+/// One event's payload, `{"v":"xx..","w":worker,"n":seq,"i":index}`, padded with `filler`
+/// (at least `size` long) to exactly `filler.len()` bytes, or as short as it gets without filler.
+fn event_payload(filler: &str, worker: usize, seq: u64, i: usize) -> String {
+    let head = r#"{"v":""#;
+    let tail = format!(r#"","w":{worker},"n":{seq},"i":{i}}}"#);
+    let pad = filler.len().saturating_sub(head.len() + tail.len());
+    format!("{head}{}{tail}", &filler[..pad])
 }
 
 /// Deliveries by latency bucket: the cumulative count per upper bound (in µs; `u64::MAX` for
@@ -409,6 +457,23 @@ impl Deliveries {
         Deliveries { buckets, count: self.count - before.count }
     }
 
+    /// The run's deliveries over all targets: each target's since its own `before`, summed.
+    /// `None` when a target's count went down (it restarted and its counters started over:
+    /// summed first and then differenced, the figures came out wrong, even negative).
+    fn since_each(after: &[Deliveries], before: &[Deliveries]) -> Option<Deliveries> {
+        if after.len() != before.len() {
+            return None;
+        }
+        let mut sum = Deliveries::default();
+        for (a, b) in after.iter().zip(before) {
+            if a.count < b.count || b.buckets.iter().any(|(le, v)| a.buckets.get(le).copied().unwrap_or(0.0) < *v) {
+                return None;
+            }
+            sum.add(&a.since(b));
+        }
+        Some(sum)
+    }
+
     /// The upper bound (µs) of the bucket holding the `q` quantile; `None` without deliveries.
     fn quantile(&self, q: f64) -> Option<u64> {
         if self.count <= 0.0 {
@@ -432,8 +497,8 @@ impl Deliveries {
     }
 }
 
-/// [`Deliveries`] of `sub` summed over `targets`; `None` if a target's `/metrics` fails.
-async fn deliveries(targets: &[String], tls: Option<ClientTls>, sub: &str) -> Option<Deliveries> {
+/// [`Deliveries`] of `sub` on each of `targets`; `None` if a target's `/metrics` fails.
+async fn deliveries(targets: &[String], tls: Option<ClientTls>, sub: &str) -> Option<Vec<Deliveries>> {
     let scrapes = targets.iter().map(|t| {
         let tls = tls.clone();
         async move {
@@ -442,29 +507,35 @@ async fn deliveries(targets: &[String], tls: Option<ClientTls>, sub: &str) -> Op
             Some(Deliveries::parse(std::str::from_utf8(&resp.body).ok()?, sub))
         }
     });
-    let mut sum = Deliveries::default();
-    for one in futures_util::future::join_all(scrapes).await {
-        sum.add(&one?);
-    }
-    Some(sum)
+    futures_util::future::join_all(scrapes).await.into_iter().collect()
+}
+
+/// What `delivered_since` found.
+enum Delivered {
+    /// A target's `/metrics` could not be read.
+    Unreadable,
+    /// A target restarted during the run (`Deliveries::since_each`).
+    Restarted,
+    Run(Deliveries),
 }
 
 /// Deliveries since `before`, once the run's events are delivered: polls until the count has
 /// stood still for 1 s with at least `events` of them (an every-instance subscription delivers
 /// each event once per node, so reaching `events` is not the end), or for 2 s short of it, or
 /// 30 s passed, so the slowest deliveries of the run are in.
-async fn delivered_since(targets: &[String], tls: Option<ClientTls>, sub: &str, before: &Deliveries, events: u64) -> Option<Deliveries> {
+async fn delivered_since(targets: &[String], tls: Option<ClientTls>, sub: &str, before: &[Deliveries], events: u64) -> Delivered {
     let give_up = Instant::now() + Duration::from_secs(30);
     let (mut last, mut last_change) = (-1.0, Instant::now());
     loop {
-        let run = deliveries(targets, tls.clone(), sub).await?.since(before);
+        let Some(scraped) = deliveries(targets, tls.clone(), sub).await else { return Delivered::Unreadable };
+        let Some(run) = Deliveries::since_each(&scraped, before) else { return Delivered::Restarted };
         let now = Instant::now();
         if run.count != last {
             (last, last_change) = (run.count, now);
         }
         let settled = Duration::from_secs(if run.count >= events as f64 { 1 } else { 2 });
         if now >= give_up || now.duration_since(last_change) >= settled {
-            return Some(run);
+            return Delivered::Run(run);
         }
         sleep(Duration::from_millis(250)).await;
     }
@@ -606,7 +677,11 @@ struct Progress {
 
 /// What one worker measured.
 struct WorkerStats {
-    /// Latencies of acknowledged requests.
+    /// Requests acknowledged within the window.
+    ok: u64,
+    /// Latencies of acknowledged requests: those of the window, its request that was answered
+    /// only after the window closed (waited for within `--timeout`), and under `--rate` the
+    /// lower bounds of the slots it kept from being sent.
     hist: Histogram<u64>,
     /// Errors by kind.
     kinds: BTreeMap<String, u64>,
@@ -616,8 +691,12 @@ struct WorkerStats {
     unsent: u64,
 }
 
-fn new_histogram() -> anyhow::Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 60_000_000, 3).context("creating latency histogram")
+/// A latency histogram (µs) that holds every latency a run can measure without clamping: a
+/// request's latency is at most the warmup, the window and its timeout (from its slot, under
+/// `--rate`), and never less than a minute is allowed for.
+fn new_histogram(longest: Duration) -> anyhow::Result<Histogram<u64>> {
+    let high = u64::try_from(longest.as_micros()).unwrap_or(u64::MAX / 4).clamp(60_000_000, u64::MAX / 4);
+    Histogram::new_with_bounds(1, high, 3).context("creating latency histogram")
 }
 
 /// The generic engine: `concurrency` closed-loop workers, worker `i` on `targets[i % n]`, each
@@ -672,6 +751,8 @@ where
     let start = Instant::now();
     let measure_from = start + common.warmup;
     let deadline = measure_from + common.duration;
+    // The longest latency a request can have (`new_histogram`), with room to spare.
+    let longest = (common.warmup + common.duration + common.timeout).saturating_mul(2);
     let make_request = Arc::new(make_request);
     let progress = Arc::new(Progress::default());
 
@@ -684,15 +765,16 @@ where
         let first = interval.map(|iv| start + iv.mul_f64(i as f64 / common.concurrency as f64));
         let pace = interval.zip(first);
         workers.push(tokio::spawn(async move {
-            worker(i, conn, &*make, &progress, timeout, Window { measure_from, deadline, pace }).await
+            worker(i, conn, &*make, &progress, timeout, Window { measure_from, deadline, pace, longest }).await
         }));
     }
     let printer = tokio::spawn(print_progress(progress.clone(), measure_from, deadline));
     let cpu_at_start = tokio::spawn(cpu_sample(targets.clone(), tls.clone(), Some(measure_from)));
 
-    let (mut hist, mut error_kinds, mut unanswered, mut unsent) = (new_histogram()?, BTreeMap::new(), 0, 0);
+    let (mut ok, mut hist, mut error_kinds, mut unanswered, mut unsent) = (0, new_histogram(longest)?, BTreeMap::new(), 0, 0);
     for w in workers {
         let stats = w.await.context("bench worker panicked")??;
+        ok += stats.ok;
         hist.add(&stats.hist).context("merging latency histograms")?;
         for (kind, n) in stats.kinds {
             *error_kinds.entry(kind).or_insert(0) += n;
@@ -701,17 +783,17 @@ where
         unsent += stats.unsent;
     }
     printer.abort();
-    let (ok, errors) = (hist.len(), error_kinds.values().sum());
+    let errors = error_kinds.values().sum();
     let (node_cpu, bench_cpu, host) = match cpu_at_start.await {
         Ok(before) => {
             let after = cpu_sample(targets.clone(), tls.clone(), None).await;
             (
-                before.nodes.zip(after.nodes).map(|(b, a)| a.saturating_sub(b)),
+                node_cpu_between(before.nodes, after.nodes),
                 before.bench.zip(after.bench).map(|(b, a)| a.saturating_sub(b)),
                 before.host.zip(after.host).and_then(|(b, a)| a.shares_since(&b)),
             )
         }
-        Err(_) => (None, None, None),
+        Err(_) => (Ok(None), None, None),
     };
 
     let elapsed = Instant::now()
@@ -738,14 +820,15 @@ where
         node_cpu,
         bench_cpu,
         host,
+        paced: common.rate > 0.0,
     })
 }
 
 /// CPU counters at one moment.
 struct CpuSample {
-    /// The targets' CPU time summed (`None` unless every target exports
+    /// Each target's CPU time in seconds (`None` unless every target exports
     /// `process_cpu_seconds_total`).
-    nodes: Option<Duration>,
+    nodes: Option<Vec<f64>>,
     /// This process's.
     bench: Option<Duration>,
     /// This machine's.
@@ -776,12 +859,26 @@ async fn cpu_sample(targets: Vec<String>, tls: Option<ClientTls>, at: Option<Ins
             metric_value(std::str::from_utf8(&resp.body).ok()?, "process_cpu_seconds_total", &[])
         }
     });
-    let nodes = futures_util::future::join_all(scrapes)
-        .await
-        .into_iter()
-        .sum::<Option<f64>>()
-        .and_then(|s| Duration::try_from_secs_f64(s).ok());
+    let nodes = futures_util::future::join_all(scrapes).await.into_iter().collect::<Option<Vec<f64>>>();
     CpuSample { nodes, bench, host }
+}
+
+/// The targets' CPU over the window, summed: each target's since its own first sample, so a
+/// target that restarted during the run (its counter went down) makes it `Err(())` rather than
+/// a figure that is too small (summed first, the drop was taken off the others' CPU).
+fn node_cpu_between(before: Option<Vec<f64>>, after: Option<Vec<f64>>) -> Result<Option<Duration>, ()> {
+    let (Some(before), Some(after)) = (before, after) else { return Ok(None) };
+    if before.len() != after.len() {
+        return Ok(None);
+    }
+    let mut sum = 0.0;
+    for (b, a) in before.iter().zip(&after) {
+        if a < b {
+            return Err(());
+        }
+        sum += a - b;
+    }
+    Ok(Duration::try_from_secs_f64(sum).ok())
 }
 
 /// When a worker measures and stops, and its pace when the load is paced.
@@ -792,6 +889,8 @@ struct Window {
     deadline: Instant,
     /// (interval between this worker's requests, its first slot) under `--rate`.
     pace: Option<(Duration, Instant)>,
+    /// The longest latency a request can have (`new_histogram`).
+    longest: Duration,
 }
 
 async fn worker<F>(
@@ -805,8 +904,8 @@ async fn worker<F>(
 where
     F: Fn(usize, u64) -> BenchRequest,
 {
-    let Window { measure_from, deadline, pace } = window;
-    let (mut hist, mut kinds, mut unanswered, mut unsent) = (new_histogram()?, BTreeMap::new(), 0, 0);
+    let Window { measure_from, deadline, pace, longest } = window;
+    let (mut ok, mut hist, mut kinds, mut unanswered, mut unsent) = (0, new_histogram(longest)?, BTreeMap::new(), 0, 0);
     let mut backoff = BACKOFF_MIN;
     for seq in 0.. {
         // Paced: wait for this request's slot and count its latency from the slot, the time it
@@ -832,19 +931,41 @@ where
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let sent = conn.request(req.method, &req.path, &headers, req.body, timeout);
-        let Ok(result) = timeout_at(deadline, sent).await else {
-            // Still unanswered at the end: said as such, not left out silently. Under `--rate`,
-            // the slots this request held up until the end were never sent: counted too.
-            if Instant::now() >= measure_from {
-                unanswered = 1;
-                if let Some((interval, first)) = pace {
-                    let next = first + interval.mul_f64((seq + 1) as f64);
-                    let behind = deadline.saturating_duration_since(next).as_secs_f64() / interval.as_secs_f64().max(1e-9);
-                    unsent = behind.ceil() as u64;
+        let acknowledged = |resp: &crate::client::Response| match req.expect {
+            Some(status) => resp.status == status,
+            None => resp.is_success(),
+        };
+        let result = {
+            let sent = conn.request(req.method.clone(), &req.path, &headers, req.body.clone(), timeout);
+            tokio::pin!(sent);
+            let Ok(result) = timeout_at(deadline, &mut sent).await else {
+                // Still unanswered at the end: said as such, not left out silently, and its
+                // latency is in the percentiles once it is answered (within its own timeout, which
+                // bounds this wait): a stall at the end of the window would otherwise leave only
+                // the requests it did not hold up there. Not counted as acknowledged in the window.
+                if Instant::now() >= measure_from {
+                    unanswered = 1;
+                    if let Ok(resp) = sent.await {
+                        if acknowledged(&resp) {
+                            hist.saturating_record(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+                        }
+                    }
+                    // Under `--rate`, the slots this request held up until the end were never sent:
+                    // counted, and in the percentiles at what they had waited by the end (a lower
+                    // bound of their latency).
+                    if let Some((interval, first)) = pace {
+                        let next = first + interval.mul_f64((seq + 1) as f64);
+                        let behind = deadline.saturating_duration_since(next).as_secs_f64() / interval.as_secs_f64().max(1e-9);
+                        unsent = behind.ceil() as u64;
+                        for k in 0..unsent {
+                            let slot = next + interval.mul_f64(k as f64);
+                            hist.saturating_record(u64::try_from(deadline.saturating_duration_since(slot).as_micros()).unwrap_or(u64::MAX).max(1));
+                        }
+                    }
                 }
-            }
-            break;
+                break;
+            };
+            result
         };
         let done = Instant::now();
         let latency_us = u64::try_from(done.saturating_duration_since(started).as_micros()).unwrap_or(u64::MAX);
@@ -854,11 +975,7 @@ where
         let failure = match result {
             Ok(resp) => {
                 backoff = BACKOFF_MIN; // the node answered: the connection is fine
-                let acknowledged = match req.expect {
-                    Some(status) => resp.status == status,
-                    None => resp.is_success(),
-                };
-                (!acknowledged).then(|| format!("status {}", resp.status))
+                (!acknowledged(&resp)).then(|| format!("status {}", resp.status))
             }
             Err(e) => {
                 tracing::debug!(target = conn.addr(), error = %e, "bench request failed");
@@ -875,6 +992,7 @@ where
         };
         match failure {
             None if measured => {
+                ok += 1;
                 hist.saturating_record(latency_us);
                 progress.ok.fetch_add(1, Ordering::Relaxed);
                 progress.max_us.fetch_max(latency_us, Ordering::Relaxed);
@@ -886,7 +1004,7 @@ where
             _ => {}
         }
     }
-    Ok(WorkerStats { hist, kinds, unanswered, unsent })
+    Ok(WorkerStats { ok, hist, kinds, unanswered, unsent })
 }
 
 /// Prints `[  3s] acknowledged 63012  21034/s  errors 0  max 4.1 ms` to stderr every second of
@@ -990,6 +1108,57 @@ mod tests {
         cmd: BenchCmd,
     }
 
+    /// Hyper server on 127.0.0.1:0 answering every request 200 after `delay`.
+    async fn slow_server(delay: Duration) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                let svc = hyper::service::service_fn(move |_req: http::Request<hyper::body::Incoming>| async move {
+                    tokio::time::sleep(delay).await;
+                    Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"{}"))))
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    /// A stall at the end of the window: the requests it holds are answered after the window
+    /// closed. They are not acknowledged in it, but their whole latency is in the percentiles
+    /// (left out, the figures described only the requests the stall did not hold up).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_request_answered_after_the_window_is_in_the_percentiles() {
+        let r = run(state_cmd(vec![slow_server(Duration::from_millis(1500)).await])).await.unwrap();
+        assert_eq!((r.ok, r.errors, r.unanswered), (0, 0, 4), "{r}");
+        assert!(r.p50_us >= 1_400_000 && r.max_us < 5_000_000, "{r:?}");
+    }
+
+    #[test]
+    fn event_payloads_are_the_size_asked_for() {
+        let filler = "x".repeat(128);
+        for (w, seq, i) in [(0, 0, 0), (63, 123_456_789, 999), (7, 42, 3)] {
+            let p = event_payload(&filler, w, seq, i);
+            assert_eq!(p.len(), 128, "{p}");
+            let v: serde_json::Value = serde_json::from_str(&p).unwrap();
+            assert_eq!((v["w"].as_u64(), v["n"].as_u64(), v["i"].as_u64()), (Some(w as u64), Some(seq), Some(i as u64)));
+        }
+        // Smaller than its numbers: as short as it gets.
+        assert_eq!(event_payload("x", 1, 2, 3), r#"{"v":"","w":1,"n":2,"i":3}"#);
+    }
+
+    #[test]
+    fn a_target_that_restarted_gives_no_figures_rather_than_wrong_ones() {
+        assert_eq!(node_cpu_between(Some(vec![10.0, 20.0]), Some(vec![12.0, 23.0])), Ok(Some(Duration::from_secs(5))));
+        assert_eq!(node_cpu_between(Some(vec![10.0, 20.0]), Some(vec![12.0, 0.5])), Err(()), "the second restarted");
+        assert_eq!(node_cpu_between(None, Some(vec![1.0])), Ok(None));
+        let d = |count: f64, first: f64| Deliveries { buckets: BTreeMap::from([(1_000, first), (u64::MAX, count)]), count };
+        let run = Deliveries::since_each(&[d(10.0, 5.0), d(7.0, 7.0)], &[d(4.0, 2.0), d(1.0, 1.0)]).expect("no restart");
+        assert_eq!((run.count, run.buckets[&1_000]), (12.0, 9.0));
+        assert_eq!(Deliveries::since_each(&[d(10.0, 5.0), d(3.0, 3.0)], &[d(4.0, 2.0), d(5.0, 5.0)]), None, "the second restarted");
+    }
+
     fn state_cmd(targets: Vec<String>) -> BenchCmd {
         let argv = [
             "x",
@@ -1035,7 +1204,7 @@ mod tests {
             .to_string()
             .starts_with("bench state: 2 targets, 4 connections, 1.0s\nacknowledged: "));
         // Each target's CPU grew by 2 s between the scrape at the window's start and its end.
-        assert_eq!(r.node_cpu, Some(Duration::from_secs(4)), "{r}");
+        assert_eq!(r.node_cpu, Ok(Some(Duration::from_secs(4))), "{r}");
         assert!(r.bench_cpu.is_some(), "{r}");
         assert!(r.host.is_some_and(|(busy, steal)| (0.0..=100.0).contains(&busy) && (0.0..=100.0).contains(&steal)), "{r}");
         assert!(r.to_string().contains("\ncpu per acknowledged request: nodes "), "{r}");
@@ -1061,7 +1230,7 @@ mod tests {
             .unwrap();
         assert_eq!(r.ok, 0);
         assert_eq!(r.error_kinds.get("connect"), Some(&r.errors), "{r}");
-        assert_eq!(r.node_cpu, None, "no target to ask: {r}");
+        assert_eq!(r.node_cpu, Ok(None), "no target to ask: {r}");
         assert!(r.errors <= 4 * 25, "backoff bounds the error rate: {r}");
     }
 
@@ -1255,7 +1424,7 @@ mod tests {
     fn a_run_that_mostly_failed_is_an_error() {
         let report = |ok, errors| Report {
             title: String::new(), ok, errors, elapsed: Duration::from_secs(1), per_sec: 0.0, p50_us: 0, p99_us: 0,
-            p999_us: 0, max_us: 0, error_kinds: BTreeMap::new(), unanswered: 0, unsent: 0, node_cpu: None, bench_cpu: None, host: None,
+            p999_us: 0, max_us: 0, error_kinds: BTreeMap::new(), unanswered: 0, unsent: 0, node_cpu: Ok(None), bench_cpu: None, host: None, paced: false,
         };
         assert!(report(10, 1).judge().is_ok());
         assert!(report(0, 0).judge().is_err(), "nothing acknowledged");
