@@ -575,6 +575,32 @@ fn read_committed_hint(path: &Path) -> Option<Option<LogId>> {
     bincode::deserialize(payload).ok()
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Segments `sync_replayed` synced on this thread.
+    static REPLAY_SYNCS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes what the log replayed durable before it is served. A process killed before its
+/// flusher's `fdatasync` leaves its last appends in the page cache, not on the disk; the next
+/// process reads them back from the cache, and openraft takes a log it opens as flushed: a
+/// leader's next append that adds nothing has them acknowledged without a storage call, and a
+/// power cut after that lost entries a quorum was counted with. (Closed segments were synced
+/// before their successor was made; syncing a clean file costs little.)
+fn sync_replayed(dir: &Path, names: &[u64], sync: bool) -> io::Result<()> {
+    if !sync {
+        return Ok(());
+    }
+    for &name in names {
+        let path = seg_path(dir, name);
+        // Read-only is enough: `fdatasync` flushes the file's pages whoever wrote them.
+        File::open(&path).and_then(|f| f.sync_data()).map_err(ctx("fsync", &path))?;
+        #[cfg(test)]
+        REPLAY_SYNCS.with(|c| c.set(c.get() + 1));
+    }
+    Ok(())
+}
+
 /// Replays one segment into `mem`, cutting a torn tail off the last one.
 fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem) -> io::Result<SegInfo> {
     let data = fs::read(path).map_err(ctx("read", path))?;
@@ -798,6 +824,7 @@ impl LogStore {
             let info = replay_segment(&seg_path(dir, name), i + 1 == names.len(), opts.sync, &mut mem)?;
             closed.insert(name, info);
         }
+        sync_replayed(dir, &names, opts.sync)?;
         // A Raft log has no holes (from the purge point on) and its log ids only grow; anything
         // else means lost or misordered segment files, which must not be served.
         let ids: Vec<&LogId> = mem.meta.last_purged.iter().chain(mem.entries.values().map(|e| &e.log_id)).collect();
@@ -1372,6 +1399,33 @@ mod tests {
         v.retain(|p| p.extension().is_some_and(|x| x == "seg"));
         v.sort();
         v
+    }
+
+    /// What a reopened log replays is synced before the log is served, whoever wrote it: a
+    /// process killed before its flusher synced leaves its appends in the page cache, and the
+    /// next process must not serve them (openraft takes them as flushed) while a power cut could
+    /// still take them.
+    #[tokio::test]
+    async fn a_reopened_log_syncs_what_it_replays_before_serving_it() {
+        let dir = TempDir::new();
+        // Written and never synced (as if killed before the flusher's sync), over segments.
+        let unsynced = LogStoreOptions { sync: false, ..small() };
+        let mut store = LogStore::open(&dir.0, unsynced.clone()).unwrap();
+        for i in 1..=40 {
+            append(&mut store, vec![ent(1, i)]).await;
+        }
+        drop(store);
+        let n = segments(&dir.0).len();
+        assert!(n >= 2, "over several segments: {n}");
+        REPLAY_SYNCS.with(|c| c.set(0));
+        let mut store = LogStore::open(&dir.0, small()).unwrap();
+        assert_eq!(REPLAY_SYNCS.with(std::cell::Cell::get), n, "every replayed segment synced at open");
+        assert_eq!(ids(&mut store).await, run(1, 1..=40));
+        // Without sync (tests, benchmarks), nothing is.
+        drop(store);
+        REPLAY_SYNCS.with(|c| c.set(0));
+        drop(LogStore::open(&dir.0, unsynced).unwrap());
+        assert_eq!(REPLAY_SYNCS.with(std::cell::Cell::get), 0);
     }
 
     /// The founder mark survives a reopen while the log is empty, goes with the log's
