@@ -44,8 +44,18 @@ use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
 use crate::raft::types::*;
 
-/// Bytes of snapshot per frame (well under the default 16 MiB frame bound).
+/// Bytes of snapshot per frame at most (well under the default 16 MiB frame bound); less to a
+/// peer whose frame is smaller (`snapshot_chunk`).
 pub const SNAPSHOT_CHUNK: usize = 1 << 20;
+
+/// Bytes of snapshot per chunk to a peer whose frames are at most `max_frame` bytes: half of
+/// it (the rest holds the chunk's vote and meta, whose membership is small), at most
+/// `SNAPSHOT_CHUNK`. A fixed 1 MiB chunk did not fit a frame under about 1 MiB (`--max-frame`
+/// takes 64 KiB up): the link refused every chunk before it was sent, and a follower that
+/// needed a snapshot never caught up.
+pub fn snapshot_chunk(max_frame: usize) -> usize {
+    (max_frame / 2).clamp(1, SNAPSHOT_CHUNK)
+}
 
 /// Deadline of an AppendEntries request that carries entries (see `append_entries`), and of
 /// every request of a pipelined stream (it may wait behind the ones before it).
@@ -526,8 +536,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         let send = async {
             let data = &snapshot.snapshot;
             let mut offset = 0usize;
+            // Bounded: each pass sends at least one byte more of the snapshot, or returns.
             loop {
-                let end = (offset + SNAPSHOT_CHUNK).min(data.len());
+                let chunk = snapshot_chunk(self.net.max_frame_to(self.target));
+                let end = (offset + chunk).min(data.len());
                 let done = end == data.len();
                 let req = PeerRequest::SnapshotChunk {
                     vote,
