@@ -945,6 +945,15 @@ impl PeerNet {
         let mut reader = FramedRead::new(rd, frame::codec(HANDSHAKE_FRAME.min(self.cfg.max_frame)));
         let mut writer = FramedWrite::new(wr, frame::codec(self.cfg.max_frame));
         let hello = self.hello();
+        // The member the address book has at `addr` (none for a seed, or if two share it).
+        let expected = {
+            let addrs = lock(&self.addrs);
+            let mut at = addrs.iter().filter(|(_, a)| a.as_str() == addr).map(|(id, _)| *id);
+            match (at.next(), at.next()) {
+                (Some(id), None) => Some(id),
+                _ => None,
+            }
+        };
         let handshake = async {
             let body = Frame::encode(Kind::Hello, 0, &hello).map_err(|e| e.to_string())?;
             writer.send(body).await.map_err(|e| e.to_string())?;
@@ -960,6 +969,15 @@ impl PeerNet {
                     let asked = theirs.proof != [0; 32];
                     match &self.cfg.secret {
                         Some(secret) if asked => {
+                            // Our proof is for the node that answered: one that answers at a
+                            // member's address in another node's name may be relaying this
+                            // handshake to that node (a stale address, a hijacked name), and
+                            // our `Auth` would let it act as us there. Not sent; `link` would
+                            // refuse the link anyway. Without TLS the frames after it are not
+                            // protected (the module doc of `proof`), but this much is cheap.
+                            if let Some(want) = expected.filter(|want| *want != theirs.node_id) {
+                                return Err(format!("node {} answered at node {want}'s address: no proof sent to it", theirs.node_id));
+                            }
                             if !secret.verify(PROOF_ACCEPTOR, &hello, &theirs, &theirs.proof) {
                                 return Err("the peer's proof of the cluster secret is wrong (another secret?)".to_string());
                             }
@@ -1806,6 +1824,21 @@ mod tests {
             stop.cancel();
         }
         drop(acceptor);
+    }
+
+    /// A dialer with a secret that is answered at a member's address in another node's name
+    /// sends no proof: whoever answers there could relay it to that node and act as us.
+    #[tokio::test]
+    async fn no_proof_goes_to_another_node_than_the_one_at_that_address() {
+        let same = "0123456789abcdef-one";
+        let (acceptor, dialer, addr, stop) = pair(Some(same), Some(same)).await;
+        // The address book has node 5 at node 1's address (an address node 5 had, say).
+        dialer.forget_peer(1);
+        dialer.set_peer_addr(5, &addr.to_string());
+        let Err(err) = dialer.link(5).await else { panic!("linked") };
+        assert!(matches!(&err, PeerError::Handshake { reason, .. } if reason.contains("answered at node 5's address")), "{err}");
+        assert_unlinked(&acceptor, &dialer, "no Auth sent").await;
+        stop.cancel();
     }
 
     /// Pings measure each peer's clock: about zero between two nodes of one host, and a peer
