@@ -1249,7 +1249,7 @@ impl PeerNet {
             metrics::counter!("raftbridge_peer_links_opened_total").increment(1);
             info!(peer, addr = %link.peer_addr, "peer link up");
         }
-        tokio::spawn(write_loop(link.clone(), rx, writer));
+        tokio::spawn(write_loop(link.clone(), rx, writer, write_stall(self.cfg.idle_timeout)));
         let handler = lock(&self.handler).clone();
         let idle = self.cfg.idle_timeout;
         let net_links = self.links.clone();
@@ -1407,11 +1407,29 @@ fn retire(link: &Arc<Link>) {
     });
 }
 
-/// Writes queued frames, many per flush, until the link closes.
+/// How long one write to a link (a frame handed to the socket, a flush) may make no progress
+/// before the link is closed: the idle timeout, and at least 10 s (a big frame on a slow
+/// network). The idle timeout itself judges only what the peer sends: a peer that keeps
+/// pinging but stopped reading (paused, or hostile) kept the link, its queued frames (up to
+/// `SEND_QUEUE`, answers and appends resent after their callers gave up) and the serving tasks
+/// waiting to queue more, for as long as it liked.
+fn write_stall(idle_timeout: Duration) -> Duration {
+    idle_timeout.max(MIN_WRITE_STALL)
+}
+
+/// The least `write_stall` (shorter in unit tests, to see it happen).
+#[cfg(not(test))]
+const MIN_WRITE_STALL: Duration = Duration::from_secs(10);
+#[cfg(test)]
+const MIN_WRITE_STALL: Duration = Duration::from_secs(1);
+
+/// Writes queued frames, many per flush, until the link closes, or a write makes no progress
+/// for `stall` (`write_stall`).
 async fn write_loop(
     link: Arc<Link>,
     mut rx: mpsc::Receiver<Bytes>,
     mut writer: Writer,
+    stall: Duration,
 ) {
     let frames = metrics::counter!("raftbridge_peer_frames_written_total");
     let flushes = metrics::counter!("raftbridge_peer_flushes_total");
@@ -1428,7 +1446,14 @@ async fn write_loop(
             // whether or not the link closed meanwhile.
             tokio::select! {
                 biased;
-                r = $io => r.is_ok(),
+                r = tokio::time::timeout(stall, $io) => match r {
+                    Ok(written) => written.is_ok(),
+                    Err(_) => {
+                        metrics::counter!("raftbridge_peer_write_stalls_total").increment(1);
+                        warn!(peer = link.peer, stalled_s = stall.as_secs(), "peer link closed: the peer has read nothing of it for that long");
+                        false
+                    }
+                },
                 () = &mut closed => false,
             }
         };
@@ -2109,6 +2134,46 @@ mod tests {
         // Then silent: the node closes the connection within a few idle periods.
         tokio::time::timeout(idle * 10, ended).await.expect("a silent link is closed").unwrap();
         assert!(!net.reachable(2));
+        stop.cancel();
+    }
+
+    /// A peer that keeps pinging but reads nothing: the link is closed once a write to it
+    /// made no progress for `write_stall`, with what was queued for it (it used to stay, with
+    /// every queued frame, for as long as the pings came).
+    #[tokio::test]
+    async fn a_peer_that_reads_nothing_has_its_link_closed() {
+        let idle = Duration::from_millis(1000);
+        let (net, addr, stop) = listening(idle).await;
+        let (reader, mut writer) = handshaken(&net, addr, 2).await;
+        let pinging = tokio::spawn(async move {
+            for _ in 0..300 {
+                if writer.send(Frame::encode_raw(Kind::Ping, 0, &[])).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+        // 64 frames of 512 KiB: far more than the socket buffers hold.
+        let chunk = || PeerRequest::SnapshotChunk {
+            vote: crate::raft::types::Vote::new(1, 2),
+            meta: crate::raft::types::SnapshotMeta::default(),
+            offset: 0,
+            data: vec![7; 512 << 10],
+            done: false,
+        };
+        let started = tokio::time::Instant::now();
+        for _ in 0..64 {
+            let _ = net.request(2, &chunk(), Duration::from_millis(50)).await;
+        }
+        for _ in 0..200 {
+            if !net.reachable(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(!net.reachable(2), "closed within {:?}", started.elapsed());
+        drop(reader);
+        pinging.abort();
         stop.cancel();
     }
 
