@@ -728,9 +728,21 @@ impl PeerNet {
         if id == self.cfg.node_id {
             return;
         }
-        let mut addrs = lock(&self.addrs);
-        if addrs.get(&id).map(String::as_str) != Some(addr) {
-            addrs.insert(id, addr.to_string());
+        let added = {
+            let mut addrs = lock(&self.addrs);
+            let added = !addrs.contains_key(&id);
+            if addrs.get(&id).map(String::as_str) != Some(addr) {
+                addrs.insert(id, addr.to_string());
+            }
+            added
+        };
+        // A member linked before it was one (a joiner's first link): what it announced counts
+        // from now on (`register` notes members only). `addrs` is released first (lock order).
+        if added {
+            let live = lock(&self.links).get(&id).filter(|l| l.is_alive()).map(|l| l.features);
+            if let Some(features) = live {
+                lock(&self.features_seen).insert(id, features);
+            }
         }
     }
 
@@ -1293,7 +1305,13 @@ impl PeerNet {
                 old.close();
             }
         }
-        lock(&self.features_seen).insert(link.peer, link.features);
+        // Members only (the address book; `links` is held here, then `addrs`, never the other
+        // way round): a node id that merely completed a handshake left an entry for good
+        // (`forget_peer` runs for members only). A node that links before it is in the address
+        // book (a joiner) has its features noted when it is added (`set_peer_addr`).
+        if lock(&self.addrs).contains_key(&link.peer) {
+            lock(&self.features_seen).insert(link.peer, link.features);
+        }
         links.insert(link.peer, link.clone());
         None
     }
@@ -1849,6 +1867,28 @@ mod tests {
             stop.cancel();
         }
         drop(acceptor);
+    }
+
+    /// Features are noted for members only (the address book): a node id that merely
+    /// linked leaves nothing behind, and a joiner that linked first counts once it is added.
+    #[tokio::test]
+    async fn features_are_noted_for_members_only() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        dialer.link(1).await.expect("linked");
+        assert_eq!(dialer.features_seen(1), Some(frame::features::ALL), "node 1 is in the dialer's address book");
+        for _ in 0..200 {
+            if acceptor.reachable(2) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(acceptor.reachable(2));
+        assert_eq!(acceptor.features_seen(2), None, "node 2 linked but is no member of the acceptor's");
+        acceptor.set_peer_addr(2, "127.0.0.1:1");
+        assert_eq!(acceptor.features_seen(2), Some(frame::features::ALL), "noted once it is a member");
+        acceptor.forget_peer(2);
+        assert_eq!(acceptor.features_seen(2), None);
+        stop.cancel();
     }
 
     /// A dialer with a secret that is answered at a member's address in another node's name
