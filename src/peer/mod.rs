@@ -520,7 +520,14 @@ impl Call {
             Ok(Err(_)) => return Err(PeerError::Closed { peer }),
             Err(_) => return Err(PeerError::Timeout { peer, timeout: self.timeout }),
         };
-        frame.message::<PeerResponse>().map_err(|e| PeerError::Protocol { peer, reason: e.to_string() })
+        // Decoded here, by the caller, not by the link's reader (which only hands frames over);
+        // an answer that does not decode is bad input from the peer all the same: the link is
+        // closed, as for a request that does not (`read_loop`), and redialed when next needed.
+        frame.message::<PeerResponse>().map_err(|e| {
+            warn!(peer, cause = %e, "undecodable response, closing link");
+            self.link.close();
+            PeerError::Protocol { peer, reason: e.to_string() }
+        })
     }
 }
 
@@ -1111,8 +1118,10 @@ impl PeerNet {
         if h.version != frame::PROTOCOL_VERSION {
             return Err(format!("protocol version {} (we speak {})", h.version, frame::PROTOCOL_VERSION));
         }
+        // Not naming this node's own cluster: the reason goes to whoever connected, and where
+        // the name is the only gate (no secret, no TLS) it would hand it out.
         if h.cluster != self.cfg.cluster {
-            return Err(format!("cluster {:?} (we are {:?})", h.cluster, self.cfg.cluster));
+            return Err(format!("cluster {:?} is not this node's", h.cluster));
         }
         Ok(())
     }
@@ -1867,6 +1876,26 @@ mod tests {
             stop.cancel();
         }
         drop(acceptor);
+    }
+
+    /// An answer that does not decode closes the link, as a request that does not does.
+    #[tokio::test]
+    async fn an_undecodable_answer_closes_the_link() {
+        let (net, addr, stop) = listening(Duration::from_secs(60)).await;
+        let (mut reader, mut writer) = handshaken(&net, addr, 2).await;
+        let answering = tokio::spawn(async move {
+            while let Some(Ok(raw)) = reader.next().await {
+                let Ok(f) = Frame::decode(raw) else { break };
+                if f.kind == Kind::Request {
+                    let _ = writer.send(Frame::encode_raw(Kind::Response, f.corr, &[0xff; 16])).await;
+                }
+            }
+        });
+        let err = net.request(2, &PeerRequest::Status, Duration::from_secs(5)).await.expect_err("garbage answer");
+        assert!(matches!(err, PeerError::Protocol { .. }), "{err}");
+        assert!(!net.reachable(2), "the link is closed");
+        answering.abort();
+        stop.cancel();
     }
 
     /// Features are noted for members only (the address book): a node id that merely
