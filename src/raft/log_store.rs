@@ -256,12 +256,18 @@ struct SegFile {
     /// Taken to change `allocated` or the file's length. `true` once the segment must not grow
     /// any more: rotation closed it (cut back to `written`), or a zero-fill failed.
     grow: Mutex<bool>,
+    /// Held across each `fdatasync` of the file (`fsync`), and `true` once one failed. Linux
+    /// reports a writeback error to one `fsync` per open file description: the flusher's sync
+    /// and the writer's (at rotation) at once could have the error go to one of them and a
+    /// clean return to the other, whose callbacks would then call pages durable that never
+    /// reached the disk. Serialized, with the failure kept, every later sync of the file fails.
+    sync: Mutex<bool>,
 }
 
 impl SegFile {
     fn new(path: PathBuf, file: File, name: u64, synced: Option<Arc<SyncedRecord>>, written: u64, allocated: u64) -> SegFile {
         let (written, allocated) = (AtomicU64::new(written), AtomicU64::new(allocated.max(written)));
-        SegFile { path, file, name, synced, written, allocated, grow: Mutex::new(false) }
+        SegFile { path, file, name, synced, written, allocated, grow: Mutex::new(false), sync: Mutex::new(false) }
     }
 
     /// Writes `buf` at the end of the records. Only the writer calls this (under `Io`), so
@@ -451,8 +457,15 @@ fn fsync(f: &SegFile, sync: bool) -> io::Result<()> {
     }
     // Power-loss mode: the records' length and the zero-fill's end *before* the sync are safe
     // lower bounds of what it covers. `written` first: `allocated` is raised before it.
+    let mut failed = lock(&f.sync)?;
+    if *failed {
+        return Err(io::Error::other(format!("fsync {}: an earlier sync of this file failed", f.path.display())));
+    }
     let before = f.synced.as_ref().map(|_| (f.written.load(Ordering::SeqCst), f.allocated.load(Ordering::SeqCst)));
-    f.file.sync_data().map_err(ctx("fsync", &f.path))?;
+    if let Err(e) = f.file.sync_data() {
+        *failed = true;
+        return Err(ctx("fsync", &f.path)(e));
+    }
     if let (Some(record), Some((len, alloc))) = (&f.synced, before) {
         record.advance(f.name, len, alloc)?;
     }
@@ -1399,6 +1412,22 @@ mod tests {
         v.retain(|p| p.extension().is_some_and(|x| x == "seg"));
         v.sort();
         v
+    }
+
+    /// A segment whose sync failed once fails every later sync, whoever asks (the flusher or
+    /// the writer): the kernel reports a lost write to one sync only.
+    #[test]
+    fn a_failed_sync_of_a_segment_fails_every_later_one() {
+        let dir = TempDir::new();
+        fs::create_dir_all(&dir.0).unwrap();
+        let path = dir.0.join("s");
+        let file = OpenOptions::new().create(true).truncate(false).write(true).open(&path).unwrap();
+        let seg = SegFile::new(path, file, 1, None, 0, 0);
+        fsync(&seg, true).expect("a sound file syncs");
+        *seg.sync.lock().unwrap() = true; // as a failed `fdatasync` leaves it
+        assert!(fsync(&seg, true).is_err());
+        assert!(fsync(&seg, true).is_err(), "and stays failed");
+        assert!(fsync(&seg, false).is_ok(), "without sync nothing is asked");
     }
 
     /// What a reopened log replays is synced before the log is served, whoever wrote it: a
