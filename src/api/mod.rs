@@ -395,8 +395,17 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     // command is not, whatever its method: its handler has run), and never the probes, the
     // metrics or the cluster view: a full budget must not make the node look dead.
     let refusable = matches!(*req.method(), Method::GET | Method::HEAD) && req.uri().path().starts_with("/v1/");
+    // A HEAD outside the commands (`route` serves it as GET) is answered without the body
+    // here, not by hyper: its HTTP/1 side leaves a HEAD's body out, its HTTP/2 side sends it
+    // (DATA frames on a HEAD stream, which clients reset). The length stays as GET's.
+    let head = req.method() == Method::HEAD && !req.uri().path().starts_with("/api/");
     let (route, result) = route(&app, req).await;
-    let resp = result.unwrap_or_else(ApiError::into_response);
+    let mut resp = result.unwrap_or_else(ApiError::into_response);
+    if head {
+        let len = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
+        *resp.body_mut() = Full::new(Bytes::new());
+        resp.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
     metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
     let mut resp = Answer::counted(resp, &app.settings.answers, refusable);
     // Draining: an HTTP/1 client is told to reconnect (elsewhere, once this node stops
