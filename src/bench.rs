@@ -770,6 +770,9 @@ where
     }
     let printer = tokio::spawn(print_progress(progress.clone(), measure_from, deadline));
     let cpu_at_start = tokio::spawn(cpu_sample(targets.clone(), tls.clone(), Some(measure_from)));
+    // At the window's end, not once the workers are done: they may wait up to `--timeout` past
+    // it for their last answers, CPU that the window's requests are not to be charged with.
+    let cpu_at_end = tokio::spawn(cpu_sample(targets.clone(), tls.clone(), Some(deadline)));
 
     let (mut ok, mut hist, mut error_kinds, mut unanswered, mut unsent) = (0, new_histogram(longest)?, BTreeMap::new(), 0, 0);
     for w in workers {
@@ -784,16 +787,15 @@ where
     }
     printer.abort();
     let errors = error_kinds.values().sum();
-    let (node_cpu, bench_cpu, host) = match cpu_at_start.await {
-        Ok(before) => {
-            let after = cpu_sample(targets.clone(), tls.clone(), None).await;
+    let (node_cpu, bench_cpu, host) = match (cpu_at_start.await, cpu_at_end.await) {
+        (Ok(before), Ok(after)) => {
             (
                 node_cpu_between(before.nodes, after.nodes),
                 before.bench.zip(after.bench).map(|(b, a)| a.saturating_sub(b)),
                 before.host.zip(after.host).and_then(|(b, a)| a.shares_since(&b)),
             )
         }
-        Err(_) => (Ok(None), None, None),
+        _ => (Ok(None), None, None),
     };
 
     let elapsed = Instant::now()

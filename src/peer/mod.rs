@@ -746,9 +746,11 @@ impl PeerNet {
         // A member linked before it was one (a joiner's first link): what it announced counts
         // from now on (`register` notes members only). `addrs` is released first (lock order).
         if added {
-            let live = lock(&self.links).get(&id).filter(|l| l.is_alive()).map(|l| l.features);
-            if let Some(features) = live {
-                lock(&self.features_seen).insert(id, features);
+            // Under `links`, as `register` notes them: a newer link registered meanwhile cannot
+            // have its features overwritten by this one's.
+            let links = lock(&self.links);
+            if let Some(link) = links.get(&id).filter(|l| l.is_alive()) {
+                lock(&self.features_seen).insert(id, link.features);
             }
         }
     }
@@ -1434,9 +1436,9 @@ fn retire(link: &Arc<Link>) {
     });
 }
 
-/// How long one write to a link (a frame handed to the socket, a flush) may make no progress
-/// before the link is closed: the idle timeout, and at least 10 s (a big frame on a slow
-/// network). The idle timeout itself judges only what the peer sends: a peer that keeps
+/// How long one write to a link (a frame handed to the socket, a flush) may take before the
+/// link is closed, besides 1 µs per byte it moves (`write_loop`): the idle timeout, and at
+/// least 10 s. The idle timeout itself judges only what the peer sends: a peer that keeps
 /// pinging but stopped reading (paused, or hostile) kept the link, its queued frames (up to
 /// `SEND_QUEUE`, answers and appends resent after their callers gave up) and the serving tasks
 /// waiting to queue more, for as long as it liked.
@@ -1467,13 +1469,17 @@ async fn write_loop(
     // when the link closes (idle timeout, shutdown): waiting on it kept this task, the socket
     // and every queued frame, and the serving tasks waiting to queue their answers, for as long
     // as the peer stayed silent.
+    // Bytes handed to the writer since its last flush: a write may take `stall` and 1 µs per
+    // byte it has to move (1 MB/s), so a big frame on a slow link that is moving is not cut.
+    let mut pending = 0usize;
+    let limit = |bytes: usize| stall + Duration::from_micros(bytes as u64);
     macro_rules! or_closed {
-        ($io:expr) => {
+        ($io:expr, $bytes:expr) => {
             // The write first: one that can finish (the last answers of a draining node) does,
             // whether or not the link closed meanwhile.
             tokio::select! {
                 biased;
-                r = tokio::time::timeout(stall, $io) => match r {
+                r = tokio::time::timeout(limit($bytes), $io) => match r {
                     Ok(written) => written.is_ok(),
                     Err(_) => {
                         metrics::counter!("raftbridge_peer_write_stalls_total").increment(1);
@@ -1493,7 +1499,8 @@ async fn write_loop(
             f = rx.recv() => match f { Some(f) => f, None => break },
             () = &mut closed => break,
         };
-        if !or_closed!(writer.feed(first)) {
+        pending += first.len();
+        if !or_closed!(writer.feed(first), pending) {
             link.close();
             return;
         }
@@ -1502,7 +1509,8 @@ async fn write_loop(
         while n < WRITE_BATCH {
             match rx.try_recv() {
                 Ok(f) => {
-                    if !or_closed!(writer.feed(f)) {
+                    pending += f.len();
+                    if !or_closed!(writer.feed(f), pending) {
                         link.close();
                         return;
                     }
@@ -1521,10 +1529,11 @@ async fn write_loop(
         }
         frames.increment(n as u64);
         flushes.increment(1);
-        if !or_closed!(SinkExt::<Bytes>::flush(&mut writer)) {
+        if !or_closed!(SinkExt::<Bytes>::flush(&mut writer), pending) {
             link.close();
             return;
         }
+        pending = 0;
     }
     link.close();
     // Closed by either side, the connection still works: end it cleanly (a TLS close_notify,
