@@ -582,7 +582,15 @@ async fn remove_member(app: &App, id: &str) -> ApiResult {
     let id: u64 = id.parse().map_err(|_| ApiError::BadRequest(format!("bad node id {id:?}")))?;
     // This node's view of the membership: a node added a moment ago may not be in it yet, which
     // a retry settles.
-    if app.replica.metrics().membership_config.membership().get_node(&id).is_none() {
+    let metrics = app.replica.metrics();
+    if metrics.membership_config.membership().get_node(&id).is_none() {
+        // A repeat sent to the node that was removed (a leader's own log holds the membership
+        // without it; a follower's is forwarded, as it never receives that entry): its removal
+        // is done, as the README promises. A node that never was in a cluster has no
+        // membership entry at all: not a member.
+        if id == app.replica.id() && metrics.membership_config.log_id().is_some() {
+            return Ok(json_response(StatusCode::OK, &serde_json::json!({"removed": id})));
+        }
         return Err(ApiError::NotFound(format!("node {id} is not a member")));
     }
     app.cluster.remove(id).await?;

@@ -475,10 +475,26 @@ impl Cluster {
         if self.replica.raft.is_leader() { Ok(()) } else { Err(RemoteError::NotLeader { leader: self.replica.leader() }) }
     }
 
+    /// A change asked for while one is half done (`finish_joint` ends it within a tick or so)
+    /// waits for it: openraft would base it on the newer half alone, dropping the voters of the
+    /// older one from the node list (a voter being demoted would be removed for good), and the
+    /// quorum checks here judge one set of voters, not two.
+    fn not_joint(membership: &crate::raft::types::Membership) -> Result<(), RemoteError> {
+        if membership.get_joint_config().len() > 1 {
+            return Err(RemoteError::Unavailable("a membership change is still being completed: ask again in a moment".into()));
+        }
+        Ok(())
+    }
+
     async fn apply_join(&self, id: NodeId, addr: String) -> Result<(), RemoteError> {
         self.is_leader_or_err()?;
         let m = self.replica.metrics();
         let membership = m.membership_config.membership();
+        // A member asking again at its address changes nothing: answered at once.
+        if membership.get_node(&id).is_some_and(|n| n.addr == addr) {
+            return Ok(());
+        }
+        Self::not_joint(membership)?;
         if let Some(node) = membership.get_node(&id) {
             if node.addr != addr {
                 // Same id at a new address: a rescheduled container, or a second process started
@@ -522,6 +538,9 @@ impl Cluster {
         self.is_leader_or_err()?;
         let m = self.replica.metrics();
         let membership = m.membership_config.membership();
+        if membership.get_node(&id).is_some() {
+            Self::not_joint(membership)?;
+        }
         if membership.voter_ids().any(|v| v == id) {
             if membership.voter_ids().count() <= 1 {
                 return Err(RemoteError::Invalid("cannot remove the last voter".into()));
@@ -594,13 +613,15 @@ impl Cluster {
     /// joint configuration and then the new one, and proposes the second from the caller's
     /// future: a change whose wait was cut (`CHANGE_TIMEOUT`: its joint entry committed later,
     /// once enough voters were back) or whose leader lost office between the two leaves the
-    /// cluster joint, and every later change here (promotions, demotions) waits for it to end.
-    /// Changes run one at a time on this task and none runs now, so a joint configuration that
-    /// is committed is such a leftover: this moves to its newer half. Whether the voters it drops
-    /// were being removed or demoted (a voter that lost its log) is not written anywhere a new
-    /// leader could read: those heard from lately stay on as learners (a demotion is what it
-    /// meant, and a removal whose caller was told 503 is asked again; until then promotion may
-    /// bring the node back), the others are removed (a removal of a dead node, the usual case).
+    /// cluster joint, and every later change here (promotions, demotions, joins, removals)
+    /// waits for it to end. Changes run one at a time on this task and none runs now, so a
+    /// joint configuration that is committed is such a leftover: this moves to its newer half.
+    /// Whether the voters it drops were being removed or demoted (a voter that lost its log)
+    /// is not written anywhere a new leader could read, so all of them stay on as learners: a
+    /// demoted voter removed would run on as a non-member for good (a node with a log never
+    /// asks to join again), even one that is silent just now (restarting), while a learner
+    /// counts toward no quorum, and a removal whose caller was told 503 is asked again. (Until
+    /// session 37 the silent ones were removed.)
     async fn finish_joint(&self) {
         let m = self.replica.metrics();
         let joint = m.membership_config.membership().get_joint_config();
@@ -608,20 +629,11 @@ impl Cluster {
             return;
         }
         let (Some(old), Some(goal)) = (joint.first(), joint.last().cloned()) else { return };
-        // Gone: not heard from lately. A node heard from but far behind (one that lost its data
-        // and is being filled again, whose demotion this was) stays a learner: removed, it would
-        // run on as a non-member for good, as a node with a log never asks to join again.
-        let gone: BTreeSet<NodeId> = old.difference(&goal).copied().filter(|id| !responsive(&self.replica.net, *id)).collect();
-        warn!(voters = ?goal, removed = ?gone, "a membership change was left half done (joint configuration): finishing it");
+        let learners: BTreeSet<NodeId> = old.difference(&goal).copied().collect();
+        warn!(voters = ?goal, learners = ?learners, "a membership change was left half done (joint configuration): finishing it");
         metrics::counter!("raftbridge_membership_joint_finished_total").increment(1);
         if let Err(e) = self.change_retaining(ChangeMembers::ReplaceAllVoters(goal), true).await {
             warn!(cause = %e, "could not finish the membership change left half done; trying again");
-            return;
-        }
-        if !gone.is_empty() {
-            if let Err(e) = self.change(ChangeMembers::RemoveNodes(gone)).await {
-                warn!(cause = %e, "could not remove the voters the unfinished change dropped");
-            }
         }
     }
 

@@ -283,6 +283,25 @@ fn leave_through_the_node_being_removed_succeeds_and_so_does_a_repeat() {
     });
 }
 
+/// The same for the leader: `leave` of the leader sent to the leader itself succeeds, and so
+/// does a repeat there, though its own log then holds the membership without it (the repeat
+/// was a 404).
+#[test]
+fn leave_of_the_leader_through_itself_succeeds_and_so_does_a_repeat() {
+    let (mut c, _) = Cluster::formed("remove-leave-leader", 3, &[]);
+    c.add_node(&[1]);
+    let leader = c.wait_for_membership(&c.ids(), &[], CATCH_UP);
+    c.allow_exit(leader);
+    let (http, id) = (c.http(leader).to_string(), leader.to_string());
+    for what in ["leave-leader", "leave-leader-again"] {
+        let status = c.run_cli(what, &["leave", "--http-addr", &http, "--id", &id], CATCH_UP);
+        let log = std::fs::read_to_string(c.dir().join(format!("{what}.cli.log"))).unwrap_or_default();
+        assert!(status.success(), "{what}: `raftbridge leave --http-addr {http} --id {id}` exited with {status}: {log}");
+    }
+    let remaining: Vec<u64> = c.ids().into_iter().filter(|&n| n != leader).collect();
+    c.wait_for_membership_seen_by(&remaining, &remaining, &[], CATCH_UP);
+}
+
 /// With `--cluster-secret` the nodes form a cluster as usual, and a node that does not know the
 /// secret is refused at every handshake: seeded with the cluster, it never becomes a member,
 /// and the cluster keeps taking writes.
