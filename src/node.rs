@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -420,6 +421,7 @@ pub async fn run(
         snapshots: Arc::new(Snapshots { assembling: Mutex::new(HashMap::new()), cap: cfg.snapshot_cap() }),
         appends: appends.clone(),
         unproven: Arc::new(AtomicBool::new(unproven)),
+        seen_commit: Arc::new(AtomicU64::new(0)),
         log: founder_log,
         raft_seen: Arc::new(AtomicBool::new(false)),
     }));
@@ -753,6 +755,9 @@ struct PeerHandler {
     /// a leader (`withhold_vote`); cleared for good once it has, or once its log is marked a
     /// founder's (`found`).
     unproven: Arc<AtomicBool>,
+    /// The highest commit index a leader's append told this node while `unproven`: it votes
+    /// again only once its log reaches it (`vote_rule`).
+    seen_commit: Arc<AtomicU64>,
     /// This node's Raft log, for the founder mark (`found`).
     log: LogStore,
     /// Set once any Raft request (a vote, pre-vote, append or snapshot) reached this process:
@@ -845,13 +850,13 @@ fn check_subscription_names(services: &[ServiceParts], sidecar: Option<&crate::s
 /// build from before the mark) still withholds in that case until the first leader is back.
 /// (A vote for a candidate that merely reaches the leader's term is no way out: it would let one
 /// that lacks entries of that very term win.)
-fn withhold_vote(unproven: &AtomicBool, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
+fn withhold_vote(unproven: &AtomicBool, seen_commit: &AtomicU64, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
     if !unproven.load(Ordering::Relaxed) {
         return None;
     }
     let vote = replica.raft.server_metrics().borrow_watched().vote;
     let last = replica.raft.data_metrics().borrow_watched().last_log;
-    match vote_rule(&vote, last.as_ref(), req.last_log_id.as_ref()) {
+    match vote_rule(&vote, last.as_ref(), req.last_log_id.as_ref(), seen_commit.load(Ordering::Relaxed)) {
         VoteRule::BroughtUp => {
             unproven.store(false, Ordering::Relaxed);
             None
@@ -878,10 +883,16 @@ enum VoteRule {
 }
 
 /// The rule of `withhold_vote` on this node's `vote` and last log id, for a candidate whose log
-/// ends at `candidate`.
-fn vote_rule(vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>) -> VoteRule {
+/// ends at `candidate`; `seen_commit`, the highest commit index a leader's append told it.
+/// Brought up takes both an entry of its leader's term and a log that reaches `seen_commit`:
+/// an entry of that term alone (the leader's first of it) may lie below entries this node
+/// acknowledged before it lost its data and that were committed with its ack, and if the
+/// leader's other voter is down meanwhile the leader cannot demote it (`cluster`), so its vote
+/// could elect a node that lacks them. Every entry committed with its old acks is at or below
+/// the commit index the leader sends it after its start.
+fn vote_rule(vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>, seen_commit: u64) -> VoteRule {
     let term = vote.leader_id().term;
-    if vote.is_committed() && last.is_some_and(|l| l.committed_leader_id().term == term) {
+    if vote.is_committed() && last.is_some_and(|l| l.committed_leader_id().term == term && l.index >= seen_commit) {
         return VoteRule::BroughtUp;
     }
     if candidate.is_none_or(|l| l.index == 0) {
@@ -899,6 +910,11 @@ impl Handler for PeerHandler {
             // Taken now, in arrival order: a leader may have several in flight.
             PeerRequest::AppendEntries(r) => {
                 self.cluster.note_append(from);
+                if self.unproven.load(Ordering::Relaxed) {
+                    if let Some(commit) = &r.leader_commit {
+                        self.seen_commit.fetch_max(commit.index, Ordering::Relaxed);
+                    }
+                }
                 let served = self.appends.submit(from, r);
                 return Box::pin(async move {
                     served.await.map_or_else(|e| PeerResponse::Error(RemoteError::Internal(e)), PeerResponse::AppendEntries)
@@ -913,6 +929,7 @@ impl Handler for PeerHandler {
         let dispatcher = self.dispatcher.clone();
         let broker = self.broker.clone();
         let unproven = self.unproven.clone();
+        let seen_commit = self.seen_commit.clone();
         let log = self.log.clone();
         let raft_seen = self.raft_seen.clone();
         Box::pin(async move {
@@ -921,11 +938,11 @@ impl Handler for PeerHandler {
             match req {
                 // Served by `appends` above; kept for an exhaustive match.
                 PeerRequest::AppendEntries(_) => fatal(&"append entries go through their lane"),
-                PeerRequest::Vote(r) => match withhold_vote(&unproven, &replica, &r) {
+                PeerRequest::Vote(r) => match withhold_vote(&unproven, &seen_commit, &replica, &r) {
                     Some(refused) => refused,
                     None => raft.vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 },
-                PeerRequest::PreVote(r) => match withhold_vote(&unproven, &replica, &r) {
+                PeerRequest::PreVote(r) => match withhold_vote(&unproven, &seen_commit, &replica, &r) {
                     Some(refused) => refused,
                     None => raft.pre_vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 },
@@ -1219,14 +1236,19 @@ mod tests {
         let id = |term: u64, index: u64| LogId::new(<TypeConfig as RaftTypeConfig>::LeaderId::new_committed(term, 1), index);
         let following_1 = Vote::new_committed(1, 1);
         let bootstrap = id(0, 0);
-        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&bootstrap)), VoteRule::Grant, "forming");
-        assert_eq!(vote_rule(&following_1, None, None), VoteRule::Grant, "forming, no log yet");
-        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&id(1, 1))), VoteRule::Withhold);
+        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&bootstrap), 0), VoteRule::Grant, "forming");
+        assert_eq!(vote_rule(&following_1, None, None, 0), VoteRule::Grant, "forming, no log yet");
+        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&id(1, 1)), 0), VoteRule::Withhold);
         let following_5 = Vote::new_committed(5, 2);
-        assert_eq!(vote_rule(&following_5, None, Some(&id(5, 10))), VoteRule::Withhold, "may lack term-5 entries");
-        assert_eq!(vote_rule(&following_5, Some(&id(4, 40)), Some(&id(4, 90))), VoteRule::Withhold);
-        assert_eq!(vote_rule(&Vote::new(5, 2), Some(&id(5, 41)), Some(&id(5, 41))), VoteRule::Withhold, "never followed a leader");
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(4, 1))), VoteRule::BroughtUp);
+        assert_eq!(vote_rule(&following_5, None, Some(&id(5, 10)), 0), VoteRule::Withhold, "may lack term-5 entries");
+        assert_eq!(vote_rule(&following_5, Some(&id(4, 40)), Some(&id(4, 90)), 0), VoteRule::Withhold);
+        assert_eq!(vote_rule(&Vote::new(5, 2), Some(&id(5, 41)), Some(&id(5, 41)), 0), VoteRule::Withhold, "never followed a leader");
+        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(4, 1)), 41), VoteRule::BroughtUp);
+        // An entry of the leader's term below what the leader said was committed is not enough:
+        // the node may have acknowledged entries up to there before it lost its data, and a
+        // candidate without them (here one at 45 of term 4) must not win with its vote.
+        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(4, 45)), 60), VoteRule::Withhold);
+        assert_eq!(vote_rule(&following_5, Some(&id(5, 60)), Some(&id(4, 45)), 60), VoteRule::BroughtUp);
     }
 
     #[test]
