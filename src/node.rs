@@ -6,7 +6,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
-use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -421,7 +420,7 @@ pub async fn run(
         snapshots: Arc::new(Snapshots { assembling: Mutex::new(HashMap::new()), cap: cfg.snapshot_cap() }),
         appends: appends.clone(),
         unproven: Arc::new(AtomicBool::new(unproven)),
-        seen_commit: Arc::new(AtomicU64::new(0)),
+        seen_commit: Arc::new(Mutex::new((0, 0))),
         log: founder_log,
         raft_seen: Arc::new(AtomicBool::new(false)),
     }));
@@ -755,9 +754,10 @@ struct PeerHandler {
     /// a leader (`withhold_vote`); cleared for good once it has, or once its log is marked a
     /// founder's (`found`).
     unproven: Arc<AtomicBool>,
-    /// The highest commit index a leader's append told this node while `unproven`: it votes
-    /// again only once its log reaches it (`vote_rule`).
-    seen_commit: Arc<AtomicU64>,
+    /// While `unproven`: the commit index of the first append of the highest term that reached
+    /// this node, with that term (`note_commit`); it votes again only once its log reaches it
+    /// (`vote_rule`).
+    seen_commit: Arc<Mutex<(u64, u64)>>,
     /// This node's Raft log, for the founder mark (`found`).
     log: LogStore,
     /// Set once any Raft request (a vote, pre-vote, append or snapshot) reached this process:
@@ -850,13 +850,26 @@ fn check_subscription_names(services: &[ServiceParts], sidecar: Option<&crate::s
 /// build from before the mark) still withholds in that case until the first leader is back.
 /// (A vote for a candidate that merely reaches the leader's term is no way out: it would let one
 /// that lacks entries of that very term win.)
-fn withhold_vote(unproven: &AtomicBool, seen_commit: &AtomicU64, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
+/// Notes an append's `commit` for `vote_rule`: the first one of each higher `term` (not the
+/// highest of all: the leader's commit index moves on, and a follower a few entries behind it
+/// when the next election comes would withhold its vote with nothing wrong; the first append
+/// of the term after this node started covers every entry committed before, its old acks
+/// among them). A deposed leader's append of a lower term is replaced by the current one's.
+fn note_commit(seen: &Mutex<(u64, u64)>, term: u64, commit: u64) {
+    let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if term > seen.0 {
+        *seen = (term, commit);
+    }
+}
+
+fn withhold_vote(unproven: &AtomicBool, seen_commit: &Mutex<(u64, u64)>, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
     if !unproven.load(Ordering::Relaxed) {
         return None;
     }
     let vote = replica.raft.server_metrics().borrow_watched().vote;
     let last = replica.raft.data_metrics().borrow_watched().last_log;
-    match vote_rule(&vote, last.as_ref(), req.last_log_id.as_ref(), seen_commit.load(Ordering::Relaxed)) {
+    let seen = *seen_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match vote_rule(&vote, last.as_ref(), req.last_log_id.as_ref(), seen) {
         VoteRule::BroughtUp => {
             unproven.store(false, Ordering::Relaxed);
             None
@@ -883,19 +896,32 @@ enum VoteRule {
 }
 
 /// The rule of `withhold_vote` on this node's `vote` and last log id, for a candidate whose log
-/// ends at `candidate`; `seen_commit`, the highest commit index a leader's append told it.
+/// ends at `candidate`; `seen`, the leader term and commit index a leader told it
+/// (`note_commit`).
 /// Brought up takes both an entry of its leader's term and a log that reaches `seen_commit`:
 /// an entry of that term alone (the leader's first of it) may lie below entries this node
 /// acknowledged before it lost its data and that were committed with its ack, and if the
 /// leader's other voter is down meanwhile the leader cannot demote it (`cluster`), so its vote
 /// could elect a node that lacks them. Every entry committed with its old acks is at or below
 /// the commit index the leader sends it after its start.
-fn vote_rule(vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>, seen_commit: u64) -> VoteRule {
+/// A candidate whose log reaches that point of that leader's log (an entry of a later term, or
+/// of that term at or past the index) holds, by log matching and leader completeness,
+/// everything this node could have acknowledged before: its vote is safe even while this node
+/// is not brought up itself (its leader gone before it caught up).
+fn vote_rule(vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>, seen: (u64, u64)) -> VoteRule {
     let term = vote.leader_id().term;
+    let (seen_term, seen_commit) = seen;
     if vote.is_committed() && last.is_some_and(|l| l.committed_leader_id().term == term && l.index >= seen_commit) {
         return VoteRule::BroughtUp;
     }
     if candidate.is_none_or(|l| l.index == 0) {
+        return VoteRule::Grant;
+    }
+    let reaches = |l: &LogId| {
+        let t = l.committed_leader_id().term;
+        t > seen_term || (t == seen_term && l.index >= seen_commit)
+    };
+    if seen_term > 0 && candidate.is_some_and(reaches) {
         return VoteRule::Grant;
     }
     VoteRule::Withhold
@@ -911,9 +937,7 @@ impl Handler for PeerHandler {
             PeerRequest::AppendEntries(r) => {
                 self.cluster.note_append(from);
                 if self.unproven.load(Ordering::Relaxed) {
-                    if let Some(commit) = &r.leader_commit {
-                        self.seen_commit.fetch_max(commit.index, Ordering::Relaxed);
-                    }
+                    note_commit(&self.seen_commit, r.vote.leader_id().term, r.leader_commit.map_or(0, |c| c.index));
                 }
                 let served = self.appends.submit(from, r);
                 return Box::pin(async move {
@@ -1236,19 +1260,33 @@ mod tests {
         let id = |term: u64, index: u64| LogId::new(<TypeConfig as RaftTypeConfig>::LeaderId::new_committed(term, 1), index);
         let following_1 = Vote::new_committed(1, 1);
         let bootstrap = id(0, 0);
-        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&bootstrap), 0), VoteRule::Grant, "forming");
-        assert_eq!(vote_rule(&following_1, None, None, 0), VoteRule::Grant, "forming, no log yet");
-        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&id(1, 1)), 0), VoteRule::Withhold);
+        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&bootstrap), (0, 0)), VoteRule::Grant, "forming");
+        assert_eq!(vote_rule(&following_1, None, None, (0, 0)), VoteRule::Grant, "forming, no log yet");
+        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&id(1, 1)), (0, 0)), VoteRule::Withhold);
         let following_5 = Vote::new_committed(5, 2);
-        assert_eq!(vote_rule(&following_5, None, Some(&id(5, 10)), 0), VoteRule::Withhold, "may lack term-5 entries");
-        assert_eq!(vote_rule(&following_5, Some(&id(4, 40)), Some(&id(4, 90)), 0), VoteRule::Withhold);
-        assert_eq!(vote_rule(&Vote::new(5, 2), Some(&id(5, 41)), Some(&id(5, 41)), 0), VoteRule::Withhold, "never followed a leader");
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(4, 1)), 41), VoteRule::BroughtUp);
+        assert_eq!(vote_rule(&following_5, None, Some(&id(5, 10)), (0, 0)), VoteRule::Withhold, "may lack term-5 entries");
+        assert_eq!(vote_rule(&following_5, Some(&id(4, 40)), Some(&id(4, 90)), (0, 0)), VoteRule::Withhold);
+        assert_eq!(vote_rule(&Vote::new(5, 2), Some(&id(5, 41)), Some(&id(5, 41)), (0, 0)), VoteRule::Withhold, "never followed a leader");
+        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(4, 1)), (5, 41)), VoteRule::BroughtUp);
         // An entry of the leader's term below what the leader said was committed is not enough:
         // the node may have acknowledged entries up to there before it lost its data, and a
         // candidate without them (here one at 45 of term 4) must not win with its vote.
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(4, 45)), 60), VoteRule::Withhold);
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 60)), Some(&id(4, 45)), 60), VoteRule::BroughtUp);
+        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(4, 45)), (5, 60)), VoteRule::Withhold);
+        assert_eq!(vote_rule(&following_5, Some(&id(5, 60)), Some(&id(4, 45)), (5, 60)), VoteRule::BroughtUp);
+        // The first commit index of each higher term counts, not the latest: a follower a few
+        // entries behind its leader at the next election is brought up all the same.
+        let seen = Mutex::new((0, 0));
+        note_commit(&seen, 4, 30);
+        note_commit(&seen, 5, 60);
+        note_commit(&seen, 5, 90);
+        note_commit(&seen, 4, 95);
+        assert_eq!(*seen.lock().unwrap(), (5, 60));
+        // Not brought up (its leader went before it caught up), it may still vote for a
+        // candidate that reaches what the leader said was committed: one with an entry of that
+        // term at or past it, or of a later term; not one short of it.
+        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(5, 60)), (5, 60)), VoteRule::Grant);
+        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(6, 50)), (5, 60)), VoteRule::Grant);
+        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(5, 59)), (5, 60)), VoteRule::Withhold);
     }
 
     #[test]

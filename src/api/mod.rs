@@ -586,9 +586,10 @@ async fn remove_member(app: &App, id: &str) -> ApiResult {
     if metrics.membership_config.membership().get_node(&id).is_none() {
         // A repeat sent to the node that was removed (a leader's own log holds the membership
         // without it; a follower's is forwarded, as it never receives that entry): its removal
-        // is done, as the README promises. A node that never was in a cluster has no
-        // membership entry at all: not a member.
-        if id == app.replica.id() && metrics.membership_config.log_id().is_some() {
+        // is done, as the README promises. Only for a process that saw itself a member: a
+        // joiner still catching up does not find itself in its view either, and nothing of it
+        // was removed.
+        if id == app.replica.id() && app.cluster.was_member() {
             return Ok(json_response(StatusCode::OK, &serde_json::json!({"removed": id})));
         }
         return Err(ApiError::NotFound(format!("node {id} is not a member")));

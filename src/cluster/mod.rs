@@ -21,6 +21,7 @@
 use std::collections::BTreeMap;
 use std::collections::BTreeSet;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -156,6 +157,9 @@ pub struct Cluster {
     /// Since when (ms after `since` + 1; 0: it is not) this node has had more than
     /// `KEEP_UP_LAG` committed entries left to apply; written and read by `ready`.
     behind_ms: Arc<AtomicU64>,
+    /// Set once this process saw itself in its membership (the membership task's tick): a
+    /// node that no longer is one was removed while it ran (`was_member`).
+    was_member: Arc<AtomicBool>,
     /// This node's Raft log: its bootstrap claims it (`LogStore::claim_founding`) before it
     /// initializes a cluster.
     log: LogStore,
@@ -189,6 +193,7 @@ impl Cluster {
             append_ms: Arc::new(AtomicU64::new(0)),
             quorum_heard: Arc::new(std::sync::Mutex::new(None)),
             behind_ms: Arc::new(AtomicU64::new(0)),
+            was_member: Arc::new(AtomicBool::new(false)),
             log,
         };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
@@ -343,6 +348,13 @@ impl Cluster {
         m.membership_config.membership().get_node(&id).is_some()
     }
 
+    /// Whether this process has seen itself a member (within the membership task's tick, 500 ms):
+    /// one that is none now was removed while it ran, unlike a joiner still catching up, whose
+    /// view of the membership does not hold it yet either.
+    pub fn was_member(&self) -> bool {
+        self.was_member.load(Ordering::Relaxed)
+    }
+
     /// Serve a join request: on the leader, queue it; elsewhere, forward it to the leader.
     pub async fn join(&self, id: NodeId, addr: String) -> Result<(), RemoteError> {
         self.leader_op(PeerRequest::Join { id, addr: addr.clone() }, |reply| Change::Join { id, addr, reply }).await
@@ -413,6 +425,9 @@ impl Cluster {
                     self.demote_held_back(&held_back).await;
                 }
                 _ = tick.tick() => {
+                    if self.is_member(self.replica.id()) {
+                        self.was_member.store(true, Ordering::Relaxed);
+                    }
                     self.prune_held_back(&mut held_back);
                     if self.replica.raft.is_leader() {
                         self.finish_joint().await;
@@ -603,7 +618,8 @@ impl Cluster {
             Ok(Err(e)) => Err(to_remote(e)),
             Err(_) => Err(RemoteError::Unavailable(format!(
                 "the membership change did not commit within {} s; it may still commit (see GET /cluster: \"joint\" true \
-                 means half done, which the leader finishes once a majority of both halves answers)",
+                 means half done, which the leader finishes once a majority of both halves answers, keeping a voter it drops \
+                 as a learner: ask for a removal again to complete it)",
                 CHANGE_TIMEOUT.as_secs()
             ))),
         }
