@@ -850,11 +850,16 @@ fn check_subscription_names(services: &[ServiceParts], sidecar: Option<&crate::s
 /// build from before the mark) still withholds in that case until the first leader is back.
 /// (A vote for a candidate that merely reaches the leader's term is no way out: it would let one
 /// that lacks entries of that very term win.)
-/// Notes an append's `commit` for `vote_rule`: the first one of each higher `term` (not the
-/// highest of all: the leader's commit index moves on, and a follower a few entries behind it
-/// when the next election comes would withhold its vote with nothing wrong; the first append
-/// of the term after this node started covers every entry committed before, its old acks
-/// among them). A deposed leader's append of a lower term is replaced by the current one's.
+/// Notes the `commit` of an append of `term` that this node took whole (answered `Success`)
+/// for `vote_rule`: the first one of each higher `term` (not the highest of all: the leader's
+/// commit index moves on, and a follower a few entries behind it when the next election comes
+/// would withhold its vote with nothing wrong). The first append taken whole follows the
+/// leader's handling of this node's conflict (its log went back), after which the leader
+/// counts no old acknowledgement of it: it covers every entry committed with one. A deposed
+/// leader's append of a lower term is replaced by the current one's. (Left: a leader deposed
+/// in a term below one in which this node acknowledged entries, whose appends it takes with
+/// its vote lost along with its data, records that lower term until the current leader's
+/// first append: the rule of a node that lost its vote.)
 fn note_commit(seen: &Mutex<(u64, u64)>, term: u64, commit: u64) {
     let mut seen = seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     if term > seen.0 {
@@ -911,7 +916,7 @@ enum VoteRule {
 fn vote_rule(vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>, seen: (u64, u64)) -> VoteRule {
     let term = vote.leader_id().term;
     let (seen_term, seen_commit) = seen;
-    if vote.is_committed() && last.is_some_and(|l| l.committed_leader_id().term == term && l.index >= seen_commit) {
+    if vote.is_committed() && seen_term == term && last.is_some_and(|l| l.committed_leader_id().term == term && l.index >= seen_commit) {
         return VoteRule::BroughtUp;
     }
     if candidate.is_none_or(|l| l.index == 0) {
@@ -936,12 +941,18 @@ impl Handler for PeerHandler {
             // Taken now, in arrival order: a leader may have several in flight.
             PeerRequest::AppendEntries(r) => {
                 self.cluster.note_append(from);
-                if self.unproven.load(Ordering::Relaxed) {
-                    note_commit(&self.seen_commit, r.vote.leader_id().term, r.leader_commit.map_or(0, |c| c.index));
-                }
+                // Noted once openraft took it (`note_commit`): not an append it refused (a
+                // lower term), nor the commit of one built before the leader saw this node's
+                // log go back (it may still have counted the old acknowledgements then).
+                let note = self.unproven.load(Ordering::Relaxed).then(|| (r.vote.leader_id().term, r.leader_commit.map_or(0, |c| c.index)));
+                let seen_commit = self.seen_commit.clone();
                 let served = self.appends.submit(from, r);
                 return Box::pin(async move {
-                    served.await.map_or_else(|e| PeerResponse::Error(RemoteError::Internal(e)), PeerResponse::AppendEntries)
+                    let served = served.await;
+                    if let (Some((term, commit)), Ok(openraft::raft::AppendEntriesResponse::Success)) = (note, &served) {
+                        note_commit(&seen_commit, term, commit);
+                    }
+                    served.map_or_else(|e| PeerResponse::Error(RemoteError::Internal(e)), PeerResponse::AppendEntries)
                 });
             }
             other => other,
