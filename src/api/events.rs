@@ -93,70 +93,6 @@ fn check_utf8(body: &[u8]) -> Result<(), ApiError> {
     std::str::from_utf8(body).map(|_| ()).map_err(|e| ApiError::BadRequest(format!("body is not UTF-8: {e}")))
 }
 
-/// An event's whole payload as every path in takes it: UTF-8 JSON text (one value) that a
-/// consumer can read back (`check_payload`). Also for payloads the runtime takes from a sidecar
-/// app's answer (a command's success event, a subscription's returned event).
-pub(crate) fn check_json_payload(body: &[u8]) -> Result<(), ApiError> {
-    check_utf8(body)?;
-    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
-    check_payload(body)
-}
-
-/// Nesting levels a payload may reach. serde_json's readers stop at 128 (as do many others), and
-/// a payload is read inside an envelope (a sidecar's POST adds a level, `GET /v1/events` three):
-/// 64 leaves room for both, and for a consumer's own wrapping.
-const MAX_PAYLOAD_DEPTH: usize = 64;
-
-/// What serde's syntax check (`IgnoredAny`, `RawValue`: numbers of any size are kept as sent)
-/// lets through but a consumer could not read: nesting past `MAX_PAYLOAD_DEPTH`, and a UTF-16
-/// surrogate escape without its pair (`"\ud800"`), which decodes to no string. `json` has
-/// passed that check already. One pass over the bytes, no tree built.
-fn check_payload(json: &[u8]) -> Result<(), ApiError> {
-    let lone = || ApiError::BadRequest("invalid JSON: a lone UTF-16 surrogate escape".into());
-    let (mut depth, mut in_string, mut high, mut i) = (0usize, false, false, 0);
-    while let Some(&b) = json.get(i) {
-        i += 1;
-        if !in_string {
-            match b {
-                b'"' => in_string = true,
-                b'[' | b'{' => {
-                    depth += 1;
-                    if depth > MAX_PAYLOAD_DEPTH {
-                        return Err(ApiError::BadRequest(format!("payload nested deeper than {MAX_PAYLOAD_DEPTH} levels")));
-                    }
-                }
-                b']' | b'}' => depth = depth.saturating_sub(1),
-                _ => {}
-            }
-            continue;
-        }
-        // In a string: a high surrogate escape must be followed at once by a low one.
-        let unit = match (b, json.get(i)) {
-            (b'\\', Some(b'u')) => {
-                let hex = json.get(i + 1..i + 5).and_then(|h| std::str::from_utf8(h).ok());
-                i += 5;
-                hex.and_then(|h| u16::from_str_radix(h, 16).ok())
-            }
-            (b'\\', _) => {
-                i += 1;
-                None
-            }
-            (b'"', _) => {
-                in_string = false;
-                None
-            }
-            _ => None,
-        };
-        match unit {
-            Some(0xD800..=0xDBFF) if !high => high = true,
-            Some(0xDC00..=0xDFFF) if high => high = false,
-            Some(0xD800..=0xDFFF) => return Err(lone()),
-            _ if high => return Err(lone()),
-            _ => {}
-        }
-    }
-    Ok(())
-}
 
 /// `POST /v1/events/{eventName}` → 201 `{"id","position"}` once committed.
 pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiResult {
@@ -165,7 +101,7 @@ pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiRe
     // The header is the event's dedup key (a batch's items carry their own).
     let key = dedup_key(meta.tenant_id.as_deref(), meta.idempotency_key.take());
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
-    check_json_payload(&body)?;
+    crate::broker::event::check_event_payload(&body).map_err(ApiError::BadRequest)?;
     let event = new_event(name, body.to_vec(), &meta, None, key);
     let (id, position) = app.broker.publish_one(event).await.map_err(unshare)?;
     Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "id": id, "position": position })))
@@ -234,7 +170,7 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
             check_key(key).map_err(at)?;
         }
         if let Some(p) = item.payload {
-            check_payload(p.get().as_bytes()).map_err(at)?;
+            crate::broker::event::check_payload(p.get().as_bytes()).map_err(ApiError::BadRequest).map_err(at)?;
         }
         let payload = item.payload.map_or_else(|| b"null".to_vec(), |p| p.get().as_bytes().to_vec());
         events.push(new_event(&item.event_name, payload, &meta, None, dedup_key(meta.tenant_id.as_deref(), item.idempotency_key)));
@@ -448,23 +384,6 @@ mod tests {
         assert!(check_key(&internal).is_err());
         assert!(check_key("sub:answerPings:0123:emit#00000000").is_ok());
         assert!(!dedup_key(Some("t"), Some("k".into())).unwrap_or_default().starts_with('\u{1}'));
-    }
-
-    #[test]
-    fn payloads_a_consumer_cannot_read_are_refused() {
-        let ok = |s: &str| check_payload(s.as_bytes()).is_ok();
-        assert!(ok(r#"{"esc":"\ud83d\ude00\u0041","q":"\"\\u","big":1e400}"#));
-        assert!(ok(r#"["\\ud800"]"#), "an escaped backslash, not an escape");
-        for lone in [r#""\ud800""#, r#""\ude00""#, r#""\ud800x""#, r#""\ud800\u0041""#, r#""\ud800\ud800""#, r#"{"\udfff":1}"#] {
-            assert!(!ok(lone), "{lone}");
-        }
-        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
-        assert!(ok(&nested(MAX_PAYLOAD_DEPTH)));
-        assert!(!ok(&nested(MAX_PAYLOAD_DEPTH + 1)));
-        assert!(ok(&format!(r#""{}""#, "[".repeat(500))), "brackets inside a string do not nest");
-        // What passes stays readable by serde_json inside `GET /v1/events`' envelope.
-        let page = format!(r#"{{"events":[{{"payload":{}}}]}}"#, nested(MAX_PAYLOAD_DEPTH));
-        assert!(serde_json::from_str::<serde_json::Value>(&page).is_ok());
     }
 
     #[test]

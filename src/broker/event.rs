@@ -181,7 +181,11 @@ pub fn check_event_name_to_read(name: &str) -> Result<(), String> {
 pub const MAX_EVENT_NAME: usize = 256;
 
 /// The message types events in the log carry: a filter on any other would match nothing.
-pub const MESSAGE_TYPES: [&str; 2] = ["customMessage", "commandSuccessResponse"];
+pub const MESSAGE_TYPES: [&str; 2] = [CUSTOM_MESSAGE, COMMAND_SUCCESS_RESPONSE];
+/// The message type of an event a client or handler publishes.
+pub const CUSTOM_MESSAGE: &str = "customMessage";
+/// The message type of a command's result emitted as its success event.
+pub const COMMAND_SUCCESS_RESPONSE: &str = "commandSuccessResponse";
 
 /// Whether `c` is invisible or turns text around: control characters, Unicode format
 /// characters (the zero-width space, bidirectional marks, overrides and isolates, the byte
@@ -206,6 +210,71 @@ pub fn check_event_name(name: &str) -> Result<(), String> {
     }
     if name.chars().any(is_hidden) {
         return Err("event name must not hold control, invisible or direction-changing characters".into());
+    }
+    Ok(())
+}
+
+/// An event's whole payload as every path in takes it: UTF-8 JSON text (one value) that a
+/// consumer can read back (`check_payload`): the HTTP publish, and payloads the runtime takes from a sidecar
+/// app's answer (a command's success event, a subscription's returned event).
+pub fn check_event_payload(body: &[u8]) -> Result<(), String> {
+    std::str::from_utf8(body).map_err(|e| format!("body is not UTF-8: {e}"))?;
+    serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| format!("invalid JSON: {e}"))?;
+    check_payload(body)
+}
+
+/// Nesting levels a payload may reach. serde_json's readers stop at 128 (as do many others), and
+/// a payload is read inside an envelope (a sidecar's POST adds a level, `GET /v1/events` three):
+/// 64 leaves room for both, and for a consumer's own wrapping.
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
+
+/// What serde's syntax check (`IgnoredAny`, `RawValue`: numbers of any size are kept as sent)
+/// lets through but a consumer could not read: nesting past `MAX_PAYLOAD_DEPTH`, and a UTF-16
+/// surrogate escape without its pair (`"\ud800"`), which decodes to no string. `json` has
+/// passed that check already. One pass over the bytes, no tree built.
+pub fn check_payload(json: &[u8]) -> Result<(), String> {
+    let lone = || "invalid JSON: a lone UTF-16 surrogate escape".to_string();
+    let (mut depth, mut in_string, mut high, mut i) = (0usize, false, false, 0);
+    while let Some(&b) = json.get(i) {
+        i += 1;
+        if !in_string {
+            match b {
+                b'"' => in_string = true,
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > MAX_PAYLOAD_DEPTH {
+                        return Err(format!("payload nested deeper than {MAX_PAYLOAD_DEPTH} levels"));
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+            continue;
+        }
+        // In a string: a high surrogate escape must be followed at once by a low one.
+        let unit = match (b, json.get(i)) {
+            (b'\\', Some(b'u')) => {
+                let hex = json.get(i + 1..i + 5).and_then(|h| std::str::from_utf8(h).ok());
+                i += 5;
+                hex.and_then(|h| u16::from_str_radix(h, 16).ok())
+            }
+            (b'\\', _) => {
+                i += 1;
+                None
+            }
+            (b'"', _) => {
+                in_string = false;
+                None
+            }
+            _ => None,
+        };
+        match unit {
+            Some(0xD800..=0xDBFF) if !high => high = true,
+            Some(0xDC00..=0xDFFF) if high => high = false,
+            Some(0xD800..=0xDFFF) => return Err(lone()),
+            _ if high => return Err(lone()),
+            _ => {}
+        }
     }
     Ok(())
 }
@@ -349,6 +418,23 @@ mod tests {
             payload: b"{}".to_vec(),
         };
         Event { position: 1, body: Arc::new(body) }
+    }
+
+    #[test]
+    fn payloads_a_consumer_cannot_read_are_refused() {
+        let ok = |s: &str| check_payload(s.as_bytes()).is_ok();
+        assert!(ok(r#"{"esc":"\ud83d\ude00\u0041","q":"\"\\u","big":1e400}"#));
+        assert!(ok(r#"["\\ud800"]"#), "an escaped backslash, not an escape");
+        for lone in [r#""\ud800""#, r#""\ude00""#, r#""\ud800x""#, r#""\ud800\u0041""#, r#""\ud800\ud800""#, r#"{"\udfff":1}"#] {
+            assert!(!ok(lone), "{lone}");
+        }
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(ok(&nested(MAX_PAYLOAD_DEPTH)));
+        assert!(!ok(&nested(MAX_PAYLOAD_DEPTH + 1)));
+        assert!(ok(&format!(r#""{}""#, "[".repeat(500))), "brackets inside a string do not nest");
+        // What passes stays readable by serde_json inside `GET /v1/events`' envelope.
+        let page = format!(r#"{{"events":[{{"payload":{}}}]}}"#, nested(MAX_PAYLOAD_DEPTH));
+        assert!(serde_json::from_str::<serde_json::Value>(&page).is_ok());
     }
 
     #[test]

@@ -251,7 +251,7 @@ pub fn new_event(
         id: new_id(),
         event_name: event_name.to_string(),
         timestamp: now_ms(),
-        message_type: "customMessage".into(),
+        message_type: event::CUSTOM_MESSAGE.into(),
         sender,
         principal_id: meta.principal_id.clone(),
         tenant_id: meta.tenant_id.clone(),

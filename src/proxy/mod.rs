@@ -622,13 +622,13 @@ impl Proxy {
             let payload = if out.body.is_empty() { b"null".to_vec() } else { out.body.to_vec() };
             // An SDK handler answers JSON; a sidecar app may answer anything, and an event's
             // payload is JSON a consumer can read (the API's rule for a publish).
-            if let Err(e) = crate::api::events::check_json_payload(&payload) {
+            if let Err(e) = crate::broker::event::check_event_payload(&payload) {
                 return Err(HandlerError::new(502, format!("the command ran but its answer cannot be its success event {event_name}: {e}")));
             }
             let dedup = scoped.map(|k| crate::broker::internal_key(format_args!("{k}#success#{:08x}", crate::sdk::content_fingerprint(&[event_name.as_bytes(), &payload]))));
             let mut event = crate::broker::new_event(event_name, payload, &meta, Some(sender), dedup);
             // Just built, so not shared yet: no copy.
-            Arc::make_mut(&mut event.body).message_type = "commandSuccessResponse".into();
+            Arc::make_mut(&mut event.body).message_type = crate::broker::event::COMMAND_SUCCESS_RESPONSE.into();
             // The command has run and its writes are committed: a 502 (the result could not be
             // passed on), not a 503, which tells a client nothing happened and invites a retry.
             self.broker.publish_one(event).await.map_err(|e| HandlerError::new(502, format!("the command ran but its result was not emitted: {e}")))?;

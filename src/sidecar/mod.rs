@@ -158,7 +158,7 @@ fn returned_event(emit: Option<&str>, body: &[u8]) -> Result<Option<crate::sdk::
         return Ok(None);
     }
     let unfit = |e: &dyn std::fmt::Display| HandlerError::new(502, format!("the app's answer cannot be emitted as {event_name}: {e}"));
-    crate::api::events::check_json_payload(body).map_err(|e| unfit(&e))?;
+    crate::broker::event::check_event_payload(body).map_err(|e| unfit(&e))?;
     let payload = serde_json::from_slice(body).map_err(|e| unfit(&e))?;
     Ok(Some(crate::sdk::Emit { event_name: event_name.to_string(), payload }))
 }
