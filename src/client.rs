@@ -219,6 +219,28 @@ impl Conn {
         timeout: Duration,
         resend: bool,
     ) -> Result<Response, ClientError> {
+        let mut map = HeaderMap::with_capacity(headers.len());
+        for (k, v) in headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| ClientError::BadHeader(k.to_string()))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| ClientError::BadHeader(format!("{k}: {v:?}")))?;
+            map.insert(name, value);
+        }
+        self.request_with(method, path_and_query, map, body, timeout, resend).await
+    }
+
+    /// `request_resending` with the headers as a map, which may repeat a name; `host` is this
+    /// connection's, and a body without a `content-type` is sent as JSON.
+    pub async fn request_with(
+        &mut self,
+        method: Method,
+        path_and_query: &str,
+        mut map: HeaderMap,
+        body: Bytes,
+        timeout: Duration,
+        resend: bool,
+    ) -> Result<Response, ClientError> {
         let host = HeaderValue::from_str(&self.addr).ok();
         let host = host.filter(|_| !self.addr.is_empty() && !self.addr.contains('/'));
         let host =
@@ -234,20 +256,12 @@ impl Conn {
                 "{path_and_query:?} (want /path)"
             )));
         }
-        let mut map = HeaderMap::with_capacity(headers.len() + 2);
         map.insert(header::HOST, host);
-        if !body.is_empty() {
+        if !body.is_empty() && !map.contains_key(header::CONTENT_TYPE) {
             map.insert(
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             );
-        }
-        for (k, v) in headers {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| ClientError::BadHeader(k.to_string()))?;
-            let value = HeaderValue::from_str(v)
-                .map_err(|_| ClientError::BadHeader(format!("{k}: {v:?}")))?;
-            map.insert(name, value);
         }
         let result =
             tokio::time::timeout(timeout, self.exchange(&method, path_and_query, &map, body, resend)).await;

@@ -995,6 +995,7 @@ impl Handler for PeerHandler {
                     Err(e) => PeerResponse::Error(e),
                 },
                 PeerRequest::Invoke(inv) => proxy.serve_remote(inv).await,
+                PeerRequest::InvokeWith { inv, headers } => proxy.serve_remote_with(inv, headers).await,
                 PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
                 PeerRequest::DeliverBatch { sub, events } => {
                     let each = replica.net.features(from) & crate::peer::frame::features::DELIVERED_EACH != 0;

@@ -29,6 +29,10 @@ pub enum ApiError {
     /// A command's path and query are longer than `proxy::MAX_URI`.
     #[error("{0}")]
     UriTooLong(String),
+    /// More request headers than a node passes to the app that runs a command
+    /// (`proxy::headers`).
+    #[error("request headers: {0}")]
+    HeadersTooLarge(#[from] crate::proxy::headers::TooManyHeaders),
     /// The request conflicts with the current state (a subscription a node still declares).
     #[error("{0}")]
     Conflict(String),
@@ -69,6 +73,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,

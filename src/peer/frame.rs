@@ -130,8 +130,10 @@ pub mod features {
     pub const HELD_CLAIMS: u64 = 16;
     /// The node reads `PeerResponse::DeliveredEach` as the answer to a `DeliverBatch`.
     pub const DELIVERED_EACH: u64 = 32;
+    /// The node serves `PeerRequest::InvokeWith` (answered with `PeerResponse::InvokedWith`).
+    pub const APP_HEADERS: u64 = 64;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

@@ -59,6 +59,9 @@ pub enum PeerRequest {
     /// To the consumer that answered a `DeliverBatch` with `DeliveredEach { ticket }` and
     /// events still `Running`: answered once at least one of them ended (`DeliveredSome`).
     AwaitDelivery { ticket: u64 },
+    /// `Invoke` with the client's request headers for a sidecar's app, answered with
+    /// `InvokedWith`. Only to peers that announced `features::APP_HEADERS`.
+    InvokeWith { inv: crate::sdk::Invocation, headers: crate::sdk::HeaderList },
 }
 
 impl PeerRequest {
@@ -94,6 +97,7 @@ impl PeerRequest {
             PeerRequest::DeliverBatch { .. } => "deliver_batch",
             PeerRequest::Found { .. } => "found",
             PeerRequest::AwaitDelivery { .. } => "await_delivery",
+            PeerRequest::InvokeWith { .. } => "invoke",
         }
     }
 }
@@ -126,6 +130,9 @@ pub enum PeerResponse {
     /// The answer to `AwaitDelivery`: outcomes of events of that batch (by their index in it)
     /// that ended since, at least one; never `Running`.
     DeliveredSome(Vec<(u32, EventOutcome)>),
+    /// The answer to `InvokeWith`: what the handler answered, and the headers of a sidecar
+    /// app's answer (of the `Output` or the `HandlerError`, whichever it is).
+    InvokedWith { answer: Result<crate::sdk::Output, crate::sdk::HandlerError>, headers: crate::sdk::HeaderList },
 }
 
 /// What a consumer says of one event of a `DeliverBatch` in `DeliveredEach`.

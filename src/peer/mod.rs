@@ -2315,6 +2315,7 @@ mod tests {
             payload,
             meta: Default::default(),
             timeout_ms: 1_000,
+            headers: Vec::new(),
         })
     }
 
@@ -2327,7 +2328,7 @@ mod tests {
                 match req {
                     PeerRequest::Invoke(inv) => {
                         let body = Bytes::from([inv.payload.as_ref(), inv.payload.as_ref()].concat());
-                        PeerResponse::Invoked(Ok(crate::sdk::Output { status: 200, body, content_type: None }))
+                        PeerResponse::Invoked(Ok(crate::sdk::Output { status: 200, body, content_type: None, headers: Vec::new() }))
                     }
                     _ => PeerResponse::Done,
                 }

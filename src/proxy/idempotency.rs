@@ -103,7 +103,9 @@ fn in_clock_of(local_ms: u64, offset: Option<ClockOffset>) -> u64 {
 /// requests: a retry may well succeed, and replaying them for 10 minutes would refuse it).
 fn kept(status: u16) -> bool {
     // Below 200 is no final answer (a handler's 42 went out as a 500 and replayed as a 200).
-    (200..500).contains(&status) && !matches!(status, 408 | 425 | 429)
+    // A stored answer keeps its status, body and type, not a sidecar app's other headers: a
+    // redirect (3xx) replayed without its `Location` would say nothing, so it is not kept.
+    (200..500).contains(&status) && !(300..400).contains(&status) && !matches!(status, 408 | 425 | 429)
 }
 
 fn now_ms() -> u64 {
@@ -146,7 +148,7 @@ pub(super) fn fingerprint(inv: &Invocation) -> u64 {
 }
 
 fn replay(stored: StoredResponse) -> Response<Full<Bytes>> {
-    let out = Output { status: stored.status, body: Bytes::from(stored.body), content_type: stored.content_type };
+    let out = Output { status: stored.status, body: Bytes::from(stored.body), content_type: stored.content_type, headers: Vec::new() };
     let mut resp = answer(Ok(out));
     resp.headers_mut().insert("idempotent-replay", HeaderValue::from_static("true"));
     resp
@@ -405,6 +407,7 @@ mod tests {
             payload: Bytes::from(body.to_string()),
             meta: crate::sdk::MessageMeta::default(),
             timeout_ms: 1000,
+            headers: Vec::new(),
         };
         let base = fingerprint(&inv(&[("id", "7")], "{\"n\":1}"));
         let mut other_meta = inv(&[("id", "7")], "{\"n\":1}");

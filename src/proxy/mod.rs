@@ -10,7 +10,8 @@
 //!    once, never a timeout.
 //! 4. `deadline` — the command's timeout, shortened by `x-timeout-ms`; everything below runs
 //!    under it (→ 504) and remote nodes get the *remaining* time.
-//! 5. `body` — bounded read (413) and parameters (400); only now is memory spent on the request.
+//! 5. `body` — bounded read (413), parameters (400) and the headers passed to a sidecar's app
+//!    (431, `headers.rs`); only now is memory spent on the request.
 //! 6. `detach` — from here on a client that disconnects does not cut the command short: what is
 //!    left of it finishes in a task of its own (bounded in number, waited for at drain), so no
 //!    handler stops between its write and its emit.
@@ -19,9 +20,11 @@
 //! 8. `retry` — another node only when safe (never delivered, idempotent command, or keyed),
 //!    within the retry budget (`balance.rs`).
 //! 9. `balance` — power of two choices, outlier ejection, a bound on in-flight requests per peer.
-//! 10. `dispatch` — the local handler, or `PeerRequest::Invoke` over the peer link.
+//! 10. `dispatch` — the local handler, or `PeerRequest::InvokeWith` (`Invoke` to a build without
+//!     `features::APP_HEADERS`) over the peer link.
 
 pub mod balance;
+pub mod headers;
 pub mod idempotency;
 pub mod registry;
 pub mod routing;
@@ -356,6 +359,7 @@ impl Proxy {
             .ok_or_else(|| ApiError::BadRequest("malformed query string".into()))?;
         params.extend(path_params);
         let meta = client_meta(req.headers(), request_id, traceparent)?;
+        let headers = headers::from_client(req.headers())?;
         // liveness
         if self.candidates(&route).is_empty() {
             debug!(
@@ -382,6 +386,7 @@ impl Proxy {
             payload,
             meta,
             timeout_ms: timeout.as_millis() as u64,
+            headers,
         };
         metrics::counter!("raftbridge_proxy_requests_total", "service" => route.service.clone()).increment(1);
         // From here on the command cannot be cut short: a client that disconnects drops this
@@ -559,8 +564,19 @@ impl Proxy {
         // A little longer than the time left: the caller's deadline fires first and answers 504,
         // rather than the link's timeout turning a deadline into a 502.
         let timeout = Duration::from_millis(inv.timeout_ms) + Duration::from_millis(50);
-        match self.net.request(target, &PeerRequest::Invoke(inv), timeout).await {
+        // A build that announced no `APP_HEADERS` (its latest link, this process) gets the
+        // invocation alone: its app sees no client headers, and its answer brings none back.
+        let with_headers = self.net.features_seen(target).unwrap_or(0) & crate::peer::frame::features::APP_HEADERS != 0;
+        let request = if with_headers {
+            let mut inv = inv;
+            let headers = std::mem::take(&mut inv.headers);
+            PeerRequest::InvokeWith { inv, headers }
+        } else {
+            PeerRequest::Invoke(inv)
+        };
+        match self.net.request(target, &request, timeout).await {
             Ok(PeerResponse::Invoked(r)) => Ok(r),
+            Ok(PeerResponse::InvokedWith { answer, headers }) => Ok(with_answer_headers(answer, headers)),
             Ok(PeerResponse::Error(RemoteError::NotServed(why))) => Err(Miss::NotServed(why)),
             Ok(PeerResponse::Error(e)) => Err(Miss::Lost(e.to_string())),
             Ok(_) => Err(Miss::Lost("unexpected response".into())),
@@ -599,10 +615,11 @@ impl Proxy {
         // Measured as sent on a link (`size`) and as stored under a key (its JSON text, where
         // escapes may make it several times longer).
         let out = out.map_err(|e| {
-            let bytes = if e.size() > self.settings.max_output {
-                e.size()
+            let passed = headers::size(&e.headers);
+            let bytes = if e.size() + passed > self.settings.max_output {
+                e.size() + passed
             } else {
-                serde_json::to_vec(&e.to_json()).map_or(usize::MAX, |v| v.len())
+                serde_json::to_vec(&e.to_json()).map_or(usize::MAX, |v| v.len()) + passed
             };
             if bytes <= self.settings.max_output {
                 return e;
@@ -611,12 +628,15 @@ impl Proxy {
             let why = format!("the command's error answer was {bytes} bytes, more than the {} a node can carry (half of --max-frame)", self.settings.max_output);
             HandlerError::new(502, why)
         })?;
-        if out.body.len() > self.settings.max_output {
-            let why = format!("the command answered {} bytes, more than the {} a node can carry (half of --max-frame)", out.body.len(), self.settings.max_output);
-            tracing::warn!(service = %key.0, command = %key.2, bytes = out.body.len(), "command answer too large");
+        let bytes = out.body.len() + headers::size(&out.headers);
+        if bytes > self.settings.max_output {
+            let why = format!("the command answered {bytes} bytes, more than the {} a node can carry (half of --max-frame)", self.settings.max_output);
+            tracing::warn!(service = %key.0, command = %key.2, bytes, "command answer too large");
             return Err(HandlerError::new(502, why));
         }
-        if let Some(event_name) = self.local.success_events.get(&key) {
+        // A sidecar app's redirect (3xx) is passed on as it is, not a result to emit.
+        let success_event = self.local.success_events.get(&key).filter(|_| (200..300).contains(&out.status));
+        if let Some(event_name) = success_event {
             // The result as an event; under an idempotency key a re-run with the same result
             // emits nothing new, one with another result (`sdk::StateHandle::next_tag`) emits it.
             let payload = if out.body.is_empty() { b"null".to_vec() } else { out.body.to_vec() };
@@ -634,6 +654,22 @@ impl Proxy {
             self.broker.publish_one(event).await.map_err(|e| HandlerError::new(502, format!("the command ran but its result was not emitted: {e}")))?;
         }
         Ok(out)
+    }
+
+    /// Serve `PeerRequest::InvokeWith` from another node's proxy: `serve_remote`, with the
+    /// answer's headers beside it.
+    pub async fn serve_remote_with(self: &Arc<Self>, mut inv: Invocation, headers: crate::sdk::HeaderList) -> PeerResponse {
+        inv.headers = headers;
+        match self.serve_remote(inv).await {
+            PeerResponse::Invoked(mut answer) => {
+                let headers = match &mut answer {
+                    Ok(o) => std::mem::take(&mut o.headers),
+                    Err(e) => std::mem::take(&mut e.headers),
+                };
+                PeerResponse::InvokedWith { answer, headers }
+            }
+            other => other,
+        }
     }
 
     /// Serve `PeerRequest::Invoke` from another node's proxy.
@@ -711,12 +747,22 @@ impl Proxy {
     }
 }
 
+/// A peer's answer with the headers that crossed the link beside it put back in it.
+fn with_answer_headers(mut answer: Result<Output, HandlerError>, headers: crate::sdk::HeaderList) -> Result<Output, HandlerError> {
+    match &mut answer {
+        Ok(o) => o.headers = headers,
+        Err(e) => e.headers = headers,
+    }
+    answer
+}
+
 /// A handler's answer as an HTTP response.
 fn answer(out: Result<Output, HandlerError>) -> Response<Full<Bytes>> {
     match out {
         Ok(o) => {
             let mut resp = Response::new(Full::new(o.body));
             *resp.status_mut() = StatusCode::from_u16(o.status).unwrap_or(StatusCode::OK);
+            headers::append(&o.headers, resp.headers_mut());
             if let Some(ct) = o.content_type.and_then(|c| HeaderValue::from_str(&c).ok()) {
                 resp.headers_mut().insert(http::header::CONTENT_TYPE, ct);
             }
@@ -724,7 +770,9 @@ fn answer(out: Result<Output, HandlerError>) -> Response<Full<Bytes>> {
         }
         Err(e) => {
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            crate::api::json_response(status, &e.to_json())
+            let mut resp = crate::api::json_response(status, &e.to_json());
+            headers::append(&e.headers, resp.headers_mut());
+            resp
         }
     }
 }

@@ -556,6 +556,7 @@ pub fn response_name(r: &PeerResponse) -> &'static str {
         PeerResponse::DeliveredBatch(_) => "DeliveredBatch",
         PeerResponse::DeliveredEach { .. } => "DeliveredEach",
         PeerResponse::DeliveredSome(_) => "DeliveredSome",
+        PeerResponse::InvokedWith { .. } => "InvokedWith",
     }
 }
 

@@ -463,6 +463,7 @@ mod tests {
             payload: Bytes::from(payload.to_string()),
             meta: Default::default(),
             timeout_ms,
+            headers: Vec::new(),
         }
     }
 

@@ -102,6 +102,10 @@ pub struct MessageMeta {
     pub traceparent: String,
 }
 
+/// HTTP headers passed between a client and the app that runs its command, in order, a
+/// repeated name repeated (`proxy::headers` says which and bounds them).
+pub type HeaderList = Vec<(String, Vec<u8>)>;
+
 /// One call of a command.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Invocation {
@@ -115,23 +119,32 @@ pub struct Invocation {
     pub meta: MessageMeta,
     /// Milliseconds left until the deadline when the call was sent.
     pub timeout_ms: u64,
+    /// The client's end-to-end request headers, for a sidecar's app (an SDK handler reads the
+    /// message fields instead). Not in this struct's encoding, which builds before them decode
+    /// as `Invoke`: they cross a link beside it, in `PeerRequest::InvokeWith`.
+    #[serde(skip)]
+    pub headers: HeaderList,
 }
 
 /// A handler's successful answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Output {
-    /// 200, or 204 when `body` is empty.
+    /// 200, or 204 when `body` is empty; a sidecar's app may answer any 2xx or 3xx.
     pub status: u16,
     pub body: Bytes,
     pub content_type: Option<String>,
+    /// Headers of a sidecar app's answer for the client (`proxy::headers::from_app`). Not in
+    /// this struct's encoding: they cross a link in `PeerResponse::InvokedWith`.
+    #[serde(skip)]
+    pub headers: HeaderList,
 }
 
 impl Output {
     pub fn json(body: Bytes) -> Output {
         if body.is_empty() {
-            Output { status: 204, body, content_type: None }
+            Output { status: 204, body, content_type: None, headers: HeaderList::new() }
         } else {
-            Output { status: 200, body, content_type: Some("application/json".into()) }
+            Output { status: 200, body, content_type: Some("application/json".into()), headers: HeaderList::new() }
         }
     }
 }
@@ -150,11 +163,16 @@ pub struct HandlerError {
     /// `NotServed` there; it does not cross a link itself.
     #[serde(skip)]
     not_served: bool,
+    /// Headers of a sidecar app's error answer for the client (`WWW-Authenticate`,
+    /// `Retry-After`, ...). Not in this struct's encoding (it is also inside delivery answers):
+    /// they cross a link in `PeerResponse::InvokedWith`.
+    #[serde(skip)]
+    pub headers: HeaderList,
 }
 
 impl HandlerError {
     pub fn new(status: u16, message: impl Into<String>) -> HandlerError {
-        HandlerError { status, message: message.into(), data: None, not_served: false }
+        HandlerError { status, message: message.into(), data: None, not_served: false, headers: HeaderList::new() }
     }
     /// The handler could not take the request at all and did nothing (the sidecar's app
     /// refused the connection): the proxy tries another node, a delivery counts no attempt.

@@ -651,16 +651,24 @@ impl Forward {
         let target = self.target(&inv.params)?;
         let limit = deadline(self.timeout, inv.timeout_ms);
         let m = &inv.meta;
-        let headers: Vec<(&str, &str)> = [
+        // The client's own headers first (`proxy::headers::from_client` left out those below),
+        // then the message fields the node checked; a body without a type goes as JSON.
+        let mut headers = http::HeaderMap::new();
+        crate::proxy::headers::append(&inv.headers, &mut headers);
+        let fields = [
             ("x-request-id", Some(m.correlation_id.as_str())),
             ("traceparent", Some(m.traceparent.as_str())),
             ("x-principal-id", m.principal_id.as_deref()),
             ("x-tenant-id", m.tenant_id.as_deref()),
             ("idempotency-key", m.idempotency_key.as_deref()),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.filter(|v| !v.is_empty()).map(|v| (k, v)))
-        .collect();
+        ];
+        for (name, value) in fields.into_iter().filter_map(|(k, v)| v.filter(|v| !v.is_empty()).map(|v| (k, v))) {
+            // Checked at the node that took the request (`api::meta_header`); a value that does
+            // not make a header (from a peer of another build) is left out.
+            if let Ok(value) = http::HeaderValue::from_str(value) {
+                headers.insert(name, value);
+            }
+        }
         let started = tokio::time::Instant::now();
         let Some(mut conn) = self.pool.take(pool_wait(limit)).await else {
             return Err(HandlerError::new(503, format!("all {} connections to the app are busy", self.pool.open_max)));
@@ -669,7 +677,7 @@ impl Forward {
         let limit = limit.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
         // GET and HEAD are safe by HTTP's rules, whatever the declaration says.
         let resend = self.method.is_safe() || (self.idempotent && self.method.is_idempotent());
-        let result = conn.conn.request_resending(self.method.clone(), &target, &headers, inv.payload.clone(), limit, resend).await;
+        let result = conn.conn.request_with(self.method.clone(), &target, headers, inv.payload.clone(), limit, resend).await;
         match result {
             Ok(resp) => {
                 self.pool.put(conn);
@@ -708,15 +716,23 @@ fn cause(e: &ClientError) -> String {
     }
 }
 
-/// Maps an upstream answer: 2xx passes, 4xx is the app's own error, anything else is 502.
+/// Maps an upstream answer: 2xx and 3xx pass with the app's headers, 4xx is the app's own
+/// error (its JSON body from the node, with the app's headers that are not about its body),
+/// anything else is 502.
 fn answer(resp: Response) -> Result<Output, HandlerError> {
     let content_type = resp.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(String::from);
+    let headers = || {
+        crate::proxy::headers::from_app(&resp.headers, resp.status)
+            .map_err(|e| HandlerError::new(502, format!("the app answered {} with {e}", resp.status)))
+    };
     match resp.status {
-        200..=299 => Ok(Output { status: resp.status, body: resp.body, content_type }),
+        200..=399 => Ok(Output { status: resp.status, content_type, headers: headers()?, body: resp.body }),
         400..=499 => {
+            let headers = headers()?;
             let (message, data) = error_message(&resp.body);
             let mut e = HandlerError::new(resp.status, message);
             e.data = data;
+            e.headers = headers;
             Err(e)
         }
         500..=599 => {
@@ -921,7 +937,8 @@ mod tests {
     }
 
     /// A hyper upstream on 127.0.0.1:0: `/orders/*` echoes the request, `/empty` 204, `/bad` 422
-    /// JSON, `/text` 404 with a long text body, `/fail` 500, `/sleep` 2 s, `/health` per flag.
+    /// JSON, `/text` 404 with a long text body, `/fail` 500, `/sleep` 2 s, `/health` per flag,
+    /// `/moved` a 303 with headers, `/locked` a 401 with headers, `/crowded` 65 headers.
     async fn upstream() -> Upstream {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -945,8 +962,10 @@ mod tests {
                         let header = |n: &str| parts.headers.get(n).map(|v| v.to_str().unwrap().to_string());
                         let (status, text) = match parts.uri.path() {
                             p if p.starts_with("/orders/") => {
-                                let names = ["x-request-id", "traceparent", "x-principal-id", "x-tenant-id", "idempotency-key", "content-type"];
-                                let headers: BTreeMap<_, _> = names.iter().map(|n| (*n, header(n))).collect();
+                                let names = ["x-request-id", "traceparent", "x-principal-id", "x-tenant-id", "idempotency-key", "content-type", "accept"];
+                                let mut headers: BTreeMap<_, _> = names.iter().map(|n| (*n, json!(header(n)))).collect();
+                                let cookies: Vec<_> = parts.headers.get_all("cookie").iter().map(|v| v.to_str().unwrap()).collect();
+                                headers.insert("cookie", json!(cookies));
                                 let echo = json!({"method": parts.method.as_str(), "uri": parts.uri.to_string(),
                                     "body": String::from_utf8_lossy(&body), "headers": headers});
                                 (200, echo.to_string())
@@ -962,10 +981,25 @@ mod tests {
                             "/health" if h.load(Ordering::SeqCst) => (200, "ok".into()),
                             _ => (503, "down".into()),
                         };
+                        let (status, text, extra): (u16, String, Vec<(String, &str)>) = match parts.uri.path() {
+                            "/moved" => (303, String::new(), vec![("location".into(), "/orders/9"), ("link".into(), "<a>"), ("link".into(), "<b>")]),
+                            "/locked" => (401, json!({"message": "who?"}).to_string(), vec![
+                                ("www-authenticate".into(), "Bearer realm=\"orders\""),
+                                ("retry-after".into(), "7"),
+                                ("content-language".into(), "de"),
+                                ("connection".into(), "x-hop"),
+                                ("x-hop".into(), "1"),
+                            ]),
+                            "/crowded" => (200, "{}".into(), (0..65).map(|i| (format!("x-h{i}"), "v")).collect()),
+                            _ => (status, text, Vec::new()),
+                        };
                         let mut resp = http::Response::new(Full::new(Bytes::from(text)));
                         *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
                         if status != 204 {
                             resp.headers_mut().insert("content-type", "application/json".parse().unwrap());
+                        }
+                        for (name, value) in extra {
+                            resp.headers_mut().append(http::HeaderName::from_bytes(name.as_bytes()).unwrap(), value.parse().unwrap());
                         }
                         Ok::<_, Infallible>(resp)
                     }
@@ -1065,6 +1099,7 @@ mod tests {
                 traceparent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into(),
             },
             timeout_ms,
+            headers: Vec::new(),
         }
     }
 
@@ -1092,6 +1127,17 @@ mod tests {
         assert_eq!(h["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
         assert_eq!((h["idempotency-key"].as_str(), h["content-type"].as_str()), (Some("k1"), Some("application/json")));
         assert!(h["x-tenant-id"].is_null());
+        // The client's own headers pass (a repeated name repeated, its body's type instead of
+        // JSON); the node's message fields stand over a client's header of the same name.
+        let mut with_headers = inv(&[("id", "1")], "a,b", 0);
+        with_headers.headers = [("content-type", "text/csv"), ("accept", "text/plain"), ("cookie", "a=1"), ("cookie", "b=2"), ("x-principal-id", "mallory")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        let echo: serde_json::Value = serde_json::from_slice(&fw[0].forward(with_headers).await.unwrap().body).unwrap();
+        let h = &echo["headers"];
+        assert_eq!((h["content-type"].as_str(), h["accept"].as_str()), (Some("text/csv"), Some("text/plain")));
+        assert_eq!((h["cookie"].clone(), h["x-principal-id"].as_str()), (json!(["a=1", "b=2"]), Some("alice")));
         // upstream_path templates (the GET has no body, so no content-type).
         let got = fw[1].forward(inv(&[("id", "7")], "", 0)).await;
         assert_eq!(got.unwrap_err().status, 502, "/7 is not an /orders path: the stub answers 503");
@@ -1256,6 +1302,20 @@ mod tests {
         assert_eq!((e.status, e.message.as_str()), (502, "the request to the app failed: its answer is larger than the 100 bytes a node passes on"));
         let e = call("fail", 0).await.unwrap_err();
         assert_eq!((e.status, e.message.as_str()), (502, "upstream answered 500: oops"));
+        // A redirect passes with its headers; an error with those not about its body (the
+        // client gets the node's JSON), and without the app's hop-by-hop ones.
+        let out = call("moved", 0).await.unwrap();
+        assert_eq!(out.status, 303);
+        let names: Vec<(&str, &[u8])> = out.headers.iter().map(|(n, v)| (n.as_str(), v.as_slice())).collect();
+        assert_eq!(names, [("location", &b"/orders/9"[..]), ("link", b"<a>"), ("link", b"<b>")]);
+        let e = call("locked", 0).await.unwrap_err();
+        assert_eq!((e.status, e.message.as_str()), (401, "who?"));
+        let names: Vec<&str> = e.headers.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["www-authenticate", "retry-after"]);
+        // More headers than a node passes on: a gateway error, not an answer cut short.
+        let e = call("crowded", 0).await.unwrap_err();
+        assert_eq!(e.status, 502);
+        assert!(e.message.starts_with("the app answered 200 with 65 headers"), "{}", e.message);
         let started = std::time::Instant::now();
         let e = call("sleep", 200).await.unwrap_err();
         assert_eq!(e.status, 504, "{e}");

@@ -127,6 +127,9 @@ fn sidecar_toml(upstream: SocketAddr, health_check: bool) -> String {
         ("fail", "GET", "fail", "/fail"),
         ("bad", "GET", "bad", "/bad"),
         ("sleep", "GET", "sleep", "/sleep"),
+        ("echo", "POST", "echo/:id", "/echo/:id"),
+        ("locked", "GET", "locked", "/locked"),
+        ("moved", "GET", "moved", "/moved"),
     ] {
         toml.push_str(&format!(
             "\n[[sidecar.commands]]\nservice = \"orders\"\nversion = 1\nname = \"{name}\"\n\
@@ -366,6 +369,86 @@ fn requests_via_any_node_reach_every_upstream_with_headers_passed_on() {
         "{}",
         seen.headers
     );
+}
+
+/// A node is its app's reverse proxy: the client's end-to-end headers reach the app and the
+/// app's reach the client, whichever node runs the command (the peer link carries them), and
+/// only one hop's headers and the node's own stay behind.
+#[test]
+fn headers_pass_both_ways_between_a_client_and_the_app_on_any_node() {
+    let sc = SidecarCluster::formed("sc-headers");
+    for api in sc.c.apis() {
+        sc.wait_reaches(api, &sc.names());
+    }
+    let api = sc.c.api(1);
+    let own = sc.upstreams[0].name.clone();
+    let mut served = BTreeSet::new();
+    // Bounded: three upstreams behind power-of-two choices, so both a local and a remote run
+    // come within a few requests.
+    for n in 0..60 {
+        if served.contains(&own) && served.len() > 1 {
+            break;
+        }
+        let headers = [
+            ("content-type", "text/csv"),
+            ("accept", "text/plain"),
+            ("authorization", "Bearer token-1"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("connection", "x-hop"),
+            ("x-hop", "one hop only"),
+            ("x-principal-id", "alice"),
+        ];
+        let path = format!("/api/v1/echo/{n}");
+        let resp = api.request("POST", &path, &headers, b"a,b\n1,2\n").unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        assert_eq!(resp.status, 201, "POST {path}: {}", resp.describe());
+        let seen = resp.json().unwrap_or_else(|e| panic!("{e}"));
+        let by = seen["servedBy"].as_str().unwrap_or_default().to_string();
+        let got = &seen["headers"];
+        let what = format!("POST {path} run by {by}: the app saw {got}");
+        assert_eq!(seen["body"], "a,b\n1,2\n", "{what}");
+        assert_eq!(got["content-type"], json!(["text/csv"]), "{what}");
+        assert_eq!(got["accept"], json!(["text/plain"]), "{what}");
+        assert_eq!(got["authorization"], json!(["Bearer token-1"]), "{what}");
+        // A repeated header may arrive as two lines or one joined by a comma (RFC 9110 §5.3).
+        let cookies: Vec<String> = got["cookie"].as_array().into_iter().flatten().filter_map(Value::as_str).flat_map(|v| v.split(',')).map(|v| v.trim().to_string()).collect();
+        assert!(cookies == ["a=1", "b=2"] || cookies == ["a=1; b=2"], "{what}");
+        assert_eq!(got["x-principal-id"], json!(["alice"]), "{what}");
+        assert!(got.get("x-hop").is_none() && got.get("connection").is_none_or(|c| c != &json!(["x-hop"])), "{what}");
+        // The app's answer headers come back; the node's own stand.
+        assert_eq!(resp.header("location"), Some(format!("/echo/{n}").as_str()), "{what}: {}", resp.describe());
+        assert_eq!(resp.header("x-served-by"), Some(by.as_str()), "{what}: {}", resp.describe());
+        let set_cookies: Vec<&str> = resp.headers.iter().filter(|(k, _)| k == "set-cookie").map(|(_, v)| v.as_str()).collect();
+        assert_eq!(set_cookies, ["a=1", "b=2"], "{}", resp.describe());
+        assert_eq!(resp.header("content-type"), Some("application/json"), "{}", resp.describe());
+        assert!(resp.header("x-request-id").is_some_and(|v| !v.is_empty()), "{}", resp.describe());
+        served.insert(by);
+    }
+    assert!(served.contains(&own) && served.len() > 1, "runs on node 1's app and another's: {served:?}");
+    // An app's error keeps its meaning headers (the body is the node's JSON); a redirect passes.
+    let (mut locked_by, mut moved_by) = (BTreeSet::new(), BTreeSet::new());
+    for _ in 0..60 {
+        if locked_by.iter().any(|b| *b != own) && moved_by.iter().any(|b| *b != own) {
+            break;
+        }
+        let locked = api.request("GET", "/api/v1/locked", &[], b"").expect("GET /api/v1/locked");
+        assert_json_error(&locked, 401, "an app's 401");
+        assert_eq!(locked.json().ok().and_then(|v| v.get("message").cloned()), Some(json!("who?")), "{}", locked.describe());
+        assert_eq!(locked.header("www-authenticate"), Some("Bearer realm=\"orders\""), "{}", locked.describe());
+        assert_eq!(locked.header("retry-after"), Some("7"), "{}", locked.describe());
+        locked_by.insert(locked.header("x-served-by").unwrap_or_default().to_string());
+        let moved = api.request("GET", "/api/v1/moved", &[], b"").expect("GET /api/v1/moved");
+        assert_eq!((moved.status, moved.header("location")), (303, Some("/echo/1")), "{}", moved.describe());
+        moved_by.insert(moved.header("x-served-by").unwrap_or_default().to_string());
+    }
+    assert!(locked_by.iter().any(|b| *b != own), "a 401 from another node's app: {locked_by:?}");
+    assert!(moved_by.iter().any(|b| *b != own), "a 303 from another node's app: {moved_by:?}");
+    // Headers beyond what a node passes on: 431, and the node keeps serving.
+    let many: Vec<(String, String)> = (0..70).map(|i| (format!("x-h{i}"), "v".to_string())).collect();
+    let many: Vec<(&str, &str)> = many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let refused = api.request("POST", "/api/v1/echo/x", &many, b"{}").expect("POST with 70 headers");
+    assert_json_error(&refused, 431, "70 headers for the app");
+    assert_eq!(api.request("POST", "/api/v1/echo/y", &[], b"{}").expect("POST").status, 201);
 }
 
 #[test]

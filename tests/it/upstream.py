@@ -13,6 +13,12 @@ keep-alive (the node pools connections), one thread per connection, and answers:
   GET  /bad                 422 {"message":"bad thing"}; with ?pad=N the message is N bytes longer
                             (of `"` with &quotes=1, each escaped in JSON)
   GET  /sleep?ms=N          sleeps N ms, then 200 {"sleptMs":N,"servedBy":X}
+  POST /echo/<id>           201 {"id","servedBy":X,"body":<text>,"headers":{name: [values]}} (every
+                            header it got) with Location: /echo/<id>, X-Served-By: X and two
+                            Set-Cookie lines, whatever the body
+  GET  /locked              401 {"message":"who?"} with WWW-Authenticate, Retry-After: 7 and
+                            X-Served-By: X
+  GET  /moved               303 to /echo/1 (Location) with X-Served-By: X, no body
   POST /events/<name>       a sidecar subscription delivery (body = the event JSON): records the
                             event id and answers 200 {"ok":true,"servedBy":X}; while failing
                             (POST /admin/fail-events) answers 500 and records it as failed instead
@@ -150,6 +156,45 @@ def make_handler(state, verbose):
                 if failing:
                     return self.send_json(500, {"message": "failing events on purpose", "servedBy": state.name})
                 return self.send_json(200, {"ok": True, "servedBy": state.name})
+            if method == "POST" and url.path.startswith("/echo/") and url.path.count("/") == 2:
+                echo_id = unquote(url.path[len("/echo/"):])
+                seen = {}
+                for name, value in self.headers.items():
+                    seen.setdefault(name.lower(), []).append(value)
+                body = json.dumps({
+                    "id": echo_id,
+                    "servedBy": state.name,
+                    "body": raw.decode("utf-8", "replace"),
+                    "headers": seen,
+                }).encode()
+                self.send_response(201)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Location", "/echo/" + echo_id)
+                self.send_header("X-Served-By", state.name)
+                self.send_header("Set-Cookie", "a=1")
+                self.send_header("Set-Cookie", "b=2")
+                self.end_headers()
+                self.wfile.write(body)
+                return None
+            if route == ("GET", "/locked"):
+                body = json.dumps({"message": "who?"}).encode()
+                self.send_response(401)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("WWW-Authenticate", 'Bearer realm="orders"')
+                self.send_header("Retry-After", "7")
+                self.send_header("X-Served-By", state.name)
+                self.end_headers()
+                self.wfile.write(body)
+                return None
+            if route == ("GET", "/moved"):
+                self.send_response(303)
+                self.send_header("Location", "/echo/1")
+                self.send_header("X-Served-By", state.name)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return None
             if route == ("GET", "/fail"):
                 return self.send_json(500, {"message": "upstream failure"})
             if route == ("GET", "/bad"):

@@ -1,0 +1,206 @@
+//! The HTTP headers a command's request and answer carry between the client and the app that
+//! runs it (a sidecar's upstream), and their bounds.
+//!
+//! A node in front of an app is its reverse proxy, so it passes headers as Envoy or nginx do:
+//! every end-to-end header goes through, and only what belongs to one hop (RFC 9110 §7.6.1:
+//! `Connection` and the names it lists, `Keep-Alive`, `TE`, `Upgrade`, ...) or what the node
+//! sets itself from its own knowledge (the trace ids, the identity and key headers it has
+//! checked, the body's length, the deadline) stays behind. The headers travel in the peer
+//! protocol beside the invocation (`PeerRequest::InvokeWith`), so each list is bounded in count
+//! and bytes: a request over the bound is a 431, an app's answer over it a 502 (its headers
+//! cannot be passed whole, and cutting some could change what the answer means).
+
+use http::HeaderMap;
+use http::HeaderName;
+use http::HeaderValue;
+
+use crate::sdk::HeaderList;
+
+/// Headers passed each way, repeats of a name counted each time.
+pub const MAX_PASSED_HEADERS: usize = 64;
+/// Bytes of names and values passed each way.
+pub const MAX_PASSED_HEADER_BYTES: usize = 16 * 1024;
+
+/// One hop's headers (RFC 9110 §7.6.1, with the old `Proxy-Connection` and the proxy's own
+/// authentication pair): never passed on.
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Request headers the node reads and sends to the app itself (`sidecar::Forward`): from the
+/// checked message fields, or its own (`host`, the body's length, the deadline).
+const SET_BY_NODE_ON_REQUESTS: &[&str] = &[
+    "host",
+    "content-length",
+    "expect",
+    "x-request-id",
+    "traceparent",
+    "x-principal-id",
+    "x-tenant-id",
+    "idempotency-key",
+    "x-timeout-ms",
+];
+
+/// Answer headers the node writes itself: the body's type and length (`Output::content_type`),
+/// its own `date`, and the trace ids it echoes to its client.
+const SET_BY_NODE_ON_ANSWERS: &[&str] = &["content-length", "content-type", "date", "x-request-id", "traceparent"];
+
+/// The headers over the bound: how many and how many bytes there were.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{count} headers of {bytes} bytes to pass on, at most {MAX_PASSED_HEADERS} of {MAX_PASSED_HEADER_BYTES} bytes")]
+pub struct TooManyHeaders {
+    pub count: usize,
+    pub bytes: usize,
+}
+
+/// The end-to-end headers of `map` but those named in `skip` or by `also_skip`, in order.
+fn end_to_end(map: &HeaderMap, skip: &[&str], also_skip: impl Fn(&str) -> bool) -> Result<HeaderList, TooManyHeaders> {
+    // Names the sender's `Connection` header lists are that hop's too (RFC 9110 §7.6.1).
+    let listed: Vec<String> = map
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|n| n.trim().to_ascii_lowercase())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let mut out = HeaderList::new();
+    let (mut count, mut bytes) = (0, 0);
+    for (name, value) in map {
+        let name = name.as_str();
+        if HOP_BY_HOP.contains(&name) || skip.contains(&name) || also_skip(name) || listed.iter().any(|l| l == name) {
+            continue;
+        }
+        count += 1;
+        bytes += name.len() + value.len();
+        // Keep counting past the bound, so that the error says how far over it is.
+        if count <= MAX_PASSED_HEADERS && bytes <= MAX_PASSED_HEADER_BYTES {
+            out.push((name.to_string(), value.as_bytes().to_vec()));
+        }
+    }
+    if count > MAX_PASSED_HEADERS || bytes > MAX_PASSED_HEADER_BYTES {
+        return Err(TooManyHeaders { count, bytes });
+    }
+    Ok(out)
+}
+
+/// A client's request headers to pass to the app that runs its command.
+pub fn from_client(map: &HeaderMap) -> Result<HeaderList, TooManyHeaders> {
+    end_to_end(map, SET_BY_NODE_ON_REQUESTS, |_| false)
+}
+
+/// An app's answer headers to pass to the client. An error answer (4xx) reaches the client as
+/// the node's JSON error body, so the app's headers that describe its own body stay behind too.
+pub fn from_app(map: &HeaderMap, status: u16) -> Result<HeaderList, TooManyHeaders> {
+    let error = (400..500).contains(&status);
+    end_to_end(map, SET_BY_NODE_ON_ANSWERS, |name| error && (name.starts_with("content-") || name == "etag" || name == "last-modified"))
+}
+
+/// Bytes of names and values in `list`: what it adds to a frame or a stored answer.
+pub fn size(list: &HeaderList) -> usize {
+    list.iter().map(|(n, v)| n.len() + v.len()).sum()
+}
+
+/// Appends `list` to `map` (a repeated name stays repeated). Every entry was a valid header
+/// when it was read; one that no longer parses (from a peer of another build) is left out.
+pub fn append(list: &HeaderList, map: &mut HeaderMap) {
+    for (name, value) in list {
+        if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_bytes(value)) {
+            map.append(name, value);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(HeaderName::from_bytes(k.as_bytes()).unwrap(), HeaderValue::from_str(v).unwrap());
+        }
+        m
+    }
+
+    fn names(list: &HeaderList) -> Vec<&str> {
+        list.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    #[test]
+    fn a_clients_end_to_end_headers_pass_and_one_hops_stay() {
+        let m = map(&[
+            ("content-type", "text/plain"),
+            ("accept", "text/csv"),
+            ("authorization", "Bearer t"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+            ("connection", "keep-alive, x-private"),
+            ("x-private", "hop"),
+            ("keep-alive", "timeout=5"),
+            ("te", "trailers"),
+            ("upgrade", "h2c"),
+            ("host", "node:8080"),
+            ("content-length", "3"),
+            ("x-request-id", "r"),
+            ("x-principal-id", "p"),
+            ("idempotency-key", "k"),
+            ("x-timeout-ms", "100"),
+            ("proxy-authorization", "Basic x"),
+        ]);
+        let list = from_client(&m).unwrap();
+        assert_eq!(names(&list), ["content-type", "accept", "authorization", "cookie", "cookie"]);
+        assert_eq!(list[4].1, b"b=2");
+    }
+
+    #[test]
+    fn an_error_answer_keeps_its_meaning_headers_not_those_of_its_body() {
+        let m = map(&[
+            ("content-type", "text/html"),
+            ("content-language", "de"),
+            ("etag", "\"1\""),
+            ("www-authenticate", "Bearer"),
+            ("retry-after", "3"),
+            ("date", "Sat, 05 Dec 2026 20:00:00 GMT"),
+            ("transfer-encoding", "chunked"),
+        ]);
+        assert_eq!(names(&from_app(&m, 401).unwrap()), ["www-authenticate", "retry-after"]);
+        assert_eq!(names(&from_app(&m, 200).unwrap()), ["content-language", "etag", "www-authenticate", "retry-after"]);
+    }
+
+    #[test]
+    fn headers_over_the_bound_are_refused_with_how_far_over() {
+        let many: Vec<(String, String)> = (0..=MAX_PASSED_HEADERS).map(|i| (format!("x-h{i}"), "v".to_string())).collect();
+        let m = map(&many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+        assert_eq!(from_client(&m).unwrap_err().count, MAX_PASSED_HEADERS + 1);
+        let big = "v".repeat(MAX_PASSED_HEADER_BYTES);
+        let e = from_app(&map(&[("x-big", &big)]), 200).unwrap_err();
+        assert_eq!((e.count, e.bytes), (1, MAX_PASSED_HEADER_BYTES + 5));
+        // At the bound exactly: passed.
+        let fits = "v".repeat(MAX_PASSED_HEADER_BYTES - 5);
+        assert_eq!(from_app(&map(&[("x-big", &fits)]), 200).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn appended_headers_keep_their_repeats_and_skip_what_no_longer_parses() {
+        let list: HeaderList = vec![
+            ("link".into(), b"<a>".to_vec()),
+            ("link".into(), b"<b>".to_vec()),
+            ("bad name".into(), b"x".to_vec()),
+            ("x-ok".into(), b"line\nbreak".to_vec()),
+        ];
+        let mut m = HeaderMap::new();
+        append(&list, &mut m);
+        assert_eq!(m.get_all("link").iter().count(), 2);
+        assert_eq!(m.len(), 2);
+        assert_eq!(size(&list), 4 + 3 + 4 + 3 + 8 + 1 + 4 + 10);
+    }
+}
