@@ -65,6 +65,29 @@ type Writer = FramedWrite<tls::WriteHalf, tokio_util::codec::LengthDelimitedCode
 
 /// Frames waiting to be written on one link.
 const SEND_QUEUE: usize = 4096;
+/// Bytes of frames waiting to be written on one link (queued, or in the writer's buffer until
+/// its flush), or one whole frame where that is more (`Link::queue_budget`). Requests wait for
+/// room until their deadline and are then not sent; answers wait while their serving slots
+/// hold (the peer is answered `NotServed` meanwhile). Counting frames alone let a peer that
+/// reads slowly have `SEND_QUEUE` frames of up to `--max-frame` each held for it.
+#[cfg(not(test))]
+const SEND_QUEUE_BYTES: usize = 64 << 20;
+#[cfg(test)]
+const SEND_QUEUE_BYTES: usize = 2 << 20;
+
+/// One frame in a link's send queue with its share of the link's byte budget
+/// (`Link::queued_bytes`), given back once the writer has flushed it. Pings, Pongs and shed
+/// answers take none: a few bytes each, bounded by `SEND_QUEUE`, and never held up.
+struct Queued {
+    frame: Bytes,
+    room: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Queued {
+    fn small(frame: Bytes) -> Queued {
+        Queued { frame, room: None }
+    }
+}
 /// Requests this node may have outstanding on one link. Not more than the peer serves at once
 /// (`MAX_SERVING`), beyond which it answers `NotServed`: callers wait here instead. (A call that
 /// times out frees its place here at once, while the peer may still be serving it.)
@@ -373,7 +396,11 @@ pub struct Link {
     /// the link on it, failing everything else in flight there.
     max_frame: usize,
     /// Frames to write. The writer task owns the receiver; it ends when `closed` fires.
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Queued>,
+    /// The byte budget of the frames in `tx` and in the writer's buffer, in permits of one
+    /// byte (`SEND_QUEUE_BYTES`). Closed by `close`, so that nothing waits for room on a
+    /// closed link.
+    queued_bytes: Arc<Semaphore>,
     /// Outstanding requests by correlation id; drained with an error when the link closes.
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
     outstanding: Arc<Semaphore>,
@@ -408,6 +435,26 @@ impl Link {
 
     pub fn close(&self) {
         self.closed.cancel();
+        self.queued_bytes.close();
+    }
+
+    /// The most bytes of frames queued on this link: `SEND_QUEUE_BYTES`, or one whole frame.
+    fn queue_budget(&self) -> usize {
+        SEND_QUEUE_BYTES.max(self.max_frame)
+    }
+
+    /// Room for a frame of `len` bytes in the send queue, waited for (a frame larger than the
+    /// budget takes all of it); an error once the link is closed.
+    async fn room_for(&self, len: usize) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
+        // A frame's length is below 2^32 (the codec's length field), and so is the budget.
+        let n = u32::try_from(len.min(self.queue_budget())).unwrap_or(u32::MAX);
+        self.queued_bytes.clone().acquire_many_owned(n).await
+    }
+
+    /// Bytes of frames queued on this link now.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.queue_budget() - self.queued_bytes.available_permits()
     }
 
     /// Largest frame body this link carries either way (see the field).
@@ -428,10 +475,14 @@ impl Link {
         let deadline = tokio::time::Instant::now() + timeout;
         let permit = self.place(deadline, timeout).await?;
         let (call, body) = self.open(req, permit, deadline, timeout)?;
-        match tokio::time::timeout_at(deadline, self.tx.send(body)).await {
-            Ok(Ok(())) => Ok(call),
+        let queued = async {
+            let room = self.room_for(body.len()).await.ok()?;
+            self.tx.send(Queued { frame: body, room: Some(room) }).await.ok()
+        };
+        match tokio::time::timeout_at(deadline, queued).await {
+            Ok(Some(())) => Ok(call),
             // The writer is gone: this request never reached its queue.
-            Ok(Err(_)) => Err(PeerError::ClosedUnsent { peer: self.peer }),
+            Ok(None) => Err(PeerError::ClosedUnsent { peer: self.peer }),
             Err(_) => Err(PeerError::Unsent { peer: self.peer, timeout }),
         }
     }
@@ -456,7 +507,12 @@ impl Link {
         };
         let Some(req) = make() else { return Ok(None) };
         let (call, body) = self.open(&req, permit, deadline, timeout)?;
-        room.send(body);
+        let bytes = match tokio::time::timeout_at(deadline, self.room_for(body.len())).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(_)) => return Err(PeerError::ClosedUnsent { peer: self.peer }),
+            Err(_) => return Err(PeerError::Unsent { peer: self.peer, timeout }),
+        };
+        room.send(Queued { frame: body, room: Some(bytes) });
         call.response().await.map(Some)
     }
 
@@ -1251,6 +1307,7 @@ impl PeerNet {
             features: theirs.features & frame::features::ALL,
             max_frame: link_max_frame(self.cfg.max_frame, theirs.settings),
             tx,
+            queued_bytes: Arc::new(Semaphore::new(SEND_QUEUE_BYTES.max(link_max_frame(self.cfg.max_frame, theirs.settings)))),
             pending: Mutex::new(HashMap::new()),
             outstanding: Arc::new(Semaphore::new(MAX_OUTSTANDING)),
             next_corr: AtomicU64::new(1),
@@ -1377,7 +1434,7 @@ impl PeerNet {
                         }
                         probes.push_back(clock::Probe { corr, sent: std::time::Instant::now(), sent_wall_us: clock::wall_us() });
                     }
-                    let _ = link.tx.try_send(Frame::encode_raw(Kind::Ping, corr, &[]));
+                    let _ = link.tx.try_send(Queued::small(Frame::encode_raw(Kind::Ping, corr, &[])));
                 }
             }
             let wanted: Vec<(NodeId, String)> =
@@ -1456,7 +1513,7 @@ const MIN_WRITE_STALL: Duration = Duration::from_secs(1);
 /// for `stall` (`write_stall`).
 async fn write_loop(
     link: Arc<Link>,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: mpsc::Receiver<Queued>,
     mut writer: Writer,
     stall: Duration,
 ) {
@@ -1472,6 +1529,7 @@ async fn write_loop(
     // Bytes handed to the writer since its last flush: a write may take `stall` and 1 µs per
     // byte it has to move (1 MB/s), so a big frame on a slow link that is moving is not cut.
     let mut pending = 0usize;
+    let mut held: Vec<Option<tokio::sync::OwnedSemaphorePermit>> = Vec::with_capacity(WRITE_BATCH);
     let limit = |bytes: usize| stall + Duration::from_micros(bytes as u64);
     macro_rules! or_closed {
         ($io:expr, $bytes:expr) => {
@@ -1499,8 +1557,11 @@ async fn write_loop(
             f = rx.recv() => match f { Some(f) => f, None => break },
             () = &mut closed => break,
         };
-        pending += first.len();
-        if !or_closed!(writer.feed(first), pending) {
+        pending += first.frame.len();
+        // The frames' room in the byte budget, given back after the flush: until then the
+        // writer's buffer holds a copy of each.
+        held.push(first.room);
+        if !or_closed!(writer.feed(first.frame), pending) {
             link.close();
             return;
         }
@@ -1509,8 +1570,9 @@ async fn write_loop(
         while n < WRITE_BATCH {
             match rx.try_recv() {
                 Ok(f) => {
-                    pending += f.len();
-                    if !or_closed!(writer.feed(f), pending) {
+                    pending += f.frame.len();
+                    held.push(f.room);
+                    if !or_closed!(writer.feed(f.frame), pending) {
                         link.close();
                         return;
                     }
@@ -1534,6 +1596,7 @@ async fn write_loop(
             return;
         }
         pending = 0;
+        held.clear();
     }
     link.close();
     // Closed by either side, the connection still works: end it cleanly (a TLS close_notify,
@@ -1596,7 +1659,7 @@ async fn read_loop(
         };
         match frame.kind {
             Kind::Ping => {
-                let _ = link.tx.try_send(Frame::encode_raw(Kind::Pong, frame.corr, &clock::pong_payload()));
+                let _ = link.tx.try_send(Queued::small(Frame::encode_raw(Kind::Pong, frame.corr, &clock::pong_payload())));
             }
             Kind::Pong => {
                 let probe = {
@@ -1652,7 +1715,7 @@ async fn read_loop(
                         let busy = PeerResponse::Error(message::RemoteError::NotServed(format!("{n} requests of this kind from this node are being served here")));
                         // Not waited for either: with the send queue full the caller times out.
                         if let Ok(body) = Frame::encode(Kind::Response, frame.corr, &busy) {
-                            let _ = link.tx.try_send(body);
+                            let _ = link.tx.try_send(Queued::small(body));
                         }
                         continue;
                     }
@@ -1679,8 +1742,12 @@ async fn read_loop(
                         encoded = Frame::encode(Kind::Response, corr, &resp);
                     }
                     match encoded {
+                        // Room waited for while this request's serving slot is held: a peer that
+                        // reads slowly is answered `NotServed` for new requests meanwhile.
                         Ok(body) => {
-                            let _ = link.tx.send(body).await;
+                            if let Ok(room) = link.room_for(body.len()).await {
+                                let _ = link.tx.send(Queued { frame: body, room: Some(room) }).await;
+                            }
                         }
                         Err(err) => warn!(peer = link.peer, cause = %err, "response does not encode"),
                     }
@@ -2252,6 +2319,43 @@ mod tests {
         assert!(!net.reachable(2), "closed within {:?}", started.elapsed());
         drop(reader);
         pinging.abort();
+        stop.cancel();
+    }
+
+    /// Frames for a peer that reads slowly are held up to the link's byte budget, not up to
+    /// `SEND_QUEUE` frames of any size: a request that finds no room within its deadline is
+    /// not sent (and says so), and the queue never holds more than the budget.
+    #[tokio::test]
+    async fn a_links_send_queue_holds_at_most_its_byte_budget() {
+        let (net, addr, stop) = listening(Duration::from_secs(60)).await;
+        // Handshaken, then nothing read: the socket buffers fill, then the queue.
+        let (reader, writer) = handshaken(&net, addr, 2).await;
+        let chunk = || PeerRequest::SnapshotChunk {
+            vote: crate::raft::types::Vote::new(1, 2),
+            meta: crate::raft::types::SnapshotMeta::default(),
+            offset: 0,
+            data: vec![7; 512 << 10],
+            done: false,
+        };
+        let link = net.link(2).await.unwrap();
+        assert_eq!(link.queue_budget(), SEND_QUEUE_BYTES.max(link.max_frame()));
+        let (mut unsent, mut most) = (0, 0);
+        // 80 frames of 512 KiB: 40 MiB, far more than the socket buffers and the budget hold.
+        for _ in 0..80 {
+            match net.request(2, &chunk(), Duration::from_millis(50)).await {
+                Err(PeerError::Unsent { .. }) => unsent += 1,
+                Err(PeerError::Timeout { .. }) => {}
+                other => panic!("sent and unanswered, or not sent for want of room: {other:?}"),
+            }
+            most = most.max(link.queued());
+        }
+        assert!(most <= link.queue_budget(), "queued {most} bytes, budget {}", link.queue_budget());
+        assert!(unsent > 0, "some requests found no room (the sockets take a few MiB at most)");
+        assert!(link.is_alive(), "a full queue closes nothing by itself");
+        // Closing the link gives nothing room any more.
+        link.close();
+        assert!(matches!(net.request(2, &chunk(), Duration::from_secs(5)).await, Err(_)));
+        drop((reader, writer));
         stop.cancel();
     }
 
