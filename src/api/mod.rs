@@ -193,9 +193,12 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
         // Told by the service as requests begin and end (see `keep`).
         let activity = Arc::new(Activity::new());
         let seen = activity.clone();
-        let service = hyper::service::service_fn(move |req| {
+        let client = crate::proxy::headers::ClientConn { addr: remote, https: tls.is_some() };
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let app = app.clone();
             let under_way = seen.begin();
+            // Who asked, for the forwarding headers a sidecar's app gets (`proxy::headers`).
+            req.extensions_mut().insert(client);
             async move {
                 let _under_way = under_way;
                 Ok::<_, Infallible>(handle(app, req).await)

@@ -16,10 +16,11 @@ use http::HeaderValue;
 
 use crate::sdk::HeaderList;
 
-/// Headers passed each way, repeats of a name counted each time.
-pub const MAX_PASSED_HEADERS: usize = 64;
+/// Headers passed each way, repeats of a name counted each time (hyper's own bound on an
+/// HTTP/1 request, which it answers with a 431 itself).
+pub const MAX_PASSED_HEADERS: usize = 100;
 /// Bytes of names and values passed each way.
-pub const MAX_PASSED_HEADER_BYTES: usize = 16 * 1024;
+pub const MAX_PASSED_HEADER_BYTES: usize = 32 * 1024;
 
 /// One hop's headers (RFC 9110 §7.6.1, with the old `Proxy-Connection` and the proxy's own
 /// authentication pair): never passed on.
@@ -35,8 +36,11 @@ const HOP_BY_HOP: &[&str] = &[
     "upgrade",
 ];
 
-/// Request headers the node reads and sends to the app itself (`sidecar::Forward`): from the
-/// checked message fields, or its own (`host`, the body's length, the deadline).
+/// Request headers that stay behind: those the node sends the app itself (`sidecar::Forward`:
+/// `host`, the body's length, the checked message fields), those it consumes (`expect`, the
+/// deadline), the forwarding headers it sets (`forwarded_for`), and those that would change
+/// the answer's body from what the node reads, stores and emits (a compressed or partial body
+/// is not the JSON a success event or a keyed replay needs).
 const SET_BY_NODE_ON_REQUESTS: &[&str] = &[
     "host",
     "content-length",
@@ -47,11 +51,16 @@ const SET_BY_NODE_ON_REQUESTS: &[&str] = &[
     "x-tenant-id",
     "idempotency-key",
     "x-timeout-ms",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "accept-encoding",
+    "range",
+    "if-range",
 ];
 
 /// Answer headers the node writes itself: the body's type and length (`Output::content_type`),
-/// its own `date`, and the trace ids it echoes to its client.
-const SET_BY_NODE_ON_ANSWERS: &[&str] = &["content-length", "content-type", "date", "x-request-id", "traceparent"];
+/// its own `date`, the trace ids it echoes to its client, and its mark of a keyed replay.
+const SET_BY_NODE_ON_ANSWERS: &[&str] = &["content-length", "content-type", "date", "x-request-id", "traceparent", "idempotent-replay"];
 
 /// The headers over the bound: how many and how many bytes there were.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -74,10 +83,22 @@ fn end_to_end(map: &HeaderMap, skip: &[&str], also_skip: impl Fn(&str) -> bool) 
         .collect();
     let mut out = HeaderList::new();
     let (mut count, mut bytes) = (0, 0);
+    let mut cookie: Option<usize> = None;
     for (name, value) in map {
         let name = name.as_str();
         if HOP_BY_HOP.contains(&name) || skip.contains(&name) || also_skip(name) || listed.iter().any(|l| l == name) {
             continue;
+        }
+        // An HTTP/2 client sends its cookies as crumbs, one field each (RFC 9113 §8.2.3): they
+        // go to an HTTP/1.1 app as one `cookie` line, joined by "; ", as that RFC says.
+        if name == "cookie" {
+            if let Some(at) = cookie.filter(|at| *at < out.len()) {
+                out[at].1.extend_from_slice(b"; ");
+                out[at].1.extend_from_slice(value.as_bytes());
+                bytes += 2 + value.len();
+                continue;
+            }
+            cookie = Some(out.len());
         }
         count += 1;
         bytes += name.len() + value.len();
@@ -92,9 +113,47 @@ fn end_to_end(map: &HeaderMap, skip: &[&str], also_skip: impl Fn(&str) -> bool) 
     Ok(out)
 }
 
-/// A client's request headers to pass to the app that runs its command.
-pub fn from_client(map: &HeaderMap) -> Result<HeaderList, TooManyHeaders> {
-    end_to_end(map, SET_BY_NODE_ON_REQUESTS, |_| false)
+/// A client's request headers to pass to the app that runs its command, with the forwarding
+/// headers a reverse proxy adds (`forwarded_for`).
+pub fn from_client<B>(req: &http::Request<B>) -> Result<HeaderList, TooManyHeaders> {
+    let mut list = end_to_end(req.headers(), SET_BY_NODE_ON_REQUESTS, |_| false)?;
+    if let Some(client) = req.extensions().get::<ClientConn>() {
+        // HTTP/1's `host`, or HTTP/2's `:authority`, which hyper keeps in the URI.
+        let host = req.uri().authority().map(|a| a.as_str().as_bytes()).or_else(|| req.headers().get(http::header::HOST).map(HeaderValue::as_bytes));
+        forwarded_for(host, client, &mut list);
+    }
+    let (count, bytes) = (list.len(), size(&list));
+    if count > MAX_PASSED_HEADERS || bytes > MAX_PASSED_HEADER_BYTES {
+        return Err(TooManyHeaders { count, bytes });
+    }
+    Ok(list)
+}
+
+/// The connection a client request came on (a request extension the HTTP server sets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientConn {
+    pub addr: std::net::SocketAddr,
+    pub https: bool,
+}
+
+/// What nginx and Envoy tell an app behind them: `x-forwarded-for` with the client's address
+/// added to what the client sent (an app trusts only the entries its own proxies added),
+/// `x-forwarded-proto` and `x-forwarded-host` as this node saw them (the client's own are
+/// replaced: the app builds links to itself from them).
+fn forwarded_for(host: Option<&[u8]>, client: &ClientConn, list: &mut HeaderList) {
+    // The client's lines (it may have sent several) joined in order, then this node's entry.
+    let mut chain: Vec<u8> = Vec::new();
+    for (_, value) in list.iter().filter(|(n, _)| n == "x-forwarded-for") {
+        chain.extend_from_slice(value);
+        chain.extend_from_slice(b", ");
+    }
+    chain.extend_from_slice(client.addr.ip().to_canonical().to_string().as_bytes());
+    list.retain(|(n, _)| n != "x-forwarded-for");
+    list.push(("x-forwarded-for".into(), chain));
+    list.push(("x-forwarded-proto".into(), if client.https { b"https".to_vec() } else { b"http".to_vec() }));
+    if let Some(host) = host {
+        list.push(("x-forwarded-host".into(), host.to_vec()));
+    }
 }
 
 /// An app's answer headers to pass to the client. An error answer (4xx) reaches the client as
@@ -156,9 +215,24 @@ mod tests {
             ("x-timeout-ms", "100"),
             ("proxy-authorization", "Basic x"),
         ]);
-        let list = from_client(&m).unwrap();
-        assert_eq!(names(&list), ["content-type", "accept", "authorization", "cookie", "cookie"]);
-        assert_eq!(list[4].1, b"b=2");
+        let mut req = http::Request::new(());
+        *req.headers_mut() = m;
+        let list = from_client(&req).unwrap();
+        assert_eq!(names(&list), ["content-type", "accept", "authorization", "cookie"]);
+        assert_eq!(list[3].1, b"a=1; b=2", "cookie crumbs go as one line");
+        // Behind a node, the app learns who asked and how.
+        req.headers_mut().append("x-forwarded-for", HeaderValue::from_static("203.0.113.7"));
+        req.headers_mut().append("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        req.headers_mut().append("x-forwarded-proto", HeaderValue::from_static("gopher"));
+        req.headers_mut().append("accept-encoding", HeaderValue::from_static("gzip"));
+        req.extensions_mut().insert(ClientConn { addr: "[::ffff:192.0.2.1]:5000".parse().unwrap(), https: true });
+        let list = from_client(&req).unwrap();
+        let value = |name: &str| list.iter().find(|(n, _)| n == name).map(|(_, v)| String::from_utf8_lossy(v).into_owned());
+        assert_eq!(value("x-forwarded-for").as_deref(), Some("203.0.113.7, 10.0.0.1, 192.0.2.1"));
+        assert_eq!(value("x-forwarded-proto").as_deref(), Some("https"));
+        assert_eq!(value("x-forwarded-host").as_deref(), Some("node:8080"));
+        assert_eq!(value("accept-encoding"), None, "the node reads the body as it is");
+        assert_eq!(list.iter().filter(|(n, _)| n.starts_with("x-forwarded")).count(), 3);
     }
 
     #[test]
@@ -179,8 +253,14 @@ mod tests {
     #[test]
     fn headers_over_the_bound_are_refused_with_how_far_over() {
         let many: Vec<(String, String)> = (0..=MAX_PASSED_HEADERS).map(|i| (format!("x-h{i}"), "v".to_string())).collect();
-        let m = map(&many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
-        assert_eq!(from_client(&m).unwrap_err().count, MAX_PASSED_HEADERS + 1);
+        let mut req = http::Request::new(());
+        *req.headers_mut() = map(&many.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect::<Vec<_>>());
+        assert_eq!(from_client(&req).unwrap_err().count, MAX_PASSED_HEADERS + 1);
+        // The node's own forwarding headers count too.
+        req.headers_mut().remove("x-h0");
+        assert!(from_client(&req).is_ok());
+        req.extensions_mut().insert(ClientConn { addr: "127.0.0.1:1".parse().unwrap(), https: false });
+        assert_eq!(from_client(&req).unwrap_err().count, MAX_PASSED_HEADERS + 2);
         let big = "v".repeat(MAX_PASSED_HEADER_BYTES);
         let e = from_app(&map(&[("x-big", &big)]), 200).unwrap_err();
         assert_eq!((e.count, e.bytes), (1, MAX_PASSED_HEADER_BYTES + 5));

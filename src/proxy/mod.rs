@@ -359,7 +359,7 @@ impl Proxy {
             .ok_or_else(|| ApiError::BadRequest("malformed query string".into()))?;
         params.extend(path_params);
         let meta = client_meta(req.headers(), request_id, traceparent)?;
-        let headers = headers::from_client(req.headers())?;
+        let headers = headers::from_client(&req)?;
         // liveness
         if self.candidates(&route).is_empty() {
             debug!(
@@ -564,17 +564,22 @@ impl Proxy {
         // A little longer than the time left: the caller's deadline fires first and answers 504,
         // rather than the link's timeout turning a deadline into a 502.
         let timeout = Duration::from_millis(inv.timeout_ms) + Duration::from_millis(50);
-        // A build that announced no `APP_HEADERS` (its latest link, this process) gets the
-        // invocation alone: its app sees no client headers, and its answer brings none back.
-        let with_headers = self.net.features_seen(target).unwrap_or(0) & crate::peer::frame::features::APP_HEADERS != 0;
-        let request = if with_headers {
-            let mut inv = inv;
-            let headers = std::mem::take(&mut inv.headers);
-            PeerRequest::InvokeWith { inv, headers }
-        } else {
-            PeerRequest::Invoke(inv)
+        // The link first (dialed if need be), so that the request is made for the build at its
+        // other end: one that announced no `APP_HEADERS` gets the invocation alone (its app
+        // sees no client headers, its answer brings none back), as it would close the link
+        // on a request it cannot decode, failing everything else in flight there.
+        let sent = async {
+            let link = self.net.link(target).await?;
+            let request = if link.features() & crate::peer::frame::features::APP_HEADERS != 0 {
+                let mut inv = inv;
+                let headers = std::mem::take(&mut inv.headers);
+                PeerRequest::InvokeWith { inv, headers }
+            } else {
+                PeerRequest::Invoke(inv)
+            };
+            link.call(&request, timeout).await
         };
-        match self.net.request(target, &request, timeout).await {
+        match sent.await {
             Ok(PeerResponse::Invoked(r)) => Ok(r),
             Ok(PeerResponse::InvokedWith { answer, headers }) => Ok(with_answer_headers(answer, headers)),
             Ok(PeerResponse::Error(RemoteError::NotServed(why))) => Err(Miss::NotServed(why)),
