@@ -101,11 +101,11 @@ fn in_clock_of(local_ms: u64, offset: Option<ClockOffset>) -> u64 {
 /// Whether an answer with `status` is stored as the key's for the window: a 2xx or a 4xx, but
 /// not a 5xx nor the 4xx that say "not now" (408 timeout, 425 too early, 429 too many
 /// requests: a retry may well succeed, and replaying them for 10 minutes would refuse it).
-fn kept(status: u16) -> bool {
+fn kept(status: u16, with_headers: bool) -> bool {
     // Below 200 is no final answer (a handler's 42 went out as a 500 and replayed as a 200).
-    // A stored answer keeps its status, body and type, not a sidecar app's other headers: a
-    // redirect (3xx) replayed without its `Location` would say nothing, so it is not kept.
-    (200..500).contains(&status) && !(300..400).contains(&status) && !matches!(status, 408 | 425 | 429)
+    // A redirect (3xx, a sidecar app's) is kept only with its headers: replayed without its
+    // `Location` it would say nothing.
+    (200..500).contains(&status) && (with_headers || !(300..400).contains(&status)) && !matches!(status, 408 | 425 | 429)
 }
 
 fn now_ms() -> u64 {
@@ -148,7 +148,7 @@ pub(super) fn fingerprint(inv: &Invocation) -> u64 {
 }
 
 fn replay(stored: StoredResponse) -> Response<Full<Bytes>> {
-    let out = Output { status: stored.status, body: Bytes::from(stored.body), content_type: stored.content_type, headers: Vec::new() };
+    let out = Output { status: stored.status, body: Bytes::from(stored.body), content_type: stored.content_type, headers: stored.headers };
     let mut resp = answer(Ok(out));
     resp.headers_mut().insert("idempotent-replay", HeaderValue::from_static("true"));
     resp
@@ -256,7 +256,7 @@ impl Proxy {
             };
             match claimed {
                 CommandResult::IdemBegun => break,
-                CommandResult::IdemDone(stored) => return Ok(replay(stored)),
+                CommandResult::IdemDone(stored) => return Ok(replay(self.with_headers(&key, stored, deadline).await)),
                 CommandResult::IdemMismatch => {
                     metrics::counter!("raftbridge_idempotency_mismatches_total").increment(1);
                     return Err(ApiError::Unprocessable(
@@ -296,20 +296,31 @@ impl Proxy {
             }
         };
         let left = deadline.saturating_duration_since(Instant::now()).max(COMPLETE_GRACE);
+        // An answer's headers are kept with it once every member can apply the entry that
+        // carries them (`IdemCompleteWith`); until then a replay has status, body and type.
+        let with_headers = self.store.replica().members_have(crate::peer::frame::features::APP_HEADERS);
         match result {
-            Ok((out, _)) if out.as_ref().map_or_else(|e| kept(e.status), |o| kept(o.status)) => {
-                let response = match &out {
-                    Ok(o) => StoredResponse { status: o.status, body: o.body.to_vec(), content_type: o.content_type.clone() },
-                    Err(e) => StoredResponse {
-                        status: e.status,
-                        body: e.to_json().to_string().into_bytes(),
-                        content_type: Some("application/json".into()),
-                    },
+            Ok((out, _)) if out.as_ref().map_or_else(|e| kept(e.status, with_headers), |o| kept(o.status, with_headers)) => {
+                let (response, headers) = match &out {
+                    Ok(o) => (StoredResponse { status: o.status, body: o.body.to_vec(), content_type: o.content_type.clone(), headers: Vec::new() }, &o.headers),
+                    Err(e) => (
+                        StoredResponse {
+                            status: e.status,
+                            body: e.to_json().to_string().into_bytes(),
+                            content_type: Some("application/json".into()),
+                            headers: Vec::new(),
+                        },
+                        &e.headers,
+                    ),
                 };
-                let complete = Command::IdemComplete { key, attempt, response: response.clone() };
+                let complete = if with_headers && !headers.is_empty() {
+                    Command::IdemCompleteWith { key: key.clone(), attempt, response: response.clone(), headers: headers.clone() }
+                } else {
+                    Command::IdemComplete { key: key.clone(), attempt, response: response.clone() }
+                };
                 match self.store.command(complete, left).await {
                     // Another attempt finished first (its lease lapsed while ours ran): its answer stands.
-                    Ok(CommandResult::IdemDone(first)) if first != response => Ok(replay(first)),
+                    Ok(CommandResult::IdemDone(first)) if !first.same_answer(&response) => Ok(replay(self.with_headers(&key, first, deadline).await)),
                     // Recorded, or not recorded (no quorum): the effects are committed either way,
                     // and a retry re-runs with deduplicated writes.
                     _ => Ok(answer(out)),
@@ -356,6 +367,28 @@ impl Proxy {
             }
             _ => now_ms(),
         }
+    }
+
+    /// `stored` with its headers: an `IdemDone` a follower's forwarded write got back from the
+    /// leader does not carry them (older builds share its encoding), this node's record of the
+    /// key does once it has applied it (a read barrier catches up, at most once, within the
+    /// deadline). Without a record here that is the same answer, `stored` as it came.
+    async fn with_headers(&self, key: &str, stored: StoredResponse, deadline: Instant) -> StoredResponse {
+        if !stored.headers.is_empty() || !self.store.replica().members_have(crate::peer::frame::features::APP_HEADERS) {
+            return stored;
+        }
+        for pass in 0..2 {
+            if let Some(IdemState::Done(local)) = self.sm.idem_state(key) {
+                if local.same_answer(&stored) {
+                    return local;
+                }
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if pass == 0 && !left.is_zero() {
+                let _ = self.store.replica().read_barrier(left).await;
+            }
+        }
+        stored
     }
 
     /// Now, in the clock of the node that made `owner` (module comment).
@@ -430,14 +463,19 @@ mod tests {
     }
 
     /// 2xx and 4xx answers are the key's for the window, but not 5xx nor the 4xx that say "not
-    /// now": a retry of those runs again.
+    /// now": a retry of those runs again. A redirect is kept only where its headers are.
     #[test]
     fn answers_that_say_not_now_are_not_kept() {
-        for status in [200, 201, 204, 400, 404, 409, 412, 422] {
-            assert!(kept(status), "{status}");
+        for with_headers in [false, true] {
+            for status in [200, 201, 204, 400, 404, 409, 412, 422] {
+                assert!(kept(status, with_headers), "{status}");
+            }
+            for status in [0, 42, 100, 199, 408, 425, 429, 500, 502, 503, 504] {
+                assert!(!kept(status, with_headers), "{status}");
+            }
         }
-        for status in [0, 42, 100, 199, 408, 425, 429, 500, 502, 503, 504] {
-            assert!(!kept(status), "{status}");
+        for status in [301, 303, 304, 307, 308] {
+            assert!(kept(status, true) && !kept(status, false), "{status}");
         }
     }
 

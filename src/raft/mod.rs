@@ -690,7 +690,7 @@ mod tests {
     #[test]
     fn a_batch_reply_keeps_its_answers_within_a_frame() {
         let frame = 1 << 20;
-        let replay = |kib: usize| Ok((7, CommandResult::IdemDone(StoredResponse { status: 200, body: vec![b'x'; kib << 10], content_type: None })));
+        let replay = |kib: usize| Ok((7, CommandResult::IdemDone(StoredResponse { status: 200, body: vec![b'x'; kib << 10], content_type: None, headers: Vec::new() })));
         let small = || Ok((8, CommandResult::Written { revision: 3 }));
         let results = vec![replay(600), small(), replay(450), replay(100), small(), replay(500), Err(RemoteError::Invalid("bad".into()))];
         let begins = [true; 7];

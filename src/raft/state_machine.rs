@@ -103,7 +103,7 @@ pub enum IdemState {
 /// fixed allowance for the map and queue entries.
 fn idem_weight(key: &str, rec: &IdemRecord) -> u64 {
     let answer = match &rec.state {
-        IdemState::Done(r) => r.body.len() + r.content_type.as_ref().map_or(0, String::len),
+        IdemState::Done(r) => r.body.len() + r.content_type.as_ref().map_or(0, String::len) + crate::proxy::headers::size(&r.headers),
         IdemState::Pending { .. } => 0,
     };
     (2 * key.len() + answer + 64 * rec.effects.len() + 160) as u64
@@ -644,28 +644,38 @@ impl SmData {
                 let existed = if declared_by.is_empty() { self.subs.remove(&name).is_some() } else { self.subs.contains_key(&name) };
                 CommandResult::SubscriptionDropped { existed, declared_by }
             }
-            Command::IdemComplete { key, attempt: _, response } => match self.idem.get_mut(&key) {
-                // The first completion wins; a slower duplicate attempt gets the winner's answer.
-                Some(IdemRecord { state: IdemState::Done(first), .. }) => CommandResult::IdemDone(first.clone()),
-                Some(rec) => {
-                    let before = idem_weight(&key, rec);
-                    rec.state = IdemState::Done(response.clone());
-                    self.idem_bytes = (self.idem_bytes + idem_weight(&key, rec)).saturating_sub(before);
-                    CommandResult::IdemDone(response)
+            Command::IdemComplete { key, attempt, mut response } => {
+                // Only what the entry's encoding holds, whoever applies it (the leader applies
+                // the entry as proposed, the others as decoded).
+                response.headers.clear();
+                self.apply(index, Command::IdemCompleteWith { key, attempt, response, headers: Vec::new() })
+            }
+            Command::IdemCompleteWith { key, attempt: _, mut response, headers } => {
+                // The headers the entry carries beside the answer (its own are not encoded).
+                response.headers = headers;
+                match self.idem.get_mut(&key) {
+                    // The first completion wins; a slower duplicate attempt gets the winner's answer.
+                    Some(IdemRecord { state: IdemState::Done(first), .. }) => CommandResult::IdemDone(first.clone()),
+                    Some(rec) => {
+                        let before = idem_weight(&key, rec);
+                        rec.state = IdemState::Done(response.clone());
+                        self.idem_bytes = (self.idem_bytes + idem_weight(&key, rec)).saturating_sub(before);
+                        CommandResult::IdemDone(response)
+                    }
+                    None => {
+                        let rec = IdemRecord {
+                            created_ms: self.clock_ms,
+                            state: IdemState::Done(response.clone()),
+                            effects: BTreeMap::new(),
+                            fingerprint: None,
+                        };
+                        self.idem_bytes += idem_weight(&key, &rec);
+                        self.idem.insert(key.clone(), rec);
+                        self.idem_order.push_back((self.clock_ms, key));
+                        CommandResult::IdemDone(response)
+                    }
                 }
-                None => {
-                    let rec = IdemRecord {
-                        created_ms: self.clock_ms,
-                        state: IdemState::Done(response.clone()),
-                        effects: BTreeMap::new(),
-                        fingerprint: None,
-                    };
-                    self.idem_bytes += idem_weight(&key, &rec);
-                    self.idem.insert(key.clone(), rec);
-                    self.idem_order.push_back((self.clock_ms, key));
-                    CommandResult::IdemDone(response)
-                }
-            },
+            }
         }
     }
 
@@ -1381,11 +1391,23 @@ fn stores_usage(stores: &Stores) -> (u64, u64) {
 /// bincode of this struct, its length (u32 LE), its CRC-32 (u32 LE) and `EXT_MAGIC`. Older
 /// builds decode the image and leave the trailing bytes alone (bincode allows them), so both
 /// builds read each other's snapshots; an image without the trailer decodes with nothing here.
-/// New fields go at the end (a shorter extension then fails to decode: give it a new magic).
+/// New fields go after it, in `SmExtMore`: the extension's bytes are this struct's bincode, then
+/// that one's, which builds before it leave unread (bincode allows trailing bytes) and this
+/// build reads when they are there (an extension of an older build ends after this struct).
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 struct SmExt {
     /// `IdemRecord::fingerprint` of the records that have one, by key.
     idem_prints: Vec<(String, u64)>,
+    /// What `SmExtMore` held (not in this struct's encoding).
+    #[serde(skip)]
+    more: SmExtMore,
+}
+
+/// The extension's second part (see `SmExt`).
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+struct SmExtMore {
+    /// The headers of stored answers that have some (`StoredResponse::headers`), by key.
+    idem_headers: Vec<(String, crate::sdk::HeaderList)>,
 }
 
 const EXT_MAGIC: [u8; 8] = *b"rbSmExt1";
@@ -1393,9 +1415,20 @@ const EXT_TRAILER: usize = 16;
 
 /// Appends `d`'s extension (`SmExt`) to its image.
 fn append_ext(image: &mut Vec<u8>, d: &SmData) -> io::Result<()> {
-    let ext = SmExt { idem_prints: d.idem.iter().filter_map(|(k, r)| Some((k.clone(), r.fingerprint?))).collect() };
+    let ext = SmExt { idem_prints: d.idem.iter().filter_map(|(k, r)| Some((k.clone(), r.fingerprint?))).collect(), more: SmExtMore::default() };
+    let more = SmExtMore {
+        idem_headers: d
+            .idem
+            .iter()
+            .filter_map(|(k, r)| match &r.state {
+                IdemState::Done(answer) if !answer.headers.is_empty() => Some((k.clone(), answer.headers.clone())),
+                _ => None,
+            })
+            .collect(),
+    };
     let start = image.len();
     bincode::serialize_into(&mut *image, &ext).map_err(io::Error::other)?;
+    bincode::serialize_into(&mut *image, &more).map_err(io::Error::other)?;
     let len = u32::try_from(image.len() - start).map_err(|_| io::Error::other("snapshot extension over 4 GiB"))?;
     let crc = crc32fast::hash(&image[start..]);
     image.extend_from_slice(&len.to_le_bytes());
@@ -1421,16 +1454,28 @@ fn read_ext(image: &[u8]) -> io::Result<SmExt> {
     if crc32fast::hash(ext) != crc {
         return Err(bad("checksum mismatch"));
     }
-    bincode::deserialize(ext).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot extension does not decode: {e}")))
+    let undecodable = |e: bincode::Error| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot extension does not decode: {e}"));
+    let mut first: SmExt = bincode::deserialize(ext).map_err(undecodable)?;
+    let used = usize::try_from(bincode::serialized_size(&first).map_err(undecodable)?).map_err(|_| bad("longer than the image"))?;
+    if let Some(rest) = ext.get(used..).filter(|rest| !rest.is_empty()) {
+        first.more = bincode::deserialize(rest).map_err(undecodable)?;
+    }
+    Ok(first)
 }
 
 /// Decode and check a snapshot image; used before installing one received from the leader.
 pub fn decode_data(bytes: &[u8]) -> io::Result<SmData> {
     let mut data: SmData = bincode::deserialize(bytes)
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot data does not decode: {e}")))?;
-    for (key, print) in read_ext(bytes)?.idem_prints {
+    let ext = read_ext(bytes)?;
+    for (key, print) in ext.idem_prints {
         if let Some(rec) = data.idem.get_mut(&key) {
             rec.fingerprint = Some(print);
+        }
+    }
+    for (key, headers) in ext.more.idem_headers {
+        if let Some(IdemRecord { state: IdemState::Done(answer), .. }) = data.idem.get_mut(&key) {
+            answer.headers = headers;
         }
     }
     data.idem_bytes = data.idem.iter().map(|(k, r)| idem_weight(k, r)).sum();
@@ -1736,7 +1781,7 @@ mod tests {
     fn idempotency_records_stay_within_their_bounds() {
         let shared = empty_shared();
         let begin = |key: &str, now_ms, window_ms| Command::IdemBegin { key: key.into(), attempt: 1, now_ms, lease_ms: 1000, window_ms };
-        let answer = |kib: usize| StoredResponse { status: 200, body: vec![b'a'; kib << 10], content_type: None };
+        let answer = |kib: usize| StoredResponse { status: 200, body: vec![b'a'; kib << 10], content_type: None, headers: Vec::new() };
         {
             let mut d = shared.data.write().unwrap();
             for i in 0..10u64 {
@@ -1918,7 +1963,7 @@ mod tests {
         // Another attempt waits while the lease holds, takes over after it.
         assert_eq!(d.apply(5, begin(8, 500)), CommandResult::IdemPending { until_ms: 1100 });
         assert_eq!(d.apply(6, begin(8, 1200)), CommandResult::IdemBegun);
-        let resp = StoredResponse { status: 200, body: b"{}".to_vec(), content_type: None };
+        let resp = StoredResponse { status: 200, body: b"{}".to_vec(), content_type: None, headers: Vec::new() };
         let done = Command::IdemComplete { key: "k1".into(), attempt: 8, response: resp.clone() };
         assert_eq!(d.apply(7, done), CommandResult::IdemDone(resp.clone()));
         assert_eq!(d.apply(8, begin(9, 1300)), CommandResult::IdemDone(resp));
@@ -1938,7 +1983,7 @@ mod tests {
         let shared = empty_shared();
         let incr = |tag: Option<(String, u32)>| Command::Increment { store: "s".into(), key: "c".into(), by: 1, tag };
         let begin = |key: &str, attempt, now_ms, lease_ms| Command::IdemTake { key: key.into(), attempt, now_ms, lease_ms, window_ms: 60_000, fingerprint: None };
-        let resp = StoredResponse { status: 200, body: b"{}".to_vec(), content_type: None };
+        let resp = StoredResponse { status: 200, body: b"{}".to_vec(), content_type: None, headers: Vec::new() };
         let mut d = shared.data.write().unwrap();
         assert_eq!(d.apply(1, begin("a", 1, 1_000, 100_000)), CommandResult::IdemBegun);
         let first = d.apply(2, incr(Some(("a".into(), 0))));
@@ -2000,6 +2045,56 @@ mod tests {
         assert_eq!(d.idem.keys().filter(|k| k.starts_with("held")).count(), 200, "the held ones stay");
     }
 
+    /// An answer completed with its headers (`IdemCompleteWith`) replays them, also from a
+    /// snapshot, whose extension carries them after the fingerprints where an older build reads
+    /// the fingerprints alone; `IdemComplete` stores none, whatever its response held in memory
+    /// (the leader applies the entry it proposed, the others what they decoded).
+    #[test]
+    fn an_answers_headers_are_kept_with_it_and_in_snapshots() {
+        let mut d = SmData::default();
+        let claim = |key: &str, attempt| Command::IdemClaim { key: key.into(), attempt, now_ms: 100, lease_ms: 1000, window_ms: 60_000, fingerprint: 1 };
+        let headers: crate::sdk::HeaderList = vec![("location".into(), b"/orders/9".to_vec()), ("set-cookie".into(), b"a=1".to_vec())];
+        let resp = StoredResponse { status: 201, body: b"{}".to_vec(), content_type: Some("application/json".into()), headers: Vec::new() };
+        d.apply(1, claim("with", 7));
+        let before = d.idem_bytes;
+        let done = d.apply(2, Command::IdemCompleteWith { key: "with".into(), attempt: 7, response: resp.clone(), headers: headers.clone() });
+        let with = StoredResponse { headers: headers.clone(), ..resp.clone() };
+        assert_eq!(done, CommandResult::IdemDone(with.clone()));
+        assert_eq!(d.idem_bytes - before, (2 + crate::proxy::headers::size(&headers) + "application/json".len()) as u64);
+        assert_eq!(d.apply(3, claim("with", 8)), CommandResult::IdemDone(with.clone()), "replayed with its headers");
+        d.apply(4, claim("plain", 9));
+        let in_memory = StoredResponse { headers: headers.clone(), ..resp.clone() };
+        assert_eq!(d.apply(5, Command::IdemComplete { key: "plain".into(), attempt: 9, response: in_memory }), CommandResult::IdemDone(resp.clone()));
+        // The encoding of a stored answer is the older one: no headers in it.
+        let encoded: StoredResponse = bincode::deserialize(&bincode::serialize(&with).unwrap()).unwrap();
+        assert_eq!(encoded, resp);
+        assert!(encoded.same_answer(&with));
+
+        let mut image = bincode::serialize(&d).expect("encodes");
+        let plain_len = image.len();
+        append_ext(&mut image, &d).expect("extension");
+        let back = decode_data(&image).expect("decodes");
+        assert!(matches!(&back.idem["with"].state, IdemState::Done(r) if *r == with));
+        assert!(matches!(&back.idem["plain"].state, IdemState::Done(r) if *r == resp));
+        assert_eq!(back.idem_bytes, d.idem_bytes);
+        // What an older build reads of the extension: the fingerprints, the rest left alone.
+        let ext = &image[plain_len..image.len() - EXT_TRAILER];
+        let older: SmExt = bincode::deserialize(ext).expect("an older build decodes the extension");
+        assert_eq!(older.idem_prints.len(), 2);
+        assert!(older.more.idem_headers.is_empty());
+        // And an older build's extension (the fingerprints alone) reads here with no headers.
+        let mut old_image = bincode::serialize(&d).expect("encodes");
+        let old_ext = bincode::serialize(&SmExt { idem_prints: vec![("with".into(), 1)], more: SmExtMore::default() }).unwrap();
+        let crc = crc32fast::hash(&old_ext);
+        old_image.extend_from_slice(&old_ext);
+        old_image.extend_from_slice(&(old_ext.len() as u32).to_le_bytes());
+        old_image.extend_from_slice(&crc.to_le_bytes());
+        old_image.extend_from_slice(&EXT_MAGIC);
+        let back = decode_data(&old_image).expect("an older build's image decodes");
+        assert_eq!(back.idem["with"].fingerprint, Some(1));
+        assert!(matches!(&back.idem["with"].state, IdemState::Done(r) if r.headers.is_empty()));
+    }
+
     /// A key first claimed with one fingerprint answers a claim with another `IdemMismatch`,
     /// pending or done, and changes nothing; the same one waits or replays as before. A record
     /// made without one (an older build's `IdemBegin`) is never judged. Snapshots keep the
@@ -2014,7 +2109,7 @@ mod tests {
         assert_eq!(d.apply(2, claim("k", 8, 200, 0xbb)), CommandResult::IdemMismatch, "pending, other request");
         assert_eq!(d.apply(3, claim("k", 8, 5_000, 0xbb)), CommandResult::IdemMismatch, "lapsed lease, still not its key");
         assert_eq!(d.apply(4, claim("k", 8, 300, 0xaa)), CommandResult::IdemPending { until_ms: 1100 });
-        let resp = StoredResponse { status: 201, body: b"{\"id\":1}".to_vec(), content_type: None };
+        let resp = StoredResponse { status: 201, body: b"{\"id\":1}".to_vec(), content_type: None, headers: Vec::new() };
         d.apply(5, Command::IdemComplete { key: "k".into(), attempt: 7, response: resp.clone() });
         assert_eq!(d.apply(6, claim("k", 9, 400, 0xaa)), CommandResult::IdemDone(resp.clone()));
         assert_eq!(d.apply(7, claim("k", 9, 400, 0xcc)), CommandResult::IdemMismatch);

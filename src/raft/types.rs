@@ -136,6 +136,10 @@ pub enum Command {
     /// applies each entry alike. Added after the others: proposed only when every member
     /// announced `features::HELD_CLAIMS`.
     IdemTake { key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: Option<u64> },
+    /// `IdemComplete` with the answer's headers (a sidecar app's `Location`, `Set-Cookie`, ...),
+    /// which a replay sends again. Added after the others: older builds cannot decode it, so
+    /// the proxy proposes it only when every member announced `features::APP_HEADERS`.
+    IdemCompleteWith { key: String, attempt: u64, response: StoredResponse, headers: crate::sdk::HeaderList },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -177,6 +181,19 @@ pub struct StoredResponse {
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     pub content_type: Option<String>,
+    /// A sidecar app's answer headers (`proxy::headers`). Not in this struct's encoding, which
+    /// the log, snapshots and forwarded answers of older builds share: `IdemCompleteWith`
+    /// carries them into the log and the snapshot extension (`SmExt`) keeps them.
+    #[serde(skip)]
+    pub headers: crate::sdk::HeaderList,
+}
+
+impl StoredResponse {
+    /// The same answer, whether or not its headers came along (a forwarded `IdemDone` does not
+    /// carry them).
+    pub fn same_answer(&self, other: &StoredResponse) -> bool {
+        (self.status, &self.body, &self.content_type) == (other.status, &other.body, &other.content_type)
+    }
 }
 
 impl Command {
@@ -189,6 +206,7 @@ impl Command {
                 Command::Put { store, key, value, .. } => store.len() + key.len() + value.len(),
                 Command::Delete { store, key, .. } | Command::Increment { store, key, .. } => store.len() + key.len(),
                 Command::IdemComplete { key, response, .. } => key.len() + response.body.len(),
+                Command::IdemCompleteWith { key, response, headers, .. } => key.len() + response.body.len() + crate::proxy::headers::size(headers),
                 Command::IdemBegin { key, .. } | Command::IdemClaim { key, .. } | Command::IdemTake { key, .. } => key.len(),
                 Command::Publish { events, .. } => crate::broker::event_bytes(events),
                 Command::PublishAndSettle { events, updates, .. } => {
@@ -215,6 +233,7 @@ impl Command {
                 | Command::IdemClaim { .. }
                 | Command::IdemTake { .. }
                 | Command::IdemComplete { .. }
+                | Command::IdemCompleteWith { .. }
                 | Command::SubUpdate { .. }
         )
     }
@@ -229,7 +248,7 @@ impl fmt::Display for Command {
             Command::Increment { store, key, .. } => write!(f, "increment {store}/{key}"),
             Command::Register { node, .. } => write!(f, "register node {node}"),
             Command::IdemBegin { .. } | Command::IdemClaim { .. } | Command::IdemTake { .. } => write!(f, "idempotency begin"),
-            Command::IdemComplete { .. } => write!(f, "idempotency complete"),
+            Command::IdemComplete { .. } | Command::IdemCompleteWith { .. } => write!(f, "idempotency complete"),
             Command::Publish { events, .. } => write!(f, "publish {} events", events.len()),
             Command::SubUpdate { updates } => write!(f, "{} subscription updates", updates.len()),
             Command::PublishAndSettle { events, updates, .. } => {
@@ -316,7 +335,7 @@ mod tests {
         assert!(matches!(bincode::deserialize(&old_bytes).unwrap(), Command::Put { value: v, .. } if v == value));
         let response = ResponseBefore { status: 201, body: value.clone(), content_type: None };
         let old_bytes = bincode::serialize(&response).unwrap();
-        let now = StoredResponse { status: 201, body: value, content_type: None };
+        let now = StoredResponse { status: 201, body: value, content_type: None, headers: Vec::new() };
         assert_eq!(bincode::serialize(&now).unwrap(), old_bytes);
         assert_eq!(bincode::deserialize::<StoredResponse>(&old_bytes).unwrap(), now);
     }

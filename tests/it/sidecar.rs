@@ -447,6 +447,26 @@ fn headers_pass_both_ways_between_a_client_and_the_app_on_any_node() {
     }
     assert!(locked_by.iter().any(|b| *b != own), "a 401 from another node's app: {locked_by:?}");
     assert!(moved_by.iter().any(|b| *b != own), "a 303 from another node's app: {moved_by:?}");
+    // A keyed answer is replayed with its headers, through any node: a created resource's
+    // `location` and cookies, a redirect (kept now that its `location` is).
+    for (i, (method, path, status)) in [("POST", "/api/v1/echo/keyed", 201), ("GET", "/api/v1/moved", 303)].into_iter().enumerate() {
+        let key = format!("headers-key-{i}");
+        let keyed = [("idempotency-key", key.as_str())];
+        let first = sc.c.api(1).request(method, path, &keyed, b"").expect("first keyed request");
+        assert_eq!(first.status, status, "{}", first.describe());
+        assert!(first.header("idempotent-replay").is_none(), "{}", first.describe());
+        for api in sc.c.apis() {
+            let again = api.request(method, path, &keyed, b"").expect("repeat");
+            let what = format!("{method} {path} again via node {}: {}", api.id, again.describe());
+            assert_eq!((again.status, again.header("idempotent-replay")), (status, Some("true")), "{what}");
+            for name in ["location", "x-served-by"] {
+                assert_eq!(again.header(name), first.header(name), "{name}: {what}");
+            }
+            let cookies = |r: &Response| r.headers.iter().filter(|(k, _)| k == "set-cookie").map(|(_, v)| v.clone()).collect::<Vec<_>>();
+            assert_eq!(cookies(&again), cookies(&first), "{what}");
+            assert_eq!(again.body, first.body, "{what}");
+        }
+    }
     // Headers beyond what a node passes on (32 KiB; hyper itself refuses more than 100 lines
     // with a bare 431): a 431 that says why, and the node keeps serving.
     let big = "v".repeat(8 << 10);
