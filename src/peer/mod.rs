@@ -448,7 +448,11 @@ impl Link {
     async fn room_for(&self, len: usize) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
         // A frame's length is below 2^32 (the codec's length field), and so is the budget.
         let n = u32::try_from(len.min(self.queue_budget())).unwrap_or(u32::MAX);
-        self.queued_bytes.clone().acquire_many_owned(n).await
+        // Without a future while there is room (every frame but a congested link's).
+        match self.queued_bytes.clone().try_acquire_many_owned(n) {
+            Ok(room) => Ok(room),
+            Err(_) => self.queued_bytes.clone().acquire_many_owned(n).await,
+        }
     }
 
     /// Bytes of frames queued on this link now.
@@ -500,19 +504,24 @@ impl Link {
     ) -> Result<Option<PeerResponse>, PeerError> {
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         let permit = self.place(deadline, timeout).await?;
-        let room = match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
-            Ok(Ok(room)) => room,
-            Ok(Err(_)) => return Err(PeerError::ClosedUnsent { peer: self.peer }),
-            Err(_) => return Err(PeerError::Unsent { peer: self.peer, timeout }),
+        let unsent = |closed: bool| if closed { PeerError::ClosedUnsent { peer: self.peer } } else { PeerError::Unsent { peer: self.peer, timeout } };
+        let slot = match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
+            Ok(Ok(slot)) => slot,
+            Ok(Err(_)) => return Err(unsent(true)),
+            Err(_) => return Err(unsent(false)),
+        };
+        // Room for the largest frame the request can be, before it is made: once made it goes
+        // at once (its callers may give up while it waits), and the room it does not need is
+        // given back.
+        let mut bytes = match tokio::time::timeout_at(deadline, self.room_for(self.max_frame)).await {
+            Ok(Ok(bytes)) => bytes,
+            Ok(Err(_)) => return Err(unsent(true)),
+            Err(_) => return Err(unsent(false)),
         };
         let Some(req) = make() else { return Ok(None) };
         let (call, body) = self.open(&req, permit, deadline, timeout)?;
-        let bytes = match tokio::time::timeout_at(deadline, self.room_for(body.len())).await {
-            Ok(Ok(bytes)) => bytes,
-            Ok(Err(_)) => return Err(PeerError::ClosedUnsent { peer: self.peer }),
-            Err(_) => return Err(PeerError::Unsent { peer: self.peer, timeout }),
-        };
-        room.send(Queued { frame: body, room: Some(bytes) });
+        drop(bytes.split(bytes.num_permits().saturating_sub(body.len().max(1))));
+        slot.send(Queued { frame: body, room: Some(bytes) });
         call.response().await.map(Some)
     }
 
@@ -1529,7 +1538,8 @@ async fn write_loop(
     // Bytes handed to the writer since its last flush: a write may take `stall` and 1 µs per
     // byte it has to move (1 MB/s), so a big frame on a slow link that is moving is not cut.
     let mut pending = 0usize;
-    let mut held: Vec<Option<tokio::sync::OwnedSemaphorePermit>> = Vec::with_capacity(WRITE_BATCH);
+    // The frames' room in the byte budget, merged into one permit (one release per flush).
+    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
     let limit = |bytes: usize| stall + Duration::from_micros(bytes as u64);
     macro_rules! or_closed {
         ($io:expr, $bytes:expr) => {
@@ -1560,7 +1570,7 @@ async fn write_loop(
         pending += first.frame.len();
         // The frames' room in the byte budget, given back after the flush: until then the
         // writer's buffer holds a copy of each.
-        held.push(first.room);
+        hold(&mut held, first.room);
         if !or_closed!(writer.feed(first.frame), pending) {
             link.close();
             return;
@@ -1571,7 +1581,7 @@ async fn write_loop(
             match rx.try_recv() {
                 Ok(f) => {
                     pending += f.frame.len();
-                    held.push(f.room);
+                    hold(&mut held, f.room);
                     if !or_closed!(writer.feed(f.frame), pending) {
                         link.close();
                         return;
@@ -1596,13 +1606,22 @@ async fn write_loop(
             return;
         }
         pending = 0;
-        held.clear();
+        held = None;
     }
     link.close();
     // Closed by either side, the connection still works: end it cleanly (a TLS close_notify,
     // then FIN), so that the peer reads an orderly end instead of warning of a truncated TLS
     // stream at every graceful restart. Bounded: the peer may have gone.
     let _ = tokio::time::timeout(CLEAN_CLOSE, SinkExt::<Bytes>::close(&mut writer)).await;
+}
+
+/// Adds a frame's room to the room the writer holds until its flush (`write_loop`).
+fn hold(held: &mut Option<tokio::sync::OwnedSemaphorePermit>, room: Option<tokio::sync::OwnedSemaphorePermit>) {
+    match (held.as_mut(), room) {
+        (Some(all), Some(room)) => all.merge(room),
+        (None, room) => *held = room,
+        (Some(_), None) => {}
+    }
 }
 
 /// How long a link's writer may take to end its connection cleanly.
@@ -2349,8 +2368,18 @@ mod tests {
             }
             most = most.max(link.queued());
         }
-        assert!(most <= link.queue_budget(), "queued {most} bytes, budget {}", link.queue_budget());
+        let frame = 512 << 10;
+        assert!(most + frame > link.queue_budget(), "the queue filled up: {most} bytes of {}", link.queue_budget());
         assert!(unsent > 0, "some requests found no room (the sockets take a few MiB at most)");
+        // A request made only once it has its place waits for room for a whole frame first, and
+        // is not made when none comes.
+        let made = std::sync::atomic::AtomicBool::new(false);
+        let late = link.call_made(tokio::time::Instant::now() + Duration::from_millis(100), || {
+            made.store(true, Ordering::SeqCst);
+            Some(chunk())
+        });
+        assert!(matches!(late.await, Err(PeerError::Unsent { .. })));
+        assert!(!made.load(Ordering::SeqCst), "not made while there was no room to send it");
         assert!(link.is_alive(), "a full queue closes nothing by itself");
         // Closing the link gives nothing room any more: no frame waits for a dead link.
         link.close();

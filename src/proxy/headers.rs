@@ -119,7 +119,9 @@ pub fn from_client<B>(req: &http::Request<B>) -> Result<HeaderList, TooManyHeade
     let mut list = end_to_end(req.headers(), SET_BY_NODE_ON_REQUESTS, |_| false)?;
     if let Some(client) = req.extensions().get::<ClientConn>() {
         // HTTP/1's `host`, or HTTP/2's `:authority`, which hyper keeps in the URI.
-        let host = req.uri().authority().map(|a| a.as_str().as_bytes()).or_else(|| req.headers().get(http::header::HOST).map(HeaderValue::as_bytes));
+        // Without the `user:password@` an absolute-form request line may carry.
+        let authority = req.uri().authority().and_then(|a| a.as_str().rsplit('@').next());
+        let host = authority.map(str::as_bytes).or_else(|| req.headers().get(http::header::HOST).map(HeaderValue::as_bytes));
         forwarded_for(host, client, &mut list);
     }
     let (count, bytes) = (list.len(), size(&list));

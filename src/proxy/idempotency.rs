@@ -101,6 +101,15 @@ fn in_clock_of(local_ms: u64, offset: Option<ClockOffset>) -> u64 {
 /// Whether an answer with `status` is stored as the key's for the window: a 2xx or a 4xx, but
 /// not a 5xx nor the 4xx that say "not now" (408 timeout, 425 too early, 429 too many
 /// requests: a retry may well succeed, and replaying them for 10 minutes would refuse it).
+/// Whether the answer a key's completion got back (`IdemDone`) is `response` with `headers`:
+/// the same status, body and type, and the same headers or none (it crossed a link).
+fn first_is_ours<'a>(response: &'a StoredResponse, headers: &'a crate::sdk::HeaderList) -> impl Fn(&StoredResponse) -> bool + 'a {
+    move |first| first.same_answer(response) && (first.headers.is_empty() || first.headers == *headers)
+}
+
+/// How long a replay waits for this node's record of its key to show the answer's headers.
+const HEADERS_CATCH_UP: Duration = Duration::from_secs(1);
+
 fn kept(status: u16, with_headers: bool) -> bool {
     // Below 200 is no final answer (a handler's 42 went out as a 500 and replayed as a 200).
     // A redirect (3xx, a sidecar app's) is kept only with its headers: replayed without its
@@ -299,10 +308,13 @@ impl Proxy {
         // An answer's headers are kept with it once every member can apply the entry that
         // carries them (`IdemCompleteWith`); until then a replay has status, body and type.
         let with_headers = self.store.replica().members_have(crate::peer::frame::features::APP_HEADERS);
+        // A redirect is kept only with its `location`: stored without headers (not every member
+        // can, or none came back over an older build's link) it would say nothing.
+        let keeps = |status, headers: &crate::sdk::HeaderList| kept(status, with_headers && headers.iter().any(|(n, _)| n == "location"));
         match result {
-            Ok((out, _)) if out.as_ref().map_or_else(|e| kept(e.status, with_headers), |o| kept(o.status, with_headers)) => {
+            Ok((out, _)) if out.as_ref().map_or_else(|e| keeps(e.status, &e.headers), |o| keeps(o.status, &o.headers)) => {
                 let (response, headers) = match &out {
-                    Ok(o) => (StoredResponse { status: o.status, body: o.body.to_vec(), content_type: o.content_type.clone(), headers: Vec::new() }, &o.headers),
+                    Ok(o) => (StoredResponse { status: o.status, body: o.body.to_vec(), content_type: o.content_type.clone(), headers: Vec::new() }, o.headers.clone()),
                     Err(e) => (
                         StoredResponse {
                             status: e.status,
@@ -310,7 +322,7 @@ impl Proxy {
                             content_type: Some("application/json".into()),
                             headers: Vec::new(),
                         },
-                        &e.headers,
+                        e.headers.clone(),
                     ),
                 };
                 let complete = if with_headers && !headers.is_empty() {
@@ -318,9 +330,15 @@ impl Proxy {
                 } else {
                     Command::IdemComplete { key: key.clone(), attempt, response: response.clone() }
                 };
+                // Ours, unless another attempt finished first (its lease lapsed while ours ran):
+                // its answer stands, headers and all. One that came back from the leader without
+                // headers (to a follower's forwarded write) is taken as ours when its status,
+                // body and type are: looking for its headers here would cost every keyed
+                // command of an app through a follower a read barrier, for a race of two
+                // attempts whose answers differ in their headers alone.
+                let ours = first_is_ours(&response, &headers);
                 match self.store.command(complete, left).await {
-                    // Another attempt finished first (its lease lapsed while ours ran): its answer stands.
-                    Ok(CommandResult::IdemDone(first)) if !first.same_answer(&response) => Ok(replay(self.with_headers(&key, first, deadline).await)),
+                    Ok(CommandResult::IdemDone(first)) if !ours(&first) => Ok(replay(self.with_headers(&key, first, deadline).await)),
                     // Recorded, or not recorded (no quorum): the effects are committed either way,
                     // and a retry re-runs with deduplicated writes.
                     _ => Ok(answer(out)),
@@ -383,7 +401,9 @@ impl Proxy {
                     return local;
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            // Briefly: the answer is in hand, and a leader that is gone would hold it until the
+            // deadline.
+            let left = deadline.saturating_duration_since(Instant::now()).min(HEADERS_CATCH_UP);
             if pass == 0 && !left.is_zero() {
                 let _ = self.store.replica().read_barrier(left).await;
             }
@@ -477,6 +497,20 @@ mod tests {
         for status in [301, 303, 304, 307, 308] {
             assert!(kept(status, true) && !kept(status, false), "{status}");
         }
+    }
+
+    /// A completion's `IdemDone` is ours when it is our answer, with our headers or none (an
+    /// answer forwarded from the leader carries none); another attempt's answer is not.
+    #[test]
+    fn a_completion_knows_its_own_answer() {
+        let headers: crate::sdk::HeaderList = vec![("location".into(), b"/a".to_vec())];
+        let ours = StoredResponse { status: 201, body: b"{}".to_vec(), content_type: None, headers: Vec::new() };
+        let is_ours = first_is_ours(&ours, &headers);
+        assert!(is_ours(&ours), "as forwarded: no headers");
+        assert!(is_ours(&StoredResponse { headers: headers.clone(), ..ours.clone() }));
+        assert!(!is_ours(&StoredResponse { headers: vec![("location".into(), b"/b".to_vec())], ..ours.clone() }), "another attempt's location");
+        assert!(!is_ours(&StoredResponse { body: b"{\"n\":2}".to_vec(), ..ours.clone() }));
+        assert!(!is_ours(&StoredResponse { status: 200, ..ours.clone() }));
     }
 
     #[test]
