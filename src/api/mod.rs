@@ -124,6 +124,10 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     builder.http1().timer(TokioTimer::new()).header_read_timeout(app.settings.header_read_timeout).keep_alive(true);
     // A peer that stops answering pings is dropped: its connection would hold a slot for good.
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(H2_PING).keep_alive_timeout(H2_PING_TIMEOUT);
+    // Room for the headers a node passes to a sidecar's app (`proxy::headers`, 32 KiB of names
+    // and values) with HTTP/2's 32 bytes per field and the pseudo-headers; hyper's 16 KiB
+    // answered such a request with a bare 431 of its own.
+    builder.http2().max_header_list_size(H2_MAX_HEADER_LIST);
     let builder = Arc::new(builder);
     // Cancelled when the drain begins: every connection's keeper then shuts it down gracefully
     // (GOAWAY, or `Connection: close` after the request under way). Dropped with this function.
@@ -274,6 +278,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
 
 /// How long closed connections' tasks may take to end (dropping a request hands its command on).
 const ABORTED_WAIT: Duration = Duration::from_secs(1);
+
+/// The largest header list an HTTP/2 client may send (`max_header_list_size`).
+const H2_MAX_HEADER_LIST: u32 = 48 * 1024;
 
 /// How often an idle HTTP/2 client is pinged, and how long its answer may take.
 const H2_PING: Duration = Duration::from_secs(30);

@@ -66,7 +66,8 @@ type Writer = FramedWrite<tls::WriteHalf, tokio_util::codec::LengthDelimitedCode
 /// Frames waiting to be written on one link.
 const SEND_QUEUE: usize = 4096;
 /// Bytes of frames waiting to be written on one link (queued, or in the writer's buffer until
-/// its flush), or one whole frame where that is more (`Link::queue_budget`). Requests wait for
+/// its flush), or four whole frames where that is more (`queue_budget`: a forwarded write batch
+/// takes room for a whole frame before it is made, which then never waits for an empty queue). Requests wait for
 /// room until their deadline and are then not sent; answers wait while their serving slots
 /// hold (the peer is answered `NotServed` meanwhile). Counting frames alone let a peer that
 /// reads slowly have `SEND_QUEUE` frames of up to `--max-frame` each held for it.
@@ -74,6 +75,11 @@ const SEND_QUEUE: usize = 4096;
 const SEND_QUEUE_BYTES: usize = 64 << 20;
 #[cfg(test)]
 const SEND_QUEUE_BYTES: usize = 2 << 20;
+
+/// The byte budget of a link's send queue for frames of at most `max_frame` bytes.
+fn queue_budget(max_frame: usize) -> usize {
+    SEND_QUEUE_BYTES.max(4 * max_frame)
+}
 
 /// One frame in a link's send queue with its share of the link's byte budget
 /// (`Link::queued_bytes`), given back once the writer has flushed it. Pings, Pongs and shed
@@ -438,9 +444,9 @@ impl Link {
         self.queued_bytes.close();
     }
 
-    /// The most bytes of frames queued on this link: `SEND_QUEUE_BYTES`, or one whole frame.
+    /// The most bytes of frames queued on this link (`queue_budget`).
     fn queue_budget(&self) -> usize {
-        SEND_QUEUE_BYTES.max(self.max_frame)
+        queue_budget(self.max_frame)
     }
 
     /// Room for a frame of `len` bytes in the send queue, waited for (a frame larger than the
@@ -1316,7 +1322,7 @@ impl PeerNet {
             features: theirs.features & frame::features::ALL,
             max_frame: link_max_frame(self.cfg.max_frame, theirs.settings),
             tx,
-            queued_bytes: Arc::new(Semaphore::new(SEND_QUEUE_BYTES.max(link_max_frame(self.cfg.max_frame, theirs.settings)))),
+            queued_bytes: Arc::new(Semaphore::new(queue_budget(link_max_frame(self.cfg.max_frame, theirs.settings)))),
             pending: Mutex::new(HashMap::new()),
             outstanding: Arc::new(Semaphore::new(MAX_OUTSTANDING)),
             next_corr: AtomicU64::new(1),
@@ -2357,7 +2363,7 @@ mod tests {
             done: false,
         };
         let link = net.link(2).await.unwrap();
-        assert_eq!(link.queue_budget(), SEND_QUEUE_BYTES.max(link.max_frame()));
+        assert_eq!(link.queue_budget(), SEND_QUEUE_BYTES.max(4 * link.max_frame()));
         let (mut unsent, mut most) = (0, 0);
         // 80 frames of 512 KiB: 40 MiB, far more than the socket buffers and the budget hold.
         for _ in 0..80 {

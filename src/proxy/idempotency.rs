@@ -11,6 +11,9 @@
 //! 3. `IdemComplete` stores the first finished answer (2xx or 4xx); later requests with the key
 //!    get it back with `idempotent-replay: true` until the window (10 min) passes. A 5xx is not
 //!    stored, nor a 408, 425 or 429 (`kept`): the claim is released so a retry can run it again.
+//!    A sidecar app's answer headers are stored with it (`IdemCompleteWith`, once every member
+//!    can apply it), and then its 3xx too when it has a `location`; a replay sends them again,
+//!    looked up in this node's record when the answer came from the leader without them.
 //!
 //! A lease is written in its owner's wall clock. Whether it has lapsed is judged in the owner's
 //! clock too: an attempt id names the node that made it (`new_attempt`), and a node waiting on
@@ -98,9 +101,6 @@ fn in_clock_of(local_ms: u64, offset: Option<ClockOffset>) -> u64 {
     u64::try_from(i64::try_from(local_ms).unwrap_or(i64::MAX).saturating_add(shift_ms)).unwrap_or(0)
 }
 
-/// Whether an answer with `status` is stored as the key's for the window: a 2xx or a 4xx, but
-/// not a 5xx nor the 4xx that say "not now" (408 timeout, 425 too early, 429 too many
-/// requests: a retry may well succeed, and replaying them for 10 minutes would refuse it).
 /// Whether the answer a key's completion got back (`IdemDone`) is `response` with `headers`:
 /// the same status, body and type, and the same headers or none (it crossed a link).
 fn first_is_ours<'a>(response: &'a StoredResponse, headers: &'a crate::sdk::HeaderList) -> impl Fn(&StoredResponse) -> bool + 'a {
@@ -110,6 +110,10 @@ fn first_is_ours<'a>(response: &'a StoredResponse, headers: &'a crate::sdk::Head
 /// How long a replay waits for this node's record of its key to show the answer's headers.
 const HEADERS_CATCH_UP: Duration = Duration::from_secs(1);
 
+/// Whether an answer with `status` is stored as the key's for the window: a 2xx or a 4xx, but
+/// not a 5xx nor the 4xx that say "not now" (408 timeout, 425 too early, 429 too many
+/// requests: a retry may well succeed, and replaying them for 10 minutes would refuse it). A
+/// sidecar app's 3xx is stored only `with_headers` (its `location` among them).
 fn kept(status: u16, with_headers: bool) -> bool {
     // Below 200 is no final answer (a handler's 42 went out as a 500 and replayed as a 200).
     // A redirect (3xx, a sidecar app's) is kept only with its headers: replayed without its
