@@ -243,7 +243,9 @@ where
     F: Fn(Ctx, I, P) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<O, HandlerError>> + Send + 'static,
 {
-    fn call(&self, ctx: Ctx, inv: Invocation) -> BoxFuture<Result<Output, HandlerError>> {
+    fn call(&self, ctx: Ctx, mut inv: Invocation) -> BoxFuture<Result<Output, HandlerError>> {
+        // Moved, not copied: the handler reads them through its `Ctx`.
+        let ctx = ctx.with_headers(std::mem::take(&mut inv.headers));
         invoke(|i, p| (self.f)(ctx, i, p), &inv, self.limit)
     }
 }

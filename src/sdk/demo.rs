@@ -74,7 +74,7 @@ pub struct Slept {
 /// The `demo` service: `POST echo`, `POST counter/:name/increment`, `GET slow?ms=N`.
 pub fn demo_service() -> ServiceParts {
     let echo_out = json!({"type": "object", "required": ["echo", "servedBy"],
-        "properties": {"echo": {}, "servedBy": {"type": "integer"}}});
+        "properties": {"echo": {}, "servedBy": {"type": "integer"}, "forwardedFor": {"type": ["string", "null"]}}});
     let counter_out = json!({"type": "object", "required": ["name", "value", "servedBy"],
         "properties": {"name": {"type": "string"}, "value": {"type": "integer"}, "servedBy": {"type": "integer"}}});
     Service::new(SERVICE, VERSION)
@@ -125,7 +125,8 @@ pub fn demo_service() -> ServiceParts {
 }
 
 async fn echo(ctx: Ctx, body: serde_json::Value, _: ()) -> Result<serde_json::Value, HandlerError> {
-    Ok(json!({"echo": body, "servedBy": ctx.node_id}))
+    // Who asked, as the node that took the request saw it (a client header an SDK handler reads).
+    Ok(json!({"echo": body, "servedBy": ctx.node_id, "forwardedFor": ctx.header("x-forwarded-for")}))
 }
 
 async fn increment(ctx: Ctx, _: IgnoredAny, p: CounterParams) -> Result<CounterValue, HandlerError> {

@@ -295,12 +295,33 @@ pub struct Ctx {
     pub service: Option<Sender>,
     state: StateHandle,
     broker: Option<Arc<crate::broker::Broker>>,
+    /// A command's client request headers (`proxy::headers`: end to end, with the forwarding
+    /// ones); none for a subscription's handler, or a command sent by a node of an older build.
+    headers: HeaderList,
 }
 
 impl Ctx {
     pub fn new(meta: MessageMeta, node_id: u64, store: StateStore) -> Ctx {
         let dedup = meta.idempotency_key.clone().map(|k| (k, Arc::new(AtomicU32::new(0))));
-        Ctx { meta, node_id, service: None, state: StateHandle { store, dedup }, broker: None }
+        Ctx { meta, node_id, service: None, state: StateHandle { store, dedup }, broker: None, headers: HeaderList::new() }
+    }
+
+    /// The command's client request headers (moved out of its `Invocation` by the SDK).
+    pub fn with_headers(mut self, headers: HeaderList) -> Ctx {
+        self.headers = headers;
+        self
+    }
+
+    /// The first value of the client's request header `name` (any case), if it is text: e.g.
+    /// `authorization`, `accept`, `x-forwarded-for`. The trace, identity and key headers are in
+    /// `meta`, checked.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    /// Every client request header passed to the command, in order (a repeated name repeated).
+    pub fn headers(&self) -> &HeaderList {
+        &self.headers
     }
 
     /// Tag the handler's writes (and emits) with `key` instead of the request's own

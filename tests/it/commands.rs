@@ -953,6 +953,9 @@ fn request_id_and_traceparent_are_passed_on_and_echoed() {
                 Some(traceparent),
                 "traceparent of a request served by node {by}"
             );
+            // An SDK handler reads the client's headers too (`Ctx::header`), on any node.
+            let answer = resp.json().map_err(|e| e.to_string())?;
+            assert_eq!(answer["forwardedFor"], "127.0.0.1", "x-forwarded-for at the handler on node {by}: {answer}");
             served.insert(by);
             if served.len() == 3 {
                 Ok(())
