@@ -143,10 +143,42 @@ fn default_max_in_flight() -> u32 {
 /// Delivers events of one sidecar subscription to the app.
 struct EventPost {
     pool: Arc<Pool>,
+    /// The subscription's name (`x-subscription`).
+    name: String,
     path: String,
     timeout: Duration,
     /// `SidecarSubscription::emit_event`.
     emit: Option<String>,
+}
+
+/// The headers of an event's delivery to a subscription's app, beside the event's JSON body:
+/// its trace (`traceparent`, a span of its own; `x-request-id`), identity (`x-principal-id`,
+/// `x-tenant-id`, as a command's), and which event it is for whom (`x-event-id`,
+/// `x-event-position`, `x-subscription`), so that an app's tracing and logging middleware sees a
+/// delivery as it sees a command. A value that cannot be a header is left out (it is in the
+/// body all the same).
+fn delivery_headers(subscription: &str, event: &crate::broker::event::Event) -> http::HeaderMap {
+    let b = &event.body;
+    let traceparent = b.trace_id.as_deref().filter(|t| t.len() == 32 && t.bytes().all(|c| c.is_ascii_hexdigit()))
+        .map(|t| format!("00-{}-{:016x}-01", t.to_ascii_lowercase(), fastrand::u64(1..)));
+    let position = event.position.to_string();
+    let fields = [
+        ("content-type", Some("application/json")),
+        ("traceparent", traceparent.as_deref()),
+        ("x-request-id", b.correlation_id.as_deref()),
+        ("x-principal-id", b.principal_id.as_deref()),
+        ("x-tenant-id", b.tenant_id.as_deref()),
+        ("x-event-id", Some(b.id.as_str())),
+        ("x-event-position", Some(position.as_str())),
+        ("x-subscription", Some(subscription)),
+    ];
+    let mut map = http::HeaderMap::with_capacity(fields.len());
+    for (name, value) in fields {
+        if let Some(value) = value.filter(|v| !v.is_empty()).and_then(|v| http::HeaderValue::from_str(v).ok()) {
+            map.insert(name, value);
+        }
+    }
+    map
 }
 
 /// The event a subscription's app returns: its 2xx answer `body` as the payload of an event
@@ -171,6 +203,7 @@ impl crate::sdk::SubscriptionHandler for EventPost {
     ) -> BoxFuture<Result<Option<crate::sdk::Emit>, HandlerError>> {
         let (pool, path, timeout) = (self.pool.clone(), format!("{}{}", self.pool.base, self.path), self.timeout);
         let emit = self.emit.clone();
+        let headers = delivery_headers(&self.name, &event);
         Box::pin(async move {
             // Serializing borrowed strings and a raw payload cannot fail.
             let body = bytes::Bytes::from(serde_json::to_vec(&event.to_json()).unwrap_or_default());
@@ -179,8 +212,7 @@ impl crate::sdk::SubscriptionHandler for EventPost {
                 return Err(HandlerError::new(503, "every connection to the app is busy"));
             };
             let timeout = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
-            let headers = [("content-type", "application/json")];
-            match conn.conn.request(Method::POST, &path, &headers, body, timeout).await {
+            match conn.conn.request_with(Method::POST, &path, headers, body, timeout, false).await {
                 Ok(resp) if (200..300).contains(&resp.status) => {
                     pool.put(conn);
                     returned_event(emit.as_deref(), &resp.body)
@@ -321,6 +353,7 @@ impl Sidecar {
             }
             let post = EventPost {
                 pool: pool.clone(),
+                name: sub.name.clone(),
                 path: sub.path.clone(),
                 timeout: Duration::from_millis(sub.ack_deadline_ms),
                 emit: sub.emit_event.clone(),
@@ -1063,6 +1096,36 @@ mod tests {
             assert_eq!(err.status, 502, "{err}");
             assert!(err.message.contains("pong"), "{err}");
         }
+    }
+
+    /// A delivery tells the app's middleware what a command's request would: its trace (a span
+    /// of its own), identity, and which event for which subscription; what cannot be a header
+    /// is left out.
+    #[test]
+    fn a_delivery_carries_its_events_trace_and_identity_as_headers() {
+        let body = crate::broker::event::EventBody {
+            id: "ev-1".into(),
+            event_name: "orderPlaced".into(),
+            timestamp: 1,
+            message_type: "customMessage".into(),
+            sender: None,
+            principal_id: Some("alice".into()),
+            tenant_id: None,
+            trace_id: Some("0AF7651916CD43DD8448EB211C80319C".into()),
+            correlation_id: Some("req\n1".into()),
+            payload: b"{}".to_vec(),
+        };
+        let event = crate::broker::event::Event { position: 42, body: Arc::new(body) };
+        let h = delivery_headers("appOrders", &event);
+        let get = |n: &str| h.get(n).map(|v| v.to_str().unwrap().to_string());
+        let tp = get("traceparent").expect("a traceparent");
+        assert!(tp.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && tp.ends_with("-01") && tp.len() == 55, "{tp}");
+        let again = delivery_headers("appOrders", &event);
+        assert_ne!(again.get("traceparent").map(|v| v.to_str().unwrap().to_string()), Some(tp), "each delivery a span of its own");
+        assert_eq!(get("x-principal-id").as_deref(), Some("alice"));
+        assert_eq!((get("x-event-id").as_deref(), get("x-event-position").as_deref()), (Some("ev-1"), Some("42")));
+        assert_eq!((get("x-subscription").as_deref(), get("content-type").as_deref()), (Some("appOrders"), Some("application/json")));
+        assert_eq!((get("x-tenant-id"), get("x-request-id")), (None, None), "absent, or not a header value");
     }
 
     #[test]

@@ -19,7 +19,8 @@ keep-alive (the node pools connections), one thread per connection, and answers:
   GET  /locked              401 {"message":"who?"} with WWW-Authenticate, Retry-After: 7 and
                             X-Served-By: X
   GET  /moved               303 to /echo/1 (Location) with X-Served-By: X, no body
-  POST /events/<name>       a sidecar subscription delivery (body = the event JSON): records the
+  POST /events/<name>       a sidecar subscription delivery (body = the event JSON, with its id
+                            in x-event-id and an x-subscription header, else 400): records the
                             event id and answers 200 {"ok":true,"servedBy":X}; while failing
                             (POST /admin/fail-events) answers 500 and records it as failed instead
   POST /admin/fail-events   make /events/<name> answer 500     POST /admin/ok-events   back to 200
@@ -143,6 +144,9 @@ def make_handler(state, verbose):
                     event_id = event["id"]
                 except (ValueError, KeyError, TypeError) as e:
                     return self.send_json(400, {"message": "body is not an event: %s" % e})
+                # The node names the event in headers too (its trace, for middleware).
+                if self.headers.get("x-event-id") != event_id or not self.headers.get("x-subscription"):
+                    return self.send_json(400, {"message": "x-event-id or x-subscription missing or not the event's"})
                 payload = event.get("payload")
                 if isinstance(payload, dict) and payload.get("hold") is True:
                     with state.lock:
