@@ -404,6 +404,10 @@ impl Cluster {
         // Nodes whose log went back: the leader term it was seen in and the index each must hold
         // again before it may vote (module doc). One entry per such node (`prune_held_back`).
         let mut held_back: BTreeMap<NodeId, (u64, u64)> = BTreeMap::new();
+        // Voters this node, as leader, made learners for their lost data: made voters again
+        // once caught up, also alone where one voter is left (`promote_learners`). Kept to the
+        // membership's learners each tick.
+        let mut demoted: BTreeSet<NodeId> = BTreeSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -422,17 +426,19 @@ impl Cluster {
                         *e = (*e).max((term, had));
                     }
                     self.prune_held_back(&mut held_back);
-                    self.demote_held_back(&held_back).await;
+                    demoted.extend(self.demote_held_back(&held_back).await);
                 }
                 _ = tick.tick() => {
                     if self.is_member(self.replica.id()) {
                         self.was_member.store(true, Ordering::Relaxed);
                     }
                     self.prune_held_back(&mut held_back);
+                    let learners: BTreeSet<NodeId> = self.replica.metrics().membership_config.membership().learner_ids().collect();
+                    demoted.retain(|id| learners.contains(id));
                     if self.replica.raft.is_leader() {
                         self.finish_joint().await;
-                        self.demote_held_back(&held_back).await;
-                        self.promote_learners(&held_back).await;
+                        demoted.extend(self.demote_held_back(&held_back).await);
+                        self.promote_learners(&held_back, &demoted).await;
                     }
                 }
             }
@@ -464,8 +470,9 @@ impl Cluster {
     }
 
     /// Makes each voter that lost its log a learner (retried every tick while a quorum for the
-    /// change is not reachable).
-    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>) {
+    /// change is not reachable); returns those it made learners.
+    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>) -> Vec<NodeId> {
+        let mut demoted = Vec::new();
         for &id in held_back.keys() {
             let m = self.replica.metrics();
             let membership = m.membership_config.membership();
@@ -480,10 +487,12 @@ impl Cluster {
                 Ok(()) => {
                     metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
                     info!(id, "voter that lost its log is a learner now");
+                    demoted.push(id);
                 }
                 Err(e) => warn!(id, cause = %e, "cannot make the voter that lost its log a learner yet"),
             }
         }
+        demoted
     }
 
     fn is_leader_or_err(&self) -> Result<(), RemoteError> {
@@ -656,7 +665,7 @@ impl Cluster {
     /// Promote one caught-up learner while voters < max_voters (two at once from a single
     /// voter); not one that lost its log and does not hold again what it had acknowledged
     /// (`held_back`, pruned just before).
-    async fn promote_learners(&self, held_back: &BTreeMap<NodeId, (u64, u64)>) {
+    async fn promote_learners(&self, held_back: &BTreeMap<NodeId, (u64, u64)>, demoted: &BTreeSet<NodeId>) {
         let m = self.replica.metrics();
         let membership = m.membership_config.membership();
         if membership.get_joint_config().len() > 1 {
@@ -686,7 +695,12 @@ impl Cluster {
         // write after it) would need both, so a second node that died before it acknowledged,
         // or any time after, stalled the cluster until it came back (a lone voter cannot be
         // re-elected over a log that holds the change). With three, one failure is survived.
-        let take = if voters == 1 && self.settings.max_voters >= 3 { 2 } else { 1 };
+        // A voter made a learner for its lost data, in a cluster of two voters, is made a voter
+        // again alone: the cluster had two, and waiting for a second learner kept it at one
+        // for good.
+        let restoring = voters == 1 && ready.iter().any(|id| demoted.contains(id));
+        let take = if voters == 1 && self.settings.max_voters >= 3 && !restoring { 2 } else { 1 };
+        let ready: Vec<NodeId> = if restoring { ready.into_iter().filter(|id| demoted.contains(id)).collect() } else { ready };
         if ready.len() < take {
             if !ready.is_empty() {
                 debug!(ready = ?ready, "one voter: waiting for a second caught-up learner to promote both");

@@ -286,6 +286,11 @@ pub trait SubscriptionHandler: Send + Sync + 'static {
     fn handle(&self, ctx: Ctx, event: crate::broker::event::Event) -> BoxFuture<Result<Option<Emit>, HandlerError>>;
 }
 
+/// The first value of header `name` (any case) in `list`, if it is text.
+fn header_in<'a>(list: &'a HeaderList, name: &str) -> Option<&'a str> {
+    list.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).and_then(|(_, v)| std::str::from_utf8(v).ok())
+}
+
 /// What a handler may use while it runs.
 #[derive(Clone)]
 pub struct Ctx {
@@ -316,7 +321,7 @@ impl Ctx {
     /// `authorization`, `accept`, `x-forwarded-for`. The trace, identity and key headers are in
     /// `meta`, checked.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).and_then(|(_, v)| std::str::from_utf8(v).ok())
+        header_in(&self.headers, name)
     }
 
     /// Every client request header passed to the command, in order (a repeated name repeated).
@@ -456,6 +461,21 @@ pub(crate) fn next_tag(dedup: Option<&(String, Arc<AtomicU32>)>, what: &[&[u8]])
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handler's `ctx.header`: any case, the first of a repeated name, text only.
+    #[test]
+    fn a_header_is_found_in_any_case_first_value_first() {
+        let list: HeaderList = vec![
+            ("accept".into(), b"text/csv".to_vec()),
+            ("cookie".into(), b"a=1".to_vec()),
+            ("cookie".into(), b"b=2".to_vec()),
+            ("x-raw".into(), vec![0xff, 0xfe]),
+        ];
+        assert_eq!(header_in(&list, "Accept"), Some("text/csv"));
+        assert_eq!(header_in(&list, "cookie"), Some("a=1"));
+        assert_eq!(header_in(&list, "x-raw"), None, "not text");
+        assert_eq!(header_in(&list, "authorization"), None);
+    }
 
     #[test]
     fn a_long_error_is_cut_on_a_character_boundary_and_loses_its_data() {

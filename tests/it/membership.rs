@@ -647,6 +647,45 @@ fn a_voter_whose_data_was_lost_catches_up_as_a_learner_and_votes_again() {
     }
 }
 
+/// In a cluster of two voters (a third removed), the voter whose data was lost is made a
+/// learner and, once it holds again what it had, a voter again on its own: the leader used to
+/// wait for a second learner to promote two at once, and the cluster stayed at one voter.
+#[test]
+fn a_two_voter_cluster_gets_its_second_voter_back_after_a_data_loss() {
+    let (c, leader) = Cluster::formed("wiped-two", 3, &[]);
+    let followers: Vec<u64> = c.ids().into_iter().filter(|&id| id != leader).collect();
+    let (removed, victim) = (followers[0], followers[1]);
+    c.allow_exit(removed);
+    c.wait_for(&format!("node {removed} removed"), CATCH_UP, || {
+        let resp = c.api(leader).request("DELETE", &format!("/cluster/members/{removed}"), &[], b"").map_err(|e| e.to_string())?;
+        if !(200..300).contains(&resp.status) {
+            return Err(resp.describe());
+        }
+        let s = c.api(leader).status()?;
+        if s.member(removed).is_none() { Ok(()) } else { Err(format!("still listed: {s}")) }
+    });
+    let api = c.api(leader);
+    let written: Vec<(String, i32)> = (0..50).map(|i| (format!("wiped-two/k{i}"), i)).collect();
+    for (key, i) in &written {
+        api.must_put(key, &json!({"i": i}));
+    }
+    c.wait_caught_up(&[leader, victim], CATCH_UP);
+    c.kill(victim);
+    let dir = c.dir().join(format!("n{victim}"));
+    std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+    c.start(victim);
+    c.wait_until("the leader makes the node that lost its data a learner", CATCH_UP, || {
+        c.api(leader).metric("raftbridge_raft_voters_held_back_total", &[]).is_ok_and(|n| n >= 1.0)
+    });
+    // A voter again, with no other learner to go with it.
+    c.wait_for_membership_seen_by(&[leader], &[leader, victim], &[], CATCH_UP);
+    for (key, i) in &written {
+        let r = c.api(victim).get_stale(key).unwrap_or_else(|e| panic!("GET {key} on node {victim}: {e}"));
+        assert_eq!((r.status, r.json().ok()), (200, Some(json!({"i": i}))), "{key} on node {victim}");
+    }
+    api.must_put("wiped-two/after", &json!({"voters": 2}));
+}
+
 /// The same loss while the leader is down as well: the node whose data was lost cannot tell it
 /// from a first start, so it grants no vote with an empty log to a candidate whose log holds
 /// more than the bootstrap entry. With the old leader down and the wiped node withholding, the

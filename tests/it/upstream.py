@@ -20,7 +20,9 @@ keep-alive (the node pools connections), one thread per connection, and answers:
                             X-Served-By: X
   GET  /moved               303 to /echo/1 (Location) with X-Served-By: X, no body
   POST /events/<name>       a sidecar subscription delivery (body = the event JSON, with its id
-                            in x-event-id and an x-subscription header, else 400): records the
+                            in x-event-id, its position in x-event-position, its trace in
+                            traceparent and an x-subscription header, else 400, recorded as
+                            failed): records the
                             event id and answers 200 {"ok":true,"servedBy":X}; while failing
                             (POST /admin/fail-events) answers 500 and records it as failed instead
   POST /admin/fail-events   make /events/<name> answer 500     POST /admin/ok-events   back to 200
@@ -145,8 +147,15 @@ def make_handler(state, verbose):
                 except (ValueError, KeyError, TypeError) as e:
                     return self.send_json(400, {"message": "body is not an event: %s" % e})
                 # The node names the event in headers too (its trace, for middleware).
-                if self.headers.get("x-event-id") != event_id or not self.headers.get("x-subscription"):
-                    return self.send_json(400, {"message": "x-event-id or x-subscription missing or not the event's"})
+                traceparent = self.headers.get("traceparent") or ""
+                trace_id = event.get("traceId") or ""
+                if (self.headers.get("x-event-id") != event_id
+                        or not self.headers.get("x-subscription")
+                        or self.headers.get("x-event-position") != str(event.get("position"))
+                        or (trace_id and not (traceparent.startswith("00-" + trace_id.lower() + "-") and len(traceparent) == 55))):
+                    with state.lock:
+                        state.events_failed.append(event_id)
+                    return self.send_json(400, {"message": "delivery headers missing or not the event's"})
                 payload = event.get("payload")
                 if isinstance(payload, dict) and payload.get("hold") is True:
                     with state.lock:
