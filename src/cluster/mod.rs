@@ -404,18 +404,27 @@ impl Cluster {
         // Nodes whose log went back: the leader term it was seen in and the index each must hold
         // again before it may vote (module doc). One entry per such node (`prune_held_back`).
         let mut held_back: BTreeMap<NodeId, (u64, u64)> = BTreeMap::new();
-        // Voters this node, as leader, made learners for their lost data: made voters again
-        // once caught up, also alone where one voter is left (`promote_learners`). Kept to the
-        // membership's learners each tick.
-        let mut demoted: BTreeSet<NodeId> = BTreeSet::new();
+        // Voters this node, as leader, set out to make learners for their lost data, with the
+        // number of voters then: one of two is made a voter again alone once caught up
+        // (`promote_learners`). Noted when the change is asked for, since in a cluster of two
+        // it commits only once the node has caught up to it, which may take longer than the
+        // change's timeout (`finish_joint` then ends it). Kept to the members each tick; a
+        // node that is removed or joins anew is forgotten.
+        let mut demoted: BTreeMap<NodeId, usize> = BTreeMap::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 change = rx.recv() => match change {
                     // Unreachable while this task runs: its own `Cluster` holds a sender.
                     None => return,
-                    Some(Change::Join { id, addr, reply }) => { let _ = reply.send(self.apply_join(id, addr).await); }
-                    Some(Change::Remove { id, reply }) => { let _ = reply.send(self.apply_remove(id).await); }
+                    Some(Change::Join { id, addr, reply }) => {
+                        demoted.remove(&id);
+                        let _ = reply.send(self.apply_join(id, addr).await);
+                    }
+                    Some(Change::Remove { id, reply }) => {
+                        demoted.remove(&id);
+                        let _ = reply.send(self.apply_remove(id).await);
+                    }
                 },
                 _ = reversions.found() => {
                     for (id, term, had) in reversions.take() {
@@ -426,18 +435,18 @@ impl Cluster {
                         *e = (*e).max((term, had));
                     }
                     self.prune_held_back(&mut held_back);
-                    demoted.extend(self.demote_held_back(&held_back).await);
+                    self.demote_held_back(&held_back, &mut demoted).await;
                 }
                 _ = tick.tick() => {
                     if self.is_member(self.replica.id()) {
                         self.was_member.store(true, Ordering::Relaxed);
                     }
                     self.prune_held_back(&mut held_back);
-                    let learners: BTreeSet<NodeId> = self.replica.metrics().membership_config.membership().learner_ids().collect();
-                    demoted.retain(|id| learners.contains(id));
+                    let members: BTreeSet<NodeId> = self.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();
+                    demoted.retain(|id, _| members.contains(id));
                     if self.replica.raft.is_leader() {
                         self.finish_joint().await;
-                        demoted.extend(self.demote_held_back(&held_back).await);
+                        self.demote_held_back(&held_back, &mut demoted).await;
                         self.promote_learners(&held_back, &demoted).await;
                     }
                 }
@@ -470,15 +479,15 @@ impl Cluster {
     }
 
     /// Makes each voter that lost its log a learner (retried every tick while a quorum for the
-    /// change is not reachable); returns those it made learners.
-    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>) -> Vec<NodeId> {
-        let mut demoted = Vec::new();
+    /// change is not reachable), noting each in `demoted` with the number of voters then.
+    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>, demoted: &mut BTreeMap<NodeId, usize>) {
         for &id in held_back.keys() {
             let m = self.replica.metrics();
             let membership = m.membership_config.membership();
             if membership.get_joint_config().len() > 1 || !membership.voter_ids().any(|v| v == id) {
                 continue;
             }
+            demoted.insert(id, membership.voter_ids().count());
             let result = match self.removal_has_quorum(membership.voter_ids().collect(), id) {
                 Ok(()) => self.change_retaining(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true).await,
                 Err(e) => Err(e),
@@ -487,12 +496,10 @@ impl Cluster {
                 Ok(()) => {
                     metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
                     info!(id, "voter that lost its log is a learner now");
-                    demoted.push(id);
                 }
                 Err(e) => warn!(id, cause = %e, "cannot make the voter that lost its log a learner yet"),
             }
         }
-        demoted
     }
 
     fn is_leader_or_err(&self) -> Result<(), RemoteError> {
@@ -663,9 +670,10 @@ impl Cluster {
     }
 
     /// Promote one caught-up learner while voters < max_voters (two at once from a single
-    /// voter); not one that lost its log and does not hold again what it had acknowledged
-    /// (`held_back`, pruned just before).
-    async fn promote_learners(&self, held_back: &BTreeMap<NodeId, (u64, u64)>, demoted: &BTreeSet<NodeId>) {
+    /// voter, but for the second voter of two that this leader made a learner for its lost
+    /// data, `demoted`); not one that lost its log and does not hold again what it had
+    /// acknowledged (`held_back`, pruned just before).
+    async fn promote_learners(&self, held_back: &BTreeMap<NodeId, (u64, u64)>, demoted: &BTreeMap<NodeId, usize>) {
         let m = self.replica.metrics();
         let membership = m.membership_config.membership();
         if membership.get_joint_config().len() > 1 {
@@ -695,12 +703,10 @@ impl Cluster {
         // write after it) would need both, so a second node that died before it acknowledged,
         // or any time after, stalled the cluster until it came back (a lone voter cannot be
         // re-elected over a log that holds the change). With three, one failure is survived.
-        // A voter made a learner for its lost data, in a cluster of two voters, is made a voter
-        // again alone: the cluster had two, and waiting for a second learner kept it at one
-        // for good.
-        let restoring = voters == 1 && ready.iter().any(|id| demoted.contains(id));
+        // Except where the one ready is a voter of a cluster of two made a learner for its lost
+        // data: the cluster had two, and waiting for a second learner kept it at one for good.
+        let restoring = voters == 1 && ready.len() == 1 && demoted.get(&ready[0]) == Some(&2);
         let take = if voters == 1 && self.settings.max_voters >= 3 && !restoring { 2 } else { 1 };
-        let ready: Vec<NodeId> = if restoring { ready.into_iter().filter(|id| demoted.contains(id)).collect() } else { ready };
         if ready.len() < take {
             if !ready.is_empty() {
                 debug!(ready = ?ready, "one voter: waiting for a second caught-up learner to promote both");
