@@ -2324,13 +2324,7 @@ mod tests {
             }
         });
         // 64 frames of 512 KiB: far more than the socket buffers hold.
-        let chunk = || PeerRequest::SnapshotChunk {
-            vote: crate::raft::types::Vote::new(1, 2),
-            meta: crate::raft::types::SnapshotMeta::default(),
-            offset: 0,
-            data: vec![7; 512 << 10],
-            done: false,
-        };
+        let chunk = big_chunk;
         let started = tokio::time::Instant::now();
         for _ in 0..64 {
             let _ = net.request(2, &chunk(), Duration::from_millis(50)).await;
@@ -2347,6 +2341,17 @@ mod tests {
         stop.cancel();
     }
 
+    /// A snapshot chunk of 512 KiB from node 2's term 1: a big request to fill a link with.
+    fn big_chunk() -> PeerRequest {
+        PeerRequest::SnapshotChunk {
+            vote: crate::raft::types::Vote::new(1, 2),
+            meta: crate::raft::types::SnapshotMeta::default(),
+            offset: 0,
+            data: vec![7; 512 << 10],
+            done: false,
+        }
+    }
+
     /// Frames for a peer that reads slowly are held up to the link's byte budget, not up to
     /// `SEND_QUEUE` frames of any size: a request that finds no room within its deadline is
     /// not sent (and says so), and the queue never holds more than the budget.
@@ -2355,13 +2360,7 @@ mod tests {
         let (net, addr, stop) = listening(Duration::from_secs(60)).await;
         // Handshaken, then nothing read: the socket buffers fill, then the queue.
         let (reader, writer) = handshaken(&net, addr, 2).await;
-        let chunk = || PeerRequest::SnapshotChunk {
-            vote: crate::raft::types::Vote::new(1, 2),
-            meta: crate::raft::types::SnapshotMeta::default(),
-            offset: 0,
-            data: vec![7; 512 << 10],
-            done: false,
-        };
+        let chunk = big_chunk;
         let link = net.link(2).await.unwrap();
         assert_eq!(link.queue_budget(), SEND_QUEUE_BYTES.max(4 * link.max_frame()));
         let (mut unsent, mut most) = (0, 0);
