@@ -201,8 +201,11 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let app = app.clone();
             let under_way = seen.begin();
-            // Who asked, for the forwarding headers a sidecar's app gets (`proxy::headers`).
-            req.extensions_mut().insert(client);
+            // Who asked, for the forwarding headers a command's handler gets (`proxy::headers`);
+            // only there: an extension is an allocation, and events and state need none.
+            if req.uri().path().starts_with("/api/") {
+                req.extensions_mut().insert(client);
+            }
             async move {
                 let _under_way = under_way;
                 Ok::<_, Infallible>(handle(app, req).await)

@@ -70,8 +70,9 @@ pub struct TooManyHeaders {
     pub bytes: usize,
 }
 
-/// The end-to-end headers of `map` but those named in `skip` or by `also_skip`, in order.
-fn end_to_end(map: &HeaderMap, skip: &[&str], also_skip: impl Fn(&str) -> bool) -> Result<HeaderList, TooManyHeaders> {
+/// The end-to-end headers of `map` but those named in `skip` or by `also_skip`, in order. As
+/// many as hyper took in (its own bounds); `bounded` judges the list that is to be passed.
+fn end_to_end(map: &HeaderMap, skip: &[&str], also_skip: impl Fn(&str) -> bool) -> HeaderList {
     // Names the sender's `Connection` header lists are that hop's too (RFC 9110 §7.6.1).
     let listed: Vec<String> = map
         .get_all(http::header::CONNECTION)
@@ -82,7 +83,6 @@ fn end_to_end(map: &HeaderMap, skip: &[&str], also_skip: impl Fn(&str) -> bool) 
         .filter(|n| !n.is_empty())
         .collect();
     let mut out = HeaderList::new();
-    let (mut count, mut bytes) = (0, 0);
     let mut cookie: Option<usize> = None;
     for (name, value) in map {
         let name = name.as_str();
@@ -92,31 +92,31 @@ fn end_to_end(map: &HeaderMap, skip: &[&str], also_skip: impl Fn(&str) -> bool) 
         // An HTTP/2 client sends its cookies as crumbs, one field each (RFC 9113 §8.2.3): they
         // go to an HTTP/1.1 app as one `cookie` line, joined by "; ", as that RFC says.
         if name == "cookie" {
-            if let Some(at) = cookie.filter(|at| *at < out.len()) {
+            if let Some(at) = cookie {
                 out[at].1.extend_from_slice(b"; ");
                 out[at].1.extend_from_slice(value.as_bytes());
-                bytes += 2 + value.len();
                 continue;
             }
             cookie = Some(out.len());
         }
-        count += 1;
-        bytes += name.len() + value.len();
-        // Keep counting past the bound, so that the error says how far over it is.
-        if count <= MAX_PASSED_HEADERS && bytes <= MAX_PASSED_HEADER_BYTES {
-            out.push((name.to_string(), value.as_bytes().to_vec()));
-        }
+        out.push((name.to_string(), value.as_bytes().to_vec()));
     }
+    out
+}
+
+/// `list` if it is within what a node passes on each way, else how far over it is.
+fn bounded(list: HeaderList) -> Result<HeaderList, TooManyHeaders> {
+    let (count, bytes) = (list.len(), size(&list));
     if count > MAX_PASSED_HEADERS || bytes > MAX_PASSED_HEADER_BYTES {
         return Err(TooManyHeaders { count, bytes });
     }
-    Ok(out)
+    Ok(list)
 }
 
 /// A client's request headers to pass to the app that runs its command, with the forwarding
 /// headers a reverse proxy adds (`forwarded_for`).
 pub fn from_client<B>(req: &http::Request<B>) -> Result<HeaderList, TooManyHeaders> {
-    let mut list = end_to_end(req.headers(), SET_BY_NODE_ON_REQUESTS, |_| false)?;
+    let mut list = end_to_end(req.headers(), SET_BY_NODE_ON_REQUESTS, |_| false);
     if let Some(client) = req.extensions().get::<ClientConn>() {
         // HTTP/1's `host`, or HTTP/2's `:authority`, which hyper keeps in the URI.
         // Without the `user:password@` an absolute-form request line may carry.
@@ -124,11 +124,7 @@ pub fn from_client<B>(req: &http::Request<B>) -> Result<HeaderList, TooManyHeade
         let host = authority.map(str::as_bytes).or_else(|| req.headers().get(http::header::HOST).map(HeaderValue::as_bytes));
         forwarded_for(host, client, &mut list);
     }
-    let (count, bytes) = (list.len(), size(&list));
-    if count > MAX_PASSED_HEADERS || bytes > MAX_PASSED_HEADER_BYTES {
-        return Err(TooManyHeaders { count, bytes });
-    }
-    Ok(list)
+    bounded(list)
 }
 
 /// The connection a client request came on (a request extension the HTTP server sets).
@@ -162,7 +158,7 @@ fn forwarded_for(host: Option<&[u8]>, client: &ClientConn, list: &mut HeaderList
 /// the node's JSON error body, so the app's headers that describe its own body stay behind too.
 pub fn from_app(map: &HeaderMap, status: u16) -> Result<HeaderList, TooManyHeaders> {
     let error = (400..500).contains(&status);
-    end_to_end(map, SET_BY_NODE_ON_ANSWERS, |name| error && (name.starts_with("content-") || name == "etag" || name == "last-modified"))
+    bounded(end_to_end(map, SET_BY_NODE_ON_ANSWERS, |name| error && (name.starts_with("content-") || name == "etag" || name == "last-modified")))
 }
 
 /// Bytes of names and values in `list`: what it adds to a frame or a stored answer.
