@@ -104,6 +104,12 @@ pub struct NodeArgs {
     /// encrypt the link.
     #[arg(long, env = "RAFTBRIDGE_CLUSTER_SECRET", hide_env_values = true)]
     pub cluster_secret: Option<String>,
+    /// Bearer token that clients of the secret store's HTTP API (`/v1/secrets/...`) must send
+    /// (`Authorization: Bearer <token>`; at least 16 bytes; prefer the env var). Without it that
+    /// API answers 403; handlers still reach secrets through the SDK. The store itself needs
+    /// --cluster-secret, from which the key that seals its values is derived.
+    #[arg(long, env = "RAFTBRIDGE_SECRETS_TOKEN", hide_env_values = true)]
+    pub secrets_token: Option<String>,
     /// Peer links over mutual TLS: this node's certificate chain (PEM). Needs --peer-tls-key and
     /// --peer-tls-ca too; `raftbridge certs` makes all three. Every node of a cluster must use
     /// TLS, or none.
@@ -235,6 +241,8 @@ pub struct NodeConfig {
     pub snapshot_threshold: u64,
     pub cluster_name: String,
     pub cluster_secret: Option<crate::peer::ClusterSecret>,
+    /// `--secrets-token`: what `/v1/secrets` requests must carry; `None`: that API is off.
+    pub secrets_token: Option<String>,
     pub peer_tls: Option<PeerTlsFiles>,
     pub https: Option<HttpsConfig>,
     pub heartbeat_ms: u64,
@@ -315,6 +323,7 @@ impl NodeArgs {
             &mut self.advertise,
             &mut self.cluster_name,
             &mut self.cluster_secret,
+            &mut self.secrets_token,
             &mut self.peer_tls_server_name,
         ] {
             text(v);
@@ -425,6 +434,7 @@ impl NodeArgs {
             snapshot_threshold: pick!(snapshot_threshold).unwrap_or(50_000),
             cluster_name: pick!(cluster_name).unwrap_or_else(|| "raftbridge".into()),
             cluster_secret: pick!(cluster_secret).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
+            secrets_token: pick!(secrets_token).filter(|s| !s.is_empty()),
             peer_tls,
             https,
             heartbeat_ms: pick!(heartbeat_ms).unwrap_or(60),
@@ -580,6 +590,9 @@ impl NodeConfig {
         }
         if self.cluster_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return invalid("cluster-secret", "must be at least 16 bytes");
+        }
+        if self.secrets_token.as_ref().is_some_and(|s| s.len() < 16 || s.bytes().any(|b| !b.is_ascii_graphic())) {
+            return invalid("secrets-token", "must be at least 16 bytes of visible ASCII");
         }
         if self.dedup_max_keys == 0 {
             return invalid("dedup-max-keys", "must be at least 1");

@@ -349,7 +349,9 @@ pub async fn run(
         services.extend(parts);
     }
     let timeout = Duration::from_millis(cfg.write_timeout_ms);
-    let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout, cfg.max_body, (cfg.state_max_keys, cfg.state_max_bytes));
+    // The secret store's key, derived from the cluster secret (the store is off without one).
+    let sealer = cfg.cluster_secret.as_ref().map(|s| Arc::new(crate::store::secret::Sealer::new(s.derive(b"secret store"))));
+    let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout, cfg.max_body, (cfg.state_max_keys, cfg.state_max_bytes)).with_sealer(sealer);
     let broker_stop = run_stop.child_token();
     let limits = EventLimits {
         max_events: cfg.events_max_count,
@@ -471,6 +473,8 @@ pub async fn run(
         connections: api::App::new_connections(&settings),
         settings,
         cluster_name: cfg.cluster_name.clone(),
+        secrets_token: cfg.secrets_token.clone(),
+        long_polls: api::stores::LongPolls::new(),
     });
     let http_stop = run_stop.child_token();
     let https_task = match (https_listener, https) {

@@ -60,6 +60,12 @@ pub enum ApiError {
     RequestTimeout(std::time::Duration),
     #[error("internal error: {0}")]
     Internal(String),
+    /// No or the wrong credentials (401, with `WWW-Authenticate`).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Refused whoever asks (403): the API is off on this node.
+    #[error("{0}")]
+    Forbidden(String),
 }
 
 impl ApiError {
@@ -80,6 +86,8 @@ impl ApiError {
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
 
@@ -92,6 +100,9 @@ impl ApiError {
         let mut resp = super::json_response(status, &body);
         if let ApiError::Busy(_) = &self {
             resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        }
+        if let ApiError::Unauthorized(_) = &self {
+            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer realm=\"raftbridge secrets\""));
         }
         if let ApiError::MethodNotAllowed { allow } = &self {
             if let Ok(value) = http::HeaderValue::from_str(allow) {
@@ -122,6 +133,17 @@ impl From<ReplicaError> for ApiError {
             ReplicaError::Remote(r) => r.into(),
             ReplicaError::TooLarge { .. } => ApiError::Oversized(e.to_string()),
             ReplicaError::Raft(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<crate::store::secret::SecretError> for ApiError {
+    fn from(e: crate::store::secret::SecretError) -> Self {
+        use crate::store::secret::SecretError;
+        match e {
+            SecretError::Off => ApiError::Forbidden(e.to_string()),
+            SecretError::Unreadable { .. } => ApiError::Internal(e.to_string()),
+            SecretError::Store(s) => s.into(),
         }
     }
 }

@@ -21,6 +21,7 @@
 pub mod error;
 pub mod events;
 pub mod stall;
+pub mod stores;
 pub mod tls;
 
 use std::convert::Infallible;
@@ -52,7 +53,6 @@ use self::error::ApiError;
 use crate::cluster::Cluster;
 use crate::raft::Replica;
 use crate::raft::state_machine::SmShared;
-use crate::store::Consistency;
 use crate::store::Precondition;
 use crate::store::StateStore;
 
@@ -95,6 +95,10 @@ pub struct App {
     /// `settings.max_connections` (`App::new_connections`). Never closed; dropped with the app.
     pub connections: Arc<Semaphore>,
     pub cluster_name: String,
+    /// `--secrets-token`: the bearer token of `/v1/secrets`; `None`: that API is off.
+    pub secrets_token: Option<String>,
+    /// Long polls on the stores (`stores::LongPolls`), ended at the drain.
+    pub long_polls: stores::LongPolls,
 }
 
 impl App {
@@ -265,6 +269,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     tokio::time::sleep(ACCEPTED_SETTLE).await;
     info!(listener = listener_name, "http: draining connections");
     drain.cancel();
+    // Long polls end at once with what they hold (a 304 or the change), rather than keeping
+    // their connections, and the drain, for up to their wait.
+    app.long_polls.stop.cancel();
     let drained = async { while connections.join_next().await.is_some() {} };
     if tokio::time::timeout(app.settings.shutdown_grace, drained).await.is_err() {
         warn!(listener = listener_name, connections = connections.len(), "http: grace period over, closing remaining connections");
@@ -468,19 +475,28 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
             Some(name) => ("subscription_drop", events::drop_subscription(app, &name).await),
             None => ("subscription", Err(ApiError::BadRequest("the subscription name in the path is not valid percent-encoded UTF-8".into()))),
         },
-        (m, ["v1", "state", store, key]) => {
+        (m, ["v1", space @ ("state" | "config" | "secrets"), store, key]) => {
+            let (space, route, _) = store_space(space);
             // Percent-decoded, as the proxy decodes a command's path parameters: a handler's
             // key `counter/a b` is `/v1/state/demo/counter/a%20b` here.
             let decode = |s: &str| crate::proxy::routing::percent_decode_with(s, false);
             match (decode(store), decode(key)) {
-                (Some(store), Some(key)) => ("state", state(app, m, &store, &key, req).await),
-                _ => ("state", Err(ApiError::BadRequest("store or key is not valid percent-encoded UTF-8".into()))),
+                (Some(store), Some(key)) => (route, stores::key(app, space, m, &store, &key, req).await),
+                _ => (route, Err(ApiError::BadRequest("store or key is not valid percent-encoded UTF-8".into()))),
+            }
+        }
+        (Method::GET, ["v1", space @ ("state" | "config" | "secrets"), store]) => {
+            let (space, _, route) = store_space(space);
+            match crate::proxy::routing::percent_decode_with(store, false) {
+                Some(store) => (route, stores::listing(app, space, &store, req).await),
+                None => (route, Err(ApiError::BadRequest("the store name is not valid percent-encoded UTF-8".into()))),
             }
         }
         (_, ["healthz" | "readyz" | "metrics" | "cluster" | "openapi.json"])
         | (_, ["v1", "dead-letters"])
         | (_, ["v1", "subscriptions"]) => ("other", Err(not_allowed("GET, HEAD"))),
         (_, ["v1", "subscriptions", _]) => ("other", Err(not_allowed("GET, HEAD, DELETE"))),
+        (_, ["v1", "state" | "config" | "secrets", _]) => ("other", Err(not_allowed("GET, HEAD"))),
         (_, ["v1", "events"]) => ("other", Err(not_allowed("GET, HEAD, POST"))),
         (_, ["v1", "events", _]) => ("other", Err(not_allowed("POST"))),
         (_, ["cluster", "members", _]) => ("other", Err(not_allowed("DELETE"))),
@@ -592,7 +608,13 @@ fn cluster_view(app: &App) -> serde_json::Value {
 }
 
 async fn remove_member(app: &App, id: &str) -> ApiResult {
-    let id: u64 = id.parse().map_err(|_| ApiError::BadRequest(format!("bad node id {id:?}")))?;
+    // Percent-decoded as every path parameter is, then in canonical decimal only: this route
+    // removes a member, and `+1` or `01` read as node 1 is not what a client that sent them
+    // can be assumed to mean.
+    let id = crate::proxy::routing::percent_decode_with(id, false).unwrap_or_else(|| id.to_string());
+    let id: u64 = decimal(&id)
+        .filter(|n| n.to_string() == id)
+        .ok_or_else(|| ApiError::BadRequest(format!("bad node id {:?}: a node id is a whole number in decimal digits", cut(&id, 64))))?;
     // This node's view of the membership: a node added a moment ago may not be in it yet, which
     // a retry settles.
     let metrics = app.replica.metrics();
@@ -666,6 +688,12 @@ pub fn meta_header<'a>(h: &'a http::HeaderMap, name: &str) -> Result<Option<&'a 
     let v = v.to_str().map_err(|_| ApiError::BadRequest(format!("{name} must be visible ASCII")))?.trim();
     if v.len() > MAX_META_LEN {
         return Err(ApiError::BadRequest(format!("{name} must be at most {MAX_META_LEN} bytes")));
+    }
+    // A blank key is refused rather than read as none: the client meant its request to be
+    // deduplicated, and dropping the key would publish or run its retry twice (a batch item's
+    // blank `idempotencyKey` is refused alike).
+    if v.is_empty() && name.eq_ignore_ascii_case("idempotency-key") {
+        return Err(ApiError::BadRequest(format!("{name} is blank: give a key of 1..={MAX_META_LEN} bytes, or none")));
     }
     Ok(Some(v).filter(|v| !v.is_empty()))
 }
@@ -944,42 +972,12 @@ where
     Ok(Received { bytes, _held: held })
 }
 
-async fn state(app: &App, method: Method, store: &str, key: &str, req: Request<Incoming>) -> ApiResult {
-    // Read as every other query parameter is (`parse_query`: percent-decoded, the last of
-    // repeated ones).
-    let query = crate::proxy::routing::parse_query(req.uri().query().unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
-    let consistency = match query.get("consistency").map(String::as_str) {
-        None | Some("linearizable") | Some("strong") => Consistency::Linearizable,
-        Some("stale") => Consistency::Stale,
-        Some(other) => return Err(ApiError::BadRequest(format!("unknown consistency {other:?}"))),
-    };
-    match method {
-        Method::GET => match app.store.get(store, key, consistency).await? {
-            Some(v) => {
-                let mut resp = Response::new(Full::new(Bytes::from(v.value)));
-                resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                resp.headers_mut().insert("x-revision", HeaderValue::from(v.revision));
-                Ok(resp)
-            }
-            None => Err(ApiError::NotFound(format!("no key {store}/{key}"))),
-        },
-        Method::PUT => {
-            let pre = precondition(&req)?;
-            let body = read_body(req, app.settings.max_body, &app.settings.bodies).await?;
-            let revision = app.store.put_if(store, key, &body, pre).await?;
-            let mut resp = json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));
-            resp.headers_mut().insert("x-revision", HeaderValue::from(revision));
-            Ok(resp)
-        }
-        Method::DELETE => {
-            let pre = precondition(&req)?;
-            if app.store.delete_if(store, key, pre).await? {
-                Ok(json_response(StatusCode::OK, &serde_json::json!({ "deleted": true })))
-            } else {
-                Err(ApiError::NotFound(format!("no key {store}/{key}")))
-            }
-        }
-        _ => Err(not_allowed("GET, HEAD, PUT, DELETE")),
+/// The store a `/v1/{space}/...` path names, and its route labels (key, listing) for metrics.
+fn store_space(space: &str) -> (crate::store::Space, &'static str, &'static str) {
+    match space {
+        "config" => (crate::store::Space::Config, "config", "config_list"),
+        "secrets" => (crate::store::Space::Secrets, "secrets", "secrets_list"),
+        _ => (crate::store::Space::State, "state", "state_list"),
     }
 }
 
@@ -1192,6 +1190,8 @@ mod tests {
         assert!(matches!(meta_header(&h, "x-tenant-id"), Err(ApiError::BadRequest(_))));
         h.insert("idempotency-key", HeaderValue::from_bytes("café".as_bytes()).unwrap());
         assert!(matches!(meta_header(&h, "idempotency-key"), Err(ApiError::BadRequest(m)) if m.contains("idempotency-key")));
+        h.insert("idempotency-key", HeaderValue::from_static(" "));
+        assert!(matches!(meta_header(&h, "idempotency-key"), Err(ApiError::BadRequest(m)) if m.contains("blank")), "a blank key is not dropped");
         // Twice: a 400 naming the header, not the first value taken.
         let mut h = http::HeaderMap::new();
         h.append("x-tenant-id", http::HeaderValue::from_static("t1"));

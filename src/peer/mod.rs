@@ -339,6 +339,17 @@ impl ClusterSecret {
         self.0.is_empty()
     }
 
+    /// A 32-byte key for another use of the secret (`label` names it): HMAC-SHA256 of the label
+    /// under the secret (HKDF's extract step), so no use learns another's key or the secret.
+    pub fn derive(&self, label: &[u8]) -> [u8; 32] {
+        use hmac::Mac;
+        // HMAC takes a key of any length, so this cannot fail.
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.0).expect("HMAC accepts any key length");
+        mac.update(b"raftbridge key derivation v1\0");
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+
     /// HMAC-SHA256 of one side's proof in a handshake: who proves (`label`), then both nonces
     /// and node ids, dialer first. Fresh nonces on both sides mean no proof is valid twice.
     fn mac(&self, label: &[u8], dialer: &Hello, acceptor: &Hello) -> hmac::Hmac<sha2::Sha256> {

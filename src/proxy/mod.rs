@@ -339,8 +339,22 @@ impl Proxy {
         let rest = path.strip_prefix("/api/v").ok_or_else(|| ApiError::NotFound(format!("no route for {path}")))?;
         let (version, cmd_path) = rest.split_once('/').unwrap_or((rest, ""));
         let version: u32 = version.parse().map_err(|_| ApiError::NotFound(format!("no route for {path}")))?;
+        // A path that does not decode names no command: the client's mistake (400), not an
+        // unknown route (404), as the state and event routes answer it.
+        if cmd_path.split('/').any(|seg| crate::proxy::routing::percent_decode_with(seg, false).is_none()) {
+            return Err(ApiError::BadRequest(format!("the path {:?} is not valid percent-encoded UTF-8", crate::api::cut(&path, 256))));
+        }
         let table = self.table();
-        let (route, path_params) = match table.lookup(version, req.method().as_str(), cmd_path) {
+        let mut found = table.lookup(version, req.method().as_str(), cmd_path);
+        // HEAD is GET without the body (RFC 9110 §9.3.2), as on every other route: a command
+        // declared for GET answers it (hyper leaves the body out). One declared for HEAD itself
+        // comes first.
+        if req.method() == http::Method::HEAD && !matches!(found, Lookup::Found { .. }) {
+            if let get @ Lookup::Found { .. } = table.lookup(version, "GET", cmd_path) {
+                found = get;
+            }
+        }
+        let (route, path_params) = match found {
             Lookup::Found { route, params } => (route.clone(), params),
             Lookup::WrongMethod(allowed) => return Err(ApiError::MethodNotAllowed { allow: allowed.join(", ") }),
             Lookup::NotFound => return Err(ApiError::NotFound(format!("no command for {} {path}", req.method()))),

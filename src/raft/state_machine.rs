@@ -920,6 +920,10 @@ pub struct SmShared {
     /// `data.log.next` (the next event position), sent after every apply that moved it and
     /// every install: delivery loops wait on it instead of polling. Lives as long as this.
     events_next: tokio::sync::watch::Sender<u64>,
+    /// `data.stores_digest`, sent after every apply and install that moved it: a long poll on
+    /// a store (`store::StateStore::wait_changed`) waits on it instead of polling. Lives as long
+    /// as this.
+    stores_moved: tokio::sync::watch::Sender<u64>,
     /// One past the last index the log held when this process started (0: none), set once by
     /// the composition root: entries up to it are a replay (`replaying`).
     replay_end: std::sync::atomic::AtomicU64,
@@ -959,6 +963,21 @@ impl SmShared {
 
     fn events_moved(&self, next: u64) {
         self.events_next.send_if_modified(|v| std::mem::replace(v, next) != next);
+    }
+
+    /// Changes when a state, config or secret store changes (or a snapshot is installed).
+    pub fn watch_stores(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.stores_moved.subscribe()
+    }
+
+    fn stores_changed(&self, digest: u64) {
+        self.stores_moved.send_if_modified(|v| std::mem::replace(v, digest) != digest);
+    }
+
+    /// Store `store`'s keys as they are now (a persistent map: the copy costs O(1), and a
+    /// later write to the store makes a new root, so `OrdMap::ptr_eq` says whether it changed).
+    pub fn store_map(&self, store: &str) -> Option<imbl::OrdMap<String, Versioned>> {
+        read(&self.data).stores.get(store).cloned()
     }
 
     /// Up to `limit` retained events after position `after` (optionally one name), and the
@@ -1308,6 +1327,7 @@ impl StateMachine {
             shared: Arc::new(SmShared {
                 registry_rev: std::sync::atomic::AtomicU64::new(data.registry_revision),
                 events_next: tokio::sync::watch::Sender::new(data.log.next),
+                stores_moved: tokio::sync::watch::Sender::new(data.stores_digest),
                 replay_end: std::sync::atomic::AtomicU64::new(0),
                 data: RwLock::new(data),
                 dir: dir.to_path_buf(),
@@ -1548,8 +1568,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 responder.send(result);
             }
         }
-        let next = read(&self.shared.data).log.next;
+        let (next, digest) = {
+            let d = read(&self.shared.data);
+            (d.log.next, d.stores_digest)
+        };
         self.shared.events_moved(next);
+        self.shared.stores_changed(digest);
         Ok(())
     }
 
@@ -1577,6 +1601,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             self.shared.registry_rev.store(data.registry_revision, std::sync::atomic::Ordering::Release);
             let old = std::mem::replace(&mut *d, data);
             self.shared.events_moved(d.log.next);
+            // Sent even when the digest is equal: the maps are new, and a waiter compares them.
+            self.shared.stores_moved.send_modify(|v| *v = d.stores_digest);
             old
         };
         // Freed after the lock is released, off the runtime: the old state may be as large as
@@ -1680,6 +1706,7 @@ mod tests {
             registry_rev: std::sync::atomic::AtomicU64::new(0),
             dir: PathBuf::new(),
             events_next: tokio::sync::watch::Sender::new(0),
+            stores_moved: tokio::sync::watch::Sender::new(0),
             persisted: std::sync::Mutex::new(None),
             replay_end: std::sync::atomic::AtomicU64::new(0),
         }

@@ -93,7 +93,7 @@ pub fn demo_service() -> ServiceParts {
         )
         .command(
             CommandBuilder::post("placeOrder", "orders")
-                .input_schema(json!({"type": "object", "properties": {"id": {"type": "string"}}}))
+                .input_schema(json!({"type": "object", "properties": {"id": {"type": "string", "minLength": 1, "maxLength": 128}}}))
                 .output_schema(json!({"type": "object", "required": ["id", "position", "servedBy"]}))
                 .handler(place_order),
         )
@@ -118,6 +118,12 @@ pub fn demo_service() -> ServiceParts {
                 .idempotent(true)
                 .timeout(Duration::from_millis(MAX_SLEEP_MS + 5_000))
                 .handler(slow),
+        )
+        .command(
+            CommandBuilder::get("settings", "settings/:name")
+                .idempotent(true)
+                .output_schema(json!({"type": "object", "required": ["name", "value", "secretSet", "servedBy"]}))
+                .handler(settings),
         )
         .into_parts()
         // The declarations above are constants; the unit test below proves they validate.
@@ -148,9 +154,9 @@ async fn place_order(ctx: Ctx, mut order: serde_json::Value, _: ()) -> Result<Pl
     if !order.is_object() {
         return Err(HandlerError::bad_request("an order is a JSON object"));
     }
-    let id = match order.get("id").and_then(|v| v.as_str()) {
-        Some(id) if !id.is_empty() && id.len() <= 128 => id.to_string(),
-        Some(_) => return Err(HandlerError::bad_request("order id must be 1..=128 characters")),
+    let id = match order.get("id") {
+        Some(serde_json::Value::String(id)) if !id.is_empty() && id.len() <= 128 => id.clone(),
+        Some(_) => return Err(HandlerError::bad_request("order id must be a string of 1..=128 characters")),
         None => crate::broker::new_id(),
     };
     order["id"] = json!(id);
@@ -162,6 +168,19 @@ async fn place_order(ctx: Ctx, mut order: serde_json::Value, _: ()) -> Result<Pl
     }
     let (event_id, position) = ctx.emit("orderPlaced", &order).await?;
     Ok(Placed { id, event_id, position, served_by: ctx.node_id })
+}
+
+/// `settings/:name`: the config store's `demo/<name>` and whether the secret store holds
+/// `demo/<name>` (`null` where the secret store is off), never the secret itself: a handler
+/// reading both stores through the SDK.
+async fn settings(ctx: Ctx, _: IgnoredAny, p: CounterParams) -> Result<serde_json::Value, HandlerError> {
+    let value = ctx.config().get(STATE_STORE, &p.name).await?;
+    let secret_set = match ctx.secrets().get(STATE_STORE, &p.name).await {
+        Ok(secret) => Some(secret.is_some()),
+        Err(e) if e.status == 403 => None,
+        Err(e) => return Err(e),
+    };
+    Ok(json!({"name": p.name, "value": value, "secretSet": secret_set, "servedBy": ctx.node_id}))
 }
 
 /// `notify`: answers its input; the command's declared success event carries the result.
@@ -253,11 +272,12 @@ mod tests {
                 ("increment", "POST", "counter/:name/increment", false),
                 ("placeOrder", "POST", "orders", false),
                 ("notify", "POST", "notify", false),
-                ("slow", "GET", "slow", true)
+                ("slow", "GET", "slow", true),
+                ("settings", "GET", "settings/:name", true)
             ]
         );
         assert!(parts.decl.commands[0].input_schema.is_some() && parts.decl.commands[1].output_schema.is_some());
-        assert_eq!(parts.handlers.len(), 5);
+        assert_eq!(parts.handlers.len(), 6);
         assert_eq!(parts.decl.commands[3].success_event.as_deref(), Some("notified"));
         let subs: Vec<_> = parts.decl.subscriptions.iter().map(|s| (s.name.as_str(), s.shared, s.durable)).collect();
         assert_eq!(

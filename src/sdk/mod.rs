@@ -242,6 +242,15 @@ pub fn truncate_utf8(s: &mut String, max: usize) {
     s.push('…');
 }
 
+impl From<crate::store::secret::SecretError> for HandlerError {
+    fn from(e: crate::store::secret::SecretError) -> HandlerError {
+        match e {
+            crate::store::secret::SecretError::Store(s) => s.into(),
+            e => HandlerError::from_api(e.into()),
+        }
+    }
+}
+
 impl From<StoreError> for HandlerError {
     fn from(e: StoreError) -> HandlerError {
         match e {
@@ -348,6 +357,18 @@ impl Ctx {
         &self.state
     }
 
+    /// The replicated config store: the state store's calls on keys of its own
+    /// (`/v1/config/...` over HTTP), deduplicated alike under an idempotency key.
+    pub fn config(&self) -> StateHandle {
+        StateHandle { store: self.state.store.in_space(crate::store::Space::Config), dedup: self.state.dedup.clone() }
+    }
+
+    /// The replicated secret store (`/v1/secrets/...` over HTTP): values sealed with the key
+    /// derived from the cluster secret; every call fails with 403 on a node without one.
+    pub fn secrets(&self) -> SecretHandle {
+        SecretHandle { secrets: self.state.store.secrets(), dedup: self.state.dedup.clone() }
+    }
+
     /// Emit an event; returns (id, position) once it is committed on a quorum. Under an
     /// idempotency key the event is deduplicated like the handler's state writes.
     pub async fn emit(&self, event_name: &str, payload: &impl Serialize) -> Result<(String, u64), HandlerError> {
@@ -442,6 +463,35 @@ impl StateHandle {
     pub async fn increment(&self, store: &str, key: &str, by: i64) -> Result<i64, HandlerError> {
         let tag = self.next_tag(&[b"increment", store.as_bytes(), key.as_bytes()])?;
         Ok(self.store.increment(store, key, by, tag).await?)
+    }
+}
+
+/// The secret store as a handler sees it: JSON values, writes deduplicated per idempotency key.
+#[derive(Clone)]
+pub struct SecretHandle {
+    secrets: crate::store::secret::SecretStore,
+    dedup: Option<(String, Arc<AtomicU32>)>,
+}
+
+impl SecretHandle {
+    /// A secret's value (linearizable).
+    pub async fn get(&self, store: &str, key: &str) -> Result<Option<serde_json::Value>, HandlerError> {
+        match self.secrets.get(store, key, crate::store::Consistency::Linearizable).await? {
+            None => Ok(None),
+            Some((value, _)) => serde_json::from_slice(&value).map(Some).map_err(|e| HandlerError::unhandled(e.to_string())),
+        }
+    }
+
+    /// Set a secret; returns its new revision.
+    pub async fn put(&self, store: &str, key: &str, value: &serde_json::Value) -> Result<u64, HandlerError> {
+        let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+        let tag = next_tag(self.dedup.as_ref(), &[b"put-secret", store.as_bytes(), key.as_bytes()])?;
+        Ok(self.secrets.put_tagged(store, key, &bytes, crate::store::Precondition::Any, tag).await?)
+    }
+
+    /// Remove a secret; returns whether it existed.
+    pub async fn delete(&self, store: &str, key: &str) -> Result<bool, HandlerError> {
+        Ok(self.secrets.delete_if(store, key, crate::store::Precondition::Any).await?)
     }
 }
 

@@ -1,10 +1,25 @@
-//! The replicated state store: JSON values under `store/key`, a revision per key, compare-and-set.
+//! The replicated state, config and secret stores: JSON values under `store/key`, a revision
+//! per key, compare-and-set, listing, and long polls that wait for a change.
 //!
 //! Values live in the Raft state machine, so a write is acknowledged only after it is committed
 //! (fsynced on a quorum) and applied. Reads are linearizable by default — a read barrier through
 //! the leader's read index, then a local read — or `stale` straight from the local copy. The
 //! revision of a key is the log index of the write that set it: unique, increasing, and equal on
-//! every node. The config and secret stores of later issues are further namespaces of this one.
+//! every node.
+//!
+//! The config and secret stores are further namespaces (`Space`) of the same maps, under store
+//! names no client can give (they start with U+0001, and client names may hold no control
+//! characters): one quota, one snapshot, one apply path, and their own HTTP routes. The secret
+//! store seals its values before they are proposed (`secret`), so the log, snapshots and peer
+//! links hold them encrypted.
+//!
+//! A long poll (`wait_changed`) waits on the state machine's store watch and compares the
+//! store's persistent map by pointer (a write makes a new root), so an unchanged store costs a
+//! pointer compare per apply, not a scan; its tag (`ListTag`) is the largest revision and the
+//! number of keys in what the client reads, which tells every change apart: a key written later
+//! has a larger revision, and a state reached by deletes alone has fewer keys.
+
+pub mod secret;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +35,111 @@ use crate::raft::types::WriteTag;
 
 pub const MAX_STORE_NAME: usize = 128;
 pub const MAX_KEY: usize = 1024;
+/// Keys one listing answers at most (`?limit=`), and by default.
+pub const MAX_LIST: usize = 10_000;
+pub const DEFAULT_LIST: usize = 1_000;
+
+/// Which of the three stores a `StateStore` reads and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Space {
+    State,
+    Config,
+    Secrets,
+}
+
+impl Space {
+    /// Where the space's store names start in the state machine: U+0001, which no client's
+    /// store name may hold (`check_names`), so no client of one space reaches another's keys.
+    fn prefix(self) -> &'static str {
+        match self {
+            Space::State => "",
+            Space::Config => "\u{1}config/",
+            Space::Secrets => "\u{1}secrets/",
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Space::State => "state",
+            Space::Config => "config",
+            Space::Secrets => "secret",
+        }
+    }
+}
+
+/// What a listing (or a key) looks like to a long poll: the largest revision among its keys
+/// and how many there are. Two states of one store's history with the same tag hold the same
+/// keys at the same revisions (see the module's comment), so an equal tag means unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListTag {
+    pub max_revision: u64,
+    pub keys: u64,
+}
+
+impl std::fmt::Display for ListTag {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.max_revision, self.keys)
+    }
+}
+
+/// One page of a store's keys under a prefix.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listing {
+    pub items: Vec<(String, Versioned)>,
+    /// The last key of this page when more follow (`?after=` it for the next page).
+    pub next: Option<String>,
+    /// The tag of every key under the prefix, not only this page's.
+    pub tag: ListTag,
+}
+
+/// The keys of `map` under `prefix`, after `after`: at most `limit` of them and about
+/// `max_bytes` of keys and values (at least one), and the tag of all the keys under `prefix`
+/// (one pass over them).
+pub fn list_map(map: Option<&imbl::OrdMap<String, Versioned>>, prefix: &str, after: Option<&str>, limit: usize, max_bytes: usize) -> Listing {
+    let mut listing = Listing { items: Vec::new(), next: None, tag: ListTag { max_revision: 0, keys: 0 } };
+    let mut bytes = 0usize;
+    let Some(map) = map else { return listing };
+    let start = std::ops::Bound::Included(prefix.to_string());
+    for (key, v) in map.range((start, std::ops::Bound::Unbounded)) {
+        if !key.starts_with(prefix) {
+            break;
+        }
+        listing.tag.keys += 1;
+        listing.tag.max_revision = listing.tag.max_revision.max(v.revision);
+        if after.is_some_and(|a| key.as_str() <= a) {
+            continue;
+        }
+        let size = key.len() + v.value.len();
+        let fits = listing.items.is_empty() || (listing.items.len() < limit && bytes + size <= max_bytes);
+        if fits && listing.next.is_none() {
+            bytes += size;
+            listing.items.push((key.clone(), v.clone()));
+        } else if listing.next.is_none() {
+            listing.next = listing.items.last().map(|(k, _)| k.clone());
+        }
+    }
+    listing
+}
+
+/// The tag of the keys of `map` under `prefix` (what `list_map` answers as `tag`).
+pub fn list_tag(map: Option<&imbl::OrdMap<String, Versioned>>, prefix: &str) -> ListTag {
+    let mut tag = ListTag { max_revision: 0, keys: 0 };
+    let Some(map) = map else { return tag };
+    for (key, v) in map.range((std::ops::Bound::Included(prefix.to_string()), std::ops::Bound::Unbounded)) {
+        if !key.starts_with(prefix) {
+            break;
+        }
+        tag.keys += 1;
+        tag.max_revision = tag.max_revision.max(v.revision);
+    }
+    tag
+}
+
+/// What one key looks like to a long poll: its revision, 0 when absent.
+pub fn key_tag(map: Option<&imbl::OrdMap<String, Versioned>>, key: &str) -> ListTag {
+    let revision = map.and_then(|m| m.get(key)).map_or(0, |v| v.revision);
+    ListTag { max_revision: revision, keys: u64::from(revision != 0) }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Consistency {
@@ -60,6 +180,9 @@ pub struct StateStore {
     /// `--state-max-bytes`). Checked against this node's copy before a write is proposed, as
     /// etcd checks its quota: writes racing on several nodes may overshoot by what they add.
     quota: (u64, u64),
+    space: Space,
+    /// Seals the secret store's values (`secret`); `None` without a cluster secret.
+    sealer: Option<Arc<secret::Sealer>>,
 }
 
 /// A value must be JSON text that can be served back as JSON: UTF-8 throughout, no lone
@@ -69,14 +192,22 @@ fn check_json(value: &[u8]) -> Result<(), StoreError> {
     serde_json::from_str::<serde_json::Value>(text).map(drop).map_err(|e| StoreError::InvalidJson(e.to_string()))
 }
 
-fn check_names(store: &str, key: &str) -> Result<(), StoreError> {
-    if store.is_empty() || store.len() > MAX_STORE_NAME {
-        return Err(StoreError::InvalidName(format!("store name must be 1..={MAX_STORE_NAME} bytes")));
-    }
+pub fn check_names(store: &str, key: &str) -> Result<(), StoreError> {
+    check_store_name(store)?;
     if key.is_empty() || key.len() > MAX_KEY {
         return Err(StoreError::InvalidName(format!("key must be 1..={MAX_KEY} bytes")));
     }
-    if store.chars().chain(key.chars()).any(char::is_control) {
+    if key.chars().any(char::is_control) {
+        return Err(StoreError::InvalidName("names may not contain control characters".into()));
+    }
+    Ok(())
+}
+
+fn check_store_name(store: &str) -> Result<(), StoreError> {
+    if store.is_empty() || store.len() > MAX_STORE_NAME {
+        return Err(StoreError::InvalidName(format!("store name must be 1..={MAX_STORE_NAME} bytes")));
+    }
+    if store.chars().any(char::is_control) {
         return Err(StoreError::InvalidName("names may not contain control characters".into()));
     }
     Ok(())
@@ -113,13 +244,39 @@ const EXISTS_ROUNDS: usize = 16;
 
 impl StateStore {
     pub fn new(replica: Replica, sm: Arc<SmShared>, timeout: Duration, max_value: usize, quota: (u64, u64)) -> StateStore {
-        StateStore { replica, sm, timeout, max_value, quota }
+        StateStore { replica, sm, timeout, max_value, quota, space: Space::State, sealer: None }
+    }
+
+    /// Turns the secret store on, with the key derived from the cluster secret.
+    pub fn with_sealer(mut self, sealer: Option<Arc<secret::Sealer>>) -> StateStore {
+        self.sealer = sealer;
+        self
+    }
+
+    /// The secret store beside this one.
+    pub fn secrets(&self) -> secret::SecretStore {
+        secret::SecretStore::new(self, self.sealer.clone(), self.max_value)
+    }
+
+    /// The same store in another space (the config or the secret store).
+    pub fn in_space(&self, space: Space) -> StateStore {
+        StateStore { space, ..self.clone() }
+    }
+
+    pub fn space(&self) -> Space {
+        self.space
+    }
+
+    /// `store` as the state machine names it in this store's space.
+    fn inner(&self, store: &str) -> String {
+        format!("{}{store}", self.space.prefix())
     }
 
     /// Refuses a write of `value_len` bytes to `store/key` that would take the store past its
     /// quota; a write that adds nothing (an overwrite no larger than before) always passes, so a
     /// full store can still be changed and emptied.
     fn check_quota(&self, store: &str, key: &str, value_len: usize) -> Result<(), StoreError> {
+        let store = &self.inner(store);
         let (keys, bytes, old_len) = self.sm.stores_usage(store, key);
         let (max_keys, max_bytes) = self.quota;
         let old = old_len.map(|len| entry_weight(store, key, len));
@@ -140,7 +297,77 @@ impl StateStore {
         if consistency == Consistency::Linearizable {
             self.replica.read_barrier(self.timeout).await?;
         }
-        Ok(self.sm.get(store, key))
+        Ok(self.sm.get(&self.inner(store), key))
+    }
+
+    /// One page of the keys of `store` under `prefix` (see `list_map`).
+    pub async fn list(&self, store: &str, prefix: &str, after: Option<&str>, limit: usize, max_bytes: usize, consistency: Consistency) -> Result<Listing, StoreError> {
+        check_store_name(store)?;
+        if consistency == Consistency::Linearizable {
+            self.replica.read_barrier(self.timeout).await?;
+        }
+        Ok(list_map(self.sm.store_map(&self.inner(store)).as_ref(), prefix, after, limit, max_bytes))
+    }
+
+    /// Waits for a linearizable read's barrier (or not, for `Stale`): what a long poll does
+    /// once before it reads the local copy.
+    pub async fn barrier(&self, consistency: Consistency) -> Result<(), StoreError> {
+        if consistency == Consistency::Linearizable {
+            self.replica.read_barrier(self.timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// The keys of `store` as this node holds them now.
+    pub fn map(&self, store: &str) -> Result<Option<imbl::OrdMap<String, Versioned>>, StoreError> {
+        check_store_name(store)?;
+        Ok(self.sm.store_map(&self.inner(store)))
+    }
+
+    /// Waits while `unchanged` holds of the store's keys, at most `wait` or until `stop` is
+    /// cancelled (a drain); returns the keys as they are then (changed or not). A store that
+    /// did not change since the last look is passed over by a pointer compare.
+    pub async fn wait_changed<F>(
+        &self,
+        store: &str,
+        unchanged: F,
+        wait: Duration,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> Result<Option<imbl::OrdMap<String, Versioned>>, StoreError>
+    where
+        F: Fn(Option<&imbl::OrdMap<String, Versioned>>) -> bool,
+    {
+        check_store_name(store)?;
+        let name = self.inner(store);
+        let mut changes = self.sm.watch_stores();
+        let mut map = self.sm.store_map(&name);
+        let deadline = tokio::time::Instant::now() + wait;
+        let same = |a: &Option<imbl::OrdMap<String, Versioned>>, b: &Option<imbl::OrdMap<String, Versioned>>| match (a, b) {
+            (Some(a), Some(b)) => a.ptr_eq(b),
+            (None, None) => true,
+            _ => false,
+        };
+        // Bounded by the deadline: each pass waits for a change, the deadline or the stop, and
+        // judges the keys again only when the store's map is another.
+        'waiting: while unchanged(map.as_ref()) {
+            loop {
+                tokio::select! {
+                    changed = changes.changed() => {
+                        if changed.is_err() {
+                            break 'waiting;
+                        }
+                    }
+                    () = tokio::time::sleep_until(deadline) => break 'waiting,
+                    () = stop.cancelled() => break 'waiting,
+                }
+                let now = self.sm.store_map(&name);
+                if !same(&map, &now) {
+                    map = now;
+                    continue 'waiting;
+                }
+            }
+        }
+        Ok(map)
     }
 
     /// Set a key to a JSON value; returns the new revision.
@@ -163,7 +390,7 @@ impl StateStore {
         }
         check_json(value)?;
         self.check_quota(store, key, value.len())?;
-        let cmd = Command::Put { store: store.into(), key: key.into(), value: value.to_vec(), if_revision, tag };
+        let cmd = Command::Put { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, tag };
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Written { revision } => Ok(revision),
             CommandResult::PreconditionFailed { current } => Err(StoreError::PreconditionFailed { current }),
@@ -212,7 +439,7 @@ impl StateStore {
     /// linearizable read when the copy has none (it may lag); absent there too is a 412.
     async fn existing_revision(&self, store: &str, key: &str) -> Result<u64, StoreError> {
         check_names(store, key)?;
-        if let Some(v) = self.sm.get(store, key) {
+        if let Some(v) = self.sm.get(&self.inner(store), key) {
             return Ok(v.revision);
         }
         match self.get(store, key, Consistency::Linearizable).await? {
@@ -227,9 +454,9 @@ impl StateStore {
         // The new value's length as this node's copy predicts it (an increment of an existing
         // counter in a full store adds a byte at most, and often nothing), else the most an i64
         // takes in text, 20 bytes.
-        let current = self.sm.get(store, key).and_then(|v| std::str::from_utf8(&v.value).ok()?.trim().parse::<i64>().ok());
+        let current = self.sm.get(&self.inner(store), key).and_then(|v| std::str::from_utf8(&v.value).ok()?.trim().parse::<i64>().ok());
         self.check_quota(store, key, current.map_or(20, |n| n.saturating_add(by).to_string().len()))?;
-        let cmd = Command::Increment { store: store.into(), key: key.into(), by, tag };
+        let cmd = Command::Increment { store: self.inner(store), key: key.into(), by, tag };
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Incremented { value, .. } => Ok(value),
             CommandResult::NotANumber => Err(StoreError::InvalidJson(format!("{store}/{key} is not an integer"))),
@@ -253,7 +480,7 @@ impl StateStore {
     /// Remove a key; returns whether it existed.
     pub async fn delete(&self, store: &str, key: &str, if_revision: Option<u64>) -> Result<bool, StoreError> {
         check_names(store, key)?;
-        let cmd = Command::Delete { store: store.into(), key: key.into(), if_revision };
+        let cmd = Command::Delete { store: self.inner(store), key: key.into(), if_revision };
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Deleted { existed } => Ok(existed),
             CommandResult::PreconditionFailed { current } => Err(StoreError::PreconditionFailed { current }),

@@ -23,3 +23,4 @@ mod replication;
 mod sidecar;
 mod snapshot;
 mod state_store;
+mod stores;

@@ -1,0 +1,304 @@
+//! The store routes: `/v1/state`, `/v1/config` and `/v1/secrets`, each a key
+//! (`/{store}/{key}`: GET, PUT, DELETE) or a listing of a store's keys (`/{store}`: GET).
+//!
+//! The three share one handler per shape, as they share one replicated map (`store::Space`):
+//! what differs is that the secret store's routes want the node's `--secrets-token` as a bearer
+//! token and never list values, and that its values are sealed on the way in and opened on the
+//! way out (`store::secret`).
+//!
+//! Reads may be long polls, as Consul's blocking queries: a GET with the tag of what the client
+//! holds (`If-None-Match: "<etag>"`, or `?index=<etag>`) and `?wait=30s` is answered once what
+//! it reads changed, or when the wait is over with a 304. The tag of a key is its revision, that
+//! of a listing its largest revision and key count (`store::ListTag`), equal on every node, so a
+//! client may move between nodes. A node holds at most `MAX_LONG_POLLS` at once (503 past it) and
+//! ends them all when its drain begins, so they neither hold the drain nor run it out of tasks.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::HeaderValue;
+use http::Method;
+use http::Request;
+use http::Response;
+use http::StatusCode;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio_util::sync::CancellationToken;
+
+use super::error::ApiError;
+use super::ApiResult;
+use super::App;
+use crate::store::Consistency;
+use crate::store::Space;
+
+/// Long polls a node holds at once.
+pub const MAX_LONG_POLLS: usize = 1024;
+/// The longest `?wait=` (a longer one is cut to it, as Consul cuts its own).
+pub const MAX_WAIT: Duration = Duration::from_secs(300);
+/// Keys and values one listing page holds at most, besides `?limit=`.
+const PAGE_BYTES: usize = 4 << 20;
+
+/// The long polls of a node: how many may wait, and the stop that ends them at the drain.
+pub struct LongPolls {
+    /// Cancelled by `api::run` when the drain begins; never reset.
+    pub stop: CancellationToken,
+    /// `MAX_LONG_POLLS` permits; never closed.
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl LongPolls {
+    pub fn new() -> LongPolls {
+        LongPolls { stop: CancellationToken::new(), slots: Arc::new(tokio::sync::Semaphore::new(MAX_LONG_POLLS)) }
+    }
+
+    fn slot(&self) -> Result<Held, ApiError> {
+        let permit = self.slots.clone().try_acquire_owned().map_err(|_| ApiError::Busy(format!("this node holds {MAX_LONG_POLLS} long polls already")))?;
+        metrics::gauge!("raftbridge_long_polls").increment(1.0);
+        Ok(Held(permit))
+    }
+}
+
+/// A long poll's place, counted in `raftbridge_long_polls` while held.
+struct Held(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        metrics::gauge!("raftbridge_long_polls").decrement(1.0);
+    }
+}
+
+impl Default for LongPolls {
+    fn default() -> Self {
+        LongPolls::new()
+    }
+}
+
+/// What a read asked for besides the value: its consistency, and a long poll's known tags and
+/// wait.
+struct ReadArgs {
+    consistency: Consistency,
+    /// The tags the client holds (`If-None-Match`, `?index=`); `*` stands for any.
+    known: Vec<String>,
+    wait: Option<Duration>,
+    q: std::collections::BTreeMap<String, String>,
+}
+
+impl ReadArgs {
+    fn parse(req: &Request<Incoming>) -> Result<ReadArgs, ApiError> {
+        // Read as every other query parameter is (`parse_query`: percent-decoded, the last of
+        // repeated ones).
+        let q = crate::proxy::routing::parse_query(req.uri().query().unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
+        let consistency = match q.get("consistency").map(String::as_str) {
+            None | Some("linearizable") | Some("strong") => Consistency::Linearizable,
+            Some("stale") => Consistency::Stale,
+            Some(other) => return Err(ApiError::BadRequest(format!("unknown consistency {:?}", super::cut(other, 64)))),
+        };
+        let wait = match q.get("wait") {
+            None => None,
+            Some(w) => Some(
+                crate::chaos::parse_duration(w)
+                    .map_err(|_| ApiError::BadRequest(format!("wait must be a duration such as 30s or 500ms, got {:?}", super::cut(w, 64))))?
+                    .min(MAX_WAIT),
+            ),
+        };
+        let mut known = Vec::new();
+        for line in req.headers().get_all(http::header::IF_NONE_MATCH) {
+            let text = line.to_str().map_err(|_| ApiError::BadRequest("If-None-Match is not text".into()))?;
+            // A list of entity tags (RFC 9110 §13.1.2); a weak one compares as a strong one here.
+            known.extend(text.split(',').map(|t| t.trim().trim_start_matches("W/").trim_matches('"').to_string()).filter(|t| !t.is_empty()));
+        }
+        if let Some(index) = q.get("index") {
+            known.push(index.trim_matches('"').to_string());
+        }
+        Ok(ReadArgs { consistency, known, wait, q })
+    }
+
+    /// Whether the client holds `tag` (`*`: any tag of something that exists).
+    fn holds(&self, tag: &str, exists: bool) -> bool {
+        self.known.iter().any(|k| k == tag || (k == "*" && exists))
+    }
+}
+
+/// The secret store's routes take only the node's `--secrets-token`, as a bearer token.
+fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    let Some(token) = &app.secrets_token else {
+        return Err(ApiError::Forbidden("the secret store's HTTP API is off on this node: start it with --secrets-token".into()));
+    };
+    let given = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    });
+    match given {
+        Some(given) if same_bytes(given.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized("the bearer token is not this node's --secrets-token".into())),
+        None => Err(ApiError::Unauthorized("the secret store wants a bearer token (Authorization: Bearer <--secrets-token>)".into())),
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken does not tell how much
+/// of a guessed token was right.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn etag(tag: &str) -> HeaderValue {
+    // Digits and a dash: always a valid header value.
+    HeaderValue::from_str(&format!("\"{tag}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
+}
+
+fn not_modified(tag: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    resp.headers_mut().insert(http::header::ETAG, etag(tag));
+    resp
+}
+
+/// `METHOD /v1/{space}/{store}/{key}`.
+pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, key: &str, req: Request<Incoming>) -> ApiResult {
+    if space == Space::Secrets {
+        authorize(app, &req)?;
+    }
+    let plain = app.store.in_space(space);
+    let secrets = app.store.secrets();
+    if space == Space::Secrets && !secrets.is_on() {
+        return Err(crate::store::secret::SecretError::Off.into());
+    }
+    crate::store::check_names(store, key)?;
+    match method {
+        Method::GET => {
+            let args = ReadArgs::parse(&req)?;
+            plain.barrier(args.consistency).await?;
+            let mut map = plain.map(store)?;
+            let tag_of = |m: Option<&imbl::OrdMap<String, crate::raft::state_machine::Versioned>>| crate::store::key_tag(m, key);
+            let unchanged = |m: Option<&imbl::OrdMap<String, crate::raft::state_machine::Versioned>>| {
+                let tag = tag_of(m);
+                args.holds(&tag.max_revision.to_string(), tag.keys > 0)
+            };
+            if let Some(wait) = args.wait.filter(|_| unchanged(map.as_ref())) {
+                let _slot = app.long_polls.slot()?;
+                map = plain.wait_changed(store, unchanged, wait, &app.long_polls.stop).await?;
+            }
+            let tag = tag_of(map.as_ref()).max_revision.to_string();
+            if unchanged(map.as_ref()) {
+                return Ok(not_modified(&tag));
+            }
+            let Some(v) = map.as_ref().and_then(|m| m.get(key)) else {
+                return Err(ApiError::NotFound(format!("no key {}/{}", super::cut(store, 128), super::cut(key, 256))));
+            };
+            let value = if space == Space::Secrets { secrets.open(store, key, &v.value)? } else { v.value.clone() };
+            let mut resp = Response::new(Full::new(Bytes::from(value)));
+            resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            resp.headers_mut().insert("x-revision", HeaderValue::from(v.revision));
+            resp.headers_mut().insert(http::header::ETAG, etag(&tag));
+            if space == Space::Secrets {
+                resp.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            }
+            Ok(resp)
+        }
+        Method::PUT => {
+            let pre = super::precondition(&req)?;
+            let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
+            let revision = match space {
+                Space::Secrets => secrets.put_if(store, key, &body, pre).await?,
+                _ => plain.put_if(store, key, &body, pre).await?,
+            };
+            let mut resp = super::json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));
+            resp.headers_mut().insert("x-revision", HeaderValue::from(revision));
+            resp.headers_mut().insert(http::header::ETAG, etag(&revision.to_string()));
+            Ok(resp)
+        }
+        Method::DELETE => {
+            let pre = super::precondition(&req)?;
+            if plain.delete_if(store, key, pre).await? {
+                Ok(super::json_response(StatusCode::OK, &serde_json::json!({ "deleted": true })))
+            } else {
+                Err(ApiError::NotFound(format!("no key {}/{}", super::cut(store, 128), super::cut(key, 256))))
+            }
+        }
+        _ => Err(super::not_allowed("GET, HEAD, PUT, DELETE")),
+    }
+}
+
+/// `GET /v1/{space}/{store}?prefix=P&after=K&limit=N`: the store's keys in order, with their
+/// values (not for secrets) and revisions; `next` is the key to continue `after`.
+pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<Incoming>) -> ApiResult {
+    if space == Space::Secrets {
+        authorize(app, &req)?;
+        if !app.store.secrets().is_on() {
+            return Err(crate::store::secret::SecretError::Off.into());
+        }
+    }
+    let plain = app.store.in_space(space);
+    let args = ReadArgs::parse(&req)?;
+    let prefix = args.q.get("prefix").map_or("", String::as_str);
+    if prefix.len() > crate::store::MAX_KEY {
+        return Err(ApiError::BadRequest(format!("prefix must be at most {} bytes", crate::store::MAX_KEY)));
+    }
+    let after = args.q.get("after").map(String::as_str);
+    let limit = match args.q.get("limit") {
+        None => crate::store::DEFAULT_LIST,
+        Some(v) => match super::decimal(v) {
+            Some(n) if n >= 1 => (n as usize).min(crate::store::MAX_LIST),
+            _ => return Err(ApiError::BadRequest(format!("limit must be a whole number from 1 (at most {} are listed)", crate::store::MAX_LIST))),
+        },
+    };
+    // A page fits a quarter of the node's answer budget, as an events page does.
+    let max_bytes = PAGE_BYTES.min(app.settings.answers.total() / 4);
+    plain.barrier(args.consistency).await?;
+    let mut map = plain.map(store)?;
+    let tag_of = |m: Option<&imbl::OrdMap<String, crate::raft::state_machine::Versioned>>| crate::store::list_tag(m, prefix);
+    let unchanged = |m: Option<&imbl::OrdMap<String, crate::raft::state_machine::Versioned>>| {
+        let tag = tag_of(m);
+        args.holds(&tag.to_string(), tag.keys > 0)
+    };
+    if let Some(wait) = args.wait.filter(|_| unchanged(map.as_ref())) {
+        let _slot = app.long_polls.slot()?;
+        map = plain.wait_changed(store, unchanged, wait, &app.long_polls.stop).await?;
+    }
+    let page = crate::store::list_map(map.as_ref(), prefix, after, limit, max_bytes);
+    let tag = page.tag.to_string();
+    if args.holds(&tag, page.tag.keys > 0) {
+        return Ok(not_modified(&tag));
+    }
+    let mut body = Vec::with_capacity(64 + page.items.iter().map(|(k, v)| k.len() + v.value.len() + 48).sum::<usize>());
+    body.extend_from_slice(b"{\"items\":[");
+    for (i, (k, v)) in page.items.iter().enumerate() {
+        if i > 0 {
+            body.push(b',');
+        }
+        body.extend_from_slice(b"{\"key\":");
+        // A string always serializes.
+        serde_json::to_writer(&mut body, k).map_err(|e| ApiError::Internal(e.to_string()))?;
+        if space != Space::Secrets {
+            body.extend_from_slice(b",\"value\":");
+            // Values were checked as JSON when written; one that is not is served as null
+            // rather than breaking the page.
+            match serde_json::from_slice::<&serde_json::value::RawValue>(&v.value) {
+                Ok(raw) => body.extend_from_slice(raw.get().as_bytes()),
+                Err(_) => body.extend_from_slice(b"null"),
+            }
+        }
+        body.extend_from_slice(format!(",\"revision\":{}}}", v.revision).as_bytes());
+    }
+    body.extend_from_slice(b"],\"next\":");
+    serde_json::to_writer(&mut body, &page.next).map_err(|e| ApiError::Internal(e.to_string()))?;
+    body.extend_from_slice(format!(",\"index\":\"{tag}\"}}").as_bytes());
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    resp.headers_mut().insert(http::header::ETAG, etag(&tag));
+    Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_bytes(b"0123456789abcdef", b"0123456789abcdef"));
+        assert!(!same_bytes(b"0123456789abcdef", b"0123456789abcdeg"));
+        assert!(!same_bytes(b"0123456789abcdef", b"0123456789abcde"));
+        assert!(!same_bytes(b"", b"x"));
+    }
+}

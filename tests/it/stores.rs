@@ -1,0 +1,199 @@
+//! The config and secret stores beside the state store: their own keys, listings, long polls
+//! that wake on a write or a delete on another node, the secret store's bearer token, and
+//! secret values that reach no node's disk in clear.
+
+use std::time::Duration;
+use std::time::Instant;
+
+use serde_json::json;
+use serde_json::Value;
+
+use crate::harness::assert_json_error;
+use crate::harness::Api;
+use crate::harness::Cluster;
+use crate::http::Response;
+
+const TOKEN: &str = "it-secrets-token-0123456789";
+const SECRET: &str = "it-cluster-secret-0123456789abcdef";
+/// A value no other test writes, looked for in every file of the data dirs.
+const PLAIN: &str = "hunter2-plain-Q7x9Zr";
+
+fn call(api: &Api, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    api.request(method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+fn status(resp: &Response, code: u16, what: &str) {
+    assert_eq!(resp.status, code, "{what}: {}", resp.describe());
+}
+
+fn json_of(resp: &Response) -> Value {
+    resp.json().unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn etag(resp: &Response) -> String {
+    resp.header("etag").unwrap_or_else(|| panic!("no etag: {}", resp.describe())).trim_matches('"').to_string()
+}
+
+/// Every byte of every file under `dir`, searched for `needle`: the files that hold it.
+fn files_holding(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut seen = 0;
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            seen += 1;
+            assert!(seen < 100_000, "the walk is bounded");
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if let Ok(bytes) = std::fs::read(&path) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    found.push(path.display().to_string());
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn config_keys_are_listed_and_long_polls_wake_on_another_nodes_write_or_delete() {
+    let (c, _leader) = Cluster::formed("stores", 3, &["--example-services"]);
+    let [a, b, cc] = [c.api(1), c.api(2), c.api(3)];
+    // A config key is not a state key of the same name.
+    let put = call(&a, "PUT", "/v1/config/demo/greeting", &[], br#""hello""#);
+    status(&put, 200, "config put");
+    let r1 = put.revision_header().expect("x-revision");
+    let got = call(&b, "GET", "/v1/config/demo/greeting", &[], b"");
+    status(&got, 200, "config get on another node");
+    assert_eq!((json_of(&got), etag(&got)), (json!("hello"), r1.to_string()));
+    assert_json_error(&call(&b, "GET", "/v1/state/demo/greeting", &[], b""), 404, "the state store has no such key");
+    // Once every node's services are registered.
+    c.wait_until("the demo's commands to be routed", Duration::from_secs(30), || {
+        c.apis().iter().all(|api| api.request("GET", "/api/v1/settings/greeting", &[], b"").is_ok_and(|r| r.status == 200))
+    });
+    let sdk = call(&cc, "GET", "/api/v1/settings/greeting", &[], b"");
+    status(&sdk, 200, "an SDK handler reads the config store");
+    assert_eq!((json_of(&sdk)["value"].clone(), json_of(&sdk)["secretSet"].clone()), (json!("hello"), Value::Null), "no secret store without a cluster secret");
+    // An unchanged key is a 304 with its tag, at once or at the end of a wait.
+    let same = call(&b, "GET", "/v1/config/demo/greeting", &[("if-none-match", &format!("\"{r1}\""))], b"");
+    assert_eq!((same.status, etag(&same)), (304, r1.to_string()), "{}", same.describe());
+    let waited = call(&b, "GET", &format!("/v1/config/demo/greeting?index={r1}&wait=300ms"), &[], b"");
+    assert_eq!((waited.status, etag(&waited)), (304, r1.to_string()), "{}", waited.describe());
+
+    // Listings: in key order, under a prefix, in pages.
+    for key in ["feature/x", "feature/y", "other"] {
+        status(&call(&a, "PUT", &format!("/v1/config/demo/{key}"), &[], b"true"), 200, key);
+    }
+    let list = call(&b, "GET", "/v1/config/demo?prefix=feature/", &[], b"");
+    status(&list, 200, "listing");
+    let body = json_of(&list);
+    let keys: Vec<&str> = body["items"].as_array().expect("items").iter().map(|i| i["key"].as_str().expect("key")).collect();
+    assert_eq!(keys, ["feature/x", "feature/y"], "{body}");
+    assert_eq!((body["items"][0]["value"].clone(), body["next"].clone()), (json!(true), Value::Null));
+    let index = body["index"].as_str().expect("index").to_string();
+    assert_eq!(etag(&list), index);
+    let page = json_of(&call(&cc, "GET", "/v1/config/demo?prefix=feature/&limit=1", &[], b""));
+    assert_eq!((page["items"].as_array().map(Vec::len), page["next"].clone(), page["index"].clone()), (Some(1), json!("feature/x"), json!(index)));
+    let rest = json_of(&call(&cc, "GET", "/v1/config/demo?prefix=feature/&after=feature/x", &[], b""));
+    assert_eq!(rest["items"][0]["key"], "feature/y");
+
+    // A long poll on node 3 wakes when node 1 adds a key under its prefix...
+    let poll = |api: &Api, path: String, tag: String| {
+        let addr = api.addr;
+        std::thread::spawn(move || crate::http::request(addr, "GET", &path, &[("if-none-match", &format!("\"{tag}\""))], b"", Duration::from_secs(60)))
+    };
+    let waiting = |api: &Api, n: f64| {
+        c.wait_until("the long poll to wait", Duration::from_secs(20), || api.metric("raftbridge_long_polls", &[]).is_ok_and(|v| v >= n));
+    };
+    let started = Instant::now();
+    let listed = poll(&cc, "/v1/config/demo?prefix=feature/&wait=50s".into(), index.clone());
+    waiting(&cc, 1.0);
+    status(&call(&a, "PUT", "/v1/config/demo/other2", &[], b"1"), 200, "a key outside the prefix");
+    status(&call(&a, "PUT", "/v1/config/demo/feature/z", &[], b"\"z\""), 200, "a key under the prefix");
+    let woke = listed.join().expect("poll thread").expect("the poll answers");
+    status(&woke, 200, "the poll answered the change");
+    let body = json_of(&woke);
+    assert_eq!(body["items"].as_array().map(Vec::len), Some(3), "{body}");
+    assert_ne!(body["index"], json!(index));
+    assert!(started.elapsed() < Duration::from_secs(40), "woken by the write, not the wait's end");
+    // ... and a poll on one key wakes when another node deletes it.
+    let started = Instant::now();
+    let key_poll = poll(&b, "/v1/config/demo/greeting?wait=50s".into(), r1.to_string());
+    waiting(&b, 1.0);
+    status(&call(&cc, "DELETE", "/v1/config/demo/greeting", &[], b""), 200, "delete");
+    assert_json_error(&key_poll.join().expect("poll thread").expect("the poll answers"), 404, "the key is gone");
+    assert!(started.elapsed() < Duration::from_secs(40), "woken by the delete, not the wait's end");
+    c.wait_until("the polls to let go", Duration::from_secs(20), || {
+        [&b, &cc].iter().all(|api| api.metric("raftbridge_long_polls", &[]).is_ok_and(|v| v == 0.0))
+    });
+
+    // Bad input.
+    assert_json_error(&call(&a, "GET", "/v1/config/demo?limit=0", &[], b""), 400, "limit 0");
+    assert_json_error(&call(&a, "GET", "/v1/config/demo?wait=soon", &[], b""), 400, "a wait that is no duration");
+    assert_json_error(&call(&a, "POST", "/v1/config/demo", &[], b""), 405, "a listing is read only");
+    assert_json_error(&call(&a, "PUT", "/v1/config/demo/k", &[], b"{"), 400, "not JSON");
+    assert_json_error(&call(&a, "GET", "/v1/secrets/demo/k", &[], b""), 403, "no secrets token on these nodes");
+}
+
+#[test]
+fn secrets_want_the_token_and_are_sealed_on_every_disk() {
+    let flags = ["--example-services", "--cluster-secret", SECRET, "--secrets-token", TOKEN];
+    let (c, _leader) = Cluster::formed("secrets", 3, &flags);
+    let [a, b] = [c.api(1), c.api(2)];
+    let auth = format!("Bearer {TOKEN}");
+    let bearer = [("authorization", auth.as_str())];
+    let value = json!({"user": "app", "password": PLAIN});
+    let body = serde_json::to_vec(&value).expect("encodes");
+    // Without the token, or with another: 401, nothing written.
+    let none = call(&a, "PUT", "/v1/secrets/db/password", &[], &body);
+    assert_json_error(&none, 401, "no token");
+    assert!(none.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")), "{}", none.describe());
+    assert_json_error(&call(&a, "PUT", "/v1/secrets/db/password", &[("authorization", "Bearer not-the-token-at-all")], &body), 401, "another token");
+    assert_json_error(&call(&b, "GET", "/v1/secrets/db/password", &bearer, b""), 404, "nothing was written");
+    // With it: written on one node, read on another.
+    status(&call(&a, "PUT", "/v1/secrets/db/password", &bearer, &body), 200, "secret put");
+    let got = call(&b, "GET", "/v1/secrets/db/password", &bearer, b"");
+    status(&got, 200, "secret get on another node");
+    assert_eq!(json_of(&got), value);
+    assert_eq!(got.header("cache-control"), Some("no-store"));
+    assert_json_error(&call(&b, "GET", "/v1/secrets/db/password", &[], b""), 401, "a read wants the token too");
+    // A listing names the secrets, never their values.
+    let list = call(&b, "GET", "/v1/secrets/db", &bearer, b"");
+    status(&list, 200, "secret listing");
+    assert!(!list.text().contains(PLAIN) && !list.text().contains("rbs1:"), "{}", list.describe());
+    assert_eq!(json_of(&list)["items"][0]["key"], "password");
+    assert!(json_of(&list)["items"][0].get("value").is_none());
+    // The state API cannot name the secret store's keys.
+    assert_json_error(&call(&a, "GET", "/v1/state/%01secrets%2Fdb/password", &[], b""), 400, "an internal store name");
+    // An SDK handler sees that the secret is set.
+    c.wait_until("the demo's commands to be routed", Duration::from_secs(30), || {
+        c.apis().iter().all(|api| api.request("GET", "/api/v1/settings/password", &[], b"").is_ok_and(|r| r.status == 200))
+    });
+    let sdk = json_of(&call(&b, "GET", "/api/v1/settings/password", &[], b""));
+    assert_eq!(sdk["secretSet"], json!(false), "{sdk}");
+    status(&call(&a, "PUT", "/v1/secrets/demo/password", &bearer, &body), 200, "the demo's secret");
+    let sdk = json_of(&call(&b, "GET", "/api/v1/settings/password", &[], b""));
+    assert_eq!(sdk["secretSet"], json!(true), "{sdk}");
+    // Every node applied it, and no file of any node holds the value in clear (the log, the
+    // snapshot, anything else), while a state value is found there (the search works).
+    status(&call(&a, "PUT", "/v1/state/demo/canary", &[], format!("\"{PLAIN}-state\"").as_bytes()), 200, "state canary");
+    for api in c.apis() {
+        c.wait_until("the secret to reach every node", Duration::from_secs(20), || {
+            api.request("GET", "/v1/secrets/db/password?consistency=stale", &bearer, b"").is_ok_and(|r| r.status == 200)
+                && api.request("GET", "/v1/state/demo/canary?consistency=stale", &[], b"").is_ok_and(|r| r.status == 200)
+        });
+    }
+    c.wait_until("the state canary to reach the disks", Duration::from_secs(20), || {
+        files_holding(c.dir(), format!("{PLAIN}-state").as_bytes()).len() >= 3
+    });
+    let leaked = files_holding(c.dir(), format!("\"password\":\"{PLAIN}\"").as_bytes());
+    assert!(leaked.is_empty(), "the secret in clear in {leaked:?}");
+    // After a restart of every node the secret still opens (the key comes from the cluster secret).
+    c.kill_all();
+    c.start_all();
+    c.wait_all_ready(Duration::from_secs(60));
+    let again = call(&c.api(3), "GET", "/v1/secrets/db/password", &bearer, b"");
+    status(&again, 200, "after a restart");
+    assert_eq!(json_of(&again), value);
+}
