@@ -110,6 +110,11 @@ pub struct NodeArgs {
     /// --cluster-secret, from which the key that seals its values is derived.
     #[arg(long, env = "RAFTBRIDGE_SECRETS_TOKEN", hide_env_values = true)]
     pub secrets_token: Option<String>,
+    /// The cluster secret used before --cluster-secret was changed: the secret store still
+    /// opens values sealed under it (a write seals with the current one). Drop it once every
+    /// secret was written again.
+    #[arg(long, env = "RAFTBRIDGE_CLUSTER_SECRET_PREVIOUS", hide_env_values = true)]
+    pub cluster_secret_previous: Option<String>,
     /// Peer links over mutual TLS: this node's certificate chain (PEM). Needs --peer-tls-key and
     /// --peer-tls-ca too; `raftbridge certs` makes all three. Every node of a cluster must use
     /// TLS, or none.
@@ -242,7 +247,9 @@ pub struct NodeConfig {
     pub cluster_name: String,
     pub cluster_secret: Option<crate::peer::ClusterSecret>,
     /// `--secrets-token`: what `/v1/secrets` requests must carry; `None`: that API is off.
-    pub secrets_token: Option<String>,
+    pub secrets_token: Option<crate::peer::ClusterSecret>,
+    /// `--cluster-secret-previous`: opens secrets sealed before the cluster secret changed.
+    pub cluster_secret_previous: Option<crate::peer::ClusterSecret>,
     pub peer_tls: Option<PeerTlsFiles>,
     pub https: Option<HttpsConfig>,
     pub heartbeat_ms: u64,
@@ -324,6 +331,7 @@ impl NodeArgs {
             &mut self.cluster_name,
             &mut self.cluster_secret,
             &mut self.secrets_token,
+            &mut self.cluster_secret_previous,
             &mut self.peer_tls_server_name,
         ] {
             text(v);
@@ -434,7 +442,8 @@ impl NodeArgs {
             snapshot_threshold: pick!(snapshot_threshold).unwrap_or(50_000),
             cluster_name: pick!(cluster_name).unwrap_or_else(|| "raftbridge".into()),
             cluster_secret: pick!(cluster_secret).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
-            secrets_token: pick!(secrets_token).filter(|s| !s.is_empty()),
+            secrets_token: pick!(secrets_token).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
+            cluster_secret_previous: pick!(cluster_secret_previous).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
             peer_tls,
             https,
             heartbeat_ms: pick!(heartbeat_ms).unwrap_or(60),
@@ -591,8 +600,16 @@ impl NodeConfig {
         if self.cluster_secret.as_ref().is_some_and(|s| s.len() < 16) {
             return invalid("cluster-secret", "must be at least 16 bytes");
         }
-        if self.secrets_token.as_ref().is_some_and(|s| s.len() < 16 || s.bytes().any(|b| !b.is_ascii_graphic())) {
+        if self.secrets_token.as_ref().is_some_and(|s| s.len() < 16 || !s.is_visible_ascii()) {
             return invalid("secrets-token", "must be at least 16 bytes of visible ASCII");
+        }
+        if self.secrets_token.is_some() && self.cluster_secret.is_none() {
+            // The secret store's key is derived from the cluster secret: without one every
+            // request the token lets in would be refused.
+            return invalid("secrets-token", "needs --cluster-secret, from which the secret store's key is derived");
+        }
+        if self.cluster_secret_previous.is_some() && self.cluster_secret.is_none() {
+            return invalid("cluster-secret-previous", "needs --cluster-secret");
         }
         if self.dedup_max_keys == 0 {
             return invalid("dedup-max-keys", "must be at least 1");
@@ -721,6 +738,12 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(refused(NodeArgs { write_timeout_ms: Some(0), ..base() }), "write-timeout-ms");
+        let secret = || Some("0123456789abcdef".to_string());
+        assert_eq!(refused(NodeArgs { secrets_token: secret(), ..base() }), "secrets-token", "no store without a cluster secret");
+        assert_eq!(refused(NodeArgs { secrets_token: Some("short".into()), cluster_secret: secret(), ..base() }), "secrets-token");
+        assert_eq!(refused(NodeArgs { secrets_token: Some("0123456789 abcdef".into()), cluster_secret: secret(), ..base() }), "secrets-token");
+        assert!(NodeArgs { secrets_token: secret(), cluster_secret: secret(), ..base() }.resolve().is_ok());
+        assert_eq!(refused(NodeArgs { cluster_secret_previous: secret(), ..base() }), "cluster-secret-previous");
         assert!(NodeArgs { write_timeout_ms: Some(100), ..base() }.resolve().is_ok());
         assert_eq!(refused(NodeArgs { write_timeout_ms: Some(300_001), ..base() }), "write-timeout-ms");
         assert_eq!(refused(NodeArgs { events_max_count: Some(0), ..base() }), "events-max-count");

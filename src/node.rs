@@ -350,7 +350,8 @@ pub async fn run(
     }
     let timeout = Duration::from_millis(cfg.write_timeout_ms);
     // The secret store's key, derived from the cluster secret (the store is off without one).
-    let sealer = cfg.cluster_secret.as_ref().map(|s| Arc::new(crate::store::secret::Sealer::new(s.derive(b"secret store"))));
+    let previous: Vec<[u8; 32]> = cfg.cluster_secret_previous.iter().map(|s| s.derive(b"secret store")).collect();
+    let sealer = cfg.cluster_secret.as_ref().map(|s| Arc::new(crate::store::secret::Sealer::new(s.derive(b"secret store"), &previous)));
     let store = StateStore::new(replica.clone(), sm_shared.clone(), timeout, cfg.max_body, (cfg.state_max_keys, cfg.state_max_bytes)).with_sealer(sealer);
     let broker_stop = run_stop.child_token();
     let limits = EventLimits {

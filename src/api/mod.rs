@@ -96,7 +96,7 @@ pub struct App {
     pub connections: Arc<Semaphore>,
     pub cluster_name: String,
     /// `--secrets-token`: the bearer token of `/v1/secrets`; `None`: that API is off.
-    pub secrets_token: Option<String>,
+    pub secrets_token: Option<crate::peer::ClusterSecret>,
     /// Long polls on the stores (`stores::LongPolls`), ended at the drain.
     pub long_polls: stores::LongPolls,
 }
@@ -415,10 +415,10 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     // command is not, whatever its method: its handler has run), and never the probes, the
     // metrics or the cluster view: a full budget must not make the node look dead.
     let refusable = matches!(*req.method(), Method::GET | Method::HEAD) && req.uri().path().starts_with("/v1/");
-    // A HEAD outside the commands (`route` serves it as GET) is answered without the body
-    // here, not by hyper: its HTTP/1 side leaves a HEAD's body out, its HTTP/2 side sends it
-    // (DATA frames on a HEAD stream, which clients reset). The length stays as GET's.
-    let head = req.method() == Method::HEAD && !req.uri().path().starts_with("/api/");
+    // A HEAD (`route` serves it as GET, the proxy as a GET command) is answered without the
+    // body here, not by hyper: its HTTP/1 side leaves a HEAD's body out, its HTTP/2 side sends
+    // it (DATA frames on a HEAD stream, which clients reset). The length stays as GET's.
+    let head = req.method() == Method::HEAD;
     let (route, result) = route(&app, req).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
     if head {

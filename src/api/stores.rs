@@ -130,16 +130,10 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
     });
     match given {
-        Some(given) if same_bytes(given.as_bytes(), token.as_bytes()) => Ok(()),
+        Some(given) if token.matches(given.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::Unauthorized("the bearer token is not this node's --secrets-token".into())),
         None => Err(ApiError::Unauthorized("the secret store wants a bearer token (Authorization: Bearer <--secrets-token>)".into())),
     }
-}
-
-/// Compares without stopping at the first difference, so the time taken does not tell how much
-/// of a guessed token was right.
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn etag(tag: &str) -> HeaderValue {
@@ -147,11 +141,19 @@ fn etag(tag: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{tag}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
-fn not_modified(tag: &str) -> Response<Full<Bytes>> {
+fn not_modified(tag: &str, space: Space) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NOT_MODIFIED;
     resp.headers_mut().insert(http::header::ETAG, etag(tag));
+    no_store(&mut resp, space);
     resp
+}
+
+/// The secret store's answers are not to be kept by caches on the way.
+fn no_store(resp: &mut Response<Full<Bytes>>, space: Space) {
+    if space == Space::Secrets {
+        resp.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
 }
 
 /// `METHOD /v1/{space}/{store}/{key}`.
@@ -181,7 +183,7 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
             }
             let tag = tag_of(map.as_ref()).max_revision.to_string();
             if unchanged(map.as_ref()) {
-                return Ok(not_modified(&tag));
+                return Ok(not_modified(&tag, space));
             }
             let Some(v) = map.as_ref().and_then(|m| m.get(key)) else {
                 return Err(ApiError::NotFound(format!("no key {}/{}", super::cut(store, 128), super::cut(key, 256))));
@@ -191,9 +193,7 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
             resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             resp.headers_mut().insert("x-revision", HeaderValue::from(v.revision));
             resp.headers_mut().insert(http::header::ETAG, etag(&tag));
-            if space == Space::Secrets {
-                resp.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-            }
+            no_store(&mut resp, space);
             Ok(resp)
         }
         Method::PUT => {
@@ -259,7 +259,7 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
     let page = crate::store::list_map(map.as_ref(), prefix, after, limit, max_bytes);
     let tag = page.tag.to_string();
     if args.holds(&tag, page.tag.keys > 0) {
-        return Ok(not_modified(&tag));
+        return Ok(not_modified(&tag, space));
     }
     let mut body = Vec::with_capacity(64 + page.items.iter().map(|(k, v)| k.len() + v.value.len() + 48).sum::<usize>());
     body.extend_from_slice(b"{\"items\":[");
@@ -287,18 +287,18 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(http::header::ETAG, etag(&tag));
+    no_store(&mut resp, space);
     Ok(resp)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::*;
-
     #[test]
     fn tokens_compare_whole() {
-        assert!(same_bytes(b"0123456789abcdef", b"0123456789abcdef"));
-        assert!(!same_bytes(b"0123456789abcdef", b"0123456789abcdeg"));
-        assert!(!same_bytes(b"0123456789abcdef", b"0123456789abcde"));
-        assert!(!same_bytes(b"", b"x"));
+        let token = crate::peer::ClusterSecret::new(b"0123456789abcdef");
+        assert!(token.matches(b"0123456789abcdef"));
+        assert!(!token.matches(b"0123456789abcdeg"));
+        assert!(!token.matches(b"0123456789abcde"));
+        assert!(!crate::peer::ClusterSecret::new(b"").matches(b"x"));
     }
 }

@@ -339,6 +339,17 @@ impl ClusterSecret {
         self.0.is_empty()
     }
 
+    /// Whether `given` is this secret, compared without stopping at the first difference (the
+    /// time taken does not tell how much of a guess was right).
+    pub fn matches(&self, given: &[u8]) -> bool {
+        self.0.len() == given.len() && self.0.iter().zip(given).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+
+    /// Whether every byte is visible ASCII (a bearer token must be header text).
+    pub fn is_visible_ascii(&self) -> bool {
+        self.0.iter().all(u8::is_ascii_graphic)
+    }
+
     /// A 32-byte key for another use of the secret (`label` names it): HMAC-SHA256 of the label
     /// under the secret (HKDF's extract step), so no use learns another's key or the secret.
     pub fn derive(&self, label: &[u8]) -> [u8; 32] {

@@ -346,12 +346,16 @@ impl Proxy {
         }
         let table = self.table();
         let mut found = table.lookup(version, req.method().as_str(), cmd_path);
-        // HEAD is GET without the body (RFC 9110 §9.3.2), as on every other route: a command
-        // declared for GET answers it (hyper leaves the body out). One declared for HEAD itself
-        // comes first.
+        // HEAD is GET without the body (RFC 9110 §9.3.2), as on every other route: a GET
+        // command answers it (`api::handle` leaves the body out) when running it changes
+        // nothing, as far as its declaration says: idempotent and without a success event. A
+        // load balancer's HEAD probe must not run a handler that writes or emits. One declared
+        // for HEAD itself comes first.
         if req.method() == http::Method::HEAD && !matches!(found, Lookup::Found { .. }) {
-            if let get @ Lookup::Found { .. } = table.lookup(version, "GET", cmd_path) {
-                found = get;
+            if let get @ Lookup::Found { route, .. } = table.lookup(version, "GET", cmd_path) {
+                if route.decl.idempotent && route.decl.success_event.is_none() {
+                    found = get;
+                }
             }
         }
         let (route, path_params) = match found {

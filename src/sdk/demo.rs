@@ -175,11 +175,8 @@ async fn place_order(ctx: Ctx, mut order: serde_json::Value, _: ()) -> Result<Pl
 /// reading both stores through the SDK.
 async fn settings(ctx: Ctx, _: IgnoredAny, p: CounterParams) -> Result<serde_json::Value, HandlerError> {
     let value = ctx.config().get(STATE_STORE, &p.name).await?;
-    let secret_set = match ctx.secrets().get(STATE_STORE, &p.name).await {
-        Ok(secret) => Some(secret.is_some()),
-        Err(e) if e.status == 403 => None,
-        Err(e) => return Err(e),
-    };
+    let secrets = ctx.secrets();
+    let secret_set = if secrets.is_on() { Some(secrets.get(STATE_STORE, &p.name).await?.is_some()) } else { None };
     Ok(json!({"name": p.name, "value": value, "secretSet": secret_set, "servedBy": ctx.node_id}))
 }
 

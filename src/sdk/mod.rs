@@ -246,6 +246,9 @@ impl From<crate::store::secret::SecretError> for HandlerError {
     fn from(e: crate::store::secret::SecretError) -> HandlerError {
         match e {
             crate::store::secret::SecretError::Store(s) => s.into(),
+            // The node's setup, not the handler's caller (the HTTP API's 403 says "not for
+            // you"): a 500 naming the missing flag.
+            e @ crate::store::secret::SecretError::Off => HandlerError::unhandled(e.to_string()),
             e => HandlerError::from_api(e.into()),
         }
     }
@@ -423,7 +426,17 @@ impl StateHandle {
     /// least once, and an event missing for the answer the client got would be worse). (A run
     /// on an earlier build tagged by place alone: a re-run across that upgrade applies again.)
     fn next_tag(&self, what: &[&[u8]]) -> Result<Option<(String, u32)>, HandlerError> {
-        next_tag(self.dedup.as_ref(), what)
+        match self.store.space() {
+            crate::store::Space::State => next_tag(self.dedup.as_ref(), what),
+            // The config store's writes are named by their space too: a re-run that writes
+            // the state key where the first run wrote the config key of that name is another
+            // write.
+            space => {
+                let mut parts = vec![space.name().as_bytes()];
+                parts.extend_from_slice(what);
+                next_tag(self.dedup.as_ref(), &parts)
+            }
+        }
     }
 
     pub async fn get(&self, store: &str, key: &str) -> Result<Option<serde_json::Value>, HandlerError> {
@@ -474,6 +487,11 @@ pub struct SecretHandle {
 }
 
 impl SecretHandle {
+    /// Whether this node has the secret store (it needs `--cluster-secret`).
+    pub fn is_on(&self) -> bool {
+        self.secrets.is_on()
+    }
+
     /// A secret's value (linearizable).
     pub async fn get(&self, store: &str, key: &str) -> Result<Option<serde_json::Value>, HandlerError> {
         match self.secrets.get(store, key, crate::store::Consistency::Linearizable).await? {

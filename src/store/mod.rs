@@ -239,6 +239,9 @@ impl Precondition {
     }
 }
 
+/// How often at most a long poll judges its store again while it keeps changing.
+const RECHECK_EVERY: Duration = Duration::from_millis(20);
+
 /// Compare-and-set rounds an `Exists` write makes at most when the key keeps changing under it.
 const EXISTS_ROUNDS: usize = 16;
 
@@ -342,6 +345,9 @@ impl StateStore {
         let mut changes = self.sm.watch_stores();
         let mut map = self.sm.store_map(&name);
         let deadline = tokio::time::Instant::now() + wait;
+        // When the store was last judged: a store written faster than `RECHECK_EVERY` is judged
+        // that often, not at every write (a listing's judgement scans the keys under its prefix).
+        let mut judged = tokio::time::Instant::now();
         let same = |a: &Option<imbl::OrdMap<String, Versioned>>, b: &Option<imbl::OrdMap<String, Versioned>>| match (a, b) {
             (Some(a), Some(b)) => a.ptr_eq(b),
             (None, None) => true,
@@ -360,6 +366,12 @@ impl StateStore {
                     () = tokio::time::sleep_until(deadline) => break 'waiting,
                     () = stop.cancelled() => break 'waiting,
                 }
+                let next = (judged + RECHECK_EVERY).min(deadline);
+                tokio::select! {
+                    () = tokio::time::sleep_until(next) => {}
+                    () = stop.cancelled() => {}
+                }
+                judged = tokio::time::Instant::now();
                 let now = self.sm.store_map(&name);
                 if !same(&map, &now) {
                     map = now;

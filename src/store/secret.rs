@@ -31,7 +31,7 @@ pub enum SecretError {
     #[error("the secret store is off: start the nodes with --cluster-secret, from which its key is derived")]
     Off,
     /// The value was sealed under another cluster secret, or damaged.
-    #[error("secret {store}/{key} does not open with this cluster's secret (was it written under another --cluster-secret?)")]
+    #[error("secret {store}/{key} does not open with this cluster's secret (written under another --cluster-secret? give that one as --cluster-secret-previous, or write it again)")]
     Unreadable { store: String, key: String },
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -39,7 +39,11 @@ pub enum SecretError {
 
 /// Seals and opens secret values with the key derived from the cluster secret.
 pub struct Sealer {
+    /// Seals; opens first.
     key: aead::LessSafeKey,
+    /// Keys of earlier cluster secrets (`--cluster-secret-previous`): they open what was sealed
+    /// before a change of the cluster secret, until it is written again.
+    previous: Vec<aead::LessSafeKey>,
     rng: ring::rand::SystemRandom,
 }
 
@@ -60,11 +64,12 @@ fn associated(store: &str, key: &str) -> Vec<u8> {
 }
 
 impl Sealer {
-    /// `key`: 32 bytes derived from the cluster secret (`ClusterSecret::derive`).
-    pub fn new(key: [u8; 32]) -> Sealer {
-        // CHACHA20_POLY1305 takes exactly 32 bytes, which `key` is: this cannot fail.
-        let unbound = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &key).expect("a 32-byte ChaCha20-Poly1305 key");
-        Sealer { key: aead::LessSafeKey::new(unbound), rng: ring::rand::SystemRandom::new() }
+    /// `key`: 32 bytes derived from the cluster secret (`ClusterSecret::derive`); `previous`:
+    /// those of earlier cluster secrets, which only open.
+    pub fn new(key: [u8; 32], previous: &[[u8; 32]]) -> Sealer {
+        // CHACHA20_POLY1305 takes exactly 32 bytes, which each key is: this cannot fail.
+        let make = |k: &[u8; 32]| aead::LessSafeKey::new(aead::UnboundKey::new(&aead::CHACHA20_POLY1305, k).expect("a 32-byte ChaCha20-Poly1305 key"));
+        Sealer { key: make(&key), previous: previous.iter().map(make).collect(), rng: ring::rand::SystemRandom::new() }
     }
 
     /// The length of `plain_len` bytes once sealed (`seal`'s JSON string).
@@ -106,10 +111,16 @@ impl Sealer {
             let pair = std::str::from_utf8(pair).map_err(|_| unreadable())?;
             bytes.push(u8::from_str_radix(pair, 16).map_err(|_| unreadable())?);
         }
-        let mut data = bytes.split_off(NONCE_LEN);
-        let nonce = aead::Nonce::try_assume_unique_for_key(&bytes).map_err(|_| unreadable())?;
-        let plain = self.key.open_in_place(nonce, aead::Aad::from(associated(store, key)), &mut data).map_err(|_| unreadable())?;
-        Ok(plain.to_vec())
+        let sealed = bytes.split_off(NONCE_LEN);
+        let ad = associated(store, key);
+        for k in std::iter::once(&self.key).chain(&self.previous) {
+            let nonce = aead::Nonce::try_assume_unique_for_key(&bytes).map_err(|_| unreadable())?;
+            let mut data = sealed.clone();
+            if let Ok(plain) = k.open_in_place(nonce, aead::Aad::from(ad.as_slice()), &mut data) {
+                return Ok(plain.to_vec());
+            }
+        }
+        Err(unreadable())
     }
 }
 
@@ -197,7 +208,7 @@ mod tests {
 
     #[test]
     fn a_sealed_value_opens_only_for_its_key_and_cluster_secret() {
-        let sealer = Sealer::new([7; 32]);
+        let sealer = Sealer::new([7; 32], &[]);
         let sealed = sealer.seal("db", "password", br#""hunter2""#);
         assert_eq!(sealed.len(), Sealer::sealed_len(9));
         let text = std::str::from_utf8(&sealed).unwrap();
@@ -207,7 +218,11 @@ mod tests {
         assert_ne!(sealer.seal("db", "password", br#""hunter2""#), sealed, "a fresh nonce per seal");
         assert!(matches!(sealer.open("db", "other", &sealed), Err(SecretError::Unreadable { .. })), "moved to another key");
         assert!(matches!(sealer.open("dbx", "password", &sealed), Err(SecretError::Unreadable { .. })), "moved to another store");
-        assert!(matches!(Sealer::new([8; 32]).open("db", "password", &sealed), Err(SecretError::Unreadable { .. })), "another cluster secret");
+        assert!(matches!(Sealer::new([8; 32], &[]).open("db", "password", &sealed), Err(SecretError::Unreadable { .. })), "another cluster secret");
+        let changed = Sealer::new([8; 32], &[[9; 32], [7; 32]]);
+        assert_eq!(changed.open("db", "password", &sealed).unwrap(), br#""hunter2""#, "opened with an earlier cluster secret's key");
+        let resealed = changed.seal("db", "password", br#""hunter2""#);
+        assert!(sealer.open("db", "password", &resealed).is_err(), "a write seals with the current key only");
         let mut flipped = sealed.clone();
         let at = flipped.len() - 3;
         flipped[at] = if flipped[at] == b'0' { b'1' } else { b'0' };

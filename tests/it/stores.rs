@@ -17,6 +17,8 @@ const TOKEN: &str = "it-secrets-token-0123456789";
 const SECRET: &str = "it-cluster-secret-0123456789abcdef";
 /// A value no other test writes, looked for in every file of the data dirs.
 const PLAIN: &str = "hunter2-plain-Q7x9Zr";
+/// A state value, found in the data dirs as the secret must not be.
+const CANARY: &str = "canary-state-Vb3kLp";
 
 fn call(api: &Api, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
     api.request(method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
@@ -74,6 +76,17 @@ fn config_keys_are_listed_and_long_polls_wake_on_another_nodes_write_or_delete()
     });
     let sdk = call(&cc, "GET", "/api/v1/settings/greeting", &[], b"");
     status(&sdk, 200, "an SDK handler reads the config store");
+    // HEAD on a GET command that changes nothing: its answer without the body, over HTTP/1
+    // and HTTP/2 (curl fails a transfer that gets DATA on a HEAD stream).
+    let head = call(&cc, "HEAD", "/api/v1/settings/greeting", &[], b"");
+    assert_eq!((head.status, head.body.len()), (200, 0), "{}", head.describe());
+    assert_eq!(head.header("content-length"), Some(sdk.body.len().to_string().as_str()));
+    let h2 = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code} %{http_version}", "--max-time", "20", "--http2-prior-knowledge", "--head"])
+        .arg(format!("http://{}/api/v1/settings/greeting", cc.addr))
+        .output()
+        .expect("curl runs");
+    assert_eq!((h2.status.success(), String::from_utf8_lossy(&h2.stdout).to_string()), (true, "200 2".to_string()), "{h2:?}");
     assert_eq!((json_of(&sdk)["value"].clone(), json_of(&sdk)["secretSet"].clone()), (json!("hello"), Value::Null), "no secret store without a cluster secret");
     // An unchanged key is a 304 with its tag, at once or at the end of a wait.
     let same = call(&b, "GET", "/v1/config/demo/greeting", &[("if-none-match", &format!("\"{r1}\""))], b"");
@@ -176,8 +189,9 @@ fn secrets_want_the_token_and_are_sealed_on_every_disk() {
     let sdk = json_of(&call(&b, "GET", "/api/v1/settings/password", &[], b""));
     assert_eq!(sdk["secretSet"], json!(true), "{sdk}");
     // Every node applied it, and no file of any node holds the value in clear (the log, the
-    // snapshot, anything else), while a state value is found there (the search works).
-    status(&call(&a, "PUT", "/v1/state/demo/canary", &[], format!("\"{PLAIN}-state\"").as_bytes()), 200, "state canary");
+    // snapshot, the node logs, anything else), in any quoting, while a state value is found
+    // there (the search works).
+    status(&call(&a, "PUT", "/v1/state/demo/canary", &[], format!("\"{CANARY}\"").as_bytes()), 200, "state canary");
     for api in c.apis() {
         c.wait_until("the secret to reach every node", Duration::from_secs(20), || {
             api.request("GET", "/v1/secrets/db/password?consistency=stale", &bearer, b"").is_ok_and(|r| r.status == 200)
@@ -185,9 +199,9 @@ fn secrets_want_the_token_and_are_sealed_on_every_disk() {
         });
     }
     c.wait_until("the state canary to reach the disks", Duration::from_secs(20), || {
-        files_holding(c.dir(), format!("{PLAIN}-state").as_bytes()).len() >= 3
+        files_holding(c.dir(), CANARY.as_bytes()).len() >= 3
     });
-    let leaked = files_holding(c.dir(), format!("\"password\":\"{PLAIN}\"").as_bytes());
+    let leaked = files_holding(c.dir(), PLAIN.as_bytes());
     assert!(leaked.is_empty(), "the secret in clear in {leaked:?}");
     // After a restart of every node the secret still opens (the key comes from the cluster secret).
     c.kill_all();
