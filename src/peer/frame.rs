@@ -132,8 +132,10 @@ pub mod features {
     pub const DELIVERED_EACH: u64 = 32;
     /// The node serves `PeerRequest::InvokeWith` (answered with `PeerResponse::InvokedWith`).
     pub const APP_HEADERS: u64 = 64;
+    /// The node applies `SubUpdate::Rebase` (a subscription made shared keeps its progress).
+    pub const SUB_REBASE: u64 = 128;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

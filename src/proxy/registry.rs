@@ -17,11 +17,15 @@ use tracing::warn;
 use crate::cluster::Cluster;
 use crate::raft::types::Command;
 use crate::raft::types::NodeId;
+use crate::raft::types::SubUpdate;
 use crate::sdk::ServiceDecl;
 use crate::store::StateStore;
 
 const PERIOD: Duration = Duration::from_millis(300);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a registration that would carry a subscription's progress with `SubUpdate::Rebase`
+/// waits for links to every member, to learn whether each applies it.
+const FEATURES_WAIT: Duration = Duration::from_secs(30);
 
 /// What this node offers right now (re-evaluated every period).
 pub type Offering = Arc<dyn Fn() -> Vec<ServiceDecl> + Send + Sync>;
@@ -38,6 +42,8 @@ pub async fn run(
     let me = store.replica().id();
     // Conflicting subscription names already reported (once each).
     let mut warned: std::collections::HashSet<String> = std::collections::HashSet::new();
+    // Since when a registration waits to learn whether every member applies `Rebase`.
+    let mut waiting_for_features: Option<std::time::Instant> = None;
     let mut tick = crate::supervise::Ticker::new(PERIOD, &shutdown);
     while tick.next().await {
         if !cluster.ready() {
@@ -64,6 +70,27 @@ pub async fn run(
         let have = store.local().registry_entry(me).unwrap_or_default();
         in_sync.store(want == have, std::sync::atomic::Ordering::SeqCst);
         if want != have {
+            // A subscription this node's build turned from shared to every-instance or back
+            // starts the new way where the old one had come, not at the oldest retained event.
+            let members: Vec<NodeId> = store.replica().metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();
+            let mut carried = carried_progress(|name| store.local().sub_progress(name), me, &members, &want);
+            if carried.iter().any(|u| matches!(u, SubUpdate::Rebase { .. })) && !store.replica().members_have(crate::peer::frame::features::SUB_REBASE) {
+                // A member not linked since this node started is not known to apply it yet:
+                // wait a while for the links, then register without it, as before this existed.
+                let waited = *waiting_for_features.get_or_insert_with(std::time::Instant::now);
+                if waited.elapsed() < FEATURES_WAIT {
+                    continue;
+                }
+                warn!("a member does not apply subscription rebases (an older build): a subscription made shared starts again at its old cursor");
+                carried.retain(|u| !matches!(u, SubUpdate::Rebase { .. }));
+            }
+            if !carried.is_empty() {
+                info!(updates = carried.len(), "carrying subscription progress across a change between shared and every-instance");
+                if let Err(e) = store.command(Command::SubUpdate { updates: carried }, WRITE_TIMEOUT).await {
+                    warn!(cause = %e, "could not carry subscription progress; will retry before registering");
+                    continue;
+                }
+            }
             info!(services = want.len(), "updating service registry entry");
             if let Err(e) = store.command(Command::Register { node: me, services: want }, WRITE_TIMEOUT).await {
                 warn!(cause = %e, "registry update failed; will retry");
@@ -78,6 +105,52 @@ pub async fn run(
             warn!(cause = %e, "could not clear the registry entry on shutdown");
         }
     }
+}
+
+/// The progress updates that carry a subscription across a change of its `shared` flag: what
+/// this node offers now (`want`) against the subscription's declaration as the cluster keeps
+/// it (`progress(name)`, `SubProgress`; the last registration's, kept while none declares it,
+/// also across graceful restarts). `Command::Register` would otherwise start the new way where
+/// it was last left: an every-instance position at the oldest retained event, a shared cursor
+/// wherever it stopped when the subscription turned every-instance; either delivers every
+/// retained event again.
+/// - Shared to every-instance: every member's position moves up to the shared cursor (events
+///   settled ahead of it out of order are delivered again: at least once). Members, not only
+///   the nodes declaring it now: one stopped for the rollout comes back with the new build.
+/// - Every-instance to shared: the shared cursor moves up to the least position of the nodes
+///   that declare it now (of this node, when none does), with `SubUpdate::Rebase`.
+///
+/// Nothing else changes where it starts: a member that first declares an every-instance
+/// subscription later starts at the oldest retained event, as a new instance does.
+pub(crate) fn carried_progress(progress: impl Fn(&str) -> Option<SubProgress>, me: NodeId, members: &[NodeId], want: &[ServiceDecl]) -> Vec<SubUpdate> {
+    let mut updates = Vec::new();
+    for sub in want.iter().flat_map(|s| &s.subscriptions) {
+        let Some(p) = progress(&sub.name).filter(|p| p.shared != sub.shared) else { continue };
+        if p.shared {
+            for &node in members {
+                if p.cursor > 0 && p.instances.get(&node).is_none_or(|&n| n < p.cursor) {
+                    updates.push(SubUpdate::Instance { sub: sub.name.clone(), node, position: p.cursor - 1, dead: None });
+                }
+            }
+        } else {
+            let declaring = p.declared_by.iter().filter_map(|n| p.instances.get(n)).min().copied();
+            if let Some(position) = declaring.or_else(|| p.instances.get(&me).copied()).filter(|&n| n > p.cursor) {
+                updates.push(SubUpdate::Rebase { sub: sub.name.clone(), position });
+            }
+        }
+    }
+    updates
+}
+
+/// A subscription as the cluster keeps it, for `carried_progress`.
+#[derive(Debug, Clone, Default)]
+pub struct SubProgress {
+    pub shared: bool,
+    pub cursor: u64,
+    /// Each node's next position as an instance.
+    pub instances: std::collections::BTreeMap<NodeId, u64>,
+    /// The members whose registrations declare it now.
+    pub declared_by: Vec<NodeId>,
 }
 
 /// Removes from `want` the subscriptions whose name another service declares. A subscription's

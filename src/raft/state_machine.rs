@@ -757,6 +757,19 @@ impl SmData {
                 }
                 self.advance(sub);
             }
+            SubUpdate::Rebase { sub, position } => {
+                if let Some(s) = self.subs.get_mut(sub) {
+                    // Also while the subscription is still every-instance (it is proposed just
+                    // before the registration that makes it shared), whose cursor stands still.
+                    let position = (*position).min(self.log.next);
+                    if position > s.cursor {
+                        s.cursor = position;
+                        s.done = s.done.split_off(&position);
+                        s.attempts = s.attempts.split_off(&position);
+                    }
+                }
+                self.advance(sub);
+            }
             SubUpdate::Instance { sub, node, position, dead } => {
                 let (node, position) = (*node, *position);
                 let event_id = self.log.get(position).map(|e| e.id.clone()).unwrap_or_default();
@@ -1186,6 +1199,13 @@ impl SmShared {
     pub fn subscription_summaries(&self) -> Vec<(String, SubSummary)> {
         let d = read(&self.data);
         d.subs.iter().map(|(name, s)| (name.clone(), summary(&d, name, s))).collect()
+    }
+
+    /// A subscription's mode and progress (for `registry::carried_progress`).
+    pub fn sub_progress(&self, name: &str) -> Option<crate::proxy::registry::SubProgress> {
+        let d = read(&self.data);
+        let s = d.subs.get(name)?;
+        Some(crate::proxy::registry::SubProgress { shared: s.decl.shared, cursor: s.cursor, instances: s.instances.clone(), declared_by: d.declared_by(name) })
     }
 
     /// What an every-instance loop needs on each pass: the declaration and `node`'s next
@@ -2226,6 +2246,69 @@ mod tests {
         assert_eq!(merged.subs["sub"].cursor, first + 2, "the two acks moved the cursor");
         assert_eq!(merged.subs["sub"].cursor, apart.subs["sub"].cursor);
         assert_eq!(merged.log.next, apart.log.next);
+    }
+
+    /// A build that turns a subscription from every-instance to shared, or back, carries its
+    /// progress (`registry::carried_progress`): the new way starts where the nodes had come, not
+    /// at the oldest retained event (every retained event delivered again).
+    #[test]
+    fn a_subscription_turned_shared_or_every_instance_keeps_its_progress() {
+        use crate::proxy::registry::carried_progress;
+        use crate::proxy::registry::SubProgress;
+        let shared = one_subscription("sub");
+        let mut every = shared.clone();
+        every.subscriptions[0].shared = false;
+        let mut d = SmData::default();
+        d.last_membership = StoredMembershipT::new(None, crate::raft::types::Membership::new_with_defaults(vec![[1, 2, 3].into()], []));
+        d.apply(1, Command::Register { node: 1, services: vec![every.clone()] });
+        d.apply(2, Command::Register { node: 2, services: vec![every.clone()] });
+        d.apply(3, Command::Publish { now_ms: 10, events: events(10), limits: LIMITS });
+        let first = d.log.first();
+        let instance = |node, next: u64| SubUpdate::Instance { sub: "sub".into(), node, position: next - 1, dead: None };
+        d.apply(4, Command::SubUpdate { updates: vec![instance(1, first + 7), instance(2, first + 4), instance(3, first + 1)] });
+        let progress = |d: &SmData| {
+            let s = d.subs["sub"].clone();
+            let declared_by = d.declared_by("sub");
+            move |name: &str| (name == "sub").then(|| SubProgress { shared: s.decl.shared, cursor: s.cursor, instances: s.instances.clone(), declared_by: declared_by.clone() })
+        };
+        // Node 1's build makes it shared: the cursor moves to the least position of the nodes
+        // declaring it (node 3, a member that declares nothing, does not hold it back).
+        let carried = carried_progress(progress(&d), 1, &[1, 2, 3], &[shared.clone()]);
+        assert_eq!(carried, vec![SubUpdate::Rebase { sub: "sub".into(), position: first + 4 }]);
+        let mut without = d.clone();
+        d.apply(5, Command::SubUpdate { updates: carried });
+        for x in [&mut d, &mut without] {
+            x.apply(6, Command::Register { node: 1, services: vec![shared.clone()] });
+        }
+        assert_eq!(without.subs["sub"].cursor, first, "without the carry: every retained event again");
+        assert_eq!(d.subs["sub"].cursor, first + 4, "where the slowest instance had come");
+        // Node 2, on the old build still, or on the new one: nothing more to carry.
+        assert!(carried_progress(progress(&d), 2, &[1, 2, 3], &[shared.clone()]).is_empty());
+        assert!(carried_progress(progress(&d), 2, &[1, 2, 3], &[every.clone()]).iter().all(|u| matches!(u, SubUpdate::Instance { .. })));
+        // The shared subscription settles more, and a build makes it every-instance again:
+        // every member goes on from the shared cursor, one stopped for the rollout included.
+        d.apply(7, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "sub".into(), position: first + 4 }] });
+        let cursor = d.subs["sub"].cursor;
+        assert_eq!(cursor, first + 5);
+        let carried = carried_progress(progress(&d), 2, &[1, 2, 3], &[every.clone()]);
+        assert_eq!(carried, vec![instance(2, cursor), instance(3, cursor)], "node 1 stood ahead of the cursor already");
+        let mut without = d.clone();
+        d.apply(8, Command::SubUpdate { updates: carried });
+        for x in [&mut d, &mut without] {
+            x.apply(9, Command::Register { node: 2, services: vec![every.clone()] });
+            x.apply(10, Command::Register { node: 3, services: vec![every.clone()] });
+        }
+        assert_eq!(without.subs["sub"].instances[&3], first + 1, "without the carry: from where node 3 stood long ago");
+        for node in [2, 3] {
+            assert_eq!(d.subs["sub"].instances[&node], cursor, "node {node} goes on from the shared cursor");
+        }
+        assert_eq!(d.subs["sub"].instances[&1], first + 7);
+        assert!(carried_progress(progress(&d), 1, &[1, 2, 3], &[every.clone()]).is_empty(), "nothing changed");
+        // A rebase never moves a cursor back, nor past the log.
+        d.apply(11, Command::SubUpdate { updates: vec![SubUpdate::Rebase { sub: "sub".into(), position: first }] });
+        assert_eq!(d.subs["sub"].cursor, cursor);
+        d.apply(12, Command::SubUpdate { updates: vec![SubUpdate::Rebase { sub: "sub".into(), position: u64::MAX }] });
+        assert_eq!(d.subs["sub"].cursor, d.log.next);
     }
 
     #[test]

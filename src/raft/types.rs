@@ -161,6 +161,12 @@ pub enum SubUpdate {
     /// An every-instance subscription's consumer on `node` finished `position` (acked, or dead
     /// when `dead` holds the reason).
     Instance { sub: String, node: NodeId, position: u64, dead: Option<(u32, String)> },
+    /// A shared subscription's progress starts at `position` if it is behind it (everything
+    /// below counts as done): where a node had come as an instance of it when its build made
+    /// the subscription shared (`registry::carried_progress`), which would otherwise start
+    /// again at the oldest retained event. Older builds cannot decode it: proposed only once
+    /// every member announced `features::SUB_REBASE`.
+    Rebase { sub: String, position: u64 },
 }
 
 impl SubUpdate {
@@ -170,6 +176,7 @@ impl SubUpdate {
             SubUpdate::Ack { sub, .. } => sub.len(),
             SubUpdate::Failed { sub, reason, .. } => sub.len() + reason.len(),
             SubUpdate::Instance { sub, dead, .. } => sub.len() + dead.as_ref().map_or(0, |(_, r)| r.len()),
+            SubUpdate::Rebase { sub, .. } => sub.len(),
         }
     }
 }

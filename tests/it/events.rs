@@ -2053,6 +2053,63 @@ fn an_every_instance_sidecar_subscription_waits_for_its_app_to_be_healthy() {
     assert!(dead_letters(c.api(1), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered");
 }
 
+/// A sidecar subscription whose config turns it from every-instance to shared, rolled out by
+/// graceful restarts, goes on where its instances had come: the events every app got before
+/// are not delivered again (the registration would start the shared cursor where it stood when
+/// the subscription was made, at the oldest retained event), and the new ones go to one app.
+#[test]
+fn a_sidecar_subscription_turned_shared_goes_on_where_its_instances_had_come() {
+    let toml = |addr: SocketAddr, shared: bool| {
+        format!(
+            "[sidecar]\nupstream = \"http://{addr}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 250\n\n\
+             [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = {shared}\npath = \"/events/audit\"\n"
+        )
+    };
+    let (c, ups) = sidecar_events_cluster("ev-sidecar-flip", |addr| toml(addr, false));
+    wait_subscription(&c, &c.apis(), "appAudit");
+    let before: Vec<String> = (0..10)
+        .map(|i| c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"i": i}), &[])).0)
+        .collect();
+    for up in &ups {
+        c.wait_for(&format!("{} audited every event", up.name), DELIVERY, || up.received_all(&before));
+    }
+    // The rollout: each node stopped gracefully and started with the subscription shared.
+    for (i, up) in ups.iter().enumerate() {
+        let id = i as u64 + 1;
+        let config = c.dir().join(format!("n{id}-sidecar.toml"));
+        fs::write(&config, toml(up.addr, true)).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        c.allow_exit(id);
+        c.signal(id, "TERM");
+        c.wait_exit(id, Duration::from_secs(30));
+        c.start(id);
+        c.wait_all_ready(FORMATION);
+    }
+    c.wait_for("appAudit shared on every node", PROGRESS, || {
+        let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
+        if v["shared"] == json!(true) { Ok(()) } else { Err(format!("{v}")) }
+    });
+    let after: Vec<String> = (10..15)
+        .map(|i| c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(3), "auditMe", &json!({"i": i}), &[])).0)
+        .collect();
+    c.wait_for("the new events delivered to some app", DELIVERY, || {
+        let got: Vec<String> = ups.iter().map(|u| u.list("/events/received")).collect::<Result<Vec<_>, _>>()?.concat();
+        let missing = after.iter().filter(|id| !got.contains(id)).count();
+        if missing == 0 { Ok(()) } else { Err(format!("{missing} missing")) }
+    });
+    // Settled: the cursor is past every event, and the old ones reached each app once only.
+    c.wait_for("appAudit settled", DELIVERY, || {
+        let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
+        let end = get_json(c.api(1), "/v1/events?limit=1")?["end"].as_u64().unwrap_or(0);
+        if v["cursor"].as_u64() > Some(end) { Ok(()) } else { Err(format!("{v}, end {end}")) }
+    });
+    for up in &ups {
+        let got = up.list("/events/received").expect("received");
+        for id in &before {
+            assert_eq!(got.iter().filter(|g| *g == id).count(), 1, "{} got {id} again after the change: {got:?}", up.name);
+        }
+    }
+}
+
 /// An app that refuses connections has received nothing: a delivery to it is no attempt. With
 /// `max_attempts = 1` and no health check (only the refusals can tell the node that the app is
 /// down), a shared subscription's events go to the other apps and an every-instance
