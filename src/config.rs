@@ -611,6 +611,9 @@ impl NodeConfig {
         if self.cluster_secret_previous.is_some() && self.cluster_secret.is_none() {
             return invalid("cluster-secret-previous", "needs --cluster-secret");
         }
+        if self.cluster_secret_previous.as_ref().is_some_and(|s| s.len() < 16) {
+            return invalid("cluster-secret-previous", "must be at least 16 bytes");
+        }
         if self.dedup_max_keys == 0 {
             return invalid("dedup-max-keys", "must be at least 1");
         }

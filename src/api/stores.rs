@@ -125,6 +125,11 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(token) = &app.secrets_token else {
         return Err(ApiError::Forbidden("the secret store's HTTP API is off on this node: start it with --secrets-token".into()));
     };
+    // Given twice, it is a 400, as `If-Match` is: which of two credentials counts is not ours to
+    // pick (a proxy in front may have judged the other).
+    if req.headers().get_all(http::header::AUTHORIZATION).iter().count() > 1 {
+        return Err(ApiError::BadRequest("give Authorization once".into()));
+    }
     let given = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
         let (scheme, rest) = v.trim().split_once(' ')?;
         scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
@@ -158,6 +163,21 @@ fn no_store(resp: &mut Response<Full<Bytes>>, space: Space) {
 
 /// `METHOD /v1/{space}/{store}/{key}`.
 pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, key: &str, req: Request<Incoming>) -> ApiResult {
+    uncached(space, key_answer(app, space, method, store, key, req).await)
+}
+
+/// Every answer of the secret store, errors included, says `Cache-Control: no-store`: a cache
+/// on the way must keep neither a value nor what a 404 or a revision tells.
+fn uncached(space: Space, answer: ApiResult) -> ApiResult {
+    if space != Space::Secrets {
+        return answer;
+    }
+    let mut resp = answer.unwrap_or_else(ApiError::into_response);
+    no_store(&mut resp, space);
+    Ok(resp)
+}
+
+async fn key_answer(app: &App, space: Space, method: Method, store: &str, key: &str, req: Request<Incoming>) -> ApiResult {
     if space == Space::Secrets {
         authorize(app, &req)?;
     }
@@ -223,6 +243,10 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
 /// `GET /v1/{space}/{store}?prefix=P&after=K&limit=N`: the store's keys in order, with their
 /// values (not for secrets) and revisions; `next` is the key to continue `after`.
 pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<Incoming>) -> ApiResult {
+    uncached(space, listing_answer(app, space, store, req).await)
+}
+
+async fn listing_answer(app: &App, space: Space, store: &str, req: Request<Incoming>) -> ApiResult {
     if space == Space::Secrets {
         authorize(app, &req)?;
         if !app.store.secrets().is_on() {

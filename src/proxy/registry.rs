@@ -44,6 +44,8 @@ pub async fn run(
     let mut warned: std::collections::HashSet<String> = std::collections::HashSet::new();
     // Since when a registration waits to learn whether every member applies `Rebase`.
     let mut waiting_for_features: Option<std::time::Instant> = None;
+    // Whether the wait ended without it (said once per wait).
+    let mut rebase_refused = false;
     let mut tick = crate::supervise::Ticker::new(PERIOD, &shutdown);
     while tick.next().await {
         if !cluster.ready() {
@@ -77,12 +79,23 @@ pub async fn run(
             if carried.iter().any(|u| matches!(u, SubUpdate::Rebase { .. })) && !store.replica().members_have(crate::peer::frame::features::SUB_REBASE) {
                 // A member not linked since this node started is not known to apply it yet:
                 // wait a while for the links, then register without it, as before this existed.
-                let waited = *waiting_for_features.get_or_insert_with(std::time::Instant::now);
-                if waited.elapsed() < FEATURES_WAIT {
+                let since = match waiting_for_features {
+                    Some(since) => since,
+                    None => {
+                        info!(wait_s = FEATURES_WAIT.as_secs(), "waiting to learn that every member applies subscription rebases before registering");
+                        *waiting_for_features.insert(std::time::Instant::now())
+                    }
+                };
+                if since.elapsed() < FEATURES_WAIT {
                     continue;
                 }
-                warn!("a member does not apply subscription rebases (an older build): a subscription made shared starts again at its old cursor");
+                if !std::mem::replace(&mut rebase_refused, true) {
+                    warn!("a member does not apply subscription rebases (an older build, or down): a subscription made shared starts again at its old cursor");
+                }
                 carried.retain(|u| !matches!(u, SubUpdate::Rebase { .. }));
+            } else {
+                waiting_for_features = None;
+                rebase_refused = false;
             }
             if !carried.is_empty() {
                 info!(updates = carried.len(), "carrying subscription progress across a change between shared and every-instance");
@@ -92,8 +105,10 @@ pub async fn run(
                 }
             }
             info!(services = want.len(), "updating service registry entry");
-            if let Err(e) = store.command(Command::Register { node: me, services: want }, WRITE_TIMEOUT).await {
-                warn!(cause = %e, "registry update failed; will retry");
+            match store.command(Command::Register { node: me, services: want }, WRITE_TIMEOUT).await {
+                // The next change that needs a rebase waits for the links afresh.
+                Ok(_) => (waiting_for_features, rebase_refused) = (None, false),
+                Err(e) => warn!(cause = %e, "registry update failed; will retry"),
             }
         }
     }
@@ -114,9 +129,10 @@ pub async fn run(
 /// it was last left: an every-instance position at the oldest retained event, a shared cursor
 /// wherever it stopped when the subscription turned every-instance; either delivers every
 /// retained event again.
-/// - Shared to every-instance: every member's position moves up to the shared cursor (events
-///   settled ahead of it out of order are delivered again: at least once). Members, not only
-///   the nodes declaring it now: one stopped for the rollout comes back with the new build.
+/// - Shared to every-instance: the position of this node, of every member declaring it now and
+///   of every member that was an instance of it before moves up to the shared cursor (events
+///   settled ahead of it out of order are delivered again: at least once); a node declaring it
+///   now and stopped for the rollout later comes back with the new build and goes on there.
 /// - Every-instance to shared: the shared cursor moves up to the least position of the nodes
 ///   that declare it now (of this node, when none does), with `SubUpdate::Rebase`.
 ///
@@ -127,7 +143,8 @@ pub(crate) fn carried_progress(progress: impl Fn(&str) -> Option<SubProgress>, m
     for sub in want.iter().flat_map(|s| &s.subscriptions) {
         let Some(p) = progress(&sub.name).filter(|p| p.shared != sub.shared) else { continue };
         if p.shared {
-            for &node in members {
+            let was_instance = |node: &NodeId| node == &me || p.declared_by.contains(node) || p.instances.contains_key(node);
+            for node in members.iter().copied().filter(was_instance) {
                 if p.cursor > 0 && p.instances.get(&node).is_none_or(|&n| n < p.cursor) {
                     updates.push(SubUpdate::Instance { sub: sub.name.clone(), node, position: p.cursor - 1, dead: None });
                 }

@@ -761,7 +761,9 @@ impl SmData {
                 if let Some(s) = self.subs.get_mut(sub) {
                     // Also while the subscription is still every-instance (it is proposed just
                     // before the registration that makes it shared), whose cursor stands still.
-                    let position = (*position).min(self.log.next);
+                    // Not below the oldest retained event either: the events before it are
+                    // gone, and a cursor left behind them would count them as expired.
+                    let position = (*position).min(self.log.next).max(self.log.first());
                     if position > s.cursor {
                         s.cursor = position;
                         s.done = s.done.split_off(&position);
@@ -2286,12 +2288,12 @@ mod tests {
         assert!(carried_progress(progress(&d), 2, &[1, 2, 3], &[shared.clone()]).is_empty());
         assert!(carried_progress(progress(&d), 2, &[1, 2, 3], &[every.clone()]).iter().all(|u| matches!(u, SubUpdate::Instance { .. })));
         // The shared subscription settles more, and a build makes it every-instance again:
-        // every member goes on from the shared cursor, one stopped for the rollout included.
+        // each node that declares it or was an instance before goes on from the shared cursor.
         d.apply(7, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "sub".into(), position: first + 4 }] });
         let cursor = d.subs["sub"].cursor;
         assert_eq!(cursor, first + 5);
-        let carried = carried_progress(progress(&d), 2, &[1, 2, 3], &[every.clone()]);
-        assert_eq!(carried, vec![instance(2, cursor), instance(3, cursor)], "node 1 stood ahead of the cursor already");
+        let carried = carried_progress(progress(&d), 2, &[1, 2, 3, 4], &[every.clone()]);
+        assert_eq!(carried, vec![instance(2, cursor), instance(3, cursor)], "node 1 stood ahead of the cursor already; node 4 never was an instance (a new one starts at the oldest event)");
         let mut without = d.clone();
         d.apply(8, Command::SubUpdate { updates: carried });
         for x in [&mut d, &mut without] {

@@ -163,6 +163,9 @@ fn secrets_want_the_token_and_are_sealed_on_every_disk() {
     assert_json_error(&none, 401, "no token");
     assert!(none.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")), "{}", none.describe());
     assert_json_error(&call(&a, "PUT", "/v1/secrets/db/password", &[("authorization", "Bearer not-the-token-at-all")], &body), 401, "another token");
+    let twice = call(&a, "GET", "/v1/secrets/db/password", &[("authorization", auth.as_str()), ("authorization", "Bearer other")], b"");
+    assert_json_error(&twice, 400, "the token given twice");
+    assert_eq!(twice.header("cache-control"), Some("no-store"), "errors of the secret store too");
     assert_json_error(&call(&b, "GET", "/v1/secrets/db/password", &bearer, b""), 404, "nothing was written");
     // With it: written on one node, read on another.
     status(&call(&a, "PUT", "/v1/secrets/db/password", &bearer, &body), 200, "secret put");
