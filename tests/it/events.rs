@@ -2110,6 +2110,61 @@ fn a_sidecar_subscription_turned_shared_goes_on_where_its_instances_had_come() {
     }
 }
 
+/// The other way: a shared sidecar subscription turned every-instance by a rollout of graceful
+/// restarts. Each app then gets the new events, and none of the events the subscription had
+/// settled while shared (a node's position as an instance would start at the oldest retained
+/// event, and every app would get all of them).
+#[test]
+fn a_sidecar_subscription_turned_every_instance_starts_at_the_shared_cursor() {
+    let toml = |addr: SocketAddr, shared: bool| {
+        format!(
+            "[sidecar]\nupstream = \"http://{addr}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 250\n\n\
+             [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = {shared}\npath = \"/events/audit\"\n"
+        )
+    };
+    let (c, ups) = sidecar_events_cluster("ev-sidecar-unshare", |addr| toml(addr, true));
+    wait_subscription(&c, &c.apis(), "appAudit");
+    let before: Vec<String> = (0..10)
+        .map(|i| c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"i": i}), &[])).0)
+        .collect();
+    let received = |ups: &[EventsUpstream]| -> Result<Vec<String>, String> { Ok(ups.iter().map(|u| u.list("/events/received")).collect::<Result<Vec<_>, _>>()?.concat()) };
+    c.wait_for("the shared events delivered and settled", DELIVERY, || {
+        let got = received(&ups)?;
+        let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
+        let end = get_json(c.api(1), "/v1/events?limit=1")?["end"].as_u64().unwrap_or(0);
+        let missing = before.iter().filter(|id| !got.contains(id)).count();
+        if missing == 0 && v["cursor"].as_u64() > Some(end) { Ok(()) } else { Err(format!("{missing} missing; {v}")) }
+    });
+    let counts_before: Vec<Vec<String>> = ups.iter().map(|u| u.list("/events/received").expect("received")).collect();
+    for (i, up) in ups.iter().enumerate() {
+        let id = i as u64 + 1;
+        let config = c.dir().join(format!("n{id}-sidecar.toml"));
+        fs::write(&config, toml(up.addr, false)).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        c.allow_exit(id);
+        c.signal(id, "TERM");
+        c.wait_exit(id, Duration::from_secs(30));
+        c.start(id);
+        c.wait_all_ready(FORMATION);
+    }
+    c.wait_for("appAudit every-instance on every node", PROGRESS, || {
+        let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
+        if v["shared"] == json!(false) { Ok(()) } else { Err(format!("{v}")) }
+    });
+    let after: Vec<String> = (10..13)
+        .map(|i| c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(3), "auditMe", &json!({"i": i}), &[])).0)
+        .collect();
+    for up in &ups {
+        c.wait_for(&format!("{} got every new event", up.name), DELIVERY, || up.received_all(&after));
+    }
+    for (up, was) in ups.iter().zip(&counts_before) {
+        let got = up.list("/events/received").expect("received");
+        for id in &before {
+            let (now, then) = (got.iter().filter(|g| *g == id).count(), was.iter().filter(|g| *g == id).count());
+            assert_eq!(now, then, "{} got {id} again after the change: {got:?}", up.name);
+        }
+    }
+}
+
 /// An app that refuses connections has received nothing: a delivery to it is no attempt. With
 /// `max_attempts = 1` and no health check (only the refusals can tell the node that the app is
 /// down), a shared subscription's events go to the other apps and an every-instance
