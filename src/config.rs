@@ -747,6 +747,8 @@ mod tests {
         assert_eq!(refused(NodeArgs { secrets_token: Some("0123456789 abcdef".into()), cluster_secret: secret(), ..base() }), "secrets-token");
         assert!(NodeArgs { secrets_token: secret(), cluster_secret: secret(), ..base() }.resolve().is_ok());
         assert_eq!(refused(NodeArgs { cluster_secret_previous: secret(), ..base() }), "cluster-secret-previous");
+        assert_eq!(refused(NodeArgs { cluster_secret_previous: Some("short".into()), cluster_secret: secret(), ..base() }), "cluster-secret-previous");
+        assert!(NodeArgs { cluster_secret_previous: secret(), cluster_secret: secret(), ..base() }.resolve().is_ok());
         assert!(NodeArgs { write_timeout_ms: Some(100), ..base() }.resolve().is_ok());
         assert_eq!(refused(NodeArgs { write_timeout_ms: Some(300_001), ..base() }), "write-timeout-ms");
         assert_eq!(refused(NodeArgs { events_max_count: Some(0), ..base() }), "events-max-count");

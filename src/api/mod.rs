@@ -419,6 +419,7 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     // body here, not by hyper: its HTTP/1 side leaves a HEAD's body out, its HTTP/2 side sends
     // it (DATA frames on a HEAD stream, which clients reset). The length stays as GET's.
     let head = req.method() == Method::HEAD;
+    let path_is_secrets = req.uri().path().starts_with("/v1/secrets");
     let (route, result) = route(&app, req).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
     if head {
@@ -433,6 +434,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     // connection just as the drain closes it (HTTP/2 gets a GOAWAY from the graceful shutdown).
     if http1 && app.proxy.is_draining() {
         resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    // Every answer under the secret store's routes, whatever made it (a 405, a 400 for a path
+    // that does not decode, a 503 of the answer budget): a cache on the way keeps none of them.
+    if path_is_secrets {
+        resp.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     let status = resp.status().as_u16().to_string();
     metrics::counter!("raftbridge_http_requests_total", "route" => route, "status" => status).increment(1);

@@ -146,38 +146,19 @@ fn etag(tag: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{tag}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
-fn not_modified(tag: &str, space: Space) -> Response<Full<Bytes>> {
+fn not_modified(tag: &str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NOT_MODIFIED;
     resp.headers_mut().insert(http::header::ETAG, etag(tag));
-    no_store(&mut resp, space);
     resp
 }
 
-/// The secret store's answers are not to be kept by caches on the way.
-fn no_store(resp: &mut Response<Full<Bytes>>, space: Space) {
-    if space == Space::Secrets {
-        resp.headers_mut().insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    }
-}
-
 /// `METHOD /v1/{space}/{store}/{key}`.
+///
+/// Every answer under `/v1/secrets`, errors included, says `Cache-Control: no-store`
+/// (`api::handle`, for whatever makes it): a cache on the way keeps neither a value nor what a
+/// 404 or a revision tells.
 pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, key: &str, req: Request<Incoming>) -> ApiResult {
-    uncached(space, key_answer(app, space, method, store, key, req).await)
-}
-
-/// Every answer of the secret store, errors included, says `Cache-Control: no-store`: a cache
-/// on the way must keep neither a value nor what a 404 or a revision tells.
-fn uncached(space: Space, answer: ApiResult) -> ApiResult {
-    if space != Space::Secrets {
-        return answer;
-    }
-    let mut resp = answer.unwrap_or_else(ApiError::into_response);
-    no_store(&mut resp, space);
-    Ok(resp)
-}
-
-async fn key_answer(app: &App, space: Space, method: Method, store: &str, key: &str, req: Request<Incoming>) -> ApiResult {
     if space == Space::Secrets {
         authorize(app, &req)?;
     }
@@ -203,7 +184,7 @@ async fn key_answer(app: &App, space: Space, method: Method, store: &str, key: &
             }
             let tag = tag_of(map.as_ref()).max_revision.to_string();
             if unchanged(map.as_ref()) {
-                return Ok(not_modified(&tag, space));
+                return Ok(not_modified(&tag));
             }
             let Some(v) = map.as_ref().and_then(|m| m.get(key)) else {
                 return Err(ApiError::NotFound(format!("no key {}/{}", super::cut(store, 128), super::cut(key, 256))));
@@ -213,7 +194,6 @@ async fn key_answer(app: &App, space: Space, method: Method, store: &str, key: &
             resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             resp.headers_mut().insert("x-revision", HeaderValue::from(v.revision));
             resp.headers_mut().insert(http::header::ETAG, etag(&tag));
-            no_store(&mut resp, space);
             Ok(resp)
         }
         Method::PUT => {
@@ -243,10 +223,6 @@ async fn key_answer(app: &App, space: Space, method: Method, store: &str, key: &
 /// `GET /v1/{space}/{store}?prefix=P&after=K&limit=N`: the store's keys in order, with their
 /// values (not for secrets) and revisions; `next` is the key to continue `after`.
 pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<Incoming>) -> ApiResult {
-    uncached(space, listing_answer(app, space, store, req).await)
-}
-
-async fn listing_answer(app: &App, space: Space, store: &str, req: Request<Incoming>) -> ApiResult {
     if space == Space::Secrets {
         authorize(app, &req)?;
         if !app.store.secrets().is_on() {
@@ -283,7 +259,7 @@ async fn listing_answer(app: &App, space: Space, store: &str, req: Request<Incom
     let page = crate::store::list_map(map.as_ref(), prefix, after, limit, max_bytes);
     let tag = page.tag.to_string();
     if args.holds(&tag, page.tag.keys > 0) {
-        return Ok(not_modified(&tag, space));
+        return Ok(not_modified(&tag));
     }
     let mut body = Vec::with_capacity(64 + page.items.iter().map(|(k, v)| k.len() + v.value.len() + 48).sum::<usize>());
     body.extend_from_slice(b"{\"items\":[");
@@ -311,7 +287,6 @@ async fn listing_answer(app: &App, space: Space, store: &str, req: Request<Incom
     let mut resp = Response::new(Full::new(Bytes::from(body)));
     resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     resp.headers_mut().insert(http::header::ETAG, etag(&tag));
-    no_store(&mut resp, space);
     Ok(resp)
 }
 

@@ -2260,8 +2260,8 @@ mod tests {
         let shared = one_subscription("sub");
         let mut every = shared.clone();
         every.subscriptions[0].shared = false;
-        let mut d = SmData::default();
-        d.last_membership = StoredMembershipT::new(None, crate::raft::types::Membership::new_with_defaults(vec![[1, 2, 3].into()], []));
+        let members = crate::raft::types::Membership::new_with_defaults(vec![[1, 2, 3].into()], []);
+        let mut d = SmData { last_membership: StoredMembershipT::new(None, members), ..SmData::default() };
         d.apply(1, Command::Register { node: 1, services: vec![every.clone()] });
         d.apply(2, Command::Register { node: 2, services: vec![every.clone()] });
         d.apply(3, Command::Publish { now_ms: 10, events: events(10), limits: LIMITS });
@@ -2275,7 +2275,7 @@ mod tests {
         };
         // Node 1's build makes it shared: the cursor moves to the least position of the nodes
         // declaring it (node 3, a member that declares nothing, does not hold it back).
-        let carried = carried_progress(progress(&d), 1, &[1, 2, 3], &[shared.clone()]);
+        let carried = carried_progress(progress(&d), 1, &[1, 2, 3], std::slice::from_ref(&shared));
         assert_eq!(carried, vec![SubUpdate::Rebase { sub: "sub".into(), position: first + 4 }]);
         let mut without = d.clone();
         d.apply(5, Command::SubUpdate { updates: carried });
@@ -2285,14 +2285,14 @@ mod tests {
         assert_eq!(without.subs["sub"].cursor, first, "without the carry: every retained event again");
         assert_eq!(d.subs["sub"].cursor, first + 4, "where the slowest instance had come");
         // Node 2, on the old build still, or on the new one: nothing more to carry.
-        assert!(carried_progress(progress(&d), 2, &[1, 2, 3], &[shared.clone()]).is_empty());
-        assert!(carried_progress(progress(&d), 2, &[1, 2, 3], &[every.clone()]).iter().all(|u| matches!(u, SubUpdate::Instance { .. })));
+        assert!(carried_progress(progress(&d), 2, &[1, 2, 3], std::slice::from_ref(&shared)).is_empty());
+        assert!(carried_progress(progress(&d), 2, &[1, 2, 3], std::slice::from_ref(&every)).iter().all(|u| matches!(u, SubUpdate::Instance { .. })));
         // The shared subscription settles more, and a build makes it every-instance again:
         // each node that declares it or was an instance before goes on from the shared cursor.
         d.apply(7, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "sub".into(), position: first + 4 }] });
         let cursor = d.subs["sub"].cursor;
         assert_eq!(cursor, first + 5);
-        let carried = carried_progress(progress(&d), 2, &[1, 2, 3, 4], &[every.clone()]);
+        let carried = carried_progress(progress(&d), 2, &[1, 2, 3, 4], std::slice::from_ref(&every));
         assert_eq!(carried, vec![instance(2, cursor), instance(3, cursor)], "node 1 stood ahead of the cursor already; node 4 never was an instance (a new one starts at the oldest event)");
         let mut without = d.clone();
         d.apply(8, Command::SubUpdate { updates: carried });
@@ -2305,7 +2305,7 @@ mod tests {
             assert_eq!(d.subs["sub"].instances[&node], cursor, "node {node} goes on from the shared cursor");
         }
         assert_eq!(d.subs["sub"].instances[&1], first + 7);
-        assert!(carried_progress(progress(&d), 1, &[1, 2, 3], &[every.clone()]).is_empty(), "nothing changed");
+        assert!(carried_progress(progress(&d), 1, &[1, 2, 3], std::slice::from_ref(&every)).is_empty(), "nothing changed");
         // A rebase never moves a cursor back, nor past the log.
         d.apply(11, Command::SubUpdate { updates: vec![SubUpdate::Rebase { sub: "sub".into(), position: first }] });
         assert_eq!(d.subs["sub"].cursor, cursor);

@@ -367,7 +367,8 @@ impl Ctx {
     }
 
     /// The replicated secret store (`/v1/secrets/...` over HTTP): values sealed with the key
-    /// derived from the cluster secret; every call fails with 403 on a node without one.
+    /// derived from the cluster secret; every call fails with a 500 naming the flag on a node
+    /// without one (`SecretHandle::is_on`).
     pub fn secrets(&self) -> SecretHandle {
         SecretHandle { secrets: self.state.store.secrets(), dedup: self.state.dedup.clone() }
     }

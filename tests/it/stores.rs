@@ -144,6 +144,7 @@ fn config_keys_are_listed_and_long_polls_wake_on_another_nodes_write_or_delete()
     // Bad input.
     assert_json_error(&call(&a, "GET", "/v1/config/demo?limit=0", &[], b""), 400, "limit 0");
     assert_json_error(&call(&a, "GET", "/v1/config/demo?wait=soon", &[], b""), 400, "a wait that is no duration");
+    assert_json_error(&call(&a, "GET", "/v1/config/demo?wait=307445734561825861m", &[], b""), 400, "a wait past u64 seconds");
     assert_json_error(&call(&a, "POST", "/v1/config/demo", &[], b""), 405, "a listing is read only");
     assert_json_error(&call(&a, "PUT", "/v1/config/demo/k", &[], b"{"), 400, "not JSON");
     assert_json_error(&call(&a, "GET", "/v1/secrets/demo/k", &[], b""), 403, "no secrets token on these nodes");
@@ -166,6 +167,9 @@ fn secrets_want_the_token_and_are_sealed_on_every_disk() {
     let twice = call(&a, "GET", "/v1/secrets/db/password", &[("authorization", auth.as_str()), ("authorization", "Bearer other")], b"");
     assert_json_error(&twice, 400, "the token given twice");
     assert_eq!(twice.header("cache-control"), Some("no-store"), "errors of the secret store too");
+    let wrong_method = call(&a, "POST", "/v1/secrets/db", &bearer, b"");
+    assert_json_error(&wrong_method, 405, "a listing is read only");
+    assert_eq!(wrong_method.header("cache-control"), Some("no-store"), "a 405 the router makes too");
     assert_json_error(&call(&b, "GET", "/v1/secrets/db/password", &bearer, b""), 404, "nothing was written");
     // With it: written on one node, read on another.
     status(&call(&a, "PUT", "/v1/secrets/db/password", &bearer, &body), 200, "secret put");
