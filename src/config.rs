@@ -5,6 +5,7 @@
 //! deserializes into the same shape, and `NodeArgs::resolve` merges them into a validated
 //! `NodeConfig`. Field names in the file are the flag names with `_` for `-`.
 
+use std::time::Duration;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -659,6 +660,24 @@ impl NodeConfig {
     }
 }
 
+/// `120` (seconds), `120s`, `1500ms`, `10m`: the chaos suite's `--duration` and a long poll's
+/// `?wait=` (`api::stores`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("bad duration {s:?}"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        // Checked: a client's `?wait=` reaches this too, and a wrapped product would wait less.
+        "m" => n.checked_mul(60).map(Duration::from_secs).ok_or_else(|| format!("duration {s:?} is too long")),
+        _ => Err(format!("bad duration unit in {s:?} (use ms, s or m)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -670,6 +689,16 @@ mod tests {
         let path = dir.join("node.toml");
         std::fs::write(&path, text).unwrap();
         (dir, path)
+    }
+
+    #[test]
+    fn durations_are_whole_numbers_of_ms_s_or_m() {
+        assert_eq!(parse_duration("120"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("120s"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("x").is_err() && parse_duration("5h").is_err());
+        assert!(parse_duration("307445734561825861m").is_err(), "minutes past u64 seconds");
     }
 
     #[test]

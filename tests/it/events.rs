@@ -2053,19 +2053,36 @@ fn an_every_instance_sidecar_subscription_waits_for_its_app_to_be_healthy() {
     assert!(dead_letters(c.api(1), "appAudit").expect("dead letters").is_empty(), "nothing dead-lettered");
 }
 
+/// A sidecar config with the `appAudit` subscription of `auditMe` events, shared or not.
+fn audit_toml(addr: SocketAddr, shared: bool) -> String {
+    format!(
+        "[sidecar]\nupstream = \"http://{addr}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 250\n\n\
+         [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = {shared}\npath = \"/events/audit\"\n"
+    )
+}
+
+/// A rollout of `appAudit` as `shared` (or not): each node in turn stopped gracefully and
+/// started again with its config rewritten, once every node is ready again.
+fn roll_out_audit(c: &Cluster, ups: &[EventsUpstream], shared: bool) {
+    for (i, up) in ups.iter().enumerate() {
+        let id = i as u64 + 1;
+        let config = c.dir().join(format!("n{id}-sidecar.toml"));
+        fs::write(&config, audit_toml(up.addr, shared)).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        c.allow_exit(id);
+        c.signal(id, "TERM");
+        c.wait_exit(id, Duration::from_secs(30));
+        c.start(id);
+        c.wait_all_ready(FORMATION);
+    }
+}
+
 /// A sidecar subscription whose config turns it from every-instance to shared, rolled out by
 /// graceful restarts, goes on where its instances had come: the events every app got before
 /// are not delivered again (the registration would start the shared cursor where it stood when
 /// the subscription was made, at the oldest retained event), and the new ones go to one app.
 #[test]
 fn a_sidecar_subscription_turned_shared_goes_on_where_its_instances_had_come() {
-    let toml = |addr: SocketAddr, shared: bool| {
-        format!(
-            "[sidecar]\nupstream = \"http://{addr}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 250\n\n\
-             [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = {shared}\npath = \"/events/audit\"\n"
-        )
-    };
-    let (c, ups) = sidecar_events_cluster("ev-sidecar-flip", |addr| toml(addr, false));
+    let (c, ups) = sidecar_events_cluster("ev-sidecar-flip", |addr| audit_toml(addr, false));
     wait_subscription(&c, &c.apis(), "appAudit");
     let before: Vec<String> = (0..10)
         .map(|i| c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"i": i}), &[])).0)
@@ -2074,16 +2091,7 @@ fn a_sidecar_subscription_turned_shared_goes_on_where_its_instances_had_come() {
         c.wait_for(&format!("{} audited every event", up.name), DELIVERY, || up.received_all(&before));
     }
     // The rollout: each node stopped gracefully and started with the subscription shared.
-    for (i, up) in ups.iter().enumerate() {
-        let id = i as u64 + 1;
-        let config = c.dir().join(format!("n{id}-sidecar.toml"));
-        fs::write(&config, toml(up.addr, true)).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        c.allow_exit(id);
-        c.signal(id, "TERM");
-        c.wait_exit(id, Duration::from_secs(30));
-        c.start(id);
-        c.wait_all_ready(FORMATION);
-    }
+    roll_out_audit(&c, &ups, true);
     c.wait_for("appAudit shared on every node", PROGRESS, || {
         let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
         if v["shared"] == json!(true) { Ok(()) } else { Err(format!("{v}")) }
@@ -2116,13 +2124,7 @@ fn a_sidecar_subscription_turned_shared_goes_on_where_its_instances_had_come() {
 /// event, and every app would get all of them).
 #[test]
 fn a_sidecar_subscription_turned_every_instance_starts_at_the_shared_cursor() {
-    let toml = |addr: SocketAddr, shared: bool| {
-        format!(
-            "[sidecar]\nupstream = \"http://{addr}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 250\n\n\
-             [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = {shared}\npath = \"/events/audit\"\n"
-        )
-    };
-    let (c, ups) = sidecar_events_cluster("ev-sidecar-unshare", |addr| toml(addr, true));
+    let (c, ups) = sidecar_events_cluster("ev-sidecar-unshare", |addr| audit_toml(addr, true));
     wait_subscription(&c, &c.apis(), "appAudit");
     let before: Vec<String> = (0..10)
         .map(|i| c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(2), "auditMe", &json!({"i": i}), &[])).0)
@@ -2136,16 +2138,7 @@ fn a_sidecar_subscription_turned_every_instance_starts_at_the_shared_cursor() {
         if missing == 0 && v["cursor"].as_u64() > Some(end) { Ok(()) } else { Err(format!("{missing} missing; {v}")) }
     });
     let counts_before: Vec<Vec<String>> = ups.iter().map(|u| u.list("/events/received").expect("received")).collect();
-    for (i, up) in ups.iter().enumerate() {
-        let id = i as u64 + 1;
-        let config = c.dir().join(format!("n{id}-sidecar.toml"));
-        fs::write(&config, toml(up.addr, false)).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
-        c.allow_exit(id);
-        c.signal(id, "TERM");
-        c.wait_exit(id, Duration::from_secs(30));
-        c.start(id);
-        c.wait_all_ready(FORMATION);
-    }
+    roll_out_audit(&c, &ups, false);
     c.wait_for("appAudit every-instance on every node", PROGRESS, || {
         let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
         if v["shared"] == json!(false) { Ok(()) } else { Err(format!("{v}")) }
