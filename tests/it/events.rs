@@ -2062,7 +2062,8 @@ fn audit_toml(addr: SocketAddr, shared: bool) -> String {
 }
 
 /// A rollout of `appAudit` as `shared` (or not): each node in turn stopped gracefully and
-/// started again with its config rewritten, once every node is ready again.
+/// started again with its config rewritten; returns once every node is ready and the cluster
+/// keeps the new mode.
 fn roll_out_audit(c: &Cluster, ups: &[EventsUpstream], shared: bool) {
     for (i, up) in ups.iter().enumerate() {
         let id = i as u64 + 1;
@@ -2074,6 +2075,10 @@ fn roll_out_audit(c: &Cluster, ups: &[EventsUpstream], shared: bool) {
         c.start(id);
         c.wait_all_ready(FORMATION);
     }
+    c.wait_for("appAudit's new mode applied", PROGRESS, || {
+        let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
+        if v["shared"] == json!(shared) { Ok(()) } else { Err(format!("{v}")) }
+    });
 }
 
 /// A sidecar subscription whose config turns it from every-instance to shared, rolled out by
@@ -2092,10 +2097,6 @@ fn a_sidecar_subscription_turned_shared_goes_on_where_its_instances_had_come() {
     }
     // The rollout: each node stopped gracefully and started with the subscription shared.
     roll_out_audit(&c, &ups, true);
-    c.wait_for("appAudit shared on every node", PROGRESS, || {
-        let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
-        if v["shared"] == json!(true) { Ok(()) } else { Err(format!("{v}")) }
-    });
     let after: Vec<String> = (10..15)
         .map(|i| c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(3), "auditMe", &json!({"i": i}), &[])).0)
         .collect();
@@ -2139,10 +2140,6 @@ fn a_sidecar_subscription_turned_every_instance_starts_at_the_shared_cursor() {
     });
     let counts_before: Vec<Vec<String>> = ups.iter().map(|u| u.list("/events/received").expect("received")).collect();
     roll_out_audit(&c, &ups, false);
-    c.wait_for("appAudit every-instance on every node", PROGRESS, || {
-        let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
-        if v["shared"] == json!(false) { Ok(()) } else { Err(format!("{v}")) }
-    });
     let after: Vec<String> = (10..13)
         .map(|i| c.wait_for("an auditMe event accepted", PROGRESS, || publish(c.api(3), "auditMe", &json!({"i": i}), &[])).0)
         .collect();
