@@ -136,10 +136,65 @@ impl LocalSubscriber {
 /// and one wake-up per handout, not per event. `bool`: lazy (see `Broker::settle`): nothing
 /// waits on the outcome but the settling positions.
 type UpdateReq = (Vec<SubUpdate>, bool, oneshot::Sender<bool>);
-/// subscription → position → its slot. Keyed by subscription first so that a pass and a
+/// subscription → its positions in flight. Keyed by subscription first so that a pass and a
 /// delivery task find a position without building a `(String, u64)` key (an allocation and a
 /// string hash per event).
-type InFlight = Arc<Mutex<HashMap<String, HashMap<u64, Slot>>>>;
+type InFlight = Arc<Mutex<HashMap<String, Flight>>>;
+
+/// One shared subscription's positions handed out by this node as leader and not yet settled,
+/// with how many each consumer holds, kept in step with them: a pass reads a consumer's load
+/// from `handed` rather than walking every position in flight (up to `SETTLING_FACTOR` times
+/// the subscription's slots: with batches of 100, thousands, up to a pass a millisecond).
+#[derive(Debug, Default)]
+struct Flight {
+    slots: HashMap<u64, Slot>,
+    /// Per consumer, the positions whose `Slot::consumer` it is.
+    handed: HashMap<NodeId, u32>,
+}
+
+impl Flight {
+    /// `position` goes to `consumer` in `epoch`.
+    fn hand(&mut self, position: u64, consumer: NodeId, epoch: u64) {
+        let slot = Slot { consumer: Some(consumer), epoch };
+        if let Some(old) = self.slots.insert(position, slot) {
+            self.free(old.consumer);
+        }
+        *self.handed.entry(consumer).or_default() += 1;
+    }
+
+    /// The consumer of `positions` (handed out in `epoch`) answered: their consumer's slots are
+    /// free, the positions stay out of handouts until their outcomes are settled.
+    fn answered(&mut self, positions: &[u64], epoch: u64) {
+        for p in positions {
+            let Some(slot) = self.slots.get_mut(p).filter(|s| s.epoch == epoch) else { continue };
+            let consumer = slot.consumer.take();
+            self.free(consumer);
+        }
+    }
+
+    /// `position` (handed out in `epoch`) is settled.
+    fn release(&mut self, position: u64, epoch: u64) {
+        if self.slots.get(&position).is_some_and(|s| s.epoch == epoch) {
+            if let Some(old) = self.slots.remove(&position) {
+                self.free(old.consumer);
+            }
+        }
+    }
+
+    fn free(&mut self, consumer: Option<NodeId>) {
+        let Some(c) = consumer else { return };
+        if let Some(n) = self.handed.get_mut(&c) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.handed.remove(&c);
+            }
+        }
+    }
+
+    fn contains(&self, position: u64) -> bool {
+        self.slots.contains_key(&position)
+    }
+}
 
 /// A position handed out by this node as leader.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -155,26 +210,18 @@ struct Slot {
     epoch: u64,
 }
 
-/// The consumer of `positions` (handed out in `epoch`) answered: their consumer's slots are
-/// free, the positions stay out of handouts until their outcomes are settled.
+/// See `Flight::answered`.
 fn mark_answered(inflight: &InFlight, sub: &str, positions: &[u64], epoch: u64) {
-    let mut f = lock(inflight);
-    let Some(busy) = f.get_mut(sub) else { return };
-    for p in positions {
-        if let Some(slot) = busy.get_mut(p).filter(|s| s.epoch == epoch) {
-            slot.consumer = None;
-        }
+    if let Some(flight) = lock(inflight).get_mut(sub) {
+        flight.answered(positions, epoch);
     }
 }
 
 /// `position` (handed out in `epoch`) is settled: acked and committed, or its failure's backoff
 /// recorded. It may be handed out again (the log says whether it is still pending).
 fn release(inflight: &InFlight, sub: &str, position: u64, epoch: u64) {
-    let mut f = lock(inflight);
-    if let Some(busy) = f.get_mut(sub) {
-        if busy.get(&position).is_some_and(|s| s.epoch == epoch) {
-            busy.remove(&position);
-        }
+    if let Some(flight) = lock(inflight).get_mut(sub) {
+        flight.release(position, epoch);
     }
 }
 
@@ -859,7 +906,7 @@ impl Dispatcher {
                 let f = lock(&inflight);
                 let live = |sub: &str, position: u64| {
                     retry_at.get(sub).is_some_and(|m| m.contains_key(&position))
-                        || f.get(sub).is_some_and(|m| m.contains_key(&position))
+                        || f.get(sub).is_some_and(|m| m.contains(position))
                         || backlogs.get(sub).is_some_and(|b| b.holds(position))
                 };
                 for (sub, positions) in failed_on.iter_mut() {
@@ -891,13 +938,11 @@ impl Dispatcher {
                     let f = lock(&inflight);
                     let busy = f.get(&name);
                     let mut handed = 0;
-                    for node in busy.into_iter().flat_map(|m| m.values()).filter_map(|s| s.consumer.as_ref()) {
-                        if let Some(l) = load.get_mut(node) {
-                            *l += 1;
-                            handed += 1;
-                        }
+                    for (node, l) in load.iter_mut() {
+                        *l = busy.and_then(|b| b.handed.get(node)).copied().unwrap_or(0);
+                        handed += *l as usize;
                     }
-                    let settling = busy.map_or(0, HashMap::len);
+                    let settling = busy.map_or(0, |b| b.slots.len());
                     let capacity = consumers.len() * decl.max_in_flight as usize;
                     // Outcomes being committed do not hold a consumer's slot, but are bounded too.
                     let free = capacity.saturating_sub(handed).min((capacity * SETTLING_FACTOR).saturating_sub(settling));
@@ -909,7 +954,7 @@ impl Dispatcher {
                         backlogs.insert(name.clone(), Backlog::default());
                     }
                     let Some(backlog) = backlogs.get_mut(&name) else { continue };
-                    self.sm.pending(&name, free, backlog, |p| busy.is_some_and(|m| m.contains_key(&p)) || backing_off.is_some_and(|m| m.contains_key(&p)))
+                    self.sm.pending(&name, free, backlog, |p| busy.is_some_and(|m| m.contains(p)) || backing_off.is_some_and(|m| m.contains_key(&p)))
                 };
                 // What each consumer gets in this pass: one task (and one progress message) for
                 // this node's consumer and for each peer that takes `DeliverBatch` (one frame),
@@ -931,8 +976,19 @@ impl Dispatcher {
                             Pick::Full => break,
                         };
                         *load.entry(target).or_default() += 1;
-                        busy.insert(event.position, Slot { consumer: Some(target), epoch });
+                        busy.hand(event.position, target, epoch);
                         handout.entry(target).or_default().push((event, attempts));
+                    }
+                }
+                // Out of the walk while in flight: a pass used to step over every position
+                // handed out and not yet settled. Each comes back only if it does not ack
+                // (its backoff note unparks it when due); an ack settles it for good, and a
+                // lost leadership drops the backlogs.
+                if let Some(backlog) = backlogs.get_mut(&name) {
+                    for events in handout.values() {
+                        for (event, _) in events {
+                            backlog.park(event.position);
+                        }
                     }
                 }
                 // Parked like a backoff, for `WAIT_RECHECK`: left in the walk, they would take the
@@ -1811,18 +1867,32 @@ mod tests {
     #[test]
     fn a_late_delivery_task_leaves_positions_of_a_later_term_alone() {
         let inflight: InFlight = Arc::new(Mutex::new(HashMap::new()));
-        let slot = |f: &InFlight, p: u64| lock(f).get("sub").and_then(|m| m.get(&p).copied());
+        let slot = |f: &InFlight, p: u64| lock(f).get("sub").and_then(|m| m.slots.get(&p).copied());
+        let handed = |f: &InFlight, n: NodeId| lock(f).get("sub").and_then(|m| m.handed.get(&n).copied()).unwrap_or(0);
         // Position 7 was handed to node 2 in term 0; leadership was lost (the map cleared) and
         // regained, and term 1 handed it to node 3.
-        lock(&inflight).entry("sub".into()).or_default().insert(7, Slot { consumer: Some(3), epoch: 1 });
+        lock(&inflight).entry("sub".into()).or_default().hand(7, 3, 1);
+        lock(&inflight).entry("sub".into()).or_default().hand(8, 3, 1);
+        assert_eq!(handed(&inflight, 3), 2);
         mark_answered(&inflight, "sub", &[7], 0);
         release(&inflight, "sub", 7, 0);
         assert_eq!(slot(&inflight, 7), Some(Slot { consumer: Some(3), epoch: 1 }), "term 0's task changed nothing");
+        assert_eq!(handed(&inflight, 3), 2, "nor the consumer's load");
         // Term 1's own task: the answer frees the consumer, the release the position.
         mark_answered(&inflight, "sub", &[7], 1);
         assert_eq!(slot(&inflight, 7), Some(Slot { consumer: None, epoch: 1 }), "answered: out of handouts, slot free");
+        assert_eq!(handed(&inflight, 3), 1, "the slot is free");
+        mark_answered(&inflight, "sub", &[7], 1);
+        assert_eq!(handed(&inflight, 3), 1, "an answer frees a slot once");
         release(&inflight, "sub", 7, 1);
         assert_eq!(slot(&inflight, 7), None);
+        // Released without an answer (a failure noted before it): its slot is freed then.
+        release(&inflight, "sub", 8, 1);
+        assert_eq!(handed(&inflight, 3), 0);
+        // Handed again while held (never twice by a pass, but the count stays true).
+        lock(&inflight).entry("sub".into()).or_default().hand(9, 2, 1);
+        lock(&inflight).entry("sub".into()).or_default().hand(9, 3, 1);
+        assert_eq!((handed(&inflight, 2), handed(&inflight, 3)), (0, 1));
         // Unknown subscriptions and positions are no-ops.
         mark_answered(&inflight, "other", &[1], 1);
         release(&inflight, "other", 1, 1);
