@@ -15,8 +15,12 @@ use serde::Deserialize;
 pub enum ConfigError {
     #[error("config file {path}: {source}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    /// A file that is not the settings' TOML. Said by line and column and the parser's message
+    /// with any value it quotes left out (`parse_error`): the file holds `cluster_secret` and
+    /// `secrets_token`, and toml's own message shows the offending line, which ends up in the
+    /// journal or a container's log.
+    #[error("config file {path}, line {line}, column {column}: {message}")]
+    Parse { path: PathBuf, line: usize, column: usize, message: String },
     #[error("missing required setting `{0}` (flag, RAFTBRIDGE_* env var, or config file)")]
     Missing(&'static str),
     #[error("invalid `{name}`: {reason}")]
@@ -294,6 +298,26 @@ pub struct HttpsConfig {
     pub client_ca: Option<PathBuf>,
 }
 
+/// `ConfigError::Parse` for `e`: where in `text` (1-based line and column, from the error's
+/// span) and what, without the source line and without a value serde's message quotes
+/// ("invalid type: string \"…\", expected …" keeps only the kind of value it found).
+fn parse_error(path: &std::path::Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let at = e.span().map_or(0, |s| s.start).min(text.len());
+    let before = text.get(..at).unwrap_or("");
+    let line = before.matches('\n').count() + 1;
+    let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    let mut message = e.message().trim().to_string();
+    for lead in ["invalid type: ", "invalid value: "] {
+        if let Some(rest) = message.strip_prefix(lead) {
+            let expected = rest.find(", expected").map_or("", |i| &rest[i..]);
+            let kind = rest.split([' ', ',']).next().unwrap_or("");
+            message = format!("{lead}{kind} (value not shown){expected}");
+            break;
+        }
+    }
+    ConfigError::Parse { path: path.to_path_buf(), line, column, message }
+}
+
 impl NodeArgs {
     /// Merge flags/env (self) over the TOML file (if any) over defaults.
     pub fn resolve(self) -> Result<NodeConfig, ConfigError> {
@@ -302,7 +326,7 @@ impl NodeArgs {
         let file = match &this.config {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str::<NodeArgs>(&text).map_err(|source| ConfigError::Parse { path: path.clone(), source })?
+                toml::from_str::<NodeArgs>(&text).map_err(|e| parse_error(path, &text, &e))?
             }
             None => NodeArgs::default(),
         };
@@ -699,6 +723,26 @@ mod tests {
         assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
         assert!(parse_duration("x").is_err() && parse_duration("5h").is_err());
         assert!(parse_duration("307445734561825861m").is_err(), "minutes past u64 seconds");
+    }
+
+    /// A file the settings cannot be read from is said by line and column, never with the
+    /// secrets it holds: toml's message quotes the offending line, serde's the value.
+    #[test]
+    fn a_bad_config_file_is_reported_without_its_secrets() {
+        let secret = "s3cr3t-token-0123456789";
+        for (text, line) in [
+            (format!("id = 3\nsecrets_tokne = \"{secret}\"\n"), 2),
+            (format!("id = 3\n\ncluster_secret = [\"{secret}\"]\n"), 3),
+            (format!("cluster_secret = \"{secret}\"\nid = \"{secret}\"\n"), 2),
+            (format!("cluster_secret = \"{secret}\nid = 3\n"), 1),
+            ("cluster_secret = 1234567890123456789\n".to_string(), 1),
+        ] {
+            let (dir, path) = config_file(&text);
+            let err = NodeArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err().to_string();
+            assert!(!err.contains(secret) && !err.contains("1234567890123456789"), "{err}");
+            assert!(err.contains(&format!("line {line},")), "{err}");
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 
     #[test]
