@@ -339,10 +339,13 @@ impl ClusterSecret {
         self.0.is_empty()
     }
 
-    /// Whether `given` is this secret, compared without stopping at the first difference (the
-    /// time taken does not tell how much of a guess was right).
+    /// Whether `given` is this secret. The SHA-256 digests of both are compared without stopping
+    /// at the first difference, so the time taken tells neither how much of a guess was right
+    /// nor, as a length check first did, how long the secret is.
     pub fn matches(&self, given: &[u8]) -> bool {
-        self.0.len() == given.len() && self.0.iter().zip(given).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        use sha2::Digest;
+        let (mine, theirs) = (sha2::Sha256::digest(&self.0), sha2::Sha256::digest(given));
+        mine.iter().zip(theirs.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
     }
 
     /// Whether every byte is visible ASCII (a bearer token must be header text).
@@ -2282,6 +2285,15 @@ mod tests {
     fn a_secret_is_not_shown_by_debug() {
         let s = ClusterSecret::new(b"0123456789abcdef");
         assert_eq!(format!("{s:?}"), "ClusterSecret(..)");
+    }
+
+    #[test]
+    fn a_secret_matches_itself_only() {
+        let s = ClusterSecret::new(b"0123456789abcdef");
+        assert!(s.matches(b"0123456789abcdef"));
+        for other in [&b"0123456789abcdeF"[..], b"0123456789abcde", b"0123456789abcdef0", b""] {
+            assert!(!s.matches(other), "{:?}", String::from_utf8_lossy(other));
+        }
     }
 
     /// A peer that completed the handshake on `addr`, speaking raw frames from here on.
