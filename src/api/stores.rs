@@ -188,7 +188,12 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
                 return Ok(not_modified(&tag));
             }
             let Some(v) = map.as_ref().and_then(|m| m.get(key)) else {
-                return Err(ApiError::NotFound(format!("no key {}/{}", super::cut(store, 128), super::cut(key, 256))));
+                // With the absent key's tag ("0"), as Consul's 404 carries its index: a watcher
+                // that polls on with the tag of the value it last saw would be answered this
+                // 404 at once, every time, until the key came back.
+                let mut resp = ApiError::NotFound(format!("no key {}/{}", super::cut(store, 128), super::cut(key, 256))).into_response();
+                resp.headers_mut().insert(http::header::ETAG, etag(&tag));
+                return Ok(resp);
             };
             let value = match &secrets {
                 Some(secrets) => secrets.open(store, key, &v.value)?,

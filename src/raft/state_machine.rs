@@ -1580,22 +1580,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let replay_end = self.shared.replay_end.load(std::sync::atomic::Ordering::Relaxed);
         while let Some(item) = entries.next().await {
             let (entry, responder) = item?;
-            let result = {
+            let (result, digest) = {
                 let mut d = write(&self.shared.data);
                 let result = apply_entry(&mut d, entry, replay_end);
                 self.shared.registry_rev.store(d.registry_revision, std::sync::atomic::Ordering::Release);
-                result
+                (result, d.stores_digest)
             };
+            // Per entry, not once per call: a key written by one entry of a call and deleted by
+            // the next leaves the digest where the call found it, and a long poll that looked
+            // between the two (the lock is taken per entry) would sleep on through the delete.
+            self.shared.stores_changed(digest);
             if let Some(responder) = responder {
                 responder.send(result);
             }
         }
-        let (next, digest) = {
-            let d = read(&self.shared.data);
-            (d.log.next, d.stores_digest)
-        };
+        let next = read(&self.shared.data).log.next;
         self.shared.events_moved(next);
-        self.shared.stores_changed(digest);
         Ok(())
     }
 

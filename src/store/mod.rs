@@ -379,7 +379,10 @@ impl StateStore {
                 }
             }
         }
-        Ok(map)
+        // As the store is now, not as last judged: at the deadline or the stop the answer is
+        // made from this, and a change since the last look (one whose wake-up was missed, or
+        // that came within `RECHECK_EVERY`) belongs in it.
+        Ok(self.sm.store_map(&name))
     }
 
     /// Set a key to a JSON value; returns the new revision.

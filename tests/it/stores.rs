@@ -135,8 +135,13 @@ fn config_keys_are_listed_and_long_polls_wake_on_another_nodes_write_or_delete()
     let key_poll = poll(&b, "/v1/config/demo/greeting?wait=50s".into(), r1.to_string());
     waiting(&b, 1.0);
     status(&call(&cc, "DELETE", "/v1/config/demo/greeting", &[], b""), 200, "delete");
-    assert_json_error(&key_poll.join().expect("poll thread").expect("the poll answers"), 404, "the key is gone");
+    let gone = key_poll.join().expect("poll thread").expect("the poll answers");
+    assert_json_error(&gone, 404, "the key is gone");
     assert!(started.elapsed() < Duration::from_secs(40), "woken by the delete, not the wait's end");
+    // The 404 carries the absent key's tag: polling on with it waits for the key's return.
+    assert_eq!(etag(&gone), "0", "{}", gone.describe());
+    let absent = call(&b, "GET", "/v1/config/demo/greeting?index=0&wait=300ms", &[], b"");
+    assert_eq!((absent.status, etag(&absent)), (304, "0".to_string()), "{}", absent.describe());
     c.wait_until("the polls to let go", Duration::from_secs(20), || {
         [&b, &cc].iter().all(|api| api.metric("raftbridge_long_polls", &[]).is_ok_and(|v| v == 0.0))
     });
@@ -177,6 +182,10 @@ fn secrets_want_the_token_and_are_sealed_on_every_disk() {
     status(&got, 200, "secret get on another node");
     assert_eq!(json_of(&got), value);
     assert_eq!(got.header("cache-control"), Some("no-store"));
+    // The router reads the path without its leading slashes: so does the header's rule.
+    let doubled = call(&b, "GET", "//v1/secrets/db/password", &bearer, b"");
+    status(&doubled, 200, "secret get with a doubled slash");
+    assert_eq!(doubled.header("cache-control"), Some("no-store"), "{}", doubled.describe());
     assert_json_error(&call(&b, "GET", "/v1/secrets/db/password", &[], b""), 401, "a read wants the token too");
     // A listing names the secrets, never their values.
     let list = call(&b, "GET", "/v1/secrets/db", &bearer, b"");
