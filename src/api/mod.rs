@@ -20,6 +20,7 @@
 
 pub mod error;
 pub mod events;
+pub mod head;
 pub mod stall;
 pub mod stores;
 pub mod tls;
@@ -220,7 +221,8 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             let _permit = permit;
             let served = match tls {
                 None => {
-                    let stream = stall::Stalling::new(stream, stall::WRITE_STALL);
+                    // A malformed first head is answered with JSON here, not by hyper (`head`).
+                    let stream = head::FirstHead::new(stall::Stalling::new(stream, stall::WRITE_STALL));
                     let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                     match keep(conn, &activity, limits, &drain).await {
                         Some(served) => served,
@@ -234,7 +236,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                     () = drain.cancelled() => return tracing::debug!(%remote, "https handshake under way at the drain, closing"),
                 } {
                     Ok(Ok(stream)) => {
-                        let stream = stall::Stalling::new(stream, stall::WRITE_STALL);
+                        let stream = head::FirstHead::new(stall::Stalling::new(stream, stall::WRITE_STALL));
                         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                         match keep(conn, &activity, limits, &drain).await {
                             Some(served) => served,
@@ -414,12 +416,15 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     // Only an answer to a read of the data API that changed nothing may be refused once made (a
     // command is not, whatever its method: its handler has run), and never the probes, the
     // metrics or the cluster view: a full budget must not make the node look dead.
-    let refusable = matches!(*req.method(), Method::GET | Method::HEAD) && req.uri().path().starts_with("/v1/");
+    // Judged on the path as `route` reads it: without its leading slashes (`//v1/secrets/..`
+    // is routed as `/v1/secrets/..`, and used to be answered without `no-store`).
+    let routed = req.uri().path().trim_start_matches('/');
+    let refusable = matches!(*req.method(), Method::GET | Method::HEAD) && routed.starts_with("v1/");
     // A HEAD (`route` serves it as GET, the proxy as a GET command) is answered without the
     // body here, not by hyper: its HTTP/1 side leaves a HEAD's body out, its HTTP/2 side sends
     // it (DATA frames on a HEAD stream, which clients reset). The length stays as GET's.
     let head = req.method() == Method::HEAD;
-    let path_is_secrets = req.uri().path().starts_with("/v1/secrets");
+    let path_is_secrets = routed.starts_with("v1/secrets");
     let (route, result) = route(&app, req).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
     if head {

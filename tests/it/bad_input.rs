@@ -122,23 +122,31 @@ fn http_rejects_bad_requests_with_json_errors_and_keeps_serving() {
         resp.describe()
     );
 
-    // Malformed HTTP: a 400 or a closed connection are both fine; anything else is not.
-    for raw in [
-        &b"GARBAGE\r\n\r\n"[..],
-        &b"\x00\x01\x02\x03 nonsense \xff\xfe\r\n\r\n"[..],
+    // Malformed HTTP: a JSON 400 with a message (414 and 431 for a request line or headers
+    // past the bounds), and the connection closed.
+    let long_line = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(70_000));
+    let many_headers = format!("GET / HTTP/1.1\r\n{}\r\n", "x: y\r\n".repeat(101));
+    for (raw, status) in [
+        (&b"GARBAGE\r\n\r\n"[..], 400),
+        (&b"\x00\x01\x02\x03 nonsense \xff\xfe\r\n\r\n"[..], 400),
+        (&b"GET / HTTP/1.1\r\nno colon here\r\n\r\n"[..], 400),
+        (long_line.as_bytes(), 414),
+        (many_headers.as_bytes(), 431),
     ] {
         let outcome =
             raw_exchange(api.addr, raw, CLOSE_DEADLINE).unwrap_or_else(|e| panic!("connect: {e}"));
         let text = String::from_utf8_lossy(&outcome.received);
-        assert!(
-            outcome.received.is_empty()
-                || text.starts_with("HTTP/1.1 400")
-                || text.starts_with("HTTP/1.0 400"),
-            "malformed HTTP {raw:?} got neither a 400 nor a closed connection: {text:?}"
-        );
+        let what = String::from_utf8_lossy(&raw[..raw.len().min(40)]).to_string();
+        assert!(text.starts_with(&format!("HTTP/1.1 {status} ")), "malformed HTTP {what:?}: {text:?}");
+        let body: serde_json::Value = text
+            .split_once("\r\n\r\n")
+            .and_then(|(_, b)| serde_json::from_str(b).ok())
+            .unwrap_or_else(|| panic!("malformed HTTP {what:?}: no JSON body in {text:?}"));
+        assert_eq!(body["status"], status, "{text:?}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{text:?}");
         assert!(
             outcome.closed,
-            "malformed HTTP {raw:?}: connection left open ({})",
+            "malformed HTTP {what:?}: connection left open ({})",
             outcome.how
         );
     }
