@@ -411,6 +411,10 @@ impl Cluster {
         // change's timeout (`finish_joint` then ends it). Kept to the members each tick; a
         // node that is removed or joins anew is forgotten.
         let mut demoted: BTreeMap<NodeId, usize> = BTreeMap::new();
+        // The demotions counted in `raftbridge_raft_voters_held_back_total`, of the nodes held
+        // back now: one whose change commits after its call timed out is counted when it is
+        // seen done (it used to be counted only when the call itself succeeded).
+        let mut counted: BTreeSet<NodeId> = BTreeSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -435,7 +439,7 @@ impl Cluster {
                         *e = (*e).max((term, had));
                     }
                     self.prune_held_back(&mut held_back);
-                    self.demote_held_back(&held_back, &mut demoted).await;
+                    self.demote_held_back(&held_back, &mut demoted, &mut counted).await;
                 }
                 _ = tick.tick() => {
                     if self.is_member(self.replica.id()) {
@@ -446,7 +450,8 @@ impl Cluster {
                     demoted.retain(|id, _| members.contains(id));
                     if self.replica.raft.is_leader() {
                         self.finish_joint().await;
-                        self.demote_held_back(&held_back, &mut demoted).await;
+                        counted.retain(|id| held_back.contains_key(id));
+                        self.demote_held_back(&held_back, &mut demoted, &mut counted).await;
                         self.promote_learners(&held_back, &demoted).await;
                     }
                 }
@@ -480,11 +485,17 @@ impl Cluster {
 
     /// Makes each voter that lost its log a learner (retried every tick while a quorum for the
     /// change is not reachable), noting each in `demoted` with the number of voters then.
-    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>, demoted: &mut BTreeMap<NodeId, usize>) {
+    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>, demoted: &mut BTreeMap<NodeId, usize>, counted: &mut BTreeSet<NodeId>) {
         for &id in held_back.keys() {
             let m = self.replica.metrics();
             let membership = m.membership_config.membership();
-            if membership.get_joint_config().len() > 1 || !membership.voter_ids().any(|v| v == id) {
+            let voter = membership.voter_ids().any(|v| v == id);
+            if membership.get_joint_config().len() == 1 && !voter && demoted.contains_key(&id) && counted.insert(id) {
+                // Its change committed after the call that asked for it had timed out.
+                metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
+                info!(id, "voter that lost its log is a learner now");
+            }
+            if membership.get_joint_config().len() > 1 || !voter {
                 continue;
             }
             demoted.insert(id, membership.voter_ids().count());
@@ -494,7 +505,9 @@ impl Cluster {
             };
             match result {
                 Ok(()) => {
-                    metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
+                    if counted.insert(id) {
+                        metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
+                    }
                     info!(id, "voter that lost its log is a learner now");
                 }
                 Err(e) => warn!(id, cause = %e, "cannot make the voter that lost its log a learner yet"),
