@@ -19,6 +19,8 @@ use crate::sdk::MessageMeta;
 
 /// Events in one batch request at most.
 pub const MAX_BATCH_REQUEST: usize = 1_000;
+/// How often at most a waiting read of the log looks at what was appended (see `read`).
+const POLL_RECHECK: std::time::Duration = std::time::Duration::from_millis(10);
 /// Events in one read at most.
 const MAX_READ: usize = 1_000;
 /// Payload bytes in one read's answer, about (at least one event always goes).
@@ -185,6 +187,12 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
 /// has acknowledged (`Broker::caught_up_with_acks`: a client reads its own writes). One answer
 /// holds at most `MAX_READ` events and about `MAX_READ_BYTES` of payload (or a quarter of
 /// `--max-body-buffered`, if less; at least one event); `next` says where to continue.
+///
+/// With `?wait=30s` (at most 5 minutes), a read that finds nothing more to look at (no event
+/// after `after` that it asks for, and the end of the log reached) waits for the next events
+/// it asks for, as a Kafka fetch's `fetch.max.wait.ms` or a NATS pull's expiry: it answers as
+/// soon as one is applied on this node, or with the empty page when the wait is over. It holds
+/// one of the node's long polls (`stores::LongPolls`: 503 past them) and ends at the drain.
 pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
     let q = parse_query(query.unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
     let after = number(&q, "after")?.unwrap_or(0);
@@ -193,12 +201,51 @@ pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
     if let Some(name) = name {
         crate::broker::event::check_event_name_to_read(name).map_err(ApiError::BadRequest)?;
     }
+    let wait = match q.get("wait") {
+        None => None,
+        Some(w) => Some(
+            crate::config::parse_duration(w)
+                .map_err(|_| ApiError::BadRequest(format!("wait must be a duration such as 30s or 500ms, got {:?}", super::cut(w, 64))))?
+                .min(super::stores::MAX_WAIT),
+        ),
+    };
     // After the checks: bad parameters are a 400 at once, not after this wait (up to 2 s).
     app.broker.caught_up_with_acks().await;
     // A page fits a quarter of the node's answer budget, which may be set below it: a page
     // the budget could never hold would be refused (503) at every retry.
     let max_bytes = MAX_READ_BYTES.min(app.settings.answers.total() / 4);
-    let (events, next) = app.sm.events_after(after, limit, max_bytes, name);
+    // Taken before the first look, so that an event applied right after it wakes the wait.
+    let mut appended = wait.map(|_| app.sm.watch_events());
+    let (mut events, mut next) = app.sm.events_after(after, limit, max_bytes, name);
+    if let (Some(wait), Some(appended)) = (wait, appended.as_mut()) {
+        let at_end = |next: u64| next.saturating_add(1) >= app.sm.event_bounds().1;
+        if events.is_empty() && at_end(next) {
+            let _slot = app.long_polls.slot()?;
+            let deadline = tokio::time::Instant::now() + wait;
+            // When the log was last read: while events flow, a poll whose filter skips them
+            // reads the new ones at most every `POLL_RECHECK`, not at every entry applied.
+            let mut read_at = tokio::time::Instant::now();
+            // Bounded by the deadline: each pass waits for an append, the deadline or the stop.
+            loop {
+                tokio::select! {
+                    changed = appended.changed() => if changed.is_err() { break },
+                    () = tokio::time::sleep_until(deadline) => break,
+                    () = app.long_polls.stop.cancelled() => break,
+                }
+                tokio::select! {
+                    () = tokio::time::sleep_until((read_at + POLL_RECHECK).min(deadline)) => {}
+                    () = app.long_polls.stop.cancelled() => {}
+                }
+                read_at = tokio::time::Instant::now();
+                appended.borrow_and_update();
+                // Only what came since: positions up to `next` were looked at.
+                (events, next) = app.sm.events_after(next, limit, max_bytes, name);
+                if !events.is_empty() || !at_end(next) {
+                    break;
+                }
+            }
+        }
+    }
     let (first, end) = app.sm.event_bounds();
     #[derive(serde::Serialize)]
     struct Page<'a> {

@@ -52,7 +52,7 @@ impl LongPolls {
         LongPolls { stop: CancellationToken::new(), slots: Arc::new(tokio::sync::Semaphore::new(MAX_LONG_POLLS)) }
     }
 
-    fn slot(&self) -> Result<Held, ApiError> {
+    pub(super) fn slot(&self) -> Result<Held, ApiError> {
         let permit = self.slots.clone().try_acquire_owned().map_err(|_| ApiError::Busy(format!("this node holds {MAX_LONG_POLLS} long polls already")))?;
         metrics::gauge!("raftbridge_long_polls").increment(1.0);
         Ok(Held(permit))
@@ -60,7 +60,7 @@ impl LongPolls {
 }
 
 /// A long poll's place, counted in `raftbridge_long_polls` while held.
-struct Held(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
+pub(super) struct Held(#[allow(dead_code)] tokio::sync::OwnedSemaphorePermit);
 
 impl Drop for Held {
     fn drop(&mut self) {

@@ -2519,3 +2519,43 @@ fn producer_keys_past_their_bound_forget_the_oldest_first() {
         .sum();
     assert!(shortened > 0.0, "the shortened window is counted");
 }
+
+/// `GET /v1/events?after=N&wait=..` at the end of the log waits for the next event it asks
+/// for (woken by a publish on another node, skipping events its `eventName` leaves out), and
+/// answers the empty page with `next` when the wait is over.
+#[test]
+fn a_read_at_the_end_of_the_log_waits_for_the_next_event() {
+    let (c, _) = Cluster::formed("ev-wait", 3, &[]);
+    c.wait_all_ready(FORMATION);
+    let (_, last) = publish(c.api(1), "before", &json!({"n": 0}), &[]).expect("publish");
+    c.wait_caught_up(&c.ids(), CATCH_UP);
+    // Nothing more: the empty page at the end of the wait, `next` at the end of the log.
+    let started = std::time::Instant::now();
+    let idle = get_json(c.api(3), &format!("/v1/events?after={last}&wait=300ms")).expect("idle poll");
+    assert!(started.elapsed() >= Duration::from_millis(250), "it waited: {:?}", started.elapsed());
+    assert_eq!((idle["events"].as_array().map(Vec::len), idle["next"].as_u64()), (Some(0), Some(last)), "{idle}");
+    // A poll on node 3 for `wanted` only, woken by node 1's publishes.
+    let addr = c.api(3).addr;
+    let path = format!("/v1/events?after={last}&eventName=wanted&wait=50s");
+    let poll = thread::spawn(move || http::request(addr, "GET", &path, &[], b"", Duration::from_secs(60)));
+    c.wait_until("the read to wait", Duration::from_secs(20), || c.api(3).metric("raftbridge_long_polls", &[]).is_ok_and(|v| v >= 1.0));
+    let started = std::time::Instant::now();
+    publish(c.api(1), "other", &json!({"n": 1}), &[]).expect("publish other");
+    let (_, wanted) = publish(c.api(1), "wanted", &json!({"n": 2}), &[]).expect("publish wanted");
+    let resp = poll.join().expect("poll thread").expect("the poll answers");
+    assert!(started.elapsed() < Duration::from_secs(40), "woken by the publish, not the wait's end");
+    let page: Value = resp.json().unwrap_or_else(|e| panic!("{e}: {}", resp.describe()));
+    let got: Vec<(String, u64)> = page["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .map(|e| (e["eventName"].as_str().unwrap_or("").to_string(), e["position"].as_u64().unwrap_or(0)))
+        .collect();
+    assert_eq!(got, vec![("wanted".to_string(), wanted)], "{page}");
+    assert_eq!(page["next"].as_u64(), Some(wanted));
+    assert_json_error(
+        &c.api(2).request("GET", "/v1/events?wait=soon", &[], b"").expect("request"),
+        400,
+        "a wait that is no duration",
+    );
+}
