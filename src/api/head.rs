@@ -24,9 +24,17 @@ use tokio::io::AsyncRead;
 use tokio::io::AsyncWrite;
 use tokio::io::ReadBuf;
 
-/// Bytes of a first head held back at most: a request line or headers past it are refused
-/// (414, 431), as hyper would refuse them further on, here with a message.
-const MAX_HEAD: usize = 64 * 1024;
+/// Bytes of a first head held back at most: hyper's own bound on a head (its read buffer's
+/// default, `8192 + 4096 * 100`), past which it would refuse it (431), here with a message.
+const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// A request line this long without its end holds a URI past hyper's bound (`u16::MAX - 1`
+/// bytes): 414, as hyper answers such a URI.
+const MAX_REQUEST_LINE: usize = MAX_URI + 32;
+/// The longest request target hyper takes (`u16::MAX - 1` bytes).
+const MAX_URI: usize = 65_534;
+/// Below this, a head is judged at every read (a parse of a few KiB costs little), so that
+/// short garbage without a line break is answered at once.
+const ALWAYS_JUDGED: usize = 2048;
 /// Headers a request may have, as hyper's default.
 const MAX_HEADERS: usize = 100;
 /// Bytes read and dropped after a refusal at most (`State::Draining`).
@@ -58,12 +66,16 @@ enum State {
     Through,
 }
 
-/// How often a gathering head was judged, and its length then: it is judged again only when a
-/// line ended (at most `MAX_LINE_JUDGEMENTS` times) or 1 KiB more came, so a client that sends
-/// its head a byte at a time costs at most a few hundred parses, not one per byte.
+/// How often a gathering head was judged, and its length then: past `ALWAYS_JUDGED` bytes it is
+/// judged again only when a line ended (at most `MAX_LINE_JUDGEMENTS` times) or 4 KiB more
+/// came, so a client that sends its head a byte at a time costs a few hundred parses, not one
+/// per byte.
 #[derive(Default)]
 struct Judged {
-    times: usize,
+    /// Reads that ended a line of the head.
+    lines: usize,
+    /// Whether anything but empty lines came.
+    started: bool,
     len: usize,
 }
 
@@ -86,30 +98,93 @@ fn judge(held: &[u8]) -> Verdict {
         return if n == H2_PREFACE.len() { Verdict::Pass } else { Verdict::More };
     }
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    match httparse::Request::new(&mut headers).parse(held) {
-        Ok(httparse::Status::Complete(_)) => Verdict::Pass,
-        Ok(httparse::Status::Partial) if held.len() < MAX_HEAD => Verdict::More,
-        Ok(httparse::Status::Partial) if !held.contains(&b'\n') => {
-            Verdict::Refuse(414, format!("the request line is longer than {MAX_HEAD} bytes"))
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(held) {
+        Ok(httparse::Status::Complete(_)) => match after_parse(&req) {
+            Ok(()) => Verdict::Pass,
+            Err((status, message)) => Verdict::Refuse(status, message),
+        },
+        Ok(httparse::Status::Partial) if held.len() > MAX_REQUEST_LINE && !first_line_ended(held) => {
+            Verdict::Refuse(414, format!("the request line is longer than {MAX_REQUEST_LINE} bytes"))
         }
-        Ok(httparse::Status::Partial) => Verdict::Refuse(431, format!("the request's headers are longer than {MAX_HEAD} bytes")),
+        Ok(httparse::Status::Partial) if held.len() < MAX_HEAD => Verdict::More,
+        Ok(httparse::Status::Partial) => Verdict::Refuse(431, format!("the request's head is longer than {MAX_HEAD} bytes")),
         Err(httparse::Error::TooManyHeaders) => Verdict::Refuse(431, format!("more than {MAX_HEADERS} request headers")),
         Err(e) => Verdict::Refuse(400, format!("malformed HTTP request: {e}")),
     }
 }
 
+/// Whether the request line has ended (after the empty lines a request may start with).
+fn first_line_ended(held: &[u8]) -> bool {
+    held.iter().skip_while(|b| matches!(b, b'\r' | b'\n')).any(|b| *b == b'\n')
+}
+
+/// What hyper checks of a head that parsed, before it takes it (`Server::parse` in hyper's
+/// `proto::h1::role`), so that a head it would refuse is refused here with a message: the URI's
+/// length and form, a header name's length, `Transfer-Encoding` (not in HTTP/1.0; `chunked`
+/// last) and `Content-Length` (digits; several must agree; ignored after `Transfer-Encoding`).
+fn after_parse(req: &httparse::Request<'_, '_>) -> Result<(), (u16, String)> {
+    let path = req.path.unwrap_or("");
+    if path.len() > MAX_URI {
+        return Err((414, format!("the request target is longer than {MAX_URI} bytes")));
+    }
+    if http::Uri::try_from(path).is_err() {
+        return Err((400, "malformed HTTP request: the request target is not a URI".into()));
+    }
+    let http11 = req.version == Some(1);
+    let (mut te, mut chunked, mut cl, mut length) = (false, false, false, None::<u64>);
+    for h in req.headers.iter() {
+        if h.name.len() >= 1 << 16 {
+            return Err((431, "a header name is longer than 64 KiB".into()));
+        }
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if !http11 {
+                return Err((400, "malformed HTTP request: Transfer-Encoding in an HTTP/1.0 request".into()));
+            }
+            te = true;
+            if cl {
+                length = None;
+            }
+            chunked = std::str::from_utf8(h.value).ok().and_then(|v| v.rsplit(',').next()).is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            cl = true;
+            if te {
+                continue;
+            }
+            let digits = !h.value.is_empty() && h.value.iter().all(u8::is_ascii_digit);
+            let Some(len) = std::str::from_utf8(h.value).ok().filter(|_| digits).and_then(|v| v.parse::<u64>().ok()) else {
+                return Err((400, "malformed HTTP request: Content-Length is not a number".into()));
+            };
+            if length.is_some_and(|l| l != len) {
+                return Err((400, "malformed HTTP request: Content-Length headers that differ".into()));
+            }
+            length = Some(len);
+        }
+    }
+    if te && !chunked {
+        return Err((400, "malformed HTTP request: Transfer-Encoding without chunked last".into()));
+    }
+    Ok(())
+}
+
 /// `judge`, when `held` (grown from `start` bytes) is worth judging again (see `Judged`).
 fn judge_now(held: &[u8], start: usize, judged: &mut Judged) -> Verdict {
-    let line_ended = held[start..].contains(&b'\n');
-    if line_ended && judged.times >= MAX_LINE_JUDGEMENTS {
-        // More lines than a head within the bounds has (each judgement ended one).
-        return Verdict::Refuse(431, format!("more than {MAX_HEADERS} request headers"));
+    // Empty lines before the request line (RFC 9112 §2.2) end no line of the head. Only the
+    // new bytes are looked at: a byte-at-a-time client must not make each read scan the head.
+    judged.started = judged.started || held[start..].iter().any(|b| !matches!(b, b'\r' | b'\n'));
+    let line_ended = judged.started && held[start..].contains(&b'\n');
+    if line_ended {
+        judged.lines += 1;
+        if judged.lines > MAX_LINE_JUDGEMENTS {
+            // More lines than a head within the bounds has (each such read ended one).
+            return Verdict::Refuse(431, format!("more than {MAX_HEADERS} request headers"));
+        }
     }
-    let preface = held.len() <= H2_PREFACE.len();
-    if !(line_ended || preface || held.len() >= judged.len + 1024 || held.len() >= MAX_HEAD) {
+    let short = start <= ALWAYS_JUDGED;
+    let long_line = held.len() > MAX_REQUEST_LINE && judged.len <= MAX_REQUEST_LINE;
+    if !(line_ended || short || long_line || held.len() >= judged.len + 4096 || held.len() >= MAX_HEAD) {
         return Verdict::More;
     }
-    judged.times += 1;
     judged.len = held.len();
     judge(held)
 }
@@ -119,7 +194,8 @@ fn judge_now(held: &[u8], start: usize, judged: &mut Judged) -> Verdict {
 fn refusal(status: u16, message: &str) -> Vec<u8> {
     let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Bad Request");
     let body = serde_json::json!({ "status": status, "message": message }).to_string();
-    format!("HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+    let date = httpdate::fmt_http_date(std::time::SystemTime::now());
+    format!("HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\ndate: {date}\r\n\r\n{body}", body.len())
         .into_bytes()
 }
 
@@ -163,8 +239,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
                     this.state = State::Draining(0);
                 }
                 State::Draining(dropped) => {
-                    let mut scratch = [0u8; 4096];
-                    let mut buf = ReadBuf::new(&mut scratch);
+                    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+                    let mut buf = ReadBuf::uninit(&mut scratch);
                     match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Ok(())) if !buf.filled().is_empty() && *dropped + buf.filled().len() <= MAX_DRAINED => {
@@ -175,12 +251,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
                 }
                 State::Gathering(held, judged) => {
                     let start = held.len();
-                    let room = (MAX_HEAD + 1 - start).min(16 * 1024);
-                    held.resize(start + room, 0);
-                    let mut buf = ReadBuf::new(&mut held[start..]);
+                    // Read into a scratch that is not zeroed first (a byte-at-a-time client would
+                    // make each read clear it), then kept.
+                    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
+                    let room = (MAX_HEAD + 1 - start).min(scratch.len());
+                    let mut buf = ReadBuf::uninit(&mut scratch[..room]);
                     let read = Pin::new(&mut this.inner).poll_read(cx, &mut buf);
                     let got = buf.filled().len();
-                    held.truncate(start + got);
+                    held.extend_from_slice(buf.filled());
                     match read {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -238,7 +316,7 @@ mod tests {
     /// What a server reading through `FirstHead` gets of `sent` (sent in `pieces`), and what
     /// the client gets back.
     async fn through(sent: &[u8], pieces: usize) -> (Vec<u8>, Vec<u8>) {
-        let (mut client, server) = tokio::io::duplex(256 * 1024);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
         let mut server = FirstHead::new(server);
         let step = sent.len().div_ceil(pieces.max(1)).max(1);
         let sent = sent.to_vec();
@@ -269,13 +347,24 @@ mod tests {
         let h2 = [H2_PREFACE, b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"].concat();
         assert_eq!(through(&h2, 5).await.0, h2, "the HTTP/2 preface passes");
         assert_eq!(through(b"\r\nGET / HTTP/1.1\r\n\r\n", 1).await.0, b"\r\nGET / HTTP/1.1\r\n\r\n", "a leading empty line, as hyper takes it");
+        for valid in [
+            &b"POST / HTTP/1.1\r\nContent-Length: 2\r\ncontent-length: 2\r\n\r\n{}"[..],
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: x\r\n\r\n0\r\n\r\n",
+            b"GET http://a:8/x?y=%20 HTTP/1.1\r\nx-e:\r\nx-t: a\tb\r\n\r\n",
+            b"OPTIONS * HTTP/1.0\r\n\r\n",
+        ] {
+            assert_eq!(through(valid, 1).await, (valid.to_vec(), Vec::new()), "{}", String::from_utf8_lossy(valid));
+        }
+        let blank_lines = [b"\r\n".repeat(300).as_slice(), b"GET / HTTP/1.1\r\n\r\n"].concat();
+        assert_eq!(through(&blank_lines, blank_lines.len()).await.0, blank_lines, "empty lines sent one by one are no header lines");
     }
 
     #[tokio::test]
     async fn a_malformed_head_is_answered_with_json_and_never_read_through() {
-        let long_line = [b"GET /".as_slice(), &vec![b'a'; MAX_HEAD + 10]].concat();
+        let long_line = [b"GET /".as_slice(), &vec![b'a'; MAX_REQUEST_LINE + 10]].concat();
         let many = [b"GET / HTTP/1.1\r\n".as_slice(), &b"x: y\r\n".repeat(MAX_HEADERS + 1), b"\r\n"].concat();
         let long_headers = [b"GET / HTTP/1.1\r\nx: ".as_slice(), &vec![b'a'; MAX_HEAD + 10]].concat();
+        let uri_too_long = [b"GET /".as_slice(), &vec![b'a'; MAX_URI], b" HTTP/1.1\r\n\r\n"].concat();
         for (sent, status) in [
             (&b"GARBAGE\r\n\r\n"[..], 400),
             (b"\x00\x01\x02\x03 nonsense \xff\xfe\r\n\r\n", 400),
@@ -283,6 +372,13 @@ mod tests {
             (&long_line, 414),
             (&many, 431),
             (&long_headers, 431),
+            (b"GARBAGE GARBAGE GARBAGE GARBAGE", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n", 400),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+            (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+            (b"GET http://[::1/x HTTP/1.1\r\n\r\n", 400),
+            (&uri_too_long, 414),
         ] {
             // In two pieces, and a byte at a time (each judged only at a line's end).
             let (read, back) = through(sent, if sent.len() < 4096 { sent.len() } else { 2 }).await;
@@ -292,7 +388,7 @@ mod tests {
             let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap()).unwrap();
             assert_eq!(body["status"], status, "{text}");
             assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{text}");
-            assert!(text.contains("connection: close\r\n"), "{text}");
+            assert!(text.contains("connection: close\r\n") && text.contains("\r\ndate: "), "{text}");
         }
     }
 
