@@ -305,6 +305,8 @@ pub struct Backlog {
     open: BTreeSet<u64>,
     /// The filter they were matched with.
     filter: Option<crate::broker::event::EventFilter>,
+    /// `SmData::subs_generation` when last looked at afresh.
+    generation: u64,
 }
 
 impl Backlog {
@@ -466,6 +468,13 @@ pub struct SmData {
     pub clock_ms: u64,
     pub log: EventLog,
     pub subs: BTreeMap<String, SubState>,
+    /// Moves (on this node only: not replicated, not in snapshots) whenever a subscription's
+    /// progress may have started anew: at each registration and drop, and at an install. A
+    /// delivery loop's `Backlog` remembers it and is looked at afresh once it moved: a
+    /// subscription dropped and declared again with its cursor where it was would otherwise
+    /// keep the old one's parked positions out of the walk for good.
+    #[serde(skip)]
+    pub subs_generation: u64,
 }
 
 /// What one state-store entry weighs for the quota: its names, its value and an allowance for
@@ -615,6 +624,7 @@ impl SmData {
                     self.registry.insert(node, services);
                 }
                 self.registry_revision = index;
+                self.subs_generation += 1;
                 CommandResult::Registered
             }
             Command::IdemBegin { key, attempt, now_ms, lease_ms, window_ms } => self.idem_begin(key, attempt, now_ms, lease_ms, window_ms, None, false),
@@ -642,6 +652,7 @@ impl SmData {
             Command::DropSubscription { name } => {
                 let declared_by = self.declared_by(&name);
                 let existed = if declared_by.is_empty() { self.subs.remove(&name).is_some() } else { self.subs.contains_key(&name) };
+                self.subs_generation += 1;
                 CommandResult::SubscriptionDropped { existed, declared_by }
             }
             Command::IdemComplete { key, attempt, mut response } => {
@@ -1108,10 +1119,11 @@ impl SmShared {
         };
         let (first, next) = (d.log.first(), d.log.next);
         let start = s.cursor.max(first);
-        if backlog.filter.as_ref() != Some(&s.decl.filter) || start < backlog.from || backlog.scanned > next {
+        if backlog.filter.as_ref() != Some(&s.decl.filter) || start < backlog.from || backlog.scanned > next || backlog.generation != d.subs_generation {
             // New to the caller, declared with another filter, or a state that went back (a
-            // snapshot installed in between): looked at afresh.
-            *backlog = Backlog { from: start, scanned: start, open: BTreeSet::new(), filter: Some(s.decl.filter.clone()) };
+            // snapshot installed in between), or maybe begun anew (dropped and declared again,
+            // registered): looked at afresh.
+            *backlog = Backlog { from: start, scanned: start, open: BTreeSet::new(), filter: Some(s.decl.filter.clone()), generation: d.subs_generation };
         }
         if start > backlog.from {
             // Settled below the cursor, or dropped by retention.
@@ -1621,6 +1633,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let old = {
             let mut d = write(&self.shared.data);
             self.shared.registry_rev.store(data.registry_revision, std::sync::atomic::Ordering::Release);
+            let mut data = data;
+            data.subs_generation = d.subs_generation + 1;
             let old = std::mem::replace(&mut *d, data);
             self.shared.events_moved(d.log.next);
             // Sent even when the digest is equal: the maps are new, and a waiter compares them.
@@ -2705,6 +2719,31 @@ mod tests {
         backlog.unpark(f);
         let got: Vec<u64> = sm.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
         assert_eq!(got, vec![first[1]], "the `f` event is not handed out under a filter for `e`");
+    }
+
+    /// A position parked while in flight comes back when its subscription is dropped and
+    /// declared again, even with the cursor where it was: its ack, applied while the
+    /// subscription was gone, settled nothing, and the new subscription must hand it out.
+    #[test]
+    fn a_subscription_dropped_and_declared_again_is_looked_at_afresh() {
+        let sm = registered_and_published(1, one_subscription("sub"), events(2), LIMITS);
+        let mut backlog = Backlog::default();
+        let first: Vec<u64> = sm.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(first.len(), 2);
+        // Both handed out (parked while in flight); the node stops declaring it, it is dropped,
+        // one ack lands in between, and the node declares it again.
+        backlog.park(first[0]);
+        backlog.park(first[1]);
+        {
+            let mut d = write(&sm.data);
+            d.apply(10, Command::Register { node: 1, services: vec![] });
+            d.apply(11, Command::DropSubscription { name: "sub".into() });
+            d.apply(12, Command::SubUpdate { updates: vec![SubUpdate::Ack { sub: "sub".into(), position: first[0] }] });
+            d.apply(13, Command::Register { node: 1, services: vec![one_subscription("sub")] });
+        }
+        assert_eq!(read(&sm.data).subs["sub"].cursor, first[0], "begun anew where the first one began");
+        let got: Vec<u64> = sm.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(got, first, "both are pending again");
     }
 
     /// A fresh backlog far behind scans the log a bounded stretch per call, in log order.
