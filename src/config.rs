@@ -309,7 +309,8 @@ fn parse_error(path: &std::path::Path, text: &str, e: &toml::de::Error) -> Confi
     let mut message = e.message().trim().to_string();
     for lead in ["invalid type: ", "invalid value: "] {
         if let Some(rest) = message.strip_prefix(lead) {
-            let expected = rest.find(", expected").map_or("", |i| &rest[i..]);
+            // The last one: a quoted value may hold the words too.
+            let expected = rest.rfind(", expected").map_or("", |i| &rest[i..]);
             let kind = rest.split([' ', ',']).next().unwrap_or("");
             message = format!("{lead}{kind} (value not shown){expected}");
             break;

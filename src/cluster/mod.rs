@@ -411,10 +411,12 @@ impl Cluster {
         // change's timeout (`finish_joint` then ends it). Kept to the members each tick; a
         // node that is removed or joins anew is forgotten.
         let mut demoted: BTreeMap<NodeId, usize> = BTreeMap::new();
-        // The demotions counted in `raftbridge_raft_voters_held_back_total`, of the nodes held
-        // back now: one whose change commits after its call timed out is counted when it is
-        // seen done (it used to be counted only when the call itself succeeded).
-        let mut counted: BTreeSet<NodeId> = BTreeSet::new();
+        // Held-back nodes whose demotion this node asked for as leader and whose call failed
+        // (it may have timed out after proposing the change): counted in
+        // `raftbridge_raft_voters_held_back_total` once seen done, since such a change may
+        // commit later (it used to be counted only when the call itself succeeded). Kept to
+        // the nodes held back, and cleared while this node does not lead.
+        let mut unsure: BTreeSet<NodeId> = BTreeSet::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -439,7 +441,8 @@ impl Cluster {
                         *e = (*e).max((term, had));
                     }
                     self.prune_held_back(&mut held_back);
-                    self.demote_held_back(&held_back, &mut demoted, &mut counted).await;
+                    unsure.retain(|id| held_back.contains_key(id));
+                    self.demote_held_back(&held_back, &mut demoted, &mut unsure).await;
                 }
                 _ = tick.tick() => {
                     if self.is_member(self.replica.id()) {
@@ -448,11 +451,13 @@ impl Cluster {
                     self.prune_held_back(&mut held_back);
                     let members: BTreeSet<NodeId> = self.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();
                     demoted.retain(|id, _| members.contains(id));
+                    unsure.retain(|id| held_back.contains_key(id));
                     if self.replica.raft.is_leader() {
                         self.finish_joint().await;
-                        counted.retain(|id| held_back.contains_key(id));
-                        self.demote_held_back(&held_back, &mut demoted, &mut counted).await;
+                        self.demote_held_back(&held_back, &mut demoted, &mut unsure).await;
                         self.promote_learners(&held_back, &demoted).await;
+                    } else {
+                        unsure.clear();
                     }
                 }
             }
@@ -485,32 +490,37 @@ impl Cluster {
 
     /// Makes each voter that lost its log a learner (retried every tick while a quorum for the
     /// change is not reachable), noting each in `demoted` with the number of voters then.
-    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>, demoted: &mut BTreeMap<NodeId, usize>, counted: &mut BTreeSet<NodeId>) {
+    async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>, demoted: &mut BTreeMap<NodeId, usize>, unsure: &mut BTreeSet<NodeId>) {
         for &id in held_back.keys() {
             let m = self.replica.metrics();
             let membership = m.membership_config.membership();
             let voter = membership.voter_ids().any(|v| v == id);
-            if membership.get_joint_config().len() == 1 && !voter && demoted.contains_key(&id) && counted.insert(id) {
-                // Its change committed after the call that asked for it had timed out.
+            let joint = membership.get_joint_config().len() > 1;
+            if !joint && !voter && unsure.remove(&id) {
+                // Its change committed after the call that asked for it had failed.
                 metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
                 info!(id, "voter that lost its log is a learner now");
             }
-            if membership.get_joint_config().len() > 1 || !voter {
+            if joint || !voter {
                 continue;
             }
             demoted.insert(id, membership.voter_ids().count());
             let result = match self.removal_has_quorum(membership.voter_ids().collect(), id) {
-                Ok(()) => self.change_retaining(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true).await,
-                Err(e) => Err(e),
+                Ok(()) => self.change_retaining(ChangeMembers::RemoveVoters(BTreeSet::from([id])), true).await.map_err(|e| (e, true)),
+                Err(e) => Err((e, false)),
             };
             match result {
                 Ok(()) => {
-                    if counted.insert(id) {
-                        metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
-                    }
+                    unsure.remove(&id);
+                    metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
                     info!(id, "voter that lost its log is a learner now");
                 }
-                Err(e) => warn!(id, cause = %e, "cannot make the voter that lost its log a learner yet"),
+                Err((e, proposed)) => {
+                    if proposed {
+                        unsure.insert(id);
+                    }
+                    warn!(id, cause = %e, "cannot make the voter that lost its log a learner yet");
+                }
             }
         }
     }
