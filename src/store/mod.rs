@@ -285,11 +285,13 @@ impl StateStore {
         let old = old_len.map(|len| entry_weight(store, key, len));
         let new = entry_weight(store, key, value_len);
         if old.is_none() && keys >= max_keys {
-            return Err(StoreError::QuotaExceeded(format!("the state store holds {keys} keys, its limit (--state-max-keys)")));
+            return Err(StoreError::QuotaExceeded(format!(
+                "the state, config and secret stores hold {keys} keys together, their limit (--state-max-keys)"
+            )));
         }
         if new > old.unwrap_or(0) && bytes.saturating_sub(old.unwrap_or(0)) + new > max_bytes {
             return Err(StoreError::QuotaExceeded(format!(
-                "the state store holds {bytes} of its {max_bytes} bytes (--state-max-bytes); this write needs {new}"
+                "the state, config and secret stores hold {bytes} of their {max_bytes} bytes together (--state-max-bytes); this write needs {new}"
             )));
         }
         Ok(())
