@@ -27,8 +27,8 @@ use tokio::io::ReadBuf;
 /// Bytes of a first head held back at most: hyper's own bound on a head (its read buffer's
 /// default, `8192 + 4096 * 100`), past which it would refuse it (431), here with a message.
 const MAX_HEAD: usize = 8192 + 4096 * 100;
-/// A request line this long without its end holds a URI past hyper's bound (`u16::MAX - 1`
-/// bytes): 414, as hyper answers such a URI.
+/// A request line that grew past this without its end is judged once then (`open_uri_too_long`),
+/// whatever the other rules of `judge_now` say.
 const MAX_REQUEST_LINE: usize = MAX_URI + 32;
 /// The longest request target hyper takes (`u16::MAX - 1` bytes).
 const MAX_URI: usize = 65_534;
@@ -104,8 +104,8 @@ fn judge(held: &[u8]) -> Verdict {
             Ok(()) => Verdict::Pass,
             Err((status, message)) => Verdict::Refuse(status, message),
         },
-        Ok(httparse::Status::Partial) if held.len() > MAX_REQUEST_LINE && !first_line_ended(held) => {
-            Verdict::Refuse(414, format!("the request line is longer than {MAX_REQUEST_LINE} bytes"))
+        Ok(httparse::Status::Partial) if open_uri_too_long(held) => {
+            Verdict::Refuse(414, format!("the request target is longer than {MAX_URI} bytes"))
         }
         Ok(httparse::Status::Partial) if held.len() < MAX_HEAD => Verdict::More,
         Ok(httparse::Status::Partial) => Verdict::Refuse(431, format!("the request's head is longer than {MAX_HEAD} bytes")),
@@ -114,9 +114,18 @@ fn judge(held: &[u8]) -> Verdict {
     }
 }
 
-/// Whether the request line has ended (after the empty lines a request may start with).
-fn first_line_ended(held: &[u8]) -> bool {
-    held.iter().skip_while(|b| matches!(b, b'\r' | b'\n')).any(|b| *b == b'\n')
+/// Whether a request line that has not ended holds a request target longer than hyper takes
+/// (after the empty lines a request may start with, and its method): such a target is a 414
+/// once the line ends, as hyper answers it; a line without a target yet waits for the head's
+/// bound (431, as hyper).
+fn open_uri_too_long(held: &[u8]) -> bool {
+    let line = held.iter().position(|b| !matches!(b, b'\r' | b'\n')).map_or(&held[held.len()..], |i| &held[i..]);
+    if line.contains(&b'\n') {
+        return false;
+    }
+    let Some(space) = line.iter().position(|b| *b == b' ') else { return false };
+    let target = &line[space + 1..];
+    target.iter().position(|b| matches!(b, b' ' | b'\r')).unwrap_or(target.len()) > MAX_URI
 }
 
 /// What hyper checks of a head that parsed, before it takes it (`Server::parse` in hyper's
@@ -128,15 +137,15 @@ fn after_parse(req: &httparse::Request<'_, '_>) -> Result<(), (u16, String)> {
     if path.len() > MAX_URI {
         return Err((414, format!("the request target is longer than {MAX_URI} bytes")));
     }
+    if req.headers.iter().any(|h| h.name.len() >= 1 << 16) {
+        return Err((431, "a header name is longer than 64 KiB".into()));
+    }
     if http::Uri::try_from(path).is_err() {
         return Err((400, "malformed HTTP request: the request target is not a URI".into()));
     }
     let http11 = req.version == Some(1);
     let (mut te, mut chunked, mut cl, mut length) = (false, false, false, None::<u64>);
     for h in req.headers.iter() {
-        if h.name.len() >= 1 << 16 {
-            return Err((431, "a header name is longer than 64 KiB".into()));
-        }
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
             if !http11 {
                 return Err((400, "malformed HTTP request: Transfer-Encoding in an HTTP/1.0 request".into()));
@@ -145,7 +154,9 @@ fn after_parse(req: &httparse::Request<'_, '_>) -> Result<(), (u16, String)> {
             if cl {
                 length = None;
             }
-            chunked = std::str::from_utf8(h.value).ok().and_then(|v| v.rsplit(',').next()).is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
+            // As hyper reads it (`HeaderValue::to_str`): visible ASCII and tabs, or not chunked.
+            let text = h.value.iter().all(|b| *b == b'\t' || (0x20..0x7f).contains(b));
+            chunked = text && std::str::from_utf8(h.value).ok().and_then(|v| v.rsplit(',').next()).is_some_and(|last| last.trim().eq_ignore_ascii_case("chunked"));
         } else if h.name.eq_ignore_ascii_case("content-length") {
             cl = true;
             if te {
@@ -155,6 +166,9 @@ fn after_parse(req: &httparse::Request<'_, '_>) -> Result<(), (u16, String)> {
             let Some(len) = std::str::from_utf8(h.value).ok().filter(|_| digits).and_then(|v| v.parse::<u64>().ok()) else {
                 return Err((400, "malformed HTTP request: Content-Length is not a number".into()));
             };
+            if len > u64::MAX - 2 {
+                return Err((431, "Content-Length is larger than a body may be".into()));
+            }
             if length.is_some_and(|l| l != len) {
                 return Err((400, "malformed HTTP request: Content-Length headers that differ".into()));
             }
@@ -352,6 +366,8 @@ mod tests {
             b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: x\r\n\r\n0\r\n\r\n",
             b"GET http://a:8/x?y=%20 HTTP/1.1\r\nx-e:\r\nx-t: a\tb\r\n\r\n",
             b"OPTIONS * HTTP/1.0\r\n\r\n",
+            &[vec![b'A'; 70_000], b" /x HTTP/1.1\r\n\r\n".to_vec()].concat(),
+            &[b"\r\n".repeat(40_000), b"GET /x HTTP/1.1\r\n\r\n".to_vec()].concat(),
         ] {
             assert_eq!(through(valid, 1).await, (valid.to_vec(), Vec::new()), "{}", String::from_utf8_lossy(valid));
         }
@@ -365,6 +381,7 @@ mod tests {
         let many = [b"GET / HTTP/1.1\r\n".as_slice(), &b"x: y\r\n".repeat(MAX_HEADERS + 1), b"\r\n"].concat();
         let long_headers = [b"GET / HTTP/1.1\r\nx: ".as_slice(), &vec![b'a'; MAX_HEAD + 10]].concat();
         let uri_too_long = [b"GET /".as_slice(), &vec![b'a'; MAX_URI], b" HTTP/1.1\r\n\r\n"].concat();
+        let open_target = [b"GET /".as_slice(), &vec![b'a'; MAX_URI + 10]].concat();
         for (sent, status) in [
             (&b"GARBAGE\r\n\r\n"[..], 400),
             (b"\x00\x01\x02\x03 nonsense \xff\xfe\r\n\r\n", 400),
@@ -379,6 +396,9 @@ mod tests {
             (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
             (b"GET http://[::1/x HTTP/1.1\r\n\r\n", 400),
             (&uri_too_long, 414),
+            (&open_target, 414),
+            (b"POST / HTTP/1.1\r\nContent-Length: 18446744073709551615\r\nContent-Length: 2\r\n\r\n", 431),
+            (b"POST / HTTP/1.1\r\nTransfer-Encoding: \xc2\xa0chunked\r\n\r\n", 400),
         ] {
             // In two pieces, and a byte at a time (each judged only at a line's end).
             let (read, back) = through(sent, if sent.len() < 4096 { sent.len() } else { 2 }).await;
