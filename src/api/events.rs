@@ -216,10 +216,14 @@ pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
     let max_bytes = MAX_READ_BYTES.min(app.settings.answers.total() / 4);
     // Taken before the first look, so that an event applied right after it wakes the wait.
     let mut appended = wait.map(|_| app.sm.watch_events());
+    // The log's end before each read: a read that reaches it looked at everything up to it, and
+    // what is appended after wakes the watch (an end read after the read could be past an
+    // event appended meanwhile, and end the wait with an empty page).
+    let mut end_before = app.sm.event_bounds().1;
     let (mut events, mut next) = app.sm.events_after(after, limit, max_bytes, name);
     if let (Some(wait), Some(appended)) = (wait, appended.as_mut()) {
-        let at_end = |next: u64| next.saturating_add(1) >= app.sm.event_bounds().1;
-        if events.is_empty() && at_end(next) {
+        let at_end = |next: u64, end: u64| next.saturating_add(1) >= end;
+        if events.is_empty() && at_end(next, end_before) {
             let _slot = app.long_polls.slot()?;
             let deadline = tokio::time::Instant::now() + wait;
             // When the log was last read: while events flow, a poll whose filter skips them
@@ -227,10 +231,13 @@ pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
             let mut read_at = tokio::time::Instant::now();
             // Bounded by the deadline: each pass waits for an append, the deadline or the stop.
             loop {
+                // The stop and the deadline first: events flowing past the filter must not keep
+                // a poll beyond either.
                 tokio::select! {
-                    changed = appended.changed() => if changed.is_err() { break },
-                    () = tokio::time::sleep_until(deadline) => break,
+                    biased;
                     () = app.long_polls.stop.cancelled() => break,
+                    () = tokio::time::sleep_until(deadline) => break,
+                    changed = appended.changed() => if changed.is_err() { break },
                 }
                 tokio::select! {
                     () = tokio::time::sleep_until((read_at + POLL_RECHECK).min(deadline)) => {}
@@ -239,8 +246,9 @@ pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
                 read_at = tokio::time::Instant::now();
                 appended.borrow_and_update();
                 // Only what came since: positions up to `next` were looked at.
+                end_before = app.sm.event_bounds().1;
                 (events, next) = app.sm.events_after(next, limit, max_bytes, name);
-                if !events.is_empty() || !at_end(next) {
+                if !events.is_empty() || !at_end(next, end_before) {
                     break;
                 }
             }

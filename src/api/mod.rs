@@ -98,7 +98,7 @@ pub struct App {
     pub cluster_name: String,
     /// `--secrets-token`: the bearer token of `/v1/secrets`; `None`: that API is off.
     pub secrets_token: Option<crate::peer::ClusterSecret>,
-    /// Long polls on the stores (`stores::LongPolls`), ended at the drain.
+    /// Long polls on the stores and the event log (`stores::LongPolls`), ended at the drain.
     pub long_polls: stores::LongPolls,
 }
 

@@ -252,7 +252,8 @@ impl RunningNotes {
     /// takes are mostly those the last one freed, so a batch of events costs a syscall or a
     /// few rather than one per event.
     fn write_runs(&mut self, mut records: Vec<(u64, [u8; RECORD_LEN])>) {
-        records.sort_unstable_by_key(|(slot, _)| *slot);
+        // Stable: were a slot ever twice in one call, the later record wins, as written apart.
+        records.sort_by_key(|(slot, _)| *slot);
         let mut run: Vec<u8> = Vec::new();
         let mut first = 0;
         for (i, (slot, record)) in records.iter().enumerate() {

@@ -469,7 +469,8 @@ pub struct SmData {
     pub log: EventLog,
     pub subs: BTreeMap<String, SubState>,
     /// Moves (on this node only: not replicated, not in snapshots) whenever a subscription's
-    /// progress may have started anew: at each registration and drop, and at an install. A
+    /// progress starts anew: one is created or dropped, a registration resets a non-durable
+    /// one's cursor, a snapshot is installed. A
     /// delivery loop's `Backlog` remembers it and is looked at afresh once it moved: a
     /// subscription dropped and declared again with its cursor where it was would otherwise
     /// keep the old one's parked positions out of the walk for good.
@@ -591,6 +592,9 @@ impl SmData {
                     let declared = if sub.durable { Vec::new() } else { self.declared_by(&sub.name) };
                     let start = if sub.durable { self.log.first() } else { self.log.next };
                     let next = self.log.next;
+                    if !self.subs.contains_key(&sub.name) {
+                        self.subs_generation += 1;
+                    }
                     let state = self.subs.entry(sub.name.clone()).or_insert_with(|| SubState {
                         decl: sub.clone(),
                         cursor: start,
@@ -609,6 +613,7 @@ impl SmData {
                             state.cursor = next;
                             state.done.clear();
                             state.attempts.clear();
+                            self.subs_generation += 1;
                         }
                         if !sub.shared {
                             state.instances.insert(node, next);
@@ -624,7 +629,6 @@ impl SmData {
                     self.registry.insert(node, services);
                 }
                 self.registry_revision = index;
-                self.subs_generation += 1;
                 CommandResult::Registered
             }
             Command::IdemBegin { key, attempt, now_ms, lease_ms, window_ms } => self.idem_begin(key, attempt, now_ms, lease_ms, window_ms, None, false),
@@ -652,7 +656,9 @@ impl SmData {
             Command::DropSubscription { name } => {
                 let declared_by = self.declared_by(&name);
                 let existed = if declared_by.is_empty() { self.subs.remove(&name).is_some() } else { self.subs.contains_key(&name) };
-                self.subs_generation += 1;
+                if existed && declared_by.is_empty() {
+                    self.subs_generation += 1;
+                }
                 CommandResult::SubscriptionDropped { existed, declared_by }
             }
             Command::IdemComplete { key, attempt, mut response } => {
