@@ -201,14 +201,7 @@ pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
     if let Some(name) = name {
         crate::broker::event::check_event_name_to_read(name).map_err(ApiError::BadRequest)?;
     }
-    let wait = match q.get("wait") {
-        None => None,
-        Some(w) => Some(
-            crate::config::parse_duration(w)
-                .map_err(|_| ApiError::BadRequest(format!("wait must be a duration such as 30s or 500ms, got {:?}", super::cut(w, 64))))?
-                .min(super::stores::MAX_WAIT),
-        ),
-    };
+    let wait = super::stores::parse_wait(&q)?;
     // After the checks: bad parameters are a 400 at once, not after this wait (up to 2 s).
     app.broker.caught_up_with_acks().await;
     // A page fits a quarter of the node's answer budget, which may be set below it: a page

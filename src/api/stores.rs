@@ -84,6 +84,18 @@ struct ReadArgs {
     q: std::collections::BTreeMap<String, String>,
 }
 
+/// A long poll's `?wait=` (`ms`, `s` or `m`), at most `MAX_WAIT`; absent: `None`. The stores'
+/// reads and the event log's read take it alike.
+pub(super) fn parse_wait(q: &std::collections::BTreeMap<String, String>) -> Result<Option<Duration>, ApiError> {
+    q.get("wait")
+        .map(|w| {
+            crate::config::parse_duration(w)
+                .map(|d| d.min(MAX_WAIT))
+                .map_err(|_| ApiError::BadRequest(format!("wait must be a duration such as 30s or 500ms, got {:?}", super::cut(w, 64))))
+        })
+        .transpose()
+}
+
 impl ReadArgs {
     fn parse(req: &Request<Incoming>) -> Result<ReadArgs, ApiError> {
         // Read as every other query parameter is (`parse_query`: percent-decoded, the last of
@@ -94,14 +106,7 @@ impl ReadArgs {
             Some("stale") => Consistency::Stale,
             Some(other) => return Err(ApiError::BadRequest(format!("unknown consistency {:?}", super::cut(other, 64)))),
         };
-        let wait = match q.get("wait") {
-            None => None,
-            Some(w) => Some(
-                crate::config::parse_duration(w)
-                    .map_err(|_| ApiError::BadRequest(format!("wait must be a duration such as 30s or 500ms, got {:?}", super::cut(w, 64))))?
-                    .min(MAX_WAIT),
-            ),
-        };
+        let wait = parse_wait(&q)?;
         let mut known = Vec::new();
         for line in req.headers().get_all(http::header::IF_NONE_MATCH) {
             let text = line.to_str().map_err(|_| ApiError::BadRequest("If-None-Match is not text".into()))?;
