@@ -1127,8 +1127,9 @@ impl SmShared {
         let start = s.cursor.max(first);
         if backlog.filter.as_ref() != Some(&s.decl.filter) || start < backlog.from || backlog.scanned > next || backlog.generation != d.subs_generation {
             // New to the caller, declared with another filter, or a state that went back (a
-            // snapshot installed in between), or maybe begun anew (dropped and declared again,
-            // registered): looked at afresh.
+            // snapshot installed in between), or begun anew (created, dropped and declared
+            // again, a non-durable one's cursor reset: `SmData::subs_generation`): looked at
+            // afresh.
             *backlog = Backlog { from: start, scanned: start, open: BTreeSet::new(), filter: Some(s.decl.filter.clone()), generation: d.subs_generation };
         }
         if start > backlog.from {
