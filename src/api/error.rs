@@ -128,7 +128,7 @@ impl From<RemoteError> for ApiError {
 impl From<ReplicaError> for ApiError {
     fn from(e: ReplicaError) -> Self {
         match e {
-            ReplicaError::Unavailable => ApiError::Unavailable(e.to_string()),
+            ReplicaError::Unavailable | ReplicaError::Undecided => ApiError::Unavailable(e.to_string()),
             ReplicaError::Forward { .. } => ApiError::BadGateway(e.to_string()),
             ReplicaError::Remote(r) => r.into(),
             ReplicaError::TooLarge { .. } => ApiError::Oversized(e.to_string()),

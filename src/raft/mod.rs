@@ -72,6 +72,11 @@ pub fn openraft_config(s: &RaftSettings) -> Result<Arc<RaftConfig>, openraft::Co
 pub enum ReplicaError {
     #[error("no leader or no quorum within the deadline")]
     Unavailable,
+    /// The deadline passed after the write was handed to a leader: it may still commit (a 503
+    /// like `Unavailable`, issue 1's contract for no quorum, but the client learns that a plain
+    /// retry may apply it twice).
+    #[error("no quorum within the deadline; the write reached the leader and may still commit (repeat it with the same Idempotency-Key, or read it back, to learn its outcome)")]
+    Undecided,
     #[error("leader {leader}: {source}")]
     Forward { leader: NodeId, source: PeerError },
     #[error("{0}")]
@@ -202,22 +207,35 @@ impl Replica {
         // Bounded: each pass either returns or waits (at least 20 ms) for a leader change, and
         // the deadline ends it (at most `--write-timeout-ms`, 5 minutes: about 1,400 passes). It
         // gave up after 64 passes, about 13 s, whatever the deadline.
+        // Whether any attempt may have been proposed (handed to this node's core, or delivered
+        // to a leader that did not say "not me"): from then on a deadline cannot say that
+        // nothing was, and the 503 tells the client so.
+        let mut reached = false;
+        let gave_up = |reached: bool| if reached { ReplicaError::Undecided } else { ReplicaError::Unavailable };
         for attempt in 0..4_096u32 {
-            let leader = self.wait_leader(deadline).await?;
+            let leader = self.wait_leader(deadline).await.map_err(|_| gave_up(reached))?;
             let outcome = if leader == self.id() {
-                tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await.map_err(|_| ReplicaError::Unavailable)?
+                reached = true;
+                tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await.map_err(|_| ReplicaError::Undecided)?
             } else {
                 let (tx, rx) = oneshot::channel();
                 if tokio::time::timeout_at(deadline, self.forward.send((cmd.clone(), tx, deadline))).await.is_err() {
-                    return Err(ReplicaError::Unavailable);
+                    return Err(gave_up(reached));
                 }
                 match tokio::time::timeout_at(deadline, rx).await {
-                    Err(_) => return Err(ReplicaError::Unavailable),
+                    // Perhaps still in the forwarder's queue, perhaps proposed: unknown.
+                    Err(_) => return Err(ReplicaError::Undecided),
                     Ok(Err(_)) => Err(RemoteError::Unavailable("forwarder stopped".into())),
                     Ok(Ok(Ok(r))) => Ok(r),
-                    Ok(Ok(Err(ForwardError::Remote(e)))) => Err(e),
-                    Ok(Ok(Err(ForwardError::Peer(PeerError::Timeout { .. })))) => return Err(ReplicaError::Unavailable),
+                    Ok(Ok(Err(ForwardError::Remote(e)))) => {
+                        // A leader that answered "not me" or "not served" proposed nothing;
+                        // any other refusal may have come after its proposal.
+                        reached |= !matches!(e, RemoteError::NotLeader { .. } | RemoteError::NotServed(_));
+                        Err(e)
+                    }
+                    Ok(Ok(Err(ForwardError::Peer(PeerError::Timeout { .. })))) => return Err(ReplicaError::Undecided),
                     Ok(Ok(Err(ForwardError::Peer(e)))) if e.not_delivered() || cmd.retry_safe() => {
+                        reached |= !e.not_delivered();
                         Err(RemoteError::Unavailable(e.to_string()))
                     }
                     Ok(Ok(Err(ForwardError::Peer(source)))) => return Err(ReplicaError::Forward { leader, source }),
@@ -230,14 +248,14 @@ impl Replica {
                     // Let the membership/leader view settle; bounded by the deadline.
                     let pause = Duration::from_millis(20 * u64::from(attempt.min(10) + 1));
                     if Instant::now() + pause >= deadline {
-                        return Err(ReplicaError::Unavailable);
+                        return Err(gave_up(reached));
                     }
                     tokio::time::sleep(pause).await;
                 }
                 Err(e) => return Err(ReplicaError::Remote(e)),
             }
         }
-        Err(ReplicaError::Unavailable)
+        Err(gave_up(reached))
     }
 
     /// Propose on this node, which must be the leader (serves forwarded writes too).

@@ -15,7 +15,8 @@ use crate::harness::CATCH_UP;
 /// The node's own write deadline is ~5-10 s; the 503 must come before this.
 const NO_QUORUM_ANSWER: Duration = Duration::from_secs(15);
 
-fn assert_write_unavailable(api: Api, what: &str) {
+/// Returns the 503's message.
+fn assert_write_unavailable(api: Api, what: &str) -> String {
     let start = Instant::now();
     let resp = api
         .put(&format!("no-quorum-{}", api.id), &json!({"what": what}))
@@ -30,6 +31,7 @@ fn assert_write_unavailable(api: Api, what: &str) {
     assert_json_error(&resp, 503, what);
     assert!(took < NO_QUORUM_ANSWER, "{what}: the 503 took {took:?}");
     eprintln!("[quorum] {what}: 503 after {took:?}");
+    resp.json().ok().and_then(|v| v["message"].as_str().map(str::to_owned)).unwrap_or_default()
 }
 
 #[test]
@@ -41,7 +43,8 @@ fn writes_without_quorum_fail_with_503() {
     for &f in &followers {
         c.kill(f);
     }
-    assert_write_unavailable(c.api(leader), "leader without followers");
+    let proposed = assert_write_unavailable(c.api(leader), "leader without followers");
+    assert!(proposed.contains("may still commit"), "the leader proposed it, so it may commit once a majority is back: {proposed:?}");
     // Its metrics still name it leader (nothing makes it step down): it must not say it serves.
     let not_ready = |id: u64, what: &str| {
         c.wait_for(&format!("node {id} ({what}) is not ready"), CATCH_UP, || match c.api(id).probe("/readyz")? {
@@ -71,7 +74,8 @@ fn writes_without_quorum_fail_with_503() {
             c.kill(id);
         }
     }
-    assert_write_unavailable(c.api(survivor), "follower without a leader");
+    let never_sent = assert_write_unavailable(c.api(survivor), "follower without a leader");
+    assert!(!never_sent.contains("may still commit"), "no leader took it: {never_sent:?}");
     // Its failed pre-votes change no vote: its metrics still name the lost leader.
     not_ready(survivor, "a follower without a leader");
 }
