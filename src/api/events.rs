@@ -220,8 +220,10 @@ pub async fn read(app: &App, query: Option<&str>) -> ApiResult {
             let _slot = app.long_polls.slot()?;
             let deadline = tokio::time::Instant::now() + wait;
             // When the log was last read: while events flow, a poll whose filter skips them
-            // reads the new ones at most every `POLL_RECHECK`, not at every entry applied.
-            let mut read_at = tokio::time::Instant::now();
+            // reads the new ones at most every `POLL_RECHECK`, not at every entry applied. The
+            // first wake reads at once: the event it waited for goes out as it is applied.
+            let now = tokio::time::Instant::now();
+            let mut read_at = now.checked_sub(POLL_RECHECK).unwrap_or(now);
             // Bounded by the deadline: each pass waits for an append, the deadline or the stop.
             loop {
                 // The stop and the deadline first: events flowing past the filter must not keep

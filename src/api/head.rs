@@ -16,6 +16,7 @@
 //! knowledge preface passes untouched, and the check costs one parse per connection.
 
 use std::io;
+use std::future::Future;
 use std::pin::Pin;
 use std::task::Context;
 use std::task::Poll;
@@ -39,6 +40,10 @@ const ALWAYS_JUDGED: usize = 2048;
 const MAX_HEADERS: usize = 100;
 /// Bytes read and dropped after a refusal at most (`State::Draining`).
 const MAX_DRAINED: usize = 1 << 20;
+/// How long after a refusal what the client still sends is read and dropped at most, as
+/// nginx's `lingering_timeout`: a client that keeps its socket open without sending holds the
+/// connection's place this long, not until the header timeout.
+const MAX_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
@@ -58,8 +63,8 @@ enum State {
     /// Refused and answered: what the client still sends is read and dropped (at most
     /// `MAX_DRAINED` bytes) until it closes, as nginx's lingering close does. Closed at once,
     /// a socket with unread bytes is reset, and a reset can cost the client the answer before
-    /// it has read it. `keep`'s header timeout bounds the wait.
-    Draining(usize),
+    /// it has read it. Ends at `MAX_LINGER` (the timer) too.
+    Draining(usize, Pin<Box<tokio::time::Sleep>>),
     /// Refused and answered: reads as closed.
     Refused,
     /// Past the first head: every byte passes.
@@ -224,7 +229,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
         let this = &mut *self;
         // Bounded: each pass either returns or moves the state on (gathering reads at least a
         // byte per pass, or returns; releasing and refusing end with their buffers, draining
-        // with `MAX_DRAINED`).
+        // with `MAX_DRAINED` or `MAX_LINGER`).
         loop {
             match &mut this.state {
                 State::Through => return Pin::new(&mut this.inner).poll_read(cx, out),
@@ -250,9 +255,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
                     if Pin::new(&mut this.inner).poll_flush(cx).is_pending() || Pin::new(&mut this.inner).poll_shutdown(cx).is_pending() {
                         return Poll::Pending;
                     }
-                    this.state = State::Draining(0);
+                    this.state = State::Draining(0, Box::pin(tokio::time::sleep(MAX_LINGER)));
                 }
-                State::Draining(dropped) => {
+                State::Draining(dropped, linger) => {
+                    if linger.as_mut().poll(cx).is_ready() {
+                        this.state = State::Refused;
+                        continue;
+                    }
                     let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
                     let mut buf = ReadBuf::uninit(&mut scratch);
                     match Pin::new(&mut this.inner).poll_read(cx, &mut buf) {
@@ -411,6 +420,23 @@ mod tests {
             assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{text}");
             assert!(text.contains("connection: close\r\n") && text.contains("\r\ndate: "), "{text}");
         }
+    }
+
+    /// A refused client that keeps its socket open and sends nothing more holds the connection
+    /// for `MAX_LINGER`, not until it closes.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_client_that_stays_silent_is_let_go_after_the_linger() {
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut server = FirstHead::new(server);
+        client.write_all(b"GARBAGE\r\n\r\n").await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut read = Vec::new();
+        server.read_to_end(&mut read).await.unwrap();
+        assert!(read.is_empty());
+        assert_eq!(started.elapsed(), MAX_LINGER, "ended by the linger, the client still open");
+        let mut back = vec![0; 1024];
+        let n = client.read(&mut back).await.unwrap();
+        assert!(back[..n].starts_with(b"HTTP/1.1 400 "), "{}", String::from_utf8_lossy(&back[..n]));
     }
 
     #[tokio::test]

@@ -440,6 +440,7 @@ impl Cluster {
                         let e = held_back.entry(id).or_insert((term, had));
                         *e = (*e).max((term, had));
                     }
+                    self.count_late_demotions(&mut unsure);
                     self.prune_held_back(&mut held_back);
                     unsure.retain(|id| held_back.contains_key(id));
                     self.demote_held_back(&held_back, &mut demoted, &mut unsure).await;
@@ -448,6 +449,7 @@ impl Cluster {
                     if self.is_member(self.replica.id()) {
                         self.was_member.store(true, Ordering::Relaxed);
                     }
+                    self.count_late_demotions(&mut unsure);
                     self.prune_held_back(&mut held_back);
                     let members: BTreeSet<NodeId> = self.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();
                     demoted.retain(|id, _| members.contains(id));
@@ -490,17 +492,34 @@ impl Cluster {
 
     /// Makes each voter that lost its log a learner (retried every tick while a quorum for the
     /// change is not reachable), noting each in `demoted` with the number of voters then.
+    /// Counts the demotions whose change committed after the call that asked for it had
+    /// failed (`unsure`). Before the held-back nodes are pruned: a node that caught up in the
+    /// same tick leaves them, though its demotion did happen.
+    fn count_late_demotions(&self, unsure: &mut BTreeSet<NodeId>) {
+        if unsure.is_empty() {
+            return;
+        }
+        let m = self.replica.metrics();
+        let membership = m.membership_config.membership();
+        if membership.get_joint_config().len() > 1 {
+            return;
+        }
+        unsure.retain(|&id| {
+            let learner = !membership.voter_ids().any(|v| v == id);
+            if learner {
+                metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
+                info!(id, "voter that lost its log is a learner now");
+            }
+            !learner
+        });
+    }
+
     async fn demote_held_back(&self, held_back: &BTreeMap<NodeId, (u64, u64)>, demoted: &mut BTreeMap<NodeId, usize>, unsure: &mut BTreeSet<NodeId>) {
         for &id in held_back.keys() {
             let m = self.replica.metrics();
             let membership = m.membership_config.membership();
             let voter = membership.voter_ids().any(|v| v == id);
             let joint = membership.get_joint_config().len() > 1;
-            if !joint && !voter && unsure.remove(&id) {
-                // Its change committed after the call that asked for it had failed.
-                metrics::counter!("raftbridge_raft_voters_held_back_total").increment(1);
-                info!(id, "voter that lost its log is a learner now");
-            }
             if joint || !voter {
                 continue;
             }
