@@ -305,8 +305,8 @@ pub struct Backlog {
     open: BTreeSet<u64>,
     /// The filter they were matched with.
     filter: Option<crate::broker::event::EventFilter>,
-    /// `SmData::subs_generation` when last looked at afresh.
-    generation: u64,
+    /// The subscription's `SubState::incarnation` when last looked at afresh.
+    incarnation: u64,
 }
 
 impl Backlog {
@@ -338,6 +338,18 @@ impl Backlog {
     }
 }
 
+/// A number each node gives a subscription's progress whenever it starts anew (`SubState::
+/// incarnation`). Node-local: not replicated, not in snapshots, and no part of the state's
+/// equality (two nodes number alike progress differently).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Incarnation(u64);
+
+impl PartialEq for Incarnation {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// A subscription's replicated progress.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SubState {
@@ -351,6 +363,14 @@ pub struct SubState {
     pub dead: VecDeque<DeadLetter>,
     /// Every-instance subscriptions: each node's next position.
     pub instances: BTreeMap<NodeId, u64>,
+    /// Moves (from `SmData::subs_generation`) whenever this progress starts anew: created
+    /// (again, after a drop), a registration resets a non-durable one's cursor, a snapshot is
+    /// installed. A delivery loop's `Backlog` remembers it and looks afresh once it moved: a
+    /// subscription dropped and declared again with its cursor where it was would otherwise keep
+    /// the old one's parked positions out of the walk for good. Per subscription, so one
+    /// subscription starting anew leaves the others' backlogs as they are.
+    #[serde(skip)]
+    pub incarnation: Incarnation,
 }
 
 /// A subscription's progress in counts (`SmShared::subscription_summary`).
@@ -468,12 +488,8 @@ pub struct SmData {
     pub clock_ms: u64,
     pub log: EventLog,
     pub subs: BTreeMap<String, SubState>,
-    /// Moves (on this node only: not replicated, not in snapshots) whenever a subscription's
-    /// progress starts anew: one is created or dropped, a registration resets a non-durable
-    /// one's cursor, a snapshot is installed. A
-    /// delivery loop's `Backlog` remembers it and is looked at afresh once it moved: a
-    /// subscription dropped and declared again with its cursor where it was would otherwise
-    /// keep the old one's parked positions out of the walk for good.
+    /// The last `SubState::incarnation` this node gave (on this node only: not replicated, not
+    /// in snapshots).
     #[serde(skip)]
     pub subs_generation: u64,
 }
@@ -595,6 +611,7 @@ impl SmData {
                     if !self.subs.contains_key(&sub.name) {
                         self.subs_generation += 1;
                     }
+                    let incarnation = Incarnation(self.subs_generation);
                     let state = self.subs.entry(sub.name.clone()).or_insert_with(|| SubState {
                         decl: sub.clone(),
                         cursor: start,
@@ -602,6 +619,7 @@ impl SmData {
                         attempts: BTreeMap::new(),
                         dead: VecDeque::new(),
                         instances: BTreeMap::new(),
+                        incarnation,
                     });
                     state.decl = sub.clone();
                     // Not durable: nothing is kept for it while no registration declares it.
@@ -614,6 +632,7 @@ impl SmData {
                             state.done.clear();
                             state.attempts.clear();
                             self.subs_generation += 1;
+                            state.incarnation = Incarnation(self.subs_generation);
                         }
                         if !sub.shared {
                             state.instances.insert(node, next);
@@ -655,10 +674,9 @@ impl SmData {
             }
             Command::DropSubscription { name } => {
                 let declared_by = self.declared_by(&name);
+                // Gone, its delivery loop's backlog with it; declared again, it gets a new
+                // incarnation.
                 let existed = if declared_by.is_empty() { self.subs.remove(&name).is_some() } else { self.subs.contains_key(&name) };
-                if existed && declared_by.is_empty() {
-                    self.subs_generation += 1;
-                }
                 CommandResult::SubscriptionDropped { existed, declared_by }
             }
             Command::IdemComplete { key, attempt, mut response } => {
@@ -1125,12 +1143,12 @@ impl SmShared {
         };
         let (first, next) = (d.log.first(), d.log.next);
         let start = s.cursor.max(first);
-        if backlog.filter.as_ref() != Some(&s.decl.filter) || start < backlog.from || backlog.scanned > next || backlog.generation != d.subs_generation {
+        if backlog.filter.as_ref() != Some(&s.decl.filter) || start < backlog.from || backlog.scanned > next || backlog.incarnation != s.incarnation.0 {
             // New to the caller, declared with another filter, or a state that went back (a
             // snapshot installed in between), or begun anew (created, dropped and declared
-            // again, a non-durable one's cursor reset: `SmData::subs_generation`): looked at
+            // again, a non-durable one's cursor reset: `SubState::incarnation`): looked at
             // afresh.
-            *backlog = Backlog { from: start, scanned: start, open: BTreeSet::new(), filter: Some(s.decl.filter.clone()), generation: d.subs_generation };
+            *backlog = Backlog { from: start, scanned: start, open: BTreeSet::new(), filter: Some(s.decl.filter.clone()), incarnation: s.incarnation.0 };
         }
         if start > backlog.from {
             // Settled below the cursor, or dropped by retention.
@@ -1641,7 +1659,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let mut d = write(&self.shared.data);
             self.shared.registry_rev.store(data.registry_revision, std::sync::atomic::Ordering::Release);
             let mut data = data;
-            data.subs_generation = d.subs_generation + 1;
+            data.subs_generation = d.subs_generation;
+            for sub in data.subs.values_mut() {
+                data.subs_generation += 1;
+                sub.incarnation = Incarnation(data.subs_generation);
+            }
             let old = std::mem::replace(&mut *d, data);
             self.shared.events_moved(d.log.next);
             // Sent even when the digest is equal: the maps are new, and a waiter compares them.
@@ -2751,6 +2773,22 @@ mod tests {
         assert_eq!(read(&sm.data).subs["sub"].cursor, first[0], "begun anew where the first one began");
         let got: Vec<u64> = sm.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
         assert_eq!(got, first, "both are pending again");
+    }
+
+    /// Another subscription created leaves a backlog as it was: its parked positions stay
+    /// parked (a global number looked at every backlog afresh, walking again what was in
+    /// flight).
+    #[test]
+    fn another_subscription_starting_anew_leaves_a_backlog_as_it_was() {
+        let sm = registered_and_published(1, one_subscription("sub"), events(2), LIMITS);
+        let mut backlog = Backlog::default();
+        let first: Vec<u64> = sm.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(first.len(), 2);
+        backlog.park(first[0]);
+        backlog.park(first[1]);
+        write(&sm.data).apply(10, Command::Register { node: 2, services: vec![one_subscription("other")] });
+        assert!(read(&sm.data).subs.contains_key("other"));
+        assert!(sm.pending("sub", 10, &mut backlog, |_| false).is_empty(), "both still parked");
     }
 
     /// A fresh backlog far behind scans the log a bounded stretch per call, in log order.
