@@ -62,6 +62,10 @@ pub enum NodeError {
         "data dir {path} belongs to node {stored}, not --id {given}; use that id or another data dir"
     )]
     IdMismatch { path: String, stored: u64, given: u64 },
+    /// Another process (or another run in this one) holds the data dir's lock: two nodes
+    /// writing one Raft log would each acknowledge what the other overwrites.
+    #[error("data dir {path} is in use by another running node ({holder}); stop it first, or give this node its own data dir")]
+    DataDirInUse { path: String, holder: String },
     #[error("bind {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error("raft config: {0}")]
@@ -182,11 +186,39 @@ fn note_reload(counter: &'static str, what: &'static str, asked: bool, outcome: 
     }
 }
 
-/// Check or record the node id in the data dir: a data dir belongs to one node id forever.
-fn claim_data_dir(dir: &Path, id: u64) -> Result<(), NodeError> {
+/// The data dir's lock file: held (`flock`, exclusive) for as long as a node runs on the dir,
+/// and it names the process that holds it.
+const LOCK_FILE: &str = "LOCK";
+
+/// Lock the data dir for this run (released when the returned file is dropped, at the end of
+/// `run`, or by the kernel when the process dies: a killed node leaves no stale lock), then
+/// check or record the node id in it: a data dir belongs to one node id forever.
+fn claim_data_dir(dir: &Path, id: u64) -> Result<std::fs::File, NodeError> {
     let path = dir.display().to_string();
     let ctx = |source| NodeError::DataDir { path: path.clone(), source };
     crate::fsutil::create_private_dir(dir).map_err(ctx)?;
+    let lock_path = dir.join(LOCK_FILE);
+    let mut lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path).map_err(ctx)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&lock_path).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+            return Err(NodeError::DataDirInUse { path, holder: holder.unwrap_or_else(|| "a process that has not named itself yet".into()) });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(ctx(e)),
+    }
+    {
+        use std::io::Write;
+        let me = format!("pid {} on node {id}\n", std::process::id());
+        lock.set_len(0).and_then(|()| lock.write_all(me.as_bytes())).map_err(ctx)?;
+    }
+    claim_node_id(dir, id)?;
+    Ok(lock)
+}
+
+fn claim_node_id(dir: &Path, id: u64) -> Result<(), NodeError> {
+    let path = dir.display().to_string();
+    let ctx = |source| NodeError::DataDir { path: path.clone(), source };
     match std::fs::read_to_string(dir.join("node_id")) {
         Ok(text) => {
             let stored: u64 = text.trim().parse().map_err(|_| {
@@ -232,7 +264,8 @@ pub async fn run(
         }
     };
     check_subscription_names(&services, cfg.sidecar.as_ref())?;
-    claim_data_dir(&cfg.data_dir, cfg.id)?;
+    // Held until `run` returns.
+    let _data_dir_lock = claim_data_dir(&cfg.data_dir, cfg.id)?;
     let tls = match &cfg.peer_tls {
         Some(files) => {
             let tls = PeerTls::load_for(&files.cert, &files.key, &files.ca, files.server_name.as_deref(), Some(cfg.id), files.require_node_id)?;
@@ -879,7 +912,7 @@ fn withhold_vote(unproven: &AtomicBool, seen_commit: &Mutex<(u64, u64)>, replica
     let vote = replica.raft.server_metrics().borrow_watched().vote;
     let last = replica.raft.data_metrics().borrow_watched().last_log;
     let seen = *seen_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    match vote_rule(&vote, last.as_ref(), req.last_log_id.as_ref(), seen) {
+    match vote_rule(replica.id(), &vote, last.as_ref(), req.last_log_id.as_ref(), seen) {
         VoteRule::BroughtUp => {
             unproven.store(false, Ordering::Relaxed);
             None
@@ -918,10 +951,18 @@ enum VoteRule {
 /// of that term at or past the index) holds, by log matching and leader completeness,
 /// everything this node could have acknowledged before: its vote is safe even while this node
 /// is not brought up itself (its leader gone before it caught up).
-fn vote_rule(vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>, seen: (u64, u64)) -> VoteRule {
+/// A node elected leader itself (`me`; a committed vote of its own and an entry of that term:
+/// the cluster's founder, which no other leader ever sent an append) is brought up too: a
+/// quorum found its log complete when it voted for it, and every entry it acknowledged since
+/// is its own. (Had it lost data that a quorum counted, it would have lost it at that election,
+/// not at a vote it gives later: any candidate it votes for must reach its leader's log.)
+fn vote_rule(me: NodeId, vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>, seen: (u64, u64)) -> VoteRule {
     let term = vote.leader_id().term;
     let (seen_term, seen_commit) = seen;
     if vote.is_committed() && seen_term == term && last.is_some_and(|l| l.committed_leader_id().term == term && l.index >= seen_commit) {
+        return VoteRule::BroughtUp;
+    }
+    if vote.is_committed() && vote.leader_id().node_id == me && last.is_some_and(|l| l.committed_leader_id().term == term) {
         return VoteRule::BroughtUp;
     }
     if candidate.is_none_or(|l| l.index == 0) {
@@ -1277,19 +1318,19 @@ mod tests {
         let id = |term: u64, index: u64| LogId::new(<TypeConfig as RaftTypeConfig>::LeaderId::new_committed(term, 1), index);
         let following_1 = Vote::new_committed(1, 1);
         let bootstrap = id(0, 0);
-        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&bootstrap), (0, 0)), VoteRule::Grant, "forming");
-        assert_eq!(vote_rule(&following_1, None, None, (0, 0)), VoteRule::Grant, "forming, no log yet");
-        assert_eq!(vote_rule(&following_1, Some(&bootstrap), Some(&id(1, 1)), (0, 0)), VoteRule::Withhold);
+        assert_eq!(vote_rule(9, &following_1, Some(&bootstrap), Some(&bootstrap), (0, 0)), VoteRule::Grant, "forming");
+        assert_eq!(vote_rule(9, &following_1, None, None, (0, 0)), VoteRule::Grant, "forming, no log yet");
+        assert_eq!(vote_rule(9, &following_1, Some(&bootstrap), Some(&id(1, 1)), (0, 0)), VoteRule::Withhold);
         let following_5 = Vote::new_committed(5, 2);
-        assert_eq!(vote_rule(&following_5, None, Some(&id(5, 10)), (0, 0)), VoteRule::Withhold, "may lack term-5 entries");
-        assert_eq!(vote_rule(&following_5, Some(&id(4, 40)), Some(&id(4, 90)), (0, 0)), VoteRule::Withhold);
-        assert_eq!(vote_rule(&Vote::new(5, 2), Some(&id(5, 41)), Some(&id(5, 41)), (0, 0)), VoteRule::Withhold, "never followed a leader");
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(4, 1)), (5, 41)), VoteRule::BroughtUp);
+        assert_eq!(vote_rule(9, &following_5, None, Some(&id(5, 10)), (0, 0)), VoteRule::Withhold, "may lack term-5 entries");
+        assert_eq!(vote_rule(9, &following_5, Some(&id(4, 40)), Some(&id(4, 90)), (0, 0)), VoteRule::Withhold);
+        assert_eq!(vote_rule(9, &Vote::new(5, 2), Some(&id(5, 41)), Some(&id(5, 41)), (0, 0)), VoteRule::Withhold, "never followed a leader");
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(4, 1)), (5, 41)), VoteRule::BroughtUp);
         // An entry of the leader's term below what the leader said was committed is not enough:
         // the node may have acknowledged entries up to there before it lost its data, and a
         // candidate without them (here one at 45 of term 4) must not win with its vote.
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(4, 45)), (5, 60)), VoteRule::Withhold);
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 60)), Some(&id(4, 45)), (5, 60)), VoteRule::BroughtUp);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(4, 45)), (5, 60)), VoteRule::Withhold);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 60)), Some(&id(4, 45)), (5, 60)), VoteRule::BroughtUp);
         // The first commit index of each higher term counts, not the latest: a follower a few
         // entries behind its leader at the next election is brought up all the same.
         let seen = Mutex::new((0, 0));
@@ -1301,9 +1342,14 @@ mod tests {
         // Not brought up (its leader went before it caught up), it may still vote for a
         // candidate that reaches what the leader said was committed: one with an entry of that
         // term at or past it, or of a later term; not one short of it.
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(5, 60)), (5, 60)), VoteRule::Grant);
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(6, 50)), (5, 60)), VoteRule::Grant);
-        assert_eq!(vote_rule(&following_5, Some(&id(5, 41)), Some(&id(5, 59)), (5, 60)), VoteRule::Withhold);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(5, 60)), (5, 60)), VoteRule::Grant);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(6, 50)), (5, 60)), VoteRule::Grant);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(5, 59)), (5, 60)), VoteRule::Withhold);
+        // Elected itself (the founder, which no leader ever sent an append): brought up once it
+        // holds an entry of its own term; not while only a candidate, nor before that entry.
+        assert_eq!(vote_rule(2, &following_5, Some(&id(5, 41)), Some(&id(4, 1)), (0, 0)), VoteRule::BroughtUp, "leads term 5");
+        assert_eq!(vote_rule(2, &Vote::new(5, 2), Some(&id(5, 41)), Some(&id(4, 1)), (0, 0)), VoteRule::Withhold, "only a candidate");
+        assert_eq!(vote_rule(2, &following_5, Some(&id(4, 40)), Some(&id(4, 1)), (0, 0)), VoteRule::Withhold, "no entry of its term yet");
     }
 
     #[test]

@@ -223,3 +223,20 @@ fn more_seeds_than_expected_bootstrap_only_the_expected_voters() {
     c.wait_for_membership(&[1, 2, 3], &[4, 5], FORMATION);
     c.wait_all_ready(CATCH_UP);
 }
+
+/// A second node started on a running node's data dir is refused at once, before it opens the
+/// Raft log (two processes on one log would each acknowledge what the other overwrites), and
+/// says which process holds it; the running node keeps serving.
+#[test]
+fn a_data_dir_in_use_by_a_running_node_is_refused() {
+    let (c, _) = Cluster::formed("dir-lock", 1, &[]);
+    let dir = c.dir().join("n1").display().to_string();
+    assert!(std::path::Path::new(&dir).join("node_id").exists(), "node 1's data dir is {dir}");
+    let args = ["node", "--id", "1", "--data-dir", &dir, "--peer-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--seeds", "127.0.0.1:9", "--bootstrap-expect", "1"];
+    let status = c.run_cli("second-on-n1", &args, Duration::from_secs(30));
+    assert!(!status.success(), "a second node on {dir} exited with {status}");
+    let log = std::fs::read_to_string(c.dir().join("second-on-n1.cli.log")).expect("its log");
+    assert!(log.contains("is in use by another running node (pid "), "{log}");
+    assert!(!log.contains("raft log opened"), "refused before the log is opened: {log}");
+    c.api(1).must_put("dir-lock/after", &json!({"still": "serving"}));
+}
