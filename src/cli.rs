@@ -125,8 +125,27 @@ fn runtime_builder(worker_threads: Option<u16>) -> tokio::runtime::Builder {
     }
 }
 
+/// The command line, where an env var set to the empty string counts as not given (compose's
+/// `${VAR:-}`): clap would take it as the value, which a number or boolean setting refuses.
+fn parse_cli() -> Cli {
+    use clap::CommandFactory;
+    use clap::FromArgMatches;
+    let matches = without_empty_env(Cli::command()).get_matches();
+    Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+}
+
+/// `cmd` and its subcommands with the env var of each setting whose var is empty taken away.
+fn without_empty_env(cmd: clap::Command) -> clap::Command {
+    let cmd = cmd.mut_args(|arg| {
+        let empty = arg.get_env().is_some_and(|name| std::env::var_os(name).is_some_and(|v| v.is_empty()));
+        if empty { arg.env(None::<&str>) } else { arg }
+    });
+    let subcommands: Vec<String> = cmd.get_subcommands().map(|c| c.get_name().to_owned()).collect();
+    subcommands.iter().fold(cmd, |cmd, name| cmd.mut_subcommand(name, without_empty_env))
+}
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_cli();
     init_tracing();
     // Before the runtime's threads start and before the node's memory grows (see the function).
     if let Err(e) = crate::process::disable_transparent_huge_pages() {

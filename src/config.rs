@@ -85,7 +85,10 @@ pub struct NodeArgs {
     #[arg(long, env = "RAFTBRIDGE_PEER_SOURCE_ADDR")]
     pub peer_source_addr: Option<std::net::IpAddr>,
     /// Comma-separated peer addresses of seed nodes (host:port; a DNS name may resolve to many).
+    /// In the file a list (`seeds = ["a:7400", "b:7400"]`) or, as the flag takes it, one
+    /// comma-separated string.
     #[arg(long, env = "RAFTBRIDGE_SEEDS", value_delimiter = ',')]
+    #[serde(default, deserialize_with = "list_or_commas")]
     pub seeds: Option<Vec<String>>,
     /// Form a new cluster once this many seeds (this node included) can be reached.
     #[arg(long, env = "RAFTBRIDGE_BOOTSTRAP_EXPECT")]
@@ -317,6 +320,21 @@ fn parse_error(path: &std::path::Path, text: &str, e: &toml::de::Error) -> Confi
         }
     }
     ConfigError::Parse { path: path.to_path_buf(), line, column, message }
+}
+
+/// A file's list setting: a list of strings, or one string of comma-separated items (how the
+/// flag and the env var take it).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrCommas {
+        List(Vec<String>),
+        Commas(String),
+    }
+    Ok(Option::<ListOrCommas>::deserialize(d)?.map(|v| match v {
+        ListOrCommas::List(list) => list,
+        ListOrCommas::Commas(text) => text.split(',').map(str::to_owned).collect(),
+    }))
 }
 
 impl NodeArgs {
@@ -753,6 +771,10 @@ mod tests {
         let cfg = args.resolve().unwrap();
         assert_eq!(cfg.id, 3);
         assert_eq!(cfg.seeds, vec!["a:1", "b:2"]);
+        let (dir2, path2) = config_file("id = 3\ndata_dir = \"/tmp/x\"\nseeds = \"a:1, b:2\"\n");
+        let text = NodeArgs { config: Some(path2), ..NodeArgs::default() }.resolve().unwrap();
+        assert_eq!(text.seeds, vec!["a:1", "b:2"], "one comma-separated string, as the flag takes it");
+        let _ = std::fs::remove_dir_all(dir2);
         assert_eq!(cfg.max_voters, 7, "the flag wins over the file");
         assert_eq!(cfg.max_body, 1 << 20);
         assert_eq!(cfg.publish_linger_ms, DEFAULT_PUBLISH_LINGER_MS);

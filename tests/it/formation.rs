@@ -239,4 +239,14 @@ fn a_data_dir_in_use_by_a_running_node_is_refused() {
     assert!(log.contains("is in use by another running node (pid "), "{log}");
     assert!(!log.contains("raft log opened"), "refused before the log is opened: {log}");
     c.api(1).must_put("dir-lock/after", &json!({"still": "serving"}));
+
+    // Killed, it leaves no lock behind: the node starts again on its dir. Empty env vars for a
+    // number, a boolean and a list count as not given (compose's `${VAR:-}`), as text ones do.
+    c.kill(1);
+    for key in ["RAFTBRIDGE_MAX_BODY", "RAFTBRIDGE_EXAMPLE_SERVICES", "RAFTBRIDGE_SEEDS", "RAFTBRIDGE_CLUSTER_NAME"] {
+        c.set_env(1, key, "");
+    }
+    c.restart(1);
+    c.wait_all_ready(CATCH_UP);
+    assert_eq!(c.api(1).get("dir-lock/after").expect("GET").json().expect("json"), json!({"still": "serving"}));
 }
