@@ -341,7 +341,8 @@ pub async fn run(
     info!(empty_log, founder, "raft state at start");
     let founder_log = log_store.clone();
     let reversions = Arc::new(crate::raft::network::Reversions::default());
-    let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone(), reversions: reversions.clone() }, log_store, sm)
+    let outsider = Arc::new(crate::raft::network::Outsider::default());
+    let raft = Raft::new(cfg.id, raft_cfg, Network { net: net.clone(), reversions: reversions.clone(), outsider: outsider.clone() }, log_store, sm)
         .await
         .map_err(|e| NodeError::Raft(e.to_string()))?;
     // The last step that can fail, before any loop starts: an application that runs the node
@@ -369,6 +370,7 @@ pub async fn run(
         replica.clone(),
         ClusterSettings { seeds: cfg.seeds.clone(), bootstrap_expect: cfg.bootstrap_expect, max_voters: cfg.max_voters },
         reversions,
+        outsider,
         founder_log.clone(),
         cluster_stop.clone(),
     );
@@ -905,6 +907,26 @@ fn note_commit(seen: &Mutex<(u64, u64)>, term: u64, commit: u64) {
     }
 }
 
+/// A vote or pre-vote from `from`, a node outside this member's settled membership: it was
+/// removed while it ran (no leader replicates to it any more, so it never learned it) and
+/// campaigns in vain; openraft would even grant its vote. Refused with `NOT_A_MEMBER`, which
+/// tells it to stop (`raft::network::Outsider`; it checks the claim against its own view, as a
+/// member whose view is old may not know a node that joined since). Not while this node's view
+/// says nothing of others: it is no member itself (forming a cluster, or removed too) or a
+/// change is half done.
+fn refuse_outsider(cluster: &Cluster, from: NodeId) -> Option<PeerResponse> {
+    if !cluster.is_outsider(from) {
+        return None;
+    }
+    metrics::counter!("raftbridge_raft_outsider_votes_refused_total").increment(1);
+    debug!(from, "refused a vote request from a node outside the membership");
+    Some(PeerResponse::Error(RemoteError::NotServed(format!(
+        "{}: node {from} is not in node {}'s membership (removed); stop it, or ask it to join again",
+        crate::raft::network::NOT_A_MEMBER,
+        cluster.id()
+    ))))
+}
+
 fn withhold_vote(unproven: &AtomicBool, seen_commit: &Mutex<(u64, u64)>, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
     if !unproven.load(Ordering::Relaxed) {
         return None;
@@ -1019,11 +1041,11 @@ impl Handler for PeerHandler {
             match req {
                 // Served by `appends` above; kept for an exhaustive match.
                 PeerRequest::AppendEntries(_) => fatal(&"append entries go through their lane"),
-                PeerRequest::Vote(r) => match withhold_vote(&unproven, &seen_commit, &replica, &r) {
+                PeerRequest::Vote(r) => match refuse_outsider(&cluster, from).or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r)) {
                     Some(refused) => refused,
                     None => raft.vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 },
-                PeerRequest::PreVote(r) => match withhold_vote(&unproven, &seen_commit, &replica, &r) {
+                PeerRequest::PreVote(r) => match refuse_outsider(&cluster, from).or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r)) {
                     Some(refused) => refused,
                     None => raft.pre_vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 },

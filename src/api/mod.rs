@@ -533,6 +533,8 @@ fn readyz(app: &App) -> ApiResult {
     }
     if app.cluster.ready() {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
+    } else if app.cluster.is_removed() {
+        Err(ApiError::Unavailable("removed from the cluster while it ran: stop this node, or ask it to join again".into()))
     } else {
         match app.cluster.apply_backlog() {
             behind if behind > crate::cluster::KEEP_UP_LAG => Err(ApiError::Unavailable(format!("catching up: {behind} entries of its log to apply"))),

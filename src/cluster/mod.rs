@@ -42,6 +42,7 @@ use crate::peer::message::RemoteError;
 use crate::raft::Replica;
 use crate::raft::log_store::Founding;
 use crate::raft::log_store::LogStore;
+use crate::raft::network::Outsider;
 use crate::raft::network::Reversions;
 use crate::raft::types::*;
 
@@ -146,6 +147,13 @@ pub struct Cluster {
     since: Instant,
     /// Followers whose log went back, as this node's replication saw them (when it leads).
     reversions: Arc<Reversions>,
+    /// Whether a member refused this node's vote as no member's (set by the vote calls, taken
+    /// by the membership task).
+    outsider: Arc<Outsider>,
+    /// Set by the membership task once this node knows it was removed while it ran (told so by
+    /// a member, and its own view agrees): it no longer campaigns and is not ready. Cleared if
+    /// it becomes a member again (a join).
+    removed: Arc<AtomicBool>,
     /// The node whose `AppendEntries` (a heartbeat or entries) arrived last, and when, in ms
     /// after `since` + 1 (0: none yet); written by the peer handler (`note_append`) as each
     /// arrives, read by `ready`.
@@ -179,7 +187,14 @@ const LEADERLESS_GRACE: Duration = Duration::from_secs(3);
 
 impl Cluster {
     /// Start the membership task, the address-book watcher and the bootstrap/join loop.
-    pub fn start(replica: Replica, settings: ClusterSettings, reversions: Arc<Reversions>, log: LogStore, shutdown: CancellationToken) -> Cluster {
+    pub fn start(
+        replica: Replica,
+        settings: ClusterSettings,
+        reversions: Arc<Reversions>,
+        outsider: Arc<Outsider>,
+        log: LogStore,
+        shutdown: CancellationToken,
+    ) -> Cluster {
         let (tx, rx) = mpsc::channel(QUEUE);
         let last_ready_ms = Arc::new(AtomicU64::new(0));
         let cluster = Cluster {
@@ -189,6 +204,8 @@ impl Cluster {
             last_ready_ms,
             since: Instant::now(),
             reversions,
+            outsider,
+            removed: Arc::new(AtomicBool::new(false)),
             append_from: Arc::new(AtomicU64::new(0)),
             append_ms: Arc::new(AtomicU64::new(0)),
             quorum_heard: Arc::new(std::sync::Mutex::new(None)),
@@ -245,7 +262,10 @@ impl Cluster {
         let m = rx.borrow_watched();
         let me = self.replica.id();
         let membership = m.membership_config.membership();
-        let member = membership.get_node(&me).is_some();
+        // A change under way that leaves this node out of the new voters (its removal, or a
+        // demotion) does not say it serves: a removed node never sees the change end.
+        let leaving = membership.get_joint_config().len() > 1 && membership.get_joint_config().last().is_some_and(|new| !new.contains(&me));
+        let member = membership.get_node(&me).is_some() && !leaving && !self.removed.load(Ordering::Relaxed);
         let Some(leader) = m.current_leader else { return false };
         let in_touch_for = self.replica.net.idle_timeout();
         let in_touch = if leader == me {
@@ -339,6 +359,61 @@ impl Cluster {
         )))
     }
 
+    pub fn id(&self) -> NodeId {
+        self.replica.id()
+    }
+
+    /// Whether `id` is outside this node's membership while this node is in it and no change
+    /// is half done: a node removed while it ran (`node::refuse_outsider`).
+    pub fn is_outsider(&self, id: NodeId) -> bool {
+        let rx = self.replica.raft.metrics();
+        let m = rx.borrow_watched();
+        let membership = m.membership_config.membership();
+        membership.get_joint_config().len() == 1 && membership.get_node(&self.replica.id()).is_some() && membership.get_node(&id).is_none()
+    }
+
+    /// Whether this node knows it was removed while it ran (`removed`).
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Relaxed)
+    }
+
+    /// The membership task's tick: members told this node that it is no member (`Outsider`).
+    /// `told` gathers who said so under this node's view of the membership (its log id), and is
+    /// believed once more than half of the other voters of that view's newest configuration
+    /// with this node in it did. That view was committed with a majority of its voters holding it, so fewer than
+    /// that may lag behind it (at an older membership without this node, if it joined since);
+    /// more than half of the others refusing means they hold a newer membership without it.
+    /// Then its elections stop (`elect(false)`), until its view of the membership moves (asked
+    /// to join again, it is sent the log).
+    fn note_outsider(&self, told: &mut (Option<LogId>, BTreeSet<NodeId>)) {
+        let me = self.replica.id();
+        let (view, others) = {
+            let rx = self.replica.raft.metrics();
+            let m = rx.borrow_watched();
+            let membership = m.membership_config.membership();
+            // The newest configuration that has this node as a voter (the older half of a
+            // change that removes it, which it may have seen begin).
+            let mine = membership.get_joint_config().iter().rev().find(|c| c.contains(&me));
+            let others: BTreeSet<NodeId> = mine.map(|c| c.iter().copied().filter(|&v| v != me).collect()).unwrap_or_default();
+            (*m.membership_config.log_id(), others)
+        };
+        if told.0 != view {
+            *told = (view, BTreeSet::new());
+            if self.removed.swap(false, Ordering::Relaxed) {
+                self.replica.raft.runtime_config().elect(true);
+                metrics::gauge!("raftbridge_node_removed").set(0.0);
+                info!("this node's membership moved on: it campaigns again as its membership says");
+            }
+        }
+        told.1.extend(self.outsider.take().into_iter().filter(|id| others.contains(id)));
+        if !others.is_empty() && told.1.len() * 2 > others.len() && !self.removed.swap(true, Ordering::Relaxed) {
+            self.replica.raft.runtime_config().elect(false);
+            metrics::gauge!("raftbridge_node_removed").set(1.0);
+            warn!(told_by = ?told.1, "this node was removed from the cluster while it ran: it stops campaigning and takes no work; \
+                stop it, or ask it to join again");
+        }
+    }
+
     /// Whether `id` is in this node's view of the membership (voter or learner). Routing and
     /// delivery ask it too: a node removed while it runs keeps its registrations and may link
     /// to its old peers again, but takes no work.
@@ -417,19 +492,29 @@ impl Cluster {
         // commit later (it used to be counted only when the call itself succeeded). Kept to
         // the nodes held back, and cleared while this node does not lead.
         let mut unsure: BTreeSet<NodeId> = BTreeSet::new();
+        // Members that refused this node's votes as no member's, under which view of the
+        // membership (`note_outsider`).
+        let mut told_outsider: (Option<LogId>, BTreeSet<NodeId>) = (None, BTreeSet::new());
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 change = rx.recv() => match change {
                     // Unreachable while this task runs: its own `Cluster` holds a sender.
                     None => return,
+                    // A join leaves a demoted voter demoted: a restarted one asks to join at its
+                    // address at every start, and a second process started under its id asks to
+                    // move it (refused); either made the leader forget the demotion, and with it
+                    // the promotion back of the only learner of a two-voter cluster. A node no
+                    // longer a member is forgotten at the tick.
                     Some(Change::Join { id, addr, reply }) => {
-                        demoted.remove(&id);
                         let _ = reply.send(self.apply_join(id, addr).await);
                     }
                     Some(Change::Remove { id, reply }) => {
-                        demoted.remove(&id);
-                        let _ = reply.send(self.apply_remove(id).await);
+                        let removed = self.apply_remove(id).await;
+                        if removed.is_ok() {
+                            demoted.remove(&id);
+                        }
+                        let _ = reply.send(removed);
                     }
                 },
                 _ = reversions.found() => {
@@ -449,6 +534,7 @@ impl Cluster {
                     if self.is_member(self.replica.id()) {
                         self.was_member.store(true, Ordering::Relaxed);
                     }
+                    self.note_outsider(&mut told_outsider);
                     self.count_late_demotions(&mut unsure);
                     self.prune_held_back(&mut held_back);
                     let members: BTreeSet<NodeId> = self.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();

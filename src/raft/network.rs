@@ -42,6 +42,7 @@ use crate::peer::PeerNet;
 use crate::peer::frame::features;
 use crate::peer::message::PeerRequest;
 use crate::peer::message::PeerResponse;
+use crate::peer::message::RemoteError;
 use crate::raft::types::*;
 
 /// Bytes of snapshot per frame at most (well under the default 16 MiB frame bound); less to a
@@ -101,6 +102,30 @@ fn lane_takes(held: usize, bytes: usize) -> bool {
 pub struct Network {
     pub net: Arc<PeerNet>,
     pub reversions: Arc<Reversions>,
+    pub outsider: Arc<Outsider>,
+}
+
+/// How a member refuses a vote or pre-vote from a node outside its membership (`node`): the
+/// message starts with this.
+pub const NOT_A_MEMBER: &str = "not a member of this cluster";
+
+/// Which members told this node that it is no member: it was removed while it ran. No leader
+/// replicates to a removed node, so it may never learn the change from its log (not even its
+/// first half), and campaigns in vain every election timeout (openraft would even grant its
+/// votes). Noted by this node's vote calls when a member refuses one so; the membership task
+/// takes them and believes them once a majority of the other voters it knows said so
+/// (`Cluster`), then stops this node's elections.
+#[derive(Default)]
+pub struct Outsider {
+    /// Members that said so since the membership task last looked; one entry per member.
+    told_by: Mutex<std::collections::BTreeSet<NodeId>>,
+}
+
+impl Outsider {
+    /// The members that said so since the last call.
+    pub fn take(&self) -> std::collections::BTreeSet<NodeId> {
+        std::mem::take(&mut *lock(&self.told_by))
+    }
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -108,7 +133,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
         self.net.set_peer_addr(target, &node.addr);
-        PeerClient { target, net: self.net.clone(), reversions: self.reversions.clone() }
+        PeerClient { target, net: self.net.clone(), reversions: self.reversions.clone(), outsider: self.outsider.clone() }
     }
 }
 
@@ -195,6 +220,7 @@ pub struct PeerClient {
     target: NodeId,
     net: Arc<PeerNet>,
     reversions: Arc<Reversions>,
+    outsider: Arc<Outsider>,
 }
 
 impl PeerClient {
@@ -431,6 +457,21 @@ fn trim_to_frame(entries: &mut Vec<Entry>, budget: usize) -> Option<LogId> {
     entries.last().map(|e| e.log_id)
 }
 
+impl PeerClient {
+    /// A vote's answer; a refusal because this node is no member is noted (`Outsider`).
+    fn vote_answer(&self, resp: Result<PeerResponse, PeerError>) -> Result<VoteResponse, RPCError> {
+        if let Ok(PeerResponse::Error(RemoteError::NotServed(m))) = &resp {
+            if m.starts_with(NOT_A_MEMBER) {
+                lock(&self.outsider.told_by).insert(self.target);
+            }
+        }
+        match self.rpc_result(resp, RPCTypes::Vote)? {
+            PeerResponse::Vote(r) => Ok(r),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
 fn unexpected(resp: &PeerResponse) -> RPCError {
     let e = std::io::Error::other(format!("unexpected response {resp:?}"));
     RPCError::Network(NetworkError::new(&e))
@@ -502,17 +543,13 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     }
 
     async fn vote(&mut self, rpc: VoteRequest, option: RPCOption) -> Result<VoteResponse, RPCError> {
-        match self.call(PeerRequest::Vote(rpc), RPCTypes::Vote, option.hard_ttl()).await? {
-            PeerResponse::Vote(r) => Ok(r),
-            other => Err(unexpected(&other)),
-        }
+        let resp = self.net.request(self.target, &PeerRequest::Vote(rpc), option.hard_ttl()).await;
+        self.vote_answer(resp)
     }
 
     async fn pre_vote(&mut self, rpc: VoteRequest, option: RPCOption) -> Result<VoteResponse, RPCError> {
-        match self.call(PeerRequest::PreVote(rpc), RPCTypes::Vote, option.hard_ttl()).await? {
-            PeerResponse::Vote(r) => Ok(r),
-            other => Err(unexpected(&other)),
-        }
+        let resp = self.net.request(self.target, &PeerRequest::PreVote(rpc), option.hard_ttl()).await;
+        self.vote_answer(resp)
     }
 
     async fn transfer_leader(
@@ -801,7 +838,7 @@ mod tests {
         // Any exchange sets the link up, and with it the follower's features.
         let _ = leader.request(2, &PeerRequest::Status, Duration::from_secs(5)).await;
         assert_ne!(leader.features(2) & features::ORDERED_APPENDS, 0, "this build announces ordered appends");
-        (PeerClient { target: 2, net: leader, reversions: Default::default() }, seen, stop)
+        (PeerClient { target: 2, net: leader, reversions: Default::default(), outsider: Default::default() }, seen, stop)
     }
 
     fn appends(n: u64) -> Vec<AppendEntriesRequest> {
@@ -973,7 +1010,7 @@ mod tests {
             election_max_ms: 600,
             snapshot_threshold: 10_000,
         };
-        let raft = Raft::new(3, crate::raft::openraft_config(&settings).unwrap(), Network { net, reversions: Default::default() }, log, sm).await.unwrap();
+        let raft = Raft::new(3, crate::raft::openraft_config(&settings).unwrap(), Network { net, reversions: Default::default(), outsider: Default::default() }, log, sm).await.unwrap();
         let lanes = AppendLanes::new(raft.clone());
         let append = |i: u64| AppendEntriesRequest {
             vote: Vote::new_committed(1, 1),

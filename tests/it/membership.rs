@@ -562,6 +562,20 @@ fn a_removed_node_that_still_runs_does_not_hold_up_a_join() {
         503 => Ok(()),
         code => Err(format!("/readyz {code}")),
     });
+    // Its pre-votes are refused as a non-member's, which tells it: it says so and campaigns no
+    // more (it used to pre-vote every election timeout for as long as it ran).
+    c.wait_for(&format!("the removed node {victim} learns it was removed"), CATCH_UP, || {
+        let r = c.api(victim).request("GET", "/readyz", &[], b"").map_err(|e| e.to_string())?;
+        let message = r.json().ok().and_then(|v| v["message"].as_str().map(str::to_owned)).unwrap_or_default();
+        if r.status == 503 && message.contains("removed from the cluster") { Ok(()) } else { Err(format!("/readyz {}", r.describe())) }
+    });
+    let refused = || -> f64 { remaining.iter().map(|&id| c.api(id).metric("raftbridge_raft_outsider_votes_refused_total", &[]).unwrap_or(0.0)).sum() };
+    let before = refused();
+    assert!(before >= 1.0, "a member refused its vote as an outsider's");
+    c.assert_stays("the removed node campaigns no more", Duration::from_secs(5), || {
+        let now = refused();
+        if now == before { Ok(()) } else { Err(format!("{} more votes refused", now - before)) }
+    });
 
     let joiner = c.add_node(&[victim, via]);
     c.wait_for(&format!("node {joiner} joins through its second seed"), crate::harness::FORMATION, || {
