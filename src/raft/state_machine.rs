@@ -2556,7 +2556,7 @@ mod tests {
                 drop(d);
                 let limit = rng.usize(1..12);
                 let salt = rng.u64(..);
-                let skip = |p: u64| (p ^ salt) % 5 == 0 || parked.contains(&p);
+                let skip = |p: u64| (p ^ salt).is_multiple_of(5) || parked.contains(&p);
                 let expected = pending_by_walking(&read(&sm.data), "sub", limit, skip);
                 let got: Vec<u64> = sm.pending("sub", limit, &mut backlog, skip).iter().map(|(e, _)| e.position).collect();
                 assert_eq!(got, expected, "seed {seed}, round {round}");
