@@ -190,22 +190,40 @@ fn note_reload(counter: &'static str, what: &'static str, asked: bool, outcome: 
 /// and it names the process that holds it.
 const LOCK_FILE: &str = "LOCK";
 
+/// How long a node waits for the data dir's lock before it gives up: a process killed just
+/// before (`kill -9` and a restart at once, one stuck in uninterruptible I/O) lets it go when it
+/// has ended.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// Lock the data dir for this run (released when the returned file is dropped, at the end of
 /// `run`, or by the kernel when the process dies: a killed node leaves no stale lock), then
-/// check or record the node id in it: a data dir belongs to one node id forever.
-fn claim_data_dir(dir: &Path, id: u64) -> Result<std::fs::File, NodeError> {
+/// check or record the node id in it: a data dir belongs to one node id forever. A filesystem
+/// without `flock` (some NFS and FUSE mounts) runs without the lock, with a warning.
+async fn claim_data_dir(dir: &Path, id: u64) -> Result<std::fs::File, NodeError> {
     let path = dir.display().to_string();
     let ctx = |source| NodeError::DataDir { path: path.clone(), source };
     crate::fsutil::create_private_dir(dir).map_err(ctx)?;
     let lock_path = dir.join(LOCK_FILE);
     let mut lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&lock_path).map_err(ctx)?;
-    match lock.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let holder = std::fs::read_to_string(&lock_path).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
-            return Err(NodeError::DataDirInUse { path, holder: holder.unwrap_or_else(|| "a process that has not named itself yet".into()) });
+    let deadline = tokio::time::Instant::now() + LOCK_WAIT;
+    // Bounded by the deadline: a pass every 200 ms.
+    loop {
+        match lock.try_lock() {
+            Ok(()) => break,
+            Err(std::fs::TryLockError::WouldBlock) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&lock_path).ok().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty());
+                return Err(NodeError::DataDirInUse { path, holder: holder.unwrap_or_else(|| "a process that has not named itself yet".into()) });
+            }
+            Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(37) => {
+                // 37: ENOLCK on Linux (an NFS mount without a lock manager).
+                warn!(path = %lock_path.display(), cause = %e, "the data dir's filesystem takes no lock: nothing keeps a second node off this data dir");
+                break;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(ctx(e)),
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(ctx(e)),
     }
     {
         use std::io::Write;
@@ -265,7 +283,7 @@ pub async fn run(
     };
     check_subscription_names(&services, cfg.sidecar.as_ref())?;
     // Held until `run` returns.
-    let _data_dir_lock = claim_data_dir(&cfg.data_dir, cfg.id)?;
+    let _data_dir_lock = claim_data_dir(&cfg.data_dir, cfg.id).await?;
     let tls = match &cfg.peer_tls {
         Some(files) => {
             let tls = PeerTls::load_for(&files.cert, &files.key, &files.ca, files.server_name.as_deref(), Some(cfg.id), files.require_node_id)?;
@@ -914,8 +932,8 @@ fn note_commit(seen: &Mutex<(u64, u64)>, term: u64, commit: u64) {
 /// member whose view is old may not know a node that joined since). Not while this node's view
 /// says nothing of others: it is no member itself (forming a cluster, or removed too) or a
 /// change is half done.
-fn refuse_outsider(cluster: &Cluster, from: NodeId) -> Option<PeerResponse> {
-    if !cluster.is_outsider(from) {
+fn refuse_outsider(cluster: &Cluster, from: NodeId, req: &VoteRequest) -> Option<PeerResponse> {
+    if !cluster.is_outsider(from, req.last_log_id.as_ref()) {
         return None;
     }
     metrics::counter!("raftbridge_raft_outsider_votes_refused_total").increment(1);
@@ -984,7 +1002,7 @@ fn vote_rule(me: NodeId, vote: &Vote, last: Option<&LogId>, candidate: Option<&L
     if vote.is_committed() && seen_term == term && last.is_some_and(|l| l.committed_leader_id().term == term && l.index >= seen_commit) {
         return VoteRule::BroughtUp;
     }
-    if vote.is_committed() && vote.leader_id().node_id == me && last.is_some_and(|l| l.committed_leader_id().term == term) {
+    if term > 0 && vote.is_committed() && vote.leader_id().node_id == me && last.is_some_and(|l| l.committed_leader_id().term == term) {
         return VoteRule::BroughtUp;
     }
     if candidate.is_none_or(|l| l.index == 0) {
@@ -1041,11 +1059,11 @@ impl Handler for PeerHandler {
             match req {
                 // Served by `appends` above; kept for an exhaustive match.
                 PeerRequest::AppendEntries(_) => fatal(&"append entries go through their lane"),
-                PeerRequest::Vote(r) => match refuse_outsider(&cluster, from).or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r)) {
+                PeerRequest::Vote(r) => match refuse_outsider(&cluster, from, &r).or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r)) {
                     Some(refused) => refused,
                     None => raft.vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 },
-                PeerRequest::PreVote(r) => match refuse_outsider(&cluster, from).or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r)) {
+                PeerRequest::PreVote(r) => match refuse_outsider(&cluster, from, &r).or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r)) {
                     Some(refused) => refused,
                     None => raft.pre_vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 },

@@ -262,9 +262,11 @@ impl Cluster {
         let m = rx.borrow_watched();
         let me = self.replica.id();
         let membership = m.membership_config.membership();
-        // A change under way that leaves this node out of the new voters (its removal, or a
-        // demotion) does not say it serves: a removed node never sees the change end.
-        let leaving = membership.get_joint_config().len() > 1 && membership.get_joint_config().last().is_some_and(|new| !new.contains(&me));
+        // A change under way that leaves this voter out of the new voters (its removal, or a
+        // demotion) does not say it serves: a removed node never sees the change end. (Learners
+        // are in no half: a change of voters leaves them as they are.)
+        let joint = membership.get_joint_config();
+        let leaving = joint.len() > 1 && joint.iter().any(|c| c.contains(&me)) && joint.last().is_some_and(|new| !new.contains(&me));
         let member = membership.get_node(&me).is_some() && !leaving && !self.removed.load(Ordering::Relaxed);
         let Some(leader) = m.current_leader else { return false };
         let in_touch_for = self.replica.net.idle_timeout();
@@ -363,13 +365,19 @@ impl Cluster {
         self.replica.id()
     }
 
-    /// Whether `id` is outside this node's membership while this node is in it and no change
-    /// is half done: a node removed while it ran (`node::refuse_outsider`).
-    pub fn is_outsider(&self, id: NodeId) -> bool {
+    /// Whether `id`, a candidate whose log ends at `its_last`, is outside this node's membership
+    /// while this node is in it and no change is half done, and its log is behind the entry of
+    /// that membership: a node removed while it ran, which never received the entry that
+    /// dropped it (`node::refuse_outsider`). A candidate whose log reaches that entry knows
+    /// more than this node (a member that lags behind the entry that added it): not refused.
+    pub fn is_outsider(&self, id: NodeId, its_last: Option<&LogId>) -> bool {
         let rx = self.replica.raft.metrics();
         let m = rx.borrow_watched();
         let membership = m.membership_config.membership();
-        membership.get_joint_config().len() == 1 && membership.get_node(&self.replica.id()).is_some() && membership.get_node(&id).is_none()
+        membership.get_joint_config().len() == 1
+            && membership.get_node(&self.replica.id()).is_some()
+            && membership.get_node(&id).is_none()
+            && its_last < m.membership_config.log_id().as_ref()
     }
 
     /// Whether this node knows it was removed while it ran (`removed`).
@@ -397,6 +405,8 @@ impl Cluster {
             let others: BTreeSet<NodeId> = mine.map(|c| c.iter().copied().filter(|&v| v != me).collect()).unwrap_or_default();
             (*m.membership_config.log_id(), others)
         };
+        // Taken first: what was said under an older view is not counted under the new one.
+        let said = self.outsider.take();
         if told.0 != view {
             *told = (view, BTreeSet::new());
             if self.removed.swap(false, Ordering::Relaxed) {
@@ -404,8 +414,9 @@ impl Cluster {
                 metrics::gauge!("raftbridge_node_removed").set(0.0);
                 info!("this node's membership moved on: it campaigns again as its membership says");
             }
+        } else {
+            told.1.extend(said.into_iter().filter(|id| others.contains(id)));
         }
-        told.1.extend(self.outsider.take().into_iter().filter(|id| others.contains(id)));
         if !others.is_empty() && told.1.len() * 2 > others.len() && !self.removed.swap(true, Ordering::Relaxed) {
             self.replica.raft.runtime_config().elect(false);
             metrics::gauge!("raftbridge_node_removed").set(1.0);

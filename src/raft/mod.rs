@@ -111,6 +111,9 @@ enum ForwardError {
     Peer(PeerError),
 }
 
+/// `write_local`'s refusal when the core stopped before the write: nothing was proposed.
+const CORE_STOPPED: &str = "this node's raft has stopped";
+
 /// Writes forwarded per frame at most.
 const FORWARD_BATCH: usize = 512;
 /// Writes waiting to be forwarded at most (callers wait beyond it: backpressure).
@@ -215,8 +218,15 @@ impl Replica {
         for attempt in 0..4_096u32 {
             let leader = self.wait_leader(deadline).await.map_err(|_| gave_up(reached))?;
             let outcome = if leader == self.id() {
-                reached = true;
-                tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await.map_err(|_| ReplicaError::Undecided)?
+                let outcome = tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await.map_err(|_| ReplicaError::Undecided)?;
+                // "Not the leader" (openraft refuses before appending) and a stopped core
+                // proposed nothing; any other refusal may have come after the proposal.
+                reached |= match &outcome {
+                    Ok(_) | Err(RemoteError::NotLeader { .. }) | Err(RemoteError::NotServed(_)) => false,
+                    Err(RemoteError::Unavailable(m)) => !m.starts_with(CORE_STOPPED),
+                    Err(_) => true,
+                };
+                outcome
             } else {
                 let (tx, rx) = oneshot::channel();
                 if tokio::time::timeout_at(deadline, self.forward.send((cmd.clone(), tx, deadline))).await.is_err() {
@@ -262,7 +272,7 @@ impl Replica {
     pub async fn write_local(&self, cmd: Command) -> Result<(u64, CommandResult), RemoteError> {
         // Stopped before this write: it cannot reach the core, so any node may take it instead.
         if self.core_is_stopped() {
-            return Err(RemoteError::Unavailable("this node's raft has stopped".into()));
+            return Err(RemoteError::Unavailable(CORE_STOPPED.into()));
         }
         let retry_safe = cmd.retry_safe();
         match self.raft.client_write(cmd).await {
