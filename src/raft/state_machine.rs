@@ -2750,19 +2750,26 @@ mod tests {
         assert_eq!(got, vec![first[1]], "the `f` event is not handed out under a filter for `e`");
     }
 
+    /// A state machine with subscription `sub` and two events, both handed out from `backlog`
+    /// (parked while in flight).
+    fn two_events_parked(sub: &str) -> (SmShared, Backlog, Vec<u64>) {
+        let sm = registered_and_published(1, one_subscription(sub), events(2), LIMITS);
+        let mut backlog = Backlog::default();
+        let first: Vec<u64> = sm.pending(sub, 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(first.len(), 2);
+        backlog.park(first[0]);
+        backlog.park(first[1]);
+        (sm, backlog, first)
+    }
+
     /// A position parked while in flight comes back when its subscription is dropped and
     /// declared again, even with the cursor where it was: its ack, applied while the
     /// subscription was gone, settled nothing, and the new subscription must hand it out.
     #[test]
     fn a_subscription_dropped_and_declared_again_is_looked_at_afresh() {
-        let sm = registered_and_published(1, one_subscription("sub"), events(2), LIMITS);
-        let mut backlog = Backlog::default();
-        let first: Vec<u64> = sm.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
-        assert_eq!(first.len(), 2);
         // Both handed out (parked while in flight); the node stops declaring it, it is dropped,
         // one ack lands in between, and the node declares it again.
-        backlog.park(first[0]);
-        backlog.park(first[1]);
+        let (sm, mut backlog, first) = two_events_parked("sub");
         {
             let mut d = write(&sm.data);
             d.apply(10, Command::Register { node: 1, services: vec![] });
@@ -2780,12 +2787,7 @@ mod tests {
     /// flight).
     #[test]
     fn another_subscription_starting_anew_leaves_a_backlog_as_it_was() {
-        let sm = registered_and_published(1, one_subscription("sub"), events(2), LIMITS);
-        let mut backlog = Backlog::default();
-        let first: Vec<u64> = sm.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
-        assert_eq!(first.len(), 2);
-        backlog.park(first[0]);
-        backlog.park(first[1]);
+        let (sm, mut backlog, _) = two_events_parked("sub");
         write(&sm.data).apply(10, Command::Register { node: 2, services: vec![one_subscription("other")] });
         assert!(read(&sm.data).subs.contains_key("other"));
         assert!(sm.pending("sub", 10, &mut backlog, |_| false).is_empty(), "both still parked");
