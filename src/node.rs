@@ -467,6 +467,14 @@ pub async fn run(
     // The handler holds the node's parts, which hold `net`: the cycle is cut when the run ends
     // (returns or is dropped), once its links are down.
     let _clear_handler = ClearHandler(net.clone());
+    let unproven = Arc::new(AtomicBool::new(unproven));
+    let seen_commit = Arc::new(Mutex::new((0, 0)));
+    if unproven.load(Ordering::Relaxed) {
+        replica.raft.runtime_config().elect(false);
+        info!("this node started with an empty log: it neither votes nor campaigns until a leader has brought it up to date, or it founds a cluster");
+        // Ends once the node is proven (`spawn`: a return is no failure), or with the run.
+        crate::supervise::spawn("unproven", prove(replica.clone(), founder_log.clone(), unproven.clone(), seen_commit.clone(), run_stop.child_token()));
+    }
     net.set_handler(Arc::new(PeerHandler {
         replica: replica.clone(),
         cluster: cluster.clone(),
@@ -475,8 +483,8 @@ pub async fn run(
         broker: broker.clone(),
         snapshots: Arc::new(Snapshots { assembling: Mutex::new(HashMap::new()), cap: cfg.snapshot_cap() }),
         appends: appends.clone(),
-        unproven: Arc::new(AtomicBool::new(unproven)),
-        seen_commit: Arc::new(Mutex::new((0, 0))),
+        unproven,
+        seen_commit,
         log: founder_log,
         raft_seen: Arc::new(AtomicBool::new(false)),
     }));
@@ -943,6 +951,40 @@ fn refuse_outsider(cluster: &Cluster, from: NodeId, req: &VoteRequest) -> Option
         crate::raft::network::NOT_A_MEMBER,
         cluster.id()
     ))))
+}
+
+/// While this node is unproven (`withhold_vote`), its elections are off too: a candidate votes
+/// for itself, and its vote is what is in doubt (a node whose data was lost, elected with the
+/// vote of another that lacks an entry both had acknowledged, would lose it). They go on once
+/// it is brought up (an append of its leader's term that reaches the commit index that leader
+/// first told it: `vote_rule`), marked a founder (`found`), or claimed the log to found a
+/// cluster itself (its bootstrap, which needs its election). Looked at every 200 ms: the
+/// rule's inputs change with appends, and an election waits that long anyway.
+async fn prove(replica: Replica, log: LogStore, unproven: Arc<AtomicBool>, seen_commit: Arc<Mutex<(u64, u64)>>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // Bounded by the stop, and ends once the node is proven.
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if unproven.load(Ordering::Relaxed) {
+            let proven = log.claimed_founding() || {
+                let vote = replica.raft.server_metrics().borrow_watched().vote;
+                let last = replica.raft.data_metrics().borrow_watched().last_log;
+                let seen = *seen_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                vote_rule(replica.id(), &vote, last.as_ref(), None, seen) == VoteRule::BroughtUp
+            };
+            if proven {
+                unproven.store(false, Ordering::Relaxed);
+            }
+        }
+        if !unproven.load(Ordering::Relaxed) {
+            replica.raft.runtime_config().elect(true);
+            info!("this node's log is proven (brought up to date, or a founder's): it votes and campaigns as a voter does");
+            return;
+        }
+    }
 }
 
 fn withhold_vote(unproven: &AtomicBool, seen_commit: &Mutex<(u64, u64)>, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {

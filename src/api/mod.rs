@@ -533,7 +533,7 @@ fn readyz(app: &App) -> ApiResult {
     }
     if app.cluster.ready() {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
-    } else if app.cluster.is_removed() {
+    } else if app.cluster.is_removed() || (app.cluster.was_member() && !app.cluster.is_member(app.cluster.id())) {
         Err(ApiError::Unavailable("removed from the cluster while it ran: stop this node, or ask it to join again".into()))
     } else {
         match app.cluster.apply_backlog() {
@@ -552,7 +552,9 @@ async fn metrics_text(app: &App) -> ApiResult {
     metrics::gauge!("raftbridge_raft_term").set(m.current_term as f64);
     metrics::gauge!("raftbridge_raft_applied_index").set(m.last_applied.map(|l| l.index).unwrap_or(0) as f64);
     metrics::gauge!("raftbridge_raft_last_log_index").set(m.last_log_index.unwrap_or(0) as f64);
-    metrics::gauge!("raftbridge_raft_is_leader").set(if m.current_leader == Some(m.id) { 1.0 } else { 0.0 });
+    // By its state, not by whom it names: a leader that removed itself steps down (a learner)
+    // and still names itself, and would count as a second leader.
+    metrics::gauge!("raftbridge_raft_is_leader").set(if m.state == openraft::ServerState::Leader { 1.0 } else { 0.0 });
     metrics::gauge!("raftbridge_http_body_bytes_held").set(app.settings.bodies.held() as f64);
     if let Some(cpu) = crate::process::cpu_time() {
         metrics::gauge!("process_cpu_seconds_total").set(cpu.as_secs_f64());

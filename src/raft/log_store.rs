@@ -925,6 +925,12 @@ impl LogStore {
         self.inner.founder.is_marked()
     }
 
+    /// Whether this process's own bootstrap claimed this log to found a cluster
+    /// (`claim_founding`): it never acknowledged an entry of another.
+    pub fn claimed_founding(&self) -> bool {
+        lock(&self.inner.founder.forming).is_ok_and(|f| f.is_some())
+    }
+
     /// Marks this log as a founder's (see `founder`), durably, if it has never held an entry:
     /// node `by` (the lowest id among them) forms the cluster of `members`; both are kept with
     /// the mark. Blocking (a file write and fsyncs), under the lock that appends take: an

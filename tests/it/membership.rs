@@ -300,6 +300,15 @@ fn leave_of_the_leader_through_itself_succeeds_and_so_does_a_repeat() {
     }
     let remaining: Vec<u64> = c.ids().into_iter().filter(|&n| n != leader).collect();
     c.wait_for_membership_seen_by(&remaining, &remaining, &[], CATCH_UP);
+    // Still running, it stepped down: it counts as no leader (it still names itself), and
+    // says it was removed.
+    assert!(c.is_running(leader), "the case under test: the old leader runs on");
+    c.wait_for("the removed leader counts as no leader and says it was removed", CATCH_UP, || {
+        let is_leader = c.api(leader).metric("raftbridge_raft_is_leader", &[])?;
+        let r = c.api(leader).request("GET", "/readyz", &[], b"").map_err(|e| e.to_string())?;
+        let message = r.json().ok().and_then(|v| v["message"].as_str().map(str::to_owned)).unwrap_or_default();
+        if is_leader == 0.0 && r.status == 503 && message.contains("removed from the cluster") { Ok(()) } else { Err(format!("is_leader {is_leader}, /readyz {}", r.describe())) }
+    });
 }
 
 /// With `--cluster-secret` the nodes form a cluster as usual, and a node that does not know the
