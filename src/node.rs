@@ -341,13 +341,6 @@ pub async fn run(
         state_max_keys: cfg.state_max_keys,
         state_max_bytes: cfg.state_max_bytes,
     });
-    let raft_cfg = crate::raft::openraft_config(&RaftSettings {
-        cluster: cfg.cluster_name.clone(),
-        heartbeat_ms: cfg.heartbeat_ms,
-        election_min_ms: cfg.election_timeout_ms,
-        election_max_ms: cfg.election_timeout_ms * 2,
-        snapshot_threshold: cfg.snapshot_threshold,
-    })?;
     let log_bytes = log_store.clone();
     let restarting = log_store.has_state();
     // An empty log (a first start, or a data dir that was lost, whether or not its node id
@@ -357,6 +350,15 @@ pub async fn run(
     let founder = log_store.founder();
     let unproven = empty_log && !founder;
     info!(empty_log, founder, "raft state at start");
+    let raft_cfg = crate::raft::openraft_config(&RaftSettings {
+        cluster: cfg.cluster_name.clone(),
+        heartbeat_ms: cfg.heartbeat_ms,
+        election_min_ms: cfg.election_timeout_ms,
+        election_max_ms: cfg.election_timeout_ms * 2,
+        snapshot_threshold: cfg.snapshot_threshold,
+        // Off from the core's start for an unproven node (no window before `prove` runs).
+        elect: !unproven,
+    })?;
     let founder_log = log_store.clone();
     let reversions = Arc::new(crate::raft::network::Reversions::default());
     let outsider = Arc::new(crate::raft::network::Outsider::default());
@@ -470,7 +472,6 @@ pub async fn run(
     let unproven = Arc::new(AtomicBool::new(unproven));
     let seen_commit = Arc::new(Mutex::new((0, 0)));
     if unproven.load(Ordering::Relaxed) {
-        replica.raft.runtime_config().elect(false);
         info!("this node started with an empty log: it neither votes nor campaigns until a leader has brought it up to date, or it founds a cluster");
         // Ends once the node is proven (`spawn`: a return is no failure), or with the run.
         crate::supervise::spawn("unproven", prove(replica.clone(), founder_log.clone(), unproven.clone(), seen_commit.clone(), run_stop.child_token()));
@@ -770,7 +771,8 @@ impl GuardState {
 /// If leader, ask the most up-to-date reachable voter to take over, and wait briefly for it.
 async fn hand_over_leadership(replica: &Replica) {
     let m = replica.metrics();
-    if m.current_leader != Some(m.id) {
+    // By state: a leader that removed itself stepped down and still names itself.
+    if m.state != openraft::ServerState::Leader {
         return;
     }
     let matched = m.replication.clone().unwrap_or_default();
@@ -953,15 +955,18 @@ fn refuse_outsider(cluster: &Cluster, from: NodeId, req: &VoteRequest) -> Option
     ))))
 }
 
-/// While this node is unproven (`withhold_vote`), its elections are off too: a candidate votes
-/// for itself, and its vote is what is in doubt (a node whose data was lost, elected with the
-/// vote of another that lacks an entry both had acknowledged, would lose it). They go on once
-/// it is brought up (an append of its leader's term that reaches the commit index that leader
-/// first told it: `vote_rule`), marked a founder (`found`), or claimed the log to found a
-/// cluster itself (its bootstrap, which needs its election). Looked at every 200 ms: the
-/// rule's inputs change with appends, and an election waits that long anyway.
+/// While this node is unproven (`withhold_vote`), its elections are off too (from the core's
+/// start: `RaftSettings::elect`): a candidate votes for itself, and its vote is what is in
+/// doubt (a node whose data was lost, elected with the vote of another that lacks an entry
+/// both had acknowledged, would lose it). They go on once it is brought up (an append of its
+/// leader's term that reaches the commit index that leader first told it: `vote_rule`) or
+/// marked a founder (`found`), and when its own bootstrap claims the log to found a cluster
+/// (which needs its election; it keeps withholding votes until an election proves it, as the
+/// claim is no proof that this node never acknowledged another cluster's entries). Looked at
+/// every 200 ms: the rule's inputs change with appends, and an election waits that long anyway.
 async fn prove(replica: Replica, log: LogStore, unproven: Arc<AtomicBool>, seen_commit: Arc<Mutex<(u64, u64)>>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    let mut electing = false;
     // Bounded by the stop, and ends once the node is proven.
     loop {
         tokio::select! {
@@ -969,19 +974,20 @@ async fn prove(replica: Replica, log: LogStore, unproven: Arc<AtomicBool>, seen_
             _ = tick.tick() => {}
         }
         if unproven.load(Ordering::Relaxed) {
-            let proven = log.claimed_founding() || {
-                let vote = replica.raft.server_metrics().borrow_watched().vote;
-                let last = replica.raft.data_metrics().borrow_watched().last_log;
-                let seen = *seen_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                vote_rule(replica.id(), &vote, last.as_ref(), None, seen) == VoteRule::BroughtUp
-            };
-            if proven {
+            let vote = replica.raft.server_metrics().borrow_watched().vote;
+            let last = replica.raft.data_metrics().borrow_watched().last_log;
+            let seen = *seen_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            if vote_rule(replica.id(), &vote, last.as_ref(), None, seen) == VoteRule::BroughtUp {
                 unproven.store(false, Ordering::Relaxed);
             }
         }
-        if !unproven.load(Ordering::Relaxed) {
+        let proven = !unproven.load(Ordering::Relaxed);
+        if !electing && (proven || log.claimed_founding()) {
             replica.raft.runtime_config().elect(true);
-            info!("this node's log is proven (brought up to date, or a founder's): it votes and campaigns as a voter does");
+            electing = true;
+            info!(proven, "this node campaigns as a voter does (its log is proven, or it founds the cluster)");
+        }
+        if proven {
             return;
         }
     }

@@ -34,6 +34,9 @@ pub struct RaftSettings {
     pub election_min_ms: u64,
     pub election_max_ms: u64,
     pub snapshot_threshold: u64,
+    /// Whether the node starts elections from the start (off for a node whose empty log is in
+    /// doubt: `node::prove` turns them on).
+    pub elect: bool,
 }
 
 pub fn openraft_config(s: &RaftSettings) -> Result<Arc<RaftConfig>, openraft::ConfigError> {
@@ -63,6 +66,7 @@ pub fn openraft_config(s: &RaftSettings) -> Result<Arc<RaftConfig>, openraft::Co
         // The membership task makes such a voter a learner until it holds what it had
         // (`network::Reversions`).
         allow_log_reversion: Some(true),
+        enable_elect: s.elect,
         ..Default::default()
     };
     Ok(Arc::new(cfg.validate()?))
@@ -150,7 +154,9 @@ impl Replica {
     pub fn leader(&self) -> Option<NodeId> {
         let rx = self.raft.metrics();
         let m = rx.borrow_watched();
-        if m.running_state.is_err() { None } else { m.current_leader }
+        // A leader that removed itself steps down and still names itself: no leader here.
+        let stepped_down = m.current_leader == Some(m.id) && m.state != openraft::ServerState::Leader;
+        if m.running_state.is_err() || stepped_down { None } else { m.current_leader }
     }
 
     /// The core has stopped on its own (or was shut down): nothing sent to it is taken.

@@ -1004,6 +1004,7 @@ mod tests {
         };
         let net = PeerNet::new(cfg, stop.clone());
         let settings = crate::raft::RaftSettings {
+            elect: true,
             cluster: "t".into(),
             heartbeat_ms: 50,
             election_min_ms: 300,
