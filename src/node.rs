@@ -472,7 +472,7 @@ pub async fn run(
     let unproven = Arc::new(AtomicBool::new(unproven));
     let seen_commit = Arc::new(Mutex::new((0, 0)));
     if unproven.load(Ordering::Relaxed) {
-        info!("this node started with an empty log: it neither votes nor campaigns until a leader has brought it up to date, or it founds a cluster");
+        info!("this node started with an empty log: it withholds its vote and does not campaign until a leader has brought it up to date, or it founds a cluster");
         // Ends once the node is proven (`spawn`: a return is no failure), or with the run.
         crate::supervise::spawn("unproven", prove(replica.clone(), founder_log.clone(), unproven.clone(), seen_commit.clone(), run_stop.child_token()));
     }
@@ -938,8 +938,10 @@ fn note_commit(seen: &Mutex<(u64, u64)>, term: u64, commit: u64) {
 /// A vote or pre-vote from `from`, a node outside this member's settled membership: it was
 /// removed while it ran (no leader replicates to it any more, so it never learned it) and
 /// campaigns in vain; openraft would even grant its vote. Refused with `NOT_A_MEMBER`, which
-/// tells it to stop (`raft::network::Outsider`; it checks the claim against its own view, as a
-/// member whose view is old may not know a node that joined since). Not while this node's view
+/// tells it to stop (`raft::network::Outsider`; it believes it once more than half of the other
+/// voters it knows said so, as a member whose view is old may not know a node that joined
+/// since, and a candidate whose log reaches this node's membership entry is not judged at all).
+/// Not while this node's view
 /// says nothing of others: it is no member itself (forming a cluster, or removed too) or a
 /// change is half done.
 fn refuse_outsider(cluster: &Cluster, from: NodeId, req: &VoteRequest) -> Option<PeerResponse> {
