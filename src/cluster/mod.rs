@@ -150,9 +150,9 @@ pub struct Cluster {
     /// Whether a member refused this node's vote as no member's (set by the vote calls, taken
     /// by the membership task).
     outsider: Arc<Outsider>,
-    /// Set by the membership task once this node knows it was removed while it ran (told so by
-    /// a member, and its own view agrees): it no longer campaigns and is not ready. Cleared if
-    /// it becomes a member again (a join).
+    /// Set by the membership task once this node knows it was removed while it ran (more than
+    /// half of the other voters it knows said so: `note_outsider`): it no longer campaigns and
+    /// is not ready. Cleared when its view of the membership moves (asked to join again).
     removed: Arc<AtomicBool>,
     /// The node whose `AppendEntries` (a heartbeat or entries) arrived last, and when, in ms
     /// after `since` + 1 (0: none yet); written by the peer handler (`note_append`) as each
@@ -388,9 +388,10 @@ impl Cluster {
     /// The membership task's tick: members told this node that it is no member (`Outsider`).
     /// `told` gathers who said so under this node's view of the membership (its log id), and is
     /// believed once more than half of the other voters of that view's newest configuration
-    /// with this node in it did. That view was committed with a majority of its voters holding it, so fewer than
-    /// that may lag behind it (at an older membership without this node, if it joined since);
-    /// more than half of the others refusing means they hold a newer membership without it.
+    /// with this node in it did. That view was committed with a majority of its voters holding
+    /// it, so fewer than that may lag behind it (at an older membership without this node, if
+    /// it joined since); more than half of the others refusing means they hold a newer
+    /// membership without it.
     /// Then its elections stop (`elect(false)`), until its view of the membership moves (asked
     /// to join again, it is sent the log).
     fn note_outsider(&self, told: &mut (Option<LogId>, BTreeSet<NodeId>)) {
