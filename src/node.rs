@@ -951,7 +951,7 @@ fn refuse_outsider(cluster: &Cluster, from: NodeId, req: &VoteRequest) -> Option
     metrics::counter!("raftbridge_raft_outsider_votes_refused_total").increment(1);
     debug!(from, "refused a vote request from a node outside the membership");
     Some(PeerResponse::Error(RemoteError::NotServed(format!(
-        "{}: node {from} is not in node {}'s membership (removed); stop it, or ask it to join again",
+        "{}: node {from} is not in node {}'s membership (removed); stop it (to bring it back, start it with an empty data dir)",
         crate::raft::network::NOT_A_MEMBER,
         cluster.id()
     ))))

@@ -534,7 +534,7 @@ fn readyz(app: &App) -> ApiResult {
     if app.cluster.ready() {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
     } else if app.cluster.is_removed() || (app.cluster.was_member() && !app.cluster.is_member(app.cluster.id())) {
-        Err(ApiError::Unavailable("removed from the cluster while it ran: stop this node, or ask it to join again".into()))
+        Err(ApiError::Unavailable("removed from the cluster while it ran: stop this node (to bring it back, start it with an empty data dir: it joins as a new member)".into()))
     } else {
         match app.cluster.apply_backlog() {
             behind if behind > crate::cluster::KEEP_UP_LAG => Err(ApiError::Unavailable(format!("catching up: {behind} entries of its log to apply"))),

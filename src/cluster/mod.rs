@@ -152,7 +152,7 @@ pub struct Cluster {
     outsider: Arc<Outsider>,
     /// Set by the membership task once this node knows it was removed while it ran (more than
     /// half of the other voters it knows said so: `note_outsider`): it no longer campaigns and
-    /// is not ready. Cleared when its view of the membership moves (asked to join again).
+    /// is not ready. Cleared if its view of the membership moves (it is sent the log again).
     removed: Arc<AtomicBool>,
     /// The node whose `AppendEntries` (a heartbeat or entries) arrived last, and when, in ms
     /// after `since` + 1 (0: none yet); written by the peer handler (`note_append`) as each
@@ -392,8 +392,9 @@ impl Cluster {
     /// it, so fewer than that may lag behind it (at an older membership without this node, if
     /// it joined since); more than half of the others refusing means they hold a newer
     /// membership without it.
-    /// Then its elections stop (`elect(false)`), until its view of the membership moves (asked
-    /// to join again, it is sent the log).
+    /// Then its elections stop (`elect(false)`), until its view of the membership moves (a
+    /// leader sends it the log again; a removed node is brought back by starting it with an
+    /// empty data dir, which joins anew).
     fn note_outsider(&self, told: &mut (Option<LogId>, BTreeSet<NodeId>)) {
         let me = self.replica.id();
         let (view, others) = {
@@ -422,7 +423,7 @@ impl Cluster {
             self.replica.raft.runtime_config().elect(false);
             metrics::gauge!("raftbridge_node_removed").set(1.0);
             warn!(told_by = ?told.1, "this node was removed from the cluster while it ran: it stops campaigning and takes no work; \
-                stop it, or ask it to join again");
+                stop it (to bring it back, start it with an empty data dir)");
         }
     }
 
