@@ -73,6 +73,10 @@ pub struct CommonArgs {
     /// core.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
+    /// The nodes' `--api-token`, sent as a bearer token with every request (their `/metrics`,
+    /// which the bench reads too, takes none).
+    #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]
@@ -753,7 +757,12 @@ where
     let deadline = measure_from + common.duration;
     // The longest latency a request can have (`new_histogram`), with room to spare.
     let longest = (common.warmup + common.duration + common.timeout).saturating_mul(2);
-    let make_request = Arc::new(make_request);
+    let auth = common.api_token.as_deref().filter(|t| !t.is_empty()).map(|t| ("authorization".to_string(), format!("Bearer {t}")));
+    let make_request = Arc::new(move |worker: usize, seq: u64| {
+        let mut req = make_request(worker, seq);
+        req.headers.extend(auth.clone());
+        req
+    });
     let progress = Arc::new(Progress::default());
 
     let mut workers = Vec::with_capacity(common.concurrency);
@@ -1362,6 +1371,7 @@ mod tests {
     #[tokio::test]
     async fn drive_rejects_bad_args() {
         let common = CommonArgs {
+            api_token: None,
             cacert: None,
             targets: vec![],
             concurrency: 1,
@@ -1382,6 +1392,7 @@ mod tests {
         assert!(drive(
             "t",
             &CommonArgs {
+                api_token: None,
                 targets: vec!["a:1".into()],
                 concurrency: 0,
                 ..common

@@ -88,6 +88,9 @@ struct LeaveArgs {
     /// PEM file of the CA that an `https://` node's certificate must chain to.
     #[arg(long)]
     cacert: Option<std::path::PathBuf>,
+    /// The node's `--api-token`, if it has one (sent as `Authorization: Bearer <token>`).
+    #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -103,6 +106,9 @@ struct ProbeArgs {
     /// Print the response body on stdout (a curl stand-in inside scratch images).
     #[arg(long)]
     body: bool,
+    /// The node's `--api-token`, if it has one (sent as `Authorization: Bearer <token>`).
+    #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
 }
 
 /// The node's async runtime. One worker thread (`--worker-threads 1`) gets tokio's current-thread
@@ -274,12 +280,23 @@ fn connect_to(addr: &str, cacert: Option<&std::path::Path>) -> anyhow::Result<cr
     Ok(crate::client::Conn::new(addr).with_tls(tls))
 }
 
+/// The `Authorization` header that `--api-token` asks for (none for an empty one, as the node
+/// takes an empty env var for none).
+fn bearer_header(token: Option<&str>) -> Option<(&'static str, String)> {
+    token.filter(|t| !t.is_empty()).map(|t| ("authorization", format!("Bearer {t}")))
+}
+
 async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
     let mut conn = connect_to(&args.http_addr, args.cacert.as_deref())?;
+    let auth = bearer_header(args.api_token.as_deref());
+    let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let resp = conn
-        .request(http::Method::DELETE, &format!("/cluster/members/{}", args.id), &[], bytes::Bytes::new(), Duration::from_secs(30))
+        .request(http::Method::DELETE, &format!("/cluster/members/{}", args.id), &headers, bytes::Bytes::new(), Duration::from_secs(30))
         .await
         .with_context(|| format!("contacting {}", args.http_addr))?;
+    if resp.status == 401 {
+        anyhow::bail!("401: {} (give the node's token with --api-token or RAFTBRIDGE_API_TOKEN)", String::from_utf8_lossy(&resp.body))
+    }
     if resp.is_success() {
         println!("node {} removed", args.id);
         Ok(())
@@ -305,7 +322,12 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
         anyhow::bail!("{:?}: no host", args.url);
     }
     let mut conn = connect_to(&format!("{scheme}://{host}"), args.cacert.as_deref())?;
-    let resp = conn.get(path, Duration::from_millis(args.timeout_ms)).await.with_context(|| format!("GET {}", args.url))?;
+    let auth = bearer_header(args.api_token.as_deref());
+    let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let resp = conn
+        .request(http::Method::GET, path, &headers, bytes::Bytes::new(), Duration::from_millis(args.timeout_ms))
+        .await
+        .with_context(|| format!("GET {}", args.url))?;
     if resp.is_success() {
         if args.body {
             use std::io::Write;

@@ -118,6 +118,18 @@ pub struct NodeArgs {
     /// --cluster-secret, from which the key that seals its values is derived.
     #[arg(long, env = "RAFTBRIDGE_SECRETS_TOKEN", hide_env_values = true)]
     pub secrets_token: Option<String>,
+    /// Bearer token that clients of the node's own HTTP API must send (`Authorization: Bearer
+    /// <token>`; at least 16 bytes of visible ASCII; prefer the env var): `/v1/state`,
+    /// `/v1/config`, `/v1/events`, `/v1/dead-letters`, `/v1/subscriptions` and `/cluster`
+    /// (member removal included). Without it those are open to whoever reaches --http-addr.
+    /// The probes, `/metrics`, `/openapi.json` and the services' endpoints under `/api/` stay
+    /// open; `/v1/secrets` takes --secrets-token instead.
+    #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// The API token used before --api-token was changed: still accepted, so that clients can
+    /// move to the new one while both work. Drop it once they have.
+    #[arg(long, env = "RAFTBRIDGE_API_TOKEN_PREVIOUS", hide_env_values = true)]
+    pub api_token_previous: Option<String>,
     /// The cluster secret used before --cluster-secret was changed: the secret store still
     /// opens values sealed under it (a write seals with the current one). Drop it once every
     /// secret was written again.
@@ -256,6 +268,9 @@ pub struct NodeConfig {
     pub cluster_secret: Option<crate::peer::ClusterSecret>,
     /// `--secrets-token`: what `/v1/secrets` requests must carry; `None`: that API is off.
     pub secrets_token: Option<crate::peer::ClusterSecret>,
+    /// `--api-token` then `--api-token-previous`: the bearer tokens the rest of the data and
+    /// admin API takes; empty: that API is open.
+    pub api_tokens: Vec<crate::peer::ClusterSecret>,
     /// `--cluster-secret-previous`: opens secrets sealed before the cluster secret changed.
     pub cluster_secret_previous: Option<crate::peer::ClusterSecret>,
     pub peer_tls: Option<PeerTlsFiles>,
@@ -375,6 +390,8 @@ impl NodeArgs {
             &mut self.cluster_name,
             &mut self.cluster_secret,
             &mut self.secrets_token,
+            &mut self.api_token,
+            &mut self.api_token_previous,
             &mut self.cluster_secret_previous,
             &mut self.peer_tls_server_name,
         ] {
@@ -411,6 +428,10 @@ impl NodeArgs {
             None => return Err(ConfigError::Missing("id")),
         };
         let data_dir = pick!(data_dir).ok_or(ConfigError::Missing("data-dir"))?;
+        let api_tokens: Vec<_> = match (pick!(api_token).filter(|s| !s.is_empty()), pick!(api_token_previous).filter(|s| !s.is_empty())) {
+            (None, Some(_)) => return Err(ConfigError::Invalid { name: "api-token-previous", reason: "needs --api-token".into() }),
+            (current, previous) => current.into_iter().chain(previous).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())).collect(),
+        };
         let peer_addr = pick!(peer_addr).unwrap_or_else(|| "127.0.0.1:7400".into());
         let http_addr = pick!(http_addr).unwrap_or_else(|| "127.0.0.1:8400".into());
         let advertise = match pick!(advertise) {
@@ -487,6 +508,7 @@ impl NodeArgs {
             cluster_name: pick!(cluster_name).unwrap_or_else(|| "raftbridge".into()),
             cluster_secret: pick!(cluster_secret).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
             secrets_token: pick!(secrets_token).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
+            api_tokens,
             cluster_secret_previous: pick!(cluster_secret_previous).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
             peer_tls,
             https,
@@ -646,6 +668,10 @@ impl NodeConfig {
         }
         if self.secrets_token.as_ref().is_some_and(|s| s.len() < 16 || !s.is_visible_ascii()) {
             return invalid("secrets-token", "must be at least 16 bytes of visible ASCII");
+        }
+        if self.api_tokens.iter().any(|s| s.len() < 16 || !s.is_visible_ascii()) {
+            let name = if self.api_tokens.first().is_some_and(|s| s.len() < 16 || !s.is_visible_ascii()) { "api-token" } else { "api-token-previous" };
+            return invalid(name, "must be at least 16 bytes of visible ASCII");
         }
         if self.secrets_token.is_some() && self.cluster_secret.is_none() {
             // The secret store's key is derived from the cluster secret: without one every
@@ -845,6 +871,15 @@ mod tests {
         assert_eq!(refused(NodeArgs { cluster_secret_previous: secret(), ..base() }), "cluster-secret-previous");
         assert_eq!(refused(NodeArgs { cluster_secret_previous: Some("short".into()), cluster_secret: secret(), ..base() }), "cluster-secret-previous");
         assert!(NodeArgs { cluster_secret_previous: secret(), cluster_secret: secret(), ..base() }.resolve().is_ok());
+        assert_eq!(refused(NodeArgs { api_token: Some("short".into()), ..base() }), "api-token");
+        assert_eq!(refused(NodeArgs { api_token: Some("0123456789 abcdef".into()), ..base() }), "api-token");
+        assert_eq!(refused(NodeArgs { api_token_previous: secret(), ..base() }), "api-token-previous", "a previous token alone");
+        assert_eq!(refused(NodeArgs { api_token: secret(), api_token_previous: Some("short".into()), ..base() }), "api-token-previous");
+        let both = NodeArgs { api_token: secret(), api_token_previous: Some("fedcba9876543210".into()), ..base() }.resolve().unwrap();
+        assert_eq!(both.api_tokens.len(), 2);
+        assert!(both.api_tokens[0].matches(b"0123456789abcdef") && both.api_tokens[1].matches(b"fedcba9876543210"), "current first");
+        assert!(base().resolve().unwrap().api_tokens.is_empty(), "no token: the API is open");
+        assert!(NodeArgs { api_token: Some(String::new()), ..base() }.resolve().unwrap().api_tokens.is_empty(), "an empty token is none");
         assert!(NodeArgs { write_timeout_ms: Some(100), ..base() }.resolve().is_ok());
         assert_eq!(refused(NodeArgs { write_timeout_ms: Some(300_001), ..base() }), "write-timeout-ms");
         assert_eq!(refused(NodeArgs { events_max_count: Some(0), ..base() }), "events-max-count");

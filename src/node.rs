@@ -537,6 +537,7 @@ pub async fn run(
         settings,
         cluster_name: cfg.cluster_name.clone(),
         secrets_token: cfg.secrets_token.clone(),
+        api_tokens: cfg.api_tokens.clone(),
         long_polls: api::stores::LongPolls::new(),
     });
     let http_stop = run_stop.child_token();

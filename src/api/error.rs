@@ -60,9 +60,10 @@ pub enum ApiError {
     RequestTimeout(std::time::Duration),
     #[error("internal error: {0}")]
     Internal(String),
-    /// No or the wrong credentials (401, with `WWW-Authenticate`).
-    #[error("{0}")]
-    Unauthorized(String),
+    /// No or the wrong credentials (401, with `WWW-Authenticate` naming `realm`: the secret
+    /// store's token or the API token).
+    #[error("{message}")]
+    Unauthorized { realm: &'static str, message: String },
     /// Refused whoever asks (403): the API is off on this node.
     #[error("{0}")]
     Forbidden(String),
@@ -86,7 +87,7 @@ impl ApiError {
             ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }
@@ -101,8 +102,11 @@ impl ApiError {
         if let ApiError::Busy(_) = &self {
             resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
         }
-        if let ApiError::Unauthorized(_) = &self {
-            resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer realm=\"raftbridge secrets\""));
+        if let ApiError::Unauthorized { realm, .. } = &self {
+            // Realms are our own constants (`REALM_*`): always header text.
+            if let Ok(value) = http::HeaderValue::from_str(&format!("Bearer realm=\"{realm}\"")) {
+                resp.headers_mut().insert(http::header::WWW_AUTHENTICATE, value);
+            }
         }
         if let ApiError::MethodNotAllowed { allow } = &self {
             if let Ok(value) = http::HeaderValue::from_str(allow) {

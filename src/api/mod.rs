@@ -98,6 +98,9 @@ pub struct App {
     pub cluster_name: String,
     /// `--secrets-token`: the bearer token of `/v1/secrets`; `None`: that API is off.
     pub secrets_token: Option<crate::peer::ClusterSecret>,
+    /// `--api-token` (and `--api-token-previous`): the bearer tokens of the rest of the data and
+    /// admin API (`needs_api_token`); empty: it is open.
+    pub api_tokens: Vec<crate::peer::ClusterSecret>,
     /// Long polls on the stores and the event log (`stores::LongPolls`), ended at the drain.
     pub long_polls: stores::LongPolls,
 }
@@ -452,6 +455,48 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
 
 type ApiResult = Result<Response<Full<Bytes>>, ApiError>;
 
+/// The realms a 401's `WWW-Authenticate` names: the secret store's token, and the API token.
+pub const REALM_SECRETS: &str = "raftbridge secrets";
+pub const REALM_API: &str = "raftbridge";
+
+/// The bearer credential a request carries, if any. Given twice, it is a 400, as `If-Match`
+/// is: which of two credentials counts is not ours to pick (a proxy in front may have judged
+/// the other).
+fn bearer(req: &Request<Incoming>) -> Result<Option<&str>, ApiError> {
+    if req.headers().get_all(http::header::AUTHORIZATION).iter().count() > 1 {
+        return Err(ApiError::BadRequest("give Authorization once".into()));
+    }
+    Ok(req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
+        let (scheme, rest) = v.trim().split_once(' ')?;
+        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
+    }))
+}
+
+/// Whether a route (its path's segments) takes the API token when the node has one. Open: the
+/// probes and `/metrics` (orchestrators, load balancers and Prometheus read them), the OpenAPI
+/// document, and the secret store, which takes its own token (`stores::authorize`). The
+/// services' endpoints under `/api/` never reach this: they are the app's, and so is their auth.
+fn needs_api_token(segs: &[&str]) -> bool {
+    !matches!(segs, ["healthz"] | ["readyz"] | ["metrics"] | ["openapi.json"] | ["v1", "secrets", ..])
+}
+
+/// `--api-token`: the data and admin API answers only a client that sends one of the node's
+/// tokens (the current or, while clients move, the previous one). Each is compared in constant
+/// time (`ClusterSecret::matches`).
+fn authorize_api(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+    if app.api_tokens.is_empty() {
+        return Ok(());
+    }
+    match bearer(req)? {
+        Some(given) if app.api_tokens.iter().any(|t| t.matches(given.as_bytes())) => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized { realm: REALM_API, message: "the bearer token is not this node's --api-token".into() }),
+        None => Err(ApiError::Unauthorized {
+            realm: REALM_API,
+            message: "this API wants a bearer token (Authorization: Bearer <--api-token>)".into(),
+        }),
+    }
+}
+
 async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
     let path = req.uri().path().to_string();
     // HEAD is GET without the body (RFC 9110 §9.3.2; hyper leaves the body out and keeps its
@@ -464,6 +509,13 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
     if path.starts_with("/api/") {
         return ("api", Ok(app.proxy.handle(req, app.settings.max_body, &app.settings.bodies).await));
+    }
+    // Before any route reads the request: a client without the token learns nothing from the
+    // answer but that it needs one (not which stores, keys or members exist).
+    if needs_api_token(&segs) {
+        if let Err(e) = authorize_api(app, &req) {
+            return ("unauthorized", Err(e));
+        }
     }
     match (method, segs.as_slice()) {
         (Method::GET, ["openapi.json"]) => ("openapi", Ok(json_response(StatusCode::OK, &app.proxy.openapi()))),

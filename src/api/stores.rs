@@ -130,19 +130,14 @@ fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(token) = &app.secrets_token else {
         return Err(ApiError::Forbidden("the secret store's HTTP API is off on this node: start it with --secrets-token".into()));
     };
-    // Given twice, it is a 400, as `If-Match` is: which of two credentials counts is not ours to
-    // pick (a proxy in front may have judged the other).
-    if req.headers().get_all(http::header::AUTHORIZATION).iter().count() > 1 {
-        return Err(ApiError::BadRequest("give Authorization once".into()));
-    }
-    let given = req.headers().get(http::header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| {
-        let (scheme, rest) = v.trim().split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
-    });
+    let given = super::bearer(req)?;
     match given {
         Some(given) if token.matches(given.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::Unauthorized("the bearer token is not this node's --secrets-token".into())),
-        None => Err(ApiError::Unauthorized("the secret store wants a bearer token (Authorization: Bearer <--secrets-token>)".into())),
+        Some(_) => Err(ApiError::Unauthorized { realm: super::REALM_SECRETS, message: "the bearer token is not this node's --secrets-token".into() }),
+        None => Err(ApiError::Unauthorized {
+            realm: super::REALM_SECRETS,
+            message: "the secret store wants a bearer token (Authorization: Bearer <--secrets-token>)".into(),
+        }),
     }
 }
 

@@ -78,6 +78,9 @@ static DIR_COUNTER: AtomicUsize = AtomicUsize::new(0);
 pub struct Api {
     pub id: u64,
     pub addr: SocketAddr,
+    /// The cluster's `--api-token`, if its nodes have one: the harness's own reads of
+    /// `/cluster` send it (a test's requests say what they send themselves).
+    pub token: Option<&'static str>,
 }
 
 impl Api {
@@ -154,7 +157,9 @@ impl Api {
 
     /// `GET /cluster`, parsed.
     pub fn status(&self) -> Result<Status, String> {
-        let resp = http::request(self.addr, "GET", "/cluster", &[], b"", PROBE_TIMEOUT)
+        let auth = self.token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth.iter().map(|v| ("authorization", v.as_str())).collect();
+        let resp = http::request(self.addr, "GET", "/cluster", &headers, b"", PROBE_TIMEOUT)
             .map_err(|e| format!("node {}: GET /cluster failed: {e}", self.id))?;
         if resp.status != 200 {
             return Err(format!(
@@ -378,6 +383,8 @@ pub struct Cluster {
     dir: PathBuf,
     /// Flags given to every node (the test's options).
     flags: Vec<String>,
+    /// The value of `--api-token` among `flags` (leaked once per cluster: `Api` is `Copy`).
+    api_token: Option<&'static str>,
     nodes: Vec<Node>,
     _serial: MutexGuard<'static, ()>,
 }
@@ -409,6 +416,11 @@ impl Cluster {
             name: name.to_string(),
             dir,
             flags: flags.iter().map(|s| s.to_string()).collect(),
+            api_token: flags
+                .iter()
+                .position(|f| *f == "--api-token")
+                .and_then(|i| flags.get(i + 1))
+                .map(|t| &*Box::leak(t.to_string().into_boxed_str())),
             nodes: Vec::new(),
             _serial: serial,
         };
@@ -531,6 +543,7 @@ impl Cluster {
         Api {
             id,
             addr: self.http(id),
+            token: self.api_token,
         }
     }
 

@@ -227,3 +227,76 @@ fn secrets_want_the_token_and_are_sealed_on_every_disk() {
     status(&again, 200, "after a restart");
     assert_eq!(json_of(&again), value);
 }
+
+/// `--api-token`: the data and admin API answers only a client with the token (the current or
+/// the previous one), before it reads anything of the request; the probes, `/metrics`, the
+/// OpenAPI document and the services' endpoints stay open, the secret store keeps its own
+/// token, and the CLI's `leave` and `probe` send it with `--api-token`.
+#[test]
+fn the_api_token_guards_the_data_and_admin_api() {
+    const API: &str = "it-api-token-0123456789abcdef";
+    const OLD: &str = "it-old-api-token-0123456789";
+    let flags = ["--example-services", "--cluster-secret", SECRET, "--secrets-token", TOKEN, "--api-token", API, "--api-token-previous", OLD];
+    let (c, _leader) = Cluster::formed("apitoken", 3, &flags);
+    let [a, b] = [c.api(1), c.api(2)];
+    let (current, previous) = (format!("Bearer {API}"), format!("Bearer {OLD}"));
+    let [with, with_old] = [[("authorization", current.as_str())], [("authorization", previous.as_str())]];
+    let guarded: [(&str, &str, &[u8]); 11] = [
+        ("PUT", "/v1/state/demo/k", b"1"),
+        ("GET", "/v1/state/demo/k", b""),
+        ("GET", "/v1/state/demo", b""),
+        ("PUT", "/v1/config/demo/k", b"1"),
+        ("POST", "/v1/events/tokenTest", b"{}"),
+        ("GET", "/v1/events?after=0", b""),
+        ("GET", "/v1/dead-letters?subscription=countOrders", b""),
+        ("GET", "/v1/subscriptions", b""),
+        ("GET", "/cluster", b""),
+        ("DELETE", "/cluster/members/3", b""),
+        ("GET", "/no/such/route", b""),
+    ];
+    for (method, path, body) in guarded {
+        for (headers, what) in [(&[][..], "no token"), (&[("authorization", "Bearer not-the-api-token-at-all")][..], "another token"), (&[("authorization", API)][..], "no scheme")] {
+            let resp = call(&a, method, path, headers, body);
+            assert_json_error(&resp, 401, &format!("{method} {path}, {what}"));
+            assert_eq!(resp.header("www-authenticate"), Some("Bearer realm=\"raftbridge\""), "{}", resp.describe());
+        }
+        let twice = call(&a, method, path, &[("authorization", current.as_str()), ("authorization", previous.as_str())], body);
+        assert_json_error(&twice, 400, &format!("{method} {path}, the token given twice"));
+    }
+    // Nothing of the refused requests happened: no key, no event, node 3 still a member.
+    assert_json_error(&call(&b, "GET", "/v1/state/demo/k", &with, b""), 404, "the refused put wrote nothing");
+    let events = json_of(&call(&b, "GET", "/v1/events?after=0&eventName=tokenTest", &with, b""));
+    assert_eq!(events["events"], json!([]), "the refused publish stored nothing");
+    assert_eq!(json_of(&call(&b, "GET", "/cluster", &with, b""))["members"].as_array().map(Vec::len), Some(3), "the refused removal removed nobody");
+    // With the current token or the previous one, the API works on any node.
+    status(&call(&a, "PUT", "/v1/state/demo/k", &with, b"\"v1\""), 200, "put with the current token");
+    status(&call(&b, "GET", "/v1/state/demo/k", &with_old, b""), 200, "get with the previous token");
+    status(&call(&b, "POST", "/v1/events/tokenTest", &with_old, b"{\"n\":1}"), 201, "publish with the previous token");
+    assert_json_error(&call(&b, "GET", "/no/such/route", &with, b""), 404, "an unknown route, with the token");
+    // Open without it: what orchestrators, load balancers and Prometheus read, and the app's own
+    // endpoints.
+    c.wait_until("the demo's commands to be routed and the node ready", Duration::from_secs(30), || {
+        a.request("POST", "/api/v1/echo", &[], b"{\"x\":1}").is_ok_and(|r| r.status == 200) && a.probe("/readyz") == Ok(200)
+    });
+    for path in ["/healthz", "/readyz", "/metrics", "/openapi.json"] {
+        status(&call(&a, "GET", path, &[], b""), 200, path);
+    }
+    // The secret store takes its own token, not the API's.
+    let secrets = format!("Bearer {TOKEN}");
+    status(&call(&a, "PUT", "/v1/secrets/db/pw", &[("authorization", secrets.as_str())], b"\"s\""), 200, "a secret with the secrets token");
+    let refused = call(&a, "GET", "/v1/secrets/db/pw", &with, b"");
+    assert_json_error(&refused, 401, "the API token is not the secrets token");
+    assert_eq!(refused.header("www-authenticate"), Some("Bearer realm=\"raftbridge secrets\""), "{}", refused.describe());
+    // The CLI sends the token when given one, and says what it needs when not.
+    let http = format!("http://{}", a.addr);
+    assert!(!c.run_cli("probe-no-token", &["probe", &format!("{http}/cluster")], Duration::from_secs(30)).success());
+    assert!(c.run_cli("probe-token", &["probe", &format!("{http}/cluster"), "--api-token", API], Duration::from_secs(30)).success());
+    assert!(!c.run_cli("leave-no-token", &["leave", "--http-addr", &http, "--id", "3"], Duration::from_secs(60)).success());
+    let said = std::fs::read_to_string(c.dir().join("leave-no-token.cli.log")).expect("the CLI's log");
+    assert!(said.contains("--api-token"), "{said}");
+    assert_eq!(json_of(&call(&b, "GET", "/cluster", &with, b""))["members"].as_array().map(Vec::len), Some(3));
+    assert!(c.run_cli("leave-token", &["leave", "--http-addr", &http, "--id", "3", "--api-token", API], Duration::from_secs(60)).success());
+    c.wait_until("node 3 to leave the membership", Duration::from_secs(30), || {
+        call(&b, "GET", "/cluster", &with, b"").json().is_ok_and(|v| v["members"].as_array().is_some_and(|m| m.len() == 2))
+    });
+}
