@@ -585,7 +585,7 @@ fn readyz(app: &App) -> ApiResult {
     }
     if app.cluster.ready() {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
-    } else if app.cluster.is_removed() || (app.cluster.was_member() && !app.cluster.is_member(app.cluster.id())) {
+    } else if app.cluster.removed_while_running() {
         Err(ApiError::Unavailable("removed from the cluster while it ran: stop this node (to bring it back, start it with an empty data dir: it joins as a new member)".into()))
     } else {
         match app.cluster.apply_backlog() {
@@ -668,6 +668,8 @@ fn cluster_view(app: &App) -> serde_json::Value {
         "snapshot": m.snapshot.map(|l| l.index),
         "purged": m.purged.map(|l| l.index),
         "members": members,
+        // This node was removed while it ran: the rest of this view is as it last learned it.
+        "removed": app.cluster.removed_while_running(),
         // A membership change in progress: `voter` then marks a voter of either configuration.
         "joint": membership.get_joint_config().len() > 1,
         "state_digest": format!("{:016x}", app.sm.digest()),

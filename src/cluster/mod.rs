@@ -436,6 +436,13 @@ impl Cluster {
         m.membership_config.membership().get_node(&id).is_some()
     }
 
+    /// Whether this node was removed from the cluster while it ran: more than half of the other
+    /// voters refused it as a non-member (`is_removed`), or it saw itself a member and its view
+    /// of the membership no longer holds it. `/readyz` and `/cluster` say so.
+    pub fn removed_while_running(&self) -> bool {
+        self.is_removed() || (self.was_member() && !self.is_member(self.id()))
+    }
+
     /// Whether this process has seen itself a member (within the membership task's tick, 500 ms):
     /// one that is none now was removed while it ran, unlike a joiner still catching up, whose
     /// view of the membership does not hold it yet either.

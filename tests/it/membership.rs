@@ -578,6 +578,9 @@ fn a_removed_node_that_still_runs_does_not_hold_up_a_join() {
         let message = r.json().ok().and_then(|v| v["message"].as_str().map(str::to_owned)).unwrap_or_default();
         if r.status == 503 && message.contains("removed from the cluster") { Ok(()) } else { Err(format!("/readyz {}", r.describe())) }
     });
+    let view = c.api(victim).request("GET", "/cluster", &[], b"").expect("its /cluster").json().expect("JSON");
+    assert_eq!(view["removed"], json!(true), "its /cluster says so too: {view}");
+    assert_eq!(c.api(leader).request("GET", "/cluster", &[], b"").expect("/cluster").json().expect("JSON")["removed"], json!(false));
     let refused = || -> f64 { remaining.iter().map(|&id| c.api(id).metric("raftbridge_raft_outsider_votes_refused_total", &[]).unwrap_or(0.0)).sum() };
     let before = refused();
     assert!(before >= 1.0, "a member refused its vote as an outsider's");
