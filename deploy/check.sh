@@ -26,6 +26,8 @@ image="${RAFTBRIDGE_IMAGE:-raftbridge:dev}"
 export RAFTBRIDGE_IMAGE="$image"
 # The nodes authenticate each other with a cluster secret (compose passes it on), fresh per run.
 export RAFTBRIDGE_CLUSTER_SECRET="${RAFTBRIDGE_CLUSTER_SECRET:-ci-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
+# The nodes' API token: every request below but the probes and /metrics sends it.
+export RAFTBRIDGE_API_TOKEN="${RAFTBRIDGE_API_TOKEN:-ci-api-$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')}"
 ports=("${RAFTBRIDGE_HOST_PORT_1:-18401}" "${RAFTBRIDGE_HOST_PORT_2:-18402}" "${RAFTBRIDGE_HOST_PORT_3:-18403}")
 export RAFTBRIDGE_HOST_PORT_1="${ports[0]}" RAFTBRIDGE_HOST_PORT_2="${ports[1]}" RAFTBRIDGE_HOST_PORT_3="${ports[2]}"
 # HTTPS for clients (with compose.tls.yml): node N on 127.0.0.1:1844N.
@@ -123,7 +125,7 @@ dc down -v --remove-orphans >/dev/null 2>&1 || true
 say "starting the three-node compose cluster (project $project)"
 dc up -d
 
-http() { curl -sS -m 3 "$@"; }
+http() { curl -sS -m 3 -H "Authorization: Bearer $RAFTBRIDGE_API_TOKEN" "$@"; }
 
 # wait_until DEADLINE_SECONDS DESCRIPTION COMMAND...: poll every 0.5 s until COMMAND succeeds.
 wait_until() {
@@ -151,15 +153,17 @@ if [[ $tls == 1 ]]; then
 fi
 
 key="ci-$$-$RANDOM"
+refused="$(curl -sS -m 3 -X PUT -w ' %{http_code}' "http://127.0.0.1:${ports[0]}/v1/state/default/$key" -d '{"via":"no token"}')"
+[[ "$refused" == *' 401' ]] || fail "a write without the API token: $refused"
 put="$(http -X PUT -w ' %{http_code}' "http://127.0.0.1:${ports[0]}/v1/state/default/$key" -d '{"via":"node1"}')"
 [[ "$put" == *' 200' ]] || fail "write through node 1: $put"
 got="$(http -w ' %{http_code}' "http://127.0.0.1:${ports[2]}/v1/state/default/$key")"
 [[ "$got" == '{"via":"node1"} 200' ]] || fail "read back through node 3: $got"
-say "write through node 1 read back through node 3"
+say "a write without the API token refused (401); write through node 1 read back through node 3"
 
 if [[ $tls == 1 ]]; then
   # HTTPS on every node, checked against the cluster CA for the shared name `raftbridge`.
-  https() { local p=$1; shift; curl -sS -m 3 --cacert "$pki/ca.pem" --resolve "raftbridge:$p:127.0.0.1" "$@"; }
+  https() { local p=$1; shift; curl -sS -m 3 -H "Authorization: Bearer $RAFTBRIDGE_API_TOKEN" --cacert "$pki/ca.pem" --resolve "raftbridge:$p:127.0.0.1" "$@"; }
   for p in "${https_ports[@]}"; do
     code="$(https "$p" -o /dev/null -w '%{http_code} %{http_version}' --http2 "https://raftbridge:$p/readyz")"
     [[ "$code" == '200 2' ]] || fail "HTTPS (h2) readyz on port $p: $code"
@@ -196,7 +200,7 @@ wait_until 60 "docker HEALTHCHECK healthy on all nodes" healthy
 net="$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "${containers[0]}")"
 for _ in 1 2 3; do
   docker run --rm --network "$net" "$image" probe "http://raftbridge:8400/readyz" || fail "probe through the alias raftbridge"
-  docker run --rm --network "$net" "$image" probe "http://raftbridge:8400/v1/state/default/$key" || fail "read through the alias raftbridge"
+  docker run --rm --network "$net" -e RAFTBRIDGE_API_TOKEN "$image" probe "http://raftbridge:8400/v1/state/default/$key" || fail "read through the alias raftbridge"
 done
 say "requests through the alias raftbridge inside network $net"
 
