@@ -130,6 +130,11 @@ pub struct NodeArgs {
     /// move to the new one while both work. Drop it once they have.
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN_PREVIOUS", hide_env_values = true)]
     pub api_token_previous: Option<String>,
+    /// A second bearer token for the same API that may only read it (GET and HEAD: the stores,
+    /// the event log, dead letters, subscriptions, `/cluster`): for dashboards and auditors.
+    /// Needs --api-token; at least 16 bytes of visible ASCII.
+    #[arg(long, env = "RAFTBRIDGE_API_READ_TOKEN", hide_env_values = true)]
+    pub api_read_token: Option<String>,
     /// The cluster secret used before --cluster-secret was changed: the secret store still
     /// opens values sealed under it (a write seals with the current one). Drop it once every
     /// secret was written again.
@@ -271,6 +276,8 @@ pub struct NodeConfig {
     /// `--api-token` then `--api-token-previous`: the bearer tokens the rest of the data and
     /// admin API takes; empty: that API is open.
     pub api_tokens: Vec<crate::peer::ClusterSecret>,
+    /// `--api-read-token`: a token of that API for reads only.
+    pub api_read_token: Option<crate::peer::ClusterSecret>,
     /// `--cluster-secret-previous`: opens secrets sealed before the cluster secret changed.
     pub cluster_secret_previous: Option<crate::peer::ClusterSecret>,
     pub peer_tls: Option<PeerTlsFiles>,
@@ -392,6 +399,7 @@ impl NodeArgs {
             &mut self.secrets_token,
             &mut self.api_token,
             &mut self.api_token_previous,
+            &mut self.api_read_token,
             &mut self.cluster_secret_previous,
             &mut self.peer_tls_server_name,
         ] {
@@ -509,6 +517,7 @@ impl NodeArgs {
             cluster_secret: pick!(cluster_secret).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
             secrets_token: pick!(secrets_token).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
             api_tokens,
+            api_read_token: pick!(api_read_token).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
             cluster_secret_previous: pick!(cluster_secret_previous).filter(|s| !s.is_empty()).map(|s| crate::peer::ClusterSecret::new(s.as_bytes())),
             peer_tls,
             https,
@@ -672,6 +681,16 @@ impl NodeConfig {
         if self.api_tokens.iter().any(|s| s.len() < 16 || !s.is_visible_ascii()) {
             let name = if self.api_tokens.first().is_some_and(|s| s.len() < 16 || !s.is_visible_ascii()) { "api-token" } else { "api-token-previous" };
             return invalid(name, "must be at least 16 bytes of visible ASCII");
+        }
+        if self.api_read_token.as_ref().is_some_and(|s| s.len() < 16 || !s.is_visible_ascii()) {
+            return invalid("api-read-token", "must be at least 16 bytes of visible ASCII");
+        }
+        if self.api_read_token.is_some() && self.api_tokens.is_empty() {
+            // Writes would be open to all while reads want a token.
+            return invalid("api-read-token", "needs --api-token");
+        }
+        if self.api_read_token.as_ref().is_some_and(|r| self.api_tokens.iter().any(|t| t == r)) {
+            return invalid("api-read-token", "must differ from --api-token and --api-token-previous");
         }
         if self.secrets_token.is_some() && self.cluster_secret.is_none() {
             // The secret store's key is derived from the cluster secret: without one every
@@ -879,6 +898,11 @@ mod tests {
         assert_eq!(both.api_tokens.len(), 2);
         assert!(both.api_tokens[0].matches(b"0123456789abcdef") && both.api_tokens[1].matches(b"fedcba9876543210"), "current first");
         assert!(base().resolve().unwrap().api_tokens.is_empty(), "no token: the API is open");
+        assert_eq!(refused(NodeArgs { api_read_token: secret(), ..base() }), "api-read-token", "a read token alone");
+        assert_eq!(refused(NodeArgs { api_read_token: Some("short".into()), api_token: secret(), ..base() }), "api-read-token");
+        assert_eq!(refused(NodeArgs { api_read_token: secret(), api_token: secret(), ..base() }), "api-read-token", "the same as the full token");
+        let read = NodeArgs { api_read_token: Some("fedcba9876543210".into()), api_token: secret(), ..base() }.resolve().unwrap();
+        assert!(read.api_read_token.is_some_and(|t| t.matches(b"fedcba9876543210")));
         assert!(NodeArgs { api_token: Some(String::new()), ..base() }.resolve().unwrap().api_tokens.is_empty(), "an empty token is none");
         assert!(NodeArgs { write_timeout_ms: Some(100), ..base() }.resolve().is_ok());
         assert_eq!(refused(NodeArgs { write_timeout_ms: Some(300_001), ..base() }), "write-timeout-ms");

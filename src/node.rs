@@ -538,6 +538,7 @@ pub async fn run(
         cluster_name: cfg.cluster_name.clone(),
         secrets_token: cfg.secrets_token.clone(),
         api_tokens: cfg.api_tokens.clone(),
+        api_read_token: cfg.api_read_token.clone(),
         long_polls: api::stores::LongPolls::new(),
     });
     let http_stop = run_stop.child_token();

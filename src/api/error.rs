@@ -64,7 +64,8 @@ pub enum ApiError {
     /// store's token or the API token).
     #[error("{message}")]
     Unauthorized { realm: &'static str, message: String },
-    /// Refused whoever asks (403): the API is off on this node.
+    /// Refused (403): the API is off on this node, or the credentials given do not allow this
+    /// request (the read token's write).
     #[error("{0}")]
     Forbidden(String),
 }

@@ -101,6 +101,8 @@ pub struct App {
     /// `--api-token` (and `--api-token-previous`): the bearer tokens of the rest of the data and
     /// admin API (`needs_api_token`); empty: it is open.
     pub api_tokens: Vec<crate::peer::ClusterSecret>,
+    /// `--api-read-token`: a token of that API for GET and HEAD only.
+    pub api_read_token: Option<crate::peer::ClusterSecret>,
     /// Long polls on the stores and the event log (`stores::LongPolls`), ended at the drain.
     pub long_polls: stores::LongPolls,
 }
@@ -481,14 +483,20 @@ fn needs_api_token(segs: &[&str]) -> bool {
 }
 
 /// `--api-token`: the data and admin API answers only a client that sends one of the node's
-/// tokens (the current or, while clients move, the previous one). Each is compared in constant
-/// time (`ClusterSecret::matches`).
+/// tokens (the current or, while clients move, the previous one), or the read token
+/// (`--api-read-token`) for a GET or HEAD. Each is compared in constant time
+/// (`ClusterSecret::matches`).
 fn authorize_api(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     if app.api_tokens.is_empty() {
         return Ok(());
     }
+    let reads = matches!(*req.method(), Method::GET | Method::HEAD);
     match bearer(req)? {
         Some(given) if app.api_tokens.iter().any(|t| t.matches(given.as_bytes())) => Ok(()),
+        Some(given) if app.api_read_token.as_ref().is_some_and(|t| t.matches(given.as_bytes())) => match reads {
+            true => Ok(()),
+            false => Err(ApiError::Forbidden(format!("the read token (--api-read-token) may not {}: only GET and HEAD", req.method()))),
+        },
         Some(_) => Err(ApiError::Unauthorized { realm: REALM_API, message: "the bearer token is not this node's --api-token".into() }),
         None => Err(ApiError::Unauthorized {
             realm: REALM_API,

@@ -236,7 +236,8 @@ fn secrets_want_the_token_and_are_sealed_on_every_disk() {
 fn the_api_token_guards_the_data_and_admin_api() {
     const API: &str = "it-api-token-0123456789abcdef";
     const OLD: &str = "it-old-api-token-0123456789";
-    let flags = ["--example-services", "--cluster-secret", SECRET, "--secrets-token", TOKEN, "--api-token", API, "--api-token-previous", OLD];
+    const READ: &str = "it-read-api-token-0123456789";
+    let flags = ["--example-services", "--cluster-secret", SECRET, "--secrets-token", TOKEN, "--api-token", API, "--api-token-previous", OLD, "--api-read-token", READ];
     let (c, _leader) = Cluster::formed("apitoken", 3, &flags);
     let [a, b] = [c.api(1), c.api(2)];
     let (current, previous) = (format!("Bearer {API}"), format!("Bearer {OLD}"));
@@ -273,6 +274,24 @@ fn the_api_token_guards_the_data_and_admin_api() {
     status(&call(&b, "GET", "/v1/state/demo/k", &with_old, b""), 200, "get with the previous token");
     status(&call(&b, "POST", "/v1/events/tokenTest", &with_old, b"{\"n\":1}"), 201, "publish with the previous token");
     assert_json_error(&call(&b, "GET", "/no/such/route", &with, b""), 404, "an unknown route, with the token");
+    // The read token reads, and may write nothing.
+    let reader = format!("Bearer {READ}");
+    let read = [("authorization", reader.as_str())];
+    status(&call(&b, "GET", "/v1/state/demo/k", &read, b""), 200, "a read with the read token");
+    status(&call(&b, "HEAD", "/v1/state/demo/k", &read, b""), 200, "a HEAD with the read token");
+    status(&call(&b, "GET", "/v1/events?after=0&eventName=tokenTest", &read, b""), 200, "the event log with the read token");
+    status(&call(&b, "GET", "/cluster", &read, b""), 200, "/cluster with the read token");
+    for (method, path, body) in [
+        ("PUT", "/v1/state/demo/k", &b"\"by reader\""[..]),
+        ("DELETE", "/v1/state/demo/k", b""),
+        ("POST", "/v1/events/tokenTest", b"{}"),
+        ("DELETE", "/v1/subscriptions/countOrders", b""),
+        ("DELETE", "/cluster/members/3", b""),
+    ] {
+        assert_json_error(&call(&a, method, path, &read, body), 403, &format!("{method} {path} with the read token"));
+    }
+    assert_eq!(json_of(&call(&b, "GET", "/v1/state/demo/k", &with, b"")), json!("v1"), "the reader changed nothing");
+    assert_json_error(&call(&a, "GET", "/v1/secrets/db/pw", &read, b""), 401, "the read token reads no secrets");
     // Open without it: what orchestrators, load balancers and Prometheus read, and the app's own
     // endpoints.
     c.wait_until("the demo's commands to be routed and the node ready", Duration::from_secs(30), || {
