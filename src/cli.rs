@@ -185,10 +185,25 @@ pub fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, `a: b: c`, leaving out a cause whose text the line
+/// already holds (many of our errors say their cause in their own message too, and `{:#}`
+/// printed it again for each level).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut line = e.to_string();
+    for cause in e.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
 }
 
 /// The log filter when `RUST_LOG` is not set. openraft's heartbeat worker warns at every missed
@@ -435,7 +450,27 @@ fn url(addr: &str) -> String {
 mod tests {
     use tokio::runtime::RuntimeFlavor;
 
+    use super::error_chain;
     use super::runtime_builder;
+
+    /// Each cause is said once: an error whose message holds its source's text (`sidecar:
+    /// {0}` over a declaration error) is not followed by that text again, while a context over
+    /// an error it does not quote still is.
+    #[test]
+    fn an_error_line_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("inner {0}")]
+        struct Inner(u8);
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Outer(#[from] Inner);
+        let quoted = anyhow::Error::from(Outer(Inner(7)));
+        assert_eq!(error_chain(&quoted), "outer: inner 7");
+        let context = quoted.context("starting the node");
+        assert_eq!(error_chain(&context), "starting the node: outer: inner 7");
+        let plain = anyhow::Error::from(Inner(1)).context("reading");
+        assert_eq!(error_chain(&plain), "reading: inner 1");
+    }
 
     #[test]
     fn one_worker_thread_gets_the_current_thread_scheduler() {

@@ -94,7 +94,9 @@ pub struct SidecarSubscription {
     pub event_name: Option<String>,
     #[serde(default)]
     pub sender_service: Option<String>,
-    #[serde(default)]
+    /// A number or a string (`version` above is a number, so a filter on one may be written as
+    /// one too); checked as a version when the subscription is declared.
+    #[serde(default, deserialize_with = "number_or_text")]
     pub sender_version: Option<String>,
     #[serde(default)]
     pub sender_target: Option<String>,
@@ -119,6 +121,20 @@ pub struct SidecarSubscription {
     /// handler's returned event is. An answer that is not JSON is a nack.
     #[serde(default)]
     pub emit_event: Option<String>,
+}
+
+/// An optional setting given as a string or a whole number (`1` and `"1"` alike).
+fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Text(String),
+        Number(u64),
+    }
+    Ok(Option::<Given>::deserialize(d)?.map(|g| match g {
+        Given::Text(s) => s,
+        Given::Number(n) => n.to_string(),
+    }))
 }
 
 fn default_sub_service() -> String {
@@ -288,7 +304,8 @@ pub enum SidecarError {
     Upstream { url: String, reason: String },
     #[error("sidecar command {service} v{version} `{command}`: {reason}")]
     Command { service: String, version: u32, command: String, reason: String },
-    #[error("sidecar: {0}")]
+    /// (Said as what the declaration says: `NodeError::Sidecar` names the sidecar.)
+    #[error("{0}")]
     Declaration(#[from] BuildError),
     #[error("sidecar: must be started inside a Tokio runtime")]
     NoRuntime,
@@ -1497,5 +1514,19 @@ mod tests {
         cfg.commands[0].path = "a//b".into();
         assert!(start(cfg).unwrap().contains("path"));
         assert!(toml::from_str::<SidecarConfig>("upstream = \"http://x:1\"\nbogus = 1").is_err());
+    }
+
+    /// A subscription's `sender_version` may be written as the number a `version` is, or as a
+    /// string; anything else is refused when the file is read.
+    #[test]
+    fn a_sender_version_is_a_number_or_a_string() {
+        let sub = |v: &str| toml::from_str::<SidecarConfig>(&format!("upstream = \"http://x:1\"\n[[subscriptions]]\nname = \"s\"\npath = \"/e\"\n{v}"));
+        let version = |v: &str| sub(v).map(|c| c.subscriptions[0].sender_version.clone());
+        assert_eq!(version("sender_version = 2").unwrap(), Some("2".into()));
+        assert_eq!(version("sender_version = \"2\"").unwrap(), Some("2".into()));
+        assert_eq!(version("").unwrap(), None);
+        assert!(sub("sender_version = -1").is_err());
+        assert!(sub("sender_version = 1.5").is_err());
+        assert!(sub("sender_version = [1]").is_err());
     }
 }
