@@ -73,8 +73,9 @@ pub struct CommonArgs {
     /// core.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub threads: u16,
-    /// The nodes' `--api-token`, sent as a bearer token with every request (their `/metrics`,
-    /// which the bench reads too, takes none).
+    /// The nodes' `--api-token`, sent as a bearer token with every request to their own API
+    /// (not to `/api/`, the services' endpoints; their `/metrics`, which the bench reads too,
+    /// takes none). Prefer the env var, as `ps` shows flags.
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
     pub api_token: Option<String>,
 }
@@ -757,10 +758,14 @@ where
     let deadline = measure_from + common.duration;
     // The longest latency a request can have (`new_histogram`), with room to spare.
     let longest = (common.warmup + common.duration + common.timeout).saturating_mul(2);
+    // The node's token goes to the node's own API only: never to a service's endpoint under
+    // `/api/` (the proxy passes `Authorization` on to the app), nor beside one the user gave.
     let auth = common.api_token.as_deref().filter(|t| !t.is_empty()).map(|t| ("authorization".to_string(), format!("Bearer {t}")));
     let make_request = Arc::new(move |worker: usize, seq: u64| {
         let mut req = make_request(worker, seq);
-        req.headers.extend(auth.clone());
+        if !req.path.starts_with("/api/") && !req.headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("authorization")) {
+            req.headers.extend(auth.clone());
+        }
         req
     });
     let progress = Arc::new(Progress::default());

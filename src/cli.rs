@@ -88,7 +88,8 @@ struct LeaveArgs {
     /// PEM file of the CA that an `https://` node's certificate must chain to.
     #[arg(long)]
     cacert: Option<std::path::PathBuf>,
-    /// The node's `--api-token`, if it has one (sent as `Authorization: Bearer <token>`).
+    /// The node's `--api-token`, if it has one (sent as `Authorization: Bearer <token>`; prefer
+    /// the env var, as `ps` shows flags).
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
 }
@@ -106,7 +107,8 @@ struct ProbeArgs {
     /// Print the response body on stdout (a curl stand-in inside scratch images).
     #[arg(long)]
     body: bool,
-    /// The node's `--api-token`, if it has one (sent as `Authorization: Bearer <token>`).
+    /// The node's `--api-token`, if it has one (sent as `Authorization: Bearer <token>`; prefer
+    /// the env var, as `ps` shows flags).
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
 }
@@ -198,7 +200,7 @@ fn error_chain(e: &anyhow::Error) -> String {
     let mut line = e.to_string();
     for cause in e.chain().skip(1) {
         let text = cause.to_string();
-        if !line.contains(&text) {
+        if !line.ends_with(&text) {
             line.push_str(": ");
             line.push_str(&text);
         }
@@ -337,7 +339,9 @@ async fn probe(args: ProbeArgs) -> anyhow::Result<()> {
         anyhow::bail!("{:?}: no host", args.url);
     }
     let mut conn = connect_to(&format!("{scheme}://{host}"), args.cacert.as_deref())?;
-    let auth = bearer_header(args.api_token.as_deref());
+    // Never to a service's endpoint: the token is the node's, and the proxy passes the
+    // header on to the app.
+    let auth = bearer_header(args.api_token.as_deref()).filter(|_| !path.starts_with("/api/"));
     let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let resp = conn
         .request(http::Method::GET, path, &headers, bytes::Bytes::new(), Duration::from_millis(args.timeout_ms))
@@ -381,6 +385,10 @@ async fn dev(args: DevArgs) -> anyhow::Result<()> {
             .arg(&dir)
             .args(["--peer-addr", &peers[i], "--http-addr", &https[i], "--seeds", &peers.join(","), "--bootstrap-expect", "3", "--example-services"])
             .args(["--worker-threads", &threads])
+            // Only these flags configure the dev nodes: a `RAFTBRIDGE_API_TOKEN` exported for
+            // `leave` would otherwise make the curl lines below get 401s.
+            .env_clear()
+            .envs(std::env::vars_os().filter(|(k, _)| !k.to_string_lossy().starts_with("RAFTBRIDGE_")))
             .stdout(std::process::Stdio::null())
             .stderr(log)
             .kill_on_drop(true)

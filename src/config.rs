@@ -682,6 +682,18 @@ impl NodeConfig {
             let name = if self.api_tokens.first().is_some_and(|s| s.len() < 16 || !s.is_visible_ascii()) { "api-token" } else { "api-token-previous" };
             return invalid(name, "must be at least 16 bytes of visible ASCII");
         }
+        if !self.api_tokens.is_empty() && self.cluster_secret.is_none() && self.peer_tls.is_none() {
+            // The peer port takes the same writes and member changes from any peer: a token on
+            // HTTP alone would guard a door beside an open one.
+            return invalid("api-token", "needs --cluster-secret or peer TLS (--peer-tls-*): without either, the peer port takes writes and member changes from anyone");
+        }
+        // One value for two uses would give a client of one what the other guards: the read
+        // token's holder the secret store, an API client the peer port and the secrets' key.
+        let others: Vec<&crate::peer::ClusterSecret> =
+            self.secrets_token.iter().chain(self.cluster_secret.iter()).chain(self.cluster_secret_previous.iter()).collect();
+        if self.api_tokens.iter().chain(self.api_read_token.iter()).any(|t| others.contains(&t)) {
+            return invalid("api-token", "the API tokens must differ from --secrets-token and --cluster-secret (and its previous one)");
+        }
         if self.api_read_token.as_ref().is_some_and(|s| s.len() < 16 || !s.is_visible_ascii()) {
             return invalid("api-read-token", "must be at least 16 bytes of visible ASCII");
         }
@@ -890,6 +902,12 @@ mod tests {
         assert_eq!(refused(NodeArgs { cluster_secret_previous: secret(), ..base() }), "cluster-secret-previous");
         assert_eq!(refused(NodeArgs { cluster_secret_previous: Some("short".into()), cluster_secret: secret(), ..base() }), "cluster-secret-previous");
         assert!(NodeArgs { cluster_secret_previous: secret(), cluster_secret: secret(), ..base() }.resolve().is_ok());
+        let other = || Some("another-secret-0123456789".to_string());
+        assert_eq!(refused(NodeArgs { api_token: secret(), ..base() }), "api-token", "no token without peer authentication");
+        assert_eq!(refused(NodeArgs { api_token: secret(), cluster_secret: secret(), ..base() }), "api-token", "the cluster secret as a token");
+        assert_eq!(refused(NodeArgs { api_token: other(), api_read_token: secret(), secrets_token: secret(), cluster_secret: Some("cluster-secret-0123456789".into()), ..base() }), "api-token", "the secrets token as the read token");
+        assert_eq!(refused(NodeArgs { api_token: other(), api_token_previous: secret(), cluster_secret_previous: secret(), cluster_secret: Some("cluster-secret-0123456789".into()), ..base() }), "api-token", "the previous cluster secret as a token");
+        let base = || NodeArgs { cluster_secret: Some("cluster-secret-0123456789".into()), ..base() };
         assert_eq!(refused(NodeArgs { api_token: Some("short".into()), ..base() }), "api-token");
         assert_eq!(refused(NodeArgs { api_token: Some("0123456789 abcdef".into()), ..base() }), "api-token");
         assert_eq!(refused(NodeArgs { api_token_previous: secret(), ..base() }), "api-token-previous", "a previous token alone");
@@ -901,6 +919,10 @@ mod tests {
         assert_eq!(refused(NodeArgs { api_read_token: secret(), ..base() }), "api-read-token", "a read token alone");
         assert_eq!(refused(NodeArgs { api_read_token: Some("short".into()), api_token: secret(), ..base() }), "api-read-token");
         assert_eq!(refused(NodeArgs { api_read_token: secret(), api_token: secret(), ..base() }), "api-read-token", "the same as the full token");
+        let (dir, path) = config_file("api_token = \"file-api-token-0123\"\napi_read_token = \"file-read-token-0123\"\n");
+        let from_file = NodeArgs { config: Some(path), ..base() }.resolve().unwrap();
+        assert!(from_file.api_tokens[0].matches(b"file-api-token-0123") && from_file.api_read_token.is_some_and(|t| t.matches(b"file-read-token-0123")));
+        std::fs::remove_dir_all(dir).unwrap();
         let read = NodeArgs { api_read_token: Some("fedcba9876543210".into()), api_token: secret(), ..base() }.resolve().unwrap();
         assert!(read.api_read_token.is_some_and(|t| t.matches(b"fedcba9876543210")));
         assert!(NodeArgs { api_token: Some(String::new()), ..base() }.resolve().unwrap().api_tokens.is_empty(), "an empty token is none");

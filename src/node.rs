@@ -553,7 +553,14 @@ pub async fn run(
     if let Some(limit) = crate::process::open_files_limit().filter(|l| *l < wanted) {
         warn!(limit, wanted, "the open-file limit is below what --max-connections may open: raise it (ulimit -n, LimitNOFILE, the container's nofile ulimit) or lower --max-connections");
     }
-    info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, https = ?cfg.https.as_ref().map(|h| &h.addr), advertise = %cfg.advertise, "node started");
+    // Whether the data and admin API wants a token: an empty or mistyped setting leaves it open,
+    // which the start line says rather than leaving it to be found out.
+    let api = match (cfg.api_tokens.is_empty(), cfg.api_read_token.is_some()) {
+        (true, _) => "open (no --api-token)",
+        (false, false) => "token required",
+        (false, true) => "token required (and a read token)",
+    };
+    info!(id = cfg.id, peer = %cfg.peer_addr, http = %cfg.http_addr, https = ?cfg.https.as_ref().map(|h| &h.addr), advertise = %cfg.advertise, api, "node started");
 
     // A Raft core that stops on its own (its log or snapshot could not be written) leaves a node
     // that answers reads from a frozen copy and fails every write: it drains and exits with an

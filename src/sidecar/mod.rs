@@ -125,16 +125,23 @@ pub struct SidecarSubscription {
 
 /// An optional setting given as a string or a whole number (`1` and `"1"` alike).
 fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum Given {
-        Text(String),
-        Number(u64),
+    struct Given;
+    impl serde::de::Visitor<'_> for Given {
+        type Value = String;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a version: a whole number or a string")
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<String, E> {
+            Ok(v.to_string())
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<String, E> {
+            u64::try_from(v).map(|v| v.to_string()).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
     }
-    Ok(Option::<Given>::deserialize(d)?.map(|g| match g {
-        Given::Text(s) => s,
-        Given::Number(n) => n.to_string(),
-    }))
+    d.deserialize_any(Given).map(Some)
 }
 
 fn default_sub_service() -> String {

@@ -907,7 +907,14 @@ impl Cluster {
         let path = self.dir.join(format!("{name}.cli.log"));
         let log = File::create(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
         let err = log.try_clone().expect("clone log file handle");
-        let mut child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        // Only the test's arguments configure the command, as for the nodes.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("RAFTBRIDGE_") {
+                cmd.env_remove(&key);
+            }
+        }
+        let mut child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))

@@ -242,8 +242,10 @@ fn the_api_token_guards_the_data_and_admin_api() {
     let [a, b] = [c.api(1), c.api(2)];
     let (current, previous) = (format!("Bearer {API}"), format!("Bearer {OLD}"));
     let [with, with_old] = [[("authorization", current.as_str())], [("authorization", previous.as_str())]];
-    let guarded: [(&str, &str, &[u8]); 11] = [
+    let guarded: [(&str, &str, &[u8]); 13] = [
         ("PUT", "/v1/state/demo/k", b"1"),
+        ("GET", "//v1/state/demo/k", b""),
+        ("GET", "/v1/%73ecrets/db/pw", b""),
         ("GET", "/v1/state/demo/k", b""),
         ("GET", "/v1/state/demo", b""),
         ("PUT", "/v1/config/demo/k", b"1"),
@@ -264,6 +266,8 @@ fn the_api_token_guards_the_data_and_admin_api() {
         let twice = call(&a, method, path, &[("authorization", current.as_str()), ("authorization", previous.as_str())], body);
         assert_json_error(&twice, 400, &format!("{method} {path}, the token given twice"));
     }
+    let head = call(&a, "HEAD", "/v1/state/demo/k", &[], b"");
+    assert_eq!((head.status, head.header("www-authenticate")), (401, Some("Bearer realm=\"raftbridge\"")), "a HEAD without the token");
     // Nothing of the refused requests happened: no key, no event, node 3 still a member.
     assert_json_error(&call(&b, "GET", "/v1/state/demo/k", &with, b""), 404, "the refused put wrote nothing");
     let events = json_of(&call(&b, "GET", "/v1/events?after=0&eventName=tokenTest", &with, b""));
