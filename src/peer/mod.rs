@@ -210,6 +210,9 @@ impl Drop for HandshakeSlot {
 }
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 const PING_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a member's link must have been silent (no frame, pings included: four missed)
+/// before a process at another address may take its id (`member_answering_elsewhere`).
+const MEMBER_SILENT: Duration = Duration::from_millis(2_000);
 /// Each peer's clock offset (`check_clock`), NaN once it left the cluster (`forget_peer`).
 const CLOCK_GAUGE: &str = "raftbridge_peer_clock_offset_seconds";
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
@@ -1301,6 +1304,12 @@ impl PeerNet {
             let _ = writer.send(Frame::encode_raw(Kind::Reject, 0, reason.as_bytes())).await;
             return Err(reason);
         }
+        if self.cfg.secret.is_none() {
+            if let Some(reason) = self.refuse_claimant(&theirs) {
+                let _ = writer.send(Frame::encode_raw(Kind::Reject, 0, reason.as_bytes())).await;
+                return Err(reason);
+            }
+        }
         let mut ours = self.hello();
         if let Some(secret) = &self.cfg.secret {
             ours.proof = secret.prove(PROOF_ACCEPTOR, &theirs, &ours);
@@ -1324,9 +1333,53 @@ impl PeerNet {
                 return Err(reason);
             }
         }
+        // With a secret, judged once the dialer has proved it: nothing of the membership is
+        // told to whoever merely connects. (Without one, before the `HelloAck` above, which
+        // ends the handshake for the dialer.)
+        if self.cfg.secret.is_some() {
+            if let Some(reason) = self.refuse_claimant(&theirs) {
+                let _ = writer.send(Frame::encode_raw(Kind::Reject, 0, reason.as_bytes())).await;
+                return Err(reason);
+            }
+        }
         reader.decoder_mut().set_max_frame_length(self.cfg.max_frame);
         self.start_link(theirs.node_id, theirs.addr.clone(), theirs.node_id, &theirs, reader, writer);
         Ok(())
+    }
+
+    /// Why a handshake from `theirs` is refused when it claims the id of a member that still
+    /// answers elsewhere (`member_answering_elsewhere`), said in the log and counted.
+    fn refuse_claimant(&self, theirs: &Hello) -> Option<String> {
+        let member = self.member_answering_elsewhere(theirs)?;
+        warn!(peer = theirs.node_id, claimant = %theirs.addr, %member, "refused a peer link under the id of a member that still answers at its own address");
+        metrics::counter!("raftbridge_peer_links_refused_total", "cause" => "id_in_use").increment(1);
+        Some(format!(
+            "node id {} is in use by a member that still answers at {member}: a second process started with its id? \
+             (a member that moved to a new address gets in once the old one has been silent for {} ms)",
+            theirs.node_id,
+            MEMBER_SILENT.as_millis()
+        ))
+    }
+
+    /// The address of member `theirs.node_id`'s live link when `theirs` claims that id from
+    /// another process (another incarnation) at another address while the member still
+    /// answers at the address the membership holds for it: a second process started with a
+    /// member's id (a copied data dir, a container rescheduled while the old one runs). Let in,
+    /// its link replaced the member's at every node, the member's own came back and replaced
+    /// it in turn, and between them Raft's appends went to both (the leader saw the member's
+    /// log "go back" and demoted it, again and again). A member that really moved gets in once
+    /// its old link has been silent for `MEMBER_SILENT` (a dead process answers no pings), and
+    /// one restarted at its own address always does.
+    fn member_answering_elsewhere(&self, theirs: &Hello) -> Option<String> {
+        let links = lock(&self.links);
+        let old = links.get(&theirs.node_id)?;
+        let answering = old.is_alive() && lock(&old.last_seen).elapsed() < MEMBER_SILENT;
+        if !answering || old.incarnation == theirs.incarnation || old.peer_addr == theirs.addr {
+            return None;
+        }
+        // `links` then `addrs`, as everywhere.
+        let at_member_addr = lock(&self.addrs).get(&theirs.node_id).is_some_and(|a| *a == old.peer_addr);
+        at_member_addr.then(|| old.peer_addr.clone())
     }
 
     fn start_link(
@@ -1980,6 +2033,45 @@ mod tests {
         assert!(asked.elapsed() < Duration::from_millis(2_000), "took {:?}", asked.elapsed());
         assert!(matches!(e, PeerError::NoLinkInTime { .. }) && e.not_delivered(), "{e}");
         held.abort();
+        stop.cancel();
+    }
+
+    /// A second process that claims a member's id from another address is refused while the
+    /// member answers at the address the membership holds for it (the member's link stays as
+    /// it was); once the member is gone, the same claimant gets in (a member that moved).
+    #[tokio::test]
+    async fn a_second_process_with_a_members_id_is_refused_while_the_member_answers() {
+        let (acceptor, addr, stop) = listening(Duration::from_secs(10)).await;
+        let node = |advertise: &str, stop: &CancellationToken| {
+            let cfg = PeerConfig { node_id: 2, cluster: "t".into(), advertise: advertise.into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(10), secret: None, tls: None, source_ip: None };
+            let net = PeerNet::new(cfg, stop.clone());
+            net.set_peer_addr(1, &addr.to_string());
+            net
+        };
+        acceptor.set_peer_addr(2, "127.0.0.1:1");
+        let member_stop = CancellationToken::new();
+        let member = node("127.0.0.1:1", &member_stop);
+        member.link(1).await.expect("the member links");
+        let incarnation = |net: &PeerNet| lock(&net.links).get(&2).map(|l| l.incarnation);
+        let before = incarnation(&acceptor);
+        assert_eq!(before, Some(member.incarnation));
+        let claimant = node("127.0.0.1:2", &stop);
+        let Err(err) = claimant.link(1).await else { panic!("the claimant linked") };
+        assert!(err.to_string().contains("in use by a member that still answers at 127.0.0.1:1"), "{err}");
+        assert_eq!(incarnation(&acceptor), before, "the member's link stays");
+        assert!(acceptor.reachable(2));
+        // The member stops: its link ends, and the claimant is let in (a member that moved).
+        member_stop.cancel();
+        let mut linked = false;
+        for _ in 0..100 {
+            if claimant.link(1).await.is_ok() {
+                linked = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(linked, "the claimant gets in once the member is gone");
+        assert_eq!(incarnation(&acceptor), Some(claimant.incarnation));
         stop.cancel();
     }
 
