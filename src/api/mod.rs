@@ -667,7 +667,9 @@ fn cluster_view(app: &App) -> serde_json::Value {
     serde_json::json!({
         "node_id": m.id,
         "cluster_name": app.cluster_name,
-        "leader": m.current_leader,
+        // As writes see it: a leader that removed itself names nobody (openraft keeps its
+        // own id there, with the node a learner).
+        "leader": app.replica.leader(),
         "term": m.current_term,
         "state": state,
         "committed": m.local_committed.map(|l| l.index),

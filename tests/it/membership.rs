@@ -309,6 +309,9 @@ fn leave_of_the_leader_through_itself_succeeds_and_so_does_a_repeat() {
         let message = r.json().ok().and_then(|v| v["message"].as_str().map(str::to_owned)).unwrap_or_default();
         if is_leader == 0.0 && r.status == 503 && message.contains("removed from the cluster") { Ok(()) } else { Err(format!("is_leader {is_leader}, /readyz {}", r.describe())) }
     });
+    // Its `/cluster` names no leader (it named itself) and says it was removed.
+    let view = c.api(leader).request("GET", "/cluster", &[], b"").expect("/cluster").json().expect("JSON");
+    assert_eq!((&view["leader"], &view["removed"]), (&json!(null), &json!(true)), "{view}");
 }
 
 /// With `--cluster-secret` the nodes form a cluster as usual, and a node that does not know the
