@@ -133,7 +133,7 @@ impl From<RemoteError> for ApiError {
 impl From<ReplicaError> for ApiError {
     fn from(e: ReplicaError) -> Self {
         match e {
-            ReplicaError::Unavailable | ReplicaError::Undecided => ApiError::Unavailable(e.to_string()),
+            ReplicaError::Unavailable | ReplicaError::Undecided | ReplicaError::Stopped => ApiError::Unavailable(e.to_string()),
             ReplicaError::Forward { .. } => ApiError::BadGateway(e.to_string()),
             ReplicaError::Remote(r) => r.into(),
             ReplicaError::TooLarge { .. } => ApiError::Oversized(e.to_string()),

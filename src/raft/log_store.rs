@@ -594,12 +594,20 @@ thread_local! {
     static REPLAY_SYNCS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Makes what the log replayed durable before it is served. A process killed before its
-/// flusher's `fdatasync` leaves its last appends in the page cache, not on the disk; the next
-/// process reads them back from the cache, and openraft takes a log it opens as flushed: a
-/// leader's next append that adds nothing has them acknowledged without a storage call, and a
-/// power cut after that lost entries a quorum was counted with. (Closed segments were synced
-/// before their successor was made; syncing a clean file costs little.)
+/// Makes what the log will replay durable before it is read and served. A process killed
+/// before its flusher's `fdatasync` leaves its last appends in the page cache, not on the disk;
+/// the next process reads them back from the cache, and openraft takes a log it opens as
+/// flushed: a leader's next append that adds nothing has them acknowledged without a storage
+/// call, and a power cut after that lost entries a quorum was counted with. (Closed segments
+/// were synced before their successor was made; syncing a clean file costs little.)
+///
+/// Then each segment's cached pages are dropped (`drop_cached`), so that replay reads what the
+/// disk holds. A write-back that failed (EIO; ENOSPC from thin-provisioned storage) is reported
+/// to the process whose `fdatasync` it fails (which stops, its appends unacknowledged), and
+/// Linux keeps those pages cached and marked clean: a new process's `fdatasync` succeeds, and
+/// reading through the cache gave it records the disk never got. It served them as durable,
+/// they counted toward quorums, and a later reboot cut the log back at the hole they left (a
+/// helper lost 770 acknowledged events that way on an ext4 whose backing store filled).
 fn sync_replayed(dir: &Path, names: &[u64], sync: bool) -> io::Result<()> {
     if !sync {
         return Ok(());
@@ -607,10 +615,25 @@ fn sync_replayed(dir: &Path, names: &[u64], sync: bool) -> io::Result<()> {
     for &name in names {
         let path = seg_path(dir, name);
         // Read-only is enough: `fdatasync` flushes the file's pages whoever wrote them.
-        File::open(&path).and_then(|f| f.sync_data()).map_err(ctx("fsync", &path))?;
+        let file = File::open(&path).map_err(ctx("open", &path))?;
+        file.sync_data().map_err(ctx("fsync", &path))?;
+        drop_cached(&file).map_err(ctx("drop the cached pages of", &path))?;
         #[cfg(test)]
         REPLAY_SYNCS.with(|c| c.set(c.get() + 1));
     }
+    Ok(())
+}
+
+/// Drops a synced file's pages from the page cache (`POSIX_FADV_DONTNEED`, which on Linux
+/// drops every clean page that is not mapped), so that the next read comes from the disk.
+#[cfg(target_os = "linux")]
+fn drop_cached(file: &File) -> io::Result<()> {
+    rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).map_err(io::Error::from)
+}
+
+/// Elsewhere the cache stays (development builds only: the node runs on Linux).
+#[cfg(not(target_os = "linux"))]
+fn drop_cached(_file: &File) -> io::Result<()> {
     Ok(())
 }
 
@@ -832,12 +855,13 @@ impl LogStore {
         } else {
             None
         };
+        // Synced, then read from the disk, not the page cache (`sync_replayed`, `drop_cached`).
+        sync_replayed(dir, &names, opts.sync)?;
         let mut closed = BTreeMap::new();
         for (i, &name) in names.iter().enumerate() {
             let info = replay_segment(&seg_path(dir, name), i + 1 == names.len(), opts.sync, &mut mem)?;
             closed.insert(name, info);
         }
-        sync_replayed(dir, &names, opts.sync)?;
         // A Raft log has no holes (from the purge point on) and its log ids only grow; anything
         // else means lost or misordered segment files, which must not be served.
         let ids: Vec<&LogId> = mem.meta.last_purged.iter().chain(mem.entries.values().map(|e| &e.log_id)).collect();

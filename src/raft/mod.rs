@@ -76,6 +76,10 @@ pub fn openraft_config(s: &RaftSettings) -> Result<Arc<RaftConfig>, openraft::Co
 pub enum ReplicaError {
     #[error("no leader or no quorum within the deadline")]
     Unavailable,
+    /// This node's Raft core has stopped (a storage failure, said in its log): it takes no
+    /// writes or reads until it is restarted; another node does.
+    #[error("this node's raft has stopped (see its log: a storage failure stops it); ask another node")]
+    Stopped,
     /// The deadline passed after the write was handed to a leader: it may still commit (a 503
     /// like `Unavailable`, issue 1's contract for no quorum, but the client learns that a plain
     /// retry may apply it twice).
@@ -173,7 +177,7 @@ impl Replica {
                 (m.running_state.is_err(), m.current_leader)
             };
             if stopped {
-                return Err(ReplicaError::Unavailable);
+                return Err(ReplicaError::Stopped);
             }
             if let Some(l) = leader {
                 return Ok(l);
@@ -222,7 +226,10 @@ impl Replica {
         let mut reached = false;
         let gave_up = |reached: bool| if reached { ReplicaError::Undecided } else { ReplicaError::Unavailable };
         for attempt in 0..4_096u32 {
-            let leader = self.wait_leader(deadline).await.map_err(|_| gave_up(reached))?;
+            let leader = self.wait_leader(deadline).await.map_err(|e| match e {
+                ReplicaError::Stopped if !reached => ReplicaError::Stopped,
+                _ => gave_up(reached),
+            })?;
             let outcome = if leader == self.id() {
                 let outcome = tokio::time::timeout_at(deadline, self.write_local(cmd.clone())).await.map_err(|_| ReplicaError::Undecided)?;
                 // "Not the leader" (openraft refuses before appending) and a stopped core

@@ -573,6 +573,7 @@ mod tests {
         let replica = |r: ReplicaError| HandlerError::from(StoreError::Replica(r)).status;
         assert_eq!(replica(ReplicaError::Unavailable), 503, "no quorum in time: nothing to tell");
         assert_eq!(replica(ReplicaError::Undecided), 503, "no quorum in time, though proposed: still issue 1's 503");
+        assert_eq!(replica(ReplicaError::Stopped), 503, "this node's core stopped: another node may take it");
         assert_eq!(replica(ReplicaError::Remote(RemoteError::Internal("outcome unknown".into()))), 502);
         assert_eq!(replica(ReplicaError::Remote(RemoteError::NotLeader { leader: None })), 503);
         assert_eq!(replica(ReplicaError::Remote(RemoteError::Invalid("x".into()))), 400);
