@@ -991,10 +991,16 @@ impl SmShared {
         read(&self.data).stores.get(store).and_then(|s| s.get(key)).cloned()
     }
 
-    /// The service registry and the log index of its last change.
+    /// The service registry of the cluster's members, and the log index of its last change or
+    /// of the membership's, whichever is later (`registry_view_revision`). A node removed from
+    /// the cluster while its entry stood (killed, then `leave`) kept it for good, and its
+    /// commands were "no live node offers" 503s for ever, never the 404 of a command nobody
+    /// offers; left out here, it departs from the routing table as a stopped node does.
     pub fn registry(&self) -> (u64, BTreeMap<NodeId, Vec<ServiceDecl>>) {
         let d = read(&self.data);
-        (d.registry_revision, d.registry.clone())
+        let members = d.last_membership.membership();
+        let registry = d.registry.iter().filter(|(n, _)| members.get_node(n).is_some()).map(|(n, s)| (*n, s.clone())).collect();
+        (registry_view_revision(&d), registry)
     }
 
     /// One node's registry entry (what `registry` would copy for all of them).
@@ -1002,6 +1008,7 @@ impl SmShared {
         read(&self.data).registry.get(&node).cloned()
     }
 
+    /// What `registry` answers as its revision, without copying the registry.
     pub fn registry_revision(&self) -> u64 {
         self.registry_rev.load(std::sync::atomic::Ordering::Acquire)
     }
@@ -1384,7 +1391,7 @@ impl StateMachine {
         };
         Ok(StateMachine {
             shared: Arc::new(SmShared {
-                registry_rev: std::sync::atomic::AtomicU64::new(data.registry_revision),
+                registry_rev: std::sync::atomic::AtomicU64::new(registry_view_revision(&data)),
                 events_next: tokio::sync::watch::Sender::new(data.log.next),
                 stores_moved: tokio::sync::watch::Sender::new(data.stores_digest),
                 replay_end: std::sync::atomic::AtomicU64::new(0),
@@ -1620,7 +1627,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let (result, digest) = {
                 let mut d = write(&self.shared.data);
                 let result = apply_entry(&mut d, entry, replay_end);
-                self.shared.registry_rev.store(d.registry_revision, std::sync::atomic::Ordering::Release);
+                self.shared.registry_rev.store(registry_view_revision(&d), std::sync::atomic::Ordering::Release);
                 (result, d.stores_digest)
             };
             // Per entry, not once per call: a key written by one entry of a call and deleted by
@@ -1657,7 +1664,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let old = {
             let mut d = write(&self.shared.data);
-            self.shared.registry_rev.store(data.registry_revision, std::sync::atomic::Ordering::Release);
+            self.shared.registry_rev.store(registry_view_revision(&data), std::sync::atomic::Ordering::Release);
             let mut data = data;
             data.subs_generation = d.subs_generation;
             for sub in data.subs.values_mut() {
@@ -1717,6 +1724,12 @@ thread_local! {
 /// counted on this node either: a count short by a few on one node, not doubled.
 fn replaying() -> bool {
     REPLAYING.with(std::cell::Cell::get)
+}
+
+/// The revision of the members' registry (`SmShared::registry`): the later of the registry's
+/// last change and the membership's, both log indexes.
+fn registry_view_revision(d: &SmData) -> u64 {
+    d.registry_revision.max(d.last_membership.log_id().map_or(0, |l| l.index))
 }
 
 /// Applies one entry; `replay_end` is one past the last index of the log at start
@@ -1980,6 +1993,33 @@ mod tests {
         d.last_membership = StoredMembershipT::new(None, crate::raft::types::Membership::new_with_defaults(vec![[1, 3].into()], []));
         register(&mut d, 5, 1, "billing", "b3");
         assert_eq!(filter_of(&d).as_deref(), Some("b3"), "node 2 (audit) is gone: billing owns it");
+    }
+
+    /// The registry the proxy routes by holds the members' entries only: a node removed while
+    /// its entry stood (killed, then `leave`) leaves it with the membership entry that removes
+    /// it, whose index is the registry's revision then (the routing table is built again).
+    #[test]
+    fn a_removed_nodes_registry_entry_is_left_out_of_the_routing_registry() {
+        use openraft::vote::RaftLeaderIdExt;
+        let sm = empty_shared();
+        let svc = crate::sdk::ServiceDecl { name: "solo".into(), version: 2, commands: Vec::new(), subscriptions: Vec::new(), available: true };
+        let membership = |ids: &[NodeId], index| {
+            let m = crate::raft::types::Membership::new_with_defaults(vec![ids.iter().copied().collect()], []);
+            let log_id = LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index);
+            Entry { log_id, payload: openraft::EntryPayload::Membership(m) }
+        };
+        {
+            let mut d = write(&sm.data);
+            apply_entry(&mut d, membership(&[1, 2, 4], 1), 0);
+            d.apply(2, Command::Register { node: 4, services: vec![svc.clone()] });
+            d.apply(3, Command::Register { node: 1, services: vec![svc] });
+        }
+        let (revision, registry) = sm.registry();
+        assert_eq!((revision, registry.keys().copied().collect::<Vec<_>>()), (3, vec![1, 4]));
+        apply_entry(&mut write(&sm.data), membership(&[1, 2], 4), 0);
+        let (revision, registry) = sm.registry();
+        assert_eq!((revision, registry.keys().copied().collect::<Vec<_>>()), (4, vec![1]), "node 4 was removed");
+        assert!(sm.registry_entry(4).is_some(), "its entry itself stays in the replicated state");
     }
 
     /// A subscription handler's tagged write leaves a record that no claim ticks away; the

@@ -230,7 +230,15 @@ impl Command {
     /// leaves the same value: another client's write may land between the two, and readers
     /// would see the value, the other write, then the value again (one write seen twice),
     /// which no order of the three writes explains. Its caller hears "unknown" instead.
+    ///
+    /// A publish whose every event carries an idempotency key is one: a repeat inside the dedup
+    /// window stores nothing and answers the first ids and positions (a keyed request's emits,
+    /// a keyed publish), so a keyed command that emits is not failed with a 502 when the
+    /// leader dies under it.
     pub fn retry_safe(&self) -> bool {
+        if let Command::Publish { events, .. } = self {
+            return !events.is_empty() && events.iter().all(|e| e.idempotency_key.is_some());
+        }
         matches!(
             self,
             Command::Put { tag: Some(_), .. }
@@ -317,6 +325,12 @@ mod tests {
         assert!(!Command::Delete { store: "s".into(), key: "k".into(), if_revision: None }.retry_safe());
         assert!(Command::Increment { store: "s".into(), key: "k".into(), by: 1, tag: Some(("k".into(), 1)) }.retry_safe());
         assert!(!Command::Increment { store: "s".into(), key: "k".into(), by: 1, tag: None }.retry_safe());
+        // A publish is when every event carries a key (a repeat answers the first positions).
+        let event = |key: Option<&str>| crate::broker::new_event("e", b"{}".to_vec(), &Default::default(), None, key.map(str::to_string));
+        let publish = |events: Vec<crate::broker::event::NewEvent>| Command::Publish { now_ms: 0, events: std::sync::Arc::new(events), limits: EventLimits { max_events: 1, max_bytes: 1, max_age_ms: 1, dedup_window_ms: 1 } };
+        assert!(publish(vec![event(Some("a")), event(Some("b"))]).retry_safe());
+        assert!(!publish(vec![event(Some("a")), event(None)]).retry_safe(), "one event without a key");
+        assert!(!publish(vec![]).retry_safe());
     }
 
     /// Byte fields encode as bytes (`serde_bytes`: one copy) where they used to be sequences
