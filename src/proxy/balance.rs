@@ -14,6 +14,7 @@
 //!   "black hole" of least-latency balancing).
 //! - *Outlier ejection*: after `EJECT_AFTER` consecutive failures (infrastructure, or a
 //!   handler's 500s and its app's 502s, as Envoy's consecutive-5xx detection) a node is skipped
+//!   for that service (the proxy keeps one balancer per service version, as Envoy one per cluster)
 //!   for a backoff that doubles with each ejection (1 s … 30 s); one success clears it. If every
 //!   candidate is ejected, they are used anyway (a guess beats a certain 503).
 //! - *Retry budget*: retries may add at most ~20 % to the request rate plus a floor of 10 per
@@ -31,6 +32,27 @@ use crate::lock;
 use crate::raft::types::NodeId;
 
 const EJECT_AFTER: u32 = 5;
+/// Service versions whose balancers are kept (`Balancers`): far more than a cluster declares;
+/// past it all start afresh, as after a restart.
+const MAX_BALANCERS: usize = 1_024;
+
+/// One `Balancer` per service version, made on first use.
+#[derive(Default)]
+pub struct Balancers(Mutex<HashMap<(String, u32), std::sync::Arc<Balancer>>>);
+
+impl Balancers {
+    /// The balancer of `service` v`version`.
+    pub fn of(&self, service: &str, version: u32) -> std::sync::Arc<Balancer> {
+        let mut all = lock(&self.0);
+        if let Some(b) = all.get(&(service.to_string(), version)) {
+            return b.clone();
+        }
+        if all.len() >= MAX_BALANCERS {
+            all.clear();
+        }
+        all.entry((service.to_string(), version)).or_default().clone()
+    }
+}
 const EJECT_BASE: Duration = Duration::from_secs(1);
 const EJECT_MAX: Duration = Duration::from_secs(30);
 /// Weight of a new latency sample in the EWMA.
@@ -311,6 +333,23 @@ mod tests {
             b.start(2).finish(failure, Duration::from_millis(1));
             assert!(b.is_ejected(2), "{failure:?}: ejected after {EJECT_AFTER} in a row");
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_services_failures_do_not_eject_a_node_for_another() {
+        let all = Balancers::default();
+        let (failing, other) = (all.of("boom", 1), all.of("users", 1));
+        for _ in 0..EJECT_AFTER {
+            failing.start(2).finish(Outcome::Errored, Duration::from_millis(1));
+        }
+        assert!(failing.is_ejected(2));
+        assert!(!other.is_ejected(2), "another service's balancer judges node 2 by its own answers");
+        assert!(all.of("boom", 1).is_ejected(2), "one balancer per service version");
+        assert!(!all.of("boom", 2).is_ejected(2), "another version is another");
+        for i in 0..MAX_BALANCERS {
+            all.of(&format!("s{i}"), 1);
+        }
+        assert!(!all.of("boom", 1).is_ejected(2), "past the bound, all start afresh");
     }
 
     #[tokio::test(start_paused = true)]

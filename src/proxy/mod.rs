@@ -51,7 +51,6 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::debug;
 
-use self::balance::Balancer;
 use self::balance::Outcome;
 use self::balance::RetryBudget;
 use self::routing::Lookup;
@@ -176,7 +175,11 @@ pub struct Proxy {
     sm: Arc<SmShared>,
     local: LocalServices,
     table: Mutex<SharedTable>,
-    balancer: Balancer,
+    /// One balancer per service version (`balancer_for`): latency, load and outlier ejection
+    /// are judged per service, as Envoy judges hosts per cluster. One for all let a service
+    /// whose handler fails (or a client whose input makes it fail) eject the node for every
+    /// other service's commands too.
+    balancers: balance::Balancers,
     budget: RetryBudget,
     peer_slots: Mutex<HashMap<NodeId, Arc<Semaphore>>>,
     settings: ProxySettings,
@@ -255,7 +258,7 @@ impl Proxy {
             sm,
             local,
             table: Mutex::new(Arc::new(RouteTable::default())),
-            balancer: Balancer::default(),
+            balancers: balance::Balancers::default(),
             budget: RetryBudget::default(),
             running: tokio_util::task::TaskTracker::new(),
             running_slots: Arc::new(Semaphore::new(MAX_RUNNING)),
@@ -467,6 +470,7 @@ impl Proxy {
         retry_after_delivery: bool,
     ) -> Result<(Result<Output, HandlerError>, NodeId), ApiError> {
         self.budget.deposit();
+        let balancer = self.balancers.of(&route.service, route.version);
         // Whether the client cut the command's timeout short (`x-timeout-ms`: the invocation's
         // timeout is the shorter of the two): a deadline it chose says nothing of a node's
         // health, one the command's own timeout set does (a hung handler, local ones too).
@@ -486,7 +490,7 @@ impl Proxy {
             let fresh: Vec<NodeId> = all.iter().copied().filter(|n| !tried.contains(n)).collect();
             let pool = if fresh.is_empty() { all } else { fresh };
             let local = self.settings.local_first.then_some(self.node_id);
-            let Some(target) = self.balancer.pick(&pool, local) else { break };
+            let Some(target) = balancer.pick(&pool, local) else { break };
             tried.push(target);
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -495,7 +499,7 @@ impl Proxy {
             let mut inv = inv.clone();
             inv.timeout_ms = left.as_millis().max(1) as u64;
             let started = Instant::now();
-            let flight = self.balancer.start(target);
+            let flight = balancer.start(target);
             let outcome = tokio::time::timeout_at(deadline, self.invoke(target, inv)).await;
             match outcome {
                 Err(_) => {
