@@ -341,7 +341,12 @@ impl Proxy {
         let path = req.uri().path().to_string();
         let rest = path.strip_prefix("/api/v").ok_or_else(|| ApiError::NotFound(format!("no route for {path}")))?;
         let (version, cmd_path) = rest.split_once('/').unwrap_or((rest, ""));
-        let version: u32 = version.parse().map_err(|_| ApiError::NotFound(format!("no route for {path}")))?;
+        // Canonical decimal only: `v+1` and `v01` are no aliases of `v1` (an ACL in front that
+        // matches paths exactly would not see them as the same route).
+        let version = crate::api::decimal(version)
+            .filter(|_| version == "0" || !version.starts_with('0'))
+            .and_then(|v| u32::try_from(v).ok())
+            .ok_or_else(|| ApiError::NotFound(format!("no route for {path}")))?;
         // A path that does not decode names no command: the client's mistake (400), not an
         // unknown route (404), as the state and event routes answer it.
         if cmd_path.split('/').any(|seg| crate::proxy::routing::percent_decode_with(seg, false).is_none()) {
@@ -642,6 +647,10 @@ impl Proxy {
         // Measured as sent on a link (`size`) and as stored under a key (its JSON text, where
         // escapes may make it several times longer).
         let out = out.map_err(|e| {
+            if !(400..=599).contains(&e.status) {
+                tracing::warn!(service = %key.0, command = %key.2, status = e.status, "command error with a status that is no error status: answered 500");
+                return error_status_checked(e);
+            }
             let passed = headers::size(&e.headers);
             let bytes = if e.size() + passed > self.settings.max_output {
                 e.size() + passed
@@ -804,6 +813,16 @@ fn answer(out: Result<Output, HandlerError>) -> Response<Full<Bytes>> {
     }
 }
 
+/// A handler's error as answered: a 4xx or 5xx as it is, any other status (a 200 with an
+/// error's body, a 204 whose body is dropped, a 101 the connection cannot carry, a 42) a 500
+/// that says so, as it is the handler's bug.
+fn error_status_checked(e: HandlerError) -> HandlerError {
+    if (400..=599).contains(&e.status) {
+        return e;
+    }
+    HandlerError::new(500, format!("the handler failed with status {}, which is no error status (400-599)", e.status))
+}
+
 fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
 }
@@ -859,6 +878,19 @@ fn valid_traceparent(t: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A handler's error answers with a 4xx or 5xx; another status is its bug, answered 500.
+    #[test]
+    fn a_handler_error_without_an_error_status_is_a_500() {
+        for status in [0, 42, 101, 200, 204, 304, 600] {
+            let e = error_status_checked(HandlerError::new(status, "x"));
+            assert_eq!(e.status, 500, "{status}");
+            assert!(e.message.contains(&format!("status {status}")), "{}", e.message);
+        }
+        for status in [400, 404, 499, 500, 503, 599] {
+            assert_eq!(error_status_checked(HandlerError::new(status, "x")).status, status);
+        }
+    }
 
     #[test]
     fn trace_ids_are_kept_or_created() {

@@ -142,7 +142,8 @@ impl RouteTable {
     }
 
     pub fn lookup(&self, version: u32, method: &str, path: &str) -> Lookup<'_> {
-        let path = path.trim_matches('/');
+        // Leading slashes only: `echo/` is not `echo` (`match_path`), nor `echo//`.
+        let path = path.trim_start_matches('/');
         let key = (version, method.to_string());
         // A registered command first; a departed node's only where none takes the request.
         for table in [&self.routes, &self.departed_routes] {

@@ -160,7 +160,7 @@ pub enum StoreError {
     /// The store is full (`--state-max-keys`, `--state-max-bytes`): 507 until keys are deleted.
     #[error("{0}")]
     QuotaExceeded(String),
-    #[error("revision mismatch (current: {current:?})")]
+    #[error("revision mismatch (current: {})", current.map_or_else(|| "absent".to_string(), |r| format!("revision {r}")))]
     PreconditionFailed { current: Option<u64> },
     #[error(transparent)]
     Replica(#[from] ReplicaError),
@@ -519,6 +519,13 @@ impl StateStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A lost compare-and-set says the current revision in words, not as Rust's `Some(..)`.
+    #[test]
+    fn a_failed_precondition_says_the_current_revision() {
+        assert_eq!(StoreError::PreconditionFailed { current: Some(35) }.to_string(), "revision mismatch (current: revision 35)");
+        assert_eq!(StoreError::PreconditionFailed { current: None }.to_string(), "revision mismatch (current: absent)");
+    }
 
     #[test]
     fn names_are_checked() {

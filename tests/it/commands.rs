@@ -915,6 +915,10 @@ fn deadlines_and_bad_input_get_clear_errors() {
             ("POST", "/api/v1/echo/extra"),
             ("GET", "/api/v1/counter/x/increment/more"),
             ("POST", "/api/echo"),
+            // No aliases: a trailing slash, a signed or zero-padded version.
+            ("POST", "/api/v1/echo/"),
+            ("POST", "/api/v+1/echo"),
+            ("POST", "/api/v01/echo"),
         ] {
             let resp = send(method, path, &[], b"{}");
             assert_json_error(&resp, 404, &format!("{method} {path} via node {}", api.id));
