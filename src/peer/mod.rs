@@ -1860,7 +1860,15 @@ async fn read_loop(
                     }
                 });
             }
-            Kind::Hello | Kind::HelloAck | Kind::Reject | Kind::Auth => {
+            // With a cluster secret, the dialer's handshake ends with its `Auth`, and a refusal
+            // judged after it (`refuse_claimant`) comes as the link's first frame: said, with
+            // the acceptor's reason, so that the refused process's log tells why.
+            Kind::Reject => {
+                let reason = String::from_utf8_lossy(&frame.payload[..frame.payload.len().min(512)]).into_owned();
+                warn!(peer = link.peer, %reason, "the peer refused this link, closing");
+                return;
+            }
+            Kind::Hello | Kind::HelloAck | Kind::Auth => {
                 warn!(peer = link.peer, kind = ?frame.kind, "handshake frame on an established link, closing");
                 return;
             }
@@ -2072,6 +2080,50 @@ mod tests {
         }
         assert!(linked, "the claimant gets in once the member is gone");
         assert_eq!(incarnation(&acceptor), Some(claimant.incarnation));
+        stop.cancel();
+    }
+
+    /// With a cluster secret the refusal comes after the dialer's `Auth`, as the first frame of
+    /// its link: the claimant's link is closed at once, and the member's stays.
+    #[tokio::test]
+    async fn with_a_secret_a_second_process_with_a_members_id_is_refused_after_its_proof() {
+        const SECRET: &str = "0123456789abcdef-secret";
+        let (acceptor, member, addr, stop) = pair(Some(SECRET), Some(SECRET)).await;
+        acceptor.set_peer_addr(2, "127.0.0.1:1");
+        member.link(1).await.expect("the member links");
+        let incarnation = |net: &PeerNet| lock(&net.links).get(&2).map(|l| l.incarnation);
+        // The acceptor registers it once the `Auth` is checked, after the dialer's `link`.
+        for _ in 0..100 {
+            if incarnation(&acceptor).is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(incarnation(&acceptor), Some(member.incarnation));
+        let cfg = PeerConfig {
+            node_id: 2,
+            cluster: "t".into(),
+            advertise: "127.0.0.1:2".into(),
+            max_frame: 1 << 20,
+            idle_timeout: Duration::from_secs(10),
+            secret: Some(ClusterSecret::new(SECRET.as_bytes())),
+            tls: None,
+            source_ip: None,
+        };
+        let claimant = PeerNet::new(cfg, stop.clone());
+        claimant.set_peer_addr(1, &addr.to_string());
+        let _ = claimant.link(1).await;
+        let mut closed = false;
+        for _ in 0..100 {
+            if !claimant.reachable(1) {
+                closed = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(closed, "the claimant's link is closed");
+        assert_eq!(incarnation(&acceptor), Some(member.incarnation), "the member's link stays");
+        assert!(member.reachable(1));
         stop.cancel();
     }
 

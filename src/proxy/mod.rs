@@ -341,6 +341,10 @@ impl Proxy {
         let path = req.uri().path().to_string();
         let rest = path.strip_prefix("/api/v").ok_or_else(|| ApiError::NotFound(format!("no route for {path}")))?;
         let (version, cmd_path) = rest.split_once('/').unwrap_or((rest, ""));
+        // `/api/v1//echo` is no alias of `/api/v1/echo` either.
+        if cmd_path.starts_with('/') {
+            return Err(ApiError::NotFound(format!("no route for {}", crate::api::cut(&path, 256))));
+        }
         // Canonical decimal only: `v+1` and `v01` are no aliases of `v1` (an ACL in front that
         // matches paths exactly would not see them as the same route).
         let version = crate::api::decimal(version)
@@ -805,6 +809,8 @@ fn answer(out: Result<Output, HandlerError>) -> Response<Full<Bytes>> {
             resp
         }
         Err(e) => {
+            // Also for an answer from another node (an older build's handler).
+            let e = error_status_checked(e);
             let status = StatusCode::from_u16(e.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
             let mut resp = crate::api::json_response(status, &e.to_json());
             headers::append(&e.headers, resp.headers_mut());

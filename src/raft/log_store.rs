@@ -625,7 +625,8 @@ fn sync_replayed(dir: &Path, names: &[u64], sync: bool) -> io::Result<()> {
 }
 
 /// Drops a synced file's pages from the page cache (`POSIX_FADV_DONTNEED`, which on Linux
-/// drops every clean page that is not mapped), so that the next read comes from the disk.
+/// drops the clean pages that are not mapped, locked or in use), so that the next read comes
+/// from the disk. Best effort by the call's nature; nothing else maps or locks a segment.
 #[cfg(target_os = "linux")]
 fn drop_cached(file: &File) -> io::Result<()> {
     rustix::fs::fadvise(file, 0, None, rustix::fs::Advice::DontNeed).map_err(io::Error::from)

@@ -917,6 +917,7 @@ fn deadlines_and_bad_input_get_clear_errors() {
             ("POST", "/api/echo"),
             // No aliases: a trailing slash, a signed or zero-padded version.
             ("POST", "/api/v1/echo/"),
+            ("POST", "/api/v1//echo"),
             ("POST", "/api/v+1/echo"),
             ("POST", "/api/v01/echo"),
         ] {
