@@ -36,21 +36,22 @@ const EJECT_AFTER: u32 = 5;
 /// past it all start afresh, as after a restart.
 const MAX_BALANCERS: usize = 1_024;
 
-/// One `Balancer` per service version, made on first use.
+/// One `Balancer` per service version, made on first use. Keyed by version, then name, so that
+/// a lookup (once per proxied command) borrows the name instead of allocating a key.
 #[derive(Default)]
-pub struct Balancers(Mutex<HashMap<(String, u32), std::sync::Arc<Balancer>>>);
+pub struct Balancers(Mutex<HashMap<u32, HashMap<String, std::sync::Arc<Balancer>>>>);
 
 impl Balancers {
     /// The balancer of `service` v`version`.
     pub fn of(&self, service: &str, version: u32) -> std::sync::Arc<Balancer> {
         let mut all = lock(&self.0);
-        if let Some(b) = all.get(&(service.to_string(), version)) {
+        if let Some(b) = all.get(&version).and_then(|by_name| by_name.get(service)) {
             return b.clone();
         }
-        if all.len() >= MAX_BALANCERS {
+        if all.values().map(HashMap::len).sum::<usize>() >= MAX_BALANCERS {
             all.clear();
         }
-        all.entry((service.to_string(), version)).or_default().clone()
+        all.entry(version).or_default().entry(service.to_string()).or_default().clone()
     }
 }
 const EJECT_BASE: Duration = Duration::from_secs(1);
