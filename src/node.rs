@@ -476,13 +476,15 @@ pub async fn run(
         // Ends once the node is proven (`spawn`: a return is no failure), or with the run.
         crate::supervise::spawn("unproven", prove(replica.clone(), founder_log.clone(), unproven.clone(), seen_commit.clone(), run_stop.child_token()));
     }
+    let snapshots = Arc::new(Snapshots { assembling: Mutex::new(HashMap::new()), cap: cfg.snapshot_cap() });
+    crate::supervise::spawn_until("snapshot transfer expiry", &guard_stop, snapshots.clone().expire_idle(guard_stop.clone()));
     net.set_handler(Arc::new(PeerHandler {
         replica: replica.clone(),
         cluster: cluster.clone(),
         proxy: proxy.clone(),
         dispatcher: dispatcher.clone(),
         broker: broker.clone(),
-        snapshots: Arc::new(Snapshots { assembling: Mutex::new(HashMap::new()), cap: cfg.snapshot_cap() }),
+        snapshots: snapshots.clone(),
         appends: appends.clone(),
         unproven,
         seen_commit,
@@ -517,6 +519,7 @@ pub async fn run(
         max_body: cfg.max_body,
         bodies: api::BodyBudget::new(cfg.max_body_buffered),
         answers: api::BodyBudget::new(cfg.max_body_buffered),
+        heads: api::BodyBudget::new(cfg.max_body_buffered),
         max_connections: cfg.max_connections,
         header_read_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_millis(cfg.http_idle_timeout_ms),
@@ -806,8 +809,16 @@ async fn hand_over_leadership(replica: &Replica) {
         .await;
 }
 
-/// A snapshot being received: the sender's vote, its last log index, the bytes so far.
-type Assembly = (Vote, Option<u64>, Vec<u8>);
+/// A snapshot being received: the sender's vote, its last log index, the bytes so far, and
+/// when it last grew (`Snapshots::expire`).
+type Assembly = (Vote, Option<u64>, Vec<u8>, tokio::time::Instant);
+
+/// How long a snapshot being received may go without a chunk before it is dropped. A sender
+/// that crashed, was deposed or gave up part-way (the follower then caught up from the log, or
+/// was removed) sends no later chunk and, often, no new transfer that would replace it: its
+/// partial image, up to the snapshot cap (1 GiB or more), stayed in memory for the life of the
+/// process. A live transfer sends its next chunk within a peer call's timeout.
+const ASSEMBLY_IDLE: Duration = Duration::from_secs(60);
 
 /// Snapshots being received (one at a time) and the largest image accepted: what this node's
 /// own bounds let a leader's image reach (`NodeConfig::snapshot_cap`). A fixed 1 GiB refused,
@@ -815,6 +826,35 @@ type Assembly = (Vote, Option<u64>, Vec<u8>);
 struct Snapshots {
     assembling: Mutex<HashMap<NodeId, Assembly>>,
     cap: usize,
+}
+
+impl Snapshots {
+    /// Drops the transfers that have had no chunk for `ASSEMBLY_IDLE`; true if any was.
+    fn expire(&self, now: tokio::time::Instant) -> bool {
+        let mut map = crate::lock(&self.assembling);
+        let before = map.len();
+        map.retain(|from, a| {
+            let live = now.saturating_duration_since(a.3) < ASSEMBLY_IDLE;
+            if !live {
+                warn!(peer = *from, bytes = a.2.len(), "dropped a snapshot transfer that had no chunk for {ASSEMBLY_IDLE:?}");
+            }
+            live
+        });
+        map.len() != before
+    }
+
+    /// Runs `expire` until `stop` (the node's guard stop).
+    async fn expire_idle(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(ASSEMBLY_IDLE / 4);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            self.expire(tokio::time::Instant::now());
+        }
+    }
 }
 
 /// Serves peer requests by handing each to the module that owns it.
@@ -1191,7 +1231,7 @@ fn assemble(
             return Err("snapshot from a leader of an older term than the transfer under way".into());
         }
         map.clear();
-        map.insert(from, (*vote, key, Vec::new()));
+        map.insert(from, (*vote, key, Vec::new(), tokio::time::Instant::now()));
     }
     let Some(entry) = map.get_mut(&from) else { return Err(format!("snapshot chunk at {offset} of no transfer")) };
     if entry.0 != *vote || entry.1 != key || entry.2.len() as u64 != offset {
@@ -1202,10 +1242,11 @@ fn assemble(
         return Err(format!("snapshot larger than {cap} bytes, what this node's bounds allow (--state-max-bytes and the like)"));
     }
     entry.2.extend_from_slice(data);
+    entry.3 = tokio::time::Instant::now();
     if !done {
         return Ok(None);
     }
-    Ok(map.remove(&from).map(|(_, _, bytes)| bytes))
+    Ok(map.remove(&from).map(|(_, _, bytes, _)| bytes))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1475,6 +1516,24 @@ mod tests {
         assert!(add(3, &Vote::new_committed(1, 3), Some(5), 0, b"z", false).is_err());
         assert_eq!(add(3, &v2, Some(5), 1, b"b", true), Ok(Some(b"ab".to_vec())));
         assert!(map.is_empty(), "nothing is kept of a finished transfer");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_snapshot_transfer_without_chunks_is_dropped_after_the_idle_time() {
+        let snapshots = Snapshots { assembling: Mutex::new(HashMap::new()), cap: 1 << 20 };
+        let v1 = Vote::new_committed(1, 1);
+        let add = |offset, data: &[u8]| assemble(&mut crate::lock(&snapshots.assembling), 1 << 20, 1, &v1, Some(9), offset, data, false);
+        assert_eq!(add(0, &[1; 1000]), Ok(None));
+        tokio::time::advance(ASSEMBLY_IDLE - Duration::from_secs(1)).await;
+        assert!(!snapshots.expire(tokio::time::Instant::now()), "a transfer within the idle time is kept");
+        // Each chunk starts the wait again.
+        assert_eq!(add(1000, b"x"), Ok(None));
+        tokio::time::advance(ASSEMBLY_IDLE - Duration::from_secs(1)).await;
+        assert!(!snapshots.expire(tokio::time::Instant::now()));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(snapshots.expire(tokio::time::Instant::now()), "a sender that went silent: its image is dropped");
+        assert!(crate::lock(&snapshots.assembling).is_empty());
+        assert!(add(1001, b"y").is_err(), "a late chunk of it fits no transfer");
     }
 
     #[test]
