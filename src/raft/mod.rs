@@ -612,6 +612,9 @@ fn stopped_error(e: &openraft::error::Fatal<TypeConfig>, retry_safe: bool) -> Re
     }
 }
 
+/// A proposal appended on a leader that lost its leadership before the entry committed.
+const DISCARDED: &str = "the write was appended on a leader that lost its leadership before it committed, and its entry was discarded there";
+
 /// What a refused proposal means for its sender. Rejected before its entry was appended: not
 /// the leader, send it there. Appended, then discarded when this node took another leader's log:
 /// the outcome is unknown (it may still commit), so only a command that may be applied twice is
@@ -620,8 +623,9 @@ fn stopped_error(e: &openraft::error::Fatal<TypeConfig>, retry_safe: bool) -> Re
 fn write_error(e: ClientWriteError, retry_safe: bool) -> RemoteError {
     match e {
         ClientWriteError::ForwardToLeader(f) => RemoteError::NotLeader { leader: f.leader_id },
-        ClientWriteError::LogEntryDiscarded(_) if retry_safe => RemoteError::Unavailable(e.to_string()),
-        ClientWriteError::LogEntryDiscarded(_) => RemoteError::Internal(e.to_string()),
+        // In words: openraft's own text shows its types' debug form (`Some(BasicNode { .. })`).
+        ClientWriteError::LogEntryDiscarded(_) if retry_safe => RemoteError::Unavailable(DISCARDED.into()),
+        ClientWriteError::LogEntryDiscarded(_) => RemoteError::Internal(format!("{DISCARDED}: its outcome is unknown (it may still commit); repeat it with the same Idempotency-Key, or read it back")),
         other => RemoteError::Invalid(other.to_string()),
     }
 }
@@ -721,6 +725,8 @@ mod tests {
 
         let e = write_error(ClientWriteError::LogEntryDiscarded(to()), false);
         assert!(matches!(e, RemoteError::Internal(_)), "{e:?}: outcome unknown, not retried");
+        let message = ApiError::from(e.clone()).to_string();
+        assert!(message.contains("outcome is unknown") && !message.contains("BasicNode") && !message.contains("Some("), "in words: {message}");
         assert_eq!(status(e), 502);
 
         let e = write_error(ClientWriteError::ForwardToLeader(to()), false);
