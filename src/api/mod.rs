@@ -63,6 +63,10 @@ pub struct HttpSettings {
     pub bodies: BodyBudget,
     /// Bytes of answers held at once while they are written to clients (`Answer`).
     pub answers: BodyBudget,
+    /// Bytes of request heads held at once until their answers are made (`head_bytes`). Its
+    /// own budget, as answers have theirs: in the bodies' budget, a head would leave a body of
+    /// `--max-body` in a budget of exactly that no room.
+    pub heads: BodyBudget,
     pub max_connections: usize,
     pub header_read_timeout: Duration,
     /// A connection with no request under way for this long is closed (`keep`).
@@ -211,14 +215,24 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let app = app.clone();
             let under_way = seen.begin();
+            // The head in the budget of what requests hold until the answer is made (`head_bytes`).
+            let mut head = Held::default();
+            let head_fits = app.settings.heads.try_count(&mut head, head_bytes(&req));
             // Who asked, for the forwarding headers a command's handler gets (`proxy::headers`);
             // only there: an extension is an allocation, and events and state need none.
             if req.uri().path().starts_with("/api/") {
                 req.extensions_mut().insert(client);
             }
             async move {
-                let _under_way = under_way;
-                Ok::<_, Infallible>(handle(app, req).await)
+                let mut resp = match head_fits {
+                    true => handle(app, req).await,
+                    false => head_refused(),
+                };
+                drop(head);
+                // Under way until its answer is written, not only until it is made (`keep`).
+                resp.body_mut().track(&under_way.0);
+                drop(under_way);
+                Ok::<_, Infallible>(resp)
             }
         });
         let (builder, drain, tls) = (builder.clone(), drain.clone(), tls.clone());
@@ -230,8 +244,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                     let stream = head::FirstHead::new(stall::Stalling::new(stream, stall::WRITE_STALL));
                     let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                     match keep(conn, &activity, limits, &drain).await {
-                        Some(served) => served,
-                        None => return tracing::debug!(%remote, "no request within the header timeout, closing"),
+                        Kept::Served(served) => served,
+                        Kept::Silent => return tracing::debug!(%remote, "no request within the header timeout, closing"),
+                        Kept::Stalled => return tracing::debug!(%remote, "the client took none of its answers for the write stall limit, closing"),
                     }
                 }
                 // A handshake still under way when the drain begins is dropped: no request has
@@ -244,8 +259,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                         let stream = head::FirstHead::new(stall::Stalling::new(stream, stall::WRITE_STALL));
                         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                         match keep(conn, &activity, limits, &drain).await {
-                            Some(served) => served,
-                            None => return tracing::debug!(%remote, "no request within the header timeout after the handshake, closing"),
+                            Kept::Served(served) => served,
+                            Kept::Silent => return tracing::debug!(%remote, "no request within the header timeout after the handshake, closing"),
+                            Kept::Stalled => return tracing::debug!(%remote, "the client took none of its answers for the write stall limit, closing"),
                         }
                     }
                     Ok(Err(err)) => {
@@ -293,6 +309,25 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     }
 }
 
+/// What a request's head holds in memory, about: its target and header fields, with HTTP/2's 32
+/// bytes a field (RFC 9113 §6.5.2). Counted in a budget of `--max-body-buffered` bytes of heads
+/// (`HttpSettings::heads`) from when the request comes until its answer is made: each HTTP/2 stream may carry 48 KiB of headers
+/// (`H2_MAX_HEADER_LIST`) that HPACK lets a client send in a few bytes, and a request waiting
+/// on a body that does not come, or on its handler, held them outside any bound but
+/// `--max-connections` times 256 streams.
+fn head_bytes<B>(req: &Request<B>) -> usize {
+    let fields: usize = req.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 32).sum();
+    let uri = req.uri();
+    uri.path_and_query().map_or(0, |p| p.as_str().len()) + uri.authority().map_or(0, |a| a.as_str().len()) + fields
+}
+
+/// The answer to a request whose head did not fit in the body budget (`head_bytes`).
+fn head_refused() -> Response<Answer> {
+    metrics::counter!("raftbridge_http_heads_refused_total").increment(1);
+    let busy = ApiError::Busy("this node holds as many bytes of request headers as --max-body-buffered allows: retry shortly".into());
+    busy.into_response().map(|body| Answer::of(full_bytes(body), Held::default()))
+}
+
 /// How long closed connections' tasks may take to end (dropping a request hands its command on).
 const ABORTED_WAIT: Duration = Duration::from_secs(1);
 
@@ -304,22 +339,69 @@ const H2_PING: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// What a connection's service tells its keeper (`keep`): requests begun, requests under way,
-/// and when the last one ended.
+/// and when the last one ended; answers made and not yet written, and when one last moved.
 #[derive(Debug)]
 struct Activity {
-    /// When the connection was accepted: `ended_ms` counts from it.
+    /// When the connection was accepted: `ended_ms` and `moved_ms` count from it.
     opened: tokio::time::Instant,
     begun: std::sync::atomic::AtomicU64,
     under_way: std::sync::atomic::AtomicU64,
     ended_ms: std::sync::atomic::AtomicU64,
+    /// Answers made and not yet written (`Sending`).
+    unsent: std::sync::atomic::AtomicU64,
+    /// When bytes of an unsent answer were last taken by the connection, or the first of the
+    /// unsent answers was made.
+    moved_ms: std::sync::atomic::AtomicU64,
 }
 
 /// A request under way on a connection; its drop ends it.
 struct UnderWay(Arc<Activity>);
 
+/// An answer made and not yet written; it travels with the answer's bytes (`Counted`), which
+/// the connection drops once they are written, or with the connection.
+#[derive(Debug)]
+struct Sending(Arc<Activity>);
+
+impl Sending {
+    fn new(activity: &Arc<Activity>) -> Sending {
+        use std::sync::atomic::Ordering::Relaxed;
+        if activity.unsent.fetch_add(1, Relaxed) == 0 {
+            // The stall is counted from here while nothing else was waiting.
+            activity.moved_ms.store(activity.now_ms(), Relaxed);
+        }
+        Sending(activity.clone())
+    }
+
+    /// Some of the answer's bytes were taken: the client reads.
+    fn moved(&self) {
+        self.0.moved_ms.store(self.0.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        let ms = self.0.now_ms();
+        self.0.moved_ms.store(ms, Relaxed);
+        self.0.ended_ms.fetch_max(ms, Relaxed);
+        self.0.unsent.fetch_sub(1, Release);
+    }
+}
+
 impl Activity {
     fn new() -> Activity {
-        Activity { opened: tokio::time::Instant::now(), begun: 0.into(), under_way: 0.into(), ended_ms: 0.into() }
+        Activity { opened: tokio::time::Instant::now(), begun: 0.into(), under_way: 0.into(), ended_ms: 0.into(), unsent: 0.into(), moved_ms: 0.into() }
+    }
+
+    fn now_ms(&self) -> u64 {
+        tokio::time::Instant::now().saturating_duration_since(self.opened).as_millis() as u64
+    }
+
+    /// Since when an answer made on the connection has waited with none of its bytes taken
+    /// (`None`: none waits).
+    fn unsent_since(&self) -> Option<tokio::time::Instant> {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        (self.unsent.load(Acquire) > 0).then(|| self.opened + Duration::from_millis(self.moved_ms.load(Relaxed)))
     }
 
     fn begin(self: &Arc<Self>) -> UnderWay {
@@ -329,18 +411,19 @@ impl Activity {
         UnderWay(self.clone())
     }
 
-    /// Since when the connection has had no request under way (`None`: one is).
+    /// Since when the connection has had no request under way and no answer left to write
+    /// (`None`: one is).
     fn idle_since(&self) -> Option<tokio::time::Instant> {
         use std::sync::atomic::Ordering::{Acquire, Relaxed};
-        // Acquire: the `ended_ms` stored before the count fell is seen with it.
-        (self.under_way.load(Acquire) == 0).then(|| self.opened + Duration::from_millis(self.ended_ms.load(Relaxed)))
+        // Acquire: the `ended_ms` stored before a count fell is seen with it.
+        (self.under_way.load(Acquire) == 0 && self.unsent.load(Acquire) == 0).then(|| self.opened + Duration::from_millis(self.ended_ms.load(Relaxed)))
     }
 }
 
 impl Drop for UnderWay {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::{Relaxed, Release};
-        let ms = tokio::time::Instant::now().saturating_duration_since(self.0.opened).as_millis() as u64;
+        let ms = self.0.now_ms();
         self.0.ended_ms.fetch_max(ms, Relaxed);
         self.0.under_way.fetch_sub(1, Release);
     }
@@ -364,31 +447,60 @@ impl<C: hyper_util::server::graceful::GracefulConnection> Finish for C {
     }
 }
 
+/// How a connection's keeper let it go.
+#[derive(Debug, PartialEq)]
+enum Kept<O> {
+    /// It ended, by itself or finished gracefully.
+    Served(O),
+    /// Dropped: no request began in time.
+    Silent,
+    /// Dropped: answers waited unwritten for `stall::WRITE_STALL`.
+    Stalled,
+}
+
 /// Serves a connection until it ends, and ends it gracefully once the drain begins or when no
-/// request has been under way for `limits.between` (HTTP/2 gets a GOAWAY that names the last
-/// stream it took, so a client's request racing it is retried safely; HTTP/1 closes between
-/// requests). An idle connection holds one of `--max-connections`, and a client that answers
-/// HTTP/2 pings kept one for good. `None`, dropped, when no request began within
-/// `limits.first_request`: hyper's HTTP/1 header timeout starts only once it has told HTTP/1
-/// from HTTP/2 by the first bytes (up to the 24 of the HTTP/2 preface), and an HTTP/2
-/// connection has none, so a client that connected and sent nothing, or a byte or two, held its
-/// slot until the node stopped.
-async fn keep<C: Finish>(conn: C, activity: &Activity, limits: Idle, drain: &CancellationToken) -> Option<C::Output> {
+/// request has been under way, and no answer left to write, for `limits.between` (HTTP/2 gets a
+/// GOAWAY that names the last stream it took, so a client's request racing it is retried
+/// safely; HTTP/1 closes between requests). An idle connection holds one of
+/// `--max-connections`, and a client that answers HTTP/2 pings kept one for good.
+/// `Kept::Silent`, dropped, when no request began within `limits.first_request`: hyper's HTTP/1
+/// header timeout starts only once it has told HTTP/1 from HTTP/2 by the first bytes (up to the
+/// 24 of the HTTP/2 preface), and an HTTP/2 connection has none, so a client that connected and
+/// sent nothing, or a byte or two, held its slot until the node stopped.
+///
+/// `Kept::Stalled`, dropped, when answers have waited with none of their bytes taken for
+/// `stall::WRITE_STALL`, finishing or not. `stall::Stalling` sees a write the socket refuses;
+/// an HTTP/2 client that sends no window updates (or a zero initial window) makes hyper write
+/// nothing at all, and its answers (256 streams of them) were held for as long as it answered
+/// pings, and past a graceful finish, which waits for every open stream.
+async fn keep<C: Finish>(conn: C, activity: &Activity, limits: Idle, drain: &CancellationToken) -> Kept<C::Output> {
     use std::sync::atomic::Ordering::Relaxed;
     tokio::pin!(conn);
     // From now, not from the accept: after a TLS handshake the first request has its own wait.
     let mut wake = tokio::time::Instant::now() + limits.first_request;
+    let mut stall_check = tokio::time::Instant::now() + stall::WRITE_STALL;
     let mut finishing = false;
     loop {
         tokio::select! {
-            served = &mut conn => return Some(served),
+            served = &mut conn => return Kept::Served(served),
+            () = tokio::time::sleep_until(stall_check) => {
+                let now = tokio::time::Instant::now();
+                match activity.unsent_since() {
+                    Some(since) if now >= since + stall::WRITE_STALL => {
+                        metrics::counter!("raftbridge_http_write_stalls_total").increment(1);
+                        return Kept::Stalled;
+                    }
+                    Some(since) => stall_check = since + stall::WRITE_STALL,
+                    None => stall_check = now + stall::WRITE_STALL,
+                }
+            }
             () = drain.cancelled(), if !finishing => {
                 conn.as_mut().finish();
                 finishing = true;
             }
             () = tokio::time::sleep_until(wake), if !finishing => {
                 if activity.begun.load(Relaxed) == 0 {
-                    return None;
+                    return Kept::Silent;
                 }
                 let Some(idle_since) = activity.idle_since() else {
                     // Judged again once it could have been idle that long.
@@ -616,6 +728,8 @@ async fn metrics_text(app: &App) -> ApiResult {
     // and still names itself, and would count as a second leader.
     metrics::gauge!("raftbridge_raft_is_leader").set(if m.state == openraft::ServerState::Leader { 1.0 } else { 0.0 });
     metrics::gauge!("raftbridge_http_body_bytes_held").set(app.settings.bodies.held() as f64);
+    metrics::gauge!("raftbridge_http_answer_bytes_held").set(app.settings.answers.held() as f64);
+    metrics::gauge!("raftbridge_http_head_bytes_held").set(app.settings.heads.held() as f64);
     if let Some(cpu) = crate::process::cpu_time() {
         metrics::gauge!("process_cpu_seconds_total").set(cpu.as_secs_f64());
     }
@@ -868,6 +982,8 @@ const REFUSABLE_ANSWER: usize = 64 * 1024;
 pub struct Counted {
     bytes: Bytes,
     _held: Held,
+    /// Tells the connection's keeper the answer is unsent, and when its bytes move (`keep`).
+    sending: Option<Sending>,
 }
 
 impl hyper::body::Buf for Counted {
@@ -879,6 +995,9 @@ impl hyper::body::Buf for Counted {
     }
     fn advance(&mut self, n: usize) {
         self.bytes.advance(n);
+        if let Some(sending) = self.sending.as_ref().filter(|_| n > 0) {
+            sending.moved();
+        }
     }
 }
 
@@ -911,7 +1030,15 @@ impl Answer {
     }
 
     fn of(bytes: Bytes, held: Held) -> Answer {
-        Answer { data: (!bytes.is_empty()).then_some(Counted { bytes, _held: held }) }
+        Answer { data: (!bytes.is_empty()).then_some(Counted { bytes, _held: held, sending: None }) }
+    }
+
+    /// Counted on `activity`'s connection as unsent until its bytes are written (`keep` ends a
+    /// connection whose answers wait unwritten for `stall::WRITE_STALL`).
+    fn track(&mut self, activity: &Arc<Activity>) {
+        if let Some(data) = &mut self.data {
+            data.sending = Some(Sending::new(activity));
+        }
     }
 }
 
@@ -1088,7 +1215,7 @@ mod tests {
 
     /// Runs `keep` on a stand-in connection; the answer is when it ended, and whether it was
     /// served (`Some`) or dropped without a request.
-    fn kept(activity: &Arc<Activity>, drain: &CancellationToken) -> tokio::task::JoinHandle<(Option<()>, tokio::time::Instant)> {
+    fn kept(activity: &Arc<Activity>, drain: &CancellationToken) -> tokio::task::JoinHandle<(Kept<()>, tokio::time::Instant)> {
         let (activity, drain) = (activity.clone(), drain.clone());
         tokio::spawn(async move { (keep(Conn(false), &activity, LIMITS, &drain).await, tokio::time::Instant::now()) })
     }
@@ -1136,11 +1263,56 @@ mod tests {
         drop(small);
     }
 
+    /// An HTTP/2 client that takes no bytes (a zero window): hyper writes nothing, so only the
+    /// answers' own count tells. Answers that wait unwritten for the stall limit end the
+    /// connection, idle finish or not; any bytes taken start the wait again.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_whose_answers_wait_unwritten_is_dropped_at_the_stall_limit() {
+        use hyper::body::Body as _;
+        let activity = Arc::new(Activity::new());
+        let budget = BodyBudget::new(1 << 20);
+        let keeper = kept(&activity, &CancellationToken::new());
+        let made = tokio::time::Instant::now();
+        let mut answer = Answer::counted(Response::new(Full::new(Bytes::from(vec![b'x'; 1000]))), &budget, true).into_body();
+        // Its request ended once the answer was made; the answer is still unsent.
+        drop(activity.begin());
+        answer.track(&activity);
+        assert!(activity.idle_since().is_none(), "an unsent answer is not idle");
+        let mut data = std::future::poll_fn(|cx| std::pin::Pin::new(&mut answer).poll_frame(cx)).await.unwrap().unwrap().into_data().unwrap();
+        tokio::time::sleep(stall::WRITE_STALL - Duration::from_secs(1)).await;
+        hyper::body::Buf::advance(&mut data, 10);
+        let moved = tokio::time::Instant::now();
+        tokio::time::sleep(stall::WRITE_STALL - Duration::from_secs(1)).await;
+        assert!(!keeper.is_finished(), "bytes were taken {:?} ago", tokio::time::Instant::now() - moved);
+        let (kept, at) = keeper.await.unwrap();
+        assert_eq!(kept, Kept::Stalled, "dropped, not finished as idle (the stand-in ends when finished)");
+        assert!(at - made > stall::WRITE_STALL);
+        assert!(at - moved >= stall::WRITE_STALL && at - moved < stall::WRITE_STALL + Duration::from_secs(1), "{:?} after the last move", at - moved);
+        drop(data);
+        assert_eq!((activity.unsent_since(), budget.held()), (None, 0), "written or dropped: nothing waits");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_written_answer_leaves_the_connection_to_the_idle_timeout() {
+        let activity = Arc::new(Activity::new());
+        let budget = BodyBudget::new(1 << 20);
+        let keeper = kept(&activity, &CancellationToken::new());
+        let mut answer = Answer::counted(Response::new(Full::new(Bytes::from_static(b"ok"))), &budget, true).into_body();
+        drop(activity.begin());
+        answer.track(&activity);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        drop(answer);
+        let written = tokio::time::Instant::now();
+        let (kept, at) = keeper.await.unwrap();
+        assert_eq!(kept, Kept::Served(()));
+        assert_eq!(at - written, LIMITS.between, "idle from when the answer was written");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_without_a_request_is_dropped_at_the_header_timeout() {
         let activity = Arc::new(Activity::new());
         let (served, at) = kept(&activity, &CancellationToken::new()).await.unwrap();
-        assert_eq!(served, None);
+        assert_eq!(served, Kept::Silent);
         assert_eq!(at - activity.opened, LIMITS.first_request, "counted from when the keeper starts (here: at once)");
     }
 
@@ -1162,7 +1334,7 @@ mod tests {
         tokio::time::sleep(LIMITS.between / 2 + Duration::from_secs(1)).await;
         assert!(!keeper.is_finished(), "idle for {:?} only", tokio::time::Instant::now() - last);
         let (served, at) = keeper.await.unwrap();
-        assert_eq!(served, Some(()), "finished, not dropped");
+        assert_eq!(served, Kept::Served(()), "finished, not dropped");
         assert!(at - last >= LIMITS.between && at - last < LIMITS.between + Duration::from_secs(1), "{:?} after the last request", at - last);
         assert!(at - ended > LIMITS.between);
     }
@@ -1177,7 +1349,7 @@ mod tests {
         drain.cancel();
         let cancelled = tokio::time::Instant::now();
         let (served, at) = keeper.await.unwrap();
-        assert_eq!((served, at), (Some(()), cancelled));
+        assert_eq!((served, at), (Kept::Served(()), cancelled));
     }
 
     #[test]

@@ -279,3 +279,102 @@ fn an_idle_http2_connection_gets_a_goaway_and_is_closed() {
     assert!(closed, "the idle connection was closed");
     assert!(c.api(1).metric("raftbridge_http_idle_closed_total", &[]).expect("metrics") >= 1.0);
 }
+
+/// An HTTP/2 client that takes none of its answers (a zero initial window, no WINDOW_UPDATE)
+/// while it answers pings: hyper writes nothing, so no write of the socket's stalls. Its
+/// answers waited unwritten for as long as it stayed, past the idle timeout's GOAWAY (a
+/// graceful close waits for every open stream). Now the connection is dropped once its answers
+/// have waited `WRITE_STALL` (30 s) with none of their bytes taken, and their bytes leave the
+/// answer budget.
+#[test]
+fn an_http2_client_that_takes_no_answer_bytes_is_dropped_at_the_write_stall_limit() {
+    use std::io::Read;
+    use std::io::Write;
+    let (c, _) = Cluster::formed("h2stall", 1, &["--http-idle-timeout-ms", "5000"]);
+    c.wait_all_ready(FORMATION);
+    let api = c.api(1);
+    let mut s = std::net::TcpStream::connect(c.http(1)).expect("connect");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (4) = 0: the node may send no DATA until a WINDOW_UPDATE.
+    hello.extend(h2_frame(4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    // 100 GETs of /openapi.json (HPACK: :method GET, :scheme http, :authority, :path literals).
+    let mut block = vec![0x82, 0x86, 0x41, 9];
+    block.extend(b"127.0.0.1");
+    block.extend([0x04, 13]);
+    block.extend(b"/openapi.json");
+    for stream in 0..100u32 {
+        hello.extend(h2_frame(1, 0x5, 2 * stream + 1, &block));
+    }
+    let started = std::time::Instant::now();
+    s.write_all(&hello).expect("send the requests");
+    let deadline = started + Duration::from_secs(90);
+    let (mut answered, mut data, mut closed_after) = (0, 0, None);
+    let mut held_while_open = 0.0f64;
+    let mut buf = Vec::new();
+    while std::time::Instant::now() < deadline {
+        s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) => {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                if answered == 100 && held_while_open == 0.0 {
+                    held_while_open = api.metric("raftbridge_http_answer_bytes_held", &[]).unwrap_or(0.0);
+                }
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                closed_after = Some(started.elapsed());
+                break;
+            }
+            Err(e) => panic!("read: {e}"),
+        }
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags) = (buf[3], buf[4]);
+            let payload: Vec<u8> = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            match (kind, flags & 1) {
+                (0, _) => data += 1,
+                (1, _) => answered += 1,
+                (4, 0) => s.write_all(&h2_frame(4, 1, 0, &[])).expect("ack the settings"),
+                (6, 0) => s.write_all(&h2_frame(6, 1, 0, &payload)).expect("answer the ping"),
+                _ => {}
+            }
+        }
+    }
+    assert_eq!((answered, data), (100, 0), "every answer's head came, and no DATA (a zero window)");
+    assert!(held_while_open >= 100.0 * 50.0, "the 100 answers were counted while unsent: {held_while_open}");
+    let closed_after = closed_after.expect("the connection was dropped within 90 s");
+    assert!(closed_after >= Duration::from_secs(25), "not before the stall limit: {closed_after:?}");
+    assert!(api.metric("raftbridge_http_write_stalls_total", &[]).expect("metrics") >= 1.0);
+    c.wait_until("the answers leave the answer budget", Duration::from_secs(10), || {
+        api.metric("raftbridge_http_answer_bytes_held", &[]).is_ok_and(|n| n == 0.0)
+    });
+}
+
+/// Request heads held at once have a budget of their own (`--max-body-buffered` bytes, from the
+/// request's arrival until its answer is made): HTTP/2 lets a client send 48 KiB of headers per
+/// stream in a few bytes (HPACK), 256 streams a connection. A head past the room left gets a
+/// JSON 503 with `Retry-After`; the node serves the next request.
+#[test]
+fn request_heads_past_their_budget_get_503() {
+    let (c, _) = Cluster::formed("headbudget", 1, &["--max-body", "4096", "--max-body-buffered", "8192"]);
+    let api = c.api(1);
+    let stuffed = "x".repeat(10 * 1024);
+    let refused = api.request("GET", "/cluster", &[("x-stuffing", stuffed.as_str())], b"").expect("request");
+    assert_json_error(&refused, 503, "a head past the heads' budget");
+    assert!(String::from_utf8_lossy(&refused.body).contains("request headers"), "{}", refused.describe());
+    assert!(refused.header("retry-after").is_some(), "{}", refused.describe());
+    assert!(api.metric("raftbridge_http_heads_refused_total", &[]).expect("metrics") >= 1.0);
+    assert_eq!(api.put("after", &json!(1)).expect("put").status, 200, "a usual head fits");
+    // The scrape's own head is held while it is answered.
+    let held = api.metric("raftbridge_http_head_bytes_held", &[]).expect("metrics");
+    assert!(held < 1024.0, "given back once answered: {held}");
+}
