@@ -217,6 +217,8 @@ const MEMBER_SILENT: Duration = Duration::from_millis(2_000);
 const CLOCK_GAUGE: &str = "raftbridge_peer_clock_offset_seconds";
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// Addresses whose failed dials are remembered (their backoff), at most.
+const MAX_DIAL_RECORDS: usize = 1024;
 /// Resolved seed addresses whose DNS names TLS remembers at most (`set_tls_name`).
 const MAX_TLS_NAMES: usize = 1024;
 
@@ -1023,6 +1025,16 @@ impl PeerNet {
             }
             Err(PeerError::SelfDial { .. }) => {}
             Err(_) => {
+                if dials.len() >= MAX_DIAL_RECORDS && !dials.contains_key(addr) {
+                    // Bounded: records of addresses that failed once (old pod addresses, moved
+                    // members, seeds' answers) were kept for good. Those whose wait is over
+                    // hold nothing a dial needs but their count of failures.
+                    let now = Instant::now();
+                    dials.retain(|_, d| d.next_try.is_some_and(|t| t > now));
+                    if dials.len() >= MAX_DIAL_RECORDS {
+                        dials.clear();
+                    }
+                }
                 let state = dials.entry(addr.to_string()).or_default();
                 state.failures = state.failures.saturating_add(1);
                 let exp = BACKOFF_MIN.saturating_mul(1u32 << state.failures.min(10)).min(BACKOFF_MAX);
@@ -1933,6 +1945,25 @@ mod tests {
         }
         let _out = open_tcp(&addr, None).await.unwrap();
         assert_eq!(listener.accept().await.unwrap().1.ip().to_string(), "127.0.0.1");
+    }
+
+    /// Failed dials are remembered per address (their backoff), at most `MAX_DIAL_RECORDS`:
+    /// records whose wait is over go first. (Port 1 on loopback addresses refuses at once.)
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn failed_dial_records_are_bounded() {
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None };
+        let net = PeerNet::new(cfg, CancellationToken::new());
+        let addr = |i: usize| format!("127.0.{}.{}:1", 1 + i / 250, 1 + i % 250);
+        for i in 0..MAX_DIAL_RECORDS {
+            assert!(net.dial_now(&addr(i)).await.is_err());
+        }
+        assert_eq!(lock(&net.dials).len(), MAX_DIAL_RECORDS);
+        // Their waits (at most 100 ms after one failure) are over: the next failure makes room.
+        tokio::time::sleep(BACKOFF_MIN * 2).await;
+        assert!(net.dial_now(&addr(MAX_DIAL_RECORDS)).await.is_err());
+        assert_eq!(lock(&net.dials).len(), 1, "only the new one's wait is running");
+        assert!(matches!(net.dial_now(&addr(MAX_DIAL_RECORDS)).await, Err(PeerError::BackingOff { .. })), "its backoff holds");
     }
 
     /// Judged against a strict majority of all members (itself among them), net of each
