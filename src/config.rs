@@ -187,8 +187,8 @@ pub struct NodeArgs {
     #[arg(long, env = "RAFTBRIDGE_HTTP_IDLE_TIMEOUT_MS")]
     pub http_idle_timeout_ms: Option<u64>,
     /// Bytes of request bodies held at once across all requests (being received or handled);
-    /// past it a request is answered 503. Default 256 MiB. Answers being written to clients
-    /// have a budget of the same size.
+    /// past it a request is answered 503. Default 256 MiB. Answers being written to clients,
+    /// and request heads until their answers are made, have budgets of the same size.
     #[arg(long, env = "RAFTBRIDGE_MAX_BODY_BUFFERED")]
     pub max_body_buffered: Option<usize>,
     /// Run a command on this node when it offers it (instead of balancing across all nodes).

@@ -33,6 +33,9 @@ pub enum ApiError {
     /// (`proxy::headers`).
     #[error("request headers: {0}")]
     HeadersTooLarge(#[from] crate::proxy::headers::TooManyHeaders),
+    /// A request's head larger than the node's whole budget for heads (`api::count_head`).
+    #[error("{0}")]
+    HeadTooLarge(String),
     /// The request conflicts with the current state (a subscription a node still declares).
     #[error("{0}")]
     Conflict(String),
@@ -81,7 +84,7 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
-            ApiError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ApiError::HeadersTooLarge(_) | ApiError::HeadTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,

@@ -217,7 +217,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             let under_way = seen.begin();
             // The head in the budget of what requests hold until the answer is made (`head_bytes`).
             let mut head = Held::default();
-            let head_fits = app.settings.heads.try_count(&mut head, head_bytes(&req));
+            let head_fits = count_head(&app.settings.heads, &mut head, &req);
             // Who asked, for the forwarding headers a command's handler gets (`proxy::headers`);
             // only there: an extension is an allocation, and events and state need none.
             if req.uri().path().starts_with("/api/") {
@@ -225,8 +225,8 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             }
             async move {
                 let mut resp = match head_fits {
-                    true => handle(app, req).await,
-                    false => head_refused(),
+                    Ok(()) => handle(app, req).await,
+                    Err(refused) => refused.into_response().map(|body| Answer::of(full_bytes(body), Held::default())),
                 };
                 drop(head);
                 // Under way until its answer is written, not only until it is made (`keep`).
@@ -321,11 +321,26 @@ fn head_bytes<B>(req: &Request<B>) -> usize {
     uri.path_and_query().map_or(0, |p| p.as_str().len()) + uri.authority().map_or(0, |a| a.as_str().len()) + fields
 }
 
-/// The answer to a request whose head did not fit in the body budget (`head_bytes`).
-fn head_refused() -> Response<Answer> {
+/// Counts `req`'s head in `budget` (`head_bytes`), or says why not: a 503 while the budget is
+/// full, a 431 for a head larger than all of it (it would never fit). The probes, `/metrics`
+/// and the cluster view are counted past a full budget, as their answers are (`handle`): a
+/// full budget must not make the node look dead.
+fn count_head<B>(budget: &BodyBudget, held: &mut Held, req: &Request<B>) -> Result<(), ApiError> {
+    let bytes = head_bytes(req);
+    if bytes > budget.total() {
+        metrics::counter!("raftbridge_http_heads_refused_total").increment(1);
+        let message = format!("the request's header fields and target take {bytes} bytes, more than --max-body-buffered ({})", budget.total());
+        return Err(ApiError::HeadTooLarge(message));
+    }
+    if budget.try_count(held, bytes) {
+        return Ok(());
+    }
+    if matches!(req.uri().path().trim_start_matches('/'), "healthz" | "readyz" | "metrics" | "cluster") {
+        budget.count_anyway(held, bytes);
+        return Ok(());
+    }
     metrics::counter!("raftbridge_http_heads_refused_total").increment(1);
-    let busy = ApiError::Busy("this node holds as many bytes of request headers as --max-body-buffered allows: retry shortly".into());
-    busy.into_response().map(|body| Answer::of(full_bytes(body), Held::default()))
+    Err(ApiError::Busy("this node holds as many bytes of request headers as --max-body-buffered allows: retry shortly".into()))
 }
 
 /// How long closed connections' tasks may take to end (dropping a request hands its command on).
@@ -342,17 +357,27 @@ const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
 /// and when the last one ended; answers made and not yet written, and when one last moved.
 #[derive(Debug)]
 struct Activity {
-    /// When the connection was accepted: `ended_ms` and `moved_ms` count from it.
+    /// When the connection was accepted: `ended_ms` counts from it.
     opened: tokio::time::Instant,
     begun: std::sync::atomic::AtomicU64,
     under_way: std::sync::atomic::AtomicU64,
     ended_ms: std::sync::atomic::AtomicU64,
     /// Answers made and not yet written (`Sending`).
     unsent: std::sync::atomic::AtomicU64,
-    /// When bytes of an unsent answer were last taken by the connection, or the first of the
-    /// unsent answers was made.
-    moved_ms: std::sync::atomic::AtomicU64,
+    /// The stall clock: `keep` moves it on every `STALL_TICK`.
+    tick: std::sync::atomic::AtomicU64,
+    /// Unsent answers by the tick in which they were made or last had bytes taken, modulo
+    /// `STALL_BUCKETS`: each answer's own age, not the connection's, so one stream that moves
+    /// does not hide the others that wait.
+    waiting: [std::sync::atomic::AtomicU64; STALL_BUCKETS],
 }
+
+/// How often a connection's stall clock ticks (`Activity::tick`).
+const STALL_TICK: Duration = Duration::from_secs(10);
+
+/// Ticks the stall clock remembers: an answer in the oldest bucket has waited more than
+/// `(STALL_BUCKETS - 2) * STALL_TICK` = `stall::WRITE_STALL` (at most one tick more).
+const STALL_BUCKETS: usize = 5;
 
 /// A request under way on a connection; its drop ends it.
 struct UnderWay(Arc<Activity>);
@@ -360,48 +385,71 @@ struct UnderWay(Arc<Activity>);
 /// An answer made and not yet written; it travels with the answer's bytes (`Counted`), which
 /// the connection drops once they are written, or with the connection.
 #[derive(Debug)]
-struct Sending(Arc<Activity>);
+struct Sending {
+    activity: Arc<Activity>,
+    /// The tick whose bucket counts it (`Activity::waiting`).
+    tick: u64,
+}
 
 impl Sending {
     fn new(activity: &Arc<Activity>) -> Sending {
-        use std::sync::atomic::Ordering::Relaxed;
-        if activity.unsent.fetch_add(1, Relaxed) == 0 {
-            // The stall is counted from here while nothing else was waiting.
-            activity.moved_ms.store(activity.now_ms(), Relaxed);
-        }
-        Sending(activity.clone())
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
+        let tick = activity.tick.load(Acquire);
+        activity.waiting[bucket(tick)].fetch_add(1, AcqRel);
+        activity.unsent.fetch_add(1, Release);
+        Sending { activity: activity.clone(), tick }
     }
 
-    /// Some of the answer's bytes were taken: the client reads.
-    fn moved(&self) {
-        self.0.moved_ms.store(self.0.now_ms(), std::sync::atomic::Ordering::Relaxed);
+    /// Some of the answer's bytes were taken: the client reads. Moved to the current tick's
+    /// bucket (one atomic load when it is there already).
+    fn moved(&mut self) {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let now = self.activity.tick.load(Acquire);
+        if now != self.tick {
+            self.activity.waiting[bucket(now)].fetch_add(1, AcqRel);
+            self.activity.waiting[bucket(self.tick)].fetch_sub(1, AcqRel);
+            self.tick = now;
+        }
     }
 }
 
 impl Drop for Sending {
     fn drop(&mut self) {
-        use std::sync::atomic::Ordering::{Relaxed, Release};
-        let ms = self.0.now_ms();
-        self.0.moved_ms.store(ms, Relaxed);
-        self.0.ended_ms.fetch_max(ms, Relaxed);
-        self.0.unsent.fetch_sub(1, Release);
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
+        self.activity.waiting[bucket(self.tick)].fetch_sub(1, AcqRel);
+        self.activity.ended_ms.fetch_max(self.activity.now_ms(), Relaxed);
+        self.activity.unsent.fetch_sub(1, Release);
     }
+}
+
+fn bucket(tick: u64) -> usize {
+    (tick % STALL_BUCKETS as u64) as usize
 }
 
 impl Activity {
     fn new() -> Activity {
-        Activity { opened: tokio::time::Instant::now(), begun: 0.into(), under_way: 0.into(), ended_ms: 0.into(), unsent: 0.into(), moved_ms: 0.into() }
+        Activity {
+            opened: tokio::time::Instant::now(),
+            begun: 0.into(),
+            under_way: 0.into(),
+            ended_ms: 0.into(),
+            unsent: 0.into(),
+            tick: 0.into(),
+            waiting: Default::default(),
+        }
     }
 
     fn now_ms(&self) -> u64 {
         tokio::time::Instant::now().saturating_duration_since(self.opened).as_millis() as u64
     }
 
-    /// Since when an answer made on the connection has waited with none of its bytes taken
-    /// (`None`: none waits).
-    fn unsent_since(&self) -> Option<tokio::time::Instant> {
-        use std::sync::atomic::Ordering::{Acquire, Relaxed};
-        (self.unsent.load(Acquire) > 0).then(|| self.opened + Duration::from_millis(self.moved_ms.load(Relaxed)))
+    /// Moves the stall clock one tick; true if an answer then counts as stalled: none of its
+    /// bytes taken for more than `stall::WRITE_STALL` (the bucket of `STALL_BUCKETS - 1` ticks
+    /// ago, which the new tick's bucket is not: that one was emptied or judged a tick ago).
+    fn stall_tick(&self) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let now = self.tick.fetch_add(1, AcqRel) + 1;
+        now >= STALL_BUCKETS as u64 - 1 && self.waiting[bucket(now + 1)].load(Acquire) > 0
     }
 
     fn begin(self: &Arc<Self>) -> UnderWay {
@@ -454,7 +502,8 @@ enum Kept<O> {
     Served(O),
     /// Dropped: no request began in time.
     Silent,
-    /// Dropped: answers waited unwritten for `stall::WRITE_STALL`.
+    /// Dropped: an answer waited unwritten for `stall::WRITE_STALL`, and the connection did
+    /// not end within a tick of being finished then.
     Stalled,
 }
 
@@ -468,30 +517,38 @@ enum Kept<O> {
 /// 24 of the HTTP/2 preface), and an HTTP/2 connection has none, so a client that connected and
 /// sent nothing, or a byte or two, held its slot until the node stopped.
 ///
-/// `Kept::Stalled`, dropped, when answers have waited with none of their bytes taken for
-/// `stall::WRITE_STALL`, finishing or not. `stall::Stalling` sees a write the socket refuses;
-/// an HTTP/2 client that sends no window updates (or a zero initial window) makes hyper write
-/// nothing at all, and its answers (256 streams of them) were held for as long as it answered
-/// pings, and past a graceful finish, which waits for every open stream.
+/// `Kept::Stalled`, finished at once and dropped `STALL_TICK` later unless it ended, when an
+/// answer has waited with none of its bytes taken for `stall::WRITE_STALL` (up to a tick
+/// more), finishing or not. `stall::Stalling` sees a write the socket refuses; an HTTP/2 client
+/// that sends no window updates (or a zero initial window) makes hyper write nothing at all,
+/// and its answers (256 streams of them) were held for as long as it answered pings, and past
+/// a graceful finish, which waits for every open stream.
 async fn keep<C: Finish>(conn: C, activity: &Activity, limits: Idle, drain: &CancellationToken) -> Kept<C::Output> {
     use std::sync::atomic::Ordering::Relaxed;
     tokio::pin!(conn);
     // From now, not from the accept: after a TLS handshake the first request has its own wait.
     let mut wake = tokio::time::Instant::now() + limits.first_request;
-    let mut stall_check = tokio::time::Instant::now() + stall::WRITE_STALL;
+    let mut stall_tick = tokio::time::interval_at(tokio::time::Instant::now() + STALL_TICK, STALL_TICK);
+    stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut finishing = false;
+    let mut stalled = false;
     loop {
         tokio::select! {
             served = &mut conn => return Kept::Served(served),
-            () = tokio::time::sleep_until(stall_check) => {
-                let now = tokio::time::Instant::now();
-                match activity.unsent_since() {
-                    Some(since) if now >= since + stall::WRITE_STALL => {
-                        metrics::counter!("raftbridge_http_write_stalls_total").increment(1);
-                        return Kept::Stalled;
+            _ = stall_tick.tick() => {
+                if stalled {
+                    // A tick's grace after the stall for the streams that move to end.
+                    return Kept::Stalled;
+                }
+                if activity.stall_tick() {
+                    // Finished first (a GOAWAY), so the client's other requests, under way or
+                    // racing it, end well or are retried safely; dropped a tick later.
+                    metrics::counter!("raftbridge_http_write_stalls_total").increment(1);
+                    stalled = true;
+                    if !finishing {
+                        conn.as_mut().finish();
+                        finishing = true;
                     }
-                    Some(since) => stall_check = since + stall::WRITE_STALL,
-                    None => stall_check = now + stall::WRITE_STALL,
                 }
             }
             () = drain.cancelled(), if !finishing => {
@@ -995,7 +1052,7 @@ impl hyper::body::Buf for Counted {
     }
     fn advance(&mut self, n: usize) {
         self.bytes.advance(n);
-        if let Some(sending) = self.sending.as_ref().filter(|_| n > 0) {
+        if let Some(sending) = self.sending.as_mut().filter(|_| n > 0) {
             sending.moved();
         }
     }
@@ -1263,33 +1320,89 @@ mod tests {
         drop(small);
     }
 
-    /// An HTTP/2 client that takes no bytes (a zero window): hyper writes nothing, so only the
-    /// answers' own count tells. Answers that wait unwritten for the stall limit end the
-    /// connection, idle finish or not; any bytes taken start the wait again.
-    #[tokio::test(start_paused = true)]
-    async fn a_connection_whose_answers_wait_unwritten_is_dropped_at_the_stall_limit() {
+    /// Stands in for a connection that does not end when finished (a stream that waits).
+    struct Stuck(Arc<std::sync::atomic::AtomicBool>);
+
+    impl std::future::Future for Stuck {
+        type Output = ();
+        fn poll(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl Finish for Stuck {
+        fn finish(self: std::pin::Pin<&mut Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// An answer made on `activity`'s connection and taken by it, not yet written.
+    async fn unsent(activity: &Arc<Activity>, budget: &BodyBudget) -> Counted {
         use hyper::body::Body as _;
+        let mut answer = Answer::counted(Response::new(Full::new(Bytes::from(vec![b'x'; 1000]))), budget, true).into_body();
+        answer.track(activity);
+        std::future::poll_fn(|cx| std::pin::Pin::new(&mut answer).poll_frame(cx)).await.unwrap().unwrap().into_data().unwrap()
+    }
+
+    /// An HTTP/2 client that takes no bytes of an answer (a zero window): hyper writes nothing,
+    /// so only the answers' own count tells. An answer that waits unwritten past the stall
+    /// limit finishes the connection (a GOAWAY), and a tick later it is dropped if it has not
+    /// ended; another answer on it that moves all along does not hide the one that waits.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_with_an_answer_that_waits_unwritten_is_finished_then_dropped() {
         let activity = Arc::new(Activity::new());
         let budget = BodyBudget::new(1 << 20);
-        let keeper = kept(&activity, &CancellationToken::new());
-        let made = tokio::time::Instant::now();
-        let mut answer = Answer::counted(Response::new(Full::new(Bytes::from(vec![b'x'; 1000]))), &budget, true).into_body();
-        // Its request ended once the answer was made; the answer is still unsent.
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keeper = {
+            let (activity, finished) = (activity.clone(), finished.clone());
+            tokio::spawn(async move { (keep(Stuck(finished), &activity, LIMITS, &CancellationToken::new()).await, tokio::time::Instant::now()) })
+        };
+        tokio::time::sleep(Duration::from_secs(3)).await;
         drop(activity.begin());
-        answer.track(&activity);
+        let waits = unsent(&activity, &budget).await;
+        let made = tokio::time::Instant::now();
         assert!(activity.idle_since().is_none(), "an unsent answer is not idle");
-        let mut data = std::future::poll_fn(|cx| std::pin::Pin::new(&mut answer).poll_frame(cx)).await.unwrap().unwrap().into_data().unwrap();
-        tokio::time::sleep(stall::WRITE_STALL - Duration::from_secs(1)).await;
-        hyper::body::Buf::advance(&mut data, 10);
-        let moved = tokio::time::Instant::now();
-        tokio::time::sleep(stall::WRITE_STALL - Duration::from_secs(1)).await;
-        assert!(!keeper.is_finished(), "bytes were taken {:?} ago", tokio::time::Instant::now() - moved);
+        let mut moves = unsent(&activity, &budget).await;
+        let mut finished_at = None;
+        for _ in 0..120 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            hyper::body::Buf::advance(&mut moves, 1);
+            if finished_at.is_none() && finished.load(std::sync::atomic::Ordering::SeqCst) {
+                finished_at = Some(tokio::time::Instant::now());
+            }
+            if keeper.is_finished() {
+                break;
+            }
+        }
+        let finished_at = finished_at.expect("finished");
+        assert!(finished_at - made > stall::WRITE_STALL && finished_at - made <= stall::WRITE_STALL + STALL_TICK, "finished {:?} after the answer was made", finished_at - made);
         let (kept, at) = keeper.await.unwrap();
-        assert_eq!(kept, Kept::Stalled, "dropped, not finished as idle (the stand-in ends when finished)");
-        assert!(at - made > stall::WRITE_STALL);
-        assert!(at - moved >= stall::WRITE_STALL && at - moved < stall::WRITE_STALL + Duration::from_secs(1), "{:?} after the last move", at - moved);
-        drop(data);
-        assert_eq!((activity.unsent_since(), budget.held()), (None, 0), "written or dropped: nothing waits");
+        assert_eq!(kept, Kept::Stalled);
+        assert!(at - finished_at <= STALL_TICK, "dropped {:?} after the GOAWAY", at - finished_at);
+        drop((waits, moves));
+        assert_eq!((activity.unsent.load(std::sync::atomic::Ordering::SeqCst), budget.held()), (0, 0), "written or dropped: nothing waits");
+        assert!(activity.waiting.iter().all(|w| w.load(std::sync::atomic::Ordering::SeqCst) == 0));
+    }
+
+    /// A slow client whose answer moves, however slowly, is served: only an answer with none
+    /// of its bytes taken for the stall limit counts.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_that_moves_slowly_keeps_its_connection() {
+        let activity = Arc::new(Activity::new());
+        let budget = BodyBudget::new(1 << 20);
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let keeper = {
+            let (activity, finished) = (activity.clone(), finished.clone());
+            tokio::spawn(async move { keep(Stuck(finished), &activity, LIMITS, &CancellationToken::new()).await })
+        };
+        drop(activity.begin());
+        let mut slow = unsent(&activity, &budget).await;
+        for _ in 0..20 {
+            tokio::time::sleep(stall::WRITE_STALL - Duration::from_secs(2)).await;
+            hyper::body::Buf::advance(&mut slow, 1);
+        }
+        assert!(!finished.load(std::sync::atomic::Ordering::SeqCst) && !keeper.is_finished(), "a moving answer for 10 minutes");
+        keeper.abort();
     }
 
     #[tokio::test(start_paused = true)]

@@ -1018,6 +1018,12 @@ impl PeerNet {
             }
         }
         let result = self.connect(addr).await;
+        // Members' addresses keep their records at the bound below (read before `dials` is
+        // locked: no lock is taken under it).
+        let members: Vec<String> = match &result {
+            Err(_) if lock(&self.dials).len() >= MAX_DIAL_RECORDS => lock(&self.addrs).values().cloned().collect(),
+            _ => Vec::new(),
+        };
         let mut dials = lock(&self.dials);
         match &result {
             Ok(_) => {
@@ -1028,11 +1034,12 @@ impl PeerNet {
                 if dials.len() >= MAX_DIAL_RECORDS && !dials.contains_key(addr) {
                     // Bounded: records of addresses that failed once (old pod addresses, moved
                     // members, seeds' answers) were kept for good. Those whose wait is over
-                    // hold nothing a dial needs but their count of failures.
+                    // hold nothing a dial needs but their count of failures, except a member's
+                    // (routing takes a member with failures as down, `maybe_reachable`).
                     let now = Instant::now();
-                    dials.retain(|_, d| d.next_try.is_some_and(|t| t > now));
+                    dials.retain(|a, d| d.next_try.is_some_and(|t| t > now) || members.contains(a));
                     if dials.len() >= MAX_DIAL_RECORDS {
-                        dials.clear();
+                        dials.retain(|a, _| members.contains(a));
                     }
                 }
                 let state = dials.entry(addr.to_string()).or_default();
@@ -1959,11 +1966,15 @@ mod tests {
             assert!(net.dial_now(&addr(i)).await.is_err());
         }
         assert_eq!(lock(&net.dials).len(), MAX_DIAL_RECORDS);
+        // A member's address (node 2 at the first one) keeps its record.
+        lock(&net.addrs).insert(2, addr(0));
         // Their waits (at most 100 ms after one failure) are over: the next failure makes room.
         tokio::time::sleep(BACKOFF_MIN * 2).await;
         assert!(net.dial_now(&addr(MAX_DIAL_RECORDS)).await.is_err());
-        assert_eq!(lock(&net.dials).len(), 1, "only the new one's wait is running");
-        assert!(matches!(net.dial_now(&addr(MAX_DIAL_RECORDS)).await, Err(PeerError::BackingOff { .. })), "its backoff holds");
+        let mut kept: Vec<String> = lock(&net.dials).keys().cloned().collect();
+        kept.sort();
+        assert_eq!(kept, vec![addr(0), addr(MAX_DIAL_RECORDS)], "the member's and the new one's");
+        assert_eq!(lock(&net.dials)[&addr(MAX_DIAL_RECORDS)].failures, 1);
     }
 
     /// Judged against a strict majority of all members (itself among them), net of each

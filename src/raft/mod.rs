@@ -625,7 +625,7 @@ fn write_error(e: ClientWriteError, retry_safe: bool) -> RemoteError {
         ClientWriteError::ForwardToLeader(f) => RemoteError::NotLeader { leader: f.leader_id },
         // In words: openraft's own text shows its types' debug form (`Some(BasicNode { .. })`).
         ClientWriteError::LogEntryDiscarded(_) if retry_safe => RemoteError::Unavailable(DISCARDED.into()),
-        ClientWriteError::LogEntryDiscarded(_) => RemoteError::Internal(format!("{DISCARDED}: its outcome is unknown (it may still commit); repeat it with the same Idempotency-Key, or read it back")),
+        ClientWriteError::LogEntryDiscarded(_) => RemoteError::Internal(format!("{DISCARDED}: its outcome is unknown (it may have committed, or may still commit); repeat it with the same Idempotency-Key, or read it back")),
         other => RemoteError::Invalid(other.to_string()),
     }
 }

@@ -283,11 +283,11 @@ fn an_idle_http2_connection_gets_a_goaway_and_is_closed() {
 /// An HTTP/2 client that takes none of its answers (a zero initial window, no WINDOW_UPDATE)
 /// while it answers pings: hyper writes nothing, so no write of the socket's stalls. Its
 /// answers waited unwritten for as long as it stayed, past the idle timeout's GOAWAY (a
-/// graceful close waits for every open stream). Now the connection is dropped once its answers
-/// have waited `WRITE_STALL` (30 s) with none of their bytes taken, and their bytes leave the
-/// answer budget.
+/// graceful close waits for every open stream). Now, once an answer has waited `WRITE_STALL`
+/// (30 s, up to a 10 s tick more) with none of its bytes taken, the connection gets a GOAWAY and
+/// is dropped a tick later, and the answers' bytes leave the answer budget.
 #[test]
-fn an_http2_client_that_takes_no_answer_bytes_is_dropped_at_the_write_stall_limit() {
+fn an_http2_client_that_takes_no_answer_bytes_gets_a_goaway_and_is_dropped_after_the_write_stall_limit() {
     use std::io::Read;
     use std::io::Write;
     let (c, _) = Cluster::formed("h2stall", 1, &["--http-idle-timeout-ms", "5000"]);
@@ -308,7 +308,7 @@ fn an_http2_client_that_takes_no_answer_bytes_is_dropped_at_the_write_stall_limi
     let started = std::time::Instant::now();
     s.write_all(&hello).expect("send the requests");
     let deadline = started + Duration::from_secs(90);
-    let (mut answered, mut data, mut closed_after) = (0, 0, None);
+    let (mut answered, mut data, mut closed_after, mut goaway) = (0, 0, None, None);
     let mut held_while_open = 0.0f64;
     let mut buf = Vec::new();
     while std::time::Instant::now() < deadline {
@@ -343,6 +343,7 @@ fn an_http2_client_that_takes_no_answer_bytes_is_dropped_at_the_write_stall_limi
             match (kind, flags & 1) {
                 (0, _) => data += 1,
                 (1, _) => answered += 1,
+                (7, _) => goaway = goaway.or(Some(started.elapsed())),
                 (4, 0) => s.write_all(&h2_frame(4, 1, 0, &[])).expect("ack the settings"),
                 (6, 0) => s.write_all(&h2_frame(6, 1, 0, &payload)).expect("answer the ping"),
                 _ => {}
@@ -353,6 +354,8 @@ fn an_http2_client_that_takes_no_answer_bytes_is_dropped_at_the_write_stall_limi
     assert!(held_while_open >= 100.0 * 50.0, "the 100 answers were counted while unsent: {held_while_open}");
     let closed_after = closed_after.expect("the connection was dropped within 90 s");
     assert!(closed_after >= Duration::from_secs(25), "not before the stall limit: {closed_after:?}");
+    let goaway = goaway.expect("a GOAWAY before the close");
+    assert!(goaway >= Duration::from_secs(25) && goaway <= closed_after, "GOAWAY at {goaway:?}, closed at {closed_after:?}");
     assert!(api.metric("raftbridge_http_write_stalls_total", &[]).expect("metrics") >= 1.0);
     c.wait_until("the answers leave the answer budget", Duration::from_secs(10), || {
         api.metric("raftbridge_http_answer_bytes_held", &[]).is_ok_and(|n| n == 0.0)
@@ -362,18 +365,37 @@ fn an_http2_client_that_takes_no_answer_bytes_is_dropped_at_the_write_stall_limi
 /// Request heads held at once have a budget of their own (`--max-body-buffered` bytes, from the
 /// request's arrival until its answer is made): HTTP/2 lets a client send 48 KiB of headers per
 /// stream in a few bytes (HPACK), 256 streams a connection. A head past the room left gets a
-/// JSON 503 with `Retry-After`; the node serves the next request.
+/// JSON 503 with `Retry-After` (not the probes or the cluster view: a full budget must not make
+/// the node look dead), one larger than the whole budget a 431, and once the heads held go the
+/// node takes requests again.
 #[test]
 fn request_heads_past_their_budget_get_503() {
+    use std::io::Write;
     let (c, _) = Cluster::formed("headbudget", 1, &["--max-body", "4096", "--max-body-buffered", "8192"]);
     let api = c.api(1);
-    let stuffed = "x".repeat(10 * 1024);
-    let refused = api.request("GET", "/cluster", &[("x-stuffing", stuffed.as_str())], b"").expect("request");
+    // A write whose body never comes: its 6 KiB head is held while the node waits for it.
+    let mut slow = std::net::TcpStream::connect(c.http(1)).expect("connect");
+    write!(slow, "PUT /v1/state/default/slow HTTP/1.1\r\nhost: x\r\nx-stuffing: {}\r\ncontent-length: 10\r\n\r\n", "s".repeat(6 * 1024)).expect("send the head");
+    c.wait_until("the slow head is counted", Duration::from_secs(20), || {
+        api.metric("raftbridge_http_head_bytes_held", &[]).is_ok_and(|n| n >= 6.0 * 1024.0)
+    });
+    let stuffed = "x".repeat(3 * 1024);
+    let refused = api.request("GET", "/v1/state/default/k", &[("x-stuffing", stuffed.as_str())], b"").expect("request");
     assert_json_error(&refused, 503, "a head past the heads' budget");
     assert!(String::from_utf8_lossy(&refused.body).contains("request headers"), "{}", refused.describe());
     assert!(refused.header("retry-after").is_some(), "{}", refused.describe());
-    assert!(api.metric("raftbridge_http_heads_refused_total", &[]).expect("metrics") >= 1.0);
-    assert_eq!(api.put("after", &json!(1)).expect("put").status, 200, "a usual head fits");
+    for probe in ["/healthz", "/readyz", "/cluster", "/metrics"] {
+        let r = api.request("GET", probe, &[("x-stuffing", stuffed.as_str())], b"").expect("probe");
+        assert_eq!(r.status, 200, "{probe} is served past a full budget: {}", r.describe());
+    }
+    let whole = "w".repeat(10 * 1024);
+    let too_large = api.request("GET", "/v1/state/default/k", &[("x-stuffing", whole.as_str())], b"").expect("request");
+    assert_json_error(&too_large, 431, "a head larger than the whole budget");
+    assert!(api.metric("raftbridge_http_heads_refused_total", &[]).expect("metrics") >= 2.0);
+    drop(slow);
+    c.wait_until("a 3 KiB head is taken again once the slow request is gone", Duration::from_secs(20), || {
+        api.request("GET", "/v1/state/default/k", &[("x-stuffing", stuffed.as_str())], b"").is_ok_and(|r| r.status == 404)
+    });
     // The scrape's own head is held while it is answered.
     let held = api.metric("raftbridge_http_head_bytes_held", &[]).expect("metrics");
     assert!(held < 1024.0, "given back once answered: {held}");
