@@ -372,7 +372,18 @@ impl Proxy {
         }
         let (route, path_params) = match found {
             Lookup::Found { route, params } => (route.clone(), params),
-            Lookup::WrongMethod(allowed) => return Err(ApiError::MethodNotAllowed { allow: allowed.join(", ") }),
+            Lookup::WrongMethod(mut allowed) => {
+                // HEAD too where the GET command answers it (above).
+                if !allowed.iter().any(|m| m == "HEAD") {
+                    if let Lookup::Found { route, .. } = table.lookup(version, "GET", cmd_path) {
+                        if route.decl.idempotent && route.decl.success_event.is_none() {
+                            allowed.push("HEAD".into());
+                            allowed.sort();
+                        }
+                    }
+                }
+                return Err(ApiError::MethodNotAllowed { allow: allowed.join(", ") });
+            }
             Lookup::NotFound => return Err(ApiError::NotFound(format!("no command for {} {path}", req.method()))),
         };
         // deadline: the request's own headers are checked before anything about the cluster,

@@ -85,7 +85,9 @@ pub enum ReplicaError {
     /// retry may apply it twice).
     #[error("no quorum within the deadline; the write reached the leader and may still commit (repeat it with the same Idempotency-Key, or read it back, to learn its outcome)")]
     Undecided,
-    #[error("leader {leader}: {source}")]
+    /// Delivered to the leader, which did not answer before the link failed: not sent again
+    /// (the write is not safe to apply twice), so its outcome is unknown.
+    #[error("leader {leader}: {source}; the write reached the leader and its outcome is unknown (it may have committed): repeat it with the same Idempotency-Key, or read it back")]
     Forward { leader: NodeId, source: PeerError },
     #[error("{0}")]
     Remote(RemoteError),

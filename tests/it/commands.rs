@@ -861,6 +861,10 @@ fn deadlines_and_bad_input_get_clear_errors() {
         let get_echo = send("GET", "/api/v1/echo", &[], b"");
         assert_json_error(&get_echo, 405, &format!("{what}: GET on a POST command"));
         assert_eq!(get_echo.header("allow"), Some("POST"), "{what}: the Allow header names the command's method");
+        // A GET command that answers HEAD (idempotent, no success event) says so in `Allow`.
+        let delete_slow = send("DELETE", "/api/v1/slow", &[], b"");
+        assert_json_error(&delete_slow, 405, &format!("{what}: DELETE on a GET command"));
+        assert_eq!(delete_slow.header("allow"), Some("GET, HEAD"), "{what}: HEAD is served as the GET command");
         let big = json!({ "pad": "x".repeat(100 * 1024) }).to_string();
         assert_json_error(
             &post_echo(big.as_bytes()),
