@@ -134,8 +134,10 @@ pub mod features {
     pub const APP_HEADERS: u64 = 64;
     /// The node applies `SubUpdate::Rebase` (a subscription made shared keeps its progress).
     pub const SUB_REBASE: u64 = 128;
+    /// The node applies `Command::ForgetNodes` (older builds cannot decode it).
+    pub const FORGET_NODES: u64 = 256;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

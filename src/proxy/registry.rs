@@ -23,6 +23,8 @@ use crate::store::StateStore;
 
 const PERIOD: Duration = Duration::from_millis(300);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the leader looks for departed nodes to forget (`Command::ForgetNodes`), at most.
+const FORGET_EVERY: Duration = Duration::from_secs(10);
 /// How long a registration that would carry a subscription's progress with `SubUpdate::Rebase`
 /// waits for links to every member, to learn whether each applies it.
 const FEATURES_WAIT: Duration = Duration::from_secs(30);
@@ -46,10 +48,16 @@ pub async fn run(
     let mut waiting_for_features: Option<std::time::Instant> = None;
     // Whether the wait ended without it (said once per wait).
     let mut rebase_refused = false;
+    // When the leader last proposed to forget departed nodes.
+    let mut forgot: Option<std::time::Instant> = None;
     let mut tick = crate::supervise::Ticker::new(PERIOD, &shutdown);
     while tick.next().await {
         if !cluster.ready() {
             continue;
+        }
+        if store.replica().leader() == Some(me) && forgot.is_none_or(|t| t.elapsed() >= FORGET_EVERY) {
+            forget_departed(&store).await;
+            forgot = Some(std::time::Instant::now());
         }
         let mut want = offering();
         // Only an offering with subscriptions can clash (the copies below are made every tick).
@@ -119,6 +127,21 @@ pub async fn run(
         if let Err(e) = store.command(Command::Register { node: me, services: Vec::new() }, Duration::from_secs(2)).await {
             warn!(cause = %e, "could not clear the registry entry on shutdown");
         }
+    }
+}
+
+/// Forgets what the replicated state keeps of nodes that are no longer members: a node killed
+/// and then removed never clears its registry entry (a graceful drain does), nor its
+/// every-instance subscription positions, and each stayed in every node's memory and every
+/// snapshot for good. Proposed by the leader, once every member applies it.
+async fn forget_departed(store: &StateStore) {
+    let departed = store.local().departed();
+    if departed.is_empty() || !store.replica().members_have(crate::peer::frame::features::FORGET_NODES) {
+        return;
+    }
+    match store.command(Command::ForgetNodes { nodes: departed.clone() }, WRITE_TIMEOUT).await {
+        Ok(_) => info!(nodes = ?departed, "forgot the registry entries and subscription positions of nodes that are no longer members"),
+        Err(e) => warn!(cause = %e, "could not forget departed nodes; will retry"),
     }
 }
 

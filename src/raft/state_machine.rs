@@ -672,6 +672,17 @@ impl SmData {
                 }
                 self.publish(now_ms, &events, limits)
             }
+            Command::ForgetNodes { nodes } => {
+                let members = self.last_membership.membership();
+                let departed: Vec<NodeId> = nodes.into_iter().filter(|n| members.get_node(n).is_none()).collect();
+                for node in &departed {
+                    self.registry.remove(node);
+                    for s in self.subs.values_mut() {
+                        s.instances.remove(node);
+                    }
+                }
+                CommandResult::None
+            }
             Command::DropSubscription { name } => {
                 let declared_by = self.declared_by(&name);
                 // Gone, its delivery loop's backlog with it; declared again, it gets a new
@@ -1001,6 +1012,16 @@ impl SmShared {
         let members = d.last_membership.membership();
         let registry = d.registry.iter().filter(|(n, _)| members.get_node(n).is_some()).map(|(n, s)| (*n, s.clone())).collect();
         (registry_view_revision(&d), registry)
+    }
+
+    /// Nodes outside the membership that the state still keeps something of: a registry entry
+    /// or an every-instance subscription position (`Command::ForgetNodes`).
+    pub fn departed(&self) -> Vec<NodeId> {
+        let d = read(&self.data);
+        let members = d.last_membership.membership();
+        let kept = d.registry.keys().chain(d.subs.values().flat_map(|s| s.instances.keys()));
+        let departed: BTreeSet<NodeId> = kept.filter(|n| members.get_node(n).is_none()).copied().collect();
+        departed.into_iter().collect()
     }
 
     /// One node's registry entry (what `registry` would copy for all of them).
@@ -2020,6 +2041,37 @@ mod tests {
         let (revision, registry) = sm.registry();
         assert_eq!((revision, registry.keys().copied().collect::<Vec<_>>()), (4, vec![1]), "node 4 was removed");
         assert!(sm.registry_entry(4).is_some(), "its entry itself stays in the replicated state");
+    }
+
+    /// `ForgetNodes` drops the registry entry and the every-instance positions of each listed
+    /// node that is not a member when it applies, and nothing of a member's (a node listed that
+    /// joined meanwhile keeps its own).
+    #[test]
+    fn departed_nodes_are_forgotten_and_members_are_not() {
+        use openraft::vote::RaftLeaderIdExt;
+        let sm = empty_shared();
+        let (_, svc) = every_instance("each");
+        let membership = |ids: &[NodeId], index| {
+            let m = crate::raft::types::Membership::new_with_defaults(vec![ids.iter().copied().collect()], []);
+            let log_id = LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index);
+            Entry { log_id, payload: openraft::EntryPayload::Membership(m) }
+        };
+        {
+            let mut d = write(&sm.data);
+            apply_entry(&mut d, membership(&[1, 2, 4], 1), 0);
+            for (i, node) in [1, 2, 4].into_iter().enumerate() {
+                d.apply(2 + i as u64, Command::Register { node, services: vec![svc.clone()] });
+            }
+        }
+        assert!(sm.departed().is_empty(), "all are members");
+        apply_entry(&mut write(&sm.data), membership(&[1, 2], 5), 0);
+        assert_eq!(sm.departed(), vec![4], "node 4 was removed: its entry and its position stay");
+        assert!(read(&sm.data).subs["each"].instances.contains_key(&4));
+        write(&sm.data).apply(6, Command::ForgetNodes { nodes: vec![4, 2] });
+        assert!(sm.departed().is_empty());
+        assert!(sm.registry_entry(4).is_none() && !read(&sm.data).subs["each"].instances.contains_key(&4), "node 4 is forgotten");
+        assert!(sm.registry_entry(2).is_some() && read(&sm.data).subs["each"].instances.contains_key(&2), "node 2, a member, keeps its own");
+        assert!(Command::ForgetNodes { nodes: vec![4] }.retry_safe());
     }
 
     /// A subscription handler's tagged write leaves a record that no claim ticks away; the

@@ -140,6 +140,12 @@ pub enum Command {
     /// which a replay sends again. Added after the others: older builds cannot decode it, so
     /// the proxy proposes it only when every member announced `features::APP_HEADERS`.
     IdemCompleteWith { key: String, attempt: u64, response: StoredResponse, headers: crate::sdk::HeaderList },
+    /// Drop what the state keeps for each of `nodes` that is not a member when it is applied:
+    /// its registry entry and its every-instance subscription positions (a node killed and
+    /// then removed never clears them itself, and each one stayed for good). Added after the
+    /// others: older builds cannot decode it, so it is proposed only when every member
+    /// announced `features::FORGET_NODES`. Applied alike by every build that decodes it.
+    ForgetNodes { nodes: Vec<NodeId> },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -222,6 +228,7 @@ impl Command {
                 Command::SubUpdate { updates } => updates.iter().map(SubUpdate::approx_size).sum(),
                 Command::Register { services, .. } => services.len() * 4096,
                 Command::DropSubscription { name } => name.len(),
+                Command::ForgetNodes { nodes } => nodes.len() * 8,
             }
     }
 
@@ -250,6 +257,7 @@ impl Command {
                 | Command::IdemComplete { .. }
                 | Command::IdemCompleteWith { .. }
                 | Command::SubUpdate { .. }
+                | Command::ForgetNodes { .. }
         )
     }
 }
@@ -270,6 +278,7 @@ impl fmt::Display for Command {
                 write!(f, "publish {} events and {} subscription updates", events.len(), updates.len())
             }
             Command::DropSubscription { name } => write!(f, "drop subscription {name}"),
+            Command::ForgetNodes { nodes } => write!(f, "forget departed nodes {nodes:?}"),
         }
     }
 }

@@ -875,3 +875,40 @@ fn a_write_over_the_smallest_members_frame_is_refused_and_that_member_keeps_up()
         if r.status == 200 { Ok(()) } else { Err(r.describe()) }
     });
 }
+
+/// A node killed (so it never cleared its registry entry) and then removed: the leader makes
+/// the cluster forget its entry and its every-instance subscription positions
+/// (`Command::ForgetNodes`); they stayed in every node's state and snapshot for good. The
+/// members keep theirs.
+#[test]
+fn a_removed_node_that_was_killed_is_forgotten_by_the_state() {
+    let (mut c, _) = Cluster::formed("forget-departed", 3, &["--example-services"]);
+    let n4 = c.add_node(&[1]);
+    let leader = c.wait_for_membership(&c.ids(), &[], CATCH_UP);
+    let instances = |via: u64| -> Result<Vec<String>, String> {
+        let v = c.api(via).request("GET", "/v1/subscriptions/auditOrders", &[], b"").map_err(|e| e.to_string())?.json()?;
+        let map = v["instances"].as_object().ok_or_else(|| format!("no instances in {v}"))?;
+        Ok(map.keys().cloned().collect())
+    };
+    c.wait_for(&format!("node {n4} registered an every-instance position"), CATCH_UP, || {
+        let keys = instances(leader)?;
+        if keys.contains(&n4.to_string()) { Ok(()) } else { Err(format!("instances {keys:?}")) }
+    });
+    c.allow_exit(n4);
+    c.kill(n4);
+    let resp = c.api(leader).request("DELETE", &format!("/cluster/members/{n4}"), &[], b"").expect("DELETE");
+    assert!((200..300).contains(&resp.status), "DELETE /cluster/members/{n4}: {}", resp.describe());
+    let remaining: Vec<u64> = c.ids().into_iter().filter(|&id| id != n4).collect();
+    for &id in &remaining {
+        c.wait_for(&format!("node {id} forgets node {n4}'s position"), Duration::from_secs(60), || {
+            let keys = instances(id)?;
+            if keys.contains(&n4.to_string()) { Err(format!("instances {keys:?}")) } else { Ok(()) }
+        });
+        let keys = instances(id).expect("instances");
+        for &member in &remaining {
+            assert!(keys.contains(&member.to_string()), "node {id}: member {member} keeps its position: {keys:?}");
+        }
+    }
+    let log = c.log_text(c.wait_for_leader(CATCH_UP));
+    assert!(log.contains("forgot the registry entries"), "the leader said what it forgot");
+}
