@@ -217,6 +217,24 @@ const MEMBER_SILENT: Duration = Duration::from_millis(2_000);
 const CLOCK_GAUGE: &str = "raftbridge_peer_clock_offset_seconds";
 const BACKOFF_MIN: Duration = Duration::from_millis(50);
 const BACKOFF_MAX: Duration = Duration::from_secs(3);
+/// How often a refusal that repeats at every redial is said at `warn` (the rest at `debug`).
+const REFUSAL_LOGGED_EVERY: Duration = Duration::from_secs(10);
+/// When a claimant's refusal (`refuse_claimant`) and a refusal of this node's own link were last
+/// said at `warn`; process-wide, as the log is.
+static CLAIMANT_WARNED: Mutex<Option<Instant>> = Mutex::new(None);
+static REFUSED_WARNED: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// True (and `last` set to now) when `last` is unset or at least `every` ago.
+fn now_due(last: &Mutex<Option<Instant>>, every: Duration) -> bool {
+    let mut last = lock(last);
+    let now = Instant::now();
+    if last.is_some_and(|t| now.saturating_duration_since(t) < every) {
+        return false;
+    }
+    *last = Some(now);
+    true
+}
+
 /// Addresses whose failed dials are remembered (their backoff), at most.
 const MAX_DIAL_RECORDS: usize = 1024;
 /// Resolved seed addresses whose DNS names TLS remembers at most (`set_tls_name`).
@@ -1370,7 +1388,13 @@ impl PeerNet {
     /// answers elsewhere (`member_answering_elsewhere`), said in the log and counted.
     fn refuse_claimant(&self, theirs: &Hello) -> Option<String> {
         let member = self.member_answering_elsewhere(theirs)?;
-        warn!(peer = theirs.node_id, claimant = %theirs.addr, %member, "refused a peer link under the id of a member that still answers at its own address");
+        // The claimant redials every link-upkeep tick (500 ms): a warning at most every
+        // `REFUSAL_LOGGED_EVERY`, the rest at debug (all counted).
+        if now_due(&CLAIMANT_WARNED, REFUSAL_LOGGED_EVERY) {
+            warn!(peer = theirs.node_id, claimant = %theirs.addr, %member, "refused a peer link under the id of a member that still answers at its own address (said at most every 10 s)");
+        } else {
+            debug!(peer = theirs.node_id, claimant = %theirs.addr, %member, "refused a peer link under the id of a member that still answers at its own address");
+        }
         metrics::counter!("raftbridge_peer_links_refused_total", "cause" => "id_in_use").increment(1);
         Some(format!(
             "node id {} is in use by a member that still answers at {member}: a second process started with its id? \
@@ -1884,7 +1908,12 @@ async fn read_loop(
             // the acceptor's reason, so that the refused process's log tells why.
             Kind::Reject => {
                 let reason = String::from_utf8_lossy(&frame.payload[..frame.payload.len().min(512)]).into_owned();
-                warn!(peer = link.peer, %reason, "the peer refused this link, closing");
+                // Redialed every link-upkeep tick while the refusal holds.
+                if now_due(&REFUSED_WARNED, REFUSAL_LOGGED_EVERY) {
+                    warn!(peer = link.peer, %reason, "the peer refused this link, closing (said at most every 10 s)");
+                } else {
+                    debug!(peer = link.peer, %reason, "the peer refused this link, closing");
+                }
                 return;
             }
             Kind::Hello | Kind::HelloAck | Kind::Auth => {
