@@ -135,7 +135,13 @@ pub fn json_body<T: serde::Serialize + ?Sized>(status: StatusCode, body: &T) -> 
 /// Serve HTTP on `listener` until `shutdown`, then drain for at most the grace period.
 pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>, shutdown: CancellationToken) {
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(app.settings.header_read_timeout).keep_alive(true);
+    // hyper's header timeout also runs while a kept-alive connection waits for its next request:
+    // at 10 s it closed every idle HTTP/1 connection, whatever `--http-idle-timeout-ms` said, and
+    // a pooled client's next request raced the close. The first request's head is bounded by
+    // `keep` (no request begun within the header timeout: dropped), later heads by the longer
+    // of the two, and idleness by `keep`.
+    let head_timeout = app.settings.header_read_timeout.max(app.settings.idle_timeout);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(head_timeout).keep_alive(true);
     // A peer that stops answering pings is dropped: its connection would hold a slot for good.
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(H2_PING).keep_alive_timeout(H2_PING_TIMEOUT);
     // Room for the headers a node passes to a sidecar's app (`proxy::headers`, 32 KiB of names
@@ -527,7 +533,10 @@ async fn keep<C: Finish>(conn: C, activity: &Activity, limits: Idle, drain: &Can
     use std::sync::atomic::Ordering::Relaxed;
     tokio::pin!(conn);
     // From now, not from the accept: after a TLS handshake the first request has its own wait.
-    let mut wake = tokio::time::Instant::now() + limits.first_request;
+    let first_by = tokio::time::Instant::now() + limits.first_request;
+    // An idle timeout shorter than the first request's wait is judged from its own end, not
+    // first at the first request's (requests 4 s apart kept a 2 s one open).
+    let mut wake = tokio::time::Instant::now() + limits.first_request.min(limits.between);
     let mut stall_tick = tokio::time::interval_at(tokio::time::Instant::now() + STALL_TICK, STALL_TICK);
     stall_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut finishing = false;
@@ -557,7 +566,11 @@ async fn keep<C: Finish>(conn: C, activity: &Activity, limits: Idle, drain: &Can
             }
             () = tokio::time::sleep_until(wake), if !finishing => {
                 if activity.begun.load(Relaxed) == 0 {
-                    return Kept::Silent;
+                    if tokio::time::Instant::now() >= first_by {
+                        return Kept::Silent;
+                    }
+                    wake = first_by;
+                    continue;
                 }
                 let Some(idle_since) = activity.idle_since() else {
                     // Judged again once it could have been idle that long.
@@ -1450,6 +1463,28 @@ mod tests {
         assert_eq!(served, Kept::Served(()), "finished, not dropped");
         assert!(at - last >= LIMITS.between && at - last < LIMITS.between + Duration::from_secs(1), "{:?} after the last request", at - last);
         assert!(at - ended > LIMITS.between);
+    }
+
+    /// An idle timeout shorter than the header timeout is judged from the last request's end,
+    /// not first once the header timeout has passed.
+    #[tokio::test(start_paused = true)]
+    async fn a_short_idle_timeout_is_judged_from_the_last_request() {
+        let limits = Idle { first_request: Duration::from_secs(10), between: Duration::from_secs(2) };
+        let activity = Arc::new(Activity::new());
+        let keeper = {
+            let activity = activity.clone();
+            tokio::spawn(async move { (keep(Conn(false), &activity, limits, &CancellationToken::new()).await, tokio::time::Instant::now()) })
+        };
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        drop(activity.begin());
+        let ended = tokio::time::Instant::now();
+        let (served, at) = keeper.await.unwrap();
+        assert_eq!(served, Kept::Served(()));
+        assert_eq!(at - ended, limits.between, "idle for the idle timeout after the request");
+        // Without a request, the first request's wait still holds in full.
+        let silent = Arc::new(Activity::new());
+        assert_eq!(keep(Conn(false), &silent, limits, &CancellationToken::new()).await, Kept::Silent);
+        assert_eq!(tokio::time::Instant::now() - silent.opened, limits.first_request);
     }
 
     #[tokio::test(start_paused = true)]

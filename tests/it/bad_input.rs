@@ -400,3 +400,38 @@ fn request_heads_past_their_budget_get_503() {
     let held = api.metric("raftbridge_http_head_bytes_held", &[]).expect("metrics");
     assert!(held < 1024.0, "given back once answered: {held}");
 }
+
+/// An HTTP/1.1 connection kept alive stays open for `--http-idle-timeout-ms` between requests:
+/// hyper's header timeout (10 s) also ran while it waited for the next request and closed every
+/// idle connection at 10 s, whatever the setting said, so a pooled client's next request raced
+/// the close. Then it is closed by the idle timeout (and counted).
+#[test]
+fn a_kept_alive_http1_connection_lasts_the_idle_timeout_not_the_header_timeout() {
+    use std::io::Read;
+    use std::io::Write;
+    let (c, _) = Cluster::formed("h1idle", 1, &["--http-idle-timeout-ms", "15000"]);
+    c.wait_all_ready(FORMATION);
+    let mut s = std::net::TcpStream::connect(c.http(1)).expect("connect");
+    let ask = |s: &mut std::net::TcpStream| -> String {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").expect("send");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    assert!(ask(&mut s).starts_with("HTTP/1.1 200"), "the first request");
+    std::thread::sleep(Duration::from_secs(12));
+    let second = ask(&mut s);
+    assert!(second.starts_with("HTTP/1.1 200"), "12 s idle is within the 15 s idle timeout: {second:?}");
+    let last = std::time::Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    let mut buf = [0u8; 64];
+    match s.read(&mut buf) {
+        Ok(0) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("expected the idle connection to be closed, got {other:?}"),
+    }
+    let after = last.elapsed();
+    assert!(after >= Duration::from_secs(14) && after < Duration::from_secs(25), "closed {after:?} after the last request");
+    assert!(c.api(1).metric("raftbridge_http_idle_closed_total", &[]).expect("metrics") >= 1.0);
+}
