@@ -208,10 +208,11 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
         Method::PUT => {
             let pre = super::precondition(&req)?;
             let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
-            let revision = match &secrets {
-                Some(secrets) => secrets.put_if(store, key, &body, pre).await?,
-                None => plain.put_if(store, key, &body, pre).await?,
+            let written = match &secrets {
+                Some(secrets) => secrets.put_if(store, key, &body, pre).await.map_err(ApiError::from),
+                None => plain.put_if(store, key, &body, pre).await.map_err(ApiError::from),
             };
+            let revision = written.map_err(undecided_in_words)?;
             let mut resp = super::json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));
             resp.headers_mut().insert("x-revision", HeaderValue::from(revision));
             resp.headers_mut().insert(http::header::ETAG, etag(&revision.to_string()));
@@ -219,13 +220,26 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
         }
         Method::DELETE => {
             let pre = super::precondition(&req)?;
-            if plain.delete_if(store, key, pre).await? {
+            if plain.delete_if(store, key, pre).await.map_err(|e| undecided_in_words(ApiError::from(e)))? {
                 Ok(super::json_response(StatusCode::OK, &serde_json::json!({ "deleted": true })))
             } else {
                 Err(ApiError::NotFound(format!("no key {}/{}", super::cut(store, 128), super::cut(key, 256))))
             }
         }
         _ => Err(super::not_allowed("GET, HEAD, PUT, DELETE")),
+    }
+}
+
+/// A store write whose outcome is unknown (it reached the leader, then the deadline passed)
+/// says how to learn it here: the store's routes take no `Idempotency-Key` (the generic
+/// message names it, for commands and events), so a client that repeated the write with one
+/// applied it twice.
+fn undecided_in_words(e: ApiError) -> ApiError {
+    match e {
+        ApiError::Unavailable(m) if m == crate::raft::ReplicaError::Undecided.to_string() => ApiError::Unavailable(
+            "no quorum within the deadline; the write reached the leader and may still commit (read the key back, or make the write conditional with If-Match, to learn its outcome: the state routes take no Idempotency-Key)".into(),
+        ),
+        other => other,
     }
 }
 

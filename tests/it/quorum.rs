@@ -45,6 +45,8 @@ fn writes_without_quorum_fail_with_503() {
     }
     let proposed = assert_write_unavailable(c.api(leader), "leader without followers");
     assert!(proposed.contains("may still commit"), "the leader proposed it, so it may commit once a majority is back: {proposed:?}");
+    // The state routes take no Idempotency-Key: the message says how to learn the outcome here.
+    assert!(proposed.contains("If-Match") && proposed.contains("take no Idempotency-Key"), "{proposed:?}");
     // Its metrics still name it leader (nothing makes it step down): it must not say it serves.
     let not_ready = |id: u64, what: &str| {
         c.wait_for(&format!("node {id} ({what}) is not ready"), CATCH_UP, || match c.api(id).probe("/readyz")? {
