@@ -493,6 +493,8 @@ impl Cluster {
     }
 
     async fn membership_task(self, mut rx: mpsc::Receiver<Change>, shutdown: CancellationToken) {
+        // Exported from the start (a dashboard or alert sees 0, not a missing series).
+        metrics::gauge!("raftbridge_node_removed").set(0.0);
         let reversions = self.reversions.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
