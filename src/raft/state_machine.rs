@@ -1798,6 +1798,14 @@ mod tests {
         (decl, service)
     }
 
+    /// A membership entry of one configuration of `ids` at `index`, in term 1.
+    fn membership(ids: &[NodeId], index: u64) -> Entry {
+        use openraft::vote::RaftLeaderIdExt;
+        let m = crate::raft::types::Membership::new_with_defaults(vec![ids.iter().copied().collect()], []);
+        let log_id = LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index);
+        Entry { log_id, payload: openraft::EntryPayload::Membership(m) }
+    }
+
     /// A state machine's shared part, empty and without a directory.
     fn empty_shared() -> SmShared {
         SmShared {
@@ -2021,14 +2029,8 @@ mod tests {
     /// it, whose index is the registry's revision then (the routing table is built again).
     #[test]
     fn a_removed_nodes_registry_entry_is_left_out_of_the_routing_registry() {
-        use openraft::vote::RaftLeaderIdExt;
         let sm = empty_shared();
         let svc = crate::sdk::ServiceDecl { name: "solo".into(), version: 2, commands: Vec::new(), subscriptions: Vec::new(), available: true };
-        let membership = |ids: &[NodeId], index| {
-            let m = crate::raft::types::Membership::new_with_defaults(vec![ids.iter().copied().collect()], []);
-            let log_id = LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index);
-            Entry { log_id, payload: openraft::EntryPayload::Membership(m) }
-        };
         {
             let mut d = write(&sm.data);
             apply_entry(&mut d, membership(&[1, 2, 4], 1), 0);
@@ -2048,14 +2050,8 @@ mod tests {
     /// joined meanwhile keeps its own).
     #[test]
     fn departed_nodes_are_forgotten_and_members_are_not() {
-        use openraft::vote::RaftLeaderIdExt;
         let sm = empty_shared();
         let (_, svc) = every_instance("each");
-        let membership = |ids: &[NodeId], index| {
-            let m = crate::raft::types::Membership::new_with_defaults(vec![ids.iter().copied().collect()], []);
-            let log_id = LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index);
-            Entry { log_id, payload: openraft::EntryPayload::Membership(m) }
-        };
         {
             let mut d = write(&sm.data);
             apply_entry(&mut d, membership(&[1, 2, 4], 1), 0);

@@ -219,12 +219,55 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Reads HTTP/2 frames from `s` until it closes or `deadline`, acking the node's SETTINGS and
+/// answering its PINGs, and hands every frame (kind, flags, stream, payload) to `seen`; the
+/// time the connection closed after `started`, if it did.
+fn h2_frames(
+    s: &mut std::net::TcpStream,
+    started: std::time::Instant,
+    deadline: std::time::Instant,
+    mut seen: impl FnMut(u8, u8, u32, &[u8]),
+) -> Option<Duration> {
+    use std::io::Read;
+    use std::io::Write;
+    let mut buf = Vec::new();
+    while std::time::Instant::now() < deadline {
+        s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        let mut chunk = [0u8; 4096];
+        match s.read(&mut chunk) {
+            Ok(0) => return Some(started.elapsed()),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                seen(u8::MAX, 0, 0, &[]);
+                continue;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return Some(started.elapsed()),
+            Err(e) => panic!("read: {e}"),
+        }
+        while buf.len() >= 9 {
+            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
+            if buf.len() < 9 + len {
+                break;
+            }
+            let (kind, flags, stream) = (buf[3], buf[4], u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff);
+            let payload: Vec<u8> = buf[9..9 + len].to_vec();
+            buf.drain(..9 + len);
+            match (kind, flags & 1) {
+                (4, 0) => s.write_all(&h2_frame(4, 1, 0, &[])).expect("ack the settings"),
+                (6, 0) => s.write_all(&h2_frame(6, 1, 0, &payload)).expect("answer the ping"),
+                _ => {}
+            }
+            seen(kind, flags, stream, &payload);
+        }
+    }
+    None
+}
+
 /// An HTTP/2 client that answers the node's SETTINGS and PINGs but sends no further request
 /// holds one of `--max-connections` while it stays connected: once no request has been under
 /// way for `--http-idle-timeout-ms`, the node sends a GOAWAY (no error) and closes.
 #[test]
 fn an_idle_http2_connection_gets_a_goaway_and_is_closed() {
-    use std::io::Read;
     use std::io::Write;
     let (c, _) = Cluster::formed("h2idle", 1, &["--http-idle-timeout-ms", "1500"]);
     c.wait_all_ready(FORMATION);
@@ -238,42 +281,14 @@ fn an_idle_http2_connection_gets_a_goaway_and_is_closed() {
     block.extend(b"/healthz");
     hello.extend(h2_frame(1, 0x5, 1, &block));
     s.write_all(&hello).expect("send the request");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let (mut answered, mut goaway, mut closed) = (false, None, false);
-    let mut buf = Vec::new();
-    while std::time::Instant::now() < deadline {
-        s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-        let mut chunk = [0u8; 4096];
-        match s.read(&mut chunk) {
-            Ok(0) => {
-                closed = true;
-                break;
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => continue,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                closed = true;
-                break;
-            }
-            Err(e) => panic!("read: {e}"),
-        }
-        while buf.len() >= 9 {
-            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
-            if buf.len() < 9 + len {
-                break;
-            }
-            let (kind, flags, stream) = (buf[3], buf[4], u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & 0x7fff_ffff);
-            let payload: Vec<u8> = buf[9..9 + len].to_vec();
-            buf.drain(..9 + len);
-            match (kind, flags & 1) {
-                (1, _) if stream == 1 => answered = true,
-                (4, 0) => s.write_all(&h2_frame(4, 1, 0, &[])).expect("ack the settings"),
-                (6, 0) => s.write_all(&h2_frame(6, 1, 0, &payload)).expect("answer the ping"),
-                (7, _) => goaway = Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])),
-                _ => {}
-            }
-        }
-    }
+    let now = std::time::Instant::now();
+    let (mut answered, mut goaway) = (false, None);
+    let closed = h2_frames(&mut s, now, now + Duration::from_secs(30), |kind, _, stream, payload| match kind {
+        1 if stream == 1 => answered = true,
+        7 => goaway = Some(u32::from_be_bytes([payload[4], payload[5], payload[6], payload[7]])),
+        _ => {}
+    })
+    .is_some();
     assert!(answered, "the request was answered");
     assert_eq!(goaway, Some(0), "a GOAWAY without an error before the close");
     assert!(closed, "the idle connection was closed");
@@ -288,7 +303,6 @@ fn an_idle_http2_connection_gets_a_goaway_and_is_closed() {
 /// is dropped a tick later, and the answers' bytes leave the answer budget.
 #[test]
 fn an_http2_client_that_takes_no_answer_bytes_gets_a_goaway_and_is_dropped_after_the_write_stall_limit() {
-    use std::io::Read;
     use std::io::Write;
     let (c, _) = Cluster::formed("h2stall", 1, &["--http-idle-timeout-ms", "5000"]);
     c.wait_all_ready(FORMATION);
@@ -307,49 +321,18 @@ fn an_http2_client_that_takes_no_answer_bytes_gets_a_goaway_and_is_dropped_after
     }
     let started = std::time::Instant::now();
     s.write_all(&hello).expect("send the requests");
-    let deadline = started + Duration::from_secs(90);
-    let (mut answered, mut data, mut closed_after, mut goaway) = (0, 0, None, None);
+    let (mut answered, mut data, mut goaway) = (0, 0, None);
     let mut held_while_open = 0.0f64;
-    let mut buf = Vec::new();
-    while std::time::Instant::now() < deadline {
-        s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
-        let mut chunk = [0u8; 4096];
-        match s.read(&mut chunk) {
-            Ok(0) => {
-                closed_after = Some(started.elapsed());
-                break;
-            }
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                if answered == 100 && held_while_open == 0.0 {
-                    held_while_open = api.metric("raftbridge_http_answer_bytes_held", &[]).unwrap_or(0.0);
-                }
-                continue;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
-                closed_after = Some(started.elapsed());
-                break;
-            }
-            Err(e) => panic!("read: {e}"),
+    let closed_after = h2_frames(&mut s, started, started + Duration::from_secs(90), |kind, _, _, _| match kind {
+        0 => data += 1,
+        1 => answered += 1,
+        7 => goaway = goaway.or(Some(started.elapsed())),
+        // A read that timed out: the answers are all in, and held unsent.
+        u8::MAX if answered == 100 && held_while_open == 0.0 => {
+            held_while_open = api.metric("raftbridge_http_answer_bytes_held", &[]).unwrap_or(0.0);
         }
-        while buf.len() >= 9 {
-            let len = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]) as usize;
-            if buf.len() < 9 + len {
-                break;
-            }
-            let (kind, flags) = (buf[3], buf[4]);
-            let payload: Vec<u8> = buf[9..9 + len].to_vec();
-            buf.drain(..9 + len);
-            match (kind, flags & 1) {
-                (0, _) => data += 1,
-                (1, _) => answered += 1,
-                (7, _) => goaway = goaway.or(Some(started.elapsed())),
-                (4, 0) => s.write_all(&h2_frame(4, 1, 0, &[])).expect("ack the settings"),
-                (6, 0) => s.write_all(&h2_frame(6, 1, 0, &payload)).expect("answer the ping"),
-                _ => {}
-            }
-        }
-    }
+        _ => {}
+    });
     assert_eq!((answered, data), (100, 0), "every answer's head came, and no DATA (a zero window)");
     assert!(held_while_open >= 100.0 * 50.0, "the 100 answers were counted while unsent: {held_while_open}");
     let closed_after = closed_after.expect("the connection was dropped within 90 s");
