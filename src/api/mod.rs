@@ -1283,8 +1283,7 @@ mod tests {
 
     const LIMITS: Idle = Idle { first_request: Duration::from_secs(10), between: Duration::from_secs(60) };
 
-    /// Runs `keep` on a stand-in connection; the answer is when it ended, and whether it was
-    /// served (`Some`) or dropped without a request.
+    /// Runs `keep` on a stand-in connection; the answer is how it ended (`Kept`), and when.
     fn kept(activity: &Arc<Activity>, drain: &CancellationToken) -> tokio::task::JoinHandle<(Kept<()>, tokio::time::Instant)> {
         let (activity, drain) = (activity.clone(), drain.clone());
         tokio::spawn(async move { (keep(Conn(false), &activity, LIMITS, &drain).await, tokio::time::Instant::now()) })
