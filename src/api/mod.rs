@@ -1348,6 +1348,15 @@ mod tests {
         }
     }
 
+    /// Runs `keep` on a connection that does not end when finished; the flag tells whether it
+    /// was finished, the handle how it ended and when.
+    fn kept_stuck(activity: &Arc<Activity>) -> (Arc<std::sync::atomic::AtomicBool>, tokio::task::JoinHandle<(Kept<()>, tokio::time::Instant)>) {
+        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (activity, flag) = (activity.clone(), finished.clone());
+        let keeper = tokio::spawn(async move { (keep(Stuck(flag), &activity, LIMITS, &CancellationToken::new()).await, tokio::time::Instant::now()) });
+        (finished, keeper)
+    }
+
     /// An answer made on `activity`'s connection and taken by it, not yet written.
     async fn unsent(activity: &Arc<Activity>, budget: &BodyBudget) -> Counted {
         use hyper::body::Body as _;
@@ -1364,11 +1373,7 @@ mod tests {
     async fn a_connection_with_an_answer_that_waits_unwritten_is_finished_then_dropped() {
         let activity = Arc::new(Activity::new());
         let budget = BodyBudget::new(1 << 20);
-        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let keeper = {
-            let (activity, finished) = (activity.clone(), finished.clone());
-            tokio::spawn(async move { (keep(Stuck(finished), &activity, LIMITS, &CancellationToken::new()).await, tokio::time::Instant::now()) })
-        };
+        let (finished, keeper) = kept_stuck(&activity);
         tokio::time::sleep(Duration::from_secs(3)).await;
         drop(activity.begin());
         let waits = unsent(&activity, &budget).await;
@@ -1402,11 +1407,7 @@ mod tests {
     async fn an_answer_that_moves_slowly_keeps_its_connection() {
         let activity = Arc::new(Activity::new());
         let budget = BodyBudget::new(1 << 20);
-        let finished = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let keeper = {
-            let (activity, finished) = (activity.clone(), finished.clone());
-            tokio::spawn(async move { keep(Stuck(finished), &activity, LIMITS, &CancellationToken::new()).await })
-        };
+        let (finished, keeper) = kept_stuck(&activity);
         drop(activity.begin());
         let mut slow = unsent(&activity, &budget).await;
         for _ in 0..20 {

@@ -209,10 +209,13 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
             let pre = super::precondition(&req)?;
             let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
             let written = match &secrets {
-                Some(secrets) => secrets.put_if(store, key, &body, pre).await.map_err(ApiError::from),
-                None => plain.put_if(store, key, &body, pre).await.map_err(ApiError::from),
+                Some(secrets) => secrets.put_if(store, key, &body, pre).await.map_err(|e| match e {
+                    crate::store::secret::SecretError::Store(e) => write_error(e),
+                    other => other.into(),
+                }),
+                None => plain.put_if(store, key, &body, pre).await.map_err(write_error),
             };
-            let revision = written.map_err(undecided_in_words)?;
+            let revision = written?;
             let mut resp = super::json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));
             resp.headers_mut().insert("x-revision", HeaderValue::from(revision));
             resp.headers_mut().insert(http::header::ETAG, etag(&revision.to_string()));
@@ -220,7 +223,7 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
         }
         Method::DELETE => {
             let pre = super::precondition(&req)?;
-            if plain.delete_if(store, key, pre).await.map_err(|e| undecided_in_words(ApiError::from(e)))? {
+            if plain.delete_if(store, key, pre).await.map_err(write_error)? {
                 Ok(super::json_response(StatusCode::OK, &serde_json::json!({ "deleted": true })))
             } else {
                 Err(ApiError::NotFound(format!("no key {}/{}", super::cut(store, 128), super::cut(key, 256))))
@@ -234,12 +237,12 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
 /// says how to learn it here: the store's routes take no `Idempotency-Key` (the generic
 /// message names it, for commands and events), so a client that repeated the write with one
 /// applied it twice.
-fn undecided_in_words(e: ApiError) -> ApiError {
+fn write_error(e: crate::store::StoreError) -> ApiError {
     match e {
-        ApiError::Unavailable(m) if m == crate::raft::ReplicaError::Undecided.to_string() => ApiError::Unavailable(
+        crate::store::StoreError::Replica(crate::raft::ReplicaError::Undecided) => ApiError::Unavailable(
             "no quorum within the deadline; the write reached the leader and may still commit (read the key back, or make the write conditional with If-Match, to learn its outcome: the state routes take no Idempotency-Key)".into(),
         ),
-        other => other,
+        other => other.into(),
     }
 }
 

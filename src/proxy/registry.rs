@@ -62,10 +62,9 @@ pub async fn run(
         let mut want = offering();
         // Only an offering with subscriptions can clash (the copies below are made every tick).
         let conflicts = if want.iter().any(|s| !s.subscriptions.is_empty()) {
-            let (_, mut registry) = store.local().registry();
-            // Entries of nodes no longer in the cluster own nothing.
-            let members = store.replica().metrics().membership_config.membership().clone();
-            registry.retain(|node, _| members.get_node(node).is_some());
+            // The members' entries only (`SmShared::registry`): a node no longer in the cluster
+            // owns nothing.
+            let (_, registry) = store.local().registry();
             drop_foreign_subscriptions(&mut want, &registry, me)
         } else {
             Vec::new()
