@@ -14,6 +14,16 @@
 //! that send one are rare, a connection's first bytes being garbage is the usual case (a port
 //! scan, a TLS client on the plain port, a typo in a hand-written request). The HTTP/2 prior
 //! knowledge preface passes untouched, and the check costs one parse per connection.
+//!
+//! It also counts the bytes of every HTTP/1 head being read in the heads budget
+//! (`HttpSettings::heads`, `Reading`): a head may take 408 KiB before it parses, held here for
+//! the first and in hyper's read buffer for later ones, and `--max-connections` clients sending
+//! such heads slowly held 4 GiB outside any budget. What is read while no request is under way
+//! on an HTTP/1 connection is a head (and what came with it); it counts from the read until
+//! its request begins (the service then counts the parsed head, `count_head`) or the connection
+//! ends. Past a full budget a first head is refused with a 503, and a later one waits to be
+//! read (hyper holds it, and the connection's idle timeout bounds the wait); the first
+//! `UNCHECKED_HEAD` bytes of each are read regardless, so a probe's head still passes.
 
 use std::io;
 use std::future::Future;
@@ -46,11 +56,93 @@ const MAX_DRAINED: usize = 1 << 20;
 const MAX_LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 /// What an HTTP/2 client with prior knowledge sends first (RFC 9113 §3.4).
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Bytes of one head read whether or not the heads budget has room: a probe's or a usual
+/// request's head, so a budget that attackers fill does not make the node look dead (the
+/// probes are counted past it by `count_head` too). At most this plus one read over the budget
+/// per connection.
+const UNCHECKED_HEAD: usize = 4096;
+/// The most one read takes while it is counted as a head's (a later head: hyper would read up
+/// to its buffer's room, a few hundred KiB, at once).
+const COUNTED_READ: usize = 4096;
+/// How often a later head's read that waits for room in the heads budget looks again.
+const ROOM_POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// The bytes of the heads being read on one connection, counted in the node's heads budget
+/// (see the module): added by `FirstHead`'s reads, given back when a request begins
+/// (`release`, from `Activity::begin`), at a refusal, or when dropped with the connection.
+#[derive(Debug, Default)]
+pub struct Reading {
+    /// `None`: nothing is counted (a test's connection).
+    budget: Option<super::BodyBudget>,
+    bytes: std::sync::atomic::AtomicUsize,
+}
+
+impl Reading {
+    pub fn new(budget: super::BodyBudget) -> Reading {
+        Reading { budget: Some(budget), bytes: 0.into() }
+    }
+
+    /// Whether another head read may take `COUNTED_READ` bytes: the head so far is short, or
+    /// the budget has room for them.
+    fn may_read(&self) -> bool {
+        let Some(budget) = &self.budget else { return true };
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed) < UNCHECKED_HEAD || budget.held().saturating_add(COUNTED_READ) <= budget.total()
+    }
+
+    /// Whether the head so far and another read would not fit into the whole budget (a 431,
+    /// as `count_head` answers a parsed head larger than the budget).
+    fn past_whole_budget(&self) -> bool {
+        self.budget.as_ref().is_some_and(|budget| self.bytes.load(std::sync::atomic::Ordering::Relaxed).saturating_add(COUNTED_READ) > budget.total())
+    }
+
+    fn count(&self, n: usize) {
+        if let Some(budget) = &self.budget {
+            budget.0.used.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
+            self.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Gives back what is counted: the head was parsed (its request holds it now), refused, or
+    /// the connection ended.
+    pub fn release(&self) {
+        if let Some(budget) = &self.budget {
+            let n = self.bytes.swap(0, std::sync::atomic::Ordering::Relaxed);
+            if n > 0 {
+                budget.0.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// What `FirstHead` needs of its connection to count heads: the count, and whether a request
+/// is under way (what is read then is a body's or the next pipelined head's, which hyper reads
+/// only as far as the request needs).
+pub trait Heads: Send + Sync {
+    fn reading(&self) -> &Reading;
+    fn under_way(&self) -> bool;
+}
 
 /// A connection whose first request head is checked before it is read through (see the module).
 pub struct FirstHead<S> {
     inner: S,
     state: State,
+    /// Where heads' bytes are counted (`None`: nowhere, a test's connection).
+    heads: Option<std::sync::Arc<dyn Heads>>,
+    /// Set once the HTTP/2 preface passed: frames are not heads, and nothing is counted.
+    h2: bool,
+    /// A later head's read waiting for room in the heads budget: when to look again.
+    pause: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 enum State {
@@ -214,13 +306,46 @@ fn refusal(status: u16, message: &str) -> Vec<u8> {
     let reason = http::StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or("Bad Request");
     let body = serde_json::json!({ "status": status, "message": message }).to_string();
     let date = httpdate::fmt_http_date(std::time::SystemTime::now());
-    format!("HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\ndate: {date}\r\n\r\n{body}", body.len())
+    // A 503 (the heads budget full) frees within seconds, as `ApiError::Busy`'s does.
+    let retry = if status == 503 { "retry-after: 1\r\n" } else { "" };
+    format!("HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{retry}date: {date}\r\n\r\n{body}", body.len())
         .into_bytes()
 }
 
 impl<S> FirstHead<S> {
     pub fn new(inner: S) -> FirstHead<S> {
-        FirstHead { inner, state: State::Gathering(Vec::new(), Judged::default()) }
+        FirstHead { inner, state: State::Gathering(Vec::new(), Judged::default()), heads: None, h2: false, pause: None }
+    }
+
+    /// Counting the heads read in the connection's `heads` (see the module).
+    pub fn counted(inner: S, heads: std::sync::Arc<dyn Heads>) -> FirstHead<S> {
+        FirstHead { heads: Some(heads), ..FirstHead::new(inner) }
+    }
+
+    /// Before a read in `State::Through`: the most it may take when what it reads counts as a
+    /// head (`None`: it does not count), or pending while the heads budget has no room for
+    /// more of this one (looked at again every `ROOM_POLL`).
+    fn through_room(&mut self, cx: &mut Context<'_>) -> Poll<Option<usize>> {
+        let Some(heads) = self.heads.as_ref().filter(|_| !self.h2) else { return Poll::Ready(None) };
+        if heads.under_way() {
+            self.pause = None;
+            return Poll::Ready(None);
+        }
+        // Bounded: a fresh timer is pending, so the second pass returns.
+        loop {
+            if heads.reading().may_read() {
+                self.pause = None;
+                return Poll::Ready(Some(COUNTED_READ));
+            }
+            let timer = self.pause.get_or_insert_with(|| {
+                metrics::counter!("raftbridge_http_head_reads_paused_total").increment(1);
+                Box::pin(tokio::time::sleep(ROOM_POLL))
+            });
+            match timer.as_mut().poll(cx) {
+                Poll::Ready(()) => self.pause = Some(Box::pin(tokio::time::sleep(ROOM_POLL))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 }
 
@@ -232,7 +357,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
         // with `MAX_DRAINED` or `MAX_LINGER`).
         loop {
             match &mut this.state {
-                State::Through => return Pin::new(&mut this.inner).poll_read(cx, out),
+                State::Through => {
+                    let Some(most) = std::task::ready!(this.through_room(cx)) else {
+                        return Pin::new(&mut this.inner).poll_read(cx, out);
+                    };
+                    // A head's bytes, counted: read a bounded piece into a scratch (a `ReadBuf`
+                    // cannot be limited in place without unsafe code), then handed on.
+                    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); COUNTED_READ];
+                    let mut buf = ReadBuf::uninit(&mut scratch[..most.min(out.remaining())]);
+                    std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut buf))?;
+                    if let Some(heads) = &this.heads {
+                        heads.reading().count(buf.filled().len());
+                    }
+                    out.put_slice(buf.filled());
+                    return Poll::Ready(Ok(()));
+                }
                 State::Refused => return Poll::Ready(Ok(())),
                 State::Releasing(held, at) => {
                     let n = (held.len() - *at).min(out.remaining());
@@ -274,6 +413,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
                 }
                 State::Gathering(held, judged) => {
                     let start = held.len();
+                    if let Some(heads) = this.heads.as_ref().filter(|heads| !heads.reading().may_read()) {
+                        metrics::counter!("raftbridge_http_heads_refused_total").increment(1);
+                        this.state = State::Refusing(
+                            match heads.reading().past_whole_budget() {
+                                true => refusal(431, "the request's head is larger than --max-body-buffered allows"),
+                                false => refusal(503, "this node holds as many bytes of request headers as --max-body-buffered allows: retry shortly"),
+                            },
+                            0,
+                        );
+                        heads.reading().release();
+                        continue;
+                    }
                     // Read into a scratch that is not zeroed first (a byte-at-a-time client would
                     // make each read clear it), then kept.
                     let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
@@ -282,6 +433,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
                     let read = Pin::new(&mut this.inner).poll_read(cx, &mut buf);
                     let got = buf.filled().len();
                     held.extend_from_slice(buf.filled());
+                    if let Some(heads) = &this.heads {
+                        heads.reading().count(got);
+                    }
                     match read {
                         Poll::Pending => return Poll::Pending,
                         Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
@@ -293,8 +447,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
                         }
                         Poll::Ready(Ok(())) => match judge_now(held, start, judged) {
                             Verdict::More => {}
-                            Verdict::Pass => this.state = State::Releasing(std::mem::take(held), 0),
+                            Verdict::Pass => {
+                                if held.starts_with(H2_PREFACE) {
+                                    this.h2 = true;
+                                    if let Some(heads) = &this.heads {
+                                        heads.reading().release();
+                                    }
+                                }
+                                this.state = State::Releasing(std::mem::take(held), 0);
+                            }
                             Verdict::Refuse(status, message) => {
+                                if let Some(heads) = &this.heads {
+                                    heads.reading().release();
+                                }
                                 metrics::counter!("raftbridge_http_requests_total", "route" => "malformed", "status" => status.to_string()).increment(1);
                                 tracing::debug!(status, %message, "refused a connection's first request head");
                                 this.state = State::Refusing(refusal(status, &message), 0);
@@ -331,6 +496,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for FirstHead<S> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use tokio::io::AsyncReadExt;
     use tokio::io::AsyncWriteExt;
 
@@ -437,6 +604,135 @@ mod tests {
         let mut back = vec![0; 1024];
         let n = client.read(&mut back).await.unwrap();
         assert!(back[..n].starts_with(b"HTTP/1.1 400 "), "{}", String::from_utf8_lossy(&back[..n]));
+    }
+
+    /// A connection's side of the heads' count, as `Activity` is: whether a request is under
+    /// way is the test's to set.
+    struct Conn {
+        reading: Reading,
+        under_way: std::sync::atomic::AtomicBool,
+    }
+
+    impl Heads for Conn {
+        fn reading(&self) -> &Reading {
+            &self.reading
+        }
+
+        fn under_way(&self) -> bool {
+            self.under_way.load(std::sync::atomic::Ordering::Relaxed)
+        }
+    }
+
+    fn counting(budget: &super::super::BodyBudget) -> std::sync::Arc<Conn> {
+        std::sync::Arc::new(Conn { reading: Reading::new(budget.clone()), under_way: false.into() })
+    }
+
+    /// What the client of a refused first head gets back, and its status line.
+    async fn refused_with(budget: &super::super::BodyBudget, sent: &[u8]) -> String {
+        let conn = counting(budget);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut server = FirstHead::counted(server, conn.clone());
+        client.write_all(sent).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut read = Vec::new();
+        server.read_to_end(&mut read).await.unwrap();
+        assert!(read.is_empty(), "nothing of a refused head is read through");
+        assert_eq!(conn.reading.bytes(), 0, "a refused head's count is given back");
+        drop(server);
+        let mut back = Vec::new();
+        client.read_to_end(&mut back).await.unwrap();
+        String::from_utf8_lossy(&back).into_owned()
+    }
+
+    /// A first head counts in the heads budget as it is read: past a full budget it is refused
+    /// with a JSON 503 and `Retry-After`, and one that cannot fit into the whole budget with a
+    /// 431; a short head (a probe's) passes a full budget; a passed head stays counted until
+    /// its request begins, and the HTTP/2 preface is not counted.
+    #[tokio::test]
+    async fn a_first_head_counts_in_the_heads_budget_as_it_is_read() {
+        let budget = super::super::BodyBudget::new(64 * 1024);
+        let mut full = super::super::Held::default();
+        budget.count_anyway(&mut full, 60 * 1024);
+        let long = [b"GET / HTTP/1.1\r\nx: ".as_slice(), &vec![b'a'; 20 * 1024], b"\r\n\r\n"].concat();
+        let answer = refused_with(&budget, &long).await;
+        assert!(answer.starts_with("HTTP/1.1 503 ") && answer.contains("retry-after: 1\r\n"), "{answer}");
+        assert!(answer.contains("--max-body-buffered"), "{answer}");
+        assert_eq!(budget.held(), 60 * 1024, "only what others hold");
+        drop(full);
+        let small = super::super::BodyBudget::new(8 * 1024);
+        let answer = refused_with(&small, &long).await;
+        assert!(answer.starts_with("HTTP/1.1 431 "), "larger than the whole budget: {answer}");
+        assert_eq!(small.held(), 0);
+
+        // A probe's head passes a full budget, counted until its request begins.
+        let mut full = super::super::Held::default();
+        budget.count_anyway(&mut full, 64 * 1024);
+        let conn = counting(&budget);
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut server = FirstHead::counted(server, conn.clone());
+        let probe = b"GET /healthz HTTP/1.1\r\nhost: a\r\n\r\n";
+        client.write_all(probe).await.unwrap();
+        let mut got = vec![0u8; probe.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got, probe);
+        assert_eq!((conn.reading.bytes(), budget.held()), (probe.len(), 64 * 1024 + probe.len()));
+        conn.reading.release();
+        assert_eq!(budget.held(), 64 * 1024, "given back as the request begins");
+        drop(full);
+
+        // HTTP/2 frames are not heads.
+        let conn = counting(&budget);
+        let (mut client, server) = tokio::io::duplex(1 << 16);
+        let mut server = FirstHead::counted(server, conn.clone());
+        let h2 = [H2_PREFACE, &[0u8; 4000]].concat();
+        client.write_all(&h2).await.unwrap();
+        let mut got = vec![0u8; h2.len()];
+        server.read_exact(&mut got).await.unwrap();
+        assert_eq!((conn.reading.bytes(), budget.held()), (0, 0));
+    }
+
+    /// Later heads on a kept-alive connection count while no request is under way (what is read
+    /// during one is its body's, counted where it is read); past a full budget the read waits
+    /// for room instead of taking more, and goes on once there is some.
+    #[tokio::test(start_paused = true)]
+    async fn a_later_head_counts_and_waits_for_room_in_a_full_budget() {
+        let budget = super::super::BodyBudget::new(64 * 1024);
+        let conn = counting(&budget);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut server = FirstHead::counted(server, conn.clone());
+        let first = b"POST /a HTTP/1.1\r\ncontent-length: 3\r\n\r\n";
+        client.write_all(first).await.unwrap();
+        let mut got = vec![0u8; first.len()];
+        server.read_exact(&mut got).await.unwrap();
+        // The request begins: its body is read uncounted.
+        conn.under_way.store(true, std::sync::atomic::Ordering::Relaxed);
+        conn.reading.release();
+        client.write_all(b"abc").await.unwrap();
+        let mut body = [0u8; 3];
+        server.read_exact(&mut body).await.unwrap();
+        assert_eq!((&body, conn.reading.bytes()), (b"abc", 0));
+        conn.under_way.store(false, std::sync::atomic::Ordering::Relaxed);
+
+        // The next head: 12 KiB of it with others holding all of the budget.
+        let mut full = super::super::Held::default();
+        budget.count_anyway(&mut full, 64 * 1024);
+        client.write_all(&[b"GET /b HTTP/1.1\r\nx: ".as_slice(), &vec![b'b'; 12 * 1024]].concat()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(5), server.read(&mut buf)).await {
+            assert!(n > 0 && n <= COUNTED_READ, "a bounded read: {n}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.len() >= UNCHECKED_HEAD && got.len() < UNCHECKED_HEAD + COUNTED_READ, "read up to the unchecked part: {}", got.len());
+        assert_eq!(conn.reading.bytes(), got.len());
+        drop(full);
+        let reader = tokio::spawn(async move {
+            let mut rest = vec![0u8; 12 * 1024 + 20 - got.len()];
+            server.read_exact(&mut rest).await.map(|_| server)
+        });
+        let server = reader.await.unwrap().expect("read on once the budget has room");
+        assert_eq!(conn.reading.bytes(), 12 * 1024 + 20);
+        drop(server);
     }
 
     #[tokio::test]

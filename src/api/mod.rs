@@ -215,7 +215,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
         let app = app.clone();
         let limits = Idle { first_request: app.settings.header_read_timeout, between: app.settings.idle_timeout };
         // Told by the service as requests begin and end (see `keep`).
-        let activity = Arc::new(Activity::new());
+        let activity = Arc::new(Activity::counting(&app.settings.heads));
         let seen = activity.clone();
         let client = crate::proxy::headers::ClientConn { addr: remote, https: tls.is_some() };
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
@@ -247,7 +247,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             let served = match tls {
                 None => {
                     // A malformed first head is answered with JSON here, not by hyper (`head`).
-                    let stream = head::FirstHead::new(stall::Stalling::new(stream, stall::WRITE_STALL));
+                    let stream = head::FirstHead::counted(stall::Stalling::new(stream, stall::WRITE_STALL), activity.clone());
                     let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                     match keep(conn, &activity, limits, &drain).await {
                         Kept::Served(served) => served,
@@ -262,7 +262,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                     () = drain.cancelled() => return tracing::debug!(%remote, "https handshake under way at the drain, closing"),
                 } {
                     Ok(Ok(stream)) => {
-                        let stream = head::FirstHead::new(stall::Stalling::new(stream, stall::WRITE_STALL));
+                        let stream = head::FirstHead::counted(stall::Stalling::new(stream, stall::WRITE_STALL), activity.clone());
                         let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
                         match keep(conn, &activity, limits, &drain).await {
                             Kept::Served(served) => served,
@@ -376,6 +376,9 @@ struct Activity {
     /// `STALL_BUCKETS`: each answer's own age, not the connection's, so one stream that moves
     /// does not hide the others that wait.
     waiting: [std::sync::atomic::AtomicU64; STALL_BUCKETS],
+    /// The heads being read on the connection, in the heads budget (`head::Reading`): counted
+    /// by its `FirstHead`, given back as each request begins.
+    reading: head::Reading,
 }
 
 /// How often a connection's stall clock ticks (`Activity::tick`).
@@ -442,7 +445,13 @@ impl Activity {
             unsent: 0.into(),
             tick: 0.into(),
             waiting: Default::default(),
+            reading: head::Reading::default(),
         }
+    }
+
+    /// A connection's, whose heads being read count in `heads`.
+    fn counting(heads: &BodyBudget) -> Activity {
+        Activity { reading: head::Reading::new(heads.clone()), ..Activity::new() }
     }
 
     fn now_ms(&self) -> u64 {
@@ -462,6 +471,8 @@ impl Activity {
         use std::sync::atomic::Ordering::Relaxed;
         self.begun.fetch_add(1, Relaxed);
         self.under_way.fetch_add(1, Relaxed);
+        // Its head is counted by `count_head` now, parsed; what was read of it is given back.
+        self.reading.release();
         UnderWay(self.clone())
     }
 
@@ -471,6 +482,16 @@ impl Activity {
         use std::sync::atomic::Ordering::{Acquire, Relaxed};
         // Acquire: the `ended_ms` stored before a count fell is seen with it.
         (self.under_way.load(Acquire) == 0 && self.unsent.load(Acquire) == 0).then(|| self.opened + Duration::from_millis(self.ended_ms.load(Relaxed)))
+    }
+}
+
+impl head::Heads for Activity {
+    fn reading(&self) -> &head::Reading {
+        &self.reading
+    }
+
+    fn under_way(&self) -> bool {
+        self.under_way.load(std::sync::atomic::Ordering::Relaxed) > 0
     }
 }
 

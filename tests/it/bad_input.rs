@@ -384,6 +384,80 @@ fn request_heads_past_their_budget_get_503() {
     assert!(held < 1024.0, "given back once answered: {held}");
 }
 
+/// HTTP/1 heads count in the heads' budget while they are read, before they parse: clients
+/// sending 300 KiB heads slowly held up to 408 KiB each in the node's buffers outside any bound
+/// (`--max-connections` of them, 4 GiB). Past a full budget a connection's first head gets a
+/// JSON 503, a later head on a kept-alive connection waits to be read, probes are still
+/// served, and what was held is given back when the connections close.
+#[test]
+fn heads_being_read_count_in_their_budget() {
+    use std::io::Read;
+    use std::io::Write;
+    let budget = 2usize << 20;
+    let (c, _) = Cluster::formed("headread", 1, &["--max-body-buffered", &budget.to_string()]);
+    c.wait_all_ready(FORMATION);
+    let api = c.api(1);
+    // A kept-alive connection that made one request, then starts a long head.
+    let mut kept = std::net::TcpStream::connect(c.http(1)).expect("connect");
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").expect("send");
+    kept.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut buf = [0u8; 4096];
+    let n = kept.read(&mut buf).expect("answer");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&buf[..n]));
+    let chunk = format!("x-stuffing-{{}}: {}\r\n", "s".repeat(8 * 1024));
+    let stuff = |s: &mut std::net::TcpStream, lines: usize| {
+        s.set_write_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        for i in 0..lines {
+            // A paused read leaves the rest in the socket's buffers; a write that blocks ends it.
+            if s.write_all(chunk.replace("{}", &i.to_string()).as_bytes()).is_err() {
+                break;
+            }
+        }
+    };
+    // First heads on new connections, 300 KiB each, never ended.
+    let mut refused = 0;
+    let mut open = Vec::new();
+    for _ in 0..16 {
+        let mut s = std::net::TcpStream::connect(c.http(1)).expect("connect");
+        s.write_all(b"GET /v1/state/default/k HTTP/1.1\r\nhost: x\r\n").expect("send");
+        stuff(&mut s, 36);
+        s.set_read_timeout(Some(Duration::from_millis(500))).expect("timeout");
+        let mut answer = Vec::new();
+        let _ = s.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer).into_owned();
+        if !text.is_empty() {
+            assert!(text.starts_with("HTTP/1.1 503 ") && text.contains("retry-after: 1"), "{text}");
+            let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or("")).expect("a JSON body");
+            assert_eq!(body["status"], 503, "{text}");
+            refused += 1;
+        }
+        open.push(s);
+        let held = api.metric("raftbridge_http_head_bytes_held", &[]).expect("metrics");
+        // The budget, a probe's unchecked head and a read's worth per connection at most.
+        assert!(held <= (budget + 18 * 16 * 1024) as f64, "heads being read are bounded: {held}");
+    }
+    assert!(refused >= 4, "first heads past the budget are refused: {refused} of 16");
+    // The kept-alive connection's next head, with the budget full: it waits to be read.
+    kept.write_all(b"GET /v1/state/default/k HTTP/1.1\r\nhost: x\r\n").expect("send");
+    stuff(&mut kept, 36);
+    c.wait_until("the kept-alive connection's head waits for room", Duration::from_secs(20), || {
+        api.metric("raftbridge_http_head_reads_paused_total", &[]).is_ok_and(|n| n >= 1.0)
+    });
+    let held = api.metric("raftbridge_http_head_bytes_held", &[]).expect("metrics");
+    assert!(held <= (budget + 18 * 16 * 1024) as f64, "heads being read are bounded: {held}");
+    for probe in ["/healthz", "/readyz", "/metrics"] {
+        let r = api.request("GET", probe, &[], b"").expect("probe");
+        assert_eq!(r.status, 200, "{probe} is served past a full budget: {}", r.describe());
+    }
+    drop(open);
+    drop(kept);
+    c.wait_until("the heads being read are given back", Duration::from_secs(20), || {
+        api.metric("raftbridge_http_head_bytes_held", &[]).is_ok_and(|n| n < 1024.0)
+    });
+    let r = api.request("GET", "/v1/state/default/k", &[], b"").expect("request");
+    assert_eq!(r.status, 404, "served again: {}", r.describe());
+}
+
 /// An HTTP/1.1 connection kept alive stays open for `--http-idle-timeout-ms` between requests:
 /// hyper's header timeout (10 s) also ran while it waited for the next request and closed every
 /// idle connection at 10 s, whatever the setting said, so a pooled client's next request raced
