@@ -208,7 +208,7 @@ impl Proxy {
     }
 
     pub(super) async fn idempotent(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         inv: Invocation,
         route: &Route,
