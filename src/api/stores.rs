@@ -181,7 +181,7 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
             };
             if let Some(wait) = args.wait.filter(|_| unchanged(map.as_ref())) {
                 let _slot = app.long_polls.slot()?;
-                map = plain.wait_changed(store, unchanged, wait, &app.long_polls.stop).await?;
+                map = plain.wait_changed(store, key, unchanged, wait, &app.long_polls.stop).await?;
             }
             let tag = tag_of(map.as_ref()).max_revision.to_string();
             if unchanged(map.as_ref()) {
@@ -280,7 +280,7 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
     };
     if let Some(wait) = args.wait.filter(|_| unchanged(map.as_ref())) {
         let _slot = app.long_polls.slot()?;
-        map = plain.wait_changed(store, unchanged, wait, &app.long_polls.stop).await?;
+        map = plain.wait_changed(store, prefix, unchanged, wait, &app.long_polls.stop).await?;
     }
     let page = crate::store::list_map(map.as_ref(), prefix, after, limit, max_bytes);
     let tag = page.tag.to_string();

@@ -135,6 +135,22 @@ pub fn list_tag(map: Option<&imbl::OrdMap<String, Versioned>>, prefix: &str) -> 
     tag
 }
 
+/// Whether `old` and `new` differ in a key that starts with `within`. imbl's diff skips the
+/// subtrees the two maps share, so this costs about the changes between them, not their keys;
+/// a store that appeared or went costs one look at its first key under `within`.
+pub fn changed_within(old: Option<&imbl::OrdMap<String, Versioned>>, new: Option<&imbl::OrdMap<String, Versioned>>, within: &str) -> bool {
+    use imbl::ordmap::DiffItem;
+    match (old, new) {
+        (Some(old), Some(new)) => old.diff(new).any(|d| match d {
+            DiffItem::Add(k, _) | DiffItem::Remove(k, _) | DiffItem::Update { new: (k, _), .. } => k.starts_with(within),
+        }),
+        (None, None) => false,
+        (Some(map), None) | (None, Some(map)) => {
+            map.range((std::ops::Bound::Included(within.to_string()), std::ops::Bound::Unbounded)).next().is_some_and(|(k, _)| k.starts_with(within))
+        }
+    }
+}
+
 /// What one key looks like to a long poll: its revision, 0 when absent.
 pub fn key_tag(map: Option<&imbl::OrdMap<String, Versioned>>, key: &str) -> ListTag {
     let revision = map.and_then(|m| m.get(key)).map_or(0, |v| v.revision);
@@ -330,11 +346,15 @@ impl StateStore {
     }
 
     /// Waits while `unchanged` holds of the store's keys, at most `wait` or until `stop` is
-    /// cancelled (a drain); returns the keys as they are then (changed or not). A store that
-    /// did not change since the last look is passed over by a pointer compare.
+    /// cancelled (a drain); returns the keys as they are then (changed or not). `unchanged`
+    /// looks only at keys that start with `within` (the listing's prefix, or the key): a store
+    /// that did not change since the last look is passed over by a pointer compare, and one
+    /// whose changes are all outside `within` by comparing the changes alone
+    /// (`changed_within`), not by judging its keys again.
     pub async fn wait_changed<F>(
         &self,
         store: &str,
+        within: &str,
         unchanged: F,
         wait: Duration,
         stop: &tokio_util::sync::CancellationToken,
@@ -376,8 +396,14 @@ impl StateStore {
                 judged = tokio::time::Instant::now();
                 let now = self.sm.store_map(&name);
                 if !same(&map, &now) {
+                    // A listing's judgement scans every key under its prefix: writes elsewhere in
+                    // its store, which wake every poll on it, made each poll rescan 50 times a
+                    // second, and a few hundred polls on a large prefix starved the node.
+                    let touched = changed_within(map.as_ref(), now.as_ref(), within);
                     map = now;
-                    continue 'waiting;
+                    if touched {
+                        continue 'waiting;
+                    }
                 }
             }
         }
@@ -525,6 +551,38 @@ mod tests {
     fn a_failed_precondition_says_the_current_revision() {
         assert_eq!(StoreError::PreconditionFailed { current: Some(35) }.to_string(), "revision mismatch (current: revision 35)");
         assert_eq!(StoreError::PreconditionFailed { current: None }.to_string(), "revision mismatch (current: absent)");
+    }
+
+    /// A long poll is judged again only for changes under its prefix (or its key), found by
+    /// comparing the two maps' changes: writes elsewhere in a large store do not make it scan.
+    #[test]
+    fn only_changes_under_the_prefix_count_for_a_long_poll() {
+        let v = |revision| Versioned { value: b"1".to_vec(), revision };
+        let mut before = imbl::OrdMap::new();
+        for i in 0..50_000u64 {
+            before.insert(format!("k/{i:06}"), v(i + 1));
+            before.insert(format!("z/{i:06}"), v(i + 1));
+        }
+        let mut elsewhere = before.clone();
+        elsewhere.insert("z/new".into(), v(100_001));
+        elsewhere.insert("z/000007".into(), v(100_002));
+        elsewhere.remove("z/000008");
+        elsewhere.insert("k".into(), v(100_003));
+        assert!(!changed_within(Some(&before), Some(&elsewhere), "k/"), "nothing under k/ changed");
+        assert!(changed_within(Some(&before), Some(&elsewhere), "z/"));
+        assert!(changed_within(Some(&before), Some(&elsewhere), "k"), "`k` itself is under `k`");
+        assert!(changed_within(Some(&before), Some(&elsewhere), ""), "the whole store");
+        let mut updated = before.clone();
+        updated.insert("k/000009".into(), v(100_004));
+        assert!(changed_within(Some(&before), Some(&updated), "k/"));
+        assert!(changed_within(Some(&before), Some(&updated), "k/000009"), "a key poll's own key");
+        assert!(!changed_within(Some(&before), Some(&updated), "k/000010"));
+        let mut removed = before.clone();
+        removed.remove("k/049999");
+        assert!(changed_within(Some(&before), Some(&removed), "k/"));
+        assert!(!changed_within(Some(&before), Some(&before.clone()), ""), "the same map");
+        assert!(changed_within(None, Some(&before), "k/") && changed_within(Some(&before), None, "z/0"), "a store that came or went");
+        assert!(!changed_within(None, Some(&before), "y/") && !changed_within(None, None, ""));
     }
 
     #[test]
