@@ -338,15 +338,27 @@ fn count_head<B>(budget: &BodyBudget, held: &mut Held, req: &Request<B>) -> Resu
         let message = format!("the request's header fields and target take {bytes} bytes, more than --max-body-buffered ({})", budget.total());
         return Err(ApiError::HeadTooLarge(message));
     }
-    if budget.try_count(held, bytes) {
+    let cost = bytes + request_floor(budget.total());
+    if budget.try_count(held, cost) {
         return Ok(());
     }
     if matches!(req.uri().path().trim_start_matches('/'), "healthz" | "readyz" | "metrics" | "cluster") {
-        budget.count_anyway(held, bytes);
+        budget.count_anyway(held, cost);
         return Ok(());
     }
     metrics::counter!("raftbridge_http_heads_refused_total").increment(1);
     Err(ApiError::Busy("this node holds as many bytes of request headers as --max-body-buffered allows: retry shortly".into()))
+}
+
+/// What a request under way holds besides its head, counted with it (`count_head`): its
+/// HTTP/2 stream's state, its task and its handler's future, about 9 KB measured. HTTP/2
+/// streams held open without a body cost that each while counting only a few dozen bytes of
+/// head (HPACK), and `--max-connections` × 256 of them reached 23 GB. At most 1/64 of the
+/// budget, so that a small one still holds 64 requests.
+const REQUEST_FLOOR: usize = 8 * 1024;
+
+fn request_floor(total: usize) -> usize {
+    REQUEST_FLOOR.min(total / 64)
 }
 
 /// How long closed connections' tasks may take to end (dropping a request hands its command on).
@@ -1561,6 +1573,35 @@ mod tests {
         let mut req = Request::new(Full::new(Bytes::from_static(body)));
         req.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
         req
+    }
+
+    /// A request counts its head and a floor for what it holds besides (`REQUEST_FLOOR`):
+    /// HTTP/2 streams opened with a few bytes of head each cost ~9 KB, so a full budget of
+    /// them is bounded; a small budget still takes 64 requests; a head larger than the whole
+    /// budget is a 431 whatever the floor.
+    #[test]
+    fn a_request_counts_at_least_the_floor_in_the_heads_budget() {
+        let req = |extra: usize| Request::get("/v1/state/s/k").header("x-pad", "p".repeat(extra)).body(()).unwrap();
+        let big = BodyBudget::new(256 << 20);
+        let mut held = Held::default();
+        count_head(&big, &mut held, &req(0)).expect("room");
+        assert_eq!(big.held(), head_bytes(&req(0)) + REQUEST_FLOOR);
+        drop(held);
+        let budget = BodyBudget::new(100 * REQUEST_FLOOR);
+        let mut taken = Vec::new();
+        for _ in 0..200 {
+            let mut held = Held::default();
+            if count_head(&budget, &mut held, &req(10)).is_err() {
+                break;
+            }
+            taken.push(held);
+        }
+        assert!((90..=100).contains(&taken.len()), "about the budget over the floor: {}", taken.len());
+        let small = BodyBudget::new(8192);
+        let mut held = Held::default();
+        count_head(&small, &mut held, &req(0)).expect("a small budget takes a small request");
+        assert!(small.held() < 1024, "the floor is at most 1/64 of it: {}", small.held());
+        assert!(matches!(count_head(&small, &mut Held::default(), &req(9000)), Err(ApiError::HeadTooLarge(_))));
     }
 
     #[tokio::test]

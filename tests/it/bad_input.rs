@@ -452,7 +452,7 @@ fn heads_being_read_count_in_their_budget() {
     drop(open);
     drop(kept);
     c.wait_until("the heads being read are given back", Duration::from_secs(20), || {
-        api.metric("raftbridge_http_head_bytes_held", &[]).is_ok_and(|n| n < 1024.0)
+        api.metric("raftbridge_http_head_bytes_held", &[]).is_ok_and(|n| n < 16.0 * 1024.0)
     });
     let r = api.request("GET", "/v1/state/default/k", &[], b"").expect("request");
     assert_eq!(r.status, 404, "served again: {}", r.describe());
