@@ -208,7 +208,7 @@ impl Proxy {
     }
 
     pub(super) async fn idempotent(
-        self: &Arc<Self>,
+        &self,
         key: &str,
         inv: Invocation,
         route: &Route,

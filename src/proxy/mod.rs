@@ -120,8 +120,6 @@ pub struct LocalServices {
     handlers: HashMap<(String, u32, String), Arc<dyn CommandHandler>>,
     /// Commands whose successful results are also emitted as events.
     success_events: HashMap<(String, u32, String), String>,
-    /// Each command's own timeout (`run_local`'s bound on a handler).
-    limits: HashMap<(String, u32, String), Duration>,
     decls: Vec<ServiceDecl>,
 }
 
@@ -129,11 +127,9 @@ impl LocalServices {
     pub fn new(parts: Vec<ServiceParts>) -> LocalServices {
         let mut handlers = HashMap::new();
         let mut success_events = HashMap::new();
-        let mut limits = HashMap::new();
         let mut decls = Vec::new();
         for p in parts {
             for c in &p.decl.commands {
-                limits.insert((p.decl.name.clone(), p.decl.version, c.name.clone()), Duration::from_millis(c.timeout_ms.max(1)));
                 if let Some(e) = &c.success_event {
                     success_events.insert((p.decl.name.clone(), p.decl.version, c.name.clone()), e.clone());
                 }
@@ -143,12 +139,7 @@ impl LocalServices {
             }
             decls.push(p.decl);
         }
-        LocalServices { handlers, success_events, limits, decls }
-    }
-
-    /// The command's own timeout.
-    fn limit(&self, service: &str, version: u32, command: &str) -> Duration {
-        self.limits.get(&(service.to_string(), version, command.to_string())).copied().unwrap_or(crate::sdk::builder::DEFAULT_TIMEOUT)
+        LocalServices { handlers, success_events, decls }
     }
 
     pub fn decls(&self) -> &[ServiceDecl] {
@@ -492,7 +483,7 @@ impl Proxy {
     /// Run on some node, retrying elsewhere when that is safe. Returns the handler's answer and
     /// the node that gave it.
     async fn dispatch(
-        self: &Arc<Self>,
+        &self,
         inv: Invocation,
         route: &Route,
         deadline: Instant,
@@ -591,7 +582,7 @@ impl Proxy {
     }
 
     /// One attempt on one node.
-    async fn invoke(self: &Arc<Self>, target: NodeId, inv: Invocation) -> Result<Result<Output, HandlerError>, Miss> {
+    async fn invoke(&self, target: NodeId, inv: Invocation) -> Result<Result<Output, HandlerError>, Miss> {
         let place = if target == self.node_id { "local" } else { "remote" };
         metrics::counter!("raftbridge_proxy_dispatch_total", "target" => place).increment(1);
         if target == self.node_id {
@@ -602,20 +593,7 @@ impl Proxy {
             if !handler.available() {
                 return Err(Miss::NotServed(UNAVAILABLE.into()));
             }
-            // Dropped at the client's deadline (`dispatch`), the handler runs on to its end in a
-            // task of its own, in a slot of the node's running commands (`Detachable`): only its
-            // command's own timeout stops it (`run_local`), never a deadline the client chose.
-            let slot = self
-                .running_slots
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Miss::Busy(format!("{MAX_RUNNING} commands are running on this node")))?;
-            let this = Arc::clone(self);
-            let run = async move {
-                let _slot = slot;
-                this.run_local(handler, inv).await
-            };
-            return match (Detachable { run: Some(Box::pin(run)), tracker: self.running.clone() }).await {
+            return match self.run_local(handler, inv).await {
                 Err(e) if e.is_not_served() => Err(Miss::NotServed(e.message)),
                 answer => Ok(answer),
             };
@@ -667,14 +645,12 @@ impl Proxy {
         let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone())
             .with_dedup_key(scoped.clone())
             .with_broker(self.broker.clone(), sender.clone());
-        // The command's own timeout, not the client's deadline (`sdk::builder`): a typed handler
-        // ends itself there, this bounds the others; a little later, so its own 504 comes first.
-        let timeout = self.local.limit(&inv.service, inv.version, &inv.command) + Duration::from_millis(50);
+        let timeout = Duration::from_millis(inv.timeout_ms.max(1));
         let key = (inv.service.clone(), inv.version, inv.command.clone());
         let meta = inv.meta.clone();
         let out = match tokio::time::timeout(timeout, handler.call(ctx, inv)).await {
             Ok(r) => r,
-            Err(_) => Err(HandlerError::new(504, format!("command `{}` did not finish within its timeout of {} ms", key.2, timeout.as_millis() - 50))),
+            Err(_) => Err(HandlerError::new(504, "deadline exceeded")),
         };
         if matches!(&out, Err(e) if e.is_not_served()) {
             return out;
