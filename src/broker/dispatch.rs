@@ -542,8 +542,13 @@ impl Dispatcher {
         // (publish backpressure, a slow commit) made a remote batch's whole answer late, every
         // event in it counted as failed. A returned event whose publish is cut off may still
         // commit; the redelivery's emit has the same key and is deduplicated.
-        let deadline = tokio::time::Instant::now() + s.ack_deadline;
-        let passed = |what: &str| HandlerError::new(504, format!("ack deadline of {} ms passed {what}", s.ack_deadline.as_millis()));
+        // The shorter of ours and the replicated one, which the leader redelivers after: nodes
+        // may declare a subscription with different deadlines (a rolling change of it, sidecar
+        // configs that differ), the last to register sets the replicated one, and a longer one
+        // here let the handler run on beside the redelivery to another consumer.
+        let ack_deadline = consumer_deadline(s.ack_deadline, self.sm.sub_ack_deadline_ms(sub));
+        let deadline = tokio::time::Instant::now() + ack_deadline;
+        let passed = |what: &str| HandlerError::new(504, format!("ack deadline of {} ms passed {what}", ack_deadline.as_millis()));
         let out = tokio::time::timeout_at(deadline, s.handler.handle(ctx, event)).await;
         // Recorded once the handler had the event: one that refused it did not.
         if !matches!(&out, Ok(Err(e)) if e.is_not_served()) {
@@ -1764,9 +1769,26 @@ async fn update_writer(broker: Arc<Broker>, mut rx: mpsc::Receiver<UpdateReq>, s
     }
 }
 
+/// How long a consumer lets a handler run: its own declaration's ack deadline, or the
+/// replicated one (which the leader redelivers after) when that is shorter.
+fn consumer_deadline(own: Duration, replicated_ms: Option<u64>) -> Duration {
+    replicated_ms.map_or(own, |ms| own.min(Duration::from_millis(ms.max(1))))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A consumer whose own declaration gives a longer ack deadline than the replicated one
+    /// stops its handler at the replicated one, before the leader hands the event to another.
+    #[test]
+    fn a_consumer_stops_its_handler_at_the_shorter_of_the_two_deadlines() {
+        let s = Duration::from_secs;
+        assert_eq!(consumer_deadline(s(60), Some(10_000)), s(10));
+        assert_eq!(consumer_deadline(s(10), Some(60_000)), s(10));
+        assert_eq!(consumer_deadline(s(10), None), s(10), "not replicated yet");
+        assert_eq!(consumer_deadline(s(10), Some(0)), Duration::from_millis(1));
+    }
 
     /// What an every-instance attempt leaves noted for the next process: an attempt that ended
     /// in a failure counts, a refusal does not, an ack or dead letter clears the event, and a

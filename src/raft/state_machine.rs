@@ -1275,6 +1275,12 @@ impl SmShared {
         Some(crate::proxy::registry::SubProgress { shared: s.decl.shared, cursor: s.cursor, instances: s.instances.clone(), declared_by: d.declared_by(name) })
     }
 
+    /// The ack deadline of a subscription as replicated (the declaration of the node that
+    /// registered it last), which the leader's redelivery follows.
+    pub fn sub_ack_deadline_ms(&self, name: &str) -> Option<u64> {
+        read(&self.data).subs.get(name).map(|s| s.decl.ack_deadline_ms)
+    }
+
     /// What an every-instance loop needs on each pass: the declaration and `node`'s next
     /// position, without copying the rest of the state (its dead letters alone may be
     /// `MAX_DEAD_LETTERS` entries, which `subscription` copies every time).
