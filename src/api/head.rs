@@ -23,7 +23,7 @@
 //! its request begins (the service then counts the parsed head, `count_head`) or the connection
 //! ends. Past a full budget a first head is refused with a 503, and a later one waits to be
 //! read (hyper holds it, and the connection's idle timeout bounds the wait); the first
-//! `UNCHECKED_HEAD` bytes of each are read regardless, so a probe's head still passes.
+//! `UNCHECKED_HEAD` bytes of each are read regardless and counted only past them, so a probe's head still passes and a usual one costs the shared counter nothing.
 
 use std::io;
 use std::future::Future;
@@ -64,6 +64,12 @@ const UNCHECKED_HEAD: usize = 4096;
 /// The most one read takes while it is counted as a head's (a later head: hyper would read up
 /// to its buffer's room, a few hundred KiB, at once).
 const COUNTED_READ: usize = 4096;
+/// The most one read takes on an HTTP/1 connection while a request is under way (uncounted:
+/// its body is counted where the handler reads it). hyper reads into all of its buffer's room
+/// (up to 408 KiB once earlier reads filled it) also when it only looks for the connection's
+/// end while it answers, and a pipelined next head would sit there uncounted: this bounds
+/// that to one read per connection.
+const UNDER_WAY_READ: usize = 16 * 1024;
 /// How often a later head's read that waits for room in the heads budget looks again.
 const ROOM_POLL: std::time::Duration = std::time::Duration::from_millis(20);
 
@@ -95,10 +101,15 @@ impl Reading {
         self.budget.as_ref().is_some_and(|budget| self.bytes.load(std::sync::atomic::Ordering::Relaxed).saturating_add(COUNTED_READ) > budget.total())
     }
 
+    /// Counts `n` more bytes of the head: in the budget only past its first `UNCHECKED_HEAD`
+    /// bytes, which are read regardless (a usual head then costs the node-wide counter nothing).
     fn count(&self, n: usize) {
         if let Some(budget) = &self.budget {
-            budget.0.used.fetch_add(n, std::sync::atomic::Ordering::AcqRel);
-            self.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            let before = self.bytes.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            let shared = (before + n).saturating_sub(UNCHECKED_HEAD) - before.saturating_sub(UNCHECKED_HEAD);
+            if shared > 0 {
+                budget.0.used.fetch_add(shared, std::sync::atomic::Ordering::AcqRel);
+            }
         }
     }
 
@@ -106,9 +117,9 @@ impl Reading {
     /// the connection ended.
     pub fn release(&self) {
         if let Some(budget) = &self.budget {
-            let n = self.bytes.swap(0, std::sync::atomic::Ordering::Relaxed);
-            if n > 0 {
-                budget.0.used.fetch_sub(n, std::sync::atomic::Ordering::AcqRel);
+            let shared = self.bytes.swap(0, std::sync::atomic::Ordering::Relaxed).saturating_sub(UNCHECKED_HEAD);
+            if shared > 0 {
+                budget.0.used.fetch_sub(shared, std::sync::atomic::Ordering::AcqRel);
             }
         }
     }
@@ -325,17 +336,18 @@ impl<S> FirstHead<S> {
     /// Before a read in `State::Through`: the most it may take when what it reads counts as a
     /// head (`None`: it does not count), or pending while the heads budget has no room for
     /// more of this one (looked at again every `ROOM_POLL`).
-    fn through_room(&mut self, cx: &mut Context<'_>) -> Poll<Option<usize>> {
+    /// (`Some((most, counted))`: the most it may take, and whether it counts as a head's).
+    fn through_room(&mut self, cx: &mut Context<'_>) -> Poll<Option<(usize, bool)>> {
         let Some(heads) = self.heads.as_ref().filter(|_| !self.h2) else { return Poll::Ready(None) };
         if heads.under_way() {
             self.pause = None;
-            return Poll::Ready(None);
+            return Poll::Ready(Some((UNDER_WAY_READ, false)));
         }
         // Bounded: a fresh timer is pending, so the second pass returns.
         loop {
             if heads.reading().may_read() {
                 self.pause = None;
-                return Poll::Ready(Some(COUNTED_READ));
+                return Poll::Ready(Some((COUNTED_READ, true)));
             }
             let timer = self.pause.get_or_insert_with(|| {
                 metrics::counter!("raftbridge_http_head_reads_paused_total").increment(1);
@@ -358,15 +370,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
         loop {
             match &mut this.state {
                 State::Through => {
-                    let Some(most) = std::task::ready!(this.through_room(cx)) else {
+                    let Some((most, counted)) = std::task::ready!(this.through_room(cx)) else {
                         return Pin::new(&mut this.inner).poll_read(cx, out);
                     };
-                    // A head's bytes, counted: read a bounded piece into a scratch (a `ReadBuf`
-                    // cannot be limited in place without unsafe code), then handed on.
-                    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); COUNTED_READ];
+                    // A bounded piece, read into a scratch (a `ReadBuf` cannot be limited in place
+                    // without unsafe code), then handed on; a head's is counted.
+                    let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); UNDER_WAY_READ];
                     let mut buf = ReadBuf::uninit(&mut scratch[..most.min(out.remaining())]);
                     std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, &mut buf))?;
-                    if let Some(heads) = &this.heads {
+                    if let Some(heads) = this.heads.as_ref().filter(|_| counted) {
                         heads.reading().count(buf.filled().len());
                     }
                     out.put_slice(buf.filled());
@@ -675,9 +687,9 @@ mod tests {
         let mut got = vec![0u8; probe.len()];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, probe);
-        assert_eq!((conn.reading.bytes(), budget.held()), (probe.len(), 64 * 1024 + probe.len()));
+        assert_eq!((conn.reading.bytes(), budget.held()), (probe.len(), 64 * 1024), "a short head is not in the budget");
         conn.reading.release();
-        assert_eq!(budget.held(), 64 * 1024, "given back as the request begins");
+        assert_eq!((conn.reading.bytes(), budget.held()), (0, 64 * 1024));
         drop(full);
 
         // HTTP/2 frames are not heads.
@@ -732,6 +744,9 @@ mod tests {
         });
         let server = reader.await.unwrap().expect("read on once the budget has room");
         assert_eq!(conn.reading.bytes(), 12 * 1024 + 20);
+        assert_eq!(budget.held(), 12 * 1024 + 20 - UNCHECKED_HEAD, "in the budget past its first part");
+        conn.reading.release();
+        assert_eq!(budget.held(), 0);
         drop(server);
     }
 

@@ -333,12 +333,16 @@ fn head_bytes<B>(req: &Request<B>) -> usize {
 /// full budget must not make the node look dead.
 fn count_head<B>(budget: &BodyBudget, held: &mut Held, req: &Request<B>) -> Result<(), ApiError> {
     let bytes = head_bytes(req);
-    if bytes > budget.total() {
+    let cost = bytes + request_floor(budget.total());
+    if cost > budget.total() {
         metrics::counter!("raftbridge_http_heads_refused_total").increment(1);
-        let message = format!("the request's header fields and target take {bytes} bytes, more than --max-body-buffered ({})", budget.total());
+        let message = format!(
+            "the request's header fields and target take {bytes} bytes (and {} for the request), more than --max-body-buffered ({})",
+            cost - bytes,
+            budget.total()
+        );
         return Err(ApiError::HeadTooLarge(message));
     }
-    let cost = bytes + request_floor(budget.total());
     if budget.try_count(held, cost) {
         return Ok(());
     }
