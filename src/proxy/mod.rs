@@ -388,13 +388,15 @@ impl Proxy {
         };
         // deadline: the request's own headers are checked before anything about the cluster,
         // so a malformed one is a 400 whether or not a node offers the command now.
-        let mut timeout = Duration::from_millis(route.decl.timeout_ms.max(1));
+        let own = Duration::from_millis(route.decl.timeout_ms.max(1));
+        let mut timeout = own;
         if let Some(v) = req.headers().get("x-timeout-ms") {
             let ms = v.to_str().ok().map(str::trim).and_then(crate::api::decimal);
             let ms = ms.ok_or_else(|| ApiError::BadRequest(format!("x-timeout-ms must be a number of milliseconds, got {v:?}")))?;
             timeout = timeout.min(Duration::from_millis(ms.max(1)));
         }
-        let deadline = Instant::now() + timeout;
+        let started = Instant::now();
+        let deadline = started + timeout;
         // body and parameters
         let mut params = routing::parse_query(req.uri().query().unwrap_or(""))
             .ok_or_else(|| ApiError::BadRequest("malformed query string".into()))?;
@@ -419,6 +421,10 @@ impl Proxy {
             .await
             .map_err(|_| ApiError::RequestTimeout(timeout))??;
         let payload = Bytes::clone(&received);
+        // The command runs to its own timeout whatever the client chose: a shorter deadline of
+        // the client's (`x-timeout-ms`) ends the client's wait only (below). Dropped at it, a
+        // handler stopped at its next await, between its write and its emit.
+        let run_deadline = started + own;
         let inv = Invocation {
             service: route.service.clone(),
             version: route.version,
@@ -426,15 +432,17 @@ impl Proxy {
             params,
             payload,
             meta,
-            timeout_ms: timeout.as_millis() as u64,
+            timeout_ms: run_deadline.saturating_duration_since(Instant::now()).as_millis().max(1) as u64,
             headers,
         };
         metrics::counter!("raftbridge_proxy_requests_total", "service" => route.service.clone()).increment(1);
-        // From here on the command cannot be cut short: a client that disconnects drops this
-        // future, and a handler dropped part-way (its put done, its emit not; a key's claim
-        // never completed) would leave half a command behind. `Detachable` then finishes it in
-        // a task of its own, ended by the deadline like the request; `received` keeps the
-        // body's budget until it does.
+        // From here on the command cannot be cut short: a client that disconnects, or whose
+        // deadline passes, drops this future, and a handler dropped part-way (its put done, its
+        // emit not; a key's claim never completed) would leave half a command behind.
+        // `Detachable` then finishes it in a task of its own, ended by the command's timeout;
+        // the task keeps what the request held (its running slot, `received`'s share of the
+        // body budget, a key's claim and its renewals, a peer's in-flight permit while a peer
+        // runs it), so detached commands stay within the bounds that running ones have.
         let slot = self
             .running_slots
             .clone()
@@ -444,14 +452,24 @@ impl Proxy {
         let run = async move {
             let (_slot, _received) = (slot, received);
             match inv.meta.idempotency_key.clone() {
-                Some(key) => this.idempotent(&key, inv, &route, deadline).await,
+                Some(key) => this.idempotent(&key, inv, &route, run_deadline).await,
                 None => {
                     let retry = route.decl.idempotent;
-                    this.dispatch(inv, &route, deadline, retry).await.map(|(out, _)| answer(out))
+                    this.dispatch(inv, &route, run_deadline, retry).await.map(|(out, _)| answer(out))
                 }
             }
         };
-        Detachable { run: Some(Box::pin(run)), tracker: self.running.clone() }.await
+        let run = Detachable { run: Some(Box::pin(run)), tracker: self.running.clone() };
+        if deadline >= run_deadline {
+            return run.await;
+        }
+        match tokio::time::timeout_at(deadline, run).await {
+            Ok(answered) => answered,
+            Err(_) => {
+                metrics::counter!("raftbridge_proxy_client_deadlines_total").increment(1);
+                Err(ApiError::Timeout)
+            }
+        }
     }
 
     /// Waits up to `grace` for the commands still running, its clients' (they may be gone; the
@@ -491,10 +509,10 @@ impl Proxy {
     ) -> Result<(Result<Output, HandlerError>, NodeId), ApiError> {
         self.budget.deposit();
         let balancer = self.balancers.of(&route.service, route.version);
-        // Whether the client cut the command's timeout short (`x-timeout-ms`: the invocation's
-        // timeout is the shorter of the two): a deadline it chose says nothing of a node's
-        // health, one the command's own timeout set does (a hung handler, local ones too).
-        let expired = if inv.timeout_ms < route.decl.timeout_ms.max(1) { Outcome::Slow } else { Outcome::Failed };
+        // The deadline is the command's own timeout (a client's shorter one ends only its wait,
+        // `handle`): passing it says something of the node's health (a hung handler, local
+        // ones too).
+        let expired = Outcome::Failed;
         let mut tried: Vec<NodeId> = Vec::new();
         let mut last = ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version));
         // Whether the last attempt was `NotServed`: a retry after it costs no budget. Nothing

@@ -806,6 +806,59 @@ fn a_keyed_command_answers_at_its_deadline_when_its_key_cannot_be_released() {
     assert!(took < Duration::from_millis(3_700), "answered {took:?} after it was asked, with a 3 s deadline");
 }
 
+/// A deadline the client chose (`x-timeout-ms`) answers it a 504 but does not stop the handler:
+/// dropped at it, an order was stored and never emitted, at whatever point of its handler the
+/// client's header picked. Each order here holds 1.5 s between its write and its emit, past a
+/// 300 ms deadline; run on the node asked or on another, each is emitted all the same. A keyed
+/// one retried after the 504 gets the first run's answer, not a second run.
+#[test]
+fn a_deadline_the_client_chose_does_not_cut_a_handler_between_its_write_and_its_emit() {
+    let c = demo_cluster("cmd-cut", &[]);
+    let mut ids = Vec::new();
+    for api in c.apis() {
+        for n in 0..2 {
+            let id = format!("cut-{}-{n}", api.id);
+            let body = json!({ "id": id, "holdMs": 1500 }).to_string();
+            let started = Instant::now();
+            let resp = api.request("POST", "/api/v1/orders", &[("x-timeout-ms", "300")], body.as_bytes()).expect("order");
+            assert_eq!(resp.status, 504, "{}", resp.describe());
+            assert!(started.elapsed() < Duration::from_millis(1400), "answered at the client's deadline: {:?}", started.elapsed());
+            ids.push(id);
+        }
+    }
+    c.wait_for("every order cut short by its client's deadline is emitted", CATCH_UP, || {
+        let page = c.api(1)
+            .request("GET", "/v1/events?after=0&limit=1000&eventName=orderPlaced", &[], b"")
+            .map_err(|e| format!("GET events: {e}"))?
+            .json()?;
+        let events = page["events"].as_array().cloned().unwrap_or_default();
+        for id in &ids {
+            let emitted = events.iter().filter(|e| e["payload"]["id"] == id.as_str()).count();
+            if emitted != 1 {
+                return Err(format!("order {id} emitted {emitted} times"));
+            }
+        }
+        Ok(())
+    });
+    // Keyed: the retry after the 504 replays what the first run answered.
+    let api = c.api(2);
+    let body = json!({ "id": "cut-keyed", "holdMs": 1500 }).to_string();
+    let keyed = [("x-timeout-ms", "300"), ("idempotency-key", "cut-keyed")];
+    let first = api.request("POST", "/api/v1/orders", &keyed, body.as_bytes()).expect("order");
+    assert_eq!(first.status, 504, "{}", first.describe());
+    let replayed = c.wait_for("the keyed order's answer to be stored", CATCH_UP, || {
+        let r = api.request("POST", "/api/v1/orders", &[("idempotency-key", "cut-keyed")], body.as_bytes()).map_err(|e| e.to_string())?;
+        if r.status / 100 == 2 { Ok(r) } else { Err(r.describe()) }
+    });
+    assert_eq!(replayed.header("idempotent-replay"), Some("true"), "{}", replayed.describe());
+    let answer = replayed.json().expect("JSON answer");
+    let page = c.api(1).request("GET", "/v1/events?after=0&limit=1000&eventName=orderPlaced", &[], b"").expect("events").json().expect("JSON");
+    let emitted: Vec<_> = page["events"].as_array().cloned().unwrap_or_default().into_iter().filter(|e| e["payload"]["id"] == "cut-keyed").collect();
+    assert_eq!(emitted.len(), 1, "emitted once: {emitted:?}");
+    assert_eq!(answer["position"], emitted[0]["position"], "the first run's answer: {answer}");
+}
+
+
 #[test]
 fn deadlines_and_bad_input_get_clear_errors() {
     // A small frame: answers may be at most 64 KiB (half of it).
