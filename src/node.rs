@@ -592,14 +592,18 @@ pub async fn run(
     registry_stop.cancel();
     let _ = registry_task.await;
     tokio::time::sleep(Duration::from_millis(cfg.drain_delay_ms)).await;
+    let http_drain = tokio::time::Instant::now();
     http_stop.cancel();
     let _ = http_task.await;
     if let Some(task) = https_task {
         let _ = task.await;
     }
-    // Commands whose clients left run on in tasks of their own: they still need the broker.
-    if !proxy.commands_finished(IN_FLIGHT_GRACE).await {
-        warn!(grace = ?IN_FLIGHT_GRACE, "commands still running at shutdown; they may stop part-way");
+    // Commands whose clients left, or whose clients' deadlines passed, run on in tasks of their
+    // own: they still need the broker. They get what is left of the shutdown grace, as their
+    // connections would have had, and at least `IN_FLIGHT_GRACE`.
+    let grace = Duration::from_millis(cfg.shutdown_grace_ms).saturating_sub(http_drain.elapsed()).max(IN_FLIGHT_GRACE);
+    if !proxy.commands_finished(grace).await {
+        warn!(?grace, "commands still running at shutdown; they may stop part-way");
     }
     if !core_failure {
         hand_over_leadership(&replica).await;

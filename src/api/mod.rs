@@ -138,9 +138,11 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     // hyper's header timeout also runs while a kept-alive connection waits for its next request:
     // at 10 s it closed every idle HTTP/1 connection, whatever `--http-idle-timeout-ms` said, and
     // a pooled client's next request raced the close. The first request's head is bounded by
-    // `keep` (no request begun within the header timeout: dropped), later heads by the longer
-    // of the two, and idleness by `keep`.
-    let head_timeout = app.settings.header_read_timeout.max(app.settings.idle_timeout);
+    // `keep` (no request begun within the header timeout: dropped), idleness and later heads by
+    // `keep`'s idle close (no request is under way while a head is read), and hyper's timer is
+    // a backstop past both: at the idle timeout itself it raced `keep`, and an idle connection
+    // that hyper closed was not counted (`raftbridge_http_idle_closed_total`).
+    let head_timeout = app.settings.header_read_timeout + app.settings.idle_timeout;
     builder.http1().timer(TokioTimer::new()).header_read_timeout(head_timeout).keep_alive(true);
     // A peer that stops answering pings is dropped: its connection would hold a slot for good.
     builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(H2_PING).keep_alive_timeout(H2_PING_TIMEOUT);

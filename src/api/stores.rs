@@ -273,7 +273,7 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
     let max_bytes = PAGE_BYTES.min(app.settings.answers.total() / 4);
     plain.barrier(args.consistency).await?;
     let mut map = plain.map(store)?;
-    let tag_of = |m: Option<&imbl::OrdMap<String, crate::raft::state_machine::Versioned>>| crate::store::list_tag(m, prefix);
+    let tag_of = |m: Option<&imbl::OrdMap<String, crate::raft::state_machine::Versioned>>| plain.tag_of(store, m, prefix);
     let unchanged = |m: Option<&imbl::OrdMap<String, crate::raft::state_machine::Versioned>>| {
         let tag = tag_of(m);
         args.holds(&tag.to_string(), tag.keys > 0)
@@ -282,7 +282,7 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
         let _slot = app.long_polls.slot()?;
         map = plain.wait_changed(store, prefix, unchanged, wait, &app.long_polls.stop).await?;
     }
-    let page = crate::store::list_map(map.as_ref(), prefix, after, limit, max_bytes);
+    let page = plain.page(store, map.as_ref(), prefix, after, limit, max_bytes);
     let tag = page.tag.to_string();
     if args.holds(&tag, page.tag.keys > 0) {
         return Ok(not_modified(&tag));

@@ -121,13 +121,10 @@ pub enum Outcome {
     /// The node answered, but with its handler's 500 (or its sidecar app's failure, a 502):
     /// passed on to the client, and counted as a failure of the node.
     Errored,
-    /// The node or the link failed.
+    /// The node or the link failed, or the command's own timeout passed while it worked. (A
+    /// shorter deadline the client chose ends only the client's wait: the attempt goes on and
+    /// finishes with its real outcome and latency, `Proxy::handle`.)
     Failed,
-    /// A deadline the client chose (`x-timeout-ms`) passed while the node worked: its latency
-    /// was at least that long (fed into the estimate, so picks steer away), but that says
-    /// nothing of the node's health: no failure is counted. (The command's own timeout passing
-    /// is a failure.)
-    Slow,
 }
 
 impl Balancer {
@@ -180,7 +177,6 @@ impl Balancer {
                 s.ejections = 0;
                 s.ejected_until = None;
             }
-            Outcome::Slow => s.sample(latency, now),
             Outcome::Failed | Outcome::Errored => {
                 s.sample(latency.max(FAILURE_PENALTY), now);
                 s.failures += 1;
@@ -301,20 +297,6 @@ mod tests {
         };
         assert!(tokio::time::timeout(Duration::from_millis(10), slow).await.is_err());
         assert_eq!(inflight(&b), 0);
-    }
-
-    /// Requests that ran out of the caller's deadline (which the client may have chosen) eject
-    /// no node, but they count as slow: picks steer away from it.
-    #[tokio::test(start_paused = true)]
-    async fn deadlines_that_pass_slow_a_node_down_but_never_eject_it() {
-        let b = Balancer::default();
-        for _ in 0..EJECT_AFTER * 4 {
-            b.start(2).finish(Outcome::Slow, Duration::from_millis(2_000));
-            b.start(1).finish(Outcome::Answered, Duration::from_millis(1));
-        }
-        assert!(!b.is_ejected(2), "a client's short deadline says nothing of the node's health");
-        let twos = (0..200).filter(|_| b.pick(&[1, 2], None) == Some(2)).count();
-        assert!(twos < 20, "the slow node is picked less: {twos} of 200");
     }
 
     /// A node that fails fast (a lost link, a handler's quick 500s) must not look like the

@@ -212,6 +212,7 @@ impl Proxy {
         key: &str,
         inv: Invocation,
         route: &Route,
+        client_deadline: Instant,
         deadline: Instant,
     ) -> Result<Response<Full<Bytes>>, ApiError> {
         // A claim carries this node's clock (or an owner's), and applying it moves the state
@@ -240,15 +241,19 @@ impl Proxy {
             }
             w
         };
-        // Bounded: each pass ends in a return, or waits for a lease that the deadline bounds.
+        // Bounded: each pass ends in a return, or waits for a lease that the client's deadline bounds.
+        // The client's deadline, not the command's: a request whose client has had its 504 does
+        // not go on to claim the key (or wait for another run's answer, then run the handler
+        // again for nobody once that answer could not be stored); only a run that holds the
+        // claim goes on to the command's own timeout (`Proxy::handle`).
         let mut proposed;
         loop {
-            if deadline <= Instant::now() {
+            if client_deadline <= Instant::now() {
                 return Err(ApiError::Timeout);
             }
-            let now = self.claim_clock_ms(&key, attempt, deadline).await;
+            let now = self.claim_clock_ms(&key, attempt, client_deadline).await;
             // Measured after the clock's read barrier, which may have taken some of it.
-            let left = deadline.saturating_duration_since(Instant::now());
+            let left = client_deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 return Err(ApiError::Timeout);
             }
@@ -264,12 +269,12 @@ impl Proxy {
                 Ok(claimed) => claimed,
                 // The client's deadline ran out waiting for the write: a 504, not the 503 of a
                 // write that found no leader within the node's own write timeout.
-                Err(_) if deadline.saturating_duration_since(Instant::now()) < CLAIM_MARGIN => return Err(ApiError::Timeout),
+                Err(_) if client_deadline.saturating_duration_since(Instant::now()) < CLAIM_MARGIN => return Err(ApiError::Timeout),
                 Err(e) => return Err(e.into()),
             };
             match claimed {
                 CommandResult::IdemBegun => break,
-                CommandResult::IdemDone(stored) => return Ok(replay(self.with_headers(&key, stored, deadline).await)),
+                CommandResult::IdemDone(stored) => return Ok(replay(self.with_headers(&key, stored, client_deadline).await)),
                 CommandResult::IdemMismatch => {
                     metrics::counter!("raftbridge_idempotency_mismatches_total").increment(1);
                     return Err(ApiError::Unprocessable(
@@ -277,7 +282,7 @@ impl Proxy {
                     ));
                 }
                 CommandResult::IdemPending { .. } => {
-                    if let Some(stored) = self.wait_for(&key, deadline).await {
+                    if let Some(stored) = self.wait_for(&key, client_deadline).await {
                         return Ok(replay(stored));
                     }
                 }

@@ -8,13 +8,15 @@
 //! 2. `route` — the cached routing table names the command (404/405 before any work).
 //! 3. `liveness` — only nodes with a live peer link (or this node) are candidates; none → 503 at
 //!    once, never a timeout.
-//! 4. `deadline` — the command's timeout, shortened by `x-timeout-ms`; everything below runs
-//!    under it (→ 504) and remote nodes get the *remaining* time.
+//! 4. `deadline` — the client's: the command's timeout, shortened by `x-timeout-ms` (→ 504 when
+//!    it passes); the command itself runs under its own timeout (→ 504 too), and remote nodes
+//!    get the *remaining* time of that.
 //! 5. `body` — bounded read (413), parameters (400) and the headers passed to a sidecar's app
 //!    (431, `headers.rs`); only now is memory spent on the request.
-//! 6. `detach` — from here on a client that disconnects does not cut the command short: what is
-//!    left of it finishes in a task of its own (bounded in number, waited for at drain), so no
-//!    handler stops between its write and its emit.
+//! 6. `detach` — from here on a client that disconnects, or whose deadline passes, does not cut
+//!    the command short: what is left of it finishes in a task of its own, holding what the
+//!    request held (bounded in number, waited for at drain), so no handler stops between its
+//!    write and its emit.
 //! 7. `idempotency` — with `Idempotency-Key`, the first finished result is replayed and
 //!    concurrent duplicates wait for it (`idempotency.rs`).
 //! 8. `retry` — another node only when safe (never delivered, idempotent command, or keyed),
@@ -420,6 +422,12 @@ impl Proxy {
         let received = tokio::time::timeout_at(deadline, crate::api::read_body(req, max_body, bodies))
             .await
             .map_err(|_| ApiError::RequestTimeout(timeout))??;
+        // Nothing has started: a client whose deadline passed while its body came gets its 504
+        // without a run that nobody waits for.
+        if Instant::now() >= deadline {
+            metrics::counter!("raftbridge_proxy_client_deadlines_total").increment(1);
+            return Err(ApiError::Timeout);
+        }
         let payload = Bytes::clone(&received);
         // The command runs to its own timeout whatever the client chose: a shorter deadline of
         // the client's (`x-timeout-ms`) ends the client's wait only (below). Dropped at it, a
@@ -452,7 +460,7 @@ impl Proxy {
         let run = async move {
             let (_slot, _received) = (slot, received);
             match inv.meta.idempotency_key.clone() {
-                Some(key) => this.idempotent(&key, inv, &route, run_deadline).await,
+                Some(key) => this.idempotent(&key, inv, &route, deadline, run_deadline).await,
                 None => {
                     let retry = route.decl.idempotent;
                     this.dispatch(inv, &route, run_deadline, retry).await.map(|(out, _)| answer(out))
@@ -547,8 +555,7 @@ impl Proxy {
                 Ok(Ok(answer)) => {
                     // A handler's own failure (500) or its sidecar app's (502) says something
                     // of the node; a 503 or 504 comes from the platform under it (a leader
-                    // change fails every node's writes alike; a deadline the client chose ends
-                    // as a 504).
+                    // change fails every node's writes alike).
                     let outcome = match &answer {
                         Err(e) if matches!(e.status, 500 | 502) => Outcome::Errored,
                         _ => Outcome::Answered,

@@ -12,8 +12,10 @@
 //!   whatever parameters came;
 //! - a result that serializes to `null` (`()`, `None`) is answered 204 with an empty body;
 //! - a panicking handler is caught (500 "handler panicked") and never takes the node down, and the
-//!   deadline (the command's timeout, shortened by the request's) is enforced here too, so an
-//!   abandoned handler is dropped rather than left running (504).
+//!   deadline (the command's timeout, less what the request has spent of it before the handler
+//!   started) is enforced here too, so a hung handler is dropped rather than left running (504).
+//!   A shorter deadline of the client's (`x-timeout-ms`) does not reach here: it ends only the
+//!   client's wait (`proxy`), and the handler runs on.
 //!
 //! [`Service::into_parts`] validates the declarations (names, methods, paths, no two commands on
 //! one route) because a bad route found at startup is far cheaper than one found by a client.
@@ -290,7 +292,8 @@ fn panicked(command: &str, panic: &(dyn std::any::Any + Send)) -> HandlerError {
     HandlerError::unhandled("handler panicked")
 }
 
-/// The command's timeout, shortened by the time the request has left (`0` = not given).
+/// The command's timeout, shortened by the time the invocation has left of it (`0` = not
+/// given).
 pub(crate) fn deadline(limit: Duration, request_ms: u64) -> Duration {
     if request_ms == 0 {
         limit

@@ -48,7 +48,8 @@ pub struct CommandDecl {
     pub path: String,
     /// Safe to run twice: the proxy may retry it on another node.
     pub idempotent: bool,
-    /// Deadline when the request does not shorten it (`x-timeout-ms`).
+    /// The command's own deadline: a shorter one a client chose (`x-timeout-ms`) ends only its
+    /// wait for the answer.
     pub timeout_ms: u64,
     /// JSON Schema of the payload / result, as JSON text, when the SDK has one.
     pub input_schema: Option<String>,

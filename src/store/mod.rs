@@ -93,32 +93,70 @@ pub struct Listing {
 }
 
 /// The keys of `map` under `prefix`, after `after`: at most `limit` of them and about
-/// `max_bytes` of keys and values (at least one), and the tag of all the keys under `prefix`
-/// (one pass over them).
+/// `max_bytes` of keys and values (at least one), with the tag of all the keys under `prefix`.
+/// The page is read from where it starts (`after`), not from the prefix's first key: paging
+/// through a large prefix used to walk it from the start for every page.
 pub fn list_map(map: Option<&imbl::OrdMap<String, Versioned>>, prefix: &str, after: Option<&str>, limit: usize, max_bytes: usize) -> Listing {
-    let mut listing = Listing { items: Vec::new(), next: None, tag: ListTag { max_revision: 0, keys: 0 } };
+    list_page(map, prefix, after, limit, max_bytes, list_tag(map, prefix))
+}
+
+/// `list_map` with the prefix's tag already known (`TagCache`).
+fn list_page(map: Option<&imbl::OrdMap<String, Versioned>>, prefix: &str, after: Option<&str>, limit: usize, max_bytes: usize, tag: ListTag) -> Listing {
+    use std::ops::Bound;
+    let mut listing = Listing { items: Vec::new(), next: None, tag };
     let mut bytes = 0usize;
     let Some(map) = map else { return listing };
-    let start = std::ops::Bound::Included(prefix.to_string());
-    for (key, v) in map.range((start, std::ops::Bound::Unbounded)) {
+    let start = match after {
+        Some(a) if a >= prefix => Bound::Excluded(a.to_string()),
+        _ => Bound::Included(prefix.to_string()),
+    };
+    for (key, v) in map.range((start, Bound::Unbounded)) {
         if !key.starts_with(prefix) {
             break;
         }
-        listing.tag.keys += 1;
-        listing.tag.max_revision = listing.tag.max_revision.max(v.revision);
-        if after.is_some_and(|a| key.as_str() <= a) {
-            continue;
-        }
         let size = key.len() + v.value.len();
-        let fits = listing.items.is_empty() || (listing.items.len() < limit && bytes + size <= max_bytes);
-        if fits && listing.next.is_none() {
-            bytes += size;
-            listing.items.push((key.clone(), v.clone()));
-        } else if listing.next.is_none() {
+        if !listing.items.is_empty() && (listing.items.len() >= limit || bytes + size > max_bytes) {
             listing.next = listing.items.last().map(|(k, _)| k.clone());
+            break;
         }
+        bytes += size;
+        listing.items.push((key.clone(), v.clone()));
     }
     listing
+}
+
+/// The tags of the listings made lately, by store, prefix and the store's map they were
+/// made of (compared by pointer): a tag walks every key under its prefix, and the long polls
+/// and pages of one prefix at one state of its store share one walk instead of one each (200
+/// polls answered by one write made 200 walks of the same keys). Holds `TAG_CACHE` entries; an
+/// entry keeps its map's version alive until it is pushed out.
+#[derive(Default)]
+pub struct TagCache(std::sync::Mutex<std::collections::VecDeque<CachedTag>>);
+
+struct CachedTag {
+    store: String,
+    prefix: String,
+    map: imbl::OrdMap<String, Versioned>,
+    tag: ListTag,
+}
+
+/// Listings' tags kept at most (`TagCache`).
+const TAG_CACHE: usize = 64;
+
+impl TagCache {
+    fn tag(&self, store: &str, prefix: &str, map: Option<&imbl::OrdMap<String, Versioned>>) -> ListTag {
+        let Some(map) = map else { return list_tag(None, prefix) };
+        let lock = || self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(hit) = lock().iter().find(|c| c.map.ptr_eq(map) && c.prefix == prefix && c.store == store) {
+            return hit.tag;
+        }
+        // Walked outside the lock: the keys may be many.
+        let tag = list_tag(Some(map), prefix);
+        let mut cached = lock();
+        cached.push_front(CachedTag { store: store.to_string(), prefix: prefix.to_string(), map: map.clone(), tag });
+        cached.truncate(TAG_CACHE);
+        tag
+    }
 }
 
 /// The tag of the keys of `map` under `prefix` (what `list_map` answers as `tag`).
@@ -199,6 +237,8 @@ pub struct StateStore {
     space: Space,
     /// Seals the secret store's values (`secret`); `None` without a cluster secret.
     sealer: Option<Arc<secret::Sealer>>,
+    /// Listings' tags, shared by the node's stores in every space.
+    tags: Arc<TagCache>,
 }
 
 /// A value must be JSON text that can be served back as JSON: UTF-8 throughout, no lone
@@ -263,7 +303,7 @@ const EXISTS_ROUNDS: usize = 16;
 
 impl StateStore {
     pub fn new(replica: Replica, sm: Arc<SmShared>, timeout: Duration, max_value: usize, quota: (u64, u64)) -> StateStore {
-        StateStore { replica, sm, timeout, max_value, quota, space: Space::State, sealer: None }
+        StateStore { replica, sm, timeout, max_value, quota, space: Space::State, sealer: None, tags: Arc::default() }
     }
 
     /// Turns the secret store on, with the key derived from the cluster secret.
@@ -327,7 +367,17 @@ impl StateStore {
         if consistency == Consistency::Linearizable {
             self.replica.read_barrier(self.timeout).await?;
         }
-        Ok(list_map(self.sm.store_map(&self.inner(store)).as_ref(), prefix, after, limit, max_bytes))
+        Ok(self.page(store, self.sm.store_map(&self.inner(store)).as_ref(), prefix, after, limit, max_bytes))
+    }
+
+    /// The tag of `map`'s keys under `prefix`, `map` being this space's `store` (see `TagCache`).
+    pub fn tag_of(&self, store: &str, map: Option<&imbl::OrdMap<String, Versioned>>, prefix: &str) -> ListTag {
+        self.tags.tag(&self.inner(store), prefix, map)
+    }
+
+    /// One page of `map`, this space's `store` (see `list_map`), its tag from the cache.
+    pub fn page(&self, store: &str, map: Option<&imbl::OrdMap<String, Versioned>>, prefix: &str, after: Option<&str>, limit: usize, max_bytes: usize) -> Listing {
+        list_page(map, prefix, after, limit, max_bytes, self.tag_of(store, map, prefix))
     }
 
     /// Waits for a linearizable read's barrier (or not, for `Stale`): what a long poll does
@@ -583,6 +633,54 @@ mod tests {
         assert!(!changed_within(Some(&before), Some(&before.clone()), ""), "the same map");
         assert!(changed_within(None, Some(&before), "k/") && changed_within(Some(&before), None, "z/0"), "a store that came or went");
         assert!(!changed_within(None, Some(&before), "y/") && !changed_within(None, None, ""));
+    }
+
+    /// Pages read from where they start list every key under the prefix once, in order, with
+    /// the whole prefix's tag on each; the tag cache answers a map it saw with its walk, and a
+    /// changed map with a new one, and keeps at most `TAG_CACHE` entries.
+    #[test]
+    fn pages_and_cached_tags_of_a_prefix() {
+        let v = |revision: u64| Versioned { value: format!("{revision}").into_bytes(), revision };
+        let mut map = imbl::OrdMap::new();
+        for i in 0..1_000u64 {
+            map.insert(format!("a/{i:04}"), v(i + 1));
+            map.insert(format!("b/{i:04}"), v(5_000 + i));
+        }
+        map.insert("a".into(), v(9_999));
+        let whole = list_tag(Some(&map), "a/");
+        assert_eq!(whole, ListTag { max_revision: 1_000, keys: 1_000 });
+        let (mut seen, mut after, mut pages) = (Vec::new(), None::<String>, 0);
+        loop {
+            let page = list_map(Some(&map), "a/", after.as_deref(), 64, usize::MAX);
+            assert_eq!(page.tag, whole, "every page carries the prefix's tag");
+            seen.extend(page.items.iter().map(|(k, _)| k.clone()));
+            pages += 1;
+            match page.next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let expected: Vec<String> = (0..1_000).map(|i| format!("a/{i:04}")).collect();
+        assert_eq!((seen, pages), (expected, 16));
+        let small = list_map(Some(&map), "a/", Some("a/0997"), 10, 12);
+        assert_eq!(small.items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a/0998"], "about max_bytes, at least one");
+        assert_eq!(small.next.as_deref(), Some("a/0998"));
+        assert!(list_map(Some(&map), "a/", Some("a/0999"), 10, usize::MAX).items.is_empty());
+        assert_eq!(list_map(Some(&map), "b/", Some("a/0500"), 1, usize::MAX).items[0].0, "b/0000", "an `after` before the prefix");
+
+        let cache = TagCache::default();
+        assert_eq!(cache.tag("s", "a/", Some(&map)), whole);
+        assert_eq!(cache.tag("s", "a/", Some(&map)), whole);
+        let mut changed = map.clone();
+        changed.insert("a/5000".into(), v(20_000));
+        assert_eq!(cache.tag("s", "a/", Some(&changed)), ListTag { max_revision: 20_000, keys: 1_001 });
+        assert_eq!(cache.tag("t", "a/", Some(&changed)), ListTag { max_revision: 20_000, keys: 1_001 });
+        assert_eq!(cache.tag("s", "b/", Some(&changed)), list_tag(Some(&changed), "b/"));
+        for i in 0..100 {
+            cache.tag("s", &format!("a/00{i:02}"), Some(&map));
+        }
+        assert_eq!(cache.0.lock().unwrap().len(), TAG_CACHE);
+        assert_eq!(cache.tag("s", "x/", None), ListTag { max_revision: 0, keys: 0 });
     }
 
     #[test]
