@@ -189,7 +189,16 @@ struct Inner {
     committed: Mutex<File>,
     opts: LogStoreOptions,
     mem: Mutex<Mem>,
+    /// Held by appends (on the async runtime's thread) while they write to the page cache:
+    /// never across an fsync of a blocking thread (`update_meta`, `purge`, `truncate_after`
+    /// copy out the active segment and sync it after letting go), or a disk that stalls froze
+    /// the whole runtime behind the lock (a node with one worker thread stopped answering even
+    /// `/healthz` while it saved a vote).
     io: Mutex<Io>,
+    /// One meta write at a time (`write_meta`'s callers), without holding `io` meanwhile.
+    meta_writer: Mutex<()>,
+    /// `disk_bytes`, kept up to date under `io` so that reading it never waits for it.
+    disk: AtomicU64,
     /// Set by the writer or the flusher after a failed write or fsync; never cleared.
     failed: Arc<AtomicBool>,
     /// The founder mark (`FOUNDER_FILE`), shared with the flusher, which removes it.
@@ -926,7 +935,9 @@ impl LogStore {
             committed: Mutex::new(committed_file),
             opts,
             mem: Mutex::new(mem),
+            disk: AtomicU64::new(io.active_seg.bytes + io.closed.values().map(|s| s.bytes).sum::<u64>()),
             io: Mutex::new(io),
+            meta_writer: Mutex::new(()),
             failed,
             founder,
             flusher: Some(flusher),
@@ -1041,9 +1052,7 @@ impl LogStore {
     /// Total bytes of records in the segment files (the active one's zero-fill, at most a few
     /// MiB, is not counted).
     pub fn disk_bytes(&self) -> u64 {
-        // Read-only, so a poisoned lock is harmless here.
-        let io = self.inner.io.lock().unwrap_or_else(|p| p.into_inner());
-        io.active_seg.bytes + io.closed.values().map(|s| s.bytes).sum::<u64>()
+        self.inner.disk.load(Ordering::Relaxed)
     }
 
     /// Waits until every purge so far has been reaped (its segments unlinked).
@@ -1089,7 +1098,13 @@ impl Inner {
     fn write_active(&self, io: &mut Io, buf: &[u8]) -> io::Result<()> {
         self.check(io.active.write_records(buf))?;
         io.active_seg.bytes += buf.len() as u64;
+        self.note_disk(io);
         Ok(())
+    }
+
+    /// Brings `disk_bytes` up to `io`.
+    fn note_disk(&self, io: &Io) {
+        self.disk.store(io.active_seg.bytes + io.closed.values().map(|s| s.bytes).sum::<u64>(), Ordering::Relaxed);
     }
 
     /// Cuts the active segment back to its records and syncs it, then starts the next one.
@@ -1111,10 +1126,12 @@ impl Inner {
     }
 
     /// Replaces `meta` atomically and durably, after syncing the log bytes written before it.
-    fn write_meta(&self, io: &Io, meta: Meta) -> io::Result<()> {
+    /// `active` is the active segment when the caller began (copied out of `io`, which is not
+    /// held meanwhile); the caller holds `meta_writer`.
+    fn write_meta(&self, active: &SegFile, meta: Meta) -> io::Result<()> {
         let sync = self.opts.sync;
         self.check((|| {
-            fsync(&io.active, sync)?;
+            fsync(active, sync)?;
             let mut buf = Vec::new();
             encode(&mut buf, &meta)?;
             let (tmp, path) = (self.dir.join("meta.tmp"), self.dir.join("meta"));
@@ -1132,40 +1149,49 @@ impl Inner {
 
     /// Persists the meta if `f` changed it; otherwise still syncs the active segment, so that
     /// returning always means every earlier write is durable.
+    /// Every write before the call is in the segment that is active at its start (a rotation
+    /// syncs the one it closes), so syncing that one covers them; appends meanwhile go on.
     fn update_meta(&self, f: impl FnOnce(&mut Meta)) -> io::Result<()> {
         self.writable()?;
-        let io = lock(&self.io)?;
+        let _writer = lock(&self.meta_writer)?;
+        let active = lock(&self.io)?.active.clone();
         let old = lock(&self.mem)?.meta.clone();
         let mut meta = old.clone();
         f(&mut meta);
         if meta != old {
-            self.write_meta(&io, meta)
+            self.write_meta(&active, meta)
         } else {
-            self.check(fsync(&io.active, self.opts.sync))
+            self.check(fsync(&active, self.opts.sync))
         }
     }
 
     fn truncate_after(&self, after: Option<u64>) -> io::Result<()> {
         self.writable()?;
-        let mut io = lock(&self.io)?;
         let mut buf = Vec::new();
         encode(&mut buf, &Record::<&Entry>::Truncate { after })?;
-        self.write_active(&mut io, &buf)?;
-        self.check(fsync(&io.active, self.opts.sync))?;
+        let active = {
+            let mut io = lock(&self.io)?;
+            self.write_active(&mut io, &buf)?;
+            io.active.clone()
+        };
+        self.check(fsync(&active, self.opts.sync))?;
         drop(split_after(&mut lock(&self.mem)?.entries, after));
         Ok(())
     }
 
     fn purge(&self, log_id: LogId) -> io::Result<()> {
         self.writable()?;
-        let mut io = lock(&self.io)?;
+        let writer = lock(&self.meta_writer)?;
         let mut meta = lock(&self.mem)?.meta.clone();
         if meta.last_purged.is_some_and(|p| p.index >= log_id.index) {
             return Ok(());
         }
         let upto = log_id.index;
         meta.last_purged = Some(log_id);
-        self.write_meta(&io, meta)?; // durable first: replay skips entries <= last_purged
+        let active = lock(&self.io)?.active.clone();
+        self.write_meta(&active, meta)?; // durable first: replay skips entries <= last_purged
+        drop(writer);
+        let mut io = lock(&self.io)?;
         // The purged entries go to the reaper: they may hold the last references to hundreds of
         // thousands of events, and freeing them took up to hundreds of ms, first under `mem`
         // (while appends and replication reads waited), then still inside the purge that
@@ -1185,6 +1211,7 @@ impl Inner {
             }
             doomed.push(seg.remove().path);
         }
+        self.note_disk(&io);
         // Unlinked by the reaper: freeing a 64 MiB segment's blocks takes milliseconds on a busy
         // disk. Nothing reads a segment once it is out of `closed`; a crash before the unlink
         // leaves a file that replay skips (its entries are <= last_purged, made durable above).
@@ -1596,6 +1623,44 @@ mod tests {
         let mut store = LogStore::open(&dir.0, small()).unwrap();
         assert_eq!(store.read_committed().await.unwrap(), None);
         assert_eq!(ids(&mut store).await, run(1, 1..=5));
+    }
+
+    /// A vote being saved while its segment's sync stalls (a disk that stops: the flusher sits
+    /// in its `fdatasync`) holds no lock that appends or `disk_bytes` take on the async
+    /// runtime's thread. It held `io` across the sync, and a node with one worker thread froze
+    /// whole (`/healthz` too) until the disk came back. Checked from a thread of their own with
+    /// a time limit: blocked on the lock, they would hang rather than fail.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_sync_while_a_vote_is_saved_leaves_appends_and_disk_bytes_free() {
+        let dir = TempDir::new();
+        let mut store = LogStore::open(&dir.0, LogStoreOptions { segment_bytes: 64 << 20, ..small() }).unwrap();
+        append(&mut store, vec![ent(1, 1)]).await;
+        let active = store.inner.io.lock().unwrap().active.clone();
+        let stall = active.sync.lock().unwrap();
+        let mut voter = store.clone();
+        let saving = tokio::spawn(async move { voter.save_vote(&Vote::new(2, 1)).await });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while store.inner.meta_writer.try_lock().is_ok() {
+            assert!(std::time::Instant::now() < deadline, "the vote's save never began");
+            std::thread::yield_now();
+        }
+        let (done, answered) = std::sync::mpsc::channel();
+        let mut writer = store.clone();
+        let (flushed, flush) = TypeConfig::oneshot();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let bytes = writer.disk_bytes();
+            rt.block_on(writer.append(vec![ent(1, 2)], IOFlushed::signal(flushed))).unwrap();
+            let _ = done.send(bytes);
+        });
+        let bytes = answered.recv_timeout(std::time::Duration::from_secs(5)).expect("append and disk_bytes do not wait for the stalled sync");
+        assert!(bytes > 0);
+        assert!(!saving.is_finished(), "the vote waits for its sync");
+        drop(stall);
+        saving.await.unwrap().expect("saved once the disk is back");
+        flush.await.unwrap().expect("and the append flushed");
+        assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(2, 1)));
+        assert!(store.disk_bytes() > bytes);
     }
 
     #[tokio::test]
