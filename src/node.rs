@@ -1129,15 +1129,21 @@ impl Handler for PeerHandler {
         let req = match req {
             // Taken now, in arrival order: a leader may have several in flight.
             PeerRequest::AppendEntries(r) => {
-                self.cluster.note_append(from);
                 // Noted once openraft took it (`note_commit`): not an append it refused (a
                 // lower term), nor the commit of one built before the leader saw this node's
                 // log go back (it may still have counted the old acknowledgements then).
                 let note = self.unproven.load(Ordering::Relaxed).then(|| (r.vote.leader_id().term, r.leader_commit.map_or(0, |c| c.index)));
                 let seen_commit = self.seen_commit.clone();
                 let served = self.appends.submit(from, r);
+                let cluster = self.cluster.clone();
                 return Box::pin(async move {
                     let served = served.await;
+                    // In touch with the leader once its append is answered, not when it comes: a
+                    // node whose disk stalled (its core waits on the log's sync) kept taking
+                    // appends it never answered and said it was ready for as long as the stall.
+                    if served.is_ok() {
+                        cluster.note_append(from);
+                    }
                     if let (Some((term, commit)), Ok(openraft::raft::AppendEntriesResponse::Success)) = (note, &served) {
                         note_commit(&seen_commit, term, commit);
                     }
