@@ -476,7 +476,7 @@ pub async fn run(
         // Ends once the node is proven (`spawn`: a return is no failure), or with the run.
         crate::supervise::spawn("unproven", prove(replica.clone(), founder_log.clone(), unproven.clone(), seen_commit.clone(), run_stop.child_token()));
     }
-    let snapshots = Arc::new(Snapshots { assembling: Mutex::new(HashMap::new()), cap: cfg.snapshot_cap() });
+    let snapshots = Arc::new(Snapshots::new(cfg.snapshot_cap()));
     crate::supervise::spawn_until("snapshot transfer expiry", &guard_stop, snapshots.clone().expire_idle(guard_stop.clone()));
     net.set_handler(Arc::new(PeerHandler {
         replica: replica.clone(),
@@ -830,9 +830,39 @@ const ASSEMBLY_IDLE: Duration = Duration::from_secs(60);
 struct Snapshots {
     assembling: Mutex<HashMap<NodeId, Assembly>>,
     cap: usize,
+    /// Images assembled and being checked or installed (`Installing`). While one is, a new
+    /// transfer is refused at its first chunk: a follower whose disk stalled held each image
+    /// the leader sent again after its request timed out, behind the first install, and grew
+    /// by one image (73 MB in a helper's run) per retry until the disk came back.
+    installing: std::sync::atomic::AtomicUsize,
+}
+
+/// An assembled image being checked or installed; counted in `Snapshots::installing` until
+/// dropped (also when the peer request's future is dropped part-way).
+struct Installing<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Installing<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Snapshots {
+    fn new(cap: usize) -> Snapshots {
+        Snapshots { assembling: Mutex::new(HashMap::new()), cap, installing: 0.into() }
+    }
+
+    /// Whether a chunk at `offset` may be taken: a new transfer (offset 0) waits until no image
+    /// is being installed.
+    fn admits(&self, offset: u64) -> bool {
+        offset != 0 || self.installing.load(std::sync::atomic::Ordering::Acquire) == 0
+    }
+
+    fn installing(&self) -> Installing<'_> {
+        self.installing.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Installing(&self.installing)
+    }
+
     /// Drops the transfers that have had no chunk for `ASSEMBLY_IDLE`; true if any was.
     fn expire(&self, now: tokio::time::Instant) -> bool {
         let mut map = crate::lock(&self.assembling);
@@ -1272,11 +1302,16 @@ async fn snapshot_chunk(
 ) -> PeerResponse {
     let invalid = |m: String| PeerResponse::Error(RemoteError::Invalid(m));
     let key = meta.last_log_id.map(|l| l.index);
+    if !snapshots.admits(offset) {
+        // The leader's replication tries again after its backoff.
+        return PeerResponse::Error(RemoteError::Unavailable("an earlier snapshot is still being installed here".into()));
+    }
     let complete = match assemble(&mut crate::lock(&snapshots.assembling), snapshots.cap, from, &vote, key, offset, &data, done) {
         Ok(Some(bytes)) => bytes,
         Ok(None) => return PeerResponse::Snapshot(None),
         Err(why) => return invalid(why),
     };
+    let _installing = snapshots.installing();
     // An install error is fatal to openraft: check the image decodes before handing it over.
     // Off the runtime: a large image takes long to decode (and its copy to free), and with one
     // worker thread the node's links, pings and heartbeats would stop meanwhile.
@@ -1528,9 +1563,25 @@ mod tests {
         assert!(map.is_empty(), "nothing is kept of a finished transfer");
     }
 
+    /// While an assembled image is being installed, a new transfer is refused at its first
+    /// chunk (the chunks of one under way go on); once the install ends, one is taken again.
+    #[test]
+    fn a_new_snapshot_transfer_waits_for_the_install_under_way() {
+        let snapshots = Snapshots::new(1 << 20);
+        assert!(snapshots.admits(0));
+        let installing = snapshots.installing();
+        assert!(!snapshots.admits(0), "a new transfer waits");
+        assert!(snapshots.admits(4096), "a transfer under way goes on");
+        let second = snapshots.installing();
+        drop(installing);
+        assert!(!snapshots.admits(0));
+        drop(second);
+        assert!(snapshots.admits(0), "taken again once no install is under way");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_snapshot_transfer_without_chunks_is_dropped_after_the_idle_time() {
-        let snapshots = Snapshots { assembling: Mutex::new(HashMap::new()), cap: 1 << 20 };
+        let snapshots = Snapshots::new(1 << 20);
         let v1 = Vote::new_committed(1, 1);
         let add = |offset, data: &[u8]| assemble(&mut crate::lock(&snapshots.assembling), 1 << 20, 1, &v1, Some(9), offset, data, false);
         assert_eq!(add(0, &[1; 1000]), Ok(None));
