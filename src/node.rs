@@ -458,7 +458,7 @@ pub async fn run(
         LocalServices::new(services),
         ProxySettings {
             local_first: cfg.local_first,
-            max_inflight_per_peer: 1024,
+            max_inflight_per_peer: crate::proxy::COMMANDS_PER_PEER,
             idempotency_window: Duration::from_secs(600),
             idempotency_max_keys: cfg.dedup_max_keys,
             idempotency_max_bytes: cfg.idempotency_max_bytes,

@@ -101,6 +101,8 @@ const MAX_OUTSTANDING: usize = MAX_SERVING;
 /// Requests from one peer this node serves concurrently, Raft's own aside; more are answered
 /// `NotServed` without running (`read_loop`).
 const MAX_SERVING: usize = 1024;
+// Commands leave room on a link for the other requests (`proxy::COMMANDS_PER_PEER`).
+const _: () = assert!(crate::proxy::COMMANDS_PER_PEER < MAX_SERVING && crate::proxy::COMMANDS_PER_PEER < MAX_OUTSTANDING);
 /// A leader's long polls for the outcomes of delivery batches (`AwaitDelivery`) served at once
 /// per link, in slots of their own: each waits until a handler ends, so very many slow handlers
 /// would otherwise take the `MAX_SERVING` slots that the leader's commands and deliveries need.

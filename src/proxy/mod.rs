@@ -91,6 +91,7 @@ pub struct ProxySettings {
     /// Run on this node when it offers the command and is healthy.
     pub local_first: bool,
     /// Forwarded requests in flight to one peer at most; beyond, that peer is skipped.
+    /// `COMMANDS_PER_PEER` in a node.
     pub max_inflight_per_peer: usize,
     /// How long an idempotency key's result is kept.
     pub idempotency_window: Duration,
@@ -235,6 +236,12 @@ impl<F: Future + Send + 'static> Drop for Detachable<F> {
 
 /// How often the routing table is brought up to the registry without a request (`refresh_routes`).
 const ROUTES_REFRESH: Duration = Duration::from_secs(1);
+
+/// Commands a node has in flight on one peer at most (`ProxySettings::max_inflight_per_peer`):
+/// less than the requests a link carries and a peer serves at once (`peer`'s `MAX_SERVING`,
+/// 1,024), so that commands, which may each run for their timeout (past their clients'
+/// deadlines too), leave room for the forwarded writes, deliveries and reads on the same link.
+pub const COMMANDS_PER_PEER: usize = 768;
 
 /// Client commands running at once on a node at most (`Proxy::running_slots`); past it a new
 /// one is a 503 with `Retry-After`.
