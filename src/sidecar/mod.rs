@@ -227,31 +227,44 @@ impl crate::sdk::SubscriptionHandler for EventPost {
         let (pool, path, timeout) = (self.pool.clone(), format!("{}{}", self.pool.base, self.path), self.timeout);
         let emit = self.emit.clone();
         let headers = delivery_headers(&self.name, &event);
-        Box::pin(async move {
-            // Serializing borrowed strings and a raw payload cannot fail.
-            let body = bytes::Bytes::from(serde_json::to_vec(&event.to_json()).unwrap_or_default());
-            let started = tokio::time::Instant::now();
-            let Some(mut conn) = pool.take(pool_wait(timeout)).await else {
-                return Err(HandlerError::new(503, "every connection to the app is busy"));
-            };
-            let timeout = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
-            match conn.conn.request_with(Method::POST, &path, headers, body, timeout, false).await {
-                Ok(resp) if (200..300).contains(&resp.status) => {
-                    pool.put(conn);
-                    returned_event(emit.as_deref(), &resp.body)
-                }
-                Ok(resp) => {
-                    pool.put(conn);
-                    Err(HandlerError::new(502, format!("app answered {} to event {}", resp.status, event.id)))
-                }
-                Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
-                Err(e @ ClientError::Connect { .. }) => Err(pool.connect_failed(&e)),
-                // Only the status counts here: a long body beside a 2xx is still an ack,
-                // unless that body was to be emitted.
-                Err(ClientError::BodyTooLarge { status, .. }) if (200..300).contains(&status) && emit.is_none() => Ok(None),
-                Err(e) => Err(HandlerError::new(502, format!("the request to the app failed: {}", cause(&e)))),
-            }
-        })
+        Box::pin(post_event(pool, path, timeout, headers, event, emit))
+    }
+}
+
+/// POSTs `event` to the app at `path` within `timeout` (its subscription's ack deadline).
+async fn post_event(
+    pool: Arc<Pool>,
+    path: String,
+    timeout: Duration,
+    headers: http::HeaderMap,
+    event: crate::broker::event::Event,
+    emit: Option<String>,
+) -> Result<Option<crate::sdk::Emit>, HandlerError> {
+    // Serializing borrowed strings and a raw payload cannot fail.
+    let body = bytes::Bytes::from(serde_json::to_vec(&event.to_json()).unwrap_or_default());
+    let started = tokio::time::Instant::now();
+    // The app never saw the event: no attempt (as a consumer that is draining), and it
+    // is handed out again after the refusal pause, to another consumer if one is live. A
+    // busy app's events used to count attempts until they were dead-lettered unseen.
+    let Some(mut conn) = pool.take(pool_wait(timeout)).await else {
+        return Err(HandlerError::not_served("every connection to the app is busy"));
+    };
+    let timeout = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+    match conn.conn.request_with(Method::POST, &path, headers, body, timeout, false).await {
+        Ok(resp) if (200..300).contains(&resp.status) => {
+            pool.put(conn);
+            returned_event(emit.as_deref(), &resp.body)
+        }
+        Ok(resp) => {
+            pool.put(conn);
+            Err(HandlerError::new(502, format!("app answered {} to event {}", resp.status, event.id)))
+        }
+        Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
+        Err(e @ ClientError::Connect { .. }) => Err(pool.connect_failed(&e)),
+        // Only the status counts here: a long body beside a 2xx is still an ack,
+        // unless that body was to be emitted.
+        Err(ClientError::BodyTooLarge { status, .. }) if (200..300).contains(&status) && emit.is_none() => Ok(None),
+        Err(e) => Err(HandlerError::new(502, format!("the request to the app failed: {}", cause(&e)))),
     }
 }
 
@@ -1343,6 +1356,45 @@ mod tests {
         assert_eq!(up.conns.load(Ordering::SeqCst), 2, "never more than max_connections open");
         // The places are free again: a new request gets a connection.
         assert_eq!(fw.forward(inv(&[], "", 300)).await.unwrap_err().status, 504);
+    }
+
+    /// A delivery that finds every connection to the app busy until its ack deadline is "not
+    /// served" (no attempt; handed out again after the refusal pause), not a failure: the app
+    /// never saw the event, and a busy app's events were dead-lettered unseen.
+    #[tokio::test]
+    async fn a_delivery_that_gets_no_connection_to_the_app_costs_no_attempt() {
+        let up = upstream().await;
+        let mut cfg = config(&format!("http://{}", up.addr), "max_connections = 1");
+        cfg.commands.truncate(1);
+        cfg.commands[0].path = "sleep".into();
+        cfg.commands[0].upstream_path = Some("/sleep".into());
+        let (pool, mut fws) = forwarders(&cfg, crate::client::MAX_BODY).unwrap();
+        let fw = fws.remove(0);
+        let busy = tokio::spawn(async move { fw.forward(inv(&[], "", 1500)).await });
+        for _ in 0..200 {
+            if up.conns.load(Ordering::SeqCst) == 1 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(up.conns.load(Ordering::SeqCst), 1, "the one connection is taken");
+        let body = crate::broker::event::EventBody {
+            id: "ev-busy".into(),
+            event_name: "orderPlaced".into(),
+            timestamp: 1,
+            message_type: "customMessage".into(),
+            sender: None,
+            principal_id: None,
+            tenant_id: None,
+            trace_id: None,
+            correlation_id: None,
+            payload: b"{}".to_vec(),
+        };
+        let event = crate::broker::event::Event { position: 7, body: Arc::new(body) };
+        let url = format!("{}/events/orders", pool.base);
+        let refused = post_event(pool.clone(), url, Duration::from_millis(300), http::HeaderMap::new(), event, None).await.expect_err("no connection");
+        assert!(refused.is_not_served(), "{refused}");
+        assert!(busy.await.unwrap().is_err(), "the slow request ends at its deadline");
     }
 
     /// At the cap, a request that waits gets the connection the previous request finishes
