@@ -1075,6 +1075,49 @@ impl LogStore {
         let task = tokio::task::spawn_blocking(move || f(&inner));
         task.await.map_err(|e| io::Error::other(format!("raft log store task: {e}")))?
     }
+
+    /// `append`'s writing under `io`, on the caller's thread (page-cache writes): the index
+    /// the next segment would start at when the active one has grown past its size.
+    fn append_locked<I>(&self, entries: I, callback: IOFlushed<TypeConfig>) -> Result<Option<u64>, io::Error>
+    where
+        I: IntoIterator<Item = Entry>,
+    {
+        let inner = &*self.inner;
+        inner.writable()?;
+        let mut io = lock(&inner.io)?;
+        let (mut buf, mut batch) = (std::mem::take(&mut io.encode_buf), Vec::new());
+        buf.clear();
+        for entry in entries {
+            let index = entry.log_id.index;
+            encode(&mut buf, &Record::Entry(&entry))
+                .map_err(|e| io::Error::new(e.kind(), format!("log entry {index}: {e}")))?;
+            batch.push(entry);
+        }
+        inner.write_active(&mut io, &buf)?;
+        buf.clear();
+        buf.shrink_to(ENCODE_BUF_KEEP);
+        io.encode_buf = buf;
+        let max = batch.iter().map(|e| e.log_id.index).max();
+        io.active_seg.max_index = io.active_seg.max_index.max(max);
+        let next = {
+            let mut mem = lock(&inner.mem)?;
+            mem.entries.extend(batch.into_iter().map(|e| (e.log_id.index, e)));
+            next_index(&mem)
+        };
+        // Even an empty append goes through the flusher: a completion must imply that every
+        // earlier append is durable.
+        let item = (io.active.clone(), callback);
+        let sent = match &io.flush_tx {
+            Some(tx) => tx.send(item).map_err(|e| e.0),
+            None => Err(item),
+        };
+        if let Err((_, callback)) = sent {
+            let msg = format!("raft log flusher for {} is gone", inner.dir.display());
+            callback.io_completed(Err(io::Error::other(msg.clone())));
+            return inner.check(Err(io::Error::other(msg)));
+        }
+        Ok((io.active_seg.bytes > inner.opts.segment_bytes).then_some(next))
+    }
 }
 
 impl Inner {
@@ -1316,44 +1359,19 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
-        let inner = &*self.inner;
-        inner.writable()?;
-        let mut io = lock(&inner.io)?;
-        let (mut buf, mut batch) = (std::mem::take(&mut io.encode_buf), Vec::new());
-        buf.clear();
-        for entry in entries {
-            let index = entry.log_id.index;
-            encode(&mut buf, &Record::Entry(&entry))
-                .map_err(|e| io::Error::new(e.kind(), format!("log entry {index}: {e}")))?;
-            batch.push(entry);
-        }
-        inner.write_active(&mut io, &buf)?;
-        buf.clear();
-        buf.shrink_to(ENCODE_BUF_KEEP);
-        io.encode_buf = buf;
-        let max = batch.iter().map(|e| e.log_id.index).max();
-        io.active_seg.max_index = io.active_seg.max_index.max(max);
-        let next = {
-            let mut mem = lock(&inner.mem)?;
-            mem.entries.extend(batch.into_iter().map(|e| (e.log_id.index, e)));
-            next_index(&mem)
-        };
-        // Even an empty append goes through the flusher: a completion must imply that every
-        // earlier append is durable.
-        let item = (io.active.clone(), callback);
-        let sent = match &io.flush_tx {
-            Some(tx) => tx.send(item).map_err(|e| e.0),
-            None => Err(item),
-        };
-        if let Err((_, callback)) = sent {
-            let msg = format!("raft log flusher for {} is gone", inner.dir.display());
-            callback.io_completed(Err(io::Error::other(msg.clone())));
-            return inner.check(Err(io::Error::other(msg)));
-        }
-        if io.active_seg.bytes > inner.opts.segment_bytes {
-            inner.check(inner.rotate(&mut io, next))?;
-        }
-        Ok(())
+        let Some(next) = self.append_locked(entries, callback)? else { return Ok(()) };
+        // On a blocking thread: a rotation syncs the segment it closes, and on a disk that
+        // stalls that held up the async runtime's thread (with one worker, the whole node).
+        // The core waits for it as before; appends are its own, one at a time.
+        let segment_bytes = self.inner.opts.segment_bytes;
+        self.blocking(move |inner| {
+            let mut io = lock(&inner.io)?;
+            match io.active_seg.bytes > segment_bytes {
+                true => inner.check(inner.rotate(&mut io, next)),
+                false => Ok(()),
+            }
+        })
+        .await
     }
 
     async fn truncate_after(&mut self, last_log_id: Option<LogId>) -> Result<(), io::Error> {
@@ -1661,6 +1679,42 @@ mod tests {
         flush.await.unwrap().expect("and the append flushed");
         assert_eq!(store.read_vote().await.unwrap(), Some(Vote::new(2, 1)));
         assert!(store.disk_bytes() > bytes);
+    }
+
+    /// An append that fills its segment rotates it on a blocking thread: the rotation syncs the
+    /// segment it closes, and on a stalled disk (here: the segment's sync lock held, as a
+    /// flusher inside its `fdatasync` holds it) that held the async runtime's one thread. Run
+    /// on a thread of its own, which says when its runtime ran a timer past the stalled
+    /// rotation: blocked, it would hang rather than fail.
+    #[test]
+    fn a_rotation_on_a_stalled_disk_leaves_the_runtime_thread_free() {
+        let dir = TempDir::new();
+        let path = dir.0.clone();
+        let (say, heard) = std::sync::mpsc::channel();
+        let (release_tx, release) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async move {
+                let mut store = LogStore::open(&path, small()).unwrap();
+                append(&mut store, vec![ent(1, 1)]).await;
+                let active = store.inner.io.lock().unwrap().active.clone();
+                let stall = active.sync.lock().unwrap();
+                let mut writer = store.clone();
+                let (flushed, flush) = TypeConfig::oneshot();
+                let appending = tokio::spawn(async move { writer.append((2..=12).map(|i| ent(1, i)).collect::<Vec<_>>(), IOFlushed::signal(flushed)).await });
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                say.send(appending.is_finished()).unwrap();
+                release.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+                drop(stall);
+                appending.await.unwrap().expect("rotated once the disk is back");
+                flush.await.unwrap().expect("and flushed");
+                assert_eq!(ids(&mut store).await, run(1, 1..=12));
+            });
+        });
+        let finished = heard.recv_timeout(std::time::Duration::from_secs(5)).expect("the runtime's thread ran on past the stalled rotation");
+        assert!(!finished, "the append waits for its rotation");
+        release_tx.send(()).unwrap();
+        thread.join().unwrap();
     }
 
     #[tokio::test]
