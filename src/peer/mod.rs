@@ -98,6 +98,13 @@ impl Queued {
 /// (`MAX_SERVING`), beyond which it answers `NotServed`: callers wait here instead. (A call that
 /// times out frees its place here at once, while the peer may still be serving it.)
 const MAX_OUTSTANDING: usize = MAX_SERVING;
+/// Raft's own requests (appends, votes, snapshot chunks, leader transfers) this node may have
+/// outstanding on one link, in places of their own: in `MAX_OUTSTANDING` they waited behind
+/// commands and delivery polls, and a flood of slow commands whose clients had gone (each
+/// holding its place for its timeout) left a leader's heartbeats and its followers' votes no
+/// place within their timeouts: the leader lost its leadership at 7% CPU. A stream pipelines
+/// `raft::network::PIPELINE` appends; the peer serves the others `MAX_RAFT_SERVING` at a time.
+const MAX_RAFT_OUTSTANDING: usize = MAX_RAFT_SERVING;
 /// Requests from one peer this node serves concurrently, Raft's own aside; more are answered
 /// `NotServed` without running (`read_loop`).
 const MAX_SERVING: usize = 1024;
@@ -460,6 +467,8 @@ pub struct Link {
     /// Outstanding requests by correlation id; drained with an error when the link closes.
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
     outstanding: Arc<Semaphore>,
+    /// Raft's share, apart (`MAX_RAFT_OUTSTANDING`).
+    raft_outstanding: Arc<Semaphore>,
     next_corr: AtomicU64,
     /// Cancelled by whoever closes the link (reader end, idle timeout, replacement, shutdown).
     closed: CancellationToken,
@@ -533,7 +542,7 @@ impl Link {
     /// AppendEntries). `timeout` bounds the wait here and for the response together.
     pub async fn send(self: &Arc<Self>, req: &PeerRequest, timeout: Duration) -> Result<Call, PeerError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let permit = self.place(deadline, timeout).await?;
+        let permit = self.place(deadline, timeout, req.raft_sender().is_some()).await?;
         let (call, body) = self.open(req, permit, deadline, timeout)?;
         let queued = async {
             let room = self.room_for(body.len()).await.ok()?;
@@ -559,7 +568,7 @@ impl Link {
         make: impl FnOnce() -> Option<PeerRequest>,
     ) -> Result<Option<PeerResponse>, PeerError> {
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let permit = self.place(deadline, timeout).await?;
+        let permit = self.place(deadline, timeout, false).await?;
         let unsent = |closed: bool| if closed { PeerError::ClosedUnsent { peer: self.peer } } else { PeerError::Unsent { peer: self.peer, timeout } };
         let slot = match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
             Ok(Ok(slot)) => slot,
@@ -581,10 +590,12 @@ impl Link {
         call.response().await.map(Some)
     }
 
-    /// One of the requests this side may have outstanding on the link, waited for until
-    /// `deadline`. Not sent, either way: the caller may try elsewhere (`not_delivered`).
-    async fn place(&self, deadline: tokio::time::Instant, timeout: Duration) -> Result<tokio::sync::OwnedSemaphorePermit, PeerError> {
-        tokio::time::timeout_at(deadline, self.outstanding.clone().acquire_owned())
+    /// One of the requests this side may have outstanding on the link (of Raft's own places for
+    /// a Raft request), waited for until `deadline`. Not sent, either way: the caller may try
+    /// elsewhere (`not_delivered`).
+    async fn place(&self, deadline: tokio::time::Instant, timeout: Duration, raft: bool) -> Result<tokio::sync::OwnedSemaphorePermit, PeerError> {
+        let places = if raft { &self.raft_outstanding } else { &self.outstanding };
+        tokio::time::timeout_at(deadline, places.clone().acquire_owned())
             .await
             .map_err(|_| PeerError::Unsent { peer: self.peer, timeout })?
             .map_err(|_| PeerError::ClosedUnsent { peer: self.peer })
@@ -1448,6 +1459,7 @@ impl PeerNet {
             queued_bytes: Arc::new(Semaphore::new(queue_budget(link_max_frame(self.cfg.max_frame, theirs.settings)))),
             pending: Mutex::new(HashMap::new()),
             outstanding: Arc::new(Semaphore::new(MAX_OUTSTANDING)),
+            raft_outstanding: Arc::new(Semaphore::new(MAX_RAFT_OUTSTANDING)),
             next_corr: AtomicU64::new(1),
             closed: self.shutdown.child_token(),
             last_seen: Mutex::new(tokio::time::Instant::now()),
@@ -3010,6 +3022,10 @@ mod tests {
         }
         let err = dialer.request(1, &invoke(Bytes::new()), Duration::from_millis(200)).await.expect_err("no room");
         assert!(matches!(err, PeerError::Unsent { peer: 1, .. }) && err.not_delivered(), "{err}");
+        // Raft's requests have places of their own: a leader's heartbeats and a candidate's
+        // votes do not wait behind commands that hold every other place.
+        let pre_vote = PeerRequest::PreVote(crate::raft::types::VoteRequest::new(crate::raft::types::Vote::new(3, 2), None));
+        dialer.request(1, &pre_vote, Duration::from_secs(5)).await.expect("a Raft request still goes out and is answered");
         stop.cancel();
         for h in held {
             h.abort();
