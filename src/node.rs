@@ -301,12 +301,10 @@ pub async fn run(
         }
         None => None,
     };
-    let peer_listener =
-        TcpListener::bind(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
-    let http_listener =
-        TcpListener::bind(&cfg.http_addr).await.map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
+    let peer_listener = listen(&cfg.peer_addr).await.map_err(|source| NodeError::Bind { addr: cfg.peer_addr.clone(), source })?;
+    let http_listener = listen(&cfg.http_addr).await.map_err(|source| NodeError::Bind { addr: cfg.http_addr.clone(), source })?;
     let https_listener = match &cfg.https {
-        Some(h) => Some(TcpListener::bind(&h.addr).await.map_err(|source| NodeError::Bind { addr: h.addr.clone(), source })?),
+        Some(h) => Some(listen(&h.addr).await.map_err(|source| NodeError::Bind { addr: h.addr.clone(), source })?),
         None => None,
     };
 
@@ -647,6 +645,28 @@ pub async fn run(
             Ok(())
         }
     }
+}
+
+/// Connections the kernel holds for a listener until they are accepted, as nginx's 511 and
+/// Envoy's 1,024 (capped by `net.core.somaxconn`). `TcpListener::bind` asks for 128, and
+/// hundreds of clients reconnecting at once (a node restarted, a drain's `Connection: close`)
+/// overflowed it: the dropped SYNs cost each of those clients a second's retransmit.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A listener on `addr` (the first of its addresses that binds, as `TcpListener::bind`) with
+/// `LISTEN_BACKLOG`.
+async fn listen(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for at in tokio::net::lookup_host(addr).await? {
+        let socket = if at.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        // As `TcpListener::bind`: a restarted node rebinds at once, past the old sockets' TIME_WAIT.
+        socket.set_reuseaddr(true)?;
+        match socket.bind(at).and_then(|()| socket.listen(LISTEN_BACKLOG)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("{addr} names no address"))))
 }
 
 /// Drops the peer handler when the run ends (see where it is made).
@@ -1577,6 +1597,31 @@ mod tests {
         assert!(!snapshots.admits(0));
         drop(second);
         assert!(snapshots.admits(0), "taken again once no install is under way");
+    }
+
+    /// The node's listeners hold `LISTEN_BACKLOG` connections that are not accepted yet: with
+    /// the 128 `TcpListener::bind` asks for, the 129th connect of a burst waited for a SYN
+    /// retransmit (a second), here past the connects' timeout.
+    #[tokio::test]
+    async fn a_listener_holds_a_burst_of_connections_until_they_are_accepted() {
+        let listener = listen("127.0.0.1:0").await.expect("bound");
+        let addr = listener.local_addr().unwrap();
+        // The kernel caps a backlog at `net.core.somaxconn` (4,096 on current kernels).
+        let somaxconn = std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|s| s.trim().parse::<usize>().ok()).unwrap_or(128);
+        let n = somaxconn.min(LISTEN_BACKLOG as usize).min(400).saturating_sub(8);
+        let connects = tokio::task::spawn_blocking(move || {
+            let mut held = Vec::new();
+            for i in 0..n {
+                match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                    Ok(s) => held.push(s),
+                    Err(e) => return Err(format!("connect {i}: {e}")),
+                }
+            }
+            Ok(held.len())
+        });
+        assert_eq!(connects.await.unwrap(), Ok(n), "none accepted, all held");
+        drop(listener);
+        assert!(listen("256.1.1.1:80").await.is_err());
     }
 
     #[tokio::test(start_paused = true)]
