@@ -1687,6 +1687,8 @@ mod tests {
     /// on a thread of its own, which says when its runtime ran a timer past the stalled
     /// rotation: blocked, it would hang rather than fail.
     #[test]
+    // The stall is the point: the test's own runtime must run on while the lock is held.
+    #[allow(clippy::await_holding_lock)]
     fn a_rotation_on_a_stalled_disk_leaves_the_runtime_thread_free() {
         let dir = TempDir::new();
         let path = dir.0.clone();
