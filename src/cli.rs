@@ -153,6 +153,18 @@ fn without_empty_env(cmd: clap::Command) -> clap::Command {
 }
 
 pub fn main() -> ExitCode {
+    main_with(Vec::new())
+}
+
+/// The `raftbridge` command line, with `services` run by `node` (and so by `dev`'s nodes,
+/// which are this same binary) beside `--example-services`: what an application that embeds
+/// raftbridge calls from its own `main`, so that its binary is a node with everything the
+/// `raftbridge` binary does around one (its flags and environment, logging, transparent huge
+/// pages off, the open-files limit, the runtime `--worker-threads` picks, the metrics
+/// exporter's buckets, the two-signal drain, exit codes), and `bench`, `probe`, `leave`,
+/// `chaos` and `certs` too. (Its allocator is its own to choose: the `raftbridge` binary's is
+/// mimalloc.)
+pub fn main_with(services: Vec<crate::sdk::ServiceParts>) -> ExitCode {
     let cli = parse_cli();
     init_tracing();
     // Before the runtime's threads start and before the node's memory grows (see the function).
@@ -175,7 +187,7 @@ pub fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.cmd {
-            Cmd::Node(args) => run_node(*args).await,
+            Cmd::Node(args) => run_node(*args, services).await,
             Cmd::Dev(args) => dev(args).await,
             Cmd::Leave(args) => leave(args).await,
             Cmd::Bench(cmd) => crate::bench::run(cmd).await.and_then(|r| r.judge()),
@@ -258,7 +270,7 @@ fn on_signal(token: CancellationToken, second: Option<CancellationToken>) {
     });
 }
 
-async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+async fn run_node(args: NodeArgs, mut services: Vec<crate::sdk::ServiceParts>) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets_for_metric(
@@ -270,7 +282,6 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .ok();
     let shutdown = CancellationToken::new();
     on_signal(shutdown.clone(), None);
-    let mut services = Vec::new();
     if cfg.example_services {
         services.push(crate::sdk::demo::demo_service());
     }
