@@ -373,6 +373,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for FirstHead<S> {
                     let Some((most, counted)) = std::task::ready!(this.through_room(cx)) else {
                         return Pin::new(&mut this.inner).poll_read(cx, out);
                     };
+                    // Room for no more than the bound: read in place, no copy (most reads).
+                    if out.remaining() <= most {
+                        let before = out.filled().len();
+                        std::task::ready!(Pin::new(&mut this.inner).poll_read(cx, out))?;
+                        if let Some(heads) = this.heads.as_ref().filter(|_| counted) {
+                            heads.reading().count(out.filled().len() - before);
+                        }
+                        return Poll::Ready(Ok(()));
+                    }
                     // A bounded piece, read into a scratch (a `ReadBuf` cannot be limited in place
                     // without unsafe code), then handed on; a head's is counted.
                     let mut scratch = [std::mem::MaybeUninit::<u8>::uninit(); UNDER_WAY_READ];
