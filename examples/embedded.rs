@@ -10,7 +10,7 @@
 //! `embedded node --id 1 --data-dir d1 ...` takes every flag of `raftbridge node`.
 
 use raftbridge::sdk::subscription::SubscriptionBuilder;
-use raftbridge::sdk::{CommandBuilder, Ctx, HandlerError, Service, ServiceParts};
+use raftbridge::sdk::{CommandBuilder, Ctx, Emit, HandlerError, Service, ServiceParts};
 use serde::{Deserialize, Serialize};
 
 #[derive(Deserialize)]
@@ -26,6 +26,16 @@ struct Created {
     id: String,
 }
 
+#[derive(Serialize, Deserialize)]
+struct User {
+    email: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SignedUp {
+    id: String,
+}
+
 async fn sign_up(ctx: Ctx, input: SignUp, _: NoParams) -> Result<Created, HandlerError> {
     if !input.email.contains('@') {
         return Err(HandlerError::bad_request("not an email address")); // 400 {"status","message"}
@@ -33,8 +43,8 @@ async fn sign_up(ctx: Ctx, input: SignUp, _: NoParams) -> Result<Created, Handle
     // From the input, not a random id: a run again under the same Idempotency-Key (its node
     // died mid-request) writes the same key, and its tagged write and emit apply once.
     let id = input.email.to_ascii_lowercase();
-    ctx.state().put("users", &id, &serde_json::json!({ "email": input.email })).await?;
-    ctx.emit("userSignedUp", &serde_json::json!({ "id": id })).await?; // returns once fsynced on a quorum
+    ctx.state().put("users", &id, &User { email: input.email }).await?; // any Serialize, stored as JSON
+    ctx.emit("userSignedUp", &SignedUp { id: id.clone() }).await?; // returns once fsynced on a quorum
     Ok(Created { id }) // 200 {"id":..}
 }
 
@@ -44,9 +54,12 @@ fn users() -> ServiceParts {
         .subscription(
             SubscriptionBuilder::new("welcomeMail") // shared, durable, manual ack
                 .event_name("userSignedUp")
-                .handler(|_ctx, event| async move {
-                    let _ = event;
-                    Ok(None) // Ok = ack, Err = nack; Ok(Some(Emit { .. })) emits an event
+                .handler(|ctx: Ctx, event| async move {
+                    let signed_up: SignedUp = event.payload_as()?; // not a SignedUp: a 500, a nack
+                    let user: Option<User> = ctx.state().get_as("users", &signed_up.id).await?;
+                    let Some(user) = user else { return Ok(None) }; // Ok = ack, Err = nack
+                    // Ok(Some(..)) emits an event once this one is acked.
+                    Ok(Some(Emit::new("welcomeMailQueued", &serde_json::json!({ "to": user.email }))?))
                 }),
         )
         .into_parts()

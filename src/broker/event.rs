@@ -60,6 +60,11 @@ impl std::ops::Deref for Event {
 }
 
 impl EventBody {
+    /// The payload decoded as `T` (a handler's `?` turns a mismatch into a 500, a nack).
+    pub fn payload_as<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.payload)
+    }
+
     /// Bytes this body holds: payload, every metadata string and a fixed overhead. The broker
     /// bounds its queue and each entry by it, so that metadata (headers a client sets) counts
     /// like payload. (Retention keeps its own measure, [`Event::size`].)

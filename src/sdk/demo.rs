@@ -187,8 +187,7 @@ async fn notify(ctx: Ctx, body: serde_json::Value, _: ()) -> Result<serde_json::
 
 /// `countOrders`: one increment of `orders-seen/<order id>` per processed `orderPlaced`.
 async fn count_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
-    let order: serde_json::Value =
-        serde_json::from_slice(&event.payload).map_err(|e| HandlerError::bad_request(e.to_string()))?;
+    let order: serde_json::Value = event.payload_as()?;
     let id = order.get("id").and_then(|v| v.as_str()).ok_or_else(|| HandlerError::bad_request("order without id"))?;
     if order.get("poison").and_then(|v| v.as_bool()) == Some(true) {
         // Lets tests exercise redelivery and the dead letters.
@@ -201,8 +200,7 @@ async fn count_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Opt
 
 /// `auditOrders` (every instance): each node records `orders-audit/<node>/<order id>`.
 async fn audit_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
-    let order: serde_json::Value =
-        serde_json::from_slice(&event.payload).map_err(|e| HandlerError::bad_request(e.to_string()))?;
+    let order: serde_json::Value = event.payload_as()?;
     let id = order.get("id").and_then(|v| v.as_str()).ok_or_else(|| HandlerError::bad_request("order without id"))?;
     ctx.state().increment_untagged(STATE_STORE, &format!("orders-audit/{}/{id}", ctx.node_id), 1).await?;
     Ok(None)
@@ -215,12 +213,11 @@ pub const PING_ACK_DEADLINE_MS: u64 = 2_000;
 /// with `"stallMs": N` first waits N ms (at most `MAX_SLEEP_MS`): lets tests hold a handler
 /// past its ack deadline.
 async fn answer_ping(ctx: Ctx, event: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
-    let ping: serde_json::Value =
-        serde_json::from_slice(&event.payload).map_err(|e| HandlerError::bad_request(e.to_string()))?;
+    let ping: serde_json::Value = event.payload_as()?;
     if let Some(ms) = ping.get("stallMs").and_then(serde_json::Value::as_u64) {
         tokio::time::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS))).await;
     }
-    Ok(Some(Emit { event_name: "demoPong".into(), payload: json!({"ping": ping, "servedBy": ctx.node_id}) }))
+    Ok(Some(Emit::new("demoPong", &json!({"ping": ping, "servedBy": ctx.node_id}))?))
 }
 
 /// Acknowledges: the delivery itself is what the bench measures.

@@ -27,6 +27,7 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::store::StateStore;
@@ -255,6 +256,15 @@ impl From<crate::store::secret::SecretError> for HandlerError {
     }
 }
 
+/// A value that does not encode or decode as JSON in a handler (its stored state, an event's
+/// payload, its result): the handler's own fault, a 500. Its caller's bad input never gets
+/// here: the SDK decodes a command's input and parameters itself and answers those with 400.
+impl From<serde_json::Error> for HandlerError {
+    fn from(e: serde_json::Error) -> HandlerError {
+        HandlerError::unhandled(format!("JSON: {e}"))
+    }
+}
+
 impl From<StoreError> for HandlerError {
     fn from(e: StoreError) -> HandlerError {
         match e {
@@ -292,6 +302,13 @@ pub struct ServiceParts {
 pub struct Emit {
     pub event_name: String,
     pub payload: serde_json::Value,
+}
+
+impl Emit {
+    /// An event to emit with `payload` encoded as JSON.
+    pub fn new(event_name: impl Into<String>, payload: &(impl Serialize + ?Sized)) -> Result<Emit, HandlerError> {
+        Ok(Emit { event_name: event_name.into(), payload: serde_json::to_value(payload)? })
+    }
 }
 
 /// Processes one event; `Ok` acks it (emitting the returned event first), `Err` nacks it.
@@ -376,11 +393,11 @@ impl Ctx {
 
     /// Emit an event; returns (id, position) once it is committed on a quorum. Under an
     /// idempotency key the event is deduplicated like the handler's state writes.
-    pub async fn emit(&self, event_name: &str, payload: &impl Serialize) -> Result<(String, u64), HandlerError> {
+    pub async fn emit(&self, event_name: &str, payload: &(impl Serialize + ?Sized)) -> Result<(String, u64), HandlerError> {
         let broker = self.broker.as_ref().ok_or_else(|| HandlerError::unhandled("no broker in this context"))?;
         // The handler's own fault (a 500), not its caller's: the API's rule for names.
         crate::broker::event::check_event_name(event_name).map_err(HandlerError::unhandled)?;
-        let payload = serde_json::to_vec(payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+        let payload = serde_json::to_vec(payload)?;
         let idempotency_key = self.state.next_tag(&[b"emit", event_name.as_bytes(), &payload])?.map(|(k, seq)| crate::broker::internal_key(format_args!("{k}#emit{seq}")));
         let event = crate::broker::new_event(event_name, payload, &self.meta, self.service.clone(), idempotency_key);
         // Statuses as the HTTP API's for a publish: too large 413, nothing committed 503, an
@@ -441,24 +458,30 @@ impl StateHandle {
         }
     }
 
+    /// A key's value as JSON (linearizable).
     pub async fn get(&self, store: &str, key: &str) -> Result<Option<serde_json::Value>, HandlerError> {
+        self.get_as(store, key).await
+    }
+
+    /// A key's value decoded as `T` (linearizable); a value that is not a `T` is a 500.
+    pub async fn get_as<T: DeserializeOwned>(&self, store: &str, key: &str) -> Result<Option<T>, HandlerError> {
         match self.store.get(store, key, crate::store::Consistency::Linearizable).await? {
             None => Ok(None),
-            Some(v) => serde_json::from_slice(&v.value).map(Some).map_err(|e| HandlerError::unhandled(e.to_string())),
+            Some(v) => Ok(Some(serde_json::from_slice(&v.value)?)),
         }
     }
 
-    /// Set a key; returns its new revision.
-    pub async fn put(&self, store: &str, key: &str, value: &serde_json::Value) -> Result<u64, HandlerError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+    /// Set a key to `value` encoded as JSON; returns its new revision.
+    pub async fn put(&self, store: &str, key: &str, value: &(impl Serialize + ?Sized)) -> Result<u64, HandlerError> {
+        let bytes = serde_json::to_vec(value)?;
         let tag = self.next_tag(&[b"put", store.as_bytes(), key.as_bytes()])?;
         Ok(self.store.put_tagged(store, key, &bytes, None, tag).await?)
     }
 
     /// Set a key only while its revision is `revision` (0: only while it is absent); returns
     /// the new revision, or a 409 with the current one when another write came first.
-    pub async fn put_if_revision(&self, store: &str, key: &str, value: &serde_json::Value, revision: u64) -> Result<u64, HandlerError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+    pub async fn put_if_revision(&self, store: &str, key: &str, value: &(impl Serialize + ?Sized), revision: u64) -> Result<u64, HandlerError> {
+        let bytes = serde_json::to_vec(value)?;
         let tag = self.next_tag(&[b"put", store.as_bytes(), key.as_bytes()])?;
         Ok(self.store.put_tagged(store, key, &bytes, Some(revision), tag).await?)
     }
@@ -496,15 +519,20 @@ impl SecretHandle {
 
     /// A secret's value (linearizable).
     pub async fn get(&self, store: &str, key: &str) -> Result<Option<serde_json::Value>, HandlerError> {
+        self.get_as(store, key).await
+    }
+
+    /// A secret's value decoded as `T` (linearizable); a value that is not a `T` is a 500.
+    pub async fn get_as<T: DeserializeOwned>(&self, store: &str, key: &str) -> Result<Option<T>, HandlerError> {
         match self.secrets.get(store, key, crate::store::Consistency::Linearizable).await? {
             None => Ok(None),
-            Some((value, _)) => serde_json::from_slice(&value).map(Some).map_err(|e| HandlerError::unhandled(e.to_string())),
+            Some((value, _)) => Ok(Some(serde_json::from_slice(&value)?)),
         }
     }
 
-    /// Set a secret; returns its new revision.
-    pub async fn put(&self, store: &str, key: &str, value: &serde_json::Value) -> Result<u64, HandlerError> {
-        let bytes = serde_json::to_vec(value).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+    /// Set a secret to `value` encoded as JSON; returns its new revision.
+    pub async fn put(&self, store: &str, key: &str, value: &(impl Serialize + ?Sized)) -> Result<u64, HandlerError> {
+        let bytes = serde_json::to_vec(value)?;
         let tag = next_tag(self.dedup.as_ref(), &[b"put-secret", store.as_bytes(), key.as_bytes()])?;
         Ok(self.secrets.put_tagged(store, key, &bytes, crate::store::Precondition::Any, tag).await?)
     }
@@ -545,6 +573,39 @@ mod tests {
         assert_eq!(header_in(&list, "cookie"), Some("a=1"));
         assert_eq!(header_in(&list, "x-raw"), None, "not text");
         assert_eq!(header_in(&list, "authorization"), None);
+    }
+
+    /// The typed helpers: an `Emit` of any `Serialize`, an event's payload decoded as a type,
+    /// and a JSON error that `?` turns into the handler's own 500.
+    #[test]
+    fn typed_payloads_encode_decode_and_fail_as_the_handlers_own_500() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct Order {
+            id: String,
+            qty: u32,
+        }
+        let emit = Emit::new("orderPlaced", &Order { id: "o1".into(), qty: 2 }).expect("encodes");
+        assert_eq!(emit, Emit { event_name: "orderPlaced".into(), payload: serde_json::json!({"id": "o1", "qty": 2}) });
+        let body = crate::broker::event::EventBody {
+            id: "e".into(),
+            event_name: "orderPlaced".into(),
+            timestamp: 0,
+            message_type: crate::broker::event::CUSTOM_MESSAGE.into(),
+            sender: None,
+            principal_id: None,
+            tenant_id: None,
+            trace_id: None,
+            correlation_id: None,
+            payload: serde_json::to_vec(&emit.payload).expect("encodes"),
+        };
+        assert_eq!(body.payload_as::<Order>().expect("decodes"), Order { id: "o1".into(), qty: 2 });
+        let wrong = || -> Result<Vec<u8>, HandlerError> { Ok(body.payload_as::<Vec<u8>>()?) };
+        let e = wrong().expect_err("an object is not a list");
+        assert_eq!(e.status, 500, "{e}");
+        assert!(e.message.starts_with("JSON: "), "{e}");
+        // A map with non-string keys does not encode as JSON: the handler's fault too.
+        let bad: BTreeMap<(u8, u8), u8> = [((1, 2), 3)].into();
+        assert_eq!(Emit::new("x", &bad).expect_err("no JSON for tuple keys").status, 500);
     }
 
     #[test]
