@@ -105,8 +105,21 @@ pub async fn publish_one(app: &App, name: &str, req: Request<Incoming>) -> ApiRe
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
     crate::broker::event::check_event_payload(&body).map_err(ApiError::BadRequest)?;
     let event = new_event(name, body.to_vec(), &meta, None, key);
+    let sent = event.body.id.clone();
     let (id, position) = app.broker.publish_one(event).await.map_err(unshare)?;
-    Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "id": id, "position": position })))
+    Ok(json_response(StatusCode::CREATED, &published(id, position, &sent)))
+}
+
+/// One event's answer: `{"id","position"}`, with `"duplicate":true` when its idempotency key
+/// named an event already stored (NATS JetStream's `duplicate`), whose id and position these
+/// are: the log holds nothing new, whatever this request's payload was. The node gives each
+/// request's event a fresh id, so another id in the answer is the dedup's.
+fn published(id: String, position: u64, sent: &str) -> serde_json::Value {
+    if id == sent {
+        serde_json::json!({ "id": id, "position": position })
+    } else {
+        serde_json::json!({ "id": id, "position": position, "duplicate": true })
+    }
 }
 
 #[derive(serde::Deserialize)]
@@ -177,8 +190,10 @@ pub async fn publish_batch(app: &App, req: Request<Incoming>) -> ApiResult {
         let payload = item.payload.map_or_else(|| b"null".to_vec(), |p| p.get().as_bytes().to_vec());
         events.push(new_event(&item.event_name, payload, &meta, None, dedup_key(meta.tenant_id.as_deref(), item.idempotency_key)));
     }
+    let sent: Vec<String> = events.iter().map(|e| e.body.id.clone()).collect();
     let ids = app.broker.publish_batch(events).await.map_err(unshare)?;
-    let list: Vec<serde_json::Value> = ids.into_iter().map(|(id, position)| serde_json::json!({"id": id, "position": position})).collect();
+    let list: Vec<serde_json::Value> =
+        ids.into_iter().zip(&sent).map(|((id, position), sent)| published(id, position, sent)).collect();
     Ok(json_response(StatusCode::CREATED, &serde_json::json!({ "events": list })))
 }
 

@@ -886,6 +886,19 @@ fn idempotency_key_dedups_a_retry_on_another_node_after_the_first_died() {
         other, first,
         "a repeat with another payload must return the original too"
     );
+    // The answer says it was a duplicate (NATS JetStream's `duplicate`); a first publish's
+    // answer does not.
+    let resp = c
+        .api(b)
+        .request("POST", "/v1/events/x", &[("idempotency-key", key)], b"{}")
+        .expect("repeat");
+    assert_eq!(resp.status, 201, "{}", resp.describe());
+    let body = resp.json().expect("json");
+    assert_eq!((id_position(&body), &body["duplicate"]), (Ok(first.clone()), &json!(true)), "{body}");
+    let resp = c.api(b).request("POST", "/v1/events/x", &[], br#"{"tag": "dd-unkeyed"}"#).expect("unkeyed");
+    assert_eq!(resp.status, 201, "{}", resp.describe());
+    let body = resp.json().expect("json");
+    assert_eq!(body.get("duplicate"), None, "a new event: {body}");
     let fresh = publish_keyed(
         &c,
         c.api(b),
@@ -921,6 +934,7 @@ fn idempotency_key_dedups_a_retry_on_another_node_after_the_first_died() {
             ("dd-follower", 1),
             ("dd-follower-2", 0),
             ("dd-fresh", 1),
+            ("dd-unkeyed", 1),
         ] {
             assert_eq!(
                 tags.get(tag).map_or(0, Vec::len),
@@ -931,8 +945,8 @@ fn idempotency_key_dedups_a_retry_on_another_node_after_the_first_died() {
         }
         assert_eq!(
             log.len(),
-            3,
-            "node {}: exactly three events stored: {log:?}",
+            4,
+            "node {}: exactly four events stored: {log:?}",
             api.id
         );
         let e = &ids[&first.0][0];
@@ -1462,6 +1476,31 @@ fn batch_publish_is_contiguous_and_readable_and_bad_batches_are_rejected() {
         again, acked[7],
         "an idempotency key from a batch item dedups a later publish"
     );
+    // A batch's items say which were duplicates: one of an earlier publish, one of an item
+    // before it in the same batch.
+    let resp = c
+        .api(2)
+        .request(
+            "POST",
+            "/v1/events",
+            &[],
+            json!([
+                {"eventName": "odd", "payload": {"i": 7}, "idempotencyKey": "batch-item-7"},
+                {"eventName": "dup", "payload": 1, "idempotencyKey": "in-batch"},
+                {"eventName": "dup", "payload": 2, "idempotencyKey": "in-batch"},
+                {"eventName": "dup", "payload": 3}
+            ])
+            .to_string()
+            .as_bytes(),
+        )
+        .expect("batch with duplicates");
+    assert_eq!(resp.status, 201, "{}", resp.describe());
+    let body = resp.json().expect("json");
+    let items = body["events"].as_array().expect("events");
+    let dup: Vec<bool> = items.iter().map(|e| e["duplicate"] == json!(true)).collect();
+    assert_eq!(dup, [true, false, true, false], "{body}");
+    assert_eq!(id_position(&items[0]), Ok(acked[7].clone()), "{body}");
+    assert_eq!(id_position(&items[2]), id_position(&items[1]), "{body}");
 
     let api = c.api(1);
     let too_many: Vec<Value> = (0..1001)
@@ -1573,11 +1612,12 @@ fn batch_publish_is_contiguous_and_readable_and_bad_batches_are_rejected() {
     );
     assert_eq!(e["payload"], json!({"k": "v"}), "{e}");
 
-    // Nothing from the rejected requests was stored: 100 + 1000 + 1 events.
+    // Nothing from the rejected requests was stored: 100 + 2 (the batch with duplicates) +
+    // 1000 + 1 events.
     let log = read_log(api).expect("log");
     assert_eq!(
         log.len(),
-        1101,
+        1103,
         "only the accepted publishes are in the log"
     );
 
