@@ -73,6 +73,12 @@ pub enum ApiError {
     Forbidden(String),
 }
 
+/// Marks an answer that says the request was refused before anything was done (`Busy`: a
+/// budget or queue full), so it may be tried again anywhere: on an HTTP/2 connection whose
+/// client takes no answers, the server says it with a stream reset instead (`api::serve`).
+#[derive(Debug, Clone, Copy)]
+pub struct Refused;
+
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
@@ -96,6 +102,7 @@ impl ApiError {
         }
     }
 
+    /// The JSON answer, with `Retry-After` and the `Refused` mark on a `Busy` one.
     pub fn into_response(self) -> Response<Full<Bytes>> {
         let status = self.status();
         let mut body = serde_json::json!({ "status": status.as_u16(), "message": self.to_string() });
@@ -105,6 +112,7 @@ impl ApiError {
         let mut resp = super::json_response(status, &body);
         if let ApiError::Busy(_) = &self {
             resp.headers_mut().insert(http::header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+            resp.extensions_mut().insert(Refused);
         }
         if let ApiError::Unauthorized { realm, .. } = &self {
             // Realms are our own constants (`REALM_*`): always header text.

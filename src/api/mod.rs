@@ -223,9 +223,11 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
         let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
             let app = app.clone();
             let under_way = seen.begin();
-            // The head in the budget of what requests hold until the answer is made (`head_bytes`).
+            // The head in the budget of what requests hold until the answer is written
+            // (`head_bytes`).
             let mut head = Held::default();
             let head_fits = count_head(&app.settings.heads, &mut head, &req);
+            let h2 = req.version() == http::Version::HTTP_2;
             // Who asked, for the forwarding headers a command's handler gets (`proxy::headers`);
             // only there: an extension is an allocation, and events and state need none.
             if req.uri().path().starts_with("/api/") {
@@ -236,11 +238,22 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                     Ok(()) => handle(app, req).await,
                     Err(refused) => refused.into_response().map(|body| Answer::of(full_bytes(body), Held::default())),
                 };
-                drop(head);
+                if h2 && resp.extensions().get::<error::Refused>().is_some() && under_way.0.unsent() >= REFUSALS_UNTAKEN {
+                    // Its client takes none of the answers it has: a refusal's answer, counted
+                    // in no budget, would wait in the connection's send buffer with the others
+                    // until the write-stall clock drops it (1.4 KB each, 1 GB for 1,500 such
+                    // clients). RST_STREAM(REFUSED_STREAM) says the same ("not processed, try
+                    // again", RFC 9113 §8.7) in a frame that flow control does not hold.
+                    metrics::counter!("raftbridge_http_refusals_reset_total").increment(1);
+                    return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                }
+                // The request's head and floor stay counted until its answer is written: a
+                // client that takes no answers holds each stream's state with it.
+                resp.body_mut().hold(head);
                 // Under way until its answer is written, not only until it is made (`keep`).
                 resp.body_mut().track(&under_way.0);
                 drop(under_way);
-                Ok::<_, Infallible>(resp)
+                Ok::<_, h2::Error>(resp)
             }
         });
         let (builder, drain, tls) = (builder.clone(), drain.clone(), tls.clone());
@@ -319,7 +332,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
 
 /// What a request's head holds in memory, about: its target and header fields, with HTTP/2's 32
 /// bytes a field (RFC 9113 §6.5.2). Counted in a budget of `--max-body-buffered` bytes of heads
-/// (`HttpSettings::heads`) from when the request comes until its answer is made: each HTTP/2 stream may carry 48 KiB of headers
+/// (`HttpSettings::heads`) from when the request comes until its answer is written: each HTTP/2 stream may carry 48 KiB of headers
 /// (`H2_MAX_HEADER_LIST`) that HPACK lets a client send in a few bytes, and a request waiting
 /// on a body that does not come, or on its handler, held them outside any bound but
 /// `--max-connections` times 256 streams.
@@ -357,11 +370,11 @@ fn count_head<B>(budget: &BodyBudget, held: &mut Held, req: &Request<B>) -> Resu
 }
 
 /// What a request under way holds besides its head, counted with it (`count_head`): its
-/// HTTP/2 stream's state, its task and its handler's future, about 9 KB measured. HTTP/2
+/// HTTP/2 stream's state, its task and its handler's future, 9–10 KB measured. HTTP/2
 /// streams held open without a body cost that each while counting only a few dozen bytes of
 /// head (HPACK), and `--max-connections` × 256 of them reached 23 GB. At most 1/64 of the
 /// budget, so that a small one still holds 64 requests.
-const REQUEST_FLOOR: usize = 8 * 1024;
+const REQUEST_FLOOR: usize = 12 * 1024;
 
 fn request_floor(total: usize) -> usize {
     REQUEST_FLOOR.min(total / 64)
@@ -405,6 +418,9 @@ const STALL_TICK: Duration = Duration::from_secs(10);
 /// Ticks the stall clock remembers: an answer in the oldest bucket has waited more than
 /// `(STALL_BUCKETS - 2) * STALL_TICK` = `stall::WRITE_STALL` (at most one tick more).
 const STALL_BUCKETS: usize = 5;
+
+/// Unsent answers past which an HTTP/2 connection's refusals are stream resets, not answers.
+const REFUSALS_UNTAKEN: u64 = 16;
 
 /// A request under way on a connection; its drop ends it.
 struct UnderWay(Arc<Activity>);
@@ -454,6 +470,11 @@ fn bucket(tick: u64) -> usize {
 }
 
 impl Activity {
+    /// Answers made on the connection and not yet written.
+    fn unsent(&self) -> u64 {
+        self.unsent.load(Ordering::Acquire)
+    }
+
     fn new() -> Activity {
         Activity {
             opened: tokio::time::Instant::now(),
@@ -1091,6 +1112,9 @@ const REFUSABLE_ANSWER: usize = 64 * 1024;
 pub struct Counted {
     bytes: Bytes,
     _held: Held,
+    /// The request's head and floor in the heads budget (`count_head`), until its answer is
+    /// written.
+    _head: Held,
     /// Tells the connection's keeper the answer is unsent, and when its bytes move (`keep`).
     sending: Option<Sending>,
 }
@@ -1139,7 +1163,15 @@ impl Answer {
     }
 
     fn of(bytes: Bytes, held: Held) -> Answer {
-        Answer { data: (!bytes.is_empty()).then_some(Counted { bytes, _held: held, sending: None }) }
+        Answer { data: (!bytes.is_empty()).then_some(Counted { bytes, _held: held, _head: Held::default(), sending: None }) }
+    }
+
+    /// Keeps the request's `head` counted until the answer is written (dropped at once for an
+    /// answer without bytes: its head frame is not held by flow control).
+    fn hold(&mut self, head: Held) {
+        if let Some(data) = &mut self.data {
+            data._head = head;
+        }
     }
 
     /// Counted on `activity`'s connection as unsent until its bytes are written (`keep` ends a

@@ -345,6 +345,70 @@ fn an_http2_client_that_takes_no_answer_bytes_gets_a_goaway_and_is_dropped_after
     });
 }
 
+/// An HTTP/2 client that takes none of its answers (a zero window) keeps each answered
+/// stream's head and floor in the heads budget until the answer is written, so what its
+/// streams hold has a bound; and once the budget is full, its refusals are stream resets
+/// (REFUSED_STREAM: not processed, safe to retry), not JSON 503s that would wait unsent in
+/// the connection's send buffer beside the others (1.4 KB each, outside every budget). Other
+/// clients' probes are still served, and closing the connection gives everything back.
+#[test]
+fn an_http2_client_that_takes_no_answers_has_its_refusals_reset_and_its_streams_counted() {
+    use std::io::Write;
+    let budget: usize = 1 << 20;
+    let (c, _) = Cluster::formed("h2refuse", 1, &["--max-body-buffered", &budget.to_string()]);
+    c.wait_all_ready(FORMATION);
+    let api = c.api(1);
+    let mut s = std::net::TcpStream::connect(c.http(1)).expect("connect");
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS_INITIAL_WINDOW_SIZE (4) = 0: the node may send no DATA until a WINDOW_UPDATE.
+    hello.extend(h2_frame(4, 0, 0, &[0, 4, 0, 0, 0, 0]));
+    // 200 GETs of an absent key (a 404 with a JSON body): the budget holds about 85 requests
+    // at their 12 KiB floor.
+    let mut block = vec![0x82, 0x86, 0x41, 9];
+    block.extend(b"127.0.0.1");
+    let path = b"/v1/state/default/absent";
+    block.extend([0x04, path.len() as u8]);
+    block.extend(path);
+    let streams = 200u32;
+    for stream in 0..streams {
+        hello.extend(h2_frame(1, 0x5, 2 * stream + 1, &block));
+    }
+    let started = std::time::Instant::now();
+    s.write_all(&hello).expect("send the requests");
+    // Answers by their first header: 0x8d is `:status 404` in HPACK's static table; a 503 is
+    // not there (a literal, then an index into the dynamic table).
+    let (mut answered, mut busy, mut data, mut refused, mut other) = (0u32, 0u32, 0u32, 0u32, 0u32);
+    let mut held = None;
+    h2_frames(&mut s, started, started + Duration::from_secs(10), |kind, _, _, payload| match kind {
+        0 => data += 1,
+        1 if payload.first() == Some(&0x8d) => answered += 1,
+        1 => busy += 1,
+        3 if payload == [0, 0, 0, 7] => refused += 1,
+        3 => other += 1,
+        // A read that timed out: every stream is answered or reset by now.
+        u8::MAX if answered + busy + refused + other == streams && held.is_none() => {
+            held = api.metric("raftbridge_http_head_bytes_held", &[]).ok();
+        }
+        _ => {}
+    });
+    assert_eq!((data, other), (0, 0), "no DATA (a zero window), no other reset");
+    assert_eq!(answered + busy + refused, streams, "each stream answered, refused or reset");
+    assert!((70..=90).contains(&answered), "as many answered as the budget holds: {answered}");
+    // A refusal is an answer (a JSON 503) until the connection holds 16 answers unsent.
+    assert!(busy <= 16, "{busy} refusals answered");
+    let held = held.expect("every stream was answered or reset within 10 s");
+    assert!(held >= f64::from(answered) * 12.0 * 1024.0, "the unsent answers' requests stay counted: {held}");
+    assert!(api.metric("raftbridge_http_refusals_reset_total", &[]).expect("metrics") >= f64::from(refused));
+    assert_eq!(api.probe("/healthz").expect("healthz"), 200, "probes are served past a full budget");
+    drop(s);
+    // What is left is the scrape's own request: its head and its 12 KiB floor.
+    c.wait_until("the closed connection's streams leave the heads budget", Duration::from_secs(20), || {
+        api.metric("raftbridge_http_head_bytes_held", &[]).is_ok_and(|n| n < 14.0 * 1024.0)
+    });
+    let r = api.request("GET", "/v1/state/default/absent", &[], b"").expect("request");
+    assert_eq!(r.status, 404, "served again: {}", r.describe());
+}
+
 /// Request heads held at once have a budget of their own (`--max-body-buffered` bytes, from the
 /// request's arrival until its answer is made): HTTP/2 lets a client send 48 KiB of headers per
 /// stream in a few bytes (HPACK), 256 streams a connection. A head past the room left gets a
