@@ -458,7 +458,7 @@ impl Dispatcher {
                 let counted = self.sm.attempts_at(sub, e.position)?;
                 warn!(subscription = %sub, position = e.position, "this node ended while its handler ran this event: counted as a failed attempt");
                 let reason = format!("node {}: the process ended while the handler ran", self.node_id);
-                Some((SubUpdate::Failed { sub: sub.clone(), position: e.position, reason }, counted))
+                Some((self.failed(sub.clone(), e.position, counted, reason), counted))
             })
             .collect();
         let until = Instant::now() + UNFINISHED_WAIT;
@@ -486,7 +486,9 @@ impl Dispatcher {
                 () = tokio::time::sleep(pause) => {}
             }
             pending.retain(|(u, before)| match u {
-                SubUpdate::Failed { sub, position, .. } => self.sm.attempts_at(sub, *position) == Some(*before),
+                SubUpdate::Failed { sub, position, .. } | SubUpdate::FailedAt { sub, position, .. } => {
+                    self.sm.attempts_at(sub, *position) == Some(*before)
+                }
                 _ => false,
             });
         };
@@ -1199,6 +1201,16 @@ impl Dispatcher {
         }
     }
 
+    /// A failed delivery of `position`, handed out when it had `attempts` failed attempts:
+    /// counted once however often it is sent, where every member applies `FailedAt`.
+    fn failed(&self, sub: String, position: u64, attempts: u32, reason: String) -> SubUpdate {
+        if self.broker.store().replica().members_have(features::FAILED_AT) {
+            SubUpdate::FailedAt { sub, position, attempts, reason }
+        } else {
+            SubUpdate::Failed { sub, position, reason }
+        }
+    }
+
     /// Commits the outcomes of `items` (position, attempts before, outcome) handed to `target`:
     /// `answered` first (their slots are free), then `settled` for each with when to retry it.
     async fn settle(&self, decl: &SubscriptionDecl, target: NodeId, items: Vec<(u64, u32, Outcome)>, answered: &impl Fn(&[u64]), settled: &impl Fn(u64, Option<Retry>)) {
@@ -1229,7 +1241,7 @@ impl Dispatcher {
                     debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
                     let mut reason = format!("node {target}: {e}");
                     crate::sdk::truncate_utf8(&mut reason, reason_cap(self.net.max_frame()));
-                    updates.push(SubUpdate::Failed { sub: decl.name.clone(), position, reason });
+                    updates.push(self.failed(decl.name.clone(), position, attempts, reason));
                     Some(Retry::After(backoff(attempts + 1)))
                 }
             })

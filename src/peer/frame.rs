@@ -136,8 +136,10 @@ pub mod features {
     pub const SUB_REBASE: u64 = 128;
     /// The node applies `Command::ForgetNodes` (older builds cannot decode it).
     pub const FORGET_NODES: u64 = 256;
+    /// The node applies `SubUpdate::FailedAt` (a failure counted once, however often sent).
+    pub const FAILED_AT: u64 = 512;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

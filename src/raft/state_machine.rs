@@ -785,12 +785,19 @@ impl SmData {
                 }
                 self.advance(sub);
             }
-            SubUpdate::Failed { sub, position, reason } => {
+            SubUpdate::Failed { sub, position, reason } | SubUpdate::FailedAt { sub, position, reason, .. } => {
                 let position = *position;
                 let event_id = self.log.get(position).map(|e| e.id.clone()).unwrap_or_default();
                 if let Some(s) = self.subs.get_mut(sub) {
                     if position < s.cursor || s.done.contains(&position) {
                         return;
+                    }
+                    if let SubUpdate::FailedAt { attempts, .. } = u {
+                        // Counted already (sent again, or reported by the expiry too), or left
+                        // over from the subscription's shared days: nothing to count.
+                        if !s.decl.shared || s.attempts.get(&position).copied().unwrap_or(0) != *attempts {
+                            return;
+                        }
                     }
                     let n = s.attempts.entry(position).or_insert(0);
                     *n += 1;
@@ -1891,6 +1898,50 @@ mod tests {
             assert_eq!((recorder.get(names[0]), recorder.get(names[1])), (dead, counted), "log ends before {replay_end}");
             assert!(!replaying(), "the mark is reset after each entry");
         }
+    }
+
+    /// A failure reported with the attempts its delivery was handed out at counts once, however
+    /// often it is sent (a forwarded update sent again after its link closed); the next
+    /// delivery's failure counts; the last attempt dead-letters; on a subscription that is not
+    /// shared (it changed mode) it counts nothing. `Failed`, from older builds, counts each time.
+    #[test]
+    fn a_failure_at_an_attempt_counts_once_and_only_on_a_shared_subscription() {
+        let mut service = one_subscription("sub");
+        service.subscriptions[0].max_attempts = 3;
+        let mut d = SmData::default();
+        d.apply(1, Command::Register { node: 1, services: vec![service] });
+        d.apply(2, Command::Publish { now_ms: 10, events: events(2), limits: LIMITS });
+        let (first, second) = (d.log.first(), d.log.first() + 1);
+        let at = |position, attempts| SubUpdate::FailedAt { sub: "sub".into(), position, attempts, reason: "no".into() };
+        let mut index = 3;
+        let mut apply = |d: &mut SmData, u: SubUpdate| {
+            d.apply(index, Command::SubUpdate { updates: vec![u] });
+            index += 1;
+        };
+        apply(&mut d, at(first, 0));
+        apply(&mut d, at(first, 0));
+        assert_eq!(d.subs["sub"].attempts.get(&first), Some(&1), "sent twice, counted once");
+        apply(&mut d, at(first, 1));
+        apply(&mut d, at(first, 0));
+        assert_eq!(d.subs["sub"].attempts.get(&first), Some(&2), "the next delivery's failure counts, a stale one not");
+        apply(&mut d, at(first, 2));
+        assert_eq!((d.subs["sub"].attempts.get(&first), d.subs["sub"].dead.len()), (None, 1), "the last attempt: a dead letter");
+        apply(&mut d, at(first, 2));
+        assert_eq!(d.subs["sub"].dead.len(), 1, "once");
+        // The older variant counts each report.
+        apply(&mut d, SubUpdate::Failed { sub: "sub".into(), position: second, reason: "no".into() });
+        apply(&mut d, SubUpdate::Failed { sub: "sub".into(), position: second, reason: "no".into() });
+        assert_eq!(d.subs["sub"].attempts.get(&second), Some(&2));
+
+        let (_, every) = every_instance("sub");
+        let mut d = SmData::default();
+        d.apply(1, Command::Register { node: 1, services: vec![every] });
+        d.apply(2, Command::Publish { now_ms: 10, events: events(1), limits: LIMITS });
+        let first = d.log.first();
+        let before = d.subs["sub"].clone();
+        d.apply(3, Command::SubUpdate { updates: vec![at(first, 0)] });
+        assert_eq!(d.subs["sub"].attempts.get(&first), None, "not counted on an every-instance subscription");
+        assert_eq!((d.subs["sub"].cursor, d.subs["sub"].dead.len()), (before.cursor, before.dead.len()));
     }
 
     /// A state machine where `node` registered `service` (entry 1), then `events` were published

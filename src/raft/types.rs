@@ -173,6 +173,13 @@ pub enum SubUpdate {
     /// again at the oldest retained event. Older builds cannot decode it: proposed only once
     /// every member announced `features::SUB_REBASE`.
     Rebase { sub: String, position: u64 },
+    /// `Failed` for the delivery handed out when the event had `attempts` failed attempts:
+    /// counted only while it still has that many, so a failure reported twice (a forwarded
+    /// update sent again after its link closed, or an expiry and the late handler's own nack
+    /// for one delivery) counts once; ignored on a subscription that is not shared (left over
+    /// from before it changed mode). Older builds cannot decode it: proposed only once every
+    /// member announced `features::FAILED_AT`.
+    FailedAt { sub: String, position: u64, attempts: u32, reason: String },
 }
 
 impl SubUpdate {
@@ -180,7 +187,7 @@ impl SubUpdate {
     pub fn approx_size(&self) -> usize {
         32 + match self {
             SubUpdate::Ack { sub, .. } => sub.len(),
-            SubUpdate::Failed { sub, reason, .. } => sub.len() + reason.len(),
+            SubUpdate::Failed { sub, reason, .. } | SubUpdate::FailedAt { sub, reason, .. } => sub.len() + reason.len(),
             SubUpdate::Instance { sub, dead, .. } => sub.len() + dead.as_ref().map_or(0, |(_, r)| r.len()),
             SubUpdate::Rebase { sub, .. } => sub.len(),
         }
