@@ -147,16 +147,60 @@ impl TagCache {
     fn tag(&self, store: &str, prefix: &str, map: Option<&imbl::OrdMap<String, Versioned>>) -> ListTag {
         let Some(map) = map else { return list_tag(None, prefix) };
         let lock = || self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(hit) = lock().iter().find(|c| c.map.ptr_eq(map) && c.prefix == prefix && c.store == store) {
-            return hit.tag;
-        }
-        // Walked outside the lock: the keys may be many.
-        let tag = list_tag(Some(map), prefix);
+        // The newest entry of this listing: the tag itself when it is of this map, else the
+        // base that the changes since move (`tag_moved`).
+        let base = match lock().iter().find(|c| c.prefix == prefix && c.store == store) {
+            Some(hit) if hit.map.ptr_eq(map) => return hit.tag,
+            Some(older) => Some((older.map.clone(), older.tag)),
+            None => None,
+        };
+        // Outside the lock: the changes, or the keys walked, may be many.
+        let tag = base.and_then(|(old, tag)| tag_moved(&old, map, prefix, tag)).unwrap_or_else(|| list_tag(Some(map), prefix));
         let mut cached = lock();
         cached.push_front(CachedTag { store: store.to_string(), prefix: prefix.to_string(), map: map.clone(), tag });
         cached.truncate(TAG_CACHE);
         tag
     }
+}
+
+/// Changes between two maps that `tag_moved` looks through before it walks the prefix instead.
+const TAG_DIFF_MAX: usize = 4_096;
+
+/// `tag`, the tag of `old`'s keys under `prefix`, moved by the changes from `old` to `new`:
+/// what `list_tag(new, prefix)` is, at the cost of the changes (imbl's diff skips what the two
+/// share) rather than of every key under the prefix. Paging through a million keys while
+/// another client wrote walked all of them again for every page. `None` when the diff is
+/// longer than `TAG_DIFF_MAX`, or a key that may have held the largest revision went (which
+/// key holds the next largest only a walk can tell).
+fn tag_moved(old: &imbl::OrdMap<String, Versioned>, new: &imbl::OrdMap<String, Versioned>, prefix: &str, mut tag: ListTag) -> Option<ListTag> {
+    use imbl::ordmap::DiffItem;
+    for (i, change) in old.diff(new).enumerate() {
+        if i == TAG_DIFF_MAX {
+            return None;
+        }
+        match change {
+            DiffItem::Add(key, v) if key.starts_with(prefix) => {
+                tag.keys += 1;
+                tag.max_revision = tag.max_revision.max(v.revision);
+            }
+            DiffItem::Remove(key, v) if key.starts_with(prefix) => {
+                if v.revision >= tag.max_revision {
+                    return None;
+                }
+                tag.keys = tag.keys.checked_sub(1)?;
+            }
+            DiffItem::Update { old: (key, was), new: (_, now) } if key.starts_with(prefix) => {
+                // Revisions only grow (a key's is the index of its last write); a snapshot of
+                // another history could break that: walked then.
+                if now.revision < was.revision && was.revision >= tag.max_revision {
+                    return None;
+                }
+                tag.max_revision = tag.max_revision.max(now.revision);
+            }
+            _ => {}
+        }
+    }
+    Some(tag)
 }
 
 /// The tag of the keys of `map` under `prefix` (what `list_map` answers as `tag`).
@@ -681,6 +725,57 @@ mod tests {
         }
         assert_eq!(cache.0.lock().unwrap().len(), TAG_CACHE);
         assert_eq!(cache.tag("s", "x/", None), ListTag { max_revision: 0, keys: 0 });
+    }
+
+    /// A listing's tag moved by the changes since a cached one is the tag a walk gives, through
+    /// adds, updates and removes under and beside the prefix, the removal of the key with the
+    /// largest revision, a prefix emptied and a diff too long to follow.
+    #[test]
+    fn a_tag_moved_by_the_changes_is_the_walked_tag() {
+        let v = |revision: u64| Versioned { value: b"1".to_vec(), revision };
+        let mut rng = fastrand::Rng::with_seed(45);
+        let mut map: imbl::OrdMap<String, Versioned> = imbl::OrdMap::new();
+        let mut revision = 0u64;
+        let cache = TagCache::default();
+        let (mut moved, mut walked) = (0, 0);
+        for round in 0..400 {
+            let before = map.clone();
+            // A few changes a round, a burst past `TAG_DIFF_MAX` now and then.
+            let changes = if round % 97 == 0 { TAG_DIFF_MAX + 10 } else { rng.usize(1..6) };
+            for _ in 0..changes {
+                let key = format!("{}/{}", ["a", "b", "ab"][rng.usize(0..3)], rng.u32(0..300));
+                revision += 1;
+                if rng.u8(0..3) == 0 {
+                    map.remove(&key);
+                } else {
+                    map.insert(key, v(revision));
+                }
+            }
+            if round % 50 == 0 {
+                // The largest revision under `a/` goes.
+                if let Some(top) = map.iter().filter(|(k, _)| k.starts_with("a/")).max_by_key(|(_, v)| v.revision).map(|(k, _)| k.clone()) {
+                    map.remove(&top);
+                }
+            }
+            if round == 200 {
+                let under: Vec<String> = map.keys().filter(|k| k.starts_with("a/")).cloned().collect();
+                for key in under {
+                    map.remove(&key);
+                }
+            }
+            for prefix in ["a/", "a", "b/", "c/"] {
+                let base = list_tag(Some(&before), prefix);
+                match tag_moved(&before, &map, prefix, base) {
+                    Some(tag) => {
+                        moved += 1;
+                        assert_eq!(tag, list_tag(Some(&map), prefix), "round {round}, prefix {prefix}");
+                    }
+                    None => walked += 1,
+                }
+                assert_eq!(cache.tag("s", prefix, Some(&map)), list_tag(Some(&map), prefix), "cached, round {round}, prefix {prefix}");
+            }
+        }
+        assert!(moved > 1_000 && walked > 8, "both ways taken: {moved} moved, {walked} walked");
     }
 
     #[test]
