@@ -238,12 +238,15 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                     Ok(()) => handle(app, req).await,
                     Err(refused) => refused.into_response().map(|body| Answer::of(full_bytes(body), Held::default())),
                 };
-                if h2 && resp.extensions().get::<error::Refused>().is_some() && under_way.0.unsent() >= REFUSALS_UNTAKEN {
-                    // Its client takes none of the answers it has: a refusal's answer, counted
-                    // in no budget, would wait in the connection's send buffer with the others
-                    // until the write-stall clock drops it (1.4 KB each, 1 GB for 1,500 such
-                    // clients). RST_STREAM(REFUSED_STREAM) says the same ("not processed, try
-                    // again", RFC 9113 §8.7) in a frame that flow control does not hold.
+                let refused = resp.extensions().get::<error::Refused>().is_some();
+                if h2 && refused && under_way.0.refusals_unsent() >= REFUSALS_UNTAKEN {
+                    // Its client takes none of the refusals it has: another, counted in no
+                    // budget, would wait in the connection's send buffer with them until the
+                    // write-stall clock drops it (1.4 KB each, 1 GB for 1,500 such clients).
+                    // RST_STREAM(REFUSED_STREAM) says the same ("not processed, try again",
+                    // RFC 9113 §8.7) in a frame that flow control does not hold. Refusals a
+                    // client reads are written at once (they are small), so only one that
+                    // takes no answer bytes gets here, however many large answers it reads.
                     metrics::counter!("raftbridge_http_refusals_reset_total").increment(1);
                     return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
                 }
@@ -251,7 +254,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                 // client that takes no answers holds each stream's state with it.
                 resp.body_mut().hold(head);
                 // Under way until its answer is written, not only until it is made (`keep`).
-                resp.body_mut().track(&under_way.0);
+                resp.body_mut().track(&under_way.0, refused);
                 drop(under_way);
                 Ok::<_, h2::Error>(resp)
             }
@@ -401,6 +404,8 @@ struct Activity {
     ended_ms: std::sync::atomic::AtomicU64,
     /// Answers made and not yet written (`Sending`).
     unsent: std::sync::atomic::AtomicU64,
+    /// Of those, refusals (`error::Refused`).
+    refusals_unsent: std::sync::atomic::AtomicU64,
     /// The stall clock: `keep` moves it on every `STALL_TICK`.
     tick: std::sync::atomic::AtomicU64,
     /// Unsent answers by the tick in which they were made or last had bytes taken, modulo
@@ -419,7 +424,7 @@ const STALL_TICK: Duration = Duration::from_secs(10);
 /// `(STALL_BUCKETS - 2) * STALL_TICK` = `stall::WRITE_STALL` (at most one tick more).
 const STALL_BUCKETS: usize = 5;
 
-/// Unsent answers past which an HTTP/2 connection's refusals are stream resets, not answers.
+/// Unsent refusals past which an HTTP/2 connection's refusals are stream resets, not answers.
 const REFUSALS_UNTAKEN: u64 = 16;
 
 /// A request under way on a connection; its drop ends it.
@@ -432,15 +437,21 @@ struct Sending {
     activity: Arc<Activity>,
     /// The tick whose bucket counts it (`Activity::waiting`).
     tick: u64,
+    /// A refusal's answer (`Activity::refusals_unsent`).
+    refusal: bool,
 }
 
 impl Sending {
-    fn new(activity: &Arc<Activity>) -> Sending {
+    /// `refusal`: counted in `Activity::refusals_unsent` too.
+    fn new(activity: &Arc<Activity>, refusal: bool) -> Sending {
         use std::sync::atomic::Ordering::{AcqRel, Acquire, Release};
         let tick = activity.tick.load(Acquire);
         activity.waiting[bucket(tick)].fetch_add(1, AcqRel);
         activity.unsent.fetch_add(1, Release);
-        Sending { activity: activity.clone(), tick }
+        if refusal {
+            activity.refusals_unsent.fetch_add(1, Release);
+        }
+        Sending { activity: activity.clone(), tick, refusal }
     }
 
     /// Some of the answer's bytes were taken: the client reads. Moved to the current tick's
@@ -462,6 +473,9 @@ impl Drop for Sending {
         self.activity.waiting[bucket(self.tick)].fetch_sub(1, AcqRel);
         self.activity.ended_ms.fetch_max(self.activity.now_ms(), Relaxed);
         self.activity.unsent.fetch_sub(1, Release);
+        if self.refusal {
+            self.activity.refusals_unsent.fetch_sub(1, Release);
+        }
     }
 }
 
@@ -470,9 +484,9 @@ fn bucket(tick: u64) -> usize {
 }
 
 impl Activity {
-    /// Answers made on the connection and not yet written.
-    fn unsent(&self) -> u64 {
-        self.unsent.load(Ordering::Acquire)
+    /// Refusals made on the connection and not yet written.
+    fn refusals_unsent(&self) -> u64 {
+        self.refusals_unsent.load(Ordering::Acquire)
     }
 
     fn new() -> Activity {
@@ -482,6 +496,7 @@ impl Activity {
             under_way: 0.into(),
             ended_ms: 0.into(),
             unsent: 0.into(),
+            refusals_unsent: 0.into(),
             tick: 0.into(),
             waiting: Default::default(),
             reading: head::Reading::default(),
@@ -1176,9 +1191,9 @@ impl Answer {
 
     /// Counted on `activity`'s connection as unsent until its bytes are written (`keep` ends a
     /// connection whose answers wait unwritten for `stall::WRITE_STALL`).
-    fn track(&mut self, activity: &Arc<Activity>) {
+    fn track(&mut self, activity: &Arc<Activity>, refusal: bool) {
         if let Some(data) = &mut self.data {
-            data.sending = Some(Sending::new(activity));
+            data.sending = Some(Sending::new(activity, refusal));
         }
     }
 }
@@ -1432,7 +1447,7 @@ mod tests {
     async fn unsent(activity: &Arc<Activity>, budget: &BodyBudget) -> Counted {
         use hyper::body::Body as _;
         let mut answer = Answer::counted(Response::new(Full::new(Bytes::from(vec![b'x'; 1000]))), budget, true).into_body();
-        answer.track(activity);
+        answer.track(activity, false);
         std::future::poll_fn(|cx| std::pin::Pin::new(&mut answer).poll_frame(cx)).await.unwrap().unwrap().into_data().unwrap()
     }
 
@@ -1496,7 +1511,7 @@ mod tests {
         let keeper = kept(&activity, &CancellationToken::new());
         let mut answer = Answer::counted(Response::new(Full::new(Bytes::from_static(b"ok"))), &budget, true).into_body();
         drop(activity.begin());
-        answer.track(&activity);
+        answer.track(&activity, false);
         tokio::time::sleep(Duration::from_secs(5)).await;
         drop(answer);
         let written = tokio::time::Instant::now();

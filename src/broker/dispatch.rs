@@ -458,7 +458,11 @@ impl Dispatcher {
                 let counted = self.sm.attempts_at(sub, e.position)?;
                 warn!(subscription = %sub, position = e.position, "this node ended while its handler ran this event: counted as a failed attempt");
                 let reason = format!("node {}: the process ended while the handler ran", self.node_id);
-                Some((self.failed(sub.clone(), e.position, counted, reason), counted))
+                // `Failed`, not `FailedAt`: `counted` is this replica's count at the restart,
+                // not at the hand-out, and another node may have counted a failure since (a new
+                // leader's delivery of it), which would make a `FailedAt` count nothing. Sent
+                // again only while the count stands still (below), so once.
+                Some((SubUpdate::Failed { sub: sub.clone(), position: e.position, reason }, counted))
             })
             .collect();
         let until = Instant::now() + UNFINISHED_WAIT;

@@ -995,9 +995,17 @@ pub struct SmShared {
     /// One past the last index the log held when this process started (0: none), set once by
     /// the composition root: entries up to it are a replay (`replaying`).
     replay_end: std::sync::atomic::AtomicU64,
+    /// Snapshots installed by this process: a store's maps after an install share nothing with
+    /// those before, so a listing's cached tag is not moved across one (`store::TagCache`).
+    installs: std::sync::atomic::AtomicU64,
 }
 
 impl SmShared {
+    /// Snapshots installed since this process started (`installs`).
+    pub fn installs(&self) -> u64 {
+        self.installs.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Marks the entries up to `last` (the log's last index at start) as applied before this
     /// process started: applying them again is a replay, which counts nothing on `/metrics`.
     pub fn replay_through(&self, last: Option<u64>) {
@@ -1429,6 +1437,7 @@ impl StateMachine {
                 events_next: tokio::sync::watch::Sender::new(data.log.next),
                 stores_moved: tokio::sync::watch::Sender::new(data.stores_digest),
                 replay_end: std::sync::atomic::AtomicU64::new(0),
+                installs: std::sync::atomic::AtomicU64::new(0),
                 data: RwLock::new(data),
                 dir: dir.to_path_buf(),
                 persisted: std::sync::Mutex::new(persisted),
@@ -1706,6 +1715,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 sub.incarnation = Incarnation(data.subs_generation);
             }
             let old = std::mem::replace(&mut *d, data);
+            self.shared.installs.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             self.shared.events_moved(d.log.next);
             // Sent even when the digest is equal: the maps are new, and a waiter compares them.
             self.shared.stores_moved.send_modify(|v| *v = d.stores_digest);
@@ -1829,6 +1839,7 @@ mod tests {
             stores_moved: tokio::sync::watch::Sender::new(0),
             persisted: std::sync::Mutex::new(None),
             replay_end: std::sync::atomic::AtomicU64::new(0),
+                installs: std::sync::atomic::AtomicU64::new(0),
         }
     }
 

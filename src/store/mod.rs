@@ -138,33 +138,40 @@ struct CachedTag {
     prefix: String,
     map: imbl::OrdMap<String, Versioned>,
     tag: ListTag,
+    /// `SmShared::installs` when it was made: a tag is moved only within one generation.
+    installs: u64,
 }
 
 /// Listings' tags kept at most (`TagCache`).
 const TAG_CACHE: usize = 64;
 
 impl TagCache {
-    fn tag(&self, store: &str, prefix: &str, map: Option<&imbl::OrdMap<String, Versioned>>) -> ListTag {
+    /// `installs`: `SmShared::installs` before `map` was read.
+    fn tag(&self, store: &str, prefix: &str, map: Option<&imbl::OrdMap<String, Versioned>>, installs: u64) -> ListTag {
         let Some(map) = map else { return list_tag(None, prefix) };
         let lock = || self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         // The newest entry of this listing: the tag itself when it is of this map, else the
-        // base that the changes since move (`tag_moved`).
+        // base that the changes since move (`tag_moved`), unless a snapshot was installed
+        // between them: the diff of two maps that share no nodes compares every value.
         let base = match lock().iter().find(|c| c.prefix == prefix && c.store == store) {
             Some(hit) if hit.map.ptr_eq(map) => return hit.tag,
-            Some(older) => Some((older.map.clone(), older.tag)),
-            None => None,
+            Some(older) if older.installs == installs => Some((older.map.clone(), older.tag)),
+            _ => None,
         };
         // Outside the lock: the changes, or the keys walked, may be many.
         let tag = base.and_then(|(old, tag)| tag_moved(&old, map, prefix, tag)).unwrap_or_else(|| list_tag(Some(map), prefix));
         let mut cached = lock();
-        cached.push_front(CachedTag { store: store.to_string(), prefix: prefix.to_string(), map: map.clone(), tag });
+        cached.push_front(CachedTag { store: store.to_string(), prefix: prefix.to_string(), map: map.clone(), tag, installs });
         cached.truncate(TAG_CACHE);
         tag
     }
 }
 
-/// Changes between two maps that `tag_moved` looks through before it walks the prefix instead.
+/// Changes between two maps that `tag_moved` looks through before it walks the prefix instead
+/// (fewer for a prefix of fewer keys, at least `TAG_DIFF_MIN`: the diff is of the whole store,
+/// and should cost no more than the walk it saves).
 const TAG_DIFF_MAX: usize = 4_096;
+const TAG_DIFF_MIN: usize = 64;
 
 /// `tag`, the tag of `old`'s keys under `prefix`, moved by the changes from `old` to `new`:
 /// what `list_tag(new, prefix)` is, at the cost of the changes (imbl's diff skips what the two
@@ -174,8 +181,9 @@ const TAG_DIFF_MAX: usize = 4_096;
 /// key holds the next largest only a walk can tell).
 fn tag_moved(old: &imbl::OrdMap<String, Versioned>, new: &imbl::OrdMap<String, Versioned>, prefix: &str, mut tag: ListTag) -> Option<ListTag> {
     use imbl::ordmap::DiffItem;
+    let most = usize::try_from(tag.keys).unwrap_or(usize::MAX).clamp(TAG_DIFF_MIN, TAG_DIFF_MAX);
     for (i, change) in old.diff(new).enumerate() {
-        if i == TAG_DIFF_MAX {
+        if i == most {
             return None;
         }
         match change {
@@ -416,7 +424,7 @@ impl StateStore {
 
     /// The tag of `map`'s keys under `prefix`, `map` being this space's `store` (see `TagCache`).
     pub fn tag_of(&self, store: &str, map: Option<&imbl::OrdMap<String, Versioned>>, prefix: &str) -> ListTag {
-        self.tags.tag(&self.inner(store), prefix, map)
+        self.tags.tag(&self.inner(store), prefix, map, self.sm.installs())
     }
 
     /// One page of `map`, this space's `store` (see `list_map`), its tag from the cache.
@@ -713,18 +721,18 @@ mod tests {
         assert_eq!(list_map(Some(&map), "b/", Some("a/0500"), 1, usize::MAX).items[0].0, "b/0000", "an `after` before the prefix");
 
         let cache = TagCache::default();
-        assert_eq!(cache.tag("s", "a/", Some(&map)), whole);
-        assert_eq!(cache.tag("s", "a/", Some(&map)), whole);
+        assert_eq!(cache.tag("s", "a/", Some(&map), 0), whole);
+        assert_eq!(cache.tag("s", "a/", Some(&map), 0), whole);
         let mut changed = map.clone();
         changed.insert("a/5000".into(), v(20_000));
-        assert_eq!(cache.tag("s", "a/", Some(&changed)), ListTag { max_revision: 20_000, keys: 1_001 });
-        assert_eq!(cache.tag("t", "a/", Some(&changed)), ListTag { max_revision: 20_000, keys: 1_001 });
-        assert_eq!(cache.tag("s", "b/", Some(&changed)), list_tag(Some(&changed), "b/"));
+        assert_eq!(cache.tag("s", "a/", Some(&changed), 0), ListTag { max_revision: 20_000, keys: 1_001 });
+        assert_eq!(cache.tag("t", "a/", Some(&changed), 0), ListTag { max_revision: 20_000, keys: 1_001 });
+        assert_eq!(cache.tag("s", "b/", Some(&changed), 0), list_tag(Some(&changed), "b/"));
         for i in 0..100 {
-            cache.tag("s", &format!("a/00{i:02}"), Some(&map));
+            cache.tag("s", &format!("a/00{i:02}"), Some(&map), 0);
         }
         assert_eq!(cache.0.lock().unwrap().len(), TAG_CACHE);
-        assert_eq!(cache.tag("s", "x/", None), ListTag { max_revision: 0, keys: 0 });
+        assert_eq!(cache.tag("s", "x/", None, 0), ListTag { max_revision: 0, keys: 0 });
     }
 
     /// A listing's tag moved by the changes since a cached one is the tag a walk gives, through
@@ -772,7 +780,7 @@ mod tests {
                     }
                     None => walked += 1,
                 }
-                assert_eq!(cache.tag("s", prefix, Some(&map)), list_tag(Some(&map), prefix), "cached, round {round}, prefix {prefix}");
+                assert_eq!(cache.tag("s", prefix, Some(&map), round / 100), list_tag(Some(&map), prefix), "cached, round {round}, prefix {prefix}");
             }
         }
         assert!(moved > 1_000 && walked > 8, "both ways taken: {moved} moved, {walked} walked");

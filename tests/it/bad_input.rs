@@ -394,7 +394,7 @@ fn an_http2_client_that_takes_no_answers_has_its_refusals_reset_and_its_streams_
     assert_eq!((data, other), (0, 0), "no DATA (a zero window), no other reset");
     assert_eq!(answered + busy + refused, streams, "each stream answered, refused or reset");
     assert!((70..=90).contains(&answered), "as many answered as the budget holds: {answered}");
-    // A refusal is an answer (a JSON 503) until the connection holds 16 answers unsent.
+    // A refusal is an answer (a JSON 503) until the connection holds 16 refusals unsent.
     assert!(busy <= 16, "{busy} refusals answered");
     let held = held.expect("every stream was answered or reset within 10 s");
     assert!(held >= f64::from(answered) * 12.0 * 1024.0, "the unsent answers' requests stay counted: {held}");
