@@ -56,6 +56,7 @@ use crate::peer::message::PeerResponse;
 use crate::peer::message::RemoteError;
 use crate::raft::state_machine::Backlog;
 use crate::raft::state_machine::SmShared;
+use crate::raft::types::Command;
 use crate::raft::types::NodeId;
 use crate::raft::types::SubUpdate;
 use crate::sdk::Ctx;
@@ -334,7 +335,22 @@ pub struct Dispatcher {
     batches: Mutex<HashMap<(NodeId, u64), Batch>>,
     /// Numbers the entries of `batches` (from a random start, see `start`).
     tickets: std::sync::atomic::AtomicU64,
+    /// Every-instance loops still running: counted up before each is spawned, down when it
+    /// returns (`InstanceLoop`); the node's drain waits for none (`instances_stopped`).
+    instance_loops: Arc<std::sync::atomic::AtomicUsize>,
 }
+
+/// An every-instance loop that runs; its drop counts it out of `Dispatcher::instance_loops`.
+struct InstanceLoop(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for InstanceLoop {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// How long an every-instance loop stopped by the drain may take to commit what it handled.
+const STOP_RECORD: Duration = Duration::from_secs(2);
 
 /// A batch answered before all its handlers ended (`Dispatcher::batches`).
 struct Batch {
@@ -426,13 +442,20 @@ impl Dispatcher {
             // From a random start: a leader that asks a restarted node for a batch of the
             // process before must not be handed another batch's outcomes.
             tickets: std::sync::atomic::AtomicU64::new(fastrand::u64(1..u64::MAX / 2)),
+            instance_loops: Arc::default(),
         });
         crate::supervise::spawn_until("subscription progress writer", &shutdown, update_writer(d.broker.clone(), rx, shutdown.clone()));
         crate::supervise::spawn_until("running handler notes", &shutdown, d.clone().count_unfinished(shutdown.clone()));
         crate::supervise::spawn_until("shared subscription dispatch", &shutdown, d.clone().shared_loop(shutdown.clone()));
         for (name, sub) in &d.local {
             if !sub.shared {
-                crate::supervise::spawn_until(format!("dispatch of every-instance subscription {name}"), &shutdown, d.clone().instance_loop(name.clone(), shutdown.clone()));
+                d.instance_loops.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                let running = InstanceLoop(d.instance_loops.clone());
+                let run = d.clone().instance_loop(name.clone(), shutdown.clone());
+                crate::supervise::spawn_until(format!("dispatch of every-instance subscription {name}"), &shutdown, async move {
+                    let _running = running;
+                    run.await;
+                });
             }
         }
         d
@@ -776,6 +799,21 @@ impl Dispatcher {
     /// still asks are waited for: one being asked for, or asked for within `ASKS_LIVE` by a
     /// leader still linked (one that stopped or restarted never asks again). False if some
     /// were left.
+    /// Waits up to `grace` for every every-instance loop to return after the stop: each lets
+    /// its running handler end and commits what it handled (`instance_loop`), so that a
+    /// graceful stop does not deliver those events again after the restart.
+    pub async fn instances_stopped(&self, grace: Duration) -> bool {
+        let until = Instant::now() + grace;
+        // Bounded by `grace`, checked every 10 ms.
+        while self.instance_loops.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            if Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     pub async fn handed_over(&self, grace: Duration) -> bool {
         let until = Instant::now() + grace;
         // Bounded by `grace`, checked every 10 ms.
@@ -1310,7 +1348,13 @@ impl Dispatcher {
             // position commit past it: a dead letter in it would be neither recorded nor
             // delivered again.
             let mut lost = false;
+            // The node drains: no handler starts after the stop.
+            let mut stopping = false;
             'events: for event in events {
+                if shutdown.is_cancelled() {
+                    stopping = true;
+                    break 'events;
+                }
                 let position = event.position;
                 let event_ref = EventRef::new(position, &event.body.id);
                 // Attempts on it that an earlier process counted and never ended: it ended first
@@ -1355,7 +1399,10 @@ impl Dispatcher {
                             // availability down, which the next turn waits on; a pause in
                             // case it did not.
                             tokio::select! {
-                                _ = shutdown.cancelled() => return,
+                                _ = shutdown.cancelled() => {
+                                    stopping = true;
+                                    break 'events;
+                                }
                                 _ = tokio::time::sleep(BACKOFF_BASE) => {}
                             }
                         }
@@ -1374,7 +1421,10 @@ impl Dispatcher {
                                 flushed = Instant::now();
                             }
                             tokio::select! {
-                                _ = shutdown.cancelled() => return,
+                                _ = shutdown.cancelled() => {
+                                    stopping = true;
+                                    break 'events;
+                                }
                                 _ = tokio::time::sleep(backoff(attempts)) => {}
                             }
                         }
@@ -1413,6 +1463,18 @@ impl Dispatcher {
                 }
             }
             settle_mark(&mut mark);
+            if stopping {
+                // The progress writer and the broker's batcher have stopped with the broker:
+                // what was handled is proposed directly, bounded (a graceful stop used to
+                // drop up to `INSTANCE_FLUSH` of it, delivered again after the restart).
+                if !progress.is_empty() {
+                    let updates = Command::SubUpdate { updates: progress };
+                    if let Err(e) = self.broker.store().command(updates, STOP_RECORD).await {
+                        warn!(subscription = %name, cause = %e, "could not record progress at the stop; those events are delivered again after the restart");
+                    }
+                }
+                return;
+            }
             if lost || !self.record_instance_progress(&name, progress).await {
                 next = None;
                 // Commits fail while there is no leader: not a pass each millisecond meanwhile.
