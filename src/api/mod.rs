@@ -145,7 +145,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
     let head_timeout = app.settings.header_read_timeout + app.settings.idle_timeout;
     builder.http1().timer(TokioTimer::new()).header_read_timeout(head_timeout).keep_alive(true);
     // A peer that stops answering pings is dropped: its connection would hold a slot for good.
-    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(256).keep_alive_interval(H2_PING).keep_alive_timeout(H2_PING_TIMEOUT);
+    builder.http2().timer(TokioTimer::new()).max_concurrent_streams(MAX_STREAMS).keep_alive_interval(H2_PING).keep_alive_timeout(H2_PING_TIMEOUT);
     // Room for the headers a node passes to a sidecar's app (`proxy::headers`, 32 KiB of names
     // and values) with HTTP/2's 32 bytes per field and the pseudo-headers; hyper's 16 KiB
     // answered such a request with a bare 431 of its own.
@@ -226,27 +226,33 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             // The head in the budget of what requests hold until the answer is written
             // (`head_bytes`).
             let mut head = Held::default();
-            let head_fits = count_head(&app.settings.heads, &mut head, &req);
+            // Probes pass a full budget only on a connection whose client takes its answers: a
+            // client that takes none held 51,200 `/metrics` answers past both budgets.
+            let probes_pass = under_way.0.unsent() == 0;
+            let head_fits = count_head(&app.settings.heads, &mut head, &req, probes_pass);
             let h2 = req.version() == http::Version::HTTP_2;
             // Who asked, for the forwarding headers a command's handler gets (`proxy::headers`);
             // only there: an extension is an allocation, and events and state need none.
             if req.uri().path().starts_with("/api/") {
                 req.extensions_mut().insert(client);
             }
+            // A refused request is dropped here, as hyper accepts its stream, not when its task
+            // runs: under a flood, a single worker had 360,000 refused streams' tasks waiting,
+            // each with its decoded head (6 KB, 60 KB with a dynamic table's repeated fields).
+            let req = head_fits.map(|()| req);
             async move {
-                let mut resp = match head_fits {
-                    Ok(()) => handle(app, req).await,
+                let mut resp = match req {
+                    Ok(req) => handle(app, req).await,
                     Err(refused) => refused.into_response().map(|body| Answer::of(full_bytes(body), Held::default())),
                 };
                 let refused = resp.extensions().get::<error::Refused>().is_some();
-                if h2 && refused && under_way.0.refusals_unsent() >= REFUSALS_UNTAKEN {
+                if h2 && refused && under_way.0.takes_no_refusals() {
                     // Its client takes none of the refusals it has: another, counted in no
                     // budget, would wait in the connection's send buffer with them until the
                     // write-stall clock drops it (1.4 KB each, 1 GB for 1,500 such clients).
                     // RST_STREAM(REFUSED_STREAM) says the same ("not processed, try again",
-                    // RFC 9113 §8.7) in a frame that flow control does not hold. Refusals a
-                    // client reads are written at once (they are small), so only one that
-                    // takes no answer bytes gets here, however many large answers it reads.
+                    // RFC 9113 §8.7) in a frame that flow control does not hold. A client that
+                    // reads gets its refusals as answers, also a burst of them.
                     metrics::counter!("raftbridge_http_refusals_reset_total").increment(1);
                     return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
                 }
@@ -338,7 +344,7 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
 /// (`HttpSettings::heads`) from when the request comes until its answer is written: each HTTP/2 stream may carry 48 KiB of headers
 /// (`H2_MAX_HEADER_LIST`) that HPACK lets a client send in a few bytes, and a request waiting
 /// on a body that does not come, or on its handler, held them outside any bound but
-/// `--max-connections` times 256 streams.
+/// `--max-connections` times `MAX_STREAMS`.
 fn head_bytes<B>(req: &Request<B>) -> usize {
     let fields: usize = req.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 32).sum();
     let uri = req.uri();
@@ -349,7 +355,9 @@ fn head_bytes<B>(req: &Request<B>) -> usize {
 /// full, a 431 for a head larger than all of it (it would never fit). The probes, `/metrics`
 /// and the cluster view are counted past a full budget, as their answers are (`handle`): a
 /// full budget must not make the node look dead.
-fn count_head<B>(budget: &BodyBudget, held: &mut Held, req: &Request<B>) -> Result<(), ApiError> {
+/// `probes_pass`: whether the probes may be counted past a full budget (their connection
+/// takes its answers).
+fn count_head<B>(budget: &BodyBudget, held: &mut Held, req: &Request<B>, probes_pass: bool) -> Result<(), ApiError> {
     let bytes = head_bytes(req);
     let cost = bytes + request_floor(budget.total());
     if cost > budget.total() {
@@ -364,7 +372,7 @@ fn count_head<B>(budget: &BodyBudget, held: &mut Held, req: &Request<B>) -> Resu
     if budget.try_count(held, cost) {
         return Ok(());
     }
-    if matches!(req.uri().path().trim_start_matches('/'), "healthz" | "readyz" | "metrics" | "cluster") {
+    if probes_pass && matches!(req.uri().path().trim_start_matches('/'), "healthz" | "readyz" | "metrics" | "cluster") {
         budget.count_anyway(held, cost);
         return Ok(());
     }
@@ -389,6 +397,11 @@ const ABORTED_WAIT: Duration = Duration::from_secs(1);
 /// The largest header list an HTTP/2 client may send (`max_header_list_size`).
 const H2_MAX_HEADER_LIST: u32 = 48 * 1024;
 
+/// Streams an HTTP/2 client may have open at once (nginx's default): each costs about 10 KB
+/// while under way or unsent (counted in the heads budget), and ~2 KB while it waits for its
+/// task to be refused (counted nowhere), times `--max-connections`.
+const MAX_STREAMS: u32 = 128;
+
 /// How often an idle HTTP/2 client is pinged, and how long its answer may take.
 const H2_PING: Duration = Duration::from_secs(30);
 const H2_PING_TIMEOUT: Duration = Duration::from_secs(20);
@@ -406,6 +419,8 @@ struct Activity {
     unsent: std::sync::atomic::AtomicU64,
     /// Of those, refusals (`error::Refused`).
     refusals_unsent: std::sync::atomic::AtomicU64,
+    /// When an answer was last written whole (ms since `opened`).
+    written_ms: std::sync::atomic::AtomicU64,
     /// The stall clock: `keep` moves it on every `STALL_TICK`.
     tick: std::sync::atomic::AtomicU64,
     /// Unsent answers by the tick in which they were made or last had bytes taken, modulo
@@ -424,8 +439,10 @@ const STALL_TICK: Duration = Duration::from_secs(10);
 /// `(STALL_BUCKETS - 2) * STALL_TICK` = `stall::WRITE_STALL` (at most one tick more).
 const STALL_BUCKETS: usize = 5;
 
-/// Unsent refusals past which an HTTP/2 connection's refusals are stream resets, not answers.
+/// Unsent refusals past which an HTTP/2 connection's refusals are stream resets, not answers,
+/// once it has written no answer for `UNTAKEN_FOR` (`Activity::takes_no_refusals`).
 const REFUSALS_UNTAKEN: u64 = 16;
+const UNTAKEN_FOR: Duration = Duration::from_secs(1);
 
 /// A request under way on a connection; its drop ends it.
 struct UnderWay(Arc<Activity>);
@@ -471,8 +488,10 @@ impl Drop for Sending {
     fn drop(&mut self) {
         use std::sync::atomic::Ordering::{AcqRel, Relaxed, Release};
         self.activity.waiting[bucket(self.tick)].fetch_sub(1, AcqRel);
-        self.activity.ended_ms.fetch_max(self.activity.now_ms(), Relaxed);
+        let now = self.activity.now_ms();
+        self.activity.ended_ms.fetch_max(now, Relaxed);
         self.activity.unsent.fetch_sub(1, Release);
+        self.activity.written_ms.fetch_max(now, Relaxed);
         if self.refusal {
             self.activity.refusals_unsent.fetch_sub(1, Release);
         }
@@ -484,9 +503,18 @@ fn bucket(tick: u64) -> usize {
 }
 
 impl Activity {
-    /// Refusals made on the connection and not yet written.
-    fn refusals_unsent(&self) -> u64 {
-        self.refusals_unsent.load(Ordering::Acquire)
+    /// Answers made on the connection and not yet written.
+    fn unsent(&self) -> u64 {
+        self.unsent.load(Ordering::Acquire)
+    }
+
+    /// Whether the connection's client takes none of its refusals: `REFUSALS_UNTAKEN` of them
+    /// unsent, and no answer written for `UNTAKEN_FOR` (nor since the connection opened). A
+    /// client that reads has its answers written all along, and a burst of refusals made
+    /// before the connection writes any does not count against it.
+    fn takes_no_refusals(&self) -> bool {
+        self.refusals_unsent.load(Ordering::Acquire) >= REFUSALS_UNTAKEN
+            && self.now_ms().saturating_sub(self.written_ms.load(Ordering::Relaxed)) >= UNTAKEN_FOR.as_millis() as u64
     }
 
     fn new() -> Activity {
@@ -497,6 +525,7 @@ impl Activity {
             ended_ms: 0.into(),
             unsent: 0.into(),
             refusals_unsent: 0.into(),
+            written_ms: 0.into(),
             tick: 0.into(),
             waiting: Default::default(),
             reading: head::Reading::default(),
@@ -1637,14 +1666,14 @@ mod tests {
         let req = |extra: usize| Request::get("/v1/state/s/k").header("x-pad", "p".repeat(extra)).body(()).unwrap();
         let big = BodyBudget::new(256 << 20);
         let mut held = Held::default();
-        count_head(&big, &mut held, &req(0)).expect("room");
+        count_head(&big, &mut held, &req(0), true).expect("room");
         assert_eq!(big.held(), head_bytes(&req(0)) + REQUEST_FLOOR);
         drop(held);
         let budget = BodyBudget::new(100 * REQUEST_FLOOR);
         let mut taken = Vec::new();
         for _ in 0..200 {
             let mut held = Held::default();
-            if count_head(&budget, &mut held, &req(10)).is_err() {
+            if count_head(&budget, &mut held, &req(10), true).is_err() {
                 break;
             }
             taken.push(held);
@@ -1652,9 +1681,36 @@ mod tests {
         assert!((90..=100).contains(&taken.len()), "about the budget over the floor: {}", taken.len());
         let small = BodyBudget::new(8192);
         let mut held = Held::default();
-        count_head(&small, &mut held, &req(0)).expect("a small budget takes a small request");
+        count_head(&small, &mut held, &req(0), true).expect("a small budget takes a small request");
         assert!(small.held() < 1024, "the floor is at most 1/64 of it: {}", small.held());
-        assert!(matches!(count_head(&small, &mut Held::default(), &req(9000)), Err(ApiError::HeadTooLarge(_))));
+        assert!(matches!(count_head(&small, &mut Held::default(), &req(9000), true), Err(ApiError::HeadTooLarge(_))));
+        // A full budget: probes pass on a connection that takes its answers, not on one that
+        // takes none.
+        let probe = Request::get("/metrics").body(()).unwrap();
+        assert!(matches!(count_head(&budget, &mut Held::default(), &req(10), true), Err(ApiError::Busy(_))));
+        let mut passed = Held::default();
+        count_head(&budget, &mut passed, &probe, true).expect("a probe passes a full budget");
+        assert!(matches!(count_head(&budget, &mut Held::default(), &probe, false), Err(ApiError::Busy(_))));
+    }
+
+    /// A connection takes no refusals once 16 wait unsent and no answer was written for a
+    /// second (nor since it opened): a burst of refusals on a client that reads does not count.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_takes_no_refusals_only_with_many_unsent_and_nothing_written_for_a_second() {
+        let activity = Arc::new(Activity::new());
+        let mut refusals: Vec<Sending> = (0..REFUSALS_UNTAKEN).map(|_| Sending::new(&activity, true)).collect();
+        assert!(!activity.takes_no_refusals(), "a new connection: a burst before its first write");
+        tokio::time::sleep(UNTAKEN_FOR).await;
+        assert!(activity.takes_no_refusals(), "16 unsent, nothing written for a second");
+        drop(Sending::new(&activity, false));
+        assert!(!activity.takes_no_refusals(), "an answer was just written");
+        tokio::time::sleep(UNTAKEN_FOR).await;
+        assert!(activity.takes_no_refusals());
+        tokio::time::sleep(UNTAKEN_FOR).await;
+        refusals.pop();
+        assert!(!activity.takes_no_refusals(), "15 unsent");
+        refusals.push(Sending::new(&activity, true));
+        assert!(!activity.takes_no_refusals(), "16 again, but one was written just now");
     }
 
     #[tokio::test]
