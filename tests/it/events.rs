@@ -1148,7 +1148,22 @@ fn every_instance_subscription_reaches_each_node() {
     wait_instances_past(&c, "auditOrders", unrelated, "an event it does not match");
 }
 
-/// Every `orders-audit/<node>/…` count under `prefix`, read through the listing in pages.
+/// Publishes `items` (`{"eventName","payload"}`) as one batch through `api`; the position of
+/// the last.
+fn publish_burst(api: Api, items: Vec<Value>) -> u64 {
+    let resp = api
+        .request("POST", "/v1/events", &[], Value::Array(items).to_string().as_bytes())
+        .expect("burst");
+    assert_eq!(resp.status, 201, "burst: {}", resp.describe());
+    let body = resp.json().expect("json");
+    body["events"]
+        .as_array()
+        .and_then(|a| a.last())
+        .map(|e| id_position(e).expect("id and position").1)
+        .unwrap_or_else(|| panic!("no events in {body}"))
+}
+
+/// Every `orders-audit/<node>/…` count, read through the listing in pages.
 fn audit_counts(api: Api, node: u64) -> Result<BTreeMap<String, i64>, String> {
     let prefix = format!("orders-audit/{node}/");
     let mut counts = BTreeMap::new();
@@ -1187,17 +1202,7 @@ fn a_graceful_stop_commits_what_an_every_instance_subscription_handled() {
         let orders: Vec<Value> = (0..400)
             .map(|i| json!({"eventName": "orderPlaced", "payload": {"id": format!("stop-{round}-{i:03}")}}))
             .collect();
-        let resp = c
-            .api(1)
-            .request("POST", "/v1/events", &[], Value::Array(orders).to_string().as_bytes())
-            .expect("burst");
-        assert_eq!(resp.status, 201, "burst: {}", resp.describe());
-        let body = resp.json().expect("json");
-        let last = body["events"]
-            .as_array()
-            .and_then(|a| a.last())
-            .map(|e| id_position(e).expect("id and position").1)
-            .unwrap_or_else(|| panic!("no events in {body}"));
+        let last = publish_burst(c.api(1), orders);
         c.wait_for("node 3 to have audited some of the burst", DELIVERY, || {
             let n = audit_counts(c.api(1), node)?.keys().filter(|k| k.starts_with(&format!("stop-{round}-"))).count();
             if n >= 20 { Ok(()) } else { Err(format!("{n} audited")) }
@@ -1230,17 +1235,7 @@ fn every_instance_progress_covers_a_burst_and_dead_letters_per_node() {
     let burst: Vec<Value> = (0..300)
         .map(|i| json!({"eventName": "benchBroadcast", "payload": {"i": i}}))
         .collect();
-    let resp = c
-        .api(2)
-        .request("POST", "/v1/events", &[], Value::Array(burst).to_string().as_bytes())
-        .expect("batch");
-    assert_eq!(resp.status, 201, "burst: {}", resp.describe());
-    let body = resp.json().expect("json");
-    let last = body["events"]
-        .as_array()
-        .and_then(|a| a.last())
-        .map(|e| id_position(e).expect("id and position").1)
-        .unwrap_or_else(|| panic!("no events in {body}"));
+    let last = publish_burst(c.api(2), burst);
     assert!(last > bad);
     wait_instances_past(&c, "benchEveryNode", last, "the burst");
     c.wait_for("the bad order dead-lettered once per node", DEAD_LETTER, || {
