@@ -610,13 +610,13 @@ pub async fn run(
     reload_stop.cancel();
     let _ = reload_task.await;
     guard_stop.cancel();
-    broker_stop.cancel();
-    cluster_stop.cancel();
     // Every-instance loops let their running handler end and commit what they handled, while
-    // the links and the core still serve.
-    if !dispatcher.instances_stopped(IN_FLIGHT_GRACE).await {
+    // the broker (their progress, their handlers' emits), the links and the core still serve.
+    if !dispatcher.stop_instances(IN_FLIGHT_GRACE).await {
         warn!(grace = ?IN_FLIGHT_GRACE, "every-instance handlers still running at shutdown; what they handled since their last commit is delivered again after the restart");
     }
+    broker_stop.cancel();
+    cluster_stop.cancel();
     // What is still in flight needs the links: this node's last event entries (a drained
     // leader's go to the new one), and the answers to what peers asked of it.
     if !broker.drained(IN_FLIGHT_GRACE).await {

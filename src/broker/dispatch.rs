@@ -56,7 +56,6 @@ use crate::peer::message::PeerResponse;
 use crate::peer::message::RemoteError;
 use crate::raft::state_machine::Backlog;
 use crate::raft::state_machine::SmShared;
-use crate::raft::types::Command;
 use crate::raft::types::NodeId;
 use crate::raft::types::SubUpdate;
 use crate::sdk::Ctx;
@@ -336,8 +335,12 @@ pub struct Dispatcher {
     /// Numbers the entries of `batches` (from a random start, see `start`).
     tickets: std::sync::atomic::AtomicU64,
     /// Every-instance loops still running: counted up before each is spawned, down when it
-    /// returns (`InstanceLoop`); the node's drain waits for none (`instances_stopped`).
+    /// returns (`InstanceLoop`); the node's drain waits for none (`stop_instances`).
     instance_loops: Arc<std::sync::atomic::AtomicUsize>,
+    /// Stops the every-instance loops: cancelled by `stop_instances`, before the broker stops
+    /// (its batcher and the progress writer carry the loops' last progress and their handlers'
+    /// emits), or with the broker's own stop (a child of it).
+    instances_stop: CancellationToken,
 }
 
 /// An every-instance loop that runs; its drop counts it out of `Dispatcher::instance_loops`.
@@ -349,8 +352,6 @@ impl Drop for InstanceLoop {
     }
 }
 
-/// How long an every-instance loop stopped by the drain may take to commit what it handled.
-const STOP_RECORD: Duration = Duration::from_secs(2);
 
 /// A batch answered before all its handlers ended (`Dispatcher::batches`).
 struct Batch {
@@ -443,6 +444,7 @@ impl Dispatcher {
             // process before must not be handed another batch's outcomes.
             tickets: std::sync::atomic::AtomicU64::new(fastrand::u64(1..u64::MAX / 2)),
             instance_loops: Arc::default(),
+            instances_stop: shutdown.child_token(),
         });
         crate::supervise::spawn_until("subscription progress writer", &shutdown, update_writer(d.broker.clone(), rx, shutdown.clone()));
         crate::supervise::spawn_until("running handler notes", &shutdown, d.clone().count_unfinished(shutdown.clone()));
@@ -451,8 +453,8 @@ impl Dispatcher {
             if !sub.shared {
                 d.instance_loops.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 let running = InstanceLoop(d.instance_loops.clone());
-                let run = d.clone().instance_loop(name.clone(), shutdown.clone());
-                crate::supervise::spawn_until(format!("dispatch of every-instance subscription {name}"), &shutdown, async move {
+                let run = d.clone().instance_loop(name.clone(), d.instances_stop.clone());
+                crate::supervise::spawn_until(format!("dispatch of every-instance subscription {name}"), &d.instances_stop, async move {
                     let _running = running;
                     run.await;
                 });
@@ -799,10 +801,12 @@ impl Dispatcher {
     /// still asks are waited for: one being asked for, or asked for within `ASKS_LIVE` by a
     /// leader still linked (one that stopped or restarted never asks again). False if some
     /// were left.
-    /// Waits up to `grace` for every every-instance loop to return after the stop: each lets
+    /// Stops the every-instance loops and waits up to `grace` for them to return: each lets
     /// its running handler end and commits what it handled (`instance_loop`), so that a
-    /// graceful stop does not deliver those events again after the restart.
-    pub async fn instances_stopped(&self, grace: Duration) -> bool {
+    /// graceful stop does not deliver those events again after the restart. Before the broker
+    /// stops: the loops' progress and their handlers' emits go through it.
+    pub async fn stop_instances(&self, grace: Duration) -> bool {
+        self.instances_stop.cancel();
         let until = Instant::now() + grace;
         // Bounded by `grace`, checked every 10 ms.
         while self.instance_loops.load(std::sync::atomic::Ordering::Acquire) > 0 {
@@ -1464,15 +1468,10 @@ impl Dispatcher {
             }
             settle_mark(&mut mark);
             if stopping {
-                // The progress writer and the broker's batcher have stopped with the broker:
-                // what was handled is proposed directly, bounded (a graceful stop used to
-                // drop up to `INSTANCE_FLUSH` of it, delivered again after the restart).
-                if !progress.is_empty() {
-                    let updates = Command::SubUpdate { updates: progress };
-                    if let Err(e) = self.broker.store().command(updates, STOP_RECORD).await {
-                        warn!(subscription = %name, cause = %e, "could not record progress at the stop; those events are delivered again after the restart");
-                    }
-                }
+                // What was handled is committed before the loop ends (the broker still runs:
+                // `stop_instances`); a graceful stop used to drop up to `INSTANCE_FLUSH` of it,
+                // delivered again after the restart.
+                self.record_instance_progress(&name, progress).await;
                 return;
             }
             if lost || !self.record_instance_progress(&name, progress).await {
