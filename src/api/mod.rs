@@ -226,9 +226,12 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             // The head in the budget of what requests hold until the answer is written
             // (`head_bytes`).
             let mut head = Held::default();
-            // Probes pass a full budget only on a connection whose client takes its answers: a
-            // client that takes none held 51,200 `/metrics` answers past both budgets.
-            let probes_pass = under_way.0.unsent() == 0;
+            // Probes pass a full budget only alone on their connection (this request the only
+            // one under way, no answer unsent), as a kubelet's are: a client that takes no
+            // answers held 51,200 `/metrics` answers past both budgets, and checked at accept
+            // time, when a burst's answers are not made yet, "no answer unsent" alone passed
+            // them all.
+            let probes_pass = under_way.0.requests_under_way() == 1 && under_way.0.unsent() == 0;
             let head_fits = count_head(&app.settings.heads, &mut head, &req, probes_pass);
             let h2 = req.version() == http::Version::HTTP_2;
             // Who asked, for the forwarding headers a command's handler gets (`proxy::headers`);
@@ -242,7 +245,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             let req = head_fits.map(|()| req);
             async move {
                 let mut resp = match req {
-                    Ok(req) => handle(app, req).await,
+                    // Boxed: inline, `handle`'s future made every stream's task 7 KB, a refused
+                    // one's too, and a flood of refused streams queued hundreds of thousands.
+                    Ok(req) => Box::pin(handle(app, req)).await,
                     Err(refused) => refused.into_response().map(|body| Answer::of(full_bytes(body), Held::default())),
                 };
                 let refused = resp.extensions().get::<error::Refused>().is_some();
@@ -421,6 +426,9 @@ struct Activity {
     refusals_unsent: std::sync::atomic::AtomicU64,
     /// When an answer was last written whole (ms since `opened`).
     written_ms: std::sync::atomic::AtomicU64,
+    /// The node's heads budget, whose count of unsent refusals this connection's refusals
+    /// join (`BodyBudget::refusals_full`); `None` in tests of the connection alone.
+    heads: Option<BodyBudget>,
     /// The stall clock: `keep` moves it on every `STALL_TICK`.
     tick: std::sync::atomic::AtomicU64,
     /// Unsent answers by the tick in which they were made or last had bytes taken, modulo
@@ -467,6 +475,9 @@ impl Sending {
         activity.unsent.fetch_add(1, Release);
         if refusal {
             activity.refusals_unsent.fetch_add(1, Release);
+            if let Some(heads) = &activity.heads {
+                heads.0.refusals.fetch_add(1, Release);
+            }
         }
         Sending { activity: activity.clone(), tick, refusal }
     }
@@ -494,6 +505,9 @@ impl Drop for Sending {
         self.activity.written_ms.fetch_max(now, Relaxed);
         if self.refusal {
             self.activity.refusals_unsent.fetch_sub(1, Release);
+            if let Some(heads) = &self.activity.heads {
+                heads.0.refusals.fetch_sub(1, Release);
+            }
         }
     }
 }
@@ -511,10 +525,18 @@ impl Activity {
     /// Whether the connection's client takes none of its refusals: `REFUSALS_UNTAKEN` of them
     /// unsent, and no answer written for `UNTAKEN_FOR` (nor since the connection opened). A
     /// client that reads has its answers written all along, and a burst of refusals made
-    /// before the connection writes any does not count against it.
+    /// before the connection writes any does not count against it. Or whether the refusals
+    /// unsent on all connections are as many as the heads budget bounds: 1,500 new connections
+    /// took 186,556 refusals within their first second.
     fn takes_no_refusals(&self) -> bool {
-        self.refusals_unsent.load(Ordering::Acquire) >= REFUSALS_UNTAKEN
-            && self.now_ms().saturating_sub(self.written_ms.load(Ordering::Relaxed)) >= UNTAKEN_FOR.as_millis() as u64
+        let mine = self.refusals_unsent.load(Ordering::Acquire) >= REFUSALS_UNTAKEN
+            && self.now_ms().saturating_sub(self.written_ms.load(Ordering::Relaxed)) >= UNTAKEN_FOR.as_millis() as u64;
+        mine || self.heads.as_ref().is_some_and(BodyBudget::refusals_full)
+    }
+
+    /// Requests under way on the connection.
+    fn requests_under_way(&self) -> u64 {
+        self.under_way.load(Ordering::Acquire)
     }
 
     fn new() -> Activity {
@@ -526,6 +548,7 @@ impl Activity {
             unsent: 0.into(),
             refusals_unsent: 0.into(),
             written_ms: 0.into(),
+            heads: None,
             tick: 0.into(),
             waiting: Default::default(),
             reading: head::Reading::default(),
@@ -534,7 +557,7 @@ impl Activity {
 
     /// A connection's, whose heads being read count in `heads`.
     fn counting(heads: &BodyBudget) -> Activity {
-        Activity { reading: head::Reading::new(heads.clone()), ..Activity::new() }
+        Activity { reading: head::Reading::new(heads.clone()), heads: Some(heads.clone()), ..Activity::new() }
     }
 
     fn now_ms(&self) -> u64 {
@@ -1088,11 +1111,26 @@ struct BudgetInner {
     total: usize,
     /// Whether an answer larger than `total` is held (at most one: `Answer::counted`).
     whole: std::sync::atomic::AtomicBool,
+    /// The heads budget's: refusals made past it and not yet written, on every connection
+    /// (`Sending`). They are counted in no budget (they say the budget is full); past
+    /// `refusals_full` an HTTP/2 refusal is a stream reset instead.
+    refusals: AtomicUsize,
 }
+
+/// What an unsent refusal is reckoned to hold (its stream's state in h2 and its frames) when
+/// the number of them is bounded by the heads budget (`BodyBudget::refusals_full`).
+const REFUSAL_COST: usize = 16 * 1024;
 
 impl BodyBudget {
     pub fn new(total: usize) -> BodyBudget {
-        BodyBudget(Arc::new(BudgetInner { used: AtomicUsize::new(0), total, whole: std::sync::atomic::AtomicBool::new(false) }))
+        BodyBudget(Arc::new(BudgetInner { used: AtomicUsize::new(0), total, whole: std::sync::atomic::AtomicBool::new(false), refusals: AtomicUsize::new(0) }))
+    }
+
+    /// Whether the refusals unsent on every connection reckon a sixteenth of this budget
+    /// (`REFUSAL_COST` each, at least `REFUSALS_UNTAKEN` of them).
+    fn refusals_full(&self) -> bool {
+        let most = (self.0.total / 16 / REFUSAL_COST).max(REFUSALS_UNTAKEN as usize);
+        self.0.refusals.load(Ordering::Acquire) >= most
     }
 
     /// Bytes it may count (`--max-body-buffered`).
@@ -1691,6 +1729,25 @@ mod tests {
         let mut passed = Held::default();
         count_head(&budget, &mut passed, &probe, true).expect("a probe passes a full budget");
         assert!(matches!(count_head(&budget, &mut Held::default(), &probe, false), Err(ApiError::Busy(_))));
+    }
+
+    /// Refusals unsent on all connections are bounded by the heads budget (16 KiB each, a
+    /// sixteenth of it, at least 16): past that a new connection's refusals are resets too.
+    #[test]
+    fn refusals_unsent_on_every_connection_are_bounded_by_the_heads_budget() {
+        let budget = BodyBudget::new(32 * 16 * REFUSAL_COST);
+        let (a, b) = (Arc::new(Activity::counting(&budget)), Arc::new(Activity::counting(&budget)));
+        let mut held: Vec<Sending> = (0..20).map(|_| Sending::new(&a, true)).collect();
+        held.extend((0..11).map(|_| Sending::new(&b, true)));
+        drop(Sending::new(&b, false));
+        assert!(!b.takes_no_refusals(), "31 of 32: b is new and wrote an answer");
+        held.push(Sending::new(&b, true));
+        assert!(a.takes_no_refusals() && b.takes_no_refusals(), "32 unsent on the node");
+        held.truncate(10);
+        assert!(!b.takes_no_refusals(), "written, given back");
+        assert_eq!(budget.0.refusals.load(Ordering::Acquire), 10);
+        drop(held);
+        assert_eq!(budget.0.refusals.load(Ordering::Acquire), 0);
     }
 
     /// A connection takes no refusals once 16 wait unsent and no answer was written for a
