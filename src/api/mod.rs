@@ -451,6 +451,9 @@ const STALL_BUCKETS: usize = 5;
 /// once it has written no answer for `UNTAKEN_FOR` (`Activity::takes_no_refusals`).
 const REFUSALS_UNTAKEN: u64 = 16;
 const UNTAKEN_FOR: Duration = Duration::from_secs(1);
+/// Unsent refusals a connection may hold while those of all connections are at their bound
+/// (`BodyBudget::refusals_full`): a few answered past it per connection, then resets.
+const REFUSALS_HELD_PAST_BOUND: u64 = 4;
 
 /// A request under way on a connection; its drop ends it.
 struct UnderWay(Arc<Activity>);
@@ -526,12 +529,15 @@ impl Activity {
     /// unsent, and no answer written for `UNTAKEN_FOR` (nor since the connection opened). A
     /// client that reads has its answers written all along, and a burst of refusals made
     /// before the connection writes any does not count against it. Or whether the refusals
-    /// unsent on all connections are as many as the heads budget bounds: 1,500 new connections
-    /// took 186,556 refusals within their first second.
+    /// unsent on all connections are as many as the heads budget bounds (1,500 new connections
+    /// took 186,556 refusals within their first second) and this one holds a few of them: a
+    /// client that is new, or takes its answers, still gets its refusal as an answer (a reset
+    /// on every connection made curl give up while attackers held the bound).
     fn takes_no_refusals(&self) -> bool {
-        let mine = self.refusals_unsent.load(Ordering::Acquire) >= REFUSALS_UNTAKEN
+        let unsent = self.refusals_unsent.load(Ordering::Acquire);
+        let mine = unsent >= REFUSALS_UNTAKEN
             && self.now_ms().saturating_sub(self.written_ms.load(Ordering::Relaxed)) >= UNTAKEN_FOR.as_millis() as u64;
-        mine || self.heads.as_ref().is_some_and(BodyBudget::refusals_full)
+        mine || (unsent >= REFUSALS_HELD_PAST_BOUND && self.heads.as_ref().is_some_and(BodyBudget::refusals_full))
     }
 
     /// Requests under way on the connection.
@@ -1743,6 +1749,10 @@ mod tests {
         assert!(!b.takes_no_refusals(), "31 of 32: b is new and wrote an answer");
         held.push(Sending::new(&b, true));
         assert!(a.takes_no_refusals() && b.takes_no_refusals(), "32 unsent on the node");
+        let c = Arc::new(Activity::counting(&budget));
+        assert!(!c.takes_no_refusals(), "a connection that holds none still gets an answer");
+        held.extend((0..REFUSALS_HELD_PAST_BOUND).map(|_| Sending::new(&c, true)));
+        assert!(c.takes_no_refusals(), "then a few, past the bound");
         held.truncate(10);
         assert!(!b.takes_no_refusals(), "written, given back");
         assert_eq!(budget.0.refusals.load(Ordering::Acquire), 10);
