@@ -358,10 +358,9 @@ fn head_bytes<B>(req: &Request<B>) -> usize {
 
 /// Counts `req`'s head in `budget` (`head_bytes`), or says why not: a 503 while the budget is
 /// full, a 431 for a head larger than all of it (it would never fit). The probes, `/metrics`
-/// and the cluster view are counted past a full budget, as their answers are (`handle`): a
-/// full budget must not make the node look dead.
-/// `probes_pass`: whether the probes may be counted past a full budget (their connection
-/// takes its answers).
+/// and the cluster view are counted past a full budget when `probes_pass` (the request is
+/// alone on its connection, as a kubelet's is), as their answers are (`handle`): a full
+/// budget must not make the node look dead, nor let a flood of probes past it.
 fn count_head<B>(budget: &BodyBudget, held: &mut Held, req: &Request<B>, probes_pass: bool) -> Result<(), ApiError> {
     let bytes = head_bytes(req);
     let cost = bytes + request_floor(budget.total());
