@@ -1,4 +1,4 @@
-//! Command-line interface: `node`, `dev`, `leave`, `bench`, `probe`, `chaos`, `certs`.
+//! Command-line interface: `node`, `dev`, `leave`, `bench`, `probe`, `chaos`, `certs`, `snapshot`.
 //!
 //! This is the binary's edge, so errors are `anyhow` here and exit codes are decided here.
 //! `dev` runs a three-node loopback cluster as child processes of this same binary, which is
@@ -42,6 +42,60 @@ enum Cmd {
     /// Make a certificate and key for one node's peer TLS (`--peer-tls-*`), signed by the
     /// cluster CA in --dir (made there first when the directory has none).
     Certs(CertsArgs),
+    /// Backups: save the whole replicated state to a file, inspect a saved one, or make the
+    /// first data dir of a new cluster from one.
+    #[command(subcommand)]
+    Snapshot(SnapshotCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCmd {
+    /// Download a snapshot of the whole replicated state (state, config and sealed secrets,
+    /// events, subscriptions, dedup records) from any node, covering every write acknowledged
+    /// before the call, to FILE (written to FILE.part, checked, then renamed).
+    Save(SnapshotSaveArgs),
+    /// Check a saved snapshot and print what it holds (JSON).
+    Inspect {
+        file: std::path::PathBuf,
+    },
+    /// Make the data dir of the first node of a new cluster from a saved snapshot: the node is
+    /// its one member; start the others with empty data dirs and it among their seeds.
+    Restore(SnapshotRestoreArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct SnapshotSaveArgs {
+    /// The file to write.
+    file: std::path::PathBuf,
+    /// Address of any node of the cluster: `host:port` or `http://host:port`, `https://host:port`
+    /// with --cacert.
+    #[arg(long)]
+    http_addr: String,
+    /// PEM file of the CA that an `https://` node's certificate must chain to.
+    #[arg(long)]
+    cacert: Option<std::path::PathBuf>,
+    /// The node's `--api-token`, if it has one (the read token is refused; prefer the env var).
+    #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+    /// Give up when the node sends nothing for this many seconds.
+    #[arg(long, default_value_t = 120)]
+    idle_timeout_s: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct SnapshotRestoreArgs {
+    /// The saved snapshot.
+    file: std::path::PathBuf,
+    /// The new node's data dir: new or empty.
+    #[arg(long)]
+    data_dir: std::path::PathBuf,
+    /// The new node's `--id`.
+    #[arg(long)]
+    id: u64,
+    /// The peer address other nodes will reach it at: the `--advertise` it will run with, or
+    /// its `--peer-addr`.
+    #[arg(long)]
+    advertise: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -194,6 +248,7 @@ pub fn main_with(services: Vec<crate::sdk::ServiceParts>) -> ExitCode {
             Cmd::Probe(args) => probe(args).await,
             Cmd::Chaos(args) => crate::chaos::run(args).await,
             Cmd::Certs(args) => certs(args),
+            Cmd::Snapshot(cmd) => snapshot(cmd).await,
         }
     });
     match result {
@@ -312,6 +367,85 @@ fn connect_to(addr: &str, cacert: Option<&std::path::Path>) -> anyhow::Result<cr
 /// takes an empty env var for none).
 fn bearer_header(token: Option<&str>) -> Option<(&'static str, String)> {
     token.filter(|t| !t.is_empty()).map(|t| ("authorization", format!("Bearer {t}")))
+}
+
+async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
+    match cmd {
+        SnapshotCmd::Save(args) => snapshot_save(args).await,
+        SnapshotCmd::Inspect { file } => {
+            let (_, summary) = read_snapshot(&file)?;
+            println!("{}", serde_json::to_string_pretty(&summary)?);
+            Ok(())
+        }
+        SnapshotCmd::Restore(args) => {
+            let (bytes, summary) = read_snapshot(&args.file)?;
+            let (meta, data) = crate::backup::read(&bytes, &args.file.display().to_string())?;
+            drop(bytes);
+            crate::backup::restore(meta, data, &args.data_dir, args.id, &args.advertise).await?;
+            println!(
+                "restored log index {} ({} state keys, {} events) into {} as node {} at {}\n\
+                 start it with --id {} --data-dir {} and its usual flags; start the other nodes with empty data dirs and it among their seeds",
+                summary.index, summary.state_keys, summary.events, args.data_dir.display(), args.id, args.advertise,
+                args.id, args.data_dir.display()
+            );
+            Ok(())
+        }
+    }
+}
+
+/// A saved snapshot, read and checked whole.
+fn read_snapshot(file: &std::path::Path) -> anyhow::Result<(Vec<u8>, crate::backup::Summary)> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let (meta, data) = crate::backup::read(&bytes, &file.display().to_string())?;
+    let summary = crate::backup::summarize(&meta, &data, bytes.len() as u64);
+    Ok((bytes, summary))
+}
+
+async fn snapshot_save(args: SnapshotSaveArgs) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut conn = connect_to(&args.http_addr, args.cacert.as_deref())?;
+    let auth = bearer_header(args.api_token.as_deref());
+    let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut part_name = args.file.as_os_str().to_owned();
+    part_name.push(".part");
+    let part = std::path::PathBuf::from(part_name);
+    let mut out = std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
+    // A snapshot holds every key in clear (secrets sealed): the file is the owner's only.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("chmod {}", part.display()))?;
+    }
+    let result = conn
+        .download("/cluster/snapshot", &headers, u64::MAX, Duration::from_secs(args.idle_timeout_s.max(1)), |chunk| out.write_all(chunk))
+        .await;
+    let (resp, written) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            return Err(e).with_context(|| format!("GET /cluster/snapshot from {}", args.http_addr));
+        }
+    };
+    if !resp.is_success() {
+        let _ = std::fs::remove_file(&part);
+        let hint = if resp.status == 401 || resp.status == 403 { " (give the node's --api-token with --api-token or RAFTBRIDGE_API_TOKEN; the read token may not save snapshots)" } else { "" };
+        anyhow::bail!("{}: {}{hint}", resp.status, String::from_utf8_lossy(&resp.body));
+    }
+    out.sync_all().with_context(|| format!("syncing {}", part.display()))?;
+    drop(out);
+    let checked = read_snapshot(&part);
+    let summary = match checked {
+        Ok((_, summary)) => summary,
+        Err(e) => {
+            let _ = std::fs::remove_file(&part);
+            return Err(e.context(format!("the snapshot downloaded from {} ({written} bytes) does not check", args.http_addr)));
+        }
+    };
+    std::fs::rename(&part, &args.file).with_context(|| format!("renaming {} to {}", part.display(), args.file.display()))?;
+    // The rename itself is durable once the directory is synced.
+    crate::fsutil::sync_parent(&args.file).with_context(|| format!("syncing the directory of {}", args.file.display()))?;
+    eprintln!("saved log index {} ({written} bytes) to {}", summary.index, args.file.display());
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(())
 }
 
 async fn leave(args: LeaveArgs) -> anyhow::Result<()> {

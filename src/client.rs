@@ -49,6 +49,9 @@ pub enum ClientError {
     BadHeader(String),
     #[error("decoding JSON response: {0}")]
     Json(#[from] serde_json::Error),
+    /// A download's bytes could not be stored where they were to go (`Conn::download`).
+    #[error("storing the answer from {addr}: {source}")]
+    Sink { addr: String, source: io::Error },
 }
 
 impl ClientError {
@@ -63,6 +66,7 @@ impl ClientError {
             ClientError::BadUrl(_) => "bad url",
             ClientError::BadHeader(_) => "bad header",
             ClientError::Json(_) => "json",
+            ClientError::Sink { .. } => "sink",
         }
     }
 
@@ -314,6 +318,62 @@ impl Conn {
                 }
             }
         }
+    }
+
+    /// GETs `path` and hands a 2xx answer's body to `sink` chunk by chunk as it arrives, at
+    /// most `max_bytes` in all and each chunk within `idle` of the one before: an answer too
+    /// large to hold in memory (`raftbridge snapshot save`). The `Response` has the status and
+    /// headers, and the body of an answer that is not a 2xx (read whole, as `request` reads
+    /// it); with it, the bytes handed to `sink`. The connection is not kept.
+    pub async fn download(
+        &mut self,
+        path: &str,
+        headers: &[(&str, &str)],
+        max_bytes: u64,
+        idle: Duration,
+        mut sink: impl FnMut(&[u8]) -> io::Result<()>,
+    ) -> Result<(Response, u64), ClientError> {
+        use hyper::body::Body as _;
+        let timeout = |addr: &str| ClientError::Timeout { addr: addr.to_string() };
+        if self.https && self.tls.is_none() {
+            return Err(ClientError::BadUrl(format!("https://{} needs the CA its certificate chains to (--cacert)", self.addr)));
+        }
+        let mut req = Request::new(Full::new(Bytes::new()));
+        *req.uri_mut() = path.parse().map_err(|_| ClientError::BadUrl(path.to_string()))?;
+        let host = HeaderValue::from_str(&self.addr).map_err(|_| ClientError::BadUrl(format!("{:?} (want host:port)", self.addr)))?;
+        req.headers_mut().insert(header::HOST, host);
+        for (k, v) in headers {
+            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| ClientError::BadHeader(k.to_string()))?;
+            let value = HeaderValue::from_str(v).map_err(|_| ClientError::BadHeader(format!("{k}: {v:?}")))?;
+            req.headers_mut().insert(name, value);
+        }
+        let (mut live, _) = tokio::time::timeout(idle, self.take_ready()).await.map_err(|_| timeout(&self.addr))??;
+        let resp = tokio::time::timeout(idle, live.sender.send_request(req))
+            .await
+            .map_err(|_| timeout(&self.addr))?
+            .map_err(|e| self.http_err(e))?;
+        if !resp.status().is_success() {
+            let answer = tokio::time::timeout(idle, self.read_response(resp)).await.map_err(|_| timeout(&self.addr))??;
+            return Ok((answer, 0));
+        }
+        let (parts, mut body) = resp.into_parts();
+        let mut written = 0u64;
+        // Bounded by `max_bytes` and, per chunk, by `idle`.
+        while !body.is_end_stream() {
+            let frame = tokio::time::timeout(idle, std::future::poll_fn(|cx| std::pin::Pin::new(&mut body).poll_frame(cx)))
+                .await
+                .map_err(|_| timeout(&self.addr))?;
+            let Some(frame) = frame else { break };
+            let frame = frame.map_err(|e| self.http_err(e))?;
+            if let Some(data) = frame.data_ref() {
+                written += data.len() as u64;
+                if written > max_bytes {
+                    return Err(ClientError::BodyTooLarge { addr: self.addr.clone(), limit: usize::try_from(max_bytes).unwrap_or(usize::MAX), status: parts.status.as_u16() });
+                }
+                sink(data).map_err(|source| ClientError::Sink { addr: self.addr.clone(), source })?;
+            }
+        }
+        Ok((Response { status: parts.status.as_u16(), headers: parts.headers, body: Bytes::new() }, written))
     }
 
     /// Takes the open connection if it is still usable, else opens a new one;

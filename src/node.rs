@@ -234,7 +234,7 @@ async fn claim_data_dir(dir: &Path, id: u64) -> Result<std::fs::File, NodeError>
     Ok(lock)
 }
 
-fn claim_node_id(dir: &Path, id: u64) -> Result<(), NodeError> {
+pub(crate) fn claim_node_id(dir: &Path, id: u64) -> Result<(), NodeError> {
     let path = dir.display().to_string();
     let ctx = |source| NodeError::DataDir { path: path.clone(), source };
     match std::fs::read_to_string(dir.join("node_id")) {
@@ -541,6 +541,7 @@ pub async fn run(
         api_tokens: cfg.api_tokens.clone(),
         api_read_token: cfg.api_read_token.clone(),
         long_polls: api::stores::LongPolls::new(),
+        snapshot_downloads: Arc::new(tokio::sync::Semaphore::new(1)),
     });
     let http_stop = run_stop.child_token();
     let https_task = match (https_listener, https) {

@@ -21,11 +21,11 @@
 pub mod error;
 pub mod events;
 pub mod head;
+pub mod snapshot;
 pub mod stall;
 pub mod stores;
 pub mod tls;
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering;
@@ -109,6 +109,9 @@ pub struct App {
     pub api_read_token: Option<crate::peer::ClusterSecret>,
     /// Long polls on the stores and the event log (`stores::LongPolls`), ended at the drain.
     pub long_polls: stores::LongPolls,
+    /// One snapshot download at a time (`snapshot::download`): its permit travels with the
+    /// file's reader until the file is sent. Never closed; dropped with the app.
+    pub snapshot_downloads: Arc<Semaphore>,
 }
 
 impl App {
@@ -746,13 +749,23 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     let path_is_secrets = routed.starts_with("v1/secrets");
     let (route, result) = route(&app, req).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
+    // A body streamed from a file (its `Content-Length` set by the route): a HEAD drops it.
+    let streamed = resp.extensions_mut().remove::<Streamed>().and_then(|s| crate::lock(&s.0).take());
     if head {
         let len = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
         *resp.body_mut() = Full::new(Bytes::new());
-        resp.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+        if streamed.is_none() {
+            resp.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+        }
     }
     metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
-    let mut resp = Answer::counted(resp, &app.settings.answers, refusable);
+    let mut resp = match streamed.filter(|_| !head) {
+        Some(rx) => {
+            let len = resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+            resp.map(|_| Answer::streamed(rx, len, &app.settings.answers))
+        }
+        None => Answer::counted(resp, &app.settings.answers, refusable),
+    };
     // Draining: an HTTP/1 client is told to reconnect (elsewhere, once this node stops
     // accepting), as Envoy does, so that it does not send its next request on a kept-alive
     // connection just as the drain closes it (HTTP/2 gets a GOAWAY from the graceful shutdown).
@@ -800,16 +813,15 @@ fn needs_api_token(segs: &[&str]) -> bool {
 /// tokens (the current or, while clients move, the previous one), or the read token
 /// (`--api-read-token`) for a GET or HEAD. Each is compared in constant time
 /// (`ClusterSecret::matches`).
-fn authorize_api(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+fn authorize_api(app: &App, req: &Request<Incoming>, reads: bool) -> Result<(), ApiError> {
     if app.api_tokens.is_empty() {
         return Ok(());
     }
-    let reads = matches!(*req.method(), Method::GET | Method::HEAD);
     match bearer(req)? {
         Some(given) if app.api_tokens.iter().any(|t| t.matches(given.as_bytes())) => Ok(()),
         Some(given) if app.api_read_token.as_ref().is_some_and(|t| t.matches(given.as_bytes())) => match reads {
             true => Ok(()),
-            false => Err(ApiError::Forbidden(format!("the read token (--api-read-token) may not {}: only GET and HEAD", req.method()))),
+            false => Err(ApiError::Forbidden(format!("the read token (--api-read-token) may not {} {}: only GET and HEAD of the data API", req.method(), cut(req.uri().path(), 256)))),
         },
         Some(_) => Err(ApiError::Unauthorized { realm: REALM_API, message: "the bearer token is not this node's --api-token".into() }),
         None => Err(ApiError::Unauthorized {
@@ -835,7 +847,10 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
     // Before any route reads the request: a client without the token learns nothing from the
     // answer but that it needs one (not which stores, keys or members exist).
     if needs_api_token(&segs) {
-        if let Err(e) = authorize_api(app, &req) {
+        // A snapshot holds every command's stored answer and the secrets' ciphertext: not for
+        // a read-only client, as Consul's wants a management token.
+        let reads = matches!(method, Method::GET) && !matches!(segs.as_slice(), ["cluster", "snapshot"]);
+        if let Err(e) = authorize_api(app, &req, reads) {
             return ("unauthorized", Err(e));
         }
     }
@@ -847,6 +862,7 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (Method::GET, ["metrics"]) => ("metrics", metrics_text(app).await),
         (Method::GET, ["cluster"]) => ("cluster", Ok(json_response(StatusCode::OK, &cluster_view(app)))),
         (Method::DELETE, ["cluster", "members", id]) => ("cluster_remove", remove_member(app, id).await),
+        (Method::GET, ["cluster", "snapshot"]) => ("cluster_snapshot", snapshot::download(app).await),
         (Method::POST, ["v1", "events", name]) => match crate::proxy::routing::percent_decode_with(name, false) {
             Some(name) => ("events_publish", events::publish_one(app, &name, req).await),
             None => ("events_publish", Err(ApiError::BadRequest("the event name in the path is not valid percent-encoded UTF-8".into()))),
@@ -885,6 +901,7 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (_, ["v1", "events"]) => ("other", Err(not_allowed("GET, HEAD, POST"))),
         (_, ["v1", "events", _]) => ("other", Err(not_allowed("POST"))),
         (_, ["cluster", "members", _]) => ("other", Err(not_allowed("DELETE"))),
+        (_, ["cluster", "snapshot"]) => ("other", Err(not_allowed("GET, HEAD"))),
         // The path is echoed cut to 256 bytes: an answer need not repeat 64 KiB of input.
         _ => ("unknown", Err(ApiError::NotFound(format!("no route for {}", cut(&path, 256))))),
     }
@@ -1189,6 +1206,38 @@ impl BodyBudget {
 pub struct Answer {
     /// `None` once handed to the connection.
     data: Option<Counted>,
+    /// A body read from a file chunk by chunk (`Streamed`), after `data`.
+    stream: Option<Stream>,
+}
+
+/// A body too large to make whole (`GET /cluster/snapshot`: the whole state): its route
+/// starts a reader that sends the chunks through a channel of `STREAM_CHUNKS`, and puts the
+/// receiving end in its answer's extensions, which `handle` moves into the `Answer`. So a
+/// download holds a few chunks at a time, each counted in the answer budget until written,
+/// whatever its size. The reader stops when the receiver is dropped (the client went).
+/// (Clone, as an extension must be; taken once.)
+#[derive(Clone)]
+pub(crate) struct Streamed(Arc<std::sync::Mutex<Option<tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>>>>);
+
+/// Chunks a streamed body's reader may have read ahead of the connection.
+pub(crate) const STREAM_CHUNKS: usize = 4;
+
+impl Streamed {
+    pub(crate) fn new(rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>) -> Streamed {
+        Streamed(Arc::new(std::sync::Mutex::new(Some(rx))))
+    }
+}
+
+#[derive(Debug)]
+struct Stream {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    budget: BodyBudget,
+    /// Bytes still to come (the answer's `Content-Length`).
+    left: u64,
+    /// The request's head and floor (`Answer::hold`), until the last chunk is written.
+    head: Option<Held>,
+    /// The connection each chunk is unsent on until written (`Answer::track`).
+    activity: Option<Arc<Activity>>,
 }
 
 /// The least answer that may be refused when the answer budget is full (`Answer::counted`).
@@ -1250,7 +1299,12 @@ impl Answer {
     }
 
     fn of(bytes: Bytes, held: Held) -> Answer {
-        Answer { data: (!bytes.is_empty()).then_some(Counted { bytes, _held: held, _head: Held::default(), sending: None }) }
+        Answer { data: (!bytes.is_empty()).then_some(Counted { bytes, _held: held, _head: Held::default(), sending: None }), stream: None }
+    }
+
+    /// The chunks `rx` brings, `len` bytes in all, each counted in `budget` until written.
+    fn streamed(rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>, len: u64, budget: &BodyBudget) -> Answer {
+        Answer { data: None, stream: Some(Stream { rx, budget: budget.clone(), left: len, head: None, activity: None }) }
     }
 
     /// Keeps the request's `head` counted until the answer is written (dropped at once for an
@@ -1258,6 +1312,8 @@ impl Answer {
     fn hold(&mut self, head: Held) {
         if let Some(data) = &mut self.data {
             data._head = head;
+        } else if let Some(stream) = &mut self.stream {
+            stream.head = Some(head);
         }
     }
 
@@ -1266,6 +1322,8 @@ impl Answer {
     fn track(&mut self, activity: &Arc<Activity>, refusal: bool) {
         if let Some(data) = &mut self.data {
             data.sending = Some(Sending::new(activity, refusal));
+        } else if let Some(stream) = &mut self.stream {
+            stream.activity = Some(activity.clone());
         }
     }
 }
@@ -1283,18 +1341,55 @@ fn full_bytes(mut body: Full<Bytes>) -> Bytes {
 
 impl hyper::body::Body for Answer {
     type Data = Counted;
-    type Error = Infallible;
+    /// Only a streamed body fails (its file could not be read on): hyper then resets the
+    /// stream or closes the connection, so the client sees a download cut short, never one
+    /// that looks whole.
+    type Error = std::io::Error;
 
-    fn poll_frame(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Counted>, Infallible>>> {
-        std::task::Poll::Ready(self.data.take().map(|d| Ok(hyper::body::Frame::data(d))))
+    fn poll_frame(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<Result<hyper::body::Frame<Counted>, std::io::Error>>> {
+        use std::task::Poll;
+        if let Some(d) = self.data.take() {
+            return Poll::Ready(Some(Ok(hyper::body::Frame::data(d))));
+        }
+        let Some(stream) = self.stream.as_mut() else { return Poll::Ready(None) };
+        if stream.left == 0 {
+            self.stream = None;
+            return Poll::Ready(None);
+        }
+        match stream.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(bytes))) if bytes.len() as u64 <= stream.left && !bytes.is_empty() => {
+                stream.left -= bytes.len() as u64;
+                let mut held = Held::default();
+                // Counted past a full budget: the download is under way, and its chunks are few.
+                stream.budget.count_anyway(&mut held, bytes.len());
+                let sending = stream.activity.as_ref().map(|a| Sending::new(a, false));
+                // The last chunk carries the head, so it stays counted until the end is written.
+                let head = if stream.left == 0 { stream.head.take().unwrap_or_default() } else { Held::default() };
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(Counted { bytes, _held: held, _head: head, sending }))))
+            }
+            Poll::Ready(Some(Ok(_))) => {
+                self.stream = None;
+                Poll::Ready(Some(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "the streamed file changed length while it was read"))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                self.stream = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                self.stream = None;
+                Poll::Ready(Some(Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the streamed file ended early"))))
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.data.is_none()
+        self.data.is_none() && self.stream.as_ref().is_none_or(|s| s.left == 0)
     }
 
     fn size_hint(&self) -> hyper::body::SizeHint {
-        hyper::body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.bytes.len() as u64))
+        let data = self.data.as_ref().map_or(0, |d| d.bytes.len() as u64);
+        hyper::body::SizeHint::with_exact(data + self.stream.as_ref().map_or(0, |s| s.left))
     }
 }
 
@@ -1666,7 +1761,7 @@ mod tests {
         assert!(c.len() <= 255 && c.ends_with('…') && c.starts_with("éé"), "{c}");
     }
 
-    type Chunks = futures_util::stream::BoxStream<'static, Result<hyper::body::Frame<Bytes>, Infallible>>;
+    type Chunks = futures_util::stream::BoxStream<'static, Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>;
 
     /// A body whose first chunk comes at once and the rest never.
     fn trickle() -> Request<http_body_util::StreamBody<Chunks>> {

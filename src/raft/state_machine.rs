@@ -1001,6 +1001,12 @@ pub struct SmShared {
 }
 
 impl SmShared {
+    /// The file holding this node's latest snapshot (replaced whole by each new one: a handle
+    /// opened on it keeps reading the one it opened).
+    pub fn snapshot_path(&self) -> PathBuf {
+        self.dir.join(SNAPSHOT_FILE)
+    }
+
     /// Snapshots installed since this process started (`installs`).
     pub fn installs(&self) -> u64 {
         self.installs.load(std::sync::atomic::Ordering::Acquire)
@@ -1502,6 +1508,51 @@ fn decode_file(bytes: &[u8]) -> io::Result<StoredSnapshot> {
         return Err(bad("checksum mismatch"));
     }
     bincode::deserialize(body).map_err(|e| bad(&e.to_string()))
+}
+
+/// The meta at the head of a snapshot file (`SmShared::snapshot_path`), read without the rest:
+/// what a download's headers name.
+pub fn read_snapshot_meta(file: &mut impl io::Read) -> io::Result<SnapshotMeta> {
+    let mut prefix = [0u8; 12];
+    file.read_exact(&mut prefix)?;
+    // The meta is a membership and two log ids: a megabyte is far past any.
+    bincode::deserialize_from(io::Read::take(file, 1 << 20)).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("snapshot meta: {e}")))
+}
+
+/// A saved snapshot file (`GET /cluster/snapshot`, `raftbridge snapshot save`): its meta and
+/// its state, checked as a node checks its own at open (the file's CRC, the image, the
+/// extension's CRC).
+pub fn read_backup(bytes: &[u8]) -> io::Result<(SnapshotMeta, SmData)> {
+    let snap = decode_file(bytes)?;
+    let data = decode_data(&snap.data)?;
+    Ok((snap.meta, data))
+}
+
+/// Writes `data`, a backup's state taken at `meta`, into the state machine directory `dir` as
+/// the snapshot of a new cluster whose one member is `id` at `addr` (`raftbridge snapshot
+/// restore`). The position stays the backup's (event positions, revisions and the log index go
+/// on from it); only the membership is new, in the meta and in the image, which a node reads
+/// at open. What the state keeps of the old members (their registry entries, their
+/// every-instance positions) the new leader forgets as it forgets any departed node.
+pub fn write_restored(dir: &Path, meta: &SnapshotMeta, mut data: SmData, id: NodeId, addr: &str) -> io::Result<SnapshotMeta> {
+    let membership = crate::raft::types::Membership::new(
+        vec![BTreeSet::from([id])],
+        BTreeMap::from([(id, crate::raft::types::BasicNode { addr: addr.to_string() })]),
+    )
+    .map_err(io::Error::other)?;
+    let stored = StoredMembershipT::new(meta.last_log_id, membership);
+    data.last_applied = meta.last_log_id;
+    data.last_membership = stored.clone();
+    let mut image = Vec::new();
+    bincode::serialize_into(&mut image, &data).map_err(io::Error::other)?;
+    append_ext(&mut image, &data)?;
+    let meta = SnapshotMeta { last_log_id: meta.last_log_id, last_membership: stored };
+    let sm = StateMachine::open(dir)?;
+    if read(&sm.shared.data).last_applied.is_some() {
+        return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} holds a snapshot already", dir.display())));
+    }
+    sm.persist(&StoredSnapshot { meta: meta.clone(), data: image })?;
+    Ok(meta)
 }
 
 /// Keys and weight (`entry_weight`) of every state-store entry, counted afresh.

@@ -8,6 +8,7 @@
 mod harness;
 mod http;
 
+mod backup;
 mod bad_input;
 mod clock;
 mod commands;

@@ -242,8 +242,9 @@ fn the_api_token_guards_the_data_and_admin_api() {
     let [a, b] = [c.api(1), c.api(2)];
     let (current, previous) = (format!("Bearer {API}"), format!("Bearer {OLD}"));
     let [with, with_old] = [[("authorization", current.as_str())], [("authorization", previous.as_str())]];
-    let guarded: [(&str, &str, &[u8]); 13] = [
+    let guarded: [(&str, &str, &[u8]); 14] = [
         ("PUT", "/v1/state/demo/k", b"1"),
+        ("GET", "/cluster/snapshot", b""),
         ("GET", "//v1/state/demo/k", b""),
         ("GET", "/v1/%73ecrets/db/pw", b""),
         ("GET", "/v1/state/demo/k", b""),
@@ -291,6 +292,8 @@ fn the_api_token_guards_the_data_and_admin_api() {
         ("POST", "/v1/events/tokenTest", b"{}"),
         ("DELETE", "/v1/subscriptions/countOrders", b""),
         ("DELETE", "/cluster/members/3", b""),
+        // A snapshot holds every stored command answer and the secrets' ciphertext.
+        ("GET", "/cluster/snapshot", b""),
     ] {
         assert_json_error(&call(&a, method, path, &read, body), 403, &format!("{method} {path} with the read token"));
     }

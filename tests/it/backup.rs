@@ -1,0 +1,147 @@
+//! Backups: a snapshot saved from a running cluster (`raftbridge snapshot save`), restored
+//! after every node lost its data (`raftbridge snapshot restore`), makes a new cluster that
+//! holds everything acknowledged before the save, checked by content on every node.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+use serde_json::Value;
+
+use crate::harness::Api;
+use crate::harness::Cluster;
+
+const TOKEN: &str = "it-backup-secrets-token-0123456789";
+const SECRET: &str = "it-backup-cluster-secret-0123456789abcdef";
+const CLI: Duration = Duration::from_secs(90);
+const REFORM: Duration = Duration::from_secs(120);
+
+fn ok_json(api: Api, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8], want: u16) -> Value {
+    let resp = api.request(method, path, headers, body).unwrap_or_else(|e| panic!("{method} {path} via node {}: {e}", api.id));
+    assert_eq!(resp.status, want, "{method} {path} via node {}: {}", api.id, resp.describe());
+    if resp.body.is_empty() { Value::Null } else { resp.json().unwrap_or_else(|e| panic!("{method} {path}: {e}")) }
+}
+
+/// The JSON object a CLI run printed (its log holds stdout and stderr).
+fn printed_json(c: &Cluster, name: &str) -> Value {
+    let text = std::fs::read_to_string(c.dir().join(format!("{name}.cli.log"))).unwrap_or_default();
+    let (Some(start), Some(end)) = (text.find("\n{").map(|i| i + 1).or_else(|| text.starts_with('{').then_some(0)), text.rfind('}')) else {
+        panic!("no JSON in the output of {name}:\n{text}")
+    };
+    serde_json::from_str(&text[start..=end]).unwrap_or_else(|e| panic!("{name}'s output: {e}\n{text}"))
+}
+
+fn cli_log(c: &Cluster, name: &str) -> String {
+    std::fs::read_to_string(c.dir().join(format!("{name}.cli.log"))).unwrap_or_default()
+}
+
+#[test]
+fn a_saved_snapshot_restores_a_cluster_whose_nodes_all_lost_their_data() {
+    let flags = ["--cluster-secret", SECRET, "--secrets-token", TOKEN];
+    let (c, leader) = Cluster::formed("backup", 3, &flags);
+    let ids = c.ids();
+    let follower = *ids.iter().find(|&&id| id != leader).expect("a follower");
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("authorization", bearer.as_str())];
+
+    // Acknowledged before the save, through every node: state keys, a config key, a secret
+    // and keyed events.
+    let mut state = BTreeMap::new();
+    for i in 0..60usize {
+        let value = json!({"i": i, "pad": "x".repeat(i * 17)});
+        c.api(ids[i % ids.len()]).must_put(&format!("k{i:03}"), &value);
+        state.insert(format!("k{i:03}"), value);
+    }
+    ok_json(c.api(ids[1]), "PUT", "/v1/config/app/mode", &[], b"\"blue\"", 200);
+    ok_json(c.api(ids[2]), "PUT", "/v1/secrets/db/pw", &auth, b"\"s3cret-value\"", 200);
+    let mut events = BTreeMap::new();
+    for i in 0..40usize {
+        let key = format!("evt-{i}");
+        let v = ok_json(c.api(ids[i % ids.len()]), "POST", "/v1/events/backupTest", &[("idempotency-key", key.as_str())], json!({"n": i}).to_string().as_bytes(), 201);
+        let (id, position) = (v["id"].as_str().expect("an id").to_string(), v["position"].as_u64().expect("a position"));
+        events.insert(position, (id, i));
+    }
+
+    // Saved through a follower; a HEAD names its size without the body.
+    let file = c.dir().join("backup.snap");
+    let file_arg = file.display().to_string();
+    let http = c.http(follower).to_string();
+    let status = c.run_cli("save", &["snapshot", "save", &file_arg, "--http-addr", &http], CLI);
+    assert!(status.success(), "snapshot save failed:\n{}", cli_log(&c, "save"));
+    let saved = printed_json(&c, "save");
+    let head = c.api(leader).request("HEAD", "/cluster/snapshot", &[], b"").expect("HEAD /cluster/snapshot");
+    assert_eq!(head.status, 200, "{}", head.describe());
+    assert!(head.body.is_empty(), "a HEAD carries no body");
+    assert!(head.header("x-raftbridge-snapshot-index").and_then(|v| v.parse::<u64>().ok()).is_some_and(|i| i >= saved["index"].as_u64().unwrap_or(0)), "{}", head.describe());
+    // Written after the save: not in the backup.
+    c.api(leader).must_put("after-save", &json!("late"));
+
+    let status = c.run_cli("inspect", &["snapshot", "inspect", &file_arg], CLI);
+    assert!(status.success(), "snapshot inspect failed:\n{}", cli_log(&c, "inspect"));
+    let summary = printed_json(&c, "inspect");
+    assert_eq!(summary, saved, "inspect and save describe the same file");
+    assert_eq!((summary["state_keys"].as_u64(), summary["config_keys"].as_u64(), summary["secret_keys"].as_u64()), (Some(60), Some(1), Some(1)), "{summary}");
+    assert_eq!(summary["events"].as_u64(), Some(40), "{summary}");
+    assert_eq!(summary["members"].as_array().map(Vec::len), Some(3), "{summary}");
+    // The secret is sealed in the file, as on the nodes' disks.
+    let bytes = std::fs::read(&file).expect("read the backup");
+    assert!(!bytes.windows(b"s3cret-value".len()).any(|w| w == b"s3cret-value"), "the secret's plain value is in the backup");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).expect("stat the backup").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the backup is its owner's only");
+    }
+
+    // Every node loses its data; node 1 comes back from the backup, the others empty.
+    c.kill_all();
+    for id in &ids {
+        let dir = c.dir().join(format!("n{id}"));
+        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+    }
+    let n1 = c.dir().join("n1").display().to_string();
+    let peer1 = c.peer(1).to_string();
+    let restore = ["snapshot", "restore", file_arg.as_str(), "--data-dir", n1.as_str(), "--id", "1", "--advertise", peer1.as_str()];
+    let status = c.run_cli("restore", &restore, CLI);
+    assert!(status.success(), "snapshot restore failed:\n{}", cli_log(&c, "restore"));
+    let status = c.run_cli("restore-again", &restore, CLI);
+    assert!(!status.success(), "a restore into a data dir that holds one must be refused");
+    assert!(cli_log(&c, "restore-again").contains("not empty"), "{}", cli_log(&c, "restore-again"));
+    for id in &ids {
+        if *id != 1 {
+            raftbridge::fsutil::create_private_dir(&c.dir().join(format!("n{id}"))).expect("an empty data dir");
+        }
+    }
+    c.start_all();
+    c.wait_for_membership(&ids, &[], REFORM);
+    c.wait_all_ready(REFORM);
+
+    // Everything acknowledged before the save, by content, on every node; nothing after it.
+    for api in c.apis() {
+        for (key, value) in &state {
+            let got = ok_json(api, "GET", &format!("/v1/state/default/{key}"), &[], b"", 200);
+            assert_eq!(&got, value, "{key} on node {}", api.id);
+        }
+        assert_eq!(ok_json(api, "GET", "/v1/config/app/mode", &[], b"", 200), json!("blue"), "config on node {}", api.id);
+        assert_eq!(ok_json(api, "GET", "/v1/secrets/db/pw", &auth, b"", 200), json!("s3cret-value"), "secret on node {}", api.id);
+        let late = api.request("GET", "/v1/state/default/after-save", &[], b"").expect("GET after-save");
+        assert_eq!(late.status, 404, "a write after the save is not in the backup: {}", late.describe());
+        let log = ok_json(api, "GET", "/v1/events?after=0&limit=1000&eventName=backupTest", &[], b"", 200);
+        let got: BTreeMap<u64, (String, usize)> = log["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .map(|e| (e["position"].as_u64().expect("position"), (e["id"].as_str().expect("id").to_string(), e["payload"]["n"].as_u64().expect("n") as usize)))
+            .collect();
+        assert_eq!(got, events, "the event log on node {}", api.id);
+    }
+
+    // The new cluster goes on from the backup's position: a new event comes after the old
+    // ones, a key repeated within the dedup window names the stored event, writes commit.
+    let last = *events.keys().next_back().expect("events");
+    let v = ok_json(c.api(3), "POST", "/v1/events/backupTest", &[], b"{\"n\":99}", 201);
+    assert!(v["position"].as_u64().is_some_and(|p| p > last), "a new event after {last}: {v}");
+    let (first_position, (first_id, _)) = events.iter().find(|(_, (_, n))| *n == 0).expect("event 0");
+    let again = ok_json(c.api(2), "POST", "/v1/events/backupTest", &[("idempotency-key", "evt-0")], b"{\"n\":0}", 201);
+    assert_eq!((again["id"].as_str(), again["position"].as_u64(), again["duplicate"].as_bool()), (Some(first_id.as_str()), Some(*first_position), Some(true)), "{again}");
+    c.api(2).must_put("after-restore", &json!(1));
+}
