@@ -1542,6 +1542,62 @@ mod tests {
         tokio::spawn(async move { (keep(Conn(false), &activity, LIMITS, &drain).await, tokio::time::Instant::now()) })
     }
 
+    /// A streamed answer (a snapshot download) takes its chunks as they come, each counted in
+    /// the answer budget until written; the request's head stays counted until the last chunk
+    /// is written; a stream that ends before its length, or fails, is an error, never a body
+    /// that looks whole.
+    #[tokio::test]
+    async fn a_streamed_answer_counts_each_chunk_until_written_and_fails_when_cut_short() {
+        use hyper::body::Body as _;
+        let budget = BodyBudget::new(1 << 20);
+        let heads = BodyBudget::new(1 << 20);
+        let next = |body: &mut Answer| {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            std::pin::Pin::new(body).poll_frame(&mut cx)
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+        let mut body = Answer::streamed(rx, 10, &budget);
+        let mut head = Held::default();
+        heads.count_anyway(&mut head, 100);
+        body.hold(head);
+        assert_eq!(body.size_hint().exact(), Some(10));
+        assert!(!body.is_end_stream());
+        assert!(next(&mut body).is_pending(), "nothing read yet");
+        tx.send(Ok(Bytes::from_static(b"0123"))).await.expect("send");
+        let std::task::Poll::Ready(Some(Ok(frame))) = next(&mut body) else { panic!("a chunk") };
+        let mut first = frame.into_data().expect("data");
+        assert_eq!((budget.held(), heads.held(), body.size_hint().exact()), (4, 100, Some(6)));
+        hyper::body::Buf::advance(&mut first, 4);
+        drop(first);
+        assert_eq!(budget.held(), 0, "written: given back");
+        tx.send(Ok(Bytes::from_static(b"456789"))).await.expect("send");
+        let std::task::Poll::Ready(Some(Ok(frame))) = next(&mut body) else { panic!("the last chunk") };
+        assert!(body.is_end_stream());
+        assert_eq!((budget.held(), heads.held()), (6, 100), "the head goes with the last chunk");
+        drop(frame);
+        assert_eq!((budget.held(), heads.held()), (0, 0));
+        assert!(matches!(next(&mut body), std::task::Poll::Ready(None)));
+        // Cut short: the reader ends (or fails) before the length.
+        for failure in [None, Some(std::io::Error::other("disk gone"))] {
+            let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+            let mut body = Answer::streamed(rx, 10, &budget);
+            tx.send(Ok(Bytes::from_static(b"01234"))).await.expect("send");
+            let std::task::Poll::Ready(Some(Ok(_))) = next(&mut body) else { panic!("a chunk") };
+            match failure {
+                None => drop(tx),
+                Some(e) => tx.send(Err(e)).await.expect("send"),
+            }
+            assert!(matches!(next(&mut body), std::task::Poll::Ready(Some(Err(_)))), "an error, not the end");
+            assert!(matches!(next(&mut body), std::task::Poll::Ready(None)));
+        }
+        // A chunk past the length is an error too (the file grew under the reader).
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+        let mut body = Answer::streamed(rx, 3, &budget);
+        tx.send(Ok(Bytes::from_static(b"0123"))).await.expect("send");
+        assert!(matches!(next(&mut body), std::task::Poll::Ready(Some(Err(_)))));
+        assert_eq!(budget.held(), 0);
+    }
+
     /// Answers count in their budget from when they are made until their bytes are written
     /// (the buffer handed to the connection is dropped) or dropped unwritten; one that does not
     /// fit is a 503 instead if it may be refused, else counted past the budget.
