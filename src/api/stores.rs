@@ -146,6 +146,17 @@ fn etag(tag: &str) -> HeaderValue {
     HeaderValue::from_str(&format!("\"{tag}\"")).unwrap_or_else(|_| HeaderValue::from_static("\"\""))
 }
 
+/// A long poll that waited and found nothing changed is a read at its end, not at its start: a
+/// node cut off from the cluster while the poll waited (its copy stale, a change committed
+/// elsewhere) answered "still current" (304) for the whole wait, up to 5 minutes, a reloading
+/// client keeping its stale config. So the poll passes the read barrier again (unless the
+/// client asked for a stale read) and is judged on the copy after it; a node out of touch
+/// answers 503, and the client polls another node.
+async fn barrier_again(plain: &crate::store::StateStore, store: &str, consistency: Consistency) -> Result<Option<imbl::OrdMap<String, crate::raft::state_machine::Versioned>>, ApiError> {
+    plain.barrier(consistency).await?;
+    Ok(plain.map(store)?)
+}
+
 fn not_modified(tag: &str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::NOT_MODIFIED;
@@ -182,6 +193,9 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
             if let Some(wait) = args.wait.filter(|_| unchanged(map.as_ref())) {
                 let _slot = app.long_polls.slot()?;
                 map = plain.wait_changed(store, key, unchanged, wait, &app.long_polls.stop).await?;
+                if unchanged(map.as_ref()) {
+                    map = barrier_again(&plain, store, args.consistency).await?;
+                }
             }
             let tag = tag_of(map.as_ref()).max_revision.to_string();
             if unchanged(map.as_ref()) {
@@ -281,6 +295,9 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
     if let Some(wait) = args.wait.filter(|_| unchanged(map.as_ref())) {
         let _slot = app.long_polls.slot()?;
         map = plain.wait_changed(store, prefix, unchanged, wait, &app.long_polls.stop).await?;
+        if unchanged(map.as_ref()) {
+            map = barrier_again(&plain, store, args.consistency).await?;
+        }
     }
     let page = plain.page(store, map.as_ref(), prefix, after, limit, max_bytes);
     let tag = page.tag.to_string();

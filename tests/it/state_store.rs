@@ -206,3 +206,35 @@ fn a_full_state_store_refuses_new_keys_with_507_and_takes_them_after_deletes() {
     counted(incr(), 2);
     assert_json_error(&api.put("another", &json!(1)).expect("PUT"), 507, "a new key");
 }
+
+/// A long poll that waited and found nothing changed is judged after a read barrier at its
+/// end, not only at its start: a node that lost the cluster while its polls waited answered
+/// them "still current" (304) at the end of the wait, a change committed elsewhere meanwhile
+/// (a helper's partition test). Now it answers 503 (no quorum), and the client polls
+/// another node; a poll that asked for a stale read is still a 304 from the node's copy.
+#[test]
+fn a_long_poll_on_a_node_that_lost_its_quorum_is_not_answered_still_current() {
+    let (c, leader) = Cluster::formed("poll-cut-off", 3, &[]);
+    let watcher = c.ids().into_iter().find(|&id| id != leader).expect("a follower");
+    let revision = c.api(leader).must_put("watched/k", &json!("v1"));
+    let listed = ok(c.api(watcher).request("GET", "/v1/state/default?prefix=watched/", &[], b""), "listing");
+    let index = listed.header("etag").expect("a listing's etag").trim_matches('"').to_string();
+    let addr = c.api(watcher).addr;
+    let poll = |path: String| std::thread::spawn(move || crate::http::request(addr, "GET", &path, &[], b"", std::time::Duration::from_secs(60)));
+    let polls = [
+        ("key", poll(format!("/v1/state/default/watched/k?index={revision}&wait=3s"))),
+        ("listing", poll(format!("/v1/state/default?prefix=watched/&index={index}&wait=3s"))),
+        ("stale key", poll(format!("/v1/state/default/watched/k?index={revision}&wait=3s&consistency=stale"))),
+    ];
+    let api = c.api(watcher);
+    c.wait_until("the long polls to wait", std::time::Duration::from_secs(20), || api.metric("raftbridge_long_polls", &[]).is_ok_and(|v| v >= 3.0));
+    // The watcher loses both of its peers while its polls wait.
+    for id in c.ids().into_iter().filter(|&id| id != watcher) {
+        c.kill(id);
+    }
+    for (what, handle) in polls {
+        let resp = handle.join().expect("the poll's thread").unwrap_or_else(|e| panic!("{what} poll: {e}"));
+        let want = if what.starts_with("stale") { 304 } else { 503 };
+        assert_eq!(resp.status, want, "the {what} poll on a node without a quorum: {}", resp.describe());
+    }
+}
