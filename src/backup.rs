@@ -110,6 +110,13 @@ pub async fn restore(meta: SnapshotMeta, data: SmData, data_dir: &Path, id: Node
         return Err(BackupError::NotEmpty { path, entry });
     }
     crate::fsutil::create_private_dir(data_dir).map_err(io)?;
+    // Until the last step, the marker says the dir is half made: a node refuses to start on it
+    // (a crash between the steps left a node that held the state but had no log, and waited
+    // for a leader for good), and a second restore refuses it as not empty. A marker rather
+    // than a temporary dir renamed into place: the data dir may be a volume's mount point.
+    let marker = data_dir.join(RESTORING);
+    std::fs::write(&marker, b"a raftbridge snapshot restore into this dir has not finished\n").map_err(io)?;
+    crate::fsutil::sync_parent(&marker).map_err(io)?;
     // The state machine first: a data dir with a log but no state would start as a node whose
     // log was purged past what it holds.
     crate::raft::state_machine::write_restored(&data_dir.join("sm"), &meta, data, id, advertise).map_err(io)?;
@@ -120,9 +127,15 @@ pub async fn restore(meta: SnapshotMeta, data: SmData, data_dir: &Path, id: Node
     log.purge(last).await.map_err(io)?;
     drop(log);
     crate::node::claim_node_id(data_dir, id).map_err(|e| io(std::io::Error::other(e.to_string())))?;
+    crate::fsutil::sync_dir(data_dir).map_err(io)?;
+    std::fs::remove_file(&marker).map_err(io)?;
+    crate::fsutil::sync_dir(data_dir).map_err(io)?;
     crate::fsutil::sync_parent(data_dir).map_err(io)?;
     Ok(())
 }
+
+/// The file that marks a data dir a restore is still making (`restore`; `node` refuses it).
+pub const RESTORING: &str = "RESTORING";
 
 /// The first entry of `dir` other than `lost+found` (a fresh filesystem's), if any; `None` for
 /// a dir that does not exist.

@@ -415,9 +415,21 @@ async fn snapshot_save(args: SnapshotSaveArgs) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("chmod {}", part.display()))?;
     }
-    let result = conn
-        .download("/cluster/snapshot", &headers, u64::MAX, Duration::from_secs(args.idle_timeout_s.max(1)), |chunk| out.write_all(chunk))
-        .await;
+    // A node sending another snapshot answers 503 with `Retry-After`: asked again, a second
+    // apart, for up to a minute (nothing was written to `out` by such an answer).
+    let mut result;
+    let mut busy_tries = 0;
+    loop {
+        result = conn
+            .download("/cluster/snapshot", &headers, u64::MAX, Duration::from_secs(args.idle_timeout_s.max(1)), |chunk| out.write_all(chunk))
+            .await;
+        let busy = matches!(&result, Ok((resp, _)) if resp.status == 503 && resp.headers.contains_key(http::header::RETRY_AFTER));
+        if !busy || busy_tries >= 60 {
+            break;
+        }
+        busy_tries += 1;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
     let (resp, written) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -440,7 +452,10 @@ async fn snapshot_save(args: SnapshotSaveArgs) -> anyhow::Result<()> {
             return Err(e.context(format!("the snapshot downloaded from {} ({written} bytes) does not check", args.http_addr)));
         }
     };
-    std::fs::rename(&part, &args.file).with_context(|| format!("renaming {} to {}", part.display(), args.file.display()))?;
+    if let Err(e) = std::fs::rename(&part, &args.file) {
+        let _ = std::fs::remove_file(&part);
+        return Err(e).with_context(|| format!("renaming {} to {}", part.display(), args.file.display()));
+    }
     // The rename itself is durable once the directory is synced.
     crate::fsutil::sync_parent(&args.file).with_context(|| format!("syncing the directory of {}", args.file.display()))?;
     eprintln!("saved log index {} ({written} bytes) to {}", summary.index, args.file.display());

@@ -66,6 +66,8 @@ pub enum NodeError {
     /// writing one Raft log would each acknowledge what the other overwrites.
     #[error("data dir {path} is in use by another running node ({holder}); stop it first, or give this node its own data dir")]
     DataDirInUse { path: String, holder: String },
+    #[error("data dir {path}: a `raftbridge snapshot restore` into it did not finish ({marker} is there): empty the dir and restore again")]
+    RestoreUnfinished { path: String, marker: String },
     #[error("bind {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error("raft config: {0}")]
@@ -229,6 +231,12 @@ async fn claim_data_dir(dir: &Path, id: u64) -> Result<std::fs::File, NodeError>
         use std::io::Write;
         let me = format!("pid {} on node {id}\n", std::process::id());
         lock.set_len(0).and_then(|()| lock.write_all(me.as_bytes())).map_err(ctx)?;
+    }
+    // A restore that did not finish leaves a data dir that would start as a member holding a
+    // snapshot but no log, or a log but no snapshot (`backup::restore`).
+    let marker = dir.join(crate::backup::RESTORING);
+    if marker.exists() {
+        return Err(NodeError::RestoreUnfinished { path, marker: marker.display().to_string() });
     }
     claim_node_id(dir, id)?;
     Ok(lock)

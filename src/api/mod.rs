@@ -749,12 +749,13 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     let path_is_secrets = routed.starts_with("v1/secrets");
     let (route, result) = route(&app, req).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
-    // A body streamed from a file (its `Content-Length` set by the route): a HEAD drops it.
+    // A body streamed from a file (its `Content-Length` set by the route).
     let streamed = resp.extensions_mut().remove::<Streamed>().and_then(|s| crate::lock(&s.0).take());
     if head {
         let len = hyper::body::Body::size_hint(resp.body()).exact().unwrap_or(0);
         *resp.body_mut() = Full::new(Bytes::new());
-        if streamed.is_none() {
+        // A route that streams its GET answers a HEAD with that length and no body.
+        if streamed.is_none() && !(len == 0 && resp.headers().contains_key(http::header::CONTENT_LENGTH)) {
             resp.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
         }
     }
@@ -862,7 +863,7 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (Method::GET, ["metrics"]) => ("metrics", metrics_text(app).await),
         (Method::GET, ["cluster"]) => ("cluster", Ok(json_response(StatusCode::OK, &cluster_view(app)))),
         (Method::DELETE, ["cluster", "members", id]) => ("cluster_remove", remove_member(app, id).await),
-        (Method::GET, ["cluster", "snapshot"]) => ("cluster_snapshot", snapshot::download(app).await),
+        (Method::GET, ["cluster", "snapshot"]) => ("cluster_snapshot", snapshot::download(app, req.method() == Method::HEAD).await),
         (Method::POST, ["v1", "events", name]) => match crate::proxy::routing::percent_decode_with(name, false) {
             Some(name) => ("events_publish", events::publish_one(app, &name, req).await),
             None => ("events_publish", Err(ApiError::BadRequest("the event name in the path is not valid percent-encoded UTF-8".into()))),

@@ -41,7 +41,9 @@ const CHUNK: usize = 256 << 10;
 pub const INDEX_HEADER: &str = "x-raftbridge-snapshot-index";
 pub const TERM_HEADER: &str = "x-raftbridge-snapshot-term";
 
-pub(super) async fn download(app: &App) -> ApiResult {
+/// `head`: a HEAD, answered with the headers a GET would have and no reader started (the
+/// snapshot is made all the same: its length is the file's).
+pub(super) async fn download(app: &App, head: bool) -> ApiResult {
     let Ok(permit) = app.snapshot_downloads.clone().try_acquire_owned() else {
         return Err(ApiError::Busy("this node is sending a snapshot already: retry when it is done".into()));
     };
@@ -85,6 +87,22 @@ pub(super) async fn download(app: &App) -> ApiResult {
         // The file is replaced only by newer ones, and the metrics said one covers `wanted`.
         return Err(ApiError::Internal(format!("the snapshot file ends at {:?}, before log index {wanted}", meta.last_log_id)));
     };
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::OK;
+    let headers = resp.headers_mut();
+    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
+    headers.insert(INDEX_HEADER, HeaderValue::from(last.index));
+    headers.insert(TERM_HEADER, HeaderValue::from(last.leader_id.term));
+    let name = format!("attachment; filename=\"raftbridge-{}.snap\"", last.index);
+    if let Ok(v) = HeaderValue::from_str(&name) {
+        headers.insert(http::header::CONTENT_DISPOSITION, v);
+    }
+    headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if head {
+        // `handle` keeps a HEAD's `Content-Length` when it carries a `Streamed` (here none).
+        return Ok(resp);
+    }
     let (tx, rx) = tokio::sync::mpsc::channel(super::STREAM_CHUNKS);
     // On a blocking thread until the file is read or the client has gone (the send fails);
     // it holds the one download's permit.
@@ -102,20 +120,10 @@ pub(super) async fn download(app: &App) -> ApiResult {
             left -= CHUNK.min(usize::try_from(left).unwrap_or(CHUNK)) as u64;
         }
     }));
-    metrics::counter!("raftbridge_snapshots_downloaded_total").increment(1);
+    // Counted as begun: one that ends early is counted in `raftbridge_http_write_stalls_total`
+    // or as a reset stream, not here.
+    metrics::counter!("raftbridge_snapshots_downloads_started_total").increment(1);
     tracing::info!(index = last.index, bytes = len, "sending a snapshot to a client");
-    let mut resp = Response::new(Full::new(Bytes::new()));
-    *resp.status_mut() = StatusCode::OK;
-    let headers = resp.headers_mut();
-    headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
-    headers.insert(INDEX_HEADER, HeaderValue::from(last.index));
-    headers.insert(TERM_HEADER, HeaderValue::from(last.leader_id.term));
-    let name = format!("attachment; filename=\"raftbridge-{}.snap\"", last.index);
-    if let Ok(v) = HeaderValue::from_str(&name) {
-        headers.insert(http::header::CONTENT_DISPOSITION, v);
-    }
-    headers.insert(http::header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     resp.extensions_mut().insert(Streamed::new(rx));
     Ok(resp)
 }

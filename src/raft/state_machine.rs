@@ -1524,6 +1524,14 @@ pub fn read_snapshot_meta(file: &mut impl io::Read) -> io::Result<SnapshotMeta> 
 /// extension's CRC).
 pub fn read_backup(bytes: &[u8]) -> io::Result<(SnapshotMeta, SmData)> {
     let snap = decode_file(bytes)?;
+    // A node's own file ends where its length says; a saved one with bytes after that (two
+    // downloads run together, a copy gone wrong) is not what was saved.
+    let mut len8 = [0u8; 8];
+    len8.copy_from_slice(&bytes[4..12]);
+    let end = 12u64.saturating_add(u64::from_le_bytes(len8));
+    if end != bytes.len() as u64 {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("snapshot file: {} bytes after its end", bytes.len() as u64 - end)));
+    }
     let data = decode_data(&snap.data)?;
     Ok((snap.meta, data))
 }

@@ -72,6 +72,7 @@ fn a_saved_snapshot_restores_a_cluster_whose_nodes_all_lost_their_data() {
     let head = c.api(leader).request("HEAD", "/cluster/snapshot", &[], b"").expect("HEAD /cluster/snapshot");
     assert_eq!(head.status, 200, "{}", head.describe());
     assert!(head.body.is_empty(), "a HEAD carries no body");
+    assert!(head.header("content-length").and_then(|v| v.parse::<u64>().ok()).is_some_and(|n| n > 1000), "a HEAD names the length: {}", head.describe());
     assert!(head.header("x-raftbridge-snapshot-index").and_then(|v| v.parse::<u64>().ok()).is_some_and(|i| i >= saved["index"].as_u64().unwrap_or(0)), "{}", head.describe());
     // Written after the save: not in the backup.
     c.api(leader).must_put("after-save", &json!("late"));
@@ -85,6 +86,11 @@ fn a_saved_snapshot_restores_a_cluster_whose_nodes_all_lost_their_data() {
     assert_eq!(summary["members"].as_array().map(Vec::len), Some(3), "{summary}");
     // The secret is sealed in the file, as on the nodes' disks.
     let bytes = std::fs::read(&file).expect("read the backup");
+    // Bytes after the snapshot's end (two downloads run together): not a saved snapshot.
+    let longer = c.dir().join("longer.snap");
+    std::fs::write(&longer, [&bytes[..], b"garbage"].concat()).expect("write a longer file");
+    let status = c.run_cli("inspect-longer", &["snapshot", "inspect", &longer.display().to_string()], CLI);
+    assert!(!status.success() && cli_log(&c, "inspect-longer").contains("after its end"), "{}", cli_log(&c, "inspect-longer"));
     assert!(!bytes.windows(b"s3cret-value".len()).any(|w| w == b"s3cret-value"), "the secret's plain value is in the backup");
     {
         use std::os::unix::fs::PermissionsExt;
@@ -103,6 +109,15 @@ fn a_saved_snapshot_restores_a_cluster_whose_nodes_all_lost_their_data() {
     let restore = ["snapshot", "restore", file_arg.as_str(), "--data-dir", n1.as_str(), "--id", "1", "--advertise", peer1.as_str()];
     let status = c.run_cli("restore", &restore, CLI);
     assert!(status.success(), "snapshot restore failed:\n{}", cli_log(&c, "restore"));
+    // A restore that did not finish (its marker still there) is refused by the node.
+    let marker = c.dir().join("n1").join("RESTORING");
+    std::fs::write(&marker, b"x").expect("write the marker");
+    let free = crate::harness::free_loopback_ports(2);
+    let (peer, http) = (free[0].to_string(), free[1].to_string());
+    let status = c.run_cli("unfinished", &["node", "--id", "1", "--data-dir", n1.as_str(), "--peer-addr", &peer, "--http-addr", &http], CLI);
+    assert!(!status.success(), "a node must refuse a data dir whose restore did not finish");
+    assert!(cli_log(&c, "unfinished").contains("did not finish"), "{}", cli_log(&c, "unfinished"));
+    std::fs::remove_file(&marker).expect("remove the marker");
     let status = c.run_cli("restore-again", &restore, CLI);
     assert!(!status.success(), "a restore into a data dir that holds one must be refused");
     assert!(cli_log(&c, "restore-again").contains("not empty"), "{}", cli_log(&c, "restore-again"));
