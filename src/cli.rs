@@ -77,6 +77,10 @@ struct SnapshotSaveArgs {
     /// The node's `--api-token`, if it has one (the read token is refused; prefer the env var).
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// The node's `--secrets-token`: what a node without an API token wants for a snapshot
+    /// when its secret store is on (sent when no --api-token is given).
+    #[arg(long, env = "RAFTBRIDGE_SECRETS_TOKEN", hide_env_values = true)]
+    secrets_token: Option<String>,
     /// Give up when the node sends nothing for this many seconds.
     #[arg(long, default_value_t = 120)]
     idle_timeout_s: u64,
@@ -404,17 +408,21 @@ fn read_snapshot(file: &std::path::Path) -> anyhow::Result<(Vec<u8>, crate::back
 async fn snapshot_save(args: SnapshotSaveArgs) -> anyhow::Result<()> {
     use std::io::Write;
     let mut conn = connect_to(&args.http_addr, args.cacert.as_deref())?;
-    let auth = bearer_header(args.api_token.as_deref());
+    let auth = bearer_header(args.api_token.as_deref()).or_else(|| bearer_header(args.secrets_token.as_deref()));
     let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut part_name = args.file.as_os_str().to_owned();
     part_name.push(".part");
     let part = std::path::PathBuf::from(part_name);
-    let mut out = std::fs::File::create(&part).with_context(|| format!("creating {}", part.display()))?;
-    // A snapshot holds every key in clear (secrets sealed): the file is the owner's only.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&part, std::fs::Permissions::from_mode(0o600)).with_context(|| format!("chmod {}", part.display()))?;
+    // A snapshot holds every key in clear (secrets sealed): the file is the owner's only from
+    // its creation, and a new one (not a file or link left at that name).
+    match std::fs::remove_file(&part) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing a stale {}", part.display())),
+        _ => {}
     }
+    let mut out = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&part).with_context(|| format!("creating {}", part.display()))?
+    };
     // A node sending another snapshot answers 503 with `Retry-After`: asked again, a second
     // apart, for up to a minute (nothing was written to `out` by such an answer).
     let mut result;
@@ -439,10 +447,17 @@ async fn snapshot_save(args: SnapshotSaveArgs) -> anyhow::Result<()> {
     };
     if !resp.is_success() {
         let _ = std::fs::remove_file(&part);
-        let hint = if resp.status == 401 || resp.status == 403 { " (give the node's --api-token with --api-token or RAFTBRIDGE_API_TOKEN; the read token may not save snapshots)" } else { "" };
+        let hint = if resp.status == 401 || resp.status == 403 {
+            " (give the node's --api-token with --api-token or RAFTBRIDGE_API_TOKEN, the read token may not save snapshots; a node without an API token whose secret store is on wants --secrets-token)"
+        } else {
+            ""
+        };
         anyhow::bail!("{}: {}{hint}", resp.status, String::from_utf8_lossy(&resp.body));
     }
-    out.sync_all().with_context(|| format!("syncing {}", part.display()))?;
+    if let Err(e) = out.sync_all() {
+        let _ = std::fs::remove_file(&part);
+        return Err(e).with_context(|| format!("syncing {}", part.display()));
+    }
     drop(out);
     let checked = read_snapshot(&part);
     let summary = match checked {

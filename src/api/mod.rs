@@ -761,10 +761,11 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     }
     metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
     let mut resp = match streamed.filter(|_| !head) {
-        Some(rx) => {
-            let len = resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
-            resp.map(|_| Answer::streamed(rx, len, &app.settings.answers))
-        }
+        Some(rx) => match resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()) {
+            Some(len) => resp.map(|_| Answer::streamed(rx, len, &app.settings.answers)),
+            // A route that streams names the length (a bug otherwise): never an empty 200.
+            None => Answer::counted(ApiError::Internal("a streamed answer without its length".into()).into_response(), &app.settings.answers, false),
+        },
         None => Answer::counted(resp, &app.settings.answers, refusable),
     };
     // Draining: an HTTP/1 client is told to reconnect (elsewhere, once this node stops
@@ -863,7 +864,16 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (Method::GET, ["metrics"]) => ("metrics", metrics_text(app).await),
         (Method::GET, ["cluster"]) => ("cluster", Ok(json_response(StatusCode::OK, &cluster_view(app)))),
         (Method::DELETE, ["cluster", "members", id]) => ("cluster_remove", remove_member(app, id).await),
-        (Method::GET, ["cluster", "snapshot"]) => ("cluster_snapshot", snapshot::download(app, req.method() == Method::HEAD).await),
+        (Method::GET, ["cluster", "snapshot"]) => {
+            // Without an API token, a node whose secret store has a token of its own wants that
+            // one: the snapshot names every secret's key (sealed values), which that token guards.
+            if app.api_tokens.is_empty() && app.secrets_token.is_some() {
+                if let Err(e) = stores::authorize(app, &req) {
+                    return ("unauthorized", Err(e));
+                }
+            }
+            ("cluster_snapshot", snapshot::download(app, req.method() == Method::HEAD).await)
+        }
         (Method::POST, ["v1", "events", name]) => match crate::proxy::routing::percent_decode_with(name, false) {
             Some(name) => ("events_publish", events::publish_one(app, &name, req).await),
             None => ("events_publish", Err(ApiError::BadRequest("the event name in the path is not valid percent-encoded UTF-8".into()))),

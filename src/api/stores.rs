@@ -126,7 +126,7 @@ impl ReadArgs {
 }
 
 /// The secret store's routes take only the node's `--secrets-token`, as a bearer token.
-fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
+pub(super) fn authorize(app: &App, req: &Request<Incoming>) -> Result<(), ApiError> {
     let Some(token) = &app.secrets_token else {
         return Err(ApiError::Forbidden("the secret store's HTTP API is off on this node: start it with --secrets-token".into()));
     };

@@ -222,9 +222,9 @@ fn a_long_poll_on_a_node_that_lost_its_quorum_is_not_answered_still_current() {
     let addr = c.api(watcher).addr;
     let poll = |path: String| std::thread::spawn(move || crate::http::request(addr, "GET", &path, &[], b"", std::time::Duration::from_secs(60)));
     let polls = [
-        ("key", poll(format!("/v1/state/default/watched/k?index={revision}&wait=3s"))),
-        ("listing", poll(format!("/v1/state/default?prefix=watched/&index={index}&wait=3s"))),
-        ("stale key", poll(format!("/v1/state/default/watched/k?index={revision}&wait=3s&consistency=stale"))),
+        ("key", poll(format!("/v1/state/default/watched/k?index={revision}&wait=12s"))),
+        ("listing", poll(format!("/v1/state/default?prefix=watched/&index={index}&wait=12s"))),
+        ("stale key", poll(format!("/v1/state/default/watched/k?index={revision}&wait=12s&consistency=stale"))),
     ];
     let api = c.api(watcher);
     c.wait_until("the long polls to wait", std::time::Duration::from_secs(20), || api.metric("raftbridge_long_polls", &[]).is_ok_and(|v| v >= 3.0));
