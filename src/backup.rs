@@ -110,6 +110,20 @@ pub async fn restore(meta: SnapshotMeta, data: SmData, data_dir: &Path, id: Node
         return Err(BackupError::NotEmpty { path, entry });
     }
     crate::fsutil::create_private_dir(data_dir).map_err(io)?;
+    // The node's own lock (`node::claim_data_dir`), held until the restore is done: a node
+    // started on the same dir meanwhile waits for it, and one already running refuses this.
+    let mut lock = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(data_dir.join("LOCK")).map_err(io)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(BackupError::NotEmpty { path, entry: "LOCK, held by a running node".into() }),
+        Err(std::fs::TryLockError::Error(e)) if e.kind() == std::io::ErrorKind::Unsupported || e.raw_os_error() == Some(37) => {}
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    {
+        use std::io::Write;
+        let me = format!("pid {} (raftbridge snapshot restore of node {id})\n", std::process::id());
+        lock.set_len(0).and_then(|()| lock.write_all(me.as_bytes())).map_err(io)?;
+    }
     // Until the last step, the marker says the dir is half made: a node refuses to start on it
     // (a crash between the steps left a node that held the state but had no log, and waited
     // for a leader for good), and a second restore refuses it as not empty. A marker rather
@@ -131,6 +145,7 @@ pub async fn restore(meta: SnapshotMeta, data: SmData, data_dir: &Path, id: Node
     std::fs::remove_file(&marker).map_err(io)?;
     crate::fsutil::sync_dir(data_dir).map_err(io)?;
     crate::fsutil::sync_parent(data_dir).map_err(io)?;
+    drop(lock);
     Ok(())
 }
 
