@@ -382,8 +382,9 @@ async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
             Ok(())
         }
         SnapshotCmd::Restore(args) => {
-            let (bytes, summary) = read_snapshot(&args.file)?;
+            let bytes = std::fs::read(&args.file).with_context(|| format!("reading {}", args.file.display()))?;
             let (meta, data) = crate::backup::read(&bytes, &args.file.display().to_string())?;
+            let summary = crate::backup::summarize(&meta, &data, bytes.len() as u64);
             drop(bytes);
             crate::backup::restore(meta, data, &args.data_dir, args.id, &args.advertise).await?;
             println!(
