@@ -823,7 +823,10 @@ fn authorize_api(app: &App, req: &Request<Incoming>, reads: bool) -> Result<(), 
         Some(given) if app.api_tokens.iter().any(|t| t.matches(given.as_bytes())) => Ok(()),
         Some(given) if app.api_read_token.as_ref().is_some_and(|t| t.matches(given.as_bytes())) => match reads {
             true => Ok(()),
-            false => Err(ApiError::Forbidden(format!("the read token (--api-read-token) may not {} {}: only GET and HEAD of the data API", req.method(), cut(req.uri().path(), 256)))),
+            false if matches!(*req.method(), Method::GET | Method::HEAD) => {
+                Err(ApiError::Forbidden("the read token (--api-read-token) may not save snapshots: use the --api-token".into()))
+            }
+            false => Err(ApiError::Forbidden(format!("the read token (--api-read-token) may not {}: only GET and HEAD", req.method()))),
         },
         Some(_) => Err(ApiError::Unauthorized { realm: REALM_API, message: "the bearer token is not this node's --api-token".into() }),
         None => Err(ApiError::Unauthorized {
