@@ -3185,6 +3185,43 @@ mod tests {
         assert!(decode_file(&bytes).is_err());
     }
 
+    /// A saved snapshot read back and restored for a new cluster of one member: the same state
+    /// at the same position, the new membership in the meta and in the image (what a node
+    /// reads at open); a file with bytes after its end is refused, and so is a dir that holds
+    /// a snapshot already.
+    #[tokio::test]
+    async fn a_backup_restores_the_state_under_a_membership_of_one() {
+        let dir = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
+        let mut sm = StateMachine::open(&dir).unwrap();
+        {
+            let mut d = write(&sm.shared.data);
+            apply_entry(&mut d, membership(&[1, 2, 3], 1), 0);
+            d.apply(2, put("s", "k", "{\"a\":1}", None));
+            apply_entry(&mut d, membership(&[1, 2, 3], 5), 0);
+        }
+        let built = sm.build_snapshot().await.unwrap();
+        let bytes = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
+        let (meta, data) = read_backup(&bytes).expect("the saved file reads back");
+        assert_eq!(meta, built.meta);
+        assert!(read_backup(&[&bytes[..], b"x"].concat()).is_err(), "bytes after the end");
+        let restored = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
+        let new_meta = write_restored(&restored, &meta, data.clone(), 7, "127.0.0.1:7").unwrap();
+        assert_eq!(new_meta.last_log_id, meta.last_log_id, "the backup's position");
+        let opened = StateMachine::open(&restored).unwrap();
+        {
+            let d = read(&opened.shared.data);
+            assert_eq!(d.last_applied, meta.last_log_id);
+            assert_eq!(d.last_membership.membership().voter_ids().collect::<Vec<_>>(), vec![7], "the image names the new member");
+            assert_eq!(d.last_membership.membership().get_node(&7).map(|n| n.addr.as_str()), Some("127.0.0.1:7"));
+        }
+        assert_eq!(opened.shared.get("s", "k").unwrap().revision, 2);
+        let mut reopened = StateMachine::open(&restored).unwrap();
+        assert_eq!(reopened.get_current_snapshot().await.unwrap().expect("the restored snapshot").meta, new_meta);
+        assert!(write_restored(&restored, &meta, data, 7, "127.0.0.1:7").is_err(), "a dir that holds a snapshot");
+        std::fs::remove_dir_all(restored).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
     #[tokio::test]
     async fn snapshot_survives_reopen() {
         let dir = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
