@@ -223,14 +223,7 @@ impl Conn {
         timeout: Duration,
         resend: bool,
     ) -> Result<Response, ClientError> {
-        let mut map = HeaderMap::with_capacity(headers.len());
-        for (k, v) in headers {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| ClientError::BadHeader(k.to_string()))?;
-            let value = HeaderValue::from_str(v)
-                .map_err(|_| ClientError::BadHeader(format!("{k}: {v:?}")))?;
-            map.insert(name, value);
-        }
+        let map = header_map(headers)?;
         self.request_with(method, path_and_query, map, body, timeout, resend).await
     }
 
@@ -342,11 +335,7 @@ impl Conn {
         *req.uri_mut() = path.parse().map_err(|_| ClientError::BadUrl(path.to_string()))?;
         let host = HeaderValue::from_str(&self.addr).map_err(|_| ClientError::BadUrl(format!("{:?} (want host:port)", self.addr)))?;
         req.headers_mut().insert(header::HOST, host);
-        for (k, v) in headers {
-            let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| ClientError::BadHeader(k.to_string()))?;
-            let value = HeaderValue::from_str(v).map_err(|_| ClientError::BadHeader(format!("{k}: {v:?}")))?;
-            req.headers_mut().insert(name, value);
-        }
+        req.headers_mut().extend(header_map(headers)?);
         let (mut live, _) = tokio::time::timeout(idle, self.take_ready()).await.map_err(|_| timeout(&self.addr))??;
         let resp = tokio::time::timeout(idle, live.sender.send_request(req))
             .await
@@ -464,6 +453,17 @@ impl Conn {
             body,
         })
     }
+}
+
+/// `headers` as a map (a later repeat of a name replaces the earlier one).
+fn header_map(headers: &[(&str, &str)]) -> Result<HeaderMap, ClientError> {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes()).map_err(|_| ClientError::BadHeader(k.to_string()))?;
+        let value = HeaderValue::from_str(v).map_err(|_| ClientError::BadHeader(format!("{k}: {v:?}")))?;
+        map.insert(name, value);
+    }
+    Ok(map)
 }
 
 /// Errors that mean "the idle connection was already dead when we used it".
