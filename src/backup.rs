@@ -10,7 +10,9 @@
 //! dirs, as any new node joins. Its vote is in the backup's last term, so its first election
 //! is in a later term than every entry it holds. What the state keeps of the old members (their
 //! registry entries, every-instance positions) the leader forgets as it forgets any node that
-//! left (`proxy::registry`).
+//! left (`proxy::registry`). The restored state gets a new cluster id, so a node of the old
+//! cluster still running is refused by the new one (`peer`) instead of following its leader
+//! with its old state.
 
 use std::path::Path;
 
@@ -56,6 +58,9 @@ pub struct Summary {
     pub idempotency_records: u64,
     /// The snapshot file's size.
     pub bytes: u64,
+    /// The id of the cluster it was saved from (32 hex digits; `null` when that cluster had
+    /// none: its builds came before ids). A restore gives the new cluster another.
+    pub cluster_id: Option<String>,
 }
 
 /// Reads and checks a saved snapshot (`path` names it in errors).
@@ -95,14 +100,17 @@ pub fn summarize(meta: &SnapshotMeta, data: &SmData, bytes: u64) -> Summary {
         dead_letters: data.subs.values().map(|s| s.dead.len() as u64).sum(),
         idempotency_records: data.idem.len() as u64,
         bytes,
+        cluster_id: data.cluster_id.map(|id| format!("{id:032x}")),
     }
 }
 
 /// Makes `data_dir` (new, or empty) the data dir of node `id` as the one member of a new
 /// cluster holding the saved state, peers reaching it at `advertise` (the `--advertise` it
 /// will run with, or its `--peer-addr`). Start it with its usual flags; start the other nodes
-/// with empty data dirs and it among their seeds, and they join.
-pub async fn restore(meta: SnapshotMeta, data: SmData, data_dir: &Path, id: NodeId, advertise: &str) -> Result<(), BackupError> {
+/// with empty data dirs and it among their seeds, and they join. The new cluster gets a new
+/// id, returned: a node of the old one, left running under the same cluster name, is refused
+/// by its nodes (`peer`) instead of following its leader with the old state.
+pub async fn restore(meta: SnapshotMeta, mut data: SmData, data_dir: &Path, id: NodeId, advertise: &str) -> Result<u128, BackupError> {
     let path = data_dir.display().to_string();
     let io = |source| BackupError::Io { path: path.clone(), source };
     let Some(last) = meta.last_log_id else { return Err(BackupError::Empty) };
@@ -131,6 +139,8 @@ pub async fn restore(meta: SnapshotMeta, data: SmData, data_dir: &Path, id: Node
     let marker = data_dir.join(RESTORING);
     std::fs::write(&marker, b"a raftbridge snapshot restore into this dir has not finished\n").map_err(io)?;
     crate::fsutil::sync_parent(&marker).map_err(io)?;
+    let cluster_id = crate::cluster::new_cluster_id();
+    data.cluster_id = Some(cluster_id);
     // The state machine first: a data dir with a log but no state would start as a node whose
     // log was purged past what it holds.
     crate::raft::state_machine::write_restored(&data_dir.join("sm"), &meta, data, id, advertise).map_err(io)?;
@@ -146,7 +156,7 @@ pub async fn restore(meta: SnapshotMeta, data: SmData, data_dir: &Path, id: Node
     crate::fsutil::sync_dir(data_dir).map_err(io)?;
     crate::fsutil::sync_parent(data_dir).map_err(io)?;
     drop(lock);
-    Ok(())
+    Ok(cluster_id)
 }
 
 /// The file that marks a data dir a restore is still making (`restore`; `node` refuses it).

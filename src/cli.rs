@@ -386,9 +386,10 @@ async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
             let (meta, data) = crate::backup::read(&bytes, &args.file.display().to_string())?;
             let summary = crate::backup::summarize(&meta, &data, bytes.len() as u64);
             drop(bytes);
-            crate::backup::restore(meta, data, &args.data_dir, args.id, &args.advertise).await?;
+            let cluster_id = crate::backup::restore(meta, data, &args.data_dir, args.id, &args.advertise).await?;
             println!(
-                "restored log index {} ({} state, {} config and {} secret keys, {} events, {} subscriptions) into {} as node {} at {}\n\
+                "restored log index {} ({} state, {} config and {} secret keys, {} events, {} subscriptions) into {} as node {} at {}, \
+                 in a new cluster with id {cluster_id:032x}\n\
                  start it with --id {} --data-dir {} and its usual flags; start the other nodes with empty data dirs and it among their seeds",
                 summary.index, summary.state_keys, summary.config_keys, summary.secret_keys, summary.events, summary.subscriptions,
                 args.data_dir.display(), args.id, args.advertise, args.id, args.data_dir.display()

@@ -334,6 +334,7 @@ pub async fn run(
             secret: cfg.cluster_secret.clone(),
             tls: tls.clone(),
             source_ip: cfg.peer_source_addr,
+            cluster_id: sm_shared.known_cluster_id(),
         },
         net_stop.clone(),
     );

@@ -1014,6 +1014,9 @@ fn cluster_view(app: &App) -> serde_json::Value {
     serde_json::json!({
         "node_id": m.id,
         "cluster_name": app.cluster_name,
+        // The id of the history this node's state holds (null: none yet); nodes with
+        // different ids refuse each other's links.
+        "cluster_id": app.replica.net.cluster_id().map(|id| format!("{id:032x}")),
         // As writes see it: a leader that removed itself names nobody (openraft keeps its
         // own id there, with the node a learner).
         "leader": app.replica.leader(),

@@ -57,6 +57,17 @@ const QUEUE: usize = 64;
 /// and the links' pings arrive in it.
 const RESPONSIVE: Duration = Duration::from_millis(1500);
 
+/// A new cluster id (`Command::NameCluster`, `raftbridge snapshot restore`): 128 random bits,
+/// so that no two clusters, nor a restored cluster and the one it was saved from, share one.
+pub fn new_cluster_id() -> u128 {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // The OS source failing is near impossible; a fast PRNG's id still differs per cluster.
+        return fastrand::u128(..);
+    }
+    u128::from_le_bytes(bytes)
+}
+
 /// Whether node `id` was heard from within `RESPONSIVE`: alive, not only linked (a stopped or
 /// hung process keeps its link up, silent, until the idle timeout). The rule for promoting,
 /// for finishing a change left half done and for handing leadership over at a drain.
@@ -563,6 +574,7 @@ impl Cluster {
                     demoted.retain(|id, _| members.contains(id));
                     unsure.retain(|id| held_back.contains_key(id));
                     if self.replica.raft.is_leader() {
+                        self.name_cluster().await;
                         self.finish_joint().await;
                         self.demote_held_back(&held_back, &mut demoted, &mut unsure).await;
                         self.promote_learners(&held_back, &demoted).await;
@@ -571,6 +583,23 @@ impl Cluster {
                     }
                 }
             }
+        }
+    }
+
+    /// Gives the cluster its id (`Command::NameCluster`) when its state has none: a cluster
+    /// formed by this build, once its first leader is elected; one formed by builds before
+    /// ids, once every member runs one that applies it. Links between nodes that hold
+    /// different ids are refused (`peer`), so a node of an old history, left running beside a
+    /// cluster restored from its backup, cannot follow the new leader with its old state.
+    async fn name_cluster(&self) {
+        if self.replica.net.cluster_id().is_some() || !self.replica.members_have(crate::peer::frame::features::CLUSTER_ID) {
+            return;
+        }
+        let id = new_cluster_id();
+        match self.replica.write(Command::NameCluster { id }, CHANGE_TIMEOUT).await {
+            // The first applied wins: another leader's may have come first.
+            Ok(_) => info!(cluster_id = %format!("{:032x}", self.replica.net.cluster_id().unwrap_or(id)), "cluster named"),
+            Err(e) => warn!(cause = %e, "could not name the cluster; will retry"),
         }
     }
 

@@ -138,8 +138,10 @@ pub mod features {
     pub const FORGET_NODES: u64 = 256;
     /// The node applies `SubUpdate::FailedAt` (a failure counted once, however often sent).
     pub const FAILED_AT: u64 = 512;
+    /// The node applies `Command::NameCluster` and keeps the cluster id in its snapshots.
+    pub const CLUSTER_ID: u64 = 1024;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | CLUSTER_ID;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.
@@ -166,6 +168,12 @@ pub struct Hello {
     /// The sender's flags that become cluster-wide rules through its proposals (`None` from
     /// builds before it, and from a node that has not set them): peers warn when theirs differ.
     pub settings: Option<Settings>,
+    /// The id of the cluster whose history the sender's state holds (`Command::NameCluster`;
+    /// `None` from builds before it and from a node that has no history yet or whose cluster
+    /// was never named). Two nodes that both know one refuse a link when they differ: a
+    /// cluster restored from a backup gets a new id, and a node of the old one left running
+    /// under the same `--cluster-name` would otherwise follow the new leader with its old state.
+    pub cluster_id: Option<u128>,
 }
 
 /// A node's flags that its proposals carry to every node: event retention comes from the
@@ -201,9 +209,16 @@ impl Settings {
     }
 }
 
-/// `Hello` as builds before `settings` sent it. Each older shape is the one before it with the
-/// fields that build added: bincode lays a nested struct out as its fields, so nesting them is
-/// the same wire format as writing each out.
+/// `Hello` as builds before `cluster_id` sent it. Each older shape is the one before it with
+/// the fields that build added: bincode lays a nested struct out as its fields, so nesting them
+/// is the same wire format as writing each out.
+#[derive(Deserialize)]
+struct HelloWithoutClusterId {
+    without_settings: HelloWithoutSettings,
+    settings: Option<Settings>,
+}
+
+/// `Hello` as builds before `settings` sent it.
 #[derive(Deserialize)]
 struct HelloWithoutSettings {
     without_auth: HelloWithoutAuth,
@@ -233,7 +248,7 @@ impl HelloBefore {
     /// This build's `Hello` with what the older one did not send.
     fn with(self, features: u64, nonce: [u8; 16], proof: [u8; 32]) -> Hello {
         let HelloBefore { magic, version, cluster, node_id, addr, incarnation } = self;
-        Hello { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof, settings: None }
+        Hello { magic, version, cluster, node_id, addr, incarnation, features, nonce, proof, settings: None, cluster_id: None }
     }
 }
 
@@ -242,6 +257,9 @@ impl Hello {
     pub fn decode(frame: &Frame) -> Result<Hello, FrameError> {
         if let Ok(h) = frame.message::<Hello>() {
             return Ok(h);
+        }
+        if let Ok(HelloWithoutClusterId { without_settings: HelloWithoutSettings { without_auth, nonce, proof }, settings }) = frame.message() {
+            return Ok(Hello { settings, ..without_auth.before.with(without_auth.features, nonce, proof) });
         }
         if let Ok(HelloWithoutSettings { without_auth, nonce, proof }) = frame.message() {
             return Ok(without_auth.before.with(without_auth.features, nonce, proof));
@@ -271,6 +289,7 @@ mod tests {
             nonce: [3; 16],
             proof: [4; 32],
             settings: Some(Settings { max_frame: 1 << 20, events_max_count: 7, ..Settings::default() }),
+            cluster_id: Some(0x0123_4567_89ab_cdef_0011_2233_4455_6677),
         };
         let body = Frame::encode(Kind::Hello, 9, &hello).unwrap();
         let frame = Frame::decode(BytesMut::from(&body[..])).unwrap();
@@ -307,6 +326,7 @@ mod tests {
             nonce: [1; 16],
             proof: [2; 32],
             settings: Some(Settings::default()),
+            cluster_id: Some(9),
         };
         let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &new).unwrap()[..])).unwrap();
         let seen_by_old: HelloBefore = frame.message().unwrap();
@@ -348,6 +368,22 @@ mod tests {
         let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &auth).unwrap()[..])).unwrap();
         let read = Hello::decode(&frame).unwrap();
         assert_eq!((read.node_id, read.nonce, read.proof, read.settings), (5, [5; 16], [6; 32], None));
+        // A build with settings but before the cluster id reads a new Hello as its own, and a
+        // new build reads its Hello with no cluster id (and its settings).
+        let seen: HelloWithoutClusterId = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &new).unwrap()[..])).unwrap().message().unwrap();
+        assert_eq!((seen.without_settings.without_auth.before.node_id, seen.settings), (3, Some(Settings::default())));
+        #[derive(Serialize)]
+        struct WithSettings {
+            auth: WithAuth<'static>,
+            settings: Option<Settings>,
+        }
+        let with_settings = WithSettings {
+            auth: WithAuth { magic: MAGIC, version: PROTOCOL_VERSION, cluster: "c", node_id: 6, addr: "f:6", incarnation: 9, features: features::ALL, nonce: [7; 16], proof: [8; 32] },
+            settings: Some(Settings { max_frame: 77, ..Settings::default() }),
+        };
+        let frame = Frame::decode(BytesMut::from(&Frame::encode(Kind::Hello, 0, &with_settings).unwrap()[..])).unwrap();
+        let read = Hello::decode(&frame).unwrap();
+        assert_eq!((read.node_id, read.nonce, read.settings.map(|s| s.max_frame), read.cluster_id), (6, [7; 16], Some(77), None));
     }
 
     #[test]

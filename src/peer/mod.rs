@@ -352,6 +352,9 @@ pub struct PeerConfig {
     /// destination it cannot reach: another address family, or a non-loopback address from a
     /// loopback one.
     pub source_ip: Option<std::net::IpAddr>,
+    /// The id of the cluster whose history this node's state holds, once known (set by the
+    /// state machine): announced in each `Hello`, and a peer that announces another is refused.
+    pub cluster_id: crate::raft::types::KnownClusterId,
 }
 
 /// The cluster's shared secret (`--cluster-secret`). Its `Debug` does not show it.
@@ -1197,7 +1200,13 @@ impl PeerNet {
             nonce: nonce(),
             proof: [0; 32],
             settings: self.settings.get().copied(),
+            cluster_id: self.cluster_id(),
         }
+    }
+
+    /// The cluster id this node's state holds (`PeerConfig::cluster_id`), if it is known.
+    pub fn cluster_id(&self) -> Option<u128> {
+        self.cfg.cluster_id.get().copied()
     }
 
     /// This node's flags that its proposals carry to every node, announced in each `Hello`
@@ -1273,6 +1282,19 @@ impl PeerNet {
         // the name is the only gate (no secret, no TLS) it would hand it out.
         if h.cluster != self.cfg.cluster {
             return Err(format!("cluster {:?} is not this node's", h.cluster));
+        }
+        // Same name, another history: a cluster restored from a backup and a node of the one
+        // it replaced, or two clusters started under one name. A node without an id yet (a
+        // new or emptied one, or a build before ids) links to either, and takes the id of the
+        // history it is sent. Ours is not named, as the name is not above.
+        if let (Some(theirs), Some(ours)) = (h.cluster_id, self.cluster_id()) {
+            if theirs == ours {
+                return Ok(());
+            }
+            metrics::counter!("raftbridge_peer_other_cluster_total").increment(1);
+            return Err(format!(
+                "cluster id {theirs:032x} is not this node's: the same cluster name with another history (a cluster restored from a backup, and a node of the one it replaced, or two clusters started under one name)"
+            ));
         }
         Ok(())
     }
@@ -2002,7 +2024,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn failed_dial_records_are_bounded() {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
         let net = PeerNet::new(cfg, CancellationToken::new());
         let addr = |i: usize| format!("127.0.{}.{}:1", 1 + i / 250, 1 + i % 250);
         for i in 0..MAX_DIAL_RECORDS {
@@ -2024,7 +2046,7 @@ mod tests {
     /// measure's uncertainty; a peer's offset is its clock minus ours.
     #[tokio::test]
     async fn a_clock_is_far_ahead_only_of_a_majority_measured_surely_behind() {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
         let net = PeerNet::new(cfg, CancellationToken::new());
         let bound = Duration::from_secs(30);
         let set = |readings: &[(NodeId, i64, u64)]| {
@@ -2066,7 +2088,7 @@ mod tests {
 
     /// Node 1 accepting peer links on a free loopback port; `stop` ends it.
     async fn listening(idle_timeout: Duration) -> (Arc<PeerNet>, std::net::SocketAddr, CancellationToken) {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout, secret: None, tls: None, source_ip: None };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout, secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
         let stop = CancellationToken::new();
         let net = PeerNet::new(cfg, stop.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2095,6 +2117,7 @@ mod tests {
             secret: secret.map(|s| ClusterSecret::new(s.as_bytes())),
             tls: None,
             source_ip: None,
+            cluster_id: Default::default(),
         };
         let acceptor = PeerNet::new(cfg(1, addr.to_string(), secret), stop.clone());
         let dialer = PeerNet::new(cfg(2, "127.0.0.1:1".into(), dialer_secret), stop.clone());
@@ -2136,7 +2159,7 @@ mod tests {
     async fn a_second_process_with_a_members_id_is_refused_while_the_member_answers() {
         let (acceptor, addr, stop) = listening(Duration::from_secs(10)).await;
         let node = |advertise: &str, stop: &CancellationToken| {
-            let cfg = PeerConfig { node_id: 2, cluster: "t".into(), advertise: advertise.into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(10), secret: None, tls: None, source_ip: None };
+            let cfg = PeerConfig { node_id: 2, cluster: "t".into(), advertise: advertise.into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(10), secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
             let net = PeerNet::new(cfg, stop.clone());
             net.set_peer_addr(1, &addr.to_string());
             net
@@ -2194,6 +2217,7 @@ mod tests {
             secret: Some(ClusterSecret::new(SECRET.as_bytes())),
             tls: None,
             source_ip: None,
+            cluster_id: Default::default(),
         };
         let claimant = PeerNet::new(cfg, stop.clone());
         claimant.set_peer_addr(1, &addr.to_string());
@@ -2231,6 +2255,36 @@ mod tests {
             stop.cancel();
         }
         drop(acceptor);
+    }
+
+    /// Nodes whose states hold different cluster ids (a cluster restored from a backup and a
+    /// node of the one it replaced) refuse each other's links; a node that holds none yet (new,
+    /// emptied, or of a build before ids) links to either, and the same id links.
+    #[tokio::test]
+    async fn nodes_that_hold_different_cluster_ids_do_not_link() {
+        for (acceptor_id, dialer_id, links, why) in [
+            (Some(1u128), Some(2u128), false, "different ids"),
+            (Some(7), Some(7), true, "the same id"),
+            (None, Some(2), true, "an acceptor without one"),
+            (Some(1), None, true, "a dialer without one"),
+        ] {
+            let (acceptor, dialer, _, stop) = pair(None, None).await;
+            for (net, id) in [(&acceptor, acceptor_id), (&dialer, dialer_id)] {
+                if let Some(id) = id {
+                    net.cfg.cluster_id.set(id).expect("a new cell");
+                }
+            }
+            assert_eq!((acceptor.hello().cluster_id, dialer.hello().cluster_id), (acceptor_id, dialer_id), "{why}: announced");
+            match dialer.link(1).await {
+                Ok(_) => assert!(links, "{why}: linked"),
+                Err(err) => {
+                    assert!(!links, "{why}: {err}");
+                    assert!(err.to_string().contains("cluster id"), "{why}: {err}");
+                    assert_unlinked(&acceptor, &dialer, why).await;
+                }
+            }
+            stop.cancel();
+        }
     }
 
     /// An answer that does not decode closes the link, as a request that does not does.
@@ -2383,6 +2437,7 @@ mod tests {
             secret: None,
             tls,
             source_ip: None,
+            cluster_id: Default::default(),
         };
         let acceptor = PeerNet::new(cfg(1, addr.to_string(), acceptor_tls), stop.clone());
         tokio::spawn(acceptor.clone().run(listener));
@@ -2764,7 +2819,7 @@ mod tests {
     /// given up when it leaves; an announcement below what any node accepts counts as ours.
     #[test]
     fn the_cluster_frame_is_the_smallest_members() {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 2 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 2 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
         let net = PeerNet::new(cfg, CancellationToken::new());
         let frame = |m: u64| frame::Settings { max_frame: m, ..frame::Settings::default() };
         assert_eq!(net.cluster_frame(), 2 << 20);

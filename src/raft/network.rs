@@ -828,6 +828,7 @@ mod tests {
             secret: None,
             tls: None,
             source_ip: None,
+            cluster_id: Default::default(),
         };
         let follower = PeerNet::new(cfg(2, &addr), stop.clone());
         let seen = Arc::new(Seen::default());
@@ -1001,6 +1002,7 @@ mod tests {
             secret: None,
             tls: None,
             source_ip: None,
+            cluster_id: Default::default(),
         };
         let net = PeerNet::new(cfg, stop.clone());
         let settings = crate::raft::RaftSettings {

@@ -24,6 +24,7 @@ use crate::raft::types::Command;
 use crate::raft::types::CommandResult;
 use crate::raft::types::Entry;
 use crate::raft::types::EntryResponder;
+use crate::raft::types::KnownClusterId;
 use crate::raft::types::LogId;
 use crate::raft::types::NodeId;
 use crate::raft::types::StoredResponse;
@@ -492,6 +493,10 @@ pub struct SmData {
     /// in snapshots).
     #[serde(skip)]
     pub subs_generation: u64,
+    /// The cluster's id (`Command::NameCluster`; `None` until the first is applied). In
+    /// snapshots through their extension (`SmExtLast`), so the image's layout stays as it was.
+    #[serde(skip)]
+    pub cluster_id: Option<u128>,
 }
 
 /// What one state-store entry weighs for the quota: its names, its value and an allowance for
@@ -681,6 +686,11 @@ impl SmData {
                         s.instances.remove(node);
                     }
                 }
+                CommandResult::None
+            }
+            Command::NameCluster { id } => {
+                // The first wins: two leaders of successive terms may each have proposed one.
+                self.cluster_id.get_or_insert(id);
                 CommandResult::None
             }
             Command::DropSubscription { name } => {
@@ -998,9 +1008,27 @@ pub struct SmShared {
     /// Snapshots installed by this process: a store's maps after an install share nothing with
     /// those before, so a listing's cached tag is not moved across one (`store::TagCache`).
     installs: std::sync::atomic::AtomicU64,
+    /// `data.cluster_id` once it is known (at open, or after the apply or install that brought
+    /// it), for the peer handshake to read without the lock (`known_cluster_id`).
+    cluster_id: KnownClusterId,
 }
 
 impl SmShared {
+    /// The cluster's id as this node's state knows it, shared: the peer handshake reads it.
+    pub fn known_cluster_id(&self) -> KnownClusterId {
+        self.cluster_id.clone()
+    }
+
+    /// Notes the state's cluster id (`None`: it has none yet). Set once: a state that holds
+    /// another later is a history this node's links should have refused (said, not followed).
+    fn note_cluster_id(&self, id: Option<u128>) {
+        let Some(id) = id else { return };
+        let known = *self.cluster_id.get_or_init(|| id);
+        if known != id {
+            tracing::error!(known = %format!("{known:032x}"), state = %format!("{id:032x}"), "the state now holds another cluster id than this process started with; the handshake goes on announcing the first");
+        }
+    }
+
     /// The file holding this node's latest snapshot (replaced whole by each new one: a handle
     /// opened on it keeps reading the one it opened).
     pub fn snapshot_path(&self) -> PathBuf {
@@ -1437,8 +1465,13 @@ impl StateMachine {
             Some(snap) => (decode_data(&snap.data)?, snap.meta.last_log_id),
             None => (SmData::default(), None),
         };
+        let cluster_id = KnownClusterId::default();
+        if let Some(id) = data.cluster_id {
+            let _ = cluster_id.set(id);
+        }
         Ok(StateMachine {
             shared: Arc::new(SmShared {
+                cluster_id,
                 registry_rev: std::sync::atomic::AtomicU64::new(registry_view_revision(&data)),
                 events_next: tokio::sync::watch::Sender::new(data.log.next),
                 stores_moved: tokio::sync::watch::Sender::new(data.stores_digest),
@@ -1591,11 +1624,21 @@ struct SmExt {
     more: SmExtMore,
 }
 
-/// The extension's second part (see `SmExt`).
+/// The extension's second part (see `SmExt`); the third follows it the same way.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 struct SmExtMore {
     /// The headers of stored answers that have some (`StoredResponse::headers`), by key.
     idem_headers: Vec<(String, crate::sdk::HeaderList)>,
+    /// What `SmExtLast` held (not in this struct's encoding).
+    #[serde(skip)]
+    last: SmExtLast,
+}
+
+/// The extension's third part (see `SmExt`).
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+struct SmExtLast {
+    /// `SmData::cluster_id`.
+    cluster_id: Option<u128>,
 }
 
 const EXT_MAGIC: [u8; 8] = *b"rbSmExt1";
@@ -1613,10 +1656,13 @@ fn append_ext(image: &mut Vec<u8>, d: &SmData) -> io::Result<()> {
                 _ => None,
             })
             .collect(),
+        last: SmExtLast::default(),
     };
+    let last = SmExtLast { cluster_id: d.cluster_id };
     let start = image.len();
     bincode::serialize_into(&mut *image, &ext).map_err(io::Error::other)?;
     bincode::serialize_into(&mut *image, &more).map_err(io::Error::other)?;
+    bincode::serialize_into(&mut *image, &last).map_err(io::Error::other)?;
     let len = u32::try_from(image.len() - start).map_err(|_| io::Error::other("snapshot extension over 4 GiB"))?;
     let crc = crc32fast::hash(&image[start..]);
     image.extend_from_slice(&len.to_le_bytes());
@@ -1647,6 +1693,10 @@ fn read_ext(image: &[u8]) -> io::Result<SmExt> {
     let used = usize::try_from(bincode::serialized_size(&first).map_err(undecodable)?).map_err(|_| bad("longer than the image"))?;
     if let Some(rest) = ext.get(used..).filter(|rest| !rest.is_empty()) {
         first.more = bincode::deserialize(rest).map_err(undecodable)?;
+        let used = usize::try_from(bincode::serialized_size(&first.more).map_err(undecodable)?).map_err(|_| bad("longer than the image"))?;
+        if let Some(rest) = rest.get(used..).filter(|rest| !rest.is_empty()) {
+            first.more.last = bincode::deserialize(rest).map_err(undecodable)?;
+        }
     }
     Ok(first)
 }
@@ -1661,6 +1711,7 @@ pub fn decode_data(bytes: &[u8]) -> io::Result<SmData> {
             rec.fingerprint = Some(print);
         }
     }
+    data.cluster_id = ext.more.last.cluster_id;
     for (key, headers) in ext.more.idem_headers {
         if let Some(IdemRecord { state: IdemState::Done(answer), .. }) = data.idem.get_mut(&key) {
             answer.headers = headers;
@@ -1740,8 +1791,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 responder.send(result);
             }
         }
-        let next = read(&self.shared.data).log.next;
+        let (next, cluster_id) = {
+            let d = read(&self.shared.data);
+            (d.log.next, d.cluster_id)
+        };
         self.shared.events_moved(next);
+        self.shared.note_cluster_id(cluster_id);
         Ok(())
     }
 
@@ -1774,6 +1829,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 sub.incarnation = Incarnation(data.subs_generation);
             }
             let old = std::mem::replace(&mut *d, data);
+            self.shared.note_cluster_id(d.cluster_id);
             self.shared.installs.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             self.shared.events_moved(d.log.next);
             // Sent even when the digest is equal: the maps are new, and a waiter compares them.
@@ -1898,7 +1954,8 @@ mod tests {
             stores_moved: tokio::sync::watch::Sender::new(0),
             persisted: std::sync::Mutex::new(None),
             replay_end: std::sync::atomic::AtomicU64::new(0),
-                installs: std::sync::atomic::AtomicU64::new(0),
+            installs: std::sync::atomic::AtomicU64::new(0),
+            cluster_id: KnownClusterId::default(),
         }
     }
 
@@ -2400,6 +2457,49 @@ mod tests {
         let back = decode_data(&old_image).expect("an older build's image decodes");
         assert_eq!(back.idem["with"].fingerprint, Some(1));
         assert!(matches!(&back.idem["with"].state, IdemState::Done(r) if r.headers.is_empty()));
+    }
+
+    /// The first `NameCluster` applied names the cluster and later ones change nothing; the id
+    /// travels in the snapshot's extension after the answers' headers, where an older build
+    /// reads the rest and leaves it alone, and an older build's extension reads with none.
+    #[test]
+    fn the_first_cluster_name_stands_and_snapshots_carry_it() {
+        let mut d = SmData::default();
+        assert_eq!(d.apply(1, Command::NameCluster { id: 0xabc }), CommandResult::None);
+        d.apply(2, Command::NameCluster { id: 0xdef });
+        assert_eq!(d.cluster_id, Some(0xabc), "the first applied stands");
+        assert!(Command::NameCluster { id: 1 }.retry_safe(), "applying it twice changes nothing");
+        let headers: crate::sdk::HeaderList = vec![("location".into(), b"/x".to_vec())];
+        let resp = StoredResponse { status: 201, body: b"{}".to_vec(), content_type: None, headers: Vec::new() };
+        d.apply(3, Command::IdemClaim { key: "k".into(), attempt: 1, now_ms: 100, lease_ms: 1000, window_ms: 60_000, fingerprint: 5 });
+        d.apply(4, Command::IdemCompleteWith { key: "k".into(), attempt: 1, response: resp, headers: headers.clone() });
+
+        let mut image = bincode::serialize(&d).expect("encodes");
+        let plain_len = image.len();
+        append_ext(&mut image, &d).expect("extension");
+        let back = decode_data(&image).expect("decodes");
+        assert_eq!(back.cluster_id, Some(0xabc));
+        assert!(matches!(&back.idem["k"].state, IdemState::Done(r) if r.headers == headers));
+        // An older build decodes the image and the extension's first two parts as before.
+        let older: SmData = bincode::deserialize(&image).expect("an older build decodes the image");
+        assert_eq!(older.cluster_id, None);
+        let ext = &image[plain_len..image.len() - EXT_TRAILER];
+        let first: SmExt = bincode::deserialize(ext).expect("the first part");
+        let used = bincode::serialized_size(&first).unwrap() as usize;
+        let more: SmExtMore = bincode::deserialize(&ext[used..]).expect("an older build decodes the second part");
+        assert_eq!(more.idem_headers, vec![("k".to_string(), headers)]);
+        // An older build's extension (no third part) reads here with no id.
+        let mut old_image = bincode::serialize(&d).expect("encodes");
+        let mut old_ext = bincode::serialize(&first).unwrap();
+        old_ext.extend(bincode::serialize(&more).unwrap());
+        let crc = crc32fast::hash(&old_ext);
+        old_image.extend_from_slice(&old_ext);
+        old_image.extend_from_slice(&(old_ext.len() as u32).to_le_bytes());
+        old_image.extend_from_slice(&crc.to_le_bytes());
+        old_image.extend_from_slice(&EXT_MAGIC);
+        let back = decode_data(&old_image).expect("an older build's image decodes");
+        assert_eq!(back.cluster_id, None);
+        assert!(matches!(&back.idem["k"].state, IdemState::Done(r) if r.headers.len() == 1), "the headers still read");
     }
 
     /// A key first claimed with one fingerprint answers a claim with another `IdemMismatch`,
@@ -3197,12 +3297,16 @@ mod tests {
             let mut d = write(&sm.shared.data);
             apply_entry(&mut d, membership(&[1, 2, 3], 1), 0);
             d.apply(2, put("s", "k", "{\"a\":1}", None));
+            d.apply(3, Command::NameCluster { id: 0x01d });
             apply_entry(&mut d, membership(&[1, 2, 3], 5), 0);
         }
         let built = sm.build_snapshot().await.unwrap();
         let bytes = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
-        let (meta, data) = read_backup(&bytes).expect("the saved file reads back");
+        let (meta, mut data) = read_backup(&bytes).expect("the saved file reads back");
         assert_eq!(meta, built.meta);
+        assert_eq!(data.cluster_id, Some(0x01d), "the backup names its cluster");
+        // `backup::restore` gives the new cluster an id of its own.
+        data.cluster_id = Some(0x2ee);
         assert!(read_backup(&[&bytes[..], b"x"].concat()).is_err(), "bytes after the end");
         let restored = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
         let new_meta = write_restored(&restored, &meta, data.clone(), 7, "127.0.0.1:7").unwrap();
@@ -3215,6 +3319,7 @@ mod tests {
             assert_eq!(d.last_membership.membership().get_node(&7).map(|n| n.addr.as_str()), Some("127.0.0.1:7"));
         }
         assert_eq!(opened.shared.get("s", "k").unwrap().revision, 2);
+        assert_eq!(opened.shared.known_cluster_id().get(), Some(&0x2ee), "the handshake announces the new id from the start");
         let mut reopened = StateMachine::open(&restored).unwrap();
         assert_eq!(reopened.get_current_snapshot().await.unwrap().expect("the restored snapshot").meta, new_meta);
         assert!(write_restored(&restored, &meta, data, 7, "127.0.0.1:7").is_err(), "a dir that holds a snapshot");

@@ -171,3 +171,108 @@ fn a_saved_snapshot_restores_a_cluster_whose_nodes_all_lost_their_data() {
     }
     c.api(2).must_put("after-restore", &json!(1));
 }
+
+/// The cluster id a node's `/cluster` names (`None`: its state holds none yet).
+fn cluster_id(api: Api) -> Result<Option<String>, String> {
+    let resp = api.request("GET", "/cluster", &[], b"").map_err(|e| e.to_string())?;
+    let v: Value = resp.json().map_err(|e| format!("node {}: {e}", api.id))?;
+    Ok(v["cluster_id"].as_str().map(str::to_string))
+}
+
+/// A node of the old cluster left running beside the cluster restored from its backup, under
+/// the same `--cluster-name` and at its old address, while the restored cluster reuses its id
+/// for a new node elsewhere: the restored cluster has an id of its own, so their links are
+/// refused both ways. The old node never answers a linearizable read with its old state (which
+/// holds a write the backup does not), and the new node 3, not the old one, is the member.
+#[test]
+fn a_node_of_the_old_cluster_left_running_is_refused_by_the_restored_one() {
+    let (mut c, _) = Cluster::formed("backup-old-node", 3, &[]);
+    let ids = c.ids();
+    // The cluster's first leader named it, and every node holds that id.
+    let old_id = c.wait_for("every node to hold the cluster's id", REFORM, || {
+        let seen: Vec<Option<String>> = ids.iter().map(|&id| cluster_id(c.api(id))).collect::<Result<_, _>>()?;
+        match seen.first() {
+            Some(Some(first)) if seen.iter().all(|s| s.as_deref() == Some(first.as_str())) => Ok(first.clone()),
+            _ => Err(format!("ids seen: {seen:?}")),
+        }
+    });
+    c.api(1).must_put("k", &json!("before"));
+    let file = c.dir().join("old.snap");
+    let file_arg = file.display().to_string();
+    let http = c.http(1).to_string();
+    let status = c.run_cli("save", &["snapshot", "save", &file_arg, "--http-addr", &http], CLI);
+    assert!(status.success(), "snapshot save failed:\n{}", cli_log(&c, "save"));
+    assert_eq!(printed_json(&c, "save")["cluster_id"].as_str(), Some(old_id.as_str()), "the backup names its cluster");
+    // Acknowledged by the old cluster after the save: node 3 holds it.
+    c.api(3).must_put("k", &json!("after"));
+    c.wait_caught_up(&[3], REFORM);
+
+    // Node 3 goes on outside the harness, with its data, at its address, as the old node.
+    c.kill(3);
+    let old_dir = c.dir().join("old3");
+    std::fs::rename(c.dir().join("n3"), &old_dir).expect("move node 3's data dir");
+    let old_http = crate::harness::free_loopback_ports(1)[0];
+    let seeds: Vec<String> = ids.iter().map(|&id| c.peer(id).to_string()).collect();
+    let old_args: Vec<String> = [
+        "node", "--id", "3", "--data-dir", &old_dir.display().to_string(), "--peer-addr", &c.peer(3).to_string(),
+        "--http-addr", &old_http.to_string(), "--cluster-name", "it-backup-old-node", "--seeds", &seeds.join(","),
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let _old = crate::harness::HelperProcess::spawn("old node 3", crate::harness::BIN, &old_args, c.dir().join("old3.log"));
+    let old = Api { id: 3, addr: old_http, token: None };
+    c.wait_until("the old node 3 to serve", REFORM, || old.probe("/healthz") == Ok(200));
+
+    // Nodes 1 and 2 lose their data; node 1 is restored, node 2 and a new node 3 (another
+    // address) join it empty.
+    c.kill(1);
+    c.kill(2);
+    for id in [1u64, 2] {
+        let dir = c.dir().join(format!("n{id}"));
+        std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+    }
+    let n1 = c.dir().join("n1").display().to_string();
+    let peer1 = c.peer(1).to_string();
+    let status = c.run_cli("restore", &["snapshot", "restore", file_arg.as_str(), "--data-dir", n1.as_str(), "--id", "1", "--advertise", peer1.as_str()], CLI);
+    assert!(status.success(), "snapshot restore failed:\n{}", cli_log(&c, "restore"));
+    for id in [2u64, 3] {
+        raftbridge::fsutil::create_private_dir(&c.dir().join(format!("n{id}"))).expect("an empty data dir");
+    }
+    let new3 = c.move_peer_addr(3);
+    c.start_all();
+    c.wait_for_membership(&ids, &[], REFORM);
+    let new_id = cluster_id(c.api(1)).expect("node 1's /cluster").expect("the restored node holds an id");
+    assert_ne!(new_id, old_id, "the restored cluster has an id of its own");
+    c.wait_until("every node to hold the restored cluster's id", REFORM, || {
+        ids.iter().all(|&id| cluster_id(c.api(id)).ok().flatten().as_deref() == Some(new_id.as_str()))
+    });
+    assert_eq!(cluster_id(old).expect("the old node's /cluster").as_deref(), Some(old_id.as_str()), "the old node holds the old history");
+    c.api(1).must_put("k", &json!("new"));
+
+    // The new node 3 stops for a while (a restart, a rescheduled pod): the old one, at the
+    // address the old membership holds for node 3, is not let in in its place.
+    c.kill(3);
+    c.assert_stays("the old node outside the restored cluster, its old state never read as current", Duration::from_secs(10), || {
+        for api in c.apis() {
+            let status = api.status()?;
+            let addr = status.member(3).map(|m| m.addr.clone());
+            if addr.as_deref() != Some(new3.to_string().as_str()) {
+                return Err(format!("member 3 at {addr:?}, not the new node's {new3}: {status}"));
+            }
+        }
+        let read = old.get("k").map_err(|e| e.to_string())?;
+        if read.status == 200 {
+            return Err(format!("the old node answered a linearizable read: {}", read.describe()));
+        }
+        Ok(())
+    });
+    c.wait_until("the restored cluster to refuse the old node's links", REFORM, || {
+        [1u64, 2].iter().any(|&id| c.api(id).metric("raftbridge_peer_other_cluster_total", &[]).is_ok_and(|n| n >= 1.0))
+    });
+    c.start(3);
+    c.wait_for_membership(&ids, &[], REFORM);
+    for api in c.apis() {
+        assert_eq!(ok_json(api, "GET", "/v1/state/default/k", &[], b"", 200), json!("new"), "node {}", api.id);
+    }
+}

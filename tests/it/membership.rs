@@ -58,6 +58,7 @@ fn foreign_peer(node_id: u64, cluster: &str, advertise: &str, stop: &tokio_util:
         secret: None,
         tls: None,
         source_ip: None,
+        cluster_id: Default::default(),
     };
     raftbridge::peer::PeerNet::new(cfg, stop.clone())
 }
