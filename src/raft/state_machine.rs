@@ -1021,11 +1021,22 @@ impl SmShared {
 
     /// Notes the state's cluster id (`None`: it has none yet). Set once: a state that holds
     /// another later is a history this node's links should have refused (said, not followed).
+    /// The first one also goes to `CLUSTER_ID_FILE`, off the runtime.
     fn note_cluster_id(&self, id: Option<u128>) {
         let Some(id) = id else { return };
-        let known = *self.cluster_id.get_or_init(|| id);
+        let mut fresh = false;
+        let known = *self.cluster_id.get_or_init(|| {
+            fresh = true;
+            id
+        });
         if known != id {
             tracing::error!(known = %format!("{known:032x}"), state = %format!("{id:032x}"), "the state now holds another cluster id than this process started with; the handshake goes on announcing the first");
+        }
+        if fresh && !self.dir.as_os_str().is_empty() {
+            let dir = self.dir.clone();
+            // Not awaited: until it is written, a restart knows the id from the state, as
+            // soon as it has applied the entry or opened the snapshot that holds it.
+            drop(tokio::task::spawn_blocking(move || write_cluster_id(&dir, id)));
         }
     }
 
@@ -1443,6 +1454,39 @@ pub struct StateMachine {
 }
 
 const SNAPSHOT_FILE: &str = "snapshot.bin";
+/// The cluster id this node's state holds (32 hex digits), written once it is first known: a
+/// restarted node announces it from its first handshake, not only once it has applied the
+/// entry that names the cluster again (the log's replay, which waits for a leader to tell it
+/// what is committed when the committed hint was lost). Only a committed and applied id is
+/// written, so it never names a history the node's state does not hold.
+const CLUSTER_ID_FILE: &str = "cluster_id";
+
+/// Writes `id` to `dir`'s `CLUSTER_ID_FILE` (atomically; a failure is logged: the state holds
+/// the id in any case).
+fn write_cluster_id(dir: &Path, id: u128) {
+    if let Err(e) = crate::fsutil::write_atomic(dir, CLUSTER_ID_FILE, format!("{id:032x}\n").as_bytes()) {
+        tracing::warn!(dir = %dir.display(), error = %e, "could not write the cluster id file; a restart announces the id once its state holds it again");
+    }
+}
+
+/// The id in `dir`'s `CLUSTER_ID_FILE`, if it holds one (one that does not read is ignored,
+/// with a warning: the state names the id too).
+fn read_cluster_id(dir: &Path) -> Option<u128> {
+    let path = dir.join(CLUSTER_ID_FILE);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "could not read the cluster id file");
+            return None;
+        }
+    };
+    let parsed = u128::from_str_radix(text.trim(), 16).ok().filter(|_| text.trim().len() == 32);
+    if parsed.is_none() {
+        tracing::warn!(path = %path.display(), "the cluster id file does not hold one; ignored");
+    }
+    parsed
+}
 
 impl StateMachine {
     /// Open the state machine in `dir`, restoring the last snapshot if there is one.
@@ -1466,8 +1510,20 @@ impl StateMachine {
             None => (SmData::default(), None),
         };
         let cluster_id = KnownClusterId::default();
-        if let Some(id) = data.cluster_id {
-            let _ = cluster_id.set(id);
+        match (data.cluster_id, read_cluster_id(dir)) {
+            (Some(id), file) => {
+                let _ = cluster_id.set(id);
+                if file != Some(id) {
+                    if let Some(other) = file {
+                        tracing::error!(state = %format!("{id:032x}"), file = %format!("{other:032x}"), "the cluster id file names another cluster than the snapshot; the snapshot's stands");
+                    }
+                    write_cluster_id(dir, id);
+                }
+            }
+            (None, Some(id)) => {
+                let _ = cluster_id.set(id);
+            }
+            (None, None) => {}
         }
         Ok(StateMachine {
             shared: Arc::new(SmShared {
@@ -3320,10 +3376,48 @@ mod tests {
         }
         assert_eq!(opened.shared.get("s", "k").unwrap().revision, 2);
         assert_eq!(opened.shared.known_cluster_id().get(), Some(&0x2ee), "the handshake announces the new id from the start");
+        assert_eq!(read_cluster_id(&restored), Some(0x2ee), "and the id file names it");
         let mut reopened = StateMachine::open(&restored).unwrap();
         assert_eq!(reopened.get_current_snapshot().await.unwrap().expect("the restored snapshot").meta, new_meta);
         assert!(write_restored(&restored, &meta, data, 7, "127.0.0.1:7").is_err(), "a dir that holds a snapshot");
         std::fs::remove_dir_all(restored).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    /// The first cluster id the state holds goes to the id file, and a restart announces it
+    /// from the file before it has replayed the entry that named the cluster (a file that does
+    /// not read is ignored); a snapshot's id stands over the file's.
+    #[tokio::test]
+    async fn a_restart_knows_the_cluster_id_before_its_replay() {
+        let dir = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
+        let mut sm = StateMachine::open(&dir).unwrap();
+        assert!(sm.shared.known_cluster_id().get().is_none());
+        use openraft::vote::RaftLeaderIdExt;
+        let entry = |index, id| Entry {
+            log_id: LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index),
+            payload: openraft::EntryPayload::Normal(Command::NameCluster { id }),
+        };
+        let entries = futures_util::stream::iter([Ok((entry(1, 0xa1), None)), Ok((entry(2, 0xb2), None))]);
+        sm.apply(entries).await.unwrap();
+        assert_eq!(sm.shared.known_cluster_id().get(), Some(&0xa1));
+        // Written off the runtime: polled, 10 s at most.
+        let mut written = None;
+        for _ in 0..1000 {
+            written = read_cluster_id(&dir);
+            if written.is_some() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert_eq!(written, Some(0xa1), "the id file is written");
+        drop(sm);
+        // A restart whose state does not hold the id yet (the entry is in the log, to replay).
+        let reopened = StateMachine::open(&dir).unwrap();
+        assert_eq!(reopened.shared.known_cluster_id().get(), Some(&0xa1), "known from the file");
+        assert_eq!(read(&reopened.shared.data).cluster_id, None);
+        drop(reopened);
+        std::fs::write(dir.join(CLUSTER_ID_FILE), b"not an id\n").unwrap();
+        assert!(StateMachine::open(&dir).unwrap().shared.known_cluster_id().get().is_none(), "a file that does not read");
         std::fs::remove_dir_all(dir).unwrap();
     }
 
