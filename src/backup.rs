@@ -82,7 +82,8 @@ pub fn summarize(meta: &SnapshotMeta, data: &SmData, bytes: u64) -> Summary {
             config_keys += n;
         } else if store.starts_with("\u{1}secrets/") {
             secret_keys += n;
-        } else {
+        } else if !store.starts_with('\u{1}') {
+            // Not the reserved ones (the cluster's id: `state_machine::CLUSTER_STORE`).
             state_keys += n;
         }
     }
@@ -100,7 +101,7 @@ pub fn summarize(meta: &SnapshotMeta, data: &SmData, bytes: u64) -> Summary {
         dead_letters: data.subs.values().map(|s| s.dead.len() as u64).sum(),
         idempotency_records: data.idem.len() as u64,
         bytes,
-        cluster_id: data.cluster_id.map(|id| format!("{id:032x}")),
+        cluster_id: data.cluster_id().map(|id| format!("{id:032x}")),
     }
 }
 
@@ -140,7 +141,7 @@ pub async fn restore(meta: SnapshotMeta, mut data: SmData, data_dir: &Path, id: 
     std::fs::write(&marker, b"a raftbridge snapshot restore into this dir has not finished\n").map_err(io)?;
     crate::fsutil::sync_parent(&marker).map_err(io)?;
     let cluster_id = crate::cluster::new_cluster_id();
-    data.cluster_id = Some(cluster_id);
+    data.rename_cluster(cluster_id);
     // The state machine first: a data dir with a log but no state would start as a node whose
     // log was purged past what it holds.
     crate::raft::state_machine::write_restored(&data_dir.join("sm"), &meta, data, id, advertise).map_err(io)?;

@@ -57,7 +57,7 @@ const QUEUE: usize = 64;
 /// and the links' pings arrive in it.
 const RESPONSIVE: Duration = Duration::from_millis(1500);
 
-/// A new cluster id (`Command::NameCluster`, `raftbridge snapshot restore`): 128 random bits,
+/// A new cluster id (`Cluster::name_cluster`, `raftbridge snapshot restore`): 128 random bits,
 /// so that no two clusters, nor a restored cluster and the one it was saved from, share one.
 pub fn new_cluster_id() -> u128 {
     let mut bytes = [0u8; 16];
@@ -586,19 +586,22 @@ impl Cluster {
         }
     }
 
-    /// Gives the cluster its id (`Command::NameCluster`) when its state has none: a cluster
-    /// formed by this build, once its first leader is elected; one formed by builds before
-    /// ids, once every member runs one that applies it. Links between nodes that hold
-    /// different ids are refused (`peer`), so a node of an old history, left running beside a
-    /// cluster restored from its backup, cannot follow the new leader with its old state.
+    /// Gives the cluster its id when its state has none (a cluster formed by this build, once
+    /// its first leader is elected; one formed by builds before ids, at the first leader of
+    /// this build): a put of the reserved key `state_machine::CLUSTER_STORE`/`id` that only
+    /// succeeds on an absent key, so the first committed stands and every build, older ones
+    /// included, applies and keeps it alike. Links between nodes that hold different ids are
+    /// refused (`peer`), so a node of an old history, left running beside a cluster restored
+    /// from its backup, cannot follow the new leader with its old state.
     async fn name_cluster(&self) {
-        if self.replica.net.cluster_id().is_some() || !self.replica.members_have(crate::peer::frame::features::CLUSTER_ID) {
+        if self.replica.net.cluster_id().is_some() {
             return;
         }
         let id = new_cluster_id();
-        match self.replica.write(Command::NameCluster { id }, CHANGE_TIMEOUT).await {
-            // The first applied wins: another leader's may have come first.
-            Ok(_) => info!(cluster_id = %format!("{:032x}", self.replica.net.cluster_id().unwrap_or(id)), "cluster named"),
+        match self.replica.write(crate::raft::state_machine::name_cluster(id), CHANGE_TIMEOUT).await {
+            Ok((_, CommandResult::Written { .. })) => info!(cluster_id = %format!("{id:032x}"), "cluster named"),
+            // Named by an earlier leader, whose entry this node has yet to apply.
+            Ok(_) => {}
             Err(e) => warn!(cause = %e, "could not name the cluster; will retry"),
         }
     }

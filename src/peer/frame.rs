@@ -138,10 +138,8 @@ pub mod features {
     pub const FORGET_NODES: u64 = 256;
     /// The node applies `SubUpdate::FailedAt` (a failure counted once, however often sent).
     pub const FAILED_AT: u64 = 512;
-    /// The node applies `Command::NameCluster` and keeps the cluster id in its snapshots.
-    pub const CLUSTER_ID: u64 = 1024;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | CLUSTER_ID;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.
@@ -168,7 +166,7 @@ pub struct Hello {
     /// The sender's flags that become cluster-wide rules through its proposals (`None` from
     /// builds before it, and from a node that has not set them): peers warn when theirs differ.
     pub settings: Option<Settings>,
-    /// The id of the cluster whose history the sender's state holds (`Command::NameCluster`;
+    /// The id of the cluster whose history the sender's state holds (`state_machine::CLUSTER_STORE`;
     /// `None` from builds before it and from a node that has no history yet or whose cluster
     /// was never named). Two nodes that both know one refuse a link when they differ: a
     /// cluster restored from a backup gets a new id, and a node of the old one left running

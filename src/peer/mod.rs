@@ -479,6 +479,12 @@ pub struct Link {
     last_seen: Mutex<tokio::time::Instant>,
     /// Requests from the peer being served on this link right now (for retirement).
     serving: AtomicU64,
+    /// The cluster id the peer announced in its `Hello`, and ours as the state learns it
+    /// (`PeerConfig::cluster_id`): a link made while this node held none yet (a new or
+    /// emptied node, before it was sent a history) carries nothing once ours differs from
+    /// theirs (`other_history`).
+    their_cluster_id: Option<u128>,
+    our_cluster_id: crate::raft::types::KnownClusterId,
     /// Of those, the ones that are not Raft's own (forwarded writes, reads, calls, deliveries),
     /// whose answers someone waits for (`PeerNet::quiesce`).
     answering: AtomicU64,
@@ -504,6 +510,12 @@ impl Link {
     pub fn close(&self) {
         self.closed.cancel();
         self.queued_bytes.close();
+    }
+
+    /// Whether the two ends now hold different cluster ids (see `their_cluster_id`): the
+    /// handshake would refuse this link today, so it is closed at its next frame either way.
+    fn other_history(&self) -> bool {
+        matches!((self.their_cluster_id, self.our_cluster_id.get()), (Some(theirs), Some(ours)) if theirs != *ours)
     }
 
     /// The most bytes of frames queued on this link (`queue_budget`).
@@ -613,6 +625,10 @@ impl Link {
         deadline: tokio::time::Instant,
         timeout: Duration,
     ) -> Result<(Call, Bytes), PeerError> {
+        if self.other_history() {
+            self.close();
+            return Err(PeerError::ClosedUnsent { peer: self.peer });
+        }
         let corr = self.next_corr.fetch_add(1, Ordering::Relaxed);
         let body = Frame::encode(Kind::Request, corr, req).map_err(|e| PeerError::Protocol { peer: self.peer, reason: e.to_string() })?;
         if body.len() > self.max_frame {
@@ -1486,6 +1502,8 @@ impl PeerNet {
             closed: self.shutdown.child_token(),
             last_seen: Mutex::new(tokio::time::Instant::now()),
             serving: AtomicU64::new(0),
+            their_cluster_id: theirs.cluster_id,
+            our_cluster_id: self.cfg.cluster_id.clone(),
             answering: AtomicU64::new(0),
             probes: Mutex::new(VecDeque::new()),
             clock: Mutex::new(None),
@@ -1832,6 +1850,13 @@ async fn read_loop(
             None => return,
         };
         link.touch();
+        if link.other_history() {
+            // Made before this node held its id (a new or emptied node), to a node of another
+            // history: nothing more of it is taken, and a redial meets the handshake's check.
+            metrics::counter!("raftbridge_peer_other_cluster_total").increment(1);
+            warn!(peer = link.peer, "peer link to a node of another cluster id (made before this node held its own), closing");
+            return;
+        }
         let frame = match Frame::decode(raw) {
             Ok(f) => f,
             Err(err) => {
@@ -2285,6 +2310,18 @@ mod tests {
             }
             stop.cancel();
         }
+        // A link made while the acceptor held none carries nothing once it holds another id
+        // than the dialer announced: its next frame closes it, and a redial is refused.
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        dialer.cfg.cluster_id.set(2).expect("a new cell");
+        dialer.link(1).await.expect("the acceptor holds no id yet");
+        acceptor.cfg.cluster_id.set(1).expect("a new cell");
+        let sent = dialer.request(1, &PeerRequest::Status, Duration::from_secs(5)).await;
+        assert!(sent.is_err(), "a request over it: {sent:?}");
+        assert_unlinked(&acceptor, &dialer, "an id learned after the handshake").await;
+        let Err(err) = dialer.link(1).await else { panic!("relinked across cluster ids") };
+        assert!(err.to_string().contains("cluster id"), "{err}");
+        stop.cancel();
     }
 
     /// An answer that does not decode closes the link, as a request that does not does.

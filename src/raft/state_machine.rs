@@ -493,10 +493,44 @@ pub struct SmData {
     /// in snapshots).
     #[serde(skip)]
     pub subs_generation: u64,
-    /// The cluster's id (`Command::NameCluster`; `None` until the first is applied). In
-    /// snapshots through their extension (`SmExtLast`), so the image's layout stays as it was.
-    #[serde(skip)]
-    pub cluster_id: Option<u128>,
+}
+
+/// The reserved store that holds the cluster's id (key `id`, a JSON string of 32 hex digits):
+/// a name no client can give (U+0001, as the config and secret spaces), read by no API. A
+/// store entry rather than a field of its own, so that every build, older ones included,
+/// applies the put that names the cluster alike and keeps it in its snapshots: an id that an
+/// older build's snapshot dropped would let the next leader name the cluster again, and
+/// nodes that kept the first would refuse the others.
+pub const CLUSTER_STORE: &str = "\u{1}cluster";
+const CLUSTER_ID_KEY: &str = "id";
+
+/// The command that names the cluster `id`: a put of the reserved key that applies only while
+/// it is absent (the first committed stands).
+pub fn name_cluster(id: u128) -> Command {
+    Command::Put { store: CLUSTER_STORE.into(), key: CLUSTER_ID_KEY.into(), value: format!("\"{id:032x}\"").into_bytes(), if_revision: Some(0), tag: None }
+}
+
+/// A cluster id as the reserved key holds it (a JSON string of 32 hex digits).
+fn parse_cluster_id(value: &[u8]) -> Option<u128> {
+    let text = std::str::from_utf8(value).ok()?.strip_prefix('"')?.strip_suffix('"')?;
+    u128::from_str_radix(text, 16).ok().filter(|_| text.len() == 32)
+}
+
+impl SmData {
+    /// The id of the cluster whose history this state holds (`None`: not named yet).
+    pub fn cluster_id(&self) -> Option<u128> {
+        self.stores.get(CLUSTER_STORE)?.get(CLUSTER_ID_KEY).and_then(|v| parse_cluster_id(&v.value))
+    }
+
+    /// Names the state's cluster `id` in place, whatever it was (`raftbridge snapshot
+    /// restore`: a restored cluster gets an id of its own). The revision is the state's last
+    /// applied index, as if an entry there had written it; the digest and quota counts are
+    /// made again when the state is decoded.
+    pub fn rename_cluster(&mut self, id: u128) {
+        let revision = self.last_applied.map_or(0, |l| l.index);
+        let value = Versioned { value: format!("\"{id:032x}\"").into_bytes(), revision };
+        self.stores.entry(CLUSTER_STORE.to_string()).or_default().insert(CLUSTER_ID_KEY.to_string(), value);
+    }
 }
 
 /// What one state-store entry weighs for the quota: its names, its value and an allowance for
@@ -541,13 +575,17 @@ impl SmData {
                     }
                 }
                 let weight = entry_weight(&store, &key, value.len());
+                // The reserved cluster id is no client's: outside the store's quota.
+                let counted = store != CLUSTER_STORE;
                 let entries = d.stores.entry(store).or_default();
                 let new = Versioned { value, revision: index };
                 let (added, removed) = (entry_hash(seed, &key, &new), entries.get(&key).map_or(0, |old| entry_hash(seed, &key, old)));
                 let old_weight = entries.get(&key).map(|old| weight - new.value.len() as u64 + old.value.len() as u64);
                 entries.insert(key, new);
                 d.stores_digest = d.stores_digest.wrapping_add(added).wrapping_sub(removed);
-                d.count_entry(weight, old_weight);
+                if counted {
+                    d.count_entry(weight, old_weight);
+                }
                 CommandResult::Written { revision: index }
             }),
             Command::Increment { store, key, by, tag } => self.tagged(tag, |d| {
@@ -686,11 +724,6 @@ impl SmData {
                         s.instances.remove(node);
                     }
                 }
-                CommandResult::None
-            }
-            Command::NameCluster { id } => {
-                // The first wins: two leaders of successive terms may each have proposed one.
-                self.cluster_id.get_or_insert(id);
                 CommandResult::None
             }
             Command::DropSubscription { name } => {
@@ -1008,7 +1041,7 @@ pub struct SmShared {
     /// Snapshots installed by this process: a store's maps after an install share nothing with
     /// those before, so a listing's cached tag is not moved across one (`store::TagCache`).
     installs: std::sync::atomic::AtomicU64,
-    /// `data.cluster_id` once it is known (at open, or after the apply or install that brought
+    /// `data.cluster_id()` once it is known (at open, or after the apply or install that brought
     /// it), for the peer handshake to read without the lock (`known_cluster_id`).
     cluster_id: KnownClusterId,
 }
@@ -1510,7 +1543,7 @@ impl StateMachine {
             None => (SmData::default(), None),
         };
         let cluster_id = KnownClusterId::default();
-        match (data.cluster_id, read_cluster_id(dir)) {
+        match (data.cluster_id(), read_cluster_id(dir)) {
             (Some(id), file) => {
                 let _ = cluster_id.set(id);
                 if file != Some(id) {
@@ -1655,7 +1688,7 @@ pub fn write_restored(dir: &Path, meta: &SnapshotMeta, mut data: SmData, id: Nod
 /// Keys and weight (`entry_weight`) of every state-store entry, counted afresh.
 fn stores_usage(stores: &Stores) -> (u64, u64) {
     let mut usage = (0, 0);
-    for (store, entries) in stores {
+    for (store, entries) in stores.iter().filter(|(store, _)| store.as_str() != CLUSTER_STORE) {
         for (key, v) in entries {
             usage.0 += 1;
             usage.1 += entry_weight(store, key, v.value.len());
@@ -1680,21 +1713,11 @@ struct SmExt {
     more: SmExtMore,
 }
 
-/// The extension's second part (see `SmExt`); the third follows it the same way.
+/// The extension's second part (see `SmExt`).
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 struct SmExtMore {
     /// The headers of stored answers that have some (`StoredResponse::headers`), by key.
     idem_headers: Vec<(String, crate::sdk::HeaderList)>,
-    /// What `SmExtLast` held (not in this struct's encoding).
-    #[serde(skip)]
-    last: SmExtLast,
-}
-
-/// The extension's third part (see `SmExt`).
-#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
-struct SmExtLast {
-    /// `SmData::cluster_id`.
-    cluster_id: Option<u128>,
 }
 
 const EXT_MAGIC: [u8; 8] = *b"rbSmExt1";
@@ -1712,13 +1735,10 @@ fn append_ext(image: &mut Vec<u8>, d: &SmData) -> io::Result<()> {
                 _ => None,
             })
             .collect(),
-        last: SmExtLast::default(),
     };
-    let last = SmExtLast { cluster_id: d.cluster_id };
     let start = image.len();
     bincode::serialize_into(&mut *image, &ext).map_err(io::Error::other)?;
     bincode::serialize_into(&mut *image, &more).map_err(io::Error::other)?;
-    bincode::serialize_into(&mut *image, &last).map_err(io::Error::other)?;
     let len = u32::try_from(image.len() - start).map_err(|_| io::Error::other("snapshot extension over 4 GiB"))?;
     let crc = crc32fast::hash(&image[start..]);
     image.extend_from_slice(&len.to_le_bytes());
@@ -1749,10 +1769,6 @@ fn read_ext(image: &[u8]) -> io::Result<SmExt> {
     let used = usize::try_from(bincode::serialized_size(&first).map_err(undecodable)?).map_err(|_| bad("longer than the image"))?;
     if let Some(rest) = ext.get(used..).filter(|rest| !rest.is_empty()) {
         first.more = bincode::deserialize(rest).map_err(undecodable)?;
-        let used = usize::try_from(bincode::serialized_size(&first.more).map_err(undecodable)?).map_err(|_| bad("longer than the image"))?;
-        if let Some(rest) = rest.get(used..).filter(|rest| !rest.is_empty()) {
-            first.more.last = bincode::deserialize(rest).map_err(undecodable)?;
-        }
     }
     Ok(first)
 }
@@ -1767,7 +1783,6 @@ pub fn decode_data(bytes: &[u8]) -> io::Result<SmData> {
             rec.fingerprint = Some(print);
         }
     }
-    data.cluster_id = ext.more.last.cluster_id;
     for (key, headers) in ext.more.idem_headers {
         if let Some(IdemRecord { state: IdemState::Done(answer), .. }) = data.idem.get_mut(&key) {
             answer.headers = headers;
@@ -1849,7 +1864,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let (next, cluster_id) = {
             let d = read(&self.shared.data);
-            (d.log.next, d.cluster_id)
+            (d.log.next, d.cluster_id())
         };
         self.shared.events_moved(next);
         self.shared.note_cluster_id(cluster_id);
@@ -1885,7 +1900,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 sub.incarnation = Incarnation(data.subs_generation);
             }
             let old = std::mem::replace(&mut *d, data);
-            self.shared.note_cluster_id(d.cluster_id);
+            self.shared.note_cluster_id(d.cluster_id());
             self.shared.installs.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             self.shared.events_moved(d.log.next);
             // Sent even when the digest is equal: the maps are new, and a waiter compares them.
@@ -2515,47 +2530,29 @@ mod tests {
         assert!(matches!(&back.idem["with"].state, IdemState::Done(r) if r.headers.is_empty()));
     }
 
-    /// The first `NameCluster` applied names the cluster and later ones change nothing; the id
-    /// travels in the snapshot's extension after the answers' headers, where an older build
-    /// reads the rest and leaves it alone, and an older build's extension reads with none.
+    /// The first put that names the cluster stands and a later one changes nothing; the id is
+    /// a store entry, so the snapshot image carries it and an older build, which decodes the
+    /// image and passes over the extension, keeps it; a restore renames the cluster in place.
     #[test]
     fn the_first_cluster_name_stands_and_snapshots_carry_it() {
         let mut d = SmData::default();
-        assert_eq!(d.apply(1, Command::NameCluster { id: 0xabc }), CommandResult::None);
-        d.apply(2, Command::NameCluster { id: 0xdef });
-        assert_eq!(d.cluster_id, Some(0xabc), "the first applied stands");
-        assert!(Command::NameCluster { id: 1 }.retry_safe(), "applying it twice changes nothing");
-        let headers: crate::sdk::HeaderList = vec![("location".into(), b"/x".to_vec())];
-        let resp = StoredResponse { status: 201, body: b"{}".to_vec(), content_type: None, headers: Vec::new() };
-        d.apply(3, Command::IdemClaim { key: "k".into(), attempt: 1, now_ms: 100, lease_ms: 1000, window_ms: 60_000, fingerprint: 5 });
-        d.apply(4, Command::IdemCompleteWith { key: "k".into(), attempt: 1, response: resp, headers: headers.clone() });
-
+        assert_eq!(d.cluster_id(), None);
+        assert_eq!(d.apply(1, name_cluster(0xabc)), CommandResult::Written { revision: 1 });
+        assert_eq!(d.apply(2, name_cluster(0xdef)), CommandResult::PreconditionFailed { current: Some(1) });
+        assert_eq!(d.cluster_id(), Some(0xabc), "the first applied stands");
+        assert_eq!((d.stores_keys, d.stores_bytes), (0, 0), "outside the store's quota");
         let mut image = bincode::serialize(&d).expect("encodes");
-        let plain_len = image.len();
         append_ext(&mut image, &d).expect("extension");
-        let back = decode_data(&image).expect("decodes");
-        assert_eq!(back.cluster_id, Some(0xabc));
-        assert!(matches!(&back.idem["k"].state, IdemState::Done(r) if r.headers == headers));
-        // An older build decodes the image and the extension's first two parts as before.
+        let decoded = decode_data(&image).expect("decodes");
+        assert_eq!((decoded.cluster_id(), decoded.stores_keys), (Some(0xabc), 0));
         let older: SmData = bincode::deserialize(&image).expect("an older build decodes the image");
-        assert_eq!(older.cluster_id, None);
-        let ext = &image[plain_len..image.len() - EXT_TRAILER];
-        let first: SmExt = bincode::deserialize(ext).expect("the first part");
-        let used = bincode::serialized_size(&first).unwrap() as usize;
-        let more: SmExtMore = bincode::deserialize(&ext[used..]).expect("an older build decodes the second part");
-        assert_eq!(more.idem_headers, vec![("k".to_string(), headers)]);
-        // An older build's extension (no third part) reads here with no id.
-        let mut old_image = bincode::serialize(&d).expect("encodes");
-        let mut old_ext = bincode::serialize(&first).unwrap();
-        old_ext.extend(bincode::serialize(&more).unwrap());
-        let crc = crc32fast::hash(&old_ext);
-        old_image.extend_from_slice(&old_ext);
-        old_image.extend_from_slice(&(old_ext.len() as u32).to_le_bytes());
-        old_image.extend_from_slice(&crc.to_le_bytes());
-        old_image.extend_from_slice(&EXT_MAGIC);
-        let back = decode_data(&old_image).expect("an older build's image decodes");
-        assert_eq!(back.cluster_id, None);
-        assert!(matches!(&back.idem["k"].state, IdemState::Done(r) if r.headers.len() == 1), "the headers still read");
+        assert_eq!(older.cluster_id(), Some(0xabc), "an older build keeps it");
+        use openraft::vote::RaftLeaderIdExt;
+        d.last_applied = Some(LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(3, 1), 9));
+        d.rename_cluster(0x123);
+        assert_eq!(d.cluster_id(), Some(0x123));
+        assert_eq!(d.stores[CLUSTER_STORE][CLUSTER_ID_KEY].revision, 9);
+        assert_eq!(parse_cluster_id(b"\"abc\""), None, "32 digits or none");
     }
 
     /// A key first claimed with one fingerprint answers a claim with another `IdemMismatch`,
@@ -3353,16 +3350,16 @@ mod tests {
             let mut d = write(&sm.shared.data);
             apply_entry(&mut d, membership(&[1, 2, 3], 1), 0);
             d.apply(2, put("s", "k", "{\"a\":1}", None));
-            d.apply(3, Command::NameCluster { id: 0x01d });
+            d.apply(3, name_cluster(0x01d));
             apply_entry(&mut d, membership(&[1, 2, 3], 5), 0);
         }
         let built = sm.build_snapshot().await.unwrap();
         let bytes = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
         let (meta, mut data) = read_backup(&bytes).expect("the saved file reads back");
         assert_eq!(meta, built.meta);
-        assert_eq!(data.cluster_id, Some(0x01d), "the backup names its cluster");
+        assert_eq!(data.cluster_id(), Some(0x01d), "the backup names its cluster");
         // `backup::restore` gives the new cluster an id of its own.
-        data.cluster_id = Some(0x2ee);
+        data.rename_cluster(0x2ee);
         assert!(read_backup(&[&bytes[..], b"x"].concat()).is_err(), "bytes after the end");
         let restored = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
         let new_meta = write_restored(&restored, &meta, data.clone(), 7, "127.0.0.1:7").unwrap();
@@ -3395,7 +3392,7 @@ mod tests {
         use openraft::vote::RaftLeaderIdExt;
         let entry = |index, id| Entry {
             log_id: LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index),
-            payload: openraft::EntryPayload::Normal(Command::NameCluster { id }),
+            payload: openraft::EntryPayload::Normal(name_cluster(id)),
         };
         let entries = futures_util::stream::iter([Ok((entry(1, 0xa1), None)), Ok((entry(2, 0xb2), None))]);
         sm.apply(entries).await.unwrap();
@@ -3414,7 +3411,7 @@ mod tests {
         // A restart whose state does not hold the id yet (the entry is in the log, to replay).
         let reopened = StateMachine::open(&dir).unwrap();
         assert_eq!(reopened.shared.known_cluster_id().get(), Some(&0xa1), "known from the file");
-        assert_eq!(read(&reopened.shared.data).cluster_id, None);
+        assert_eq!(read(&reopened.shared.data).cluster_id(), None);
         drop(reopened);
         std::fs::write(dir.join(CLUSTER_ID_FILE), b"not an id\n").unwrap();
         assert!(StateMachine::open(&dir).unwrap().shared.known_cluster_id().get().is_none(), "a file that does not read");

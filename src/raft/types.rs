@@ -31,9 +31,9 @@ pub use openraft::async_runtime::watch::WatchReceiver;
 /// Cluster-wide node identifier, chosen by the operator (`--id`) and stored in the data dir.
 pub type NodeId = u64;
 
-/// The id of the cluster whose history this node's state holds (`Command::NameCluster`, or a
-/// snapshot that carries one), once known: set once by the state machine, read by the peer
-/// handshake (`peer::frame::Hello::cluster_id`).
+/// The id of the cluster whose history this node's state holds (`state_machine::CLUSTER_STORE`),
+/// once known: set once by the state machine, read by the peer handshake
+/// (`peer::frame::Hello::cluster_id`).
 pub type KnownClusterId = std::sync::Arc<std::sync::OnceLock<u128>>;
 
 openraft::declare_raft_types!(
@@ -151,13 +151,6 @@ pub enum Command {
     /// others: older builds cannot decode it, so it is proposed only when every member
     /// announced `features::FORGET_NODES`. Applied alike by every build that decodes it.
     ForgetNodes { nodes: Vec<NodeId> },
-    /// Name the cluster: the first one applied gives the state its `id`, later ones change
-    /// nothing. The leader proposes it once its state has none (a new cluster, or one whose
-    /// builds came before it), and `raftbridge snapshot restore` gives a restored cluster a new
-    /// one; peers whose ids differ refuse each other's links. Added after the others: older
-    /// builds cannot decode it, so it is proposed only when every member announced
-    /// `features::CLUSTER_ID`.
-    NameCluster { id: u128 },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -248,7 +241,6 @@ impl Command {
                 Command::Register { services, .. } => services.len() * 4096,
                 Command::DropSubscription { name } => name.len(),
                 Command::ForgetNodes { nodes } => nodes.len() * 8,
-                Command::NameCluster { .. } => 16,
             }
     }
 
@@ -278,7 +270,6 @@ impl Command {
                 | Command::IdemCompleteWith { .. }
                 | Command::SubUpdate { .. }
                 | Command::ForgetNodes { .. }
-                | Command::NameCluster { .. }
         )
     }
 }
@@ -300,7 +291,6 @@ impl fmt::Display for Command {
             }
             Command::DropSubscription { name } => write!(f, "drop subscription {name}"),
             Command::ForgetNodes { nodes } => write!(f, "forget departed nodes {nodes:?}"),
-            Command::NameCluster { id } => write!(f, "name the cluster {id:032x}"),
         }
     }
 }
