@@ -518,6 +518,7 @@ pub async fn run(
         crate::supervise::spawn_until("service registry", &registry_stop, registry::run(store.clone(), cluster.clone(), offering, registered.clone(), registry_stop.clone()));
 
     crate::supervise::spawn_until("idempotency expiry", &registry_stop, proxy.clone().expire_records(registry_stop.clone()));
+    crate::supervise::spawn_until("key expiry", &registry_stop, crate::store::expire_keys(store.clone(), registry_stop.clone()));
     crate::supervise::spawn_until("route refresh", &registry_stop, proxy.clone().refresh_routes(registry_stop.clone()));
     if let Some(handle) = metrics.clone() {
         crate::supervise::spawn_until("metrics upkeep", &guard_stop, metrics_upkeep(handle, guard_stop.clone()));

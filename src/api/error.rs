@@ -173,6 +173,7 @@ impl From<StoreError> for ApiError {
             StoreError::PreconditionFailed { current } => ApiError::PreconditionFailed { current },
             StoreError::Replica(r) => r.into(),
             StoreError::Unexpected(_) => ApiError::Internal(e.to_string()),
+            StoreError::NotEveryMember(m) => ApiError::Unavailable(m),
         }
     }
 }

@@ -164,6 +164,19 @@ fn not_modified(tag: &str) -> Response<Full<Bytes>> {
     resp
 }
 
+/// The longest TTL a write takes: ten years, in seconds.
+const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
+
+/// A write's `?ttl=N` (whole seconds, 1 to `MAX_TTL_S`), if it names one.
+fn ttl(req: &Request<Incoming>) -> Result<Option<Duration>, ApiError> {
+    let q = crate::proxy::routing::parse_query(req.uri().query().unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
+    let Some(text) = q.get("ttl") else { return Ok(None) };
+    match text.parse::<u64>() {
+        Ok(s) if (1..=MAX_TTL_S).contains(&s) => Ok(Some(Duration::from_secs(s))),
+        _ => Err(ApiError::BadRequest(format!("ttl: whole seconds from 1 to {MAX_TTL_S}, not {:?}", super::cut(text, 32)))),
+    }
+}
+
 /// `METHOD /v1/{space}/{store}/{key}`.
 ///
 /// Every answer under `/v1/secrets`, errors included, says `Cache-Control: no-store`
@@ -216,18 +229,26 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
             let mut resp = Response::new(Full::new(Bytes::from(value)));
             resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             resp.headers_mut().insert("x-revision", HeaderValue::from(v.revision));
+            if let Some(at) = plain.expires_at(store, key) {
+                resp.headers_mut().insert("x-expires-at-ms", HeaderValue::from(at));
+            }
             resp.headers_mut().insert(http::header::ETAG, etag(&tag));
             Ok(resp)
         }
         Method::PUT => {
             let pre = super::precondition(&req)?;
+            let ttl = ttl(&req)?;
+            if ttl.is_some() && secrets.is_some() {
+                return Err(ApiError::BadRequest("ttl: secrets do not expire (delete one to end it)".into()));
+            }
             let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
-            let written = match &secrets {
-                Some(secrets) => secrets.put_if(store, key, &body, pre).await.map_err(|e| match e {
+            let written = match (&secrets, ttl) {
+                (Some(secrets), _) => secrets.put_if(store, key, &body, pre).await.map_err(|e| match e {
                     crate::store::secret::SecretError::Store(e) => write_error(e),
                     other => other.into(),
                 }),
-                None => plain.put_if(store, key, &body, pre).await.map_err(write_error),
+                (None, Some(ttl)) => plain.put_expiring_if(store, key, &body, pre, ttl).await.map_err(write_error),
+                (None, None) => plain.put_if(store, key, &body, pre).await.map_err(write_error),
             };
             let revision = written?;
             let mut resp = super::json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));

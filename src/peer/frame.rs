@@ -138,8 +138,11 @@ pub mod features {
     pub const FORGET_NODES: u64 = 256;
     /// The node applies `SubUpdate::FailedAt` (a failure counted once, however often sent).
     pub const FAILED_AT: u64 = 512;
+    /// The node applies `Command::PutExpiring` and `Command::Expire`, and keeps key expiries in
+    /// its snapshots.
+    pub const KEY_TTL: u64 = 1024;
     /// Everything this build understands.
-    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT;
+    pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

@@ -493,6 +493,65 @@ pub struct SmData {
     /// in snapshots).
     #[serde(skip)]
     pub subs_generation: u64,
+    /// Keys that expire (`Command::PutExpiring`). In snapshots through their extension
+    /// (`SmExtLast`), so the image's layout stays as it was.
+    #[serde(skip)]
+    pub expiries: Expiries,
+}
+
+/// How many expired keys one `Command::Expire` removes at most: its entry stays small, and the
+/// leader proposes the next at once while more are due.
+pub const EXPIRE_BATCH: usize = 1024;
+
+/// Keys that expire, by when (Unix ms) and by key. Persistent maps, as the stores are: the copy
+/// of the state a snapshot takes shares them.
+#[derive(Debug, Clone, Default)]
+pub struct Expiries {
+    by_time: imbl::OrdSet<(u64, String, String)>,
+    by_key: imbl::OrdMap<(String, String), u64>,
+}
+
+impl Expiries {
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    /// When `store/key` expires, if it does.
+    pub fn of(&self, store: &str, key: &str) -> Option<u64> {
+        if self.by_key.is_empty() {
+            return None;
+        }
+        self.by_key.get(&(store.to_string(), key.to_string())).copied()
+    }
+
+    /// The earliest expiry.
+    pub fn next(&self) -> Option<u64> {
+        self.by_time.get_min().map(|(at, _, _)| *at)
+    }
+
+    fn set(&mut self, store: &str, key: &str, at: u64) {
+        self.clear(store, key);
+        self.by_key.insert((store.to_string(), key.to_string()), at);
+        self.by_time.insert((at, store.to_string(), key.to_string()));
+    }
+
+    fn clear(&mut self, store: &str, key: &str) {
+        if self.by_key.is_empty() {
+            return;
+        }
+        if let Some(at) = self.by_key.remove(&(store.to_string(), key.to_string())) {
+            self.by_time.remove(&(at, store.to_string(), key.to_string()));
+        }
+    }
+
+    /// Up to `limit` keys whose expiry is at or before `now`, the earliest first.
+    fn due(&self, now: u64, limit: usize) -> Vec<(String, String)> {
+        self.by_time.iter().take_while(|(at, _, _)| *at <= now).take(limit).map(|(_, store, key)| (store.clone(), key.clone())).collect()
+    }
 }
 
 /// The reserved store that holds the cluster's id (key `id`, a JSON string of 32 hex digits):
@@ -574,6 +633,8 @@ impl SmData {
                         return CommandResult::PreconditionFailed { current };
                     }
                 }
+                // A plain put ends an expiry (`PutExpiring` sets its own after this).
+                d.expiries.clear(&store, &key);
                 let weight = entry_weight(&store, &key, value.len());
                 // The reserved cluster id is no client's: outside the store's quota.
                 let counted = store != CLUSTER_STORE;
@@ -624,6 +685,7 @@ impl SmData {
                 }
                 let removed = entries.remove(&key);
                 let existed = removed.is_some();
+                self.expiries.clear(&store, &key);
                 if let Some(old) = removed {
                     self.stores_digest = self.stores_digest.wrapping_sub(entry_hash(store_seed(&store), &key, &old));
                     self.stores_keys = self.stores_keys.saturating_sub(1);
@@ -723,6 +785,20 @@ impl SmData {
                     for s in self.subs.values_mut() {
                         s.instances.remove(node);
                     }
+                }
+                CommandResult::None
+            }
+            Command::PutExpiring { store, key, value, if_revision, expires_ms } => {
+                let (name, k) = (store.clone(), key.clone());
+                let result = self.apply(index, Command::Put { store, key, value, if_revision, tag: None });
+                if matches!(result, CommandResult::Written { .. }) {
+                    self.expiries.set(&name, &k, expires_ms);
+                }
+                result
+            }
+            Command::Expire { now_ms } => {
+                for (store, key) in self.expiries.due(now_ms, EXPIRE_BATCH) {
+                    self.apply(index, Command::Delete { store, key, if_revision: None });
                 }
                 CommandResult::None
             }
@@ -1093,6 +1169,17 @@ impl SmShared {
     /// Read a key from the local copy.
     pub fn get(&self, store: &str, key: &str) -> Option<Versioned> {
         read(&self.data).stores.get(store).and_then(|s| s.get(key)).cloned()
+    }
+
+    /// When `store/key` expires (Unix ms), if it does (`Command::PutExpiring`).
+    pub fn expires_at(&self, store: &str, key: &str) -> Option<u64> {
+        read(&self.data).expiries.of(store, key)
+    }
+
+    /// The earliest expiry of any key, and how many keys expire.
+    pub fn next_expiry(&self) -> (Option<u64>, usize) {
+        let d = read(&self.data);
+        (d.expiries.next(), d.expiries.len())
     }
 
     /// The service registry of the cluster's members, and the log index of its last change or
@@ -1713,11 +1800,21 @@ struct SmExt {
     more: SmExtMore,
 }
 
-/// The extension's second part (see `SmExt`).
+/// The extension's second part (see `SmExt`); the third follows it the same way.
 #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
 struct SmExtMore {
     /// The headers of stored answers that have some (`StoredResponse::headers`), by key.
     idem_headers: Vec<(String, crate::sdk::HeaderList)>,
+    /// What `SmExtLast` held (not in this struct's encoding).
+    #[serde(skip)]
+    last: SmExtLast,
+}
+
+/// The extension's third part (see `SmExt`).
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+struct SmExtLast {
+    /// `SmData::expiries`: (store, key, when), the earliest first.
+    expiries: Vec<(String, String, u64)>,
 }
 
 const EXT_MAGIC: [u8; 8] = *b"rbSmExt1";
@@ -1735,10 +1832,13 @@ fn append_ext(image: &mut Vec<u8>, d: &SmData) -> io::Result<()> {
                 _ => None,
             })
             .collect(),
+        last: SmExtLast::default(),
     };
+    let last = SmExtLast { expiries: d.expiries.by_time.iter().map(|(at, store, key)| (store.clone(), key.clone(), *at)).collect() };
     let start = image.len();
     bincode::serialize_into(&mut *image, &ext).map_err(io::Error::other)?;
     bincode::serialize_into(&mut *image, &more).map_err(io::Error::other)?;
+    bincode::serialize_into(&mut *image, &last).map_err(io::Error::other)?;
     let len = u32::try_from(image.len() - start).map_err(|_| io::Error::other("snapshot extension over 4 GiB"))?;
     let crc = crc32fast::hash(&image[start..]);
     image.extend_from_slice(&len.to_le_bytes());
@@ -1769,6 +1869,10 @@ fn read_ext(image: &[u8]) -> io::Result<SmExt> {
     let used = usize::try_from(bincode::serialized_size(&first).map_err(undecodable)?).map_err(|_| bad("longer than the image"))?;
     if let Some(rest) = ext.get(used..).filter(|rest| !rest.is_empty()) {
         first.more = bincode::deserialize(rest).map_err(undecodable)?;
+        let used = usize::try_from(bincode::serialized_size(&first.more).map_err(undecodable)?).map_err(|_| bad("longer than the image"))?;
+        if let Some(rest) = rest.get(used..).filter(|rest| !rest.is_empty()) {
+            first.more.last = bincode::deserialize(rest).map_err(undecodable)?;
+        }
     }
     Ok(first)
 }
@@ -1781,6 +1885,12 @@ pub fn decode_data(bytes: &[u8]) -> io::Result<SmData> {
     for (key, print) in ext.idem_prints {
         if let Some(rec) = data.idem.get_mut(&key) {
             rec.fingerprint = Some(print);
+        }
+    }
+    for (store, key, at) in ext.more.last.expiries {
+        // Only for keys the image holds (an extension names no others).
+        if data.stores.get(&store).is_some_and(|m| m.contains_key(&key)) {
+            data.expiries.set(&store, &key, at);
         }
     }
     for (key, headers) in ext.more.idem_headers {
@@ -2478,6 +2588,70 @@ mod tests {
         }
         assert!(!d.idem.contains_key("old"), "forgotten once the ticks passed the held ones");
         assert_eq!(d.idem.keys().filter(|k| k.starts_with("held")).count(), 200, "the held ones stay");
+    }
+
+    /// Keys put with an expiry (`PutExpiring`) are removed by the `Expire` whose clock has passed
+    /// it, the earliest first and at most `EXPIRE_BATCH` an entry; a plain put or a delete ends
+    /// an expiry, an increment keeps it, a failed precondition sets none; the digest and the
+    /// quota counts follow; snapshots carry the expiries in their extension's third part, which
+    /// an older build's extension (two parts) lacks.
+    #[test]
+    fn keys_expire_in_order_and_snapshots_keep_their_expiries() {
+        let expiring = |key: &str, at: u64, if_revision: Option<u64>| Command::PutExpiring { store: "s".into(), key: key.into(), value: b"1".to_vec(), if_revision, expires_ms: at };
+        let mut d = SmData::default();
+        assert_eq!(d.apply(1, expiring("a", 1_000, None)), CommandResult::Written { revision: 1 });
+        d.apply(2, expiring("b", 2_000, None));
+        d.apply(3, expiring("c", 3_000, None));
+        d.apply(4, put("s", "keep", "1", None));
+        assert_eq!(d.apply(5, expiring("keep", 1_500, Some(99))), CommandResult::PreconditionFailed { current: Some(4) });
+        assert_eq!(d.expiries.of("s", "keep"), None, "a failed precondition sets no expiry");
+        d.apply(6, expiring("plain", 1_000, None));
+        d.apply(7, put("s", "plain", "2", None));
+        d.apply(8, expiring("gone", 1_000, None));
+        d.apply(9, Command::Delete { store: "s".into(), key: "gone".into(), if_revision: None });
+        d.apply(10, Command::Increment { store: "s".into(), key: "c".into(), by: 2, tag: None });
+        assert_eq!((d.expiries.len(), d.expiries.next(), d.expiries.of("s", "c")), (3, Some(1_000), Some(3_000)), "plain put and delete end theirs; an increment keeps it");
+
+        // Snapshots keep them; an older build's extension (no third part) reads with none.
+        let mut image = bincode::serialize(&d).expect("encodes");
+        let plain_len = image.len();
+        append_ext(&mut image, &d).expect("extension");
+        let back = decode_data(&image).expect("decodes");
+        assert_eq!((back.expiries.len(), back.expiries.of("s", "b")), (3, Some(2_000)));
+        let ext = &image[plain_len..image.len() - EXT_TRAILER];
+        let first: SmExt = bincode::deserialize(ext).expect("the first part");
+        let used = bincode::serialized_size(&first).unwrap() as usize;
+        let more: SmExtMore = bincode::deserialize(&ext[used..]).expect("an older build decodes the second part");
+        let mut old_image = bincode::serialize(&d).expect("encodes");
+        let mut old_ext = bincode::serialize(&first).unwrap();
+        old_ext.extend(bincode::serialize(&more).unwrap());
+        let crc = crc32fast::hash(&old_ext);
+        old_image.extend_from_slice(&old_ext);
+        old_image.extend_from_slice(&(old_ext.len() as u32).to_le_bytes());
+        old_image.extend_from_slice(&crc.to_le_bytes());
+        old_image.extend_from_slice(&EXT_MAGIC);
+        assert!(decode_data(&old_image).expect("an older build's image decodes").expiries.is_empty());
+
+        let (digest, keys) = (d.stores_digest, d.stores_keys);
+        d.apply(11, Command::Expire { now_ms: 999 });
+        assert_eq!(d.expiries.len(), 3, "nothing is due before its time");
+        d.apply(12, Command::Expire { now_ms: 2_000 });
+        let left: Vec<&String> = d.stores["s"].keys().collect();
+        assert_eq!(left, vec!["c", "keep", "plain"], "a and b expired");
+        assert_eq!((d.expiries.len(), d.expiries.next()), (1, Some(3_000)));
+        assert_ne!(d.stores_digest, digest);
+        assert_eq!(d.stores_keys, keys - 2);
+        // At most `EXPIRE_BATCH` an entry, the earliest first.
+        for i in 0..(EXPIRE_BATCH as u64 + 5) {
+            d.apply(100 + i, expiring(&format!("m{i:05}"), 10_000 + i, None));
+        }
+        d.apply(5_000, Command::Expire { now_ms: 1_000_000 });
+        assert_eq!(d.expiries.len(), 6, "one batch: c and the earliest of the others went");
+        assert_eq!(d.expiries.next(), Some(10_000 + EXPIRE_BATCH as u64 - 1));
+        assert!(!d.stores["s"].contains_key("c"));
+        d.apply(5_001, Command::Expire { now_ms: 1_000_000 });
+        assert!(d.expiries.is_empty());
+        assert_eq!(d.stores["s"].keys().collect::<Vec<_>>(), vec!["keep", "plain"]);
     }
 
     /// An answer completed with its headers (`IdemCompleteWith`) replays them, also from a

@@ -151,6 +151,21 @@ pub enum Command {
     /// others: older builds cannot decode it, so it is proposed only when every member
     /// announced `features::FORGET_NODES`. Applied alike by every build that decodes it.
     ForgetNodes { nodes: Vec<NodeId> },
+    /// `Put` of a key that expires at `expires_ms` (Unix ms: the proposing node's clock plus
+    /// the write's TTL), when the leader's `Expire` removes it; a later `Put`, `Delete` or a
+    /// `PutExpiring` of its own replaces the expiry (`Increment` keeps it). Added after the
+    /// others: proposed only when every member announced `features::KEY_TTL`.
+    PutExpiring {
+        store: String,
+        key: String,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        if_revision: Option<u64>,
+        expires_ms: u64,
+    },
+    /// Remove the keys whose expiry is at or before `now_ms` (the leader's clock), the earliest
+    /// first, at most `state_machine::EXPIRE_BATCH` of them. Added with `PutExpiring`.
+    Expire { now_ms: u64 },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -241,6 +256,8 @@ impl Command {
                 Command::Register { services, .. } => services.len() * 4096,
                 Command::DropSubscription { name } => name.len(),
                 Command::ForgetNodes { nodes } => nodes.len() * 8,
+                Command::PutExpiring { store, key, value, .. } => store.len() + key.len() + value.len(),
+                Command::Expire { .. } => 0,
             }
     }
 
@@ -291,6 +308,8 @@ impl fmt::Display for Command {
             }
             Command::DropSubscription { name } => write!(f, "drop subscription {name}"),
             Command::ForgetNodes { nodes } => write!(f, "forget departed nodes {nodes:?}"),
+            Command::PutExpiring { store, key, .. } => write!(f, "put {store}/{key} with an expiry"),
+            Command::Expire { .. } => write!(f, "expire keys"),
         }
     }
 }

@@ -272,6 +272,10 @@ pub enum StoreError {
     Replica(#[from] ReplicaError),
     #[error("unexpected result {0:?}")]
     Unexpected(CommandResult),
+    /// A write that needs what a member's build does not apply (a key's expiry during a
+    /// rolling upgrade): 503 until every member runs one that does.
+    #[error("{0}")]
+    NotEveryMember(String),
 }
 
 #[derive(Clone)]
@@ -347,6 +351,41 @@ impl Precondition {
     }
 }
 
+/// How often the leader looks for keys past their expiry (`expire_keys`).
+const EXPIRE_EVERY: Duration = Duration::from_millis(250);
+/// `Command::Expire` entries one look proposes at most (each removes up to `EXPIRE_BATCH`).
+const EXPIRE_ROUNDS: usize = 16;
+
+/// Removes the keys past their expiry (`Command::PutExpiring`) while this node leads: each
+/// look proposes `Command::Expire` with this node's clock while the earliest expiry has
+/// passed, and again while more are due. On the leader only, so that the keys go in one
+/// order, by one clock; a leader change leaves what is due to the next one.
+pub async fn expire_keys(store: StateStore, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = crate::supervise::Ticker::new(EXPIRE_EVERY, &shutdown);
+    while tick.next().await {
+        let (_, expiring) = store.sm.next_expiry();
+        metrics::gauge!("raftbridge_state_keys_expiring").set(expiring as f64);
+        for _ in 0..EXPIRE_ROUNDS {
+            let (next, _) = store.sm.next_expiry();
+            let now = crate::broker::now_ms();
+            if next.is_none_or(|at| at > now) || store.replica.leader() != Some(store.replica.id()) {
+                break;
+            }
+            // Every member applies it: a key with an expiry exists only once they all did.
+            if !store.replica.members_have(crate::peer::frame::features::KEY_TTL) {
+                break;
+            }
+            match store.replica.write(Command::Expire { now_ms: now }, store.timeout).await {
+                Ok(_) => metrics::counter!("raftbridge_state_expire_entries_total").increment(1),
+                Err(e) => {
+                    tracing::warn!(cause = %e, "could not remove expired keys; will retry");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// How often at most a long poll judges its store again while it keeps changing.
 const RECHECK_EVERY: Duration = Duration::from_millis(20);
 
@@ -403,6 +442,11 @@ impl StateStore {
             )));
         }
         Ok(())
+    }
+
+    /// When `store/key` expires (Unix ms), by this node's copy, if it does.
+    pub fn expires_at(&self, store: &str, key: &str) -> Option<u64> {
+        self.sm.expires_at(&self.inner(store), key)
     }
 
     pub async fn get(&self, store: &str, key: &str, consistency: Consistency) -> Result<Option<Versioned>, StoreError> {
@@ -529,13 +573,40 @@ impl StateStore {
         if_revision: Option<u64>,
         tag: WriteTag,
     ) -> Result<u64, StoreError> {
+        self.write_put(store, key, value, if_revision, tag, None).await
+    }
+
+    /// `put_if` of a key that expires `ttl` from now (`Command::PutExpiring`): the leader
+    /// removes it then (`expire_keys`), within a second or so; until that removal commits, reads
+    /// still see it, as etcd's keys stay until their lease's revocation commits. A later put
+    /// without a TTL, or a delete, ends the expiry; an increment keeps it.
+    pub async fn put_expiring_if(&self, store: &str, key: &str, value: &[u8], pre: Precondition, ttl: Duration) -> Result<u64, StoreError> {
+        match pre.revision() {
+            Some(expected) => self.write_put(store, key, value, expected, None, Some(ttl)).await,
+            None => self.while_exists(store, key, |rev| self.write_put(store, key, value, Some(rev), None, Some(ttl))).await,
+        }
+    }
+
+    /// A put, with an expiry `ttl` from now when given.
+    async fn write_put(&self, store: &str, key: &str, value: &[u8], if_revision: Option<u64>, tag: WriteTag, ttl: Option<Duration>) -> Result<u64, StoreError> {
         check_names(store, key)?;
         if value.len() > self.max_value {
             return Err(StoreError::TooLarge { bytes: value.len(), limit: self.max_value });
         }
         check_json(value)?;
         self.check_quota(store, key, value.len())?;
-        let cmd = Command::Put { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, tag };
+        let cmd = match ttl {
+            None => Command::Put { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, tag },
+            Some(ttl) => {
+                if !self.replica.members_have(crate::peer::frame::features::KEY_TTL) {
+                    return Err(StoreError::NotEveryMember(
+                        "a member runs a build without key expiry (or is not linked to this node yet): a write with a TTL waits until every member runs one".into(),
+                    ));
+                }
+                let expires_ms = crate::broker::now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+                Command::PutExpiring { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, expires_ms }
+            }
+        };
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Written { revision } => Ok(revision),
             CommandResult::PreconditionFailed { current } => Err(StoreError::PreconditionFailed { current }),

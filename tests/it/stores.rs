@@ -326,3 +326,51 @@ fn the_api_token_guards_the_data_and_admin_api() {
         call(&b, "GET", "/cluster", &with, b"").json().is_ok_and(|v| v["members"].as_array().is_some_and(|m| m.len() == 2))
     });
 }
+
+/// A key written with `?ttl=N` is removed by the cluster once N seconds passed (on every node,
+/// by content: the others stay), also across a restart of every node while it waits; a later
+/// put without a TTL ends the expiry; a read names when a key expires; a TTL that is not whole
+/// seconds in range, or one on a secret, is a 400.
+#[test]
+fn keys_written_with_a_ttl_are_removed_once_it_passes() {
+    let flags = ["--cluster-secret", SECRET, "--secrets-token", TOKEN, "--snapshot-threshold", "20"];
+    let (c, leader) = Cluster::formed("ttl", 3, &flags);
+    let api = c.api(leader);
+    let started_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
+    status(&call(&api, "PUT", "/v1/state/t/short?ttl=2", &[], b"\"short\""), 200, "a put with a TTL");
+    status(&call(&api, "PUT", "/v1/state/t/ended?ttl=2", &[], b"1"), 200, "a put with a TTL");
+    status(&call(&api, "PUT", "/v1/state/t/ended", &[], b"2"), 200, "the same key without one");
+    status(&call(&api, "PUT", "/v1/state/t/long?ttl=3600", &[], b"\"long\""), 200, "a long TTL");
+    status(&call(&api, "PUT", "/v1/state/t/plain", &[], b"\"plain\""), 200, "a plain put");
+    status(&call(&api, "PUT", "/v1/config/app/flag?ttl=2", &[], b"true"), 200, "a config key with a TTL");
+    // Written through another node, and outliving a restart of every node.
+    status(&call(&c.api(c.ids()[(leader as usize) % 3]), "PUT", "/v1/state/t/restarted?ttl=8", &[], b"\"r\""), 200, "a put via a follower");
+    for bad in ["0", "-1", "1.5", "abc", "315360001"] {
+        assert_json_error(&call(&api, "PUT", &format!("/v1/state/t/bad?ttl={bad}"), &[], b"1"), 400, &format!("ttl={bad}"));
+    }
+    let bearer = format!("Bearer {TOKEN}");
+    assert_json_error(&call(&api, "PUT", "/v1/secrets/s/k?ttl=5", &[("authorization", bearer.as_str())], b"\"x\""), 400, "a TTL on a secret");
+    let read = call(&api, "GET", "/v1/state/t/long", &[], b"");
+    status(&read, 200, "the long key");
+    let at: u64 = read.header("x-expires-at-ms").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no expiry named: {}", read.describe()));
+    assert!(at >= started_ms + 3_590_000 && at <= started_ms + 3_700_000, "expires in an hour: {at} vs {started_ms}");
+    assert!(call(&api, "GET", "/v1/state/t/plain", &[], b"").header("x-expires-at-ms").is_none(), "a plain key names no expiry");
+
+    c.kill_all();
+    c.start_all();
+    c.wait_for_leader(Duration::from_secs(60));
+    c.wait_until("the expired keys to be gone on every node", Duration::from_secs(60), || {
+        c.apis().iter().all(|api| {
+            ["/v1/state/t/short", "/v1/state/t/restarted", "/v1/config/app/flag"]
+                .iter()
+                .all(|path| api.request("GET", path, &[], b"").is_ok_and(|r| r.status == 404))
+        })
+    });
+    for api in c.apis() {
+        for (path, want) in [("/v1/state/t/ended", json!(2)), ("/v1/state/t/long", json!("long")), ("/v1/state/t/plain", json!("plain"))] {
+            let resp = call(&api, "GET", path, &[], b"");
+            status(&resp, 200, &format!("{path} on node {}", api.id));
+            assert_eq!(json_of(&resp), want, "{path} on node {}", api.id);
+        }
+    }
+}
