@@ -229,7 +229,7 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
             let mut resp = Response::new(Full::new(Bytes::from(value)));
             resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             resp.headers_mut().insert("x-revision", HeaderValue::from(v.revision));
-            if let Some(at) = plain.expires_at(store, key) {
+            if let Some(at) = plain.expires_at(store, key, v.revision) {
                 resp.headers_mut().insert("x-expires-at-ms", HeaderValue::from(at));
             }
             resp.headers_mut().insert(http::header::ETAG, etag(&tag));

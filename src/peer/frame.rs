@@ -140,7 +140,7 @@ pub mod features {
     pub const FAILED_AT: u64 = 512;
     /// The node applies `Command::PutExpiring` and `Command::Expire`, and keeps key expiries in
     /// its snapshots.
-    pub const KEY_TTL: u64 = 1024;
+    pub const KEY_TTL: u64 = 2048;
     /// Everything this build understands.
     pub const ALL: u64 = DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL;
 }

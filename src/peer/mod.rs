@@ -2322,6 +2322,15 @@ mod tests {
         let Err(err) = dialer.link(1).await else { panic!("relinked across cluster ids") };
         assert!(err.to_string().contains("cluster id"), "{err}");
         stop.cancel();
+        // The side that learns its id sends nothing more on such a link either.
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.cfg.cluster_id.set(1).expect("a new cell");
+        dialer.link(1).await.expect("the dialer holds no id yet");
+        dialer.cfg.cluster_id.set(2).expect("a new cell");
+        let sent = dialer.request(1, &PeerRequest::Status, Duration::from_secs(5)).await;
+        assert!(matches!(sent, Err(PeerError::ClosedUnsent { .. })), "not sent: {sent:?}");
+        assert_unlinked(&acceptor, &dialer, "an id the dialer learned after the handshake").await;
+        stop.cancel();
     }
 
     /// An answer that does not decode closes the link, as a request that does not does.

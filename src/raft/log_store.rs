@@ -681,7 +681,14 @@ fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem) -> io::
             Err(why) => return Err(invalid(format!("{} at offset {pos}: {why}", path.display()))),
         };
         let record: Record<Entry> = bincode::deserialize(payload)
-            .map_err(|e| invalid(format!("undecodable record in {} at offset {pos}: {e}", path.display())))?;
+            .map_err(|e| {
+                // Its checksum held: whole bytes this build cannot read, most likely a command
+                // a newer build wrote (a node rolled back past a feature the cluster used).
+                invalid(format!(
+                    "undecodable record in {} at offset {pos}: {e} (its checksum is right: written by a newer build? run that build or a later one on this data dir)",
+                    path.display()
+                ))
+            })?;
         match record {
             Record::Entry(entry) => {
                 let index = entry.log_id.index;

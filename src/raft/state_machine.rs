@@ -499,33 +499,33 @@ pub struct SmData {
     pub expiries: Expiries,
 }
 
-/// How many expired keys one `Command::Expire` removes at most: its entry stays small, and the
-/// leader proposes the next at once while more are due.
+/// How many expired keys one `Command::Expire` names at most, and about how many bytes of
+/// names: its entry stays small, and the leader proposes the next at once while more are due.
 pub const EXPIRE_BATCH: usize = 1024;
+pub const EXPIRE_BYTES: usize = 256 << 10;
 
-/// Keys that expire, by when (Unix ms) and by key. Persistent maps, as the stores are: the copy
-/// of the state a snapshot takes shares them.
+/// Keys that expire, by when (Unix ms) and by store and key. Persistent maps, as the stores
+/// are: the copy of the state a snapshot takes shares them. Looked up by `&str` without
+/// allocating (a read of a key asks for its expiry).
 #[derive(Debug, Clone, Default)]
 pub struct Expiries {
     by_time: imbl::OrdSet<(u64, String, String)>,
-    by_key: imbl::OrdMap<(String, String), u64>,
+    by_key: imbl::OrdMap<String, imbl::OrdMap<String, u64>>,
+    len: usize,
 }
 
 impl Expiries {
     pub fn is_empty(&self) -> bool {
-        self.by_key.is_empty()
+        self.len == 0
     }
 
     pub fn len(&self) -> usize {
-        self.by_key.len()
+        self.len
     }
 
     /// When `store/key` expires, if it does.
     pub fn of(&self, store: &str, key: &str) -> Option<u64> {
-        if self.by_key.is_empty() {
-            return None;
-        }
-        self.by_key.get(&(store.to_string(), key.to_string())).copied()
+        self.by_key.get(store)?.get(key).copied()
     }
 
     /// The earliest expiry.
@@ -535,22 +535,36 @@ impl Expiries {
 
     fn set(&mut self, store: &str, key: &str, at: u64) {
         self.clear(store, key);
-        self.by_key.insert((store.to_string(), key.to_string()), at);
+        self.by_key.entry(store.to_string()).or_default().insert(key.to_string(), at);
         self.by_time.insert((at, store.to_string(), key.to_string()));
+        self.len += 1;
     }
 
     fn clear(&mut self, store: &str, key: &str) {
-        if self.by_key.is_empty() {
-            return;
+        let Some(keys) = self.by_key.get_mut(store) else { return };
+        let Some(at) = keys.remove(key) else { return };
+        if keys.is_empty() {
+            self.by_key.remove(store);
         }
-        if let Some(at) = self.by_key.remove(&(store.to_string(), key.to_string())) {
-            self.by_time.remove(&(at, store.to_string(), key.to_string()));
-        }
+        self.by_time.remove(&(at, store.to_string(), key.to_string()));
+        self.len -= 1;
     }
 
-    /// Up to `limit` keys whose expiry is at or before `now`, the earliest first.
-    fn due(&self, now: u64, limit: usize) -> Vec<(String, String)> {
-        self.by_time.iter().take_while(|(at, _, _)| *at <= now).take(limit).map(|(_, store, key)| (store.clone(), key.clone())).collect()
+    /// The keys whose expiry is at or before `now`, the earliest first: at most `EXPIRE_BATCH`
+    /// of them and about `EXPIRE_BYTES` of names (at least one).
+    pub fn due(&self, now: u64) -> Vec<(String, String)> {
+        let mut bytes = 0;
+        self.by_time
+            .iter()
+            .take_while(|(at, _, _)| *at <= now)
+            .take(EXPIRE_BATCH)
+            .take_while(|(_, store, key)| {
+                let fits = bytes == 0 || bytes + store.len() + key.len() <= EXPIRE_BYTES;
+                bytes += store.len() + key.len() + 16;
+                fits
+            })
+            .map(|(_, store, key)| (store.clone(), key.clone()))
+            .collect()
     }
 }
 
@@ -796,9 +810,10 @@ impl SmData {
                 }
                 result
             }
-            Command::Expire { now_ms } => {
-                for (store, key) in self.expiries.due(now_ms, EXPIRE_BATCH) {
-                    self.apply(index, Command::Delete { store, key, if_revision: None });
+            Command::Expire { keys } => {
+                // A key put again since the leader named it has another revision: kept.
+                for (store, key, revision) in keys {
+                    self.apply(index, Command::Delete { store, key, if_revision: Some(revision) });
                 }
                 CommandResult::None
             }
@@ -1171,15 +1186,34 @@ impl SmShared {
         read(&self.data).stores.get(store).and_then(|s| s.get(key)).cloned()
     }
 
-    /// When `store/key` expires (Unix ms), if it does (`Command::PutExpiring`).
-    pub fn expires_at(&self, store: &str, key: &str) -> Option<u64> {
-        read(&self.data).expiries.of(store, key)
+    /// When `store/key` expires (Unix ms), if it does (`Command::PutExpiring`) and still has
+    /// `revision` (a read names the expiry of the value it answers, not of a newer one).
+    pub fn expires_at(&self, store: &str, key: &str, revision: u64) -> Option<u64> {
+        let d = read(&self.data);
+        if d.expiries.is_empty() || d.stores.get(store)?.get(key)?.revision != revision {
+            return None;
+        }
+        d.expiries.of(store, key)
     }
 
     /// The earliest expiry of any key, and how many keys expire.
     pub fn next_expiry(&self) -> (Option<u64>, usize) {
         let d = read(&self.data);
         (d.expiries.next(), d.expiries.len())
+    }
+
+    /// The keys due at `now` (`Expiries::due`) with their revisions: what `Command::Expire`
+    /// names.
+    pub fn due_keys(&self, now: u64) -> Vec<(String, String, u64)> {
+        let d = read(&self.data);
+        d.expiries
+            .due(now)
+            .into_iter()
+            .filter_map(|(store, key)| {
+                let revision = d.stores.get(&store)?.get(&key)?.revision;
+                Some((store, key, revision))
+            })
+            .collect()
     }
 
     /// The service registry of the cluster's members, and the log index of its last change or
@@ -2590,14 +2624,20 @@ mod tests {
         assert_eq!(d.idem.keys().filter(|k| k.starts_with("held")).count(), 200, "the held ones stay");
     }
 
-    /// Keys put with an expiry (`PutExpiring`) are removed by the `Expire` whose clock has passed
-    /// it, the earliest first and at most `EXPIRE_BATCH` an entry; a plain put or a delete ends
-    /// an expiry, an increment keeps it, a failed precondition sets none; the digest and the
-    /// quota counts follow; snapshots carry the expiries in their extension's third part, which
-    /// an older build's extension (two parts) lacks.
+    /// Keys put with an expiry (`PutExpiring`) are removed by the `Expire` that names them with
+    /// their revision (the leader's due keys, the earliest first, at most `EXPIRE_BATCH`); a key
+    /// put again since is kept; a node whose copy of the expiries lacks them (an older build's
+    /// snapshot) removes the same keys; a plain put or a delete ends an expiry, an increment
+    /// keeps it, a failed precondition neither sets nor ends one; the digest and the quota
+    /// counts follow; snapshots carry the expiries in their extension's third part, which an
+    /// older build's extension (two parts) lacks.
     #[test]
     fn keys_expire_in_order_and_snapshots_keep_their_expiries() {
         let expiring = |key: &str, at: u64, if_revision: Option<u64>| Command::PutExpiring { store: "s".into(), key: key.into(), value: b"1".to_vec(), if_revision, expires_ms: at };
+        // What the leader proposes at `now` (`store::expire_keys`).
+        let expire = |d: &SmData, now: u64| Command::Expire {
+            keys: d.expiries.due(now).into_iter().map(|(s, k)| { let r = d.stores[&s][&k].revision; (s, k, r) }).collect(),
+        };
         let mut d = SmData::default();
         assert_eq!(d.apply(1, expiring("a", 1_000, None)), CommandResult::Written { revision: 1 });
         d.apply(2, expiring("b", 2_000, None));
@@ -2605,11 +2645,13 @@ mod tests {
         d.apply(4, put("s", "keep", "1", None));
         assert_eq!(d.apply(5, expiring("keep", 1_500, Some(99))), CommandResult::PreconditionFailed { current: Some(4) });
         assert_eq!(d.expiries.of("s", "keep"), None, "a failed precondition sets no expiry");
-        d.apply(6, expiring("plain", 1_000, None));
-        d.apply(7, put("s", "plain", "2", None));
-        d.apply(8, expiring("gone", 1_000, None));
-        d.apply(9, Command::Delete { store: "s".into(), key: "gone".into(), if_revision: None });
-        d.apply(10, Command::Increment { store: "s".into(), key: "c".into(), by: 2, tag: None });
+        assert_eq!(d.apply(6, put("s", "b", "2", Some(99))), CommandResult::PreconditionFailed { current: Some(2) });
+        assert_eq!(d.expiries.of("s", "b"), Some(2_000), "nor ends one");
+        d.apply(7, expiring("plain", 1_000, None));
+        d.apply(8, put("s", "plain", "2", None));
+        d.apply(9, expiring("gone", 1_000, None));
+        d.apply(10, Command::Delete { store: "s".into(), key: "gone".into(), if_revision: None });
+        d.apply(11, Command::Increment { store: "s".into(), key: "c".into(), by: 2, tag: None });
         assert_eq!((d.expiries.len(), d.expiries.next(), d.expiries.of("s", "c")), (3, Some(1_000), Some(3_000)), "plain put and delete end theirs; an increment keeps it");
 
         // Snapshots keep them; an older build's extension (no third part) reads with none.
@@ -2630,26 +2672,35 @@ mod tests {
         old_image.extend_from_slice(&(old_ext.len() as u32).to_le_bytes());
         old_image.extend_from_slice(&crc.to_le_bytes());
         old_image.extend_from_slice(&EXT_MAGIC);
-        assert!(decode_data(&old_image).expect("an older build's image decodes").expiries.is_empty());
+        let mut without = decode_data(&old_image).expect("an older build's image decodes");
+        assert!(without.expiries.is_empty());
 
         let (digest, keys) = (d.stores_digest, d.stores_keys);
-        d.apply(11, Command::Expire { now_ms: 999 });
-        assert_eq!(d.expiries.len(), 3, "nothing is due before its time");
-        d.apply(12, Command::Expire { now_ms: 2_000 });
+        assert!(d.expiries.due(999).is_empty(), "nothing is due before its time");
+        let named = expire(&d, 2_000);
+        assert_eq!(named, Command::Expire { keys: vec![("s".into(), "a".into(), 1), ("s".into(), "b".into(), 2)] });
+        // `a` is put again (with a new expiry) after the leader named it: kept.
+        d.apply(12, expiring("a", 9_000, None));
+        without.apply(12, expiring("a", 9_000, None));
+        d.apply(13, named.clone());
+        without.apply(13, named);
         let left: Vec<&String> = d.stores["s"].keys().collect();
-        assert_eq!(left, vec!["c", "keep", "plain"], "a and b expired");
-        assert_eq!((d.expiries.len(), d.expiries.next()), (1, Some(3_000)));
+        assert_eq!(left, vec!["a", "c", "keep", "plain"], "b expired; a was put again");
+        assert_eq!(d.stores_digest, without.stores_digest, "a node without the expiries removes the same keys");
+        assert_eq!(d.stores["s"].keys().collect::<Vec<_>>(), without.stores["s"].keys().collect::<Vec<_>>());
+        assert_eq!((d.expiries.len(), d.expiries.next()), (2, Some(3_000)));
         assert_ne!(d.stores_digest, digest);
-        assert_eq!(d.stores_keys, keys - 2);
+        assert_eq!(d.stores_keys, keys - 1);
         // At most `EXPIRE_BATCH` an entry, the earliest first.
         for i in 0..(EXPIRE_BATCH as u64 + 5) {
             d.apply(100 + i, expiring(&format!("m{i:05}"), 10_000 + i, None));
         }
-        d.apply(5_000, Command::Expire { now_ms: 1_000_000 });
-        assert_eq!(d.expiries.len(), 6, "one batch: c and the earliest of the others went");
-        assert_eq!(d.expiries.next(), Some(10_000 + EXPIRE_BATCH as u64 - 1));
-        assert!(!d.stores["s"].contains_key("c"));
-        d.apply(5_001, Command::Expire { now_ms: 1_000_000 });
+        let batch = expire(&d, 1_000_000);
+        d.apply(5_000, batch);
+        assert_eq!(d.expiries.len(), 7, "one batch: c, a and the earliest of the others went");
+        assert_eq!(d.expiries.next(), Some(10_000 + EXPIRE_BATCH as u64 - 2));
+        let batch = expire(&d, 1_000_000);
+        d.apply(5_001, batch);
         assert!(d.expiries.is_empty());
         assert_eq!(d.stores["s"].keys().collect::<Vec<_>>(), vec!["keep", "plain"]);
     }

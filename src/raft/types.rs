@@ -163,9 +163,12 @@ pub enum Command {
         if_revision: Option<u64>,
         expires_ms: u64,
     },
-    /// Remove the keys whose expiry is at or before `now_ms` (the leader's clock), the earliest
-    /// first, at most `state_machine::EXPIRE_BATCH` of them. Added with `PutExpiring`.
-    Expire { now_ms: u64 },
+    /// Remove each listed key (store, key, revision) that still has that revision: the keys
+    /// whose expiry the leader found passed by its clock (`store::expire_keys`). Named here, not
+    /// judged by each node from its own copy of the expiries, so that every node removes the
+    /// same keys even where a node's copy lacks some (an older build's snapshot keeps none).
+    /// Added with `PutExpiring`.
+    Expire { keys: Vec<(String, String, u64)> },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -257,7 +260,7 @@ impl Command {
                 Command::DropSubscription { name } => name.len(),
                 Command::ForgetNodes { nodes } => nodes.len() * 8,
                 Command::PutExpiring { store, key, value, .. } => store.len() + key.len() + value.len(),
-                Command::Expire { .. } => 0,
+                Command::Expire { keys } => keys.iter().map(|(store, key, _)| store.len() + key.len() + 8).sum(),
             }
     }
 
@@ -309,7 +312,7 @@ impl fmt::Display for Command {
             Command::DropSubscription { name } => write!(f, "drop subscription {name}"),
             Command::ForgetNodes { nodes } => write!(f, "forget departed nodes {nodes:?}"),
             Command::PutExpiring { store, key, .. } => write!(f, "put {store}/{key} with an expiry"),
-            Command::Expire { .. } => write!(f, "expire keys"),
+            Command::Expire { keys } => write!(f, "expire {} keys", keys.len()),
         }
     }
 }

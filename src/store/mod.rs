@@ -371,11 +371,16 @@ pub async fn expire_keys(store: StateStore, shutdown: tokio_util::sync::Cancella
             if next.is_none_or(|at| at > now) || store.replica.leader() != Some(store.replica.id()) {
                 break;
             }
-            // Every member applies it: a key with an expiry exists only once they all did.
+            // Every member must decode it (a member down since this node started, or of an
+            // older build, holds expiry back: README, "Keys that expire").
             if !store.replica.members_have(crate::peer::frame::features::KEY_TTL) {
                 break;
             }
-            match store.replica.write(Command::Expire { now_ms: now }, store.timeout).await {
+            let keys = store.sm.due_keys(now);
+            if keys.is_empty() {
+                break;
+            }
+            match store.replica.write(Command::Expire { keys }, store.timeout).await {
                 Ok(_) => metrics::counter!("raftbridge_state_expire_entries_total").increment(1),
                 Err(e) => {
                     tracing::warn!(cause = %e, "could not remove expired keys; will retry");
@@ -444,9 +449,9 @@ impl StateStore {
         Ok(())
     }
 
-    /// When `store/key` expires (Unix ms), by this node's copy, if it does.
-    pub fn expires_at(&self, store: &str, key: &str) -> Option<u64> {
-        self.sm.expires_at(&self.inner(store), key)
+    /// When `store/key` at `revision` expires (Unix ms), by this node's copy, if it does.
+    pub fn expires_at(&self, store: &str, key: &str, revision: u64) -> Option<u64> {
+        self.sm.expires_at(&self.inner(store), key, revision)
     }
 
     pub async fn get(&self, store: &str, key: &str, consistency: Consistency) -> Result<Option<Versioned>, StoreError> {

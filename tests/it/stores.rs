@@ -343,8 +343,11 @@ fn keys_written_with_a_ttl_are_removed_once_it_passes() {
     status(&call(&api, "PUT", "/v1/state/t/long?ttl=3600", &[], b"\"long\""), 200, "a long TTL");
     status(&call(&api, "PUT", "/v1/state/t/plain", &[], b"\"plain\""), 200, "a plain put");
     status(&call(&api, "PUT", "/v1/config/app/flag?ttl=2", &[], b"true"), 200, "a config key with a TTL");
-    // Written through another node, and outliving a restart of every node.
-    status(&call(&c.api(c.ids()[(leader as usize) % 3]), "PUT", "/v1/state/t/restarted?ttl=8", &[], b"\"r\""), 200, "a put via a follower");
+    // Written through another node; its expiry outlives a restart of every node, which reads
+    // it from a snapshot taken after it.
+    let restarted = call(&c.api(c.ids()[(leader as usize) % 3]), "PUT", "/v1/state/t/restarted?ttl=20", &[], b"\"r\"");
+    status(&restarted, 200, "a put via a follower");
+    let restarted_rev = json_of(&restarted)["revision"].as_u64().expect("a revision");
     for bad in ["0", "-1", "1.5", "abc", "315360001"] {
         assert_json_error(&call(&api, "PUT", &format!("/v1/state/t/bad?ttl={bad}"), &[], b"1"), 400, &format!("ttl={bad}"));
     }
@@ -356,6 +359,13 @@ fn keys_written_with_a_ttl_are_removed_once_it_passes() {
     assert!(at >= started_ms + 3_590_000 && at <= started_ms + 3_700_000, "expires in an hour: {at} vs {started_ms}");
     assert!(call(&api, "GET", "/v1/state/t/plain", &[], b"").header("x-expires-at-ms").is_none(), "a plain key names no expiry");
 
+    for i in 0..30 {
+        status(&call(&api, "PUT", &format!("/v1/state/fill/k{i}"), &[], b"1"), 200, "a filler write");
+    }
+    c.wait_until("every node to have a snapshot past the TTL writes", Duration::from_secs(60), || {
+        c.apis().iter().all(|api| api.status().is_ok_and(|s| s.snapshot.is_some_and(|i| i > restarted_rev)))
+    });
+    status(&call(&api, "GET", "/v1/state/t/restarted", &[], b""), 200, "the key waits for its expiry at the restart");
     c.kill_all();
     c.start_all();
     c.wait_for_leader(Duration::from_secs(60));
