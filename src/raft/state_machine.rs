@@ -541,6 +541,11 @@ impl Expiries {
     }
 
     fn clear(&mut self, store: &str, key: &str) {
+        // Looked up first: `get_mut` copies the path of nodes a snapshot's copy shares, which
+        // every put would otherwise pay once any key expires.
+        if self.of(store, key).is_none() {
+            return;
+        }
         let Some(keys) = self.by_key.get_mut(store) else { return };
         let Some(at) = keys.remove(key) else { return };
         if keys.is_empty() {
