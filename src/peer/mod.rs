@@ -479,10 +479,11 @@ pub struct Link {
     last_seen: Mutex<tokio::time::Instant>,
     /// Requests from the peer being served on this link right now (for retirement).
     serving: AtomicU64,
-    /// The cluster id the peer announced in its `Hello`, and ours as the state learns it
-    /// (`PeerConfig::cluster_id`): a link made while this node held none yet (a new or
-    /// emptied node, before it was sent a history) carries nothing once ours differs from
-    /// theirs (`other_history`).
+    /// The cluster id the peer announced in its `Hello`, kept only for a link made while this
+    /// node held none yet (a new or emptied node, before it was sent a history), and ours as
+    /// the state learns it (`PeerConfig::cluster_id`): such a link carries nothing once ours
+    /// differs from theirs (`other_history`). A link made while ours was known passed the
+    /// handshake's check, and ours never changes after: it keeps `None` and is not checked.
     their_cluster_id: Option<u128>,
     our_cluster_id: crate::raft::types::KnownClusterId,
     /// Of those, the ones that are not Raft's own (forwarded writes, reads, calls, deliveries),
@@ -515,7 +516,7 @@ impl Link {
     /// Whether the two ends now hold different cluster ids (see `their_cluster_id`): the
     /// handshake would refuse this link today, so it is closed at its next frame either way.
     fn other_history(&self) -> bool {
-        matches!((self.their_cluster_id, self.our_cluster_id.get()), (Some(theirs), Some(ours)) if theirs != *ours)
+        self.their_cluster_id.is_some_and(|theirs| self.our_cluster_id.get().is_some_and(|ours| *ours != theirs))
     }
 
     /// The most bytes of frames queued on this link (`queue_budget`).
@@ -1502,7 +1503,7 @@ impl PeerNet {
             closed: self.shutdown.child_token(),
             last_seen: Mutex::new(tokio::time::Instant::now()),
             serving: AtomicU64::new(0),
-            their_cluster_id: theirs.cluster_id,
+            their_cluster_id: theirs.cluster_id.filter(|_| self.cluster_id().is_none()),
             our_cluster_id: self.cfg.cluster_id.clone(),
             answering: AtomicU64::new(0),
             probes: Mutex::new(VecDeque::new()),
@@ -2310,27 +2311,27 @@ mod tests {
             }
             stop.cancel();
         }
-        // A link made while the acceptor held none carries nothing once it holds another id
-        // than the dialer announced: its next frame closes it, and a redial is refused.
-        let (acceptor, dialer, _, stop) = pair(None, None).await;
-        dialer.cfg.cluster_id.set(2).expect("a new cell");
-        dialer.link(1).await.expect("the acceptor holds no id yet");
-        acceptor.cfg.cluster_id.set(1).expect("a new cell");
-        let sent = dialer.request(1, &PeerRequest::Status, Duration::from_secs(5)).await;
-        assert!(sent.is_err(), "a request over it: {sent:?}");
-        assert_unlinked(&acceptor, &dialer, "an id learned after the handshake").await;
-        let Err(err) = dialer.link(1).await else { panic!("relinked across cluster ids") };
-        assert!(err.to_string().contains("cluster id"), "{err}");
-        stop.cancel();
-        // The side that learns its id sends nothing more on such a link either.
-        let (acceptor, dialer, _, stop) = pair(None, None).await;
-        acceptor.cfg.cluster_id.set(1).expect("a new cell");
-        dialer.link(1).await.expect("the dialer holds no id yet");
-        dialer.cfg.cluster_id.set(2).expect("a new cell");
-        let sent = dialer.request(1, &PeerRequest::Status, Duration::from_secs(5)).await;
-        assert!(matches!(sent, Err(PeerError::ClosedUnsent { .. })), "not sent: {sent:?}");
-        assert_unlinked(&acceptor, &dialer, "an id the dialer learned after the handshake").await;
-        stop.cancel();
+        // A link made while one side held no id carries nothing once that side holds another
+        // id than the other announced: the acceptor closes it at the next frame it reads, the
+        // dialer sends nothing more on it; a redial is refused either way.
+        for dialer_learns in [false, true] {
+            let why = if dialer_learns { "an id the dialer learned after the handshake" } else { "an id the acceptor learned after it" };
+            let (acceptor, dialer, _, stop) = pair(None, None).await;
+            let (knows, learns) = if dialer_learns { (&acceptor, &dialer) } else { (&dialer, &acceptor) };
+            knows.cfg.cluster_id.set(1).expect("a new cell");
+            dialer.link(1).await.unwrap_or_else(|e| panic!("{why}: one side holds no id yet: {e}"));
+            learns.cfg.cluster_id.set(2).expect("a new cell");
+            let sent = dialer.request(1, &PeerRequest::Status, Duration::from_secs(5)).await;
+            if dialer_learns {
+                assert!(matches!(sent, Err(PeerError::ClosedUnsent { .. })), "{why}: not sent: {sent:?}");
+            } else {
+                assert!(sent.is_err(), "{why}: a request over it: {sent:?}");
+            }
+            assert_unlinked(&acceptor, &dialer, why).await;
+            let Err(err) = dialer.link(1).await else { panic!("{why}: relinked across cluster ids") };
+            assert!(err.to_string().contains("cluster id"), "{why}: {err}");
+            stop.cancel();
+        }
     }
 
     /// An answer that does not decode closes the link, as a request that does not does.

@@ -585,12 +585,21 @@ const CLUSTER_ID_KEY: &str = "id";
 /// The command that names the cluster `id`: a put of the reserved key that applies only while
 /// it is absent (the first committed stands).
 pub fn name_cluster(id: u128) -> Command {
-    Command::Put { store: CLUSTER_STORE.into(), key: CLUSTER_ID_KEY.into(), value: format!("\"{id:032x}\"").into_bytes(), if_revision: Some(0), tag: None }
+    Command::Put { store: CLUSTER_STORE.into(), key: CLUSTER_ID_KEY.into(), value: cluster_id_value(id), if_revision: Some(0), tag: None }
 }
 
-/// A cluster id as the reserved key holds it (a JSON string of 32 hex digits).
+/// A cluster id as the reserved key holds it: a JSON string of 32 hex digits.
+fn cluster_id_value(id: u128) -> Vec<u8> {
+    format!("\"{id:032x}\"").into_bytes()
+}
+
+/// The reserved key's value read back (`cluster_id_value`).
 fn parse_cluster_id(value: &[u8]) -> Option<u128> {
-    let text = std::str::from_utf8(value).ok()?.strip_prefix('"')?.strip_suffix('"')?;
+    hex_cluster_id(std::str::from_utf8(value).ok()?.strip_prefix('"')?.strip_suffix('"')?)
+}
+
+/// 32 hex digits, as the key and `CLUSTER_ID_FILE` write an id.
+fn hex_cluster_id(text: &str) -> Option<u128> {
     u128::from_str_radix(text, 16).ok().filter(|_| text.len() == 32)
 }
 
@@ -606,7 +615,7 @@ impl SmData {
     /// made again when the state is decoded.
     pub fn rename_cluster(&mut self, id: u128) {
         let revision = self.last_applied.map_or(0, |l| l.index);
-        let value = Versioned { value: format!("\"{id:032x}\"").into_bytes(), revision };
+        let value = Versioned { value: cluster_id_value(id), revision };
         self.stores.entry(CLUSTER_STORE.to_string()).or_default().insert(CLUSTER_ID_KEY.to_string(), value);
     }
 }
@@ -1640,7 +1649,7 @@ fn read_cluster_id(dir: &Path) -> Option<u128> {
             return None;
         }
     };
-    let parsed = u128::from_str_radix(text.trim(), 16).ok().filter(|_| text.trim().len() == 32);
+    let parsed = hex_cluster_id(text.trim());
     if parsed.is_none() {
         tracing::warn!(path = %path.display(), "the cluster id file does not hold one; ignored");
     }
@@ -2013,7 +2022,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let (next, cluster_id) = {
             let d = read(&self.shared.data);
-            (d.log.next, d.cluster_id())
+            // Looked up until known: the first put stands (no apply changes it after), and
+            // this runs after every batch of entries.
+            (d.log.next, if self.shared.cluster_id.get().is_some() { None } else { d.cluster_id() })
         };
         self.shared.events_moved(next);
         self.shared.note_cluster_id(cluster_id);
