@@ -106,6 +106,9 @@ impl ReadArgs {
             Some("stale") => Consistency::Stale,
             Some(other) => return Err(ApiError::BadRequest(format!("unknown consistency {:?}", super::cut(other, 64)))),
         };
+        if q.contains_key("ttl") {
+            return Err(no_ttl());
+        }
         let wait = parse_wait(&q)?;
         let mut known = Vec::new();
         for line in req.headers().get_all(http::header::IF_NONE_MATCH) {
@@ -164,17 +167,21 @@ fn not_modified(tag: &str) -> Response<Full<Bytes>> {
     resp
 }
 
-/// The longest TTL a write takes: ten years, in seconds.
-const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
 
-/// A write's `?ttl=N` (whole seconds, 1 to `MAX_TTL_S`), if it names one.
+/// A write's `?ttl=N` (whole seconds, 1 to `store::MAX_TTL_S`), if it names one.
 fn ttl(req: &Request<Incoming>) -> Result<Option<Duration>, ApiError> {
     let q = crate::proxy::routing::parse_query(req.uri().query().unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
     let Some(text) = q.get("ttl") else { return Ok(None) };
     match text.parse::<u64>() {
-        Ok(s) if (1..=MAX_TTL_S).contains(&s) => Ok(Some(Duration::from_secs(s))),
-        _ => Err(ApiError::BadRequest(format!("ttl: whole seconds from 1 to {MAX_TTL_S}, not {:?}", super::cut(text, 32)))),
+        Ok(s) if (1..=crate::store::MAX_TTL_S).contains(&s) => Ok(Some(Duration::from_secs(s))),
+        _ => Err(ApiError::BadRequest(format!("ttl: whole seconds from 1 to {}, not {:?}", crate::store::MAX_TTL_S, super::cut(text, 32)))),
     }
+}
+
+/// A `ttl` where no write takes one (a read, a delete): refused rather than ignored, as a
+/// client that meant to set an expiry would otherwise believe it had.
+fn no_ttl() -> ApiError {
+    ApiError::BadRequest("ttl: only a PUT of a key takes one".into())
 }
 
 /// `METHOD /v1/{space}/{store}/{key}`.
@@ -257,6 +264,9 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
             Ok(resp)
         }
         Method::DELETE => {
+            if req.uri().query().is_some_and(|q| crate::proxy::routing::parse_query(q).is_some_and(|q| q.contains_key("ttl"))) {
+                return Err(no_ttl());
+            }
             let pre = super::precondition(&req)?;
             if plain.delete_if(store, key, pre).await.map_err(write_error)? {
                 Ok(super::json_response(StatusCode::OK, &serde_json::json!({ "deleted": true })))
@@ -277,6 +287,9 @@ fn write_error(e: crate::store::StoreError) -> ApiError {
         crate::store::StoreError::Replica(crate::raft::ReplicaError::Undecided) => ApiError::Unavailable(
             "no quorum within the deadline; the write reached the leader and may still commit (read the key back, or make the write conditional with If-Match, to learn its outcome: the state routes take no Idempotency-Key)".into(),
         ),
+        crate::store::StoreError::Replica(crate::raft::ReplicaError::Forward { leader, source }) => ApiError::Unavailable(format!(
+            "leader {leader}: {source}; the write reached the leader and its outcome is unknown (it may have committed: read the key back, or make the write conditional with If-Match, to learn it: the state routes take no Idempotency-Key)"
+        )),
         other => other.into(),
     }
 }
@@ -325,7 +338,9 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
     if args.holds(&tag, page.tag.keys > 0) {
         return Ok(not_modified(&tag));
     }
-    let mut body = Vec::with_capacity(64 + page.items.iter().map(|(k, v)| k.len() + v.value.len() + 48).sum::<usize>());
+    // Each under one look at the expiries; only for the revision listed (`expires_at`).
+    let expiries = plain.expiries_of(store, page.items.iter().map(|(k, v)| (k.as_str(), v.revision)));
+    let mut body = Vec::with_capacity(64 + page.items.iter().map(|(k, v)| k.len() + v.value.len() + 72).sum::<usize>());
     body.extend_from_slice(b"{\"items\":[");
     for (i, (k, v)) in page.items.iter().enumerate() {
         if i > 0 {
@@ -343,7 +358,11 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
                 Err(_) => body.extend_from_slice(b"null"),
             }
         }
-        body.extend_from_slice(format!(",\"revision\":{}}}", v.revision).as_bytes());
+        body.extend_from_slice(format!(",\"revision\":{}", v.revision).as_bytes());
+        if let Some(at) = expiries.get(i).copied().flatten() {
+            body.extend_from_slice(format!(",\"expiresAtMs\":{at}").as_bytes());
+        }
+        body.push(b'}');
     }
     body.extend_from_slice(b"],\"next\":");
     serde_json::to_writer(&mut body, &page.next).map_err(|e| ApiError::Internal(e.to_string()))?;

@@ -528,6 +528,11 @@ impl Expiries {
         self.by_key.get(store)?.get(key).copied()
     }
 
+    /// Whether any key of `store` expires.
+    pub fn of_store(&self, store: &str) -> bool {
+        self.by_key.get(store).is_some_and(|keys| !keys.is_empty())
+    }
+
     /// The earliest expiry.
     pub fn next(&self) -> Option<u64> {
         self.by_time.get_min().map(|(at, _, _)| *at)
@@ -831,6 +836,7 @@ impl SmData {
                 }
                 CommandResult::None
             }
+            Command::Tagged { tag, command } => self.tagged(Some(tag), |d| d.apply(index, *command)),
             Command::DropSubscription { name } => {
                 let declared_by = self.declared_by(&name);
                 // Gone, its delivery loop's backlog with it; declared again, it gets a new
@@ -1208,6 +1214,14 @@ impl SmShared {
             return None;
         }
         d.expiries.of(store, key)
+    }
+
+    /// `expires_at` of each (key, revision) of `store`, under one read lock; nothing to look
+    /// up (an empty list) when no key of the store expires.
+    pub fn expiries_of<'a>(&self, store: &str, keys: impl Iterator<Item = (&'a str, u64)>) -> Vec<Option<u64>> {
+        let d = read(&self.data);
+        let Some(current) = d.stores.get(store).filter(|_| d.expiries.of_store(store)) else { return Vec::new() };
+        keys.map(|(key, revision)| if current.get(key)?.revision == revision { d.expiries.of(store, key) } else { None }).collect()
     }
 
     /// The earliest expiry of any key, and how many keys expire.
@@ -2543,6 +2557,45 @@ mod tests {
         // A refused write to a store that does not exist leaves nothing behind.
         assert_eq!(d.apply(10, put("new", "k", "1", Some(3))), CommandResult::PreconditionFailed { current: None });
         assert!(d.stores.is_empty(), "{:?}", d.stores.keys().collect::<Vec<_>>());
+    }
+
+    /// A handler's delete and expiring put carry their tag in `Command::Tagged`: a re-run of a
+    /// run that deleted a key and put it again leaves the key as the first run did (before,
+    /// the delete applied again and the put was answered from the record), a re-run's
+    /// expiring put keeps the first run's expiry, and each answers what the first run heard.
+    #[test]
+    fn a_rerun_applies_its_tagged_delete_and_expiring_put_once() {
+        let mut d = SmData::default();
+        let tagged = |place: u32, command: Command| Command::Tagged { tag: ("run".into(), place), command: Box::new(command) };
+        let delete = |key: &str| Command::Delete { store: "s".into(), key: key.into(), if_revision: None };
+        let put_tagged = |key: &str, v: &str, place: u32| Command::Put { store: "s".into(), key: key.into(), value: v.as_bytes().to_vec(), if_revision: None, tag: Some(("run".into(), place)) };
+        let expiring = |at: u64| Command::PutExpiring { store: "s".into(), key: "lease".into(), value: b"1".to_vec(), if_revision: None, expires_ms: at };
+        d.apply(1, put("s", "cart", "\"old\"", None));
+        // The first run: delete the cart, put a new one, put a lease that expires.
+        assert_eq!(d.apply(2, tagged(0, delete("cart"))), CommandResult::Deleted { existed: true });
+        assert_eq!(d.apply(3, put_tagged("cart", "\"new\"", 1)), CommandResult::Written { revision: 3 });
+        assert_eq!(d.apply(4, tagged(2, expiring(1_000))), CommandResult::Written { revision: 4 });
+        // The re-run, its writes made again in the same places.
+        assert_eq!(d.apply(5, tagged(0, delete("cart"))), CommandResult::Deleted { existed: true }, "the first run's answer");
+        assert_eq!(d.apply(6, put_tagged("cart", "\"new\"", 1)), CommandResult::Written { revision: 3 });
+        assert_eq!(d.apply(7, tagged(2, expiring(9_000))), CommandResult::Written { revision: 4 });
+        let cart = d.stores.get("s").and_then(|m| m.get("cart")).expect("the cart the first run wrote is there");
+        assert_eq!((cart.value.as_slice(), cart.revision), (&b"\"new\""[..], 3));
+        assert_eq!(d.expiries.of("s", "lease"), Some(1_000), "the first run's expiry stands");
+        // Untagged, the same delete applies every time.
+        assert_eq!(d.apply(8, delete("cart")), CommandResult::Deleted { existed: true });
+        assert_eq!(d.apply(9, delete("cart")), CommandResult::Deleted { existed: false });
+        // The digest follows the tagged writes as it follows plain ones.
+        let mut plain = SmData::default();
+        plain.apply(1, put("s", "cart", "\"old\"", None));
+        plain.apply(2, delete("cart"));
+        plain.apply(3, put("s", "cart", "\"new\"", None));
+        plain.apply(4, expiring(1_000));
+        plain.apply(8, delete("cart"));
+        assert_eq!(plain.stores_digest, d.stores_digest);
+        // Encoded and decoded as the log and the snapshots' peers do.
+        let cmd = tagged(7, expiring(5));
+        assert_eq!(bincode::deserialize::<Command>(&bincode::serialize(&cmd).unwrap()).unwrap(), cmd);
     }
 
     #[test]

@@ -169,6 +169,13 @@ pub enum Command {
     /// same keys even where a node's copy lacks some (an older build's snapshot keeps none).
     /// Added with `PutExpiring`.
     Expire { keys: Vec<(String, String, u64)> },
+    /// `command` applied at most once per `tag`, as a tagged `Put` or `Increment` is: a
+    /// handler's `delete` and its puts that expire, which carry no tag of their own. A re-run
+    /// of a handler (a redelivery, a keyed command retried after its node died) that deleted
+    /// a key and then put it again used to delete it again and have its put answered from the
+    /// record: the key was gone though the first run said it was written. Added after the
+    /// others: proposed only when every member announced `features::TAGGED`.
+    Tagged { tag: (String, u32), command: Box<Command> },
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -261,6 +268,7 @@ impl Command {
                 Command::ForgetNodes { nodes } => nodes.len() * 8,
                 Command::PutExpiring { store, key, value, .. } => store.len() + key.len() + value.len(),
                 Command::Expire { keys } => keys.iter().map(|(store, key, _)| store.len() + key.len() + 8).sum(),
+                Command::Tagged { tag, command } => tag.0.len() + command.approx_size(),
             }
     }
 
@@ -290,6 +298,7 @@ impl Command {
                 | Command::IdemCompleteWith { .. }
                 | Command::SubUpdate { .. }
                 | Command::ForgetNodes { .. }
+                | Command::Tagged { .. }
         )
     }
 }
@@ -313,6 +322,7 @@ impl fmt::Display for Command {
             Command::ForgetNodes { nodes } => write!(f, "forget departed nodes {nodes:?}"),
             Command::PutExpiring { store, key, .. } => write!(f, "put {store}/{key} with an expiry"),
             Command::Expire { keys } => write!(f, "expire {} keys", keys.len()),
+            Command::Tagged { command, .. } => write!(f, "{command} (tagged)"),
         }
     }
 }

@@ -24,6 +24,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU32;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -272,7 +273,7 @@ impl From<StoreError> for HandlerError {
             // `If-Match`, so the HTTP API's 412 would not fit).
             StoreError::PreconditionFailed { .. } => HandlerError::new(409, e.to_string()),
             // Everything else as the HTTP API answers it (`api::error`, the one mapping): a
-            // write whose outcome is unknown is a 502, not a 503 that says nothing happened.
+            // write whose outcome is unknown is a 503 whose message says it may have applied.
             e => HandlerError::from_api(e.into()),
         }
     }
@@ -486,10 +487,26 @@ impl StateHandle {
         Ok(self.store.put_tagged(store, key, &bytes, Some(revision), tag).await?)
     }
 
-    /// Remove a key; returns whether it existed. Not tagged: a re-run of the handler removes
-    /// the key again (the same end state; `existed` says what that run found).
+    /// Set a key to `value` encoded as JSON, to be removed `ttl` from now (whole seconds, at
+    /// least one: the HTTP API's `?ttl=`); returns its new revision. A later `put` ends the
+    /// expiry, an `increment` keeps it. A 503 while a member runs a build without expiring
+    /// keys or without `Command::Tagged` (when the run has an idempotency key).
+    pub async fn put_with_ttl(&self, store: &str, key: &str, value: &(impl Serialize + ?Sized), ttl: Duration) -> Result<u64, HandlerError> {
+        if ttl.as_secs() < 1 || ttl.as_secs() > crate::store::MAX_TTL_S || ttl.subsec_nanos() != 0 {
+            return Err(HandlerError::bad_request(format!("ttl: whole seconds from 1 to {}, not {ttl:?}", crate::store::MAX_TTL_S)));
+        }
+        let bytes = serde_json::to_vec(value)?;
+        let tag = self.next_tag(&[b"put", store.as_bytes(), key.as_bytes()])?;
+        Ok(self.store.put_expiring_tagged(store, key, &bytes, ttl, tag).await?)
+    }
+
+    /// Remove a key; returns whether it existed. Tagged like a put, once every member can
+    /// apply it (`Command::Tagged`): a re-run of the handler that deleted a key and then put
+    /// it again had its delete applied again and its put answered from the record, and the
+    /// key was gone. A re-run answers with what the first run found.
     pub async fn delete(&self, store: &str, key: &str) -> Result<bool, HandlerError> {
-        Ok(self.store.delete(store, key, None).await?)
+        let tag = self.next_tag(&[b"delete", store.as_bytes(), key.as_bytes()])?;
+        Ok(self.store.delete_tagged(store, key, None, tag).await?)
     }
 
     /// `increment` without the idempotency tag: applied on every call, even a repeated one.
@@ -537,9 +554,10 @@ impl SecretHandle {
         Ok(self.secrets.put_tagged(store, key, &bytes, crate::store::Precondition::Any, tag).await?)
     }
 
-    /// Remove a secret; returns whether it existed.
+    /// Remove a secret; returns whether it existed. Tagged as `StateHandle::delete` is.
     pub async fn delete(&self, store: &str, key: &str) -> Result<bool, HandlerError> {
-        Ok(self.secrets.delete_if(store, key, crate::store::Precondition::Any).await?)
+        let tag = next_tag(self.dedup.as_ref(), &[b"delete-secret", store.as_bytes(), key.as_bytes()])?;
+        Ok(self.secrets.delete_tagged(store, key, tag).await?)
     }
 }
 

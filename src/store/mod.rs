@@ -35,6 +35,8 @@ use crate::raft::types::WriteTag;
 
 pub const MAX_STORE_NAME: usize = 128;
 pub const MAX_KEY: usize = 1024;
+/// The longest TTL a write takes: ten years, in seconds.
+pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
 /// Keys one listing answers at most (`?limit=`), and by default.
 pub const MAX_LIST: usize = 10_000;
 pub const DEFAULT_LIST: usize = 1_000;
@@ -454,6 +456,11 @@ impl StateStore {
         self.sm.expires_at(&self.inner(store), key, revision)
     }
 
+    /// `expires_at` of each (key, revision) of `store`, under one look at this node's copy.
+    pub fn expiries_of<'a>(&self, store: &str, keys: impl Iterator<Item = (&'a str, u64)>) -> Vec<Option<u64>> {
+        self.sm.expiries_of(&self.inner(store), keys)
+    }
+
     pub async fn get(&self, store: &str, key: &str, consistency: Consistency) -> Result<Option<Versioned>, StoreError> {
         check_names(store, key)?;
         if consistency == Consistency::Linearizable {
@@ -592,6 +599,12 @@ impl StateStore {
         }
     }
 
+    /// `put_tagged` of a key that expires `ttl` from now (see `put_expiring_if`); the tag
+    /// needs every member to apply `Command::Tagged` (a 503 until then, as a TTL without one).
+    pub async fn put_expiring_tagged(&self, store: &str, key: &str, value: &[u8], ttl: Duration, tag: WriteTag) -> Result<u64, StoreError> {
+        self.write_put(store, key, value, None, tag, Some(ttl)).await
+    }
+
     /// A put, with an expiry `ttl` from now when given.
     async fn write_put(&self, store: &str, key: &str, value: &[u8], if_revision: Option<u64>, tag: WriteTag, ttl: Option<Duration>) -> Result<u64, StoreError> {
         check_names(store, key)?;
@@ -609,7 +622,8 @@ impl StateStore {
                     ));
                 }
                 let expires_ms = crate::broker::now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-                Command::PutExpiring { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, expires_ms }
+                let put = Command::PutExpiring { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, expires_ms };
+                self.tag(put, tag)?
             }
         };
         match self.replica.write(cmd, self.timeout).await?.1 {
@@ -700,13 +714,33 @@ impl StateStore {
 
     /// Remove a key; returns whether it existed.
     pub async fn delete(&self, store: &str, key: &str, if_revision: Option<u64>) -> Result<bool, StoreError> {
+        self.delete_tagged(store, key, if_revision, None).await
+    }
+
+    /// `delete`, applied at most once per `tag` (a handler's delete under an idempotency key)
+    /// once every member can apply `Command::Tagged`; untagged until then, as older builds
+    /// deleted (a re-run deletes again), rather than failing handlers during an upgrade.
+    pub async fn delete_tagged(&self, store: &str, key: &str, if_revision: Option<u64>, tag: WriteTag) -> Result<bool, StoreError> {
         check_names(store, key)?;
-        let cmd = Command::Delete { store: self.inner(store), key: key.into(), if_revision };
+        let tag = tag.filter(|_| self.replica.members_have(crate::peer::frame::features::TAGGED));
+        let cmd = self.tag(Command::Delete { store: self.inner(store), key: key.into(), if_revision }, tag)?;
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Deleted { existed } => Ok(existed),
             CommandResult::PreconditionFailed { current } => Err(StoreError::PreconditionFailed { current }),
             other => Err(StoreError::Unexpected(other)),
         }
+    }
+
+    /// `command` under `tag` (`Command::Tagged`), for the commands that carry no tag of their
+    /// own; a 503 while a member cannot apply it, rather than a write that may apply twice.
+    fn tag(&self, command: Command, tag: WriteTag) -> Result<Command, StoreError> {
+        let Some(tag) = tag else { return Ok(command) };
+        if !self.replica.members_have(crate::peer::frame::features::TAGGED) {
+            return Err(StoreError::NotEveryMember(
+                "a member runs a build that cannot apply a handler's delete or expiring put once per idempotency key (or is not linked to this node yet): it waits until every member runs one".into(),
+            ));
+        }
+        Ok(Command::Tagged { tag, command: Box::new(command) })
     }
 
     /// Forget subscription `name` and its progress (`Command::DropSubscription`): whether there

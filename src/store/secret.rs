@@ -184,6 +184,12 @@ impl SecretStore {
         Ok(self.store.delete_if(store, key, pre).await?)
     }
 
+    /// A handler's unconditional delete, applied once per `tag` (`StateStore::delete_tagged`).
+    pub async fn delete_tagged(&self, store: &str, key: &str, tag: crate::raft::types::WriteTag) -> Result<bool, SecretError> {
+        self.sealer()?;
+        Ok(self.store.delete_tagged(store, key, None, tag).await?)
+    }
+
     /// The names and revisions of a store's secrets (the values, still sealed, are the
     /// caller's to leave out).
     pub async fn list(&self, store: &str, prefix: &str, after: Option<&str>, limit: usize, max_bytes: usize, consistency: Consistency) -> Result<Listing, SecretError> {

@@ -358,6 +358,21 @@ fn keys_written_with_a_ttl_are_removed_once_it_passes() {
     let at: u64 = read.header("x-expires-at-ms").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no expiry named: {}", read.describe()));
     assert!(at >= started_ms + 3_590_000 && at <= started_ms + 3_700_000, "expires in an hour: {at} vs {started_ms}");
     assert!(call(&api, "GET", "/v1/state/t/plain", &[], b"").header("x-expires-at-ms").is_none(), "a plain key names no expiry");
+    // A listing names the same expiry, and only for the keys that expire.
+    let listing = json_of(&call(&api, "GET", "/v1/state/t?prefix=", &[], b""));
+    let items = listing["items"].as_array().unwrap_or_else(|| panic!("a listing: {listing}"));
+    let listed = |key: &str| items.iter().find(|i| i["key"] == key).unwrap_or_else(|| panic!("{key} listed: {listing}")).clone();
+    assert_eq!(listed("long")["expiresAtMs"], json!(at), "{listing}");
+    assert_eq!(listed("short")["value"], json!("short"), "{listing}");
+    assert!(listed("short")["expiresAtMs"].as_u64().is_some_and(|short| short < at), "{listing}");
+    for key in ["plain", "ended"] {
+        assert!(listed(key).get("expiresAtMs").is_none(), "{key}: {listing}");
+    }
+    // A TTL where nothing takes one is refused, not ignored.
+    for (method, path) in [("GET", "/v1/state/t/long?ttl=5"), ("DELETE", "/v1/state/t/long?ttl=5"), ("GET", "/v1/state/t?ttl=5")] {
+        assert_json_error(&call(&api, method, path, &[], b""), 400, &format!("{method} {path}"));
+    }
+    status(&call(&api, "GET", "/v1/state/t/long", &[], b""), 200, "the refused DELETE left the key");
 
     for i in 0..30 {
         status(&call(&api, "PUT", &format!("/v1/state/fill/k{i}"), &[], b"1"), 200, "a filler write");
