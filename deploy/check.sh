@@ -196,6 +196,9 @@ containers=()
 for n in 1 2 3; do containers+=("$(dc ps -q "raftbridge-$n")"); done
 healthy() { for c in "${containers[@]}"; do [[ "$(docker inspect -f '{{.State.Health.Status}}' "$c")" == healthy ]] || return 1; done; }
 wait_until 60 "docker HEALTHCHECK healthy on all nodes" healthy
+hc="$(docker inspect -f '{{json .Config.Healthcheck.Test}}' "$image")"
+[[ "$hc" == *'http://127.0.0.1:8400/readyz'* ]] || fail "the image's HEALTHCHECK is not on /readyz: $hc"
+say "the image's HEALTHCHECK probes /readyz"
 
 net="$(docker inspect -f '{{range $k, $v := .NetworkSettings.Networks}}{{$k}}{{end}}' "${containers[0]}")"
 for _ in 1 2 3; do

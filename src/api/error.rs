@@ -144,8 +144,10 @@ impl From<RemoteError> for ApiError {
 impl From<ReplicaError> for ApiError {
     fn from(e: ReplicaError) -> Self {
         match e {
-            ReplicaError::Unavailable | ReplicaError::Undecided | ReplicaError::Stopped => ApiError::Unavailable(e.to_string()),
-            ReplicaError::Forward { .. } => ApiError::BadGateway(e.to_string()),
+            // A write delivered to a leader whose link then failed is a 503 too: from the
+            // client's side that is issue 2's "no quorum within the deadline" (a leader paused
+            // with another node leaves exactly this), and its message says the outcome is unknown.
+            ReplicaError::Unavailable | ReplicaError::Undecided | ReplicaError::Stopped | ReplicaError::Forward { .. } => ApiError::Unavailable(e.to_string()),
             ReplicaError::Remote(r) => r.into(),
             ReplicaError::TooLarge { .. } => ApiError::Oversized(e.to_string()),
             ReplicaError::Raft(m) => ApiError::Internal(m),

@@ -119,3 +119,31 @@ fn a_follower_cut_off_with_its_leader_in_a_minority_is_not_ready() {
     c.wait_all_ready(CATCH_UP);
     c.api(beside).must_put("majority-back", &json!({"beside": beside}));
 }
+
+/// Issue 2's contract, no quorum within the deadline → 503, also where a follower's link to its
+/// leader fails after it forwarded the write: the leader and the other follower paused
+/// (SIGSTOP), a state write and an unkeyed publish sent to the survivor reach the leader's
+/// socket, and its link closes a second or two later with the outcome unknown. That was a
+/// 502; from the client's side it is the same lost quorum, and the 503's message says the
+/// write may have applied.
+#[test]
+fn a_write_whose_leader_is_paused_with_a_follower_is_a_503() {
+    let (c, leader) = Cluster::formed("paused-leader", 3, &[]);
+    c.wait_all_ready(CATCH_UP);
+    let mut followers = c.ids().into_iter().filter(|&id| id != leader);
+    let (survivor, other) = (followers.next().expect("a follower"), followers.next().expect("two followers"));
+    for id in [leader, other] {
+        c.signal(id, "STOP");
+    }
+    let message = assert_write_unavailable(c.api(survivor), "a follower whose leader is paused");
+    eprintln!("[quorum] paused leader: {message}");
+    let start = Instant::now();
+    let event = c.api(survivor).request("POST", "/v1/events/pausedLeader", &[("content-type", "application/json")], b"{\"n\":1}").expect("an answer");
+    assert_json_error(&event, 503, "an unkeyed publish to a follower whose leader is paused");
+    assert!(start.elapsed() < NO_QUORUM_ANSWER, "the publish's 503 took {:?}", start.elapsed());
+    for id in [leader, other] {
+        c.signal(id, "CONT");
+    }
+    c.wait_all_ready(CATCH_UP);
+    c.api(survivor).must_put("quorum-back", &json!({"survivor": survivor}));
+}
