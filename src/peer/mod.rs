@@ -796,20 +796,43 @@ impl PeerNet {
     /// neither side is judged); `None` otherwise. A lead is net of the measure's uncertainty, and
     /// unmeasured members count as not behind, so a node just started judges nothing.
     pub fn clock_ahead_of_most(&self, bound: Duration) -> Option<i64> {
+        self.lead_over_most(bound, true)
+    }
+
+    /// `clock_ahead_of_most` the other way: how far (ms) this node's clock is surely behind
+    /// most members' by more than `bound`.
+    pub fn clock_behind_most(&self, bound: Duration) -> Option<i64> {
+        self.lead_over_most(bound, false)
+    }
+
+    /// What to add to this node's clock to read the time most members' clocks say, once it is
+    /// surely more than `bound` off theirs (`clock_ahead_of_most`, `clock_behind_most`); 0
+    /// while it is not. What key expiry is stamped and judged in (`store::cluster_now_ms`).
+    pub fn clock_correction_ms(&self, bound: Duration) -> i64 {
+        match (self.clock_ahead_of_most(bound), self.clock_behind_most(bound)) {
+            (Some(lead), _) => -lead,
+            (None, Some(lag)) => lag,
+            (None, None) => 0,
+        }
+    }
+
+    /// `clock_ahead_of_most` (`ahead`) or `clock_behind_most`.
+    fn lead_over_most(&self, bound: Duration, ahead: bool) -> Option<i64> {
         let bound_us = i64::try_from(bound.as_micros()).unwrap_or(i64::MAX);
         let others: Vec<NodeId> = lock(&self.addrs).keys().copied().filter(|id| *id != self.cfg.node_id).collect();
-        let (mut behind, mut least_us) = (0usize, i64::MAX);
+        let (mut off, mut least_us) = (0usize, i64::MAX);
         // A peer's offset is its clock minus ours: behind us is negative. The link's reading
         // first (`last_clock_offset`): `offsets` follows it only at the link's next upkeep.
         for id in &others {
             let Some(o) = self.last_clock_offset(*id) else { continue };
-            let lead_us = o.offset_us.saturating_neg().saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX));
+            let toward = if ahead { o.offset_us.saturating_neg() } else { o.offset_us };
+            let lead_us = toward.saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX));
             if lead_us > bound_us {
-                behind += 1;
+                off += 1;
                 least_us = least_us.min(lead_us);
             }
         }
-        (behind * 2 > others.len() + 1).then_some(least_us / 1000)
+        (off * 2 > others.len() + 1).then_some(least_us / 1000)
     }
 
     /// The latest measure of `id`'s clock against ours, also after its link went down; `None`
@@ -2110,6 +2133,17 @@ mod tests {
         // Five nodes: three of the four others behind is a majority of five.
         set(&[(2, -60_000, 0), (3, -61_000, 0), (4, -62_000, 0), (5, 0, 0)]);
         assert_eq!(net.clock_ahead_of_most(bound), Some(60_000));
+        assert_eq!(net.clock_behind_most(bound), None);
+        assert_eq!(net.clock_correction_ms(bound), -60_000, "read in most members' time");
+        // The other way: both peers ahead of us, by the same rules.
+        set(&[(2, 150_000, 0), (3, 160_000, 2_000)]);
+        assert_eq!((net.clock_behind_most(bound), net.clock_ahead_of_most(bound)), (Some(150_000), None));
+        assert_eq!(net.clock_correction_ms(bound), 150_000);
+        set(&[(2, 40_000, 15_000), (3, 40_000, 15_000)]);
+        assert_eq!(net.clock_behind_most(bound), None, "within the uncertainty");
+        set(&[(2, 150_000, 0), (3, UNMEASURED, 0)]);
+        assert_eq!(net.clock_behind_most(bound), None, "not a majority");
+        assert_eq!(net.clock_correction_ms(bound), 0);
     }
 
     /// Node 1 accepting peer links on a free loopback port; `stop` ends it.

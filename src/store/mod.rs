@@ -358,6 +358,22 @@ const EXPIRE_EVERY: Duration = Duration::from_millis(250);
 /// `Command::Expire` entries one look proposes at most (each removes up to `EXPIRE_BATCH`).
 const EXPIRE_ROUNDS: usize = 16;
 
+/// The time key expiry is stamped and judged in: this node's clock, read in most members' time
+/// once it is surely more than `clock::MAX_OFFSET` (1 s) off theirs (`clock_correction_ms`).
+/// A writer whose clock ran behind gave its keys that much less (a lock taken with a TTL
+/// through it was removed early, while its holder still counted on it), and a leader whose
+/// clock ran ahead removed every key early by its lead.
+pub fn cluster_now_ms(replica: &Replica) -> u64 {
+    let now = crate::broker::now_ms();
+    match replica.net.clock_correction_ms(crate::peer::clock::MAX_OFFSET) {
+        0 => now,
+        by => {
+            metrics::counter!("raftbridge_clock_corrected_expiries_total").increment(1);
+            now.saturating_add_signed(by)
+        }
+    }
+}
+
 /// Removes the keys past their expiry (`Command::PutExpiring`) while this node leads: each
 /// look proposes `Command::Expire` with this node's clock while the earliest expiry has
 /// passed, and again while more are due. On the leader only, so that the keys go in one
@@ -369,7 +385,7 @@ pub async fn expire_keys(store: StateStore, shutdown: tokio_util::sync::Cancella
         metrics::gauge!("raftbridge_state_keys_expiring").set(expiring as f64);
         for _ in 0..EXPIRE_ROUNDS {
             let (next, _) = store.sm.next_expiry();
-            let now = crate::broker::now_ms();
+            let now = cluster_now_ms(&store.replica);
             if next.is_none_or(|at| at > now) || store.replica.leader() != Some(store.replica.id()) {
                 break;
             }
@@ -621,7 +637,7 @@ impl StateStore {
                         "a member runs a build without key expiry (or is not linked to this node yet): a write with a TTL waits until every member runs one".into(),
                     ));
                 }
-                let expires_ms = crate::broker::now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+                let expires_ms = cluster_now_ms(&self.replica).saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
                 let put = Command::PutExpiring { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, expires_ms };
                 self.tag(put, tag)?
             }

@@ -35,7 +35,7 @@ fn skewed_cluster(name: &str, ahead_s: i64, route: &str) -> Cluster {
     let lib = faketime_lib();
     let c = Cluster::new(name, 3, &["--example-services"]);
     c.set_env(3, "LD_PRELOAD", &lib.display().to_string());
-    c.set_env(3, "FAKETIME", &format!("+{ahead_s}s"));
+    c.set_env(3, "FAKETIME", &format!("{ahead_s:+}s"));
     c.set_env(3, "FAKETIME_DONT_FAKE_MONOTONIC", "1");
     c.start_all();
     c.wait_for_membership(&c.ids(), &[], FORMATION);
@@ -175,4 +175,38 @@ fn a_node_whose_clock_runs_far_ahead_claims_no_keys_and_dedup_holds() {
     let stamp = events["events"][0]["timestamp"].as_u64().expect("a timestamp");
     let real = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
     assert!(stamp <= real + 30_000, "stamped {} ms ahead of this clock: {events}", stamp.saturating_sub(real));
+}
+
+/// Key expiry is stamped and judged in most members' time: node 3's clock runs 20 s behind the
+/// others', and a key it writes with a 25 s TTL is named to expire 25 s from now in their
+/// clocks, stays 12 s, and is gone soon after its 25 s (judged by the leader: when that is node
+/// 3, in the others' time too). Stamped in node 3's own clock, it expired 5 s after it was
+/// written (or, node 3 leading, 45 s after).
+#[test]
+fn a_key_written_through_a_node_whose_clock_runs_behind_expires_on_time() {
+    const BEHIND_S: i64 = 20;
+    let c = skewed_cluster("clock-ttl", -BEHIND_S, "/api/v1/echo");
+    let offset = |from: u64, of: u64| c.api(from).status().ok()?.members.iter().find(|m| m.id == of)?.clock_offset_ms;
+    c.wait_until("node 3 measured both others' clocks", Duration::from_secs(20), || {
+        offset(3, 1).is_some_and(|o| o > 15_000) && offset(3, 2).is_some_and(|o| o > 15_000)
+    });
+    let now_ms = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as i64;
+    let written_at = now_ms();
+    let put = c.api(3).request("PUT", "/v1/state/ttl/lock?ttl=25", &[], b"\"held\"").expect("a put");
+    assert_eq!(put.status, 200, "{}", put.describe());
+    let read = c.api(1).request("GET", "/v1/state/ttl/lock", &[], b"").expect("a read");
+    let at: i64 = read.header("x-expires-at-ms").and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no expiry named: {}", read.describe()));
+    assert!((at - (written_at + 25_000)).abs() < 3_000, "named to expire {} ms after it was written, not 25 s", at - written_at);
+    while now_ms() < written_at + 12_000 {
+        for api in c.apis() {
+            let r = api.request("GET", "/v1/state/ttl/lock", &[], b"").expect("a read");
+            assert_eq!(r.status, 200, "node {}: the key is gone {} ms after it was written: {}", api.id, now_ms() - written_at, r.describe());
+        }
+        thread::sleep(Duration::from_millis(500));
+    }
+    c.wait_until("the key is gone on every node", Duration::from_secs(30), || {
+        c.apis().iter().all(|api| api.request("GET", "/v1/state/ttl/lock", &[], b"").is_ok_and(|r| r.status == 404))
+    });
+    let gone_after = now_ms() - written_at;
+    assert!(gone_after < 38_000, "the key went {gone_after} ms after it was written, for a 25 s TTL");
 }
