@@ -335,6 +335,7 @@ pub async fn run(
             tls: tls.clone(),
             source_ip: cfg.peer_source_addr,
             cluster_id: sm_shared.known_cluster_id(),
+            recorded_features: sm_shared.recorded_features(),
         },
         net_stop.clone(),
     );

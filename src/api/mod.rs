@@ -1001,6 +1001,9 @@ fn cluster_view(app: &App) -> serde_json::Value {
                 } else {
                     app.replica.net.clock_offset(*id).map(|c| c.offset_us as f64 / 1000.0)
                 },
+                // The peer features (`peer::frame::features`, a bit set) it announced on its
+                // link to this node, or as the state records them; null: neither.
+                "features": app.replica.net.features_known(*id),
             })
         })
         .collect();

@@ -571,10 +571,13 @@ impl Cluster {
                     self.count_late_demotions(&mut unsure);
                     self.prune_held_back(&mut held_back);
                     let members: BTreeSet<NodeId> = self.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();
+                    let recorded = self.replica.net.recorded_features();
+                    metrics::gauge!("raftbridge_cluster_members_recorded").set(members.iter().filter(|id| recorded.by_node.contains_key(id)).count() as f64);
                     demoted.retain(|id, _| members.contains(id));
                     unsure.retain(|id| held_back.contains_key(id));
                     if self.replica.raft.is_leader() {
                         self.name_cluster().await;
+                        self.record_features().await;
                         self.finish_joint().await;
                         self.demote_held_back(&held_back, &mut demoted, &mut unsure).await;
                         self.promote_learners(&held_back, &demoted).await;
@@ -603,6 +606,29 @@ impl Cluster {
             // Named by an earlier leader, whose entry this node has yet to apply.
             Ok(_) => {}
             Err(e) => warn!(cause = %e, "could not name the cluster; will retry"),
+        }
+    }
+
+    /// Records in the replicated state the peer features each member announced on its link
+    /// to this leader (`state_machine::record_features`), when they differ from the record
+    /// (a member upgraded, joined or left): a node restarted while a member is down then
+    /// counts that member by its record (`PeerNet::features_known`) instead of as knowing
+    /// nothing, which held every gated command back until the member came back. Members this
+    /// leader has not linked to keep what the record says of them.
+    async fn record_features(&self) {
+        let net = &self.replica.net;
+        let recorded = net.recorded_features();
+        let members: Vec<NodeId> = self.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();
+        let now: BTreeMap<NodeId, u64> =
+            members.into_iter().filter_map(|id| net.features_seen(id).or_else(|| recorded.by_node.get(&id).copied()).map(|f| (id, f))).collect();
+        if now == recorded.by_node {
+            return;
+        }
+        match self.replica.write(crate::raft::state_machine::record_features(&now, recorded.revision), CHANGE_TIMEOUT).await {
+            Ok((_, CommandResult::Written { .. })) => info!(members = ?now, "recorded the members' features"),
+            // Another leader's record came first: looked at again at the next tick.
+            Ok(_) => {}
+            Err(e) => warn!(cause = %e, "could not record the members' features; will retry"),
         }
     }
 

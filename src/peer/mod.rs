@@ -355,6 +355,10 @@ pub struct PeerConfig {
     /// The id of the cluster whose history this node's state holds, once known (set by the
     /// state machine): announced in each `Hello`, and a peer that announces another is refused.
     pub cluster_id: crate::raft::types::KnownClusterId,
+    /// The members' features as the replicated state records them (set by the state
+    /// machine): what `features_known` falls back on for a member not linked since this
+    /// process started.
+    pub recorded_features: crate::raft::types::RecordedFeatures,
 }
 
 /// The cluster's shared secret (`--cluster-secret`). Its `Debug` does not show it.
@@ -991,6 +995,22 @@ impl PeerNet {
             return Some(frame::features::ALL);
         }
         lock(&self.features_seen).get(&id).copied()
+    }
+
+    /// The members' features as the replicated state records them.
+    pub fn recorded_features(&self) -> crate::raft::types::MemberFeatures {
+        self.cfg.recorded_features.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// `features_seen`, or, for a member not linked since this process started (down since
+    /// before it, say), the features the replicated state records it announced
+    /// (`state_machine::record_features`): a leader restarted while one member was down
+    /// counted that member as knowing nothing, and held back every gated command (key expiry,
+    /// held claims, tagged deletes) until it came back. A member that was rolled back to an
+    /// older build while down is counted with its newer build until it links: the README's
+    /// "do not roll back" holds.
+    pub fn features_known(&self, id: NodeId) -> Option<u64> {
+        self.features_seen(id).or_else(|| self.cfg.recorded_features.read().unwrap_or_else(std::sync::PoisonError::into_inner).by_node.get(&id).copied())
     }
 
     pub fn reachable(&self, id: NodeId) -> bool {
@@ -2073,7 +2093,7 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn failed_dial_records_are_bounded() {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default(), recorded_features: Default::default() };
         let net = PeerNet::new(cfg, CancellationToken::new());
         let addr = |i: usize| format!("127.0.{}.{}:1", 1 + i / 250, 1 + i % 250);
         for i in 0..MAX_DIAL_RECORDS {
@@ -2095,7 +2115,7 @@ mod tests {
     /// measure's uncertainty; a peer's offset is its clock minus ours.
     #[tokio::test]
     async fn a_clock_is_far_ahead_only_of_a_majority_measured_surely_behind() {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default(), recorded_features: Default::default() };
         let net = PeerNet::new(cfg, CancellationToken::new());
         let bound = Duration::from_secs(30);
         let set = |readings: &[(NodeId, i64, u64)]| {
@@ -2148,7 +2168,7 @@ mod tests {
 
     /// Node 1 accepting peer links on a free loopback port; `stop` ends it.
     async fn listening(idle_timeout: Duration) -> (Arc<PeerNet>, std::net::SocketAddr, CancellationToken) {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout, secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout, secret: None, tls: None, source_ip: None, cluster_id: Default::default(), recorded_features: Default::default() };
         let stop = CancellationToken::new();
         let net = PeerNet::new(cfg, stop.clone());
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2178,6 +2198,7 @@ mod tests {
             tls: None,
             source_ip: None,
             cluster_id: Default::default(),
+            recorded_features: Default::default(),
         };
         let acceptor = PeerNet::new(cfg(1, addr.to_string(), secret), stop.clone());
         let dialer = PeerNet::new(cfg(2, "127.0.0.1:1".into(), dialer_secret), stop.clone());
@@ -2219,7 +2240,7 @@ mod tests {
     async fn a_second_process_with_a_members_id_is_refused_while_the_member_answers() {
         let (acceptor, addr, stop) = listening(Duration::from_secs(10)).await;
         let node = |advertise: &str, stop: &CancellationToken| {
-            let cfg = PeerConfig { node_id: 2, cluster: "t".into(), advertise: advertise.into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(10), secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
+            let cfg = PeerConfig { node_id: 2, cluster: "t".into(), advertise: advertise.into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(10), secret: None, tls: None, source_ip: None, cluster_id: Default::default(), recorded_features: Default::default() };
             let net = PeerNet::new(cfg, stop.clone());
             net.set_peer_addr(1, &addr.to_string());
             net
@@ -2278,6 +2299,7 @@ mod tests {
             tls: None,
             source_ip: None,
             cluster_id: Default::default(),
+            recorded_features: Default::default(),
         };
         let claimant = PeerNet::new(cfg, stop.clone());
         claimant.set_peer_addr(1, &addr.to_string());
@@ -2519,6 +2541,7 @@ mod tests {
             tls,
             source_ip: None,
             cluster_id: Default::default(),
+            recorded_features: Default::default(),
         };
         let acceptor = PeerNet::new(cfg(1, addr.to_string(), acceptor_tls), stop.clone());
         tokio::spawn(acceptor.clone().run(listener));
@@ -2900,7 +2923,7 @@ mod tests {
     /// given up when it leaves; an announcement below what any node accepts counts as ours.
     #[test]
     fn the_cluster_frame_is_the_smallest_members() {
-        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 2 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default() };
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 2 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default(), recorded_features: Default::default() };
         let net = PeerNet::new(cfg, CancellationToken::new());
         let frame = |m: u64| frame::Settings { max_frame: m, ..frame::Settings::default() };
         assert_eq!(net.cluster_frame(), 2 << 20);

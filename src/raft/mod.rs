@@ -142,12 +142,13 @@ impl Replica {
     }
 
     /// Whether every member (voters and learners, this node included) announced `feature` on
-    /// its latest link since this node started: a command only newer builds decode may then be
-    /// proposed. A member never linked since counts as without it.
+    /// its latest link since this node started, or, for one not linked since, as the state
+    /// records (`PeerNet::features_known`): a command only newer builds decode may then be
+    /// proposed. A member neither linked since nor recorded counts as without it.
     pub fn members_have(&self, feature: u64) -> bool {
         let watch = self.raft.metrics();
         let metrics = watch.borrow_watched();
-        let all = metrics.membership_config.membership().nodes().all(|(id, _)| self.net.features_seen(*id).is_some_and(|f| f & feature != 0));
+        let all = metrics.membership_config.membership().nodes().all(|(id, _)| self.net.features_known(*id).is_some_and(|f| f & feature != 0));
         all
     }
 

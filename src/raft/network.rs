@@ -829,6 +829,7 @@ mod tests {
             tls: None,
             source_ip: None,
             cluster_id: Default::default(),
+            recorded_features: Default::default(),
         };
         let follower = PeerNet::new(cfg(2, &addr), stop.clone());
         let seen = Arc::new(Seen::default());
@@ -1003,6 +1004,7 @@ mod tests {
             tls: None,
             source_ip: None,
             cluster_id: Default::default(),
+            recorded_features: Default::default(),
         };
         let net = PeerNet::new(cfg, stop.clone());
         let settings = crate::raft::RaftSettings {

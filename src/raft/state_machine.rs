@@ -25,6 +25,8 @@ use crate::raft::types::CommandResult;
 use crate::raft::types::Entry;
 use crate::raft::types::EntryResponder;
 use crate::raft::types::KnownClusterId;
+use crate::raft::types::MemberFeatures;
+use crate::raft::types::RecordedFeatures;
 use crate::raft::types::LogId;
 use crate::raft::types::NodeId;
 use crate::raft::types::StoredResponse;
@@ -586,6 +588,24 @@ impl Expiries {
 /// nodes that kept the first would refuse the others.
 pub const CLUSTER_STORE: &str = "\u{1}cluster";
 const CLUSTER_ID_KEY: &str = "id";
+/// The reserved key that records the peer features each member announced: a JSON object of
+/// node id (a decimal string) to features (`record_features`).
+const CLUSTER_FEATURES_KEY: &str = "features";
+
+/// The command that records `by_node` as the members' features, a put of the reserved key
+/// while it still has `revision` (0: absent), so that two leaders' records cannot interleave.
+/// A put, which every build applies and keeps alike, so no feature gates it.
+pub fn record_features(by_node: &BTreeMap<NodeId, u64>, revision: u64) -> Command {
+    let object: serde_json::Map<String, serde_json::Value> = by_node.iter().map(|(id, f)| (id.to_string(), serde_json::Value::from(*f))).collect();
+    let value = serde_json::Value::Object(object).to_string().into_bytes();
+    Command::Put { store: CLUSTER_STORE.into(), key: CLUSTER_FEATURES_KEY.into(), value, if_revision: Some(revision), tag: None }
+}
+
+/// The recorded features read back (`record_features`); entries that do not read are left out.
+fn parse_features(value: &[u8]) -> BTreeMap<NodeId, u64> {
+    let Ok(serde_json::Value::Object(object)) = serde_json::from_slice::<serde_json::Value>(value) else { return BTreeMap::new() };
+    object.iter().filter_map(|(id, f)| Some((id.parse().ok()?, f.as_u64()?))).collect()
+}
 
 /// The command that names the cluster `id`: a put of the reserved key that applies only while
 /// it is absent (the first committed stands).
@@ -612,6 +632,19 @@ impl SmData {
     /// The id of the cluster whose history this state holds (`None`: not named yet).
     pub fn cluster_id(&self) -> Option<u128> {
         self.stores.get(CLUSTER_STORE)?.get(CLUSTER_ID_KEY).and_then(|v| parse_cluster_id(&v.value))
+    }
+
+    /// The revision of the recorded members' features (0: none recorded).
+    fn features_revision(&self) -> u64 {
+        self.stores.get(CLUSTER_STORE).and_then(|s| s.get(CLUSTER_FEATURES_KEY)).map_or(0, |v| v.revision)
+    }
+
+    /// The recorded members' features (`record_features`).
+    pub fn member_features(&self) -> MemberFeatures {
+        match self.stores.get(CLUSTER_STORE).and_then(|s| s.get(CLUSTER_FEATURES_KEY)) {
+            Some(v) => MemberFeatures { revision: v.revision, by_node: parse_features(&v.value) },
+            None => MemberFeatures::default(),
+        }
     }
 
     /// Names the state's cluster `id` in place, whatever it was (`raftbridge snapshot
@@ -1155,9 +1188,25 @@ pub struct SmShared {
     /// `data.cluster_id()` once it is known (at open, or after the apply or install that brought
     /// it), for the peer handshake to read without the lock (`known_cluster_id`).
     cluster_id: KnownClusterId,
+    /// `data.member_features()`, replaced after the apply or install that changed it, for
+    /// `Replica::members_have` to read without the state's lock (`recorded_features`).
+    features: RecordedFeatures,
 }
 
 impl SmShared {
+    /// The members' features as the state records them, shared: the peer network reads it.
+    pub fn recorded_features(&self) -> RecordedFeatures {
+        self.features.clone()
+    }
+
+    /// Notes the state's record of the members' features when its revision moved.
+    fn note_features(&self, d: &SmData) {
+        let revision = d.features_revision();
+        if read(&self.features).revision != revision {
+            *write(&self.features) = d.member_features();
+        }
+    }
+
     /// The cluster's id as this node's state knows it, shared: the peer handshake reads it.
     pub fn known_cluster_id(&self) -> KnownClusterId {
         self.cluster_id.clone()
@@ -1710,6 +1759,7 @@ impl StateMachine {
         Ok(StateMachine {
             shared: Arc::new(SmShared {
                 cluster_id,
+                features: Arc::new(std::sync::RwLock::new(data.member_features())),
                 registry_rev: std::sync::atomic::AtomicU64::new(registry_view_revision(&data)),
                 events_next: tokio::sync::watch::Sender::new(data.log.next),
                 stores_moved: tokio::sync::watch::Sender::new(data.stores_digest),
@@ -2042,6 +2092,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         self.shared.events_moved(next);
         self.shared.note_cluster_id(cluster_id);
+        self.shared.note_features(&read(&self.shared.data));
         Ok(())
     }
 
@@ -2075,6 +2126,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             let old = std::mem::replace(&mut *d, data);
             self.shared.note_cluster_id(d.cluster_id());
+            self.shared.note_features(&d);
             self.shared.installs.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
             self.shared.events_moved(d.log.next);
             // Sent even when the digest is equal: the maps are new, and a waiter compares them.
@@ -2201,6 +2253,7 @@ mod tests {
             replay_end: std::sync::atomic::AtomicU64::new(0),
             installs: std::sync::atomic::AtomicU64::new(0),
             cluster_id: KnownClusterId::default(),
+            features: RecordedFeatures::default(),
         }
     }
 
@@ -2847,6 +2900,48 @@ mod tests {
         assert_eq!(d.cluster_id(), Some(0x123));
         assert_eq!(d.stores[CLUSTER_STORE][CLUSTER_ID_KEY].revision, 9);
         assert_eq!(parse_cluster_id(b"\"abc\""), None, "32 digits or none");
+    }
+
+    /// The members' features, recorded by a put of the reserved key under a revision
+    /// precondition (a second leader's stale record is refused), read back, outside the quota,
+    /// kept by an older build's decode of the image, and shared with the peer network once
+    /// applied or installed.
+    #[tokio::test]
+    async fn the_members_features_are_recorded_in_the_state() {
+        let mut d = SmData::default();
+        assert_eq!(d.member_features(), MemberFeatures::default());
+        let first: BTreeMap<NodeId, u64> = [(1, 4095), (2, 4095), (3, 2047)].into();
+        assert_eq!(d.apply(1, record_features(&first, 0)), CommandResult::Written { revision: 1 });
+        assert_eq!(d.member_features(), MemberFeatures { revision: 1, by_node: first.clone() });
+        let upgraded: BTreeMap<NodeId, u64> = [(1, 4095), (2, 4095), (3, 4095)].into();
+        assert_eq!(d.apply(2, record_features(&upgraded, 0)), CommandResult::PreconditionFailed { current: Some(1) }, "made from a stale read");
+        assert_eq!(d.apply(3, record_features(&upgraded, 1)), CommandResult::Written { revision: 3 });
+        assert_eq!(d.member_features().by_node, upgraded);
+        assert_eq!((d.stores_keys, d.stores_bytes), (0, 0), "outside the store's quota");
+        let mut image = bincode::serialize(&d).expect("encodes");
+        append_ext(&mut image, &d).expect("extension");
+        assert_eq!(decode_data(&image).expect("decodes").member_features(), d.member_features());
+        let older: SmData = bincode::deserialize(&image).expect("an older build decodes the image");
+        assert_eq!(older.member_features().by_node, upgraded, "an older build keeps it");
+        assert_eq!(parse_features(b"{\"1\":5,\"x\":6,\"2\":\"7\"}"), [(1, 5)].into(), "entries that do not read are left out");
+        assert!(parse_features(b"[1]").is_empty());
+
+        // The shared copy follows the applies that move the record, and only those.
+        let dir = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));
+        let mut sm = StateMachine::open(&dir).unwrap();
+        let shared = sm.shared.recorded_features();
+        use openraft::vote::RaftLeaderIdExt;
+        let entry = |index: u64, command| Entry {
+            log_id: LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(1, 1), index),
+            payload: openraft::EntryPayload::Normal(command),
+        };
+        let entries = [put("s", "k", "1", None), record_features(&first, 0), put("s", "k", "2", None)];
+        let entries: Vec<_> = entries.into_iter().zip(1..).map(|(c, i)| Ok((entry(i, c), None))).collect();
+        sm.apply(futures_util::stream::iter(entries)).await.expect("applies");
+        assert_eq!(*shared.read().unwrap(), MemberFeatures { revision: 2, by_node: first.clone() });
+        let reopened = StateMachine::open(&dir).unwrap();
+        assert_eq!(*reopened.shared.recorded_features().read().unwrap(), MemberFeatures::default(), "no snapshot yet: known once replayed");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     /// A key first claimed with one fingerprint answers a claim with another `IdemMismatch`,

@@ -36,6 +36,20 @@ pub type NodeId = u64;
 /// (`peer::frame::Hello::cluster_id`).
 pub type KnownClusterId = std::sync::Arc<std::sync::OnceLock<u128>>;
 
+/// The peer features each member announced, as the replicated state records them
+/// (`state_machine::record_features`): what a node counts a member by while it has not linked
+/// to it since it started (`peer::PeerNet::features_known`). Replaced by the state machine
+/// after each apply or install that changed the record, read by `Replica::members_have`.
+pub type RecordedFeatures = std::sync::Arc<std::sync::RwLock<MemberFeatures>>;
+
+/// The recorded features (`RecordedFeatures`): the reserved key's revision (0: none) and each
+/// member's features.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MemberFeatures {
+    pub revision: u64,
+    pub by_node: std::collections::BTreeMap<NodeId, u64>,
+}
+
 openraft::declare_raft_types!(
     /// The raftbridge type configuration for openraft.
     pub TypeConfig:

@@ -59,6 +59,7 @@ fn foreign_peer(node_id: u64, cluster: &str, advertise: &str, stop: &tokio_util:
         tls: None,
         source_ip: None,
         cluster_id: Default::default(),
+        recorded_features: Default::default(),
     };
     raftbridge::peer::PeerNet::new(cfg, stop.clone())
 }

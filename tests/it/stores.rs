@@ -399,3 +399,36 @@ fn keys_written_with_a_ttl_are_removed_once_it_passes() {
         }
     }
 }
+
+/// A node restarted while a member is down counts that member by the build the cluster
+/// recorded of it, not as knowing nothing: nodes 1 and 2 restarted with node 3 down take TTL
+/// writes and remove the keys when due. Before the record, every command a build gates on its
+/// members' features (key expiry, held claims, a handler's tagged delete) was refused or held
+/// back until node 3 came back: here, a 503 for the write.
+#[test]
+fn a_node_restarted_while_a_member_is_down_knows_that_members_build() {
+    let (c, _) = Cluster::formed("features-recorded", 3, &[]);
+    c.wait_until("every node knows the cluster recorded all three members' builds", Duration::from_secs(60), || {
+        c.apis().iter().all(|api| api.metric("raftbridge_cluster_members_recorded", &[]).is_ok_and(|n| n == 3.0))
+    });
+    c.kill(3);
+    c.kill(1);
+    c.kill(2);
+    c.start(1);
+    c.start(2);
+    let leader = c.wait_for_leader(Duration::from_secs(60));
+    let api = c.api(leader);
+    let view = json_of(&call(&api, "GET", "/cluster", &[], b""));
+    let three = view["members"].as_array().and_then(|m| m.iter().find(|m| m["id"] == 3)).cloned().unwrap_or_default();
+    assert!(three["features"].as_u64().is_some_and(|f| f & 2048 != 0), "node 3's build as recorded: {three}");
+    assert_eq!(three["reachable"], json!(false), "{three}");
+    let put = call(&api, "PUT", "/v1/state/t/lease?ttl=1", &[], b"\"held\"");
+    status(&put, 200, "a TTL write with node 3 down since the restart");
+    c.wait_until("the key is gone on nodes 1 and 2", Duration::from_secs(30), || {
+        [1, 2].iter().all(|id| c.api(*id).request("GET", "/v1/state/t/lease", &[], b"").is_ok_and(|r| r.status == 404))
+    });
+    c.start(3);
+    c.wait_until("node 3 removed it too", Duration::from_secs(60), || {
+        c.api(3).request("GET", "/v1/state/t/lease?consistency=stale", &[], b"").is_ok_and(|r| r.status == 404)
+    });
+}
