@@ -598,8 +598,8 @@ impl Dispatcher {
             let key = Some(returned_event_key(&scope, &source.id));
             let meta = delivery_meta(&scope, &source);
             let new = super::new_event(&emit.event_name, payload, &meta, Some(s.service.clone()), key);
-            // The HTTP API's status for the cause (`api::error`): a publish whose outcome is
-            // unknown is a 502, one refused before it was queued a 503.
+            // The HTTP API's status for the cause (`api::error`): a publish refused before it
+            // was queued is a 503, one whose outcome is unknown a 503 or 502 that says so.
             match tokio::time::timeout_at(deadline, self.broker.publish_one(new)).await {
                 Ok(published) => published.map_err(|e| HandlerError::from_api(std::sync::Arc::unwrap_or_clone(e).into()))?,
                 Err(_) => return Err(passed("publishing the event the handler returned")),

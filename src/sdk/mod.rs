@@ -402,7 +402,8 @@ impl Ctx {
         let idempotency_key = self.state.next_tag(&[b"emit", event_name.as_bytes(), &payload])?.map(|(k, seq)| crate::broker::internal_key(format_args!("{k}#emit{seq}")));
         let event = crate::broker::new_event(event_name, payload, &self.meta, self.service.clone(), idempotency_key);
         // Statuses as the HTTP API's for a publish: too large 413, nothing committed 503, an
-        // outcome unknown 502 (the handler's writes before it may have committed).
+        // outcome unknown a 503 that says so when the leader was lost under it, a 502 when the
+        // leader said it lost it (the handler's writes before it may have committed).
         broker.publish_one(event).await.map_err(|e| HandlerError::from_api(std::sync::Arc::unwrap_or_clone(e).into()))
     }
 }
@@ -444,7 +445,8 @@ impl StateHandle {
     /// `put_if_revision`) is the same write and applies once. An emit is named by its event
     /// name and payload (a re-run that emits other content emits it: events are delivered at
     /// least once, and an event missing for the answer the client got would be worse). (A run
-    /// on an earlier build tagged by place alone: a re-run across that upgrade applies again.)
+    /// on an earlier build tagged by place alone: a re-run across that upgrade applies again;
+    /// so does one across the upgrade that tagged deletes, which take a place since.)
     fn next_tag(&self, what: &[&[u8]]) -> Result<Option<(String, u32)>, HandlerError> {
         match self.store.space() {
             crate::store::Space::State => next_tag(self.dedup.as_ref(), what),
@@ -487,16 +489,20 @@ impl StateHandle {
         Ok(self.store.put_tagged(store, key, &bytes, Some(revision), tag).await?)
     }
 
-    /// Set a key to `value` encoded as JSON, to be removed `ttl` from now (whole seconds, at
-    /// least one: the HTTP API's `?ttl=`); returns its new revision. A later `put` ends the
-    /// expiry, an `increment` keeps it. A 503 while a member runs a build without expiring
-    /// keys or without `Command::Tagged` (when the run has an idempotency key).
+    /// Set a key to `value` encoded as JSON, to be removed `ttl` from now (rounded up to whole
+    /// seconds, as the HTTP API's `?ttl=` takes them; at most ten years, and not zero: a 500,
+    /// the handler's own mistake); returns its new revision. A later `put` ends the expiry, an
+    /// `increment` keeps it. A 503 while a member runs a build without expiring keys. Tagged
+    /// as its own kind of write: a re-run that puts the key without a TTL where the first run
+    /// put it with one (or the other way round) writes again.
     pub async fn put_with_ttl(&self, store: &str, key: &str, value: &(impl Serialize + ?Sized), ttl: Duration) -> Result<u64, HandlerError> {
-        if ttl.as_secs() < 1 || ttl.as_secs() > crate::store::MAX_TTL_S || ttl.subsec_nanos() != 0 {
-            return Err(HandlerError::bad_request(format!("ttl: whole seconds from 1 to {}, not {ttl:?}", crate::store::MAX_TTL_S)));
+        let secs = ttl.as_secs() + u64::from(ttl.subsec_nanos() > 0);
+        if secs == 0 || secs > crate::store::MAX_TTL_S {
+            return Err(HandlerError::unhandled(format!("put_with_ttl: a TTL from 1 s to {} s, not {ttl:?}", crate::store::MAX_TTL_S)));
         }
+        let ttl = Duration::from_secs(secs);
         let bytes = serde_json::to_vec(value)?;
-        let tag = self.next_tag(&[b"put", store.as_bytes(), key.as_bytes()])?;
+        let tag = self.next_tag(&[b"put-ttl", store.as_bytes(), key.as_bytes()])?;
         Ok(self.store.put_expiring_tagged(store, key, &bytes, ttl, tag).await?)
     }
 
@@ -655,6 +661,10 @@ mod tests {
         assert_eq!(replica(ReplicaError::Undecided), 503, "no quorum in time, though proposed: still issue 1's 503");
         assert_eq!(replica(ReplicaError::Stopped), 503, "this node's core stopped: another node may take it");
         assert_eq!(replica(ReplicaError::Remote(RemoteError::Internal("outcome unknown".into()))), 502);
+        // The leader lost after the write reached it: issue 2's no-quorum 503, saying so.
+        let lost = ReplicaError::Forward { leader: 1, source: crate::peer::PeerError::Closed { peer: 1 } };
+        assert!(lost.to_string().contains("outcome is unknown"), "{lost}");
+        assert_eq!(replica(lost), 503);
         assert_eq!(replica(ReplicaError::Remote(RemoteError::NotLeader { leader: None })), 503);
         assert_eq!(replica(ReplicaError::Remote(RemoteError::Invalid("x".into()))), 400);
         assert_eq!(replica(ReplicaError::TooLarge { bytes: 2, limit: 1 }), 413);

@@ -615,8 +615,8 @@ impl StateStore {
         }
     }
 
-    /// `put_tagged` of a key that expires `ttl` from now (see `put_expiring_if`); the tag
-    /// needs every member to apply `Command::Tagged` (a 503 until then, as a TTL without one).
+    /// `put_tagged` of a key that expires `ttl` from now (see `put_expiring_if`); untagged
+    /// while a member cannot apply `Command::Tagged` (`tag`).
     pub async fn put_expiring_tagged(&self, store: &str, key: &str, value: &[u8], ttl: Duration, tag: WriteTag) -> Result<u64, StoreError> {
         self.write_put(store, key, value, None, tag, Some(ttl)).await
     }
@@ -639,7 +639,7 @@ impl StateStore {
                 }
                 let expires_ms = cluster_now_ms(&self.replica).saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
                 let put = Command::PutExpiring { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, expires_ms };
-                self.tag(put, tag)?
+                self.tag(put, tag)
             }
         };
         match self.replica.write(cmd, self.timeout).await?.1 {
@@ -734,12 +734,10 @@ impl StateStore {
     }
 
     /// `delete`, applied at most once per `tag` (a handler's delete under an idempotency key)
-    /// once every member can apply `Command::Tagged`; untagged until then, as older builds
-    /// deleted (a re-run deletes again), rather than failing handlers during an upgrade.
+    /// once every member can apply `Command::Tagged` (`tag`).
     pub async fn delete_tagged(&self, store: &str, key: &str, if_revision: Option<u64>, tag: WriteTag) -> Result<bool, StoreError> {
         check_names(store, key)?;
-        let tag = tag.filter(|_| self.replica.members_have(crate::peer::frame::features::TAGGED));
-        let cmd = self.tag(Command::Delete { store: self.inner(store), key: key.into(), if_revision }, tag)?;
+        let cmd = self.tag(Command::Delete { store: self.inner(store), key: key.into(), if_revision }, tag);
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::Deleted { existed } => Ok(existed),
             CommandResult::PreconditionFailed { current } => Err(StoreError::PreconditionFailed { current }),
@@ -748,15 +746,15 @@ impl StateStore {
     }
 
     /// `command` under `tag` (`Command::Tagged`), for the commands that carry no tag of their
-    /// own; a 503 while a member cannot apply it, rather than a write that may apply twice.
-    fn tag(&self, command: Command, tag: WriteTag) -> Result<Command, StoreError> {
-        let Some(tag) = tag else { return Ok(command) };
-        if !self.replica.members_have(crate::peer::frame::features::TAGGED) {
-            return Err(StoreError::NotEveryMember(
-                "a member runs a build that cannot apply a handler's delete or expiring put once per idempotency key (or is not linked to this node yet): it waits until every member runs one".into(),
-            ));
+    /// own, once every member can apply that; untagged until then, as older builds wrote (a
+    /// re-run applies it again), rather than failing handlers while a cluster is upgraded: a
+    /// subscription handler always runs under a tag, and its events would be retried into the
+    /// dead letters.
+    fn tag(&self, command: Command, tag: WriteTag) -> Command {
+        match tag {
+            Some(tag) if self.replica.members_have(crate::peer::frame::features::TAGGED) => Command::Tagged { tag, command: Box::new(command) },
+            _ => command,
         }
-        Ok(Command::Tagged { tag, command: Box::new(command) })
     }
 
     /// Forget subscription `name` and its progress (`Command::DropSubscription`): whether there
