@@ -120,6 +120,11 @@ pub struct EventsArgs {
     /// events are delivered (the demo service's `benchSink` consumes `benchEvent`).
     #[arg(long, default_value = "benchSink")]
     pub subscription: String,
+    /// Give every event an idempotency key of its own (`idempotency-key`, or `idempotencyKey`
+    /// in a batch), as producers that deduplicate their retries do: the nodes then keep up to
+    /// `--dedup-max-keys` of them for the dedup window.
+    #[arg(long)]
+    pub keyed: bool,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -324,7 +329,9 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
     // Padded to exactly `--size` bytes per payload (it used to assume 20 bytes of framing,
     // about 23 plus the numbers' digits: 10% over at 128).
     let filler: Arc<str> = "x".repeat(args.size).into();
-    let (batch, name) = (args.batch, args.name.clone());
+    let (batch, name, keyed) = (args.batch, args.name.clone(), args.keyed);
+    // Per run, so that a second run inside the dedup window is not answered from the first's keys.
+    let run = format!("{:08x}", fastrand::u32(..));
     // Delivery latency to the subscription over this run only: the targets' histogram buckets
     // counted when the window opens and again once the run's events are delivered.
     let targets: Vec<String> = args.common.targets.iter().map(|t| t.trim().to_string()).filter(|t| !t.is_empty()).collect();
@@ -339,17 +346,22 @@ async fn run_events(args: &EventsArgs) -> anyhow::Result<Report> {
     });
     let report = drive("events", &args.common, move |worker, seq| {
         let one = |i: usize| event_payload(&filler, worker, seq, i);
+        let key = |i: usize| format!("bench-{run}-{worker}-{seq}-{i}");
         if batch == 1 {
             BenchRequest {
                 method: Method::POST,
                 path: format!("/v1/events/{name}"),
-                headers: Vec::new(),
+                headers: if keyed { vec![("idempotency-key".into(), key(0))] } else { Vec::new() },
                 body: Bytes::from(one(0)),
                 expect: Some(201),
             }
         } else {
-            let items: Vec<String> =
-                (0..batch).map(|i| format!(r#"{{"eventName":"{name}","payload":{}}}"#, one(i))).collect();
+            let items: Vec<String> = (0..batch)
+                .map(|i| match keyed {
+                    true => format!(r#"{{"eventName":"{name}","payload":{},"idempotencyKey":"{}"}}"#, one(i), key(i)),
+                    false => format!(r#"{{"eventName":"{name}","payload":{}}}"#, one(i)),
+                })
+                .collect();
             BenchRequest {
                 method: Method::POST,
                 path: "/v1/events".into(),
