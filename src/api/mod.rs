@@ -1003,7 +1003,7 @@ fn cluster_view(app: &App) -> serde_json::Value {
                 },
                 // The peer features (`peer::frame::features`, a bit set) it announced on its
                 // link to this node, or as the state records them; null: neither.
-                "features": app.replica.net.features_known(*id),
+                "features": app.replica.net.features_known(*id, m.membership_config.log_id().as_ref().map_or(0, |l| l.index)),
             })
         })
         .collect();

@@ -615,13 +615,20 @@ impl Cluster {
     /// counts that member by its record (`PeerNet::features_known`) instead of as knowing
     /// nothing, which held every gated command back until the member came back. Members this
     /// leader has not linked to keep what the record says of them.
+    /// Written again after every membership change even when it holds the same, as the record
+    /// counts only when newer than the membership (`PeerNet::features_known`); a member that
+    /// was removed keeps no entry.
     async fn record_features(&self) {
         let net = &self.replica.net;
         let recorded = net.recorded_features();
-        let members: Vec<NodeId> = self.replica.metrics().membership_config.membership().nodes().map(|(id, _)| *id).collect();
+        let metrics = self.replica.metrics();
+        let since = metrics.membership_config.log_id().as_ref().map_or(0, |l| l.index);
+        let members: Vec<NodeId> = metrics.membership_config.membership().nodes().map(|(id, _)| *id).collect();
+        // A member not linked to this leader keeps its entry, whatever its age: a node removed
+        // is left out here, and one that joins links to the cluster to do so.
         let now: BTreeMap<NodeId, u64> =
             members.into_iter().filter_map(|id| net.features_seen(id).or_else(|| recorded.by_node.get(&id).copied()).map(|f| (id, f))).collect();
-        if now == recorded.by_node {
+        if now == recorded.by_node && recorded.revision > since {
             return;
         }
         match self.replica.write(crate::raft::state_machine::record_features(&now, recorded.revision), CHANGE_TIMEOUT).await {

@@ -820,23 +820,30 @@ impl PeerNet {
         }
     }
 
-    /// `clock_ahead_of_most` (`ahead`) or `clock_behind_most`.
+    /// `clock_ahead_of_most` (`ahead`) or `clock_behind_most`: the largest lead this node has,
+    /// net of uncertainty, over a strict majority of all members (itself among them, at no
+    /// lead): the majority's `m`-th largest peer lead, `m` = half the members plus one. Not
+    /// the least lead of every peer past the bound: with five nodes at 0, 0, 0, -5 and -10 s
+    /// against this one, the node is 10 s ahead of most members, not 5.
     fn lead_over_most(&self, bound: Duration, ahead: bool) -> Option<i64> {
         let bound_us = i64::try_from(bound.as_micros()).unwrap_or(i64::MAX);
         let others: Vec<NodeId> = lock(&self.addrs).keys().copied().filter(|id| *id != self.cfg.node_id).collect();
-        let (mut off, mut least_us) = (0usize, i64::MAX);
         // A peer's offset is its clock minus ours: behind us is negative. The link's reading
         // first (`last_clock_offset`): `offsets` follows it only at the link's next upkeep.
-        for id in &others {
-            let Some(o) = self.last_clock_offset(*id) else { continue };
-            let toward = if ahead { o.offset_us.saturating_neg() } else { o.offset_us };
-            let lead_us = toward.saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX));
-            if lead_us > bound_us {
-                off += 1;
-                least_us = least_us.min(lead_us);
-            }
-        }
-        (off * 2 > others.len() + 1).then_some(least_us / 1000)
+        // Unmeasured peers lead nothing.
+        let mut leads: Vec<i64> = others
+            .iter()
+            .filter_map(|id| self.last_clock_offset(*id))
+            .map(|o| {
+                let toward = if ahead { o.offset_us.saturating_neg() } else { o.offset_us };
+                toward.saturating_sub(i64::try_from(o.uncertainty_us).unwrap_or(i64::MAX))
+            })
+            .collect();
+        leads.sort_unstable_by(|a, b| b.cmp(a));
+        let majority = others.len().div_ceil(2) + 1;
+        // Itself counts at no lead, so the majority's `majority`-th member is a peer.
+        let lead_us = *leads.get(majority - 1)?;
+        (lead_us > bound_us).then_some(lead_us / 1000)
     }
 
     /// The latest measure of `id`'s clock against ours, also after its link went down; `None`
@@ -1009,8 +1016,15 @@ impl PeerNet {
     /// held claims, tagged deletes) until it came back. A member that was rolled back to an
     /// older build while down is counted with its newer build until it links: the README's
     /// "do not roll back" holds.
-    pub fn features_known(&self, id: NodeId) -> Option<u64> {
-        self.features_seen(id).or_else(|| self.cfg.recorded_features.read().unwrap_or_else(std::sync::PoisonError::into_inner).by_node.get(&id).copied())
+    /// The record counts only when it was written after the membership in force
+    /// (`membership_index`, its entry's log index): the leader writes it again after every
+    /// change, so an id removed and added again (on another build) is never judged by what
+    /// the record said of its earlier self.
+    pub fn features_known(&self, id: NodeId, membership_index: u64) -> Option<u64> {
+        self.features_seen(id).or_else(|| {
+            let recorded = self.cfg.recorded_features.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+            recorded.by_node.get(&id).copied().filter(|_| recorded.revision > membership_index)
+        })
     }
 
     pub fn reachable(&self, id: NodeId) -> bool {
@@ -2111,6 +2125,24 @@ mod tests {
         assert_eq!(lock(&net.dials)[&addr(MAX_DIAL_RECORDS)].failures, 1);
     }
 
+    /// A member not linked since this process started is counted by the features the state
+    /// recorded, only when that record is newer than the membership in force; this node by
+    /// its own build.
+    #[tokio::test]
+    async fn a_member_not_linked_is_known_by_a_record_newer_than_the_membership() {
+        let recorded = crate::raft::types::RecordedFeatures::default();
+        let cfg = PeerConfig { node_id: 1, cluster: "t".into(), advertise: "127.0.0.1:1".into(), max_frame: 1 << 20, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default(), recorded_features: recorded.clone() };
+        let net = PeerNet::new(cfg, CancellationToken::new());
+        assert_eq!(net.features_known(1, 0), Some(frame::features::ALL));
+        assert_eq!(net.features_known(5, 0), None, "nothing recorded");
+        *recorded.write().unwrap() = crate::raft::types::MemberFeatures { revision: 10, by_node: [(5, 2047)].into() };
+        assert_eq!(net.features_known(5, 9), Some(2047));
+        assert_eq!(net.features_known(5, 10), None, "the membership changed at or after the record");
+        assert_eq!(net.features_known(6, 9), None, "not in the record");
+        lock(&net.features_seen).insert(5, frame::features::ALL);
+        assert_eq!(net.features_known(5, 10), Some(frame::features::ALL), "a link's own word first");
+    }
+
     /// Judged against a strict majority of all members (itself among them), net of each
     /// measure's uncertainty; a peer's offset is its clock minus ours.
     #[tokio::test]
@@ -2163,6 +2195,15 @@ mod tests {
         assert_eq!(net.clock_behind_most(bound), None, "within the uncertainty");
         set(&[(2, 150_000, 0), (3, UNMEASURED, 0)]);
         assert_eq!(net.clock_behind_most(bound), None, "not a majority");
+        assert_eq!(net.clock_correction_ms(bound), 0);
+        // Five nodes at 0, 0, 0, -50 and -100 s against this one: 100 s ahead of most members
+        // (three of five), though only 50 s ahead of one of them.
+        set(&[(2, -100_000, 0), (3, -100_000, 0), (4, -100_000, 0), (5, -50_000, 0)]);
+        assert_eq!(net.clock_correction_ms(bound), -100_000);
+        set(&[(2, 100_000, 0), (3, 100_000, 0), (4, 100_000, 0), (5, 50_000, 0)]);
+        assert_eq!(net.clock_correction_ms(bound), 100_000);
+        // Two of four peers behind: not a majority of five.
+        set(&[(2, -100_000, 0), (3, -100_000, 0), (4, 0, 0), (5, 0, 0)]);
         assert_eq!(net.clock_correction_ms(bound), 0);
     }
 

@@ -148,7 +148,8 @@ impl Replica {
     pub fn members_have(&self, feature: u64) -> bool {
         let watch = self.raft.metrics();
         let metrics = watch.borrow_watched();
-        let all = metrics.membership_config.membership().nodes().all(|(id, _)| self.net.features_known(*id).is_some_and(|f| f & feature != 0));
+        let since = metrics.membership_config.log_id().as_ref().map_or(0, |l| l.index);
+        let all = metrics.membership_config.membership().nodes().all(|(id, _)| self.net.features_known(*id, since).is_some_and(|f| f & feature != 0));
         all
     }
 

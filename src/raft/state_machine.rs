@@ -680,11 +680,15 @@ impl SmData {
     /// Names the state's cluster `id` in place, whatever it was (`raftbridge snapshot
     /// restore`: a restored cluster gets an id of its own). The revision is the state's last
     /// applied index, as if an entry there had written it; the digest and quota counts are
-    /// made again when the state is decoded.
+    /// made again when the state is decoded. The members' features the old cluster recorded
+    /// go: the restored cluster's leader records its own.
     pub fn rename_cluster(&mut self, id: u128) {
         let revision = self.last_applied.map_or(0, |l| l.index);
         let value = Versioned { value: cluster_id_value(id), revision };
-        self.stores.entry(CLUSTER_STORE.to_string()).or_default().insert(CLUSTER_ID_KEY.to_string(), value);
+        let reserved = self.stores.entry(CLUSTER_STORE.to_string()).or_default();
+        reserved.insert(CLUSTER_ID_KEY.to_string(), value);
+        // The old cluster's members' builds say nothing of the nodes that will join this one.
+        reserved.remove(CLUSTER_FEATURES_KEY);
     }
 }
 
@@ -916,7 +920,10 @@ impl SmData {
             Command::IdemCompleteWith { key, attempt: _, mut response, headers } => {
                 // The headers the entry carries beside the answer (its own are not encoded).
                 response.headers = headers;
-                match self.idem.get_mut(&key) {
+                // Looked up before `get_mut`, which copies the path a snapshot's copy shares
+                // even when the key is missing.
+                let found = if self.idem.contains_key(&key) { self.idem.get_mut(&key) } else { None };
+                match found {
                     // The first completion wins; a slower duplicate attempt gets the winner's answer.
                     Some(IdemRecord { state: IdemState::Done(first), .. }) => CommandResult::IdemDone(first.clone()),
                     Some(rec) => {
@@ -1096,7 +1103,9 @@ impl SmData {
     fn idem_begin(&mut self, key: String, attempt: u64, now_ms: u64, lease_ms: u64, window_ms: u64, fingerprint: Option<u64>, keep_held: bool) -> CommandResult {
         self.tick(now_ms, window_ms, keep_held);
         let until_ms = now_ms.saturating_add(lease_ms);
-        match self.idem.get_mut(&key) {
+        // Looked up first: see `IdemCompleteWith`.
+        let found = if self.idem.contains_key(&key) { self.idem.get_mut(&key) } else { None };
+        match found {
             None => {
                 let state = IdemState::Pending { attempt, until_ms };
                 let rec = IdemRecord { created_ms: now_ms, state, effects: BTreeMap::new(), fingerprint };
@@ -2955,6 +2964,9 @@ mod tests {
         assert_eq!(older.member_features().by_node, upgraded, "an older build keeps it");
         assert_eq!(parse_features(b"{\"1\":5,\"x\":6,\"2\":\"7\"}"), [(1, 5)].into(), "entries that do not read are left out");
         assert!(parse_features(b"[1]").is_empty());
+        let mut restored = d.clone();
+        restored.rename_cluster(0xfeed);
+        assert_eq!(restored.member_features(), MemberFeatures::default(), "a restored cluster records its own");
 
         // The shared copy follows the applies that move the record, and only those.
         let dir = std::env::temp_dir().join(format!("rb-sm-{}", fastrand::u64(..)));

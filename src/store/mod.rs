@@ -364,14 +364,9 @@ const EXPIRE_ROUNDS: usize = 16;
 /// through it was removed early, while its holder still counted on it), and a leader whose
 /// clock ran ahead removed every key early by its lead.
 pub fn cluster_now_ms(replica: &Replica) -> u64 {
-    let now = crate::broker::now_ms();
-    match replica.net.clock_correction_ms(crate::peer::clock::MAX_OFFSET) {
-        0 => now,
-        by => {
-            metrics::counter!("raftbridge_clock_corrected_expiries_total").increment(1);
-            now.saturating_add_signed(by)
-        }
-    }
+    let by = replica.net.clock_correction_ms(crate::peer::clock::MAX_OFFSET);
+    metrics::gauge!("raftbridge_expiry_clock_correction_seconds").set(by as f64 / 1000.0);
+    crate::broker::now_ms().saturating_add_signed(by)
 }
 
 /// Removes the keys past their expiry (`Command::PutExpiring`) while this node leads: each
@@ -385,8 +380,9 @@ pub async fn expire_keys(store: StateStore, shutdown: tokio_util::sync::Cancella
         metrics::gauge!("raftbridge_state_keys_expiring").set(expiring as f64);
         for _ in 0..EXPIRE_ROUNDS {
             let (next, _) = store.sm.next_expiry();
+            let Some(next) = next.filter(|_| store.replica.leader() == Some(store.replica.id())) else { break };
             let now = cluster_now_ms(&store.replica);
-            if next.is_none_or(|at| at > now) || store.replica.leader() != Some(store.replica.id()) {
+            if next > now {
                 break;
             }
             // Every member must decode it (a member down since this node started, or of an
