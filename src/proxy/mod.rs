@@ -393,6 +393,16 @@ impl Proxy {
                 }
                 return Err(ApiError::MethodNotAllowed { allow: allowed.join(", ") });
             }
+            // A node that is not ready and knows no command at all (one joining or rebuilt
+            // from nothing, before the registry reached it) cannot tell an unknown command:
+            // its 404 read as "no such command" for good, to a client that skipped `/readyz`;
+            // a 503 sends it to another node. A node that knows some keeps issue 3's 404.
+            Lookup::NotFound if table.all().next().is_none() && !self.cluster.ready() => {
+                return Err(ApiError::Unavailable(format!(
+                    "no command for {} {path} known here yet: this node is not ready and knows no command (joining or catching up); retry, or ask another node",
+                    req.method()
+                )))
+            }
             Lookup::NotFound => return Err(ApiError::NotFound(format!("no command for {} {path}", req.method()))),
         };
         // deadline: the request's own headers are checked before anything about the cluster,

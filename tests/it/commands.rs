@@ -1299,3 +1299,26 @@ fn one_idempotency_key_in_two_tenants_is_two_requests() {
         .expect("batch");
     assert_json_error(&batch, 400, "a batch item's key that is not ASCII");
 }
+
+/// A node that is not ready and knows no command yet (its copy of the registry is empty): a
+/// command it cannot find is a 503 there, which sends the client to another node, not a 404
+/// that reads as "no such command" for good. Ready, an unknown command is a 404.
+#[test]
+fn a_node_that_is_not_ready_answers_503_for_a_command_it_cannot_find() {
+    let c = Cluster::new("unready-routes", 3, &[EXAMPLE_SERVICES]);
+    c.start(1);
+    c.wait_for("node 1 serves HTTP, not ready (its peers are not up)", Duration::from_secs(30), || {
+        match (c.api(1).probe("/healthz")?, c.api(1).probe("/readyz")?) {
+            (200, 503) => Ok(()),
+            other => Err(format!("healthz, readyz: {other:?}")),
+        }
+    });
+    let early = echo(c.api(1), &json!({"early": true}), &[]).expect("an answer");
+    assert_json_error(&early, 503, "a command asked of a node that is not ready");
+    c.start(2);
+    c.start(3);
+    c.wait_for_membership(&c.ids(), &[], Duration::from_secs(60));
+    wait_served_by(&c, c.api(1), &c.ids());
+    let unknown = c.api(1).request("POST", "/api/v1/no-such-command", &[], b"{}").expect("an answer");
+    assert_json_error(&unknown, 404, "an unknown command on a ready node");
+}
