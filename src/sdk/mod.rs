@@ -273,7 +273,8 @@ impl From<StoreError> for HandlerError {
             // `If-Match`, so the HTTP API's 412 would not fit).
             StoreError::PreconditionFailed { .. } => HandlerError::new(409, e.to_string()),
             // Everything else as the HTTP API answers it (`api::error`, the one mapping): a
-            // write whose outcome is unknown is a 503 whose message says it may have applied.
+            // write whose outcome is unknown is a 503 (a 502 when the leader reported it lost)
+            // whose message says it may have applied.
             e => HandlerError::from_api(e.into()),
         }
     }

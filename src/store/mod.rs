@@ -370,9 +370,9 @@ pub fn cluster_now_ms(replica: &Replica) -> u64 {
 }
 
 /// Removes the keys past their expiry (`Command::PutExpiring`) while this node leads: each
-/// look proposes `Command::Expire` with this node's clock while the earliest expiry has
-/// passed, and again while more are due. On the leader only, so that the keys go in one
-/// order, by one clock; a leader change leaves what is due to the next one.
+/// look proposes `Command::Expire`, judged in most members' time (`cluster_now_ms`), while the
+/// earliest expiry has passed, and again while more are due. On the leader only, so that the
+/// keys go in one order, by one clock; a leader change leaves what is due to the next one.
 pub async fn expire_keys(store: StateStore, shutdown: tokio_util::sync::CancellationToken) {
     let mut tick = crate::supervise::Ticker::new(EXPIRE_EVERY, &shutdown);
     while tick.next().await {
