@@ -416,7 +416,7 @@ pub struct EventLog {
     /// Position the next event gets (positions start at 1 and survive restarts via the log).
     pub next: u64,
     /// idempotency key → (id, position, accepted at ms). Persistent, as `key_order`, for the
-    /// reason `Stores` are (see `Keyed`).
+    /// reason `Stores` are (see `ordmap_from_btree_map`).
     #[serde(deserialize_with = "ordmap_from_btree_map")]
     pub keys: imbl::OrdMap<String, (String, u64, u64)>,
     #[serde(deserialize_with = "vector_from_vec_deque")]
