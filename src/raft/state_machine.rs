@@ -2125,13 +2125,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         let (next, cluster_id) = {
             let d = read(&self.shared.data);
+            // Under the same look: the record's revision, compared with the shared copy's.
+            self.shared.note_features(&d);
             // Looked up until known: the first put stands (no apply changes it after), and
             // this runs after every batch of entries.
             (d.log.next, if self.shared.cluster_id.get().is_some() { None } else { d.cluster_id() })
         };
         self.shared.events_moved(next);
         self.shared.note_cluster_id(cluster_id);
-        self.shared.note_features(&read(&self.shared.data));
         Ok(())
     }
 
