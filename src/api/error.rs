@@ -45,6 +45,9 @@ pub enum ApiError {
     Unprocessable(String),
     #[error("revision mismatch")]
     PreconditionFailed { current: Option<u64> },
+    /// A transaction's op `op` found `key` at `current`: 412 naming them; nothing written.
+    #[error("operation {op} (key {key:?}): revision mismatch; nothing was written")]
+    TxnFailed { op: u32, key: String, current: Option<u64> },
     #[error("{0}")]
     Unavailable(String),
     /// This node has no room for the request now (its body budget is spent): 503 with a
@@ -86,7 +89,7 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::TooLarge { .. } | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            ApiError::PreconditionFailed { .. } | ApiError::TxnFailed { .. } => StatusCode::PRECONDITION_FAILED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
@@ -108,6 +111,9 @@ impl ApiError {
         let mut body = serde_json::json!({ "status": status.as_u16(), "message": self.to_string() });
         if let ApiError::PreconditionFailed { current } = &self {
             body["revision"] = serde_json::json!(current);
+        }
+        if let ApiError::TxnFailed { op, key, current } = &self {
+            body["failed"] = serde_json::json!({ "operation": op, "key": key, "revision": current });
         }
         let mut resp = super::json_response(status, &body);
         if let ApiError::Busy(_) = &self {
@@ -176,6 +182,8 @@ impl From<StoreError> for ApiError {
             StoreError::Replica(r) => r.into(),
             StoreError::Unexpected(_) => ApiError::Internal(e.to_string()),
             StoreError::NotEveryMember(m) => ApiError::Unavailable(m),
+            StoreError::InvalidTxn(m) => ApiError::BadRequest(m),
+            StoreError::TxnFailed { op, key, current } => ApiError::TxnFailed { op, key, current },
         }
     }
 }

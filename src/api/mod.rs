@@ -859,6 +859,11 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
             return ("unauthorized", Err(e));
         }
     }
+    if let Some(takes) = query_params_of(&method, segs.as_slice()) {
+        if let Err(e) = only_query_params(req.uri().query(), takes) {
+            return ("bad_query", Err(e));
+        }
+    }
     match (method, segs.as_slice()) {
         (Method::GET, ["openapi.json"]) => ("openapi", Ok(json_response(StatusCode::OK, &app.proxy.openapi()))),
         (Method::GET, ["healthz"]) => ("healthz", Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ok"}))))
@@ -911,7 +916,18 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         | (_, ["v1", "dead-letters"])
         | (_, ["v1", "subscriptions"]) => ("other", Err(not_allowed("GET, HEAD"))),
         (_, ["v1", "subscriptions", _]) => ("other", Err(not_allowed("GET, HEAD, DELETE"))),
-        (_, ["v1", "state" | "config" | "secrets", _]) => ("other", Err(not_allowed("GET, HEAD"))),
+        (Method::POST, ["v1", space @ ("state" | "config"), store]) => {
+            let (space, route) = match *space {
+                "config" => (crate::store::Space::Config, "config_txn"),
+                _ => (crate::store::Space::State, "state_txn"),
+            };
+            match crate::proxy::routing::percent_decode_with(store, false) {
+                Some(store) => (route, stores::transaction(app, space, &store, req).await),
+                None => (route, Err(ApiError::BadRequest("the store name is not valid percent-encoded UTF-8".into()))),
+            }
+        }
+        (_, ["v1", "state" | "config", _]) => ("other", Err(not_allowed("GET, HEAD, POST"))),
+        (_, ["v1", "secrets", _]) => ("other", Err(not_allowed("GET, HEAD"))),
         (_, ["v1", "events"]) => ("other", Err(not_allowed("GET, HEAD, POST"))),
         (_, ["v1", "events", _]) => ("other", Err(not_allowed("POST"))),
         (_, ["cluster", "members", _]) => ("other", Err(not_allowed("DELETE"))),
@@ -1530,6 +1546,40 @@ fn store_space(space: &str) -> (crate::store::Space, &'static str, &'static str)
     }
 }
 
+/// The query parameters a route under `/v1/` or `/cluster/` takes (`None`: not checked). A
+/// misspelt one (`?tll=30`, `?consitency=stale`, `?evenName=`) used to be ignored and the
+/// request served as if it were absent: a key that never expires, a read that waited for the
+/// leader, a page of every event. Probes (`/healthz`, `/readyz`, `/metrics`, `/cluster`,
+/// `/openapi.json`) stay lenient, as a checker may add a parameter of its own; commands under
+/// `/api/` hand theirs to the handler. `ttl` is let through to the stores' reads, listings and
+/// deletes, which refuse it with a message that says which request takes one.
+fn query_params_of(method: &Method, segs: &[&str]) -> Option<&'static [&'static str]> {
+    Some(match (method, segs) {
+        (&Method::GET, ["v1", "state" | "config" | "secrets", _, _]) => &["consistency", "wait", "index", "ttl"],
+        (&Method::PUT | &Method::DELETE, ["v1", "state" | "config" | "secrets", _, _]) => &["ttl"],
+        (&Method::GET, ["v1", "state" | "config" | "secrets", _]) => &["prefix", "after", "limit", "consistency", "wait", "index", "ttl"],
+        (&Method::GET, ["v1", "events"]) => &["after", "limit", "eventName", "wait"],
+        (&Method::GET, ["v1", "dead-letters"]) => &["subscription", "after", "limit"],
+        (&Method::POST, ["v1", "events"] | ["v1", "events", _] | ["v1", "state" | "config", _])
+        | (&Method::GET, ["v1", "subscriptions"])
+        | (&Method::GET | &Method::DELETE, ["v1", "subscriptions", _])
+        | (&Method::DELETE, ["cluster", "members", _])
+        | (&Method::GET, ["cluster", "snapshot"]) => &[],
+        _ => return None,
+    })
+}
+
+/// 400 for a query parameter the route does not take, naming it and the ones it does.
+fn only_query_params(query: Option<&str>, takes: &[&str]) -> Result<(), ApiError> {
+    let Some(query) = query.filter(|q| !q.is_empty()) else { return Ok(()) };
+    let q = crate::proxy::routing::parse_query(query).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
+    match q.keys().find(|k| !takes.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(unknown) if takes.is_empty() => Err(ApiError::BadRequest(format!("unknown query parameter {:?}: this route takes none", cut(unknown, 64)))),
+        Some(unknown) => Err(ApiError::BadRequest(format!("unknown query parameter {:?}: this route takes {}", cut(unknown, 64), takes.join(", ")))),
+    }
+}
+
 fn not_allowed(allow: &str) -> ApiError {
     ApiError::MethodNotAllowed { allow: allow.to_string() }
 }
@@ -1537,6 +1587,30 @@ fn not_allowed(allow: &str) -> ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_query_parameter_a_route_does_not_take_is_refused_by_name() {
+        let takes = |m: Method, path: &str| query_params_of(&m, &path.trim_start_matches('/').splitn(4, '/').collect::<Vec<_>>());
+        let check = |m: Method, path: &str, q: &str| takes(m, path).map(|t| only_query_params(Some(q), t));
+        assert!(matches!(check(Method::PUT, "/v1/state/s/k", "ttl=5"), Some(Ok(()))));
+        assert!(matches!(check(Method::GET, "/v1/state/s/k", "consistency=stale&wait=5s&index=3"), Some(Ok(()))));
+        assert!(matches!(check(Method::GET, "/v1/config/s", "prefix=a&after=b&limit=3"), Some(Ok(()))));
+        assert!(matches!(check(Method::GET, "/v1/events", "after=1&limit=2&eventName=x&wait=1s"), Some(Ok(()))));
+        assert!(matches!(check(Method::GET, "/v1/events", ""), Some(Ok(()))));
+        let refused = |m: Method, path: &str, q: &str| match check(m, path, q) {
+            Some(Err(ApiError::BadRequest(msg))) => msg,
+            other => panic!("{path}?{q}: {:?}", other.map(|r| r.is_ok())),
+        };
+        assert_eq!(refused(Method::PUT, "/v1/state/s/k", "tll=5"), "unknown query parameter \"tll\": this route takes ttl");
+        assert!(refused(Method::GET, "/v1/state/s/k", "consitency=stale").contains("consistency, wait, index"));
+        assert_eq!(refused(Method::POST, "/v1/events/e", "x"), "unknown query parameter \"x\": this route takes none");
+        assert!(refused(Method::GET, "/v1/dead-letters", "subscription=a&afer=3").contains("\"afer\""));
+        assert!(refused(Method::GET, "/v1/events", "a=%zz").contains("malformed"));
+        // Probes and commands are not checked here.
+        for path in ["/healthz", "/readyz", "/metrics", "/cluster", "/openapi.json", "/api/v1/orders"] {
+            assert!(takes(Method::GET, path).is_none(), "{path}");
+        }
+    }
 
     /// Stands in for hyper's connection: ends once asked to finish.
     struct Conn(bool);

@@ -294,6 +294,69 @@ fn write_error(e: crate::store::StoreError) -> ApiError {
     }
 }
 
+/// One item of a transaction's `operations` (`POST /v1/{state|config}/{store}`): a flat
+/// record rather than a tagged enum, as serde reads a `RawValue` (the value kept as the client
+/// wrote it, as a PUT keeps its body) only outside a tagged enum's buffering.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TxnItem {
+    op: String,
+    key: String,
+    /// Present (`null` too) or absent, told apart: `Option` alone reads `null` as absent.
+    #[serde(default, deserialize_with = "present")]
+    value: Option<Box<serde_json::value::RawValue>>,
+    if_revision: Option<u64>,
+    revision: Option<u64>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<serde_json::value::RawValue>>, D::Error> {
+    <Box<serde_json::value::RawValue> as serde::Deserialize>::deserialize(d).map(Some)
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TxnBody {
+    operations: Vec<TxnItem>,
+}
+
+/// `POST /v1/{state|config}/{store}` with `{"operations":[{"op":"put","key","value",
+/// "ifRevision"?}, {"op":"delete","key","ifRevision"?}, {"op":"check","key","revision"}]}`:
+/// the writes all or none under one revision (`StateStore::transaction`), as Consul's `/v1/txn`
+/// and Dapr's state transactions; 200 `{"revision":N}`, or 412 naming the first operation
+/// whose revision did not match (`failed`), with nothing written.
+pub(super) async fn transaction(app: &App, space: Space, store: &str, req: Request<Incoming>) -> ApiResult {
+    let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
+    let parsed: TxnBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("a transaction is {{\"operations\":[{{\"op\":\"put\"|\"delete\"|\"check\",\"key\",..}}]}}: {e}")))?;
+    let mut ops = Vec::with_capacity(parsed.operations.len().min(crate::store::MAX_TXN_OPS));
+    for (i, item) in parsed.operations.into_iter().enumerate() {
+        let bad = |what: &str| ApiError::BadRequest(format!("operation {i} ({:?}): {what}", super::cut(&item.op, 32)));
+        let op = match item.op.as_str() {
+            "put" if item.revision.is_some() => return Err(bad("a put takes ifRevision, not revision")),
+            "put" => {
+                let value = item.value.as_ref().ok_or_else(|| bad("a put needs a value"))?;
+                crate::raft::types::TxnOp::Put { key: item.key, value: value.get().as_bytes().to_vec(), if_revision: item.if_revision }
+            }
+            "delete" if item.value.is_some() || item.revision.is_some() => return Err(bad("a delete takes a key and ifRevision only")),
+            "delete" => crate::raft::types::TxnOp::Delete { key: item.key, if_revision: item.if_revision },
+            "check" if item.value.is_some() || item.if_revision.is_some() => return Err(bad("a check takes a key and revision only")),
+            "check" => crate::raft::types::TxnOp::Check { key: item.key, revision: item.revision.ok_or_else(|| bad("a check needs a revision (0: absent)"))? },
+            _ => return Err(bad("op is put, delete or check")),
+        };
+        ops.push(op);
+    }
+    drop(body);
+    let revision = app.store.in_space(space).transaction(store, ops, None).await.map_err(|e| match e {
+        // Outcome unknown: the client retries with its checks, which then fail if it applied.
+        crate::store::StoreError::Replica(crate::raft::ReplicaError::Undecided | crate::raft::ReplicaError::Forward { .. }) => ApiError::Unavailable(
+            format!("{e}; the transaction reached the leader and may still commit (read its keys back, or give each write an ifRevision or a check, to learn its outcome)"),
+        ),
+        other => other.into(),
+    })?;
+    let mut resp = super::json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));
+    resp.headers_mut().insert("x-revision", HeaderValue::from(revision));
+    Ok(resp)
+}
+
 /// `GET /v1/{space}/{store}?prefix=P&after=K&limit=N`: the store's keys in order, with their
 /// values (not for secrets) and revisions; `next` is the key to continue `after`.
 pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<Incoming>) -> ApiResult {

@@ -143,9 +143,11 @@ pub mod features {
     pub const KEY_TTL: u64 = 2048;
     /// The node applies `Command::Tagged` (any write applied once per handler tag).
     pub const TAGGED: u64 = 4096;
+    /// The node applies `Command::Txn` (several keys of a store written all or none).
+    pub const TXN: u64 = 8192;
     /// Everything this build understands.
     pub const ALL: u64 =
-        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED;
+        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

@@ -30,6 +30,7 @@ use crate::raft::types::RecordedFeatures;
 use crate::raft::types::LogId;
 use crate::raft::types::NodeId;
 use crate::raft::types::StoredResponse;
+use crate::raft::types::TxnOp;
 use crate::raft::types::WriteTag;
 use crate::broker::event::DeadLetter;
 use crate::broker::event::Event;
@@ -904,6 +905,31 @@ impl SmData {
                 CommandResult::None
             }
             Command::Tagged { tag, command } => self.tagged(Some(tag), |d| d.apply(index, *command)),
+            Command::Txn { store, ops } => {
+                // Every precondition against the state before the first write: the whole or
+                // nothing. (The API refuses a key named twice; applied in order regardless, the
+                // later op wins, on every node alike.)
+                let entries = self.stores.get(&store);
+                for (i, op) in ops.iter().enumerate() {
+                    let current = entries.and_then(|e| e.get(op.key())).map(|v| v.revision);
+                    if op.expects().is_some_and(|expected| current.unwrap_or(0) != expected) {
+                        return CommandResult::TxnFailed { op: i as u32, current };
+                    }
+                }
+                for op in ops {
+                    let store = store.clone();
+                    match op {
+                        TxnOp::Put { key, value, .. } => {
+                            self.apply(index, Command::Put { store, key, value, if_revision: None, tag: None });
+                        }
+                        TxnOp::Delete { key, .. } => {
+                            self.apply(index, Command::Delete { store, key, if_revision: None });
+                        }
+                        TxnOp::Check { .. } => {}
+                    }
+                }
+                CommandResult::Written { revision: index }
+            }
             Command::DropSubscription { name } => {
                 let declared_by = self.declared_by(&name);
                 // Gone, its delivery loop's backlog with it; declared again, it gets a new
@@ -2619,6 +2645,56 @@ mod tests {
         let d = read(&shared.data);
         assert!(!d.idem.contains_key("sub:audit:e1"), "expired");
         assert_eq!(d.idem.len(), 1, "only the expiry claim's own record is left");
+    }
+
+    /// A transaction writes all its keys under one revision or, when any op's revision does
+    /// not match the state before it, nothing; its writes count in the quota and the digest as
+    /// single writes do, end expiries, and a tagged one applies once.
+    #[test]
+    fn a_transaction_applies_all_or_nothing_under_one_revision() {
+        let mut d = SmData::default();
+        d.apply(2, put("s", "a", "1", None));
+        d.apply(3, put("s", "b", "2", None));
+        d.apply(4, Command::PutExpiring { store: "s".into(), key: "lease".into(), value: b"1".to_vec(), if_revision: None, expires_ms: 9_000 });
+        let tput = |key: &str, v: &str, if_revision| TxnOp::Put { key: key.into(), value: v.as_bytes().to_vec(), if_revision };
+        let txn = |ops: Vec<TxnOp>| Command::Txn { store: "s".into(), ops };
+        let before = (d.stores.clone(), d.stores_keys, d.stores_bytes, d.stores_digest);
+        // The third op's check fails: nothing of the first two is written.
+        let failing = txn(vec![tput("a", "10", Some(2)), TxnOp::Delete { key: "b".into(), if_revision: None }, TxnOp::Check { key: "c".into(), revision: 3 }]);
+        assert_eq!(d.apply(5, failing), CommandResult::TxnFailed { op: 2, current: None });
+        assert_eq!((d.stores.clone(), d.stores_keys, d.stores_bytes, d.stores_digest), before, "nothing written");
+        // A put's precondition is judged against the state before the transaction.
+        assert_eq!(d.apply(6, txn(vec![tput("c", "1", Some(0)), tput("a", "1", Some(5))])), CommandResult::TxnFailed { op: 1, current: Some(2) });
+        let ok = txn(vec![
+            tput("a", "10", Some(2)),
+            TxnOp::Delete { key: "b".into(), if_revision: Some(3) },
+            TxnOp::Check { key: "c".into(), revision: 0 },
+            tput("c", "\"new\"", None),
+            tput("lease", "2", None),
+            TxnOp::Delete { key: "gone".into(), if_revision: None },
+        ]);
+        assert_eq!(d.apply(7, ok), CommandResult::Written { revision: 7 });
+        let got = |d: &SmData, k: &str| d.stores.get("s").and_then(|m| m.get(k)).map(|v| (String::from_utf8(v.value.clone()).unwrap(), v.revision));
+        assert_eq!(got(&d, "a"), Some(("10".into(), 7)));
+        assert_eq!(got(&d, "b"), None);
+        assert_eq!(got(&d, "c"), Some(("\"new\"".into(), 7)));
+        assert_eq!(got(&d, "lease"), Some(("2".into(), 7)));
+        assert_eq!(d.expiries.of("s", "lease"), None, "a put in a transaction ends the key's expiry, as a put does");
+        // The counts and the digest are those of the same keys written one by one.
+        let mut single = SmData::default();
+        for (i, (k, v)) in [("a", "10"), ("c", "\"new\""), ("lease", "2")].into_iter().enumerate() {
+            single.apply(7 + i as u64, put("s", k, v, None));
+        }
+        assert_eq!((d.stores_keys, d.stores_bytes), (single.stores_keys, single.stores_bytes));
+        assert_eq!(d.stores_digest, stores_digest(&d.stores), "the digest follows the transaction's writes");
+        // Tagged (a handler's), it applies once: the re-run is answered from the record.
+        let tagged = |ops| Command::Tagged { tag: ("run".into(), 0), command: Box::new(txn(ops)) };
+        assert_eq!(d.apply(8, tagged(vec![tput("n", "1", Some(0))])), CommandResult::Written { revision: 8 });
+        assert_eq!(d.apply(9, tagged(vec![tput("n", "1", Some(0))])), CommandResult::Written { revision: 8 }, "the first run's answer");
+        assert_eq!(got(&d, "n"), Some(("1".into(), 8)));
+        // It survives a snapshot's encoding as the single writes do.
+        let decoded = decode_data(&bincode::serialize(&d).expect("encodes")).expect("decodes");
+        assert_eq!((decoded.stores_keys, decoded.stores_bytes, stores_digest(&decoded.stores)), (d.stores_keys, d.stores_bytes, d.stores_digest));
     }
 
     #[test]

@@ -190,6 +190,45 @@ pub enum Command {
     /// record: the key was gone though the first run said it was written. Added after the
     /// others: proposed only when every member announced `features::TAGGED`.
     Tagged { tag: (String, u32), command: Box<Command> },
+    /// Several writes to one store's keys, all or none, under one revision (this entry's
+    /// index), as etcd's and Consul's transactions and Dapr's state transactions apply: every
+    /// op's precondition is judged against the state before any of them, and the first that
+    /// fails fails the whole (`CommandResult::TxnFailed`). Plain puts only (no TTL: a put ends
+    /// a key's expiry, as `Put` does). Added after the others: proposed only when every member
+    /// announced `features::TXN`.
+    Txn { store: String, ops: Vec<TxnOp> },
+}
+
+/// One write or check of a `Command::Txn`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum TxnOp {
+    /// Set the key, with `Put`'s precondition (0: it must be absent).
+    Put {
+        key: String,
+        #[serde(with = "serde_bytes")]
+        value: Vec<u8>,
+        if_revision: Option<u64>,
+    },
+    /// Remove the key (absent is no failure unless `if_revision` names a revision).
+    Delete { key: String, if_revision: Option<u64> },
+    /// Write nothing; fail the transaction unless the key's revision is `revision` (0: absent).
+    Check { key: String, revision: u64 },
+}
+
+impl TxnOp {
+    pub fn key(&self) -> &str {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::Delete { key, .. } | TxnOp::Check { key, .. } => key,
+        }
+    }
+
+    /// The revision the op wants the key to have before the transaction, if any.
+    pub fn expects(&self) -> Option<u64> {
+        match self {
+            TxnOp::Put { if_revision, .. } | TxnOp::Delete { if_revision, .. } => *if_revision,
+            TxnOp::Check { revision, .. } => Some(*revision),
+        }
+    }
 }
 
 /// Retention of the event log and the producer-dedup window (carried in each `Publish` so every
@@ -283,6 +322,13 @@ impl Command {
                 Command::PutExpiring { store, key, value, .. } => store.len() + key.len() + value.len(),
                 Command::Expire { keys } => keys.iter().map(|(store, key, _)| store.len() + key.len() + 8).sum(),
                 Command::Tagged { tag, command } => tag.0.len() + command.approx_size(),
+                Command::Txn { store, ops } => {
+                    store.len()
+                        + ops
+                            .iter()
+                            .map(|op| op.key().len() + 16 + if let TxnOp::Put { value, .. } = op { value.len() } else { 0 })
+                            .sum::<usize>()
+                }
             }
     }
 
@@ -337,6 +383,7 @@ impl fmt::Display for Command {
             Command::PutExpiring { store, key, .. } => write!(f, "put {store}/{key} with an expiry"),
             Command::Expire { keys } => write!(f, "expire {} keys", keys.len()),
             Command::Tagged { command, .. } => write!(f, "{command} (tagged)"),
+            Command::Txn { store, ops } => write!(f, "transaction of {} ops on {store}", ops.len()),
         }
     }
 }
@@ -374,6 +421,9 @@ pub enum CommandResult {
     /// `IdemClaim`: the key was first used for a request with another fingerprint; nothing
     /// changed. Only an `IdemClaim` answers it, so only builds that know it receive it.
     IdemMismatch,
+    /// `Txn`: op `op` (its place in the list) found the key at `current` (None = absent),
+    /// not the revision it wanted; nothing was written. Only a `Txn` answers it.
+    TxnFailed { op: u32, current: Option<u64> },
 }
 
 #[cfg(test)]

@@ -271,7 +271,7 @@ impl From<StoreError> for HandlerError {
         match e {
             // A handler's own compare-and-set that lost: a conflict (the client sent no
             // `If-Match`, so the HTTP API's 412 would not fit).
-            StoreError::PreconditionFailed { .. } => HandlerError::new(409, e.to_string()),
+            StoreError::PreconditionFailed { .. } | StoreError::TxnFailed { .. } => HandlerError::new(409, e.to_string()),
             // Everything else as the HTTP API answers it (`api::error`, the one mapping): a
             // write whose outcome is unknown is a 503 (a 502 when the leader reported it lost)
             // whose message says it may have applied.
@@ -409,6 +409,59 @@ impl Ctx {
     }
 }
 
+/// A value read with its revision (`StateHandle::get_with_revision`, `list`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revisioned<T> {
+    pub value: T,
+    pub revision: u64,
+}
+
+/// One page of a store's keys (`StateHandle::list`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage<T> {
+    pub items: Vec<(String, Revisioned<T>)>,
+    /// The last key of this page when more follow: pass it as `after` for the next page.
+    pub next: Option<String>,
+}
+
+pub use crate::raft::types::TxnOp;
+
+/// The writes and checks of one `StateHandle::transaction`, in order: at most 64, each key
+/// once (`store::MAX_TXN_OPS`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Txn {
+    ops: Vec<TxnOp>,
+}
+
+impl Txn {
+    pub fn new() -> Txn {
+        Txn::default()
+    }
+
+    /// Set `key` to `value` encoded as JSON; with `if_revision`, only while the key has it (0:
+    /// only while it is absent).
+    pub fn put(&mut self, key: &str, value: &(impl Serialize + ?Sized), if_revision: Option<u64>) -> Result<&mut Txn, HandlerError> {
+        self.ops.push(TxnOp::Put { key: key.into(), value: serde_json::to_vec(value)?, if_revision });
+        Ok(self)
+    }
+
+    /// Remove `key` (absent is no failure unless `if_revision` names a revision).
+    pub fn delete(&mut self, key: &str, if_revision: Option<u64>) -> &mut Txn {
+        self.ops.push(TxnOp::Delete { key: key.into(), if_revision });
+        self
+    }
+
+    /// Write nothing, but fail the transaction unless `key` has `revision` (0: absent).
+    pub fn check(&mut self, key: &str, revision: u64) -> &mut Txn {
+        self.ops.push(TxnOp::Check { key: key.into(), revision });
+        self
+    }
+}
+
+/// About how many bytes of keys and values one `StateHandle::list` page holds, as an HTTP
+/// listing's page does at most.
+const LIST_BYTES: usize = 4 << 20;
+
 /// The state store as a handler sees it: JSON values, writes deduplicated per idempotency key.
 #[derive(Clone)]
 pub struct StateHandle {
@@ -475,6 +528,34 @@ impl StateHandle {
         }
     }
 
+    /// A key's value decoded as `T` and its revision (linearizable): the read of a
+    /// read-modify-write that `put_if_revision` or `delete_if_revision` completes, as Consul's
+    /// `ModifyIndex` or Dapr's ETag serve. Without it a handler could pass only 0 or a revision
+    /// it had written itself, and fell back to a `get` then a `put` that loses a concurrent
+    /// update.
+    pub async fn get_with_revision<T: DeserializeOwned>(&self, store: &str, key: &str) -> Result<Option<Revisioned<T>>, HandlerError> {
+        match self.store.get(store, key, crate::store::Consistency::Linearizable).await? {
+            None => Ok(None),
+            Some(v) => Ok(Some(Revisioned { value: serde_json::from_slice(&v.value)?, revision: v.revision })),
+        }
+    }
+
+    /// One page of the keys of `store` that start with `prefix`, in key order after `after`
+    /// (the previous page's `next`), with their values decoded as `T` and revisions
+    /// (linearizable): at most `limit` (1 to 10,000) keys and about 4 MiB of values, as
+    /// `GET /v1/state/{store}?prefix=` pages. A value that is not a `T` is a 500.
+    pub async fn list<T: DeserializeOwned>(&self, store: &str, prefix: &str, after: Option<&str>, limit: usize) -> Result<KeyPage<T>, HandlerError> {
+        if !(1..=crate::store::MAX_LIST).contains(&limit) {
+            return Err(HandlerError::unhandled(format!("list: a limit from 1 to {}, not {limit}", crate::store::MAX_LIST)));
+        }
+        let page = self.store.list(store, prefix, after, limit, LIST_BYTES, crate::store::Consistency::Linearizable).await?;
+        let mut items = Vec::with_capacity(page.items.len());
+        for (key, v) in page.items {
+            items.push((key, Revisioned { value: serde_json::from_slice(&v.value)?, revision: v.revision }));
+        }
+        Ok(KeyPage { items, next: page.next })
+    }
+
     /// Set a key to `value` encoded as JSON; returns its new revision.
     pub async fn put(&self, store: &str, key: &str, value: &(impl Serialize + ?Sized)) -> Result<u64, HandlerError> {
         let bytes = serde_json::to_vec(value)?;
@@ -514,6 +595,34 @@ impl StateHandle {
     pub async fn delete(&self, store: &str, key: &str) -> Result<bool, HandlerError> {
         let tag = self.next_tag(&[b"delete", store.as_bytes(), key.as_bytes()])?;
         Ok(self.store.delete_tagged(store, key, None, tag).await?)
+    }
+
+    /// Writes `txn`'s ops to keys of `store` all or none, under one revision, which it
+    /// returns; a 409 naming the first op whose revision did not match, with nothing written
+    /// (read again and retry, as after `put_if_revision`). A 503 while a member runs a build
+    /// without transactions. Tagged as one write, named by its ops' kinds and keys: a re-run
+    /// that makes the same transaction is answered from the first run's record.
+    pub async fn transaction(&self, store: &str, txn: Txn) -> Result<u64, HandlerError> {
+        let kinds: Vec<&[u8]> = txn.ops.iter().map(|op| match op {
+            TxnOp::Put { .. } => &b"put"[..],
+            TxnOp::Delete { .. } => b"delete",
+            TxnOp::Check { .. } => b"check",
+        }).collect();
+        let mut parts: Vec<&[u8]> = vec![b"txn", store.as_bytes()];
+        for (kind, op) in kinds.iter().zip(&txn.ops) {
+            parts.push(kind);
+            parts.push(op.key().as_bytes());
+        }
+        let tag = self.next_tag(&parts)?;
+        Ok(self.store.transaction(store, txn.ops, tag).await?)
+    }
+
+    /// Remove a key only while its revision is `revision`; returns whether it existed, or a
+    /// 409 with the current revision when another write came first. Tagged as `delete` is (the
+    /// same write: a re-run answers with what the first run found).
+    pub async fn delete_if_revision(&self, store: &str, key: &str, revision: u64) -> Result<bool, HandlerError> {
+        let tag = self.next_tag(&[b"delete", store.as_bytes(), key.as_bytes()])?;
+        Ok(self.store.delete_tagged(store, key, Some(revision), tag).await?)
     }
 
     /// `increment` without the idempotency tag: applied on every call, even a repeated one.

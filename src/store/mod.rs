@@ -31,10 +31,13 @@ use crate::raft::state_machine::entry_weight;
 use crate::raft::state_machine::Versioned;
 use crate::raft::types::Command;
 use crate::raft::types::CommandResult;
+use crate::raft::types::TxnOp;
 use crate::raft::types::WriteTag;
 
 pub const MAX_STORE_NAME: usize = 128;
 pub const MAX_KEY: usize = 1024;
+/// Operations in one transaction at most (Consul's bound is 64 too).
+pub const MAX_TXN_OPS: usize = 64;
 /// The longest TTL a write takes: ten years, in seconds.
 pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
 /// Keys one listing answers at most (`?limit=`), and by default.
@@ -270,6 +273,13 @@ pub enum StoreError {
     QuotaExceeded(String),
     #[error("revision mismatch (current: {})", current.map_or_else(|| "absent".to_string(), |r| format!("revision {r}")))]
     PreconditionFailed { current: Option<u64> },
+    /// `transaction`: op `op` wanted `key` at another revision than `current`; nothing written.
+    #[error("operation {op} (key {key:?}): revision mismatch (current: {}); nothing was written", current.map_or_else(|| "absent".to_string(), |r| format!("revision {r}")))]
+    TxnFailed { op: u32, key: String, current: Option<u64> },
+    /// A transaction that cannot be proposed as given (no ops, too many, a key twice, a
+    /// secret store).
+    #[error("{0}")]
+    InvalidTxn(String),
     #[error(transparent)]
     Replica(#[from] ReplicaError),
     #[error("unexpected result {0:?}")]
@@ -750,6 +760,80 @@ impl StateStore {
         match tag {
             Some(tag) if self.replica.members_have(crate::peer::frame::features::TAGGED) => Command::Tagged { tag, command: Box::new(command) },
             _ => command,
+        }
+    }
+
+    /// Writes `ops` to keys of `store`, all or none, under one revision (`Command::Txn`), which
+    /// it returns; the first op whose precondition fails fails the whole (`TxnFailed`, a 412
+    /// or a handler's 409) and nothing is written. At most `MAX_TXN_OPS` ops, each key once,
+    /// values JSON, all the values and keys together within one write's bound (`--max-body`),
+    /// and the quota judged for what they add together. Not for secrets: each secret value is
+    /// sealed for its key on its own. A 503 while a member runs a build without transactions.
+    pub async fn transaction(&self, store: &str, ops: Vec<TxnOp>, tag: WriteTag) -> Result<u64, StoreError> {
+        if self.space == Space::Secrets {
+            return Err(StoreError::InvalidTxn("transactions are for the state and config stores (a secret is sealed for its key, one write at a time)".into()));
+        }
+        check_store_name(store)?;
+        if ops.is_empty() || ops.len() > MAX_TXN_OPS {
+            return Err(StoreError::InvalidTxn(format!("a transaction takes 1 to {MAX_TXN_OPS} operations, not {}", ops.len())));
+        }
+        let inner = self.inner(store);
+        let mut seen = std::collections::HashSet::with_capacity(ops.len());
+        // What the ops add to the quota's keys and bytes together (a delete of a key that is
+        // there frees its share), judged as one write is: only what adds is refused.
+        let (mut size, mut key_delta, mut byte_delta) = (0usize, 0i64, 0i64);
+        let (mut keys, mut bytes) = (0, 0);
+        let weight = |key: &str, len: usize| i64::try_from(entry_weight(&inner, key, len)).unwrap_or(i64::MAX);
+        for (i, op) in ops.iter().enumerate() {
+            check_names(store, op.key())?;
+            if !seen.insert(op.key()) {
+                return Err(StoreError::InvalidTxn(format!("operation {i} names key {:?} again: a transaction writes each key once", op.key())));
+            }
+            size += op.key().len();
+            let old;
+            (keys, bytes, old) = self.sm.stores_usage(&inner, op.key());
+            match op {
+                TxnOp::Put { key, value, .. } => {
+                    check_json(value)?;
+                    size += value.len();
+                    key_delta += i64::from(old.is_none());
+                    byte_delta += weight(key, value.len()) - old.map_or(0, |len| weight(key, len));
+                }
+                TxnOp::Delete { key, .. } => {
+                    key_delta -= i64::from(old.is_some());
+                    byte_delta -= old.map_or(0, |len| weight(key, len));
+                }
+                TxnOp::Check { .. } => {}
+            }
+        }
+        if size > self.max_value {
+            return Err(StoreError::TooLarge { bytes: size, limit: self.max_value });
+        }
+        let (max_keys, max_bytes) = self.quota;
+        if key_delta > 0 && keys.saturating_add(key_delta.unsigned_abs()) > max_keys {
+            return Err(StoreError::QuotaExceeded(format!(
+                "the state, config and secret stores hold {keys} keys together and this transaction adds {key_delta}: over their limit (--state-max-keys)"
+            )));
+        }
+        if byte_delta > 0 && bytes.saturating_add(byte_delta.unsigned_abs()) > max_bytes {
+            return Err(StoreError::QuotaExceeded(format!(
+                "the state, config and secret stores hold {bytes} of their {max_bytes} bytes together (--state-max-bytes); this transaction adds {byte_delta}"
+            )));
+        }
+        if !self.replica.members_have(crate::peer::frame::features::TXN) {
+            return Err(StoreError::NotEveryMember(
+                "a member runs a build without transactions (or is not linked to this node yet): a transaction waits until every member runs one".into(),
+            ));
+        }
+        let names: Vec<String> = ops.iter().map(|op| op.key().to_string()).collect();
+        let cmd = self.tag(Command::Txn { store: inner, ops }, tag);
+        match self.replica.write(cmd, self.timeout).await?.1 {
+            CommandResult::Written { revision } => Ok(revision),
+            CommandResult::TxnFailed { op, current } => {
+                let key = names.get(op as usize).cloned().unwrap_or_default();
+                Err(StoreError::TxnFailed { op, key, current })
+            }
+            other => Err(StoreError::Unexpected(other)),
         }
     }
 

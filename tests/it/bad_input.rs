@@ -102,6 +102,24 @@ fn http_rejects_bad_requests_with_json_errors_and_keeps_serving() {
         "non-JSON body",
     );
     assert_json_error(&send("GET", "/no/such/route", b""), 404, "unknown route");
+    // A misspelt query parameter is a 400 naming it, not a request served as if it were
+    // absent (a key that never expires, a read of every event name); nothing is written.
+    for (method, path, body, what) in [
+        ("PUT", "/v1/state/default/typo?tll=30", &b"1"[..], "a PUT with ?tll="),
+        ("GET", "/v1/state/default/small?consitency=stale", b"", "a read with ?consitency="),
+        ("GET", "/v1/state/default?prefx=a", b"", "a listing with ?prefx="),
+        ("GET", "/v1/events?after=0&evenName=x", b"", "an events read with ?evenName="),
+        ("POST", "/v1/events/typo?ttl=5", b"{}", "a publish with a query"),
+        ("GET", "/v1/dead-letters?subscription=countOrders&afer=3", b"", "dead letters with ?afer="),
+    ] {
+        let resp = send(method, path, body);
+        assert_json_error(&resp, 400, what);
+        assert!(resp.text().contains("unknown query parameter"), "{what}: {}", resp.describe());
+    }
+    assert_json_error(&send("GET", "/v1/state/default/typo", b""), 404, "the PUT with ?tll= wrote nothing");
+    let read = send("GET", "/v1/events?eventName=typo&limit=5", b"");
+    assert_eq!(read.status, 200, "{}", read.describe());
+    assert_eq!(read.json().expect("a JSON page")["events"], json!([]), "the publish with a query stored nothing");
     // A command's parameters travel to the node that runs it: its path and query are bounded.
     let long = format!("/api/v1/anything?{}", "k=v&".repeat(5_000));
     assert_json_error(&send("GET", &long, b""), 414, "a command URI over 16 KiB");

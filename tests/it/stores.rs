@@ -432,3 +432,85 @@ fn a_node_restarted_while_a_member_is_down_knows_that_members_build() {
         c.api(3).request("GET", "/v1/state/t/lease?consistency=stale", &[], b"").is_ok_and(|r| r.status == 404)
     });
 }
+
+/// `POST /v1/{state|config}/{store}` writes its keys all or none under one revision, through a
+/// follower as through the leader: every node then reads each value as written (by content)
+/// with that revision; a stale `ifRevision` or a failed `check` is a 412 naming the operation,
+/// and nothing of that transaction is written; malformed transactions are 400s; the secret
+/// store takes none (405).
+#[test]
+fn a_transaction_writes_its_keys_all_or_none_on_every_node() {
+    let flags = ["--cluster-secret", SECRET, "--secrets-token", TOKEN];
+    let (c, leader) = Cluster::formed("txn", 3, &flags);
+    let follower = c.api(c.ids().into_iter().find(|id| *id != leader).expect("a follower"));
+    let put = call(&follower, "PUT", "/v1/state/bank/a", &[], b"1");
+    status(&put, 200, "a plain put");
+    let rev_a = json_of(&put)["revision"].as_u64().expect("a revision");
+    status(&call(&follower, "PUT", "/v1/state/bank/c", &[], b"\"doomed\""), 200, "a plain put");
+
+    let txn = json!({"operations": [
+        {"op": "put", "key": "a", "value": 10, "ifRevision": rev_a},
+        {"op": "put", "key": "b", "value": {"x": [1, 2.5, "é"]}, "ifRevision": 0},
+        {"op": "delete", "key": "c"},
+        {"op": "check", "key": "d", "revision": 0},
+        {"op": "put", "key": "n", "value": null},
+    ]});
+    let done = call(&follower, "POST", "/v1/state/bank", &[], txn.to_string().as_bytes());
+    status(&done, 200, "a transaction through a follower");
+    let revision = json_of(&done)["revision"].as_u64().expect("the transaction's revision");
+    assert!(revision > rev_a);
+    for id in c.ids() {
+        let api = c.api(id);
+        for (key, value) in [("a", json!(10)), ("b", json!({"x": [1, 2.5, "é"]})), ("n", Value::Null)] {
+            let got = call(&api, "GET", &format!("/v1/state/bank/{key}"), &[], b"");
+            status(&got, 200, &format!("node {id} reads {key}"));
+            assert_eq!(json_of(&got), value, "node {id}: {key}");
+            assert_eq!(got.header("x-revision"), Some(revision.to_string().as_str()), "node {id}: {key} has the transaction's revision");
+        }
+        status(&call(&api, "GET", "/v1/state/bank/c", &[], b""), 404, &format!("node {id}: the transaction's delete"));
+    }
+
+    // A stale revision in the second op: a 412 naming it, and the first op's key and the new
+    // key are unchanged.
+    let stale = json!({"operations": [
+        {"op": "put", "key": "e", "value": "new"},
+        {"op": "put", "key": "a", "value": 11, "ifRevision": rev_a},
+    ]});
+    let refused = call(&c.api(leader), "POST", "/v1/state/bank", &[], stale.to_string().as_bytes());
+    assert_json_error(&refused, 412, "a stale ifRevision");
+    assert_eq!(json_of(&refused)["failed"], json!({"operation": 1, "key": "a", "revision": revision}), "{}", refused.describe());
+    let checked = json!({"operations": [{"op": "delete", "key": "a"}, {"op": "check", "key": "b", "revision": 0}]});
+    let refused = call(&follower, "POST", "/v1/state/bank", &[], checked.to_string().as_bytes());
+    assert_json_error(&refused, 412, "a failed check");
+    assert_eq!(json_of(&refused)["failed"]["operation"], 1);
+    for id in c.ids() {
+        let api = c.api(id);
+        status(&call(&api, "GET", "/v1/state/bank/e", &[], b""), 404, &format!("node {id}: nothing of the refused transaction"));
+        assert_eq!(json_of(&call(&api, "GET", "/v1/state/bank/a", &[], b"")), json!(10), "node {id}: a kept its value");
+    }
+
+    // The config store takes them too; the secret store does not.
+    let cfg = json!({"operations": [{"op": "put", "key": "x", "value": 1}, {"op": "put", "key": "y", "value": 2}]});
+    status(&call(&follower, "POST", "/v1/config/app", &[], cfg.to_string().as_bytes()), 200, "a config transaction");
+    assert_eq!(json_of(&call(&follower, "GET", "/v1/config/app/y", &[], b"")), json!(2));
+    let bearer = format!("Bearer {TOKEN}");
+    assert_json_error(&call(&follower, "POST", "/v1/secrets/s", &[("authorization", bearer.as_str())], cfg.to_string().as_bytes()), 405, "a secret transaction");
+
+    let many: Vec<Value> = (0..65).map(|i| json!({"op": "put", "key": format!("k{i}"), "value": i})).collect();
+    for (body, what) in [
+        (json!({"operations": []}).to_string(), "no operations"),
+        (json!({"operations": many}).to_string(), "65 operations"),
+        (json!({"operations": [{"op": "put", "key": "a", "value": 1}, {"op": "delete", "key": "a"}]}).to_string(), "a key twice"),
+        (json!({"operations": [{"op": "rename", "key": "a"}]}).to_string(), "an unknown op"),
+        (json!({"operations": [{"op": "put", "key": "a"}]}).to_string(), "a put without a value"),
+        (json!({"operations": [{"op": "check", "key": "a"}]}).to_string(), "a check without a revision"),
+        (json!({"operations": [{"op": "put", "key": "a", "value": 1, "ttl": 5}]}).to_string(), "an unknown field"),
+        (json!({"operations": [{"op": "put", "key": "", "value": 1}]}).to_string(), "an empty key"),
+        ("{\"operations\": [".to_string(), "truncated JSON"),
+    ] {
+        assert_json_error(&call(&follower, "POST", "/v1/state/bank", &[], body.as_bytes()), 400, what);
+    }
+    assert_json_error(&call(&follower, "POST", "/v1/state/bank?dry=1", &[], cfg.to_string().as_bytes()), 400, "a query parameter");
+    assert_eq!(json_of(&call(&follower, "GET", "/v1/state/bank/a", &[], b"")), json!(10), "no refused transaction wrote anything");
+    status(&call(&follower, "GET", "/v1/state/bank/k0", &[], b""), 404, "the 65-op transaction wrote nothing");
+}
