@@ -239,6 +239,17 @@ pub struct NodeArgs {
     /// (like Envoy's drain time, or a preStop sleep).
     #[arg(long, env = "RAFTBRIDGE_DRAIN_DELAY_MS")]
     pub drain_delay_ms: Option<u64>,
+    /// Log one line per answered client request (target `raftbridge::access`, level info):
+    /// client address, method, path (not the query), HTTP version, status, duration, answer
+    /// bytes; never headers or bodies. Envoy's access log, off unless asked for.
+    #[arg(
+        long,
+        env = "RAFTBRIDGE_ACCESS_LOG",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub access_log: Option<bool>,
     /// Also run the example `demo` service.
     #[arg(
         long,
@@ -301,6 +312,7 @@ pub struct NodeConfig {
     pub events_max_bytes: u64,
     pub events_max_age_s: u64,
     pub example_services: bool,
+    pub access_log: bool,
     pub sidecar: Option<crate::sidecar::SidecarConfig>,
 }
 
@@ -540,6 +552,7 @@ impl NodeArgs {
             events_max_bytes: pick!(events_max_bytes).unwrap_or(64 << 20),
             events_max_age_s: pick!(events_max_age_s).unwrap_or(7 * 24 * 3600),
             example_services: pick!(example_services).unwrap_or(false),
+            access_log: pick!(access_log).unwrap_or(false),
             sidecar: pick!(sidecar),
         };
         cfg.validate()?;

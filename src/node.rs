@@ -533,6 +533,7 @@ pub async fn run(
         header_read_timeout: Duration::from_secs(10),
         idle_timeout: Duration::from_millis(cfg.http_idle_timeout_ms),
         shutdown_grace: Duration::from_millis(cfg.shutdown_grace_ms),
+        access_log: cfg.access_log,
     };
     let app = Arc::new(api::App {
         replica: replica.clone(),

@@ -72,6 +72,8 @@ pub struct HttpSettings {
     /// A connection with no request under way for this long is closed (`keep`).
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// `--access-log`: a line per answered request (`access_line`).
+    pub access_log: bool,
 }
 
 /// Longest a starting node keeps clients waiting until it is ready and knows its peer links.
@@ -245,6 +247,8 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             // A refused request is dropped here, as hyper accepts its stream, not when its task
             // runs: under a flood, a single worker had 360,000 refused streams' tasks waiting,
             // each with its decoded head (6 KB, 60 KB with a dynamic table's repeated fields).
+            // Only with `--access-log`: the path is copied for the line after the answer.
+            let access = app.settings.access_log.then(|| Access::of(remote, &req));
             let req = head_fits.map(|()| req);
             async move {
                 let mut resp = match req {
@@ -263,6 +267,9 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                     // reads gets its refusals as answers, also a burst of them.
                     metrics::counter!("raftbridge_http_refusals_reset_total").increment(1);
                     return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                }
+                if let Some(access) = access {
+                    access.log(resp.status(), hyper::body::Body::size_hint(resp.body()).exact());
                 }
                 // The request's head and floor stay counted until its answer is written: a
                 // client that takes no answers holds each stream's state with it.
@@ -724,6 +731,38 @@ async fn keep<C: Finish>(conn: C, activity: &Activity, limits: Idle, drain: &Can
     }
 }
 
+/// What an access-log line (`--access-log`) names of a request, taken as it arrives: no
+/// query (it may carry a client's credentials or data), no headers, no body.
+struct Access {
+    remote: std::net::SocketAddr,
+    method: Method,
+    path: String,
+    version: http::Version,
+    start: Instant,
+}
+
+impl Access {
+    fn of(remote: std::net::SocketAddr, req: &Request<Incoming>) -> Access {
+        Access { remote, method: req.method().clone(), path: cut(req.uri().path(), 1024), version: req.version(), start: Instant::now() }
+    }
+
+    /// Once the answer is made (not yet written: a client that never reads it is logged too),
+    /// with its length when it is known (a streamed snapshot's is).
+    fn log(self, status: StatusCode, bytes: Option<u64>) {
+        tracing::info!(
+            target: "raftbridge::access",
+            client = %self.remote,
+            method = %self.method,
+            path = %self.path,
+            version = ?self.version,
+            status = status.as_u16(),
+            ms = self.start.elapsed().as_secs_f64() * 1000.0,
+            bytes,
+            "request"
+        );
+    }
+}
+
 /// Connections already in the listen backlog that a stopping node still serves, at most.
 const BACKLOG_SERVED: usize = 1024;
 
@@ -860,6 +899,13 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         }
     }
     if let Some(takes) = query_params_of(&method, segs.as_slice()) {
+        // The secret store's token (its routes skip the API token's check above) before the
+        // query's: a client without it learns nothing, not even which parameters a route takes.
+        if let ["v1", "secrets", ..] = segs.as_slice() {
+            if let Err(e) = stores::authorize(app, &req) {
+                return ("unauthorized", Err(e));
+            }
+        }
         if let Err(e) = only_query_params(req.uri().query(), takes) {
             return ("bad_query", Err(e));
         }

@@ -278,21 +278,36 @@ pub(super) async fn key(app: &App, space: Space, method: Method, store: &str, ke
     }
 }
 
-/// A store write whose outcome is unknown (it reached the leader, then the deadline passed)
-/// says how to learn it here: the store's routes take no `Idempotency-Key` (the generic
-/// message names it, for commands and events), so a client that repeated the write with one
-/// applied it twice.
+/// A store write whose outcome is unknown (it reached the leader, then the deadline passed,
+/// its link failed, or the leader discarded its entry) says how to learn it here: the store's
+/// routes take no `Idempotency-Key` (the generic message names it, for commands and events), so
+/// a client that repeated the write with one applied it twice.
 fn write_error(e: crate::store::StoreError) -> ApiError {
+    unknown_outcome(e, "read the key back, or make the write conditional with If-Match, to learn it: the state routes take no Idempotency-Key")
+}
+
+/// `write_error` for a transaction: its ops' revisions say whether it applied.
+fn txn_error(e: crate::store::StoreError) -> ApiError {
+    unknown_outcome(e, "read its keys back, or give each write an ifRevision or a check, to learn it: the state routes take no Idempotency-Key")
+}
+
+/// A 503 (a 502 when the leader itself reported the entry discarded) whose message says the
+/// write may have applied and how to learn it (`advice`); any other error as mapped in one place.
+fn unknown_outcome(e: crate::store::StoreError, advice: &str) -> ApiError {
+    use crate::raft::ReplicaError;
+    use crate::store::StoreError;
     match e {
-        crate::store::StoreError::Replica(crate::raft::ReplicaError::Undecided) => ApiError::Unavailable(
-            "no quorum within the deadline; the write reached the leader and may still commit (read the key back, or make the write conditional with If-Match, to learn its outcome: the state routes take no Idempotency-Key)".into(),
-        ),
-        crate::store::StoreError::Replica(crate::raft::ReplicaError::Forward { leader, source }) => ApiError::Unavailable(format!(
-            "leader {leader}: {source}; the write reached the leader and its outcome is unknown (it may have committed: read the key back, or make the write conditional with If-Match, to learn it: the state routes take no Idempotency-Key)"
-        )),
+        StoreError::Replica(ReplicaError::Undecided) => ApiError::Unavailable(format!("no quorum within the deadline; the write reached the leader and may still commit ({advice})")),
+        StoreError::Replica(ReplicaError::Forward { leader, source }) => {
+            ApiError::Unavailable(format!("leader {leader}: {source}; the write reached the leader and its outcome is unknown (it may have committed: {advice})"))
+        }
+        StoreError::Replica(ReplicaError::Remote(crate::peer::message::RemoteError::Internal(m))) if m.starts_with(crate::raft::DISCARDED) => {
+            ApiError::BadGateway(format!("{}: its outcome is unknown (it may have committed, or may still commit: {advice})", crate::raft::DISCARDED))
+        }
         other => other.into(),
     }
 }
+
 
 /// One item of a transaction's `operations` (`POST /v1/{state|config}/{store}`): a flat
 /// record rather than a tagged enum, as serde reads a `RawValue` (the value kept as the client
@@ -345,13 +360,7 @@ pub(super) async fn transaction(app: &App, space: Space, store: &str, req: Reque
         ops.push(op);
     }
     drop(body);
-    let revision = app.store.in_space(space).transaction(store, ops, None).await.map_err(|e| match e {
-        // Outcome unknown: the client retries with its checks, which then fail if it applied.
-        crate::store::StoreError::Replica(crate::raft::ReplicaError::Undecided | crate::raft::ReplicaError::Forward { .. }) => ApiError::Unavailable(
-            format!("{e}; the transaction reached the leader and may still commit (read its keys back, or give each write an ifRevision or a check, to learn its outcome)"),
-        ),
-        other => other.into(),
-    })?;
+    let revision = app.store.in_space(space).transaction(store, ops, None).await.map_err(txn_error)?;
     let mut resp = super::json_response(StatusCode::OK, &serde_json::json!({ "revision": revision }));
     resp.headers_mut().insert("x-revision", HeaderValue::from(revision));
     Ok(resp)

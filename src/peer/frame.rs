@@ -145,6 +145,18 @@ pub mod features {
     pub const TAGGED: u64 = 4096;
     /// The node applies `Command::Txn` (several keys of a store written all or none).
     pub const TXN: u64 = 8192;
+    /// Env var of a test-only hook: a node started with it set to a number announces `ALL`
+    /// less those bits, as a build without them would, so that the cluster tests can hold a
+    /// feature's gate shut. Not for production: the node still applies what it withholds.
+    pub const WITHHOLD_ENV: &str = "RAFTBRIDGE_TEST_WITHHOLD_FEATURES";
+
+    /// What this node announces on its links and counts itself as: `ALL`, less
+    /// `WITHHOLD_ENV`'s bits when that is set (read once).
+    pub fn announced() -> u64 {
+        static ANNOUNCED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        *ANNOUNCED.get_or_init(|| ALL & !std::env::var(WITHHOLD_ENV).ok().and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0))
+    }
+
     /// Everything this build understands.
     pub const ALL: u64 =
         DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN;

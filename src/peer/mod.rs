@@ -999,7 +999,7 @@ impl PeerNet {
     /// (`None`: never linked, or removed since).
     pub fn features_seen(&self, id: NodeId) -> Option<u64> {
         if id == self.cfg.node_id {
-            return Some(frame::features::ALL);
+            return Some(frame::features::announced());
         }
         lock(&self.features_seen).get(&id).copied()
     }
@@ -1270,7 +1270,7 @@ impl PeerNet {
             node_id: self.cfg.node_id,
             addr: self.cfg.advertise.clone(),
             incarnation: self.incarnation,
-            features: frame::features::ALL,
+            features: frame::features::announced(),
             nonce: nonce(),
             proof: [0; 32],
             settings: self.settings.get().copied(),

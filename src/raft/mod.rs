@@ -617,7 +617,7 @@ fn stopped_error(e: &openraft::error::Fatal<TypeConfig>, retry_safe: bool) -> Re
 }
 
 /// A proposal appended on a leader that lost its leadership before the entry committed.
-const DISCARDED: &str = "the write was appended on a leader that lost its leadership before it committed, and its entry was discarded there";
+pub(crate) const DISCARDED: &str = "the write was appended on a leader that lost its leadership before it committed, and its entry was discarded there";
 
 /// What a refused proposal means for its sender. Rejected before its entry was appended: not
 /// the leader, send it there. Appended, then discarded when this node took another leader's log:

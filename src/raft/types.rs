@@ -187,7 +187,8 @@ pub enum Command {
     /// handler's `delete` and its puts that expire, which carry no tag of their own. A re-run
     /// of a handler (a redelivery, a keyed command retried after its node died) that deleted
     /// a key and then put it again used to delete it again and have its put answered from the
-    /// record: the key was gone though the first run said it was written. Added after the
+    /// record: the key was gone though the first run said it was written. (A handler's `Txn`
+    /// is wrapped in it too.) Added after the
     /// others: proposed only when every member announced `features::TAGGED`.
     Tagged { tag: (String, u32), command: Box<Command> },
     /// Several writes to one store's keys, all or none, under one revision (this entry's
@@ -326,7 +327,7 @@ impl Command {
                     store.len()
                         + ops
                             .iter()
-                            .map(|op| op.key().len() + 16 + if let TxnOp::Put { value, .. } = op { value.len() } else { 0 })
+                            .map(|op| op.key().len() + 32 + if let TxnOp::Put { value, .. } = op { value.len() } else { 0 })
                             .sum::<usize>()
                 }
             }

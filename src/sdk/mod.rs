@@ -272,6 +272,9 @@ impl From<StoreError> for HandlerError {
             // A handler's own compare-and-set that lost: a conflict (the client sent no
             // `If-Match`, so the HTTP API's 412 would not fit).
             StoreError::PreconditionFailed { .. } | StoreError::TxnFailed { .. } => HandlerError::new(409, e.to_string()),
+            // The handler's own malformed transaction (no ops, too many, a key twice): its
+            // mistake, not its client's.
+            StoreError::InvalidTxn(m) => HandlerError::unhandled(m),
             // Everything else as the HTTP API answers it (`api::error`, the one mapping): a
             // write whose outcome is unknown is a 503 (a 502 when the leader reported it lost)
             // whose message says it may have applied.

@@ -1322,3 +1322,49 @@ fn a_node_that_is_not_ready_answers_503_for_a_command_it_cannot_find() {
     let unknown = c.api(1).request("POST", "/api/v1/no-such-command", &[], b"{}").expect("an answer");
     assert_json_error(&unknown, 404, "an unknown command on a ready node");
 }
+
+/// `--access-log`: a line per answered request on the node that took it, with method, path,
+/// status and duration; never the query or the body.
+#[test]
+fn the_access_log_names_each_request_but_not_its_query_or_body() {
+    let c = demo_cluster("access-log", &["--access-log"]);
+    let id = c.ids()[0];
+    let api = c.api(id);
+    let canary = "access-log-canary-Zq81";
+    let put = api.request("PUT", "/v1/state/logged/k", &[], json!({ "v": canary }).to_string().as_bytes()).expect("a put");
+    assert_eq!(put.status, 200, "{}", put.describe());
+    let missing = api.request("GET", &format!("/v1/state/logged/absent?consistency=stale&index={canary}"), &[], b"").expect("a read");
+    assert_eq!(missing.status, 404, "{}", missing.describe());
+    let echo = api.request("POST", "/api/v1/echo", &[], json!({ "secret": canary }).to_string().as_bytes()).expect("a command");
+    assert_eq!(echo.status, 200, "{}", echo.describe());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let lines = loop {
+        let text = c.log_text(id);
+        let lines: Vec<String> = text.lines().filter(|l| l.contains("raftbridge::access")).map(str::to_string).collect();
+        if lines.iter().any(|l| l.contains("/api/v1/echo")) || Instant::now() > deadline {
+            break lines;
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    let line_of = |method: &str, path: &str| {
+        // The last: the cluster's warm-up sent echoes of its own.
+        lines
+            .iter()
+            .rfind(|l| l.contains(&format!("method={method}")) && l.contains(&format!("path={path} ")))
+            .unwrap_or_else(|| panic!("no access line for {method} {path} in {lines:#?}"))
+            .clone()
+    };
+    assert!(line_of("PUT", "/v1/state/logged/k").contains("status=200"));
+    assert!(line_of("GET", "/v1/state/logged/absent").contains("status=404"));
+    assert!(line_of("POST", "/api/v1/echo").contains("status=200"));
+    for line in &lines {
+        assert!(line.contains(" ms=") && line.contains(" client=127.0.0.1:"), "{line}");
+    }
+    assert!(!c.log_text(id).contains(canary), "neither the query nor a body is logged");
+    // A node without the flag logs none (one cluster at a time in a test process).
+    drop(c);
+    let plain = Cluster::formed("no-access-log", 1, &[]).0;
+    let quiet = plain.api(plain.ids()[0]);
+    assert_eq!(quiet.request("GET", "/v1/state/logged/absent", &[], b"").expect("a read").status, 404);
+    assert!(!plain.log_text(plain.ids()[0]).contains("raftbridge::access"), "off unless asked for");
+}

@@ -150,7 +150,10 @@ fn config_keys_are_listed_and_long_polls_wake_on_another_nodes_write_or_delete()
     assert_json_error(&call(&a, "GET", "/v1/config/demo?limit=0", &[], b""), 400, "limit 0");
     assert_json_error(&call(&a, "GET", "/v1/config/demo?wait=soon", &[], b""), 400, "a wait that is no duration");
     assert_json_error(&call(&a, "GET", "/v1/config/demo?wait=307445734561825861m", &[], b""), 400, "a wait past u64 seconds");
-    assert_json_error(&call(&a, "POST", "/v1/config/demo", &[], b""), 405, "a listing is read only");
+    let patch = call(&a, "PATCH", "/v1/config/demo", &[], b"");
+    assert_json_error(&patch, 405, "a store takes a listing or a transaction");
+    assert_eq!(patch.header("allow"), Some("GET, HEAD, POST"));
+    assert_json_error(&call(&a, "POST", "/v1/config/demo", &[], b""), 400, "a transaction without a body");
     assert_json_error(&call(&a, "PUT", "/v1/config/demo/k", &[], b"{"), 400, "not JSON");
     assert_json_error(&call(&a, "GET", "/v1/secrets/demo/k", &[], b""), 403, "no secrets token on these nodes");
 }
@@ -169,6 +172,9 @@ fn secrets_want_the_token_and_are_sealed_on_every_disk() {
     assert_json_error(&none, 401, "no token");
     assert!(none.header("www-authenticate").is_some_and(|v| v.starts_with("Bearer")), "{}", none.describe());
     assert_json_error(&call(&a, "PUT", "/v1/secrets/db/password", &[("authorization", "Bearer not-the-token-at-all")], &body), 401, "another token");
+    // The token before the query: a client without it is not told which parameters exist.
+    assert_json_error(&call(&a, "GET", "/v1/secrets/db/password?probe=1", &[], b""), 401, "no token, an unknown parameter");
+    assert_json_error(&call(&a, "GET", "/v1/secrets/db/password?probe=1", &bearer, b""), 400, "the token, an unknown parameter");
     let twice = call(&a, "GET", "/v1/secrets/db/password", &[("authorization", auth.as_str()), ("authorization", "Bearer other")], b"");
     assert_json_error(&twice, 400, "the token given twice");
     assert_eq!(twice.header("cache-control"), Some("no-store"), "errors of the secret store too");
@@ -513,4 +519,64 @@ fn a_transaction_writes_its_keys_all_or_none_on_every_node() {
     assert_json_error(&call(&follower, "POST", "/v1/state/bank?dry=1", &[], cfg.to_string().as_bytes()), 400, "a query parameter");
     assert_eq!(json_of(&call(&follower, "GET", "/v1/state/bank/a", &[], b"")), json!(10), "no refused transaction wrote anything");
     status(&call(&follower, "GET", "/v1/state/bank/k0", &[], b""), 404, "the 65-op transaction wrote nothing");
+}
+
+/// A transaction is a 503 that writes nothing while a member announces a build without them
+/// (feature bit 8192: node 3 withholds it through the test hook), while single writes go on;
+/// once that member runs a build that announces it, the same transaction commits.
+#[test]
+fn a_transaction_waits_for_every_member_to_apply_them() {
+    const TXN: u64 = 8192;
+    let c = Cluster::new("txn-gate", 3, &[]);
+    c.set_env(3, "RAFTBRIDGE_TEST_WITHHOLD_FEATURES", &TXN.to_string());
+    c.start_all();
+    c.wait_for_membership(&c.ids(), &[], crate::harness::FORMATION);
+    let api = c.api(1);
+    let features_of_3 = || -> Result<u64, String> {
+        let view = json_of(&call(&api, "GET", "/cluster", &[], b""));
+        let members = view["members"].as_array().ok_or("no members")?.clone();
+        members.iter().find(|m| m["id"] == 3).and_then(|m| m["features"].as_u64()).ok_or_else(|| format!("node 3's features not known yet: {view}"))
+    };
+    let seen = c.wait_for("node 1 to know node 3's features", crate::harness::FORMATION, features_of_3);
+    assert_eq!(seen & TXN, 0, "node 3 withholds the bit: {seen}");
+    assert_ne!(seen & 4096, 0, "and announces the others: {seen}");
+    let txn = json!({"operations": [{"op": "put", "key": "a", "value": 1}, {"op": "put", "key": "b", "value": 2}]}).to_string();
+    let refused = call(&api, "POST", "/v1/state/gate", &[], txn.as_bytes());
+    assert_json_error(&refused, 503, "a transaction while a member lacks them");
+    assert!(refused.text().contains("without transactions"), "{}", refused.describe());
+    status(&call(&api, "GET", "/v1/state/gate/a", &[], b""), 404, "the refused transaction wrote nothing");
+    status(&call(&api, "PUT", "/v1/state/gate/single", &[], b"1"), 200, "single writes go on");
+
+    c.kill(3);
+    c.set_env(3, "RAFTBRIDGE_TEST_WITHHOLD_FEATURES", "0");
+    c.start(3);
+    c.wait_for("the transaction once node 3 announces transactions", Duration::from_secs(60), || {
+        let r = call(&api, "POST", "/v1/state/gate", &[], txn.as_bytes());
+        if r.status == 200 { Ok(()) } else { Err(r.describe()) }
+    });
+    for id in c.ids() {
+        c.wait_for(&format!("node {id} to read both keys"), Duration::from_secs(30), || {
+            let (a, b) = (call(&c.api(id), "GET", "/v1/state/gate/a", &[], b""), call(&c.api(id), "GET", "/v1/state/gate/b", &[], b""));
+            if a.status == 200 && b.status == 200 && json_of(&a) == json!(1) && json_of(&b) == json!(2) { Ok(()) } else { Err(format!("{} / {}", a.describe(), b.describe())) }
+        });
+    }
+}
+
+/// A transaction is judged by the quota for what its ops add together: at the key limit, one
+/// that adds a key is a 507 and writes nothing, one that deletes a key as it adds another
+/// commits.
+#[test]
+fn a_transaction_is_judged_by_the_quota_for_what_it_adds_together() {
+    let (c, leader) = Cluster::formed("txn-quota", 3, &["--state-max-keys", "4"]);
+    let api = c.api(leader);
+    for k in ["k1", "k2", "k3", "k4"] {
+        status(&call(&api, "PUT", &format!("/v1/state/q/{k}"), &[], b"1"), 200, "filling the quota");
+    }
+    let adds = json!({"operations": [{"op": "put", "key": "k1", "value": 2}, {"op": "put", "key": "n1", "value": 1}]}).to_string();
+    assert_json_error(&call(&api, "POST", "/v1/state/q", &[], adds.as_bytes()), 507, "a transaction that adds a key to a full store");
+    assert_eq!(json_of(&call(&api, "GET", "/v1/state/q/k1", &[], b"")), json!(1), "nothing of it written");
+    let swaps = json!({"operations": [{"op": "put", "key": "n1", "value": 1}, {"op": "delete", "key": "k1"}]}).to_string();
+    status(&call(&api, "POST", "/v1/state/q", &[], swaps.as_bytes()), 200, "a transaction that adds nothing in all");
+    status(&call(&api, "GET", "/v1/state/q/k1", &[], b""), 404, "its delete");
+    status(&call(&api, "GET", "/v1/state/q/n1", &[], b""), 200, "its put");
 }
