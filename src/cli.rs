@@ -1,4 +1,4 @@
-//! Command-line interface: `node`, `dev`, `leave`, `bench`, `probe`, `chaos`, `certs`, `snapshot`.
+//! Command-line interface: `node`, `dev`, `leave`, `bench`, `probe`, `chaos`, `certs`, `snapshot`, `kv`, `events`.
 //!
 //! This is the binary's edge, so errors are `anyhow` here and exit codes are decided here.
 //! `dev` runs a three-node loopback cluster as child processes of this same binary, which is
@@ -12,6 +12,8 @@ use anyhow::Context;
 use clap::Parser;
 use clap::Subcommand;
 use tokio_util::sync::CancellationToken;
+
+mod data;
 
 use crate::bench::BenchCmd;
 use crate::config::NodeArgs;
@@ -46,6 +48,12 @@ enum Cmd {
     /// first data dir of a new cluster from one.
     #[command(subcommand)]
     Snapshot(SnapshotCmd),
+    /// The state and config stores from a shell: get, put, delete and list keys (as `consul kv`).
+    #[command(subcommand)]
+    Kv(data::KvCmd),
+    /// The event log from a shell: publish an event, print or follow the log (as `nats pub`).
+    #[command(subcommand)]
+    Events(data::EventsCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -253,6 +261,8 @@ pub fn main_with(services: Vec<crate::sdk::ServiceParts>) -> ExitCode {
             Cmd::Chaos(args) => crate::chaos::run(args).await,
             Cmd::Certs(args) => certs(args),
             Cmd::Snapshot(cmd) => snapshot(cmd).await,
+            Cmd::Kv(cmd) => data::kv(cmd).await,
+            Cmd::Events(cmd) => data::events(cmd).await,
         }
     });
     match result {

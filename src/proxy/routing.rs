@@ -241,6 +241,20 @@ fn percent_decode(s: &str) -> Option<String> {
     percent_decode_with(s, false)
 }
 
+/// Percent-encodes everything but RFC 3986 unreserved characters (a path segment or a query
+/// value that decodes to `s` exactly).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// Parse a query string into parameters (later duplicates win). `None` on a malformed escape.
 pub fn parse_query(q: &str) -> Option<BTreeMap<String, String>> {
     let mut out = BTreeMap::new();

@@ -700,7 +700,7 @@ impl Forward {
                         HandlerError::unhandled(format!("path parameter `{name}` missing from the invocation"))
                     })?;
                     used.push(name.as_str());
-                    percent_encode(value)
+                    crate::proxy::routing::percent_encode(value)
                 }
             });
         }
@@ -708,7 +708,7 @@ impl Forward {
         let query: Vec<String> = params
             .iter()
             .filter(|(k, _)| !used.contains(&k.as_str()))
-            .map(|(k, v)| format!("{}={}", percent_encode(k), percent_encode(v)))
+            .map(|(k, v)| format!("{}={}", crate::proxy::routing::percent_encode(k), crate::proxy::routing::percent_encode(v)))
             .collect();
         if !query.is_empty() {
             target.push('?');
@@ -835,18 +835,6 @@ fn cut(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn percent_encode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 /// How the health loop probes the app.
 struct HealthCheck {
