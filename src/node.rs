@@ -276,6 +276,14 @@ pub async fn run(
 ) -> Result<(), NodeError> {
     // Panics of this run's loops only (`supervise`): a process may run a node again.
     let supervised = crate::supervise::global().mark();
+    let announced = crate::peer::frame::features::announced();
+    if announced != crate::peer::frame::features::ALL {
+        warn!(
+            withheld = crate::peer::frame::features::ALL & !announced,
+            "{} is set: this node announces fewer peer features than it has, which holds the cluster's gated writes back (a test hook, not for production)",
+            crate::peer::frame::features::WITHHOLD_ENV
+        );
+    }
     // Every stop token of this run is a child of this one, which fires when the run's future is
     // dropped (an application that stops awaiting it): its loops stop with it, not with the
     // process.

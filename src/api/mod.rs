@@ -72,7 +72,7 @@ pub struct HttpSettings {
     /// A connection with no request under way for this long is closed (`keep`).
     pub idle_timeout: Duration,
     pub shutdown_grace: Duration,
-    /// `--access-log`: a line per answered request (`access_line`).
+    /// `--access-log`: a line per request (`Access`).
     pub access_log: bool,
 }
 
@@ -248,7 +248,8 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
             // runs: under a flood, a single worker had 360,000 refused streams' tasks waiting,
             // each with its decoded head (6 KB, 60 KB with a dynamic table's repeated fields).
             // Only with `--access-log`: the path is copied for the line after the answer.
-            let access = app.settings.access_log.then(|| Access::of(remote, &req));
+            // Boxed: every stream's future holds it, a refused one's too.
+            let access = app.settings.access_log.then(|| Box::new(Access::of(remote, &req)));
             let req = head_fits.map(|()| req);
             async move {
                 let mut resp = match req {
@@ -266,10 +267,13 @@ pub async fn run(listener: TcpListener, app: Arc<App>, tls: Option<tls::HttpTls>
                     // RFC 9113 §8.7) in a frame that flow control does not hold. A client that
                     // reads gets its refusals as answers, also a burst of them.
                     metrics::counter!("raftbridge_http_refusals_reset_total").increment(1);
+                    if let Some(access) = access {
+                        (*access).log(resp.status(), None, "reset");
+                    }
                     return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
                 }
                 if let Some(access) = access {
-                    access.log(resp.status(), hyper::body::Body::size_hint(resp.body()).exact());
+                    (*access).log(resp.status(), hyper::body::Body::size_hint(resp.body()).exact(), "answered");
                 }
                 // The request's head and floor stay counted until its answer is written: a
                 // client that takes no answers holds each stream's state with it.
@@ -732,34 +736,52 @@ async fn keep<C: Finish>(conn: C, activity: &Activity, limits: Idle, drain: &Can
 }
 
 /// What an access-log line (`--access-log`) names of a request, taken as it arrives: no
-/// query (it may carry a client's credentials or data), no headers, no body.
+/// query (it may carry a client's credentials or data), no headers, no body. Logged once: as
+/// the answer is made (`answered`), as an HTTP/2 refusal is reset (`reset`), or, when the
+/// request's future is dropped before either (its client went away, or its connection was
+/// closed at a drain or a write stall), as `cancelled` without a status.
 struct Access {
     remote: std::net::SocketAddr,
     method: Method,
     path: String,
     version: http::Version,
     start: Instant,
+    logged: bool,
 }
 
 impl Access {
     fn of(remote: std::net::SocketAddr, req: &Request<Incoming>) -> Access {
-        Access { remote, method: req.method().clone(), path: cut(req.uri().path(), 1024), version: req.version(), start: Instant::now() }
+        Access { remote, method: req.method().clone(), path: cut(req.uri().path(), 1024), version: req.version(), start: Instant::now(), logged: false }
     }
 
-    /// Once the answer is made (not yet written: a client that never reads it is logged too),
-    /// with its length when it is known (a streamed snapshot's is).
-    fn log(self, status: StatusCode, bytes: Option<u64>) {
+    /// With the answer's length when it is known (a streamed snapshot's is). Not when it is
+    /// written: a client that never reads it is logged too.
+    fn log(mut self, status: StatusCode, bytes: Option<u64>, outcome: &'static str) {
+        self.line(Some(status.as_u16()), bytes, outcome);
+    }
+
+    fn line(&mut self, status: Option<u16>, bytes: Option<u64>, outcome: &'static str) {
+        self.logged = true;
         tracing::info!(
             target: "raftbridge::access",
             client = %self.remote,
             method = %self.method,
             path = %self.path,
             version = ?self.version,
-            status = status.as_u16(),
+            status,
             ms = self.start.elapsed().as_secs_f64() * 1000.0,
             bytes,
+            outcome = %outcome,
             "request"
         );
+    }
+}
+
+impl Drop for Access {
+    fn drop(&mut self) {
+        if !self.logged {
+            self.line(None, None, "cancelled");
+        }
     }
 }
 
@@ -1597,19 +1619,19 @@ fn store_space(space: &str) -> (crate::store::Space, &'static str, &'static str)
 /// request served as if it were absent: a key that never expires, a read that waited for the
 /// leader, a page of every event. Probes (`/healthz`, `/readyz`, `/metrics`, `/cluster`,
 /// `/openapi.json`) stay lenient, as a checker may add a parameter of its own; commands under
-/// `/api/` hand theirs to the handler. `ttl` is let through to the stores' reads, listings and
-/// deletes, which refuse it with a message that says which request takes one.
+/// `/api/` hand theirs to the handler. A `ttl` where none is taken gets a message that says
+/// which request takes one.
 fn query_params_of(method: &Method, segs: &[&str]) -> Option<&'static [&'static str]> {
     Some(match (method, segs) {
-        (&Method::GET, ["v1", "state" | "config" | "secrets", _, _]) => &["consistency", "wait", "index", "ttl"],
-        (&Method::PUT | &Method::DELETE, ["v1", "state" | "config" | "secrets", _, _]) => &["ttl"],
-        (&Method::GET, ["v1", "state" | "config" | "secrets", _]) => &["prefix", "after", "limit", "consistency", "wait", "index", "ttl"],
+        (&Method::GET, ["v1", "state" | "config" | "secrets", _, _]) => &["consistency", "wait", "index"],
+        (&Method::PUT, ["v1", "state" | "config" | "secrets", _, _]) => &["ttl"],
+        (&Method::GET, ["v1", "state" | "config" | "secrets", _]) => &["prefix", "after", "limit", "consistency", "wait", "index"],
         (&Method::GET, ["v1", "events"]) => &["after", "limit", "eventName", "wait"],
         (&Method::GET, ["v1", "dead-letters"]) => &["subscription", "after", "limit"],
         (&Method::POST, ["v1", "events"] | ["v1", "events", _] | ["v1", "state" | "config", _])
         | (&Method::GET, ["v1", "subscriptions"])
         | (&Method::GET | &Method::DELETE, ["v1", "subscriptions", _])
-        | (&Method::DELETE, ["cluster", "members", _])
+        | (&Method::DELETE, ["cluster", "members", _] | ["v1", "state" | "config" | "secrets", _, _])
         | (&Method::GET, ["cluster", "snapshot"]) => &[],
         _ => return None,
     })
@@ -1621,6 +1643,8 @@ fn only_query_params(query: Option<&str>, takes: &[&str]) -> Result<(), ApiError
     let q = crate::proxy::routing::parse_query(query).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
     match q.keys().find(|k| !takes.contains(&k.as_str())) {
         None => Ok(()),
+        // Said plainly: a client that meant to set an expiry would otherwise believe it had.
+        Some(ttl) if ttl == "ttl" => Err(ApiError::BadRequest("ttl: only a PUT of a key takes one".into())),
         Some(unknown) if takes.is_empty() => Err(ApiError::BadRequest(format!("unknown query parameter {:?}: this route takes none", cut(unknown, 64)))),
         Some(unknown) => Err(ApiError::BadRequest(format!("unknown query parameter {:?}: this route takes {}", cut(unknown, 64), takes.join(", ")))),
     }
@@ -1648,7 +1672,10 @@ mod tests {
             other => panic!("{path}?{q}: {:?}", other.map(|r| r.is_ok())),
         };
         assert_eq!(refused(Method::PUT, "/v1/state/s/k", "tll=5"), "unknown query parameter \"tll\": this route takes ttl");
-        assert!(refused(Method::GET, "/v1/state/s/k", "consitency=stale").contains("consistency, wait, index"));
+        assert!(refused(Method::GET, "/v1/state/s/k", "consitency=stale").ends_with("takes consistency, wait, index"));
+        assert_eq!(refused(Method::DELETE, "/v1/state/s/k", "ttl=5"), "ttl: only a PUT of a key takes one");
+        assert_eq!(refused(Method::GET, "/v1/config/s", "ttl=5"), "ttl: only a PUT of a key takes one");
+        assert_eq!(refused(Method::DELETE, "/v1/state/s/k", "x=1"), "unknown query parameter \"x\": this route takes none");
         assert_eq!(refused(Method::POST, "/v1/events/e", "x"), "unknown query parameter \"x\": this route takes none");
         assert!(refused(Method::GET, "/v1/dead-letters", "subscription=a&afer=3").contains("\"afer\""));
         assert!(refused(Method::GET, "/v1/events", "a=%zz").contains("malformed"));

@@ -29,8 +29,9 @@ const DEFAULT_MAX: u64 = 10_000;
 #[derive(Debug, clap::Args)]
 pub struct Target {
     /// Address of any node: `host:port`, `http://host:port`, or `https://host:port` with
-    /// --cacert.
-    #[arg(long, env = "RAFTBRIDGE_HTTP_ADDR", default_value = "127.0.0.1:8401")]
+    /// --cacert. By default a node's own default (`raftbridge node` binds 127.0.0.1:8400);
+    /// the env var is the node's too, so inside a node's container this finds that node.
+    #[arg(long, env = "RAFTBRIDGE_HTTP_ADDR", default_value = "127.0.0.1:8400")]
     http_addr: String,
     /// PEM file of the CA that an `https://` node's certificate must chain to.
     #[arg(long)]
@@ -98,9 +99,12 @@ pub enum KvCmd {
         /// The config store's keys, not the state store's.
         #[arg(long)]
         config: bool,
-        /// Print at most this many keys.
+        /// Print at most this many keys (a note on stderr says when more were left).
         #[arg(long, default_value_t = DEFAULT_MAX)]
         max: u64,
+        /// Keys asked for per request (1 to 10,000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+        page_size: u64,
     },
 }
 
@@ -131,9 +135,12 @@ pub enum EventsCmd {
         /// Wait for new events at the end (long polls) instead of stopping there.
         #[arg(long)]
         follow: bool,
-        /// Print at most this many events.
+        /// Print at most this many events (a note on stderr says when more were left).
         #[arg(long, default_value_t = DEFAULT_MAX)]
         max: u64,
+        /// Events asked for per request (1 to 1000).
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        page_size: u64,
     },
 }
 
@@ -195,11 +202,51 @@ fn space(config: bool) -> &'static str {
     if config { "config" } else { "state" }
 }
 
-fn print_json(value: &serde_json::Value) {
-    println!("{value}");
+/// One line on stdout. A reader that went away (`| head`) ends the command quietly: Rust
+/// ignores SIGPIPE, and `println!` would panic on the closed pipe.
+fn print_line(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{text}").and_then(|()| out.flush()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Err(anyhow::Error::new(Closed)),
+        other => other.context("writing to stdout"),
+    }
+}
+
+/// Stdout was closed by its reader: not a failure of the command.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout closed")]
+struct Closed;
+
+/// A listing page or an event-log page, its items kept as the node wrote them: through
+/// `serde_json::Value` a value's keys came out sorted and its large integers as floats, where
+/// the stores keep what the client wrote.
+#[derive(serde::Deserialize)]
+struct Page<'a, N> {
+    #[serde(borrow, alias = "events")]
+    items: Vec<&'a serde_json::value::RawValue>,
+    next: Option<N>,
+    #[serde(default)]
+    end: Option<u64>,
+}
+
+/// `result` less the quiet end of `print_line`.
+fn quietly(result: anyhow::Result<()>) -> anyhow::Result<()> {
+    match result {
+        Err(e) if e.is::<Closed>() => Ok(()),
+        other => other,
+    }
+}
+
+fn note_cut(max: u64, what: &str) {
+    eprintln!("note: stopped after --max {max} {what}; more follow (raise --max, or go on with --after)");
 }
 
 pub async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
+    quietly(kv_inner(cmd).await)
+}
+
+async fn kv_inner(cmd: KvCmd) -> anyhow::Result<()> {
     match cmd {
         KvCmd::Get { key, stale, revision } => {
             let mut client = Client::new(&key.target)?;
@@ -208,14 +255,14 @@ pub async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
             if !resp.is_success() {
                 return Err(failed(&resp));
             }
+            let value = String::from_utf8_lossy(&resp.body);
             if revision {
-                let value: serde_json::Value = resp.json()?;
-                let rev = resp.headers.get("x-revision").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                print_json(&serde_json::json!({ "value": value, "revision": rev }));
+                let rev = resp.headers.get("x-revision").and_then(|v| v.to_str().ok()?.parse::<u64>().ok()).context("the answer has no x-revision")?;
+                // The value as stored, not re-encoded.
+                print_line(&format!("{{\"value\":{},\"revision\":{rev}}}", value.trim()))
             } else {
-                println!("{}", String::from_utf8_lossy(&resp.body));
+                print_line(&value)
             }
-            Ok(())
         }
         KvCmd::Put { key, value, ttl, if_revision } => {
             let body = json_arg(&value, "VALUE")?;
@@ -230,8 +277,7 @@ pub async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
             if !resp.is_success() {
                 return Err(failed(&resp));
             }
-            print_json(&resp.json()?);
-            Ok(())
+            print_line(String::from_utf8_lossy(&resp.body).trim())
         }
         KvCmd::Delete { key, if_revision } => {
             let mut client = Client::new(&key.target)?;
@@ -241,15 +287,14 @@ pub async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
             if !resp.is_success() {
                 return Err(failed(&resp));
             }
-            print_json(&resp.json()?);
-            Ok(())
+            print_line(String::from_utf8_lossy(&resp.body).trim())
         }
-        KvCmd::List { target, store, prefix, config, max } => {
+        KvCmd::List { target, store, prefix, config, max, page_size } => {
             let mut client = Client::new(&target)?;
             let (mut after, mut printed) = (None::<String>, 0u64);
             // Bounded by `max`: each page prints at least one key or ends the listing.
-            while printed < max {
-                let limit = (max - printed).min(crate::store::MAX_LIST as u64);
+            loop {
+                let limit = (max - printed).clamp(1, page_size);
                 let mut path = format!("/v1/{}/{}?limit={limit}", space(config), percent_encode(&store));
                 if !prefix.is_empty() {
                     path.push_str(&format!("&prefix={}", percent_encode(&prefix)));
@@ -261,23 +306,35 @@ pub async fn kv(cmd: KvCmd) -> anyhow::Result<()> {
                 if !resp.is_success() {
                     return Err(failed(&resp));
                 }
-                let page: serde_json::Value = resp.json()?;
-                let items = page["items"].as_array().context("the listing has no items")?;
-                for item in items.iter().take((max - printed) as usize) {
-                    print_json(item);
+                let page: Page<'_, String> = serde_json::from_slice(&resp.body).context("the listing is not a page of items")?;
+                for item in page.items.iter().take((max - printed) as usize) {
+                    print_line(item.get())?;
                     printed += 1;
                 }
-                match page["next"].as_str() {
-                    Some(next) if !items.is_empty() => after = Some(next.to_string()),
-                    _ => break,
+                match page.next {
+                    Some(next) if !page.items.is_empty() => {
+                        if printed >= max {
+                            note_cut(max, "keys");
+                            return Ok(());
+                        }
+                        after = Some(next);
+                    }
+                    _ => return Ok(()),
                 }
             }
-            Ok(())
         }
     }
 }
 
 pub async fn events(cmd: EventsCmd) -> anyhow::Result<()> {
+    quietly(events_inner(cmd).await)
+}
+
+/// Failed calls in a row `events tail --follow` rides out (a leader change, a node restarting,
+/// its long polls full), a second apart, before it gives up.
+const FOLLOW_RETRIES: u32 = 60;
+
+async fn events_inner(cmd: EventsCmd) -> anyhow::Result<()> {
     match cmd {
         EventsCmd::Publish { target, event_name, payload, idempotency_key } => {
             let body = json_arg(&payload, "PAYLOAD")?;
@@ -287,45 +344,62 @@ pub async fn events(cmd: EventsCmd) -> anyhow::Result<()> {
             if !resp.is_success() {
                 return Err(failed(&resp));
             }
-            print_json(&resp.json()?);
-            Ok(())
+            print_line(String::from_utf8_lossy(&resp.body).trim())
         }
-        EventsCmd::Tail { target, after, event_name, follow, max } => {
+        EventsCmd::Tail { target, after, event_name, follow, max, page_size } => {
             let mut client = Client::new(&target)?;
-            let (mut after, mut printed) = (after, 0u64);
+            let (mut after, mut printed, mut failures) = (after, 0u64, 0u32);
             let name = event_name.map(|n| format!("&eventName={}", percent_encode(&n))).unwrap_or_default();
             let stop = tokio::signal::ctrl_c();
             tokio::pin!(stop);
-            // Bounded by `max`, or by Ctrl-C while following; without --follow, by the log's end.
-            while printed < max {
-                let limit = (max - printed).min(1000);
+            // Bounded by `max` and, while following, by Ctrl-C and `FOLLOW_RETRIES`; without
+            // --follow, by the log's end.
+            loop {
+                let limit = (max - printed).clamp(1, page_size);
                 let wait = if follow { format!("&wait={FOLLOW_WAIT}") } else { String::new() };
                 let path = format!("/v1/events?after={after}&limit={limit}{name}{wait}");
                 let call = client.call(http::Method::GET, &path, Bytes::new(), FOLLOW_TIMEOUT, &[]);
                 let resp = tokio::select! {
-                    resp = call => resp?,
+                    resp = call => resp,
                     _ = &mut stop => return Ok(()),
                 };
-                if !resp.is_success() {
-                    return Err(failed(&resp));
-                }
-                let page: serde_json::Value = resp.json()?;
-                let events = page["events"].as_array().context("the page has no events")?;
-                for event in events.iter().take((max - printed) as usize) {
-                    print_json(event);
+                let resp = match resp {
+                    Ok(resp) if resp.is_success() => resp,
+                    // A 4xx is the request's: no retry helps.
+                    Ok(resp) if !follow || (400..500).contains(&resp.status) || failures >= FOLLOW_RETRIES => return Err(failed(&resp)),
+                    Err(e) if !follow || failures >= FOLLOW_RETRIES => return Err(e),
+                    other => {
+                        let why = other.map_or_else(|e| e.to_string(), |r| failed(&r).to_string());
+                        eprintln!("note: {why}; retrying");
+                        failures += 1;
+                        tokio::select! {
+                            () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                            _ = &mut stop => return Ok(()),
+                        }
+                    }
+                };
+                failures = 0;
+                let page: Page<'_, u64> = serde_json::from_slice(&resp.body).context("the answer is not a page of events")?;
+                for event in page.items.iter().take((max - printed) as usize) {
+                    print_line(event.get())?;
                     printed += 1;
                 }
-                let next = page["next"].as_u64().context("the page has no next position")?;
-                let end = page["end"].as_u64().unwrap_or(0);
-                // Read on after `next` (with --event-name a page may hold none and still move
-                // it on); without --follow, done once it reaches the log's end (the node's
-                // own test), or should it not move.
-                if !follow && (next.saturating_add(1) >= end || next <= after) {
-                    break;
+                let next = page.next.context("the page has no next position")?;
+                // `end` is the last position the node holds: done (without --follow) once
+                // `next` reaches it (with --event-name a page may hold none and still move it
+                // on), or should it not move.
+                let at_end = next >= page.end.unwrap_or(0) || next <= after;
+                if printed >= max {
+                    if !at_end {
+                        note_cut(max, "events");
+                    }
+                    return Ok(());
+                }
+                if !follow && at_end {
+                    return Ok(());
                 }
                 after = next.max(after);
             }
-            Ok(())
         }
     }
 }

@@ -153,6 +153,23 @@ impl Replica {
         all
     }
 
+    /// The members `members_have` finds without `feature`, for a refusal that names them (an
+    /// older build added to the cluster holds every gated write back, and only its own log
+    /// said why).
+    pub fn members_lacking(&self, feature: u64) -> Vec<NodeId> {
+        let watch = self.raft.metrics();
+        let metrics = watch.borrow_watched();
+        let since = metrics.membership_config.log_id().as_ref().map_or(0, |l| l.index);
+        let lacking = metrics
+            .membership_config
+            .membership()
+            .nodes()
+            .filter(|(id, _)| self.net.features_known(**id, since).is_none_or(|f| f & feature == 0))
+            .map(|(id, _)| *id)
+            .collect();
+        lacking
+    }
+
     pub fn metrics(&self) -> RaftMetrics {
         self.raft.metrics().borrow_watched().clone()
     }

@@ -821,9 +821,10 @@ impl StateStore {
             )));
         }
         if !self.replica.members_have(crate::peer::frame::features::TXN) {
-            return Err(StoreError::NotEveryMember(
-                "a member runs a build without transactions (or is not linked to this node yet): a transaction waits until every member runs one".into(),
-            ));
+            let lacking = self.replica.members_lacking(crate::peer::frame::features::TXN);
+            return Err(StoreError::NotEveryMember(format!(
+                "a member runs a build without transactions (or is not linked to this node yet: members {lacking:?}, see each one's features in /cluster): a transaction waits until every member runs one"
+            )));
         }
         let names: Vec<String> = ops.iter().map(|op| op.key().to_string()).collect();
         let cmd = self.tag(Command::Txn { store: inner, ops }, tag);

@@ -109,7 +109,7 @@ fn http_rejects_bad_requests_with_json_errors_and_keeps_serving() {
         ("GET", "/v1/state/default/small?consitency=stale", b"", "a read with ?consitency="),
         ("GET", "/v1/state/default?prefx=a", b"", "a listing with ?prefx="),
         ("GET", "/v1/events?after=0&evenName=x", b"", "an events read with ?evenName="),
-        ("POST", "/v1/events/typo?ttl=5", b"{}", "a publish with a query"),
+        ("POST", "/v1/events/typo?retain=5", b"{}", "a publish with a query"),
         ("GET", "/v1/dead-letters?subscription=countOrders&afer=3", b"", "dead letters with ?afer="),
     ] {
         let resp = send(method, path, body);

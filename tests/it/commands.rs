@@ -1337,11 +1337,19 @@ fn the_access_log_names_each_request_but_not_its_query_or_body() {
     assert_eq!(missing.status, 404, "{}", missing.describe());
     let echo = api.request("POST", "/api/v1/echo", &[], json!({ "secret": canary }).to_string().as_bytes()).expect("a command");
     assert_eq!(echo.status, 200, "{}", echo.describe());
+    // A long poll its client gives up on: logged as cancelled, without a status.
+    {
+        use std::io::Write;
+        let mut stream = std::net::TcpStream::connect(api.addr).expect("connect");
+        let index = put.header("x-revision").expect("a revision").to_string();
+        write!(stream, "GET /v1/state/logged/k?wait=60s&index={index} HTTP/1.1\r\nhost: x\r\n\r\n").expect("send");
+        thread::sleep(Duration::from_millis(300));
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     let lines = loop {
         let text = c.log_text(id);
         let lines: Vec<String> = text.lines().filter(|l| l.contains("raftbridge::access")).map(str::to_string).collect();
-        if lines.iter().any(|l| l.contains("/api/v1/echo")) || Instant::now() > deadline {
+        if lines.iter().any(|l| l.contains("/api/v1/echo")) && lines.iter().any(|l| l.contains("outcome=cancelled")) || Instant::now() > deadline {
             break lines;
         }
         thread::sleep(Duration::from_millis(50));
@@ -1357,8 +1365,10 @@ fn the_access_log_names_each_request_but_not_its_query_or_body() {
     assert!(line_of("PUT", "/v1/state/logged/k").contains("status=200"));
     assert!(line_of("GET", "/v1/state/logged/absent").contains("status=404"));
     assert!(line_of("POST", "/api/v1/echo").contains("status=200"));
-    for line in &lines {
-        assert!(line.contains(" ms=") && line.contains(" client=127.0.0.1:"), "{line}");
+    let cancelled = line_of("GET", "/v1/state/logged/k");
+    assert!(cancelled.contains("outcome=cancelled") && !cancelled.contains("status="), "{cancelled}");
+    for line in lines.iter().filter(|l| !l.contains("outcome=cancelled")) {
+        assert!(line.contains(" ms=") && line.contains(" client=127.0.0.1:") && line.contains(" outcome=answered") && line.contains(" status="), "{line}");
     }
     assert!(!c.log_text(id).contains(canary), "neither the query nor a body is logged");
     // A node without the flag logs none (one cluster at a time in a test process).

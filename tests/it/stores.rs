@@ -543,7 +543,7 @@ fn a_transaction_waits_for_every_member_to_apply_them() {
     let txn = json!({"operations": [{"op": "put", "key": "a", "value": 1}, {"op": "put", "key": "b", "value": 2}]}).to_string();
     let refused = call(&api, "POST", "/v1/state/gate", &[], txn.as_bytes());
     assert_json_error(&refused, 503, "a transaction while a member lacks them");
-    assert!(refused.text().contains("without transactions"), "{}", refused.describe());
+    assert!(refused.text().contains("without transactions") && refused.text().contains("members [3]"), "names the member: {}", refused.describe());
     status(&call(&api, "GET", "/v1/state/gate/a", &[], b""), 404, "the refused transaction wrote nothing");
     status(&call(&api, "PUT", "/v1/state/gate/single", &[], b"1"), 200, "single writes go on");
 
@@ -599,6 +599,9 @@ fn the_kv_and_events_commands_work_through_any_node() {
     };
     let (ok, out) = run("put", &["kv", "put", "app", "a b/c", r#"{"x":[1,"é"]}"#]);
     assert!(ok, "{out}");
+    // A value printed as stored: its keys in their order, a large integer whole.
+    let exact = r#"{"z":1,"a":18446744073709551616}"#;
+    status(&call(&follower, "PUT", "/v1/state/app/exact", &[], exact.as_bytes()), 200, "a value with a large integer");
     let revision = serde_json::from_str::<Value>(out.trim()).expect("JSON")["revision"].as_u64().expect("a revision");
     assert_eq!(json_of(&call(&follower, "GET", "/v1/state/app/a%20b%2Fc", &[], b"")), json!({"x": [1, "é"]}), "the key as given, percent-encoded");
     let (ok, out) = run("get", &["kv", "get", "app", "a b/c"]);
@@ -616,12 +619,18 @@ fn the_kv_and_events_commands_work_through_any_node() {
     for i in 0..5 {
         status(&call(&follower, "PUT", &format!("/v1/state/app/p{i}"), &[], i.to_string().as_bytes()), 200, "a key to list");
     }
-    let (ok, out) = run("list", &["kv", "list", "--prefix", "p", "app"]);
+    // Two keys a request: three pages.
+    let (ok, out) = run("list", &["kv", "list", "--prefix", "p", "--page-size", "2", "app"]);
     assert!(ok, "{out}");
     let keys: Vec<(String, Value)> = out.lines().map(|l| serde_json::from_str::<Value>(l).expect("a JSON line")).map(|v| (v["key"].as_str().expect("key").to_string(), v["value"].clone())).collect();
     assert_eq!(keys, (0..5).map(|i| (format!("p{i}"), json!(i))).collect::<Vec<_>>());
-    let (ok, out) = run("list-max", &["kv", "list", "--max", "2", "app"]);
-    assert!(ok && out.lines().count() == 2, "{out}");
+    let (ok, out) = run("list-exact", &["kv", "list", "--prefix", "exact", "app"]);
+    assert!(ok && out.contains(&format!(r#""value":{exact}"#)), "the value as stored: {out}");
+    let (ok, out) = run("get-exact", &["kv", "get", "--revision", "app", "exact"]);
+    assert!(ok && out.starts_with(&format!(r#"{{"value":{exact},"revision":"#)), "{out}");
+    let (ok, out) = run("list-max", &["kv", "list", "--max", "2", "--page-size", "1", "app"]);
+    let printed: Vec<&str> = out.lines().filter(|l| l.starts_with('{')).collect();
+    assert!(ok && printed.len() == 2 && out.contains("note: stopped after --max 2 keys"), "{out}");
 
     let (ok, out) = run("delete", &["kv", "delete", "app", "a b/c"]);
     assert!(ok && out.contains("\"deleted\":true"), "{out}");
@@ -639,8 +648,19 @@ fn the_kv_and_events_commands_work_through_any_node() {
     assert_eq!(position(&first), position(&again), "the repeat answers the first position");
     let (ok, out) = run("publish-2", &["events", "publish", "cliEvent", r#"{"n":2}"#]);
     assert!(ok, "{out}");
-    let (ok, out) = run("tail", &["events", "tail", "--event-name", "cliEvent"]);
+    for n in 3..=5 {
+        let (ok, out) = run(&format!("publish-{n}"), &["events", "publish", "cliEvent", &format!(r#"{{"n":{n}}}"#)]);
+        assert!(ok, "{out}");
+    }
+    // One event a request: the last page ends exactly at the log's end, and is printed.
+    let (ok, out) = run("tail", &["events", "tail", "--event-name", "cliEvent", "--page-size", "1"]);
     assert!(ok, "{out}");
     let payloads: Vec<Value> = out.lines().map(|l| serde_json::from_str::<Value>(l).expect("a JSON line")["payload"].clone()).collect();
-    assert_eq!(payloads, vec![json!({"n": 1}), json!({"n": 2})], "each published event once, in order");
+    assert_eq!(payloads, (1..=5).map(|n| json!({"n": n})).collect::<Vec<_>>(), "each published event once, in order");
+    let (ok, out) = run("tail-all", &["events", "tail", "--page-size", "2"]);
+    assert!(ok && out.lines().count() == 5, "every event, paged by two: {out}");
+    let after = position(&first).to_string();
+    let (ok, out) = run("tail-after", &["events", "tail", "--after", &after, "--max", "2"]);
+    let printed: Vec<Value> = out.lines().filter(|l| l.starts_with('{')).map(|l| serde_json::from_str::<Value>(l).expect("a JSON line")["payload"].clone()).collect();
+    assert!(ok && printed == vec![json!({"n": 2}), json!({"n": 3})] && out.contains("note: stopped after --max 2 events"), "{out}");
 }
