@@ -301,8 +301,13 @@ fn unknown_outcome(e: crate::store::StoreError, advice: &str) -> ApiError {
         StoreError::Replica(ReplicaError::Forward { leader, source }) => {
             ApiError::Unavailable(format!("leader {leader}: {source}; the write reached the leader and its outcome is unknown (it may have committed: {advice})"))
         }
+        // The leader's own word that the entry was lost, by the start of its message (the wire
+        // has no variant of its own for it; another build's wording falls to the generic 502).
         StoreError::Replica(ReplicaError::Remote(crate::peer::message::RemoteError::Internal(m))) if m.starts_with(crate::raft::DISCARDED) => {
             ApiError::BadGateway(format!("{}: its outcome is unknown (it may have committed, or may still commit: {advice})", crate::raft::DISCARDED))
+        }
+        StoreError::Replica(ReplicaError::Remote(crate::peer::message::RemoteError::Internal(m))) if m.starts_with(crate::raft::STOPPED) => {
+            ApiError::BadGateway(format!("{m}; the leader's raft stopped under the write (it may have committed, or may still commit: {advice})"))
         }
         other => other.into(),
     }
@@ -447,6 +452,34 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    /// A store write whose outcome is unknown is told how to learn it on these routes (read
+    /// back, `If-Match`, a transaction's revisions), never to repeat it with an
+    /// `Idempotency-Key` they do not take: a 503 when the deadline passed or the link failed, a
+    /// 502 when the leader reported its entry discarded or its core stopped under it.
+    #[test]
+    fn an_unknown_outcome_says_how_to_learn_it_here() {
+        use crate::peer::message::RemoteError;
+        use crate::raft::ReplicaError;
+        use crate::store::StoreError;
+        let discarded = || StoreError::Replica(ReplicaError::Remote(RemoteError::Internal(format!("{}: its outcome is unknown; repeat it with the same Idempotency-Key", crate::raft::DISCARDED))));
+        let stopped = || StoreError::Replica(ReplicaError::Remote(RemoteError::Internal(format!("{}: fatal: storage", crate::raft::STOPPED))));
+        for (e, status) in [
+            (StoreError::Replica(ReplicaError::Undecided), StatusCode::SERVICE_UNAVAILABLE),
+            (discarded(), StatusCode::BAD_GATEWAY),
+            (stopped(), StatusCode::BAD_GATEWAY),
+        ] {
+            let put = write_error(e);
+            assert_eq!(put.status(), status);
+            assert!(put.to_string().contains("If-Match") && !put.to_string().contains("same Idempotency-Key"), "{put}");
+        }
+        let txn = txn_error(discarded());
+        assert!(txn.to_string().contains("ifRevision") && !txn.to_string().contains("same Idempotency-Key"), "{txn}");
+        // Anything else as mapped in one place.
+        assert_eq!(write_error(StoreError::PreconditionFailed { current: Some(3) }).status(), StatusCode::PRECONDITION_FAILED);
+    }
+
     #[test]
     fn tokens_compare_whole() {
         let token = crate::peer::ClusterSecret::new(b"0123456789abcdef");

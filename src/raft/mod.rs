@@ -629,11 +629,13 @@ fn stopped_error(e: &openraft::error::Fatal<TypeConfig>, retry_safe: bool) -> Re
     if retry_safe {
         RemoteError::Unavailable(e.to_string())
     } else {
-        RemoteError::Internal(format!("outcome unknown: {e}"))
+        RemoteError::Internal(format!("{STOPPED}: {e}"))
     }
 }
 
 /// A proposal appended on a leader that lost its leadership before the entry committed.
+/// How a write whose leader's core stopped under it begins its message (`stopped_error`).
+pub(crate) const STOPPED: &str = "outcome unknown";
 pub(crate) const DISCARDED: &str = "the write was appended on a leader that lost its leadership before it committed, and its entry was discarded there";
 
 /// What a refused proposal means for its sender. Rejected before its entry was appended: not
