@@ -24,6 +24,9 @@ const FOLLOW_TIMEOUT: Duration = Duration::from_secs(40);
 /// Items `kv list` and `events tail` print at most unless told (`--max`): a listing of a
 /// million keys is not what a shell wants by accident.
 const DEFAULT_MAX: u64 = 10_000;
+/// Bytes of a value or payload read from stdin at most: more than any node's `--max-body`
+/// (at most half of the largest `--max-frame`).
+const MAX_STDIN: u64 = 64 << 20;
 
 /// Which node, and how to talk to it.
 #[derive(Debug, clap::Args)]
@@ -185,13 +188,22 @@ fn failed(resp: &crate::client::Response) -> anyhow::Error {
 fn json_arg(text: &str, what: &str) -> anyhow::Result<Bytes> {
     let text = if text == "-" {
         let mut buf = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut buf).context("reading stdin")?;
+        // Bounded: no node takes a body past `MAX_STDIN` (`--max-body` is at most half a frame).
+        let read = std::io::Read::read_to_string(&mut std::io::Read::take(std::io::stdin(), MAX_STDIN + 1), &mut buf).context("reading stdin")?;
+        if read as u64 > MAX_STDIN {
+            anyhow::bail!("{what} on stdin is larger than {MAX_STDIN} bytes");
+        }
         buf
     } else {
         text.to_string()
     };
     serde_json::from_str::<&serde_json::value::RawValue>(&text).with_context(|| format!("{what} is not JSON (quote a string: '\"text\"')"))?;
     Ok(Bytes::from(text.trim().to_string()))
+}
+
+/// `--if-revision` as the `If-Match` header the store routes take.
+fn if_match(revision: Option<&str>) -> Vec<(&'static str, &str)> {
+    revision.map(|r| ("if-match", r)).into_iter().collect()
 }
 
 fn key_path(args: &KeyArgs) -> String {
@@ -272,7 +284,7 @@ async fn kv_inner(cmd: KvCmd) -> anyhow::Result<()> {
                 None => key_path(&key),
             };
             let pre = if_revision.map(|r| r.to_string());
-            let extra: Vec<(&str, &str)> = pre.iter().map(|r| ("if-match", r.as_str())).collect();
+            let extra = if_match(pre.as_deref());
             let resp = client.call(http::Method::PUT, &path, body, CALL_TIMEOUT, &extra).await?;
             if !resp.is_success() {
                 return Err(failed(&resp));
@@ -282,7 +294,7 @@ async fn kv_inner(cmd: KvCmd) -> anyhow::Result<()> {
         KvCmd::Delete { key, if_revision } => {
             let mut client = Client::new(&key.target)?;
             let pre = if_revision.map(|r| r.to_string());
-            let extra: Vec<(&str, &str)> = pre.iter().map(|r| ("if-match", r.as_str())).collect();
+            let extra = if_match(pre.as_deref());
             let resp = client.call(http::Method::DELETE, &key_path(&key), Bytes::new(), CALL_TIMEOUT, &extra).await?;
             if !resp.is_success() {
                 return Err(failed(&resp));
