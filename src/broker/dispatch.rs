@@ -100,6 +100,9 @@ const UPDATE_BATCHES_OUT: usize = 4;
 /// An every-instance loop commits its progress at least this often while it works through a
 /// pass (and at the end of each), so a crash redelivers at most about this much handling.
 const INSTANCE_FLUSH: Duration = Duration::from_millis(100);
+/// How long an every-instance loop waits at once to catch up with the cluster's commits
+/// before it starts from its replicated position (`instance_loop`); it asks again after.
+const SYNC_WAIT: Duration = Duration::from_secs(5);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// How long an event that waits for a consumer it has not failed on (`Pick::Wait`) stays out of
 /// the passes before it is looked at again.
@@ -901,7 +904,9 @@ impl Dispatcher {
             }
             // This pass sees every event appended so far.
             appended.borrow_and_update();
-            let leader = self.broker.store().replica().raft.is_leader();
+            // Not before this leader applied what its predecessors committed: their acks and
+            // dead letters would be handed out again.
+            let leader = self.broker.store().replica().leads_caught_up();
             if !leader {
                 if was_leader {
                     // Deliveries in flight finish or time out on their own; the next leader
@@ -1315,6 +1320,12 @@ impl Dispatcher {
         let mut scan_recorded = Instant::now();
         // Attempts noted on disk before each run: a handler that ends the process counts.
         let mut mark = self.marks_dir.as_deref().map(|dir| AttemptMark::open(dir, &name));
+        // Whether this node has applied what the cluster had committed when the loop last
+        // started from the replicated position: a restarted node becomes ready before it has
+        // applied the entries that committed its last progress (this loop is answered once
+        // the leader applied them), and started from the older position it delivered an event
+        // it had dead-lettered just before the restart again, with no attempts noted for it.
+        let mut synced = false;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -1330,6 +1341,19 @@ impl Dispatcher {
             // Only while this node's registration declares it: a service that gave the name up
             // (`registry::drop_foreign_subscriptions`) keeps its handler, not the events.
             if decl.shared || !self.cluster.ready() || !self.sm.declares(self.node_id, &name) {
+                continue;
+            }
+            if next.is_none() && !synced {
+                let barrier = self.broker.store().replica().read_barrier(SYNC_WAIT);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    done = barrier => if let Err(e) = done {
+                        debug!(subscription = %name, cause = %e, "not caught up with the cluster's commits yet");
+                        continue;
+                    }
+                }
+                synced = true;
+                // Read again: the barrier may have applied its progress.
                 continue;
             }
             let from = next.unwrap_or(replicated).max(replicated);
@@ -1476,6 +1500,8 @@ impl Dispatcher {
             }
             if lost || !self.record_instance_progress(&name, progress).await {
                 next = None;
+                // A commit that timed out may still land: caught up again before going back.
+                synced = false;
                 // Commits fail while there is no leader: not a pass each millisecond meanwhile.
                 tokio::select! {
                     _ = shutdown.cancelled() => return,

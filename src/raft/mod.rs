@@ -184,6 +184,16 @@ impl Replica {
         if m.running_state.is_err() || stepped_down { None } else { m.current_leader }
     }
 
+    /// This node leads and has applied an entry of its own term, so everything committed
+    /// before its election too (openraft applies in order). Until then a new leader's state
+    /// lags what the cluster committed: a loop that acts on it as leader (the shared dispatch)
+    /// would see acked or dead-lettered events as still open, and hand them out again.
+    pub fn leads_caught_up(&self) -> bool {
+        let rx = self.raft.metrics();
+        let m = rx.borrow_watched();
+        m.state == openraft::ServerState::Leader && m.running_state.is_ok() && m.last_applied.is_some_and(|l| l.committed_leader_id().term == m.current_term)
+    }
+
     /// The core has stopped on its own (or was shut down): nothing sent to it is taken.
     fn core_is_stopped(&self) -> bool {
         self.raft.metrics().borrow_watched().running_state.is_err()
