@@ -481,6 +481,7 @@ pub async fn run(
             max_output: cfg.max_frame / 2,
         },
     ));
+    dispatcher.set_handler_calls(proxy.handler_calls());
     let appends = AppendLanes::new(replica.raft.clone());
     // The handler holds the node's parts, which hold `net`: the cycle is cut when the run ends
     // (returns or is dropped), once its links are down.

@@ -322,6 +322,9 @@ pub struct Dispatcher {
     /// Per local shared subscription, the deliveries this node handed itself that are under
     /// way (`marks::RunningNotes`); empty without `marks_dir`. Locked for a few `pwrite`s.
     running: Mutex<HashMap<String, RunningNotes>>,
+    /// What handlers call commands through (`Ctx::invoke`): the node's proxy, made after the
+    /// dispatcher and set once by the composition root (`set_handler_calls`).
+    calls: std::sync::OnceLock<Arc<dyn crate::sdk::Invoker>>,
     /// The broker's stop (the node's drain): deliveries this node serves for the leader that
     /// still run then are answered "not served" (`cut_at_stop`). Cancelled by the node.
     stop: CancellationToken,
@@ -443,6 +446,7 @@ impl Dispatcher {
             unfinished_counted: tokio::sync::watch::Sender::new(false),
             stop: shutdown.clone(),
             batches: Mutex::new(HashMap::new()),
+            calls: std::sync::OnceLock::new(),
             // From a random start: a leader that asks a restarted node for a batch of the
             // process before must not be handed another batch's outcomes.
             tickets: std::sync::atomic::AtomicU64::new(fastrand::u64(1..u64::MAX / 2)),
@@ -552,6 +556,12 @@ impl Dispatcher {
         rx.await.unwrap_or(false)
     }
 
+    /// Lets subscription handlers call commands (`Ctx::invoke`) through `calls`; a second
+    /// call changes nothing.
+    pub fn set_handler_calls(&self, calls: Arc<dyn crate::sdk::Invoker>) {
+        let _ = self.calls.set(calls);
+    }
+
     /// Run the local handler for one event: emit what it returns, then report success.
     pub async fn run_local(&self, sub: &str, event: Event) -> Result<(), HandlerError> {
         let Some(s) = self.local.get(sub) else {
@@ -567,8 +577,11 @@ impl Dispatcher {
         // An every-instance subscription runs on every node: its writes and emits are tagged per
         // node too, or the first node's would stand for all of them (`tagged` dedups on the key).
         let scope = tag_scope(sub, s.shared, self.node_id);
+        let ack_deadline = consumer_deadline(s.ack_deadline, self.sm.sub_ack_deadline_ms(sub));
+        let deadline = tokio::time::Instant::now() + ack_deadline;
         let ctx = Ctx::new(delivery_meta(&scope, &source), self.node_id, self.broker.store().clone())
-            .with_broker(self.broker.clone(), s.service.clone());
+            .with_broker(self.broker.clone(), s.service.clone())
+            .with_invoker(self.calls.get().cloned(), deadline);
         // Only the status of a failure matters here, and its text goes into the replicated
         // progress and the dead letters: cut to `MAX_REASON`.
         // The handler and the publish of an event it returns share the ack deadline: the leader
@@ -580,8 +593,6 @@ impl Dispatcher {
         // may declare a subscription with different deadlines (a rolling change of it, sidecar
         // configs that differ), the last to register sets the replicated one, and a longer one
         // here let the handler run on beside the redelivery to another consumer.
-        let ack_deadline = consumer_deadline(s.ack_deadline, self.sm.sub_ack_deadline_ms(sub));
-        let deadline = tokio::time::Instant::now() + ack_deadline;
         let passed = |what: &str| HandlerError::new(504, format!("ack deadline of {} ms passed {what}", ack_deadline.as_millis()));
         let out = tokio::time::timeout_at(deadline, s.handler.handle(ctx, event)).await;
         // Recorded once the handler had the event: one that refused it did not.

@@ -56,6 +56,7 @@ const SET_BY_NODE_ON_REQUESTS: &[&str] = &[
     "accept-encoding",
     "range",
     "if-range",
+    crate::sdk::CALL_DEPTH_HEADER,
 ];
 
 /// Answer headers the node writes itself: the body's type and length (`Output::content_type`),
@@ -125,6 +126,18 @@ pub fn from_client<B>(req: &http::Request<B>) -> Result<HeaderList, TooManyHeade
         forwarded_for(host, client, &mut list);
     }
     bounded(list)
+}
+
+/// A handler's own headers for a command it calls (`sdk::Call::header`), as a client's are
+/// judged: valid names and values, without one hop's, within the bounds.
+pub fn checked(list: HeaderList) -> Result<HeaderList, String> {
+    for (name, value) in &list {
+        let valid = HeaderName::from_bytes(name.as_bytes()).is_ok() && HeaderValue::from_bytes(value).is_ok();
+        if !valid || HOP_BY_HOP.contains(&name.as_str()) {
+            return Err(format!("{name:?} is not a header a command's request can carry"));
+        }
+    }
+    bounded(list).map_err(|e| e.to_string())
 }
 
 /// The connection a client request came on (a request extension the HTTP server sets).

@@ -194,7 +194,27 @@ pub struct Proxy {
     running: tokio_util::task::TaskTracker,
     /// At most `MAX_RUNNING` client commands at once: a client that disconnects right after
     /// sending no longer ends its command, so without a bound one could start any number.
+    /// Commands called from handlers (`call_from_handler`) take one each too.
     running_slots: Arc<Semaphore>,
+    /// What this node's handlers call commands through (`Ctx::invoke`), set once by
+    /// `handler_calls` after the proxy is shared: it holds the proxy weakly.
+    calls: std::sync::OnceLock<Arc<dyn crate::sdk::Invoker>>,
+}
+
+/// `sdk::Invoker` for this node's handlers: the proxy, held weakly (the proxy holds the
+/// services whose handlers' contexts hold this, and a stopped node's proxy must go).
+struct HandlerCalls(std::sync::Weak<Proxy>);
+
+impl crate::sdk::Invoker for HandlerCalls {
+    fn invoke(&self, inv: Invocation, key: Option<String>) -> crate::sdk::BoxFuture<Result<Output, HandlerError>> {
+        let proxy = self.0.upgrade();
+        Box::pin(async move {
+            match proxy {
+                Some(proxy) => proxy.call_from_handler(inv, key).await,
+                None => Err(HandlerError::new(503, "the node is stopping")),
+            }
+        })
+    }
 }
 
 /// Runs a command in place (no task hop while its client waits) and, if it is dropped before
@@ -271,6 +291,7 @@ impl Proxy {
             budget: RetryBudget::default(),
             running: tokio_util::task::TaskTracker::new(),
             running_slots: Arc::new(Semaphore::new(MAX_RUNNING)),
+            calls: std::sync::OnceLock::new(),
             peer_slots: Mutex::new(HashMap::new()),
             settings,
             draining: AtomicBool::new(false),
@@ -497,6 +518,65 @@ impl Proxy {
         }
     }
 
+    /// What this node's handlers call commands through (`Ctx::invoke`); the composition root
+    /// gives it to the subscriptions' dispatcher too.
+    pub fn handler_calls(self: &Arc<Self>) -> Arc<dyn crate::sdk::Invoker> {
+        self.calls.get_or_init(|| Arc::new(HandlerCalls(Arc::downgrade(self)))).clone()
+    }
+
+    /// A command called by a handler on this node (`Ctx::invoke`): routed, balanced, retried
+    /// and bounded as a client's request is (`serve`), from the name the registry knows it by.
+    /// Its deadline is the caller's time left (`inv.timeout_ms`) or the command's own
+    /// timeout, whichever ends first; under `key` (the caller's run is keyed) it is claimed
+    /// and answered once, as a client's keyed request is.
+    async fn call_from_handler(self: Arc<Self>, mut inv: Invocation, key: Option<String>) -> Result<Output, HandlerError> {
+        let table = self.table();
+        let route = table
+            .all()
+            .find(|r| r.service == inv.service && r.version == inv.version && r.decl.name == inv.command)
+            .cloned()
+            .ok_or_else(|| HandlerError::not_found(format!("no node declares command {} of service {} v{}", inv.command, inv.service, inv.version)))?;
+        drop(table);
+        // The caller's own mistake: a 500 of its handler, not a 431 of a client's.
+        inv.headers = headers::checked(std::mem::take(&mut inv.headers)).map_err(|e| HandlerError::unhandled(format!("the headers of a call of {}: {e}", inv.command)))?;
+        if self.candidates(&route).is_empty() {
+            return Err(HandlerError::from_api(ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version))));
+        }
+        let own = Duration::from_millis(route.decl.timeout_ms.max(1));
+        let deadline = Instant::now() + own.min(Duration::from_millis(inv.timeout_ms.max(1)));
+        inv.timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis().max(1) as u64;
+        let slot = self
+            .running_slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| HandlerError::from_api(ApiError::Busy(format!("{MAX_RUNNING} commands are running on this node"))))?;
+        metrics::counter!("raftbridge_proxy_handler_calls_total", "service" => route.service.clone()).increment(1);
+        let this = Arc::clone(&self);
+        // Finished in a task of its own if the caller is dropped part-way (its deadline, its
+        // client gone), as a client's command is (`Detachable`).
+        let run = async move {
+            let _slot = slot;
+            match key {
+                Some(key) => {
+                    inv.meta.idempotency_key = Some(key.clone());
+                    match this.idempotent(&key, inv, &route, deadline, deadline).await {
+                        Ok(resp) => Ok(output_of(resp).await),
+                        Err(e) => Err(e),
+                    }
+                }
+                None => {
+                    let retry = route.decl.idempotent;
+                    this.dispatch(inv, &route, deadline, retry).await.map(|(out, _)| out)
+                }
+            }
+        };
+        let run = Detachable { run: Some(Box::pin(run)), tracker: self.running.clone() };
+        match run.await {
+            Ok(out) => out,
+            Err(e) => Err(HandlerError::from_api(e)),
+        }
+    }
+
     /// Waits up to `grace` for the commands still running, its clients' (they may be gone; the
     /// node calls this once its HTTP listeners have stopped, so no new ones come) and its peers'
     /// (refused once draining); false if some were still running.
@@ -684,10 +764,11 @@ impl Proxy {
             instance_id: self.node_id.to_string(),
         };
         let scoped = inv.meta.idempotency_key.as_deref().map(|k| idempotency_scope(&inv.service, inv.version, &inv.command, inv.meta.tenant_id.as_deref(), k));
+        let timeout = Duration::from_millis(inv.timeout_ms.max(1));
         let ctx = Ctx::new(inv.meta.clone(), self.node_id, self.store.clone())
             .with_dedup_key(scoped.clone())
-            .with_broker(self.broker.clone(), sender.clone());
-        let timeout = Duration::from_millis(inv.timeout_ms.max(1));
+            .with_broker(self.broker.clone(), sender.clone())
+            .with_invoker(self.calls.get().cloned(), Instant::now() + timeout);
         let key = (inv.service.clone(), inv.version, inv.command.clone());
         let meta = inv.meta.clone();
         let out = match tokio::time::timeout(timeout, handler.call(ctx, inv)).await {
@@ -850,6 +931,37 @@ fn with_answer_headers(mut answer: Result<Output, HandlerError>, headers: crate:
 }
 
 /// A handler's answer as an HTTP response.
+/// A keyed command's answer (`answer`, or a stored one replayed) as a handler's call gets it
+/// (`call_from_handler`): the inverse of `answer`, for both of its shapes of error body.
+async fn output_of(resp: Response<Full<Bytes>>) -> Result<Output, HandlerError> {
+    use http_body_util::BodyExt;
+    let (parts, body) = resp.into_parts();
+    // A `Full` body is in memory already: its one frame, no error possible.
+    let body = match body.collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(never) => match never {},
+    };
+    let content_type = parts.headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let headers: crate::sdk::HeaderList = parts
+        .headers
+        .iter()
+        .filter(|(n, _)| !matches!(n.as_str(), "content-type" | "content-length" | "idempotent-replay"))
+        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect();
+    let status = parts.status.as_u16();
+    if status < 400 {
+        return Ok(Output { status, body, content_type, headers });
+    }
+    let json: Option<serde_json::Value> = serde_json::from_slice(&body).ok();
+    let message = json.as_ref().and_then(|j| j["message"].as_str()).map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+    let mut e = HandlerError::new(status, message);
+    if let Some(data) = json.as_ref().map(|j| &j["data"]).filter(|d| !d.is_null()) {
+        e = e.with_data(data);
+    }
+    e.headers = headers;
+    Err(e)
+}
+
 fn answer(out: Result<Output, HandlerError>) -> Response<Full<Bytes>> {
     match out {
         Ok(o) => {
@@ -937,6 +1049,22 @@ fn valid_traceparent(t: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A keyed call from a handler gets the answer as the client would, and back as the
+    /// handler returned it: status, body, type, headers, and an error's message and data.
+    #[tokio::test]
+    async fn a_keyed_answer_reads_back_as_the_handlers_answer() {
+        let ok = Output { status: 201, body: Bytes::from_static(br#"{"a":1}"#), content_type: Some("application/json".into()), headers: vec![("x-app".into(), b"v".to_vec())] };
+        assert_eq!(output_of(answer(Ok(ok.clone()))).await, Ok(ok));
+        let mut e = HandlerError::new(409, "taken").with_data(&serde_json::json!({"by": "n2"}));
+        e.headers = vec![("retry-after".into(), b"1".to_vec())];
+        let back = output_of(answer(Err(e.clone()))).await.unwrap_err();
+        assert_eq!((back.status, back.message.as_str(), back.data.as_deref(), &back.headers), (409, "taken", e.data.as_deref(), &e.headers));
+        // The platform's own errors (`ApiError`) have the same shape.
+        let back = output_of(ApiError::Timeout.into_response()).await.unwrap_err();
+        assert_eq!(back.status, 504);
+        assert!(!back.message.is_empty());
+    }
 
     /// A handler's error answers with a 4xx or 5xx; another status is its bug, answered 500.
     #[test]

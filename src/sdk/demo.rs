@@ -25,7 +25,17 @@
 //! - `answerPings`, a shared durable subscription to `demoPing`, returns an event: each ping is
 //!   answered by a `demoPong` whose payload is `{"ping": <the ping's payload>, "servedBy": node}`,
 //!   emitted once per ping (deduplicated across redeliveries) with the ping's trace, principal
-//!   and tenant: a subscription's returned event, observable from outside.
+//!   and tenant: a subscription's returned event, observable from outside. A ping with
+//!   `"echo": true` has its pong carry what the `echo` command, called from the handler,
+//!   answered (`"echo"`): a subscription's handler calling a command.
+//!
+//! - `relay` calls `increment` (for the counter in its path) and then `echo` from its handler
+//!   (`Ctx::invoke`), each on whichever node the proxy picks, and answers both results:
+//!   service-to-service calls inside the cluster. With `x-demo-fail-after-calls` it fails
+//!   (500) after the calls, so that a client's retry under the same `Idempotency-Key` re-runs
+//!   it and shows that the calls are answered from the first run, not run again.
+//! - `chain?n=N` calls itself with `n=N-1` until 0 and answers how deep it went: the bound on
+//!   commands calling commands (`sdk::MAX_CALL_DEPTH`, a 508 past it).
 //!
 //! Its routes and answers are a contract the integration tests rely on.
 
@@ -37,7 +47,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::subscription::SubscriptionBuilder;
-use super::{CommandBuilder, Ctx, Emit, HandlerError, Service, ServiceParts};
+use super::{Call, CommandBuilder, Ctx, Emit, HandlerError, Service, ServiceParts};
 
 pub const SERVICE: &str = "demo";
 pub const VERSION: u32 = 1;
@@ -125,6 +135,19 @@ pub fn demo_service() -> ServiceParts {
                 .output_schema(json!({"type": "object", "required": ["name", "value", "secretSet", "servedBy"]}))
                 .handler(settings),
         )
+        .command(
+            CommandBuilder::post("relay", "relay/:name")
+                .input_schema(json!({"description": "ignored (may be empty)"}))
+                .output_schema(json!({"type": "object", "required": ["counter", "echo", "servedBy"]}))
+                .handler(relay),
+        )
+        .command(
+            CommandBuilder::post("chain", "chain")
+                .idempotent(true)
+                .input_schema(json!({"description": "ignored (may be empty)"}))
+                .output_schema(json!({"type": "object", "required": ["depth", "servedBy"]}))
+                .handler(chain),
+        )
         .into_parts()
         // The declarations above are constants; the unit test below proves they validate.
         .expect("the demo service's declarations are valid")
@@ -185,6 +208,32 @@ async fn notify(ctx: Ctx, body: serde_json::Value, _: ()) -> Result<serde_json::
     Ok(json!({"notified": body, "servedBy": ctx.node_id}))
 }
 
+/// `relay/:name`: `increment` of counter `name`, then `echo`, each called through the
+/// cluster from this handler.
+async fn relay(ctx: Ctx, _: IgnoredAny, p: CounterParams) -> Result<serde_json::Value, HandlerError> {
+    let counter: serde_json::Value = ctx.invoke_json(Call::new(SERVICE, VERSION, "increment").param("name", p.name.as_str())).await?;
+    let echo: serde_json::Value = ctx.invoke_json(Call::new(SERVICE, VERSION, "echo").json(&json!({"relayedBy": ctx.node_id}))?).await?;
+    if ctx.header("x-demo-fail-after-calls").is_some() {
+        return Err(HandlerError::unhandled("failed after its calls, as asked (x-demo-fail-after-calls)"));
+    }
+    Ok(json!({"counter": counter, "echo": echo, "servedBy": ctx.node_id}))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ChainParams {
+    pub n: u32,
+}
+
+/// `chain?n=N`: itself with `n=N-1`, down to 0; answers the depth reached below it.
+async fn chain(ctx: Ctx, _: IgnoredAny, p: ChainParams) -> Result<serde_json::Value, HandlerError> {
+    if p.n == 0 {
+        return Ok(json!({"depth": 0, "servedBy": ctx.node_id}));
+    }
+    let below: serde_json::Value = ctx.invoke_json(Call::new(SERVICE, VERSION, "chain").param("n", (p.n - 1).to_string())).await?;
+    let depth = below["depth"].as_u64().unwrap_or(0) + 1;
+    Ok(json!({"depth": depth, "servedBy": ctx.node_id}))
+}
+
 /// `countOrders`: one increment of `orders-seen/<order id>` per processed `orderPlaced`.
 async fn count_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Option<Emit>, HandlerError> {
     let order: serde_json::Value = event.payload_as()?;
@@ -217,7 +266,13 @@ async fn answer_ping(ctx: Ctx, event: crate::broker::event::Event) -> Result<Opt
     if let Some(ms) = ping.get("stallMs").and_then(serde_json::Value::as_u64) {
         tokio::time::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS))).await;
     }
-    Ok(Some(Emit::new("demoPong", &json!({"ping": ping, "servedBy": ctx.node_id}))?))
+    let mut pong = json!({"ping": ping, "servedBy": ctx.node_id});
+    if ping.get("echo").and_then(serde_json::Value::as_bool) == Some(true) {
+        // A subscription's handler calls a command too (keyed by the delivery: a redelivery
+        // gets the first answer).
+        pong["echo"] = ctx.invoke_json(Call::new(SERVICE, VERSION, "echo").json(&ping)?).await?;
+    }
+    Ok(Some(Emit::new("demoPong", &pong)?))
 }
 
 /// Acknowledges: the delivery itself is what the bench measures.
@@ -267,11 +322,13 @@ mod tests {
                 ("placeOrder", "POST", "orders", false),
                 ("notify", "POST", "notify", false),
                 ("slow", "GET", "slow", true),
-                ("settings", "GET", "settings/:name", true)
+                ("settings", "GET", "settings/:name", true),
+                ("relay", "POST", "relay/:name", false),
+                ("chain", "POST", "chain", true)
             ]
         );
         assert!(parts.decl.commands[0].input_schema.is_some() && parts.decl.commands[1].output_schema.is_some());
-        assert_eq!(parts.handlers.len(), 6);
+        assert_eq!(parts.handlers.len(), 8);
         assert_eq!(parts.decl.commands[3].success_event.as_deref(), Some("notified"));
         let subs: Vec<_> = parts.decl.subscriptions.iter().map(|s| (s.name.as_str(), s.shared, s.durable)).collect();
         assert_eq!(

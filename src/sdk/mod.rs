@@ -326,6 +326,65 @@ fn header_in<'a>(list: &'a HeaderList, name: &str) -> Option<&'a str> {
     list.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).and_then(|(_, v)| std::str::from_utf8(v).ok())
 }
 
+/// What runs a command for a handler's `Ctx::invoke`: the node's proxy, which routes it to any
+/// node that offers it, as it routes a client's request. A trait so that the SDK does not
+/// depend on the proxy, which builds the contexts.
+pub trait Invoker: Send + Sync + 'static {
+    /// Runs `inv` (its `timeout_ms` is the caller's time left, at most) under `key` when the
+    /// caller runs under an idempotency key (derived per call: a re-run of the caller gets the
+    /// first run's answer instead of running the command again).
+    fn invoke(&self, inv: Invocation, key: Option<String>) -> BoxFuture<Result<Output, HandlerError>>;
+}
+
+/// The request header in which a command called from a handler carries how deep in such calls
+/// it runs (1 for a client's command's call). Set by the node only: a client's is dropped.
+pub const CALL_DEPTH_HEADER: &str = "x-raftbridge-call-depth";
+
+/// How deep handlers may call commands from their handlers: a call past it is a 508 (Loop
+/// Detected), as a command that calls itself, directly or around a cycle, would otherwise fill
+/// the nodes with runs until their deadlines.
+pub const MAX_CALL_DEPTH: u32 = 8;
+
+/// A command to run from a handler (`Ctx::invoke`): named by service, version and command name,
+/// as the registry knows it (`GET /v1/registry`), not by its HTTP path.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Call {
+    service: String,
+    version: u32,
+    command: String,
+    params: BTreeMap<String, String>,
+    payload: Bytes,
+    headers: HeaderList,
+    timeout: Option<Duration>,
+}
+
+impl Call {
+    pub fn new(service: impl Into<String>, version: u32, command: impl Into<String>) -> Call {
+        Call { service: service.into(), version, command: command.into(), params: BTreeMap::new(), payload: Bytes::new(), headers: HeaderList::new(), timeout: None }
+    }
+    /// A path or query parameter, as the command's handler reads them (`:name` in its path).
+    pub fn param(mut self, name: impl Into<String>, value: impl Into<String>) -> Call {
+        self.params.insert(name.into(), value.into());
+        self
+    }
+    /// The payload, as JSON.
+    pub fn json(mut self, payload: &(impl Serialize + ?Sized)) -> Result<Call, HandlerError> {
+        self.payload = Bytes::from(serde_json::to_vec(payload)?);
+        Ok(self)
+    }
+    /// A request header for the command (a sidecar's app sees it; an SDK handler reads it with
+    /// `Ctx::header`). The caller's own client headers are not passed on unless given here.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<Vec<u8>>) -> Call {
+        self.headers.push((name.into().to_ascii_lowercase(), value.into()));
+        self
+    }
+    /// At most this long (the command's own timeout and the caller's time left bound it too).
+    pub fn timeout(mut self, timeout: Duration) -> Call {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
 /// What a handler may use while it runs.
 #[derive(Clone)]
 pub struct Ctx {
@@ -338,12 +397,86 @@ pub struct Ctx {
     /// A command's client request headers (`proxy::headers`: end to end, with the forwarding
     /// ones); none for a subscription's handler, or a command sent by a node of an older build.
     headers: HeaderList,
+    /// For `invoke`; none outside a node (a handler's unit test).
+    invoker: Option<Arc<dyn Invoker>>,
+    /// When the run's time is up (its command's timeout, its subscription's ack deadline):
+    /// what a command it calls may have at most.
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl Ctx {
     pub fn new(meta: MessageMeta, node_id: u64, store: StateStore) -> Ctx {
         let dedup = meta.idempotency_key.clone().map(|k| (k, Arc::new(AtomicU32::new(0))));
-        Ctx { meta, node_id, service: None, state: StateHandle { store, dedup }, broker: None, headers: HeaderList::new() }
+        Ctx { meta, node_id, service: None, state: StateHandle { store, dedup }, broker: None, headers: HeaderList::new(), invoker: None, deadline: None }
+    }
+
+    /// Lets the handler call commands (`invoke`) until `deadline`.
+    pub fn with_invoker(mut self, invoker: Option<Arc<dyn Invoker>>, deadline: tokio::time::Instant) -> Ctx {
+        self.invoker = invoker;
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// Runs a command on any node that offers it (this one or a peer, chosen and retried as
+    /// for a client's request), with this run's message fields (trace, correlation, principal,
+    /// tenant; this service as the sender), and returns its answer: a 2xx or 3xx as `Ok`, a
+    /// failure with the status a client would get (the command's own 4xx or 500; 404 when no
+    /// node declares it, 503 when none that does is live, 504 at the deadline, 502 when its
+    /// node was lost while it ran, 508 past `MAX_CALL_DEPTH`).
+    /// Under an idempotency key (a client's, or a delivery's) the call is keyed too, by its
+    /// place in this run and its content: a re-run of this handler gets the first run's answer
+    /// without running the command again, as its state writes apply once.
+    pub async fn invoke(&self, call: Call) -> Result<Output, HandlerError> {
+        let invoker = self.invoker.as_ref().ok_or_else(|| HandlerError::unhandled("no node to run commands in this context"))?;
+        let depth = self.header(CALL_DEPTH_HEADER).and_then(|d| d.parse::<u32>().ok()).unwrap_or(0) + 1;
+        if depth > MAX_CALL_DEPTH {
+            return Err(HandlerError::new(
+                508,
+                format!("calling {} v{} {} would be the {depth}th command called from a handler in a row (at most {MAX_CALL_DEPTH}): a cycle of commands calling each other?", call.service, call.version, call.command),
+            ));
+        }
+        let now = tokio::time::Instant::now();
+        let mut left = self.deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));
+        if let Some(t) = call.timeout {
+            left = left.min(t);
+        }
+        if left.is_zero() {
+            return Err(HandlerError::new(504, "deadline exceeded before the command was called"));
+        }
+        let version = call.version.to_string();
+        let key = next_tag(self.state.dedup.as_ref(), &[b"invoke", call.service.as_bytes(), version.as_bytes(), call.command.as_bytes(), &call.payload])?
+            .map(|(k, seq)| crate::broker::internal_key(format_args!("{k}#invoke{seq}")));
+        let mut headers = call.headers;
+        headers.retain(|(n, _)| n != CALL_DEPTH_HEADER);
+        headers.push((CALL_DEPTH_HEADER.to_string(), depth.to_string().into_bytes()));
+        // The same trace, a span of its own (W3C trace context: each hop's parent id is new).
+        let flags = self.meta.traceparent.rsplit('-').next().filter(|f| f.len() == 2 && f.bytes().all(|b| b.is_ascii_hexdigit())).unwrap_or("01");
+        let traceparent = if self.meta.trace_id.len() == 32 && self.meta.trace_id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            format!("00-{}-{:016x}-{flags}", self.meta.trace_id, fastrand::u64(1..))
+        } else {
+            String::new()
+        };
+        let meta = MessageMeta { sender: self.service.clone(), idempotency_key: None, traceparent, ..self.meta.clone() };
+        let inv = Invocation {
+            service: call.service,
+            version: call.version,
+            command: call.command,
+            params: call.params,
+            payload: call.payload,
+            meta,
+            // `Duration::MAX` (no deadline known) is capped by the command's own timeout.
+            timeout_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1),
+            headers,
+        };
+        invoker.invoke(inv, key).await
+    }
+
+    /// `invoke`, with the answer's body decoded from JSON (an empty body as JSON `null`); a
+    /// body that is not a `T` is a 500.
+    pub async fn invoke_json<T: DeserializeOwned>(&self, call: Call) -> Result<T, HandlerError> {
+        let out = self.invoke(call).await?;
+        let body: &[u8] = if out.body.is_empty() { b"null" } else { &out.body };
+        serde_json::from_slice(body).map_err(|e| HandlerError::unhandled(format!("the command's answer is not what was expected: {e}")))
     }
 
     /// The command's client request headers (moved out of its `Invocation` by the SDK).

@@ -1378,3 +1378,72 @@ fn the_access_log_names_each_request_but_not_its_query_or_body() {
     assert_eq!(quiet.request("GET", "/v1/state/logged/absent", &[], b"").expect("a read").status, 404);
     assert!(!plain.log_text(plain.ids()[0]).contains("raftbridge::access"), "off unless asked for");
 }
+
+/// A handler calls other commands through the cluster (`Ctx::invoke`, the demo's `relay`):
+/// they run on whichever node the proxy picks, and their answers come back to it. Under the
+/// client's `Idempotency-Key`, a re-run of the caller (its first run failed after its calls)
+/// gets its calls answered from the first run: the counter `relay` increments moves once. A
+/// command that calls itself deeper than `MAX_CALL_DEPTH` (8) is a 508, and one within it
+/// answers from every level.
+#[test]
+fn a_handler_calls_commands_on_any_node_and_a_keyed_rerun_does_not_repeat_them() {
+    let c = demo_cluster("cmd-invoke", &[]);
+    let relay = |api: Api, counter: &str, headers: &[(&str, &str)]| {
+        api.request("POST", &format!("/api/v1/relay/{counter}"), headers, b"")
+    };
+    // Called commands are balanced over the nodes too: `increment` and `echo` report theirs.
+    let mut callee_nodes = BTreeSet::new();
+    let mut last = 0;
+    c.wait_for("relayed calls to reach every node", ROUTING, || {
+        for _ in 0..10 {
+            let resp = relay(c.api(1), "relayed", &[]).map_err(|e| e.to_string())?;
+            if resp.status != 200 {
+                return Err(resp.describe());
+            }
+            let body = resp.json()?;
+            let value = body["counter"]["value"].as_u64().ok_or_else(|| resp.describe())?;
+            if value != last + 1 {
+                return Err(format!("the counter went from {last} to {value}: {}", resp.describe()));
+            }
+            last = value;
+            if body["echo"]["echo"]["relayedBy"] != body["servedBy"] {
+                return Err(format!("echo was not called by the relaying node: {}", resp.describe()));
+            }
+            for served in [&body["counter"]["servedBy"], &body["echo"]["servedBy"]] {
+                callee_nodes.insert(served.as_u64().ok_or_else(|| resp.describe())?);
+            }
+            if callee_nodes.len() == 3 {
+                return Ok(());
+            }
+            thread::sleep(PACE);
+        }
+        Err(format!("called commands ran on {callee_nodes:?} so far"))
+    });
+    assert_eq!(counter_value(c.api(2), "relayed"), last, "each relay incremented once");
+
+    // The first run fails after its calls (a 500 is not stored under the key): the client's
+    // retry with the same key runs `relay` again, and its calls are answered, not run again.
+    let key = [("Idempotency-Key", "relay-key-1")];
+    let failed = relay(c.api(1), "keyed", &[key[0], ("x-demo-fail-after-calls", "1")]).expect("first relay");
+    assert_eq!(failed.status, 500, "{}", failed.describe());
+    assert_eq!(counter_value(c.api(1), "keyed"), 1, "the failed run's increment was committed");
+    for api in [c.api(2), c.api(3)] {
+        let again = relay(api, "keyed", &key).expect("retried relay");
+        assert_eq!(again.status, 200, "via node {}: {}", api.id, again.describe());
+        assert_eq!(again.json().unwrap()["counter"]["value"], json!(1), "via node {}: {}", api.id, again.describe());
+        assert_eq!(counter_value(api, "keyed"), 1, "a re-run of the caller repeated its call to increment");
+    }
+    // Another key is another run: the counter moves.
+    let other = relay(c.api(3), "keyed", &[("Idempotency-Key", "relay-key-2")]).expect("other key");
+    assert_eq!(other.json().unwrap()["counter"]["value"], json!(2), "{}", other.describe());
+
+    // Chains: within the bound every level answers; past it the innermost call is refused,
+    // and the refusal comes back up through every caller.
+    let chain = |n: u32| c.api(2).request("POST", &format!("/api/v1/chain?n={n}"), &[], b"").expect("chain");
+    let within = chain(8);
+    assert_eq!(within.status, 200, "{}", within.describe());
+    assert_eq!(within.json().unwrap()["depth"], json!(8), "{}", within.describe());
+    let past = chain(9);
+    assert_json_error(&past, 508, "a chain of calls past the bound");
+    assert!(past.json().unwrap()["message"].as_str().is_some_and(|m| m.contains("at most 8")), "{}", past.describe());
+}

@@ -1293,6 +1293,18 @@ fn a_subscription_returns_an_event_that_is_emitted_once() {
         if at > ping_position { Ok(()) } else { Err(format!("cursor {at}")) }
     });
 
+    // A handler calls a command: a ping with `"echo": true` is answered with what `echo`
+    // answered it, from whichever node ran it.
+    let echoed = json!({"n": 9, "echo": true});
+    publish(c.api(1), "demoPing", &echoed, &[]).expect("publish a ping to echo");
+    let pong = c.wait_for("the pong of the echoed ping", DELIVERY, || {
+        let page = get_json(c.api(3), "/v1/events?after=0&limit=1000&eventName=demoPong")?;
+        let events = page["events"].as_array().cloned().ok_or_else(|| format!("no events array: {page}"))?;
+        events.into_iter().find(|e| e["payload"]["ping"] == echoed).ok_or_else(|| format!("no pong yet: {page}"))
+    });
+    assert_eq!(pong["payload"]["echo"]["echo"], echoed, "the echo command's answer: {pong}");
+    assert!(pong["payload"]["echo"]["servedBy"].as_u64().is_some_and(|n| (1..=3).contains(&n)), "{pong}");
+
     // A handler still running at the ack deadline (2 s for `answerPings`) is a nack on the
     // node that runs it too, and is stopped there: each attempt of a ping that stalls 4 s
     // fails, the ping goes to the dead letters, and no stopped handler answers it later.
