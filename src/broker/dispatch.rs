@@ -102,7 +102,7 @@ const UPDATE_BATCHES_OUT: usize = 4;
 const INSTANCE_FLUSH: Duration = Duration::from_millis(100);
 /// How long an every-instance loop waits at once to catch up with the cluster's commits
 /// before it starts from its replicated position (`instance_loop`); it asks again after.
-const SYNC_WAIT: Duration = Duration::from_secs(5);
+const SYNC_WAIT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 /// How long an event that waits for a consumer it has not failed on (`Pick::Wait`) stays out of
 /// the passes before it is looked at again.

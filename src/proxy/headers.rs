@@ -128,13 +128,17 @@ pub fn from_client<B>(req: &http::Request<B>) -> Result<HeaderList, TooManyHeade
     bounded(list)
 }
 
-/// A handler's own headers for a command it calls (`sdk::Call::header`), as a client's are
-/// judged: valid names and values, without one hop's, within the bounds.
+/// A handler's own headers for a command it calls (`sdk::Call::header`): valid names and
+/// values, within the bounds, and none that a client's request could not pass on either (one
+/// hop's, or one the node sets from what it checked: the identity and key headers come from
+/// the caller's message fields, and an app must get its body whole). The call depth the
+/// handler's context set last is the one exception.
 pub fn checked(list: HeaderList) -> Result<HeaderList, String> {
     for (name, value) in &list {
         let valid = HeaderName::from_bytes(name.as_bytes()).is_ok() && HeaderValue::from_bytes(value).is_ok();
-        if !valid || HOP_BY_HOP.contains(&name.as_str()) {
-            return Err(format!("{name:?} is not a header a command's request can carry"));
+        let reserved = HOP_BY_HOP.contains(&name.as_str()) || (SET_BY_NODE_ON_REQUESTS.contains(&name.as_str()) && name != crate::sdk::CALL_DEPTH_HEADER);
+        if !valid || reserved {
+            return Err(format!("{name:?} is not a header a handler can set on a command it calls"));
         }
     }
     bounded(list).map_err(|e| e.to_string())
@@ -203,6 +207,23 @@ mod tests {
 
     fn names(list: &HeaderList) -> Vec<&str> {
         list.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    /// A handler's headers for a command it calls: its own pass, those the node sets (the
+    /// identity and key fields, a body's encoding) or one hop's are refused, as is a header
+    /// that is none; the call depth its context sets goes through.
+    #[test]
+    fn a_handlers_call_headers_are_checked_like_a_clients() {
+        let list = |pairs: &[(&str, &[u8])]| -> HeaderList { pairs.iter().map(|(n, v)| (n.to_string(), v.to_vec())).collect() };
+        let own = list(&[("authorization", b"Bearer t"), ("x-app", b"1"), (crate::sdk::CALL_DEPTH_HEADER, b"2")]);
+        assert_eq!(checked(own.clone()), Ok(own));
+        for name in ["x-tenant-id", "idempotency-key", "accept-encoding", "host", "connection", "bad name"] {
+            let e = checked(list(&[("x-app", b"1"), (name, b"v")])).unwrap_err();
+            assert!(e.contains(name), "{name}: {e}");
+        }
+        assert!(checked(list(&[("x-app", b"a\nb")])).is_err(), "a value no header carries");
+        let many: HeaderList = (0..=MAX_PASSED_HEADERS).map(|i| (format!("x-h{i}"), b"v".to_vec())).collect();
+        assert!(checked(many).is_err());
     }
 
     #[test]

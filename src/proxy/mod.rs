@@ -530,13 +530,10 @@ impl Proxy {
     /// timeout, whichever ends first; under `key` (the caller's run is keyed) it is claimed
     /// and answered once, as a client's keyed request is.
     async fn call_from_handler(self: Arc<Self>, mut inv: Invocation, key: Option<String>) -> Result<Output, HandlerError> {
-        let table = self.table();
-        let route = table
-            .all()
-            .find(|r| r.service == inv.service && r.version == inv.version && r.decl.name == inv.command)
-            .cloned()
+        let route = self
+            .table()
+            .by_name(&inv.service, inv.version, &inv.command)
             .ok_or_else(|| HandlerError::not_found(format!("no node declares command {} of service {} v{}", inv.command, inv.service, inv.version)))?;
-        drop(table);
         // The caller's own mistake: a 500 of its handler, not a 431 of a client's.
         inv.headers = headers::checked(std::mem::take(&mut inv.headers)).map_err(|e| HandlerError::unhandled(format!("the headers of a call of {}: {e}", inv.command)))?;
         if self.candidates(&route).is_empty() {

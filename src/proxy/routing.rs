@@ -163,6 +163,28 @@ impl RouteTable {
         if allowed.is_empty() { Lookup::NotFound } else { Lookup::WrongMethod(allowed) }
     }
 
+    /// The command `name` of `service` `version`, as a handler calls it (`Ctx::invoke`): one
+    /// route offered by every node that registers it under any method or path (a rolling
+    /// change of either puts it in two routes), or a departed node's with no node (503, as
+    /// `lookup` finds it for a client); `None` when no node declares it.
+    pub fn by_name(&self, service: &str, version: u32, name: &str) -> Option<Route> {
+        let named = |r: &&Route| r.service == service && r.version == version && r.decl.name == name;
+        let mut found: Option<Route> = None;
+        for route in self.routes.values().flatten().filter(named) {
+            match &mut found {
+                None => found = Some(route.clone()),
+                Some(first) => {
+                    for n in &route.nodes {
+                        if !first.nodes.contains(n) {
+                            first.nodes.push(*n);
+                        }
+                    }
+                }
+            }
+        }
+        found.or_else(|| self.departed_routes.values().flatten().find(named).cloned())
+    }
+
     /// Every route, for `/openapi.json`.
     pub fn all(&self) -> impl Iterator<Item = &Route> {
         self.routes.values().flatten()
@@ -371,6 +393,27 @@ mod tests {
                 _ => panic!("pay not found"),
             }
         }
+    }
+
+    /// A handler's call names a command: every node that offers it under any method or path
+    /// (a rolling change of its path) serves it, and a departed node's is found with no node
+    /// (a 503 for the caller, as for a client), not missing (404).
+    #[test]
+    fn a_command_called_by_name_is_offered_by_every_node_that_declares_it() {
+        let svc = |cmds: Vec<CommandDecl>| ServiceDecl { name: "shop".into(), version: 1, commands: cmds, subscriptions: Vec::new(), available: true };
+        let t0 = Instant::now();
+        let rolling = RouteTable::default().next(
+            1,
+            BTreeMap::from([(1, vec![svc(vec![decl("byId", "GET", "orders/:id")])]), (2, vec![svc(vec![decl("byId", "GET", "order/:id")])]), (3, vec![svc(vec![decl("byId", "POST", "orders/:id")])])]),
+            t0,
+        );
+        let route = rolling.by_name("shop", 1, "byId").expect("declared");
+        let mut nodes = route.nodes.clone();
+        nodes.sort_unstable();
+        assert_eq!(nodes, [1, 2, 3]);
+        assert!(rolling.by_name("shop", 2, "byId").is_none() && rolling.by_name("shop", 1, "other").is_none() && rolling.by_name("shops", 1, "byId").is_none());
+        let drained = rolling.next(2, BTreeMap::new(), t0 + Duration::from_secs(1));
+        assert!(drained.by_name("shop", 1, "byId").is_some_and(|r| r.nodes.is_empty()), "a departed node's command has no node for a while");
     }
 
     /// A node that leaves the registry (drained) leaves its commands known, offered by no node,

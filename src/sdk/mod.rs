@@ -428,13 +428,25 @@ impl Ctx {
     /// without running the command again, as its state writes apply once.
     pub async fn invoke(&self, call: Call) -> Result<Output, HandlerError> {
         let invoker = self.invoker.as_ref().ok_or_else(|| HandlerError::unhandled("no node to run commands in this context"))?;
-        let depth = self.header(CALL_DEPTH_HEADER).and_then(|d| d.parse::<u32>().ok()).unwrap_or(0) + 1;
+        // Capped: a peer of an older build passes a client's value on unchecked.
+        let depth = self.header(CALL_DEPTH_HEADER).and_then(|d| d.parse::<u32>().ok()).unwrap_or(0).min(MAX_CALL_DEPTH) + 1;
         if depth > MAX_CALL_DEPTH {
             return Err(HandlerError::new(
                 508,
                 format!("calling {} v{} {} would be the {depth}th command called from a handler in a row (at most {MAX_CALL_DEPTH}): a cycle of commands calling each other?", call.service, call.version, call.command),
             ));
         }
+        // Its place is taken first: whatever happens to the call, a re-run's later writes keep
+        // their places. Named by everything the callee's key record compares (parameters and
+        // payload): a re-run that calls with other content makes another call.
+        let version = call.version.to_string();
+        let mut parts: Vec<&[u8]> = vec![b"invoke", call.service.as_bytes(), version.as_bytes(), call.command.as_bytes()];
+        let lengths: Vec<[u8; 8]> = call.params.iter().flat_map(|(n, v)| [(n.len() as u64).to_le_bytes(), (v.len() as u64).to_le_bytes()]).collect();
+        for ((name, value), lens) in call.params.iter().zip(lengths.chunks(2)) {
+            parts.extend([&lens[0][..], name.as_bytes(), &lens[1][..], value.as_bytes()]);
+        }
+        parts.push(&call.payload);
+        let key = next_tag(self.state.dedup.as_ref(), &parts)?.map(|(k, seq)| crate::broker::internal_key(format_args!("{k}#invoke{seq}")));
         let now = tokio::time::Instant::now();
         let mut left = self.deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));
         if let Some(t) = call.timeout {
@@ -443,9 +455,6 @@ impl Ctx {
         if left.is_zero() {
             return Err(HandlerError::new(504, "deadline exceeded before the command was called"));
         }
-        let version = call.version.to_string();
-        let key = next_tag(self.state.dedup.as_ref(), &[b"invoke", call.service.as_bytes(), version.as_bytes(), call.command.as_bytes(), &call.payload])?
-            .map(|(k, seq)| crate::broker::internal_key(format_args!("{k}#invoke{seq}")));
         let mut headers = call.headers;
         headers.retain(|(n, _)| n != CALL_DEPTH_HEADER);
         headers.push((CALL_DEPTH_HEADER.to_string(), depth.to_string().into_bytes()));

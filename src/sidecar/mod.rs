@@ -721,6 +721,10 @@ impl Forward {
         let target = self.target(&inv.params)?;
         let limit = deadline(self.timeout, inv.timeout_ms);
         let m = &inv.meta;
+        // A client's key as it sent it; the key of a call from a handler (`Ctx::invoke`, made
+        // from the caller's, with characters no header carries) percent-encoded: the same on a
+        // re-run, so the app can deduplicate by it too.
+        let app_key = m.idempotency_key.as_deref().map(|k| if http::HeaderValue::from_str(k).is_ok() { k.to_string() } else { crate::proxy::routing::percent_encode(k) });
         // The client's own headers first (`proxy::headers::from_client` left out those below),
         // then the message fields the node checked; a body without a type goes as JSON.
         let mut headers = http::HeaderMap::new();
@@ -730,7 +734,7 @@ impl Forward {
             ("traceparent", Some(m.traceparent.as_str())),
             ("x-principal-id", m.principal_id.as_deref()),
             ("x-tenant-id", m.tenant_id.as_deref()),
-            ("idempotency-key", m.idempotency_key.as_deref()),
+            ("idempotency-key", app_key.as_deref()),
         ];
         for (name, value) in fields.into_iter().filter_map(|(k, v)| v.filter(|v| !v.is_empty()).map(|v| (k, v))) {
             // Checked at the node that took the request (`api::meta_header`); a value that does
