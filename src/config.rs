@@ -263,6 +263,10 @@ pub struct NodeArgs {
     #[arg(skip)]
     #[serde(default)]
     pub sidecar: Option<crate::sidecar::SidecarConfig>,
+    /// Subscriptions consumed by clients that fetch over HTTP (`[pull]`, config file only).
+    #[arg(skip)]
+    #[serde(default)]
+    pub pull: Option<crate::broker::pull::PullConfig>,
 }
 
 /// The resolved, validated configuration of one node.
@@ -314,6 +318,7 @@ pub struct NodeConfig {
     pub example_services: bool,
     pub access_log: bool,
     pub sidecar: Option<crate::sidecar::SidecarConfig>,
+    pub pull: Option<crate::broker::pull::PullConfig>,
 }
 
 /// Where a node's peer TLS material is (`--peer-tls-*`); read when the node starts.
@@ -554,6 +559,7 @@ impl NodeArgs {
             example_services: pick!(example_services).unwrap_or(false),
             access_log: pick!(access_log).unwrap_or(false),
             sidecar: pick!(sidecar),
+            pull: pick!(pull),
         };
         cfg.validate()?;
         Ok(cfg)
@@ -639,6 +645,10 @@ impl NodeConfig {
             // once (503) while the node still said it was ready. (Five minutes at most: a
             // write's retries are bounded in count for that.)
             return invalid("write-timeout-ms", "must be 100..=300000");
+        }
+        if let Some(pull) = &self.pull {
+            // Its declarations, as a service's are checked at start (names, filters, bounds).
+            pull.parts(self.id).map_err(|e| ConfigError::Invalid { name: "pull", reason: e.to_string() })?;
         }
         if self.bootstrap_expect > self.max_voters {
             // Every node a cluster forms with is a voter.

@@ -297,7 +297,7 @@ pub async fn run(
             None
         }
     };
-    check_subscription_names(&services, cfg.sidecar.as_ref())?;
+    check_subscription_names(&services, cfg.sidecar.as_ref(), cfg.pull.as_ref())?;
     // Held until `run` returns.
     let _data_dir_lock = claim_data_dir(&cfg.data_dir, cfg.id).await?;
     let tls = match &cfg.peer_tls {
@@ -419,6 +419,23 @@ pub async fn run(
         sidecar_offer = Some((parts.iter().map(|p| p.decl.clone()).collect(), sidecar.healthy()));
         services.extend(parts);
     }
+    // Pull subscriptions are offered while a client fetches from this node (`broker::pull`).
+    let mut pull_offer: Option<crate::sdk::ServiceDecl> = None;
+    let pulls = match cfg.pull.as_ref().map(|p| p.parts(cfg.id)).transpose() {
+        Ok(Some((parts, consumers))) => {
+            pull_offer = Some(parts.decl.clone());
+            services.push(parts);
+            Arc::new(consumers)
+        }
+        Ok(None) => Arc::new(crate::broker::pull::PullConsumers::default()),
+        // Checked with the config (`NodeConfig::validate`): only an application's own config.
+        Err(e) => {
+            if let Err(stop) = raft.shutdown().await {
+                warn!(cause = %stop, "raft shutdown");
+            }
+            return Err(NodeError::Services(format!("pull: {e}")));
+        }
+    };
     let timeout = Duration::from_millis(cfg.write_timeout_ms);
     // The secret store's key, derived from the cluster secret (the store is off without one).
     let previous: Vec<[u8; 32]> = cfg.cluster_secret_previous.iter().map(|s| s.derive(b"secret store")).collect();
@@ -442,7 +459,7 @@ pub async fn run(
         .iter()
         .flat_map(|(decls, _)| decls.iter().flat_map(|d| d.subscriptions.iter().map(|s| s.name.clone())))
         .collect();
-    let (sidecar_healthy, sidecar_subs) = (&sidecar_healthy, &sidecar_subs);
+    let (sidecar_healthy, sidecar_subs, pull_queues) = (&sidecar_healthy, &sidecar_subs, &pulls);
     let subscribers: HashMap<String, LocalSubscriber> = services
         .iter()
         .flat_map(|p| {
@@ -457,7 +474,10 @@ pub async fn run(
                 let decl = decls.iter().find(|d| &d.name == name);
                 let shared = decl.is_none_or(|d| d.shared);
                 let ack_deadline = Duration::from_millis(decl.map_or(crate::broker::event::DEFAULT_ACK_DEADLINE_MS, |d| d.ack_deadline_ms).max(1));
-                let available = sidecar_subs.contains(name.as_str()).then(|| sidecar_healthy.clone()).flatten();
+                let available = match pull_queues.get(name) {
+                    Some(queue) => Some(queue.demand()),
+                    None => sidecar_subs.contains(name.as_str()).then(|| sidecar_healthy.clone()).flatten(),
+                };
                 // What it emits names the subscription as its sender's target, as a command's
                 // events name the command (PURISTA's `serviceTarget`).
                 let service = Sender { service_target: name.clone(), ..service.clone() };
@@ -510,8 +530,12 @@ pub async fn run(
     }));
     let peer_task = crate::supervise::spawn_until("peer listener", &net_stop, net.clone().run(peer_listener));
 
+    let offered_pulls = pulls.clone();
     let offering: Offering = Arc::new(move || {
         let mut decls = compiled.clone();
+        if let Some(pull) = &pull_offer {
+            decls.push(crate::sdk::ServiceDecl { available: offered_pulls.any_demand(), ..pull.clone() });
+        }
         if let Some((sidecar_decls, healthy)) = &sidecar_offer {
             let up = *healthy.borrow();
             decls.extend(sidecar_decls.iter().cloned().map(|mut d| {
@@ -527,6 +551,9 @@ pub async fn run(
     let registry_task =
         crate::supervise::spawn_until("service registry", &registry_stop, registry::run(store.clone(), cluster.clone(), offering, registered.clone(), registry_stop.clone()));
 
+    if !pulls.is_empty() {
+        crate::supervise::spawn_until("pull demand", &registry_stop, pulls.clone().demand_loop(registry_stop.clone()));
+    }
     crate::supervise::spawn_until("idempotency expiry", &registry_stop, proxy.clone().expire_records(registry_stop.clone()));
     crate::supervise::spawn_until("key expiry", &registry_stop, crate::store::expire_keys(store.clone(), registry_stop.clone()));
     crate::supervise::spawn_until("route refresh", &registry_stop, proxy.clone().refresh_routes(registry_stop.clone()));
@@ -562,6 +589,7 @@ pub async fn run(
         api_tokens: cfg.api_tokens.clone(),
         api_read_token: cfg.api_read_token.clone(),
         long_polls: api::stores::LongPolls::new(),
+        pulls,
         snapshot_downloads: Arc::new(tokio::sync::Semaphore::new(1)),
     });
     let http_stop = run_stop.child_token();
@@ -1016,11 +1044,12 @@ async fn found(replica: &Replica, log: &LogStore, unproven: &AtomicBool, raft_se
 /// under it), and this node's handlers are looked up by it: two declarations of one name on a
 /// node, by two services, two versions of one or a service and the sidecar, would take each
 /// other's events. Refused at start. (Across nodes, `registry` keeps one service per name.)
-fn check_subscription_names(services: &[ServiceParts], sidecar: Option<&crate::sidecar::SidecarConfig>) -> Result<(), NodeError> {
+fn check_subscription_names(services: &[ServiceParts], sidecar: Option<&crate::sidecar::SidecarConfig>, pull: Option<&crate::broker::pull::PullConfig>) -> Result<(), NodeError> {
     let compiled = services.iter().flat_map(|p| p.decl.subscriptions.iter().map(move |s| (s.name.as_str(), p.decl.name.as_str(), p.decl.version)));
-    let configured = sidecar.into_iter().flat_map(|c| c.subscriptions.iter().map(|s| (s.name.as_str(), s.service.as_str(), s.version)));
+    let configured = sidecar.into_iter().flat_map(|c| c.subscriptions.iter().map(|s| (s.name.as_str(), s.service.as_deref().unwrap_or("sidecar"), s.version.unwrap_or(1))));
+    let pulled = pull.into_iter().flat_map(|c| c.subscriptions.iter().map(|s| (s.name.as_str(), c.service.as_str(), c.version)));
     let mut seen: HashMap<&str, (&str, u32)> = HashMap::new();
-    for (name, service, version) in compiled.chain(configured) {
+    for (name, service, version) in compiled.chain(configured).chain(pulled) {
         if let Some((other, v)) = seen.insert(name, (service, version)) {
             return Err(NodeError::Services(format!(
                 "subscription {name:?} is declared twice on this node ({other} v{v} and {service} v{version}); subscription names are cluster-wide: give each its own"
@@ -1527,16 +1556,20 @@ mod tests {
     #[test]
     fn one_subscription_name_twice_on_a_node_is_refused_at_start() {
         use crate::sdk::demo::demo_service;
-        assert!(check_subscription_names(&[demo_service()], None).is_ok());
-        let twice = check_subscription_names(&[demo_service(), demo_service()], None).unwrap_err();
+        assert!(check_subscription_names(&[demo_service()], None, None).is_ok());
+        let twice = check_subscription_names(&[demo_service(), demo_service()], None, None).unwrap_err();
         assert!(twice.to_string().contains("\"countOrders\" is declared twice"), "{twice}");
         let sidecar: crate::sidecar::SidecarConfig = toml::from_str(
             "upstream = \"http://127.0.0.1:1\"\n[[subscriptions]]\nname = \"auditOrders\"\nservice = \"orders\"\npath = \"/audit\"\n",
         )
         .unwrap();
-        let clash = check_subscription_names(&[demo_service()], Some(&sidecar)).unwrap_err();
+        let clash = check_subscription_names(&[demo_service()], Some(&sidecar), None).unwrap_err();
         assert!(clash.to_string().contains("demo v1 and orders v1"), "{clash}");
-        assert!(check_subscription_names(&[], Some(&sidecar)).is_ok());
+        assert!(check_subscription_names(&[], Some(&sidecar), None).is_ok());
+        let pull: crate::broker::pull::PullConfig = toml::from_str("[[subscriptions]]\nname = \"auditOrders\"\n").unwrap();
+        let clash = check_subscription_names(&[], Some(&sidecar), Some(&pull)).unwrap_err();
+        assert!(clash.to_string().contains("orders v1 and pull v1"), "{clash}");
+        assert!(check_subscription_names(&[demo_service()], None, Some(&toml::from_str("[[subscriptions]]\nname = \"jobs\"\n").unwrap())).is_ok());
     }
 
     /// A node that started with an empty log withholds its vote until it holds an entry of its

@@ -459,3 +459,84 @@ mod tests {
         }
     }
 }
+
+/// This node's pull subscription `name` (`broker::pull`), or a 404 that says where they are.
+fn pull_queue<'a>(app: &'a App, name: &str) -> Result<&'a std::sync::Arc<crate::broker::pull::PullQueue>, ApiError> {
+    check_subscription(name)?;
+    app.pulls.get(name).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "this node consumes no pull subscription {name}: a node fetches for the subscriptions of its [pull] config; ask one that has it"
+        ))
+    })
+}
+
+/// `POST /v1/subscriptions/{name}/fetch[?max=N][&wait=D]`: up to `max` (default 1, at most
+/// `pull::MAX_FETCH`) events this node holds for the pull subscription, each with the ack id
+/// to answer it by; with `wait` (at most 5 minutes), waits that long for the first when none is
+/// held, then answers what it has (maybe nothing). A fetch is what makes this node offer the
+/// subscription (for `pull::DEMAND_GRACE` after it), so a client that fetches in a loop keeps
+/// its events coming here. It holds one of the node's long polls while it waits, and ends at
+/// the drain.
+pub async fn pull_fetch(app: &App, name: &str, query: Option<&str>) -> ApiResult {
+    let queue = pull_queue(app, name)?;
+    let q = parse_query(query.unwrap_or("")).ok_or_else(|| ApiError::BadRequest("malformed query".into()))?;
+    let max = match number(&q, "max")? {
+        None => 1,
+        Some(n @ 1..) => usize::try_from(n).unwrap_or(usize::MAX).min(crate::broker::pull::MAX_FETCH),
+        Some(_) => return Err(ApiError::BadRequest("max must be a whole number from 1".into())),
+    };
+    let wait = super::stores::parse_wait(&q)?.unwrap_or_default();
+    let _slot = if wait.is_zero() { None } else { Some(app.long_polls.slot()?) };
+    let fetched = queue.fetch(max, wait, &app.long_polls.stop).await;
+    #[derive(serde::Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Message<'a> {
+        ack_id: &'a str,
+        position: u64,
+        event: crate::broker::event::EventJson<'a>,
+    }
+    let messages: Vec<Message<'_>> = fetched.iter().map(|(id, e)| Message { ack_id: id, position: e.position, event: e.to_json() }).collect();
+    Ok(json_body(StatusCode::OK, &serde_json::json!({ "messages": messages })))
+}
+
+/// The body of an ack or a nack.
+#[derive(serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct PullAnswer {
+    ack_ids: Vec<String>,
+    /// A nack's reason (kept with the failed attempt, and in the dead letters).
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// A nack's reason, at most this many bytes.
+const MAX_NACK_REASON: usize = 1024;
+
+/// `POST /v1/subscriptions/{name}/ack` and `/nack`: `{"ackIds":[..]}` (a nack may add
+/// `"reason"`), on the node the events were fetched from. An ack settles each event; a nack
+/// fails its attempt, and it is delivered again after its backoff (or dead-lettered after its
+/// attempts). 200 `{"acked"|"nacked": n, "unknown": [ids]}`: `unknown` are ids this node
+/// holds no lease for (answered already, past their ack deadline and maybe delivered again,
+/// or fetched from another node, which the id names first: `<node>-...`).
+pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incoming>) -> ApiResult {
+    let queue = pull_queue(app, name)?;
+    let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
+    let answer: PullAnswer = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("an answer is {{\"ackIds\":[..]}}: {e}")))?;
+    drop(body);
+    if answer.ack_ids.is_empty() || answer.ack_ids.len() > crate::broker::pull::MAX_FETCH {
+        return Err(ApiError::BadRequest(format!("ackIds holds 1..={} ids", crate::broker::pull::MAX_FETCH)));
+    }
+    if !nack && answer.reason.is_some() {
+        return Err(ApiError::BadRequest("an ack takes no reason (a nack does)".into()));
+    }
+    let mut reason = answer.reason.unwrap_or_else(|| "no reason given".into());
+    crate::sdk::truncate_utf8(&mut reason, MAX_NACK_REASON);
+    let unknown = queue.answer(&answer.ack_ids, nack.then_some(reason.as_str()));
+    let done = answer.ack_ids.len() - unknown.len();
+    let mut body = serde_json::json!({ if nack { "nacked" } else { "acked" }: done, "unknown": unknown });
+    let elsewhere: Vec<u64> = unknown.iter().filter_map(|id| crate::broker::pull::PullQueue::node_of(id)).filter(|n| *n != app.replica.id()).collect();
+    if let Some(node) = elsewhere.first() {
+        body["message"] = serde_json::json!(format!("some ids were fetched from node {node}: answer them there"));
+    }
+    Ok(json_response(StatusCode::OK, &body))
+}

@@ -34,6 +34,7 @@
 pub mod dispatch;
 pub mod event;
 pub mod marks;
+pub mod pull;
 
 use std::collections::VecDeque;
 use std::sync::Arc;

@@ -79,17 +79,25 @@ pub struct SidecarConfig {
 }
 
 /// One `[[sidecar.subscriptions]]` entry: matching events are POSTed (the event's JSON) to
-/// `upstream + path`; a 2xx answer acks, anything else or a timeout nacks.
+/// `upstream + path`; a 2xx answer acks, anything else or a timeout nacks. The same settings
+/// declare a `[[pull.subscriptions]]` entry (`broker::pull`), which takes no `path`,
+/// `emit_event`, `service` or `version`.
+pub type SidecarSubscription = SubscriptionEntry;
+
+/// A subscription declared in the config file: its name, PURISTA filter and delivery settings
+/// (`SubscriptionDecl`), and what the sidecar does with its events.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SidecarSubscription {
+pub struct SubscriptionEntry {
     pub name: String,
-    /// The service the subscription belongs to (default `sidecar`, version 1).
-    #[serde(default = "default_sub_service")]
-    pub service: String,
-    #[serde(default = "default_sub_version")]
-    pub version: u32,
-    pub path: String,
+    /// The service the subscription belongs to (the sidecar's default `sidecar`, version 1).
+    #[serde(default)]
+    pub service: Option<String>,
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// Where the sidecar POSTs its events (required there).
+    #[serde(default)]
+    pub path: Option<String>,
     #[serde(default)]
     pub event_name: Option<String>,
     #[serde(default)]
@@ -112,8 +120,9 @@ pub struct SidecarSubscription {
     pub durable: bool,
     #[serde(default = "default_max_attempts")]
     pub max_attempts: u32,
-    #[serde(default = "default_ack_deadline_ms")]
-    pub ack_deadline_ms: u64,
+    /// The kind's own default unless set (`SIDECAR_ACK_DEADLINE_MS`, `pull`'s).
+    #[serde(default)]
+    pub ack_deadline_ms: Option<u64>,
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: u32,
     /// When set, the app's 2xx answer to a delivery is emitted as an event of this name (its
@@ -123,8 +132,34 @@ pub struct SidecarSubscription {
     pub emit_event: Option<String>,
 }
 
+/// A sidecar subscription's ack deadline unless it sets one: the timeout of its POST to the app.
+pub const SIDECAR_ACK_DEADLINE_MS: u64 = 10_000;
+
+impl SubscriptionEntry {
+    /// The declaration, with `ack_deadline_ms` unless the entry sets one.
+    pub fn decl(&self, ack_deadline_ms: u64) -> crate::broker::event::SubscriptionDecl {
+        crate::broker::event::SubscriptionDecl {
+            name: self.name.clone(),
+            filter: crate::broker::event::EventFilter {
+                event_name: self.event_name.clone(),
+                sender_service: self.sender_service.clone(),
+                sender_version: self.sender_version.clone(),
+                sender_target: self.sender_target.clone(),
+                message_type: self.message_type.clone(),
+                principal_id: self.principal_id.clone(),
+                tenant_id: self.tenant_id.clone(),
+            },
+            shared: self.shared,
+            durable: self.durable,
+            max_attempts: self.max_attempts,
+            ack_deadline_ms: self.ack_deadline_ms.unwrap_or(ack_deadline_ms),
+            max_in_flight: self.max_in_flight,
+        }
+    }
+}
+
 /// An optional setting given as a string or a whole number (`1` and `"1"` alike).
-fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+pub(crate) fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
     struct Given;
     impl serde::de::Visitor<'_> for Given {
         type Value = String;
@@ -144,22 +179,13 @@ fn number_or_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Strin
     d.deserialize_any(Given).map(Some)
 }
 
-fn default_sub_service() -> String {
-    "sidecar".into()
-}
-fn default_sub_version() -> u32 {
-    1
-}
-fn default_true() -> bool {
+pub(crate) fn default_true() -> bool {
     true
 }
-fn default_max_attempts() -> u32 {
+pub(crate) fn default_max_attempts() -> u32 {
     5
 }
-fn default_ack_deadline_ms() -> u64 {
-    10_000
-}
-fn default_max_in_flight() -> u32 {
+pub(crate) fn default_max_in_flight() -> u32 {
     64
 }
 
@@ -359,29 +385,14 @@ impl Sidecar {
             services.insert(key, service.command(command));
         }
         for sub in &cfg.subscriptions {
-            if !sub.path.starts_with('/') || sub.path.parse::<http::uri::PathAndQuery>().is_err() {
+            let path = sub.path.as_deref().unwrap_or_default();
+            if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
                 return Err(SidecarError::Upstream {
                     url: cfg.upstream.clone(),
                     reason: format!("subscription {}: path must start with /", sub.name),
                 });
             }
-            let decl = crate::broker::event::SubscriptionDecl {
-                name: sub.name.clone(),
-                filter: crate::broker::event::EventFilter {
-                    event_name: sub.event_name.clone(),
-                    sender_service: sub.sender_service.clone(),
-                    sender_version: sub.sender_version.clone(),
-                    sender_target: sub.sender_target.clone(),
-                    message_type: sub.message_type.clone(),
-                    principal_id: sub.principal_id.clone(),
-                    tenant_id: sub.tenant_id.clone(),
-                },
-                shared: sub.shared,
-                durable: sub.durable,
-                max_attempts: sub.max_attempts,
-                ack_deadline_ms: sub.ack_deadline_ms,
-                max_in_flight: sub.max_in_flight,
-            };
+            let decl = sub.decl(SIDECAR_ACK_DEADLINE_MS);
             if let Some(event) = &sub.emit_event {
                 crate::broker::event::check_event_name(event).map_err(|reason| SidecarError::Upstream {
                     url: cfg.upstream.clone(),
@@ -391,12 +402,12 @@ impl Sidecar {
             let post = EventPost {
                 pool: pool.clone(),
                 name: sub.name.clone(),
-                path: sub.path.clone(),
-                timeout: Duration::from_millis(sub.ack_deadline_ms),
+                path: path.to_string(),
+                timeout: Duration::from_millis(decl.ack_deadline_ms),
                 emit: sub.emit_event.clone(),
             };
-            let key = (sub.service.clone(), sub.version);
-            let service = services.remove(&key).unwrap_or_else(|| Service::new(&sub.service, sub.version));
+            let key = (sub.service.clone().unwrap_or_else(|| "sidecar".into()), sub.version.unwrap_or(1));
+            let service = services.remove(&key).unwrap_or_else(|| Service::new(&key.0, key.1));
             services.insert(key, service.subscription((decl, Arc::new(post))));
         }
         let parts = services.into_values().map(Service::into_parts).collect::<Result<Vec<_>, _>>()?;

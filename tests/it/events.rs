@@ -2673,3 +2673,113 @@ fn a_read_at_the_end_of_the_log_waits_for_the_next_event() {
         "a wait that is no duration",
     );
 }
+
+/// A pull subscription (`[pull]` in the config): a client fetches events over HTTP from a node
+/// that consumes it and acks or nacks each there. Events published before any fetch wait
+/// (durable) and come once a client pulls; a nacked event is fetched again, then
+/// dead-lettered with the client's reason after its attempts; one fetched and never answered
+/// comes again after its ack deadline; every other event is acked, each once by content. A
+/// node without it answers 404, and answers to ids it does not hold say so.
+#[test]
+fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
+    let (c, _) = Cluster::formed_with("ev-pull", 3, &[], |dir, id| {
+        if id == 3 {
+            return Vec::new();
+        }
+        let config = dir.join(format!("n{id}-pull.toml"));
+        let toml = "[pull]\n[[pull.subscriptions]]\nname = \"pullJobs\"\nevent_name = \"job\"\nmax_attempts = 2\nack_deadline_ms = 4000\n";
+        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        vec!["--config".to_string(), config.display().to_string()]
+    });
+    c.wait_all_ready(FORMATION);
+    wait_subscription(&c, &c.apis(), "pullJobs");
+    let published: Vec<u64> = (0..20)
+        .map(|n| c.wait_for("a job accepted", PROGRESS, || publish(c.api(1 + n % 3), "job", &json!({"n": n}), &[])).1)
+        .collect();
+    let post = |api: Api, path: &str, body: &Value| api.request("POST", path, &[], body.to_string().as_bytes()).expect("POST");
+    let fetch = |api: Api| -> Result<Vec<Value>, String> {
+        let resp = post(api, "/v1/subscriptions/pullJobs/fetch?max=8&wait=2s", &json!(null));
+        if resp.status != 200 {
+            return Err(resp.describe());
+        }
+        resp.json()?["messages"].as_array().cloned().ok_or_else(|| resp.describe())
+    };
+    let answer = |what: &str, ids: &[String], reason: Option<&str>| -> Value {
+        let mut body = json!({ "ackIds": ids });
+        if let Some(r) = reason {
+            body["reason"] = json!(r);
+        }
+        let resp = post(c.api(1), &format!("/v1/subscriptions/pullJobs/{what}"), &body);
+        assert_eq!(resp.status, 200, "{what}: {}", resp.describe());
+        resp.json().unwrap()
+    };
+    // n = 3 is nacked at every fetch; n = 5 is left unanswered the first time.
+    let mut acked: BTreeMap<u64, usize> = BTreeMap::new();
+    let mut fetched_3 = 0;
+    let mut fetched_5 = 0;
+    c.wait_for("every job but the nacked one acked through node 1", DELIVERY, || {
+        let messages = fetch(c.api(1))?;
+        let mut acks = Vec::new();
+        for m in &messages {
+            let id = m["ackId"].as_str().ok_or("no ackId")?.to_string();
+            let n = m["event"]["payload"]["n"].as_u64().ok_or_else(|| format!("no job number: {m}"))?;
+            assert_eq!(m["position"].as_u64(), Some(published[n as usize]), "{m}");
+            assert_eq!(m["event"]["eventName"], "job", "{m}");
+            match n {
+                3 => {
+                    fetched_3 += 1;
+                    let a = answer("nack", &[id], Some("bad job"));
+                    assert_eq!(a["nacked"], 1, "{a}");
+                }
+                5 if fetched_5 == 0 => fetched_5 += 1,
+                _ => {
+                    if n == 5 {
+                        fetched_5 += 1;
+                    }
+                    *acked.entry(n).or_default() += 1;
+                    acks.push(id);
+                }
+            }
+        }
+        if !acks.is_empty() {
+            let a = answer("ack", &acks, None);
+            assert_eq!((a["acked"].as_u64(), a["unknown"].as_array().map(Vec::len)), (Some(acks.len() as u64), Some(0)), "{a}");
+        }
+        let want: BTreeSet<u64> = (0..20).filter(|n| *n != 3).collect();
+        if acked.keys().copied().collect::<BTreeSet<u64>>() == want { Ok(()) } else { Err(format!("acked so far: {acked:?}")) }
+    });
+    assert!(acked.values().all(|n| *n == 1), "each job acked once: {acked:?}");
+    assert_eq!(fetched_5, 2, "the unanswered job came again after its ack deadline");
+    let letter = c.wait_for("the nacked job dead-lettered", DEAD_LETTER, || {
+        dead_letters(c.api(3), "pullJobs")?
+            .into_iter()
+            .find(|d| d["position"].as_u64() == Some(published[3]))
+            .ok_or_else(|| format!("fetched {fetched_3} times; no dead letter yet"))
+    });
+    assert!(letter["reason"].as_str().is_some_and(|r| r.contains("nacked by the client: bad job")), "{letter}");
+    assert_eq!(letter["attempts"].as_u64(), Some(2), "{letter}");
+    c.wait_for("the cursor past every job", DELIVERY, || {
+        let at = cursor(c.api(2), "pullJobs")?;
+        if at > published[19] { Ok(()) } else { Err(format!("cursor {at}")) }
+    });
+
+    // Answers to ids this node holds no lease for, a node without the subscription, bad input.
+    let a = answer("ack", &["1-0000".to_string(), "2-0000".to_string()], None);
+    assert_eq!(a["acked"], 0, "{a}");
+    assert_eq!(a["unknown"].as_array().map(Vec::len), Some(2), "{a}");
+    assert!(a["message"].as_str().is_some_and(|m| m.contains("node 2")), "{a}");
+    let none = post(c.api(3), "/v1/subscriptions/pullJobs/fetch", &json!(null));
+    assert_eq!(none.status, 404, "{}", none.describe());
+    for (path, body, status) in [
+        ("/v1/subscriptions/pullJobs/ack", json!({"ackIds": []}), 400),
+        ("/v1/subscriptions/pullJobs/ack", json!({"ackIds": ["1-a"], "reason": "x"}), 400),
+        ("/v1/subscriptions/pullJobs/nack", json!({"ids": ["1-a"]}), 400),
+        ("/v1/subscriptions/pullJobs/fetch?max=0", json!(null), 400),
+        ("/v1/subscriptions/pullJobs/fetch?count=1", json!(null), 400),
+    ] {
+        let resp = post(c.api(1), path, &body);
+        assert_eq!(resp.status, status, "{path} {body}: {}", resp.describe());
+    }
+    let get = c.api(1).request("GET", "/v1/subscriptions/pullJobs/fetch", &[], b"").expect("GET");
+    assert_eq!(get.status, 405, "{}", get.describe());
+}

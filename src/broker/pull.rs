@@ -1,0 +1,397 @@
+//! Pull consumers: subscriptions whose consumer is a client of the node, which fetches events
+//! over HTTP and acks or nacks each, as a JetStream pull consumer's client does, instead of a
+//! handler in the node or an app the node POSTs to (a worker, a batch job, a script behind a
+//! firewall: anything that can make requests but serves none).
+//!
+//! Why on top of the push path rather than beside it: a pull subscription is, to the leader and
+//! the dispatcher, a subscription this node consumes with a handler, so everything they do for
+//! one holds unchanged (competing consumers across nodes, every-instance copies, the ack
+//! deadline, attempts, backoff, dead letters, `max_in_flight`, durable positions). The handler
+//! (`PullQueue`) holds each event it is handed until a client fetches it, then waits for that
+//! client's ack or nack.
+//!
+//! What counts as an attempt: only an event a client fetched. An event no fetch takes within
+//! `HOLD` is handed back as not served (no attempt), and goes to another consumer or waits. The
+//! node offers the subscription (its service's registry entry is available) only while a
+//! client fetched within `DEMAND_GRACE`, so the leader does not hand events to a node nobody
+//! pulls from. The ack deadline runs from when the leader handed the event to this node, as for
+//! any consumer: at most `HOLD` of it passes before a fetch takes the event.
+//!
+//! Ack ids name this node (`<node>-<random>`): a client acks on the node it fetched from (its
+//! keep-alive connection stays there). Every queue is bounded: what the dispatcher hands this
+//! node is bounded by `max_in_flight`, and the leases by what was handed (a lease whose
+//! delivery ended, by its ack deadline or the node's stop, is forgotten at the next fetch).
+
+use std::collections::HashMap;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::sync::oneshot;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::event::Event;
+use crate::lock;
+use crate::sdk::BoxFuture;
+use crate::sdk::Ctx;
+use crate::sdk::Emit;
+use crate::sdk::HandlerError;
+use crate::sdk::SubscriptionHandler;
+
+/// How long an event handed to this node waits for a fetch before it is handed back (not
+/// served: no attempt).
+pub const HOLD: Duration = Duration::from_secs(5);
+/// How long after a client's last fetch this node still offers the subscription.
+pub const DEMAND_GRACE: Duration = Duration::from_secs(30);
+/// Events one fetch takes at most.
+pub const MAX_FETCH: usize = 1_000;
+
+/// The `[pull]` section of the config file: subscriptions this node consumes for clients that
+/// fetch over HTTP (`POST /v1/subscriptions/{name}/fetch`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullConfig {
+    /// The service the subscriptions belong to (default `pull`, version 1): a subscription's
+    /// name is the cluster's, and every node that consumes it must name the same service.
+    #[serde(default = "default_service")]
+    pub service: String,
+    #[serde(default = "default_version")]
+    pub version: u32,
+    #[serde(default)]
+    pub subscriptions: Vec<PullSubscription>,
+}
+
+fn default_service() -> String {
+    "pull".into()
+}
+fn default_version() -> u32 {
+    1
+}
+/// A pull subscription's ack deadline unless it sets one: the time a client has to answer
+/// what it fetched (with `HOLD` of it at most spent waiting for the fetch).
+pub const ACK_DEADLINE_MS: u64 = 30_000;
+
+/// One `[[pull.subscriptions]]` entry: the filter and delivery settings of a sidecar
+/// subscription, without what the sidecar does with its events.
+pub type PullSubscription = crate::sidecar::SubscriptionEntry;
+
+impl PullConfig {
+    /// The service that declares the subscriptions, with a queue for each as its handler;
+    /// checked as any service's declarations are (names, filters, bounds).
+    pub fn parts(&self, node: u64) -> Result<(crate::sdk::ServiceParts, PullConsumers), crate::sdk::builder::BuildError> {
+        let consumers = PullConsumers::new(self.subscriptions.iter().map(|s| s.name.clone()), node);
+        let mut service = crate::sdk::Service::new(&self.service, self.version);
+        for sub in &self.subscriptions {
+            let sidecar_only = [("path", sub.path.is_some()), ("emit_event", sub.emit_event.is_some()), ("service", sub.service.is_some()), ("version", sub.version.is_some())];
+            if let Some((field, _)) = sidecar_only.iter().find(|(_, given)| *given) {
+                return Err(crate::sdk::builder::BuildError::Service {
+                    service: self.service.clone(),
+                    version: self.version,
+                    reason: format!("pull subscription {}: `{field}` is a sidecar subscription's setting (a pull subscription's service is the [pull] section's)", sub.name),
+                });
+            }
+            // Two entries of one name: the builder refuses them below; the first queue stands.
+            let Some(queue) = consumers.get(&sub.name) else { continue };
+            let handler: Arc<dyn SubscriptionHandler> = Arc::new(queue.clone());
+            service = service.subscription((sub.decl(ACK_DEADLINE_MS), handler));
+        }
+        Ok((service.into_parts()?, consumers))
+    }
+}
+
+/// What a client's answer to a fetched event is.
+type Outcome = Result<(), HandlerError>;
+
+/// An event handed to this node, waiting for a fetch.
+struct Held {
+    /// Which handler run it is (to take it back at `HOLD`).
+    seq: u64,
+    event: Event,
+    /// Tells the run that a fetch took it (the run then waits for `outcome`).
+    taken: oneshot::Sender<()>,
+    outcome: oneshot::Sender<Outcome>,
+}
+
+/// One pull subscription on this node: the handler the dispatcher runs, and the queue the
+/// HTTP fetches take from.
+pub struct PullQueue {
+    name: String,
+    node: u64,
+    /// Events waiting for a fetch, oldest first (at most what the dispatcher hands this node:
+    /// `max_in_flight`, or one for an every-instance subscription).
+    held: Mutex<VecDeque<Held>>,
+    /// Wakes waiting fetches when an event is held.
+    arrived: Notify,
+    /// Fetched events by ack id, until acked, nacked or their run ended.
+    leases: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    seq: AtomicU64,
+    /// Fetches waiting now.
+    fetching: AtomicUsize,
+    /// When the last fetch ended (or began).
+    last_fetch: Mutex<Option<Instant>>,
+    /// Whether a client pulls from this node (`demand_loop` keeps it; the dispatcher and the
+    /// registry read it). The queue owns the sender; it lives as long as the queue.
+    demand: watch::Sender<bool>,
+}
+
+impl PullQueue {
+    fn new(name: String, node: u64) -> PullQueue {
+        PullQueue {
+            name,
+            node,
+            held: Mutex::new(VecDeque::new()),
+            arrived: Notify::new(),
+            leases: Mutex::new(HashMap::new()),
+            seq: AtomicU64::new(0),
+            fetching: AtomicUsize::new(0),
+            last_fetch: Mutex::new(None),
+            demand: watch::Sender::new(false),
+        }
+    }
+
+    /// True while a client pulls from this node (`LocalSubscriber::available`).
+    pub fn demand(&self) -> watch::Receiver<bool> {
+        self.demand.subscribe()
+    }
+
+    fn wanted(&self, now: Instant) -> bool {
+        self.fetching.load(Ordering::Acquire) > 0 || lock(&self.last_fetch).is_some_and(|at| now.saturating_duration_since(at) < DEMAND_GRACE)
+    }
+
+    /// Takes up to `max` held events, waiting up to `wait` for the first (until `stop`); each
+    /// is leased under an ack id until the client answers it or its delivery ends.
+    pub async fn fetch(&self, max: usize, wait: Duration, stop: &CancellationToken) -> Vec<(String, Event)> {
+        self.fetching.fetch_add(1, Ordering::AcqRel);
+        *lock(&self.last_fetch) = Some(Instant::now());
+        self.demand.send_if_modified(|d| !std::mem::replace(d, true));
+        let deadline = Instant::now() + wait;
+        let mut out = Vec::new();
+        // Bounded by the deadline: each pass takes what is held or waits for an arrival.
+        loop {
+            // Registered before looking, so that an event held right after the look wakes it.
+            let arrived = self.arrived.notified();
+            self.take(max, &mut out);
+            if !out.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::select! {
+                () = arrived => {}
+                () = tokio::time::sleep_until(deadline) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        *lock(&self.last_fetch) = Some(Instant::now());
+        self.fetching.fetch_sub(1, Ordering::AcqRel);
+        if !out.is_empty() {
+            metrics::counter!("raftbridge_pull_fetched_total", "subscription" => self.name.clone()).increment(out.len() as u64);
+        }
+        out
+    }
+
+    fn take(&self, max: usize, out: &mut Vec<(String, Event)>) {
+        let mut held = lock(&self.held);
+        let mut leases = lock(&self.leases);
+        // Leases whose delivery ended (its ack deadline, the node's stop): nobody waits on them.
+        leases.retain(|_, tx| !tx.is_closed());
+        while out.len() < max {
+            let Some(h) = held.pop_front() else { break };
+            // Its run gave up (the ack deadline passed while it waited): not handed out.
+            if h.taken.send(()).is_err() || h.outcome.is_closed() {
+                continue;
+            }
+            let id = format!("{}-{:016x}{:016x}", self.node, fastrand::u64(..), fastrand::u64(..));
+            leases.insert(id.clone(), h.outcome);
+            out.push((id, h.event));
+        }
+    }
+
+    /// Answers the fetched events `ids`: an ack (`None`) or a nack with its reason. Returns the
+    /// ids this node holds no lease for (unknown, answered already, or past their ack
+    /// deadline: the event may go to another consumer).
+    pub fn answer(&self, ids: &[String], nack: Option<&str>) -> Vec<String> {
+        let mut unknown = Vec::new();
+        for id in ids {
+            let tx = lock(&self.leases).remove(id);
+            let outcome = match nack {
+                None => Ok(()),
+                Some(reason) => Err(HandlerError::new(500, format!("nacked by the client: {reason}"))),
+            };
+            if tx.is_none_or(|tx| tx.send(outcome).is_err()) {
+                unknown.push(id.clone());
+            }
+        }
+        unknown
+    }
+
+    /// Whether `id` names this node's lease (`<node>-...`).
+    pub fn node_of(id: &str) -> Option<u64> {
+        id.split_once('-').and_then(|(n, _)| n.parse().ok())
+    }
+
+    /// A delivery: held until a fetch takes it (`HOLD` at most, then handed back unserved),
+    /// then the client's answer.
+    async fn deliver(&self, event: Event) -> Outcome {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        let (taken_tx, taken_rx) = oneshot::channel();
+        let (outcome_tx, outcome_rx) = oneshot::channel();
+        lock(&self.held).push_back(Held { seq, event, taken: taken_tx, outcome: outcome_tx });
+        self.arrived.notify_waiters();
+        if tokio::time::timeout(HOLD, taken_rx).await.is_err() {
+            // Not taken in time, unless a fetch took it just now: it is in the queue or leased.
+            let mut held = lock(&self.held);
+            if let Some(at) = held.iter().position(|h| h.seq == seq) {
+                held.remove(at);
+                return Err(HandlerError::not_served(format!("no client fetched from pull subscription {} on this node within {} s", self.name, HOLD.as_secs())));
+            }
+        }
+        match outcome_rx.await {
+            Ok(outcome) => outcome,
+            // Its lease was dropped without an answer (cannot happen while the queue lives).
+            Err(_) => Err(HandlerError::new(503, "the pull subscription's lease was dropped")),
+        }
+    }
+}
+
+impl SubscriptionHandler for Arc<PullQueue> {
+    fn handle(&self, _ctx: Ctx, event: Event) -> BoxFuture<Result<Option<Emit>, HandlerError>> {
+        let queue = Arc::clone(self);
+        Box::pin(async move { queue.deliver(event).await.map(|()| None) })
+    }
+}
+
+/// This node's pull subscriptions, by name.
+#[derive(Default)]
+pub struct PullConsumers {
+    queues: HashMap<String, Arc<PullQueue>>,
+}
+
+impl PullConsumers {
+    pub fn new(names: impl IntoIterator<Item = String>, node: u64) -> PullConsumers {
+        PullConsumers { queues: names.into_iter().map(|n| (n.clone(), Arc::new(PullQueue::new(n, node)))).collect() }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<PullQueue>> {
+        self.queues.get(name)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.queues.is_empty()
+    }
+
+    /// Whether any client pulls from this node (its pull service's availability).
+    pub fn any_demand(&self) -> bool {
+        self.queues.values().any(|q| *q.demand.borrow())
+    }
+
+    /// Every second until `shutdown`: a subscription no client fetched from for `DEMAND_GRACE`
+    /// is no longer offered here.
+    pub async fn demand_loop(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut tick = crate::supervise::Ticker::new(Duration::from_secs(1), &shutdown);
+        while tick.next().await {
+            let now = Instant::now();
+            for q in self.queues.values() {
+                let wanted = q.wanted(now);
+                q.demand.send_if_modified(|d| std::mem::replace(d, wanted) != wanted);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(position: u64) -> Event {
+        Event { position, body: crate::broker::new_event("e", b"{}".to_vec(), &crate::sdk::MessageMeta::default(), None, None).body }
+    }
+
+    /// A held event goes to the fetch, and the delivery ends with the client's answer; one no
+    /// fetch takes within `HOLD` is handed back unserved (no attempt); an answer to an unknown
+    /// or answered id says so.
+    #[tokio::test(start_paused = true)]
+    async fn a_fetched_event_is_answered_by_its_client_and_an_unfetched_one_handed_back() {
+        let q = Arc::new(PullQueue::new("s".into(), 7));
+        let stop = CancellationToken::new();
+        let run = tokio::spawn({
+            let q = q.clone();
+            async move { q.deliver(event(1)).await }
+        });
+        let got = q.fetch(10, Duration::from_secs(1), &stop).await;
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].1.position, 1);
+        assert_eq!(PullQueue::node_of(&got[0].0), Some(7));
+        assert!(*q.demand().borrow(), "a fetch makes demand");
+        assert_eq!(q.answer(&[got[0].0.clone(), "7-nope".into()], None), vec!["7-nope".to_string()]);
+        assert_eq!(run.await.unwrap(), Ok(()));
+        assert_eq!(q.answer(&[got[0].0.clone()], None), vec![got[0].0.clone()], "answered once");
+
+        // A nack fails the delivery with the client's reason.
+        let run = tokio::spawn({
+            let q = q.clone();
+            async move { q.deliver(event(2)).await }
+        });
+        let got = q.fetch(10, Duration::from_secs(1), &stop).await;
+        assert!(q.answer(&[got[0].0.clone()], Some("bad input")).is_empty());
+        let e = run.await.unwrap().unwrap_err();
+        assert!(e.message.contains("bad input") && !e.is_not_served(), "{e:?}");
+
+        // Nobody fetches: handed back, not an attempt.
+        let e = q.deliver(event(3)).await.unwrap_err();
+        assert!(e.is_not_served(), "{e:?}");
+        assert!(lock(&q.held).is_empty());
+        // A fetch with nothing held waits its time, then answers empty.
+        let started = Instant::now();
+        assert!(q.fetch(10, Duration::from_secs(2), &stop).await.is_empty());
+        assert!(started.elapsed() >= Duration::from_secs(2));
+    }
+
+    /// `[pull]` declares one service's subscriptions with a queue each, defaults as documented;
+    /// a sidecar-only setting, a bad name or filter, and a name twice are refused.
+    #[test]
+    fn the_pull_section_declares_its_subscriptions() {
+        let cfg: PullConfig = toml::from_str("[[subscriptions]]\nname = \"jobs\"\nevent_name = \"jobQueued\"\nshared = false\n").unwrap();
+        let (parts, consumers) = cfg.parts(3).unwrap();
+        assert_eq!((parts.decl.name.as_str(), parts.decl.version), ("pull", 1));
+        let decl = &parts.decl.subscriptions[0];
+        assert_eq!((decl.name.as_str(), decl.filter.event_name.as_deref(), decl.shared, decl.durable), ("jobs", Some("jobQueued"), false, true));
+        assert_eq!((decl.ack_deadline_ms, decl.max_attempts, decl.max_in_flight), (ACK_DEADLINE_MS, 5, 64));
+        assert!(consumers.get("jobs").is_some() && parts.subscribers.contains_key("jobs"));
+        for bad in [
+            "[[subscriptions]]\nname = \"j\"\npath = \"/x\"\n",
+            "[[subscriptions]]\nname = \"j\"\nemit_event = \"x\"\n",
+            "[[subscriptions]]\nname = \"j\"\nservice = \"x\"\n",
+            "[[subscriptions]]\nname = \"j k\"\n",
+            "[[subscriptions]]\nname = \"j\"\nevent_name = \"\"\n",
+            "[[subscriptions]]\nname = \"j\"\n[[subscriptions]]\nname = \"j\"\n",
+            "service = \"a b\"\n[[subscriptions]]\nname = \"j\"\n",
+        ] {
+            let cfg: PullConfig = toml::from_str(bad).unwrap();
+            assert!(cfg.parts(1).is_err(), "{bad}");
+        }
+        assert!(toml::from_str::<PullConfig>("[[subscriptions]]\nname = \"j\"\nport = 1\n").is_err(), "unknown settings");
+    }
+
+    /// Demand lasts `DEMAND_GRACE` after the last fetch.
+    #[tokio::test(start_paused = true)]
+    async fn demand_ends_a_while_after_the_last_fetch() {
+        let pulls = Arc::new(PullConsumers::new(["s".to_string()], 1));
+        let stop = CancellationToken::new();
+        tokio::spawn(pulls.clone().demand_loop(stop.clone()));
+        assert!(!pulls.any_demand());
+        let q = pulls.get("s").unwrap().clone();
+        q.fetch(1, Duration::ZERO, &stop).await;
+        assert!(pulls.any_demand());
+        tokio::time::sleep(DEMAND_GRACE - Duration::from_secs(2)).await;
+        assert!(pulls.any_demand());
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        assert!(!pulls.any_demand(), "no fetch for longer than the grace");
+        stop.cancel();
+    }
+}
