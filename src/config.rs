@@ -646,6 +646,9 @@ impl NodeConfig {
             // write's retries are bounded in count for that.)
             return invalid("write-timeout-ms", "must be 100..=300000");
         }
+        if let Some(sub) = self.sidecar.iter().flat_map(|s| &s.subscriptions).find(|s| s.path.is_none()) {
+            return Err(ConfigError::Invalid { name: "sidecar", reason: format!("subscription {}: path is required (where its events are POSTed, starting with /)", sub.name) });
+        }
         if let Some(pull) = &self.pull {
             // Its declarations, as a service's are checked at start (names, filters, bounds).
             pull.parts(self.id).map_err(|e| ConfigError::Invalid { name: "pull", reason: e.to_string() })?;
@@ -1026,6 +1029,21 @@ mod tests {
         let cfg = args.resolve().unwrap();
         assert!(cfg.example_services);
         assert_eq!(cfg.sidecar, Some(sidecar));
+    }
+
+    /// A sidecar subscription needs its `path`, and `[pull]` is checked as its services are
+    /// (a pull subscription's ack deadline must leave room for its hold), at load, before the
+    /// node starts.
+    #[test]
+    fn sidecar_and_pull_subscriptions_are_checked_at_load() {
+        let resolve = |text: &str| NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), ..toml::from_str(text).unwrap() }.resolve();
+        let no_path = resolve("[sidecar]\nupstream = \"http://x:1\"\n[[sidecar.subscriptions]]\nname = \"s\"\n").unwrap_err();
+        assert!(no_path.to_string().contains("path is required"), "{no_path}");
+        let pull = resolve("[pull]\n[[pull.subscriptions]]\nname = \"jobs\"\n").unwrap().pull.unwrap();
+        assert_eq!((pull.service.as_str(), pull.version, pull.subscriptions[0].name.as_str()), ("pull", 1, "jobs"));
+        let short = resolve("[pull]\n[[pull.subscriptions]]\nname = \"jobs\"\nack_deadline_ms = 4000\n").unwrap_err();
+        assert!(short.to_string().contains("at least 10000"), "{short}");
+        assert!(resolve("[pull]\n[[pull.subscriptions]]\nname = \"jobs\"\npath = \"/x\"\n").is_err());
     }
 
     #[test]

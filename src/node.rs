@@ -420,11 +420,11 @@ pub async fn run(
         services.extend(parts);
     }
     // Pull subscriptions are offered while a client fetches from this node (`broker::pull`).
-    let mut pull_offer: Option<crate::sdk::ServiceDecl> = None;
+    let mut pull_offer: Vec<crate::sdk::ServiceDecl> = Vec::new();
     let pulls = match cfg.pull.as_ref().map(|p| p.parts(cfg.id)).transpose() {
         Ok(Some((parts, consumers))) => {
-            pull_offer = Some(parts.decl.clone());
-            services.push(parts);
+            pull_offer = parts.iter().map(|p| p.decl.clone()).collect();
+            services.extend(parts);
             Arc::new(consumers)
         }
         Ok(None) => Arc::new(crate::broker::pull::PullConsumers::default()),
@@ -533,8 +533,10 @@ pub async fn run(
     let offered_pulls = pulls.clone();
     let offering: Offering = Arc::new(move || {
         let mut decls = compiled.clone();
-        if let Some(pull) = &pull_offer {
-            decls.push(crate::sdk::ServiceDecl { available: offered_pulls.any_demand(), ..pull.clone() });
+        // Each pull subscription's own service: offered while a client fetches that one here.
+        for pull in &pull_offer {
+            let demanded = pull.subscriptions.iter().all(|s| offered_pulls.demanded(&s.name));
+            decls.push(crate::sdk::ServiceDecl { available: demanded, ..pull.clone() });
         }
         if let Some((sidecar_decls, healthy)) = &sidecar_offer {
             let up = *healthy.borrow();

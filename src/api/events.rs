@@ -487,7 +487,9 @@ pub async fn pull_fetch(app: &App, name: &str, query: Option<&str>) -> ApiResult
     };
     let wait = super::stores::parse_wait(&q)?.unwrap_or_default();
     let _slot = if wait.is_zero() { None } else { Some(app.long_polls.slot()?) };
-    let fetched = queue.fetch(max, wait, &app.long_polls.stop).await;
+    // An answer's payload as `GET /v1/events` bounds a page's; the rest stays held.
+    let max_bytes = MAX_READ_BYTES.min(app.settings.answers.total() / 4);
+    let fetched = queue.fetch(max, max_bytes, wait, &app.long_polls.stop).await;
     #[derive(serde::Serialize)]
     #[serde(rename_all = "camelCase")]
     struct Message<'a> {

@@ -52,6 +52,28 @@ pub const HOLD: Duration = Duration::from_secs(5);
 pub const DEMAND_GRACE: Duration = Duration::from_secs(30);
 /// Events one fetch takes at most.
 pub const MAX_FETCH: usize = 1_000;
+/// How long a fetch after a quiet spell waits at least, whatever its `wait`: the node's
+/// registration must say it is offered (a write, a few hundred ms) before events come.
+pub const COLD_WAIT: Duration = Duration::from_secs(3);
+
+/// A fetch under way, counted in `fetching` until it ends or is dropped (a client that went
+/// away mid-wait): a count left behind would keep the node offered for good.
+struct Fetching<'a>(&'a PullQueue);
+
+impl<'a> Fetching<'a> {
+    fn start(queue: &'a PullQueue) -> Fetching<'a> {
+        queue.fetching.fetch_add(1, Ordering::AcqRel);
+        *lock(&queue.last_fetch) = Some(Instant::now());
+        Fetching(queue)
+    }
+}
+
+impl Drop for Fetching<'_> {
+    fn drop(&mut self) {
+        *lock(&self.0.last_fetch) = Some(Instant::now());
+        self.0.fetching.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// The `[pull]` section of the config file: subscriptions this node consumes for clients that
 /// fetch over HTTP (`POST /v1/subscriptions/{name}/fetch`).
@@ -83,28 +105,46 @@ pub const ACK_DEADLINE_MS: u64 = 30_000;
 pub type PullSubscription = crate::sidecar::SubscriptionEntry;
 
 impl PullConfig {
-    /// The service that declares the subscriptions, with a queue for each as its handler;
-    /// checked as any service's declarations are (names, filters, bounds).
-    pub fn parts(&self, node: u64) -> Result<(crate::sdk::ServiceParts, PullConsumers), crate::sdk::builder::BuildError> {
-        let consumers = PullConsumers::new(self.subscriptions.iter().map(|s| s.name.clone()), node);
-        let mut service = crate::sdk::Service::new(&self.service, self.version);
+    /// One service per subscription (each named by the section's `service` and `version`),
+    /// with a queue as its handler, checked as any service's declarations are (names, filters,
+    /// bounds). One each: a service's registry entry says whether the node is offered for its
+    /// subscriptions, and a node is offered a pull subscription only while a client fetches
+    /// that one here (one fetched subscription must not bring the others' events here, to be
+    /// held and handed back).
+    pub fn parts(&self, node: u64) -> Result<(Vec<crate::sdk::ServiceParts>, PullConsumers), crate::sdk::builder::BuildError> {
+        let fail = |reason: String| crate::sdk::builder::BuildError::Service { service: self.service.clone(), version: self.version, reason };
+        let mut names = std::collections::HashSet::new();
+        let mut parts = Vec::with_capacity(self.subscriptions.len());
         for sub in &self.subscriptions {
             let sidecar_only = [("path", sub.path.is_some()), ("emit_event", sub.emit_event.is_some()), ("service", sub.service.is_some()), ("version", sub.version.is_some())];
             if let Some((field, _)) = sidecar_only.iter().find(|(_, given)| *given) {
-                return Err(crate::sdk::builder::BuildError::Service {
-                    service: self.service.clone(),
-                    version: self.version,
-                    reason: format!("pull subscription {}: `{field}` is a sidecar subscription's setting (a pull subscription's service is the [pull] section's)", sub.name),
-                });
+                return Err(fail(format!("pull subscription {}: `{field}` is a sidecar subscription's setting (a pull subscription's service is the [pull] section's)", sub.name)));
             }
-            // Two entries of one name: the builder refuses them below; the first queue stands.
-            let Some(queue) = consumers.get(&sub.name) else { continue };
-            let handler: Arc<dyn SubscriptionHandler> = Arc::new(queue.clone());
-            service = service.subscription((sub.decl(ACK_DEADLINE_MS), handler));
+            if !names.insert(sub.name.clone()) {
+                return Err(fail(format!("two pull subscriptions are named {}", sub.name)));
+            }
+            let decl = sub.decl(ACK_DEADLINE_MS);
+            // The hold comes out of the ack deadline: below twice it, an event no client took
+            // could pass its deadline while held, and fail an attempt nobody made.
+            if decl.ack_deadline_ms < MIN_ACK_DEADLINE_MS {
+                return Err(fail(format!("pull subscription {}: ack_deadline_ms must be at least {MIN_ACK_DEADLINE_MS} (twice the {} s an event waits for a fetch)", sub.name, HOLD.as_secs())));
+            }
+            parts.push((sub.name.clone(), decl));
         }
-        Ok((service.into_parts()?, consumers))
+        let consumers = PullConsumers::new(parts.iter().map(|(name, _)| name.clone()), node);
+        let mut out = Vec::with_capacity(parts.len());
+        for (name, decl) in parts {
+            // Just made from these names.
+            let Some(queue) = consumers.get(&name) else { continue };
+            let handler: Arc<dyn SubscriptionHandler> = Arc::new(queue.clone());
+            out.push(crate::sdk::Service::new(&self.service, self.version).subscription((decl, handler)).into_parts()?);
+        }
+        Ok((out, consumers))
     }
 }
+
+/// The shortest ack deadline a pull subscription may have: twice `HOLD`.
+pub const MIN_ACK_DEADLINE_MS: u64 = 2 * HOLD.as_millis() as u64;
 
 /// What a client's answer to a fetched event is.
 type Outcome = Result<(), HandlerError>;
@@ -165,19 +205,23 @@ impl PullQueue {
         self.fetching.load(Ordering::Acquire) > 0 || lock(&self.last_fetch).is_some_and(|at| now.saturating_duration_since(at) < DEMAND_GRACE)
     }
 
-    /// Takes up to `max` held events, waiting up to `wait` for the first (until `stop`); each
-    /// is leased under an ack id until the client answers it or its delivery ends.
-    pub async fn fetch(&self, max: usize, wait: Duration, stop: &CancellationToken) -> Vec<(String, Event)> {
-        self.fetching.fetch_add(1, Ordering::AcqRel);
-        *lock(&self.last_fetch) = Some(Instant::now());
+    /// Takes up to `max` held events (at most about `max_bytes` of payload, at least one),
+    /// waiting up to `wait` for the first (until `stop`); each is leased under an ack id until
+    /// the client answers it or its delivery ends. A fetch after a quiet spell (this node was
+    /// not offered the subscription) waits at least `COLD_WAIT`: the leader hands this node
+    /// events only once its registration says it is offered.
+    pub async fn fetch(&self, max: usize, max_bytes: usize, wait: Duration, stop: &CancellationToken) -> Vec<(String, Event)> {
+        let _fetching = Fetching::start(self);
+        let cold = !*self.demand.borrow();
         self.demand.send_if_modified(|d| !std::mem::replace(d, true));
+        let wait = if cold { wait.max(COLD_WAIT) } else { wait };
         let deadline = Instant::now() + wait;
         let mut out = Vec::new();
         // Bounded by the deadline: each pass takes what is held or waits for an arrival.
         loop {
             // Registered before looking, so that an event held right after the look wakes it.
             let arrived = self.arrived.notified();
-            self.take(max, &mut out);
+            self.take(max, max_bytes, &mut out);
             if !out.is_empty() || Instant::now() >= deadline {
                 break;
             }
@@ -187,25 +231,29 @@ impl PullQueue {
                 () = stop.cancelled() => break,
             }
         }
-        *lock(&self.last_fetch) = Some(Instant::now());
-        self.fetching.fetch_sub(1, Ordering::AcqRel);
         if !out.is_empty() {
             metrics::counter!("raftbridge_pull_fetched_total", "subscription" => self.name.clone()).increment(out.len() as u64);
         }
         out
     }
 
-    fn take(&self, max: usize, out: &mut Vec<(String, Event)>) {
+    fn take(&self, max: usize, max_bytes: usize, out: &mut Vec<(String, Event)>) {
         let mut held = lock(&self.held);
         let mut leases = lock(&self.leases);
         // Leases whose delivery ended (its ack deadline, the node's stop): nobody waits on them.
         leases.retain(|_, tx| !tx.is_closed());
+        let mut bytes = 0;
         while out.len() < max {
+            let Some(h) = held.front() else { break };
+            if !out.is_empty() && bytes + h.event.payload.len() > max_bytes {
+                break;
+            }
             let Some(h) = held.pop_front() else { break };
             // Its run gave up (the ack deadline passed while it waited): not handed out.
             if h.taken.send(()).is_err() || h.outcome.is_closed() {
                 continue;
             }
+            bytes += h.event.payload.len();
             let id = format!("{}-{:016x}{:016x}", self.node, fastrand::u64(..), fastrand::u64(..));
             leases.insert(id.clone(), h.outcome);
             out.push((id, h.event));
@@ -243,7 +291,10 @@ impl PullQueue {
         let (outcome_tx, outcome_rx) = oneshot::channel();
         lock(&self.held).push_back(Held { seq, event, taken: taken_tx, outcome: outcome_tx });
         self.arrived.notify_waiters();
-        if tokio::time::timeout(HOLD, taken_rx).await.is_err() {
+        let mut taken_rx = taken_rx;
+        // By reference: the receiver lives until the hold is decided under the lock below, so
+        // a fetch that takes the event meanwhile does not find its run gone and drop it.
+        if tokio::time::timeout(HOLD, &mut taken_rx).await.is_err() {
             // Not taken in time, unless a fetch took it just now: it is in the queue or leased.
             let mut held = lock(&self.held);
             if let Some(at) = held.iter().position(|h| h.seq == seq) {
@@ -285,9 +336,9 @@ impl PullConsumers {
         self.queues.is_empty()
     }
 
-    /// Whether any client pulls from this node (its pull service's availability).
-    pub fn any_demand(&self) -> bool {
-        self.queues.values().any(|q| *q.demand.borrow())
+    /// Whether a client pulls subscription `name` from this node (its service's availability).
+    pub fn demanded(&self, name: &str) -> bool {
+        self.queues.get(name).is_some_and(|q| *q.demand.borrow())
     }
 
     /// Every second until `shutdown`: a subscription no client fetched from for `DEMAND_GRACE`
@@ -297,8 +348,12 @@ impl PullConsumers {
         while tick.next().await {
             let now = Instant::now();
             for q in self.queues.values() {
-                let wanted = q.wanted(now);
-                q.demand.send_if_modified(|d| std::mem::replace(d, wanted) != wanted);
+                // Judged under the watch's lock: a fetch that starts meanwhile counts itself
+                // first and sets it after, so it is never turned off under a fetch.
+                q.demand.send_if_modified(|d| {
+                    let wanted = q.wanted(now);
+                    std::mem::replace(d, wanted) != wanted
+                });
             }
         }
     }
@@ -323,7 +378,7 @@ mod tests {
             let q = q.clone();
             async move { q.deliver(event(1)).await }
         });
-        let got = q.fetch(10, Duration::from_secs(1), &stop).await;
+        let got = q.fetch(10, usize::MAX, Duration::from_secs(1), &stop).await;
         assert_eq!(got.len(), 1);
         assert_eq!(got[0].1.position, 1);
         assert_eq!(PullQueue::node_of(&got[0].0), Some(7));
@@ -337,7 +392,7 @@ mod tests {
             let q = q.clone();
             async move { q.deliver(event(2)).await }
         });
-        let got = q.fetch(10, Duration::from_secs(1), &stop).await;
+        let got = q.fetch(10, usize::MAX, Duration::from_secs(1), &stop).await;
         assert!(q.answer(&[got[0].0.clone()], Some("bad input")).is_empty());
         let e = run.await.unwrap().unwrap_err();
         assert!(e.message.contains("bad input") && !e.is_not_served(), "{e:?}");
@@ -348,8 +403,43 @@ mod tests {
         assert!(lock(&q.held).is_empty());
         // A fetch with nothing held waits its time, then answers empty.
         let started = Instant::now();
-        assert!(q.fetch(10, Duration::from_secs(2), &stop).await.is_empty());
+        assert!(q.fetch(10, usize::MAX, Duration::from_secs(2), &stop).await.is_empty());
         assert!(started.elapsed() >= Duration::from_secs(2));
+    }
+
+    /// A fetch that is dropped while it waits (its client went away) stops counting as one; a
+    /// fetch takes events up to its byte bound (at least one) and leaves the rest held; a fetch
+    /// after a quiet spell waits at least `COLD_WAIT`.
+    #[tokio::test(start_paused = true)]
+    async fn a_dropped_fetch_ends_its_demand_and_a_fetch_is_bounded_in_bytes() {
+        let q = Arc::new(PullQueue::new("s".into(), 1));
+        let stop = CancellationToken::new();
+        let started = Instant::now();
+        assert!(q.fetch(1, usize::MAX, Duration::ZERO, &stop).await.is_empty());
+        assert!(started.elapsed() >= COLD_WAIT, "a cold fetch waits for the registration");
+        let dropped = tokio::time::timeout(Duration::from_secs(1), q.fetch(1, usize::MAX, Duration::from_secs(60), &stop)).await;
+        assert!(dropped.is_err());
+        assert_eq!(q.fetching.load(Ordering::Acquire), 0, "the dropped fetch no longer counts");
+        tokio::time::sleep(DEMAND_GRACE).await;
+        assert!(!q.wanted(Instant::now()));
+
+        let runs: Vec<_> = (1..=3)
+            .map(|p| {
+                let q = q.clone();
+                tokio::spawn(async move { q.deliver(event(p)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        // Each payload is 2 bytes (`{}`): a bound of 3 takes one, then the next fetch the rest.
+        let first = q.fetch(10, 3, Duration::from_secs(1), &stop).await;
+        assert_eq!(first.len(), 1);
+        let rest = q.fetch(10, usize::MAX, Duration::from_secs(1), &stop).await;
+        assert_eq!(rest.iter().map(|(_, e)| e.position).collect::<Vec<_>>(), [2, 3]);
+        let ids: Vec<String> = first.iter().chain(&rest).map(|(id, _)| id.clone()).collect();
+        assert!(q.answer(&ids, None).is_empty());
+        for run in runs {
+            assert_eq!(run.await.unwrap(), Ok(()));
+        }
     }
 
     /// `[pull]` declares one service's subscriptions with a queue each, defaults as documented;
@@ -358,6 +448,8 @@ mod tests {
     fn the_pull_section_declares_its_subscriptions() {
         let cfg: PullConfig = toml::from_str("[[subscriptions]]\nname = \"jobs\"\nevent_name = \"jobQueued\"\nshared = false\n").unwrap();
         let (parts, consumers) = cfg.parts(3).unwrap();
+        assert_eq!(parts.len(), 1, "a service per subscription");
+        let parts = &parts[0];
         assert_eq!((parts.decl.name.as_str(), parts.decl.version), ("pull", 1));
         let decl = &parts.decl.subscriptions[0];
         assert_eq!((decl.name.as_str(), decl.filter.event_name.as_deref(), decl.shared, decl.durable), ("jobs", Some("jobQueued"), false, true));
@@ -371,6 +463,7 @@ mod tests {
             "[[subscriptions]]\nname = \"j\"\nevent_name = \"\"\n",
             "[[subscriptions]]\nname = \"j\"\n[[subscriptions]]\nname = \"j\"\n",
             "service = \"a b\"\n[[subscriptions]]\nname = \"j\"\n",
+            "[[subscriptions]]\nname = \"j\"\nack_deadline_ms = 9999\n",
         ] {
             let cfg: PullConfig = toml::from_str(bad).unwrap();
             assert!(cfg.parts(1).is_err(), "{bad}");
@@ -384,14 +477,14 @@ mod tests {
         let pulls = Arc::new(PullConsumers::new(["s".to_string()], 1));
         let stop = CancellationToken::new();
         tokio::spawn(pulls.clone().demand_loop(stop.clone()));
-        assert!(!pulls.any_demand());
+        assert!(!pulls.demanded("s"));
         let q = pulls.get("s").unwrap().clone();
-        q.fetch(1, Duration::ZERO, &stop).await;
-        assert!(pulls.any_demand());
+        q.fetch(1, usize::MAX, Duration::ZERO, &stop).await;
+        assert!(pulls.demanded("s"));
         tokio::time::sleep(DEMAND_GRACE - Duration::from_secs(2)).await;
-        assert!(pulls.any_demand());
+        assert!(pulls.demanded("s"));
         tokio::time::sleep(Duration::from_secs(4)).await;
-        assert!(!pulls.any_demand(), "no fetch for longer than the grace");
+        assert!(!pulls.demanded("s"), "no fetch for longer than the grace");
         stop.cancel();
     }
 }

@@ -77,7 +77,11 @@ pub async fn run(
             }
         }
         let have = store.local().registry_entry(me).unwrap_or_default();
-        in_sync.store(want == have, std::sync::atomic::Ordering::SeqCst);
+        // In sync for readiness when only availability differs: a sidecar app's health or a
+        // pull subscription's clients coming and going must not take the node out of
+        // `/readyz` (its load balancer's rotation) while the change commits.
+        let same_but_available = want.len() == have.len() && want.iter().zip(&have).all(|(w, h)| crate::sdk::ServiceDecl { available: h.available, ..w.clone() } == *h);
+        in_sync.store(same_but_available, std::sync::atomic::Ordering::SeqCst);
         if want != have {
             // A subscription this node's build turned from shared to every-instance or back
             // starts the new way where the old one had come, not at the oldest retained event.

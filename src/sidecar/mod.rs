@@ -389,7 +389,7 @@ impl Sidecar {
             if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
                 return Err(SidecarError::Upstream {
                     url: cfg.upstream.clone(),
-                    reason: format!("subscription {}: path must start with /", sub.name),
+                    reason: format!("subscription {}: path is required and must start with /", sub.name),
                 });
             }
             let decl = sub.decl(SIDECAR_ACK_DEADLINE_MS);

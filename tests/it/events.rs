@@ -2687,7 +2687,7 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
             return Vec::new();
         }
         let config = dir.join(format!("n{id}-pull.toml"));
-        let toml = "[pull]\n[[pull.subscriptions]]\nname = \"pullJobs\"\nevent_name = \"job\"\nmax_attempts = 2\nack_deadline_ms = 4000\n";
+        let toml = "[pull]\n[[pull.subscriptions]]\nname = \"pullJobs\"\nevent_name = \"job\"\nmax_attempts = 2\nack_deadline_ms = 10000\n";
         fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
         vec!["--config".to_string(), config.display().to_string()]
     });
