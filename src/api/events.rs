@@ -383,6 +383,7 @@ fn summary_json(name: &str, s: &crate::raft::state_machine::SubSummary) -> serde
         "deadLetters": s.dead_letters,
         "instances": s.instances,
         "declaredBy": s.declared_by,
+        "offeredBy": s.offered_by,
     })
 }
 

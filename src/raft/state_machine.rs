@@ -390,11 +390,15 @@ pub struct SubSummary {
     /// Registered nodes whose services declare it (none: `DELETE /v1/subscriptions/{name}` may
     /// drop it).
     pub declared_by: Vec<NodeId>,
+    /// Those of them whose service is available now (the consumers events go to: a sidecar's
+    /// app passes its health check, a client fetches a pull subscription there).
+    pub offered_by: Vec<NodeId>,
 }
 
 /// `s`'s summary: counts, not copies of its sets (they may hold the whole retained log).
 fn summary(d: &SmData, name: &str, s: &SubState) -> SubSummary {
     let declared_by = d.declared_by(name);
+    let offered_by = d.registry_nodes(name, true);
     SubSummary {
         shared: s.decl.shared,
         durable: s.decl.durable,
@@ -404,6 +408,7 @@ fn summary(d: &SmData, name: &str, s: &SubState) -> SubSummary {
         dead_letters: s.dead.len(),
         instances: s.instances.clone(),
         declared_by,
+        offered_by,
     }
 }
 
@@ -713,11 +718,17 @@ impl SmData {
     /// would create it again on its next registration). A node removed from the cluster does not
     /// count: only its own registration clears its entry, which it can no longer make.
     fn declared_by(&self, name: &str) -> Vec<NodeId> {
+        self.registry_nodes(name, false)
+    }
+
+    /// Member nodes whose services declare subscription `name` (only available ones, if
+    /// `available`).
+    fn registry_nodes(&self, name: &str, available: bool) -> Vec<NodeId> {
         let members = self.last_membership.membership();
         self.registry
             .iter()
             .filter(|(node, _)| members.get_node(node).is_some())
-            .filter(|(_, services)| services.iter().flat_map(|s| &s.subscriptions).any(|x| x.name == name))
+            .filter(|(_, services)| services.iter().filter(|s| s.available || !available).flat_map(|s| &s.subscriptions).any(|x| x.name == name))
             .map(|(node, _)| *node)
             .collect()
     }

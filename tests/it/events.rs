@@ -2687,12 +2687,15 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
             return Vec::new();
         }
         let config = dir.join(format!("n{id}-pull.toml"));
-        let toml = "[pull]\n[[pull.subscriptions]]\nname = \"pullJobs\"\nevent_name = \"job\"\nmax_attempts = 2\nack_deadline_ms = 10000\n";
+        let toml = "[pull]\n[[pull.subscriptions]]\nname = \"pullJobs\"\nevent_name = \"job\"\nmax_attempts = 2\nack_deadline_ms = 10000\n\
+                    [[pull.subscriptions]]\nname = \"pullIdle\"\nevent_name = \"idleJob\"\n";
         fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
         vec!["--config".to_string(), config.display().to_string()]
     });
     c.wait_all_ready(FORMATION);
     wait_subscription(&c, &c.apis(), "pullJobs");
+    // Published before anyone pulls `pullIdle`: it waits for a client, not for its attempts.
+    let (_, idle_position) = c.wait_for("an idle job accepted", PROGRESS, || publish(c.api(3), "idleJob", &json!({"idle": 1}), &[]));
     let published: Vec<u64> = (0..20)
         .map(|n| c.wait_for("a job accepted", PROGRESS, || publish(c.api(1 + n % 3), "job", &json!({"n": n}), &[])).1)
         .collect();
@@ -2762,6 +2765,30 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
         let at = cursor(c.api(2), "pullJobs")?;
         if at > published[19] { Ok(()) } else { Err(format!("cursor {at}")) }
     });
+
+    // Only the subscription fetched, and only where it is fetched, is offered: `pullIdle`'s
+    // event was not handed out meanwhile (no attempt, no dead letter, its cursor before it).
+    let offered = |sub: &str| -> Result<(Value, Value), String> {
+        let v = get_json(c.api(3), &format!("/v1/subscriptions/{sub}"))?;
+        Ok((v["declaredBy"].clone(), v["offeredBy"].clone()))
+    };
+    assert_eq!(offered("pullJobs").unwrap(), (json!([1, 2]), json!([1])));
+    assert_eq!(offered("pullIdle").unwrap(), (json!([1, 2]), json!([])));
+    let idle = get_json(c.api(1), "/v1/subscriptions/pullIdle").unwrap();
+    assert!(idle["cursor"].as_u64().is_some_and(|at| at <= idle_position) && idle["retrying"] == 0 && idle["deadLetters"] == 0, "{idle}");
+    // A client that pulls it on node 2 gets it there (a cold fetch waits for the registration).
+    let got = c.wait_for("the idle job fetched from node 2", DELIVERY, || {
+        let resp = post(c.api(2), "/v1/subscriptions/pullIdle/fetch?wait=5s", &json!(null));
+        let messages = resp.json()?["messages"].as_array().cloned().ok_or_else(|| resp.describe())?;
+        messages.into_iter().next().ok_or_else(|| "nothing yet".to_string())
+    });
+    assert_eq!((got["position"].as_u64(), &got["event"]["payload"]), (Some(idle_position), &json!({"idle": 1})), "{got}");
+    c.wait_for("node 2 offering pullIdle on node 3's copy", PROGRESS, || match offered("pullIdle")?.1 {
+        v if v == json!([2]) => Ok(()),
+        v => Err(format!("offered by {v}")),
+    });
+    let ack = post(c.api(2), "/v1/subscriptions/pullIdle/ack", &json!({"ackIds": [got["ackId"]]}));
+    assert_eq!(ack.json().unwrap()["acked"], 1, "{}", ack.describe());
 
     // Answers to ids this node holds no lease for, a node without the subscription, bad input.
     let a = answer("ack", &["1-0000".to_string(), "2-0000".to_string()], None);
