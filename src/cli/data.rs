@@ -145,6 +145,42 @@ pub enum EventsCmd {
         #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..=1000))]
         page_size: u64,
     },
+    /// Fetch events of a pull subscription (`[pull]` in the node's config) from the node, one
+    /// `{"ackId","position","event"}` a line; answer them on the same node with `events ack` or
+    /// `events nack` (or --ack here, once printed: then at most once for the reader).
+    Fetch {
+        #[command(flatten)]
+        target: Target,
+        subscription: String,
+        /// Events to take at most (1 to 1000).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        max: u64,
+        /// How long to wait for the first when the node holds none (such as 5s; at most 5m).
+        #[arg(long, default_value = "5s")]
+        wait: String,
+        /// Ack what was printed.
+        #[arg(long)]
+        ack: bool,
+    },
+    /// Ack fetched events by their ack ids: each is settled. Prints `{"acked","unknown"}`.
+    Ack {
+        #[command(flatten)]
+        target: Target,
+        subscription: String,
+        #[arg(required = true)]
+        ack_ids: Vec<String>,
+    },
+    /// Nack fetched events by their ack ids: each attempt fails (with --reason), and the event
+    /// comes again after its backoff or goes to the dead letters. Prints `{"nacked","unknown"}`.
+    Nack {
+        #[command(flatten)]
+        target: Target,
+        subscription: String,
+        #[arg(required = true)]
+        ack_ids: Vec<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 /// A connection to the target and the headers every call sends.
@@ -358,6 +394,49 @@ async fn events_inner(cmd: EventsCmd) -> anyhow::Result<()> {
             }
             print_line(String::from_utf8_lossy(&resp.body).trim())
         }
+        EventsCmd::Fetch { target, subscription, max, wait, ack } => {
+            let wait_for = crate::config::parse_duration(&wait).map_err(|_| anyhow::anyhow!("--wait must be a duration such as 5s or 500ms"))?;
+            let mut client = Client::new(&target)?;
+            let path = format!("/v1/subscriptions/{}/fetch?max={max}&wait={}ms", percent_encode(&subscription), wait_for.as_millis());
+            // The node waits up to `wait` (at least its cold start's 3 s) before it answers.
+            let resp = client.call(http::Method::POST, &path, Bytes::new(), CALL_TIMEOUT + wait_for, &[]).await?;
+            if !resp.is_success() {
+                return Err(failed(&resp));
+            }
+            #[derive(serde::Deserialize)]
+            struct Fetched<'a> {
+                #[serde(borrow)]
+                messages: Vec<&'a serde_json::value::RawValue>,
+            }
+            #[derive(serde::Deserialize)]
+            #[serde(rename_all = "camelCase")]
+            struct Id {
+                ack_id: String,
+            }
+            let fetched: Fetched<'_> = serde_json::from_slice(&resp.body).context("the answer is not a fetch's")?;
+            let mut ids = Vec::with_capacity(fetched.messages.len());
+            for m in &fetched.messages {
+                print_line(m.get())?;
+                ids.push(serde_json::from_str::<Id>(m.get()).context("a message without its ackId")?.ack_id);
+            }
+            if ack && !ids.is_empty() {
+                let body = Bytes::from(serde_json::to_vec(&serde_json::json!({ "ackIds": ids }))?);
+                let path = format!("/v1/subscriptions/{}/ack", percent_encode(&subscription));
+                let resp = client.call(http::Method::POST, &path, body, CALL_TIMEOUT, &[]).await?;
+                if !resp.is_success() {
+                    return Err(failed(&resp));
+                }
+            }
+            Ok(())
+        }
+        EventsCmd::Ack { target, subscription, ack_ids } => pull_answer(&target, &subscription, "ack", serde_json::json!({ "ackIds": ack_ids })).await,
+        EventsCmd::Nack { target, subscription, ack_ids, reason } => {
+            let mut body = serde_json::json!({ "ackIds": ack_ids });
+            if let Some(reason) = reason {
+                body["reason"] = serde_json::json!(reason);
+            }
+            pull_answer(&target, &subscription, "nack", body).await
+        }
         EventsCmd::Tail { target, after, event_name, follow, max, page_size } => {
             let mut client = Client::new(&target)?;
             let (mut after, mut printed, mut failures) = (after, 0u64, 0u32);
@@ -415,3 +494,15 @@ async fn events_inner(cmd: EventsCmd) -> anyhow::Result<()> {
         }
     }
 }
+
+/// `events ack` and `events nack`: the node's answer, printed.
+async fn pull_answer(target: &Target, subscription: &str, what: &str, body: serde_json::Value) -> anyhow::Result<()> {
+    let mut client = Client::new(target)?;
+    let path = format!("/v1/subscriptions/{}/{what}", percent_encode(subscription));
+    let resp = client.call(http::Method::POST, &path, Bytes::from(serde_json::to_vec(&body)?), CALL_TIMEOUT, &[]).await?;
+    if !resp.is_success() {
+        return Err(failed(&resp));
+    }
+    print_line(String::from_utf8_lossy(&resp.body).trim())
+}
+

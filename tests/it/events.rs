@@ -2790,6 +2790,38 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     let ack = post(c.api(2), "/v1/subscriptions/pullIdle/ack", &json!({"ackIds": [got["ackId"]]}));
     assert_eq!(ack.json().unwrap()["acked"], 1, "{}", ack.describe());
 
+    // The same from a shell: `raftbridge events fetch`, then `ack` or `nack` on that node.
+    let node1 = c.api(1).addr.to_string();
+    let cli = |name: &str, args: &[&str]| -> (bool, String) {
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--http-addr", &node1]);
+        let ok = c.run_cli(name, &full, Duration::from_secs(60)).success();
+        (ok, fs::read_to_string(c.dir().join(format!("{name}.cli.log"))).expect("the command's output"))
+    };
+    let mut by_cli = Vec::new();
+    for n in [100, 101] {
+        let (_, position) = c.wait_for("a job accepted", PROGRESS, || publish(c.api(2), "job", &json!({"n": n}), &[]));
+        let (id, line) = c.wait_for(&format!("job {n} fetched by the CLI"), DELIVERY, || {
+            let (ok, out) = cli(&format!("fetch{n}"), &["events", "fetch", "--max", "5", "--wait", "5s", "pullJobs"]);
+            if !ok {
+                return Err(out);
+            }
+            let line = out.lines().next().ok_or("nothing fetched yet")?;
+            let m: Value = serde_json::from_str(line).map_err(|e| format!("{e}: {out}"))?;
+            Ok((m["ackId"].as_str().ok_or_else(|| out.clone())?.to_string(), m))
+        });
+        assert_eq!((line["position"].as_u64(), &line["event"]["payload"]), (Some(position), &json!({"n": n})), "{line}");
+        by_cli.push((position, id));
+    }
+    let (ok, out) = cli("ack", &["events", "ack", "pullJobs", &by_cli[0].1]);
+    assert!(ok && serde_json::from_str::<Value>(out.trim()).ok() == Some(json!({"acked": 1, "unknown": []})), "{out}");
+    let (ok, out) = cli("nack", &["events", "nack", "--reason", "from a shell", "pullJobs", &by_cli[1].1]);
+    assert!(ok && out.contains(r#""nacked":1"#), "{out}");
+    c.wait_for("the CLI's ack settling its job", DELIVERY, || {
+        let v = get_json(c.api(1), "/v1/subscriptions/pullJobs")?;
+        if v["cursor"].as_u64().is_some_and(|at| at > by_cli[0].0) { Ok(()) } else { Err(format!("{v}")) }
+    });
+
     // Answers to ids this node holds no lease for, a node without the subscription, bad input.
     let a = answer("ack", &["1-0000".to_string(), "2-0000".to_string()], None);
     assert_eq!(a["acked"], 0, "{a}");
