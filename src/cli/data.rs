@@ -147,7 +147,9 @@ pub enum EventsCmd {
     },
     /// Fetch events of a pull subscription (`[pull]` in the node's config) from the node, one
     /// `{"ackId","position","event"}` a line; answer them on the same node with `events ack` or
-    /// `events nack` (or --ack here, once printed: then at most once for the reader).
+    /// `events nack` (or --ack here, once all are printed: an ack that comes after an ack
+    /// deadline finds its lease gone, and the command then fails naming those ids, which are
+    /// delivered again).
     Fetch {
         #[command(flatten)]
         target: Target,
@@ -156,8 +158,8 @@ pub enum EventsCmd {
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
         max: u64,
         /// How long to wait for the first when the node holds none (such as 5s; at most 5m).
-        #[arg(long, default_value = "5s")]
-        wait: String,
+        #[arg(long, default_value = "5s", value_parser = parse_wait)]
+        wait: Duration,
         /// Ack what was printed.
         #[arg(long)]
         ack: bool,
@@ -394,8 +396,7 @@ async fn events_inner(cmd: EventsCmd) -> anyhow::Result<()> {
             }
             print_line(String::from_utf8_lossy(&resp.body).trim())
         }
-        EventsCmd::Fetch { target, subscription, max, wait, ack } => {
-            let wait_for = crate::config::parse_duration(&wait).map_err(|_| anyhow::anyhow!("--wait must be a duration such as 5s or 500ms"))?;
+        EventsCmd::Fetch { target, subscription, max, wait: wait_for, ack } => {
             let mut client = Client::new(&target)?;
             let path = format!("/v1/subscriptions/{}/fetch?max={max}&wait={}ms", percent_encode(&subscription), wait_for.as_millis());
             // The node waits up to `wait` (at least its cold start's 3 s) before it answers.
@@ -425,6 +426,10 @@ async fn events_inner(cmd: EventsCmd) -> anyhow::Result<()> {
                 let resp = client.call(http::Method::POST, &path, body, CALL_TIMEOUT, &[]).await?;
                 if !resp.is_success() {
                     return Err(failed(&resp));
+                }
+                let answer: serde_json::Value = serde_json::from_slice(&resp.body).context("the ack's answer is not JSON")?;
+                if let Some(unknown) = answer["unknown"].as_array().filter(|u| !u.is_empty()) {
+                    anyhow::bail!("{} of the events printed were not acked (their ack deadline passed: they are delivered again): {}", unknown.len(), serde_json::Value::Array(unknown.clone()));
                 }
             }
             Ok(())
@@ -504,5 +509,10 @@ async fn pull_answer(target: &Target, subscription: &str, what: &str, body: serd
         return Err(failed(&resp));
     }
     print_line(String::from_utf8_lossy(&resp.body).trim())
+}
+
+/// `events fetch --wait`: a duration the node takes (at most 5 minutes, as it caps a wait).
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    crate::config::parse_duration(text).map(|d| d.min(Duration::from_secs(300))).map_err(|_| "a duration such as 5s or 500ms".to_string())
 }
 
