@@ -1082,7 +1082,21 @@ impl Cluster {
             }
             let probes = resolved.addrs.iter().map(|seed| {
                 let net = self.replica.net.clone();
-                async move { (seed.clone(), net.request_addr(seed, &PeerRequest::Status, Duration::from_secs(1)).await) }
+                async move {
+                    let probe = || net.request_addr(seed, &PeerRequest::Status, Duration::from_secs(1));
+                    // Once more after a moment: two nodes that dial each other at once keep one
+                    // link and close the other (`peer`'s tie-break), and a probe on the closed
+                    // one failed. A seed missed so in two rounds in a row left a founder out of
+                    // the plan (voters 1, 3, 4 where 1, 2, 3 were meant).
+                    let answer = match probe().await {
+                        Err(e) if !matches!(e, PeerError::SelfDial { .. }) => {
+                            tokio::time::sleep(PROBE_AGAIN).await;
+                            probe().await
+                        }
+                        answer => answer,
+                    };
+                    (seed.clone(), answer)
+                }
             });
             let results = futures_util::future::join_all(probes).await;
             let mut fresh: BTreeMap<NodeId, String> = BTreeMap::from([(me, self.replica.net.advertise().to_string())]);
@@ -1180,6 +1194,9 @@ impl Cluster {
         }
     }
 }
+
+/// How long a bootstrap round waits before it probes a seed that failed once again.
+const PROBE_AGAIN: Duration = Duration::from_millis(100);
 
 /// A bootstrap plan (the uninitialized nodes this one, the lowest id among them, would form the
 /// cluster with) is carried out only when two rounds in a row made the same one. Two nodes whose
