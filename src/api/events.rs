@@ -476,7 +476,7 @@ fn pull_queue<'a>(app: &'a App, name: &str) -> Result<&'a std::sync::Arc<crate::
 /// to answer it by; with `wait` (at most 5 minutes), waits that long for the first when none is
 /// held, then answers what it has (maybe nothing). A fetch is what makes this node offer the
 /// subscription (for `pull::DEMAND_GRACE` after it), so a client that fetches in a loop keeps
-/// its events coming here. It holds one of the node's long polls while it waits, and ends at
+/// its events coming here. It holds one of the node's long polls while it runs, and ends at
 /// the drain.
 pub async fn pull_fetch(app: &App, name: &str, query: Option<&str>) -> ApiResult {
     let queue = pull_queue(app, name)?;
@@ -487,7 +487,8 @@ pub async fn pull_fetch(app: &App, name: &str, query: Option<&str>) -> ApiResult
         Some(_) => return Err(ApiError::BadRequest("max must be a whole number from 1".into())),
     };
     let wait = super::stores::parse_wait(&q)?.unwrap_or_default();
-    let _slot = if wait.is_zero() { None } else { Some(app.long_polls.slot()?) };
+    // Also without `wait`: a fetch after a quiet spell waits (`pull::COLD_WAIT`).
+    let _slot = app.long_polls.slot()?;
     // An answer's payload as `GET /v1/events` bounds a page's; the rest stays held.
     let max_bytes = MAX_READ_BYTES.min(app.settings.answers.total() / 4);
     let fetched = queue.fetch(max, max_bytes, wait, &app.long_polls.stop).await;

@@ -577,13 +577,6 @@ impl Dispatcher {
         // An every-instance subscription runs on every node: its writes and emits are tagged per
         // node too, or the first node's would stand for all of them (`tagged` dedups on the key).
         let scope = tag_scope(sub, s.shared, self.node_id);
-        let ack_deadline = consumer_deadline(s.ack_deadline, self.sm.sub_ack_deadline_ms(sub));
-        let deadline = tokio::time::Instant::now() + ack_deadline;
-        let ctx = Ctx::new(delivery_meta(&scope, &source), self.node_id, self.broker.store().clone())
-            .with_broker(self.broker.clone(), s.service.clone())
-            .with_invoker(self.calls.get().cloned(), deadline);
-        // Only the status of a failure matters here, and its text goes into the replicated
-        // progress and the dead letters: cut to `MAX_REASON`.
         // The handler and the publish of an event it returns share the ack deadline: the leader
         // waits for the outcome only that long (plus `DELIVERY_GRACE`), and an emit past it
         // (publish backpressure, a slow commit) made a remote batch's whole answer late, every
@@ -592,7 +585,15 @@ impl Dispatcher {
         // The shorter of ours and the replicated one, which the leader redelivers after: nodes
         // may declare a subscription with different deadlines (a rolling change of it, sidecar
         // configs that differ), the last to register sets the replicated one, and a longer one
-        // here let the handler run on beside the redelivery to another consumer.
+        // here let the handler run on beside the redelivery to another consumer. Commands the
+        // handler calls (`Ctx::invoke`) get no more than what is left of it.
+        let ack_deadline = consumer_deadline(s.ack_deadline, self.sm.sub_ack_deadline_ms(sub));
+        let deadline = tokio::time::Instant::now() + ack_deadline;
+        let ctx = Ctx::new(delivery_meta(&scope, &source), self.node_id, self.broker.store().clone())
+            .with_broker(self.broker.clone(), s.service.clone())
+            .with_invoker(self.calls.get().cloned(), deadline);
+        // Only the status of a failure matters here, and its text goes into the replicated
+        // progress and the dead letters: cut to `MAX_REASON`.
         let passed = |what: &str| HandlerError::new(504, format!("ack deadline of {} ms passed {what}", ack_deadline.as_millis()));
         let out = tokio::time::timeout_at(deadline, s.handler.handle(ctx, event)).await;
         // Recorded once the handler had the event: one that refused it did not.

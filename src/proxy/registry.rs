@@ -80,7 +80,8 @@ pub async fn run(
         // In sync for readiness when only availability differs: a sidecar app's health or a
         // pull subscription's clients coming and going must not take the node out of
         // `/readyz` (its load balancer's rotation) while the change commits.
-        let same_but_available = want.len() == have.len() && want.iter().zip(&have).all(|(w, h)| crate::sdk::ServiceDecl { available: h.available, ..w.clone() } == *h);
+        let same_but_available = want.len() == have.len()
+            && want.iter().zip(&have).all(|(w, h)| (&w.name, w.version, &w.commands, &w.subscriptions) == (&h.name, h.version, &h.commands, &h.subscriptions));
         in_sync.store(same_but_available, std::sync::atomic::Ordering::SeqCst);
         if want != have {
             // A subscription this node's build turned from shared to every-instance or back

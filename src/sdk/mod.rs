@@ -440,12 +440,13 @@ impl Ctx {
         // their places. Named by everything the callee's key record compares (parameters and
         // payload): a re-run that calls with other content makes another call.
         let version = call.version.to_string();
-        let mut parts: Vec<&[u8]> = vec![b"invoke", call.service.as_bytes(), version.as_bytes(), call.command.as_bytes()];
-        let lengths: Vec<[u8; 8]> = call.params.iter().flat_map(|(n, v)| [(n.len() as u64).to_le_bytes(), (v.len() as u64).to_le_bytes()]).collect();
-        for ((name, value), lens) in call.params.iter().zip(lengths.chunks(2)) {
-            parts.extend([&lens[0][..], name.as_bytes(), &lens[1][..], value.as_bytes()]);
+        // Parameters length-prefixed: `a=bc` and `ab=c` are other calls.
+        let mut params = Vec::new();
+        for text in call.params.iter().flat_map(|(name, value)| [name, value]) {
+            params.extend_from_slice(&(text.len() as u64).to_le_bytes());
+            params.extend_from_slice(text.as_bytes());
         }
-        parts.push(&call.payload);
+        let parts: [&[u8]; 6] = [b"invoke", call.service.as_bytes(), version.as_bytes(), call.command.as_bytes(), &params, &call.payload];
         let key = next_tag(self.state.dedup.as_ref(), &parts)?.map(|(k, seq)| crate::broker::internal_key(format_args!("{k}#invoke{seq}")));
         let now = tokio::time::Instant::now();
         let mut left = self.deadline.map_or(Duration::MAX, |d| d.saturating_duration_since(now));

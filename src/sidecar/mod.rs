@@ -735,7 +735,8 @@ impl Forward {
         // A client's key as it sent it; the key of a call from a handler (`Ctx::invoke`, made
         // from the caller's, with characters no header carries) percent-encoded: the same on a
         // re-run, so the app can deduplicate by it too.
-        let app_key = m.idempotency_key.as_deref().map(|k| if http::HeaderValue::from_str(k).is_ok() { k.to_string() } else { crate::proxy::routing::percent_encode(k) });
+        let app_key: Option<std::borrow::Cow<'_, str>> =
+            m.idempotency_key.as_deref().map(|k| if http::HeaderValue::from_str(k).is_ok() { k.into() } else { crate::proxy::routing::percent_encode(k).into() });
         // The client's own headers first (`proxy::headers::from_client` left out those below),
         // then the message fields the node checked; a body without a type goes as JSON.
         let mut headers = http::HeaderMap::new();
