@@ -521,6 +521,7 @@ pub async fn run(
         proxy: proxy.clone(),
         dispatcher: dispatcher.clone(),
         broker: broker.clone(),
+        pulls: pulls.clone(),
         snapshots: snapshots.clone(),
         appends: appends.clone(),
         unproven,
@@ -975,6 +976,8 @@ struct PeerHandler {
     proxy: Arc<Proxy>,
     dispatcher: Arc<Dispatcher>,
     broker: Arc<Broker>,
+    /// This node's pull subscriptions, for clients' answers another node forwards.
+    pulls: Arc<crate::broker::pull::PullConsumers>,
     snapshots: Arc<Snapshots>,
     /// AppendEntries in arrival order per leader (pipelined replication, `raft::network`).
     appends: Arc<AppendLanes>,
@@ -1266,6 +1269,7 @@ impl Handler for PeerHandler {
         let proxy = self.proxy.clone();
         let dispatcher = self.dispatcher.clone();
         let broker = self.broker.clone();
+        let pulls = self.pulls.clone();
         let unproven = self.unproven.clone();
         let seen_commit = self.seen_commit.clone();
         let log = self.log.clone();
@@ -1320,6 +1324,10 @@ impl Handler for PeerHandler {
                     .await
                     .map_or_else(PeerResponse::Error, |()| PeerResponse::Done),
                 PeerRequest::Found { members } => found(&replica, &log, &unproven, &raft_seen, from, members).await,
+                PeerRequest::PullAnswer { sub, ids, nack } => match pulls.answer_forwarded(&sub, &ids, nack) {
+                    Ok(unknown) => PeerResponse::PullAnswered { unknown },
+                    Err(why) => PeerResponse::Error(RemoteError::Invalid(why)),
+                },
             }
         })
     }

@@ -513,17 +513,16 @@ struct PullAnswer {
     reason: Option<String>,
 }
 
-/// A nack's reason, at most this many bytes.
-const MAX_NACK_REASON: usize = 1024;
-
 /// `POST /v1/subscriptions/{name}/ack` and `/nack`: `{"ackIds":[..]}` (a nack may add
-/// `"reason"`), on the node the events were fetched from. An ack settles each event; a nack
-/// fails its attempt, and it is delivered again after its backoff (or dead-lettered after its
-/// attempts). 200 `{"acked"|"nacked": n, "unknown": [ids]}`: `unknown` are ids this node
-/// holds no lease for (answered already, past their ack deadline and maybe delivered again,
-/// or fetched from another node, which the id names first: `<node>-...`).
+/// `"reason"`), on any node. An ack settles each event; a nack fails its attempt, and it is
+/// delivered again after its backoff (or dead-lettered after its attempts). An id names the
+/// node it was fetched from (`<node>-...`), which holds its lease: ids of other nodes are
+/// forwarded there over the peer link, each node's at once. 200 `{"acked"|"nacked": n,
+/// "unknown": [ids]}`: `unknown` are ids no node holds a lease for (answered already, or past
+/// their ack deadline and maybe delivered again), and those whose node could not be asked, which
+/// `message` then names. 404 only when this node has no such subscription and every id names it.
 pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incoming>) -> ApiResult {
-    let queue = pull_queue(app, name)?;
+    check_subscription(name)?;
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
     let answer: PullAnswer = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("an answer is {{\"ackIds\":[..]}}: {e}")))?;
     drop(body);
@@ -533,14 +532,72 @@ pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incomin
     if !nack && answer.reason.is_some() {
         return Err(ApiError::BadRequest("an ack takes no reason (a nack does)".into()));
     }
-    let mut reason = answer.reason.unwrap_or_else(|| "no reason given".into());
-    crate::sdk::truncate_utf8(&mut reason, MAX_NACK_REASON);
-    let unknown = queue.answer(&answer.ack_ids, nack.then_some(reason.as_str()));
-    let done = answer.ack_ids.len() - unknown.len();
+    let reason = nack.then(|| {
+        let mut reason = answer.reason.unwrap_or_else(|| "no reason given".into());
+        crate::sdk::truncate_utf8(&mut reason, crate::broker::pull::MAX_NACK_REASON);
+        reason
+    });
+    let me = app.replica.id();
+    let total = answer.ack_ids.len();
+    let (mut here, mut elsewhere) = (Vec::new(), std::collections::BTreeMap::<u64, Vec<String>>::new());
+    for id in answer.ack_ids {
+        match crate::broker::pull::PullQueue::node_of(&id) {
+            Some(node) if node != me => elsewhere.entry(node).or_default().push(id),
+            _ => here.push(id),
+        }
+    }
+    // Without the subscription here, ids naming this node are unknown: 404 when all do.
+    let queue = if elsewhere.is_empty() { Some(pull_queue(app, name)?) } else { app.pulls.get(name) };
+    let mut unknown = match queue {
+        Some(queue) => queue.answer(&here, reason.as_deref()),
+        None => here,
+    };
+    let forwards = elsewhere.into_iter().map(|(node, ids)| forward_answer(app, node, name, ids, reason.clone()));
+    let mut unreached = Vec::new();
+    for (ids, result) in futures_util::future::join_all(forwards).await {
+        match result {
+            Ok(theirs) => unknown.extend(theirs),
+            Err(why) => {
+                unknown.extend(ids);
+                unreached.push(why);
+            }
+        }
+    }
+    let done = total - unknown.len();
     let mut body = serde_json::json!({ if nack { "nacked" } else { "acked" }: done, "unknown": unknown });
-    let elsewhere: Vec<u64> = unknown.iter().filter_map(|id| crate::broker::pull::PullQueue::node_of(id)).filter(|n| *n != app.replica.id()).collect();
-    if let Some(node) = elsewhere.first() {
-        body["message"] = serde_json::json!(format!("some ids were fetched from node {node}: answer them there"));
+    if !unreached.is_empty() {
+        body["message"] = serde_json::json!(format!("answer again later: {}", unreached.join("; ")));
     }
     Ok(json_response(StatusCode::OK, &body))
+}
+
+/// How long a forwarded answer may take, reaching the node included.
+const FORWARD_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Sends `ids` (fetched from `node`) to `node`, which holds their leases: the ids, with those
+/// it holds no lease for, or why it could not be asked (its ids then count as unknown).
+async fn forward_answer(app: &App, node: u64, sub: &str, ids: Vec<String>, nack: Option<String>) -> (Vec<String>, Result<Vec<String>, String>) {
+    use crate::peer::message::PeerRequest;
+    use crate::peer::message::PeerResponse;
+    let net = &app.replica.net;
+    let asked = async {
+        let link = net.link(node).await.map_err(|e| format!("node {node} could not be reached ({e})"))?;
+        if link.features() & crate::peer::frame::features::PULL_FORWARD == 0 {
+            return Err(format!("node {node} runs an older build, which takes answers only from its own clients: answer there"));
+        }
+        let req = PeerRequest::PullAnswer { sub: sub.to_string(), ids: ids.clone(), nack };
+        match link.call(&req, FORWARD_ANSWER_TIMEOUT).await {
+            Ok(PeerResponse::PullAnswered { unknown }) => Ok(unknown),
+            Ok(PeerResponse::Error(e)) => Err(format!("node {node}: {e}")),
+            Ok(other) => Err(format!("node {node} answered {}", crate::raft::response_name(&other))),
+            Err(e) => Err(format!("node {node}: {e}")),
+        }
+    };
+    let result = tokio::time::timeout(FORWARD_ANSWER_TIMEOUT, asked)
+        .await
+        .unwrap_or_else(|_| Err(format!("node {node} did not answer within {} s", FORWARD_ANSWER_TIMEOUT.as_secs())));
+    if let Err(why) = &result {
+        tracing::warn!(node, subscription = sub, ids = ids.len(), cause = %why, "a client's answer to a pull subscription could not be forwarded");
+    }
+    (ids, result)
 }

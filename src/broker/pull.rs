@@ -17,8 +17,9 @@
 //! pulls from. The ack deadline runs from when the leader handed the event to this node, as for
 //! any consumer: at most `HOLD` of it passes before a fetch takes the event.
 //!
-//! Ack ids name this node (`<node>-<random>`): a client acks on the node it fetched from (its
-//! keep-alive connection stays there). Every queue is bounded: what the dispatcher hands this
+//! Ack ids name this node (`<node>-<random>`): a client's answer may reach any node (behind
+//! DNS, a new connection may land elsewhere), and that node forwards each id to the node it
+//! names over the peer link (`PeerRequest::PullAnswer`), which holds the lease. Every queue is bounded: what the dispatcher hands this
 //! node is bounded by `max_in_flight`, and the leases by what was handed (a lease whose
 //! delivery ended, by its ack deadline or the node's stop, is forgotten at the next fetch).
 
@@ -50,8 +51,10 @@ use crate::sdk::SubscriptionHandler;
 pub const HOLD: Duration = Duration::from_secs(5);
 /// How long after a client's last fetch this node still offers the subscription.
 pub const DEMAND_GRACE: Duration = Duration::from_secs(30);
-/// Events one fetch takes at most.
+/// Events one fetch takes at most (and ids one answer names).
 pub const MAX_FETCH: usize = 1_000;
+/// A nack's reason, at most this many bytes (cut at a character boundary).
+pub const MAX_NACK_REASON: usize = 1024;
 /// How long a fetch after a quiet spell waits at least, whatever its `wait`: the node's
 /// registration must say it is offered (a write, a few hundred ms) before events come.
 pub const COLD_WAIT: Duration = Duration::from_secs(3);
@@ -334,6 +337,21 @@ impl PullConsumers {
 
     pub fn is_empty(&self) -> bool {
         self.queues.is_empty()
+    }
+
+    /// Answers `ids` of subscription `sub` for a client whose answer reached another node, which
+    /// forwarded it here (`PeerRequest::PullAnswer`): the ids this node holds no lease for, or
+    /// why it answered none.
+    pub fn answer_forwarded(&self, sub: &str, ids: &[String], nack: Option<String>) -> Result<Vec<String>, String> {
+        if ids.len() > MAX_FETCH {
+            return Err(format!("an answer names at most {MAX_FETCH} ids, not {}", ids.len()));
+        }
+        let queue = self.get(sub).ok_or_else(|| format!("this node consumes no pull subscription {sub}"))?;
+        let reason = nack.map(|mut r| {
+            crate::sdk::truncate_utf8(&mut r, MAX_NACK_REASON);
+            r
+        });
+        Ok(queue.answer(ids, reason.as_deref()))
     }
 
     /// Whether a client pulls subscription `name` from this node (its service's availability).

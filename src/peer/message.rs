@@ -62,6 +62,11 @@ pub enum PeerRequest {
     /// `Invoke` with the client's request headers for a sidecar's app, answered with
     /// `InvokedWith`. Only to peers that announced `features::APP_HEADERS`.
     InvokeWith { inv: crate::sdk::Invocation, headers: crate::sdk::HeaderList },
+    /// A client's answer to events it fetched from this node's pull subscription `sub`, sent
+    /// to another node (a client's ack may land on any node): an ack, or a nack with its
+    /// reason. Answered with `PullAnswered`. Only to peers that announced
+    /// `features::PULL_FORWARD`.
+    PullAnswer { sub: String, ids: Vec<String>, nack: Option<String> },
 }
 
 impl PeerRequest {
@@ -98,6 +103,7 @@ impl PeerRequest {
             PeerRequest::Found { .. } => "found",
             PeerRequest::AwaitDelivery { .. } => "await_delivery",
             PeerRequest::InvokeWith { .. } => "invoke",
+            PeerRequest::PullAnswer { .. } => "pull_answer",
         }
     }
 }
@@ -133,6 +139,8 @@ pub enum PeerResponse {
     /// The answer to `InvokeWith`: what the handler answered, and the headers of a sidecar
     /// app's answer (of the `Output` or the `HandlerError`, whichever it is).
     InvokedWith { answer: Result<crate::sdk::Output, crate::sdk::HandlerError>, headers: crate::sdk::HeaderList },
+    /// The answer to `PullAnswer`: the ids the node holds no lease for.
+    PullAnswered { unknown: Vec<String> },
 }
 
 /// What a consumer says of one event of a `DeliverBatch` in `DeliveredEach`.

@@ -629,6 +629,7 @@ pub fn response_name(r: &PeerResponse) -> &'static str {
         PeerResponse::DeliveredEach { .. } => "DeliveredEach",
         PeerResponse::DeliveredSome(_) => "DeliveredSome",
         PeerResponse::InvokedWith { .. } => "InvokedWith",
+        PeerResponse::PullAnswered { .. } => "PullAnswered",
     }
 }
 

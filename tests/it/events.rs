@@ -2790,11 +2790,13 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     let ack = post(c.api(2), "/v1/subscriptions/pullIdle/ack", &json!({"ackIds": [got["ackId"]]}));
     assert_eq!(ack.json().unwrap()["acked"], 1, "{}", ack.describe());
 
-    // The same from a shell: `raftbridge events fetch`, then `ack` or `nack` on that node.
-    let node1 = c.api(1).addr.to_string();
-    let cli = |name: &str, args: &[&str]| -> (bool, String) {
+    // The same from a shell: `raftbridge events fetch` from node 1, then `ack` on node 3
+    // (which consumes no pull subscription) or `nack` on node 2: each forwards its answer to
+    // node 1, which holds the leases.
+    let cli_on = |node: u64, name: &str, args: &[&str]| -> (bool, String) {
+        let addr = c.api(node).addr.to_string();
         let mut full = args.to_vec();
-        full.extend_from_slice(&["--http-addr", &node1]);
+        full.extend_from_slice(&["--http-addr", &addr]);
         let ok = c.run_cli(name, &full, Duration::from_secs(60)).success();
         (ok, fs::read_to_string(c.dir().join(format!("{name}.cli.log"))).expect("the command's output"))
     };
@@ -2803,7 +2805,7 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     for (n, answer_it) in [(100, ["events", "ack", "pullJobs"]), (101, ["events", "nack", "pullJobs"])] {
         let (_, position) = c.wait_for("a job accepted", PROGRESS, || publish(c.api(2), "job", &json!({"n": n}), &[]));
         let (id, line) = c.wait_for(&format!("job {n} fetched by the CLI"), DELIVERY, || {
-            let (ok, out) = cli(&format!("fetch{n}"), &["events", "fetch", "--max", "5", "--wait", "5s", "pullJobs"]);
+            let (ok, out) = cli_on(1, &format!("fetch{n}"), &["events", "fetch", "--max", "5", "--wait", "5s", "pullJobs"]);
             if !ok {
                 return Err(out);
             }
@@ -2817,7 +2819,7 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
             args.extend(["--reason", "from a shell"]);
         }
         args.push(&id);
-        let (ok, out) = cli(answer_it[1], &args);
+        let (ok, out) = cli_on(if n == 100 { 3 } else { 2 }, answer_it[1], &args);
         let want = if n == 100 { json!({"acked": 1, "unknown": []}) } else { json!({"nacked": 1, "unknown": []}) };
         assert!(ok && serde_json::from_str::<Value>(out.trim()).ok() == Some(want), "{out}");
         by_cli.push((position, id));
@@ -2827,11 +2829,21 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
         if v["cursor"].as_u64().is_some_and(|at| at > by_cli[0].0) { Ok(()) } else { Err(format!("{v}")) }
     });
 
-    // Answers to ids this node holds no lease for, a node without the subscription, bad input.
+    c.wait_for("the CLI's nack counted on its job", DELIVERY, || {
+        let v = get_json(c.api(2), "/v1/subscriptions/pullJobs")?;
+        if v["retrying"].as_u64() == Some(1) { Ok(()) } else { Err(format!("{v}")) }
+    });
+
+    // Answers to ids no node holds a lease for (node 2 is asked for its id: no message), to a
+    // node that is not there (named), a node without the subscription, bad input.
     let a = answer("ack", &["1-0000".to_string(), "2-0000".to_string()], None);
-    assert_eq!(a["acked"], 0, "{a}");
-    assert_eq!(a["unknown"].as_array().map(Vec::len), Some(2), "{a}");
-    assert!(a["message"].as_str().is_some_and(|m| m.contains("node 2")), "{a}");
+    assert_eq!((a["acked"].as_u64(), a["unknown"].as_array().map(Vec::len)), (Some(0), Some(2)), "{a}");
+    assert!(a.get("message").is_none(), "{a}");
+    let a = answer("nack", &["9-0000".to_string()], None);
+    assert_eq!((a["nacked"].as_u64(), a["unknown"].as_array().map(Vec::len)), (Some(0), Some(1)), "{a}");
+    assert!(a["message"].as_str().is_some_and(|m| m.contains("node 9")), "{a}");
+    let none = post(c.api(3), "/v1/subscriptions/pullJobs/ack", &json!({"ackIds": ["3-0000"]}));
+    assert_eq!(none.status, 404, "{}", none.describe());
     let none = post(c.api(3), "/v1/subscriptions/pullJobs/fetch", &json!(null));
     assert_eq!(none.status, 404, "{}", none.describe());
     for (path, body, status) in [
