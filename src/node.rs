@@ -592,7 +592,7 @@ pub async fn run(
         api_tokens: cfg.api_tokens.clone(),
         api_read_token: cfg.api_read_token.clone(),
         long_polls: api::stores::LongPolls::new(),
-        pulls,
+        pulls: pulls.clone(),
         snapshot_downloads: Arc::new(tokio::sync::Semaphore::new(1)),
     });
     let http_stop = run_stop.child_token();
@@ -640,6 +640,7 @@ pub async fn run(
     // change, stop accepting and finish in-flight requests, hand Raft leadership over, stop.
     info!("shutting down: readyz 503, leaving the registry, draining HTTP, handing over leadership");
     proxy.set_draining();
+    pulls.hand_back();
     registry_stop.cancel();
     let _ = registry_task.await;
     tokio::time::sleep(Duration::from_millis(cfg.drain_delay_ms)).await;
@@ -653,8 +654,13 @@ pub async fn run(
     // own: they still need the broker. They get what is left of the shutdown grace, as their
     // connections would have had, and at least `IN_FLIGHT_GRACE`.
     let grace = Duration::from_millis(cfg.shutdown_grace_ms).saturating_sub(http_drain.elapsed()).max(IN_FLIGHT_GRACE);
-    if !proxy.commands_finished(grace).await {
+    // Pull clients answer what they fetched here meanwhile, on any node (the links serve on).
+    let (finished, answered) = tokio::join!(proxy.commands_finished(grace), pulls.answered(grace));
+    if !finished {
         warn!(?grace, "commands still running at shutdown; they may stop part-way");
+    }
+    if !answered {
+        warn!(?grace, "pull subscription events fetched here and not answered at shutdown; they are delivered again");
     }
     if !core_failure {
         hand_over_leadership(&replica).await;

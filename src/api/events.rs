@@ -519,8 +519,9 @@ struct PullAnswer {
 /// node it was fetched from (`<node>-...`), which holds its lease: ids of other nodes are
 /// forwarded there over the peer link, each node's at once. 200 `{"acked"|"nacked": n,
 /// "unknown": [ids]}`: `unknown` are ids no node holds a lease for (answered already, or past
-/// their ack deadline and maybe delivered again), and those whose node could not be asked, which
-/// `message` then names. 404 only when this node has no such subscription and every id names it.
+/// their ack deadline and maybe delivered again), and those whose node could not be asked or is
+/// no member, which `message` then names. 404 when this node has no such subscription and no
+/// id names another member, or no member asked has it either.
 pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incoming>) -> ApiResult {
     check_subscription(name)?;
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
@@ -552,52 +553,91 @@ pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incomin
         Some(queue) => queue.answer(&here, reason.as_deref()),
         None => here,
     };
-    let forwards = elsewhere.into_iter().map(|(node, ids)| forward_answer(app, node, name, ids, reason.clone()));
-    let mut unreached = Vec::new();
+    // Ids naming no member are unknown without asking (a client cannot make this node dial).
+    let (members, strangers): (Vec<_>, Vec<_>) = elsewhere.into_iter().partition(|(node, _)| app.cluster.is_member(*node));
+    let mut notes: Vec<String> = strangers.iter().map(|(node, _)| format!("node {node} is not a member of this cluster")).collect();
+    unknown.extend(strangers.into_iter().flat_map(|(_, ids)| ids));
+    let mut done = total - unknown.len() - members.iter().map(|(_, ids)| ids.len()).sum::<usize>();
+    let (mut asked, mut lacking) = (0, 0);
+    let forwards = members.into_iter().map(|(node, ids)| forward_answer(app, node, name, ids, reason.clone()));
     for (ids, result) in futures_util::future::join_all(forwards).await {
+        asked += 1;
         match result {
-            Ok(theirs) => unknown.extend(theirs),
-            Err(why) => {
+            Ok(theirs) => {
+                // Only ids it was sent count (a peer's answer is not taken on trust).
+                let sent: std::collections::HashSet<&String> = ids.iter().collect();
+                let theirs: Vec<String> = theirs.into_iter().filter(|id| sent.contains(id)).collect();
+                done += ids.len().saturating_sub(theirs.len());
+                unknown.extend(theirs);
+            }
+            Err(unasked) => {
+                lacking += usize::from(matches!(unasked, Unasked::NoSubscription(_)));
+                notes.push(unasked.to_string());
                 unknown.extend(ids);
-                unreached.push(why);
             }
         }
     }
-    let done = total - unknown.len();
+    // No node asked has it either: the name is wrong, as a 404 says.
+    if queue.is_none() && asked > 0 && lacking == asked {
+        pull_queue(app, name)?;
+    }
     let mut body = serde_json::json!({ if nack { "nacked" } else { "acked" }: done, "unknown": unknown });
-    if !unreached.is_empty() {
-        body["message"] = serde_json::json!(format!("answer again later: {}", unreached.join("; ")));
+    if !notes.is_empty() {
+        let more = notes.len().saturating_sub(MAX_NOTES);
+        notes.truncate(MAX_NOTES);
+        if more > 0 {
+            notes.push(format!("{more} more nodes"));
+        }
+        body["message"] = serde_json::json!(notes.join("; "));
     }
     Ok(json_response(StatusCode::OK, &body))
 }
 
 /// How long a forwarded answer may take, reaching the node included.
 const FORWARD_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Nodes a `message` names at most.
+const MAX_NOTES: usize = 5;
 
-/// Sends `ids` (fetched from `node`) to `node`, which holds their leases: the ids, with those
-/// it holds no lease for, or why it could not be asked (its ids then count as unknown).
-async fn forward_answer(app: &App, node: u64, sub: &str, ids: Vec<String>, nack: Option<String>) -> (Vec<String>, Result<Vec<String>, String>) {
+/// Why a node's ids were not answered there: they count as unknown.
+#[derive(Debug, thiserror::Error)]
+enum Unasked {
+    #[error("node {0} could not be asked ({1}): answer its ids again later")]
+    Unreached(u64, String),
+    #[error("node {0} runs an older build, which takes answers only from its own clients: answer its ids there")]
+    Older(u64),
+    #[error("node {0} has no such pull subscription")]
+    NoSubscription(u64),
+    #[error("node {0}: {1}")]
+    Refused(u64, crate::peer::message::RemoteError),
+}
+
+/// Sends `ids` (fetched from member `node`) to `node`, which holds their leases: the ids, with
+/// those it holds no lease for, or why it was not asked.
+async fn forward_answer(app: &App, node: u64, sub: &str, ids: Vec<String>, nack: Option<String>) -> (Vec<String>, Result<Vec<String>, Unasked>) {
     use crate::peer::message::PeerRequest;
     use crate::peer::message::PeerResponse;
+    use crate::peer::message::RemoteError;
     let net = &app.replica.net;
     let asked = async {
-        let link = net.link(node).await.map_err(|e| format!("node {node} could not be reached ({e})"))?;
+        let link = net.link(node).await.map_err(|e| Unasked::Unreached(node, e.to_string()))?;
         if link.features() & crate::peer::frame::features::PULL_FORWARD == 0 {
-            return Err(format!("node {node} runs an older build, which takes answers only from its own clients: answer there"));
+            return Err(Unasked::Older(node));
         }
         let req = PeerRequest::PullAnswer { sub: sub.to_string(), ids: ids.clone(), nack };
         match link.call(&req, FORWARD_ANSWER_TIMEOUT).await {
             Ok(PeerResponse::PullAnswered { unknown }) => Ok(unknown),
-            Ok(PeerResponse::Error(e)) => Err(format!("node {node}: {e}")),
-            Ok(other) => Err(format!("node {node} answered {}", crate::raft::response_name(&other))),
-            Err(e) => Err(format!("node {node}: {e}")),
+            Ok(PeerResponse::Error(RemoteError::Invalid(why))) if why.starts_with(crate::broker::pull::NO_SUCH_PULL) => Err(Unasked::NoSubscription(node)),
+            Ok(PeerResponse::Error(e)) => Err(Unasked::Refused(node, e)),
+            Ok(other) => Err(Unasked::Unreached(node, format!("it answered {}", crate::raft::response_name(&other)))),
+            Err(e) => Err(Unasked::Unreached(node, e.to_string())),
         }
     };
     let result = tokio::time::timeout(FORWARD_ANSWER_TIMEOUT, asked)
         .await
-        .unwrap_or_else(|_| Err(format!("node {node} did not answer within {} s", FORWARD_ANSWER_TIMEOUT.as_secs())));
+        .unwrap_or_else(|_| Err(Unasked::Unreached(node, format!("no answer within {} s", FORWARD_ANSWER_TIMEOUT.as_secs()))));
     if let Err(why) = &result {
-        tracing::warn!(node, subscription = sub, ids = ids.len(), cause = %why, "a client's answer to a pull subscription could not be forwarded");
+        // Debug: a member that is down would log once per client answer; the client is told.
+        tracing::debug!(node, subscription = sub, ids = ids.len(), cause = %why, "a client's answer to a pull subscription was not forwarded");
     }
     (ids, result)
 }

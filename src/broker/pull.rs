@@ -53,6 +53,9 @@ pub const HOLD: Duration = Duration::from_secs(5);
 pub const DEMAND_GRACE: Duration = Duration::from_secs(30);
 /// Events one fetch takes at most (and ids one answer names).
 pub const MAX_FETCH: usize = 1_000;
+/// How a node that has no such pull subscription refuses a forwarded answer (its sender
+/// tells that apart from a node it could not reach).
+pub const NO_SUCH_PULL: &str = "this node consumes no pull subscription";
 /// A nack's reason, at most this many bytes (cut at a character boundary).
 pub const MAX_NACK_REASON: usize = 1024;
 /// How long a fetch after a quiet spell waits at least, whatever its `wait`: the node's
@@ -174,6 +177,8 @@ pub struct PullQueue {
     arrived: Notify,
     /// Fetched events by ack id, until acked, nacked or their run ended.
     leases: Mutex<HashMap<String, oneshot::Sender<Outcome>>>,
+    /// Set once by `hand_back` when the node drains: nothing is held after.
+    draining: std::sync::atomic::AtomicBool,
     seq: AtomicU64,
     /// Fetches waiting now.
     fetching: AtomicUsize,
@@ -192,6 +197,7 @@ impl PullQueue {
             held: Mutex::new(VecDeque::new()),
             arrived: Notify::new(),
             leases: Mutex::new(HashMap::new()),
+            draining: std::sync::atomic::AtomicBool::new(false),
             seq: AtomicU64::new(0),
             fetching: AtomicUsize::new(0),
             last_fetch: Mutex::new(None),
@@ -281,6 +287,25 @@ impl PullQueue {
         unknown
     }
 
+    fn drained(&self) -> HandlerError {
+        HandlerError::not_served(format!("this node is stopping: it hands pull subscription {}'s events to others", self.name))
+    }
+
+    /// The node drains: every held event is handed back unfetched (no attempt; it goes to a
+    /// node that is not stopping), and so is each one handed to it from now on. Fetched events
+    /// stay leased until their clients answer (`PullConsumers::answered`).
+    fn hand_back(&self) {
+        let mut held = lock(&self.held);
+        self.draining.store(true, Ordering::Release);
+        // Dropping each wakes its run, which answers "not served".
+        held.clear();
+    }
+
+    /// Leases whose client has not answered and whose delivery still waits.
+    fn open_leases(&self) -> usize {
+        lock(&self.leases).values().filter(|tx| !tx.is_closed()).count()
+    }
+
     /// Whether `id` names this node's lease (`<node>-...`).
     pub fn node_of(id: &str) -> Option<u64> {
         id.split_once('-').and_then(|(n, _)| n.parse().ok())
@@ -292,17 +317,30 @@ impl PullQueue {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let (taken_tx, taken_rx) = oneshot::channel();
         let (outcome_tx, outcome_rx) = oneshot::channel();
-        lock(&self.held).push_back(Held { seq, event, taken: taken_tx, outcome: outcome_tx });
+        {
+            // Judged under the lock `hand_back` takes: an event comes in before it (and is
+            // handed back by it) or is refused here, never held past it.
+            let mut held = lock(&self.held);
+            if self.draining.load(Ordering::Acquire) {
+                return Err(self.drained());
+            }
+            held.push_back(Held { seq, event, taken: taken_tx, outcome: outcome_tx });
+        }
         self.arrived.notify_waiters();
         let mut taken_rx = taken_rx;
         // By reference: the receiver lives until the hold is decided under the lock below, so
         // a fetch that takes the event meanwhile does not find its run gone and drop it.
-        if tokio::time::timeout(HOLD, &mut taken_rx).await.is_err() {
-            // Not taken in time, unless a fetch took it just now: it is in the queue or leased.
-            let mut held = lock(&self.held);
-            if let Some(at) = held.iter().position(|h| h.seq == seq) {
-                held.remove(at);
-                return Err(HandlerError::not_served(format!("no client fetched from pull subscription {} on this node within {} s", self.name, HOLD.as_secs())));
+        match tokio::time::timeout(HOLD, &mut taken_rx).await {
+            Ok(Ok(())) => {}
+            // `hand_back` dropped it unfetched.
+            Ok(Err(_)) => return Err(self.drained()),
+            Err(_) => {
+                // Not taken in time, unless a fetch took it just now: it is in the queue or leased.
+                let mut held = lock(&self.held);
+                if let Some(at) = held.iter().position(|h| h.seq == seq) {
+                    held.remove(at);
+                    return Err(HandlerError::not_served(format!("no client fetched from pull subscription {} on this node within {} s", self.name, HOLD.as_secs())));
+                }
             }
         }
         match outcome_rx.await {
@@ -346,12 +384,38 @@ impl PullConsumers {
         if ids.len() > MAX_FETCH {
             return Err(format!("an answer names at most {MAX_FETCH} ids, not {}", ids.len()));
         }
-        let queue = self.get(sub).ok_or_else(|| format!("this node consumes no pull subscription {sub}"))?;
+        let queue = self.get(sub).ok_or_else(|| format!("{NO_SUCH_PULL} {sub}"))?;
         let reason = nack.map(|mut r| {
             crate::sdk::truncate_utf8(&mut r, MAX_NACK_REASON);
             r
         });
         Ok(queue.answer(ids, reason.as_deref()))
+    }
+
+    /// The node drains: held events go back unfetched (to be handed to other nodes), and no
+    /// more are held (`PullQueue::hand_back`).
+    pub fn hand_back(&self) {
+        for q in self.queues.values() {
+            q.hand_back();
+        }
+    }
+
+    /// Waits up to `grace` for the clients of every fetched event to answer (on any node: the
+    /// others forward theirs, `answer_forwarded`, as long as the peer links serve). Whether
+    /// they all did; what is left is cut off with the node's stop, not counted as an attempt,
+    /// and delivered again.
+    pub async fn answered(&self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
+        // Bounded by the deadline; leases are few (`max_in_flight` per subscription).
+        loop {
+            if self.queues.values().all(|q| q.open_leases() == 0) {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep_until(deadline.min(Instant::now() + Duration::from_millis(50))).await;
+        }
     }
 
     /// Whether a client pulls subscription `name` from this node (its service's availability).
@@ -504,5 +568,62 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(4)).await;
         assert!(!pulls.demanded("s"), "no fetch for longer than the grace");
         stop.cancel();
+    }
+
+    /// At the drain: a held event goes back at once (not served: no attempt), so does one
+    /// handed to the node after; a fetched one stays leased until its client answers, here or
+    /// forwarded from another node (`answer_forwarded`), which `answered` waits for up to its
+    /// grace; one nobody answers leaves `answered` false at the grace's end.
+    #[tokio::test(start_paused = true)]
+    async fn a_drain_hands_back_what_is_held_and_waits_for_fetched_events_answers() {
+        let pulls = Arc::new(PullConsumers::new(["s".to_string()], 4));
+        let q = pulls.get("s").unwrap().clone();
+        let stop = CancellationToken::new();
+        let runs: Vec<_> = (1..=3)
+            .map(|p| {
+                let q = q.clone();
+                tokio::spawn(async move { q.deliver(event(p)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        let fetched = q.fetch(2, usize::MAX, Duration::from_secs(1), &stop).await;
+        assert_eq!(fetched.len(), 2);
+        let started = Instant::now();
+        pulls.hand_back();
+        let mut runs = runs.into_iter();
+        let (first, second, held) = (runs.next().unwrap(), runs.next().unwrap(), runs.next().unwrap());
+        let e = held.await.unwrap().unwrap_err();
+        assert!(e.is_not_served() && started.elapsed() < HOLD, "handed back at once: {e:?}");
+        let e = q.deliver(event(4)).await.unwrap_err();
+        assert!(e.is_not_served(), "nothing held while draining: {e:?}");
+
+        let waiting = tokio::spawn({
+            let pulls = pulls.clone();
+            async move { pulls.answered(Duration::from_secs(10)).await }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!waiting.is_finished(), "two leases open");
+        assert_eq!(pulls.answer_forwarded("s", std::slice::from_ref(&fetched[0].0), None), Ok(Vec::new()));
+        assert_eq!(first.await.unwrap(), Ok(()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!waiting.is_finished(), "one lease open");
+        assert!(q.answer(std::slice::from_ref(&fetched[1].0), Some("no")).is_empty());
+        assert!(waiting.await.unwrap(), "every fetched event answered");
+        assert!(second.await.unwrap().is_err());
+
+        // A lease nobody answers: `answered` gives up at its grace.
+        assert!(pulls.answer_forwarded("x", &[], None).is_err(), "no such subscription");
+        let pulls = Arc::new(PullConsumers::new(["s".to_string()], 4));
+        let q = pulls.get("s").unwrap().clone();
+        let run = tokio::spawn({
+            let q = q.clone();
+            async move { q.deliver(event(5)).await }
+        });
+        assert_eq!(q.fetch(1, usize::MAX, Duration::from_secs(1), &stop).await.len(), 1);
+        pulls.hand_back();
+        let started = Instant::now();
+        assert!(!pulls.answered(Duration::from_secs(3)).await);
+        assert!(started.elapsed() >= Duration::from_secs(3));
+        run.abort();
     }
 }

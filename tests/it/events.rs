@@ -2844,6 +2844,8 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     assert!(a["message"].as_str().is_some_and(|m| m.contains("node 9")), "{a}");
     let none = post(c.api(3), "/v1/subscriptions/pullJobs/ack", &json!({"ackIds": ["3-0000"]}));
     assert_eq!(none.status, 404, "{}", none.describe());
+    let nowhere = post(c.api(1), "/v1/subscriptions/pullNone/ack", &json!({"ackIds": ["2-0000"]}));
+    assert_eq!(nowhere.status, 404, "no member asked has it: {}", nowhere.describe());
     let none = post(c.api(3), "/v1/subscriptions/pullJobs/fetch", &json!(null));
     assert_eq!(none.status, 404, "{}", none.describe());
     for (path, body, status) in [
@@ -2858,4 +2860,55 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     }
     let get = c.api(1).request("GET", "/v1/subscriptions/pullJobs/fetch", &[], b"").expect("GET");
     assert_eq!(get.status, 405, "{}", get.describe());
+
+    // A node that drains waits for its clients' answers to what they fetched there: job 200,
+    // fetched from node 1 and answered on node 2 while node 1 stops, is settled (everything
+    // else fetched meanwhile, the CLI's nacked job again among them, is acked at once).
+    let (_, last) = c.wait_for("a job accepted", PROGRESS, || publish(c.api(2), "job", &json!({"n": 200}), &[]));
+    let kept = c.wait_for("job 200 fetched from node 1", DELIVERY, || {
+        let mut kept = None;
+        let mut others = Vec::new();
+        for m in fetch(c.api(1))? {
+            let id = m["ackId"].as_str().ok_or("no ackId")?.to_string();
+            if m["event"]["payload"]["n"] == 200 { kept = Some(id) } else { others.push(id) }
+        }
+        if !others.is_empty() {
+            answer("ack", &others, None);
+        }
+        kept.ok_or_else(|| "not yet".to_string())
+    });
+    let (node1, node2) = (c.api(1).addr, c.api(2));
+    std::thread::scope(|scope| {
+        let stopping = scope.spawn(|| c.terminate(1));
+        // Until its HTTP listener is closed (it answers 503 for a moment before): its client
+        // cannot answer there now, and without the wait the node would stop at once. Not
+        // `c.wait_until`: it looks at every node's process, which `terminate` holds.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while http::request(node1, "GET", "/readyz", &[], b"", Duration::from_secs(1)).is_ok() {
+            assert!(std::time::Instant::now() < deadline, "node 1 did not start draining within 20 s");
+            thread::sleep(Duration::from_millis(20));
+        }
+        // The client works on its job for 4 s: longer than a node's 3 s for the peer requests
+        // it serves at its stop (a leader's ask for the job's outcome among them), well within
+        // the 10 s shutdown grace that the wait for pull clients' answers has.
+        thread::sleep(Duration::from_secs(4));
+        let a = post(node2, "/v1/subscriptions/pullJobs/ack", &json!({"ackIds": [kept]}));
+        assert_eq!(a.json().unwrap(), json!({"acked": 1, "unknown": []}), "{}", a.describe());
+        stopping.join().expect("node 1 stopped");
+    });
+    // A client on node 2 takes what is left (the CLI's nacked job, handed back by the drain if
+    // it was held there), never job 200 again: once all is acked the cursor passes it.
+    c.wait_for("every job settled, job 200 by its answer during the drain", DELIVERY, || {
+        let mut others = Vec::new();
+        for m in fetch(c.api(2))? {
+            assert_ne!(m["event"]["payload"]["n"], 200, "job 200 was delivered again: {m}");
+            others.push(m["ackId"].as_str().ok_or("no ackId")?.to_string());
+        }
+        if !others.is_empty() {
+            let a = post(c.api(2), "/v1/subscriptions/pullJobs/ack", &json!({ "ackIds": others }));
+            assert_eq!(a.status, 200, "{}", a.describe());
+        }
+        let at = cursor(c.api(2), "pullJobs")?;
+        if at > last { Ok(()) } else { Err(format!("cursor {at}, job 200 at {last}")) }
+    });
 }
