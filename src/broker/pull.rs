@@ -449,6 +449,19 @@ mod tests {
         Event { position, body: crate::broker::new_event("e", b"{}".to_vec(), &crate::sdk::MessageMeta::default(), None, None).body }
     }
 
+    /// Hands `q` an event at each of `positions`, each in a run of its own (as the dispatcher
+    /// does); returns once all are held.
+    async fn deliver_each(q: &Arc<PullQueue>, positions: std::ops::RangeInclusive<u64>) -> Vec<tokio::task::JoinHandle<Outcome>> {
+        let runs = positions
+            .map(|p| {
+                let q = q.clone();
+                tokio::spawn(async move { q.deliver(event(p)).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        runs
+    }
+
     /// A held event goes to the fetch, and the delivery ends with the client's answer; one no
     /// fetch takes within `HOLD` is handed back unserved (no attempt); an answer to an unknown
     /// or answered id says so.
@@ -505,13 +518,7 @@ mod tests {
         tokio::time::sleep(DEMAND_GRACE).await;
         assert!(!q.wanted(Instant::now()));
 
-        let runs: Vec<_> = (1..=3)
-            .map(|p| {
-                let q = q.clone();
-                tokio::spawn(async move { q.deliver(event(p)).await })
-            })
-            .collect();
-        tokio::task::yield_now().await;
+        let runs = deliver_each(&q, 1..=3).await;
         // Each payload is 2 bytes (`{}`): a bound of 3 takes one, then the next fetch the rest.
         let first = q.fetch(10, 3, Duration::from_secs(1), &stop).await;
         assert_eq!(first.len(), 1);
@@ -579,13 +586,7 @@ mod tests {
         let pulls = Arc::new(PullConsumers::new(["s".to_string()], 4));
         let q = pulls.get("s").unwrap().clone();
         let stop = CancellationToken::new();
-        let runs: Vec<_> = (1..=3)
-            .map(|p| {
-                let q = q.clone();
-                tokio::spawn(async move { q.deliver(event(p)).await })
-            })
-            .collect();
-        tokio::task::yield_now().await;
+        let runs = deliver_each(&q, 1..=3).await;
         let fetched = q.fetch(2, usize::MAX, Duration::from_secs(1), &stop).await;
         assert_eq!(fetched.len(), 2);
         let started = Instant::now();
