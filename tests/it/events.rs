@@ -2674,6 +2674,43 @@ fn a_read_at_the_end_of_the_log_waits_for_the_next_event() {
     );
 }
 
+/// A node whose build takes no forwarded answers (feature bit 16384 withheld through the test
+/// hook, as a build from before forwarding) is not sent them: an answer on another node to what
+/// a client fetched there comes back unknown, with a message to answer there, where it is taken.
+#[test]
+fn an_answer_for_a_node_without_forwarding_is_left_to_that_node() {
+    const PULL_FORWARD: u64 = 16384;
+    let mut c = Cluster::new("ev-pull-old", 3, &[]);
+    for id in c.ids() {
+        let config = c.dir().join(format!("n{id}-pull.toml"));
+        fs::write(&config, "[pull]\n[[pull.subscriptions]]\nname = \"oldJobs\"\nevent_name = \"oldJob\"\n").unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        c.add_node_flags(id, &["--config".to_string(), config.display().to_string()]);
+    }
+    c.set_env(2, "RAFTBRIDGE_TEST_WITHHOLD_FEATURES", &PULL_FORWARD.to_string());
+    c.start_all();
+    c.wait_for_membership(&c.ids(), &[], FORMATION);
+    c.wait_all_ready(FORMATION);
+    let (_, position) = c.wait_for("a job accepted", PROGRESS, || publish(c.api(1), "oldJob", &json!({"old": 1}), &[]));
+    let post = |api: Api, path: &str, body: &Value| api.request("POST", path, &[], body.to_string().as_bytes()).expect("POST");
+    let got = c.wait_for("the job fetched from node 2", DELIVERY, || {
+        let resp = post(c.api(2), "/v1/subscriptions/oldJobs/fetch?wait=5s", &json!(null));
+        let messages = resp.json()?["messages"].as_array().cloned().ok_or_else(|| resp.describe())?;
+        messages.into_iter().next().ok_or_else(|| "nothing yet".to_string())
+    });
+    assert_eq!(got["position"].as_u64(), Some(position), "{got}");
+    let ids = json!({"ackIds": [got["ackId"]]});
+    let elsewhere = post(c.api(1), "/v1/subscriptions/oldJobs/ack", &ids);
+    let a = elsewhere.json().unwrap_or_else(|e| panic!("{e}: {}", elsewhere.describe()));
+    assert_eq!((a["acked"].as_u64(), &a["unknown"]), (Some(0), &json!([got["ackId"]])), "{a}");
+    assert!(a["message"].as_str().is_some_and(|m| m.contains("node 2") && m.contains("older build")), "{a}");
+    let there = post(c.api(2), "/v1/subscriptions/oldJobs/ack", &ids);
+    assert_eq!(there.json().unwrap(), json!({"acked": 1, "unknown": []}), "{}", there.describe());
+    c.wait_for("the job settled", DELIVERY, || {
+        let at = cursor(c.api(3), "oldJobs")?;
+        if at > position { Ok(()) } else { Err(format!("cursor {at}")) }
+    });
+}
+
 /// A pull subscription (`[pull]` in the config): a client fetches events over HTTP from a node
 /// that consumes it and acks or nacks each there. Events published before any fetch wait
 /// (durable) and come once a client pulls; a nacked event is fetched again, then
