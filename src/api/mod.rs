@@ -1055,6 +1055,7 @@ async fn metrics_text(app: &App) -> ApiResult {
     metrics::gauge!("raftbridge_http_body_bytes_held").set(app.settings.bodies.held() as f64);
     metrics::gauge!("raftbridge_http_answer_bytes_held").set(app.settings.answers.held() as f64);
     metrics::gauge!("raftbridge_http_head_bytes_held").set(app.settings.heads.held() as f64);
+    app.pulls.export_gauges();
     if let Some(cpu) = crate::process::cpu_time() {
         metrics::gauge!("process_cpu_seconds_total").set(cpu.as_secs_f64());
     }

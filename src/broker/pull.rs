@@ -418,6 +418,18 @@ impl PullConsumers {
         }
     }
 
+    /// Per pull subscription, what this node holds now (JetStream's consumer info, per node):
+    /// events waiting for a fetch, fetched ones waiting for their client's answer, and fetches
+    /// waiting for events. Set when the metrics are scraped.
+    pub fn export_gauges(&self) {
+        for (name, q) in &self.queues {
+            let held = lock(&q.held).len();
+            metrics::gauge!("raftbridge_pull_held_events", "subscription" => name.clone()).set(held as f64);
+            metrics::gauge!("raftbridge_pull_unanswered_events", "subscription" => name.clone()).set(q.open_leases() as f64);
+            metrics::gauge!("raftbridge_pull_waiting_fetches", "subscription" => name.clone()).set(q.fetching.load(Ordering::Acquire) as f64);
+        }
+    }
+
     /// Whether a client pulls subscription `name` from this node (its service's availability).
     pub fn demanded(&self, name: &str) -> bool {
         self.queues.get(name).is_some_and(|q| *q.demand.borrow())

@@ -2914,6 +2914,10 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
         }
         kept.ok_or_else(|| "not yet".to_string())
     });
+    // What node 1 holds for it, as its metrics say: job 200, fetched and not answered.
+    let gauge = |name: &str| c.api(1).metric(name, &["subscription=\"pullJobs\""]);
+    assert_eq!(gauge("raftbridge_pull_unanswered_events"), Ok(1.0));
+    assert!(gauge("raftbridge_pull_held_events").is_ok() && gauge("raftbridge_pull_waiting_fetches").is_ok());
     let (node1, node2) = (c.api(1).addr, c.api(2));
     std::thread::scope(|scope| {
         let stopping = scope.spawn(|| c.terminate(1));
