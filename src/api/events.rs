@@ -547,14 +547,15 @@ pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incomin
             _ => here.push(id),
         }
     }
-    // Without the subscription here, ids naming this node are unknown: 404 when all do.
-    let queue = if elsewhere.is_empty() { Some(pull_queue(app, name)?) } else { app.pulls.get(name) };
+    // Ids naming no member are unknown without asking (a client cannot make this node dial).
+    let (members, strangers): (Vec<_>, Vec<_>) = elsewhere.into_iter().partition(|(node, _)| app.cluster.is_member(*node));
+    // Without the subscription here, ids naming this node are unknown: 404 when no id names
+    // another member.
+    let queue = if members.is_empty() { Some(pull_queue(app, name)?) } else { app.pulls.get(name) };
     let mut unknown = match queue {
         Some(queue) => queue.answer(&here, reason.as_deref()),
         None => here,
     };
-    // Ids naming no member are unknown without asking (a client cannot make this node dial).
-    let (members, strangers): (Vec<_>, Vec<_>) = elsewhere.into_iter().partition(|(node, _)| app.cluster.is_member(*node));
     let mut notes: Vec<String> = strangers.iter().map(|(node, _)| format!("node {node} is not a member of this cluster")).collect();
     unknown.extend(strangers.into_iter().flat_map(|(_, ids)| ids));
     let mut done = total - unknown.len() - members.iter().map(|(_, ids)| ids.len()).sum::<usize>();
@@ -565,8 +566,8 @@ pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incomin
         match result {
             Ok(theirs) => {
                 // Only ids it was sent count (a peer's answer is not taken on trust).
-                let sent: std::collections::HashSet<&String> = ids.iter().collect();
-                let theirs: Vec<String> = theirs.into_iter().filter(|id| sent.contains(id)).collect();
+                let mut sent: std::collections::HashSet<&String> = ids.iter().collect();
+                let theirs: Vec<String> = theirs.into_iter().filter(|id| sent.remove(id)).collect();
                 done += ids.len().saturating_sub(theirs.len());
                 unknown.extend(theirs);
             }

@@ -19,9 +19,10 @@
 //!
 //! Ack ids name this node (`<node>-<random>`): a client's answer may reach any node (behind
 //! DNS, a new connection may land elsewhere), and that node forwards each id to the node it
-//! names over the peer link (`PeerRequest::PullAnswer`), which holds the lease. Every queue is bounded: what the dispatcher hands this
-//! node is bounded by `max_in_flight`, and the leases by what was handed (a lease whose
-//! delivery ended, by its ack deadline or the node's stop, is forgotten at the next fetch).
+//! names over the peer link (`PeerRequest::PullAnswer`), which holds the lease. Every queue is
+//! bounded: what the dispatcher hands this node is bounded by `max_in_flight`, and the leases
+//! by what was handed (a lease whose delivery ended, by its ack deadline or the node's stop, is
+//! forgotten at the next fetch, and `answered` passes over it at the drain).
 
 use std::collections::HashMap;
 use std::collections::VecDeque;
@@ -345,8 +346,10 @@ impl PullQueue {
         }
         match outcome_rx.await {
             Ok(outcome) => outcome,
-            // Its lease was dropped without an answer (cannot happen while the queue lives).
-            Err(_) => Err(HandlerError::new(503, "the pull subscription's lease was dropped")),
+            // Dropped unfetched and unanswered: only `hand_back` does that (a lease is kept until
+            // answered, and a run gives up only here), in the instant between this run's hold
+            // running out and its look under the lock. Not an attempt.
+            Err(_) => Err(self.drained()),
         }
     }
 }

@@ -2883,6 +2883,8 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     assert_eq!(none.status, 404, "{}", none.describe());
     let nowhere = post(c.api(1), "/v1/subscriptions/pullNone/ack", &json!({"ackIds": ["2-0000"]}));
     assert_eq!(nowhere.status, 404, "no member asked has it: {}", nowhere.describe());
+    let strangers = post(c.api(3), "/v1/subscriptions/pullJobs/ack", &json!({"ackIds": ["9-0000"]}));
+    assert_eq!(strangers.status, 404, "no id names another member: {}", strangers.describe());
     let none = post(c.api(3), "/v1/subscriptions/pullJobs/fetch", &json!(null));
     assert_eq!(none.status, 404, "{}", none.describe());
     for (path, body, status) in [
