@@ -1309,7 +1309,7 @@ impl Handler for PeerHandler {
                 },
                 PeerRequest::Invoke(inv) => proxy.serve_remote(inv).await,
                 PeerRequest::InvokeWith { inv, headers } => proxy.serve_remote_with(inv, headers).await,
-                PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(sub, event).await,
+                PeerRequest::Deliver { sub, event } => dispatcher.serve_delivery(from, sub, event).await,
                 PeerRequest::DeliverBatch { sub, events } => {
                     let each = replica.net.features(from) & crate::peer::frame::features::DELIVERED_EACH != 0;
                     dispatcher.serve_delivery_batch(from, sub, events, replica.net.max_frame_to(from), each).await
@@ -1330,7 +1330,7 @@ impl Handler for PeerHandler {
                     .await
                     .map_or_else(PeerResponse::Error, |()| PeerResponse::Done),
                 PeerRequest::Found { members } => found(&replica, &log, &unproven, &raft_seen, from, members).await,
-                PeerRequest::PullAnswer { sub, ids, nack } => match pulls.answer_forwarded(&sub, &ids, nack) {
+                PeerRequest::PullAnswer { sub, ids, verdict } => match pulls.answer_forwarded(&sub, &ids, verdict) {
                     Ok(unknown) => PeerResponse::PullAnswered { unknown },
                     Err(why) => PeerResponse::Error(RemoteError::Invalid(why)),
                 },

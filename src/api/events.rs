@@ -503,26 +503,27 @@ pub async fn pull_fetch(app: &App, name: &str, query: Option<&str>) -> ApiResult
     Ok(json_body(StatusCode::OK, &serde_json::json!({ "messages": messages })))
 }
 
-/// The body of an ack or a nack.
+/// The body of an ack, a nack or a term.
 #[derive(serde::Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct PullAnswer {
     ack_ids: Vec<String>,
-    /// A nack's reason (kept with the failed attempt, and in the dead letters).
+    /// A nack's or a term's reason (kept with the failed attempt, and in the dead letters).
     #[serde(default)]
     reason: Option<String>,
 }
 
-/// `POST /v1/subscriptions/{name}/ack` and `/nack`: `{"ackIds":[..]}` (a nack may add
-/// `"reason"`), on any node. An ack settles each event; a nack fails its attempt, and it is
-/// delivered again after its backoff (or dead-lettered after its attempts). An id names the
-/// node it was fetched from (`<node>-...`), which holds its lease: ids of other nodes are
-/// forwarded there over the peer link, each node's at once. 200 `{"acked"|"nacked": n,
+/// `POST /v1/subscriptions/{name}/ack`, `/nack` and `/term`: `{"ackIds":[..]}` (a nack or a
+/// term may add `"reason"`), on any node. An ack settles each event; a nack fails its attempt,
+/// and it is delivered again after its backoff (or dead-lettered after its attempts); a term
+/// dead-letters it now (where every member's build can record that; a nack until then). An id
+/// names the node it was fetched from (`<node>-...`), which holds its lease: ids of other nodes
+/// are forwarded there over the peer link, each node's at once. 200 `{"acked"|"nacked"|"terminated": n,
 /// "unknown": [ids]}`: `unknown` are ids no node holds a lease for (answered already, or past
 /// their ack deadline and maybe delivered again), and those whose node could not be asked or is
 /// no member, which `message` then names. 404 when this node has no such subscription and no
 /// id names another member, or no member asked has it either.
-pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incoming>) -> ApiResult {
+pub async fn pull_answer(app: &App, name: &str, action: &str, req: Request<Incoming>) -> ApiResult {
     check_subscription(name)?;
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
     let answer: PullAnswer = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("an answer is {{\"ackIds\":[..]}}: {e}")))?;
@@ -530,14 +531,15 @@ pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incomin
     if answer.ack_ids.is_empty() || answer.ack_ids.len() > crate::broker::pull::MAX_FETCH {
         return Err(ApiError::BadRequest(format!("ackIds holds 1..={} ids", crate::broker::pull::MAX_FETCH)));
     }
-    if !nack && answer.reason.is_some() {
-        return Err(ApiError::BadRequest("an ack takes no reason (a nack does)".into()));
-    }
-    let reason = nack.then(|| {
-        let mut reason = answer.reason.unwrap_or_else(|| "no reason given".into());
-        crate::sdk::truncate_utf8(&mut reason, crate::broker::pull::MAX_NACK_REASON);
-        reason
-    });
+    use crate::broker::pull::Verdict;
+    let reason = || answer.reason.clone().unwrap_or_else(|| "no reason given".into());
+    let (verdict, said) = match action {
+        "ack" if answer.reason.is_some() => return Err(ApiError::BadRequest("an ack takes no reason (a nack or a term does)".into())),
+        "ack" => (Verdict::Ack, "acked"),
+        "nack" => (Verdict::Nack(reason()), "nacked"),
+        _ => (Verdict::Term(reason()), "terminated"),
+    };
+    let verdict = verdict.bounded();
     let me = app.replica.id();
     let total = answer.ack_ids.len();
     let (mut here, mut elsewhere) = (Vec::new(), std::collections::BTreeMap::<u64, Vec<String>>::new());
@@ -553,14 +555,14 @@ pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incomin
     // another member.
     let queue = if members.is_empty() { Some(pull_queue(app, name)?) } else { app.pulls.get(name) };
     let mut unknown = match queue {
-        Some(queue) => queue.answer(&here, reason.as_deref()),
+        Some(queue) => queue.answer(&here, &verdict),
         None => here,
     };
     let mut notes: Vec<String> = strangers.iter().map(|(node, _)| format!("node {node} is not a member of this cluster")).collect();
     unknown.extend(strangers.into_iter().flat_map(|(_, ids)| ids));
     let mut done = total - unknown.len() - members.iter().map(|(_, ids)| ids.len()).sum::<usize>();
     let (mut asked, mut lacking) = (0, 0);
-    let forwards = members.into_iter().map(|(node, ids)| forward_answer(app, node, name, ids, reason.clone()));
+    let forwards = members.into_iter().map(|(node, ids)| forward_answer(app, node, name, ids, verdict.clone()));
     for (ids, result) in futures_util::future::join_all(forwards).await {
         asked += 1;
         match result {
@@ -582,7 +584,7 @@ pub async fn pull_answer(app: &App, name: &str, nack: bool, req: Request<Incomin
     if queue.is_none() && asked > 0 && lacking == asked {
         pull_queue(app, name)?;
     }
-    let mut body = serde_json::json!({ if nack { "nacked" } else { "acked" }: done, "unknown": unknown });
+    let mut body = serde_json::json!({ said: done, "unknown": unknown });
     if !notes.is_empty() {
         let more = notes.len().saturating_sub(MAX_NOTES);
         notes.truncate(MAX_NOTES);
@@ -614,7 +616,7 @@ enum Unasked {
 
 /// Sends `ids` (fetched from member `node`) to `node`, which holds their leases: the ids, with
 /// those it holds no lease for, or why it was not asked.
-async fn forward_answer(app: &App, node: u64, sub: &str, ids: Vec<String>, nack: Option<String>) -> (Vec<String>, Result<Vec<String>, Unasked>) {
+async fn forward_answer(app: &App, node: u64, sub: &str, ids: Vec<String>, verdict: crate::broker::pull::Verdict) -> (Vec<String>, Result<Vec<String>, Unasked>) {
     use crate::peer::message::PeerRequest;
     use crate::peer::message::PeerResponse;
     use crate::peer::message::RemoteError;
@@ -624,7 +626,7 @@ async fn forward_answer(app: &App, node: u64, sub: &str, ids: Vec<String>, nack:
         if link.features() & crate::peer::frame::features::PULL_FORWARD == 0 {
             return Err(Unasked::Older(node));
         }
-        let req = PeerRequest::PullAnswer { sub: sub.to_string(), ids: ids.clone(), nack };
+        let req = PeerRequest::PullAnswer { sub: sub.to_string(), ids: ids.clone(), verdict };
         match link.call(&req, FORWARD_ANSWER_TIMEOUT).await {
             Ok(PeerResponse::PullAnswered { unknown }) => Ok(unknown),
             Ok(PeerResponse::Error(RemoteError::Invalid(why))) if why.starts_with(crate::broker::pull::NO_SUCH_PULL) => Err(Unasked::NoSubscription(node)),

@@ -986,12 +986,12 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         | (_, ["v1", "dead-letters"])
         | (_, ["v1", "subscriptions"]) => ("other", Err(not_allowed("GET, HEAD"))),
         (_, ["v1", "subscriptions", _]) => ("other", Err(not_allowed("GET, HEAD, DELETE"))),
-        (Method::POST, ["v1", "subscriptions", name, action @ ("fetch" | "ack" | "nack")]) => match crate::proxy::routing::percent_decode_with(name, false) {
+        (Method::POST, ["v1", "subscriptions", name, action @ ("fetch" | "ack" | "nack" | "term")]) => match crate::proxy::routing::percent_decode_with(name, false) {
             Some(name) if *action == "fetch" => ("pull_fetch", events::pull_fetch(app, &name, req.uri().query()).await),
-            Some(name) => ("pull_answer", events::pull_answer(app, &name, *action == "nack", req).await),
+            Some(name) => ("pull_answer", events::pull_answer(app, &name, action, req).await),
             None => ("pull", Err(ApiError::BadRequest("the subscription name in the path is not valid percent-encoded UTF-8".into()))),
         },
-        (_, ["v1", "subscriptions", _, "fetch" | "ack" | "nack"]) => ("other", Err(not_allowed("POST"))),
+        (_, ["v1", "subscriptions", _, "fetch" | "ack" | "nack" | "term"]) => ("other", Err(not_allowed("POST"))),
         (Method::POST, ["v1", space @ ("state" | "config"), store]) => {
             let (space, route) = match *space {
                 "config" => (crate::store::Space::Config, "config_txn"),
@@ -1638,7 +1638,7 @@ fn query_params_of(method: &Method, segs: &[&str]) -> Option<&'static [&'static 
         (&Method::GET, ["v1", "events"]) => &["after", "limit", "eventName", "wait"],
         (&Method::GET, ["v1", "dead-letters"]) => &["subscription", "after", "limit"],
         (&Method::POST, ["v1", "subscriptions", _, "fetch"]) => &["max", "wait"],
-        (&Method::POST, ["v1", "subscriptions", _, "ack" | "nack"]) => &[],
+        (&Method::POST, ["v1", "subscriptions", _, "ack" | "nack" | "term"]) => &[],
         (&Method::POST, ["v1", "events"] | ["v1", "events", _] | ["v1", "state" | "config", _])
         | (&Method::GET, ["v1", "subscriptions"])
         | (&Method::GET | &Method::DELETE, ["v1", "subscriptions", _])

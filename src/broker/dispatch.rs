@@ -654,8 +654,8 @@ impl Dispatcher {
         }
     }
 
-    /// Serve `PeerRequest::Deliver` from the leader's dispatcher.
-    pub async fn serve_delivery(&self, sub: String, event: Event) -> PeerResponse {
+    /// Serve `PeerRequest::Deliver` from the leader's dispatcher (`from`).
+    pub async fn serve_delivery(&self, from: NodeId, sub: String, event: Event) -> PeerResponse {
         if let Some(refused) = self.refusal(&sub) {
             return refused;
         }
@@ -663,6 +663,11 @@ impl Dispatcher {
         match r {
             // Nothing ran (the sidecar's app refused the connection): a refusal, not an attempt.
             Err(e) if e.is_not_served() => PeerResponse::Error(RemoteError::NotServed(e.message)),
+            // `Delivered` would lose that no retry can mend it (not in the error's encoding);
+            // a leader that reads `Rejected` takes `DeliveredEach` for one event too.
+            Err(e) if e.is_no_retry() && self.net.features(from) & crate::peer::frame::features::REJECTED != 0 => {
+                PeerResponse::DeliveredEach { outcomes: vec![EventOutcome::Rejected(e)], ticket: 0 }
+            }
             r => PeerResponse::Delivered(r),
         }
     }
@@ -708,13 +713,15 @@ impl Dispatcher {
             return batch_answer(results, frame);
         }
         let cap = outcome_cap(frame, n);
+        // Whether the leader reads `EventOutcome::Rejected`.
+        let rejects = self.net.features(from) & crate::peer::frame::features::REJECTED != 0;
         let sub = Arc::new(sub);
         let mut runs: futures_util::stream::FuturesUnordered<_> = events
             .into_iter()
             .enumerate()
             .map(|(i, event)| {
                 let (this, sub) = (self.clone(), sub.clone());
-                async move { (i as u32, event_outcome(this.cut_at_stop(this.run_local(&sub, event)).await, cap)) }
+                async move { (i as u32, event_outcome(this.cut_at_stop(this.run_local(&sub, event)).await, cap, rejects)) }
             })
             .collect();
         let mut outcomes = first_outcomes(&mut runs, n, EARLY_ANSWER).await;
@@ -1265,9 +1272,14 @@ impl Dispatcher {
     }
 
     /// A failed delivery of `position`, handed out when it had `attempts` failed attempts:
-    /// counted once however often it is sent, where every member applies `FailedAt`.
-    fn failed(&self, sub: String, position: u64, attempts: u32, reason: String) -> SubUpdate {
-        if self.broker.store().replica().members_have(features::FAILED_AT) {
+    /// counted once however often it is sent, where every member applies `FailedAt`; with
+    /// `no_retry` (`HandlerError::no_retry`) dead-lettered at once, where every member applies
+    /// `Rejected` (a failure like any other until then).
+    fn failed(&self, sub: String, position: u64, attempts: u32, reason: String, no_retry: bool) -> SubUpdate {
+        let replica = self.broker.store().replica();
+        if no_retry && replica.members_have(features::REJECTED) {
+            SubUpdate::Rejected { sub, position, attempts, reason }
+        } else if replica.members_have(features::FAILED_AT) {
             SubUpdate::FailedAt { sub, position, attempts, reason }
         } else {
             SubUpdate::Failed { sub, position, reason }
@@ -1301,10 +1313,10 @@ impl Dispatcher {
                     Some(Retry::Refused)
                 }
                 Outcome::Ran(Err(e)) => {
-                    debug!(sub = %decl.name, position, target, cause = %e, "delivery failed");
+                    debug!(sub = %decl.name, position, target, cause = %e, no_retry = e.is_no_retry(), "delivery failed");
                     let mut reason = format!("node {target}: {e}");
                     crate::sdk::truncate_utf8(&mut reason, reason_cap(self.net.max_frame()));
-                    updates.push(self.failed(decl.name.clone(), position, attempts, reason));
+                    updates.push(self.failed(decl.name.clone(), position, attempts, reason, e.is_no_retry()));
                     Some(Retry::After(backoff(attempts + 1)))
                 }
             })
@@ -1448,7 +1460,9 @@ impl Dispatcher {
                         }
                         Err(e) => {
                             attempts += 1;
-                            if attempts >= decl.max_attempts {
+                            // This node's own progress records the dead letter: no member
+                            // needs to know `Rejected`.
+                            if attempts >= decl.max_attempts || e.is_no_retry() {
                                 break Some((attempts, e.to_string()));
                             }
                             // Committed before the backoff too: retries of one event can take
@@ -1625,6 +1639,7 @@ fn each_outcome(outcome: EventOutcome) -> Option<Outcome> {
         EventOutcome::Ran(r) => Some(Outcome::Ran(r)),
         EventOutcome::NotServed(why) => Some(Outcome::Refused(why)),
         EventOutcome::Running => None,
+        EventOutcome::Rejected(e) => Some(Outcome::Ran(Err(e.no_retry()))),
     }
 }
 
@@ -1754,8 +1769,8 @@ fn outcome_cap(frame: usize, n: usize) -> usize {
 }
 
 /// One event's result as `DeliveredEach` says it (`None`: cut off by the drain), its reason
-/// cut to `cap`.
-fn event_outcome(result: Option<Result<(), HandlerError>>, cap: usize) -> EventOutcome {
+/// cut to `cap`. `rejects`: the leader reads `EventOutcome::Rejected`.
+fn event_outcome(result: Option<Result<(), HandlerError>>, cap: usize, rejects: bool) -> EventOutcome {
     match result {
         None => EventOutcome::NotServed("this node stopped while the handler ran".into()),
         Some(Err(e)) if e.is_not_served() => {
@@ -1763,6 +1778,7 @@ fn event_outcome(result: Option<Result<(), HandlerError>>, cap: usize) -> EventO
             crate::sdk::truncate_utf8(&mut why, cap);
             EventOutcome::NotServed(why)
         }
+        Some(Err(e)) if rejects && e.is_no_retry() => EventOutcome::Rejected(e.truncated(cap)),
         Some(r) => EventOutcome::Ran(r.map_err(|e| e.truncated(cap))),
     }
 }
@@ -2072,7 +2088,7 @@ mod tests {
         const D: Duration = Duration::from_millis(1500);
         let nack = Err(HandlerError::new(500, "boom"));
         let results = || vec![Some(Ok(())), None, Some(nack.clone()), Some(Err(HandlerError::not_served("app down")))];
-        let outcomes: Vec<Outcome> = results().into_iter().map(|r| event_outcome(r, 1 << 10)).filter_map(each_outcome).collect();
+        let outcomes: Vec<Outcome> = results().into_iter().map(|r| event_outcome(r, 1 << 10, true)).filter_map(each_outcome).collect();
         assert_eq!(
             outcomes,
             vec![
@@ -2103,12 +2119,20 @@ mod tests {
         let cap = outcome_cap(4096, 3);
         assert!(cap <= 4096 / 2 / 3);
         for r in [Some(Err(HandlerError::not_served(long.clone()))), Some(Err(HandlerError::new(500, long)))] {
-            match event_outcome(r, cap) {
+            match event_outcome(r, cap, true) {
                 EventOutcome::NotServed(why) => assert!(why.len() <= cap),
                 EventOutcome::Ran(Err(e)) => assert!(e.message.len() <= cap),
                 other => panic!("{other:?}"),
             }
         }
+        // A failure with no retry: `Rejected` to a leader that reads it (still without a retry
+        // once read), a plain failure to one that does not.
+        let term = || Some(Err(HandlerError::new(500, "never").no_retry()));
+        let read = each_outcome(event_outcome(term(), cap, true));
+        assert!(matches!(&read, Some(Outcome::Ran(Err(e))) if e.is_no_retry() && e.message == "never"), "{read:?}");
+        assert!(matches!(event_outcome(term(), cap, false), EventOutcome::Ran(Err(_))));
+        let bytes = bincode::serialize(&EventOutcome::Rejected(HandlerError::new(500, "never"))).unwrap();
+        assert_eq!(u32::from_le_bytes(bytes[..4].try_into().unwrap()), 3, "the fourth variant, after every older one");
     }
 
     /// A batch is answered for the handlers that ended within `EARLY_ANSWER`, the others left

@@ -54,6 +54,29 @@ pub const HOLD: Duration = Duration::from_secs(5);
 pub const DEMAND_GRACE: Duration = Duration::from_secs(30);
 /// Events one fetch takes at most (and ids one answer names).
 pub const MAX_FETCH: usize = 1_000;
+/// A client's answer to events it fetched.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Verdict {
+    /// Handled: each event is settled.
+    Ack,
+    /// Not handled, with the reason: the attempt fails, and the event comes again after its
+    /// backoff (or goes to the dead letters after its attempts).
+    Nack(String),
+    /// Never to be handled (JetStream's `TERM`), with the reason: the event goes to the dead
+    /// letters now (`HandlerError::no_retry`).
+    Term(String),
+}
+
+impl Verdict {
+    /// With its reason cut to `MAX_NACK_REASON`.
+    pub fn bounded(mut self) -> Verdict {
+        if let Verdict::Nack(reason) | Verdict::Term(reason) = &mut self {
+            crate::sdk::truncate_utf8(reason, MAX_NACK_REASON);
+        }
+        self
+    }
+}
+
 /// How a node that has no such pull subscription refuses a forwarded answer (its sender
 /// tells that apart from a node it could not reach).
 pub const NO_SUCH_PULL: &str = "this node consumes no pull subscription";
@@ -270,16 +293,17 @@ impl PullQueue {
         }
     }
 
-    /// Answers the fetched events `ids`: an ack (`None`) or a nack with its reason. Returns the
+    /// Answers the fetched events `ids` with `verdict`. Returns the
     /// ids this node holds no lease for (unknown, answered already, or past their ack
     /// deadline: the event may go to another consumer).
-    pub fn answer(&self, ids: &[String], nack: Option<&str>) -> Vec<String> {
+    pub fn answer(&self, ids: &[String], verdict: &Verdict) -> Vec<String> {
         let mut unknown = Vec::new();
         for id in ids {
             let tx = lock(&self.leases).remove(id);
-            let outcome = match nack {
-                None => Ok(()),
-                Some(reason) => Err(HandlerError::new(500, format!("nacked by the client: {reason}"))),
+            let outcome = match verdict {
+                Verdict::Ack => Ok(()),
+                Verdict::Nack(reason) => Err(HandlerError::new(500, format!("nacked by the client: {reason}"))),
+                Verdict::Term(reason) => Err(HandlerError::new(500, format!("terminated by the client: {reason}")).no_retry()),
             };
             if tx.is_none_or(|tx| tx.send(outcome).is_err()) {
                 unknown.push(id.clone());
@@ -383,16 +407,12 @@ impl PullConsumers {
     /// Answers `ids` of subscription `sub` for a client whose answer reached another node, which
     /// forwarded it here (`PeerRequest::PullAnswer`): the ids this node holds no lease for, or
     /// why it answered none.
-    pub fn answer_forwarded(&self, sub: &str, ids: &[String], nack: Option<String>) -> Result<Vec<String>, String> {
+    pub fn answer_forwarded(&self, sub: &str, ids: &[String], verdict: Verdict) -> Result<Vec<String>, String> {
         if ids.len() > MAX_FETCH {
             return Err(format!("an answer names at most {MAX_FETCH} ids, not {}", ids.len()));
         }
         let queue = self.get(sub).ok_or_else(|| format!("{NO_SUCH_PULL} {sub}"))?;
-        let reason = nack.map(|mut r| {
-            crate::sdk::truncate_utf8(&mut r, MAX_NACK_REASON);
-            r
-        });
-        Ok(queue.answer(ids, reason.as_deref()))
+        Ok(queue.answer(ids, &verdict.bounded()))
     }
 
     /// The node drains: held events go back unfetched (to be handed to other nodes), and no
@@ -464,6 +484,10 @@ mod tests {
         Event { position, body: crate::broker::new_event("e", b"{}".to_vec(), &crate::sdk::MessageMeta::default(), None, None).body }
     }
 
+    fn pulls_term(q: &PullQueue, id: &str, reason: &str) -> Vec<String> {
+        q.answer(&[id.to_string()], &Verdict::Term(reason.to_string()).bounded())
+    }
+
     /// Hands `q` an event at each of `positions`, each in a run of its own (as the dispatcher
     /// does); returns once all are held.
     async fn deliver_each(q: &Arc<PullQueue>, positions: std::ops::RangeInclusive<u64>) -> Vec<tokio::task::JoinHandle<Outcome>> {
@@ -493,9 +517,9 @@ mod tests {
         assert_eq!(got[0].1.position, 1);
         assert_eq!(PullQueue::node_of(&got[0].0), Some(7));
         assert!(*q.demand().borrow(), "a fetch makes demand");
-        assert_eq!(q.answer(&[got[0].0.clone(), "7-nope".into()], None), vec!["7-nope".to_string()]);
+        assert_eq!(q.answer(&[got[0].0.clone(), "7-nope".into()], &Verdict::Ack), vec!["7-nope".to_string()]);
         assert_eq!(run.await.unwrap(), Ok(()));
-        assert_eq!(q.answer(&[got[0].0.clone()], None), vec![got[0].0.clone()], "answered once");
+        assert_eq!(q.answer(&[got[0].0.clone()], &Verdict::Ack), vec![got[0].0.clone()], "answered once");
 
         // A nack fails the delivery with the client's reason.
         let run = tokio::spawn({
@@ -503,9 +527,21 @@ mod tests {
             async move { q.deliver(event(2)).await }
         });
         let got = q.fetch(10, usize::MAX, Duration::from_secs(1), &stop).await;
-        assert!(q.answer(&[got[0].0.clone()], Some("bad input")).is_empty());
+        assert!(q.answer(&[got[0].0.clone()], &Verdict::Nack("bad input".into())).is_empty());
         let e = run.await.unwrap().unwrap_err();
         assert!(e.message.contains("bad input") && !e.is_not_served(), "{e:?}");
+        assert!(!e.is_no_retry(), "a nack is retried");
+
+        // A term fails it for good, its reason cut to the bound.
+        let run = tokio::spawn({
+            let q = q.clone();
+            async move { q.deliver(event(3)).await }
+        });
+        let got = q.fetch(10, usize::MAX, Duration::from_secs(1), &stop).await;
+        let long = "x".repeat(MAX_NACK_REASON + 10);
+        assert!(pulls_term(&q, &got[0].0, &long).is_empty());
+        let e = run.await.unwrap().unwrap_err();
+        assert!(e.is_no_retry() && e.message.contains("terminated by the client") && e.message.len() < MAX_NACK_REASON + 40, "{e:?}");
 
         // Nobody fetches: handed back, not an attempt.
         let e = q.deliver(event(3)).await.unwrap_err();
@@ -540,7 +576,7 @@ mod tests {
         let rest = q.fetch(10, usize::MAX, Duration::from_secs(1), &stop).await;
         assert_eq!(rest.iter().map(|(_, e)| e.position).collect::<Vec<_>>(), [2, 3]);
         let ids: Vec<String> = first.iter().chain(&rest).map(|(id, _)| id.clone()).collect();
-        assert!(q.answer(&ids, None).is_empty());
+        assert!(q.answer(&ids, &Verdict::Ack).is_empty());
         for run in runs {
             assert_eq!(run.await.unwrap(), Ok(()));
         }
@@ -619,16 +655,16 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(!waiting.is_finished(), "two leases open");
-        assert_eq!(pulls.answer_forwarded("s", std::slice::from_ref(&fetched[0].0), None), Ok(Vec::new()));
+        assert_eq!(pulls.answer_forwarded("s", std::slice::from_ref(&fetched[0].0), Verdict::Ack), Ok(Vec::new()));
         assert_eq!(first.await.unwrap(), Ok(()));
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert!(!waiting.is_finished(), "one lease open");
-        assert!(q.answer(std::slice::from_ref(&fetched[1].0), Some("no")).is_empty());
+        assert!(q.answer(std::slice::from_ref(&fetched[1].0), &Verdict::Nack("no".into())).is_empty());
         assert!(waiting.await.unwrap(), "every fetched event answered");
         assert!(second.await.unwrap().is_err());
 
         // A lease nobody answers: `answered` gives up at its grace.
-        assert!(pulls.answer_forwarded("x", &[], None).is_err(), "no such subscription");
+        assert!(pulls.answer_forwarded("x", &[], Verdict::Ack).is_err(), "no such subscription");
         let pulls = Arc::new(PullConsumers::new(["s".to_string()], 4));
         let q = pulls.get("s").unwrap().clone();
         let run = tokio::spawn({

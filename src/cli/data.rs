@@ -146,8 +146,8 @@ pub enum EventsCmd {
         page_size: u64,
     },
     /// Fetch events of a pull subscription (`[pull]` in the node's config) from the node, one
-    /// `{"ackId","position","event"}` a line; answer them on the same node with `events ack` or
-    /// `events nack` (or --ack here, once all are printed: an ack that comes after an ack
+    /// `{"ackId","position","event"}` a line; answer them on any node with `events ack`,
+    /// `events nack` or `events term` (or --ack here, once all are printed: an ack that comes after an ack
     /// deadline finds its lease gone, and the command then fails naming those ids, which are
     /// delivered again).
     Fetch {
@@ -174,15 +174,24 @@ pub enum EventsCmd {
     },
     /// Nack fetched events by their ack ids: each attempt fails (with --reason), and the event
     /// comes again after its backoff or goes to the dead letters. Prints `{"nacked","unknown"}`.
-    Nack {
-        #[command(flatten)]
-        target: Target,
-        subscription: String,
-        #[arg(required = true)]
-        ack_ids: Vec<String>,
-        #[arg(long)]
-        reason: Option<String>,
-    },
+    Nack(Failure),
+    /// Terminate fetched events by their ack ids: each can never be handled, and goes to the
+    /// dead letters now (with --reason) instead of after its attempts. Prints
+    /// `{"terminated","unknown"}`.
+    Term(Failure),
+}
+
+/// What `events nack` and `events term` take.
+#[derive(Debug, clap::Args)]
+pub struct Failure {
+    #[command(flatten)]
+    target: Target,
+    subscription: String,
+    #[arg(required = true)]
+    ack_ids: Vec<String>,
+    /// Why (kept with the failed attempt and in the dead letters).
+    #[arg(long)]
+    reason: Option<String>,
 }
 
 /// A connection to the target and the headers every call sends.
@@ -435,13 +444,8 @@ async fn events_inner(cmd: EventsCmd) -> anyhow::Result<()> {
             Ok(())
         }
         EventsCmd::Ack { target, subscription, ack_ids } => pull_answer(&target, &subscription, "ack", serde_json::json!({ "ackIds": ack_ids })).await,
-        EventsCmd::Nack { target, subscription, ack_ids, reason } => {
-            let mut body = serde_json::json!({ "ackIds": ack_ids });
-            if let Some(reason) = reason {
-                body["reason"] = serde_json::json!(reason);
-            }
-            pull_answer(&target, &subscription, "nack", body).await
-        }
+        EventsCmd::Nack(f) => pull_answer(&f.target, &f.subscription, "nack", failure_body(f.ack_ids, f.reason)).await,
+        EventsCmd::Term(f) => pull_answer(&f.target, &f.subscription, "term", failure_body(f.ack_ids, f.reason)).await,
         EventsCmd::Tail { target, after, event_name, follow, max, page_size } => {
             let mut client = Client::new(&target)?;
             let (mut after, mut printed, mut failures) = (after, 0u64, 0u32);
@@ -500,7 +504,16 @@ async fn events_inner(cmd: EventsCmd) -> anyhow::Result<()> {
     }
 }
 
-/// `events ack` and `events nack`: the node's answer, printed.
+/// The body of a nack or a term: the ids, and the reason when one is given.
+fn failure_body(ack_ids: Vec<String>, reason: Option<String>) -> serde_json::Value {
+    let mut body = serde_json::json!({ "ackIds": ack_ids });
+    if let Some(reason) = reason {
+        body["reason"] = serde_json::json!(reason);
+    }
+    body
+}
+
+/// `events ack`, `events nack` and `events term`: the node's answer, printed.
 async fn pull_answer(target: &Target, subscription: &str, what: &str, body: serde_json::Value) -> anyhow::Result<()> {
     let mut client = Client::new(target)?;
     let path = format!("/v1/subscriptions/{}/{what}", percent_encode(subscription));

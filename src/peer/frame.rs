@@ -148,6 +148,9 @@ pub mod features {
     /// The node serves `PeerRequest::PullAnswer` (a client's answer to what it fetched here,
     /// forwarded by the node that received it).
     pub const PULL_FORWARD: u64 = 16384;
+    /// The node applies `SubUpdate::Rejected` and reads `EventOutcome::Rejected` (a failure
+    /// dead-lettered at once).
+    pub const REJECTED: u64 = 32768;
     /// Env var of a test-only hook: a node started with it set to a number announces `ALL`
     /// less those bits, as a build without them would, so that the cluster tests can hold a
     /// feature's gate shut. Not for production: the node still applies what it withholds.
@@ -162,7 +165,7 @@ pub mod features {
 
     /// Everything this build understands.
     pub const ALL: u64 =
-        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | PULL_FORWARD;
+        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | PULL_FORWARD | REJECTED;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

@@ -63,10 +63,9 @@ pub enum PeerRequest {
     /// `InvokedWith`. Only to peers that announced `features::APP_HEADERS`.
     InvokeWith { inv: crate::sdk::Invocation, headers: crate::sdk::HeaderList },
     /// A client's answer to events it fetched from this node's pull subscription `sub`, sent
-    /// to another node (a client's ack may land on any node): an ack, or a nack with its
-    /// reason. Answered with `PullAnswered`. Only to peers that announced
-    /// `features::PULL_FORWARD`.
-    PullAnswer { sub: String, ids: Vec<String>, nack: Option<String> },
+    /// to another node (a client's answer may land on any node): an ack, a nack or a term.
+    /// Answered with `PullAnswered`. Only to peers that announced `features::PULL_FORWARD`.
+    PullAnswer { sub: String, ids: Vec<String>, verdict: crate::broker::pull::Verdict },
 }
 
 impl PeerRequest {
@@ -153,6 +152,10 @@ pub enum EventOutcome {
     NotServed(String),
     /// Its handler still runs (the others of its batch are answered without waiting for it).
     Running,
+    /// The handler failed and said no retry can mend it (`HandlerError::no_retry`): an attempt
+    /// that dead-letters the event at once. Only to a leader that announced
+    /// `features::REJECTED` (to others, `Ran(Err(..))`).
+    Rejected(crate::sdk::HandlerError),
 }
 
 /// What a node says about itself to a peer or a seed prober.

@@ -1046,14 +1046,14 @@ impl SmData {
                 }
                 self.advance(sub);
             }
-            SubUpdate::Failed { sub, position, reason } | SubUpdate::FailedAt { sub, position, reason, .. } => {
+            SubUpdate::Failed { sub, position, reason } | SubUpdate::FailedAt { sub, position, reason, .. } | SubUpdate::Rejected { sub, position, reason, .. } => {
                 let position = *position;
                 let event_id = self.log.get(position).map(|e| e.id.clone()).unwrap_or_default();
                 if let Some(s) = self.subs.get_mut(sub) {
                     if position < s.cursor || s.done.contains(&position) {
                         return;
                     }
-                    if let SubUpdate::FailedAt { attempts, .. } = u {
+                    if let SubUpdate::FailedAt { attempts, .. } | SubUpdate::Rejected { attempts, .. } = u {
                         // Counted already (sent again, or reported by the expiry too), or left
                         // over from the subscription's shared days: nothing to count.
                         if !s.decl.shared || s.attempts.get(&position).copied().unwrap_or(0) != *attempts {
@@ -1062,7 +1062,7 @@ impl SmData {
                     }
                     let n = s.attempts.entry(position).or_insert(0);
                     *n += 1;
-                    if *n >= s.decl.max_attempts {
+                    if *n >= s.decl.max_attempts || matches!(u, SubUpdate::Rejected { .. }) {
                         let attempts = *n;
                         s.attempts.remove(&position);
                         s.done.insert(position);
@@ -2444,6 +2444,30 @@ mod tests {
         d.apply(3, Command::SubUpdate { updates: vec![at(first, 0)] });
         assert_eq!(d.subs["sub"].attempts.get(&first), None, "not counted on an every-instance subscription");
         assert_eq!((d.subs["sub"].cursor, d.subs["sub"].dead.len()), (before.cursor, before.dead.len()));
+    }
+
+    /// A failure no retry can mend (`Rejected`) dead-letters at once with the attempts it had
+    /// plus one, under `FailedAt`'s rule: a stale report (another attempt count) and a second
+    /// one count nothing.
+    #[test]
+    fn a_rejected_delivery_is_dead_lettered_at_once() {
+        let mut service = one_subscription("sub");
+        service.subscriptions[0].max_attempts = 5;
+        let mut d = SmData::default();
+        d.apply(1, Command::Register { node: 1, services: vec![service] });
+        d.apply(2, Command::Publish { now_ms: 10, events: events(2), limits: LIMITS });
+        let (first, second) = (d.log.first(), d.log.first() + 1);
+        let rejected = |position, attempts| SubUpdate::Rejected { sub: "sub".into(), position, attempts, reason: "never".into() };
+        d.apply(3, Command::SubUpdate { updates: vec![rejected(first, 1)] });
+        assert_eq!((d.subs["sub"].attempts.get(&first), d.subs["sub"].dead.len()), (None, 0), "stale: it had no failed attempt");
+        d.apply(4, Command::SubUpdate { updates: vec![SubUpdate::FailedAt { sub: "sub".into(), position: first, attempts: 0, reason: "no".into() }, rejected(first, 1)] });
+        let dead = &d.subs["sub"].dead;
+        assert_eq!(dead.len(), 1);
+        assert_eq!((dead[0].position, dead[0].attempts, dead[0].reason.as_str()), (first, 2, "never"));
+        assert_eq!(d.subs["sub"].cursor, second, "settled: the cursor passed it");
+        d.apply(5, Command::SubUpdate { updates: vec![rejected(first, 1), rejected(second, 0)] });
+        assert_eq!(d.subs["sub"].dead.len(), 2, "the first once, the second at its first attempt");
+        assert_eq!(d.subs["sub"].dead[1].attempts, 1);
     }
 
     /// A state machine where `node` registered `service` (entry 1), then `events` were published

@@ -264,6 +264,12 @@ pub enum SubUpdate {
     /// from before it changed mode). Older builds cannot decode it: proposed only once every
     /// member announced `features::FAILED_AT`.
     FailedAt { sub: String, position: u64, attempts: u32, reason: String },
+    /// A failure its handler said no retry can mend (`HandlerError::no_retry`), for the
+    /// delivery handed out when the event had `attempts` failed attempts: dead-lettered at once
+    /// with `attempts + 1`, under `FailedAt`'s rules (only while it still has that many, only on a
+    /// shared subscription). Older builds cannot decode it: proposed only once every member
+    /// announced `features::REJECTED`.
+    Rejected { sub: String, position: u64, attempts: u32, reason: String },
 }
 
 impl SubUpdate {
@@ -271,7 +277,7 @@ impl SubUpdate {
     pub fn approx_size(&self) -> usize {
         32 + match self {
             SubUpdate::Ack { sub, .. } => sub.len(),
-            SubUpdate::Failed { sub, reason, .. } | SubUpdate::FailedAt { sub, reason, .. } => sub.len() + reason.len(),
+            SubUpdate::Failed { sub, reason, .. } | SubUpdate::FailedAt { sub, reason, .. } | SubUpdate::Rejected { sub, reason, .. } => sub.len() + reason.len(),
             SubUpdate::Instance { sub, dead, .. } => sub.len() + dead.as_ref().map_or(0, |(_, r)| r.len()),
             SubUpdate::Rebase { sub, .. } => sub.len(),
         }

@@ -10,7 +10,9 @@
 //! - `orders` stores an order and emits `orderPlaced` (an order's `"holdMs": N` waits N ms
 //!   between the two: a node stopped then must still emit); the shared durable subscription
 //!   `countOrders` increments `orders-seen/<order id>` for each one it processes, so a test can see
-//!   at-least-once delivery and count duplicates by content; the every-instance subscription
+//!   at-least-once delivery and count duplicates by content (an order with `"poison": true`
+//!   fails each attempt, one with `"malformed": true` fails with no retry: dead letters); the
+//!   every-instance subscription
 //!   `auditOrders` records `orders-audit/<node>/<order id>` on each node.
 //! - `benchSink`, a shared durable subscription to `benchEvent` (what `raftbridge bench events`
 //!   publishes), only acknowledges: the bench reads its end-to-end delivery latency from
@@ -241,6 +243,10 @@ async fn count_order(ctx: Ctx, event: crate::broker::event::Event) -> Result<Opt
     if order.get("poison").and_then(|v| v.as_bool()) == Some(true) {
         // Lets tests exercise redelivery and the dead letters.
         return Err(HandlerError::unhandled("poison order"));
+    }
+    if order.get("malformed").and_then(|v| v.as_bool()) == Some(true) {
+        // One no retry can mend: dead-lettered at its first attempt.
+        return Err(HandlerError::bad_request("malformed order").no_retry());
     }
     // Untagged on purpose: each delivery counts, so duplicates stay visible.
     ctx.state().increment_untagged(STATE_STORE, &format!("orders-seen/{id}"), 1).await?;

@@ -166,6 +166,11 @@ pub struct HandlerError {
     /// `NotServed` there; it does not cross a link itself.
     #[serde(skip)]
     not_served: bool,
+    /// Set by [`HandlerError::no_retry`]: a subscription's event that failed this way goes to
+    /// the dead letters at once. Read by the dispatcher; it crosses a link only as the peer
+    /// protocol's `EventOutcome::Rejected`, to a leader that announced it.
+    #[serde(skip)]
+    no_retry: bool,
     /// Headers of a sidecar app's error answer for the client (`WWW-Authenticate`,
     /// `Retry-After`, ...). Not in this struct's encoding (it is also inside delivery answers):
     /// they cross a link in `PeerResponse::InvokedWith`.
@@ -175,7 +180,7 @@ pub struct HandlerError {
 
 impl HandlerError {
     pub fn new(status: u16, message: impl Into<String>) -> HandlerError {
-        HandlerError { status, message: message.into(), data: None, not_served: false, headers: HeaderList::new() }
+        HandlerError { status, message: message.into(), data: None, not_served: false, no_retry: false, headers: HeaderList::new() }
     }
     /// The handler could not take the request at all and did nothing (the sidecar's app
     /// refused the connection): the proxy tries another node, a delivery counts no attempt.
@@ -188,6 +193,18 @@ impl HandlerError {
     /// Whether this is [`HandlerError::not_served`].
     pub fn is_not_served(&self) -> bool {
         self.not_served
+    }
+    /// For a subscription handler: the event cannot be handled however often it comes (it is
+    /// malformed, it names what does not exist), so it goes to the dead letters now instead of
+    /// after the subscription's attempts (JetStream's `TERM`, Dapr's `DROP`). Where a member's
+    /// build cannot record that, it is retried as any failure is. A command's error ignores it.
+    pub fn no_retry(mut self) -> HandlerError {
+        self.no_retry = true;
+        self
+    }
+    /// Whether this is [`HandlerError::no_retry`].
+    pub fn is_no_retry(&self) -> bool {
+        self.no_retry
     }
     pub fn bad_request(message: impl Into<String>) -> HandlerError {
         HandlerError::new(400, message)

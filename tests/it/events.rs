@@ -978,6 +978,13 @@ fn poison_order_is_dead_lettered_after_max_attempts_and_later_orders_are_process
         })
         .collect();
 
+    // Malformed: its handler fails it with no retry, so one attempt dead-letters it.
+    let malformed = place_order(c.api(3), &json!({"id": "malformed-1", "malformed": true})).expect("place the malformed order");
+    let letter = c.wait_for("the malformed order dead-lettered", DEAD_LETTER, || {
+        dead_letters(c.api(1), "countOrders")?.into_iter().find(|d| d["eventId"].as_str() == Some(malformed.event_id.as_str())).ok_or_else(|| "not yet".to_string())
+    });
+    assert_eq!(letter["attempts"].as_u64(), Some(1), "{letter}");
+    assert!(letter["reason"].as_str().is_some_and(|r| r.contains("malformed order")), "{letter}");
     let dead = c.wait_for(
         "the poison order in countOrders' dead letters",
         DEAD_LETTER,
@@ -1058,11 +1065,11 @@ fn poison_order_is_dead_lettered_after_max_attempts_and_later_orders_are_process
             }
         },
     );
-    // Every node agrees on the dead letter (it is replicated).
-    c.wait_for("the dead letter on every node", CATCH_UP, || {
+    // Every node agrees on the dead letters, the poison and the malformed order (replicated).
+    c.wait_for("the dead letters on every node", CATCH_UP, || {
         for api in c.apis() {
             let list = dead_letters(api, "countOrders")?;
-            if list.len() != 1 {
+            if list.len() != 2 {
                 return Err(format!("node {}: {list:?}", api.id));
             }
         }
@@ -2756,6 +2763,7 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     // n = 3 is nacked at every fetch; n = 5 is left unanswered the first time.
     let mut acked: BTreeMap<u64, usize> = BTreeMap::new();
     let mut fetched_3 = 0;
+    let mut fetched_7 = 0;
     let mut fetched_5 = 0;
     c.wait_for("every job but the nacked one acked through node 1", DELIVERY, || {
         let messages = fetch(c.api(1))?;
@@ -2771,6 +2779,11 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
                     let a = answer("nack", &[id], Some("bad job"));
                     assert_eq!(a["nacked"], 1, "{a}");
                 }
+                7 => {
+                    fetched_7 += 1;
+                    let a = answer("term", &[id], Some("never"));
+                    assert_eq!(a["terminated"], 1, "{a}");
+                }
                 5 if fetched_5 == 0 => fetched_5 += 1,
                 _ => {
                     if n == 5 {
@@ -2785,7 +2798,7 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
             let a = answer("ack", &acks, None);
             assert_eq!((a["acked"].as_u64(), a["unknown"].as_array().map(Vec::len)), (Some(acks.len() as u64), Some(0)), "{a}");
         }
-        let want: BTreeSet<u64> = (0..20).filter(|n| *n != 3).collect();
+        let want: BTreeSet<u64> = (0..20).filter(|n| *n != 3 && *n != 7).collect();
         if acked.keys().copied().collect::<BTreeSet<u64>>() == want { Ok(()) } else { Err(format!("acked so far: {acked:?}")) }
     });
     assert!(acked.values().all(|n| *n == 1), "each job acked once: {acked:?}");
@@ -2798,6 +2811,12 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     });
     assert!(letter["reason"].as_str().is_some_and(|r| r.contains("nacked by the client: bad job")), "{letter}");
     assert_eq!(letter["attempts"].as_u64(), Some(2), "{letter}");
+    // Job 7, terminated at its first fetch: dead-lettered after that one attempt, never again.
+    let letter = c.wait_for("the terminated job dead-lettered", DEAD_LETTER, || {
+        dead_letters(c.api(2), "pullJobs")?.into_iter().find(|d| d["position"].as_u64() == Some(published[7])).ok_or_else(|| "no dead letter yet".to_string())
+    });
+    assert!(letter["reason"].as_str().is_some_and(|r| r.contains("terminated by the client: never")), "{letter}");
+    assert_eq!((letter["attempts"].as_u64(), fetched_7), (Some(1), 1), "{letter}");
     c.wait_for("the cursor past every job", DELIVERY, || {
         let at = cursor(c.api(2), "pullJobs")?;
         if at > published[19] { Ok(()) } else { Err(format!("cursor {at}")) }
@@ -2839,7 +2858,8 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     };
     let mut by_cli = Vec::new();
     // Each answered right after its fetch (the lease lasts the 10 s ack deadline).
-    for (n, answer_it) in [(100, ["events", "ack", "pullJobs"]), (101, ["events", "nack", "pullJobs"])] {
+    // The term before the nack: the nacked job comes again, and would be in a later fetch.
+    for (n, answer_it) in [(100, ["events", "ack", "pullJobs"]), (102, ["events", "term", "pullJobs"]), (101, ["events", "nack", "pullJobs"])] {
         let (_, position) = c.wait_for("a job accepted", PROGRESS, || publish(c.api(2), "job", &json!({"n": n}), &[]));
         let (id, line) = c.wait_for(&format!("job {n} fetched by the CLI"), DELIVERY, || {
             let (ok, out) = cli_on(1, &format!("fetch{n}"), &["events", "fetch", "--max", "5", "--wait", "5s", "pullJobs"]);
@@ -2852,12 +2872,13 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
         });
         assert_eq!((line["position"].as_u64(), &line["event"]["payload"]), (Some(position), &json!({"n": n})), "{line}");
         let mut args = answer_it.to_vec();
-        if n == 101 {
+        if n != 100 {
             args.extend(["--reason", "from a shell"]);
         }
         args.push(&id);
         let (ok, out) = cli_on(if n == 100 { 3 } else { 2 }, answer_it[1], &args);
-        let want = if n == 100 { json!({"acked": 1, "unknown": []}) } else { json!({"nacked": 1, "unknown": []}) };
+        let said = [(100, "acked"), (101, "nacked"), (102, "terminated")].iter().find(|(k, _)| *k == n).map_or("", |(_, v)| *v);
+        let want = json!({ said: 1, "unknown": [] });
         assert!(ok && serde_json::from_str::<Value>(out.trim()).ok() == Some(want), "{out}");
         by_cli.push((position, id));
     }
@@ -2866,6 +2887,10 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
         if v["cursor"].as_u64().is_some_and(|at| at > by_cli[0].0) { Ok(()) } else { Err(format!("{v}")) }
     });
 
+    let letter = c.wait_for("the CLI's term dead-lettering its job", DEAD_LETTER, || {
+        dead_letters(c.api(3), "pullJobs")?.into_iter().find(|d| d["position"].as_u64() == Some(by_cli[1].0)).ok_or_else(|| "no dead letter yet".to_string())
+    });
+    assert!(letter["reason"].as_str().is_some_and(|r| r.contains("terminated by the client: from a shell")) && letter["attempts"] == 1, "{letter}");
     c.wait_for("the CLI's nack counted on its job", DELIVERY, || {
         let v = get_json(c.api(2), "/v1/subscriptions/pullJobs")?;
         if v["retrying"].as_u64() == Some(1) { Ok(()) } else { Err(format!("{v}")) }
