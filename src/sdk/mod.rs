@@ -196,8 +196,9 @@ impl HandlerError {
     }
     /// For a subscription handler: the event cannot be handled however often it comes (it is
     /// malformed, it names what does not exist), so it goes to the dead letters now instead of
-    /// after the subscription's attempts (JetStream's `TERM`, Dapr's `DROP`). Where a member's
-    /// build cannot record that, it is retried as any failure is. A command's error ignores it.
+    /// after the subscription's attempts (JetStream's `TERM`, Dapr's `DROP`). Until every member
+    /// is known to run a build that records that, it is retried as any failure is. A command's
+    /// error ignores it (and a handler that calls one gets its error without it).
     pub fn no_retry(mut self) -> HandlerError {
         self.no_retry = true;
         self
@@ -495,7 +496,12 @@ impl Ctx {
             timeout_ms: u64::try_from(left.as_millis()).unwrap_or(u64::MAX).max(1),
             headers,
         };
-        invoker.invoke(inv, key).await
+        // A command's error says nothing of the event the calling handler runs for: a
+        // `no_retry` it set (kept only when it ran on this node) is dropped.
+        invoker.invoke(inv, key).await.map_err(|mut e| {
+            e.no_retry = false;
+            e
+        })
     }
 
     /// `invoke`, with the answer's body decoded from JSON (an empty body as JSON `null`); a

@@ -1077,6 +1077,26 @@ fn poison_order_is_dead_lettered_after_max_attempts_and_later_orders_are_process
     });
 }
 
+/// While a member's build cannot record a failure no retry can mend (feature bit 32768
+/// withheld by node 3 through the test hook), such a failure is retried as any other: the
+/// malformed order is dead-lettered after all its attempts, not after one.
+#[test]
+fn a_no_retry_failure_is_retried_while_a_member_cannot_record_it() {
+    const REJECTED: u64 = 32768;
+    let c = Cluster::new("ev-noretry-gate", 3, &["--example-services"]);
+    c.set_env(3, "RAFTBRIDGE_TEST_WITHHOLD_FEATURES", &REJECTED.to_string());
+    c.start_all();
+    c.wait_for_membership(&c.ids(), &[], FORMATION);
+    c.wait_all_ready(FORMATION);
+    wait_subscription(&c, &c.apis(), "countOrders");
+    wait_orders_routable(&c, "ev-noretry-gate");
+    let malformed = place_order(c.api(1), &json!({"id": "malformed-gate", "malformed": true})).expect("place the malformed order");
+    let letter = c.wait_for("the malformed order dead-lettered", DEAD_LETTER, || {
+        dead_letters(c.api(2), "countOrders")?.into_iter().find(|d| d["eventId"].as_str() == Some(malformed.event_id.as_str())).ok_or_else(|| "not yet".to_string())
+    });
+    assert_eq!(letter["attempts"].as_u64(), Some(5), "retried through its attempts: {letter}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Every-instance subscription
 // ---------------------------------------------------------------------------------------------
