@@ -283,7 +283,7 @@ async fn post_event(
         }
         Ok(resp) => {
             pool.put(conn);
-            Err(HandlerError::new(502, format!("app answered {} to event {}", resp.status, event.id)))
+            Err(app_refusal(&resp, &event.id))
         }
         Err(ClientError::Timeout { .. }) => Err(HandlerError::new(504, "app did not answer in time")),
         Err(e @ ClientError::Connect { .. }) => Err(pool.connect_failed(&e)),
@@ -292,6 +292,28 @@ async fn post_event(
         Err(ClientError::BodyTooLarge { status, .. }) if (200..300).contains(&status) && emit.is_none() => Ok(None),
         Err(e) => Err(HandlerError::new(502, format!("the request to the app failed: {}", cause(&e)))),
     }
+}
+
+/// The header with which an app's answer other than 2xx says that no retry can mend the event
+/// (`x-no-retry: true`): it goes to the dead letters at this attempt, as an SDK handler's
+/// `HandlerError::no_retry()` does (JetStream's `TERM`, Dapr's `DROP`). A header and not a body
+/// status, because a 2xx answer acks whatever its body says.
+pub const NO_RETRY_HEADER: &str = "x-no-retry";
+
+/// The failure an app's answer other than 2xx to a delivery is: its status and its own words
+/// (the `message` of a JSON body, else the text, cut to [`MAX_MESSAGE`]) as the attempt's
+/// reason, with no retry when the app said so ([`NO_RETRY_HEADER`]).
+fn app_refusal(resp: &Response, event_id: &str) -> HandlerError {
+    let (message, _) = error_message(&resp.body);
+    let message = cut(&message, MAX_MESSAGE);
+    let mut reason = format!("app answered {} to event {event_id}", resp.status);
+    if !message.is_empty() {
+        reason = format!("{reason}: {message}");
+    }
+    let no_retry = resp.headers.get(NO_RETRY_HEADER).and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true") || v.trim() == "1");
+    let e = HandlerError::new(502, reason);
+    if no_retry { e.no_retry() } else { e }
 }
 
 /// One `[[sidecar.commands]]` entry.
@@ -1137,6 +1159,31 @@ mod tests {
             assert_eq!(err.status, 502, "{err}");
             assert!(err.message.contains("pong"), "{err}");
         }
+    }
+
+    /// An app's failure names its status and words in the reason, and is final only when the
+    /// app says `x-no-retry: true` (or `1`).
+    #[test]
+    fn an_apps_failure_is_retried_unless_it_says_no_retry() {
+        let resp = |status: u16, body: &[u8], no_retry: Option<&'static str>| {
+            let mut headers = http::HeaderMap::new();
+            if let Some(v) = no_retry {
+                headers.insert(NO_RETRY_HEADER, http::HeaderValue::from_static(v));
+            }
+            Response { status, headers, body: Bytes::copy_from_slice(body) }
+        };
+        let e = app_refusal(&resp(500, br#"{"message":"db down"}"#, None), "ev-1");
+        assert_eq!((e.status, e.message.as_str(), e.is_no_retry()), (502, "app answered 500 to event ev-1: db down", false));
+        let e = app_refusal(&resp(422, b"", Some("TRUE")), "ev-2");
+        assert_eq!((e.message.as_str(), e.is_no_retry()), ("app answered 422 to event ev-2", true));
+        assert!(app_refusal(&resp(400, b"bad", Some(" 1 ")), "ev-3").is_no_retry());
+        for other in ["false", "0", "yes please"] {
+            assert!(!app_refusal(&resp(400, b"bad", Some(other)), "ev-4").is_no_retry(), "{other}");
+        }
+        // The app's words are cut as a command's are.
+        let long = "é".repeat(MAX_MESSAGE);
+        let e = app_refusal(&resp(503, long.as_bytes(), None), "ev-5");
+        assert!(e.message.len() <= "app answered 503 to event ev-5: ".len() + MAX_MESSAGE, "{}", e.message.len());
     }
 
     /// A delivery tells the app's middleware what a command's request would: its trace (a span

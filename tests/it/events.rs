@@ -2096,6 +2096,19 @@ fn sidecar_subscription_posts_events_to_the_apps_also_while_one_fails() {
     failing.call("POST", "/admin/ok-events").expect("ok-events");
     let after = publish_all("sca");
     wait_delivered(&c, &ups, &after, "after up1 recovered");
+
+    // An app that answers `x-no-retry: true` beside its failure dead-letters the event at that
+    // attempt (default max_attempts 5), with the app's own words as the reason.
+    let malformed = publish(c.api(3), "orderPlaced", &json!({"id": "sc-malformed", "malformed": true}), &[]).expect("publish").0;
+    let dead = c.wait_for("the malformed event dead-lettered", DELIVERY, || {
+        let dead = dead_letters(c.api(1), "appOrders")?;
+        dead.into_iter().find(|d| d["eventId"].as_str() == Some(malformed.as_str())).ok_or("not yet".to_string())
+    });
+    assert_eq!(dead["attempts"], 1, "a failure the app said no retry mends was retried: {dead}");
+    let reason = dead["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("422") && reason.contains("malformed event"), "the reason names the app's answer: {dead}");
+    let tried: usize = ups.iter().map(|u| u.list("/events/failed").expect("failed list").iter().filter(|id| **id == malformed).count()).sum();
+    assert_eq!(tried, 1, "the malformed event was delivered {tried} times");
 }
 
 

@@ -32,6 +32,8 @@ keep-alive (the node pools connections), one thread per connection, and answers:
   GET  /events/held         (JSON list, with duplicates) and answered only after
   POST /admin/release       (or after 30 s)
                             One whose payload has "sleepMs": N is answered after N ms.
+                            One whose payload has "malformed": true is answered 422
+                            {"message":"malformed event"} with X-No-Retry: true (recorded as failed).
   anything else             404 {"message":"no route"}
 
 It prints `listening on HOST:PORT` once it accepts connections (useful with --port 0).
@@ -163,6 +165,17 @@ def make_handler(state, verbose):
                     state.released.wait(30)
                 if isinstance(payload, dict) and isinstance(payload.get("sleepMs"), int):
                     time.sleep(min(max(payload["sleepMs"], 0), 30000) / 1000.0)
+                if isinstance(payload, dict) and payload.get("malformed") is True:
+                    with state.lock:
+                        state.events_failed.append(event_id)
+                    body = json.dumps({"message": "malformed event"}).encode()
+                    self.send_response(422)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.send_header("X-No-Retry", "true")
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return None
                 with state.lock:
                     failing = state.fail_events
                     (state.events_failed if failing else state.events_received).append(event_id)
