@@ -345,6 +345,12 @@ struct TxnBody {
 /// and Dapr's state transactions; 200 `{"revision":N}`, or 412 naming the first operation
 /// whose revision did not match (`failed`), with nothing written.
 pub(super) async fn transaction(app: &App, space: Space, store: &str, req: Request<Incoming>) -> ApiResult {
+    // A habit from PUT that would otherwise be ignored and write unconditionally.
+    if req.headers().contains_key(http::header::IF_MATCH) || req.headers().contains_key(http::header::IF_NONE_MATCH) {
+        return Err(ApiError::BadRequest(
+            "a transaction takes no If-Match or If-None-Match: give each operation its precondition (\"ifRevision\", or a \"check\" operation)".into(),
+        ));
+    }
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
     let parsed: TxnBody = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("a transaction is {{\"operations\":[{{\"op\":\"put\"|\"delete\"|\"check\",\"key\",..}}]}}: {e}")))?;
     let mut ops = Vec::with_capacity(parsed.operations.len().min(crate::store::MAX_TXN_OPS));

@@ -517,6 +517,16 @@ fn a_transaction_writes_its_keys_all_or_none_on_every_node() {
         assert_json_error(&call(&follower, "POST", "/v1/state/bank", &[], body.as_bytes()), 400, what);
     }
     assert_json_error(&call(&follower, "POST", "/v1/state/bank?dry=1", &[], cfg.to_string().as_bytes()), 400, "a query parameter");
+    for (header, value) in [("if-match", "1"), ("if-none-match", "*")] {
+        let refused = call(&follower, "POST", "/v1/state/bank", &[(header, value)], cfg.to_string().as_bytes());
+        assert_json_error(&refused, 400, &format!("{header} on a transaction"));
+        assert!(refused.text().contains("ifRevision"), "the message points to ifRevision: {}", refused.describe());
+    }
+    // Over --max-body (1 MiB unless set): a 413, nothing written.
+    let big = "x".repeat(512 << 10);
+    let huge = json!({"operations": (0..3).map(|i| json!({"op": "put", "key": format!("big{i}"), "value": big})).collect::<Vec<_>>()});
+    assert_json_error(&call(&follower, "POST", "/v1/state/bank", &[], huge.to_string().as_bytes()), 413, "a transaction over --max-body");
+    status(&call(&follower, "GET", "/v1/state/bank/big0", &[], b""), 404, "the oversized transaction wrote nothing");
     assert_eq!(json_of(&call(&follower, "GET", "/v1/state/bank/a", &[], b"")), json!(10), "no refused transaction wrote anything");
     status(&call(&follower, "GET", "/v1/state/bank/k0", &[], b""), 404, "the 65-op transaction wrote nothing");
 }
