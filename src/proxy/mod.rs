@@ -539,6 +539,16 @@ impl Proxy {
         if self.candidates(&route).is_empty() {
             return Err(HandlerError::from_api(ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version))));
         }
+        // Judged here, not by whichever node the balancer picks: a local callee would take it
+        // and a remote one not.
+        if inv.payload.len() > self.settings.max_output {
+            return Err(HandlerError::unhandled(format!(
+                "the call of {} carries {} bytes, more than the {} a node can carry (half of --max-frame)",
+                inv.command,
+                inv.payload.len(),
+                self.settings.max_output
+            )));
+        }
         let own = Duration::from_millis(route.decl.timeout_ms.max(1));
         let deadline = Instant::now() + own.min(Duration::from_millis(inv.timeout_ms.max(1)));
         inv.timeout_ms = deadline.saturating_duration_since(Instant::now()).as_millis().max(1) as u64;
@@ -570,7 +580,7 @@ impl Proxy {
         let run = Detachable { run: Some(Box::pin(run)), tracker: self.running.clone() };
         match run.await {
             Ok(out) => out,
-            Err(e) => Err(HandlerError::from_api(e)),
+            Err(e) => Err(call_error(e)),
         }
     }
 
@@ -1043,9 +1053,31 @@ fn valid_traceparent(t: &str) -> bool {
         && parts[2] != "0".repeat(16)
 }
 
+/// A handler's call that failed, as its handler sees it: as a client would (`from_api`), but a
+/// call too large for a peer link is the calling handler's own fault, a 500, not a 413 that
+/// its client would read as "your body was too large" (and keep under its key).
+fn call_error(e: ApiError) -> HandlerError {
+    match e {
+        ApiError::Oversized(why) => HandlerError::unhandled(format!("a command called from this handler is larger than a node can carry: {why}")),
+        e => HandlerError::from_api(e),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call too large for a link is the caller's 500; the platform's other failures keep
+    /// their statuses.
+    #[test]
+    fn an_oversized_call_is_the_calling_handlers_fault() {
+        let e = call_error(ApiError::Oversized("frame of 9 bytes over 8".into()));
+        assert_eq!(e.status, 500, "{e}");
+        assert!(e.message.contains("frame of 9 bytes over 8"), "{e}");
+        for (api, status) in [(ApiError::Timeout, 504), (ApiError::Unavailable("x".into()), 503), (ApiError::BadGateway("x".into()), 502)] {
+            assert_eq!(call_error(api).status, status);
+        }
+    }
 
     /// A keyed call from a handler gets the answer as the client would, and back as the
     /// handler returned it: status, body, type, headers, and an error's message and data.

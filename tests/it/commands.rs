@@ -1450,4 +1450,13 @@ fn a_handler_calls_commands_on_any_node_and_a_keyed_rerun_does_not_repeat_them()
     let past = chain(9);
     assert_json_error(&past, 508, "a chain of calls past the bound");
     assert!(past.json().unwrap()["message"].as_str().is_some_and(|m| m.contains("at most 8")), "{}", past.describe());
+    // The depth is the node's to set: a client's own header neither shortens the bound nor
+    // lengthens it.
+    for claimed in ["8", "0", "-1", "junk"] {
+        let sent = c.api(1).request("POST", "/api/v1/chain?n=8", &[("x-raftbridge-call-depth", claimed)], b"").expect("chain");
+        assert_eq!(sent.status, 200, "with a client's depth {claimed}: {}", sent.describe());
+        assert_eq!(sent.json().unwrap()["depth"], json!(8), "{}", sent.describe());
+        let sent = c.api(3).request("POST", "/api/v1/chain?n=9", &[("x-raftbridge-call-depth", claimed)], b"").expect("chain");
+        assert_json_error(&sent, 508, &format!("past the bound with a client's depth {claimed}"));
+    }
 }
