@@ -444,7 +444,7 @@ impl Proxy {
         let meta = client_meta(req.headers(), request_id, traceparent)?;
         let headers = headers::from_client(&req)?;
         // liveness
-        if self.candidates(&route).is_empty() {
+        if self.candidates(&route, false).is_empty() {
             debug!(
                 service = %route.service,
                 nodes = ?route.nodes,
@@ -530,13 +530,23 @@ impl Proxy {
     /// timeout, whichever ends first; under `key` (the caller's run is keyed) it is claimed
     /// and answered once, as a client's keyed request is.
     async fn call_from_handler(self: Arc<Self>, mut inv: Invocation, key: Option<String>) -> Result<Output, HandlerError> {
-        let route = self
-            .table()
-            .by_name(&inv.service, inv.version, &inv.command)
-            .ok_or_else(|| HandlerError::not_found(format!("no node declares command {} of service {} v{}", inv.command, inv.service, inv.version)))?;
+        // While this node drains it has left the registry, and a command only it offered has
+        // no route; its handlers still finish their work here (every-instance loops end their
+        // pass, a delivery in flight runs on), so their calls may run here too.
+        let mut route = self.table().by_name(&inv.service, inv.version, &inv.command);
+        if self.is_draining() {
+            if let Some(own) = self.local_route(&inv.service, inv.version, &inv.command) {
+                match &mut route {
+                    Some(r) if !r.nodes.contains(&self.node_id) && self.candidates(r, true).is_empty() => r.nodes.push(self.node_id),
+                    Some(_) => {}
+                    None => route = Some(own),
+                }
+            }
+        }
+        let route = route.ok_or_else(|| HandlerError::not_found(format!("no node declares command {} of service {} v{}", inv.command, inv.service, inv.version)))?;
         // The caller's own mistake: a 500 of its handler, not a 431 of a client's.
         inv.headers = headers::checked(std::mem::take(&mut inv.headers)).map_err(|e| HandlerError::unhandled(format!("the headers of a call of {}: {e}", inv.command)))?;
-        if self.candidates(&route).is_empty() {
+        if self.candidates(&route, true).is_empty() {
             return Err(HandlerError::from_api(ApiError::Unavailable(format!("no live node offers {} v{}", route.service, route.version))));
         }
         // Judged here, not by whichever node the balancer picks: a local callee would take it
@@ -592,15 +602,24 @@ impl Proxy {
         tokio::time::timeout(grace, self.running.wait()).await.is_ok()
     }
 
-    /// Live nodes offering the route.
-    fn candidates(&self, route: &Route) -> Vec<NodeId> {
+    /// This node's own route to a command it offers, whether or not the registry lists it.
+    fn local_route(&self, service: &str, version: u32, command: &str) -> Option<Route> {
+        self.local.get(service, version, command)?;
+        let decl = self.local.decls.iter().find(|d| d.name == service && d.version == version)?.commands.iter().find(|c| c.name == command)?;
+        Some(Route { service: service.to_string(), version, decl: decl.clone(), nodes: vec![self.node_id] })
+    }
+
+    /// Live nodes offering the route. A draining node runs no more of its clients' or peers'
+    /// commands, but runs its own handlers' calls (`handler_call`): they are the end of work
+    /// it had taken before the drain.
+    fn candidates(&self, route: &Route, handler_call: bool) -> Vec<NodeId> {
         route
             .nodes
             .iter()
             .copied()
             .filter(|n| {
                 if *n == self.node_id {
-                    !self.is_draining()
+                    (handler_call || !self.is_draining())
                         && self.cluster.serving()
                         && self.local.get(&route.service, route.version, &route.decl.name).is_some_and(|h| h.available())
                 } else {
@@ -620,6 +639,9 @@ impl Proxy {
         retry_after_delivery: bool,
     ) -> Result<(Result<Output, HandlerError>, NodeId), ApiError> {
         self.budget.deposit();
+        // Only the node sets the call depth, on a handler's call (`Ctx::invoke`); a client's is
+        // dropped on the way in (`headers::from_client`).
+        let handler_call = inv.headers.iter().any(|(n, _)| n == crate::sdk::CALL_DEPTH_HEADER);
         let balancer = self.balancers.of(&route.service, route.version);
         // The deadline is the command's own timeout (a client's shorter one ends only its wait,
         // `handle`): passing it says something of the node's health (a hung handler, local
@@ -636,7 +658,7 @@ impl Proxy {
                 break;
             }
             unserved = false;
-            let all = self.candidates(route);
+            let all = self.candidates(route, handler_call);
             let fresh: Vec<NodeId> = all.iter().copied().filter(|n| !tried.contains(n)).collect();
             let pool = if fresh.is_empty() { all } else { fresh };
             let local = self.settings.local_first.then_some(self.node_id);

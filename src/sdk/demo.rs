@@ -33,7 +33,7 @@
 //!
 //! - `relay` calls `increment` (for the counter in its path) and then `echo` from its handler
 //!   (`Ctx::invoke`), each on whichever node the proxy picks, and answers both results:
-//!   service-to-service calls inside the cluster. With `x-demo-fail-after-calls` it fails
+//!   service-to-service calls inside the cluster (`?holdMs=N` waits N ms between the two). With `x-demo-fail-after-calls` it fails
 //!   (500) after the calls, so that a client's retry under the same `Idempotency-Key` re-runs
 //!   it and shows that the calls are answered from the first run, not run again.
 //! - `chain?n=N` calls itself with `n=N-1` until 0 and answers how deep it went: the bound on
@@ -210,10 +210,22 @@ async fn notify(ctx: Ctx, body: serde_json::Value, _: ()) -> Result<serde_json::
     Ok(json!({"notified": body, "servedBy": ctx.node_id}))
 }
 
-/// `relay/:name`: `increment` of counter `name`, then `echo`, each called through the
-/// cluster from this handler.
-async fn relay(ctx: Ctx, _: IgnoredAny, p: CounterParams) -> Result<serde_json::Value, HandlerError> {
+#[derive(Debug, Deserialize)]
+pub struct RelayParams {
+    pub name: String,
+    /// Waits this many ms between the two calls (at most `MAX_SLEEP_MS`): lets a test stop the
+    /// node between them.
+    #[serde(rename = "holdMs", default)]
+    pub hold_ms: Option<u64>,
+}
+
+/// `relay/:name[?holdMs=N]`: `increment` of counter `name`, then `echo`, each called through
+/// the cluster from this handler.
+async fn relay(ctx: Ctx, _: IgnoredAny, p: RelayParams) -> Result<serde_json::Value, HandlerError> {
     let counter: serde_json::Value = ctx.invoke_json(Call::new(SERVICE, VERSION, "increment").param("name", p.name.as_str())).await?;
+    if let Some(ms) = p.hold_ms {
+        tokio::time::sleep(Duration::from_millis(ms.min(MAX_SLEEP_MS))).await;
+    }
     let echo: serde_json::Value = ctx.invoke_json(Call::new(SERVICE, VERSION, "echo").json(&json!({"relayedBy": ctx.node_id}))?).await?;
     if ctx.header("x-demo-fail-after-calls").is_some() {
         return Err(HandlerError::unhandled("failed after its calls, as asked (x-demo-fail-after-calls)"));

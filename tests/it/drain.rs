@@ -247,6 +247,32 @@ fn a_forwarded_command_finishes_its_emit_when_its_node_drains() {
     assert_eq!(ours[0]["position"], position, "{}", ours[0]);
 }
 
+/// A handler's call runs while its node drains: the node has left the registry, so a command
+/// only it offers had no route (404) or no live candidate (503), and a command taken before the
+/// drain failed at its next call, as did a delivery's handler (an attempt counted for the drain
+/// alone). One node: `relay` calls `increment`, waits 1.5 s, then calls `echo`; the node gets
+/// SIGTERM once the increment is visible, and the client's answer carries both calls.
+#[test]
+fn a_handlers_call_runs_while_its_node_drains() {
+    let (c, _) = Cluster::formed("drain-call", 1, &["--example-services", "--drain-delay-ms", "1000"]);
+    let api = c.api(1);
+    c.wait_until("node 1 routes relay", Duration::from_secs(30), || {
+        api.request("POST", "/api/v1/relay/warm-up", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    let client = std::thread::spawn(move || api.request("POST", "/api/v1/relay/drain-call?holdMs=1500", &[], b""));
+    c.wait_until("the relay's first call is visible", Duration::from_secs(30), || {
+        api.request("GET", "/v1/state/demo/counter/drain-call", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    c.allow_exit(1);
+    c.signal(1, "TERM");
+    let resp = client.join().expect("client thread").expect("an answer");
+    assert_eq!(resp.status, 200, "the relay's second call ran on its draining node: {}", resp.describe());
+    let v = resp.json().expect("json");
+    assert_eq!((v["counter"]["value"].clone(), v["echo"]["servedBy"].clone()), (json!(1), json!(1)), "{v}");
+    let status = c.wait_exit(1, Duration::from_secs(30));
+    assert!(status.success(), "node 1 exited with {status} after its drain");
+}
+
 /// A second SIGTERM during a drain ends the node at once (exit status 130), as an operator who
 /// presses Ctrl-C twice means: the signal handlers stay installed for the process's life, so
 /// the second one used to be swallowed and the drain ran its full course. The drain here is
