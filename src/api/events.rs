@@ -423,6 +423,48 @@ pub async fn drop_subscription(app: &App, name: &str) -> ApiResult {
     }
 }
 
+/// Where a seek moves a subscription's cursor: a position, or either end of the retained log.
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum SeekTo {
+    Position(u64),
+    End(String),
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SeekBody {
+    position: SeekTo,
+}
+
+/// `POST /v1/subscriptions/{name}/seek` with `{"position": N | "start" | "end"}`: a shared
+/// subscription's delivery starts again at event position N (clamped to the retained log), at
+/// the oldest retained event, or after the newest, as a Kafka consumer group's offsets are
+/// reset or a Pub/Sub subscription seeks (`Command::SeekSubscription`). 200 `{"name","cursor"}`
+/// once committed; 404 when there is none; 409 for an every-instance subscription (each node
+/// keeps its own position); 503 while a member's build cannot apply it.
+pub async fn seek_subscription(app: &App, name: &str, req: Request<Incoming>) -> ApiResult {
+    check_subscription(name)?;
+    let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
+    let bad = |e: &dyn std::fmt::Display| ApiError::BadRequest(format!("a seek is {{\"position\": N | \"start\" | \"end\"}}: {e}"));
+    // An object: serde would read a struct from an array too (`[5]`).
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body).map_err(|e| bad(&e))?;
+    let parsed: SeekBody = serde::Deserialize::deserialize(serde_json::Value::Object(object)).map_err(|e| bad(&e))?;
+    let position = match parsed.position {
+        SeekTo::Position(n) => n,
+        SeekTo::End(end) if end == "start" => 0,
+        SeekTo::End(end) if end == "end" => u64::MAX,
+        SeekTo::End(other) => return Err(ApiError::BadRequest(format!("position is a number, \"start\" or \"end\", not {:?}", super::cut(&other, 32)))),
+    };
+    match app.store.seek_subscription(name, position).await? {
+        (Some(cursor), _) => Ok(json_response(StatusCode::OK, &serde_json::json!({ "name": name, "cursor": cursor }))),
+        (None, false) => Err(ApiError::Conflict(format!(
+            "subscription {name} delivers to every instance, and each node keeps its own position: a seek moves a shared subscription's cursor"
+        ))),
+        (None, true) => Err(ApiError::NotFound(format!("no subscription {name}"))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -991,7 +991,11 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
             Some(name) => ("pull_answer", events::pull_answer(app, &name, action, req).await),
             None => ("pull", Err(ApiError::BadRequest("the subscription name in the path is not valid percent-encoded UTF-8".into()))),
         },
-        (_, ["v1", "subscriptions", _, "fetch" | "ack" | "nack" | "term"]) => ("other", Err(not_allowed("POST"))),
+        (Method::POST, ["v1", "subscriptions", name, "seek"]) => match crate::proxy::routing::percent_decode_with(name, false) {
+            Some(name) => ("subscription_seek", events::seek_subscription(app, &name, req).await),
+            None => ("subscription_seek", Err(ApiError::BadRequest("the subscription name in the path is not valid percent-encoded UTF-8".into()))),
+        },
+        (_, ["v1", "subscriptions", _, "fetch" | "ack" | "nack" | "term" | "seek"]) => ("other", Err(not_allowed("POST"))),
         (Method::POST, ["v1", space @ ("state" | "config"), store]) => {
             let (space, route) = match *space {
                 "config" => (crate::store::Space::Config, "config_txn"),
@@ -1638,7 +1642,7 @@ fn query_params_of(method: &Method, segs: &[&str]) -> Option<&'static [&'static 
         (&Method::GET, ["v1", "events"]) => &["after", "limit", "eventName", "wait"],
         (&Method::GET, ["v1", "dead-letters"]) => &["subscription", "after", "limit"],
         (&Method::POST, ["v1", "subscriptions", _, "fetch"]) => &["max", "wait"],
-        (&Method::POST, ["v1", "subscriptions", _, "ack" | "nack" | "term"]) => &[],
+        (&Method::POST, ["v1", "subscriptions", _, "ack" | "nack" | "term" | "seek"]) => &[],
         (&Method::POST, ["v1", "events"] | ["v1", "events", _] | ["v1", "state" | "config", _])
         | (&Method::GET, ["v1", "subscriptions"])
         | (&Method::GET | &Method::DELETE, ["v1", "subscriptions", _])

@@ -179,6 +179,16 @@ pub enum EventsCmd {
     /// dead letters now (with --reason) instead of after its attempts. Prints
     /// `{"terminated","unknown"}`.
     Term(Failure),
+    /// Move a shared subscription's cursor: its delivery starts again at POSITION, an event
+    /// position (`start`: the oldest retained event; `end`: after the newest), to process
+    /// retained events again or to skip them. Acks and attempts since are forgotten, dead
+    /// letters kept. Prints `{"name","cursor"}`.
+    Seek {
+        #[command(flatten)]
+        target: Target,
+        subscription: String,
+        position: String,
+    },
 }
 
 /// What `events nack` and `events term` take.
@@ -443,9 +453,16 @@ async fn events_inner(cmd: EventsCmd) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        EventsCmd::Ack { target, subscription, ack_ids } => pull_answer(&target, &subscription, "ack", serde_json::json!({ "ackIds": ack_ids })).await,
-        EventsCmd::Nack(f) => pull_answer(&f.target, &f.subscription, "nack", failure_body(f.ack_ids, f.reason)).await,
-        EventsCmd::Term(f) => pull_answer(&f.target, &f.subscription, "term", failure_body(f.ack_ids, f.reason)).await,
+        EventsCmd::Ack { target, subscription, ack_ids } => subscription_post(&target, &subscription, "ack", serde_json::json!({ "ackIds": ack_ids })).await,
+        EventsCmd::Nack(f) => subscription_post(&f.target, &f.subscription, "nack", failure_body(f.ack_ids, f.reason)).await,
+        EventsCmd::Term(f) => subscription_post(&f.target, &f.subscription, "term", failure_body(f.ack_ids, f.reason)).await,
+        EventsCmd::Seek { target, subscription, position } => {
+            let position = match position.as_str() {
+                "start" | "end" => serde_json::json!(position),
+                n => serde_json::json!(n.parse::<u64>().map_err(|_| anyhow::anyhow!("POSITION is an event position, start or end, not {n:?}"))?),
+            };
+            subscription_post(&target, &subscription, "seek", serde_json::json!({ "position": position })).await
+        }
         EventsCmd::Tail { target, after, event_name, follow, max, page_size } => {
             let mut client = Client::new(&target)?;
             let (mut after, mut printed, mut failures) = (after, 0u64, 0u32);
@@ -513,8 +530,9 @@ fn failure_body(ack_ids: Vec<String>, reason: Option<String>) -> serde_json::Val
     body
 }
 
-/// `events ack`, `events nack` and `events term`: the node's answer, printed.
-async fn pull_answer(target: &Target, subscription: &str, what: &str, body: serde_json::Value) -> anyhow::Result<()> {
+/// `events ack`, `nack`, `term` and `seek`: `POST /v1/subscriptions/{subscription}/{what}`
+/// with `body`, and the node's answer printed.
+async fn subscription_post(target: &Target, subscription: &str, what: &str, body: serde_json::Value) -> anyhow::Result<()> {
     let mut client = Client::new(target)?;
     let path = format!("/v1/subscriptions/{}/{what}", percent_encode(subscription));
     let resp = client.call(http::Method::POST, &path, Bytes::from(serde_json::to_vec(&body)?), CALL_TIMEOUT, &[]).await?;

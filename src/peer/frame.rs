@@ -151,6 +151,8 @@ pub mod features {
     /// The node applies `SubUpdate::Rejected` and reads `EventOutcome::Rejected` (a failure
     /// dead-lettered at once).
     pub const REJECTED: u64 = 32768;
+    /// The node applies `Command::SeekSubscription` (a shared subscription's cursor moved).
+    pub const SUB_SEEK: u64 = 65536;
     /// Env var of a test-only hook: a node started with it set to a number announces `ALL`
     /// less those bits, as a build without them would, so that the cluster tests can hold a
     /// feature's gate shut. Not for production: the node still applies what it withholds.
@@ -165,7 +167,7 @@ pub mod features {
 
     /// Everything this build understands.
     pub const ALL: u64 =
-        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | PULL_FORWARD | REJECTED;
+        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | PULL_FORWARD | REJECTED | SUB_SEEK;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

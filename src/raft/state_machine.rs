@@ -948,6 +948,26 @@ impl SmData {
                 let existed = if declared_by.is_empty() { self.subs.remove(&name).is_some() } else { self.subs.contains_key(&name) };
                 CommandResult::SubscriptionDropped { existed, declared_by }
             }
+            Command::SeekSubscription { name, position } => {
+                let first = self.log.first();
+                let next = self.log.next;
+                match self.subs.get_mut(&name) {
+                    Some(s) if s.decl.shared => {
+                        s.cursor = position.clamp(first, next);
+                        s.done.clear();
+                        s.attempts.clear();
+                        // The delivery loop's backlog looks afresh (`Backlog`).
+                        self.subs_generation += 1;
+                        s.incarnation = Incarnation(self.subs_generation);
+                        // Over what is settled without a delivery (events its filter does
+                        // not take), as every other move of the cursor does.
+                        advance(&self.log, &name, s, &[]);
+                        CommandResult::SubscriptionSought { cursor: Some(s.cursor), shared: true }
+                    }
+                    Some(_) => CommandResult::SubscriptionSought { cursor: None, shared: false },
+                    None => CommandResult::SubscriptionSought { cursor: None, shared: true },
+                }
+            }
             Command::IdemComplete { key, attempt, mut response } => {
                 // Only what the entry's encoding holds, whoever applies it (the leader applies
                 // the entry as proposed, the others as decoded).
@@ -2468,6 +2488,48 @@ mod tests {
         d.apply(5, Command::SubUpdate { updates: vec![rejected(first, 1), rejected(second, 0)] });
         assert_eq!(d.subs["sub"].dead.len(), 2, "the first once, the second at its first attempt");
         assert_eq!(d.subs["sub"].dead[1].attempts, 1);
+    }
+
+    /// A seek moves a shared subscription's cursor into the retained log (clamped at both
+    /// ends), forgets acks and attempts, keeps dead letters, and starts its progress anew (the
+    /// delivery loop's backlog looks afresh); an every-instance or unknown one is not moved.
+    #[test]
+    fn a_seek_moves_a_shared_subscriptions_cursor_within_the_retained_log() {
+        let mut d = SmData::default();
+        d.apply(1, Command::Register { node: 1, services: vec![one_subscription("sub")] });
+        d.apply(2, Command::Publish { now_ms: 10, events: events(4), limits: LIMITS });
+        let (first, end) = (d.log.first(), d.log.next);
+        let ack = |position| SubUpdate::Ack { sub: "sub".into(), position };
+        d.apply(3, Command::SubUpdate { updates: vec![ack(first), ack(first + 1), ack(first + 3)] });
+        d.apply(4, Command::SubUpdate { updates: vec![SubUpdate::Rejected { sub: "sub".into(), position: first + 2, attempts: 0, reason: "bad".into() }] });
+        assert_eq!((d.subs["sub"].cursor, d.subs["sub"].dead.len()), (end, 1), "all settled, one dead");
+        // The delivery loop's backlog, as it stands with everything settled.
+        let shared = empty_shared();
+        *write(&shared.data) = d.clone();
+        let mut backlog = Backlog::default();
+        assert!(shared.pending("sub", 10, &mut backlog, |_| false).is_empty());
+        let before = d.subs["sub"].incarnation.0;
+        let seek = |position| Command::SeekSubscription { name: "sub".into(), position };
+        assert_eq!(d.apply(5, seek(first + 1)), CommandResult::SubscriptionSought { cursor: Some(first + 1), shared: true });
+        let s = &d.subs["sub"];
+        assert_eq!((s.cursor, s.done.len(), s.attempts.len(), s.dead.len()), (first + 1, 0, 0, 1), "back: acks forgotten, dead letters kept");
+        assert_ne!(s.incarnation.0, before, "progress starts anew");
+        *write(&shared.data) = d.clone();
+        let pending: Vec<u64> = shared.pending("sub", 10, &mut backlog, |_| false).iter().map(|(e, _)| e.position).collect();
+        assert_eq!(pending, vec![first + 1, first + 2, first + 3], "delivered again from there, the dead letter too");
+        assert_eq!(d.apply(6, seek(0)), CommandResult::SubscriptionSought { cursor: Some(first), shared: true }, "before the oldest retained");
+        assert_eq!(d.apply(7, seek(u64::MAX)), CommandResult::SubscriptionSought { cursor: Some(end), shared: true }, "past the end");
+        // A late ack of a delivery handed out before the seek still settles its event.
+        d.apply(8, seek(first));
+        d.apply(9, Command::SubUpdate { updates: vec![ack(first)] });
+        assert_eq!(d.subs["sub"].cursor, first + 1);
+
+        let (_, every) = every_instance("each");
+        d.apply(10, Command::Register { node: 2, services: vec![every] });
+        let instances = d.subs["each"].instances.clone();
+        assert_eq!(d.apply(11, Command::SeekSubscription { name: "each".into(), position: first }), CommandResult::SubscriptionSought { cursor: None, shared: false });
+        assert_eq!(d.subs["each"].instances, instances, "an every-instance subscription is not moved");
+        assert_eq!(d.apply(12, Command::SeekSubscription { name: "nope".into(), position: first }), CommandResult::SubscriptionSought { cursor: None, shared: true });
     }
 
     /// A state machine where `node` registered `service` (entry 1), then `events` were published

@@ -198,6 +198,13 @@ pub enum Command {
     /// a key's expiry, as `Put` does). Added after the others: proposed only when every member
     /// announced `features::TXN`.
     Txn { store: String, ops: Vec<TxnOp> },
+    /// A shared subscription's delivery starts again at `position` (clamped to the retained
+    /// log: the oldest retained event at most, the log's end at least), as a Kafka consumer
+    /// group's offsets are reset or a Pub/Sub subscription seeks: back, to process retained
+    /// events again (after a handler's bug was fixed, say); forward, to skip them. Acks and
+    /// attempts are forgotten, dead letters kept. Answered `SubscriptionSought`. Added after
+    /// the others: proposed only when every member announced `features::SUB_SEEK`.
+    SeekSubscription { name: String, position: u64 },
 }
 
 /// One write or check of a `Command::Txn`.
@@ -336,6 +343,7 @@ impl Command {
                             .map(|op| op.key().len() + 32 + if let TxnOp::Put { value, .. } = op { value.len() } else { 0 })
                             .sum::<usize>()
                 }
+                Command::SeekSubscription { name, .. } => name.len(),
             }
     }
 
@@ -391,6 +399,7 @@ impl fmt::Display for Command {
             Command::Expire { keys } => write!(f, "expire {} keys", keys.len()),
             Command::Tagged { command, .. } => write!(f, "{command} (tagged)"),
             Command::Txn { store, ops } => write!(f, "transaction of {} ops on {store}", ops.len()),
+            Command::SeekSubscription { name, position } => write!(f, "seek subscription {name} to {position}"),
         }
     }
 }
@@ -431,6 +440,9 @@ pub enum CommandResult {
     /// `Txn`: op `op` (its place in the list) found the key at `current` (None = absent),
     /// not the revision it wanted; nothing was written. Only a `Txn` answers it.
     TxnFailed { op: u32, current: Option<u64> },
+    /// `SeekSubscription`: `cursor` is where delivery starts now; `None` when there is no such
+    /// subscription, or it is not shared (nothing changed). Only a `SeekSubscription` answers it.
+    SubscriptionSought { cursor: Option<u64>, shared: bool },
 }
 
 #[cfg(test)]

@@ -840,6 +840,23 @@ impl StateStore {
 
     /// Forget subscription `name` and its progress (`Command::DropSubscription`): whether there
     /// was one, and the registered nodes that still declare it (then nothing was dropped).
+    /// Moves a shared subscription's cursor to `position` (`Command::SeekSubscription`): the
+    /// cursor it got (clamped to the retained log), or `None` with whether the subscription is
+    /// shared (`true`: there is none). 503 while a member's build cannot apply it.
+    pub async fn seek_subscription(&self, name: &str, position: u64) -> Result<(Option<u64>, bool), StoreError> {
+        if !self.replica.members_have(crate::peer::frame::features::SUB_SEEK) {
+            let lacking = self.replica.members_lacking(crate::peer::frame::features::SUB_SEEK);
+            return Err(StoreError::NotEveryMember(format!(
+                "a member runs a build that cannot move a subscription's cursor (or is not linked to this node yet: members {lacking:?}, see each one's features in /cluster): a seek waits until every member runs one"
+            )));
+        }
+        let cmd = Command::SeekSubscription { name: name.into(), position };
+        match self.replica.write(cmd, self.timeout).await?.1 {
+            CommandResult::SubscriptionSought { cursor, shared } => Ok((cursor, shared)),
+            other => Err(StoreError::Unexpected(other)),
+        }
+    }
+
     pub async fn drop_subscription(&self, name: &str) -> Result<(bool, Vec<crate::raft::types::NodeId>), StoreError> {
         let cmd = Command::DropSubscription { name: name.into() };
         match self.replica.write(cmd, self.timeout).await?.1 {

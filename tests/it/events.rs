@@ -3013,3 +3013,112 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
         if at > last { Ok(()) } else { Err(format!("cursor {at}, job 200 at {last}")) }
     });
 }
+
+/// A shared subscription's cursor moved by hand (`POST /v1/subscriptions/{name}/seek`, and
+/// `raftbridge events seek`): back, the retained events from there are delivered again (the
+/// sidecar apps get each again, by id), those before it not; to `start`, every retained one;
+/// to `end`, nothing until the next event. An every-instance subscription is a 409, an unknown
+/// one a 404, a malformed seek a 400.
+#[test]
+fn a_seek_delivers_a_shared_subscriptions_retained_events_again_from_there() {
+    let (c, ups) = sidecar_events_cluster("ev-seek", |addr| {
+        format!(
+            "[sidecar]\nupstream = \"http://{addr}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 500\n\n\
+             [[sidecar.subscriptions]]\nname = \"appOrders\"\nevent_name = \"orderPlaced\"\npath = \"/events/orderPlaced\"\n\n\
+             [[sidecar.subscriptions]]\nname = \"appAudit\"\nevent_name = \"auditMe\"\nshared = false\npath = \"/events/audit\"\n"
+        )
+    });
+    wait_subscription(&c, &c.apis(), "appOrders");
+    let ids_positions: Vec<(String, u64)> = (0..5)
+        .map(|i| c.wait_for("an order accepted", PROGRESS, || publish(c.api(1 + i % 3), "orderPlaced", &json!({"id": format!("seek-{i}")}), &[])))
+        .collect();
+    let ids: Vec<String> = ids_positions.iter().map(|(id, _)| id.clone()).collect();
+    wait_delivered(&c, &ups, &ids, "before the seek");
+    // Settled, not only delivered: an ack committed after the seek settles its event there too
+    // (as a delivery in flight at a seek does).
+    let end = ids_positions[4].1 + 1;
+    c.wait_for("appOrders settled every order", DELIVERY, || match cursor(c.api(1), "appOrders")? {
+        n if n >= end => Ok(()),
+        n => Err(format!("cursor {n}")),
+    });
+    let times = |id: &str| -> Result<usize, String> {
+        let mut n = 0;
+        for u in &ups {
+            n += u.list("/events/received")?.iter().filter(|g| *g == id).count();
+        }
+        Ok(n)
+    };
+    let post = |api: Api, path: &str, body: &str| api.request("POST", path, &[], body.as_bytes()).expect("POST");
+
+    // Back to the third order: it and the two after it come again, the first two not.
+    let third = ids_positions[2].1;
+    let sought = post(c.api(2), "/v1/subscriptions/appOrders/seek", &json!({"position": third}).to_string());
+    assert_eq!(sought.status, 200, "{}", sought.describe());
+    assert_eq!(sought.json().unwrap(), json!({"name": "appOrders", "cursor": third}));
+    c.wait_for("the orders from the third on delivered again", DELIVERY, || {
+        let again: Vec<usize> = ids[2..].iter().map(|id| times(id)).collect::<Result<_, _>>()?;
+        if again.iter().all(|n| *n >= 2) { Ok(()) } else { Err(format!("delivered {again:?} times")) }
+    });
+    c.wait_for("appOrders settled them again", DELIVERY, || match cursor(c.api(1), "appOrders")? {
+        n if n >= end => Ok(()),
+        n => Err(format!("cursor {n}")),
+    });
+    for id in &ids[..2] {
+        assert_eq!(times(id).expect("received"), 1, "{id} is before the seek's position");
+    }
+
+    // From a shell, to the start: every retained order again.
+    let addr = c.api(3).addr.to_string();
+    assert!(c.run_cli("seek-start", &["events", "seek", "appOrders", "start", "--http-addr", &addr], Duration::from_secs(60)).success());
+    let printed = fs::read_to_string(c.dir().join("seek-start.cli.log")).expect("the command's output");
+    let first = read_log(c.api(3)).expect("log").first().and_then(|e| e["position"].as_u64()).expect("a first event");
+    assert!(printed.contains(&format!("\"cursor\":{first}")), "the oldest retained event: {printed}");
+    c.wait_for("every order delivered again", DELIVERY, || {
+        let n: Vec<usize> = ids.iter().map(|id| times(id)).collect::<Result<_, _>>()?;
+        if n[..2].iter().all(|n| *n >= 2) && n[2..].iter().all(|n| *n >= 3) { Ok(()) } else { Err(format!("delivered {n:?} times")) }
+    });
+    c.wait_for("appOrders settled every order again", DELIVERY, || match cursor(c.api(1), "appOrders")? {
+        n if n >= end => Ok(()),
+        n => Err(format!("cursor {n}")),
+    });
+
+    // To the end: the cursor is past the newest event, and the next order is delivered.
+    let sought = post(c.api(1), "/v1/subscriptions/appOrders/seek", r#"{"position":"end"}"#);
+    assert_eq!(sought.status, 200, "{}", sought.describe());
+    assert!(sought.json().unwrap()["cursor"].as_u64().is_some_and(|p| p >= end), "{}", sought.describe());
+    let (next, _) = c.wait_for("an order accepted", PROGRESS, || publish(c.api(2), "orderPlaced", &json!({"id": "seek-after"}), &[]));
+    wait_delivered(&c, &ups, std::slice::from_ref(&next), "after a seek to the end");
+
+    assert_json_error(&post(c.api(1), "/v1/subscriptions/appAudit/seek", r#"{"position":"start"}"#), 409, "an every-instance subscription");
+    assert_json_error(&post(c.api(1), "/v1/subscriptions/noSuchSub/seek", r#"{"position":0}"#), 404, "an unknown subscription");
+    for bad in [r#"{"position":-1}"#, r#"{"position":"middle"}"#, "{}", r#"{"position":1,"x":2}"#, "[1]"] {
+        assert_json_error(&post(c.api(1), "/v1/subscriptions/appOrders/seek", bad), 400, bad);
+    }
+    assert_json_error(&c.api(1).request("GET", "/v1/subscriptions/appOrders/seek", &[], b"").expect("GET"), 405, "a GET");
+}
+
+/// A seek is a 503 that moves nothing while a member announces a build without it (feature bit
+/// 65536: node 3 withholds it through the test hook); once that member runs one that
+/// announces it, the seek is judged (here: a 404 for a subscription there is none of).
+#[test]
+fn a_seek_waits_for_every_member_to_apply_it() {
+    const SUB_SEEK: u64 = 65536;
+    let c = Cluster::new("ev-seek-gate", 3, &[]);
+    c.set_env(3, "RAFTBRIDGE_TEST_WITHHOLD_FEATURES", &SUB_SEEK.to_string());
+    c.start_all();
+    c.wait_all_ready(FORMATION);
+    let api = c.api(1);
+    let seek = || api.request("POST", "/v1/subscriptions/anySub/seek", &[], br#"{"position":"end"}"#).expect("POST");
+    let refused = c.wait_for("node 1 to know node 3's build", FORMATION, || {
+        let r = seek();
+        if r.status == 503 && r.text().contains("members [3]") { Ok(r) } else { Err(r.describe()) }
+    });
+    assert!(refused.text().contains("cannot move a subscription's cursor"), "{}", refused.describe());
+    c.kill(3);
+    c.set_env(3, "RAFTBRIDGE_TEST_WITHHOLD_FEATURES", "0");
+    c.start(3);
+    c.wait_for("the seek judged once node 3 announces it", Duration::from_secs(60), || {
+        let r = seek();
+        if r.status == 404 { Ok(()) } else { Err(r.describe()) }
+    });
+}
