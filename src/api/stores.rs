@@ -343,7 +343,8 @@ struct TxnBody {
 /// "ifRevision"?}, {"op":"delete","key","ifRevision"?}, {"op":"check","key","revision"}]}`:
 /// the writes all or none under one revision (`StateStore::transaction`), as Consul's `/v1/txn`
 /// and Dapr's state transactions; 200 `{"revision":N}`, or 412 naming the first operation
-/// whose revision did not match (`failed`), with nothing written.
+/// whose revision did not match (`failed`), with nothing written; 400 for a malformed one and
+/// for an `If-Match` or `If-None-Match` header (each operation takes its own precondition).
 pub(super) async fn transaction(app: &App, space: Space, store: &str, req: Request<Incoming>) -> ApiResult {
     // A habit from PUT that would otherwise be ignored and write unconditionally.
     if req.headers().contains_key(http::header::IF_MATCH) || req.headers().contains_key(http::header::IF_NONE_MATCH) {

@@ -613,20 +613,20 @@ impl Proxy {
     /// commands, but runs its own handlers' calls (`handler_call`): they are the end of work
     /// it had taken before the drain.
     fn candidates(&self, route: &Route, handler_call: bool) -> Vec<NodeId> {
-        route
+        let here = || self.cluster.serving() && self.local.get(&route.service, route.version, &route.decl.name).is_some_and(|h| h.available());
+        let draining = self.is_draining();
+        let live: Vec<NodeId> = route
             .nodes
             .iter()
             .copied()
-            .filter(|n| {
-                if *n == self.node_id {
-                    (handler_call || !self.is_draining())
-                        && self.cluster.serving()
-                        && self.local.get(&route.service, route.version, &route.decl.name).is_some_and(|h| h.available())
-                } else {
-                    self.net.maybe_reachable(*n) && self.cluster.is_member(*n)
-                }
-            })
-            .collect()
+            .filter(|n| if *n == self.node_id { !draining && here() } else { self.net.maybe_reachable(*n) && self.cluster.is_member(*n) })
+            .collect();
+        // Draining, this node takes its handlers' calls only when no other node can: its
+        // registry entry may outlive the drain's start (the write that clears it can fail).
+        if live.is_empty() && handler_call && draining && route.nodes.contains(&self.node_id) && here() {
+            return vec![self.node_id];
+        }
+        live
     }
 
     /// Run on some node, retrying elsewhere when that is safe. Returns the handler's answer and

@@ -838,8 +838,6 @@ impl StateStore {
         }
     }
 
-    /// Forget subscription `name` and its progress (`Command::DropSubscription`): whether there
-    /// was one, and the registered nodes that still declare it (then nothing was dropped).
     /// Moves a shared subscription's cursor to `position` (`Command::SeekSubscription`): the
     /// cursor it got (clamped to the retained log), or `None` with whether the subscription is
     /// shared (`true`: there is none). 503 while a member's build cannot apply it.
@@ -857,6 +855,8 @@ impl StateStore {
         }
     }
 
+    /// Forget subscription `name` and its progress (`Command::DropSubscription`): whether there
+    /// was one, and the registered nodes that still declare it (then nothing was dropped).
     pub async fn drop_subscription(&self, name: &str) -> Result<(bool, Vec<crate::raft::types::NodeId>), StoreError> {
         let cmd = Command::DropSubscription { name: name.into() };
         match self.replica.write(cmd, self.timeout).await?.1 {
