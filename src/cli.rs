@@ -400,7 +400,7 @@ async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
             println!(
                 "restored log index {} ({} state, {} config and {} secret keys, {} events, {} subscriptions) into {} as node {} at {}, \
                  in a new cluster with id {cluster_id:032x}\n\
-                 start it with --id {} --data-dir {} and its usual flags; start the other nodes with empty data dirs and it among their seeds",
+                 start it with --id {} --data-dir {}, its usual flags and a new --cluster-name; start the other nodes with empty data dirs, that --cluster-name and it among their seeds",
                 summary.index, summary.state_keys, summary.config_keys, summary.secret_keys, summary.events, summary.subscriptions,
                 args.data_dir.display(), args.id, args.advertise, args.id, args.data_dir.display()
             );

@@ -945,10 +945,19 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         (Method::GET, ["cluster", "snapshot"]) => {
             // Without an API token, a node whose secret store has a token of its own wants that
             // one: the snapshot names every secret's key (sealed values), which that token guards.
+            // A node with neither serves no snapshot of a state that holds secrets: the tokens
+            // may differ per node, and another node's secrets token guards them there.
             if app.api_tokens.is_empty() && app.secrets_token.is_some() {
                 if let Err(e) = stores::authorize(app, &req) {
                     return ("unauthorized", Err(e));
                 }
+            } else if app.api_tokens.is_empty() && app.sm.holds_store_under(crate::store::Space::Secrets.prefix()) {
+                return (
+                    "unauthorized",
+                    Err(ApiError::Forbidden(
+                        "the state holds secrets, and this node has neither --api-token nor --secrets-token to check a client by: save the snapshot through a node that has one".into(),
+                    )),
+                );
             }
             ("cluster_snapshot", snapshot::download(app, req.method() == Method::HEAD).await)
         }
@@ -1035,7 +1044,7 @@ fn readyz(app: &App) -> ApiResult {
     if app.cluster.ready() {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
     } else if app.cluster.removed_while_running() {
-        Err(ApiError::Unavailable("removed from the cluster while it ran: stop this node (to bring it back, start it with an empty data dir: it joins as a new member)".into()))
+        Err(ApiError::Unavailable("removed from the cluster while it ran: stop this node (to bring the machine back, start a node with an empty data dir and a new --id: it joins as a new member)".into()))
     } else {
         match app.cluster.apply_backlog() {
             behind if behind > crate::cluster::KEEP_UP_LAG => Err(ApiError::Unavailable(format!("catching up: {behind} entries of its log to apply"))),

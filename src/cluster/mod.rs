@@ -404,8 +404,8 @@ impl Cluster {
     /// it joined since); more than half of the others refusing means they hold a newer
     /// membership without it.
     /// Then its elections stop (`elect(false)`), until its view of the membership moves (a
-    /// leader sends it the log again; a removed node is brought back by starting it with an
-    /// empty data dir, which joins anew).
+    /// leader sends it the log again; a removed node's machine is brought back by starting a
+    /// node there with an empty data dir and a new id, which joins anew).
     fn note_outsider(&self, told: &mut (Option<LogId>, BTreeSet<NodeId>)) {
         let me = self.replica.id();
         let (view, others) = {
@@ -434,7 +434,7 @@ impl Cluster {
             self.replica.raft.runtime_config().elect(false);
             metrics::gauge!("raftbridge_node_removed").set(1.0);
             warn!(told_by = ?told.1, "this node was removed from the cluster while it ran: it stops campaigning and takes no work; \
-                stop it (to bring it back, start it with an empty data dir)");
+                stop it (to bring the machine back, start a node with an empty data dir and a new --id)");
         }
     }
 

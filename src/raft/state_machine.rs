@@ -1764,6 +1764,12 @@ impl SmShared {
     pub fn digest(&self) -> u64 {
         read(&self.data).stores_digest
     }
+
+    /// Whether some store whose name starts with `prefix` holds a key (a store left empty is
+    /// removed).
+    pub fn holds_store_under(&self, prefix: &str) -> bool {
+        read(&self.data).stores.range(prefix.to_string()..).next().is_some_and(|(name, _)| name.starts_with(prefix))
+    }
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {

@@ -55,7 +55,7 @@ pub enum Space {
 impl Space {
     /// Where the space's store names start in the state machine: U+0001, which no client's
     /// store name may hold (`check_names`), so no client of one space reaches another's keys.
-    fn prefix(self) -> &'static str {
+    pub fn prefix(self) -> &'static str {
         match self {
             Space::State => "",
             Space::Config => "\u{1}config/",

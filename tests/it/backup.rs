@@ -276,3 +276,29 @@ fn a_node_of_the_old_cluster_left_running_is_refused_by_the_restored_one() {
         assert_eq!(ok_json(api, "GET", "/v1/state/default/k", &[], b"", 200), json!("new"), "node {}", api.id);
     }
 }
+
+/// A node started without an API token and without the secrets token serves no snapshot of a
+/// state that holds secrets (the tokens may differ per node: another node's secrets token
+/// guards them), and serves one while the state holds none; a node with the secrets token
+/// wants it.
+#[test]
+fn a_node_without_a_token_serves_no_snapshot_of_secrets() {
+    let (c, _) = Cluster::formed_with("backup-auth", 3, &["--cluster-secret", SECRET], |_, id| {
+        if id == 3 { Vec::new() } else { vec!["--secrets-token".to_string(), TOKEN.to_string()] }
+    });
+    c.wait_all_ready(REFORM);
+    let bearer = format!("Bearer {TOKEN}");
+    let auth = [("authorization", bearer.as_str())];
+    ok_json(c.api(1), "PUT", "/v1/state/app/plain", &[], b"1", 200);
+    let plain = c.api(3).request("GET", "/cluster/snapshot", &[], b"").expect("GET /cluster/snapshot");
+    assert_eq!(plain.status, 200, "no secrets yet: {}", plain.describe());
+
+    ok_json(c.api(1), "PUT", "/v1/secrets/db/pw", &auth, b"\"s3cret\"", 200);
+    let refused = c.wait_for("node 3 refuses a snapshot that holds the secret", Duration::from_secs(30), || {
+        let r = c.api(3).request("GET", "/cluster/snapshot", &[], b"").map_err(|e| e.to_string())?;
+        if r.status == 403 { Ok(r) } else { Err(r.describe()) }
+    });
+    assert!(refused.text().contains("--secrets-token"), "{}", refused.describe());
+    assert_eq!(c.api(2).request("GET", "/cluster/snapshot", &[], b"").expect("GET").status, 401, "node 2 wants its token");
+    assert_eq!(c.api(2).request("HEAD", "/cluster/snapshot", &auth, b"").expect("HEAD").status, 200, "and takes it");
+}
