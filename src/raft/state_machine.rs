@@ -1974,6 +1974,14 @@ pub fn write_restored(dir: &Path, meta: &SnapshotMeta, mut data: SmData, id: Nod
     let stored = StoredMembershipT::new(meta.last_log_id, membership);
     data.last_applied = meta.last_log_id;
     data.last_membership = stored.clone();
+    // What the state kept of the old members is forgotten here, as the leader's `ForgetNodes`
+    // forgets departed nodes, but not at a time that races the first joins: an id a joiner
+    // reused kept the old node's registry entry and every-instance positions when its join
+    // committed before the forget, and lost them when it came after.
+    data.registry.retain(|node, _| *node == id);
+    for s in data.subs.values_mut() {
+        s.instances.retain(|node, _| *node == id);
+    }
     let mut image = Vec::new();
     bincode::serialize_into(&mut image, &data).map_err(io::Error::other)?;
     append_ext(&mut image, &data)?;
@@ -3998,7 +4006,10 @@ mod tests {
             apply_entry(&mut d, membership(&[1, 2, 3], 1), 0);
             d.apply(2, put("s", "k", "{\"a\":1}", None));
             d.apply(3, name_cluster(0x01d));
-            apply_entry(&mut d, membership(&[1, 2, 3], 5), 0);
+            apply_entry(&mut d, membership(&[1, 2, 3, 7], 5), 0);
+            for node in [2, 7] {
+                d.apply(6, Command::Register { node, services: vec![every_instance("each").1] });
+            }
         }
         let built = sm.build_snapshot().await.unwrap();
         let bytes = std::fs::read(dir.join(SNAPSHOT_FILE)).unwrap();
@@ -4019,6 +4030,13 @@ mod tests {
             assert_eq!(d.last_membership.membership().get_node(&7).map(|n| n.addr.as_str()), Some("127.0.0.1:7"));
         }
         assert_eq!(opened.shared.get("s", "k").unwrap().revision, 2);
+        {
+            // Of the old members, only the restored node's id is kept (a joiner that reuses
+            // node 2's id starts afresh, whenever it joins).
+            let d = read(&opened.shared.data);
+            assert_eq!(d.registry.keys().copied().collect::<Vec<_>>(), vec![7]);
+            assert_eq!(d.subs["each"].instances.keys().copied().collect::<Vec<_>>(), vec![7]);
+        }
         assert_eq!(opened.shared.known_cluster_id().get(), Some(&0x2ee), "the handshake announces the new id from the start");
         assert_eq!(read_cluster_id(&restored), Some(0x2ee), "and the id file names it");
         let mut reopened = StateMachine::open(&restored).unwrap();
