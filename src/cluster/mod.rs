@@ -484,7 +484,9 @@ impl Cluster {
                     .map_err(|_| RemoteError::Unavailable("membership queue full".into()))?;
                 tokio::time::timeout(CHANGE_TIMEOUT * 2, rx)
                     .await
-                    .map_err(|_| RemoteError::Unavailable("membership change timed out".into()))?
+                    // Queued, it may still run: said, so that an operator looks before asking
+                    // again (a removal that follows is refused as a non-member's, a 404).
+                    .map_err(|_| RemoteError::Unavailable("membership change timed out; it may still be applied: see GET /cluster before asking again".into()))?
                     .map_err(|_| RemoteError::Unavailable("membership task stopped".into()))?
             }
             // A node outside the membership (removed, but still running) is refused by the
