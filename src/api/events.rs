@@ -437,12 +437,12 @@ struct SeekBody {
     position: SeekTo,
 }
 
-/// `POST /v1/subscriptions/{name}/seek` with `{"position": N | "start" | "end"}`: a
+/// `POST /v1/subscriptions/{name}/seek` with `{"position": N | "start" | "end"}`: a shared
 /// subscription's delivery starts again at event position N (clamped to the retained log), at
 /// the oldest retained event, or after the newest, as a Kafka consumer group's offsets are
-/// reset or a Pub/Sub subscription seeks (`Command::SeekSubscription`): a shared one's cursor,
-/// and every node's position of an every-instance one. 200 `{"name","cursor"}` once committed;
-/// 404 when there is none; 503 while a member's build cannot apply it.
+/// reset or a Pub/Sub subscription seeks (`Command::SeekSubscription`). 200 `{"name","cursor"}`
+/// once committed; 404 when there is none; 409 for an every-instance subscription (each node
+/// keeps its own position); 503 while a member's build cannot apply it.
 pub async fn seek_subscription(app: &App, name: &str, req: Request<Incoming>) -> ApiResult {
     check_subscription(name)?;
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
@@ -458,7 +458,10 @@ pub async fn seek_subscription(app: &App, name: &str, req: Request<Incoming>) ->
     };
     match app.store.seek_subscription(name, position).await? {
         (Some(cursor), _) => Ok(json_response(StatusCode::OK, &serde_json::json!({ "name": name, "cursor": cursor }))),
-        (None, _) => Err(ApiError::NotFound(format!("no subscription {name}"))),
+        (None, false) => Err(ApiError::Conflict(format!(
+            "subscription {name} delivers to every instance, and each node keeps its own position: a seek moves a shared subscription's cursor"
+        ))),
+        (None, true) => Err(ApiError::NotFound(format!("no subscription {name}"))),
     }
 }
 

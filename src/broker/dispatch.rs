@@ -1350,10 +1350,6 @@ impl Dispatcher {
         // the leader applied them), and started from the older position it delivered an event
         // it had dead-lettered just before the restart again, with no attempts noted for it.
         let mut synced = false;
-        // The seeks applied to it when this loop last looked (`Seeks`): one more since, and
-        // the loop starts from the replicated position, where the seek put it, instead of going
-        // on from `next`.
-        let mut seeks_seen: Option<u64> = None;
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -1365,12 +1361,7 @@ impl Dispatcher {
             }
             // This pass sees every event appended so far.
             appended.borrow_and_update();
-            let Some((decl, replicated, seeks)) = self.sm.instance_position(&name, self.node_id) else { continue };
-            // Fewer than seen: a snapshot installed here counts them afresh (not a seek).
-            if seeks_seen.is_some_and(|seen| seeks > seen) {
-                next = None;
-            }
-            seeks_seen = Some(seeks);
+            let Some((decl, replicated)) = self.sm.instance_position(&name, self.node_id) else { continue };
             // Only while this node's registration declares it: a service that gave the name up
             // (`registry::drop_foreign_subscriptions`) keeps its handler, not the events.
             if decl.shared || !self.cluster.ready() || !self.sm.declares(self.node_id, &name) {
@@ -1389,7 +1380,7 @@ impl Dispatcher {
                 // Read again: the barrier may have applied its progress.
                 continue;
             }
-            let from = next.map_or(replicated, |n| n.max(replicated));
+            let from = next.unwrap_or(replicated).max(replicated);
             let (events, scanned_to, expired) = self.sm.matching_from(&name, from, 256);
             if expired > 0 {
                 // Retention dropped positions this node had not reached: said, not silent, as

@@ -179,10 +179,10 @@ pub enum EventsCmd {
     /// dead letters now (with --reason) instead of after its attempts. Prints
     /// `{"terminated","unknown"}`.
     Term(Failure),
-    /// Move a subscription's cursor (every node's position of an every-instance one): its
-    /// delivery starts again at POSITION, an event position (`start`: the oldest retained
-    /// event; `end`: after the newest), to process retained events again or to skip them. Dead
-    /// letters are kept. Prints `{"name","cursor"}`.
+    /// Move a shared subscription's cursor: its delivery starts again at POSITION, an event
+    /// position (`start`: the oldest retained event; `end`: after the newest), to process
+    /// retained events again or to skip them. Acks and attempts since are forgotten, dead
+    /// letters kept. Prints `{"name","cursor"}`.
     Seek {
         #[command(flatten)]
         target: Target,

@@ -354,20 +354,6 @@ impl PartialEq for Incarnation {
     }
 }
 
-/// How many seeks (`Command::SeekSubscription`) this node applied to a subscription since it
-/// last decoded its state (`SubState::seeks`): an every-instance loop that sees it grow goes
-/// back to its replicated position instead of on from the one it holds in memory. Node-local
-/// as `Incarnation` is (a snapshot installed starts it at 0 again, which the loop takes as no
-/// seek), and no part of the state's equality.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Seeks(pub u64);
-
-impl PartialEq for Seeks {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
 /// A subscription's replicated progress.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct SubState {
@@ -389,8 +375,6 @@ pub struct SubState {
     /// subscription starting anew leaves the others' backlogs as they are.
     #[serde(skip)]
     pub incarnation: Incarnation,
-    #[serde(skip)]
-    pub seeks: Seeks,
 }
 
 /// A subscription's progress in counts (`SmShared::subscription_summary`).
@@ -853,7 +837,6 @@ impl SmData {
                         dead: VecDeque::new(),
                         instances: BTreeMap::new(),
                         incarnation,
-                        seeks: Seeks::default(),
                     });
                     state.decl = sub.clone();
                     // Not durable: nothing is kept for it while no registration declares it.
@@ -966,30 +949,22 @@ impl SmData {
                 CommandResult::SubscriptionDropped { existed, declared_by }
             }
             Command::SeekSubscription { name, position } => {
-                let to = position.clamp(self.log.first(), self.log.next);
+                let first = self.log.first();
+                let next = self.log.next;
                 match self.subs.get_mut(&name) {
                     Some(s) if s.decl.shared => {
-                        s.cursor = to;
+                        s.cursor = position.clamp(first, next);
                         s.done.clear();
                         s.attempts.clear();
                         // The delivery loop's backlog looks afresh (`Backlog`).
                         self.subs_generation += 1;
                         s.incarnation = Incarnation(self.subs_generation);
-                        s.seeks.0 += 1;
                         // Over what is settled without a delivery (events its filter does
                         // not take), as every other move of the cursor does.
                         advance(&self.log, &name, s, &[]);
                         CommandResult::SubscriptionSought { cursor: Some(s.cursor), shared: true }
                     }
-                    Some(s) => {
-                        // Every node that has a position goes there; each node's loop sees
-                        // `seeks` grow and starts from it (`Dispatcher::instance_loop`).
-                        for next in s.instances.values_mut() {
-                            *next = to;
-                        }
-                        s.seeks.0 += 1;
-                        CommandResult::SubscriptionSought { cursor: Some(to), shared: false }
-                    }
+                    Some(_) => CommandResult::SubscriptionSought { cursor: None, shared: false },
                     None => CommandResult::SubscriptionSought { cursor: None, shared: true },
                 }
             }
@@ -1696,13 +1671,12 @@ impl SmShared {
     /// What an every-instance loop needs on each pass: the declaration and `node`'s next
     /// position, without copying the rest of the state (its dead letters alone may be
     /// `MAX_DEAD_LETTERS` entries, which `subscription` copies every time).
-    /// And how many seeks this node applied to it (`Seeks`).
-    pub fn instance_position(&self, name: &str, node: NodeId) -> Option<(SubscriptionDecl, u64, u64)> {
+    pub fn instance_position(&self, name: &str, node: NodeId) -> Option<(SubscriptionDecl, u64)> {
         let d = read(&self.data);
         let s = d.subs.get(name)?;
         // `None` until `node` registered it: from 0 the loop would start at the oldest retained
         // event, which a non-durable subscription must not see.
-        Some((s.decl.clone(), *s.instances.get(&node)?, s.seeks.0))
+        Some((s.decl.clone(), *s.instances.get(&node)?))
     }
 
     /// The window an `IdemBegin` proposes: `window_ms`, or shorter while the records younger
@@ -2564,19 +2538,12 @@ mod tests {
         d.apply(9, Command::SubUpdate { updates: vec![ack(first)] });
         assert_eq!(d.subs["sub"].cursor, first + 1);
 
-        // An every-instance one: every node's position moves, and each loop can tell.
         let (_, every) = every_instance("each");
-        d.apply(10, Command::Register { node: 2, services: vec![every.clone()] });
-        d.apply(11, Command::Register { node: 3, services: vec![every] });
-        let instance = |node, next: u64| SubUpdate::Instance { sub: "each".into(), node, position: next - 1, dead: None };
-        // Node 2 handled everything, node 3 nothing yet.
-        d.apply(12, Command::SubUpdate { updates: vec![instance(2, end)] });
-        assert_eq!(d.subs["each"].instances, BTreeMap::from([(2, end), (3, first)]));
-        let seeks = d.subs["each"].seeks.0;
-        assert_eq!(d.apply(13, Command::SeekSubscription { name: "each".into(), position: first + 1 }), CommandResult::SubscriptionSought { cursor: Some(first + 1), shared: false });
-        assert_eq!(d.subs["each"].instances, BTreeMap::from([(2, first + 1), (3, first + 1)]), "back for the one ahead, forward for the one behind");
-        assert_eq!(d.subs["each"].seeks.0, seeks + 1);
-        assert_eq!(d.apply(14, Command::SeekSubscription { name: "nope".into(), position: first }), CommandResult::SubscriptionSought { cursor: None, shared: true });
+        d.apply(10, Command::Register { node: 2, services: vec![every] });
+        let instances = d.subs["each"].instances.clone();
+        assert_eq!(d.apply(11, Command::SeekSubscription { name: "each".into(), position: first }), CommandResult::SubscriptionSought { cursor: None, shared: false });
+        assert_eq!(d.subs["each"].instances, instances, "an every-instance subscription is not moved");
+        assert_eq!(d.apply(12, Command::SeekSubscription { name: "nope".into(), position: first }), CommandResult::SubscriptionSought { cursor: None, shared: true });
     }
 
     /// A state machine where `node` registered `service` (entry 1), then `events` were published
@@ -3917,7 +3884,7 @@ mod tests {
             SubUpdate::Instance { sub: "each".into(), node: 2, position: first + 1, dead: None },
         ];
         write(&sm.data).apply(3, Command::SubUpdate { updates });
-        let (decl, next, _) = sm.instance_position("each", 2).expect("known");
+        let (decl, next) = sm.instance_position("each", 2).expect("known");
         assert!(!decl.shared);
         assert_eq!(next, first + 2, "past the dead-lettered and the handled event");
         let full = sm.subscription("each").expect("known");

@@ -198,13 +198,12 @@ pub enum Command {
     /// a key's expiry, as `Put` does). Added after the others: proposed only when every member
     /// announced `features::TXN`.
     Txn { store: String, ops: Vec<TxnOp> },
-    /// A subscription's delivery starts again at `position` (clamped to the retained log: the
-    /// oldest retained event at most, the log's end at least), as a Kafka consumer group's
-    /// offsets are reset or a Pub/Sub subscription seeks: back, to process retained events
-    /// again (after a handler's bug was fixed, say); forward, to skip them. A shared one's
-    /// cursor moves, its acks and attempts are forgotten; every node's position of an
-    /// every-instance one moves. Dead letters are kept. Answered `SubscriptionSought`. Added
-    /// after the others: proposed only when every member announced `features::SUB_SEEK`.
+    /// A shared subscription's delivery starts again at `position` (clamped to the retained
+    /// log: the oldest retained event at most, the log's end at least), as a Kafka consumer
+    /// group's offsets are reset or a Pub/Sub subscription seeks: back, to process retained
+    /// events again (after a handler's bug was fixed, say); forward, to skip them. Acks and
+    /// attempts are forgotten, dead letters kept. Answered `SubscriptionSought`. Added after
+    /// the others: proposed only when every member announced `features::SUB_SEEK`.
     SeekSubscription { name: String, position: u64 },
 }
 
@@ -441,9 +440,8 @@ pub enum CommandResult {
     /// `Txn`: op `op` (its place in the list) found the key at `current` (None = absent),
     /// not the revision it wanted; nothing was written. Only a `Txn` answers it.
     TxnFailed { op: u32, current: Option<u64> },
-    /// `SeekSubscription`: `cursor` is where delivery starts now (`shared`: a shared one's
-    /// cursor, else every instance's position); `None` when there is no such subscription.
-    /// Only a `SeekSubscription` answers it.
+    /// `SeekSubscription`: `cursor` is where delivery starts now; `None` when there is no such
+    /// subscription, or it is not shared (nothing changed). Only a `SeekSubscription` answers it.
     SubscriptionSought { cursor: Option<u64>, shared: bool },
 }
 

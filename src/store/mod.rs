@@ -838,10 +838,9 @@ impl StateStore {
         }
     }
 
-    /// Moves a subscription's cursor (a shared one's, or every node's position of an
-    /// every-instance one) to `position` (`Command::SeekSubscription`): where it is now
-    /// (clamped to the retained log) and whether it is shared, or `None` when there is none.
-    /// 503 while a member's build cannot apply it.
+    /// Moves a shared subscription's cursor to `position` (`Command::SeekSubscription`): the
+    /// cursor it got (clamped to the retained log), or `None` with whether the subscription is
+    /// shared (`true`: there is none). 503 while a member's build cannot apply it.
     pub async fn seek_subscription(&self, name: &str, position: u64) -> Result<(Option<u64>, bool), StoreError> {
         if !self.replica.members_have(crate::peer::frame::features::SUB_SEEK) {
             let lacking = self.replica.members_lacking(crate::peer::frame::features::SUB_SEEK);

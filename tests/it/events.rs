@@ -3014,13 +3014,13 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     });
 }
 
-/// A subscription's cursor moved by hand (`POST /v1/subscriptions/{name}/seek`, and
+/// A shared subscription's cursor moved by hand (`POST /v1/subscriptions/{name}/seek`, and
 /// `raftbridge events seek`): back, the retained events from there are delivered again (the
 /// sidecar apps get each again, by id), those before it not; to `start`, every retained one;
-/// to `end`, nothing until the next event. An every-instance one sought back: every node's app
-/// gets the events from there again. An unknown one is a 404, a malformed seek a 400.
+/// to `end`, nothing until the next event. An every-instance subscription is a 409, an unknown
+/// one a 404, a malformed seek a 400.
 #[test]
-fn a_seek_delivers_a_subscriptions_retained_events_again_from_there() {
+fn a_seek_delivers_a_shared_subscriptions_retained_events_again_from_there() {
     let (c, ups) = sidecar_events_cluster("ev-seek", |addr| {
         format!(
             "[sidecar]\nupstream = \"http://{addr}\"\nhealth_path = \"/health\"\nhealth_interval_ms = 500\n\n\
@@ -3089,37 +3089,7 @@ fn a_seek_delivers_a_subscriptions_retained_events_again_from_there() {
     let (next, _) = c.wait_for("an order accepted", PROGRESS, || publish(c.api(2), "orderPlaced", &json!({"id": "seek-after"}), &[]));
     wait_delivered(&c, &ups, std::slice::from_ref(&next), "after a seek to the end");
 
-    // An every-instance one: every node's app gets the events from there again.
-    let audits: Vec<(String, u64)> = (0..3)
-        .map(|i| c.wait_for("an audit accepted", PROGRESS, || publish(c.api(1 + i % 3), "auditMe", &json!({"id": format!("seek-audit-{i}")}), &[])))
-        .collect();
-    let audit_ids: Vec<String> = audits.iter().map(|(id, _)| id.clone()).collect();
-    let audit_end = audits[2].1 + 1;
-    let settled = |what: &str| {
-        c.wait_for(what, DELIVERY, || {
-            let v = get_json(c.api(1), "/v1/subscriptions/appAudit")?;
-            let behind: Vec<&Value> = v["instances"].as_object().map(|m| m.values().filter(|n| n.as_u64().is_none_or(|n| n < audit_end)).collect()).unwrap_or_default();
-            if v["instances"].as_object().is_some_and(|m| m.len() == 3) && behind.is_empty() { Ok(()) } else { Err(format!("{v}")) }
-        })
-    };
-    for up in &ups {
-        c.wait_for(&format!("{} audited every event", up.name), DELIVERY, || up.received_all(&audit_ids));
-    }
-    settled("every node's appAudit past the audits");
-    let sought = post(c.api(3), "/v1/subscriptions/appAudit/seek", &json!({"position": audits[1].1}).to_string());
-    assert_eq!(sought.json().unwrap(), json!({"name": "appAudit", "cursor": audits[1].1}), "{}", sought.describe());
-    for up in &ups {
-        c.wait_for(&format!("{} audited the last two again", up.name), DELIVERY, || {
-            let got = up.list("/events/received")?;
-            let n: Vec<usize> = audit_ids.iter().map(|id| got.iter().filter(|g| *g == id).count()).collect();
-            if n[1..].iter().all(|n| *n >= 2) { Ok(n) } else { Err(format!("{n:?}")) }
-        });
-    }
-    settled("every node's appAudit past the audits again");
-    for up in &ups {
-        let got = up.list("/events/received").expect("received");
-        assert_eq!(got.iter().filter(|g| **g == audit_ids[0]).count(), 1, "{}: the first audit is before the seek's position", up.name);
-    }
+    assert_json_error(&post(c.api(1), "/v1/subscriptions/appAudit/seek", r#"{"position":"start"}"#), 409, "an every-instance subscription");
     assert_json_error(&post(c.api(1), "/v1/subscriptions/noSuchSub/seek", r#"{"position":0}"#), 404, "an unknown subscription");
     for bad in [r#"{"position":-1}"#, r#"{"position":"middle"}"#, "{}", r#"{"position":1,"x":2}"#, "[1]"] {
         assert_json_error(&post(c.api(1), "/v1/subscriptions/appOrders/seek", bad), 400, bad);
