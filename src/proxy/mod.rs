@@ -640,8 +640,9 @@ impl Proxy {
     ) -> Result<(Result<Output, HandlerError>, NodeId), ApiError> {
         self.budget.deposit();
         // Only the node sets the call depth, on a handler's call (`Ctx::invoke`); a client's is
-        // dropped on the way in (`headers::from_client`).
-        let handler_call = inv.headers.iter().any(|(n, _)| n == crate::sdk::CALL_DEPTH_HEADER);
+        // dropped on the way in (`headers::from_client`). Looked for only while draining, the
+        // one time `candidates` tells the two apart.
+        let handler_call = self.is_draining() && inv.headers.iter().any(|(n, _)| n == crate::sdk::CALL_DEPTH_HEADER);
         let balancer = self.balancers.of(&route.service, route.version);
         // The deadline is the command's own timeout (a client's shorter one ends only its wait,
         // `handle`): passing it says something of the node's health (a hung handler, local
