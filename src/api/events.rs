@@ -428,7 +428,8 @@ pub async fn drop_subscription(app: &App, name: &str) -> ApiResult {
 #[serde(untagged)]
 enum SeekTo {
     Position(u64),
-    End(String),
+    /// `"start"` or `"end"`.
+    Named(String),
 }
 
 #[derive(serde::Deserialize)]
@@ -448,13 +449,16 @@ pub async fn seek_subscription(app: &App, name: &str, req: Request<Incoming>) ->
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
     let bad = |e: &dyn std::fmt::Display| ApiError::BadRequest(format!("a seek is {{\"position\": N | \"start\" | \"end\"}}: {e}"));
     // An object: serde would read a struct from an array too (`[5]`).
-    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&body).map_err(|e| bad(&e))?;
-    let parsed: SeekBody = serde::Deserialize::deserialize(serde_json::Value::Object(object)).map_err(|e| bad(&e))?;
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|e| bad(&e))?;
+    if !value.is_object() {
+        return Err(bad(&"not an object"));
+    }
+    let parsed: SeekBody = serde::Deserialize::deserialize(value).map_err(|e| bad(&e))?;
     let position = match parsed.position {
         SeekTo::Position(n) => n,
-        SeekTo::End(end) if end == "start" => 0,
-        SeekTo::End(end) if end == "end" => u64::MAX,
-        SeekTo::End(other) => return Err(ApiError::BadRequest(format!("position is a number, \"start\" or \"end\", not {:?}", super::cut(&other, 32)))),
+        SeekTo::Named(end) if end == "start" => 0,
+        SeekTo::Named(end) if end == "end" => u64::MAX,
+        SeekTo::Named(other) => return Err(ApiError::BadRequest(format!("position is a number, \"start\" or \"end\", not {:?}", super::cut(&other, 32)))),
     };
     match app.store.seek_subscription(name, position).await? {
         (Some(cursor), _) => Ok(json_response(StatusCode::OK, &serde_json::json!({ "name": name, "cursor": cursor }))),

@@ -638,11 +638,7 @@ impl StateStore {
         let cmd = match ttl {
             None => Command::Put { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, tag },
             Some(ttl) => {
-                if !self.replica.members_have(crate::peer::frame::features::KEY_TTL) {
-                    return Err(StoreError::NotEveryMember(
-                        "a member runs a build without key expiry (or is not linked to this node yet): a write with a TTL waits until every member runs one".into(),
-                    ));
-                }
+                self.every_member_applies(crate::peer::frame::features::KEY_TTL, "without key expiry", "a write with a TTL")?;
                 let expires_ms = cluster_now_ms(&self.replica).saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
                 let put = Command::PutExpiring { store: self.inner(store), key: key.into(), value: value.to_vec(), if_revision, expires_ms };
                 self.tag(put, tag)
@@ -820,12 +816,7 @@ impl StateStore {
                 "the state, config and secret stores hold {bytes} of their {max_bytes} bytes together (--state-max-bytes); this transaction adds {byte_delta}"
             )));
         }
-        if !self.replica.members_have(crate::peer::frame::features::TXN) {
-            let lacking = self.replica.members_lacking(crate::peer::frame::features::TXN);
-            return Err(StoreError::NotEveryMember(format!(
-                "a member runs a build without transactions (or is not linked to this node yet: members {lacking:?}, see each one's features in /cluster): a transaction waits until every member runs one"
-            )));
-        }
+        self.every_member_applies(crate::peer::frame::features::TXN, "without transactions", "a transaction")?;
         let names: Vec<String> = ops.iter().map(|op| op.key().to_string()).collect();
         let cmd = self.tag(Command::Txn { store: inner, ops }, tag);
         match self.replica.write(cmd, self.timeout).await?.1 {
@@ -838,16 +829,24 @@ impl StateStore {
         }
     }
 
+    /// Ok when every member is known to apply `feature`; else `NotEveryMember` naming those not
+    /// known to ("a member runs a build {lacks} ...: {write} waits until every member runs
+    /// one"): an older build could not decode the entry and would stall behind it.
+    fn every_member_applies(&self, feature: u64, lacks: &str, write: &str) -> Result<(), StoreError> {
+        if self.replica.members_have(feature) {
+            return Ok(());
+        }
+        let lacking = self.replica.members_lacking(feature);
+        Err(StoreError::NotEveryMember(format!(
+            "a member runs a build {lacks} (or is not linked to this node yet: members {lacking:?}, see each one's features in /cluster): {write} waits until every member runs one"
+        )))
+    }
+
     /// Moves a shared subscription's cursor to `position` (`Command::SeekSubscription`): the
     /// cursor it got (clamped to the retained log), or `None` with whether the subscription is
     /// shared (`true`: there is none). 503 while a member's build cannot apply it.
     pub async fn seek_subscription(&self, name: &str, position: u64) -> Result<(Option<u64>, bool), StoreError> {
-        if !self.replica.members_have(crate::peer::frame::features::SUB_SEEK) {
-            let lacking = self.replica.members_lacking(crate::peer::frame::features::SUB_SEEK);
-            return Err(StoreError::NotEveryMember(format!(
-                "a member runs a build that cannot move a subscription's cursor (or is not linked to this node yet: members {lacking:?}, see each one's features in /cluster): a seek waits until every member runs one"
-            )));
-        }
+        self.every_member_applies(crate::peer::frame::features::SUB_SEEK, "that cannot move a subscription's cursor", "a seek")?;
         let cmd = Command::SeekSubscription { name: name.into(), position };
         match self.replica.write(cmd, self.timeout).await?.1 {
             CommandResult::SubscriptionSought { cursor, shared } => Ok((cursor, shared)),
