@@ -663,7 +663,7 @@ pub async fn run(
         warn!(?grace, "pull subscription events fetched here and not answered at shutdown; they are delivered again");
     }
     if !core_failure {
-        hand_over_leadership(&replica).await;
+        crate::cluster::hand_over_leadership(&replica).await;
     }
     sidecar_stop.cancel();
     reload_stop.cancel();
@@ -866,35 +866,6 @@ impl GuardState {
             }
         }
     }
-}
-
-/// If leader, ask the most up-to-date reachable voter to take over, and wait briefly for it.
-async fn hand_over_leadership(replica: &Replica) {
-    let m = replica.metrics();
-    // By state: a leader that removed itself stepped down and still names itself.
-    if m.state != openraft::ServerState::Leader {
-        return;
-    }
-    let matched = m.replication.clone().unwrap_or_default();
-    let best = m
-        .membership_config
-        .membership()
-        .voter_ids()
-        // Heard from lately, not only linked: a hung voter's link stays up for a while, and a
-        // transfer to it would leave the cluster without a leader when this node stops.
-        .filter(|id| *id != m.id && crate::cluster::responsive(&replica.net, *id))
-        .max_by_key(|id| matched.get(id).and_then(|l| l.as_ref()).map(|l| l.index));
-    let Some(to) = best else { return };
-    info!(to, "transferring leadership");
-    if let Err(e) = replica.raft.trigger().transfer_leader(to).await {
-        warn!(cause = %e, "leader transfer failed");
-        return;
-    }
-    let _ = replica
-        .raft
-        .wait(Some(Duration::from_secs(3)))
-        .metrics(|m| m.current_leader.is_some() && m.current_leader != Some(m.id), "leader moved")
-        .await;
 }
 
 /// A snapshot being received: the sender's vote, its last log index, the bytes so far, and

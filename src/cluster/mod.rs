@@ -56,6 +56,9 @@ const QUEUE: usize = 64;
 /// A voter heard from within this long answers (`keeps_up`): several of the leader's heartbeats
 /// and the links' pings arrive in it.
 const RESPONSIVE: Duration = Duration::from_millis(1500);
+/// How long a leader that hands over waits to see another leader (`hand_over_leadership`):
+/// the voter it picked campaigns at once, so an election round trip, with room for a busy host.
+const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 
 /// A new cluster id (`Cluster::name_cluster`, `raftbridge snapshot restore`): 128 random bits,
 /// so that no two clusters, nor a restored cluster and the one it was saved from, share one.
@@ -74,6 +77,45 @@ pub fn new_cluster_id() -> u128 {
 pub fn responsive(net: &crate::peer::PeerNet, id: NodeId) -> bool {
     net.heard_ago(id).is_some_and(|ago| ago <= RESPONSIVE)
 }
+
+/// If this node leads, asks the most up-to-date voter heard from lately to take over, and waits
+/// briefly (`HANDOVER_WAIT`) for it: a graceful stop, and the removal of the leader, hand over
+/// first, so that writes move on at once instead of after an election timeout. The leader it
+/// then sees, or `None` when it did not lead, no voter could take over or none did in time.
+pub async fn hand_over_leadership(replica: &Replica) -> Option<NodeId> {
+    let m = replica.metrics();
+    // By state: a leader that removed itself stepped down and still names itself.
+    if m.state != openraft::ServerState::Leader {
+        return None;
+    }
+    let matched = m.replication.clone().unwrap_or_default();
+    let best = m
+        .membership_config
+        .membership()
+        .voter_ids()
+        // Heard from lately, not only linked: a hung voter's link stays up for a while, and a
+        // transfer to it would leave the cluster without a leader when this node stops.
+        .filter(|id| *id != m.id && responsive(&replica.net, *id))
+        .max_by_key(|id| matched.get(id).and_then(|l| l.as_ref()).map(|l| l.index))?;
+    info!(to = best, "transferring leadership");
+    if let Err(e) = replica.raft.trigger().transfer_leader(best).await {
+        warn!(cause = %e, "leader transfer failed");
+        return None;
+    }
+    let moved = replica
+        .raft
+        .wait(Some(HANDOVER_WAIT))
+        .metrics(|m| m.current_leader.is_some() && m.current_leader != Some(m.id), "leader moved")
+        .await;
+    match moved {
+        Ok(m) => m.current_leader,
+        Err(e) => {
+            warn!(cause = %e, to = best, "no other leader within the hand-over's wait");
+            None
+        }
+    }
+}
+
 /// Whether more than half of `voters` were heard from (`heard`, this node's own id included
 /// when it votes): the side of a partition that can elect and commit. A follower that hears
 /// only its leader and a minority is cut off with it, whatever that leader's heartbeats say.
@@ -142,9 +184,28 @@ pub struct ClusterSettings {
     pub max_voters: usize,
 }
 
+/// A membership change queued for the membership task, with where its caller waits.
 enum Change {
     Join { id: NodeId, addr: String, reply: oneshot::Sender<Result<(), RemoteError>> },
     Remove { id: NodeId, reply: oneshot::Sender<Result<(), RemoteError>> },
+}
+
+impl Change {
+    /// Its caller no longer waits for the answer.
+    fn abandoned(&self) -> bool {
+        match self {
+            Change::Join { reply, .. } | Change::Remove { reply, .. } => reply.is_closed(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Change {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Change::Join { id, addr, .. } => write!(f, "join of node {id} at {addr}"),
+            Change::Remove { id, .. } => write!(f, "removal of node {id}"),
+        }
+    }
 }
 
 #[derive(Clone)]
@@ -495,13 +556,18 @@ impl Cluster {
                 PeerRequest::Remove { id } if id == self.replica.id() => Ok(()),
                 _ => Err(RemoteError::Unavailable("this node is not a member of the cluster: ask a member".into())),
             },
-            Some(l) => match self.replica.net.request(l, &forward, CHANGE_TIMEOUT * 2).await {
-                Ok(PeerResponse::Done) => Ok(()),
-                Ok(PeerResponse::Error(e)) => Err(e),
-                Ok(other) => Err(RemoteError::Internal(format!("unexpected {other:?}"))),
-                Err(e) => Err(RemoteError::Unavailable(e.to_string())),
-            },
+            Some(l) => self.forward(l, &forward).await,
             None => Err(RemoteError::NotLeader { leader: None }),
+        }
+    }
+
+    /// A membership request passed on to `leader`, answered as it answers.
+    async fn forward(&self, leader: NodeId, request: &PeerRequest) -> Result<(), RemoteError> {
+        match self.replica.net.request(leader, request, CHANGE_TIMEOUT * 2).await {
+            Ok(PeerResponse::Done) => Ok(()),
+            Ok(PeerResponse::Error(e)) => Err(e),
+            Ok(other) => Err(RemoteError::Internal(format!("unexpected {other:?}"))),
+            Err(e) => Err(RemoteError::Unavailable(e.to_string())),
         }
     }
 
@@ -541,6 +607,14 @@ impl Cluster {
                     // move it (refused); either made the leader forget the demotion, and with it
                     // the promotion back of the only learner of a two-voter cluster. A node no
                     // longer a member is forgotten at the tick.
+                    // A change whose caller stopped waiting (`leader_op`'s timeout, behind a
+                    // slow change ahead of it) is dropped unstarted: its caller was told it may
+                    // still be applied and to look before asking again, and one that ran minutes
+                    // later would undo what the operator did meanwhile. A joiner asks again.
+                    Some(change) if change.abandoned() => {
+                        warn!(change = ?change, "membership change dropped unstarted: its caller stopped waiting");
+                        metrics::counter!("raftbridge_cluster_changes_abandoned_total").increment(1);
+                    }
                     Some(Change::Join { id, addr, reply }) => {
                         let _ = reply.send(self.apply_join(id, addr).await);
                     }
@@ -793,7 +867,20 @@ impl Cluster {
             if membership.voter_ids().count() <= 1 {
                 return Err(RemoteError::Invalid("cannot remove the last voter".into()));
             }
-            self.removal_has_quorum(membership.voter_ids().collect(), id)?;
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            self.await_replication_view(&voters).await;
+            self.removal_has_quorum(voters, id)?;
+            // This leader itself (Consul's `leave` of its leader): it hands over first and the
+            // new leader removes it, so writes move on at once. Removed by itself, it would
+            // step down once the change commits, and every write would wait for the others'
+            // election timeout. When no voter takes over in time, it removes itself as before.
+            if id == self.replica.id() {
+                if let Some(to) = hand_over_leadership(&self.replica).await {
+                    info!(to, "removing this node through the leader it handed over to");
+                    metrics::counter!("raftbridge_cluster_removals_handed_over_total").increment(1);
+                    return self.forward(to, &PeerRequest::Remove { id }).await;
+                }
+            }
             info!(id, "removing voter");
             self.change(ChangeMembers::RemoveVoters(BTreeSet::from([id]))).await?;
         }
@@ -803,6 +890,24 @@ impl Cluster {
             self.change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await?;
         }
         Ok(())
+    }
+
+    /// Waits, for at most `RESPONSIVE`, until this leader has matched a log index with every
+    /// voter: a leader elected a moment ago (the hand-over of a leader being removed, which
+    /// then asks it for the removal) has heard from no follower yet, and `removal_has_quorum`
+    /// would count only itself. Returns at once for a leader that has led for a while; a
+    /// voter that never answered costs the wait before the refusal.
+    async fn await_replication_view(&self, voters: &[NodeId]) {
+        let me = self.replica.id();
+        let _ = self
+            .replica
+            .raft
+            .wait(Some(RESPONSIVE))
+            .metrics(
+                |m| voters.iter().all(|v| *v == me || m.replication.as_ref().and_then(|r| r.get(v)).is_some_and(|l| l.is_some())),
+                "a log index matched with every voter",
+            )
+            .await;
     }
 
     /// Whether voter `id` can be removed now. The change commits in a joint configuration that
@@ -1286,6 +1391,16 @@ fn to_remote(e: RaftError<ClientWriteError>) -> RemoteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_whose_caller_stopped_waiting_is_abandoned() {
+        let (reply, rx) = oneshot::channel();
+        let change = Change::Remove { id: 2, reply };
+        assert!(!change.abandoned(), "its caller waits");
+        drop(rx);
+        assert!(change.abandoned(), "its caller's wait timed out");
+        assert_eq!(format!("{change:?}"), "removal of node 2");
+    }
 
     #[test]
     fn the_apply_backlog_counts_the_entries_not_applied() {
