@@ -56,6 +56,13 @@ const QUEUE: usize = 64;
 /// A voter heard from within this long answers (`keeps_up`): several of the leader's heartbeats
 /// and the links' pings arrive in it.
 const RESPONSIVE: Duration = Duration::from_millis(1500);
+/// Features whose entries builds without them cannot decode (`features` says which command
+/// or update each one brings); the rest are link messages, which a node sends only to peers
+/// that announced them.
+const LOG_FEATURES: u64 = {
+    use crate::peer::frame::features::*;
+    DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | REJECTED | SUB_SEEK
+};
 /// How long a leader that hands over waits to see another leader (`hand_over_leadership`):
 /// the voter it picked campaigns at once, so an election round trip, with room for a busy host.
 const HANDOVER_WAIT: Duration = Duration::from_secs(3);
@@ -847,6 +854,7 @@ impl Cluster {
             }
             return Ok(());
         }
+        self.reads_the_log(id, &addr).await?;
         info!(id, %addr, "adding learner");
         let r = tokio::time::timeout(CHANGE_TIMEOUT, self.replica.raft.add_learner(id, BasicNode { addr }, false)).await;
         match r {
@@ -854,6 +862,49 @@ impl Cluster {
             Ok(Err(e)) => Err(to_remote(e)),
             Err(_) => Err(RemoteError::Unavailable("add learner timed out".into())),
         }
+    }
+
+    /// Refuses a new node whose build cannot decode entries the members may have written: a
+    /// joiner is sent the whole log or a snapshot, and one that cannot read an entry stops its
+    /// Raft core there, a learner that never catches up (or worse, a voter later). What the
+    /// members may have written is every log-content feature all of them announce
+    /// (`LOG_FEATURES`; a gated write waits until every member has its feature, so none with
+    /// a feature some member lacks was written since that member joined); a member whose
+    /// features are unknown counts as having none. The joiner's features come from a
+    /// handshake with it at `addr`; one that cannot be reached now is let in as before (its
+    /// address may not resolve from here yet), and a rolling upgrade, whose members share the
+    /// older build's features, admits nodes of either build.
+    async fn reads_the_log(&self, id: NodeId, addr: &str) -> Result<(), RemoteError> {
+        let m = self.replica.metrics();
+        let since = m.membership_config.log_id().as_ref().map_or(0, |l| l.index);
+        let in_force = m
+            .membership_config
+            .membership()
+            .nodes()
+            .fold(LOG_FEATURES, |acc, (n, _)| acc & self.replica.net.features_known(*n, since).unwrap_or(0));
+        if in_force == 0 {
+            return Ok(());
+        }
+        let theirs = match self.replica.net.features_at(addr, ADDRESS_PROBE_TIMEOUT).await {
+            Ok((peer, features)) if peer == id => features,
+            Ok((peer, _)) => {
+                warn!(id, %addr, answered = peer, "a joiner's address answers as another node: its build is not checked");
+                return Ok(());
+            }
+            Err(e) => {
+                warn!(id, %addr, cause = %e, "could not reach a joiner to check its build; adding it unchecked");
+                return Ok(());
+            }
+        };
+        let missing = in_force & !theirs;
+        if missing == 0 {
+            return Ok(());
+        }
+        metrics::counter!("raftbridge_cluster_joins_refused_total", "reason" => "build").increment(1);
+        warn!(id, %addr, missing, "refused a join from a build that cannot read what the members write");
+        Err(RemoteError::Invalid(format!(
+            "node {id} runs an older build than every member: it lacks feature bits {missing:#x} of the log the members write              (theirs: {in_force:#x}), and could not read it; run the members' build on it"
+        )))
     }
 
     async fn apply_remove(&self, id: NodeId) -> Result<(), RemoteError> {
@@ -1259,6 +1310,9 @@ impl Cluster {
                 let req = PeerRequest::Join { id: me, addr: self.replica.net.advertise().to_string() };
                 match self.replica.net.request_addr(seed, &req, CHANGE_TIMEOUT * 2).await {
                     Ok((_, PeerResponse::Done)) => info!(%seed, "join accepted"),
+                    // Said loudly: it is refused at every round until an operator acts (a
+                    // build that cannot read the log, an id in use by a running member).
+                    Ok((_, PeerResponse::Error(RemoteError::Invalid(why)))) => warn!(%seed, refused = %why, "join refused"),
                     Ok((_, other)) => info!(%seed, response = ?other, "join not accepted yet"),
                     Err(e) => info!(%seed, cause = %e, "join request failed"),
                 }
@@ -1391,6 +1445,14 @@ fn to_remote(e: RaftError<ClientWriteError>) -> RemoteError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_feature_is_of_the_log_or_of_the_links() {
+        use crate::peer::frame::features::*;
+        let links = DELIVER_BATCH | ORDERED_APPENDS | DELIVERED_EACH | APP_HEADERS | PULL_FORWARD;
+        assert_eq!(LOG_FEATURES & links, 0);
+        assert_eq!(LOG_FEATURES | links, ALL, "a new feature is either in LOG_FEATURES (joins check it) or a link message");
+    }
 
     #[test]
     fn a_change_whose_caller_stopped_waiting_is_abandoned() {

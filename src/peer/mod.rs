@@ -1068,6 +1068,15 @@ impl PeerNet {
         Ok((link.peer, resp))
     }
 
+    /// The node that answers at `addr` and the features it announced in its handshake (a
+    /// joiner's, which no member's link records until it is added: `features_seen`).
+    pub async fn features_at(&self, addr: &str, timeout: Duration) -> Result<(NodeId, u64), PeerError> {
+        let link = tokio::time::timeout(timeout, self.dial(addr))
+            .await
+            .map_err(|_| PeerError::NoLinkInTime { peer: addr.to_string(), timeout })??;
+        Ok((link.peer, link.features))
+    }
+
     /// The live link to a node, dialing if needed. Requests sent on one link one after another
     /// arrive in that order (`Link::send`); two links to the same node (a reconnect, or both
     /// sides dialing at once) give no order between them.

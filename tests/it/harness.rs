@@ -648,6 +648,18 @@ impl Cluster {
         self.add_node_with(seeds, &[])
     }
 
+    /// `add_node` with environment variables of its own (`set_env`) from its first start.
+    pub fn add_node_env(&mut self, seeds: &[u64], env: &[(&str, &str)]) -> u64 {
+        let seeds: Vec<SocketAddr> = seeds.iter().map(|&s| self.peer(s)).collect();
+        let ports = free_ports(2);
+        let id = self.push_node(ports[0], ports[1], vec!["--seeds".into(), join_addrs(&seeds)]);
+        for (k, v) in env {
+            self.set_env(id, k, v);
+        }
+        self.start(id);
+        id
+    }
+
     /// `add_node` with `flags` of its own besides the cluster's.
     pub fn add_node_with(&mut self, seeds: &[u64], flags: &[String]) -> u64 {
         let seeds: Vec<SocketAddr> = seeds.iter().map(|&s| self.peer(s)).collect();

@@ -330,6 +330,29 @@ fn leave_of_the_leader_through_itself_succeeds_and_so_does_a_repeat() {
     assert_ne!(view["leader"], json!(leader), "{view}");
 }
 
+/// A node whose build cannot read what the members write (it lacks a log feature every member
+/// announces: here transactions) is refused at its join, said in the joiner's log and counted
+/// on the leader, and stays out; started again with the members' build, it joins.
+#[test]
+fn a_node_of_an_older_build_is_refused_at_its_join() {
+    use raftbridge::peer::frame::features::{TXN, WITHHOLD_ENV};
+    let (mut c, _) = Cluster::formed("join-older-build", 3, &[]);
+    let old = c.add_node_env(&[1], &[(WITHHOLD_ENV, &TXN.to_string())]);
+    c.wait_for(&format!("node {old}'s join refused for its build"), CATCH_UP, || {
+        let refused: f64 = [1, 2, 3].iter().filter_map(|&n| c.api(n).metric("raftbridge_cluster_joins_refused_total", &["reason=\"build\""]).ok()).sum();
+        let said = c.log_text(old).contains("join refused") && c.log_text(old).contains("older build");
+        if refused >= 1.0 && said { Ok(()) } else { Err(format!("refused {refused}, said in its log: {said}")) }
+    });
+    let s = c.api(1).status().expect("status");
+    assert!(s.member(old).is_none(), "node {old} stays out: {s}");
+    c.api(1).must_put("older-build-kept-out", &json!({"node": old}));
+
+    c.kill(old);
+    c.set_env(old, WITHHOLD_ENV, "0");
+    c.start(old);
+    c.wait_for_membership(&c.ids(), &[], CATCH_UP);
+}
+
 /// With `--cluster-secret` the nodes form a cluster as usual, and a node that does not know the
 /// secret is refused at every handshake: seeded with the cluster, it never becomes a member,
 /// and the cluster keeps taking writes.
