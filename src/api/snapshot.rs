@@ -37,6 +37,62 @@ const TRIGGER_EVERY: Duration = Duration::from_secs(2);
 /// Bytes read from the file at a time.
 const CHUNK: usize = 256 << 10;
 
+/// A download's time limit is `SEND_FLOOR` plus its length at `MIN_SEND_RATE`: a client that
+/// reads, but slower than that, is cut off (the body ends short of its `Content-Length`), so
+/// that it holds the node's one download for a bounded time. A client that stops reading is
+/// cut off sooner, by the connection's write stall limit (`stall::WRITE_STALL`).
+const SEND_FLOOR: Duration = Duration::from_secs(120);
+const MIN_SEND_RATE: u64 = 512 << 10;
+
+/// How long sending `len` bytes may take (`SEND_FLOOR`, `MIN_SEND_RATE`).
+fn send_limit(len: u64) -> Duration {
+    SEND_FLOOR + Duration::from_secs(len / MIN_SEND_RATE)
+}
+
+/// Why a download ended before its last chunk.
+#[derive(Debug, PartialEq)]
+enum SendEnd {
+    /// The client went (its connection dropped the receiver), or a read failed (sent on as an
+    /// error, which ends the body).
+    Stopped,
+    /// The deadline passed with `sent` bytes handed to the connection.
+    TimedOut { sent: u64 },
+}
+
+/// Reads `len` bytes of `file` in `CHUNK`s, each on a blocking thread, into `tx` (a few chunks
+/// ahead of the client), until all are sent or `deadline` passes.
+async fn send_file(file: std::fs::File, len: u64, tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>, deadline: Instant) -> Result<(), SendEnd> {
+    let mut file = file;
+    let mut sent = 0u64;
+    while sent < len {
+        let want = CHUNK.min(usize::try_from(len - sent).unwrap_or(CHUNK));
+        let read = tokio::task::spawn_blocking(move || {
+            let mut chunk = vec![0u8; want];
+            let read = file.read_exact(&mut chunk).map(|()| Bytes::from(chunk));
+            (file, read)
+        });
+        let (back, read) = match tokio::time::timeout_at(deadline, read).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => return Err(send_error(&tx, std::io::Error::other(format!("reading the snapshot: {e}")))),
+            Err(_) => return Err(SendEnd::TimedOut { sent }),
+        };
+        file = back;
+        let failed = read.is_err();
+        match tokio::time::timeout_at(deadline, tx.send(read)).await {
+            Ok(Ok(())) if !failed => sent += want as u64,
+            Ok(_) => return Err(SendEnd::Stopped),
+            Err(_) => return Err(SendEnd::TimedOut { sent }),
+        }
+    }
+    Ok(())
+}
+
+/// Passes `e` to the client's body if there is room (else the body ends short all the same).
+fn send_error(tx: &tokio::sync::mpsc::Sender<std::io::Result<Bytes>>, e: std::io::Error) -> SendEnd {
+    let _ = tx.try_send(Err(e));
+    SendEnd::Stopped
+}
+
 /// Headers naming the log position a snapshot covers (its last entry's index and term).
 pub const INDEX_HEADER: &str = "x-raftbridge-snapshot-index";
 pub const TERM_HEADER: &str = "x-raftbridge-snapshot-term";
@@ -104,26 +160,89 @@ pub(super) async fn download(app: &App, head: bool) -> ApiResult {
         return Ok(resp);
     }
     let (tx, rx) = tokio::sync::mpsc::channel(super::STREAM_CHUNKS);
-    // On a blocking thread until the file is read or the client has gone (the send fails);
-    // it holds the one download's permit.
-    drop(tokio::task::spawn_blocking(move || {
+    // Holds the one download's permit until the file is sent, the client has gone, or the
+    // send's deadline passed (`send_limit`).
+    let limit = send_limit(len);
+    tokio::spawn(async move {
         let _permit = permit;
-        let mut file = file;
-        let mut left = len;
-        while left > 0 {
-            let mut chunk = vec![0u8; CHUNK.min(usize::try_from(left).unwrap_or(CHUNK))];
-            let read = file.read_exact(&mut chunk).map(|()| Bytes::from(chunk));
-            let failed = read.is_err();
-            if tx.blocking_send(read).is_err() || failed {
-                return;
-            }
-            left -= CHUNK.min(usize::try_from(left).unwrap_or(CHUNK)) as u64;
+        if let Err(SendEnd::TimedOut { sent }) = send_file(file, len, tx, Instant::now() + limit).await {
+            metrics::counter!("raftbridge_snapshots_downloads_timed_out_total").increment(1);
+            tracing::warn!(sent, bytes = len, limit_s = limit.as_secs(), "a snapshot download was cut off: its client read too slowly");
         }
-    }));
+    });
     // Counted as begun: one that ends early is counted in `raftbridge_http_write_stalls_total`
     // or as a reset stream, not here.
     metrics::counter!("raftbridge_snapshots_downloads_started_total").increment(1);
     tracing::info!(index = last.index, bytes = len, "sending a snapshot to a client");
     resp.extensions_mut().insert(Streamed::new(rx));
     Ok(resp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An open file of `len` bytes whose path is gone already (the handle reads on).
+    fn file_of(len: usize) -> ((), std::fs::File) {
+        let path = std::env::temp_dir().join(format!("rb-snapshot-send-{}", fastrand::u64(..)));
+        std::fs::write(&path, (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>()).expect("write");
+        let file = std::fs::File::open(&path).expect("open");
+        std::fs::remove_file(&path).expect("remove");
+        ((), file)
+    }
+
+    #[test]
+    fn a_download_may_take_the_floor_plus_its_length_at_the_least_rate() {
+        assert_eq!(send_limit(0), SEND_FLOOR);
+        assert_eq!(send_limit(512 << 20), SEND_FLOOR + Duration::from_secs(1024));
+    }
+
+    #[tokio::test]
+    async fn the_whole_file_is_sent_in_chunks_to_a_client_that_reads() {
+        let len = 2 * CHUNK + 5;
+        let (_dir, file) = file_of(len);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let sender = tokio::spawn(send_file(file, len as u64, tx, Instant::now() + Duration::from_secs(60)));
+        let mut got = Vec::new();
+        while let Some(chunk) = rx.recv().await {
+            got.extend_from_slice(&chunk.expect("chunk"));
+        }
+        assert_eq!(sender.await.expect("sender"), Ok(()));
+        assert_eq!(got, (0..len).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_reads_too_slowly_is_cut_off_at_the_deadline() {
+        let len = 8 * CHUNK;
+        let (_dir, file) = file_of(len);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(1));
+        let permit = permits.clone().try_acquire_owned().expect("the one permit");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let sender = tokio::spawn(async move {
+            let _permit = permit;
+            send_file(file, len as u64, tx, deadline).await
+        });
+        // One chunk read; then the client waits past the deadline with the queue full.
+        assert!(rx.recv().await.is_some());
+        let ended = sender.await.expect("sender");
+        assert!(matches!(ended, Err(SendEnd::TimedOut { sent }) if sent < len as u64), "{ended:?}");
+        assert!(Instant::now() >= deadline);
+        assert_eq!(permits.available_permits(), 1, "the download's permit is free again");
+        // What was queued is read, then the body ends short.
+        let mut rest = 0;
+        while let Some(chunk) = rx.recv().await {
+            rest += chunk.expect("chunk").len();
+        }
+        assert!(CHUNK + rest < len, "{rest} more bytes, of {len}");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_went_stops_the_reads() {
+        let len = 4 * CHUNK;
+        let (_dir, file) = file_of(len);
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(rx);
+        assert_eq!(send_file(file, len as u64, tx, Instant::now() + Duration::from_secs(60)).await, Err(SendEnd::Stopped));
+    }
 }
