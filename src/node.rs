@@ -663,7 +663,7 @@ pub async fn run(
         warn!(?grace, "pull subscription events fetched here and not answered at shutdown; they are delivered again");
     }
     if !core_failure {
-        crate::cluster::hand_over_leadership(&replica).await;
+        let _ = crate::cluster::hand_over_leadership(&replica).await;
     }
     sidecar_stop.cancel();
     reload_stop.cancel();

@@ -66,6 +66,12 @@ const LOG_FEATURES: u64 = {
 /// How long a leader that hands over waits to see another leader (`hand_over_leadership`):
 /// the voter it picked campaigns at once, so an election round trip, with room for a busy host.
 const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+/// How often a leader that hands over asks its chosen voter again (`hand_over_leadership`).
+const HANDOVER_ASK_EVERY: Duration = Duration::from_millis(300);
+/// How much longer a node that forwards a membership change waits than the leader waits for
+/// its membership task, so that the leader's own answer (a timeout that says the change may
+/// still be applied) comes back rather than a bare peer timeout.
+const FORWARD_MARGIN: Duration = Duration::from_secs(5);
 
 /// A new cluster id (`Cluster::name_cluster`, `raftbridge snapshot restore`): 128 random bits,
 /// so that no two clusters, nor a restored cluster and the one it was saved from, share one.
@@ -85,15 +91,32 @@ pub fn responsive(net: &crate::peer::PeerNet, id: NodeId) -> bool {
     net.heard_ago(id).is_some_and(|ago| ago <= RESPONSIVE)
 }
 
+/// How a leader's hand-over went (`hand_over_leadership`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOver {
+    /// This node does not lead.
+    NotLeader,
+    /// No other voter was heard from lately: nothing was asked of anyone.
+    NoVoter,
+    /// Another node leads now.
+    Moved(NodeId),
+    /// Asked, and no other leader seen within `HANDOVER_WAIT`. openraft's leader proposes
+    /// nothing more once it has begun a transfer (membership changes included) and stops its
+    /// heartbeats, so another leader comes at the latest after the followers' election timeout.
+    Pending,
+}
+
 /// If this node leads, asks the most up-to-date voter heard from lately to take over, and waits
-/// briefly (`HANDOVER_WAIT`) for it: a graceful stop, and the removal of the leader, hand over
-/// first, so that writes move on at once instead of after an election timeout. The leader it
-/// then sees, or `None` when it did not lead, no voter could take over or none did in time.
-pub async fn hand_over_leadership(replica: &Replica) -> Option<NodeId> {
+/// (`HANDOVER_WAIT`) to see another leader: a graceful stop, and the removal of the leader, hand
+/// over first, so that writes move on at once instead of after an election timeout. The voter
+/// takes over only once its log reaches the leader's last entry at the request (openraft
+/// ignores it otherwise), which under load it may not yet; the leader proposes nothing new
+/// after the first ask, so the ask is repeated every `HANDOVER_ASK_EVERY` until it is taken.
+pub async fn hand_over_leadership(replica: &Replica) -> HandOver {
     let m = replica.metrics();
     // By state: a leader that removed itself stepped down and still names itself.
     if m.state != openraft::ServerState::Leader {
-        return None;
+        return HandOver::NotLeader;
     }
     let matched = m.replication.clone().unwrap_or_default();
     let best = m
@@ -103,22 +126,28 @@ pub async fn hand_over_leadership(replica: &Replica) -> Option<NodeId> {
         // Heard from lately, not only linked: a hung voter's link stays up for a while, and a
         // transfer to it would leave the cluster without a leader when this node stops.
         .filter(|id| *id != m.id && responsive(&replica.net, *id))
-        .max_by_key(|id| matched.get(id).and_then(|l| l.as_ref()).map(|l| l.index))?;
+        .max_by_key(|id| matched.get(id).and_then(|l| l.as_ref()).map(|l| l.index));
+    let Some(best) = best else { return HandOver::NoVoter };
     info!(to = best, "transferring leadership");
-    if let Err(e) = replica.raft.trigger().transfer_leader(best).await {
-        warn!(cause = %e, "leader transfer failed");
-        return None;
-    }
-    let moved = replica
-        .raft
-        .wait(Some(HANDOVER_WAIT))
-        .metrics(|m| m.current_leader.is_some() && m.current_leader != Some(m.id), "leader moved")
-        .await;
-    match moved {
-        Ok(m) => m.current_leader,
-        Err(e) => {
-            warn!(cause = %e, to = best, "no other leader within the hand-over's wait");
-            None
+    let deadline = Instant::now() + HANDOVER_WAIT;
+    // Bounded by the deadline: one ask per `HANDOVER_ASK_EVERY`.
+    loop {
+        if let Err(e) = replica.raft.trigger().transfer_leader(best).await {
+            warn!(cause = %e, "leader transfer failed");
+            return HandOver::Pending;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let moved = replica
+            .raft
+            .wait(Some(left.min(HANDOVER_ASK_EVERY)))
+            .metrics(|m| m.current_leader.is_some() && m.current_leader != Some(m.id), "leader moved")
+            .await;
+        if let Ok(m) = moved {
+            return m.current_leader.map_or(HandOver::Pending, HandOver::Moved);
+        }
+        if Instant::now() >= deadline {
+            warn!(to = best, "no other leader within the hand-over's wait");
+            return HandOver::Pending;
         }
     }
 }
@@ -189,6 +218,15 @@ pub struct ClusterSettings {
     pub seeds: Vec<String>,
     pub bootstrap_expect: usize,
     pub max_voters: usize,
+}
+
+/// What `apply_remove` did.
+enum Removal {
+    /// The node is out (or was not in).
+    Done,
+    /// The node to remove is this leader, which handed its leadership to `0`: that one is to
+    /// be asked.
+    HandedOver(NodeId),
 }
 
 /// A membership change queued for the membership task, with where its caller waits.
@@ -570,10 +608,13 @@ impl Cluster {
 
     /// A membership request passed on to `leader`, answered as it answers.
     async fn forward(&self, leader: NodeId, request: &PeerRequest) -> Result<(), RemoteError> {
-        match self.replica.net.request(leader, request, CHANGE_TIMEOUT * 2).await {
+        match self.replica.net.request(leader, request, CHANGE_TIMEOUT * 2 + FORWARD_MARGIN).await {
             Ok(PeerResponse::Done) => Ok(()),
             Ok(PeerResponse::Error(e)) => Err(e),
             Ok(other) => Err(RemoteError::Internal(format!("unexpected {other:?}"))),
+            Err(e @ PeerError::Timeout { .. }) => Err(RemoteError::Unavailable(format!(
+                "{e}: the leader did not answer; the change may still be applied: see GET /cluster before asking again"
+            ))),
             Err(e) => Err(RemoteError::Unavailable(e.to_string())),
         }
     }
@@ -581,6 +622,8 @@ impl Cluster {
     async fn membership_task(self, mut rx: mpsc::Receiver<Change>, shutdown: CancellationToken) {
         // Exported from the start (a dashboard or alert sees 0, not a missing series).
         metrics::gauge!("raftbridge_node_removed").set(0.0);
+        metrics::counter!("raftbridge_cluster_removals_handed_over_total").increment(0);
+        metrics::counter!("raftbridge_cluster_changes_abandoned_total").increment(0);
         let reversions = self.reversions.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -625,13 +668,25 @@ impl Cluster {
                     Some(Change::Join { id, addr, reply }) => {
                         let _ = reply.send(self.apply_join(id, addr).await);
                     }
-                    Some(Change::Remove { id, reply }) => {
-                        let removed = self.apply_remove(id).await;
-                        if removed.is_ok() {
-                            demoted.remove(&id);
+                    Some(Change::Remove { id, reply }) => match self.apply_remove(id).await {
+                        // This leader handed over: the new one removes it. Asked from a task of
+                        // its own, so that this one goes on (and finishes a change left half
+                        // done, should this node lead again meanwhile).
+                        Ok(Removal::HandedOver(to)) => {
+                            info!(to, "removing this node through the leader it handed over to");
+                            metrics::counter!("raftbridge_cluster_removals_handed_over_total").increment(1);
+                            let this = self.clone();
+                            tokio::spawn(async move {
+                                let _ = reply.send(this.forward(to, &PeerRequest::Remove { id }).await);
+                            });
                         }
-                        let _ = reply.send(removed);
-                    }
+                        removed => {
+                            if removed.is_ok() {
+                                demoted.remove(&id);
+                            }
+                            let _ = reply.send(removed.map(|_| ()));
+                        }
+                    },
                 },
                 _ = reversions.found() => {
                     for (id, term, had) in reversions.take() {
@@ -907,7 +962,7 @@ impl Cluster {
         )))
     }
 
-    async fn apply_remove(&self, id: NodeId) -> Result<(), RemoteError> {
+    async fn apply_remove(&self, id: NodeId) -> Result<Removal, RemoteError> {
         self.is_leader_or_err()?;
         let m = self.replica.metrics();
         let membership = m.membership_config.membership();
@@ -919,17 +974,40 @@ impl Cluster {
                 return Err(RemoteError::Invalid("cannot remove the last voter".into()));
             }
             let voters: Vec<NodeId> = membership.voter_ids().collect();
-            self.await_replication_view(&voters).await;
+            // A leader elected a moment ago (the hand-over of a leader being removed, which
+            // then asks it for the removal) has matched no follower's log yet, and would count
+            // only itself: it looks again for up to `RESPONSIVE`. Bounded: a look per 50 ms.
+            let settled = Instant::now() + RESPONSIVE;
+            while self.removal_has_quorum(voters.clone(), id).is_err() && Instant::now() < settled {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
             self.removal_has_quorum(voters, id)?;
             // This leader itself (Consul's `leave` of its leader): it hands over first and the
             // new leader removes it, so writes move on at once. Removed by itself, it would
             // step down once the change commits, and every write would wait for the others'
             // election timeout. When no voter takes over in time, it removes itself as before.
             if id == self.replica.id() {
-                if let Some(to) = hand_over_leadership(&self.replica).await {
-                    info!(to, "removing this node through the leader it handed over to");
-                    metrics::counter!("raftbridge_cluster_removals_handed_over_total").increment(1);
-                    return self.forward(to, &PeerRequest::Remove { id }).await;
+                match hand_over_leadership(&self.replica).await {
+                    HandOver::Moved(to) => return Ok(Removal::HandedOver(to)),
+                    // It can no longer change the membership itself: waits for the leader that
+                    // its silence brings (its heartbeats stopped), bounded by two of the
+                    // longest election timeouts.
+                    HandOver::Pending => {
+                        let wait = Duration::from_millis(self.replica.raft.config().election_timeout_max) * 2 + Duration::from_secs(1);
+                        let moved = self
+                            .replica
+                            .raft
+                            .wait(Some(wait))
+                            .metrics(|m| m.current_leader.is_some() && m.current_leader != Some(m.id), "another leader")
+                            .await;
+                        return match moved.ok().and_then(|m| m.current_leader) {
+                            Some(to) => Ok(Removal::HandedOver(to)),
+                            None => Err(RemoteError::Unavailable(
+                                "this leader is handing its leadership over and no other node leads yet: ask again in a moment".into(),
+                            )),
+                        };
+                    }
+                    HandOver::NotLeader | HandOver::NoVoter => {}
                 }
             }
             info!(id, "removing voter");
@@ -940,25 +1018,7 @@ impl Cluster {
             info!(id, "removing node");
             self.change(ChangeMembers::RemoveNodes(BTreeSet::from([id]))).await?;
         }
-        Ok(())
-    }
-
-    /// Waits, for at most `RESPONSIVE`, until this leader has matched a log index with every
-    /// voter: a leader elected a moment ago (the hand-over of a leader being removed, which
-    /// then asks it for the removal) has heard from no follower yet, and `removal_has_quorum`
-    /// would count only itself. Returns at once for a leader that has led for a while; a
-    /// voter that never answered costs the wait before the refusal.
-    async fn await_replication_view(&self, voters: &[NodeId]) {
-        let me = self.replica.id();
-        let _ = self
-            .replica
-            .raft
-            .wait(Some(RESPONSIVE))
-            .metrics(
-                |m| voters.iter().all(|v| *v == me || m.replication.as_ref().and_then(|r| r.get(v)).is_some_and(|l| l.is_some())),
-                "a log index matched with every voter",
-            )
-            .await;
+        Ok(Removal::Done)
     }
 
     /// Whether voter `id` can be removed now. The change commits in a joint configuration that
