@@ -663,7 +663,8 @@ pub async fn run(
         warn!(?grace, "pull subscription events fetched here and not answered at shutdown; they are delivered again");
     }
     if !core_failure {
-        let _ = crate::cluster::hand_over_leadership(&replica).await;
+        // An election round trip, with room for a busy host: the stop goes on after it.
+        let _ = crate::cluster::hand_over_leadership(&replica, Duration::from_secs(3)).await;
     }
     sidecar_stop.cancel();
     reload_stop.cancel();

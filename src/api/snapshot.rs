@@ -55,7 +55,7 @@ enum SendEnd {
     /// The client went (its connection dropped the receiver), or a read failed (sent on as an
     /// error, which ends the body).
     Stopped,
-    /// The deadline passed with `sent` bytes handed to the connection.
+    /// The deadline passed with `sent` bytes queued for the client's body.
     TimedOut { sent: u64 },
 }
 

@@ -12,6 +12,11 @@
 //!   `change_membership` calls could otherwise interleave joint configurations). The same task
 //!   promotes caught-up learners to voters while voters < `--max-voters`.
 //! - *Seeds are only a way in.* Join requests reaching a follower are forwarded to the leader.
+//!   A new node whose build lacks a log feature every member announces is refused: it could not
+//!   decode what it would be sent (`reads_the_log`).
+//! - *The leader leaves by handing over.* Removing the leader first transfers its leadership,
+//!   and the new leader removes it (Consul's `leave`): a leader that removed itself would step
+//!   down with nobody named, and every write would wait for an election timeout.
 //! - *A voter that lost its data is a learner until it has it back.* A node whose data directory
 //!   was lost comes back under its id with an empty log and no memory of its votes; as a voter
 //!   it could elect a leader that lacks entries it had helped commit. The leader notices from the
@@ -59,13 +64,30 @@ const RESPONSIVE: Duration = Duration::from_millis(1500);
 /// Features whose entries builds without them cannot decode (`features` says which command
 /// or update each one brings); the rest are link messages, which a node sends only to peers
 /// that announced them.
+/// A feature that gates any log command or snapshot content is one of these, whatever link
+/// message it gates too (`APP_HEADERS`: `InvokeWith` on the links, `IdemCompleteWith` in the log).
 const LOG_FEATURES: u64 = {
     use crate::peer::frame::features::*;
-    DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | REJECTED | SUB_SEEK
+    DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | REJECTED | SUB_SEEK
 };
-/// How long a leader that hands over waits to see another leader (`hand_over_leadership`):
-/// the voter it picked campaigns at once, so an election round trip, with room for a busy host.
-const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+/// How often a warning that repeats every round (a refused joiner asks again) is said.
+const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// When a repeated warning was last said (`Warned::note`).
+#[derive(Default)]
+struct Warned(std::sync::Mutex<Option<Instant>>);
+
+impl Warned {
+    /// Whether to say it now: the first time, and then at most every `REFUSAL_WARN_EVERY`.
+    fn note(&self, now: Instant) -> bool {
+        let mut last = crate::lock(&self.0);
+        if last.is_some_and(|t| now.duration_since(t) < REFUSAL_WARN_EVERY) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
+}
 /// How often a leader that hands over asks its chosen voter again (`hand_over_leadership`).
 const HANDOVER_ASK_EVERY: Duration = Duration::from_millis(300);
 /// How much longer a node that forwards a membership change waits than the leader waits for
@@ -100,24 +122,27 @@ pub enum HandOver {
     NoVoter,
     /// Another node leads now.
     Moved(NodeId),
-    /// Asked, and no other leader seen within `HANDOVER_WAIT`. openraft's leader proposes
-    /// nothing more once it has begun a transfer (membership changes included) and stops its
-    /// heartbeats, so another leader comes at the latest after the followers' election timeout.
+    /// Asked, and no other leader seen within the wait (or this node was elected again
+    /// meanwhile). openraft's leader proposes nothing more once it has begun a transfer
+    /// (membership changes included) and sends no heartbeats, until its vote changes: another
+    /// node's election, which its followers' timers start, or its own re-election.
     Pending,
 }
 
 /// If this node leads, asks the most up-to-date voter heard from lately to take over, and waits
-/// (`HANDOVER_WAIT`) to see another leader: a graceful stop, and the removal of the leader, hand
+/// up to `wait` to see another leader: a graceful stop, and the removal of the leader, hand
 /// over first, so that writes move on at once instead of after an election timeout. The voter
-/// takes over only once its log reaches the leader's last entry at the request (openraft
-/// ignores it otherwise), which under load it may not yet; the leader proposes nothing new
-/// after the first ask, so the ask is repeated every `HANDOVER_ASK_EVERY` until it is taken.
-pub async fn hand_over_leadership(replica: &Replica) -> HandOver {
+/// takes over only once its log reaches the leader's last entry at the request (it waits an
+/// election timeout for that, then ignores the request), which under load it may not yet; the
+/// leader proposes nothing new after the first ask, so the ask is repeated every
+/// `HANDOVER_ASK_EVERY` for the whole wait.
+pub async fn hand_over_leadership(replica: &Replica, wait: Duration) -> HandOver {
     let m = replica.metrics();
     // By state: a leader that removed itself stepped down and still names itself.
     if m.state != openraft::ServerState::Leader {
         return HandOver::NotLeader;
     }
+    let term = m.current_term;
     let matched = m.replication.clone().unwrap_or_default();
     let best = m
         .membership_config
@@ -129,7 +154,7 @@ pub async fn hand_over_leadership(replica: &Replica) -> HandOver {
         .max_by_key(|id| matched.get(id).and_then(|l| l.as_ref()).map(|l| l.index));
     let Some(best) = best else { return HandOver::NoVoter };
     info!(to = best, "transferring leadership");
-    let deadline = Instant::now() + HANDOVER_WAIT;
+    let deadline = Instant::now() + wait;
     // Bounded by the deadline: one ask per `HANDOVER_ASK_EVERY`.
     loop {
         if let Err(e) = replica.raft.trigger().transfer_leader(best).await {
@@ -140,10 +165,19 @@ pub async fn hand_over_leadership(replica: &Replica) -> HandOver {
         let moved = replica
             .raft
             .wait(Some(left.min(HANDOVER_ASK_EVERY)))
-            .metrics(|m| m.current_leader.is_some() && m.current_leader != Some(m.id), "leader moved")
+            .metrics(
+                |m| {
+                    (m.current_leader.is_some() && m.current_leader != Some(m.id))
+                        || (m.state == openraft::ServerState::Leader && m.current_term > term)
+                },
+                "leader moved",
+            )
             .await;
         if let Ok(m) = moved {
-            return m.current_leader.map_or(HandOver::Pending, HandOver::Moved);
+            return match m.current_leader {
+                Some(l) if l != m.id => HandOver::Moved(l),
+                _ => HandOver::Pending,
+            };
         }
         if Instant::now() >= deadline {
             warn!(to = best, "no other leader within the hand-over's wait");
@@ -271,6 +305,9 @@ pub struct Cluster {
     /// half of the other voters it knows said so: `note_outsider`): it no longer campaigns and
     /// is not ready. Cleared if its view of the membership moves (it is sent the log again).
     removed: Arc<AtomicBool>,
+    /// When this node last warned of a join it refused (as leader) or that was refused to it
+    /// (as joiner): either repeats every round.
+    refusal_warned: Arc<Warned>,
     /// The node whose `AppendEntries` (a heartbeat or entries) arrived last, and when, in ms
     /// after `since` + 1 (0: none yet); written by the peer handler (`note_append`) as each
     /// arrives, read by `ready`.
@@ -328,6 +365,7 @@ impl Cluster {
             quorum_heard: Arc::new(std::sync::Mutex::new(None)),
             behind_ms: Arc::new(AtomicU64::new(0)),
             was_member: Arc::new(AtomicBool::new(false)),
+            refusal_warned: Arc::new(Warned::default()),
             log,
         };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
@@ -672,6 +710,10 @@ impl Cluster {
                         // This leader handed over: the new one removes it. Asked from a task of
                         // its own, so that this one goes on (and finishes a change left half
                         // done, should this node lead again meanwhile).
+                        // Not asked once its caller stopped waiting, as queued changes are not.
+                        Ok(Removal::HandedOver(to)) if reply.is_closed() => {
+                            warn!(to, "handed leadership over for this node's removal, whose caller stopped waiting: not asked of the new leader");
+                        }
                         Ok(Removal::HandedOver(to)) => {
                             info!(to, "removing this node through the leader it handed over to");
                             metrics::counter!("raftbridge_cluster_removals_handed_over_total").increment(1);
@@ -956,9 +998,15 @@ impl Cluster {
             return Ok(());
         }
         metrics::counter!("raftbridge_cluster_joins_refused_total", "reason" => "build").increment(1);
-        warn!(id, %addr, missing, "refused a join from a build that cannot read what the members write");
+        // A refused joiner asks again every round: said at most every `REFUSAL_WARN_EVERY`.
+        if self.refusal_warned.note(Instant::now()) {
+            warn!(id, %addr, missing, "refused a join from a build that cannot read what the members write");
+        } else {
+            debug!(id, %addr, missing, "refused a join from a build that cannot read what the members write");
+        }
         Err(RemoteError::Invalid(format!(
-            "node {id} runs an older build than every member: it lacks feature bits {missing:#x} of the log the members write              (theirs: {in_force:#x}), and could not read it; run the members' build on it"
+            "node {id} runs a build that cannot read the cluster's log: it lacks log feature bits {missing:#x} that every member \
+             announces (the members': {in_force:#x}); run the members' build on it"
         )))
     }
 
@@ -987,25 +1035,14 @@ impl Cluster {
             // step down once the change commits, and every write would wait for the others'
             // election timeout. When no voter takes over in time, it removes itself as before.
             if id == self.replica.id() {
-                match hand_over_leadership(&self.replica).await {
+                // Within the caller's wait: asked all along, as a leader that began a transfer
+                // can no longer change the membership itself.
+                match hand_over_leadership(&self.replica, CHANGE_TIMEOUT).await {
                     HandOver::Moved(to) => return Ok(Removal::HandedOver(to)),
-                    // It can no longer change the membership itself: waits for the leader that
-                    // its silence brings (its heartbeats stopped), bounded by two of the
-                    // longest election timeouts.
                     HandOver::Pending => {
-                        let wait = Duration::from_millis(self.replica.raft.config().election_timeout_max) * 2 + Duration::from_secs(1);
-                        let moved = self
-                            .replica
-                            .raft
-                            .wait(Some(wait))
-                            .metrics(|m| m.current_leader.is_some() && m.current_leader != Some(m.id), "another leader")
-                            .await;
-                        return match moved.ok().and_then(|m| m.current_leader) {
-                            Some(to) => Ok(Removal::HandedOver(to)),
-                            None => Err(RemoteError::Unavailable(
-                                "this leader is handing its leadership over and no other node leads yet: ask again in a moment".into(),
-                            )),
-                        };
+                        return Err(RemoteError::Unavailable(
+                            "this leader began handing its leadership over and no other node leads yet: ask again in a moment".into(),
+                        ));
                     }
                     HandOver::NotLeader | HandOver::NoVoter => {}
                 }
@@ -1372,7 +1409,13 @@ impl Cluster {
                     Ok((_, PeerResponse::Done)) => info!(%seed, "join accepted"),
                     // Said loudly: it is refused at every round until an operator acts (a
                     // build that cannot read the log, an id in use by a running member).
-                    Ok((_, PeerResponse::Error(RemoteError::Invalid(why)))) => warn!(%seed, refused = %why, "join refused"),
+                    Ok((_, PeerResponse::Error(RemoteError::Invalid(why)))) => {
+                        if self.refusal_warned.note(Instant::now()) {
+                            warn!(%seed, refused = %why, "join refused");
+                        } else {
+                            debug!(%seed, refused = %why, "join refused");
+                        }
+                    }
                     Ok((_, other)) => info!(%seed, response = ?other, "join not accepted yet"),
                     Err(e) => info!(%seed, cause = %e, "join request failed"),
                 }
@@ -1509,9 +1552,13 @@ mod tests {
     #[test]
     fn every_feature_is_of_the_log_or_of_the_links() {
         use crate::peer::frame::features::*;
-        let links = DELIVER_BATCH | ORDERED_APPENDS | DELIVERED_EACH | APP_HEADERS | PULL_FORWARD;
+        let links = DELIVER_BATCH | ORDERED_APPENDS | DELIVERED_EACH | PULL_FORWARD;
         assert_eq!(LOG_FEATURES & links, 0);
-        assert_eq!(LOG_FEATURES | links, ALL, "a new feature is either in LOG_FEATURES (joins check it) or a link message");
+        assert_eq!(
+            LOG_FEATURES | links,
+            ALL,
+            "a new feature is in LOG_FEATURES (joins check it) if it gates any log command or snapshot content, else a link message's"
+        );
     }
 
     #[test]

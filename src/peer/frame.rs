@@ -115,7 +115,10 @@ pub fn codec(max_frame: usize) -> LengthDelimitedCodec {
 
 /// Optional messages this build understands, announced in `Hello::features`: a node sends one
 /// only to peers that announced it, so nodes of older builds (which know none) keep working
-/// with newer ones in one cluster, e.g. during a rolling upgrade.
+/// with newer ones in one cluster, e.g. during a rolling upgrade. A feature that gates a log
+/// command or snapshot content is a log feature (`cluster::LOG_FEATURES`: a new node lacking one
+/// that every member announces is refused at its join), and a later build must go on announcing
+/// it as long as it decodes what it gates, or older leaders would refuse that build's nodes.
 pub mod features {
     /// `PeerRequest::DeliverBatch` / `PeerResponse::DeliveredBatch`.
     pub const DELIVER_BATCH: u64 = 1;
