@@ -61,6 +61,10 @@ pub enum ApiError {
     InsufficientStorage(String),
     #[error("deadline exceeded")]
     Timeout,
+    /// A deadline passed, with what is known of the outcome (a membership change that may
+    /// still be applied, a snapshot not made in time).
+    #[error("deadline exceeded: {0}")]
+    Deadline(String),
     /// The client did not send its whole request in time.
     #[error("the request body did not arrive within {0:?}")]
     RequestTimeout(std::time::Duration),
@@ -97,7 +101,7 @@ impl ApiError {
             ApiError::Unavailable(_) | ApiError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::BadGateway(_) => StatusCode::BAD_GATEWAY,
             ApiError::InsufficientStorage(_) => StatusCode::INSUFFICIENT_STORAGE,
-            ApiError::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Timeout | ApiError::Deadline(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             ApiError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
@@ -143,6 +147,7 @@ impl From<RemoteError> for ApiError {
             }
             RemoteError::Invalid(m) => ApiError::BadRequest(m),
             RemoteError::Internal(m) => ApiError::BadGateway(m),
+            RemoteError::Timeout(m) => ApiError::Deadline(m),
         }
     }
 }

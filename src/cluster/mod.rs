@@ -630,7 +630,7 @@ impl Cluster {
                     .await
                     // Queued, it may still run: said, so that an operator looks before asking
                     // again (a removal that follows is refused as a non-member's, a 404).
-                    .map_err(|_| RemoteError::Unavailable("membership change timed out; it may still be applied: see GET /cluster before asking again".into()))?
+                    .map_err(|_| RemoteError::Timeout("membership change timed out; it may still be applied: see GET /cluster before asking again".into()))?
                     .map_err(|_| RemoteError::Unavailable("membership task stopped".into()))?
             }
             // A node outside the membership (removed, but still running) is refused by the
@@ -650,7 +650,7 @@ impl Cluster {
             Ok(PeerResponse::Done) => Ok(()),
             Ok(PeerResponse::Error(e)) => Err(e),
             Ok(other) => Err(RemoteError::Internal(format!("unexpected {other:?}"))),
-            Err(e @ PeerError::Timeout { .. }) => Err(RemoteError::Unavailable(format!(
+            Err(e @ PeerError::Timeout { .. }) => Err(RemoteError::Timeout(format!(
                 "{e}: the leader did not answer; the change may still be applied: see GET /cluster before asking again"
             ))),
             Err(e) => Err(RemoteError::Unavailable(e.to_string())),
@@ -957,7 +957,7 @@ impl Cluster {
         match r {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(to_remote(e)),
-            Err(_) => Err(RemoteError::Unavailable("add learner timed out".into())),
+            Err(_) => Err(RemoteError::Timeout("adding the node as a learner did not commit in time; it may still be applied: see GET /cluster".into())),
         }
     }
 
@@ -1102,7 +1102,7 @@ impl Cluster {
         match tokio::time::timeout(CHANGE_TIMEOUT, self.replica.raft.change_membership(c, retain)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(to_remote(e)),
-            Err(_) => Err(RemoteError::Unavailable(format!(
+            Err(_) => Err(RemoteError::Timeout(format!(
                 "the membership change did not commit within {} s; it may still commit (see GET /cluster: \"joint\" true \
                  means half done, which the leader finishes once a majority of both halves answers, keeping a voter it drops \
                  as a learner: ask for a removal again to complete it)",
@@ -1552,7 +1552,7 @@ mod tests {
     #[test]
     fn every_feature_is_of_the_log_or_of_the_links() {
         use crate::peer::frame::features::*;
-        let links = DELIVER_BATCH | ORDERED_APPENDS | DELIVERED_EACH | PULL_FORWARD;
+        let links = DELIVER_BATCH | ORDERED_APPENDS | DELIVERED_EACH | PULL_FORWARD | REMOTE_TIMEOUT;
         assert_eq!(LOG_FEATURES & links, 0);
         assert_eq!(
             LOG_FEATURES | links,

@@ -184,11 +184,44 @@ pub enum RemoteError {
     /// send elsewhere.
     #[error("not served: {0}")]
     NotServed(String),
+    /// The request's own deadline passed on the node that served it (a membership change that
+    /// did not commit in time): its outcome is unknown. Last, and sent only as a whole
+    /// `PeerResponse::Error` to peers that announced `features::REMOTE_TIMEOUT` (others get it
+    /// as `Unavailable`: `for_peer`).
+    #[error("deadline exceeded: {0}")]
+    Timeout(String),
+}
+
+impl PeerResponse {
+    /// This answer as a peer with `features` can decode it: a `RemoteError::Timeout` is an
+    /// `Unavailable` for builds before it.
+    pub fn for_peer(self, features: u64) -> PeerResponse {
+        match self {
+            PeerResponse::Error(RemoteError::Timeout(m)) if features & crate::peer::frame::features::REMOTE_TIMEOUT == 0 => {
+                PeerResponse::Error(RemoteError::Unavailable(m))
+            }
+            other => other,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A deadline's answer reaches a peer of a build before `RemoteError::Timeout` as the
+    /// `Unavailable` it decodes; other answers pass as they are. Over HTTP it is a 504.
+    #[test]
+    fn a_timeout_is_an_unavailable_for_a_peer_that_does_not_decode_it() {
+        use crate::peer::frame::features::{ALL, REMOTE_TIMEOUT};
+        let timeout = || PeerResponse::Error(RemoteError::Timeout("did not commit in time".into()));
+        assert!(matches!(timeout().for_peer(ALL), PeerResponse::Error(RemoteError::Timeout(_))));
+        assert!(matches!(timeout().for_peer(ALL & !REMOTE_TIMEOUT), PeerResponse::Error(RemoteError::Unavailable(m)) if m == "did not commit in time"));
+        assert!(matches!(PeerResponse::Done.for_peer(0), PeerResponse::Done));
+        let http = crate::api::error::ApiError::from(RemoteError::Timeout("may still be applied".into()));
+        assert_eq!(http.status(), http::StatusCode::GATEWAY_TIMEOUT);
+        assert!(http.to_string().contains("may still be applied"), "{http}");
+    }
 
     /// Every Raft request names its sender (the candidate, or the leader), which the link
     /// reader holds against the link's peer; other requests name none.

@@ -2006,7 +2006,7 @@ async fn read_loop(
                 let serve = handler.handle(link.peer, req);
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let mut resp = serve.await;
+                    let mut resp = serve.await.for_peer(link.features);
                     let mut encoded = Frame::encode(Kind::Response, corr, &resp);
                     if encoded.as_ref().is_ok_and(|body| body.len() > link.max_frame) {
                         // The writer would refuse it and close the link: answer with why instead.
