@@ -115,7 +115,7 @@ pub(super) async fn download(app: &App, head: bool) -> ApiResult {
             break;
         }
         if Instant::now() >= deadline {
-            return Err(ApiError::Deadline(format!(
+            return Err(ApiError::Unavailable(format!(
                 "no snapshot covering log index {wanted} within {} s (the node's disk or its apply is slow): retry",
                 SNAPSHOT_WAIT.as_secs()
             )));

@@ -157,6 +157,15 @@ pub async fn hand_over_leadership(replica: &Replica, wait: Duration) -> HandOver
     let deadline = Instant::now() + wait;
     // Bounded by the deadline: one ask per `HANDOVER_ASK_EVERY`.
     loop {
+        // Not asked in a later term: elected again meanwhile, this node would stop leading
+        // for nothing (its transfer begun anew) until the others' election timeout.
+        let now = replica.metrics();
+        if now.current_term > term {
+            return match now.current_leader {
+                Some(l) if l != now.id => HandOver::Moved(l),
+                _ => HandOver::Pending,
+            };
+        }
         if let Err(e) = replica.raft.trigger().transfer_leader(best).await {
             warn!(cause = %e, "leader transfer failed");
             return HandOver::Pending;
@@ -1033,7 +1042,8 @@ impl Cluster {
             // This leader itself (Consul's `leave` of its leader): it hands over first and the
             // new leader removes it, so writes move on at once. Removed by itself, it would
             // step down once the change commits, and every write would wait for the others'
-            // election timeout. When no voter takes over in time, it removes itself as before.
+            // election timeout. Only when no voter was heard from lately (nothing was asked) does
+            // it remove itself, as before.
             if id == self.replica.id() {
                 // Within the caller's wait: asked all along, as a leader that began a transfer
                 // can no longer change the membership itself.
@@ -1041,7 +1051,7 @@ impl Cluster {
                     HandOver::Moved(to) => return Ok(Removal::HandedOver(to)),
                     HandOver::Pending => {
                         return Err(RemoteError::Unavailable(
-                            "this leader began handing its leadership over and no other node leads yet: ask again in a moment".into(),
+                            "this leader began handing its leadership over, and no other node took it over in time (or this node was elected again): ask again in a moment".into(),
                         ));
                     }
                     HandOver::NotLeader | HandOver::NoVoter => {}
