@@ -1160,6 +1160,23 @@ fn withhold_vote(unproven: &AtomicBool, seen_commit: &Mutex<(u64, u64)>, replica
     }
 }
 
+/// A vote for a founder other than the one whose mark this node's empty log holds
+/// (`LogStore::founder_vote`): refused, so that two founders never both get elected.
+fn refuse_rival_founder(log: &LogStore, req: &VoteRequest) -> Option<PeerResponse> {
+    let candidate = req.vote.leader_id().node_id;
+    match log.founder_vote(candidate, req.last_log_id.as_ref().map(|l| l.index)) {
+        Ok(None) => None,
+        Ok(Some(founder)) => {
+            metrics::counter!("raftbridge_raft_votes_withheld_total").increment(1);
+            info!(candidate, founder, "vote withheld: this node's empty log is marked as a founder of another node's cluster");
+            Some(PeerResponse::Error(RemoteError::NotServed(format!(
+                "this node's empty log is marked as a founder of node {founder}'s cluster: it votes for that node"
+            ))))
+        }
+        Err(e) => Some(PeerResponse::Error(RemoteError::Internal(format!("reading the founder mark: {e}")))),
+    }
+}
+
 /// What a node that started with an empty log does with a vote request (`withhold_vote`).
 #[derive(Debug, PartialEq, Eq)]
 enum VoteRule {
@@ -1258,7 +1275,10 @@ impl Handler for PeerHandler {
             match req {
                 // Served by `appends` above; kept for an exhaustive match.
                 PeerRequest::AppendEntries(_) => fatal(&"append entries go through their lane"),
-                PeerRequest::Vote(r) => match refuse_outsider(&cluster, from, &r).or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r)) {
+                PeerRequest::Vote(r) => match refuse_outsider(&cluster, from, &r)
+                    .or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r))
+                    .or_else(|| refuse_rival_founder(&log, &r))
+                {
                     Some(refused) => refused,
                     None => raft.vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 },

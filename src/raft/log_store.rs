@@ -746,6 +746,11 @@ struct Founder {
     /// This node's id once its own bootstrap claimed the log (`LogStore::claim_founding`),
     /// taken under `marked`'s lock; for the process's life.
     forming: Arc<Mutex<Option<u64>>>,
+    /// The founder this node's empty, marked log was asked to vote for and let through
+    /// (`LogStore::founder_vote`), taken under `marked`'s lock; for the process's life (after
+    /// a restart, the vote the log kept stands for it). Another node's mark is refused from
+    /// then on.
+    voted: Arc<Mutex<Option<u64>>>,
 }
 
 /// What became of a founder mark, or of a claim to found a cluster.
@@ -916,7 +921,7 @@ impl LogStore {
 
         // A mark beside entries is stale (a mark made as an append raced it): gone before use.
         let mark = dir.join(FOUNDER_FILE);
-        let founder = Founder { marked: Arc::new(Mutex::new(mark.exists())), path: mark, dir: dir.to_path_buf(), forming: Arc::new(Mutex::new(None)) };
+        let founder = Founder { marked: Arc::new(Mutex::new(mark.exists())), path: mark, dir: dir.to_path_buf(), forming: Arc::new(Mutex::new(None)), voted: Arc::new(Mutex::new(None)) };
         if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
             founder.unmark(opts.sync)?;
         }
@@ -999,6 +1004,13 @@ impl LogStore {
                 return Ok(Founding::Other(own));
             }
         }
+        // A founder this empty log voted for keeps it: another founder's cluster counting it
+        // too could then elect a leader of its own (`founder_vote`). The kept vote stands for
+        // it after a restart (an empty log's only votes are ones it granted).
+        let voted = (*lock(&self.inner.founder.voted)?).or_else(|| mem.meta.vote.as_ref().map(|v| v.leader_id().node_id));
+        if let Some(v) = voted.filter(|v| *v != by) {
+            return Ok(Founding::Other(v));
+        }
         if *marked {
             // A mark of an older build names no founder: taken as replaceable.
             match self.inner.founder.by() {
@@ -1017,6 +1029,38 @@ impl LogStore {
         drop(marked);
         drop(mem);
         Ok(Founding::Marked { new })
+    }
+
+    /// Whether this node may vote for `candidate`, whose log ends at index `candidate_last`:
+    /// `Some(founder)` refuses it. While this log is empty and marked as a founder's of node
+    /// `founder`'s cluster, it votes only for that node, or for a candidate whose log goes past
+    /// a cluster's first entry (index 0: the membership a founder initializes with, which two
+    /// founders write alike), as such a log came from an elected leader. A vote let through
+    /// keeps the mark (`mark_founder` refuses other founders from then on).
+    /// Why: two seeds that cannot see each other may both plan a cluster holding the same
+    /// other seeds, and a lower founder's mark replaces a higher one's. Without this rule the
+    /// higher founder, initialized already, could get one of them to vote for it, and the lower
+    /// one the other: two leaders of two clusters from one seed list. With it, a node votes only
+    /// for the founder whose mark it holds, and a founder gets all its marks only from nodes
+    /// that have not voted for another.
+    pub fn founder_vote(&self, candidate: u64, candidate_last: Option<u64>) -> io::Result<Option<u64>> {
+        let mem = lock(&self.inner.mem)?;
+        if !mem.entries.is_empty() || mem.meta.last_purged.is_some() || candidate_last.is_some_and(|i| i > 0) {
+            return Ok(None);
+        }
+        let marked = lock(&self.inner.founder.marked)?;
+        if !*marked {
+            return Ok(None);
+        }
+        match self.inner.founder.by() {
+            Some(founder) if founder != candidate => Ok(Some(founder)),
+            _ => {
+                *lock(&self.inner.founder.voted)? = Some(candidate);
+                drop(marked);
+                drop(mem);
+                Ok(None)
+            }
+        }
     }
 
     /// Claims this log for node `me`'s own bootstrap, before it initializes the cluster:
@@ -1611,6 +1655,37 @@ mod tests {
         assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::Other(3), "claimed: another node's mark is refused");
         assert!(!store.founder());
         assert_eq!(store.claim_founding(3).unwrap(), Founding::Marked { new: false }, "claimed again by the same node");
+    }
+
+    /// Two seeds that cannot see each other both plan a cluster with nodes 3 and 4: node 2's
+    /// mark came first, node 1's replaced it. A marked empty log votes only for its founder (or
+    /// a candidate holding a leader's entries), and once it voted keeps that founder's mark,
+    /// across a restart too (the vote the log kept).
+    #[tokio::test]
+    async fn an_empty_marked_log_votes_only_for_its_founder_and_then_keeps_the_mark() {
+        let dir = TempDir::new();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.founder_vote(2, None).unwrap(), None, "unmarked: Raft's rules alone");
+        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Marked { new: true });
+        assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Marked { new: false });
+        assert_eq!(store.founder_vote(2, Some(0)).unwrap(), Some(1), "a rival founder, its log at its first entry");
+        assert_eq!(store.founder_vote(2, None).unwrap(), Some(1));
+        assert_eq!(store.founder_vote(5, Some(7)).unwrap(), None, "a candidate holding an elected leader's entries");
+        assert_eq!(store.founder_vote(1, Some(0)).unwrap(), None, "its own founder");
+        assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Marked { new: false }, "the founder it voted for");
+        drop(store);
+
+        // Node 2's mark, and a vote for node 2 let through: node 1's mark is refused from then on.
+        fs::remove_dir_all(&dir.0).unwrap();
+        let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Marked { new: true });
+        assert_eq!(store.founder_vote(2, Some(0)).unwrap(), None);
+        assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Other(2), "it voted for node 2");
+        store.save_vote(&Vote::new(1, 2)).await.unwrap();
+        drop(store);
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Other(2), "the kept vote stands for it after a restart");
+        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Marked { new: false });
     }
 
     #[tokio::test]
