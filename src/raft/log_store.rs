@@ -1007,7 +1007,8 @@ impl LogStore {
         // A founder this empty log voted for keeps it: another founder's cluster counting it
         // too could then elect a leader of its own (`founder_vote`). The kept vote stands for
         // it after a restart (an empty log's only votes are ones it granted).
-        let voted = (*lock(&self.inner.founder.voted)?).or_else(|| mem.meta.vote.as_ref().map(|v| v.leader_id().node_id));
+        let voted = (*lock(&self.inner.founder.voted)?)
+            .or_else(|| mem.meta.vote.as_ref().filter(|v| v.leader_id().term > 0).map(|v| v.leader_id().node_id));
         if let Some(v) = voted.filter(|v| *v != by) {
             return Ok(Founding::Other(v));
         }
@@ -1034,9 +1035,15 @@ impl LogStore {
     /// Whether this node may vote for `candidate`, whose log ends at index `candidate_last`:
     /// `Some(founder)` refuses it. While this log is empty and marked as a founder's of node
     /// `founder`'s cluster, it votes only for that node, or for a candidate whose log goes past
-    /// a cluster's first entry (index 0: the membership a founder initializes with, which two
-    /// founders write alike), as such a log came from an elected leader. A vote let through
-    /// keeps the mark (`mark_founder` refuses other founders from then on).
+    /// a cluster's first entry (index 0: the membership a founder initializes with; its leader
+    /// appends the next one before it replicates), as such a log came from an elected leader.
+    /// A vote let through while this log is empty, marked or not, keeps it for that candidate
+    /// (`mark_founder` refuses other founders from then on).
+    /// The price, in the rare race below with five or more founders: a higher founder that got
+    /// one vote before a lower one's marks replaced the others' can never be elected, and the
+    /// lower one never gets that voter's mark, so neither cluster forms until an operator starts
+    /// the stuck nodes again with empty data dirs. A cluster that does not form is preferred to
+    /// two that do.
     /// Why: two seeds that cannot see each other may both plan a cluster holding the same
     /// other seeds, and a lower founder's mark replaces a higher one's. Without this rule the
     /// higher founder, initialized already, could get one of them to vote for it, and the lower
@@ -1045,22 +1052,24 @@ impl LogStore {
     /// that have not voted for another.
     pub fn founder_vote(&self, candidate: u64, candidate_last: Option<u64>) -> io::Result<Option<u64>> {
         let mem = lock(&self.inner.mem)?;
-        if !mem.entries.is_empty() || mem.meta.last_purged.is_some() || candidate_last.is_some_and(|i| i > 0) {
+        if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
             return Ok(None);
         }
         let marked = lock(&self.inner.founder.marked)?;
-        if !*marked {
-            return Ok(None);
-        }
-        match self.inner.founder.by() {
-            Some(founder) if founder != candidate => Ok(Some(founder)),
-            _ => {
-                *lock(&self.inner.founder.voted)? = Some(candidate);
-                drop(marked);
-                drop(mem);
-                Ok(None)
+        let mut voted = lock(&self.inner.founder.voted)?;
+        if candidate_last.is_none_or(|i| i == 0) {
+            // A mark that names no founder (an older build's, or a file that cannot be read)
+            // still holds this log to the first candidate it let through.
+            let founder = if *marked { self.inner.founder.by().or(*voted) } else { None };
+            if let Some(founder) = founder.filter(|f| *f != candidate) {
+                return Ok(Some(founder));
             }
         }
+        *voted = Some(candidate);
+        drop(voted);
+        drop(marked);
+        drop(mem);
+        Ok(None)
     }
 
     /// Claims this log for node `me`'s own bootstrap, before it initializes the cluster:
@@ -1665,7 +1674,6 @@ mod tests {
     async fn an_empty_marked_log_votes_only_for_its_founder_and_then_keeps_the_mark() {
         let dir = TempDir::new();
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
-        assert_eq!(store.founder_vote(2, None).unwrap(), None, "unmarked: Raft's rules alone");
         assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Marked { new: true });
         assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Marked { new: false });
         assert_eq!(store.founder_vote(2, Some(0)).unwrap(), Some(1), "a rival founder, its log at its first entry");
@@ -1686,6 +1694,21 @@ mod tests {
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
         assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Other(2), "the kept vote stands for it after a restart");
         assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Marked { new: false });
+        drop(store);
+
+        // Unmarked (its data lost during formation): Raft's rules, but a vote it let through
+        // keeps it all the same; a mark that names no founder too.
+        fs::remove_dir_all(&dir.0).unwrap();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.founder_vote(2, None).unwrap(), None);
+        assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Other(2), "it voted for node 2");
+        drop(store);
+        fs::remove_dir_all(&dir.0).unwrap();
+        fs::create_dir_all(&dir.0).unwrap();
+        fs::write(dir.0.join(FOUNDER_FILE), b"formed a cluster with nodes [1, 2, 3] while this log was empty\n").unwrap();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.founder_vote(2, Some(0)).unwrap(), None, "the first candidate");
+        assert_eq!(store.founder_vote(1, Some(0)).unwrap(), Some(2), "then only that one");
     }
 
     #[tokio::test]
