@@ -70,24 +70,10 @@ const LOG_FEATURES: u64 = {
     use crate::peer::frame::features::*;
     DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | REJECTED | SUB_SEEK
 };
-/// How often a warning that repeats every round (a refused joiner asks again) is said.
+/// How often a refused join, which its joiner asks again every round, is warned of (on the
+/// leader and on the joiner); the rest at debug. Process-wide, as the log is.
 const REFUSAL_WARN_EVERY: Duration = Duration::from_secs(10);
-
-/// When a repeated warning was last said (`Warned::note`).
-#[derive(Default)]
-struct Warned(std::sync::Mutex<Option<Instant>>);
-
-impl Warned {
-    /// Whether to say it now: the first time, and then at most every `REFUSAL_WARN_EVERY`.
-    fn note(&self, now: Instant) -> bool {
-        let mut last = crate::lock(&self.0);
-        if last.is_some_and(|t| now.duration_since(t) < REFUSAL_WARN_EVERY) {
-            return false;
-        }
-        *last = Some(now);
-        true
-    }
-}
+static JOIN_REFUSED_WARNED: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
 /// How often a leader that hands over asks its chosen voter again (`hand_over_leadership`).
 const HANDOVER_ASK_EVERY: Duration = Duration::from_millis(300);
 /// How much longer a node that forwards a membership change waits than the leader waits for
@@ -161,10 +147,7 @@ pub async fn hand_over_leadership(replica: &Replica, wait: Duration) -> HandOver
         // for nothing (its transfer begun anew) until the others' election timeout.
         let now = replica.metrics();
         if now.current_term > term {
-            return match now.current_leader {
-                Some(l) if l != now.id => HandOver::Moved(l),
-                _ => HandOver::Pending,
-            };
+            return moved_or_pending(&now);
         }
         if let Err(e) = replica.raft.trigger().transfer_leader(best).await {
             warn!(cause = %e, "leader transfer failed");
@@ -183,15 +166,20 @@ pub async fn hand_over_leadership(replica: &Replica, wait: Duration) -> HandOver
             )
             .await;
         if let Ok(m) = moved {
-            return match m.current_leader {
-                Some(l) if l != m.id => HandOver::Moved(l),
-                _ => HandOver::Pending,
-            };
+            return moved_or_pending(&m);
         }
         if Instant::now() >= deadline {
             warn!(to = best, "no other leader within the hand-over's wait");
             return HandOver::Pending;
         }
+    }
+}
+
+/// `Moved` to the leader `m` names when that is another node, else `Pending`.
+fn moved_or_pending(m: &crate::raft::types::RaftMetrics) -> HandOver {
+    match m.current_leader {
+        Some(l) if l != m.id => HandOver::Moved(l),
+        _ => HandOver::Pending,
     }
 }
 
@@ -314,9 +302,6 @@ pub struct Cluster {
     /// half of the other voters it knows said so: `note_outsider`): it no longer campaigns and
     /// is not ready. Cleared if its view of the membership moves (it is sent the log again).
     removed: Arc<AtomicBool>,
-    /// When this node last warned of a join it refused (as leader) or that was refused to it
-    /// (as joiner): either repeats every round.
-    refusal_warned: Arc<Warned>,
     /// The node whose `AppendEntries` (a heartbeat or entries) arrived last, and when, in ms
     /// after `since` + 1 (0: none yet); written by the peer handler (`note_append`) as each
     /// arrives, read by `ready`.
@@ -374,7 +359,6 @@ impl Cluster {
             quorum_heard: Arc::new(std::sync::Mutex::new(None)),
             behind_ms: Arc::new(AtomicU64::new(0)),
             was_member: Arc::new(AtomicBool::new(false)),
-            refusal_warned: Arc::new(Warned::default()),
             log,
         };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
@@ -981,13 +965,7 @@ impl Cluster {
     /// address may not resolve from here yet), and a rolling upgrade, whose members share the
     /// older build's features, admits nodes of either build.
     async fn reads_the_log(&self, id: NodeId, addr: &str) -> Result<(), RemoteError> {
-        let m = self.replica.metrics();
-        let since = m.membership_config.log_id().as_ref().map_or(0, |l| l.index);
-        let in_force = m
-            .membership_config
-            .membership()
-            .nodes()
-            .fold(LOG_FEATURES, |acc, (n, _)| acc & self.replica.net.features_known(*n, since).unwrap_or(0));
+        let in_force = LOG_FEATURES & self.replica.members_share();
         if in_force == 0 {
             return Ok(());
         }
@@ -1008,7 +986,7 @@ impl Cluster {
         }
         metrics::counter!("raftbridge_cluster_joins_refused_total", "reason" => "build").increment(1);
         // A refused joiner asks again every round: said at most every `REFUSAL_WARN_EVERY`.
-        if self.refusal_warned.note(Instant::now()) {
+        if crate::peer::now_due(&JOIN_REFUSED_WARNED, REFUSAL_WARN_EVERY) {
             warn!(id, %addr, missing, "refused a join from a build that cannot read what the members write");
         } else {
             debug!(id, %addr, missing, "refused a join from a build that cannot read what the members write");
@@ -1420,7 +1398,7 @@ impl Cluster {
                     // Said loudly: it is refused at every round until an operator acts (a
                     // build that cannot read the log, an id in use by a running member).
                     Ok((_, PeerResponse::Error(RemoteError::Invalid(why)))) => {
-                        if self.refusal_warned.note(Instant::now()) {
+                        if crate::peer::now_due(&JOIN_REFUSED_WARNED, REFUSAL_WARN_EVERY) {
                             warn!(%seed, refused = %why, "join refused");
                         } else {
                             debug!(%seed, refused = %why, "join refused");

@@ -234,7 +234,7 @@ static CLAIMANT_WARNED: Mutex<Option<Instant>> = Mutex::new(None);
 static REFUSED_WARNED: Mutex<Option<Instant>> = Mutex::new(None);
 
 /// True (and `last` set to now) when `last` is unset or at least `every` ago.
-fn now_due(last: &Mutex<Option<Instant>>, every: Duration) -> bool {
+pub(crate) fn now_due(last: &Mutex<Option<Instant>>, every: Duration) -> bool {
     let mut last = lock(last);
     let now = Instant::now();
     if last.is_some_and(|t| now.saturating_duration_since(t) < every) {

@@ -146,11 +146,17 @@ impl Replica {
     /// records (`PeerNet::features_known`): a command only newer builds decode may then be
     /// proposed. A member neither linked since nor recorded counts as without it.
     pub fn members_have(&self, feature: u64) -> bool {
+        self.members_share() & feature == feature
+    }
+
+    /// The features every member announced, as `members_have` knows them (a member whose
+    /// features are unknown shares none).
+    pub fn members_share(&self) -> u64 {
         let watch = self.raft.metrics();
         let metrics = watch.borrow_watched();
         let since = metrics.membership_config.log_id().as_ref().map_or(0, |l| l.index);
-        let all = metrics.membership_config.membership().nodes().all(|(id, _)| self.net.features_known(*id, since).is_some_and(|f| f & feature != 0));
-        all
+        let shared = metrics.membership_config.membership().nodes().fold(u64::MAX, |acc, (id, _)| acc & self.net.features_known(*id, since).unwrap_or(0));
+        shared
     }
 
     /// The members `members_have` finds without `feature`, for a refusal that names them (an
