@@ -1151,7 +1151,7 @@ fn withhold_vote(unproven: &AtomicBool, seen_commit: &Mutex<(u64, u64)>, replica
         }
         VoteRule::Grant => None,
         VoteRule::Withhold => {
-            metrics::counter!("raftbridge_raft_votes_withheld_total").increment(1);
+            metrics::counter!("raftbridge_raft_votes_withheld_total", "reason" => "empty_log").increment(1);
             info!(candidate = req.vote.leader_id().node_id, "vote withheld: this node started with an empty log and no leader has brought it up to date yet");
             Some(PeerResponse::Error(RemoteError::NotServed(
                 "this node started with an empty log: it votes once a leader has brought it up to date".into(),
@@ -1167,7 +1167,7 @@ fn refuse_rival_founder(log: &LogStore, req: &VoteRequest) -> Option<PeerRespons
     match log.founder_vote(candidate, req.last_log_id.as_ref().map(|l| l.index)) {
         Ok(None) => None,
         Ok(Some(founder)) => {
-            metrics::counter!("raftbridge_raft_votes_withheld_total").increment(1);
+            metrics::counter!("raftbridge_raft_votes_withheld_total", "reason" => "rival_founder").increment(1);
             info!(candidate, founder, "vote withheld: this node's empty log is marked as a founder of another node's cluster");
             Some(PeerResponse::Error(RemoteError::NotServed(format!(
                 "this node's empty log is marked as a founder of node {founder}'s cluster: it votes for that node"

@@ -36,8 +36,6 @@ use crate::store::Space;
 pub const MAX_LONG_POLLS: usize = 1024;
 /// The longest `?wait=` (a longer one is cut to it, as Consul cuts its own).
 pub const MAX_WAIT: Duration = Duration::from_secs(300);
-/// Keys and values one listing page holds at most, besides `?limit=`.
-const PAGE_BYTES: usize = 4 << 20;
 
 /// The long polls of a node: how many may wait, and the stop that ends them at the drain.
 pub struct LongPolls {
@@ -402,7 +400,7 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
         },
     };
     // A page fits a quarter of the node's answer budget, as an events page does.
-    let max_bytes = PAGE_BYTES.min(app.settings.answers.total() / 4);
+    let max_bytes = crate::store::PAGE_BYTES.min(app.settings.answers.total() / 4);
     plain.barrier(args.consistency).await?;
     let mut map = plain.map(store)?;
     let tag_of = |m: Option<&imbl::OrdMap<String, crate::raft::state_machine::Versioned>>| plain.tag_of(store, m, prefix);

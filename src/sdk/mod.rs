@@ -627,10 +627,6 @@ impl Txn {
     }
 }
 
-/// About how many bytes of keys and values one `StateHandle::list` page holds, as an HTTP
-/// listing's page does at most.
-const LIST_BYTES: usize = 4 << 20;
-
 /// The state store as a handler sees it: JSON values, writes deduplicated per idempotency key.
 #[derive(Clone)]
 pub struct StateHandle {
@@ -717,7 +713,7 @@ impl StateHandle {
         if !(1..=crate::store::MAX_LIST).contains(&limit) {
             return Err(HandlerError::unhandled(format!("list: a limit from 1 to {}, not {limit}", crate::store::MAX_LIST)));
         }
-        let page = self.store.list(store, prefix, after, limit, LIST_BYTES, crate::store::Consistency::Linearizable).await?;
+        let page = self.store.list(store, prefix, after, limit, crate::store::PAGE_BYTES, crate::store::Consistency::Linearizable).await?;
         let mut items = Vec::with_capacity(page.items.len());
         for (key, v) in page.items {
             items.push((key, Revisioned { value: serde_json::from_slice(&v.value)?, revision: v.revision }));

@@ -43,6 +43,9 @@ pub const MAX_TTL_S: u64 = 10 * 365 * 24 * 3600;
 /// Keys one listing answers at most (`?limit=`), and by default.
 pub const MAX_LIST: usize = 10_000;
 pub const DEFAULT_LIST: usize = 1_000;
+/// About how many bytes of keys and values one listing page holds at most, besides its count
+/// (an HTTP listing's and a handler's `StateHandle::list` alike).
+pub const PAGE_BYTES: usize = 4 << 20;
 
 /// Which of the three stores a `StateStore` reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

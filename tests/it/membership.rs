@@ -785,7 +785,7 @@ fn a_node_whose_data_was_lost_votes_for_no_one_until_a_leader_reaches_it() {
     c.start(victim);
 
     c.wait_until("the wiped node withholds a vote", CATCH_UP, || {
-        c.api(victim).metric("raftbridge_raft_votes_withheld_total", &[]).is_ok_and(|n| n >= 1.0)
+        c.api(victim).metric("raftbridge_raft_votes_withheld_total", &["reason=\"empty_log\""]).is_ok_and(|n| n >= 1.0)
     });
     c.assert_stays("no leader elected with the wiped node's vote", Duration::from_secs(3), || {
         for id in [victim, other] {
@@ -802,7 +802,7 @@ fn a_node_whose_data_was_lost_votes_for_no_one_until_a_leader_reaches_it() {
     c.kill(victim);
     c.start(victim);
     c.wait_until("the restarted wiped node withholds a vote again", CATCH_UP, || {
-        c.api(victim).metric("raftbridge_raft_votes_withheld_total", &[]).is_ok_and(|n| n >= 1.0)
+        c.api(victim).metric("raftbridge_raft_votes_withheld_total", &["reason=\"empty_log\""]).is_ok_and(|n| n >= 1.0)
     });
     c.assert_stays("still no leader", Duration::from_secs(2), || match c.api(other).status()? {
         s if s.state == "Leader" => Err(format!("node {other} leads: {s}")),
