@@ -650,6 +650,34 @@ impl Cluster {
         }
     }
 
+    /// A queued change that this node can no longer make (it no longer leads), asked again as a
+    /// node that never led would ask it (`leader_op`: of the leader now known, or queued here if
+    /// this node leads again), from a task of its own so that the queue goes on; its caller gets
+    /// that answer. A leader elected a moment ago may not be known here yet: it is waited for
+    /// within the caller's wait (`CHANGE_TIMEOUT`, a look per 50 ms). Not asked once the caller
+    /// stopped waiting, as queued changes are not.
+    fn pass_on<F, Fut>(&self, reply: oneshot::Sender<Result<(), RemoteError>>, ask: F)
+    where
+        F: FnOnce(Cluster) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<(), RemoteError>> + Send + 'static,
+    {
+        if reply.is_closed() {
+            warn!("membership change not asked again of the new leader: its caller stopped waiting");
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let until = Instant::now() + CHANGE_TIMEOUT;
+            while this.replica.leader().is_none() && Instant::now() < until && !reply.is_closed() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            if reply.is_closed() {
+                return;
+            }
+            let _ = reply.send(ask(this).await);
+        });
+    }
+
     async fn membership_task(self, mut rx: mpsc::Receiver<Change>, shutdown: CancellationToken) {
         // Exported from the start (a dashboard or alert sees 0, not a missing series).
         metrics::gauge!("raftbridge_node_removed").set(0.0);
@@ -696,24 +724,28 @@ impl Cluster {
                         warn!(change = ?change, "membership change dropped unstarted: its caller stopped waiting");
                         metrics::counter!("raftbridge_cluster_changes_abandoned_total").increment(1);
                     }
-                    Some(Change::Join { id, addr, reply }) => {
-                        let _ = reply.send(self.apply_join(id, addr).await);
-                    }
+                    Some(Change::Join { id, addr, reply }) => match self.apply_join(id, addr.clone()).await {
+                        // As for a removal below.
+                        Err(RemoteError::NotLeader { .. }) => {
+                            self.pass_on(reply, move |c| async move { c.join(id, addr).await });
+                        }
+                        joined => {
+                            let _ = reply.send(joined);
+                        }
+                    },
                     Some(Change::Remove { id, reply }) => match self.apply_remove(id).await {
+                        // Leadership moved while the change waited in the queue (behind a
+                        // leader's own removal that handed over, say): asked again (`pass_on`).
+                        Err(RemoteError::NotLeader { .. }) => {
+                            self.pass_on(reply, move |c| async move { c.remove(id).await });
+                        }
                         // This leader handed over: the new one removes it. Asked from a task of
                         // its own, so that this one goes on (and finishes a change left half
                         // done, should this node lead again meanwhile).
-                        // Not asked once its caller stopped waiting, as queued changes are not.
-                        Ok(Removal::HandedOver(to)) if reply.is_closed() => {
-                            warn!(to, "handed leadership over for this node's removal, whose caller stopped waiting: not asked of the new leader");
-                        }
                         Ok(Removal::HandedOver(to)) => {
                             info!(to, "removing this node through the leader it handed over to");
                             metrics::counter!("raftbridge_cluster_removals_handed_over_total").increment(1);
-                            let this = self.clone();
-                            tokio::spawn(async move {
-                                let _ = reply.send(this.forward(to, &PeerRequest::Remove { id }).await);
-                            });
+                            self.pass_on(reply, move |c| async move { c.remove(id).await });
                         }
                         removed => {
                             if removed.is_ok() {
