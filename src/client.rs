@@ -293,8 +293,17 @@ impl Conn {
         };
         let mut req = build()?;
         let mut retried = false;
+        // The failure of a send that may have reached the server, which a resend follows: what
+        // the resend's own failure to connect is reported as. A connect error says nothing
+        // reached the server, which is no longer so (a caller may run such a request elsewhere
+        // as never served: a request that crashed the app would crash the next one too).
+        let mut maybe_delivered: Option<ClientError> = None;
         loop {
-            let (mut live, reused) = self.take_ready().await?;
+            let (mut live, reused) = match self.take_ready().await {
+                Ok(taken) => taken,
+                Err(e @ ClientError::Connect { .. }) => return Err(maybe_delivered.unwrap_or(e)),
+                Err(e) => return Err(e),
+            };
             match live.sender.try_send_request(req).await {
                 Ok(resp) => {
                     self.live = Some(live);
@@ -304,6 +313,9 @@ impl Conn {
                     let unsent = e.take_message().is_some();
                     if reused && !retried && (unsent || (resend && is_stale(e.error()))) {
                         retried = true;
+                        if !unsent {
+                            maybe_delivered = Some(self.http_err(e.into_error()));
+                        }
                         req = build()?;
                         continue;
                     }
@@ -646,6 +658,42 @@ mod tests {
         assert!(err.is_connection() && err.kind() == "http", "{err}");
         assert_eq!(c.get("/e", T).await.unwrap().status, 200);
         assert_eq!(conns.load(Ordering::SeqCst), 6);
+    }
+
+    /// A GET sent on a kept connection that the server closed unanswered may have reached it:
+    /// its resend, refused a new connection, fails as that send did, not as a connect error
+    /// (which tells a caller that nothing reached the server, and that it may run the request
+    /// elsewhere as never served).
+    #[tokio::test]
+    async fn a_refused_resend_after_a_send_that_may_have_arrived_is_no_connect_error() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            // From now on a connect is refused.
+            drop(listener);
+            for answered in [false, true] {
+                let mut head = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                if answered {
+                    return;
+                }
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();
+            }
+        });
+        let mut c = Conn::new(addr.to_string());
+        assert_eq!(&c.get("/a", T).await.unwrap().body[..], b"ok");
+        let err = c.get("/b", T).await.unwrap_err();
+        assert!(err.is_connection() && err.kind() == "http", "{err}");
+        // Refused from the start, nothing was sent: a connect error, as before.
+        let err = c.get("/c", T).await.unwrap_err();
+        assert_eq!(err.kind(), "connect", "{err}");
     }
 
     #[tokio::test]

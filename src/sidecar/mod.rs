@@ -791,8 +791,9 @@ impl Forward {
                 self.pool.put(conn);
                 answer(resp)
             }
-            // No connection could be made: nothing reached the app. (A failed resend of a
-            // safe or idempotent request may follow one that did, which that allows.)
+            // No connection could be made: nothing reached the app. (A resend that could not
+            // connect after a send that may have reached it is that send's error instead: a
+            // 502, retried elsewhere only as a lost answer is, not as "not served".)
             Err(e @ ClientError::Connect { .. }) => Err(self.pool.connect_failed(&e)),
             // The app's own error, too long to pass on: still its error, with its status.
             Err(ClientError::BodyTooLarge { status: status @ 400..=499, limit, .. }) => {
