@@ -174,6 +174,11 @@ impl RouteTable {
             match &mut found {
                 None => found = Some(route.clone()),
                 Some(first) => {
+                    // The cautious reading of the declarations, as `build` takes within one
+                    // route: a node that moved the command may also have made it no longer
+                    // idempotent, or given it a shorter timeout.
+                    first.decl.idempotent &= route.decl.idempotent;
+                    first.decl.timeout_ms = first.decl.timeout_ms.min(route.decl.timeout_ms);
                     for n in &route.nodes {
                         if !first.nodes.contains(n) {
                             first.nodes.push(*n);
@@ -414,6 +419,16 @@ mod tests {
         assert!(rolling.by_name("shop", 2, "byId").is_none() && rolling.by_name("shop", 1, "other").is_none() && rolling.by_name("shops", 1, "byId").is_none());
         let drained = rolling.next(2, BTreeMap::new(), t0 + Duration::from_secs(1));
         assert!(drained.by_name("shop", 1, "byId").is_some_and(|r| r.nodes.is_empty()), "a departed node's command has no node for a while");
+        // Declared idempotent with a long timeout by all but the node that moved it, which made
+        // it neither: called by name, it is retried by no one and cut at the shortest timeout.
+        let kind = |idempotent: bool, timeout_ms: u64, path: &str| CommandDecl { idempotent, timeout_ms, ..decl("pay", "POST", path) };
+        let moved = RouteTable::default().next(
+            3,
+            BTreeMap::from([(1, vec![svc(vec![kind(true, 30_000, "pay")])]), (2, vec![svc(vec![kind(true, 30_000, "pay")])]), (3, vec![svc(vec![kind(false, 5_000, "payments")])])]),
+            t0,
+        );
+        let route = moved.by_name("shop", 1, "pay").expect("declared");
+        assert_eq!((route.decl.idempotent, route.decl.timeout_ms, route.nodes.len()), (false, 5_000, 3));
     }
 
     /// A node that leaves the registry (drained) leaves its commands known, offered by no node,
