@@ -369,7 +369,7 @@ impl Proxy {
     }
 
     /// The time a claim of `key` by `attempt` is proposed with: the current owner's clock
-    /// (`owner_clock_ms`) if another attempt holds it, else this node's. What this node has
+    /// (`owner_clock_capped_ms`) if another attempt holds it, else this node's. What this node has
     /// applied may lag what is committed (a claim made a moment ago elsewhere): proposing blind
     /// in its own clock, a node whose clock runs more than the lease ahead would take over such
     /// a claim at once. So when it holds no record of the key and some peer's clock is (or may
@@ -389,9 +389,7 @@ impl Proxy {
             // runs further ahead (it claimed before it had measured its peers) must not have its
             // clock carried into the state machine by the nodes that wait for it. Its claim then
             // looks held a while longer, and the waiter waits (bounded by its deadline).
-            Some(Some(owner)) if owner != attempt => {
-                self.owner_clock_ms(owner).min(now_ms().saturating_add(CLOCK_REFUSE.as_millis() as u64))
-            }
+            Some(Some(owner)) if owner != attempt => self.owner_clock_capped_ms(owner),
             _ => now_ms(),
         }
     }
@@ -420,9 +418,11 @@ impl Proxy {
         stored
     }
 
-    /// Now, in the clock of the node that made `owner` (module comment).
-    fn owner_clock_ms(&self, owner: u64) -> u64 {
-        in_clock_of(now_ms(), attempt_node(owner).and_then(|n| self.net.last_clock_offset(n)))
+    /// Now, in the clock of the node that made `owner` (module comment), never more than
+    /// `CLOCK_REFUSE` past this node's own (`claim_clock_ms`).
+    fn owner_clock_capped_ms(&self, owner: u64) -> u64 {
+        let owners = in_clock_of(now_ms(), attempt_node(owner).and_then(|n| self.net.last_clock_offset(n)));
+        owners.min(now_ms().saturating_add(CLOCK_REFUSE.as_millis() as u64))
     }
 
     /// Wait until the key is done (its answer) or the other attempt's lease lapses (`None`), by
@@ -437,7 +437,11 @@ impl Proxy {
             tick.tick().await;
             let lapsed = match self.sm.idem_state(key) {
                 Some(IdemState::Done(stored)) => return Some(stored),
-                Some(IdemState::Pending { attempt: owner, until_ms: held }) => self.owner_clock_ms(owner) >= held,
+                // By the clock the claims go by (`claim_clock_ms`): a lease that lapsed only by
+                // an owner's clock far ahead is not over for a claim either, and waiting on it
+                // here, rather than claiming again at once, keeps the two from making a loop of
+                // writes until the deadline.
+                Some(IdemState::Pending { attempt: owner, until_ms: held }) => self.owner_clock_capped_ms(owner) >= held,
                 None if caught_up => true,
                 None => {
                     let left = deadline.saturating_duration_since(Instant::now());

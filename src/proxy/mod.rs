@@ -654,6 +654,9 @@ impl Proxy {
         // ran, so a retry adds no work for the cluster; the budget is there to stop retries
         // multiplying the load of handlers that fail, and attempts stay at most MAX_ATTEMPTS.
         let mut unserved = false;
+        // Whether the last attempt's answer was lost and a retry may follow: counted in
+        // `raftbridge_proxy_retries_total` when it is sent.
+        let mut retrying = false;
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 && !unserved && !self.budget.withdraw() {
                 break;
@@ -664,6 +667,9 @@ impl Proxy {
             let pool = if fresh.is_empty() { all } else { fresh };
             let local = self.settings.local_first.then_some(self.node_id);
             let Some(target) = balancer.pick(&pool, local) else { break };
+            if std::mem::take(&mut retrying) {
+                metrics::counter!("raftbridge_proxy_retries_total").increment(1);
+            }
             tried.push(target);
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -726,7 +732,8 @@ impl Proxy {
                     if !retry_after_delivery {
                         return Err(last);
                     }
-                    metrics::counter!("raftbridge_proxy_retries_total").increment(1);
+                    // Counted once the retry is sent (the budget and a node allowing).
+                    retrying = true;
                 }
             }
         }
