@@ -567,16 +567,22 @@ struct PullAnswer {
 /// are forwarded there over the peer link, each node's at once. 200 `{"acked"|"nacked"|"terminated": n,
 /// "unknown": [ids]}`: `unknown` are ids no node holds a lease for (answered already, or past
 /// their ack deadline and maybe delivered again), and those whose node could not be asked or is
-/// no member, which `message` then names. 404 when this node has no such subscription and no
-/// id names another member, or no member asked has it either.
+/// no member, which `message` then names; the ids of nodes that could not be asked are also in
+/// `unreached`. 503 when no id could be answered because no node it names could be asked. 404
+/// when this node has no such subscription and no id names another member, or no member asked
+/// has it either.
 pub async fn pull_answer(app: &App, name: &str, action: &str, req: Request<Incoming>) -> ApiResult {
     check_subscription(name)?;
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
-    let answer: PullAnswer = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("an answer is {{\"ackIds\":[..]}}: {e}")))?;
+    let mut answer: PullAnswer = serde_json::from_slice(&body).map_err(|e| ApiError::BadRequest(format!("an answer is {{\"ackIds\":[..]}}: {e}")))?;
     drop(body);
     if answer.ack_ids.is_empty() || answer.ack_ids.len() > crate::broker::pull::MAX_FETCH {
         return Err(ApiError::BadRequest(format!("ackIds holds 1..={} ids", crate::broker::pull::MAX_FETCH)));
     }
+    // An id named twice is answered once (and counted once, here and at the node it names).
+    let mut named = std::collections::HashSet::with_capacity(answer.ack_ids.len());
+    answer.ack_ids.retain(|id| named.insert(id.clone()));
+    drop(named);
     use crate::broker::pull::Verdict;
     let reason = || answer.reason.clone().unwrap_or_else(|| "no reason given".into());
     let (verdict, said) = match action {
@@ -608,6 +614,9 @@ pub async fn pull_answer(app: &App, name: &str, action: &str, req: Request<Incom
     unknown.extend(strangers.into_iter().flat_map(|(_, ids)| ids));
     let mut done = total - unknown.len() - members.iter().map(|(_, ids)| ids.len()).sum::<usize>();
     let (mut asked, mut lacking) = (0, 0);
+    // Ids whose node could not be asked (down, or no answer in time): unknown as well (the
+    // answer's first form), and named apart, as the ones worth answering again.
+    let mut unreached: Vec<String> = Vec::new();
     let forwards = members.into_iter().map(|(node, ids)| forward_answer(app, node, name, ids, verdict.clone()));
     for (ids, result) in futures_util::future::join_all(forwards).await {
         asked += 1;
@@ -622,6 +631,9 @@ pub async fn pull_answer(app: &App, name: &str, action: &str, req: Request<Incom
             Err(unasked) => {
                 lacking += usize::from(matches!(unasked, Unasked::NoSubscription(_)));
                 notes.push(unasked.to_string());
+                if matches!(unasked, Unasked::Unreached(..)) {
+                    unreached.extend(ids.iter().cloned());
+                }
                 unknown.extend(ids);
             }
         }
@@ -630,7 +642,15 @@ pub async fn pull_answer(app: &App, name: &str, action: &str, req: Request<Incom
     if queue.is_none() && asked > 0 && lacking == asked {
         pull_queue(app, name)?;
     }
+    // Not one id could be answered for want of its node: the peer's failure, not the client's
+    // (a 503 says so, and a client's retry policy takes it up), not a 200 that took nothing.
+    if unreached.len() == total {
+        return Err(ApiError::Unavailable(notes.into_iter().take(MAX_NOTES).collect::<Vec<_>>().join("; ")));
+    }
     let mut body = serde_json::json!({ said: done, "unknown": unknown });
+    if !unreached.is_empty() {
+        body["unreached"] = serde_json::json!(unreached);
+    }
     if !notes.is_empty() {
         let more = notes.len().saturating_sub(MAX_NOTES);
         notes.truncate(MAX_NOTES);

@@ -2934,6 +2934,10 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
     let a = answer("ack", &["1-0000".to_string(), "2-0000".to_string()], None);
     assert_eq!((a["acked"].as_u64(), a["unknown"].as_array().map(Vec::len)), (Some(0), Some(2)), "{a}");
     assert!(a.get("message").is_none(), "{a}");
+    // An id named twice counts once (it was "acked": 1 when node 2 answered it unknown).
+    let a = answer("ack", &["2-0000".to_string(), "2-0000".to_string()], None);
+    assert_eq!((a["acked"].as_u64(), &a["unknown"]), (Some(0), &json!(["2-0000"])), "{a}");
+    assert!(a.get("unreached").is_none(), "{a}");
     let a = answer("nack", &["9-0000".to_string()], None);
     assert_eq!((a["nacked"].as_u64(), a["unknown"].as_array().map(Vec::len)), (Some(0), Some(1)), "{a}");
     assert!(a["message"].as_str().is_some_and(|m| m.contains("node 9")), "{a}");
@@ -3012,6 +3016,15 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
         let at = cursor(c.api(2), "pullJobs")?;
         if at > last { Ok(()) } else { Err(format!("cursor {at}, job 200 at {last}")) }
     });
+    // Node 1 is down: its ids are unknown and unreached beside node 2's, and an answer of its
+    // ids alone took nothing for want of a node: a 503, not a 200.
+    let a = post(c.api(2), "/v1/subscriptions/pullJobs/ack", &json!({"ackIds": ["1-0000", "2-0000"]}));
+    let v = a.json().unwrap_or_default();
+    assert_eq!((a.status, v["acked"].as_u64(), v["unknown"].as_array().map(Vec::len), &v["unreached"]), (200, Some(0), Some(2), &json!(["1-0000"])), "{}", a.describe());
+    assert!(v["message"].as_str().is_some_and(|m| m.contains("node 1 could not be asked")), "{}", a.describe());
+    let a = post(c.api(2), "/v1/subscriptions/pullJobs/ack", &json!({"ackIds": ["1-0000", "1-0001"]}));
+    assert_eq!(a.status, 503, "{}", a.describe());
+    assert!(a.json().ok().and_then(|v| v["message"].as_str().map(str::to_owned)).is_some_and(|m| m.contains("node 1 could not be asked")), "{}", a.describe());
 }
 
 /// A shared subscription's cursor moved by hand (`POST /v1/subscriptions/{name}/seek`, and
