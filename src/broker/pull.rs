@@ -234,8 +234,10 @@ impl PullQueue {
         self.demand.subscribe()
     }
 
+    /// Never while the node drains (`hand_back`): what is handed to it then is refused.
     fn wanted(&self, now: Instant) -> bool {
-        self.fetching.load(Ordering::Acquire) > 0 || lock(&self.last_fetch).is_some_and(|at| now.saturating_duration_since(at) < DEMAND_GRACE)
+        !self.draining.load(Ordering::Acquire)
+            && (self.fetching.load(Ordering::Acquire) > 0 || lock(&self.last_fetch).is_some_and(|at| now.saturating_duration_since(at) < DEMAND_GRACE))
     }
 
     /// Takes up to `max` held events (at most about `max_bytes` of payload, at least one),
@@ -246,7 +248,9 @@ impl PullQueue {
     pub async fn fetch(&self, max: usize, max_bytes: usize, wait: Duration, stop: &CancellationToken) -> Vec<(String, Event)> {
         let _fetching = Fetching::start(self);
         let cold = !*self.demand.borrow();
-        self.demand.send_if_modified(|d| !std::mem::replace(d, true));
+        if !self.draining.load(Ordering::Acquire) {
+            self.demand.send_if_modified(|d| !std::mem::replace(d, true));
+        }
         let wait = if cold { wait.max(COLD_WAIT) } else { wait };
         let deadline = Instant::now() + wait;
         let mut out = Vec::new();
@@ -324,6 +328,10 @@ impl PullQueue {
         self.draining.store(true, Ordering::Release);
         // Dropping each wakes its run, which answers "not served".
         held.clear();
+        drop(held);
+        // No longer offered: an every-instance subscription's loop waits for the stop rather
+        // than handing this node an event every pause only to be refused (two mark writes each).
+        self.demand.send_if_modified(|d| std::mem::replace(d, false));
     }
 
     /// Leases whose client has not answered and whose delivery still waits.
@@ -648,6 +656,9 @@ mod tests {
         assert!(e.is_not_served() && started.elapsed() < HOLD, "handed back at once: {e:?}");
         let e = q.deliver(event(4)).await.unwrap_err();
         assert!(e.is_not_served(), "nothing held while draining: {e:?}");
+        assert!(!pulls.demanded("s"), "not offered while draining");
+        assert!(q.fetch(1, usize::MAX, Duration::from_millis(10), &stop).await.is_empty());
+        assert!(!pulls.demanded("s") && !q.wanted(Instant::now()), "a fetch during the drain does not offer it again");
 
         let waiting = tokio::spawn({
             let pulls = pulls.clone();
