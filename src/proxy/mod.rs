@@ -686,13 +686,7 @@ impl Proxy {
                     return Err(ApiError::Timeout);
                 }
                 Ok(Ok(answer)) => {
-                    // A handler's own failure (500) or its sidecar app's (502) says something
-                    // of the node; a 503 or 504 comes from the platform under it (a leader
-                    // change fails every node's writes alike).
-                    let outcome = match &answer {
-                        Err(e) if matches!(e.status, 500 | 502) => Outcome::Errored,
-                        _ => Outcome::Answered,
-                    };
+                    let outcome = scored(&answer, deadline.saturating_duration_since(Instant::now()));
                     flight.finish(outcome, started.elapsed());
                     return Ok((answer, target));
                 }
@@ -958,6 +952,24 @@ impl Proxy {
     }
 }
 
+/// How long before the dispatch's deadline a 504 may come and still be the handler's own
+/// timeout: its limit is the time left, cut to the millisecond, so it fires a moment early.
+const OWN_TIMEOUT_SLACK: Duration = Duration::from_millis(50);
+
+/// What an answer says of the node that gave it, `left` before the dispatch's deadline. A
+/// handler's own failure (500) or its sidecar app's (502) counts against the node; a 503 or a
+/// 504 comes from the platform under it (a leader change fails every node's writes alike),
+/// except a 504 at the deadline: the handler's (or the app's) own timeout, which the node's SDK
+/// or sidecar answers a moment before this one fires, is a hung handler, a failure as the
+/// deadline passing is (it was scored a healthy answer, and such a node never ejected).
+fn scored(answer: &Result<Output, HandlerError>, left: Duration) -> Outcome {
+    match answer {
+        Err(e) if matches!(e.status, 500 | 502) => Outcome::Errored,
+        Err(e) if e.status == 504 && left <= OWN_TIMEOUT_SLACK => Outcome::Failed,
+        _ => Outcome::Answered,
+    }
+}
+
 /// A peer's answer with the headers that crossed the link beside it put back in it.
 fn with_answer_headers(mut answer: Result<Output, HandlerError>, headers: crate::sdk::HeaderList) -> Result<Output, HandlerError> {
     match &mut answer {
@@ -1126,6 +1138,22 @@ mod tests {
     }
 
     /// A handler's error answers with a 4xx or 5xx; another status is its bug, answered 500.
+    /// A 504 at the deadline is the handler's own timeout, a hung handler: a failure of the
+    /// node. One well before it came from under the handler (a write that timed out), as a 503
+    /// does: not the node's fault. A 500 or a 502 is the handler's or its app's.
+    #[test]
+    fn a_timeout_at_the_deadline_counts_against_the_node() {
+        let e = |status| Err(HandlerError::new(status, "x"));
+        let at = Duration::from_millis(1);
+        let early = Duration::from_secs(5);
+        assert_eq!(scored(&e(504), at), Outcome::Failed);
+        assert_eq!(scored(&e(504), early), Outcome::Answered);
+        assert_eq!(scored(&e(503), at), Outcome::Answered);
+        assert_eq!(scored(&e(500), early), Outcome::Errored);
+        assert_eq!(scored(&e(502), early), Outcome::Errored);
+        assert_eq!(scored(&e(404), at), Outcome::Answered);
+    }
+
     #[test]
     fn a_handler_error_without_an_error_status_is_a_500() {
         for status in [0, 42, 101, 200, 204, 304, 600] {
