@@ -27,6 +27,9 @@ use tokio::{net::TcpStream, task::JoinHandle};
 
 /// Largest response body accepted, in bytes.
 pub const MAX_BODY: usize = 16 << 20;
+/// How long a new connection may take to open, TLS aside (the request's own timeout bounds the
+/// rest, and this too when shorter).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -104,6 +107,8 @@ pub struct Conn {
     live: Option<Live>,
     /// The largest response body read (`with_max_body`).
     max_body: usize,
+    /// How long a new connection may take to open (`with_connect_timeout`).
+    connect_timeout: Duration,
 }
 
 /// TLS for `https://` addresses: the CA certificates a server's chain must lead to, checked for
@@ -157,7 +162,15 @@ impl Conn {
             tls: None,
             live: None,
             max_body: MAX_BODY,
+            connect_timeout: CONNECT_TIMEOUT,
         }
+    }
+
+    /// How long a new connection may take to open ([`CONNECT_TIMEOUT`] unless set); past it,
+    /// a [`ClientError::Connect`] (nothing was sent).
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Conn {
+        self.connect_timeout = timeout;
+        self
     }
 
     /// The largest response body read ([`MAX_BODY`] unless set); a larger one is
@@ -395,8 +408,14 @@ impl Conn {
                 Some((tls, name))
             }
         };
+        let connect_timeout = self.connect_timeout;
         let connect = async {
-            let stream = TcpStream::connect(addr.as_str()).await?;
+            // Bounded on its own (Envoy's connect timeout): a host that drops SYNs is a connect
+            // failure (nothing was sent: another node may take the request), not the whole
+            // request's timeout (a 504, the app never withdrawn).
+            let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(addr.as_str()))
+                .await
+                .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, format!("no connection within {} ms", connect_timeout.as_millis())))??;
             stream.set_nodelay(true)?;
             Ok(stream)
         };
@@ -694,6 +713,30 @@ mod tests {
         // Refused from the start, nothing was sent: a connect error, as before.
         let err = c.get("/c", T).await.unwrap_err();
         assert_eq!(err.kind(), "connect", "{err}");
+    }
+
+    /// A server that takes no connection (its accept queue full: the kernel drops the SYNs,
+    /// as a host gone from the network does) is a connect error once the connect timeout
+    /// passes, well within the request's own timeout: nothing was sent.
+    #[tokio::test]
+    async fn a_connect_that_hangs_is_a_connect_error_at_its_own_timeout() {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        // Never accepted: a backlog of 1 fills with the first connections.
+        let _listener = socket.listen(1).unwrap();
+        let mut fillers = Vec::new();
+        for _ in 0..8 {
+            match tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => fillers.push(s),
+                _ => break,
+            }
+        }
+        let mut c = Conn::new(addr.to_string()).with_connect_timeout(Duration::from_millis(300));
+        let started = std::time::Instant::now();
+        let err = c.get("/", Duration::from_secs(20)).await.unwrap_err();
+        assert!(err.is_connection() && err.kind() == "connect", "{err}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
 
     #[tokio::test]

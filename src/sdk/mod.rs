@@ -428,6 +428,12 @@ impl Ctx {
         Ctx { meta, node_id, service: None, state: StateHandle { store, dedup }, broker: None, headers: HeaderList::new(), invoker: None, deadline: None }
     }
 
+    /// When this run's time is up (its command's timeout, its subscription's ack deadline in
+    /// force), if the node set one.
+    pub fn deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadline
+    }
+
     /// Lets the handler call commands (`invoke`) until `deadline`.
     pub fn with_invoker(mut self, invoker: Option<Arc<dyn Invoker>>, deadline: tokio::time::Instant) -> Ctx {
         self.invoker = invoker;

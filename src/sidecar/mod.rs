@@ -247,10 +247,15 @@ fn returned_event(emit: Option<&str>, body: &[u8]) -> Result<Option<crate::sdk::
 impl crate::sdk::SubscriptionHandler for EventPost {
     fn handle(
         &self,
-        _ctx: Ctx,
+        ctx: Ctx,
         event: crate::broker::event::Event,
     ) -> BoxFuture<Result<Option<crate::sdk::Emit>, HandlerError>> {
-        let (pool, path, timeout) = (self.pool.clone(), format!("{}{}", self.pool.base, self.path), self.timeout);
+        // The ack deadline in force (the dispatcher's, which may be the replicated declaration's,
+        // shorter than this node's): a wait for a connection measured by this node's own one
+        // outlived it, and the delivery was cut as late, an attempt counted, where a refusal
+        // (no attempt) was meant.
+        let timeout = ctx.deadline().map_or(self.timeout, |d| d.saturating_duration_since(tokio::time::Instant::now()).min(self.timeout));
+        let (pool, path) = (self.pool.clone(), format!("{}{}", self.pool.base, self.path));
         let emit = self.emit.clone();
         let headers = delivery_headers(&self.name, &event);
         Box::pin(post_event(pool, path, timeout, headers, event, emit))
