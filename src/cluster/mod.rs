@@ -1572,7 +1572,7 @@ mod tests {
     #[test]
     fn every_feature_is_of_the_log_or_of_the_links() {
         use crate::peer::frame::features::*;
-        let links = DELIVER_BATCH | ORDERED_APPENDS | DELIVERED_EACH | PULL_FORWARD | REMOTE_TIMEOUT;
+        let links = DELIVER_BATCH | ORDERED_APPENDS | DELIVERED_EACH | PULL_FORWARD | REMOTE_TIMEOUT | IDEM_PRINCIPAL;
         assert_eq!(LOG_FEATURES & links, 0);
         assert_eq!(
             LOG_FEATURES | links,

@@ -158,6 +158,9 @@ pub mod features {
     pub const SUB_SEEK: u64 = 65536;
     /// The node decodes `RemoteError::Timeout` (a membership change past its deadline: 504).
     pub const REMOTE_TIMEOUT: u64 = 131072;
+    /// The node puts a keyed request's principal in its fingerprint (`proxy::idempotency`):
+    /// used only once every member announces it, so that all compute the same one.
+    pub const IDEM_PRINCIPAL: u64 = 262144;
     /// Env var of a test-only hook: a node started with it set to a number announces `ALL`
     /// less those bits, as a build without them would, so that the cluster tests can hold a
     /// feature's gate shut. Not for production: the node still applies what it withholds.
@@ -172,7 +175,7 @@ pub mod features {
 
     /// Everything this build understands.
     pub const ALL: u64 =
-        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | PULL_FORWARD | REJECTED | SUB_SEEK | REMOTE_TIMEOUT;
+        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | PULL_FORWARD | REJECTED | SUB_SEEK | REMOTE_TIMEOUT | IDEM_PRINCIPAL;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

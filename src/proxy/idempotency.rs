@@ -129,10 +129,19 @@ fn now_ms() -> u64 {
 /// (64 bit) taken over 8-byte little-endian words (the last one padded with zeros) instead of
 /// bytes, 8 times faster for the same mixing (a body may be 8 MiB, hashed on the runtime), of
 /// its path and query parameters (sorted by name) and its body, exactly as received, each part
-/// led by its length. The route (service, version, command) and the tenant are in the key
-/// already. A function of the bytes alone, written out here, so that every build and node
-/// computes the same value for the same request (std's hasher promises no such thing).
-pub(super) fn fingerprint(inv: &Invocation) -> u64 {
+/// led by its length; with `principal` (once every member puts it in, `IDEM_PRINCIPAL`), then
+/// its principal when it names one, after a marker no parameter count takes. The route
+/// (service, version, command) and the tenant are in the key already. A function of the bytes
+/// alone, written out here, so that every build and node computes the same value for the same
+/// request (std's hasher promises no such thing).
+///
+/// Why the principal: the key is the client's, and two callers of one tenant may pick the same
+/// (or one may learn another's): the second then got the first's answer, without the app ever
+/// seeing its request (Stripe scopes keys by account). Now it gets a 422, as a key reused with
+/// another body does. In the fingerprint rather than the key, so that a node that puts it in and
+/// one that does not (the moment the last member announces it) disagree with a 422, never by
+/// running the request twice; a request without a principal gets the value it always had.
+pub(super) fn fingerprint(inv: &Invocation, principal: bool) -> u64 {
     const OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
     const PRIME: u64 = 0x0100_0000_01b3;
     let mut h = OFFSET;
@@ -157,6 +166,10 @@ pub(super) fn fingerprint(inv: &Invocation) -> u64 {
         feed(value.as_bytes());
     }
     feed(&inv.payload);
+    if let Some(p) = inv.meta.principal_id.as_deref().filter(|_| principal) {
+        feed(&u64::MAX.to_le_bytes());
+        feed(p.as_bytes());
+    }
     h
 }
 
@@ -230,7 +243,10 @@ impl Proxy {
         let attempt = new_attempt(self.node_id);
         // Compared by the state machine only once every member's build can apply the claim
         // that carries it (an older one could not decode the entry and would stall).
-        let print = self.store.replica().members_have(crate::peer::frame::features::IDEM_FINGERPRINT).then(|| fingerprint(&inv));
+        let replica = self.store.replica();
+        let print = replica
+            .members_have(crate::peer::frame::features::IDEM_FINGERPRINT)
+            .then(|| fingerprint(&inv, replica.members_have(crate::peer::frame::features::IDEM_PRINCIPAL)));
         let full_window_ms = self.settings.idempotency_window.as_millis() as u64;
         // Shorter while the records exceed their bounds, so that applying it forgets the oldest.
         let window_ms = |now: u64| {
@@ -475,11 +491,21 @@ mod tests {
             timeout_ms: 1000,
             headers: Vec::new(),
         };
-        let base = fingerprint(&inv(&[("id", "7")], "{\"n\":1}"));
+        let base = fingerprint(&inv(&[("id", "7")], "{\"n\":1}"), true);
         let mut other_meta = inv(&[("id", "7")], "{\"n\":1}");
-        other_meta.meta.principal_id = Some("bob".into());
+        other_meta.meta.trace_id = "t".into();
         other_meta.timeout_ms = 5;
-        assert_eq!(fingerprint(&other_meta), base);
+        assert_eq!(fingerprint(&other_meta, true), base);
+        // The principal counts once every member puts it in; without one, the value is the
+        // one it always was.
+        let mut bob = other_meta.clone();
+        bob.meta.principal_id = Some("bob".into());
+        assert_eq!(fingerprint(&bob, false), base);
+        let by_bob = fingerprint(&bob, true);
+        assert_ne!(by_bob, base);
+        bob.meta.principal_id = Some("alice".into());
+        assert_ne!(fingerprint(&bob, true), by_bob);
+        assert_eq!(fingerprint(&inv(&[("id", "7")], "{\"n\":1}"), false), base);
         for (params, body) in [
             (&[("id", "8")][..], "{\"n\":1}"),
             (&[("id", "7")][..], "{\"n\":2}"),
@@ -488,11 +514,14 @@ mod tests {
             (&[("i", "d7")][..], "{\"n\":1}"),
             (&[("id", "7"), ("x", "")][..], "{\"n\":1}"),
         ] {
-            assert_ne!(fingerprint(&inv(params, body)), base, "{params:?} {body}");
+            assert_ne!(fingerprint(&inv(params, body), true), base, "{params:?} {body}");
         }
         // Eight bytes and nine: the padded last word is told apart by the length.
-        assert_ne!(fingerprint(&inv(&[], "12345678")), fingerprint(&inv(&[], "12345678\0")));
-        assert_eq!(fingerprint(&inv(&[("id", "7")], "{\"n\":1}")), 0xb7be_e41b_6d50_ab8d, "the function every build computes");
+        assert_ne!(fingerprint(&inv(&[], "12345678"), true), fingerprint(&inv(&[], "12345678\0"), true));
+        assert_eq!(fingerprint(&inv(&[("id", "7")], "{\"n\":1}"), true), 0xb7be_e41b_6d50_ab8d, "the function every build computes");
+        let mut carol = inv(&[("id", "7")], "{\"n\":1}");
+        carol.meta.principal_id = Some("carol".into());
+        assert_eq!(fingerprint(&carol, true), 0x3e17_7755_f10d_6394, "with a principal too");
     }
 
     /// 2xx and 4xx answers are the key's for the window, but not 5xx nor the 4xx that say "not

@@ -1259,7 +1259,7 @@ fn a_command_runs_to_the_end_when_its_client_disconnects() {
 
 /// An idempotency key is the client's within its tenant (`x-tenant-id`): the same key from two
 /// tenants is two requests, for commands and for published events alike; within a tenant it
-/// still replays.
+/// still replays, to its own caller only (`x-principal-id`: another's is a 422).
 #[test]
 fn one_idempotency_key_in_two_tenants_is_two_requests() {
     let c = demo_cluster("cmd-tenant-keys", &[]);
@@ -1279,6 +1279,15 @@ fn one_idempotency_key_in_two_tenants_is_two_requests() {
     // Within a tenant the key names one request: another body under it is a 422.
     let other = send("tenant-a", 3);
     assert_eq!(other.status, 422, "{}", other.describe());
+    // And one caller's: another principal's request under it, the same in all else, is a 422
+    // too, never the first caller's answer; the first caller's retry replays.
+    let by = |principal: &str| {
+        let resp = echo(api, &json!({ "n": 9 }), &[("idempotency-key", "picked-by-two-callers"), ("x-principal-id", principal)]).expect("echo");
+        (resp.status, resp.header("idempotent-replay").is_some())
+    };
+    assert_eq!(by("alice"), (200, false));
+    assert_eq!(by("mallory"), (422, false), "another caller is not answered with alice's result");
+    assert_eq!(by("alice"), (200, true), "alice's retry replays her own");
 
     let publish = |tenant: &str| {
         let resp = api
