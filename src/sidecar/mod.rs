@@ -281,7 +281,10 @@ async fn post_event(
         return Err(HandlerError::not_served("every connection to the app is busy"));
     };
     let timeout = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
-    match conn.conn.request_with(Method::POST, &path, headers, body, timeout, false).await {
+    // Resent once on a new connection when a kept one turns out closed: a delivery is at least
+    // once (the app tells repeats by `x-event-id`), and the failure would count an attempt
+    // and deliver it again later anyway.
+    match conn.conn.request_with(Method::POST, &path, headers, body, timeout, true).await {
         Ok(resp) if (200..300).contains(&resp.status) => {
             pool.put(conn);
             returned_event(emit.as_deref(), &resp.body)
@@ -605,7 +608,15 @@ struct Idle {
 struct Leased {
     conn: Conn,
     _open: tokio::sync::OwnedSemaphorePermit,
+    /// When it was last put back idle (`Pool::put`).
+    idle_since: tokio::time::Instant,
 }
+
+/// How long a connection may sit idle and still be used: less than the keep-alive timeouts of
+/// common app servers (gunicorn's 2 s, Node's and uvicorn's 5 s), so that a request seldom
+/// races the app closing it. Lost that race, a request that may not be sent twice (a
+/// non-idempotent command) failed with a 502, and a delivery with an attempt counted.
+const IDLE_MAX: Duration = Duration::from_millis(1_500);
 
 impl Pool {
     /// A connection to the app could not be made (nothing was sent): not served, so the proxy
@@ -653,7 +664,12 @@ impl Pool {
         let handed = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(conn) = idle.conns.pop() {
-                return Some(conn);
+                if conn.idle_since.elapsed() < IDLE_MAX {
+                    return Some(conn);
+                }
+                // Last in, first out: the others have been idle longer still. Closed, they free
+                // their places for the new connection below.
+                idle.conns.clear();
             }
             let (tx, rx) = tokio::sync::oneshot::channel();
             // Waiters that gave up are cleared out whenever the queue has doubled since the last
@@ -671,7 +687,11 @@ impl Pool {
             tokio::select! {
                 conn = handed => conn.ok(),
                 permit = self.open.clone().acquire_owned() => {
-                    permit.ok().map(|permit| Leased { conn: Conn::new(self.addr.clone()).with_max_body(self.max_answer), _open: permit })
+                    permit.ok().map(|permit| Leased {
+                        conn: Conn::new(self.addr.clone()).with_max_body(self.max_answer),
+                        _open: permit,
+                        idle_since: tokio::time::Instant::now(),
+                    })
                 }
             }
         });
@@ -692,6 +712,7 @@ impl Pool {
             }
         }
         if idle.conns.len() < self.max_idle {
+            conn.idle_since = tokio::time::Instant::now();
             idle.conns.push(conn);
         }
     }
@@ -1472,6 +1493,24 @@ mod tests {
         }
         assert_eq!(up.conns.load(Ordering::SeqCst), 1, "eight queued requests over one kept-alive connection");
         assert!(fw.pool.idle.lock().unwrap().waiters.iter().all(|w| w.is_closed()), "no live waiter left");
+    }
+
+    /// A connection idle longer than `IDLE_MAX` is not used again (the app may be closing it
+    /// just then): the next request opens a new one.
+    #[tokio::test]
+    async fn a_connection_idle_too_long_is_not_reused() {
+        let up = upstream().await;
+        let cfg = config(&format!("http://{}", up.addr), "");
+        let fw = forwarders(&cfg, crate::client::MAX_BODY).unwrap().1.remove(0);
+        fw.forward(inv(&[("id", "1")], "{}", 10_000)).await.expect("served");
+        fw.forward(inv(&[("id", "2")], "{}", 10_000)).await.expect("served");
+        assert_eq!(up.conns.load(Ordering::SeqCst), 1, "reused while fresh");
+        tokio::time::pause();
+        tokio::time::advance(IDLE_MAX).await;
+        tokio::time::resume();
+        fw.forward(inv(&[("id", "3")], "{}", 10_000)).await.expect("served");
+        assert_eq!(up.conns.load(Ordering::SeqCst), 2, "a new connection after the idle spell");
+        assert_eq!(fw.pool.idle.lock().unwrap().conns.len(), 1, "the stale one closed, the new one kept");
     }
 
     #[tokio::test]
