@@ -281,6 +281,9 @@ async fn post_event(
         return Err(HandlerError::not_served("every connection to the app is busy"));
     };
     let timeout = timeout.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+    // The ack deadline left, for the app, as for a command (`Forward::forward`).
+    let mut headers = headers;
+    headers.insert("x-timeout-ms", http::HeaderValue::from(timeout.as_millis() as u64));
     // Resent once on a new connection when a kept one turns out closed: a delivery is at least
     // once (the app tells repeats by `x-event-id`), and the failure would count an attempt
     // and deliver it again later anyway.
@@ -809,6 +812,10 @@ impl Forward {
         };
         // The wait for a connection counts against the deadline.
         let limit = limit.saturating_sub(started.elapsed()).max(Duration::from_millis(1));
+        // What is left of it, for the app (Envoy's expected-timeout header): it stops work
+        // nobody waits for, and passes it on to calls it makes through its node, whose
+        // deadlines then end with this one.
+        headers.insert("x-timeout-ms", http::HeaderValue::from(limit.as_millis() as u64));
         // GET and HEAD are safe by HTTP's rules, whatever the declaration says.
         let resend = self.method.is_safe() || (self.idempotent && self.method.is_idempotent());
         let result = conn.conn.request_with(self.method.clone(), &target, headers, inv.payload.clone(), limit, resend).await;
@@ -1085,7 +1092,7 @@ mod tests {
                         let header = |n: &str| parts.headers.get(n).map(|v| v.to_str().unwrap().to_string());
                         let (status, text) = match parts.uri.path() {
                             p if p.starts_with("/orders/") => {
-                                let names = ["x-request-id", "traceparent", "x-principal-id", "x-tenant-id", "idempotency-key", "content-type", "accept"];
+                                let names = ["x-request-id", "traceparent", "x-principal-id", "x-tenant-id", "idempotency-key", "content-type", "accept", "x-timeout-ms"];
                                 let mut headers: BTreeMap<_, _> = names.iter().map(|n| (*n, json!(header(n)))).collect();
                                 let cookies: Vec<_> = parts.headers.get_all("cookie").iter().map(|v| v.to_str().unwrap()).collect();
                                 headers.insert("cookie", json!(cookies));
@@ -1306,6 +1313,9 @@ mod tests {
         assert_eq!(h["traceparent"], "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01");
         assert_eq!((h["idempotency-key"].as_str(), h["content-type"].as_str()), (Some("k1"), Some("application/json")));
         assert!(h["x-tenant-id"].is_null());
+        // The time left, within the command's timeout (30 s here: `inv`'s 0 sets none).
+        let left: u64 = h["x-timeout-ms"].as_str().expect("x-timeout-ms").parse().expect("a number");
+        assert!(left > 20_000 && left <= 30_000, "{left}");
         // The client's own headers pass (a repeated name repeated, its body's type instead of
         // JSON); the node's message fields stand over a client's header of the same name.
         let mut with_headers = inv(&[("id", "1")], "a,b", 0);

@@ -415,6 +415,9 @@ fn headers_pass_both_ways_between_a_client_and_the_app_on_any_node() {
         let cookies: Vec<String> = got["cookie"].as_array().into_iter().flatten().filter_map(Value::as_str).flat_map(|v| v.split(',')).map(|v| v.trim().to_string()).collect();
         assert!(cookies == ["a=1", "b=2"] || cookies == ["a=1; b=2"], "{what}");
         assert_eq!(got["x-principal-id"], json!(["alice"]), "{what}");
+        // The time left of the command's timeout (30 s unless declared), for the app to pass on.
+        let left = got["x-timeout-ms"][0].as_str().and_then(|v| v.parse::<u64>().ok());
+        assert!(left.is_some_and(|ms| ms > 0 && ms <= 30_000), "{what}");
         assert_eq!((got["x-forwarded-for"].clone(), got["x-forwarded-proto"].clone()), (json!(["127.0.0.1"]), json!(["http"])), "{what}");
         assert_eq!(got["x-forwarded-host"], json!([api.addr.to_string()]), "{what}");
         assert!(got.get("accept-encoding").is_none_or(|v| v == &json!(["identity"])), "{what}");
