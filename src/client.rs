@@ -27,9 +27,11 @@ use tokio::{net::TcpStream, task::JoinHandle};
 
 /// Largest response body accepted, in bytes.
 pub const MAX_BODY: usize = 16 << 20;
-/// How long a new connection may take to open, TLS aside (the request's own timeout bounds the
-/// rest, and this too when shorter).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a new connection may take to open, the name's lookup included and TLS aside (the
+/// request's own timeout bounds the rest, and this too when shorter): Envoy's default, past
+/// the kernel's second SYN resend (about 3 s), which a loaded server's full accept queue may
+/// need.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {

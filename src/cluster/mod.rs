@@ -651,12 +651,14 @@ impl Cluster {
     }
 
     /// A queued change that this node can no longer make (it no longer leads), asked again as a
-    /// node that never led would ask it (`leader_op`: of the leader now known, or queued here if
-    /// this node leads again), from a task of its own so that the queue goes on; its caller gets
-    /// that answer. A leader elected a moment ago may not be known here yet: it is waited for
-    /// within the caller's wait (`CHANGE_TIMEOUT`, a look per 50 ms). Not asked once the caller
-    /// stopped waiting, as queued changes are not.
-    fn pass_on<F, Fut>(&self, reply: oneshot::Sender<Result<(), RemoteError>>, ask: F)
+    /// node that never led would ask it (`leader_op`, which forwards it to the leader), from a
+    /// task of its own so that the queue goes on; its caller gets that answer. Only once another
+    /// node is named leader (one elected a moment ago may not be known yet): waited for within
+    /// the caller's wait, a look per 50 ms; `failed` answers if none is named by then (a leader
+    /// cut off in a minority keeps naming itself, and queueing the change again at once would
+    /// spin). Given up as soon as the caller stops waiting, before or during the ask: a change
+    /// nobody waits for is not made, as queued changes are not (`Change::abandoned`).
+    fn pass_on<F, Fut>(&self, mut reply: oneshot::Sender<Result<(), RemoteError>>, failed: RemoteError, ask: F)
     where
         F: FnOnce(Cluster) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = Result<(), RemoteError>> + Send + 'static,
@@ -667,14 +669,25 @@ impl Cluster {
         }
         let this = self.clone();
         tokio::spawn(async move {
+            let me = this.replica.id();
             let until = Instant::now() + CHANGE_TIMEOUT;
-            while this.replica.leader().is_none() && Instant::now() < until && !reply.is_closed() {
+            loop {
+                if this.replica.leader().is_some_and(|l| l != me) {
+                    break;
+                }
+                if Instant::now() >= until || reply.is_closed() {
+                    let _ = reply.send(Err(failed));
+                    return;
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if reply.is_closed() {
-                return;
+            let answer = tokio::select! {
+                answer = ask(this) => Some(answer),
+                () = reply.closed() => None,
+            };
+            if let Some(answer) = answer {
+                let _ = reply.send(answer);
             }
-            let _ = reply.send(ask(this).await);
         });
     }
 
@@ -726,8 +739,8 @@ impl Cluster {
                     }
                     Some(Change::Join { id, addr, reply }) => match self.apply_join(id, addr.clone()).await {
                         // As for a removal below.
-                        Err(RemoteError::NotLeader { .. }) => {
-                            self.pass_on(reply, move |c| async move { c.join(id, addr).await });
+                        Err(failed @ RemoteError::NotLeader { .. }) => {
+                            self.pass_on(reply, failed, move |c| async move { c.join(id, addr).await });
                         }
                         joined => {
                             let _ = reply.send(joined);
@@ -736,8 +749,8 @@ impl Cluster {
                     Some(Change::Remove { id, reply }) => match self.apply_remove(id).await {
                         // Leadership moved while the change waited in the queue (behind a
                         // leader's own removal that handed over, say): asked again (`pass_on`).
-                        Err(RemoteError::NotLeader { .. }) => {
-                            self.pass_on(reply, move |c| async move { c.remove(id).await });
+                        Err(failed @ RemoteError::NotLeader { .. }) => {
+                            self.pass_on(reply, failed, move |c| async move { c.remove(id).await });
                         }
                         // This leader handed over: the new one removes it. Asked from a task of
                         // its own, so that this one goes on (and finishes a change left half
@@ -745,7 +758,8 @@ impl Cluster {
                         Ok(Removal::HandedOver(to)) => {
                             info!(to, "removing this node through the leader it handed over to");
                             metrics::counter!("raftbridge_cluster_removals_handed_over_total").increment(1);
-                            self.pass_on(reply, move |c| async move { c.remove(id).await });
+                            let failed = RemoteError::Unavailable(format!("this node handed its leadership over to node {to}, which is not known to lead yet: ask again in a moment"));
+                            self.pass_on(reply, failed, move |c| async move { c.remove(id).await });
                         }
                         removed => {
                             if removed.is_ok() {

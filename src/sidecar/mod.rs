@@ -284,10 +284,10 @@ async fn post_event(
     // The ack deadline left, for the app, as for a command (`Forward::forward`).
     let mut headers = headers;
     headers.insert("x-timeout-ms", http::HeaderValue::from(timeout.as_millis() as u64));
-    // Resent once on a new connection when a kept one turns out closed: a delivery is at least
-    // once (the app tells repeats by `x-event-id`), and the failure would count an attempt
-    // and deliver it again later anyway.
-    match conn.conn.request_with(Method::POST, &path, headers, body, timeout, true).await {
+    // Not resent once it may have reached the app (a reset may be the app crashing on this
+    // event: sent again at once, a poison event would crash it twice per attempt); a kept
+    // connection seldom turns out closed (`IDLE_MAX`).
+    match conn.conn.request_with(Method::POST, &path, headers, body, timeout, false).await {
         Ok(resp) if (200..300).contains(&resp.status) => {
             pool.put(conn);
             returned_event(emit.as_deref(), &resp.body)
@@ -825,8 +825,8 @@ impl Forward {
                 answer(resp)
             }
             // No connection could be made: nothing reached the app. (A resend that could not
-            // connect after a send that may have reached it is that send's error instead: a
-            // 502, retried elsewhere only as a lost answer is, not as "not served".)
+            // connect after a send that may have reached it fails as that send did, a 502 the
+            // client gets, not "not served", which another node would run again.)
             Err(e @ ClientError::Connect { .. }) => Err(self.pool.connect_failed(&e)),
             // The app's own error, too long to pass on: still its error, with its status.
             Err(ClientError::BodyTooLarge { status: status @ 400..=499, limit, .. }) => {
@@ -836,6 +836,12 @@ impl Forward {
                 let status = if matches!(e, ClientError::Timeout { .. }) { 504 } else { 502 };
                 // Not the target: its path and query carry the client's parameters (tokens, ids).
                 tracing::warn!(command = %inv.command, error = %e, status, "sidecar upstream failed");
+                // The connection broke under the request (the app crashed, say, and a resend
+                // could not connect): the health loop looks at the app now, as after a connect
+                // that failed, and withdraws it if it is gone.
+                if e.is_connection() {
+                    self.pool.suspect.notify_one();
+                }
                 Err(match e {
                     ClientError::Timeout { .. } => {
                         HandlerError::new(504, format!("upstream did not answer within {} ms", limit.as_millis()))
