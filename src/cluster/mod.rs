@@ -68,7 +68,7 @@ const RESPONSIVE: Duration = Duration::from_millis(1500);
 /// message it gates too (`APP_HEADERS`: `InvokeWith` on the links, `IdemCompleteWith` in the log).
 const LOG_FEATURES: u64 = {
     use crate::peer::frame::features::*;
-    DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | REJECTED | SUB_SEEK
+    DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | REJECTED | SUB_SEEK | EXPIRE_DUE
 };
 /// How often a refused join, which its joiner asks again every round, is warned of (on the
 /// leader and on the joiner); the rest at debug. Process-wide, as the log is.

@@ -161,6 +161,8 @@ pub mod features {
     /// The node puts a keyed request's principal in its fingerprint (`proxy::idempotency`):
     /// used only once every member announces it, so that all compute the same one.
     pub const IDEM_PRINCIPAL: u64 = 262144;
+    /// The node applies `Command::ExpireDue` (keys removed by their expiry, not their revision).
+    pub const EXPIRE_DUE: u64 = 524288;
     /// Env var of a test-only hook: a node started with it set to a number announces `ALL`
     /// less those bits, as a build without them would, so that the cluster tests can hold a
     /// feature's gate shut. Not for production: the node still applies what it withholds.
@@ -175,7 +177,7 @@ pub mod features {
 
     /// Everything this build understands.
     pub const ALL: u64 =
-        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | PULL_FORWARD | REJECTED | SUB_SEEK | REMOTE_TIMEOUT | IDEM_PRINCIPAL;
+        DELIVER_BATCH | ORDERED_APPENDS | DROP_SUBSCRIPTION | IDEM_FINGERPRINT | HELD_CLAIMS | DELIVERED_EACH | APP_HEADERS | SUB_REBASE | FORGET_NODES | FAILED_AT | KEY_TTL | TAGGED | TXN | PULL_FORWARD | REJECTED | SUB_SEEK | REMOTE_TIMEOUT | IDEM_PRINCIPAL | EXPIRE_DUE;
 }
 
 /// The handshake message, sent first by the dialer (`Hello`) and answered with `HelloAck`.

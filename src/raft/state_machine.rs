@@ -599,15 +599,15 @@ impl Expiries {
     }
 
     /// The keys whose expiry is at or before `now`, the earliest first: at most `EXPIRE_BATCH`
-    /// of them and about `EXPIRE_BYTES` of names (at least one).
-    pub fn due(&self, now: u64) -> Vec<(String, String)> {
+    /// of them and about `max_bytes` of names (at least one).
+    pub fn due(&self, now: u64, max_bytes: usize) -> Vec<(String, String)> {
         let mut bytes = 0;
         self.by_time
             .iter()
             .take_while(|(at, _, _)| *at <= now)
             .take(EXPIRE_BATCH)
             .take_while(|(_, store, key)| {
-                let fits = bytes == 0 || bytes + store.len() + key.len() <= EXPIRE_BYTES;
+                let fits = bytes == 0 || bytes + store.len() + key.len() <= max_bytes;
                 bytes += store.len() + key.len() + 16;
                 fits
             })
@@ -912,6 +912,16 @@ impl SmData {
                 // A key put again since the leader named it has another revision: kept.
                 for (store, key, revision) in keys {
                     self.apply(index, Command::Delete { store, key, if_revision: Some(revision) });
+                }
+                CommandResult::None
+            }
+            Command::ExpireDue { keys, now_ms } => {
+                // A key written again since the leader named it has no expiry or a later one:
+                // kept. An increment keeps the expiry, and with it the removal.
+                for (store, key) in keys {
+                    if self.expiries.of(&store, &key).is_some_and(|at| at <= now_ms) {
+                        self.apply(index, Command::Delete { store, key, if_revision: None });
+                    }
                 }
                 CommandResult::None
             }
@@ -1375,12 +1385,12 @@ impl SmShared {
         (d.expiries.next(), d.expiries.len())
     }
 
-    /// The keys due at `now` (`Expiries::due`) with their revisions: what `Command::Expire`
-    /// names.
-    pub fn due_keys(&self, now: u64) -> Vec<(String, String, u64)> {
+    /// The keys due at `now` (`Expiries::due`, about `max_bytes` of names) with their
+    /// revisions: what `Command::Expire` names (`ExpireDue` names them without).
+    pub fn due_keys(&self, now: u64, max_bytes: usize) -> Vec<(String, String, u64)> {
         let d = read(&self.data);
         d.expiries
-            .due(now)
+            .due(now, max_bytes)
             .into_iter()
             .filter_map(|(store, key)| {
                 let revision = d.stores.get(&store)?.get(&key)?.revision;
@@ -2973,6 +2983,48 @@ mod tests {
         assert_eq!(d.idem.keys().filter(|k| k.starts_with("held")).count(), 200, "the held ones stay");
     }
 
+    /// `ExpireDue` removes each named key whose expiry has passed by the entry's clock, whatever
+    /// its revision: a key incremented after the leader named it goes (with `Expire` it was
+    /// kept, and named again at every look while increments kept coming), one put again without
+    /// a TTL or with a later one stays, and so does one not due yet. The batch of names fits
+    /// the bytes it is given (at least one key), so an entry is never over a small frame.
+    #[test]
+    fn expire_due_removes_by_expiry_so_an_incremented_key_goes() {
+        let expiring = |key: &str, at: u64| Command::PutExpiring { store: "s".into(), key: key.into(), value: b"1".to_vec(), if_revision: None, expires_ms: at };
+        let mut d = SmData::default();
+        d.apply(1, expiring("hot", 1_000));
+        d.apply(2, expiring("again", 1_000));
+        d.apply(3, expiring("later", 1_000));
+        d.apply(4, expiring("early", 1_000));
+        d.apply(5, expiring("not-yet", 5_000));
+        // The leader names what is due by its clock, then these land before its entry.
+        let named: Vec<(String, String)> = d.expiries.due(1_500, EXPIRE_BYTES);
+        assert_eq!(named.len(), 4);
+        let mut stale = Command::Expire { keys: named.iter().map(|(s, k)| (s.clone(), k.clone(), d.stores[s][k].revision)).collect() };
+        d.apply(6, Command::Increment { store: "s".into(), key: "hot".into(), by: 1, tag: None });
+        d.apply(7, put("s", "again", "2", None));
+        d.apply(8, expiring("later", 9_000));
+        let mut by_revision = d.clone();
+        by_revision.apply(9, std::mem::replace(&mut stale, Command::Expire { keys: Vec::new() }));
+        assert!(by_revision.stores["s"].contains_key("hot"), "by revision, the incremented key outran its removal");
+        let mut named_all = named;
+        named_all.push(("s".into(), "not-yet".into()));
+        d.apply(9, Command::ExpireDue { keys: named_all, now_ms: 1_500 });
+        let left: Vec<&String> = d.stores["s"].keys().collect();
+        assert_eq!(left, vec!["again", "later", "not-yet"], "hot and early went; the rewritten and the not yet due stayed");
+        assert_eq!((d.expiries.of("s", "hot"), d.expiries.of("s", "later"), d.expiries.len()), (None, Some(9_000), 2));
+
+        // Names of at most about `max_bytes`: with long keys, fewer of them, never none.
+        let long = "k".repeat(1_000);
+        let mut d = SmData::default();
+        for i in 0..10u64 {
+            d.apply(10 + i, expiring(&format!("{long}{i}"), 1_000 + i));
+        }
+        assert_eq!(d.expiries.due(2_000, 3_000).len(), 2);
+        assert_eq!(d.expiries.due(2_000, 10).len(), 1, "at least one");
+        assert_eq!(d.expiries.due(2_000, EXPIRE_BYTES).len(), 10);
+    }
+
     /// Keys put with an expiry (`PutExpiring`) are removed by the `Expire` that names them with
     /// their revision (the leader's due keys, the earliest first, at most `EXPIRE_BATCH`); a key
     /// put again since is kept; a node whose copy of the expiries lacks them (an older build's
@@ -2985,7 +3037,7 @@ mod tests {
         let expiring = |key: &str, at: u64, if_revision: Option<u64>| Command::PutExpiring { store: "s".into(), key: key.into(), value: b"1".to_vec(), if_revision, expires_ms: at };
         // What the leader proposes at `now` (`store::expire_keys`).
         let expire = |d: &SmData, now: u64| Command::Expire {
-            keys: d.expiries.due(now).into_iter().map(|(s, k)| { let r = d.stores[&s][&k].revision; (s, k, r) }).collect(),
+            keys: d.expiries.due(now, EXPIRE_BYTES).into_iter().map(|(s, k)| { let r = d.stores[&s][&k].revision; (s, k, r) }).collect(),
         };
         let mut d = SmData::default();
         assert_eq!(d.apply(1, expiring("a", 1_000, None)), CommandResult::Written { revision: 1 });
@@ -3025,7 +3077,7 @@ mod tests {
         assert!(without.expiries.is_empty());
 
         let (digest, keys) = (d.stores_digest, d.stores_keys);
-        assert!(d.expiries.due(999).is_empty(), "nothing is due before its time");
+        assert!(d.expiries.due(999, EXPIRE_BYTES).is_empty(), "nothing is due before its time");
         let named = expire(&d, 2_000);
         assert_eq!(named, Command::Expire { keys: vec![("s".into(), "a".into(), 1), ("s".into(), "b".into(), 2)] });
         // `a` is put again (with a new expiry) after the leader named it: kept.

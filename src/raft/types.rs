@@ -205,6 +205,17 @@ pub enum Command {
     /// attempts are forgotten, dead letters kept. Answered `SubscriptionSought`. Added after
     /// the others: proposed only when every member announced `features::SUB_SEEK`.
     SeekSubscription { name: String, position: u64 },
+    /// Remove each listed key (store, key) whose expiry is at or before `now_ms` (the leader's
+    /// clock in most members' time, `store::cluster_now_ms`) when it is applied: `Expire`
+    /// judged by the expiry rather than the revision. An `Increment` keeps a key's expiry but
+    /// changes its revision, and the leader names revisions from the state it has applied,
+    /// which trails what it has appended: a key incremented all the time was never removed
+    /// by `Expire`, whose rounds went on naming it. A key written again since it was named
+    /// (a `Put` ends its expiry, a `PutExpiring` gives it a later one) is kept, as before.
+    /// Every node judges from its own copy of the expiries, which every build that applies
+    /// `PutExpiring` keeps in its snapshots (`features::KEY_TTL`). Added after the others:
+    /// proposed only when every member announced `features::EXPIRE_DUE`.
+    ExpireDue { keys: Vec<(String, String)>, now_ms: u64 },
 }
 
 /// One write or check of a `Command::Txn`.
@@ -335,6 +346,7 @@ impl Command {
                 Command::ForgetNodes { nodes } => nodes.len() * 8,
                 Command::PutExpiring { store, key, value, .. } => store.len() + key.len() + value.len(),
                 Command::Expire { keys } => keys.iter().map(|(store, key, _)| store.len() + key.len() + 8).sum(),
+                Command::ExpireDue { keys, .. } => keys.iter().map(|(store, key)| store.len() + key.len() + 8).sum(),
                 Command::Tagged { tag, command } => tag.0.len() + command.approx_size(),
                 Command::Txn { store, ops } => {
                     store.len()
@@ -397,6 +409,7 @@ impl fmt::Display for Command {
             Command::ForgetNodes { nodes } => write!(f, "forget departed nodes {nodes:?}"),
             Command::PutExpiring { store, key, .. } => write!(f, "put {store}/{key} with an expiry"),
             Command::Expire { keys } => write!(f, "expire {} keys", keys.len()),
+            Command::ExpireDue { keys, now_ms } => write!(f, "expire {} keys due at {now_ms}", keys.len()),
             Command::Tagged { command, .. } => write!(f, "{command} (tagged)"),
             Command::Txn { store, ops } => write!(f, "transaction of {} ops on {store}", ops.len()),
             Command::SeekSubscription { name, position } => write!(f, "seek subscription {name} to {position}"),

@@ -368,7 +368,8 @@ impl Precondition {
 
 /// How often the leader looks for keys past their expiry (`expire_keys`).
 const EXPIRE_EVERY: Duration = Duration::from_millis(250);
-/// `Command::Expire` entries one look proposes at most (each removes up to `EXPIRE_BATCH`).
+/// `Command::ExpireDue` (or `Expire`) entries one look proposes at most (each removes up to
+/// `EXPIRE_BATCH`).
 const EXPIRE_ROUNDS: usize = 16;
 
 /// The time key expiry is stamped and judged in: this node's clock, read in most members' time
@@ -383,7 +384,7 @@ pub fn cluster_now_ms(replica: &Replica) -> u64 {
 }
 
 /// Removes the keys past their expiry (`Command::PutExpiring`) while this node leads: each
-/// look proposes `Command::Expire`, judged in most members' time (`cluster_now_ms`), while the
+/// look proposes `Command::ExpireDue` (`Expire` while a member's build lacks it), judged in most members' time (`cluster_now_ms`), while the
 /// earliest expiry has passed, and again while more are due. On the leader only, so that the
 /// keys go in one order, by one clock; a leader change leaves what is due to the next one.
 pub async fn expire_keys(store: StateStore, shutdown: tokio_util::sync::CancellationToken) {
@@ -403,11 +404,21 @@ pub async fn expire_keys(store: StateStore, shutdown: tokio_util::sync::Cancella
             if !store.replica.members_have(crate::peer::frame::features::KEY_TTL) {
                 break;
             }
-            let keys = store.sm.due_keys(now);
+            // Names of about half an entry at most: an entry over the smallest member's frame
+            // is refused, and the same earliest keys would be named again at every look.
+            let max_bytes = crate::raft::state_machine::EXPIRE_BYTES.min(crate::raft::entry_limit(store.replica.net.cluster_frame()) / 2);
+            let keys = store.sm.due_keys(now, max_bytes);
             if keys.is_empty() {
                 break;
             }
-            match store.replica.write(Command::Expire { keys }, store.timeout).await {
+            // By expiry once every member applies it: an increment keeps a key's expiry but
+            // moves its revision, and a key incremented all the time outran every `Expire`.
+            let command = if store.replica.members_have(crate::peer::frame::features::EXPIRE_DUE) {
+                Command::ExpireDue { keys: keys.into_iter().map(|(s, k, _)| (s, k)).collect(), now_ms: now }
+            } else {
+                Command::Expire { keys }
+            };
+            match store.replica.write(command, store.timeout).await {
                 Ok(_) => metrics::counter!("raftbridge_state_expire_entries_total").increment(1),
                 Err(e) => {
                     tracing::warn!(cause = %e, "could not remove expired keys; will retry");
