@@ -137,7 +137,8 @@ fn list_page(map: Option<&imbl::OrdMap<String, Versioned>>, prefix: &str, after:
 /// made of (compared by pointer): a tag walks every key under its prefix, and the long polls
 /// and pages of one prefix at one state of its store share one walk instead of one each (200
 /// polls answered by one write made 200 walks of the same keys). Holds `TAG_CACHE` entries; an
-/// entry keeps its map's version alive until it is pushed out.
+/// entry keeps its map's version alive until it is pushed out, or until the first listing
+/// after a snapshot install drops the older generation's.
 #[derive(Default)]
 pub struct TagCache(std::sync::Mutex<std::collections::VecDeque<CachedTag>>);
 
@@ -169,6 +170,9 @@ impl TagCache {
         // Outside the lock: the changes, or the keys walked, may be many.
         let tag = base.and_then(|(old, tag)| tag_moved(&old, map, prefix, tag)).unwrap_or_else(|| list_tag(Some(map), prefix));
         let mut cached = lock();
+        // Entries of a generation before a snapshot install are of no use any more, and each
+        // keeps a whole old map of its store alive beside the installed one.
+        cached.retain(|c| c.installs == installs);
         cached.push_front(CachedTag { store: store.to_string(), prefix: prefix.to_string(), map: map.clone(), tag, installs });
         cached.truncate(TAG_CACHE);
         tag
