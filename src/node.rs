@@ -364,8 +364,10 @@ pub async fn run(
     let empty_log = !log_store.holds_entries();
     // Unless the empty log is a founder's, kept since before the cluster's first entry (`found`).
     let founder = log_store.founder();
-    let unproven = empty_log && !founder;
-    info!(empty_log, founder, "raft state at start");
+    // Or a log whose open cut off a damaged tail that may have been acknowledged.
+    let cut_damage = log_store.cut_damage();
+    let unproven = (empty_log && !founder) || cut_damage;
+    info!(empty_log, founder, cut_damage, "raft state at start");
     let raft_cfg = crate::raft::openraft_config(&RaftSettings {
         cluster: cfg.cluster_name.clone(),
         heartbeat_ms: cfg.heartbeat_ms,
@@ -509,7 +511,11 @@ pub async fn run(
     let unproven = Arc::new(AtomicBool::new(unproven));
     let seen_commit = Arc::new(Mutex::new((0, 0)));
     if unproven.load(Ordering::Relaxed) {
-        info!("this node started with an empty log: it withholds its vote and does not campaign until a leader has brought it up to date, or it founds a cluster");
+        if cut_damage {
+            warn!("this node's log lost a damaged tail at its open: it withholds its vote and does not campaign until a leader has brought it up to date");
+        } else {
+            info!("this node started with an empty log: it withholds its vote and does not campaign until a leader has brought it up to date, or it founds a cluster");
+        }
         // Ends once the node is proven (`spawn`: a return is no failure), or with the run.
         crate::supervise::spawn("unproven", prove(replica.clone(), founder_log.clone(), unproven.clone(), seen_commit.clone(), run_stop.child_token()));
     }
@@ -1121,11 +1127,21 @@ async fn prove(replica: Replica, log: LogStore, unproven: Arc<AtomicBool>, seen_
             let vote = replica.raft.server_metrics().borrow_watched().vote;
             let last = replica.raft.data_metrics().borrow_watched().last_log;
             let seen = *seen_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if vote_rule(replica.id(), &vote, last.as_ref(), None, seen) == VoteRule::BroughtUp {
+            if vote_rule(replica.id(), &vote, last.as_ref(), None, seen, !log.cut_damage()) == VoteRule::BroughtUp {
                 unproven.store(false, Ordering::Relaxed);
             }
         }
         let proven = !unproven.load(Ordering::Relaxed);
+        if proven && log.cut_damage() {
+            // Brought up by a leader: what the damaged tail held is back. Until the mark is
+            // gone, a restart would find the node unproven again (harmless): looked at again.
+            let cleared = log.clone();
+            match tokio::task::spawn_blocking(move || cleared.clear_cut_damage()).await {
+                Ok(Ok(())) => info!("this node's log is whole again since its damaged tail was cut: a leader brought it up to date"),
+                Ok(Err(e)) => warn!(cause = %e, "could not clear the damaged-log mark"),
+                Err(e) => warn!(cause = %e, "could not clear the damaged-log mark"),
+            }
+        }
         if !electing && (proven || log.claimed_founding()) {
             replica.raft.runtime_config().elect(true);
             electing = true;
@@ -1137,14 +1153,14 @@ async fn prove(replica: Replica, log: LogStore, unproven: Arc<AtomicBool>, seen_
     }
 }
 
-fn withhold_vote(unproven: &AtomicBool, seen_commit: &Mutex<(u64, u64)>, replica: &Replica, req: &VoteRequest) -> Option<PeerResponse> {
+fn withhold_vote(unproven: &AtomicBool, seen_commit: &Mutex<(u64, u64)>, replica: &Replica, log: &LogStore, req: &VoteRequest) -> Option<PeerResponse> {
     if !unproven.load(Ordering::Relaxed) {
         return None;
     }
     let vote = replica.raft.server_metrics().borrow_watched().vote;
     let last = replica.raft.data_metrics().borrow_watched().last_log;
     let seen = *seen_commit.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-    match vote_rule(replica.id(), &vote, last.as_ref(), req.last_log_id.as_ref(), seen) {
+    match vote_rule(replica.id(), &vote, last.as_ref(), req.last_log_id.as_ref(), seen, !log.cut_damage()) {
         VoteRule::BroughtUp => {
             unproven.store(false, Ordering::Relaxed);
             None
@@ -1205,13 +1221,16 @@ enum VoteRule {
 /// quorum found its log complete when it voted for it, and every entry it acknowledged since
 /// is its own. (Had it lost data that a quorum counted, it would have lost it at that election,
 /// not at a vote it gives later: any candidate it votes for must reach its leader's log.)
-fn vote_rule(me: NodeId, vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>, seen: (u64, u64)) -> VoteRule {
+/// Not so for a log whose open cut off a damaged tail (`own_term_proves` false,
+/// `LogStore::cut_damage`): what it lost may be entries of its own term it acknowledged as
+/// leader, so only a leader's append can bring it up.
+fn vote_rule(me: NodeId, vote: &Vote, last: Option<&LogId>, candidate: Option<&LogId>, seen: (u64, u64), own_term_proves: bool) -> VoteRule {
     let term = vote.leader_id().term;
     let (seen_term, seen_commit) = seen;
     if vote.is_committed() && seen_term == term && last.is_some_and(|l| l.committed_leader_id().term == term && l.index >= seen_commit) {
         return VoteRule::BroughtUp;
     }
-    if term > 0 && vote.is_committed() && vote.leader_id().node_id == me && last.is_some_and(|l| l.committed_leader_id().term == term) {
+    if own_term_proves && term > 0 && vote.is_committed() && vote.leader_id().node_id == me && last.is_some_and(|l| l.committed_leader_id().term == term) {
         return VoteRule::BroughtUp;
     }
     if candidate.is_none_or(|l| l.index == 0) {
@@ -1276,13 +1295,13 @@ impl Handler for PeerHandler {
                 // Served by `appends` above; kept for an exhaustive match.
                 PeerRequest::AppendEntries(_) => fatal(&"append entries go through their lane"),
                 PeerRequest::Vote(r) => match refuse_outsider(&cluster, from, &r)
-                    .or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r))
+                    .or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &log, &r))
                     .or_else(|| refuse_rival_founder(&log, &r))
                 {
                     Some(refused) => refused,
                     None => raft.vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 },
-                PeerRequest::PreVote(r) => match refuse_outsider(&cluster, from, &r).or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &r)) {
+                PeerRequest::PreVote(r) => match refuse_outsider(&cluster, from, &r).or_else(|| withhold_vote(&unproven, &seen_commit, &replica, &log, &r)) {
                     Some(refused) => refused,
                     None => raft.pre_vote(r).await.map_or_else(|e| fatal(&e), PeerResponse::Vote),
                 },
@@ -1591,19 +1610,19 @@ mod tests {
         let id = |term: u64, index: u64| LogId::new(<TypeConfig as RaftTypeConfig>::LeaderId::new_committed(term, 1), index);
         let following_1 = Vote::new_committed(1, 1);
         let bootstrap = id(0, 0);
-        assert_eq!(vote_rule(9, &following_1, Some(&bootstrap), Some(&bootstrap), (0, 0)), VoteRule::Grant, "forming");
-        assert_eq!(vote_rule(9, &following_1, None, None, (0, 0)), VoteRule::Grant, "forming, no log yet");
-        assert_eq!(vote_rule(9, &following_1, Some(&bootstrap), Some(&id(1, 1)), (0, 0)), VoteRule::Withhold);
+        assert_eq!(vote_rule(9, &following_1, Some(&bootstrap), Some(&bootstrap), (0, 0), true), VoteRule::Grant, "forming");
+        assert_eq!(vote_rule(9, &following_1, None, None, (0, 0), true), VoteRule::Grant, "forming, no log yet");
+        assert_eq!(vote_rule(9, &following_1, Some(&bootstrap), Some(&id(1, 1)), (0, 0), true), VoteRule::Withhold);
         let following_5 = Vote::new_committed(5, 2);
-        assert_eq!(vote_rule(9, &following_5, None, Some(&id(5, 10)), (0, 0)), VoteRule::Withhold, "may lack term-5 entries");
-        assert_eq!(vote_rule(9, &following_5, Some(&id(4, 40)), Some(&id(4, 90)), (0, 0)), VoteRule::Withhold);
-        assert_eq!(vote_rule(9, &Vote::new(5, 2), Some(&id(5, 41)), Some(&id(5, 41)), (0, 0)), VoteRule::Withhold, "never followed a leader");
-        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(4, 1)), (5, 41)), VoteRule::BroughtUp);
+        assert_eq!(vote_rule(9, &following_5, None, Some(&id(5, 10)), (0, 0), true), VoteRule::Withhold, "may lack term-5 entries");
+        assert_eq!(vote_rule(9, &following_5, Some(&id(4, 40)), Some(&id(4, 90)), (0, 0), true), VoteRule::Withhold);
+        assert_eq!(vote_rule(9, &Vote::new(5, 2), Some(&id(5, 41)), Some(&id(5, 41)), (0, 0), true), VoteRule::Withhold, "never followed a leader");
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(4, 1)), (5, 41), true), VoteRule::BroughtUp);
         // An entry of the leader's term below what the leader said was committed is not enough:
         // the node may have acknowledged entries up to there before it lost its data, and a
         // candidate without them (here one at 45 of term 4) must not win with its vote.
-        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(4, 45)), (5, 60)), VoteRule::Withhold);
-        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 60)), Some(&id(4, 45)), (5, 60)), VoteRule::BroughtUp);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(4, 45)), (5, 60), true), VoteRule::Withhold);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 60)), Some(&id(4, 45)), (5, 60), true), VoteRule::BroughtUp);
         // The first commit index of each higher term counts, not the latest: a follower a few
         // entries behind its leader at the next election is brought up all the same.
         let seen = Mutex::new((0, 0));
@@ -1615,14 +1634,20 @@ mod tests {
         // Not brought up (its leader went before it caught up), it may still vote for a
         // candidate that reaches what the leader said was committed: one with an entry of that
         // term at or past it, or of a later term; not one short of it.
-        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(5, 60)), (5, 60)), VoteRule::Grant);
-        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(6, 50)), (5, 60)), VoteRule::Grant);
-        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(5, 59)), (5, 60)), VoteRule::Withhold);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(5, 60)), (5, 60), true), VoteRule::Grant);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(6, 50)), (5, 60), true), VoteRule::Grant);
+        assert_eq!(vote_rule(9, &following_5, Some(&id(5, 41)), Some(&id(5, 59)), (5, 60), true), VoteRule::Withhold);
         // Elected itself (the founder, which no leader ever sent an append): brought up once it
         // holds an entry of its own term; not while only a candidate, nor before that entry.
-        assert_eq!(vote_rule(2, &following_5, Some(&id(5, 41)), Some(&id(4, 1)), (0, 0)), VoteRule::BroughtUp, "leads term 5");
-        assert_eq!(vote_rule(2, &Vote::new(5, 2), Some(&id(5, 41)), Some(&id(4, 1)), (0, 0)), VoteRule::Withhold, "only a candidate");
-        assert_eq!(vote_rule(2, &following_5, Some(&id(4, 40)), Some(&id(4, 1)), (0, 0)), VoteRule::Withhold, "no entry of its term yet");
+        assert_eq!(vote_rule(2, &following_5, Some(&id(5, 41)), Some(&id(4, 1)), (0, 0), true), VoteRule::BroughtUp, "leads term 5");
+        assert_eq!(
+            vote_rule(2, &following_5, Some(&id(5, 41)), Some(&id(4, 1)), (0, 0), false),
+            VoteRule::Withhold,
+            "leads term 5, but its log lost a damaged tail: it may have acknowledged more of its term"
+        );
+        assert_eq!(vote_rule(2, &following_5, Some(&id(5, 60)), Some(&id(4, 1)), (5, 60), false), VoteRule::BroughtUp, "a leader's append still brings it up");
+        assert_eq!(vote_rule(2, &Vote::new(5, 2), Some(&id(5, 41)), Some(&id(4, 1)), (0, 0), true), VoteRule::Withhold, "only a candidate");
+        assert_eq!(vote_rule(2, &following_5, Some(&id(4, 40)), Some(&id(4, 1)), (0, 0), true), VoteRule::Withhold, "no entry of its term yet");
     }
 
     #[test]

@@ -151,6 +151,10 @@ const SYNCED_FILE: &str = "synced";
 /// append is acknowledged (and at open if entries are there). It lives with the segments: a
 /// log that is lost loses it too.
 const FOUNDER_FILE: &str = "founder";
+/// Present while the log may lack entries it acknowledged: an open cut a damaged tail off it
+/// (`torn_write`), and no leader has brought the node up to date since (`clear_cut_damage`).
+/// Made durable before the cut, so that a restart in between still knows.
+const DAMAGE_FILE: &str = "damaged";
 
 impl Default for LogStoreOptions {
     fn default() -> Self {
@@ -203,6 +207,9 @@ struct Inner {
     failed: Arc<AtomicBool>,
     /// The founder mark (`FOUNDER_FILE`), shared with the flusher, which removes it.
     founder: Founder,
+    /// The log may lack entries it acknowledged (`DAMAGE_FILE`): cleared once a leader has
+    /// brought the node up to date (`clear_cut_damage`).
+    cut_damage: AtomicBool,
     /// Joined in `Drop`, after the flush channel is closed.
     flusher: Option<JoinHandle<()>>,
     /// Hands purged entries and segment files to the reaper thread. Closed (set to `None`) by
@@ -553,13 +560,8 @@ fn damage_before_a_whole_record(data: &[u8], pos: usize) -> Option<usize> {
     if end > data.len() {
         return None;
     }
-    let mut at = pos;
-    while at < end {
-        let to = ((at / SECTOR + 1) * SECTOR).min(end);
-        if data[at..to].iter().all(|&b| b == 0) {
-            return None;
-        }
-        at = to;
+    if has_zero_sector(&data[..end], pos) {
+        return None;
     }
     next_frame(data, end).ok().map(|_| end)
 }
@@ -647,8 +649,42 @@ fn drop_cached(_file: &File) -> io::Result<()> {
     Ok(())
 }
 
-/// Replays one segment into `mem`, cutting a torn tail off the last one.
-fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem) -> io::Result<SegInfo> {
+/// Whether the damaged frame at `pos` (the last segment's first bad one) can be a write a
+/// power cut tore: an append cut short (no whole header, or a sane length that runs past the
+/// file's end), or a frame of a sane length with a sector-aligned piece that reads as zeros
+/// (`damage_before_a_whole_record`). Anything else (a length out of range, or a checksum
+/// mismatch over sectors all written) was damaged after it was written, and may have been
+/// synced and acknowledged.
+fn torn_write(data: &[u8], pos: usize) -> bool {
+    let Some(&[l0, l1, l2, l3, ..]) = data.get(pos..).and_then(<[u8]>::first_chunk::<HEADER>) else { return true };
+    let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+    if len == 0 || len > MAX_RECORD {
+        return false;
+    }
+    let end = pos + HEADER + len;
+    if end > data.len() {
+        return true;
+    }
+    has_zero_sector(&data[..end], pos)
+}
+
+/// Whether a sector-aligned piece of `data[from..]` reads as all zeros: sectors of a write
+/// that did not reach the disk before a power cut (`SECTOR`).
+fn has_zero_sector(data: &[u8], from: usize) -> bool {
+    let mut at = from;
+    while at < data.len() {
+        let to = ((at / SECTOR + 1) * SECTOR).min(data.len());
+        if data[at..to].iter().all(|&b| b == 0) {
+            return true;
+        }
+        at = to;
+    }
+    false
+}
+
+/// Replays one segment into `mem`, cutting a torn tail off the last one; `cut_damage` is set
+/// when the tail cut off was not a torn write (`torn_write`).
+fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem, cut_damage: &mut bool) -> io::Result<SegInfo> {
     let data = fs::read(path).map_err(ctx("read", path))?;
     let purged = mem.meta.last_purged.map(|l| l.index);
     let (mut pos, mut max_index) = (0, None);
@@ -669,8 +705,26 @@ fn replay_segment(path: &Path, is_last: bool, sync: bool, mem: &mut Mem) -> io::
                     )));
                 }
                 let dropped = data.len() - pos;
-                tracing::warn!(path = %path.display(), offset = pos, dropped, %why,
-                    "torn raft log tail: cut back to the last whole record");
+                if torn_write(&data, pos) {
+                    tracing::warn!(path = %path.display(), offset = pos, dropped, %why,
+                        "torn raft log tail: cut back to the last whole record");
+                } else {
+                    // The records cut off may have been synced and acknowledged: the node
+                    // starts as one that may have lost entries (`node::withhold_vote`), and
+                    // the bytes are kept beside the segment for a look.
+                    *cut_damage = true;
+                    let aside = path.with_extension("cut");
+                    let kept = fs::write(&aside, &data[pos..]).map_err(|e| e.to_string());
+                    if let Some(dir) = path.parent() {
+                        let mark = dir.join(DAMAGE_FILE);
+                        let made = File::create(&mark).and_then(|f| if sync { f.sync_all() } else { Ok(()) });
+                        made.map_err(ctx("create", &mark))?;
+                        fsync_dir(dir, sync)?;
+                    }
+                    tracing::error!(path = %path.display(), offset = pos, dropped, %why, aside = %aside.display(), kept = ?kept,
+                        "damaged raft log tail (no torn write: it may have been acknowledged) cut back to the last whole record; \
+                         this node votes only once a leader has brought it up to date");
+                }
                 let f = OpenOptions::new().write(true).open(path).map_err(ctx("open", path))?;
                 f.set_len(pos as u64).map_err(ctx("truncate", path))?;
                 if sync {
@@ -880,8 +934,9 @@ impl LogStore {
         // Synced, then read from the disk, not the page cache (`sync_replayed`, `drop_cached`).
         sync_replayed(dir, &names, opts.sync)?;
         let mut closed = BTreeMap::new();
+        let mut cut_damage = dir.join(DAMAGE_FILE).exists();
         for (i, &name) in names.iter().enumerate() {
-            let info = replay_segment(&seg_path(dir, name), i + 1 == names.len(), opts.sync, &mut mem)?;
+            let info = replay_segment(&seg_path(dir, name), i + 1 == names.len(), opts.sync, &mut mem, &mut cut_damage)?;
             closed.insert(name, info);
         }
         // A Raft log has no holes (from the purge point on) and its log ids only grow; anything
@@ -952,6 +1007,7 @@ impl LogStore {
             meta_writer: Mutex::new(()),
             failed,
             founder,
+            cut_damage: AtomicBool::new(cut_damage),
             flusher: Some(flusher),
             reap_tx: Mutex::new(Some(reap_tx)),
             reaper: Some(reaper),
@@ -1105,6 +1161,26 @@ impl LogStore {
 
     /// True when the log holds entries, or held some and purged them into a snapshot: a vote
     /// alone does not count.
+    /// Whether this open cut records off the log's tail that may have been acknowledged (a
+    /// damaged record, not a torn write): the node may have lost entries, as one whose log is
+    /// empty may have (`node::withhold_vote`).
+    pub fn cut_damage(&self) -> bool {
+        self.inner.cut_damage.load(Ordering::Acquire)
+    }
+
+    /// A leader has brought the node up to date since a damaged tail was cut: the log is whole
+    /// again (`DAMAGE_FILE` removed, durably). Blocking IO: call it off the runtime.
+    pub fn clear_cut_damage(&self) -> io::Result<()> {
+        let mark = self.inner.dir.join(DAMAGE_FILE);
+        match fs::remove_file(&mark) {
+            Err(e) if e.kind() != ErrorKind::NotFound => return Err(ctx("remove", &mark)(e)),
+            _ => {}
+        }
+        fsync_dir(&self.inner.dir, self.inner.opts.sync)?;
+        self.inner.cut_damage.store(false, Ordering::Release);
+        Ok(())
+    }
+
     pub fn holds_entries(&self) -> bool {
         lock(&self.inner.mem).is_ok_and(|m| !m.entries.is_empty() || m.meta.last_purged.is_some())
     }
@@ -1998,9 +2074,58 @@ mod tests {
                     // Refused again, not cut by the first attempt.
                     assert!(LogStore::open(&dir.0, LogStoreOptions::default()).is_err(), "{what}");
                 }
-                (Some(keep), Ok(mut store)) => assert_eq!(ids(&mut store).await, run(1, 1..=keep), "{what}"),
+                (Some(keep), Ok(mut store)) => {
+                    assert_eq!(ids(&mut store).await, run(1, 1..=keep), "{what}");
+                    // A length out of range is no torn write: what was cut may have been acked.
+                    assert_eq!(store.cut_damage(), what == "length", "{what}");
+                }
                 (keep, opened) => panic!("{what}: expected {keep:?}, got {:?}", opened.map(|_| ())),
             }
+        }
+    }
+
+    /// The last record damaged where no power cut can leave it (no sector of it reads as zeros)
+    /// is cut, as there is no record after it to show it was synced; but it may have been, and
+    /// acknowledged: the store says so (`cut_damage`, the node then withholds its vote until a
+    /// leader brings it up), and keeps the bytes beside the segment. A torn last record is cut
+    /// and says nothing.
+    #[tokio::test]
+    async fn a_damaged_last_record_is_cut_and_said_so_and_a_torn_one_is_only_cut() {
+        let big = |index: u64| {
+            let (store, key, value) = ("s".into(), format!("k{index}"), vec![7; 3000]);
+            Entry::new_normal(log_id(1, index), Command::Put { store, key, value, if_revision: None, tag: None })
+        };
+        for (what, damaged) in [("rot", true), ("torn", false)] {
+            let dir = TempDir::new();
+            {
+                let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+                for i in 1..=5 {
+                    append(&mut store, vec![big(i)]).await;
+                }
+                assert!(!store.cut_damage());
+            }
+            let last = segments(&dir.0).pop().unwrap();
+            let fifth = frames(&last).0[4];
+            let mut data = fs::read(&last).unwrap();
+            if damaged {
+                data[fifth + HEADER + 1000] ^= 0x55;
+            } else {
+                let from = (fifth / SECTOR + 2) * SECTOR;
+                data[from..from + SECTOR].fill(0);
+            }
+            fs::write(&last, data).unwrap();
+            let mut store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+            assert_eq!(ids(&mut store).await, run(1, 1..=4), "{what}");
+            assert_eq!(store.cut_damage(), damaged, "{what}");
+            assert_eq!(last.with_extension("cut").exists(), damaged, "{what}: the cut bytes kept aside");
+            drop(store);
+            // Still said after a restart, until a leader has brought the node up.
+            let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+            assert_eq!(store.cut_damage(), damaged, "{what}: after a restart");
+            store.clear_cut_damage().unwrap();
+            assert!(!store.cut_damage());
+            drop(store);
+            assert!(!LogStore::open(&dir.0, LogStoreOptions::default()).unwrap().cut_damage(), "{what}: cleared for good");
         }
     }
 
