@@ -1836,8 +1836,13 @@ impl StateMachine {
     pub fn open(dir: &Path) -> io::Result<StateMachine> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(SNAPSHOT_FILE);
-        // The directory's own entry, made by `create_dir_all` on a first start, is durable too.
+        // The directory's own entry, made by `create_dir_all` on a first start, is durable too;
+        // and so is what is in it: a snapshot renamed into place by a process killed before its
+        // directory sync is read below from the page cache, and the log is purged up to it, so
+        // the rename must not be lost to a power cut after that (the log store syncs its own
+        // directory at its open likewise).
         crate::fsutil::sync_parent(dir)?;
+        crate::fsutil::sync_dir(dir)?;
         // A crash while a snapshot was being written leaves its temp file (`write_atomic_parts`):
         // as large as a snapshot and never read, so it would hold that much disk until the next
         // snapshot replaced it.
