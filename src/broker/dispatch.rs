@@ -1183,15 +1183,21 @@ impl Dispatcher {
             }
             return;
         }
-        let sent_at = Instant::now();
-        let answer = if n == 1 {
+        // The leader's wait runs from when the request went into the link's queue, as near as
+        // it can tell to when the consumer starts its handlers' ack deadline (on arrival): the
+        // wait for a place on a congested link used to be taken off it, and the leader gave up
+        // on (and handed out again) events the consumer was still within its time for.
+        let req = if n == 1 {
             let event = events.into_iter().next().expect("one event"); // n == 1
-            let req = PeerRequest::Deliver { sub: decl.name.clone(), event };
-            self.net.request(target, &req, deadline + DELIVERY_GRACE).await
+            PeerRequest::Deliver { sub: decl.name.clone(), event }
         } else {
-            let req = PeerRequest::DeliverBatch { sub: decl.name.clone(), events };
-            self.net.request(target, &req, deadline + DELIVERY_GRACE).await
+            PeerRequest::DeliverBatch { sub: decl.name.clone(), events }
         };
+        let (answer, sent_at) = match self.net.request_from_queued(target, &req, deadline + DELIVERY_GRACE).await {
+            Ok((answer, queued)) => (Ok(answer), queued),
+            Err(e) => (Err(e), Instant::now()),
+        };
+        drop(req);
         let (outcomes, ticket) = match answer {
             Ok(PeerResponse::DeliveredEach { outcomes, ticket }) if outcomes.len() == n => (outcomes, ticket),
             other => {

@@ -1053,6 +1053,19 @@ impl PeerNet {
         link.call(req, timeout).await
     }
 
+    /// `request`, with the answer waited for `wait` from the moment the request went into the
+    /// link's send queue, which is returned with it: the wait for a place on the link and for
+    /// room in its queue (itself bounded by `wait`) does not eat into the answer's time. For a
+    /// caller whose peer measures the same time from the request's arrival (a delivery's ack
+    /// deadline), so that a congested link does not end the caller's wait before the peer's.
+    pub async fn request_from_queued(&self, target: NodeId, req: &PeerRequest, wait: Duration) -> Result<(PeerResponse, tokio::time::Instant), PeerError> {
+        let link = self.link(target).await?;
+        let mut call = link.send(req, wait).await?;
+        let queued = tokio::time::Instant::now();
+        call.deadline = queued + wait;
+        Ok((call.response().await?, queued))
+    }
+
     /// Send a request to an address (a seed whose id we may not know yet); returns the peer's id.
     pub async fn request_addr(
         &self,
@@ -3130,6 +3143,51 @@ mod tests {
         assert!(!made, "no request made without a place");
         for call in held {
             call.abort();
+        }
+        stop.cancel();
+    }
+
+    /// A request that waited for a place on its link has its answer waited for its whole time
+    /// from when it was queued (`request_from_queued`): here 600 ms, after a wait of about 400 ms
+    /// for a place and with an answer 300 ms after arrival. Counted from the call, as `request` counts,
+    /// the wait was over before the answer came.
+    #[tokio::test]
+    async fn an_answer_is_waited_for_from_when_its_request_was_queued() {
+        struct Slow;
+        impl Handler for Slow {
+            fn handle(&self, _: NodeId, req: PeerRequest) -> BoxFuture<PeerResponse> {
+                Box::pin(async move {
+                    let ms = if matches!(req, PeerRequest::Invoke(_)) { 400 } else { 300 };
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    PeerResponse::Done
+                })
+            }
+        }
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(Slow));
+        let link = dialer.link(1).await.expect("linked");
+        let held: Vec<_> = (0..MAX_OUTSTANDING)
+            .map(|_| {
+                let link = link.clone();
+                tokio::spawn(async move { link.call(&invoke(Bytes::new()), Duration::from_secs(30)).await })
+            })
+            .collect();
+        // Bounded: the calls above take every place as they run.
+        let until = tokio::time::Instant::now() + Duration::from_secs(10);
+        while link.outstanding.available_permits() > 0 && tokio::time::Instant::now() < until {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(link.outstanding.available_permits(), 0, "every place taken");
+        let started = tokio::time::Instant::now();
+        let asked = {
+            let dialer = dialer.clone();
+            tokio::spawn(async move { dialer.request_from_queued(1, &PeerRequest::Status, Duration::from_millis(600)).await })
+        };
+        let (answer, queued) = asked.await.expect("joined").expect("answered within its time from the queue");
+        assert!(matches!(answer, PeerResponse::Done), "{answer:?}");
+        assert!(queued >= started + Duration::from_millis(300), "queued once a place came free");
+        for call in held {
+            assert!(call.await.expect("joined").is_ok(), "the calls that held the places were answered");
         }
         stop.cancel();
     }
