@@ -1123,6 +1123,17 @@ async fn prove(replica: Replica, log: LogStore, unproven: Arc<AtomicBool>, seen_
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
+        // A damaged tail on the cluster's only voter: no other node holds what it lost, and
+        // no leader but itself can bring it up; waiting would leave the cluster leaderless for
+        // good (a node restored from a snapshot, before others joined, say).
+        if unproven.load(Ordering::Relaxed) && log.cut_damage() {
+            let m = replica.metrics();
+            let mut voters = m.membership_config.membership().voter_ids();
+            if voters.next() == Some(replica.id()) && voters.next().is_none() {
+                warn!("this node's log lost a damaged tail and it is the cluster's only voter: it campaigns, as no other node holds what it lost");
+                unproven.store(false, Ordering::Relaxed);
+            }
+        }
         if unproven.load(Ordering::Relaxed) {
             let vote = replica.raft.server_metrics().borrow_watched().vote;
             let last = replica.raft.data_metrics().borrow_watched().last_log;
@@ -1166,6 +1177,13 @@ fn withhold_vote(unproven: &AtomicBool, seen_commit: &Mutex<(u64, u64)>, replica
             None
         }
         VoteRule::Grant => None,
+        VoteRule::Withhold if log.cut_damage() => {
+            metrics::counter!("raftbridge_raft_votes_withheld_total", "reason" => "damaged_log").increment(1);
+            warn!(candidate = req.vote.leader_id().node_id, "vote withheld: this node's log lost a damaged tail at its start and no leader has brought it up to date yet");
+            Some(PeerResponse::Error(RemoteError::NotServed(
+                "this node's log lost a damaged tail (maybe acknowledged entries): it votes once a leader has brought it up to date".into(),
+            )))
+        }
         VoteRule::Withhold => {
             metrics::counter!("raftbridge_raft_votes_withheld_total", "reason" => "empty_log").increment(1);
             info!(candidate = req.vote.leader_id().node_id, "vote withheld: this node started with an empty log and no leader has brought it up to date yet");

@@ -613,6 +613,13 @@ impl Cluster {
         forward: PeerRequest,
         change: impl FnOnce(oneshot::Sender<Result<(), RemoteError>>) -> Change,
     ) -> Result<(), RemoteError> {
+        // An election under way (a leader handing over, say, when two changes come at once): a
+        // leader is waited for within the change's wait, a look per 50 ms, rather than refused
+        // at once as "not the leader" with none to name.
+        let until = Instant::now() + CHANGE_TIMEOUT;
+        while self.replica.leader().is_none() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         match self.replica.leader() {
             Some(l) if l == self.replica.id() => {
                 let (tx, rx) = oneshot::channel();

@@ -172,6 +172,11 @@ impl TagCache {
         let mut cached = lock();
         // Entries of a generation before a snapshot install are of no use any more, and each
         // keeps a whole old map of its store alive beside the installed one.
+        // (One made before an install that a newer listing already saw is not cached: it
+        // would push the newer generation's entries out.)
+        if cached.iter().any(|c| c.installs > installs) {
+            return tag;
+        }
         cached.retain(|c| c.installs == installs);
         cached.push_front(CachedTag { store: store.to_string(), prefix: prefix.to_string(), map: map.clone(), tag, installs });
         cached.truncate(TAG_CACHE);
