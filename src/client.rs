@@ -623,6 +623,19 @@ mod tests {
         assert_eq!(conns.load(Ordering::SeqCst), 3);
     }
 
+    /// Reads a request's head (up to its blank line) off `s`; `None` once the client closed.
+    async fn read_head(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        Some(head)
+    }
+
     /// Raw server that answers one request per connection and never says `Connection: close`.
     /// For `/drop-now` it closes right after answering (the client notices the EOF while idle);
     /// otherwise it closes only when the next request arrives, leaving it unanswered — the
@@ -639,14 +652,7 @@ mod tests {
                 counter.fetch_add(1, Ordering::SeqCst);
                 tokio::spawn(async move {
                     for answered in [false, true] {
-                        let mut head = Vec::new();
-                        let mut chunk = [0u8; 1024];
-                        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                            match s.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => head.extend_from_slice(&chunk[..n]),
-                            }
-                        }
+                        let Some(head) = read_head(&mut s).await else { return };
                         if answered {
                             return;
                         }
@@ -694,15 +700,7 @@ mod tests {
             // From now on a connect is refused.
             drop(listener);
             for answered in [false, true] {
-                let mut head = Vec::new();
-                let mut chunk = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&chunk[..n]),
-                    }
-                }
-                if answered {
+                if read_head(&mut s).await.is_none() || answered {
                     return;
                 }
                 s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await.unwrap();

@@ -3113,13 +3113,9 @@ mod tests {
     /// request: with every place taken it gives up unsent, without making one, and a request
     /// made empty sends nothing. A forwarded batch is made of the writes whose callers still
     /// wait once it has its place.
-    #[tokio::test]
-    async fn a_made_call_makes_its_request_only_once_it_has_a_place() {
-        let (acceptor, dialer, _, stop) = pair(None, None).await;
-        acceptor.set_handler(Arc::new(stalls()));
-        let link = dialer.link(1).await.expect("linked");
-        let nothing = link.call_made(tokio::time::Instant::now() + Duration::from_secs(5), || None).await;
-        assert!(matches!(nothing, Ok(None)), "{nothing:?}");
+    /// Calls (`Invoke`s, answered as the peer's handler answers them) that take every place
+    /// on `link`, waited for until they all have one.
+    async fn take_every_place(link: &Arc<Link>) -> Vec<tokio::task::JoinHandle<Result<PeerResponse, PeerError>>> {
         let held: Vec<_> = (0..MAX_OUTSTANDING)
             .map(|_| {
                 let link = link.clone();
@@ -3132,6 +3128,17 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(link.outstanding.available_permits(), 0, "every place taken");
+        held
+    }
+
+    #[tokio::test]
+    async fn a_made_call_makes_its_request_only_once_it_has_a_place() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(stalls()));
+        let link = dialer.link(1).await.expect("linked");
+        let nothing = link.call_made(tokio::time::Instant::now() + Duration::from_secs(5), || None).await;
+        assert!(matches!(nothing, Ok(None)), "{nothing:?}");
+        let held = take_every_place(&link).await;
         let mut made = false;
         let outcome = link
             .call_made(tokio::time::Instant::now() + Duration::from_millis(100), || {
@@ -3166,18 +3173,7 @@ mod tests {
         let (acceptor, dialer, _, stop) = pair(None, None).await;
         acceptor.set_handler(Arc::new(Slow));
         let link = dialer.link(1).await.expect("linked");
-        let held: Vec<_> = (0..MAX_OUTSTANDING)
-            .map(|_| {
-                let link = link.clone();
-                tokio::spawn(async move { link.call(&invoke(Bytes::new()), Duration::from_secs(30)).await })
-            })
-            .collect();
-        // Bounded: the calls above take every place as they run.
-        let until = tokio::time::Instant::now() + Duration::from_secs(10);
-        while link.outstanding.available_permits() > 0 && tokio::time::Instant::now() < until {
-            tokio::task::yield_now().await;
-        }
-        assert_eq!(link.outstanding.available_permits(), 0, "every place taken");
+        let held = take_every_place(&link).await;
         let started = tokio::time::Instant::now();
         let asked = {
             let dialer = dialer.clone();
