@@ -551,19 +551,18 @@ const SECTOR: usize = 512;
 /// refuses (the node then starts again with an empty data dir, as one whose data was lost).
 /// The chaos suite's power-loss mode zeroes every unsynced byte, so it does not reach this.
 fn damage_before_a_whole_record(data: &[u8], pos: usize) -> Option<usize> {
-    let &[l0, l1, l2, l3, ..] = data.get(pos..)?.first_chunk::<HEADER>()?;
-    let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
-    if len == 0 || len > MAX_RECORD {
+    if torn_write(data, pos) {
         return None;
     }
+    let len = header_len(data, pos).filter(|len| (1..=MAX_RECORD).contains(len))?;
     let end = pos + HEADER + len;
-    if end > data.len() {
-        return None;
-    }
-    if has_zero_sector(&data[..end], pos) {
-        return None;
-    }
     next_frame(data, end).ok().map(|_| end)
+}
+
+/// The length a frame's header at `pos` gives, if the header is whole.
+fn header_len(data: &[u8], pos: usize) -> Option<usize> {
+    let &[l0, l1, l2, l3, ..] = data.get(pos..)?.first_chunk::<HEADER>()?;
+    Some(u32::from_le_bytes([l0, l1, l2, l3]) as usize)
 }
 
 /// Splits off and returns the entries with index > `after`.
@@ -656,8 +655,7 @@ fn drop_cached(_file: &File) -> io::Result<()> {
 /// mismatch over sectors all written) was damaged after it was written, and may have been
 /// synced and acknowledged.
 fn torn_write(data: &[u8], pos: usize) -> bool {
-    let Some(&[l0, l1, l2, l3, ..]) = data.get(pos..).and_then(<[u8]>::first_chunk::<HEADER>) else { return true };
-    let len = u32::from_le_bytes([l0, l1, l2, l3]) as usize;
+    let Some(len) = header_len(data, pos) else { return true };
     // A header of zeros: its sector did not reach the disk (a disk may persist a write's
     // sectors out of order, so later ones may have).
     if len == 0 {
