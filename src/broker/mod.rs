@@ -724,18 +724,22 @@ async fn expire_loop(store: StateStore, limits: EventLimits, dedup_max_keys: usi
 /// entry's clock. Ahead: more than twice what a clock may be off before the leader corrects
 /// its own (`clock::MAX_OFFSET`), with room for the measure's uncertainty, so healthy clocks
 /// keep theirs. Behind: a group may wait up to `--write-timeout-ms` in queues and be sent again
-/// after a leader change.
+/// after a leader change; but never more than half of `--events-max-age-s` (below).
 const TIMESTAMP_AHEAD_MS: u64 = 5_000;
 const TIMESTAMP_BEHIND_MS: u64 = 60_000;
 
 /// Sets the timestamp of every event outside those bounds to the entry's clock (which is
-/// corrected, `entry_clock_ms`). Retention by age judges timestamps by the state machine's
-/// clock and stops at the first event not yet due: one event from a node whose clock ran a day
-/// ahead held every later event past `--events-max-age-s` for that day, and events from a node
-/// far behind were dropped as soon as they reached the front. The value travels in the entry,
-/// so every node stores the same. A body is copied only when it changes (rarely).
-fn keep_timestamps_near(events: &mut [NewEvent], now_ms: u64) {
-    let range = now_ms.saturating_sub(TIMESTAMP_BEHIND_MS)..=now_ms.saturating_add(TIMESTAMP_AHEAD_MS);
+/// corrected, `entry_clock_ms`, and no earlier than the state machine's). Retention by age
+/// judges timestamps by the state machine's clock and stops at the first event not yet due:
+/// one event from a node whose clock ran a day ahead held every later event past
+/// `--events-max-age-s` for that day, and events from a node far behind were dropped as soon
+/// as they reached the front. With a short max age, "behind" is half of it: an event stamped
+/// by a follower that waited out an election, or whose clock is behind, was acknowledged (201)
+/// and trimmed by the apply that stored it. The value travels in the entry, so every node
+/// stores the same. A body is copied only when it changes (rarely).
+fn keep_timestamps_near(events: &mut [NewEvent], now_ms: u64, max_age_ms: u64) {
+    let behind = TIMESTAMP_BEHIND_MS.min(max_age_ms / 2);
+    let range = now_ms.saturating_sub(behind)..=now_ms.saturating_add(TIMESTAMP_AHEAD_MS);
     for e in events.iter_mut().filter(|e| !range.contains(&e.body.timestamp)) {
         metrics::counter!("raftbridge_event_timestamps_corrected_total").increment(1);
         Arc::make_mut(&mut e.body).timestamp = now_ms;
@@ -744,13 +748,19 @@ fn keep_timestamps_near(events: &mut [NewEvent], now_ms: u64) {
 
 /// The entry for what the batcher took: events, progress, or both in one.
 fn entry(mut events: Vec<NewEvent>, settles: &mut [Settle], now_ms: u64, limits: EventLimits) -> Command {
-    keep_timestamps_near(&mut events, now_ms);
+    keep_timestamps_near(&mut events, now_ms, limits.max_age_ms);
     let updates: Vec<SubUpdate> = settles.iter_mut().flat_map(|s| std::mem::take(&mut s.updates)).collect();
     match (events.is_empty(), updates.is_empty()) {
         (_, true) => Command::Publish { now_ms, events: Arc::new(events), limits },
         (true, false) => Command::SubUpdate { updates },
         (false, false) => Command::PublishAndSettle { now_ms, events: Arc::new(events), limits, updates: Arc::new(updates) },
     }
+}
+
+/// The entry for events alone, as the batcher builds it (for the state machine's tests).
+#[cfg(test)]
+pub(crate) fn events_entry(events: Vec<NewEvent>, now_ms: u64, limits: EventLimits) -> Command {
+    entry(events, &mut [], now_ms, limits)
 }
 
 /// Until when progress found with no events queued waits for a group to ride with: only when
@@ -837,7 +847,9 @@ async fn batcher(store: StateStore, settings: Batching, mut inbox: Inbox, slots:
             let _permit = permit;
             let n = events.len();
             // Shorter while more producer keys than their bound are younger than the window.
-            let now = entry_clock_ms(&store);
+            // Never behind the state machine's clock (a new leader's may be a little behind
+            // the last one's): retention judges this entry's timestamps by that clock.
+            let now = entry_clock_ms(&store).max(store.local().clock_ms());
             let window_ms = store.local().dedup_window(now, limits.dedup_window_ms, dedup_max_keys);
             if window_ms < limits.dedup_window_ms {
                 crate::raft::state_machine::note_shortened_window("events", window_ms, limits.dedup_window_ms);
@@ -989,7 +1001,7 @@ mod tests {
         let now = 10_000_000;
         let mut events = vec![at(now - 5_000), at(now + 500), at(now + 86_400_000), at(now - 3_600_000), at(now)];
         let shared = events[0].body.clone();
-        keep_timestamps_near(&mut events, now);
+        keep_timestamps_near(&mut events, now, 7 * 86_400_000);
         let times: Vec<u64> = events.iter().map(|e| e.body.timestamp).collect();
         assert_eq!(times, vec![now - 5_000, now + 500, now, now, now]);
         assert!(Arc::ptr_eq(&shared, &events[0].body), "a body left as it was is not copied");

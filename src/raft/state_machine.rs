@@ -1739,6 +1739,12 @@ impl SmShared {
             || d.log.key_order.front().is_some_and(|(at, _)| *at < clock.saturating_sub(dedup_window_ms))
     }
 
+    /// The state machine's clock: the latest `now_ms` of the entries applied here. A floor
+    /// for a new entry's timestamps, which retention by age judges against it.
+    pub fn clock_ms(&self) -> u64 {
+        read(&self.data).clock_ms
+    }
+
     /// The producer-dedup window a `Publish` proposes: `window_ms`, or shorter while more than
     /// `max_keys` keys are younger than it.
     /// `now_ms`: the command's own, which applying it moves the clock to.
@@ -2341,6 +2347,31 @@ mod tests {
     fn events(n: usize) -> Arc<Vec<crate::broker::event::NewEvent>> {
         let meta = crate::sdk::MessageMeta::default();
         Arc::new((0..n).map(|_| crate::broker::new_event("e", b"1".to_vec(), &meta, None, None)).collect())
+    }
+
+    /// With a short `--events-max-age-s`, an event stamped by its node long before its entry
+    /// (a follower whose clock is behind, or a group that waited out an election) is stored
+    /// and readable after the apply that acknowledges it: the entry's builder stamps it anew.
+    /// It used to be published and trimmed by the same apply, acknowledged and never read.
+    #[test]
+    fn an_event_stamped_long_before_its_entry_outlives_a_short_max_age() {
+        let limits = EventLimits { max_age_ms: 20_000, ..LIMITS };
+        let now = 1_000_000;
+        let mut old = (*events(2)).clone();
+        for e in &mut old {
+            Arc::make_mut(&mut e.body).timestamp = now - 40_000;
+        }
+        let mut d = SmData::default();
+        let cmd = crate::broker::events_entry(old, now, limits);
+        assert!(matches!(d.apply(2, cmd), CommandResult::Published(ids) if ids.len() == 2));
+        assert_eq!(d.log.events.len(), 2, "both acknowledged events are still there to read");
+        assert!(d.log.events.iter().all(|e| e.timestamp == now), "stamped with the entry's clock");
+        // What the entry's builder prevents: the same events as they came, trimmed at once.
+        let mut old = (*events(1)).clone();
+        Arc::make_mut(&mut old[0].body).timestamp = now - 40_000;
+        let mut d = SmData::default();
+        d.apply(2, Command::Publish { now_ms: now, events: Arc::new(old), limits });
+        assert!(d.log.events.is_empty());
     }
 
     /// A service with one shared durable subscription to every event.
