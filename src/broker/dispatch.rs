@@ -409,6 +409,9 @@ pub const DELIVERY_EXACT_MS: u64 = 20;
 /// cannot commit), holding its shared handouts back meanwhile: then they are delivered again
 /// uncounted, as before the notes (and their notes stay for the next start).
 const UNFINISHED_WAIT: Duration = Duration::from_secs(90);
+/// How long one catch-up with the cluster's commits may take before the unfinished handlers'
+/// count is sent again (`count_unfinished`); bounded by `UNFINISHED_WAIT` overall.
+const UNFINISHED_BARRIER: Duration = Duration::from_secs(5);
 
 fn backoff(attempts: u32) -> Duration {
     BACKOFF_BASE.saturating_mul(1 << attempts.min(10)).min(BACKOFF_MAX)
@@ -498,19 +501,43 @@ impl Dispatcher {
             })
             .collect();
         let until = Instant::now() + UNFINISHED_WAIT;
+        // Whether a send's outcome is unknown: then nothing is sent before this replica has
+        // caught up with the cluster's commits.
+        let mut unsure = false;
         // Bounded by `UNFINISHED_WAIT`, or the stop.
         let counted = loop {
             if pending.is_empty() {
                 break true;
             }
             let mut pause = Duration::from_millis(100);
-            if self.cluster.ready() {
+            if self.cluster.ready() && unsure {
+                // A second after a send whose outcome is unknown (an answer lost with its
+                // leader): sent again only where the attempts stand unchanged, judged by this
+                // replica once it holds what the cluster committed. A replica still catching up
+                // after the restart showed the first send's count unchanged though it had
+                // committed, and `Failed` counted the crash twice.
+                let barrier = tokio::select! {
+                    () = shutdown.cancelled() => break false,
+                    done = self.broker.store().replica().read_barrier(UNFINISHED_BARRIER) => done,
+                };
+                match barrier {
+                    Ok(_) => {
+                        pending.retain(|(u, before)| match u {
+                            SubUpdate::Failed { sub, position, .. } | SubUpdate::FailedAt { sub, position, .. } => {
+                                self.sm.attempts_at(sub, *position) == Some(*before)
+                            }
+                            _ => false,
+                        });
+                        unsure = false;
+                        continue;
+                    }
+                    Err(e) => debug!(cause = %e, "not caught up with the cluster's commits: the unfinished handlers' count waits"),
+                }
+            } else if self.cluster.ready() {
                 if self.update(pending.iter().map(|(u, _)| u.clone()).collect(), false).await {
                     break true;
                 }
-                // Not known to have committed, nor known not to have (an answer lost with its
-                // leader): a second later, sent again only where this node's replica still
-                // shows the attempts unchanged, so that one crash is not counted twice.
+                unsure = true;
                 pause = Duration::from_secs(1);
             }
             if Instant::now() >= until {
@@ -521,12 +548,6 @@ impl Dispatcher {
                 () = shutdown.cancelled() => break false,
                 () = tokio::time::sleep(pause) => {}
             }
-            pending.retain(|(u, before)| match u {
-                SubUpdate::Failed { sub, position, .. } | SubUpdate::FailedAt { sub, position, .. } => {
-                    self.sm.attempts_at(sub, *position) == Some(*before)
-                }
-                _ => false,
-            });
         };
         if counted {
             let mut running = lock(&self.running);
