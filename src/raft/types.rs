@@ -190,7 +190,11 @@ pub enum Command {
     /// record: the key was gone though the first run said it was written. (A handler's `Txn`
     /// is wrapped in it too.) Added after the
     /// others: proposed only when every member announced `features::TAGGED`.
-    Tagged { tag: (String, u32), command: Box<Command> },
+    Tagged {
+        tag: (String, u32),
+        #[serde(deserialize_with = "tagged_inner")]
+        command: Box<Command>,
+    },
     /// Several writes to one store's keys, all or none, under one revision (this entry's
     /// index), as etcd's and Consul's transactions and Dapr's state transactions apply: every
     /// op's precondition is judged against the state before any of them, and the first that
@@ -417,6 +421,38 @@ impl fmt::Display for Command {
     }
 }
 
+/// How deep `Command::Tagged` may nest in what is decoded. This build makes one level; a
+/// little room is left for a later build's wrapping.
+const MAX_TAGGED_DEPTH: u32 = 4;
+
+thread_local! {
+    /// The `Tagged` levels being decoded on this thread (decoding is synchronous: the count
+    /// is back to what it was when `tagged_inner` returns, by `Level`'s drop).
+    static TAGGED_DEPTH: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
+
+/// Decodes a `Tagged` command's inner command, refusing past `MAX_TAGGED_DEPTH` levels. The
+/// derived decoder recurses once per level and bincode sets no depth bound: a peer's frame (or
+/// a log record) of a few hundred kilobytes nesting `Tagged` tens of thousands of times
+/// overflowed the decoding thread's stack, which aborts the process, on every node it reached.
+fn tagged_inner<'de, D: serde::Deserializer<'de>>(decoder: D) -> Result<Box<Command>, D::Error> {
+    struct Level;
+    impl Drop for Level {
+        fn drop(&mut self) {
+            TAGGED_DEPTH.with(|d| d.set(d.get().saturating_sub(1)));
+        }
+    }
+    let depth = TAGGED_DEPTH.with(|d| {
+        d.set(d.get() + 1);
+        d.get()
+    });
+    let _level = Level;
+    if depth > MAX_TAGGED_DEPTH {
+        return Err(serde::de::Error::custom(format!("a tagged command nested more than {MAX_TAGGED_DEPTH} deep")));
+    }
+    Command::deserialize(decoder).map(Box::new)
+}
+
 /// What applying a `Command` produced.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub enum CommandResult {
@@ -461,6 +497,48 @@ pub enum CommandResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Tagged` nested deeper than a build makes is refused when decoded, whatever the
+    /// depth: 200,000 levels (3 MiB, under the default frame bound) aborted the process with a
+    /// stack overflow. Decoded on a thread with a tokio worker's 2 MiB stack.
+    #[test]
+    fn a_deeply_nested_tagged_command_is_refused_not_a_stack_overflow() {
+        let inner = Command::Delete { store: "s".into(), key: "k".into(), if_revision: None };
+        let wrap = |c: Command| Command::Tagged { tag: (String::new(), 0), command: Box::new(c) };
+        let inner_bytes = bincode::serialize(&inner).expect("encodes");
+        let one = bincode::serialize(&wrap(inner.clone())).expect("encodes");
+        let prefix = one[..one.len() - inner_bytes.len()].to_vec();
+        let nested = move |levels: usize| -> Vec<u8> {
+            let mut bytes = prefix.repeat(levels);
+            bytes.extend_from_slice(&inner_bytes);
+            bytes
+        };
+        std::thread::Builder::new()
+            .stack_size(2 << 20)
+            .spawn(move || {
+                let mut want = inner.clone();
+                for _ in 0..MAX_TAGGED_DEPTH {
+                    want = wrap(want);
+                }
+                let decoded: Command = bincode::deserialize(&nested(MAX_TAGGED_DEPTH as usize)).expect("as deep as allowed decodes");
+                assert_eq!(decoded, want);
+                for levels in [MAX_TAGGED_DEPTH as usize + 1, 200_000] {
+                    let e = bincode::deserialize::<Command>(&nested(levels)).expect_err("too deep");
+                    assert!(e.to_string().contains("nested more than"), "{e}");
+                }
+                // In a peer's frame, as the link's reader decodes it.
+                let mut write = bincode::serialize(&crate::peer::message::PeerRequest::Write(Command::Delete { store: String::new(), key: String::new(), if_revision: None })).expect("encodes");
+                write.truncate(4);
+                write.extend_from_slice(&nested(200_000));
+                let frame = crate::peer::frame::Frame::new(crate::peer::frame::Kind::Request, 1, write.into());
+                assert!(frame.message::<crate::peer::message::PeerRequest>().is_err());
+                // The count is back at 0: a shallow command decodes again on this thread.
+                assert_eq!(bincode::deserialize::<Command>(&nested(1)).expect("decodes"), wrap(inner));
+            })
+            .expect("spawns")
+            .join()
+            .expect("no stack overflow");
+    }
 
     /// Only writes whose second application is invisible are sent again after an unknown
     /// outcome: a tagged put is, a plain one is not (see `retry_safe`).
