@@ -81,8 +81,35 @@ fn queue_budget(max_frame: usize) -> usize {
     SEND_QUEUE_BYTES.max(4 * max_frame)
 }
 
-/// One frame in a link's send queue with its share of the link's byte budget
-/// (`Link::queued_bytes`), given back once the writer has flushed it. Pings, Pongs and shed
+/// Frames waiting in a link's Raft lane (`Link::raft`): Raft's requests are bounded by their
+/// places (`MAX_RAFT_OUTSTANDING`), its answers by `MAX_RAFT_SERVING` and the append lanes,
+/// pings and pongs by the upkeep's pace.
+const RAFT_SEND_QUEUE: usize = 1024;
+
+/// One of a link's two send queues, each with its own byte budget (`queue_budget`). The
+/// writer takes what the Raft lane holds before anything of the bulk lane: heartbeats, votes,
+/// appends and their answers, and pings, used to wait in one queue behind up to 64 MiB of
+/// deliveries, forwarded calls and writes (half a second at 1 Gbit/s, past the election
+/// timeout), and behind a forwarded batch waiting for room for a whole frame, which the
+/// budget's semaphore serves first: followers missed heartbeats and called elections under
+/// load, and a heartbeat that found no room was `Unreachable`, pausing replication.
+struct Lane {
+    /// Frames to write. The writer task owns the receiver; it ends when `closed` fires.
+    tx: mpsc::Sender<Queued>,
+    /// The byte budget of the frames in `tx` and in the writer's buffer, in permits of one
+    /// byte. Closed by `Link::close`, so that nothing waits for room on a closed link.
+    bytes: Arc<Semaphore>,
+}
+
+impl Lane {
+    fn new(frames: usize, budget: usize) -> (Lane, mpsc::Receiver<Queued>) {
+        let (tx, rx) = mpsc::channel(frames);
+        (Lane { tx, bytes: Arc::new(Semaphore::new(budget)) }, rx)
+    }
+}
+
+/// One frame in a link's send queue with its share of the lane's byte budget
+/// (`Lane::bytes`), given back once the writer has flushed it. Pings, Pongs and shed
 /// answers take none: a few bytes each, bounded by `SEND_QUEUE`, and never held up.
 struct Queued {
     frame: Bytes,
@@ -465,12 +492,10 @@ pub struct Link {
     /// reaches the writer (`send`, and answers in `read_loop`): the peer's reader would close
     /// the link on it, failing everything else in flight there.
     max_frame: usize,
-    /// Frames to write. The writer task owns the receiver; it ends when `closed` fires.
-    tx: mpsc::Sender<Queued>,
-    /// The byte budget of the frames in `tx` and in the writer's buffer, in permits of one
-    /// byte (`SEND_QUEUE_BYTES`). Closed by `close`, so that nothing waits for room on a
-    /// closed link.
-    queued_bytes: Arc<Semaphore>,
+    /// Everything but Raft's frames: calls, deliveries, forwarded writes and their answers.
+    bulk: Lane,
+    /// Raft's requests and their answers, pings and pongs: written first (`Lane`).
+    raft: Lane,
     /// Outstanding requests by correlation id; drained with an error when the link closes.
     pending: Mutex<HashMap<u64, oneshot::Sender<Frame>>>,
     outstanding: Arc<Semaphore>,
@@ -514,7 +539,8 @@ impl Link {
 
     pub fn close(&self) {
         self.closed.cancel();
-        self.queued_bytes.close();
+        self.bulk.bytes.close();
+        self.raft.bytes.close();
     }
 
     /// Whether the two ends now hold different cluster ids (see `their_cluster_id`): the
@@ -523,27 +549,34 @@ impl Link {
         self.their_cluster_id.is_some_and(|theirs| self.our_cluster_id.get().is_some_and(|ours| *ours != theirs))
     }
 
-    /// The most bytes of frames queued on this link (`queue_budget`).
+    /// The most bytes of frames queued in each of this link's lanes (`queue_budget`).
     fn queue_budget(&self) -> usize {
         queue_budget(self.max_frame)
     }
 
-    /// Room for a frame of `len` bytes in the send queue, waited for (a frame larger than the
-    /// budget takes all of it); an error once the link is closed.
-    async fn room_for(&self, len: usize) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
+    /// The Raft lane for Raft's frames, else the bulk lane.
+    fn lane(&self, raft: bool) -> &Lane {
+        if raft { &self.raft } else { &self.bulk }
+    }
+
+    /// Room for a frame of `len` bytes in a send queue (the Raft lane's for Raft's frames),
+    /// waited for (a frame larger than the budget takes all of it); an error once the link is
+    /// closed.
+    async fn room_for(&self, raft: bool, len: usize) -> Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError> {
         // A frame's length is below 2^32 (the codec's length field), and so is the budget.
         let n = u32::try_from(len.min(self.queue_budget())).unwrap_or(u32::MAX);
+        let bytes = &self.lane(raft).bytes;
         // Without a future while there is room (every frame but a congested link's).
-        match self.queued_bytes.clone().try_acquire_many_owned(n) {
+        match bytes.clone().try_acquire_many_owned(n) {
             Ok(room) => Ok(room),
-            Err(_) => self.queued_bytes.clone().acquire_many_owned(n).await,
+            Err(_) => bytes.clone().acquire_many_owned(n).await,
         }
     }
 
-    /// Bytes of frames queued on this link now.
+    /// Bytes of frames queued in a lane of this link now.
     #[cfg(test)]
-    fn queued(&self) -> usize {
-        self.queue_budget() - self.queued_bytes.available_permits()
+    fn queued(&self, raft: bool) -> usize {
+        self.queue_budget() - self.lane(raft).bytes.available_permits()
     }
 
     /// Largest frame body this link carries either way (see the field).
@@ -562,11 +595,12 @@ impl Link {
     /// AppendEntries). `timeout` bounds the wait here and for the response together.
     pub async fn send(self: &Arc<Self>, req: &PeerRequest, timeout: Duration) -> Result<Call, PeerError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let permit = self.place(deadline, timeout, req.raft_sender().is_some()).await?;
+        let raft = req.raft_sender().is_some();
+        let permit = self.place(deadline, timeout, raft).await?;
         let (call, body) = self.open(req, permit, deadline, timeout)?;
         let queued = async {
-            let room = self.room_for(body.len()).await.ok()?;
-            self.tx.send(Queued { frame: body, room: Some(room) }).await.ok()
+            let room = self.room_for(raft, body.len()).await.ok()?;
+            self.lane(raft).tx.send(Queued { frame: body, room: Some(room) }).await.ok()
         };
         match tokio::time::timeout_at(deadline, queued).await {
             Ok(Some(())) => Ok(call),
@@ -590,7 +624,8 @@ impl Link {
         let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
         let permit = self.place(deadline, timeout, false).await?;
         let unsent = |closed: bool| if closed { PeerError::ClosedUnsent { peer: self.peer } } else { PeerError::Unsent { peer: self.peer, timeout } };
-        let slot = match tokio::time::timeout_at(deadline, self.tx.reserve()).await {
+        // Never Raft's: `make` builds forwarded writes.
+        let slot = match tokio::time::timeout_at(deadline, self.bulk.tx.reserve()).await {
             Ok(Ok(slot)) => slot,
             Ok(Err(_)) => return Err(unsent(true)),
             Err(_) => return Err(unsent(false)),
@@ -598,7 +633,7 @@ impl Link {
         // Room for the largest frame the request can be, before it is made: once made it goes
         // at once (its callers may give up while it waits), and the room it does not need is
         // given back.
-        let mut bytes = match tokio::time::timeout_at(deadline, self.room_for(self.max_frame)).await {
+        let mut bytes = match tokio::time::timeout_at(deadline, self.room_for(false, self.max_frame)).await {
             Ok(Ok(bytes)) => bytes,
             Ok(Err(_)) => return Err(unsent(true)),
             Err(_) => return Err(unsent(false)),
@@ -1565,7 +1600,9 @@ impl PeerNet {
         reader: Reader,
         writer: Writer,
     ) -> Arc<Link> {
-        let (tx, rx) = mpsc::channel(SEND_QUEUE);
+        let budget = queue_budget(link_max_frame(self.cfg.max_frame, theirs.settings));
+        let (bulk, rx) = Lane::new(SEND_QUEUE, budget);
+        let (raft, raft_rx) = Lane::new(RAFT_SEND_QUEUE, budget);
         let link = Arc::new(Link {
             peer,
             peer_addr,
@@ -1573,8 +1610,8 @@ impl PeerNet {
             incarnation: theirs.incarnation,
             features: theirs.features & frame::features::ALL,
             max_frame: link_max_frame(self.cfg.max_frame, theirs.settings),
-            tx,
-            queued_bytes: Arc::new(Semaphore::new(queue_budget(link_max_frame(self.cfg.max_frame, theirs.settings)))),
+            bulk,
+            raft,
             pending: Mutex::new(HashMap::new()),
             outstanding: Arc::new(Semaphore::new(MAX_OUTSTANDING)),
             raft_outstanding: Arc::new(Semaphore::new(MAX_RAFT_OUTSTANDING)),
@@ -1599,7 +1636,7 @@ impl PeerNet {
             metrics::counter!("raftbridge_peer_links_opened_total").increment(1);
             info!(peer, addr = %link.peer_addr, "peer link up");
         }
-        tokio::spawn(write_loop(link.clone(), rx, writer, write_stall(self.cfg.idle_timeout)));
+        tokio::spawn(write_loop(link.clone(), [raft_rx, rx], writer, write_stall(self.cfg.idle_timeout)));
         let handler = lock(&self.handler).clone();
         let idle = self.cfg.idle_timeout;
         let net_links = self.links.clone();
@@ -1704,7 +1741,7 @@ impl PeerNet {
                         }
                         probes.push_back(clock::Probe { corr, sent: std::time::Instant::now(), sent_wall_us: clock::wall_us() });
                     }
-                    let _ = link.tx.try_send(Queued::small(Frame::encode_raw(Kind::Ping, corr, &[])));
+                    let _ = link.raft.tx.try_send(Queued::small(Frame::encode_raw(Kind::Ping, corr, &[])));
                 }
             }
             let wanted: Vec<(NodeId, String)> =
@@ -1780,10 +1817,11 @@ const MIN_WRITE_STALL: Duration = Duration::from_secs(10);
 const MIN_WRITE_STALL: Duration = Duration::from_secs(1);
 
 /// Writes queued frames, many per flush, until the link closes, or a write makes no progress
-/// for `stall` (`write_stall`).
+/// for `stall` (`write_stall`). `lanes`: the Raft lane's queue, then the bulk lane's; each
+/// frame is taken from the first that holds one (`Lane`).
 async fn write_loop(
     link: Arc<Link>,
-    mut rx: mpsc::Receiver<Queued>,
+    lanes: [mpsc::Receiver<Queued>; 2],
     mut writer: Writer,
     stall: Duration,
 ) {
@@ -1799,8 +1837,10 @@ async fn write_loop(
     // Bytes handed to the writer since its last flush: a write may take `stall` and 1 µs per
     // byte it has to move (1 MB/s), so a big frame on a slow link that is moving is not cut.
     let mut pending = 0usize;
-    // The frames' room in the byte budget, merged into one permit (one release per flush).
-    let mut held: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    // The frames' room in each lane's byte budget, merged into one permit per lane (one
+    // release per flush).
+    let mut held: [Option<tokio::sync::OwnedSemaphorePermit>; 2] = [None, None];
+    let [mut raft_rx, mut rx] = lanes;
     let limit = |bytes: usize| stall + Duration::from_micros(bytes as u64);
     macro_rules! or_closed {
         ($io:expr, $bytes:expr) => {
@@ -1823,15 +1863,17 @@ async fn write_loop(
     loop {
         // Frames already queued go out first, also once the link closed (nothing new is queued
         // on a closed link): they are answers someone waits for, a draining node's last ones.
-        let first = tokio::select! {
+        // (The receivers never end while this holds the link, whose lanes send.)
+        let (lane, first) = tokio::select! {
             biased;
-            f = rx.recv() => match f { Some(f) => f, None => break },
+            Some(f) = raft_rx.recv() => (0, f),
+            Some(f) = rx.recv() => (1, f),
             () = &mut closed => break,
         };
         pending += first.frame.len();
         // The frames' room in the byte budget, given back after the flush: until then the
         // writer's buffer holds a copy of each.
-        hold(&mut held, first.room);
+        hold(&mut held[lane], first.room);
         if !or_closed!(writer.feed(first.frame), pending) {
             link.close();
             return;
@@ -1839,10 +1881,10 @@ async fn write_loop(
         let mut n = 1;
         let mut yielded = false;
         while n < WRITE_BATCH {
-            match rx.try_recv() {
-                Ok(f) => {
+            match raft_rx.try_recv().map(|f| (0, f)).or_else(|_| rx.try_recv().map(|f| (1, f))) {
+                Ok((lane, f)) => {
                     pending += f.frame.len();
-                    hold(&mut held, f.room);
+                    hold(&mut held[lane], f.room);
                     if !or_closed!(writer.feed(f.frame), pending) {
                         link.close();
                         return;
@@ -1867,7 +1909,7 @@ async fn write_loop(
             return;
         }
         pending = 0;
-        held = None;
+        held = [None, None];
     }
     link.close();
     // Closed by either side, the connection still works: end it cleanly (a TLS close_notify,
@@ -1946,7 +1988,7 @@ async fn read_loop(
         };
         match frame.kind {
             Kind::Ping => {
-                let _ = link.tx.try_send(Queued::small(Frame::encode_raw(Kind::Pong, frame.corr, &clock::pong_payload())));
+                let _ = link.raft.tx.try_send(Queued::small(Frame::encode_raw(Kind::Pong, frame.corr, &clock::pong_payload())));
             }
             Kind::Pong => {
                 let probe = {
@@ -2002,7 +2044,7 @@ async fn read_loop(
                         let busy = PeerResponse::Error(message::RemoteError::NotServed(format!("{n} requests of this kind from this node are being served here")));
                         // Not waited for either: with the send queue full the caller times out.
                         if let Ok(body) = Frame::encode(Kind::Response, frame.corr, &busy) {
-                            let _ = link.tx.try_send(Queued::small(body));
+                            let _ = link.lane(req.raft_sender().is_some()).tx.try_send(Queued::small(body));
                         }
                         continue;
                     }
@@ -2032,8 +2074,8 @@ async fn read_loop(
                         // Room waited for while this request's serving slot is held: a peer that
                         // reads slowly is answered `NotServed` for new requests meanwhile.
                         Ok(body) => {
-                            if let Ok(room) = link.room_for(body.len()).await {
-                                let _ = link.tx.send(Queued { frame: body, room: Some(room) }).await;
+                            if let Ok(room) = link.room_for(!answering, body.len()).await {
+                                let _ = link.lane(!answering).tx.send(Queued { frame: body, room: Some(room) }).await;
                             }
                         }
                         Err(err) => warn!(peer = link.peer, cause = %err, "response does not encode"),
@@ -2826,6 +2868,74 @@ mod tests {
         stop.cancel();
     }
 
+    /// A forwarded write of 512 KiB: a big request of the bulk lane to fill a link with.
+    fn big_write() -> PeerRequest {
+        PeerRequest::Write(crate::raft::types::Command::Put { store: "s".into(), key: "k".into(), value: vec![7; 512 << 10], if_revision: None, tag: None })
+    }
+
+    /// Raft's frames go out before the bulk lane's, whatever waits there: with the bulk lane
+    /// full and a forwarded batch waiting for room for a whole frame, a vote is still queued
+    /// at once (it used to wait behind the batch, in one queue, and was not sent: `Unsent`),
+    /// and the peer, once it reads, gets it before the bulk frames queued ahead of it.
+    #[tokio::test]
+    async fn raft_frames_overtake_a_full_bulk_lane() {
+        let (net, addr, stop) = listening(Duration::from_secs(60)).await;
+        let (mut reader, writer) = handshaken(&net, addr, 2).await;
+        let link = net.link(2).await.unwrap();
+        // Bulk requests queued until the lane is full (the peer reads nothing yet).
+        let mut bulk = Vec::new();
+        for _ in 0..80 {
+            let net = net.clone();
+            bulk.push(tokio::spawn(async move { net.request(2, &big_write(), Duration::from_secs(20)).await }));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if link.queued(false) + (512 << 10) > link.queue_budget() {
+                break;
+            }
+        }
+        assert!(link.queued(false) + (512 << 10) > link.queue_budget(), "the bulk lane filled: {} bytes", link.queued(false));
+        let waiting = {
+            let link = link.clone();
+            tokio::spawn(async move { link.call_made(tokio::time::Instant::now() + Duration::from_secs(20), || Some(big_write())).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiting.is_finished(), "the batch waits for room");
+        let vote = PeerRequest::Vote(crate::raft::types::VoteRequest::new(crate::raft::types::Vote::new(3, 1), None));
+        let voted = {
+            let net = net.clone();
+            tokio::spawn(async move { net.request(2, &vote, Duration::from_millis(300)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(link.queued(true) > 0, "the vote is queued in the Raft lane");
+        // The peer reads now: the vote comes before the bulk frames still queued behind the
+        // writer's current batch and the socket buffers.
+        let (mut writes_before, mut writes_after) = (0, 0);
+        let mut seen_vote = false;
+        for _ in 0..200 {
+            let Ok(Some(Ok(bytes))) = tokio::time::timeout(Duration::from_secs(5), reader.next()).await else { break };
+            let frame = Frame::decode(bytes).unwrap();
+            if frame.kind != Kind::Request {
+                continue;
+            }
+            match frame.message::<PeerRequest>().unwrap() {
+                PeerRequest::Vote(_) => seen_vote = true,
+                PeerRequest::Write(_) if seen_vote => writes_after += 1,
+                PeerRequest::Write(_) => writes_before += 1,
+                _ => {}
+            }
+            if seen_vote && writes_after > 0 {
+                break;
+            }
+        }
+        assert!(seen_vote && writes_after > 0, "the vote went out ahead of queued bulk frames ({writes_before} before it, {writes_after} after)");
+        assert!(matches!(voted.await.unwrap(), Err(PeerError::Timeout { .. })), "sent, unanswered (the raw peer answers nothing)");
+        waiting.abort();
+        for b in bulk {
+            b.abort();
+        }
+        drop(writer);
+        stop.cancel();
+    }
+
     /// A snapshot chunk of 512 KiB from node 2's term 1: a big request to fill a link with.
     fn big_chunk() -> PeerRequest {
         PeerRequest::SnapshotChunk {
@@ -2845,7 +2955,7 @@ mod tests {
         let (net, addr, stop) = listening(Duration::from_secs(60)).await;
         // Handshaken, then nothing read: the socket buffers fill, then the queue.
         let (reader, writer) = handshaken(&net, addr, 2).await;
-        let chunk = big_chunk;
+        let chunk = big_write;
         let link = net.link(2).await.unwrap();
         assert_eq!(link.queue_budget(), SEND_QUEUE_BYTES.max(4 * link.max_frame()));
         let (mut unsent, mut most) = (0, 0);
@@ -2856,7 +2966,7 @@ mod tests {
                 Err(PeerError::Timeout { .. }) => {}
                 other => panic!("sent and unanswered, or not sent for want of room: {other:?}"),
             }
-            most = most.max(link.queued());
+            most = most.max(link.queued(false));
         }
         let frame = 512 << 10;
         assert!(most + frame > link.queue_budget(), "the queue filled up: {most} bytes of {}", link.queue_budget());
@@ -2873,7 +2983,8 @@ mod tests {
         assert!(link.is_alive(), "a full queue closes nothing by itself");
         // Closing the link gives nothing room any more: no frame waits for a dead link.
         link.close();
-        assert!(link.room_for(1).await.is_err());
+        assert!(link.room_for(false, 1).await.is_err());
+        assert!(link.room_for(true, 1).await.is_err());
         drop((reader, writer));
         stop.cancel();
     }
