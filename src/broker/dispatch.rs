@@ -630,7 +630,7 @@ impl Dispatcher {
         if let Some(emit) = out {
             // A nack (the handler's fault): retried, then dead-lettered with the reason.
             super::event::check_event_name(&emit.event_name).map_err(|e| HandlerError::unhandled(format!("returned event: {e}")))?;
-            let payload = serde_json::to_vec(&emit.payload).map_err(|e| HandlerError::unhandled(e.to_string()))?;
+            let payload = super::event::encode_payload(&emit.payload).map_err(|e| HandlerError::unhandled(format!("returned event: {e}")))?;
             let key = Some(returned_event_key(&scope, &source.id));
             let meta = delivery_meta(&scope, &source);
             let new = super::new_event(&emit.event_name, payload, &meta, Some(s.service.clone()), key);

@@ -228,6 +228,16 @@ pub fn check_event_payload(body: &[u8]) -> Result<(), String> {
     check_payload(body)
 }
 
+/// A handler's payload (`Ctx::emit`, a subscription's returned event) as JSON text, held to
+/// what every other way in is held to (`check_payload`): serde writes whatever nesting a
+/// `serde_json::Value` holds, and a handler that put its request's body into its event stored
+/// one nested past what `GET /v1/events` and consumers read back.
+pub fn encode_payload(value: &(impl serde::Serialize + ?Sized)) -> Result<Vec<u8>, String> {
+    let bytes = serde_json::to_vec(value).map_err(|e| format!("JSON: {e}"))?;
+    check_payload(&bytes)?;
+    Ok(bytes)
+}
+
 /// Nesting levels a payload may reach. serde_json's readers stop at 128 (as do many others), and
 /// a payload is read inside an envelope (a sidecar's POST adds a level, `GET /v1/events` three):
 /// 64 leaves room for both, and for a consumer's own wrapping.

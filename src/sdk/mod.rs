@@ -574,7 +574,7 @@ impl Ctx {
         let broker = self.broker.as_ref().ok_or_else(|| HandlerError::unhandled("no broker in this context"))?;
         // The handler's own fault (a 500), not its caller's: the API's rule for names.
         crate::broker::event::check_event_name(event_name).map_err(HandlerError::unhandled)?;
-        let payload = serde_json::to_vec(payload)?;
+        let payload = crate::broker::event::encode_payload(payload).map_err(HandlerError::unhandled)?;
         let idempotency_key = self.state.next_tag(&[b"emit", event_name.as_bytes(), &payload])?.map(|(k, seq)| crate::broker::internal_key(format_args!("{k}#emit{seq}")));
         let event = crate::broker::new_event(event_name, payload, &self.meta, self.service.clone(), idempotency_key);
         // Statuses as the HTTP API's for a publish: too large 413, nothing committed 503, an
