@@ -430,6 +430,10 @@ impl Proxy {
         // so a malformed one is a 400 whether or not a node offers the command now.
         let own = Duration::from_millis(route.decl.timeout_ms.max(1));
         let mut timeout = own;
+        if req.headers().get_all("x-timeout-ms").iter().nth(1).is_some() {
+            // Which of two deadlines the client meant is not ours to pick (as `meta_header`).
+            return Err(ApiError::BadRequest("give x-timeout-ms once".into()));
+        }
         if let Some(v) = req.headers().get("x-timeout-ms") {
             let ms = v.to_str().ok().map(str::trim).and_then(crate::api::decimal);
             let ms = ms.ok_or_else(|| ApiError::BadRequest(format!("x-timeout-ms must be a number of milliseconds, got {v:?}")))?;

@@ -3135,3 +3135,33 @@ fn a_seek_waits_for_every_member_to_apply_it() {
         if r.status == 404 { Ok(()) } else { Err(r.describe()) }
     });
 }
+
+/// A handler's event is held to the payload rules of every other way in: the demo's order
+/// puts its request's body into `orderPlaced`, and an order nested past
+/// `MAX_PAYLOAD_DEPTH` is the handler's 500 (it used to be stored, 121 levels deep, past what
+/// `GET /v1/events` and consumers read back); the HTTP publish of the same payload is a 400.
+#[test]
+fn a_handlers_event_nested_too_deep_is_its_500_and_not_stored() {
+    let (c, _) = Cluster::formed("ev-deep-emit", 1, &["--example-services"]);
+    c.wait_all_ready(FORMATION);
+    wait_orders_routable(&c, "ev-deep-emit");
+    let api = c.api(1);
+    let deep = format!("{{\"id\":\"deep-1\",\"x\":{}{}}}", "[".repeat(120), "]".repeat(120));
+    let resp = api.request("POST", "/api/v1/orders", &[], deep.as_bytes()).expect("order");
+    assert_json_error(&resp, 500, "an order too deep for its event");
+    assert!(resp.text().contains("nested deeper"), "{}", resp.describe());
+    let published = api.request("POST", "/v1/events/orderPlaced", &[], deep.as_bytes()).expect("publish");
+    assert_json_error(&published, 400, "a publish too deep");
+    let placed = place_order(api, &json!({"id": "shallow-1", "x": [[1]]})).expect("a shallow order");
+    let page = get_json(api, "/v1/events?after=0&limit=100&eventName=orderPlaced").expect("events");
+    let ids: Vec<&str> = page["events"].as_array().expect("events").iter().filter_map(|e| e["payload"]["id"].as_str()).collect();
+    assert!(ids.contains(&"shallow-1") && !ids.contains(&"deep-1"), "the shallow order's event ({}) and not the deep one's: {ids:?}", placed.event_id);
+    // The command's deadline header, given twice or not a number, is the client's 400 before
+    // anything runs (twice used to run under the first).
+    for (headers, what) in [(&[("x-timeout-ms", "5000"), ("x-timeout-ms", "6000")][..], "twice"), (&[("x-timeout-ms", "5s")][..], "not a number")] {
+        let resp = api.request("POST", "/api/v1/orders", headers, br#"{"id":"timed-1"}"#).expect("order");
+        assert_json_error(&resp, 400, &format!("x-timeout-ms {what}"));
+    }
+    let stored = api.request("GET", "/v1/state/demo/orders/timed-1", &[], b"").expect("read");
+    assert_eq!(stored.status, 404, "nothing ran: {}", stored.describe());
+}
