@@ -147,6 +147,12 @@ const MAX_AWAITING: usize = 256;
 /// `MAX_SERVING` slot (nothing may hold them up behind other work). Appends are bounded by
 /// their lanes (`raft::network`). More are answered `NotServed`, which Raft retries.
 const MAX_RAFT_SERVING: usize = 64;
+/// Appends from one peer served at once, each until its answer is queued: a leader has
+/// `raft::network::PIPELINE` in flight and its lanes hold a few more, so this bound is met only
+/// by a peer that floods appends in its own name and reads nothing: each was answered at once
+/// (a full lane refuses it) and its task then waited for room to queue the answer, as many
+/// tasks as the peer sent. More are answered `NotServed`, which Raft retries.
+const MAX_APPENDING: usize = 256;
 /// Frames written per flush at most (batched writes).
 const WRITE_BATCH: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -1941,6 +1947,7 @@ async fn read_loop(
     let serving = Arc::new(Semaphore::new(MAX_SERVING));
     let raft_serving = Arc::new(Semaphore::new(MAX_RAFT_SERVING));
     let awaiting = Arc::new(Semaphore::new(MAX_AWAITING));
+    let appending = Arc::new(Semaphore::new(MAX_APPENDING));
     // One timer and one cancellation waiter for the link's life, not one of each per frame
     // (perf put ~3% of a node's samples under registering and dropping them; no throughput
     // change was measurable): the timer fires at most once per `idle` and is then pushed to
@@ -2025,21 +2032,20 @@ async fn read_loop(
                 }
                 // Raft's own requests (a few appends the leader pipelines, a vote, a snapshot
                 // chunk) take no slot of `serving`: nothing may hold them up. Appends are bounded
-                // by their lanes, the others by `raft_serving`. Any request without a slot is
+                // by `appending`, the others by `raft_serving`. Any request without a slot is
                 // answered `NotServed` at once (no handler runs; the caller may go elsewhere):
                 // waiting for a slot stopped this reader, and with it the link's responses and
                 // Raft traffic, whenever the peer had given up on requests still served here (a
                 // caller's timeout frees its side, not ours).
-                let slots = match (&req, req.raft_sender().is_some()) {
-                    (PeerRequest::AppendEntries(_), _) => None,
-                    (_, true) => Some((&raft_serving, MAX_RAFT_SERVING)),
-                    (PeerRequest::AwaitDelivery { .. }, _) => Some((&awaiting, MAX_AWAITING)),
-                    (_, false) => Some((&serving, MAX_SERVING)),
+                let (slots, n) = match (&req, req.raft_sender().is_some()) {
+                    (PeerRequest::AppendEntries(_), _) => (&appending, MAX_APPENDING),
+                    (_, true) => (&raft_serving, MAX_RAFT_SERVING),
+                    (PeerRequest::AwaitDelivery { .. }, _) => (&awaiting, MAX_AWAITING),
+                    (_, false) => (&serving, MAX_SERVING),
                 };
-                let permit = match slots.map(|(slots, n)| (slots.clone().try_acquire_owned(), n)) {
-                    None => None,
-                    Some((Ok(permit), _)) => Some(permit),
-                    Some((Err(_), n)) => {
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(permit) => permit,
+                    Err(_) => {
                         metrics::counter!("raftbridge_peer_requests_shed_total").increment(1);
                         let busy = PeerResponse::Error(message::RemoteError::NotServed(format!("{n} requests of this kind from this node are being served here")));
                         // Not waited for either: with the send queue full the caller times out.
@@ -3441,6 +3447,40 @@ mod tests {
         let shed = send(10).await;
         let refused = shed.iter().filter(|o| matches!(o, Ok(Ok(PeerResponse::Error(message::RemoteError::NotServed(_)))))).count();
         assert_eq!(refused, 10, "past the bound they are answered at once");
+        let answer = dialer.request(1, &invoke(Bytes::new()), Duration::from_secs(10)).await.expect("other requests flow");
+        assert!(matches!(answer, PeerResponse::Done), "{answer:?}");
+        stop.cancel();
+    }
+
+    /// Appends from one link are served up to `MAX_APPENDING` at once, each until its answer
+    /// is queued: past that they are answered `NotServed` at once (they took no slot, and a
+    /// peer that flooded them and read nothing had a task per append waiting to queue its
+    /// answer), and other requests still flow.
+    #[tokio::test]
+    async fn appends_from_one_peer_are_served_up_to_their_own_bound() {
+        let (acceptor, dialer, _, stop) = pair(None, None).await;
+        acceptor.set_handler(Arc::new(StallsOn(|r| matches!(r, PeerRequest::AppendEntries(_)))));
+        let link = dialer.link(1).await.expect("linked");
+        let append = || PeerRequest::AppendEntries(crate::raft::types::AppendEntriesRequest { vote: crate::raft::types::Vote::new_committed(3, 2), prev_log_id: None, leader_commit: None, entries: vec![] });
+        // Sent on the link itself: past the dialer's own bound on Raft's places.
+        let send = |n: usize| {
+            futures_util::future::join_all((0..n).map(|_| {
+                let (link, request) = (link.clone(), append());
+                tokio::spawn(async move { link.call(&request, Duration::from_secs(2)).await })
+            }))
+        };
+        let mut held = Vec::new();
+        for _ in 0..MAX_APPENDING / MAX_RAFT_OUTSTANDING {
+            held.push(tokio::spawn(send(MAX_RAFT_OUTSTANDING)));
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let shed = send(10).await;
+        let refused = shed.iter().filter(|o| matches!(o, Ok(Ok(PeerResponse::Error(message::RemoteError::NotServed(_)))))).count();
+        assert_eq!(refused, 10, "past the bound they are answered at once: {shed:?}");
+        for h in held {
+            let outcomes = h.await.expect("joined");
+            assert!(outcomes.iter().all(|o| matches!(o, Ok(Err(PeerError::Timeout { .. })))), "served, never answered");
+        }
         let answer = dialer.request(1, &invoke(Bytes::new()), Duration::from_secs(10)).await.expect("other requests flow");
         assert!(matches!(answer, PeerResponse::Done), "{answer:?}");
         stop.cancel();
