@@ -9,8 +9,9 @@
 //!   dial at once, both sides keep the connection dialed by the lower node id, so they converge on
 //!   the same one without a round trip. A changed `incarnation` in the handshake means the peer
 //!   restarted, and its new connection always replaces the old one.
-//! - *Bounds everywhere.* Frames are capped by the codec, the per-link send queue is a bounded
-//!   channel (senders wait: backpressure), in-flight requests per link are capped by a semaphore and
+//! - *Bounds everywhere.* Frames are capped by the codec, each of a link's two send lanes (Raft's,
+//!   written first, and the rest) is a bounded channel with a byte budget (senders wait:
+//!   backpressure), in-flight requests per link are capped by a semaphore and
 //!   so are concurrently served requests. Garbage, a bad handshake or an oversized frame closes
 //!   that connection only.
 //! - *Liveness from the links.* Each link pings every 500 ms; a link silent for `idle_timeout` is
@@ -63,14 +64,15 @@ use crate::raft::types::NodeId;
 type Reader = FramedRead<tls::ReadHalf, tokio_util::codec::LengthDelimitedCodec>;
 type Writer = FramedWrite<tls::WriteHalf, tokio_util::codec::LengthDelimitedCodec>;
 
-/// Frames waiting to be written on one link.
+/// Frames waiting to be written in one link's bulk lane (`Lane`).
 const SEND_QUEUE: usize = 4096;
-/// Bytes of frames waiting to be written on one link (queued, or in the writer's buffer until
+/// Bytes of frames waiting to be written in one lane of a link (queued, or in the writer's buffer until
 /// its flush), or four whole frames where that is more (`queue_budget`: a forwarded write batch
 /// takes room for a whole frame before it is made, which then never waits for an empty queue). Requests wait for
 /// room until their deadline and are then not sent; answers wait while their serving slots
 /// hold (the peer is answered `NotServed` meanwhile). Counting frames alone let a peer that
-/// reads slowly have `SEND_QUEUE` frames of up to `--max-frame` each held for it.
+/// reads slowly have `SEND_QUEUE` frames of up to `--max-frame` each held for it. Each of a
+/// link's two lanes has this budget: twice it per link at most.
 #[cfg(not(test))]
 const SEND_QUEUE_BYTES: usize = 64 << 20;
 #[cfg(test)]
@@ -82,7 +84,7 @@ fn queue_budget(max_frame: usize) -> usize {
 }
 
 /// Frames waiting in a link's Raft lane (`Link::raft`): Raft's requests are bounded by their
-/// places (`MAX_RAFT_OUTSTANDING`), its answers by `MAX_RAFT_SERVING` and the append lanes,
+/// places (`MAX_RAFT_OUTSTANDING`), its answers by `MAX_RAFT_SERVING` and `MAX_APPENDING`,
 /// pings and pongs by the upkeep's pace.
 const RAFT_SEND_QUEUE: usize = 1024;
 
@@ -110,7 +112,8 @@ impl Lane {
 
 /// One frame in a link's send queue with its share of the lane's byte budget
 /// (`Lane::bytes`), given back once the writer has flushed it. Pings, Pongs and shed
-/// answers take none: a few bytes each, bounded by `SEND_QUEUE`, and never held up.
+/// answers take none: a few bytes each, bounded by their lane's frames (`SEND_QUEUE`,
+/// `RAFT_SEND_QUEUE`), and never held up.
 struct Queued {
     frame: Bytes,
     room: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -145,7 +148,7 @@ const MAX_AWAITING: usize = 256;
 /// Raft requests other than appends (votes, pre-votes, snapshot chunks, leader transfers) from
 /// one peer served concurrently: a leader or candidate has a few at most, and they take no
 /// `MAX_SERVING` slot (nothing may hold them up behind other work). Appends are bounded by
-/// their lanes (`raft::network`). More are answered `NotServed`, which Raft retries.
+/// `MAX_APPENDING`. More are answered `NotServed`, which Raft retries.
 const MAX_RAFT_SERVING: usize = 64;
 /// Appends from one peer served at once, each until its answer is queued: a leader has
 /// `raft::network::PIPELINE` in flight and its lanes hold a few more, so this bound is met only
@@ -596,7 +599,8 @@ impl Link {
     }
 
     /// Queue one request on the link and return at once, without waiting for the response
-    /// (`Call::response`). Requests queued one after another go out in that order, and a peer
+    /// (`Call::response`). Requests queued one after another go out in that order (within a
+    /// lane: a Raft request may pass others, `Lane`), and a peer
     /// answers in any order: this is what lets a caller keep several in flight (pipelined
     /// AppendEntries). `timeout` bounds the wait here and for the response together.
     pub async fn send(self: &Arc<Self>, req: &PeerRequest, timeout: Duration) -> Result<Call, PeerError> {
@@ -1810,7 +1814,7 @@ fn retire(link: &Arc<Link>) {
 /// link is closed, besides 1 µs per byte it moves (`write_loop`): the idle timeout, and at
 /// least 10 s. The idle timeout itself judges only what the peer sends: a peer that keeps
 /// pinging but stopped reading (paused, or hostile) kept the link, its queued frames (up to
-/// `SEND_QUEUE`, answers and appends resent after their callers gave up) and the serving tasks
+/// each lane's bound, answers and appends resent after their callers gave up) and the serving tasks
 /// waiting to queue more, for as long as it liked.
 fn write_stall(idle_timeout: Duration) -> Duration {
     idle_timeout.max(MIN_WRITE_STALL)
@@ -3462,7 +3466,6 @@ mod tests {
         acceptor.set_handler(Arc::new(StallsOn(|r| matches!(r, PeerRequest::AppendEntries(_)))));
         let link = dialer.link(1).await.expect("linked");
         let append = || PeerRequest::AppendEntries(crate::raft::types::AppendEntriesRequest { vote: crate::raft::types::Vote::new_committed(3, 2), prev_log_id: None, leader_commit: None, entries: vec![] });
-        // Sent on the link itself: past the dialer's own bound on Raft's places.
         let send = |n: usize| {
             futures_util::future::join_all((0..n).map(|_| {
                 let (link, request) = (link.clone(), append());

@@ -692,7 +692,8 @@ impl AppendLanes {
                         lanes.remove(&from);
                         item = Some(it);
                     }
-                    // Beyond what a link serves at once (`LANE_QUEUE`): refused, and retried.
+                    // Beyond what the lane holds (`LANE_QUEUE`; a link serves at most
+                    // `peer::MAX_APPENDING` at once, so only across links): refused, and retried.
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         lane.held.fetch_sub(bytes, std::sync::atomic::Ordering::Relaxed);
                         metrics::counter!("raftbridge_append_lane_refused_total").increment(1);
