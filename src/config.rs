@@ -461,7 +461,7 @@ impl NodeArgs {
         let http_addr = pick!(http_addr).unwrap_or_else(|| "127.0.0.1:8400".into());
         let advertise = match pick!(advertise) {
             Some(a) => {
-                check_advertise(&a)?;
+                check_address("advertise", &a)?;
                 a
             }
             None => {
@@ -569,8 +569,10 @@ impl NodeArgs {
 /// An `--advertise` given is an address every peer can dial: `host:port` with a host, a port
 /// other than 0 and, for an IP, not a wildcard. It goes into join requests and the membership,
 /// where a value peers cannot dial cuts this node off for good.
-fn check_advertise(a: &str) -> Result<(), ConfigError> {
-    let invalid = |reason: &str| Err(ConfigError::Invalid { name: "advertise", reason: format!("{a:?}: {reason}") });
+/// An address another node dials (`--advertise`, each of `--seeds`): `host:port`, the host not
+/// a wildcard. A seed without its port never resolved, and the node waited for it for good.
+fn check_address(name: &'static str, a: &str) -> Result<(), ConfigError> {
+    let invalid = |reason: &str| Err(ConfigError::Invalid { name, reason: format!("{a:?}: {reason}") });
     let Some((host, port)) = a.rsplit_once(':') else { return invalid("must be host:port") };
     let host = host.trim_start_matches('[').trim_end_matches(']');
     if host.is_empty() {
@@ -585,12 +587,13 @@ fn check_advertise(a: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// `HOSTNAME`, else the kernel's (`uname`: systemd sets no `HOSTNAME`, and the shipped unit's
+/// `ProcSubset=pid` hides `/proc/sys/kernel/hostname`, which was read before).
 fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
-        .unwrap_or_default()
+        .unwrap_or_else(|| rustix::system::uname().nodename().to_string_lossy().into_owned())
         .trim()
         .to_string()
 }
@@ -626,13 +629,24 @@ const MAX_ENTRY_EVENTS: u64 = crate::broker::MAX_BATCH as u64;
 /// Longest `--publish-linger-ms` accepted: beyond a second it would only hold publishers up.
 const MAX_PUBLISH_LINGER_MS: u64 = 1_000;
 
+/// The least `--heartbeat-ms`.
+const MIN_HEARTBEAT_MS: u64 = 10;
+/// The least `--max-body`.
+const MIN_MAX_BODY: usize = 1024;
+/// The most `--snapshot-threshold` (log entries between snapshots).
+const MAX_SNAPSHOT_THRESHOLD: u64 = 10_000_000;
+
 impl NodeConfig {
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |name, reason: &str| Err(ConfigError::Invalid { name, reason: reason.to_string() });
         if self.max_voters == 0 {
             return invalid("max-voters", "must be at least 1");
         }
-        if self.heartbeat_ms == 0 || self.heartbeat_ms.checked_mul(2).is_none_or(|least| self.election_timeout_ms < least) {
+        if self.heartbeat_ms < MIN_HEARTBEAT_MS {
+            // Below a timer tick and a loopback round trip: every follower campaigns at once.
+            return invalid("heartbeat-ms", "must be at least 10");
+        }
+        if self.heartbeat_ms.checked_mul(2).is_none_or(|least| self.election_timeout_ms < least) {
             return invalid("election-timeout-ms", "must be at least twice --heartbeat-ms");
         }
         if self.election_timeout_ms > MAX_ELECTION_TIMEOUT_MS {
@@ -688,6 +702,10 @@ impl NodeConfig {
             // An entry may take 7/8 of a frame, and the log stores a record of at most 64 MiB: a
             // larger entry would stop the Raft core (and, retried, the next leader's).
             return invalid("max-frame", "must be at most 64 MiB (67108864)");
+        }
+        if self.max_body < MIN_MAX_BODY {
+            // Every request with a body would be a 413: no write could be made.
+            return invalid("max-body", "must be at least 1024");
         }
         if self.max_body > self.max_frame / 2 {
             // A body is written as one Raft entry, and an entry must fit into a peer frame with
@@ -758,11 +776,18 @@ impl NodeConfig {
         if self.snapshot_threshold == 0 {
             return invalid("snapshot-threshold", "must be at least 1");
         }
+        if self.snapshot_threshold > MAX_SNAPSHOT_THRESHOLD {
+            // No snapshot would ever be taken: the log is never purged and fills the disk.
+            return invalid("snapshot-threshold", "must be at most 10000000");
+        }
         if self.publish_linger_ms > MAX_PUBLISH_LINGER_MS {
             return invalid("publish-linger-ms", "must be at most 1000");
         }
         if self.bootstrap_expect > 0 && self.seeds.is_empty() && self.bootstrap_expect > 1 {
             return invalid("bootstrap-expect", "needs --seeds listing the other nodes");
+        }
+        for seed in &self.seeds {
+            check_address("seeds", seed)?;
         }
         Ok(())
     }
@@ -869,10 +894,17 @@ mod tests {
         assert!(conns(0).is_err() && conns(usize::MAX).is_err() && conns(10).is_ok());
         let beat = |ms| NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), heartbeat_ms: Some(ms), ..Default::default() }.resolve();
         assert!(beat(u64::MAX).is_err(), "twice the heartbeat overflows: not a valid setting");
+        assert!(matches!(beat(9), Err(ConfigError::Invalid { name: "heartbeat-ms", .. })));
+        assert!(beat(10).is_ok());
+        let threshold = |n| NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), snapshot_threshold: Some(n), ..Default::default() }.resolve();
+        assert!(threshold(10_000_000).is_ok() && threshold(20).is_ok());
+        assert!(matches!(threshold(10_000_001), Err(ConfigError::Invalid { name: "snapshot-threshold", .. })));
         let sizes = |body: usize, frame: usize| {
             NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), max_body: Some(body), max_frame: Some(frame), ..Default::default() }.resolve()
         };
         assert!(sizes(8 << 20, 16 << 20).is_ok(), "a body of half a frame fits an entry");
+        assert!(sizes(1024, 16 << 20).is_ok());
+        assert!(matches!(sizes(1023, 16 << 20), Err(ConfigError::Invalid { name: "max-body", .. })), "every body a 413");
         assert!(matches!(sizes((8 << 20) + 1, 16 << 20), Err(ConfigError::Invalid { name: "max-body", .. })));
         assert!(matches!(sizes(1 << 20, 1 << 20), Err(ConfigError::Invalid { name: "max-body", .. })));
         assert!(sizes(1 << 20, 64 << 20).is_ok());
@@ -970,6 +1002,11 @@ mod tests {
         for good in ["node-1.peers:7400", "10.0.0.5:7400", "[::1]:7400"] {
             assert_eq!(NodeArgs { advertise: Some(good.into()), ..base() }.resolve().unwrap().advertise, good);
         }
+        // A seed is dialed as an advertised address is: without its port it never resolved.
+        for bad in ["node1", "node1:", "node1:0", "0.0.0.0:7400"] {
+            assert_eq!(refused(NodeArgs { seeds: Some(vec!["a:1".into(), bad.into()]), ..base() }), "seeds", "{bad}");
+        }
+        assert!(NodeArgs { seeds: Some(vec!["node-1.peers:7400".into(), "[::1]:7401".into()]), ..base() }.resolve().is_ok());
         assert_eq!(refused(NodeArgs { election_timeout_ms: Some(u64::MAX / 2), ..base() }), "election-timeout-ms");
         assert!(NodeArgs { election_timeout_ms: Some(60_000), ..base() }.resolve().is_ok());
     }
