@@ -91,15 +91,16 @@ if sts and peers and client and pdb:
 
     pspec = pod["spec"]
     need((pspec.get("securityContext") or {}).get("runAsNonRoot") is True, "pod: runAsNonRoot not set")
-    # The drain's worst case: the drain delay and the HTTP grace as configured, plus about 27 s
-    # of fixed steps (registry 7, aborted connections 1, commands 3, hand-over 3, last entries,
-    # delivery outcomes, peer requests and links 4 x 3, margin 1): SIGKILL must not cut it.
+    # The drain's worst case: the drain delay and the HTTP grace as configured, plus about 30 s
+    # of fixed steps (registry 7, aborted connections 1, commands 3, hand-over 3, every-instance
+    # handlers, last entries, delivery outcomes, peer requests and links 5 x 3, margin 1):
+    # SIGKILL must not cut it.
     env = {e["name"]: e.get("value") for e in pspec["containers"][0].get("env", [])}
     drain_s = int(env.get("RAFTBRIDGE_DRAIN_DELAY_MS") or 500) / 1000
     http_s = int(env.get("RAFTBRIDGE_SHUTDOWN_GRACE_MS") or 10_000) / 1000
     grace = pspec.get("terminationGracePeriodSeconds") or 30
-    need(grace >= drain_s + http_s + 27,
-         f"pod: terminationGracePeriodSeconds {grace} is shorter than the drain's worst case ({drain_s + http_s + 27:.0f} s)")
+    need(grace >= drain_s + http_s + 30,
+         f"pod: terminationGracePeriodSeconds {grace} is shorter than the drain's worst case ({drain_s + http_s + 30:.0f} s)")
     c = pspec["containers"][0]
     ports = {p["name"]: p["containerPort"] for p in c.get("ports", [])}
     for svc in (peers, client):
