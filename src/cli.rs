@@ -490,14 +490,20 @@ async fn snapshot_save(args: SnapshotSaveArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long `raftbridge leave` waits for the node's answer.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(45);
+
 async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
     let mut conn = connect_to(&args.http_addr, args.cacert.as_deref())?;
     let auth = bearer_header(args.api_token.as_deref());
     let headers: Vec<(&str, &str)> = auth.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    // Longer than the node may take: up to 10 s for a leader to be known, then the leader's
+    // 25 s for the change (`cluster::leader_op`); a client that gave up first made a change
+    // still queued be dropped, and the node's "may still be applied" answer was never read.
     let resp = conn
-        .request(http::Method::DELETE, &format!("/cluster/members/{}", args.id), &headers, bytes::Bytes::new(), Duration::from_secs(30))
+        .request(http::Method::DELETE, &format!("/cluster/members/{}", args.id), &headers, bytes::Bytes::new(), LEAVE_TIMEOUT)
         .await
-        .with_context(|| format!("contacting {}", args.http_addr))?;
+        .with_context(|| format!("contacting {} (the removal may still be applied: see GET /cluster)", args.http_addr))?;
     if resp.status == 401 {
         anyhow::bail!("401: {} (give the node's token with --api-token or RAFTBRIDGE_API_TOKEN)", String::from_utf8_lossy(&resp.body))
     }
