@@ -503,7 +503,11 @@ async fn leave(args: LeaveArgs) -> anyhow::Result<()> {
     let resp = conn
         .request(http::Method::DELETE, &format!("/cluster/members/{}", args.id), &headers, bytes::Bytes::new(), LEAVE_TIMEOUT)
         .await
-        .with_context(|| format!("contacting {} (the removal may still be applied: see GET /cluster)", args.http_addr))?;
+        .map_err(|e| {
+            // Only a request that may have been sent may still be applied.
+            let hint = if matches!(e, crate::client::ClientError::Timeout { .. } | crate::client::ClientError::Http { .. }) { " (the removal may still be applied: see GET /cluster)" } else { "" };
+            anyhow::anyhow!("contacting {}: {e}{hint}", args.http_addr)
+        })?;
     if resp.status == 401 {
         anyhow::bail!("401: {} (give the node's token with --api-token or RAFTBRIDGE_API_TOKEN)", String::from_utf8_lossy(&resp.body))
     }

@@ -566,15 +566,22 @@ impl NodeArgs {
     }
 }
 
-/// An `--advertise` given is an address every peer can dial: `host:port` with a host, a port
-/// other than 0 and, for an IP, not a wildcard. It goes into join requests and the membership,
-/// where a value peers cannot dial cuts this node off for good.
-/// An address another node dials (`--advertise`, each of `--seeds`): `host:port`, the host not
-/// a wildcard. A seed without its port never resolved, and the node waited for it for good.
+/// An address another node dials (`--advertise`, each of `--seeds`): `host:port` with a host
+/// (an IPv6 address in brackets), a port other than 0 and, for an IP, not a wildcard. An
+/// advertised address goes into join requests and the membership, where a value peers cannot
+/// dial cuts this node off for good; a seed without its port (or an IPv6 one without
+/// brackets, whose last group read as the port) never resolved, and the node waited for good.
 fn check_address(name: &'static str, a: &str) -> Result<(), ConfigError> {
     let invalid = |reason: &str| Err(ConfigError::Invalid { name, reason: format!("{a:?}: {reason}") });
     let Some((host, port)) = a.rsplit_once(':') else { return invalid("must be host:port") };
-    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let host = match host.strip_prefix('[') {
+        Some(inner) => match inner.strip_suffix(']') {
+            Some(v6) if v6.parse::<std::net::Ipv6Addr>().is_ok() => v6,
+            _ => return invalid("brackets hold an IPv6 address: [addr]:port"),
+        },
+        None if host.contains([':', ']']) => return invalid("an IPv6 address goes in brackets: [addr]:port"),
+        None => host,
+    };
     if host.is_empty() {
         return invalid("has no host");
     }
@@ -1003,7 +1010,7 @@ mod tests {
             assert_eq!(NodeArgs { advertise: Some(good.into()), ..base() }.resolve().unwrap().advertise, good);
         }
         // A seed is dialed as an advertised address is: without its port it never resolved.
-        for bad in ["node1", "node1:", "node1:0", "0.0.0.0:7400"] {
+        for bad in ["node1", "node1:", "node1:0", "0.0.0.0:7400", "::1", "2001:db8::5", "[::1:7400", "[node1]:7400", "::1:7400"] {
             assert_eq!(refused(NodeArgs { seeds: Some(vec!["a:1".into(), bad.into()]), ..base() }), "seeds", "{bad}");
         }
         assert!(NodeArgs { seeds: Some(vec!["node-1.peers:7400".into(), "[::1]:7401".into()]), ..base() }.resolve().is_ok());

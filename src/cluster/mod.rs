@@ -1365,7 +1365,7 @@ impl Cluster {
             round += 1;
             if round == 1 && self.settings.seeds.is_empty() && self.settings.bootstrap_expect == 0 {
                 // Said, not refused: a node restarted with its cluster's state needs neither.
-                warn!("this node holds no cluster state and was given neither --seeds nor --bootstrap-expect: it can neither join a cluster nor form one (give --bootstrap-expect 1 for a single node, or --seeds to join)");
+                warn!("this node holds no cluster state and was given neither --seeds nor --bootstrap-expect: it cannot join or form a cluster by itself, only be found by nodes that list it as a seed (give --bootstrap-expect 1 for a single node, or --seeds to join)");
             }
             // Re-resolved every round: a DNS name (one alias for all nodes, a headless service)
             // gains addresses as nodes start. Every address is probed, not just the first.
