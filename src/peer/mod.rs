@@ -2041,7 +2041,9 @@ async fn read_loop(
                 // waiting for a slot stopped this reader, and with it the link's responses and
                 // Raft traffic, whenever the peer had given up on requests still served here (a
                 // caller's timeout frees its side, not ours).
-                let (slots, n) = match (&req, req.raft_sender().is_some()) {
+                // Raft's own: its serving slots, and its answer in the Raft lane.
+                let raft = req.raft_sender().is_some();
+                let (slots, n) = match (&req, raft) {
                     (PeerRequest::AppendEntries(_), _) => (&appending, MAX_APPENDING),
                     (_, true) => (&raft_serving, MAX_RAFT_SERVING),
                     (PeerRequest::AwaitDelivery { .. }, _) => (&awaiting, MAX_AWAITING),
@@ -2054,16 +2056,15 @@ async fn read_loop(
                         let busy = PeerResponse::Error(message::RemoteError::NotServed(format!("{n} requests of this kind from this node are being served here")));
                         // Not waited for either: with the send queue full the caller times out.
                         if let Ok(body) = Frame::encode(Kind::Response, frame.corr, &busy) {
-                            let _ = link.lane(req.raft_sender().is_some()).tx.try_send(Queued::small(body));
+                            let _ = link.lane(raft).tx.try_send(Queued::small(body));
                         }
                         continue;
                     }
                 };
                 let link = link.clone();
                 let corr = frame.corr;
-                let answering = req.raft_sender().is_none();
                 link.serving.fetch_add(1, Ordering::Relaxed);
-                if answering {
+                if !raft {
                     link.answering.fetch_add(1, Ordering::Relaxed);
                 }
                 // Called here, in arrival order (see `Handler`), not in the spawned task: tasks
@@ -2084,14 +2085,14 @@ async fn read_loop(
                         // Room waited for while this request's serving slot is held: a peer that
                         // reads slowly is answered `NotServed` for new requests meanwhile.
                         Ok(body) => {
-                            if let Ok(room) = link.room_for(!answering, body.len()).await {
-                                let _ = link.lane(!answering).tx.send(Queued { frame: body, room: Some(room) }).await;
+                            if let Ok(room) = link.room_for(raft, body.len()).await {
+                                let _ = link.lane(raft).tx.send(Queued { frame: body, room: Some(room) }).await;
                             }
                         }
                         Err(err) => warn!(peer = link.peer, cause = %err, "response does not encode"),
                     }
                     link.serving.fetch_sub(1, Ordering::Relaxed);
-                    if answering {
+                    if !raft {
                         link.answering.fetch_sub(1, Ordering::Relaxed);
                     }
                 });
