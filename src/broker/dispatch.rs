@@ -326,7 +326,7 @@ pub struct Dispatcher {
     /// dispatcher and set once by the composition root (`set_handler_calls`).
     calls: std::sync::OnceLock<Arc<dyn crate::sdk::Invoker>>,
     /// The broker's stop (the node's drain): deliveries this node serves for the leader that
-    /// still run then are answered "not served" (`cut_at_stop`). Cancelled by the node.
+    /// still run then are answered "not served" (`cut_short`). Cancelled by the node.
     stop: CancellationToken,
     /// Set by `count_unfinished` once the unfinished handlers are counted (or it gave up);
     /// `shared_loop` hands nothing out before.
@@ -680,7 +680,8 @@ impl Dispatcher {
         if let Some(refused) = self.refusal(&sub) {
             return refused;
         }
-        let Some(r) = self.cut_at_stop(self.run_local(&sub, event)).await else { return stopped_during_handler() };
+        let gone = self.net.link_closed(from);
+        let Some(r) = self.cut_short(&gone, self.run_local(&sub, event)).await else { return stopped_during_handler() };
         match r {
             // Nothing ran (the sidecar's app refused the connection): a refusal, not an attempt.
             Err(e) if e.is_not_served() => PeerResponse::Error(RemoteError::NotServed(e.message)),
@@ -698,7 +699,11 @@ impl Dispatcher {
     /// close (the node waits `IN_FLIGHT_GRACE` for the answers it owes). The leader saw the link
     /// close instead, and counted an attempt for every event a healthy node being restarted was
     /// still handling. A handler that ends in time keeps its outcome.
-    async fn cut_at_stop<T>(&self, run: impl std::future::Future<Output = T>) -> Option<T> {
+    /// Also `None` as soon as `gone` fires (`PeerNet::link_closed`: the link the leader's
+    /// request came on closed): the leader gave up on the delivery then and hands the event
+    /// out again, so the handler is stopped rather than left to run beside the next one, and
+    /// a pull client's later ack is told the lease is gone instead of "acked".
+    async fn cut_short<T>(&self, gone: &CancellationToken, run: impl std::future::Future<Output = T>) -> Option<T> {
         let cut = async {
             self.stop.cancelled().await;
             tokio::time::sleep(CUT_GRACE).await;
@@ -707,6 +712,10 @@ impl Dispatcher {
             biased;
             out = run => Some(out),
             () = cut => None,
+            () = gone.cancelled() => {
+                debug!("a delivery's handler stopped: the leader's link closed while it ran");
+                None
+            }
         }
     }
 
@@ -727,9 +736,10 @@ impl Dispatcher {
             let e = HandlerError::new(413, format!("{n} events in one delivery, at most {MAX_DELIVER_BATCH}"));
             return PeerResponse::DeliveredBatch(vec![Err(e); n]);
         }
+        let gone = self.net.link_closed(from);
         if !each {
             // Each event is cut on its own (all at the same moment).
-            let runs = events.into_iter().map(|event| self.cut_at_stop(self.run_local(&sub, event)));
+            let runs = events.into_iter().map(|event| self.cut_short(&gone, self.run_local(&sub, event)));
             let results = futures_util::future::join_all(runs).await;
             return batch_answer(results, frame);
         }
@@ -741,8 +751,8 @@ impl Dispatcher {
             .into_iter()
             .enumerate()
             .map(|(i, event)| {
-                let (this, sub) = (self.clone(), sub.clone());
-                async move { (i as u32, event_outcome(this.cut_at_stop(this.run_local(&sub, event)).await, cap, rejects)) }
+                let (this, sub, gone) = (self.clone(), sub.clone(), gone.clone());
+                async move { (i as u32, event_outcome(this.cut_short(&gone, this.run_local(&sub, event)).await, cap, rejects)) }
             })
             .collect();
         let mut outcomes = first_outcomes(&mut runs, n, EARLY_ANSWER).await;
@@ -796,7 +806,7 @@ impl Dispatcher {
     /// ended since they were last asked for, once there is at least one, with those that end
     /// within `GATHER` of it (handlers that end close together are answered together, not in a
     /// round each). Bounded: each handler ends by its ack deadline, or this node's drain cuts it
-    /// (`cut_at_stop`). The reasons were cut to the batch's share of the frame already.
+    /// (`cut_short`), or the leader's link closing does. The reasons were cut to the batch's share of the frame already.
     pub async fn serve_await_delivery(&self, from: NodeId, ticket: u64) -> PeerResponse {
         let taken = lock(&self.batches).get_mut(&(from, ticket)).map(|b| b.remaining.take());
         let mut remaining = match taken {
@@ -837,13 +847,6 @@ impl Dispatcher {
         PeerResponse::DeliveredSome(ended)
     }
 
-    /// Waits, at most `grace`, until every batch answered early has handed its outcomes to its
-    /// leader (`AwaitDelivery`): at the node's drain, before the links close. Their handlers
-    /// run outside the peer requests `PeerNet::quiesce` waits for, and a link closed before
-    /// the cut ones were said "not served" cost each an attempt. Only batches whose leader
-    /// still asks are waited for: one being asked for, or asked for within `ASKS_LIVE` by a
-    /// leader still linked (one that stopped or restarted never asks again). False if some
-    /// were left.
     /// Stops the every-instance loops and waits up to `grace` for them to return: each lets
     /// its running handler end and commits what it handled (`instance_loop`), so that a
     /// graceful stop does not deliver those events again after the restart. Before the broker
@@ -861,6 +864,13 @@ impl Dispatcher {
         true
     }
 
+    /// Waits, at most `grace`, until every batch answered early has handed its outcomes to its
+    /// leader (`AwaitDelivery`): at the node's drain, before the links close. Their handlers
+    /// run outside the peer requests `PeerNet::quiesce` waits for, and a link closed before
+    /// the cut ones were said "not served" cost each an attempt. Only batches whose leader
+    /// still asks are waited for: one being asked for, or asked for within `ASKS_LIVE` by a
+    /// leader still linked (one that stopped or restarted never asks again). False if some
+    /// were left.
     pub async fn handed_over(&self, grace: Duration) -> bool {
         let until = Instant::now() + grace;
         // Bounded by `grace`, checked every 10 ms.

@@ -21,8 +21,11 @@
 //! DNS, a new connection may land elsewhere), and that node forwards each id to the node it
 //! names over the peer link (`PeerRequest::PullAnswer`), which holds the lease. Every queue is
 //! bounded: what the dispatcher hands this node is bounded by `max_in_flight`, and the leases
-//! by what was handed (a lease whose delivery ended, by its ack deadline or the node's stop, is
-//! forgotten at the next fetch, and `answered` passes over it at the drain).
+//! by what was handed (a lease whose delivery ended, by its ack deadline, the node's stop or
+//! the close of the link the leader's delivery came on, is forgotten at the next fetch, and
+//! `answered` passes over it at the drain). A lease never outlives the leader's wait for its
+//! answer: once the leader gave up on the delivery (and hands the event out again), an ack is
+//! answered unknown rather than "acked".
 
 use std::collections::HashMap;
 use std::collections::VecDeque;

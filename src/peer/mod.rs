@@ -1072,6 +1072,22 @@ impl PeerNet {
         })
     }
 
+    /// Cancelled when the live link to `id` closes (already cancelled without one). A request
+    /// `id` sent on that link is given up by its sender as the link closes (its pending answer
+    /// fails), so work served for it can stop then: deliveries served for the leader do
+    /// (`Dispatcher::cut_short`), so that a pull client's lease does not outlive the leader's
+    /// wait for its answer.
+    pub fn link_closed(&self, id: NodeId) -> CancellationToken {
+        match lock(&self.links).get(&id).filter(|l| l.is_alive()) {
+            Some(link) => link.closed.clone(),
+            None => {
+                let gone = CancellationToken::new();
+                gone.cancel();
+                gone
+            }
+        }
+    }
+
     pub fn reachable(&self, id: NodeId) -> bool {
         id == self.cfg.node_id || lock(&self.links).get(&id).is_some_and(|l| l.is_alive())
     }

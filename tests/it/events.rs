@@ -2751,6 +2751,58 @@ fn an_answer_for_a_node_without_forwarding_is_left_to_that_node() {
     });
 }
 
+/// A pull client's lease lasts only while the leader that handed the event to its node still
+/// waits for the answer. The leader stops answering (SIGSTOP) until its link to the consumer's
+/// node closes: the leader has given up on that delivery then (its request failed with the
+/// link) and hands the event out again, so an ack of the old lease is answered unknown, not
+/// "acked" (it was, and the event came again). The event is then fetched again and acked once.
+#[test]
+fn a_pull_lease_ends_when_the_leaders_link_closes() {
+    let mut c = Cluster::new("ev-pull-cut", 3, &[]);
+    for id in c.ids() {
+        let config = c.dir().join(format!("n{id}-pull.toml"));
+        let toml = "[pull]\n[[pull.subscriptions]]\nname = \"cutJobs\"\nevent_name = \"cutJob\"\nack_deadline_ms = 120000\n";
+        fs::write(&config, toml).unwrap_or_else(|e| panic!("write {}: {e}", config.display()));
+        c.add_node_flags(id, &["--config".to_string(), config.display().to_string()]);
+    }
+    c.start_all();
+    c.wait_for_membership(&c.ids(), &[], FORMATION);
+    c.wait_all_ready(FORMATION);
+    let leader = c.wait_for_leader(FORMATION);
+    let consumer = c.ids().into_iter().find(|id| *id != leader).expect("three nodes");
+    let (_, position) = c.wait_for("a job accepted", PROGRESS, || publish(c.api(consumer), "cutJob", &json!({"cut": 1}), &[]));
+    let post = |api: Api, path: &str, body: &Value| api.request("POST", path, &[], body.to_string().as_bytes()).expect("POST");
+    let fetch = || -> Result<Value, String> {
+        let resp = post(c.api(consumer), "/v1/subscriptions/cutJobs/fetch?wait=5s", &json!(null));
+        let messages = resp.json()?["messages"].as_array().cloned().ok_or_else(|| resp.describe())?;
+        messages.into_iter().next().ok_or_else(|| "nothing yet".to_string())
+    };
+    let got = c.wait_for("the job fetched from the consumer", DELIVERY, fetch);
+    assert_eq!(got["position"].as_u64(), Some(position), "{got}");
+    c.signal(leader, "STOP");
+    c.wait_for("the consumer's link to the stopped leader closed", CATCH_UP, || {
+        let status = c.api(consumer).status()?;
+        match status.member(leader) {
+            Some(m) if !m.reachable => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+    let ids = json!({"ackIds": [got["ackId"]]});
+    let late = post(c.api(consumer), "/v1/subscriptions/cutJobs/ack", &ids);
+    let a = late.json().unwrap_or_else(|e| panic!("{e}: {}", late.describe()));
+    c.signal(leader, "CONT");
+    assert_eq!((a["acked"].as_u64(), &a["unknown"]), (Some(0), &json!([got["ackId"]])), "{a}");
+    // Handed out again (by whichever node leads now), fetched and acked once.
+    let again = c.wait_for("the job fetched again", DELIVERY, fetch);
+    assert_eq!(again["position"].as_u64(), Some(position), "{again}");
+    let acked = post(c.api(consumer), "/v1/subscriptions/cutJobs/ack", &json!({"ackIds": [again["ackId"]]}));
+    assert_eq!(acked.json().unwrap_or_else(|e| panic!("{e}: {}", acked.describe())), json!({"acked": 1, "unknown": []}));
+    c.wait_for("the job settled", DELIVERY, || {
+        let at = cursor(c.api(consumer), "cutJobs")?;
+        if at > position { Ok(()) } else { Err(format!("cursor {at}")) }
+    });
+}
+
 /// A pull subscription (`[pull]` in the config): a client fetches events over HTTP from a node
 /// that consumes it and acks or nacks each there. Events published before any fetch wait
 /// (durable) and come once a client pulls; a nacked event is fetched again, then
