@@ -77,7 +77,7 @@ pub struct CommonArgs {
     /// (not to `/api/`, the services' endpoints; their `/metrics`, which the bench reads too,
     /// takes none). Prefer the env var, as `ps` shows flags.
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
+    pub api_token: Option<crate::config::SecretText>,
 }
 
 #[derive(clap::Subcommand, Debug, Clone)]

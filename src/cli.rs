@@ -84,11 +84,11 @@ struct SnapshotSaveArgs {
     cacert: Option<std::path::PathBuf>,
     /// The node's `--api-token`, if it has one (the read token is refused; prefer the env var).
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
-    api_token: Option<String>,
+    api_token: Option<crate::config::SecretText>,
     /// The node's `--secrets-token`: what a node without an API token wants for a snapshot
     /// when its secret store is on (sent when no --api-token is given).
     #[arg(long, env = "RAFTBRIDGE_SECRETS_TOKEN", hide_env_values = true)]
-    secrets_token: Option<String>,
+    secrets_token: Option<crate::config::SecretText>,
     /// Give up when the node sends nothing for this many seconds.
     #[arg(long, default_value_t = 120)]
     idle_timeout_s: u64,
@@ -157,7 +157,7 @@ struct LeaveArgs {
     /// The node's `--api-token`, if it has one (sent as `Authorization: Bearer <token>`; prefer
     /// the env var, as `ps` shows flags).
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
-    api_token: Option<String>,
+    api_token: Option<crate::config::SecretText>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -176,7 +176,7 @@ struct ProbeArgs {
     /// The node's `--api-token`, if it has one (sent as `Authorization: Bearer <token>`; prefer
     /// the env var, as `ps` shows flags).
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
-    api_token: Option<String>,
+    api_token: Option<crate::config::SecretText>,
 }
 
 /// The node's async runtime. One worker thread (`--worker-threads 1`) gets tokio's current-thread

@@ -27,6 +27,39 @@ pub enum ConfigError {
     Invalid { name: &'static str, reason: String },
 }
 
+/// A secret given as text (a flag, an env var, the config file): a cluster secret or a bearer
+/// token. Its `Debug` shows only its length, so that the flag structs that hold one
+/// (`NodeArgs`, the CLI's) can derive theirs and still never print it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretText(String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretText(<{} bytes>)", self.0.len())
+    }
+}
+
+impl std::str::FromStr for SecretText {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(SecretText(s.to_string()))
+    }
+}
+
+impl From<&str> for SecretText {
+    fn from(s: &str) -> Self {
+        SecretText(s.to_string())
+    }
+}
+
+impl std::ops::Deref for SecretText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
 /// `raftbridge node` flags. Each also reads `RAFTBRIDGE_<NAME>`.
 #[derive(Debug, Clone, Default, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,13 +144,13 @@ pub struct NodeArgs {
     /// the handshake), and this node proves it in turn. It authenticates peers; it does not
     /// encrypt the link.
     #[arg(long, env = "RAFTBRIDGE_CLUSTER_SECRET", hide_env_values = true)]
-    pub cluster_secret: Option<String>,
+    pub cluster_secret: Option<SecretText>,
     /// Bearer token that clients of the secret store's HTTP API (`/v1/secrets/...`) must send
     /// (`Authorization: Bearer <token>`; at least 16 bytes; prefer the env var). Without it that
     /// API answers 403; handlers still reach secrets through the SDK. The store itself needs
     /// --cluster-secret, from which the key that seals its values is derived.
     #[arg(long, env = "RAFTBRIDGE_SECRETS_TOKEN", hide_env_values = true)]
-    pub secrets_token: Option<String>,
+    pub secrets_token: Option<SecretText>,
     /// Bearer token that clients of the node's own HTTP API must send (`Authorization: Bearer
     /// <token>`; at least 16 bytes of visible ASCII; prefer the env var): `/v1/state`,
     /// `/v1/config`, `/v1/events`, `/v1/dead-letters`, `/v1/subscriptions` and `/cluster`
@@ -125,21 +158,21 @@ pub struct NodeArgs {
     /// The probes, `/metrics`, `/openapi.json` and the services' endpoints under `/api/` stay
     /// open; `/v1/secrets` takes --secrets-token instead.
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
-    pub api_token: Option<String>,
+    pub api_token: Option<SecretText>,
     /// The API token used before --api-token was changed: still accepted, so that clients can
     /// move to the new one while both work. Drop it once they have.
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN_PREVIOUS", hide_env_values = true)]
-    pub api_token_previous: Option<String>,
+    pub api_token_previous: Option<SecretText>,
     /// A second bearer token for the same API that may only read it (GET and HEAD: the stores,
     /// the event log, dead letters, subscriptions, `/cluster`): for dashboards and auditors.
     /// Needs --api-token; at least 16 bytes of visible ASCII.
     #[arg(long, env = "RAFTBRIDGE_API_READ_TOKEN", hide_env_values = true)]
-    pub api_read_token: Option<String>,
+    pub api_read_token: Option<SecretText>,
     /// The cluster secret used before --cluster-secret was changed: the secret store still
     /// opens values sealed under it (a write seals with the current one). Drop it once every
     /// secret was written again.
     #[arg(long, env = "RAFTBRIDGE_CLUSTER_SECRET_PREVIOUS", hide_env_values = true)]
-    pub cluster_secret_previous: Option<String>,
+    pub cluster_secret_previous: Option<SecretText>,
     /// Peer links over mutual TLS: this node's certificate chain (PEM). Needs --peer-tls-key and
     /// --peer-tls-ca too; `raftbridge certs` makes all three. Every node of a cluster must use
     /// TLS, or none.
@@ -396,7 +429,7 @@ impl NodeArgs {
     /// config file's value with an empty one — for `--cluster-secret` that meant peer links
     /// without authentication, for `--seeds` a joiner that waited for nobody.
     fn without_blanks(mut self) -> NodeArgs {
-        fn text(v: &mut Option<String>) {
+        fn text<T: std::ops::Deref<Target = str>>(v: &mut Option<T>) {
             if v.as_deref().is_some_and(|t| t.trim().is_empty()) {
                 *v = None;
             }
@@ -412,13 +445,17 @@ impl NodeArgs {
             &mut self.https_addr,
             &mut self.advertise,
             &mut self.cluster_name,
+            &mut self.peer_tls_server_name,
+        ] {
+            text(v);
+        }
+        for v in [
             &mut self.cluster_secret,
             &mut self.secrets_token,
             &mut self.api_token,
             &mut self.api_token_previous,
             &mut self.api_read_token,
             &mut self.cluster_secret_previous,
-            &mut self.peer_tls_server_name,
         ] {
             text(v);
         }
@@ -935,7 +972,7 @@ mod tests {
         assert!(blank.resolve().is_ok(), "an empty config path is no file to read");
         let args = NodeArgs {
             config: Some(path),
-            cluster_secret: Some(String::new()),
+            cluster_secret: Some(SecretText::default()),
             seeds: Some(vec![String::new()]),
             advertise: Some(" ".into()),
             peer_tls_cert: Some(PathBuf::new()),
@@ -959,7 +996,7 @@ mod tests {
             other => panic!("{other:?}"),
         };
         assert_eq!(refused(NodeArgs { write_timeout_ms: Some(0), ..base() }), "write-timeout-ms");
-        let secret = || Some("0123456789abcdef".to_string());
+        let secret = || Some(SecretText::from("0123456789abcdef"));
         assert_eq!(refused(NodeArgs { secrets_token: secret(), ..base() }), "secrets-token", "no store without a cluster secret");
         assert_eq!(refused(NodeArgs { secrets_token: Some("short".into()), cluster_secret: secret(), ..base() }), "secrets-token");
         assert_eq!(refused(NodeArgs { secrets_token: Some("0123456789 abcdef".into()), cluster_secret: secret(), ..base() }), "secrets-token");
@@ -967,7 +1004,7 @@ mod tests {
         assert_eq!(refused(NodeArgs { cluster_secret_previous: secret(), ..base() }), "cluster-secret-previous");
         assert_eq!(refused(NodeArgs { cluster_secret_previous: Some("short".into()), cluster_secret: secret(), ..base() }), "cluster-secret-previous");
         assert!(NodeArgs { cluster_secret_previous: secret(), cluster_secret: secret(), ..base() }.resolve().is_ok());
-        let other = || Some("another-secret-0123456789".to_string());
+        let other = || Some(SecretText::from("another-secret-0123456789"));
         assert_eq!(refused(NodeArgs { api_token: secret(), ..base() }), "api-token", "no token without peer authentication");
         assert_eq!(refused(NodeArgs { api_token: secret(), cluster_secret: secret(), ..base() }), "api-token", "the cluster secret as a token");
         assert_eq!(refused(NodeArgs { api_token: other(), api_read_token: secret(), secrets_token: secret(), cluster_secret: Some("cluster-secret-0123456789".into()), ..base() }), "api-token", "the secrets token as the read token");
@@ -990,7 +1027,7 @@ mod tests {
         std::fs::remove_dir_all(dir).unwrap();
         let read = NodeArgs { api_read_token: Some("fedcba9876543210".into()), api_token: secret(), ..base() }.resolve().unwrap();
         assert!(read.api_read_token.is_some_and(|t| t.matches(b"fedcba9876543210")));
-        assert!(NodeArgs { api_token: Some(String::new()), ..base() }.resolve().unwrap().api_tokens.is_empty(), "an empty token is none");
+        assert!(NodeArgs { api_token: Some(SecretText::default()), ..base() }.resolve().unwrap().api_tokens.is_empty(), "an empty token is none");
         assert!(NodeArgs { write_timeout_ms: Some(100), ..base() }.resolve().is_ok());
         assert_eq!(refused(NodeArgs { write_timeout_ms: Some(300_001), ..base() }), "write-timeout-ms");
         assert_eq!(refused(NodeArgs { events_max_count: Some(0), ..base() }), "events-max-count");

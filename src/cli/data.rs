@@ -42,7 +42,7 @@ pub struct Target {
     /// The node's `--api-token` (or its read token, for reads), if it has one; prefer the env
     /// var.
     #[arg(long, env = "RAFTBRIDGE_API_TOKEN", hide_env_values = true)]
-    api_token: Option<String>,
+    api_token: Option<crate::config::SecretText>,
 }
 
 /// A key of the state store, or of the config store with `--config`.
