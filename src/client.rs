@@ -302,7 +302,7 @@ impl Conn {
             *req.method_mut() = method.clone();
             *req.uri_mut() = path
                 .parse()
-                .map_err(|_| ClientError::BadUrl(path.to_string()))?;
+                .map_err(|_| bad_target(path))?;
             *req.headers_mut() = headers.clone();
             Ok::<_, ClientError>(req)
         };
@@ -359,7 +359,7 @@ impl Conn {
             return Err(ClientError::BadUrl(format!("https://{} needs the CA its certificate chains to (--cacert)", self.addr)));
         }
         let mut req = Request::new(Full::new(Bytes::new()));
-        *req.uri_mut() = path.parse().map_err(|_| ClientError::BadUrl(path.to_string()))?;
+        *req.uri_mut() = path.parse().map_err(|_| bad_target(path))?;
         let host = HeaderValue::from_str(&self.addr).map_err(|_| ClientError::BadUrl(format!("{:?} (want host:port)", self.addr)))?;
         req.headers_mut().insert(header::HOST, host);
         req.headers_mut().extend(header_map(headers)?);
@@ -489,6 +489,12 @@ impl Conn {
 }
 
 /// `headers` as a map (a later repeat of a name replaces the earlier one).
+/// A request target that is no URI path, said by its length only: its path and query carry
+/// the caller's parameters (tokens, ids), and the error may be logged.
+fn bad_target(path: &str) -> ClientError {
+    ClientError::BadUrl(format!("a request target of {} bytes that is not a valid URI path", path.len()))
+}
+
 fn header_map(headers: &[(&str, &str)]) -> Result<HeaderMap, ClientError> {
     let mut map = HeaderMap::with_capacity(headers.len());
     for (k, v) in headers {

@@ -421,14 +421,14 @@ impl Sidecar {
             let path = sub.path.as_deref().unwrap_or_default();
             if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
                 return Err(SidecarError::Upstream {
-                    url: cfg.upstream.clone(),
+                    url: shown_url(&cfg.upstream),
                     reason: format!("subscription {}: path is required and must start with /", sub.name),
                 });
             }
             let decl = sub.decl(SIDECAR_ACK_DEADLINE_MS);
             if let Some(event) = &sub.emit_event {
                 crate::broker::event::check_event_name(event).map_err(|reason| SidecarError::Upstream {
-                    url: cfg.upstream.clone(),
+                    url: shown_url(&cfg.upstream),
                     reason: format!("subscription {}: emit_event: {reason}", sub.name),
                 })?;
             }
@@ -466,9 +466,19 @@ impl Sidecar {
     }
 }
 
+/// The upstream URL as errors say it: without user info or a query, which may carry a
+/// password or a token (a config refused at start is printed to the node's log).
+fn shown_url(url: &str) -> String {
+    let url = url.split(['?', '#']).next().unwrap_or_default();
+    let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
+    if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
+}
+
 /// Validates the config; returns the shared pool and one forwarder per command, in order.
 fn forwarders(cfg: &SidecarConfig, max_answer: usize) -> Result<(Arc<Pool>, Vec<Forward>), SidecarError> {
-    let bad_upstream = |reason: &str| SidecarError::Upstream { url: cfg.upstream.clone(), reason: reason.into() };
+    let bad_upstream = |reason: &str| SidecarError::Upstream { url: shown_url(&cfg.upstream), reason: reason.into() };
     let uri: http::Uri = cfg.upstream.parse().map_err(|e| bad_upstream(&format!("{e}")))?;
     if uri.scheme_str() != Some("http") {
         return Err(bad_upstream("must be an http:// URL (the app runs next to the node)"));
@@ -1063,6 +1073,17 @@ mod tests {
     use serde_json::json;
 
     use crate::sdk::MessageMeta;
+
+    #[test]
+    fn a_refused_upstream_is_named_without_its_credentials_or_query() {
+        assert_eq!(shown_url("http://svc:s3cret@127.0.0.1:8080/base?token=abc#x"), "http://127.0.0.1:8080/base");
+        assert_eq!(shown_url("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(shown_url("svc:s3cret@host"), "host");
+        let cfg: SidecarConfig = toml::from_str("upstream = \"http://svc:s3cret@127.0.0.1:8080/?token=abc\"\n").expect("parses");
+        let Err(e) = forwarders(&cfg, 1024) else { panic!("user info is refused") };
+        let said = e.to_string();
+        assert!(said.contains("127.0.0.1:8080") && !said.contains("s3cret") && !said.contains("abc"), "{said}");
+    }
 
     struct Upstream {
         addr: std::net::SocketAddr,
