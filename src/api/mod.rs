@@ -809,6 +809,8 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
     // body here, not by hyper: its HTTP/1 side leaves a HEAD's body out, its HTTP/2 side sends
     // it (DATA frames on a HEAD stream, which clients reset). The length stays as GET's.
     let head = req.method() == Method::HEAD;
+    // A long poll (`?wait=`) may take minutes by design: timed apart from quick requests.
+    let long_poll = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "wait" || p.starts_with("wait=")));
     let path_is_secrets = routed.starts_with("v1/secrets");
     let (route, result) = route(&app, req).await;
     let mut resp = result.unwrap_or_else(ApiError::into_response);
@@ -822,7 +824,8 @@ async fn handle(app: Arc<App>, req: Request<Incoming>) -> Response<Answer> {
             resp.headers_mut().insert(http::header::CONTENT_LENGTH, HeaderValue::from(len));
         }
     }
-    metrics::histogram!("raftbridge_http_request_seconds", "route" => route).record(start.elapsed().as_secs_f64());
+    let timed = if long_poll { long_poll_route(route) } else { route };
+    metrics::histogram!("raftbridge_http_request_seconds", "route" => timed).record(start.elapsed().as_secs_f64());
     let mut resp = match streamed.filter(|_| !head) {
         Some(rx) => match resp.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()) {
             Some(len) => resp.map(|_| Answer::streamed(rx, len, &app.settings.answers)),
@@ -1628,6 +1631,22 @@ where
 }
 
 /// The store a `/v1/{space}/...` path names, and its route labels (key, listing) for metrics.
+/// The route a long poll (`?wait=`) is timed under in `raftbridge_http_request_seconds`: a
+/// watch that waits its minutes by design would otherwise set the route's tail, and hide how
+/// long its quick reads and writes take. Routes that take no `wait` keep their name.
+fn long_poll_route(route: &'static str) -> &'static str {
+    match route {
+        "state" => "state_wait",
+        "config" => "config_wait",
+        "secrets" => "secrets_wait",
+        "state_list" => "state_list_wait",
+        "config_list" => "config_list_wait",
+        "secrets_list" => "secrets_list_wait",
+        "events_read" => "events_read_wait",
+        other => other,
+    }
+}
+
 fn store_space(space: &str) -> (crate::store::Space, &'static str, &'static str) {
     match space {
         "config" => (crate::store::Space::Config, "config", "config_list"),

@@ -1358,12 +1358,18 @@ impl Dispatcher {
                 }
             })
             .collect();
-        metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(acks);
-        metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(n as u64 - acks - refused);
-        metrics::counter!("raftbridge_deliveries_total", "outcome" => "refused").increment(refused);
         // Nothing waits on these but the positions they settle: they may ride in the next
         // event entry rather than make one.
         let committed = self.update(updates, true).await;
+        // Counted once the outcomes are committed (an ack is not one before); a refusal commits
+        // nothing. Those whose commit failed are handed out again: `unsettled`.
+        if committed {
+            metrics::counter!("raftbridge_deliveries_total", "outcome" => "ack").increment(acks);
+            metrics::counter!("raftbridge_deliveries_total", "outcome" => "nack").increment(n as u64 - acks - refused);
+        } else {
+            metrics::counter!("raftbridge_deliveries_total", "outcome" => "unsettled").increment(n as u64 - refused);
+        }
+        metrics::counter!("raftbridge_deliveries_total", "outcome" => "refused").increment(refused);
         for (p, pause) in positions.into_iter().zip(pauses) {
             settled(p, if committed { pause } else { pause.or(Some(Retry::Unsettled)) });
         }

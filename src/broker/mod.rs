@@ -214,14 +214,20 @@ pub fn now_ms() -> u64 {
 /// from the warning's bound, not from `FAR_AHEAD` (which refuses keyed commands): correcting
 /// costs nothing, and a correction that only started at 30 s would let 29 s through and jump
 /// by 30 s as a clock slewed back across it.
-fn entry_clock_ms(store: &StateStore) -> u64 {
+/// True with the time when it was corrected: the caller counts it
+/// (`raftbridge_clock_corrected_entries_total`) only for an entry it proposes as the leader.
+fn entry_clock_ms(store: &StateStore) -> (u64, bool) {
     let now = now_ms();
     match store.replica().net.clock_ahead_of_most(crate::peer::clock::MAX_OFFSET) {
-        Some(lead_ms) => {
-            metrics::counter!("raftbridge_clock_corrected_entries_total").increment(1);
-            now.saturating_sub(u64::try_from(lead_ms).unwrap_or(0))
-        }
-        None => now,
+        Some(lead_ms) => (now.saturating_sub(u64::try_from(lead_ms).unwrap_or(0)), true),
+        None => (now, false),
+    }
+}
+
+/// Counts an entry the leader proposes with its clock corrected (`entry_clock_ms`).
+fn count_corrected(corrected: bool) {
+    if corrected {
+        metrics::counter!("raftbridge_clock_corrected_entries_total").increment(1);
     }
 }
 
@@ -387,7 +393,10 @@ impl Broker {
         // Bounded like the entry's own write: while the cluster cannot commit (no quorum), the
         // queue fills and publishers beyond it used to wait for good.
         let since = tokio::time::Instant::now();
-        let full = || Arc::new(BrokerError::NotQueued { waited: self.max_wait });
+        let full = || {
+            metrics::counter!("raftbridge_publish_not_queued_total").increment(u64::from(n));
+            Arc::new(BrokerError::NotQueued { waited: self.max_wait })
+        };
         let admitted = async {
             let queued = self.admit.clone().acquire_many_owned(n).await;
             let queued_kib = self.admit_kib.clone().acquire_many_owned(kib).await;
@@ -708,10 +717,11 @@ async fn expire_loop(store: StateStore, limits: EventLimits, dedup_max_keys: usi
         if !store.replica().raft.is_leader() {
             continue;
         }
-        let now = entry_clock_ms(&store);
+        let (now, corrected) = entry_clock_ms(&store);
         if !store.local().events_expiry_due(now, limits.max_age_ms, limits.dedup_window_ms) {
             continue;
         }
+        count_corrected(corrected);
         let window_ms = store.local().dedup_window(now, limits.dedup_window_ms, dedup_max_keys);
         let cmd = Command::Publish { now_ms: now, events: Arc::new(Vec::new()), limits: EventLimits { dedup_window_ms: window_ms, ..limits } };
         if let Err(e) = store.command(cmd, EXPIRY_CHECK).await {
@@ -839,7 +849,8 @@ async fn batcher(store: StateStore, settings: Batching, mut inbox: Inbox, slots:
                 continue;
             }
         }
-        if !events.is_empty() {
+        // Events per entry: a follower's batch is merged again into the leader's entries.
+        if leader && !events.is_empty() {
             metrics::histogram!("raftbridge_publish_batch_events").record(events.len() as f64);
         }
         let store = store.clone();
@@ -849,7 +860,10 @@ async fn batcher(store: StateStore, settings: Batching, mut inbox: Inbox, slots:
             // Shorter while more producer keys than their bound are younger than the window.
             // Never behind the state machine's clock (a new leader's may be a little behind
             // the last one's): retention judges this entry's timestamps by that clock.
-            let now = entry_clock_ms(&store).max(store.local().clock_ms());
+            let (now, corrected) = entry_clock_ms(&store);
+            // A follower's entry is stamped again by the leader's broker.
+            count_corrected(corrected && leader);
+            let now = now.max(store.local().clock_ms());
             let window_ms = store.local().dedup_window(now, limits.dedup_window_ms, dedup_max_keys);
             if window_ms < limits.dedup_window_ms {
                 crate::raft::state_machine::note_shortened_window("events", window_ms, limits.dedup_window_ms);
