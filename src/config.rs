@@ -989,6 +989,24 @@ mod tests {
     /// out at once, retention that drops an entry's events as it applies them, a bootstrap
     /// with more voters than allowed, an address peers cannot dial, a timeout that overflows.
     #[test]
+    fn the_flags_debug_never_shows_a_secret() {
+        let secret = "s3cr3t-0123456789abcdef";
+        let args = NodeArgs {
+            cluster_secret: Some(secret.into()),
+            secrets_token: Some(secret.into()),
+            api_token: Some(secret.into()),
+            api_token_previous: Some(secret.into()),
+            api_read_token: Some(secret.into()),
+            cluster_secret_previous: Some(secret.into()),
+            ..NodeArgs::default()
+        };
+        let shown = format!("{args:?}");
+        assert!(!shown.contains(secret) && shown.contains("SecretText(<23 bytes>)"), "{shown}");
+        let file: NodeArgs = toml::from_str(&format!("cluster_secret = \"{secret}\"\n")).expect("parses");
+        assert_eq!(file.cluster_secret.as_deref(), Some(secret));
+    }
+
+    #[test]
     fn settings_that_would_break_a_node_are_refused() {
         let base = || NodeArgs { id: Some(1), data_dir: Some("/tmp/x".into()), ..Default::default() };
         let refused = |args: NodeArgs| match args.resolve() {
