@@ -404,12 +404,15 @@ pub async fn run(
     let guard_stop = run_stop.child_token();
     crate::supervise::spawn_until("log guard", &guard_stop, log_guard(raft.clone(), log_bytes, log_max_bytes(cfg.id), guard_stop.clone()));
     let cluster_stop = run_stop.child_token();
+    // Set by the peer handler at the first Raft request; read by the bootstrap and `found`.
+    let raft_seen = Arc::new(AtomicBool::new(false));
     let cluster = Cluster::start(
         replica.clone(),
         ClusterSettings { seeds: cfg.seeds.clone(), bootstrap_expect: cfg.bootstrap_expect, max_voters: cfg.max_voters },
         reversions,
         outsider,
         founder_log.clone(),
+        raft_seen.clone(),
         cluster_stop.clone(),
     );
     // Compiled-in services are always offered; sidecar commands only while the upstream is healthy.
@@ -533,7 +536,7 @@ pub async fn run(
         unproven,
         seen_commit,
         log: founder_log,
-        raft_seen: Arc::new(AtomicBool::new(false)),
+        raft_seen,
     }));
     let peer_task = crate::supervise::spawn_until("peer listener", &net_stop, net.clone().run(peer_listener));
 

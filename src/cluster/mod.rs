@@ -211,7 +211,10 @@ const BEHIND_MS: u64 = 1_000;
 
 /// Whether a `backlog` of committed entries to apply over `KEEP_UP_LAG` has lasted `BEHIND_MS`
 /// by `now` (ms, never 0), noting in `since` (0: not behind) when it began.
-fn stays_behind(since: &AtomicU64, backlog: u64, now: u64) -> bool {
+/// A node that was not ready before (`ready_before` false) is behind with any such backlog, at
+/// once: the wait is for a ready node that one large commit set back, not for a restarted one
+/// replaying its log, whose first check said it was ready and let a rolling update move on.
+fn stays_behind(since: &AtomicU64, backlog: u64, now: u64, ready_before: bool) -> bool {
     if backlog <= KEEP_UP_LAG {
         // Read first: `ready` runs per request, and a store on every call would bounce the
         // cache line between threads for nothing.
@@ -227,7 +230,17 @@ fn stays_behind(since: &AtomicU64, backlog: u64, now: u64) -> bool {
         }
         at => at,
     };
-    now.saturating_sub(began) >= BEHIND_MS
+    !ready_before || now.saturating_sub(began) >= BEHIND_MS
+}
+
+/// What `Cluster::judge` found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Judged {
+    Ready,
+    /// No leader, or not in touch with it (or with a majority): an election may be under way.
+    Leaderless,
+    /// Not a member, leaving, removed, behind, or its Raft core stopped.
+    Unready,
 }
 /// How long the leader asks a member's old address whether it still runs there before moving
 /// the member to a new address (`apply_join`).
@@ -313,12 +326,18 @@ pub struct Cluster {
     /// Since when (ms after `since` + 1; 0: it is not) this node has had more than
     /// `KEEP_UP_LAG` committed entries left to apply; written and read by `ready`.
     behind_ms: Arc<AtomicU64>,
+    /// Set by `ready` the first time it is true in this process.
+    ready_once: Arc<AtomicBool>,
     /// Set once this process saw itself in its membership (the membership task's tick): a
     /// node that no longer is one was removed while it ran (`was_member`).
     was_member: Arc<AtomicBool>,
     /// This node's Raft log: its bootstrap claims it (`LogStore::claim_founding`) before it
     /// initializes a cluster.
     log: LogStore,
+    /// Set by the peer handler once a Raft request (a vote, an append) arrived: a cluster
+    /// counts this node as a member (its data dir was lost, say), and its bootstrap claims
+    /// nothing then, but waits to be sent that cluster's log.
+    raft_seen: Arc<AtomicBool>,
 }
 
 /// `hears_majority`'s judgement: when, for which membership, and what.
@@ -341,6 +360,7 @@ impl Cluster {
         reversions: Arc<Reversions>,
         outsider: Arc<Outsider>,
         log: LogStore,
+        raft_seen: Arc<AtomicBool>,
         shutdown: CancellationToken,
     ) -> Cluster {
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -358,8 +378,10 @@ impl Cluster {
             append_ms: Arc::new(AtomicU64::new(0)),
             quorum_heard: Arc::new(std::sync::Mutex::new(None)),
             behind_ms: Arc::new(AtomicU64::new(0)),
+            ready_once: Arc::new(AtomicBool::new(false)),
             was_member: Arc::new(AtomicBool::new(false)),
             log,
+            raft_seen,
         };
         crate::supervise::spawn_until("membership", &shutdown, cluster.clone().membership_task(rx, shutdown.clone()));
         crate::supervise::spawn_until("address book", &shutdown, cluster.clone().address_book(shutdown.clone()));
@@ -405,6 +427,13 @@ impl Cluster {
     /// pre-votes change no vote, a leader in a minority never steps down, a removed node never
     /// learns it was removed): `/readyz` must not say it serves.
     pub fn ready(&self) -> bool {
+        self.judge() == Judged::Ready
+    }
+
+    /// `ready`, and when not, whether only the leader is missing or out of touch (an election
+    /// under way: `serving`'s grace), or more (not a member, leaving, removed, behind, a
+    /// stopped core), which no grace covers.
+    fn judge(&self) -> Judged {
         // Called per proxied request: borrow the metrics instead of cloning them.
         let rx = self.replica.raft.metrics();
         let m = rx.borrow_watched();
@@ -416,7 +445,10 @@ impl Cluster {
         let joint = membership.get_joint_config();
         let leaving = joint.len() > 1 && joint.iter().any(|c| c.contains(&me)) && joint.last().is_some_and(|new| !new.contains(&me));
         let member = membership.get_node(&me).is_some() && !leaving && !self.removed.load(Ordering::Relaxed);
-        let Some(leader) = m.current_leader else { return false };
+        if !member || m.running_state.is_err() {
+            return Judged::Unready;
+        }
+        let Some(leader) = m.current_leader else { return Judged::Leaderless };
         let in_touch_for = self.replica.net.idle_timeout();
         let in_touch = if leader == me {
             // A lone voter is its own quorum.
@@ -435,9 +467,21 @@ impl Cluster {
         // Far behind in applying what the cluster committed (a restart replaying its log, a
         // follower that fell behind) for `BEHIND_MS`: reads would wait and commands run on old
         // state, so it does not say it serves. (One large commit does not count.)
+        // A node that was never ready (restarted, replaying its log; joined, taking a
+        // snapshot) is not until it caught up: the grace is for one that was.
+        if !in_touch {
+            return Judged::Leaderless;
+        }
         let backlog = apply_backlog(m.cluster_committed.as_ref().map(|l| l.index), m.last_applied.as_ref().map(|l| l.index));
         let now = self.since.elapsed().as_millis() as u64 + 1;
-        member && in_touch && !stays_behind(&self.behind_ms, backlog, now) && m.running_state.is_ok()
+        let ready_before = self.ready_once.load(Ordering::Relaxed);
+        if stays_behind(&self.behind_ms, backlog, now, ready_before) {
+            return Judged::Unready;
+        }
+        if !ready_before {
+            self.ready_once.store(true, Ordering::Relaxed);
+        }
+        Judged::Ready
     }
 
     /// How many committed entries this node has still to apply.
@@ -472,14 +516,16 @@ impl Cluster {
         // +1: 0 means "never ready".
         let now_ms = self.since.elapsed().as_millis() as u64 + 1;
         let last = self.last_ready_ms.load(Ordering::Relaxed);
-        if self.ready() {
+        let judged = self.judge();
+        if judged == Judged::Ready {
             // Called per request: write the shared stamp only when it is 100 ms old.
             if now_ms.saturating_sub(last) >= 100 {
                 self.last_ready_ms.store(now_ms, Ordering::Relaxed);
             }
             return true;
         }
-        last != 0 && now_ms.saturating_sub(last) < LEADERLESS_GRACE.as_millis() as u64
+        // Only an election is waited out: a node removed, leaving or behind stops at once.
+        judged == Judged::Leaderless && last != 0 && now_ms.saturating_sub(last) < LEADERLESS_GRACE.as_millis() as u64
     }
 
     /// Whether a membership request that arrived on a peer link from `from` may be acted on:
@@ -1347,8 +1393,19 @@ impl Cluster {
         let mut among_seeds = self.settings.seeds.is_empty();
         let mut told_outside = false;
         let mut told_marked = false;
+        let mut told_seen = false;
         // Founders whose logs are marked (`mark_founders`): asked once each.
         let mut marked: BTreeSet<NodeId> = BTreeSet::new();
+        // Ends this round early: waits for the next.
+        macro_rules! continue_round {
+            () => {{
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(..200))) => {}
+                }
+                continue;
+            }};
+        }
         loop {
             match self.replica.raft.is_initialized().await {
                 Ok(true) => {
@@ -1465,6 +1522,22 @@ impl Cluster {
                     Err(e) => info!(%seed, cause = %e, "join request failed"),
                 }
             } else if let Some(ids) = plan.as_ref().filter(|_| bootstrap) {
+                // A cluster that counts this node already reached it: forming another beside
+                // it would split the members' clients between two histories.
+                if self.raft_seen.load(Ordering::SeqCst) {
+                    if !told_seen {
+                        told_seen = true;
+                        warn!("not bootstrapping: a cluster that counts this node as a member reached it (its data was lost?); it waits to be sent that cluster's log");
+                    }
+                    continue_round!();
+                }
+                // A lone founder (`--bootstrap-expect 1`) waits for a cluster that still counts
+                // it to reach it first (its leader redials a lost member within `LONE_WAIT`): a
+                // node that grew into a cluster and lost its data dir, restarted with its
+                // first flags, formed a second cluster at once.
+                if ids.len() == 1 && self.since.elapsed() < LONE_WAIT {
+                    continue_round!();
+                }
                 // This node's log may have been marked for another node's cluster meanwhile;
                 // once claimed, no other node's mark is taken.
                 let log = self.log.clone();
@@ -1496,13 +1569,15 @@ impl Cluster {
                     }
                 }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(300 + fastrand::u64(..200))) => {}
-            }
+            continue_round!();
         }
     }
 }
+
+/// How long a lone founder (`--bootstrap-expect 1`) waits after its start before it forms a
+/// cluster: a leader that still counts it redials it within the peer links' longest dial
+/// backoff (3 s), and its first append tells this node not to.
+const LONE_WAIT: Duration = Duration::from_secs(5);
 
 /// How long a bootstrap round waits before it probes a seed that failed once again.
 const PROBE_AGAIN: Duration = Duration::from_millis(100);
@@ -1629,13 +1704,23 @@ mod tests {
     #[test]
     fn a_node_is_behind_once_its_backlog_lasted() {
         let since = AtomicU64::new(0);
-        assert!(!stays_behind(&since, 5_000, 10));
-        assert!(!stays_behind(&since, 5_000, 900));
-        assert!(stays_behind(&since, 5_000, 1_010));
-        assert!(!stays_behind(&since, 10, 1_020), "caught up");
-        assert!(!stays_behind(&since, 5_000, 1_030), "behind again: counted from now");
-        assert!(!stays_behind(&since, 5_000, 2_000));
-        assert!(stays_behind(&since, 5_000, 2_030));
+        assert!(!stays_behind(&since, 5_000, 10, true));
+        assert!(!stays_behind(&since, 5_000, 900, true));
+        assert!(stays_behind(&since, 5_000, 1_010, true));
+        assert!(!stays_behind(&since, 10, 1_020, true), "caught up");
+        assert!(!stays_behind(&since, 5_000, 1_030, true), "behind again: counted from now");
+        assert!(!stays_behind(&since, 5_000, 2_000, true));
+        assert!(stays_behind(&since, 5_000, 2_030, true));
+    }
+
+    /// A node never ready in this process (restarted, replaying its log) is behind with such a
+    /// backlog from the first check: it used to say ready once, then not.
+    #[test]
+    fn a_node_never_ready_is_behind_at_once() {
+        let since = AtomicU64::new(0);
+        assert!(stays_behind(&since, 5_000, 10, false));
+        assert!(stays_behind(&since, 5_000, 20, false));
+        assert!(!stays_behind(&since, KEEP_UP_LAG, 30, false), "caught up");
     }
 
     #[test]

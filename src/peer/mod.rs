@@ -1235,6 +1235,7 @@ impl PeerNet {
                 }
                 let state = dials.entry(addr.to_string()).or_default();
                 state.failures = state.failures.saturating_add(1);
+                metrics::counter!("raftbridge_peer_dial_failures_total").increment(1);
                 let exp = BACKOFF_MIN.saturating_mul(1u32 << state.failures.min(10)).min(BACKOFF_MAX);
                 // Full jitter in [exp/2, exp): peers that lost the same node do not redial in step.
                 let jittered = exp / 2 + exp.mul_f64(fastrand::f64() / 2.0);

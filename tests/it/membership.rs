@@ -977,3 +977,45 @@ fn a_removed_node_that_was_killed_is_forgotten_by_the_state() {
     let log = c.log_text(c.wait_for_leader(CATCH_UP));
     assert!(log.contains("forgot the registry entries"), "the leader said what it forgot");
 }
+
+/// A node that formed the cluster alone (`--bootstrap-expect 1`, no seeds) and grew it by
+/// joins, restarted with the same flags after its data dir was lost, does not form a second
+/// cluster beside the first: the leader that still counts it reaches it first (a lone founder
+/// waits for that longer than the leader's longest redial), and it is sent the cluster's log.
+/// The leader's dials to it fail until their backoff is at its longest before it comes back.
+#[test]
+fn a_lone_founder_whose_data_was_lost_rejoins_instead_of_forming_another_cluster() {
+    let c = Cluster::seeded("lone-wiped", 3, 1, |id| if id == 1 { Vec::new() } else { vec![1] }, &[]);
+    c.start(1);
+    c.wait_for_membership_seen_by(&[1], &[1], &[], FORMATION);
+    c.start(2);
+    c.start(3);
+    c.wait_for_membership(&[1, 2, 3], &[], FORMATION);
+    let leader = c.wait_for_leader(FORMATION);
+    let written: Vec<(String, i32)> = (0..20).map(|i| (format!("lone/k{i}"), i)).collect();
+    for (key, i) in &written {
+        c.api(leader).must_put(key, &json!({"i": i}));
+    }
+    c.wait_caught_up(&c.ids(), CATCH_UP);
+    c.kill(1);
+    let survivors = [2, 3];
+    let leader = c.wait_for(&format!("a leader among {survivors:?}"), CATCH_UP, || {
+        let l = c.agreed_leader_among(&survivors)?;
+        if l == 1 { Err("node 1 still named".into()) } else { Ok(l) }
+    });
+    // Dials to the lost node fail fast (nothing listens): after eight in a row, each waits
+    // the longest backoff (1.5–3 s).
+    c.wait_until("the leader's dials to node 1 back off at their longest", CATCH_UP, || {
+        c.api(leader).metric("raftbridge_peer_dial_failures_total", &[]).is_ok_and(|n| n >= 8.0)
+    });
+    let dir = c.dir().join("n1");
+    std::fs::remove_dir_all(&dir).unwrap_or_else(|e| panic!("remove {}: {e}", dir.display()));
+    let logged = c.log_text(1).len();
+    c.start(1);
+    c.wait_until("node 1 holds every write of the cluster it left", CATCH_UP, || {
+        written.iter().all(|(key, i)| c.api(1).get_stale(key).is_ok_and(|r| r.status == 200 && r.json().is_ok_and(|v| v == json!({"i": i}))))
+    });
+    let status = c.api(1).status().unwrap_or_else(|e| panic!("status of node 1: {e}"));
+    assert_eq!(status.members.iter().map(|m| m.id).collect::<Vec<_>>(), vec![1, 2, 3], "{status}");
+    assert!(!c.log_text(1).get(logged..).unwrap_or_default().contains("bootstrapping the cluster"), "node 1 formed a cluster of its own");
+}
