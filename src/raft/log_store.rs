@@ -808,7 +808,26 @@ struct Founder {
     /// a restart, the vote the log kept stands for it). Another node's mark is refused from
     /// then on.
     voted: Arc<Mutex<Option<u64>>>,
+    /// The marking node's latest ask, and the lowest node that asked to replace its mark
+    /// meanwhile (`LogStore::mark_founder`), taken under `marked`'s lock; in memory only.
+    asks: Arc<Mutex<MarkAsks>>,
 }
+
+/// See `Founder::asks`.
+#[derive(Debug, Default)]
+struct MarkAsks {
+    /// The node whose mark the log holds, when it last asked for it.
+    last: Option<(u64, std::time::Instant)>,
+    /// A lower node refused while the marking node's ask was recent: the mark is its at that
+    /// node's next ask, which shows it has not formed its cluster.
+    lower: Option<u64>,
+}
+
+/// How long after the marking node's latest ask a lower node's mark does not replace its own
+/// (`LogStore::mark_founder`): the marking node may have claimed its log and initialized right
+/// after that ask, and its first vote, which holds this log for good, comes a prove tick and an
+/// election timeout later (under a second).
+const MARK_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// What became of a founder mark, or of a claim to found a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -979,7 +998,7 @@ impl LogStore {
 
         // A mark beside entries is stale (a mark made as an append raced it): gone before use.
         let mark = dir.join(FOUNDER_FILE);
-        let founder = Founder { marked: Arc::new(Mutex::new(mark.exists())), path: mark, dir: dir.to_path_buf(), forming: Arc::new(Mutex::new(None)), voted: Arc::new(Mutex::new(None)) };
+        let founder = Founder { marked: Arc::new(Mutex::new(mark.exists())), path: mark, dir: dir.to_path_buf(), forming: Arc::new(Mutex::new(None)), voted: Arc::new(Mutex::new(None)), asks: Arc::default() };
         if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
             founder.unmark(opts.sync)?;
         }
@@ -1052,7 +1071,18 @@ impl LogStore {
     /// cannot tell their first entries apart: two clusters. The same node may mark again with
     /// other members (its view grew; the file keeps the first, for whoever reads the data
     /// dir): it initializes once, with one plan.
+    ///
+    /// A lower id does not replace the mark of a node that asked for it within `MARK_HOLD`:
+    /// that node may have formed its cluster right after its ask, with this log counted (its
+    /// first vote, within a second, holds the log for it), and the lower id's mark made this
+    /// node refuse that vote: a cluster that never elected a leader, and the lower id waiting
+    /// to join it. Refused then, the lower id takes the mark at the marking node's next ask
+    /// (refused, that node forms nothing), or at its own next ask once `MARK_HOLD` passed.
     pub fn mark_founder(&self, by: u64, members: &[u64]) -> io::Result<Founding> {
+        self.mark_founder_at(by, members, std::time::Instant::now())
+    }
+
+    fn mark_founder_at(&self, by: u64, members: &[u64], now: std::time::Instant) -> io::Result<Founding> {
         let mem = lock(&self.inner.mem)?;
         if !mem.entries.is_empty() || mem.meta.last_purged.is_some() {
             return Ok(Founding::HoldsEntries);
@@ -1071,23 +1101,50 @@ impl LogStore {
         if let Some(v) = voted.filter(|v| *v != by) {
             return Ok(Founding::Other(v));
         }
+        let mut asks = lock(&self.inner.founder.asks)?;
+        // Whom the mark is for from now on: `by`, unless a lower node asked while `by`'s ask
+        // was recent, and `by` asks again (it has formed nothing).
+        let mut to = by;
         if *marked {
             // A mark of an older build names no founder: taken as replaceable.
             match self.inner.founder.by() {
                 Some(other) if other < by => return Ok(Founding::Other(other)),
-                // Already this node's: not written again (it asks every round while it plans,
-                // and each write syncs a file and the directory).
-                Some(other) if other == by => return Ok(Founding::Marked { new: false }),
-                _ => {}
+                Some(other) if other == by => match asks.lower.take() {
+                    Some(lower) if lower < by => to = lower,
+                    // Already this node's: not written again (it asks every round while it
+                    // plans, and each write syncs a file and the directory).
+                    _ => {
+                        asks.last = Some((by, now));
+                        return Ok(Founding::Marked { new: false });
+                    }
+                },
+                Some(other) => {
+                    if asks.last.is_some_and(|(at_by, at)| at_by == other && now.saturating_duration_since(at) < MARK_HOLD) {
+                        asks.lower = Some(asks.lower.map_or(by, |l| l.min(by)));
+                        return Ok(Founding::Other(other));
+                    }
+                }
+                None => {}
             }
         }
-        let text = format!("marked by node {by} to form a cluster with nodes {members:?} while this log was empty\n");
+        asks.last = Some((to, now));
+        asks.lower = None;
+        drop(asks);
+        let text = if to == by {
+            format!("marked by node {to} to form a cluster with nodes {members:?} while this log was empty\n")
+        } else {
+            format!("marked by node {to} to form a cluster while this log was empty (node {by} asked after it)\n")
+        };
         // Flagged first: a write that fails half way (renamed, the directory not synced) may
         // leave the file, which the flusher must then remove before the first acknowledgement.
         let new = !std::mem::replace(&mut *marked, true);
         crate::fsutil::write_atomic(&self.inner.dir, FOUNDER_FILE, text.as_bytes())?;
         drop(marked);
         drop(mem);
+        if to != by {
+            // Refused: the mark is the lower node's now.
+            return Ok(Founding::Other(to));
+        }
         Ok(Founding::Marked { new })
     }
 
@@ -1720,9 +1777,11 @@ mod tests {
     fn a_log_founds_one_nodes_cluster() {
         let dir = TempDir::new();
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
-        // Node 2 planned before it saw node 1: node 1's mark replaces its own.
-        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Marked { new: true });
-        assert_eq!(store.mark_founder(1, &[1, 2, 3]).unwrap(), Founding::Marked { new: false }, "a lower founder's mark replaces it");
+        // Node 2 planned before it saw node 1: node 1's mark replaces its own (once node 2's
+        // latest ask is `MARK_HOLD` old).
+        let t0 = std::time::Instant::now();
+        assert_eq!(store.mark_founder_at(2, &[2, 3, 4], t0).unwrap(), Founding::Marked { new: true });
+        assert_eq!(store.mark_founder_at(1, &[1, 2, 3], t0 + MARK_HOLD).unwrap(), Founding::Marked { new: false }, "a lower founder's mark replaces it");
         assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Marked { new: false }, "the same founder, another view");
         assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Other(1), "a higher founder's is refused");
         drop(store);
@@ -1745,6 +1804,42 @@ mod tests {
         assert_eq!(store.claim_founding(3).unwrap(), Founding::Marked { new: false }, "claimed again by the same node");
     }
 
+    /// Node 2 asked for the mark, and may have formed its cluster right after, counting this
+    /// log: node 1's mark does not replace its own within `MARK_HOLD` (this node would have
+    /// refused node 2's votes, and node 2's cluster never elected a leader). Node 2 asking
+    /// again shows it formed nothing: the mark goes to node 1 then. A node 2 that formed never
+    /// asks again, and its first vote holds the log for it before the hold is over.
+    #[test]
+    fn a_lower_founder_does_not_take_a_mark_asked_for_just_now() {
+        let secs = std::time::Duration::from_secs;
+        let t0 = std::time::Instant::now();
+        let dir = TempDir::new();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.mark_founder_at(2, &[2, 3, 4], t0).unwrap(), Founding::Marked { new: true });
+        assert_eq!(store.mark_founder_at(1, &[1, 2, 3], t0 + secs(1)).unwrap(), Founding::Other(2), "node 2 may have formed");
+        assert_eq!(store.mark_founder_at(2, &[2, 3, 4], t0 + secs(2)).unwrap(), Founding::Other(1), "node 2 asks again: it formed nothing");
+        assert_eq!(store.mark_founder_at(1, &[1, 2, 3], t0 + secs(3)).unwrap(), Founding::Marked { new: false });
+        assert_eq!(store.claim_founding(3).unwrap(), Founding::Other(1));
+        drop(store);
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.mark_founder_at(2, &[2, 3, 4], t0 + secs(4)).unwrap(), Founding::Other(1), "kept across a restart");
+        drop(store);
+
+        // Node 2 formed and asks no more: node 1 takes the mark once the hold is over...
+        let dir = TempDir::new();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.mark_founder_at(2, &[2, 3, 4], t0).unwrap(), Founding::Marked { new: true });
+        assert_eq!(store.mark_founder_at(1, &[1, 2, 3], t0 + secs(1)).unwrap(), Founding::Other(2));
+        assert_eq!(store.mark_founder_at(1, &[1, 2, 3], t0 + MARK_HOLD).unwrap(), Founding::Marked { new: false });
+        drop(store);
+        // ...unless node 2's first vote came within it: the log is node 2's for good.
+        let dir = TempDir::new();
+        let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
+        assert_eq!(store.mark_founder_at(2, &[2, 3, 4], t0).unwrap(), Founding::Marked { new: true });
+        assert_eq!(store.founder_vote(2, Some(0)).unwrap(), None);
+        assert_eq!(store.mark_founder_at(1, &[1, 2, 3], t0 + MARK_HOLD + secs(1)).unwrap(), Founding::Other(2));
+    }
+
     /// Two seeds that cannot see each other both plan a cluster with nodes 3 and 4: node 2's
     /// mark came first, node 1's replaced it. A marked empty log votes only for its founder (or
     /// a candidate holding a leader's entries), and once it voted keeps that founder's mark,
@@ -1753,8 +1848,9 @@ mod tests {
     async fn an_empty_marked_log_votes_only_for_its_founder_and_then_keeps_the_mark() {
         let dir = TempDir::new();
         let store = LogStore::open(&dir.0, LogStoreOptions::default()).unwrap();
-        assert_eq!(store.mark_founder(2, &[2, 3, 4]).unwrap(), Founding::Marked { new: true });
-        assert_eq!(store.mark_founder(1, &[1, 3, 4]).unwrap(), Founding::Marked { new: false });
+        let t0 = std::time::Instant::now();
+        assert_eq!(store.mark_founder_at(2, &[2, 3, 4], t0).unwrap(), Founding::Marked { new: true });
+        assert_eq!(store.mark_founder_at(1, &[1, 3, 4], t0 + MARK_HOLD).unwrap(), Founding::Marked { new: false });
         assert_eq!(store.founder_vote(2, Some(0)).unwrap(), Some(1), "a rival founder, its log at its first entry");
         assert_eq!(store.founder_vote(2, None).unwrap(), Some(1));
         assert_eq!(store.founder_vote(5, Some(7)).unwrap(), None, "a candidate holding an elected leader's entries");
