@@ -1118,13 +1118,11 @@ impl LogStore {
                         return Ok(Founding::Marked { new: false });
                     }
                 },
-                Some(other) => {
-                    if asks.last.is_some_and(|(at_by, at)| at_by == other && now.saturating_duration_since(at) < MARK_HOLD) {
-                        asks.lower = Some(asks.lower.map_or(by, |l| l.min(by)));
-                        return Ok(Founding::Other(other));
-                    }
+                Some(other) if asks.last.is_some_and(|(at_by, at)| at_by == other && now.saturating_duration_since(at) < MARK_HOLD) => {
+                    asks.lower = Some(asks.lower.map_or(by, |l| l.min(by)));
+                    return Ok(Founding::Other(other));
                 }
-                None => {}
+                _ => {}
             }
         }
         asks.last = Some((to, now));
