@@ -545,8 +545,14 @@ pub async fn pull_fetch(app: &App, name: &str, query: Option<&str>) -> ApiResult
         position: u64,
         event: crate::broker::event::EventJson<'a>,
     }
+    // Serialized as it is, not through a `Value`: that would sort the payload's keys and round
+    // its numbers past 64-bit floats (it is served as it was sent, as `GET /v1/events` does).
+    #[derive(serde::Serialize)]
+    struct Fetched<'a> {
+        messages: Vec<Message<'a>>,
+    }
     let messages: Vec<Message<'_>> = fetched.iter().map(|(id, e)| Message { ack_id: id, position: e.position, event: e.to_json() }).collect();
-    Ok(json_body(StatusCode::OK, &serde_json::json!({ "messages": messages })))
+    Ok(json_body(StatusCode::OK, &Fetched { messages }))
 }
 
 /// The body of an ack, a nack or a term.

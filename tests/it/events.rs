@@ -2770,12 +2770,24 @@ fn a_pull_lease_ends_when_the_leaders_link_closes() {
     c.wait_all_ready(FORMATION);
     let leader = c.wait_for_leader(FORMATION);
     let consumer = c.ids().into_iter().find(|id| *id != leader).expect("three nodes");
-    let (_, position) = c.wait_for("a job accepted", PROGRESS, || publish(c.api(consumer), "cutJob", &json!({"cut": 1}), &[]));
+    // Keys out of order and a number past 64-bit floats: a fetch serves the payload as sent.
+    let payload = r#"{"z":1,"a":2,"big":123456789012345678901234567890,"f":0.1000000000000000000001}"#;
+    let position = c.wait_for("a job accepted", PROGRESS, || {
+        let resp = c.api(consumer).request("POST", "/v1/events/cutJob", &[], payload.as_bytes()).map_err(|e| e.to_string())?;
+        if resp.status != 201 {
+            return Err(resp.describe());
+        }
+        resp.json()?["position"].as_u64().ok_or_else(|| resp.describe())
+    });
     let post = |api: Api, path: &str, body: &Value| api.request("POST", path, &[], body.to_string().as_bytes()).expect("POST");
     let fetch = || -> Result<Value, String> {
         let resp = post(c.api(consumer), "/v1/subscriptions/cutJobs/fetch?wait=5s", &json!(null));
         let messages = resp.json()?["messages"].as_array().cloned().ok_or_else(|| resp.describe())?;
-        messages.into_iter().next().ok_or_else(|| "nothing yet".to_string())
+        let first = messages.into_iter().next().ok_or_else(|| "nothing yet".to_string())?;
+        // The answer's text, not its parse (a `Value` loses what is checked).
+        let text = resp.text();
+        assert!(text.contains(&format!(r#""payload":{payload}"#)), "{text}");
+        Ok(first)
     };
     let got = c.wait_for("the job fetched from the consumer", DELIVERY, fetch);
     assert_eq!(got["position"].as_u64(), Some(position), "{got}");
@@ -2967,6 +2979,9 @@ fn a_pull_subscription_is_fetched_acked_and_nacked_over_http() {
         assert!(ok && serde_json::from_str::<Value>(out.trim()).ok() == Some(want), "{out}");
         by_cli.push((position, id));
     }
+    // Acked again: no lease is left, and the command says so by failing.
+    let (ok, out) = cli_on(3, "ack-again", &["events", "ack", "pullJobs", by_cli[0].1.as_str()]);
+    assert!(!ok && out.contains("were not answered"), "{out}");
     c.wait_for("the CLI's ack settling its job", DELIVERY, || {
         let v = get_json(c.api(1), "/v1/subscriptions/pullJobs")?;
         if v["cursor"].as_u64().is_some_and(|at| at > by_cli[0].0) { Ok(()) } else { Err(format!("{v}")) }
