@@ -539,7 +539,13 @@ async fn subscription_post(target: &Target, subscription: &str, what: &str, body
     if !resp.is_success() {
         return Err(failed(&resp));
     }
-    print_line(String::from_utf8_lossy(&resp.body).trim())
+    print_line(String::from_utf8_lossy(&resp.body).trim())?;
+    // An ack, nack or term of an id no node holds a lease for did nothing: a script must see it.
+    let answer: serde_json::Value = serde_json::from_slice(&resp.body).context("the answer is not JSON")?;
+    if let Some(unknown) = answer["unknown"].as_array().filter(|u| !u.is_empty()) {
+        anyhow::bail!("{} of the ids were not answered (answered already, or past their ack deadline: their events are delivered again)", unknown.len());
+    }
+    Ok(())
 }
 
 /// `events fetch --wait`: a duration the node takes (at most 5 minutes, as it caps a wait).
