@@ -405,7 +405,7 @@ fn summary(d: &SmData, name: &str, s: &SubState) -> SubSummary {
         cursor: s.cursor,
         done_ahead: s.done.len(),
         retrying: s.attempts.len(),
-        dead_letters: s.dead.len(),
+        dead_letters: listed_letters(&s.dead).len(),
         instances: s.instances.clone(),
         declared_by,
         offered_by,
@@ -1492,8 +1492,7 @@ impl SmShared {
         let s = d.subs.get(sub)?;
         // Ordered and cut by position and index first, so that only the page's letters are
         // copied (reasons of up to 1 KiB each), not every letter after `after`.
-        let mut order: Vec<(u64, usize)> =
-            s.dead.iter().enumerate().filter(|(_, l)| after.is_none_or(|a| l.position > a)).map(|(i, l)| (l.position, i)).collect();
+        let mut order: Vec<(u64, usize)> = listed_letters(&s.dead).into_iter().filter(|&(p, _)| after.is_none_or(|a| p > a)).collect();
         order.sort_unstable();
         let mut positions = 0;
         let cut = order
@@ -2278,6 +2277,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let snap = tokio::task::spawn_blocking(move || read_snapshot_file(&path)).await.map_err(io::Error::other)??;
         Ok(snap.map(|s| Snapshot { meta: s.meta, snapshot: s.data }))
     }
+}
+
+/// The dead letters a subscription lists, as (position, index in `dead`): a position
+/// dead-lettered again (its subscription was sought back over it and it failed again) once, as
+/// it ended last; per node for an every-instance subscription. The state keeps every letter
+/// (bounded by `MAX_DEAD_LETTERS`): what members apply is not changed, only what is shown.
+fn listed_letters(dead: &VecDeque<DeadLetter>) -> Vec<(u64, usize)> {
+    let mut seen = std::collections::HashSet::with_capacity(dead.len());
+    let mut listed: Vec<(u64, usize)> = dead.iter().enumerate().rev().filter(|(_, l)| seen.insert((l.position, l.node))).map(|(i, l)| (l.position, i)).collect();
+    listed.reverse();
+    listed
 }
 
 fn push_dead(s: &mut SubState, d: DeadLetter) {
@@ -4036,6 +4046,17 @@ mod tests {
         assert_eq!(page(Some(5), 1), vec![(7, Some(1))]);
         assert_eq!(page(Some(9), 10), vec![]);
         assert!(sm.dead_letters("other", None, 10).is_none());
+        // Position 7 dead-lettered again by node 1 (a seek back over it): listed once, as last.
+        {
+            let mut d = write(&sm.data);
+            let s = d.subs.get_mut("sub").expect("registered");
+            push_dead(s, DeadLetter { position: 7, event_id: "e7".into(), attempts: 2, reason: "again".into(), node: Some(1) });
+        }
+        let listed = sm.dead_letters("sub", None, 10).expect("known");
+        let sevens: Vec<_> = listed.iter().filter(|l| l.position == 7).map(|l| (l.attempts, l.reason.as_str())).collect();
+        assert_eq!(sevens, vec![(2, "again")], "{listed:?}");
+        assert_eq!(listed.len(), 4);
+        assert_eq!(sm.subscription_summary("sub").map(|s| s.dead_letters), Some(4));
     }
 
     /// openraft builds a snapshot in a task of its own and may install a leader's meanwhile: the
