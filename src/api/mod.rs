@@ -912,6 +912,14 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
         m => m.clone(),
     };
     let segs: Vec<&str> = path.trim_start_matches('/').splitn(4, '/').collect();
+    // A node removed while it runs takes no work (`/readyz` says so): it keeps no state in
+    // step (its reads fail), so a write it passed on could not be read back through it, and its
+    // routing holds the registry as it last learned it. Its probes, `/cluster` and the answers
+    // to leases it still holds stay.
+    let answers_lease = matches!((&method, segs.as_slice()), (&Method::POST, ["v1", "subscriptions", _, "ack" | "nack" | "term"]));
+    if matches!(segs.first(), Some(&("v1" | "api"))) && !answers_lease && app.cluster.removed_while_running() {
+        return ("removed", Err(ApiError::Unavailable(REMOVED.into())));
+    }
     if path.starts_with("/api/") {
         return ("api", Ok(app.proxy.handle(req, app.settings.max_body, &app.settings.bodies).await));
     }
@@ -1047,7 +1055,7 @@ fn readyz(app: &App) -> ApiResult {
     if app.cluster.ready() {
         Ok(json_response(StatusCode::OK, &serde_json::json!({"status": "ready"})))
     } else if app.cluster.removed_while_running() {
-        Err(ApiError::Unavailable("removed from the cluster while it ran: stop this node (to bring the machine back, start a node with an empty data dir and a new --id: it joins as a new member)".into()))
+        Err(ApiError::Unavailable(REMOVED.into()))
     } else {
         match app.cluster.apply_backlog() {
             behind if behind > crate::cluster::KEEP_UP_LAG => Err(ApiError::Unavailable(format!("catching up: {behind} entries of its log to apply"))),
@@ -1646,6 +1654,9 @@ fn long_poll_route(route: &'static str) -> &'static str {
         other => other,
     }
 }
+
+/// What a node removed while it ran answers `/readyz` and its data API and commands with.
+const REMOVED: &str = "removed from the cluster while it ran: stop this node (to bring the machine back, start a node with an empty data dir and a new --id: it joins as a new member)";
 
 fn store_space(space: &str) -> (crate::store::Space, &'static str, &'static str) {
     match space {

@@ -636,6 +636,14 @@ fn a_removed_node_that_still_runs_does_not_hold_up_a_join() {
     });
     let view = c.api(victim).request("GET", "/cluster", &[], b"").expect("its /cluster").json().expect("JSON");
     assert_eq!(view["removed"], json!(true), "its /cluster says so too: {view}");
+    // It takes no work from clients either: a write it passed on could not be read back
+    // through it (it used to forward writes and events, and route commands).
+    for (method, path, body) in [("PUT", "/v1/state/default/after-removal", "1"), ("POST", "/v1/events/afterRemoval", "{}"), ("GET", "/v1/state/default/x", "")] {
+        let r = c.api(victim).request(method, path, &[], body.as_bytes()).expect("request");
+        assert_json_error(&r, 503, &format!("{method} {path} on the removed node"));
+        assert!(r.text().contains("removed from the cluster"), "{}", r.describe());
+    }
+    assert!(c.api(leader).get("after-removal").expect("GET").status == 404, "nothing written through the removed node");
     assert_eq!(c.api(leader).request("GET", "/cluster", &[], b"").expect("/cluster").json().expect("JSON")["removed"], json!(false));
     let refused = || -> f64 { remaining.iter().map(|&id| c.api(id).metric("raftbridge_raft_outsider_votes_refused_total", &[]).unwrap_or(0.0)).sum() };
     let before = refused();
