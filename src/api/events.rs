@@ -444,6 +444,9 @@ struct SeekBody {
 /// reset or a Pub/Sub subscription seeks (`Command::SeekSubscription`). 200 `{"name","cursor"}`
 /// once committed; 404 when there is none; 409 for an every-instance subscription (each node
 /// keeps its own position); 503 while a member's build cannot apply it.
+/// How long a seek past this node's log end waits to catch up with the cluster's commits.
+const SEEK_BARRIER: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub async fn seek_subscription(app: &App, name: &str, req: Request<Incoming>) -> ApiResult {
     check_subscription(name)?;
     let body = super::read_body(req, app.settings.max_body, &app.settings.bodies).await?;
@@ -454,12 +457,23 @@ pub async fn seek_subscription(app: &App, name: &str, req: Request<Incoming>) ->
         return Err(bad(&"not an object"));
     }
     let parsed: SeekBody = serde::Deserialize::deserialize(value).map_err(|e| bad(&e))?;
+    let numbered = matches!(parsed.position, SeekTo::Position(_));
     let position = match parsed.position {
         SeekTo::Position(n) => n,
         SeekTo::Named(end) if end == "start" => 0,
         SeekTo::Named(end) if end == "end" => u64::MAX,
         SeekTo::Named(other) => return Err(ApiError::BadRequest(format!("position is a number, \"start\" or \"end\", not {:?}", super::cut(&other, 32)))),
     };
+    // A position past the log's end is refused (Kafka refuses an offset out of range): taken as
+    // the end, a typo passed every pending event. Judged once this node has what the cluster
+    // committed (a follower's log may end earlier than the leader's).
+    if numbered && position > app.sm.event_bounds().1 {
+        app.replica.read_barrier(SEEK_BARRIER).await?;
+        let next = app.sm.event_bounds().1;
+        if position > next {
+            return Err(ApiError::BadRequest(format!("position {position} is past the end of the log (the next event takes {next}): seek to \"end\" to pass every event")));
+        }
+    }
     match app.store.seek_subscription(name, position).await? {
         (Some(cursor), _) => Ok(json_response(StatusCode::OK, &serde_json::json!({ "name": name, "cursor": cursor }))),
         (None, false) => Err(ApiError::Conflict(format!(
