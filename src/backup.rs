@@ -7,7 +7,10 @@
 //! with their own logs. The restored node starts as the only voter of a membership that
 //! names it alone, at the log position the backup was taken at (so event positions, key
 //! revisions and the dedup windows go on from there); the other nodes join it with empty data
-//! dirs, as any new node joins. Its vote is in the backup's last term, so its first election
+//! dirs, as any new node joins. Key revisions (log indexes) jump by `REVISION_GAP` at the
+//! restore, as etcd's `--bump-revision` does: the old cluster may have handed out revisions
+//! past the backup for other values, and a client's `If-Match` of one would otherwise match an
+//! unrelated value the new cluster wrote at that index. Its vote is in the backup's last term, so its first election
 //! is in a later term than every entry it holds. What the state keeps of the old members (their
 //! registry entries, every-instance positions) the leader forgets as it forgets any node that
 //! left (`proxy::registry`). The restored state gets a new cluster id, so a node of the old
@@ -110,11 +113,15 @@ pub fn summarize(meta: &SnapshotMeta, data: &SmData, bytes: u64) -> Summary {
 /// will run with, or its `--peer-addr`). Start it with its usual flags; start the other nodes
 /// with empty data dirs and it among their seeds, and they join. The new cluster gets a new
 /// id, returned: a node of the old one, left running under the same cluster name, is refused
-/// by its nodes (`peer`) instead of following its leader with the old state.
-pub async fn restore(meta: SnapshotMeta, mut data: SmData, data_dir: &Path, id: NodeId, advertise: &str) -> Result<u128, BackupError> {
+/// by its nodes (`peer`) instead of following its leader with the old state. Also returned: the
+/// log index the restored node starts at (the backup's, plus `REVISION_GAP`).
+pub async fn restore(mut meta: SnapshotMeta, mut data: SmData, data_dir: &Path, id: NodeId, advertise: &str) -> Result<(u128, u64), BackupError> {
     let path = data_dir.display().to_string();
     let io = |source| BackupError::Io { path: path.clone(), source };
-    let Some(last) = meta.last_log_id else { return Err(BackupError::Empty) };
+    let Some(mut last) = meta.last_log_id else { return Err(BackupError::Empty) };
+    // The log is empty after a restore, so it may start anywhere past the backup's index.
+    last.index = last.index.saturating_add(REVISION_GAP);
+    meta.last_log_id = Some(last);
     if let Some(entry) = first_entry(data_dir).map_err(io)? {
         return Err(BackupError::NotEmpty { path, entry });
     }
@@ -157,8 +164,11 @@ pub async fn restore(meta: SnapshotMeta, mut data: SmData, data_dir: &Path, id: 
     crate::fsutil::sync_dir(data_dir).map_err(io)?;
     crate::fsutil::sync_parent(data_dir).map_err(io)?;
     drop(lock);
-    Ok(cluster_id)
+    Ok((cluster_id, last.index))
 }
+
+/// How far a restore moves the log index (every later key revision) past the backup's.
+pub const REVISION_GAP: u64 = 1_000_000_000;
 
 /// The file that marks a data dir a restore is still making (`restore`; `node` refuses it).
 pub const RESTORING: &str = "RESTORING";

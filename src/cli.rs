@@ -396,10 +396,10 @@ async fn snapshot(cmd: SnapshotCmd) -> anyhow::Result<()> {
             let (meta, data) = crate::backup::read(&bytes, &args.file.display().to_string())?;
             let summary = crate::backup::summarize(&meta, &data, bytes.len() as u64);
             drop(bytes);
-            let cluster_id = crate::backup::restore(meta, data, &args.data_dir, args.id, &args.advertise).await?;
+            let (cluster_id, index) = crate::backup::restore(meta, data, &args.data_dir, args.id, &args.advertise).await?;
             println!(
                 "restored log index {} ({} state, {} config and {} secret keys, {} events, {} subscriptions) into {} as node {} at {}, \
-                 in a new cluster with id {cluster_id:032x}\n\
+                 in a new cluster with id {cluster_id:032x}; its log goes on from index {index} (new key revisions are past any the old cluster gave)\n\
                  start it with --id {} --data-dir {}, its usual flags and a new --cluster-name; start the other nodes with empty data dirs, that --cluster-name and it among their seeds",
                 summary.index, summary.state_keys, summary.config_keys, summary.secret_keys, summary.events, summary.subscriptions,
                 args.data_dir.display(), args.id, args.advertise, args.id, args.data_dir.display()
