@@ -1439,9 +1439,15 @@ async fn snapshot_chunk(
     // An install error is fatal to openraft: check the image decodes before handing it over.
     // Off the runtime: a large image takes long to decode (and its copy to free), and with one
     // worker thread the node's links, pings and heartbeats would stop meanwhile.
-    let checked = tokio::task::spawn_blocking(move || crate::raft::state_machine::decode_data(&complete).map(|_| complete)).await;
+    let checked = tokio::task::spawn_blocking(move || crate::raft::state_machine::decode_data(&complete).map(|d| (d.cluster_id(), complete))).await;
     let complete = match checked {
-        Ok(Ok(complete)) => complete,
+        // The handshake lets a link through when either side knew no id yet (a fresh node, or
+        // one that has not learnt its id since it started): an image of another cluster's
+        // history is refused here, where it would replace this node's state and its id.
+        Ok(Ok((Some(theirs), _))) if replica.net.cluster_id().is_some_and(|ours| ours != theirs) => {
+            return invalid(format!("a snapshot of cluster {theirs:032x}, not of this node's ({:032x})", replica.net.cluster_id().unwrap_or_default()));
+        }
+        Ok(Ok((_, complete))) => complete,
         Ok(Err(e)) => return invalid(e.to_string()),
         Err(e) => return PeerResponse::Error(RemoteError::Internal(format!("snapshot check: {e}"))),
     };
@@ -1499,6 +1505,54 @@ mod tests {
             assert!(tokio::time::Instant::now() < deadline, "the failed start's raft log is still open after 10 s");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A snapshot of another cluster's history is refused, though its sender passed the
+    /// handshake (it announced no cluster id, as a fresh node does, and a link is let through
+    /// when either side knows none): installed, it replaced this node's state, and its id.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_snapshot_of_another_cluster_is_refused() {
+        use crate::raft::types::{LogId, SnapshotMeta, StoredMembershipT, TypeConfig, Vote};
+        use openraft::vote::RaftLeaderIdExt;
+        let _one = ONE_NODE_AT_A_TIME.lock().await;
+        let (cfg, dir, http) = single_node("rb-foreign-snapshot");
+        let (peer, cluster) = (cfg.peer_addr.clone(), cfg.cluster_name.clone());
+        let shutdown = CancellationToken::new();
+        let node = tokio::spawn(run(cfg, Vec::new(), None, shutdown.clone()));
+        // Until the node's cluster has named itself (`/cluster` names its id).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let ours = loop {
+            assert!(tokio::time::Instant::now() < deadline, "the node never named its cluster");
+            if let Ok(mut conn) = tokio::net::TcpStream::connect(&http).await {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let _ = conn.write_all(b"GET /cluster HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await;
+                let mut text = String::new();
+                let _ = conn.read_to_string(&mut text).await;
+                let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+                if let Some(id) = serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| v["cluster_id"].as_str().map(str::to_owned)) {
+                    break id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let mut foreign = crate::raft::state_machine::SmData::default();
+        let theirs = crate::cluster::new_cluster_id();
+        foreign.rename_cluster(theirs);
+        let log_id = LogId::new(<TypeConfig as openraft::RaftTypeConfig>::LeaderId::new_committed(100, 2), 1_000);
+        let membership = crate::raft::types::Membership::new(vec![std::collections::BTreeSet::from([2])], std::collections::BTreeMap::from([(2, BasicNode { addr: "127.0.0.1:1".into() })])).unwrap();
+        let meta = SnapshotMeta { last_log_id: Some(log_id), last_membership: StoredMembershipT::new(Some(log_id), membership) };
+        let data = crate::raft::state_machine::encode_image(&foreign).unwrap();
+        let net = PeerNet::new(
+            crate::peer::PeerConfig { node_id: 2, cluster, advertise: "127.0.0.1:1".into(), max_frame: 1 << 24, idle_timeout: Duration::from_secs(5), secret: None, tls: None, source_ip: None, cluster_id: Default::default(), recorded_features: Default::default() },
+            CancellationToken::new(),
+        );
+        let req = PeerRequest::SnapshotChunk { vote: Vote::new_committed(100, 2), meta, offset: 0, data, done: true };
+        let (_, answer) = net.request_addr(&peer, &req, Duration::from_secs(10)).await.expect("a link without a cluster id is let through");
+        let said = format!("{answer:?}");
+        assert!(said.contains(&format!("a snapshot of cluster {theirs:032x}")) && said.contains(&ours), "{said}");
+        shutdown.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(60), node).await;
         let _ = std::fs::remove_dir_all(dir);
     }
 

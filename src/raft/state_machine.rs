@@ -2002,9 +2002,7 @@ pub fn write_restored(dir: &Path, meta: &SnapshotMeta, mut data: SmData, id: Nod
     for s in data.subs.values_mut() {
         s.instances.retain(|node, _| *node == id);
     }
-    let mut image = Vec::new();
-    bincode::serialize_into(&mut image, &data).map_err(io::Error::other)?;
-    append_ext(&mut image, &data)?;
+    let image = encode_image(&data)?;
     let meta = SnapshotMeta { last_log_id: meta.last_log_id, last_membership: stored };
     let sm = StateMachine::open(dir)?;
     if read(&sm.shared.data).last_applied.is_some() {
@@ -2063,6 +2061,14 @@ const EXT_MAGIC: [u8; 8] = *b"rbSmExt1";
 const EXT_TRAILER: usize = 16;
 
 /// Appends `d`'s extension (`SmExt`) to its image.
+/// A snapshot image of `d` (what `decode_data` reads): its bincode, then the extension.
+pub fn encode_image(d: &SmData) -> io::Result<Vec<u8>> {
+    let mut image = Vec::new();
+    bincode::serialize_into(&mut image, d).map_err(io::Error::other)?;
+    append_ext(&mut image, d)?;
+    Ok(image)
+}
+
 fn append_ext(image: &mut Vec<u8>, d: &SmData) -> io::Result<()> {
     let ext = SmExt { idem_prints: d.idem.iter().filter_map(|(k, r)| Some((k.clone(), r.fingerprint?))).collect(), more: SmExtMore::default() };
     let more = SmExtMore {
