@@ -365,7 +365,21 @@ struct Batch {
     remaining: Option<Remaining>,
     /// When it was answered or last asked for: a leader that asks does so again at once.
     asked: Instant,
+    /// Stops the batch's handlers (`cut_short`): cancelled when the link an ask of it waits on
+    /// closes (the leader's ask failed: it gave up on the batch), or by the batch's driver task
+    /// when the leader gave up otherwise (`Dispatcher::leader_gave_up`).
+    cut: CancellationToken,
+    /// The `closed` token of the link of the batch's last exchange with its leader (the
+    /// delivery, or the last ask answered), and how many exchanges there were (the driver task
+    /// judges each link's close once).
+    exchanged_on: CancellationToken,
+    exchanges: u64,
 }
+
+
+/// How long a leader that answered a batch early may go without asking for it before it is
+/// taken to have given up on it (it asks again as soon as an answer arrives).
+const STOPPED_ASKING: Duration = Duration::from_secs(3);
 
 /// The outcomes a batch's handlers have still to report, and how many.
 struct Remaining {
@@ -680,7 +694,7 @@ impl Dispatcher {
         if let Some(refused) = self.refusal(&sub) {
             return refused;
         }
-        let gone = self.net.link_closed(from);
+        let gone = crate::peer::served_link_closed().unwrap_or_default();
         let Some(r) = self.cut_short(&gone, self.run_local(&sub, event)).await else { return stopped_during_handler() };
         match r {
             // Nothing ran (the sidecar's app refused the connection): a refusal, not an attempt.
@@ -699,10 +713,11 @@ impl Dispatcher {
     /// close (the node waits `IN_FLIGHT_GRACE` for the answers it owes). The leader saw the link
     /// close instead, and counted an attempt for every event a healthy node being restarted was
     /// still handling. A handler that ends in time keeps its outcome.
-    /// Also `None` as soon as `gone` fires (`PeerNet::link_closed`: the link the leader's
-    /// request came on closed): the leader gave up on the delivery then and hands the event
-    /// out again, so the handler is stopped rather than left to run beside the next one, and
-    /// a pull client's later ack is told the lease is gone instead of "acked".
+    /// Also `None` as soon as `gone` fires (`peer::served_link_closed`: the link the leader's
+    /// request came on closed; for a batch answered early, `Batch::cut`): the leader gave up on
+    /// the delivery then and hands the event out again, so the handler is stopped rather than
+    /// left to run beside the next one, and a pull client's later ack is told the lease is gone
+    /// instead of "acked".
     async fn cut_short<T>(&self, gone: &CancellationToken, run: impl std::future::Future<Output = T>) -> Option<T> {
         let cut = async {
             self.stop.cancelled().await;
@@ -736,7 +751,7 @@ impl Dispatcher {
             let e = HandlerError::new(413, format!("{n} events in one delivery, at most {MAX_DELIVER_BATCH}"));
             return PeerResponse::DeliveredBatch(vec![Err(e); n]);
         }
-        let gone = self.net.link_closed(from);
+        let gone = crate::peer::served_link_closed().unwrap_or_default();
         if !each {
             // Each event is cut on its own (all at the same moment).
             let runs = events.into_iter().map(|event| self.cut_short(&gone, self.run_local(&sub, event)));
@@ -747,15 +762,31 @@ impl Dispatcher {
         // Whether the leader reads `EventOutcome::Rejected`.
         let rejects = self.net.features(from) & crate::peer::frame::features::REJECTED != 0;
         let sub = Arc::new(sub);
+        // The batch's own cut: by the request's link until it is answered, then by the leader's
+        // asks (`Batch::cut`), which may come on another link.
+        let cut = CancellationToken::new();
         let mut runs: futures_util::stream::FuturesUnordered<_> = events
             .into_iter()
             .enumerate()
             .map(|(i, event)| {
-                let (this, sub, gone) = (self.clone(), sub.clone(), gone.clone());
-                async move { (i as u32, event_outcome(this.cut_short(&gone, this.run_local(&sub, event)).await, cap, rejects)) }
+                let (this, sub, cut) = (self.clone(), sub.clone(), cut.clone());
+                async move { (i as u32, event_outcome(this.cut_short(&cut, this.run_local(&sub, event)).await, cap, rejects)) }
             })
             .collect();
-        let mut outcomes = first_outcomes(&mut runs, n, EARLY_ANSWER).await;
+        let mut outcomes = {
+            let first = first_outcomes(&mut runs, n, EARLY_ANSWER);
+            tokio::pin!(first);
+            tokio::select! {
+                biased;
+                outcomes = &mut first => outcomes,
+                // The leader's request failed with its link: every handler is stopped (each
+                // then ends at once, "not served").
+                () = gone.cancelled() => {
+                    cut.cancel();
+                    first.await
+                }
+            }
+        };
         if self.stop.is_cancelled() {
             // This node drains: no batch is left running past the answer (the drain would not
             // wait for it before the links close); every handler ends or is cut by `CUT_GRACE`.
@@ -782,11 +813,38 @@ impl Dispatcher {
         let (tx, rx) = mpsc::channel(left);
         // No await since the stop was checked: `handed_over` runs after the stop, so it sees
         // this entry.
-        lock(&self.batches).insert((from, ticket), Batch { remaining: Some(Remaining { outcomes: rx, left }), asked: Instant::now() });
+        let batch = Batch { remaining: Some(Remaining { outcomes: rx, left }), asked: Instant::now(), cut: cut.clone(), exchanged_on: gone, exchanges: 0 };
+        lock(&self.batches).insert((from, ticket), batch);
         let this = self.clone();
         tokio::spawn(async move {
+            let mut check = tokio::time::interval(ASKS_LIVE);
+            check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // The exchange whose link's close was judged already.
+            let mut judged: Option<u64> = None;
+            while !cut.is_cancelled() {
+                let last = lock(&this.batches).get(&(from, ticket)).map(|b| (b.exchanges, b.exchanged_on.clone()));
+                let watched = last.filter(|(n, _)| judged != Some(*n));
+                tokio::select! {
+                    outcome = futures_util::StreamExt::next(&mut runs) => match outcome {
+                        // Room for every outcome: `left` of them at most.
+                        Some(outcome) => {
+                            let _ = tx.try_send(outcome);
+                            continue;
+                        }
+                        None => break,
+                    },
+                    () = async { match &watched { Some((_, t)) => t.cancelled().await, None => std::future::pending().await } } => {
+                        judged = watched.map(|(n, _)| n);
+                    }
+                    _ = check.tick() => {}
+                }
+                if this.leader_gave_up(from, ticket) {
+                    debug!(leader = from, ticket, "a delivery batch's handlers stopped: its leader no longer asks for them");
+                    cut.cancel();
+                }
+            }
+            // Cut: each handler ends at once ("not served").
             while let Some(outcome) = futures_util::StreamExt::next(&mut runs).await {
-                // Room for every outcome: `left` of them at most.
                 let _ = tx.try_send(outcome);
             }
             drop(tx);
@@ -802,21 +860,45 @@ impl Dispatcher {
         PeerResponse::DeliveredEach { outcomes: outcomes.into_iter().flatten().collect(), ticket }
     }
 
+    /// Whether the leader `from` gave up on its batch `ticket`, answered early (`Batch`): with
+    /// no ask of it under way, the link of their last exchange closed and no other link to the
+    /// leader is up (its next ask is not sent without one: it fails the batch then), or it has
+    /// not asked for `STOPPED_ASKING` (it asks again as soon as an answer arrives).
+    fn leader_gave_up(&self, from: NodeId, ticket: u64) -> bool {
+        let batches = lock(&self.batches);
+        let Some(b) = batches.get(&(from, ticket)) else { return false };
+        b.remaining.is_some() && ((b.exchanged_on.is_cancelled() && !self.net.reachable(from)) || b.asked.elapsed() >= STOPPED_ASKING)
+    }
+
     /// Serve `PeerRequest::AwaitDelivery` from `from`: the outcomes of the batch `ticket` that
     /// ended since they were last asked for, once there is at least one, with those that end
     /// within `GATHER` of it (handlers that end close together are answered together, not in a
     /// round each). Bounded: each handler ends by its ack deadline, or this node's drain cuts it
     /// (`cut_short`), or the leader's link closing does. The reasons were cut to the batch's share of the frame already.
     pub async fn serve_await_delivery(&self, from: NodeId, ticket: u64) -> PeerResponse {
-        let taken = lock(&self.batches).get_mut(&(from, ticket)).map(|b| b.remaining.take());
-        let mut remaining = match taken {
-            Some(Some(remaining)) => remaining,
+        let taken = lock(&self.batches).get_mut(&(from, ticket)).map(|b| (b.remaining.take(), b.cut.clone()));
+        let (mut remaining, cut) = match taken {
+            Some((Some(remaining), cut)) => (remaining, cut),
             // The leader asks one at a time; a second ask is answered as busy (asked again).
-            Some(None) => return PeerResponse::Error(RemoteError::NotServed(format!("delivery batch {ticket} is being asked for already"))),
+            Some((None, _)) => return PeerResponse::Error(RemoteError::NotServed(format!("delivery batch {ticket} is being asked for already"))),
             None => return PeerResponse::Error(RemoteError::Invalid(format!("no delivery batch {ticket} runs here (this node restarted, or its outcomes waited longer than {SETTLED_LINGER:?})"))),
         };
         let mut ended = Vec::new();
-        if let Some(first) = remaining.outcomes.recv().await {
+        // The ask fails if its link closes while it waits: the leader gives up on the batch then.
+        let gone = crate::peer::served_link_closed().unwrap_or_default();
+        let first = tokio::select! {
+            biased;
+            first = remaining.outcomes.recv() => first,
+            () = gone.cancelled() => {
+                cut.cancel();
+                // Put back, for the handlers' last outcomes to end in (and the linger to remove).
+                if let Some(batch) = lock(&self.batches).get_mut(&(from, ticket)) {
+                    batch.remaining = Some(remaining);
+                }
+                return PeerResponse::Error(RemoteError::NotServed(format!("delivery batch {ticket}: the ask's link closed")));
+            }
+        };
+        if let Some(first) = first {
             ended.push(first);
             let until = Instant::now() + GATHER;
             while ended.len() < remaining.left {
@@ -834,6 +916,8 @@ impl Dispatcher {
                 Some(batch) if remaining.left > 0 && !ended.is_empty() => {
                     batch.remaining = Some(remaining);
                     batch.asked = Instant::now();
+                    batch.exchanged_on = gone.clone();
+                    batch.exchanges += 1;
                 }
                 Some(_) => {
                     batches.remove(&(from, ticket));

@@ -360,6 +360,21 @@ impl PeerError {
 
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+tokio::task_local! {
+    /// The `closed` token of the link that carried the request being served: each request is
+    /// served within it (`read_loop`), read through `served_link_closed`.
+    static SERVED_ON: CancellationToken;
+}
+
+/// Cancelled when the link that carried the request now being served closes: its sender gave
+/// up on the request then (its pending answer failed), so work done only for that answer can
+/// stop (`Dispatcher::cut_short`: a pull client's lease must not outlive the leader's wait).
+/// The very link, not the one now registered for the peer: two links between a pair (both
+/// dialed at once, one retired) close at different times. `None` outside a served request.
+pub fn served_link_closed() -> Option<CancellationToken> {
+    SERVED_ON.try_with(CancellationToken::clone).ok()
+}
+
 /// Serves requests that arrive on links (implemented by the node's composition root).
 ///
 /// `handle` is called in the order requests arrive on a link; the futures it returns then run
@@ -1070,22 +1085,6 @@ impl PeerNet {
             let recorded = self.cfg.recorded_features.read().unwrap_or_else(std::sync::PoisonError::into_inner);
             recorded.by_node.get(&id).copied().filter(|_| recorded.revision > membership_index)
         })
-    }
-
-    /// Cancelled when the live link to `id` closes (already cancelled without one). A request
-    /// `id` sent on that link is given up by its sender as the link closes (its pending answer
-    /// fails), so work served for it can stop then: deliveries served for the leader do
-    /// (`Dispatcher::cut_short`), so that a pull client's lease does not outlive the leader's
-    /// wait for its answer.
-    pub fn link_closed(&self, id: NodeId) -> CancellationToken {
-        match lock(&self.links).get(&id).filter(|l| l.is_alive()) {
-            Some(link) => link.closed.clone(),
-            None => {
-                let gone = CancellationToken::new();
-                gone.cancel();
-                gone
-            }
-        }
     }
 
     pub fn reachable(&self, id: NodeId) -> bool {
@@ -2087,7 +2086,8 @@ async fn read_loop(
                 // Called here, in arrival order (see `Handler`), not in the spawned task: tasks
                 // spawned together may start in any order.
                 let serve = handler.handle(link.peer, req);
-                tokio::spawn(async move {
+                let served_on = link.closed.clone();
+                tokio::spawn(SERVED_ON.scope(served_on, async move {
                     let _permit = permit;
                     let mut resp = serve.await.for_peer(link.features);
                     let mut encoded = Frame::encode(Kind::Response, corr, &resp);
@@ -2112,7 +2112,7 @@ async fn read_loop(
                     if !raft {
                         link.answering.fetch_sub(1, Ordering::Relaxed);
                     }
-                });
+                }));
             }
             // With a cluster secret, the dialer's handshake ends with its `Auth`, and a refusal
             // judged after it (`refuse_claimant`) comes as the link's first frame: said, with

@@ -2751,14 +2751,10 @@ fn an_answer_for_a_node_without_forwarding_is_left_to_that_node() {
     });
 }
 
-/// A pull client's lease lasts only while the leader that handed the event to its node still
-/// waits for the answer. The leader stops answering (SIGSTOP) until its link to the consumer's
-/// node closes: the leader has given up on that delivery then (its request failed with the
-/// link) and hands the event out again, so an ack of the old lease is answered unknown, not
-/// "acked" (it was, and the event came again). The event is then fetched again and acked once.
-#[test]
-fn a_pull_lease_ends_when_the_leaders_link_closes() {
-    let mut c = Cluster::new("ev-pull-cut", 3, &[]);
+/// Three nodes that consume the pull subscription `cutJobs` (events `cutJob`, a 120 s ack
+/// deadline), formed: the cluster, its leader and another node, where clients fetch.
+fn pull_cut_cluster(name: &str) -> (Cluster, u64, u64) {
+    let mut c = Cluster::new(name, 3, &[]);
     for id in c.ids() {
         let config = c.dir().join(format!("n{id}-pull.toml"));
         let toml = "[pull]\n[[pull.subscriptions]]\nname = \"cutJobs\"\nevent_name = \"cutJob\"\nack_deadline_ms = 120000\n";
@@ -2770,6 +2766,69 @@ fn a_pull_lease_ends_when_the_leaders_link_closes() {
     c.wait_all_ready(FORMATION);
     let leader = c.wait_for_leader(FORMATION);
     let consumer = c.ids().into_iter().find(|id| *id != leader).expect("three nodes");
+    (c, leader, consumer)
+}
+
+/// Waits until node `consumer`'s link to the stopped `leader` is closed.
+fn wait_link_closed(c: &Cluster, consumer: u64, leader: u64) {
+    c.wait_for("the consumer's link to the stopped leader closed", CATCH_UP, || {
+        let status = c.api(consumer).status()?;
+        match status.member(leader) {
+            Some(m) if !m.reachable => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    });
+}
+
+/// The same for events handed over together (one `DeliverBatch`): once one is acked the batch
+/// is answered early, and the leader asks for the rest over the link. When the leader stops
+/// and that ask's link closes, it has given up on the rest: their leases end too (their
+/// handlers ran on to the ack deadline, and an ack was "acked" for an event handed out again).
+#[test]
+fn a_pull_batchs_leases_end_when_the_leaders_ask_fails() {
+    let (c, leader, consumer) = pull_cut_cluster("ev-pull-cut-batch");
+    let post = |api: Api, path: &str, body: &str| api.request("POST", path, &[], body.as_bytes()).expect("POST");
+    let batch = json!([{"eventName": "cutJob", "payload": {"n": 1}}, {"eventName": "cutJob", "payload": {"n": 2}}, {"eventName": "cutJob", "payload": {"n": 3}}]);
+    let published = post(c.api(consumer), "/v1/events", &batch.to_string());
+    assert_eq!(published.status, 201, "{}", published.describe());
+    let mut held: Vec<Value> = Vec::new();
+    c.wait_for("the three jobs fetched", DELIVERY, || {
+        let resp = post(c.api(consumer), "/v1/subscriptions/cutJobs/fetch?max=3&wait=5s", "null");
+        held.extend(resp.json()?["messages"].as_array().cloned().ok_or_else(|| resp.describe())?);
+        if held.len() >= 3 { Ok(()) } else { Err(format!("{} fetched", held.len())) }
+    });
+    let ack = |m: &Value| post(c.api(consumer), "/v1/subscriptions/cutJobs/ack", &json!({"ackIds": [m["ackId"]]}).to_string());
+    let first = ack(&held[0]);
+    assert_eq!(first.json().unwrap_or_else(|e| panic!("{e}: {}", first.describe())), json!({"acked": 1, "unknown": []}));
+    c.signal(leader, "STOP");
+    wait_link_closed(&c, consumer, leader);
+    let late: Vec<Value> = held[1..].iter().map(|m| ack(m).json().unwrap_or_else(|e| panic!("{e}"))).collect();
+    c.signal(leader, "CONT");
+    for (m, a) in held[1..].iter().zip(&late) {
+        assert_eq!((a["acked"].as_u64(), &a["unknown"]), (Some(0), &json!([m["ackId"]])), "{a}");
+    }
+    // Handed out again and acked: the subscription passes all three.
+    let last = held.iter().filter_map(|m| m["position"].as_u64()).max().expect("positions");
+    c.wait_for("the rest fetched again and acked", DELIVERY, || {
+        let resp = post(c.api(consumer), "/v1/subscriptions/cutJobs/fetch?max=3&wait=2s", "null");
+        let again = resp.json()?["messages"].as_array().cloned().unwrap_or_default();
+        let ids: Vec<Value> = again.iter().map(|m| m["ackId"].clone()).collect();
+        if !ids.is_empty() {
+            post(c.api(consumer), "/v1/subscriptions/cutJobs/ack", &json!({ "ackIds": ids }).to_string());
+        }
+        let at = cursor(c.api(consumer), "cutJobs")?;
+        if at > last { Ok(()) } else { Err(format!("cursor {at}")) }
+    });
+}
+
+/// A pull client's lease lasts only while the leader that handed the event to its node still
+/// waits for the answer. The leader stops answering (SIGSTOP) until its link to the consumer's
+/// node closes: the leader has given up on that delivery then (its request failed with the
+/// link) and hands the event out again, so an ack of the old lease is answered unknown, not
+/// "acked" (it was, and the event came again). The event is then fetched again and acked once.
+#[test]
+fn a_pull_lease_ends_when_the_leaders_link_closes() {
+    let (c, leader, consumer) = pull_cut_cluster("ev-pull-cut");
     // Keys out of order and a number past 64-bit floats: a fetch serves the payload as sent.
     let payload = r#"{"z":1,"a":2,"big":123456789012345678901234567890,"f":0.1000000000000000000001}"#;
     let position = c.wait_for("a job accepted", PROGRESS, || {
@@ -2792,13 +2851,7 @@ fn a_pull_lease_ends_when_the_leaders_link_closes() {
     let got = c.wait_for("the job fetched from the consumer", DELIVERY, fetch);
     assert_eq!(got["position"].as_u64(), Some(position), "{got}");
     c.signal(leader, "STOP");
-    c.wait_for("the consumer's link to the stopped leader closed", CATCH_UP, || {
-        let status = c.api(consumer).status()?;
-        match status.member(leader) {
-            Some(m) if !m.reachable => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    });
+    wait_link_closed(&c, consumer, leader);
     let ids = json!({"ackIds": [got["ackId"]]});
     let late = post(c.api(consumer), "/v1/subscriptions/cutJobs/ack", &ids);
     let a = late.json().unwrap_or_else(|e| panic!("{e}: {}", late.describe()));
