@@ -405,7 +405,8 @@ fn summary(d: &SmData, name: &str, s: &SubState) -> SubSummary {
         cursor: s.cursor,
         done_ahead: s.done.len(),
         retrying: s.attempts.len(),
-        dead_letters: listed_letters(&s.dead).len(),
+        // The letters as copied here, counted once the lock is let go (`count_listed`).
+        dead_letters: s.dead.len(),
         instances: s.instances.clone(),
         declared_by,
         offered_by,
@@ -1655,13 +1656,21 @@ impl SmShared {
     pub fn subscription_summary(&self, name: &str) -> Option<SubSummary> {
         let d = read(&self.data);
         let s = d.subs.get(name)?;
-        Some(summary(&d, name, s))
+        let (mut summary, letters) = (summary(&d, name, s), letter_keys(s));
+        drop(d);
+        summary.dead_letters = count_listed(letters);
+        Some(summary)
     }
 
     /// Every subscription's summary, by name.
     pub fn subscription_summaries(&self) -> Vec<(String, SubSummary)> {
         let d = read(&self.data);
-        d.subs.iter().map(|(name, s)| (name.clone(), summary(&d, name, s))).collect()
+        let copied: Vec<_> = d.subs.iter().map(|(name, s)| (name.clone(), summary(&d, name, s), letter_keys(s))).collect();
+        drop(d);
+        copied.into_iter().map(|(name, mut summary, letters)| {
+            summary.dead_letters = count_listed(letters);
+            (name, summary)
+        }).collect()
     }
 
     /// A subscription's mode and progress (for `registry::carried_progress`).
@@ -2294,6 +2303,20 @@ fn listed_letters(dead: &VecDeque<DeadLetter>) -> Vec<(u64, usize)> {
     let mut listed: Vec<(u64, usize)> = dead.iter().enumerate().rev().filter(|(_, l)| seen.insert((l.position, l.node))).map(|(i, l)| (l.position, i)).collect();
     listed.reverse();
     listed
+}
+
+/// What tells a subscription's dead letters apart as listed (`listed_letters`), copied under
+/// the state's lock (a few bytes a letter) to be counted after it (`count_listed`): apply waits
+/// for that lock, and a subscription holds up to `MAX_DEAD_LETTERS`.
+fn letter_keys(s: &SubState) -> Vec<(u64, Option<u64>)> {
+    s.dead.iter().map(|l| (l.position, l.node)).collect()
+}
+
+/// How many letters a subscription lists (`listed_letters`) of those `letter_keys` copied.
+fn count_listed(mut keys: Vec<(u64, Option<u64>)>) -> usize {
+    keys.sort_unstable();
+    keys.dedup();
+    keys.len()
 }
 
 fn push_dead(s: &mut SubState, d: DeadLetter) {
