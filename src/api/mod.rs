@@ -917,7 +917,7 @@ async fn route(app: &App, req: Request<Incoming>) -> (&'static str, ApiResult) {
     // routing holds the registry as it last learned it. Its probes, `/cluster` and the answers
     // to leases it still holds stay.
     let answers_lease = matches!((&method, segs.as_slice()), (&Method::POST, ["v1", "subscriptions", _, "ack" | "nack" | "term"]));
-    if matches!(segs.first(), Some(&("v1" | "api"))) && !answers_lease && app.cluster.removed_while_running() {
+    if matches!(segs.first(), Some(&("v1" | "api"))) && !answers_lease && app.cluster.takes_no_work() {
         return ("removed", Err(ApiError::Unavailable(REMOVED.into())));
     }
     if path.starts_with("/api/") {

@@ -328,6 +328,9 @@ pub struct Cluster {
     behind_ms: Arc<AtomicU64>,
     /// Set by `ready` the first time it is true in this process.
     ready_once: Arc<AtomicBool>,
+    /// Whether this node, a member once in this process, is none now: written by the
+    /// membership task's tick, read by `takes_no_work`.
+    left: Arc<AtomicBool>,
     /// Set once this process saw itself in its membership (the membership task's tick): a
     /// node that no longer is one was removed while it ran (`was_member`).
     was_member: Arc<AtomicBool>,
@@ -379,6 +382,7 @@ impl Cluster {
             quorum_heard: Arc::new(std::sync::Mutex::new(None)),
             behind_ms: Arc::new(AtomicU64::new(0)),
             ready_once: Arc::new(AtomicBool::new(false)),
+            left: Arc::new(AtomicBool::new(false)),
             was_member: Arc::new(AtomicBool::new(false)),
             log,
             raft_seen,
@@ -637,6 +641,12 @@ impl Cluster {
         self.is_removed() || (self.was_member() && !self.is_member(self.id()))
     }
 
+    /// `removed_while_running` as the membership task's tick last judged it (500 ms), from
+    /// atomics only: the HTTP API asks it of every request (`api::route`).
+    pub fn takes_no_work(&self) -> bool {
+        self.is_removed() || self.left.load(Ordering::Relaxed)
+    }
+
     /// Whether this process has seen itself a member (within the membership task's tick, 500 ms):
     /// one that is none now was removed while it ran, unlike a joiner still catching up, whose
     /// view of the membership does not hold it yet either.
@@ -836,9 +846,11 @@ impl Cluster {
                     self.demote_held_back(&held_back, &mut demoted, &mut unsure).await;
                 }
                 _ = tick.tick() => {
-                    if self.is_member(self.replica.id()) {
+                    let member = self.is_member(self.replica.id());
+                    if member {
                         self.was_member.store(true, Ordering::Relaxed);
                     }
+                    self.left.store(!member && self.was_member(), Ordering::Relaxed);
                     self.note_outsider(&mut told_outsider);
                     self.count_late_demotions(&mut unsure);
                     self.prune_held_back(&mut held_back);
@@ -1576,8 +1588,9 @@ impl Cluster {
 
 /// How long a lone founder (`--bootstrap-expect 1`) waits after its start before it forms a
 /// cluster: a leader that still counts it redials it within the peer links' longest dial
-/// backoff (3 s), and its first append tells this node not to.
-const LONE_WAIT: Duration = Duration::from_secs(5);
+/// backoff (3 s), and its first append tells this node not to. Counted from the cluster's start,
+/// which comes before the peer listener is bound (milliseconds), hence the margin.
+const LONE_WAIT: Duration = Duration::from_secs(6);
 
 /// How long a bootstrap round waits before it probes a seed that failed once again.
 const PROBE_AGAIN: Duration = Duration::from_millis(100);
