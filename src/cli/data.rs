@@ -543,7 +543,7 @@ async fn subscription_post(target: &Target, subscription: &str, what: &str, body
     // An ack, nack or term of an id no node holds a lease for did nothing: a script must see it.
     let answer: serde_json::Value = serde_json::from_slice(&resp.body).context("the answer is not JSON")?;
     if let Some(unknown) = answer["unknown"].as_array().filter(|u| !u.is_empty()) {
-        anyhow::bail!("{} of the ids were not answered (answered already, or past their ack deadline: their events are delivered again)", unknown.len());
+        anyhow::bail!("{} of the ids were not answered: no node holds their lease (answered already, or past their ack deadline: their events are delivered again), or the node that does could not be asked (those are `unreached` too)", unknown.len());
     }
     Ok(())
 }

@@ -469,11 +469,12 @@ impl Sidecar {
 /// The upstream URL as errors say it: without user info or a query, which may carry a
 /// password or a token (a config refused at start is printed to the node's log).
 fn shown_url(url: &str) -> String {
-    let url = url.split(['?', '#']).next().unwrap_or_default();
     let (scheme, rest) = url.split_once("://").map_or(("", url), |(s, r)| (s, r));
-    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let host = authority.rsplit_once('@').map_or(authority, |(_, host)| host);
-    if scheme.is_empty() { format!("{host}{path}") } else { format!("{scheme}://{host}{path}") }
+    // All up to the last `@` may be user info: a password may hold `/`, `?` or `#` unencoded
+    // (the URLs refused as unparsable, whose error is printed).
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, after)| after);
+    let rest = rest.split(['?', '#']).next().unwrap_or_default();
+    if scheme.is_empty() { rest.to_string() } else { format!("{scheme}://{rest}") }
 }
 
 /// Validates the config; returns the shared pool and one forwarder per command, in order.
@@ -1079,6 +1080,8 @@ mod tests {
         assert_eq!(shown_url("http://svc:s3cret@127.0.0.1:8080/base?token=abc#x"), "http://127.0.0.1:8080/base");
         assert_eq!(shown_url("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
         assert_eq!(shown_url("svc:s3cret@host"), "host");
+        assert_eq!(shown_url("http://u:pa/ss@h:1/p"), "http://h:1/p");
+        assert_eq!(shown_url("http://u:p?x#y@h"), "http://h");
         let cfg: SidecarConfig = toml::from_str("upstream = \"http://svc:s3cret@127.0.0.1:8080/?token=abc\"\n").expect("parses");
         let Err(e) = forwarders(&cfg, 1024) else { panic!("user info is refused") };
         let said = e.to_string();
