@@ -188,6 +188,7 @@ impl From<StoreError> for ApiError {
             StoreError::Unexpected(_) => ApiError::Internal(e.to_string()),
             StoreError::NotEveryMember(m) => ApiError::Unavailable(m),
             StoreError::InvalidTxn(m) => ApiError::BadRequest(m),
+            StoreError::Overflow(m) => ApiError::Conflict(m),
             StoreError::TxnFailed { op, key, current } => ApiError::TxnFailed { op, key, current },
         }
     }

@@ -385,6 +385,8 @@ pub(super) async fn listing(app: &App, space: Space, store: &str, req: Request<I
             return Err(crate::store::secret::SecretError::Off.into());
         }
     }
+    // Bad input before the read barrier: during an election it waited, then answered 503.
+    crate::store::check_store_name(store)?;
     let plain = app.store.in_space(space);
     let args = ReadArgs::parse(&req)?;
     let prefix = args.q.get("prefix").map_or("", String::as_str);

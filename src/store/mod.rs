@@ -292,6 +292,9 @@ pub enum StoreError {
     /// secret store).
     #[error("{0}")]
     InvalidTxn(String),
+    /// An increment past an i64's range: refused, not saturated (the update was lost unseen).
+    #[error("{0}")]
+    Overflow(String),
     #[error(transparent)]
     Replica(#[from] ReplicaError),
     #[error("unexpected result {0:?}")]
@@ -339,7 +342,7 @@ pub fn check_names(store: &str, key: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn check_store_name(store: &str) -> Result<(), StoreError> {
+pub fn check_store_name(store: &str) -> Result<(), StoreError> {
     if store.is_empty() || store.len() > MAX_STORE_NAME {
         return Err(StoreError::InvalidName(format!("store name must be 1..={MAX_STORE_NAME} bytes")));
     }
@@ -731,6 +734,11 @@ impl StateStore {
         // counter in a full store adds a byte at most, and often nothing), else the most an i64
         // takes in text, 20 bytes.
         let current = self.sm.get(&self.inner(store), key).and_then(|v| std::str::from_utf8(&v.value).ok()?.trim().parse::<i64>().ok());
+        // Judged on this node's copy: apply saturates, and a counter at the bound reported
+        // success while its update was lost.
+        if let Some(n) = current.filter(|n| n.checked_add(by).is_none()) {
+            return Err(StoreError::Overflow(format!("{store}/{key} is {n}: adding {by} overflows a 64-bit integer")));
+        }
         self.check_quota(store, key, current.map_or(20, |n| n.saturating_add(by).to_string().len()))?;
         let cmd = Command::Increment { store: self.inner(store), key: key.into(), by, tag };
         match self.replica.write(cmd, self.timeout).await?.1 {

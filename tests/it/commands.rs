@@ -487,6 +487,25 @@ fn requests_to_one_node_are_served_by_every_node() {
     );
 }
 
+/// An increment past an i64's range is a 409 that writes nothing: apply saturates, and a
+/// counter at the bound answered success with its update lost. A store name over its bound
+/// is a 400 before any read waits.
+#[test]
+fn an_increment_that_overflows_is_refused() {
+    let c = demo_cluster("cmd-overflow", &[]);
+    let api = c.api(2);
+    let max = i64::MAX.to_string();
+    let put = api.request("PUT", "/v1/state/demo/counter/big", &[], max.as_bytes()).expect("PUT");
+    assert_eq!(put.status, 200, "{}", put.describe());
+    let resp = increment(c.api(1), "big", None).expect("increment");
+    assert_json_error(&resp, 409, "an increment past i64::MAX");
+    assert!(resp.text().contains("overflows"), "{}", resp.describe());
+    let got = api.request("GET", "/v1/state/demo/counter/big", &[], b"").expect("GET");
+    assert_eq!((got.status, got.text()), (200, max), "the counter is unchanged");
+    let long = "s".repeat(300);
+    assert_json_error(&api.request("GET", &format!("/v1/state/{long}"), &[], b"").expect("GET"), 400, "a store name over its bound");
+}
+
 #[test]
 fn keyed_increments_are_exactly_once_while_a_node_is_killed_under_load() {
     let c = demo_cluster("cmd-kill", &[]);
