@@ -467,7 +467,7 @@ pub async fn seek_subscription(app: &App, name: &str, req: Request<Incoming>) ->
     // A position past the log's end is refused (Kafka refuses an offset out of range): taken as
     // the end, a typo passed every pending event. Judged once this node has what the cluster
     // committed (a follower's log may end earlier than the leader's).
-    if numbered && position > app.sm.event_bounds().1 {
+    if numbered && position > app.sm.event_bounds().1 && app.sm.sub_ack_deadline_ms(name).is_some() {
         app.replica.read_barrier(SEEK_BARRIER).await?;
         let next = app.sm.event_bounds().1;
         if position > next {

@@ -3224,6 +3224,7 @@ fn a_seek_delivers_a_shared_subscriptions_retained_events_again_from_there() {
 
     assert_json_error(&post(c.api(1), "/v1/subscriptions/appAudit/seek", r#"{"position":"start"}"#), 409, "an every-instance subscription");
     assert_json_error(&post(c.api(1), "/v1/subscriptions/noSuchSub/seek", r#"{"position":0}"#), 404, "an unknown subscription");
+    assert_json_error(&post(c.api(1), "/v1/subscriptions/noSuchSub/seek", r#"{"position":99999999}"#), 404, "an unknown subscription, past the end");
     for bad in [r#"{"position":-1}"#, r#"{"position":"middle"}"#, "{}", r#"{"position":1,"x":2}"#, "[1]", r#"{"position":99999999}"#] {
         assert_json_error(&post(c.api(1), "/v1/subscriptions/appOrders/seek", bad), 400, bad);
     }
