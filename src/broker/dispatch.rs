@@ -376,9 +376,9 @@ struct Batch {
     exchanges: u64,
 }
 
-
-/// How long a leader that answered a batch early may go without asking for it before it is
-/// taken to have given up on it (it asks again as soon as an answer arrives).
+/// How long the leader of a batch answered early may go without asking for it, once it no
+/// longer leads, before it is taken to have given up on it (it asks again as soon as an answer
+/// arrives).
 const STOPPED_ASKING: Duration = Duration::from_secs(3);
 
 /// The outcomes a batch's handlers have still to report, and how many.
@@ -728,7 +728,7 @@ impl Dispatcher {
             out = run => Some(out),
             () = cut => None,
             () = gone.cancelled() => {
-                debug!("a delivery's handler stopped: the leader's link closed while it ran");
+                debug!("a delivery's handler stopped: its leader gave up on it (the link it came on closed, or its asks stopped)");
                 None
             }
         }
@@ -862,21 +862,35 @@ impl Dispatcher {
 
     /// Whether the leader `from` gave up on its batch `ticket`, answered early (`Batch`): with
     /// no ask of it under way, the link of their last exchange closed and no other link to the
-    /// leader is up (its next ask is not sent without one: it fails the batch then), or it has
-    /// not asked for `STOPPED_ASKING` (it asks again as soon as an answer arrives).
+    /// leader is up (its next ask is not sent without one: it fails the batch then), or it no
+    /// longer leads and has not asked for `STOPPED_ASKING` (it asks again as soon as an answer
+    /// arrives; a leader's asks may wait longer for a slot, here or on its side, under load).
     fn leader_gave_up(&self, from: NodeId, ticket: u64) -> bool {
-        let batches = lock(&self.batches);
-        let Some(b) = batches.get(&(from, ticket)) else { return false };
-        b.remaining.is_some() && ((b.exchanged_on.is_cancelled() && !self.net.reachable(from)) || b.asked.elapsed() >= STOPPED_ASKING)
+        let stale = {
+            let batches = lock(&self.batches);
+            let Some(b) = batches.get(&(from, ticket)) else { return false };
+            if b.remaining.is_none() {
+                return false;
+            }
+            if b.exchanged_on.is_cancelled() && !self.net.reachable(from) {
+                return true;
+            }
+            b.asked.elapsed() >= STOPPED_ASKING
+        };
+        stale && self.broker.store().replica().leader() != Some(from)
     }
 
     /// Serve `PeerRequest::AwaitDelivery` from `from`: the outcomes of the batch `ticket` that
     /// ended since they were last asked for, once there is at least one, with those that end
     /// within `GATHER` of it (handlers that end close together are answered together, not in a
     /// round each). Bounded: each handler ends by its ack deadline, or this node's drain cuts it
-    /// (`cut_short`), or the leader's link closing does. The reasons were cut to the batch's share of the frame already.
+    /// (`cut_short`), or the leader giving up on the batch does (`Batch::cut`). The reasons
+    /// were cut to the batch's share of the frame already.
     pub async fn serve_await_delivery(&self, from: NodeId, ticket: u64) -> PeerResponse {
-        let taken = lock(&self.batches).get_mut(&(from, ticket)).map(|b| (b.remaining.take(), b.cut.clone()));
+        let taken = lock(&self.batches).get_mut(&(from, ticket)).map(|b| {
+            b.asked = Instant::now();
+            (b.remaining.take(), b.cut.clone())
+        });
         let (mut remaining, cut) = match taken {
             Some((Some(remaining), cut)) => (remaining, cut),
             // The leader asks one at a time; a second ask is answered as busy (asked again).
