@@ -242,6 +242,7 @@ enum Judged {
     /// Not a member, leaving, removed, behind, or its Raft core stopped.
     Unready,
 }
+
 /// How long the leader asks a member's old address whether it still runs there before moving
 /// the member to a new address (`apply_join`).
 const ADDRESS_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -468,14 +469,13 @@ impl Cluster {
                 // their own majority of voters, heard lately, tells them apart.
                 && self.hears_majority(membership.get_joint_config(), *m.membership_config.log_id(), in_touch_for, now)
         };
-        // Far behind in applying what the cluster committed (a restart replaying its log, a
-        // follower that fell behind) for `BEHIND_MS`: reads would wait and commands run on old
-        // state, so it does not say it serves. (One large commit does not count.)
-        // A node that was never ready (restarted, replaying its log; joined, taking a
-        // snapshot) is not until it caught up: the grace is for one that was.
         if !in_touch {
             return Judged::Leaderless;
         }
+        // Far behind in applying what the cluster committed (a follower that fell behind) for
+        // `BEHIND_MS`: reads would wait and commands run on old state, so it does not say it
+        // serves (one large commit does not count). A node never ready in this process (a
+        // restart replaying its log, a joiner taking a snapshot) is not until it caught up.
         let backlog = apply_backlog(m.cluster_committed.as_ref().map(|l| l.index), m.last_applied.as_ref().map(|l| l.index));
         let now = self.since.elapsed().as_millis() as u64 + 1;
         let ready_before = self.ready_once.load(Ordering::Relaxed);
