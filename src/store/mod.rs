@@ -735,7 +735,8 @@ impl StateStore {
         // takes in text, 20 bytes.
         let current = self.sm.get(&self.inner(store), key).and_then(|v| std::str::from_utf8(&v.value).ok()?.trim().parse::<i64>().ok());
         // Judged on this node's copy: apply saturates, and a counter at the bound reported
-        // success while its update was lost.
+        // success while its update was lost. Best effort: a copy that lags, or increments that
+        // race, still saturate (a check in apply needs a command older builds cannot decode).
         if let Some(n) = current.filter(|n| n.checked_add(by).is_none()) {
             return Err(StoreError::Overflow(format!("{store}/{key} is {n}: adding {by} overflows a 64-bit integer")));
         }
